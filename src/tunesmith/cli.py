@@ -1,0 +1,157 @@
+"""Command line: one thin command per stage; all logic lives in the stage functions."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+import warnings
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+from tunesmith.errors import TunesmithError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="tunesmith: fine-tune a language model against a declared, measured objective.")
+data_app = typer.Typer(no_args_is_help=True, help="Check and prepare datasets.")
+app.add_typer(data_app, name="data")
+
+DEBUG = typer.Option(False, "--debug", help="Show the Python traceback on errors.")
+OUT = typer.Option(None, "--out", help="Run directory to create (default: runs/<name>/<run-id>/ beside the config).")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+
+
+def _guarded(debug: bool, fn: Callable[[], int]) -> None:
+    """Run a command: input errors -> one `error:` line and exit 2; internal errors -> exit 1."""
+    _quiet_libraries()
+    try:
+        code = fn()
+    except TunesmithError as e:
+        if debug:
+            traceback.print_exc()
+        print(e.line(), file=sys.stderr)
+        for detail in e.details:
+            print(f"  {detail}", file=sys.stderr)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        print("error: interrupted, nothing was kept", file=sys.stderr)
+        raise typer.Exit(130) from None
+    except Exception as e:  # an internal bug: say so in one line unless --debug
+        if debug:
+            traceback.print_exc()
+        print(f"error: internal error: {type(e).__name__}: {e}, rerun with --debug for the traceback",
+              file=sys.stderr)
+        raise typer.Exit(1) from None
+    raise typer.Exit(code)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _print_summary(summary: dict) -> None:
+    objective = summary["objective"]
+    print(f"objective {'MET' if objective['met'] else 'NOT MET'}")
+    for c in objective["criteria"]:
+        value = "n/a" if c["value"] is None else f"{c['value']:.4g}"
+        print(f"  {'ok  ' if c['met'] else 'FAIL'} {c['name']}: {value} (target {c['op']} {c['target']:g})")
+    base, tuned = summary["metrics"]["baseline"], summary["metrics"]["finetuned"]
+    metric = summary["objective_metric"]
+    print(f"  {metric}: baseline {base.get(metric, float('nan')):.4f} -> fine-tuned {tuned.get(metric, float('nan')):.4f}")
+    print(f"run directory: {summary['run_dir']}")
+    print(f"report: {summary['report']}")
+
+
+@app.command()
+def run(config: Path = typer.Argument(..., help="project.yaml"), out: Optional[Path] = OUT,
+        quiet: bool = QUIET, debug: bool = DEBUG) -> None:
+    """Run every stage: data, train, eval, verdict, report. Exit 0 objective met, 3 not met."""
+    def go() -> int:
+        from tunesmith import pipeline
+        from tunesmith.config import load_config
+
+        summary = pipeline.run(load_config(config), out, progress=not quiet, keep_failed=debug)
+        _print_summary(summary)
+        return pipeline.exit_code(summary)
+    _guarded(debug, go)
+
+
+@app.command()
+def train(config: Path = typer.Argument(..., help="project.yaml"), out: Optional[Path] = OUT,
+          quiet: bool = QUIET, debug: bool = DEBUG) -> None:
+    """Curate the data and fine-tune; evaluate later with `tunesmith eval RUN_DIR`."""
+    def go() -> int:
+        from tunesmith import pipeline
+        from tunesmith.config import load_config
+
+        run_dir = pipeline.train_only(load_config(config), out, progress=not quiet, keep_failed=debug)
+        print(f"run directory: {run_dir}")
+        return 0
+    _guarded(debug, go)
+
+
+@app.command("eval")
+def eval_(run_dir: Path = typer.Argument(..., help="a run directory with a trained model"),
+          debug: bool = DEBUG) -> None:
+    """Evaluate baseline and fine-tuned model on the test split; write metrics, verdict, report."""
+    def go() -> int:
+        from tunesmith import pipeline
+
+        summary = pipeline.evaluate_run(run_dir)
+        _print_summary(summary)
+        return pipeline.exit_code(summary)
+    _guarded(debug, go)
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="an evaluated run directory"), debug: bool = DEBUG) -> None:
+    """Rebuild report.html and model_card.md of a run directory."""
+    def go() -> int:
+        from tunesmith.errors import RunDirError
+        from tunesmith.report.build import report_stage
+
+        if not (run_dir / "summary.json").is_file():
+            raise RunDirError("no summary.json: the run has not been evaluated", str(run_dir), "run `tunesmith eval` first")
+        print(f"report: {report_stage(run_dir)}")
+        return 0
+    _guarded(debug, go)
+
+
+@data_app.command("check")
+def data_check(config: Path = typer.Argument(..., help="project.yaml"), debug: bool = DEBUG) -> None:
+    """Validate every data file; list each bad row with file:line. Exit 2 when any row is invalid."""
+    def go() -> int:
+        from tunesmith.config import load_config
+        from tunesmith.data.prepare import data_report, prepare_data
+
+        # prepare_data raises on the first bad row and lists every bad row (up to the cap).
+        report = data_report(prepare_data(load_config(config)))
+        for name, split in report["splits"].items():
+            print(f"{name}: {split['rows']} rows")
+        if report["labels"]:
+            print(f"labels: {len(report['labels'])}")
+        for w in report["warnings"]:
+            print(f"warning: {w}")
+        print("data OK")
+        return 0
+    _guarded(debug, go)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

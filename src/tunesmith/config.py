@@ -1,0 +1,274 @@
+"""Typed project config (project.yaml), validated once; errors name the file, line and key."""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tunesmith.errors import ConfigError
+from tunesmith.evaluate.metrics import CONSTRAINT_FIGURES, metric_names
+from tunesmith.train.methods import METHODS
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskConfig(_Strict):
+    """What the model should do and where the fields are."""
+
+    type: Literal["classification", "generation", "chat"] = "classification"
+    text_field: str = "text"
+    label_field: str = "label"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    instruction: str = ""
+    labels: list[str] | None = None
+    list_labels: bool | Literal["auto"] = "auto"
+    max_length: int = Field(512, ge=16)
+
+
+class DataConfig(_Strict):
+    """Data files (relative paths resolve from the config file's folder) and splits."""
+
+    train: Path
+    test: Path | float | None = None
+    validation: Path | float = 0.1
+    seed: int = 0
+    max_errors: int = Field(20, ge=1)
+
+    @field_validator("validation", "test")
+    @classmethod
+    def _fraction(cls, v: Any) -> Any:
+        if isinstance(v, float) and not 0.0 < v < 1.0:
+            raise ValueError("a fraction must lie strictly between 0 and 1")
+        return v
+
+
+class Bound(_Strict):
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _one_side(self) -> Bound:
+        if self.min is None and self.max is None:
+            raise ValueError("give min, max or both")
+        return self
+
+
+class ObjectiveConfig(_Strict):
+    """The measurable objective the run is judged against."""
+
+    metric: str = "accuracy"
+    target: float | None = None
+    min_gain: float | None = None
+    constraints: dict[str, Bound] = Field(default_factory=dict)
+
+
+class LoraConfig(_Strict):
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class TrainConfig(_Strict):
+    """Technique and optimisation settings."""
+
+    method: str = "lora"
+    epochs: float = Field(2.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    eval_every: int | None = Field(None, ge=1)
+    early_stopping: bool = True
+    patience: int = Field(3, ge=1)
+    max_val_examples: int = Field(200, ge=1)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    seed: int = 42
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"unknown method '{v}' (available: {', '.join(METHODS)})")
+        return v
+
+
+class EvalConfig(_Strict):
+    batch_size: int = Field(16, ge=1)
+    max_examples: int | None = Field(None, ge=1)
+    max_new_tokens: int = Field(64, ge=1)
+    latency_samples: int = Field(20, ge=0)
+    precision: Literal["auto", "bf16", "fp32"] = "fp32"
+
+
+class Project(_Strict):
+    """A whole project.yaml. `source` is the config file it came from."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
+    model: str = "smollm2-135m-instruct"
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    data: DataConfig
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    source: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _metric_fits_task(self) -> Project:
+        names = metric_names(self.task.type)
+        if self.objective.metric not in names:
+            raise _KeyedError(("objective", "metric"), f"unknown metric '{self.objective.metric}' for a "
+                              f"{self.task.type} task (available: {', '.join(names)})")
+        figures = set(names) | CONSTRAINT_FIGURES
+        for key in self.objective.constraints:
+            if key not in figures:
+                raise _KeyedError(("objective", "constraints", key), f"unknown constraint '{key}' "
+                                  f"(measured figures: {', '.join(sorted(figures))})")
+        return self
+
+    @property
+    def base_dir(self) -> Path:
+        return self.source.parent if self.source else Path.cwd()
+
+
+class _KeyedError(ValueError):
+    """A cross-field error that knows which key it belongs to."""
+
+    def __init__(self, loc: tuple, msg: str):
+        super().__init__(msg)
+        self.loc, self.msg = loc, msg
+
+
+def load_config(path: str | Path, check_files: bool = True) -> Project:
+    """Read, validate and resolve a project.yaml.
+
+    Args:
+        path: the config file.
+        check_files: require the data files to exist (off when re-reading a run's saved config).
+
+    Raises:
+        ConfigError: naming `file:line (key.path)` for any problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}", str(path), "give the path to a project.yaml")
+    text = _read(path)
+    try:
+        root = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"invalid YAML: {problem}", f"{path}{line}", "check indentation and quoting") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("the config must be a YAML mapping of keys", str(path), "see README, 'Config reference'")
+    try:
+        project = Project.model_validate(raw)
+    except ValidationError as e:
+        raise _config_error(e, path, root) from None
+    project.source = path.resolve()
+    _resolve_paths(project, root, check_files)
+    return project
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config is not UTF-8 text ({e.reason})", str(path), "save it as UTF-8") from None
+
+
+def _resolve_paths(project: Project, root: yaml.Node, check_files: bool) -> None:
+    base = project.base_dir
+    for key in ("train", "test", "validation"):
+        value = getattr(project.data, key)
+        if not isinstance(value, Path):
+            continue
+        resolved = value if value.is_absolute() else (base / value).resolve()
+        if check_files and not resolved.is_file():
+            where = _where(project.source, root, ("data", key))
+            raise ConfigError(f"data file not found: {resolved}", where,
+                              "paths are relative to the config file's folder")
+        setattr(project.data, key, resolved)
+
+
+def _config_error(e: ValidationError, path: Path, root: yaml.Node) -> ConfigError:
+    err = e.errors()[0]
+    loc = tuple(err["loc"])
+    ctx_error = (err.get("ctx") or {}).get("error")
+    if isinstance(ctx_error, _KeyedError):
+        return ConfigError(ctx_error.msg, _where(path, root, ctx_error.loc), "fix the key or its value")
+    key = ".".join(str(p) for p in loc) or "(root)"
+    if err["type"] == "extra_forbidden":
+        return ConfigError(f"unknown key '{key}'", _where(path, root, loc), _suggest(loc))
+    if err["type"] == "missing":
+        return ConfigError(f"missing required key '{key}'", _where(path, root, loc), "add it")
+    msg = err["msg"].removeprefix("Value error, ")
+    return ConfigError(f"invalid value for '{key}': {msg}", _where(path, root, loc),
+                       f"got {err.get('input')!r}" if "input" in err else None)
+
+
+def _where(path: Path | None, root: yaml.Node | None, loc: tuple) -> str:
+    key = ".".join(str(p) for p in loc)
+    line = _key_line(root, loc) if root is not None else None
+    return f"{path}:{line} ({key})" if line else f"{path} ({key})"
+
+
+def _key_line(node: yaml.Node, loc: tuple) -> int | None:
+    """1-based line of the deepest node along `loc` in the YAML node tree."""
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == str(part)), None)
+            if match is None:
+                break
+            line, node = match[0].start_mark.line + 1, match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line or (node.start_mark.line + 1 if node is not None and not loc else line)
+
+
+def _suggest(loc: tuple) -> str:
+    allowed = _fields_at(loc[:-1])
+    bad = str(loc[-1])
+    nested = bad.replace("_", ".", 1)
+    if "." in nested and nested.split(".")[0] in allowed:
+        return f"did you mean the nested key '{nested}'?"
+    close = difflib.get_close_matches(bad, allowed, n=1)
+    if close:
+        return f"did you mean '{close[0]}'?"
+    return f"allowed keys here: {', '.join(allowed)}" if allowed else "remove it"
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    model: Any = Project
+    for part in loc:
+        field = model.model_fields.get(str(part)) if isinstance(model, type) else None
+        if field is None:
+            return []
+        model = next((a for a in (field.annotation, *typing.get_args(field.annotation))
+                      if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return []
+    return [name for name in model.model_fields if name != "source"]
+
+
+def dump_config(project: Project) -> str:
+    """The resolved config as YAML, as saved in the run directory."""
+    return yaml.safe_dump(project.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

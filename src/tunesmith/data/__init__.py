@@ -1,0 +1,1 @@
+"""Data stage: read, validate and split datasets; every problem names file:line."""

@@ -1,0 +1,131 @@
+"""Turn raw rows into validated examples for a task, collecting every bad row."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunesmith.config import TaskConfig
+from tunesmith.data.io import ReadResult, Row, RowProblem, read_rows
+from tunesmith.errors import DataError
+
+
+@dataclass
+class Example:
+    """A task example. For classification `target` is the label; for generation the completion.
+
+    `messages` holds the conversation before the answer for chat data (else None).
+    """
+
+    input: str
+    target: str
+    source: str
+    messages: list[dict] | None = None
+
+    def to_json(self) -> dict:
+        row = {"input": self.input, "target": self.target, "source": self.source}
+        if self.messages is not None:
+            row["messages"] = self.messages
+        return row
+
+    @classmethod
+    def from_json(cls, row: dict) -> Example:
+        return cls(row["input"], row["target"], row["source"], row.get("messages"))
+
+
+def load_examples(path: Path, task: TaskConfig, max_errors: int = 20) -> tuple[list[Example], list[RowProblem]]:
+    """Read and validate one data file; returns the good examples and every problem found."""
+    result: ReadResult = read_rows(path)
+    examples, problems = [], list(result.problems)
+    parse = _classification if task.type == "classification" else _generation
+    for row in result.rows:
+        try:
+            examples.append(parse(row, task))
+        except _RowError as e:
+            problems.append(RowProblem(row.file, row.line, str(e)))
+    problems.sort(key=lambda p: p.line)
+    return examples, problems
+
+
+def raise_for_problems(problems: list[RowProblem], max_errors: int, hint: str | None = None) -> None:
+    """One DataError for the first problem, with the rest (up to the cap) as details."""
+    if not problems:
+        return
+    first = problems[0]
+    more = f" (and {len(problems) - 1} more invalid rows)" if len(problems) > 1 else ""
+    err = DataError(f"invalid row: {first.reason}{more}", first.file, first.line,
+                    hint or "fix or remove the row; `tunesmith data check` lists every bad row")
+    err.details = [str(p) for p in problems[:max_errors]]
+    raise err
+
+
+class _RowError(ValueError):
+    pass
+
+
+def _field(rec: dict, name: str, what: str) -> Any:
+    if name not in rec:
+        raise _RowError(f"missing field '{name}' ({what}); fields present: {', '.join(map(str, rec)) or 'none'}")
+    return rec[name]
+
+
+def _text(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise _RowError(f"field '{name}' must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise _RowError(f"field '{name}' is empty")
+    return value
+
+
+def _source(row: Row) -> str:
+    return f"{Path(row.file).name}:{row.line}"
+
+
+def _classification(row: Row, task: TaskConfig) -> Example:
+    rec = _require_object(row)
+    text = _text(_field(rec, task.text_field, "the input text"), task.text_field)
+    label = _field(rec, task.label_field, "the label")
+    if isinstance(label, bool) or not isinstance(label, (str, int)):
+        raise _RowError(f"label '{task.label_field}' must be a string, got {type(label).__name__}")
+    label = _text(str(label), task.label_field)
+    return Example(text, label.strip(), _source(row))
+
+
+def _generation(row: Row, task: TaskConfig) -> Example:
+    rec = _require_object(row)
+    if "messages" in rec:
+        return _chat(rec, row)
+    if "instruction" in rec and "output" in rec:
+        instruction = _text(rec["instruction"], "instruction")
+        extra = rec.get("input") or ""
+        if not isinstance(extra, str):
+            raise _RowError(f"field 'input' must be a string, got {type(extra).__name__}")
+        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        return Example(prompt, _text(rec["output"], "output"), _source(row))
+    prompt = _text(_field(rec, task.prompt_field, "the prompt"), task.prompt_field)
+    completion = _text(_field(rec, task.completion_field, "the completion"), task.completion_field)
+    return Example(prompt, completion, _source(row))
+
+
+def _chat(rec: dict, row: Row) -> Example:
+    messages = rec["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise _RowError("'messages' must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise _RowError(f"messages[{i}] needs a role of system, user or assistant")
+        _text(m.get("content"), f"messages[{i}].content")
+    if messages[-1]["role"] != "assistant":
+        raise _RowError("the last message must be the assistant's answer (the training target)")
+    context = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
+    if not any(m["role"] == "user" for m in context):
+        raise _RowError("a chat example needs at least one user message before the answer")
+    last_user = next(m["content"] for m in reversed(context) if m["role"] == "user")
+    return Example(last_user, messages[-1]["content"], _source(row), messages=context)
+
+
+def _require_object(row: Row) -> dict:
+    if not isinstance(row.record, dict):
+        raise _RowError(f"expected a JSON object, got {type(row.record).__name__}")
+    return row.record

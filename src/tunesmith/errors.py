@@ -1,0 +1,51 @@
+"""Error hierarchy. Input errors exit 2 with one line; anything else is internal (exit 1)."""
+
+from __future__ import annotations
+
+
+class TunesmithError(Exception):
+    """Base error: knows how to print itself as one `error:` line.
+
+    Args:
+        what: what went wrong.
+        where: file:line or config key it concerns.
+        hint: how to fix it.
+    """
+
+    exit_code = 1
+
+    def __init__(self, what: str, where: str | None = None, hint: str | None = None):
+        super().__init__(what)
+        self.what, self.where, self.hint = what, where, hint
+        self.details: list[str] = []
+
+    def line(self) -> str:
+        parts = [self.what] + [p for p in (self.where, self.hint) if p]
+        return "error: " + ", ".join(parts)
+
+
+class InputError(TunesmithError):
+    """The user's input (config, data, model name, paths) is wrong: exit 2."""
+
+    exit_code = 2
+
+
+class ConfigError(InputError):
+    """A config file problem; `where` is `file:line (key.path)`."""
+
+
+class DataError(InputError):
+    """A data file problem; `where` is `file:line`."""
+
+    def __init__(self, what: str, path: str, line: int | None = None, hint: str | None = None):
+        where = f"{path}:{line}" if line else str(path)
+        super().__init__(what, where, hint)
+        self.path, self.lineno = path, line
+
+
+class ModelError(InputError):
+    """A model name or checkpoint that cannot be resolved or loaded."""
+
+
+class RunDirError(InputError):
+    """A run directory that is missing or incomplete."""

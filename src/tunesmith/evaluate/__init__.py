@@ -1,0 +1,1 @@
+"""Evaluation stage: metrics, baseline vs fine-tuned, efficiency figures."""

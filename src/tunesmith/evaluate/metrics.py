@@ -1,0 +1,141 @@
+"""Task metrics, each computed by one function; a registry maps names to them.
+
+Kept free of torch so the config can validate metric names cheaply.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+Golds = Sequence[str]
+Preds = Sequence[str]
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    tasks: tuple[str, ...]
+    fn: Callable[[Golds, Preds], float]
+    higher_is_better: bool = True
+
+
+METRICS: dict[str, Metric] = {}
+CLASSIFICATION = ("classification",)
+GENERATION = ("generation", "chat")
+
+# Figures other than task metrics that an objective constraint may name (see evaluate.efficiency).
+CONSTRAINT_FIGURES = {"latency_p50_ms", "latency_p95_ms", "model_size_mb", "peak_rss_mb",
+                      "train_seconds", "tokens_per_second", "trainable_params"}
+
+
+def register(name: str, tasks: tuple[str, ...], higher_is_better: bool = True):
+    """Add a metric function `fn(golds, preds) -> float` to the registry under `name`."""
+    def deco(fn: Callable[[Golds, Preds], float]) -> Callable[[Golds, Preds], float]:
+        METRICS[name] = Metric(name, tasks, fn, higher_is_better)
+        return fn
+    return deco
+
+
+def metric_names(task_type: str) -> list[str]:
+    return [m.name for m in METRICS.values() if task_type in m.tasks]
+
+
+def compute_metrics(task_type: str, golds: Golds, preds: Preds) -> dict[str, float]:
+    """Every registered metric for the task type, rounded for stable files."""
+    if len(golds) != len(preds):
+        raise ValueError(f"{len(golds)} golds but {len(preds)} predictions")
+    return {name: round(float(METRICS[name].fn(golds, preds)), 6) for name in metric_names(task_type)}
+
+
+@register("accuracy", CLASSIFICATION)
+def accuracy(golds: Golds, preds: Preds) -> float:
+    return sum(g == p for g, p in zip(golds, preds)) / max(len(golds), 1)
+
+
+def per_class(golds: Golds, preds: Preds, labels: Sequence[str] | None = None) -> dict[str, dict]:
+    """Precision, recall, F1 and support for each label (labels absent from both score 0)."""
+    labels = list(labels) if labels is not None else sorted(set(golds) | set(preds))
+    tp = Counter(g for g, p in zip(golds, preds) if g == p)
+    gold_n, pred_n = Counter(golds), Counter(preds)
+    out = {}
+    for lab in labels:
+        p = tp[lab] / pred_n[lab] if pred_n[lab] else 0.0
+        r = tp[lab] / gold_n[lab] if gold_n[lab] else 0.0
+        f = 2 * p * r / (p + r) if p + r else 0.0
+        out[lab] = {"precision": round(p, 6), "recall": round(r, 6), "f1": round(f, 6), "support": gold_n[lab]}
+    return out
+
+
+def _macro(golds: Golds, preds: Preds, key: str) -> float:
+    # Macro averages run over the labels present in the gold set, as scikit-learn does with labels=gold.
+    table = per_class(golds, preds, sorted(set(golds)))
+    return sum(row[key] for row in table.values()) / max(len(table), 1)
+
+
+@register("f1_macro", CLASSIFICATION)
+def f1_macro(golds: Golds, preds: Preds) -> float:
+    return _macro(golds, preds, "f1")
+
+
+@register("precision_macro", CLASSIFICATION)
+def precision_macro(golds: Golds, preds: Preds) -> float:
+    return _macro(golds, preds, "precision")
+
+
+@register("recall_macro", CLASSIFICATION)
+def recall_macro(golds: Golds, preds: Preds) -> float:
+    return _macro(golds, preds, "recall")
+
+
+def confusion_matrix(golds: Golds, preds: Preds, labels: Sequence[str]) -> list[list[int]]:
+    """Rows are gold labels, columns predicted labels, in the order of `labels`."""
+    index = {lab: i for i, lab in enumerate(labels)}
+    matrix = [[0] * len(labels) for _ in labels]
+    for g, p in zip(golds, preds):
+        if g in index and p in index:
+            matrix[index[g]][index[p]] += 1
+    return matrix
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD-style normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+@register("exact_match", GENERATION)
+def exact_match(golds: Golds, preds: Preds) -> float:
+    return sum(normalize_answer(g) == normalize_answer(p) for g, p in zip(golds, preds)) / max(len(golds), 1)
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l_pair(gold: str, pred: str) -> float:
+    """ROUGE-L F1 of one pair on lower-cased whitespace tokens."""
+    g, p = gold.lower().split(), pred.lower().split()
+    if not g or not p:
+        return float(g == p)
+    lcs = _lcs(g, p)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(p), lcs / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+@register("rouge_l", GENERATION)
+def rouge_l(golds: Golds, preds: Preds) -> float:
+    return sum(rouge_l_pair(g, p) for g, p in zip(golds, preds)) / max(len(golds), 1)

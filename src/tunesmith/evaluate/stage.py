@@ -1,0 +1,97 @@
+"""The eval stage: baseline and fine-tuned model on the test split, same prompt, same examples."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tunesmith import fsio, hardware
+from tunesmith.config import Project
+from tunesmith.data.examples import Example
+from tunesmith.data.prepare import Splits
+from tunesmith.evaluate.metrics import compute_metrics, confusion_matrix, per_class
+from tunesmith.models.load import load_model
+from tunesmith.tasks.predict import Predictions, predict
+from tunesmith.train.stage import load_finetuned
+
+
+def eval_stage(project: Project, splits: Splits, run_dir: Path) -> dict:
+    """Write metrics.json and predictions/test.jsonl; return the metrics."""
+    test = splits.test[: project.eval.max_examples] if project.eval.max_examples else splits.test
+    model, tokenizer, fmt, base_path = load_finetuned(run_dir / "model")
+    bf16 = hardware.use_bf16(project.eval.precision, hardware.device()) and project.eval.precision != "fp32"
+    model.to(hardware.device())
+
+    def run(m) -> Predictions:
+        return predict(m, tokenizer, fmt, test, batch_size=project.eval.batch_size,
+                       max_new_tokens=project.eval.max_new_tokens, autocast=bf16)
+
+    tuned = run(model)
+    tuned_figures = _figures(project, fmt, test, tuned)
+    tuned_figures.update(_latency(model, tokenizer, fmt, test, project, bf16))
+    tuned_figures.update(_sizes(run_dir / "model", base_path, fsio.read_json(run_dir / "model/tunesmith.json")["kind"]))
+    del model
+    base_model = load_model(base_path).to(hardware.device())
+    base = run(base_model)
+    metrics = {"baseline": _figures(project, fmt, test, base), "finetuned": tuned_figures, "test_examples": len(test)}
+    if fmt.labels:
+        golds = [e.target for e in test]
+        metrics["per_class"] = per_class(golds, tuned.texts, fmt.labels)
+        metrics["confusion_matrix"] = {"labels": fmt.labels, "baseline": confusion_matrix(golds, base.texts, fmt.labels),
+                                       "finetuned": confusion_matrix(golds, tuned.texts, fmt.labels)}
+    train = run_dir / "train.json"
+    if train.is_file():
+        metrics["train"] = fsio.read_json(train)["stats"]
+        metrics["finetuned"].update({k: metrics["train"][k] for k in ("train_seconds", "tokens_per_second",
+                                                                    "trainable_params", "peak_rss_mb")})
+    fsio.write_json(run_dir / "metrics.json", metrics)
+    fsio.write_jsonl(run_dir / "predictions" / "test.jsonl", _prediction_rows(test, tuned, base))
+    return metrics
+
+
+def _figures(project: Project, fmt, test: list[Example], preds: Predictions) -> dict:
+    return compute_metrics(fmt.task_type, [e.target for e in test], preds.texts)
+
+
+def _latency(model, tokenizer, fmt, test: list[Example], project: Project, bf16: bool) -> dict:
+    """p50/p95 milliseconds per example at batch 1, on the first `latency_samples` test examples."""
+    sample = test[: project.eval.latency_samples]
+    if not sample:
+        return {}
+    times = []
+    for ex in sample:
+        started = time.perf_counter()
+        predict(model, tokenizer, fmt, [ex], batch_size=1, max_new_tokens=project.eval.max_new_tokens, autocast=bf16)
+        times.append((time.perf_counter() - started) * 1000)
+    times.sort()
+    return {"latency_p50_ms": round(_quantile(times, 0.5), 2), "latency_p95_ms": round(_quantile(times, 0.95), 2)}
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolated quantile of already sorted values."""
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def _sizes(model_dir: Path, base_path: Path, kind: str) -> dict:
+    """Size of what must be deployed: base + adapter for adapters, the weights for full models."""
+    own = _mb(model_dir)
+    total = own + (_mb(base_path) if kind == "adapter" else 0.0)
+    return {"model_size_mb": round(total, 2), "weights_size_mb": round(own, 2)}
+
+
+def _mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors")) / 2**20
+
+
+def _prediction_rows(test: list[Example], tuned: Predictions, base: Predictions) -> list[dict]:
+    rows = []
+    for i, ex in enumerate(test):
+        row = {"text": ex.input, "gold": ex.target, "prediction": tuned.texts[i],
+               "baseline_prediction": base.texts[i], "correct": tuned.texts[i] == ex.target, "source": ex.source}
+        if tuned.probabilities:
+            row["confidence"] = tuned.probabilities[i][tuned.texts[i]]
+        rows.append(row)
+    return rows

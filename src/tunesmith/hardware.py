@@ -1,0 +1,58 @@
+"""Device, precision and resource figures, each computed in one place."""
+
+from __future__ import annotations
+
+import resource
+import sys
+from contextlib import nullcontext
+
+import torch
+
+
+def device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def bf16_supported(dev: torch.device) -> bool:
+    """True where bf16 matmuls run natively (CUDA with bf16, or a CPU with AVX-512 BF16 / AMX)."""
+    if dev.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = open("/proc/cpuinfo", encoding="ascii", errors="ignore").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def use_bf16(precision: str, dev: torch.device) -> bool:
+    return precision == "bf16" or (precision == "auto" and bf16_supported(dev))
+
+
+def autocast(enabled: bool, dev: torch.device):
+    """bf16 autocast on `dev` when enabled; weights stay fp32 so optimiser maths is exact."""
+    return torch.autocast(dev.type, dtype=torch.bfloat16) if enabled else nullcontext()
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024, 1)
+
+
+def throughput(tokens: int, seconds: float) -> float:
+    """Tokens per second, the one definition used everywhere."""
+    return round(tokens / seconds, 2) if seconds > 0 else 0.0
+
+
+def count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real (non-padding) tokens of the batch's examples; a shared prefix counts once per row,
+    as each example's sequence contains it (the figure does not depend on how it is computed)."""
+    rows = batch["attention_mask"].shape[0]
+    prefix = batch.get("prefix_ids")
+    return int(batch["attention_mask"].sum()) + (rows * len(prefix) if prefix is not None else 0)
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

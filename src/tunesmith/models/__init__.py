@@ -1,0 +1,1 @@
+"""Model resolution: catalog names, Hugging Face ids, local checkpoints and GGUF files."""

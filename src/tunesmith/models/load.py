@@ -1,0 +1,36 @@
+"""Load a resolved checkpoint for training or inference (safetensors, no remote code)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tunesmith.errors import ModelError
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: Path, dtype: torch.dtype = torch.float32):
+    """A causal LM from a local folder, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    if not any(Path(path).glob("*.safetensors")):
+        raise ModelError(f"no safetensors weights in {path}", "model",
+                         "tunesmith loads safetensors only (pickle files can run code); convert the checkpoint")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False,
+                                                     use_safetensors=True)
+    except Exception as e:
+        raise ModelError(f"cannot load model from {path}: {e}", "model",
+                         "it must be a causal language model checkpoint") from None
+    model.eval()
+    return model
+

@@ -1,0 +1,82 @@
+"""Stage order for `tunesmith run`, and the stage commands that work on a run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tunesmith import fsio
+from tunesmith.config import Project, dump_config, load_config
+from tunesmith.data.prepare import Splits, load_splits, prepare_data, save_splits
+from tunesmith.errors import RunDirError
+from tunesmith.evaluate.objective import judge
+from tunesmith.evaluate.stage import eval_stage
+from tunesmith.models.resolve import resolve_model
+from tunesmith.report.build import report_stage
+from tunesmith.runs import final_dir, staged
+from tunesmith.train.stage import train_stage
+
+EXIT_MET, EXIT_NOT_MET = 0, 3
+
+
+def run(project: Project, out: Path | None = None, progress: bool = True, keep_failed: bool = False) -> dict:
+    """data -> train -> eval -> verdict -> report, into a run directory that appears only when complete."""
+    splits = prepare_data(project)  # bad data fails before anything is written
+    resolve_model(project.model)    # so does an unknown model
+    final = final_dir(project.base_dir, project.name, out)
+    with staged(final, keep_failed) as run_dir:
+        _start(project, splits, run_dir)
+        train_stage(project, splits, run_dir, progress=progress)
+        summary = evaluate_and_judge(project, splits, run_dir, final)
+        report_stage(run_dir)
+    return summary
+
+
+def train_only(project: Project, out: Path | None = None, progress: bool = True, keep_failed: bool = False) -> Path:
+    """data -> train; the run directory can then be evaluated with `tunesmith eval`."""
+    splits = prepare_data(project)
+    resolve_model(project.model)
+    final = final_dir(project.base_dir, project.name, out)
+    with staged(final, keep_failed) as run_dir:
+        _start(project, splits, run_dir)
+        train_stage(project, splits, run_dir, progress=progress)
+    return final
+
+
+def evaluate_run(run_dir: Path) -> dict:
+    """eval -> verdict -> report on an existing run directory that holds a trained model."""
+    project, splits = open_run(run_dir)
+    summary = evaluate_and_judge(project, splits, run_dir, run_dir)
+    report_stage(run_dir)
+    return summary
+
+
+def evaluate_and_judge(project: Project, splits: Splits, run_dir: Path, final: Path) -> dict:
+    metrics = eval_stage(project, splits, run_dir)
+    summary = {
+        "name": project.name, "model": project.model, "method": project.train.method,
+        "objective_metric": project.objective.metric, "instruction": project.task.instruction,
+        "objective": judge(project.objective, metrics["baseline"], metrics["finetuned"]),
+        "metrics": {"baseline": metrics["baseline"], "finetuned": metrics["finetuned"]},
+        "run_dir": str(final), "report": str(final / "report.html"),
+    }
+    fsio.write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def open_run(run_dir: Path) -> tuple[Project, Splits]:
+    """The saved config and curated splits of a run directory."""
+    run_dir = Path(run_dir)
+    for needed in ("config.yaml", "data/report.json", "model/tunesmith.json"):
+        if not (run_dir / needed).exists():
+            raise RunDirError(f"not a trained run directory (no {needed})", str(run_dir),
+                              "give a folder made by `tunesmith run` or `tunesmith train`")
+    return load_config(run_dir / "config.yaml", check_files=False), load_splits(run_dir / "data")
+
+
+def exit_code(summary: dict) -> int:
+    return EXIT_MET if summary["objective"]["met"] else EXIT_NOT_MET
+
+
+def _start(project: Project, splits: Splits, run_dir: Path) -> None:
+    fsio.write_text(run_dir / "config.yaml", dump_config(project))
+    save_splits(splits, run_dir / "data")

@@ -1,0 +1,1 @@
+"""Report stage: a self-contained HTML report with plots, and a model card."""

@@ -1,0 +1,118 @@
+"""report.html and model_card.md from the files of a run directory."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from tunesmith import fsio
+from tunesmith.report import plots
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222;padding:0 1em}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
+th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}.met{color:#0a7d28;font-weight:bold}
+.unmet{color:#b00020;font-weight:bold}img{max-width:100%}.warn{color:#8a5a00}"""
+
+
+def report_stage(run_dir: Path) -> Path:
+    """Write report.html and model_card.md; return the report's path."""
+    summary = fsio.read_json(run_dir / "summary.json")
+    metrics = fsio.read_json(run_dir / "metrics.json")
+    data = fsio.read_json(run_dir / "data" / "report.json")
+    log = _read_log(run_dir / "train_log.jsonl")
+    body = [_header(summary), _verdict(summary["objective"]), _metrics_table(metrics), _plots(metrics, log, summary),
+            _data_section(data), _train_section(metrics.get("train", {}))]
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>tunesmith: {html.escape(summary['name'])}"
+            f"</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>")
+    fsio.write_text(run_dir / "report.html", page)
+    fsio.write_text(run_dir / "model_card.md", model_card(summary, metrics, data))
+    return run_dir / "report.html"
+
+
+def _read_log(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _header(summary: dict) -> str:
+    return (f"<h1>tunesmith run: {html.escape(summary['name'])}</h1><p>model <code>{html.escape(summary['model'])}"
+            f"</code>, method <code>{summary['method']}</code>, run <code>{html.escape(summary['run_dir'])}</code></p>")
+
+
+def _verdict(objective: dict) -> str:
+    rows = "".join(
+        f"<tr><td>{html.escape(c['name'])}</td><td>{_fmt(c['value'])}</td><td>{c['op']} {_fmt(c['target'])}</td>"
+        f"<td class='{'met' if c['met'] else 'unmet'}'>{'met' if c['met'] else 'NOT met'}</td></tr>"
+        for c in objective["criteria"])
+    state = "<span class='met'>met</span>" if objective["met"] else "<span class='unmet'>not met</span>"
+    return (f"<h2>Objective: {state}</h2><table><tr><th>criterion</th><th>measured</th><th>target</th><th>verdict</th>"
+            f"</tr>{rows}</table>")
+
+
+def _metrics_table(metrics: dict) -> str:
+    base, tuned = metrics["baseline"], metrics["finetuned"]
+    rows = "".join(f"<tr><td>{k}</td><td>{_fmt(base.get(k))}</td><td>{_fmt(v)}</td></tr>" for k, v in tuned.items())
+    return (f"<h2>Test split ({metrics['test_examples']} examples)</h2><table><tr><th>figure</th><th>baseline</th>"
+            f"<th>fine-tuned</th></tr>{rows}</table>")
+
+
+def _plots(metrics: dict, log: list[dict], summary: dict) -> str:
+    out = []
+    names = [k for k in metrics["baseline"] if isinstance(metrics["baseline"][k], float)]
+    out.append(_img(plots.metric_bars(metrics["baseline"], metrics["finetuned"], names), "test metrics"))
+    curves = plots.training_curves([r for r in log if "loss" in r], [r for r in log if "val_loss" in r],
+                                   summary["objective_metric"])
+    if curves:
+        out.append("<h2>Training</h2>" + _img(curves, "training curves"))
+    cm = metrics.get("confusion_matrix")
+    if cm:
+        out.append("<h2>Confusion matrices (test)</h2>")
+        for which in ("baseline", "finetuned"):
+            out.append(_img(plots.confusion(cm[which], cm["labels"], which), f"confusion matrix {which}"))
+    return "".join(out)
+
+
+def _data_section(data: dict) -> str:
+    rows = "".join(f"<tr><td>{name}</td><td>{s['rows']}</td><td>{s['chars_median']}</td></tr>"
+                   for name, s in data["splits"].items())
+    warns = "".join(f"<li class='warn'>{html.escape(w)}</li>" for w in data.get("warnings", []))
+    return (f"<h2>Data</h2><table><tr><th>split</th><th>rows</th><th>median chars</th></tr>{rows}</table>"
+            + (f"<ul>{warns}</ul>" if warns else ""))
+
+
+def _train_section(stats: dict) -> str:
+    if not stats:
+        return ""
+    rows = "".join(f"<tr><td>{k}</td><td>{_fmt(v)}</td></tr>" for k, v in stats.items())
+    return f"<h2>Training figures</h2><table>{rows}</table>"
+
+
+def _img(b64: str, alt: str) -> str:
+    return f"<p><img alt='{alt}' src='data:image/png;base64,{b64}'></p>"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 100 else f"{v:,.1f}"
+    return html.escape(str(v)) if v is not None else "n/a"
+
+
+def model_card(summary: dict, metrics: dict, data: dict) -> str:
+    """A Markdown model card: what the model is, how it was made, how well it does, its limits."""
+    base, tuned = metrics["baseline"], metrics["finetuned"]
+    lines = [f"# {summary['name']}", "",
+             f"Fine-tuned from `{summary['model']}` with `{summary['method']}` by tunesmith.", "",
+             "## Intended use", "", summary.get("instruction") or "(no instruction given)", "",
+             "## Data", ""]
+    lines += [f"- {name}: {s['rows']} examples" for name, s in data["splits"].items()]
+    lines += ["", "## Results on the test split", "", "| figure | baseline | fine-tuned |", "|---|---|---|"]
+    lines += [f"| {k} | {_fmt(base.get(k))} | {_fmt(v)} |" for k, v in tuned.items()]
+    lines += ["", f"Objective {'met' if summary['objective']['met'] else 'NOT met'}:", ""]
+    lines += [f"- {c['name']}: {_fmt(c['value'])} (target {c['op']} {c['target']}) {'met' if c['met'] else 'not met'}"
+              for c in summary["objective"]["criteria"]]
+    lines += ["", "## Limitations", "",
+              "Measured on the test split above only; performance on other data, and bias across groups of "
+              "people, have not been established by this card.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,64 @@
+"""Plots as base64 PNG strings, ready to embed in a self-contained HTML page."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def training_curves(steps: list[dict], evals: list[dict], metric: str) -> str | None:
+    """Training loss per step with validation loss and metric per evaluation."""
+    if not steps:
+        return None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax1.plot([s["step"] for s in steps], [s["loss"] for s in steps], lw=0.8, alpha=0.6, label="train loss (step)")
+    if evals:
+        ax1.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o-", label="validation loss")
+        ax2.plot([e["step"] for e in evals], [e[metric] for e in evals], "o-", color="tab:green")
+    ax1.set(xlabel="step", ylabel="loss", title="Loss")
+    ax1.legend()
+    ax2.set(xlabel="step", ylabel=metric, title=f"Validation {metric}")
+    ax2.grid(alpha=0.3)
+    return _png(fig)
+
+
+def confusion(matrix: list[list[int]], labels: list[str], title: str) -> str:
+    n = len(labels)
+    size = min(12, 3 + 0.35 * n)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="gold", title=title)
+    ax.set_xticklabels(labels, rotation=90, fontsize=7)
+    ax.set_yticklabels(labels, fontsize=7)
+    if n <= 20:
+        peak = max(max(r) for r in matrix) or 1
+        for i, row in enumerate(matrix):
+            for j, v in enumerate(row):
+                if v:
+                    ax.text(j, i, v, ha="center", va="center", fontsize=7, color="white" if v > peak / 2 else "black")
+    return _png(fig)
+
+
+def metric_bars(baseline: dict, finetuned: dict, names: list[str]) -> str:
+    fig, ax = plt.subplots(figsize=(6, 3))
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], [baseline.get(n, 0) for n in names], width=0.4, label="baseline")
+    ax.bar([i + 0.2 for i in x], [finetuned.get(n, 0) for n in names], width=0.4, label="fine-tuned")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(names)
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.set_title("Test metrics")
+    return _png(fig)

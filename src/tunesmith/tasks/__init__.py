@@ -1,0 +1,1 @@
+"""Tasks: how examples become prompts and targets, and how predictions are made."""

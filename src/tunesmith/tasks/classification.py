@@ -1,0 +1,106 @@
+"""Classification with a causal LM: score every label after the prompt, pick the best.
+
+The prompt is run once per example; its KV cache is shared by all candidate labels, so a
+77-label task costs one prompt forward plus one short forward over the label tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tunesmith.tasks.cache import (broadcast, cache_kwargs, cache_tensors, common_prefix_len, continue_after,
+                                   output_cache, prefix_tensors, select_rows)
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and mask, padded on the left so every prompt ends at the last column."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s)
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def score_labels(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int,
+                 batch_size: int = 16, max_rows: int = 64) -> torch.Tensor:
+    """Log-probability of each answer's tokens after each prompt.
+
+    Args:
+        model: a causal LM (plain or PEFT-wrapped).
+        prompts: token ids per example.
+        answers: token ids per label (the label text and its end-of-turn marker).
+        pad_id: padding token id.
+        batch_size: prompts per forward.
+        max_rows: (example, label) rows per candidate forward, to bound memory.
+
+    Returns:
+        (N, L) float32 tensor of summed log-probabilities.
+    """
+    dev = next(model.parameters()).device
+    label_ids, label_mask = (t.to(dev) for t in right_pad(answers, pad_id))  # (L, A)
+    n_prefix = common_prefix_len(prompts)
+    prefix = prefix_tensors(model, torch.tensor(prompts[0][:n_prefix], device=dev)) if n_prefix else None
+    scores = []
+    for start in range(0, len(prompts), batch_size):
+        batch = [p[n_prefix:] for p in prompts[start:start + batch_size]]
+        scores.append(_score_batch(model, prefix, n_prefix, batch, label_ids, label_mask, pad_id, max_rows))
+    return torch.cat(scores).cpu()
+
+
+def _score_batch(model, prefix, n_prefix, prompts, label_ids, label_mask, pad_id, max_rows) -> torch.Tensor:
+    dev = label_ids.device
+    ids, mask = (t.to(dev) for t in left_pad(prompts, pad_id))  # (B, S): prompt tails after the shared prefix
+    mask, positions = continue_after(n_prefix, mask)  # (B, P+S), (B, S)
+    extra = cache_kwargs(model, broadcast(prefix, len(prompts))) if prefix else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **extra)
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V)
+    scores = first[:, label_ids[:, 0]]  # (B, L): log p(first answer token | prompt)
+    if label_ids.shape[1] == 1:
+        return scores
+    tensors = cache_tensors(output_cache(out))
+    n_b, n_l = scores.shape
+    pairs = torch.cartesian_prod(torch.arange(n_b, device=dev), torch.arange(n_l, device=dev))  # (B*L, 2)
+    rest = torch.zeros(n_b * n_l, device=dev)
+    for start in range(0, len(pairs), max_rows):
+        chunk = pairs[start:start + max_rows]
+        rest[start:start + len(chunk)] = _score_continuations(model, tensors, chunk, mask, label_ids, label_mask)
+    return scores + rest.view(n_b, n_l)
+
+
+def _score_continuations(model, tensors, pairs, prompt_mask, label_ids, label_mask) -> torch.Tensor:
+    """Log p(answer tokens 2..A | prompt, answer token 1) for (example, label) pairs."""
+    b_idx, l_idx = pairs[:, 0], pairs[:, 1]
+    inputs = label_ids[l_idx, :-1]                      # (R, A-1)
+    targets = label_ids[l_idx, 1:]                      # (R, A-1)
+    target_mask = label_mask[l_idx, 1:].float()         # (R, A-1)
+    attention = torch.cat([prompt_mask[b_idx], label_mask[l_idx, :-1]], dim=1)  # (R, T+A-1)
+    start = prompt_mask[b_idx].sum(-1, keepdim=True)    # (R, 1) real prompt length
+    positions = start + torch.arange(inputs.shape[1], device=inputs.device)   # (R, A-1)
+    cache = select_rows(tensors, b_idx)
+    out = model(input_ids=inputs, attention_mask=attention, position_ids=positions, use_cache=True,
+                **cache_kwargs(model, cache))
+    logp = torch.log_softmax(out.logits.float(), dim=-1)  # (R, A-1, V)
+    picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (R, A-1)
+    return (picked * target_mask).sum(-1)
+
+
+def predict_labels(scores: torch.Tensor, labels: list[str]) -> tuple[list[str], list[dict[str, float]]]:
+    """Argmax label per row, and probabilities normalised over the label set."""
+    probs = torch.softmax(scores, dim=-1)
+    best = scores.argmax(-1).tolist()
+    predictions = [labels[i] for i in best]
+    probabilities = [{lab: round(float(p), 6) for lab, p in zip(labels, row)} for row in probs]
+    return predictions, probabilities

@@ -1,0 +1,30 @@
+"""Generation: greedy decoding that stops at the end-of-turn token."""
+
+from __future__ import annotations
+
+import torch
+
+from tunesmith.tasks.classification import left_pad
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8) -> list[str]:
+    """Greedy completions for token-id prompts, decoded without special tokens."""
+    stop = _stop_ids(tokenizer)
+    outputs = []
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = (t.to(model.device) for t in left_pad(prompts[start:start + batch_size], tokenizer.pad_token_id))
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
+        new = out[:, ids.shape[1]:]  # (B, new tokens)
+        outputs += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+    return outputs
+
+
+def _stop_ids(tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)

@@ -1,0 +1,46 @@
+"""One entry point for predictions, used by validation during training, eval and tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tunesmith import hardware
+from tunesmith.data.examples import Example
+from tunesmith.tasks.classification import predict_labels, score_labels
+from tunesmith.tasks.generation import generate
+from tunesmith.tasks.prompts import PromptFormat, encode_answer, encode_prompt
+
+
+@dataclass
+class Predictions:
+    texts: list[str]
+    probabilities: list[dict[str, float]] | None = None
+
+
+def answer_budget(tokenizer, fmt: PromptFormat) -> int:
+    """Tokens reserved for the answer: the longest label, or a fixed share for generation."""
+    if fmt.labels:
+        return max(len(encode_answer(tokenizer, fmt, lab)) for lab in fmt.labels)
+    return max(16, fmt.max_length // 4)
+
+
+def encode_prompts(tokenizer, fmt: PromptFormat, examples: list[Example]) -> list[list[int]]:
+    budget = fmt.max_length - answer_budget(tokenizer, fmt)
+    return [encode_prompt(tokenizer, fmt, ex, budget)[0] for ex in examples]
+
+
+def predict(model, tokenizer, fmt: PromptFormat, examples: list[Example], batch_size: int = 16,
+            max_new_tokens: int = 64, autocast: bool = False) -> Predictions:
+    """Predict every example: label scoring for classification, greedy decoding otherwise."""
+    was_training = model.training
+    model.eval()
+    prompts = encode_prompts(tokenizer, fmt, examples)
+    try:
+        with hardware.autocast(autocast, next(model.parameters()).device):
+            if fmt.labels:
+                answers = [encode_answer(tokenizer, fmt, lab) for lab in fmt.labels]
+                scores = score_labels(model, prompts, answers, tokenizer.pad_token_id, batch_size=batch_size)
+                return Predictions(*predict_labels(scores, fmt.labels))
+            return Predictions(generate(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size))
+    finally:
+        model.train(was_training)

@@ -1,0 +1,1 @@
+"""Training stage: methods, batching, loss, the training loop."""

@@ -1,0 +1,75 @@
+"""Encoding examples for training and length-grouped batching (little padding waste)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from tunesmith.data.examples import Example
+from tunesmith.tasks.predict import answer_budget
+from tunesmith.tasks.prompts import PromptFormat, encode_answer, encode_prompt
+
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    """Prompt + answer ids; loss is taken on the answer tokens only."""
+
+    ids: list[int]
+    n_prompt: int
+    truncated: bool = False
+
+
+def encode_for_training(tokenizer, fmt: PromptFormat, examples: list[Example]) -> list[Encoded]:
+    budget = fmt.max_length - answer_budget(tokenizer, fmt)
+    answers: dict[str, list[int]] = {}
+    out = []
+    for ex in examples:
+        prompt, truncated = encode_prompt(tokenizer, fmt, ex, budget)
+        if ex.target not in answers:
+            answers[ex.target] = encode_answer(tokenizer, fmt, ex.target)
+        answer = answers[ex.target][: fmt.max_length - len(prompt)]
+        out.append(Encoded(prompt + answer, len(prompt), truncated or len(answer) < len(answers[ex.target])))
+    return out
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
+    """Shuffled batches of indices whose lengths are close, so padding stays small.
+
+    Indices are shuffled, cut into mega-batches of 32 batches, sorted by length inside each,
+    and the resulting batches are shuffled again; the same seed gives the same order.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    mega = batch_size * 32
+    batches = []
+    for start in range(0, len(order), mega):
+        group = sorted(order[start:start + mega], key=lambda i: lengths[i], reverse=True)
+        batches += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(items: list[Encoded], pad_id: int, prefix_len: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded (B, T) input_ids, attention_mask and labels (IGNORE outside answers).
+
+    With `prefix_len` > 0 the first `prefix_len` tokens, identical in every item, go once into
+    `prefix_ids` (P,) and the (B, T) tensors hold what follows them.
+    """
+    tails = [it.ids[prefix_len:] for it in items]
+    width = max(len(t) for t in tails)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
+    for i, (it, tail) in enumerate(zip(items, tails)):
+        ids[i, : len(tail)] = torch.tensor(tail)
+        mask[i, : len(tail)] = 1
+        labels[i, it.n_prompt - prefix_len: len(tail)] = ids[i, it.n_prompt - prefix_len: len(tail)]
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if prefix_len:
+        batch["prefix_ids"] = torch.tensor(items[0].ids[:prefix_len])
+    return batch

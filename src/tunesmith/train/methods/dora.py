@@ -1,0 +1,14 @@
+"""DoRA: LoRA with the weight's magnitude and direction learned separately (PEFT use_dora)."""
+
+from __future__ import annotations
+
+from tunesmith.train.methods.lora import peft_config
+from tunesmith.train.methods.peft_adapter import load, save  # noqa: F401
+
+KIND = "adapter"
+
+
+def apply(model, cfg):
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_config(cfg, use_dora=True))

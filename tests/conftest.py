@@ -1,0 +1,104 @@
+"""Fixtures: a tiny random causal LM with a real tokenizer, built in-process (no downloads)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+COLOURS = {"red": "alpha", "blue": "beta", "green": "gamma"}
+FILLER = "the a my card bank money please help today now where when why how is was can you".split()
+
+
+def make_texts(n: int, seed: int) -> list[dict]:
+    """Synthetic classification rows: the colour word decides the label."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        colour = list(COLOURS)[i % 3]
+        words = rng.sample(FILLER, 5)
+        words.insert(rng.randrange(6), colour)
+        rows.append({"text": " ".join(words), "label": COLOURS[colour]})
+    return rows
+
+
+def build_tiny_checkpoint(folder: Path, chat_template: bool = True) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>", "<pad>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [r["text"] for r in make_texts(60, 0)] + ["Classify. Answer with one of: alpha, beta, gamma."]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>",
+                                   bos_token="<|im_start|>", pad_token="<pad>")
+    if chat_template:
+        fast.chat_template = CHATML
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, pad_token_id=fast.pad_token_id,
+                         eos_token_id=fast.eos_token_id, bos_token_id=fast.bos_token_id)
+    import torch
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_plain_model(tmp_path_factory) -> Path:
+    """The same tiny model with no chat template (the plain prompt path)."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-plain"), chat_template=False)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+PROJECT = """name: tiny
+model: {model}
+task:
+  type: classification
+  instruction: "Classify."
+data:
+  train: train.jsonl
+  test: test.jsonl
+  validation: 0.2
+objective:
+  metric: accuracy
+  target: 0.0
+train:
+  method: {method}
+  max_steps: 6
+  eval_every: 3
+  batch_size: 4
+  learning_rate: 0.01
+eval:
+  latency_samples: 2
+"""
+
+
+@pytest.fixture()
+def tiny_project(tmp_path, tiny_model) -> Path:
+    """A classification project on the tiny model; returns the config path."""
+    write_jsonl(tmp_path / "train.jsonl", make_texts(30, 1))
+    write_jsonl(tmp_path / "test.jsonl", make_texts(9, 2))
+    cfg = tmp_path / "project.yaml"
+    cfg.write_text(PROJECT.format(model=tiny_model, method="lora"), encoding="utf-8")
+    return cfg

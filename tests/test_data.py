@@ -1,0 +1,103 @@
+"""Data: every supported format reads; every bad row is reported with file:line and reason."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tunesmith.config import DataConfig, Project, TaskConfig
+from tunesmith.data.examples import load_examples
+from tunesmith.data.prepare import prepare_data
+from tunesmith.data.split import stratified_split
+from tunesmith.errors import DataError
+
+from conftest import make_texts, write_jsonl
+
+CLS = TaskConfig()
+
+
+def test_jsonl_csv_parquet_read_the_same(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = make_texts(6, 0)
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    (tmp_path / "d.csv").write_text("text,label\n" + "".join(f'"{r["text"]}",{r["label"]}\n' for r in rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    for name in ("d.jsonl", "d.csv", "d.parquet"):
+        examples, problems = load_examples(tmp_path / name, CLS)
+        assert not problems
+        assert [(e.input, e.target) for e in examples] == [(r["text"], r["label"]) for r in rows]
+
+
+def test_csv_multiline_rows_keep_their_start_line(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('text,label\n"two\nlines",a\n,b\n', encoding="utf-8")
+    examples, problems = load_examples(path, CLS)
+    assert examples[0].source == "d.csv:2"
+    assert [(p.line, "empty" in p.reason) for p in problems] == [(4, True)]
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b'{"text": "ok", "label": "a"}\n{"text": "broken", \n', "invalid JSON"),
+    (b'{"text": "ok", "label": "a"}\n{"label": "a"}\n', "missing field 'text'"),
+    (b'{"text": "ok", "label": "a"}\n{"text": "  ", "label": "a"}\n', "is empty"),
+    (b'{"text": "ok", "label": "a"}\n{"text": "x", "label": [1]}\n', "must be a string"),
+    (b'{"text": "ok", "label": "a"}\n{"text": "caf\xe9", "label": "a"}\n', "undecodable bytes"),
+])
+def test_bad_rows_name_line_two(tmp_path, content, reason):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(content)
+    _, problems = load_examples(path, CLS)
+    assert len(problems) == 1 and problems[0].line == 2 and reason in problems[0].reason
+
+
+def test_empty_file_is_an_error(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"")
+    with pytest.raises(DataError, match="empty"):
+        load_examples(path, CLS)
+
+
+def test_generation_formats(tmp_path):
+    rows = [{"prompt": "p", "completion": "c"},
+            {"instruction": "Do", "input": "this", "output": "done"},
+            {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"},
+                          {"role": "assistant", "content": "hello"}]},
+            {"messages": [{"role": "user", "content": "no answer"}]}]
+    examples, problems = load_examples(write_jsonl(tmp_path / "g.jsonl", rows), TaskConfig(type="generation"))
+    assert [(e.input, e.target) for e in examples] == [("p", "c"), ("Do\n\nthis", "done"), ("hi", "hello")]
+    assert examples[2].messages[0]["role"] == "system"
+    assert len(problems) == 1 and problems[0].line == 4 and "assistant" in problems[0].reason
+
+
+def test_prepare_lists_all_bad_rows_and_raises_first(tmp_path):
+    lines = [json.dumps(r) for r in make_texts(5, 0)] + ["{bad", '{"text": "x"}']
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    project = Project(name="p", data=DataConfig(train=path))
+    with pytest.raises(DataError) as info:
+        prepare_data(project)
+    assert f"{path}:6" in info.value.line() and "1 more" in info.value.line()
+    assert len(info.value.details) == 2 and info.value.details[1].startswith(f"{path}:7")
+
+
+def test_stratified_split_is_deterministic_and_keeps_every_class():
+    items = list(range(40))
+    keys = ["a"] * 20 + ["b"] * 15 + ["c"] * 5
+    rest1, held1 = stratified_split(items, keys, 0.2, seed=3)
+    rest2, held2 = stratified_split(items, keys, 0.2, seed=3)
+    assert held1 == held2 and rest1 == rest2
+    assert sorted(rest1 + held1) == items
+    assert {keys[i] for i in held1} == {"a", "b", "c"}
+    assert sum(keys[i] == "a" for i in held1) == 4
+
+
+def test_prepare_builds_splits_and_label_set(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", make_texts(30, 0))
+    splits = prepare_data(Project(name="p", data=DataConfig(train=path, test=0.2, validation=0.2)))
+    assert splits.labels == ["alpha", "beta", "gamma"]
+    assert len(splits.train) + len(splits.validation) + len(splits.test) == 30
+    assert {e.target for e in splits.test} == {"alpha", "beta", "gamma"}

@@ -1,0 +1,43 @@
+"""Metric functions against hand-computed values."""
+
+from __future__ import annotations
+
+import pytest
+
+from tunesmith.evaluate.metrics import (accuracy, compute_metrics, confusion_matrix, exact_match, f1_macro,
+                                        metric_names, per_class, rouge_l_pair)
+from tunesmith.evaluate.objective import judge
+from tunesmith.config import Bound, ObjectiveConfig
+
+
+def test_classification_metrics():
+    golds = ["a", "a", "b", "b", "c"]
+    preds = ["a", "b", "b", "b", "a"]
+    assert accuracy(golds, preds) == pytest.approx(0.6)
+    # a: p=1/2 r=1/2 f=.5; b: p=2/3 r=1 f=.8; c: 0 -> macro (0.5+0.8+0)/3
+    assert f1_macro(golds, preds) == pytest.approx((0.5 + 0.8) / 3)
+    table = per_class(golds, preds)
+    assert table["b"] == {"precision": pytest.approx(2 / 3, abs=1e-6), "recall": 1.0, "f1": 0.8, "support": 2}
+    assert confusion_matrix(golds, preds, ["a", "b", "c"]) == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+
+
+def test_generation_metrics():
+    assert exact_match(["The Cat."], ["cat"]) == 1.0
+    assert rouge_l_pair("the cat sat on the mat", "the cat on the mat") == pytest.approx(2 * 1 * (5 / 6) / (1 + 5 / 6))
+    assert rouge_l_pair("a b", "c d") == 0.0
+
+
+def test_registry_by_task():
+    assert "accuracy" in metric_names("classification") and "rouge_l" not in metric_names("classification")
+    assert set(compute_metrics("generation", ["x"], ["x"])) == set(metric_names("generation"))
+
+
+def test_objective_verdict():
+    objective = ObjectiveConfig(metric="accuracy", target=0.8, min_gain=0.2,
+                                constraints={"latency_p95_ms": Bound(max=100), "f1_macro": Bound(min=0.5)})
+    verdict = judge(objective, {"accuracy": 0.5}, {"accuracy": 0.85, "latency_p95_ms": 150.0, "f1_macro": 0.9})
+    by_name = {c["name"]: c for c in verdict["criteria"]}
+    assert by_name["accuracy"]["met"] and by_name["accuracy_gain"]["value"] == pytest.approx(0.35)
+    assert not by_name["latency_p95_ms"]["met"] and by_name["f1_macro"]["met"]
+    assert verdict["met"] is False
+    assert judge(ObjectiveConfig(metric="accuracy", target=0.9), {}, {})["met"] is False  # unmeasured fails
