@@ -102,3 +102,30 @@ def tiny_project(tmp_path, tiny_model) -> Path:
     cfg = tmp_path / "project.yaml"
     cfg.write_text(PROJECT.format(model=tiny_model, method="lora"), encoding="utf-8")
     return cfg
+
+
+def reproduce_predictions(run_dir: Path, base_path: Path) -> tuple[int, int]:
+    """Re-predict a run's test file with transformers + peft alone (full forward per label, no
+    tunesmith code); returns (agreements, rows)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), run_dir / "model").eval()
+    prompt = json.loads((run_dir / "model" / "prompt.json").read_text())
+    system = prompt["instruction"] + "\nAnswer with one of: " + ", ".join(prompt["labels"]) + "."
+    rows = [json.loads(line) for line in (run_dir / "predictions" / "test.jsonl").read_text().splitlines()]
+    agree = 0
+    for row in rows:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": row["text"]}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        p = tokenizer(text, add_special_tokens=False)["input_ids"]
+        scores = {}
+        for label in prompt["labels"]:
+            a = tokenizer(label + "<|im_end|>", add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([p + a])).logits[0], -1)  # (T, V)
+            scores[label] = sum(logp[len(p) - 1 + k, t].item() for k, t in enumerate(a))
+        agree += max(scores, key=scores.get) == row["prediction"]
+    return agree, len(rows)

@@ -8,13 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from tunesmith.cli import app
 from tunesmith.runs import RUN_FILES
 
-from conftest import make_texts, write_jsonl
+from conftest import make_texts, reproduce_predictions, write_jsonl
 
 runner = CliRunner()
 
@@ -47,25 +46,8 @@ def test_run_writes_complete_run_directory(tiny_project, tiny_model, tmp_path):
 def test_saved_model_reproduces_predictions_with_transformers_and_peft_alone(tiny_project, tiny_model, tmp_path):
     out = tmp_path / "run"
     assert _cli("run", str(tiny_project), "--out", str(out), "--quiet").returncode == 0
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(out / "model")
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out / "model").eval()
-    prompt = json.loads((out / "model" / "prompt.json").read_text())
-    system = prompt["instruction"] + "\nAnswer with one of: " + ", ".join(prompt["labels"]) + "."
-    rows = [json.loads(line) for line in (out / "predictions" / "test.jsonl").read_text().splitlines()]
-    for row in rows:
-        messages = [{"role": "system", "content": system}, {"role": "user", "content": row["text"]}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        p = tokenizer(text, add_special_tokens=False)["input_ids"]
-        scores = {}
-        for label in prompt["labels"]:
-            a = tokenizer(label + "<|im_end|>", add_special_tokens=False)["input_ids"]
-            with torch.no_grad():
-                logp = torch.log_softmax(model(input_ids=torch.tensor([p + a])).logits[0], -1)
-            scores[label] = sum(logp[len(p) - 1 + k, t].item() for k, t in enumerate(a))
-        assert max(scores, key=scores.get) == row["prediction"]
+    agree, total = reproduce_predictions(out, tiny_model)
+    assert agree == total == 9
 
 
 def test_default_run_dir_and_latest_link(tiny_project):
