@@ -101,3 +101,12 @@ def test_prepare_builds_splits_and_label_set(tmp_path):
     assert splits.labels == ["alpha", "beta", "gamma"]
     assert len(splits.train) + len(splits.validation) + len(splits.test) == 30
     assert {e.target for e in splits.test} == {"alpha", "beta", "gamma"}
+
+
+def test_field_absent_from_every_row_points_at_the_config_key(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("text,category\nhello,a\nbye,b\n", encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        load_examples(path, CLS)
+    assert "task.label_field" in info.value.line() and "category" in info.value.line()
+    assert f"{path}:2" in info.value.line()

@@ -23,8 +23,11 @@ OUT = typer.Option(None, "--out", help="Run directory to create (default: runs/<
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 
 
-def _guarded(debug: bool, fn: Callable[[], int]) -> None:
-    """Run a command: input errors -> one `error:` line and exit 2; internal errors -> exit 1."""
+def _guarded(debug: bool, fn: Callable[[], int], details: bool = False) -> None:
+    """Run a command: input errors -> one `error:` line and exit 2; internal errors -> exit 1.
+
+    With `details`, the error's extra lines (e.g. every bad row) follow, indented.
+    """
     _quiet_libraries()
     try:
         code = fn()
@@ -32,7 +35,7 @@ def _guarded(debug: bool, fn: Callable[[], int]) -> None:
         if debug:
             traceback.print_exc()
         print(e.line(), file=sys.stderr)
-        for detail in e.details:
+        for detail in e.details if details else []:
             print(f"  {detail}", file=sys.stderr)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
@@ -146,7 +149,7 @@ def data_check(config: Path = typer.Argument(..., help="project.yaml"), debug: b
             print(f"warning: {w}")
         print("data OK")
         return 0
-    _guarded(debug, go)
+    _guarded(debug, go, details=True)
 
 
 def main() -> None:

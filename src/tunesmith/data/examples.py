@@ -45,7 +45,22 @@ def load_examples(path: Path, task: TaskConfig, max_errors: int = 20) -> tuple[l
         except _RowError as e:
             problems.append(RowProblem(row.file, row.line, str(e)))
     problems.sort(key=lambda p: p.line)
+    if not examples and problems:
+        _raise_if_field_never_present(problems, result.rows, task)
     return examples, problems
+
+
+def _raise_if_field_never_present(problems: list[RowProblem], rows: list[Row], task: TaskConfig) -> None:
+    """A field missing from every row is a config mistake (wrong field name), not bad data."""
+    missing = {p.reason.split("'")[1] for p in problems if p.reason.startswith("missing field '")}
+    if len(missing) != 1 or len(problems) != len(rows):
+        return
+    name = missing.pop()
+    keys = {task.text_field: "task.text_field", task.label_field: "task.label_field",
+            task.prompt_field: "task.prompt_field", task.completion_field: "task.completion_field"}
+    present = sorted({str(k) for r in rows if isinstance(r.record, dict) for k in r.record})
+    raise DataError(f"no row has the field '{name}'", problems[0].file, problems[0].line,
+                    f"set {keys.get(name, 'the field name')} to one of the fields present: {', '.join(present)}")
 
 
 def raise_for_problems(problems: list[RowProblem], max_errors: int, hint: str | None = None) -> None:
