@@ -161,3 +161,45 @@ def test_data_check_lists_every_bad_row(tiny_project, tmp_path):
     write_jsonl(train, make_texts(30, 1))
     ok = runner.invoke(app, ["data", "check", str(tiny_project)])
     assert ok.exit_code == 0 and "data OK" in ok.stdout
+
+
+GENERATION = """name: gen
+model: {model}
+task:
+  type: {type}
+  instruction: "Answer with the label."
+data:
+  train: train.jsonl
+  test: test.jsonl
+objective:
+  metric: rouge_l
+  min_gain: -1.0
+train:
+  max_steps: 4
+  eval_every: 2
+  batch_size: 4
+  learning_rate: 0.01
+  max_val_examples: 4
+eval:
+  max_new_tokens: 4
+  latency_samples: 1
+"""
+
+
+@pytest.mark.parametrize("kind", ["generation", "chat"])
+def test_generation_and_chat_runs(tmp_path, tiny_model, kind):
+    rows = make_texts(20, 4)
+    if kind == "chat":
+        data = [{"messages": [{"role": "user", "content": r["text"]}, {"role": "assistant", "content": r["label"]}]}
+                for r in rows]
+    else:
+        data = [{"prompt": r["text"], "completion": r["label"]} for r in rows]
+    write_jsonl(tmp_path / "train.jsonl", data[:16])
+    write_jsonl(tmp_path / "test.jsonl", data[16:])
+    (tmp_path / "p.yaml").write_text(GENERATION.format(model=tiny_model, type=kind))
+    result = runner.invoke(app, ["run", str(tmp_path / "p.yaml"), "--out", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert {"exact_match", "rouge_l"} <= set(metrics["finetuned"]) and "confusion_matrix" not in metrics
+    rows_out = [json.loads(line) for line in (tmp_path / "out" / "predictions" / "test.jsonl").read_text().splitlines()]
+    assert len(rows_out) == 4 and all(isinstance(r["prediction"], str) for r in rows_out)

@@ -107,12 +107,12 @@ def train(config: Path = typer.Argument(..., help="project.yaml"), out: Optional
 
 @app.command("eval")
 def eval_(run_dir: Path = typer.Argument(..., help="a run directory with a trained model"),
-          debug: bool = DEBUG) -> None:
+          quiet: bool = QUIET, debug: bool = DEBUG) -> None:
     """Evaluate baseline and fine-tuned model on the test split; write metrics, verdict, report."""
     def go() -> int:
         from tunesmith import pipeline
 
-        summary = pipeline.evaluate_run(run_dir)
+        summary = pipeline.evaluate_run(run_dir, progress=not quiet)
         _print_summary(summary)
         return pipeline.exit_code(summary)
     _guarded(debug, go)

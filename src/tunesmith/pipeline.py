@@ -26,7 +26,7 @@ def run(project: Project, out: Path | None = None, progress: bool = True, keep_f
     with staged(final, keep_failed) as run_dir:
         _start(project, splits, run_dir)
         train_stage(project, splits, run_dir, progress=progress)
-        summary = evaluate_and_judge(project, splits, run_dir, final)
+        summary = evaluate_and_judge(project, splits, run_dir, final, progress)
         report_stage(run_dir)
     return summary
 
@@ -42,16 +42,16 @@ def train_only(project: Project, out: Path | None = None, progress: bool = True,
     return final
 
 
-def evaluate_run(run_dir: Path) -> dict:
+def evaluate_run(run_dir: Path, progress: bool = True) -> dict:
     """eval -> verdict -> report on an existing run directory that holds a trained model."""
     project, splits = open_run(run_dir)
-    summary = evaluate_and_judge(project, splits, run_dir, run_dir)
+    summary = evaluate_and_judge(project, splits, run_dir, Path(run_dir).resolve(), progress)
     report_stage(run_dir)
     return summary
 
 
-def evaluate_and_judge(project: Project, splits: Splits, run_dir: Path, final: Path) -> dict:
-    metrics = eval_stage(project, splits, run_dir)
+def evaluate_and_judge(project: Project, splits: Splits, run_dir: Path, final: Path, progress: bool = True) -> dict:
+    metrics = eval_stage(project, splits, run_dir, progress)
     summary = {
         "name": project.name, "model": project.model, "method": project.train.method,
         "objective_metric": project.objective.metric, "instruction": project.task.instruction,

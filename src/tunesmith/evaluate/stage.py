@@ -15,25 +15,26 @@ from tunesmith.tasks.predict import Predictions, predict
 from tunesmith.train.stage import load_finetuned
 
 
-def eval_stage(project: Project, splits: Splits, run_dir: Path) -> dict:
+def eval_stage(project: Project, splits: Splits, run_dir: Path, progress: bool = True) -> dict:
     """Write metrics.json and predictions/test.jsonl; return the metrics."""
     test = splits.test[: project.eval.max_examples] if project.eval.max_examples else splits.test
     model, tokenizer, fmt, base_path = load_finetuned(run_dir / "model")
-    bf16 = hardware.use_bf16(project.eval.precision, hardware.device()) and project.eval.precision != "fp32"
+    bf16 = hardware.use_bf16(project.eval.precision, hardware.device())
     model.to(hardware.device())
 
-    def run(m) -> Predictions:
+    def run(m, name: str) -> Predictions:
         return predict(m, tokenizer, fmt, test, batch_size=project.eval.batch_size,
-                       max_new_tokens=project.eval.max_new_tokens, autocast=bf16)
+                       max_new_tokens=project.eval.max_new_tokens, autocast=bf16,
+                       progress=f"eval {name}" if progress else None)
 
-    tuned = run(model)
-    tuned_figures = _figures(project, fmt, test, tuned)
+    tuned = run(model, "fine-tuned")
+    tuned_figures = _figures(fmt, test, tuned)
     tuned_figures.update(_latency(model, tokenizer, fmt, test, project, bf16))
     tuned_figures.update(_sizes(run_dir / "model", base_path, fsio.read_json(run_dir / "model/tunesmith.json")["kind"]))
     del model
     base_model = load_model(base_path).to(hardware.device())
-    base = run(base_model)
-    metrics = {"baseline": _figures(project, fmt, test, base), "finetuned": tuned_figures, "test_examples": len(test)}
+    base = run(base_model, "baseline")
+    metrics = {"baseline": _figures(fmt, test, base), "finetuned": tuned_figures, "test_examples": len(test)}
     if fmt.labels:
         golds = [e.target for e in test]
         metrics["per_class"] = per_class(golds, tuned.texts, fmt.labels)
@@ -49,7 +50,7 @@ def eval_stage(project: Project, splits: Splits, run_dir: Path) -> dict:
     return metrics
 
 
-def _figures(project: Project, fmt, test: list[Example], preds: Predictions) -> dict:
+def _figures(fmt, test: list[Example], preds: Predictions) -> dict:
     return compute_metrics(fmt.task_type, [e.target for e in test], preds.texts)
 
 
@@ -90,8 +91,9 @@ def _prediction_rows(test: list[Example], tuned: Predictions, base: Predictions)
     rows = []
     for i, ex in enumerate(test):
         row = {"text": ex.input, "gold": ex.target, "prediction": tuned.texts[i],
-               "baseline_prediction": base.texts[i], "correct": tuned.texts[i] == ex.target, "source": ex.source}
+               "baseline_prediction": base.texts[i], "source": ex.source}
         if tuned.probabilities:
+            row["correct"] = tuned.texts[i] == ex.target
             row["confidence"] = tuned.probabilities[i][tuned.texts[i]]
         rows.append(row)
     return rows

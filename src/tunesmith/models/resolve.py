@@ -7,6 +7,7 @@ import importlib.util
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -80,6 +81,7 @@ def _converted(gguf: Path, key: str) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{key}."))
+    print(f"tunesmith: converting {gguf.name} into a plain checkpoint at {target} (once)", file=sys.stderr)
     try:
         convert_gguf(gguf, tmp)
         try:

@@ -7,6 +7,7 @@ The prompt is run once per example; its KV cache is shared by all candidate labe
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from tunesmith.tasks.cache import (broadcast, cache_kwargs, cache_tensors, common_prefix_len, continue_after,
                                    output_cache, prefix_tensors, select_rows)
@@ -35,7 +36,7 @@ def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 @torch.inference_mode()
 def score_labels(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int,
-                 batch_size: int = 16, max_rows: int = 64) -> torch.Tensor:
+                 batch_size: int = 16, max_rows: int = 64, progress: str | None = None) -> torch.Tensor:
     """Log-probability of each answer's tokens after each prompt.
 
     Args:
@@ -45,6 +46,7 @@ def score_labels(model, prompts: list[list[int]], answers: list[list[int]], pad_
         pad_id: padding token id.
         batch_size: prompts per forward.
         max_rows: (example, label) rows per candidate forward, to bound memory.
+        progress: label of a progress bar over the examples, or None for no bar.
 
     Returns:
         (N, L) float32 tensor of summed log-probabilities.
@@ -54,9 +56,11 @@ def score_labels(model, prompts: list[list[int]], answers: list[list[int]], pad_
     n_prefix = common_prefix_len(prompts)
     prefix = prefix_tensors(model, torch.tensor(prompts[0][:n_prefix], device=dev)) if n_prefix else None
     scores = []
-    for start in range(0, len(prompts), batch_size):
-        batch = [p[n_prefix:] for p in prompts[start:start + batch_size]]
-        scores.append(_score_batch(model, prefix, n_prefix, batch, label_ids, label_mask, pad_id, max_rows))
+    with tqdm(total=len(prompts), desc=progress, unit="ex", disable=progress is None, dynamic_ncols=True) as bar:
+        for start in range(0, len(prompts), batch_size):
+            batch = [p[n_prefix:] for p in prompts[start:start + batch_size]]
+            scores.append(_score_batch(model, prefix, n_prefix, batch, label_ids, label_mask, pad_id, max_rows))
+            bar.update(len(batch))
     return torch.cat(scores).cpu()
 
 

@@ -30,8 +30,11 @@ def encode_prompts(tokenizer, fmt: PromptFormat, examples: list[Example]) -> lis
 
 
 def predict(model, tokenizer, fmt: PromptFormat, examples: list[Example], batch_size: int = 16,
-            max_new_tokens: int = 64, autocast: bool = False) -> Predictions:
-    """Predict every example: label scoring for classification, greedy decoding otherwise."""
+            max_new_tokens: int = 64, autocast: bool = False, progress: str | None = None) -> Predictions:
+    """Predict every example: label scoring for classification, greedy decoding otherwise.
+
+    `progress`, when given, is the label of a progress bar over the batches.
+    """
     was_training = model.training
     model.eval()
     prompts = encode_prompts(tokenizer, fmt, examples)
@@ -39,8 +42,10 @@ def predict(model, tokenizer, fmt: PromptFormat, examples: list[Example], batch_
         with hardware.autocast(autocast, next(model.parameters()).device):
             if fmt.labels:
                 answers = [encode_answer(tokenizer, fmt, lab) for lab in fmt.labels]
-                scores = score_labels(model, prompts, answers, tokenizer.pad_token_id, batch_size=batch_size)
+                scores = score_labels(model, prompts, answers, tokenizer.pad_token_id, batch_size=batch_size,
+                                      progress=progress)
                 return Predictions(*predict_labels(scores, fmt.labels))
-            return Predictions(generate(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size))
+            return Predictions(generate(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size,
+                                        progress=progress))
     finally:
         model.train(was_training)

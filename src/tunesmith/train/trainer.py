@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from tunesmith import hardware
 from tunesmith.config import TrainConfig
 from tunesmith.data.examples import Example
-from tunesmith.evaluate.metrics import compute_metrics
+from tunesmith.evaluate.metrics import METRICS, compute_metrics
 from tunesmith.tasks.cache import common_prefix_len
 from tunesmith.tasks.predict import predict
 from tunesmith.tasks.prompts import PromptFormat
@@ -144,10 +144,11 @@ def _validate(model, tokenizer, fmt, val, val_encoded, cfg, metric, bf16, prefix
 
 
 def _better(record: dict, best: dict | None, metric: str) -> bool:
+    """Better objective metric wins; on a tie, lower validation loss."""
     if best is None:
         return True
     if record[metric] != best[metric]:
-        return record[metric] > best[metric]
+        return (record[metric] > best[metric]) == METRICS[metric].higher_is_better
     return record["val_loss"] < best["val_loss"]
 
 

@@ -1,0 +1,51 @@
+"""Prompt formatting: chat template and plain fallback, answer suffix, truncation to the budget."""
+
+from __future__ import annotations
+
+from tunesmith.config import TaskConfig
+from tunesmith.data.examples import Example
+from tunesmith.models.load import load_tokenizer
+from tunesmith.tasks.prompts import answer_suffix, build_format, encode_prompt, render_prompt
+
+
+def test_chat_prompt_lists_labels_and_answer_ends_turn(tiny_model):
+    tok = load_tokenizer(tiny_model)
+    fmt = build_format(TaskConfig(instruction="Classify."), ["alpha", "beta"], tok)
+    text = render_prompt(tok, fmt, Example("red card", "alpha", "t"))
+    assert text.startswith("<|im_start|>system\nClassify.\nAnswer with one of: alpha, beta.<|im_end|>")
+    assert text.endswith("<|im_start|>user\nred card<|im_end|>\n<|im_start|>assistant\n")
+    assert answer_suffix(tok, fmt, "alpha") == "alpha<|im_end|>"
+
+
+def test_label_list_left_out_when_it_does_not_fit(tiny_model):
+    tok = load_tokenizer(tiny_model)
+    labels = [f"label_number_{i}" for i in range(200)]
+    fmt = build_format(TaskConfig(instruction="Classify.", max_length=64), labels, tok)
+    assert not fmt.list_labels and "Answer with one of" not in fmt.system_text()
+
+
+def test_plain_template_without_chat_template(tiny_plain_model):
+    tok = load_tokenizer(tiny_plain_model)
+    fmt = build_format(TaskConfig(type="generation", instruction="Answer."), None, tok)
+    assert render_prompt(tok, fmt, Example("2+2?", "4", "t")) == "Answer.\n\nInput: 2+2?\nOutput:"
+    assert answer_suffix(tok, fmt, "4") == " 4" + tok.eos_token
+
+
+def test_long_input_is_cut_to_the_budget_keeping_the_instruction(tiny_model):
+    tok = load_tokenizer(tiny_model)
+    fmt = build_format(TaskConfig(instruction="Classify."), ["alpha", "beta"], tok)
+    long = Example(" ".join(["red blue green money"] * 200), "alpha", "t")
+    ids, truncated = encode_prompt(tok, fmt, long, budget=60)
+    assert truncated and len(ids) <= 60
+    assert tok.decode(ids).startswith("<|im_start|>system\nClassify.")
+    short_ids, short_truncated = encode_prompt(tok, fmt, Example("red", "alpha", "t"), budget=60)
+    assert not short_truncated and len(short_ids) < 60
+
+
+def test_chat_examples_keep_their_own_system_turn(tiny_model):
+    tok = load_tokenizer(tiny_model)
+    fmt = build_format(TaskConfig(type="chat", instruction="Default system."), None, tok)
+    own = Example("hi", "hello", "t", messages=[{"role": "system", "content": "Be brief."},
+                                                {"role": "user", "content": "hi"}])
+    text = render_prompt(tok, fmt, own)
+    assert "Be brief." in text and "Default system." not in text
