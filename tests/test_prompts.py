@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from tunesmith.config import TaskConfig
 from tunesmith.data.examples import Example
 from tunesmith.models.load import load_tokenizer
-from tunesmith.tasks.prompts import answer_suffix, build_format, encode_prompt, render_prompt
+from tunesmith.tasks.prompts import PromptFormat, answer_suffix, build_format, encode_prompt, render_prompt
 
 
 def test_chat_prompt_lists_labels_and_answer_ends_turn(tiny_model):
@@ -49,3 +51,19 @@ def test_chat_examples_keep_their_own_system_turn(tiny_model):
                                                 {"role": "user", "content": "hi"}])
     text = render_prompt(tok, fmt, own)
     assert "Be brief." in text and "Default system." not in text
+
+
+def test_few_shot_examples_come_before_the_input(tiny_model, tiny_plain_model):
+    shots = [{"input": "red hat", "output": "alpha"}, {"input": "blue sky", "output": "beta"}]
+    tok = load_tokenizer(tiny_model)
+    fmt = dataclasses.replace(build_format(TaskConfig(instruction="Classify."), ["alpha", "beta"], tok), shots=shots)
+    text = render_prompt(tok, fmt, Example("green", "gamma", "t"))
+    assert ("<|im_start|>user\nred hat<|im_end|>\n<|im_start|>assistant\nalpha<|im_end|>\n"
+            "<|im_start|>user\nblue sky<|im_end|>\n<|im_start|>assistant\nbeta<|im_end|>\n"
+            "<|im_start|>user\ngreen<|im_end|>") in text
+    plain_tok = load_tokenizer(tiny_plain_model)
+    plain = dataclasses.replace(build_format(TaskConfig(type="generation", instruction="Answer."), None, plain_tok),
+                                shots=shots)
+    assert render_prompt(plain_tok, plain, Example("green", "gamma", "t")) == (
+        "Answer.\n\nInput: red hat\nOutput: alpha\n\nInput: blue sky\nOutput: beta\n\nInput: green\nOutput:")
+    assert PromptFormat.from_json(fmt.to_json()) == fmt

@@ -3,6 +3,7 @@ the naive full-sequence computations."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tunesmith.config import TaskConfig
@@ -32,7 +33,8 @@ def _naive_scores(model, prompts, answers):
     for i, p in enumerate(prompts):
         for j, a in enumerate(answers):
             ids = torch.tensor([p + a])
-            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)  # (T, V)
+            logits = model(input_ids=ids).logits[0, -ids.shape[1]:]  # (T, V); soft-prompt positions dropped
+            logp = torch.log_softmax(logits.float(), -1)
             out[i, j] = sum(logp[len(p) - 1 + k, t] for k, t in enumerate(a))
     return out
 
@@ -81,3 +83,43 @@ def test_loss_matches_transformers_loss(tiny_model):
     ours, _ = supervised_loss(model, batch)
     theirs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
     assert abs(ours.item() - theirs.item()) < 1e-5
+
+
+ADAPTERS = ["lora", "dora", "ia3", "prompt_tuning", "prefix_tuning"]
+
+
+def _randomised(path, method):
+    """A PEFT-wrapped tiny model whose adapter weights are random (not the identity init)."""
+    from tunesmith.config import TrainConfig
+    from tunesmith.train.methods import get_method
+
+    torch.manual_seed(0)
+    model = get_method(method).apply(load_model(path), TrainConfig(method=method))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("method", ADAPTERS)
+def test_adapter_scores_equal_peft_forward(tiny_model, method):
+    # Virtual tokens of prompt learning ride in the shared prefix; PEFT's own forward is the reference.
+    tok, _, fmt, examples = _setup(tiny_model)
+    model = _randomised(tiny_model, method).eval()
+    prompts = encode_prompts(tok, fmt, examples[:4])
+    answers = [encode_answer(tok, fmt, lab) for lab in LABELS]
+    fast = score_labels(model, prompts, answers, tok.pad_token_id, batch_size=3, max_rows=5)
+    with torch.no_grad():
+        slow = _naive_scores(model, prompts, answers)
+    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ADAPTERS)
+def test_adapter_loss_equals_peft_loss(tiny_model, method):
+    tok, _, fmt, examples = _setup(tiny_model)
+    model = _randomised(tiny_model, method).eval()  # no dropout: both sides must be deterministic
+    batch = collate(encode_for_training(tok, fmt, examples[:3]), tok.pad_token_id, prefix_len=6)
+    ours, _ = supervised_loss(model, batch)
+    plain = collate(encode_for_training(tok, fmt, examples[:3]), tok.pad_token_id)
+    theirs = model(input_ids=plain["input_ids"], attention_mask=plain["attention_mask"], labels=plain["labels"]).loss
+    assert abs(ours.item() - theirs.item()) < 1e-4

@@ -39,7 +39,8 @@ def _guarded(debug: bool, fn: Callable[[], int], details: bool = False) -> None:
             print(f"  {detail}", file=sys.stderr)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
-        print("error: interrupted, nothing was kept", file=sys.stderr)
+        print("error: interrupted; training checkpoints, if any were written, are kept for "
+              "`tunesmith train --resume RUN_DIR`", file=sys.stderr)
         raise typer.Exit(130) from None
     except Exception as e:  # an internal bug: say so in one line unless --debug
         if debug:
@@ -92,14 +93,22 @@ def run(config: Path = typer.Argument(..., help="project.yaml"), out: Optional[P
 
 
 @app.command()
-def train(config: Path = typer.Argument(..., help="project.yaml"), out: Optional[Path] = OUT,
+def train(config: Optional[Path] = typer.Argument(None, help="project.yaml"), out: Optional[Path] = OUT,
+          resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run's training."),
           quiet: bool = QUIET, debug: bool = DEBUG) -> None:
     """Curate the data and fine-tune; evaluate later with `tunesmith eval RUN_DIR`."""
     def go() -> int:
         from tunesmith import pipeline
         from tunesmith.config import load_config
+        from tunesmith.errors import InputError
 
-        run_dir = pipeline.train_only(load_config(config), out, progress=not quiet, keep_failed=debug)
+        if (config is None) == (resume is None):
+            raise InputError("give either a project.yaml or --resume RUN_DIR", "command line",
+                             "tunesmith train project.yaml, or tunesmith train --resume RUN_DIR")
+        if resume is not None:
+            run_dir = pipeline.resume_training(resume, progress=not quiet, keep_failed=debug)
+        else:
+            run_dir = pipeline.train_only(load_config(config), out, progress=not quiet, keep_failed=debug)
         print(f"run directory: {run_dir}")
         return 0
     _guarded(debug, go)

@@ -77,6 +77,36 @@ class LoraConfig(_Strict):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+class PromptTuningSettings(_Strict):
+    """Soft prompt: learned input embeddings placed before the prompt."""
+
+    virtual_tokens: int = Field(20, ge=1, le=512)
+    init: Literal["vocab", "random"] = "vocab"
+
+
+class PrefixTuningSettings(_Strict):
+    """Prefix tuning: learned keys/values placed before the prompt in every layer."""
+
+    virtual_tokens: int = Field(10, ge=1, le=512)
+    projection: bool = False
+
+
+class PromptSearchSettings(_Strict):
+    """prompt_optimization: candidate instructions x few-shot sets, scored on validation."""
+
+    instructions: list[str] = Field(default_factory=list)
+    shots: list[int] = Field(default_factory=lambda: [0, 1, 3])
+    draws: int = Field(2, ge=1)
+    max_shot_chars: int = Field(400, ge=1)
+
+
+class OverfitSettings(_Strict):
+    """The overfitting detector."""
+
+    evals: int = Field(3, ge=1)
+    stop: bool = True
+
+
 class TrainConfig(_Strict):
     """Technique and optimisation settings."""
 
@@ -95,7 +125,17 @@ class TrainConfig(_Strict):
     max_val_examples: int = Field(200, ge=1)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     seed: int = 42
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    neftune_alpha: float | None = Field(None, gt=0)
+    dropout: float | None = Field(None, ge=0.0, lt=1.0)
+    checkpoint_every: int | None = Field(None, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    prompt_tuning: PromptTuningSettings = Field(default_factory=PromptTuningSettings)
+    prefix_tuning: PrefixTuningSettings = Field(default_factory=PrefixTuningSettings)
+    prompt_optimization: PromptSearchSettings = Field(default_factory=PromptSearchSettings)
+    overfit: OverfitSettings = Field(default_factory=OverfitSettings)
 
     @field_validator("method")
     @classmethod
@@ -111,6 +151,7 @@ class EvalConfig(_Strict):
     max_new_tokens: int = Field(64, ge=1)
     latency_samples: int = Field(20, ge=0)
     precision: Literal["auto", "bf16", "fp32"] = "fp32"
+    forgetting_probe: bool = True
 
 
 class Project(_Strict):

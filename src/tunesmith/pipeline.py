@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import sys
+import tempfile
 from pathlib import Path
 
 from tunesmith import fsio
 from tunesmith.config import Project, dump_config, load_config
 from tunesmith.data.prepare import Splits, load_splits, prepare_data, save_splits
-from tunesmith.errors import RunDirError
+from tunesmith.errors import InputError, RunDirError
 from tunesmith.evaluate.objective import judge
 from tunesmith.evaluate.stage import eval_stage
 from tunesmith.models.resolve import resolve_model
 from tunesmith.report.build import report_stage
-from tunesmith.runs import final_dir, staged
+from tunesmith.runs import final_dir, interrupted_run, staged
+from tunesmith.train import distributed
 from tunesmith.train.stage import train_stage
 
 EXIT_MET, EXIT_NOT_MET = 0, 3
@@ -20,11 +23,14 @@ EXIT_MET, EXIT_NOT_MET = 0, 3
 
 def run(project: Project, out: Path | None = None, progress: bool = True, keep_failed: bool = False) -> dict:
     """data -> train -> eval -> verdict -> report, into a run directory that appears only when complete."""
+    if distributed.launched():
+        raise InputError("`tunesmith run` is single-process", "WORLD_SIZE",
+                         "launch `tunesmith train` under torchrun, then `tunesmith eval RUN_DIR`")
     splits = prepare_data(project)  # bad data fails before anything is written
     resolve_model(project.model)    # so does an unknown model
     final = final_dir(project.base_dir, project.name, out)
     with staged(final, keep_failed) as run_dir:
-        _start(project, splits, run_dir)
+        _start(project, splits, run_dir, final, progress)
         train_stage(project, splits, run_dir, progress=progress)
         summary = evaluate_and_judge(project, splits, run_dir, final, progress)
         report_stage(run_dir)
@@ -36,9 +42,31 @@ def train_only(project: Project, out: Path | None = None, progress: bool = True,
     splits = prepare_data(project)
     resolve_model(project.model)
     final = final_dir(project.base_dir, project.name, out)
+    distributed.init_from_env()
+    if distributed.rank() != 0:
+        # Other ranks train their data shard; rank 0 alone writes the run directory.
+        with tempfile.TemporaryDirectory() as scratch:
+            train_stage(project, splits, Path(scratch), progress=False)
+        return final
     with staged(final, keep_failed) as run_dir:
-        _start(project, splits, run_dir)
+        _start(project, splits, run_dir, final, progress)
         train_stage(project, splits, run_dir, progress=progress)
+    return final
+
+
+def resume_training(run_dir: Path, progress: bool = True, keep_failed: bool = False) -> Path:
+    """Continue an interrupted run's training from its newest checkpoint; returns the run directory."""
+    final, staging = interrupted_run(run_dir)
+    project = load_config(staging / "config.yaml", check_files=False)
+    splits = load_splits(staging / "data")
+    distributed.init_from_env()
+    if distributed.rank() != 0:
+        train_stage(project, splits, staging, progress=False, resume=True)
+        return final
+    if progress:
+        print(f"resuming training in {final}", file=sys.stderr)
+    with staged(final, keep_failed, resume=True) as run_dir:
+        train_stage(project, splits, run_dir, progress=progress, resume=True)
     return final
 
 
@@ -58,9 +86,23 @@ def evaluate_and_judge(project: Project, splits: Splits, run_dir: Path, final: P
         "objective": judge(project.objective, metrics["baseline"], metrics["finetuned"]),
         "metrics": {"baseline": metrics["baseline"], "finetuned": metrics["finetuned"]},
         "run_dir": str(final), "report": str(final / "report.html"),
+        "training": _training_summary(run_dir),
     }
+    if "forgetting" in metrics:
+        summary["forgetting"] = metrics["forgetting"]
     fsio.write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def _training_summary(run_dir: Path) -> dict:
+    """What the overfitting watch and pre-flight checks said, from train.json."""
+    path = Path(run_dir) / "train.json"
+    if not path.is_file():
+        return {}
+    train = fsio.read_json(path)
+    stats = train.get("stats", {})
+    return {"steps": stats.get("steps"), "best_step": stats.get("best_step"), "stop_reason": stats.get("stop_reason"),
+            "overfitting": train.get("overfitting", []), "preflight": train.get("preflight", [])}
 
 
 def open_run(run_dir: Path) -> tuple[Project, Splits]:
@@ -77,6 +119,8 @@ def exit_code(summary: dict) -> int:
     return EXIT_MET if summary["objective"]["met"] else EXIT_NOT_MET
 
 
-def _start(project: Project, splits: Splits, run_dir: Path) -> None:
+def _start(project: Project, splits: Splits, run_dir: Path, final: Path, progress: bool) -> None:
+    if progress:
+        print(f"run directory: {final} (if interrupted: tunesmith train --resume {final})", file=sys.stderr)
     fsio.write_text(run_dir / "config.yaml", dump_config(project))
     save_splits(splits, run_dir / "data")

@@ -25,21 +25,54 @@ def final_dir(base_dir: Path, name: str, out: Path | None) -> Path:
     return Path(out).resolve() if out else (base_dir / "runs" / name / new_run_id())
 
 
+def staging_dir(final: Path) -> Path:
+    """The hidden folder a run is built in before it is renamed to `final`."""
+    return final.with_name(f".{final.name}.partial")
+
+
 @contextmanager
-def staged(final: Path, keep_failed: bool = False):
-    """Yield a staging folder; on success it replaces `final`, on failure it is removed."""
+def staged(final: Path, keep_failed: bool = False, resume: bool = False):
+    """Yield a staging folder; on success it replaces `final`, on failure it is removed.
+
+    An interrupted run (Ctrl-C, or a kill that gives no chance to clean up) that has written
+    training checkpoints keeps its staging folder so `tunesmith train --resume` can continue it.
+    With `resume` the existing staging folder is reused as it is.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.with_name(f".{final.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    staging = staging_dir(final)
+    if not resume:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
     try:
         yield staging
-    except BaseException:
-        if not keep_failed:
+    except BaseException as e:
+        resumable = isinstance(e, KeyboardInterrupt) and (staging / "checkpoints").is_dir()
+        if not keep_failed and not resumable:
             shutil.rmtree(staging, ignore_errors=True)
         raise
     fsio.replace_dir(staging, final)
     _point_latest(final)
+
+
+def interrupted_run(run_dir: Path) -> tuple[Path, Path]:
+    """(final, staging) of an interrupted run named by its final path or its staging folder.
+
+    Raises:
+        RunDirError: when there is nothing to resume.
+    """
+    from tunesmith.errors import RunDirError
+
+    run_dir = Path(run_dir).resolve()
+    if run_dir.name.startswith(".") and run_dir.name.endswith(".partial"):
+        final, staging = run_dir.with_name(run_dir.name[1:-len(".partial")]), run_dir
+    else:
+        final, staging = run_dir, staging_dir(run_dir)
+    if not (staging / "config.yaml").is_file():
+        done = (final / "model" / "tunesmith.json").is_file()
+        raise RunDirError("training already finished" if done else "no interrupted run to resume", str(run_dir),
+                          "evaluate it with `tunesmith eval`" if done else
+                          "give the run directory printed when training started")
+    return final, staging
 
 
 def _point_latest(final: Path) -> None:

@@ -9,9 +9,11 @@ from tunesmith import fsio, hardware
 from tunesmith.config import Project
 from tunesmith.data.examples import Example
 from tunesmith.data.prepare import Splits
+from tunesmith.evaluate.forgetting import forgetting_report, probe_accuracy
 from tunesmith.evaluate.metrics import compute_metrics, confusion_matrix, per_class
 from tunesmith.models.load import load_model
 from tunesmith.tasks.predict import Predictions, predict
+from tunesmith.tasks.prompts import build_format
 from tunesmith.train.stage import load_finetuned
 
 
@@ -22,8 +24,8 @@ def eval_stage(project: Project, splits: Splits, run_dir: Path, progress: bool =
     bf16 = hardware.use_bf16(project.eval.precision, hardware.device())
     model.to(hardware.device())
 
-    def run(m, name: str) -> Predictions:
-        return predict(m, tokenizer, fmt, test, batch_size=project.eval.batch_size,
+    def run(m, name: str, prompt=fmt) -> Predictions:
+        return predict(m, tokenizer, prompt, test, batch_size=project.eval.batch_size,
                        max_new_tokens=project.eval.max_new_tokens, autocast=bf16,
                        progress=f"eval {name}" if progress else None)
 
@@ -31,10 +33,16 @@ def eval_stage(project: Project, splits: Splits, run_dir: Path, progress: bool =
     tuned_figures = _figures(fmt, test, tuned)
     tuned_figures.update(_latency(model, tokenizer, fmt, test, project, bf16))
     tuned_figures.update(_sizes(run_dir / "model", base_path, fsio.read_json(run_dir / "model/tunesmith.json")["kind"]))
+    probe = project.eval.forgetting_probe
+    tuned_probe = probe_accuracy(model, tokenizer, fmt.max_length, bf16) if probe else None
     del model
     base_model = load_model(base_path).to(hardware.device())
-    base = run(base_model, "baseline")
+    # The baseline is the base model with the user's own prompt, whatever the method changed.
+    base = run(base_model, "baseline", build_format(project.task, fmt.labels, tokenizer))
     metrics = {"baseline": _figures(fmt, test, base), "finetuned": tuned_figures, "test_examples": len(test)}
+    if probe:
+        metrics["forgetting"] = forgetting_report(probe_accuracy(base_model, tokenizer, fmt.max_length, bf16),
+                                                  tuned_probe)
     if fmt.labels:
         golds = [e.target for e in test]
         metrics["per_class"] = per_class(golds, tuned.texts, fmt.labels)
@@ -79,7 +87,7 @@ def _quantile(sorted_values: list[float], q: float) -> float:
 def _sizes(model_dir: Path, base_path: Path, kind: str) -> dict:
     """Size of what must be deployed: base + adapter for adapters, the weights for full models."""
     own = _mb(model_dir)
-    total = own + (_mb(base_path) if kind == "adapter" else 0.0)
+    total = own + (_mb(base_path) if kind in ("adapter", "prompt") else 0.0)
     return {"model_size_mb": round(total, 2), "weights_size_mb": round(own, 2)}
 
 

@@ -22,7 +22,8 @@ def report_stage(run_dir: Path) -> Path:
     data = fsio.read_json(run_dir / "data" / "report.json")
     log = _read_log(run_dir / "train_log.jsonl")
     body = [_header(summary), _verdict(summary["objective"]), _metrics_table(metrics), _plots(metrics, log, summary),
-            _data_section(data), _train_section(metrics.get("train", {}))]
+            _data_section(data), _watch_section(summary.get("training", {}), metrics.get("forgetting")),
+            _search_section(run_dir, summary["objective_metric"]), _train_section(metrics.get("train", {}))]
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>tunesmith: {html.escape(summary['name'])}"
             f"</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>")
     fsio.write_text(run_dir / "report.html", page)
@@ -63,7 +64,8 @@ def _plots(metrics: dict, log: list[dict], summary: dict) -> str:
     names = [k for k in metrics["baseline"] if isinstance(metrics["baseline"][k], float)]
     out.append(_img(plots.metric_bars(metrics["baseline"], metrics["finetuned"], names), "test metrics"))
     curves = plots.training_curves([r for r in log if "loss" in r], [r for r in log if "val_loss" in r],
-                                   summary["objective_metric"])
+                                   summary["objective_metric"], [r["overfitting"] for r in log if "overfitting" in r],
+                                   summary.get("training", {}).get("best_step"))
     if curves:
         out.append("<h2>Training</h2>" + _img(curves, "training curves"))
     cm = metrics.get("confusion_matrix")
@@ -80,6 +82,36 @@ def _data_section(data: dict) -> str:
     warns = "".join(f"<li class='warn'>{html.escape(w)}</li>" for w in data.get("warnings", []))
     return (f"<h2>Data</h2><table><tr><th>split</th><th>rows</th><th>median chars</th></tr>{rows}</table>"
             + (f"<ul>{warns}</ul>" if warns else ""))
+
+
+def _watch_section(training: dict, forgetting: dict | None) -> str:
+    """Overfitting flags, why training stopped, pre-flight warnings, and the forgetting probe."""
+    items = [f"<li class='warn'>overfitting at step {f['step']} ({f['signal']}): {html.escape(f['detail'])}</li>"
+             for f in training.get("overfitting", [])]
+    if training.get("stop_reason"):
+        items.append(f"<li>stopped early at step {training['steps']}: {html.escape(training['stop_reason'])}; "
+                     f"best checkpoint (step {training['best_step']}) restored</li>")
+    items += [f"<li class='warn'>pre-flight: {html.escape(w)}</li>" for w in training.get("preflight", [])]
+    if forgetting:
+        items.append(f"<li>forgetting probe ({forgetting['probe']}, {forgetting['examples']} examples): accuracy "
+                     f"{forgetting['baseline_accuracy']:.3f} before, {forgetting['finetuned_accuracy']:.3f} after "
+                     f"({forgetting['delta']:+.3f})</li>")
+    if not items:
+        items.append("<li>no overfitting signal; training ran its planned steps</li>")
+    return f"<h2>Training watch</h2><ul>{''.join(items)}</ul>"
+
+
+def _search_section(run_dir: Path, metric: str) -> str:
+    """The candidates of a prompt_optimization run, best first."""
+    path = run_dir / "train.json"
+    history = fsio.read_json(path).get("history", []) if path.is_file() else []
+    rows = sorted((h for h in history if "instruction" in h), key=lambda h: -h[metric])
+    if not rows:
+        return ""
+    body = "".join(f"<tr><td>{html.escape(h['instruction'])}</td><td>{h['list_labels']}</td><td>{h['shots']}</td>"
+                   f"<td>{h['prompt_tokens']}</td><td>{_fmt(h[metric])}</td></tr>" for h in rows)
+    return (f"<h2>Prompt candidates (validation)</h2><table><tr><th>instruction</th><th>labels listed</th>"
+            f"<th>shots</th><th>prompt tokens</th><th>{metric}</th></tr>{body}</table>")
 
 
 def _train_section(stats: dict) -> str:

@@ -18,8 +18,10 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def training_curves(steps: list[dict], evals: list[dict], metric: str) -> str | None:
-    """Training loss per step with validation loss and metric per evaluation."""
+def training_curves(steps: list[dict], evals: list[dict], metric: str, flags: list[dict] = (),
+                    best_step: int | None = None) -> str | None:
+    """Training loss per step with validation loss and metric per evaluation; overfitting flags
+    as red dashed lines, the restored best step as a green dotted one."""
     if not steps:
         return None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -27,8 +29,13 @@ def training_curves(steps: list[dict], evals: list[dict], metric: str) -> str | 
     if evals:
         ax1.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o-", label="validation loss")
         ax2.plot([e["step"] for e in evals], [e[metric] for e in evals], "o-", color="tab:green")
+    for ax in (ax1, ax2):
+        for flag in flags:
+            ax.axvline(flag["step"], color="tab:red", ls="--", lw=1, label=f"overfitting ({flag['signal']})")
+        if best_step:
+            ax.axvline(best_step, color="tab:green", ls=":", lw=1.2, label="best (restored)")
     ax1.set(xlabel="step", ylabel="loss", title="Loss")
-    ax1.legend()
+    ax1.legend(fontsize=7)
     ax2.set(xlabel="step", ylabel=metric, title=f"Validation {metric}")
     ax2.grid(alpha=0.3)
     return _png(fig)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from tunesmith.tasks.cache import (broadcast, cache_kwargs, cache_tensors, common_prefix_len, continue_after,
-                                   output_cache, prefix_tensors, select_rows)
+from tunesmith.tasks.cache import (broadcast, cache_kwargs, cache_len, cache_tensors, common_prefix_len,
+                                   continue_after, output_cache, prefix_tensors, select_rows, unwrap)
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,20 +54,22 @@ def score_labels(model, prompts: list[list[int]], answers: list[list[int]], pad_
     dev = next(model.parameters()).device
     label_ids, label_mask = (t.to(dev) for t in right_pad(answers, pad_id))  # (L, A)
     n_prefix = common_prefix_len(prompts)
-    prefix = prefix_tensors(model, torch.tensor(prompts[0][:n_prefix], device=dev)) if n_prefix else None
+    prefix = prefix_tensors(model, torch.tensor(prompts[0][:n_prefix], device=dev))
+    # Past the prefix the base model runs as is (prompt-learning wrappers would add their tokens twice).
+    model = unwrap(model)
     scores = []
     with tqdm(total=len(prompts), desc=progress, unit="ex", disable=progress is None, dynamic_ncols=True) as bar:
         for start in range(0, len(prompts), batch_size):
             batch = [p[n_prefix:] for p in prompts[start:start + batch_size]]
-            scores.append(_score_batch(model, prefix, n_prefix, batch, label_ids, label_mask, pad_id, max_rows))
+            scores.append(_score_batch(model, prefix, batch, label_ids, label_mask, pad_id, max_rows))
             bar.update(len(batch))
     return torch.cat(scores).cpu()
 
 
-def _score_batch(model, prefix, n_prefix, prompts, label_ids, label_mask, pad_id, max_rows) -> torch.Tensor:
+def _score_batch(model, prefix, prompts, label_ids, label_mask, pad_id, max_rows) -> torch.Tensor:
     dev = label_ids.device
     ids, mask = (t.to(dev) for t in left_pad(prompts, pad_id))  # (B, S): prompt tails after the shared prefix
-    mask, positions = continue_after(n_prefix, mask)  # (B, P+S), (B, S)
+    mask, positions = continue_after(cache_len(prefix), mask)  # (B, P+S), (B, S)
     extra = cache_kwargs(model, broadcast(prefix, len(prompts))) if prefix else {}
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **extra)
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V)

@@ -12,7 +12,7 @@ from tunesmith.tasks.classification import left_pad
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8,
              progress: str | None = None) -> list[str]:
     """Greedy completions for token-id prompts, decoded without special tokens."""
-    stop = _stop_ids(tokenizer)
+    stop = stop_ids(tokenizer)
     outputs = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=progress, disable=progress is None, unit="batch"):
         ids, mask = (t.to(model.device) for t in left_pad(prompts[start:start + batch_size], tokenizer.pad_token_id))
@@ -23,7 +23,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
     return outputs
 
 
-def _stop_ids(tokenizer) -> list[int]:
+def stop_ids(tokenizer) -> list[int]:
     ids = {tokenizer.eos_token_id}
     for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
         tid = tokenizer.convert_tokens_to_ids(tok)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from tunesmith.data.examples import Example
 
 # Used when a tokenizer has no chat template (base models, tiny test models).
-PLAIN_TEMPLATE = "{system}\n\nInput: {input}\nOutput:"
+PLAIN_TEMPLATE = "{system}\n\n{shots}Input: {input}\nOutput:"
+PLAIN_SHOT = "Input: {input}\nOutput: {output}\n\n"
 
 
 @dataclass
@@ -19,6 +20,8 @@ class PromptFormat:
     labels: list[str] | None
     list_labels: bool
     max_length: int
+    # Worked examples shown before the input ({"input", "output"}), chosen by prompt_optimization.
+    shots: list[dict] = field(default_factory=list)
 
     def system_text(self) -> str:
         text = self.instruction.strip()
@@ -29,12 +32,15 @@ class PromptFormat:
     def messages(self, ex: Example) -> list[dict]:
         """The conversation up to (not including) the answer."""
         system = self.system_text()
+        shots = [m for s in self.shots for m in ({"role": "user", "content": s["input"]},
+                                                 {"role": "assistant", "content": s["output"]})]
         if ex.messages is not None:
-            has_system = ex.messages and ex.messages[0]["role"] == "system"
-            head = [] if has_system or not system else [{"role": "system", "content": system}]
-            return head + ex.messages
+            if ex.messages and ex.messages[0]["role"] == "system":
+                return ex.messages[:1] + shots + ex.messages[1:]
+            head = [{"role": "system", "content": system}] if system else []
+            return head + shots + ex.messages
         head = [{"role": "system", "content": system}] if system else []
-        return head + [{"role": "user", "content": ex.input}]
+        return head + shots + [{"role": "user", "content": ex.input}]
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -50,8 +56,11 @@ def render_prompt(tokenizer, fmt: PromptFormat, ex: Example) -> str:
     if tokenizer.chat_template:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     system = "\n".join(m["content"] for m in messages if m["role"] == "system")
-    turns = "\n".join(m["content"] for m in messages if m["role"] != "system")
-    return PLAIN_TEMPLATE.format(system=system, input=turns).lstrip()
+    n_shot = 2 * len(fmt.shots)
+    shots = "".join(PLAIN_SHOT.format(**s) for s in fmt.shots)
+    rest = [m for m in messages if m["role"] != "system"][n_shot:]
+    turns = "\n".join(m["content"] for m in rest)
+    return PLAIN_TEMPLATE.format(system=system, shots=shots, input=turns).lstrip()
 
 
 def answer_suffix(tokenizer, fmt: PromptFormat, answer: str) -> str:

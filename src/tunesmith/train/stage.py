@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from tunesmith import fsio
@@ -10,20 +11,35 @@ from tunesmith.data.prepare import Splits
 from tunesmith.models.load import load_model, load_tokenizer
 from tunesmith.models.resolve import resolve_model
 from tunesmith.tasks.prompts import PromptFormat, build_format
+from tunesmith.train import distributed
 from tunesmith.train.methods import get_method
+from tunesmith.train.trackers import check_available
 from tunesmith.train.trainer import TrainResult, fit
 
 
-def train_stage(project: Project, splits: Splits, run_dir: Path, progress: bool = True) -> TrainResult:
-    """Fine-tune the project's model and save it under run_dir/model with its tokenizer and prompt."""
+def train_stage(project: Project, splits: Splits, run_dir: Path, progress: bool = True,
+                resume: bool = False) -> TrainResult:
+    """Fine-tune the project's model and save it under run_dir/model with its tokenizer and prompt.
+
+    With `resume`, training continues from the newest checkpoint in run_dir/checkpoints. Once the
+    model is saved the checkpoints are deleted: they exist only to survive an interruption.
+    """
+    check_available(project.train.trackers)
     base_path = resolve_model(project.model)
     tokenizer = load_tokenizer(base_path)
     fmt = build_format(project.task, splits.labels, tokenizer)
     model = load_model(base_path)
-    result = fit(model, tokenizer, fmt, splits.train, splits.validation, project.train, project.objective.metric,
-                 log_path=run_dir / "train_log.jsonl", progress=progress)
-    save_finetuned(result.model, tokenizer, fmt, project, base_path, run_dir / "model")
-    fsio.write_json(run_dir / "train.json", {"stats": result.stats, "best": result.best, "history": result.history})
+    # A method may bring its own fitting procedure (prompt search); weight-training methods share `fit`.
+    fitter = getattr(get_method(project.train.method), "fit", fit)
+    result = fitter(model, tokenizer, fmt, splits.train, splits.validation, project.train, project.objective.metric,
+                    out_dir=run_dir, progress=progress, resume=resume)
+    if distributed.rank() == 0:
+        save_finetuned(result.model, tokenizer, result.fmt or fmt, project, base_path, run_dir / "model")
+        fsio.write_json(run_dir / "train.json", {"stats": result.stats, "best": result.best,
+                                                 "history": result.history, "overfitting": result.overfitting,
+                                                 "preflight": result.preflight})
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    distributed.barrier()
     return result
 
 
@@ -44,7 +60,7 @@ def load_finetuned(model_dir: Path):
     if not (base_path / "config.json").is_file():
         base_path = resolve_model(meta["model"])
     method = get_method(meta["method"])
-    base = load_model(base_path) if meta["kind"] == "adapter" else None
+    base = load_model(base_path) if meta["kind"] in ("adapter", "prompt") else None
     model = method.load(base, model_dir)
     model.eval()
     fmt = PromptFormat.from_json(fsio.read_json(model_dir / "prompt.json"))

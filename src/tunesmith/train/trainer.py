@@ -1,9 +1,10 @@
-"""The training loop: setup -> fit (with validation and early stopping) -> restore best."""
+"""The training loop: setup -> fit (validation, overfitting watch, checkpoints) -> restore best."""
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,13 +15,19 @@ from tqdm.auto import tqdm
 from tunesmith import hardware
 from tunesmith.config import TrainConfig
 from tunesmith.data.examples import Example
-from tunesmith.evaluate.metrics import METRICS, compute_metrics
+from tunesmith.evaluate.metrics import compute_metrics
 from tunesmith.tasks.cache import common_prefix_len
 from tunesmith.tasks.predict import predict
 from tunesmith.tasks.prompts import PromptFormat
+from tunesmith.train import distributed
 from tunesmith.train.batching import Encoded, collate, encode_for_training, length_grouped_batches
+from tunesmith.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from tunesmith.train.loss import supervised_loss
 from tunesmith.train.methods import get_method
+from tunesmith.train.preflight import preflight
+from tunesmith.train.regularize import neftune, set_dropout
+from tunesmith.train.trackers import Trackers
+from tunesmith.train.watch import Watch
 
 
 @dataclass
@@ -32,97 +39,166 @@ class TrainResult:
     best: dict | None = None
     stopped_early: bool = False
     stats: dict = field(default_factory=dict)
+    fmt: PromptFormat | None = None  # set by methods that change the prompt (prompt_optimization)
+    overfitting: list[dict] = field(default_factory=list)
+    stop_reason: str | None = None
+    preflight: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    """Step counts derived once from the data size and the config."""
+
+    steps_per_epoch: int
+    total: int
+    eval_every: int
+    checkpoint_every: int
+
+
+def make_plan(n_examples: int, cfg: TrainConfig, world: int = 1) -> Plan:
+    batches = math.ceil(n_examples / cfg.batch_size)
+    steps_per_epoch = max(1, math.ceil(batches / (cfg.grad_accum * world)))
+    total = cfg.max_steps or max(1, round(steps_per_epoch * cfg.epochs))
+    eval_every = cfg.eval_every or max(1, steps_per_epoch // 4)
+    return Plan(steps_per_epoch, total, eval_every, cfg.checkpoint_every or eval_every)
 
 
 def fit(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[Example], cfg: TrainConfig,
-        metric: str, log_path: Path | None = None, progress: bool = True) -> TrainResult:
+        metric: str, out_dir: Path | None = None, progress: bool = True, resume: bool = False) -> TrainResult:
     """Train `model` with `cfg.method`, validating every `eval_every` steps on `metric`.
+
+    Args:
+        out_dir: where train_log.jsonl, checkpoints/ and tracker files go (None: nowhere).
+        resume: continue from the newest checkpoint under out_dir/checkpoints.
 
     Returns:
         TrainResult whose model holds the weights of the best validation evaluation.
     """
     torch.manual_seed(cfg.seed)
     dev = hardware.device()
+    rank, world = distributed.rank(), distributed.world_size()
     model = get_method(cfg.method).apply(model, cfg).to(dev)
+    set_dropout(model, cfg.dropout)
     bf16 = hardware.use_bf16(cfg.precision, dev)
     encoded = encode_for_training(tokenizer, fmt, train)
-    val_encoded = encode_for_training(tokenizer, fmt, val[: cfg.max_val_examples])
-    steps_per_epoch = math.ceil(math.ceil(len(encoded) / cfg.batch_size) / cfg.grad_accum)
-    total = cfg.max_steps or max(1, round(steps_per_epoch * cfg.epochs))
-    eval_every = cfg.eval_every or max(1, steps_per_epoch // 4)
+    notes = preflight(tokenizer, fmt, train, encoded, cfg)
+    for note in notes if rank == 0 else []:
+        print(f"warning: {note}", file=sys.stderr)
+    val = val[: cfg.max_val_examples]
+    val_encoded = encode_for_training(tokenizer, fmt, val)
+    plan = make_plan(len(encoded), cfg, world)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_linear(total, cfg.warmup_ratio))
-    result = TrainResult(model)
-    log = _Log(log_path)
-    step, tokens, train_seconds, evals_without_gain, losses = 0, 0, 0.0, 0, []
-    best_state = None
-    bar = tqdm(total=total, desc=f"train ({cfg.method})", unit="step", disable=not progress, dynamic_ncols=True)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_linear(plan.total, cfg.warmup_ratio))
+    watch = Watch(cfg, metric)
+    loop = {"step": 0, "tokens": 0, "train_seconds": 0.0, "losses": []}
+    writes = out_dir is not None and rank == 0
+    if resume:
+        loop = _resume(out_dir, model, optimizer, schedule, watch)
     # Prompts of a task share their system text: its keys/values are computed once per batch.
     prefix_len = common_prefix_len([e.ids[: e.n_prompt] for e in encoded + val_encoded])
-    batches = _batch_stream(encoded, cfg, tokenizer.pad_token_id, prefix_len)
-    model.train()
-    while step < total:
-        started = time.perf_counter()
-        loss_value = 0.0
-        for _ in range(cfg.grad_accum):
-            batch = {k: v.to(dev) for k, v in next(batches).items()}
-            with hardware.autocast(bf16, dev):
-                loss, _ = supervised_loss(model, batch)
-            (loss / cfg.grad_accum).backward()
-            loss_value += loss.item() / cfg.grad_accum
-            tokens += hardware.count_tokens(batch)
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        train_seconds += time.perf_counter() - started
-        step += 1
-        losses.append(loss_value)
-        log.write({"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": round(loss_value, 6),
-                   "lr": schedule.get_last_lr()[0]})
-        bar.update(1)
-        bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}")
-        if step % eval_every == 0 or step == total:
-            record = _validate(model, tokenizer, fmt, val[: cfg.max_val_examples], val_encoded, cfg, metric, bf16,
-                               prefix_len)
-            record.update(step=step, epoch=round(step / steps_per_epoch, 4),
-                          train_loss=round(sum(losses[-eval_every:]) / len(losses[-eval_every:]), 6))
-            result.history.append(record)
+    batches = _batch_stream(encoded, cfg, tokenizer.pad_token_id, prefix_len, rank, world,
+                            skip=loop["step"] * cfg.grad_accum)
+    with TrainLog(out_dir / "train_log.jsonl" if writes else None, keep_until=loop["step"]) as log, \
+            Trackers(cfg.trackers if writes else [], out_dir, "tunesmith", cfg.model_dump()) as trackers, \
+            neftune(model, cfg.neftune_alpha), \
+            tqdm(total=plan.total, initial=loop["step"], desc=f"train ({cfg.method})", unit="step",
+                 disable=not progress or rank != 0, dynamic_ncols=True) as bar:
+        model.train()
+        while loop["step"] < plan.total and not watch.stop_reason:
+            loss_value = _step(model, batches, optimizer, schedule, trainable, cfg, bf16, dev, loop)
+            step = loop["step"]
+            record = {"step": step, "epoch": round(step / plan.steps_per_epoch, 4), "loss": round(loss_value, 6),
+                      "lr": schedule.get_last_lr()[0]}
             log.write(record)
-            bar.set_postfix(loss=f"{record['train_loss']:.4f}", val_loss=f"{record['val_loss']:.4f}",
-                            **{f"val_{metric}": f"{record[metric]:.3f}"})
-            if _better(record, result.best, metric):
-                result.best, evals_without_gain = record, 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()
-                              if k in _trainable_names(model)}
-            else:
-                evals_without_gain += 1
-                if cfg.early_stopping and evals_without_gain >= cfg.patience:
-                    result.stopped_early = True
-                    break
-            model.train()
-    bar.close()
-    log.close()
-    if best_state is not None:
-        model.load_state_dict(best_state, strict=False)
+            trackers.log(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{_mean(loop['losses'][-10:]):.4f}")
+            if step % plan.eval_every == 0 or step == plan.total:
+                record = _validate(model, tokenizer, fmt, val, val_encoded, cfg, metric, bf16, prefix_len)
+                record.update(step=step, epoch=round(step / plan.steps_per_epoch, 4),
+                              train_loss=round(_mean(loop["losses"][-plan.eval_every:]), 6))
+                for signal in watch.observe(record, model):
+                    log.write({"step": step, "overfitting": signal})
+                    bar.write(f"warning: overfitting at step {step}: {signal['detail']}")
+                log.write(record)
+                trackers.log(record)
+                bar.set_postfix(loss=f"{record['train_loss']:.4f}", val_loss=f"{record['val_loss']:.4f}",
+                                **{f"val_{metric}": f"{record[metric]:.3f}"})
+                model.train()
+            if writes and step % plan.checkpoint_every == 0 and step < plan.total and not watch.stop_reason:
+                save_checkpoint(out_dir / "checkpoints", step, model, optimizer, schedule, loop, watch.state(),
+                                watch.best_state, cfg.keep_checkpoints)
+    watch.restore_best(model)
     model.eval()
-    n_trainable, n_total = hardware.parameter_counts(model)
-    result.stats = {"train_seconds": round(train_seconds, 3), "train_tokens": tokens,
-                    "tokens_per_second": hardware.throughput(tokens, train_seconds),
-                    "peak_rss_mb": hardware.peak_rss_mb(), "steps": step, "total_steps": total,
-                    "trainable_params": n_trainable, "total_params": n_total,
-                    "precision": "bf16" if bf16 else "fp32", "device": dev.type,
-                    "best_step": result.best["step"] if result.best else None, "stopped_early": result.stopped_early}
+    result = _result(model, watch, loop, plan, cfg, bf16, dev)
+    result.preflight = notes
     return result
 
 
-def _batch_stream(encoded: list[Encoded], cfg: TrainConfig, pad_id: int, prefix_len: int):
-    """Batches forever, one reshuffle per epoch (seeded by epoch, so a run is repeatable)."""
-    epoch = 0
+def _step(model, batches, optimizer, schedule, trainable, cfg: TrainConfig, bf16: bool, dev, loop: dict) -> float:
+    """One optimiser step over `grad_accum` micro-batches; returns the step's mean loss."""
+    started = time.perf_counter()
+    loss_value = 0.0
+    for _ in range(cfg.grad_accum):
+        batch = {k: v.to(dev) for k, v in next(batches).items()}
+        with hardware.autocast(bf16, dev):
+            loss, _ = supervised_loss(model, batch, label_smoothing=cfg.label_smoothing)
+        (loss / cfg.grad_accum).backward()
+        loss_value += loss.item() / cfg.grad_accum
+        loop["tokens"] += hardware.count_tokens(batch)
+    distributed.average_gradients(trainable)
+    torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    loop["train_seconds"] += time.perf_counter() - started
+    loop["step"] += 1
+    loss_value = distributed.mean_scalar(loss_value)
+    loop["losses"].append(loss_value)
+    return loss_value
+
+
+def _resume(out_dir: Path | None, model, optimizer, schedule, watch: Watch) -> dict:
+    found = list_checkpoints(out_dir / "checkpoints") if out_dir else []
+    if not found:
+        from tunesmith.errors import RunDirError
+
+        raise RunDirError("no checkpoint to resume from", str(out_dir),
+                          "a run leaves checkpoints every train.checkpoint_every steps; start it anew")
+    state, best_state = load_checkpoint(found[-1], model, optimizer, schedule)
+    watch.load_state(state["watch"], best_state)
+    return state["loop"]
+
+
+def _result(model, watch: Watch, loop: dict, plan: Plan, cfg: TrainConfig, bf16: bool, dev) -> TrainResult:
+    n_trainable, n_total = hardware.parameter_counts(model)
+    tokens = distributed.sum_int(loop["tokens"])
+    stats = {"train_seconds": round(loop["train_seconds"], 3), "train_tokens": tokens,
+             "tokens_per_second": hardware.throughput(tokens, loop["train_seconds"]),
+             "peak_rss_mb": hardware.peak_rss_mb(), "steps": loop["step"], "total_steps": plan.total,
+             "trainable_params": n_trainable, "total_params": n_total, "precision": "bf16" if bf16 else "fp32",
+             "device": dev.type, "world_size": distributed.world_size(),
+             "best_step": watch.best["step"] if watch.best else None, "stopped_early": bool(watch.stop_reason),
+             "stop_reason": watch.stop_reason}
+    return TrainResult(model, history=watch.history, best=watch.best, stopped_early=bool(watch.stop_reason),
+                       stats=stats, overfitting=watch.flags, stop_reason=watch.stop_reason)
+
+
+def _batch_stream(encoded: list[Encoded], cfg: TrainConfig, pad_id: int, prefix_len: int, rank: int = 0,
+                  world: int = 1, skip: int = 0):
+    """This rank's batches forever, one reshuffle per epoch seeded by the epoch, so a run is
+    repeatable and a resumed run sees the same order. Global batch i goes to rank i % world;
+    `skip` is the number of this rank's batches already consumed."""
+    epoch, seen = 0, 0
     while True:
-        for idx in length_grouped_batches([len(e.ids) for e in encoded], cfg.batch_size, cfg.seed + epoch):
-            yield collate([encoded[i] for i in idx], pad_id, prefix_len)
+        order = length_grouped_batches([len(e.ids) for e in encoded], cfg.batch_size, cfg.seed + epoch)
+        # Every rank takes the same number of batches per epoch (the remainder is dropped).
+        usable = len(order) - len(order) % world if len(order) >= world else len(order)
+        for idx in order[rank:usable:world]:
+            if seen >= skip:
+                yield collate([encoded[i] for i in idx], pad_id, prefix_len)
+            seen += 1
         epoch += 1
 
 
@@ -143,17 +219,8 @@ def _validate(model, tokenizer, fmt, val, val_encoded, cfg, metric, bf16, prefix
     return {"val_loss": round(total_loss / max(total_tokens, 1), 6), metric: scores[metric]}
 
 
-def _better(record: dict, best: dict | None, metric: str) -> bool:
-    """Better objective metric wins; on a tie, lower validation loss."""
-    if best is None:
-        return True
-    if record[metric] != best[metric]:
-        return (record[metric] > best[metric]) == METRICS[metric].higher_is_better
-    return record["val_loss"] < best["val_loss"]
-
-
-def _trainable_names(model) -> set[str]:
-    return {name for name, p in model.named_parameters() if p.requires_grad}
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
 
 
 def _warmup_linear(total: int, warmup_ratio: float):
@@ -166,11 +233,25 @@ def _warmup_linear(total: int, warmup_ratio: float):
     return factor
 
 
-class _Log:
-    """The run's own metrics log (JSONL), one record per step or evaluation."""
+class TrainLog:
+    """The run's own metrics log (JSONL), one record per step, evaluation or flag.
 
-    def __init__(self, path: Path | None):
-        self.f = open(path, "a", encoding="utf-8") if path else None
+    On resume (`keep_until` > 0) records past the checkpoint's step, written by the interrupted
+    run, are dropped so the log reads as one uninterrupted run.
+    """
+
+    def __init__(self, path: Path | None, keep_until: int = 0):
+        self.f = None
+        if path is None:
+            return
+        if keep_until and path.exists():
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= keep_until]
+            from tunesmith import fsio
+
+            fsio.write_text(path, "".join(line + "\n" for line in kept))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
         if self.f:
@@ -180,3 +261,9 @@ class _Log:
     def close(self) -> None:
         if self.f:
             self.f.close()
+
+    def __enter__(self) -> TrainLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

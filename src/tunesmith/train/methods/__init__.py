@@ -1,5 +1,6 @@
-"""Fine-tuning methods by name. Each module exposes `apply(model, cfg) -> model` and
-`load(base_model, model_dir) -> model`; this table is kept import-light (no torch) so the
+"""Fine-tuning methods by name. Each module exposes `KIND` ("adapter", "full" or
+"prompt"), `apply(model, cfg) -> model`, `save(model, model_dir)`, `load(base_model, model_dir) -> model`,
+and optionally `fit(...)` to replace the shared training loop; this table is kept import-light (no torch) so the
 config can validate `train.method` cheaply.
 """
 
@@ -13,6 +14,9 @@ METHODS: dict[str, str] = {
     "dora": "tunesmith.train.methods.dora",
     "ia3": "tunesmith.train.methods.ia3",
     "full": "tunesmith.train.methods.full",
+    "prompt_tuning": "tunesmith.train.methods.prompt_tuning",
+    "prefix_tuning": "tunesmith.train.methods.prefix_tuning",
+    "prompt_optimization": "tunesmith.train.methods.prompt_optimization",
 }
 
 

@@ -1,0 +1,80 @@
+"""Data parallelism under torchrun / accelerate launch: rank, world size and gradient averaging.
+
+Each rank takes every world-th batch of the same global order (see trainer._batch_stream) and
+gradients are averaged across ranks after backward, before clipping and the optimiser step, so
+N ranks with grad_accum=a compute what one process computes with grad_accum=N*a. Averaging is
+an explicit all-reduce of one flat buffer rather than a DDP wrapper, because the loss reaches
+into the decoder directly (label-only LM head, shared prefix) rather than through forward().
+Rank 0 alone writes logs, checkpoints and the run directory.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def launched() -> bool:
+    """True under a multi-process launcher (torchrun / accelerate launch)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env() -> bool:
+    """Join the process group when launched by torchrun/accelerate (WORLD_SIZE > 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return dist.is_initialized()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    return True
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def average_gradients(params: list[torch.Tensor]) -> None:
+    """Mean of each parameter's gradient over ranks (missing grads count as zero)."""
+    if not active():
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
+        offset += n
+
+
+def mean_scalar(value: float) -> float:
+    if not active():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item()) / world_size()
+
+
+def sum_int(value: int) -> int:
+    if not active():
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()

@@ -1,0 +1,81 @@
+"""Checks before the first training step, each naming the examples or config key at fault.
+
+Fatal problems (nothing to learn from, answers that can never stop) raise errors; suspicious
+settings produce warnings that are printed and kept in train.json.
+"""
+
+from __future__ import annotations
+
+from tunesmith.config import TrainConfig
+from tunesmith.data.examples import Example
+from tunesmith.errors import ConfigError, DataError
+from tunesmith.tasks.generation import stop_ids
+from tunesmith.tasks.prompts import PromptFormat, encode_answer
+from tunesmith.train.batching import Encoded
+
+# Learning rates outside these ranges rarely train well (too small: nothing moves; too large: divergence).
+SANE_LR = {"full": (1e-7, 1e-4), "lora": (1e-5, 1e-2), "dora": (1e-5, 1e-2), "ia3": (1e-4, 1e-1),
+           "prompt_tuning": (1e-4, 5e-1), "prefix_tuning": (1e-4, 1e-1)}
+SHOWN = 5
+
+
+def preflight(tokenizer, fmt: PromptFormat, examples: list[Example], encoded: list[Encoded],
+              cfg: TrainConfig) -> list[str]:
+    """Raise on fatal problems; return warnings."""
+    warnings = _masked(examples, encoded)
+    warnings += _truncated(examples, encoded, fmt)
+    warnings += _stops(tokenizer, fmt)
+    warnings += _hyperparameters(cfg, len(examples))
+    return warnings
+
+
+def _masked(examples: list[Example], encoded: list[Encoded]) -> list[str]:
+    empty = [ex.source for ex, enc in zip(examples, encoded) if len(enc.ids) <= enc.n_prompt]
+    if not empty:
+        return []
+    where = _names(empty)
+    if len(empty) == len(examples):
+        raise DataError("every training example has its answer cut off (no supervised tokens, the loss would be 0)",
+                        where, "raise task.max_length or shorten the inputs")
+    return [f"{len(empty)} training examples have no supervised tokens left after truncation and teach "
+            f"nothing: {where}; raise task.max_length"]
+
+
+def _truncated(examples: list[Example], encoded: list[Encoded], fmt: PromptFormat) -> list[str]:
+    cut = [ex.source for ex, enc in zip(examples, encoded) if enc.truncated]
+    if not cut:
+        return []
+    return [f"{len(cut)} of {len(examples)} training examples are longer than task.max_length={fmt.max_length} "
+            f"tokens and were truncated: {_names(cut)}"]
+
+
+def _stops(tokenizer, fmt: PromptFormat) -> list[str]:
+    """A generated answer must end in a token generation stops at, or it runs to max_new_tokens."""
+    answer = encode_answer(tokenizer, fmt, "x")
+    if answer and answer[-1] in stop_ids(tokenizer):
+        return []
+    problem = (f"the answers the model learns end with token {answer[-1] if answer else None!r}, which is not "
+               f"an end-of-sequence token ({', '.join(map(str, stop_ids(tokenizer)))}) of the tokenizer")
+    if fmt.task_type == "classification":
+        return [problem + "; label scoring is unaffected, but generated answers would not stop"]
+    raise ConfigError(problem + ", so generated answers would never stop", "model",
+                      "use a tokenizer whose chat template ends turns with its EOS token, or one with an eos_token")
+
+
+def _hyperparameters(cfg: TrainConfig, n_examples: int) -> list[str]:
+    warnings = []
+    low, high = SANE_LR.get(cfg.method, (0.0, float("inf")))
+    if not low <= cfg.learning_rate <= high:
+        warnings.append(f"train.learning_rate={cfg.learning_rate:g} is outside the usual range for "
+                        f"{cfg.method} ({low:g} to {high:g})")
+    if cfg.batch_size * cfg.grad_accum > n_examples:
+        warnings.append(f"train.batch_size x grad_accum = {cfg.batch_size * cfg.grad_accum} exceeds the "
+                        f"{n_examples} training examples: every step sees the whole set")
+    elif cfg.batch_size > 256:
+        warnings.append(f"train.batch_size={cfg.batch_size} is unusually large for fine-tuning")
+    return warnings
+
+
+def _names(sources: list[str]) -> str:
+    more = f" and {len(sources) - SHOWN} more" if len(sources) > SHOWN else ""
+    return ", ".join(sources[:SHOWN]) + more

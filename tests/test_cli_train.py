@@ -1,0 +1,94 @@
+"""`tunesmith run/train` end to end for every method, and kill -9 followed by --resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from tunesmith.cli import app
+from tunesmith.runs import RUN_FILES
+from tunesmith.train.methods import METHODS, get_method
+
+from conftest import PROJECT, make_texts, write_jsonl
+
+runner = CliRunner()
+
+
+def _project(tmp_path, tiny_model, method: str, extra: str = "") -> str:
+    write_jsonl(tmp_path / "train.jsonl", make_texts(30, 1))
+    write_jsonl(tmp_path / "test.jsonl", make_texts(9, 2))
+    text = PROJECT.format(model=tiny_model, method=method).replace("  learning_rate: 0.01\n",
+                                                                   "  learning_rate: 0.01\n" + extra)
+    (tmp_path / "project.yaml").write_text(text, encoding="utf-8")
+    return str(tmp_path / "project.yaml")
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_runs_end_to_end(tmp_path, tiny_model, method):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", _project(tmp_path, tiny_model, method), "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    for name in RUN_FILES:
+        assert (out / name).exists(), name
+    meta = json.loads((out / "model" / "tunesmith.json").read_text())
+    assert meta["method"] == method and meta["kind"] == get_method(method).KIND
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"trainable_params", "train_seconds", "peak_rss_mb"} <= set(metrics["finetuned"])
+    assert metrics["forgetting"]["examples"] == 40
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"overfitting", "preflight", "best_step"} <= set(summary["training"])
+    assert "Training watch" in (out / "report.html").read_text()
+    assert not (out / "checkpoints").exists(), "checkpoints are removed once the model is saved"
+    if meta["kind"] != "prompt":
+        assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_train_needs_a_config_or_resume(tmp_path):
+    result = runner.invoke(app, ["train"])
+    assert result.exit_code == 2 and "error: give either a project.yaml or --resume" in result.output
+    missing = runner.invoke(app, ["train", "--resume", str(tmp_path / "nothing")])
+    assert missing.exit_code == 2 and "no interrupted run to resume" in missing.output
+
+
+def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model):
+    extra = "  checkpoint_every: 5\n  early_stopping: false\n  lora:\n    dropout: 0.0\n"
+    config = _project(tmp_path, tiny_model, "lora", extra)
+    text = (tmp_path / "project.yaml").read_text()
+    (tmp_path / "project.yaml").write_text(text.replace("max_steps: 6", "max_steps: 300")
+                                           .replace("eval_every: 3", "eval_every: 50"))
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    cmd = [sys.executable, "-m", "tunesmith", "train", config, "--quiet", "--out"]
+    proc = subprocess.Popen(cmd + [str(killed)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    checkpoints = tmp_path / ".killed.partial" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if len(list(checkpoints.glob("step-*"))) >= 2:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not killed.exists()
+    resumed = subprocess.run([sys.executable, "-m", "tunesmith", "train", "--resume", str(killed), "--quiet"],
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert subprocess.run(cmd + [str(whole)], capture_output=True, timeout=600).returncode == 0
+    a = json.loads((killed / "train.json").read_text())
+    b = json.loads((whole / "train.json").read_text())
+    assert a["stats"]["steps"] == b["stats"]["steps"] == 300
+    wa = load_file(str(killed / "model" / "adapter_model.safetensors"))
+    wb = load_file(str(whole / "model" / "adapter_model.safetensors"))
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4
+    for run in (killed, whole):
+        assert runner.invoke(app, ["eval", str(run), "--quiet"]).exit_code in (0, 3)
+    pa = [json.loads(x)["prediction"] for x in (killed / "predictions" / "test.jsonl").read_text().splitlines()]
+    pb = [json.loads(x)["prediction"] for x in (whole / "predictions" / "test.jsonl").read_text().splitlines()]
+    assert sum(x == y for x, y in zip(pa, pb)) >= 0.95 * len(pa)

@@ -1,0 +1,185 @@
+"""Overfitting watch, checkpoints and resume, trackers, pre-flight checks and regularisers."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+
+import pytest
+import torch
+
+from tunesmith.config import TaskConfig, TrainConfig
+from tunesmith.data.examples import Example
+from tunesmith.errors import ConfigError, DataError
+from tunesmith.models.load import load_model, load_tokenizer
+from tunesmith.tasks.prompts import build_format
+from tunesmith.train.batching import encode_for_training
+from tunesmith.train.checkpoint import list_checkpoints
+from tunesmith.train.loss import supervised_loss
+from tunesmith.train.preflight import preflight
+from tunesmith.train.regularize import neftune, set_dropout
+from tunesmith.train.trainer import fit
+from tunesmith.train.watch import overfitting_signals
+
+from conftest import make_texts
+
+LABELS = ["alpha", "beta", "gamma"]
+
+
+def _data(n, seed):
+    return [Example(r["text"], r["label"], f"train.jsonl:{i + 1}") for i, r in enumerate(make_texts(n, seed))]
+
+
+def _setup(path, max_length=512):
+    tok = load_tokenizer(path)
+    return tok, build_format(TaskConfig(instruction="Classify.", max_length=max_length), LABELS, tok)
+
+
+def _fit(path, out_dir=None, resume=False, train_n=24, **train):
+    tok, fmt = _setup(path)
+    cfg = TrainConfig(**{"max_steps": 8, "eval_every": 2, "batch_size": 4, "learning_rate": 0.01,
+                         "trackers": [], **train})
+    return fit(load_model(path), tok, fmt, _data(train_n, 1), _data(6, 2), cfg, "accuracy",
+               out_dir=out_dir, progress=False, resume=resume)
+
+
+def _trainable(model):
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def test_signals_for_widening_gap_and_falling_metric():
+    rows = [(1.0, 0.9, 0.5), (0.8, 0.6, 0.6), (0.85, 0.4, 0.55), (0.9, 0.2, 0.5), (0.95, 0.1, 0.45)]
+    history = [{"step": i, "val_loss": v, "train_loss": t, "accuracy": a} for i, (v, t, a) in enumerate(rows)]
+    assert overfitting_signals(history[:3], "accuracy", 3) == []
+    kinds = {s["signal"] for s in overfitting_signals(history, "accuracy", 3)}
+    assert kinds == {"widening_gap", "metric_falling"}
+    steady = [{"step": i, "val_loss": 1 - i / 10, "train_loss": 1 - i / 9, "accuracy": i / 10} for i in range(6)]
+    assert overfitting_signals(steady, "accuracy", 3) == []
+
+
+def test_overfitting_run_is_flagged_stopped_and_best_restored(tiny_model):
+    # 6 examples, a large learning rate and many steps: the model memorises the training set.
+    result = _fit(tiny_model, train_n=6, max_steps=200, eval_every=2, learning_rate=0.05, patience=50,
+                  batch_size=2, overfit={"evals": 2})
+    assert result.overfitting and result.stopped_early and result.stats["steps"] < 200
+    assert "overfitting" in result.stop_reason
+    assert result.best["step"] < result.stats["steps"]
+
+
+def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tiny_model, tmp_path):
+    full = _fit(tiny_model, out_dir=tmp_path / "a", checkpoint_every=2, keep_checkpoints=10)
+    saved = list_checkpoints(tmp_path / "a" / "checkpoints")
+    assert [p.name for p in saved] == ["step-0000002", "step-0000004", "step-0000006"]
+    # An "interrupted" copy: only the checkpoint of step 4 survived.
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-0000006")
+    resumed = _fit(tiny_model, out_dir=tmp_path / "b", resume=True, checkpoint_every=2, keep_checkpoints=10)
+    assert resumed.stats["steps"] == full.stats["steps"] == 8
+    assert resumed.history == full.history
+    a, b = _trainable(full.model), _trainable(resumed.model)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+    steps = [r["step"] for r in map(_json, (tmp_path / "b" / "train_log.jsonl").read_text().splitlines())
+             if "loss" in r]
+    assert steps == list(range(1, 9)), "the resumed log must read as one run"
+
+
+def test_keep_last_n_checkpoints(tiny_model, tmp_path):
+    _fit(tiny_model, out_dir=tmp_path, checkpoint_every=1, keep_checkpoints=2)
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-0000006", "step-0000007"]
+    assert not list((tmp_path / "checkpoints").glob(".*")), "no temporary checkpoint left behind"
+
+
+def test_tensorboard_mlflow_and_wandb_offline_receive_the_metrics(tiny_model, tmp_path):
+    pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    _fit(tiny_model, out_dir=tmp_path, trackers=["tensorboard", "mlflow", "wandb"])
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and b"val_loss" in events[0].read_bytes()
+    assert _tfrecord_count(events[0]) > 8
+    import mlflow
+
+    mlflow.set_tracking_uri((tmp_path / "mlruns").resolve().as_uri())
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert len(runs) == 1 and "metrics.val_loss" in runs.columns and runs["metrics.loss"].notna().all()
+    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_preflight_names_examples_cut_off_and_truncated(tiny_model):
+    tok, fmt = _setup(tiny_model, max_length=24)
+    examples = _data(4, 1)
+    examples[1] = Example(" ".join(["red blue green money"] * 40), "alpha", "train.jsonl:2")
+    encoded = encode_for_training(tok, fmt, examples)
+    notes = preflight(tok, fmt, examples, encoded, TrainConfig(batch_size=2))
+    assert any("truncated" in n and "train.jsonl:2" in n for n in notes)
+    tok, fmt = _setup(tiny_model, max_length=16)
+    with pytest.raises(DataError, match="no supervised tokens"):
+        preflight(tok, fmt, examples, [type(e)(e.ids[: e.n_prompt], e.n_prompt) for e in encoded],
+                  TrainConfig(batch_size=2))
+
+
+def test_preflight_warns_on_learning_rate_and_batch_size(tiny_model):
+    tok, fmt = _setup(tiny_model)
+    examples = _data(4, 1)
+    notes = preflight(tok, fmt, examples, encode_for_training(tok, fmt, examples),
+                      TrainConfig(method="full", learning_rate=0.01, batch_size=8))
+    assert any("train.learning_rate" in n for n in notes) and any("train.batch_size" in n for n in notes)
+
+
+def test_preflight_refuses_generation_answers_that_cannot_stop(tiny_model):
+    tok = load_tokenizer(tiny_model)
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    fmt = build_format(TaskConfig(type="generation", instruction="Answer."), None, tok)
+    examples = [Example("2+2?", "4", "train.jsonl:1")]
+    with pytest.raises(ConfigError, match="never stop"):
+        preflight(tok, fmt, examples, encode_for_training(tok, fmt, examples), TrainConfig())
+
+
+def test_label_smoothing_raises_the_loss_of_a_confident_model(tiny_model):
+    tok, fmt = _setup(tiny_model)
+    model = load_model(tiny_model).eval()
+    from tunesmith.train.batching import collate
+
+    batch = collate(encode_for_training(tok, fmt, _data(4, 1)), tok.pad_token_id)
+    plain, _ = supervised_loss(model, batch)
+    smooth, _ = supervised_loss(model, batch, label_smoothing=0.3)
+    assert not torch.isclose(plain, smooth)
+
+
+def test_neftune_adds_noise_only_while_training(tiny_model):
+    model = load_model(tiny_model)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    emb = model.get_input_embeddings()
+    clean = emb(ids)
+    with neftune(model, 5.0):
+        model.train()
+        noisy = emb(ids)
+        model.eval()
+        quiet = emb(ids)
+    assert not torch.allclose(clean, noisy) and torch.equal(clean, quiet)
+    bound = 5.0 / (4 * clean.shape[-1]) ** 0.5
+    assert (noisy - clean).abs().max() <= bound + 1e-6
+    assert torch.equal(emb(ids), clean), "the hook must be removed afterwards"
+
+
+def test_dropout_setting_reaches_attention(tiny_model):
+    model = load_model(tiny_model)
+    assert set_dropout(model, 0.2) == 2  # two attention layers in the tiny model
+    assert all(layer.self_attn.attention_dropout == 0.2 for layer in model.model.layers)
+
+
+def _json(line):
+    import json
+
+    return json.loads(line)
+
+
+def _tfrecord_count(path) -> int:
+    """Records in a TensorBoard event file (TFRecord framing: u64 length, u32 crc, data, u32 crc)."""
+    data, count, pos = path.read_bytes(), 0, 0
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack("<Q", data[pos:pos + 8])
+        pos += 12 + length + 4
+        count += 1
+    return count
