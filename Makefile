@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # torch in .venv (any version the pyproject range admits) and it is kept.
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast bench clean
 
 install: $(STAMP)
 
@@ -29,6 +29,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# Side-by-side benchmarks against the reference tools (see BENCHMARKS.md); not part of CI.
+bench: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) benchmarks/train_speed.py examples/quickstart/project.yaml --examples 128 --epochs 1 --repeats 3
 
 clean:
 	rm -rf $(VENV) examples/*/runs

@@ -92,3 +92,10 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model):
     pa = [json.loads(x)["prediction"] for x in (killed / "predictions" / "test.jsonl").read_text().splitlines()]
     pb = [json.loads(x)["prediction"] for x in (whole / "predictions" / "test.jsonl").read_text().splitlines()]
     assert sum(x == y for x, y in zip(pa, pb)) >= 0.95 * len(pa)
+
+
+def test_resume_of_a_finished_run_says_so(tmp_path, tiny_model):
+    out = tmp_path / "done"
+    assert runner.invoke(app, ["train", _project(tmp_path, tiny_model, "lora"), "--out", str(out), "-q"]).exit_code == 0
+    result = runner.invoke(app, ["train", "--resume", str(out)])
+    assert result.exit_code == 2 and "training already finished" in result.output

@@ -79,3 +79,13 @@ def test_metric_must_fit_task(tmp_path):
 def test_validation_fraction_range(tmp_path):
     with pytest.raises(ConfigError, match="data.validation"):
         load_config(_write(tmp_path, BASE + "  validation: 1.5\n"))
+
+
+def test_learning_rate_defaults_per_method_and_explicit_value_wins():
+    from tunesmith.config import TrainConfig
+    from tunesmith.train.methods import DEFAULT_LR, METHODS
+
+    assert set(DEFAULT_LR) == set(METHODS)
+    assert TrainConfig(method="prompt_tuning").learning_rate == DEFAULT_LR["prompt_tuning"]
+    assert TrainConfig(method="full").learning_rate == DEFAULT_LR["full"]
+    assert TrainConfig(method="full", learning_rate=1e-3).learning_rate == 1e-3

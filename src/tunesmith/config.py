@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tunesmith.errors import ConfigError
 from tunesmith.evaluate.metrics import CONSTRAINT_FIGURES, metric_names
-from tunesmith.train.methods import METHODS
+from tunesmith.train.methods import DEFAULT_LR, METHODS
 
 
 class _Strict(BaseModel):
@@ -113,7 +113,8 @@ class TrainConfig(_Strict):
     method: str = "lora"
     epochs: float = Field(2.0, gt=0)
     max_steps: int | None = Field(None, ge=1)
-    learning_rate: float = Field(2e-4, gt=0)
+    # None: the method's own default (methods.DEFAULT_LR); the resolved config records the value used.
+    learning_rate: float | None = Field(None, gt=0)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
     weight_decay: float = Field(0.0, ge=0)
@@ -143,6 +144,12 @@ class TrainConfig(_Strict):
         if v not in METHODS:
             raise ValueError(f"unknown method '{v}' (available: {', '.join(METHODS)})")
         return v
+
+    @model_validator(mode="after")
+    def _method_learning_rate(self) -> TrainConfig:
+        if self.learning_rate is None:
+            self.learning_rate = DEFAULT_LR[self.method]
+        return self
 
 
 class EvalConfig(_Strict):

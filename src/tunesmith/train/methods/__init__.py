@@ -19,6 +19,11 @@ METHODS: dict[str, str] = {
     "prompt_optimization": "tunesmith.train.methods.prompt_optimization",
 }
 
+# Learning rates that train each technique well on small instruct models; soft prompts and
+# scaling vectors need far larger steps than weight updates, full fine-tuning far smaller.
+DEFAULT_LR: dict[str, float] = {"lora": 2e-4, "dora": 2e-4, "ia3": 3e-3, "full": 2e-5, "prompt_tuning": 3e-2,
+                                "prefix_tuning": 1e-2, "prompt_optimization": 1e-4}
+
 
 def get_method(name: str) -> ModuleType:
     """Import the module implementing `name`."""
