@@ -83,3 +83,12 @@ def test_length_grouped_batches_cover_each_index_once():
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     assert batches == length_grouped_batches(lengths, 3, seed=0)
     assert batches != length_grouped_batches(lengths, 3, seed=1)
+
+
+def test_length_grouping_sorts_within_groups_only():
+    lengths = list(range(60))
+    grouped = length_grouped_batches(lengths, 4, seed=0, group=15)  # one group: every batch a length slice
+    assert all(max(b) - min(b) <= 3 for b in grouped)
+    plain = length_grouped_batches(lengths, 4, seed=0, group=1)
+    assert sorted(i for b in plain for i in b) == lengths
+    assert sum(max(b) - min(b) for b in plain) > 5 * sum(max(b) - min(b) for b in grouped)

@@ -117,6 +117,8 @@ class TrainConfig(_Strict):
     learning_rate: float | None = Field(None, gt=0)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
+    # Batches per length-sorted group (1: random batches); see batching.length_grouped_batches.
+    length_grouping: int = Field(32, ge=1)
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)

@@ -36,16 +36,18 @@ def encode_for_training(tokenizer, fmt: PromptFormat, examples: list[Example]) -
     return out
 
 
-def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, group: int = 32) -> list[list[int]]:
     """Shuffled batches of indices whose lengths are close, so padding stays small.
 
-    Indices are shuffled, cut into mega-batches of 32 batches, sorted by length inside each,
-    and the resulting batches are shuffled again; the same seed gives the same order.
+    Indices are shuffled, cut into mega-batches of `group` batches, sorted by length inside each,
+    and the resulting batches are shuffled again; the same seed gives the same order. `group=1`
+    gives plain random batches. Larger groups waste less padding but, where length goes with the
+    label, make each batch's label mix less random (see BENCHMARKS.md).
     """
     rng = random.Random(seed)
     order = list(range(len(lengths)))
     rng.shuffle(order)
-    mega = batch_size * 32
+    mega = batch_size * group
     batches = []
     for start in range(0, len(order), mega):
         group = sorted(order[start:start + mega], key=lambda i: lengths[i], reverse=True)

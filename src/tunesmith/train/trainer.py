@@ -192,7 +192,8 @@ def _batch_stream(encoded: list[Encoded], cfg: TrainConfig, pad_id: int, prefix_
     `skip` is the number of this rank's batches already consumed."""
     epoch, seen = 0, 0
     while True:
-        order = length_grouped_batches([len(e.ids) for e in encoded], cfg.batch_size, cfg.seed + epoch)
+        order = length_grouped_batches([len(e.ids) for e in encoded], cfg.batch_size, cfg.seed + epoch,
+                                       cfg.length_grouping)
         # Every rank takes the same number of batches per epoch (the remainder is dropped).
         usable = len(order) - len(order) % world if len(order) >= world else len(order)
         for idx in order[rank:usable:world]:
