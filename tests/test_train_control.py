@@ -183,3 +183,25 @@ def _tfrecord_count(path) -> int:
         pos += 12 + length + 4
         count += 1
     return count
+
+
+def test_frozen_weights_in_bf16_change_no_autocast_result_and_restore_exactly(tiny_model):
+    from tunesmith import hardware
+    from tunesmith.train.methods import get_method
+    from tunesmith.train.precision import compact_frozen, restore_frozen
+
+    torch.manual_seed(0)
+    plain = get_method("lora").apply(load_model(tiny_model), TrainConfig()).eval()
+    torch.manual_seed(0)
+    compact = get_method("lora").apply(load_model(tiny_model), TrainConfig()).eval()
+    names = compact_frozen(compact)
+    layers = dict(compact.get_base_model().named_modules())
+    assert names and all(layers[n].weight.dtype == torch.bfloat16 for n in names)
+    assert compact.get_input_embeddings().weight.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in compact.parameters() if p.requires_grad)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad(), hardware.autocast(True, torch.device("cpu")):
+        torch.testing.assert_close(plain(input_ids=ids).logits, compact(input_ids=ids).logits, atol=0, rtol=0)
+    restore_frozen(compact, names, tiny_model)
+    for (k, a), (_, b) in zip(plain.state_dict().items(), compact.state_dict().items()):
+        assert a.dtype == b.dtype and torch.equal(a, b), k

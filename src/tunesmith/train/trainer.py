@@ -24,6 +24,7 @@ from tunesmith.train.batching import Encoded, collate, encode_for_training, leng
 from tunesmith.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from tunesmith.train.loss import supervised_loss
 from tunesmith.train.methods import get_method
+from tunesmith.train.precision import compact_frozen, restore_frozen
 from tunesmith.train.preflight import preflight
 from tunesmith.train.regularize import neftune, set_dropout
 from tunesmith.train.trackers import Trackers
@@ -77,9 +78,12 @@ def fit(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[Exa
     torch.manual_seed(cfg.seed)
     dev = hardware.device()
     rank, world = distributed.rank(), distributed.world_size()
+    source = Path(getattr(model, "name_or_path", "") or ".")
     model = get_method(cfg.method).apply(model, cfg).to(dev)
     set_dropout(model, cfg.dropout)
     bf16 = hardware.use_bf16(cfg.precision, dev)
+    # DoRA normalises base + update weights itself, so its frozen weights keep full precision.
+    compacted = compact_frozen(model) if bf16 and cfg.method != "dora" and _has_weights(source) else []
     encoded = encode_for_training(tokenizer, fmt, train)
     notes = preflight(tokenizer, fmt, train, encoded, cfg)
     for note in notes if rank == 0 else []:
@@ -130,6 +134,7 @@ def fit(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[Exa
                 save_checkpoint(out_dir / "checkpoints", step, model, optimizer, schedule, loop, watch.state(),
                                 watch.best_state, cfg.keep_checkpoints)
     watch.restore_best(model)
+    restore_frozen(model, compacted, source)
     model.eval()
     result = _result(model, watch, loop, plan, cfg, bf16, dev)
     result.preflight = notes
@@ -218,6 +223,10 @@ def _validate(model, tokenizer, fmt, val, val_encoded, cfg, metric, bf16, prefix
     preds = predict(model, tokenizer, fmt, val, batch_size=cfg.batch_size, autocast=bf16)
     scores = compute_metrics(fmt.task_type, [e.target for e in val], preds.texts)
     return {"val_loss": round(total_loss / max(total_tokens, 1), 6), metric: scores[metric]}
+
+
+def _has_weights(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.glob("*.safetensors"))
 
 
 def _mean(values: list[float]) -> float:
