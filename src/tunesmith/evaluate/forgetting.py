@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 
 from tunesmith.data.examples import Example
@@ -14,14 +15,15 @@ PROBE = Path(__file__).parent / "probes" / "sst2_dev40.jsonl"
 INSTRUCTION = "Is the sentiment of this movie review sentence positive or negative?"
 
 
-def probe_examples() -> list[Example]:
+@lru_cache(maxsize=1)
+def probe_examples() -> tuple[Example, ...]:
     rows = [json.loads(line) for line in PROBE.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [Example(r["text"], r["label"], f"{PROBE.name}:{i + 1}") for i, r in enumerate(rows)]
+    return tuple(Example(r["text"], r["label"], f"{PROBE.name}:{i + 1}") for i, r in enumerate(rows))
 
 
 def probe_accuracy(model, tokenizer, max_length: int, autocast: bool = False) -> float:
     """Accuracy of `model` on the shipped probe (SST-2 sentences, label scoring)."""
-    examples = probe_examples()
+    examples = list(probe_examples())
     fmt = PromptFormat("classification", INSTRUCTION, ["positive", "negative"], True, max_length)
     preds = predict(model, tokenizer, fmt, examples, autocast=autocast)
     return compute_metrics("classification", [e.target for e in examples], preds.texts)["accuracy"]

@@ -32,17 +32,21 @@ def eval_stage(project: Project, splits: Splits, run_dir: Path, progress: bool =
     tuned = run(model, "fine-tuned")
     tuned_figures = _figures(fmt, test, tuned)
     tuned_figures.update(_latency(model, tokenizer, fmt, test, project, bf16))
-    tuned_figures.update(_sizes(run_dir / "model", base_path, fsio.read_json(run_dir / "model/tunesmith.json")["kind"]))
+    kind = fsio.read_json(run_dir / "model/tunesmith.json")["kind"]
+    tuned_figures.update(_sizes(run_dir / "model", base_path, kind))
     probe = project.eval.forgetting_probe
     tuned_probe = probe_accuracy(model, tokenizer, fmt.max_length, bf16) if probe else None
-    del model
-    base_model = load_model(base_path).to(hardware.device())
+    if kind == "prompt":  # the weights are the base model's: no second load, no second probe
+        base_model = model
+    else:
+        del model
+        base_model = load_model(base_path).to(hardware.device())
     # The baseline is the base model with the user's own prompt, whatever the method changed.
     base = run(base_model, "baseline", build_format(project.task, fmt.labels, tokenizer))
     metrics = {"baseline": _figures(fmt, test, base), "finetuned": tuned_figures, "test_examples": len(test)}
     if probe:
-        metrics["forgetting"] = forgetting_report(probe_accuracy(base_model, tokenizer, fmt.max_length, bf16),
-                                                  tuned_probe)
+        base_probe = tuned_probe if kind == "prompt" else probe_accuracy(base_model, tokenizer, fmt.max_length, bf16)
+        metrics["forgetting"] = forgetting_report(base_probe, tuned_probe)
     if fmt.labels:
         golds = [e.target for e in test]
         metrics["per_class"] = per_class(golds, tuned.texts, fmt.labels)

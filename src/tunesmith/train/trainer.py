@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tunesmith import hardware
+from tunesmith import fsio, hardware
 from tunesmith.config import TrainConfig
 from tunesmith.data.examples import Example
 from tunesmith.evaluate.metrics import compute_metrics
@@ -257,8 +257,6 @@ class TrainLog:
         if keep_until and path.exists():
             kept = [line for line in path.read_text(encoding="utf-8").splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= keep_until]
-            from tunesmith import fsio
-
             fsio.write_text(path, "".join(line + "\n" for line in kept))
         path.parent.mkdir(parents=True, exist_ok=True)
         self.f = open(path, "a", encoding="utf-8")
