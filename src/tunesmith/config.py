@@ -134,6 +134,8 @@ class TrainConfig(_Strict):
     checkpoint_every: int | None = Field(None, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
+    # Under torchrun/accelerate launch: shard decoder layers across ranks (FSDP2) instead of replicating them.
+    fsdp: bool = False
     lora: LoraConfig = Field(default_factory=LoraConfig)
     prompt_tuning: PromptTuningSettings = Field(default_factory=PromptTuningSettings)
     prefix_tuning: PrefixTuningSettings = Field(default_factory=PrefixTuningSettings)
@@ -146,6 +148,13 @@ class TrainConfig(_Strict):
         if v not in METHODS:
             raise ValueError(f"unknown method '{v}' (available: {', '.join(METHODS)})")
         return v
+
+    @model_validator(mode="after")
+    def _fsdp_method(self) -> TrainConfig:
+        if self.fsdp and self.method in ("prompt_tuning", "prefix_tuning"):
+            raise ValueError(f"train.fsdp does not support method '{self.method}' (its virtual tokens take a "
+                             "second pass through the sharded layers); use lora, dora, ia3 or full")
+        return self
 
     @model_validator(mode="after")
     def _method_learning_rate(self) -> TrainConfig:

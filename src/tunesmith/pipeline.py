@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 
 from tunesmith import fsio
@@ -14,7 +13,7 @@ from tunesmith.evaluate.objective import judge
 from tunesmith.evaluate.stage import eval_stage
 from tunesmith.models.resolve import resolve_model
 from tunesmith.report.build import report_stage
-from tunesmith.runs import final_dir, interrupted_run, staged
+from tunesmith.runs import final_dir, interrupted_run, staged, staging_dir
 from tunesmith.train import distributed
 from tunesmith.train.stage import train_stage
 
@@ -44,9 +43,9 @@ def train_only(project: Project, out: Path | None = None, progress: bool = True,
     final = final_dir(project.base_dir, project.name, out)
     distributed.init_from_env()
     if distributed.rank() != 0:
-        # Other ranks train their data shard; rank 0 alone writes the run directory.
-        with tempfile.TemporaryDirectory() as scratch:
-            train_stage(project, splits, Path(scratch), progress=False)
+        # Other ranks train their data shard; rank 0 alone writes the run directory, except
+        # that under FSDP each rank adds its optimiser shard to rank 0's checkpoint folders.
+        train_stage(project, splits, staging_dir(final), progress=False)
         return final
     with staged(final, keep_failed) as run_dir:
         _start(project, splits, run_dir, final, progress)

@@ -17,29 +17,46 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunesmith import fsio
+from tunesmith.train import distributed, fsdp
 
 _NAME = re.compile(r"^step-(\d+)$")
 
 
 def save_checkpoint(folder: Path, step: int, model, optimizer, schedule, loop: dict, watch_state: dict,
                     best_state: dict | None, keep: int) -> Path:
-    """Write checkpoints/step-N atomically and keep only the newest `keep`."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write checkpoints/step-N atomically and keep only the newest `keep`.
+
+    Called on every rank: sharded (FSDP) weights are gathered first and each rank writes its own
+    optimiser shard; rank 0 writes everything else and moves the folder into place.
+    """
+    rank, world = distributed.rank(), distributed.world_size()
     final = folder / f"step-{step:07d}"
     tmp = folder / f".step-{step:07d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    trainable = {k: p.detach().contiguous().cpu() for k, p in model.named_parameters() if p.requires_grad}
-    save_file(trainable, str(tmp / "trainable.safetensors"))
-    if best_state:
-        save_file({k: v.contiguous().cpu() for k, v in best_state.items()}, str(tmp / "best.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                "rng": torch.get_rng_state()}, tmp / "optimizer.pt")
-    fsio.write_json(tmp / "state.json", {"step": step, "loop": loop, "watch": watch_state})
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in list_checkpoints(folder)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    trainable = {k: fsdp.full(p).detach().contiguous().cpu() for k, p in model.named_parameters() if p.requires_grad}
+    best = {k: fsdp.full(v).contiguous().cpu() for k, v in (best_state or {}).items()}
+    sharded = any(fsdp.is_sharded(p) for p in model.parameters())
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    distributed.barrier()
+    if sharded or rank == 0:
+        # Under FSDP each rank's optimiser state covers only its shards.
+        name = f"optimizer-rank{rank}.pt" if sharded else "optimizer.pt"
+        torch.save({"optimizer": fsdp.local_optimizer_state(optimizer), "schedule": schedule.state_dict(),
+                    "rng": torch.get_rng_state()}, tmp / name)
+    distributed.barrier()
+    if rank == 0:
+        save_file(trainable, str(tmp / "trainable.safetensors"))
+        if best:
+            save_file(best, str(tmp / "best.safetensors"))
+        fsio.write_json(tmp / "state.json", {"step": step, "loop": loop, "watch": watch_state,
+                                             "world_size": world, "sharded": sharded})
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in list_checkpoints(folder)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
     return final
 
 
@@ -53,15 +70,24 @@ def list_checkpoints(folder: Path) -> list[Path]:
 
 def load_checkpoint(path: Path, model, optimizer, schedule) -> tuple[dict, dict | None]:
     """Restore weights, optimiser, schedule and RNG in place; returns (state.json, best weights or None)."""
-    dev = next(model.parameters()).device
+    state = fsio.read_json(path / "state.json")
     params = dict(model.named_parameters())
+    sharded = any(fsdp.is_sharded(p) for p in params.values())
+    if state.get("sharded", False) and (not sharded or state["world_size"] != distributed.world_size()):
+        from tunesmith.errors import RunDirError
+
+        raise RunDirError(f"checkpoint was written by {state['world_size']} sharded (train.fsdp) processes",
+                          str(path), f"resume with torchrun --nproc_per_node {state['world_size']} and train.fsdp: true")
+    dev = next(model.parameters()).device
     with torch.no_grad():
         for name, value in load_file(str(path / "trainable.safetensors")).items():
-            params[name].copy_(value.to(dev))
-    extra = torch.load(path / "optimizer.pt", map_location=dev, weights_only=True)
-    optimizer.load_state_dict(extra["optimizer"])
+            params[name].copy_(fsdp.like(params[name], value))
+    name = f"optimizer-rank{distributed.rank()}.pt" if sharded else "optimizer.pt"
+    extra = torch.load(path / name, map_location=dev, weights_only=True)
+    fsdp.load_local_optimizer_state(optimizer, extra["optimizer"])
     schedule.load_state_dict(extra["schedule"])
     torch.set_rng_state(extra["rng"].cpu())
     best = path / "best.safetensors"
-    best_state = {k: v.to(dev) for k, v in load_file(str(best)).items()} if best.exists() else None
-    return fsio.read_json(path / "state.json"), best_state
+    best_state = ({k: fsdp.like(params[k], v) for k, v in load_file(str(best)).items()}
+                  if best.exists() else None)
+    return state, best_state

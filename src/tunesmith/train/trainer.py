@@ -19,7 +19,7 @@ from tunesmith.evaluate.metrics import compute_metrics
 from tunesmith.tasks.cache import common_prefix_len
 from tunesmith.tasks.predict import predict
 from tunesmith.tasks.prompts import PromptFormat
-from tunesmith.train import distributed
+from tunesmith.train import distributed, fsdp
 from tunesmith.train.batching import Encoded, collate, encode_for_training, length_grouped_batches
 from tunesmith.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from tunesmith.train.loss import supervised_loss
@@ -79,11 +79,15 @@ def fit(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[Exa
     dev = hardware.device()
     rank, world = distributed.rank(), distributed.world_size()
     source = Path(getattr(model, "name_or_path", "") or ".")
-    model = get_method(cfg.method).apply(model, cfg).to(dev)
+    model = get_method(cfg.method).apply(model, cfg)
     set_dropout(model, cfg.dropout)
     bf16 = hardware.use_bf16(cfg.precision, dev)
+    sharded = fsdp.enabled(cfg)
+    # The loop trains `net`: the model itself, or under FSDP a sharded copy gathered back at the end.
+    net = fsdp.sharded_copy(model, dev) if sharded else model.to(dev)
     # DoRA normalises base + update weights itself, so its frozen weights keep full precision.
-    compacted = compact_frozen(model) if bf16 and cfg.method != "dora" and _has_weights(source) else []
+    compact = bf16 and cfg.method != "dora" and not sharded and _has_weights(source)
+    compacted = compact_frozen(model) if compact else []
     encoded = encode_for_training(tokenizer, fmt, train)
     notes = preflight(tokenizer, fmt, train, encoded, cfg)
     for note in notes if rank == 0 else []:
@@ -91,26 +95,27 @@ def fit(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[Exa
     val = val[: cfg.max_val_examples]
     val_encoded = encode_for_training(tokenizer, fmt, val)
     plan = make_plan(len(encoded), cfg, world)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_linear(plan.total, cfg.warmup_ratio))
     watch = Watch(cfg, metric)
     loop = {"step": 0, "tokens": 0, "train_seconds": 0.0, "losses": []}
     writes = out_dir is not None and rank == 0
     if resume:
-        loop = _resume(out_dir, model, optimizer, schedule, watch)
-    # Prompts of a task share their system text: its keys/values are computed once per batch.
-    prefix_len = common_prefix_len([e.ids[: e.n_prompt] for e in encoded + val_encoded])
+        loop = _resume(out_dir, net, optimizer, schedule, watch)
+    # Prompts of a task share their system text: its keys/values are computed once per batch. Not
+    # under FSDP: a second pass through a sharded layer before backward is not supported there.
+    prefix_len = 0 if sharded else common_prefix_len([e.ids[: e.n_prompt] for e in encoded + val_encoded])
     batches = _batch_stream(encoded, cfg, tokenizer.pad_token_id, prefix_len, rank, world,
                             skip=loop["step"] * cfg.grad_accum)
     with TrainLog(out_dir / "train_log.jsonl" if writes else None, keep_until=loop["step"]) as log, \
             Trackers(cfg.trackers if writes else [], out_dir, "tunesmith", cfg.model_dump()) as trackers, \
-            neftune(model, cfg.neftune_alpha), \
+            neftune(net, cfg.neftune_alpha), \
             tqdm(total=plan.total, initial=loop["step"], desc=f"train ({cfg.method})", unit="step",
                  disable=not progress or rank != 0, dynamic_ncols=True) as bar:
-        model.train()
+        net.train()
         while loop["step"] < plan.total and not watch.stop_reason:
-            loss_value = _step(model, batches, optimizer, schedule, trainable, cfg, bf16, dev, loop)
+            loss_value = _step(net, batches, optimizer, schedule, trainable, cfg, bf16, dev, loop)
             step = loop["step"]
             record = {"step": step, "epoch": round(step / plan.steps_per_epoch, 4), "loss": round(loss_value, 6),
                       "lr": schedule.get_last_lr()[0]}
@@ -119,21 +124,25 @@ def fit(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[Exa
             bar.update(1)
             bar.set_postfix(loss=f"{_mean(loop['losses'][-10:]):.4f}")
             if step % plan.eval_every == 0 or step == plan.total:
-                record = _validate(model, tokenizer, fmt, val, val_encoded, cfg, metric, bf16, prefix_len)
+                record = _validate(net, tokenizer, fmt, val, val_encoded, cfg, metric, bf16, prefix_len)
                 record.update(step=step, epoch=round(step / plan.steps_per_epoch, 4),
                               train_loss=round(_mean(loop["losses"][-plan.eval_every:]), 6))
-                for signal in watch.observe(record, model):
+                for signal in watch.observe(record, net):
                     log.write({"step": step, "overfitting": signal})
                     bar.write(f"warning: overfitting at step {step}: {signal['detail']}")
                 log.write(record)
                 trackers.log(record)
                 bar.set_postfix(loss=f"{record['train_loss']:.4f}", val_loss=f"{record['val_loss']:.4f}",
                                 **{f"val_{metric}": f"{record[metric]:.3f}"})
-                model.train()
-            if writes and step % plan.checkpoint_every == 0 and step < plan.total and not watch.stop_reason:
-                save_checkpoint(out_dir / "checkpoints", step, model, optimizer, schedule, loop, watch.state(),
+                net.train()
+            # Every rank takes part (sharded weights are gathered); rank 0 writes.
+            if out_dir and step % plan.checkpoint_every == 0 and step < plan.total and not watch.stop_reason:
+                save_checkpoint(out_dir / "checkpoints", step, net, optimizer, schedule, loop, watch.state(),
                                 watch.best_state, cfg.keep_checkpoints)
-    watch.restore_best(model)
+    watch.restore_best(net)
+    if sharded:
+        fsdp.gather_into(model, net)
+        model.to(dev)
     restore_frozen(model, compacted, source)
     model.eval()
     result = _result(model, watch, loop, plan, cfg, bf16, dev)
@@ -153,7 +162,7 @@ def _step(model, batches, optimizer, schedule, trainable, cfg: TrainConfig, bf16
         loss_value += loss.item() / cfg.grad_accum
         loop["tokens"] += hardware.count_tokens(batch)
     distributed.average_gradients(trainable)
-    torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+    distributed.clip_grad_norm(trainable, cfg.max_grad_norm)
     optimizer.step()
     schedule.step()
     optimizer.zero_grad(set_to_none=True)
