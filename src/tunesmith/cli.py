@@ -141,24 +141,63 @@ def report(run_dir: Path = typer.Argument(..., help="an evaluated run directory"
     _guarded(debug, go)
 
 
+DATA_OUT = typer.Option(..., "--out", help="Folder for the cleaned splits, removed/suspects/changes.jsonl and report.json.")
+
+
+def _data_command(config: Path, debug: bool, quiet: bool, fn) -> None:
+    """Load the config, run one data command, print its lines."""
+    def go() -> int:
+        from tunesmith.config import load_config
+
+        for line in fn(load_config(config), not quiet):
+            print(line)
+        return 0
+    _guarded(debug, go, details=True)
+
+
 @data_app.command("check")
 def data_check(config: Path = typer.Argument(..., help="project.yaml"), debug: bool = DEBUG) -> None:
     """Validate every data file; list each bad row with file:line. Exit 2 when any row is invalid."""
-    def go() -> int:
-        from tunesmith.config import load_config
-        from tunesmith.data.prepare import data_report, prepare_data
+    from tunesmith.data import stage
 
-        # prepare_data raises on the first bad row and lists every bad row (up to the cap).
-        report = data_report(prepare_data(load_config(config)))
-        for name, split in report["splits"].items():
-            print(f"{name}: {split['rows']} rows")
-        if report["labels"]:
-            print(f"labels: {len(report['labels'])}")
-        for w in report["warnings"]:
-            print(f"warning: {w}")
-        print("data OK")
-        return 0
-    _guarded(debug, go, details=True)
+    _data_command(config, debug, True, lambda project, _: stage.check(project))
+
+
+@data_app.command("clean")
+def data_clean(config: Path = typer.Argument(..., help="project.yaml"), out: Path = DATA_OUT,
+               quiet: bool = QUIET, debug: bool = DEBUG) -> None:
+    """Clean and split as data.clean says; every removed row is listed with its reason."""
+    from tunesmith.data import stage
+
+    _data_command(config, debug, quiet, lambda project, progress: stage.clean(project, out, progress))
+
+
+@data_app.command("augment")
+def data_augment(config: Path = typer.Argument(..., help="project.yaml"), out: Path = DATA_OUT,
+                 quiet: bool = QUIET, debug: bool = DEBUG) -> None:
+    """Clean, split, then add augmented training rows as data.augment says."""
+    from tunesmith.data import stage
+
+    _data_command(config, debug, quiet, lambda project, progress: stage.augment_data(project, out, progress))
+
+
+@data_app.command("split")
+def data_split(config: Path = typer.Argument(..., help="project.yaml"), out: Path = DATA_OUT,
+               debug: bool = DEBUG) -> None:
+    """Stratified (or data.group_field-aware) train/validation/test split with the configured seed."""
+    from tunesmith.data import stage
+
+    _data_command(config, debug, True, lambda project, _: stage.split(project, out))
+
+
+@data_app.command("report")
+def data_report_command(config: Path = typer.Argument(..., help="project.yaml"),
+                        out: Optional[Path] = typer.Option(None, "--out", help="Write report.json here."),
+                        quiet: bool = QUIET, debug: bool = DEBUG) -> None:
+    """Sizes per step, labels, lengths, duplicates, PII, diversity and groups of the curated data."""
+    from tunesmith.data import stage
+
+    _data_command(config, debug, quiet, lambda project, progress: stage.report(project, out, progress)[1])
 
 
 def main() -> None:

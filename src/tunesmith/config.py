@@ -33,6 +33,75 @@ class TaskConfig(_Strict):
     max_length: int = Field(512, ge=16)
 
 
+PII_TYPES = ("email", "phone", "card", "iban", "ip")
+
+
+class NormalizeSettings(_Strict):
+    unicode: bool = True          # NFKC
+    control_chars: bool = True
+    html: bool = True             # tags removed, entities unescaped
+    whitespace: bool = True       # runs collapsed, ends stripped
+
+
+class NearDedupSettings(_Strict):
+    enabled: bool = True
+    threshold: float = Field(0.7, gt=0.0, le=1.0)       # estimated Jaccard of character shingles
+    num_perm: int = Field(128, ge=16, le=1024)
+    ngram: int | Literal["auto"] = "auto"                # auto: 3 for short texts, 5 for long ones
+
+
+class SemanticDedupSettings(_Strict):
+    # Off by default: on short texts a cosine this high also joins genuine paraphrases, which help training.
+    enabled: bool = False
+    threshold: float = Field(0.95, gt=0.0, le=1.0)      # cosine of all-MiniLM-L6-v2 embeddings
+
+
+class PiiSettings(_Strict):
+    enabled: bool = True
+    action: Literal["redact", "drop", "report"] = "redact"
+    types: list[Literal["email", "phone", "card", "iban", "ip"]] = Field(default_factory=lambda: list(PII_TYPES))
+
+
+class DecontaminateSettings(_Strict):
+    enabled: bool = True
+    ngram: int = Field(8, ge=1)                          # word n-grams; shorter texts count whole
+    min_overlap: float = Field(0.5, gt=0.0, le=1.0)      # share of a train row's n-grams seen in held-out rows
+
+
+class LabelNoiseSettings(_Strict):
+    enabled: bool = True
+    action: Literal["report", "remove"] = "report"
+    folds: int = Field(5, ge=2)
+
+
+class CleanConfig(_Strict):
+    """Cleaning steps of the data stage; every change is logged per row with its reason."""
+
+    enabled: bool = True
+    normalize: NormalizeSettings = Field(default_factory=NormalizeSettings)
+    min_chars: int = Field(1, ge=1)
+    max_chars: int | None = Field(None, ge=1)
+    exact_dedup: bool = True
+    near_dedup: NearDedupSettings = Field(default_factory=NearDedupSettings)
+    semantic_dedup: SemanticDedupSettings = Field(default_factory=SemanticDedupSettings)
+    pii: PiiSettings = Field(default_factory=PiiSettings)
+    decontaminate: DecontaminateSettings = Field(default_factory=DecontaminateSettings)
+    label_noise: LabelNoiseSettings = Field(default_factory=LabelNoiseSettings)
+
+
+class AugmentConfig(_Strict):
+    """Extra training rows; never added to validation or test, always marked as augmented."""
+
+    enabled: bool = False
+    eda: int = Field(0, ge=0)                  # EDA copies per training row (synonym/swap/delete/insert)
+    eda_rate: float = Field(0.1, gt=0.0, le=0.5)  # share of a row's words each EDA copy changes
+    char_noise: int = Field(0, ge=0)           # copies with character typos per row
+    char_noise_rate: float = Field(0.03, gt=0.0, le=0.3)
+    paraphrases: int = Field(0, ge=0)          # paraphrases per row written by the project's model
+    oversample_to: int | None = Field(None, ge=1)  # copy rows of rarer classes up to this many each
+    seed: int = 0
+
+
 class DataConfig(_Strict):
     """Data files (relative paths resolve from the config file's folder) and splits."""
 
@@ -41,6 +110,9 @@ class DataConfig(_Strict):
     validation: Path | float = 0.1
     seed: int = 0
     max_errors: int = Field(20, ge=1)
+    group_field: str | None = None             # rows sharing this field's value stay in one split
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
     @field_validator("validation", "test")
     @classmethod

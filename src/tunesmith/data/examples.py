@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,35 +15,54 @@ from tunesmith.errors import DataError
 class Example:
     """A task example. For classification `target` is the label; for generation the completion.
 
-    `messages` holds the conversation before the answer for chat data (else None).
+    `messages` holds the conversation before the answer for chat data (else None). `group` is the
+    value of data.group_field (kept together by splits, used by reports); `augmented` says how an
+    augmented row was made (None for real rows). `record`, `file` and `line` point back at the raw
+    row, so curation can say exactly which row it changed; they are not saved with the splits.
     """
 
     input: str
     target: str
     source: str
     messages: list[dict] | None = None
+    group: str | None = None
+    augmented: str | None = None
+    record: dict | None = field(default=None, repr=False, compare=False)
+    file: str = field(default="", compare=False)
+    line: int = field(default=0, compare=False)
 
     def to_json(self) -> dict:
         row = {"input": self.input, "target": self.target, "source": self.source}
-        if self.messages is not None:
-            row["messages"] = self.messages
+        for key in ("messages", "group", "augmented"):
+            if getattr(self, key) is not None:
+                row[key] = getattr(self, key)
         return row
 
     @classmethod
     def from_json(cls, row: dict) -> Example:
-        return cls(row["input"], row["target"], row["source"], row.get("messages"))
+        return cls(row["input"], row["target"], row["source"], row.get("messages"), row.get("group"),
+                   row.get("augmented"))
+
+    def raw(self) -> dict:
+        """The original row as read (or this example's fields when it has none)."""
+        return dict(self.record) if isinstance(self.record, dict) else self.to_json()
 
 
-def load_examples(path: Path, task: TaskConfig, max_errors: int = 20) -> tuple[list[Example], list[RowProblem]]:
+def load_examples(path: Path, task: TaskConfig, max_errors: int = 20,
+                  group_field: str | None = None) -> tuple[list[Example], list[RowProblem]]:
     """Read and validate one data file; returns the good examples and every problem found."""
     result: ReadResult = read_rows(path)
     examples, problems = [], list(result.problems)
     parse = _classification if task.type == "classification" else _generation
     for row in result.rows:
         try:
-            examples.append(parse(row, task))
+            example = parse(row, task)
+            example.group = _group(row, group_field)
         except _RowError as e:
             problems.append(RowProblem(row.file, row.line, str(e)))
+            continue
+        example.record, example.file, example.line = row.record, row.file, row.line
+        examples.append(example)
     problems.sort(key=lambda p: p.line)
     if not examples and problems:
         _raise_if_field_never_present(problems, result.rows, task)
@@ -77,6 +96,15 @@ def raise_for_problems(problems: list[RowProblem], max_errors: int, hint: str | 
 
 class _RowError(ValueError):
     pass
+
+
+def _group(row: Row, group_field: str | None) -> str | None:
+    if group_field is None:
+        return None
+    value = _require_object(row).get(group_field)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise _RowError(f"missing group field '{group_field}' (data.group_field)")
+    return str(value)
 
 
 def _field(rec: dict, name: str, what: str) -> Any:

@@ -10,7 +10,10 @@ from tunesmith import fsio
 from tunesmith.config import Project
 from tunesmith.data.examples import Example, load_examples, raise_for_problems
 from tunesmith.data.io import RowProblem
-from tunesmith.data.split import stratified_split
+from tunesmith.data.augment import augment
+from tunesmith.data.clean import Curation
+from tunesmith.data.profile import embedding_spread, split_profile
+from tunesmith.data.split import group_split, stratified_split
 from tunesmith.errors import DataError
 
 SPLITS = ("train", "validation", "test")
@@ -18,13 +21,14 @@ SPLITS = ("train", "validation", "test")
 
 @dataclass
 class Splits:
-    """Curated splits and the label set (classification only)."""
+    """Curated splits, the label set (classification only) and what curation did."""
 
     train: list[Example]
     validation: list[Example]
     test: list[Example]
     labels: list[str] | None = None
     warnings: list[str] = field(default_factory=list)
+    curation: Curation | None = None
 
     def by_name(self) -> dict[str, list[Example]]:
         return {"train": self.train, "validation": self.validation, "test": self.test}
@@ -35,14 +39,17 @@ def check_data(project: Project) -> tuple[dict[str, list[Example]], list[RowProb
     files = {k: getattr(project.data, k) for k in SPLITS if isinstance(getattr(project.data, k), Path)}
     loaded, problems = {}, []
     for role, path in files.items():
-        examples, bad = load_examples(path, project.task, project.data.max_errors)
+        examples, bad = load_examples(path, project.task, project.data.max_errors, project.data.group_field)
         loaded[role] = examples
         problems.extend(bad)
     return loaded, problems
 
 
-def prepare_data(project: Project) -> Splits:
-    """Validate the data files and build train/validation/test splits.
+def prepare_data(project: Project, progress: bool = False, augment_rows: bool = True) -> Splits:
+    """Validate, clean, split, decontaminate, check labels and augment the project's data.
+
+    Cleaning runs per file before splitting (so duplicates cannot straddle splits); held-out rows
+    are never augmented and training rows overlapping them are removed.
 
     Raises:
         DataError: for the first invalid row (all of them are listed in the error's details).
@@ -50,21 +57,47 @@ def prepare_data(project: Project) -> Splits:
     loaded, problems = check_data(project)
     raise_for_problems(problems, project.data.max_errors)
     data, task = project.data, project.task
-    key = (lambda e: e.target) if task.type == "classification" else (lambda e: "")
-    train = loaded["train"]
-    test = loaded.get("test")
-    if test is None:
-        fraction = data.test if isinstance(data.test, float) else 0.2
-        train, test = stratified_split(train, [key(e) for e in train], fraction, data.seed)
-    validation = loaded.get("validation")
-    if validation is None:
-        train, validation = stratified_split(train, [key(e) for e in train], float(data.validation), data.seed + 1)
-    splits = Splits(train, validation, test)
+    curation = Curation(data.clean, task.type, progress)
+    loaded = {role: curation.clean_rows(role, rows) for role, rows in loaded.items()}
+    train, validation, test = _split(loaded, project)
+    train = curation.decontaminate(train, validation + test)
+    validation = curation.decontaminate(validation, test, role="validation")
+    train = curation.label_noise(train)
+    splits = Splits(train, validation, test, curation=curation)
     _check_sizes(splits, data.train)
+    if augment_rows and data.augment.enabled:
+        splits.train = train + augment(train, data.augment, _paraphraser(project))
     if task.type == "classification":
         splits.labels = _label_set(splits, task.labels)
         splits.warnings += _label_warnings(splits)
     return splits
+
+
+def _split(loaded: dict[str, list[Example]], project: Project) -> tuple[list, list, list]:
+    """(train, validation, test): given files as they are, fractions carved from train."""
+    data, task = project.data, project.task
+    keys = (lambda rows: [e.target for e in rows]) if task.type == "classification" else (lambda rows: [""] * len(rows))
+
+    def carve(rows: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+        if data.group_field:
+            return group_split(rows, [e.group for e in rows], keys(rows), fraction, seed)
+        return stratified_split(rows, keys(rows), fraction, seed)
+
+    train, test = loaded["train"], loaded.get("test")
+    if test is None:
+        train, test = carve(train, data.test if isinstance(data.test, float) else 0.2, data.seed)
+    validation = loaded.get("validation")
+    if validation is None:
+        train, validation = carve(train, float(data.validation), data.seed + 1)
+    return train, validation, test
+
+
+def _paraphraser(project: Project):
+    def paraphrase(texts: list[str], n: int) -> list[list[str]]:
+        from tunesmith.data.paraphrase import paraphrase_with_model
+
+        return paraphrase_with_model(project.model, texts, n, seed=project.data.augment.seed)
+    return paraphrase
 
 
 def _check_sizes(splits: Splits, train_path: Path) -> None:
@@ -96,22 +129,26 @@ def _label_warnings(splits: Splits) -> list[str]:
 
 
 def data_report(splits: Splits) -> dict:
-    """Sizes, label distribution per split, text lengths, warnings."""
+    """Sizes, label distribution, lengths, diversity and groups per split, plus what curation did."""
     report: dict = {"splits": {}, "labels": splits.labels, "warnings": splits.warnings}
     for name, rows in splits.by_name().items():
-        lengths = sorted(len(e.input) for e in rows)
-        entry = {"rows": len(rows), "chars_median": lengths[len(lengths) // 2] if lengths else 0,
-                 "chars_max": lengths[-1] if lengths else 0}
-        if splits.labels is not None:
-            entry["label_counts"] = dict(sorted(Counter(e.target for e in rows).items()))
-        report["splits"][name] = entry
+        report["splits"][name] = split_profile(rows, splits.labels is not None)
+    if splits.curation is not None:
+        report["curation"] = splits.curation.report()
+        vectors = splits.curation.cached_vectors([e.input for e in splits.train if e.augmented is None])
+        if vectors is not None:
+            report["splits"]["train"]["embedding_spread"] = embedding_spread(vectors)
     return report
 
 
 def save_splits(splits: Splits, data_dir: Path) -> None:
-    """Write the curated splits and report.json under `data_dir`."""
+    """Write the curated splits, what curation removed, changed and suspects, and report.json."""
     for name, rows in splits.by_name().items():
         fsio.write_jsonl(data_dir / f"{name}.jsonl", [e.to_json() for e in rows])
+    curation = splits.curation
+    fsio.write_jsonl(data_dir / "removed.jsonl", curation.removed if curation else [])
+    fsio.write_jsonl(data_dir / "suspects.jsonl", curation.suspects if curation else [])
+    fsio.write_jsonl(data_dir / "changes.jsonl", curation.changes if curation else [])
     fsio.write_json(data_dir / "report.json", data_report(splits))
 
 

@@ -30,3 +30,42 @@ def stratified_split(items: Sequence[T], keys: Sequence[str], fraction: float, s
     rest = [it for i, it in enumerate(items) if i not in held]
     out = [it for i, it in enumerate(items) if i in held]
     return rest, out
+
+
+def group_split(items: Sequence[T], groups: Sequence[str], keys: Sequence[str], fraction: float,
+                seed: int) -> tuple[list[T], list[T]]:
+    """Split so that no group spans both parts, holding out about `fraction` of the items.
+
+    Groups are shuffled with the seed, then taken greedily into the held-out part, preferring
+    groups whose keys (labels) are still under-represented there, until it holds `fraction` of
+    the items. At least one group stays on each side when there are two or more.
+    """
+    members: dict[str, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        members[g].append(i)
+    names = sorted(members)
+    random.Random(seed).shuffle(names)
+    target = fraction * len(items)
+    want = {k: fraction * n for k, n in _counts(keys).items()}
+    held: set[int] = set()
+    have: dict[str, float] = defaultdict(float)
+    for name in names:
+        if len(held) >= target or len(held) + len(members[name]) >= len(items):
+            break
+        idx = members[name]
+        # Skip a group only when every one of its labels is already at its held-out share.
+        if held and all(have[keys[i]] >= want[keys[i]] for i in idx):
+            continue
+        held.update(idx)
+        for i in idx:
+            have[keys[i]] += 1
+    rest = [it for i, it in enumerate(items) if i not in held]
+    out = [it for i, it in enumerate(items) if i in held]
+    return rest, out
+
+
+def _counts(keys: Sequence[str]) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for k in keys:
+        counts[k] += 1
+    return counts

@@ -1,0 +1,56 @@
+"""Text normalisation for cleaning, and the normalised key that exact deduplication hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import re
+import unicodedata
+
+from tunesmith.config import NormalizeSettings
+
+_TAG = re.compile(r"<(?:/?[a-zA-Z][a-zA-Z0-9-]*(?:\s[^<>]*)?/?|!--.*?--)>", re.S)
+_ENTITY = re.compile(r"&(?:#\d+|#x[0-9a-fA-F]+|[a-zA-Z]+);")
+# C0/C1 control characters other than tab and newline, plus zero-width and bidi controls.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060\ufeff]")
+_SPACES = re.compile(r"[ \t\u00a0]+")
+_BLANK_LINES = re.compile(r"\n\s*\n\s*\n+")
+_PUNCT_SPACE = re.compile(r"[\W_]+", re.UNICODE)
+
+
+def normalize_text(text: str, cfg: NormalizeSettings) -> tuple[str, list[str]]:
+    """The cleaned text and the kinds of change made ("unicode", "control_chars", "html", "whitespace")."""
+    changes = []
+    steps = [("unicode", cfg.unicode, lambda t: unicodedata.normalize("NFKC", t)),
+             ("control_chars", cfg.control_chars, lambda t: _CONTROL.sub("", t)),
+             ("html", cfg.html, _strip_html),
+             ("whitespace", cfg.whitespace, _collapse_whitespace)]
+    for name, on, fn in steps:
+        if on:
+            new = fn(text)
+            if new != text:
+                changes.append(name)
+                text = new
+    return text, changes
+
+
+def _strip_html(text: str) -> str:
+    if "<" not in text and "&" not in text:
+        return text
+    text = _TAG.sub(" ", text) if _TAG.search(text) else text
+    return html.unescape(text) if _ENTITY.search(text) else text
+
+
+def _collapse_whitespace(text: str) -> str:
+    lines = [_SPACES.sub(" ", line).strip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
+    return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
+
+
+def dedup_text(text: str) -> str:
+    """Case, punctuation and spacing folded away: texts equal here are exact duplicates."""
+    return _PUNCT_SPACE.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+
+
+def dedup_key(text: str) -> bytes:
+    """A 12-byte digest of dedup_text (a million keys fit in a few tens of MB)."""
+    return hashlib.blake2b(dedup_text(text).encode("utf-8"), digest_size=12).digest()

@@ -1,0 +1,55 @@
+"""The data report: sizes, labels, lengths, diversity and group representation per split."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from tunesmith.data.examples import Example
+
+LENGTH_BINS = (0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def split_profile(rows: list[Example], with_labels: bool) -> dict:
+    """Size, length figures and histogram, label and group counts, lexical diversity of one split."""
+    lengths = sorted(len(e.input) for e in rows)
+    entry: dict = {"rows": len(rows), "augmented_rows": sum(e.augmented is not None for e in rows),
+                   "chars_median": lengths[len(lengths) // 2] if lengths else 0,
+                   "chars_max": lengths[-1] if lengths else 0,
+                   "chars_histogram": length_histogram(lengths), **lexical_diversity([e.input for e in rows])}
+    if with_labels:
+        entry["label_counts"] = dict(sorted(Counter(e.target for e in rows).items()))
+    groups = Counter(e.group for e in rows if e.group is not None)
+    if groups:
+        entry["group_counts"] = dict(sorted(groups.items()))
+        if with_labels:
+            entry["group_label_counts"] = {g: dict(sorted(Counter(e.target for e in rows if e.group == g).items()))
+                                           for g in sorted(groups)}
+    return entry
+
+
+def length_histogram(lengths: list[int]) -> dict[str, int]:
+    """Counts of texts per character-length bin, e.g. {"32-63": 120}."""
+    edges = list(LENGTH_BINS) + [max(lengths, default=0) + 1]
+    counts = np.histogram(lengths, bins=sorted(set(edges)))[0] if lengths else []
+    bins = sorted(set(edges))
+    return {f"{lo}-{hi - 1}": int(c) for lo, hi, c in zip(bins, bins[1:], counts) if c}
+
+
+def lexical_diversity(texts: list[str]) -> dict[str, float]:
+    """distinct-1 and distinct-2: distinct word unigrams / bigrams over all of them."""
+    words = [t.lower().split() for t in texts]
+    uni = [w for ws in words for w in ws]
+    bi = [pair for ws in words for pair in zip(ws, ws[1:])]
+    return {"distinct_1": round(len(set(uni)) / len(uni), 4) if uni else 0.0,
+            "distinct_2": round(len(set(bi)) / len(bi), 4) if bi else 0.0}
+
+
+def embedding_spread(vectors: np.ndarray) -> float:
+    """Mean cosine distance of the texts' embeddings from their centroid (0: all alike)."""
+    if len(vectors) == 0:
+        return 0.0
+    centroid = vectors.mean(axis=0)
+    centroid /= max(float(np.linalg.norm(centroid)), 1e-12)
+    return round(float(1.0 - (vectors @ centroid).mean()), 4)

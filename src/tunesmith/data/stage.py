@@ -1,0 +1,114 @@
+"""`tunesmith data check|clean|augment|split|report`: the data stage's commands, each returning the
+lines to print. Outputs go to a folder that appears complete or not at all."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from tunesmith import fsio
+from tunesmith.config import Project
+from tunesmith.data.examples import Example, raise_for_problems
+from tunesmith.data.prepare import Splits, check_data, data_report, prepare_data, save_splits
+
+# A text this many characters per token of task.max_length is almost surely truncated.
+CHARS_PER_TOKEN = 4
+IMBALANCE_RATIO = 10
+
+
+def check(project: Project) -> list[str]:
+    """Validate every row of every file (raises DataError listing all bad rows) and summarise."""
+    loaded, problems = check_data(project)
+    raise_for_problems(problems, project.data.max_errors)
+    lines = [f"{role}: {len(rows)} valid rows ({_file(project, role)})" for role, rows in loaded.items()]
+    rows = [e for group in loaded.values() for e in group]
+    lines += [f"warning: {w}" for w in check_warnings(project, loaded)]
+    if project.task.type == "classification":
+        counts = Counter(e.target for e in loaded["train"])
+        lines.append(f"labels: {len(counts)} in train; " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
+    lines.append(f"data OK: {len(rows)} rows")
+    return lines
+
+
+def check_warnings(project: Project, loaded: dict[str, list[Example]]) -> list[str]:
+    """Oversized texts, class imbalance, classes with too few examples, labels unseen in training."""
+    out = []
+    limit = project.task.max_length * CHARS_PER_TOKEN
+    long_rows = [e for rows in loaded.values() for e in rows if len(e.input) + len(e.target) > limit]
+    for e in long_rows[: project.data.max_errors]:
+        out.append(f"{e.file}:{e.line}: {len(e.input) + len(e.target)} characters, likely longer than "
+                   f"task.max_length ({project.task.max_length} tokens) and truncated")
+    if len(long_rows) > project.data.max_errors:
+        out.append(f"... and {len(long_rows) - project.data.max_errors} more oversized rows")
+    if project.task.type != "classification":
+        return out
+    counts = Counter(e.target for e in loaded["train"])
+    if counts and max(counts.values()) > IMBALANCE_RATIO * min(counts.values()):
+        (big, nb), (small, ns) = counts.most_common()[0], counts.most_common()[-1]
+        out.append(f"class imbalance: '{big}' has {nb} training rows, '{small}' {ns} (ratio > {IMBALANCE_RATIO})")
+    out += [f"label '{k}' has only {n} training rows (fewer than 5)" for k, n in sorted(counts.items()) if n < 5]
+    held = {e.target for role in ("validation", "test") for e in loaded.get(role, [])}
+    out += [f"label '{k}' appears in held-out files but never in train" for k in sorted(held - set(counts))]
+    return out
+
+
+def clean(project: Project, out: Path, progress: bool = True) -> list[str]:
+    """Clean and split; write the splits, removed.jsonl, suspects.jsonl, changes.jsonl, report.json."""
+    splits = prepare_data(project, progress=progress, augment_rows=False)
+    _write(splits, out)
+    return summary(splits, out)
+
+
+def augment_data(project: Project, out: Path, progress: bool = True) -> list[str]:
+    """Clean, split and augment the training split as data.augment says."""
+    splits = prepare_data(project, progress=progress, augment_rows=True)
+    _write(splits, out)
+    made = Counter(e.augmented.split(":")[0] for e in splits.train if e.augmented)
+    return summary(splits, out) + [f"augmented training rows: {sum(made.values())} "
+                                   f"({', '.join(f'{k} {v}' for k, v in sorted(made.items())) or 'none'})"]
+
+
+def split(project: Project, out: Path) -> list[str]:
+    """Split only (no cleaning): stratified, or group-aware with data.group_field."""
+    raw = project.model_copy(deep=True)
+    raw.data.clean.enabled = False
+    splits = prepare_data(raw, augment_rows=False)
+    _write(splits, out)
+    return [f"{name}: {len(rows)} rows" for name, rows in splits.by_name().items()] + [f"written to {out}"]
+
+
+def report(project: Project, out: Path | None, progress: bool = True) -> tuple[dict, list[str]]:
+    """The data report (what `run` writes to data/report.json), optionally saved as out/report.json."""
+    splits = prepare_data(project, progress=progress)
+    rep = data_report(splits)
+    if out is not None:
+        fsio.write_json(Path(out) / "report.json", rep)
+    return rep, summary(splits, out)
+
+
+def summary(splits: Splits, out: Path | None) -> list[str]:
+    lines = [f"{name}: {len(rows)} rows" for name, rows in splits.by_name().items()]
+    cur = splits.curation.report() if splits.curation else {}
+    removed = cur.get("removed_by_reason", {})
+    lines.append("removed: " + (", ".join(f"{k} {v}" for k, v in removed.items()) or "nothing"))
+    if cur.get("pii_found"):
+        lines.append("PII found: " + ", ".join(f"{k} {v}" for k, v in cur["pii_found"].items()))
+    if cur.get("conflicting_duplicates"):
+        lines.append(f"duplicates with conflicting labels: {len(cur['conflicting_duplicates'])} (see report.json)")
+    if cur.get("suspected_label_errors"):
+        lines.append(f"suspected label errors: {cur['suspected_label_errors']}"
+                     + (f" (see {Path(out) / 'suspects.jsonl'})" if out else ""))
+    lines += [f"warning: {w}" for w in splits.warnings]
+    if out is not None:
+        lines.append(f"written to {out}")
+    return lines
+
+
+def _write(splits: Splits, out: Path) -> None:
+    """Everything is computed before the first write; each file is written atomically (temp + rename),
+    and files already in `out` that tunesmith did not write are left alone."""
+    save_splits(splits, Path(out))
+
+
+def _file(project: Project, role: str) -> str:
+    return str(getattr(project.data, role))
