@@ -7,17 +7,22 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 
 def write_text(path: Path, text: str) -> None:
     """Write `text` to `path` through a temp file in the same folder and a rename."""
+    write_lines(path, [text])
+
+
+def write_lines(path: Path, pieces: Iterable[str]) -> None:
+    """Write the pieces in order, streamed, through a temp file in the same folder and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+            f.writelines(pieces)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
@@ -35,8 +40,9 @@ def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=_jsonable) + "\n")
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    write_text(path, "".join(json.dumps(r, ensure_ascii=False, default=_jsonable) + "\n" for r in rows))
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    """One JSON object per line, streamed (no whole-file string in memory)."""
+    write_lines(path, (json.dumps(r, ensure_ascii=False, default=_jsonable) + "\n" for r in rows))
 
 
 def read_json(path: Path) -> Any:

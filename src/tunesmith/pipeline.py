@@ -120,6 +120,9 @@ def exit_code(summary: dict) -> int:
 
 def _start(project: Project, splits: Splits, run_dir: Path, final: Path, progress: bool) -> None:
     if progress:
+        from tunesmith.data.stage import summary
+
         print(f"run directory: {final} (if interrupted: tunesmith train --resume {final})", file=sys.stderr)
+        print("data: " + "; ".join(summary(splits, None)), file=sys.stderr)
     fsio.write_text(run_dir / "config.yaml", dump_config(project))
     save_splits(splits, run_dir / "data")

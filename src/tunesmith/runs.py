@@ -12,6 +12,7 @@ from tunesmith import fsio
 
 # Files every completed `tunesmith run` leaves (see DESIGN.md, "Contracts").
 RUN_FILES = ("config.yaml", "data/train.jsonl", "data/validation.jsonl", "data/test.jsonl", "data/report.json",
+             "data/removed.jsonl", "data/suspects.jsonl", "data/changes.jsonl",
              "model/tunesmith.json", "model/prompt.json", "metrics.json", "predictions/test.jsonl",
              "train_log.jsonl", "report.html", "model_card.md", "summary.json")
 

@@ -19,6 +19,10 @@ from tunesmith.data.examples import Example
 from tunesmith.data.normalize import normalize_text
 
 
+# Conflicting-duplicate pairs listed in report.json (all are counted).
+MAX_LISTED = 1000
+
+
 @dataclass
 class Curation:
     """What cleaning did, row by row."""
@@ -116,7 +120,8 @@ class Curation:
         return {"steps": self.steps, "removed_by_reason": dict(sorted(removed.items())),
                 "changes_by_kind": dict(sorted(changed.items())), "pii_found": dict(sorted(self.pii_counts.items())),
                 "pii_not_checked": ["person names (no named-entity model available offline)"],
-                "suspected_label_errors": len(self.suspects), "conflicting_duplicates": self.conflicts}
+                "suspected_label_errors": len(self.suspects), "conflicting_duplicates_total": len(self.conflicts),
+                "conflicting_duplicates": self.conflicts[:MAX_LISTED]}
 
     # -- steps -----------------------------------------------------------------------------------
     def _step(self, role: str, name: str, rows: list[Example], fn) -> list[Example]:

@@ -19,6 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+_PERM_BLOCK = 16
+_PAIR_BLOCK = 65_536
+
+
 @dataclass(frozen=True)
 class Bands:
     """LSH banding: `bands` groups of `rows` signature slots; a pair sharing one group is a candidate."""
@@ -53,7 +57,7 @@ def hash_params(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def signatures(texts: list[str], num_perm: int = 128, ngram: int = 5, seed: int = 1,
-               chunk_shingles: int = 200_000) -> np.ndarray:
+               chunk_shingles: int = 500_000) -> np.ndarray:
     """MinHash signatures (N, num_perm) uint32 of `texts` (already normalised).
 
     Texts shorter than `ngram` bytes count as one shingle (their whole text).
@@ -88,11 +92,16 @@ def _chunk_signatures(texts: list[str], a: np.ndarray, b: np.ndarray, ngram: int
     for k in range(ngram):  # pack up to 8 bytes; longer n-grams fold in with a rotate
         x = (x << np.uint64(8)) | (x >> np.uint64(56)) if k >= 8 else x << np.uint64(8)
         x ^= buf[pos + k]
-    hashed = np.multiply(x[:, None], a[None, :])  # (S, P), wraps mod 2^64; in place below
-    hashed += b[None, :]
-    hashed >>= np.uint64(32)
     first = np.concatenate([[0], np.cumsum(n_shingles)[:-1]])
-    return np.minimum.reduceat(hashed, first, axis=0).astype(np.uint32)        # (N, P)
+    out = np.empty((len(a), len(texts)), dtype=np.uint32)                      # (P, N)
+    # A few hash functions at a time: (16, S) blocks stay in cache, and reducing along the
+    # contiguous axis is several times faster than over an (S, P) matrix.
+    for k in range(0, len(a), _PERM_BLOCK):
+        hashed = np.multiply(a[k:k + _PERM_BLOCK, None], x[None, :])        # (16, S), wraps mod 2^64
+        hashed += b[k:k + _PERM_BLOCK, None]
+        hashed >>= np.uint64(32)
+        out[k:k + _PERM_BLOCK] = np.minimum.reduceat(hashed.astype(np.uint32), first, axis=1)
+    return out.T                                                                # (N, P)
 
 
 def band_keys(sigs: np.ndarray, bands: Bands, seed: int = 7) -> np.ndarray:
@@ -123,12 +132,18 @@ def candidate_pairs(keys: np.ndarray) -> np.ndarray:
         pairs.append(np.stack([order[run_start[members]], order[members]], axis=1))
     if not pairs:
         return np.empty((0, 2), dtype=np.int64)
-    found = np.unique(np.sort(np.concatenate(pairs), axis=1), axis=0)
-    return found
+    both = np.sort(np.concatenate(pairs), axis=1)
+    n = np.int64(len(keys))
+    # One int64 per pair makes the de-duplication a 1-D unique (far less memory than axis=0).
+    codes = np.unique(both[:, 0].astype(np.int64) * n + both[:, 1])
+    return np.stack([codes // n, codes % n], axis=1)
 
 
 def estimated_jaccard(sigs: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     """Share of equal signature slots per pair (an unbiased Jaccard estimate)."""
-    if len(pairs) == 0:
-        return np.empty(0)
-    return (sigs[pairs[:, 0]] == sigs[pairs[:, 1]]).mean(axis=1)
+    out = np.empty(len(pairs))
+    # In blocks: gathering both signatures of millions of pairs at once would take gigabytes.
+    for start in range(0, len(pairs), _PAIR_BLOCK):
+        block = pairs[start:start + _PAIR_BLOCK]
+        out[start:start + len(block)] = (sigs[block[:, 0]] == sigs[block[:, 1]]).mean(axis=1)
+    return out

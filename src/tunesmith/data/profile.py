@@ -30,11 +30,11 @@ def split_profile(rows: list[Example], with_labels: bool) -> dict:
 
 
 def length_histogram(lengths: list[int]) -> dict[str, int]:
-    """Counts of texts per character-length bin, e.g. {"32-63": 120}."""
-    edges = list(LENGTH_BINS) + [max(lengths, default=0) + 1]
-    counts = np.histogram(lengths, bins=sorted(set(edges)))[0] if lengths else []
-    bins = sorted(set(edges))
-    return {f"{lo}-{hi - 1}": int(c) for lo, hi, c in zip(bins, bins[1:], counts) if c}
+    """Counts of texts per character-length bin, e.g. {"32-63": 120}; empty bins are left out."""
+    which = np.searchsorted(LENGTH_BINS, lengths, side="right") - 1
+    counts = np.bincount(which, minlength=len(LENGTH_BINS)) if len(lengths) else np.zeros(len(LENGTH_BINS), int)
+    names = [f"{lo}-{hi - 1}" for lo, hi in zip(LENGTH_BINS, LENGTH_BINS[1:])] + [f"{LENGTH_BINS[-1]}+"]
+    return {name: int(c) for name, c in zip(names, counts) if c}
 
 
 def lexical_diversity(texts: list[str]) -> dict[str, float]:

@@ -82,8 +82,11 @@ def report(project: Project, out: Path | None, progress: bool = True) -> tuple[d
     splits = prepare_data(project, progress=progress)
     rep = data_report(splits)
     if out is not None:
+        from tunesmith.report.data_section import data_page
+
         fsio.write_json(Path(out) / "report.json", rep)
-    return rep, summary(splits, out)
+        fsio.write_text(Path(out) / "report.html", data_page(rep, f"tunesmith data report: {project.name}"))
+    return rep, summary(splits, None) + ([f"report written to {out}"] if out is not None else [])
 
 
 def summary(splits: Splits, out: Path | None) -> list[str]:
@@ -93,8 +96,9 @@ def summary(splits: Splits, out: Path | None) -> list[str]:
     lines.append("removed: " + (", ".join(f"{k} {v}" for k, v in removed.items()) or "nothing"))
     if cur.get("pii_found"):
         lines.append("PII found: " + ", ".join(f"{k} {v}" for k, v in cur["pii_found"].items()))
-    if cur.get("conflicting_duplicates"):
-        lines.append(f"duplicates with conflicting labels: {len(cur['conflicting_duplicates'])} (see report.json)")
+    if cur.get("conflicting_duplicates_total"):
+        lines.append(f"similar rows with different labels: {cur['conflicting_duplicates_total']} pairs, kept "
+                     "(see report.json)")
     if cur.get("suspected_label_errors"):
         lines.append(f"suspected label errors: {cur['suspected_label_errors']}"
                      + (f" (see {Path(out) / 'suspects.jsonl'})" if out else ""))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tunesmith import fsio
 from tunesmith.report import plots
+from tunesmith.report.data_section import data_section
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222;padding:0 1em}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
@@ -22,7 +23,7 @@ def report_stage(run_dir: Path) -> Path:
     data = fsio.read_json(run_dir / "data" / "report.json")
     log = _read_log(run_dir / "train_log.jsonl")
     body = [_header(summary), _verdict(summary["objective"]), _metrics_table(metrics), _plots(metrics, log, summary),
-            _data_section(data), _watch_section(summary.get("training", {}), metrics.get("forgetting")),
+            data_section(data), _watch_section(summary.get("training", {}), metrics.get("forgetting")),
             _search_section(run_dir, summary["objective_metric"]), _train_section(metrics.get("train", {}))]
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>tunesmith: {html.escape(summary['name'])}"
             f"</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>")
@@ -74,14 +75,6 @@ def _plots(metrics: dict, log: list[dict], summary: dict) -> str:
         for which in ("baseline", "finetuned"):
             out.append(_img(plots.confusion(cm[which], cm["labels"], which), f"confusion matrix {which}"))
     return "".join(out)
-
-
-def _data_section(data: dict) -> str:
-    rows = "".join(f"<tr><td>{name}</td><td>{s['rows']}</td><td>{s['chars_median']}</td></tr>"
-                   for name, s in data["splits"].items())
-    warns = "".join(f"<li class='warn'>{html.escape(w)}</li>" for w in data.get("warnings", []))
-    return (f"<h2>Data</h2><table><tr><th>split</th><th>rows</th><th>median chars</th></tr>{rows}</table>"
-            + (f"<ul>{warns}</ul>" if warns else ""))
 
 
 def _watch_section(training: dict, forgetting: dict | None) -> str:

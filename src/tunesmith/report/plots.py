@@ -69,3 +69,34 @@ def metric_bars(baseline: dict, finetuned: dict, names: list[str]) -> str:
     ax.legend()
     ax.set_title("Test metrics")
     return _png(fig)
+
+
+def data_profile(splits: dict) -> str:
+    """Label distribution (when labels exist) and text-length histogram per split, side by side."""
+    with_labels = any("label_counts" in s for s in splits.values())
+    fig, axes = plt.subplots(1, 2 if with_labels else 1, figsize=(11 if with_labels else 6, 3.6))
+    axes = list(axes) if with_labels else [axes]
+    bins = sorted({b for s in splits.values() for b in s.get("chars_histogram", {})},
+                  key=lambda b: int(b.split("-")[0].rstrip("+")))
+    width = 0.8 / max(1, len(splits))
+    for k, (name, s) in enumerate(splits.items()):
+        total = max(1, s["rows"])
+        hist = s.get("chars_histogram", {})
+        axes[-1].bar([i + k * width for i in range(len(bins))], [hist.get(b, 0) / total for b in bins],
+                     width=width, label=name)
+    axes[-1].set_xticks([i + 0.4 - width / 2 for i in range(len(bins))])
+    axes[-1].set_xticklabels(bins, rotation=45, fontsize=7)
+    axes[-1].set(xlabel="characters", ylabel="share of rows", title="Input length")
+    axes[-1].legend(fontsize=7)
+    if with_labels:
+        labels = sorted({lab for s in splits.values() for lab in s.get("label_counts", {})})
+        for k, (name, s) in enumerate(splits.items()):
+            total = max(1, s["rows"])
+            counts = s.get("label_counts", {})
+            axes[0].bar([i + k * width for i in range(len(labels))], [counts.get(lab, 0) / total for lab in labels],
+                        width=width, label=name)
+        axes[0].set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
+        axes[0].set_xticklabels(labels, rotation=90, fontsize=6 if len(labels) > 20 else 7)
+        axes[0].set(ylabel="share of rows", title="Labels")
+        axes[0].legend(fontsize=7)
+    return _png(fig)

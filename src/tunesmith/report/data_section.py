@@ -1,0 +1,63 @@
+"""The data section of report.html (also a page of its own for `tunesmith data report`)."""
+
+from __future__ import annotations
+
+import html
+
+from tunesmith.report import plots
+
+
+def data_section(data: dict) -> str:
+    """Splits, what curation did step by step, PII, suspects, groups, and the profile plots."""
+    parts = ["<h2>Data</h2>", _splits_table(data["splits"]),
+             f"<p><img alt='data profile' src='data:image/png;base64,{plots.data_profile(data['splits'])}'></p>"]
+    cur = data.get("curation")
+    if cur:
+        parts.append(_curation(cur))
+    parts.append(_groups(data["splits"]))
+    warns = "".join(f"<li class='warn'>{html.escape(w)}</li>" for w in data.get("warnings", []))
+    if warns:
+        parts.append(f"<ul>{warns}</ul>")
+    return "".join(parts)
+
+
+def _splits_table(splits: dict) -> str:
+    cols = ("rows", "augmented_rows", "chars_median", "chars_max", "distinct_1", "distinct_2", "embedding_spread")
+    head = "".join(f"<th>{c.replace('_', ' ')}</th>" for c in cols)
+    body = "".join(f"<tr><td>{name}</td>" + "".join(f"<td>{s.get(c, '')}</td>" for c in cols) + "</tr>"
+                   for name, s in splits.items())
+    return f"<table><tr><th>split</th>{head}</tr>{body}</table>"
+
+
+def _curation(cur: dict) -> str:
+    steps = "".join(f"<tr><td>{s['split']}</td><td>{s['step']}</td><td>{s['rows_in']}</td><td>{s['rows_out']}</td>"
+                    f"<td>{s['rows_in'] - s['rows_out']}</td><td>{s['rows_changed']}</td></tr>" for s in cur["steps"])
+    items = [f"<li>removed: {_counts(cur['removed_by_reason']) or 'nothing'} (every row in data/removed.jsonl)</li>",
+             f"<li>changed: {_counts(cur['changes_by_kind']) or 'nothing'} (data/changes.jsonl)</li>",
+             f"<li>PII found: {_counts(cur['pii_found']) or 'none'}; not checked: "
+             f"{html.escape(', '.join(cur.get('pii_not_checked', [])))}</li>",
+             f"<li>suspected label errors: {cur['suspected_label_errors']} (data/suspects.jsonl, most suspect first)</li>",
+             f"<li>similar rows with different labels, kept: {cur.get('conflicting_duplicates_total', 0)}</li>"]
+    return ("<h3>Curation</h3><table><tr><th>split</th><th>step</th><th>rows in</th><th>rows out</th><th>removed</th>"
+            f"<th>changed</th></tr>{steps}</table><ul>{''.join(items)}</ul>")
+
+
+def _groups(splits: dict) -> str:
+    groups = sorted({g for s in splits.values() for g in s.get("group_counts", {})})
+    if not groups:
+        return ""
+    head = "".join(f"<th>{html.escape(name)}</th>" for name in splits)
+    body = "".join(f"<tr><td>{html.escape(g)}</td>" + "".join(
+        f"<td>{s.get('group_counts', {}).get(g, 0)}</td>" for s in splits.values()) + "</tr>" for g in groups)
+    return f"<h3>Representation per group</h3><table><tr><th>group</th>{head}</tr>{body}</table>"
+
+
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{html.escape(str(k))} {v}" for k, v in counts.items())
+
+
+def data_page(data: dict, title: str) -> str:
+    from tunesmith.report.build import CSS
+
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{data_section(data)}</body></html>")

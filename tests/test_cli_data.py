@@ -1,0 +1,116 @@
+"""`tunesmith data check|clean|augment|split|report` through the real CLI."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from conftest import PROJECT, make_texts, write_jsonl
+from tunesmith.cli import app
+
+runner = CliRunner()
+
+
+def _jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _project(tmp_path, tiny_model, rows: list[dict], data_extra: str = "") -> str:
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "test.jsonl", make_texts(9, 2))
+    text = PROJECT.format(model=tiny_model, method="lora").replace("  validation: 0.2\n",
+                                                                   "  validation: 0.2\n" + data_extra)
+    (tmp_path / "project.yaml").write_text(text, encoding="utf-8")
+    return str(tmp_path / "project.yaml")
+
+
+def test_clean_writes_splits_removed_suspects_changes_and_report(tmp_path, tiny_model):
+    rows = make_texts(40, 1)
+    test_rows = make_texts(9, 2)
+    rows += [dict(rows[0]), {"text": rows[1]["text"].upper() + "!", "label": rows[1]["label"]},
+             {"text": rows[2]["text"] + " mail me at a.b@example.org", "label": rows[2]["label"]},
+             dict(test_rows[0])]
+    config = _project(tmp_path, tiny_model, rows, "  clean:\n    near_dedup: {enabled: false}\n")
+    out = tmp_path / "clean"
+    result = runner.invoke(app, ["data", "clean", config, "--out", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    for name in ("train.jsonl", "validation.jsonl", "test.jsonl", "removed.jsonl", "suspects.jsonl",
+                 "changes.jsonl", "report.json"):
+        assert (out / name).is_file(), name
+    removed = _jsonl(out / "removed.jsonl")
+    by_line = {r["line"]: r for r in removed}
+    assert by_line[41]["reason"] == "exact_duplicate" and by_line[41]["duplicate_of"]["line"] == 1
+    assert by_line[42]["reason"] == "exact_duplicate" and by_line[42]["duplicate_of"]["line"] == 2
+    assert by_line[44]["reason"] == "test_overlap" and by_line[44]["text"] == test_rows[0]["text"]
+    assert all(r["file"].endswith("train.jsonl") and "label" in r for r in removed)
+    kept = _jsonl(out / "train.jsonl") + _jsonl(out / "validation.jsonl")
+    assert any(e["input"].endswith("mail me at [EMAIL]") for e in kept)
+    report = json.loads((out / "report.json").read_text())
+    assert report["curation"]["pii_found"] == {"email": 1}
+    assert report["curation"]["removed_by_reason"] == {"exact_duplicate": 2, "test_overlap": 1}
+    train_profile = report["splits"]["train"]
+    assert train_profile["rows"] == len(_jsonl(out / "train.jsonl"))
+    assert {"chars_histogram", "distinct_1", "distinct_2", "label_counts", "embedding_spread"} <= set(train_profile)
+    assert "removed: exact_duplicate 2, test_overlap 1" in result.stdout
+
+
+def test_clean_of_bad_data_exits_2_and_writes_nothing(tmp_path, tiny_model):
+    config = _project(tmp_path, tiny_model, make_texts(20, 1))
+    with open(tmp_path / "train.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"text": "no label here"}\n')
+    result = runner.invoke(app, ["data", "clean", config, "--out", str(tmp_path / "clean")])
+    assert result.exit_code == 2 and f"{tmp_path / 'train.jsonl'}:21" in result.stderr
+    assert not (tmp_path / "clean").exists()
+
+
+def test_check_warns_about_imbalance_and_rare_classes(tmp_path, tiny_model):
+    rows = [r for r in make_texts(90, 1) if r["label"] != "gamma"] + [r for r in make_texts(9, 1)
+                                                                     if r["label"] == "gamma"][:2]
+    config = _project(tmp_path, tiny_model, rows)
+    result = runner.invoke(app, ["data", "check", config])
+    assert result.exit_code == 0, result.output
+    assert "class imbalance" in result.stdout and "label 'gamma' has only 2 training rows" in result.stdout
+
+
+def test_group_split_keeps_each_group_in_one_split(tmp_path, tiny_model):
+    rows = [dict(r, user=f"u{i // 3}") for i, r in enumerate(make_texts(60, 1))]
+    config = _project(tmp_path, tiny_model, rows, "  group_field: user\n")
+    text = open(config).read().replace("  test: test.jsonl\n", "  test: 0.2\n")
+    open(config, "w").write(text)
+    out = tmp_path / "split"
+    result = runner.invoke(app, ["data", "split", config, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    groups = {name: {e["group"] for e in _jsonl(out / f"{name}.jsonl")} for name in ("train", "validation", "test")}
+    assert all(groups[name] for name in groups)
+    assert not groups["train"] & groups["test"] and not groups["train"] & groups["validation"]
+    assert not groups["validation"] & groups["test"]
+    assert sum(len(_jsonl(out / f"{n}.jsonl")) for n in groups) == 60
+
+
+def test_augment_adds_marked_rows_to_train_only(tmp_path, tiny_model):
+    augment = "  augment: {enabled: true, eda: 1, char_noise: 1, paraphrases: 1}\n"
+    config = _project(tmp_path, tiny_model, make_texts(30, 1), augment)
+    out = tmp_path / "aug"
+    result = runner.invoke(app, ["data", "augment", config, "--out", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    train = _jsonl(out / "train.jsonl")
+    made = [e for e in train if "augmented" in e]
+    assert {e["augmented"].split(":")[0] for e in made} >= {"eda", "char_noise"}
+    assert len(made) >= len(train) - len(made)
+    for name in ("validation", "test"):
+        assert not any("augmented" in e for e in _jsonl(out / f"{name}.jsonl"))
+    report = json.loads((out / "report.json").read_text())
+    assert report["splits"]["train"]["augmented_rows"] == len(made)
+    assert "augmented training rows:" in result.stdout
+
+
+def test_report_command_writes_report_json(tmp_path, tiny_model):
+    config = _project(tmp_path, tiny_model, make_texts(30, 1))
+    result = runner.invoke(app, ["data", "report", config, "--out", str(tmp_path / "rep"), "-q"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert "<h3>Curation</h3>" in page and "data:image/png;base64," in page
+    assert [s["step"] for s in report["curation"]["steps"] if s["split"] == "train"][:3] == [
+        "normalize", "length", "exact_dedup"]

@@ -1,0 +1,186 @@
+"""Unit tests of each curation step: normalisation, PII, MinHash, deduplication, decontamination,
+label noise, splits and augmentation."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from tunesmith.config import AugmentConfig, CleanConfig, NormalizeSettings
+from tunesmith.data import minhash
+from tunesmith.data.augment import augment, char_noise, eda, oversample
+from tunesmith.data.clean import Curation
+from tunesmith.data.decontaminate import contaminated
+from tunesmith.data.dedup import exact_duplicates, near_duplicates, semantic_duplicates
+from tunesmith.data.examples import Example
+from tunesmith.data.normalize import dedup_text, normalize_text
+from tunesmith.data.pii import find_pii, iban_ok, luhn_ok, redact
+from tunesmith.data.profile import length_histogram, lexical_diversity
+from tunesmith.data.split import group_split
+
+
+def test_normalize_reports_each_kind_of_change():
+    text, changes = normalize_text("<p>Caf\u0065\u0301 &amp; bar</p>\x07  \u200bok\t\tthere  ", NormalizeSettings())
+    assert text == "Café & bar ok there"
+    assert changes == ["unicode", "control_chars", "html", "whitespace"]
+    assert normalize_text("plain text", NormalizeSettings()) == ("plain text", [])
+    assert normalize_text("a < b and c > d", NormalizeSettings())[0] == "a < b and c > d"  # not a tag
+
+
+def test_dedup_text_folds_case_punctuation_and_spacing():
+    assert dedup_text("  Where is MY card?! ") == dedup_text("where is my card") == "where is my card"
+
+
+@pytest.mark.parametrize("text,kinds", [
+    ("write to anna.b@example.org today", ["email"]),
+    ("card 4111 1111 1111 1111 please", ["card"]),
+    ("card 4111 1111 1111 1112 please", []),                  # fails the Luhn check
+    ("IBAN GB82 WEST 1234 5698 7654 32", ["iban"]),
+    ("IBAN GB83 WEST 1234 5698 7654 32", ["phone"]),          # fails mod 97 (its digit run reads as a phone)
+    ("from 192.168.0.12 and 2001:0db8:0000:0000:0000:ff00:0042:8329", ["ip", "ip"]),
+    ("version 999.1.2.3 is not an address", []),
+    ("call +44 20 7946 0958 or 555-123-4567", ["phone", "phone"]),
+    ("paid 300 on 2024-01-15 for order 12", []),
+])
+def test_pii_kinds_and_checksums(text, kinds):
+    assert [f.kind for f in find_pii(text)] == kinds
+
+
+def test_redact_replaces_each_finding_with_its_kind():
+    text = "mail a@b.co, card 4111-1111-1111-1111"
+    assert redact(text, find_pii(text)) == "mail [EMAIL], card [CARD]"
+    assert luhn_ok("79927398713") is False and luhn_ok("4111111111111111")
+    assert iban_ok("DE89370400440532013000")
+
+
+def test_minhash_estimates_jaccard():
+    rng = random.Random(0)
+    words = [" ".join(rng.choice("abcdefghij") * rng.randint(1, 4) for _ in range(30)) for _ in range(20)]
+    sigs = minhash.signatures(words, num_perm=256, ngram=3)
+    for i in range(0, 20, 2):
+        a, b = words[i], words[i + 1]
+        sa, sb = {a[k:k + 3] for k in range(len(a) - 2)}, {b[k:k + 3] for k in range(len(b) - 2)}
+        true = len(sa & sb) / len(sa | sb)
+        estimate = float((sigs[i] == sigs[i + 1]).mean())
+        assert abs(estimate - true) < 0.12
+
+
+def test_minhash_is_deterministic_and_chunking_does_not_change_it():
+    texts = [f"text number {i} about cards" for i in range(50)]
+    whole = minhash.signatures(texts, ngram=4)
+    assert np.array_equal(whole, minhash.signatures(texts, ngram=4, chunk_shingles=30))
+    assert minhash.signatures(["ab"], ngram=5).shape == (1, 128)   # shorter than one shingle
+
+
+def test_lsh_bands_put_the_step_near_the_threshold():
+    for threshold in (0.5, 0.7, 0.9):
+        bands = minhash.lsh_bands(threshold, 128)
+        assert bands.bands * bands.rows <= 128
+        step = (1 / bands.bands) ** (1 / bands.rows)  # where the S-curve rises fastest
+        assert abs(step - threshold) < 0.12
+
+
+def test_exact_and_near_duplicates_keep_the_first_row():
+    texts = ["Where is my card?", "where is my card", "My card has not arrived yet, where is it?",
+             "My card has not arived yet, where is it?", "How do I change my PIN?"]
+    assert [(d.index, d.of) for d in exact_duplicates(texts)] == [(1, 0)]
+    near = near_duplicates(texts, threshold=0.7, ngram=3, skip={1})
+    assert [(d.index, d.of, d.kind) for d in near] == [(3, 2, "near_duplicate")]
+    assert near[0].similarity >= 0.7
+
+
+def test_semantic_duplicates_cluster_on_cosine():
+    v = np.array([[1, 0, 0], [0.999, 0.04, 0], [0, 1, 0], [0, 0.99, 0.14]], dtype=np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    found = semantic_duplicates(v, threshold=0.98, rows=[10, 11, 12, 13])
+    assert [(d.index, d.of) for d in found] == [(11, 10), (13, 12)]
+
+
+def test_decontamination_finds_copies_and_long_overlaps():
+    held = ["How do I reset my PIN at an ATM?",
+            "the quick brown fox jumps over the lazy dog near the river bank today"]
+    train = ["how do I reset my PIN at an atm", "something else entirely",
+             "yesterday the quick brown fox jumps over the lazy dog near the river bank",
+             "the quick brown fox"]
+    found = contaminated(train, held, ngram=8, min_overlap=0.5)
+    assert [(c.index, c.held_out) for c in found] == [(0, 0), (2, 1)]
+
+
+def _ex(text: str, label: str, line: int, group: str | None = None) -> Example:
+    return Example(text, label, f"train.csv:{line}", group=group, file="train.csv", line=line,
+                   record={"text": text, "label": label})
+
+
+def test_curation_logs_every_removal_with_file_line_and_reason():
+    rows = [_ex("Where is my card?", "card", 2), _ex("WHERE is my card", "card", 3),
+            _ex("Where is my card?", "pin", 4), _ex("reset pin please, mail x@y.org", "pin", 5),
+            _ex("<b>new</b>   card", "card", 6)]
+    cfg = CleanConfig(near_dedup={"enabled": False}, label_noise={"enabled": False})
+    cur = Curation(cfg)
+    kept = cur.clean_rows("train", rows)
+    assert [e.line for e in kept] == [2, 5, 6]
+    removed = {(r["line"], r["reason"]) for r in cur.removed}
+    assert removed == {(3, "exact_duplicate"), (4, "exact_duplicate_conflicting_label")}
+    assert all(r["file"] == "train.csv" and "text" in r for r in cur.removed)
+    assert kept[1].input == "reset pin please, mail [EMAIL]" and kept[2].input == "new card"
+    assert cur.pii_counts == {"email": 1}
+    assert {c["line"]: c["changes"] for c in cur.changes} == {5: ["pii:email"], 6: ["html", "whitespace"]}
+    assert cur.conflicts and cur.conflicts[0]["rows"][1]["label"] == "pin"
+    report = cur.report()
+    assert report["removed_by_reason"] == {"exact_duplicate": 1, "exact_duplicate_conflicting_label": 1}
+
+
+def test_similar_rows_with_different_labels_are_kept_and_reported():
+    rows = [_ex("I cannot find my card anywhere", "lost_card", 2), _ex("I cannot find my code anywhere", "pin", 3)]
+    cfg = CleanConfig(near_dedup={"threshold": 0.5}, label_noise={"enabled": False})
+    cur = Curation(cfg)
+    assert len(cur.clean_rows("train", rows)) == 2
+    assert cur.conflicts[0]["kind"] == "near_duplicate"
+
+
+def test_label_noise_ranks_flipped_rows_first():
+    from tunesmith.data.label_noise import find_suspects
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(3, 16)) * 4
+    y = [i % 3 for i in range(150)]
+    x = np.stack([centers[k] + rng.normal(size=16) for k in y])
+    labels = [f"c{k}" for k in y]
+    flipped = [5, 50, 100]
+    for i in flipped:
+        labels[i] = f"c{(y[i] + 1) % 3}"
+    suspects = find_suspects(x, labels, folds=5)
+    assert {s.index for s in suspects[:3]} == set(flipped)
+    assert all(s.suggested == f"c{y[s.index]}" for s in suspects[:3])
+
+
+def test_group_split_never_splits_a_group():
+    groups = [f"user{i // 4}" for i in range(200)]
+    labels = [str(i % 3) for i in range(200)]
+    rest, held = group_split(list(range(200)), groups, labels, 0.2, seed=1)
+    assert not {groups[i] for i in rest} & {groups[i] for i in held}
+    assert 30 <= len(held) <= 50 and len(rest) + len(held) == 200
+
+
+def test_augmentation_marks_rows_and_keeps_labels():
+    train = [_ex("my card was declined at the shop today", "declined", 2),
+             _ex("how do I change my pin number", "pin", 3), _ex("change pin", "pin", 4)]
+    cfg = AugmentConfig(enabled=True, eda=2, char_noise=1, oversample_to=3)
+    new = augment(train, cfg)
+    kinds = {e.augmented.split(":")[0] for e in new}
+    assert kinds == {"eda", "char_noise", "oversample"}
+    assert all(e.record is None for e in new)
+    by_source = {e.source: e.target for e in train}
+    assert all(by_source[e.source] == e.target for e in new)
+    assert sum(e.augmented == "oversample" for e in new) == 3  # 'declined' 1 -> 3, 'pin' 2 -> 3
+    rng = random.Random(0)
+    assert eda("one two three four five six", 0.2, rng) != "one two three four five six"
+    assert char_noise("abcdefghij", 0.2, rng) != "abcdefghij"
+    assert oversample(train, 1, rng) == []
+
+
+def test_profile_figures():
+    assert length_histogram([3, 20, 40, 41, 5000]) == {"0-15": 1, "16-31": 1, "32-63": 2, "4096+": 1}
+    assert lexical_diversity(["a b", "a c"]) == {"distinct_1": 0.75, "distinct_2": 1.0}
