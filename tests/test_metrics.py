@@ -41,3 +41,36 @@ def test_objective_verdict():
     assert not by_name["latency_p95_ms"]["met"] and by_name["f1_macro"]["met"]
     assert verdict["met"] is False
     assert judge(ObjectiveConfig(metric="accuracy", target=0.9), {}, {})["met"] is False  # unmeasured fails
+
+
+def test_f1_micro_equals_accuracy_inside_the_label_set_and_drops_outside():
+    from tunesmith.evaluate.metrics import accuracy, f1_micro
+
+    golds, preds = ["a", "b", "a", "c"], ["a", "a", "a", "c"]
+    assert f1_micro(golds, preds) == pytest.approx(accuracy(golds, preds))
+    # An answer outside the labels counts against recall but not precision.
+    assert f1_micro(["a", "b"], ["a", "zzz"]) == pytest.approx(2 * 1.0 * 0.5 / 1.5)
+
+
+def test_expected_calibration_error_by_hand():
+    from tunesmith.evaluate.metrics import expected_calibration_error
+
+    correct = [True, False, True, True]
+    confidences = [0.95, 0.9, 0.55, 0.6]
+    out = expected_calibration_error(correct, confidences, bins=10)
+    # bin (0.9, 1.0]: 1 of 1 right at 0.95; bin (0.8, 0.9]: 0 of 1 at 0.9; bins 0.5-0.6: right at 0.55, 0.6
+    expected = (abs(1 - 0.95) + abs(0 - 0.9) + abs(1 - 0.55) + abs(1 - 0.6)) / 4
+    assert out["ece"] == pytest.approx(expected, abs=1e-6)
+    assert sum(b["count"] for b in out["bins"]) == 4
+
+
+def test_bleu_and_chrf_are_sacrebleu_on_a_unit_scale():
+    import sacrebleu
+
+    from tunesmith.evaluate.metrics import compute_metrics
+
+    golds = ["the cat sat on the mat", "a dog barked at night"]
+    preds = ["the cat sat on a mat", "the dog barked at night"]
+    figures = compute_metrics("generation", golds, preds)
+    assert figures["bleu"] == pytest.approx(sacrebleu.corpus_bleu(preds, [golds]).score / 100, abs=1e-6)
+    assert figures["chrf"] == pytest.approx(sacrebleu.corpus_chrf(preds, [golds]).score / 100, abs=1e-6)

@@ -17,6 +17,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="tunesmith: fine-tune a language model against a declared, measured objective.")
 data_app = typer.Typer(no_args_is_help=True, help="Check and prepare datasets.")
 app.add_typer(data_app, name="data")
+human_app = typer.Typer(no_args_is_help=True, help="Human A/B evaluation: export blinded pairs, import ratings.")
+app.add_typer(human_app, name="human")
 
 DEBUG = typer.Option(False, "--debug", help="Show the Python traceback on errors.")
 OUT = typer.Option(None, "--out", help="Run directory to create (default: runs/<name>/<run-id>/ beside the config).")
@@ -74,6 +76,10 @@ def _print_summary(summary: dict) -> None:
     base, tuned = summary["metrics"]["baseline"], summary["metrics"]["finetuned"]
     metric = summary["objective_metric"]
     print(f"  {metric}: baseline {base.get(metric, float('nan')):.4f} -> fine-tuned {tuned.get(metric, float('nan')):.4f}")
+    gain = summary.get("comparison", {}).get(metric)
+    if gain:
+        print(f"  gain {gain['diff']:+.4f}, 95% CI [{gain['ci_low']:+.4f}, {gain['ci_high']:+.4f}], "
+              f"{gain['test']} p = {gain['p_value']:.3g}")
     print(f"run directory: {summary['run_dir']}")
     print(f"report: {summary['report']}")
 
@@ -198,6 +204,48 @@ def data_report_command(config: Path = typer.Argument(..., help="project.yaml"),
     from tunesmith.data import stage
 
     _data_command(config, debug, quiet, lambda project, progress: stage.report(project, out, progress)[1])
+
+
+@human_app.command("export")
+def human_export(run_dir: Path = typer.Argument(..., help="an evaluated run directory"),
+                 against: Optional[Path] = typer.Option(None, "--against", help="compare with this run instead of "
+                                                        "the baseline"),
+                 out: Optional[Path] = typer.Option(None, "--out", help="folder (default RUN_DIR/human)"),
+                 n: Optional[int] = typer.Option(None, "--n", help="at most this many pairs"),
+                 seed: int = typer.Option(0, "--seed"), debug: bool = DEBUG) -> None:
+    """Write blinded, shuffled A/B pairs as pairs.csv and a rating form (form.html), plus key.json."""
+    def go() -> int:
+        from tunesmith.evaluate.human import export_pairs
+
+        folder = export_pairs(run_dir, out or Path(run_dir) / "human", against, n, seed)
+        print(f"pairs: {folder / 'pairs.csv'}\nform: {folder / 'form.html'} (send to raters)\n"
+              f"key: {folder / 'key.json'} (keep; needed to import ratings)")
+        return 0
+    _guarded(debug, go)
+
+
+@human_app.command("import")
+def human_import(ratings: list[Path] = typer.Argument(..., help="one ratings CSV per rater"),
+                 key: Path = typer.Option(..., "--key", help="key.json written by `human export`"),
+                 debug: bool = DEBUG) -> None:
+    """Win/tie/loss rates with 95% intervals and inter-rater agreement; writes results.json beside the key."""
+    def go() -> int:
+        from tunesmith import fsio
+        from tunesmith.evaluate.human import import_ratings
+
+        result = import_ratings(key, ratings)
+        fsio.write_json(Path(key).parent / "results.json", result)
+        pooled = result["pooled"]
+        print(f"{result['one']} vs {result['two']}: {pooled['ratings']} ratings by {result['raters']} rater(s)")
+        for o in ("win", "tie", "loss"):
+            r = pooled[o]
+            print(f"  {o}: {r['rate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] ({r['count']})")
+        agree = result["agreement"]
+        if agree.get("value") is not None:
+            print(f"  agreement: {agree['statistic']} {agree['value']:.3f} on {agree['pairs']} pairs")
+        print(f"results: {Path(key).parent / 'results.json'}")
+        return 0
+    _guarded(debug, go)
 
 
 def main() -> None:

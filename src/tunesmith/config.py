@@ -139,6 +139,8 @@ class ObjectiveConfig(_Strict):
     metric: str = "accuracy"
     target: float | None = None
     min_gain: float | None = None
+    # estimate: the measured gain must reach min_gain; ci_low: the lower end of its 95% interval must.
+    min_gain_on: Literal["estimate", "ci_low"] = "estimate"
     constraints: dict[str, Bound] = Field(default_factory=dict)
 
 
@@ -242,6 +244,8 @@ class EvalConfig(_Strict):
     latency_samples: int = Field(20, ge=0)
     precision: Literal["auto", "bf16", "fp32"] = "fp32"
     forgetting_probe: bool = True
+    bootstrap_resamples: int = Field(1000, ge=100)   # paired bootstrap of baseline vs fine-tuned differences
+    seed: int = 0
 
 
 class Project(_Strict):

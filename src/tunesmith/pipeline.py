@@ -82,8 +82,9 @@ def evaluate_and_judge(project: Project, splits: Splits, run_dir: Path, final: P
     summary = {
         "name": project.name, "model": project.model, "method": project.train.method,
         "objective_metric": project.objective.metric, "instruction": project.task.instruction,
-        "objective": judge(project.objective, metrics["baseline"], metrics["finetuned"]),
+        "objective": judge(project.objective, metrics["baseline"], metrics["finetuned"], metrics.get("comparison")),
         "metrics": {"baseline": metrics["baseline"], "finetuned": metrics["finetuned"]},
+        "comparison": metrics.get("comparison", {}),
         "run_dir": str(final), "report": str(final / "report.html"),
         "training": _training_summary(run_dir),
     }

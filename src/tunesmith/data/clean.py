@@ -140,7 +140,7 @@ class Curation:
                 new, made = normalize_text(text, self.cfg.normalize)
                 kinds.update(made)
                 return new
-            cleaned = _map_text(e, fix)
+            cleaned = _map_text(e, fix, self.task_type)
             if kinds:
                 self._changed(e, sorted(kinds))
             out.append(cleaned)
@@ -189,7 +189,7 @@ class Curation:
                 hits = pii.find_pii(text, kinds)
                 found.update(pii.count_kinds(hits))
                 return pii.redact(text, hits) if action == "redact" and hits else text
-            cleaned = _map_text(e, scrub)
+            cleaned = _map_text(e, scrub, self.task_type)
             self.pii_counts.update(found)
             if found and action == "drop":
                 self._remove(e, "pii", pii=dict(found))
@@ -214,7 +214,9 @@ def _where(e: Example) -> dict:
     return {"file": e.file, "line": e.line}
 
 
-def _map_text(e: Example, fn) -> Example:
-    """A copy of `e` with `fn` applied to every text it holds."""
+def _map_text(e: Example, fn, task_type: str) -> Example:
+    """A copy of `e` with `fn` applied to every text it holds (not to a classification label,
+    which is an identifier that task.labels and the other files must match exactly)."""
     messages = None if e.messages is None else [{**m, "content": fn(m["content"])} for m in e.messages]
-    return replace(e, input=fn(e.input), target=fn(e.target), messages=messages)
+    target = e.target if task_type == "classification" else fn(e.target)
+    return replace(e, input=fn(e.input), target=target, messages=messages)

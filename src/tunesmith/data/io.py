@@ -49,12 +49,12 @@ def read_rows(path: Path) -> ReadResult:
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"unsupported data file type '{path.suffix}'", str(path),
-                        f"use one of {', '.join(sorted(set(FORMATS)))}")
+                        hint=f"use one of {', '.join(sorted(set(FORMATS)))}")
     if path.stat().st_size == 0:
-        raise DataError("data file is empty", str(path), "it needs at least one example")
+        raise DataError("data file is empty", str(path), hint="it needs at least one example")
     result = {"jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet}[kind](path)
     if not result.rows and not result.problems:
-        raise DataError("data file has no rows", str(path), "it needs at least one example")
+        raise DataError("data file has no rows", str(path), hint="it needs at least one example")
     return result
 
 
@@ -89,7 +89,7 @@ def _read_csv(path: Path) -> ReadResult:
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     header = next(reader, None)
     if not header:
-        raise DataError("CSV file has no header row", str(path), "the first line must name the columns")
+        raise DataError("CSV file has no header row", str(path), hint="the first line must name the columns")
     start = reader.line_num + 1
     try:
         for cells in reader:
@@ -110,5 +110,5 @@ def _read_parquet(path: Path) -> ReadResult:
     try:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several types for a corrupt file
-        raise DataError(f"cannot read Parquet file: {e}", str(path), "check that it is a valid Parquet file") from None
+        raise DataError(f"cannot read Parquet file: {e}", str(path), hint="check that it is a valid Parquet file") from None
     return ReadResult(rows=[Row(rec, str(path), i) for i, rec in enumerate(table.to_pylist(), start=1)])

@@ -104,7 +104,7 @@ def _check_sizes(splits: Splits, train_path: Path) -> None:
     for name, rows in splits.by_name().items():
         if not rows:
             raise DataError(f"the {name} split is empty", str(train_path),
-                            "add examples or give a separate file for it under data:")
+                            hint="add examples or give a separate file for it under data:")
 
 
 def _label_set(splits: Splits, declared: list[str] | None) -> list[str]:
@@ -115,7 +115,7 @@ def _label_set(splits: Splits, declared: list[str] | None) -> list[str]:
     if undeclared:
         first = next(e for rows in splits.by_name().values() for e in rows if e.target in undeclared)
         raise DataError(f"label '{first.target}' is not in task.labels", first.source,
-                        "add it to task.labels or fix the row")
+                        hint="add it to task.labels or fix the row")
     return list(declared)
 
 
@@ -160,7 +160,7 @@ def load_splits(data_dir: Path) -> Splits:
     for name in SPLITS:
         path = data_dir / f"{name}.jsonl"
         if not path.is_file():
-            raise DataError(f"missing curated split {name}.jsonl", str(data_dir), "run the data stage first")
+            raise DataError(f"missing curated split {name}.jsonl", str(data_dir), hint="run the data stage first")
         rows[name] = [Example.from_json(json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines()]
     report = fsio.read_json(data_dir / "report.json")
     return Splits(rows["train"], rows["validation"], rows["test"], report.get("labels"), report.get("warnings", []))

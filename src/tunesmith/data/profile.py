@@ -38,12 +38,21 @@ def length_histogram(lengths: list[int]) -> dict[str, int]:
 
 
 def lexical_diversity(texts: list[str]) -> dict[str, float]:
-    """distinct-1 and distinct-2: distinct word unigrams / bigrams over all of them."""
-    words = [t.lower().split() for t in texts]
-    uni = [w for ws in words for w in ws]
-    bi = [pair for ws in words for pair in zip(ws, ws[1:])]
-    return {"distinct_1": round(len(set(uni)) / len(uni), 4) if uni else 0.0,
-            "distinct_2": round(len(set(bi)) / len(bi), 4) if bi else 0.0}
+    """distinct-1 and distinct-2: distinct word unigrams / bigrams over all of them.
+
+    Streams over the texts (only the distinct n-grams are held, as hashes), so a million rows
+    do not become tens of millions of word objects at once.
+    """
+    uni, bi = set(), set()
+    n_uni = n_bi = 0
+    for text in texts:
+        words = text.lower().split()
+        uni.update(map(hash, words))
+        bi.update(hash(pair) for pair in zip(words, words[1:]))
+        n_uni += len(words)
+        n_bi += max(0, len(words) - 1)
+    return {"distinct_1": round(len(uni) / n_uni, 4) if n_uni else 0.0,
+            "distinct_2": round(len(bi) / n_bi, 4) if n_bi else 0.0}
 
 
 def embedding_spread(vectors: np.ndarray) -> float:

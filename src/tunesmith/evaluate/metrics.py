@@ -17,10 +17,14 @@ Preds = Sequence[str]
 
 @dataclass(frozen=True)
 class Metric:
+    """A registered metric. `cost` > 1 marks corpus-level metrics that are slow to recompute, so
+    the bootstrap uses fewer resamples for them."""
+
     name: str
     tasks: tuple[str, ...]
     fn: Callable[[Golds, Preds], float]
     higher_is_better: bool = True
+    cost: int = 1
 
 
 METRICS: dict[str, Metric] = {}
@@ -29,13 +33,17 @@ GENERATION = ("generation", "chat")
 
 # Figures other than task metrics that an objective constraint may name (see evaluate.efficiency).
 CONSTRAINT_FIGURES = {"latency_p50_ms", "latency_p95_ms", "model_size_mb", "peak_rss_mb",
-                      "train_seconds", "tokens_per_second", "trainable_params"}
+                      "train_seconds", "tokens_per_second", "trainable_params", "throughput_eps", "ece"}
 
 
-def register(name: str, tasks: tuple[str, ...], higher_is_better: bool = True):
-    """Add a metric function `fn(golds, preds) -> float` to the registry under `name`."""
+def register(name: str, tasks: tuple[str, ...], higher_is_better: bool = True, cost: int = 1):
+    """Add a metric function `fn(golds, preds) -> float` to the registry under `name`.
+
+    A user extends tunesmith by importing this and decorating a function; the new metric is then
+    computed, compared (bootstrap) and can be named as the objective's metric.
+    """
     def deco(fn: Callable[[Golds, Preds], float]) -> Callable[[Golds, Preds], float]:
-        METRICS[name] = Metric(name, tasks, fn, higher_is_better)
+        METRICS[name] = Metric(name, tasks, fn, higher_is_better, cost)
         return fn
     return deco
 
@@ -91,6 +99,35 @@ def recall_macro(golds: Golds, preds: Preds) -> float:
     return _macro(golds, preds, "recall")
 
 
+@register("f1_micro", CLASSIFICATION)
+def f1_micro(golds: Golds, preds: Preds) -> float:
+    # Micro averaging pools every decision; for single-label predictions inside the label set it
+    # equals accuracy, and differs when predictions fall outside the gold labels.
+    labels = set(golds)
+    tp = sum(g == p for g, p in zip(golds, preds))
+    predicted = sum(p in labels for p in preds)
+    precision, recall = tp / max(predicted, 1), tp / max(len(golds), 1)
+    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+
+
+def expected_calibration_error(correct: Sequence[bool], confidences: Sequence[float], bins: int = 10) -> dict:
+    """ECE: the gap between confidence and accuracy, averaged over equal-width confidence bins
+    weighted by their size; also the per-bin figures a reliability diagram plots."""
+    rows = []
+    total, ece = len(correct), 0.0
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        idx = [i for i, c in enumerate(confidences) if (lo < c <= hi) or (b == 0 and c == 0)]
+        if not idx:
+            continue
+        acc = sum(correct[i] for i in idx) / len(idx)
+        conf = sum(confidences[i] for i in idx) / len(idx)
+        ece += len(idx) / total * abs(acc - conf)
+        rows.append({"low": lo, "high": hi, "count": len(idx), "accuracy": round(acc, 6),
+                     "confidence": round(conf, 6)})
+    return {"ece": round(ece, 6), "bins": rows}
+
+
 def confusion_matrix(golds: Golds, preds: Preds, labels: Sequence[str]) -> list[list[int]]:
     """Rows are gold labels, columns predicted labels, in the order of `labels`."""
     index = {lab: i for i, lab in enumerate(labels)}
@@ -139,3 +176,19 @@ def rouge_l_pair(gold: str, pred: str) -> float:
 @register("rouge_l", GENERATION)
 def rouge_l(golds: Golds, preds: Preds) -> float:
     return sum(rouge_l_pair(g, p) for g, p in zip(golds, preds)) / max(len(golds), 1)
+
+
+@register("bleu", GENERATION, cost=5)
+def bleu(golds: Golds, preds: Preds) -> float:
+    """Corpus BLEU (sacrebleu, default 13a tokenisation) on a 0-1 scale."""
+    import sacrebleu
+
+    return sacrebleu.corpus_bleu(list(preds), [list(golds)]).score / 100
+
+
+@register("chrf", GENERATION, cost=5)
+def chrf(golds: Golds, preds: Preds) -> float:
+    """Corpus chrF (sacrebleu) on a 0-1 scale."""
+    import sacrebleu
+
+    return sacrebleu.corpus_chrf(list(preds), [list(golds)]).score / 100

@@ -5,13 +5,14 @@ from __future__ import annotations
 from tunesmith.config import ObjectiveConfig
 
 
-def judge(objective: ObjectiveConfig, baseline: dict, finetuned: dict) -> dict:
+def judge(objective: ObjectiveConfig, baseline: dict, finetuned: dict, comparison: dict | None = None) -> dict:
     """Criteria for the target, the gain over the baseline and each constraint.
 
     Args:
         objective: the config's objective section.
         baseline: figures of the base model on the test split.
         finetuned: figures of the fine-tuned model (task metrics and efficiency figures).
+        comparison: metrics.json's `comparison` (paired intervals), used when min_gain_on is ci_low.
 
     Returns:
         {"met": bool, "criteria": [{"name", "value", "target", "op", "met"}]}; with no criteria
@@ -22,8 +23,12 @@ def judge(objective: ObjectiveConfig, baseline: dict, finetuned: dict) -> dict:
     if objective.target is not None:
         criteria.append(_criterion(metric, finetuned.get(metric), objective.target, ">="))
     if objective.min_gain is not None:
-        gain = _diff(finetuned.get(metric), baseline.get(metric))
-        criteria.append(_criterion(f"{metric}_gain", gain, objective.min_gain, ">="))
+        if objective.min_gain_on == "ci_low":
+            gain = (comparison or {}).get(metric, {}).get("ci_low")
+            criteria.append(_criterion(f"{metric}_gain_ci_low", gain, objective.min_gain, ">="))
+        else:
+            gain = _diff(finetuned.get(metric), baseline.get(metric))
+            criteria.append(_criterion(f"{metric}_gain", gain, objective.min_gain, ">="))
     for name, bound in objective.constraints.items():
         if bound.min is not None:
             criteria.append(_criterion(name, finetuned.get(name), bound.min, ">="))

@@ -10,7 +10,9 @@ from tunesmith.config import Project
 from tunesmith.data.examples import Example
 from tunesmith.data.prepare import Splits
 from tunesmith.evaluate.forgetting import forgetting_report, probe_accuracy
-from tunesmith.evaluate.metrics import compute_metrics, confusion_matrix, per_class
+from tunesmith.evaluate.compare import compare
+from tunesmith.evaluate.metrics import (compute_metrics, confusion_matrix, expected_calibration_error, metric_names,
+                                        per_class)
 from tunesmith.models.load import load_model
 from tunesmith.tasks.predict import Predictions, predict
 from tunesmith.tasks.prompts import build_format
@@ -24,13 +26,18 @@ def eval_stage(project: Project, splits: Splits, run_dir: Path, progress: bool =
     bf16 = hardware.use_bf16(project.eval.precision, hardware.device())
     model.to(hardware.device())
 
+    seconds: dict[str, float] = {}
+
     def run(m, name: str, prompt=fmt) -> Predictions:
-        return predict(m, tokenizer, prompt, test, batch_size=project.eval.batch_size,
-                       max_new_tokens=project.eval.max_new_tokens, autocast=bf16,
-                       progress=f"eval {name}" if progress else None)
+        started = time.perf_counter()
+        out = predict(m, tokenizer, prompt, test, batch_size=project.eval.batch_size,
+                      max_new_tokens=project.eval.max_new_tokens, autocast=bf16,
+                      progress=f"eval {name}" if progress else None)
+        seconds[name] = time.perf_counter() - started
+        return out
 
     tuned = run(model, "fine-tuned")
-    tuned_figures = _figures(fmt, test, tuned)
+    tuned_figures = _figures(fmt, test, tuned, seconds["fine-tuned"], project.eval.batch_size)
     tuned_figures.update(_latency(model, tokenizer, fmt, test, project, bf16))
     kind = fsio.read_json(run_dir / "model/tunesmith.json")["kind"]
     tuned_figures.update(_sizes(run_dir / "model", base_path, kind))
@@ -42,13 +49,26 @@ def eval_stage(project: Project, splits: Splits, run_dir: Path, progress: bool =
         del model
         base_model = load_model(base_path).to(hardware.device())
     # The baseline is the base model with the user's own prompt, whatever the method changed.
-    base = run(base_model, "baseline", build_format(project.task, fmt.labels, tokenizer))
-    metrics = {"baseline": _figures(fmt, test, base), "finetuned": tuned_figures, "test_examples": len(test)}
+    base_fmt = build_format(project.task, fmt.labels, tokenizer)
+    base = run(base_model, "baseline", base_fmt)
+    base_figures = _figures(fmt, test, base, seconds["baseline"], project.eval.batch_size)
+    base_figures.update(_latency(base_model, tokenizer, base_fmt, test, project, bf16))
+    base_figures.update(_sizes(base_path, base_path, "full"))
+    metrics = {"baseline": base_figures, "finetuned": tuned_figures, "test_examples": len(test),
+               "latency_ms": {k: f.pop("latency_samples_ms", []) for k, f in (("baseline", base_figures),
+                                                                                ("finetuned", tuned_figures))}}
+    calibration = {name: _calibration(test, p) for name, p in (("baseline", base), ("finetuned", tuned))}
+    if all(calibration.values()):
+        metrics["calibration"] = calibration
+        for name, key in (("baseline", "baseline"), ("finetuned", "finetuned")):
+            metrics[key]["ece"] = calibration[name]["ece"]
+    golds = [e.target for e in test]
+    metrics["comparison"] = compare(fmt.task_type, golds, base.texts, tuned.texts, metric_names(fmt.task_type),
+                                    project.eval.bootstrap_resamples, project.eval.seed)
     if probe:
         base_probe = tuned_probe if kind == "prompt" else probe_accuracy(base_model, tokenizer, fmt.max_length, bf16)
         metrics["forgetting"] = forgetting_report(base_probe, tuned_probe)
     if fmt.labels:
-        golds = [e.target for e in test]
         metrics["per_class"] = per_class(golds, tuned.texts, fmt.labels)
         metrics["confusion_matrix"] = {"labels": fmt.labels, "baseline": confusion_matrix(golds, base.texts, fmt.labels),
                                        "finetuned": confusion_matrix(golds, tuned.texts, fmt.labels)}
@@ -62,8 +82,21 @@ def eval_stage(project: Project, splits: Splits, run_dir: Path, progress: bool =
     return metrics
 
 
-def _figures(fmt, test: list[Example], preds: Predictions) -> dict:
-    return compute_metrics(fmt.task_type, [e.target for e in test], preds.texts)
+def _figures(fmt, test: list[Example], preds: Predictions, seconds: float, batch_size: int) -> dict:
+    """Task metrics plus throughput: examples per second at the eval batch size."""
+    figures = compute_metrics(fmt.task_type, [e.target for e in test], preds.texts)
+    figures["throughput_eps"] = round(len(test) / seconds, 2) if seconds > 0 else None
+    figures["throughput_batch_size"] = batch_size
+    return figures
+
+
+def _calibration(test: list[Example], preds: Predictions) -> dict | None:
+    """ECE and reliability-diagram bins from the probability of each predicted label."""
+    if not preds.probabilities:
+        return None
+    correct = [p == e.target for p, e in zip(preds.texts, test)]
+    confidences = [probs[p] for p, probs in zip(preds.texts, preds.probabilities)]
+    return expected_calibration_error(correct, confidences)
 
 
 def _latency(model, tokenizer, fmt, test: list[Example], project: Project, bf16: bool) -> dict:
@@ -76,8 +109,9 @@ def _latency(model, tokenizer, fmt, test: list[Example], project: Project, bf16:
         started = time.perf_counter()
         predict(model, tokenizer, fmt, [ex], batch_size=1, max_new_tokens=project.eval.max_new_tokens, autocast=bf16)
         times.append((time.perf_counter() - started) * 1000)
-    times.sort()
-    return {"latency_p50_ms": round(_quantile(times, 0.5), 2), "latency_p95_ms": round(_quantile(times, 0.95), 2)}
+    ordered = sorted(times)
+    return {"latency_p50_ms": round(_quantile(ordered, 0.5), 2), "latency_p95_ms": round(_quantile(ordered, 0.95), 2),
+            "latency_samples_ms": [round(t, 2) for t in times]}
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:

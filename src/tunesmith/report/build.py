@@ -54,10 +54,23 @@ def _verdict(objective: dict) -> str:
 
 
 def _metrics_table(metrics: dict) -> str:
-    base, tuned = metrics["baseline"], metrics["finetuned"]
-    rows = "".join(f"<tr><td>{k}</td><td>{_fmt(base.get(k))}</td><td>{_fmt(v)}</td></tr>" for k, v in tuned.items())
+    base, tuned, comp = metrics["baseline"], metrics["finetuned"], metrics.get("comparison", {})
+
+    def stats(k: str) -> str:
+        c = comp.get(k)
+        if not c:
+            return "<td></td><td></td><td></td>"
+        return (f"<td>{c['diff']:+.4f}</td><td>[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]</td>"
+                f"<td>{c['p_value']:.3g} ({c['test']})</td>")
+    rows = "".join(f"<tr><td>{k}</td><td>{_fmt(base.get(k))}</td><td>{_fmt(v)}</td>{stats(k)}</tr>"
+                   for k, v in tuned.items())
+    note = ""
+    if comp:
+        any_c = next(iter(comp.values()))
+        note = (f"<p>Differences are fine-tuned minus baseline on the same examples; intervals are paired "
+                f"bootstrap {int(any_c['level'] * 100)}% intervals ({any_c['resamples']} resamples).</p>")
     return (f"<h2>Test split ({metrics['test_examples']} examples)</h2><table><tr><th>figure</th><th>baseline</th>"
-            f"<th>fine-tuned</th></tr>{rows}</table>")
+            f"<th>fine-tuned</th><th>difference</th><th>95% CI</th><th>p-value</th></tr>{rows}</table>{note}")
 
 
 def _plots(metrics: dict, log: list[dict], summary: dict) -> str:
@@ -69,6 +82,15 @@ def _plots(metrics: dict, log: list[dict], summary: dict) -> str:
                                    summary.get("training", {}).get("best_step"))
     if curves:
         out.append("<h2>Training</h2>" + _img(curves, "training curves"))
+    extra = []
+    if metrics.get("calibration"):
+        extra.append(_img(plots.reliability(metrics["calibration"]), "reliability diagram"))
+    if metrics.get("per_class"):
+        extra.append(_img(plots.per_class_f1(metrics["per_class"]), "per-class F1"))
+    if any(metrics.get("latency_ms", {}).values()):
+        extra.append(_img(plots.latency_histogram(metrics["latency_ms"]), "latency histogram"))
+    if extra:
+        out.append("<h2>Calibration, classes, latency</h2>" + "".join(extra))
     cm = metrics.get("confusion_matrix")
     if cm:
         out.append("<h2>Confusion matrices (test)</h2>")
@@ -132,6 +154,12 @@ def model_card(summary: dict, metrics: dict, data: dict) -> str:
              "## Intended use", "", summary.get("instruction") or "(no instruction given)", "",
              "## Data", ""]
     lines += [f"- {name}: {s['rows']} examples" for name, s in data["splits"].items()]
+    cur = data.get("curation")
+    if cur:
+        removed = ", ".join(f"{k} {v}" for k, v in cur["removed_by_reason"].items()) or "nothing"
+        pii = ", ".join(f"{k} {v}" for k, v in cur["pii_found"].items()) or "none found"
+        lines += [f"- curation removed: {removed}; PII: {pii}; suspected label errors: "
+                  f"{cur['suspected_label_errors']} (see data/ in the run directory)"]
     lines += ["", "## Results on the test split", "", "| figure | baseline | fine-tuned |", "|---|---|---|"]
     lines += [f"| {k} | {_fmt(base.get(k))} | {_fmt(v)} |" for k, v in tuned.items()]
     lines += ["", f"Objective {'met' if summary['objective']['met'] else 'NOT met'}:", ""]

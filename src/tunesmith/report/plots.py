@@ -100,3 +100,37 @@ def data_profile(splits: dict) -> str:
         axes[0].set(ylabel="share of rows", title="Labels")
         axes[0].legend(fontsize=7)
     return _png(fig)
+
+
+def reliability(calibration: dict) -> str:
+    """Accuracy against confidence per bin for baseline and fine-tuned; the diagonal is perfect calibration."""
+    fig, ax = plt.subplots(figsize=(4.6, 4))
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfectly calibrated")
+    for name, cal in calibration.items():
+        bins = cal["bins"]
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-", label=f"{name} (ECE {cal['ece']:.3f})")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title="Reliability (test)")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def per_class_f1(per_class: dict) -> str:
+    """Horizontal bars of each label's F1, worst first, with its support."""
+    rows = sorted(per_class.items(), key=lambda kv: kv[1]["f1"])
+    fig, ax = plt.subplots(figsize=(6, min(14, 1 + 0.25 * len(rows))))
+    ax.barh(range(len(rows)), [r["f1"] for _, r in rows], color="tab:blue")
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([f"{k} ({r['support']})" for k, r in rows], fontsize=7 if len(rows) <= 30 else 5)
+    ax.set(xlim=(0, 1), xlabel="F1", title="Per-class F1 (fine-tuned, test; support in brackets)")
+    return _png(fig)
+
+
+def latency_histogram(samples: dict) -> str:
+    """Per-example latency at batch 1, baseline and fine-tuned."""
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for name, values in samples.items():
+        if values:
+            ax.hist(values, bins=min(20, max(3, len(values) // 2)), alpha=0.6, label=name)
+    ax.set(xlabel="milliseconds per example (batch 1)", ylabel="examples", title="Latency")
+    ax.legend(fontsize=7)
+    return _png(fig)

@@ -36,7 +36,7 @@ def _masked(examples: list[Example], encoded: list[Encoded]) -> list[str]:
     where = _names(empty)
     if len(empty) == len(examples):
         raise DataError("every training example has its answer cut off (no supervised tokens, the loss would be 0)",
-                        where, "raise task.max_length or shorten the inputs")
+                        where, hint="raise task.max_length or shorten the inputs")
     return [f"{len(empty)} training examples have no supervised tokens left after truncation and teach "
             f"nothing: {where}; raise task.max_length"]
 

@@ -1,0 +1,202 @@
+"""Human evaluation round trip: blinded A/B pairs out, ratings in, win rates and agreement back.
+
+`export_pairs` writes pairs.csv and form.html (a self-contained page that saves a ratings CSV) with
+the two systems' answers shuffled into sides A and B per pair, and key.json, which says which side is
+which and is not shown to raters. `import_ratings` reads one ratings CSV per rater (columns id,
+rater, choice with choice in A, B, tie), unblinds them with the key and reports, per rater and
+pooled, how often system 1 (the fine-tuned model) wins, ties and loses with Wilson 95% intervals,
+plus inter-rater agreement: Cohen's kappa for two raters, Fleiss' kappa for more.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import math
+import random
+from collections import Counter
+from pathlib import Path
+
+from tunesmith import fsio
+from tunesmith.errors import DataError, RunDirError
+
+CHOICES = ("A", "B", "tie")
+OUTCOMES = ("win", "tie", "loss")  # from system 1's side
+
+
+def load_answers(run_dir: Path, against: Path | None) -> tuple[list[dict], str, str]:
+    """(rows with id/prompt/one/two, name of system one, name of system two) from predictions files."""
+    rows = _predictions(run_dir)
+    if against is None:
+        pairs = [{"id": r["source"], "prompt": r["text"], "one": r["prediction"], "two": r["baseline_prediction"]}
+                 for r in rows]
+        return pairs, f"fine-tuned ({Path(run_dir).name})", "baseline"
+    other = {r["source"]: r for r in _predictions(against)}
+    pairs = [{"id": r["source"], "prompt": r["text"], "one": r["prediction"], "two": other[r["source"]]["prediction"]}
+             for r in rows if r["source"] in other]
+    if not pairs:
+        raise RunDirError("the two runs share no test examples", str(against), "compare runs of the same project")
+    return pairs, Path(run_dir).name, Path(against).name
+
+
+def _predictions(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "predictions" / "test.jsonl"
+    if not path.is_file():
+        raise RunDirError("no predictions/test.jsonl", str(run_dir), "evaluate the run first (`tunesmith eval`)")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def export_pairs(run_dir: Path, out: Path, against: Path | None = None, n: int | None = None, seed: int = 0) -> Path:
+    """Write pairs.csv, form.html and key.json under `out`; returns `out`."""
+    pairs, one, two = load_answers(run_dir, against)
+    rng = random.Random(seed)
+    rng.shuffle(pairs)
+    pairs = pairs[:n] if n else pairs
+    key = {}
+    blinded = []
+    for k, p in enumerate(pairs, start=1):
+        swap = rng.random() < 0.5
+        pid = f"p{k:04d}"
+        key[pid] = {"A": "two" if swap else "one", "source": p["id"]}
+        a, b = (p["two"], p["one"]) if swap else (p["one"], p["two"])
+        blinded.append({"id": pid, "prompt": p["prompt"], "response_a": a, "response_b": b})
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["id", "prompt", "response_a", "response_b"])
+    writer.writeheader()
+    writer.writerows(blinded)
+    fsio.write_text(out / "pairs.csv", buf.getvalue())
+    fsio.write_text(out / "form.html", _form(blinded))
+    fsio.write_json(out / "key.json", {"one": one, "two": two, "pairs": key})
+    return out
+
+
+def _form(pairs: list[dict]) -> str:
+    items = "".join(
+        f"<fieldset data-id='{p['id']}'><legend>{p['id']}</legend><p class='q'>{html.escape(p['prompt'])}</p>"
+        f"<div class='ab'><div><b>A</b><pre>{html.escape(p['response_a'])}</pre></div>"
+        f"<div><b>B</b><pre>{html.escape(p['response_b'])}</pre></div></div>"
+        + "".join(f"<label><input type='radio' name='{p['id']}' value='{c}'> {label}</label> "
+                  for c, label in (("A", "A is better"), ("tie", "tie"), ("B", "B is better")))
+        + "</fieldset>" for p in pairs)
+    script = """
+function save(){const rater=document.getElementById('rater').value.trim();
+ if(!rater){alert('Enter your name first');return;}
+ const esc=s=>'"'+String(s).replace(/"/g,'""')+'"';
+ let rows=['id,rater,choice'];let missing=0;
+ document.querySelectorAll('fieldset').forEach(f=>{const c=f.querySelector('input:checked');
+  if(c){rows.push([f.dataset.id,esc(rater),c.value].join(','));}else{missing++;}});
+ const blob=new Blob([rows.join('\\n')+'\\n'],{type:'text/csv'});
+ const a=document.createElement('a');a.href=URL.createObjectURL(blob);
+ a.download='ratings-'+rater.replace(/[^A-Za-z0-9_-]/g,'_')+'.csv';document.body.appendChild(a);a.click();a.remove();
+ document.getElementById('status').textContent='saved '+(rows.length-1)+' ratings'+(missing?', '+missing+' unrated':'');}
+"""
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>tunesmith: rate the answers</title><style>"
+            "body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}"
+            ".ab{display:grid;grid-template-columns:1fr 1fr;gap:1em}pre{white-space:pre-wrap;background:#f6f6f6;"
+            "padding:.5em}fieldset{margin:1em 0}.q{font-weight:bold}</style></head><body>"
+            "<h1>Which answer is better?</h1><p>For each prompt, choose the better answer, or tie. The two answers "
+            "come from two systems in a random order. Then press <em>Save ratings</em> to download your file.</p>"
+            "<p><label>Your name: <input id='rater'></label></p>"
+            f"{items}<p><button onclick='save()'>Save ratings</button> <span id='status'></span></p>"
+            f"<script>{script}</script></body></html>")
+
+
+def read_ratings(path: Path) -> list[dict]:
+    """Rows {id, rater, choice} of one ratings CSV; bad rows are errors naming file:line."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = {"id", "rater", "choice"} - set(reader.fieldnames or [])
+        if missing:
+            raise DataError(f"ratings file lacks column(s) {', '.join(sorted(missing))}", str(path), 1,
+                            "use the file the rating form saves (id,rater,choice)")
+        rows = []
+        for row in reader:
+            if row["choice"] not in CHOICES:
+                raise DataError(f"choice '{row['choice']}' is not one of A, B, tie", str(path), reader.line_num,
+                                "fix the row")
+            rows.append({"id": row["id"], "rater": row["rater"].strip(), "choice": row["choice"]})
+    return rows
+
+
+def import_ratings(key_path: Path, rating_files: list[Path]) -> dict:
+    """Win/tie/loss of system one per rater and pooled, with Wilson intervals, and agreement."""
+    key = fsio.read_json(key_path)
+    by_rater: dict[str, dict[str, str]] = {}
+    for path in rating_files:
+        for row in read_ratings(path):
+            if row["id"] not in key["pairs"]:
+                raise DataError(f"pair '{row['id']}' is not in the key", str(path), None, "use the matching key.json")
+            by_rater.setdefault(row["rater"], {})[row["id"]] = _unblind(row["choice"], key["pairs"][row["id"]]["A"])
+    pooled = [o for ratings in by_rater.values() for o in ratings.values()]
+    result = {"one": key["one"], "two": key["two"], "raters": len(by_rater), "pairs": len(key["pairs"]),
+              "pooled": outcome_rates(pooled),
+              "per_rater": {r: outcome_rates(list(v.values())) for r, v in sorted(by_rater.items())}}
+    result["agreement"] = agreement(by_rater)
+    return result
+
+
+def _unblind(choice: str, side_a: str) -> str:
+    if choice == "tie":
+        return "tie"
+    one_is_chosen = (choice == "A") == (side_a == "one")
+    return "win" if one_is_chosen else "loss"
+
+
+def outcome_rates(outcomes: list[str]) -> dict:
+    """Count, rate and Wilson 95% interval of each outcome."""
+    n = len(outcomes)
+    counts = Counter(outcomes)
+    out = {"ratings": n}
+    for o in OUTCOMES:
+        low, high = wilson(counts[o], n)
+        out[o] = {"count": counts[o], "rate": round(counts[o] / n, 4) if n else 0.0, "ci_low": low, "ci_high": high}
+    return out
+
+
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a proportion k/n."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)
+
+
+def agreement(by_rater: dict[str, dict[str, str]]) -> dict:
+    """Cohen's kappa for two raters, Fleiss' kappa for three or more, on the pairs all of them rated."""
+    raters = sorted(by_rater)
+    if len(raters) < 2:
+        return {"statistic": None, "note": "one rater: no agreement to measure"}
+    shared = sorted(set.intersection(*(set(by_rater[r]) for r in raters)))
+    if len(raters) == 2:
+        a = [by_rater[raters[0]][i] for i in shared]
+        b = [by_rater[raters[1]][i] for i in shared]
+        return {"statistic": "cohen_kappa", "value": cohen_kappa(a, b), "pairs": len(shared)}
+    table = [[sum(by_rater[r][i] == o for r in raters) for o in OUTCOMES] for i in shared]
+    return {"statistic": "fleiss_kappa", "value": fleiss_kappa(table), "pairs": len(shared)}
+
+
+def cohen_kappa(a: list[str], b: list[str]) -> float:
+    """Agreement of two raters beyond chance: (p_o - p_e) / (1 - p_e)."""
+    n = len(a)
+    if n == 0:
+        return float("nan")
+    observed = sum(x == y for x, y in zip(a, b)) / n
+    ca, cb = Counter(a), Counter(b)
+    expected = sum(ca[k] * cb[k] for k in set(ca) | set(cb)) / (n * n)
+    return round((observed - expected) / (1 - expected), 6) if expected < 1 else 1.0
+
+
+def fleiss_kappa(table: list[list[int]]) -> float:
+    """Fleiss' kappa from an (items x categories) table of rater counts (same raters per item)."""
+    n_items = len(table)
+    if n_items == 0:
+        return float("nan")
+    m = sum(table[0])
+    p_cat = [sum(row[j] for row in table) / (n_items * m) for j in range(len(table[0]))]
+    p_item = [(sum(c * c for c in row) - m) / (m * (m - 1)) for row in table]
+    p_bar, p_e = sum(p_item) / n_items, sum(p * p for p in p_cat)
+    return round((p_bar - p_e) / (1 - p_e), 6) if p_e < 1 else 1.0

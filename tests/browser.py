@@ -1,0 +1,106 @@
+"""Open a local HTML page in headless Chromium (Debian's package) over the DevTools protocol and
+report what a person would see go wrong: console errors, uncaught exceptions, broken images."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+CHECK_IMAGES = """(() => { const imgs = Array.from(document.images);
+  return JSON.stringify({images: imgs.length,
+                         broken: imgs.filter(i => !i.complete || i.naturalWidth === 0).map(i => i.alt || i.src.slice(0, 40)),
+                         title: document.title, text: document.body.innerText.length}); })()"""
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+class Page:
+    """One headless browser with one tab, driven over a DevTools websocket."""
+
+    def __init__(self, timeout: float = 60.0):
+        import websocket  # websocket-client
+
+        self.profile = tempfile.mkdtemp(prefix="tunesmith-chromium-")
+        self.proc = subprocess.Popen([chromium(), "--headless=new", "--no-sandbox", "--disable-gpu",
+                                      "--remote-debugging-port=0", f"--user-data-dir={self.profile}",
+                                      "--no-first-run", "about:blank"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        port = self._port(timeout)
+        targets = json.loads(_http_get(f"http://127.0.0.1:{port}/json/list"))
+        page = next(t for t in targets if t["type"] == "page")
+        self.ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=timeout, suppress_origin=True)
+        self.next_id, self.events = 0, []
+        for method in ("Runtime.enable", "Log.enable", "Page.enable"):
+            self.call(method)
+
+    def _port(self, timeout: float) -> int:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            line = self.proc.stderr.readline()
+            m = re.search(r"DevTools listening on ws://127\.0\.0\.1:(\d+)/", line)
+            if m:
+                return int(m.group(1))
+        raise RuntimeError("chromium did not start its DevTools server")
+
+    def call(self, method: str, **params) -> dict:
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv())
+            if msg.get("id") == self.next_id:
+                return msg.get("result", {})
+            self.events.append(msg)
+
+    def wait_for(self, event: str, timeout: float = 60.0) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            msg = json.loads(self.ws.recv())
+            self.events.append(msg)
+            if msg.get("method") == event:
+                return
+        raise TimeoutError(event)
+
+    def open(self, path: Path) -> dict:
+        """Load the page; returns {images, broken, console_errors, exceptions, title, text}."""
+        self.call("Page.navigate", url=Path(path).resolve().as_uri())
+        self.wait_for("Page.loadEventFired")
+        state = json.loads(self.call("Runtime.evaluate", expression=CHECK_IMAGES)["result"]["value"])
+        state["console_errors"] = [e["params"]["args"][0].get("value", "") for e in self.events
+                                   if e.get("method") == "Runtime.consoleAPICalled"
+                                   and e["params"]["type"] in ("error", "assert")]
+        state["console_errors"] += [e["params"]["entry"]["text"] for e in self.events
+                                    if e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error"]
+        state["exceptions"] = [e["params"]["exceptionDetails"].get("text", "") for e in self.events
+                               if e.get("method") == "Runtime.exceptionThrown"]
+        return state
+
+    def evaluate(self, expression: str):
+        return self.call("Runtime.evaluate", expression=expression, awaitPromise=True)["result"].get("value")
+
+    def close(self) -> None:
+        try:
+            self.ws.close()
+        finally:
+            self.proc.kill()
+            self.proc.wait()
+            shutil.rmtree(self.profile, ignore_errors=True)
+
+    def __enter__(self) -> Page:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _http_get(url: str) -> str:
+    from urllib.request import urlopen
+
+    with urlopen(url, timeout=10) as r:
+        return r.read().decode()

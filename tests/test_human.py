@@ -1,0 +1,134 @@
+"""Human evaluation round trip: export blinded pairs, simulated raters' files in, rates and kappa out."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+
+import pytest
+from typer.testing import CliRunner
+
+from tunesmith.cli import app
+from tunesmith.evaluate.human import cohen_kappa, fleiss_kappa, wilson
+
+runner = CliRunner()
+
+
+def _run_dir(tmp_path, n: int = 40):
+    run = tmp_path / "run"
+    (run / "predictions").mkdir(parents=True)
+    rows = [{"text": f"question {i}", "gold": "x", "prediction": f"tuned answer {i}",
+             "baseline_prediction": f"base answer {i}", "source": f"test.csv:{i + 2}"} for i in range(n)]
+    (run / "predictions" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run
+
+
+def _rate(pairs_csv, rater: str, prefer_tuned: float, seed: int, copy_from: dict | None = None, agree: float = 1.0):
+    """A simulated rater: picks the tuned answer with probability prefer_tuned (reading the text),
+    or repeats another rater's choice with probability `agree`."""
+    rng = random.Random(seed)
+    choices = {}
+    with open(pairs_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            if copy_from is not None and rng.random() < agree:
+                choices[row["id"]] = copy_from[row["id"]]
+                continue
+            r = rng.random()
+            tuned_side = "A" if row["response_a"].startswith("tuned") else "B"
+            choices[row["id"]] = (tuned_side if r < prefer_tuned else "tie" if r < prefer_tuned + 0.1
+                                  else ("B" if tuned_side == "A" else "A"))
+    return choices
+
+
+def _write(path, rater: str, choices: dict):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "rater", "choice"])
+        for pid, c in choices.items():
+            w.writerow([pid, rater, c])
+    return path
+
+
+def _outcomes(choices: dict, key: dict) -> list[str]:
+    out = []
+    for pid in sorted(choices):
+        c = choices[pid]
+        out.append("tie" if c == "tie" else "win" if (c == "A") == (key["pairs"][pid]["A"] == "one") else "loss")
+    return out
+
+
+def test_export_is_blinded_and_shuffled(tmp_path):
+    run = _run_dir(tmp_path)
+    result = runner.invoke(app, ["human", "export", str(run)])
+    assert result.exit_code == 0, result.output
+    folder = run / "human"
+    rows = list(csv.DictReader(open(folder / "pairs.csv", newline="")))
+    key = json.loads((folder / "key.json").read_text())
+    assert len(rows) == 40 and set(rows[0]) == {"id", "prompt", "response_a", "response_b"}
+    sides = [key["pairs"][r["id"]]["A"] for r in rows]
+    assert 5 < sides.count("one") < 35, "sides are randomised"
+    assert [r["prompt"] for r in rows] != [f"question {i}" for i in range(40)], "order is shuffled"
+    for r in rows:
+        tuned_on_a = r["response_a"].startswith("tuned")
+        assert tuned_on_a == (key["pairs"][r["id"]]["A"] == "one")
+    page = (folder / "form.html").read_text()
+    assert page.count("<fieldset") == 40 and "Save ratings" in page and "fine-tuned" not in page
+
+
+def test_two_raters_round_trip_with_cohen_kappa(tmp_path):
+    from sklearn.metrics import cohen_kappa_score
+
+    run = _run_dir(tmp_path, 60)
+    assert runner.invoke(app, ["human", "export", str(run)]).exit_code == 0
+    folder = run / "human"
+    key = json.loads((folder / "key.json").read_text())
+    first = _rate(folder / "pairs.csv", "ann", 0.7, 1)
+    second = _rate(folder / "pairs.csv", "bob", 0.6, 2, copy_from=first, agree=0.7)
+    files = [_write(tmp_path / "ann.csv", "ann", first), _write(tmp_path / "bob.csv", "bob", second)]
+    result = runner.invoke(app, ["human", "import", *map(str, files), "--key", str(folder / "key.json")])
+    assert result.exit_code == 0, result.output
+    out = json.loads((folder / "results.json").read_text())
+    a, b = _outcomes(first, key), _outcomes(second, key)
+    assert out["agreement"]["statistic"] == "cohen_kappa"
+    assert out["agreement"]["value"] == pytest.approx(cohen_kappa_score(a, b), abs=1e-6)
+    wins = a.count("win") + b.count("win")
+    assert out["pooled"]["win"]["count"] == wins and out["pooled"]["ratings"] == 120
+    assert out["pooled"]["win"]["ci_low"] < wins / 120 < out["pooled"]["win"]["ci_high"]
+    assert out["per_rater"]["ann"]["win"]["count"] == a.count("win")
+    assert "agreement: cohen_kappa" in result.stdout
+
+
+def test_three_raters_use_fleiss_kappa(tmp_path):
+    from statsmodels.stats.inter_rater import fleiss_kappa as sm_fleiss
+
+    run = _run_dir(tmp_path, 30)
+    assert runner.invoke(app, ["human", "export", str(run)]).exit_code == 0
+    folder = run / "human"
+    key = json.loads((folder / "key.json").read_text())
+    base = _rate(folder / "pairs.csv", "r1", 0.7, 1)
+    raters = {"r1": base, "r2": _rate(folder / "pairs.csv", "r2", 0.7, 2, base, 0.6),
+              "r3": _rate(folder / "pairs.csv", "r3", 0.5, 3, base, 0.4)}
+    files = [str(_write(tmp_path / f"{r}.csv", r, c)) for r, c in raters.items()]
+    assert runner.invoke(app, ["human", "import", *files, "--key", str(folder / "key.json")]).exit_code == 0
+    out = json.loads((folder / "results.json").read_text())
+    outcomes = {r: _outcomes(c, key) for r, c in raters.items()}
+    table = [[sum(outcomes[r][i] == o for r in raters) for o in ("win", "tie", "loss")] for i in range(30)]
+    assert out["agreement"]["statistic"] == "fleiss_kappa"
+    assert out["agreement"]["value"] == pytest.approx(sm_fleiss(table), abs=1e-6)
+
+
+def test_bad_ratings_file_is_one_error_line(tmp_path):
+    run = _run_dir(tmp_path, 5)
+    assert runner.invoke(app, ["human", "export", str(run)]).exit_code == 0
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,rater,choice\np0001,ann,A\np0002,ann,maybe\n")
+    result = runner.invoke(app, ["human", "import", str(bad), "--key", str(run / "human" / "key.json")])
+    assert result.exit_code == 2 and f"{bad}:3" in result.stderr and "maybe" in result.stderr
+
+
+def test_kappa_and_wilson_edge_cases():
+    assert cohen_kappa(["win", "loss"], ["win", "loss"]) == 1.0
+    assert fleiss_kappa([[3, 0, 0], [0, 3, 0]]) == 1.0
+    low, high = wilson(0, 10)
+    assert low == 0.0 and 0.2 < high < 0.35
