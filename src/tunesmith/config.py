@@ -248,6 +248,24 @@ class EvalConfig(_Strict):
     seed: int = 0
 
 
+class SuiteConfig(_Strict):
+    """An extra evaluation set (e.g. a general task, to catch forgetting), scored for both models."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
+    data: Path
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    metric: str | None = None                 # the figure the report leads with (default: the first metric)
+    max_examples: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _metric_fits_task(self) -> SuiteConfig:
+        names = metric_names(self.task.type)
+        if self.metric is not None and self.metric not in names:
+            raise ValueError(f"unknown metric '{self.metric}' for a {self.task.type} suite "
+                             f"(available: {', '.join(names)})")
+        return self
+
+
 class Project(_Strict):
     """A whole project.yaml. `source` is the config file it came from."""
 
@@ -258,6 +276,7 @@ class Project(_Strict):
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    benchmarks: list[SuiteConfig] = Field(default_factory=list)
     source: Path | None = Field(None, exclude=True)
 
     @model_validator(mode="after")
@@ -338,6 +357,13 @@ def _resolve_paths(project: Project, root: yaml.Node, check_files: bool) -> None
             raise ConfigError(f"data file not found: {resolved}", where,
                               "paths are relative to the config file's folder")
         setattr(project.data, key, resolved)
+    for i, suite in enumerate(project.benchmarks):
+        resolved = suite.data if suite.data.is_absolute() else (base / suite.data).resolve()
+        if check_files and not resolved.is_file():
+            raise ConfigError(f"benchmark data file not found: {resolved}",
+                              _where(project.source, root, ("benchmarks", i, "data")),
+                              "paths are relative to the config file's folder")
+        suite.data = resolved
 
 
 def _config_error(e: ValidationError, path: Path, root: yaml.Node) -> ConfigError:

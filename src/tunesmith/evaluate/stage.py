@@ -10,6 +10,7 @@ from tunesmith.config import Project
 from tunesmith.data.examples import Example
 from tunesmith.data.prepare import Splits
 from tunesmith.evaluate.forgetting import forgetting_report, probe_accuracy
+from tunesmith.evaluate.suites import load_suites, predict_suites, suite_report
 from tunesmith.evaluate.compare import compare
 from tunesmith.evaluate.metrics import (compute_metrics, confusion_matrix, expected_calibration_error, metric_names,
                                         per_class)
@@ -39,6 +40,9 @@ def eval_stage(project: Project, splits: Splits, run_dir: Path, progress: bool =
     tuned = run(model, "fine-tuned")
     tuned_figures = _figures(fmt, test, tuned, seconds["fine-tuned"], project.eval.batch_size)
     tuned_figures.update(_latency(model, tokenizer, fmt, test, project, bf16))
+    suites = load_suites(project.benchmarks, tokenizer)
+    suite_args = (tokenizer, suites, project.eval.batch_size, project.eval.max_new_tokens, bf16)
+    tuned_suites = predict_suites(model, *suite_args, "fine-tuned", progress)
     kind = fsio.read_json(run_dir / "model/tunesmith.json")["kind"]
     tuned_figures.update(_sizes(run_dir / "model", base_path, kind))
     probe = project.eval.forgetting_probe
@@ -57,6 +61,10 @@ def eval_stage(project: Project, splits: Splits, run_dir: Path, progress: bool =
     metrics = {"baseline": base_figures, "finetuned": tuned_figures, "test_examples": len(test),
                "latency_ms": {k: f.pop("latency_samples_ms", []) for k, f in (("baseline", base_figures),
                                                                                 ("finetuned", tuned_figures))}}
+    if suites:
+        base_suites = predict_suites(base_model, *suite_args, "baseline", progress)
+        metrics["benchmarks"] = suite_report(suites, base_suites, tuned_suites, project.eval.bootstrap_resamples,
+                                             project.eval.seed)
     calibration = {name: _calibration(test, p) for name, p in (("baseline", base), ("finetuned", tuned))}
     if all(calibration.values()):
         metrics["calibration"] = calibration

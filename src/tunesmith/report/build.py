@@ -24,7 +24,8 @@ def report_stage(run_dir: Path) -> Path:
     log = _read_log(run_dir / "train_log.jsonl")
     body = [_header(summary), _verdict(summary["objective"]), _metrics_table(metrics), _plots(metrics, log, summary),
             data_section(data), _watch_section(summary.get("training", {}), metrics.get("forgetting")),
-            _search_section(run_dir, summary["objective_metric"]), _train_section(metrics.get("train", {}))]
+            _suites_section(metrics.get("benchmarks", {})), _search_section(run_dir, summary["objective_metric"]),
+            _train_section(metrics.get("train", {}))]
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>tunesmith: {html.escape(summary['name'])}"
             f"</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>")
     fsio.write_text(run_dir / "report.html", page)
@@ -114,6 +115,20 @@ def _watch_section(training: dict, forgetting: dict | None) -> str:
     if not items:
         items.append("<li>no overfitting signal; training ran its planned steps</li>")
     return f"<h2>Training watch</h2><ul>{''.join(items)}</ul>"
+
+
+def _suites_section(suites: dict) -> str:
+    """Extra evaluation sets (`benchmarks:`): each one's lead metric for both models and the paired difference."""
+    if not suites:
+        return ""
+    rows = []
+    for name, s in suites.items():
+        m, c = s["metric"], s["comparison"][s["metric"]]
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{s['examples']}</td><td>{m}</td><td>{_fmt(s['baseline'][m])}</td>"
+                    f"<td>{_fmt(s['finetuned'][m])}</td><td>{c['diff']:+.4f}</td><td>[{c['ci_low']:+.4f}, "
+                    f"{c['ci_high']:+.4f}]</td><td>{c['p_value']:.3g}</td></tr>")
+    return ("<h2>Other evaluation sets</h2><table><tr><th>set</th><th>examples</th><th>metric</th><th>baseline</th>"
+            "<th>fine-tuned</th><th>difference</th><th>95% CI</th><th>p-value</th></tr>" + "".join(rows) + "</table>")
 
 
 def _search_section(run_dir: Path, metric: str) -> str:
