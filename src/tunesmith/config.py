@@ -237,6 +237,26 @@ class TrainConfig(_Strict):
         return self
 
 
+class JudgeConfig(_Strict):
+    """Optional LLM judge of baseline vs fine-tuned answers (off by default)."""
+
+    enabled: bool = False
+    endpoint: str | None = None          # OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1
+    model: str | None = None             # the endpoint's model name, or a local model when no endpoint
+    api_key_env: str | None = "OPENAI_API_KEY"
+    rubric: str = ("You are an impartial grader. Judge each answer first on whether it agrees with the "
+                   "reference answer, then on clarity and concision.")
+    mode: Literal["single", "pairwise", "both"] = "both"
+    max_examples: int = Field(50, ge=1)
+    timeout_s: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _has_a_judge(self) -> JudgeConfig:
+        if self.enabled and not (self.endpoint or self.model):
+            raise ValueError("give eval.judge.endpoint (OpenAI-compatible URL) or eval.judge.model (a local model)")
+        return self
+
+
 class EvalConfig(_Strict):
     batch_size: int = Field(16, ge=1)
     max_examples: int | None = Field(None, ge=1)
@@ -246,6 +266,7 @@ class EvalConfig(_Strict):
     forgetting_probe: bool = True
     bootstrap_resamples: int = Field(1000, ge=100)   # paired bootstrap of baseline vs fine-tuned differences
     seed: int = 0
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
 
 
 class SuiteConfig(_Strict):

@@ -65,6 +65,8 @@ def eval_stage(project: Project, splits: Splits, run_dir: Path, progress: bool =
         base_suites = predict_suites(base_model, *suite_args, "baseline", progress)
         metrics["benchmarks"] = suite_report(suites, base_suites, tuned_suites, project.eval.bootstrap_resamples,
                                              project.eval.seed)
+    if project.eval.judge.enabled:
+        metrics["judge"] = _judge(project.eval.judge, test, base, tuned)
     calibration = {name: _calibration(test, p) for name, p in (("baseline", base), ("finetuned", tuned))}
     if all(calibration.values()):
         metrics["calibration"] = calibration
@@ -96,6 +98,15 @@ def _figures(fmt, test: list[Example], preds: Predictions, seconds: float, batch
     figures["throughput_eps"] = round(len(test) / seconds, 2) if seconds > 0 else None
     figures["throughput_batch_size"] = batch_size
     return figures
+
+
+def _judge(cfg, test: list[Example], base: Predictions, tuned: Predictions) -> dict:
+    from tunesmith.evaluate.judge import judge_answers, make_asker
+
+    n = cfg.max_examples
+    result = judge_answers(make_asker(cfg), cfg.rubric, [e.input for e in test[:n]], [e.target for e in test[:n]],
+                           base.texts[:n], tuned.texts[:n], cfg.mode)
+    return {"judge": cfg.endpoint or cfg.model, "single": result.single, "pairwise": result.pairwise}
 
 
 def _calibration(test: list[Example], preds: Predictions) -> dict | None:

@@ -24,7 +24,7 @@ def report_stage(run_dir: Path) -> Path:
     log = _read_log(run_dir / "train_log.jsonl")
     body = [_header(summary), _verdict(summary["objective"]), _metrics_table(metrics), _plots(metrics, log, summary),
             data_section(data), _watch_section(summary.get("training", {}), metrics.get("forgetting")),
-            _suites_section(metrics.get("benchmarks", {})), _search_section(run_dir, summary["objective_metric"]),
+            _suites_section(metrics.get("benchmarks", {})), _judge_section(metrics.get("judge")), _search_section(run_dir, summary["objective_metric"]),
             _train_section(metrics.get("train", {}))]
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>tunesmith: {html.escape(summary['name'])}"
             f"</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>")
@@ -129,6 +129,19 @@ def _suites_section(suites: dict) -> str:
                     f"{c['ci_high']:+.4f}]</td><td>{c['p_value']:.3g}</td></tr>")
     return ("<h2>Other evaluation sets</h2><table><tr><th>set</th><th>examples</th><th>metric</th><th>baseline</th>"
             "<th>fine-tuned</th><th>difference</th><th>95% CI</th><th>p-value</th></tr>" + "".join(rows) + "</table>")
+
+
+def _judge_section(judge: dict | None) -> str:
+    if not judge:
+        return ""
+    items = [f"<li>{name}: mean score {s['mean_score']} of 10 ({s['graded']} graded, {s['unparsed']} unparsed)</li>"
+             for name, s in judge.get("single", {}).items()]
+    p = judge.get("pairwise")
+    if p:
+        items.append(f"<li>pairwise over {p['pairs']} examples, asked in both orders: fine-tuned wins {p['win']:.0%}, "
+                     f"ties {p['tie']:.0%}, loses {p['loss']:.0%}; the judge kept its verdict when the answers "
+                     f"swapped places in {p['position_consistency']:.0%}</li>")
+    return f"<h2>LLM judge ({html.escape(str(judge['judge']))})</h2><ul>{''.join(items)}</ul>"
 
 
 def _search_section(run_dir: Path, metric: str) -> str:
