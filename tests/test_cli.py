@@ -200,6 +200,10 @@ def test_generation_and_chat_runs(tmp_path, tiny_model, kind):
     result = runner.invoke(app, ["run", str(tmp_path / "p.yaml"), "--out", str(tmp_path / "out"), "--quiet"])
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert {"exact_match", "rouge_l"} <= set(metrics["finetuned"]) and "confusion_matrix" not in metrics
+    assert {"exact_match", "rouge_l", "bleu", "chrf"} <= set(metrics["finetuned"]) and "confusion_matrix" not in metrics
+    # The tiny model is random: its perplexity on the answers is large, but finite and above 1.
+    assert all(1 < metrics[side]["perplexity"] < 1e6 for side in ("baseline", "finetuned"))
+    assert metrics["finetuned"]["perplexity"] < metrics["baseline"]["perplexity"]  # training lowered it
+    assert "exact_match" in metrics["comparison"] and "bleu" in metrics["comparison"]
     rows_out = [json.loads(line) for line in (tmp_path / "out" / "predictions" / "test.jsonl").read_text().splitlines()]
     assert len(rows_out) == 4 and all(isinstance(r["prediction"], str) for r in rows_out)

@@ -33,7 +33,7 @@ GENERATION = ("generation", "chat")
 
 # Figures other than task metrics that an objective constraint may name (see evaluate.efficiency).
 CONSTRAINT_FIGURES = {"latency_p50_ms", "latency_p95_ms", "model_size_mb", "peak_rss_mb",
-                      "train_seconds", "tokens_per_second", "trainable_params", "throughput_eps", "ece"}
+                      "train_seconds", "tokens_per_second", "trainable_params", "throughput_eps", "ece", "perplexity"}
 
 
 def register(name: str, tasks: tuple[str, ...], higher_is_better: bool = True, cost: int = 1):

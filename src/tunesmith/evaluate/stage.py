@@ -10,6 +10,7 @@ from tunesmith.config import Project
 from tunesmith.data.examples import Example
 from tunesmith.data.prepare import Splits
 from tunesmith.evaluate.forgetting import forgetting_report, probe_accuracy
+from tunesmith.evaluate.perplexity import answer_perplexity
 from tunesmith.evaluate.suites import load_suites, predict_suites, suite_report
 from tunesmith.evaluate.compare import compare
 from tunesmith.evaluate.metrics import (compute_metrics, confusion_matrix, expected_calibration_error, metric_names,
@@ -40,6 +41,8 @@ def eval_stage(project: Project, splits: Splits, run_dir: Path, progress: bool =
     tuned = run(model, "fine-tuned")
     tuned_figures = _figures(fmt, test, tuned, seconds["fine-tuned"], project.eval.batch_size)
     tuned_figures.update(_latency(model, tokenizer, fmt, test, project, bf16))
+    if not fmt.labels:  # generation: how likely each model finds the reference answers
+        tuned_figures["perplexity"] = answer_perplexity(model, tokenizer, fmt, test, project.eval.batch_size, bf16)
     suites = load_suites(project.benchmarks, tokenizer)
     suite_args = (tokenizer, suites, project.eval.batch_size, project.eval.max_new_tokens, bf16)
     tuned_suites = predict_suites(model, *suite_args, "fine-tuned", progress)
@@ -57,6 +60,9 @@ def eval_stage(project: Project, splits: Splits, run_dir: Path, progress: bool =
     base = run(base_model, "baseline", base_fmt)
     base_figures = _figures(fmt, test, base, seconds["baseline"], project.eval.batch_size)
     base_figures.update(_latency(base_model, tokenizer, base_fmt, test, project, bf16))
+    if not fmt.labels:
+        base_figures["perplexity"] = answer_perplexity(base_model, tokenizer, base_fmt, test,
+                                                       project.eval.batch_size, bf16)
     base_figures.update(_sizes(base_path, base_path, "full"))
     metrics = {"baseline": base_figures, "finetuned": tuned_figures, "test_examples": len(test),
                "latency_ms": {k: f.pop("latency_samples_ms", []) for k, f in (("baseline", base_figures),
