@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import struct
 
@@ -58,10 +59,16 @@ def test_signals_for_widening_gap_and_falling_metric():
 
 
 def test_overfitting_run_is_flagged_stopped_and_best_restored(tiny_model):
-    # 6 examples, a large learning rate and many steps: the model memorises the training set.
-    result = _fit(tiny_model, train_n=6, max_steps=200, eval_every=2, learning_rate=0.05, patience=50,
-                  batch_size=2, overfit={"evals": 2})
-    assert result.overfitting and result.stopped_early and result.stats["steps"] < 200
+    # 8 examples with random labels and many full fine-tuning steps: there is nothing to learn but
+    # the examples themselves, so the model memorises them and the validation gap opens.
+    tok, fmt = _setup(tiny_model)
+    rng = random.Random(0)
+    noisy = [Example(e.input, rng.choice(LABELS), e.source) for e in _data(8, 1)]
+    cfg = TrainConfig(method="full", max_steps=300, eval_every=4, batch_size=2, learning_rate=0.003, patience=50,
+                      overfit={"evals": 2}, trackers=[])
+    result = fit(load_model(tiny_model), tok, fmt, noisy, _data(6, 2), cfg, "accuracy", progress=False)
+    assert result.overfitting and result.stopped_early and result.stats["steps"] < 300
+    assert result.overfitting[0]["signal"] == "widening_gap"
     assert "overfitting" in result.stop_reason
     assert result.best["step"] < result.stats["steps"]
 

@@ -1,9 +1,9 @@
 """Watching training: best checkpoint, early stopping, and the overfitting detector.
 
 Two signals of overfitting are checked after every validation:
-- widening gap: validation loss minus training loss grew at each of the last N evaluations
-  while validation loss is above its best, i.e. the model fits the training set better and
-  the held-out set worse;
+- widening gap: validation loss minus training loss was positive and grew at each of the last
+  N evaluations, and validation loss ended the window above where it started and above its
+  best, i.e. the model fits the training set better and the held-out set worse;
 - falling metric: the validation metric got worse at each of the last N evaluations.
 Either one flags the run (log, report, summary.json); with `overfit.stop` it also stops it,
 and the best checkpoint is restored as with patience-based early stopping.
@@ -25,7 +25,11 @@ def overfitting_signals(history: list[dict], metric: str, n: int) -> list[dict]:
     signals = []
     gaps = [r["val_loss"] - r["train_loss"] for r in recent]
     best_val = min(r["val_loss"] for r in history)
-    if all(b > a for a, b in zip(gaps, gaps[1:])) and recent[-1]["val_loss"] > best_val:
+    # Early in training the gap is negative (the windowed train loss still holds the first, high
+    # losses) and grows as training converges: only a positive, widening gap with validation
+    # loss rising across the window is overfitting.
+    widening = all(b > a for a, b in zip(gaps, gaps[1:])) and all(g > 0 for g in gaps)
+    if widening and recent[-1]["val_loss"] > max(best_val, recent[0]["val_loss"]):
         signals.append({"signal": "widening_gap", "step": recent[-1]["step"],
                         "detail": f"validation-train loss gap grew {n} evaluations in a row "
                                   f"({gaps[0]:.4f} -> {gaps[-1]:.4f}); validation loss "
