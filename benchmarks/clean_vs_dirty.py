@@ -57,6 +57,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--per-kind", type=int, default=20, help="rows of each injected problem")
     ap.add_argument("--seeds", type=int, default=1, help="training seeds per setting")
+    ap.add_argument("--first-seed", type=int, default=42)
     ap.add_argument("--keep", type=Path, help="keep the data and run directories here")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,9 +75,10 @@ def main() -> None:
         results: dict[str, list[dict]] = {"dirty": [], "clean": []}
         for seed in range(args.seeds):
             for name in ("dirty", "clean"):
-                result = run(project(folder, name == "clean", 42 + seed), folder / f"run-{name}-{seed}", leaked)
+                result = run(project(folder, name == "clean", args.first_seed + seed), folder / f"run-{name}-{seed}",
+                             leaked)
                 results[name].append(result)
-                print(f"{name} seed {42 + seed}: test accuracy {result['accuracy']:.4f}, on the "
+                print(f"{name} seed {args.first_seed + seed}: test accuracy {result['accuracy']:.4f}, on the "
                       f"{result['unleaked_rows']} test rows not copied into train {result['unleaked_accuracy']:.4f}; "
                       f"train rows {result['train_rows']}, removed {result['removed'] or 'nothing'}", flush=True)
         for key, what in (("accuracy", "all test rows (the dirty run has seen some of them)"),

@@ -123,3 +123,45 @@ def test_adapter_loss_equals_peft_loss(tiny_model, method):
     plain = collate(encode_for_training(tok, fmt, examples[:3]), tok.pad_token_id)
     theirs = model(input_ids=plain["input_ids"], attention_mask=plain["attention_mask"], labels=plain["labels"]).loss
     assert abs(ours.item() - theirs.item()) < 1e-4
+
+
+def test_constrained_scoring_equals_brute_force_and_sums_to_one(tiny_model):
+    """Constrained label scoring (only the branching points of the label trie) against a direct
+    computation: one full forward per label prefix, softmax over the allowed next tokens."""
+    from tunesmith.tasks.classification import score_labels_constrained
+    from tunesmith.tasks.label_trie import LabelTrie
+
+    model = load_model(tiny_model).eval()
+    torch.manual_seed(0)
+    prompts = [[1] + torch.randint(3, 60, (n,)).tolist() for n in (5, 9, 7, 12, 3)]
+    answers = [[10, 11, 12, 2], [10, 11, 13, 2], [10, 14, 2], [20, 2], [20, 21, 2], [30, 31, 32, 2]]
+    got = score_labels_constrained(model, prompts, answers, 0, batch_size=2, max_rows=3)
+    assert torch.allclose(got.exp().sum(-1), torch.ones(len(prompts)), atol=1e-5)
+    with torch.no_grad():
+        expected = torch.zeros(len(prompts), len(answers))
+        for i, prompt in enumerate(prompts):
+            for j, a in enumerate(answers):
+                for k in range(len(a)):
+                    kids = sorted({b[k] for b in answers if b[:k] == a[:k]})
+                    if len(kids) > 1:
+                        logits = model(input_ids=torch.tensor([prompt + a[:k]])).logits[0, -1]
+                        expected[i, j] += torch.log_softmax(logits[kids], -1)[kids.index(a[k])]
+    assert torch.allclose(got, expected, atol=1e-4)
+    trie = LabelTrie.build(answers)
+    # Root branches (10/20/30), [10] and [10, 11] and [20] branch: paths [10, 11] and [20].
+    assert trie.paths == [[10, 11], [20]] and trie.positions() == 3
+
+
+def test_constrained_scoring_through_predict(tiny_model, tiny_plain_model):
+    from dataclasses import replace
+
+    from tunesmith.tasks.predict import predict
+
+    for path in (tiny_model, tiny_plain_model):
+        tok, model, fmt, examples = _setup(path)
+        fmt = replace(fmt, label_scoring="constrained")
+        preds = predict(model, tok, fmt, examples, batch_size=2)
+        assert all(p in LABELS for p in preds.texts)
+        assert all(abs(sum(p.values()) - 1) < 1e-3 for p in preds.probabilities)
+    cfg = TaskConfig(instruction="x", label_scoring="constrained")
+    assert build_format(cfg, LABELS, load_tokenizer(tiny_model)).label_scoring == "constrained"

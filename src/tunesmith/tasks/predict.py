@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from tunesmith import hardware
 from tunesmith.data.examples import Example
-from tunesmith.tasks.classification import predict_labels, score_labels
+from tunesmith.tasks.classification import predict_labels, score_labels, score_labels_constrained
 from tunesmith.tasks.generation import generate
 from tunesmith.tasks.prompts import PromptFormat, encode_answer, encode_prompt
 
@@ -42,8 +42,9 @@ def predict(model, tokenizer, fmt: PromptFormat, examples: list[Example], batch_
         with hardware.autocast(autocast, next(model.parameters()).device):
             if fmt.labels:
                 answers = [encode_answer(tokenizer, fmt, lab) for lab in fmt.labels]
-                scores = score_labels(model, prompts, answers, tokenizer.pad_token_id, batch_size=batch_size,
-                                      progress=progress)
+                scorer = score_labels_constrained if fmt.label_scoring == "constrained" else score_labels
+                scores = scorer(model, prompts, answers, tokenizer.pad_token_id, batch_size=batch_size,
+                                progress=progress)
                 return Predictions(*predict_labels(scores, fmt.labels))
             return Predictions(generate(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size,
                                         progress=progress))

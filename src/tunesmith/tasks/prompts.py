@@ -22,6 +22,9 @@ class PromptFormat:
     max_length: int
     # Worked examples shown before the input ({"input", "output"}), chosen by prompt_optimization.
     shots: list[dict] = field(default_factory=list)
+    # How a label is scored: "sequence" (log-probability of all its tokens) or "constrained" (the
+    # probability that decoding restricted to the label set produces it; far fewer forwards).
+    label_scoring: str = "sequence"
 
     def system_text(self) -> str:
         text = self.instruction.strip()
@@ -122,4 +125,5 @@ def build_format(task, labels: list[str] | None, tokenizer) -> PromptFormat:
         list_labels = len(_ids(tokenizer, listing)) <= task.max_length // 3
     elif labels:
         list_labels = bool(task.list_labels)
-    return PromptFormat(task.type, task.instruction, labels, list_labels, task.max_length)
+    return PromptFormat(task.type, task.instruction, labels, list_labels, task.max_length,
+                        label_scoring=task.label_scoring)
