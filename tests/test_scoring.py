@@ -135,7 +135,7 @@ def test_constrained_scoring_equals_brute_force_and_sums_to_one(tiny_model):
     torch.manual_seed(0)
     prompts = [[1] + torch.randint(3, 60, (n,)).tolist() for n in (5, 9, 7, 12, 3)]
     answers = [[10, 11, 12, 2], [10, 11, 13, 2], [10, 14, 2], [20, 2], [20, 21, 2], [30, 31, 32, 2]]
-    got = score_labels_constrained(model, prompts, answers, 0, batch_size=2, max_rows=3)
+    got = score_labels_constrained(model, prompts, answers, 0, batch_size=2)
     assert torch.allclose(got.exp().sum(-1), torch.ones(len(prompts)), atol=1e-5)
     with torch.no_grad():
         expected = torch.zeros(len(prompts), len(answers))
@@ -148,8 +148,8 @@ def test_constrained_scoring_equals_brute_force_and_sums_to_one(tiny_model):
                         expected[i, j] += torch.log_softmax(logits[kids], -1)[kids.index(a[k])]
     assert torch.allclose(got, expected, atol=1e-4)
     trie = LabelTrie.build(answers)
-    # Root branches (10/20/30), [10] and [10, 11] and [20] branch: paths [10, 11] and [20].
-    assert trie.paths == [[10, 11], [20]] and trie.positions() == 3
+    # The root (10/20/30), [10], [10, 11] and [20] branch: the tree runs tokens 10, 20 and then 11.
+    assert trie.tree == [(10,), (20,), (10, 11)] and trie.positions() == 3
 
 
 def test_constrained_scoring_through_predict(tiny_model, tiny_plain_model):

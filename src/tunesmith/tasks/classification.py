@@ -106,51 +106,60 @@ def _score_continuations(model, tensors, pairs, prompt_mask, label_ids, label_ma
 
 @torch.inference_mode()
 def score_labels_constrained(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int,
-                             batch_size: int = 16, max_rows: int = 64, progress: str | None = None) -> torch.Tensor:
+                             batch_size: int = 16, progress: str | None = None) -> torch.Tensor:
     """Log-probability of each label under decoding constrained to the label set (see label_trie).
 
     Same arguments and (N, L) result as score_labels; each row's probabilities sum to one.
     """
     dev = next(model.parameters()).device
     trie = LabelTrie.build(answers)
+    tree = tuple(t.to(dev) for t in trie.tree_inputs()) if trie.tree else None
     n_prefix = common_prefix_len(prompts)
     prefix = prefix_tensors(model, torch.tensor(prompts[0][:n_prefix], device=dev))
     lm = unwrap(model)
     head = lm.get_output_embeddings().weight                      # (V, H)
-    path_ids, path_mask = (t.to(dev) for t in right_pad(trie.paths, pad_id)) if trie.paths else (None, None)
     choice = trie.choice.to(dev)                                   # (L, C)
     scores = []
     with tqdm(total=len(prompts), desc=progress, unit="ex", disable=progress is None, dynamic_ncols=True) as bar:
         for start in range(0, len(prompts), batch_size):
             batch = [p[n_prefix:] for p in prompts[start:start + batch_size]]
-            last, path_hidden = _trie_hidden(lm.get_decoder(), prefix, batch, path_ids, path_mask, pad_id, max_rows)
-            scores.append(node_log_probs(last, path_hidden, trie, head) @ choice.T)   # (B, L)
+            last, tree_hidden = _tree_hidden(lm.get_decoder(), prefix, batch, tree, pad_id)
+            scores.append(node_log_probs(last, tree_hidden, trie, head) @ choice.T)   # (B, L)
             bar.update(len(batch))
     return torch.cat(scores).cpu()
 
 
-def _trie_hidden(decoder, prefix, prompts, path_ids, path_mask, pad_id, max_rows):
-    """(B, H) last prompt hidden states and (B, P, D, H) hidden states over the trie paths (or None)."""
+def _tree_hidden(decoder, prefix, prompts, tree, pad_id):
+    """(B, H) last prompt hidden states and (B, Q, H) hidden states of the label tree's tokens (or None).
+
+    The tree tokens follow the prompt in one forward; a 4D mask lets each see the prompt's real
+    tokens and its own ancestors only, and its position is the prompt length plus its depth.
+    """
     dev = decoder.get_input_embeddings().weight.device
     ids, mask = (t.to(dev) for t in left_pad(prompts, pad_id))   # (B, S)
     mask, positions = continue_after(cache_len(prefix), mask)       # (B, P+S), (B, S)
     extra = cache_kwargs(decoder, broadcast(prefix, len(prompts))) if prefix else {}
     out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
     last = out.last_hidden_state[:, -1]                              # (B, H)
-    if path_ids is None:
+    if tree is None:
         return last, None
-    tensors = cache_tensors(output_cache(out))
-    n_b, (n_p, depth) = len(prompts), path_ids.shape
-    rows = torch.cartesian_prod(torch.arange(n_b, device=dev), torch.arange(n_p, device=dev))  # (B*P, 2)
-    hidden = torch.empty(n_b * n_p, depth, last.shape[-1], device=dev, dtype=last.dtype)
-    for s in range(0, len(rows), max_rows):
-        b_idx, p_idx = rows[s:s + max_rows, 0], rows[s:s + max_rows, 1]
-        attention = torch.cat([mask[b_idx], path_mask[p_idx]], dim=1)                      # (R, T+D)
-        pos = mask[b_idx].sum(-1, keepdim=True) + torch.arange(depth, device=dev)           # (R, D)
-        step = decoder(input_ids=path_ids[p_idx], attention_mask=attention, position_ids=pos, use_cache=True,
-                       **cache_kwargs(decoder, select_rows(tensors, b_idx)))
-        hidden[s:s + len(b_idx)] = step.last_hidden_state.to(hidden.dtype)
-    return last, hidden.view(n_b, n_p, depth, -1)
+    tree_ids, depth, sees = tree                                     # (Q,), (Q,), (Q, Q)
+    n_b, n_q = len(prompts), len(tree_ids)
+    full = torch.cat([mask.bool()[:, None, :].expand(n_b, n_q, -1), sees.expand(n_b, n_q, n_q)], dim=2)
+    pos = mask.sum(-1, keepdim=True) + depth - 1                     # (B, Q)
+    step = decoder(input_ids=tree_ids.expand(n_b, n_q), attention_mask=_attention_4d(decoder, full[:, None]),
+                   position_ids=pos, use_cache=True, **cache_kwargs(decoder, output_cache(out)))
+    return last, step.last_hidden_state                             # (B, Q, H)
+
+
+def _attention_4d(decoder, allowed: torch.Tensor) -> torch.Tensor:
+    """A (B, 1, Q, KV) mask in the form the attention implementation takes: boolean for SDPA and
+    flex, additive float (0 / dtype min) for eager."""
+    if getattr(decoder.config, "_attn_implementation", "sdpa") == "eager":
+        dtype = decoder.get_input_embeddings().weight.dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed,
+                                                                                         torch.finfo(dtype).min)
+    return allowed
 
 
 def predict_labels(scores: torch.Tensor, labels: list[str]) -> tuple[list[str], list[dict[str, float]]]:

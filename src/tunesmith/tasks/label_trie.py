@@ -19,12 +19,17 @@ import torch
 
 @dataclass
 class LabelTrie:
-    """Branching nodes of the label trie and how the model is run over them."""
+    """Branching nodes of the label trie and the token tree the model runs over.
+
+    The tree holds every label prefix that leads to a branching node; each of its nodes is one token
+    whose attention covers the prompt and the node's ancestors, so one forward per batch of prompts
+    computes all of them (a tree attention mask), with no copy of the prompt's key/value cache.
+    """
 
     nodes: list[tuple[int, ...]]          # branching prefixes, root () first when it branches
-    children: list[list[int]]             # allowed next tokens at each node
-    paths: list[list[int]]                # token sequences to run (maximal prefixes reaching branching nodes)
-    where: list[tuple[int, int]]          # per node: (path index, depth) whose hidden state predicts it; root: (-1, 0)
+    children: list[list[int]]             # allowed next tokens at each branching node
+    tree: list[tuple[int, ...]]           # prefixes run through the model, parents before children
+    where: list[int]                      # per branching node: tree index whose hidden state predicts it; root -1
     choice: torch.Tensor                  # (L, C) 1 where label l takes child c (C = all nodes' children, concatenated)
 
     @classmethod
@@ -35,39 +40,45 @@ class LabelTrie:
                 kids[tuple(a[:k])].add(a[k])
         nodes = sorted((p for p, c in kids.items() if len(c) >= 2), key=lambda p: (len(p), p))
         children = [sorted(kids[p]) for p in nodes]
-        needed = {p for p in nodes if p}
-        paths = [list(p) for p in sorted(needed) if not any(q != p and q[:len(p)] == p for q in needed)]
-        where = [(-1, 0) if not p else (next(j for j, q in enumerate(paths) if tuple(q[:len(p)]) == p), len(p))
-                 for p in nodes]
+        tree = sorted({p[:k] for p in nodes for k in range(1, len(p) + 1)}, key=lambda p: (len(p), p))
+        index = {p: i for i, p in enumerate(tree)}
+        where = [index[p] if p else -1 for p in nodes]
         offsets = [0]
         for c in children:
             offsets.append(offsets[-1] + len(c))
         choice = torch.zeros(len(answers), offsets[-1])
-        index = {p: i for i, p in enumerate(nodes)}
+        node_index = {p: i for i, p in enumerate(nodes)}
         for lab, a in enumerate(answers):
             for k in range(len(a)):
-                i = index.get(tuple(a[:k]))
+                i = node_index.get(tuple(a[:k]))
                 if i is not None:
                     choice[lab, offsets[i] + children[i].index(a[k])] = 1.0
-        return cls(nodes, children, paths, where, choice)
+        return cls(nodes, children, tree, where, choice)
 
     def positions(self) -> int:
         """Token positions run per example beyond the prompt."""
-        return sum(len(p) for p in self.paths)
+        return len(self.tree)
+
+    def tree_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Q,) token ids, (Q,) depths (1 = first label token) and (Q, Q) ancestor-or-self mask."""
+        ids = torch.tensor([p[-1] for p in self.tree], dtype=torch.long)
+        depth = torch.tensor([len(p) for p in self.tree], dtype=torch.long)
+        sees = torch.tensor([[q == p[:len(q)] for q in self.tree] for p in self.tree], dtype=torch.bool)
+        return ids, depth, sees
 
 
-def node_log_probs(hidden_last: torch.Tensor, path_hidden: torch.Tensor | None, trie: LabelTrie,
+def node_log_probs(hidden_last: torch.Tensor, tree_hidden: torch.Tensor | None, trie: LabelTrie,
                    head_weight: torch.Tensor) -> torch.Tensor:
     """(B, C) log-probabilities of each node's allowed tokens, softmax within each node.
 
     Args:
         hidden_last: (B, H) final hidden state of each prompt (predicts the root's children).
-        path_hidden: (B, P, D, H) hidden states over the trie paths, or None when only the root branches.
+        tree_hidden: (B, Q, H) hidden states of the tree tokens, or None when only the root branches.
         head_weight: (V, H) the LM head's weight (rows of allowed tokens are used).
     """
     parts = []
-    for (j, depth), kids in zip(trie.where, trie.children):
-        h = hidden_last if j < 0 else path_hidden[:, j, depth - 1]           # (B, H)
+    for q, kids in zip(trie.where, trie.children):
+        h = hidden_last if q < 0 else tree_hidden[:, q]                       # (B, H)
         logits = h.float() @ head_weight[kids].float().T                     # (B, k)
         parts.append(torch.log_softmax(logits, dim=-1))
     return torch.cat(parts, dim=-1) if parts else hidden_last.new_zeros((hidden_last.shape[0], 0))
