@@ -55,7 +55,8 @@ def test_short_real_run_learns_and_reproduces(tmp_path, smollm):
     _subset(QUICKSTART / "data" / "train.csv", tmp_path / "data" / "train.csv", 12)
     _subset(QUICKSTART / "data" / "test.csv", tmp_path / "data" / "test.csv", 6)
     config = (QUICKSTART / "project.yaml").read_text()
-    config = config.replace("  epochs: 2\n", "  max_steps: 12\n  eval_every: 6\n").replace("{max: 2000}", "{max: 5000}")
+    config = config.replace("  epochs: 2\n", "  max_steps: 24\n  eval_every: 6\n").replace("{max: 2000}", "{max: 5000}")
+    config = config.replace("../suites/", f"{QUICKSTART.parent / 'suites'}/")  # the shipped SST-2 suite
     (tmp_path / "project.yaml").write_text(config)
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "tunesmith", "run", str(tmp_path / "project.yaml"), "--out",
@@ -64,5 +65,6 @@ def test_short_real_run_learns_and_reproduces(tmp_path, smollm):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["finetuned"]["accuracy"] > metrics["baseline"]["accuracy"]
     assert metrics["train"]["tokens_per_second"] > 0
+    assert metrics["benchmarks"]["sst2"]["examples"] == 100 and "accuracy" in metrics["comparison"]
     agree, total = reproduce_predictions(out, smollm)
     assert agree == total == 18

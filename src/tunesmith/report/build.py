@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from tunesmith import fsio
+from tunesmith.evaluate.metrics import METRICS
 from tunesmith.report import plots
 from tunesmith.report.data_section import data_section
 
@@ -76,7 +77,8 @@ def _metrics_table(metrics: dict) -> str:
 
 def _plots(metrics: dict, log: list[dict], summary: dict) -> str:
     out = []
-    names = [k for k in metrics["baseline"] if isinstance(metrics["baseline"][k], float)]
+    # Task metrics only (all on a 0-1 scale); latencies, sizes and throughput are in the table.
+    names = [k for k in metrics["baseline"] if k in METRICS and isinstance(metrics["baseline"][k], float)]
     out.append(_img(plots.metric_bars(metrics["baseline"], metrics["finetuned"], names), "test metrics"))
     curves = plots.training_curves([r for r in log if "loss" in r], [r for r in log if "val_loss" in r],
                                    summary["objective_metric"], [r["overfitting"] for r in log if "overfitting" in r],

@@ -64,9 +64,9 @@ def metric_bars(baseline: dict, finetuned: dict, names: list[str]) -> str:
     ax.bar([i - 0.2 for i in x], [baseline.get(n, 0) for n in names], width=0.4, label="baseline")
     ax.bar([i + 0.2 for i in x], [finetuned.get(n, 0) for n in names], width=0.4, label="fine-tuned")
     ax.set_xticks(list(x))
-    ax.set_xticklabels(names)
+    ax.set_xticklabels(names, rotation=20, ha="right")
     ax.set_ylim(0, 1)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("Test metrics")
     return _png(fig)
 
