@@ -24,6 +24,14 @@ def _run_dir(tmp_path, n: int = 40):
     return run
 
 
+def _exported(tmp_path, n: int):
+    """A run with n predictions, exported; returns (the human folder, its key)."""
+    run = _run_dir(tmp_path, n)
+    assert runner.invoke(app, ["human", "export", str(run)]).exit_code == 0
+    folder = run / "human"
+    return folder, json.loads((folder / "key.json").read_text())
+
+
 def _rate(pairs_csv, rater: str, prefer_tuned: float, seed: int, copy_from: dict | None = None, agree: float = 1.0):
     """A simulated rater: picks the tuned answer with probability prefer_tuned (reading the text),
     or repeats another rater's choice with probability `agree`."""
@@ -79,10 +87,7 @@ def test_export_is_blinded_and_shuffled(tmp_path):
 def test_two_raters_round_trip_with_cohen_kappa(tmp_path):
     from sklearn.metrics import cohen_kappa_score
 
-    run = _run_dir(tmp_path, 60)
-    assert runner.invoke(app, ["human", "export", str(run)]).exit_code == 0
-    folder = run / "human"
-    key = json.loads((folder / "key.json").read_text())
+    folder, key = _exported(tmp_path, 60)
     first = _rate(folder / "pairs.csv", "ann", 0.7, 1)
     second = _rate(folder / "pairs.csv", "bob", 0.6, 2, copy_from=first, agree=0.7)
     files = [_write(tmp_path / "ann.csv", "ann", first), _write(tmp_path / "bob.csv", "bob", second)]
@@ -102,10 +107,7 @@ def test_two_raters_round_trip_with_cohen_kappa(tmp_path):
 def test_three_raters_use_fleiss_kappa(tmp_path):
     from statsmodels.stats.inter_rater import fleiss_kappa as sm_fleiss
 
-    run = _run_dir(tmp_path, 30)
-    assert runner.invoke(app, ["human", "export", str(run)]).exit_code == 0
-    folder = run / "human"
-    key = json.loads((folder / "key.json").read_text())
+    folder, key = _exported(tmp_path, 30)
     base = _rate(folder / "pairs.csv", "r1", 0.7, 1)
     raters = {"r1": base, "r2": _rate(folder / "pairs.csv", "r2", 0.7, 2, base, 0.6),
               "r3": _rate(folder / "pairs.csv", "r3", 0.5, 3, base, 0.4)}
