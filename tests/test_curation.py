@@ -156,6 +156,29 @@ def test_label_noise_ranks_flipped_rows_first():
     assert all(s.suggested == f"c{y[s.index]}" for s in suspects[:3])
 
 
+@pytest.mark.parametrize("action", ["report", "remove", "relabel"])
+def test_label_noise_actions_log_every_suspect(action):
+    rng = np.random.default_rng(1)
+    centers = rng.normal(size=(3, 16)) * 4
+    y = [i % 3 for i in range(90)]
+    rows = [_ex(f"message {i}", f"c{(k + 1) % 3 if i in (4, 40) else k}", i + 2) for i, k in enumerate(y)]
+    cur = Curation(CleanConfig(label_noise={"action": action}))
+    # Vectors given up front: the curation step embeds each text once, so no embedding model is loaded.
+    cur._vectors = {e.input: centers[k] + rng.normal(size=16) for e, k in zip(rows, y)}
+    out = cur.label_noise(rows)
+    flagged = {s["line"] for s in cur.suspects}
+    assert {6, 42} <= flagged
+    if action == "report":
+        assert out == rows and not cur.removed and not cur.changes
+    elif action == "remove":
+        assert len(out) == len(rows) - len(flagged) and {r["line"] for r in cur.removed} == flagged
+    else:
+        fixed = {e.line: e.target for e in out}
+        assert len(out) == len(rows) and fixed[6] == f"c{y[4]}" and fixed[42] == f"c{y[40]}"
+        assert {c["line"] for c in cur.changes} == flagged
+        assert all(c["changes"] == ["relabel"] and c["new_label"] != c["old_label"] for c in cur.changes)
+
+
 def test_group_split_never_splits_a_group():
     groups = [f"user{i // 4}" for i in range(200)]
     labels = [str(i % 3) for i in range(200)]

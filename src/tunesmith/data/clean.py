@@ -91,6 +91,11 @@ class Curation:
                                       **_where(rows[s.index])})
                 if cfg.action == "remove":
                     self._remove(rows[s.index], "label_noise", suggested_label=s.suggested, score=s.score)
+                elif cfg.action == "relabel":
+                    self._changed(rows[s.index], ["relabel"], old_label=s.given, new_label=s.suggested, score=s.score)
+            if cfg.action == "relabel":
+                fixed = {s.index: s.suggested for s in found}
+                return [replace(e, target=fixed[i]) if i in fixed else e for i, e in enumerate(rows)]
             drop = {s.index for s in found} if cfg.action == "remove" else set()
             return [e for i, e in enumerate(rows) if i not in drop]
         return self._step("train", "label_noise", train, run)
