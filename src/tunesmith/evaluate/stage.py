@@ -11,6 +11,7 @@ from tunesmith.data.examples import Example
 from tunesmith.data.prepare import Splits
 from tunesmith.evaluate.forgetting import forgetting_report, probe_accuracy
 from tunesmith.evaluate.perplexity import answer_perplexity
+from tunesmith.evaluate.speed import latency_ms
 from tunesmith.evaluate.suites import load_suites, predict_suites, suite_report
 from tunesmith.evaluate.compare import compare
 from tunesmith.evaluate.metrics import (compute_metrics, confusion_matrix, expected_calibration_error, metric_names,
@@ -126,25 +127,9 @@ def _calibration(test: list[Example], preds: Predictions) -> dict | None:
 
 def _latency(model, tokenizer, fmt, test: list[Example], project: Project, bf16: bool) -> dict:
     """p50/p95 milliseconds per example at batch 1, on the first `latency_samples` test examples."""
-    sample = test[: project.eval.latency_samples]
-    if not sample:
-        return {}
-    times = []
-    for ex in sample:
-        started = time.perf_counter()
-        predict(model, tokenizer, fmt, [ex], batch_size=1, max_new_tokens=project.eval.max_new_tokens, autocast=bf16)
-        times.append((time.perf_counter() - started) * 1000)
-    ordered = sorted(times)
-    return {"latency_p50_ms": round(_quantile(ordered, 0.5), 2), "latency_p95_ms": round(_quantile(ordered, 0.95), 2),
-            "latency_samples_ms": [round(t, 2) for t in times]}
-
-
-def _quantile(sorted_values: list[float], q: float) -> float:
-    """Linear-interpolated quantile of already sorted values."""
-    pos = q * (len(sorted_values) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+    return latency_ms(lambda ex: predict(model, tokenizer, fmt, [ex], batch_size=1,
+                                         max_new_tokens=project.eval.max_new_tokens, autocast=bf16),
+                      test[: project.eval.latency_samples])
 
 
 def _sizes(model_dir: Path, base_path: Path, kind: str) -> dict:

@@ -23,16 +23,42 @@ def supervised_loss(model, batch: dict[str, torch.Tensor], label_smoothing: floa
         (loss, number of supervised tokens). The mean is over tokens, not examples, so long
         answers weigh by their length, as in standard causal-LM training.
     """
+    logits, targets = supervised_logits(model, batch)  # (N, V), (N,)
+    n = len(targets)
+    loss = F.cross_entropy(logits.float(), targets, reduction="sum", label_smoothing=label_smoothing) / max(n, 1)
+    return loss, n
+
+
+def supervised_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, V) logits at the N supervised positions and their (N,) target tokens."""
     lm = unwrap(model)
     hidden = _hidden_states(model, batch)       # (B, T, H)
     targets = batch["labels"][:, 1:]            # (B, T-1): token t+1 is predicted at t
     selected = targets != IGNORE                # (B, T-1)
     h = hidden[:, :-1][selected]                # (N, H)
-    logits = lm.get_output_embeddings()(h)      # (N, V)
-    n = int(selected.sum())
-    loss = F.cross_entropy(logits.float(), targets[selected], reduction="sum",
-                           label_smoothing=label_smoothing) / max(n, 1)
-    return loss, n
+    return lm.get_output_embeddings()(h), targets[selected]
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+                      temperature: float = 2.0, alpha: float = 0.5) -> torch.Tensor:
+    """Knowledge distillation: alpha * T^2 * KL(teacher || student at temperature T) + (1 - alpha) * CE.
+
+    Args:
+        student_logits: (N, C) logits of the student at N supervised positions (or examples).
+        teacher_logits: (N, C) teacher logits at the same positions, over the same classes.
+        targets: (N,) hard labels (class indices).
+        temperature: softening of both distributions; T^2 keeps the soft term's gradient scale.
+        alpha: weight of the soft (teacher) term.
+
+    Returns:
+        The scalar loss, a mean over the N positions.
+    """
+    t = temperature
+    student = F.log_softmax(student_logits.float() / t, dim=-1)    # (N, C)
+    teacher = F.log_softmax(teacher_logits.float() / t, dim=-1)    # (N, C)
+    soft = F.kl_div(student, teacher, reduction="batchmean", log_target=True) * t * t
+    hard = F.cross_entropy(student_logits.float(), targets)
+    return alpha * soft + (1 - alpha) * hard
 
 
 def _hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

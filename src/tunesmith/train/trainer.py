@@ -20,7 +20,7 @@ from tunesmith.tasks.cache import common_prefix_len
 from tunesmith.tasks.predict import predict
 from tunesmith.tasks.prompts import PromptFormat
 from tunesmith.train import distributed, fsdp
-from tunesmith.train.batching import Encoded, collate, encode_for_training, length_grouped_batches
+from tunesmith.train.batching import Encoded, batch_stream, collate, encode_for_training
 from tunesmith.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from tunesmith.train.loss import supervised_loss
 from tunesmith.train.methods import get_method
@@ -106,7 +106,7 @@ def fit(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[Exa
     # Prompts of a task share their system text: its keys/values are computed once per batch. Not
     # under FSDP: a second pass through a sharded layer before backward is not supported there.
     prefix_len = 0 if sharded else common_prefix_len([e.ids[: e.n_prompt] for e in encoded + val_encoded])
-    batches = _batch_stream(encoded, cfg, tokenizer.pad_token_id, prefix_len, rank, world,
+    batches = batch_stream(encoded, cfg, tokenizer.pad_token_id, prefix_len, rank, world,
                             skip=loop["step"] * cfg.grad_accum)
     with TrainLog(out_dir / "train_log.jsonl" if writes else None, keep_until=loop["step"]) as log, \
             Trackers(cfg.trackers if writes else [], out_dir, "tunesmith", cfg.model_dump()) as trackers, \
@@ -197,24 +197,6 @@ def _result(model, watch: Watch, loop: dict, plan: Plan, cfg: TrainConfig, bf16:
              "stop_reason": watch.stop_reason}
     return TrainResult(model, history=watch.history, best=watch.best, stopped_early=bool(watch.stop_reason),
                        stats=stats, overfitting=watch.flags, stop_reason=watch.stop_reason)
-
-
-def _batch_stream(encoded: list[Encoded], cfg: TrainConfig, pad_id: int, prefix_len: int, rank: int = 0,
-                  world: int = 1, skip: int = 0):
-    """This rank's batches forever, one reshuffle per epoch seeded by the epoch, so a run is
-    repeatable and a resumed run sees the same order. Global batch i goes to rank i % world;
-    `skip` is the number of this rank's batches already consumed."""
-    epoch, seen = 0, 0
-    while True:
-        order = length_grouped_batches([len(e.ids) for e in encoded], cfg.batch_size, cfg.seed + epoch,
-                                       cfg.length_grouping)
-        # Every rank takes the same number of batches per epoch (the remainder is dropped).
-        usable = len(order) - len(order) % world if len(order) >= world else len(order)
-        for idx in order[rank:usable:world]:
-            if seen >= skip:
-                yield collate([encoded[i] for i in idx], pad_id, prefix_len)
-            seen += 1
-        epoch += 1
 
 
 @torch.no_grad()
