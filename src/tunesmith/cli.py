@@ -30,7 +30,7 @@ def _guarded(debug: bool, fn: Callable[[], int], details: bool = False) -> None:
 
     With `details`, the error's extra lines (e.g. every bad row) follow, indented.
     """
-    _quiet_libraries()
+    quiet_libraries()
     try:
         code = fn()
     except TunesmithError as e:
@@ -53,7 +53,7 @@ def _guarded(debug: bool, fn: Callable[[], int], details: bool = False) -> None:
     raise typer.Exit(code)
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -145,6 +145,37 @@ def report(run_dir: Path = typer.Argument(..., help="an evaluated run directory"
         print(f"report: {report_stage(run_dir)}")
         return 0
     _guarded(debug, go)
+
+
+@app.command()
+def optimize(run_dir: Path = typer.Argument(..., help="an evaluated run directory"),
+             variants: Optional[str] = typer.Option(None, "--variants",
+                                                    help="Comma-separated variants (default: optimize.variants)."),
+             quiet: bool = QUIET, debug: bool = DEBUG) -> None:
+    """Build inference variants (merged, int8, ...), measure each against the fp32 model, select one."""
+    def go() -> int:
+        from tunesmith import pipeline
+
+        names = [v.strip() for v in variants.split(",") if v.strip()] if variants is not None else None
+        result = pipeline.optimize_run(run_dir, names, progress=not quiet)
+        _print_variants(result)
+        return 0
+    _guarded(debug, go)
+
+
+def _print_variants(result: dict) -> None:
+    metric = result["objective_metric"]
+    ref = result["variants"][0]
+    print(f"{'variant':<18}{metric:>10}{'delta':>9}{'p50 ms':>9}{'p95 ms':>9}{'speedup':>9}{'/s @16':>8}"
+          f"{'MB':>8}  offered")
+    for v in result["variants"]:
+        speedup = ref["latency_p50_ms"] / v["latency_p50_ms"] if v["latency_p50_ms"] else float("nan")
+        print(f"{v['name']:<18}{v['metrics'][metric]:>10.4f}{v['quality_delta']:>+9.4f}{v['latency_p50_ms']:>9.1f}"
+              f"{v['latency_p95_ms']:>9.1f}{speedup:>8.2f}x{v['throughput_per_s']:>8.1f}{v['size_mb']:>8.1f}  "
+              f"{'yes' if v['parity_ok'] else 'no'}")
+    for s in result["skipped"]:
+        print(f"{s['name']:<18}skipped: {s['reason']}")
+    print(f"selected: {result['selected'] or 'none'} ({result['reason']})")
 
 
 DATA_OUT = typer.Option(..., "--out", help="Folder for the cleaned splits, removed/suspects/changes.jsonl and report.json.")

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tunesmith.errors import ConfigError
 from tunesmith.evaluate.metrics import CONSTRAINT_FIGURES, metric_names
+from tunesmith.optimize.variants import DEFAULT_VARIANTS, VARIANTS
 from tunesmith.train.methods import DEFAULT_LR, METHODS
 
 
@@ -73,7 +74,8 @@ class DecontaminateSettings(_Strict):
 
 class LabelNoiseSettings(_Strict):
     enabled: bool = True
-    action: Literal["report", "remove"] = "report"
+    # report: list suspects only; remove: drop them; relabel: give them the suggested label (logged in changes).
+    action: Literal["report", "remove", "relabel"] = "report"
     folds: int = Field(5, ge=2)
 
 
@@ -272,6 +274,52 @@ class EvalConfig(_Strict):
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
 
 
+class ParitySettings(_Strict):
+    max_logit_diff: float = Field(1e-3, gt=0)        # merged vs adapter model, on `samples` test prompts
+    min_agreement: float = Field(1.0, gt=0, le=1)    # share of test predictions the merged model must keep
+    samples: int = Field(16, ge=1)
+
+
+class PruneSettings(_Strict):
+    sparsity: float = Field(0.3, gt=0, lt=1)          # pruned: share of linear weights set to zero
+    layers: float = Field(0.25, gt=0, lt=1)           # pruned_layers: share of decoder layers removed
+    recovery_steps: int = Field(40, ge=0)
+    learning_rate: float = Field(5e-5, gt=0)
+
+
+class DistillSettings(_Strict):
+    layers: float = Field(0.5, gt=0, lt=1)            # distilled: share of decoder layers the student keeps
+    steps: int = Field(120, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    temperature: float = Field(2.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1)             # weight of the teacher (soft) term against gold labels
+    minilm_epochs: int = Field(8, ge=1)               # distilled_minilm
+    minilm_learning_rate: float = Field(1e-4, gt=0)
+
+
+class OptimizeConfig(_Strict):
+    """Inference variants of the fine-tuned model, each measured against it (see optimize/)."""
+
+    enabled: bool = False                # part of `tunesmith run`; `tunesmith optimize RUN_DIR` always runs
+    variants: list[str] = Field(default_factory=lambda: list(DEFAULT_VARIANTS))
+    max_quality_drop: float = Field(0.02, ge=0)   # objective-metric units a variant may lose and still be offered
+    latency_samples: int = Field(30, ge=1)
+    throughput_batch_size: int = Field(16, ge=1)
+    parity: ParitySettings = Field(default_factory=ParitySettings)
+    prune: PruneSettings = Field(default_factory=PruneSettings)
+    distill: DistillSettings = Field(default_factory=DistillSettings)
+
+    @field_validator("variants")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        unknown = [n for n in v if n not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown variant '{unknown[0]}' (available: {', '.join(VARIANTS)})")
+        if len(set(v)) != len(v) or "fp32" in v:
+            raise ValueError("list each variant once; fp32 (the fine-tuned model itself) is always measured")
+        return v
+
+
 class SuiteConfig(_Strict):
     """An extra evaluation set (e.g. a general task, to catch forgetting), scored for both models."""
 
@@ -300,6 +348,7 @@ class Project(_Strict):
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    optimize: OptimizeConfig = Field(default_factory=OptimizeConfig)
     benchmarks: list[SuiteConfig] = Field(default_factory=list)
     source: Path | None = Field(None, exclude=True)
 

@@ -49,3 +49,7 @@ class ModelError(InputError):
 
 class RunDirError(InputError):
     """A run directory that is missing or incomplete."""
+
+
+class ParityError(TunesmithError):
+    """An optimisation changed what the model computes beyond tolerance (exit 1: a defect, not bad input)."""

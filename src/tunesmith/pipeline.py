@@ -12,6 +12,8 @@ from tunesmith.errors import InputError, RunDirError
 from tunesmith.evaluate.objective import judge
 from tunesmith.evaluate.stage import eval_stage
 from tunesmith.models.resolve import resolve_model
+from tunesmith.optimize.stage import optimize_stage
+from tunesmith.optimize.variants import VARIANTS
 from tunesmith.report.build import report_stage
 from tunesmith.runs import final_dir, interrupted_run, staged, staging_dir
 from tunesmith.train import distributed
@@ -32,6 +34,8 @@ def run(project: Project, out: Path | None = None, progress: bool = True, keep_f
         _start(project, splits, run_dir, final, progress)
         train_stage(project, splits, run_dir, progress=progress)
         summary = evaluate_and_judge(project, splits, run_dir, final, progress)
+        if project.optimize.enabled:
+            optimize_stage(project, splits, run_dir, progress)
         report_stage(run_dir)
     return summary
 
@@ -75,6 +79,17 @@ def evaluate_run(run_dir: Path, progress: bool = True) -> dict:
     summary = evaluate_and_judge(project, splits, run_dir, Path(run_dir).resolve(), progress)
     report_stage(run_dir)
     return summary
+
+
+def optimize_run(run_dir: Path, names: list[str] | None = None, progress: bool = True) -> dict:
+    """optimize -> report on an evaluated run directory."""
+    unknown = [n for n in names or [] if n not in VARIANTS]
+    if unknown:
+        raise InputError(f"unknown variant '{unknown[0]}'", "--variants", f"available: {', '.join(VARIANTS)}")
+    project, splits = open_run(run_dir)
+    result = optimize_stage(project, splits, Path(run_dir), progress, names)
+    report_stage(run_dir)
+    return result
 
 
 def evaluate_and_judge(project: Project, splits: Splits, run_dir: Path, final: Path, progress: bool = True) -> dict:

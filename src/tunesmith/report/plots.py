@@ -134,3 +134,20 @@ def latency_histogram(samples: dict) -> str:
     ax.set(xlabel="milliseconds per example (batch 1)", ylabel="examples", title="Latency")
     ax.legend(fontsize=7)
     return _png(fig)
+
+
+def quality_vs_latency(variants: list[dict], metric: str) -> str:
+    """Each variant's objective metric against its p50 latency at batch 1; offered variants filled."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for v in variants:
+        ax.errorbar(v["latency_p50_ms"], v["metrics"][metric], fmt="o" if v["parity_ok"] else "x", capsize=3,
+                    yerr=[[max(0.0, -v["quality_delta_ci"][0] + v["quality_delta"])],
+                          [max(0.0, v["quality_delta_ci"][1] - v["quality_delta"])]] if "quality_delta_ci" in v else None,
+                    color="tab:blue" if v["parity_ok"] else "tab:red")
+        ax.annotate(v["name"], (v["latency_p50_ms"], v["metrics"][metric]), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set(xlabel="p50 latency per example, batch 1 (ms, log scale)", ylabel=metric,
+           title="Quality vs latency (x: not offered; bars: 95% CI of the change vs fp32)")
+    ax.title.set_fontsize(8)
+    return _png(fig)

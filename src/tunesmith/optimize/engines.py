@@ -1,0 +1,151 @@
+"""Variant folders and how to load them. Each folder holds `variant.json`, whose `engine` says how:
+
+- `run-model`: the run's own model folder (adapter or full weights), loaded as the eval stage does;
+  the folder has no variant.json (it is the fp32 reference).
+- `hf`: a plain Hugging Face checkpoint (safetensors) with `dtype` float32 or bfloat16.
+- `hf-int8`: a Hugging Face config plus the decoder's linear weights as int8 with one scale per
+  output channel; rebuilt into torch dynamic-quantized linear layers (int8 matmuls on CPU).
+- `minilm`: an all-MiniLM-L6-v2 encoder with a linear head over the labels (classification only).
+
+Tokenizer files and `prompt.json` sit next to the weights, so a variant folder is self-contained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tunesmith import fsio
+from tunesmith.data.examples import Example
+from tunesmith.errors import ModelError, RunDirError
+from tunesmith.tasks.predict import Predictions, predict
+from tunesmith.tasks.prompts import PromptFormat
+
+VARIANT_FILE = "variant.json"
+
+
+@dataclass
+class Predictor:
+    """A loaded variant: `predict(examples, batch_size)` and the module behind it."""
+
+    predict: Callable[[list[Example], int], Predictions]
+    module: torch.nn.Module
+    fmt: PromptFormat | None = None
+
+
+def load_variant(path: Path, max_new_tokens: int = 64) -> Predictor:
+    """Load a variant folder (or a run's `model/` folder) for inference."""
+    path = Path(path)
+    if not (path / VARIANT_FILE).is_file():
+        if (path / "tunesmith.json").is_file():
+            from tunesmith.train.stage import load_finetuned
+
+            model, tokenizer, fmt, _ = load_finetuned(path)
+            return _lm_predictor(model, tokenizer, fmt, max_new_tokens)
+        raise RunDirError(f"not a variant folder (no {VARIANT_FILE})", str(path), "run `tunesmith optimize RUN_DIR`")
+    meta = fsio.read_json(path / VARIANT_FILE)
+    if meta["engine"] == "minilm":
+        from tunesmith.optimize.minilm import load_classifier
+
+        return load_classifier(path)
+    from tunesmith.models.load import load_model, load_tokenizer
+
+    fmt = PromptFormat.from_json(fsio.read_json(path / "prompt.json"))
+    if meta["engine"] == "hf-int8":
+        model = load_int8(path)
+    else:
+        model = load_model(path, dtype=getattr(torch, meta.get("dtype", "float32")))
+    return _lm_predictor(model, load_tokenizer(path), fmt, max_new_tokens)
+
+
+def _lm_predictor(model, tokenizer, fmt: PromptFormat, max_new_tokens: int) -> Predictor:
+    model.eval()
+
+    def run(examples: list[Example], batch_size: int) -> Predictions:
+        return predict(model, tokenizer, fmt, examples, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    return Predictor(run, model, fmt)
+
+
+def save_hf(model, tokenizer, fmt: PromptFormat, out_dir: Path, **meta) -> None:
+    """A plain checkpoint in its own dtype, with tokenizer, prompt format and variant.json."""
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    _save_common(tokenizer, fmt, out_dir, engine="hf", dtype=str(next(model.parameters()).dtype).split(".")[-1],
+                 **meta)
+
+
+def _save_common(tokenizer, fmt: PromptFormat, out_dir: Path, **meta) -> None:
+    tokenizer.save_pretrained(str(out_dir))
+    fsio.write_json(out_dir / "prompt.json", fmt.to_json())
+    fsio.write_json(out_dir / VARIANT_FILE, meta)
+
+
+# -- int8 ----------------------------------------------------------------------------------------
+def quantizable_linears(model) -> dict[str, torch.nn.Linear]:
+    """The decoder's linear layers; the LM head stays fp32 (it is tied to the embeddings)."""
+    decoder = model.get_decoder()
+    prefix = next(name for name, m in model.named_modules() if m is decoder)
+    return {f"{prefix}.{name}": m for name, m in decoder.named_modules() if type(m) is torch.nn.Linear}
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (int8 (O, I), float32 scales (O,)), weight ~ int8 * scale."""
+    scale = weight.detach().abs().amax(dim=1).clamp(min=1e-12) / 127.0   # (O,)
+    q = torch.round(weight.detach() / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale.float()
+
+
+def dynamic_linear(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module:
+    """A torch dynamic-quantized linear layer (int8 weights, activations quantized per call)."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    layer = DynamicLinear(q.shape[1], q.shape[0], bias_=bias is not None, dtype=torch.qint8)
+    qweight = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0)
+    layer.set_weight_bias(qweight, None if bias is None else bias.detach().float())
+    return layer
+
+
+def save_int8(model, tokenizer, fmt: PromptFormat, out_dir: Path, **meta) -> None:
+    """Config, fp32 non-linear weights and int8 linear weights + scales in one safetensors file."""
+    from safetensors.torch import save_file
+
+    linears = quantizable_linears(model)
+    tensors = {}
+    for name, layer in linears.items():
+        q, scale = quantize_weight(layer.weight)
+        tensors[f"{name}.weight_int8"], tensors[f"{name}.weight_scale"] = q, scale
+    skip = {f"{name}.weight" for name in linears}
+    if model.config.tie_word_embeddings:
+        skip.add("lm_head.weight")
+    for key, value in model.state_dict().items():
+        if key not in skip:
+            tensors[key] = value.detach().contiguous().clone()
+    save_file(tensors, str(out_dir / "model.safetensors"))
+    model.config.save_pretrained(str(out_dir))
+    _save_common(tokenizer, fmt, out_dir, engine="hf-int8", quantized=sorted(linears), **meta)
+
+
+def load_int8(path: Path):
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    tensors = load_file(str(path / "model.safetensors"))
+    quantized = fsio.read_json(path / VARIANT_FILE)["quantized"]
+    plain = {k: v for k, v in tensors.items() if not k.endswith((".weight_int8", ".weight_scale"))}
+    result = model.load_state_dict(plain, strict=False)
+    expected_missing = {f"{name}.weight" for name in quantized} | {"lm_head.weight"}
+    if set(result.missing_keys) - expected_missing or result.unexpected_keys:
+        raise ModelError(f"int8 variant weights do not match its config in {path}", "variant.json",
+                         "rebuild the variant with `tunesmith optimize`")
+    model.tie_weights()
+    for name in quantized:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        setattr(parent, child, dynamic_linear(tensors[f"{name}.weight_int8"], tensors[f"{name}.weight_scale"],
+                                              old.bias))
+    return model.eval()

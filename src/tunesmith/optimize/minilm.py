@@ -1,0 +1,107 @@
+"""A small sentence classifier: all-MiniLM-L6-v2 (22M parameters, 6 layers) with mean pooling and a
+linear head over the labels. It reads the bare input text (no instruction, no chat template), which
+with its size is what makes it many times faster than the causal LM it learns from."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from tunesmith import fsio
+from tunesmith.data.embed import model_path
+from tunesmith.data.examples import Example
+from tunesmith.optimize.engines import VARIANT_FILE, Predictor
+from tunesmith.tasks.predict import Predictions
+from tunesmith.train.loss import distillation_loss
+
+MAX_TOKENS = 128
+
+
+class MiniLMClassifier(torch.nn.Module):
+    def __init__(self, encoder, n_labels: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = torch.nn.Linear(encoder.config.hidden_size, n_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)                                        # (B, T, 1)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)                                  # (B, H)
+        return self.head(pooled)                                                                    # (B, L)
+
+
+def new_classifier(n_labels: int, seed: int = 0):
+    from transformers import AutoModel, AutoTokenizer
+
+    torch.manual_seed(seed)
+    path = model_path()
+    encoder = AutoModel.from_pretrained(str(path), use_safetensors=True)
+    return MiniLMClassifier(encoder, n_labels), AutoTokenizer.from_pretrained(str(path))
+
+
+def train_classifier(model, tokenizer, texts: list[str], targets: list[int], teacher_logits: torch.Tensor,
+                     epochs: int, learning_rate: float, temperature: float, alpha: float, batch_size: int = 16,
+                     seed: int = 0, progress: str | None = None) -> list[float]:
+    """Fit the classifier to the teacher's label distribution (N, L) and the gold labels."""
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
+    gold = torch.tensor(targets)
+    losses = []
+    model.train()
+    order = list(range(len(texts)))
+    steps = epochs * ((len(texts) + batch_size - 1) // batch_size)
+    with tqdm(total=steps, desc=progress, unit="step", disable=progress is None, dynamic_ncols=True) as bar:
+        for _ in range(epochs):
+            rng.shuffle(order)
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=MAX_TOKENS,
+                                return_tensors="pt")
+                logits = model(enc["input_ids"], enc["attention_mask"])  # (B, L)
+                loss = distillation_loss(logits, teacher_logits[idx], gold[idx], temperature, alpha)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(float(loss))
+                bar.update(1)
+    model.eval()
+    return losses
+
+
+@torch.inference_mode()
+def classify(model, tokenizer, labels: list[str], examples: list[Example], batch_size: int) -> Predictions:
+    texts, probs = [], []
+    for start in range(0, len(examples), batch_size):
+        enc = tokenizer([e.input for e in examples[start:start + batch_size]], padding=True, truncation=True,
+                        max_length=MAX_TOKENS, return_tensors="pt")
+        p = torch.softmax(model(enc["input_ids"], enc["attention_mask"]).float(), dim=-1)  # (B, L)
+        for row in p.tolist():
+            texts.append(labels[max(range(len(row)), key=row.__getitem__)])
+            probs.append(dict(zip(labels, row)))
+    return Predictions(texts, probs)
+
+
+def save_classifier(model, tokenizer, labels: list[str], out_dir: Path, **meta) -> None:
+    from safetensors.torch import save_file
+
+    model.encoder.save_pretrained(str(out_dir / "encoder"), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir / "encoder"))
+    save_file({"weight": model.head.weight.detach().contiguous(), "bias": model.head.bias.detach().contiguous()},
+              str(out_dir / "head.safetensors"))
+    fsio.write_json(out_dir / VARIANT_FILE, {"engine": "minilm", "labels": labels, **meta})
+
+
+def load_classifier(path: Path) -> Predictor:
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+
+    labels = fsio.read_json(Path(path) / VARIANT_FILE)["labels"]
+    encoder = AutoModel.from_pretrained(str(Path(path) / "encoder"), use_safetensors=True)
+    model = MiniLMClassifier(encoder, len(labels))
+    model.head.load_state_dict(load_file(str(Path(path) / "head.safetensors")))
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(Path(path) / "encoder"))
+    return Predictor(lambda examples, batch_size: classify(model, tokenizer, labels, examples, batch_size), model)

@@ -1,0 +1,60 @@
+"""What the variants are built from: the run's fine-tuned model, its prompt format and splits."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunesmith import fsio
+from tunesmith.config import Project
+from tunesmith.data.prepare import Splits
+from tunesmith.optimize.variants import NotApplicable
+from tunesmith.tasks.prompts import PromptFormat
+
+
+@dataclass
+class Source:
+    """The fine-tuned model as trained (`model`: PEFT-wrapped for adapters) and how to get plain weights."""
+
+    run_dir: Path
+    project: Project
+    splits: Splits
+    model: object
+    tokenizer: object
+    fmt: PromptFormat
+    kind: str
+    _plain: object = field(default=None, repr=False)
+
+    @property
+    def is_mergeable_adapter(self) -> bool:
+        config = getattr(self.model, "peft_config", {}).get("default")
+        return self.kind == "adapter" and config is not None and not config.is_prompt_learning
+
+    def plain(self):
+        """A plain transformers model computing what the fine-tuned model computes (adapter merged).
+
+        Raises:
+            NotApplicable: for soft-prompt and prefix runs, whose trained part is not in the weights.
+        """
+        if self._plain is None:
+            if self.is_mergeable_adapter:
+                self._plain = copy.deepcopy(self.model).merge_and_unload().eval()
+            elif self.kind == "adapter":
+                raise NotApplicable(f"a {fsio.read_json(self.run_dir / 'model/tunesmith.json')['method']} run keeps "
+                                    "its trained virtual tokens outside the weights; optimise a weight-based method")
+            else:  # full weights, or prompt optimisation (base weights with the chosen prompt in fmt)
+                self._plain = self.model
+        return self._plain
+
+    def plain_copy(self):
+        """A private copy of the plain model, for variants that change weights."""
+        return copy.deepcopy(self.plain())
+
+
+def open_source(run_dir: Path, project: Project, splits: Splits) -> Source:
+    from tunesmith.train.stage import load_finetuned
+
+    model, tokenizer, fmt, _ = load_finetuned(Path(run_dir) / "model")
+    kind = fsio.read_json(Path(run_dir) / "model/tunesmith.json")["kind"]
+    return Source(Path(run_dir), project, splits, model, tokenizer, fmt, kind)

@@ -1,0 +1,151 @@
+"""Optimisation variants: the maths of each (quantisation, pruning, layer removal, distillation
+loss, selection) on tiny tensors, and `tunesmith optimize` end to end on tiny trained runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from tunesmith.cli import app
+from tunesmith.optimize.engines import dynamic_linear, load_variant, quantize_weight
+from tunesmith.optimize.layers import evenly_spaced, keep_count, keep_layers
+from tunesmith.optimize.select import select_variant
+from tunesmith.optimize.variants import VARIANTS
+from tunesmith.optimize.variants.pruned import magnitude_masks
+from tunesmith.train.loss import distillation_loss
+
+from conftest import PROJECT, make_texts, write_jsonl
+
+runner = CliRunner()
+ENTRY_KEYS = {"name", "path", "size_mb", "latency_p50_ms", "latency_p95_ms", "throughput_per_s", "peak_rss_mb",
+              "metrics", "quality_delta", "parity_ok"}
+
+
+def test_int8_weights_round_trip_within_half_a_step():
+    torch.manual_seed(0)
+    w = torch.randn(24, 40)
+    q, scale = quantize_weight(w)
+    assert q.dtype == torch.int8 and scale.shape == (24,)
+    assert (q.float() * scale[:, None] - w).abs().max() <= scale.max() / 2 + 1e-6
+    assert q.abs().amax(dim=1).eq(127).all(), "each channel's largest weight maps to +-127"
+
+
+def test_dynamic_int8_linear_matches_fp32():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 32)
+    q, scale = quantize_weight(layer.weight)
+    x = torch.randn(5, 64)
+    out = dynamic_linear(q, scale, layer.bias)(x)
+    assert F.cosine_similarity(out.flatten(), layer(x).detach().flatten(), dim=0) > 0.999
+
+
+def test_magnitude_masks_zero_the_smallest_share(tiny_model):
+    from tunesmith.models.load import load_model
+
+    model = load_model(tiny_model)
+    masks = magnitude_masks(model, 0.3)
+    for name, mask in masks.items():
+        w = model.get_submodule(name).weight.detach().abs()
+        assert abs((~mask).float().mean().item() - 0.3) < 0.02
+        assert w[~mask].max() <= w[mask].min()
+
+
+def test_keep_layers_renumbers_and_still_runs(tiny_model):
+    from tunesmith.models.load import load_model
+
+    model = load_model(tiny_model)
+    keep_layers(model, [1])
+    assert model.config.num_hidden_layers == 1 and model.model.layers[0].self_attn.layer_idx == 0
+    out = model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True)
+    assert out.logits.shape[:2] == (1, 3)
+    assert evenly_spaced(30, 15)[0] == 0 and evenly_spaced(30, 15)[-1] == 29 and len(evenly_spaced(30, 15)) == 15
+    assert keep_count(load_model(tiny_model), 0.25) == 1  # 2 layers: at least one goes, one stays
+
+
+def test_distillation_loss_limits():
+    torch.manual_seed(0)
+    s, t = torch.randn(6, 5), torch.randn(6, 5)
+    y = torch.randint(0, 5, (6,))
+    assert torch.allclose(distillation_loss(s, t, y, alpha=0.0), F.cross_entropy(s, y))
+    assert distillation_loss(t, t, y, alpha=1.0).abs() < 1e-6
+    kl = F.kl_div(F.log_softmax(s / 2, -1), F.softmax(t / 2, -1), reduction="batchmean") * 4
+    assert torch.allclose(distillation_loss(s, t, y, temperature=2.0, alpha=1.0), kl, atol=1e-6)
+
+
+def test_selection_takes_the_fastest_offered_variant():
+    def e(name, p50, ok=True, met=True, delta=0.0):
+        return {"name": name, "latency_p50_ms": p50, "parity_ok": ok, "objective_met": met, "quality_delta": delta}
+    entries = [e("fp32", 100), e("int8", 50, delta=-0.01), e("pruned", 20, ok=False), e("bf16", 40, met=False)]
+    name, reason = select_variant(entries)
+    assert name == "int8" and "2.00x" in reason
+    assert select_variant([e("fp32", 100), e("int8", 50, ok=False)])[0] == "fp32"
+    assert select_variant([e("fp32", 100, met=False)])[0] is None
+
+
+def _trained_run(tmp_path, tiny_model, method: str) -> str:
+    write_jsonl(tmp_path / "train.jsonl", make_texts(30, 1))
+    write_jsonl(tmp_path / "test.jsonl", make_texts(9, 2))
+    extra = "optimize:\n  latency_samples: 3\n  prune: {recovery_steps: 2}\n  distill: {steps: 2, minilm_epochs: 1}\n"
+    (tmp_path / "project.yaml").write_text(PROJECT.format(model=tiny_model, method=method) + extra, encoding="utf-8")
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", str(tmp_path / "project.yaml"), "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_model):
+    return _trained_run(tmp_path_factory.mktemp("opt-lora"), tiny_model, "lora")
+
+
+def test_every_variant_is_built_measured_and_loadable(lora_run):
+    from pathlib import Path
+
+    result = runner.invoke(app, ["optimize", lora_run, "--variants", ",".join(VARIANTS), "--quiet"])
+    assert result.exit_code == 0, result.output
+    run = Path(lora_run)
+    entries = json.loads((run / "variants.json").read_text())
+    assert [e["name"] for e in entries] == ["fp32", *VARIANTS]
+    assert all(ENTRY_KEYS <= set(e) for e in entries)
+    fp32, merged = entries[0], entries[1]
+    assert fp32["path"] == "model" and fp32["quality_delta"] == 0 and fp32["agreement"] == 1
+    # The merge computes the same function: same predictions on every test row, logits within 1e-3.
+    assert merged["agreement"] == 1.0 and merged["max_logit_diff"] < 1e-3 and merged["parity_ok"]
+    for e in entries[1:]:
+        assert (run / e["path"] / "variant.json").is_file()
+        predictor = load_variant(run / e["path"])
+        from tunesmith.data.examples import Example
+
+        rows = [json.loads(line) for line in (run / "data" / "test.jsonl").read_text().splitlines()]
+        preds = predictor.predict([Example.from_json(r) for r in rows], 4).texts
+        assert preds[:3] and set(preds) <= {"alpha", "beta", "gamma"}
+        delta = e["metrics"]["accuracy"] - fp32["metrics"]["accuracy"]
+        assert e["quality_delta"] == pytest.approx(delta, abs=1e-6)
+        assert e["parity_ok"] == (e["name"] == "merged" or delta >= -0.02 - 1e-9)
+    sizes = {e["name"]: e["size_mb"] for e in entries}
+    assert sizes["int8"] < sizes["merged"] and sizes["bf16"] <= 0.55 * sizes["merged"]
+    assert entries[-2]["student_layers"] == [1] and entries[-3]["layers"] == 1
+    optimize = json.loads((run / "optimize.json").read_text())
+    assert optimize["selected"] in {e["name"] for e in entries if e["parity_ok"] and e["objective_met"]}
+    assert "Inference variants" in (run / "report.html").read_text()
+    assert "selected:" in result.output
+
+
+def test_optimize_rejects_unknown_variants_and_unevaluated_runs(lora_run, tmp_path):
+    bad = runner.invoke(app, ["optimize", lora_run, "--variants", "int4"])
+    assert bad.exit_code == 2 and "error: unknown variant 'int4', --variants" in bad.output
+    missing = runner.invoke(app, ["optimize", str(tmp_path)])
+    assert missing.exit_code == 2 and "error: not a trained run directory" in missing.output
+
+
+def test_full_fine_tune_has_nothing_to_merge(tmp_path, tiny_model):
+    run = _trained_run(tmp_path, tiny_model, "full")
+    result = runner.invoke(app, ["optimize", run, "--variants", "merged,int8", "--quiet"])
+    assert result.exit_code == 0, result.output
+    optimize = json.loads((tmp_path / "run" / "optimize.json").read_text())
+    assert [s["name"] for s in optimize["skipped"]] == ["merged"]
+    assert [e["name"] for e in json.loads((tmp_path / "run" / "variants.json").read_text())] == ["fp32", "int8"]
