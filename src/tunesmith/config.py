@@ -320,6 +320,38 @@ class OptimizeConfig(_Strict):
         return v
 
 
+class RequestLogSettings(_Strict):
+    enabled: bool = True
+    path: Path | None = None                   # default RUN_DIR/monitor/requests.db
+    retention_days: float = Field(30, gt=0)
+    redact_pii: bool = True                    # emails, phones, cards, IBANs, IPs replaced before storing
+
+
+class DriftSettings(_Strict):
+    window: int = Field(500, ge=10)            # most recent requests compared with the training reference
+    min_requests: int = Field(50, ge=5)        # fewer live requests than this: no verdict
+    clusters: int = Field(8, ge=2)             # k-means clusters of training embeddings for the embedding PSI
+    psi_threshold: float = Field(0.25, gt=0)   # PSI above this is drift (0.1-0.25 moderate, >0.25 major)
+    p_value: float = Field(0.01, gt=0, lt=1)   # ... and only when a chi-square test rejects "no change" at this level
+    length_psi_threshold: float = Field(0.25, gt=0)
+    unknown_rate_threshold: float = Field(0.05, gt=0)   # increase of the share of tokens unseen in training
+    confidence_drop_threshold: float = Field(0.1, gt=0)
+    update_every: int = Field(50, ge=1)        # the server recomputes its drift gauges every N requests
+
+
+class ServeConfig(_Strict):
+    """`tunesmith serve` limits, batching, request log and drift settings."""
+
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    max_tokens: int = Field(256, ge=1)          # upper limit of a request's max_tokens
+    max_texts: int = Field(64, ge=1)            # texts per /v1/classify request
+    rate_limit_per_minute: int = Field(600, ge=1)   # per API key
+    max_batch: int = Field(32, ge=1)            # dynamic micro-batching: requests per model call
+    max_wait_ms: float = Field(5.0, ge=0)       # how long a batch waits for company
+    request_log: RequestLogSettings = Field(default_factory=RequestLogSettings)
+    drift: DriftSettings = Field(default_factory=DriftSettings)
+
+
 class SuiteConfig(_Strict):
     """An extra evaluation set (e.g. a general task, to catch forgetting), scored for both models."""
 
@@ -349,6 +381,7 @@ class Project(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     optimize: OptimizeConfig = Field(default_factory=OptimizeConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
     benchmarks: list[SuiteConfig] = Field(default_factory=list)
     source: Path | None = Field(None, exclude=True)
 

@@ -34,6 +34,7 @@ class Predictor:
     predict: Callable[[list[Example], int], Predictions]
     module: torch.nn.Module
     fmt: PromptFormat | None = None
+    tokenizer: object = None     # for causal LMs (generation, streaming); None for the MiniLM classifier
 
 
 def load_variant(path: Path, max_new_tokens: int = 64) -> Predictor:
@@ -44,7 +45,7 @@ def load_variant(path: Path, max_new_tokens: int = 64) -> Predictor:
             from tunesmith.train.stage import load_finetuned
 
             model, tokenizer, fmt, _ = load_finetuned(path)
-            return _lm_predictor(model, tokenizer, fmt, max_new_tokens)
+            return lm_predictor(model, tokenizer, fmt, max_new_tokens)
         raise RunDirError(f"not a variant folder (no {VARIANT_FILE})", str(path), "run `tunesmith optimize RUN_DIR`")
     meta = fsio.read_json(path / VARIANT_FILE)
     if meta["engine"] == "minilm":
@@ -58,15 +59,15 @@ def load_variant(path: Path, max_new_tokens: int = 64) -> Predictor:
         model = load_int8(path)
     else:
         model = load_model(path, dtype=getattr(torch, meta.get("dtype", "float32")))
-    return _lm_predictor(model, load_tokenizer(path), fmt, max_new_tokens)
+    return lm_predictor(model, load_tokenizer(path), fmt, max_new_tokens)
 
 
-def _lm_predictor(model, tokenizer, fmt: PromptFormat, max_new_tokens: int) -> Predictor:
+def lm_predictor(model, tokenizer, fmt: PromptFormat, max_new_tokens: int) -> Predictor:
     model.eval()
 
     def run(examples: list[Example], batch_size: int) -> Predictions:
         return predict(model, tokenizer, fmt, examples, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    return Predictor(run, model, fmt)
+    return Predictor(run, model, fmt, tokenizer)
 
 
 def save_hf(model, tokenizer, fmt: PromptFormat, out_dir: Path, **meta) -> None:

@@ -15,6 +15,7 @@ from tunesmith.data.embed import model_path
 from tunesmith.data.examples import Example
 from tunesmith.optimize.engines import VARIANT_FILE, Predictor
 from tunesmith.tasks.predict import Predictions
+from tunesmith.tasks.prompts import PromptFormat
 from tunesmith.train.loss import distillation_loss
 
 MAX_TOKENS = 128
@@ -104,4 +105,6 @@ def load_classifier(path: Path) -> Predictor:
     model.head.load_state_dict(load_file(str(Path(path) / "head.safetensors")))
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(Path(path) / "encoder"))
-    return Predictor(lambda examples, batch_size: classify(model, tokenizer, labels, examples, batch_size), model)
+    fmt = PromptFormat(task_type="classification", instruction="", labels=labels, list_labels=False,
+                       max_length=MAX_TOKENS)
+    return Predictor(lambda examples, batch_size: classify(model, tokenizer, labels, examples, batch_size), model, fmt)

@@ -1,0 +1,104 @@
+"""Monitoring configuration generated for a run: Prometheus alert rules (and their promtool unit
+tests), a Grafana dashboard and an example prometheus.yml.
+
+    tunesmith monitor RUN_DIR --alerts DIR
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from tunesmith import fsio
+
+
+def alert_rules(latency_p95_ms: float, error_rate: float = 0.05, no_traffic_minutes: int = 15) -> dict:
+    """Rule groups: error rate, p95 latency over the objective's constraint, drift, no traffic."""
+    seconds = latency_p95_ms / 1000
+    return {"groups": [{"name": "tunesmith", "rules": [
+        {"alert": "TunesmithHighErrorRate",
+         "expr": f'sum(rate(tunesmith_requests_total{{status=~"5.."}}[5m])) '
+                 f'/ clamp_min(sum(rate(tunesmith_requests_total[5m])), 1e-9) > {error_rate}',
+         "for": "5m", "labels": {"severity": "page"},
+         "annotations": {"summary": f"more than {error_rate:.0%} of requests fail"}},
+        {"alert": "TunesmithLatencyP95High",
+         "expr": 'histogram_quantile(0.95, sum by (le) (rate(tunesmith_request_latency_seconds_bucket'
+                 f'{{route=~"/v1/.*"}}[5m]))) > {seconds:g}',
+         "for": "10m", "labels": {"severity": "warn"},
+         "annotations": {"summary": f"p95 latency over the objective's {latency_p95_ms:g} ms"}},
+        {"alert": "TunesmithDrift", "expr": "max by (signal) (tunesmith_drift_detected) > 0", "for": "30m",
+         "labels": {"severity": "warn"},
+         "annotations": {"summary": "live inputs drift from the training data ({{ $labels.signal }}); "
+                                    "run `tunesmith monitor RUN_DIR`"}},
+        {"alert": "TunesmithNoTraffic",
+         "expr": f'sum(increase(tunesmith_requests_total{{route=~"/v1/.*"}}[{no_traffic_minutes}m])) == 0',
+         "for": f"{no_traffic_minutes}m", "labels": {"severity": "info"},
+         "annotations": {"summary": f"no inference requests for {no_traffic_minutes} minutes"}},
+    ]}]}
+
+
+def rule_tests(rules_file: str) -> dict:
+    """promtool unit tests: each alert fires on a synthetic series built to trip it, and not before."""
+    return {"rule_files": [rules_file], "evaluation_interval": "1m", "tests": [
+        {"interval": "1m",
+         "input_series": [
+             {"series": 'tunesmith_requests_total{route="/v1/classify",status="200"}', "values": "0+10x40"},
+             {"series": 'tunesmith_requests_total{route="/v1/classify",status="500"}', "values": "0+5x40"},
+             {"series": 'tunesmith_drift_detected{signal="embedding"}', "values": "0x5 1x40"}],
+         "alert_rule_test": [
+             {"eval_time": "3m", "alertname": "TunesmithHighErrorRate", "exp_alerts": []},
+             {"eval_time": "15m", "alertname": "TunesmithHighErrorRate",
+              "exp_alerts": [{"exp_labels": {"severity": "page"},
+                              "exp_annotations": {"summary": "more than 5% of requests fail"}}]},
+             {"eval_time": "40m", "alertname": "TunesmithDrift",
+              "exp_alerts": [{"exp_labels": {"severity": "warn", "signal": "embedding"},
+                              "exp_annotations": {"summary": "live inputs drift from the training data (embedding); "
+                                                             "run `tunesmith monitor RUN_DIR`"}}]},
+             {"eval_time": "20m", "alertname": "TunesmithNoTraffic", "exp_alerts": []}]},
+        {"interval": "1m",
+         "input_series": [{"series": 'tunesmith_requests_total{route="/v1/classify",status="200"}',
+                           "values": "5x60"}],
+         "alert_rule_test": [{"eval_time": "40m", "alertname": "TunesmithNoTraffic",
+                              "exp_alerts": [{"exp_labels": {"severity": "info"},
+                                              "exp_annotations": {"summary": "no inference requests for 15 minutes"}}]}]},
+    ]}
+
+
+def dashboard(title: str) -> dict:
+    """A Grafana dashboard over tunesmith's series (Prometheus data source named by a variable)."""
+    panels = [("Requests per second by status", 'sum by (status) (rate(tunesmith_requests_total[1m]))'),
+              ("p50 / p95 latency (s)", 'histogram_quantile(0.95, sum by (le) (rate(tunesmith_request_latency_seconds_bucket[5m])))'),
+              ("Batch size (mean)", 'sum(rate(tunesmith_batch_size_sum[5m])) / sum(rate(tunesmith_batch_size_count[5m]))'),
+              ("In-flight requests", "tunesmith_in_flight_requests"),
+              ("Predicted labels", 'sum by (label) (rate(tunesmith_predicted_label_total[5m]))'),
+              ("Drift score by signal", "tunesmith_drift_score"),
+              ("Tokens in / out per second", 'rate(tunesmith_tokens_in_total[1m])'),
+              ("Resident memory (bytes)", "process_resident_memory_bytes")]
+    return {"title": title, "uid": None, "schemaVersion": 39, "time": {"from": "now-6h", "to": "now"},
+            "templating": {"list": [{"name": "datasource", "type": "datasource", "query": "prometheus"}]},
+            "panels": [{"id": i + 1, "type": "timeseries", "title": name,
+                        "datasource": {"type": "prometheus", "uid": "${datasource}"},
+                        "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (i // 2)},
+                        "targets": [{"expr": expr, "refId": "A"}]} for i, (name, expr) in enumerate(panels)]}
+
+
+def prometheus_config(target: str, rules_file: str = "alerts.yml", scrape_interval: str = "15s") -> dict:
+    """An example prometheus.yml scraping one tunesmith server (add `authorization` when keys are set)."""
+    return {"global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
+            "rule_files": [rules_file],
+            "scrape_configs": [{"job_name": "tunesmith", "metrics_path": "/metrics",
+                                "static_configs": [{"targets": [target]}]}]}
+
+
+def write_monitoring(out_dir: Path, name: str, latency_p95_ms: float, target: str = "127.0.0.1:8000") -> list[Path]:
+    """Write alerts.yml, alerts_test.yml, grafana-dashboard.json and prometheus.yml into `out_dir`."""
+    out_dir = Path(out_dir)
+    files = {"alerts.yml": yaml.safe_dump(alert_rules(latency_p95_ms), sort_keys=False),
+             "alerts_test.yml": yaml.safe_dump(rule_tests("alerts.yml"), sort_keys=False),
+             "grafana-dashboard.json": json.dumps(dashboard(f"tunesmith: {name}"), indent=2),
+             "prometheus.yml": yaml.safe_dump(prometheus_config(target), sort_keys=False)}
+    for file, text in files.items():
+        fsio.write_text(out_dir / file, text)
+    return [out_dir / f for f in files]

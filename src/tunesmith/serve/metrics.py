@@ -1,0 +1,35 @@
+"""Prometheus series of the server, in a registry of its own (so two apps in one process do not clash)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class ServeMetrics:
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+        self.requests = Counter("tunesmith_requests_total", "Requests by route and HTTP status", ["route", "status"],
+                                registry=r)
+        self.latency = Histogram("tunesmith_request_latency_seconds", "Request latency", ["route"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.tokens_in = Counter("tunesmith_tokens_in_total", "Prompt tokens received", registry=r)
+        self.tokens_out = Counter("tunesmith_tokens_out_total", "Completion tokens returned", registry=r)
+        self.batch_size = Histogram("tunesmith_batch_size", "Requests per model call", ["kind"],
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.in_flight = Gauge("tunesmith_in_flight_requests", "Requests being handled", registry=r)
+        self.errors = Counter("tunesmith_errors_total", "Requests that failed inside the server", ["route"],
+                              registry=r)
+        self.load_seconds = Gauge("tunesmith_model_load_seconds", "Time to load the model", registry=r)
+        self.labels = Counter("tunesmith_predicted_label_total", "Predicted labels", ["label"], registry=r)
+        self.drift = Gauge("tunesmith_drift_score", "Drift of live inputs against training, per signal",
+                           ["signal"], registry=r)
+        self.drift_flag = Gauge("tunesmith_drift_detected", "1 when a drift signal is over its threshold",
+                                ["signal"], registry=r)
+        self.info = Gauge("tunesmith_model_info", "The model being served", ["model", "variant"], registry=r)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

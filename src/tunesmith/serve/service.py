@@ -1,0 +1,149 @@
+"""The model behind the server: which weights to load for a run directory or model name, and the
+three things the routes ask of it (classify texts, complete prompts, stream one completion)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tunesmith import fsio
+from tunesmith.data.examples import Example
+from tunesmith.optimize.engines import Predictor, load_variant
+from tunesmith.tasks.generation import stop_ids
+from tunesmith.tasks.predict import encode_prompts
+from tunesmith.tasks.prompts import PromptFormat
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str       # "stop" (end of turn) or "length" (max_tokens reached)
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Service:
+    """A loaded model and what it serves; `variant` names the optimisation variant in use."""
+
+    name: str
+    predictor: Predictor
+    variant: str
+    load_seconds: float
+    run_dir: Path | None = None
+
+    @property
+    def fmt(self) -> PromptFormat:
+        return self.predictor.fmt
+
+    @property
+    def labels(self) -> list[str] | None:
+        return self.fmt.labels
+
+    def classify(self, texts: list[str]) -> list[tuple[str, dict[str, float]]]:
+        examples = [Example(t, "", "request") for t in texts]
+        preds = self.predictor.predict(examples, len(examples))
+        return list(zip(preds.texts, preds.probabilities))
+
+    def example(self, prompt: str | None = None, messages: list[dict] | None = None) -> Example:
+        if messages is not None:
+            last = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+            return Example(last, "", "request", messages=messages if self.fmt.task_type == "chat" else None)
+        return Example(prompt or "", "", "request")
+
+    def complete(self, examples: list[Example], max_tokens: list[int]) -> list[Completion]:
+        """Greedy completions; a classification model answers with its predicted label."""
+        if self.labels:
+            return [Completion(label, "stop", 0, 1) for label, _ in self.classify([e.input for e in examples])]
+        tok, model = self.predictor.tokenizer, self.predictor.module
+        prompts = encode_prompts(tok, self.fmt, examples)
+        out = model.generate(**_left_padded(prompts, tok.pad_token_id, model.device), max_new_tokens=max(max_tokens),
+                             do_sample=False, eos_token_id=stop_ids(tok), pad_token_id=tok.pad_token_id)
+        new = out[:, max(len(p) for p in prompts):]  # (B, new tokens)
+        return [_completion(tok, row.tolist(), len(p), limit) for row, p, limit in zip(new, prompts, max_tokens)]
+
+    @torch.inference_mode()
+    def stream(self, example: Example, max_tokens: int, cancelled: threading.Event) -> Iterator[str]:
+        """Text pieces of one greedy completion as they are decoded; stops at end of turn,
+        `max_tokens` or when `cancelled` is set (the client went away)."""
+        if self.labels:
+            yield self.classify([example.input])[0][0]
+            return
+        tok, model = self.predictor.tokenizer, self.predictor.module
+        ids = torch.tensor([encode_prompts(tok, self.fmt, [example])[0]], device=model.device)  # (1, T)
+        stops, past, produced, text = set(stop_ids(tok)), None, [], ""
+        for _ in range(max_tokens):
+            if cancelled.is_set():
+                return
+            out = model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1)
+            past, token = out.past_key_values, int(out.logits[0, -1].argmax())
+            if token in stops:
+                return
+            produced.append(token)
+            # Decode the whole tail each time: a multi-byte character may span tokens.
+            full = tok.decode(produced, skip_special_tokens=True)
+            if full.startswith(text) and len(full) > len(text):
+                yield full[len(text):]
+                text = full
+            ids = torch.tensor([[token]], device=model.device)
+
+
+def _left_padded(prompts: list[list[int]], pad_id: int, device) -> dict:
+    from tunesmith.tasks.classification import left_pad
+
+    ids, mask = left_pad(prompts, pad_id)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def _completion(tok, row: list[int], n_prompt: int, limit: int) -> Completion:
+    stops = set(stop_ids(tok)) | {tok.pad_token_id}  # rows that ended early are padded
+    end = next((i for i, t in enumerate(row) if t in stops), len(row))
+    kept, finish = (row[:end], "stop") if end < limit else (row[:limit], "length")
+    return Completion(tok.decode(kept, skip_special_tokens=True).strip(), finish, n_prompt, len(kept))
+
+
+def load_service(target: Path, variant: str | None = None, max_new_tokens: int = 64) -> Service:
+    """The model to serve: for a run directory the variant chosen by `tunesmith optimize` (or
+    `variant` by name, `fp32` for the run's own model); otherwise a model name or checkpoint."""
+    started = time.perf_counter()
+    target = Path(target)
+    if (target / "model" / "tunesmith.json").is_file():
+        name, path = _variant_path(target, variant)
+        predictor = load_variant(path, max_new_tokens)
+        from tunesmith.config import load_config
+
+        project = load_config(target / "config.yaml", check_files=False)
+        return Service(project.name, predictor, name, time.perf_counter() - started, target)
+    return _plain_service(str(target), started, max_new_tokens)
+
+
+def _variant_path(run_dir: Path, variant: str | None) -> tuple[str, Path]:
+    from tunesmith.errors import InputError
+
+    chosen = run_dir / "optimize.json"
+    if variant is None:
+        selected = fsio.read_json(chosen).get("selected") if chosen.is_file() else None
+        variant = selected or "fp32"
+    if variant == "fp32":
+        return "fp32", run_dir / "model"
+    path = run_dir / "variants" / variant
+    if not (path / "variant.json").is_file():
+        raise InputError(f"the run has no variant '{variant}'", "--variant",
+                         "run `tunesmith optimize RUN_DIR`, or serve fp32")
+    return variant, path
+
+
+def _plain_service(name: str, started: float, max_new_tokens: int) -> Service:
+    from tunesmith.models.load import load_model, load_tokenizer
+    from tunesmith.models.resolve import resolve_model
+    from tunesmith.optimize.engines import lm_predictor
+
+    path = resolve_model(name)
+    fmt = PromptFormat(task_type="chat", instruction="", labels=None, list_labels=False, max_length=2048)
+    predictor = lm_predictor(load_model(path), load_tokenizer(path), fmt, max_new_tokens)
+    return Service(name, predictor, "base", time.perf_counter() - started)

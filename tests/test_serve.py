@@ -1,0 +1,240 @@
+"""The server: every route, the security answers (401/413/422/429/500), micro-batching, the request
+log, streaming and disconnects, on tiny trained runs; drift maths and the monitor command."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sqlite3
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from tunesmith.cli import app as cli
+from tunesmith.config import ServeConfig
+from tunesmith.serve.app import create_app
+from tunesmith.serve.auth import KeyChecker, RateLimiter, key_id, load_keys
+from tunesmith.serve.drift import psi
+from tunesmith.serve.service import load_service
+
+from conftest import PROJECT, make_texts, write_jsonl
+
+runner = CliRunner()
+LABELS = {"alpha", "beta", "gamma"}
+GEN_PROJECT = """name: tinygen
+model: {model}
+task:
+  type: generation
+  instruction: "Continue."
+data:
+  train: train.jsonl
+  test: test.jsonl
+  validation: 0.2
+objective:
+  metric: exact_match
+train:
+  method: lora
+  max_steps: 2
+  batch_size: 4
+eval:
+  latency_samples: 1
+  max_new_tokens: 4
+"""
+
+
+def _run(folder, text: str, train: list[dict], test: list[dict]) -> str:
+    write_jsonl(folder / "train.jsonl", train)
+    write_jsonl(folder / "test.jsonl", test)
+    (folder / "project.yaml").write_text(text, encoding="utf-8")
+    result = runner.invoke(cli, ["run", str(folder / "project.yaml"), "--out", str(folder / "run"), "--quiet"])
+    assert result.exit_code in (0, 3), result.output
+    return str(folder / "run")
+
+
+@pytest.fixture(scope="module")
+def cls_run(tmp_path_factory, tiny_model):
+    folder = tmp_path_factory.mktemp("serve-cls")
+    return _run(folder, PROJECT.format(model=tiny_model, method="lora"), make_texts(30, 1), make_texts(12, 2))
+
+
+@pytest.fixture(scope="module")
+def gen_run(tmp_path_factory, tiny_model):
+    folder = tmp_path_factory.mktemp("serve-gen")
+    rows = [{"prompt": r["text"], "completion": r["label"]} for r in make_texts(20, 3)]
+    return _run(folder, GEN_PROJECT.format(model=tiny_model), rows, rows[:4])
+
+
+@pytest.fixture(scope="module")
+def cls_service(cls_run):
+    return load_service(cls_run)
+
+
+def _client(service, tmp_path, **cfg) -> TestClient:
+    return TestClient(create_app(service, ServeConfig(**cfg), cfg.pop("keys", None) if "keys" in cfg else None,
+                                 tmp_path / "requests.db"))
+
+
+def test_classify_one_and_many(cls_service, tmp_path):
+    with _client(cls_service, tmp_path) as c:
+        one = c.post("/v1/classify", json={"text": "my red card"}).json()
+        assert one["label"] in LABELS and abs(sum(one["probabilities"].values()) - 1) < 1e-4
+        many = c.post("/v1/classify", json={"texts": ["red", "blue", "green"]}).json()
+        assert len(many["results"]) == 3 and all(r["label"] in LABELS for r in many["results"])
+        assert c.get("/healthz").json() == {"status": "ok"} and c.get("/readyz").json()["status"] == "ready"
+        chat = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "blue sky"}]}).json()
+        assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["content"] in LABELS
+        text = c.post("/v1/completions", json={"prompt": "green"}).json()
+        assert text["choices"][0]["text"] in LABELS and text["choices"][0]["finish_reason"] == "stop"
+        metrics = c.get("/metrics").text
+    assert 'tunesmith_requests_total{route="/v1/classify",status="200"} 2.0' in metrics
+    assert "tunesmith_predicted_label_total" in metrics and "process_resident_memory_bytes" in metrics
+    assert "tunesmith_model_load_seconds" in metrics and "tunesmith_batch_size_bucket" in metrics
+
+
+def test_generation_routes_and_streaming(gen_run, tmp_path):
+    service = load_service(gen_run)
+    with _client(service, tmp_path, max_tokens=8) as c:
+        out = c.post("/v1/completions", json={"prompt": "my card", "max_tokens": 3}).json()
+        choice = out["choices"][0]
+        assert choice["finish_reason"] in ("stop", "length") and out["usage"]["completion_tokens"] <= 3
+        assert out["usage"]["prompt_tokens"] > 0
+        chat = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] <= 2
+        too_many = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 9})
+        assert too_many.status_code == 422 and "at most 8" in too_many.json()["error"]["message"]
+        with c.stream("POST", "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                             "max_tokens": 4, "stream": True}) as s:
+            lines = [line for line in s.iter_lines() if line]
+        assert lines[-1] == "data: [DONE]"
+        chunks = [json.loads(line[6:]) for line in lines[:-1]]
+        assert all(ch["object"] == "chat.completion.chunk" for ch in chunks)
+        assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+        streamed = "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks)
+        whole = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                     "max_tokens": 4}).json()["choices"][0]["message"]["content"]
+        assert streamed.strip() == whole  # streaming decodes the same greedy answer
+
+
+def test_api_keys_rate_limit_and_bad_requests(cls_service, tmp_path):
+    app = create_app(cls_service, ServeConfig(rate_limit_per_minute=3, max_body_bytes=2048), ["k-one", "k-two"],
+                     tmp_path / "r.db")
+    with TestClient(app) as c:
+        assert c.get("/healthz").status_code == 200  # liveness needs no key
+        assert c.post("/v1/classify", json={"text": "red"}).status_code == 401
+        wrong = c.post("/v1/classify", json={"text": "red"}, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
+        assert c.get("/metrics").status_code == 401
+        ok = {"Authorization": "Bearer k-two"}
+        assert c.post("/v1/classify", json={"text": "red"}, headers=ok).status_code == 200
+        bad_json = c.post("/v1/classify", content=b"{not json", headers={**ok, "content-type": "application/json"})
+        assert bad_json.status_code == 422 and "Traceback" not in bad_json.text
+        both = c.post("/v1/classify", json={"text": "a", "texts": ["b"]}, headers=ok)
+        assert both.status_code == 422 and "exactly one" in both.json()["error"]["message"]
+        limited = c.post("/v1/classify", json={"text": "red"}, headers=ok)
+        assert limited.status_code == 429 and int(limited.headers["Retry-After"]) >= 1
+        other = {"Authorization": "Bearer k-one"}  # limits are per key
+        huge = c.post("/v1/classify", content=b'{"text": "' + b"x" * 5000 + b'"}',
+                      headers={**other, "content-type": "application/json"})
+        assert huge.status_code == 413
+
+        def chunked():
+            yield b'{"text": "'
+            for _ in range(10):
+                yield b"y" * 500
+            yield b'"}'
+        streamed = c.post("/v1/classify", content=chunked(), headers={**other, "content-type": "application/json"})
+        assert streamed.status_code == 413
+
+
+def test_a_failing_request_does_not_take_the_server_down(cls_run, tmp_path, monkeypatch):
+    service = load_service(cls_run)
+    with _client(service, tmp_path) as c:
+        real = service.classify
+        monkeypatch.setattr(service, "classify", lambda texts: (_ for _ in ()).throw(RuntimeError("boom secret")))
+        failed = c.post("/v1/classify", json={"text": "red"})
+        assert failed.status_code == 500 and failed.json()["error"]["message"] == "internal error"
+        assert "boom" not in failed.text and "Traceback" not in failed.text
+        monkeypatch.setattr(service, "classify", real)
+        assert c.post("/v1/classify", json={"text": "red"}).status_code == 200
+        assert 'tunesmith_errors_total{route="/v1/classify"} 1.0' in c.get("/metrics").text
+
+
+def test_concurrent_requests_share_model_calls_and_are_logged(cls_service, tmp_path):
+    app = create_app(cls_service, ServeConfig(max_wait_ms=50), [], tmp_path / "log.db")
+
+    async def burst():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            texts = [f"red card {i} mail me at a{i}@example.com" for i in range(12)]
+            answers = await asyncio.gather(*(c.post("/v1/classify", json={"text": t}) for t in texts))
+            return [a.json() for a in answers], (await c.get("/metrics")).text
+    answers, metrics = asyncio.run(burst())
+    assert all(a["label"] in LABELS for a in answers)
+    count = float(next(line.split()[-1] for line in metrics.splitlines()
+                       if line.startswith('tunesmith_batch_size_count{kind="classify"}')))
+    assert count < 12, "12 concurrent requests took fewer than 12 model calls"
+    rows = sqlite3.connect(tmp_path / "log.db").execute("SELECT input, label, confidence FROM requests").fetchall()
+    assert len(rows) == 12 and all("[EMAIL]" in r[0] and "@" not in r[0] for r in rows)
+    assert all(r[1] in LABELS and 0 < r[2] <= 1 for r in rows)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def live_server(gen_run, tmp_path):
+    import uvicorn
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(load_service(gen_run), ServeConfig(max_tokens=64), [],
+                                                      tmp_path / "live.db"), host="127.0.0.1", port=port,
+                                           log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_disconnects_and_slow_clients_leave_the_server_serving(live_server):
+    host, port = live_server.removeprefix("http://").split(":")
+    slow = socket.create_connection((host, int(port)))  # sends half a request, then nothing
+    slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"pro")
+    with httpx.Client(base_url=live_server, timeout=30) as c:
+        with c.stream("POST", "/v1/completions", json={"prompt": "red", "max_tokens": 64, "stream": True}) as s:
+            next(s.iter_lines())  # one event, then the client goes away mid-stream
+        assert c.post("/v1/completions", json={"prompt": "blue", "max_tokens": 2}).status_code == 200
+        assert c.get("/healthz").status_code == 200
+    slow.close()
+
+
+def test_key_checker_and_rate_limiter_units():
+    checker = KeyChecker(["alpha-key", "beta-key"])
+    assert checker.check("Bearer beta-key") == key_id("beta-key") and len(key_id("x")) == 12
+    assert checker.check("Bearer beta-ke") is None and checker.check("Basic beta-key") is None
+    assert checker.check(None) is None and not KeyChecker([]).enabled
+    assert load_keys(environ={"TUNESMITH_API_KEYS": " a, b ,,"}) == ["a", "b"]
+    limiter = RateLimiter(2)
+    assert limiter.allow("k")[0] and limiter.allow("k")[0]
+    allowed, wait = limiter.allow("k")
+    assert not allowed and 0 < wait <= 30 and limiter.allow("other")[0]
+
+
+def test_psi_is_zero_for_equal_shares_and_grows_with_shift():
+    assert psi([0.5, 0.5], [0.5, 0.5]) == pytest.approx(0, abs=1e-9)
+    assert psi([0.5, 0.5], [0.6, 0.4]) < psi([0.5, 0.5], [0.9, 0.1])
+    ref, cur = np.array([0.2, 0.3, 0.5]), np.array([0.3, 0.3, 0.4])
+    assert psi(ref, cur) == pytest.approx(float(np.sum((cur - ref) * np.log(cur / ref))), rel=1e-3)
