@@ -179,6 +179,41 @@ def _print_variants(result: dict) -> None:
     print(f"selected: {result['selected'] or 'none'} ({result['reason']})")
 
 
+@app.command()
+def audit(run_dir: Path = typer.Argument(..., help="an evaluated run directory"), quiet: bool = QUIET,
+          debug: bool = DEBUG) -> None:
+    """Audit the data and the model for bias: per-group figures, disparities with CIs, probes."""
+    def go() -> int:
+        from tunesmith import pipeline
+
+        result = pipeline.audit_run(run_dir, progress=not quiet)
+        _print_audit(result["audit"])
+        _print_summary(result["summary"])
+        return pipeline.exit_code(result["summary"])
+    _guarded(debug, go)
+
+
+def _print_audit(audit: dict) -> None:
+    for name in ("demographic_parity_difference", "equal_opportunity_difference", "equalized_odds_difference",
+                 "demographic_parity_ratio"):
+        f = audit[name]
+        if f["value"] is None:
+            print(f"{name}: n/a (fewer than two comparable groups)")
+            continue
+        print(f"{name}: {f['value']:.4f}, 95% CI [{f['ci_low']:.4f}, {f['ci_high']:.4f}] "
+              f"({f['attribute']}, label {f['label']})")
+    cf = audit["counterfactual"]
+    if cf["flip_rate"] is not None:
+        print(f"counterfactual flip rate: {cf['flip_rate']:.4f} over {cf['swaps']} identity-term swaps")
+    t = audit.get("threshold_optimizer")
+    if t and "skipped" in t:
+        print(f"threshold optimizer not run: {t['skipped']}")
+    elif t:
+        print(f"threshold optimizer ({t['constraint']}, {t['attribute']}): demographic parity difference "
+              f"{t['before']['demographic_parity_difference']:.4f} -> {t['after']['demographic_parity_difference']:.4f}, "
+              f"accuracy {t['before']['accuracy']:.4f} -> {t['after']['accuracy']:.4f}")
+
+
 @app.command("serve")
 def serve_command(target: Path = typer.Argument(..., help="a run directory, or a model name / checkpoint"),
                   host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (0.0.0.0: every one)."),

@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunesmith.errors import ConfigError
-from tunesmith.evaluate.metrics import CONSTRAINT_FIGURES, metric_names
+from tunesmith.evaluate.metrics import CONSTRAINT_FIGURES, FAIRNESS_FIGURES, metric_names
 from tunesmith.optimize.variants import DEFAULT_VARIANTS, VARIANTS
 from tunesmith.train.methods import DEFAULT_LR, METHODS
 
@@ -352,6 +352,32 @@ class ServeConfig(_Strict):
     drift: DriftSettings = Field(default_factory=DriftSettings)
 
 
+class FairnessConfig(_Strict):
+    """The audit stage: groups, the label of interest, probes and mitigation (see fairness/)."""
+
+    group_fields: list[str] = Field(default_factory=list)        # columns naming each row's group
+    lexicon: list[Literal["gender", "race_ethnicity", "religion", "age", "disability", "nationality",
+                          "sexual_orientation"]] = Field(default_factory=list)   # identity terms found in the text
+    positive_label: list[str] | str | None = None   # label(s) counting as the selected outcome; default: all labels
+    min_group_size: int = Field(10, ge=1)           # smaller groups are listed but not compared
+    under_represented: float = Field(0.05, gt=0, lt=1)   # a group with less than this share of training rows is flagged
+    bootstrap_resamples: int = Field(1000, ge=100)
+    counterfactual_examples: int = Field(200, ge=0)  # test rows with an identity term, each swapped with other terms
+    stereotype_pairs: int = Field(0, ge=0)           # CrowS-Pairs pairs scored before and after fine-tuning (0: off)
+    threshold_optimizer: Literal["off", "demographic_parity", "equalized_odds"] = "demographic_parity"
+    mitigation: Literal["none", "reweight", "augment"] = "none"   # applied while training
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.group_fields or self.lexicon)
+
+    @property
+    def positive_labels(self) -> list[str] | None:
+        if self.positive_label is None:
+            return None
+        return [self.positive_label] if isinstance(self.positive_label, str) else list(self.positive_label)
+
+
 class SuiteConfig(_Strict):
     """An extra evaluation set (e.g. a general task, to catch forgetting), scored for both models."""
 
@@ -382,6 +408,7 @@ class Project(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     optimize: OptimizeConfig = Field(default_factory=OptimizeConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    fairness: FairnessConfig = Field(default_factory=FairnessConfig)
     benchmarks: list[SuiteConfig] = Field(default_factory=list)
     source: Path | None = Field(None, exclude=True)
 
@@ -396,6 +423,11 @@ class Project(_Strict):
             if key not in figures:
                 raise _KeyedError(("objective", "constraints", key), f"unknown constraint '{key}' "
                                   f"(measured figures: {', '.join(sorted(figures))})")
+            if key in FAIRNESS_FIGURES and not self.fairness.enabled:
+                raise _KeyedError(("objective", "constraints", key), f"'{key}' is measured by the audit stage; "
+                                  "set fairness.group_fields or fairness.lexicon")
+        if self.fairness.enabled and self.task.type != "classification":
+            raise _KeyedError(("fairness",), "the fairness audit needs a classification task")
         return self
 
     @property

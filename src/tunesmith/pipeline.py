@@ -11,6 +11,7 @@ from tunesmith.data.prepare import Splits, load_splits, prepare_data, save_split
 from tunesmith.errors import InputError, RunDirError
 from tunesmith.evaluate.objective import judge
 from tunesmith.evaluate.stage import eval_stage
+from tunesmith.fairness.stage import audit_stage, headline_figures
 from tunesmith.models.resolve import resolve_model
 from tunesmith.optimize.stage import optimize_stage
 from tunesmith.optimize.variants import VARIANTS
@@ -94,10 +95,11 @@ def optimize_run(run_dir: Path, names: list[str] | None = None, progress: bool =
 
 def evaluate_and_judge(project: Project, splits: Splits, run_dir: Path, final: Path, progress: bool = True) -> dict:
     metrics = eval_stage(project, splits, run_dir, progress)
+    audit = audit_stage(project, splits, run_dir, progress) if project.fairness.enabled else None
     summary = {
         "name": project.name, "model": project.model, "method": project.train.method,
         "objective_metric": project.objective.metric, "instruction": project.task.instruction,
-        "objective": judge(project.objective, metrics["baseline"], metrics["finetuned"], metrics.get("comparison")),
+        "objective": _verdict(project, metrics, audit),
         "metrics": {"baseline": metrics["baseline"], "finetuned": metrics["finetuned"]},
         "comparison": metrics.get("comparison", {}),
         "run_dir": str(final), "report": str(final / "report.html"),
@@ -105,8 +107,35 @@ def evaluate_and_judge(project: Project, splits: Splits, run_dir: Path, final: P
     }
     if "forgetting" in metrics:
         summary["forgetting"] = metrics["forgetting"]
+    if audit is not None:
+        summary["fairness"] = headline_figures(audit)
     fsio.write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def audit_run(run_dir: Path, progress: bool = True) -> dict:
+    """audit -> verdict (fairness constraints) -> report on an evaluated run directory."""
+    project, splits = open_run(run_dir)
+    if not project.fairness.enabled:
+        raise InputError("no groups to audit", "fairness.group_fields",
+                         "set fairness.group_fields (columns) or fairness.lexicon (identity terms) in the config")
+    if not (Path(run_dir) / "metrics.json").is_file():
+        raise RunDirError("the run has not been evaluated (no metrics.json)", str(run_dir), "run `tunesmith eval` first")
+    audit = audit_stage(project, splits, Path(run_dir), progress)
+    summary = fsio.read_json(Path(run_dir) / "summary.json")
+    summary["objective"] = _verdict(project, fsio.read_json(Path(run_dir) / "metrics.json"), audit)
+    summary["fairness"] = headline_figures(audit)
+    fsio.write_json(Path(run_dir) / "summary.json", summary)
+    report_stage(run_dir)
+    return {"audit": audit, "summary": summary}
+
+
+def _verdict(project: Project, metrics: dict, audit: dict | None) -> dict:
+    """The objective judged on the fine-tuned model's figures, fairness figures included."""
+    figures = dict(metrics["finetuned"])
+    if audit is not None:
+        figures.update({k: v for k, v in headline_figures(audit).items() if v is not None})
+    return judge(project.objective, metrics["baseline"], figures, metrics.get("comparison"))
 
 
 def _training_summary(run_dir: Path) -> dict:

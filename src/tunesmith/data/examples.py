@@ -27,29 +27,34 @@ class Example:
     messages: list[dict] | None = None
     group: str | None = None
     augmented: str | None = None
+    # Values of fairness.group_fields columns (kept with the splits so a run can be audited later).
+    attributes: dict[str, str] | None = None
+    weight: float = 1.0     # the row's weight in the training loss (fairness.mitigation: reweight)
     record: dict | None = field(default=None, repr=False, compare=False)
     file: str = field(default="", compare=False)
     line: int = field(default=0, compare=False)
 
     def to_json(self) -> dict:
         row = {"input": self.input, "target": self.target, "source": self.source}
-        for key in ("messages", "group", "augmented"):
+        for key in ("messages", "group", "augmented", "attributes"):
             if getattr(self, key) is not None:
                 row[key] = getattr(self, key)
+        if self.weight != 1.0:
+            row["weight"] = self.weight
         return row
 
     @classmethod
     def from_json(cls, row: dict) -> Example:
         return cls(row["input"], row["target"], row["source"], row.get("messages"), row.get("group"),
-                   row.get("augmented"))
+                   row.get("augmented"), row.get("attributes"), row.get("weight", 1.0))
 
     def raw(self) -> dict:
         """The original row as read (or this example's fields when it has none)."""
         return dict(self.record) if isinstance(self.record, dict) else self.to_json()
 
 
-def load_examples(path: Path, task: TaskConfig, max_errors: int = 20,
-                  group_field: str | None = None) -> tuple[list[Example], list[RowProblem]]:
+def load_examples(path: Path, task: TaskConfig, max_errors: int = 20, group_field: str | None = None,
+                  attribute_fields: list[str] | None = None) -> tuple[list[Example], list[RowProblem]]:
     """Read and validate one data file; returns the good examples and every problem found."""
     result: ReadResult = read_rows(path)
     examples, problems = [], list(result.problems)
@@ -58,6 +63,11 @@ def load_examples(path: Path, task: TaskConfig, max_errors: int = 20,
         try:
             example = parse(row, task)
             example.group = _group(row, group_field)
+            if attribute_fields:
+                rec = row.record if isinstance(row.record, dict) else {}
+                # A missing value is a group of its own in the audit, not an invalid row.
+                example.attributes = {f: str(rec[f]) if rec.get(f) not in (None, "") else "(missing)"
+                                      for f in attribute_fields}
         except _RowError as e:
             problems.append(RowProblem(row.file, row.line, str(e)))
             continue

@@ -39,7 +39,8 @@ def check_data(project: Project) -> tuple[dict[str, list[Example]], list[RowProb
     files = {k: getattr(project.data, k) for k in SPLITS if isinstance(getattr(project.data, k), Path)}
     loaded, problems = {}, []
     for role, path in files.items():
-        examples, bad = load_examples(path, project.task, project.data.max_errors, project.data.group_field)
+        examples, bad = load_examples(path, project.task, project.data.max_errors, project.data.group_field,
+                                      project.fairness.group_fields)
         loaded[role] = examples
         problems.extend(bad)
     return loaded, problems
@@ -67,6 +68,10 @@ def prepare_data(project: Project, progress: bool = False, augment_rows: bool = 
     _check_sizes(splits, data.train)
     if augment_rows and data.augment.enabled:
         splits.train = train + augment(train, data.augment, _paraphraser(project))
+    if project.fairness.enabled and project.fairness.mitigation != "none":
+        from tunesmith.fairness.mitigate import apply_mitigation
+
+        splits.train = apply_mitigation(splits.train, project.fairness)
     if task.type == "classification":
         splits.labels = _label_set(splits, task.labels)
         splits.warnings += _label_warnings(splits)

@@ -32,8 +32,13 @@ CLASSIFICATION = ("classification",)
 GENERATION = ("generation", "chat")
 
 # Figures other than task metrics that an objective constraint may name (see evaluate.efficiency).
+FAIRNESS_FIGURES = {"demographic_parity_difference", "demographic_parity_ratio", "equal_opportunity_difference",
+                    "equalized_odds_difference", "counterfactual_flip_rate"}
 CONSTRAINT_FIGURES = {"latency_p50_ms", "latency_p95_ms", "model_size_mb", "peak_rss_mb",
-                      "train_seconds", "tokens_per_second", "trainable_params", "throughput_eps", "ece", "perplexity"}
+                      "train_seconds", "tokens_per_second", "trainable_params", "throughput_eps", "ece", "perplexity",
+                      # fairness figures from the audit stage (fairness.group_fields or fairness.lexicon)
+                      "demographic_parity_difference", "demographic_parity_ratio", "equal_opportunity_difference",
+                      "equalized_odds_difference", "counterfactual_flip_rate"}
 
 
 def register(name: str, tasks: tuple[str, ...], higher_is_better: bool = True, cost: int = 1):

@@ -53,7 +53,12 @@ def _evaluated(run_dir: Path) -> dict:
         if not (run_dir / needed).is_file():
             raise RunDirError(f"the run has not been evaluated (no {needed})", str(run_dir),
                               "run `tunesmith eval RUN_DIR` first")
-    return fsio.read_json(run_dir / "metrics.json")
+    metrics = fsio.read_json(run_dir / "metrics.json")
+    summary = run_dir / "summary.json"
+    # Fairness constraints are judged on the audit of the fp32 model (variants are not re-audited).
+    fairness = fsio.read_json(summary).get("fairness", {}) if summary.is_file() else {}
+    metrics["finetuned"] = {**metrics["finetuned"], **{k: v for k, v in fairness.items() if v is not None}}
+    return metrics
 
 
 def _build_all(project: Project, splits: Splits, run_dir: Path, names: list[str], progress: bool):

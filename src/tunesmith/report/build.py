@@ -10,6 +10,7 @@ from tunesmith import fsio
 from tunesmith.evaluate.metrics import METRICS
 from tunesmith.report import plots
 from tunesmith.report.data_section import data_section
+from tunesmith.report.fairness_section import fairness_section
 from tunesmith.report.optimize_section import optimize_section
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222;padding:0 1em}
@@ -27,7 +28,8 @@ def report_stage(run_dir: Path) -> Path:
     body = [_header(summary), _verdict(summary["objective"]), _metrics_table(metrics), _plots(metrics, log, summary),
             data_section(data), _watch_section(summary.get("training", {}), metrics.get("forgetting")),
             _suites_section(metrics.get("benchmarks", {})), _judge_section(metrics.get("judge")),
-            _search_section(run_dir, summary["objective_metric"]), optimize_section(run_dir, summary["objective_metric"]),
+            _search_section(run_dir, summary["objective_metric"]), fairness_section(run_dir),
+            optimize_section(run_dir, summary["objective_metric"]),
             _train_section(metrics.get("train", {}))]
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>tunesmith: {html.escape(summary['name'])}"
             f"</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>")

@@ -151,3 +151,17 @@ def quality_vs_latency(variants: list[dict], metric: str) -> str:
            title="Quality vs latency (x: not offered; bars: 95% CI of the change vs fp32)")
     ax.title.set_fontsize(8)
     return _png(fig)
+
+
+def group_rates(groups: dict, attribute: str, label: str) -> str:
+    """Selection rate, TPR and FPR per group (n in brackets) for one attribute and label of interest."""
+    names = sorted(groups, key=lambda g: -groups[g]["n"])[:25]
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.28 * len(names)))
+    y = range(len(names))
+    for offset, key, colour in ((-0.27, "selection_rate", "tab:blue"), (0, "tpr", "tab:green"), (0.27, "fpr", "tab:red")):
+        ax.barh([i + offset for i in y], [groups[g][key] or 0 for g in names], height=0.26, color=colour, label=key)
+    ax.set_yticks(list(y))
+    ax.set_yticklabels([f"{g} ({groups[g]['n']})" for g in names], fontsize=7)
+    ax.set(xlim=(0, 1), xlabel=f"rate of '{label}'", title=f"Per-group rates by {attribute} (test)")
+    ax.legend(fontsize=7, loc="lower right")
+    return _png(fig)

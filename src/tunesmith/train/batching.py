@@ -21,6 +21,7 @@ class Encoded:
     ids: list[int]
     n_prompt: int
     truncated: bool = False
+    weight: float = 1.0
 
 
 def encode_for_training(tokenizer, fmt: PromptFormat, examples: list[Example]) -> list[Encoded]:
@@ -32,7 +33,8 @@ def encode_for_training(tokenizer, fmt: PromptFormat, examples: list[Example]) -
         if ex.target not in answers:
             answers[ex.target] = encode_answer(tokenizer, fmt, ex.target)
         answer = answers[ex.target][: fmt.max_length - len(prompt)]
-        out.append(Encoded(prompt + answer, len(prompt), truncated or len(answer) < len(answers[ex.target])))
+        out.append(Encoded(prompt + answer, len(prompt), truncated or len(answer) < len(answers[ex.target]),
+                           ex.weight))
     return out
 
 
@@ -72,6 +74,8 @@ def collate(items: list[Encoded], pad_id: int, prefix_len: int = 0) -> dict[str,
         mask[i, : len(tail)] = 1
         labels[i, it.n_prompt - prefix_len: len(tail)] = ids[i, it.n_prompt - prefix_len: len(tail)]
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if any(it.weight != 1.0 for it in items):
+        batch["weights"] = torch.tensor([it.weight for it in items], dtype=torch.float32)  # (B,)
     if prefix_len:
         batch["prefix_ids"] = torch.tensor(items[0].ids[:prefix_len])
     return batch

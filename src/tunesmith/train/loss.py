@@ -19,14 +19,22 @@ def supervised_loss(model, batch: dict[str, torch.Tensor], label_smoothing: floa
     `label_smoothing` spreads that share of each target's probability mass over the vocabulary
     (training only; validation loss is always the plain cross-entropy).
 
+    With `batch["weights"]` (B,), each row's tokens count with its weight (a weighted mean).
+
     Returns:
         (loss, number of supervised tokens). The mean is over tokens, not examples, so long
         answers weigh by their length, as in standard causal-LM training.
     """
     logits, targets = supervised_logits(model, batch)  # (N, V), (N,)
     n = len(targets)
-    loss = F.cross_entropy(logits.float(), targets, reduction="sum", label_smoothing=label_smoothing) / max(n, 1)
-    return loss, n
+    if "weights" not in batch:
+        loss = F.cross_entropy(logits.float(), targets, reduction="sum", label_smoothing=label_smoothing) / max(n, 1)
+        return loss, n
+    # Row weights (fairness reweighting): each supervised token counts with its row's weight.
+    selected = batch["labels"][:, 1:] != IGNORE                                  # (B, T-1)
+    w = batch["weights"][:, None].expand_as(selected)[selected].to(logits.device)  # (N,)
+    ce = F.cross_entropy(logits.float(), targets, reduction="none", label_smoothing=label_smoothing)  # (N,)
+    return (ce * w).sum() / w.sum().clamp(min=1e-12), n
 
 
 def supervised_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,153 @@
+"""The audit stage: data audit, per-group model figures with intervals, counterfactual and
+stereotype probes, threshold post-processing; writes RUN_DIR/audit.json.
+
+audit.json: `groups` ({attribute: {group: figures}} for the headline label), the headline
+`demographic_parity_difference`, `demographic_parity_ratio`, `equal_opportunity_difference` and
+`equalized_odds_difference` (each {value, ci_low, ci_high}: the worst attribute and label of
+interest), `counterfactual_flip_rate`, and the details under `attributes`, `data`,
+`counterfactual`, `threshold_optimizer` and `stereotype`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tunesmith import fsio, hardware
+from tunesmith.config import Project
+from tunesmith.data.prepare import Splits
+from tunesmith.fairness.counterfactual import counterfactual_pairs, flip_rate
+from tunesmith.fairness.data_audit import audit_attribute
+from tunesmith.fairness.groups import attributes, eligible
+from tunesmith.fairness.lexicon import CATEGORIES
+from tunesmith.fairness.metrics import HEADLINE, disparities, per_group, with_intervals
+from tunesmith.tasks.predict import predict
+
+
+def audit_stage(project: Project, splits: Splits, run_dir: Path, progress: bool = True) -> dict:
+    """Audit the run's fine-tuned model and data; returns (and writes) audit.json's content."""
+    from tunesmith.train.stage import load_finetuned
+
+    cfg, run_dir = project.fairness, Path(run_dir)
+    test = splits.test[: project.eval.max_examples] if project.eval.max_examples else splits.test
+    model, tokenizer, fmt, base_path = load_finetuned(run_dir / "model")
+    bf16 = hardware.use_bf16(project.eval.precision, hardware.device())
+    model.to(hardware.device())
+
+    def run(examples, name):
+        return predict(model, tokenizer, fmt, examples, batch_size=project.eval.batch_size, autocast=bf16,
+                       progress=f"audit {name}" if progress else None)
+    tuned = run(test, "test")
+    golds = [e.target for e in test]
+    labels = cfg.positive_labels or list(fmt.labels)
+    attrs = attributes(test, cfg.group_fields, cfg.lexicon)
+    baseline = _baseline_predictions(run_dir, len(test))
+    model_audit = {a: _attribute_audit(golds, tuned.texts, baseline, groups, labels, cfg, project.eval.seed)
+                   for a, groups in attrs.items()}
+    audit = {"positive_labels": labels, "min_group_size": cfg.min_group_size, "attributes": model_audit}
+    audit.update(_headline(model_audit))
+    audit["data"] = _data_audit(splits, cfg)
+    pairs = counterfactual_pairs(test, list(cfg.lexicon) or list(CATEGORIES), cfg.counterfactual_examples)
+    swapped = run([p[3] for p in pairs], "counterfactuals").texts if pairs else []
+    audit["counterfactual"] = flip_rate(test, tuned.texts, pairs, swapped)
+    audit["counterfactual_flip_rate"] = audit["counterfactual"]["flip_rate"]
+    if cfg.threshold_optimizer != "off" and len(labels) == 1 and splits.validation and attrs:
+        val = run(splits.validation, "validation")
+        audit["threshold_optimizer"] = _thresholds(cfg, splits, test, golds, tuned, val, labels[0], project.eval.seed)
+    if cfg.stereotype_pairs:
+        audit["stereotype"] = _stereotype(model, tokenizer, base_path, cfg.stereotype_pairs)
+    fsio.write_json(run_dir / "audit.json", audit)
+    return audit
+
+
+def headline_figures(audit: dict) -> dict:
+    """The figures the objective's constraints can name."""
+    out = {k: audit[k]["value"] for k in HEADLINE if isinstance(audit.get(k), dict)}
+    out["counterfactual_flip_rate"] = audit.get("counterfactual_flip_rate")
+    return out
+
+
+def _attribute_audit(golds, preds, baseline, groups, labels, cfg, seed) -> dict:
+    keep = eligible(groups, cfg.min_group_size)
+    out = {"compared_groups": sorted(keep), "small_groups": sorted(set(groups) - keep), "labels": {}}
+    for lab in labels:
+        entry = {"groups": per_group(golds, preds, groups, lab),
+                 "finetuned": with_intervals(golds, preds, groups, lab, keep, cfg.bootstrap_resamples, seed)}
+        if baseline:
+            entry["baseline"] = disparities(golds, baseline, groups, lab, keep)
+        out["labels"][lab] = entry
+    return out
+
+
+def _headline(model_audit: dict) -> dict:
+    """Worst case over attributes and labels of interest: largest differences, smallest ratio."""
+    out: dict = {"groups": {}}
+    worst_key = None
+    for fig in HEADLINE:
+        rows = [(a, lab, e["finetuned"][fig]) for a, m in model_audit.items() for lab, e in m["labels"].items()
+                if e["finetuned"][fig]["value"] is not None]
+        if not rows:
+            out[fig] = {"value": None, "ci_low": None, "ci_high": None}
+            continue
+        pick = min if fig.endswith("ratio") else max
+        a, lab, value = pick(rows, key=lambda r: r[2]["value"])
+        out[fig] = {**value, "attribute": a, "label": lab}
+        if fig == "demographic_parity_difference":
+            worst_key = lab
+    for a, m in model_audit.items():
+        lab = worst_key if worst_key in m["labels"] else next(iter(m["labels"]))
+        out["groups"][a] = m["labels"][lab]["groups"]
+    return out
+
+
+def _data_audit(splits: Splits, cfg) -> dict:
+    train = [e for e in splits.train if not e.augmented]
+    labels = [e.target for e in train]
+    return {a: audit_attribute(groups, labels, cfg.under_represented, cfg.min_group_size)
+            for a, groups in attributes(train, cfg.group_fields, cfg.lexicon).items()}
+
+
+def _thresholds(cfg, splits, test, golds, tuned, val, positive, seed) -> dict:
+    """Fairness and accuracy of the model's own decisions and after group-specific thresholds."""
+    from tunesmith.fairness.threshold import optimize_thresholds
+
+    attr = (cfg.group_fields or list(cfg.lexicon))[0]
+    val_groups = attributes(splits.validation, cfg.group_fields, cfg.lexicon)[attr]
+    test_groups = attributes(test, cfg.group_fields, cfg.lexicon)[attr]
+    keep = eligible(test_groups, cfg.min_group_size)
+    degenerate = sorted(g for g in set(val_groups)
+                        if len({e.target == positive for e, gg in zip(splits.validation, val_groups) if gg == g}) < 2)
+    if degenerate:
+        return {"attribute": attr, "label": positive, "skipped": "validation rows of group(s) "
+                f"{', '.join(degenerate[:5])} all have the same outcome; thresholds cannot be fitted"}
+    decided = optimize_thresholds([p[positive] for p in val.probabilities], [e.target == positive for e in splits.validation],
+                                  val_groups, [p[positive] for p in tuned.probabilities], test_groups,
+                                  cfg.threshold_optimizer, seed)
+    # After post-processing only "positive or not" is decided; other labels keep the model's choice.
+    other = "(not " + positive + ")"
+    after = [positive if d else (t if t != positive else other) for d, t in zip(decided, tuned.texts)]
+
+    def figures(preds):
+        acc = sum(p == g for p, g in zip(preds, golds)) / max(len(golds), 1)
+        return {"accuracy": round(acc, 6), **disparities(golds, preds, test_groups, positive, keep)}
+    return {"attribute": attr, "label": positive, "constraint": cfg.threshold_optimizer,
+            "before": figures(tuned.texts), "after": figures(after)}
+
+
+def _stereotype(model, tokenizer, base_path, n: int) -> dict:
+    """Before (base model) and after fine-tuning, on the same pairs."""
+    from tunesmith.fairness.stereotype import load_pairs, stereotype_preference
+    from tunesmith.models.load import load_model
+
+    pairs = load_pairs(n)
+    tuned = stereotype_preference(model, tokenizer, pairs)
+    base = stereotype_preference(load_model(base_path), tokenizer, pairs)
+    return {"baseline": base, "finetuned": tuned}
+
+
+def _baseline_predictions(run_dir: Path, n: int) -> list[str] | None:
+    path = run_dir / "predictions" / "test.jsonl"
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r["baseline_prediction"] for r in rows] if len(rows) == n else None
