@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import tempfile
 from pathlib import Path
 
 import pytest
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# Runs made by tests go into a throwaway registry, never the user's.
+os.environ.setdefault("TUNESMITH_REGISTRY", str(Path(tempfile.mkdtemp(prefix="tunesmith-registry-")) / "runs.sqlite"))
 COLOURS = {"red": "alpha", "blue": "beta", "green": "gamma"}
 FILLER = "the a my card bank money please help today now where when why how is was can you".split()
 

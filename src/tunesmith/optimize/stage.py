@@ -65,7 +65,7 @@ def _build_all(project: Project, splits: Splits, run_dir: Path, names: list[str]
     """{name: (relative path, notes)} of the built variants, fp32 first, and the skipped ones with reasons."""
     built: dict[str, tuple[str, dict]] = {"fp32": ("model", {})}
     skipped = []
-    source = open_source(run_dir, project, splits) if names else None
+    source = open_source(run_dir, project, splits, progress) if names else None
     for name in names:
         final = run_dir / "variants" / name
         partial = final.with_name(f".{name}.partial")

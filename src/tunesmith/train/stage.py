@@ -18,7 +18,7 @@ from tunesmith.train.trainer import TrainResult, fit
 
 
 def train_stage(project: Project, splits: Splits, run_dir: Path, progress: bool = True,
-                resume: bool = False) -> TrainResult:
+                resume: bool = False, on_validate=None) -> TrainResult:
     """Fine-tune the project's model and save it under run_dir/model with its tokenizer and prompt.
 
     With `resume`, training continues from the newest checkpoint in run_dir/checkpoints. Once the
@@ -31,8 +31,9 @@ def train_stage(project: Project, splits: Splits, run_dir: Path, progress: bool 
     model = load_model(base_path)
     # A method may bring its own fitting procedure (prompt search); weight-training methods share `fit`.
     fitter = getattr(get_method(project.train.method), "fit", fit)
+    extra = {"on_validate": on_validate} if on_validate else {}
     result = fitter(model, tokenizer, fmt, splits.train, splits.validation, project.train, project.objective.metric,
-                    out_dir=run_dir, progress=progress, resume=resume)
+                    out_dir=run_dir, progress=progress, resume=resume, **extra)
     if distributed.rank() == 0:
         save_finetuned(result.model, tokenizer, result.fmt or fmt, project, base_path, run_dir / "model")
         fsio.write_json(run_dir / "train.json", {"stats": result.stats, "best": result.best,

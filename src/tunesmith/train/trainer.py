@@ -65,12 +65,14 @@ def make_plan(n_examples: int, cfg: TrainConfig, world: int = 1) -> Plan:
 
 
 def fit(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[Example], cfg: TrainConfig,
-        metric: str, out_dir: Path | None = None, progress: bool = True, resume: bool = False) -> TrainResult:
+        metric: str, out_dir: Path | None = None, progress: bool = True, resume: bool = False,
+        on_validate=None) -> TrainResult:
     """Train `model` with `cfg.method`, validating every `eval_every` steps on `metric`.
 
     Args:
         out_dir: where train_log.jsonl, checkpoints/ and tracker files go (None: nowhere).
         resume: continue from the newest checkpoint under out_dir/checkpoints.
+        on_validate: called with each validation record (step, val_loss, the metric); may raise to stop.
 
     Returns:
         TrainResult whose model holds the weights of the best validation evaluation.
@@ -132,6 +134,8 @@ def fit(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[Exa
                     bar.write(f"warning: overfitting at step {step}: {signal['detail']}")
                 log.write(record)
                 trackers.log(record)
+                if on_validate:  # e.g. a hyperparameter search that prunes hopeless trials
+                    on_validate(record)
                 bar.set_postfix(loss=f"{record['train_loss']:.4f}", val_loss=f"{record['val_loss']:.4f}",
                                 **{f"val_{metric}": f"{record[metric]:.3f}"})
                 net.train()

@@ -29,7 +29,7 @@ def build(source, cfg, out_dir: Path) -> dict:
 
     losses = short_finetune(student, source.tokenizer, source.fmt, source.splits.train, settings.steps,
                             settings.learning_rate, seed=source.project.train.seed, loss_fn=loss,
-                            progress="distil")
+                            progress=source.bar("distil"))
     save_hf(student, source.tokenizer, source.fmt, out_dir)
     return {"student_layers": keep, "teacher_layers": n, "steps": len(losses),
             "final_loss": round(losses[-1], 4) if losses else None}

@@ -18,7 +18,7 @@ def build(source, cfg, out_dir: Path) -> dict:
         raise NotApplicable("a sentence classifier student needs a classification task")
     settings = cfg.distill
     train = source.splits.train
-    teacher = predict(source.model, source.tokenizer, source.fmt, train, progress="teacher labels")
+    teacher = predict(source.model, source.tokenizer, source.fmt, train, progress=source.bar("teacher labels"))
     # The teacher's log-probabilities act as its logits over the label set. (N, L)
     teacher_logits = torch.tensor([[p[lab] for lab in labels] for p in teacher.probabilities]).clamp(min=1e-9).log()
     index = {lab: i for i, lab in enumerate(labels)}
@@ -26,7 +26,7 @@ def build(source, cfg, out_dir: Path) -> dict:
     losses = train_classifier(model, tokenizer, [e.input for e in train], [index[e.target] for e in train],
                               teacher_logits, settings.minilm_epochs, settings.minilm_learning_rate,
                               settings.temperature, settings.alpha, seed=source.project.train.seed,
-                              progress="distil minilm")
+                              progress=source.bar("distil minilm"))
     save_classifier(model, tokenizer, labels, out_dir)
     agreement = sum(a == b for a, b in zip(teacher.texts, [e.target for e in train])) / max(len(train), 1)
     return {"student": "all-MiniLM-L6-v2 + linear head", "steps": len(losses),

@@ -39,7 +39,7 @@ def build(source, cfg, out_dir: Path) -> dict:
     apply_masks(model, masks)
     losses = short_finetune(model, source.tokenizer, source.fmt, source.splits.train, settings.recovery_steps,
                             settings.learning_rate, seed=source.project.train.seed,
-                            after_step=lambda: apply_masks(model, masks), progress="recover pruned")
+                            after_step=lambda: apply_masks(model, masks), progress=source.bar("recover pruned"))
     zeros = sum(int((~m).sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
     save_hf(model, source.tokenizer, source.fmt, out_dir)

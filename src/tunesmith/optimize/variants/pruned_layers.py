@@ -19,7 +19,8 @@ def build(source, cfg, out_dir: Path) -> dict:
     removed = [i for i in range(len(influence)) if i not in keep]
     keep_layers(model, keep)
     losses = short_finetune(model, source.tokenizer, source.fmt, source.splits.train, settings.recovery_steps,
-                            settings.learning_rate, seed=source.project.train.seed, progress="recover pruned_layers")
+                            settings.learning_rate, seed=source.project.train.seed,
+                            progress=source.bar("recover pruned_layers"))
     save_hf(model, source.tokenizer, source.fmt, out_dir)
     return {"removed_layers": removed, "layers": len(keep), "recovery_steps": len(losses),
             "influence": [round(x, 4) for x in influence]}

@@ -1,0 +1,55 @@
+"""Two runs side by side: what their configs change, and how their metrics differ, with a paired
+test when both predicted the same test examples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from tunesmith import fsio
+from tunesmith.evaluate.compare import compare
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    """{"train.lora.r": 8, ...} from a nested dict."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_diff(a: Path, b: Path) -> list[dict]:
+    """Keys whose resolved values differ between the runs' config.yaml files."""
+    ca = flatten(yaml.safe_load((Path(a) / "config.yaml").read_text(encoding="utf-8")) or {})
+    cb = flatten(yaml.safe_load((Path(b) / "config.yaml").read_text(encoding="utf-8")) or {})
+    return [{"key": k, "a": ca.get(k), "b": cb.get(k)} for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)]
+
+
+def metric_diff(a: Path, b: Path, resamples: int = 1000, seed: int = 0) -> dict:
+    """Fine-tuned metrics of both runs, B - A, and a paired comparison when the test examples match."""
+    sa, sb = fsio.read_json(Path(a) / "summary.json"), fsio.read_json(Path(b) / "summary.json")
+    ma, mb = sa["metrics"]["finetuned"], sb["metrics"]["finetuned"]
+    rows = {k: {"a": ma[k], "b": mb[k], "diff": round(mb[k] - ma[k], 6)}
+            for k in sorted(set(ma) & set(mb)) if isinstance(ma[k], (int, float)) and isinstance(mb[k], (int, float))}
+    pa, pb = _predictions(a), _predictions(b)
+    paired = None
+    if pa and pb and [r["text"] for r in pa] == [r["text"] for r in pb] and [r["gold"] for r in pa] == [r["gold"] for r in pb]:
+        task = "classification" if "correct" in pa[0] else "generation"
+        names = [sa["objective_metric"]]
+        paired = compare(task, [r["gold"] for r in pa], [r["prediction"] for r in pa], [r["prediction"] for r in pb],
+                         names, resamples, seed)
+    return {"metric": sa["objective_metric"], "metrics": rows, "paired": paired,
+            "same_test_examples": paired is not None}
+
+
+def _predictions(run: Path) -> list[dict]:
+    path = Path(run) / "predictions" / "test.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,0 +1,84 @@
+"""Memory and time of fine-tuning a model with a method on this hardware, from first principles
+plus two constants calibrated on tunesmith's own measured runs (see README, "Choosing a model").
+
+Memory (MB) = overhead + weights + trained state + activations, where
+- weights: 4 bytes x P (tunesmith keeps fp32 master weights and trains under bf16 autocast);
+  QLoRA: 0.56 bytes x P (4-bit NF4 plus block scales);
+- trained state: 16 bytes per trained parameter (fp32 weight, gradient, two Adam moments): all P
+  for full fine-tuning; ~1% of P for LoRA/DoRA (rank 8 on the attention and MLP projections);
+  nothing worth counting for IA3 and soft prompts;
+- activations: ACTIVATION_BYTES x layers x batch x tokens per row x hidden (Korthikanti et al.'s
+  34 bytes per element per layer for 16-bit activations);
+- overhead: the Python process with torch, transformers and tokenizers loaded (OVERHEAD_MB).
+Time (s) = tokens x FLOPs per token / (peak FLOP/s x EFFICIENCY), with FLOPs per token 6P for full
+fine-tuning (forward 2P, backward 4P) and 4P for methods that skip weight gradients; peak FLOP/s
+is measured on this machine by a short matmul probe.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from tunesmith import hardware
+
+OVERHEAD_MB = 2400        # calibrated: quickstart LoRA run, 3,402 MB peak RSS measured (2026-11-28)
+ACTIVATION_BYTES = 34
+EFFICIENCY = 0.6          # calibrated: quickstart LoRA, 479 tokens/s measured on a 2-core EPYC in bf16
+FLOPS_PER_TOKEN = {"full": 6, "lora": 4, "dora": 4.4, "qlora": 4.4, "ia3": 4, "prompt_tuning": 4, "prefix_tuning": 4}
+TRAINED_SHARE = {"full": 1.0, "lora": 0.01, "dora": 0.011, "qlora": 0.01, "ia3": 0.0005, "prompt_tuning": 0.0001,
+                 "prefix_tuning": 0.002}
+
+
+@dataclass
+class Hardware:
+    device: str
+    name: str
+    memory_mb: float
+    peak_tflops: float
+    bf16: bool
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def detect(probe_seconds: float = 0.5) -> Hardware:
+    """This machine: device, memory available to training, and measured matmul peak (bf16 when native)."""
+    dev = hardware.device()
+    bf16 = hardware.bf16_supported(dev)
+    if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        name, memory = props.name, props.total_memory / 2**20
+    else:
+        name = f"CPU, {torch.get_num_threads()} threads"
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    return Hardware(dev.type, name, round(memory), round(matmul_tflops(dev, bf16, probe_seconds), 3), bf16)
+
+
+def matmul_tflops(dev: torch.device, bf16: bool, seconds: float = 0.5, n: int = 1024) -> float:
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+    a @ b  # warm-up
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        a @ b
+        done += 1
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * done / (time.perf_counter() - started) / 1e12
+
+
+def estimate(params_m: float, layers: int, hidden: int, method: str, tokens: int, batch: int, row_tokens: int,
+             hw: Hardware) -> dict:
+    """{memory_mb, seconds, fits} of training `tokens` tokens (all epochs) with `method`."""
+    p = params_m * 1e6
+    weights = (0.56 if method == "qlora" else 4.0) * p
+    trained = 16 * TRAINED_SHARE[method] * p
+    activations = ACTIVATION_BYTES * layers * batch * row_tokens * hidden
+    memory = OVERHEAD_MB + (weights + trained + activations) / 2**20
+    seconds = tokens * FLOPS_PER_TOKEN[method] * p / (hw.peak_tflops * 1e12 * EFFICIENCY)
+    return {"method": method, "memory_mb": round(memory), "seconds": round(seconds, 1),
+            "fits": memory < 0.9 * hw.memory_mb}

@@ -1,0 +1,104 @@
+"""Choosing and comparing: the run registry and `runs list|show|diff`, the `compare` bake-off, the
+`select` estimator and probe, and the `tune` study, on tiny models."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+
+import pytest
+from typer.testing import CliRunner
+
+from tunesmith.cli import app
+from tunesmith.config import load_config
+from tunesmith.models.estimate import Hardware, estimate
+from tunesmith.runs import list_runs
+
+from conftest import PROJECT, make_texts, write_jsonl
+
+runner = CliRunner()
+
+
+def _project(tmp_path, tiny_model, method: str = "lora") -> str:
+    write_jsonl(tmp_path / "train.jsonl", make_texts(30, 1))
+    write_jsonl(tmp_path / "test.jsonl", make_texts(9, 2))
+    (tmp_path / "project.yaml").write_text(PROJECT.format(model=tiny_model, method=method), encoding="utf-8")
+    return str(tmp_path / "project.yaml")
+
+
+def test_compare_runs_each_method_and_the_registry_knows_them(tmp_path, tiny_model):
+    config = _project(tmp_path, tiny_model)
+    out = tmp_path / "bake"
+    result = runner.invoke(app, ["compare", config, "--methods", "lora,ia3,prompt_optimization", "--out", str(out),
+                                 "--quiet"])
+    assert result.exit_code == 0, result.output
+    entries = json.loads((out / "compare.json").read_text())
+    assert {e["method"] for e in entries} == {"lora", "ia3", "prompt_optimization"}
+    assert entries[0]["vs_best"] is None and all(e["vs_best"] is not None for e in entries[1:])
+    for e in entries:
+        assert {"value", "gain_ci", "train_seconds", "peak_rss_mb", "trainable_params", "latency_p50_ms",
+                "objective_met"} <= set(e)
+        assert e["value"] >= entries[-1]["value"]  # ranked best first
+    assert (out / "compare.png").stat().st_size > 1000 and "method" in result.output
+    # Each bake-off run is a normal run, recorded in the registry.
+    registered = {r["run_dir"] for r in list_runs("tiny")}
+    assert {str((out / m).resolve()) for m in ("lora", "ia3", "prompt_optimization")} <= registered
+    listed = runner.invoke(app, ["runs", "list", "--name", "tiny"])
+    assert listed.exit_code == 0 and "prompt_optimization" in listed.output
+    run_id = next(r["id"] for r in list_runs("tiny") if r["run_dir"] == str((out / "lora").resolve()))
+    shown = runner.invoke(app, ["runs", "show", str(run_id)])
+    assert shown.exit_code == 0 and "objective" in shown.output
+    diff = runner.invoke(app, ["runs", "diff", str(out / "lora"), str(out / "ia3")])
+    assert diff.exit_code == 0, diff.output
+    assert "train.method: 'lora' -> 'ia3'" in diff.output and "95% CI" in diff.output
+    missing = runner.invoke(app, ["runs", "show", "99999"])
+    assert missing.exit_code == 2 and "no run with id 99999" in missing.output
+
+
+def test_compare_rejects_unknown_methods(tmp_path, tiny_model):
+    result = runner.invoke(app, ["compare", _project(tmp_path, tiny_model), "--methods", "lora,magic", "--out",
+                                 str(tmp_path / "x")])
+    assert result.exit_code == 2 and "error: unknown method 'magic', --methods" in result.output
+
+
+def test_estimates_follow_the_formulas():
+    hw = Hardware("cpu", "test", 24000, 0.4, True)
+    lora = estimate(135, 30, 576, "lora", 50_000, 8, 90, hw)
+    full = estimate(135, 30, 576, "full", 50_000, 8, 90, hw)
+    assert full["memory_mb"] - lora["memory_mb"] == pytest.approx(16 * 0.99 * 135e6 / 2**20, abs=2)
+    assert full["seconds"] == pytest.approx(1.5 * lora["seconds"], rel=1e-3)  # 6P vs 4P FLOPs per token
+    assert lora["seconds"] == pytest.approx(50_000 * 4 * 135e6 / (0.4e12 * 0.6), rel=1e-3)
+    assert not estimate(7248, 32, 4096, "full", 1000, 8, 90, hw)["fits"]
+
+
+def test_select_probes_local_models_and_recommends(tmp_path, tiny_model):
+    config = _project(tmp_path, tiny_model)
+    result = runner.invoke(app, ["select", config, "--candidates", f"{tiny_model},smollm2-1.7b-instruct", "--probe", "6",
+                                 "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    local = next(c for c in out["candidates"] if c["local"])
+    assert local["probe"]["examples"] == 6 and 0 <= local["probe"]["score"] <= 1
+    assert set(local["estimates"]) == {"full", "lora", "qlora", "prompt_tuning"}
+    assert out["recommendation"]["method"] == "lora" and "LoRA, not full" in out["recommendation"]["reason"]
+    assert out["data"]["train_tokens"] > 0 and out["hardware"]["peak_tflops"] > 0
+    text = runner.invoke(app, ["select", config, "--candidates", str(tiny_model), "--probe", "0", "--quiet"])
+    assert text.exit_code == 0 and "recommendation:" in text.output
+
+
+def test_tune_study_starts_from_the_default_and_ends_in_a_run(tmp_path, tiny_model):
+    config = _project(tmp_path, tiny_model)
+    out = tmp_path / "tune"
+    result = runner.invoke(app, ["tune", config, "--trials", "4", "--out", str(out), "--quiet"])
+    assert result.exit_code in (0, 3), result.output
+    db = sqlite3.connect(out / "study.sqlite")
+    states = [s for (s,) in db.execute("SELECT state FROM trials ORDER BY number")]
+    assert len(states) == 4 and states[0] == "COMPLETE"
+    project = load_config(config)
+    first = dict(db.execute("SELECT param_name, param_value FROM trial_params WHERE trial_id = "
+                            "(SELECT MIN(trial_id) FROM trials)").fetchall())
+    assert first["lora.r"] is not None and len(first) == 5  # trial 0 is the config as written
+    assert (out / "best" / "summary.json").is_file() and "default config (trial 0)" in result.output
+    m = re.search(r"default config \(trial 0\): ([0-9.]+); best: trial \d+ ([0-9.]+)", result.output)
+    assert m and float(m.group(2)) >= float(m.group(1)) and project.train.method == "lora"
