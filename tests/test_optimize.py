@@ -149,3 +149,15 @@ def test_full_fine_tune_has_nothing_to_merge(tmp_path, tiny_model):
     optimize = json.loads((tmp_path / "run" / "optimize.json").read_text())
     assert [s["name"] for s in optimize["skipped"]] == ["merged"]
     assert [e["name"] for e in json.loads((tmp_path / "run" / "variants.json").read_text())] == ["fp32", "int8"]
+
+
+def test_run_with_optimize_enabled_selects_a_variant(tmp_path, tiny_model):
+    write_jsonl(tmp_path / "train.jsonl", make_texts(30, 1))
+    write_jsonl(tmp_path / "test.jsonl", make_texts(9, 2))
+    extra = "optimize:\n  enabled: true\n  variants: [int8]\n  latency_samples: 2\n"
+    (tmp_path / "project.yaml").write_text(PROJECT.format(model=tiny_model, method="lora") + extra, encoding="utf-8")
+    result = runner.invoke(app, ["run", str(tmp_path / "project.yaml"), "--out", str(tmp_path / "run"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    names = [e["name"] for e in json.loads((tmp_path / "run" / "variants.json").read_text())]
+    assert names == ["fp32", "int8"] and (tmp_path / "run" / "variants" / "int8" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "run" / "optimize.json").read_text())["selected"] in names

@@ -280,6 +280,12 @@ class ParitySettings(_Strict):
     samples: int = Field(16, ge=1)
 
 
+class Int8Settings(_Strict):
+    smooth: bool = True                              # SmoothQuant before quantizing (activation outliers)
+    alpha: float = Field(0.75, ge=0, le=1)           # how much of the outliers moves into the weights
+    calibration_examples: int = Field(32, ge=1)      # training rows whose activations set the scales
+
+
 class PruneSettings(_Strict):
     sparsity: float = Field(0.3, gt=0, lt=1)          # pruned: share of linear weights set to zero
     layers: float = Field(0.25, gt=0, lt=1)           # pruned_layers: share of decoder layers removed
@@ -306,6 +312,7 @@ class OptimizeConfig(_Strict):
     latency_samples: int = Field(30, ge=1)
     throughput_batch_size: int = Field(16, ge=1)
     parity: ParitySettings = Field(default_factory=ParitySettings)
+    int8: Int8Settings = Field(default_factory=Int8Settings)
     prune: PruneSettings = Field(default_factory=PruneSettings)
     distill: DistillSettings = Field(default_factory=DistillSettings)
 

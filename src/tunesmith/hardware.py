@@ -17,11 +17,21 @@ def bf16_supported(dev: torch.device) -> bool:
     """True where bf16 matmuls run natively (CUDA with bf16, or a CPU with AVX-512 BF16 / AMX)."""
     if dev.type == "cuda":
         return torch.cuda.is_bf16_supported()
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def int8_full_range() -> bool:
+    """True where int8 matmul kernels accumulate in 32 bits (VNNI/AMX), so 8-bit activations cannot saturate."""
+    return bool(_cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def _cpu_flags() -> set[str]:
     try:
-        flags = open("/proc/cpuinfo", encoding="ascii", errors="ignore").read()
+        text = open("/proc/cpuinfo", encoding="ascii", errors="ignore").read()
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
 
 
 def use_bf16(precision: str, dev: torch.device) -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from tunesmith import fsio
+from tunesmith import fsio, hardware
 from tunesmith.data.examples import Example
 from tunesmith.errors import ModelError, RunDirError
 from tunesmith.tasks.predict import Predictions, predict
@@ -98,14 +98,27 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale.float()
 
 
-def dynamic_linear(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module:
-    """A torch dynamic-quantized linear layer (int8 weights, activations quantized per call)."""
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+class Int8Linear(torch.nn.Module):
+    """A linear layer with int8 weights whose input is quantized to 8 bits per call (torch's
+    quantized dynamic linear kernel). Full 8-bit activations where the CPU sums int8 products in
+    32 bits (AVX-512 VNNI, AVX-VNNI, AMX); 7 bits elsewhere, where 8 could saturate the 16-bit sums
+    of plain AVX2 kernels (torch's own DynamicQuantizedLinear always uses 7)."""
 
-    layer = DynamicLinear(q.shape[1], q.shape[0], bias_=bias is not None, dtype=torch.qint8)
-    qweight = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0)
-    layer.set_weight_bias(qweight, None if bias is None else bias.detach().float())
-    return layer
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        qweight = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(len(scale), dtype=torch.long),
+                                                           0)
+        self.packed = torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.detach().float())
+        self.in_features, self.out_features = q.shape[1], q.shape[0]
+        self.reduce_range = not hardware.int8_full_range()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x.float(), self.packed, reduce_range=self.reduce_range).to(x.dtype)
+
+
+def dynamic_linear(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module:
+    """An int8 linear layer (int8 weights, activations quantized per call)."""
+    return Int8Linear(q, scale, bias)
 
 
 def save_int8(model, tokenizer, fmt: PromptFormat, out_dir: Path, **meta) -> None:

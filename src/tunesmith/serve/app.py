@@ -86,6 +86,8 @@ def create_app(service: Service, cfg: ServeConfig, keys: list[str] | None = None
     async def lifespan(_app):
         yield
         executor.shutdown(wait=False, cancel_futures=True)
+        if watch:
+            watch.close()
         if store:
             store.close()
 

@@ -17,6 +17,7 @@ class DriftWatch:
     def __init__(self, run_dir: Path, store, settings, metrics):
         self.run_dir, self.store, self.settings, self.metrics = Path(run_dir), store, settings, metrics
         self._count, self._lock, self._busy = 0, threading.Lock(), False
+        self._thread: threading.Thread | None = None
         self.last: dict | None = None
 
     def seen(self, n: int) -> None:
@@ -26,7 +27,13 @@ class DriftWatch:
             if due:
                 self._count, self._busy = 0, True
         if due:
-            threading.Thread(target=self._update, name="drift", daemon=True).start()
+            self._thread = threading.Thread(target=self._update, name="drift", daemon=True)
+            self._thread.start()
+
+    def close(self, timeout: float = 30) -> None:
+        """Let a running update finish (a thread killed inside torch at exit aborts the process)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     def update_now(self) -> dict:
         rows = recent(self.store.path, self.settings.window)
