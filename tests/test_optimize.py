@@ -4,6 +4,7 @@ loss, selection) on tiny tensors, and `tunesmith optimize` end to end on tiny tr
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -161,3 +162,16 @@ def test_run_with_optimize_enabled_selects_a_variant(tmp_path, tiny_model):
     names = [e["name"] for e in json.loads((tmp_path / "run" / "variants.json").read_text())]
     assert names == ["fp32", "int8"] and (tmp_path / "run" / "variants" / "int8" / "model.safetensors").is_file()
     assert json.loads((tmp_path / "run" / "optimize.json").read_text())["selected"] in names
+
+
+def test_a_measured_child_reports_its_own_peak_memory():
+    import subprocess
+    import sys
+
+    from tunesmith import hardware
+
+    ballast = bytearray(os.urandom(1024)) * (400 * 1024)  # ~400 MB touched in this process
+    child = subprocess.run([sys.executable, "-c", "from tunesmith import hardware; print(hardware.peak_rss_mb())"],
+                           capture_output=True, text=True, check=True)
+    assert hardware.peak_rss_mb() > 400 and float(child.stdout) < 350, child.stdout
+    del ballast

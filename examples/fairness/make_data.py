@@ -6,7 +6,7 @@
 The source is perfectly balanced: every identity term appears in as many toxic as non-toxic rows.
 The test split keeps that balance, so any gap between groups there is the model's. The training
 split simulates a documented failure of real toxicity data, annotator bias against one group (Sap
-et al., 2019, "The Risk of Racial Bias in Hate Speech Detection"): 40% of the non-toxic rows that
+et al., 2019, "The Risk of Racial Bias in Hate Speech Detection"): 80% of the non-toxic rows that
 mention a sexual orientation are labelled toxic. Deterministic (seed 0).
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SOURCE = Path(sys.argv[1]) if len(sys.argv) > 1 else \
     HERE.parents[2] / "shared/data/jigsaw_sentence_templates/en_sentence_templates_with_identity.DERIVED.csv"
-BIASED_GROUP, FLIP_SHARE = "sexuality", 0.4
+BIASED_GROUP, FLIP_SHARE = "sexuality", 0.8
 TRAIN_PER_GROUP, TEST_PER_GROUP = 80, 50
 
 

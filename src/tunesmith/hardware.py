@@ -44,7 +44,17 @@ def autocast(enabled: bool, dev: torch.device):
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB."""
+    """Peak resident memory of this process so far, in MiB.
+
+    Linux's VmHWM belongs to the process image, so a child started by fork + exec reports its own
+    peak; ru_maxrss (the fallback elsewhere) carries the parent's size at fork across the exec.
+    """
+    try:
+        for line in open("/proc/self/status", encoding="ascii"):
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024, 1)
 
