@@ -309,8 +309,9 @@ def tune_command(config: Path = typer.Argument(..., help="project.yaml"),
         for t in result["trials"]:
             value = "pruned" if t["value"] is None else f"{t['value']:.4f}"
             print(f"trial {t['number']:>3} {t['state']:<9} {value:>8}  {t['params']}")
-        print(f"default config (trial 0): {result['default_validation']}; best: trial {result['best_trial']} "
-              f"{result['best_validation']:.4f} with {result['best_params']}")
+        default = result["default_validation"]
+        print(f"default config (trial 0): {'pruned' if default is None else f'{default:.4f}'}; best: trial "
+              f"{result['best_trial']} {result['best_validation']:.4f} with {result['best_params']}")
         _print_summary(result["summary"])
         return pipeline.exit_code(result["summary"])
     _guarded(debug, go)

@@ -88,7 +88,8 @@ def tune(project: Project, trials: int, out: Path, progress: bool = True, seed: 
             print(f"tune: trial {trial.number}: {metric} {best:.4f} with {params}", file=sys.stderr)
         return sign * best
 
-    study.optimize(objective, n_trials=max(0, trials - len(study.trials)), catch=())
+    finished = sum(t.state.is_finished() for t in study.trials)  # an enqueued trial is not finished yet
+    study.optimize(objective, n_trials=max(0, trials - finished), catch=())
     best = study.best_trial
     summary = run(apply_params(project, _params(best.params, project)), out / "best", progress)
     default_value = sign * study.trials[0].value if study.trials[0].value is not None else None
