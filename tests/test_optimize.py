@@ -175,3 +175,13 @@ def test_a_measured_child_reports_its_own_peak_memory():
                            capture_output=True, text=True, check=True)
     assert hardware.peak_rss_mb() > 400 and float(child.stdout) < 350, child.stdout
     del ballast
+
+
+def test_peak_memory_window_can_be_reset():
+    from tunesmith import hardware
+
+    ballast = bytearray(os.urandom(1024)) * (300 * 1024)  # ~300 MB touched, then freed
+    high = hardware.peak_rss_mb()
+    del ballast
+    hardware.reset_peak_rss()
+    assert hardware.peak_rss_mb() < high - 200

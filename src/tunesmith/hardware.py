@@ -59,6 +59,16 @@ def peak_rss_mb() -> float:
     return round(rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024, 1)
 
 
+def reset_peak_rss() -> None:
+    """Start a new peak-memory window for this process (Linux: "5" to /proc/self/clear_refs resets
+    VmHWM), so a stage run after another in one process reports its own peak."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def throughput(tokens: int, seconds: float) -> float:
     """Tokens per second, the one definition used everywhere."""
     return round(tokens / seconds, 2) if seconds > 0 else 0.0

@@ -78,6 +78,7 @@ def fit(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[Exa
         TrainResult whose model holds the weights of the best validation evaluation.
     """
     torch.manual_seed(cfg.seed)
+    hardware.reset_peak_rss()  # the figure is this training's peak, not an earlier stage's in the same process
     dev = hardware.device()
     rank, world = distributed.rank(), distributed.world_size()
     source = Path(getattr(model, "name_or_path", "") or ".")
