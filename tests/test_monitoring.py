@@ -61,6 +61,10 @@ def test_monitor_flags_shifted_traffic_and_not_in_distribution_traffic(run_dir):
         calm = _monitor(run_dir, 60)
         shifted = [f"{rng.choice(SHIFTED)} {i}" for i in range(60)]
         assert c.post("/v1/classify", json={"texts": shifted}).status_code == 200
+        watch = app.state.watch
+    watch.close()  # the update the 120 logged requests started (serve.drift.update_every 50)
+    assert watch.last is not None and "tunesmith_drift_score{signal=\"embedding\"}" in \
+        app.state.metrics.exposition().decode()
     drifted = _monitor(run_dir, 60)
     assert calm["requests"] == 60 and not calm["drift"] and calm["recommendation"] == "no action", calm
     assert drifted["drift"] and drifted["recommendation"] in ("retrain", "investigate"), drifted

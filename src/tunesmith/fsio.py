@@ -49,6 +49,15 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def read_jsonl(path: Path, missing_ok: bool = False) -> list[dict]:
+    """The rows of a JSONL file tunesmith wrote (user data goes through data/io.py, which reports bad rows);
+    [] for a missing file when `missing_ok`."""
+    path = Path(path)
+    if missing_ok and not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def replace_dir(src: Path, dst: Path) -> None:
     """Move a finished folder `src` onto `dst`, replacing what was there."""
     src, dst = Path(src), Path(dst)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import html
 import io
-import json
 import math
 import random
 from collections import Counter
@@ -45,7 +44,7 @@ def _predictions(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "predictions" / "test.jsonl"
     if not path.is_file():
         raise RunDirError("no predictions/test.jsonl", str(run_dir), "evaluate the run first (`tunesmith eval`)")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return fsio.read_jsonl(path)
 
 
 def export_pairs(run_dir: Path, out: Path, against: Path | None = None, n: int | None = None, seed: int = 0) -> Path:

@@ -3,7 +3,6 @@ each with the best, a printed table and a plot."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tunesmith import fsio
@@ -83,5 +82,4 @@ def _f(v, spec: str) -> str:
 
 
 def _predictions(run: Path) -> list[dict]:
-    path = run / "predictions" / "test.jsonl"
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return fsio.read_jsonl(run / "predictions" / "test.jsonl")

@@ -3,7 +3,6 @@ test when both predicted the same test examples."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import yaml
@@ -49,7 +48,4 @@ def metric_diff(a: Path, b: Path, resamples: int = 1000, seed: int = 0) -> dict:
 
 
 def _predictions(run: Path) -> list[dict]:
-    path = Path(run) / "predictions" / "test.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return fsio.read_jsonl(Path(run) / "predictions" / "test.jsonl", missing_ok=True)

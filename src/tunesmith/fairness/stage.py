@@ -10,7 +10,6 @@ interest), `counterfactual_flip_rate`, and the details under `attributes`, `data
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tunesmith import fsio, hardware
@@ -146,8 +145,5 @@ def _stereotype(model, tokenizer, base_path, n: int) -> dict:
 
 
 def _baseline_predictions(run_dir: Path, n: int) -> list[str] | None:
-    path = run_dir / "predictions" / "test.jsonl"
-    if not path.is_file():
-        return None
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = fsio.read_jsonl(run_dir / "predictions" / "test.jsonl", missing_ok=True)
     return [r["baseline_prediction"] for r in rows] if len(rows) == n else None

@@ -40,8 +40,7 @@ def measure_here(path: Path, test_file: Path, batch_size: int, latency_samples: 
     from tunesmith.evaluate.speed import latency_ms
     from tunesmith.optimize.engines import load_variant
 
-    lines = Path(test_file).read_text(encoding="utf-8").splitlines()
-    examples = [Example.from_json(json.loads(line)) for line in lines if line.strip()]
+    examples = [Example.from_json(row) for row in fsio.read_jsonl(test_file)]
     started = time.perf_counter()
     predictor = load_variant(path, max_new_tokens)
     load_seconds = time.perf_counter() - started

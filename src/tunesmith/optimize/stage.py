@@ -89,11 +89,11 @@ def _build_all(project: Project, splits: Splits, run_dir: Path, names: list[str]
 
 
 def _measure_all(project: Project, run_dir: Path, metrics: dict, built: dict, progress: bool) -> list[dict]:
-    rows = _read_jsonl(run_dir / "predictions" / "test.jsonl")
+    rows = fsio.read_jsonl(run_dir / "predictions" / "test.jsonl")
     golds = [r["gold"] for r in rows]
     base_texts = [r["baseline_prediction"] for r in rows]
     task_type = project.task.type
-    test = _read_jsonl(run_dir / "data" / "test.jsonl")[: len(rows)]
+    test = fsio.read_jsonl(run_dir / "data" / "test.jsonl")[: len(rows)]
     cfg = project.optimize
     entries: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,12 +155,6 @@ def _size_mb(path: Path, metrics: dict) -> float:
     if not (path / "variant.json").is_file():
         return metrics["finetuned"]["model_size_mb"]
     return round(sum(p.stat().st_size for p in path.rglob("*.safetensors")) / 2**20, 2)
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    import json
-
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _say(progress: bool, line: str) -> None:

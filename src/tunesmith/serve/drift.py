@@ -15,7 +15,6 @@ samples' bin counts rejects "same distribution" at `serve.drift.p_value`.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
@@ -58,9 +57,9 @@ def build_reference(run_dir: Path, clusters: int = 8, seed: int = 0) -> dict:
     from tunesmith.data.embed import embed
 
     run_dir = Path(run_dir)
-    train = [r for r in _jsonl(run_dir / "data" / "train.jsonl") if not r.get("augmented")]
+    train = [r for r in fsio.read_jsonl(run_dir / "data" / "train.jsonl", missing_ok=True) if not r.get("augmented")]
     texts = [r["input"] for r in train]
-    held = [r["input"] for r in _jsonl(run_dir / "data" / "test.jsonl")]
+    held = [r["input"] for r in fsio.read_jsonl(run_dir / "data" / "test.jsonl", missing_ok=True)]
     edges = np.unique(np.quantile([len(t) for t in texts], np.linspace(0, 1, 11)[1:-1])).tolist()
     vectors = embed(texts)
     k = max(2, min(clusters, len(texts) // 5))
@@ -70,7 +69,7 @@ def build_reference(run_dir: Path, clusters: int = 8, seed: int = 0) -> dict:
            "length_shares": shares(np.searchsorted(edges, [len(t) for t in texts], side="right"), len(edges) + 1),
            "centroids": km.cluster_centers_.round(6).tolist(), "cluster_shares": shares(km.labels_, k),
            "unknown_rate": _unknown_rate(run_dir, held, seen), "seen_tokens": sorted(seen)}
-    preds = _jsonl(run_dir / "predictions" / "test.jsonl")
+    preds = fsio.read_jsonl(run_dir / "predictions" / "test.jsonl", missing_ok=True)
     if preds and "confidence" in preds[0]:
         counts = Counter(r["prediction"] for r in preds)
         ref["label_shares"] = {lab: counts[lab] / len(preds) for lab in sorted(counts)}
@@ -173,9 +172,3 @@ def _tokenizer(run_dir: str):
     from tunesmith.models.load import load_tokenizer
 
     return load_tokenizer(Path(run_dir) / "model")
-
-
-def _jsonl(path: Path) -> list[dict]:
-    if not Path(path).is_file():
-        return []
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]

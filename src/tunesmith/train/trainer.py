@@ -20,7 +20,7 @@ from tunesmith.tasks.cache import common_prefix_len
 from tunesmith.tasks.predict import predict
 from tunesmith.tasks.prompts import PromptFormat
 from tunesmith.train import distributed, fsdp
-from tunesmith.train.batching import Encoded, batch_stream, collate, encode_for_training
+from tunesmith.train.batching import batch_stream, collate, encode_for_training
 from tunesmith.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from tunesmith.train.loss import supervised_loss
 from tunesmith.train.methods import get_method
