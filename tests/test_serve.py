@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import socket
 import sqlite3
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -18,10 +20,15 @@ from typer.testing import CliRunner
 
 from tunesmith.cli import app as cli
 from tunesmith.config import ServeConfig
+from tunesmith.data.examples import Example
+from tunesmith.errors import RunDirError
 from tunesmith.serve.app import create_app
 from tunesmith.serve.auth import KeyChecker, RateLimiter, key_id, load_keys
 from tunesmith.serve.drift import psi
+from tunesmith.serve.remote import RemoteService, vllm_command
+from tunesmith.serve.server import vllm_model_dir
 from tunesmith.serve.service import load_service
+from tunesmith.tasks.prompts import render_prompt
 
 from conftest import PROJECT, make_texts, write_jsonl
 
@@ -190,23 +197,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture()
-def live_server(gen_run, tmp_path):
+def _start_server(app):
+    """A real uvicorn server on a loopback port in a thread: (url, stop)."""
     import uvicorn
 
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(load_service(gen_run), ServeConfig(max_tokens=64), [],
-                                                      tmp_path / "live.db"), host="127.0.0.1", port=port,
-                                           log_level="error"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     for _ in range(200):
         if server.started:
             break
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+
+    def stop():
+        server.should_exit = True
+        thread.join(10)
+    return f"http://127.0.0.1:{port}", stop
+
+
+@pytest.fixture()
+def live_server(gen_run, tmp_path):
+    url, stop = _start_server(create_app(load_service(gen_run), ServeConfig(max_tokens=64), [], tmp_path / "live.db"))
+    yield url
+    stop()
 
 
 def test_disconnects_and_slow_clients_leave_the_server_serving(live_server):
@@ -219,6 +233,64 @@ def test_disconnects_and_slow_clients_leave_the_server_serving(live_server):
         assert c.post("/v1/completions", json={"prompt": "blue", "max_tokens": 2}).status_code == 200
         assert c.get("/healthz").status_code == 200
     slow.close()
+
+
+def test_sidecar_fronts_an_upstream_engine_with_keys_log_and_metrics(gen_run, cls_run, tmp_path):
+    """`serve --engine vllm`'s sidecar in front of a real OpenAI-compatible server (tunesmith's own
+    here; vLLM needs a GPU): the run's prompt format goes upstream, answers come back, and keys,
+    the request log and the metrics work as with the built-in engine; a dead upstream is a 502."""
+    upstream, stop = _start_server(create_app(load_service(gen_run), ServeConfig(max_tokens=64), [],
+                                              tmp_path / "upstream.db"))
+    remote = RemoteService("tinygen", Path(gen_run), Path(gen_run) / "model", upstream)
+    assert remote.served_name == "tinygen"  # read from the upstream's /v1/models
+    app = create_app(remote, ServeConfig(max_tokens=8), ["sidecar-key"], tmp_path / "sidecar.db")
+    auth = {"Authorization": "Bearer sidecar-key"}
+    try:
+        with TestClient(app) as c:
+            assert c.post("/v1/completions", json={"prompt": "my card"}).status_code == 401
+            ready = c.get("/readyz", headers=auth).json()
+            assert ready["status"] == "ready" and ready["variant"] == f"upstream {upstream}"
+            out = c.post("/v1/completions", json={"prompt": "my card", "max_tokens": 3}, headers=auth).json()
+            assert out["usage"]["prompt_tokens"] > 0 and out["usage"]["completion_tokens"] <= 3
+            chat = c.post("/v1/chat/completions", headers=auth,
+                          json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+            assert chat.status_code == 200 and chat.json()["object"] == "chat.completion"
+            with c.stream("POST", "/v1/completions", headers=auth,
+                          json={"prompt": "my card", "max_tokens": 3, "stream": True}) as s:
+                lines = [line for line in s.iter_lines() if line]
+            assert lines[-1] == "data: [DONE]"
+            streamed = "".join(json.loads(line[6:])["choices"][0]["text"] for line in lines[:-1])
+            assert streamed.strip() == out["choices"][0]["text"]  # the relayed stream is the same greedy answer
+            assert 'tunesmith_requests_total{route="/v1/completions",status="200"} 2.0' in \
+                c.get("/metrics", headers=auth).text
+            stop()
+            assert c.get("/readyz", headers=auth).status_code == 503
+            dead = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}, headers=auth)
+            assert dead.status_code == 502 and dead.json()["error"]["message"].startswith("upstream unreachable")
+            assert c.get("/healthz").status_code == 200
+    finally:
+        stop()
+    sent = [r[0] for r in sqlite3.connect(tmp_path / "upstream.db").execute("SELECT input FROM requests")]
+    fmt = remote.fmt
+    assert sent[0] == render_prompt(remote.tokenizer, fmt, Example("my card", "", "request"))
+    logged = sqlite3.connect(tmp_path / "sidecar.db").execute("SELECT route, input FROM requests").fetchall()
+    assert [r[1] for r in logged] == ["my card", "hi", "my card"] and logged[1][0] == "/v1/chat/completions"
+
+
+def test_sidecar_has_no_label_scores_and_vllm_needs_whole_weights(gen_run, cls_run, live_server):
+    remote = RemoteService("tiny", Path(cls_run), Path(cls_run) / "model", live_server)
+    with TestClient(create_app(remote, ServeConfig())) as c:
+        answer = c.post("/v1/classify", json={"text": "red"})
+    assert answer.status_code == 501 and "/v1/chat/completions" in answer.json()["error"]["message"]
+    with pytest.raises(RunDirError, match="whole weights"):
+        vllm_model_dir(Path(cls_run))  # a LoRA run without a merged variant
+    cmd = vllm_command(Path("/m"), 9001, "tiny")
+    assert cmd[:3] == ["vllm", "serve", "/m"] and cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    if shutil.which("vllm") is None:
+        result = runner.invoke(cli, ["serve", cls_run, "--engine", "vllm"])
+        assert result.exit_code == 2 and "vLLM is not installed" in result.output
+    result = runner.invoke(cli, ["serve", cls_run, "--upstream", live_server])
+    assert result.exit_code == 2 and "--upstream goes with --engine vllm" in result.output
 
 
 def test_key_checker_and_rate_limiter_units():

@@ -360,7 +360,11 @@ def serve_command(target: Path = typer.Argument(..., help="a run directory, or a
                                                         help="Variant to serve (default: the one optimize selected)."),
                   api_keys_file: Optional[Path] = typer.Option(None, "--api-keys-file",
                                                                help="One API key per line (also TUNESMITH_API_KEYS)."),
-                  engine: str = typer.Option("builtin", "--engine", help="builtin, or vllm (delegates to vLLM)."),
+                  engine: str = typer.Option("builtin", "--engine",
+                                             help="builtin, or vllm (vLLM runs the model, tunesmith the sidecar)."),
+                  upstream: Optional[str] = typer.Option(None, "--upstream",
+                                                         help="With --engine vllm: URL of a running OpenAI-compatible "
+                                                              "server to front instead of starting vLLM."),
                   debug: bool = DEBUG) -> None:
     """Serve a model over HTTP: OpenAI-compatible completions and chat, /v1/classify, /metrics."""
     def go() -> int:
@@ -369,7 +373,7 @@ def serve_command(target: Path = typer.Argument(..., help="a run directory, or a
 
         if engine not in ("builtin", "vllm"):
             raise InputError(f"unknown engine '{engine}'", "--engine", "use builtin or vllm")
-        serve(target, host, port, variant, api_keys_file, engine)
+        serve(target, host, port, variant, api_keys_file, engine, upstream)
         return 0
     _guarded(debug, go)
 

@@ -53,3 +53,8 @@ class RunDirError(InputError):
 
 class ParityError(TunesmithError):
     """An optimisation changed what the model computes beyond tolerance (exit 1: a defect, not bad input)."""
+
+
+class EngineError(TunesmithError):
+    """The engine behind the server (an upstream vLLM) failed or does not answer: HTTP 502 to a
+    client, exit 1 from the command."""

@@ -26,6 +26,7 @@ from tunesmith.serve.batcher import MicroBatcher
 from tunesmith.serve.limits import BodyLimit
 from tunesmith.serve.metrics import ServeMetrics
 from tunesmith.serve.monitoring import DriftWatch
+from tunesmith.errors import EngineError
 from tunesmith.serve.service import Completion, Service
 from tunesmith.serve.store import RequestLog
 
@@ -75,7 +76,7 @@ def create_app(service: Service, cfg: ServeConfig, keys: list[str] | None = None
     metrics.load_seconds.set(service.load_seconds)
     metrics.info.labels(service.name, service.variant).set(1)
     checker, limiter = KeyChecker(keys or []), RateLimiter(cfg.rate_limit_per_minute)
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+    executor = ThreadPoolExecutor(max_workers=service.threads, thread_name_prefix="model")
     batcher = MicroBatcher(lambda kind, items: _run_batch(service, kind, items), cfg.max_batch, cfg.max_wait_ms,
                            executor, on_batch=lambda kind, n: metrics.batch_size.labels(kind).observe(n))
     store = RequestLog(log_path, cfg.request_log.retention_days, cfg.request_log.redact_pii) \
@@ -86,6 +87,7 @@ def create_app(service: Service, cfg: ServeConfig, keys: list[str] | None = None
     async def lifespan(_app):
         yield
         executor.shutdown(wait=False, cancel_futures=True)
+        service.close()
         if watch:
             watch.close()
         if store:
@@ -127,6 +129,11 @@ def create_app(service: Service, cfg: ServeConfig, keys: list[str] | None = None
     async def http_error(request: Request, exc: StarletteHTTPException):
         return _error(exc.status_code, str(exc.detail), "invalid_request_error")
 
+    @app.exception_handler(EngineError)
+    async def engine_failed(request: Request, exc: EngineError):
+        metrics.errors.labels(_route_label(request.url.path)).inc()
+        return _error(502, str(exc), "server_error")
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
@@ -140,7 +147,14 @@ def create_app(service: Service, cfg: ServeConfig, keys: list[str] | None = None
 
     @app.get("/readyz")
     async def readyz():
+        if not await asyncio.to_thread(service.ready):
+            return _error(503, "the model engine is not answering", "server_error")
         return {"status": "ready", "model": service.name, "variant": service.variant}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": service.name, "object": "model", "created": 0,
+                                            "owned_by": "tunesmith"}]}
 
     @app.get("/metrics")
     async def prometheus_metrics():
@@ -150,6 +164,9 @@ def create_app(service: Service, cfg: ServeConfig, keys: list[str] | None = None
     async def classify(body: ClassifyRequest, request: Request):
         if not service.labels:
             return _error(400, "this model is not a classifier; use /v1/completions", "invalid_request_error")
+        if not service.scores_labels:
+            return _error(501, "per-label probabilities need the built-in engine; on this engine use "
+                               "/v1/chat/completions, which answers with the label", "invalid_request_error")
         texts = body.texts if body.texts is not None else [body.text]
         if len(texts) > cfg.max_texts:
             return _error(422, f"at most {cfg.max_texts} texts per request", "invalid_request_error")
@@ -299,5 +316,6 @@ def _error(status: int, message: str, kind: str) -> JSONResponse:
 
 def _route_label(path: str) -> str:
     """Known routes by name; anything else as one label, so scanners cannot blow up the series count."""
-    known = {"/healthz", "/readyz", "/metrics", "/v1/classify", "/v1/completions", "/v1/chat/completions"}
+    known = {"/healthz", "/readyz", "/metrics", "/v1/models", "/v1/classify", "/v1/completions",
+             "/v1/chat/completions"}
     return path if path in known else "other"

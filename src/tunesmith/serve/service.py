@@ -36,6 +36,14 @@ class Service:
     variant: str
     load_seconds: float
     run_dir: Path | None = None
+    scores_labels = True  # per-label probabilities for /v1/classify (an upstream engine has none)
+    threads = 1           # model calls at once: one model, one thread (see batcher.py)
+
+    def ready(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        """Nothing to release: the weights go with the process."""
 
     @property
     def fmt(self) -> PromptFormat:
