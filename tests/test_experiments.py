@@ -15,6 +15,7 @@ from tunesmith.config import load_config
 from tunesmith.models.estimate import Hardware, estimate
 from tunesmith.runs import list_runs
 
+from browser import Page, chromium
 from conftest import PROJECT, make_texts, write_jsonl
 
 runner = CliRunner()
@@ -54,6 +55,24 @@ def test_compare_runs_each_method_and_the_registry_knows_them(tmp_path, tiny_mod
     assert "train.method: 'lora' -> 'ia3'" in diff.output and "95% CI" in diff.output
     missing = runner.invoke(app, ["runs", "show", "99999"])
     assert missing.exit_code == 2 and "no run with id 99999" in missing.output
+    _check_compare_page(out / "lora", out / "ia3", str(run_id))
+
+
+def _check_compare_page(a, b, a_id: str) -> None:
+    """`report --compare A B` (A by registry id): config diff, paired test, cost, plots; renders cleanly."""
+    result = runner.invoke(app, ["report", "--compare", a_id, str(b)])
+    assert result.exit_code == 0, result.output
+    page = b / "compare_lora.html"
+    text = page.read_text()
+    assert "train.method" in text and "<td>lora</td><td>ia3</td>" in text
+    assert "on the same test examples" in text and "McNemar" in text and "train_seconds" in text
+    assert text.count("<img") == 2 and "Where they disagree" in text
+    both = runner.invoke(app, ["report", str(a), "--compare", str(a), str(b)])
+    assert both.exit_code == 2 and "either RUN_DIR or --compare" in both.output
+    if chromium() is not None:
+        with Page() as browser:
+            state = browser.open(page)
+        assert state["broken"] == [] and state["console_errors"] == [] and state["exceptions"] == []
 
 
 def test_compare_rejects_unknown_methods(tmp_path, tiny_model):

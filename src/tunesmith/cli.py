@@ -137,12 +137,29 @@ def eval_(run_dir: Path = typer.Argument(..., help="a run directory with a train
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="an evaluated run directory"), debug: bool = DEBUG) -> None:
-    """Rebuild report.html and model_card.md of a run directory."""
+def report(run_dir: Optional[Path] = typer.Argument(None, help="an evaluated run directory"),
+           compare: Optional[tuple[str, str]] = typer.Option(None, "--compare", metavar="A B",
+                                                             help="Two runs (ids or folders) on one page instead."),
+           out: Optional[Path] = typer.Option(None, "--out", help="With --compare: the page to write "
+                                                                  "(default B/compare_<A>.html)."),
+           debug: bool = DEBUG) -> None:
+    """Rebuild report.html and model_card.md of a run directory, or compare two runs (--compare A B)."""
     def go() -> int:
-        from tunesmith.errors import RunDirError
+        from tunesmith.errors import InputError, RunDirError
+
+        if compare is not None:
+            from tunesmith.report.compare_page import compare_report
+            from tunesmith.runs import find_run
+
+            if run_dir is not None:
+                raise InputError("give either RUN_DIR or --compare A B", "--compare")
+            a, b = find_run(compare[0]), find_run(compare[1])
+            print(f"report: {compare_report(a, b, out or b / f'compare_{a.name}.html')}")
+            return 0
         from tunesmith.report.build import report_stage
 
+        if run_dir is None:
+            raise InputError("give a run directory, or --compare A B", "RUN_DIR")
         if not (run_dir / "summary.json").is_file():
             raise RunDirError("no summary.json: the run has not been evaluated", str(run_dir), "run `tunesmith eval` first")
         print(f"report: {report_stage(run_dir)}")

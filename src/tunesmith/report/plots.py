@@ -41,6 +41,23 @@ def training_curves(steps: list[dict], evals: list[dict], metric: str, flags: li
     return _png(fig)
 
 
+def curves_of_runs(logs: dict[str, list[dict]], metric: str) -> str | None:
+    """Training loss per step and validation metric per evaluation, one line per run."""
+    if not any(logs.values()):
+        return None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, log in logs.items():
+        steps, evals = [r for r in log if "loss" in r], [r for r in log if metric in r and "val_loss" in r]
+        ax1.plot([s["step"] for s in steps], [s["loss"] for s in steps], lw=0.8, label=name)
+        ax2.plot([e["step"] for e in evals], [e[metric] for e in evals], "o-", label=name)
+    ax1.set(xlabel="step", ylabel="training loss", title="Loss")
+    ax2.set(xlabel="step", ylabel=metric, title=f"Validation {metric}")
+    for ax in (ax1, ax2):
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    return _png(fig)
+
+
 def confusion(matrix: list[list[int]], labels: list[str], title: str) -> str:
     n = len(labels)
     size = min(12, 3 + 0.35 * n)
@@ -58,11 +75,11 @@ def confusion(matrix: list[list[int]], labels: list[str], title: str) -> str:
     return _png(fig)
 
 
-def metric_bars(baseline: dict, finetuned: dict, names: list[str]) -> str:
+def metric_bars(baseline: dict, finetuned: dict, names: list[str], legend: tuple[str, str] = ("baseline", "fine-tuned")) -> str:
     fig, ax = plt.subplots(figsize=(6, 3))
     x = range(len(names))
-    ax.bar([i - 0.2 for i in x], [baseline.get(n, 0) for n in names], width=0.4, label="baseline")
-    ax.bar([i + 0.2 for i in x], [finetuned.get(n, 0) for n in names], width=0.4, label="fine-tuned")
+    ax.bar([i - 0.2 for i in x], [baseline.get(n, 0) for n in names], width=0.4, label=legend[0])
+    ax.bar([i + 0.2 for i in x], [finetuned.get(n, 0) for n in names], width=0.4, label=legend[1])
     ax.set_xticks(list(x))
     ax.set_xticklabels(names, rotation=20, ha="right")
     ax.set_ylim(0, 1)

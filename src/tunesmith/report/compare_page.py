@@ -1,0 +1,109 @@
+"""`tunesmith report --compare A B`: two runs on one page. What the configs change, each run's
+objective verdict, test metrics side by side with the paired difference (bootstrap interval and
+McNemar/permutation p-value when both scored the same test examples), cost (training time, memory,
+latency, size), training curves overlaid, and the test examples on which they disagree."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from tunesmith import fsio
+from tunesmith.evaluate.metrics import METRICS
+from tunesmith.evaluate.run_diff import config_diff, metric_diff
+from tunesmith.report import plots
+from tunesmith.report.build import CSS, _fmt, _img, _read_log
+
+COST = ("train_seconds", "peak_rss_mb", "trainable_params", "tokens_per_second", "latency_p50_ms", "latency_p95_ms",
+        "throughput_eps", "model_size_mb")
+SHOWN_DISAGREEMENTS = 10
+
+
+def compare_report(a: Path, b: Path, out: Path) -> Path:
+    """Write the comparison page of runs A and B (differences are B - A) to `out`."""
+    sa, sb = fsio.read_json(a / "summary.json"), fsio.read_json(b / "summary.json")
+    ma, mb = fsio.read_json(a / "metrics.json"), fsio.read_json(b / "metrics.json")
+    names = (_name(sa, a), _name(sb, b))
+    diff = metric_diff(a, b)
+    body = [f"<h1>tunesmith: {html.escape(names[0])} vs {html.escape(names[1])}</h1>",
+            _runs_table(sa, sb, names), _config_table(config_diff(a, b)),
+            _metrics_table(diff, ma["finetuned"], mb["finetuned"], names),
+            _plots(ma["finetuned"], mb["finetuned"], {names[0]: _read_log(a / "train_log.jsonl"),
+                                                      names[1]: _read_log(b / "train_log.jsonl")},
+                   sa["objective_metric"], names),
+            _disagreements(a, b, names) if diff["same_test_examples"] else ""]
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>tunesmith: {html.escape(names[0])} vs "
+            f"{html.escape(names[1])}</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>")
+    fsio.write_text(out, page)
+    return out
+
+
+def _name(summary: dict, run: Path) -> str:
+    return f"{summary['name']}/{run.name}"
+
+
+def _runs_table(sa: dict, sb: dict, names: tuple[str, str]) -> str:
+    def row(label: str, f) -> str:
+        return f"<tr><td>{label}</td><td>{_fmt(f(sa))}</td><td>{_fmt(f(sb))}</td></tr>"
+
+    def verdict(s: dict) -> str:
+        return "met" if s["objective"]["met"] else "NOT met"
+    return (f"<h2>Runs</h2><table><tr><th></th><th>A: {html.escape(names[0])}</th><th>B: {html.escape(names[1])}</th>"
+            f"</tr>{row('model', lambda s: s['model'])}{row('method', lambda s: s['method'])}"
+            f"{row('run directory', lambda s: s['run_dir'])}{row('objective', verdict)}</table>")
+
+
+def _config_table(changes: list[dict]) -> str:
+    if not changes:
+        return "<h2>Configuration</h2><p>The resolved configurations are identical.</p>"
+    rows = "".join(f"<tr><td>{html.escape(c['key'])}</td><td>{_fmt(c['a'])}</td><td>{_fmt(c['b'])}</td></tr>"
+                   for c in changes)
+    return (f"<h2>Configuration: {len(changes)} key(s) differ</h2><table><tr><th>key</th><th>A</th><th>B</th></tr>"
+            f"{rows}</table>")
+
+
+def _metrics_table(diff: dict, fa: dict, fb: dict, names: tuple[str, str]) -> str:
+    rows = "".join(f"<tr><td>{k}</td><td>{_fmt(v['a'])}</td><td>{_fmt(v['b'])}</td><td>{v['diff']:+.4g}</td></tr>"
+                   for k, v in diff["metrics"].items() if k in METRICS)
+    cost = "".join(f"<tr><td>{k}</td><td>{_fmt(fa.get(k))}</td><td>{_fmt(fb.get(k))}</td><td>"
+                   f"{_fmt(fb[k] / fa[k]) + 'x' if fa.get(k) and fb.get(k) else ''}</td></tr>" for k in COST)
+    p = (diff["paired"] or {}).get(diff["metric"])
+    paired = (f"<p><b>{diff['metric']}, B - A on the same test examples: {p['diff']:+.4f}, 95% CI "
+              f"[{p['ci_low']:+.4f}, {p['ci_high']:+.4f}], p = {p['p_value']:.3g} ({p['test']})</b>"
+              f"{' (the interval excludes 0)' if p['ci_low'] > 0 or p['ci_high'] < 0 else ''}.</p>" if p else
+              "<p>No paired test: the runs were not scored on the same test examples.</p>")
+    head = "<tr><th>figure</th><th>A</th><th>B</th><th>{}</th></tr>"
+    return (f"<h2>Test metrics (fine-tuned models)</h2>{paired}<table>{head.format('B - A')}{rows}</table>"
+            f"<h2>Cost</h2><table>{head.format('B / A')}{cost}</table>")
+
+
+def _plots(fa: dict, fb: dict, logs: dict, metric: str, names: tuple[str, str]) -> str:
+    quality = [k for k in fa if k in METRICS and isinstance(fa[k], float) and isinstance(fb.get(k), float)]
+    out = [_img(plots.metric_bars(fa, fb, quality, legend=(f"A: {names[0]}", f"B: {names[1]}")), "test metrics A and B")]
+    curves = plots.curves_of_runs(logs, metric)
+    if curves:
+        out.append("<h2>Training</h2>" + _img(curves, "training curves of A and B"))
+    return "".join(out)
+
+
+def _disagreements(a: Path, b: Path, names: tuple[str, str]) -> str:
+    """Test examples one run gets right and the other wrong (classification: by label match)."""
+    pa = fsio.read_jsonl(a / "predictions" / "test.jsonl")
+    pb = fsio.read_jsonl(b / "predictions" / "test.jsonl")
+    if not pa or "correct" not in pa[0]:
+        return ""
+    only_a = [(x, y) for x, y in zip(pa, pb) if x["correct"] and not y["correct"]]
+    only_b = [(x, y) for x, y in zip(pa, pb) if y["correct"] and not x["correct"]]
+
+    def table(rows: list, title: str) -> str:
+        body = "".join(f"<tr><td>{html.escape(_short(x['text']))}</td><td>{html.escape(str(x['gold']))}</td>"
+                       f"<td>{html.escape(str(x['prediction']))}</td><td>{html.escape(str(y['prediction']))}</td></tr>"
+                       for x, y in rows[:SHOWN_DISAGREEMENTS])
+        return (f"<h3>{title}: {len(rows)}</h3>" + (f"<table><tr><th>text</th><th>gold</th><th>A</th><th>B</th></tr>"
+                                                     f"{body}</table>" if rows else ""))
+    return ("<h2>Where they disagree</h2>" + table(only_a, f"right in A ({html.escape(names[0])}) only")
+            + table(only_b, f"right in B ({html.escape(names[1])}) only"))
+
+
+def _short(text: str, n: int = 160) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
