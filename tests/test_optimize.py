@@ -129,11 +129,37 @@ def test_every_variant_is_built_measured_and_loadable(lora_run):
         assert e["parity_ok"] == (e["name"] == "merged" or delta >= -0.02 - 1e-9)
     sizes = {e["name"]: e["size_mb"] for e in entries}
     assert sizes["int8"] < sizes["merged"] and sizes["bf16"] <= 0.55 * sizes["merged"]
-    assert entries[-2]["student_layers"] == [1] and entries[-3]["layers"] == 1
+    by_name = {e["name"]: e for e in entries}
+    assert by_name["distilled"]["student_layers"] == [1] and by_name["pruned_layers"]["layers"] == 1
+    assert by_name["ct2"]["scheme"].startswith("CTranslate2") and sizes["ct2"] < sizes["merged"]
     optimize = json.loads((run / "optimize.json").read_text())
     assert optimize["selected"] in {e["name"] for e in entries if e["parity_ok"] and e["objective_met"]}
     assert "Inference variants" in (run / "report.html").read_text()
     assert "selected:" in result.output
+
+
+def test_ct2_scores_labels_as_the_torch_model_does(tiny_model, tmp_path):
+    """CTranslate2 in float32 must give tunesmith's own label log-probabilities (int8 only rounds)."""
+    from tunesmith.models.load import load_model, load_tokenizer
+    from tunesmith.optimize.ct2 import _generator, convert, generate_ct2, score_labels_ct2
+    from tunesmith.tasks.classification import score_labels
+
+    convert(tiny_model, tmp_path / "ct2", quantization="float32")
+    model, tok = load_model(tiny_model).eval(), load_tokenizer(tiny_model)
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("red card", "a blue sky today", "green")]
+    answers = [tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for a in ("alpha", "beta", "gamma")]
+    generator = _generator(tmp_path / "ct2")
+    with torch.no_grad():
+        expected = score_labels(model, prompts, answers, tok.pad_token_id, batch_size=2)
+    got = score_labels_ct2(generator, tok, prompts, answers, batch_size=2)
+    # Its float32 kernels differ from torch's in the last digits (~2e-4 of a summed log-probability).
+    assert got.shape == (3, 3) and torch.allclose(got, expected, rtol=1e-3, atol=1e-3)
+    assert got.argmax(-1).tolist() == expected.argmax(-1).tolist()
+    # Greedy decoding agrees with transformers' too.
+    ids = torch.tensor([prompts[1]])
+    with torch.no_grad():
+        hf = model.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=[], pad_token_id=tok.pad_token_id)
+    assert generate_ct2(generator, tok, [prompts[1]], [5])[0][:5] == hf[0, ids.shape[1]:].tolist()[:5]
 
 
 def test_optimize_rejects_unknown_variants_and_unevaluated_runs(lora_run, tmp_path):

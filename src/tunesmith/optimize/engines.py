@@ -6,6 +6,7 @@
 - `hf-int8`: a Hugging Face config plus the decoder's linear weights as int8 with one scale per
   output channel; rebuilt into torch dynamic-quantized linear layers (int8 matmuls on CPU).
 - `minilm`: an all-MiniLM-L6-v2 encoder with a linear head over the labels (classification only).
+- `ct2`: a CTranslate2 model (int8), run by CTranslate2's own runtime (see ct2.py).
 
 Tokenizer files and `prompt.json` sit next to the weights, so a variant folder is self-contained.
 """
@@ -32,9 +33,12 @@ class Predictor:
     """A loaded variant: `predict(examples, batch_size)` and the module behind it."""
 
     predict: Callable[[list[Example], int], Predictions]
-    module: torch.nn.Module
+    module: torch.nn.Module | None  # the torch model; None when another runtime computes (ct2)
     fmt: PromptFormat | None = None
     tokenizer: object = None     # for causal LMs (generation, streaming); None for the MiniLM classifier
+    # Greedy continuations (token ids) of token-id prompts with per-prompt limits, for engines
+    # without a torch module; torch models generate through `module.generate`.
+    complete: Callable[[list[list[int]], list[int]], list[list[int]]] | None = None
 
 
 def load_variant(path: Path, max_new_tokens: int = 64) -> Predictor:
@@ -52,6 +56,10 @@ def load_variant(path: Path, max_new_tokens: int = 64) -> Predictor:
         from tunesmith.optimize.minilm import load_classifier
 
         return load_classifier(path)
+    if meta["engine"] == "ct2":
+        from tunesmith.optimize.ct2 import load_ct2
+
+        return load_ct2(path, max_new_tokens)
     from tunesmith.models.load import load_model, load_tokenizer
 
     fmt = PromptFormat.from_json(fsio.read_json(path / "prompt.json"))

@@ -70,6 +70,9 @@ class Service:
             return [Completion(label, "stop", 0, 1) for label, _ in self.classify([e.input for e in examples])]
         tok, model = self.predictor.tokenizer, self.predictor.module
         prompts = encode_prompts(tok, self.fmt, examples)
+        if self.predictor.complete is not None:  # another runtime (ct2) decodes
+            rows = self.predictor.complete(prompts, max_tokens)
+            return [_completion(tok, row, len(p), limit) for row, p, limit in zip(rows, prompts, max_tokens)]
         out = model.generate(**_left_padded(prompts, tok.pad_token_id, model.device), max_new_tokens=max(max_tokens),
                              do_sample=False, eos_token_id=stop_ids(tok), pad_token_id=tok.pad_token_id)
         new = out[:, max(len(p) for p in prompts):]  # (B, new tokens)
@@ -81,6 +84,9 @@ class Service:
         `max_tokens` or when `cancelled` is set (the client went away)."""
         if self.labels:
             yield self.classify([example.input])[0][0]
+            return
+        if self.predictor.complete is not None:  # no token-by-token hook into another runtime: one piece
+            yield self.complete([example], [max_tokens])[0].text
             return
         tok, model = self.predictor.tokenizer, self.predictor.module
         ids = torch.tensor([encode_prompts(tok, self.fmt, [example])[0]], device=model.device)  # (1, T)

@@ -17,6 +17,7 @@ VARIANTS: dict[str, str] = {
     "pruned_layers": "tunesmith.optimize.variants.pruned_layers",
     "distilled": "tunesmith.optimize.variants.distilled",
     "distilled_minilm": "tunesmith.optimize.variants.distilled_minilm",
+    "ct2": "tunesmith.optimize.variants.ct2",
 }
 
 # What `tunesmith optimize` builds when the config names nothing: every variant that needs no

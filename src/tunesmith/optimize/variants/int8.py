@@ -18,18 +18,23 @@ SMOOTH_TOLERANCE = 1e-2
 
 
 def build(source, cfg, out_dir: Path) -> dict:
-    settings = cfg.int8
+    model, notes = smoothed(source, cfg.int8)
+    save_int8(model, source.tokenizer, source.fmt, out_dir)
+    return {"quantized_layers": len(quantizable_linears(model)),
+            "scheme": "int8 weights per output channel, dynamic int8 activations", **notes}
+
+
+def smoothed(source, settings) -> tuple[object, dict]:
+    """The plain model, SmoothQuant-smoothed when `settings.smooth` and the logits stay put; and notes."""
     model, notes = source.plain(), {"smoothquant": False}
     if settings.smooth:
         from tunesmith.optimize.smooth import smooth
 
-        smoothed = source.plain_copy()
-        layers = smooth(smoothed, source.tokenizer, source.fmt, source.splits.train[: settings.calibration_examples],
+        candidate = source.plain_copy()
+        layers = smooth(candidate, source.tokenizer, source.fmt, source.splits.train[: settings.calibration_examples],
                         settings.alpha)
-        drift = max_logit_diff(model, smoothed, source.tokenizer, source.fmt, source.splits.test[:8])
+        drift = max_logit_diff(model, candidate, source.tokenizer, source.fmt, source.splits.test[:8])
         notes["smoothing_logit_diff"] = round(drift, 6)
         if drift <= SMOOTH_TOLERANCE:
-            model, notes["smoothquant"] = smoothed, {"alpha": settings.alpha, "layers": layers}
-    save_int8(model, source.tokenizer, source.fmt, out_dir)
-    return {"quantized_layers": len(quantizable_linears(model)),
-            "scheme": "int8 weights per output channel, dynamic int8 activations", **notes}
+            model, notes["smoothquant"] = candidate, {"alpha": settings.alpha, "layers": layers}
+    return model, notes
