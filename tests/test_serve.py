@@ -128,6 +128,23 @@ def test_generation_routes_and_streaming(gen_run, tmp_path):
         assert streamed.strip() == whole  # streaming decodes the same greedy answer
 
 
+def test_a_ct2_variant_serves_completions_and_streams(gen_run, tmp_path):
+    """An engine without a torch module (CTranslate2) answers the generation routes through the
+    predictor's own decoder; its stream is the same answer in one piece."""
+    result = runner.invoke(cli, ["optimize", gen_run, "--variants", "ct2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    service = load_service(gen_run, "ct2")
+    assert service.variant == "ct2" and service.predictor.module is None
+    with _client(service, tmp_path, max_tokens=8) as c:
+        out = c.post("/v1/completions", json={"prompt": "my card", "max_tokens": 3}).json()
+        assert out["usage"]["completion_tokens"] <= 3 and out["choices"][0]["finish_reason"] in ("stop", "length")
+        with c.stream("POST", "/v1/completions", json={"prompt": "my card", "max_tokens": 3, "stream": True}) as s:
+            lines = [line for line in s.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    streamed = "".join(json.loads(line[6:])["choices"][0]["text"] for line in lines[:-1])
+    assert streamed == out["choices"][0]["text"]
+
+
 def test_api_keys_rate_limit_and_bad_requests(cls_service, tmp_path):
     app = create_app(cls_service, ServeConfig(rate_limit_per_minute=3, max_body_bytes=2048), ["k-one", "k-two"],
                      tmp_path / "r.db")
