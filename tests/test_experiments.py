@@ -89,6 +89,8 @@ def test_estimates_follow_the_formulas():
     assert full["seconds"] == pytest.approx(1.5 * lora["seconds"], rel=1e-3)  # 6P vs 4P FLOPs per token
     assert lora["seconds"] == pytest.approx(50_000 * 4 * 135e6 / (0.4e12 * 0.6), rel=1e-3)
     assert not estimate(7248, 32, 4096, "full", 1000, 8, 90, hw)["fits"]
+    soft = estimate(135, 30, 576, "prompt_tuning", 50_000, 8, 90, hw)
+    assert soft["seconds"] == pytest.approx(2.7 / 4 * lora["seconds"], rel=1e-3)
 
 
 def test_select_probes_local_models_and_recommends(tmp_path, tiny_model):

@@ -12,7 +12,11 @@ Memory (MB) = overhead + weights + trained state + activations, where
 - overhead: the Python process with torch, transformers and tokenizers loaded (OVERHEAD_MB).
 Time (s) = tokens x FLOPs per token / (peak FLOP/s x EFFICIENCY), with FLOPs per token 6P for full
 fine-tuning (forward 2P, backward 4P) and 4P for methods that skip weight gradients; peak FLOP/s
-is measured on this machine by a short matmul probe.
+is measured on this machine by a short matmul probe. The factors are effective ones: EFFICIENCY was
+calibrated on LoRA, whose adapters (dropout, two small matmuls and their gradients on every
+projection) cost about half again the frozen model's work on a CPU; soft prompts train nothing
+inside the model, so prompt and prefix tuning get 2.7P (measured: 585 vs 393 tokens/s for LoRA on the
+quickstart, 2026-11-28).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from tunesmith import hardware
 OVERHEAD_MB = 2400        # calibrated: quickstart LoRA run, 3,402 MB peak RSS measured (2026-11-28)
 ACTIVATION_BYTES = 34
 EFFICIENCY = 0.6          # calibrated: quickstart LoRA, 479 tokens/s measured on a 2-core EPYC in bf16
-FLOPS_PER_TOKEN = {"full": 6, "lora": 4, "dora": 4.4, "qlora": 4.4, "ia3": 4, "prompt_tuning": 4, "prefix_tuning": 4}
+FLOPS_PER_TOKEN = {"full": 6, "lora": 4, "dora": 4.4, "qlora": 4.4, "ia3": 4, "prompt_tuning": 2.7, "prefix_tuning": 2.7}
 TRAINED_SHARE = {"full": 1.0, "lora": 0.01, "dora": 0.011, "qlora": 0.01, "ia3": 0.0005, "prompt_tuning": 0.0001,
                  "prefix_tuning": 0.002}
 
