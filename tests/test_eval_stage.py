@@ -58,3 +58,78 @@ def test_missing_suite_file_is_a_config_error(tiny_project, tmp_path):
     assert done.returncode == 2
     assert "benchmark data file not found" in done.stderr and "(benchmarks.0.data)" in done.stderr
     assert not (tmp_path / "r").exists()
+
+
+TASK_YAML = """task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Text: {{{{text}}}}\\nGroup:"
+doc_to_choice: ["alpha", "beta", "gamma"]
+doc_to_target: "{{{{['alpha', 'beta', 'gamma'].index(label)}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+def test_harness_tasks_run_on_both_models_and_score_as_computed_by_hand(tiny_project, tiny_model, tmp_path):
+    """An lm-evaluation-harness task over a local file: figures for both models in metrics.json and
+    the report; the baseline's accuracy equals a by-hand argmax of log P(" choice" | context)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = make_texts(6, 11)
+    write_jsonl(tmp_path / "mc.jsonl", rows)
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny_mc.yaml").write_text(TASK_YAML.format(data=tmp_path / "mc.jsonl"))
+    tiny_project.write_text(tiny_project.read_text() + "  harness:\n    tasks: [tiny_mc]\n    include_path: tasks\n")
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "tunesmith", "run", str(tiny_project), "--out", str(out), "-q"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode in (0, 3), done.stderr
+    acc = json.loads((out / "metrics.json").read_text())["harness"]["tasks"]["tiny_mc"]["acc"]
+    assert acc["diff"] == round(acc["finetuned"] - acc["baseline"], 6)
+    assert "lm-evaluation-harness tasks" in (out / "report.html").read_text()
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_model).eval(), AutoTokenizer.from_pretrained(tiny_model)
+    right = 0
+    for row in rows:
+        context = tok(f"Text: {row['text']}\nGroup:")["input_ids"]
+        scores = []
+        for choice in ("alpha", "beta", "gamma"):
+            cont = tok(f"Text: {row['text']}\nGroup: {choice}")["input_ids"][len(context):]
+            ids = torch.tensor([context + cont])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)  # (T-1, V)
+            scores.append(sum(float(logp[len(context) - 1 + i, t]) for i, t in enumerate(cont)))
+        right += ["alpha", "beta", "gamma"][scores.index(max(scores))] == row["label"]
+    assert acc["baseline"] == round(right / len(rows), 6)
+
+
+def test_harness_task_folder_must_exist(tiny_project, tmp_path):
+    tiny_project.write_text(tiny_project.read_text() + "  harness:\n    tasks: [x]\n    include_path: nowhere\n")
+    done = subprocess.run([sys.executable, "-m", "tunesmith", "run", str(tiny_project), "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and "task folder not found" in done.stderr and "eval.harness.include_path" in done.stderr
+
+
+def test_harness_gets_merged_weights_and_no_model_for_soft_prompts(tiny_model):
+    import torch
+    from peft import LoraConfig, PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.evaluate.harness import plain_lm
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    soft = get_peft_model(load(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    assert plain_lm(soft) is None
+    lora = get_peft_model(load(), LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj", "v_proj"],
+                                             init_lora_weights=False))
+    ids = torch.tensor([[3, 5, 7, 9]])
+    with torch.no_grad():
+        merged = plain_lm(lora)
+        assert not hasattr(merged, "peft_config")
+        assert torch.allclose(merged(ids).logits, lora(ids).logits, atol=1e-4)

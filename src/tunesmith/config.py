@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -262,6 +263,17 @@ class JudgeConfig(_Strict):
         return self
 
 
+class HarnessConfig(_Strict):
+    """lm-evaluation-harness tasks run on both models (needs `pip install lm-eval`); off when `tasks` is empty."""
+
+    tasks: list[str] = Field(default_factory=list)  # task names: built-in ones need their datasets locally
+    include_path: Path | None = None                # a folder of task YAMLs (local datasets), relative to the config
+    limit: int | None = Field(None, ge=1)           # examples per task
+    num_fewshot: int | None = Field(None, ge=0)
+    batch_size: int = Field(8, ge=1)
+    apply_chat_template: bool = False
+
+
 class EvalConfig(_Strict):
     batch_size: int = Field(16, ge=1)
     max_examples: int | None = Field(None, ge=1)
@@ -272,6 +284,7 @@ class EvalConfig(_Strict):
     bootstrap_resamples: int = Field(1000, ge=100)   # paired bootstrap of baseline vs fine-tuned differences
     seed: int = 0
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    harness: HarnessConfig = Field(default_factory=HarnessConfig)
 
 
 class ParitySettings(_Strict):
@@ -509,6 +522,17 @@ def _resolve_paths(project: Project, root: yaml.Node, check_files: bool) -> None
                               _where(project.source, root, ("benchmarks", i, "data")),
                               "paths are relative to the config file's folder")
         suite.data = resolved
+    harness = project.eval.harness
+    if harness.include_path is not None:
+        resolved = harness.include_path if harness.include_path.is_absolute() else (base / harness.include_path).resolve()
+        if check_files and not resolved.is_dir():
+            raise ConfigError(f"task folder not found: {resolved}", _where(project.source, root,
+                                                                         ("eval", "harness", "include_path")),
+                              "paths are relative to the config file's folder")
+        harness.include_path = resolved
+    if harness.tasks and check_files and importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError("eval.harness needs lm-evaluation-harness, which is not installed",
+                          _where(project.source, root, ("eval", "harness", "tasks")), "pip install lm-eval")
 
 
 def _config_error(e: ValidationError, path: Path, root: yaml.Node) -> ConfigError:

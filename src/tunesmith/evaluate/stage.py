@@ -10,6 +10,7 @@ from tunesmith.config import Project
 from tunesmith.data.examples import Example
 from tunesmith.data.prepare import Splits
 from tunesmith.evaluate.forgetting import forgetting_report, probe_accuracy
+from tunesmith.evaluate.harness import harness_report, plain_lm, run_harness
 from tunesmith.evaluate.perplexity import answer_perplexity
 from tunesmith.evaluate.speed import latency_ms
 from tunesmith.evaluate.suites import load_suites, predict_suites, suite_report
@@ -47,6 +48,7 @@ def eval_stage(project: Project, splits: Splits, run_dir: Path, progress: bool =
     suites = load_suites(project.benchmarks, tokenizer)
     suite_args = (tokenizer, suites, project.eval.batch_size, project.eval.max_new_tokens, bf16)
     tuned_suites = predict_suites(model, *suite_args, "fine-tuned", progress)
+    tuned_harness = _harness(project, model, tokenizer)
     kind = fsio.read_json(run_dir / "model/tunesmith.json")["kind"]
     tuned_figures.update(_sizes(run_dir / "model", base_path, kind))
     probe = project.eval.forgetting_probe
@@ -72,6 +74,10 @@ def eval_stage(project: Project, splits: Splits, run_dir: Path, progress: bool =
         base_suites = predict_suites(base_model, *suite_args, "baseline", progress)
         metrics["benchmarks"] = suite_report(suites, base_suites, tuned_suites, project.eval.bootstrap_resamples,
                                              project.eval.seed)
+    if project.eval.harness.tasks:
+        base_harness = _harness(project, base_model, tokenizer)
+        metrics["harness"] = harness_report(base_harness, tuned_harness,
+                                            None if tuned_harness is not None else SOFT_PROMPT_SKIP)
     if project.eval.judge.enabled:
         metrics["judge"] = _judge(project.eval.judge, test, base, tuned)
     calibration = {name: _calibration(test, p) for name, p in (("baseline", base), ("finetuned", tuned))}
@@ -97,6 +103,18 @@ def eval_stage(project: Project, splits: Splits, run_dir: Path, progress: bool =
     fsio.write_json(run_dir / "metrics.json", metrics)
     fsio.write_jsonl(run_dir / "predictions" / "test.jsonl", _prediction_rows(test, tuned, base))
     return metrics
+
+
+SOFT_PROMPT_SKIP = ("fine-tuned model not run: its soft prompt is outside the weights, and the harness calls "
+                    "a plain causal LM")
+
+
+def _harness(project: Project, model, tokenizer) -> dict | None:
+    """lm-evaluation-harness figures of `model` (None when not configured, or for soft prompts)."""
+    if not project.eval.harness.tasks:
+        return None
+    plain = plain_lm(model)
+    return None if plain is None else run_harness(plain, tokenizer, project.eval.harness, hardware.device().type)
 
 
 def _figures(fmt, test: list[Example], preds: Predictions, seconds: float, batch_size: int) -> dict:

@@ -27,7 +27,8 @@ def report_stage(run_dir: Path) -> Path:
     log = _read_log(run_dir / "train_log.jsonl")
     body = [_header(summary), _verdict(summary["objective"]), _metrics_table(metrics), _plots(metrics, log, summary),
             data_section(data), _watch_section(summary.get("training", {}), metrics.get("forgetting")),
-            _suites_section(metrics.get("benchmarks", {})), _judge_section(metrics.get("judge")),
+            _suites_section(metrics.get("benchmarks", {})), _harness_section(metrics.get("harness")),
+            _judge_section(metrics.get("judge")),
             _search_section(run_dir, summary["objective_metric"]), fairness_section(run_dir),
             optimize_section(run_dir, summary["objective_metric"]),
             _train_section(metrics.get("train", {}))]
@@ -135,6 +136,21 @@ def _suites_section(suites: dict) -> str:
                     f"{c['ci_high']:+.4f}]</td><td>{c['p_value']:.3g}</td></tr>")
     return ("<h2>Other evaluation sets</h2><table><tr><th>set</th><th>examples</th><th>metric</th><th>baseline</th>"
             "<th>fine-tuned</th><th>difference</th><th>95% CI</th><th>p-value</th></tr>" + "".join(rows) + "</table>")
+
+
+def _harness_section(harness: dict | None) -> str:
+    if not harness:
+        return ""
+    rows = "".join(f"<tr><td>{html.escape(task)}</td><td>{html.escape(m)}</td><td>{_fmt(v['baseline'])}</td>"
+                   f"<td>{_fmt(v['finetuned'])}</td><td>{_signed(v['diff'])}</td></tr>"
+                   for task, figures in harness["tasks"].items() for m, v in figures.items())
+    note = f"<p class='warn'>{html.escape(harness['skipped'])}</p>" if harness.get("skipped") else ""
+    return (f"<h2>lm-evaluation-harness tasks</h2>{note}<table><tr><th>task</th><th>metric</th><th>baseline</th>"
+            f"<th>fine-tuned</th><th>difference</th></tr>{rows}</table>")
+
+
+def _signed(v: float | None) -> str:
+    return "" if v is None else f"{v:+.4f}"
 
 
 def _judge_section(judge: dict | None) -> str:
