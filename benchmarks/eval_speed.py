@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -30,9 +31,9 @@ from tunesmith.config import TaskConfig  # noqa: E402
 from tunesmith.data.examples import Example  # noqa: E402
 from tunesmith.models.load import load_model, load_tokenizer  # noqa: E402
 from tunesmith.models.resolve import resolve_model  # noqa: E402
-from tunesmith.tasks.classification import right_pad, score_labels, score_labels_constrained  # noqa: E402
+from tunesmith.tasks.classification import right_pad, score_labels  # noqa: E402
 from tunesmith.tasks.label_trie import LabelTrie  # noqa: E402
-from tunesmith.tasks.predict import encode_prompts  # noqa: E402
+from tunesmith.tasks.predict import encode_prompts, predict  # noqa: E402
 from tunesmith.tasks.prompts import build_format, encode_answer  # noqa: E402
 
 
@@ -75,11 +76,11 @@ def main() -> None:
     print(f"{len(examples)} examples, {len(labels)} labels, prompt tokens median "
           f"{sorted(map(len, prompts))[len(prompts) // 2]}, label tokens max {max(map(len, answers))}, "
           f"bf16 {bf16}, threads {torch.get_num_threads()}", flush=True)
+    started = time.perf_counter()  # through predict(), as the eval stage scores: batches of similar lengths
+    constrained = predict(model, tokenizer, dataclasses.replace(fmt, label_scoring="constrained"), examples,
+                          batch_size=args.batch_size, autocast=bf16, progress="constrained").texts
+    t_constrained = time.perf_counter() - started
     with hardware.autocast(bf16, torch.device("cpu")):
-        started = time.perf_counter()
-        constrained = score_labels_constrained(model, prompts, answers, tokenizer.pad_token_id,
-                                               batch_size=args.batch_size, progress="constrained")
-        t_constrained = time.perf_counter() - started
         sample = prompts[: args.sequence_examples]
         started = time.perf_counter()
         sequence = score_labels(model, sample, answers, tokenizer.pad_token_id, batch_size=args.batch_size)
@@ -89,8 +90,8 @@ def main() -> None:
         naive = naive_scores(model, few, answers, tokenizer.pad_token_id)
         t_naive = (time.perf_counter() - started) * len(prompts) / len(few)
     n = len(prompts)
-    acc = sum(labels[i] == e.target for i, e in zip(constrained.argmax(-1).tolist(), examples)) / n
-    agree_seq = (constrained[: len(sample)].argmax(-1) == sequence.argmax(-1)).float().mean().item()
+    acc = sum(p == e.target for p, e in zip(constrained, examples)) / n
+    agree_seq = sum(p == labels[i] for p, i in zip(constrained, sequence.argmax(-1).tolist())) / len(sample)
     agree_naive = (sequence[: len(few)].argmax(-1) == naive.argmax(-1)).float().mean().item()
     print(f"constrained label scoring (tunesmith, task.label_scoring: constrained): {t_constrained:.1f} s for {n} "
           f"examples ({n / t_constrained:.1f} ex/s); base-model accuracy {acc:.4f}; "

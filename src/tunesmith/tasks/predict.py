@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from tunesmith import hardware
 from tunesmith.data.examples import Example
 from tunesmith.tasks.classification import predict_labels, score_labels, score_labels_constrained
@@ -38,6 +40,9 @@ def predict(model, tokenizer, fmt: PromptFormat, examples: list[Example], batch_
     was_training = model.training
     model.eval()
     prompts = encode_prompts(tokenizer, fmt, examples)
+    # Batches of similar lengths waste less compute on padding; results go back in input order.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    prompts = [prompts[i] for i in order]
     try:
         with hardware.autocast(autocast, next(model.parameters()).device):
             if fmt.labels:
@@ -45,8 +50,17 @@ def predict(model, tokenizer, fmt: PromptFormat, examples: list[Example], batch_
                 scorer = score_labels_constrained if fmt.label_scoring == "constrained" else score_labels
                 scores = scorer(model, prompts, answers, tokenizer.pad_token_id, batch_size=batch_size,
                                 progress=progress)
+                scores = scores[torch.tensor(inverse(order))]
                 return Predictions(*predict_labels(scores, fmt.labels))
-            return Predictions(generate(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size,
-                                        progress=progress))
+            texts = generate(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size, progress=progress)
+            return Predictions([texts[i] for i in inverse(order)])
     finally:
         model.train(was_training)
+
+
+def inverse(order: list[int]) -> list[int]:
+    """The permutation that undoes `order` (out[order[k]] = k)."""
+    out = [0] * len(order)
+    for k, i in enumerate(order):
+        out[i] = k
+    return out
