@@ -150,11 +150,15 @@ def _engine(path: Path) -> str:
     return fsio.read_json(meta)["engine"] if meta.is_file() else "run-model"
 
 
+WEIGHT_FILES = ("*.safetensors", "model.bin")  # model.bin: CTranslate2's own format (not a pickle)
+
+
 def _size_mb(path: Path, metrics: dict) -> float:
     """What must be deployed: for the run's own model (an adapter needs its base) the eval stage's figure."""
     if not (path / "variant.json").is_file():
         return metrics["finetuned"]["model_size_mb"]
-    return round(sum(p.stat().st_size for p in path.rglob("*.safetensors")) / 2**20, 2)
+    weights = [p for pattern in WEIGHT_FILES for p in path.rglob(pattern)]
+    return round(sum(p.stat().st_size for p in weights) / 2**20, 2)
 
 
 def _say(progress: bool, line: str) -> None:
