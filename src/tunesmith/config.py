@@ -64,7 +64,9 @@ class SemanticDedupSettings(_Strict):
 class PiiSettings(_Strict):
     enabled: bool = True
     action: Literal["redact", "drop", "report"] = "redact"
-    types: list[Literal["email", "phone", "card", "iban", "ip"]] = Field(default_factory=lambda: list(PII_TYPES))
+    # `person` (names, from census name lists: see data/pii.py) is opt-in: slower, and a heuristic.
+    types: list[Literal["email", "phone", "card", "iban", "ip", "person"]] = Field(
+        default_factory=lambda: list(PII_TYPES))
 
 
 class DecontaminateSettings(_Strict):

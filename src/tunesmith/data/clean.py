@@ -124,9 +124,16 @@ class Curation:
         changed = Counter(c for row in self.changes for c in row["changes"])
         return {"steps": self.steps, "removed_by_reason": dict(sorted(removed.items())),
                 "changes_by_kind": dict(sorted(changed.items())), "pii_found": dict(sorted(self.pii_counts.items())),
-                "pii_not_checked": ["person names (no named-entity model available offline)"],
+                "pii_not_checked": self._not_checked(),
                 "suspected_label_errors": len(self.suspects), "conflicting_duplicates_total": len(self.conflicts),
                 "conflicting_duplicates": self.conflicts[:MAX_LISTED]}
+
+    def _not_checked(self) -> list[str]:
+        pii = self.cfg.pii
+        kinds = [k for k in ("email", "phone", "card", "iban", "ip") if not pii.enabled or k not in pii.types]
+        if not pii.enabled or "person" not in pii.types:
+            kinds.append("person names (opt-in: data.clean.pii.types: [..., person])")
+        return kinds
 
     # -- steps -----------------------------------------------------------------------------------
     def _step(self, role: str, name: str, rows: list[Example], fn) -> list[Example]:

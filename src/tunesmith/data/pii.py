@@ -1,13 +1,20 @@
 """Personal data in text: emails, phone numbers, card numbers (Luhn-checked), IBANs (mod-97
 checked) and IP addresses, found by pattern and validated where a checksum exists, so a long
-order number is not taken for a card. Person names need a named-entity model, which is not
-available offline here; the report says so rather than pretending to look for them.
+order number is not taken for a card; and, when asked for (`person`), person names.
+
+No named-entity model is available offline, so names are found with the 1990 U.S. Census name
+lists (data/names, public domain): a known first name followed by a known surname ("Amy Jones"),
+a title or "my name is" and a capitalised word ("Dr. Okafor", "my name is Siobhan"), or a known
+first name after "this is" / "I am". A capitalised word alone is never enough, which keeps
+sentence starts and product names ("Will you", "Apple Pay") out.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
+from importlib import resources
 from collections import Counter
 from dataclasses import dataclass
 
@@ -20,8 +27,15 @@ _PATTERNS = {
                         r"|(?<![\w+])\+\d{9,14}(?!\w)|(?<![\w+])0\d{9,10}(?!\w)"),
 }
 # Checked in this order so a card number is not also reported as a phone number.
-ORDER = ("email", "iban", "card", "ip", "phone")
+ORDER = ("email", "iban", "card", "ip", "phone", "person")
 _QUICK = re.compile(r"[@\d]")
+_WORD = r"[A-Z][a-z]+(?:[-'][A-Z][a-z]+)?"
+_FULL_NAME = re.compile(rf"\b({_WORD})\s+({_WORD})\b")
+# Strong cues: any capitalised word after them is taken for a name.
+_TITLED = re.compile(rf"\b(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof)\.?\s+({_WORD}(?:\s+{_WORD})?)\b|"
+                     rf"\b[Mm]y name is\s+({_WORD}(?:\s+{_WORD})?)\b")
+# Weak cues ("this is Visa", "I'm Canadian"): the word must be a known first name.
+_INTRODUCED = re.compile(rf"\b(?:[Tt]his is|I am|I'm)\s+({_WORD}(?:\s+{_WORD})?)\b")
 
 
 @dataclass(frozen=True)
@@ -31,13 +45,17 @@ class Finding:
     end: int
 
 
-def find_pii(text: str, kinds: tuple[str, ...] | list[str] = ORDER) -> list[Finding]:
-    """Non-overlapping findings in `text`, by position."""
-    if not _QUICK.search(text):  # every kind needs a digit or an @: most texts stop here
-        return []
+def find_pii(text: str, kinds: tuple[str, ...] | list[str] = ORDER[:-1]) -> list[Finding]:
+    """Non-overlapping findings in `text`, by position (`person` only when in `kinds`)."""
     found: list[Finding] = []
     taken: list[tuple[int, int]] = []
-    for kind in ORDER:
+    if "person" in kinds:
+        for span in person_spans(text):
+            found.append(Finding("person", *span))
+            taken.append(span)
+    if not _QUICK.search(text):  # every other kind needs a digit or an @: most texts stop here
+        return sorted(found, key=lambda f: f.start)
+    for kind in ORDER[:-1]:
         if kind not in kinds:
             continue
         for m in _PATTERNS[kind].finditer(text):
@@ -47,6 +65,34 @@ def find_pii(text: str, kinds: tuple[str, ...] | list[str] = ORDER) -> list[Find
             found.append(Finding(kind, *span))
             taken.append(span)
     return sorted(found, key=lambda f: f.start)
+
+
+def person_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans of person names (see the module docstring for the rules)."""
+    first, last = _name_lists()
+    spans = [m.span(1 if m.group(1) else 2) for m in _TITLED.finditer(text)]
+    spans += [m.span(1) for m in _INTRODUCED.finditer(text) if m.group(1).split()[0] in first]
+    spans += [m.span() for m in _FULL_NAME.finditer(text) if m.group(1) in first and m.group(2) in last]
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if merged and start < merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+# Census first names that are also everyday English words at the start of a phrase ("My Bank",
+# "So Long", "May Day"); a title or "my name is" still finds people who carry them.
+_COMMON_WORDS = {"An", "In", "My", "Ok", "So", "Un", "Ha", "Pa", "Ma", "Else", "See", "Sun", "Love", "Major", "King",
+                 "Summer", "Delta", "Sterling", "Royal", "Page", "Young", "Long", "May", "Hope", "Joy", "Grant"}
+
+
+@functools.lru_cache(maxsize=1)
+def _name_lists() -> tuple[frozenset[str], frozenset[str]]:
+    folder = resources.files("tunesmith.data") / "names"
+    first, last = ((folder / f).read_text(encoding="utf-8").split() for f in ("first.txt", "last.txt"))
+    return frozenset(first) - _COMMON_WORDS, frozenset(last)
 
 
 def redact(text: str, findings: list[Finding]) -> str:
