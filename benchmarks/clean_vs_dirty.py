@@ -4,9 +4,11 @@ same dirty data with cleaning on, both evaluated on the same test file. Prints b
 
 `--label-noise` picks what cleaning does with suspected label errors (remove, relabel or report);
 `--equal-steps` trains the cleaned set for as many optimizer steps as the dirty run took, which
-separates the effect of cleaner rows from the effect of fewer rows at a fixed number of epochs.
+separates the effect of cleaner rows from the effect of fewer rows at a fixed number of epochs;
+`--keep-duplicates` cleans without deduplication, to measure what removing repeats costs.
 
     python benchmarks/clean_vs_dirty.py [--per-kind 20] [--seeds 1] [--label-noise relabel] [--equal-steps]
+                                       [--keep-duplicates]
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ from tunesmith.data.normalize import dedup_text  # noqa: E402
 QUICKSTART = ROOT / "examples" / "quickstart"
 
 
-def project(folder: Path, clean: bool, seed: int, label_noise: str, max_steps: int | None) -> Path:
+def project(folder: Path, clean: bool, seed: int, label_noise: str, max_steps: int | None,
+            keep_duplicates: bool = False) -> Path:
     text = (QUICKSTART / "project.yaml").read_text(encoding="utf-8")
+    dedup = "    exact_dedup: false\n    near_dedup: {enabled: false}\n" if keep_duplicates else ""
     text = text.replace("  validation: 0.1\n", "  validation: 0.1\n" + (
-        f"  clean:\n    label_noise: {{action: {label_noise}}}\n" if clean else "  clean: {enabled: false}\n"))
+        f"  clean:\n    label_noise: {{action: {label_noise}}}\n{dedup}" if clean else "  clean: {enabled: false}\n"))
     steps = f"  max_steps: {max_steps}\n" if max_steps else ""
     text = text.replace("  batch_size: 8\n", f"  batch_size: 8\n  seed: {seed}\n{steps}")
     text = text.replace("../suites/", f"{ROOT / 'examples' / 'suites'}/")
@@ -68,6 +72,8 @@ def main() -> None:
                     help="what cleaning does with suspected label errors")
     ap.add_argument("--equal-steps", action="store_true",
                     help="train the cleaned set for as many steps as the dirty run took")
+    ap.add_argument("--keep-duplicates", action="store_true",
+                    help="clean without exact and near deduplication (PII, decontamination, label noise only)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep or Path(tmp)
@@ -85,7 +91,8 @@ def main() -> None:
         for seed in range(args.seeds):
             steps = None
             for name in ("dirty", "clean"):
-                config = project(folder, name == "clean", args.first_seed + seed, args.label_noise, steps)
+                config = project(folder, name == "clean", args.first_seed + seed, args.label_noise, steps,
+                                 args.keep_duplicates)
                 result = run(config, folder / f"run-{name}-{seed}", leaked)
                 if args.equal_steps:
                     steps = result["steps"]
