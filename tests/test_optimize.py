@@ -129,6 +129,7 @@ def test_every_variant_is_built_measured_and_loadable(lora_run):
         assert e["parity_ok"] == (e["name"] == "merged" or delta >= -0.02 - 1e-9)
     sizes = {e["name"]: e["size_mb"] for e in entries}
     assert sizes["int8"] < sizes["merged"] and sizes["bf16"] <= 0.55 * sizes["merged"]
+    assert sizes["int8_weights"] == pytest.approx(sizes["int8"], rel=0.01)
     by_name = {e["name"]: e for e in entries}
     assert by_name["distilled"]["student_layers"] == [1] and by_name["pruned_layers"]["layers"] == 1
     assert by_name["ct2"]["scheme"].startswith("CTranslate2") and 0 < sizes["ct2"] < sizes["merged"]
@@ -136,6 +137,19 @@ def test_every_variant_is_built_measured_and_loadable(lora_run):
     assert optimize["selected"] in {e["name"] for e in entries if e["parity_ok"] and e["objective_met"]}
     assert "Inference variants" in (run / "report.html").read_text()
     assert "selected:" in result.output
+
+
+def test_weight_only_int8_linear_matches_fp32():
+    from tunesmith.optimize.engines import WeightOnlyInt8Linear
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 32)
+    x = torch.randn(2, 5, 64)
+    q, scale = quantize_weight(layer.weight)
+    for dtype, tol in ((torch.float32, 0.02), (torch.bfloat16, 0.05)):
+        out = WeightOnlyInt8Linear(q, scale, layer.bias, dtype)(x)
+        assert out.shape == (2, 5, 32) and out.dtype == torch.float32
+        assert (out - layer(x)).abs().max() < tol * layer(x).abs().max()
 
 
 def test_ct2_scores_labels_as_the_torch_model_does(tiny_model, tmp_path):

@@ -4,7 +4,8 @@
   the folder has no variant.json (it is the fp32 reference).
 - `hf`: a plain Hugging Face checkpoint (safetensors) with `dtype` float32 or bfloat16.
 - `hf-int8`: a Hugging Face config plus the decoder's linear weights as int8 with one scale per
-  output channel; rebuilt into torch dynamic-quantized linear layers (int8 matmuls on CPU).
+  output channel; rebuilt into torch dynamic-quantized linear layers (int8 matmuls on CPU), or with
+  `activations: none` into weight-only int8 layers (int8 weights, bf16/fp32 activations).
 - `minilm`: an all-MiniLM-L6-v2 encoder with a linear head over the labels (classification only).
 - `ct2`: a CTranslate2 model (int8), run by CTranslate2's own runtime (see ct2.py).
 
@@ -129,6 +130,26 @@ def dynamic_linear(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | No
     return Int8Linear(q, scale, bias)
 
 
+class WeightOnlyInt8Linear(torch.nn.Module):
+    """Int8 weights (one scale per output channel) multiplied with unquantized activations, in bf16
+    where the CPU or GPU has it (torch's int8-weight matmul kernel): the weights take a quarter of
+    fp32's memory traffic, the activations keep their precision (no outlier problem to smooth)."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("q", q.clone(memory_format=torch.contiguous_format))  # aligned: a safetensors view may not be
+        self.register_buffer("scale", scale.to(dtype))
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        self.in_features, self.out_features, self.dtype = q.shape[1], q.shape[0], dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., I) -> (..., O)
+        flat = x.reshape(-1, self.in_features).to(self.dtype)
+        out = torch.ops.aten._weight_int8pack_mm(flat, self.q, self.scale)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
 def save_int8(model, tokenizer, fmt: PromptFormat, out_dir: Path, **meta) -> None:
     """Config, fp32 non-linear weights and int8 linear weights + scales in one safetensors file."""
     from safetensors.torch import save_file
@@ -156,7 +177,8 @@ def load_int8(path: Path):
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     tensors = load_file(str(path / "model.safetensors"))
-    quantized = fsio.read_json(path / VARIANT_FILE)["quantized"]
+    meta = fsio.read_json(path / VARIANT_FILE)
+    quantized = meta["quantized"]
     plain = {k: v for k, v in tensors.items() if not k.endswith((".weight_int8", ".weight_scale"))}
     result = model.load_state_dict(plain, strict=False)
     expected_missing = {f"{name}.weight" for name in quantized} | {"lm_head.weight"}
@@ -164,10 +186,13 @@ def load_int8(path: Path):
         raise ModelError(f"int8 variant weights do not match its config in {path}", "variant.json",
                          "rebuild the variant with `tunesmith optimize`")
     model.tie_weights()
+    compute = torch.bfloat16 if hardware.bf16_supported(torch.device("cpu")) else torch.float32
     for name in quantized:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         old = getattr(parent, child)
-        setattr(parent, child, dynamic_linear(tensors[f"{name}.weight_int8"], tensors[f"{name}.weight_scale"],
-                                              old.bias))
+        q, scale = tensors[f"{name}.weight_int8"], tensors[f"{name}.weight_scale"]
+        layer = dynamic_linear(q, scale, old.bias) if meta.get("activations", "dynamic") == "dynamic" else \
+            WeightOnlyInt8Linear(q, scale, old.bias, compute)
+        setattr(parent, child, layer)
     return model.eval()
