@@ -23,7 +23,7 @@ import httpx
 from tunesmith import fsio
 from tunesmith.data.examples import Example
 from tunesmith.errors import EngineError
-from tunesmith.serve.service import Completion
+from tunesmith.serve.service import Completion, request_example
 from tunesmith.tasks.prompts import PromptFormat, render_prompt
 
 TIMEOUT = httpx.Timeout(300.0, connect=5.0)
@@ -58,10 +58,7 @@ class RemoteService:
         return self.fmt.labels
 
     def example(self, prompt: str | None = None, messages: list[dict] | None = None) -> Example:
-        if messages is not None:
-            last = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-            return Example(last, "", "request", messages=messages if self.fmt.task_type == "chat" else None)
-        return Example(prompt or "", "", "request")
+        return request_example(self.fmt, prompt, messages)
 
     def request_body(self, example: Example, max_tokens: int, stream: bool = False) -> dict:
         return {"model": self.served_name, "prompt": render_prompt(self.tokenizer, self.fmt, example),

@@ -59,10 +59,7 @@ class Service:
         return list(zip(preds.texts, preds.probabilities))
 
     def example(self, prompt: str | None = None, messages: list[dict] | None = None) -> Example:
-        if messages is not None:
-            last = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-            return Example(last, "", "request", messages=messages if self.fmt.task_type == "chat" else None)
-        return Example(prompt or "", "", "request")
+        return request_example(self.fmt, prompt, messages)
 
     def complete(self, examples: list[Example], max_tokens: list[int]) -> list[Completion]:
         """Greedy completions; a classification model answers with its predicted label."""
@@ -105,6 +102,15 @@ class Service:
                 yield full[len(text):]
                 text = full
             ids = torch.tensor([[token]], device=model.device)
+
+
+def request_example(fmt: PromptFormat, prompt: str | None = None, messages: list[dict] | None = None) -> Example:
+    """A request as an Example: a completion prompt, or a chat whose last user turn is the input
+    (the whole conversation kept for chat-tuned models)."""
+    if messages is not None:
+        last = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        return Example(last, "", "request", messages=messages if fmt.task_type == "chat" else None)
+    return Example(prompt or "", "", "request")
 
 
 def _left_padded(prompts: list[list[int]], pad_id: int, device) -> dict:
