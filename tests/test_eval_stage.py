@@ -120,7 +120,7 @@ def test_harness_gets_merged_weights_and_no_model_for_soft_prompts(tiny_model):
     from peft import LoraConfig, PromptTuningConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.evaluate.harness import plain_lm
+    from tunesmith.models.load import plain_lm
 
     def load():
         return AutoModelForCausalLM.from_pretrained(tiny_model).eval()

@@ -10,20 +10,9 @@ so the harness sees their base model; their task figures are skipped with that r
 
 from __future__ import annotations
 
-import copy
 import os
 
 from tunesmith.config import HarnessConfig
-
-
-def plain_lm(model):
-    """A plain transformers model computing what `model` computes, or None for soft prompts."""
-    config = getattr(model, "peft_config", {}).get("default")
-    if config is None:
-        return model
-    if config.is_prompt_learning:
-        return None
-    return copy.deepcopy(model).merge_and_unload().eval()
 
 
 def run_harness(model, tokenizer, cfg: HarnessConfig, device: str) -> dict:

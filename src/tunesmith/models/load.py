@@ -34,3 +34,17 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32):
     model.eval()
     return model
 
+
+
+def plain_lm(model):
+    """A plain transformers model computing what `model` computes: PEFT weight adapters (LoRA, DoRA,
+    IA3) merged into a copy, a plain model as is, None for soft prompts and prefixes (their trained
+    part is not in the weights)."""
+    import copy
+
+    config = getattr(model, "peft_config", {}).get("default")
+    if config is None:
+        return model
+    if config.is_prompt_learning:
+        return None
+    return copy.deepcopy(model).merge_and_unload().eval()

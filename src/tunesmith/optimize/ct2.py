@@ -15,7 +15,7 @@ import torch
 
 from tunesmith import fsio
 from tunesmith.data.examples import Example
-from tunesmith.optimize.engines import VARIANT_FILE, Predictor
+from tunesmith.optimize.engines import Predictor
 from tunesmith.tasks.classification import predict_labels
 from tunesmith.tasks.generation import stop_ids
 from tunesmith.tasks.predict import Predictions, encode_prompts
@@ -93,8 +93,3 @@ def generate_ct2(generator, tokenizer, prompts: list[list[int]], limits: list[in
                                            end_token=stops)
         out += [(i, r.sequences_ids[0]) for i, r in zip(chosen, results)]
     return [ids for _, ids in sorted(out)]
-
-
-def is_ct2(path: Path) -> bool:
-    meta = Path(path) / VARIANT_FILE
-    return meta.is_file() and fsio.read_json(meta).get("engine") == "ct2"

@@ -9,6 +9,7 @@ from pathlib import Path
 from tunesmith import fsio
 from tunesmith.config import Project
 from tunesmith.data.prepare import Splits
+from tunesmith.models.load import plain_lm
 from tunesmith.optimize.variants import NotApplicable
 from tunesmith.tasks.prompts import PromptFormat
 
@@ -43,13 +44,11 @@ class Source:
             NotApplicable: for soft-prompt and prefix runs, whose trained part is not in the weights.
         """
         if self._plain is None:
-            if self.is_mergeable_adapter:
-                self._plain = copy.deepcopy(self.model).merge_and_unload().eval()
-            elif self.kind == "adapter":
+            # Full weights and prompt optimisation (base weights, chosen prompt in fmt) come back as is.
+            self._plain = plain_lm(self.model)
+            if self._plain is None:
                 raise NotApplicable(f"a {fsio.read_json(self.run_dir / 'model/tunesmith.json')['method']} run keeps "
                                     "its trained virtual tokens outside the weights; optimise a weight-based method")
-            else:  # full weights, or prompt optimisation (base weights with the chosen prompt in fmt)
-                self._plain = self.model
         return self._plain
 
     def plain_copy(self):
