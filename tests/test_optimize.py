@@ -4,6 +4,7 @@ loss, selection) on tiny tensors, and `tunesmith optimize` end to end on tiny tr
 from __future__ import annotations
 
 import json
+import mmap
 import os
 
 import pytest
@@ -220,8 +221,13 @@ def test_a_measured_child_reports_its_own_peak_memory():
 def test_peak_memory_window_can_be_reset():
     from tunesmith import hardware
 
-    ballast = bytearray(os.urandom(1024)) * (300 * 1024)  # ~300 MB touched, then freed
+    # An anonymous mapping, not a Python object: a process that has already run other tests has
+    # freed heap that malloc would hand back without raising the RSS, and would keep after `del`.
+    size = 300 * 1024 * 1024
+    ballast = mmap.mmap(-1, size)
+    for offset in range(0, size, mmap.PAGESIZE):  # touch every page so it is resident
+        ballast[offset] = 1
     high = hardware.peak_rss_mb()
-    del ballast
+    ballast.close()  # munmap: the pages leave the RSS at once
     hardware.reset_peak_rss()
     assert hardware.peak_rss_mb() < high - 200
