@@ -152,6 +152,34 @@ def test_constrained_scoring_equals_brute_force_and_sums_to_one(tiny_model):
     assert trie.tree == [(10,), (20,), (10, 11)] and trie.positions() == 3
 
 
+def test_pruned_constrained_scoring_keeps_argmax_and_winner_and_skips_groups(tiny_model):
+    """Pruned scoring against exact constrained scoring: same argmax, same winner probability, every
+    other label below the winner, rows summing to one, and fewer tree positions run."""
+    from tunesmith.tasks.classification import score_labels_constrained
+
+    model = load_model(tiny_model).eval()
+    torch.manual_seed(1)
+    prompts = [[1] + torch.randint(3, 60, (n,)).tolist() for n in (5, 9, 7, 12, 3, 8, 6, 10)]
+    answers = [[10, 11, 12, 2], [10, 11, 13, 2], [10, 14, 2], [20, 2], [20, 21, 2], [30, 31, 32, 2],
+               [40, 2], [41, 2], [42, 43, 2], [42, 44, 2]]
+    tree_positions = []
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda _m, _a, kw: tree_positions.append(kw["input_ids"].numel()) if getattr(kw.get("attention_mask"), "ndim", 0) == 4 else None,
+        with_kwargs=True)
+    exact = score_labels_constrained(model, prompts, answers, 0, batch_size=4)
+    n_exact, tree_positions[:] = sum(tree_positions), []
+    pruned = score_labels_constrained(model, prompts, answers, 0, batch_size=4, prune=True)
+    hook.remove()
+    assert 0 < sum(tree_positions) < n_exact == len(prompts) * 4  # tree: (10,), (20,), (42,), (10, 11)
+    assert torch.equal(pruned.argmax(-1), exact.argmax(-1))
+    winner = exact.argmax(-1, keepdim=True)
+    assert torch.allclose(pruned.gather(1, winner), exact.gather(1, winner), atol=1e-5)
+    assert (pruned <= pruned.gather(1, winner) + 1e-6).all()
+    assert torch.allclose(pruned.exp().sum(-1), torch.ones(len(prompts)), atol=1e-5)
+    skipped = ~torch.isclose(pruned, exact, atol=1e-5)
+    assert skipped.any() and not skipped.gather(1, winner).any()
+
+
 def test_constrained_scoring_through_predict(tiny_model, tiny_plain_model):
     from dataclasses import replace
 
@@ -159,9 +187,10 @@ def test_constrained_scoring_through_predict(tiny_model, tiny_plain_model):
 
     for path in (tiny_model, tiny_plain_model):
         tok, model, fmt, examples = _setup(path)
-        fmt = replace(fmt, label_scoring="constrained")
-        preds = predict(model, tok, fmt, examples, batch_size=2)
-        assert all(p in LABELS for p in preds.texts)
-        assert all(abs(sum(p.values()) - 1) < 1e-3 for p in preds.probabilities)
+        exact = predict(model, tok, replace(fmt, label_scoring="constrained"), examples, batch_size=2)
+        assert all(p in LABELS for p in exact.texts)
+        assert all(abs(sum(p.values()) - 1) < 1e-3 for p in exact.probabilities)
+        pruned = predict(model, tok, replace(fmt, label_scoring="constrained_pruned"), examples, batch_size=2)
+        assert pruned.texts == exact.texts
     cfg = TaskConfig(instruction="x", label_scoring="constrained")
     assert build_format(cfg, LABELS, load_tokenizer(tiny_model)).label_scoring == "constrained"

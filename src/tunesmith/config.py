@@ -34,8 +34,9 @@ class TaskConfig(_Strict):
     list_labels: bool | Literal["auto"] = "auto"
     max_length: int = Field(512, ge=16)
     # sequence: a label's score is the log-probability of all its tokens; constrained: the probability
-    # that decoding restricted to the label set produces it (many labels of several tokens: far faster).
-    label_scoring: Literal["sequence", "constrained"] = "sequence"
+    # that decoding restricted to the label set produces it (many labels of several tokens: far faster);
+    # constrained_pruned: the same argmax and winner's probability, label groups that cannot win skipped.
+    label_scoring: Literal["sequence", "constrained", "constrained_pruned"] = "sequence"
 
 
 PII_TYPES = ("email", "phone", "card", "iban", "ip")

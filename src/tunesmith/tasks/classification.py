@@ -6,7 +6,10 @@ The prompt is run once per example; its KV cache is shared by all candidate labe
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tunesmith.tasks.cache import (broadcast, cache_kwargs, cache_len, cache_tensors, common_prefix_len,
@@ -106,50 +109,101 @@ def _score_continuations(model, tensors, pairs, prompt_mask, label_ids, label_ma
 
 @torch.inference_mode()
 def score_labels_constrained(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int,
-                             batch_size: int = 16, progress: str | None = None) -> torch.Tensor:
+                             batch_size: int = 16, progress: str | None = None, prune: bool = False) -> torch.Tensor:
     """Log-probability of each label under decoding constrained to the label set (see label_trie).
 
-    Same arguments and (N, L) result as score_labels; each row's probabilities sum to one.
+    Same arguments and (N, L) result as score_labels; each row's probabilities sum to one. With
+    `prune`, label groups that cannot beat the best label are not run; their labels share the group's
+    probability evenly (each below the winner's), so the argmax and the winner's score stay exact.
     """
     dev = next(model.parameters()).device
     trie = LabelTrie.build(answers)
-    tree = tuple(t.to(dev) for t in trie.tree_inputs()) if trie.tree else None
+    tree = tuple(t.to(dev) for t in trie.tree_inputs())
     n_prefix = common_prefix_len(prompts)
     prefix = prefix_tensors(model, torch.tensor(prompts[0][:n_prefix], device=dev))
-    lm = unwrap(model)
-    head = lm.get_output_embeddings().weight                      # (V, H)
-    choice = trie.choice.to(dev)                                   # (L, C)
+    decoder = unwrap(model).get_decoder()
+    head = unwrap(model).get_output_embeddings().weight              # (V, H)
     scores = []
     with tqdm(total=len(prompts), desc=progress, unit="ex", disable=progress is None, dynamic_ncols=True) as bar:
         for start in range(0, len(prompts), batch_size):
             batch = [p[n_prefix:] for p in prompts[start:start + batch_size]]
-            last, tree_hidden = _tree_hidden(lm.get_decoder(), prefix, batch, tree, pad_id)
-            scores.append(node_log_probs(last, tree_hidden, trie, head) @ choice.T)   # (B, L)
+            mask, last, tensors = _prompt_forward(decoder, prefix, batch, pad_id)
+            expand = partial(_tree_forward, decoder, tensors, mask, tree)
+            scores.append(_expand_groups(trie, head, last, expand, prune))
             bar.update(len(batch))
     return torch.cat(scores).cpu()
 
 
-def _tree_hidden(decoder, prefix, prompts, tree, pad_id):
-    """(B, H) last prompt hidden states and (B, Q, H) hidden states of the label tree's tokens (or None).
-
-    The tree tokens follow the prompt in one forward; a 4D mask lets each see the prompt's real
-    tokens and its own ancestors only, and its position is the prompt length plus its depth.
-    """
+def _prompt_forward(decoder, prefix, prompts, pad_id):
+    """Attention mask (B, P+S), last prompt hidden states (B, H) and the per-layer KV tensors."""
     dev = decoder.get_input_embeddings().weight.device
     ids, mask = (t.to(dev) for t in left_pad(prompts, pad_id))   # (B, S)
     mask, positions = continue_after(cache_len(prefix), mask)       # (B, P+S), (B, S)
     extra = cache_kwargs(decoder, broadcast(prefix, len(prompts))) if prefix else {}
     out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
-    last = out.last_hidden_state[:, -1]                              # (B, H)
-    if tree is None:
-        return last, None
+    return mask, out.last_hidden_state[:, -1], cache_tensors(output_cache(out))
+
+
+def _expand_groups(trie: LabelTrie, head, last, expand, prune: bool) -> torch.Tensor:
+    """(B, L) constrained label scores, running the tree nodes of the groups that need it.
+
+    `expand(rows, idx)` returns the (R, Q', H) hidden states of tree nodes idx (R, Q'; -1 = none)
+    after the prompts of batch rows `rows`.
+    """
+    dev, n_b = last.device, last.shape[0]
+    hidden = last.new_zeros((n_b, trie.positions(), last.shape[-1]))                # (B, Q, H)
+    group = torch.tensor(trie.group_of, device=dev)                                # (L,)
+    members = torch.bincount(group, minlength=len(trie.group_nodes)).float()       # (G,)
+    empty = torch.tensor([not g for g in trie.group_nodes], device=dev)
+    done = empty.expand(n_b, -1).clone()                                           # (B, G) groups scored exactly
+    choice = trie.choice.to(dev)                                                   # (L, C)
+    scores, group_lp = _label_scores(trie, head, last, hidden, choice)
+    want = F.one_hot(group_lp.argmax(-1), len(members)).bool() if prune else torch.ones_like(done)
+    want &= ~done
+    while want.any():
+        rows = want.any(-1).nonzero().squeeze(-1)                                  # (R,)
+        idx = _pad_nodes([[i for g in want[r].nonzero().squeeze(-1).tolist() for i in trie.group_nodes[g]]
+                          for r in rows.tolist()], dev)                              # (R, Q')
+        states = expand(rows, idx)                                                  # (R, Q', H)
+        valid = idx >= 0
+        hidden[rows[:, None].expand_as(idx)[valid], idx[valid]] = states[valid].to(hidden.dtype)
+        done |= want
+        scores, group_lp = _label_scores(trie, head, last, hidden, choice)
+        best = scores.masked_fill(~done[:, group], float("-inf")).amax(-1, keepdim=True)  # (B, 1)
+        want = ~done & (group_lp > best)
+    return torch.where(done[:, group], scores, group_lp[:, group] - members[group].log())
+
+
+def _label_scores(trie, head, last, hidden, choice):
+    """(B, L) label scores from the tree states computed so far, and (B, G) group log-probabilities."""
+    nodes = node_log_probs(last, hidden, trie, head)                               # (B, C)
+    n_groups = len(trie.group_nodes)
+    group_lp = nodes[:, :n_groups] if trie.root_branches() else nodes.new_zeros((len(nodes), 1))
+    return nodes @ choice.T, group_lp
+
+
+def _pad_nodes(lists: list[list[int]], dev) -> torch.Tensor:
+    width = max(len(x) for x in lists)
+    return torch.tensor([x + [-1] * (width - len(x)) for x in lists], dtype=torch.long, device=dev)
+
+
+def _tree_forward(decoder, tensors, mask, tree, rows, idx):
+    """(R, Q', H) hidden states of tree nodes idx (R, Q'; -1 = padding) after the prompts of `rows`.
+
+    A 4D mask lets each node see its prompt's real tokens and its own ancestors only (padding sees
+    itself); its position is the prompt length plus its depth.
+    """
     tree_ids, depth, sees = tree                                     # (Q,), (Q,), (Q, Q)
-    n_b, n_q = len(prompts), len(tree_ids)
-    full = torch.cat([mask.bool()[:, None, :].expand(n_b, n_q, -1), sees.expand(n_b, n_q, n_q)], dim=2)
-    pos = mask.sum(-1, keepdim=True) + depth - 1                     # (B, Q)
-    step = decoder(input_ids=tree_ids.expand(n_b, n_q), attention_mask=_attention_4d(decoder, full[:, None]),
-                   position_ids=pos, use_cache=True, **cache_kwargs(decoder, output_cache(out)))
-    return last, step.last_hidden_state                             # (B, Q, H)
+    safe, valid = idx.clamp(min=0), idx >= 0                         # (R, Q')
+    width = idx.shape[1]
+    prompt = mask[rows].bool()                                       # (R, KV)
+    among = sees[safe[:, :, None], safe[:, None, :]] & valid[:, None, :]          # (R, Q', Q')
+    among |= torch.eye(width, dtype=torch.bool, device=idx.device)
+    full = torch.cat([prompt[:, None, :].expand(-1, width, -1), among], dim=2)    # (R, Q', KV+Q')
+    pos = prompt.sum(-1, keepdim=True) + depth[safe] - 1                           # (R, Q')
+    step = decoder(input_ids=tree_ids[safe], attention_mask=_attention_4d(decoder, full[:, None]),
+                   position_ids=pos, use_cache=True, **cache_kwargs(decoder, select_rows(tensors, rows)))
+    return step.last_hidden_state
 
 
 def _attention_4d(decoder, allowed: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,11 @@ the allowed next tokens. A label's probability is the product over the branching
 and the label probabilities sum to one. Only the tokens leading to branching nodes are run through
 the model, and the LM head is applied to the allowed tokens' rows only: for BANKING77's 77 labels
 (558 label tokens) that is 47 token positions per example instead of 1,309.
+
+Labels sharing a first token form a group, and a label's probability is at most its group's
+(the root's softmax). Pruned scoring expands a group only while its probability exceeds the best
+label probability found so far (the most probable group first), which keeps the argmax and the
+winner's probability exact and skips most of the tree for a confident model.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ class LabelTrie:
     tree: list[tuple[int, ...]]           # prefixes run through the model, parents before children
     where: list[int]                      # per branching node: tree index whose hidden state predicts it; root -1
     choice: torch.Tensor                  # (L, C) 1 where label l takes child c (C = all nodes' children, concatenated)
+    group_of: list[int]                   # per label: its group, the root child it starts with (0 if the root does not branch)
+    group_nodes: list[list[int]]          # per group: the tree indices under it (empty for a group of one label)
 
     @classmethod
     def build(cls, answers: list[list[int]]) -> LabelTrie:
@@ -53,7 +60,13 @@ class LabelTrie:
                 i = node_index.get(tuple(a[:k]))
                 if i is not None:
                     choice[lab, offsets[i] + children[i].index(a[k])] = 1.0
-        return cls(nodes, children, tree, where, choice)
+        root = children[0] if nodes and nodes[0] == () else None
+        group_of = [root.index(a[0]) if root else 0 for a in answers]
+        group_nodes = [[i for i, p in enumerate(tree) if p[0] == t] for t in root] if root else [list(range(len(tree)))]
+        return cls(nodes, children, tree, where, choice, group_of, group_nodes)
+
+    def root_branches(self) -> bool:
+        return bool(self.nodes) and self.nodes[0] == ()
 
     def positions(self) -> int:
         """Token positions run per example beyond the prompt."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -11,6 +12,11 @@ from tunesmith.data.examples import Example
 from tunesmith.tasks.classification import predict_labels, score_labels, score_labels_constrained
 from tunesmith.tasks.generation import generate
 from tunesmith.tasks.prompts import PromptFormat, encode_answer, encode_prompt
+
+
+# task.label_scoring -> scorer (see tasks/classification.py and tasks/label_trie.py)
+LABEL_SCORERS = {"sequence": score_labels, "constrained": score_labels_constrained,
+                 "constrained_pruned": partial(score_labels_constrained, prune=True)}
 
 
 @dataclass
@@ -47,8 +53,7 @@ def predict(model, tokenizer, fmt: PromptFormat, examples: list[Example], batch_
         with hardware.autocast(autocast, next(model.parameters()).device):
             if fmt.labels:
                 answers = [encode_answer(tokenizer, fmt, lab) for lab in fmt.labels]
-                scorer = score_labels_constrained if fmt.label_scoring == "constrained" else score_labels
-                scores = scorer(model, prompts, answers, tokenizer.pad_token_id, batch_size=batch_size,
+                scores = LABEL_SCORERS[fmt.label_scoring](model, prompts, answers, tokenizer.pad_token_id, batch_size=batch_size,
                                 progress=progress)
                 scores = scores[torch.tensor(inverse(order))]
                 return Predictions(*predict_labels(scores, fmt.labels))

@@ -22,8 +22,9 @@ class PromptFormat:
     max_length: int
     # Worked examples shown before the input ({"input", "output"}), chosen by prompt_optimization.
     shots: list[dict] = field(default_factory=list)
-    # How a label is scored: "sequence" (log-probability of all its tokens) or "constrained" (the
-    # probability that decoding restricted to the label set produces it; far fewer forwards).
+    # How a label is scored: "sequence" (log-probability of all its tokens), "constrained" (the
+    # probability that decoding restricted to the label set produces it; far fewer forwards) or
+    # "constrained_pruned" (constrained, skipping label groups that cannot win).
     label_scoring: str = "sequence"
 
     def system_text(self) -> str:
