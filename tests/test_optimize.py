@@ -127,13 +127,21 @@ def test_every_variant_is_built_measured_and_loadable(lora_run):
         assert preds[:3] and set(preds) <= {"alpha", "beta", "gamma"}
         delta = e["metrics"]["accuracy"] - fp32["metrics"]["accuracy"]
         assert e["quality_delta"] == pytest.approx(delta, abs=1e-6)
-        assert e["parity_ok"] == (e["name"] == "merged" or delta >= -0.02 - 1e-9)
+        assert e["parity_ok"] == (e["name"] in ("merged", "onnx") or delta >= -0.02 - 1e-9)
     sizes = {e["name"]: e["size_mb"] for e in entries}
     assert sizes["int8"] < sizes["merged"] and sizes["bf16"] <= 0.55 * sizes["merged"]
     assert sizes["int8_weights"] == pytest.approx(sizes["int8"], rel=0.01)
     by_name = {e["name"]: e for e in entries}
     assert by_name["distilled"]["student_layers"] == [1] and by_name["pruned_layers"]["layers"] == 1
     assert by_name["ct2"]["scheme"].startswith("CTranslate2") and 0 < sizes["ct2"] < sizes["merged"]
+    # The ONNX export computes the same function (checked like a merge); ORT int8 runs integer matmuls.
+    assert by_name["onnx"]["parity"] == "exact" and by_name["onnx"]["max_logit_diff"] < 1e-3
+    assert by_name["onnx"]["agreement"] == 1.0 and by_name["onnx"]["parity_ok"] and sizes["onnx"] > 0
+    import onnx
+
+    ops = {n: {node.op_type for node in onnx.load(str(run / f"variants/{n}/model.onnx")).graph.node}
+           for n in ("onnx", "onnx_int8")}
+    assert "MatMulInteger" in ops["onnx_int8"] and "MatMulInteger" not in ops["onnx"]
     optimize = json.loads((run / "optimize.json").read_text())
     assert optimize["selected"] in {e["name"] for e in entries if e["parity_ok"] and e["objective_met"]}
     assert "Inference variants" in (run / "report.html").read_text()
@@ -175,6 +183,31 @@ def test_ct2_scores_labels_as_the_torch_model_does(tiny_model, tmp_path):
     with torch.no_grad():
         hf = model.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=[], pad_token_id=tok.pad_token_id)
     assert generate_ct2(generator, tok, [prompts[1]], [5])[0][:5] == hf[0, ids.shape[1]:].tolist()[:5]
+
+
+def test_onnx_export_scores_and_generates_as_the_torch_model_does(tiny_model, tmp_path):
+    """ONNX Runtime on the export must give tunesmith's own label scores (both rules: the prompt and
+    the label tree in one call) and transformers' greedy continuation."""
+    from tunesmith.models.load import load_model, load_tokenizer
+    from tunesmith.optimize.ort import OrtDecoder, export, generate_ort, score_constrained, score_sequence
+    from tunesmith.tasks.classification import score_labels, score_labels_constrained
+
+    model, tok = load_model(tiny_model).eval(), load_tokenizer(tiny_model)
+    export(model, tmp_path)
+    lm = OrtDecoder(tmp_path)
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("red card", "a blue sky today", "green")]
+    answers = [tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+               for a in ("alpha", "alphabet", "beta", "gamma")]
+    with torch.no_grad():
+        sequence = score_labels(model, prompts, answers, tok.pad_token_id, batch_size=2)
+        constrained = score_labels_constrained(model, prompts, answers, tok.pad_token_id, batch_size=2)
+    assert torch.allclose(score_sequence(lm, prompts, answers, tok.pad_token_id, 2), sequence, atol=1e-4)
+    assert torch.allclose(score_constrained(lm, prompts, answers, tok.pad_token_id, 2), constrained, atol=1e-4)
+    ids = torch.tensor([prompts[1]])
+    with torch.no_grad():
+        hf = model.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=[], pad_token_id=tok.pad_token_id)
+    got = generate_ort(lm, tok, [prompts[1], prompts[0]], [5, 2])
+    assert got[0] == hf[0, ids.shape[1]:].tolist()[: len(got[0])] and len(got[0]) >= 1 and len(got[1]) <= 2
 
 
 def test_optimize_rejects_unknown_variants_and_unevaluated_runs(lora_run, tmp_path):

@@ -8,6 +8,7 @@
   `activations: none` into weight-only int8 layers (int8 weights, bf16/fp32 activations).
 - `minilm`: an all-MiniLM-L6-v2 encoder with a linear head over the labels (classification only).
 - `ct2`: a CTranslate2 model (int8), run by CTranslate2's own runtime (see ct2.py).
+- `onnx`: an ONNX graph of the decoder plus the LM head, run by ONNX Runtime, fp32 or int8 (see ort.py).
 
 Tokenizer files and `prompt.json` sit next to the weights, so a variant folder is self-contained.
 """
@@ -61,6 +62,10 @@ def load_variant(path: Path, max_new_tokens: int = 64) -> Predictor:
         from tunesmith.optimize.ct2 import load_ct2
 
         return load_ct2(path, max_new_tokens)
+    if meta["engine"] == "onnx":
+        from tunesmith.optimize.ort import load_ort
+
+        return load_ort(path, max_new_tokens)
     from tunesmith.models.load import load_model, load_tokenizer
 
     fmt = PromptFormat.from_json(fsio.read_json(path / "prompt.json"))

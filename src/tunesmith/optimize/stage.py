@@ -136,10 +136,10 @@ def _entry(project: Project, task_type: str, name: str, path: str, figures: dict
 
 
 def _check(name: str, entry: dict, cfg, higher_is_better: bool) -> bool:
-    """Parity for the merge (it must not change the model); a bounded quality loss for the rest."""
+    """Parity for a merge or an export (they must not change the model); a bounded quality loss for the rest."""
     if name == "fp32":
         return True
-    if name == "merged":
+    if entry.get("parity") == "exact":  # a merge or an export: it must not change the model
         return entry["agreement"] >= cfg.parity.min_agreement and entry["max_logit_diff"] <= cfg.parity.max_logit_diff
     loss = -entry["quality_delta"] if higher_is_better else entry["quality_delta"]
     return loss <= cfg.max_quality_drop + 1e-12
@@ -150,7 +150,7 @@ def _engine(path: Path) -> str:
     return fsio.read_json(meta)["engine"] if meta.is_file() else "run-model"
 
 
-WEIGHT_FILES = ("*.safetensors", "model.bin")  # model.bin: CTranslate2's own format (not a pickle)
+WEIGHT_FILES = ("*.safetensors", "model.bin", "*.onnx")  # model.bin: CTranslate2's own format (not a pickle)
 
 
 def _size_mb(path: Path, metrics: dict) -> float:

@@ -73,11 +73,16 @@ class LabelTrie:
         return len(self.tree)
 
     def tree_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(Q,) token ids, (Q,) depths (1 = first label token) and (Q, Q) ancestor-or-self mask."""
-        ids = torch.tensor([p[-1] for p in self.tree], dtype=torch.long)
-        depth = torch.tensor([len(p) for p in self.tree], dtype=torch.long)
-        sees = torch.tensor([[q == p[:len(q)] for q in self.tree] for p in self.tree], dtype=torch.bool)
-        return ids, depth, sees
+        return tree_inputs(self.tree)
+
+
+def tree_inputs(prefixes: list[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A token tree of label prefixes: (Q,) token ids, (Q,) depths (1 = first label token) and the
+    (Q, Q) ancestor-or-self mask (node p sees node q when q is a prefix of p)."""
+    ids = torch.tensor([p[-1] for p in prefixes], dtype=torch.long)
+    depth = torch.tensor([len(p) for p in prefixes], dtype=torch.long)
+    sees = torch.tensor([[q == p[:len(q)] for q in prefixes] for p in prefixes], dtype=torch.bool).reshape(len(prefixes), len(prefixes))
+    return ids, depth, sees
 
 
 def node_log_probs(hidden_last: torch.Tensor, tree_hidden: torch.Tensor | None, trie: LabelTrie,

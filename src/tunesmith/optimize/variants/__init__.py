@@ -19,6 +19,8 @@ VARIANTS: dict[str, str] = {
     "distilled": "tunesmith.optimize.variants.distilled",
     "distilled_minilm": "tunesmith.optimize.variants.distilled_minilm",
     "ct2": "tunesmith.optimize.variants.ct2",
+    "onnx": "tunesmith.optimize.variants.onnx",
+    "onnx_int8": "tunesmith.optimize.variants.onnx_int8",
 }
 
 # What `tunesmith optimize` builds when the config names nothing: every variant that needs no

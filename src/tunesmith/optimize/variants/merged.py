@@ -21,4 +21,4 @@ def build(source, cfg, out_dir: Path) -> dict:
     diff = max_logit_diff(source.model, merged, source.tokenizer, source.fmt,
                           source.splits.test[: cfg.parity.samples])
     save_hf(merged, source.tokenizer, source.fmt, out_dir)
-    return {"max_logit_diff": round(diff, 8)}
+    return {"parity": "exact", "max_logit_diff": round(diff, 8)}
