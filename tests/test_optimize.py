@@ -131,6 +131,8 @@ def test_every_variant_is_built_measured_and_loadable(lora_run):
     sizes = {e["name"]: e["size_mb"] for e in entries}
     assert sizes["int8"] < sizes["merged"] and sizes["bf16"] <= 0.55 * sizes["merged"]
     assert sizes["int8_weights"] == pytest.approx(sizes["int8"], rel=0.01)
+    assert sizes["int4_weights"] < sizes["int8_weights"]
+    assert json.loads((run / "variants/int4_weights/variant.json").read_text())["group_size"] == 32
     by_name = {e["name"]: e for e in entries}
     assert by_name["distilled"]["student_layers"] == [1] and by_name["pruned_layers"]["layers"] == 1
     assert by_name["ct2"]["scheme"].startswith("CTranslate2") and 0 < sizes["ct2"] < sizes["merged"]
@@ -142,6 +144,7 @@ def test_every_variant_is_built_measured_and_loadable(lora_run):
     ops = {n: {node.op_type for node in onnx.load(str(run / f"variants/{n}/model.onnx")).graph.node}
            for n in ("onnx", "onnx_int8")}
     assert "MatMulInteger" in ops["onnx_int8"] and "MatMulInteger" not in ops["onnx"]
+    assert by_name["onnx_int8"]["float_matmuls"] == 2  # the tiny model's two MLP output projections
     optimize = json.loads((run / "optimize.json").read_text())
     assert optimize["selected"] in {e["name"] for e in entries if e["parity_ok"] and e["objective_met"]}
     assert "Inference variants" in (run / "report.html").read_text()
@@ -159,6 +162,26 @@ def test_weight_only_int8_linear_matches_fp32():
         out = WeightOnlyInt8Linear(q, scale, layer.bias, dtype)(x)
         assert out.shape == (2, 5, 32) and out.dtype == torch.float32
         assert (out - layer(x)).abs().max() < tol * layer(x).abs().max()
+
+
+def test_weight_only_int4_linear_matches_fp32():
+    from tunesmith.optimize.engines import WeightOnlyInt4Linear, pack_nibbles, quantize_int4, unpack_nibbles
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 32)
+    x = torch.randn(2, 5, 64)
+    q, scale_zeros = quantize_int4(layer.weight, 32)
+    assert q.shape == (32, 64) and int(q.max()) <= 15 and scale_zeros.shape == (2, 32, 2)
+    assert torch.equal(unpack_nibbles(pack_nibbles(q)), q) and pack_nibbles(q).shape == (32, 32)
+    # The kernel's convention: weight ~ (q - 8) * scale + zero, within half a step of the grid.
+    scale, zero = scale_zeros[..., 0].T.repeat_interleave(32, 1), scale_zeros[..., 1].T.repeat_interleave(32, 1)
+    assert ((q.float() - 8) * scale + zero - layer.weight).abs().max() <= 0.5 * scale.max() + 1e-6
+    reference = x @ ((q.float() - 8) * scale + zero).T + layer.bias
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 0.03)):
+        out = WeightOnlyInt4Linear(q, scale_zeros, 32, layer.bias, dtype)(x)
+        assert out.shape == (2, 5, 32) and out.dtype == torch.float32
+        assert (out - reference).abs().max() < tol * reference.abs().max()
+        assert (out - layer(x)).abs().max() < 0.15 * layer(x).abs().max()
 
 
 def test_ct2_scores_labels_as_the_torch_model_does(tiny_model, tmp_path):

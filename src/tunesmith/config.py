@@ -302,6 +302,10 @@ class Int8Settings(_Strict):
     calibration_examples: int = Field(32, ge=1)      # training rows whose activations set the scales
 
 
+class Int4Settings(_Strict):
+    group_size: Literal[32, 64, 128, 256] = 32        # inputs sharing one scale and zero point (smaller: finer)
+
+
 class PruneSettings(_Strict):
     sparsity: float = Field(0.3, gt=0, lt=1)          # pruned: share of linear weights set to zero
     layers: float = Field(0.25, gt=0, lt=1)           # pruned_layers: share of decoder layers removed
@@ -329,6 +333,7 @@ class OptimizeConfig(_Strict):
     throughput_batch_size: int = Field(16, ge=1)
     parity: ParitySettings = Field(default_factory=ParitySettings)
     int8: Int8Settings = Field(default_factory=Int8Settings)
+    int4: Int4Settings = Field(default_factory=Int4Settings)
     prune: PruneSettings = Field(default_factory=PruneSettings)
     distill: DistillSettings = Field(default_factory=DistillSettings)
 

@@ -6,6 +6,8 @@
 - `hf-int8`: a Hugging Face config plus the decoder's linear weights as int8 with one scale per
   output channel; rebuilt into torch dynamic-quantized linear layers (int8 matmuls on CPU), or with
   `activations: none` into weight-only int8 layers (int8 weights, bf16/fp32 activations).
+- `hf-int4`: the same with int4 weights in groups of `group_size` inputs (two per byte), rebuilt into
+  weight-only int4 layers (torch's CPU int4-weight matmul).
 - `minilm`: an all-MiniLM-L6-v2 encoder with a linear head over the labels (classification only).
 - `ct2`: a CTranslate2 model (int8), run by CTranslate2's own runtime (see ct2.py).
 - `onnx`: an ONNX graph of the decoder plus the LM head, run by ONNX Runtime, fp32 or int8 (see ort.py).
@@ -69,7 +71,7 @@ def load_variant(path: Path, max_new_tokens: int = 64) -> Predictor:
     from tunesmith.models.load import load_model, load_tokenizer
 
     fmt = PromptFormat.from_json(fsio.read_json(path / "prompt.json"))
-    if meta["engine"] == "hf-int8":
+    if meta["engine"] in ("hf-int8", "hf-int4"):
         model = load_int8(path)
     else:
         model = load_model(path, dtype=getattr(torch, meta.get("dtype", "float32")))
@@ -155,15 +157,65 @@ class WeightOnlyInt8Linear(torch.nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
-def save_int8(model, tokenizer, fmt: PromptFormat, out_dir: Path, **meta) -> None:
-    """Config, fp32 non-linear weights and int8 linear weights + scales in one safetensors file."""
+class WeightOnlyInt4Linear(torch.nn.Module):
+    """Int4 weights in groups along the input (a scale and a zero point per group and output
+    channel) multiplied with bf16/fp32 activations by torch's CPU int4-weight matmul kernel: an
+    eighth of fp32's weight traffic, at the cost of a coarser weight grid."""
+
+    def __init__(self, q: torch.Tensor, scale_zeros: torch.Tensor, group: int, bias: torch.Tensor | None,
+                 dtype: torch.dtype):
+        super().__init__()
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale_zeros", scale_zeros.to(dtype).contiguous())
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        self.in_features, self.out_features, self.group, self.dtype = q.shape[1], q.shape[0], group, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., I) -> (..., O)
+        flat = x.reshape(-1, self.in_features).to(self.dtype)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scale_zeros)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def quantize_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 per group of `group` inputs: (uint8 (O, I) in 0..15, float32 (I/group, O, 2)
+    scale and zero), weight ~ (q - 8) * scale + zero (the kernel's convention)."""
+    out_f, in_f = weight.shape
+    w = weight.detach().float().reshape(out_f, in_f // group, group)         # (O, G, g)
+    low, high = w.amin(-1), w.amax(-1)                                      # (O, G)
+    scale = (high - low).clamp(min=1e-8) / 15
+    q = ((w - low[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8).reshape(out_f, in_f)
+    return q, torch.stack([scale, low + 8 * scale], dim=-1).transpose(0, 1).contiguous()
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(O, I) values 0..15 -> (O, I/2) bytes, two per byte (the file holds half a byte per weight)."""
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+def save_int8(model, tokenizer, fmt: PromptFormat, out_dir: Path, bits: int = 8, group_size: int = 32, **meta) -> None:
+    """Config, fp32 non-linear weights and quantized linear weights + scales in one safetensors file:
+    int8 per output channel, or (bits=4) int4 per group of `group_size` inputs, nibbles packed; a
+    layer whose input size the group does not divide stays fp32."""
     from safetensors.torch import save_file
 
     linears = quantizable_linears(model)
+    if bits == 4:
+        linears = {n: m for n, m in linears.items() if m.in_features % group_size == 0}
+        meta["group_size"] = group_size
     tensors = {}
     for name, layer in linears.items():
-        q, scale = quantize_weight(layer.weight)
-        tensors[f"{name}.weight_int8"], tensors[f"{name}.weight_scale"] = q, scale
+        if bits == 4:
+            q, scale = quantize_int4(layer.weight, group_size)
+            tensors[f"{name}.weight_int4"], tensors[f"{name}.weight_scale"] = pack_nibbles(q), scale
+        else:
+            tensors[f"{name}.weight_int8"], tensors[f"{name}.weight_scale"] = quantize_weight(layer.weight)
     skip = {f"{name}.weight" for name in linears}
     if model.config.tie_word_embeddings:
         skip.add("lm_head.weight")
@@ -172,10 +224,14 @@ def save_int8(model, tokenizer, fmt: PromptFormat, out_dir: Path, **meta) -> Non
             tensors[key] = value.detach().contiguous().clone()
     save_file(tensors, str(out_dir / "model.safetensors"))
     model.config.save_pretrained(str(out_dir))
-    _save_common(tokenizer, fmt, out_dir, engine="hf-int8", quantized=sorted(linears), **meta)
+    _save_common(tokenizer, fmt, out_dir, engine=f"hf-int{bits}", quantized=sorted(linears), **meta)
+
+
+QUANTIZED_SUFFIXES = (".weight_int8", ".weight_int4", ".weight_scale")
 
 
 def load_int8(path: Path):
+    """An `hf-int8` or `hf-int4` folder as a transformers model with quantized linear layers."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -184,20 +240,27 @@ def load_int8(path: Path):
     tensors = load_file(str(path / "model.safetensors"))
     meta = fsio.read_json(path / VARIANT_FILE)
     quantized = meta["quantized"]
-    plain = {k: v for k, v in tensors.items() if not k.endswith((".weight_int8", ".weight_scale"))}
+    plain = {k: v for k, v in tensors.items() if not k.endswith(QUANTIZED_SUFFIXES)}
     result = model.load_state_dict(plain, strict=False)
     expected_missing = {f"{name}.weight" for name in quantized} | {"lm_head.weight"}
     if set(result.missing_keys) - expected_missing or result.unexpected_keys:
-        raise ModelError(f"int8 variant weights do not match its config in {path}", "variant.json",
+        raise ModelError(f"quantized variant weights do not match its config in {path}", "variant.json",
                          "rebuild the variant with `tunesmith optimize`")
     model.tie_weights()
     compute = torch.bfloat16 if hardware.bf16_supported(torch.device("cpu")) else torch.float32
     for name in quantized:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        old = getattr(parent, child)
-        q, scale = tensors[f"{name}.weight_int8"], tensors[f"{name}.weight_scale"]
-        layer = dynamic_linear(q, scale, old.bias) if meta.get("activations", "dynamic") == "dynamic" else \
-            WeightOnlyInt8Linear(q, scale, old.bias, compute)
-        setattr(parent, child, layer)
+        setattr(parent, child, _quantized_layer(meta, tensors, name, getattr(parent, child).bias, compute))
     return model.eval()
+
+
+def _quantized_layer(meta: dict, tensors: dict, name: str, bias, compute: torch.dtype) -> torch.nn.Module:
+    scale = tensors[f"{name}.weight_scale"]
+    if meta["engine"] == "hf-int4":
+        q = unpack_nibbles(tensors[f"{name}.weight_int4"])
+        return WeightOnlyInt4Linear(q, scale, meta["group_size"], bias, compute)
+    q = tensors[f"{name}.weight_int8"]
+    if meta.get("activations", "dynamic") == "dynamic":
+        return dynamic_linear(q, scale, bias)
+    return WeightOnlyInt8Linear(q, scale, bias, compute)

@@ -13,6 +13,7 @@ VARIANTS: dict[str, str] = {
     "merged": "tunesmith.optimize.variants.merged",
     "int8": "tunesmith.optimize.variants.int8",
     "int8_weights": "tunesmith.optimize.variants.int8_weights",
+    "int4_weights": "tunesmith.optimize.variants.int4_weights",
     "bf16": "tunesmith.optimize.variants.bf16",
     "pruned": "tunesmith.optimize.variants.pruned",
     "pruned_layers": "tunesmith.optimize.variants.pruned_layers",
