@@ -131,9 +131,16 @@ def test_every_variant_is_built_measured_and_loadable(lora_run):
     sizes = {e["name"]: e["size_mb"] for e in entries}
     assert sizes["int8"] < sizes["merged"] and sizes["bf16"] <= 0.55 * sizes["merged"]
     assert sizes["int8_weights"] == pytest.approx(sizes["int8"], rel=0.01)
-    assert sizes["int4_weights"] < sizes["int8_weights"]
+    from safetensors.torch import load_file
+
+    def quantized_bytes(name: str) -> int:
+        tensors = load_file(str(run / f"variants/{name}/model.safetensors"))
+        return sum(t.numel() for k, t in tensors.items() if k.endswith((".weight_int8", ".weight_int4")))
+    assert quantized_bytes("int4_weights") * 2 == quantized_bytes("int8_weights")  # two weights per byte
     assert json.loads((run / "variants/int4_weights/variant.json").read_text())["group_size"] == 32
     by_name = {e["name"]: e for e in entries}
+    # The LoRA change rides next to the int4 base, exactly (its rank is at most the adapter's).
+    assert by_name["int4_weights"]["adapter_kept"] and by_name["int4_weights"]["delta_error"] < 1e-4
     assert by_name["distilled"]["student_layers"] == [1] and by_name["pruned_layers"]["layers"] == 1
     assert by_name["ct2"]["scheme"].startswith("CTranslate2") and 0 < sizes["ct2"] < sizes["merged"]
     # The ONNX export computes the same function (checked like a merge); ORT int8 runs integer matmuls.
@@ -182,6 +189,20 @@ def test_weight_only_int4_linear_matches_fp32():
         assert out.shape == (2, 5, 32) and out.dtype == torch.float32
         assert (out - reference).abs().max() < tol * reference.abs().max()
         assert (out - layer(x)).abs().max() < 0.15 * layer(x).abs().max()
+
+
+def test_low_rank_recovers_a_lora_update_and_the_int4_layer_adds_it():
+    from tunesmith.optimize.engines import WeightOnlyInt4Linear, low_rank, quantize_int4
+
+    torch.manual_seed(0)
+    base, a, b = torch.randn(48, 64), torch.randn(4, 64), torch.randn(48, 4)
+    up, down, error = low_rank(b @ a * 0.01)
+    assert up.shape == (48, 4) and down.shape == (4, 64) and error < 1e-5
+    x = torch.randn(3, 64)
+    q, sz = quantize_int4(base, 32)
+    plain = WeightOnlyInt4Linear(q, sz, 32, None, torch.float32)(x)
+    adapted = WeightOnlyInt4Linear(q, sz, 32, None, torch.float32, (up, down))(x)
+    assert torch.allclose(adapted - plain, x @ (b @ a * 0.01).T, atol=1e-4)
 
 
 def test_ct2_scores_labels_as_the_torch_model_does(tiny_model, tmp_path):

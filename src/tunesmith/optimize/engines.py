@@ -163,17 +163,24 @@ class WeightOnlyInt4Linear(torch.nn.Module):
     eighth of fp32's weight traffic, at the cost of a coarser weight grid."""
 
     def __init__(self, q: torch.Tensor, scale_zeros: torch.Tensor, group: int, bias: torch.Tensor | None,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, delta: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
         self.register_buffer("packed", packed)
         self.register_buffer("scale_zeros", scale_zeros.to(dtype).contiguous())
+        # The fine-tuned change to the weight, (O, k) @ (k, I), kept in float: an int4 step is far
+        # coarser than what a LoRA update adds, so rounding the merged weight would erase it.
+        self.delta = None if delta is None else tuple(torch.nn.Parameter(t.to(dtype), requires_grad=False)
+                                                      for t in delta)
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().to(dtype), requires_grad=False)
         self.in_features, self.out_features, self.group, self.dtype = q.shape[1], q.shape[0], group, dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., I) -> (..., O)
         flat = x.reshape(-1, self.in_features).to(self.dtype)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scale_zeros)
+        if self.delta is not None:
+            up, down = self.delta
+            out = out + (flat @ down.T) @ up.T                                # (M, k) -> (M, O)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -190,6 +197,16 @@ def quantize_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch
     return q, torch.stack([scale, low + 8 * scale], dim=-1).transpose(0, 1).contiguous()
 
 
+def low_rank(delta: torch.Tensor, max_rank: int = 64) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(up (O, k), down (k, I), relative error) with up @ down ~ delta: its numerical rank, at most
+    `max_rank` (a LoRA update of rank r comes back exactly at k <= r)."""
+    u, s, vh = torch.linalg.svd(delta.detach().float(), full_matrices=False)
+    k = max(1, min(max_rank, int((s > s[0] * 1e-5).sum())))
+    up, down = u[:, :k] * s[:k], vh[:k]
+    error = float((up @ down - delta).norm() / delta.norm().clamp(min=1e-12))
+    return up.contiguous(), down.contiguous(), error
+
+
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     """(O, I) values 0..15 -> (O, I/2) bytes, two per byte (the file holds half a byte per weight)."""
     return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
@@ -199,10 +216,13 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
 
 
-def save_int8(model, tokenizer, fmt: PromptFormat, out_dir: Path, bits: int = 8, group_size: int = 32, **meta) -> None:
+def save_int8(model, tokenizer, fmt: PromptFormat, out_dir: Path, bits: int = 8, group_size: int = 32,
+              base_weights: dict[str, torch.Tensor] | None = None, **meta) -> None:
     """Config, fp32 non-linear weights and quantized linear weights + scales in one safetensors file:
     int8 per output channel, or (bits=4) int4 per group of `group_size` inputs, nibbles packed; a
-    layer whose input size the group does not divide stays fp32."""
+    layer whose input size the group does not divide stays fp32. With `base_weights` (int4: the
+    weights before fine-tuning, by layer name) the base is quantized and the change kept low-rank
+    in fp32 (`.delta_up`, `.delta_down`)."""
     from safetensors.torch import save_file
 
     linears = quantizable_linears(model)
@@ -212,8 +232,13 @@ def save_int8(model, tokenizer, fmt: PromptFormat, out_dir: Path, bits: int = 8,
     tensors = {}
     for name, layer in linears.items():
         if bits == 4:
-            q, scale = quantize_int4(layer.weight, group_size)
+            base = (base_weights or {}).get(name, layer.weight)
+            q, scale = quantize_int4(base, group_size)
             tensors[f"{name}.weight_int4"], tensors[f"{name}.weight_scale"] = pack_nibbles(q), scale
+            if base is not layer.weight:
+                up, down, error = low_rank(layer.weight.detach() - base.detach())
+                tensors[f"{name}.delta_up"], tensors[f"{name}.delta_down"] = up, down
+                meta["delta_error"] = max(meta.get("delta_error", 0.0), round(error, 8))
         else:
             tensors[f"{name}.weight_int8"], tensors[f"{name}.weight_scale"] = quantize_weight(layer.weight)
     skip = {f"{name}.weight" for name in linears}
@@ -227,7 +252,7 @@ def save_int8(model, tokenizer, fmt: PromptFormat, out_dir: Path, bits: int = 8,
     _save_common(tokenizer, fmt, out_dir, engine=f"hf-int{bits}", quantized=sorted(linears), **meta)
 
 
-QUANTIZED_SUFFIXES = (".weight_int8", ".weight_int4", ".weight_scale")
+QUANTIZED_SUFFIXES = (".weight_int8", ".weight_int4", ".weight_scale", ".delta_up", ".delta_down")
 
 
 def load_int8(path: Path):
@@ -259,7 +284,8 @@ def _quantized_layer(meta: dict, tensors: dict, name: str, bias, compute: torch.
     scale = tensors[f"{name}.weight_scale"]
     if meta["engine"] == "hf-int4":
         q = unpack_nibbles(tensors[f"{name}.weight_int4"])
-        return WeightOnlyInt4Linear(q, scale, meta["group_size"], bias, compute)
+        delta = (tensors[f"{name}.delta_up"], tensors[f"{name}.delta_down"]) if f"{name}.delta_up" in tensors else None
+        return WeightOnlyInt4Linear(q, scale, meta["group_size"], bias, compute, delta)
     q = tensors[f"{name}.weight_int8"]
     if meta.get("activations", "dynamic") == "dynamic":
         return dynamic_linear(q, scale, bias)
