@@ -4,7 +4,6 @@ Needs the `ctranslate2` package and an architecture it converts (Llama, Mistral,
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -19,15 +18,12 @@ def build(source, cfg, out_dir: Path) -> dict:
     if not ct2.available():
         raise NotApplicable("CTranslate2 is not installed (pip install ctranslate2)")
     model, notes = smoothed(source, cfg.int8)
-    staging = Path(tempfile.mkdtemp(prefix="tunesmith-ct2-"))
-    try:
-        model.save_pretrained(str(staging), safe_serialization=True)
-        source.tokenizer.save_pretrained(str(staging))
+    with tempfile.TemporaryDirectory(prefix="tunesmith-ct2-") as staging:  # the converter reads a checkpoint
+        model.save_pretrained(staging, safe_serialization=True)
+        source.tokenizer.save_pretrained(staging)
         try:
-            ct2.convert(staging, out_dir)
+            ct2.convert(Path(staging), out_dir)
         except ValueError as e:  # no converter for this architecture
             raise NotApplicable(f"CTranslate2 cannot convert this model: {e}") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     _save_common(source.tokenizer, source.fmt, out_dir, engine="ct2", quantization="int8")
     return {"scheme": "CTranslate2 int8 weights and matmuls", **notes}

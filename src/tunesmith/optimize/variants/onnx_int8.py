@@ -21,13 +21,10 @@ def build(source, cfg, out_dir: Path) -> dict:
     if not ort.available():
         raise NotApplicable("ONNX Runtime is not installed (pip install onnx onnxruntime)")
     model, notes = smoothed(source, cfg.int8)
-    staging = Path(tempfile.mkdtemp(prefix="tunesmith-onnx-"))
-    try:
-        exported(model, staging)
-        kept = ort.quantize(staging / ort.GRAPH, out_dir / ort.GRAPH)
-        shutil.copy(staging / ort.HEAD, out_dir / ort.HEAD)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="tunesmith-onnx-") as tmp:  # the fp32 export, quantized from
+        exported(model, Path(tmp))
+        kept = ort.quantize(Path(tmp) / ort.GRAPH, out_dir / ort.GRAPH)
+        shutil.copy(Path(tmp) / ort.HEAD, out_dir / ort.HEAD)
     _save_common(source.tokenizer, source.fmt, out_dir, engine="onnx", quantization="int8")
     return {"scheme": "ONNX Runtime dynamic int8 (int8 weight matmuls, uint8 activations per call)",
             "float_matmuls": len(kept), **notes}
