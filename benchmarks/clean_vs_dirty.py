@@ -5,10 +5,11 @@ same dirty data with cleaning on, both evaluated on the same test file. Prints b
 `--label-noise` picks what cleaning does with suspected label errors (remove, relabel or report);
 `--equal-steps` trains the cleaned set for as many optimizer steps as the dirty run took, which
 separates the effect of cleaner rows from the effect of fewer rows at a fixed number of epochs;
-`--keep-duplicates` cleans without deduplication, to measure what removing repeats costs.
+`--keep-duplicates` cleans without deduplication, to measure what removing repeats costs;
+`--exact-dedup-only` keeps exact deduplication and drops near deduplication.
 
     python benchmarks/clean_vs_dirty.py [--per-kind 20] [--seeds 1] [--label-noise relabel] [--equal-steps]
-                                       [--keep-duplicates]
+                                       [--keep-duplicates | --exact-dedup-only]
 """
 
 from __future__ import annotations
@@ -32,10 +33,14 @@ from tunesmith.data.normalize import dedup_text  # noqa: E402
 QUICKSTART = ROOT / "examples" / "quickstart"
 
 
+DEDUP = {"both": "", "exact": "    near_dedup: {enabled: false}\n",
+         "none": "    exact_dedup: false\n    near_dedup: {enabled: false}\n"}
+
+
 def project(folder: Path, clean: bool, seed: int, label_noise: str, max_steps: int | None,
-            keep_duplicates: bool = False) -> Path:
+            dedup_mode: str = "both") -> Path:
     text = (QUICKSTART / "project.yaml").read_text(encoding="utf-8")
-    dedup = "    exact_dedup: false\n    near_dedup: {enabled: false}\n" if keep_duplicates else ""
+    dedup = DEDUP[dedup_mode]
     text = text.replace("  validation: 0.1\n", "  validation: 0.1\n" + (
         f"  clean:\n    label_noise: {{action: {label_noise}}}\n{dedup}" if clean else "  clean: {enabled: false}\n"))
     steps = f"  max_steps: {max_steps}\n" if max_steps else ""
@@ -74,6 +79,8 @@ def main() -> None:
                     help="train the cleaned set for as many steps as the dirty run took")
     ap.add_argument("--keep-duplicates", action="store_true",
                     help="clean without exact and near deduplication (PII, decontamination, label noise only)")
+    ap.add_argument("--exact-dedup-only", action="store_true",
+                    help="clean with exact deduplication but without near deduplication")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep or Path(tmp)
@@ -91,8 +98,8 @@ def main() -> None:
         for seed in range(args.seeds):
             steps = None
             for name in ("dirty", "clean"):
-                config = project(folder, name == "clean", args.first_seed + seed, args.label_noise, steps,
-                                 args.keep_duplicates)
+                mode = "none" if args.keep_duplicates else "exact" if args.exact_dedup_only else "both"
+                config = project(folder, name == "clean", args.first_seed + seed, args.label_noise, steps, mode)
                 result = run(config, folder / f"run-{name}-{seed}", leaked)
                 if args.equal_steps:
                     steps = result["steps"]
