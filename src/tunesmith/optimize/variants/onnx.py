@@ -2,7 +2,8 @@
 
 It must compute what the model computes: the largest logit difference on test prompts is checked
 like a merge's (`optimize.parity`). Needs the `onnx` and `onnxruntime` packages and a decoder laid
-out as embeddings, rotary embedding, layers and a final norm (Llama, Mistral, Qwen, SmolLM, ...).
+out as embeddings, rotary embedding, layers and a final norm (measured on Llama-architecture models;
+another architecture with this layout is offered only if the parity check passes).
 """
 
 from __future__ import annotations
