@@ -13,7 +13,7 @@ from tunesmith.data import minhash
 from tunesmith.data.augment import augment, char_noise, eda, oversample
 from tunesmith.data.clean import Curation
 from tunesmith.data.decontaminate import contaminated
-from tunesmith.data.dedup import exact_duplicates, near_duplicates, semantic_duplicates
+from tunesmith.data.dedup import assign_duplicates, exact_duplicates, near_duplicates, semantic_duplicates, shingle_jaccard
 from tunesmith.data.examples import Example
 from tunesmith.data.normalize import dedup_text, normalize_text
 from tunesmith.data.pii import find_pii, iban_ok, luhn_ok, redact
@@ -111,6 +111,32 @@ def test_exact_and_near_duplicates_keep_the_first_row():
     near = near_duplicates(texts, threshold=0.7, ngram=3, skip={1})
     assert [(d.index, d.of, d.kind) for d in near] == [(3, 2, "near_duplicate")]
     assert near[0].similarity >= 0.7
+
+
+def test_near_duplicates_do_not_chain_and_report_the_pair_similarity():
+    # A ~ B and B ~ C reach the threshold, A ~ C does not: B goes (a duplicate of A), C stays,
+    # because its only similar row was removed and nothing kept is within the threshold of it.
+    a, b, c = "Where is my new card", "Where is my new card I ordered", "Where is my new card I ordered last week"
+    fold = [dedup_text(t) for t in (a, b, c)]
+    assert shingle_jaccard(fold[0], fold[1], 3) >= 0.6 and shingle_jaccard(fold[1], fold[2], 3) >= 0.6
+    assert shingle_jaccard(fold[0], fold[2], 3) < 0.6
+    found = near_duplicates([a, b, c], threshold=0.6, ngram=3)
+    assert [(d.index, d.of) for d in found] == [(1, 0)]
+    # The similarity is the exact Jaccard of that pair's shingles, not a MinHash estimate.
+    assert found[0].similarity == round(shingle_jaccard(fold[0], fold[1], 3), 4) == 0.6667
+
+
+def test_duplicates_attach_to_the_most_similar_kept_row():
+    links = [(0, 2, 0.8), (1, 2, 0.9), (0, 1, 0.75), (2, 3, 0.95)]
+    # 1 is a duplicate of 0; 2 is linked to 0 (kept) and 1 (removed): it goes as a duplicate of 0;
+    # 3 is linked only to 2, which was removed, so it stays.
+    assert [(d.index, d.of, d.similarity) for d in assign_duplicates(links, "near_duplicate")] == [(1, 0, 0.75), (2, 0, 0.8)]
+
+
+def test_shingle_jaccard_counts_byte_ngrams():
+    assert shingle_jaccard("abcd", "abcd", 3) == 1.0
+    assert shingle_jaccard("abcd", "abce", 3) == 1 / 3          # {abc, bcd} vs {abc, bce}
+    assert shingle_jaccard("ab", "ab", 3) == 1.0                # shorter than n: one padded shingle
 
 
 def test_semantic_duplicates_cluster_on_cosine():
