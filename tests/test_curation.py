@@ -192,6 +192,23 @@ def test_similar_rows_with_different_labels_are_kept_and_reported():
     assert cur.conflicts[0]["kind"] == "near_duplicate"
 
 
+@pytest.mark.parametrize("action", ["remove", "report"])
+def test_near_duplicates_are_removed_or_only_reported(action):
+    rows = [_ex("My card has not arrived yet, where is it?", "card", 2), _ex("How do I change my PIN?", "pin", 3),
+            _ex("My card has not arived yet, where is it?", "card", 4)]
+    cur = Curation(CleanConfig(near_dedup={"action": action, "threshold": 0.7}, label_noise={"enabled": False}))
+    kept = cur.clean_rows("train", rows)
+    report = cur.report()
+    if action == "remove":
+        assert [e.line for e in kept] == [2, 3] and [r["line"] for r in cur.removed] == [4]
+        assert report["removed_by_reason"] == {"near_duplicate": 1} and not report["kept_duplicates"]
+    else:
+        assert kept == rows and not cur.removed
+        assert report["kept_duplicates_by_kind"] == {"near_duplicate": 1}
+        pair = report["kept_duplicates"][0]
+        assert [r["line"] for r in pair["rows"]] == [2, 4] and pair["similarity"] >= 0.7
+
+
 def test_label_noise_ranks_flipped_rows_first():
     from tunesmith.data.label_noise import find_suspects
 

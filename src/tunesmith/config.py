@@ -51,6 +51,8 @@ class NormalizeSettings(_Strict):
 
 class NearDedupSettings(_Strict):
     enabled: bool = True
+    # remove: drop each near duplicate (logged in removed.jsonl); report: keep it, list the pair in report.json.
+    action: Literal["remove", "report"] = "remove"
     threshold: float = Field(0.7, gt=0.0, le=1.0)       # estimated Jaccard of character shingles
     num_perm: int = Field(128, ge=16, le=1024)
     ngram: int | Literal["auto"] = "auto"                # auto: 3 for short texts, 5 for long ones
@@ -59,6 +61,7 @@ class NearDedupSettings(_Strict):
 class SemanticDedupSettings(_Strict):
     # Off by default: on short texts a cosine this high also joins genuine paraphrases, which help training.
     enabled: bool = False
+    action: Literal["remove", "report"] = "remove"
     threshold: float = Field(0.95, gt=0.0, le=1.0)      # cosine of all-MiniLM-L6-v2 embeddings
 
 

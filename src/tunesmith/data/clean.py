@@ -19,7 +19,7 @@ from tunesmith.data.examples import Example
 from tunesmith.data.normalize import normalize_text
 
 
-# Conflicting-duplicate pairs listed in report.json (all are counted).
+# Conflicting and kept duplicate pairs listed in report.json (all are counted).
 MAX_LISTED = 1000
 
 
@@ -34,6 +34,7 @@ class Curation:
     changes: list[dict] = field(default_factory=list)
     suspects: list[dict] = field(default_factory=list)
     conflicts: list[dict] = field(default_factory=list)
+    kept_duplicates: list[dict] = field(default_factory=list)   # found with action: report
     steps: list[dict] = field(default_factory=list)
     pii_counts: Counter = field(default_factory=Counter)
     _vectors: dict = field(default_factory=dict, repr=False)
@@ -53,10 +54,11 @@ class Curation:
         if self.cfg.near_dedup.enabled and role == "train" and len(rows) > 1:
             near = self.cfg.near_dedup
             rows = self._step(role, "near_dedup", rows, lambda r: self._dedup(r, dedup.near_duplicates(
-                [self._text(e) for e in r], near.threshold, near.num_perm, near.ngram)))
-        if self.cfg.semantic_dedup.enabled and role == "train" and len(rows) > 1:
+                [self._text(e) for e in r], near.threshold, near.num_perm, near.ngram), near.action))
+        sem = self.cfg.semantic_dedup
+        if sem.enabled and role == "train" and len(rows) > 1:
             rows = self._step(role, "semantic_dedup", rows, lambda r: self._dedup(r, dedup.semantic_duplicates(
-                self.vectors([self._text(e) for e in r]), self.cfg.semantic_dedup.threshold)))
+                self.vectors([self._text(e) for e in r]), sem.threshold), sem.action))
         if self.cfg.pii.enabled:
             rows = self._step(role, "pii", rows, self._pii)
         return rows
@@ -126,7 +128,9 @@ class Curation:
                 "changes_by_kind": dict(sorted(changed.items())), "pii_found": dict(sorted(self.pii_counts.items())),
                 "pii_not_checked": self._not_checked(),
                 "suspected_label_errors": len(self.suspects), "conflicting_duplicates_total": len(self.conflicts),
-                "conflicting_duplicates": self.conflicts[:MAX_LISTED]}
+                "conflicting_duplicates": self.conflicts[:MAX_LISTED],
+                "kept_duplicates_by_kind": dict(sorted(Counter(d["kind"] for d in self.kept_duplicates).items())),
+                "kept_duplicates": self.kept_duplicates[:MAX_LISTED]}
 
     def _not_checked(self) -> list[str]:
         pii = self.cfg.pii
@@ -172,15 +176,18 @@ class Curation:
                 out.append(e)
         return out
 
-    def _dedup(self, rows: list[Example], found: list[dedup.Duplicate]) -> list[Example]:
+    def _dedup(self, rows: list[Example], found: list[dedup.Duplicate], action: str = "remove") -> list[Example]:
         drop = set()
         for d in found:
             row, kept = rows[d.index], rows[d.of]
+            pair = {"kind": d.kind, "similarity": d.similarity,
+                    "rows": [_where(kept) | {"label": kept.target}, _where(row) | {"label": row.target}]}
             if row.target != kept.target and d.kind != "exact_duplicate":
                 # Similar texts with different labels are often deliberate contrasts: keep both, report.
-                self.conflicts.append({"kind": d.kind, "similarity": d.similarity,
-                                       "rows": [_where(kept) | {"label": kept.target},
-                                                _where(row) | {"label": row.target}]})
+                self.conflicts.append(pair)
+                continue
+            if action == "report":
+                self.kept_duplicates.append(pair)
                 continue
             reason = d.kind if row.target == kept.target else "exact_duplicate_conflicting_label"
             self._remove(row, reason, duplicate_of=_where(kept), similarity=d.similarity)

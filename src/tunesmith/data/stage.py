@@ -99,6 +99,9 @@ def summary(splits: Splits, out: Path | None) -> list[str]:
     if cur.get("conflicting_duplicates_total"):
         lines.append(f"similar rows with different labels: {cur['conflicting_duplicates_total']} pairs, kept "
                      "(see report.json)")
+    if cur.get("kept_duplicates_by_kind"):
+        lines.append("duplicates found and kept (action: report): "
+                     + ", ".join(f"{k} {v}" for k, v in cur["kept_duplicates_by_kind"].items()) + " (see report.json)")
     if cur.get("suspected_label_errors"):
         lines.append(f"suspected label errors: {cur['suspected_label_errors']}"
                      + (f" (see {Path(out) / 'suspects.jsonl'})" if out else ""))
