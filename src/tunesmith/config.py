@@ -53,7 +53,7 @@ class NearDedupSettings(_Strict):
     enabled: bool = True
     # remove: drop each near duplicate (logged in removed.jsonl); report: keep it, list the pair in report.json.
     action: Literal["remove", "report"] = "remove"
-    threshold: float = Field(0.7, gt=0.0, le=1.0)       # estimated Jaccard of character shingles
+    threshold: float = Field(0.7, gt=0.0, le=1.0)       # Jaccard of character shingles (checked exactly)
     num_perm: int = Field(128, ge=16, le=1024)
     ngram: int | Literal["auto"] = "auto"                # auto: 3 for short texts, 5 for long ones
 
