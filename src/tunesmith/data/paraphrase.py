@@ -7,6 +7,7 @@ from tqdm.auto import tqdm
 
 from tunesmith.models.load import load_model, load_tokenizer
 from tunesmith.models.resolve import resolve_model
+from tunesmith.models.tokens import encode_chat, text_ids
 from tunesmith.tasks.classification import left_pad
 from tunesmith.tasks.generation import stop_ids
 
@@ -25,7 +26,7 @@ def paraphrase_with_model(model_name: str, texts: list[str], n: int, seed: int =
     for start in tqdm(range(0, len(texts), batch_size), desc="paraphrase", unit="batch", disable=not progress):
         chunk = texts[start:start + batch_size]
         ids, mask = left_pad([_prompt_ids(tokenizer, t) for t in chunk], tokenizer.pad_token_id)
-        longest = max(len(tokenizer(t)["input_ids"]) for t in chunk)
+        longest = max(len(text_ids(tokenizer, t)) for t in chunk)
         gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.9, top_p=0.95,
                              num_return_sequences=n, max_new_tokens=2 * longest + 8, eos_token_id=stop,
                              pad_token_id=tokenizer.pad_token_id)
@@ -35,9 +36,8 @@ def paraphrase_with_model(model_name: str, texts: list[str], n: int, seed: int =
 
 
 def _prompt_ids(tokenizer, text: str) -> list[int]:
+    # The row's text is literal: a control-token string in the training data stays text.
     message = PROMPT.format(text=text)
     if tokenizer.chat_template:
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
-                                                 add_generation_prompt=True)
-        return tokenizer(rendered, add_special_tokens=False)["input_ids"]
-    return tokenizer(message + "\n\nRewritten: ")["input_ids"]
+        return encode_chat(tokenizer, [{"role": "user", "content": message}])
+    return tokenizer(message + "\n\nRewritten: ", split_special_tokens=True)["input_ids"]

@@ -82,18 +82,18 @@ def _endpoint_asker(cfg: JudgeConfig) -> Ask:
 def _local_asker(cfg: JudgeConfig) -> Ask:
     from tunesmith.models.load import load_model, load_tokenizer
     from tunesmith.models.resolve import resolve_model
+    from tunesmith.models.tokens import encode_chat, text_ids
     from tunesmith.tasks.generation import generate
 
     path = resolve_model(cfg.model)
     tokenizer, model = load_tokenizer(path), load_model(path).eval()
 
     def ask(prompt: str) -> str:
+        # The prompt quotes model answers and references: literal text, never control tokens.
         if tokenizer.chat_template:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                 add_generation_prompt=True)
+            ids = encode_chat(tokenizer, [{"role": "user", "content": prompt}])
         else:
-            text = prompt + "\n"
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = text_ids(tokenizer, prompt + "\n")
         return generate(model, tokenizer, [ids], max_new_tokens=16)[0]
     return ask
 

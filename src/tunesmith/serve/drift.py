@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from tunesmith import fsio
+from tunesmith.models.tokens import text_ids
 
 EPS = 1e-4
 
@@ -158,12 +159,12 @@ def _recommend(signals: dict) -> dict:
 
 def _token_set(run_dir: Path, texts: list[str]) -> set[int]:
     tok = _tokenizer(str(run_dir))
-    return {i for t in texts for i in tok(t, add_special_tokens=False)["input_ids"]}
+    return {i for t in texts for i in text_ids(tok, t)}
 
 
 def _unknown_rate(run_dir: Path, texts: list[str], seen: set[int]) -> float:
     tok = _tokenizer(str(run_dir))
-    ids = [i for t in texts for i in tok(t, add_special_tokens=False)["input_ids"]]
+    ids = [i for t in texts for i in text_ids(tok, t)]
     return sum(i not in seen for i in ids) / max(len(ids), 1)
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
 from tunesmith.data.examples import Example
+from tunesmith.models.tokens import UserText, text_ids
 
 # Used when a tokenizer has no chat template (base models, tiny test models).
 PLAIN_TEMPLATE = "{system}\n\n{shots}Input: {input}\nOutput:"
@@ -83,7 +85,9 @@ def answer_suffix(tokenizer, fmt: PromptFormat, answer: str) -> str:
 
 
 def encode_answer(tokenizer, fmt: PromptFormat, answer: str) -> list[int]:
-    return tokenizer(answer_suffix(tokenizer, fmt, answer), add_special_tokens=False)["input_ids"]
+    """Token ids of the answer suffix; the answer (a label from the data) is literal text."""
+    user = UserText(tokenizer)
+    return user.encode(answer_suffix(tokenizer, _marked_format(fmt, user), user.mark(answer)))
 
 
 def encode_prompt(tokenizer, fmt: PromptFormat, ex: Example, budget: int) -> tuple[list[int], bool]:
@@ -91,15 +95,32 @@ def encode_prompt(tokenizer, fmt: PromptFormat, ex: Example, budget: int) -> tup
 
     Returns the ids and whether the input was truncated.
     """
-    ids = _ids(tokenizer, render_prompt(tokenizer, fmt, ex))
+    ids = _encode_rendered(tokenizer, fmt, ex)
     if len(ids) <= budget:
         return ids, False
     over = len(ids) - budget
-    input_ids = _ids(tokenizer, ex.input)
+    input_ids = text_ids(tokenizer, ex.input)
     keep = max(1, len(input_ids) - over - 2)
     cut = Example(tokenizer.decode(input_ids[:keep]), ex.target, ex.source, _cut_last_user(ex, input_ids, keep, tokenizer))
-    ids = _ids(tokenizer, render_prompt(tokenizer, fmt, cut))
+    ids = _encode_rendered(tokenizer, fmt, cut)
     return ids[-budget:] if len(ids) > budget else ids, True
+
+
+def _encode_rendered(tokenizer, fmt: PromptFormat, ex: Example) -> list[int]:
+    """The prompt's token ids, with every user-supplied string (input, chat turns, worked examples,
+    labels, instruction) tokenized as literal text, never as control tokens (models/tokens.py)."""
+    user = UserText(tokenizer)
+    messages = None if ex.messages is None else [{**m, "content": user.mark(m["content"])} for m in ex.messages]
+    marked = dataclasses.replace(ex, input=user.mark(ex.input), messages=messages)
+    return user.encode(render_prompt(tokenizer, _marked_format(fmt, user), marked))
+
+
+def _marked_format(fmt: PromptFormat, user: UserText) -> PromptFormat:
+    """`fmt` with its user-supplied strings marked for literal tokenization."""
+    return dataclasses.replace(
+        fmt, instruction=user.mark(fmt.instruction),
+        labels=None if fmt.labels is None else [user.mark(lab) for lab in fmt.labels],
+        shots=[{k: user.mark(v) for k, v in shot.items()} for shot in fmt.shots])
 
 
 def _cut_last_user(ex: Example, input_ids: list[int], keep: int, tokenizer) -> list[dict] | None:
@@ -113,17 +134,12 @@ def _cut_last_user(ex: Example, input_ids: list[int], keep: int, tokenizer) -> l
     return messages
 
 
-def _ids(tokenizer, text: str) -> list[int]:
-    # Chat templates already contain any BOS they need.
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def build_format(task, labels: list[str] | None, tokenizer) -> PromptFormat:
     """Decide on the prompt format for a task; the label list goes in when it fits the context."""
     list_labels = bool(labels)
     if labels and task.list_labels == "auto":
         listing = "Answer with one of: " + ", ".join(labels) + "."
-        list_labels = len(_ids(tokenizer, listing)) <= task.max_length // 3
+        list_labels = len(text_ids(tokenizer, listing)) <= task.max_length // 3
     elif labels:
         list_labels = bool(task.list_labels)
     return PromptFormat(task.type, task.instruction, labels, list_labels, task.max_length,
