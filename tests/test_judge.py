@@ -59,7 +59,8 @@ def test_endpoint_judge_scores_and_pairs(monkeypatch):
     url, seen, server = _serve(_fair)
     monkeypatch.setenv("JUDGE_KEY", "sekret")
     try:
-        cfg = JudgeConfig(enabled=True, endpoint=url, model="grader", api_key_env="JUDGE_KEY")
+        cfg = JudgeConfig(enabled=True, endpoint=url, model="grader", api_key_env="JUDGE_KEY",
+                          allowed_env=["JUDGE_KEY"])
         result = judge_answers(make_asker(cfg), cfg.rubric, QUESTIONS, REFS, BASE, TUNED)
     finally:
         server.shutdown()

@@ -487,7 +487,9 @@ def human_export(run_dir: Path = typer.Argument(..., help="an evaluated run dire
                                                         "the baseline"),
                  out: Optional[Path] = typer.Option(None, "--out", help="folder (default RUN_DIR/human)"),
                  n: Optional[int] = typer.Option(None, "--n", help="at most this many pairs"),
-                 seed: int = typer.Option(0, "--seed"), debug: bool = DEBUG) -> None:
+                 seed: Optional[int] = typer.Option(None, "--seed", help="blinding seed (default: a random "
+                                                    "one, recorded in key.json)"),
+                 debug: bool = DEBUG) -> None:
     """Write blinded, shuffled A/B pairs as pairs.csv and a rating form (form.html), plus key.json."""
     def go() -> int:
         from tunesmith.evaluate.human import export_pairs

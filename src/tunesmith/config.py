@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import ipaddress
 import typing
+import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
@@ -256,6 +258,10 @@ class JudgeConfig(_Strict):
     endpoint: str | None = None          # OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1
     model: str | None = None             # the endpoint's model name, or a local model when no endpoint
     api_key_env: str | None = "OPENAI_API_KEY"
+    # Variables api_key_env may name besides *_API_KEY ones: a config must not be able to send any
+    # secret in the environment (AWS_SECRET_ACCESS_KEY, ...) to an endpoint it chooses.
+    allowed_env: list[str] = Field(default_factory=list)
+    allow_insecure: bool = False         # allow a plain http:// endpoint that is not on loopback
     rubric: str = ("You are an impartial grader. Judge each answer first on whether it agrees with the "
                    "reference answer, then on clarity and concision.")
     mode: Literal["single", "pairwise", "both"] = "both"
@@ -267,6 +273,37 @@ class JudgeConfig(_Strict):
         if self.enabled and not (self.endpoint or self.model):
             raise ValueError("give eval.judge.endpoint (OpenAI-compatible URL) or eval.judge.model (a local model)")
         return self
+
+    @model_validator(mode="after")
+    def _key_variable_is_allowed(self) -> JudgeConfig:
+        name = self.api_key_env
+        if name and not (name.endswith("_API_KEY") or name in self.allowed_env):
+            raise _KeyedError(("eval", "judge", "api_key_env"), f"'{name}' is not an API-key variable: only "
+                              "names ending in _API_KEY or listed in eval.judge.allowed_env may be sent to the judge")
+        return self
+
+    @model_validator(mode="after")
+    def _endpoint_is_safe(self) -> JudgeConfig:
+        if not self.endpoint:
+            return self
+        url = urllib.parse.urlsplit(self.endpoint)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise _KeyedError(("eval", "judge", "endpoint"), f"'{self.endpoint}' is not an http(s) URL")
+        if url.scheme == "http" and not self.allow_insecure and not _is_loopback(url.hostname):
+            raise _KeyedError(("eval", "judge", "endpoint"), "a plain http:// judge (the key and the test "
+                              "data travel unencrypted) is allowed only on loopback; use https:// or set "
+                              "eval.judge.allow_insecure: true")
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or ::1 (a name other than localhost is not trusted to resolve there)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class HarnessConfig(_Strict):

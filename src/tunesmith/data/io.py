@@ -11,6 +11,8 @@ from typing import Any
 
 from tunesmith.errors import DataError
 
+# Far deeper than any data format needs (chat rows are 3 levels deep); deeper rows are refused.
+MAX_NESTING = 64
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 
 
@@ -69,11 +71,39 @@ def _read_jsonl(path: Path) -> ReadResult:
                 continue
             if not text.strip():
                 continue
-            try:
-                out.rows.append(Row(json.loads(text), str(path), lineno))
-            except json.JSONDecodeError as e:
-                out.problems.append(RowProblem(str(path), lineno, f"invalid JSON: {e.msg} (column {e.colno})"))
+            record, reason = _parse_json_line(text)
+            if reason:
+                out.problems.append(RowProblem(str(path), lineno, reason))
+            else:
+                out.rows.append(Row(record, str(path), lineno))
     return out
+
+
+def _parse_json_line(text: str) -> tuple[Any, str | None]:
+    """(record, None), or (None, why the line is not a usable record)."""
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        return None, f"invalid JSON: {e.msg} (column {e.colno})"
+    except RecursionError:
+        return None, f"JSON nested too deeply (more than {MAX_NESTING} levels)"
+    if _depth(record) > MAX_NESTING:
+        # Parsed, but so deep that later recursive code (copying, json.dumps) would overflow the stack.
+        return None, f"JSON nested too deeply (more than {MAX_NESTING} levels)"
+    return record, None
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of lists and dicts, walked without recursion (the value may be very deep)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict):
+            node = list(node.values())
+        if isinstance(node, list):
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in node)
+    return deepest
 
 
 def _read_csv(path: Path) -> ReadResult:

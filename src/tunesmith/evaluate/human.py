@@ -6,15 +6,21 @@ which and is not shown to raters. `import_ratings` reads one ratings CSV per rat
 rater, choice with choice in A, B, tie), unblinds them with the key and reports, per rater and
 pooled, how often system 1 (the fine-tuned model) wins, ties and loses with Wilson 95% intervals,
 plus inter-rater agreement: Cohen's kappa for two raters, Fleiss' kappa for more.
+
+Every cell that a spreadsheet would read as a formula (it starts with = + - @, a tab or a carriage
+return: OWASP's CSV-injection list) is written with a leading single quote; the import strips it again.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import html
 import io
+import json
 import math
 import random
+import secrets
 from collections import Counter
 from pathlib import Path
 
@@ -22,6 +28,8 @@ from tunesmith import fsio
 from tunesmith.errors import DataError, RunDirError
 
 CHOICES = ("A", "B", "tie")
+# A spreadsheet starts a formula at these; "'" is included so that escaping can be undone exactly.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
 OUTCOMES = ("win", "tie", "loss")  # from system 1's side
 
 
@@ -47,9 +55,15 @@ def _predictions(run_dir: Path) -> list[dict]:
     return fsio.read_jsonl(path)
 
 
-def export_pairs(run_dir: Path, out: Path, against: Path | None = None, n: int | None = None, seed: int = 0) -> Path:
-    """Write pairs.csv, form.html and key.json under `out`; returns `out`."""
+def export_pairs(run_dir: Path, out: Path, against: Path | None = None, n: int | None = None,
+                 seed: int | None = None) -> Path:
+    """Write pairs.csv, form.html and key.json under `out`; returns `out`.
+
+    Without `seed`, the order and sides come from a fresh random seed (recorded in key.json), so no
+    one can rebuild the blinding from a known default.
+    """
     pairs, one, two = load_answers(run_dir, against)
+    seed = secrets.randbits(63) if seed is None else seed
     rng = random.Random(seed)
     rng.shuffle(pairs)
     pairs = pairs[:n] if n else pairs
@@ -62,13 +76,24 @@ def export_pairs(run_dir: Path, out: Path, against: Path | None = None, n: int |
         a, b = (p["two"], p["one"]) if swap else (p["one"], p["two"])
         blinded.append({"id": pid, "prompt": p["prompt"], "response_a": a, "response_b": b})
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["id", "prompt", "response_a", "response_b"])
+    writer = csv.DictWriter(buf, fieldnames=["id", "prompt", "response_a", "response_b"], quoting=csv.QUOTE_ALL)
     writer.writeheader()
-    writer.writerows(blinded)
+    writer.writerows({k: escape_cell(v) for k, v in row.items()} for row in blinded)
     fsio.write_text(out / "pairs.csv", buf.getvalue())
     fsio.write_text(out / "form.html", _form(blinded))
-    fsio.write_json(out / "key.json", {"one": one, "two": two, "pairs": key})
+    fsio.write_json(out / "key.json", {"one": one, "two": two, "seed": seed, "pairs": key})
     return out
+
+
+def escape_cell(value) -> str:
+    """The cell as text that a spreadsheet shows literally: a leading ' before = + - @ tab CR (or ')."""
+    value = str(value)
+    return "'" + value if value.startswith(_FORMULA_START) else value
+
+
+def unescape_cell(value: str) -> str:
+    """Undo `escape_cell`; a value it did not escape comes back unchanged."""
+    return value[1:] if value[:1] == "'" and value[1:2] and value[1] in _FORMULA_START else value
 
 
 def _form(pairs: list[dict]) -> str:
@@ -82,7 +107,7 @@ def _form(pairs: list[dict]) -> str:
     script = """
 function save(){const rater=document.getElementById('rater').value.trim();
  if(!rater){alert('Enter your name first');return;}
- const esc=s=>'"'+String(s).replace(/"/g,'""')+'"';
+ const esc=s=>{s=String(s);if(/^[=+\\-@\\t\\r']/.test(s))s="'"+s;return '"'+s.replace(/"/g,'""')+'"';};
  let rows=['id,rater,choice'];let missing=0;
  document.querySelectorAll('fieldset').forEach(f=>{const c=f.querySelector('input:checked');
   if(c){rows.push([f.dataset.id,esc(rater),c.value].join(','));}else{missing++;}});
@@ -103,25 +128,84 @@ function save(){const rater=document.getElementById('rater').value.trim();
 
 
 def read_ratings(path: Path) -> list[dict]:
-    """Rows {id, rater, choice} of one ratings CSV; bad rows are errors naming file:line."""
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = {"id", "rater", "choice"} - set(reader.fieldnames or [])
-        if missing:
-            raise DataError(f"ratings file lacks column(s) {', '.join(sorted(missing))}", str(path), 1,
-                            "use the file the rating form saves (id,rater,choice)")
-        rows = []
+    """Rows {id, rater, choice} of one ratings CSV; bad rows are errors naming file:line.
+
+    Reads what spreadsheets save too: a UTF-8 byte-order mark, Windows-1252 or UTF-16 text, `;` or tab
+    separators, escaped cells (see `escape_cell`), blank rows, and choices in any letter case.
+    """
+    text = _decode(Path(path), "ratings file")
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=_delimiter(text))
+    reader.fieldnames = [unescape_cell(c.strip()).lower() for c in reader.fieldnames or []]
+    missing = {"id", "rater", "choice"} - set(reader.fieldnames)
+    if missing:
+        raise DataError(f"ratings file lacks column(s) {', '.join(sorted(missing))}", str(path), 1,
+                        "use the file the rating form saves (id,rater,choice)")
+    rows = []
+    try:
         for row in reader:
-            if row["choice"] not in CHOICES:
-                raise DataError(f"choice '{row['choice']}' is not one of A, B, tie", str(path), reader.line_num,
+            cells = {k: unescape_cell((row.get(k) or "").strip()) for k in ("id", "rater", "choice")}
+            if not any(cells.values()):
+                continue  # a spreadsheet's empty trailing row
+            choice = {c.lower(): c for c in CHOICES}.get(cells["choice"].lower())
+            if choice is None:
+                raise DataError(f"choice '{cells['choice']}' is not one of A, B, tie", str(path), reader.line_num,
                                 "fix the row")
-            rows.append({"id": row["id"], "rater": row["rater"].strip(), "choice": row["choice"]})
+            rows.append({"id": cells["id"], "rater": cells["rater"], "choice": choice})
+    except csv.Error as e:
+        raise DataError(f"malformed CSV: {e}", str(path), reader.line_num, "fix the row") from None
     return rows
+
+
+def _decode(path: Path, what: str) -> str:
+    """The file's text: UTF-8 (with or without BOM), UTF-16 with BOM, else Windows-1252 (what a
+    spreadsheet on Windows saves as plain "CSV")."""
+    if not path.is_file():
+        raise DataError(f"{what} not found", str(path), None, "check the path")
+    raw = path.read_bytes()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return raw.decode("utf-16")
+        except UnicodeDecodeError:
+            raise DataError(f"{what} is not valid UTF-16 text", str(path), None, "save it as CSV UTF-8") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        first_bad = e.start
+    try:
+        return raw.decode("cp1252")
+    except UnicodeDecodeError:
+        line = raw[:first_bad].count(b"\n") + 1
+        raise DataError(f"{what} is neither UTF-8 nor Windows-1252 text (byte {first_bad})", str(path), line,
+                        "save it as CSV UTF-8") from None
+
+
+def _delimiter(text: str) -> str:
+    """`,` unless the header row is clearly separated by `;` (spreadsheets in many locales) or tabs."""
+    header = text.split("\n", 1)[0]
+    counts = {d: header.count(d) for d in (",", ";", "\t")}
+    return max(counts, key=counts.get) if max(counts.values()) else ","
+
+
+def read_key(key_path: Path) -> dict:
+    """The key.json `human export` wrote; a missing or damaged one is an error naming it."""
+    text = _decode(Path(key_path), "key file")
+    try:
+        key = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise DataError(f"key file is not valid JSON ({getattr(e, 'msg', 'nested too deeply')})", str(key_path),
+                        getattr(e, "lineno", None), "pass the key.json that `tunesmith human export` wrote") from None
+    if not isinstance(key, dict) or not {"one", "two", "pairs"} <= set(key) or not isinstance(key["pairs"], dict):
+        raise DataError("key file lacks 'one', 'two' or 'pairs'", str(key_path), None,
+                        "pass the key.json that `tunesmith human export` wrote")
+    return key
 
 
 def import_ratings(key_path: Path, rating_files: list[Path]) -> dict:
     """Win/tie/loss of system one per rater and pooled, with Wilson intervals, and agreement."""
-    key = fsio.read_json(key_path)
+    key = read_key(key_path)
+    for path in rating_files:  # every file is checked before any is used, so a typo fails fast
+        if not Path(path).is_file():
+            raise DataError("ratings file not found", str(path), None, "check the path")
     by_rater: dict[str, dict[str, str]] = {}
     for path in rating_files:
         for row in read_ratings(path):

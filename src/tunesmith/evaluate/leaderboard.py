@@ -58,18 +58,20 @@ def plot(entries: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for e in entries:
-        if e["value"] is None:
-            continue
-        lo, hi = e["gain_ci"]
-        err = [[e["gain"] - lo], [hi - e["gain"]]] if None not in (lo, hi, e["gain"]) else None
-        ax.errorbar(e["train_seconds"] or 0, e["value"], yerr=err, fmt="o", capsize=3)
-        ax.annotate(e["method"], (e["train_seconds"] or 0, e["value"]), fontsize=8, xytext=(4, 4),
-                    textcoords="offset points")
-    ax.set(xlabel="training seconds", ylabel=entries[0]["metric"], title="Techniques: quality vs training time")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    # Method and metric names are user text: `$` and `\` must show as typed, not start mathtext/LaTeX.
+    with plt.rc_context({"text.parse_math": False, "text.usetex": False}):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for e in entries:
+            if e["value"] is None:
+                continue
+            lo, hi = e["gain_ci"]
+            err = [[e["gain"] - lo], [hi - e["gain"]]] if None not in (lo, hi, e["gain"]) else None
+            ax.errorbar(e["train_seconds"] or 0, e["value"], yerr=err, fmt="o", capsize=3)
+            ax.annotate(e["method"], (e["train_seconds"] or 0, e["value"]), fontsize=8, xytext=(4, 4),
+                        textcoords="offset points")
+        ax.set(xlabel="training seconds", ylabel=entries[0]["metric"], title="Techniques: quality vs training time")
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
 
 
 def write(entries: list[dict], out_dir: Path) -> None:

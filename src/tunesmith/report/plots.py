@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import base64
+import functools
 import io
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+# Labels, group names and run names come from user data: `$` or `\` in them must show as typed, not
+# start mathtext (which garbles them or raises on an unmatched `$`) or LaTeX.
+LITERAL_TEXT = {"text.parse_math": False, "text.usetex": False}
+
+
+def _literal(plot):
+    """Build (and render) the figure with every text drawn literally."""
+    @functools.wraps(plot)
+    def wrapper(*args, **kwargs):
+        with plt.rc_context(LITERAL_TEXT):
+            return plot(*args, **kwargs)
+    return wrapper
 
 
 def _png(fig) -> str:
@@ -18,6 +32,7 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+@_literal
 def training_curves(steps: list[dict], evals: list[dict], metric: str, flags: list[dict] = (),
                     best_step: int | None = None) -> str | None:
     """Training loss per step with validation loss and metric per evaluation; overfitting flags
@@ -41,6 +56,7 @@ def training_curves(steps: list[dict], evals: list[dict], metric: str, flags: li
     return _png(fig)
 
 
+@_literal
 def curves_of_runs(logs: dict[str, list[dict]], metric: str) -> str | None:
     """Training loss per step and validation metric per evaluation, one line per run."""
     if not any(logs.values()):
@@ -58,6 +74,7 @@ def curves_of_runs(logs: dict[str, list[dict]], metric: str) -> str | None:
     return _png(fig)
 
 
+@_literal
 def confusion(matrix: list[list[int]], labels: list[str], title: str) -> str:
     n = len(labels)
     size = min(12, 3 + 0.35 * n)
@@ -75,6 +92,7 @@ def confusion(matrix: list[list[int]], labels: list[str], title: str) -> str:
     return _png(fig)
 
 
+@_literal
 def metric_bars(baseline: dict, finetuned: dict, names: list[str], legend: tuple[str, str] = ("baseline", "fine-tuned")) -> str:
     fig, ax = plt.subplots(figsize=(6, 3))
     x = range(len(names))
@@ -88,6 +106,7 @@ def metric_bars(baseline: dict, finetuned: dict, names: list[str], legend: tuple
     return _png(fig)
 
 
+@_literal
 def data_profile(splits: dict) -> str:
     """Label distribution (when labels exist) and text-length histogram per split, side by side."""
     with_labels = any("label_counts" in s for s in splits.values())
@@ -119,6 +138,7 @@ def data_profile(splits: dict) -> str:
     return _png(fig)
 
 
+@_literal
 def reliability(calibration: dict) -> str:
     """Accuracy against confidence per bin for baseline and fine-tuned; the diagonal is perfect calibration."""
     fig, ax = plt.subplots(figsize=(4.6, 4))
@@ -131,6 +151,7 @@ def reliability(calibration: dict) -> str:
     return _png(fig)
 
 
+@_literal
 def per_class_f1(per_class: dict) -> str:
     """Horizontal bars of each label's F1, worst first, with its support."""
     rows = sorted(per_class.items(), key=lambda kv: kv[1]["f1"])
@@ -142,6 +163,7 @@ def per_class_f1(per_class: dict) -> str:
     return _png(fig)
 
 
+@_literal
 def latency_histogram(samples: dict) -> str:
     """Per-example latency at batch 1, baseline and fine-tuned."""
     fig, ax = plt.subplots(figsize=(5, 3))
@@ -153,6 +175,7 @@ def latency_histogram(samples: dict) -> str:
     return _png(fig)
 
 
+@_literal
 def quality_vs_latency(variants: list[dict], metric: str) -> str:
     """Each variant's objective metric against its p50 latency at batch 1; offered variants filled."""
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
@@ -170,6 +193,7 @@ def quality_vs_latency(variants: list[dict], metric: str) -> str:
     return _png(fig)
 
 
+@_literal
 def group_rates(groups: dict, attribute: str, label: str) -> str:
     """Selection rate, TPR and FPR per group (n in brackets) for one attribute and label of interest."""
     names = sorted(groups, key=lambda g: -groups[g]["n"])[:25]
