@@ -26,6 +26,8 @@ app.add_typer(runs_app, name="runs")
 DEBUG = typer.Option(False, "--debug", help="Show the Python traceback on errors.")
 OUT = typer.Option(None, "--out", help="Run directory to create (default: runs/<name>/<run-id>/ beside the config).")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+OVERWRITE = typer.Option(False, "--overwrite",
+                         help="Replace an earlier run in --out (never a folder that is not a run).")
 
 
 def _guarded(debug: bool, fn: Callable[[], int], details: bool = False) -> None:
@@ -71,6 +73,13 @@ def quiet_libraries() -> None:
 
 
 def _print_summary(summary: dict) -> None:
+    failed = summary.get("failed")
+    if failed:
+        print(f"the {failed['stage']} stage failed: {failed['error']}")
+        print("  rerun: " + " then ".join(failed["rerun"]))
+    if "objective" not in summary:  # eval never finished: no verdict to show
+        print(f"run directory: {summary['run_dir']}")
+        return
     objective = summary["objective"]
     print(f"objective {'MET' if objective['met'] else 'NOT MET'}")
     for c in objective["criteria"]:
@@ -89,13 +98,13 @@ def _print_summary(summary: dict) -> None:
 
 @app.command()
 def run(config: Path = typer.Argument(..., help="project.yaml"), out: Optional[Path] = OUT,
-        quiet: bool = QUIET, debug: bool = DEBUG) -> None:
+        overwrite: bool = OVERWRITE, quiet: bool = QUIET, debug: bool = DEBUG) -> None:
     """Run every stage: data, train, eval, verdict, report. Exit 0 objective met, 3 not met."""
     def go() -> int:
         from tunesmith import pipeline
         from tunesmith.config import load_config
 
-        summary = pipeline.run(load_config(config), out, progress=not quiet, keep_failed=debug)
+        summary = pipeline.run(load_config(config), out, progress=not quiet, keep_failed=debug, overwrite=overwrite)
         _print_summary(summary)
         return pipeline.exit_code(summary)
     _guarded(debug, go)
@@ -104,7 +113,7 @@ def run(config: Path = typer.Argument(..., help="project.yaml"), out: Optional[P
 @app.command()
 def train(config: Optional[Path] = typer.Argument(None, help="project.yaml"), out: Optional[Path] = OUT,
           resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run's training."),
-          quiet: bool = QUIET, debug: bool = DEBUG) -> None:
+          overwrite: bool = OVERWRITE, quiet: bool = QUIET, debug: bool = DEBUG) -> None:
     """Curate the data and fine-tune; evaluate later with `tunesmith eval RUN_DIR`."""
     def go() -> int:
         from tunesmith import pipeline
@@ -117,7 +126,8 @@ def train(config: Optional[Path] = typer.Argument(None, help="project.yaml"), ou
         if resume is not None:
             run_dir = pipeline.resume_training(resume, progress=not quiet, keep_failed=debug)
         else:
-            run_dir = pipeline.train_only(load_config(config), out, progress=not quiet, keep_failed=debug)
+            run_dir = pipeline.train_only(load_config(config), out, progress=not quiet, keep_failed=debug,
+                                          overwrite=overwrite)
         print(f"run directory: {run_dir}")
         return 0
     _guarded(debug, go)
@@ -156,13 +166,13 @@ def report(run_dir: Optional[Path] = typer.Argument(None, help="an evaluated run
             a, b = find_run(compare[0]), find_run(compare[1])
             print(f"report: {compare_report(a, b, out or b / f'compare_{a.name}.html')}")
             return 0
-        from tunesmith.report.build import report_stage
+        from tunesmith.pipeline import report_run
 
         if run_dir is None:
             raise InputError("give a run directory, or --compare A B", "RUN_DIR")
         if not (run_dir / "summary.json").is_file():
             raise RunDirError("no summary.json: the run has not been evaluated", str(run_dir), "run `tunesmith eval` first")
-        print(f"report: {report_stage(run_dir)}")
+        print(f"report: {report_run(run_dir)}")
         return 0
     _guarded(debug, go)
 
@@ -259,7 +269,7 @@ def runs_show(run: str = typer.Argument(..., help="run id or run directory"), de
         from tunesmith import fsio
         from tunesmith.runs import find_run
 
-        _print_summary(fsio.read_json(find_run(run) / "summary.json"))
+        _print_summary(fsio.read_json(find_run(run, evaluated=False) / "summary.json"))
         return 0
     _guarded(debug, go)
 
@@ -296,7 +306,7 @@ def compare_command(config: Path = typer.Argument(..., help="project.yaml"),
                     methods: str = typer.Option("lora,full,prompt_tuning,prompt_optimization", "--methods",
                                                 help="Comma-separated methods to train and compare."),
                     out: Path = typer.Option(..., "--out", help="Folder for one run per method and compare.json."),
-                    quiet: bool = QUIET, debug: bool = DEBUG) -> None:
+                    overwrite: bool = OVERWRITE, quiet: bool = QUIET, debug: bool = DEBUG) -> None:
     """Bake-off: train each method on the same splits and budget; print and plot a leaderboard."""
     def go() -> int:
         from tunesmith import pipeline
@@ -304,7 +314,7 @@ def compare_command(config: Path = typer.Argument(..., help="project.yaml"),
         from tunesmith.evaluate.leaderboard import table
 
         names = [m.strip() for m in methods.split(",") if m.strip()]
-        ranked = pipeline.compare_methods(load_config(config), names, out, progress=not quiet)
+        ranked = pipeline.compare_methods(load_config(config), names, out, progress=not quiet, overwrite=overwrite)
         print(table(ranked))
         print(f"leaderboard: {out / 'compare.json'}, plot: {out / 'compare.png'}")
         return 0
@@ -315,14 +325,14 @@ def compare_command(config: Path = typer.Argument(..., help="project.yaml"),
 def tune_command(config: Path = typer.Argument(..., help="project.yaml"),
                  trials: int = typer.Option(8, "--trials", min=1, help="Trials in the study (the first is the config as written)."),
                  out: Path = typer.Option(..., "--out", help="Folder for study.sqlite, trial logs and the best run."),
-                 quiet: bool = QUIET, debug: bool = DEBUG) -> None:
+                 overwrite: bool = OVERWRITE, quiet: bool = QUIET, debug: bool = DEBUG) -> None:
     """Hyperparameter search (Optuna TPE, pruning on the validation metric); the best trial becomes a run."""
     def go() -> int:
         from tunesmith import pipeline
         from tunesmith.config import load_config
         from tunesmith.tune import tune
 
-        result = tune(load_config(config), trials, out, progress=not quiet)
+        result = tune(load_config(config), trials, out, progress=not quiet, overwrite=overwrite)
         for t in result["trials"]:
             value = "pruned" if t["value"] is None else f"{t['value']:.4f}"
             print(f"trial {t['number']:>3} {t['state']:<9} {value:>8}  {t['params']}")

@@ -58,3 +58,12 @@ class ParityError(TunesmithError):
 class EngineError(TunesmithError):
     """The engine behind the server (an upstream vLLM) failed or does not answer: HTTP 502 to a
     client, exit 1 from the command."""
+
+
+class StageError(TunesmithError):
+    """A stage after training failed; the run directory was kept with what finished. Exit 1 (130 when
+    the stage was interrupted)."""
+
+    def __init__(self, what: str, where: str | None = None, hint: str | None = None, exit_code: int = 1):
+        super().__init__(what, where, hint)
+        self.exit_code = exit_code

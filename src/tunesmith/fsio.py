@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -16,24 +16,40 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_lines(path: Path, pieces: Iterable[str]) -> None:
-    """Write the pieces in order, streamed, through a temp file in the same folder and a rename."""
+    """Write the pieces in order, streamed, through a temp file in the same folder and a rename.
+
+    The file is fsynced before the rename and its folder after it, so after a crash the path holds
+    either the old or the new content, never an empty or partial file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    # os.open with mode 0o666 lets the process umask decide the final mode, as open() would.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.writelines(pieces)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def fsync_dir(folder: Path) -> None:
+    """Make renames and creations inside `folder` durable."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # a platform that cannot open folders (Windows) has nothing to sync
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder; the rename itself still happened
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -59,16 +75,28 @@ def read_jsonl(path: Path, missing_ok: bool = False) -> list[dict]:
 
 
 def replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished folder `src` onto `dst`, replacing what was there."""
+    """Move a finished folder `src` onto `dst`, replacing what was there.
+
+    The old `dst` is renamed aside first and renamed back if moving `src` in fails, so `dst` is never
+    lost: a crash between the two renames leaves it whole in `.<dst>.old-<pid>` beside it.
+    """
     src, dst = Path(src), Path(dst)
-    if dst.exists():
-        trash = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, trash)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if not dst.exists():
         os.replace(src, dst)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        dst.parent.mkdir(parents=True, exist_ok=True)
+        fsync_dir(dst.parent)
+        return
+    aside = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    if aside.exists():  # left by an earlier crash of a process with this pid: never overwrite it
+        aside = dst.with_name(f".{dst.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+    os.replace(dst, aside)
+    try:
         os.replace(src, dst)
+    except BaseException:
+        os.replace(aside, dst)
+        raise
+    fsync_dir(dst.parent)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _jsonable(obj: Any) -> Any:

@@ -8,7 +8,7 @@ from pathlib import Path
 from tunesmith import fsio
 from tunesmith.config import Project, dump_config, load_config
 from tunesmith.data.prepare import Splits, load_splits, prepare_data, save_splits
-from tunesmith.errors import InputError, RunDirError
+from tunesmith.errors import InputError, RunDirError, StageError, TunesmithError
 from tunesmith.evaluate.objective import judge
 from tunesmith.evaluate.stage import eval_stage
 from tunesmith.fairness.stage import audit_stage, headline_figures
@@ -16,44 +16,130 @@ from tunesmith.models.resolve import resolve_model
 from tunesmith.optimize.stage import optimize_stage
 from tunesmith.optimize.variants import VARIANTS
 from tunesmith.report.build import report_stage
-from tunesmith.runs import final_dir, interrupted_run, record_run, staged, staging_dir
+from tunesmith.runs import (check_out, check_runs_folder, final_dir, interrupted_run, record_run, run_lock, staged,
+                           staging_dir)
 from tunesmith.train import distributed
 from tunesmith.train.stage import train_stage
 
 EXIT_MET, EXIT_NOT_MET = 0, 3
 
 
-def run(project: Project, out: Path | None = None, progress: bool = True, keep_failed: bool = False) -> dict:
-    """data -> train -> eval -> verdict -> report, into a run directory that appears only when complete."""
+def run(project: Project, out: Path | None = None, progress: bool = True, keep_failed: bool = False,
+        overwrite: bool = False) -> dict:
+    """data -> train -> eval -> verdict -> report, into a run directory that appears when training is done.
+
+    A stage after training that fails leaves the run directory in place with what finished, the failure
+    recorded in summary.json, and raises StageError naming the command that reruns it.
+    """
     if distributed.launched():
         raise InputError("`tunesmith run` is single-process", "WORLD_SIZE",
                          "launch `tunesmith train` under torchrun, then `tunesmith eval RUN_DIR`")
+    final = final_dir(project.base_dir, project.name, out)
+    check_out(final, overwrite)     # a refused --out fails before any work
     splits = prepare_data(project)  # bad data fails before anything is written
     resolve_model(project.model)    # so does an unknown model
-    final = final_dir(project.base_dir, project.name, out)
-    with staged(final, keep_failed) as run_dir:
+    with staged(final, keep_failed, overwrite=overwrite) as run_dir:
         _start(project, splits, run_dir, final, progress)
         train_stage(project, splits, run_dir, progress=progress)
-        summary = evaluate_and_judge(project, splits, run_dir, final, progress)
-        if project.optimize.enabled:
-            optimize_stage(project, splits, run_dir, progress)
-        report_stage(run_dir)
+        summary, failure = _after_training(project, splits, run_dir, final, progress)
     register(final)
+    if failure is not None:
+        raise failure
     return summary
 
 
-def train_only(project: Project, out: Path | None = None, progress: bool = True, keep_failed: bool = False) -> Path:
+def _after_training(project: Project, splits: Splits, run_dir: Path, final: Path,
+                    progress: bool) -> tuple[dict | None, StageError | None]:
+    """eval -> optimize -> report. The first stage that fails stops the chain but is returned, not
+    raised, so the caller still puts the trained model in place."""
+    stages = [("eval", lambda: evaluate_and_judge(project, splits, run_dir, final, progress))]
+    if project.optimize.enabled:
+        stages.append(("optimize", lambda: optimize_stage(project, splits, run_dir, progress)))
+    stages.append(("report", lambda: report_stage(run_dir)))
+    summary = None
+    for name, stage in stages:
+        try:
+            result = stage()
+        except BaseException as e:  # Ctrl-C included: the trained model is work to keep
+            return summary, _record_failure(project, run_dir, final, name, e)
+        summary = result if name == "eval" else summary
+    return summary, None
+
+
+def _record_failure(project: Project, run_dir: Path, final: Path, stage: str, e: BaseException) -> StageError:
+    """Write the failed stage into summary.json; the StageError to raise once the run is in place."""
+    if isinstance(e, KeyboardInterrupt):
+        cause, code = "interrupted", 130
+    elif isinstance(e, TunesmithError):
+        # Exit 1 even when the cause was bad input: the run itself was made, and a script reading the
+        # code must not take "trained, then the judge refused the key" for "nothing was done".
+        cause, code = e.line().removeprefix("error: "), 1
+    else:
+        cause, code = f"{type(e).__name__}: {e}", 1
+    cause = " ".join(cause.split())[:500]  # one line, whatever the exception said
+    rerun = _rerun_commands(project, stage, final)
+    path = run_dir / "summary.json"
+    try:
+        summary = fsio.read_json(path) if path.is_file() else _unevaluated_summary(project, run_dir, final)
+        summary["failed"] = {"stage": stage, "error": cause, "rerun": rerun}
+        fsio.write_json(path, summary)
+    except Exception as w:  # e.g. a full disk: the model must still be put in place, so only say so
+        cause += f"; summary.json not updated ({type(w).__name__}: {w})"
+    error = StageError(f"the {stage} stage failed after training ({cause}); the trained model is kept", str(final),
+                       "rerun it with " + " then ".join(f"`{c}`" for c in rerun), exit_code=code)
+    error.__cause__ = e
+    return error
+
+
+def _rerun_commands(project: Project, stage: str, final: Path) -> list[str]:
+    """The commands that finish a run whose `stage` failed (optimize and eval rebuild the report)."""
+    if stage == "eval":
+        return [f"tunesmith eval {final}"] + ([f"tunesmith optimize {final}"] if project.optimize.enabled else [])
+    return [f"tunesmith {stage} {final}"]
+
+
+def _unevaluated_summary(project: Project, run_dir: Path, final: Path) -> dict:
+    """What summary.json can say before eval finished: the run's identity and its training."""
+    return {"name": project.name, "model": project.model, "method": project.train.method,
+            "objective_metric": project.objective.metric, "instruction": project.task.instruction,
+            "run_dir": str(final), "training": _training_summary(run_dir)}
+
+
+def clear_failure(run_dir: Path, stages: tuple[str, ...]) -> None:
+    """Drop summary.json's failure record once one of `stages` has been rerun successfully."""
+    path = Path(run_dir) / "summary.json"
+    summary = fsio.read_json(path) if path.is_file() else {}
+    if summary.get("failed", {}).get("stage") in stages:
+        del summary["failed"]
+        fsio.write_json(path, summary)
+
+
+def report_run(run_dir: Path) -> Path:
+    """report on an evaluated run directory; returns the report page."""
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file() or "objective" not in fsio.read_json(path):
+        raise RunDirError("the run has not been evaluated (no verdict in summary.json)", str(run_dir),
+                          f"run `tunesmith eval {run_dir}` first")
+    with run_lock(Path(run_dir).resolve()):
+        page = report_stage(run_dir)
+        clear_failure(run_dir, ("report",))
+    return page
+
+
+def train_only(project: Project, out: Path | None = None, progress: bool = True, keep_failed: bool = False,
+               overwrite: bool = False) -> Path:
     """data -> train; the run directory can then be evaluated with `tunesmith eval`."""
+    final = final_dir(project.base_dir, project.name, out)
+    check_out(final, overwrite)
     splits = prepare_data(project)
     resolve_model(project.model)
-    final = final_dir(project.base_dir, project.name, out)
     distributed.init_from_env()
     if distributed.rank() != 0:
         # Other ranks train their data shard; rank 0 alone writes the run directory, except
         # that under FSDP each rank adds its optimiser shard to rank 0's checkpoint folders.
         train_stage(project, splits, staging_dir(final), progress=False)
         return final
-    with staged(final, keep_failed) as run_dir:
+    with staged(final, keep_failed, overwrite=overwrite) as run_dir:
         _start(project, splits, run_dir, final, progress)
         train_stage(project, splits, run_dir, progress=progress)
     return final
@@ -78,13 +164,24 @@ def resume_training(run_dir: Path, progress: bool = True, keep_failed: bool = Fa
 def evaluate_run(run_dir: Path, progress: bool = True) -> dict:
     """eval -> verdict -> report on an existing run directory that holds a trained model."""
     project, splits = open_run(run_dir)
-    summary = evaluate_and_judge(project, splits, run_dir, Path(run_dir).resolve(), progress)
-    report_stage(run_dir)
+    with run_lock(Path(run_dir).resolve()):
+        failed = _failure(run_dir)
+        summary = evaluate_and_judge(project, splits, run_dir, Path(run_dir).resolve(), progress)
+        if failed and failed["stage"] == "optimize":  # eval does not rerun optimize: keep saying so
+            summary["failed"] = failed
+            fsio.write_json(Path(run_dir) / "summary.json", summary)
+        report_stage(run_dir)
     register(run_dir)
     return summary
 
 
-def compare_methods(project: Project, methods: list[str], out: Path, progress: bool = True) -> list[dict]:
+def _failure(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / "summary.json"
+    return fsio.read_json(path).get("failed") if path.is_file() else None
+
+
+def compare_methods(project: Project, methods: list[str], out: Path, progress: bool = True,
+                    overwrite: bool = False) -> list[dict]:
     """Train and evaluate each method on the same splits and budget; write compare.json and compare.png.
 
     The config's learning rate is kept for its own method; the others use their method's default
@@ -96,8 +193,9 @@ def compare_methods(project: Project, methods: list[str], out: Path, progress: b
     if unknown or not methods:
         raise InputError(f"unknown method '{unknown[0] if unknown else ''}'", "--methods",
                          f"available: {', '.join(METHODS)}")
-    prepare_data(project)  # bad data fails before any training
     out = Path(out).resolve()
+    check_runs_folder(out, methods, ("compare.json", "compare.png"), overwrite)  # before any training
+    prepare_data(project)  # bad data fails before any training
     entries = []
     for method in methods:
         lr = project.train.learning_rate if method == project.train.method else DEFAULT_LR[method]
@@ -105,7 +203,7 @@ def compare_methods(project: Project, methods: list[str], out: Path, progress: b
                                                                                        "learning_rate": lr})})
         if progress:
             print(f"compare: {method} (learning rate {lr:g})", file=sys.stderr)
-        run(variant, out / method, progress)
+        run(variant, out / method, progress, overwrite=overwrite)
         entries.append(entry(method, out / method))
     ranked = rank(entries, project.task.type, project.eval.bootstrap_resamples, project.eval.seed)
     write(ranked, out)
@@ -118,8 +216,10 @@ def optimize_run(run_dir: Path, names: list[str] | None = None, progress: bool =
     if unknown:
         raise InputError(f"unknown variant '{unknown[0]}'", "--variants", f"available: {', '.join(VARIANTS)}")
     project, splits = open_run(run_dir)
-    result = optimize_stage(project, splits, Path(run_dir), progress, names)
-    report_stage(run_dir)
+    with run_lock(Path(run_dir).resolve()):
+        result = optimize_stage(project, splits, Path(run_dir), progress, names)
+        report_stage(run_dir)
+        clear_failure(run_dir, ("optimize", "report"))
     return result
 
 
@@ -149,14 +249,17 @@ def audit_run(run_dir: Path, progress: bool = True) -> dict:
     if not project.fairness.enabled:
         raise InputError("no groups to audit", "fairness.group_fields",
                          "set fairness.group_fields (columns) or fairness.lexicon (identity terms) in the config")
-    if not (Path(run_dir) / "metrics.json").is_file():
-        raise RunDirError("the run has not been evaluated (no metrics.json)", str(run_dir), "run `tunesmith eval` first")
-    audit = audit_stage(project, splits, Path(run_dir), progress)
-    summary = fsio.read_json(Path(run_dir) / "summary.json")
-    summary["objective"] = _verdict(project, fsio.read_json(Path(run_dir) / "metrics.json"), audit)
-    summary["fairness"] = headline_figures(audit)
-    fsio.write_json(Path(run_dir) / "summary.json", summary)
-    report_stage(run_dir)
+    summary_path = Path(run_dir) / "summary.json"
+    if not summary_path.is_file() or "metrics" not in fsio.read_json(summary_path):
+        raise RunDirError("the run has not been evaluated (no metrics in summary.json)", str(run_dir),
+                          f"run `tunesmith eval {run_dir}` first")
+    with run_lock(Path(run_dir).resolve()):
+        audit = audit_stage(project, splits, Path(run_dir), progress)
+        summary = fsio.read_json(summary_path)
+        summary["objective"] = _verdict(project, fsio.read_json(Path(run_dir) / "metrics.json"), audit)
+        summary["fairness"] = headline_figures(audit)
+        fsio.write_json(summary_path, summary)
+        report_stage(run_dir)
     register(run_dir)
     return {"audit": audit, "summary": summary}
 

@@ -31,28 +31,159 @@ def staging_dir(final: Path) -> Path:
     return final.with_name(f".{final.name}.partial")
 
 
+def is_run_dir(path: Path) -> bool:
+    """Whether `path` is a tunesmith run directory (it holds a trained model's model/tunesmith.json)."""
+    return (Path(path) / "model" / "tunesmith.json").is_file()
+
+
+def check_out(final: Path, overwrite: bool = False) -> None:
+    """Refuse a run directory that would replace anything but an earlier run, and that only with `overwrite`.
+
+    A missing or empty folder is fine (nothing is lost); the current folder and those above it never are.
+
+    Raises:
+        RunDirError: naming --out; nothing has been touched.
+    """
+    from tunesmith.errors import RunDirError
+
+    final, cwd = Path(final).absolute(), Path.cwd().resolve()
+    where = f"--out {final}"
+    real = final.resolve()
+    if real == real.parent or real == cwd or real in cwd.parents:
+        raise RunDirError("the run directory would replace the current folder or one above it", where,
+                          "give a new folder, e.g. --out runs/my-run")
+    if final.is_symlink():
+        raise RunDirError("is a symbolic link", where, "give the folder itself, or a new folder")
+    if not final.exists():
+        return
+    if not final.is_dir():
+        raise RunDirError("exists and is not a folder", where, "give a new folder for the run")
+    if is_run_dir(final):
+        if not overwrite:
+            raise RunDirError("already holds a tunesmith run", where,
+                              "pass --overwrite to replace it, or give a new folder")
+        return
+    if any(final.iterdir()):
+        raise RunDirError("exists and is not a tunesmith run directory (no model/tunesmith.json); left untouched",
+                          where, "give a new or empty folder")
+
+
+def check_runs_folder(out: Path, runs: list[str], files: tuple[str, ...], overwrite: bool = False) -> None:
+    """For commands that put several runs in one --out (compare, tune): `out` may be new, empty, or an
+    earlier output (only `files`, run directories and hidden entries in it); each of `runs` inside it
+    must pass `check_out`.
+
+    Raises:
+        RunDirError: naming --out; nothing has been touched.
+    """
+    from tunesmith.errors import RunDirError
+
+    out = Path(out).absolute()
+    if out.exists() and not out.is_dir():
+        raise RunDirError("exists and is not a folder", f"--out {out}", "give a new folder")
+    if out.is_dir():
+        ours = set(files) | set(runs)
+        foreign = sorted(p.name for p in out.iterdir()
+                         if p.name not in ours and not p.name.startswith(".") and not is_run_dir(p))
+        if foreign:
+            raise RunDirError(f"holds files this command did not write ({', '.join(foreign[:3])}); left untouched",
+                              f"--out {out}", "give a new or empty folder")
+    for name in runs:
+        check_out(out / name, overwrite)
+
+
+def lock_path(final: Path) -> Path:
+    """The lock file of a run directory, beside it."""
+    return final.with_name(f".{final.name}.lock")
+
+
 @contextmanager
-def staged(final: Path, keep_failed: bool = False, resume: bool = False):
+def run_lock(final: Path):
+    """Hold `.<run>.lock` (the holder's pid inside) while this process writes the run directory.
+
+    The lock is an flock on that file, which the kernel drops when its holder dies, so the lock file
+    of a killed run (a dead pid) is simply taken over.
+
+    Raises:
+        RunDirError: another live process holds the lock.
+    """
+    path = lock_path(Path(final))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = _acquire(path, Path(final))
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still locked: a waiter then sees a new inode and retries
+        os.close(fd)
+
+
+def _acquire(path: Path, final: Path) -> int:
+    import fcntl
+
+    from tunesmith.errors import RunDirError
+
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError:
+            raise RunDirError("cannot create the run directory's lock file (permission denied)", str(path),
+                              "make the folder that holds the run directory writable") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirError(f"another tunesmith process (pid {holder}) is writing this run directory",
+                              str(final),
+                              f"wait for it to finish, or give another folder (lock: {path})") from None
+        try:
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:  # else the previous holder removed the file between our open and flock
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)
+
+
+@contextmanager
+def staged(final: Path, keep_failed: bool = False, resume: bool = False, overwrite: bool = False):
     """Yield a staging folder; on success it replaces `final`, on failure it is removed.
 
+    The run directory is locked for the whole time (a second run into it is refused), and `final`
+    must pass `check_out` (an existing run is replaced only with `overwrite`).
     An interrupted run (Ctrl-C, or a kill that gives no chance to clean up) that has written
     training checkpoints keeps its staging folder so `tunesmith train --resume` can continue it.
     With `resume` the existing staging folder is reused as it is.
     """
+    check_out(final, overwrite or resume)  # before the lock, so a refused --out leaves no trace at all
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_dir(final)
-    if not resume:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-    try:
-        yield staging
-    except BaseException as e:
-        resumable = isinstance(e, KeyboardInterrupt) and (staging / "checkpoints").is_dir()
-        if not keep_failed and not resumable:
+    with run_lock(final):
+        check_out(final, overwrite or resume)
+        if not resume:
+            _check_staging(staging, final, overwrite)
             shutil.rmtree(staging, ignore_errors=True)
-        raise
-    fsio.replace_dir(staging, final)
-    _point_latest(final)
+            staging.mkdir()
+        try:
+            yield staging
+        except BaseException as e:
+            resumable = isinstance(e, KeyboardInterrupt) and (staging / "checkpoints").is_dir()
+            if not keep_failed and not resumable:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        fsio.replace_dir(staging, final)
+        _point_latest(final)
+
+
+def _check_staging(staging: Path, final: Path, overwrite: bool) -> None:
+    """An interrupted run's checkpoints are work: starting afresh over them needs `overwrite`."""
+    from tunesmith.errors import RunDirError
+
+    if (staging / "checkpoints").is_dir() and not overwrite:
+        raise RunDirError("an interrupted run of this folder can be resumed", f"--out {final}",
+                          f"continue it with `tunesmith train --resume {final}`, or pass --overwrite to start again")
 
 
 def interrupted_run(run_dir: Path) -> tuple[Path, Path]:
@@ -116,7 +247,7 @@ def _registry():
 
 
 def record_run(run_dir: Path) -> int | None:
-    """Add or update a completed run in the registry; returns its id (None if it has no summary)."""
+    """Add or update an evaluated run in the registry; returns its id (None if it has no verdict yet)."""
     import json
 
     run_dir = Path(run_dir).resolve()
@@ -124,6 +255,8 @@ def record_run(run_dir: Path) -> int | None:
     if not path.is_file():
         return None
     s = fsio.read_json(path)
+    if "objective" not in s:  # a run whose eval failed (see summary["failed"]): nothing to rank yet
+        return None
     metric = s["objective_metric"]
     row = (str(run_dir), s["name"], datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(timespec="seconds"),
            s["model"], s["method"], metric, s["metrics"]["finetuned"].get(metric), s["metrics"]["baseline"].get(metric),
@@ -152,8 +285,12 @@ def list_runs(name: str | None = None) -> list[dict]:
     return [{**dict(r), "exists": Path(r["run_dir"]).is_dir()} for r in rows]
 
 
-def find_run(ref: str) -> Path:
-    """A run directory from a registry id or a path."""
+def find_run(ref: str, evaluated: bool = True) -> Path:
+    """A run directory from a registry id or a path; with `evaluated`, one whose eval stage finished.
+
+    Raises:
+        RunDirError: unknown id, a folder that is gone, or (with `evaluated`) a run not yet evaluated.
+    """
     from tunesmith.errors import RunDirError
 
     if ref.isdigit():
@@ -164,8 +301,15 @@ def find_run(ref: str) -> Path:
             db.close()
         if row is None:
             raise RunDirError(f"no run with id {ref} in the registry", str(registry_path()), "see `tunesmith runs list`")
-        return Path(row["run_dir"])
-    path = Path(ref)
-    if not (path / "summary.json").is_file():
-        raise RunDirError("not an evaluated run directory (no summary.json)", ref, "give a run id or run folder")
+        path = Path(row["run_dir"])
+        if not (path / "summary.json").is_file():
+            raise RunDirError(f"run {ref} is in the registry but its folder is gone (no summary.json)", str(path),
+                              "`tunesmith runs list` marks such runs (gone)")
+    else:
+        path = Path(ref)
+        if not (path / "summary.json").is_file():
+            raise RunDirError("not an evaluated run directory (no summary.json)", ref, "give a run id or run folder")
+    if evaluated and "objective" not in fsio.read_json(path / "summary.json"):
+        raise RunDirError("the run has not been evaluated (its eval stage failed)", str(path),
+                          f"run `tunesmith eval {path}` first")
     return path

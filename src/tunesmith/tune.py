@@ -44,18 +44,22 @@ def defaults(project: Project) -> dict:
             "learning_rate": t.learning_rate, "epochs": t.epochs}
 
 
-def tune(project: Project, trials: int, out: Path, progress: bool = True, seed: int = 0) -> dict:
-    """Run the study in out/study.sqlite, then the best configuration as a run in out/best."""
+def tune(project: Project, trials: int, out: Path, progress: bool = True, seed: int = 0,
+         overwrite: bool = False) -> dict:
+    """Run the study in out/study.sqlite (continued if it exists), then the best configuration as a run
+    in out/best (an existing out/best is replaced only with `overwrite`)."""
     import optuna
 
     from tunesmith.errors import InputError
     from tunesmith.pipeline import run
+    from tunesmith.runs import check_runs_folder
     from tunesmith.train.stage import train_stage
 
     if project.train.method not in SEARCHABLE:
         raise InputError(f"tune searches LoRA hyperparameters; train.method is {project.train.method}", "train.method",
                          f"use one of: {', '.join(SEARCHABLE)}")
     out = Path(out).resolve()
+    check_runs_folder(out, ["best"], ("study.sqlite", "trials"), overwrite)  # before the study, not after it
     out.mkdir(parents=True, exist_ok=True)
     splits = prepare_data(project)
     metric = project.objective.metric
@@ -91,7 +95,7 @@ def tune(project: Project, trials: int, out: Path, progress: bool = True, seed: 
     finished = sum(t.state.is_finished() for t in study.trials)  # an enqueued trial is not finished yet
     study.optimize(objective, n_trials=max(0, trials - finished), catch=())
     best = study.best_trial
-    summary = run(apply_params(project, _params(best.params, project)), out / "best", progress)
+    summary = run(apply_params(project, _params(best.params, project)), out / "best", progress, overwrite=overwrite)
     default_value = sign * study.trials[0].value if study.trials[0].value is not None else None
     return {"study": str(out / "study.sqlite"), "trials": _trial_rows(study, sign), "best_trial": best.number,
             "best_params": _params(best.params, project), "best_validation": sign * best.value,

@@ -1,0 +1,265 @@
+"""Runs never destroy work: --out guards, the run lock, failures after training, durable writes (issue 16)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from tunesmith import fsio
+from tunesmith.cli import app
+from tunesmith.runs import lock_path, record_run, staging_dir
+
+from conftest import PROJECT, make_texts, write_jsonl
+
+runner = CliRunner()
+
+
+def _project(folder: Path, tiny_model: Path, extra: str = "") -> str:
+    write_jsonl(folder / "train.jsonl", make_texts(30, 1))
+    write_jsonl(folder / "test.jsonl", make_texts(9, 2))
+    (folder / "project.yaml").write_text(PROJECT.format(model=tiny_model, method="lora") + extra, encoding="utf-8")
+    return str(folder / "project.yaml")
+
+
+def _one_error(result, *needles: str) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+def _user_folder(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "thesis.txt").write_text("years of work\n")
+    return path
+
+
+# -- item 9: --out never replaces what is not a run -------------------------------------------------
+
+@pytest.mark.parametrize("command", ["run", "train"])
+def test_item9_out_dir_not_a_run_is_refused(tmp_path, tiny_model, command):
+    config = _project(tmp_path, tiny_model)
+    folder = _user_folder(tmp_path / "mine")
+    for extra in ([], ["--overwrite"]):
+        result = runner.invoke(app, [command, config, "--out", str(folder), "-q", *extra])
+        assert result.exit_code == 2, result.output
+        _one_error(result, "--out", str(folder), "not a tunesmith run directory")
+        assert sorted(p.name for p in folder.iterdir()) == ["thesis.txt"]
+        assert (folder / "thesis.txt").read_text() == "years of work\n"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging, no lock
+
+
+def test_item9_out_dot_never_deletes_the_current_folder(tmp_path, tiny_model, monkeypatch):
+    config = _project(tmp_path, tiny_model)
+    here = tmp_path / "empty-here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for out in (".", str(here), ".."):
+        result = runner.invoke(app, ["train", config, "--out", out, "-q", "--overwrite"])
+        assert result.exit_code == 2, result.output
+        _one_error(result, "--out", "current folder")
+        assert here.is_dir() and Path.cwd() == here
+    assert (tmp_path / "project.yaml").is_file()
+
+
+def test_item9_existing_run_is_replaced_only_with_overwrite(tmp_path, tiny_model):
+    config = _project(tmp_path, tiny_model)
+    out = tmp_path / "empty"
+    out.mkdir()  # an empty folder loses nothing: it is used
+    assert runner.invoke(app, ["train", config, "--out", str(out), "-q"]).exit_code == 0
+    weights = out / "model" / "adapter_model.safetensors"
+    before = weights.read_bytes()
+    (out / "notes.txt").write_text("mine")
+    result = runner.invoke(app, ["train", config, "--out", str(out), "-q"])
+    assert result.exit_code == 2
+    _one_error(result, "already holds a tunesmith run", "--overwrite")
+    assert weights.read_bytes() == before and (out / "notes.txt").read_text() == "mine"
+    assert runner.invoke(app, ["train", config, "--out", str(out), "-q", "--overwrite"]).exit_code == 0
+    assert (out / "model" / "tunesmith.json").is_file() and not (out / "notes.txt").exists()
+
+
+def test_item9_compare_and_tune_refuse_a_user_folder(tmp_path, tiny_model):
+    config = _project(tmp_path, tiny_model)
+    folder = _user_folder(tmp_path / "mine")
+    compare = runner.invoke(app, ["compare", config, "--methods", "lora", "--out", str(folder), "-q"])
+    assert compare.exit_code == 2
+    _one_error(compare, "--out", "thesis.txt")
+    tune = runner.invoke(app, ["tune", config, "--trials", "1", "--out", str(folder), "-q"])
+    assert tune.exit_code == 2
+    _one_error(tune, "--out", "thesis.txt")
+    inner = _user_folder(tmp_path / "bake" / "lora")  # a method's subfolder that is the user's
+    compare = runner.invoke(app, ["compare", config, "--methods", "lora", "--out", str(tmp_path / "bake"), "-q"])
+    assert compare.exit_code == 2
+    _one_error(compare, str(inner), "not a tunesmith run directory")
+    for f in (folder, inner):
+        assert sorted(p.name for p in f.iterdir()) == ["thesis.txt"]
+    assert not (folder / "study.sqlite").exists()
+
+
+# -- item 10: one writer per run directory ----------------------------------------------------------
+
+HOLD_LOCK = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from tunesmith.runs import run_lock
+    with run_lock(Path(sys.argv[1])):
+        print("locked", flush=True)
+        time.sleep(300)
+""")
+
+
+def test_item10_second_run_into_a_locked_out_is_refused(tmp_path, tiny_model):
+    config = _project(tmp_path, tiny_model)
+    out = tmp_path / "run"
+    staging = staging_dir(out)
+    staging.mkdir()
+    (staging / "first.txt").write_text("the first run's work")  # what the first run has staged so far
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = runner.invoke(app, ["train", config, "--out", str(out), "-q", "--overwrite"])
+        assert result.exit_code == 2, result.output
+        _one_error(result, f"pid {holder.pid}", str(out))
+        assert (staging / "first.txt").read_text() == "the first run's work" and not out.exists()
+    finally:
+        holder.kill()  # SIGKILL: the lock file stays behind with a dead pid in it
+        holder.wait()
+    assert lock_path(out).read_text().strip() == str(holder.pid)
+    result = runner.invoke(app, ["train", config, "--out", str(out), "-q"])  # the stale lock is taken over
+    assert result.exit_code == 0, result.output
+    assert (out / "model" / "tunesmith.json").is_file() and not lock_path(out).exists()
+
+
+# -- item 11: a failure after training keeps the trained model --------------------------------------
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_item11_unreachable_judge_keeps_the_trained_model(tmp_path, tiny_model):
+    judge = (f"  judge:\n    enabled: true\n    endpoint: http://127.0.0.1:{_closed_port()}/v1\n"
+             "    model: judge\n    timeout_s: 5\n")
+    config = _project(tmp_path, tiny_model)
+    Path(config).write_text(Path(config).read_text().replace("eval:\n", "eval:\n" + judge), encoding="utf-8")
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "tunesmith", "run", config, "--out", str(out), "-q"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr
+    _one_error(proc, "eval stage failed", f"`tunesmith eval {out}`")
+    assert (out / "model" / "tunesmith.json").is_file() and (out / "model" / "adapter_model.safetensors").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["failed"]["stage"] == "eval" and "Connect" in summary["failed"]["error"]
+    assert "objective" not in summary and summary["training"]["steps"] == 6
+    assert not staging_dir(out).exists() and not lock_path(out).exists()
+    shown = runner.invoke(app, ["runs", "show", str(out)])
+    assert shown.exit_code == 0 and "eval stage failed" in shown.output
+    assert runner.invoke(app, ["runs", "diff", str(out), str(out)]).exit_code == 2  # no verdict to compare yet
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    saved["eval"]["judge"]["enabled"] = False  # the judge is fixed; eval completes the run
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    done = runner.invoke(app, ["eval", str(out), "-q"])
+    assert done.exit_code == 0, done.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert "failed" not in summary and summary["objective"]["met"] is True and (out / "report.html").is_file()
+    assert str(out) in runner.invoke(app, ["runs", "list"]).output
+
+
+def test_item11_failing_report_stage_keeps_the_evaluated_run(tmp_path, tiny_model, monkeypatch):
+    from tunesmith import pipeline
+
+    config = _project(tmp_path, tiny_model)
+    out = tmp_path / "run"
+    real = pipeline.report_stage
+
+    def broken(run_dir):
+        raise RuntimeError("plot failed: $\\alpha$")
+    monkeypatch.setattr(pipeline, "report_stage", broken)
+    result = runner.invoke(app, ["run", config, "--out", str(out), "-q"])
+    assert result.exit_code == 1
+    _one_error(result, "report stage failed", "RuntimeError: plot failed", f"`tunesmith report {out}`")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["objective"]["met"] is True and summary["failed"]["stage"] == "report"
+    assert (out / "metrics.json").is_file() and not (out / "report.html").exists()
+    monkeypatch.setattr(pipeline, "report_stage", real)
+    assert runner.invoke(app, ["report", str(out)]).exit_code == 0
+    assert "failed" not in json.loads((out / "summary.json").read_text()) and (out / "report.html").is_file()
+
+
+# -- item 12: durable, umask-respecting writes; replace_dir can always go back ----------------------
+
+def test_item12_atomic_write_fsyncs_file_and_folder_without_touching_the_umask(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        real_fsync(fd)
+
+    def umask(_):
+        raise AssertionError("os.umask changes the mask of every thread of the process")
+    monkeypatch.setattr(os, "fsync", fsync)
+    old = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", umask)
+        fsio.write_json(tmp_path / "a.json", {"x": 1})
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+    assert synced == [False, True]  # the file, then its folder
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o640
+    assert fsio.read_json(tmp_path / "a.json") == {"x": 1} and [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_item12_replace_dir_puts_the_old_folder_back_when_the_move_in_fails(tmp_path, monkeypatch):
+    src, dst = tmp_path / ".run.partial", tmp_path / "run"
+    for folder, text in ((src, "new"), (dst, "old")):
+        folder.mkdir()
+        (folder / "model.txt").write_text(text)
+    real_replace = os.replace
+
+    def replace(a, b):
+        if Path(a) == src:
+            raise OSError(28, "No space left on device")
+        real_replace(a, b)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError):
+        fsio.replace_dir(src, dst)
+    monkeypatch.undo()
+    assert (dst / "model.txt").read_text() == "old" and (src / "model.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".run.partial", "run"]
+    fsio.replace_dir(src, dst)
+    assert (dst / "model.txt").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+# -- item 13: `runs show ID` of a deleted folder ----------------------------------------------------
+
+def test_item13_runs_show_of_a_deleted_run_folder_exits_2(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNESMITH_REGISTRY", str(tmp_path / "registry.sqlite"))
+    run_dir = tmp_path / "gone"
+    run_dir.mkdir()
+    summary = {"name": "p", "model": "m", "method": "lora", "objective_metric": "accuracy", "run_dir": str(run_dir),
+               "report": str(run_dir / "report.html"),
+               "objective": {"met": True, "criteria": []},
+               "metrics": {"baseline": {"accuracy": 0.5}, "finetuned": {"accuracy": 0.9}}}
+    fsio.write_json(run_dir / "summary.json", summary)
+    run_id = record_run(run_dir)
+    assert runner.invoke(app, ["runs", "show", str(run_id)]).exit_code == 0
+    (run_dir / "summary.json").unlink()
+    run_dir.rmdir()
+    result = runner.invoke(app, ["runs", "show", str(run_id)])
+    assert result.exit_code == 2
+    _one_error(result, f"run {run_id}", "folder is gone", str(run_dir))
