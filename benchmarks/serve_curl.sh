@@ -7,7 +7,7 @@ set -euo pipefail
 RUN=${1:?usage: serve_curl.sh RUN_DIR [PORT]}
 PORT=${2:-8765}
 URL=http://127.0.0.1:$PORT
-KEY=demo-key-123
+KEY=demo-key-0123456789
 CFG=$(mktemp -d)
 cp -r "$RUN" "$CFG/run"
 ${PYTHON:-python} - "$CFG/run/config.yaml" <<'PY'
@@ -17,7 +17,7 @@ cfg = yaml.safe_load(open(path))
 cfg.setdefault("serve", {}).update(rate_limit_per_minute=6, max_body_bytes=2048)
 open(path, "w").write(yaml.safe_dump(cfg, sort_keys=False))
 PY
-TUNESMITH_API_KEYS="$KEY,scraper-key-456" ${PYTHON:-python} -m tunesmith serve "$CFG/run" --port "$PORT" 2>"$CFG/server.log" &
+TUNESMITH_API_KEYS="$KEY,scraper-key-0123456789" ${PYTHON:-python} -m tunesmith serve "$CFG/run" --port "$PORT" 2>"$CFG/server.log" &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null; rm -rf "$CFG"' EXIT
 for _ in $(seq 120); do curl -sf "$URL/healthz" >/dev/null && break; sleep 1; done
@@ -36,5 +36,5 @@ show -X POST "$URL/v1/classify" "${AUTH[@]}" "${JSON[@]}" -d '{"text": 42, "text
 python3 -c "print('{\"text\": \"' + 'x' * 5000 + '\"}')" > "$CFG/big.json"
 show -X POST "$URL/v1/classify" "${AUTH[@]}" "${JSON[@]}" --data-binary "@$CFG/big.json"
 show -X POST "$URL/v1/classify" "${AUTH[@]}" "${JSON[@]}" -d '{"text": "seventh request this minute"}'
-show "$URL/metrics" -H "Authorization: Bearer scraper-key-456" -o "$CFG/metrics.txt"
+show "$URL/metrics" -H "Authorization: Bearer scraper-key-0123456789" -o "$CFG/metrics.txt"
 grep -E '^tunesmith_requests_total|^tunesmith_batch_size_count|^tunesmith_predicted_label_total' "$CFG/metrics.txt" || true

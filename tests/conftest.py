@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -133,3 +136,28 @@ def reproduce_predictions(run_dir: Path, base_path: Path) -> tuple[int, int]:
             scores[label] = sum(logp[len(p) - 1 + k, t].item() for k, t in enumerate(a))
         agree += max(scores, key=scores.get) == row["prediction"]
     return agree, len(rows)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(app):
+    """A real uvicorn server on a loopback port in a thread: (url, stop)."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+
+    def stop():
+        server.should_exit = True
+        thread.join(10)
+    return f"http://127.0.0.1:{port}", stop

@@ -8,8 +8,6 @@ import json
 import shutil
 import socket
 import sqlite3
-import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -30,7 +28,7 @@ from tunesmith.serve.server import vllm_model_dir
 from tunesmith.serve.service import load_service
 from tunesmith.tasks.prompts import render_prompt
 
-from conftest import PROJECT, make_texts, write_jsonl
+from conftest import PROJECT, make_texts, start_server, write_jsonl
 
 runner = CliRunner()
 LABELS = {"alpha", "beta", "gamma"}
@@ -208,34 +206,9 @@ def test_concurrent_requests_share_model_calls_and_are_logged(cls_service, tmp_p
     assert all(r[1] in LABELS and 0 < r[2] <= 1 for r in rows)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(app):
-    """A real uvicorn server on a loopback port in a thread: (url, stop)."""
-    import uvicorn
-
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-
-    def stop():
-        server.should_exit = True
-        thread.join(10)
-    return f"http://127.0.0.1:{port}", stop
-
-
 @pytest.fixture()
 def live_server(gen_run, tmp_path):
-    url, stop = _start_server(create_app(load_service(gen_run), ServeConfig(max_tokens=64), [], tmp_path / "live.db"))
+    url, stop = start_server(create_app(load_service(gen_run), ServeConfig(max_tokens=64), [], tmp_path / "live.db"))
     yield url
     stop()
 
@@ -256,7 +229,7 @@ def test_sidecar_fronts_an_upstream_engine_with_keys_log_and_metrics(gen_run, cl
     """`serve --engine vllm`'s sidecar in front of a real OpenAI-compatible server (tunesmith's own
     here; vLLM needs a GPU): the run's prompt format goes upstream, answers come back, and keys,
     the request log and the metrics work as with the built-in engine; a dead upstream is a 502."""
-    upstream, stop = _start_server(create_app(load_service(gen_run), ServeConfig(max_tokens=64), [],
+    upstream, stop = start_server(create_app(load_service(gen_run), ServeConfig(max_tokens=64), [],
                                               tmp_path / "upstream.db"))
     remote = RemoteService("tinygen", Path(gen_run), Path(gen_run) / "model", upstream)
     assert remote.served_name == "tinygen"  # read from the upstream's /v1/models
@@ -315,7 +288,8 @@ def test_key_checker_and_rate_limiter_units():
     assert checker.check("Bearer beta-key") == key_id("beta-key") and len(key_id("x")) == 12
     assert checker.check("Bearer beta-ke") is None and checker.check("Basic beta-key") is None
     assert checker.check(None) is None and not KeyChecker([]).enabled
-    assert load_keys(environ={"TUNESMITH_API_KEYS": " a, b ,,"}) == ["a", "b"]
+    assert load_keys(environ={"TUNESMITH_API_KEYS": " a-key-0123456789abc, b-key-0123456789abc ,,"}) == \
+        ["a-key-0123456789abc", "b-key-0123456789abc"]
     limiter = RateLimiter(2)
     assert limiter.allow("k")[0] and limiter.allow("k")[0]
     allowed, wait = limiter.allow("k")

@@ -392,6 +392,12 @@ def serve_command(target: Path = typer.Argument(..., help="a run directory, or a
                   upstream: Optional[str] = typer.Option(None, "--upstream",
                                                          help="With --engine vllm: URL of a running OpenAI-compatible "
                                                               "server to front instead of starting vLLM."),
+                  upstream_api_key_env: Optional[str] = typer.Option(
+                      None, "--upstream-api-key-env", help="With --upstream: environment variable holding the key "
+                                                           "the upstream server expects (sent as Bearer)."),
+                  insecure_no_auth: bool = typer.Option(
+                      False, "--insecure-no-auth", help="Serve without API keys on a non-loopback --host "
+                                                        "(refused otherwise)."),
                   debug: bool = DEBUG) -> None:
     """Serve a model over HTTP: OpenAI-compatible completions and chat, /v1/classify, /metrics."""
     def go() -> int:
@@ -400,7 +406,7 @@ def serve_command(target: Path = typer.Argument(..., help="a run directory, or a
 
         if engine not in ("builtin", "vllm"):
             raise InputError(f"unknown engine '{engine}'", "--engine", "use builtin or vllm")
-        serve(target, host, port, variant, api_keys_file, engine, upstream)
+        serve(target, host, port, variant, api_keys_file, engine, upstream, insecure_no_auth, upstream_api_key_env)
         return 0
     _guarded(debug, go)
 

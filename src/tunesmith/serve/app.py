@@ -1,11 +1,18 @@
 """The HTTP server: OpenAI-compatible completions and chat, /v1/classify, health, readiness and
 Prometheus metrics, with API keys, rate limits, body limits, micro-batching, a request log and
-drift gauges. `create_app` builds it around a loaded Service; `tunesmith serve` runs it."""
+drift gauges. `create_app` builds it around a loaded Service; `tunesmith serve` runs it.
+
+Under load every request gets an answer: model work waits in a bounded queue (`serve.max_queue`),
+each model call holds at most `serve.max_batch_tokens` tokens, and a request not answered within
+`serve.request_timeout_s` (or one that finds the queue full) gets 503 with Retry-After. Every
+response carries an X-Request-ID; a 500 logs one line with that id and the exception type."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 import threading
 import time
 import uuid
@@ -17,20 +24,35 @@ from typing import Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunesmith.config import ServeConfig
 from tunesmith.serve.auth import KeyChecker, RateLimiter
-from tunesmith.serve.batcher import MicroBatcher
+from tunesmith.serve.batcher import MicroBatcher, Overloaded
 from tunesmith.serve.limits import BodyLimit
-from tunesmith.serve.metrics import ServeMetrics
+from tunesmith.serve.metrics import OTHER_LABEL, ServeMetrics
 from tunesmith.serve.monitoring import DriftWatch
-from tunesmith.errors import EngineError
-from tunesmith.serve.service import Completion, Service
+from tunesmith.errors import EngineError, InputError
+from tunesmith.serve.service import Completion, Service, first_batch
 from tunesmith.serve.store import RequestLog
 
 OPEN_ROUTES = {"/healthz"}
+REQUEST_ID = "X-Request-ID"
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # a caller's own request id is kept when it looks like one
+LOG_THREADS = 2  # request-log writes at once (SQLite takes one writer at a time anyway)
+log = logging.getLogger("tunesmith.serve")
+
+
+def _unicode(text: str | None) -> str | None:
+    """Refuse text that is not valid Unicode (a lone surrogate such as "\\ud800" is valid JSON but no
+    tokenizer or database can encode it): a 422 for that request alone."""
+    if text is not None:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"text is not valid Unicode (lone surrogate at character {e.start})") from None
+    return text
 
 
 class _Body(BaseModel):
@@ -41,6 +63,18 @@ class _Body(BaseModel):
 class ClassifyRequest(_Body):
     text: str | None = None
     texts: list[str] | None = Field(None, min_length=1)
+
+    @field_validator("text")
+    @classmethod
+    def _valid_text(cls, v: str | None) -> str | None:
+        return _unicode(v)
+
+    @field_validator("texts")
+    @classmethod
+    def _valid_texts(cls, v: list[str] | None) -> list[str] | None:
+        for t in v or []:
+            _unicode(t)
+        return v
 
     @model_validator(mode="after")
     def _one(self) -> ClassifyRequest:
@@ -55,10 +89,20 @@ class CompletionRequest(_Body):
     max_tokens: int = Field(16, ge=1)
     stream: bool = False
 
+    @field_validator("prompt")
+    @classmethod
+    def _valid_prompt(cls, v: str) -> str:
+        return _unicode(v)
+
 
 class ChatMessage(_Body):
     role: Literal["system", "user", "assistant"]
     content: str
+
+    @field_validator("content")
+    @classmethod
+    def _valid_content(cls, v: str) -> str:
+        return _unicode(v)
 
 
 class ChatRequest(_Body):
@@ -72,21 +116,31 @@ class ChatRequest(_Body):
 def create_app(service: Service, cfg: ServeConfig, keys: list[str] | None = None,
                log_path: Path | None = None) -> FastAPI:
     """The FastAPI app serving `service` under the limits of `cfg`."""
+    _check_budget(service, cfg)
     metrics = ServeMetrics()
     metrics.load_seconds.set(service.load_seconds)
     metrics.info.labels(service.name, service.variant).set(1)
     checker, limiter = KeyChecker(keys or []), RateLimiter(cfg.rate_limit_per_minute)
     executor = ThreadPoolExecutor(max_workers=service.threads, thread_name_prefix="model")
-    batcher = MicroBatcher(lambda kind, items: _run_batch(service, kind, items), cfg.max_batch, cfg.max_wait_ms,
-                           executor, on_batch=lambda kind, n: metrics.batch_size.labels(kind).observe(n))
-    store = RequestLog(log_path, cfg.request_log.retention_days, cfg.request_log.redact_pii) \
+    pacer = Pacer(cfg.request_timeout_s / 4)
+    batcher = MicroBatcher(lambda kind, items, deliver, alive: _run_batch(service, kind, items, deliver, alive,
+                                                                          cfg.max_batch_tokens, pacer),
+                           cfg.max_batch, cfg.max_wait_ms, executor, max_queue=cfg.max_queue,
+                           on_batch=lambda kind, n: metrics.batch_size.labels(kind).observe(n))
+    streams = threading.BoundedSemaphore(cfg.max_queue)  # streams bypass the batcher: bounded on their own
+    store = RequestLog(log_path, cfg.request_log.retention_days, cfg.request_log.redact_pii,
+                       on_failure=lambda reason: metrics.log_failures.labels(reason).inc()) \
         if cfg.request_log.enabled and log_path else None
     watch = DriftWatch(service.run_dir, store, cfg.drift, metrics) if store and service.run_dir else None
+    # Redaction and SQLite writes run here, two at a time, never on the event loop.
+    log_pool = ThreadPoolExecutor(max_workers=LOG_THREADS, thread_name_prefix="request-log")
+    record = _recorder(store, watch, log_pool)
 
     @asynccontextmanager
     async def lifespan(_app):
         yield
         executor.shutdown(wait=False, cancel_futures=True)
+        log_pool.shutdown(wait=True)
         service.close()
         if watch:
             watch.close()
@@ -95,10 +149,12 @@ def create_app(service: Service, cfg: ServeConfig, keys: list[str] | None = None
 
     app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.service, app.state.store, app.state.watch, app.state.metrics = service, store, watch, metrics
+    app.state.batcher = batcher
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
         route, started, response = request.url.path, time.perf_counter(), None
+        request.state.deadline = time.monotonic() + cfg.request_timeout_s
         metrics.in_flight.inc()
         try:
             key = None
@@ -115,8 +171,10 @@ def create_app(service: Service, cfg: ServeConfig, keys: list[str] | None = None
             request.state.key_id = key
             try:
                 response = await call_next(request)
-            except Exception:  # never a stack trace in a response, never a dead process
+            except Exception as e:  # never a stack trace in a response, never a dead process
                 metrics.errors.labels(_route_label(route)).inc()
+                log.error("request %s: %s %s failed: %s (answered 500)", _request_id(request), request.method,
+                          _route_label(route), type(e).__name__)
                 response = _error(500, "internal error", "server_error")
             return response
         finally:
@@ -133,6 +191,13 @@ def create_app(service: Service, cfg: ServeConfig, keys: list[str] | None = None
     async def engine_failed(request: Request, exc: EngineError):
         metrics.errors.labels(_route_label(request.url.path)).inc()
         return _error(502, str(exc), "server_error")
+
+    @app.exception_handler(Overloaded)
+    async def overloaded(request: Request, exc: Overloaded):
+        metrics.rejected.labels(exc.kind).inc()
+        response = _error(503, exc.reason, "server_error")
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -171,12 +236,12 @@ def create_app(service: Service, cfg: ServeConfig, keys: list[str] | None = None
         if len(texts) > cfg.max_texts:
             return _error(422, f"at most {cfg.max_texts} texts per request", "invalid_request_error")
         started = time.perf_counter()
-        results = await batcher.submit("classify", texts)
+        results = await batcher.submit("classify", texts, request.state.deadline)
         latency = (time.perf_counter() - started) * 1000
         out = [{"label": label, "probabilities": probs} for label, probs in results]
         for r in out:
-            metrics.labels.labels(r["label"]).inc()
-        _log(store, watch, [{"route": "/v1/classify", "key_id": request.state.key_id, "input": t, "output": r["label"],
+            metrics.labels.labels(_label(service, r["label"])).inc()
+        await record([{"route": "/v1/classify", "key_id": request.state.key_id, "input": t, "output": r["label"],
                              "label": r["label"], "confidence": r["probabilities"][r["label"]],
                              "latency_ms": latency} for t, r in zip(texts, out)])
         answer = {"model": service.name, "variant": service.variant, "results": out}
@@ -187,10 +252,10 @@ def create_app(service: Service, cfg: ServeConfig, keys: list[str] | None = None
         limit = _limit(body.max_tokens, cfg)
         example = service.example(prompt=body.prompt)
         if body.stream:
-            return _stream(service, executor, example, limit, "text_completion",
-                           _stream_logger(metrics, store, watch, service, request, "/v1/completions", body.prompt))
-        done: Completion = await batcher.submit("complete", (example, limit))
-        _account(metrics, store, watch, service, request, "/v1/completions", body.prompt, done)
+            return await _stream(service, executor, example, limit, "text_completion", request, streams,
+                                 _stream_logger(metrics, record, service, request, "/v1/completions", body.prompt))
+        done: Completion = await batcher.submit("complete", (example, limit), request.state.deadline)
+        await _account(metrics, record, service, request, "/v1/completions", body.prompt, done)
         return _openai(service, "text_completion", {"text": done.text, "index": 0, "logprobs": None,
                                                     "finish_reason": done.finish_reason}, done)
 
@@ -199,15 +264,54 @@ def create_app(service: Service, cfg: ServeConfig, keys: list[str] | None = None
         limit = _limit(body.max_completion_tokens or body.max_tokens or cfg.max_tokens, cfg)
         example = service.example(messages=[m.model_dump() for m in body.messages])
         if body.stream:
-            return _stream(service, executor, example, limit, "chat.completion.chunk",
-                           _stream_logger(metrics, store, watch, service, request, "/v1/chat/completions",
-                                          example.input))
-        done: Completion = await batcher.submit("complete", (example, limit))
-        _account(metrics, store, watch, service, request, "/v1/chat/completions", example.input, done)
+            return await _stream(service, executor, example, limit, "chat.completion.chunk", request, streams,
+                                 _stream_logger(metrics, record, service, request, "/v1/chat/completions",
+                                                example.input))
+        done: Completion = await batcher.submit("complete", (example, limit), request.state.deadline)
+        await _account(metrics, record, service, request, "/v1/chat/completions", example.input, done)
         return _openai(service, "chat.completion", {"index": 0, "message": {"role": "assistant", "content": done.text},
                                                     "finish_reason": done.finish_reason}, done)
 
-    return BodyLimit(app, cfg.max_body_bytes)
+    return RequestIds(BodyLimit(app, cfg.max_body_bytes))
+
+
+class RequestIds:
+    """ASGI wrapper (outermost, so a 413 from the body limit carries one too): every response gets
+    an X-Request-ID header, the caller's own when it sent a plausible one, otherwise a new one; the
+    app finds it in `request.state.request_id` for its log lines."""
+
+    def __init__(self, app):
+        self.app = app
+        self.state = getattr(app, "state", None)  # tests and servers reach the app's state through this
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers") or []).get(REQUEST_ID.lower().encode(), b"").decode("latin-1")
+        rid = given if _CLIENT_ID.fullmatch(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (REQUEST_ID.encode(), rid.encode())]}
+            await send(message)
+        await self.app(scope, receive, send_with_id)
+
+
+def _request_id(request: Request) -> str:
+    return getattr(request.state, "request_id", None) or "-"
+
+
+def _check_budget(service, cfg: ServeConfig) -> None:
+    """One row must fit in a model call: a prompt of task.max_length tokens (plus max_tokens to
+    generate, for a generation model)."""
+    if not hasattr(service, "row_tokens"):  # an upstream engine bounds its own batches
+        return
+    row = service.fmt.max_length + (0 if service.labels else cfg.max_tokens)
+    if cfg.max_batch_tokens < row:
+        raise InputError(f"serve.max_batch_tokens ({cfg.max_batch_tokens}) is smaller than one request "
+                         f"({row} tokens: task.max_length" + ("" if service.labels else " + serve.max_tokens") + ")",
+                         "serve.max_batch_tokens", f"set it to at least {row}")
 
 
 def _limit(requested: int, cfg: ServeConfig) -> int:
@@ -218,30 +322,106 @@ def _limit(requested: int, cfg: ServeConfig) -> int:
     return requested
 
 
-def _run_batch(service: Service, kind: str, items: list) -> list:
-    """One model call for a batch of requests (on the model thread)."""
+class Pacer:
+    """Seconds per row of recent model calls, so that one call is cut to what fits in `cap_s`
+    (a quarter of the request deadline): on a slow or busy CPU a call of many rows would outlast
+    the deadline of every request in it, and none would be answered."""
+
+    def __init__(self, cap_s: float):
+        self.cap_s, self.per_row = cap_s, 0.0
+
+    def max_rows(self) -> int | None:
+        return max(1, int(self.cap_s / self.per_row)) if self.per_row > 0 else None
+
+    def observe(self, rows: int, seconds: float) -> None:
+        now = seconds / max(rows, 1)
+        self.per_row = now if self.per_row == 0 else 0.7 * self.per_row + 0.3 * now
+
+
+def _run_batch(service: Service, kind: str, items: list, deliver, alive, budget: int, pacer: Pacer) -> None:
+    """The model calls for a batch of requests (on the model thread): rows in arrival order, each
+    call within `budget` tokens (rows x longest row) and the pacer's row count; a request is
+    answered (`deliver`) as soon as its last row is done, and rows of requests that are no longer
+    waiting (`alive` False: gone, or past the deadline) are never computed."""
     if kind == "classify":
-        flat = [t for texts in items for t in texts]
-        results = service.classify(flat)
-        out, at = [], 0
-        for texts in items:
-            out.append(results[at:at + len(texts)])
-            at += len(texts)
-        return out
-    return service.complete([e for e, _ in items], [n for _, n in items])
+        rows = [t for texts in items for t in texts]
+        owner = [i for i, texts in enumerate(items) for _ in texts]
+        call = service.classify
+    else:
+        rows, owner = items, list(range(len(items)))
+        call = lambda part: service.complete([e for e, _ in part], [n for _, n in part])  # noqa: E731
+    if not hasattr(service, "row_tokens"):  # an upstream engine batches and bounds memory itself
+        out = call(rows)
+        for i, result in enumerate(_regroup(out, owner, len(items)) if kind == "classify" else out):
+            deliver(i, result)
+        return
+    costs, results = service.row_tokens(kind, rows), [None] * len(rows)
+    left = [sum(1 for o in owner if o == i) for i in range(len(items))]
+    pending = list(range(len(rows)))
+    while pending := [r for r in pending if alive(owner[r])]:
+        part = pending[:first_batch([costs[r] for r in pending], budget, pacer.max_rows())]
+        started = time.monotonic()
+        for r, result in zip(part, call([rows[r] for r in part])):
+            results[r] = result
+        pacer.observe(len(part), time.monotonic() - started)
+        pending = pending[len(part):]
+        for o in dict.fromkeys(owner[r] for r in part):
+            left[o] -= sum(1 for r in part if owner[r] == o)
+            if left[o] == 0:
+                deliver(o, [results[r] for r in range(len(rows)) if owner[r] == o] if kind == "classify"
+                        else results[o])
 
 
-def _stream_logger(metrics, store, watch, service, request, route, text):
+def _regroup(results: list, owner: list[int], n: int) -> list:
+    """Flat per-text results back into one list per classify request."""
+    out: list = [[] for _ in range(n)]
+    for o, r in zip(owner, results):
+        out[o].append(r)
+    return out
+
+
+def _stream_logger(metrics, record, service, request, route, text):
     """What a finished stream reports: its tokens to the metrics, its text to the request log."""
-    def done(pieces: list[str], finish: str) -> None:
-        _account(metrics, store, watch, service, request, route, text,
-                 Completion("".join(pieces), finish, 0, len(pieces)))
+    async def done(pieces: list[str], finish: str) -> None:
+        await _account(metrics, record, service, request, route, text,
+                       Completion("".join(pieces), finish, 0, len(pieces)))
     return done
 
 
-def _stream(service, executor, example, limit, kind, on_done) -> StreamingResponse:
-    """Server-sent events, one chunk per decoded piece, then [DONE]; stops if the client goes."""
+async def _stream(service, executor, example, limit, kind, request, slots, on_done) -> StreamingResponse:
+    """Server-sent events, one chunk per decoded piece, then [DONE]; stops if the client goes.
+    At most `slots` streams wait or run at once, and the first piece must come before the request's
+    deadline (until then the answer can still be a 503)."""
+    if not slots.acquire(blocking=False):
+        raise Overloaded("queue_full", "the server is at capacity (too many streams)", 1)
     cancelled = threading.Event()
+    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+
+    def produce():
+        n = 0
+        try:
+            for piece in ([] if cancelled.is_set() else service.stream(example, limit, cancelled)):
+                n += 1
+                loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
+            loop.call_soon_threadsafe(queue.put_nowait, ("end", "length" if n >= limit else "stop"))
+        except Exception as e:
+            log.error("request %s: stream failed: %s", _request_id(request), type(e).__name__)
+            loop.call_soon_threadsafe(queue.put_nowait, ("error", None))
+        finally:
+            slots.release()  # the producer always ends (a cancelled one at its next token), so a slot never leaks
+    loop.run_in_executor(executor, produce)
+    try:
+        first = await asyncio.wait_for(queue.get(), max(0.0, request.state.deadline - time.monotonic()))
+    except (asyncio.TimeoutError, asyncio.CancelledError) as e:
+        cancelled.set()
+        if isinstance(e, asyncio.CancelledError):
+            raise
+        raise Overloaded("deadline", "the request was not answered within serve.request_timeout_s", 1) from None
+    return StreamingResponse(_events(service, kind, first, queue, cancelled, on_done),
+                             media_type="text/event-stream")
+
+
+async def _events(service, kind, first, queue, cancelled, on_done):
     ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
     def chunk(piece: str | None, finish: str | None) -> str:
@@ -251,56 +431,51 @@ def _stream(service, executor, example, limit, kind, on_done) -> StreamingRespon
             choice = {"index": 0, "delta": {"content": piece} if piece else {}, "finish_reason": finish}
         return "data: " + json.dumps({"id": ident, "object": kind, "created": created, "model": service.name,
                                       "choices": [choice]}) + "\n\n"
-
-    async def events():
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-
-        def produce():
-            n = 0
-            try:
-                for piece in service.stream(example, limit, cancelled):
-                    n += 1
-                    loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
-                loop.call_soon_threadsafe(queue.put_nowait, ("end", "length" if n >= limit else "stop"))
-            except Exception:
-                loop.call_soon_threadsafe(queue.put_nowait, ("error", None))
-        loop.run_in_executor(executor, produce)
-        pieces: list[str] = []
-        try:
-            while True:
-                what, value = await queue.get()
-                if what == "piece":
-                    pieces.append(value)
-                    yield chunk(value, None)
-                elif what == "end":
-                    on_done(pieces, value)
-                    yield chunk(None, value)
-                    yield "data: [DONE]\n\n"
-                    return
-                else:
-                    yield 'data: {"error": {"message": "internal error", "type": "server_error"}}\n\n'
-                    return
-        finally:
-            cancelled.set()  # the client went away or the stream ended: the decoder stops at its next token
-    return StreamingResponse(events(), media_type="text/event-stream")
+    pieces: list[str] = []
+    what, value = first
+    try:
+        while True:
+            if what == "piece":
+                pieces.append(value)
+                yield chunk(value, None)
+            elif what == "end":
+                await on_done(pieces, value)
+                yield chunk(None, value)
+                yield "data: [DONE]\n\n"
+                return
+            else:
+                yield 'data: {"error": {"message": "internal error", "type": "server_error"}}\n\n'
+                return
+            what, value = await queue.get()
+    finally:
+        cancelled.set()  # the client went away or the stream ended: the decoder stops at its next token
 
 
-def _account(metrics, store, watch, service, request, route, text, done: Completion) -> None:
+async def _account(metrics, record, service, request, route, text, done: Completion) -> None:
     metrics.tokens_in.inc(done.prompt_tokens)
     metrics.tokens_out.inc(done.completion_tokens)
     if service.labels:
-        metrics.labels.labels(done.text).inc()
-    _log(store, watch, [{"route": route, "key_id": request.state.key_id, "input": text, "output": done.text,
+        metrics.labels.labels(_label(service, done.text)).inc()
+    await record([{"route": route, "key_id": request.state.key_id, "input": text, "output": done.text,
                          "label": done.text if service.labels else None, "tokens_in": done.prompt_tokens,
                          "tokens_out": done.completion_tokens}])
 
 
-def _log(store, watch, rows: list[dict]) -> None:
-    if store:
-        store.add(rows)
-    if watch:
-        watch.seen(len(rows))
+def _label(service, text: str) -> str:
+    """A metric label from the model's label set; any other answer (free text from an upstream
+    engine) is counted as one label, so answers cannot create unbounded series."""
+    return text if text in service.labels else OTHER_LABEL
+
+
+def _recorder(store, watch, pool: ThreadPoolExecutor):
+    """`await record(rows)`: the request-log write (redaction included) on `pool`, so the event loop
+    keeps serving meanwhile; it never raises (see RequestLog.add). Then the drift watch counts."""
+    async def record(rows: list[dict]) -> None:
+        if store:
+            await asyncio.get_running_loop().run_in_executor(pool, store.add, rows)
+        if watch:
+            watch.seen(len(rows))
+    return record
 
 
 def _openai(service: Service, kind: str, choice: dict, done: Completion) -> dict:

@@ -1,9 +1,11 @@
 """API keys and per-key rate limits.
 
 Keys come from the environment variable TUNESMITH_API_KEYS (comma-separated) and/or a file (one
-key per line, `#` comments). With no keys configured the server is open (it binds 127.0.0.1 by
-default). Keys are compared in constant time, against every configured key, so neither the match
-nor its position leaks through timing.
+key per line; a line whose first non-blank character is `#` is a comment, so a key may contain `#`).
+Keys shorter than MIN_KEY_LENGTH characters are refused: a short key can be guessed. With no keys
+configured the server is open, which `tunesmith serve` allows only on a loopback address. Keys are
+compared in constant time, against every configured key, so neither the match nor its position
+leaks through timing.
 """
 
 from __future__ import annotations
@@ -15,18 +17,40 @@ import threading
 import time
 from pathlib import Path
 
+from tunesmith.errors import InputError
+
 ENV_VAR = "TUNESMITH_API_KEYS"
+MIN_KEY_LENGTH = 16
 
 
 def load_keys(file: Path | None = None, environ: dict | None = None) -> list[str]:
+    """Every configured key: TUNESMITH_API_KEYS, then the file's. InputError (exit 2) for a missing
+    or unreadable file and for a key shorter than MIN_KEY_LENGTH, naming where it came from."""
     environ = os.environ if environ is None else environ
-    keys = [k.strip() for k in environ.get(ENV_VAR, "").split(",") if k.strip()]
+    keys = [_checked(k.strip(), ENV_VAR) for k in environ.get(ENV_VAR, "").split(",") if k.strip()]
     if file is not None:
-        for line in Path(file).read_text(encoding="utf-8").splitlines():
-            line = line.split("#", 1)[0].strip()
-            if line:
-                keys.append(line)
+        keys += [_checked(key, f"{file}:{n}") for n, key in _file_keys(Path(file))]
     return keys
+
+
+def _file_keys(file: Path) -> list[tuple[int, str]]:
+    """(line number, key) for each key line; `#` starts a comment only at the start of a line."""
+    try:
+        text = file.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise InputError(f"API key file not found: {file}", "--api-keys-file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read the API key file: {type(e).__name__}", str(file),
+                         "give a UTF-8 text file with one key per line") from None
+    lines = ((n, line.strip()) for n, line in enumerate(text.splitlines(), 1))
+    return [(n, line) for n, line in lines if line and not line.startswith("#")]
+
+
+def _checked(key: str, where: str) -> str:
+    if len(key) < MIN_KEY_LENGTH:  # the message never shows the key itself
+        raise InputError(f"an API key is shorter than {MIN_KEY_LENGTH} characters ({len(key)})", where,
+                         "use a long random key, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
+    return key
 
 
 def key_id(key: str) -> str:

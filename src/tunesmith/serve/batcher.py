@@ -3,66 +3,147 @@
 The model runs on one worker thread (a model is not safe to call from two threads at once, and on a
 2-core CPU two calls would only fight over the cores). While it runs, new requests queue; the next
 call takes up to `max_batch` of them, waiting at most `max_wait_ms` for more when few are queued.
+
+Overload has an answer: the queue holds at most `max_queue` requests (a request beyond it fails at
+once with `Overloaded`), and a request not answered by its deadline fails with `Overloaded` too (the
+app turns both into 503 with Retry-After). When a batch fails, each of its requests is run again on
+its own, so one bad request fails only itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+MAX_RETRY_AFTER_S = 60
+
+
+class Overloaded(Exception):
+    """The request was not answered: `kind` "queue_full" (no room to wait) or "deadline" (not
+    answered in time); `reason` says so in words."""
+
+    def __init__(self, kind: str, reason: str, retry_after: int):
+        super().__init__(reason)
+        self.kind, self.reason, self.retry_after = kind, reason, retry_after
+
 
 class MicroBatcher:
-    """`await submit(kind, item)` -> that item's result from `run_batch(kind, items) -> results`."""
+    """`await submit(kind, item, deadline)` -> that item's result, from
+    `run_batch(kind, items, deliver, alive)` on the model thread (see `_call`)."""
 
-    def __init__(self, run_batch: Callable[[str, list], list], max_batch: int, max_wait_ms: float,
-                 executor: ThreadPoolExecutor, on_batch: Callable[[str, int], None] | None = None):
+    def __init__(self, run_batch: Callable[..., None], max_batch: int, max_wait_ms: float,
+                 executor: ThreadPoolExecutor, on_batch: Callable[[str, int], None] | None = None,
+                 max_queue: int = 64):
         self.run_batch, self.max_batch, self.max_wait = run_batch, max_batch, max_wait_ms / 1000
-        self.executor, self.on_batch = executor, on_batch
-        self.queue: asyncio.Queue | None = None
+        self.executor, self.on_batch, self.max_queue = executor, on_batch, max_queue
+        self.waiting: deque = deque()  # (kind, item, future), at most max_queue
+        self.wake: asyncio.Event | None = None
         self.task: asyncio.Task | None = None
+        self.batch_seconds = 0.0  # moving average of one model call, for Retry-After
 
-    async def submit(self, kind: str, item):
+    async def submit(self, kind: str, item, deadline: float | None = None):
+        """Queue `item` and wait for its result until `deadline` (time.monotonic()); raises
+        Overloaded when the queue is full or the deadline passes, or the batch's own error."""
         if self.task is None or self.task.done():
-            self.queue = asyncio.Queue()
+            self.waiting, self.wake = deque(), asyncio.Event()
             self.task = asyncio.get_running_loop().create_task(self._loop())
+        if len(self.waiting) >= self.max_queue:  # requests past their deadline or gone hold no place
+            self.waiting = deque(e for e in self.waiting if not e[2].done())
+        if len(self.waiting) >= self.max_queue:
+            raise Overloaded("queue_full", "the server is at capacity (request queue full)", self.retry_after())
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put((kind, item, future))
-        return await future
+        self.waiting.append((kind, item, future))
+        self.wake.set()
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            return await asyncio.wait_for(future, left)  # cancels the future: the loop skips it
+        except asyncio.TimeoutError:
+            raise Overloaded("deadline", "the request was not answered within serve.request_timeout_s",
+                             self.retry_after()) from None
+
+    def retry_after(self) -> int:
+        """Seconds until the queue now waiting has likely been worked off (1 to 60)."""
+        calls = len(self.waiting) / self.max_batch + 1
+        return max(1, min(MAX_RETRY_AFTER_S, math.ceil(calls * self.batch_seconds)))
 
     async def _loop(self) -> None:
         while True:
-            batch = [await self.queue.get()]
+            while not self.waiting:
+                self.wake.clear()
+                await self.wake.wait()
+            batch = [self.waiting.popleft()]
             deadline = time.monotonic() + self.max_wait
             while len(batch) < self.max_batch:
-                if not self.queue.empty():
-                    batch.append(self.queue.get_nowait())
+                if self.waiting:
+                    batch.append(self.waiting.popleft())
                     continue
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
+                self.wake.clear()
                 try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), left))
+                    await asyncio.wait_for(self.wake.wait(), left)
                 except asyncio.TimeoutError:
                     break
             for kind in dict.fromkeys(k for k, _, _ in batch):
                 await self._run(kind, [(item, fut) for k, item, fut in batch if k == kind])
 
     async def _run(self, kind: str, entries: list) -> None:
-        live = [(item, fut) for item, fut in entries if not fut.done()]  # the client may have gone
+        live = [(item, fut) for item, fut in entries if not fut.done()]  # gone, or past its deadline
         if not live:
             return
         try:
-            results = await asyncio.get_running_loop().run_in_executor(
-                self.executor, self.run_batch, kind, [item for item, _ in live])
-        except Exception as e:  # one failing batch fails its own requests, never the server
-            for _, fut in live:
+            await self._call(kind, live)
+        except Exception as e:
+            left = [(item, fut) for item, fut in live if not fut.done()]
+            if len(left) == 1:
+                _settle(left[0][1], error=e)
+                return
+            for item, fut in left:  # which request failed it? each alone: only that one fails
                 if not fut.done():
-                    fut.set_exception(e)
+                    await self._run_alone(kind, item, fut)
             return
         if self.on_batch:
             self.on_batch(kind, len(live))
-        for (_, fut), result in zip(live, results):
-            if not fut.done():
-                fut.set_result(result)
+
+    async def _run_alone(self, kind: str, item, fut: asyncio.Future) -> None:
+        try:
+            await self._call(kind, [(item, fut)])
+        except Exception as e:
+            _settle(fut, error=e)
+            return
+        if self.on_batch:
+            self.on_batch(kind, 1)
+
+    async def _call(self, kind: str, entries: list) -> None:
+        """`run_batch(kind, items, deliver, alive)` on the model thread: it calls `deliver(i, result)`
+        as soon as item i is done (its request is answered then, not when the whole batch is) and
+        skips items for which `alive(i)` is False (the client went, or the deadline passed)."""
+        loop, futures = asyncio.get_running_loop(), [fut for _, fut in entries]
+
+        def deliver(i: int, result) -> None:
+            loop.call_soon_threadsafe(_settle, futures[i], result)
+
+        def alive(i: int) -> bool:
+            return not futures[i].done()  # a read of a flag set on the loop: at worst one call late
+        started = time.monotonic()
+        try:
+            await loop.run_in_executor(self.executor, self.run_batch, kind, [item for item, _ in entries],
+                                       deliver, alive)
+        finally:
+            self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * (time.monotonic() - started)
+        for fut in futures:  # deliveries ran before this line (queued first): what is left got no result
+            _settle(fut, error=RuntimeError("the model call gave no result"))
+
+
+def _settle(fut: asyncio.Future, result=None, error: BaseException | None = None) -> None:
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)

@@ -3,13 +3,14 @@ compares the newest `window` requests with the training reference and sets the g
 
 from __future__ import annotations
 
-import sys
+import logging
 import threading
 from pathlib import Path
 
 from tunesmith.serve.drift import drift_report, reference
 from tunesmith.serve.store import recent
 
+log = logging.getLogger("tunesmith.serve")
 SIGNALS = ("embedding", "length", "unknown_tokens", "labels", "confidence")
 
 
@@ -48,7 +49,9 @@ class DriftWatch:
         try:
             self.update_now()
         except Exception as e:  # drift is advisory: a failure here must not touch request handling
-            print(f"warning: drift update failed: {type(e).__name__}: {e}", file=sys.stderr)
+            self.metrics.drift_failures.inc()
+            log.error("drift update failed: %s: %s (counted in tunesmith_drift_update_failures_total)",
+                      type(e).__name__, e)
         finally:
             with self._lock:
                 self._busy = False

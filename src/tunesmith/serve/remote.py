@@ -5,12 +5,16 @@ upstream.
 
 The sidecar renders each request with the run's own prompt format (instruction, label list, chat
 template: what the model was fine-tuned on) and sends the rendered text to the upstream's
-`/v1/completions`, greedy, so vLLM and the built-in engine see the same prompt.
+`/v1/completions`, greedy, so vLLM and the built-in engine see the same prompt. Whatever the
+upstream answers is checked: an answer that is not the OpenAI shape is an EngineError (HTTP 502),
+never an internal error.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -28,6 +32,7 @@ from tunesmith.tasks.prompts import PromptFormat, render_prompt
 
 TIMEOUT = httpx.Timeout(300.0, connect=5.0)
 HEALTH_PATH = "/v1/models"  # answered by vLLM, llama.cpp, TGI and tunesmith's own server once loaded
+STOP_GRACE_S = 30.0  # how long a started engine may take to shut down before it is killed
 
 
 class RemoteService:
@@ -40,7 +45,8 @@ class RemoteService:
     scores_labels = False
     threads = 8  # streams relayed at once; batches of requests go upstream together (see complete)
 
-    def __init__(self, name: str, run_dir: Path | None, model_dir: Path, upstream: str, parallel: int = 16):
+    def __init__(self, name: str, run_dir: Path | None, model_dir: Path, upstream: str, parallel: int = 16,
+                 api_key: str | None = None):
         from tunesmith.models.load import load_tokenizer
 
         started = time.perf_counter()
@@ -48,7 +54,7 @@ class RemoteService:
         self.variant = f"upstream {self.upstream}"
         self.tokenizer = load_tokenizer(model_dir)  # the chat template only: no weights in this process
         self.fmt = PromptFormat.from_json(fsio.read_json(model_dir / "prompt.json"))
-        self.client = httpx.Client(base_url=self.upstream, timeout=TIMEOUT)
+        self.client = httpx.Client(base_url=self.upstream, timeout=TIMEOUT, headers=_auth(api_key))
         self.served_name = upstream_model(self.client)
         self.pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="upstream")
         self.load_seconds = time.perf_counter() - started
@@ -74,17 +80,14 @@ class RemoteService:
         except httpx.HTTPError as e:
             raise EngineError(f"upstream unreachable: {type(e).__name__}") from e
         if r.status_code != 200:
-            raise EngineError(f"upstream answered {r.status_code}")
-        answer = r.json()
-        choice, usage = answer["choices"][0], answer.get("usage") or {}
-        return Completion(choice["text"].strip(), choice.get("finish_reason") or "stop",
-                          usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+            raise EngineError(_status_message(r.status_code))
+        return parse_completion(r.content)
 
     def stream(self, example: Example, max_tokens: int, cancelled: threading.Event) -> Iterator[str]:
         """Text pieces relayed from the upstream's event stream; closes it when `cancelled` is set."""
         with self.client.stream("POST", "/v1/completions", json=self.request_body(example, max_tokens, True)) as r:
             if r.status_code != 200:
-                raise EngineError(f"upstream answered {r.status_code}")
+                raise EngineError(_status_message(r.status_code))
             for line in r.iter_lines():
                 if cancelled.is_set():
                     return
@@ -108,6 +111,21 @@ class RemoteService:
         self.client.close()
 
 
+def parse_completion(body: bytes) -> Completion:
+    """One OpenAI completion answer; EngineError (502) for anything else: not JSON, no choices,
+    a text that is not a string, token counts that are not integers."""
+    try:
+        answer = json.loads(body)
+        choice, usage = answer["choices"][0], answer.get("usage") or {}
+        text, finish = choice["text"], choice.get("finish_reason") or "stop"
+        counts = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError):
+        raise EngineError("upstream sent an invalid answer (not an OpenAI completion)") from None
+    if not isinstance(text, str) or not isinstance(finish, str) or not all(type(n) is int for n in counts):
+        raise EngineError("upstream sent an invalid answer (wrong field types)")
+    return Completion(text.strip(), finish, *counts)
+
+
 def _event_text(line: str) -> str | None:
     """The text of one server-sent event line ('' for keep-alives and other lines; None at [DONE])."""
     if not line.startswith("data:"):
@@ -115,31 +133,57 @@ def _event_text(line: str) -> str | None:
     data = line[5:].strip()
     if data == "[DONE]":
         return None
-    event = json.loads(data)
-    if "error" in event:
-        raise EngineError("upstream stream failed")
-    return event["choices"][0].get("text") or ""
+    try:
+        event = json.loads(data)
+        if "error" in event:
+            raise EngineError("upstream stream failed")
+        text = event["choices"][0].get("text") or ""
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError):
+        raise EngineError("upstream sent an invalid stream event") from None
+    if not isinstance(text, str):
+        raise EngineError("upstream sent an invalid stream event")
+    return text
+
+
+def _auth(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def _status_message(status: int) -> str:
+    hint = " (it wants another API key: check --upstream-api-key-env)" if status in (401, 403) else ""
+    return f"upstream answered {status}{hint}"
 
 
 def upstream_model(client: httpx.Client) -> str:
     """The name the upstream serves its model under (the first of /v1/models)."""
     try:
-        models = client.get(HEALTH_PATH).json()["data"]
-        return models[0]["id"]
-    except (httpx.HTTPError, ValueError, KeyError, IndexError) as e:
-        raise EngineError(f"the upstream at {client.base_url} lists no model on {HEALTH_PATH}") from e
+        r = client.get(HEALTH_PATH)
+    except httpx.HTTPError as e:
+        raise EngineError(f"the upstream at {client.base_url} is unreachable: {type(e).__name__}") from None
+    if r.status_code != 200:
+        raise EngineError(f"the upstream at {client.base_url}: {HEALTH_PATH} {_status_message(r.status_code)}")
+    try:
+        name = r.json()["data"][0]["id"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        name = None
+    if not isinstance(name, str) or not name:
+        raise EngineError(f"the upstream at {client.base_url} lists no model on {HEALTH_PATH}")
+    return name
 
 
-def wait_ready(url: str, timeout: float = 900.0,
-               process: subprocess.Popen | None = None, poll: float = 1.0) -> None:
+def wait_ready(url: str, timeout: float = 900.0, process: subprocess.Popen | None = None,
+               poll: float = 1.0, api_key: str | None = None) -> None:
     """Block until the upstream lists its model; fail early if the upstream process exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise EngineError(f"the upstream engine exited with status {process.returncode} before it was ready")
         try:
-            if httpx.get(url.rstrip("/") + HEALTH_PATH, timeout=5).status_code == 200:
+            status = httpx.get(url.rstrip("/") + HEALTH_PATH, timeout=5, headers=_auth(api_key)).status_code
+            if status == 200:
                 return
+            if status in (401, 403):  # up, but waiting will not change its mind about the key
+                raise EngineError(f"the upstream at {url} {_status_message(status)}")
         except httpx.HTTPError:
             pass
         time.sleep(poll)
@@ -150,3 +194,36 @@ def vllm_command(model: Path, port: int, served_name: str) -> list[str]:
     """vLLM's OpenAI-compatible server on loopback: only the sidecar talks to it."""
     return ["vllm", "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
             "--served-model-name", served_name, "--generation-config", "vllm"]
+
+
+def start_engine(command: list[str], api_key: str) -> subprocess.Popen:
+    """Start the engine in its own process group, so `stop_engine` reaches its workers too; the key
+    goes in VLLM_API_KEY (vLLM's equivalent of `--api-key`), not argv, which every user can read."""
+    return subprocess.Popen(command, env={**os.environ, "VLLM_API_KEY": api_key}, start_new_session=True)
+
+
+def stop_engine(process: subprocess.Popen, grace: float = STOP_GRACE_S) -> None:
+    """SIGTERM to the engine's process group, SIGKILL to what is left after `grace` seconds.
+
+    The group is killed even when its leader exited in time: workers it left behind must not
+    keep the GPU. Safe for a process that already exited.
+    """
+    _signal_group(process, signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        pass
+    _signal_group(process, signal.SIGKILL)
+    process.wait()
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    try:  # the leader is our child, unreaped or just reaped: its pid still names only its group
+        os.killpg(process.pid, sig)
+        return
+    except PermissionError:
+        return
+    except ProcessLookupError:
+        pass  # no such group: the process, if still alive, does not lead one
+    if process.poll() is None:
+        process.send_signal(sig)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import secrets
 import shutil
+import signal
 import socket
-import subprocess
 import sys
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from tunesmith.config import ServeConfig, load_config
@@ -21,72 +26,192 @@ def serve_settings(target: Path) -> tuple[ServeConfig, Path | None]:
     return cfg, cfg.request_log.path or Path(target) / "monitor" / "requests.db"
 
 
+@dataclass
+class Listener:
+    """The server's socket, bound and listening before the model loads: a taken port fails at once,
+    and no other process can take it during the load (connections made meanwhile wait in the
+    backlog and are answered once the server runs)."""
+
+    host: str
+    port: int
+    sock: socket.socket
+
+
 def serve(target: Path, host: str = "127.0.0.1", port: int = 8000, variant: str | None = None,
-          keys_file: Path | None = None, engine: str = "builtin", upstream: str | None = None) -> None:
-    """Load the model (or reach the engine that has it) and serve it until interrupted."""
+          keys_file: Path | None = None, engine: str = "builtin", upstream: str | None = None,
+          insecure_no_auth: bool = False, upstream_key_env: str | None = None) -> None:
+    """Load the model (or reach the engine that has it) and serve it until interrupted.
+
+    Every input is checked before anything slow starts: keys (`keys_file`, TUNESMITH_API_KEYS),
+    an open server only on loopback unless `insecure_no_auth`, the port, the upstream's key.
+    """
+    from tunesmith.serve.auth import load_keys
     from tunesmith.serve.service import load_service
 
-    if keys_file is not None and not Path(keys_file).is_file():
-        raise InputError(f"API key file not found: {keys_file}", "--api-keys-file")
+    if engine != "vllm":
+        for value, flag in ((upstream, "--upstream"), (upstream_key_env, "--upstream-api-key-env")):
+            if value is not None:
+                raise InputError(f"{flag} goes with --engine vllm", flag)
+    keys = load_keys(keys_file)
+    check_open(host, keys, insecure_no_auth)
     if engine == "vllm":
-        return _sidecar(Path(target), host, port, keys_file, upstream)
-    if upstream is not None:
-        raise InputError("--upstream goes with --engine vllm", "--upstream")
-    _run_app(load_service(target, variant), target, host, port, keys_file)
+        run_dir, upstream_key = Path(target), _sidecar_checks(Path(target), upstream, upstream_key_env)
+    listener = bind_listener(host, port)
+    try:
+        if engine == "vllm":
+            return _sidecar(run_dir, listener, keys, upstream, upstream_key)
+        _run_app(load_service(target, variant), target, listener, keys)
+    finally:
+        listener.sock.close()
 
 
-def _run_app(service, target: Path, host: str, port: int, keys_file: Path | None) -> None:
+def check_open(host: str, keys: list[str], insecure_no_auth: bool = False) -> None:
+    """Refuse a server without keys that other machines can reach, unless the user insists."""
+    from tunesmith.serve.hosts import is_loopback
+
+    if keys or insecure_no_auth or is_loopback(host):
+        return
+    raise InputError(f"no API keys are set and --host {host} is reachable from other machines", "--host",
+                     "set TUNESMITH_API_KEYS or --api-keys-file, bind 127.0.0.1, "
+                     "or pass --insecure-no-auth to serve without keys")
+
+
+def bind_listener(host: str, port: int) -> Listener:
+    """A listening socket on host:port; InputError naming the flag at fault."""
+    if not 1 <= port <= 65535:
+        raise InputError(f"port {port} is out of range", "--port", "give a port from 1 to 65535")
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise InputError(f"cannot resolve the address '{host}'", "--host",
+                         "give an address such as 127.0.0.1 or 0.0.0.0") from None
+    # IPv4 first where a name has both (localhost): the address users and probes try first
+    family, kind, proto, _, address = min(found, key=lambda f: f[0] != socket.AF_INET)
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is not "in use"
+    try:
+        sock.bind(address)
+        sock.listen(2048)  # listening at once: two bound, not-listening SO_REUSEADDR sockets may share a port
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise InputError(f"port {port} is already in use on {host}", "--port",
+                             "stop the process that holds it or choose another port") from None
+        if e.errno == errno.EACCES:
+            raise InputError(f"no permission to bind port {port}", "--port", "choose a port above 1023") from None
+        raise InputError(f"cannot bind {host}:{port} ({e.strerror})", "--host",
+                         "give an address of this machine, e.g. 127.0.0.1") from None
+    return Listener(host, port, sock)
+
+
+def _run_app(service, target: Path, listener: Listener, keys: list[str]) -> None:
     import uvicorn
 
     from tunesmith.serve.app import create_app
-    from tunesmith.serve.auth import load_keys
+    from tunesmith.serve.hosts import loopback_guard
 
     cfg, log_path = serve_settings(target)
-    keys = load_keys(keys_file)
-    app = create_app(service, cfg, keys, log_path)
+    host, port = listener.host, listener.port
+    app = loopback_guard(create_app(service, cfg, keys, log_path), host)
     where = "every interface" if host in ("0.0.0.0", "::") else host
     print(f"serving {service.name} ({service.variant}, loaded in {service.load_seconds:.1f} s) on http://{host}:{port}"
           f" ({where}; API keys {'required' if keys else 'not set: open to anyone who can reach it'})",
           file=sys.stderr)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    # Past limit_concurrency connections + requests uvicorn itself answers 503: a backstop, the app
+    # answers 503 with Retry-After first (its queue full, or a request past serve.request_timeout_s).
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
+                            limit_concurrency=cfg.max_concurrency)
+    server = uvicorn.Server(config)
+    server.run(sockets=[listener.sock])
+    if not server.started:  # the app failed to start (uvicorn logged why)
+        raise EngineError("the server did not start")
 
 
-def _sidecar(run_dir: Path, host: str, port: int, keys_file: Path | None, upstream: str | None) -> None:
-    """vLLM's OpenAI-compatible server on a loopback port (started here unless `upstream` names a
-    running one), with tunesmith in front: keys, limits, request log, metrics and drift."""
-    from tunesmith.serve.remote import RemoteService, wait_ready
-
+def _sidecar_checks(run_dir: Path, upstream: str | None, upstream_key_env: str | None) -> str | None:
+    """What `--engine vllm` needs, checked before the port is bound: a run directory, and either
+    vLLM and whole weights, or a running upstream (and its key). Returns the upstream's key."""
     if not (run_dir / "model" / "tunesmith.json").is_file():
         raise RunDirError("the vLLM engine serves a run directory", str(run_dir), "give a folder made by `tunesmith run`")
-    name = load_config(run_dir / "config.yaml", check_files=False).name
-    process = None
-    if upstream is None:
-        upstream, process = _start_vllm(run_dir, name)
-    try:
-        try:
-            wait_ready(upstream, process=process, timeout=900 if process else 30)
-        except EngineError as e:
-            if process is None:  # the user's URL: their input is wrong
-                raise InputError(e.what, "--upstream", "start the OpenAI-compatible server first") from None
-            raise
-        _run_app(RemoteService(name, run_dir, run_dir / "model", upstream), run_dir, host, port, keys_file)
-    finally:
-        if process is not None:
-            process.terminate()
-            process.wait(30)
-
-
-def _start_vllm(run_dir: Path, name: str):
-    from tunesmith.serve.remote import vllm_command
-
+    if upstream is not None:
+        return upstream_api_key(upstream_key_env)
+    if upstream_key_env is not None:
+        raise InputError("--upstream-api-key-env goes with --upstream (a vLLM started here gets a fresh random key)",
+                         "--upstream-api-key-env")
     if shutil.which("vllm") is None:
         raise InputError("vLLM is not installed", "--engine vllm",
                          "pip install vllm on a machine with a supported GPU, pass --upstream URL of a running "
                          "one, or use the built-in server")
+    vllm_model_dir(run_dir)
+    return None
+
+
+def upstream_api_key(env_name: str | None, environ: dict | None = None) -> str | None:
+    """The upstream's API key from the environment variable the user named (never from argv,
+    which other users of the machine can read)."""
+    if env_name is None:
+        return None
+    value = (os.environ if environ is None else environ).get(env_name, "").strip()
+    if not value:
+        raise InputError(f"the environment variable {env_name} is not set or empty", "--upstream-api-key-env",
+                         f"export {env_name}=KEY, the key the upstream server expects")
+    return value
+
+
+def _sidecar(run_dir: Path, listener: Listener, keys: list[str], upstream: str | None,
+             upstream_key: str | None) -> None:
+    """vLLM's OpenAI-compatible server on a loopback port (started here unless `upstream` names a
+    running one), with tunesmith in front: keys, limits, request log, metrics and drift. A vLLM
+    started here is stopped whenever this function leaves, SIGTERM included."""
+    from tunesmith.serve.remote import RemoteService, stop_engine
+
+    name = load_config(run_dir / "config.yaml", check_files=False).name
+    process, previous = None, _exit_on_sigterm()
+    try:
+        if upstream is None:
+            upstream, upstream_key, process = _start_vllm(run_dir, name)
+        _wait_upstream(upstream, upstream_key, process)
+        remote = RemoteService(name, run_dir, run_dir / "model", upstream, api_key=upstream_key)
+        _run_app(remote, run_dir, listener, keys)
+    finally:
+        if process is not None:
+            stop_engine(process)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm():
+    """SIGTERM -> SystemExit, so `finally` blocks run and the engine is stopped. Without it a
+    SIGTERM kills the process outright: before uvicorn starts, and after it, since uvicorn
+    re-raises the signal it caught once it has shut down. Returns the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None  # only the main thread may set handlers (and receives signals)
+
+    def stop(signum, frame):
+        raise SystemExit(0)
+    return signal.signal(signal.SIGTERM, stop)
+
+
+def _wait_upstream(upstream: str, key: str | None, process) -> None:
+    from tunesmith.serve.remote import wait_ready
+
+    try:
+        wait_ready(upstream, process=process, timeout=900 if process else 30, api_key=key)
+    except EngineError as e:
+        if process is None:  # the user's URL: their input is wrong
+            raise InputError(e.what, "--upstream", "start the OpenAI-compatible server first") from None
+        raise
+
+
+def _start_vllm(run_dir: Path, name: str):
+    """(url, key, process): vLLM on a free loopback port, requiring a fresh random key that only
+    this process knows (passed in vLLM's environment, not its argv, which `ps` shows everyone)."""
+    from tunesmith.serve.remote import start_engine, vllm_command
+
     model = vllm_model_dir(run_dir)
-    port = free_port()
-    print(f"starting vLLM on 127.0.0.1:{port}: {' '.join(vllm_command(model, port, name))}", file=sys.stderr)
-    return f"http://127.0.0.1:{port}", subprocess.Popen(vllm_command(model, port, name))
+    port, key = free_port(), secrets.token_urlsafe(32)
+    command = vllm_command(model, port, name)
+    print(f"starting vLLM on 127.0.0.1:{port} (API key required): {' '.join(command)}", file=sys.stderr)
+    return f"http://127.0.0.1:{port}", key, start_engine(command, key)
 
 
 def vllm_model_dir(run_dir: Path) -> Path:

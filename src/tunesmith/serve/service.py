@@ -58,6 +58,20 @@ class Service:
         preds = self.predictor.predict(examples, len(examples))
         return list(zip(preds.texts, preds.probabilities))
 
+    def row_tokens(self, kind: str, items: list) -> list[int]:
+        """Tokens each item puts in a model call: its encoded prompt (at most task.max_length), plus
+        max_tokens for a completion. `items` are texts ("classify") or (Example, max_tokens) pairs."""
+        if kind == "classify" or self.labels:
+            examples = [Example(t, "", "request") for t in items] if kind == "classify" else [e for e, _ in items]
+            return self._prompt_tokens(examples)
+        return [n + limit for n, (_, limit) in zip(self._prompt_tokens([e for e, _ in items]), items)]
+
+    def _prompt_tokens(self, examples: list[Example]) -> list[int]:
+        tok, limit = self.predictor.tokenizer, self.fmt.max_length
+        if tok is None:  # the MiniLM classifier: a wordpiece covers at least one character, plus [CLS] [SEP]
+            return [min(limit, len(e.input) + 2) for e in examples]
+        return [len(p) for p in encode_prompts(tok, self.fmt, examples)]
+
     def example(self, prompt: str | None = None, messages: list[dict] | None = None) -> Example:
         return request_example(self.fmt, prompt, messages)
 
@@ -102,6 +116,29 @@ class Service:
                 yield full[len(text):]
                 text = full
             ids = torch.tensor([[token]], device=model.device)
+
+
+def first_batch(costs: list[int], budget: int, max_rows: int | None = None) -> int:
+    """How many rows from the front (arrival order) go in the next model call: as many as keep rows
+    x longest row within `budget` tokens (the padded size of one forward pass), and at most
+    `max_rows`; at least one (a row is never split, and task.max_length bounds it)."""
+    n, longest = 1, costs[0] if costs else 0
+    while n < len(costs) and (max_rows is None or n < max_rows):
+        longest = max(longest, costs[n])
+        if (n + 1) * longest > budget:
+            break
+        n += 1
+    return n
+
+
+def token_batches(costs: list[int], budget: int, max_rows: int | None = None) -> list[list[int]]:
+    """All rows, in order, cut into model calls as `first_batch` cuts them."""
+    groups, at = [], 0
+    while at < len(costs):
+        n = first_batch(costs[at:], budget, max_rows)
+        groups.append(list(range(at, at + n)))
+        at += n
+    return groups
 
 
 def request_example(fmt: PromptFormat, prompt: str | None = None, messages: list[dict] | None = None) -> Example:

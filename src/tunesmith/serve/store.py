@@ -2,14 +2,22 @@
 
 Rows older than the retention period are deleted as new ones arrive; with `redact_pii` the input
 and output are stored with emails, phone numbers, card numbers, IBANs and IP addresses replaced.
-`tunesmith monitor` reads this log to compute drift.
+A text longer than `STORED_CHARS` characters is stored as its first `STORED_CHARS` characters
+(redacted) followed by a marker `[+N characters not stored]`: the rest is never written, so a huge
+request costs a bounded amount of redaction work. `tunesmith monitor` reads this log to compute drift.
+
+`add` never raises: a write that fails (disk full, database locked) is reported to `on_failure` and
+logged, and the request it belongs to is answered all the same. The server calls it on a small
+thread pool of its own, never on its event loop (see app.py).
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tunesmith.data.pii import find_pii, redact
@@ -19,21 +27,40 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS requests (
     input TEXT, output TEXT, label TEXT, confidence REAL, latency_ms REAL, status INTEGER,
     tokens_in INTEGER, tokens_out INTEGER)"""
 PURGE_EVERY = 200
+STORED_CHARS = 8192   # characters of a text kept in the log
+PII_SLACK = 512       # redaction looks this far past the cut, so a finding across it is redacted whole
+LOG_EVERY_S = 10.0    # at most one log line per failure reason this often (a full disk fails every write)
+log = logging.getLogger("tunesmith.serve")
 
 
 class RequestLog:
-    def __init__(self, path: Path, retention_days: float = 30, redact_pii: bool = True):
+    """`add(rows)` redacts and inserts rows; safe to call from several threads."""
+
+    def __init__(self, path: Path, retention_days: float = 30, redact_pii: bool = True,
+                 on_failure: Callable[[str], None] | None = None):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path, self.retention_s, self.redact = Path(path), retention_days * 86400, redact_pii
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=5)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL stays consistent; no fsync per request
         self._db.execute(SCHEMA)
         self._lock = threading.Lock()
         self._writes = 0
+        self.on_failure = on_failure
+        self._last_logged: dict[str, float] = {}
 
-    def add(self, rows: list[dict]) -> None:
-        """Insert rows ({route, key_id, input, output, label, confidence, latency_ms, status, tokens_in, tokens_out})."""
+    def add(self, rows: list[dict]) -> bool:
+        """Store rows ({route, key_id, input, output, label, confidence, latency_ms, status, tokens_in,
+        tokens_out}); False when they could not be (counted and logged, never raised)."""
+        try:
+            self.write(rows)
+        except Exception as e:  # the request is answered all the same
+            self._failed("write", f"request log write failed: {type(e).__name__}: {e}")
+            return False
+        return True
+
+    def write(self, rows: list[dict]) -> None:
+        """Redact and insert rows (raises on a failed write)."""
         now = time.time()
         values = [(now, r["route"], r.get("key_id"), self._clean(r.get("input")), self._clean(r.get("output")),
                    r.get("label"), r.get("confidence"), r.get("latency_ms"), r.get("status", 200),
@@ -50,15 +77,46 @@ class RequestLog:
         with self._lock:
             return self._db.execute("DELETE FROM requests WHERE ts < ?", (time.time() - self.retention_s,)).rowcount
 
-    def _clean(self, text: str | None) -> str | None:
-        if text is None or not self.redact:
-            return text
-        hits = find_pii(text)
-        return redact(text, hits) if hits else text
-
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def _failed(self, reason: str, message: str) -> None:
+        if self.on_failure:
+            self.on_failure(reason)
+        with self._lock:
+            now, last = time.monotonic(), self._last_logged.get(reason)
+            if last is not None and now - last < LOG_EVERY_S:
+                return
+            self._last_logged[reason] = now
+        log.error("%s (counted in tunesmith_request_log_failures_total)", message)
+
+    def _clean(self, text: str | None) -> str | None:
+        if text is None:
+            return None
+        # A lone surrogate cannot be encoded as UTF-8 and would fail the insert: it is stored as "?".
+        text = text.encode("utf-8", "replace").decode("utf-8") if not _encodable(text) else text
+        if len(text) <= STORED_CHARS:
+            return self._redacted(text) if self.redact else text
+        cut, hits = STORED_CHARS, []
+        if self.redact:
+            hits = find_pii(text[:STORED_CHARS + PII_SLACK])
+            cut = max([cut] + [f.end for f in hits if f.start < STORED_CHARS])
+            hits = [f for f in hits if f.start < STORED_CHARS]
+        return redact(text[:cut], hits) + f" [+{len(text) - cut} characters not stored]"
+
+    @staticmethod
+    def _redacted(text: str) -> str:
+        hits = find_pii(text)
+        return redact(text, hits) if hits else text
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def recent(path: Path, limit: int) -> list[dict]:

@@ -1,0 +1,81 @@
+"""The Host-header check of a server bound to loopback (a defence against DNS rebinding).
+
+A web page on `http://evil.example` can make its domain resolve to 127.0.0.1 and then read the
+answers of a server on the user's own machine: the browser thinks it talks to evil.example, so it
+sends `Host: evil.example`. A server bound to loopback only ever has a legitimate caller on this
+machine, who names it `localhost`, `127.0.0.1` or `[::1]`; anything else is refused before the app
+sees the request.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps the server reachable from this machine only."""
+    name = host.strip().lower().strip("[]")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def host_name(header: str) -> str | None:
+    """The host part of a Host header, lower-cased and without its port; None if malformed.
+
+    `name`, `name:port`, `[v6]` and `[v6]:port`; parsed by hand, in one pass (no regex).
+    """
+    header = header.strip().lower()
+    if header.startswith("["):
+        end = header.find("]")
+        name, rest = header[1:end], header[end + 1:]
+        if end < 0 or not (rest == "" or (rest.startswith(":") and rest[1:].isdigit())):
+            return None
+        return name
+    name, colon, port = header.partition(":")
+    if colon and not port.isdigit():
+        return None
+    return name or None
+
+
+class HostCheck:
+    """ASGI wrapper: HTTP and WebSocket requests whose Host is not one of `allowed` get a 421 JSON
+    error (400 when the header is missing or malformed); lifespan events pass through."""
+
+    def __init__(self, app, allowed: set[str] | frozenset[str] = LOOPBACK_NAMES):
+        self.app, self.allowed = app, frozenset(a.lower().strip("[]") for a in allowed)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        raw = dict(scope.get("headers") or []).get(b"host")
+        name = host_name(raw.decode("latin-1")) if raw is not None else None
+        if name in self.allowed:
+            return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":
+            return await send({"type": "websocket.close", "code": 1008})
+        status, message = (421, f"this server answers only to {', '.join(sorted(self.allowed))}") \
+            if name is not None else (400, "missing or malformed Host header")
+        await _json_error(send, status, message)
+
+
+async def _json_error(send, status: int, message: str) -> None:
+    """The app's error shape, `{"error": {"message", "type", "code"}}`."""
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "code": status}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def loopback_guard(app, host: str):
+    """`app` behind a HostCheck when `host` is a loopback bind (the bound name is accepted too);
+    `app` itself otherwise, where keys, not the Host header, protect it."""
+    if not is_loopback(host):
+        return app
+    return HostCheck(app, LOOPBACK_NAMES | {host.strip().lower().strip("[]")})

@@ -1,0 +1,345 @@
+"""The server under attack and overload (issue 16, items 1-4, 6 and 7): linear-time PII patterns and a
+request log off the event loop, model calls within a token budget, 503 + Retry-After when the
+queue is full or a deadline passes, failures isolated per request, and failures operators can see."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from tunesmith.cli import app as cli
+from tunesmith.config import DriftSettings, ServeConfig
+from tunesmith.data.examples import Example
+from tunesmith.data.pii import ORDER, find_pii
+from tunesmith.serve import store as store_module
+from tunesmith.serve.app import create_app
+from tunesmith.serve.batcher import MicroBatcher
+from tunesmith.serve.metrics import ServeMetrics
+from tunesmith.serve.monitoring import DriftWatch
+from tunesmith.serve.service import Completion, load_service, token_batches
+from tunesmith.serve.store import STORED_CHARS, RequestLog
+from tunesmith.tasks.predict import encode_prompts
+
+from conftest import FILLER, PROJECT, free_port, make_texts, start_server, write_jsonl
+
+MAX_LENGTH = 64  # task.max_length of the run below: small, so texts of that length are cheap on CPU
+LABELS = {"alpha", "beta", "gamma"}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_model) -> str:
+    folder = tmp_path_factory.mktemp("reliability")
+    write_jsonl(folder / "train.jsonl", make_texts(30, 1))
+    write_jsonl(folder / "test.jsonl", make_texts(9, 2))
+    text = PROJECT.format(model=tiny_model, method="lora").replace(
+        '  instruction: "Classify."\n', f'  instruction: "Classify."\n  max_length: {MAX_LENGTH}\n')
+    (folder / "project.yaml").write_text(text, encoding="utf-8")
+    result = CliRunner().invoke(cli, ["run", str(folder / "project.yaml"), "--out", str(folder / "run"), "--quiet"])
+    assert result.exit_code in (0, 3), result.output
+    return str(folder / "run")
+
+
+@pytest.fixture()
+def service(run_dir):
+    return load_service(run_dir)
+
+
+def _metric(text: str, name: str) -> float:
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+# -- item 1: regex bomb -------------------------------------------------------------------------------
+def test_item1_pii_patterns_are_linear_on_hostile_text():
+    """Each of these took seconds to minutes before (the email pattern is quadratic on the dot
+    bomb, and thousands of findings made the overlap check quadratic); now each is well under a
+    second of work, so 5 s is a bound that only a super-linear pattern can break."""
+    hostile = {"dot bomb": "a." * 200_000 + "@", "local parts": ("a." * 32 + "a@" + "a.aa1" * 50) * 1000,
+               "phone groups": "12-" * 100_000, "dotted digits": "1." * 200_000, "spaces after a name": "Amy" +
+               " " * 200_000 + "x", "titles": "Mr " * 100_000}
+    for name, text in hostile.items():
+        started = time.perf_counter()
+        find_pii(text, ORDER)
+        assert time.perf_counter() - started < 5, name
+    text = "write to jane.doe@example.com or call +44 20 7946 0958, " + "a." * 50_000 + "@"
+    assert [f.kind for f in find_pii(text)] == ["email", "phone"]
+
+
+def test_item1_request_log_redacts_a_bounded_prefix(tmp_path):
+    log = RequestLog(tmp_path / "log.db")
+    at_cut = "x" * (STORED_CHARS - 10) + " ann.lee@example.com " + "y" * 100_000  # an email across the cut
+    log.write([{"route": "/v1/classify", "input": "mail bob@example.com " + "z" * 50_000},
+               {"route": "/v1/classify", "input": at_cut}, {"route": "/v1/classify", "input": "bad \ud800 text"}])
+    log.close()
+    rows = [r[0] for r in sqlite3.connect(tmp_path / "log.db").execute("SELECT input FROM requests ORDER BY id")]
+    assert rows[0].startswith("mail [EMAIL] zzz") and rows[0].endswith(" characters not stored]")
+    assert len(rows[0]) < STORED_CHARS + 100 and "@" not in rows[0]
+    assert "[EMAIL]" in rows[1] and "@" not in rows[1] and "ann.lee" not in rows[1]
+    assert rows[1].endswith(" [EMAIL] [+100001 characters not stored]")  # the cut moved past the email
+    assert rows[2] == "bad ? text"  # an unencodable character is stored as "?", never a failed write
+
+
+def test_item1_healthz_answers_while_the_request_log_works(service, tmp_path, monkeypatch):
+    """Redaction runs off the event loop: while it is stuck (here: held on an event) the request
+    waits for its own log row, but /healthz and other routes answer. Then the dot bomb itself is
+    answered and logged quickly."""
+    held, entered = threading.Event(), threading.Event()
+    real = store_module.find_pii
+
+    def slow_find(text, *a, **k):
+        entered.set()
+        held.wait(60)
+        return real(text, *a, **k)
+    monkeypatch.setattr(store_module, "find_pii", slow_find)
+    app = create_app(service, ServeConfig(), [], tmp_path / "log.db")
+    url, stop = start_server(app)
+    answers = {}
+    try:
+        with httpx.Client(base_url=url, timeout=10) as c:
+            pending = threading.Thread(target=lambda: answers.update(
+                first=c.post("/v1/classify", json={"text": "red card, mail me at a@example.com"}, timeout=60)))
+            pending.start()
+            assert entered.wait(10)  # the request is inside the (held) redaction now
+            for _ in range(3):
+                assert c.get("/healthz").json() == {"status": "ok"}
+            assert c.get("/metrics").status_code == 200 and pending.is_alive()
+            held.set()
+            monkeypatch.setattr(store_module, "find_pii", real)
+            pending.join(30)
+            assert answers["first"].status_code == 200
+            started = time.perf_counter()
+            bomb = c.post("/v1/classify", json={"text": "a." * 200_000 + "@"}, timeout=60)
+            assert bomb.status_code == 200 and time.perf_counter() - started < 30
+            assert c.get("/healthz").status_code == 200
+    finally:
+        held.set()
+        stop()
+    rows = [r[0] for r in sqlite3.connect(tmp_path / "log.db").execute("SELECT input FROM requests ORDER BY id")]
+    assert rows[0] == "red card, mail me at [EMAIL]"
+    assert len(rows[1]) < STORED_CHARS + 100 and rows[1].endswith("characters not stored]")
+
+
+# -- item 2: token budget -----------------------------------------------------------------------------
+def test_item2_model_calls_stay_within_max_batch_tokens(service, tmp_path, monkeypatch):
+    budget = 8 * MAX_LENGTH
+    predictor, calls = service.predictor, []
+    real = predictor.predict
+
+    def spy(examples, batch_size):
+        prompts = encode_prompts(predictor.tokenizer, predictor.fmt, examples)
+        calls.append((len(examples), len(examples) * max(len(p) for p in prompts)))
+        return real(examples, batch_size)
+    monkeypatch.setattr(predictor, "predict", spy)
+    long_text = " ".join(FILLER * 4)  # over task.max_length tokens: truncated to it
+    assert len(encode_prompts(predictor.tokenizer, predictor.fmt, [Example(long_text, "", "x")])[0]) >= MAX_LENGTH - 8
+    app = create_app(service, ServeConfig(max_batch_tokens=budget, max_wait_ms=50, request_timeout_s=600), [])
+
+    async def burst():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=600) as c:
+            texts = [f"{['red', 'blue', 'green'][i % 3]} {long_text} {i}" for i in range(64)]
+            return await asyncio.gather(*(c.post("/v1/classify", json={"texts": texts}) for _ in range(32)))
+    answers = asyncio.run(burst())
+    assert all(a.status_code == 200 and len(a.json()["results"]) == 64 for a in answers)
+    assert sum(n for n, _ in calls) == 32 * 64
+    assert max(tokens for _, tokens in calls) <= budget, "a model call went over serve.max_batch_tokens"
+
+
+def test_item2_token_batches_fill_the_budget_without_passing_it():
+    costs = [5, 3, 10, 2, 7, 100, 10]
+    groups = token_batches(costs, 20)
+    assert sorted(i for g in groups for i in g) == list(range(len(costs)))
+    assert all(len(g) * max(costs[i] for i in g) <= 20 for g in groups if len(g) > 1)
+    assert [5] in groups  # a row over the budget goes alone
+
+
+def test_item2_a_budget_smaller_than_one_row_is_refused(service, monkeypatch):
+    from tunesmith.errors import InputError
+
+    monkeypatch.setattr(service.predictor.fmt, "max_length", 128)
+    with pytest.raises(InputError, match="serve.max_batch_tokens"):
+        create_app(service, ServeConfig(max_batch_tokens=100))
+
+
+# -- item 3: overload ---------------------------------------------------------------------------------
+def test_item3_full_queue_and_deadline_answer_503_with_retry_after(service, monkeypatch):
+    held = threading.Event()
+    real = service.classify
+
+    def blocked(texts):
+        held.wait(30)
+        return real(texts)
+    monkeypatch.setattr(service, "classify", blocked)
+    app = create_app(service, ServeConfig(max_queue=2, max_batch=1, max_wait_ms=0, request_timeout_s=1), [])
+
+    async def flood():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            first = asyncio.create_task(c.post("/v1/classify", json={"text": "red"}))
+            await asyncio.sleep(0.2)  # the model thread has taken it and is stuck
+            started = time.monotonic()
+            rest = await asyncio.gather(*(c.post("/v1/classify", json={"text": "blue"}) for _ in range(5)))
+            waited = time.monotonic() - started
+            answers = [await first, *rest]
+            held.set()
+            after = await c.post("/v1/classify", json={"text": "green"})
+            return answers, waited, after, (await c.get("/metrics")).text
+    try:
+        answers, waited, after, metrics = asyncio.run(flood())
+    finally:
+        held.set()
+    assert [a.status_code for a in answers] == [503] * 6 and waited < 10
+    assert all(int(a.headers["Retry-After"]) >= 1 for a in answers)
+    reasons = sorted(a.json()["error"]["message"] for a in answers)
+    assert sum("queue full" in r for r in reasons) == 3 and sum("request_timeout_s" in r for r in reasons) == 3
+    assert after.status_code == 200
+    assert _metric(metrics, 'tunesmith_rejected_total{reason="queue_full"}') == 3
+    assert _metric(metrics, 'tunesmith_rejected_total{reason="deadline"}') == 3
+
+
+def test_item3_model_calls_are_paced_and_skip_requests_past_their_deadline():
+    """Requests are answered as their own rows finish; a request no longer waiting costs no model time;
+    once a row is measured, a call holds no more rows than fit in the pacer's cap."""
+    from tunesmith.serve.app import Pacer, _run_batch
+
+    class Fake:
+        labels, calls = ["x"], []
+
+        def row_tokens(self, kind, rows):
+            return [10] * len(rows)
+
+        def classify(self, texts):
+            self.calls.append(list(texts))
+            return [(t.upper(), {}) for t in texts]
+    fake, delivered, gone = Fake(), [], {1}
+    pacer = Pacer(cap_s=1.0)
+    pacer.observe(1, 0.5)  # 0.5 s a row: two rows per call
+    _run_batch(fake, "classify", [["a", "b"], ["dead"], ["c", "d", "e"]],
+               lambda i, result: delivered.append((i, [label for label, _ in result])),
+               lambda i: i not in gone, budget=1000, pacer=pacer)
+    assert delivered == [(0, ["A", "B"]), (2, ["C", "D", "E"])]
+    assert fake.calls == [["a", "b"], ["c", "d"], ["e"]]  # "dead" never computed, two rows per call
+
+
+def test_item3_serve_sets_uvicorns_concurrency_limit(run_dir, monkeypatch):
+    import uvicorn
+
+    from tunesmith.serve.server import serve
+
+    seen = {}
+
+    class FakeServer:
+        def __init__(self, config):
+            seen["config"], self.started = config, True
+
+        def run(self, sockets=None):
+            seen["ran"] = True
+    monkeypatch.setattr(uvicorn, "Server", FakeServer)
+    monkeypatch.delenv("TUNESMITH_API_KEYS", raising=False)
+    serve(Path(run_dir), "127.0.0.1", free_port())
+    assert seen["ran"] and seen["config"].limit_concurrency == ServeConfig().max_concurrency
+
+
+# -- item 4: failure isolation ------------------------------------------------------------------------
+def test_item4_a_lone_surrogate_fails_only_its_own_request(service, tmp_path):
+    app = create_app(service, ServeConfig(max_wait_ms=100), [], tmp_path / "log.db")
+
+    async def mixed():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            json_type = {"content-type": "application/json"}
+            bad = c.post("/v1/classify", content=b'{"text": "red \\ud800"}', headers=json_type)
+            good = [c.post("/v1/classify", json={"text": f"blue {i}"}) for i in range(10)]
+            chat = c.post("/v1/chat/completions", content=b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
+                          headers=json_type)
+            return await asyncio.gather(bad, chat, *good)
+    bad, chat, *good = asyncio.run(mixed())
+    assert bad.status_code == 422 and "Unicode" in bad.json()["error"]["message"]
+    assert chat.status_code == 422
+    assert [g.status_code for g in good] == [200] * 10 and all(g.json()["label"] in LABELS for g in good)
+
+
+def test_item4_a_failing_batch_fails_only_the_request_at_fault():
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls = []
+
+    def run_batch(kind, items, deliver, alive):
+        calls.append(list(items))
+        if "bad" in items:
+            raise ValueError("cannot encode")
+        for i, item in enumerate(items):
+            deliver(i, item.upper())
+
+    async def go():
+        batcher = MicroBatcher(run_batch, max_batch=16, max_wait_ms=50, executor=ThreadPoolExecutor(1))
+        return await asyncio.gather(*(batcher.submit("classify", t) for t in ["a", "b", "bad", "c"]),
+                                    return_exceptions=True)
+    results = asyncio.run(go())
+    assert results[:2] == ["A", "B"] and results[3] == "C" and isinstance(results[2], ValueError)
+    assert calls[0] == ["a", "b", "bad", "c"]  # one batch first, then each request alone
+
+
+def test_item4_request_log_failures_never_fail_a_request(service, tmp_path, monkeypatch, caplog):
+    def full(self, rows):
+        raise sqlite3.OperationalError("database or disk is full")
+    monkeypatch.setattr(RequestLog, "write", full)
+    with caplog.at_level(logging.ERROR, logger="tunesmith.serve"):
+        with TestClient(create_app(service, ServeConfig(), [], tmp_path / "log.db")) as c:
+            answers = [c.post("/v1/classify", json={"text": t}).status_code for t in ("red", "blue", "green")]
+            chat = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "red"}]})
+            metrics = c.get("/metrics").text
+    assert answers == [200, 200, 200] and chat.status_code == 200
+    assert _metric(metrics, 'tunesmith_request_log_failures_total{reason="write"}') == 4
+    lines = [r.getMessage() for r in caplog.records if "request log write failed" in r.getMessage()]
+    assert len(lines) == 1 and "OperationalError" in lines[0]  # logged, at most once per interval
+
+
+# -- item 6 (server part): bounded label set ----------------------------------------------------------
+def test_item6_free_text_answers_count_as_one_metric_label(service, monkeypatch):
+    monkeypatch.setattr(service, "complete", lambda examples, limits: [
+        Completion(f"free text {i} from upstream", "stop", 3, 4) for i, _ in enumerate(examples)])
+    with TestClient(create_app(service, ServeConfig())) as c:
+        for i in range(3):
+            assert c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": f"q{i}"}]}
+                          ).status_code == 200
+        metrics = c.get("/metrics").text
+    assert _metric(metrics, 'tunesmith_predicted_label_total{label="other"}') == 3
+    assert "free text" not in metrics
+
+
+# -- item 7: operators see failures -------------------------------------------------------------------
+def test_item7_a_500_logs_one_line_with_the_request_id(service, monkeypatch, caplog):
+    monkeypatch.setattr(service, "classify", lambda texts: (_ for _ in ()).throw(RuntimeError("boom secret")))
+    with caplog.at_level(logging.ERROR, logger="tunesmith.serve"):
+        with TestClient(create_app(service, ServeConfig())) as c:
+            failed = c.post("/v1/classify", json={"text": "red"})
+            health = c.get("/healthz", headers={"X-Request-ID": "client-id-7"})
+            invalid = c.get("/healthz", headers={"X-Request-ID": "bad id\twith spaces"})
+    rid = failed.headers["X-Request-ID"]
+    assert failed.status_code == 500 and re.fullmatch(r"[0-9a-f]{32}", rid)
+    assert health.headers["X-Request-ID"] == "client-id-7"
+    assert re.fullmatch(r"[0-9a-f]{32}", invalid.headers["X-Request-ID"])
+    lines = [r.getMessage() for r in caplog.records if rid in r.getMessage()]
+    assert len(lines) == 1 and "RuntimeError" in lines[0] and "/v1/classify" in lines[0]
+    assert "boom secret" not in lines[0]  # the type, never the message: it may carry user text
+
+
+def test_item7_drift_update_failures_are_counted(run_dir, tmp_path, monkeypatch, caplog):
+    metrics = ServeMetrics()
+    log = RequestLog(tmp_path / "log.db")
+    watch = DriftWatch(Path(run_dir), log, DriftSettings(update_every=1), metrics)
+    monkeypatch.setattr(watch, "update_now", lambda: (_ for _ in ()).throw(OSError("reference unreadable")))
+    with caplog.at_level(logging.ERROR, logger="tunesmith.serve"):
+        for _ in range(2):
+            watch.seen(1)
+            watch.close()
+    log.close()
+    assert _metric(metrics.exposition().decode(), "tunesmith_drift_update_failures_total") == 2
+    assert any("drift update failed: OSError" in r.getMessage() for r in caplog.records)
