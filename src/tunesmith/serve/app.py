@@ -85,14 +85,15 @@ class ClassifyRequest(_Body):
 
 class CompletionRequest(_Body):
     model: str | None = None
-    prompt: str
+    # Text goes through the run's prompt format; token ids (OpenAI's other form) are used as given.
+    prompt: str | list[int]
     max_tokens: int = Field(16, ge=1)
     stream: bool = False
 
     @field_validator("prompt")
     @classmethod
-    def _valid_prompt(cls, v: str) -> str:
-        return _unicode(v)
+    def _valid_prompt(cls, v: str | list[int]) -> str | list[int]:
+        return _unicode(v) if isinstance(v, str) else v
 
 
 class ChatMessage(_Body):
@@ -250,12 +251,18 @@ def create_app(service: Service, cfg: ServeConfig, keys: list[str] | None = None
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         limit = _limit(body.max_tokens, cfg)
-        example = service.example(prompt=body.prompt)
+        if isinstance(body.prompt, list) and service.labels:
+            return _error(400, "a classifier takes text prompts (its prompt format is applied to them)",
+                          "invalid_request_error")
+        try:
+            example = service.example(prompt=body.prompt)
+        except ValueError as e:  # a token prompt out of range
+            return _error(422, f"{e} (prompt)", "invalid_request_error")
         if body.stream:
             return await _stream(service, executor, example, limit, "text_completion", request, streams,
-                                 _stream_logger(metrics, record, service, request, "/v1/completions", body.prompt))
+                                 _stream_logger(metrics, record, service, request, "/v1/completions", example.input))
         done: Completion = await batcher.submit("complete", (example, limit), request.state.deadline)
-        await _account(metrics, record, service, request, "/v1/completions", body.prompt, done)
+        await _account(metrics, record, service, request, "/v1/completions", example.input, done)
         return _openai(service, "text_completion", {"text": done.text, "index": 0, "logprobs": None,
                                                     "finish_reason": done.finish_reason}, done)
 

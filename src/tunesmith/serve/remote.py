@@ -4,8 +4,9 @@ limits, request log, metrics and drift as the built-in engine, only the forward 
 upstream.
 
 The sidecar renders each request with the run's own prompt format (instruction, label list, chat
-template: what the model was fine-tuned on) and sends the rendered text to the upstream's
-`/v1/completions`, greedy, so vLLM and the built-in engine see the same prompt. Whatever the
+template: what the model was fine-tuned on) and sends its token ids to the upstream's
+`/v1/completions`, greedy, so vLLM and the built-in engine see the same tokens (user text as literal
+characters: see models/tokens.py). Whatever the
 upstream answers is checked: an answer that is not the OpenAI shape is an EngineError (HTTP 502),
 never an internal error.
 """
@@ -27,8 +28,8 @@ import httpx
 from tunesmith import fsio
 from tunesmith.data.examples import Example
 from tunesmith.errors import EngineError
-from tunesmith.serve.service import Completion, request_example
-from tunesmith.tasks.prompts import PromptFormat, render_prompt
+from tunesmith.serve.service import Completion, TokenPrompt, prompt_ids, request_example
+from tunesmith.tasks.prompts import PromptFormat
 
 TIMEOUT = httpx.Timeout(300.0, connect=5.0)
 HEALTH_PATH = "/v1/models"  # answered by vLLM, llama.cpp, TGI and tunesmith's own server once loaded
@@ -63,11 +64,15 @@ class RemoteService:
     def labels(self) -> list[str] | None:
         return self.fmt.labels
 
-    def example(self, prompt: str | None = None, messages: list[dict] | None = None) -> Example:
+    def example(self, prompt: str | list[int] | None = None, messages: list[dict] | None = None) -> Example | TokenPrompt:
+        if isinstance(prompt, list):
+            return TokenPrompt.checked(prompt, self.tokenizer, self.fmt.max_length)
         return request_example(self.fmt, prompt, messages)
 
-    def request_body(self, example: Example, max_tokens: int, stream: bool = False) -> dict:
-        return {"model": self.served_name, "prompt": render_prompt(self.tokenizer, self.fmt, example),
+    def request_body(self, example: Example | TokenPrompt, max_tokens: int, stream: bool = False) -> dict:
+        # Token ids, not text: the upstream would parse control tokens out of a text prompt, user text
+        # included; these ids hold the template's control tokens and the user's text as literal characters.
+        return {"model": self.served_name, "prompt": prompt_ids(self.tokenizer, self.fmt, [example])[0],
                 "max_tokens": max_tokens, "temperature": 0, "stream": stream}
 
     def complete(self, examples: list[Example], max_tokens: list[int]) -> list[Completion]:

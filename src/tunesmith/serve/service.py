@@ -27,6 +27,33 @@ class Completion:
     completion_tokens: int
 
 
+@dataclass(frozen=True)
+class TokenPrompt:
+    """A completion prompt given as token ids (OpenAI's `"prompt": [int, ...]`): used as it is, with no
+    prompt format around it. The vLLM sidecar sends its prompts this way, encoded with user text as
+    literal characters, so the engine never re-tokenizes (and never parses control tokens out of) user text."""
+
+    ids: tuple[int, ...]
+    input: str  # the ids decoded, for the request log
+
+    @classmethod
+    def checked(cls, ids: list[int], tokenizer, max_length: int) -> TokenPrompt:
+        """ValueError (the client's 422) for an empty or over-long prompt or an id outside the vocabulary."""
+        vocab = len(tokenizer)
+        if not 0 < len(ids) <= max_length:
+            raise ValueError(f"a token prompt holds 1 to {max_length} ids (task.max_length)")
+        if any(not 0 <= i < vocab for i in ids):
+            raise ValueError(f"token ids must lie in [0, {vocab})")
+        return cls(tuple(ids), tokenizer.decode(ids))
+
+
+def prompt_ids(tokenizer, fmt: PromptFormat, items: list) -> list[list[int]]:
+    """Token ids of each prompt: a TokenPrompt's own ids, an Example through the run's prompt format."""
+    examples = [x for x in items if not isinstance(x, TokenPrompt)]
+    encoded = iter(encode_prompts(tokenizer, fmt, examples) if examples else [])
+    return [list(x.ids) if isinstance(x, TokenPrompt) else next(encoded) for x in items]
+
+
 @dataclass
 class Service:
     """A loaded model and what it serves; `variant` names the optimisation variant in use."""
@@ -70,9 +97,11 @@ class Service:
         tok, limit = self.predictor.tokenizer, self.fmt.max_length
         if tok is None:  # the MiniLM classifier: a wordpiece covers at least one character, plus [CLS] [SEP]
             return [min(limit, len(e.input) + 2) for e in examples]
-        return [len(p) for p in encode_prompts(tok, self.fmt, examples)]
+        return [len(p) for p in prompt_ids(tok, self.fmt, examples)]
 
-    def example(self, prompt: str | None = None, messages: list[dict] | None = None) -> Example:
+    def example(self, prompt: str | list[int] | None = None, messages: list[dict] | None = None) -> Example | TokenPrompt:
+        if isinstance(prompt, list):
+            return TokenPrompt.checked(prompt, self.predictor.tokenizer, self.fmt.max_length)
         return request_example(self.fmt, prompt, messages)
 
     def complete(self, examples: list[Example], max_tokens: list[int]) -> list[Completion]:
@@ -80,7 +109,7 @@ class Service:
         if self.labels:
             return [Completion(label, "stop", 0, 1) for label, _ in self.classify([e.input for e in examples])]
         tok, model = self.predictor.tokenizer, self.predictor.module
-        prompts = encode_prompts(tok, self.fmt, examples)
+        prompts = prompt_ids(tok, self.fmt, examples)
         if self.predictor.complete is not None:  # another runtime (ct2) decodes
             rows = self.predictor.complete(prompts, max_tokens)
             return [_completion(tok, row, len(p), limit) for row, p, limit in zip(rows, prompts, max_tokens)]
@@ -100,7 +129,7 @@ class Service:
             yield self.complete([example], [max_tokens])[0].text
             return
         tok, model = self.predictor.tokenizer, self.predictor.module
-        ids = torch.tensor([encode_prompts(tok, self.fmt, [example])[0]], device=model.device)  # (1, T)
+        ids = torch.tensor(prompt_ids(tok, self.fmt, [example]), device=model.device)  # (1, T)
         stops, past, produced, text = set(stop_ids(tok)), None, [], ""
         for _ in range(max_tokens):
             if cancelled.is_set():
