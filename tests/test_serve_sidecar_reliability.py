@@ -279,6 +279,26 @@ def test_item6_engine_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_
     stop_engine(polite)  # stopping twice is harmless
 
 
+def test_item6_engine_gets_sigterm_when_tunesmith_is_killed_outright(tmp_path):
+    """SIGKILL (or the OOM killer) runs no `finally`; the engine still gets SIGTERM from the kernel
+    (PR_SET_PDEATHSIG, armed by orphan_guard before it execs the engine) instead of keeping the GPU."""
+    parent_script = ("import sys, time\n"
+                     "from tunesmith.serve.remote import start_engine\n"
+                     "p = start_engine([sys.executable, '-c', 'import time; time.sleep(600)'], 'engine-key-0123456789')\n"
+                     "print(p.pid, flush=True)\n"
+                     "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", parent_script], stdout=subprocess.PIPE, text=True)
+    engine = int(parent.stdout.readline())
+    try:
+        _wait_until(lambda: "time.sleep(600)" in Path(f"/proc/{engine}/cmdline").read_text(errors="replace")
+                    .replace("\0", " "), 30, "the engine to exec")
+        parent.kill()
+        parent.wait()
+        _wait_until(lambda: not _alive(engine), 20, "the engine to die with its parent")
+    finally:
+        _kill_group(engine)
+
+
 def _bad_upstream(mode: dict):
     """An OpenAI-looking upstream whose /v1/completions answers whatever `mode["body"]` holds."""
     from starlette.applications import Starlette

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tunesmith.errors import ModelError
+from tunesmith.models.tokens import literal_batch
 
 
 def model_path() -> Path:
@@ -48,8 +49,8 @@ def embed(texts: list[str], batch_size: int = 128, max_tokens: int = 128, progre
     for start in tqdm(range(0, len(order), batch_size), desc="embed", unit="batch", disable=not progress,
                       dynamic_ncols=True):
         idx = order[start:start + batch_size]
-        enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_tokens,
-                        return_tensors="pt")
+        enc = literal_batch(tokenizer, [texts[i] for i in idx], padding=True, truncation=True,
+                            max_length=max_tokens, return_tensors="pt")
         hidden = model(**enc).last_hidden_state                 # (B, T, H)
         mask = enc["attention_mask"].unsqueeze(-1).float()      # (B, T, 1)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, H)

@@ -24,13 +24,47 @@ _MARKER = re.compile("\ue000(\\d+)\ue001")
 
 
 def control_strings(tokenizer) -> tuple[str, ...]:
-    """The strings the tokenizer would turn into special (control) tokens."""
-    return tuple(t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content)
+    """The strings the tokenizer would turn into control tokens wherever they appear in text: its
+    special tokens, and added tokens it matches verbatim without being special (not normalized:
+    markup such as Qwen's `<tool_call>` or `<|fim_prefix|>`)."""
+    return tuple(t.content for t in tokenizer.added_tokens_decoder.values()
+                 if t.content and not t.content.isspace() and (t.special or not t.normalized))
 
 
 def text_ids(tokenizer, text: str) -> list[int]:
     """Token ids of `text` as literal characters: a control-token string in it stays plain text."""
-    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    pieces = _cut_markup(text, _markup(tokenizer))
+    return [i for piece in pieces for i in
+            tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]]
+
+
+def literal_batch(tokenizer, texts: list[str], **kwargs):
+    """`tokenizer(texts, **kwargs)` (padding, truncation, tensors...) with special-token strings in
+    the texts kept as text; the tokenizer's own [CLS]/[SEP] framing is still added. For encoders
+    (MiniLM), whose vocabularies hold no non-special markup."""
+    return tokenizer(texts, split_special_tokens=True, **kwargs)
+
+
+def _markup(tokenizer) -> tuple[str, ...]:
+    """Added tokens that are matched verbatim but are not special: `split_special_tokens` leaves them whole."""
+    return tuple(t.content for t in tokenizer.added_tokens_decoder.values()
+                 if t.content and not t.content.isspace() and not t.special and not t.normalized)
+
+
+def _cut_markup(text: str, markup: tuple[str, ...]) -> list[str]:
+    """`text` in pieces, each occurrence of a markup string cut after its first character, so that
+    no piece holds one whole (the pieces still decode to `text`)."""
+    present = [m for m in markup if m in text]
+    if not present:
+        return [text]
+    # One alternation of literals, longest first: a left-to-right scan, linear in the text.
+    pattern = re.compile("|".join(re.escape(m) for m in sorted(present, key=len, reverse=True)))
+    pieces, start = [], 0
+    for m in pattern.finditer(text):
+        pieces.append(text[start:m.start() + 1])
+        start = m.start() + 1
+    pieces.append(text[start:])
+    return [p for p in pieces if p]
 
 
 def template_ids(tokenizer, text: str) -> list[int]:

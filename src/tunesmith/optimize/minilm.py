@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from tunesmith import fsio
 from tunesmith.data.embed import model_path
 from tunesmith.data.examples import Example
+from tunesmith.models.tokens import literal_batch
 from tunesmith.optimize.engines import VARIANT_FILE, Predictor
 from tunesmith.tasks.predict import Predictions
 from tunesmith.tasks.prompts import PromptFormat
@@ -59,8 +60,8 @@ def train_classifier(model, tokenizer, texts: list[str], targets: list[int], tea
             rng.shuffle(order)
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
-                enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=MAX_TOKENS,
-                                return_tensors="pt")
+                enc = literal_batch(tokenizer, [texts[i] for i in idx], padding=True, truncation=True,
+                                    max_length=MAX_TOKENS, return_tensors="pt")
                 logits = model(enc["input_ids"], enc["attention_mask"])  # (B, L)
                 loss = distillation_loss(logits, teacher_logits[idx], gold[idx], temperature, alpha)
                 loss.backward()
@@ -76,8 +77,9 @@ def train_classifier(model, tokenizer, texts: list[str], targets: list[int], tea
 def classify(model, tokenizer, labels: list[str], examples: list[Example], batch_size: int) -> Predictions:
     texts, probs = [], []
     for start in range(0, len(examples), batch_size):
-        enc = tokenizer([e.input for e in examples[start:start + batch_size]], padding=True, truncation=True,
-                        max_length=MAX_TOKENS, return_tensors="pt")
+        # User text: a typed [SEP] or [MASK] stays text (models/tokens.py).
+        enc = literal_batch(tokenizer, [e.input for e in examples[start:start + batch_size]], padding=True,
+                            truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
         p = torch.softmax(model(enc["input_ids"], enc["attention_mask"]).float(), dim=-1)  # (B, L)
         for row in p.tolist():
             texts.append(labels[max(range(len(row)), key=row.__getitem__)])

@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -203,8 +204,10 @@ def vllm_command(model: Path, port: int, served_name: str) -> list[str]:
 
 def start_engine(command: list[str], api_key: str) -> subprocess.Popen:
     """Start the engine in its own process group, so `stop_engine` reaches its workers too; the key
-    goes in VLLM_API_KEY (vLLM's equivalent of `--api-key`), not argv, which every user can read."""
-    return subprocess.Popen(command, env={**os.environ, "VLLM_API_KEY": api_key}, start_new_session=True)
+    goes in VLLM_API_KEY (vLLM's equivalent of `--api-key`), not argv, which every user can read.
+    Through orphan_guard, the engine also gets SIGTERM if this process is killed outright."""
+    guarded = [sys.executable, "-m", "tunesmith.serve.orphan_guard", str(os.getpid()), *command]
+    return subprocess.Popen(guarded, env={**os.environ, "VLLM_API_KEY": api_key}, start_new_session=True)
 
 
 def stop_engine(process: subprocess.Popen, grace: float = STOP_GRACE_S) -> None:
