@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from tunesmith import fsio
 from tunesmith.cli import app
-from tunesmith.runs import lock_path, record_run, staging_dir
+from tunesmith.runs import STAGING_MARKER, lock_path, record_run, staging_dir
 
 from conftest import PROJECT, make_texts, write_jsonl
 
@@ -125,6 +125,7 @@ def test_item10_second_run_into_a_locked_out_is_refused(tmp_path, tiny_model):
     out = tmp_path / "run"
     staging = staging_dir(out)
     staging.mkdir()
+    (staging / STAGING_MARKER).touch()  # what the first run wrote when it made its staging folder
     (staging / "first.txt").write_text("the first run's work")  # what the first run has staged so far
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
     try:

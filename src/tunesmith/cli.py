@@ -505,12 +505,14 @@ def human_export(run_dir: Path = typer.Argument(..., help="an evaluated run dire
                  n: Optional[int] = typer.Option(None, "--n", help="at most this many pairs"),
                  seed: Optional[int] = typer.Option(None, "--seed", help="blinding seed (default: a random "
                                                     "one, recorded in key.json)"),
+                 overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier export in the "
+                                                "folder (its key no longer matches ratings collected for it)"),
                  debug: bool = DEBUG) -> None:
     """Write blinded, shuffled A/B pairs as pairs.csv and a rating form (form.html), plus key.json."""
     def go() -> int:
         from tunesmith.evaluate.human import export_pairs
 
-        folder = export_pairs(run_dir, out or Path(run_dir) / "human", against, n, seed)
+        folder = export_pairs(run_dir, out or Path(run_dir) / "human", against, n, seed, overwrite)
         print(f"pairs: {folder / 'pairs.csv'}\nform: {folder / 'form.html'} (send to raters)\n"
               f"key: {folder / 'key.json'} (keep; needed to import ratings)")
         return 0

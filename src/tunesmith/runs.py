@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import shutil
+import sys
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +27,11 @@ def new_run_id() -> str:
 def final_dir(base_dir: Path, name: str, out: Path | None) -> Path:
     """`out` itself when given, else runs/<name>/<run-id>/ beside the config."""
     return Path(out).resolve() if out else (base_dir / "runs" / name / new_run_id())
+
+
+# Written into a staging folder when it is made (removed before it becomes the run directory), so that
+# only folders tunesmith made are ever removed as stale staging.
+STAGING_MARKER = ".tunesmith-staging"
 
 
 def staging_dir(final: Path) -> Path:
@@ -113,8 +121,21 @@ def run_lock(final: Path):
     try:
         yield
     finally:
-        path.unlink(missing_ok=True)  # while still locked: a waiter then sees a new inode and retries
+        if _same_file(path, fd):  # the file this process locked and wrote its pid into, nothing else
+            path.unlink(missing_ok=True)  # while still locked: a waiter then sees a new inode and retries
         os.close(fd)
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        st, fst = os.stat(path, follow_symlinks=False), os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
+
+
+# All a lock file tunesmith wrote can hold: nothing yet, or a pid and a newline.
+_PID_FILE = re.compile(rb"\d{0,20}\n?")
 
 
 def _acquire(path: Path, final: Path) -> int:
@@ -123,11 +144,7 @@ def _acquire(path: Path, final: Path) -> int:
     from tunesmith.errors import RunDirError
 
     while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        except PermissionError:
-            raise RunDirError("cannot create the run directory's lock file (permission denied)", str(path),
-                              "make the folder that holds the run directory writable") from None
+        fd = _open_lock(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -141,10 +158,36 @@ def _acquire(path: Path, final: Path) -> int:
         except FileNotFoundError:
             current = False
         if current:  # else the previous holder removed the file between our open and flock
+            if not _PID_FILE.fullmatch(os.pread(fd, 64, 0)):
+                os.close(fd)
+                raise RunDirError("a file with the lock file's name exists and is not a tunesmith lock (it holds "
+                                  "more than a pid); left untouched", str(path),
+                                  f"move it away if it is yours, or give another folder than {final}")
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
             return fd
         os.close(fd)
+
+
+def _open_lock(path: Path) -> int:
+    """An fd on the lock file, created if missing; never through a symlink, never anything but a plain file."""
+    import stat
+
+    from tunesmith.errors import RunDirError
+
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+    except PermissionError:
+        raise RunDirError("cannot create the run directory's lock file (permission denied)", str(path),
+                          "make the folder that holds the run directory writable") from None
+    except OSError as e:  # a symlink (ELOOP), a folder (EISDIR), ...
+        raise RunDirError(f"the lock file's name is taken by something that is not a tunesmith lock ({e.strerror}); "
+                          "left untouched", str(path), "move it away if it is yours, or give another folder") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RunDirError("the lock file's name is taken by something that is not a plain file; left untouched",
+                          str(path), "move it away if it is yours, or give another folder")
+    return fd
 
 
 @contextmanager
@@ -166,6 +209,7 @@ def staged(final: Path, keep_failed: bool = False, resume: bool = False, overwri
             _check_staging(staging, final, overwrite)
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()
+            (staging / STAGING_MARKER).touch()
         try:
             yield staging
         except BaseException as e:
@@ -173,17 +217,30 @@ def staged(final: Path, keep_failed: bool = False, resume: bool = False, overwri
             if not keep_failed and not resumable:
                 shutil.rmtree(staging, ignore_errors=True)
             raise
+        (staging / STAGING_MARKER).unlink(missing_ok=True)  # config.yaml still says the folder is ours
         fsio.replace_dir(staging, final)
         _point_latest(final)
 
 
 def _check_staging(staging: Path, final: Path, overwrite: bool) -> None:
-    """An interrupted run's checkpoints are work: starting afresh over them needs `overwrite`."""
+    """An interrupted run's checkpoints are work: starting afresh over them needs `overwrite`; a folder
+    of that name that tunesmith did not make is never removed."""
     from tunesmith.errors import RunDirError
 
+    if (staging.exists() or staging.is_symlink()) and not _is_staging(staging):
+        raise RunDirError(f"{staging} exists and is not a tunesmith staging folder (no {STAGING_MARKER} or "
+                          "config.yaml in it); left untouched", f"--out {final}",
+                          "move it away if it is yours, or give another --out")
     if (staging / "checkpoints").is_dir() and not overwrite:
         raise RunDirError("an interrupted run of this folder can be resumed", f"--out {final}",
                           f"continue it with `tunesmith train --resume {final}`, or pass --overwrite to start again")
+
+
+def _is_staging(path: Path) -> bool:
+    """A real folder that tunesmith made: empty, or holding the marker written at creation or a run's config.yaml."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    return (path / STAGING_MARKER).is_file() or (path / "config.yaml").is_file() or not any(path.iterdir())
 
 
 def interrupted_run(run_dir: Path) -> tuple[Path, Path]:
@@ -212,8 +269,11 @@ def _point_latest(final: Path) -> None:
     if final.parent.parent.name != "runs":
         return
     link = final.parent / "latest"
-    tmp = final.parent / f".latest-{os.getpid()}"
-    tmp.unlink(missing_ok=True)
+    if link.exists() and not link.is_symlink():  # the user's own file or folder: never replace it
+        print(f"warning: {link} is not a symbolic link, so it was left alone and does not point to the new run",
+              file=sys.stderr)
+        return
+    tmp = final.parent / f".latest-{secrets.token_hex(8)}"  # a fresh name: nothing of the user's is removed
     os.symlink(final.name, tmp)
     os.replace(tmp, link)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,14 +84,24 @@ def _parse_json_line(text: str) -> tuple[Any, str | None]:
     """(record, None), or (None, why the line is not a usable record)."""
     try:
         record = json.loads(text)
-    except json.JSONDecodeError as e:
+    except json.JSONDecodeError as e:  # before ValueError, its base class
         return None, f"invalid JSON: {e.msg} (column {e.colno})"
+    except ValueError as e:
+        return None, json_value_error(e)
     except RecursionError:
         return None, f"JSON nested too deeply (more than {MAX_NESTING} levels)"
     if _depth(record) > MAX_NESTING:
         # Parsed, but so deep that later recursive code (copying, json.dumps) would overflow the stack.
         return None, f"JSON nested too deeply (more than {MAX_NESTING} levels)"
     return record, None
+
+
+def json_value_error(e: ValueError) -> str:
+    """Why json.loads refused a line with a plain ValueError: in practice an integer longer than
+    Python's int/str conversion limit (sys.get_int_max_str_digits(), 4300 by default)."""
+    if "digits" in str(e):
+        return f"number too long (an integer of more than {sys.get_int_max_str_digits()} digits)"
+    return f"invalid JSON: {e}"
 
 
 def _depth(value: Any) -> int:

@@ -9,12 +9,17 @@ import unicodedata
 
 from tunesmith.config import NormalizeSettings
 
-_TAG = re.compile(r"<(?:/?[a-zA-Z][a-zA-Z0-9-]*(?:\s[^<>]*)?/?|!--.*?--)>", re.S)
+# Every pattern here runs on user text, so each is linear-time: none can cross a `<` (tags) or the
+# character it starts at (entities), so a failed attempt costs at most the distance to the next start.
+# Comments (`<!-- ... -->`) are found with str.find in `_strip_tags` instead: a lazy `.*?` would rescan
+# to the end of the text from every unclosed `<!--` (quadratic).
+_TAG = re.compile(r"</?[a-zA-Z][a-zA-Z0-9-]*(?:\s[^<>]*)?/?>")
 _ENTITY = re.compile(r"&(?:#\d+|#x[0-9a-fA-F]+|[a-zA-Z]+);")
 # C0/C1 control characters other than tab and newline, plus zero-width and bidi controls.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060\ufeff]")
 _SPACES = re.compile(r"[ \t\u00a0]+")
-_BLANK_LINES = re.compile(r"\n\s*\n\s*\n+")
+# Three or more newlines; the lines are stripped first, so only newlines lie between them.
+_BLANK_LINES = re.compile(r"\n{3,}")
 _PUNCT_SPACE = re.compile(r"[\W_]+", re.UNICODE)
 
 
@@ -37,8 +42,34 @@ def normalize_text(text: str, cfg: NormalizeSettings) -> tuple[str, list[str]]:
 def _strip_html(text: str) -> str:
     if "<" not in text and "&" not in text:
         return text
-    text = _TAG.sub(" ", text) if _TAG.search(text) else text
+    text = _strip_tags(text) if "<" in text else text
     return html.unescape(text) if _ENTITY.search(text) else text
+
+
+def _strip_tags(text: str) -> str:
+    """Each tag and comment replaced by a space, scanning left to right (what a regex sub would do),
+    in linear time: comment ends are found with str.find, and once one `<!--` has no `-->` after it,
+    no later one can have either."""
+    out, pos = [], 0
+    comments_can_close = True
+    start = text.find("<")
+    while start != -1:
+        end = -1
+        if text.startswith("<!--", start):
+            if comments_can_close:
+                close = text.find("-->", start + 4)
+                comments_can_close = close != -1
+                end = close + 3 if close != -1 else -1
+        else:
+            m = _TAG.match(text, start)
+            end = m.end() if m else -1
+        if end == -1:
+            start = text.find("<", start + 1)
+            continue
+        out += [text[pos:start], " "]
+        pos = end
+        start = text.find("<", end)
+    return "".join(out) + text[pos:]
 
 
 def _collapse_whitespace(text: str) -> str:

@@ -10,10 +10,16 @@ from tunesmith import fsio
 from tunesmith.config import Project
 from tunesmith.data.examples import Example, raise_for_problems
 from tunesmith.data.prepare import Splits, check_data, data_report, prepare_data, save_splits
+from tunesmith.errors import InputError
 
 # A text this many characters per token of task.max_length is almost surely truncated.
 CHARS_PER_TOKEN = 4
 IMBALANCE_RATIO = 10
+# What clean/augment/split/report write into --out, and the marker that says a folder is their output
+# (so a later command may write there again; any other non-empty folder is the user's and left alone).
+OUTPUT_FILES = ("train.jsonl", "validation.jsonl", "test.jsonl", "removed.jsonl", "suspects.jsonl",
+                "changes.jsonl", "report.json", "report.html")
+MARKER = ".tunesmith-data"
 
 
 def check(project: Project) -> list[str]:
@@ -54,6 +60,7 @@ def check_warnings(project: Project, loaded: dict[str, list[Example]]) -> list[s
 
 def clean(project: Project, out: Path, progress: bool = True) -> list[str]:
     """Clean and split; write the splits, removed.jsonl, suspects.jsonl, changes.jsonl, report.json."""
+    check_out(project, out)
     splits = prepare_data(project, progress=progress, augment_rows=False)
     _write(splits, out)
     return summary(splits, out)
@@ -61,6 +68,7 @@ def clean(project: Project, out: Path, progress: bool = True) -> list[str]:
 
 def augment_data(project: Project, out: Path, progress: bool = True) -> list[str]:
     """Clean, split and augment the training split as data.augment says."""
+    check_out(project, out)
     splits = prepare_data(project, progress=progress, augment_rows=True)
     _write(splits, out)
     made = Counter(e.augmented.split(":")[0] for e in splits.train if e.augmented)
@@ -70,6 +78,7 @@ def augment_data(project: Project, out: Path, progress: bool = True) -> list[str
 
 def split(project: Project, out: Path) -> list[str]:
     """Split only (no cleaning): stratified, or group-aware with data.group_field."""
+    check_out(project, out)
     raw = project.model_copy(deep=True)
     raw.data.clean.enabled = False
     splits = prepare_data(raw, augment_rows=False)
@@ -79,11 +88,14 @@ def split(project: Project, out: Path) -> list[str]:
 
 def report(project: Project, out: Path | None, progress: bool = True) -> tuple[dict, list[str]]:
     """The data report (what `run` writes to data/report.json), optionally saved as out/report.json."""
+    if out is not None:
+        check_out(project, out)
     splits = prepare_data(project, progress=progress)
     rep = data_report(splits)
     if out is not None:
         from tunesmith.report.data_section import data_page
 
+        _mark(Path(out))
         fsio.write_json(Path(out) / "report.json", rep)
         fsio.write_text(Path(out) / "report.html", data_page(rep, f"tunesmith data report: {project.name}"))
     return rep, summary(splits, None) + ([f"report written to {out}"] if out is not None else [])
@@ -111,9 +123,61 @@ def summary(splits: Splits, out: Path | None) -> list[str]:
     return lines
 
 
+def check_out(project: Project, out: Path) -> None:
+    """Refuse an --out whose files are not ours to replace: one of the project's own input files (always),
+    or a non-empty folder that is not an earlier output of these commands. A new or empty folder is fine.
+
+    Raises:
+        InputError: naming --out; nothing has been touched.
+    """
+    out = Path(out).absolute()
+    where = f"--out {out}"
+    inputs = _input_files(project)
+    clash = [name for name in OUTPUT_FILES + (MARKER,) if (out / name).resolve() in inputs]
+    if clash:
+        raise InputError(f"would overwrite the project's own input file {out / clash[0]}", where,
+                         "give a new folder for the output, e.g. --out data-clean")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise InputError("exists and is not a folder", where, "give a new or empty folder")
+    if any(out.iterdir()) and not is_data_output(out):
+        raise InputError("holds files that are not an earlier output of `tunesmith data`; left untouched", where,
+                         "give a new or empty folder")
+
+
+def is_data_output(folder: Path) -> bool:
+    """Whether `folder` was written by `tunesmith data clean|augment|split|report`: it holds the marker,
+    or (output of a version without the marker) only our file names and a tunesmith report.json."""
+    if (folder / MARKER).is_file():
+        return True
+    names = {p.name for p in folder.iterdir() if not p.name.startswith(".")}
+    if "report.json" not in names or not names <= set(OUTPUT_FILES):
+        return False
+    try:
+        report = fsio.read_json(folder / "report.json")
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(report, dict) and {"splits", "labels"} <= set(report)
+
+
+def _input_files(project: Project) -> set[Path]:
+    """The files the project reads (config, data files, benchmark suites), symlinks resolved."""
+    paths = [project.source] if project.source else []
+    paths += [p for p in (project.data.train, project.data.validation, project.data.test) if isinstance(p, Path)]
+    paths += [suite.data for suite in project.benchmarks]
+    return {Path(project.base_dir, p).resolve() for p in paths}
+
+
+def _mark(out: Path) -> None:
+    fsio.write_text(out / MARKER, "written by tunesmith data; a later `tunesmith data ... --out` may replace "
+                    "the files here\n")
+
+
 def _write(splits: Splits, out: Path) -> None:
-    """Everything is computed before the first write; each file is written atomically (temp + rename),
-    and files already in `out` that tunesmith did not write are left alone."""
+    """Everything is computed before the first write; each file is written atomically (temp + rename).
+    The marker goes first, so a folder that a crash left half-written can be written again."""
+    _mark(Path(out))
     save_splits(splits, Path(out))
 
 

@@ -25,7 +25,8 @@ from collections import Counter
 from pathlib import Path
 
 from tunesmith import fsio
-from tunesmith.errors import DataError, RunDirError
+from tunesmith.data.io import json_value_error
+from tunesmith.errors import DataError, InputError, RunDirError
 
 CHOICES = ("A", "B", "tie")
 # A spreadsheet starts a formula at these; "'" is included so that escaping can be undone exactly.
@@ -55,13 +56,21 @@ def _predictions(run_dir: Path) -> list[dict]:
     return fsio.read_jsonl(path)
 
 
+EXPORT_FILES = ("pairs.csv", "form.html", "key.json")
+
+
 def export_pairs(run_dir: Path, out: Path, against: Path | None = None, n: int | None = None,
-                 seed: int | None = None) -> Path:
+                 seed: int | None = None, overwrite: bool = False) -> Path:
     """Write pairs.csv, form.html and key.json under `out`; returns `out`.
 
     Without `seed`, the order and sides come from a fresh random seed (recorded in key.json), so no
     one can rebuild the blinding from a known default.
+
+    Raises:
+        InputError: `out` already holds an export (or files of those names) and `overwrite` is not set;
+            nothing is written.
     """
+    _check_export_folder(Path(out), overwrite)
     pairs, one, two = load_answers(run_dir, against)
     seed = secrets.randbits(63) if seed is None else seed
     rng = random.Random(seed)
@@ -83,6 +92,25 @@ def export_pairs(run_dir: Path, out: Path, against: Path | None = None, n: int |
     fsio.write_text(out / "form.html", _form(blinded))
     fsio.write_json(out / "key.json", {"one": one, "two": two, "seed": seed, "pairs": key})
     return out
+
+
+def _check_export_folder(out: Path, overwrite: bool) -> None:
+    """A new export reshuffles the pairs under the same ids (p0001, ...), so ratings already collected
+    for an earlier pairs.csv would be unblinded with the wrong key, silently: never replace one unasked."""
+    if out.exists() and not out.is_dir():
+        raise InputError("exists and is not a folder", f"--out {out}", "give a folder for the export")
+    if overwrite:
+        return
+    if (out / "key.json").exists():
+        raise InputError("the folder already holds a human evaluation export (key.json); exporting again would "
+                         "reshuffle the pairs, and ratings collected for the old pairs.csv would be scored against "
+                         "the wrong key", f"--out {out}",
+                         f"import those ratings with --key {out / 'key.json'}, give another --out folder, or pass "
+                         "--overwrite to replace the export")
+    present = [name for name in EXPORT_FILES if (out / name).exists()]
+    if present:
+        raise InputError(f"the folder already holds {', '.join(present)}, left untouched", f"--out {out}",
+                         "give another --out folder, or pass --overwrite to replace them")
 
 
 def escape_cell(value) -> str:
@@ -194,6 +222,9 @@ def read_key(key_path: Path) -> dict:
     except (json.JSONDecodeError, RecursionError) as e:
         raise DataError(f"key file is not valid JSON ({getattr(e, 'msg', 'nested too deeply')})", str(key_path),
                         getattr(e, "lineno", None), "pass the key.json that `tunesmith human export` wrote") from None
+    except ValueError as e:  # after JSONDecodeError (a subclass): an integer over Python's digit limit
+        raise DataError(f"key file is not usable JSON ({json_value_error(e)})", str(key_path), None,
+                        "pass the key.json that `tunesmith human export` wrote") from None
     if not isinstance(key, dict) or not {"one", "two", "pairs"} <= set(key) or not isinstance(key["pairs"], dict):
         raise DataError("key file lacks 'one', 'two' or 'pairs'", str(key_path), None,
                         "pass the key.json that `tunesmith human export` wrote")

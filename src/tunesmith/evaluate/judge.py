@@ -98,13 +98,31 @@ def _local_asker(cfg: JudgeConfig) -> Ask:
     return ask
 
 
+# Judge replies are untrusted text of any length: only this much of the start is read (the prompts ask
+# for one line), and the patterns' quantifiers are bounded, so parsing is linear-time. Two adjacent
+# unbounded \s* would make "score" + N spaces cost O(N^2).
+REPLY_PREFIX = 2000
+_SCORE = re.compile(r"score\s{0,8}[:=]?\s{0,8}(\d+)", re.I)
+_ANY_SCORE = re.compile(r"\b(10|[1-9])\b")
+_VERDICT = re.compile(r"verdict\s{0,8}[:=]?\s{0,8}(A|B|tie)\b", re.I)
+_LEADING_VERDICT = re.compile(r"\s*(A|B|tie)\b", re.I)  # anchored (match): one scan
+
+
 def parse_score(reply: str) -> int | None:
-    m = re.search(r"score\s*[:=]?\s*(\d+)", reply, re.I) or re.search(r"\b(10|[1-9])\b", reply)
+    """The 1-10 score in a judge's reply ("Score: N", else the first number 1-10); None if there is none."""
+    if not isinstance(reply, str):  # a malformed endpoint answer (e.g. null content) grades nothing
+        return None
+    reply = reply[:REPLY_PREFIX]
+    m = _SCORE.search(reply) or _ANY_SCORE.search(reply)
     return min(10, max(1, int(m.group(1)))) if m else None
 
 
 def parse_verdict(reply: str) -> str | None:
-    m = re.search(r"verdict\s*[:=]?\s*(A|B|tie)\b", reply, re.I) or re.search(r"^\s*(A|B|tie)\b", reply, re.I)
+    """The verdict A, B or tie in a judge's reply ("Verdict: X", or a reply that starts with X); else None."""
+    if not isinstance(reply, str):
+        return None
+    reply = reply[:REPLY_PREFIX]
+    m = _VERDICT.search(reply) or _LEADING_VERDICT.match(reply)
     if not m:
         return None
     v = m.group(1)
