@@ -5,6 +5,7 @@ queue is full or a deadline passes, failures isolated per request, and failures 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import sqlite3
@@ -28,7 +29,7 @@ from tunesmith.serve.metrics import ServeMetrics
 from tunesmith.serve.monitoring import DriftWatch
 from tunesmith.serve.service import Completion, load_service, token_batches
 from tunesmith.serve.store import STORED_CHARS, RequestLog
-from tunesmith.tasks.predict import encode_prompts
+from tunesmith.tasks.predict import answer_budget, encode_prompts
 
 from conftest import FILLER, PROJECT, free_port, make_texts, start_server, write_jsonl
 
@@ -134,9 +135,11 @@ def test_item2_model_calls_stay_within_max_batch_tokens(service, tmp_path, monke
     predictor, calls = service.predictor, []
     real = predictor.predict
 
+    answer = answer_budget(predictor.tokenizer, predictor.fmt)  # label scoring runs each answer after the prompt
+
     def spy(examples, batch_size):
         prompts = encode_prompts(predictor.tokenizer, predictor.fmt, examples)
-        calls.append((len(examples), len(examples) * max(len(p) for p in prompts)))
+        calls.append((len(examples), len(examples) * (max(len(p) for p in prompts) + answer)))
         return real(examples, batch_size)
     monkeypatch.setattr(predictor, "predict", spy)
     long_text = " ".join(FILLER * 4)  # over task.max_length tokens: truncated to it
@@ -159,6 +162,67 @@ def test_item2_token_batches_fill_the_budget_without_passing_it():
     assert sorted(i for g in groups for i in g) == list(range(len(costs)))
     assert all(len(g) * max(costs[i] for i in g) <= 20 for g in groups if len(g) > 1)
     assert [5] in groups  # a row over the budget goes alone
+
+
+def test_item2_budget_prices_padding_and_the_largest_max_tokens():
+    """generate left-pads every prompt to the longest and decodes max(max_tokens) for every row: a
+    1000-token prompt with max_tokens 1 beside a 10-token prompt with max_tokens 1000 is a forward of
+    2 x 2000 tokens, not 2 x 1010, so under a budget of 2048 they go in separate calls."""
+    from types import SimpleNamespace
+
+    from tunesmith.serve.app import Pacer, _run_batch
+    from tunesmith.serve.service import Service, TokenPrompt
+    from tunesmith.tasks.prompts import PromptFormat
+
+    class Tok:  # what Service.complete asks of a tokenizer
+        eos_token_id = pad_token_id = 0
+        unk_token_id = None
+
+        def convert_tokens_to_ids(self, token):
+            return None
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "x" * len(ids)
+    forwards = []
+
+    def complete(prompts, limits):  # the runtime's view: padded prompts, max(limits) new tokens each
+        forwards.append(len(prompts) * (max(len(p) for p in prompts) + max(limits)))
+        return [[7] * n for n in limits]
+    fmt = PromptFormat(task_type="generation", instruction="", labels=None, list_labels=False, max_length=1024)
+    service = Service("fake", SimpleNamespace(tokenizer=Tok(), fmt=fmt, complete=complete, module=None), "fp32", 0.0)
+    items = [(TokenPrompt(tuple([5] * 1000), "long"), 1), (TokenPrompt(tuple([5] * 10), "short"), 1000)]
+    delivered = {}
+    _run_batch(service, "complete", items, lambda i, done: delivered.update({i: done}), lambda i: True,
+               budget=2048, pacer=Pacer(60))
+    assert forwards == [1001, 1010], "a model call went over serve.max_batch_tokens"
+    assert delivered[0].completion_tokens == 1 and delivered[1].completion_tokens == 1000
+
+
+def test_item2_classifier_budget_includes_the_label_answer(service, monkeypatch):
+    """Label scoring runs each label's answer tokens after the prompt: a call costs rows x (longest
+    prompt + longest answer). Prompts cut to task.max_length - answer tokens, under a budget of two
+    such prompts (without answers) plus one, go one per call."""
+    from tunesmith.serve.app import Pacer, _run_batch
+
+    predictor, rows = service.predictor, []
+    answer = answer_budget(predictor.tokenizer, predictor.fmt)
+    real = predictor.predict
+
+    def spy(examples, batch_size):
+        prompts = encode_prompts(predictor.tokenizer, predictor.fmt, examples)
+        rows.append((len(examples), len(examples) * (max(len(p) for p in prompts) + answer)))
+        return real(examples, batch_size)
+    monkeypatch.setattr(predictor, "predict", spy)
+    texts = [f"red {' '.join(FILLER * 4)} {i}" for i in range(3)]
+    prompt = max(len(p) for p in encode_prompts(predictor.tokenizer, predictor.fmt,
+                                                [Example(t, "", "x") for t in texts]))
+    assert answer >= 1 and prompt + answer <= MAX_LENGTH
+    budget = 2 * prompt + 1
+    delivered = []
+    _run_batch(service, "classify", [texts], lambda i, result: delivered.append(result), lambda i: True,
+               budget=budget, pacer=Pacer(60))
+    assert len(delivered) == 1 and len(delivered[0]) == 3
+    assert sum(n for n, _ in rows) == 3 and max(tokens for _, tokens in rows) <= budget
 
 
 def test_item2_a_budget_smaller_than_one_row_is_refused(service, monkeypatch):
@@ -247,6 +311,103 @@ def test_item3_serve_sets_uvicorns_concurrency_limit(run_dir, monkeypatch):
     assert seen["ran"] and seen["config"].limit_concurrency == ServeConfig().max_concurrency
 
 
+def test_item3_a_blocked_log_write_never_holds_an_answer_past_the_deadline(service, tmp_path, monkeypatch,
+                                                                             caplog):
+    """The request log is written after the model answers: a write that hangs (here: held on an
+    event) is waited for only until the request's deadline, then goes on in the background. At most
+    2 x serve.max_queue writes may be pending; past that a request's rows are dropped, counted and logged."""
+    held, entered = threading.Event(), []
+    real = RequestLog.write
+
+    def stuck(self, rows):
+        entered.append(len(rows))
+        held.wait(60)
+        real(self, rows)
+    monkeypatch.setattr(RequestLog, "write", stuck)
+    monkeypatch.setattr(store_module, "WAIT_CAP_S", 60.0)  # so the deadline is what bounds the wait
+    cfg = ServeConfig(request_timeout_s=3, max_queue=1)  # at most 2 writes pending
+    try:
+        with caplog.at_level(logging.ERROR, logger="tunesmith.serve"):
+            with TestClient(create_app(service, cfg, [], tmp_path / "log.db")) as c:
+                answers = []
+                for text in ("red", "blue", "green", "red again"):
+                    started = time.monotonic()
+                    answers.append((c.post("/v1/classify", json={"text": text}).status_code,
+                                    time.monotonic() - started))
+                metrics = c.get("/metrics").text
+                held.set()  # the two pending writes finish before the app closes
+    finally:
+        held.set()
+    assert [status for status, _ in answers] == [200] * 4
+    assert all(seconds < cfg.request_timeout_s + 5 for _, seconds in answers), answers  # not the held 60 s
+    assert entered == [1, 1]  # the third and fourth requests found 2 writes pending
+    assert _metric(metrics, 'tunesmith_request_log_failures_total{reason="dropped"}') == 2
+    assert len([r for r in caplog.records if "rows dropped" in r.getMessage()]) == 1  # rate-limited
+    rows = [r[0] for r in sqlite3.connect(tmp_path / "log.db").execute("SELECT input FROM requests ORDER BY id")]
+    assert sorted(rows) == ["blue", "red"]  # the held writes completed in the background
+
+
+def test_item3_a_locked_database_cannot_hold_requests(service, tmp_path, monkeypatch):
+    """Another connection holds the request log exclusively: each write waits SQLite's busy timeout
+    and fails, but requests are answered after at most WAIT_CAP_S of it, and the failures are counted."""
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_S", 4.0)
+    monkeypatch.setattr(store_module, "WAIT_CAP_S", 0.1)
+    path = tmp_path / "log.db"
+    RequestLog(path).close()  # the schema, then the lock
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        with TestClient(create_app(service, ServeConfig(max_queue=1), [], path)) as c:
+            answers = []
+            for text in ("red", "blue", "green"):
+                started = time.monotonic()
+                answers.append((c.post("/v1/classify", json={"text": text}).status_code, time.monotonic() - started))
+            for _ in range(300):  # the two pending writes fail after the busy timeout, one after the other
+                metrics = c.get("/metrics").text
+                if _metric(metrics, 'tunesmith_request_log_failures_total{reason="write"}') >= 2:
+                    break
+                time.sleep(0.1)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert [status for status, _ in answers] == [200] * 3
+    assert all(seconds < store_module.BUSY_TIMEOUT_S - 1 for _, seconds in answers), answers
+    assert _metric(metrics, 'tunesmith_request_log_failures_total{reason="write"}') == 2
+    assert _metric(metrics, 'tunesmith_request_log_failures_total{reason="dropped"}') == 1
+
+
+def test_item3_a_trickled_body_gets_408(service, caplog):
+    """A client that sends part of a body and then nothing more is answered 408 once
+    serve.body_timeout_s has passed, instead of holding its connection for as long as it likes."""
+    from pydantic import ValidationError
+
+    app = create_app(service, ServeConfig(body_timeout_s=0.3), [])
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/classify", "raw_path": b"/v1/classify", "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"localhost"), (b"content-type", b"application/json"), (b"content-length", b"100")],
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
+    sent, parts = [], iter([{"type": "http.request", "body": b'{"text": "re', "more_body": True}])
+
+    async def receive():
+        part = next(parts, None)
+        if part is None:
+            await asyncio.Event().wait()  # the rest of the body never comes
+        return part
+
+    async def send(message):
+        sent.append(message)
+    with caplog.at_level(logging.ERROR, logger="tunesmith.serve"):
+        asyncio.run(asyncio.wait_for(app(scope, receive, send), 30))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 408
+    error = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))["error"]
+    assert error["code"] == 408 and "serve.body_timeout_s" in error["message"]
+    assert not [r for r in caplog.records if "answered 500" in r.getMessage()]
+    assert _metric(app.state.metrics.exposition().decode(),
+                   'tunesmith_requests_total{route="/v1/classify",status="408"}') == 1
+    with pytest.raises(ValidationError):
+        ServeConfig(body_timeout_s=0)
+
+
 # -- item 4: failure isolation ------------------------------------------------------------------------
 def test_item4_a_lone_surrogate_fails_only_its_own_request(service, tmp_path):
     app = create_app(service, ServeConfig(max_wait_ms=100), [], tmp_path / "log.db")
@@ -312,6 +473,37 @@ def test_item6_free_text_answers_count_as_one_metric_label(service, monkeypatch)
         metrics = c.get("/metrics").text
     assert _metric(metrics, 'tunesmith_predicted_label_total{label="other"}') == 3
     assert "free text" not in metrics
+
+
+def test_item6_a_stream_failing_before_its_first_piece_is_a_502(service, monkeypatch, caplog):
+    """A stream sends its headers with the first piece: an engine (upstream) failure before it is an
+    ordinary 502, any other failure a 500 with one log line; after it an error event is all SSE allows."""
+    from tunesmith.errors import EngineError
+
+    def failing(error, pieces=()):
+        def stream(example, max_tokens, cancelled):
+            yield from pieces
+            raise error
+        return stream
+    body = {"prompt": "red", "max_tokens": 4, "stream": True}
+    with caplog.at_level(logging.ERROR, logger="tunesmith.serve"):
+        with TestClient(create_app(service, ServeConfig())) as c:
+            monkeypatch.setattr(service, "stream", failing(EngineError("upstream answered 500")))
+            upstream = c.post("/v1/completions", json=body)
+            monkeypatch.setattr(service, "stream", failing(RuntimeError("boom")))
+            internal = c.post("/v1/completions", json=body)
+            monkeypatch.setattr(service, "stream", failing(EngineError("upstream went away"), ["re", "d"]))
+            late = c.post("/v1/completions", json=body)
+            metrics = c.get("/metrics").text
+    assert upstream.status_code == 502 and upstream.headers["content-type"] == "application/json"
+    assert upstream.json()["error"]["code"] == 502 and "upstream answered 500" in upstream.json()["error"]["message"]
+    assert internal.status_code == 500 and internal.json()["error"]["message"] == "internal error"
+    rid = internal.headers["X-Request-ID"]
+    assert len([r for r in caplog.records if rid in r.getMessage()]) == 1
+    assert late.status_code == 200 and late.headers["content-type"].startswith("text/event-stream")
+    events = [json.loads(line[6:]) for line in late.text.splitlines() if line.startswith("data: {")]
+    assert [e["choices"][0]["text"] for e in events[:2]] == ["re", "d"] and events[-1]["error"]["code"] == 502
+    assert _metric(metrics, 'tunesmith_errors_total{route="/v1/completions"}') == 2
 
 
 # -- item 7: operators see failures -------------------------------------------------------------------

@@ -416,11 +416,12 @@ class ServeConfig(_Strict):
     rate_limit_per_minute: int = Field(600, ge=1)   # per API key
     max_batch: int = Field(32, ge=1)            # dynamic micro-batching: requests per model call
     max_wait_ms: float = Field(5.0, ge=0)       # how long a batch waits for company
-    # Most prompt tokens in one model call (rows x longest row, padding included; for completions
-    # plus max_tokens per row): bounds the memory of a forward pass however many requests batch up.
+    # Most tokens in one model call, rows x (longest prompt + largest max_tokens, or for a classifier
+    # the longest label answer): bounds the memory of a forward pass however many requests batch up.
     max_batch_tokens: int = Field(8192, ge=64)
     max_queue: int = Field(64, ge=1)            # requests waiting for the model; beyond it: 503 + Retry-After
     request_timeout_s: float = Field(30.0, gt=0, le=3600)   # unanswered by then: 503 + Retry-After
+    body_timeout_s: float = Field(10.0, gt=0, le=3600)      # request body not all read by then: 408
     max_concurrency: int = Field(256, ge=1)     # connections + requests at once (uvicorn's limit_concurrency)
     request_log: RequestLogSettings = Field(default_factory=RequestLogSettings)
     drift: DriftSettings = Field(default_factory=DriftSettings)

@@ -4,8 +4,10 @@ drift gauges. `create_app` builds it around a loaded Service; `tunesmith serve` 
 
 Under load every request gets an answer: model work waits in a bounded queue (`serve.max_queue`),
 each model call holds at most `serve.max_batch_tokens` tokens, and a request not answered within
-`serve.request_timeout_s` (or one that finds the queue full) gets 503 with Retry-After. Every
-response carries an X-Request-ID; a 500 logs one line with that id and the exception type."""
+`serve.request_timeout_s` (or one that finds the queue full) gets 503 with Retry-After; the deadline
+starts when the request arrives, and a request-log write still running at the deadline goes on in the
+background. A body not read within `serve.body_timeout_s` gets 408. Every response carries an
+X-Request-ID; a 500 logs one line with that id and the exception type."""
 
 from __future__ import annotations
 
@@ -35,12 +37,13 @@ from tunesmith.serve.metrics import OTHER_LABEL, ServeMetrics
 from tunesmith.serve.monitoring import DriftWatch
 from tunesmith.errors import EngineError, InputError
 from tunesmith.serve.service import Completion, Service, first_batch
-from tunesmith.serve.store import RequestLog
+from tunesmith.serve.store import LogWriter, RequestLog
 
 OPEN_ROUTES = {"/healthz"}
 REQUEST_ID = "X-Request-ID"
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # a caller's own request id is kept when it looks like one
 LOG_THREADS = 2  # request-log writes at once (SQLite takes one writer at a time anyway)
+PENDING_WRITES_PER_QUEUED = 2  # request-log writes waiting or running, per serve.max_queue
 log = logging.getLogger("tunesmith.serve")
 
 
@@ -133,15 +136,17 @@ def create_app(service: Service, cfg: ServeConfig, keys: list[str] | None = None
                        on_failure=lambda reason: metrics.log_failures.labels(reason).inc()) \
         if cfg.request_log.enabled and log_path else None
     watch = DriftWatch(service.run_dir, store, cfg.drift, metrics) if store and service.run_dir else None
-    # Redaction and SQLite writes run here, two at a time, never on the event loop.
-    log_pool = ThreadPoolExecutor(max_workers=LOG_THREADS, thread_name_prefix="request-log")
-    record = _recorder(store, watch, log_pool)
+    # Redaction and SQLite writes run there, two at a time, never on the event loop, and a bounded number pending.
+    writer = LogWriter(store, LOG_THREADS, PENDING_WRITES_PER_QUEUED * cfg.max_queue,
+                       after=watch.seen if watch else None) if store else None
+    record = _recorder(writer)
 
     @asynccontextmanager
     async def lifespan(_app):
         yield
         executor.shutdown(wait=False, cancel_futures=True)
-        log_pool.shutdown(wait=True)
+        if writer:
+            writer.close()
         service.close()
         if watch:
             watch.close()
@@ -150,12 +155,13 @@ def create_app(service: Service, cfg: ServeConfig, keys: list[str] | None = None
 
     app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.service, app.state.store, app.state.watch, app.state.metrics = service, store, watch, metrics
-    app.state.batcher = batcher
+    app.state.batcher, app.state.writer = batcher, writer
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
         route, started, response = request.url.path, time.perf_counter(), None
-        request.state.deadline = time.monotonic() + cfg.request_timeout_s
+        # From the request's arrival (RequestIds), so the deadline covers all the server does for it.
+        request.state.deadline = getattr(request.state, "arrived", time.monotonic()) + cfg.request_timeout_s
         metrics.in_flight.inc()
         try:
             key = None
@@ -180,7 +186,8 @@ def create_app(service: Service, cfg: ServeConfig, keys: list[str] | None = None
             return response
         finally:
             metrics.in_flight.dec()
-            status = str(response.status_code) if response is not None else "500"
+            status = str(getattr(request.state, "refused", None)  # a body cut off by BodyLimit: 408 or 413
+                         or (response.status_code if response is not None else 500))
             metrics.requests.labels(_route_label(route), status).inc()
             metrics.latency.labels(_route_label(route)).observe(time.perf_counter() - started)
 
@@ -243,8 +250,8 @@ def create_app(service: Service, cfg: ServeConfig, keys: list[str] | None = None
         for r in out:
             metrics.labels.labels(_label(service, r["label"])).inc()
         await record([{"route": "/v1/classify", "key_id": request.state.key_id, "input": t, "output": r["label"],
-                             "label": r["label"], "confidence": r["probabilities"][r["label"]],
-                             "latency_ms": latency} for t, r in zip(texts, out)])
+                       "label": r["label"], "confidence": r["probabilities"][r["label"]],
+                       "latency_ms": latency} for t, r in zip(texts, out)], request.state.deadline)
         answer = {"model": service.name, "variant": service.variant, "results": out}
         return {**out[0], **answer} if body.text is not None else answer
 
@@ -279,13 +286,14 @@ def create_app(service: Service, cfg: ServeConfig, keys: list[str] | None = None
         return _openai(service, "chat.completion", {"index": 0, "message": {"role": "assistant", "content": done.text},
                                                     "finish_reason": done.finish_reason}, done)
 
-    return RequestIds(BodyLimit(app, cfg.max_body_bytes))
+    return RequestIds(BodyLimit(app, cfg.max_body_bytes, cfg.body_timeout_s))
 
 
 class RequestIds:
     """ASGI wrapper (outermost, so a 413 from the body limit carries one too): every response gets
     an X-Request-ID header, the caller's own when it sent a plausible one, otherwise a new one; the
-    app finds it in `request.state.request_id` for its log lines."""
+    app finds it in `request.state.request_id` for its log lines, and the time the request arrived
+    (time.monotonic(), where its deadline starts) in `request.state.arrived`."""
 
     def __init__(self, app):
         self.app = app
@@ -296,7 +304,8 @@ class RequestIds:
             return await self.app(scope, receive, send)
         given = dict(scope.get("headers") or []).get(REQUEST_ID.lower().encode(), b"").decode("latin-1")
         rid = given if _CLIENT_ID.fullmatch(given) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
+        state = scope.setdefault("state", {})
+        state["request_id"], state["arrived"] = rid, time.monotonic()
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
@@ -347,7 +356,8 @@ class Pacer:
 
 def _run_batch(service: Service, kind: str, items: list, deliver, alive, budget: int, pacer: Pacer) -> None:
     """The model calls for a batch of requests (on the model thread): rows in arrival order, each
-    call within `budget` tokens (rows x longest row) and the pacer's row count; a request is
+    call within `budget` tokens (rows x (longest prompt + largest answer or max_tokens), see
+    service.call_tokens) and the pacer's row count; a request is
     answered (`deliver`) as soon as its last row is done, and rows of requests that are no longer
     waiting (`alive` False: gone, or past the deadline) are never computed."""
     if kind == "classify":
@@ -397,8 +407,9 @@ def _stream_logger(metrics, record, service, request, route, text):
 
 async def _stream(service, executor, example, limit, kind, request, slots, on_done) -> StreamingResponse:
     """Server-sent events, one chunk per decoded piece, then [DONE]; stops if the client goes.
-    At most `slots` streams wait or run at once, and the first piece must come before the request's
-    deadline (until then the answer can still be a 503)."""
+    At most `slots` streams wait or run at once. The headers go out with the first piece, so until
+    then the answer is an ordinary one: 503 when it misses the request's deadline, 502 when the
+    engine fails (EngineError), 500 for any other failure. After it only an error event can say so."""
     if not slots.acquire(blocking=False):
         raise Overloaded("queue_full", "the server is at capacity (too many streams)", 1)
     cancelled = threading.Event()
@@ -411,9 +422,8 @@ async def _stream(service, executor, example, limit, kind, request, slots, on_do
                 n += 1
                 loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
             loop.call_soon_threadsafe(queue.put_nowait, ("end", "length" if n >= limit else "stop"))
-        except Exception as e:
-            log.error("request %s: stream failed: %s", _request_id(request), type(e).__name__)
-            loop.call_soon_threadsafe(queue.put_nowait, ("error", None))
+        except Exception as e:  # raised or logged by the reader: before the first piece, or after it
+            loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
         finally:
             slots.release()  # the producer always ends (a cancelled one at its next token), so a slot never leaks
     loop.run_in_executor(executor, produce)
@@ -424,11 +434,14 @@ async def _stream(service, executor, example, limit, kind, request, slots, on_do
         if isinstance(e, asyncio.CancelledError):
             raise
         raise Overloaded("deadline", "the request was not answered within serve.request_timeout_s", 1) from None
-    return StreamingResponse(_events(service, kind, first, queue, cancelled, on_done),
+    if first[0] == "error":  # nothing sent yet: a 502 (EngineError's handler) or the guard's 500
+        cancelled.set()
+        raise first[1]
+    return StreamingResponse(_events(service, kind, first, queue, cancelled, on_done, _request_id(request)),
                              media_type="text/event-stream")
 
 
-async def _events(service, kind, first, queue, cancelled, on_done):
+async def _events(service, kind, first, queue, cancelled, on_done, request_id: str):
     ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
     def chunk(piece: str | None, finish: str | None) -> str:
@@ -450,8 +463,13 @@ async def _events(service, kind, first, queue, cancelled, on_done):
                 yield chunk(None, value)
                 yield "data: [DONE]\n\n"
                 return
-            else:
-                yield 'data: {"error": {"message": "internal error", "type": "server_error"}}\n\n'
+            else:  # the status (200) is sent: an error event is all server-sent events allow
+                log.error("request %s: stream failed after its first piece: %s (error event sent)", request_id,
+                          type(value).__name__)
+                code = 502 if isinstance(value, EngineError) else 500
+                message = "the model engine failed" if code == 502 else "internal error"
+                error = {"error": {"message": message, "type": "server_error", "code": code}}
+                yield "data: " + json.dumps(error) + "\n\n"
                 return
             what, value = await queue.get()
     finally:
@@ -464,8 +482,8 @@ async def _account(metrics, record, service, request, route, text, done: Complet
     if service.labels:
         metrics.labels.labels(_label(service, done.text)).inc()
     await record([{"route": route, "key_id": request.state.key_id, "input": text, "output": done.text,
-                         "label": done.text if service.labels else None, "tokens_in": done.prompt_tokens,
-                         "tokens_out": done.completion_tokens}])
+                   "label": done.text if service.labels else None, "tokens_in": done.prompt_tokens,
+                   "tokens_out": done.completion_tokens}], request.state.deadline)
 
 
 def _label(service, text: str) -> str:
@@ -474,14 +492,12 @@ def _label(service, text: str) -> str:
     return text if text in service.labels else OTHER_LABEL
 
 
-def _recorder(store, watch, pool: ThreadPoolExecutor):
-    """`await record(rows)`: the request-log write (redaction included) on `pool`, so the event loop
-    keeps serving meanwhile; it never raises (see RequestLog.add). Then the drift watch counts."""
-    async def record(rows: list[dict]) -> None:
-        if store:
-            await asyncio.get_running_loop().run_in_executor(pool, store.add, rows)
-        if watch:
-            watch.seen(len(rows))
+def _recorder(writer: LogWriter | None):
+    """`await record(rows, deadline)`: the request-log write (redaction included) off the event loop,
+    waited for until the deadline at most (see LogWriter); it never raises (see RequestLog.add)."""
+    async def record(rows: list[dict], deadline: float | None = None) -> None:
+        if writer:
+            await writer.record(rows, deadline)
     return record
 
 

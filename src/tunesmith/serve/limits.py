@@ -1,14 +1,24 @@
-"""Request body size limit as an ASGI wrapper: a declared Content-Length over the limit is refused
-before reading, and a chunked body is cut off (413) as soon as it passes the limit."""
+"""Request body limits as an ASGI wrapper: a declared Content-Length over the size limit is refused
+before reading, a chunked body is cut off (413) as soon as it passes the limit, and a body not read
+in full within the time limit is cut off (408): clients trickling bodies byte by byte would
+otherwise hold their connections (and uvicorn's limit_concurrency) for as long as they like."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+
+DISCONNECT = {"type": "http.disconnect"}
 
 
 class BodyLimit:
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    """`max_bytes` per body; `timeout_s` (None: no limit) to read the whole body, from the moment the
+    request's headers arrived. Once the body is in, receive() is not timed (a streaming response
+    waits on it for the client to leave)."""
+
+    def __init__(self, app, max_bytes: int, timeout_s: float | None = None):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
         self.state = getattr(app, "state", None)  # tests and servers reach the app's state through this
 
     async def __call__(self, scope, receive, send):
@@ -16,19 +26,34 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await _too_large(send, self.max_bytes)
-        seen, started, rejected = 0, False, False
+            return await _refuse(send, 413, f"request body over {self.max_bytes} bytes")
+        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        seen, started, rejected, complete = 0, False, False, False
+
+        async def reject(status: int, message: str) -> dict:
+            # Answer now and tell the app the client is gone; whatever it sends later is dropped.
+            nonlocal rejected
+            if not started:  # (an answer already under way is left to finish)
+                rejected = True
+                scope.setdefault("state", {})["refused"] = status  # the status the app's metrics count
+                await _refuse(send, status, message)
+            return DISCONNECT
 
         async def counted_receive():
-            nonlocal seen, rejected
-            message = await receive()
-            if message["type"] == "http.request" and not rejected:
+            nonlocal seen, complete
+            if rejected:
+                return DISCONNECT
+            try:
+                message = await (receive() if complete or deadline is None
+                                 else asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic())))
+            except asyncio.TimeoutError:
+                return await reject(408, f"request body not received within {self.timeout_s:g} s "
+                                         "(serve.body_timeout_s)")
+            if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if seen > self.max_bytes and not started:
-                    # Answer now and tell the app the client is gone; whatever it sends later is dropped.
-                    rejected = True
-                    await _too_large(send, self.max_bytes)
-                    return {"type": "http.disconnect"}
+                    return await reject(413, f"request body over {self.max_bytes} bytes")
             return message
 
         async def guarded_send(message):
@@ -45,9 +70,9 @@ class BodyLimit:
                 raise
 
 
-async def _too_large(send, limit: int) -> None:
-    body = json.dumps({"error": {"message": f"request body over {limit} bytes", "type": "invalid_request_error",
-                                 "code": 413}}).encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+async def _refuse(send, status: int, message: str) -> None:
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "code": status}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})

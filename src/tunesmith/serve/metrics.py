@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 REJECT_REASONS = ("queue_full", "deadline")
-LOG_FAILURE_REASONS = ("write",)
+LOG_FAILURE_REASONS = ("write", "dropped")  # failed; or not tried, too many writes pending
 OTHER_LABEL = "other"  # a predicted label outside the model's label set (free text from an upstream engine)
 
 
@@ -36,7 +36,7 @@ class ServeMetrics:
         self.rejected = Counter("tunesmith_rejected_total", "Requests answered 503 under overload, by reason",
                                 ["reason"], registry=r)
         self.log_failures = Counter("tunesmith_request_log_failures_total",
-                                    "Request-log writes that failed (the requests were answered)",
+                                    "Request-log writes that failed or were dropped (the requests were answered)",
                                     ["reason"], registry=r)
         self.drift_failures = Counter("tunesmith_drift_update_failures_total", "Drift gauge updates that failed",
                                       registry=r)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,7 +15,7 @@ from tunesmith import fsio
 from tunesmith.data.examples import Example
 from tunesmith.optimize.engines import Predictor, load_variant
 from tunesmith.tasks.generation import stop_ids
-from tunesmith.tasks.predict import encode_prompts
+from tunesmith.tasks.predict import answer_budget, encode_prompts
 from tunesmith.tasks.prompts import PromptFormat
 
 
@@ -65,6 +65,7 @@ class Service:
     run_dir: Path | None = None
     scores_labels = True  # per-label probabilities for /v1/classify (an upstream engine has none)
     threads = 1           # model calls at once: one model, one thread (see batcher.py)
+    _answer: int | None = field(default=None, init=False, repr=False)  # answer_budget, once
 
     def ready(self) -> bool:
         return True
@@ -85,13 +86,23 @@ class Service:
         preds = self.predictor.predict(examples, len(examples))
         return list(zip(preds.texts, preds.probabilities))
 
-    def row_tokens(self, kind: str, items: list) -> list[int]:
-        """Tokens each item puts in a model call: its encoded prompt (at most task.max_length), plus
-        max_tokens for a completion. `items` are texts ("classify") or (Example, max_tokens) pairs."""
+    def row_tokens(self, kind: str, items: list) -> list[tuple[int, int]]:
+        """Tokens each item puts in a model call, as (prompt, appended): its encoded prompt (at most
+        task.max_length) and what the call runs after it, the longest label answer for a classifier
+        (label scoring appends each answer) or max_tokens for a completion. `items` are texts
+        ("classify") or (Example, max_tokens) pairs; `call_tokens` prices a call of such rows."""
         if kind == "classify" or self.labels:
             examples = [Example(t, "", "request") for t in items] if kind == "classify" else [e for e, _ in items]
-            return self._prompt_tokens(examples)
-        return [n + limit for n, (_, limit) in zip(self._prompt_tokens([e for e, _ in items]), items)]
+            answer = self._answer_tokens()
+            return [(n, answer) for n in self._prompt_tokens(examples)]
+        return [(n, limit) for n, (_, limit) in zip(self._prompt_tokens([e for e, _ in items]), items)]
+
+    def _answer_tokens(self) -> int:
+        if self.predictor.tokenizer is None:  # the MiniLM classifier scores labels from one pass, no answer
+            return 0
+        if self._answer is None:
+            self._answer = answer_budget(self.predictor.tokenizer, self.fmt)
+        return self._answer
 
     def _prompt_tokens(self, examples: list[Example]) -> list[int]:
         tok, limit = self.predictor.tokenizer, self.fmt.max_length
@@ -147,20 +158,30 @@ class Service:
             ids = torch.tensor([[token]], device=model.device)
 
 
-def first_batch(costs: list[int], budget: int, max_rows: int | None = None) -> int:
-    """How many rows from the front (arrival order) go in the next model call: as many as keep rows
-    x longest row within `budget` tokens (the padded size of one forward pass), and at most
-    `max_rows`; at least one (a row is never split, and task.max_length bounds it)."""
-    n, longest = 1, costs[0] if costs else 0
-    while n < len(costs) and (max_rows is None or n < max_rows):
-        longest = max(longest, costs[n])
-        if (n + 1) * longest > budget:
+def call_tokens(costs: list) -> int:
+    """Tokens of one model call over rows of these costs (see Service.row_tokens): prompts are
+    left-padded to the longest and every row runs the largest appended part (generate decodes
+    max(max_tokens) for all rows), so rows x (longest prompt + largest appended). A plain int is a
+    prompt with nothing appended."""
+    pairs = [c if isinstance(c, tuple) else (c, 0) for c in costs]
+    return len(pairs) * (max(p for p, _ in pairs) + max(a for _, a in pairs)) if pairs else 0
+
+
+def first_batch(costs: list, budget: int, max_rows: int | None = None) -> int:
+    """How many rows from the front (arrival order) go in the next model call: as many as keep
+    `call_tokens` (the padded size of the forward) within `budget`, and at most `max_rows`; at
+    least one (a row is never split, and task.max_length + serve.max_tokens bound it)."""
+    pairs = [c if isinstance(c, tuple) else (c, 0) for c in costs]
+    n, prompt, appended = 1, *(pairs[0] if pairs else (0, 0))
+    while n < len(pairs) and (max_rows is None or n < max_rows):
+        prompt, appended = max(prompt, pairs[n][0]), max(appended, pairs[n][1])
+        if (n + 1) * (prompt + appended) > budget:
             break
         n += 1
     return n
 
 
-def token_batches(costs: list[int], budget: int, max_rows: int | None = None) -> list[list[int]]:
+def token_batches(costs: list, budget: int, max_rows: int | None = None) -> list[list[int]]:
     """All rows, in order, cut into model calls as `first_batch` cuts them."""
     groups, at = [], 0
     while at < len(costs):

@@ -3,21 +3,25 @@
 Rows older than the retention period are deleted as new ones arrive; with `redact_pii` the input
 and output are stored with emails, phone numbers, card numbers, IBANs and IP addresses replaced.
 A text longer than `STORED_CHARS` characters is stored as its first `STORED_CHARS` characters
-(redacted) followed by a marker `[+N characters not stored]`: the rest is never written, so a huge
-request costs a bounded amount of redaction work. `tunesmith monitor` reads this log to compute drift.
+(redacted; up to `PII_SLACK` more when a finding crosses the cut, so it is redacted whole) followed by
+a marker `[+N characters not stored]`: the rest is never written, so a huge request costs a bounded
+amount of redaction work. `tunesmith monitor` reads this log to compute drift.
 
 `add` never raises: a write that fails (disk full, database locked) is reported to `on_failure` and
-logged, and the request it belongs to is answered all the same. The server calls it on a small
-thread pool of its own, never on its event loop (see app.py).
+logged, and the request it belongs to is answered all the same. The server writes through a
+`LogWriter`: on a small thread pool of its own, never on its event loop, waiting for a write at most
+until the request's deadline (and `WAIT_CAP_S`), with at most `max_pending` writes in flight.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tunesmith.data.pii import find_pii, redact
@@ -30,6 +34,8 @@ PURGE_EVERY = 200
 STORED_CHARS = 8192   # characters of a text kept in the log
 PII_SLACK = 512       # redaction looks this far past the cut, so a finding across it is redacted whole
 LOG_EVERY_S = 10.0    # at most one log line per failure reason this often (a full disk fails every write)
+BUSY_TIMEOUT_S = 5.0  # how long one write waits for a database another process holds locked
+WAIT_CAP_S = 2.0      # most a request waits for its log row (the write goes on in the background)
 log = logging.getLogger("tunesmith.serve")
 
 
@@ -40,11 +46,13 @@ class RequestLog:
                  on_failure: Callable[[str], None] | None = None):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path, self.retention_s, self.redact = Path(path), retention_days * 86400, redact_pii
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=5)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None,
+                                   timeout=BUSY_TIMEOUT_S)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL stays consistent; no fsync per request
         self._db.execute(SCHEMA)
         self._lock = threading.Lock()
+        self._log_lock = threading.Lock()  # not _lock: a write holds that while SQLite waits for a locked file
         self._writes = 0
         self.on_failure = on_failure
         self._last_logged: dict[str, float] = {}
@@ -55,7 +63,7 @@ class RequestLog:
         try:
             self.write(rows)
         except Exception as e:  # the request is answered all the same
-            self._failed("write", f"request log write failed: {type(e).__name__}: {e}")
+            self.failed("write", f"request log write failed: {type(e).__name__}: {e}")
             return False
         return True
 
@@ -81,10 +89,11 @@ class RequestLog:
         with self._lock:
             self._db.close()
 
-    def _failed(self, reason: str, message: str) -> None:
+    def failed(self, reason: str, message: str) -> None:
+        """Count a failure under `reason` (on_failure) and log `message`, once per LOG_EVERY_S a reason."""
         if self.on_failure:
             self.on_failure(reason)
-        with self._lock:
+        with self._log_lock:
             now, last = time.monotonic(), self._last_logged.get(reason)
             if last is not None and now - last < LOG_EVERY_S:
                 return
@@ -109,6 +118,46 @@ class RequestLog:
     def _redacted(text: str) -> str:
         hits = find_pii(text)
         return redact(text, hits) if hits else text
+
+
+class LogWriter:
+    """`await record(rows, deadline)`: `store.add(rows)` on a pool of `threads`, then `after(len(rows))`
+    when it succeeded. The caller waits for it only until `deadline` (time.monotonic()) and at most
+    WAIT_CAP_S: a slow write (database locked, slow disk) then goes on in the background and the
+    request is answered in time. At most `max_pending` writes wait or run (the pool's own queue is
+    unbounded); past that a request's rows are dropped, counted under "dropped" and logged."""
+
+    def __init__(self, store: RequestLog, threads: int, max_pending: int,
+                 after: Callable[[int], None] | None = None):
+        self.store, self.after, self.max_pending = store, after, max_pending
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="request-log")
+        self.slots = threading.BoundedSemaphore(max_pending)
+
+    async def record(self, rows: list[dict], deadline: float | None = None) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.store.failed("dropped", f"request log: rows dropped, {self.max_pending} writes already pending "
+                                         "(database locked or disk slow?)")
+            return
+        try:
+            job = self.pool.submit(self._write, rows)
+        except RuntimeError:  # the pool is shut down: the server is stopping
+            self.slots.release()
+            return
+        job.add_done_callback(lambda _: self.slots.release())
+        wait = WAIT_CAP_S if deadline is None else min(WAIT_CAP_S, deadline - time.monotonic())
+        if wait > 0:  # asyncio.wait never cancels the write, it only stops waiting for it
+            await asyncio.wait({asyncio.wrap_future(job)}, timeout=wait)
+
+    def close(self) -> None:
+        """Let pending writes finish (each bounded by BUSY_TIMEOUT_S)."""
+        self.pool.shutdown(wait=True)
+
+    def _write(self, rows: list[dict]) -> None:
+        if self.store.add(rows) and self.after:
+            try:
+                self.after(len(rows))
+            except Exception as e:  # drift counting is advisory
+                log.error("request log: after-write hook failed: %s", type(e).__name__)
 
 
 def _encodable(text: str) -> bool:
