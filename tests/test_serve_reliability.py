@@ -268,6 +268,28 @@ def test_item3_full_queue_and_deadline_answer_503_with_retry_after(service, monk
     assert _metric(metrics, 'tunesmith_rejected_total{reason="deadline"}') == 3
 
 
+def test_item3_a_request_past_its_deadline_is_answered_before_the_deadline(service, monkeypatch):
+    """The 503 for a request the model cannot reach leaves before serve.request_timeout_s, with a
+    margin for a busy event loop (answer_margin), not at or after it."""
+    from tunesmith.serve.app import answer_margin
+
+    assert answer_margin(30) == 1.0 and answer_margin(4) == pytest.approx(0.2)
+    held = threading.Event()
+    monkeypatch.setattr(service, "classify", lambda texts: held.wait(30) and [])
+    app = create_app(service, ServeConfig(request_timeout_s=4), [])
+
+    async def one():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            started = time.monotonic()
+            answer = await c.post("/v1/classify", json={"text": "red"})
+            return answer, time.monotonic() - started
+    try:
+        answer, took = asyncio.run(one())
+    finally:
+        held.set()
+    assert answer.status_code == 503 and 4 - 0.2 - 0.05 <= took < 4
+
+
 def test_item3_model_calls_are_paced_and_skip_requests_past_their_deadline():
     """Requests are answered as their own rows finish; a request no longer waiting costs no model time;
     once a row is measured, a call holds no more rows than fit in the pacer's cap."""

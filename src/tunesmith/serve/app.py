@@ -160,8 +160,10 @@ def create_app(service: Service, cfg: ServeConfig, keys: list[str] | None = None
     @app.middleware("http")
     async def guard(request: Request, call_next):
         route, started, response = request.url.path, time.perf_counter(), None
-        # From the request's arrival (RequestIds), so the deadline covers all the server does for it.
-        request.state.deadline = getattr(request.state, "arrived", time.monotonic()) + cfg.request_timeout_s
+        # From the request's arrival (RequestIds), so the deadline covers all the server does for it;
+        # the server stops waiting a little early, so that its 503 also leaves in time on a busy CPU.
+        request.state.deadline = getattr(request.state, "arrived", time.monotonic()) + \
+            cfg.request_timeout_s - answer_margin(cfg.request_timeout_s)
         metrics.in_flight.inc()
         try:
             key = None
@@ -328,6 +330,13 @@ def _check_budget(service, cfg: ServeConfig) -> None:
         raise InputError(f"serve.max_batch_tokens ({cfg.max_batch_tokens}) is smaller than one request "
                          f"({row} tokens: task.max_length" + ("" if service.labels else " + serve.max_tokens") + ")",
                          "serve.max_batch_tokens", f"set it to at least {row}")
+
+
+def answer_margin(timeout_s: float) -> float:
+    """Seconds before serve.request_timeout_s at which the server stops waiting for the model and
+    answers 503: time to build and send that answer while the event loop is busy (measured: up to
+    0.35 s late with a CPU hog beside the server; see BENCHMARKS.md)."""
+    return min(1.0, 0.05 * timeout_s)
 
 
 def _limit(requested: int, cfg: ServeConfig) -> int:
