@@ -66,7 +66,6 @@ def setup(args):
     from tunesmith.config import load_config
     from tunesmith.data.prepare import prepare_data
     from tunesmith.models.resolve import resolve_model
-
     from tunesmith.train.methods import DEFAULT_LR
 
     project = load_config(args.config)

@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from conftest import make_texts, reproduce_predictions, write_jsonl
 from tunesmith.cli import app
 from tunesmith.runs import RUN_FILES
-
-from conftest import make_texts, reproduce_predictions, write_jsonl
 
 runner = CliRunner()
 

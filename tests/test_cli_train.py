@@ -13,11 +13,10 @@ import pytest
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from conftest import PROJECT, make_texts, write_jsonl
 from tunesmith.cli import app
 from tunesmith.runs import RUN_FILES
 from tunesmith.train.methods import METHODS, get_method
-
-from conftest import PROJECT, make_texts, write_jsonl
 
 runner = CliRunner()
 

@@ -13,7 +13,13 @@ from tunesmith.data import minhash
 from tunesmith.data.augment import augment, char_noise, eda, oversample
 from tunesmith.data.clean import Curation
 from tunesmith.data.decontaminate import contaminated
-from tunesmith.data.dedup import assign_duplicates, exact_duplicates, near_duplicates, semantic_duplicates, shingle_jaccard
+from tunesmith.data.dedup import (
+    assign_duplicates,
+    exact_duplicates,
+    near_duplicates,
+    semantic_duplicates,
+    shingle_jaccard,
+)
 from tunesmith.data.examples import Example
 from tunesmith.data.normalize import dedup_text, normalize_text
 from tunesmith.data.pii import find_pii, iban_ok, luhn_ok, redact

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
+from conftest import make_texts, write_jsonl
 from tunesmith.config import DataConfig, Project, TaskConfig
 from tunesmith.data.examples import load_examples
 from tunesmith.data.prepare import prepare_data
 from tunesmith.data.split import stratified_split
 from tunesmith.errors import DataError
-
-from conftest import make_texts, write_jsonl
 
 CLS = TaskConfig()
 

@@ -10,13 +10,12 @@ import sqlite3
 import pytest
 from typer.testing import CliRunner
 
+from browser import Page, chromium
+from conftest import PROJECT, make_texts, write_jsonl
 from tunesmith.cli import app
 from tunesmith.config import load_config
 from tunesmith.models.estimate import Hardware, estimate
 from tunesmith.runs import list_runs
-
-from browser import Page, chromium
-from conftest import PROJECT, make_texts, write_jsonl
 
 runner = CliRunner()
 

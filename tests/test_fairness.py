@@ -10,6 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import PROJECT, make_texts, write_jsonl
 from tunesmith.cli import app
 from tunesmith.data.examples import Example
 from tunesmith.fairness.counterfactual import counterfactual_pairs, flip_rate
@@ -18,8 +19,6 @@ from tunesmith.fairness.lexicon import find_term, swap
 from tunesmith.fairness.metrics import disparities, per_group, with_intervals
 from tunesmith.fairness.mitigate import counterfactual_augment, reweighing
 from tunesmith.fairness.threshold import optimize_thresholds
-
-from conftest import PROJECT, make_texts, write_jsonl
 
 runner = CliRunner()
 
@@ -37,9 +36,16 @@ def fixed():
 
 
 def test_disparities_match_fairlearn(fixed):
-    from fairlearn.metrics import (MetricFrame, demographic_parity_difference, demographic_parity_ratio,
-                                   equal_opportunity_difference, equalized_odds_difference, selection_rate,
-                                   true_positive_rate, false_positive_rate)
+    from fairlearn.metrics import (
+        MetricFrame,
+        demographic_parity_difference,
+        demographic_parity_ratio,
+        equal_opportunity_difference,
+        equalized_odds_difference,
+        false_positive_rate,
+        selection_rate,
+        true_positive_rate,
+    )
 
     golds, preds, groups = fixed
     y = (np.array(golds) == "pos").astype(int)

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tunesmith.models.resolve import resolve_model
-
 from conftest import reproduce_predictions
+from tunesmith.models.resolve import resolve_model
 
 pytestmark = pytest.mark.slow
 QUICKSTART = Path(__file__).parents[1] / "examples" / "quickstart"

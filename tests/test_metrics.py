@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from tunesmith.evaluate.metrics import (accuracy, compute_metrics, confusion_matrix, exact_match, f1_macro,
-                                        metric_names, per_class, rouge_l_pair)
-from tunesmith.evaluate.objective import judge
 from tunesmith.config import Bound, ObjectiveConfig
+from tunesmith.evaluate.metrics import (
+    accuracy,
+    compute_metrics,
+    confusion_matrix,
+    exact_match,
+    f1_macro,
+    metric_names,
+    per_class,
+    rouge_l_pair,
+)
+from tunesmith.evaluate.objective import judge
 
 
 def test_classification_metrics():

@@ -19,12 +19,11 @@ import yaml
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
+from conftest import PROJECT, make_texts, write_jsonl
 from tunesmith.cli import app as cli
 from tunesmith.config import ServeConfig
 from tunesmith.serve.app import create_app
 from tunesmith.serve.service import load_service
-
-from conftest import PROJECT, make_texts, write_jsonl
 
 runner = CliRunner()
 NEED_PROMETHEUS = os.environ.get("TUNESMITH_REQUIRE_PROMETHEUS") == "1"

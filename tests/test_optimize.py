@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
+from conftest import PROJECT, make_texts, write_jsonl
 from tunesmith.cli import app
 from tunesmith.optimize.engines import dynamic_linear, load_variant, quantize_weight
 from tunesmith.optimize.layers import evenly_spaced, keep_count, keep_layers
@@ -19,8 +20,6 @@ from tunesmith.optimize.select import select_variant
 from tunesmith.optimize.variants import VARIANTS
 from tunesmith.optimize.variants.pruned import magnitude_masks
 from tunesmith.train.loss import distillation_loss
-
-from conftest import PROJECT, make_texts, write_jsonl
 
 runner = CliRunner()
 ENTRY_KEYS = {"name", "path", "size_mb", "latency_p50_ms", "latency_p95_ms", "throughput_per_s", "peak_rss_mb",

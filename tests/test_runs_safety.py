@@ -15,11 +15,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from conftest import PROJECT, make_texts, write_jsonl
 from tunesmith import fsio
 from tunesmith.cli import app
 from tunesmith.runs import STAGING_MARKER, lock_path, record_run, staging_dir
-
-from conftest import PROJECT, make_texts, write_jsonl
 
 runner = CliRunner()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import make_texts
 from tunesmith.config import TaskConfig
 from tunesmith.data.examples import Example
 from tunesmith.models.load import load_model, load_tokenizer
@@ -14,8 +15,6 @@ from tunesmith.tasks.predict import encode_prompts
 from tunesmith.tasks.prompts import build_format, encode_answer
 from tunesmith.train.batching import collate, encode_for_training
 from tunesmith.train.loss import supervised_loss
-
-from conftest import make_texts
 
 LABELS = ["alpha", "beta", "gamma", "alpha beta gamma red"]  # answers of different token lengths
 

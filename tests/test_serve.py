@@ -16,6 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
+from conftest import PROJECT, make_texts, start_server, write_jsonl
 from tunesmith.cli import app as cli
 from tunesmith.config import ServeConfig
 from tunesmith.data.examples import Example
@@ -27,8 +28,6 @@ from tunesmith.serve.remote import RemoteService, vllm_command
 from tunesmith.serve.server import vllm_model_dir
 from tunesmith.serve.service import load_service
 from tunesmith.tasks.prompts import render_prompt
-
-from conftest import PROJECT, make_texts, start_server, write_jsonl
 
 runner = CliRunner()
 LABELS = {"alpha", "beta", "gamma"}

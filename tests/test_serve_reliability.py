@@ -18,6 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
+from conftest import FILLER, PROJECT, free_port, make_texts, start_server, write_jsonl
 from tunesmith.cli import app as cli
 from tunesmith.config import DriftSettings, ServeConfig
 from tunesmith.data.examples import Example
@@ -30,8 +31,6 @@ from tunesmith.serve.monitoring import DriftWatch
 from tunesmith.serve.service import Completion, load_service, token_batches
 from tunesmith.serve.store import STORED_CHARS, RequestLog
 from tunesmith.tasks.predict import answer_budget, encode_prompts
-
-from conftest import FILLER, PROJECT, free_port, make_texts, start_server, write_jsonl
 
 MAX_LENGTH = 64  # task.max_length of the run below: small, so texts of that length are cheap on CPU
 LABELS = {"alpha", "beta", "gamma"}

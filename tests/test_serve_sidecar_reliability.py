@@ -24,6 +24,7 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
+from conftest import make_texts, write_jsonl
 from tunesmith.cli import app as cli
 from tunesmith.config import ServeConfig
 from tunesmith.errors import EngineError, InputError
@@ -32,8 +33,6 @@ from tunesmith.serve.auth import load_keys
 from tunesmith.serve.hosts import HostCheck, host_name, is_loopback, loopback_guard
 from tunesmith.serve.remote import RemoteService, parse_completion, start_engine, stop_engine
 from tunesmith.serve.server import bind_listener
-
-from conftest import make_texts, write_jsonl
 
 runner = CliRunner()
 LONG_KEY = "k" * 15 + "#with-a-hash"  # 27 characters, '#' inside: a key, not a comment

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import torch
 import pytest
+import torch
 
+from conftest import make_texts
 from tunesmith.config import TaskConfig, TrainConfig
 from tunesmith.data.examples import Example
 from tunesmith.models.load import load_model, load_tokenizer
@@ -13,8 +14,6 @@ from tunesmith.tasks.prompts import build_format
 from tunesmith.train.batching import length_grouped_batches
 from tunesmith.train.methods import METHODS, get_method
 from tunesmith.train.trainer import fit
-
-from conftest import make_texts
 
 
 def _data(n, seed):

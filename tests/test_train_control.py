@@ -9,6 +9,7 @@ import struct
 import pytest
 import torch
 
+from conftest import make_texts
 from tunesmith.config import TaskConfig, TrainConfig
 from tunesmith.data.examples import Example
 from tunesmith.errors import ConfigError, DataError
@@ -21,8 +22,6 @@ from tunesmith.train.preflight import preflight
 from tunesmith.train.regularize import neftune, set_dropout
 from tunesmith.train.trainer import fit
 from tunesmith.train.watch import overfitting_signals
-
-from conftest import make_texts
 
 LABELS = ["alpha", "beta", "gamma"]
 

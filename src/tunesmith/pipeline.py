@@ -16,8 +16,16 @@ from tunesmith.models.resolve import resolve_model
 from tunesmith.optimize.stage import optimize_stage
 from tunesmith.optimize.variants import VARIANTS
 from tunesmith.report.build import report_stage
-from tunesmith.runs import (check_out, check_runs_folder, final_dir, interrupted_run, record_run, run_lock, staged,
-                           staging_dir)
+from tunesmith.runs import (
+    check_out,
+    check_runs_folder,
+    final_dir,
+    interrupted_run,
+    record_run,
+    run_lock,
+    staged,
+    staging_dir,
+)
 from tunesmith.train import distributed
 from tunesmith.train.stage import train_stage
 

@@ -18,7 +18,6 @@ from tunesmith.data.decontaminate import contaminated
 from tunesmith.data.examples import Example
 from tunesmith.data.normalize import normalize_text
 
-
 # Conflicting and kept duplicate pairs listed in report.json (all are counted).
 MAX_LISTED = 1000
 

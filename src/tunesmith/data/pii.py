@@ -15,9 +15,9 @@ import bisect
 import functools
 import ipaddress
 import re
-from importlib import resources
 from collections import Counter
 from dataclasses import dataclass
+from importlib import resources
 
 # Every pattern runs in time linear in the text (this scans request bodies and training data): each
 # repetition is bounded (an e-mail local part has at most 64 characters, a domain at most 253) and

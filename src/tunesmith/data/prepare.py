@@ -8,10 +8,10 @@ from pathlib import Path
 
 from tunesmith import fsio
 from tunesmith.config import Project
-from tunesmith.data.examples import Example, load_examples, raise_for_problems
-from tunesmith.data.io import RowProblem
 from tunesmith.data.augment import augment
 from tunesmith.data.clean import Curation
+from tunesmith.data.examples import Example, load_examples, raise_for_problems
+from tunesmith.data.io import RowProblem
 from tunesmith.data.profile import embedding_spread, split_profile
 from tunesmith.data.split import group_split, stratified_split
 from tunesmith.errors import DataError

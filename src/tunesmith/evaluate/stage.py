@@ -9,14 +9,19 @@ from tunesmith import fsio, hardware
 from tunesmith.config import Project
 from tunesmith.data.examples import Example
 from tunesmith.data.prepare import Splits
+from tunesmith.evaluate.compare import compare
 from tunesmith.evaluate.forgetting import forgetting_report, probe_accuracy
 from tunesmith.evaluate.harness import harness_report, run_harness
+from tunesmith.evaluate.metrics import (
+    compute_metrics,
+    confusion_matrix,
+    expected_calibration_error,
+    metric_names,
+    per_class,
+)
 from tunesmith.evaluate.perplexity import answer_perplexity
 from tunesmith.evaluate.speed import latency_ms
 from tunesmith.evaluate.suites import load_suites, predict_suites, suite_report
-from tunesmith.evaluate.compare import compare
-from tunesmith.evaluate.metrics import (compute_metrics, confusion_matrix, expected_calibration_error, metric_names,
-                                        per_class)
 from tunesmith.models.load import load_model, plain_lm
 from tunesmith.tasks.predict import Predictions, predict
 from tunesmith.tasks.prompts import build_format

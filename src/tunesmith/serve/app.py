@@ -18,8 +18,8 @@ import re
 import threading
 import time
 import uuid
-from contextlib import asynccontextmanager
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -30,12 +30,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunesmith.config import ServeConfig
+from tunesmith.errors import EngineError, InputError
 from tunesmith.serve.auth import KeyChecker, RateLimiter
 from tunesmith.serve.batcher import MicroBatcher, Overloaded
 from tunesmith.serve.limits import BodyLimit
 from tunesmith.serve.metrics import OTHER_LABEL, ServeMetrics
 from tunesmith.serve.monitoring import DriftWatch
-from tunesmith.errors import EngineError, InputError
 from tunesmith.serve.service import Completion, Service, first_batch
 from tunesmith.serve.store import LogWriter, RequestLog
 

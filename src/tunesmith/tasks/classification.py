@@ -12,8 +12,18 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from tunesmith.tasks.cache import (broadcast, cache_kwargs, cache_len, cache_tensors, common_prefix_len,
-                                   continue_after, output_cache, prefix_tensors, select_rows, unwrap)
+from tunesmith.tasks.cache import (
+    broadcast,
+    cache_kwargs,
+    cache_len,
+    cache_tensors,
+    common_prefix_len,
+    continue_after,
+    output_cache,
+    prefix_tensors,
+    select_rows,
+    unwrap,
+)
 from tunesmith.tasks.label_trie import LabelTrie, node_log_probs
 
 

@@ -13,7 +13,6 @@ from tunesmith.tasks.classification import predict_labels, score_labels, score_l
 from tunesmith.tasks.generation import generate
 from tunesmith.tasks.prompts import PromptFormat, encode_answer, encode_prompt
 
-
 # task.label_scoring -> scorer (see tasks/classification.py and tasks/label_trie.py)
 LABEL_SCORERS = {"sequence": score_labels, "constrained": score_labels_constrained,
                  "constrained_pruned": partial(score_labels_constrained, prune=True)}

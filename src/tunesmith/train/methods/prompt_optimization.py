@@ -22,7 +22,7 @@ def apply(model, cfg):
 def fit(model, tokenizer, fmt, train, val, cfg, metric, out_dir=None, progress=True, resume=False):
     """Search prompts instead of training weights; returns a TrainResult carrying the best format."""
     from tunesmith.train.prompt_search import search
-    from tunesmith.train.trainer import TrainResult, TrainLog
+    from tunesmith.train.trainer import TrainLog, TrainResult
 
     model = apply(model, cfg).to(hardware.device()).eval()
     started = time.perf_counter()
