@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
 # torch in .venv (any version the pyproject range admits) and it is kept.
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo lint test test-fast bench clean
 
 install: $(STAMP)
 
@@ -30,7 +30,11 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/tunesmith run examples/quickstart/project.yaml
 
-test: $(STAMP)
+# pyflakes, import order and line length (pyproject.toml [tool.ruff]); `make test` runs it first.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+
+test: $(STAMP) lint
 	TUNESMITH_REQUIRE_BROWSER=1 TUNESMITH_REQUIRE_PROMETHEUS=1 $(PY) -m pytest -q
 
 test-fast: $(STAMP)

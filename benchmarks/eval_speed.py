@@ -119,7 +119,8 @@ def main() -> None:
     print(f"naive loop (one forward per example x label): {t_naive:.1f} s, scaled from {len(few)} examples; "
           f"same scores as sequence scoring (max |diff| {float((sequence[: len(few)] - naive).abs().max()):.3f}, "
           f"argmax agreement {agree_naive:.3f})")
-    print(f"speed-up vs naive: constrained_pruned x{t_naive / t_pruned:.1f}, constrained x{t_naive / t_constrained:.1f}, "
+    print(f"speed-up vs naive: constrained_pruned x{t_naive / t_pruned:.1f}, "
+          f"constrained x{t_naive / t_constrained:.1f}, "
           f"sequence x{t_naive / t_sequence:.1f}")
 
 

@@ -51,7 +51,8 @@ def main() -> None:
         test.write_text("\n".join(rows[: args.latency_samples]) + "\n")
         for _ in range(args.repeats - 1):
             for e in entries:  # alternate variants so drifts in machine speed hit all of them alike
-                p50[e["name"]].append(measure_variant(run / e["path"], test, 16, args.latency_samples)["latency_p50_ms"])
+                p50[e["name"]].append(measure_variant(run / e["path"], test, 16,
+                                                      args.latency_samples)["latency_p50_ms"])
     report(entries, p50)
 
 

@@ -42,7 +42,8 @@ def free_port() -> int:
 
 
 def texts_of(run: Path) -> list[str]:
-    return [json.loads(line)["input"] for line in (run / "data" / "test.jsonl").read_text().splitlines() if line.strip()]
+    return [json.loads(line)["input"] for line in (run / "data" / "test.jsonl").read_text().splitlines()
+            if line.strip()]
 
 
 async def drive(url: str, texts: list[str], clients: int, seconds: float, client_timeout: float = 60) -> dict:

@@ -1,7 +1,8 @@
 """Training speed: tunesmith vs plain TRL SFTTrainer (+ PEFT LoRA), side by side, same run.
 
 Same model (the project's), same training examples, epochs, batch size, learning rate (the project's
-for its own method, the method's tunesmith default otherwise) and LoRA rank/alpha/dropout/targets; TRL otherwise keeps its defaults. Each (tool, method, repeat) trains in a
+for its own method, the method's tunesmith default otherwise) and LoRA rank/alpha/dropout/targets;
+TRL otherwise keeps its defaults. Each (tool, method, repeat) trains in a
 fresh subprocess so peak RSS is its own. Test accuracy of both is measured by the same label-scoring
 code (tunesmith's predict) on the project's test split. Prints one row per run, then medians and the
 ratios tunesmith/TRL, and the fraction of this machine's measured bf16 matmul peak reached

@@ -13,7 +13,8 @@ from pathlib import Path
 
 CHECK_IMAGES = """(() => { const imgs = Array.from(document.images);
   return JSON.stringify({images: imgs.length,
-                         broken: imgs.filter(i => !i.complete || i.naturalWidth === 0).map(i => i.alt || i.src.slice(0, 40)),
+                         broken: imgs.filter(i => !i.complete || i.naturalWidth === 0)
+                                     .map(i => i.alt || i.src.slice(0, 40)),
                          title: document.title, text: document.body.innerText.length}); })()"""
 
 

@@ -73,7 +73,8 @@ def _exact(text: str, rng: random.Random) -> str:
     return variant.replace(" ", "  ", 1)
 
 
-def make_dirty(train: list[dict], test: list[dict], n: int = 50, seed: int = 0) -> tuple[list[dict], dict[str, set[int]]]:
+def make_dirty(train: list[dict], test: list[dict], n: int = 50,
+               seed: int = 0) -> tuple[list[dict], dict[str, set[int]]]:
     """Train rows with n of each problem injected; returns (rows, truth: row indices by kind)."""
     rng = random.Random(seed)
     rows = [dict(r) for r in train]

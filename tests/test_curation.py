@@ -136,7 +136,8 @@ def test_duplicates_attach_to_the_most_similar_kept_row():
     links = [(0, 2, 0.8), (1, 2, 0.9), (0, 1, 0.75), (2, 3, 0.95)]
     # 1 is a duplicate of 0; 2 is linked to 0 (kept) and 1 (removed): it goes as a duplicate of 0;
     # 3 is linked only to 2, which was removed, so it stays.
-    assert [(d.index, d.of, d.similarity) for d in assign_duplicates(links, "near_duplicate")] == [(1, 0, 0.75), (2, 0, 0.8)]
+    assert [(d.index, d.of, d.similarity) for d in assign_duplicates(links, "near_duplicate")] == \
+        [(1, 0, 0.75), (2, 0, 0.8)]
 
 
 def test_shingle_jaccard_counts_byte_ngrams():

@@ -112,7 +112,8 @@ def test_harness_task_folder_must_exist(tiny_project, tmp_path):
     tiny_project.write_text(tiny_project.read_text() + "  harness:\n    tasks: [x]\n    include_path: nowhere\n")
     done = subprocess.run([sys.executable, "-m", "tunesmith", "run", str(tiny_project), "--out", str(tmp_path / "r")],
                           capture_output=True, text=True, timeout=600)
-    assert done.returncode == 2 and "task folder not found" in done.stderr and "eval.harness.include_path" in done.stderr
+    assert (done.returncode == 2 and "task folder not found" in done.stderr
+            and "eval.harness.include_path" in done.stderr)
 
 
 def test_harness_gets_merged_weights_and_no_model_for_soft_prompts(tiny_model):

@@ -94,8 +94,8 @@ def test_estimates_follow_the_formulas():
 
 def test_select_probes_local_models_and_recommends(tmp_path, tiny_model):
     config = _project(tmp_path, tiny_model)
-    result = runner.invoke(app, ["select", config, "--candidates", f"{tiny_model},smollm2-1.7b-instruct", "--probe", "6",
-                                 "--json", "--quiet"])
+    result = runner.invoke(app, ["select", config, "--candidates", f"{tiny_model},smollm2-1.7b-instruct",
+                                 "--probe", "6", "--json", "--quiet"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
     local = next(c for c in out["candidates"] if c["local"])

@@ -51,11 +51,15 @@ def test_disparities_match_fairlearn(fixed):
     y = (np.array(golds) == "pos").astype(int)
     p = (np.array(preds) == "pos").astype(int)
     ours = disparities(golds, preds, groups, "pos")
-    assert ours["demographic_parity_difference"] == pytest.approx(demographic_parity_difference(y, p, sensitive_features=groups))
+    assert ours["demographic_parity_difference"] == pytest.approx(
+        demographic_parity_difference(y, p, sensitive_features=groups))
     assert ours["demographic_parity_ratio"] == pytest.approx(demographic_parity_ratio(y, p, sensitive_features=groups))
-    assert ours["equal_opportunity_difference"] == pytest.approx(equal_opportunity_difference(y, p, sensitive_features=groups))
-    assert ours["equalized_odds_difference"] == pytest.approx(equalized_odds_difference(y, p, sensitive_features=groups))
-    frame = MetricFrame(metrics={"selection_rate": selection_rate, "tpr": true_positive_rate, "fpr": false_positive_rate},
+    assert ours["equal_opportunity_difference"] == pytest.approx(
+        equal_opportunity_difference(y, p, sensitive_features=groups))
+    assert ours["equalized_odds_difference"] == pytest.approx(
+        equalized_odds_difference(y, p, sensitive_features=groups))
+    frame = MetricFrame(metrics={"selection_rate": selection_rate, "tpr": true_positive_rate,
+                                 "fpr": false_positive_rate},
                         y_true=y, y_pred=p, sensitive_features=groups)
     table = per_group(golds, preds, groups, "pos")
     for g in ("a", "b", "c"):

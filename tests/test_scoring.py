@@ -163,7 +163,8 @@ def test_pruned_constrained_scoring_keeps_argmax_and_winner_and_skips_groups(tin
                [40, 2], [41, 2], [42, 43, 2], [42, 44, 2]]
     tree_positions = []
     hook = model.get_decoder().register_forward_pre_hook(
-        lambda _m, _a, kw: tree_positions.append(kw["input_ids"].numel()) if getattr(kw.get("attention_mask"), "ndim", 0) == 4 else None,
+        lambda _m, _a, kw: (tree_positions.append(kw["input_ids"].numel())
+                            if getattr(kw.get("attention_mask"), "ndim", 0) == 4 else None),
         with_kwargs=True)
     exact = score_labels_constrained(model, prompts, answers, 0, batch_size=4)
     n_exact, tree_positions[:] = sum(tree_positions), []

@@ -61,7 +61,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 args = sys.argv[1:]
 host, port = args[args.index("--host") + 1], int(args[args.index("--port") + 1])
-name, key, log = args[args.index("--served-model-name") + 1], os.environ.get("VLLM_API_KEY", ""), os.environ["FAKE_VLLM_LOG"]
+name, key, log = (args[args.index("--served-model-name") + 1], os.environ.get("VLLM_API_KEY", ""),
+                  os.environ["FAKE_VLLM_LOG"])
 
 
 def record(**row):
@@ -283,7 +284,8 @@ def test_item6_engine_gets_sigterm_when_tunesmith_is_killed_outright(tmp_path):
     (PR_SET_PDEATHSIG, armed by orphan_guard before it execs the engine) instead of keeping the GPU."""
     parent_script = ("import sys, time\n"
                      "from tunesmith.serve.remote import start_engine\n"
-                     "p = start_engine([sys.executable, '-c', 'import time; time.sleep(600)'], 'engine-key-0123456789')\n"
+                     "p = start_engine([sys.executable, '-c', 'import time; time.sleep(600)'], "
+                     "'engine-key-0123456789')\n"
                      "print(p.pid, flush=True)\n"
                      "time.sleep(600)\n")
     parent = subprocess.Popen([sys.executable, "-c", parent_script], stdout=subprocess.PIPE, text=True)
@@ -358,10 +360,12 @@ def test_item6_upstream_api_key_comes_from_the_named_environment_variable(full_r
     try:
         _wait_until(lambda: any(r.get("pid") for r in _rows(log)), 30, "the upstream")
         unset = runner.invoke(cli, ["serve", str(full_run), "--engine", "vllm", "--upstream", up_url,
-                                    "--upstream-api-key-env", "TS_TEST_UPSTREAM_KEY"], env={"TS_TEST_UPSTREAM_KEY": None})
+                                    "--upstream-api-key-env", "TS_TEST_UPSTREAM_KEY"],
+                              env={"TS_TEST_UPSTREAM_KEY": None})
         assert unset.exit_code == 2 and "TS_TEST_UPSTREAM_KEY is not set" in unset.output
         assert "--upstream-api-key-env" in _error_lines(unset.output)[0]
-        wrong = runner.invoke(cli, ["serve", str(full_run), "--engine", "vllm", "--upstream", up_url, "--port", str(port),
+        wrong = runner.invoke(cli, ["serve", str(full_run), "--engine", "vllm", "--upstream", up_url,
+                                    "--port", str(port),
                                     "--upstream-api-key-env", "TS_TEST_UPSTREAM_KEY"],
                               env={"TS_TEST_UPSTREAM_KEY": "not-the-key-0123456789"})
         assert wrong.exit_code == 2 and "401" in wrong.output and "--upstream" in _error_lines(wrong.output)[0]
@@ -482,7 +486,8 @@ def test_item13_port_out_of_range_or_in_use_is_exit_2_naming_port(tmp_path):
     # a second tunesmith while the first still loads its model: the first holds the port already
     first = bind_listener("127.0.0.1", _free_port())
     try:
-        result = runner.invoke(cli, ["serve", str(tmp_path), "--port", str(first.port)], env={"TUNESMITH_API_KEYS": None})
+        result = runner.invoke(cli, ["serve", str(tmp_path), "--port", str(first.port)],
+                               env={"TUNESMITH_API_KEYS": None})
     finally:
         first.sock.close()
     assert result.exit_code == 2 and "already in use" in _error_lines(result.output)[0]

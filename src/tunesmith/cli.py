@@ -87,7 +87,8 @@ def _print_summary(summary: dict) -> None:
         print(f"  {'ok  ' if c['met'] else 'FAIL'} {c['name']}: {value} (target {c['op']} {c['target']:g})")
     base, tuned = summary["metrics"]["baseline"], summary["metrics"]["finetuned"]
     metric = summary["objective_metric"]
-    print(f"  {metric}: baseline {base.get(metric, float('nan')):.4f} -> fine-tuned {tuned.get(metric, float('nan')):.4f}")
+    print(f"  {metric}: baseline {base.get(metric, float('nan')):.4f} "
+          f"-> fine-tuned {tuned.get(metric, float('nan')):.4f}")
     gain = summary.get("comparison", {}).get(metric)
     if gain:
         print(f"  gain {gain['diff']:+.4f}, 95% CI [{gain['ci_low']:+.4f}, {gain['ci_high']:+.4f}], "
@@ -171,7 +172,8 @@ def report(run_dir: Optional[Path] = typer.Argument(None, help="an evaluated run
         if run_dir is None:
             raise InputError("give a run directory, or --compare A B", "RUN_DIR")
         if not (run_dir / "summary.json").is_file():
-            raise RunDirError("no summary.json: the run has not been evaluated", str(run_dir), "run `tunesmith eval` first")
+            raise RunDirError("no summary.json: the run has not been evaluated", str(run_dir),
+                              "run `tunesmith eval` first")
         print(f"report: {report_run(run_dir)}")
         return 0
     _guarded(debug, go)
@@ -239,7 +241,8 @@ def _print_audit(audit: dict) -> None:
         print(f"threshold optimizer not run: {t['skipped']}")
     elif t:
         print(f"threshold optimizer ({t['constraint']}, {t['attribute']}): demographic parity difference "
-              f"{t['before']['demographic_parity_difference']:.4f} -> {t['after']['demographic_parity_difference']:.4f}, "
+              f"{t['before']['demographic_parity_difference']:.4f} -> "
+              f"{t['after']['demographic_parity_difference']:.4f}, "
               f"accuracy {t['before']['accuracy']:.4f} -> {t['after']['accuracy']:.4f}")
 
 
@@ -275,7 +278,8 @@ def runs_show(run: str = typer.Argument(..., help="run id or run directory"), de
 
 
 @runs_app.command("diff")
-def runs_diff(a: str = typer.Argument(..., help="run id or directory"), b: str = typer.Argument(..., help="run id or directory"),
+def runs_diff(a: str = typer.Argument(..., help="run id or directory"),
+              b: str = typer.Argument(..., help="run id or directory"),
               debug: bool = DEBUG) -> None:
     """Config differences and metric deltas (B - A), with a paired test on shared test examples."""
     def go() -> int:
@@ -323,7 +327,8 @@ def compare_command(config: Path = typer.Argument(..., help="project.yaml"),
 
 @app.command("tune")
 def tune_command(config: Path = typer.Argument(..., help="project.yaml"),
-                 trials: int = typer.Option(8, "--trials", min=1, help="Trials in the study (the first is the config as written)."),
+                 trials: int = typer.Option(8, "--trials", min=1,
+                                            help="Trials in the study (the first is the config as written)."),
                  out: Path = typer.Option(..., "--out", help="Folder for study.sqlite, trial logs and the best run."),
                  overwrite: bool = OVERWRITE, quiet: bool = QUIET, debug: bool = DEBUG) -> None:
     """Hyperparameter search (Optuna TPE, pruning on the validation metric); the best trial becomes a run."""
@@ -413,10 +418,12 @@ def serve_command(target: Path = typer.Argument(..., help="a run directory, or a
 
 @app.command("monitor")
 def monitor_command(run_dir: Path = typer.Argument(..., help="a served run directory"),
-                    db: Optional[Path] = typer.Option(None, "--db", help="Request log (default RUN_DIR/monitor/requests.db)."),
+                    db: Optional[Path] = typer.Option(None, "--db",
+                                                      help="Request log (default RUN_DIR/monitor/requests.db)."),
                     window: Optional[int] = typer.Option(None, "--window", help="Newest requests to compare."),
                     alerts: Optional[Path] = typer.Option(None, "--alerts",
-                                                          help="Also write alert rules, dashboard, prometheus.yml here."),
+                                                          help="Also write alert rules, dashboard, "
+                                                               "prometheus.yml here."),
                     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
                     debug: bool = DEBUG) -> None:
     """Drift of live traffic against the training data, and whether to retrain."""
@@ -438,7 +445,8 @@ def monitor_command(run_dir: Path = typer.Argument(..., help="a served run direc
     _guarded(debug, go)
 
 
-DATA_OUT = typer.Option(..., "--out", help="Folder for the cleaned splits, removed/suspects/changes.jsonl and report.json.")
+DATA_OUT = typer.Option(..., "--out",
+                        help="Folder for the cleaned splits, removed/suspects/changes.jsonl and report.json.")
 
 
 def _data_command(config: Path, debug: bool, quiet: bool, fn) -> None:

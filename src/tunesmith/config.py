@@ -579,7 +579,8 @@ def _resolve_paths(project: Project, root: yaml.Node, check_files: bool) -> None
         suite.data = resolved
     harness = project.eval.harness
     if harness.include_path is not None:
-        resolved = harness.include_path if harness.include_path.is_absolute() else (base / harness.include_path).resolve()
+        resolved = (harness.include_path if harness.include_path.is_absolute()
+                    else (base / harness.include_path).resolve())
         if check_files and not resolved.is_dir():
             raise ConfigError(f"task folder not found: {resolved}", _where(project.source, root,
                                                                          ("eval", "harness", "include_path")),

@@ -318,16 +318,20 @@ def record_run(run_dir: Path) -> int | None:
     if "objective" not in s:  # a run whose eval failed (see summary["failed"]): nothing to rank yet
         return None
     metric = s["objective_metric"]
-    row = (str(run_dir), s["name"], datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(timespec="seconds"),
+    row = (str(run_dir), s["name"],
+           datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(timespec="seconds"),
            s["model"], s["method"], metric, s["metrics"]["finetuned"].get(metric), s["metrics"]["baseline"].get(metric),
            int(bool(s["objective"]["met"])), json.dumps(s))
     db = _registry()
     try:
         with db:
-            db.execute("INSERT INTO runs (run_dir, name, created, model, method, metric, value, baseline, met, summary) "
+            db.execute("INSERT INTO runs (run_dir, name, created, model, method, metric, value, baseline, "
+                       "met, summary) "
                        "VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(run_dir) DO UPDATE SET name=excluded.name, "
-                       "created=excluded.created, model=excluded.model, method=excluded.method, metric=excluded.metric, "
-                       "value=excluded.value, baseline=excluded.baseline, met=excluded.met, summary=excluded.summary", row)
+                       "created=excluded.created, model=excluded.model, "
+                       "method=excluded.method, metric=excluded.metric, "
+                       "value=excluded.value, baseline=excluded.baseline, met=excluded.met, "
+                       "summary=excluded.summary", row)
         return db.execute("SELECT id FROM runs WHERE run_dir = ?", (str(run_dir),)).fetchone()["id"]
     finally:
         db.close()
@@ -360,7 +364,8 @@ def find_run(ref: str, evaluated: bool = True) -> Path:
         finally:
             db.close()
         if row is None:
-            raise RunDirError(f"no run with id {ref} in the registry", str(registry_path()), "see `tunesmith runs list`")
+            raise RunDirError(f"no run with id {ref} in the registry", str(registry_path()),
+                              "see `tunesmith runs list`")
         path = Path(row["run_dir"])
         if not (path / "summary.json").is_file():
             raise RunDirError(f"run {ref} is in the registry but its folder is gone (no summary.json)", str(path),

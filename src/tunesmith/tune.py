@@ -65,7 +65,8 @@ def tune(project: Project, trials: int, out: Path, progress: bool = True, seed: 
     metric = project.objective.metric
     sign = 1 if METRICS[metric].higher_is_better else -1
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=project.name, storage=f"sqlite:///{out / 'study.sqlite'}", load_if_exists=True,
+    study = optuna.create_study(study_name=project.name, storage=f"sqlite:///{out / 'study.sqlite'}",
+                                load_if_exists=True,
                                 direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed),
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1))
     if not study.trials:

@@ -30,7 +30,8 @@ def _grams(text: str, n: int) -> list[int]:
     return [int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little") for s in spans]
 
 
-def contaminated(train: list[str], held_out: list[str], ngram: int = 8, min_overlap: float = 0.5) -> list[Contamination]:
+def contaminated(train: list[str], held_out: list[str], ngram: int = 8,
+                 min_overlap: float = 0.5) -> list[Contamination]:
     """Training rows overlapping the held-out texts; indices refer to `train`."""
     index: dict[int, int] = {}
     for j, text in enumerate(held_out):

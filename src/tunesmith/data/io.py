@@ -151,5 +151,6 @@ def _read_parquet(path: Path) -> ReadResult:
     try:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several types for a corrupt file
-        raise DataError(f"cannot read Parquet file: {e}", str(path), hint="check that it is a valid Parquet file") from None
+        raise DataError(f"cannot read Parquet file: {e}", str(path),
+                        hint="check that it is a valid Parquet file") from None
     return ReadResult(rows=[Row(rec, str(path), i) for i, rec in enumerate(table.to_pylist(), start=1)])

@@ -11,7 +11,8 @@ from tunesmith.models.tokens import encode_chat, text_ids
 from tunesmith.tasks.classification import left_pad
 from tunesmith.tasks.generation import stop_ids
 
-PROMPT = "Rewrite the following text in different words, keeping its meaning. Reply with the rewritten text only.\n\n{text}"
+PROMPT = ("Rewrite the following text in different words, keeping its meaning. "
+          "Reply with the rewritten text only.\n\n{text}")
 
 
 @torch.inference_mode()

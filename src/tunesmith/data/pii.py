@@ -162,7 +162,8 @@ def _ip_ok(text: str) -> bool:
 def _phone_ok(text: str) -> bool:
     digits = sum(c.isdigit() for c in text)
     # Dates (2024-01-15) and times are digit groups too: require phone-like length and no date shape.
-    return 7 <= digits <= 15 and not re.fullmatch(r"\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}", text)
+    return (7 <= digits <= 15
+            and not re.fullmatch(r"\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}", text))
 
 
 _VALID = {"email": lambda t: True, "iban": iban_ok, "card": luhn_ok, "ip": _ip_ok, "phone": _phone_ok}

@@ -142,7 +142,8 @@ function save(){const rater=document.getElementById('rater').value.trim();
  const blob=new Blob([rows.join('\\n')+'\\n'],{type:'text/csv'});
  const a=document.createElement('a');a.href=URL.createObjectURL(blob);
  a.download='ratings-'+rater.replace(/[^A-Za-z0-9_-]/g,'_')+'.csv';document.body.appendChild(a);a.click();a.remove();
- document.getElementById('status').textContent='saved '+(rows.length-1)+' ratings'+(missing?', '+missing+' unrated':'');}
+ document.getElementById('status').textContent='saved '+(rows.length-1)+' ratings'
+  +(missing?', '+missing+' unrated':'');}
 """
     return ("<!doctype html><html><head><meta charset='utf-8'><title>tunesmith: rate the answers</title><style>"
             "body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}"

@@ -15,7 +15,8 @@ def entry(method: str, run_dir: Path) -> dict:
     metric, tuned, base = s["objective_metric"], s["metrics"]["finetuned"], s["metrics"]["baseline"]
     gain = s.get("comparison", {}).get(metric, {})
     return {"method": method, "run_dir": str(run_dir), "metric": metric, "value": tuned.get(metric),
-            "baseline": base.get(metric), "gain": gain.get("diff"), "gain_ci": [gain.get("ci_low"), gain.get("ci_high")],
+            "baseline": base.get(metric), "gain": gain.get("diff"),
+            "gain_ci": [gain.get("ci_low"), gain.get("ci_high")],
             "gain_p_value": gain.get("p_value"), "train_seconds": tuned.get("train_seconds"),
             "peak_rss_mb": tuned.get("peak_rss_mb"), "trainable_params": tuned.get("trainable_params"),
             "latency_p50_ms": tuned.get("latency_p50_ms"), "latency_p95_ms": tuned.get("latency_p95_ms"),
@@ -46,7 +47,8 @@ def table(entries: list[dict]) -> str:
         gain = f"{e['gain']:+.4f} [{ci[0]:+.3f}, {ci[1]:+.3f}]" if e["gain"] is not None else "n/a"
         vs = f"{e['vs_best']['diff']:+.4f} ({e['vs_best']['p_value']:.2g})" if e.get("vs_best") else "best"
         lines.append(f"{e['method']:<22}{_f(e['value'], '.4f'):>10}{gain:>28}{vs:>22}{_f(e['train_seconds'], '.0f'):>9}"
-                     f"{_f(e['peak_rss_mb'], '.0f'):>9}{_f(e['trainable_params'], ','):>12}{_f(e['latency_p50_ms'], '.0f'):>8}"
+                     f"{_f(e['peak_rss_mb'], '.0f'):>9}{_f(e['trainable_params'], ','):>12}"
+                     f"{_f(e['latency_p50_ms'], '.0f'):>8}"
                      f"  {'met' if e['objective_met'] else 'not met'}")
     return "\n".join(lines)
 

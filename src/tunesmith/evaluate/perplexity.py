@@ -25,7 +25,8 @@ def answer_perplexity(model, tokenizer, fmt: PromptFormat, examples: list[Exampl
     model.eval()
     try:
         for start in range(0, len(encoded), batch_size):
-            batch = {k: v.to(dev) for k, v in collate(encoded[start:start + batch_size], tokenizer.pad_token_id).items()}
+            batch = {k: v.to(dev)
+                     for k, v in collate(encoded[start:start + batch_size], tokenizer.pad_token_id).items()}
             with hardware.autocast(bf16, dev):
                 loss, n = supervised_loss(model, batch)
             total += float(loss) * n

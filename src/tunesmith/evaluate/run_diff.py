@@ -38,7 +38,8 @@ def metric_diff(a: Path, b: Path, resamples: int = 1000, seed: int = 0) -> dict:
             for k in sorted(set(ma) & set(mb)) if isinstance(ma[k], (int, float)) and isinstance(mb[k], (int, float))}
     pa, pb = _predictions(a), _predictions(b)
     paired = None
-    if pa and pb and [r["text"] for r in pa] == [r["text"] for r in pb] and [r["gold"] for r in pa] == [r["gold"] for r in pb]:
+    if (pa and pb and [r["text"] for r in pa] == [r["text"] for r in pb]
+            and [r["gold"] for r in pa] == [r["gold"] for r in pb]):
         task = "classification" if "correct" in pa[0] else "generation"
         names = [sa["objective_metric"]]
         paired = compare(task, [r["gold"] for r in pa], [r["prediction"] for r in pa], [r["prediction"] for r in pb],

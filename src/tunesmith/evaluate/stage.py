@@ -98,7 +98,8 @@ def eval_stage(project: Project, splits: Splits, run_dir: Path, progress: bool =
         metrics["forgetting"] = forgetting_report(base_probe, tuned_probe)
     if fmt.labels:
         metrics["per_class"] = per_class(golds, tuned.texts, fmt.labels)
-        metrics["confusion_matrix"] = {"labels": fmt.labels, "baseline": confusion_matrix(golds, base.texts, fmt.labels),
+        metrics["confusion_matrix"] = {"labels": fmt.labels,
+                                       "baseline": confusion_matrix(golds, base.texts, fmt.labels),
                                        "finetuned": confusion_matrix(golds, tuned.texts, fmt.labels)}
     train = run_dir / "train.json"
     if train.is_file():

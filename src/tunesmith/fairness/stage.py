@@ -119,7 +119,8 @@ def _thresholds(cfg, splits, test, golds, tuned, val, positive, seed) -> dict:
     if degenerate:
         return {"attribute": attr, "label": positive, "skipped": "validation rows of group(s) "
                 f"{', '.join(degenerate[:5])} all have the same outcome; thresholds cannot be fitted"}
-    decided = optimize_thresholds([p[positive] for p in val.probabilities], [e.target == positive for e in splits.validation],
+    decided = optimize_thresholds([p[positive] for p in val.probabilities],
+                                  [e.target == positive for e in splits.validation],
                                   val_groups, [p[positive] for p in tuned.probabilities], test_groups,
                                   cfg.threshold_optimizer, seed)
     # After post-processing only "positive or not" is decided; other labels keep the model's choice.

@@ -29,7 +29,8 @@ def optimize_thresholds(val_scores: list[float], val_positive: list[bool], val_g
 
     base = ScoreAsProbability().fit(np.zeros((2, 1)), [0, 1])
     opt = ThresholdOptimizer(estimator=base, constraints=constraint, predict_method="predict_proba", prefit=True,
-                             objective="accuracy_score" if constraint == "demographic_parity" else "balanced_accuracy_score")
+                             objective=("accuracy_score" if constraint == "demographic_parity"
+                                        else "balanced_accuracy_score"))
     opt.fit(np.asarray(val_scores).reshape(-1, 1), np.asarray(val_positive, dtype=int),
             sensitive_features=np.asarray(val_groups))
     decided = opt.predict(np.asarray(test_scores).reshape(-1, 1), sensitive_features=np.asarray(test_groups),

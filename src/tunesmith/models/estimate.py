@@ -32,7 +32,8 @@ from tunesmith import hardware
 OVERHEAD_MB = 2400        # calibrated: quickstart LoRA run, 3,402 MB peak RSS measured (2026-11-28)
 ACTIVATION_BYTES = 34
 EFFICIENCY = 0.6          # calibrated: quickstart LoRA, 479 tokens/s measured on a 2-core EPYC in bf16
-FLOPS_PER_TOKEN = {"full": 6, "lora": 4, "dora": 4.4, "qlora": 4.4, "ia3": 4, "prompt_tuning": 2.7, "prefix_tuning": 2.7}
+FLOPS_PER_TOKEN = {"full": 6, "lora": 4, "dora": 4.4, "qlora": 4.4, "ia3": 4, "prompt_tuning": 2.7,
+                   "prefix_tuning": 2.7}
 TRAINED_SHARE = {"full": 1.0, "lora": 0.01, "dora": 0.011, "qlora": 0.01, "ia3": 0.0005, "prompt_tuning": 0.0001,
                  "prefix_tuning": 0.002}
 

@@ -39,7 +39,8 @@ def resolve_model(name: str) -> Path:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"GGUF file not found: {path}", "model", "give an existing .gguf path")
-        digest = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()
+        digest = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}"
+                                .encode()).hexdigest()
         return _converted(path, f"gguf-{path.stem}-{digest[:12]}")
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -49,7 +50,8 @@ def resolve_model(name: str) -> Path:
     if HF_ID.match(name) and not path.exists():
         return _from_hub(name)
     raise ModelError(f"unknown model '{name}'", "model",
-                     f"use a catalog name ({', '.join(CATALOG)}), a Hugging Face id, a checkpoint folder or a .gguf file")
+                     f"use a catalog name ({', '.join(CATALOG)}), a Hugging Face id, a checkpoint folder "
+                     "or a .gguf file")
 
 
 def _from_catalog(entry: CatalogEntry) -> Path:

@@ -39,7 +39,8 @@ def select(project: Project, candidates: list[str] | None = None, probe_examples
     ranked = sorted(rows, key=lambda r: (not r["estimates"][method]["fits"], -(r.get("probe") or {}).get("score", -1),
                                          r["params_m"]))
     best = ranked[0]
-    reason = (f"{why}; {best['model']} " + (f"scored {best['probe']['score']:.3f} {best['probe']['metric']} zero-shot on "
+    reason = (f"{why}; {best['model']} " + (f"scored {best['probe']['score']:.3f} "
+                                             f"{best['probe']['metric']} zero-shot on "
                                              f"{best['probe']['examples']} validation examples, the best of the models "
                                              "probed" if best.get("probe") else "is the smallest model that fits")
               + f", and {method} needs about {best['estimates'][method]['memory_mb']:,} MB and "
@@ -117,5 +118,6 @@ def _probe(project: Project, path: Path, splits, n: int, progress: bool) -> dict
     preds = predict(load_model(path), tok, build_format(project.task, splits.labels, tok), sample,
                     progress=f"probe {path.name}" if progress else None)
     metric = project.objective.metric
-    return {"metric": metric, "score": compute_metrics(project.task.type, [e.target for e in sample], preds.texts)[metric],
+    return {"metric": metric,
+            "score": compute_metrics(project.task.type, [e.target for e in sample], preds.texts)[metric],
             "examples": len(sample)}

@@ -144,7 +144,8 @@ class WeightOnlyInt8Linear(torch.nn.Module):
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
-        self.register_buffer("q", q.clone(memory_format=torch.contiguous_format))  # aligned: a safetensors view may not be
+        # aligned: a safetensors view may not be
+        self.register_buffer("q", q.clone(memory_format=torch.contiguous_format))
         self.register_buffer("scale", scale.to(dtype))
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().to(dtype), requires_grad=False)
         self.in_features, self.out_features, self.dtype = q.shape[1], q.shape[0], dtype

@@ -36,9 +36,11 @@ def _curation(cur: dict) -> str:
              f"<li>changed: {_counts(cur['changes_by_kind']) or 'nothing'} (data/changes.jsonl)</li>",
              f"<li>PII found: {_counts(cur['pii_found']) or 'none'}; not checked: "
              f"{html.escape(', '.join(cur.get('pii_not_checked', [])))}</li>",
-             f"<li>suspected label errors: {cur['suspected_label_errors']} (data/suspects.jsonl, most suspect first)</li>",
+             f"<li>suspected label errors: {cur['suspected_label_errors']} "
+             "(data/suspects.jsonl, most suspect first)</li>",
              f"<li>similar rows with different labels, kept: {cur.get('conflicting_duplicates_total', 0)}</li>",
-             f"<li>duplicates found and kept (action: report): {_counts(cur.get('kept_duplicates_by_kind', {})) or 'none'}"
+             "<li>duplicates found and kept (action: report): "
+             f"{_counts(cur.get('kept_duplicates_by_kind', {})) or 'none'}"
              "</li>"]
     return ("<h3>Curation</h3><table><tr><th>split</th><th>step</th><th>rows in</th><th>rows out</th><th>removed</th>"
             f"<th>changed</th></tr>{steps}</table><ul>{''.join(items)}</ul>")

@@ -49,7 +49,8 @@ def _data_part(data: dict) -> str:
                  if a["p_value"] is not None else "one group or one label only")
         flagged = f"; under-represented: {html.escape(', '.join(d['under_represented'][:20]))}" \
             if d["under_represented"] else ""
-        items.append(f"<li>{html.escape(attr)}: {len(d['groups'])} groups over {d['rows']} training rows; group vs label "
+        items.append(f"<li>{html.escape(attr)}: {len(d['groups'])} groups over {d['rows']} "
+                     "training rows; group vs label "
                      f"{assoc}{flagged}</li>")
     return f"<h3>Training data by group</h3><ul>{''.join(items)}</ul>"
 
@@ -66,7 +67,8 @@ def _probes(audit: dict) -> str:
     elif t:
         b, a = t["before"], t["after"]
         out.append(f"<li>threshold post-processing ({t['constraint']}, by {html.escape(t['attribute'])}): demographic "
-                   f"parity difference {b['demographic_parity_difference']:.4f} -> {a['demographic_parity_difference']:.4f},"
+                   f"parity difference {b['demographic_parity_difference']:.4f} -> "
+                   f"{a['demographic_parity_difference']:.4f},"
                    f" equalized odds difference {b['equalized_odds_difference']:.4f} -> "
                    f"{a['equalized_odds_difference']:.4f}, accuracy {b['accuracy']:.4f} -> {a['accuracy']:.4f}</li>")
     s = audit.get("stereotype")

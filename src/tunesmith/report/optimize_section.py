@@ -32,4 +32,5 @@ def optimize_section(run_dir: Path, metric: str) -> str:
             "<th>p50 ms</th><th>p95 ms</th><th>speed-up</th><th>per s (batch 16)</th><th>MB</th><th>peak RSS MB</th>"
             f"<th>load s</th><th>offered</th></tr>{rows}</table>"
             + (f"<ul>{skipped}</ul>" if skipped else "")
-            + f"<p><img alt='quality vs latency' src='data:image/png;base64,{plots.quality_vs_latency(variants, metric)}'></p>")
+            + "<p><img alt='quality vs latency' "
+              f"src='data:image/png;base64,{plots.quality_vs_latency(variants, metric)}'></p>")

@@ -93,7 +93,8 @@ def confusion(matrix: list[list[int]], labels: list[str], title: str) -> str:
 
 
 @_literal
-def metric_bars(baseline: dict, finetuned: dict, names: list[str], legend: tuple[str, str] = ("baseline", "fine-tuned")) -> str:
+def metric_bars(baseline: dict, finetuned: dict, names: list[str],
+                legend: tuple[str, str] = ("baseline", "fine-tuned")) -> str:
     fig, ax = plt.subplots(figsize=(6, 3))
     x = range(len(names))
     ax.bar([i - 0.2 for i in x], [baseline.get(n, 0) for n in names], width=0.4, label=legend[0])
@@ -145,7 +146,8 @@ def reliability(calibration: dict) -> str:
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfectly calibrated")
     for name, cal in calibration.items():
         bins = cal["bins"]
-        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-", label=f"{name} (ECE {cal['ece']:.3f})")
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-",
+                label=f"{name} (ECE {cal['ece']:.3f})")
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title="Reliability (test)")
     ax.legend(fontsize=7)
     return _png(fig)
@@ -182,7 +184,8 @@ def quality_vs_latency(variants: list[dict], metric: str) -> str:
     for v in variants:
         ax.errorbar(v["latency_p50_ms"], v["metrics"][metric], fmt="o" if v["parity_ok"] else "x", capsize=3,
                     yerr=[[max(0.0, -v["quality_delta_ci"][0] + v["quality_delta"])],
-                          [max(0.0, v["quality_delta_ci"][1] - v["quality_delta"])]] if "quality_delta_ci" in v else None,
+                          [max(0.0, v["quality_delta_ci"][1] - v["quality_delta"])]]
+                         if "quality_delta_ci" in v else None,
                     color="tab:blue" if v["parity_ok"] else "tab:red")
         ax.annotate(v["name"], (v["latency_p50_ms"], v["metrics"][metric]), fontsize=7, xytext=(4, 4),
                     textcoords="offset points")
@@ -199,7 +202,8 @@ def group_rates(groups: dict, attribute: str, label: str) -> str:
     names = sorted(groups, key=lambda g: -groups[g]["n"])[:25]
     fig, ax = plt.subplots(figsize=(7, 1.2 + 0.28 * len(names)))
     y = range(len(names))
-    for offset, key, colour in ((-0.27, "selection_rate", "tab:blue"), (0, "tpr", "tab:green"), (0.27, "fpr", "tab:red")):
+    for offset, key, colour in ((-0.27, "selection_rate", "tab:blue"), (0, "tpr", "tab:green"),
+                                (0.27, "fpr", "tab:red")):
         ax.barh([i + offset for i in y], [groups[g][key] or 0 for g in names], height=0.26, color=colour, label=key)
     ax.set_yticks(list(y))
     ax.set_yticklabels([f"{g} ({groups[g]['n']})" for g in names], fontsize=7)

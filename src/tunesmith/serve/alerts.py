@@ -62,15 +62,18 @@ def rule_tests(rules_file: str) -> dict:
                            "values": "5x60"}],
          "alert_rule_test": [{"eval_time": "40m", "alertname": "TunesmithNoTraffic",
                               "exp_alerts": [{"exp_labels": {"severity": "info"},
-                                              "exp_annotations": {"summary": "no inference requests for 15 minutes"}}]}]},
+                                              "exp_annotations": {"summary": "no inference requests "
+                                                                             "for 15 minutes"}}]}]},
     ]}
 
 
 def dashboard(title: str) -> dict:
     """A Grafana dashboard over tunesmith's series (Prometheus data source named by a variable)."""
     panels = [("Requests per second by status", 'sum by (status) (rate(tunesmith_requests_total[1m]))'),
-              ("p50 / p95 latency (s)", 'histogram_quantile(0.95, sum by (le) (rate(tunesmith_request_latency_seconds_bucket[5m])))'),
-              ("Batch size (mean)", 'sum(rate(tunesmith_batch_size_sum[5m])) / sum(rate(tunesmith_batch_size_count[5m]))'),
+              ("p50 / p95 latency (s)",
+               'histogram_quantile(0.95, sum by (le) (rate(tunesmith_request_latency_seconds_bucket[5m])))'),
+              ("Batch size (mean)",
+               'sum(rate(tunesmith_batch_size_sum[5m])) / sum(rate(tunesmith_batch_size_count[5m]))'),
               ("In-flight requests", "tunesmith_in_flight_requests"),
               ("Predicted labels", 'sum by (label) (rate(tunesmith_predicted_label_total[5m]))'),
               ("Drift score by signal", "tunesmith_drift_score"),

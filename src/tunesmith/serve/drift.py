@@ -148,7 +148,8 @@ def _recommend(signals: dict) -> dict:
     detail = ", ".join(f"{n} {signals[n]['score']} > {signals[n]['threshold']}" for n in flagged)
     if inputs and outputs:
         return {"drift": True, "recommendation": "retrain",
-                "reason": f"live inputs differ from the training data and the model's answers moved with them ({detail}); "
+                "reason": "live inputs differ from the training data "
+                          f"and the model's answers moved with them ({detail}); "
                           "label a sample of recent requests and retrain on it"}
     if flagged:
         return {"drift": True, "recommendation": "investigate",

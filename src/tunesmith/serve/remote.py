@@ -65,7 +65,8 @@ class RemoteService:
     def labels(self) -> list[str] | None:
         return self.fmt.labels
 
-    def example(self, prompt: str | list[int] | None = None, messages: list[dict] | None = None) -> Example | TokenPrompt:
+    def example(self, prompt: str | list[int] | None = None,
+                messages: list[dict] | None = None) -> Example | TokenPrompt:
         if isinstance(prompt, list):
             return TokenPrompt.checked(prompt, self.tokenizer, self.fmt.max_length)
         return request_example(self.fmt, prompt, messages)

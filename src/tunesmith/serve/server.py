@@ -131,7 +131,8 @@ def _sidecar_checks(run_dir: Path, upstream: str | None, upstream_key_env: str |
     """What `--engine vllm` needs, checked before the port is bound: a run directory, and either
     vLLM and whole weights, or a running upstream (and its key). Returns the upstream's key."""
     if not (run_dir / "model" / "tunesmith.json").is_file():
-        raise RunDirError("the vLLM engine serves a run directory", str(run_dir), "give a folder made by `tunesmith run`")
+        raise RunDirError("the vLLM engine serves a run directory", str(run_dir),
+                          "give a folder made by `tunesmith run`")
     if upstream is not None:
         return upstream_api_key(upstream_key_env)
     if upstream_key_env is not None:

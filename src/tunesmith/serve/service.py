@@ -110,7 +110,8 @@ class Service:
             return [min(limit, len(e.input) + 2) for e in examples]
         return [len(p) for p in prompt_ids(tok, self.fmt, examples)]
 
-    def example(self, prompt: str | list[int] | None = None, messages: list[dict] | None = None) -> Example | TokenPrompt:
+    def example(self, prompt: str | list[int] | None = None,
+                messages: list[dict] | None = None) -> Example | TokenPrompt:
         if isinstance(prompt, list):
             return TokenPrompt.checked(prompt, self.predictor.tokenizer, self.fmt.max_length)
         return request_example(self.fmt, prompt, messages)

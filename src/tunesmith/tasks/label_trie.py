@@ -36,7 +36,8 @@ class LabelTrie:
     tree: list[tuple[int, ...]]           # prefixes run through the model, parents before children
     where: list[int]                      # per branching node: tree index whose hidden state predicts it; root -1
     choice: torch.Tensor                  # (L, C) 1 where label l takes child c (C = all nodes' children, concatenated)
-    group_of: list[int]                   # per label: its group, the root child it starts with (0 if the root does not branch)
+    group_of: list[int]                   # per label: its group, the root child it starts with
+                                          # (0 if the root does not branch)
     group_nodes: list[list[int]]          # per group: the tree indices under it (empty for a group of one label)
 
     @classmethod
@@ -81,7 +82,8 @@ def tree_inputs(prefixes: list[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Te
     (Q, Q) ancestor-or-self mask (node p sees node q when q is a prefix of p)."""
     ids = torch.tensor([p[-1] for p in prefixes], dtype=torch.long)
     depth = torch.tensor([len(p) for p in prefixes], dtype=torch.long)
-    sees = torch.tensor([[q == p[:len(q)] for q in prefixes] for p in prefixes], dtype=torch.bool).reshape(len(prefixes), len(prefixes))
+    sees = torch.tensor([[q == p[:len(q)] for q in prefixes] for p in prefixes],
+                        dtype=torch.bool).reshape(len(prefixes), len(prefixes))
     return ids, depth, sees
 
 

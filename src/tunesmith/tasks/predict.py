@@ -52,8 +52,8 @@ def predict(model, tokenizer, fmt: PromptFormat, examples: list[Example], batch_
         with hardware.autocast(autocast, next(model.parameters()).device):
             if fmt.labels:
                 answers = [encode_answer(tokenizer, fmt, lab) for lab in fmt.labels]
-                scores = LABEL_SCORERS[fmt.label_scoring](model, prompts, answers, tokenizer.pad_token_id, batch_size=batch_size,
-                                progress=progress)
+                scores = LABEL_SCORERS[fmt.label_scoring](model, prompts, answers, tokenizer.pad_token_id,
+                                batch_size=batch_size, progress=progress)
                 scores = scores[torch.tensor(inverse(order))]
                 return Predictions(*predict_labels(scores, fmt.labels))
             texts = generate(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size, progress=progress)

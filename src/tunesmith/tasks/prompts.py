@@ -101,7 +101,8 @@ def encode_prompt(tokenizer, fmt: PromptFormat, ex: Example, budget: int) -> tup
     over = len(ids) - budget
     input_ids = text_ids(tokenizer, ex.input)
     keep = max(1, len(input_ids) - over - 2)
-    cut = Example(tokenizer.decode(input_ids[:keep]), ex.target, ex.source, _cut_last_user(ex, input_ids, keep, tokenizer))
+    cut = Example(tokenizer.decode(input_ids[:keep]), ex.target, ex.source,
+                  _cut_last_user(ex, input_ids, keep, tokenizer))
     ids = _encode_rendered(tokenizer, fmt, cut)
     return ids[-budget:] if len(ids) > budget else ids, True
 

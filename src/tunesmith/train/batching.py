@@ -83,9 +83,10 @@ def collate(items: list[Encoded], pad_id: int, prefix_len: int = 0) -> dict[str,
 
 def batch_stream(encoded: list[Encoded], cfg, pad_id: int, prefix_len: int, rank: int = 0,
                  world: int = 1, skip: int = 0):
-    """Collated batches forever (`cfg` gives batch_size, seed and length_grouping): this rank's batches forever, one reshuffle per epoch seeded by the epoch, so a run is
-    repeatable and a resumed run sees the same order. Global batch i goes to rank i % world;
-    `skip` is the number of this rank's batches already consumed."""
+    """Collated batches forever (`cfg` gives batch_size, seed and length_grouping): this rank's
+    batches forever, one reshuffle per epoch seeded by the epoch, so a run is repeatable and a
+    resumed run sees the same order. Global batch i goes to rank i % world; `skip` is the number of
+    this rank's batches already consumed."""
     epoch, seen = 0, 0
     while True:
         order = length_grouped_batches([len(e.ids) for e in encoded], cfg.batch_size, cfg.seed + epoch,

@@ -77,7 +77,8 @@ def load_checkpoint(path: Path, model, optimizer, schedule) -> tuple[dict, dict 
         from tunesmith.errors import RunDirError
 
         raise RunDirError(f"checkpoint was written by {state['world_size']} sharded (train.fsdp) processes",
-                          str(path), f"resume with torchrun --nproc_per_node {state['world_size']} and train.fsdp: true")
+                          str(path),
+                          f"resume with torchrun --nproc_per_node {state['world_size']} and train.fsdp: true")
     dev = next(model.parameters()).device
     with torch.no_grad():
         for name, value in load_file(str(path / "trainable.safetensors")).items():
