@@ -100,6 +100,22 @@ class Page:
         self.close()
 
 
+def rate_form(form: Path, downloads: Path, rater: str, choice: str) -> Path | None:
+    """Open a human-evaluation form.html in headless Chromium, rate every pair `choice` as `rater`
+    and press save; the ratings CSV the page downloaded into `downloads` (None if none came in 20 s)."""
+    with Page() as browser:
+        state = browser.open(form)
+        assert state["console_errors"] == [] and state["exceptions"] == []
+        browser.call("Page.setDownloadBehavior", behavior="allow", downloadPath=str(downloads))
+        browser.evaluate(f"document.getElementById('rater').value = {json.dumps(rater)};"
+                         "document.querySelectorAll('fieldset').forEach("
+                         f"  f => f.querySelector(\"input[value='{choice}']\").checked = true); save();")
+        deadline = time.time() + 20
+        while time.time() < deadline and not list(downloads.glob("ratings-*.csv")):
+            time.sleep(0.1)
+    return next(downloads.glob("ratings-*.csv"), None)
+
+
 def _http_get(url: str) -> str:
     from urllib.request import urlopen
 

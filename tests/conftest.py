@@ -101,6 +101,27 @@ eval:
 """
 
 
+GEN_PROJECT = """name: {name}
+model: {model}
+task:
+  type: generation
+  instruction: "Continue."
+data:
+  train: train.jsonl
+  test: test.jsonl
+  validation: 0.2
+objective:
+  metric: exact_match
+train:
+  method: {method}
+  max_steps: {steps}
+  batch_size: 4
+eval:
+  latency_samples: 1
+  max_new_tokens: {new_tokens}
+"""
+
+
 @pytest.fixture()
 def tiny_project(tmp_path, tiny_model) -> Path:
     """A classification project on the tiny model; returns the config path."""

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import pytest
 from typer.testing import CliRunner
 
-from browser import Page, chromium
+from browser import Page, chromium, rate_form
 from tunesmith.cli import app
 
 runner = CliRunner()
@@ -53,19 +52,8 @@ def test_rating_form_saves_a_file_that_imports(tmp_path):
              "source": f"t:{i}"} for i in range(6)]
     (run / "predictions" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert runner.invoke(app, ["human", "export", str(run)]).exit_code == 0
-    downloads = tmp_path / "downloads"
-    with Page() as browser:
-        state = browser.open(run / "human" / "form.html")
-        assert state["console_errors"] == [] and state["exceptions"] == []
-        browser.call("Page.setDownloadBehavior", behavior="allow", downloadPath=str(downloads))
-        browser.evaluate("document.getElementById('rater').value = 'ann';"
-                         "document.querySelectorAll('fieldset').forEach("
-                         "  f => f.querySelector(\"input[value='A']\").checked = true); save();")
-        deadline = time.time() + 20
-        while time.time() < deadline and not list(downloads.glob("ratings-ann.csv")):
-            time.sleep(0.1)
-    saved = downloads / "ratings-ann.csv"
-    assert saved.is_file()
+    saved = rate_form(run / "human" / "form.html", tmp_path / "downloads", "ann", "A")
+    assert saved is not None and saved.name == "ratings-ann.csv"
     result = runner.invoke(app, ["human", "import", str(saved), "--key", str(run / "human" / "key.json")])
     assert result.exit_code == 0, result.output
     pooled = json.loads((run / "human" / "results.json").read_text())["pooled"]

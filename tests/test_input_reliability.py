@@ -246,26 +246,15 @@ def test_item15_default_blinding_seed_is_random_and_recorded(tmp_path):
 
 def test_item15_rating_form_escapes_a_formula_rater_name(tmp_path):
     import os
-    import time
 
-    from browser import Page, chromium
+    from browser import chromium, rate_form
 
     if chromium() is None and os.environ.get("TUNESMITH_REQUIRE_BROWSER") != "1":
         pytest.skip("chromium not installed (apt-get install chromium)")
     run = _run_dir(tmp_path, n=4)
     export_pairs(run, run / "human")
-    downloads = tmp_path / "downloads"
-    with Page() as browser:
-        state = browser.open(run / "human" / "form.html")
-        assert state["console_errors"] == [] and state["exceptions"] == []
-        browser.call("Page.setDownloadBehavior", behavior="allow", downloadPath=str(downloads))
-        browser.evaluate("document.getElementById('rater').value = '=evil()';"
-                         "document.querySelectorAll('fieldset').forEach("
-                         "  f => f.querySelector(\"input[value='B']\").checked = true); save();")
-        deadline = time.time() + 20
-        while time.time() < deadline and not list(downloads.glob("ratings-*.csv")):
-            time.sleep(0.1)
-    saved = next(downloads.glob("ratings-*.csv"))
+    saved = rate_form(run / "human" / "form.html", tmp_path / "downloads", "=evil()", "B")
+    assert saved is not None
     with open(saved, newline="", encoding="utf-8") as f:
         raters = {row["rater"] for row in csv.DictReader(f)}
     assert raters == {"'=evil()"}, "the saved file must not hold a formula"

@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from conftest import PROJECT, make_texts, start_server, write_jsonl
+from conftest import GEN_PROJECT, PROJECT, make_texts, start_server, write_jsonl
 from tunesmith.cli import app as cli
 from tunesmith.config import ServeConfig
 from tunesmith.data.examples import Example
@@ -31,25 +31,6 @@ from tunesmith.tasks.prompts import render_prompt
 
 runner = CliRunner()
 LABELS = {"alpha", "beta", "gamma"}
-GEN_PROJECT = """name: tinygen
-model: {model}
-task:
-  type: generation
-  instruction: "Continue."
-data:
-  train: train.jsonl
-  test: test.jsonl
-  validation: 0.2
-objective:
-  metric: exact_match
-train:
-  method: lora
-  max_steps: 2
-  batch_size: 4
-eval:
-  latency_samples: 1
-  max_new_tokens: 4
-"""
 
 
 def _run(folder, text: str, train: list[dict], test: list[dict]) -> str:
@@ -71,7 +52,8 @@ def cls_run(tmp_path_factory, tiny_model):
 def gen_run(tmp_path_factory, tiny_model):
     folder = tmp_path_factory.mktemp("serve-gen")
     rows = [{"prompt": r["text"], "completion": r["label"]} for r in make_texts(20, 3)]
-    return _run(folder, GEN_PROJECT.format(model=tiny_model), rows, rows[:4])
+    project = GEN_PROJECT.format(name="tinygen", model=tiny_model, method="lora", steps=2, new_tokens=4)
+    return _run(folder, project, rows, rows[:4])
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from conftest import make_texts, write_jsonl
+from conftest import GEN_PROJECT, make_texts, write_jsonl
 from tunesmith.cli import app as cli
 from tunesmith.config import ServeConfig
 from tunesmith.errors import EngineError, InputError
@@ -36,25 +36,6 @@ from tunesmith.serve.server import bind_listener
 
 runner = CliRunner()
 LONG_KEY = "k" * 15 + "#with-a-hash"  # 27 characters, '#' inside: a key, not a comment
-FULL_GEN_PROJECT = """name: fullgen
-model: {model}
-task:
-  type: generation
-  instruction: "Continue."
-data:
-  train: train.jsonl
-  test: test.jsonl
-  validation: 0.2
-objective:
-  metric: exact_match
-train:
-  method: full
-  max_steps: 1
-  batch_size: 4
-eval:
-  latency_samples: 1
-  max_new_tokens: 2
-"""
 FAKE_VLLM = r'''
 import json, os, sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -113,7 +94,8 @@ def full_run(tmp_path_factory, tiny_model) -> Path:
     rows = [{"prompt": r["text"], "completion": r["label"]} for r in make_texts(16, 3)]
     write_jsonl(folder / "train.jsonl", rows)
     write_jsonl(folder / "test.jsonl", rows[:3])
-    (folder / "project.yaml").write_text(FULL_GEN_PROJECT.format(model=tiny_model), encoding="utf-8")
+    project = GEN_PROJECT.format(name="fullgen", model=tiny_model, method="full", steps=1, new_tokens=2)
+    (folder / "project.yaml").write_text(project, encoding="utf-8")
     result = runner.invoke(cli, ["run", str(folder / "project.yaml"), "--out", str(folder / "run"), "--quiet"])
     assert result.exit_code in (0, 3), result.output
     return folder / "run"
