@@ -67,14 +67,14 @@ def setup(args):
     from tunesmith.config import load_config
     from tunesmith.data.prepare import prepare_data
     from tunesmith.models.resolve import resolve_model
-    from tunesmith.train.methods import DEFAULT_LR
+    from tunesmith.registry import METHOD_SPECS
 
     project = load_config(args.config)
     if args.epochs is not None:
         project.train.epochs = args.epochs
     if args.method != project.train.method:
         # Another technique than the project's: its own default learning rate, for both tools.
-        project.train.learning_rate = DEFAULT_LR[args.method]
+        project.train.learning_rate = METHOD_SPECS[args.method].learning_rate
     project.train.method = args.method
     splits = prepare_data(project)
     train = splits.train[: args.examples] if args.examples else splits.train
@@ -96,10 +96,10 @@ def tunesmith_worker(args) -> dict:
                  progress=False)
     wall = time.perf_counter() - started
     stats = result.stats
-    return {"tokens": stats["train_tokens"], "train_seconds": stats["train_seconds"], "fit_wall_seconds": wall,
-            "tokens_per_second": stats["tokens_per_second"], "peak_rss_mb": hardware.peak_rss_mb(),
+    return {"tokens": stats.train_tokens, "train_seconds": stats.train_seconds, "fit_wall_seconds": wall,
+            "tokens_per_second": stats.tokens_per_second, "peak_rss_mb": hardware.peak_rss_mb(),
             "gpu_peak_mb": gpu_peak_mb(), "accuracy": accuracy(result.model, tokenizer, fmt, splits.test),
-            "params": stats["total_params"]}
+            "params": stats.total_params}
 
 
 def trl_worker(args) -> dict:
@@ -141,7 +141,7 @@ def trl_worker(args) -> dict:
 
 
 def accuracy(model, tokenizer, fmt, test) -> float:
-    from tunesmith.evaluate.metrics import compute_metrics
+    from tunesmith.tasks.metrics import compute_metrics
     from tunesmith.tasks.predict import predict
 
     preds = predict(model, tokenizer, fmt, test, batch_size=16)

@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 
 from conftest import PROJECT, make_texts, write_jsonl
 from tunesmith.cli import app
+from tunesmith.registry import METHOD_SPECS
 from tunesmith.runs import RUN_FILES
-from tunesmith.train.methods import METHODS, get_method
+from tunesmith.train.methods import METHODS
 
 runner = CliRunner()
 
@@ -38,7 +39,7 @@ def test_every_method_runs_end_to_end(tmp_path, tiny_model, method):
     for name in RUN_FILES:
         assert (out / name).exists(), name
     meta = json.loads((out / "model" / "tunesmith.json").read_text())
-    assert meta["method"] == method and meta["kind"] == get_method(method).KIND
+    assert meta["method"] == method and meta["kind"] == METHOD_SPECS[method].kind
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"trainable_params", "train_seconds", "peak_rss_mb"} <= set(metrics["finetuned"])
     assert metrics["forgetting"]["examples"] == 40

@@ -83,9 +83,8 @@ def test_validation_fraction_range(tmp_path):
 
 def test_learning_rate_defaults_per_method_and_explicit_value_wins():
     from tunesmith.config import TrainConfig
-    from tunesmith.train.methods import DEFAULT_LR, METHODS
+    from tunesmith.registry import METHOD_SPECS
 
-    assert set(DEFAULT_LR) == set(METHODS)
-    assert TrainConfig(method="prompt_tuning").learning_rate == DEFAULT_LR["prompt_tuning"]
-    assert TrainConfig(method="full").learning_rate == DEFAULT_LR["full"]
+    assert TrainConfig(method="prompt_tuning").learning_rate == METHOD_SPECS["prompt_tuning"].learning_rate == 3e-2
+    assert TrainConfig(method="full").learning_rate == METHOD_SPECS["full"].learning_rate == 2e-5
     assert TrainConfig(method="full", learning_rate=1e-3).learning_rate == 1e-3

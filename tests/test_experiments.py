@@ -100,7 +100,7 @@ def test_select_probes_local_models_and_recommends(tmp_path, tiny_model):
     out = json.loads(result.output)
     local = next(c for c in out["candidates"] if c["local"])
     assert local["probe"]["examples"] == 6 and 0 <= local["probe"]["score"] <= 1
-    assert set(local["estimates"]) == {"full", "lora", "qlora", "prompt_tuning"}
+    assert set(local["estimates"]) == {"lora", "dora", "ia3", "full", "prompt_tuning", "prefix_tuning", "qlora"}
     assert out["recommendation"]["method"] == "lora" and "LoRA, not full" in out["recommendation"]["reason"]
     assert out["data"]["train_tokens"] > 0 and out["hardware"]["peak_tflops"] > 0
     text = runner.invoke(app, ["select", config, "--candidates", str(tiny_model), "--probe", "0", "--quiet"])

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tunesmith.config import Bound, ObjectiveConfig
-from tunesmith.evaluate.metrics import (
+from tunesmith.evaluate.objective import judge
+from tunesmith.tasks.metrics import (
     accuracy,
     compute_metrics,
     confusion_matrix,
@@ -15,7 +16,6 @@ from tunesmith.evaluate.metrics import (
     per_class,
     rouge_l_pair,
 )
-from tunesmith.evaluate.objective import judge
 
 
 def test_classification_metrics():
@@ -52,7 +52,7 @@ def test_objective_verdict():
 
 
 def test_f1_micro_equals_accuracy_inside_the_label_set_and_drops_outside():
-    from tunesmith.evaluate.metrics import accuracy, f1_micro
+    from tunesmith.tasks.metrics import accuracy, f1_micro
 
     golds, preds = ["a", "b", "a", "c"], ["a", "a", "a", "c"]
     assert f1_micro(golds, preds) == pytest.approx(accuracy(golds, preds))
@@ -61,7 +61,7 @@ def test_f1_micro_equals_accuracy_inside_the_label_set_and_drops_outside():
 
 
 def test_expected_calibration_error_by_hand():
-    from tunesmith.evaluate.metrics import expected_calibration_error
+    from tunesmith.tasks.metrics import expected_calibration_error
 
     correct = [True, False, True, True]
     confidences = [0.95, 0.9, 0.55, 0.6]
@@ -75,7 +75,7 @@ def test_expected_calibration_error_by_hand():
 def test_bleu_and_chrf_are_sacrebleu_on_a_unit_scale():
     import sacrebleu
 
-    from tunesmith.evaluate.metrics import compute_metrics
+    from tunesmith.tasks.metrics import compute_metrics
 
     golds = ["the cat sat on the mat", "a dog barked at night"]
     preds = ["the cat sat on a mat", "the dog barked at night"]

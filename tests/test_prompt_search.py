@@ -7,8 +7,8 @@ from collections import Counter
 from conftest import make_texts
 from tunesmith.config import TaskConfig, TrainConfig
 from tunesmith.data.examples import Example
-from tunesmith.evaluate.metrics import compute_metrics
 from tunesmith.models.load import load_model, load_tokenizer
+from tunesmith.tasks.metrics import compute_metrics
 from tunesmith.tasks.predict import predict
 from tunesmith.tasks.prompts import build_format
 from tunesmith.train.prompt_search import candidate_instructions, search, shot_sets

@@ -9,6 +9,7 @@ from conftest import make_texts
 from tunesmith.config import TaskConfig, TrainConfig
 from tunesmith.data.examples import Example
 from tunesmith.models.load import load_model, load_tokenizer
+from tunesmith.registry import METHOD_SPECS
 from tunesmith.tasks.predict import predict
 from tunesmith.tasks.prompts import build_format
 from tunesmith.train.batching import length_grouped_batches
@@ -48,11 +49,11 @@ def test_lora_changes_only_adapter_parameters(tiny_model):
 def test_every_method_trains_saves_and_reloads(tiny_model, tmp_path, method):
     result, tok, fmt = _fit(tiny_model, method=method)
     module = get_method(method)
-    if module.KIND == "prompt":
-        assert result.stats["trainable_params"] == 0 and result.stats["candidates"] == len(result.history) > 1
+    if METHOD_SPECS[method].kind == "prompt":
+        assert result.stats.trainable_params == 0 and result.stats.candidates == len(result.history) > 1
     else:
-        assert result.stats["steps"] == 4 and result.stats["train_tokens"] > 0
-        assert 0 < result.stats["trainable_params"] <= result.stats["total_params"]
+        assert result.stats.steps == 4 and result.stats.train_tokens > 0
+        assert 0 < result.stats.trainable_params <= result.stats.total_params
     module.save(result.model, tmp_path)
     reloaded = module.load(load_model(tiny_model), tmp_path)
     examples = _data(6, 3)
@@ -66,7 +67,7 @@ def test_every_method_trains_saves_and_reloads(tiny_model, tmp_path, method):
 def test_early_stopping_restores_best(tiny_model):
     # A vanishing learning rate cannot improve the metric: patience runs out after 1 + patience evals.
     result, _, _ = _fit(tiny_model, learning_rate=1e-12, max_steps=20, eval_every=1, patience=2)
-    assert result.stopped_early and result.stats["steps"] == 3
+    assert result.stopped_early and result.stats.steps == 3
     assert result.best["step"] == 1
 
 

@@ -66,10 +66,10 @@ def test_overfitting_run_is_flagged_stopped_and_best_restored(tiny_model):
     cfg = TrainConfig(method="full", max_steps=300, eval_every=4, batch_size=2, learning_rate=0.003, patience=50,
                       overfit={"evals": 2}, trackers=[])
     result = fit(load_model(tiny_model), tok, fmt, noisy, _data(6, 2), cfg, "accuracy", progress=False)
-    assert result.overfitting and result.stopped_early and result.stats["steps"] < 300
+    assert result.overfitting and result.stopped_early and result.stats.steps < 300
     assert result.overfitting[0]["signal"] == "widening_gap"
     assert "overfitting" in result.stop_reason
-    assert result.best["step"] < result.stats["steps"]
+    assert result.best["step"] < result.stats.steps
 
 
 def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tiny_model, tmp_path):
@@ -80,7 +80,7 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tiny_model, tmp_pa
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-0000006")
     resumed = _fit(tiny_model, out_dir=tmp_path / "b", resume=True, checkpoint_every=2, keep_checkpoints=10)
-    assert resumed.stats["steps"] == full.stats["steps"] == 8
+    assert resumed.stats.steps == full.stats.steps == 8
     assert resumed.history == full.history
     a, b = _trainable(full.model), _trainable(resumed.model)
     for key in a:

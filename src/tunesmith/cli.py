@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import traceback
-import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
 import typer
 
 from tunesmith.errors import TunesmithError
+from tunesmith.logs import quiet_libraries
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="tunesmith: fine-tune a language model against a declared, measured objective.")
@@ -56,20 +55,6 @@ def _guarded(debug: bool, fn: Callable[[], int], details: bool = False) -> None:
               file=sys.stderr)
         raise typer.Exit(1) from None
     raise typer.Exit(code)
-
-
-def quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 def _print_summary(summary: dict) -> None:
@@ -358,7 +343,7 @@ def select_command(config: Path = typer.Argument(..., help="project.yaml"),
     """Rank models and techniques for this data and hardware (estimates + zero-shot probe)."""
     def go() -> int:
         from tunesmith.config import load_config
-        from tunesmith.models.select import select
+        from tunesmith.select import select
 
         names = [c.strip() for c in candidates.split(",") if c.strip()] if candidates else None
         result = select(load_config(config), names, probe, progress=not quiet)
@@ -371,7 +356,7 @@ def select_command(config: Path = typer.Argument(..., help="project.yaml"),
         print(f"data: {data['train_rows']} training rows, {data['row_tokens']} tokens per row, "
               f"{data['train_tokens']:,} tokens over {data['epochs']} epoch(s)")
         print(f"{'model':<26}{'params':>8}{'context':>9}{'licence':>22}{'probe':>8}  memory MB / minutes: "
-              "full | lora | qlora | prompt_tuning")
+              + " | ".join(result["candidates"][0]["estimates"]))
         for r in result["candidates"]:
             probe_s = f"{r['probe']['score']:.3f}" if r.get("probe") else ("-" if r["local"] else "remote")
             est = " | ".join(f"{e['memory_mb']:,}/{e['seconds'] / 60:.1f}{'' if e['fits'] else '!'}"

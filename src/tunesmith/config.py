@@ -8,15 +8,23 @@ import ipaddress
 import typing
 import urllib.parse
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunesmith.errors import ConfigError
-from tunesmith.evaluate.metrics import CONSTRAINT_FIGURES, FAIRNESS_FIGURES, metric_names
-from tunesmith.optimize.variants import DEFAULT_VARIANTS, VARIANTS
-from tunesmith.train.methods import DEFAULT_LR, METHODS
+from tunesmith.registry import (
+    CONSTRAINT_FIGURES,
+    DEFAULT_VARIANTS,
+    FAIRNESS_FIGURES,
+    METHOD_SPECS,
+    METHODS,
+    VARIANTS,
+    metric_names,
+)
+
+_C = TypeVar("_C", bound="_Strict")
 
 
 class _Strict(BaseModel):
@@ -201,7 +209,7 @@ class TrainConfig(_Strict):
     method: str = "lora"
     epochs: float = Field(2.0, gt=0)
     max_steps: int | None = Field(None, ge=1)
-    # None: the method's own default (methods.DEFAULT_LR); the resolved config records the value used.
+    # None: the method's own default (registry.METHOD_SPECS); the resolved config records the value used.
     learning_rate: float | None = Field(None, gt=0)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
@@ -239,15 +247,16 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _fsdp_method(self) -> TrainConfig:
-        if self.fsdp and self.method in ("prompt_tuning", "prefix_tuning"):
+        if self.fsdp and not METHOD_SPECS[self.method].fsdp:
+            allowed = ", ".join(m for m in METHODS if METHOD_SPECS[m].fsdp)
             raise ValueError(f"train.fsdp does not support method '{self.method}' (its virtual tokens take a "
-                             "second pass through the sharded layers); use lora, dora, ia3 or full")
+                             f"second pass through the sharded layers); use one of: {allowed}")
         return self
 
     @model_validator(mode="after")
     def _method_learning_rate(self) -> TrainConfig:
         if self.learning_rate is None:
-            self.learning_rate = DEFAULT_LR[self.method]
+            self.learning_rate = METHOD_SPECS[self.method].learning_rate
         return self
 
 
@@ -493,7 +502,7 @@ class Project(_Strict):
         if self.objective.metric not in names:
             raise _KeyedError(("objective", "metric"), f"unknown metric '{self.objective.metric}' for a "
                               f"{self.task.type} task (available: {', '.join(names)})")
-        figures = set(names) | CONSTRAINT_FIGURES
+        figures = set(names) | set(CONSTRAINT_FIGURES)
         for key in self.objective.constraints:
             if key not in figures:
                 raise _KeyedError(("objective", "constraints", key), f"unknown constraint '{key}' "
@@ -653,6 +662,28 @@ def _fields_at(loc: tuple) -> list[str]:
         if model is None:
             return []
     return [name for name in model.model_fields if name != "source"]
+
+
+def derive(config: _C, updates: dict[str, Any]) -> _C:
+    """A copy of `config` with dotted-key `updates` (e.g. {"train.method": "full"}), validated again.
+
+    Trials, method comparisons and command-line overrides derive configs this way rather than with
+    `model_copy(update=...)`, which skips every validator (a derived learning rate of 0, an unknown
+    method or a train.fsdp method clash would pass unseen). Raises pydantic's ValidationError.
+    """
+    data = config.model_dump(mode="python", round_trip=True)
+    for dotted, value in updates.items():
+        *parents, leaf = dotted.split(".")
+        node = data
+        for key in parents:
+            node = node[key]
+        if leaf not in node:
+            raise KeyError(f"unknown config key '{dotted}'")
+        node[leaf] = value
+    derived = type(config).model_validate(data)
+    if isinstance(config, Project):
+        derived.source = config.source  # excluded from the dump; relative data paths were resolved against it
+    return derived
 
 
 def dump_config(project: Project) -> str:

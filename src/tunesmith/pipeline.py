@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from tunesmith import fsio
-from tunesmith.config import Project, dump_config, load_config
+from tunesmith.config import Project, derive, dump_config, load_config
 from tunesmith.data.prepare import Splits, load_splits, prepare_data, save_splits
 from tunesmith.errors import InputError, RunDirError, StageError, TunesmithError
 from tunesmith.evaluate.objective import judge
@@ -14,7 +14,7 @@ from tunesmith.evaluate.stage import eval_stage
 from tunesmith.fairness.stage import audit_stage, headline_figures
 from tunesmith.models.resolve import resolve_model
 from tunesmith.optimize.stage import optimize_stage
-from tunesmith.optimize.variants import VARIANTS
+from tunesmith.registry import VARIANTS
 from tunesmith.report.build import report_stage
 from tunesmith.runs import (
     check_out,
@@ -195,7 +195,7 @@ def compare_methods(project: Project, methods: list[str], out: Path, progress: b
     The config's learning rate is kept for its own method; the others use their method's default
     (a rate tuned for LoRA would wreck full fine-tuning)."""
     from tunesmith.evaluate.leaderboard import entry, rank, write
-    from tunesmith.train.methods import DEFAULT_LR, METHODS
+    from tunesmith.registry import METHOD_SPECS, METHODS
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -206,9 +206,8 @@ def compare_methods(project: Project, methods: list[str], out: Path, progress: b
     prepare_data(project)  # bad data fails before any training
     entries = []
     for method in methods:
-        lr = project.train.learning_rate if method == project.train.method else DEFAULT_LR[method]
-        variant = project.model_copy(update={"train": project.train.model_copy(update={"method": method,
-                                                                                       "learning_rate": lr})})
+        lr = project.train.learning_rate if method == project.train.method else METHOD_SPECS[method].learning_rate
+        variant = derive(project, {"train.method": method, "train.learning_rate": lr})
         if progress:
             print(f"compare: {method} (learning rate {lr:g})", file=sys.stderr)
         run(variant, out / method, progress, overwrite=overwrite)

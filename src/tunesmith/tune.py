@@ -12,17 +12,17 @@ import shutil
 import sys
 from pathlib import Path
 
-from tunesmith.config import Project
+from tunesmith.config import Project, derive
 from tunesmith.data.prepare import prepare_data
-from tunesmith.evaluate.metrics import METRICS
-from tunesmith.train.methods import DEFAULT_LR
+from tunesmith.registry import METHOD_SPECS
+from tunesmith.tasks.metrics import METRICS
 
 SEARCHABLE = ("lora", "dora")
 
 
 def space(trial, project: Project) -> dict:
     """Sampled values: LoRA rank, alpha, dropout, learning rate (around the method's default) and epochs."""
-    base = DEFAULT_LR[project.train.method]
+    base = METHOD_SPECS[project.train.method].learning_rate
     return {"lora.r": trial.suggest_categorical("lora.r", [4, 8, 16, 32]),
             "lora.alpha": trial.suggest_categorical("lora.alpha", [8, 16, 32, 64]),
             "lora.dropout": trial.suggest_float("lora.dropout", 0.0, 0.2),
@@ -31,11 +31,7 @@ def space(trial, project: Project) -> dict:
 
 
 def apply_params(project: Project, params: dict) -> Project:
-    lora = project.train.lora.model_copy(update={k.split(".", 1)[1]: v for k, v in params.items()
-                                                 if k.startswith("lora.")})
-    train = project.train.model_copy(update={"lora": lora, "learning_rate": params["learning_rate"],
-                                             "epochs": params["epochs"]})
-    return project.model_copy(update={"train": train})
+    return derive(project, {f"train.{key}": value for key, value in params.items()})
 
 
 def defaults(project: Project) -> dict:

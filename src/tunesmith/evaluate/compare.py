@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from tunesmith.evaluate.metrics import METRICS
+from tunesmith.tasks.metrics import METRICS
 
 
 def paired_bootstrap(golds: Sequence[str], base: Sequence[str], tuned: Sequence[str], metric: str,

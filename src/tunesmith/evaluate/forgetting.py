@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from tunesmith.data.examples import Example
-from tunesmith.evaluate.metrics import compute_metrics
+from tunesmith.tasks.metrics import compute_metrics
 from tunesmith.tasks.predict import predict
 from tunesmith.tasks.prompts import PromptFormat
 

@@ -12,20 +12,20 @@ from tunesmith.data.prepare import Splits
 from tunesmith.evaluate.compare import compare
 from tunesmith.evaluate.forgetting import forgetting_report, probe_accuracy
 from tunesmith.evaluate.harness import harness_report, run_harness
-from tunesmith.evaluate.metrics import (
+from tunesmith.evaluate.perplexity import answer_perplexity
+from tunesmith.evaluate.speed import latency_ms
+from tunesmith.evaluate.suites import load_suites, predict_suites, suite_report
+from tunesmith.models.load import load_model, plain_lm
+from tunesmith.tasks.metrics import (
     compute_metrics,
     confusion_matrix,
     expected_calibration_error,
     metric_names,
     per_class,
 )
-from tunesmith.evaluate.perplexity import answer_perplexity
-from tunesmith.evaluate.speed import latency_ms
-from tunesmith.evaluate.suites import load_suites, predict_suites, suite_report
-from tunesmith.models.load import load_model, plain_lm
 from tunesmith.tasks.predict import Predictions, predict
 from tunesmith.tasks.prompts import build_format
-from tunesmith.train.stage import load_finetuned
+from tunesmith.train.finetuned import load_finetuned
 
 
 def eval_stage(project: Project, splits: Splits, run_dir: Path, progress: bool = True) -> dict:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from tunesmith.config import SuiteConfig
 from tunesmith.data.examples import Example, load_examples, raise_for_problems
 from tunesmith.evaluate.compare import compare
-from tunesmith.evaluate.metrics import compute_metrics, metric_names
+from tunesmith.tasks.metrics import compute_metrics, metric_names
 from tunesmith.tasks.predict import Predictions, predict
 from tunesmith.tasks.prompts import PromptFormat, build_format
 

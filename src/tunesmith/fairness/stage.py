@@ -25,7 +25,7 @@ from tunesmith.tasks.predict import predict
 
 def audit_stage(project: Project, splits: Splits, run_dir: Path, progress: bool = True) -> dict:
     """Audit the run's fine-tuned model and data; returns (and writes) audit.json's content."""
-    from tunesmith.train.stage import load_finetuned
+    from tunesmith.train.finetuned import load_finetuned
 
     cfg, run_dir = project.fairness, Path(run_dir)
     test = splits.test[: project.eval.max_examples] if project.eval.max_examples else splits.test

@@ -28,14 +28,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 from tunesmith import hardware
+from tunesmith.registry import METHOD_SPECS
 
 OVERHEAD_MB = 2400        # calibrated: quickstart LoRA run, 3,402 MB peak RSS measured (2026-11-28)
 ACTIVATION_BYTES = 34
 EFFICIENCY = 0.6          # calibrated: quickstart LoRA, 479 tokens/s measured on a 2-core EPYC in bf16
-FLOPS_PER_TOKEN = {"full": 6, "lora": 4, "dora": 4.4, "qlora": 4.4, "ia3": 4, "prompt_tuning": 2.7,
-                   "prefix_tuning": 2.7}
-TRAINED_SHARE = {"full": 1.0, "lora": 0.01, "dora": 0.011, "qlora": 0.01, "ia3": 0.0005, "prompt_tuning": 0.0001,
-                 "prefix_tuning": 0.002}
 
 
 @dataclass
@@ -80,10 +77,11 @@ def estimate(params_m: float, layers: int, hidden: int, method: str, tokens: int
              hw: Hardware) -> dict:
     """{memory_mb, seconds, fits} of training `tokens` tokens (all epochs) with `method`."""
     p = params_m * 1e6
-    weights = (0.56 if method == "qlora" else 4.0) * p
-    trained = 16 * TRAINED_SHARE[method] * p
+    spec = METHOD_SPECS[method]
+    weights = spec.weight_bytes * p
+    trained = 16 * spec.trained_share * p
     activations = ACTIVATION_BYTES * layers * batch * row_tokens * hidden
     memory = OVERHEAD_MB + (weights + trained + activations) / 2**20
-    seconds = tokens * FLOPS_PER_TOKEN[method] * p / (hw.peak_tflops * 1e12 * EFFICIENCY)
+    seconds = tokens * spec.flops_per_token * p / (hw.peak_tflops * 1e12 * EFFICIENCY)
     return {"method": method, "memory_mb": round(memory), "seconds": round(seconds, 1),
             "fits": memory < 0.9 * hw.memory_mb}

@@ -50,7 +50,7 @@ def load_variant(path: Path, max_new_tokens: int = 64) -> Predictor:
     path = Path(path)
     if not (path / VARIANT_FILE).is_file():
         if (path / "tunesmith.json").is_file():
-            from tunesmith.train.stage import load_finetuned
+            from tunesmith.train.finetuned import load_finetuned
 
             model, tokenizer, fmt, _ = load_finetuned(path)
             return lm_predictor(model, tokenizer, fmt, max_new_tokens)

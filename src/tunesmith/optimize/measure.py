@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--latency-samples", type=int, default=30)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     args = ap.parse_args()
-    from tunesmith.cli import quiet_libraries
+    from tunesmith.logs import quiet_libraries
 
     quiet_libraries()
     figures = measure_here(args.path, args.test_file, args.batch_size, args.latency_samples, args.max_new_tokens)

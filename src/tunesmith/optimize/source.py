@@ -57,7 +57,7 @@ class Source:
 
 
 def open_source(run_dir: Path, project: Project, splits: Splits, progress: bool = True) -> Source:
-    from tunesmith.train.stage import load_finetuned
+    from tunesmith.train.finetuned import load_finetuned
 
     model, tokenizer, fmt, _ = load_finetuned(Path(run_dir) / "model")
     kind = fsio.read_json(Path(run_dir) / "model/tunesmith.json")["kind"]

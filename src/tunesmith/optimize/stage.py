@@ -19,11 +19,11 @@ from tunesmith.config import Project
 from tunesmith.data.prepare import Splits
 from tunesmith.errors import ParityError, RunDirError
 from tunesmith.evaluate.compare import compare
-from tunesmith.evaluate.metrics import METRICS, compute_metrics
 from tunesmith.optimize.measure import measure_variant
 from tunesmith.optimize.select import select_variant, variant_verdict
 from tunesmith.optimize.source import open_source
 from tunesmith.optimize.variants import NotApplicable, get_variant
+from tunesmith.tasks.metrics import METRICS, compute_metrics
 
 
 def optimize_stage(project: Project, splits: Splits, run_dir: Path, progress: bool = True,

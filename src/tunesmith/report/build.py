@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 from tunesmith import fsio
-from tunesmith.evaluate.metrics import METRICS
 from tunesmith.report import plots
 from tunesmith.report.data_section import data_section
 from tunesmith.report.fairness_section import fairness_section
 from tunesmith.report.optimize_section import optimize_section
+from tunesmith.tasks.metrics import METRICS
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222;padding:0 1em}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}

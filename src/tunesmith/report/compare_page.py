@@ -9,10 +9,10 @@ import html
 from pathlib import Path
 
 from tunesmith import fsio
-from tunesmith.evaluate.metrics import METRICS
 from tunesmith.evaluate.run_diff import config_diff, metric_diff
 from tunesmith.report import plots
 from tunesmith.report.build import CSS, _fmt, _img, _read_log
+from tunesmith.tasks.metrics import METRICS
 
 COST = ("train_seconds", "peak_rss_mb", "trainable_params", "tokens_per_second", "latency_p50_ms", "latency_p95_ms",
         "throughput_eps", "model_size_mb")

@@ -13,7 +13,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunesmith.config import ServeConfig, load_config
+from pydantic import ValidationError
+
+from tunesmith.config import ServeConfig, derive, load_config
 from tunesmith.errors import EngineError, InputError, RunDirError
 
 
@@ -242,7 +244,11 @@ def monitor(run_dir: Path, db: Path | None = None, window: int | None = None) ->
     db = Path(db) if db else default_db
     if db is None or not db.is_file():
         raise RunDirError(f"no request log at {db}", str(run_dir), "serve the run first (`tunesmith serve RUN_DIR`)")
-    settings = cfg.drift.model_copy(update={"window": window}) if window else cfg.drift
+    try:
+        settings = derive(cfg.drift, {"window": window}) if window else cfg.drift
+    except ValidationError as e:
+        raise InputError(f"bad window {window}: {e.errors()[0]['msg']}", "--window",
+                         "compare at least 10 recent requests") from None
     return drift_report(reference(run_dir, settings.clusters), recent(db, settings.window), settings, run_dir)
 
 

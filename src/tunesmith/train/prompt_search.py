@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from tunesmith import hardware
 from tunesmith.config import TrainConfig
 from tunesmith.data.examples import Example
-from tunesmith.evaluate.metrics import METRICS, compute_metrics
+from tunesmith.tasks.metrics import better, compute_metrics
 from tunesmith.tasks.predict import encode_prompts, predict
 from tunesmith.tasks.prompts import PromptFormat
 
@@ -81,7 +81,7 @@ def search(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[
     second = [f for f in second if _prompt_tokens(tokenizer, f) <= fmt.max_length // 2]
     if second:
         cand_fmt, cand = _score_all(model, tokenizer, second, val, cfg, metric, history, bar, log)
-        if _better(cand, best, metric):
+        if better(cand, best, metric, tiebreak="prompt_tokens"):
             best_fmt, best = cand_fmt, cand
     bar.close()
     return best_fmt, history, best
@@ -100,19 +100,11 @@ def _score_all(model, tokenizer, formats, val, cfg, metric, history, bar, log):
         history.append(record)
         if log is not None:
             log.write(record)
-        if _better(record, best, metric):
+        if better(record, best, metric, tiebreak="prompt_tokens"):
             best_fmt, best = f, record
         bar.update(1)
         bar.set_postfix(**{f"best_{metric}": f"{best[metric]:.3f}"})
     return best_fmt, best
-
-
-def _better(record: dict, best: dict | None, metric: str) -> bool:
-    if best is None:
-        return True
-    if record[metric] != best[metric]:
-        return (record[metric] > best[metric]) == METRICS[metric].higher_is_better
-    return record["prompt_tokens"] < best["prompt_tokens"]
 
 
 def _prompt_tokens(tokenizer, fmt: PromptFormat) -> int:

@@ -10,8 +10,9 @@ from tunesmith.config import Project
 from tunesmith.data.prepare import Splits
 from tunesmith.models.load import load_model, load_tokenizer
 from tunesmith.models.resolve import resolve_model
-from tunesmith.tasks.prompts import PromptFormat, build_format
+from tunesmith.tasks.prompts import build_format
 from tunesmith.train import distributed
+from tunesmith.train.finetuned import save_finetuned
 from tunesmith.train.methods import get_method
 from tunesmith.train.trackers import check_available
 from tunesmith.train.trainer import TrainResult, fit
@@ -36,33 +37,9 @@ def train_stage(project: Project, splits: Splits, run_dir: Path, progress: bool 
                     out_dir=run_dir, progress=progress, resume=resume, **extra)
     if distributed.rank() == 0:
         save_finetuned(result.model, tokenizer, result.fmt or fmt, project, base_path, run_dir / "model")
-        fsio.write_json(run_dir / "train.json", {"stats": result.stats, "best": result.best,
+        fsio.write_json(run_dir / "train.json", {"stats": result.stats.to_json(), "best": result.best,
                                                  "history": result.history, "overfitting": result.overfitting,
                                                  "preflight": result.preflight})
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     distributed.barrier()
     return result
-
-
-def save_finetuned(model, tokenizer, fmt: PromptFormat, project: Project, base_path: Path, model_dir: Path) -> None:
-    """Weights (adapter or full), tokenizer, prompt format and provenance, side by side."""
-    method = get_method(project.train.method)
-    method.save(model, model_dir)
-    tokenizer.save_pretrained(str(model_dir))
-    fsio.write_json(model_dir / "prompt.json", fmt.to_json())
-    fsio.write_json(model_dir / "tunesmith.json", {"method": project.train.method, "kind": method.KIND,
-                                                   "model": project.model, "base_model_path": str(base_path)})
-
-
-def load_finetuned(model_dir: Path):
-    """(model, tokenizer, prompt format, base model path) from a run's model folder."""
-    meta = fsio.read_json(model_dir / "tunesmith.json")
-    base_path = Path(meta["base_model_path"])
-    if not (base_path / "config.json").is_file():
-        base_path = resolve_model(meta["model"])
-    method = get_method(meta["method"])
-    base = load_model(base_path) if meta["kind"] in ("adapter", "prompt") else None
-    model = method.load(base, model_dir)
-    model.eval()
-    fmt = PromptFormat.from_json(fsio.read_json(model_dir / "prompt.json"))
-    return model, load_tokenizer(model_dir), fmt, base_path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -15,20 +16,57 @@ from tqdm.auto import tqdm
 from tunesmith import fsio, hardware
 from tunesmith.config import TrainConfig
 from tunesmith.data.examples import Example
-from tunesmith.evaluate.metrics import compute_metrics
 from tunesmith.tasks.cache import common_prefix_len
+from tunesmith.tasks.metrics import compute_metrics
 from tunesmith.tasks.predict import predict
 from tunesmith.tasks.prompts import PromptFormat
 from tunesmith.train import distributed, fsdp
 from tunesmith.train.batching import batch_stream, collate, encode_for_training
 from tunesmith.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from tunesmith.train.loss import supervised_loss
-from tunesmith.train.methods import get_method
+from tunesmith.train.methods import get_method, spec
 from tunesmith.train.precision import compact_frozen, restore_frozen
 from tunesmith.train.preflight import preflight
 from tunesmith.train.regularize import neftune, set_dropout
 from tunesmith.train.trackers import Trackers
 from tunesmith.train.watch import Watch
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    """What a fit cost and how it ended; train.json's "stats"."""
+
+    train_seconds: float
+    train_tokens: int
+    tokens_per_second: float
+    peak_rss_mb: float
+    steps: int
+    total_steps: int
+    trainable_params: int
+    total_params: int
+    precision: str
+    device: str
+    world_size: int
+    best_step: int | None
+    stopped_early: bool
+    stop_reason: str | None
+    candidates: int | None = None  # prompts scored, for methods that search instead of training
+
+    @classmethod
+    def measure(cls, model, seconds: float, tokens: int, steps: int, total_steps: int, bf16: bool, dev,
+                best: dict | None, stop_reason: str | None = None, candidates: int | None = None) -> TrainStats:
+        """The figures of a finished fit of `model` (the only place they are computed)."""
+        n_trainable, n_total = hardware.parameter_counts(model)
+        return cls(round(seconds, 3), tokens, hardware.throughput(tokens, seconds), hardware.peak_rss_mb(), steps,
+                   total_steps, n_trainable, n_total, "bf16" if bf16 else "fp32", dev.type,
+                   distributed.world_size(), best["step"] if best else None, bool(stop_reason), stop_reason,
+                   candidates)
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        if self.candidates is None:
+            del data["candidates"]
+        return data
 
 
 @dataclass
@@ -39,7 +77,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     best: dict | None = None
     stopped_early: bool = False
-    stats: dict = field(default_factory=dict)
+    stats: TrainStats | None = None
     fmt: PromptFormat | None = None  # set by methods that change the prompt (prompt_optimization)
     overfitting: list[dict] = field(default_factory=list)
     stop_reason: str | None = None
@@ -88,8 +126,8 @@ def fit(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[Exa
     sharded = fsdp.enabled(cfg)
     # The loop trains `net`: the model itself, or under FSDP a sharded copy gathered back at the end.
     net = fsdp.sharded_copy(model, dev) if sharded else model.to(dev)
-    # DoRA normalises base + update weights itself, so its frozen weights keep full precision.
-    compact = bf16 and cfg.method != "dora" and not sharded and _has_weights(source)
+    # Some methods need full-precision frozen weights (see registry.MethodSpec.low_precision_frozen).
+    compact = bf16 and spec(cfg.method).low_precision_frozen and not sharded and _has_weights(source)
     compacted = compact_frozen(model) if compact else []
     encoded = encode_for_training(tokenizer, fmt, train)
     notes = preflight(tokenizer, fmt, train, encoded, cfg)
@@ -191,15 +229,9 @@ def _resume(out_dir: Path | None, model, optimizer, schedule, watch: Watch) -> d
 
 
 def _result(model, watch: Watch, loop: dict, plan: Plan, cfg: TrainConfig, bf16: bool, dev) -> TrainResult:
-    n_trainable, n_total = hardware.parameter_counts(model)
     tokens = distributed.sum_int(loop["tokens"])
-    stats = {"train_seconds": round(loop["train_seconds"], 3), "train_tokens": tokens,
-             "tokens_per_second": hardware.throughput(tokens, loop["train_seconds"]),
-             "peak_rss_mb": hardware.peak_rss_mb(), "steps": loop["step"], "total_steps": plan.total,
-             "trainable_params": n_trainable, "total_params": n_total, "precision": "bf16" if bf16 else "fp32",
-             "device": dev.type, "world_size": distributed.world_size(),
-             "best_step": watch.best["step"] if watch.best else None, "stopped_early": bool(watch.stop_reason),
-             "stop_reason": watch.stop_reason}
+    stats = TrainStats.measure(model, loop["train_seconds"], tokens, loop["step"], plan.total, bf16, dev, watch.best,
+                               watch.stop_reason)
     return TrainResult(model, history=watch.history, best=watch.best, stopped_early=bool(watch.stop_reason),
                        stats=stats, overfitting=watch.flags, stop_reason=watch.stop_reason)
 

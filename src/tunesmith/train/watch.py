@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from tunesmith.config import TrainConfig
-from tunesmith.evaluate.metrics import METRICS
+from tunesmith.registry import METRIC_SPECS
+from tunesmith.tasks.metrics import better
 
 
 def overfitting_signals(history: list[dict], metric: str, n: int) -> list[dict]:
@@ -34,7 +35,7 @@ def overfitting_signals(history: list[dict], metric: str, n: int) -> list[dict]:
                         "detail": f"validation-train loss gap grew {n} evaluations in a row "
                                   f"({gaps[0]:.4f} -> {gaps[-1]:.4f}); validation loss "
                                   f"{recent[-1]['val_loss']:.4f} vs best {best_val:.4f}"})
-    higher = METRICS[metric].higher_is_better
+    higher = METRIC_SPECS[metric].higher_is_better
     values = [r[metric] for r in recent]
     if all((b < a) if higher else (b > a) for a, b in zip(values, values[1:])):
         signals.append({"signal": "metric_falling", "step": recent[-1]["step"],
@@ -58,7 +59,7 @@ class Watch:
     def observe(self, record: dict, model) -> list[dict]:
         """Take one validation record; returns the overfitting signals it raised (new kinds only)."""
         self.history.append(record)
-        if self._better(record):
+        if better(record, self.best, self.metric, tiebreak="val_loss"):
             self.best, self.evals_without_gain = record, 0
             self.best_state = {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
         else:
@@ -79,14 +80,6 @@ class Watch:
             with torch.no_grad():
                 for name, value in self.best_state.items():
                     params[name].copy_(value)
-
-    def _better(self, record: dict) -> bool:
-        """Better objective metric wins; on a tie, lower validation loss."""
-        if self.best is None:
-            return True
-        if record[self.metric] != self.best[self.metric]:
-            return (record[self.metric] > self.best[self.metric]) == METRICS[self.metric].higher_is_better
-        return record["val_loss"] < self.best["val_loss"]
 
     def state(self) -> dict:
         """JSON-able state for a checkpoint (best_state travels separately as tensors)."""

@@ -1,30 +1,38 @@
-"""Fine-tuning methods by name. Each module exposes `KIND` ("adapter", "full" or
-"prompt"), `apply(model, cfg) -> model`, `save(model, model_dir)`, `load(base_model, model_dir) -> model`,
-and optionally `fit(...)` to replace the shared training loop; this table is kept import-light (no torch) so the
-config can validate `train.method` cheaply.
-"""
+"""Fine-tuning methods by name: the facts about each (kind, default learning rate, ...) are in
+tunesmith.registry.METHOD_SPECS; the module named there implements the `Method` protocol."""
 
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
+from pathlib import Path
+from typing import Any, Protocol, cast
 
-METHODS: dict[str, str] = {
-    "lora": "tunesmith.train.methods.lora",
-    "dora": "tunesmith.train.methods.dora",
-    "ia3": "tunesmith.train.methods.ia3",
-    "full": "tunesmith.train.methods.full",
-    "prompt_tuning": "tunesmith.train.methods.prompt_tuning",
-    "prefix_tuning": "tunesmith.train.methods.prefix_tuning",
-    "prompt_optimization": "tunesmith.train.methods.prompt_optimization",
-}
+from tunesmith.registry import METHOD_SPECS, METHODS, MethodSpec
 
-# Learning rates that train each technique well on small instruct models; soft prompts and
-# scaling vectors need far larger steps than weight updates, full fine-tuning far smaller.
-DEFAULT_LR: dict[str, float] = {"lora": 2e-4, "dora": 2e-4, "ia3": 3e-3, "full": 2e-5, "prompt_tuning": 3e-2,
-                                "prefix_tuning": 1e-2, "prompt_optimization": 1e-4}
+__all__ = ["METHODS", "Method", "get_method", "spec"]
 
 
-def get_method(name: str) -> ModuleType:
+class Method(Protocol):
+    """What a method module provides. It may also define `fit(...)` to replace the shared training
+    loop (prompt optimisation searches instead of training)."""
+
+    def apply(self, model: Any, cfg: Any) -> Any:
+        """Wrap or prepare `model` for training under `cfg` (a TrainConfig); returns the model to train."""
+
+    def save(self, model: Any, model_dir: Path) -> None:
+        """Write what training changed into `model_dir` (safetensors only)."""
+
+    def load(self, base_model: Any, model_dir: Path) -> Any:
+        """Rebuild the fine-tuned model from `base_model` and a folder `save` wrote."""
+
+
+def spec(name: str) -> MethodSpec:
+    return METHOD_SPECS[name]
+
+
+def get_method(name: str) -> Method:
     """Import the module implementing `name`."""
-    return importlib.import_module(METHODS[name])
+    module = METHOD_SPECS[name].module
+    if module is None:
+        raise KeyError(f"method '{name}' is estimated but not trainable")
+    return cast(Method, importlib.import_module(module))

@@ -5,8 +5,6 @@ from __future__ import annotations
 from tunesmith.train.methods.lora import peft_config
 from tunesmith.train.methods.peft_adapter import load, save  # noqa: F401
 
-KIND = "adapter"
-
 
 def apply(model, cfg):
     from peft import get_peft_model

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-KIND = "full"
-
 
 def apply(model, cfg):
     for p in model.parameters():

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from tunesmith.train.methods.peft_adapter import load, save  # noqa: F401
 
-KIND = "adapter"
-
 
 def apply(model, cfg):
     from peft import IA3Config, get_peft_model

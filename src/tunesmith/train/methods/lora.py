@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from tunesmith.train.methods.peft_adapter import load, save  # noqa: F401
 
-KIND = "adapter"
-
 
 def peft_config(cfg, use_dora: bool = False):
     from peft import LoraConfig

@@ -11,8 +11,6 @@ from pathlib import Path
 
 from tunesmith import hardware
 
-KIND = "prompt"
-
 
 def apply(model, cfg):
     model.requires_grad_(False)
@@ -22,19 +20,16 @@ def apply(model, cfg):
 def fit(model, tokenizer, fmt, train, val, cfg, metric, out_dir=None, progress=True, resume=False):
     """Search prompts instead of training weights; returns a TrainResult carrying the best format."""
     from tunesmith.train.prompt_search import search
-    from tunesmith.train.trainer import TrainLog, TrainResult
+    from tunesmith.train.trainer import TrainLog, TrainResult, TrainStats
 
     model = apply(model, cfg).to(hardware.device()).eval()
     started = time.perf_counter()
     with TrainLog(out_dir / "train_log.jsonl" if out_dir else None) as log:
         best_fmt, history, best = search(model, tokenizer, fmt, train, val, cfg, metric, log, progress)
     seconds = time.perf_counter() - started
-    n_trainable, n_total = hardware.parameter_counts(model)
-    stats = {"train_seconds": round(seconds, 3), "train_tokens": 0, "tokens_per_second": 0.0,
-             "peak_rss_mb": hardware.peak_rss_mb(), "steps": len(history), "total_steps": len(history),
-             "trainable_params": n_trainable, "total_params": n_total, "candidates": len(history),
-             "precision": "bf16" if hardware.use_bf16(cfg.precision, hardware.device()) else "fp32",
-             "device": hardware.device().type, "best_step": best["step"], "stopped_early": False}
+    dev = hardware.device()
+    stats = TrainStats.measure(model, seconds, 0, len(history), len(history), hardware.use_bf16(cfg.precision, dev),
+                               dev, best, candidates=len(history))
     return TrainResult(model, history=history, best=best, stats=stats, fmt=best_fmt)
 
 

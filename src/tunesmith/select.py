@@ -14,8 +14,10 @@ from pathlib import Path
 from tunesmith.config import Project
 from tunesmith.models.catalog import CATALOG, CatalogEntry
 from tunesmith.models.estimate import Hardware, detect, estimate
+from tunesmith.registry import METHOD_SPECS
 
-METHODS = ("full", "lora", "qlora", "prompt_tuning")
+# Every method that trains parameters gets an estimate (prompt optimisation trains none).
+METHODS = tuple(name for name, spec in METHOD_SPECS.items() if spec.kind != "prompt")
 
 
 def select(project: Project, candidates: list[str] | None = None, probe_examples: int = 50,
@@ -108,8 +110,8 @@ def _param_count(cfg: dict) -> int:
 
 def _probe(project: Project, path: Path, splits, n: int, progress: bool) -> dict:
     """Zero-shot score of the base model with the project's prompt on the first n validation rows."""
-    from tunesmith.evaluate.metrics import compute_metrics
     from tunesmith.models.load import load_model, load_tokenizer
+    from tunesmith.tasks.metrics import compute_metrics
     from tunesmith.tasks.predict import predict
     from tunesmith.tasks.prompts import build_format
 

@@ -1,6 +1,7 @@
-"""Task metrics, each computed by one function; a registry maps names to them.
+"""Task metrics, each computed by one function; the names, task types and directions are in
+tunesmith.registry.METRIC_SPECS, and `register` adds a user's metric to both.
 
-Kept free of torch so the config can validate metric names cheaply.
+Kept free of torch: the bootstrap, the leaderboard and the report import it.
 """
 
 from __future__ import annotations
@@ -11,50 +12,51 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from tunesmith.registry import METRIC_SPECS, MetricSpec, metric_names
+
 Golds = Sequence[str]
 Preds = Sequence[str]
+MetricFn = Callable[[Golds, Preds], float]
 
 
 @dataclass(frozen=True)
 class Metric:
-    """A registered metric. `cost` > 1 marks corpus-level metrics that are slow to recompute, so
-    the bootstrap uses fewer resamples for them."""
+    """A registered metric: its spec and the function computing it."""
 
-    name: str
-    tasks: tuple[str, ...]
-    fn: Callable[[Golds, Preds], float]
-    higher_is_better: bool = True
-    cost: int = 1
+    spec: MetricSpec
+    fn: MetricFn
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.spec.higher_is_better
+
+    @property
+    def cost(self) -> int:
+        return self.spec.cost
 
 
 METRICS: dict[str, Metric] = {}
-CLASSIFICATION = ("classification",)
-GENERATION = ("generation", "chat")
-
-# Figures other than task metrics that an objective constraint may name (see evaluate.efficiency).
-FAIRNESS_FIGURES = {"demographic_parity_difference", "demographic_parity_ratio", "equal_opportunity_difference",
-                    "equalized_odds_difference", "counterfactual_flip_rate"}
-CONSTRAINT_FIGURES = {"latency_p50_ms", "latency_p95_ms", "model_size_mb", "peak_rss_mb",
-                      "train_seconds", "tokens_per_second", "trainable_params", "throughput_eps", "ece", "perplexity",
-                      # fairness figures from the audit stage (fairness.group_fields or fairness.lexicon)
-                      "demographic_parity_difference", "demographic_parity_ratio", "equal_opportunity_difference",
-                      "equalized_odds_difference", "counterfactual_flip_rate"}
 
 
 def register(name: str, tasks: tuple[str, ...], higher_is_better: bool = True, cost: int = 1):
     """Add a metric function `fn(golds, preds) -> float` to the registry under `name`.
 
-    A user extends tunesmith by importing this and decorating a function; the new metric is then
-    computed, compared (bootstrap) and can be named as the objective's metric.
+    A user extends tunesmith by importing this and decorating a function before loading a config; the
+    new metric is then computed, compared (bootstrap) and can be named as the objective's metric.
     """
-    def deco(fn: Callable[[Golds, Preds], float]) -> Callable[[Golds, Preds], float]:
-        METRICS[name] = Metric(name, tasks, fn, higher_is_better, cost)
+    def deco(fn: MetricFn) -> MetricFn:
+        METRIC_SPECS[name] = MetricSpec(name, tasks, higher_is_better, cost)
+        METRICS[name] = Metric(METRIC_SPECS[name], fn)
         return fn
     return deco
 
 
-def metric_names(task_type: str) -> list[str]:
-    return [m.name for m in METRICS.values() if task_type in m.tasks]
+def _builtin(name: str):
+    """Attach the function of a metric listed in tunesmith.registry."""
+    def deco(fn: MetricFn) -> MetricFn:
+        METRICS[name] = Metric(METRIC_SPECS[name], fn)
+        return fn
+    return deco
 
 
 def compute_metrics(task_type: str, golds: Golds, preds: Preds) -> dict[str, float]:
@@ -64,7 +66,17 @@ def compute_metrics(task_type: str, golds: Golds, preds: Preds) -> dict[str, flo
     return {name: round(float(METRICS[name].fn(golds, preds)), 6) for name in metric_names(task_type)}
 
 
-@register("accuracy", CLASSIFICATION)
+def better(record: dict, best: dict | None, metric: str, tiebreak: str) -> bool:
+    """Whether `record` beats `best`: the better `metric` (its direction decides) wins; on a tie, the
+    lower `tiebreak` (e.g. validation loss, prompt length). Anything beats no record."""
+    if best is None:
+        return True
+    if record[metric] != best[metric]:
+        return (record[metric] > best[metric]) == METRIC_SPECS[metric].higher_is_better
+    return record[tiebreak] < best[tiebreak]
+
+
+@_builtin("accuracy")
 def accuracy(golds: Golds, preds: Preds) -> float:
     return sum(g == p for g, p in zip(golds, preds)) / max(len(golds), 1)
 
@@ -89,22 +101,22 @@ def _macro(golds: Golds, preds: Preds, key: str) -> float:
     return sum(row[key] for row in table.values()) / max(len(table), 1)
 
 
-@register("f1_macro", CLASSIFICATION)
+@_builtin("f1_macro")
 def f1_macro(golds: Golds, preds: Preds) -> float:
     return _macro(golds, preds, "f1")
 
 
-@register("precision_macro", CLASSIFICATION)
+@_builtin("precision_macro")
 def precision_macro(golds: Golds, preds: Preds) -> float:
     return _macro(golds, preds, "precision")
 
 
-@register("recall_macro", CLASSIFICATION)
+@_builtin("recall_macro")
 def recall_macro(golds: Golds, preds: Preds) -> float:
     return _macro(golds, preds, "recall")
 
 
-@register("f1_micro", CLASSIFICATION)
+@_builtin("f1_micro")
 def f1_micro(golds: Golds, preds: Preds) -> float:
     # Micro averaging pools every decision; for single-label predictions inside the label set it
     # equals accuracy, and differs when predictions fall outside the gold labels.
@@ -151,7 +163,7 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
-@register("exact_match", GENERATION)
+@_builtin("exact_match")
 def exact_match(golds: Golds, preds: Preds) -> float:
     return sum(normalize_answer(g) == normalize_answer(p) for g, p in zip(golds, preds)) / max(len(golds), 1)
 
@@ -178,12 +190,12 @@ def rouge_l_pair(gold: str, pred: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-@register("rouge_l", GENERATION)
+@_builtin("rouge_l")
 def rouge_l(golds: Golds, preds: Preds) -> float:
     return sum(rouge_l_pair(g, p) for g, p in zip(golds, preds)) / max(len(golds), 1)
 
 
-@register("bleu", GENERATION, cost=5)
+@_builtin("bleu")
 def bleu(golds: Golds, preds: Preds) -> float:
     """Corpus BLEU (sacrebleu, default 13a tokenisation) on a 0-1 scale."""
     import sacrebleu
@@ -191,9 +203,14 @@ def bleu(golds: Golds, preds: Preds) -> float:
     return sacrebleu.corpus_bleu(list(preds), [list(golds)]).score / 100
 
 
-@register("chrf", GENERATION, cost=5)
+@_builtin("chrf")
 def chrf(golds: Golds, preds: Preds) -> float:
     """Corpus chrF (sacrebleu) on a 0-1 scale."""
     import sacrebleu
 
     return sacrebleu.corpus_chrf(list(preds), [list(golds)]).score / 100
+
+
+_missing = set(METRIC_SPECS) - set(METRICS)
+if _missing:  # a spec without a function would fail only when first computed
+    raise ImportError(f"metrics listed in tunesmith.registry without a function: {sorted(_missing)}")

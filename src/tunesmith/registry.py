@@ -1,0 +1,104 @@
+"""The name tables: fine-tuning methods, optimisation variants, metrics and measured figures.
+
+Each fact about a method, variant or metric is written here once; the modules that implement them
+are imported by name only when used. This module imports nothing heavy (no torch, nothing else from
+tunesmith), so the config validates `train.method`, `optimize.variants` and `objective.metric` cheaply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One fine-tuning method.
+
+    module: implementing module (see train/methods), or None for a method the estimator prices but
+        training does not offer yet.
+    kind: "adapter" (small saved delta on frozen weights), "full" (all weights) or "prompt" (text only).
+    learning_rate: the default rate; soft prompts and scaling vectors need far larger steps than
+        weight updates, full fine-tuning far smaller.
+    flops_per_token: training FLOPs per parameter per token, for the time estimate (forward 2,
+        backward 2-4 depending on what gets gradients).
+    trained_share: share of the parameters that get optimiser state, for the memory estimate.
+    fsdp: whether `train.fsdp` can shard it (virtual tokens take a second pass through sharded layers).
+    low_precision_frozen: whether frozen weights may be kept in bf16 (DoRA normalises base + update
+        weights itself, so its frozen weights keep full precision).
+    weight_bytes: bytes per frozen weight in the memory estimate (fp32 4; 4-bit NF4 with its scales 0.56).
+    """
+
+    module: str | None
+    kind: Literal["adapter", "full", "prompt"]
+    learning_rate: float
+    flops_per_token: float
+    trained_share: float
+    fsdp: bool = True
+    low_precision_frozen: bool = True
+    weight_bytes: float = 4.0
+
+
+_M = "tunesmith.train.methods."
+METHOD_SPECS: dict[str, MethodSpec] = {
+    "lora": MethodSpec(_M + "lora", "adapter", 2e-4, 4, 0.01),
+    "dora": MethodSpec(_M + "dora", "adapter", 2e-4, 4.4, 0.011, low_precision_frozen=False),
+    "ia3": MethodSpec(_M + "ia3", "adapter", 3e-3, 4, 0.0005),
+    "full": MethodSpec(_M + "full", "full", 2e-5, 6, 1.0),
+    "prompt_tuning": MethodSpec(_M + "prompt_tuning", "adapter", 3e-2, 2.7, 0.0001, fsdp=False),
+    "prefix_tuning": MethodSpec(_M + "prefix_tuning", "adapter", 1e-2, 2.7, 0.002, fsdp=False),
+    # A search over instructions: forward passes only, nothing trained.
+    "prompt_optimization": MethodSpec(_M + "prompt_optimization", "prompt", 1e-4, 2, 0.0),
+    "qlora": MethodSpec(None, "adapter", 2e-4, 4.4, 0.01, weight_bytes=0.56),
+}
+# The methods `train.method` accepts.
+METHODS: tuple[str, ...] = tuple(name for name, spec in METHOD_SPECS.items() if spec.module)
+
+_V = "tunesmith.optimize.variants."
+VARIANTS: dict[str, str] = {name: _V + name for name in (
+    "merged", "int8", "int8_weights", "int4_weights", "bf16", "pruned", "pruned_layers", "distilled",
+    "distilled_minilm", "ct2", "onnx", "onnx_int8")}
+# What `tunesmith optimize` builds when the config names nothing: every variant that needs no
+# training (seconds to build); the pruned and distilled ones train for a while and are opt-in.
+DEFAULT_VARIANTS: tuple[str, ...] = ("merged", "int8", "bf16")
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A task metric. `cost` > 1 marks corpus-level metrics that are slow to recompute, so the
+    bootstrap uses fewer resamples for them. The function is in tasks/metrics.py under the same name."""
+
+    name: str
+    tasks: tuple[str, ...]
+    higher_is_better: bool = True
+    cost: int = 1
+
+
+CLASSIFICATION = ("classification",)
+GENERATION = ("generation", "chat")
+METRIC_SPECS: dict[str, MetricSpec] = {spec.name: spec for spec in (
+    MetricSpec("accuracy", CLASSIFICATION),
+    MetricSpec("f1_macro", CLASSIFICATION),
+    MetricSpec("precision_macro", CLASSIFICATION),
+    MetricSpec("recall_macro", CLASSIFICATION),
+    MetricSpec("f1_micro", CLASSIFICATION),
+    MetricSpec("exact_match", GENERATION),
+    MetricSpec("rouge_l", GENERATION),
+    MetricSpec("bleu", GENERATION, cost=5),
+    MetricSpec("chrf", GENERATION, cost=5),
+)}
+
+# Figures from the fairness audit (fairness.group_fields or fairness.lexicon).
+FAIRNESS_FIGURES: tuple[str, ...] = ("demographic_parity_difference", "demographic_parity_ratio",
+                                     "equal_opportunity_difference", "equalized_odds_difference",
+                                     "counterfactual_flip_rate")
+# Figures other than task metrics that an objective constraint may name.
+CONSTRAINT_FIGURES: tuple[str, ...] = ("latency_p50_ms", "latency_p95_ms", "model_size_mb", "peak_rss_mb",
+                                       "train_seconds", "tokens_per_second", "trainable_params", "throughput_eps",
+                                       "ece", "perplexity") + FAIRNESS_FIGURES
+
+
+def metric_names(task_type: str) -> list[str]:
+    """The metrics computed for a task type, in registration order."""
+    return [m.name for m in METRIC_SPECS.values() if task_type in m.tasks]
+

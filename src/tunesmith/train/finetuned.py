@@ -1,0 +1,38 @@
+"""A fine-tuned model folder (run_dir/model): written once by the train stage, read by every later
+stage. Kept apart from train/stage.py so evaluate, fairness and optimize import no stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tunesmith import fsio
+from tunesmith.config import Project
+from tunesmith.models.load import load_model, load_tokenizer
+from tunesmith.models.resolve import resolve_model
+from tunesmith.tasks.prompts import PromptFormat
+from tunesmith.train.methods import get_method, spec
+
+
+def save_finetuned(model, tokenizer, fmt: PromptFormat, project: Project, base_path: Path, model_dir: Path) -> None:
+    """Weights (adapter or full), tokenizer, prompt format and provenance, side by side."""
+    method = get_method(project.train.method)
+    method.save(model, model_dir)
+    tokenizer.save_pretrained(str(model_dir))
+    fsio.write_json(model_dir / "prompt.json", fmt.to_json())
+    fsio.write_json(model_dir / "tunesmith.json", {"method": project.train.method,
+                                                   "kind": spec(project.train.method).kind,
+                                                   "model": project.model, "base_model_path": str(base_path)})
+
+
+def load_finetuned(model_dir: Path):
+    """(model, tokenizer, prompt format, base model path) from a run's model folder."""
+    meta = fsio.read_json(model_dir / "tunesmith.json")
+    base_path = Path(meta["base_model_path"])
+    if not (base_path / "config.json").is_file():
+        base_path = resolve_model(meta["model"])
+    method = get_method(meta["method"])
+    base = load_model(base_path) if meta["kind"] in ("adapter", "prompt") else None
+    model = method.load(base, model_dir)
+    model.eval()
+    fmt = PromptFormat.from_json(fsio.read_json(model_dir / "prompt.json"))
+    return model, load_tokenizer(model_dir), fmt, base_path
