@@ -169,7 +169,7 @@ def test_item2_budget_prices_padding_and_the_largest_max_tokens():
     2 x 2000 tokens, not 2 x 1010, so under a budget of 2048 they go in separate calls."""
     from types import SimpleNamespace
 
-    from tunesmith.serve.app import Pacer, _run_batch
+    from tunesmith.serve.model_calls import Pacer, run_batch
     from tunesmith.serve.service import Service, TokenPrompt
     from tunesmith.tasks.prompts import PromptFormat
 
@@ -191,8 +191,8 @@ def test_item2_budget_prices_padding_and_the_largest_max_tokens():
     service = Service("fake", SimpleNamespace(tokenizer=Tok(), fmt=fmt, complete=complete, module=None), "fp32", 0.0)
     items = [(TokenPrompt(tuple([5] * 1000), "long"), 1), (TokenPrompt(tuple([5] * 10), "short"), 1000)]
     delivered = {}
-    _run_batch(service, "complete", items, lambda i, done: delivered.update({i: done}), lambda i: True,
-               budget=2048, pacer=Pacer(60))
+    run_batch(service, "complete", items, lambda i, done: delivered.update({i: done}), lambda i: True,
+              budget=2048, pacer=Pacer(60))
     assert forwards == [1001, 1010], "a model call went over serve.max_batch_tokens"
     assert delivered[0].completion_tokens == 1 and delivered[1].completion_tokens == 1000
 
@@ -201,7 +201,7 @@ def test_item2_classifier_budget_includes_the_label_answer(service, monkeypatch)
     """Label scoring runs each label's answer tokens after the prompt: a call costs rows x (longest
     prompt + longest answer). Prompts cut to task.max_length - answer tokens, under a budget of two
     such prompts (without answers) plus one, go one per call."""
-    from tunesmith.serve.app import Pacer, _run_batch
+    from tunesmith.serve.model_calls import Pacer, run_batch
 
     predictor, rows = service.predictor, []
     answer = answer_budget(predictor.tokenizer, predictor.fmt)
@@ -218,8 +218,8 @@ def test_item2_classifier_budget_includes_the_label_answer(service, monkeypatch)
     assert answer >= 1 and prompt + answer <= MAX_LENGTH
     budget = 2 * prompt + 1
     delivered = []
-    _run_batch(service, "classify", [texts], lambda i, result: delivered.append(result), lambda i: True,
-               budget=budget, pacer=Pacer(60))
+    run_batch(service, "classify", [texts], lambda i, result: delivered.append(result), lambda i: True,
+              budget=budget, pacer=Pacer(60))
     assert len(delivered) == 1 and len(delivered[0]) == 3
     assert sum(n for n, _ in rows) == 3 and max(tokens for _, tokens in rows) <= budget
 
@@ -292,7 +292,7 @@ def test_item3_a_request_past_its_deadline_is_answered_before_the_deadline(servi
 def test_item3_model_calls_are_paced_and_skip_requests_past_their_deadline():
     """Requests are answered as their own rows finish; a request no longer waiting costs no model time;
     once a row is measured, a call holds no more rows than fit in the pacer's cap."""
-    from tunesmith.serve.app import Pacer, _run_batch
+    from tunesmith.serve.model_calls import Pacer, run_batch
 
     class Fake:
         labels, calls = ["x"], []
@@ -306,9 +306,9 @@ def test_item3_model_calls_are_paced_and_skip_requests_past_their_deadline():
     fake, delivered, gone = Fake(), [], {1}
     pacer = Pacer(cap_s=1.0)
     pacer.observe(1, 0.5)  # 0.5 s a row: two rows per call
-    _run_batch(fake, "classify", [["a", "b"], ["dead"], ["c", "d", "e"]],
-               lambda i, result: delivered.append((i, [label for label, _ in result])),
-               lambda i: i not in gone, budget=1000, pacer=pacer)
+    run_batch(fake, "classify", [["a", "b"], ["dead"], ["c", "d", "e"]],
+              lambda i, result: delivered.append((i, [label for label, _ in result])),
+              lambda i: i not in gone, budget=1000, pacer=pacer)
     assert delivered == [(0, ["A", "B"]), (2, ["C", "D", "E"])]
     assert fake.calls == [["a", "b"], ["c", "d"], ["e"]]  # "dead" never computed, two rows per call
 
@@ -556,3 +556,68 @@ def test_item7_drift_update_failures_are_counted(run_dir, tmp_path, monkeypatch,
     log.close()
     assert _metric(metrics.exposition().decode(), "tunesmith_drift_update_failures_total") == 2
     assert any("drift update failed: OSError" in r.getMessage() for r in caplog.records)
+
+
+# -- the app is routers over one ServerState ---------------------------------------------------------
+class _EchoEngine:
+    """An engine in the shape of an upstream one (no row_tokens: it bounds its own batches) that
+    answers each prompt upper-cased, so the routes, the state and the request log run without a model."""
+
+    name, variant, load_seconds, threads, labels, scores_labels, run_dir = "echo", "fp32", 0.0, 1, None, False, None
+
+    def __init__(self):
+        self.closed = 0
+
+    def example(self, prompt=None, messages=None):
+        return Example(input=prompt if prompt is not None else messages[-1]["content"], target="", source="request")
+
+    def complete(self, examples, max_tokens):
+        return [Completion(e.input.upper(), "stop", len(e.input), 1) for e in examples]
+
+    def stream(self, example, max_tokens, cancelled):
+        yield from example.input.upper().split()
+
+    def ready(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+def test_server_state_is_built_shared_by_the_routes_and_closed_once(tmp_path):
+    from tunesmith.serve.state import build_state
+
+    engine, path = _EchoEngine(), tmp_path / "log.db"
+    state = build_state(engine, ServeConfig(), [], path)
+    assert state.store is not None and state.writer is not None and state.watch is None  # no run dir: no drift
+    asyncio.run(state.record([{"route": "/v1/completions", "key_id": None, "input": "hi", "output": "HI"}]))
+    state.close()
+    assert engine.closed == 1 and [r["output"] for r in store_module.recent(path, 10)] == ["HI"]
+    bare = build_state(_EchoEngine(), ServeConfig(), [], None)
+    assert bare.store is None and bare.writer is None and bare.watch is None
+    asyncio.run(bare.record([{"route": "/v1/completions", "input": "x"}]))  # no log: nothing to do, no error
+    bare.close()
+
+
+def test_every_route_group_answers_through_the_composed_app(tmp_path):
+    engine, path = _EchoEngine(), tmp_path / "log.db"
+    with TestClient(create_app(engine, ServeConfig(), ["sk-test"], path)) as c:
+        auth = {"Authorization": "Bearer sk-test"}
+        assert c.get("/healthz").json() == {"status": "ok"}  # open without a key
+        assert c.get("/readyz").status_code == 401
+        assert c.get("/readyz", headers=auth).json()["status"] == "ready"
+        assert c.get("/v1/models", headers=auth).json()["data"][0]["id"] == "echo"
+        done = c.post("/v1/completions", headers=auth, json={"prompt": "hello there"}).json()
+        chat = c.post("/v1/chat/completions", headers=auth, json={"messages": [{"role": "user", "content": "hi"}]})
+        streamed = c.post("/v1/completions", headers=auth, json={"prompt": "a b", "stream": True}).text
+        refused = c.post("/v1/classify", headers=auth, json={"text": "x"})
+        too_long = c.post("/v1/completions", headers=auth, json={"prompt": "x", "max_tokens": 10**6})
+        exposition = c.get("/metrics", headers=auth).text
+    assert engine.closed == 1  # the lifespan closed the state
+    assert done["choices"][0]["text"] == "HELLO THERE" and done["usage"]["total_tokens"] == 12
+    assert chat.json()["choices"][0]["message"] == {"role": "assistant", "content": "HI"}
+    assert streamed.count("data: ") == 4 and streamed.endswith("data: [DONE]\n\n")  # A, B, finish, [DONE]
+    assert refused.status_code == 400 and refused.json()["error"]["type"] == "invalid_request_error"
+    assert too_long.status_code == 422 and "max_tokens must be at most" in too_long.json()["error"]["message"]
+    assert _metric(exposition, 'tunesmith_requests_total{route="/v1/completions",status="200"}') == 2
+    assert [r["output"] for r in store_module.recent(path, 10)] == ["HELLO THERE", "HI", "AB"]

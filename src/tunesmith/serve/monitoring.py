@@ -11,7 +11,6 @@ from tunesmith.serve.drift import drift_report, reference
 from tunesmith.serve.store import recent
 
 log = logging.getLogger("tunesmith.serve")
-SIGNALS = ("embedding", "length", "unknown_tokens", "labels", "confidence")
 
 
 class DriftWatch:

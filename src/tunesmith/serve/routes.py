@@ -1,0 +1,235 @@
+"""The server's routes, one APIRouter per group over the app's ServerState: health and metrics
+(`ops_router`), OpenAI-compatible models, completions and chat (`openai_router`), and per-label
+probabilities (`classify_router`). Request bodies are validated here; a text that is not valid
+Unicode is a 422 for that request alone."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Literal
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tunesmith.config import ServeConfig
+from tunesmith.serve.metrics import OTHER_LABEL
+from tunesmith.serve.replies import error
+from tunesmith.serve.service import Completion, Service
+from tunesmith.serve.state import ServerState
+from tunesmith.serve.streaming import open_stream
+
+
+def _unicode(text: str | None) -> str | None:
+    """Refuse text that is not valid Unicode (a lone surrogate such as "\\ud800" is valid JSON but no
+    tokenizer or database can encode it): a 422 for that request alone."""
+    if text is not None:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"text is not valid Unicode (lone surrogate at character {e.start})") from None
+    return text
+
+
+class _Body(BaseModel):
+    # OpenAI clients send more fields than we use (top_p, user, ...); unknown ones are ignored.
+    model_config = ConfigDict(extra="ignore")
+
+
+class ClassifyRequest(_Body):
+    """POST /v1/classify: one `text` or a list of `texts`."""
+
+    text: str | None = None
+    texts: list[str] | None = Field(None, min_length=1)
+
+    @field_validator("text")
+    @classmethod
+    def _valid_text(cls, v: str | None) -> str | None:
+        return _unicode(v)
+
+    @field_validator("texts")
+    @classmethod
+    def _valid_texts(cls, v: list[str] | None) -> list[str] | None:
+        for t in v or []:
+            _unicode(t)
+        return v
+
+    @model_validator(mode="after")
+    def _one(self) -> ClassifyRequest:
+        if (self.text is None) == (self.texts is None):
+            raise ValueError("give exactly one of `text` or `texts`")
+        return self
+
+
+class CompletionRequest(_Body):
+    """POST /v1/completions (OpenAI's fields that the server uses)."""
+
+    model: str | None = None
+    # Text goes through the run's prompt format; token ids (OpenAI's other form) are used as given.
+    prompt: str | list[int]
+    max_tokens: int = Field(16, ge=1)
+    stream: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _valid_prompt(cls, v: str | list[int]) -> str | list[int]:
+        return _unicode(v) if isinstance(v, str) else v
+
+
+class ChatMessage(_Body):
+    """One message of a chat request."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+    @field_validator("content")
+    @classmethod
+    def _valid_content(cls, v: str) -> str:
+        return _unicode(v)
+
+
+class ChatRequest(_Body):
+    """POST /v1/chat/completions (OpenAI's fields that the server uses)."""
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stream: bool = False
+
+
+def ops_router(state: ServerState) -> APIRouter:
+    """/healthz (open even with API keys), /readyz (the engine answers) and /metrics (Prometheus)."""
+    router, service = APIRouter(), state.service
+
+    @router.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @router.get("/readyz")
+    async def readyz():
+        if not await asyncio.to_thread(service.ready):
+            return error(503, "the model engine is not answering", "server_error")
+        return {"status": "ready", "model": service.name, "variant": service.variant}
+
+    @router.get("/metrics")
+    async def prometheus_metrics():
+        return Response(state.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return router
+
+
+def classify_router(state: ServerState) -> APIRouter:
+    """/v1/classify: a label and per-label probabilities for each text, micro-batched."""
+    router, service, cfg = APIRouter(), state.service, state.cfg
+
+    @router.post("/v1/classify")
+    async def classify(body: ClassifyRequest, request: Request):
+        if not service.labels:
+            return error(400, "this model is not a classifier; use /v1/completions", "invalid_request_error")
+        if not service.scores_labels:
+            return error(501, "per-label probabilities need the built-in engine; on this engine use "
+                              "/v1/chat/completions, which answers with the label", "invalid_request_error")
+        texts = body.texts if body.texts is not None else [body.text]
+        if len(texts) > cfg.max_texts:
+            return error(422, f"at most {cfg.max_texts} texts per request", "invalid_request_error")
+        started = time.perf_counter()
+        results = await state.batcher.submit("classify", texts, request.state.deadline)
+        latency = (time.perf_counter() - started) * 1000
+        out = [{"label": label, "probabilities": probs} for label, probs in results]
+        for r in out:
+            state.metrics.labels.labels(_label(service, r["label"])).inc()
+        await state.record([{"route": "/v1/classify", "key_id": request.state.key_id, "input": t,
+                             "output": r["label"], "label": r["label"], "confidence": r["probabilities"][r["label"]],
+                             "latency_ms": latency} for t, r in zip(texts, out)], request.state.deadline)
+        answer = {"model": service.name, "variant": service.variant, "results": out}
+        return {**out[0], **answer} if body.text is not None else answer
+
+    return router
+
+
+def openai_router(state: ServerState) -> APIRouter:
+    """/v1/models, /v1/completions and /v1/chat/completions in OpenAI's format, streamed on request."""
+    router, service, cfg = APIRouter(), state.service, state.cfg
+
+    @router.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": service.name, "object": "model", "created": 0,
+                                            "owned_by": "tunesmith"}]}
+
+    @router.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        limit = _limit(body.max_tokens, cfg)
+        if isinstance(body.prompt, list) and service.labels:
+            return error(400, "a classifier takes text prompts (its prompt format is applied to them)",
+                         "invalid_request_error")
+        try:
+            example = service.example(prompt=body.prompt)
+        except ValueError as e:  # a token prompt out of range
+            return error(422, f"{e} (prompt)", "invalid_request_error")
+        return await _complete(state, request, example, limit, body.stream, "/v1/completions", "text_completion")
+
+    @router.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        limit = _limit(body.max_completion_tokens or body.max_tokens or cfg.max_tokens, cfg)
+        example = service.example(messages=[m.model_dump() for m in body.messages])
+        return await _complete(state, request, example, limit, body.stream, "/v1/chat/completions", "chat.completion")
+
+    return router
+
+
+async def _complete(state: ServerState, request: Request, example, limit: int, stream: bool, route: str,
+                    kind: str):
+    """One completion (`kind` "text_completion" or "chat.completion"): streamed, or micro-batched and
+    answered whole; either way counted in the metrics and the request log."""
+    if stream:
+        chunk_kind = "text_completion" if kind == "text_completion" else "chat.completion.chunk"
+        return await open_stream(state, example, limit, chunk_kind, request,
+                                 _stream_logger(state, request, route, example.input))
+    done: Completion = await state.batcher.submit("complete", (example, limit), request.state.deadline)
+    await _account(state, request, route, example.input, done)
+    if kind == "text_completion":
+        choice = {"text": done.text, "index": 0, "logprobs": None, "finish_reason": done.finish_reason}
+    else:
+        choice = {"index": 0, "message": {"role": "assistant", "content": done.text},
+                  "finish_reason": done.finish_reason}
+    return _openai(state.service, kind, choice, done)
+
+
+def _limit(requested: int, cfg: ServeConfig) -> int:
+    if requested > cfg.max_tokens:
+        raise HTTPException(422, f"max_tokens must be at most {cfg.max_tokens}")
+    return requested
+
+
+def _stream_logger(state: ServerState, request: Request, route: str, text):
+    """What a finished stream reports: its tokens to the metrics, its text to the request log."""
+    async def done(pieces: list[str], finish: str) -> None:
+        await _account(state, request, route, text, Completion("".join(pieces), finish, 0, len(pieces)))
+    return done
+
+
+async def _account(state: ServerState, request: Request, route: str, text, done: Completion) -> None:
+    metrics, service = state.metrics, state.service
+    metrics.tokens_in.inc(done.prompt_tokens)
+    metrics.tokens_out.inc(done.completion_tokens)
+    if service.labels:
+        metrics.labels.labels(_label(service, done.text)).inc()
+    await state.record([{"route": route, "key_id": request.state.key_id, "input": text, "output": done.text,
+                         "label": done.text if service.labels else None, "tokens_in": done.prompt_tokens,
+                         "tokens_out": done.completion_tokens}], request.state.deadline)
+
+
+def _label(service: Service, text: str) -> str:
+    """A metric label from the model's label set; any other answer (free text from an upstream
+    engine) is counted as one label, so answers cannot create unbounded series."""
+    return text if text in service.labels else OTHER_LABEL
+
+
+def _openai(service: Service, kind: str, choice: dict, done: Completion) -> dict:
+    return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": kind, "created": int(time.time()), "model": service.name,
+            "choices": [choice], "usage": {"prompt_tokens": done.prompt_tokens,
+                                           "completion_tokens": done.completion_tokens,
+                                           "total_tokens": done.prompt_tokens + done.completion_tokens}}

@@ -1,0 +1,114 @@
+"""What the server's routes, middleware and exception handlers share: one `ServerState` per app,
+built around a loaded Service by `build_state` and closed when the app stops."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunesmith.config import ServeConfig
+from tunesmith.errors import InputError
+from tunesmith.serve.auth import KeyChecker, RateLimiter
+from tunesmith.serve.batcher import MicroBatcher
+from tunesmith.serve.metrics import ServeMetrics
+from tunesmith.serve.model_calls import Pacer, run_batch
+from tunesmith.serve.monitoring import DriftWatch
+from tunesmith.serve.service import Service
+from tunesmith.serve.store import LogWriter, RequestLog
+
+LOG_THREADS = 2  # request-log writes at once (SQLite takes one writer at a time anyway)
+PENDING_WRITES_PER_QUEUED = 2  # request-log writes waiting or running, per serve.max_queue
+
+
+@dataclass
+class ServerState:
+    """The loaded model and everything around it that lives as long as the app: keys and rate
+    limits, the model thread and its micro-batcher, the bound on streams, the request log and its
+    writer, drift gauges and metrics. `store`, `watch` and `writer` are None without a request log."""
+
+    service: Service
+    cfg: ServeConfig
+    metrics: ServeMetrics
+    checker: KeyChecker
+    limiter: RateLimiter
+    executor: ThreadPoolExecutor
+    batcher: MicroBatcher
+    streams: threading.BoundedSemaphore
+    store: RequestLog | None
+    watch: DriftWatch | None
+    writer: LogWriter | None
+
+    async def record(self, rows: list[dict], deadline: float | None = None) -> None:
+        """The request-log write (redaction included) off the event loop, waited for until the
+        deadline at most (see LogWriter); it never raises (see RequestLog.add)."""
+        if self.writer:
+            await self.writer.record(rows, deadline)
+
+    def close(self) -> None:
+        """Stop the model thread, let pending log writes and a drift update finish, close the engine
+        and the log (the app's shutdown)."""
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.writer:
+            self.writer.close()
+        self.service.close()
+        if self.watch:
+            self.watch.close()
+        if self.store:
+            self.store.close()
+
+
+def build_state(service: Service, cfg: ServeConfig, keys: list[str] | None = None,
+                log_path: Path | None = None) -> ServerState:
+    """The state of an app serving `service` under the limits of `cfg`; raises InputError when one
+    request cannot fit in a model call (serve.max_batch_tokens)."""
+    check_budget(service, cfg)
+    metrics = _metrics(service)
+    checker, limiter = KeyChecker(keys or []), RateLimiter(cfg.rate_limit_per_minute)
+    executor = ThreadPoolExecutor(max_workers=service.threads, thread_name_prefix="model")
+    batcher = _batcher(service, cfg, executor, metrics)
+    streams = threading.BoundedSemaphore(cfg.max_queue)  # streams bypass the batcher: bounded on their own
+    store, watch, writer = _request_log(service, cfg, log_path, metrics)
+    return ServerState(service, cfg, metrics, checker, limiter, executor, batcher, streams, store, watch, writer)
+
+
+def check_budget(service, cfg: ServeConfig) -> None:
+    """One row must fit in a model call: a prompt of task.max_length tokens (plus max_tokens to
+    generate, for a generation model)."""
+    if not hasattr(service, "row_tokens"):  # an upstream engine bounds its own batches
+        return
+    row = service.fmt.max_length + (0 if service.labels else cfg.max_tokens)
+    if cfg.max_batch_tokens < row:
+        raise InputError(f"serve.max_batch_tokens ({cfg.max_batch_tokens}) is smaller than one request "
+                         f"({row} tokens: task.max_length" + ("" if service.labels else " + serve.max_tokens") + ")",
+                         "serve.max_batch_tokens", f"set it to at least {row}")
+
+
+def _metrics(service: Service) -> ServeMetrics:
+    metrics = ServeMetrics()
+    metrics.load_seconds.set(service.load_seconds)
+    metrics.info.labels(service.name, service.variant).set(1)
+    return metrics
+
+
+def _batcher(service: Service, cfg: ServeConfig, executor: ThreadPoolExecutor, metrics: ServeMetrics) -> MicroBatcher:
+    """The micro-batcher in front of the model thread; its calls are paced to a quarter of the deadline."""
+    pacer = Pacer(cfg.request_timeout_s / 4)
+    return MicroBatcher(lambda kind, items, deliver, alive: run_batch(service, kind, items, deliver, alive,
+                                                                      cfg.max_batch_tokens, pacer),
+                        cfg.max_batch, cfg.max_wait_ms, executor, max_queue=cfg.max_queue,
+                        on_batch=lambda kind, n: metrics.batch_size.labels(kind).observe(n))
+
+
+def _request_log(service: Service, cfg: ServeConfig, log_path: Path | None, metrics: ServeMetrics):
+    """(store, drift watch, writer), all None when the request log is off or has no path."""
+    if not (cfg.request_log.enabled and log_path):
+        return None, None, None
+    store = RequestLog(log_path, cfg.request_log.retention_days, cfg.request_log.redact_pii,
+                       on_failure=lambda reason: metrics.log_failures.labels(reason).inc())
+    watch = DriftWatch(service.run_dir, store, cfg.drift, metrics) if service.run_dir else None
+    # Redaction and SQLite writes run there, two at a time, never on the event loop, and a bounded number pending.
+    writer = LogWriter(store, LOG_THREADS, PENDING_WRITES_PER_QUEUED * cfg.max_queue,
+                       after=watch.seen if watch else None)
+    return store, watch, writer

@@ -1,0 +1,102 @@
+"""Streamed completions (`"stream": true`): server-sent events in OpenAI's chunk format, decoded on
+the model thread beside the micro-batcher, bounded on their own."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from tunesmith.errors import EngineError
+from tunesmith.serve.batcher import Overloaded
+from tunesmith.serve.replies import request_id
+from tunesmith.serve.state import ServerState
+
+log = logging.getLogger("tunesmith.serve")
+
+
+async def open_stream(state: ServerState, example, limit: int, kind: str, request: Request,
+                      on_done) -> StreamingResponse:
+    """Server-sent events, one chunk per decoded piece, then [DONE]; stops if the client goes.
+    At most `serve.max_queue` streams wait or run at once. The headers go out with the first piece, so
+    until then the answer is an ordinary one: 503 when it misses the request's deadline, 502 when the
+    engine fails (EngineError), 500 for any other failure. After it only an error event can say so.
+    `await on_done(pieces, finish_reason)` runs when the stream ends."""
+    if not state.streams.acquire(blocking=False):
+        raise Overloaded("queue_full", "the server is at capacity (too many streams)", 1)
+    cancelled = threading.Event()
+    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+    loop.run_in_executor(state.executor, _producer(state, example, limit, cancelled, loop, queue))
+    try:
+        first = await asyncio.wait_for(queue.get(), max(0.0, request.state.deadline - time.monotonic()))
+    except (asyncio.TimeoutError, asyncio.CancelledError) as e:
+        cancelled.set()
+        if isinstance(e, asyncio.CancelledError):
+            raise
+        raise Overloaded("deadline", "the request was not answered within serve.request_timeout_s", 1) from None
+    if first[0] == "error":  # nothing sent yet: a 502 (EngineError's handler) or the guard's 500
+        cancelled.set()
+        raise first[1]
+    return StreamingResponse(_events(state.service.name, kind, first, queue, cancelled, on_done, request_id(request)),
+                             media_type="text/event-stream")
+
+
+def _producer(state: ServerState, example, limit: int, cancelled: threading.Event, loop, queue):
+    """The decoding loop for the model thread: ("piece", text)... then ("end", finish) or ("error", exc)."""
+    def produce():
+        n = 0
+        try:
+            for piece in ([] if cancelled.is_set() else state.service.stream(example, limit, cancelled)):
+                n += 1
+                loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
+            loop.call_soon_threadsafe(queue.put_nowait, ("end", "length" if n >= limit else "stop"))
+        except Exception as e:  # raised or logged by the reader: before the first piece, or after it
+            loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
+        finally:
+            # The producer always ends (a cancelled one at its next token), so a slot never leaks.
+            state.streams.release()
+    return produce
+
+
+async def _events(model: str, kind: str, first, queue, cancelled, on_done, rid: str):
+    ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    pieces: list[str] = []
+    what, value = first
+    try:
+        while True:
+            if what == "piece":
+                pieces.append(value)
+                yield _chunk(ident, created, model, kind, value, None)
+            elif what == "end":
+                await on_done(pieces, value)
+                yield _chunk(ident, created, model, kind, None, value)
+                yield "data: [DONE]\n\n"
+                return
+            else:  # the status (200) is sent: an error event is all server-sent events allow
+                yield _error_event(value, rid)
+                return
+            what, value = await queue.get()
+    finally:
+        cancelled.set()  # the client went away or the stream ended: the decoder stops at its next token
+
+
+def _chunk(ident: str, created: int, model: str, kind: str, piece: str | None, finish: str | None) -> str:
+    if kind == "text_completion":
+        choice = {"text": piece or "", "index": 0, "logprobs": None, "finish_reason": finish}
+    else:
+        choice = {"index": 0, "delta": {"content": piece} if piece else {}, "finish_reason": finish}
+    return "data: " + json.dumps({"id": ident, "object": kind, "created": created, "model": model,
+                                  "choices": [choice]}) + "\n\n"
+
+
+def _error_event(exc: BaseException, rid: str) -> str:
+    log.error("request %s: stream failed after its first piece: %s (error event sent)", rid, type(exc).__name__)
+    code = 502 if isinstance(exc, EngineError) else 500
+    message = "the model engine failed" if code == 502 else "internal error"
+    return "data: " + json.dumps({"error": {"message": message, "type": "server_error", "code": code}}) + "\n\n"
