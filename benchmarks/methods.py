@@ -1,8 +1,9 @@
 """Technique bake-off: every `train.method` on one project through the real `tunesmith run`.
 
-Each method runs with the project's settings except the learning rate, which is the method's
-own default (DEFAULT_LR) unless the method is the project's own. Prints a Markdown table of test
-accuracy (baseline and fine-tuned), training time, peak memory and trainable parameters.
+Each method runs with the project's settings except the learning rate, which is the method's own
+default (its learning_rate in registry.METHOD_SPECS) unless the method is the project's own. Prints a
+Markdown table of test accuracy (baseline and fine-tuned), training time, peak memory and trainable
+parameters.
 
     python benchmarks/methods.py examples/quickstart/project.yaml --out /tmp/methods
 """

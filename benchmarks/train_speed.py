@@ -83,12 +83,13 @@ def setup(args):
 
 def tunesmith_worker(args) -> dict:
     from tunesmith import hardware
+    from tunesmith.config import derive
     from tunesmith.models.load import load_model, load_tokenizer
     from tunesmith.tasks.prompts import build_format
     from tunesmith.train.trainer import fit
 
     project, splits, train, path = setup(args)
-    cfg = project.train.model_copy(update={"eval_every": 10**6, "early_stopping": False, "trackers": []})
+    cfg = derive(project.train, {"eval_every": 10**6, "early_stopping": False, "trackers": []})
     tokenizer = load_tokenizer(path)
     fmt = build_format(project.task, splits.labels, tokenizer)
     started = time.perf_counter()

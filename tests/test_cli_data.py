@@ -114,3 +114,19 @@ def test_report_command_writes_report_json(tmp_path, tiny_model):
     assert "<h3>Curation</h3>" in page and "data:image/png;base64," in page
     assert [s["step"] for s in report["curation"]["steps"] if s["split"] == "train"][:3] == [
         "normalize", "length", "exact_dedup"]
+
+
+def test_data_stage_report_returns_the_report_and_leaves_the_page_to_the_report_layer(tmp_path, tiny_model):
+    from tunesmith.config import load_config
+    from tunesmith.data import stage
+    from tunesmith.report.data_section import write_data_page
+
+    project = load_config(_project(tmp_path, tiny_model, make_texts(30, 1)))
+    out = tmp_path / "rep"
+    result = stage.report(project, out, progress=False)
+    assert json.loads(json.dumps(result.report)) == json.loads((out / "report.json").read_text())
+    assert result.lines[0].startswith("train: ") and result.lines[-1] == f"report written to {out}"
+    assert not (out / "report.html").exists()  # the data layer renders no page
+    page = write_data_page(out, result.report, project.name).read_text()
+    assert f"<title>tunesmith data report: {project.name}</title>" in page and "<h3>Curation</h3>" in page
+    assert not stage.report(project, None, progress=False).lines[-1].startswith("report written")

@@ -83,6 +83,6 @@ def test_min_gain_can_be_judged_on_the_interval_lower_bound():
     base, tuned = {"accuracy": 0.5}, {"accuracy": 0.8}
     on_estimate = judge(ObjectiveConfig(metric="accuracy", min_gain=0.25), base, tuned, comparison)
     on_low = judge(ObjectiveConfig(metric="accuracy", min_gain=0.25, min_gain_on="ci_low"), base, tuned, comparison)
-    assert on_estimate["met"] and not on_low["met"]
-    assert on_low["criteria"][0] == {"name": "accuracy_gain_ci_low", "value": 0.18, "target": 0.25, "op": ">=",
-                                     "met": False}
+    assert on_estimate.met and not on_low.met
+    assert on_low.to_json()["criteria"][0] == {"name": "accuracy_gain_ci_low", "value": 0.18, "target": 0.25,
+                                               "op": ">=", "met": False}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -55,6 +56,18 @@ def test_compare_runs_each_method_and_the_registry_knows_them(tmp_path, tiny_mod
     missing = runner.invoke(app, ["runs", "show", "99999"])
     assert missing.exit_code == 2 and "no run with id 99999" in missing.output
     _check_compare_page(out / "lora", out / "ia3", str(run_id))
+
+
+def test_compare_refuses_a_method_the_config_cannot_have_before_any_training(tmp_path, tiny_model):
+    config = Path(_project(tmp_path, tiny_model))
+    config.write_text(config.read_text(encoding="utf-8").replace("train:\n", "train:\n  fsdp: true\n", 1),
+                      encoding="utf-8")
+    out = tmp_path / "bake"
+    result = runner.invoke(app, ["compare", str(config), "--methods", "lora,prompt_tuning", "--out", str(out),
+                                 "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert "error: method 'prompt_tuning' does not fit this config" in result.output and "--methods" in result.output
+    assert "Traceback" not in result.output and not (out / "lora").exists()  # nothing trained
 
 
 def _check_compare_page(a, b, a_id: str) -> None:

@@ -13,11 +13,11 @@ from typer.testing import CliRunner
 from conftest import PROJECT, make_texts, write_jsonl
 from tunesmith.cli import app
 from tunesmith.data.examples import Example
+from tunesmith.data.lexicon import find_term, swap
+from tunesmith.data.mitigate import counterfactual_augment, reweighing
 from tunesmith.fairness.counterfactual import counterfactual_pairs, flip_rate
 from tunesmith.fairness.data_audit import association
-from tunesmith.fairness.lexicon import find_term, swap
 from tunesmith.fairness.metrics import disparities, per_group, with_intervals
-from tunesmith.fairness.mitigate import counterfactual_augment, reweighing
 from tunesmith.fairness.threshold import optimize_thresholds
 
 runner = CliRunner()
@@ -201,3 +201,19 @@ def test_fairness_config_errors(tmp_path, tiny_model):
     result = runner.invoke(app, ["data", "check", str(tmp_path / "project.yaml")])
     assert result.exit_code == 2 and "objective.constraints.equalized_odds_difference" in result.output
     assert "fairness.group_fields" in result.output
+
+
+def test_apply_mitigation_reweights_or_augments_the_training_rows():
+    from tunesmith.config import FairnessConfig
+    from tunesmith.data.mitigate import apply_mitigation
+
+    rows = [Example(f"row {i} from a {'christian' if i % 3 else 'muslim'} writer", "t" if i % 4 else "f", f"r{i}",
+                    attributes={"grp": "x" if i < 20 else "y"}) for i in range(30)]
+    reweighted = apply_mitigation(rows, FairnessConfig(group_fields=["grp"], mitigation="reweight"))
+    expected = reweighing([e.attributes["grp"] for e in rows], [e.target for e in rows])
+    assert [e.weight for e in reweighted] == [round(w, 6) for w in expected]
+    assert [e.input for e in reweighted] == [e.input for e in rows] and len(set(expected)) > 1
+    augmented = apply_mitigation(rows, FairnessConfig(lexicon=["religion"], mitigation="augment"))
+    assert augmented[:30] == rows and augmented[30:] == counterfactual_augment(rows, ["religion"])
+    assert len(augmented) == 60 and all(e.augmented == "counterfactual" for e in augmented[30:])
+    assert apply_mitigation(rows, FairnessConfig(group_fields=["grp"])) == rows

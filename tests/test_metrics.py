@@ -44,11 +44,13 @@ def test_objective_verdict():
     objective = ObjectiveConfig(metric="accuracy", target=0.8, min_gain=0.2,
                                 constraints={"latency_p95_ms": Bound(max=100), "f1_macro": Bound(min=0.5)})
     verdict = judge(objective, {"accuracy": 0.5}, {"accuracy": 0.85, "latency_p95_ms": 150.0, "f1_macro": 0.9})
-    by_name = {c["name"]: c for c in verdict["criteria"]}
-    assert by_name["accuracy"]["met"] and by_name["accuracy_gain"]["value"] == pytest.approx(0.35)
-    assert not by_name["latency_p95_ms"]["met"] and by_name["f1_macro"]["met"]
-    assert verdict["met"] is False
-    assert judge(ObjectiveConfig(metric="accuracy", target=0.9), {}, {})["met"] is False  # unmeasured fails
+    by_name = {c.name: c for c in verdict.criteria}
+    assert by_name["accuracy"].met and by_name["accuracy_gain"].value == pytest.approx(0.35)
+    assert not by_name["latency_p95_ms"].met and by_name["f1_macro"].met
+    assert verdict.met is False
+    assert judge(ObjectiveConfig(metric="accuracy", target=0.9), {}, {}).met is False  # unmeasured fails
+    assert verdict.to_json()["criteria"][0] == {"name": "accuracy", "value": 0.85, "target": 0.8, "op": ">=",
+                                                "met": True}
 
 
 def test_f1_micro_equals_accuracy_inside_the_label_set_and_drops_outside():

@@ -16,6 +16,7 @@ from conftest import PROJECT, make_texts, write_jsonl
 from tunesmith.cli import app
 from tunesmith.optimize.engines import dynamic_linear, load_variant, quantize_weight
 from tunesmith.optimize.layers import evenly_spaced, keep_count, keep_layers
+from tunesmith.optimize.result import OptimizeResult, SkippedVariant, VariantRow
 from tunesmith.optimize.select import select_variant
 from tunesmith.optimize.variants import VARIANTS
 from tunesmith.optimize.variants.pruned import magnitude_masks
@@ -77,14 +78,53 @@ def test_distillation_loss_limits():
     assert torch.allclose(distillation_loss(s, t, y, temperature=2.0, alpha=1.0), kl, atol=1e-6)
 
 
+def _row(name, p50, ok=True, met=True, delta=0.0, **notes) -> VariantRow:
+    return VariantRow(name, f"variants/{name}", "hf", 10.0, 0.5, p50, p50 * 2, 8.0, 16, 300.0, {"accuracy": 0.9},
+                      delta, [delta - 0.1, delta + 0.1], 1.0, notes, ok, met, [])
+
+
 def test_selection_takes_the_fastest_offered_variant():
-    def e(name, p50, ok=True, met=True, delta=0.0):
-        return {"name": name, "latency_p50_ms": p50, "parity_ok": ok, "objective_met": met, "quality_delta": delta}
+    e = _row
     entries = [e("fp32", 100), e("int8", 50, delta=-0.01), e("pruned", 20, ok=False), e("bf16", 40, met=False)]
     name, reason = select_variant(entries)
     assert name == "int8" and "2.00x" in reason
     assert select_variant([e("fp32", 100), e("int8", 50, ok=False)])[0] == "fp32"
     assert select_variant([e("fp32", 100, met=False)])[0] is None
+
+
+def test_variant_rows_write_variants_json_and_optimize_json_in_their_order():
+    row = _row("merged", 40.0, parity="exact", max_logit_diff=1e-6)
+    assert list(row.to_json()) == ["name", "path", "engine", "size_mb", "load_seconds", "latency_p50_ms",
+                                   "latency_p95_ms", "throughput_per_s", "throughput_batch_size", "peak_rss_mb",
+                                   "metrics", "quality_delta", "quality_delta_ci", "agreement", "parity",
+                                   "max_logit_diff", "parity_ok", "objective_met", "criteria"]
+    assert row.to_json()["max_logit_diff"] == 1e-6 and row.to_json()["latency_p95_ms"] == 80.0
+    result = OptimizeResult("accuracy", "merged", "fastest", "variants/merged",
+                            [SkippedVariant("ct2", "no converter")], [_row("fp32", 100.0), row])
+    assert result.to_json() == {"objective_metric": "accuracy", "selected": "merged", "reason": "fastest",
+                                "selected_path": "variants/merged",
+                                "skipped": [{"name": "ct2", "reason": "no converter"}]}
+
+
+def test_examples_per_second_rounds_and_has_no_figure_without_time():
+    from tunesmith import hardware
+
+    assert hardware.examples_per_second(10, 3.0) == 3.33
+    assert hardware.examples_per_second(7, 0.0) is None
+
+
+def test_save_common_writes_a_self_contained_variant_folder(tiny_model, tmp_path):
+    from tunesmith.config import TaskConfig
+    from tunesmith.models.load import load_tokenizer
+    from tunesmith.optimize.predictor import VARIANT_FILE, save_common
+    from tunesmith.tasks.prompts import PromptFormat, build_format
+
+    tok = load_tokenizer(tiny_model)
+    fmt = build_format(TaskConfig(instruction="Classify."), ["alpha", "beta"], tok)
+    save_common(tok, fmt, tmp_path, engine="onnx", quantization="none")
+    assert json.loads((tmp_path / VARIANT_FILE).read_text()) == {"engine": "onnx", "quantization": "none"}
+    assert PromptFormat.from_json(json.loads((tmp_path / "prompt.json").read_text())) == fmt
+    assert load_tokenizer(tmp_path).encode("red alpha") == tok.encode("red alpha")
 
 
 def _trained_run(tmp_path, tiny_model, method: str) -> str:

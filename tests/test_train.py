@@ -14,7 +14,7 @@ from tunesmith.tasks.predict import predict
 from tunesmith.tasks.prompts import build_format
 from tunesmith.train.batching import length_grouped_batches
 from tunesmith.train.methods import METHODS, get_method
-from tunesmith.train.trainer import fit
+from tunesmith.train.trainer import fit, train_step
 
 
 def _data(n, seed):
@@ -92,3 +92,30 @@ def test_length_grouping_sorts_within_groups_only():
     plain = length_grouped_batches(lengths, 4, seed=0, group=1)
     assert sorted(i for b in plain for i in b) == lengths
     assert sum(max(b) - min(b) for b in plain) > 5 * sum(max(b) - min(b) for b in grouped)
+
+
+def test_train_step_accumulates_micro_batches_clips_and_steps():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1, bias=False)
+    xs = [torch.randn(2, 3) for _ in range(3)]
+    batches = iter([{"x": x, "attention_mask": torch.ones(2, 4, dtype=torch.long)} for x in xs])
+
+    def loss_fn(m, batch):
+        return m(batch["x"]).pow(2).mean()
+    w = model.weight.detach().clone().requires_grad_(True)
+    losses = [(x @ w.T).pow(2).mean() for x in xs[:2]]
+    grad, = torch.autograd.grad((losses[0] + losses[1]) / 2, w)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
+    params = list(model.parameters())
+    done = train_step(model, batches, optimizer, params=params, dev=torch.device("cpu"), loss_fn=loss_fn,
+                      grad_accum=2, schedule=schedule)
+    assert done.loss == pytest.approx((losses[0] + losses[1]).item() / 2) and done.tokens == 16
+    # The mean gradient of both micro-batches, at the rate the schedule gave before its step (0.5).
+    torch.testing.assert_close(model.weight.detach(), w.detach() - 0.5 * grad)
+    assert schedule.last_epoch == 1 and model.weight.grad is None
+    before = model.weight.detach().clone()
+    train_step(model, batches, optimizer, params=params, dev=torch.device("cpu"), loss_fn=loss_fn,
+               max_grad_norm=1e-3)
+    # Rate 0.5 times a gradient clipped to norm 1e-3 (it was far larger).
+    assert (model.weight.detach() - before).norm() == pytest.approx(0.5e-3, rel=1e-3)

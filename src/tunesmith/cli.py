@@ -12,6 +12,7 @@ import typer
 
 from tunesmith.errors import TunesmithError
 from tunesmith.logs import quiet_libraries
+from tunesmith.registry import DISPARITY_FIGURES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="tunesmith: fine-tune a language model against a declared, measured objective.")
@@ -180,19 +181,20 @@ def optimize(run_dir: Path = typer.Argument(..., help="an evaluated run director
     _guarded(debug, go)
 
 
-def _print_variants(result: dict) -> None:
-    metric = result["objective_metric"]
-    ref = result["variants"][0]
+def _print_variants(result) -> None:
+    """The optimize stage's table (an optimize.result.OptimizeResult)."""
+    metric = result.objective_metric
+    ref = result.variants[0]
     print(f"{'variant':<18}{metric:>10}{'delta':>9}{'p50 ms':>9}{'p95 ms':>9}{'speedup':>9}{'/s @16':>8}"
           f"{'MB':>8}  offered")
-    for v in result["variants"]:
-        speedup = ref["latency_p50_ms"] / v["latency_p50_ms"] if v["latency_p50_ms"] else float("nan")
-        print(f"{v['name']:<18}{v['metrics'][metric]:>10.4f}{v['quality_delta']:>+9.4f}{v['latency_p50_ms']:>9.1f}"
-              f"{v['latency_p95_ms']:>9.1f}{speedup:>8.2f}x{v['throughput_per_s']:>8.1f}{v['size_mb']:>8.1f}  "
-              f"{'yes' if v['parity_ok'] else 'no'}")
-    for s in result["skipped"]:
-        print(f"{s['name']:<18}skipped: {s['reason']}")
-    print(f"selected: {result['selected'] or 'none'} ({result['reason']})")
+    for v in result.variants:
+        speedup = ref.latency_p50_ms / v.latency_p50_ms if v.latency_p50_ms else float("nan")
+        print(f"{v.name:<18}{v.metrics[metric]:>10.4f}{v.quality_delta:>+9.4f}{v.latency_p50_ms:>9.1f}"
+              f"{v.latency_p95_ms:>9.1f}{speedup:>8.2f}x{v.throughput_per_s:>8.1f}{v.size_mb:>8.1f}  "
+              f"{'yes' if v.parity_ok else 'no'}")
+    for s in result.skipped:
+        print(f"{s.name:<18}skipped: {s.reason}")
+    print(f"selected: {result.selected or 'none'} ({result.reason})")
 
 
 @app.command()
@@ -210,8 +212,7 @@ def audit(run_dir: Path = typer.Argument(..., help="an evaluated run directory")
 
 
 def _print_audit(audit: dict) -> None:
-    for name in ("demographic_parity_difference", "equal_opportunity_difference", "equalized_odds_difference",
-                 "demographic_parity_ratio"):
+    for name in DISPARITY_FIGURES:
         f = audit[name]
         if f["value"] is None:
             print(f"{name}: n/a (fewer than two comparable groups)")
@@ -487,7 +488,14 @@ def data_report_command(config: Path = typer.Argument(..., help="project.yaml"),
     """Sizes per step, labels, lengths, duplicates, PII, diversity and groups of the curated data."""
     from tunesmith.data import stage
 
-    _data_command(config, debug, quiet, lambda project, progress: stage.report(project, out, progress)[1])
+    def report(project, progress: bool) -> list[str]:
+        result = stage.report(project, out, progress)
+        if out is not None:
+            from tunesmith.report.data_section import write_data_page  # matplotlib: only when a page is written
+
+            write_data_page(out, result.report, project.name)
+        return result.lines
+    _data_command(config, debug, quiet, report)
 
 
 @human_app.command("export")

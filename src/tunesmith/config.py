@@ -248,7 +248,7 @@ class TrainConfig(_Strict):
     @model_validator(mode="after")
     def _fsdp_method(self) -> TrainConfig:
         if self.fsdp and not METHOD_SPECS[self.method].fsdp:
-            allowed = ", ".join(m for m in METHODS if METHOD_SPECS[m].fsdp)
+            allowed = ", ".join(m for m in METHODS if METHOD_SPECS[m].fsdp and METHOD_SPECS[m].kind != "prompt")
             raise ValueError(f"train.fsdp does not support method '{self.method}' (its virtual tokens take a "
                              f"second pass through the sharded layers); use one of: {allowed}")
         return self
@@ -668,7 +668,7 @@ def derive(config: _C, updates: dict[str, Any]) -> _C:
     """A copy of `config` with dotted-key `updates` (e.g. {"train.method": "full"}), validated again.
 
     Trials, method comparisons and command-line overrides derive configs this way rather than with
-    `model_copy(update=...)`, which skips every validator (a derived learning rate of 0, an unknown
+    pydantic's model_copy and an update, which skips every validator (a derived learning rate of 0, an unknown
     method or a train.fsdp method clash would pass unseen). Raises pydantic's ValidationError.
     """
     data = config.model_dump(mode="python", round_trip=True)

@@ -74,6 +74,12 @@ def throughput(tokens: int, seconds: float) -> float:
     return round(tokens / seconds, 2) if seconds > 0 else 0.0
 
 
+def examples_per_second(n: int, seconds: float) -> float | None:
+    """Examples predicted per second, rounded to 2 decimals; None when no time was measured (the
+    eval stage's `throughput_eps` and a variant's `throughput_per_s`)."""
+    return round(n / seconds, 2) if seconds > 0 else None
+
+
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Real (non-padding) tokens of the batch's examples; a shared prefix counts once per row,
     as each example's sequence contains it (the figure does not depend on how it is computed)."""

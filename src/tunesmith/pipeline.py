@@ -5,16 +5,19 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from tunesmith import fsio
 from tunesmith.config import Project, derive, dump_config, load_config
 from tunesmith.data.prepare import Splits, load_splits, prepare_data, save_splits
 from tunesmith.errors import InputError, RunDirError, StageError, TunesmithError
-from tunesmith.evaluate.objective import judge
+from tunesmith.evaluate.objective import Verdict, judge
 from tunesmith.evaluate.stage import eval_stage
 from tunesmith.fairness.stage import audit_stage, headline_figures
 from tunesmith.models.resolve import resolve_model
+from tunesmith.optimize.result import OptimizeResult
 from tunesmith.optimize.stage import optimize_stage
-from tunesmith.registry import VARIANTS
+from tunesmith.registry import METHOD_SPECS, VARIANTS
 from tunesmith.report.build import report_stage
 from tunesmith.runs import (
     check_out,
@@ -195,7 +198,7 @@ def compare_methods(project: Project, methods: list[str], out: Path, progress: b
     The config's learning rate is kept for its own method; the others use their method's default
     (a rate tuned for LoRA would wreck full fine-tuning)."""
     from tunesmith.evaluate.leaderboard import entry, rank, write
-    from tunesmith.registry import METHOD_SPECS, METHODS
+    from tunesmith.registry import METHODS
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -204,12 +207,11 @@ def compare_methods(project: Project, methods: list[str], out: Path, progress: b
     out = Path(out).resolve()
     check_runs_folder(out, methods, ("compare.json", "compare.png"), overwrite)  # before any training
     prepare_data(project)  # bad data fails before any training
+    configs = [(method, _method_config(project, method)) for method in methods]  # and so does a clash
     entries = []
-    for method in methods:
-        lr = project.train.learning_rate if method == project.train.method else METHOD_SPECS[method].learning_rate
-        variant = derive(project, {"train.method": method, "train.learning_rate": lr})
+    for method, variant in configs:
         if progress:
-            print(f"compare: {method} (learning rate {lr:g})", file=sys.stderr)
+            print(f"compare: {method} (learning rate {variant.train.learning_rate:g})", file=sys.stderr)
         run(variant, out / method, progress, overwrite=overwrite)
         entries.append(entry(method, out / method))
     ranked = rank(entries, project.task.type, project.eval.bootstrap_resamples, project.eval.seed)
@@ -217,7 +219,17 @@ def compare_methods(project: Project, methods: list[str], out: Path, progress: b
     return ranked
 
 
-def optimize_run(run_dir: Path, names: list[str] | None = None, progress: bool = True) -> dict:
+def _method_config(project: Project, method: str) -> Project:
+    """The project with `method`: the config's learning rate for its own method, else the method's default."""
+    lr = project.train.learning_rate if method == project.train.method else METHOD_SPECS[method].learning_rate
+    try:
+        return derive(project, {"train.method": method, "train.learning_rate": lr})
+    except ValidationError as e:
+        raise InputError(f"method '{method}' does not fit this config ({e.errors()[0]['msg']})", "--methods",
+                         "leave it out, or change the config key the message names") from None
+
+
+def optimize_run(run_dir: Path, names: list[str] | None = None, progress: bool = True) -> OptimizeResult:
     """optimize -> report on an evaluated run directory."""
     unknown = [n for n in names or [] if n not in VARIANTS]
     if unknown:
@@ -231,19 +243,19 @@ def optimize_run(run_dir: Path, names: list[str] | None = None, progress: bool =
 
 
 def evaluate_and_judge(project: Project, splits: Splits, run_dir: Path, final: Path, progress: bool = True) -> dict:
-    metrics = eval_stage(project, splits, run_dir, progress)
+    result = eval_stage(project, splits, run_dir, progress)
     audit = audit_stage(project, splits, run_dir, progress) if project.fairness.enabled else None
     summary = {
         "name": project.name, "model": project.model, "method": project.train.method,
         "objective_metric": project.objective.metric, "instruction": project.task.instruction,
-        "objective": _verdict(project, metrics, audit),
-        "metrics": {"baseline": metrics["baseline"], "finetuned": metrics["finetuned"]},
-        "comparison": metrics.get("comparison", {}),
+        "objective": _verdict(project, result.baseline, result.finetuned, result.comparison, audit).to_json(),
+        "metrics": {"baseline": result.baseline, "finetuned": result.finetuned},
+        "comparison": result.comparison,
         "run_dir": str(final), "report": str(final / "report.html"),
         "training": _training_summary(run_dir),
     }
-    if "forgetting" in metrics:
-        summary["forgetting"] = metrics["forgetting"]
+    if result.forgetting is not None:
+        summary["forgetting"] = result.forgetting
     if audit is not None:
         summary["fairness"] = headline_figures(audit)
     fsio.write_json(run_dir / "summary.json", summary)
@@ -263,7 +275,9 @@ def audit_run(run_dir: Path, progress: bool = True) -> dict:
     with run_lock(Path(run_dir).resolve()):
         audit = audit_stage(project, splits, Path(run_dir), progress)
         summary = fsio.read_json(summary_path)
-        summary["objective"] = _verdict(project, fsio.read_json(Path(run_dir) / "metrics.json"), audit)
+        metrics = fsio.read_json(Path(run_dir) / "metrics.json")
+        summary["objective"] = _verdict(project, metrics["baseline"], metrics["finetuned"], metrics.get("comparison"),
+                                        audit).to_json()
         summary["fairness"] = headline_figures(audit)
         fsio.write_json(summary_path, summary)
         report_stage(run_dir)
@@ -279,12 +293,13 @@ def register(run_dir: Path) -> None:
         print(f"warning: run not recorded in the registry ({type(e).__name__}: {e})", file=sys.stderr)
 
 
-def _verdict(project: Project, metrics: dict, audit: dict | None) -> dict:
+def _verdict(project: Project, baseline: dict, finetuned: dict, comparison: dict | None,
+             audit: dict | None) -> Verdict:
     """The objective judged on the fine-tuned model's figures, fairness figures included."""
-    figures = dict(metrics["finetuned"])
+    figures = dict(finetuned)
     if audit is not None:
         figures.update({k: v for k, v in headline_figures(audit).items() if v is not None})
-    return judge(project.objective, metrics["baseline"], figures, metrics.get("comparison"))
+    return judge(project.objective, baseline, figures, comparison)
 
 
 def _training_summary(run_dir: Path) -> dict:

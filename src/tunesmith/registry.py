@@ -20,8 +20,10 @@ class MethodSpec:
     kind: "adapter" (small saved delta on frozen weights), "full" (all weights) or "prompt" (text only).
     learning_rate: the default rate; soft prompts and scaling vectors need far larger steps than
         weight updates, full fine-tuning far smaller.
+    sane_lr: (low, high) rates outside which the method rarely trains well (too small: nothing moves;
+        too large: divergence); the pre-flight check warns outside it. None: no rate is used.
     flops_per_token: training FLOPs per parameter per token, for the time estimate (forward 2,
-        backward 2-4 depending on what gets gradients).
+        backward 2-4 depending on what gets gradients); None for a method that trains nothing.
     trained_share: share of the parameters that get optimiser state, for the memory estimate.
     fsdp: whether `train.fsdp` can shard it (virtual tokens take a second pass through sharded layers).
     low_precision_frozen: whether frozen weights may be kept in bf16 (DoRA normalises base + update
@@ -32,8 +34,9 @@ class MethodSpec:
     module: str | None
     kind: Literal["adapter", "full", "prompt"]
     learning_rate: float
-    flops_per_token: float
-    trained_share: float
+    sane_lr: tuple[float, float] | None
+    flops_per_token: float | None
+    trained_share: float | None
     fsdp: bool = True
     low_precision_frozen: bool = True
     weight_bytes: float = 4.0
@@ -41,15 +44,15 @@ class MethodSpec:
 
 _M = "tunesmith.train.methods."
 METHOD_SPECS: dict[str, MethodSpec] = {
-    "lora": MethodSpec(_M + "lora", "adapter", 2e-4, 4, 0.01),
-    "dora": MethodSpec(_M + "dora", "adapter", 2e-4, 4.4, 0.011, low_precision_frozen=False),
-    "ia3": MethodSpec(_M + "ia3", "adapter", 3e-3, 4, 0.0005),
-    "full": MethodSpec(_M + "full", "full", 2e-5, 6, 1.0),
-    "prompt_tuning": MethodSpec(_M + "prompt_tuning", "adapter", 3e-2, 2.7, 0.0001, fsdp=False),
-    "prefix_tuning": MethodSpec(_M + "prefix_tuning", "adapter", 1e-2, 2.7, 0.002, fsdp=False),
-    # A search over instructions: forward passes only, nothing trained.
-    "prompt_optimization": MethodSpec(_M + "prompt_optimization", "prompt", 1e-4, 2, 0.0),
-    "qlora": MethodSpec(None, "adapter", 2e-4, 4.4, 0.01, weight_bytes=0.56),
+    "lora": MethodSpec(_M + "lora", "adapter", 2e-4, (1e-5, 1e-2), 4, 0.01),
+    "dora": MethodSpec(_M + "dora", "adapter", 2e-4, (1e-5, 1e-2), 4.4, 0.011, low_precision_frozen=False),
+    "ia3": MethodSpec(_M + "ia3", "adapter", 3e-3, (1e-4, 1e-1), 4, 0.0005),
+    "full": MethodSpec(_M + "full", "full", 2e-5, (1e-7, 1e-4), 6, 1.0),
+    "prompt_tuning": MethodSpec(_M + "prompt_tuning", "adapter", 3e-2, (1e-4, 5e-1), 2.7, 0.0001, fsdp=False),
+    "prefix_tuning": MethodSpec(_M + "prefix_tuning", "adapter", 1e-2, (1e-4, 1e-1), 2.7, 0.002, fsdp=False),
+    # A search over instructions: forward passes only, nothing trained, no learning rate used.
+    "prompt_optimization": MethodSpec(_M + "prompt_optimization", "prompt", 1e-4, None, None, None),
+    "qlora": MethodSpec(None, "adapter", 2e-4, (1e-5, 1e-2), 4.4, 0.01, weight_bytes=0.56),
 }
 # The methods `train.method` accepts.
 METHODS: tuple[str, ...] = tuple(name for name, spec in METHOD_SPECS.items() if spec.module)
@@ -88,10 +91,11 @@ METRIC_SPECS: dict[str, MetricSpec] = {spec.name: spec for spec in (
     MetricSpec("chrf", GENERATION, cost=5),
 )}
 
-# Figures from the fairness audit (fairness.group_fields or fairness.lexicon).
-FAIRNESS_FIGURES: tuple[str, ...] = ("demographic_parity_difference", "demographic_parity_ratio",
-                                     "equal_opportunity_difference", "equalized_odds_difference",
-                                     "counterfactual_flip_rate")
+# Figures from the fairness audit (fairness.group_fields or fairness.lexicon): the worst-case group
+# disparities (each with a bootstrap interval), then the counterfactual flip rate (lexicon probes).
+DISPARITY_FIGURES: tuple[str, ...] = ("demographic_parity_difference", "demographic_parity_ratio",
+                                      "equal_opportunity_difference", "equalized_odds_difference")
+FAIRNESS_FIGURES: tuple[str, ...] = DISPARITY_FIGURES + ("counterfactual_flip_rate",)
 # Figures other than task metrics that an objective constraint may name.
 CONSTRAINT_FIGURES: tuple[str, ...] = ("latency_p50_ms", "latency_p95_ms", "model_size_mb", "peak_rss_mb",
                                        "train_seconds", "tokens_per_second", "trainable_params", "throughput_eps",

@@ -1,1 +1,1 @@
-"""Data stage: read, validate and split datasets; every problem names file:line."""
+"""Data stage: read, validate, curate, mitigate and split datasets; every problem names file:line."""

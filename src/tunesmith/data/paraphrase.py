@@ -7,9 +7,7 @@ from tqdm.auto import tqdm
 
 from tunesmith.models.load import load_model, load_tokenizer
 from tunesmith.models.resolve import resolve_model
-from tunesmith.models.tokens import encode_chat, text_ids
-from tunesmith.tasks.classification import left_pad
-from tunesmith.tasks.generation import stop_ids
+from tunesmith.models.tokens import encode_chat, left_pad, stop_ids, text_ids
 
 PROMPT = ("Rewrite the following text in different words, keeping its meaning. "
           "Reply with the rewritten text only.\n\n{text}")

@@ -12,6 +12,7 @@ from tunesmith.data.augment import augment
 from tunesmith.data.clean import Curation
 from tunesmith.data.examples import Example, load_examples, raise_for_problems
 from tunesmith.data.io import RowProblem
+from tunesmith.data.mitigate import apply_mitigation
 from tunesmith.data.profile import embedding_spread, split_profile
 from tunesmith.data.split import group_split, stratified_split
 from tunesmith.errors import DataError
@@ -69,8 +70,6 @@ def prepare_data(project: Project, progress: bool = False, augment_rows: bool = 
     if augment_rows and data.augment.enabled:
         splits.train = train + augment(train, data.augment, _paraphraser(project))
     if project.fairness.enabled and project.fairness.mitigation != "none":
-        from tunesmith.fairness.mitigate import apply_mitigation
-
         splits.train = apply_mitigation(splits.train, project.fairness)
     if task.type == "classification":
         splits.labels = _label_set(splits, task.labels)

@@ -4,6 +4,7 @@ lines to print. Outputs go to a folder that appears complete or not at all."""
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from tunesmith import fsio
@@ -86,19 +87,27 @@ def split(project: Project, out: Path) -> list[str]:
     return [f"{name}: {len(rows)} rows" for name, rows in splits.by_name().items()] + [f"written to {out}"]
 
 
-def report(project: Project, out: Path | None, progress: bool = True) -> tuple[dict, list[str]]:
-    """The data report (what `run` writes to data/report.json), optionally saved as out/report.json."""
+@dataclass
+class DataReport:
+    """What `tunesmith data report` found: the report (as data/report.json holds it) and the lines to print."""
+
+    report: dict
+    lines: list[str]
+
+
+def report(project: Project, out: Path | None, progress: bool = True) -> DataReport:
+    """The data report (what `run` writes to data/report.json), optionally saved as out/report.json.
+
+    The caller renders out/report.html from `DataReport.report`: pages belong to the report layer,
+    which sits above data."""
     if out is not None:
         check_out(project, out)
     splits = prepare_data(project, progress=progress)
     rep = data_report(splits)
     if out is not None:
-        from tunesmith.report.data_section import data_page
-
         _mark(Path(out))
         fsio.write_json(Path(out) / "report.json", rep)
-        fsio.write_text(Path(out) / "report.html", data_page(rep, f"tunesmith data report: {project.name}"))
-    return rep, summary(splits, None) + ([f"report written to {out}"] if out is not None else [])
+    return DataReport(rep, summary(splits, None) + ([f"report written to {out}"] if out is not None else []))
 
 
 def summary(splits: Splits, out: Path | None) -> list[str]:

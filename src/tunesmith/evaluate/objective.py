@@ -2,10 +2,36 @@
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 from tunesmith.config import ObjectiveConfig
 
 
-def judge(objective: ObjectiveConfig, baseline: dict, finetuned: dict, comparison: dict | None = None) -> dict:
+@dataclass(frozen=True)
+class Criterion:
+    """One measured figure against its target. A figure that could not be measured (None) is not met."""
+
+    name: str
+    value: float | None
+    target: float
+    op: str  # ">=" or "<="
+    met: bool
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The objective judged: met when every criterion is (and when there are none)."""
+
+    met: bool
+    criteria: list[Criterion]
+
+    def to_json(self) -> dict:
+        """summary.json's "objective": {"met", "criteria": [{"name", "value", "target", "op", "met"}]}."""
+        return dataclasses.asdict(self)
+
+
+def judge(objective: ObjectiveConfig, baseline: dict, finetuned: dict, comparison: dict | None = None) -> Verdict:
     """Criteria for the target, the gain over the baseline and each constraint.
 
     Args:
@@ -15,8 +41,7 @@ def judge(objective: ObjectiveConfig, baseline: dict, finetuned: dict, compariso
         comparison: metrics.json's `comparison` (paired intervals), used when min_gain_on is ci_low.
 
     Returns:
-        {"met": bool, "criteria": [{"name", "value", "target", "op", "met"}]}; with no criteria
-        configured, `met` is true.
+        The Verdict; with no criteria configured, `met` is true.
     """
     metric = objective.metric
     criteria = []
@@ -34,14 +59,14 @@ def judge(objective: ObjectiveConfig, baseline: dict, finetuned: dict, compariso
             criteria.append(_criterion(name, finetuned.get(name), bound.min, ">="))
         if bound.max is not None:
             criteria.append(_criterion(name, finetuned.get(name), bound.max, "<="))
-    return {"met": all(c["met"] for c in criteria), "criteria": criteria}
+    return Verdict(all(c.met for c in criteria), criteria)
 
 
 def _diff(a, b):
     return None if a is None or b is None else round(a - b, 6)
 
 
-def _criterion(name: str, value, target: float, op: str) -> dict:
+def _criterion(name: str, value, target: float, op: str) -> Criterion:
     # A figure that could not be measured fails its criterion rather than passing silently.
     met = value is not None and (value >= target if op == ">=" else value <= target)
-    return {"name": name, "value": value, "target": target, "op": op, "met": bool(met)}
+    return Criterion(name, value, target, op, bool(met))

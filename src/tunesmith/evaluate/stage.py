@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunesmith import fsio, hardware
@@ -28,36 +30,61 @@ from tunesmith.tasks.prompts import build_format
 from tunesmith.train.finetuned import load_finetuned
 
 
-def eval_stage(project: Project, splits: Splits, run_dir: Path, progress: bool = True) -> dict:
-    """Write metrics.json and predictions/test.jsonl; return the metrics."""
+@dataclass
+class EvalResult:
+    """metrics.json: both models' figures on the same test examples, and what compares them. Optional
+    sections are None when not configured (or not measurable) and are left out of the file."""
+
+    baseline: dict
+    finetuned: dict
+    test_examples: int
+    latency_ms: dict
+    benchmarks: dict | None = None
+    harness: dict | None = None
+    judge: dict | None = None
+    calibration: dict | None = None
+    comparison: dict = field(default_factory=dict)
+    forgetting: dict | None = None
+    per_class: dict | None = None
+    confusion_matrix: dict | None = None
+    train: dict | None = None
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass
+class _Context:
+    """What evaluating either model shares."""
+
+    project: Project
+    tokenizer: object
+    test: list[Example]
+    bf16: bool
+    progress: bool
+    suites: list
+
+
+@dataclass
+class _ModelRun:
+    """One model's predictions and figures on the test split (and benchmark suites, harness, probe)."""
+
+    preds: Predictions
+    figures: dict
+    latency_samples: list[float]
+    suites: list | None
+    harness: dict | None
+    probe: float | None  # forgetting-probe accuracy
+
+
+def eval_stage(project: Project, splits: Splits, run_dir: Path, progress: bool = True) -> EvalResult:
+    """Write metrics.json and predictions/test.jsonl; return the figures."""
     test = splits.test[: project.eval.max_examples] if project.eval.max_examples else splits.test
     model, tokenizer, fmt, base_path = load_finetuned(run_dir / "model")
-    bf16 = hardware.use_bf16(project.eval.precision, hardware.device())
-    model.to(hardware.device())
-
-    seconds: dict[str, float] = {}
-
-    def run(m, name: str, prompt=fmt) -> Predictions:
-        started = time.perf_counter()
-        out = predict(m, tokenizer, prompt, test, batch_size=project.eval.batch_size,
-                      max_new_tokens=project.eval.max_new_tokens, autocast=bf16,
-                      progress=f"eval {name}" if progress else None)
-        seconds[name] = time.perf_counter() - started
-        return out
-
-    tuned = run(model, "fine-tuned")
-    tuned_figures = _figures(fmt, test, tuned, seconds["fine-tuned"], project.eval.batch_size)
-    tuned_figures.update(_latency(model, tokenizer, fmt, test, project, bf16))
-    if not fmt.labels:  # generation: how likely each model finds the reference answers
-        tuned_figures["perplexity"] = answer_perplexity(model, tokenizer, fmt, test, project.eval.batch_size, bf16)
-    suites = load_suites(project.benchmarks, tokenizer)
-    suite_args = (tokenizer, suites, project.eval.batch_size, project.eval.max_new_tokens, bf16)
-    tuned_suites = predict_suites(model, *suite_args, "fine-tuned", progress)
-    tuned_harness = _harness(project, model, tokenizer)
+    ctx = _Context(project, tokenizer, test, hardware.use_bf16(project.eval.precision, hardware.device()), progress,
+                   load_suites(project.benchmarks, tokenizer))
     kind = fsio.read_json(run_dir / "model/tunesmith.json")["kind"]
-    tuned_figures.update(_sizes(run_dir / "model", base_path, kind))
-    probe = project.eval.forgetting_probe
-    tuned_probe = probe_accuracy(model, tokenizer, fmt.max_length, bf16) if probe else None
+    tuned = _run_model(ctx, model.to(hardware.device()), fmt, "fine-tuned", _sizes(run_dir / "model", base_path, kind))
     if kind == "prompt":  # the weights are the base model's: no second load, no second probe
         base_model = model
     else:
@@ -65,50 +92,69 @@ def eval_stage(project: Project, splits: Splits, run_dir: Path, progress: bool =
         base_model = load_model(base_path).to(hardware.device())
     # The baseline is the base model with the user's own prompt, whatever the method changed.
     base_fmt = build_format(project.task, fmt.labels, tokenizer)
-    base = run(base_model, "baseline", base_fmt)
-    base_figures = _figures(fmt, test, base, seconds["baseline"], project.eval.batch_size)
-    base_figures.update(_latency(base_model, tokenizer, base_fmt, test, project, bf16))
-    if not fmt.labels:
-        base_figures["perplexity"] = answer_perplexity(base_model, tokenizer, base_fmt, test,
-                                                       project.eval.batch_size, bf16)
-    base_figures.update(_sizes(base_path, base_path, "full"))
-    metrics = {"baseline": base_figures, "finetuned": tuned_figures, "test_examples": len(test),
-               "latency_ms": {k: f.pop("latency_samples_ms", []) for k, f in (("baseline", base_figures),
-                                                                                ("finetuned", tuned_figures))}}
-    if suites:
-        base_suites = predict_suites(base_model, *suite_args, "baseline", progress)
-        metrics["benchmarks"] = suite_report(suites, base_suites, tuned_suites, project.eval.bootstrap_resamples,
-                                             project.eval.seed)
-    if project.eval.harness.tasks:
-        base_harness = _harness(project, base_model, tokenizer)
-        metrics["harness"] = harness_report(base_harness, tuned_harness,
-                                            None if tuned_harness is not None else SOFT_PROMPT_SKIP)
-    if project.eval.judge.enabled:
-        metrics["judge"] = _judge(project.eval.judge, test, base, tuned)
-    calibration = {name: _calibration(test, p) for name, p in (("baseline", base), ("finetuned", tuned))}
-    if all(calibration.values()):
-        metrics["calibration"] = calibration
-        for name, key in (("baseline", "baseline"), ("finetuned", "finetuned")):
-            metrics[key]["ece"] = calibration[name]["ece"]
-    golds = [e.target for e in test]
-    metrics["comparison"] = compare(fmt.task_type, golds, base.texts, tuned.texts, metric_names(fmt.task_type),
-                                    project.eval.bootstrap_resamples, project.eval.seed)
-    if probe:
-        base_probe = tuned_probe if kind == "prompt" else probe_accuracy(base_model, tokenizer, fmt.max_length, bf16)
-        metrics["forgetting"] = forgetting_report(base_probe, tuned_probe)
-    if fmt.labels:
-        metrics["per_class"] = per_class(golds, tuned.texts, fmt.labels)
-        metrics["confusion_matrix"] = {"labels": fmt.labels,
-                                       "baseline": confusion_matrix(golds, base.texts, fmt.labels),
-                                       "finetuned": confusion_matrix(golds, tuned.texts, fmt.labels)}
+    base = _run_model(ctx, base_model, base_fmt, "baseline", _sizes(base_path, base_path, "full"),
+                      probe=tuned.probe if kind == "prompt" else None)
+    result = _compare_runs(ctx, fmt, base, tuned)
     train = run_dir / "train.json"
     if train.is_file():
-        metrics["train"] = fsio.read_json(train)["stats"]
-        metrics["finetuned"].update({k: metrics["train"][k] for k in ("train_seconds", "tokens_per_second",
-                                                                    "trainable_params", "peak_rss_mb")})
-    fsio.write_json(run_dir / "metrics.json", metrics)
-    fsio.write_jsonl(run_dir / "predictions" / "test.jsonl", _prediction_rows(test, tuned, base))
-    return metrics
+        result.train = fsio.read_json(train)["stats"]
+        result.finetuned.update({k: result.train[k] for k in ("train_seconds", "tokens_per_second",
+                                                              "trainable_params", "peak_rss_mb")})
+    fsio.write_json(run_dir / "metrics.json", result.to_json())
+    fsio.write_jsonl(run_dir / "predictions" / "test.jsonl", _prediction_rows(test, tuned.preds, base.preds))
+    return result
+
+
+def _run_model(ctx: _Context, model, fmt, name: str, sizes: dict, probe: float | None = None) -> _ModelRun:
+    """Predict the test split with `model` and measure it: task metrics, throughput, latency, perplexity
+    (generation), sizes, and the benchmark suites, harness and forgetting probe when configured."""
+    project, tok = ctx.project, ctx.tokenizer
+    started = time.perf_counter()
+    preds = predict(model, tok, fmt, ctx.test, batch_size=project.eval.batch_size,
+                    max_new_tokens=project.eval.max_new_tokens, autocast=ctx.bf16,
+                    progress=f"eval {name}" if ctx.progress else None)
+    figures = _figures(fmt, ctx.test, preds, time.perf_counter() - started, project.eval.batch_size)
+    figures.update(_latency(model, tok, fmt, ctx.test, project, ctx.bf16))
+    if not fmt.labels:  # generation: how likely each model finds the reference answers
+        figures["perplexity"] = answer_perplexity(model, tok, fmt, ctx.test, project.eval.batch_size, ctx.bf16)
+    figures.update(sizes)
+    suites = predict_suites(model, tok, ctx.suites, project.eval.batch_size, project.eval.max_new_tokens, ctx.bf16,
+                            name, ctx.progress) if ctx.suites else None
+    if probe is None and project.eval.forgetting_probe:
+        probe = probe_accuracy(model, tok, fmt.max_length, ctx.bf16)
+    return _ModelRun(preds, figures, figures.pop("latency_samples_ms", []), suites, _harness(project, model, tok),
+                     probe)
+
+
+def _compare_runs(ctx: _Context, fmt, base: _ModelRun, tuned: _ModelRun) -> EvalResult:
+    """The two runs side by side, and the paired figures that compare them."""
+    project, test = ctx.project, ctx.test
+    golds = [e.target for e in test]
+    result = EvalResult(base.figures, tuned.figures, len(test),
+                        {"baseline": base.latency_samples, "finetuned": tuned.latency_samples})
+    if ctx.suites:
+        result.benchmarks = suite_report(ctx.suites, base.suites, tuned.suites, project.eval.bootstrap_resamples,
+                                         project.eval.seed)
+    if project.eval.harness.tasks:
+        result.harness = harness_report(base.harness, tuned.harness,
+                                        None if tuned.harness is not None else SOFT_PROMPT_SKIP)
+    if project.eval.judge.enabled:
+        result.judge = _judge(project.eval.judge, test, base.preds, tuned.preds)
+    calibration = {"baseline": _calibration(test, base.preds), "finetuned": _calibration(test, tuned.preds)}
+    if all(calibration.values()):
+        result.calibration = calibration
+        for name, figures in (("baseline", result.baseline), ("finetuned", result.finetuned)):
+            figures["ece"] = calibration[name]["ece"]
+    result.comparison = compare(fmt.task_type, golds, base.preds.texts, tuned.preds.texts, metric_names(fmt.task_type),
+                                project.eval.bootstrap_resamples, project.eval.seed)
+    if project.eval.forgetting_probe:
+        result.forgetting = forgetting_report(base.probe, tuned.probe)
+    if fmt.labels:
+        result.per_class = per_class(golds, tuned.preds.texts, fmt.labels)
+        result.confusion_matrix = {"labels": fmt.labels,
+                                   "baseline": confusion_matrix(golds, base.preds.texts, fmt.labels),
+                                   "finetuned": confusion_matrix(golds, tuned.preds.texts, fmt.labels)}
+    return result
 
 
 SOFT_PROMPT_SKIP = ("fine-tuned model not run: its soft prompt is outside the weights, and the harness calls "
@@ -126,7 +172,7 @@ def _harness(project: Project, model, tokenizer) -> dict | None:
 def _figures(fmt, test: list[Example], preds: Predictions, seconds: float, batch_size: int) -> dict:
     """Task metrics plus throughput: examples per second at the eval batch size."""
     figures = compute_metrics(fmt.task_type, [e.target for e in test], preds.texts)
-    figures["throughput_eps"] = round(len(test) / seconds, 2) if seconds > 0 else None
+    figures["throughput_eps"] = hardware.examples_per_second(len(test), seconds)
     figures["throughput_batch_size"] = batch_size
     return figures
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 from tunesmith.data.examples import Example
-from tunesmith.fairness.lexicon import find_term, swap, terms
+from tunesmith.data.lexicon import find_term, swap, terms
 
 
 def counterfactual_pairs(examples: list[Example], categories: list[str], limit: int, per_example: int = 3,

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-HEADLINE = ("demographic_parity_difference", "demographic_parity_ratio", "equal_opportunity_difference",
-            "equalized_odds_difference")
+from tunesmith.registry import DISPARITY_FIGURES as HEADLINE
 
 
 def per_group(golds: list[str], preds: list[str], groups: list[str], positive: str) -> dict[str, dict]:

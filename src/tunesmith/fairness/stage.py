@@ -14,11 +14,11 @@ from pathlib import Path
 
 from tunesmith import fsio, hardware
 from tunesmith.config import Project
+from tunesmith.data.groups import attributes, eligible
+from tunesmith.data.lexicon import CATEGORIES
 from tunesmith.data.prepare import Splits
 from tunesmith.fairness.counterfactual import counterfactual_pairs, flip_rate
 from tunesmith.fairness.data_audit import audit_attribute
-from tunesmith.fairness.groups import attributes, eligible
-from tunesmith.fairness.lexicon import CATEGORIES
 from tunesmith.fairness.metrics import HEADLINE, disparities, per_group, with_intervals
 from tunesmith.tasks.predict import predict
 

@@ -78,6 +78,8 @@ def estimate(params_m: float, layers: int, hidden: int, method: str, tokens: int
     """{memory_mb, seconds, fits} of training `tokens` tokens (all epochs) with `method`."""
     p = params_m * 1e6
     spec = METHOD_SPECS[method]
+    if spec.flops_per_token is None or spec.trained_share is None:
+        raise ValueError(f"method '{method}' trains nothing: no training estimate")
     weights = spec.weight_bytes * p
     trained = 16 * spec.trained_share * p
     activations = ACTIVATION_BYTES * layers * batch * row_tokens * hidden

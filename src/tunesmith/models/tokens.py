@@ -15,6 +15,10 @@ whole prompt), so ordinary data gets the same tokens either way.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 # Private-use characters: no chat template writes them, so they can stand for user text while a
 # template renders. User text that itself contains one is marked too (never pasted raw), so a user
@@ -36,6 +40,30 @@ def text_ids(tokenizer, text: str) -> list[int]:
     pieces = _cut_markup(text, _markup(tokenizer))
     return [i for piece in pieces for i in
             tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]]
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """Ids that end a generated answer: the tokenizer's EOS and whichever end-of-turn tokens of the
+    common chat templates (`<|im_end|>`, `<|eot_id|>`, `<|end|>`) its vocabulary holds, sorted."""
+    ids = {tokenizer.eos_token_id}
+    for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and mask, padded on the left so every prompt ends at the last column."""
+    import torch  # here, not at the top: the tokenizer helpers above stay importable without torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s)
+        mask[i, width - len(s):] = 1
+    return ids, mask
 
 
 def literal_batch(tokenizer, texts: list[str], **kwargs):

@@ -15,9 +15,9 @@ import torch
 
 from tunesmith import fsio
 from tunesmith.data.examples import Example
-from tunesmith.optimize.engines import Predictor
+from tunesmith.models.tokens import stop_ids
+from tunesmith.optimize.predictor import Predictor
 from tunesmith.tasks.classification import predict_labels
-from tunesmith.tasks.generation import stop_ids
 from tunesmith.tasks.predict import Predictions, encode_prompts
 from tunesmith.tasks.prompts import PromptFormat, encode_answer
 

@@ -17,8 +17,6 @@ Tokenizer files and `prompt.json` sit next to the weights, so a variant folder i
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,23 +24,9 @@ import torch
 from tunesmith import fsio, hardware
 from tunesmith.data.examples import Example
 from tunesmith.errors import ModelError, RunDirError
+from tunesmith.optimize.predictor import VARIANT_FILE, Predictor, save_common
 from tunesmith.tasks.predict import Predictions, predict
 from tunesmith.tasks.prompts import PromptFormat
-
-VARIANT_FILE = "variant.json"
-
-
-@dataclass
-class Predictor:
-    """A loaded variant: `predict(examples, batch_size)` and the module behind it."""
-
-    predict: Callable[[list[Example], int], Predictions]
-    module: torch.nn.Module | None  # the torch model; None when another runtime computes (ct2)
-    fmt: PromptFormat | None = None
-    tokenizer: object = None     # for causal LMs (generation, streaming); None for the MiniLM classifier
-    # Greedy continuations (token ids) of token-id prompts with per-prompt limits, for engines
-    # without a torch module; torch models generate through `module.generate`.
-    complete: Callable[[list[list[int]], list[int]], list[list[int]]] | None = None
 
 
 def load_variant(path: Path, max_new_tokens: int = 64) -> Predictor:
@@ -89,14 +73,8 @@ def lm_predictor(model, tokenizer, fmt: PromptFormat, max_new_tokens: int) -> Pr
 def save_hf(model, tokenizer, fmt: PromptFormat, out_dir: Path, **meta) -> None:
     """A plain checkpoint in its own dtype, with tokenizer, prompt format and variant.json."""
     model.save_pretrained(str(out_dir), safe_serialization=True)
-    _save_common(tokenizer, fmt, out_dir, engine="hf", dtype=str(next(model.parameters()).dtype).split(".")[-1],
-                 **meta)
-
-
-def _save_common(tokenizer, fmt: PromptFormat, out_dir: Path, **meta) -> None:
-    tokenizer.save_pretrained(str(out_dir))
-    fsio.write_json(out_dir / "prompt.json", fmt.to_json())
-    fsio.write_json(out_dir / VARIANT_FILE, meta)
+    save_common(tokenizer, fmt, out_dir, engine="hf", dtype=str(next(model.parameters()).dtype).split(".")[-1],
+                **meta)
 
 
 # -- int8 ----------------------------------------------------------------------------------------
@@ -250,7 +228,7 @@ def save_int8(model, tokenizer, fmt: PromptFormat, out_dir: Path, bits: int = 8,
             tensors[key] = value.detach().contiguous().clone()
     save_file(tensors, str(out_dir / "model.safetensors"))
     model.config.save_pretrained(str(out_dir))
-    _save_common(tokenizer, fmt, out_dir, engine=f"hf-int{bits}", quantized=sorted(linears), **meta)
+    save_common(tokenizer, fmt, out_dir, engine=f"hf-int{bits}", quantized=sorted(linears), **meta)
 
 
 QUANTIZED_SUFFIXES = (".weight_int8", ".weight_int4", ".weight_scale", ".delta_up", ".delta_down")

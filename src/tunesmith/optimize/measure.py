@@ -50,7 +50,7 @@ def measure_here(path: Path, test_file: Path, batch_size: int, latency_samples: 
     preds = predictor.predict(examples, batch_size)
     seconds = time.perf_counter() - started
     figures.update(load_seconds=round(load_seconds, 3),
-                   throughput_per_s=round(len(examples) / seconds, 2) if seconds > 0 else None,
+                   throughput_per_s=hardware.examples_per_second(len(examples), seconds),
                    throughput_batch_size=batch_size, peak_rss_mb=hardware.peak_rss_mb(),
                    predictions=preds.texts, probabilities=preds.probabilities)
     return figures

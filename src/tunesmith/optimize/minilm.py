@@ -14,10 +14,11 @@ from tunesmith import fsio
 from tunesmith.data.embed import model_path
 from tunesmith.data.examples import Example
 from tunesmith.models.tokens import literal_batch
-from tunesmith.optimize.engines import VARIANT_FILE, Predictor
+from tunesmith.optimize.predictor import VARIANT_FILE, Predictor
 from tunesmith.tasks.predict import Predictions
 from tunesmith.tasks.prompts import PromptFormat
 from tunesmith.train.loss import distillation_loss
+from tunesmith.train.trainer import train_step
 
 MAX_TOKENS = 128
 
@@ -47,30 +48,41 @@ def new_classifier(n_labels: int, seed: int = 0):
 def train_classifier(model, tokenizer, texts: list[str], targets: list[int], teacher_logits: torch.Tensor,
                      epochs: int, learning_rate: float, temperature: float, alpha: float, batch_size: int = 16,
                      seed: int = 0, progress: str | None = None) -> list[float]:
-    """Fit the classifier to the teacher's label distribution (N, L) and the gold labels."""
-    rng = random.Random(seed)
+    """Fit the classifier to the teacher's label distribution (N, L) and the gold labels.
+
+    Each step is the trainer's (train.trainer.train_step) with a distillation loss on the pooled
+    logits, in fp32, without gradient clipping or a schedule (AdamW at a constant rate)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
-    gold = torch.tensor(targets)
+    params = list(model.parameters())
+    dev = next(model.parameters()).device
+
+    def loss(m, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = m(batch["input_ids"], batch["attention_mask"])  # (B, L)
+        return distillation_loss(logits, batch["teacher"], batch["gold"], temperature, alpha)
+
+    batches = _batches(tokenizer, texts, torch.tensor(targets), teacher_logits, epochs, batch_size, seed)
+    steps = epochs * ((len(texts) + batch_size - 1) // batch_size)
     losses = []
     model.train()
-    order = list(range(len(texts)))
-    steps = epochs * ((len(texts) + batch_size - 1) // batch_size)
-    with tqdm(total=steps, desc=progress, unit="step", disable=progress is None, dynamic_ncols=True) as bar:
-        for _ in range(epochs):
-            rng.shuffle(order)
-            for start in range(0, len(order), batch_size):
-                idx = order[start:start + batch_size]
-                enc = literal_batch(tokenizer, [texts[i] for i in idx], padding=True, truncation=True,
-                                    max_length=MAX_TOKENS, return_tensors="pt")
-                logits = model(enc["input_ids"], enc["attention_mask"])  # (B, L)
-                loss = distillation_loss(logits, teacher_logits[idx], gold[idx], temperature, alpha)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(float(loss))
-                bar.update(1)
+    for _ in tqdm(range(steps), desc=progress, unit="step", disable=progress is None, dynamic_ncols=True):
+        losses.append(train_step(model, batches, optimizer, params=params, dev=dev, loss_fn=loss).loss)
     model.eval()
     return losses
+
+
+def _batches(tokenizer, texts: list[str], gold: torch.Tensor, teacher_logits: torch.Tensor, epochs: int,
+             batch_size: int, seed: int):
+    """Tokenized batches with their teacher logits (B, L) and gold labels (B,), reshuffled every epoch."""
+    rng = random.Random(seed)
+    order = list(range(len(texts)))
+    for _ in range(epochs):
+        rng.shuffle(order)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            enc = literal_batch(tokenizer, [texts[i] for i in idx], padding=True, truncation=True,
+                                max_length=MAX_TOKENS, return_tensors="pt")
+            yield {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                   "teacher": teacher_logits[idx], "gold": gold[idx]}
 
 
 @torch.inference_mode()

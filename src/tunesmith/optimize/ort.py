@@ -19,9 +19,9 @@ import torch
 
 from tunesmith import fsio
 from tunesmith.data.examples import Example
-from tunesmith.optimize.engines import Predictor
-from tunesmith.tasks.classification import left_pad, predict_labels
-from tunesmith.tasks.generation import stop_ids
+from tunesmith.models.tokens import left_pad, stop_ids
+from tunesmith.optimize.predictor import Predictor
+from tunesmith.tasks.classification import predict_labels
 from tunesmith.tasks.label_trie import LabelTrie, node_log_probs, tree_inputs
 from tunesmith.tasks.predict import Predictions, encode_prompts, inverse
 from tunesmith.tasks.prompts import PromptFormat, encode_answer

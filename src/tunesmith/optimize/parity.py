@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tunesmith.data.examples import Example
-from tunesmith.tasks.classification import left_pad
+from tunesmith.models.tokens import left_pad
 from tunesmith.tasks.predict import encode_prompts
 from tunesmith.tasks.prompts import PromptFormat
 

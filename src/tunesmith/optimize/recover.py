@@ -1,17 +1,20 @@
-"""A short fine-tune after pruning or for distillation: the one small loop both share."""
+"""A short fine-tune after pruning or for distillation: the one small loop both share, taking the
+trainer's own optimisation step (train.trainer.train_step)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from types import SimpleNamespace
 
 import torch
 from tqdm.auto import tqdm
 
 from tunesmith import hardware
+from tunesmith.config import TrainConfig
 from tunesmith.data.examples import Example
 from tunesmith.train.batching import batch_stream, encode_for_training
-from tunesmith.train.loss import supervised_loss
+from tunesmith.train.trainer import train_step
+
+MAX_GRAD_NORM = 1.0
 
 
 def short_finetune(model, tokenizer, fmt, train: list[Example], steps: int, learning_rate: float,
@@ -27,10 +30,10 @@ def short_finetune(model, tokenizer, fmt, train: list[Example], steps: int, lear
     Returns:
         The loss of each step.
     """
-    loss_fn = loss_fn or (lambda m, b: supervised_loss(m, b)[0])
     encoded = encode_for_training(tokenizer, fmt, train)
-    batches = batch_stream(encoded, SimpleNamespace(batch_size=batch_size, seed=seed, length_grouping=32),
-                           tokenizer.pad_token_id, 0)
+    # Only the batching settings matter here; the rest of the config keeps its validated defaults.
+    order = TrainConfig.model_validate({"batch_size": batch_size, "seed": seed, "length_grouping": 32})
+    batches = batch_stream(encoded, order, tokenizer.pad_token_id, 0)
     params = list(model.parameters())
     for p in params:  # a merged PEFT model comes back with its base weights frozen
         p.requires_grad_(True)
@@ -40,15 +43,10 @@ def short_finetune(model, tokenizer, fmt, train: list[Example], steps: int, lear
     losses = []
     model.train()
     for _ in tqdm(range(steps), desc=progress, unit="step", disable=progress is None, dynamic_ncols=True):
-        batch = {k: v.to(dev) for k, v in next(batches).items()}
-        with hardware.autocast(bf16, dev):
-            loss = loss_fn(model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        done = train_step(model, batches, optimizer, params=params, dev=dev, loss_fn=loss_fn, bf16=bf16,
+                          max_grad_norm=MAX_GRAD_NORM)
         if after_step:
             after_step()
-        losses.append(float(loss))
+        losses.append(done.loss)
     model.eval()
     return losses

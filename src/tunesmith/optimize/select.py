@@ -3,28 +3,29 @@
 from __future__ import annotations
 
 from tunesmith.config import ObjectiveConfig
-from tunesmith.evaluate.objective import judge
+from tunesmith.evaluate.objective import Verdict, judge
+from tunesmith.optimize.result import VariantRow
 
 
-def variant_verdict(objective: ObjectiveConfig, baseline: dict, finetuned: dict, entry: dict,
-                    comparison: dict) -> dict:
+def variant_verdict(objective: ObjectiveConfig, baseline: dict, finetuned: dict, row: VariantRow,
+                    comparison: dict) -> Verdict:
     """The objective judged on a variant's own figures (training figures are the run's)."""
-    figures = {**finetuned, **entry["metrics"], "latency_p50_ms": entry["latency_p50_ms"],
-               "latency_p95_ms": entry["latency_p95_ms"], "model_size_mb": entry["size_mb"],
-               "peak_rss_mb": entry["peak_rss_mb"], "throughput_eps": entry["throughput_per_s"]}
+    figures = {**finetuned, **row.metrics, "latency_p50_ms": row.latency_p50_ms,
+               "latency_p95_ms": row.latency_p95_ms, "model_size_mb": row.size_mb,
+               "peak_rss_mb": row.peak_rss_mb, "throughput_eps": row.throughput_per_s}
     return judge(objective, baseline, figures, comparison)
 
 
-def select_variant(entries: list[dict]) -> tuple[str | None, str]:
+def select_variant(rows: list[VariantRow]) -> tuple[str | None, str]:
     """(name, reason): the lowest p50 latency among variants that passed their checks and meet the
     objective; else the fp32 model when it meets it; else none."""
-    offered = [e for e in entries if e["parity_ok"] and e["objective_met"]]
+    offered = [r for r in rows if r.parity_ok and r.objective_met]
     if not offered:
         return None, "no variant (fp32 included) meets the objective"
-    best = min(offered, key=lambda e: e["latency_p50_ms"])
-    ref = next(e for e in entries if e["name"] == "fp32")
-    if best["name"] == "fp32":
+    best = min(offered, key=lambda r: r.latency_p50_ms)
+    ref = next(r for r in rows if r.name == "fp32")
+    if best.name == "fp32":
         return "fp32", "no optimised variant is faster while meeting the objective"
-    speedup = ref["latency_p50_ms"] / best["latency_p50_ms"] if best["latency_p50_ms"] else float("inf")
-    return best["name"], (f"fastest variant meeting the objective: {speedup:.2f}x the fp32 p50 latency, "
-                          f"quality change {best['quality_delta']:+.4f}")
+    speedup = ref.latency_p50_ms / best.latency_p50_ms if best.latency_p50_ms else float("inf")
+    return best.name, (f"fastest variant meeting the objective: {speedup:.2f}x the fp32 p50 latency, "
+                       f"quality change {best.quality_delta:+.4f}")

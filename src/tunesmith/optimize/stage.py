@@ -8,6 +8,7 @@ variants that do not apply to this run).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import shutil
 import sys
@@ -20,6 +21,7 @@ from tunesmith.data.prepare import Splits
 from tunesmith.errors import ParityError, RunDirError
 from tunesmith.evaluate.compare import compare
 from tunesmith.optimize.measure import measure_variant
+from tunesmith.optimize.result import OptimizeResult, SkippedVariant, VariantRow
 from tunesmith.optimize.select import select_variant, variant_verdict
 from tunesmith.optimize.source import open_source
 from tunesmith.optimize.variants import NotApplicable, get_variant
@@ -27,25 +29,24 @@ from tunesmith.tasks.metrics import METRICS, compute_metrics
 
 
 def optimize_stage(project: Project, splits: Splits, run_dir: Path, progress: bool = True,
-                   names: list[str] | None = None) -> dict:
-    """Build, measure, check and select variants; returns the content of optimize.json plus `variants`."""
+                   names: list[str] | None = None) -> OptimizeResult:
+    """Build, measure, check and select variants; writes variants.json and optimize.json."""
     run_dir = Path(run_dir)
     metrics = _evaluated(run_dir)
     names = list(project.optimize.variants if names is None else names)
     built, skipped = _build_all(project, splits, run_dir, names, progress)
-    entries = _measure_all(project, run_dir, metrics, built, progress)
-    selected, reason = select_variant(entries)
-    result = {"objective_metric": project.objective.metric, "selected": selected, "reason": reason,
-              "selected_path": next((e["path"] for e in entries if e["name"] == selected), None),
-              "skipped": skipped}
-    fsio.write_json(run_dir / "variants.json", entries)
-    fsio.write_json(run_dir / "optimize.json", result)
-    merged = next((e for e in entries if e["name"] == "merged"), None)
-    if merged and not merged["parity_ok"]:
-        raise ParityError(f"merging the adapter changed the model: prediction agreement {merged['agreement']:.4f}, "
-                          f"max logit difference {merged['max_logit_diff']:.3g}", str(run_dir / "variants.json"),
+    rows = _measure_all(project, run_dir, metrics, built, progress)
+    selected, reason = select_variant(rows)
+    result = OptimizeResult(project.objective.metric, selected, reason,
+                            next((r.path for r in rows if r.name == selected), None), skipped, rows)
+    fsio.write_json(run_dir / "variants.json", [r.to_json() for r in rows])
+    fsio.write_json(run_dir / "optimize.json", result.to_json())
+    merged = next((r for r in rows if r.name == "merged"), None)
+    if merged and not merged.parity_ok:
+        raise ParityError(f"merging the adapter changed the model: prediction agreement {merged.agreement:.4f}, "
+                          f"max logit difference {merged.notes['max_logit_diff']:.3g}", str(run_dir / "variants.json"),
                           "the merged variant is not offered; report this with the run's config")
-    return {**result, "variants": entries}
+    return result
 
 
 def _evaluated(run_dir: Path) -> dict:
@@ -64,7 +65,7 @@ def _evaluated(run_dir: Path) -> dict:
 def _build_all(project: Project, splits: Splits, run_dir: Path, names: list[str], progress: bool):
     """{name: (relative path, notes)} of the built variants, fp32 first, and the skipped ones with reasons."""
     built: dict[str, tuple[str, dict]] = {"fp32": ("model", {})}
-    skipped = []
+    skipped: list[SkippedVariant] = []
     source = open_source(run_dir, project, splits, progress) if names else None
     for name in names:
         final = run_dir / "variants" / name
@@ -74,7 +75,7 @@ def _build_all(project: Project, splits: Splits, run_dir: Path, names: list[str]
         try:
             notes = get_variant(name).build(source, project.optimize, partial)
         except NotApplicable as e:
-            skipped.append({"name": name, "reason": str(e)})
+            skipped.append(SkippedVariant(name, str(e)))
             _say(progress, f"optimize: {name} skipped ({e})")
             continue
         finally:
@@ -88,14 +89,15 @@ def _build_all(project: Project, splits: Splits, run_dir: Path, names: list[str]
     return built, skipped
 
 
-def _measure_all(project: Project, run_dir: Path, metrics: dict, built: dict, progress: bool) -> list[dict]:
+def _measure_all(project: Project, run_dir: Path, metrics: dict, built: dict, progress: bool) -> list[VariantRow]:
     rows = fsio.read_jsonl(run_dir / "predictions" / "test.jsonl")
     golds = [r["gold"] for r in rows]
     base_texts = [r["baseline_prediction"] for r in rows]
     task_type = project.task.type
     test = fsio.read_jsonl(run_dir / "data" / "test.jsonl")[: len(rows)]
     cfg = project.optimize
-    entries: list[dict] = []
+    rows: list[VariantRow] = []
+    ref: list[str] | None = None  # the fp32 model's predictions, which every variant is compared with
     with tempfile.TemporaryDirectory() as tmp:
         test_file = Path(tmp) / "test.jsonl"
         fsio.write_jsonl(test_file, test)
@@ -103,45 +105,40 @@ def _measure_all(project: Project, run_dir: Path, metrics: dict, built: dict, pr
             _say(progress, f"optimize: measuring {name}")
             figures = measure_variant(run_dir / path, test_file, cfg.throughput_batch_size, cfg.latency_samples,
                                       project.eval.max_new_tokens)
-            ref = entries[0]["_predictions"] if entries else figures["predictions"]
-            entry = _entry(project, task_type, name, path, figures, notes, golds, ref, base_texts, metrics, run_dir)
-            entries.append(entry)
-            _say(progress, f"optimize: {name}: {project.objective.metric} {entry['metrics'][project.objective.metric]}"
-                           f" ({entry['quality_delta']:+.4f}), p50 {entry['latency_p50_ms']} ms, "
-                           f"{entry['size_mb']} MB, {'offered' if entry['parity_ok'] else 'not offered'}")
-    for e in entries:
-        e.pop("_predictions")
-    return entries
+            ref = figures["predictions"] if ref is None else ref
+            row = _row(project, task_type, name, path, figures, notes, golds, ref, base_texts, metrics, run_dir)
+            rows.append(row)
+            _say(progress, f"optimize: {name}: {project.objective.metric} {row.metrics[project.objective.metric]}"
+                           f" ({row.quality_delta:+.4f}), p50 {row.latency_p50_ms} ms, "
+                           f"{row.size_mb} MB, {'offered' if row.parity_ok else 'not offered'}")
+    return rows
 
 
-def _entry(project: Project, task_type: str, name: str, path: str, figures: dict, notes: dict, golds: list[str],
-           ref: list[str], base_texts: list[str], metrics: dict, run_dir: Path) -> dict:
+def _row(project: Project, task_type: str, name: str, path: str, figures: dict, notes: dict, golds: list[str],
+         ref: list[str], base_texts: list[str], metrics: dict, run_dir: Path) -> VariantRow:
     cfg, metric = project.optimize, project.objective.metric
     preds = figures["predictions"]
     resamples, seed = project.eval.bootstrap_resamples, project.eval.seed
     delta = compare(task_type, golds, ref, preds, [metric], resamples, seed)[metric]
     agreement = sum(a == b for a, b in zip(preds, ref)) / max(len(ref), 1)
-    entry = {"name": name, "path": path, "engine": _engine(run_dir / path),
-             "size_mb": _size_mb(run_dir / path, metrics), "load_seconds": figures["load_seconds"],
-             "latency_p50_ms": figures["latency_p50_ms"], "latency_p95_ms": figures["latency_p95_ms"],
-             "throughput_per_s": figures["throughput_per_s"], "throughput_batch_size": figures["throughput_batch_size"],
-             "peak_rss_mb": figures["peak_rss_mb"], "metrics": compute_metrics(task_type, golds, preds),
-             "quality_delta": delta["diff"], "quality_delta_ci": [delta["ci_low"], delta["ci_high"]],
-             "agreement": round(agreement, 6), **notes, "_predictions": preds}
-    entry["parity_ok"] = _check(name, entry, cfg, METRICS[metric].higher_is_better)
+    row = VariantRow(name, path, _engine(run_dir / path), _size_mb(run_dir / path, metrics), figures["load_seconds"],
+                     figures["latency_p50_ms"], figures["latency_p95_ms"], figures["throughput_per_s"],
+                     figures["throughput_batch_size"], figures["peak_rss_mb"],
+                     compute_metrics(task_type, golds, preds), delta["diff"], [delta["ci_low"], delta["ci_high"]],
+                     round(agreement, 6), notes)
+    row = dataclasses.replace(row, parity_ok=_check(row, cfg, METRICS[metric].higher_is_better))
     comparison = compare(task_type, golds, base_texts, preds, [metric], resamples, seed)
-    verdict = variant_verdict(project.objective, metrics["baseline"], metrics["finetuned"], entry, comparison)
-    entry.update(objective_met=verdict["met"], criteria=verdict["criteria"])
-    return entry
+    verdict = variant_verdict(project.objective, metrics["baseline"], metrics["finetuned"], row, comparison)
+    return dataclasses.replace(row, objective_met=verdict.met, criteria=verdict.to_json()["criteria"])
 
 
-def _check(name: str, entry: dict, cfg, higher_is_better: bool) -> bool:
+def _check(row: VariantRow, cfg, higher_is_better: bool) -> bool:
     """Parity for a merge or an export (they must not change the model); a bounded quality loss for the rest."""
-    if name == "fp32":
+    if row.name == "fp32":
         return True
-    if entry.get("parity") == "exact":  # a merge or an export: it must not change the model
-        return entry["agreement"] >= cfg.parity.min_agreement and entry["max_logit_diff"] <= cfg.parity.max_logit_diff
-    loss = -entry["quality_delta"] if higher_is_better else entry["quality_delta"]
+    if row.notes.get("parity") == "exact":  # a merge or an export: it must not change the model
+        return row.agreement >= cfg.parity.min_agreement and row.notes["max_logit_diff"] <= cfg.parity.max_logit_diff
+    loss = -row.quality_delta if higher_is_better else row.quality_delta
     return loss <= cfg.max_quality_drop + 1e-12
 
 

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
 from tunesmith import fsio
 from tunesmith.report import plots
 from tunesmith.report.data_section import data_section
 from tunesmith.report.fairness_section import fairness_section
+from tunesmith.report.html import fmt, img, page, read_log
 from tunesmith.report.optimize_section import optimize_section
 from tunesmith.tasks.metrics import METRICS
-
-CSS = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222;padding:0 1em}
-table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
-th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}.met{color:#0a7d28;font-weight:bold}
-.unmet{color:#b00020;font-weight:bold}img{max-width:100%}.warn{color:#8a5a00}"""
 
 
 def report_stage(run_dir: Path) -> Path:
@@ -24,7 +19,7 @@ def report_stage(run_dir: Path) -> Path:
     summary = fsio.read_json(run_dir / "summary.json")
     metrics = fsio.read_json(run_dir / "metrics.json")
     data = fsio.read_json(run_dir / "data" / "report.json")
-    log = _read_log(run_dir / "train_log.jsonl")
+    log = read_log(run_dir / "train_log.jsonl")
     body = [_header(summary), _verdict(summary["objective"]), _metrics_table(metrics), _plots(metrics, log, summary),
             data_section(data), _watch_section(summary.get("training", {}), metrics.get("forgetting")),
             _suites_section(metrics.get("benchmarks", {})), _harness_section(metrics.get("harness")),
@@ -32,17 +27,9 @@ def report_stage(run_dir: Path) -> Path:
             _search_section(run_dir, summary["objective_metric"]), fairness_section(run_dir),
             optimize_section(run_dir, summary["objective_metric"]),
             _train_section(metrics.get("train", {}))]
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>tunesmith: {html.escape(summary['name'])}"
-            f"</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>")
-    fsio.write_text(run_dir / "report.html", page)
+    fsio.write_text(run_dir / "report.html", page(f"tunesmith: {summary['name']}", "".join(body)))
     fsio.write_text(run_dir / "model_card.md", model_card(summary, metrics, data))
     return run_dir / "report.html"
-
-
-def _read_log(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _header(summary: dict) -> str:
@@ -52,7 +39,7 @@ def _header(summary: dict) -> str:
 
 def _verdict(objective: dict) -> str:
     rows = "".join(
-        f"<tr><td>{html.escape(c['name'])}</td><td>{_fmt(c['value'])}</td><td>{c['op']} {_fmt(c['target'])}</td>"
+        f"<tr><td>{html.escape(c['name'])}</td><td>{fmt(c['value'])}</td><td>{c['op']} {fmt(c['target'])}</td>"
         f"<td class='{'met' if c['met'] else 'unmet'}'>{'met' if c['met'] else 'NOT met'}</td></tr>"
         for c in objective["criteria"])
     state = "<span class='met'>met</span>" if objective["met"] else "<span class='unmet'>not met</span>"
@@ -69,7 +56,7 @@ def _metrics_table(metrics: dict) -> str:
             return "<td></td><td></td><td></td>"
         return (f"<td>{c['diff']:+.4f}</td><td>[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]</td>"
                 f"<td>{c['p_value']:.3g} ({c['test']})</td>")
-    rows = "".join(f"<tr><td>{k}</td><td>{_fmt(base.get(k))}</td><td>{_fmt(v)}</td>{stats(k)}</tr>"
+    rows = "".join(f"<tr><td>{k}</td><td>{fmt(base.get(k))}</td><td>{fmt(v)}</td>{stats(k)}</tr>"
                    for k, v in tuned.items())
     note = ""
     if comp:
@@ -84,26 +71,26 @@ def _plots(metrics: dict, log: list[dict], summary: dict) -> str:
     out = []
     # Task metrics only (all on a 0-1 scale); latencies, sizes and throughput are in the table.
     names = [k for k in metrics["baseline"] if k in METRICS and isinstance(metrics["baseline"][k], float)]
-    out.append(_img(plots.metric_bars(metrics["baseline"], metrics["finetuned"], names), "test metrics"))
+    out.append(img(plots.metric_bars(metrics["baseline"], metrics["finetuned"], names), "test metrics"))
     curves = plots.training_curves([r for r in log if "loss" in r], [r for r in log if "val_loss" in r],
                                    summary["objective_metric"], [r["overfitting"] for r in log if "overfitting" in r],
                                    summary.get("training", {}).get("best_step"))
     if curves:
-        out.append("<h2>Training</h2>" + _img(curves, "training curves"))
+        out.append("<h2>Training</h2>" + img(curves, "training curves"))
     extra = []
     if metrics.get("calibration"):
-        extra.append(_img(plots.reliability(metrics["calibration"]), "reliability diagram"))
+        extra.append(img(plots.reliability(metrics["calibration"]), "reliability diagram"))
     if metrics.get("per_class"):
-        extra.append(_img(plots.per_class_f1(metrics["per_class"]), "per-class F1"))
+        extra.append(img(plots.per_class_f1(metrics["per_class"]), "per-class F1"))
     if any(metrics.get("latency_ms", {}).values()):
-        extra.append(_img(plots.latency_histogram(metrics["latency_ms"]), "latency histogram"))
+        extra.append(img(plots.latency_histogram(metrics["latency_ms"]), "latency histogram"))
     if extra:
         out.append("<h2>Calibration, classes, latency</h2>" + "".join(extra))
     cm = metrics.get("confusion_matrix")
     if cm:
         out.append("<h2>Confusion matrices (test)</h2>")
         for which in ("baseline", "finetuned"):
-            out.append(_img(plots.confusion(cm[which], cm["labels"], which), f"confusion matrix {which}"))
+            out.append(img(plots.confusion(cm[which], cm["labels"], which), f"confusion matrix {which}"))
     return "".join(out)
 
 
@@ -131,8 +118,8 @@ def _suites_section(suites: dict) -> str:
     rows = []
     for name, s in suites.items():
         m, c = s["metric"], s["comparison"][s["metric"]]
-        rows.append(f"<tr><td>{html.escape(name)}</td><td>{s['examples']}</td><td>{m}</td><td>{_fmt(s['baseline'][m])}</td>"
-                    f"<td>{_fmt(s['finetuned'][m])}</td><td>{c['diff']:+.4f}</td><td>[{c['ci_low']:+.4f}, "
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{s['examples']}</td><td>{m}</td><td>{fmt(s['baseline'][m])}</td>"
+                    f"<td>{fmt(s['finetuned'][m])}</td><td>{c['diff']:+.4f}</td><td>[{c['ci_low']:+.4f}, "
                     f"{c['ci_high']:+.4f}]</td><td>{c['p_value']:.3g}</td></tr>")
     return ("<h2>Other evaluation sets</h2><table><tr><th>set</th><th>examples</th><th>metric</th><th>baseline</th>"
             "<th>fine-tuned</th><th>difference</th><th>95% CI</th><th>p-value</th></tr>" + "".join(rows) + "</table>")
@@ -141,8 +128,8 @@ def _suites_section(suites: dict) -> str:
 def _harness_section(harness: dict | None) -> str:
     if not harness:
         return ""
-    rows = "".join(f"<tr><td>{html.escape(task)}</td><td>{html.escape(m)}</td><td>{_fmt(v['baseline'])}</td>"
-                   f"<td>{_fmt(v['finetuned'])}</td><td>{_signed(v['diff'])}</td></tr>"
+    rows = "".join(f"<tr><td>{html.escape(task)}</td><td>{html.escape(m)}</td><td>{fmt(v['baseline'])}</td>"
+                   f"<td>{fmt(v['finetuned'])}</td><td>{_signed(v['diff'])}</td></tr>"
                    for task, figures in harness["tasks"].items() for m, v in figures.items())
     note = f"<p class='warn'>{html.escape(harness['skipped'])}</p>" if harness.get("skipped") else ""
     return (f"<h2>lm-evaluation-harness tasks</h2>{note}<table><tr><th>task</th><th>metric</th><th>baseline</th>"
@@ -174,7 +161,7 @@ def _search_section(run_dir: Path, metric: str) -> str:
     if not rows:
         return ""
     body = "".join(f"<tr><td>{html.escape(h['instruction'])}</td><td>{h['list_labels']}</td><td>{h['shots']}</td>"
-                   f"<td>{h['prompt_tokens']}</td><td>{_fmt(h[metric])}</td></tr>" for h in rows)
+                   f"<td>{h['prompt_tokens']}</td><td>{fmt(h[metric])}</td></tr>" for h in rows)
     return (f"<h2>Prompt candidates (validation)</h2><table><tr><th>instruction</th><th>labels listed</th>"
             f"<th>shots</th><th>prompt tokens</th><th>{metric}</th></tr>{body}</table>")
 
@@ -182,18 +169,8 @@ def _search_section(run_dir: Path, metric: str) -> str:
 def _train_section(stats: dict) -> str:
     if not stats:
         return ""
-    rows = "".join(f"<tr><td>{k}</td><td>{_fmt(v)}</td></tr>" for k, v in stats.items())
+    rows = "".join(f"<tr><td>{k}</td><td>{fmt(v)}</td></tr>" for k, v in stats.items())
     return f"<h2>Training figures</h2><table>{rows}</table>"
-
-
-def _img(b64: str, alt: str) -> str:
-    return f"<p><img alt='{alt}' src='data:image/png;base64,{b64}'></p>"
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) < 100 else f"{v:,.1f}"
-    return html.escape(str(v)) if v is not None else "n/a"
 
 
 def model_card(summary: dict, metrics: dict, data: dict) -> str:
@@ -211,9 +188,9 @@ def model_card(summary: dict, metrics: dict, data: dict) -> str:
         lines += [f"- curation removed: {removed}; PII: {pii}; suspected label errors: "
                   f"{cur['suspected_label_errors']} (see data/ in the run directory)"]
     lines += ["", "## Results on the test split", "", "| figure | baseline | fine-tuned |", "|---|---|---|"]
-    lines += [f"| {k} | {_fmt(base.get(k))} | {_fmt(v)} |" for k, v in tuned.items()]
+    lines += [f"| {k} | {fmt(base.get(k))} | {fmt(v)} |" for k, v in tuned.items()]
     lines += ["", f"Objective {'met' if summary['objective']['met'] else 'NOT met'}:", ""]
-    lines += [f"- {c['name']}: {_fmt(c['value'])} (target {c['op']} {c['target']}) {'met' if c['met'] else 'not met'}"
+    lines += [f"- {c['name']}: {fmt(c['value'])} (target {c['op']} {c['target']}) {'met' if c['met'] else 'not met'}"
               for c in summary["objective"]["criteria"]]
     lines += ["", "## Limitations", "",
               "Measured on the test split above only; performance on other data, and bias across groups of "

@@ -11,7 +11,7 @@ from pathlib import Path
 from tunesmith import fsio
 from tunesmith.evaluate.run_diff import config_diff, metric_diff
 from tunesmith.report import plots
-from tunesmith.report.build import CSS, _fmt, _img, _read_log
+from tunesmith.report.html import fmt, img, page, read_log
 from tunesmith.tasks.metrics import METRICS
 
 COST = ("train_seconds", "peak_rss_mb", "trainable_params", "tokens_per_second", "latency_p50_ms", "latency_p95_ms",
@@ -28,13 +28,11 @@ def compare_report(a: Path, b: Path, out: Path) -> Path:
     body = [f"<h1>tunesmith: {html.escape(names[0])} vs {html.escape(names[1])}</h1>",
             _runs_table(sa, sb, names), _config_table(config_diff(a, b)),
             _metrics_table(diff, ma["finetuned"], mb["finetuned"], names),
-            _plots(ma["finetuned"], mb["finetuned"], {names[0]: _read_log(a / "train_log.jsonl"),
-                                                      names[1]: _read_log(b / "train_log.jsonl")},
+            _plots(ma["finetuned"], mb["finetuned"], {names[0]: read_log(a / "train_log.jsonl"),
+                                                      names[1]: read_log(b / "train_log.jsonl")},
                    sa["objective_metric"], names),
             _disagreements(a, b, names) if diff["same_test_examples"] else ""]
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>tunesmith: {html.escape(names[0])} vs "
-            f"{html.escape(names[1])}</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>")
-    fsio.write_text(out, page)
+    fsio.write_text(out, page(f"tunesmith: {names[0]} vs {names[1]}", "".join(body)))
     return out
 
 
@@ -44,7 +42,7 @@ def _name(summary: dict, run: Path) -> str:
 
 def _runs_table(sa: dict, sb: dict, names: tuple[str, str]) -> str:
     def row(label: str, f) -> str:
-        return f"<tr><td>{label}</td><td>{_fmt(f(sa))}</td><td>{_fmt(f(sb))}</td></tr>"
+        return f"<tr><td>{label}</td><td>{fmt(f(sa))}</td><td>{fmt(f(sb))}</td></tr>"
 
     def verdict(s: dict) -> str:
         return "met" if s["objective"]["met"] else "NOT met"
@@ -56,17 +54,17 @@ def _runs_table(sa: dict, sb: dict, names: tuple[str, str]) -> str:
 def _config_table(changes: list[dict]) -> str:
     if not changes:
         return "<h2>Configuration</h2><p>The resolved configurations are identical.</p>"
-    rows = "".join(f"<tr><td>{html.escape(c['key'])}</td><td>{_fmt(c['a'])}</td><td>{_fmt(c['b'])}</td></tr>"
+    rows = "".join(f"<tr><td>{html.escape(c['key'])}</td><td>{fmt(c['a'])}</td><td>{fmt(c['b'])}</td></tr>"
                    for c in changes)
     return (f"<h2>Configuration: {len(changes)} key(s) differ</h2><table><tr><th>key</th><th>A</th><th>B</th></tr>"
             f"{rows}</table>")
 
 
 def _metrics_table(diff: dict, fa: dict, fb: dict, names: tuple[str, str]) -> str:
-    rows = "".join(f"<tr><td>{k}</td><td>{_fmt(v['a'])}</td><td>{_fmt(v['b'])}</td><td>{v['diff']:+.4g}</td></tr>"
+    rows = "".join(f"<tr><td>{k}</td><td>{fmt(v['a'])}</td><td>{fmt(v['b'])}</td><td>{v['diff']:+.4g}</td></tr>"
                    for k, v in diff["metrics"].items() if k in METRICS)
-    cost = "".join(f"<tr><td>{k}</td><td>{_fmt(fa.get(k))}</td><td>{_fmt(fb.get(k))}</td><td>"
-                   f"{_fmt(fb[k] / fa[k]) + 'x' if fa.get(k) and fb.get(k) else ''}</td></tr>" for k in COST)
+    cost = "".join(f"<tr><td>{k}</td><td>{fmt(fa.get(k))}</td><td>{fmt(fb.get(k))}</td><td>"
+                   f"{fmt(fb[k] / fa[k]) + 'x' if fa.get(k) and fb.get(k) else ''}</td></tr>" for k in COST)
     p = (diff["paired"] or {}).get(diff["metric"])
     paired = (f"<p><b>{diff['metric']}, B - A on the same test examples: {p['diff']:+.4f}, 95% CI "
               f"[{p['ci_low']:+.4f}, {p['ci_high']:+.4f}], p = {p['p_value']:.3g} ({p['test']})</b>"
@@ -79,11 +77,11 @@ def _metrics_table(diff: dict, fa: dict, fb: dict, names: tuple[str, str]) -> st
 
 def _plots(fa: dict, fb: dict, logs: dict, metric: str, names: tuple[str, str]) -> str:
     quality = [k for k in fa if k in METRICS and isinstance(fa[k], float) and isinstance(fb.get(k), float)]
-    out = [_img(plots.metric_bars(fa, fb, quality, legend=(f"A: {names[0]}", f"B: {names[1]}")),
+    out = [img(plots.metric_bars(fa, fb, quality, legend=(f"A: {names[0]}", f"B: {names[1]}")),
                 "test metrics A and B")]
     curves = plots.curves_of_runs(logs, metric)
     if curves:
-        out.append("<h2>Training</h2>" + _img(curves, "training curves of A and B"))
+        out.append("<h2>Training</h2>" + img(curves, "training curves of A and B"))
     return "".join(out)
 
 

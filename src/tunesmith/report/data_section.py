@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import html
+from pathlib import Path
 
+from tunesmith import fsio
 from tunesmith.report import plots
+from tunesmith.report.html import img, page
 
 
 def data_section(data: dict) -> str:
     """Splits, what curation did step by step, PII, suspects, groups, and the profile plots."""
     parts = ["<h2>Data</h2>", _splits_table(data["splits"]),
-             f"<p><img alt='data profile' src='data:image/png;base64,{plots.data_profile(data['splits'])}'></p>"]
+             img(plots.data_profile(data["splits"]), "data profile")]
     cur = data.get("curation")
     if cur:
         parts.append(_curation(cur))
@@ -61,7 +64,12 @@ def _counts(counts: dict) -> str:
 
 
 def data_page(data: dict, title: str) -> str:
-    from tunesmith.report.build import CSS
+    """The data section as a page of its own, headed `title` (`tunesmith data report --out`)."""
+    return page(title, f"<h1>{html.escape(title)}</h1>{data_section(data)}")
 
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{data_section(data)}</body></html>")
+
+def write_data_page(folder: Path, data: dict, project_name: str) -> Path:
+    """Write folder/report.html, the data report of project `project_name` as a page; return its path."""
+    path = Path(folder) / "report.html"
+    fsio.write_text(path, data_page(data, f"tunesmith data report: {project_name}"))
+    return path

@@ -6,12 +6,9 @@ import html
 from pathlib import Path
 
 from tunesmith import fsio
+from tunesmith.registry import DISPARITY_FIGURES
 from tunesmith.report import plots
-
-NAMES = {"demographic_parity_difference": "demographic parity difference",
-         "demographic_parity_ratio": "demographic parity ratio",
-         "equal_opportunity_difference": "equal opportunity difference",
-         "equalized_odds_difference": "equalized odds difference"}
+from tunesmith.report.html import img
 
 
 def fairness_section(run_dir: Path) -> str:
@@ -19,14 +16,13 @@ def fairness_section(run_dir: Path) -> str:
     if not path.is_file():
         return ""
     audit = fsio.read_json(path)
-    rows = "".join(_headline_row(NAMES[k], audit[k]) for k in NAMES)
+    rows = "".join(_headline_row(k.replace("_", " "), audit[k]) for k in DISPARITY_FIGURES)
     parts = [f"<h2>Fairness audit</h2><table><tr><th>figure (worst attribute and label)</th><th>value</th>"
              f"<th>95% CI</th><th>where</th></tr>{rows}</table>"]
     for attr, groups in audit["groups"].items():
         label = audit["demographic_parity_difference"].get("label") or audit["positive_labels"][0]
         small = audit["attributes"][attr]["small_groups"]
-        parts.append(f"<p><img alt='per-group rates: {html.escape(attr)}' src='data:image/png;base64,"
-                     f"{plots.group_rates(groups, attr, label)}'></p>"
+        parts.append(img(plots.group_rates(groups, attr, label), f"per-group rates: {html.escape(attr)}")
                      + (f"<p class='warn'>groups under {audit['min_group_size']} test rows, not compared: "
                         f"{html.escape(', '.join(small[:30]))}</p>" if small else ""))
     parts.append(_data_part(audit["data"]))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tunesmith import fsio
 from tunesmith.report import plots
+from tunesmith.report.html import img
 
 
 def optimize_section(run_dir: Path, metric: str) -> str:
@@ -32,5 +33,4 @@ def optimize_section(run_dir: Path, metric: str) -> str:
             "<th>p50 ms</th><th>p95 ms</th><th>speed-up</th><th>per s (batch 16)</th><th>MB</th><th>peak RSS MB</th>"
             f"<th>load s</th><th>offered</th></tr>{rows}</table>"
             + (f"<ul>{skipped}</ul>" if skipped else "")
-            + "<p><img alt='quality vs latency' "
-              f"src='data:image/png;base64,{plots.quality_vs_latency(variants, metric)}'></p>")
+            + img(plots.quality_vs_latency(variants, metric), "quality vs latency"))

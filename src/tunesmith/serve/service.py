@@ -13,8 +13,9 @@ import torch
 
 from tunesmith import fsio
 from tunesmith.data.examples import Example
-from tunesmith.optimize.engines import Predictor, load_variant
-from tunesmith.tasks.generation import stop_ids
+from tunesmith.models.tokens import stop_ids
+from tunesmith.optimize.engines import load_variant
+from tunesmith.optimize.predictor import Predictor
 from tunesmith.tasks.predict import answer_budget, encode_prompts
 from tunesmith.tasks.prompts import PromptFormat
 
@@ -202,7 +203,7 @@ def request_example(fmt: PromptFormat, prompt: str | None = None, messages: list
 
 
 def _left_padded(prompts: list[list[int]], pad_id: int, device) -> dict:
-    from tunesmith.tasks.classification import left_pad
+    from tunesmith.models.tokens import left_pad
 
     ids, mask = left_pad(prompts, pad_id)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}

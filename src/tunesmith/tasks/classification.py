@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from tunesmith.models.tokens import left_pad
 from tunesmith.tasks.cache import (
     broadcast,
     cache_kwargs,
@@ -25,17 +26,6 @@ from tunesmith.tasks.cache import (
     unwrap,
 )
 from tunesmith.tasks.label_trie import LabelTrie, node_log_probs
-
-
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) ids and mask, padded on the left so every prompt ends at the last column."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s)
-        mask[i, width - len(s):] = 1
-    return ids, mask
 
 
 def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

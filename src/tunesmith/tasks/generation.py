@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from tunesmith.tasks.classification import left_pad
+from tunesmith.models.tokens import left_pad, stop_ids
 
 
 @torch.inference_mode()
@@ -21,12 +21,3 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
         new = out[:, ids.shape[1]:]  # (B, new tokens)
         outputs += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
     return outputs
-
-
-def stop_ids(tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
-        tid = tokenizer.convert_tokens_to_ids(tok)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
-            ids.add(tid)
-    return sorted(i for i in ids if i is not None)

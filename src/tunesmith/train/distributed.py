@@ -1,6 +1,6 @@
 """Data parallelism under torchrun / accelerate launch: rank, world size and gradient averaging.
 
-Each rank takes every world-th batch of the same global order (see trainer._batch_stream) and
+Each rank takes every world-th batch of the same global order (see batching.batch_stream) and
 gradients are averaged across ranks after backward, before clipping and the optimiser step, so
 N ranks with grad_accum=a compute what one process computes with grad_accum=N*a. Averaging is
 an explicit all-reduce of one flat buffer rather than a DDP wrapper, because the loss reaches

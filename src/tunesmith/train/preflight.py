@@ -9,13 +9,11 @@ from __future__ import annotations
 from tunesmith.config import TrainConfig
 from tunesmith.data.examples import Example
 from tunesmith.errors import ConfigError, DataError
-from tunesmith.tasks.generation import stop_ids
+from tunesmith.models.tokens import stop_ids
+from tunesmith.registry import METHOD_SPECS
 from tunesmith.tasks.prompts import PromptFormat, encode_answer
 from tunesmith.train.batching import Encoded
 
-# Learning rates outside these ranges rarely train well (too small: nothing moves; too large: divergence).
-SANE_LR = {"full": (1e-7, 1e-4), "lora": (1e-5, 1e-2), "dora": (1e-5, 1e-2), "ia3": (1e-4, 1e-1),
-           "prompt_tuning": (1e-4, 5e-1), "prefix_tuning": (1e-4, 1e-1)}
 SHOWN = 5
 
 
@@ -64,7 +62,7 @@ def _stops(tokenizer, fmt: PromptFormat) -> list[str]:
 
 def _hyperparameters(cfg: TrainConfig, n_examples: int) -> list[str]:
     warnings = []
-    low, high = SANE_LR.get(cfg.method, (0.0, float("inf")))
+    low, high = METHOD_SPECS[cfg.method].sane_lr or (0.0, float("inf"))
     if not low <= cfg.learning_rate <= high:
         warnings.append(f"train.learning_rate={cfg.learning_rate:g} is outside the usual range for "
                         f"{cfg.method} ({low:g} to {high:g})")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,16 +131,10 @@ def fit(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[Exa
     # Some methods need full-precision frozen weights (see registry.MethodSpec.low_precision_frozen).
     compact = bf16 and spec(cfg.method).low_precision_frozen and not sharded and _has_weights(source)
     compacted = compact_frozen(model) if compact else []
-    encoded = encode_for_training(tokenizer, fmt, train)
-    notes = preflight(tokenizer, fmt, train, encoded, cfg)
-    for note in notes if rank == 0 else []:
-        print(f"warning: {note}", file=sys.stderr)
-    val = val[: cfg.max_val_examples]
-    val_encoded = encode_for_training(tokenizer, fmt, val)
+    encoded, val, val_encoded, notes = _encode(tokenizer, fmt, train, val, cfg, rank)
     plan = make_plan(len(encoded), cfg, world)
     trainable = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_linear(plan.total, cfg.warmup_ratio))
+    optimizer, schedule = _optimizer(trainable, cfg, plan.total)
     watch = Watch(cfg, metric)
     loop = {"step": 0, "tokens": 0, "train_seconds": 0.0, "losses": []}
     writes = out_dir is not None and rank == 0
@@ -183,35 +179,91 @@ def fit(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[Exa
                 save_checkpoint(out_dir / "checkpoints", step, net, optimizer, schedule, loop, watch.state(),
                                 watch.best_state, cfg.keep_checkpoints)
     watch.restore_best(net)
+    _unwrap(model, net, sharded, dev, compacted, source)
+    return _result(model, watch, loop, plan, cfg, bf16, dev, notes)
+
+
+def _encode(tokenizer, fmt: PromptFormat, train: list[Example], val: list[Example], cfg: TrainConfig, rank: int):
+    """(encoded train, val cut to max_val_examples, encoded val, pre-flight notes); rank 0 prints the notes."""
+    encoded = encode_for_training(tokenizer, fmt, train)
+    notes = preflight(tokenizer, fmt, train, encoded, cfg)
+    for note in notes if rank == 0 else []:
+        print(f"warning: {note}", file=sys.stderr)
+    val = val[: cfg.max_val_examples]
+    return encoded, val, encode_for_training(tokenizer, fmt, val), notes
+
+
+def _optimizer(trainable: list[torch.Tensor], cfg: TrainConfig, total: int):
+    """AdamW over the trainable parameters and its warmup-then-linear-decay schedule over `total` steps."""
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_linear(total, cfg.warmup_ratio))
+
+
+def _unwrap(model, net, sharded: bool, dev, compacted: list, source: Path) -> None:
+    """Bring the trained weights home: gather an FSDP copy into `model`, give compacted frozen weights
+    back their full precision, and leave `model` in eval mode."""
     if sharded:
         fsdp.gather_into(model, net)
         model.to(dev)
     restore_frozen(model, compacted, source)
     model.eval()
-    result = _result(model, watch, loop, plan, cfg, bf16, dev)
-    result.preflight = notes
-    return result
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One optimiser step's mean loss over its micro-batches (this process) and the real tokens it saw."""
+
+    loss: float
+    tokens: int
+
+
+def train_step(model, batches, optimizer, *, params: list[torch.Tensor], dev: torch.device,
+               loss_fn: Callable | None = None, bf16: bool = False, grad_accum: int = 1,
+               max_grad_norm: float | None = None, schedule=None) -> StepResult:
+    """One optimiser step, the one `fit`, the recovery fine-tune and the MiniLM student all take.
+
+    `grad_accum` micro-batches from the iterator `batches` (dicts of tensors, moved to `dev`): each
+    forward and loss under bf16 autocast when `bf16`, backward of loss / grad_accum. Then the
+    gradients of `params` are averaged over data-parallel ranks (a no-op in one process), clipped to
+    `max_grad_norm` (None: not clipped), the optimiser and `schedule` (if any) step and the
+    gradients are cleared.
+
+    Args:
+        loss_fn: `loss_fn(model, batch) -> scalar`; default the supervised answer-token cross-entropy.
+    """
+    loss_fn = loss_fn or _supervised
+    loss_value, tokens = 0.0, 0
+    for _ in range(grad_accum):
+        batch = {k: v.to(dev) for k, v in next(batches).items()}
+        with hardware.autocast(bf16, dev):
+            loss = loss_fn(model, batch)
+        (loss / grad_accum).backward()
+        loss_value += loss.item() / grad_accum
+        tokens += hardware.count_tokens(batch)
+    distributed.average_gradients(params)
+    if max_grad_norm is not None:
+        distributed.clip_grad_norm(params, max_grad_norm)
+    optimizer.step()
+    if schedule is not None:
+        schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss_value, tokens)
+
+
+def _supervised(model, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> torch.Tensor:
+    return supervised_loss(model, batch, label_smoothing=label_smoothing)[0]
 
 
 def _step(model, batches, optimizer, schedule, trainable, cfg: TrainConfig, bf16: bool, dev, loop: dict) -> float:
-    """One optimiser step over `grad_accum` micro-batches; returns the step's mean loss."""
+    """`train_step` with fit's bookkeeping (tokens, seconds, step count); returns the loss averaged over ranks."""
     started = time.perf_counter()
-    loss_value = 0.0
-    for _ in range(cfg.grad_accum):
-        batch = {k: v.to(dev) for k, v in next(batches).items()}
-        with hardware.autocast(bf16, dev):
-            loss, _ = supervised_loss(model, batch, label_smoothing=cfg.label_smoothing)
-        (loss / cfg.grad_accum).backward()
-        loss_value += loss.item() / cfg.grad_accum
-        loop["tokens"] += hardware.count_tokens(batch)
-    distributed.average_gradients(trainable)
-    distributed.clip_grad_norm(trainable, cfg.max_grad_norm)
-    optimizer.step()
-    schedule.step()
-    optimizer.zero_grad(set_to_none=True)
+    done = train_step(model, batches, optimizer, params=trainable, dev=dev, bf16=bf16, grad_accum=cfg.grad_accum,
+                      max_grad_norm=cfg.max_grad_norm, schedule=schedule,
+                      loss_fn=functools.partial(_supervised, label_smoothing=cfg.label_smoothing))
+    loop["tokens"] += done.tokens
     loop["train_seconds"] += time.perf_counter() - started
     loop["step"] += 1
-    loss_value = distributed.mean_scalar(loss_value)
+    loss_value = distributed.mean_scalar(done.loss)
     loop["losses"].append(loss_value)
     return loss_value
 
@@ -228,12 +280,13 @@ def _resume(out_dir: Path | None, model, optimizer, schedule, watch: Watch) -> d
     return state["loop"]
 
 
-def _result(model, watch: Watch, loop: dict, plan: Plan, cfg: TrainConfig, bf16: bool, dev) -> TrainResult:
+def _result(model, watch: Watch, loop: dict, plan: Plan, cfg: TrainConfig, bf16: bool, dev,
+            notes: list[str]) -> TrainResult:
     tokens = distributed.sum_int(loop["tokens"])
     stats = TrainStats.measure(model, loop["train_seconds"], tokens, loop["step"], plan.total, bf16, dev, watch.best,
                                watch.stop_reason)
     return TrainResult(model, history=watch.history, best=watch.best, stopped_early=bool(watch.stop_reason),
-                       stats=stats, overfitting=watch.flags, stop_reason=watch.stop_reason)
+                       stats=stats, overfitting=watch.flags, stop_reason=watch.stop_reason, preflight=notes)
 
 
 @torch.no_grad()

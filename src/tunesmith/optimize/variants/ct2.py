@@ -7,7 +7,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from tunesmith.optimize.engines import _save_common
+from tunesmith.optimize.predictor import save_common
 from tunesmith.optimize.variants import NotApplicable
 
 
@@ -25,5 +25,5 @@ def build(source, cfg, out_dir: Path) -> dict:
             ct2.convert(Path(staging), out_dir)
         except ValueError as e:  # no converter for this architecture
             raise NotApplicable(f"CTranslate2 cannot convert this model: {e}") from None
-    _save_common(source.tokenizer, source.fmt, out_dir, engine="ct2", quantization="int8")
+    save_common(source.tokenizer, source.fmt, out_dir, engine="ct2", quantization="int8")
     return {"scheme": "CTranslate2 int8 weights and matmuls", **notes}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tunesmith.optimize.engines import _save_common
+from tunesmith.optimize.predictor import save_common
 from tunesmith.optimize.variants import NotApplicable
 
 
@@ -21,7 +21,7 @@ def build(source, cfg, out_dir: Path) -> dict:
         raise NotApplicable("ONNX Runtime is not installed (pip install onnx onnxruntime)")
     model = source.plain()
     exported(model, out_dir)
-    _save_common(source.tokenizer, source.fmt, out_dir, engine="onnx", quantization="none")
+    save_common(source.tokenizer, source.fmt, out_dir, engine="onnx", quantization="none")
     diff = ort.max_logit_diff(model, out_dir, source.tokenizer, source.fmt, source.splits.test[: cfg.parity.samples])
     return {"scheme": "ONNX Runtime, fp32", "parity": "exact", "max_logit_diff": round(diff, 8)}
 

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from tunesmith.optimize.engines import _save_common
+from tunesmith.optimize.predictor import save_common
 from tunesmith.optimize.variants import NotApplicable
 from tunesmith.optimize.variants.onnx import exported
 
@@ -25,6 +25,6 @@ def build(source, cfg, out_dir: Path) -> dict:
         exported(model, Path(tmp))
         kept = ort.quantize(Path(tmp) / ort.GRAPH, out_dir / ort.GRAPH)
         shutil.copy(Path(tmp) / ort.HEAD, out_dir / ort.HEAD)
-    _save_common(source.tokenizer, source.fmt, out_dir, engine="onnx", quantization="int8")
+    save_common(source.tokenizer, source.fmt, out_dir, engine="onnx", quantization="int8")
     return {"scheme": "ONNX Runtime dynamic int8 (int8 weight matmuls, uint8 activations per call)",
             "float_matmuls": len(kept), **notes}

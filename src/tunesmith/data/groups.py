@@ -4,7 +4,7 @@ or an identity-term category found in the text (fairness.lexicon; "none" when no
 from __future__ import annotations
 
 from tunesmith.data.examples import Example
-from tunesmith.fairness.lexicon import find_term
+from tunesmith.data.lexicon import find_term
 
 MISSING = "(missing)"
 

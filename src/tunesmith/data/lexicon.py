@@ -1,4 +1,4 @@
-"""Identity-term lexicon (fairness/lexicon.json): find terms in text, swap them for counterfactuals."""
+"""Identity-term lexicon (data/lexicon.json): find terms in text, swap them for counterfactuals."""
 
 from __future__ import annotations
 

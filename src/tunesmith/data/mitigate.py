@@ -1,4 +1,6 @@
-"""Training-time mitigations: reweighting (Kamiran & Calders) and counterfactual data augmentation."""
+"""Training-time fairness mitigations: reweighting (Kamiran & Calders) and counterfactual data
+augmentation. They transform training rows, so they live in the data layer and every caller of
+`prepare_data` gets them (fairness/ audits the model and post-processes its thresholds)."""
 
 from __future__ import annotations
 
@@ -6,8 +8,10 @@ import random
 from collections import Counter
 from dataclasses import replace
 
+from tunesmith.config import FairnessConfig
 from tunesmith.data.examples import Example
-from tunesmith.fairness.lexicon import CATEGORIES, find_term, swap, terms
+from tunesmith.data.groups import attributes
+from tunesmith.data.lexicon import CATEGORIES, find_term, swap, terms
 
 
 def reweighing(groups: list[str], labels: list[str]) -> list[float]:
@@ -37,13 +41,11 @@ def counterfactual_augment(train: list[Example], categories: list[str] | None = 
     return extra
 
 
-def apply_mitigation(train: list[Example], fairness) -> list[Example]:
+def apply_mitigation(train: list[Example], fairness: FairnessConfig) -> list[Example]:
     """The training rows after the configured mitigation (fairness.mitigation)."""
     if fairness.mitigation == "augment":
         return train + counterfactual_augment(train, list(fairness.lexicon) or None)
     if fairness.mitigation == "reweight":
-        from tunesmith.fairness.groups import attributes
-
         attr, groups = next(iter(attributes(train, fairness.group_fields, fairness.lexicon).items()))
         weights = reweighing(groups, [e.target for e in train])
         return [replace(e, weight=round(w, 6)) for e, w in zip(train, weights)]
