@@ -32,7 +32,8 @@ demo: $(STAMP)
 
 # pyflakes, import order and line length (pyproject.toml [tool.ruff]); `make test` runs it first.
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks tools
+	$(PY) tools/check_imports.py
 
 test: $(STAMP) lint
 	TUNESMITH_REQUIRE_BROWSER=1 TUNESMITH_REQUIRE_PROMETHEUS=1 $(PY) -m pytest -q

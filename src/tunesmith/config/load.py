@@ -1,0 +1,180 @@
+"""Reading project.yaml into a validated Project (errors name the file, line and key), deriving
+configs with validation, and writing the resolved config."""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from tunesmith.config.schema import _C, Project, _KeyedError
+from tunesmith.errors import ConfigError
+
+
+def load_config(path: str | Path, check_files: bool = True) -> Project:
+    """Read, validate and resolve a project.yaml.
+
+    Args:
+        path: the config file.
+        check_files: require the data files to exist (off when re-reading a run's saved config).
+
+    Raises:
+        ConfigError: naming `file:line (key.path)` for any problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}", str(path), "give the path to a project.yaml")
+    text = _read(path)
+    try:
+        root = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"invalid YAML: {problem}", f"{path}{line}", "check indentation and quoting") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("the config must be a YAML mapping of keys", str(path), "see README, 'Config reference'")
+    try:
+        project = Project.model_validate(raw)
+    except ValidationError as e:
+        raise _config_error(e, path, root) from None
+    project.source = path.resolve()
+    _resolve_paths(project, root, check_files)
+    return project
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config is not UTF-8 text ({e.reason})", str(path), "save it as UTF-8") from None
+
+
+def _resolve_paths(project: Project, root: yaml.Node, check_files: bool) -> None:
+    base = project.base_dir
+    for key in ("train", "test", "validation"):
+        value = getattr(project.data, key)
+        if not isinstance(value, Path):
+            continue
+        resolved = value if value.is_absolute() else (base / value).resolve()
+        if check_files and not resolved.is_file():
+            where = _where(project.source, root, ("data", key))
+            raise ConfigError(f"data file not found: {resolved}", where,
+                              "paths are relative to the config file's folder")
+        setattr(project.data, key, resolved)
+    for i, suite in enumerate(project.benchmarks):
+        resolved = suite.data if suite.data.is_absolute() else (base / suite.data).resolve()
+        if check_files and not resolved.is_file():
+            raise ConfigError(f"benchmark data file not found: {resolved}",
+                              _where(project.source, root, ("benchmarks", i, "data")),
+                              "paths are relative to the config file's folder")
+        suite.data = resolved
+    harness = project.eval.harness
+    if harness.include_path is not None:
+        resolved = (harness.include_path if harness.include_path.is_absolute()
+                    else (base / harness.include_path).resolve())
+        if check_files and not resolved.is_dir():
+            raise ConfigError(f"task folder not found: {resolved}", _where(project.source, root,
+                                                                         ("eval", "harness", "include_path")),
+                              "paths are relative to the config file's folder")
+        harness.include_path = resolved
+    if harness.tasks and check_files and importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError("eval.harness needs lm-evaluation-harness, which is not installed",
+                          _where(project.source, root, ("eval", "harness", "tasks")), "pip install lm-eval")
+
+
+def _config_error(e: ValidationError, path: Path, root: yaml.Node) -> ConfigError:
+    err = e.errors()[0]
+    loc = tuple(err["loc"])
+    ctx_error = (err.get("ctx") or {}).get("error")
+    if isinstance(ctx_error, _KeyedError):
+        return ConfigError(ctx_error.msg, _where(path, root, ctx_error.loc), "fix the key or its value")
+    key = ".".join(str(p) for p in loc) or "(root)"
+    if err["type"] == "extra_forbidden":
+        return ConfigError(f"unknown key '{key}'", _where(path, root, loc), _suggest(loc))
+    if err["type"] == "missing":
+        return ConfigError(f"missing required key '{key}'", _where(path, root, loc), "add it")
+    msg = err["msg"].removeprefix("Value error, ")
+    return ConfigError(f"invalid value for '{key}': {msg}", _where(path, root, loc),
+                       f"got {err.get('input')!r}" if "input" in err else None)
+
+
+def _where(path: Path | None, root: yaml.Node | None, loc: tuple) -> str:
+    key = ".".join(str(p) for p in loc)
+    line = _key_line(root, loc) if root is not None else None
+    return f"{path}:{line} ({key})" if line else f"{path} ({key})"
+
+
+def _key_line(node: yaml.Node, loc: tuple) -> int | None:
+    """1-based line of the deepest node along `loc` in the YAML node tree."""
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == str(part)), None)
+            if match is None:
+                break
+            line, node = match[0].start_mark.line + 1, match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line or (node.start_mark.line + 1 if node is not None and not loc else line)
+
+
+def _suggest(loc: tuple) -> str:
+    allowed = _fields_at(loc[:-1])
+    bad = str(loc[-1])
+    nested = bad.replace("_", ".", 1)
+    if "." in nested and nested.split(".")[0] in allowed:
+        return f"did you mean the nested key '{nested}'?"
+    close = difflib.get_close_matches(bad, allowed, n=1)
+    if close:
+        return f"did you mean '{close[0]}'?"
+    return f"allowed keys here: {', '.join(allowed)}" if allowed else "remove it"
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    model: Any = Project
+    for part in loc:
+        field = model.model_fields.get(str(part)) if isinstance(model, type) else None
+        if field is None:
+            return []
+        model = next((a for a in (field.annotation, *typing.get_args(field.annotation))
+                      if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return []
+    return [name for name in model.model_fields if name != "source"]
+
+
+def derive(config: _C, updates: dict[str, Any]) -> _C:
+    """A copy of `config` with dotted-key `updates` (e.g. {"train.method": "full"}), validated again.
+
+    Trials, method comparisons and command-line overrides derive configs this way rather than with
+    pydantic's model_copy and an update, which skips every validator (a derived learning rate of 0, an unknown
+    method or a train.fsdp method clash would pass unseen). Raises pydantic's ValidationError.
+    """
+    data = config.model_dump(mode="python", round_trip=True)
+    for dotted, value in updates.items():
+        *parents, leaf = dotted.split(".")
+        node = data
+        for key in parents:
+            node = node[key]
+        if leaf not in node:
+            raise KeyError(f"unknown config key '{dotted}'")
+        node[leaf] = value
+    derived = type(config).model_validate(data)
+    if isinstance(config, Project):
+        derived.source = config.source  # excluded from the dump; relative data paths were resolved against it
+    return derived
+
+
+def dump_config(project: Project) -> str:
+    """The resolved config as YAML, as saved in the run directory."""
+    return yaml.safe_dump(project.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
