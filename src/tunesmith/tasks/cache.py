@@ -62,6 +62,18 @@ def broadcast(tensors: list[tuple[torch.Tensor, torch.Tensor]], rows: int):
     return DynamicCache(ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in tensors])
 
 
+def full_cache():
+    """An empty DynamicCache that keeps every position of every layer.
+
+    A model left to build its own cache follows its config, where sliding-window layers (Mistral,
+    Gemma 2 and 3) keep only the last window of keys. tunesmith reads positions off the cached tensors
+    and reuses them for later tokens, so it needs them all; the attention masks still apply the window.
+    """
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
 def unwrap(model):
     """The transformers model inside a PEFT wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -96,7 +108,8 @@ def prefix_tensors(model, prefix: torch.Tensor | None) -> list[tuple[torch.Tenso
         if ids is not None:
             text = decoder.get_input_embeddings()(ids)  # (1, P, H)
             embeds = torch.cat([embeds.to(text.dtype), text], dim=1)
-        return cache_tensors(output_cache(decoder(inputs_embeds=embeds, use_cache=True)))
+        out = decoder(inputs_embeds=embeds, use_cache=True, **cache_kwargs(decoder, full_cache()))
+        return cache_tensors(output_cache(out))
     if kind == "PREFIX_TUNING":
         virtual = model.get_prompt(1)  # a cache of learned keys/values
         if ids is None:
@@ -107,7 +120,7 @@ def prefix_tensors(model, prefix: torch.Tensor | None) -> list[tuple[torch.Tenso
         out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                       **cache_kwargs(decoder, virtual))
         return cache_tensors(output_cache(out))
-    return cache_tensors(output_cache(decoder(input_ids=ids, use_cache=True)))
+    return cache_tensors(output_cache(decoder(input_ids=ids, use_cache=True, **cache_kwargs(decoder, full_cache()))))
 
 
 def cache_len(tensors: list[tuple[torch.Tensor, torch.Tensor]] | None) -> int:

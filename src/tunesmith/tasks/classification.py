@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from tunesmith.models.head import lm_logits
 from tunesmith.models.tokens import left_pad
 from tunesmith.tasks.cache import (
     broadcast,
@@ -20,6 +21,7 @@ from tunesmith.tasks.cache import (
     cache_tensors,
     common_prefix_len,
     continue_after,
+    full_cache,
     output_cache,
     prefix_tensors,
     select_rows,
@@ -74,7 +76,7 @@ def _score_batch(model, prefix, prompts, label_ids, label_mask, pad_id, max_rows
     dev = label_ids.device
     ids, mask = (t.to(dev) for t in left_pad(prompts, pad_id))  # (B, S): prompt tails after the shared prefix
     mask, positions = continue_after(cache_len(prefix), mask)  # (B, P+S), (B, S)
-    extra = cache_kwargs(model, broadcast(prefix, len(prompts))) if prefix else {}
+    extra = cache_kwargs(model, broadcast(prefix, len(prompts)) if prefix else full_cache())
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **extra)
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V)
     scores = first[:, label_ids[:, 0]]  # (B, L): log p(first answer token | prompt)
@@ -122,7 +124,7 @@ def score_labels_constrained(model, prompts: list[list[int]], answers: list[list
     n_prefix = common_prefix_len(prompts)
     prefix = prefix_tensors(model, torch.tensor(prompts[0][:n_prefix], device=dev))
     decoder = unwrap(model).get_decoder()
-    head = unwrap(model).get_output_embeddings().weight              # (V, H)
+    head = partial(lm_logits, unwrap(model))                        # (..., H), rows -> (..., k) logits
     scores = []
     with tqdm(total=len(prompts), desc=progress, unit="ex", disable=progress is None, dynamic_ncols=True) as bar:
         for start in range(0, len(prompts), batch_size):
@@ -139,7 +141,7 @@ def _prompt_forward(decoder, prefix, prompts, pad_id):
     dev = decoder.get_input_embeddings().weight.device
     ids, mask = (t.to(dev) for t in left_pad(prompts, pad_id))   # (B, S)
     mask, positions = continue_after(cache_len(prefix), mask)       # (B, P+S), (B, S)
-    extra = cache_kwargs(decoder, broadcast(prefix, len(prompts))) if prefix else {}
+    extra = cache_kwargs(decoder, broadcast(prefix, len(prompts)) if prefix else full_cache())
     out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
     return mask, out.last_hidden_state[:, -1], cache_tensors(output_cache(out))
 

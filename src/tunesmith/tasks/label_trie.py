@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tunesmith.models.head import head_logits
+
 
 @dataclass
 class LabelTrie:
@@ -88,17 +90,18 @@ def tree_inputs(prefixes: list[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Te
 
 
 def node_log_probs(hidden_last: torch.Tensor, tree_hidden: torch.Tensor | None, trie: LabelTrie,
-                   head_weight: torch.Tensor) -> torch.Tensor:
+                   head) -> torch.Tensor:
     """(B, C) log-probabilities of each node's allowed tokens, softmax within each node.
 
     Args:
         hidden_last: (B, H) final hidden state of each prompt (predicts the root's children).
         tree_hidden: (B, Q, H) hidden states of the tree tokens, or None when only the root branches.
-        head_weight: (V, H) the LM head's weight (rows of allowed tokens are used).
+        head: (V, H) the LM head's weight (rows of allowed tokens are used), or a function
+            `head(h, rows=kids)` giving the (B, k) logits of those rows (see models/head.py `lm_logits`).
     """
     parts = []
     for q, kids in zip(trie.where, trie.children):
         h = hidden_last if q < 0 else tree_hidden[:, q]                       # (B, H)
-        logits = h.float() @ head_weight[kids].float().T                     # (B, k)
+        logits = head(h, rows=kids) if callable(head) else head_logits(head, h, rows=kids)  # (B, k)
         parts.append(torch.log_softmax(logits, dim=-1))
     return torch.cat(parts, dim=-1) if parts else hidden_last.new_zeros((hidden_last.shape[0], 0))

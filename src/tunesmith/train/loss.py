@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tunesmith.models.head import lm_logits
 from tunesmith.tasks.cache import broadcast, cache_kwargs, cache_len, continue_after, prefix_tensors, unwrap
 from tunesmith.train.batching import IGNORE
 
@@ -44,7 +45,7 @@ def supervised_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     targets = batch["labels"][:, 1:]            # (B, T-1): token t+1 is predicted at t
     selected = targets != IGNORE                # (B, T-1)
     h = hidden[:, :-1][selected]                # (N, H)
-    return lm.get_output_embeddings()(h), targets[selected]
+    return lm_logits(lm, h), targets[selected]  # the model's head and any final soft cap
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
