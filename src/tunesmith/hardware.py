@@ -69,6 +69,27 @@ def reset_peak_rss() -> None:
         pass
 
 
+def gpu_peak_mb() -> float | None:
+    """Peak GPU memory torch allocated in this process since the last `reset_gpu_peak`, in MiB
+    (torch.cuda.max_memory_allocated); None without a CUDA device: an unmeasured figure, which fails
+    any objective constraint on it rather than passing."""
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
+def reset_gpu_peak() -> None:
+    """Start a new GPU peak-memory window (no-op without CUDA), like `reset_peak_rss` for host memory."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def reset_peaks() -> None:
+    """Start new peak windows for host memory (peak_rss_mb) and GPU memory (gpu_peak_mb)."""
+    reset_peak_rss()
+    reset_gpu_peak()
+
+
 def throughput(tokens: int, seconds: float) -> float:
     """Tokens per second, the one definition used everywhere."""
     return round(tokens / seconds, 2) if seconds > 0 else 0.0

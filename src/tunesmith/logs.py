@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 
@@ -12,6 +13,8 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
+    # bitsandbytes (imported by peft when installed) logs a failed optional kernel download at import.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         import transformers
 

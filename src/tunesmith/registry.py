@@ -29,6 +29,11 @@ class MethodSpec:
     low_precision_frozen: whether frozen weights may be kept in bf16 (DoRA normalises base + update
         weights itself, so its frozen weights keep full precision).
     weight_bytes: bytes per frozen weight in the memory estimate (fp32 4; 4-bit NF4 with its scales 0.56).
+    quantizable: whether `train.quantize` may load the frozen base through bitsandbytes (the method
+        trains adapters beside the base's linear layers, never the quantized weights themselves).
+    trains_as: for an estimate-only row (module None), the config that trains it, as dotted keys.
+    packing: whether `train.packing` can put several examples in one row (virtual tokens would come
+        once before a whole row, not before each example).
     """
 
     module: str | None
@@ -40,19 +45,28 @@ class MethodSpec:
     fsdp: bool = True
     low_precision_frozen: bool = True
     weight_bytes: float = 4.0
+    quantizable: bool = False
+    trains_as: tuple[tuple[str, str], ...] = ()
+    packing: bool = True
 
 
 _M = "tunesmith.train.methods."
 METHOD_SPECS: dict[str, MethodSpec] = {
-    "lora": MethodSpec(_M + "lora", "adapter", 2e-4, (1e-5, 1e-2), 4, 0.01),
-    "dora": MethodSpec(_M + "dora", "adapter", 2e-4, (1e-5, 1e-2), 4.4, 0.011, low_precision_frozen=False),
+    "lora": MethodSpec(_M + "lora", "adapter", 2e-4, (1e-5, 1e-2), 4, 0.01, quantizable=True),
+    "dora": MethodSpec(_M + "dora", "adapter", 2e-4, (1e-5, 1e-2), 4.4, 0.011, low_precision_frozen=False,
+                       quantizable=True),
     "ia3": MethodSpec(_M + "ia3", "adapter", 3e-3, (1e-4, 1e-1), 4, 0.0005),
     "full": MethodSpec(_M + "full", "full", 2e-5, (1e-7, 1e-4), 6, 1.0),
-    "prompt_tuning": MethodSpec(_M + "prompt_tuning", "adapter", 3e-2, (1e-4, 5e-1), 2.7, 0.0001, fsdp=False),
-    "prefix_tuning": MethodSpec(_M + "prefix_tuning", "adapter", 1e-2, (1e-4, 1e-1), 2.7, 0.002, fsdp=False),
+    "prompt_tuning": MethodSpec(_M + "prompt_tuning", "adapter", 3e-2, (1e-4, 5e-1), 2.7, 0.0001, fsdp=False,
+                                packing=False),
+    "prefix_tuning": MethodSpec(_M + "prefix_tuning", "adapter", 1e-2, (1e-4, 1e-1), 2.7, 0.002, fsdp=False,
+                                packing=False),
     # A search over instructions: forward passes only, nothing trained, no learning rate used.
     "prompt_optimization": MethodSpec(_M + "prompt_optimization", "prompt", 1e-4, None, None, None),
-    "qlora": MethodSpec(None, "adapter", 2e-4, (1e-5, 1e-2), 4.4, 0.01, weight_bytes=0.56),
+    # QLoRA is LoRA over an NF4-quantized base: select prices it as its own row, `train` runs it as below
+    # (dequantising each layer's weights costs the extra 0.4 FLOPs per parameter and token).
+    "qlora": MethodSpec(None, "adapter", 2e-4, (1e-5, 1e-2), 4.4, 0.01, weight_bytes=0.56,
+                        trains_as=(("train.method", "lora"), ("train.quantize", "nf4"))),
 }
 # The methods `train.method` accepts.
 METHODS: tuple[str, ...] = tuple(name for name, spec in METHOD_SPECS.items() if spec.module)
@@ -98,8 +112,8 @@ DISPARITY_FIGURES: tuple[str, ...] = ("demographic_parity_difference", "demograp
 FAIRNESS_FIGURES: tuple[str, ...] = DISPARITY_FIGURES + ("counterfactual_flip_rate",)
 # Figures other than task metrics that an objective constraint may name.
 CONSTRAINT_FIGURES: tuple[str, ...] = ("latency_p50_ms", "latency_p95_ms", "model_size_mb", "peak_rss_mb",
-                                       "train_seconds", "tokens_per_second", "trainable_params", "throughput_eps",
-                                       "ece", "perplexity") + FAIRNESS_FIGURES
+                                       "gpu_peak_mb", "train_seconds", "tokens_per_second", "trainable_params",
+                                       "throughput_eps", "ece", "perplexity") + FAIRNESS_FIGURES
 
 
 def metric_names(task_type: str) -> list[str]:

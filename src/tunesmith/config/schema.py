@@ -228,6 +228,17 @@ class TrainConfig(_Strict):
     trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
     # Under torchrun/accelerate launch: shard decoder layers across ranks (FSDP2) instead of replicating them.
     fsdp: bool = False
+    # Batches filled to a token budget (rows x longest row) instead of batch_size rows; None: batch_size rows.
+    batch_tokens: int | None = Field(None, ge=1)
+    # Several generation/chat examples per row of task.max_length, attention kept inside each (train/packing.py).
+    packing: bool = False
+    # Recompute each decoder layer's activations in backward instead of keeping them (less memory, about a
+    # third more compute); "auto": only when the memory estimate says the run would not fit otherwise.
+    gradient_checkpointing: Literal["auto", True, False] = "auto"
+    # Load the frozen base through bitsandbytes (4-bit NF4 or 8-bit) and train LoRA/DoRA on top (QLoRA).
+    quantize: Literal["nf4", "int8", "none"] = "none"
+    # AdamW with 8-bit state (bitsandbytes); "paged_adamw_8bit" pages its state out of GPU memory (CUDA only).
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
     lora: LoraConfig = Field(default_factory=LoraConfig)
     prompt_tuning: PromptTuningSettings = Field(default_factory=PromptTuningSettings)
     prefix_tuning: PrefixTuningSettings = Field(default_factory=PrefixTuningSettings)
@@ -247,6 +258,25 @@ class TrainConfig(_Strict):
             allowed = ", ".join(m for m in METHODS if METHOD_SPECS[m].fsdp and METHOD_SPECS[m].kind != "prompt")
             raise ValueError(f"train.fsdp does not support method '{self.method}' (its virtual tokens take a "
                              f"second pass through the sharded layers); use one of: {allowed}")
+        return self
+
+    @model_validator(mode="after")
+    def _packing_method(self) -> TrainConfig:
+        if self.packing and not METHOD_SPECS[self.method].packing:
+            raise _KeyedError(("train", "packing"), f"train.packing does not support method '{self.method}' (its "
+                              "virtual tokens would come once per row, not once per example); set it to false")
+        return self
+
+    @model_validator(mode="after")
+    def _quantize_method(self) -> TrainConfig:
+        if self.quantize != "none" and not METHOD_SPECS[self.method].quantizable:
+            allowed = ", ".join(m for m in METHODS if METHOD_SPECS[m].quantizable)
+            raise _KeyedError(("train", "quantize"), f"train.quantize={self.quantize} does not support method "
+                              f"'{self.method}' (it would train the quantized weights themselves); use one of: "
+                              f"{allowed}, or set train.quantize to none")
+        if self.quantize != "none" and self.fsdp:
+            raise _KeyedError(("train", "quantize"), "train.quantize cannot be combined with train.fsdp (quantized "
+                              "weights are not sharded); set one of them off")
         return self
 
     @model_validator(mode="after")
@@ -508,6 +538,19 @@ class Project(_Strict):
                                   "set fairness.group_fields or fairness.lexicon")
         if self.fairness.enabled and self.task.type != "classification":
             raise _KeyedError(("fairness",), "the fairness audit needs a classification task")
+        return self
+
+    @model_validator(mode="after")
+    def _batch_plan_fits_task(self) -> Project:
+        budget = self.train.batch_tokens
+        if budget is not None and budget < self.task.max_length:
+            raise _KeyedError(("train", "batch_tokens"), f"train.batch_tokens={budget} is smaller than one row of "
+                              f"task.max_length={self.task.max_length} tokens; raise it or lower task.max_length")
+        # Classification prompts share their long system text, computed once per batch (tasks/cache.py), and
+        # answer in a label or two: packing would recompute that text per example to save little padding.
+        if self.train.packing and self.task.type == "classification":
+            raise _KeyedError(("train", "packing"), "train.packing is for generation and chat tasks; a "
+                              "classification batch already shares its prompt prefix; set it to false")
         return self
 
     @property

@@ -100,6 +100,8 @@ def eval_stage(project: Project, splits: Splits, run_dir: Path, progress: bool =
         result.train = fsio.read_json(train)["stats"]
         result.finetuned.update({k: result.train[k] for k in ("train_seconds", "tokens_per_second",
                                                               "trainable_params", "peak_rss_mb")})
+        # Absent from runs trained before it was recorded; None (not measured) without a GPU.
+        result.finetuned["gpu_peak_mb"] = result.train.get("gpu_peak_mb")
     fsio.write_json(run_dir / "metrics.json", result.to_json())
     fsio.write_jsonl(run_dir / "predictions" / "test.jsonl", _prediction_rows(test, tuned.preds, base.preds))
     return result

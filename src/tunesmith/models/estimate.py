@@ -51,13 +51,16 @@ def detect(probe_seconds: float = 0.5) -> Hardware:
     """This machine: device, memory available to training, and measured matmul peak (bf16 when native)."""
     dev = hardware.device()
     bf16 = hardware.bf16_supported(dev)
+    name = torch.cuda.get_device_properties(0).name if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    return Hardware(dev.type, name, round(device_memory_mb(dev)), round(matmul_tflops(dev, bf16, probe_seconds), 3),
+                    bf16)
+
+
+def device_memory_mb(dev: torch.device) -> float:
+    """Memory training can use on `dev`, in MiB: the GPU's total memory, or the machine's RAM."""
     if dev.type == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        name, memory = props.name, props.total_memory / 2**20
-    else:
-        name = f"CPU, {torch.get_num_threads()} threads"
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
-    return Hardware(dev.type, name, round(memory), round(matmul_tflops(dev, bf16, probe_seconds), 3), bf16)
+        return torch.cuda.get_device_properties(0).total_memory / 2**20
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
 
 
 def matmul_tflops(dev: torch.device, bf16: bool, seconds: float = 0.5, n: int = 1024) -> float:
@@ -76,14 +79,26 @@ def matmul_tflops(dev: torch.device, bf16: bool, seconds: float = 0.5, n: int = 
 def estimate(params_m: float, layers: int, hidden: int, method: str, tokens: int, batch: int, row_tokens: int,
              hw: Hardware) -> dict:
     """{memory_mb, seconds, fits} of training `tokens` tokens (all epochs) with `method`."""
-    p = params_m * 1e6
     spec = METHOD_SPECS[method]
     if spec.flops_per_token is None or spec.trained_share is None:
         raise ValueError(f"method '{method}' trains nothing: no training estimate")
-    weights = spec.weight_bytes * p
-    trained = 16 * spec.trained_share * p
-    activations = ACTIVATION_BYTES * layers * batch * row_tokens * hidden
-    memory = OVERHEAD_MB + (weights + trained + activations) / 2**20
-    seconds = tokens * spec.flops_per_token * p / (hw.peak_tflops * 1e12 * EFFICIENCY)
+    memory = memory_mb(params_m, layers, hidden, method, batch, row_tokens)
+    seconds = tokens * spec.flops_per_token * params_m * 1e6 / (hw.peak_tflops * 1e12 * EFFICIENCY)
     return {"method": method, "memory_mb": round(memory), "seconds": round(seconds, 1),
-            "fits": memory < 0.9 * hw.memory_mb}
+            "fits": fits(memory, hw.memory_mb)}
+
+
+def memory_mb(params_m: float, layers: int, hidden: int, method: str, batch: int, row_tokens: int) -> float:
+    """Estimated peak memory (MiB) of training with `method` on batches of `batch` rows of `row_tokens`."""
+    p = params_m * 1e6
+    spec = METHOD_SPECS[method]
+    weights = spec.weight_bytes * p
+    trained = 16 * (spec.trained_share or 0.0) * p
+    activations = ACTIVATION_BYTES * layers * batch * row_tokens * hidden
+    return OVERHEAD_MB + (weights + trained + activations) / 2**20
+
+
+def fits(memory: float, device_memory: float) -> bool:
+    """Whether an estimated `memory` fits `device_memory` (both MiB), leaving a tenth for fragmentation
+    and whatever else the device holds."""
+    return memory < 0.9 * device_memory

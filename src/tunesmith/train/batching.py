@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -10,6 +11,7 @@ import torch
 from tunesmith.data.examples import Example
 from tunesmith.tasks.predict import answer_budget
 from tunesmith.tasks.prompts import PromptFormat, encode_answer, encode_prompt
+from tunesmith.train.packing import budget_batches
 
 IGNORE = -100
 
@@ -81,20 +83,88 @@ def collate(items: list[Encoded], pad_id: int, prefix_len: int = 0) -> dict[str,
     return batch
 
 
+def collate_packed(rows: list[list[Encoded]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Packed rows, several examples end to end in each: (B, T) input_ids, attention_mask (1 on real
+    tokens, for token counts) and labels as in `collate`, plus position_ids (B, T) that restart at 0
+    with every example and with the padding run at a row's end.
+
+    The forward gets no 2D mask: transformers reads each restart as an example boundary and builds a
+    block-diagonal causal mask (see `loss._hidden_states`), so no token sees another example. Packed
+    rows hold whole sequences; they never share a prefix cache.
+    """
+    width = max(sum(len(e.ids) for e in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)      # (B, T)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)             # (B, T)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)   # (B, T)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)       # (B, T)
+    for b, row in enumerate(rows):
+        at = 0
+        for e in row:
+            n = len(e.ids)
+            ids[b, at:at + n] = torch.tensor(e.ids)
+            mask[b, at:at + n] = 1
+            positions[b, at:at + n] = torch.arange(n)
+            # An example's first token is never a target: unpacked, nothing comes before it.
+            first = at + max(e.n_prompt, 1)
+            labels[b, first:at + n] = ids[b, first:at + n]
+            at += n
+        positions[b, at:] = torch.arange(width - at)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": positions}
+    if any(e.weight != 1.0 for row in rows for e in row):
+        batch["weights"] = torch.tensor([row[0].weight for row in rows], dtype=torch.float32)  # (B,) one per row
+    return batch
+
+
+def epoch_batches(encoded: list[Encoded], cfg, epoch: int, row_tokens: int | None = None) -> list[list[list[int]]]:
+    """One epoch's global batches as `batch_stream` collates them: batch -> rows -> example indices.
+
+    By default each batch holds `cfg.batch_size` one-example rows (`length_grouped_batches`). With
+    `cfg.batch_tokens` or `cfg.packing` the plan is `packing.budget_batches`; packing fills rows of
+    `row_tokens` tokens (task.max_length), never more than the token budget.
+    """
+    lengths = [len(e.ids) for e in encoded]
+    seed = cfg.seed + epoch
+    if not _planned(cfg):
+        return [[[i] for i in b] for b in length_grouped_batches(lengths, cfg.batch_size, seed, cfg.length_grouping)]
+    if cfg.packing and row_tokens is None:
+        raise ValueError("train.packing needs the row length (task.max_length)")
+    capacity = min(row_tokens, cfg.batch_tokens or row_tokens) if cfg.packing else None
+    return budget_batches(lengths, seed, cfg.length_grouping, cfg.batch_size, cfg.batch_tokens, capacity,
+                          [e.weight for e in encoded])
+
+
+def epoch_batch_counts(encoded: list[Encoded], cfg, world: int = 1, row_tokens: int | None = None) -> list[int] | None:
+    """Global batches each epoch the run reaches takes across `world` ranks (the remainder dropped, as
+    `batch_stream` does), for the step plan; None for the default row batches, whose count follows
+    from the number of examples. Token budgets and packing vary it from epoch to epoch."""
+    if not _planned(cfg):
+        return None
+    epochs = 1 if cfg.max_steps else math.ceil(cfg.epochs)
+    return [_usable(len(epoch_batches(encoded, cfg, e, row_tokens)), world) for e in range(epochs)]
+
+
+def _planned(cfg) -> bool:
+    return bool(cfg.batch_tokens or cfg.packing)
+
+
+def _usable(n_batches: int, world: int) -> int:
+    """Every rank takes the same number of batches per epoch (the remainder is dropped)."""
+    return n_batches - n_batches % world if n_batches >= world else n_batches
+
+
 def batch_stream(encoded: list[Encoded], cfg, pad_id: int, prefix_len: int, rank: int = 0,
-                 world: int = 1, skip: int = 0):
-    """Collated batches forever (`cfg` gives batch_size, seed and length_grouping): this rank's
-    batches forever, one reshuffle per epoch seeded by the epoch, so a run is repeatable and a
-    resumed run sees the same order. Global batch i goes to rank i % world; `skip` is the number of
-    this rank's batches already consumed."""
+                 world: int = 1, skip: int = 0, row_tokens: int | None = None):
+    """Collated batches forever (`cfg` gives batch_size, batch_tokens, packing, seed and
+    length_grouping): this rank's batches forever, one reshuffle per epoch seeded by the epoch, so a
+    run is repeatable and a resumed run sees the same order. Global batch i goes to rank i % world;
+    `skip` is the number of this rank's batches already consumed. Packed batches ignore `prefix_len`
+    (their rows hold whole sequences); `row_tokens` is the packed row length (see `epoch_batches`)."""
     epoch, seen = 0, 0
     while True:
-        order = length_grouped_batches([len(e.ids) for e in encoded], cfg.batch_size, cfg.seed + epoch,
-                                       cfg.length_grouping)
-        # Every rank takes the same number of batches per epoch (the remainder is dropped).
-        usable = len(order) - len(order) % world if len(order) >= world else len(order)
-        for idx in order[rank:usable:world]:
+        order = epoch_batches(encoded, cfg, epoch, row_tokens)
+        for rows in order[rank:_usable(len(order), world):world]:
             if seen >= skip:
-                yield collate([encoded[i] for i in idx], pad_id, prefix_len)
+                yield (collate_packed([[encoded[i] for i in row] for row in rows], pad_id) if cfg.packing
+                       else collate([encoded[row[0]] for row in rows], pad_id, prefix_len))
             seen += 1
         epoch += 1

@@ -74,6 +74,8 @@ def _hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Final hidden states (B, T, H) of the batch rows, after the shared prefix when there is one."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     decoder = unwrap(model).get_decoder()
+    if "position_ids" in batch:  # packed rows (batching.collate_packed)
+        return _packed_hidden_states(decoder, ids, batch["position_ids"])
     # Every supervised token lies after the prefix, so the prefix needs no hidden states of its own.
     prefix = prefix_tensors(model, batch.get("prefix_ids"))
     if prefix is None:
@@ -81,3 +83,24 @@ def _hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     full_mask, positions = continue_after(cache_len(prefix), mask)
     return decoder(input_ids=ids, attention_mask=full_mask, position_ids=positions, use_cache=True,
                    **cache_kwargs(decoder, broadcast(prefix, ids.shape[0]))).last_hidden_state
+
+
+def _packed_hidden_states(decoder, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Hidden states (B, T, H) of packed rows whose (B, T) `positions` restart at every example.
+
+    No attention mask goes in: transformers (5.x `masking_utils`) then takes each restart as an
+    example boundary and builds a block-diagonal causal mask for eager, SDPA and flex attention.
+    Flash-attention kernels read the restarts only from a single row (varlen), so there the rows
+    are laid end to end as one (1, B*T) row.
+    """
+    if not _one_row(decoder):
+        return decoder(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+    b, t = ids.shape
+    flat = decoder(input_ids=ids.reshape(1, b * t), position_ids=positions.reshape(1, b * t),
+                   use_cache=False).last_hidden_state  # (1, B*T, H)
+    return flat.reshape(b, t, -1)
+
+
+def _one_row(decoder) -> bool:
+    """Whether the attention implementation sees packed examples only within one row (flash kernels)."""
+    return "flash" in str(getattr(decoder.config, "_attn_implementation", "") or "")

@@ -5,6 +5,11 @@ frozen ones in bf16 changes no result: it only drops the fp32 copy (and autocast
 of ~80% of a small model's parameters. The input embedding (tied to the LM head in many models) and
 norms stay fp32 so the residual stream keeps its precision. After training the fp32 values are read
 back from the checkpoint, so the returned model is exactly the model that was loaded plus what trained.
+
+transformers maps a safetensors checkpoint into memory and uses it in place, so a cast alone frees
+nothing: the fp32 file pages it read stay resident while any weight still points into the mapping
+(SmolLM2-135M: 513 MB). The weights kept in fp32 therefore get memory of their own, which releases
+the mapping: the fp32 copy of the cast weights is gone before training allocates anything.
 """
 
 from __future__ import annotations
@@ -27,7 +32,22 @@ def compact_frozen(model) -> list[str]:
                 and weight is not embedding and weight.dtype == torch.float32):
             module.weight.data = weight.data.to(torch.bfloat16)
             cast.append(name)
+    if cast:
+        _own_memory(lm)
     return cast
+
+
+def _own_memory(lm) -> None:
+    """Copy the frozen fp32 parameters and the buffers into memory of their own, so no tensor points
+    into the checkpoint's file mapping any more and the mapping (with every page read) is released.
+    Trainable parameters are new tensors already; a tied weight is one Parameter, copied once."""
+    for p in lm.parameters():  # each shared Parameter once
+        if not p.requires_grad and p.dtype == torch.float32:
+            p.data = p.data.clone()
+    for module in lm.modules():
+        for key, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[key] = buffer.clone()
 
 
 def restore_frozen(model, names: list[str], checkpoint: Path) -> None:
@@ -47,3 +67,21 @@ def restore_frozen(model, names: list[str], checkpoint: Path) -> None:
                 module.weight.data = f.get_tensor(key).to(module.weight.device, torch.float32)
     if wanted:
         raise RuntimeError(f"fp32 weights not found in {checkpoint}: {sorted(wanted)[:3]}")
+
+
+def make_optimizer(params: list[torch.Tensor], cfg) -> torch.optim.Optimizer:
+    """AdamW over `params` as `cfg.optimizer` (a TrainConfig) asks: torch's (fp32 state), or bitsandbytes'
+    with 8-bit state ("adamw_8bit"; "paged_adamw_8bit" also pages that state out of GPU memory, and on
+    a CPU bitsandbytes runs it unpaged)."""
+    kwargs = {"lr": cfg.learning_rate, "weight_decay": cfg.weight_decay}
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        from tunesmith.errors import InputError
+
+        raise InputError(f"train.optimizer={cfg.optimizer} needs the bitsandbytes package", "train.optimizer",
+                         "pip install bitsandbytes, or set train.optimizer to adamw") from None
+    paged = cfg.optimizer == "paged_adamw_8bit"
+    return (bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit)(params, **kwargs)

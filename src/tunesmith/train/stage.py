@@ -8,14 +8,14 @@ from pathlib import Path
 from tunesmith import fsio
 from tunesmith.config import Project
 from tunesmith.data.prepare import Splits
-from tunesmith.models.load import load_model, load_tokenizer
+from tunesmith.models.load import load_tokenizer
 from tunesmith.models.resolve import resolve_model
 from tunesmith.tasks.prompts import build_format
 from tunesmith.train import distributed
 from tunesmith.train.finetuned import save_finetuned
 from tunesmith.train.methods import get_method
 from tunesmith.train.trackers import check_available
-from tunesmith.train.trainer import TrainResult, fit
+from tunesmith.train.trainer import TrainResult, fit, load_base
 
 
 def train_stage(project: Project, splits: Splits, run_dir: Path, progress: bool = True,
@@ -29,7 +29,7 @@ def train_stage(project: Project, splits: Splits, run_dir: Path, progress: bool 
     base_path = resolve_model(project.model)
     tokenizer = load_tokenizer(base_path)
     fmt = build_format(project.task, splits.labels, tokenizer)
-    model = load_model(base_path)
+    model = load_base(base_path, project.train)
     # A method may bring its own fitting procedure (prompt search); weight-training methods share `fit`.
     fitter = getattr(get_method(project.train.method), "fit", fit)
     extra = {"on_validate": on_validate} if on_validate else {}

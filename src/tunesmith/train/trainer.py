@@ -18,16 +18,18 @@ from tqdm.auto import tqdm
 from tunesmith import fsio, hardware
 from tunesmith.config import TrainConfig
 from tunesmith.data.examples import Example
+from tunesmith.models.load import load_model
+from tunesmith.models.quantize import load_quantized, quantized_layers
 from tunesmith.tasks.cache import common_prefix_len
 from tunesmith.tasks.metrics import compute_metrics
 from tunesmith.tasks.predict import predict
 from tunesmith.tasks.prompts import PromptFormat
-from tunesmith.train import distributed, fsdp
-from tunesmith.train.batching import batch_stream, collate, encode_for_training
+from tunesmith.train import distributed, fsdp, grad_checkpointing
+from tunesmith.train.batching import batch_stream, collate, encode_for_training, epoch_batch_counts
 from tunesmith.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from tunesmith.train.loss import supervised_loss
 from tunesmith.train.methods import get_method, spec
-from tunesmith.train.precision import compact_frozen, restore_frozen
+from tunesmith.train.precision import compact_frozen, make_optimizer, restore_frozen
 from tunesmith.train.preflight import preflight
 from tunesmith.train.regularize import neftune, set_dropout
 from tunesmith.train.trackers import Trackers
@@ -42,6 +44,7 @@ class TrainStats:
     train_tokens: int
     tokens_per_second: float
     peak_rss_mb: float
+    gpu_peak_mb: float | None  # torch's peak GPU allocation; None without CUDA (not measured)
     steps: int
     total_steps: int
     trainable_params: int
@@ -53,16 +56,19 @@ class TrainStats:
     stopped_early: bool
     stop_reason: str | None
     candidates: int | None = None  # prompts scored, for methods that search instead of training
+    gradient_checkpointing: bool = False  # whether decoder activations were recomputed (train/grad_checkpointing.py)
 
     @classmethod
     def measure(cls, model, seconds: float, tokens: int, steps: int, total_steps: int, bf16: bool, dev,
-                best: dict | None, stop_reason: str | None = None, candidates: int | None = None) -> TrainStats:
+                best: dict | None, stop_reason: str | None = None, candidates: int | None = None,
+                checkpointing: bool = False) -> TrainStats:
         """The figures of a finished fit of `model` (the only place they are computed)."""
         n_trainable, n_total = hardware.parameter_counts(model)
-        return cls(round(seconds, 3), tokens, hardware.throughput(tokens, seconds), hardware.peak_rss_mb(), steps,
+        return cls(round(seconds, 3), tokens, hardware.throughput(tokens, seconds), hardware.peak_rss_mb(),
+                   hardware.gpu_peak_mb(), steps,
                    total_steps, n_trainable, n_total, "bf16" if bf16 else "fp32", dev.type,
                    distributed.world_size(), best["step"] if best else None, bool(stop_reason), stop_reason,
-                   candidates)
+                   candidates, checkpointing)
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
@@ -96,12 +102,21 @@ class Plan:
     checkpoint_every: int
 
 
-def make_plan(n_examples: int, cfg: TrainConfig, world: int = 1) -> Plan:
-    batches = math.ceil(n_examples / cfg.batch_size)
-    steps_per_epoch = max(1, math.ceil(batches / (cfg.grad_accum * world)))
-    total = cfg.max_steps or max(1, round(steps_per_epoch * cfg.epochs))
-    eval_every = cfg.eval_every or max(1, steps_per_epoch // 4)
-    return Plan(steps_per_epoch, total, eval_every, cfg.checkpoint_every or eval_every)
+def make_plan(n_examples: int, cfg: TrainConfig, world: int = 1, batch_counts: list[int] | None = None) -> Plan:
+    """The step plan. `batch_counts`: each epoch's global batches (batching.epoch_batch_counts) where
+    they do not follow from n_examples / batch_size (token budgets, packing)."""
+    counts = batch_counts or [math.ceil(n_examples / cfg.batch_size)]
+    steps = [max(1, math.ceil(b / (cfg.grad_accum * world))) for b in counts]
+    total = cfg.max_steps or max(1, round(_epochs_steps(steps, cfg.epochs)))
+    eval_every = cfg.eval_every or max(1, steps[0] // 4)
+    return Plan(steps[0], total, eval_every, cfg.checkpoint_every or eval_every)
+
+
+def _epochs_steps(steps: list[int], epochs: float) -> float:
+    """Steps in `epochs` (a fraction allowed) when epoch e takes steps[e] (the last figure repeats)."""
+    if len(steps) == 1:
+        return steps[0] * epochs  # today's formula, to the bit
+    return sum(steps[min(e, len(steps) - 1)] * min(1.0, epochs - e) for e in range(math.ceil(epochs)))
 
 
 def fit(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[Example], cfg: TrainConfig,
@@ -118,10 +133,12 @@ def fit(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[Exa
         TrainResult whose model holds the weights of the best validation evaluation.
     """
     torch.manual_seed(cfg.seed)
-    hardware.reset_peak_rss()  # the figure is this training's peak, not an earlier stage's in the same process
+    hardware.reset_peaks()  # the figures are this training's peaks, not an earlier stage's in the same process
     dev = hardware.device()
     rank, world = distributed.rank(), distributed.world_size()
     source = Path(getattr(model, "name_or_path", "") or ".")
+    if cfg.quantize != "none" and not quantized_layers(model):  # QLoRA on a full-precision model: reload it
+        model = load_base(_checkpoint(source), cfg)
     model = get_method(cfg.method).apply(model, cfg)
     set_dropout(model, cfg.dropout)
     bf16 = hardware.use_bf16(cfg.precision, dev)
@@ -132,7 +149,8 @@ def fit(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[Exa
     compact = bf16 and spec(cfg.method).low_precision_frozen and not sharded and _has_weights(source)
     compacted = compact_frozen(model) if compact else []
     encoded, val, val_encoded, notes = _encode(tokenizer, fmt, train, val, cfg, rank)
-    plan = make_plan(len(encoded), cfg, world)
+    recompute = grad_checkpointing.wanted(cfg, model, [len(e.ids) for e in encoded])
+    plan = make_plan(len(encoded), cfg, world, epoch_batch_counts(encoded, cfg, world, fmt.max_length))
     trainable = [p for p in net.parameters() if p.requires_grad]
     optimizer, schedule = _optimizer(trainable, cfg, plan.total)
     watch = Watch(cfg, metric)
@@ -144,10 +162,10 @@ def fit(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[Exa
     # under FSDP: a second pass through a sharded layer before backward is not supported there.
     prefix_len = 0 if sharded else common_prefix_len([e.ids[: e.n_prompt] for e in encoded + val_encoded])
     batches = batch_stream(encoded, cfg, tokenizer.pad_token_id, prefix_len, rank, world,
-                            skip=loop["step"] * cfg.grad_accum)
+                            skip=loop["step"] * cfg.grad_accum, row_tokens=fmt.max_length)
     with TrainLog(out_dir / "train_log.jsonl" if writes else None, keep_until=loop["step"]) as log, \
             Trackers(cfg.trackers if writes else [], out_dir, "tunesmith", cfg.model_dump()) as trackers, \
-            neftune(net, cfg.neftune_alpha), \
+            neftune(net, cfg.neftune_alpha), grad_checkpointing.checkpointed(net, recompute), \
             tqdm(total=plan.total, initial=loop["step"], desc=f"train ({cfg.method})", unit="step",
                  disable=not progress or rank != 0, dynamic_ncols=True) as bar:
         net.train()
@@ -180,7 +198,7 @@ def fit(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[Exa
                                 watch.best_state, cfg.keep_checkpoints)
     watch.restore_best(net)
     _unwrap(model, net, sharded, dev, compacted, source)
-    return _result(model, watch, loop, plan, cfg, bf16, dev, notes)
+    return _result(model, watch, loop, plan, cfg, bf16, dev, notes, recompute)
 
 
 def _encode(tokenizer, fmt: PromptFormat, train: list[Example], val: list[Example], cfg: TrainConfig, rank: int):
@@ -195,7 +213,7 @@ def _encode(tokenizer, fmt: PromptFormat, train: list[Example], val: list[Exampl
 
 def _optimizer(trainable: list[torch.Tensor], cfg: TrainConfig, total: int):
     """AdamW over the trainable parameters and its warmup-then-linear-decay schedule over `total` steps."""
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(trainable, cfg)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_linear(total, cfg.warmup_ratio))
 
 
@@ -281,10 +299,10 @@ def _resume(out_dir: Path | None, model, optimizer, schedule, watch: Watch) -> d
 
 
 def _result(model, watch: Watch, loop: dict, plan: Plan, cfg: TrainConfig, bf16: bool, dev,
-            notes: list[str]) -> TrainResult:
+            notes: list[str], recompute: bool = False) -> TrainResult:
     tokens = distributed.sum_int(loop["tokens"])
     stats = TrainStats.measure(model, loop["train_seconds"], tokens, loop["step"], plan.total, bf16, dev, watch.best,
-                               watch.stop_reason)
+                               watch.stop_reason, checkpointing=recompute)
     return TrainResult(model, history=watch.history, best=watch.best, stopped_early=bool(watch.stop_reason),
                        stats=stats, overfitting=watch.flags, stop_reason=watch.stop_reason, preflight=notes)
 
@@ -304,6 +322,25 @@ def _validate(model, tokenizer, fmt, val, val_encoded, cfg, metric, bf16, prefix
     preds = predict(model, tokenizer, fmt, val, batch_size=cfg.batch_size, autocast=bf16)
     scores = compute_metrics(fmt.task_type, [e.target for e in val], preds.texts)
     return {"val_loss": round(total_loss / max(total_tokens, 1), 6), metric: scores[metric]}
+
+
+def load_base(path: Path, cfg: TrainConfig):
+    """The base model as training wants it: its linear layers quantized when train.quantize says so
+    (QLoRA: the full-precision weights are never all in memory), else in full precision."""
+    if cfg.quantize == "none":
+        return load_model(path)
+    dev = hardware.device()
+    return load_quantized(path, cfg.quantize, dev, hardware.use_bf16(cfg.precision, dev))
+
+
+def _checkpoint(source: Path) -> Path:
+    """The checkpoint folder the model came from (QLoRA reloads it quantized)."""
+    if not _has_weights(source):
+        from tunesmith.errors import InputError
+
+        raise InputError(f"train.quantize needs the model's safetensors checkpoint; {source} has none",
+                         "train.quantize", "set train.quantize to none")
+    return source
 
 
 def _has_weights(folder: Path) -> bool:

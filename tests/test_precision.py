@@ -1,0 +1,91 @@
+"""Low-precision frozen weights: frozen base weights in bf16 while training under bf16 autocast,
+trainable parameters and optimiser state in fp32, the loaded checkpoint's fp32 pages released."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_texts
+from tunesmith.config import TaskConfig, TrainConfig
+from tunesmith.data.examples import Example
+from tunesmith.models.load import load_model, load_tokenizer
+from tunesmith.tasks.prompts import build_format
+from tunesmith.train import trainer
+from tunesmith.train.methods import get_method
+from tunesmith.train.precision import compact_frozen
+
+
+def _data(n, seed):
+    return [Example(r["text"], r["label"], "t") for r in make_texts(n, seed)]
+
+
+def _fit(path, monkeypatch, compact: bool = True, **train):
+    """fit under bf16 autocast; returns (result, optimizer, dtypes of the frozen linear weights while training)."""
+    seen = {}
+    real_compact, real_optimizer = trainer.compact_frozen, trainer.make_optimizer
+
+    def spy_compact(model):
+        names = real_compact(model) if compact else []
+        seen["frozen"] = {p.dtype for n, p in model.named_parameters() if not p.requires_grad and "proj" in n}
+        return names
+
+    def spy_optimizer(params, cfg):
+        seen["optimizer"] = real_optimizer(params, cfg)
+        return seen["optimizer"]
+
+    monkeypatch.setattr(trainer, "compact_frozen", spy_compact)
+    monkeypatch.setattr(trainer, "make_optimizer", spy_optimizer)
+    tok = load_tokenizer(path)
+    fmt = build_format(TaskConfig(instruction="Classify."), ["alpha", "beta", "gamma"], tok)
+    cfg = TrainConfig(**{"max_steps": 4, "eval_every": 2, "batch_size": 4, "learning_rate": 0.01,
+                         "precision": "bf16", **train})
+    result = trainer.fit(load_model(path), tok, fmt, _data(24, 1), _data(6, 2), cfg, "accuracy", progress=False)
+    return result, seen
+
+
+def test_frozen_weights_train_in_bf16_with_fp32_trainables_and_state_and_equal_results(tiny_model, monkeypatch):
+    result, seen = _fit(tiny_model, monkeypatch)
+    assert seen["frozen"] == {torch.bfloat16}
+    optimizer = seen["optimizer"]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    assert params and all(p.dtype == torch.float32 for p in params)
+    state = [t for s in optimizer.state.values() for t in s.values() if t.is_floating_point() and t.dim() > 0]
+    assert state and all(t.dtype == torch.float32 for t in state)
+    # The returned model is the loaded fp32 model plus what trained, as with fp32 frozen weights.
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())
+    plain, _ = _fit(tiny_model, monkeypatch, compact=False)
+    for (name, a), (_, b) in zip(result.model.state_dict().items(), plain.model.state_dict().items()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_dora_keeps_fp32_frozen_weights(tiny_model, monkeypatch):
+    _, seen = _fit(tiny_model, monkeypatch, method="dora", max_steps=2)
+    assert "frozen" not in seen  # compact_frozen is never called: registry low_precision_frozen=False
+
+
+def _mapped(path) -> bool:
+    """Whether this process maps any of the checkpoint's safetensors files."""
+    with open("/proc/self/maps", encoding="ascii", errors="ignore") as f:
+        return str(path.resolve()) in f.read()
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="Linux /proc only")
+def test_compacting_releases_the_checkpoint_file_mapping(tiny_model, tmp_path):
+    import gc
+    import shutil
+
+    # A private copy: models other tests keep alive in this process may map the shared fixture's files.
+    tiny_model = Path(shutil.copytree(tiny_model, tmp_path / "model"))
+    model = get_method("lora").apply(load_model(tiny_model), TrainConfig())
+    gc.collect()
+    if not _mapped(tiny_model):
+        pytest.skip("this transformers version copies weights instead of mapping the checkpoint")
+    names = compact_frozen(model)
+    gc.collect()
+    assert names and not _mapped(tiny_model)  # the fp32 pages of the cast weights are no longer resident
+    embedding = model.get_input_embeddings().weight
+    assert embedding.dtype == torch.float32
+    torch.testing.assert_close(embedding, load_model(tiny_model).get_input_embeddings().weight, atol=0, rtol=0)
