@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from tunesmith.models.head import lm_logits
 from tunesmith.tasks.cache import broadcast, cache_kwargs, cache_len, continue_after, prefix_tensors, unwrap
 from tunesmith.train.batching import IGNORE
+
+# Supervised positions per head + cross-entropy chunk when a batch has more (see _chunked_loss).
+CE_CHUNK = 1024
 
 
 def supervised_loss(model, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
@@ -26,6 +30,8 @@ def supervised_loss(model, batch: dict[str, torch.Tensor], label_smoothing: floa
         (loss, number of supervised tokens). The mean is over tokens, not examples, so long
         answers weigh by their length, as in standard causal-LM training.
     """
+    if _supervised_count(batch) > CE_CHUNK:
+        return _chunked_loss(model, batch, label_smoothing)
     logits, targets = supervised_logits(model, batch)  # (N, V), (N,)
     n = len(targets)
     if "weights" not in batch:
@@ -38,14 +44,43 @@ def supervised_loss(model, batch: dict[str, torch.Tensor], label_smoothing: floa
     return (ce * w).sum() / w.sum().clamp(min=1e-12), n
 
 
-def supervised_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, V) logits at the N supervised positions and their (N,) target tokens."""
+def _supervised_count(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def _chunked_loss(model, batch: dict[str, torch.Tensor], label_smoothing: float) -> tuple[torch.Tensor, int]:
+    """`supervised_loss` for many supervised tokens: the head and the cross-entropy run CE_CHUNK positions
+    at a time under activation checkpointing, so the (N, V) logits never exist at once (4,096 answer
+    tokens over a 150k vocabulary are 2.4 GB in fp32); the same value and gradients, in chunks."""
     lm = unwrap(model)
+    h, targets = _supervised_states(model, batch)  # (N, H), (N,)
+    ce = torch.cat([checkpoint(_chunk_ce, lm, h[s:s + CE_CHUNK], targets[s:s + CE_CHUNK], label_smoothing,
+                               use_reentrant=False) for s in range(0, len(targets), CE_CHUNK)])  # (N,)
+    n = len(targets)
+    if "weights" not in batch:
+        return ce.sum() / max(n, 1), n
+    selected = batch["labels"][:, 1:] != IGNORE                                  # (B, T-1)
+    w = batch["weights"][:, None].expand_as(selected)[selected].to(ce.device)    # (N,)
+    return (ce * w).sum() / w.sum().clamp(min=1e-12), n
+
+
+def _chunk_ce(lm, h: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """(c,) token cross-entropy of one chunk of supervised positions."""
+    return F.cross_entropy(lm_logits(lm, h).float(), targets, reduction="none", label_smoothing=label_smoothing)
+
+
+def _supervised_states(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, H) final hidden states at the N supervised positions and their (N,) target tokens."""
     hidden = _hidden_states(model, batch)       # (B, T, H)
     targets = batch["labels"][:, 1:]            # (B, T-1): token t+1 is predicted at t
     selected = targets != IGNORE                # (B, T-1)
-    h = hidden[:, :-1][selected]                # (N, H)
-    return lm_logits(lm, h), targets[selected]  # the model's head and any final soft cap
+    return hidden[:, :-1][selected], targets[selected]
+
+
+def supervised_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, V) logits at the N supervised positions and their (N,) target tokens."""
+    h, targets = _supervised_states(model, batch)  # (N, H), (N,)
+    return lm_logits(unwrap(model), h), targets     # the model's head and any final soft cap
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
