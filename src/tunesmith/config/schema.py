@@ -232,8 +232,8 @@ class TrainConfig(_Strict):
     batch_tokens: int | None = Field(None, ge=1)
     # Several generation/chat examples per row of task.max_length, attention kept inside each (train/packing.py).
     packing: bool = False
-    # Recompute each decoder layer's activations in backward instead of keeping them (less memory, about a
-    # third more compute); "auto": only when the memory estimate says the run would not fit otherwise.
+    # Recompute each decoder layer's activations in backward instead of keeping them (less memory, more
+    # compute); "auto": only when the memory estimate says the run would not fit otherwise.
     gradient_checkpointing: Literal["auto", True, False] = "auto"
     # Load the frozen base through bitsandbytes (4-bit NF4 or 8-bit) and train LoRA/DoRA on top (QLoRA).
     quantize: Literal["nf4", "int8", "none"] = "none"

@@ -3,7 +3,7 @@
 With it on, each decoder layer runs under torch.utils.checkpoint (non-reentrant): the layer's
 intermediate activations are dropped after the forward and recomputed, layer by layer, during the
 backward, so activation memory falls from every layer's intermediates to each layer's input, for a
-second forward pass (about a third more compute). Loss and gradients are unchanged (dropout replays
+second forward pass (more compute; not measured here). Loss and gradients are unchanged (dropout replays
 with the same random state).
 
 transformers' own switch (`gradient_checkpointing_enable`) is not used: under it a layer drops the

@@ -37,11 +37,8 @@ def supervised_loss(model, batch: dict[str, torch.Tensor], label_smoothing: floa
     if "weights" not in batch:
         loss = F.cross_entropy(logits.float(), targets, reduction="sum", label_smoothing=label_smoothing) / max(n, 1)
         return loss, n
-    # Row weights (fairness reweighting): each supervised token counts with its row's weight.
-    selected = batch["labels"][:, 1:] != IGNORE                                  # (B, T-1)
-    w = batch["weights"][:, None].expand_as(selected)[selected].to(logits.device)  # (N,)
     ce = F.cross_entropy(logits.float(), targets, reduction="none", label_smoothing=label_smoothing)  # (N,)
-    return (ce * w).sum() / w.sum().clamp(min=1e-12), n
+    return _weighted_mean(ce, batch), n
 
 
 def _supervised_count(batch: dict[str, torch.Tensor]) -> int:
@@ -57,11 +54,14 @@ def _chunked_loss(model, batch: dict[str, torch.Tensor], label_smoothing: float)
     ce = torch.cat([checkpoint(_chunk_ce, lm, h[s:s + CE_CHUNK], targets[s:s + CE_CHUNK], label_smoothing,
                                use_reentrant=False) for s in range(0, len(targets), CE_CHUNK)])  # (N,)
     n = len(targets)
-    if "weights" not in batch:
-        return ce.sum() / max(n, 1), n
+    return (ce.sum() / max(n, 1) if "weights" not in batch else _weighted_mean(ce, batch)), n
+
+
+def _weighted_mean(ce: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Row weights (fairness reweighting): each supervised token's (N,) loss counts with its row's weight."""
     selected = batch["labels"][:, 1:] != IGNORE                                  # (B, T-1)
     w = batch["weights"][:, None].expand_as(selected)[selected].to(ce.device)    # (N,)
-    return (ce * w).sum() / w.sum().clamp(min=1e-12), n
+    return (ce * w).sum() / w.sum().clamp(min=1e-12)
 
 
 def _chunk_ce(lm, h: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
