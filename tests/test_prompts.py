@@ -44,6 +44,20 @@ def test_long_input_is_cut_to_the_budget_keeping_the_instruction(tiny_model):
     assert not short_truncated and len(short_ids) < 60
 
 
+def test_a_long_input_loses_its_middle_so_a_question_at_the_end_survives(tiny_model):
+    tok = load_tokenizer(tiny_model)
+    fmt = build_format(TaskConfig(type="generation", instruction="Answer."), None, tok)
+    context = "Opening words. " + " ".join(["filler text"] * 300)
+    ex = Example(context + " Question: who built the bridge?", "Ada", "t")
+    ids, truncated = encode_prompt(tok, fmt, ex, budget=80)
+    text = tok.decode(ids)
+    assert truncated and len(ids) <= 80
+    assert "Opening words." in text and "who built the bridge?" in text and " … " in text
+    chat = Example(ex.input, "Ada", "t", messages=[{"role": "user", "content": ex.input}])
+    chat_text = tok.decode(encode_prompt(tok, fmt, chat, budget=80)[0])
+    assert "Opening words." in chat_text and "who built the bridge?" in chat_text
+
+
 def test_chat_examples_keep_their_own_system_turn(tiny_model):
     tok = load_tokenizer(tiny_model)
     fmt = build_format(TaskConfig(type="chat", instruction="Default system."), None, tok)
@@ -67,3 +81,12 @@ def test_few_shot_examples_come_before_the_input(tiny_model, tiny_plain_model):
     assert render_prompt(plain_tok, plain, Example("green", "gamma", "t")) == (
         "Answer.\n\nInput: red hat\nOutput: alpha\n\nInput: blue sky\nOutput: beta\n\nInput: green\nOutput:")
     assert PromptFormat.from_json(fmt.to_json()) == fmt
+
+
+def test_validation_decodes_about_as_long_as_the_references(tiny_model):
+    from tunesmith.tasks.predict import reference_budget
+
+    tok = load_tokenizer(tiny_model)
+    short, long = reference_budget(tok, ["Ada"]), reference_budget(tok, [" ".join(["word"] * 200)])
+    assert 8 <= short < 16 and long > 200 and reference_budget(tok, [" ".join(["w"] * 5000)]) == 512
+    assert reference_budget(tok, []) == 8

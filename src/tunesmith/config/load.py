@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import json
 import typing
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,12 @@ def _resolve_paths(project: Project, root: yaml.Node, check_files: bool) -> None
                               _where(project.source, root, ("benchmarks", i, "data")),
                               "paths are relative to the config file's folder")
         suite.data = resolved
+    if project.task.chat_template.endswith(".jinja"):
+        project.task.chat_template = _template_file(project.task.chat_template, base, check_files,
+                                                    lambda: _where(project.source, root, ("task", "chat_template")))
+    if project.train.init_from is not None:
+        project.train.init_from = _init_run(project.train.init_from, base, check_files,
+                                            lambda: _where(project.source, root, ("train", "init_from")))
     harness = project.eval.harness
     if harness.include_path is not None:
         resolved = (harness.include_path if harness.include_path.is_absolute()
@@ -87,6 +94,29 @@ def _resolve_paths(project: Project, root: yaml.Node, check_files: bool) -> None
     if harness.tasks and check_files and importlib.util.find_spec("lm_eval") is None:
         raise ConfigError("eval.harness needs lm-evaluation-harness, which is not installed",
                           _where(project.source, root, ("eval", "harness", "tasks")), "pip install lm-eval")
+
+
+def _template_file(name: str, base: Path, check_files: bool, where) -> str:
+    """task.chat_template's .jinja file made absolute, so the run's saved config finds it again (resume)."""
+    path = Path(name).expanduser()
+    resolved = path if path.is_absolute() else (base / path).resolve()
+    if check_files and not resolved.is_file():
+        raise ConfigError(f"chat template file not found: {resolved}", where(),
+                          "paths are relative to the config file's folder")
+    return str(resolved)
+
+
+def _init_run(path: Path, base: Path, check_files: bool, where) -> Path:
+    """train.init_from resolved; with check_files it must be a finished run whose model has weights."""
+    resolved = path if path.is_absolute() else (base / path).resolve()
+    meta = resolved / "model" / "tunesmith.json"
+    if check_files and not meta.is_file():
+        raise ConfigError(f"train.init_from: {resolved} holds no finished run's model (no model/tunesmith.json)",
+                          where(), "give the directory of a run made by `tunesmith run` or `tunesmith train`")
+    if check_files and json.loads(meta.read_text(encoding="utf-8")).get("kind") == "prompt":
+        raise ConfigError(f"train.init_from: {resolved} trained a prompt, not weights, so there is nothing to "
+                          "start from", where(), "give a run trained with an adapter or full fine-tuning")
+    return resolved
 
 
 def _config_error(e: ValidationError, path: Path, root: yaml.Node) -> ConfigError:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tunesmith.config import TaskConfig
 from tunesmith.data.io import ReadResult, Row, RowProblem, read_rows
+from tunesmith.data.pair_rows import PairError, is_kto_row, is_preference_row, parse_pair
 from tunesmith.errors import DataError
 
 
@@ -30,13 +32,17 @@ class Example:
     # Values of fairness.group_fields columns (kept with the splits so a run can be audited later).
     attributes: dict[str, str] | None = None
     weight: float = 1.0     # the row's weight in the training loss (fairness.mitigation: reweight)
+    # Preference rows (train.method dpo|orpo|simpo|kto): `target` is the chosen answer (KTO: the completion),
+    # `rejected` the rejected one, `desirable` a KTO row's label. Saved with the splits.
+    rejected: str | None = None
+    desirable: bool | None = None
     record: dict | None = field(default=None, repr=False, compare=False)
     file: str = field(default="", compare=False)
     line: int = field(default=0, compare=False)
 
     def to_json(self) -> dict:
         row = {"input": self.input, "target": self.target, "source": self.source}
-        for key in ("messages", "group", "augmented", "attributes"):
+        for key in ("messages", "group", "augmented", "attributes", "rejected", "desirable"):
             if getattr(self, key) is not None:
                 row[key] = getattr(self, key)
         if self.weight != 1.0:
@@ -46,7 +52,8 @@ class Example:
     @classmethod
     def from_json(cls, row: dict) -> Example:
         return cls(row["input"], row["target"], row["source"], row.get("messages"), row.get("group"),
-                   row.get("augmented"), row.get("attributes"), row.get("weight", 1.0))
+                   row.get("augmented"), row.get("attributes"), row.get("weight", 1.0), row.get("rejected"),
+                   row.get("desirable"))
 
     def raw(self) -> dict:
         """The original row as read (or this example's fields when it has none)."""
@@ -58,7 +65,7 @@ def load_examples(path: Path, task: TaskConfig, max_errors: int = 20, group_fiel
     """Read and validate one data file; returns the good examples and every problem found."""
     result: ReadResult = read_rows(path)
     examples, problems = [], list(result.problems)
-    parse = _classification if task.type == "classification" else _generation
+    parse = {"classification": _classification, "text": _raw_text}.get(task.type, _generation)
     for row in result.rows:
         try:
             example = parse(row, task)
@@ -145,33 +152,125 @@ def _classification(row: Row, task: TaskConfig) -> Example:
     return Example(text, label.strip(), _source(row))
 
 
-def _generation(row: Row, task: TaskConfig) -> Example:
+# Chat rows: the role names each format uses, mapped onto system / user / assistant / tool. OpenAI's
+# legacy `function` turn and ShareGPT's observation turns are tool results; ShareGPT's `function_call`
+# turn is the assistant calling a tool (its text is what the model should learn to write).
+OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+                "tool": "tool", "function": "tool"}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "chatgpt": "assistant", "model": "assistant",
+                  "function_call": "assistant", "tool": "tool", "observation": "tool", "function_response": "tool"}
+
+
+def _raw_text(row: Row, task: TaskConfig) -> Example:
+    """task.type text: the document is the input and every token of it is trained on (no target)."""
     rec = _require_object(row)
+    return Example(_text(_field(rec, task.text_field, "the document text"), task.text_field), "", _source(row))
+
+
+def _generation(row: Row, task: TaskConfig) -> Example:
+    """One generation/chat row, its format detected from its keys: OpenAI `messages`, ShareGPT
+    `conversations`, Alpaca `instruction`/`output`, else the configured prompt/completion fields."""
+    rec = _require_object(row)
+    if is_preference_row(rec):  # before `messages`: a preference prompt's conversation ends with the user
+        return _preference(rec, row)
     if "messages" in rec:
-        return _chat(rec, row)
+        return _chat(_openai_messages(rec["messages"]), row)
+    if "conversations" in rec:
+        return _chat(_with_system(rec, _sharegpt_messages(rec["conversations"])), row)
     if "instruction" in rec and "output" in rec:
-        instruction = _text(rec["instruction"], "instruction")
-        extra = rec.get("input") or ""
-        if not isinstance(extra, str):
-            raise _RowError(f"field 'input' must be a string, got {type(extra).__name__}")
-        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        return Example(prompt, _text(rec["output"], "output"), _source(row))
+        return _alpaca(rec, row)
     prompt = _text(_field(rec, task.prompt_field, "the prompt"), task.prompt_field)
     completion = _text(_field(rec, task.completion_field, "the completion"), task.completion_field)
     return Example(prompt, completion, _source(row))
 
 
-def _chat(rec: dict, row: Row) -> Example:
-    messages = rec["messages"]
+def _preference(rec: dict, row: Row) -> Example:
+    """A `{prompt, chosen, rejected}` or KTO `{prompt, completion, label}` row (data/pair_rows.py): the
+    chosen answer (or completion) is the target, so generation metrics use it as the reference."""
+    try:
+        pair = parse_pair(rec, _source(row), kto=is_kto_row(rec))
+    except PairError as e:
+        raise _RowError(str(e)) from None
+    return Example(pair.prompt, pair.chosen, _source(row), messages=pair.messages, rejected=pair.rejected,
+                   desirable=pair.label)
+
+
+def _openai_messages(messages: Any) -> list[dict]:
+    """OpenAI chat messages as {role, content} text turns; an assistant's `tool_calls` (or legacy
+    `function_call`) are kept as JSON text after its content, so a tool-calling turn is neither lost
+    nor given structure the chat template would have to understand."""
     if not isinstance(messages, list) or not messages:
         raise _RowError("'messages' must be a non-empty list")
+    out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise _RowError(f"messages[{i}] needs a role of system, user or assistant")
-        _text(m.get("content"), f"messages[{i}].content")
+        if not isinstance(m, dict) or OPENAI_ROLES.get(m.get("role")) is None:  # type: ignore[arg-type]
+            raise _RowError(f"messages[{i}] needs a role of system, user, assistant or tool")
+        out.append({"role": OPENAI_ROLES[m["role"]], "content": _message_text(m, f"messages[{i}]")})
+    return out
+
+
+def _message_text(m: dict, where: str) -> str:
+    """A message's text: a string, or OpenAI's list of text parts joined; tool calls appended as JSON."""
+    content = m.get("content")
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                   for p in content):
+            raise _RowError(f"{where}.content: only text parts ({{'type': 'text', 'text': ...}}) can be trained on")
+        content = "\n".join(p["text"] for p in content)
+    calls = [m[k] for k in ("tool_calls", "function_call") if m.get(k)]
+    if not calls:
+        return _text(content, f"{where}.content")
+    if content is not None and not isinstance(content, str):
+        raise _RowError(f"field '{where}.content' must be a string, got {type(content).__name__}")
+    call_text = "\n".join(json.dumps(c, ensure_ascii=False) for c in calls)
+    return f"{content}\n{call_text}" if content and content.strip() else call_text
+
+
+def _sharegpt_messages(turns: Any) -> list[dict]:
+    if not isinstance(turns, list) or not turns:
+        raise _RowError("'conversations' must be a non-empty list")
+    out = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict) or SHAREGPT_ROLES.get(t.get("from")) is None:  # type: ignore[arg-type]
+            raise _RowError(f"conversations[{i}] needs 'from' of human, gpt or system (or user, assistant, tool)")
+        out.append({"role": SHAREGPT_ROLES[t["from"]], "content": _text(t.get("value"), f"conversations[{i}].value")})
+    return out
+
+
+def _with_system(rec: dict, messages: list[dict]) -> list[dict]:
+    """A row-level `system` field (LLaMA-Factory's ShareGPT and Alpaca) as the first message."""
+    system = rec.get("system")
+    if system is None or (isinstance(system, str) and not system.strip()) or messages[0]["role"] == "system":
+        return messages
+    return [{"role": "system", "content": _text(system, "system")}] + messages
+
+
+def _alpaca(rec: dict, row: Row) -> Example:
+    """Alpaca: `instruction` (+ optional `input`) -> `output`; with `system` or `history` (earlier
+    [instruction, response] pairs, as LLaMA-Factory writes them) the row becomes a conversation."""
+    instruction = _text(rec["instruction"], "instruction")
+    extra = rec.get("input") or ""
+    if not isinstance(extra, str):
+        raise _RowError(f"field 'input' must be a string, got {type(extra).__name__}")
+    prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    output = _text(rec["output"], "output")
+    if not rec.get("history") and not rec.get("system"):
+        return Example(prompt, output, _source(row))
+    history = rec.get("history") or []
+    if not isinstance(history, list) or not all(isinstance(h, list) and len(h) == 2 for h in history):
+        raise _RowError("field 'history' must be a list of [instruction, response] pairs")
+    turns = [{"role": role, "content": _text(text, f"history[{i}]")}
+             for i, pair in enumerate(history) for role, text in zip(("user", "assistant"), pair)]
+    turns += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+    return _chat(_with_system(rec, turns), row)
+
+
+def _chat(messages: list[dict], row: Row) -> Example:
+    """An example from text turns: `target` is the last (assistant) turn, `messages` what came before."""
     if messages[-1]["role"] != "assistant":
         raise _RowError("the last message must be the assistant's answer (the training target)")
-    context = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
+    context = messages[:-1]
     if not any(m["role"] == "user" for m in context):
         raise _RowError("a chat example needs at least one user message before the answer")
     last_user = next(m["content"] for m in reversed(context) if m["role"] == "user")

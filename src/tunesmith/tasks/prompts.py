@@ -28,6 +28,8 @@ class PromptFormat:
     # probability that decoding restricted to the label set produces it; far fewer forwards) or
     # "constrained_pruned" (constrained, skipping label groups that cannot win).
     label_scoring: str = "sequence"
+    # Which assistant turns of a conversation are targets (task.train_on): "all_assistant_turns" or "last_turn".
+    train_on: str = "all_assistant_turns"
 
     def system_text(self) -> str:
         text = self.instruction.strip()
@@ -73,15 +75,85 @@ def answer_suffix(tokenizer, fmt: PromptFormat, answer: str) -> str:
     """The text the model must produce after the prompt: the answer and its end-of-turn marker."""
     if not tokenizer.chat_template:
         return " " + answer + (tokenizer.eos_token or "")
-    probe = Example("x", answer, "probe")
-    messages = fmt.messages(probe)
+    rendered = rendered_answer(tokenizer, fmt.messages(Example("x", answer, "probe")), answer)
+    # Templates that rewrite earlier turns: fall back to answer + EOS (the chat pre-flight refuses
+    # such templates for generation, see tasks/chat_template.py).
+    return answer + (tokenizer.eos_token or "") if rendered is None else rendered
+
+
+def rendered_answer(tokenizer, messages: list[dict], answer: str) -> str | None:
+    """What the chat template writes after its generation prompt for `messages` when the assistant
+    answers `answer` (the answer and its end-of-turn token); None when the generation prompt is not
+    a prefix of the conversation rendered with the answer."""
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=False)
     if not full.startswith(prompt):
-        # Templates that rewrite earlier turns: fall back to answer + EOS.
-        return answer + (tokenizer.eos_token or "")
+        return None
     # Trailing newlines after the end-of-turn token are formatting, not something to learn.
     return full[len(prompt):].rstrip("\n")
+
+
+class TemplateMismatch(ValueError):
+    """The chat template renders an earlier assistant turn differently once the conversation goes on,
+    so that turn cannot be supervised as the model will see it (task.train_on: all_assistant_turns)."""
+
+
+def supervises_turns(tokenizer, fmt: PromptFormat, ex: Example) -> bool:
+    """Whether `ex`'s earlier assistant turns are targets too: task.train_on all_assistant_turns, a
+    chat template (the plain prompt has no turns) and an assistant turn before the answer."""
+    return (fmt.train_on == "all_assistant_turns" and bool(tokenizer.chat_template) and ex.messages is not None
+            and any(m["role"] == "assistant" for m in ex.messages))
+
+
+def encode_turns(tokenizer, fmt: PromptFormat, ex: Example,
+                 budget: int) -> tuple[list[int], list[tuple[int, int]], bool]:
+    """The prompt's token ids (as `encode_prompt`), the [start, end) spans in them of the row's earlier
+    assistant turns (content and end-of-turn token: the other supervised tokens) and whether it was cut.
+
+    Every message is literal text, as in `encode_prompt`. A prompt over `budget` tokens loses its
+    oldest tokens (the spans move with it); the answer being learned stays whole.
+
+    Raises:
+        TemplateMismatch: the template rewrites an earlier turn (or tokenizes it differently in context).
+    """
+    user = UserText(tokenizer)
+    mfmt = _marked_format(fmt, user)
+    messages = [{**m, "content": user.mark(m["content"])} for m in ex.messages or []]
+    marked = dataclasses.replace(ex, input=user.mark(ex.input), messages=messages)
+    full = render_prompt(tokenizer, mfmt, marked)
+    ids = user.encode(full)
+    spans = [(_tokens_before(user, ids, full[:a]), _tokens_before(user, ids, full[:b]))
+             for a, b in turn_cuts(tokenizer, mfmt, marked, full)]
+    if len(ids) <= budget:
+        return ids, spans, False
+    over = len(ids) - budget
+    return ids[over:], [(max(a - over, 0), b - over) for a, b in spans if b - over > 0], True
+
+
+def turn_cuts(tokenizer, fmt: PromptFormat, ex: Example, full: str) -> list[tuple[int, int]]:
+    """[start, end) character ranges in the rendered prompt `full` of each assistant turn in
+    `ex.messages`: where the template's generation prompt for that turn ends, and its end-of-turn token."""
+    cuts: list[tuple[int, int]] = []
+    for i, m in enumerate(ex.messages or []):
+        if m["role"] != "assistant":
+            continue
+        head_ex = dataclasses.replace(ex, messages=ex.messages[:i])
+        head = render_prompt(tokenizer, fmt, head_ex)
+        answer = rendered_answer(tokenizer, fmt.messages(head_ex), m["content"])
+        if answer is None or not full.startswith(head + answer):
+            raise TemplateMismatch(f"the chat template renders assistant turn {len(cuts) + 1} differently once the "
+                                   "conversation goes on, so it cannot be trained as the model will see it")
+        cuts.append((len(head), len(head) + len(answer)))
+    return cuts
+
+
+def _tokens_before(user: UserText, ids: list[int], head: str) -> int:
+    """How many of `ids` (the whole prompt's tokens) `head`, a prefix of the prompt text, takes."""
+    part = user.encode(head)
+    if ids[:len(part)] != part:
+        raise TemplateMismatch("an assistant turn's tokens change once the conversation goes on "
+                               "(the tokenizer merges across the turn boundary)")
+    return len(part)
 
 
 def encode_answer(tokenizer, fmt: PromptFormat, answer: str) -> list[int]:
@@ -100,11 +172,22 @@ def encode_prompt(tokenizer, fmt: PromptFormat, ex: Example, budget: int) -> tup
         return ids, False
     over = len(ids) - budget
     input_ids = text_ids(tokenizer, ex.input)
-    keep = max(1, len(input_ids) - over - 2)
-    cut = Example(tokenizer.decode(input_ids[:keep]), ex.target, ex.source,
-                  _cut_last_user(ex, input_ids, keep, tokenizer))
+    keep = max(1, len(input_ids) - over - 4)
+    shortened = _head_and_tail(tokenizer, input_ids, keep)
+    cut = dataclasses.replace(ex, input=shortened, messages=_cut_last_user(ex, shortened))
     ids = _encode_rendered(tokenizer, fmt, cut)
     return ids[-budget:] if len(ids) > budget else ids, True
+
+
+def _head_and_tail(tokenizer, input_ids: list[int], keep: int) -> str:
+    """The input cut to about `keep` tokens by dropping its middle: the start (what a document is about)
+    and the end (where a question after a context sits) both survive. Head + tail truncation is also what
+    Sun et al. 2019 ("How to Fine-Tune BERT for Text Classification?") found best for long texts."""
+    head = (keep + 1) // 2
+    tail = keep - head
+    if tail <= 0:
+        return tokenizer.decode(input_ids[:keep])
+    return tokenizer.decode(input_ids[:head]).rstrip() + " … " + tokenizer.decode(input_ids[-tail:]).lstrip()
 
 
 def _encode_rendered(tokenizer, fmt: PromptFormat, ex: Example) -> list[int]:
@@ -124,15 +207,21 @@ def _marked_format(fmt: PromptFormat, user: UserText) -> PromptFormat:
         shots=[{k: user.mark(v) for k, v in shot.items()} for shot in fmt.shots])
 
 
-def _cut_last_user(ex: Example, input_ids: list[int], keep: int, tokenizer) -> list[dict] | None:
+def _cut_last_user(ex: Example, shortened: str) -> list[dict] | None:
     if ex.messages is None:
         return None
     messages = [dict(m) for m in ex.messages]
     for m in reversed(messages):
         if m["role"] == "user":
-            m["content"] = tokenizer.decode(input_ids[:keep])
+            m["content"] = shortened
             break
     return messages
+
+
+def answer_only(fmt: PromptFormat) -> PromptFormat:
+    """`fmt` supervising the final answer alone: what a pair's log-probability and an answer's
+    perplexity score, whatever task.train_on trains (earlier assistant turns are then prompt)."""
+    return dataclasses.replace(fmt, train_on="last_turn")
 
 
 def build_format(task, labels: list[str] | None, tokenizer) -> PromptFormat:
@@ -144,4 +233,4 @@ def build_format(task, labels: list[str] | None, tokenizer) -> PromptFormat:
     elif labels:
         list_labels = bool(task.list_labels)
     return PromptFormat(task.type, task.instruction, labels, list_labels, task.max_length,
-                        label_scoring=task.label_scoring)
+                        label_scoring=task.label_scoring, train_on=task.train_on)

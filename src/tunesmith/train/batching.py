@@ -9,8 +9,16 @@ from dataclasses import dataclass
 import torch
 
 from tunesmith.data.examples import Example
+from tunesmith.tasks.chat_template import mismatch_error
 from tunesmith.tasks.predict import answer_budget
-from tunesmith.tasks.prompts import PromptFormat, encode_answer, encode_prompt
+from tunesmith.tasks.prompts import (
+    PromptFormat,
+    TemplateMismatch,
+    encode_answer,
+    encode_prompt,
+    encode_turns,
+    supervises_turns,
+)
 from tunesmith.train.packing import budget_batches
 
 IGNORE = -100
@@ -18,12 +26,23 @@ IGNORE = -100
 
 @dataclass
 class Encoded:
-    """Prompt + answer ids; loss is taken on the answer tokens only."""
+    """Prompt + answer ids; loss is taken on the answer tokens only, and on the [start, end) `spans`
+    inside the prompt (a conversation's earlier assistant turns, task.train_on: all_assistant_turns)."""
 
     ids: list[int]
     n_prompt: int
     truncated: bool = False
     weight: float = 1.0
+    spans: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def start(self) -> int:
+        """Index of the first supervised token (everything before it is context only)."""
+        return min([self.n_prompt] + [a for a, _ in self.spans])
+
+    def targets(self) -> list[tuple[int, int]]:
+        """Every supervised [start, end) range: the earlier spans, then the answer."""
+        return [*self.spans, (self.n_prompt, len(self.ids))]
 
 
 def encode_for_training(tokenizer, fmt: PromptFormat, examples: list[Example]) -> list[Encoded]:
@@ -31,13 +50,25 @@ def encode_for_training(tokenizer, fmt: PromptFormat, examples: list[Example]) -
     answers: dict[str, list[int]] = {}
     out = []
     for ex in examples:
-        prompt, truncated = encode_prompt(tokenizer, fmt, ex, budget)
+        if supervises_turns(tokenizer, fmt, ex):
+            prompt, spans, truncated = _encode_turns(tokenizer, fmt, ex, budget)
+        else:
+            (prompt, truncated), spans = encode_prompt(tokenizer, fmt, ex, budget), []
         if ex.target not in answers:
             answers[ex.target] = encode_answer(tokenizer, fmt, ex.target)
         answer = answers[ex.target][: fmt.max_length - len(prompt)]
         out.append(Encoded(prompt + answer, len(prompt), truncated or len(answer) < len(answers[ex.target]),
-                           ex.weight))
+                           ex.weight, tuple(spans)))
     return out
+
+
+def _encode_turns(tokenizer, fmt: PromptFormat, ex: Example, budget: int):
+    """`encode_turns`, its TemplateMismatch a located DataError: the pre-flight samples rows, and a
+    template may rewrite an earlier turn only for some texts (one holding `</think>`, say)."""
+    try:
+        return encode_turns(tokenizer, fmt, ex, budget)
+    except TemplateMismatch as e:
+        raise mismatch_error(ex, e) from None
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, group: int = 32) -> list[list[int]]:
@@ -74,7 +105,8 @@ def collate(items: list[Encoded], pad_id: int, prefix_len: int = 0) -> dict[str,
     for i, (it, tail) in enumerate(zip(items, tails)):
         ids[i, : len(tail)] = torch.tensor(tail)
         mask[i, : len(tail)] = 1
-        labels[i, it.n_prompt - prefix_len: len(tail)] = ids[i, it.n_prompt - prefix_len: len(tail)]
+        for a, b in it.targets():  # the shared prefix ends before the first target (see trainer.fit)
+            labels[i, a - prefix_len: b - prefix_len] = ids[i, a - prefix_len: b - prefix_len]
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     if any(it.weight != 1.0 for it in items):
         batch["weights"] = torch.tensor([it.weight for it in items], dtype=torch.float32)  # (B,)
@@ -104,9 +136,9 @@ def collate_packed(rows: list[list[Encoded]], pad_id: int) -> dict[str, torch.Te
             ids[b, at:at + n] = torch.tensor(e.ids)
             mask[b, at:at + n] = 1
             positions[b, at:at + n] = torch.arange(n)
-            # An example's first token is never a target: unpacked, nothing comes before it.
-            first = at + max(e.n_prompt, 1)
-            labels[b, first:at + n] = ids[b, first:at + n]
+            for lo, hi in e.targets():
+                # An example's first token is never a target: unpacked, nothing comes before it.
+                labels[b, at + max(lo, 1):at + hi] = ids[b, at + max(lo, 1):at + hi]
             at += n
         positions[b, at:] = torch.arange(width - at)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": positions}

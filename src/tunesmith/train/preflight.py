@@ -22,7 +22,8 @@ def preflight(tokenizer, fmt: PromptFormat, examples: list[Example], encoded: li
     """Raise on fatal problems; return warnings."""
     warnings = _masked(examples, encoded)
     warnings += _truncated(examples, encoded, fmt)
-    warnings += _stops(tokenizer, fmt)
+    if fmt.task_type != "text":  # raw documents end with the EOS by construction (tasks/text.py)
+        warnings += _stops(tokenizer, fmt)
     warnings += _hyperparameters(cfg, len(examples))
     return warnings
 

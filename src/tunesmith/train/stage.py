@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 from tunesmith import fsio
 from tunesmith.config import Project
+from tunesmith.data.pairs import refuse_undesirable_targets
 from tunesmith.data.prepare import Splits
 from tunesmith.models.load import load_tokenizer
 from tunesmith.models.resolve import resolve_model
-from tunesmith.tasks.prompts import build_format
+from tunesmith.registry import METHOD_SPECS
+from tunesmith.tasks.chat_template import check_chat_template, use_chat_template
+from tunesmith.tasks.prompts import answer_only, build_format
 from tunesmith.train import distributed
 from tunesmith.train.finetuned import save_finetuned
+from tunesmith.train.init_from import merged_init
 from tunesmith.train.methods import get_method
 from tunesmith.train.trackers import check_available
 from tunesmith.train.trainer import TrainResult, fit, load_base
@@ -26,9 +31,12 @@ def train_stage(project: Project, splits: Splits, run_dir: Path, progress: bool 
     model is saved the checkpoints are deleted: they exist only to survive an interruption.
     """
     check_available(project.train.trackers)
+    if not METHOD_SPECS[project.train.method].preference:
+        refuse_undesirable_targets(splits.train, project.train.method)
     base_path = resolve_model(project.model)
-    tokenizer = load_tokenizer(base_path)
-    fmt = build_format(project.task, splits.labels, tokenizer)
+    tokenizer, fmt = _checked_tokenizer(project, splits, base_path)
+    if project.train.init_from is not None:  # e.g. DPO after SFT: that run's merged model is the base
+        base_path = merged_init(project.train.init_from, run_dir / "model")
     model = load_base(base_path, project.train)
     # A method may bring its own fitting procedure (prompt search); weight-training methods share `fit`.
     fitter = getattr(get_method(project.train.method), "fit", fit)
@@ -43,3 +51,21 @@ def train_stage(project: Project, splits: Splits, run_dir: Path, progress: bool 
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     distributed.barrier()
     return result
+
+
+def _checked_tokenizer(project: Project, splits: Splits, base_path: Path):
+    """The tokenizer with task.chat_template on it (saved with the model: serve renders the same) and the
+    prompt format, the template checked against the rows before anything is written: merging
+    train.init_from's weights comes after. Test rows are checked too, on their last answer (all eval
+    scores), so a row the template cannot render fails now, not in eval after training."""
+    init = project.train.init_from
+    # train.init_from's merged base (train/init_from.py) carries that run's saved tokenizer unchanged.
+    tokenizer = load_tokenizer(Path(init) / "model" if init is not None else base_path)
+    use_chat_template(tokenizer, project.task, project.base_dir)
+    fmt = build_format(project.task, splits.labels, tokenizer)
+    name = project.task.chat_template
+    notes = check_chat_template(tokenizer, fmt, splits.train + splits.validation, name)
+    check_chat_template(tokenizer, answer_only(fmt), splits.test, name)
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
+    return tokenizer, fmt
