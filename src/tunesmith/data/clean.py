@@ -44,7 +44,8 @@ class Curation:
         if not self.cfg.enabled:
             return rows
         rows = self._step(role, "normalize", rows, self._normalize)
-        rows = self._step(role, "length", rows, self._length)
+        # Test rows are validated, not filtered: only a defect (nothing left to ask or answer) removes one.
+        rows = self._step(role, "length", rows, self._empty if role == "test" else self._length)
         if self.cfg.exact_dedup:
             rows = self._step(role, "exact_dedup", rows, lambda r: self._dedup(r, dedup.exact_duplicates(
                 [self._text(e) for e in r])))
@@ -122,8 +123,11 @@ class Curation:
 
     def report(self) -> dict:
         removed = Counter(r["reason"] for r in self.removed)
+        removed_test = Counter(r["reason"] for r in self.removed if r.get("removed_from_split") == "test")
         changed = Counter(c for row in self.changes for c in row["changes"])
         return {"steps": self.steps, "removed_by_reason": dict(sorted(removed.items())),
+                "test_rows_removed": sum(removed_test.values()),
+                "test_rows_removed_by_reason": dict(sorted(removed_test.items())),
                 "changes_by_kind": dict(sorted(changed.items())), "pii_found": dict(sorted(self.pii_counts.items())),
                 "pii_not_checked": self._not_checked(),
                 "suspected_label_errors": len(self.suspects), "conflicting_duplicates_total": len(self.conflicts),
@@ -140,8 +144,10 @@ class Curation:
 
     # -- steps -----------------------------------------------------------------------------------
     def _step(self, role: str, name: str, rows: list[Example], fn) -> list[Example]:
-        changes_before = len(self.changes)
+        changes_before, removed_before = len(self.changes), len(self.removed)
         out = fn(rows)
+        for row in self.removed[removed_before:]:
+            row["removed_from_split"] = role
         self.steps.append({"split": role, "step": name, "rows_in": len(rows), "rows_out": len(out),
                            "rows_changed": len(self.changes) - changes_before})
         return out
@@ -152,22 +158,31 @@ class Curation:
             kinds: set[str] = set()
 
             def fix(text: str) -> str:
-                new, made = normalize_text(text, self.cfg.normalize)
+                new, made = normalize_text(text, self.cfg.normalize, self.task_type)
                 kinds.update(made)
                 return new
-            cleaned = _map_text(e, fix, self.task_type)
+            # Inputs only: a generation or chat answer (markup, code, layout) is kept byte for byte.
+            cleaned = _map_text(e, fix, self.task_type, targets=False)
             if kinds:
                 self._changed(e, sorted(kinds))
             out.append(cleaned)
         return out
 
-    def _length(self, rows: list[Example]) -> list[Example]:
+    def _empty(self, rows: list[Example]) -> list[Example]:
+        """Rows with an input and a target left; the others are logged as empty_after_cleaning."""
         out = []
         for e in rows:
-            n = len(e.input)
-            if not e.input.strip() or not e.target.strip():
+            if not e.input.strip() or (self.task_type != "text" and not e.target.strip()):  # text: no target
                 self._remove(e, "empty_after_cleaning")
-            elif n < self.cfg.min_chars:
+            else:
+                out.append(e)
+        return out
+
+    def _length(self, rows: list[Example]) -> list[Example]:
+        out = []
+        for e in self._empty(rows):
+            n = len(e.input)
+            if n < self.cfg.min_chars:
                 self._remove(e, "too_short", chars=n, min_chars=self.cfg.min_chars)
             elif self.cfg.max_chars is not None and n > self.cfg.max_chars:
                 self._remove(e, "too_long", chars=n, max_chars=self.cfg.max_chars)
@@ -219,7 +234,8 @@ class Curation:
 
     def _text(self, e: Example) -> str:
         """What deduplication compares: the input, plus the answer for generation and chat data."""
-        return e.input if self.task_type == "classification" else f"{e.input}\n{e.target}"
+        return e.input if self.task_type == "classification" else f"{e.input}\n{e.target}" + (
+            f"\n{e.rejected}" if e.rejected is not None else "")  # distinct pairs of one prompt and answer
 
     def _remove(self, e: Example, reason: str, **detail) -> None:
         self.removed.append({**e.raw(), "reason": reason, **_where(e), **detail})
@@ -232,9 +248,12 @@ def _where(e: Example) -> dict:
     return {"file": e.file, "line": e.line}
 
 
-def _map_text(e: Example, fn, task_type: str) -> Example:
-    """A copy of `e` with `fn` applied to every text it holds (not to a classification label,
+def _map_text(e: Example, fn, task_type: str, targets: bool = True) -> Example:
+    """A copy of `e` with `fn` applied to every text it holds: its input and chat turns, and with `targets`
+    the answer and earlier assistant turns of generation and chat data (never a classification label,
     which is an identifier that task.labels and the other files must match exactly)."""
-    messages = None if e.messages is None else [{**m, "content": fn(m["content"])} for m in e.messages]
-    target = e.target if task_type == "classification" else fn(e.target)
+    def apply(m: dict) -> dict:
+        return {**m, "content": fn(m["content"])} if targets or m["role"] != "assistant" else m
+    messages = None if e.messages is None else [apply(m) for m in e.messages]
+    target = fn(e.target) if targets and task_type != "classification" else e.target
     return replace(e, input=fn(e.input), target=target, messages=messages)

@@ -23,13 +23,16 @@ _BLANK_LINES = re.compile(r"\n{3,}")
 _PUNCT_SPACE = re.compile(r"[\W_]+", re.UNICODE)
 
 
-def normalize_text(text: str, cfg: NormalizeSettings) -> tuple[str, list[str]]:
-    """The cleaned text and the kinds of change made ("unicode", "control_chars", "html", "whitespace")."""
+def normalize_text(text: str, cfg: NormalizeSettings, task_type: str = "classification") -> tuple[str, list[str]]:
+    """An input text cleaned, and the kinds of change made ("unicode", "control_chars", "html", "whitespace").
+
+    Unicode, markup and layout steps run on the inputs of the task types `cfg` names (by default
+    classification only: a generation prompt may hold code, markup or the very span the answer quotes)."""
     changes = []
-    steps = [("unicode", cfg.unicode, lambda t: unicodedata.normalize("NFKC", t)),
+    steps = [("unicode", cfg.applies("unicode", task_type), lambda t: unicodedata.normalize("NFKC", t)),
              ("control_chars", cfg.control_chars, lambda t: _CONTROL.sub("", t)),
-             ("html", cfg.html, _strip_html),
-             ("whitespace", cfg.whitespace, _collapse_whitespace)]
+             ("html", cfg.applies("html", task_type), _strip_html),
+             ("whitespace", cfg.applies("whitespace", task_type), _collapse_whitespace)]
     for name, on, fn in steps:
         if on:
             new = fn(text)

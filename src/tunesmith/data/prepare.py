@@ -145,6 +145,14 @@ def data_report(splits: Splits) -> dict:
     return report
 
 
+def test_removals(data_dir: Path) -> dict:
+    """How many test rows the data stage of a run removed, and why (from its data/report.json)."""
+    path = Path(data_dir) / "report.json"
+    curation = fsio.read_json(path).get("curation", {}) if path.is_file() else {}
+    return {"test_rows_removed": curation.get("test_rows_removed", 0),
+            "test_rows_removed_by_reason": curation.get("test_rows_removed_by_reason", {})}
+
+
 def save_splits(splits: Splits, data_dir: Path) -> None:
     """Write the curated splits, what curation removed, changed and suspects, and report.json."""
     for name, rows in splits.by_name().items():

@@ -115,6 +115,10 @@ def summary(splits: Splits, out: Path | None) -> list[str]:
     cur = splits.curation.report() if splits.curation else {}
     removed = cur.get("removed_by_reason", {})
     lines.append("removed: " + (", ".join(f"{k} {v}" for k, v in removed.items()) or "nothing"))
+    if cur.get("test_rows_removed"):
+        # Said on a line of its own: fewer test rows change the benchmark that runs are compared on.
+        lines.append(f"test rows removed: {cur['test_rows_removed']} (" + ", ".join(
+            f"{k} {v}" for k, v in cur["test_rows_removed_by_reason"].items()) + "; listed in removed.jsonl)")
     if cur.get("pii_found"):
         lines.append("PII found: " + ", ".join(f"{k} {v}" for k, v in cur["pii_found"].items()))
     if cur.get("conflicting_duplicates_total"):

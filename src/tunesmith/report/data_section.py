@@ -10,9 +10,10 @@ from tunesmith.report import plots
 from tunesmith.report.html import img, page
 
 
-def data_section(data: dict) -> str:
-    """Splits, what curation did step by step, PII, suspects, groups, and the profile plots."""
-    parts = ["<h2>Data</h2>", _splits_table(data["splits"]),
+def data_section(data: dict, test_removed: dict | None = None) -> str:
+    """Splits, test rows removed, what curation did step by step, PII, suspects, groups, and the profile
+    plots. `test_removed` is summary.json's `data` (test_rows_removed and by reason) where a run has one."""
+    parts = ["<h2>Data</h2>", _splits_table(data["splits"]), _test_rows_removed(test_removed or data.get("curation")),
              img(plots.data_profile(data["splits"]), "data profile")]
     cur = data.get("curation")
     if cur:
@@ -30,6 +31,18 @@ def _splits_table(splits: dict) -> str:
     body = "".join(f"<tr><td>{name}</td>" + "".join(f"<td>{s.get(c, '')}</td>" for c in cols) + "</tr>"
                    for name, s in splits.items())
     return f"<table><tr><th>split</th>{head}</tr>{body}</table>"
+
+
+def _test_rows_removed(counts: dict | None) -> str:
+    """The count of test rows the data stage removed, said even when it is 0: a figure measured on fewer
+    test rows than the file holds must say so (they are removed only for a real defect)."""
+    if not counts or "test_rows_removed" not in counts:
+        return ""
+    n = counts["test_rows_removed"]
+    if not n:
+        return "<p>test rows removed: 0</p>"
+    reasons = _counts(counts.get("test_rows_removed_by_reason", {}))
+    return f"<p class='warn'>test rows removed: {n} ({reasons}; every row in data/removed.jsonl)</p>"
 
 
 def _curation(cur: dict) -> str:

@@ -6,10 +6,12 @@ Kept free of torch: the bootstrap, the leaderboard and the report import it.
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Sequence
 
 from tunesmith.registry import METRIC_SPECS, MetricSpec, metric_names
@@ -155,39 +157,63 @@ def confusion_matrix(golds: Golds, preds: Preds, labels: Sequence[str]) -> list[
     return matrix
 
 
+_PUNCTUATION = frozenset(string.punctuation)
+
+
 def normalize_answer(text: str) -> str:
-    """SQuAD-style normalisation: lower case, no punctuation, no articles, single spaces."""
+    """SQuAD v1.1 normalisation (its evaluate script): lower case, punctuation removed, then the
+    articles a/an/the, then runs of whitespace collapsed."""
     text = text.lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
 
 
+def _answers(gold: str | Sequence[str]) -> Sequence[str]:
+    """The gold answers of one row: SQuAD rows may have several, and a prediction scores its best match."""
+    return [gold] if isinstance(gold, str) else gold
+
+
+def exact_match_pair(gold: str | Sequence[str], pred: str) -> float:
+    """1.0 when the normalised prediction equals a normalised gold answer."""
+    return max(float(normalize_answer(g) == normalize_answer(pred)) for g in _answers(gold))
+
+
+def token_f1_pair(gold: str | Sequence[str], pred: str) -> float:
+    """SQuAD v1.1 token F1: the F1 of the bags of normalised tokens, best over the gold answers."""
+    return max(_bag_f1(normalize_answer(g).split(), normalize_answer(pred).split()) for g in _answers(gold))
+
+
+def _bag_f1(gold: list[str], pred: list[str]) -> float:
+    same = sum((Counter(pred) & Counter(gold)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
 @_builtin("exact_match")
 def exact_match(golds: Golds, preds: Preds) -> float:
-    return sum(normalize_answer(g) == normalize_answer(p) for g, p in zip(golds, preds)) / max(len(golds), 1)
+    return sum(exact_match_pair(g, p) for g, p in zip(golds, preds)) / max(len(golds), 1)
 
 
-def _lcs(a: list[str], b: list[str]) -> int:
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
+@_builtin("token_f1")
+def token_f1(golds: Golds, preds: Preds) -> float:
+    return sum(token_f1_pair(g, p) for g, p in zip(golds, preds)) / max(len(golds), 1)
 
 
-def rouge_l_pair(gold: str, pred: str) -> float:
-    """ROUGE-L F1 of one pair on lower-cased whitespace tokens."""
-    g, p = gold.lower().split(), pred.lower().split()
-    if not g or not p:
-        return float(g == p)
-    lcs = _lcs(g, p)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(p), lcs / len(g)
-    return 2 * precision * recall / (precision + recall)
+@lru_cache(maxsize=1)
+def _rouge_scorer():
+    from rouge_score import rouge_scorer
+
+    # Porter stemming, as the ROUGE paper's toolkit runs it (-m): "runs" and "running" match.
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l_pair(gold: str | Sequence[str], pred: str) -> float:
+    """ROUGE-L F1 of one pair (Google's rouge-score package, stemmed; its tokenizer keeps only
+    ASCII letters and digits, so text in other scripts scores 0), best over the gold answers."""
+    return max(_rouge_scorer().score(g, pred)["rougeL"].fmeasure for g in _answers(gold))
 
 
 @_builtin("rouge_l")
@@ -209,6 +235,34 @@ def chrf(golds: Golds, preds: Preds) -> float:
     import sacrebleu
 
     return sacrebleu.corpus_chrf(list(preds), [list(golds)]).score / 100
+
+
+# task.type text: a "gold" is a document's count of predicted tokens and a "prediction" the model's summed
+# negative log-likelihood of them (nats, evaluate/text.py), so the paired bootstrap resamples documents.
+@_builtin("token_loss")
+def token_loss(golds: Sequence[int], preds: Sequence[float]) -> float:
+    """Mean negative log-likelihood per token over all documents (token-weighted)."""
+    return sum(preds) / max(sum(golds), 1)
+
+
+@_builtin("perplexity")
+def perplexity(golds: Sequence[int], preds: Sequence[float]) -> float:
+    """exp(token_loss): the standard corpus perplexity."""
+    return math.exp(token_loss(golds, preds))
+
+
+# Preference pairs (train.method dpo|orpo|simpo|kto): a "prediction" is a pair's margin, log p(chosen) -
+# log p(rejected) under the model in nats (train/preference_fit.pair_margins), so the bootstrap resamples pairs.
+@_builtin("preference_accuracy")
+def preference_accuracy(golds: Sequence[str], preds: Sequence[float]) -> float:
+    """Share of pairs whose chosen answer the model finds likelier than the rejected one."""
+    return sum(float(p) > 0 for p in preds) / max(len(preds), 1)
+
+
+@_builtin("reward_margin")
+def reward_margin(golds: Sequence[str], preds: Sequence[float]) -> float:
+    """Mean margin, log p(chosen) - log p(rejected), in nats."""
+    return sum(float(p) for p in preds) / max(len(preds), 1)
 
 
 _missing = set(METRIC_SPECS) - set(METRICS)
