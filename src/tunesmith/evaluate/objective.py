@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from tunesmith.config import ObjectiveConfig
+from tunesmith.registry import METRIC_SPECS
 
 
 @dataclass(frozen=True)
@@ -44,15 +45,20 @@ def judge(objective: ObjectiveConfig, baseline: dict, finetuned: dict, compariso
         The Verdict; with no criteria configured, `met` is true.
     """
     metric = objective.metric
+    # For a lower-is-better metric (perplexity) the target is a ceiling and the gain is the reduction.
+    higher = metric not in METRIC_SPECS or METRIC_SPECS[metric].higher_is_better
     criteria = []
     if objective.target is not None:
-        criteria.append(_criterion(metric, finetuned.get(metric), objective.target, ">="))
+        criteria.append(_criterion(metric, finetuned.get(metric), objective.target, ">=" if higher else "<="))
     if objective.min_gain is not None:
         if objective.min_gain_on == "ci_low":
-            gain = (comparison or {}).get(metric, {}).get("ci_low")
+            row = (comparison or {}).get(metric, {})
+            # tuned - base's interval: a reduction's lower end is minus the difference's upper end.
+            gain = row.get("ci_low") if higher else _negated(row.get("ci_high"))
             criteria.append(_criterion(f"{metric}_gain_ci_low", gain, objective.min_gain, ">="))
         else:
-            gain = _diff(finetuned.get(metric), baseline.get(metric))
+            tuned, base = finetuned.get(metric), baseline.get(metric)
+            gain = _diff(tuned, base) if higher else _diff(base, tuned)
             criteria.append(_criterion(f"{metric}_gain", gain, objective.min_gain, ">="))
     for name, bound in objective.constraints.items():
         if bound.min is not None:
@@ -60,6 +66,10 @@ def judge(objective: ObjectiveConfig, baseline: dict, finetuned: dict, compariso
         if bound.max is not None:
             criteria.append(_criterion(name, finetuned.get(name), bound.max, "<="))
     return Verdict(all(c.met for c in criteria), criteria)
+
+
+def _negated(a):
+    return None if a is None else -a
 
 
 def _diff(a, b):
