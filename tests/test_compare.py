@@ -70,12 +70,25 @@ def test_no_difference_gives_a_wide_interval_around_zero():
     assert same["diff"] == 0 and same["ci_low"] == 0 and same["ci_high"] == 0 and same["p_value"] == 1.0
 
 
-def test_compare_uses_mcnemar_for_classification_and_bootstrap_for_generation():
+def test_mcnemar_for_accuracy_and_exact_match_bootstrap_for_every_other_metric():
     golds, base, tuned = _fixed(120)
-    cls = compare("classification", golds, base, tuned, ["accuracy", "f1_macro"], resamples=200)
+    names = ["accuracy", "f1_macro", "precision_macro", "recall_macro"]
+    cls = compare("classification", golds, base, tuned, names, resamples=200)
     assert cls["accuracy"]["test"] == "McNemar" and "bootstrap_p_value" in cls["accuracy"]
-    gen = compare("generation", golds, base, tuned, ["exact_match"], resamples=200)
-    assert gen["exact_match"]["test"] == "paired bootstrap"
+    assert cls["accuracy"]["p_value"] == mcnemar(golds, base, tuned)["p_value"]
+    for name in names[1:]:  # not a count of correct examples: the bootstrap's own p-value, named
+        alone = paired_bootstrap(golds, base, tuned, name, resamples=200)
+        assert cls[name]["test"] == "paired bootstrap" and "mcnemar" not in cls[name]
+        assert cls[name]["p_value"] == alone["p_value"]
+    gen = compare("generation", golds, base, tuned, ["exact_match", "token_f1"], resamples=200)
+    assert gen["exact_match"]["test"] == "McNemar" and gen["token_f1"]["test"] == "paired bootstrap"
+
+
+def test_exact_match_mcnemar_counts_normalised_answers():
+    """' The Cat.' is an exact match of 'the cat' (SQuAD normalisation): McNemar must count it right."""
+    golds = ["the cat"] * 30
+    gen = compare("generation", golds, ["dog"] * 30, [" The Cat."] * 30, ["exact_match"], resamples=200)
+    assert gen["exact_match"]["mcnemar"]["c"] == 30 and gen["exact_match"]["p_value"] < 1e-6
 
 
 def test_min_gain_can_be_judged_on_the_interval_lower_bound():

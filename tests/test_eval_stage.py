@@ -46,6 +46,7 @@ def test_eval_writes_comparison_efficiency_calibration_and_suites(tiny_project, 
     assert suites["echo"]["comparison"]["rouge_l"]["test"] == "paired bootstrap"
     page = (out / "report.html").read_text()
     assert "Other evaluation sets" in page and "95% CI" in page and "McNemar" in page
+    assert f"Answers: the first {min(10, metrics['test_examples'])} test prompts" in page  # answers_section.py
     assert page.count("data:image/png;base64,") >= 7
     summary = json.loads((out / "summary.json").read_text())
     assert summary["comparison"]["accuracy"]["p_value"] == acc["p_value"]

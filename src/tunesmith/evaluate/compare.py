@@ -71,17 +71,32 @@ def _chi2_sf_1(x: float) -> float:
     return math.erfc(math.sqrt(x / 2))
 
 
+# Metrics that are a mean of per-example right/wrong: McNemar's test fits them (preference_accuracy: a
+# pair is right when its margin is positive); every other metric (macro-F1, precision, recall, ROUGE,
+# BLEU, reward_margin, ...) is not a count of correct examples and takes the paired bootstrap's p-value.
+MCNEMAR_METRICS = ("accuracy", "exact_match", "preference_accuracy")
+
+
 def compare(task_type: str, golds: Sequence[str], base: Sequence[str], tuned: Sequence[str],
             metrics: list[str], resamples: int = 1000, seed: int = 0) -> dict:
-    """{metric: {diff, ci_low, ci_high, p_value, ...}} for each metric; classification metrics
-    take McNemar's p-value (accuracy's natural test) and keep the bootstrap's as `bootstrap_p_value`."""
+    """{metric: {diff, ci_low, ci_high, p_value, test, ...}} for each metric. Accuracy and exact match
+    take McNemar's p-value (`test` "McNemar", the bootstrap's kept as `bootstrap_p_value`); every other
+    metric keeps the paired bootstrap's (`test` "paired bootstrap"). `task_type` is kept for callers."""
     out = {}
-    test = mcnemar(golds, base, tuned) if task_type == "classification" else None
     for name in metrics:
         # Corpus-level metrics (BLEU, chrF) cost a full corpus score per resample.
         row = paired_bootstrap(golds, base, tuned, name, max(200, resamples // METRICS[name].cost), seed)
-        if test is not None:
+        if name in MCNEMAR_METRICS:
+            test = mcnemar(*_correctness(golds, base, tuned, METRICS[name].fn))
             row["bootstrap_p_value"] = row["p_value"]
             row.update(p_value=test["p_value"], test="McNemar", mcnemar=test)
         out[name] = row
     return out
+
+
+def _correctness(golds: Sequence, base: Sequence[str], tuned: Sequence[str], fn) -> tuple[list, list, list]:
+    """Per-example right (1) or wrong (0) of each model under `fn` (exact match normalises answers, so
+    raw string equality would miscount), shaped as the (golds, base, tuned) McNemar takes."""
+    ones = [1] * len(golds)
+    return (ones, [int(fn([g], [p]) == 1.0) for g, p in zip(golds, base)],
+            [int(fn([g], [p]) == 1.0) for g, p in zip(golds, tuned)])

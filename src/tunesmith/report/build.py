@@ -6,7 +6,9 @@ import html
 from pathlib import Path
 
 from tunesmith import fsio
+from tunesmith.config import load_config
 from tunesmith.report import plots
+from tunesmith.report.answers_section import answers_section
 from tunesmith.report.data_section import data_section
 from tunesmith.report.fairness_section import fairness_section
 from tunesmith.report.html import fmt, img, page, read_log
@@ -21,7 +23,9 @@ def report_stage(run_dir: Path) -> Path:
     data = fsio.read_json(run_dir / "data" / "report.json")
     log = read_log(run_dir / "train_log.jsonl")
     body = [_header(summary), _verdict(summary["objective"]), _metrics_table(metrics), _plots(metrics, log, summary),
-            data_section(data), _watch_section(summary.get("training", {}), metrics.get("forgetting")),
+            answers_section(run_dir, summary["objective_metric"], _report_examples(run_dir)),
+            data_section(data, summary.get("data")),
+            _watch_section(summary.get("training", {}), metrics.get("forgetting")),
             _suites_section(metrics.get("benchmarks", {})), _harness_section(metrics.get("harness")),
             _judge_section(metrics.get("judge")),
             _search_section(run_dir, summary["objective_metric"]), fairness_section(run_dir),
@@ -30,6 +34,12 @@ def report_stage(run_dir: Path) -> Path:
     fsio.write_text(run_dir / "report.html", page(f"tunesmith: {summary['name']}", "".join(body)))
     fsio.write_text(run_dir / "model_card.md", model_card(summary, metrics, data))
     return run_dir / "report.html"
+
+
+def _report_examples(run_dir: Path) -> int:
+    """eval.report_examples of the run's config (10 when the run has no config.yaml)."""
+    path = run_dir / "config.yaml"
+    return load_config(path, check_files=False).eval.report_examples if path.is_file() else 10
 
 
 def _header(summary: dict) -> str:
@@ -120,7 +130,7 @@ def _suites_section(suites: dict) -> str:
         m, c = s["metric"], s["comparison"][s["metric"]]
         rows.append(f"<tr><td>{html.escape(name)}</td><td>{s['examples']}</td><td>{m}</td><td>{fmt(s['baseline'][m])}</td>"
                     f"<td>{fmt(s['finetuned'][m])}</td><td>{c['diff']:+.4f}</td><td>[{c['ci_low']:+.4f}, "
-                    f"{c['ci_high']:+.4f}]</td><td>{c['p_value']:.3g}</td></tr>")
+                    f"{c['ci_high']:+.4f}]</td><td>{c['p_value']:.3g} ({c['test']})</td></tr>")
     return ("<h2>Other evaluation sets</h2><table><tr><th>set</th><th>examples</th><th>metric</th><th>baseline</th>"
             "<th>fine-tuned</th><th>difference</th><th>95% CI</th><th>p-value</th></tr>" + "".join(rows) + "</table>")
 

@@ -61,8 +61,17 @@ def _rows(service: Service, kind: str, items: list):
         rows = [t for texts in items for t in texts]
         owner = [i for i, texts in enumerate(items) for _ in texts]
         return rows, owner, service.classify
-    return items, list(range(len(items))), \
-        lambda part: service.complete([e for e, _ in part], [n for _, n in part])
+    return items, list(range(len(items))), lambda part: _complete(service, part)
+
+
+def _complete(service: Service, part: list[tuple]) -> list:
+    """Completions of (example, max_tokens[, sampling]) rows; the sampling list goes to the engine only
+    when some row carries settings (routes leave plain greedy requests without)."""
+    sampling = [it[2] if len(it) > 2 else None for it in part]
+    examples, limits = [it[0] for it in part], [it[1] for it in part]
+    if all(s is None for s in sampling):
+        return service.complete(examples, limits)
+    return service.complete(examples, limits, sampling)
 
 
 def _regroup(results: list, owner: list[int], n: int) -> list:

@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 
 from tunesmith import fsio
+from tunesmith.config import GenerationSettings
 from tunesmith.data.examples import Example
 from tunesmith.errors import EngineError
 from tunesmith.serve.service import Completion, TokenPrompt, prompt_ids, request_example
@@ -45,6 +46,7 @@ class RemoteService:
     """
 
     scores_labels = False
+    samples = True  # sampling settings go upstream as request fields (vLLM takes all of them)
     threads = 8  # streams relayed at once; batches of requests go upstream together (see complete)
 
     def __init__(self, name: str, run_dir: Path | None, model_dir: Path, upstream: str, parallel: int = 16,
@@ -71,28 +73,36 @@ class RemoteService:
             return TokenPrompt.checked(prompt, self.tokenizer, self.fmt.max_length)
         return request_example(self.fmt, prompt, messages)
 
-    def request_body(self, example: Example | TokenPrompt, max_tokens: int, stream: bool = False) -> dict:
+    def request_body(self, example: Example | TokenPrompt, max_tokens: int, stream: bool = False,
+                     sampling: GenerationSettings | None = None) -> dict:
         # Token ids, not text: the upstream would parse control tokens out of a text prompt, user text
         # included; these ids hold the template's control tokens and the user's text as literal characters.
-        return {"model": self.served_name, "prompt": prompt_ids(self.tokenizer, self.fmt, [example])[0],
+        body = {"model": self.served_name, "prompt": prompt_ids(self.tokenizer, self.fmt, [example])[0],
                 "max_tokens": max_tokens, "temperature": 0, "stream": stream}
+        if sampling is not None:  # validated by the route; only what differs from greedy goes, and a given seed
+            plain = GenerationSettings(seed=None).model_dump()
+            body.update({k: v for k, v in sampling.model_dump().items() if v != plain[k]})
+        return body
 
-    def complete(self, examples: list[Example], max_tokens: list[int]) -> list[Completion]:
+    def complete(self, examples: list[Example], max_tokens: list[int],
+                 sampling: list[GenerationSettings | None] | None = None) -> list[Completion]:
         """One upstream request per example, sent together: the upstream batches them itself."""
-        return list(self.pool.map(self._complete_one, examples, max_tokens))
+        return list(self.pool.map(self._complete_one, examples, max_tokens, sampling or [None] * len(examples)))
 
-    def _complete_one(self, example: Example, max_tokens: int) -> Completion:
+    def _complete_one(self, example: Example, max_tokens: int, sampling: GenerationSettings | None) -> Completion:
         try:
-            r = self.client.post("/v1/completions", json=self.request_body(example, max_tokens))
+            r = self.client.post("/v1/completions", json=self.request_body(example, max_tokens, sampling=sampling))
         except httpx.HTTPError as e:
             raise EngineError(f"upstream unreachable: {type(e).__name__}") from e
         if r.status_code != 200:
             raise EngineError(_status_message(r.status_code))
         return parse_completion(r.content)
 
-    def stream(self, example: Example, max_tokens: int, cancelled: threading.Event) -> Iterator[str]:
+    def stream(self, example: Example, max_tokens: int, cancelled: threading.Event,
+               sampling: GenerationSettings | None = None) -> Iterator[str]:
         """Text pieces relayed from the upstream's event stream; closes it when `cancelled` is set."""
-        with self.client.stream("POST", "/v1/completions", json=self.request_body(example, max_tokens, True)) as r:
+        body = self.request_body(example, max_tokens, True, sampling)
+        with self.client.stream("POST", "/v1/completions", json=body) as r:
             if r.status_code != 200:
                 raise EngineError(_status_message(r.status_code))
             for line in r.iter_lines():

@@ -12,14 +12,15 @@ from typing import Literal
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tunesmith.config import ServeConfig
+from tunesmith.config import GenerationSettings, ServeConfig
 from tunesmith.serve.metrics import OTHER_LABEL
 from tunesmith.serve.replies import error
 from tunesmith.serve.service import Completion, Service
 from tunesmith.serve.state import ServerState
 from tunesmith.serve.streaming import open_stream
+from tunesmith.tasks.sampling import generate_kwargs
 
 
 def _unicode(text: str | None) -> str | None:
@@ -63,7 +64,43 @@ class ClassifyRequest(_Body):
         return self
 
 
-class CompletionRequest(_Body):
+# Request fields that map onto GenerationSettings (top_k and repetition_penalty as vLLM names them).
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed")
+
+
+class _Sampling(_Body):
+    """OpenAI's decoding fields. Absent ones keep the server's greedy default; values out of range, and
+    fields this server cannot honour (penalties other than 0, n other than 1), are a 400 naming the field."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    n: int | None = None
+
+    def sampling(self) -> GenerationSettings | None:
+        """The request's settings, None for plain greedy decoding; ValueError (400) naming a bad field."""
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name) not in (None, 0):
+                raise ValueError(f"{name} is not supported by this server; use repetition_penalty (1 to 2) instead")
+        if self.n not in (None, 1):
+            raise ValueError("n must be 1: this server answers one choice per request")
+        given = {k: v for k in SAMPLING_FIELDS if (v := getattr(self, k)) is not None}
+        if isinstance(given.get("stop"), str):
+            given["stop"] = [given["stop"]]
+        try:
+            settings = GenerationSettings(**{"seed": None, **given})
+        except ValidationError as e:
+            first = e.errors()[0]
+            raise ValueError(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+        return None if settings == GenerationSettings(seed=None) else settings
+
+
+class CompletionRequest(_Sampling):
     """POST /v1/completions (OpenAI's fields that the server uses)."""
 
     model: str | None = None
@@ -90,7 +127,7 @@ class ChatMessage(_Body):
         return _unicode(v)
 
 
-class ChatRequest(_Body):
+class ChatRequest(_Sampling):
     """POST /v1/chat/completions (OpenAI's fields that the server uses)."""
 
     model: str | None = None
@@ -162,6 +199,7 @@ def openai_router(state: ServerState) -> APIRouter:
     @router.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         limit = _limit(body.max_tokens, cfg)
+        sampling = _sampling(body, service)
         if isinstance(body.prompt, list) and service.labels:
             return error(400, "a classifier takes text prompts (its prompt format is applied to them)",
                          "invalid_request_error")
@@ -169,26 +207,31 @@ def openai_router(state: ServerState) -> APIRouter:
             example = service.example(prompt=body.prompt)
         except ValueError as e:  # a token prompt out of range
             return error(422, f"{e} (prompt)", "invalid_request_error")
-        return await _complete(state, request, example, limit, body.stream, "/v1/completions", "text_completion")
+        return await _complete(state, request, (example, limit, sampling), body.stream, "/v1/completions",
+                               "text_completion")
 
     @router.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
         limit = _limit(body.max_completion_tokens or body.max_tokens or cfg.max_tokens, cfg)
+        sampling = _sampling(body, service)
         example = service.example(messages=[m.model_dump() for m in body.messages])
-        return await _complete(state, request, example, limit, body.stream, "/v1/chat/completions", "chat.completion")
+        return await _complete(state, request, (example, limit, sampling), body.stream, "/v1/chat/completions",
+                               "chat.completion")
 
     return router
 
 
-async def _complete(state: ServerState, request: Request, example, limit: int, stream: bool, route: str,
-                    kind: str):
-    """One completion (`kind` "text_completion" or "chat.completion"): streamed, or micro-batched and
-    answered whole; either way counted in the metrics and the request log."""
+async def _complete(state: ServerState, request: Request, job: tuple, stream: bool, route: str, kind: str):
+    """One completion of `job` (example, max_tokens, sampling or None) (`kind` "text_completion" or
+    "chat.completion"): streamed, or micro-batched and answered whole; either way counted in the
+    metrics and the request log."""
+    example, limit, sampling = job
     if stream:
         chunk_kind = "text_completion" if kind == "text_completion" else "chat.completion.chunk"
         return await open_stream(state, example, limit, chunk_kind, request,
-                                 _stream_logger(state, request, route, example.input))
-    done: Completion = await state.batcher.submit("complete", (example, limit), request.state.deadline)
+                                 _stream_logger(state, request, route, example.input), sampling)
+    item = (example, limit) if sampling is None else job  # engines see settings only when there are some
+    done: Completion = await state.batcher.submit("complete", item, request.state.deadline)
     await _account(state, request, route, example.input, done)
     if kind == "text_completion":
         choice = {"text": done.text, "index": 0, "logprobs": None, "finish_reason": done.finish_reason}
@@ -196,6 +239,28 @@ async def _complete(state: ServerState, request: Request, example, limit: int, s
         choice = {"index": 0, "message": {"role": "assistant", "content": done.text},
                   "finish_reason": done.finish_reason}
     return _openai(state.service, kind, choice, done)
+
+
+def _sampling(body: _Sampling, service: Service) -> GenerationSettings | None:
+    """The request's GenerationSettings (None: plain greedy); a 400 naming the field it cannot take."""
+    try:
+        settings = body.sampling()
+    except ValueError as e:
+        raise HTTPException(400, str(e)) from None
+    if settings is not None and not getattr(service, "samples", True) and (unused := _beyond_greedy(settings)):
+        raise HTTPException(400, f"this engine decodes greedily only, so it cannot honour {' or '.join(unused)}: "
+                                 "send temperature 0 (or none) and no repetition_penalty, or serve a torch variant")
+    return settings
+
+
+def _beyond_greedy(settings: GenerationSettings) -> list[str]:
+    """The request fields a greedy-only engine (ct2, ORT) would silently ignore: whatever makes the
+    `generate` keywords more than plain greedy. Stop strings are cut from the decoded text (Service.complete)
+    and a seed changes nothing greedy, so those stay allowed; top_p/top_k only act when sampling."""
+    if generate_kwargs(settings) == {"do_sample": False}:
+        return []
+    return (["temperature"] if not settings.greedy else []) + \
+        (["repetition_penalty"] if settings.repetition_penalty != 1.0 else [])
 
 
 def _limit(requested: int, cfg: ServeConfig) -> int:

@@ -5,19 +5,29 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from tunesmith import fsio
+from tunesmith.config import GenerationSettings
 from tunesmith.data.examples import Example
 from tunesmith.models.tokens import stop_ids
 from tunesmith.optimize.engines import load_variant
 from tunesmith.optimize.predictor import Predictor
 from tunesmith.tasks.predict import answer_budget, encode_prompts
 from tunesmith.tasks.prompts import PromptFormat
+from tunesmith.tasks.sampling import (
+    StopScanner,
+    cut_at_stop,
+    generate_kwargs,
+    logits_processors,
+    next_token,
+    seeded,
+    step_generator,
+)
 
 
 @dataclass
@@ -82,6 +92,12 @@ class Service:
     def labels(self) -> list[str] | None:
         return self.fmt.labels
 
+    @property
+    def samples(self) -> bool:
+        """Whether requests may sample (temperature > 0, repetition_penalty): a torch model decodes
+        here; another runtime (ct2) decodes greedily only."""
+        return self.predictor.complete is None and self.predictor.module is not None
+
     def classify(self, texts: list[str]) -> list[tuple[str, dict[str, float]]]:
         examples = [Example(t, "", "request") for t in texts]
         preds = self.predictor.predict(examples, len(examples))
@@ -93,10 +109,10 @@ class Service:
         (label scoring appends each answer) or max_tokens for a completion. `items` are texts
         ("classify") or (Example, max_tokens) pairs; `call_tokens` prices a call of such rows."""
         if kind == "classify" or self.labels:
-            examples = [Example(t, "", "request") for t in items] if kind == "classify" else [e for e, _ in items]
+            examples = [Example(t, "", "request") for t in items] if kind == "classify" else [it[0] for it in items]
             answer = self._answer_tokens()
             return [(n, answer) for n in self._prompt_tokens(examples)]
-        return [(n, limit) for n, (_, limit) in zip(self._prompt_tokens([e for e, _ in items]), items)]
+        return [(n, it[1]) for n, it in zip(self._prompt_tokens([it[0] for it in items]), items)]
 
     def _answer_tokens(self) -> int:
         if self.predictor.tokenizer is None:  # the MiniLM classifier scores labels from one pass, no answer
@@ -117,47 +133,95 @@ class Service:
             return TokenPrompt.checked(prompt, self.predictor.tokenizer, self.fmt.max_length)
         return request_example(self.fmt, prompt, messages)
 
-    def complete(self, examples: list[Example], max_tokens: list[int]) -> list[Completion]:
-        """Greedy completions; a classification model answers with its predicted label."""
+    def complete(self, examples: list[Example], max_tokens: list[int],
+                 sampling: list[GenerationSettings | None] | None = None) -> list[Completion]:
+        """Completions, greedy unless a row's `sampling` says otherwise, cut at its stop strings; a
+        classification model answers with its predicted label. Greedy rows share one model call; a
+        sampling row is decoded alone, so its seed gives the same answer whatever else is in the batch."""
         if self.labels:
             return [Completion(label, "stop", 0, 1) for label, _ in self.classify([e.input for e in examples])]
+        sampling = sampling or [None] * len(examples)
+        together = [i for i, s in enumerate(sampling) if s is None or generate_kwargs(s) == {"do_sample": False}]
+        out: list = [None] * len(examples)
+        if together:
+            done = self._decode([examples[i] for i in together], [max_tokens[i] for i in together], None)
+            for i, c in zip(together, done):
+                out[i] = c
+        for i in (i for i in range(len(examples)) if out[i] is None):
+            out[i] = self._decode([examples[i]], [max_tokens[i]], sampling[i])[0]
+        return [_cut(self.predictor.tokenizer, c, s.stop) if s and s.stop else c for c, s in zip(out, sampling)]
+
+    def _decode(self, examples: list, max_tokens: list[int], sampling: GenerationSettings | None) -> list[Completion]:
+        """One model call over `examples` (left-padded), under `sampling`'s seed when it samples."""
         tok, model = self.predictor.tokenizer, self.predictor.module
         prompts = prompt_ids(tok, self.fmt, examples)
-        if self.predictor.complete is not None:  # another runtime (ct2) decodes
+        if self.predictor.complete is not None:  # another runtime (ct2) decodes, greedily (routes refuse sampling)
             rows = self.predictor.complete(prompts, max_tokens)
             return [_completion(tok, row, len(p), limit) for row, p, limit in zip(rows, prompts, max_tokens)]
-        out = model.generate(**_left_padded(prompts, tok.pad_token_id, model.device), max_new_tokens=max(max_tokens),
-                             do_sample=False, eos_token_id=stop_ids(tok), pad_token_id=tok.pad_token_id)
+        with seeded(sampling, model.device):
+            out = model.generate(**_left_padded(prompts, tok.pad_token_id, model.device),
+                                 max_new_tokens=max(max_tokens), eos_token_id=stop_ids(tok),
+                                 pad_token_id=tok.pad_token_id, **generate_kwargs(sampling))
         new = out[:, max(len(p) for p in prompts):]  # (B, new tokens)
         return [_completion(tok, row.tolist(), len(p), limit) for row, p, limit in zip(new, prompts, max_tokens)]
 
-    @torch.inference_mode()
-    def stream(self, example: Example, max_tokens: int, cancelled: threading.Event) -> Iterator[str]:
-        """Text pieces of one greedy completion as they are decoded; stops at end of turn,
-        `max_tokens` or when `cancelled` is set (the client went away)."""
+    def stream(self, example: Example, max_tokens: int, cancelled: threading.Event,
+               sampling: GenerationSettings | None = None) -> Generator[str, None, str]:
+        """Text pieces of one completion as they are decoded (greedy unless `sampling` says otherwise);
+        stops at end of turn, a stop string (text that may begin one is held back until it cannot),
+        `max_tokens` or when `cancelled` is set (the client went away). Returns the finish reason
+        ("length": `max_tokens` tokens were decoded), which the yielded pieces cannot tell: a piece may
+        hold several tokens (text held back for a stop string, a character spanning tokens) or none."""
         if self.labels:
             yield self.classify([example.input])[0][0]
-            return
+            return "stop"
         if self.predictor.complete is not None:  # no token-by-token hook into another runtime: one piece
-            yield self.complete([example], [max_tokens])[0].text
-            return
-        tok, model = self.predictor.tokenizer, self.predictor.module
-        ids = torch.tensor(prompt_ids(tok, self.fmt, [example]), device=model.device)  # (1, T)
-        stops, past, produced, text = set(stop_ids(tok)), None, [], ""
+            done = self.complete([example], [max_tokens], [sampling])[0]
+            yield done.text
+            return done.finish_reason
+        scanner = StopScanner(sampling.stop if sampling else [])
+        pieces = self._pieces(example, max_tokens, cancelled, sampling)
+        while True:
+            try:
+                piece = next(pieces)
+            except StopIteration as end:
+                finish = end.value
+                break
+            out, stopped = scanner.feed(piece)
+            if out:
+                yield out
+            if stopped:
+                return "stop"
+        if rest := scanner.rest():
+            yield rest
+        return finish
+
+    @torch.inference_mode()
+    def _pieces(self, example: Example, max_tokens: int, cancelled: threading.Event,
+                sampling: GenerationSettings | None) -> Generator[str, None, str]:
+        """The decoding loop with the KV cache: one token per step from the last position's logits;
+        returns the finish reason."""
+        tok, model, settings = self.predictor.tokenizer, self.predictor.module, sampling or GenerationSettings()
+        seen = torch.tensor(prompt_ids(tok, self.fmt, [example]), device=model.device)  # (1, T)
+        ids, stops, past, produced, text = seen, set(stop_ids(tok)), None, [], ""
+        processors, generator = logits_processors(settings), step_generator(settings, model.device)
         for _ in range(max_tokens):
             if cancelled.is_set():
-                return
+                return "stop"
             out = model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1)
-            past, token = out.past_key_values, int(out.logits[0, -1].argmax())
+            past = out.past_key_values
+            token = next_token(out.logits[:, -1], seen, settings, processors, generator)
             if token in stops:
-                return
+                return "stop"
             produced.append(token)
             # Decode the whole tail each time: a multi-byte character may span tokens.
             full = tok.decode(produced, skip_special_tokens=True)
             if full.startswith(text) and len(full) > len(text):
                 yield full[len(text):]
                 text = full
-            ids = torch.tensor([[token]], device=model.device)
+            ids = torch.tensor([[token]], device=model.device)  # (1, 1)
+            seen = torch.cat([seen, ids], dim=1)  # (1, T + produced): the repetition penalty sees them all
+        return "length"
 
 
 def call_tokens(costs: list) -> int:
@@ -207,6 +271,15 @@ def _left_padded(prompts: list[list[int]], pad_id: int, device) -> dict:
 
     ids, mask = left_pad(prompts, pad_id)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def _cut(tok, done: Completion, stops: list[str]) -> Completion:
+    """`done` cut at its first stop string (finish "stop"), its completion tokens recounted."""
+    text, found = cut_at_stop(done.text, stops)
+    if not found:
+        return done
+    text = text.strip()
+    return Completion(text, "stop", done.prompt_tokens, len(tok.encode(text, add_special_tokens=False)))
 
 
 def _completion(tok, row: list[int], n_prompt: int, limit: int) -> Completion:

@@ -22,17 +22,18 @@ log = logging.getLogger("tunesmith.serve")
 
 
 async def open_stream(state: ServerState, example, limit: int, kind: str, request: Request,
-                      on_done) -> StreamingResponse:
+                      on_done, sampling=None) -> StreamingResponse:
     """Server-sent events, one chunk per decoded piece, then [DONE]; stops if the client goes.
     At most `serve.max_queue` streams wait or run at once. The headers go out with the first piece, so
     until then the answer is an ordinary one: 503 when it misses the request's deadline, 502 when the
     engine fails (EngineError), 500 for any other failure. After it only an error event can say so.
-    `await on_done(pieces, finish_reason)` runs when the stream ends."""
+    `await on_done(pieces, finish_reason)` runs when the stream ends. `sampling` (GenerationSettings, None for
+    plain greedy) goes to the engine's stream."""
     if not state.streams.acquire(blocking=False):
         raise Overloaded("queue_full", "the server is at capacity (too many streams)", 1)
     cancelled = threading.Event()
     loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-    loop.run_in_executor(state.executor, _producer(state, example, limit, cancelled, loop, queue))
+    loop.run_in_executor(state.executor, _producer(state, example, limit, cancelled, loop, queue, sampling))
     try:
         first = await asyncio.wait_for(queue.get(), max(0.0, request.state.deadline - time.monotonic()))
     except (asyncio.TimeoutError, asyncio.CancelledError) as e:
@@ -47,15 +48,25 @@ async def open_stream(state: ServerState, example, limit: int, kind: str, reques
                              media_type="text/event-stream")
 
 
-def _producer(state: ServerState, example, limit: int, cancelled: threading.Event, loop, queue):
+def _producer(state: ServerState, example, limit: int, cancelled: threading.Event, loop, queue, sampling=None):
     """The decoding loop for the model thread: ("piece", text)... then ("end", finish) or ("error", exc)."""
+    # Plain greedy requests call stream() as engines have always been called; settings only when given.
+    extra = () if sampling is None else (sampling,)
+
     def produce():
         n = 0
         try:
-            for piece in ([] if cancelled.is_set() else state.service.stream(example, limit, cancelled)):
+            pieces = iter([] if cancelled.is_set() else state.service.stream(example, limit, cancelled, *extra))
+            while True:
+                try:
+                    piece = next(pieces)
+                except StopIteration as end:  # the engine's finish reason, counted in tokens, when it returns one
+                    finish = end.value
+                    break
                 n += 1
                 loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
-            loop.call_soon_threadsafe(queue.put_nowait, ("end", "length" if n >= limit else "stop"))
+            # Engines that return none (a relayed upstream stream): one piece a token is the best guess.
+            loop.call_soon_threadsafe(queue.put_nowait, ("end", finish or ("length" if n >= limit else "stop")))
         except Exception as e:  # raised or logged by the reader: before the first piece, or after it
             loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
         finally:

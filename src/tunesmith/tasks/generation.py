@@ -1,23 +1,38 @@
-"""Generation: greedy decoding that stops at the end-of-turn token."""
+"""Generation: batched decoding with the KV cache that stops at the end-of-turn token, greedy unless
+sampling settings say otherwise (tasks/sampling.py)."""
 
 from __future__ import annotations
 
 import torch
 from tqdm.auto import tqdm
 
+from tunesmith.config import GenerationSettings
 from tunesmith.models.tokens import left_pad, stop_ids
+from tunesmith.tasks.sampling import cut_at_stop, generate_kwargs, seeded
 
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8,
-             progress: str | None = None) -> list[str]:
-    """Greedy completions for token-id prompts, decoded without special tokens."""
-    stop = stop_ids(tokenizer)
-    outputs = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=progress, disable=progress is None, unit="batch"):
-        ids, mask = (t.to(model.device) for t in left_pad(prompts[start:start + batch_size], tokenizer.pad_token_id))
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
-        new = out[:, ids.shape[1]:]  # (B, new tokens)
-        outputs += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+             progress: str | None = None, sampling: GenerationSettings | None = None) -> list[str]:
+    """Completions for token-id prompts, decoded without special tokens and cut at the first stop string.
+
+    Prompts are left-padded per batch, so every row's next token comes from its last position and the
+    cache (`use_cache`) holds each step's keys and values: a step costs one position, not the prefix.
+    With `sampling.seed`, the whole call runs under that seed: same prompts and batches, same answers.
+    The progress bar counts examples, so its rate is examples per second.
+    """
+    stop, kwargs = stop_ids(tokenizer), generate_kwargs(sampling)
+    stops = sampling.stop if sampling else []
+    outputs: list[str] = []
+    bar = tqdm(total=len(prompts), desc=progress, disable=progress is None, unit="ex")
+    with seeded(sampling, model.device), bar:
+        for start in range(0, len(prompts), batch_size):
+            ids, mask = (t.to(model.device) for t in left_pad(prompts[start:start + batch_size],
+                                                             tokenizer.pad_token_id))  # (B, T) each
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, use_cache=True,
+                                 eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, **kwargs)
+            new = out[:, ids.shape[1]:]  # (B, new tokens)
+            outputs += [cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), stops)[0].strip()
+                        for row in new]
+            bar.update(len(new))
     return outputs

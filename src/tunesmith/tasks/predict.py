@@ -8,7 +8,9 @@ from functools import partial
 import torch
 
 from tunesmith import hardware
+from tunesmith.config import GenerationSettings
 from tunesmith.data.examples import Example
+from tunesmith.models.tokens import text_ids
 from tunesmith.tasks.classification import predict_labels, score_labels, score_labels_constrained
 from tunesmith.tasks.generation import generate
 from tunesmith.tasks.prompts import PromptFormat, encode_answer, encode_prompt
@@ -31,14 +33,25 @@ def answer_budget(tokenizer, fmt: PromptFormat) -> int:
     return max(16, fmt.max_length // 4)
 
 
+def reference_budget(tokenizer, answers: list[str], ceiling: int = 512) -> int:
+    """New tokens enough for answers like `answers`: the longest one plus a quarter and a few tokens.
+
+    Training-time validation decodes with this instead of a fixed 64: a model that has not yet learned
+    to stop is cut near the length it should answer at, and long references are not cut short."""
+    longest = max((len(text_ids(tokenizer, a)) for a in answers), default=0)
+    return min(max(8, longest + longest // 4 + 4), ceiling)
+
+
 def encode_prompts(tokenizer, fmt: PromptFormat, examples: list[Example]) -> list[list[int]]:
     budget = fmt.max_length - answer_budget(tokenizer, fmt)
     return [encode_prompt(tokenizer, fmt, ex, budget)[0] for ex in examples]
 
 
 def predict(model, tokenizer, fmt: PromptFormat, examples: list[Example], batch_size: int = 16,
-            max_new_tokens: int = 64, autocast: bool = False, progress: str | None = None) -> Predictions:
-    """Predict every example: label scoring for classification, greedy decoding otherwise.
+            max_new_tokens: int = 64, autocast: bool = False, progress: str | None = None,
+            sampling: GenerationSettings | None = None) -> Predictions:
+    """Predict every example: label scoring for classification, decoding otherwise (greedy unless
+    `sampling` says otherwise; see tasks/sampling.py).
 
     `progress`, when given, is the label of a progress bar over the batches.
     """
@@ -56,7 +69,8 @@ def predict(model, tokenizer, fmt: PromptFormat, examples: list[Example], batch_
                                 batch_size=batch_size, progress=progress)
                 scores = scores[torch.tensor(inverse(order))]
                 return Predictions(*predict_labels(scores, fmt.labels))
-            texts = generate(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size, progress=progress)
+            texts = generate(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size, progress=progress,
+                             sampling=sampling)
             return Predictions([texts[i] for i in inverse(order)])
     finally:
         model.train(was_training)

@@ -1,0 +1,113 @@
+"""The server honours OpenAI's decoding fields (temperature, top_p, stop, seed, ...) on a tiny random
+model: seeded answers repeat, stop strings cut (streamed or not), bad values are a 400 naming the field."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tunesmith.config import GenerationSettings, ServeConfig
+from tunesmith.data.examples import Example
+from tunesmith.serve.app import create_app
+from tunesmith.serve.remote import RemoteService
+from tunesmith.serve.service import load_service
+
+HOT = {"temperature": 1.0, "max_tokens": 16}
+
+
+@pytest.fixture(scope="module")
+def service(tiny_model):
+    return load_service(tiny_model)
+
+
+@pytest.fixture()
+def client(service, tmp_path):
+    with TestClient(create_app(service, ServeConfig(max_tokens=32), None, tmp_path / "requests.db")) as c:
+        yield c
+
+
+def _text(c, route: str, body: dict) -> tuple[str, str]:
+    r = c.post(route, json=body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    return choice.get("text", choice.get("message", {}).get("content")), choice["finish_reason"]
+
+
+def _streamed(c, body: dict) -> str:
+    with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+        lines = [line for line in s.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    return "".join(json.loads(line[6:])["choices"][0]["text"] for line in lines[:-1])
+
+
+def test_same_seed_same_answer_other_seed_differs(client):
+    body = {"prompt": "my card bank", **HOT}
+    first = _text(client, "/v1/completions", {**body, "seed": 11})[0]
+    assert _text(client, "/v1/completions", {**body, "seed": 11})[0] == first
+    others = {_text(client, "/v1/completions", {**body, "seed": s})[0] for s in (12, 13, 14)}
+    assert others != {first}
+    greedy = _text(client, "/v1/completions", {"prompt": "my card bank", "max_tokens": 16})[0]
+    assert greedy == _text(client, "/v1/completions", {"prompt": "my card bank", "max_tokens": 16,
+                                                       "temperature": 0, "seed": 5})[0]
+    assert first != greedy  # the fields are used, not ignored
+
+
+def test_chat_takes_the_same_fields(client):
+    body = {"messages": [{"role": "user", "content": "red blue"}], **HOT, "top_p": 0.9, "seed": 3}
+    assert _text(client, "/v1/chat/completions", body) == _text(client, "/v1/chat/completions", body)
+
+
+def test_stop_strings_cut_whole_and_streamed_answers(client):
+    # The tiny random model ends its greedy answers at once: a seeded sample has text to cut.
+    body = {"prompt": "my card bank", **HOT, "seed": 11}
+    full, _ = _text(client, "/v1/completions", body)
+    assert len(full) > 6
+    stop = full[3:5]
+    cut, finish = _text(client, "/v1/completions", {**body, "stop": stop})
+    assert cut == full[:full.find(stop)].strip() and finish == "stop"
+    assert _streamed(client, {**body, "stop": [stop, "never there"]}).strip() == cut
+
+
+def test_a_seeded_stream_is_the_seeded_answer(client):
+    body = {"prompt": "help me now", **HOT, "seed": 21, "repetition_penalty": 1.2, "top_k": 40}
+    assert _streamed(client, body).strip() == _text(client, "/v1/completions", body)[0]
+
+
+@pytest.mark.parametrize("bad,field", [({"temperature": 2.5}, "temperature"), ({"top_p": 0}, "top_p"),
+                                       ({"top_k": -2}, "top_k"), ({"stop": ["a"] * 5}, "stop"),
+                                       ({"stop": "x" * 65}, "stop"), ({"seed": -1}, "seed"),
+                                       ({"repetition_penalty": 3}, "repetition_penalty"),
+                                       ({"frequency_penalty": 0.5}, "frequency_penalty"),
+                                       ({"presence_penalty": -1}, "presence_penalty"), ({"n": 2}, "n must be 1")])
+def test_bad_values_are_a_400_naming_the_field(client, bad, field):
+    for route, body in (("/v1/completions", {"prompt": "x"}),
+                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
+        r = client.post(route, json={**body, **bad})
+        assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
+
+
+def test_zero_penalties_and_one_choice_are_accepted(client):
+    plain = _text(client, "/v1/completions", {"prompt": "red", "max_tokens": 4})
+    assert _text(client, "/v1/completions", {"prompt": "red", "max_tokens": 4, "frequency_penalty": 0,
+                                             "presence_penalty": 0, "n": 1}) == plain
+
+
+def test_a_greedy_only_engine_refuses_sampling(service, tmp_path):
+    greedy_only = dataclasses.replace(service, predictor=dataclasses.replace(
+        service.predictor, complete=lambda prompts, limits: [[] for _ in prompts]))
+    with TestClient(create_app(greedy_only, ServeConfig(), None, tmp_path / "r.db")) as c:
+        r = c.post("/v1/completions", json={"prompt": "x", "temperature": 0.7})
+        assert r.status_code == 400 and "greedily" in r.json()["error"]["message"]
+        assert c.post("/v1/completions", json={"prompt": "x", "stop": "y"}).status_code == 200
+
+
+def test_the_sidecar_sends_the_settings_upstream(service):
+    remote = object.__new__(RemoteService)
+    remote.served_name, remote.tokenizer, remote.fmt = "up", service.predictor.tokenizer, service.fmt
+    example = Example("hi", "", "request")
+    assert remote.request_body(example, 5)["temperature"] == 0
+    body = remote.request_body(example, 5, sampling=GenerationSettings(temperature=0.5, stop=["\n"], seed=0))
+    assert body["temperature"] == 0.5 and body["stop"] == ["\n"] and body["seed"] == 0 and "top_k" not in body
