@@ -45,7 +45,8 @@ def test_lora_changes_only_adapter_parameters(tiny_model):
     assert any(v.abs().sum() > 0 for v in lora_b), "LoRA B matrices never moved from zero"
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+# Preference methods train on pairs, not on this classification data: tests/test_preference.py.
+@pytest.mark.parametrize("method", sorted(m for m in METHODS if not METHOD_SPECS[m].preference))
 def test_every_method_trains_saves_and_reloads(tiny_model, tmp_path, method):
     result, tok, fmt = _fit(tiny_model, method=method)
     module = get_method(method)

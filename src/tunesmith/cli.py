@@ -12,7 +12,7 @@ import typer
 
 from tunesmith.errors import TunesmithError
 from tunesmith.logs import quiet_libraries
-from tunesmith.registry import DISPARITY_FIGURES
+from tunesmith.registry import DISPARITY_FIGURES, METRIC_SPECS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="tunesmith: fine-tune a language model against a declared, measured objective.")
@@ -77,8 +77,14 @@ def _print_summary(summary: dict) -> None:
           f"-> fine-tuned {tuned.get(metric, float('nan')):.4f}")
     gain = summary.get("comparison", {}).get(metric)
     if gain:
-        print(f"  gain {gain['diff']:+.4f}, 95% CI [{gain['ci_low']:+.4f}, {gain['ci_high']:+.4f}], "
+        spec = METRIC_SPECS.get(metric)  # for perplexity a fall is the improvement: say so, not "gain"
+        word = "gain" if spec is None or spec.higher_is_better else "change (lower is better)"
+        print(f"  {word} {gain['diff']:+.4f}, 95% CI [{gain['ci_low']:+.4f}, {gain['ci_high']:+.4f}], "
               f"{gain['test']} p = {gain['p_value']:.3g}")
+    data = summary.get("data", {})
+    if data.get("test_rows_not_scored"):  # said as loudly as test rows the data stage removed
+        print(f"  test rows not scored: {data['test_rows_not_scored']} (" + ", ".join(
+            f"{k} {v}" for k, v in data["test_rows_not_scored_by_reason"].items()) + ")")
     print(f"run directory: {summary['run_dir']}")
     print(f"report: {summary['report']}")
 
@@ -496,6 +502,27 @@ def data_report_command(config: Path = typer.Argument(..., help="project.yaml"),
             write_data_page(out, result.report, project.name)
         return result.lines
     _data_command(config, debug, quiet, report)
+
+
+@data_app.command("pairs")
+def data_pairs(run_dir: Path = typer.Argument(..., help="a finished generation or chat run directory"),
+               out: Path = typer.Option(..., "--out", help="A new or empty folder for pairs.jsonl and summary.json."),
+               split: str = typer.Option("train", "--split", help="train, validation or test: where the prompts "
+                                         "come from (test: a held-out set for the DPO run's data.test)"),
+               keep_correct: bool = typer.Option(False, "--keep-correct", help="also write the rows answered "
+                                                 "right, as plain prompt/completion rows"),
+               quiet: bool = QUIET, debug: bool = DEBUG) -> None:
+    """Preference pairs from one of the run's splits: chosen = the gold answer, rejected = the run's own
+    wrong greedy answer (rows it answers right are skipped). Train on them with train.method dpo."""
+    def go() -> int:
+        from tunesmith.evaluate.onpolicy_pairs import build_pairs
+
+        s = build_pairs(run_dir, out, not quiet, split, keep_correct)
+        what = "kept as plain rows" if keep_correct else "skipped"
+        print(f"{s['pairs']} pairs from {s['rows']} {split} rows ({s['skipped_correct']} answered right and "
+              f"{s['skipped_empty']} empty, {what}); written to {out / 'pairs.jsonl'}")
+        return 0
+    _guarded(debug, go)
 
 
 @human_app.command("export")

@@ -9,10 +9,11 @@ from pydantic import ValidationError
 
 from tunesmith import fsio
 from tunesmith.config import Project, derive, dump_config, load_config
-from tunesmith.data.prepare import Splits, load_splits, prepare_data, save_splits
+from tunesmith.data.prepare import Splits, load_splits, prepare_data, save_splits, test_removals
 from tunesmith.errors import InputError, RunDirError, StageError, TunesmithError
 from tunesmith.evaluate.objective import Verdict, judge
 from tunesmith.evaluate.stage import eval_stage
+from tunesmith.evaluate.text import text_eval_stage
 from tunesmith.fairness.stage import audit_stage, headline_figures
 from tunesmith.models.resolve import resolve_model
 from tunesmith.optimize.result import OptimizeResult
@@ -235,6 +236,9 @@ def optimize_run(run_dir: Path, names: list[str] | None = None, progress: bool =
     if unknown:
         raise InputError(f"unknown variant '{unknown[0]}'", "--variants", f"available: {', '.join(VARIANTS)}")
     project, splits = open_run(run_dir)
+    if project.task.type == "text":
+        raise InputError("the optimize stage does not support task.type text (its parity check compares "
+                         "predictions, and a text run makes none)", "task.type", "serve the trained model as it is")
     with run_lock(Path(run_dir).resolve()):
         result = optimize_stage(project, splits, Path(run_dir), progress, names)
         report_stage(run_dir)
@@ -243,7 +247,8 @@ def optimize_run(run_dir: Path, names: list[str] | None = None, progress: bool =
 
 
 def evaluate_and_judge(project: Project, splits: Splits, run_dir: Path, final: Path, progress: bool = True) -> dict:
-    result = eval_stage(project, splits, run_dir, progress)
+    # Raw text (continued pre-training) is judged on held-out loss, not on generated predictions.
+    result = (text_eval_stage if project.task.type == "text" else eval_stage)(project, splits, run_dir, progress)
     audit = audit_stage(project, splits, run_dir, progress) if project.fairness.enabled else None
     summary = {
         "name": project.name, "model": project.model, "method": project.train.method,
@@ -253,6 +258,9 @@ def evaluate_and_judge(project: Project, splits: Splits, run_dir: Path, final: P
         "comparison": result.comparison,
         "run_dir": str(final), "report": str(final / "report.html"),
         "training": _training_summary(run_dir),
+        # Test rows the data stage removed, and (preference methods) those no figure scores.
+        "data": {**test_removals(run_dir / "data"),
+                 **{k: v for k, v in result.to_json().items() if k.startswith("test_rows_not_scored")}},
     }
     if result.forgetting is not None:
         summary["forgetting"] = result.forgetting

@@ -17,7 +17,8 @@ from tunesmith.models.estimate import Hardware, detect, estimate
 from tunesmith.registry import METHOD_SPECS
 
 # Every method that trains parameters gets an estimate (prompt optimisation trains none).
-METHODS = tuple(name for name, spec in METHOD_SPECS.items() if spec.flops_per_token is not None)
+METHODS = tuple(name for name, spec in METHOD_SPECS.items() if spec.flops_per_token is not None
+                and not spec.preference)  # preference tuning needs pairs: not a choice for plain data
 
 
 def select(project: Project, candidates: list[str] | None = None, probe_examples: int = 50,

@@ -9,7 +9,7 @@ import torch
 
 from tunesmith import hardware
 from tunesmith.data.examples import Example
-from tunesmith.tasks.prompts import PromptFormat
+from tunesmith.tasks.prompts import PromptFormat, answer_only
 from tunesmith.train.batching import collate, encode_for_training
 from tunesmith.train.loss import supervised_loss
 
@@ -17,8 +17,8 @@ from tunesmith.train.loss import supervised_loss
 @torch.inference_mode()
 def answer_perplexity(model, tokenizer, fmt: PromptFormat, examples: list[Example], batch_size: int = 8,
                       bf16: bool = False) -> float:
-    """Token-weighted perplexity of each example's target given its prompt."""
-    encoded = encode_for_training(tokenizer, fmt, examples)
+    """Token-weighted perplexity of each example's target given its prompt (earlier turns are prompt)."""
+    encoded = encode_for_training(tokenizer, answer_only(fmt), examples)
     dev = next(model.parameters()).device
     total, tokens = 0.0, 0
     was_training = model.training

@@ -15,6 +15,7 @@ from tunesmith.evaluate.compare import compare
 from tunesmith.evaluate.forgetting import forgetting_report, probe_accuracy
 from tunesmith.evaluate.harness import harness_report, run_harness
 from tunesmith.evaluate.perplexity import answer_perplexity
+from tunesmith.evaluate.preference import held_out_pairs, pair_comparison, pair_figures, reference_rows
 from tunesmith.evaluate.speed import latency_ms
 from tunesmith.evaluate.suites import load_suites, predict_suites, suite_report
 from tunesmith.models.load import load_model, plain_lm
@@ -48,6 +49,9 @@ class EvalResult:
     per_class: dict | None = None
     confusion_matrix: dict | None = None
     train: dict | None = None
+    # Preference methods: test rows that no figure covers (a KTO row labelled undesirable), by reason.
+    test_rows_not_scored: int | None = None
+    test_rows_not_scored_by_reason: dict | None = None
 
     def to_json(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -63,6 +67,7 @@ class _Context:
     bf16: bool
     progress: bool
     suites: list
+    pairs: list = field(default_factory=list)  # test rows with a rejected answer (evaluate/preference.py)
 
 
 @dataclass
@@ -75,14 +80,17 @@ class _ModelRun:
     suites: list | None
     harness: dict | None
     probe: float | None  # forgetting-probe accuracy
+    margins: list | None = None  # per test pair, log p(chosen) - log p(rejected)
 
 
 def eval_stage(project: Project, splits: Splits, run_dir: Path, progress: bool = True) -> EvalResult:
     """Write metrics.json and predictions/test.jsonl; return the figures."""
     test = splits.test[: project.eval.max_examples] if project.eval.max_examples else splits.test
+    pairs = held_out_pairs(project, test)
+    test, unscored = reference_rows(project, test)
     model, tokenizer, fmt, base_path = load_finetuned(run_dir / "model")
     ctx = _Context(project, tokenizer, test, hardware.use_bf16(project.eval.precision, hardware.device()), progress,
-                   load_suites(project.benchmarks, tokenizer))
+                   load_suites(project.benchmarks, tokenizer), pairs)
     kind = fsio.read_json(run_dir / "model/tunesmith.json")["kind"]
     tuned = _run_model(ctx, model.to(hardware.device()), fmt, "fine-tuned", _sizes(run_dir / "model", base_path, kind))
     if kind == "prompt":  # the weights are the base model's: no second load, no second probe
@@ -95,6 +103,8 @@ def eval_stage(project: Project, splits: Splits, run_dir: Path, progress: bool =
     base = _run_model(ctx, base_model, base_fmt, "baseline", _sizes(base_path, base_path, "full"),
                       probe=tuned.probe if kind == "prompt" else None)
     result = _compare_runs(ctx, fmt, base, tuned)
+    if unscored is not None:
+        result.test_rows_not_scored, result.test_rows_not_scored_by_reason = sum(unscored.values()), unscored
     train = run_dir / "train.json"
     if train.is_file():
         result.train = fsio.read_json(train)["stats"]
@@ -103,7 +113,12 @@ def eval_stage(project: Project, splits: Splits, run_dir: Path, progress: bool =
         # Absent from runs trained before it was recorded; None (not measured) without a GPU.
         result.finetuned["gpu_peak_mb"] = result.train.get("gpu_peak_mb")
     fsio.write_json(run_dir / "metrics.json", result.to_json())
-    fsio.write_jsonl(run_dir / "predictions" / "test.jsonl", _prediction_rows(test, tuned.preds, base.preds))
+    rows = _prediction_rows(test, tuned.preds, base.preds)
+    if ctx.pairs:  # the pairs are the test rows with a rejected answer, in order
+        paired = [(r, e) for r, e in zip(rows, test) if e.rejected is not None]
+        for (row, ex), margin, base_margin in zip(paired, tuned.margins, base.margins):
+            row.update(rejected=ex.rejected, margin=round(margin, 6), baseline_margin=round(base_margin, 6))
+    fsio.write_jsonl(run_dir / "predictions" / "test.jsonl", rows)
     return result
 
 
@@ -114,18 +129,22 @@ def _run_model(ctx: _Context, model, fmt, name: str, sizes: dict, probe: float |
     started = time.perf_counter()
     preds = predict(model, tok, fmt, ctx.test, batch_size=project.eval.batch_size,
                     max_new_tokens=project.eval.max_new_tokens, autocast=ctx.bf16,
-                    progress=f"eval {name}" if ctx.progress else None)
+                    progress=f"eval {name}" if ctx.progress else None, sampling=project.eval.generation)
     figures = _figures(fmt, ctx.test, preds, time.perf_counter() - started, project.eval.batch_size)
     figures.update(_latency(model, tok, fmt, ctx.test, project, ctx.bf16))
     if not fmt.labels:  # generation: how likely each model finds the reference answers
         figures["perplexity"] = answer_perplexity(model, tok, fmt, ctx.test, project.eval.batch_size, ctx.bf16)
     figures.update(sizes)
+    margins = None
+    if ctx.pairs:  # preference pairs: both models' margins, by the same definition
+        margins, pair_metrics = pair_figures(model, tok, fmt, ctx.pairs, project.eval.batch_size)
+        figures.update(pair_metrics)
     suites = predict_suites(model, tok, ctx.suites, project.eval.batch_size, project.eval.max_new_tokens, ctx.bf16,
                             name, ctx.progress) if ctx.suites else None
     if probe is None and project.eval.forgetting_probe:
         probe = probe_accuracy(model, tok, fmt.max_length, ctx.bf16)
     return _ModelRun(preds, figures, figures.pop("latency_samples_ms", []), suites, _harness(project, model, tok),
-                     probe)
+                     probe, margins)
 
 
 def _compare_runs(ctx: _Context, fmt, base: _ModelRun, tuned: _ModelRun) -> EvalResult:
@@ -149,6 +168,9 @@ def _compare_runs(ctx: _Context, fmt, base: _ModelRun, tuned: _ModelRun) -> Eval
             figures["ece"] = calibration[name]["ece"]
     result.comparison = compare(fmt.task_type, golds, base.preds.texts, tuned.preds.texts, metric_names(fmt.task_type),
                                 project.eval.bootstrap_resamples, project.eval.seed)
+    if ctx.pairs:
+        result.comparison.update(pair_comparison(base.margins, tuned.margins, project.eval.bootstrap_resamples,
+                                                 project.eval.seed))
     if project.eval.forgetting_probe:
         result.forgetting = forgetting_report(base.probe, tuned.probe)
     if fmt.labels:
@@ -200,7 +222,8 @@ def _calibration(test: list[Example], preds: Predictions) -> dict | None:
 def _latency(model, tokenizer, fmt, test: list[Example], project: Project, bf16: bool) -> dict:
     """p50/p95 milliseconds per example at batch 1, on the first `latency_samples` test examples."""
     return latency_ms(lambda ex: predict(model, tokenizer, fmt, [ex], batch_size=1,
-                                         max_new_tokens=project.eval.max_new_tokens, autocast=bf16),
+                                         max_new_tokens=project.eval.max_new_tokens, autocast=bf16,
+                                         sampling=project.eval.generation),
                       test[: project.eval.latency_samples])
 
 

@@ -12,6 +12,9 @@ from tunesmith.models.resolve import resolve_model
 from tunesmith.tasks.prompts import PromptFormat
 from tunesmith.train.methods import get_method, spec
 
+# The folder inside a model folder that holds a train.init_from run's merged model (this run's base).
+INIT_BASE = "base"
+
 
 def save_finetuned(model, tokenizer, fmt: PromptFormat, project: Project, base_path: Path, model_dir: Path) -> None:
     """Weights (adapter or full), tokenizer, prompt format and provenance, side by side."""
@@ -19,16 +22,20 @@ def save_finetuned(model, tokenizer, fmt: PromptFormat, project: Project, base_p
     method.save(model, model_dir)
     tokenizer.save_pretrained(str(model_dir))
     fsio.write_json(model_dir / "prompt.json", fmt.to_json())
-    fsio.write_json(model_dir / "tunesmith.json", {"method": project.train.method,
-                                                   "kind": spec(project.train.method).kind,
-                                                   "model": project.model, "base_model_path": str(base_path)})
+    meta = {"method": project.train.method, "kind": spec(project.train.method).kind, "model": project.model,
+            "base_model_path": str(base_path)}
+    if Path(base_path) == Path(model_dir) / INIT_BASE:  # relative: the run folder is renamed once finished
+        meta["base_in_model_dir"] = INIT_BASE
+    fsio.write_json(model_dir / "tunesmith.json", meta)
 
 
 def load_finetuned(model_dir: Path):
     """(model, tokenizer, prompt format, base model path) from a run's model folder."""
     meta = fsio.read_json(model_dir / "tunesmith.json")
     base_path = Path(meta["base_model_path"])
-    if not (base_path / "config.json").is_file():
+    if meta.get("base_in_model_dir"):  # train.init_from: the merged earlier model travels with this one
+        base_path = Path(model_dir) / meta["base_in_model_dir"]
+    elif not (base_path / "config.json").is_file():
         base_path = resolve_model(meta["model"])
     method = get_method(meta["method"])
     base = load_model(base_path) if meta["kind"] in ("adapter", "prompt") else None

@@ -46,15 +46,25 @@ def _supervised_count(batch: dict[str, torch.Tensor]) -> int:
 
 
 def _chunked_loss(model, batch: dict[str, torch.Tensor], label_smoothing: float) -> tuple[torch.Tensor, int]:
-    """`supervised_loss` for many supervised tokens: the head and the cross-entropy run CE_CHUNK positions
-    at a time under activation checkpointing, so the (N, V) logits never exist at once (4,096 answer
-    tokens over a 150k vocabulary are 2.4 GB in fp32); the same value and gradients, in chunks."""
+    """`supervised_loss` for many supervised tokens, through `supervised_token_ce`'s chunks: the same
+    value and gradients without the (N, V) logits at once."""
+    ce = supervised_token_ce(model, batch, label_smoothing)  # (N,)
+    n = len(ce)
+    return (ce.sum() / max(n, 1) if "weights" not in batch else _weighted_mean(ce, batch)), n
+
+
+def supervised_token_ce(model, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> torch.Tensor:
+    """(N,) cross-entropy of each supervised token, row after row in order, with gradients.
+
+    Only the N supervised positions reach the head, and above CE_CHUNK of them the head and the
+    cross-entropy run CE_CHUNK positions at a time under activation checkpointing, so the (N, V) logits
+    never exist at once (4,096 answer tokens over a 150k vocabulary are 2.4 GB in fp32)."""
     lm = unwrap(model)
     h, targets = _supervised_states(model, batch)  # (N, H), (N,)
-    ce = torch.cat([checkpoint(_chunk_ce, lm, h[s:s + CE_CHUNK], targets[s:s + CE_CHUNK], label_smoothing,
-                               use_reentrant=False) for s in range(0, len(targets), CE_CHUNK)])  # (N,)
-    n = len(targets)
-    return (ce.sum() / max(n, 1) if "weights" not in batch else _weighted_mean(ce, batch)), n
+    if len(targets) <= CE_CHUNK:
+        return _chunk_ce(lm, h, targets, label_smoothing)
+    return torch.cat([checkpoint(_chunk_ce, lm, h[s:s + CE_CHUNK], targets[s:s + CE_CHUNK], label_smoothing,
+                                 use_reentrant=False) for s in range(0, len(targets), CE_CHUNK)])  # (N,)
 
 
 def _weighted_mean(ce: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -81,6 +91,15 @@ def supervised_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     """(N, V) logits at the N supervised positions and their (N,) target tokens."""
     h, targets = _supervised_states(model, batch)  # (N, H), (N,)
     return lm_logits(unwrap(model), h), targets     # the model's head and any final soft cap
+
+
+def token_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(N,) plain cross-entropy of each supervised token, row after row in order (per-document sums for
+    evaluation); the head runs CE_CHUNK positions at a time, as in `_chunked_loss`."""
+    lm = unwrap(model)
+    h, targets = _supervised_states(model, batch)  # (N, H), (N,)
+    return torch.cat([_chunk_ce(lm, h[s:s + CE_CHUNK], targets[s:s + CE_CHUNK], 0.0)
+                      for s in range(0, len(targets), CE_CHUNK)] or [h.new_zeros(0)])  # (N,); no checkpoint: eval
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,

@@ -22,7 +22,7 @@ from tunesmith.models.load import load_model
 from tunesmith.models.quantize import load_quantized, quantized_layers
 from tunesmith.tasks.cache import common_prefix_len
 from tunesmith.tasks.metrics import compute_metrics
-from tunesmith.tasks.predict import predict
+from tunesmith.tasks.predict import predict, reference_budget
 from tunesmith.tasks.prompts import PromptFormat
 from tunesmith.train import distributed, fsdp, grad_checkpointing
 from tunesmith.train.batching import batch_stream, collate, encode_for_training, epoch_batch_counts
@@ -32,6 +32,7 @@ from tunesmith.train.methods import get_method, spec
 from tunesmith.train.precision import compact_frozen, make_optimizer, restore_frozen
 from tunesmith.train.preflight import preflight
 from tunesmith.train.regularize import neftune, set_dropout
+from tunesmith.train.text import encode_text
 from tunesmith.train.trackers import Trackers
 from tunesmith.train.watch import Watch
 
@@ -160,7 +161,7 @@ def fit(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[Exa
         loop = _resume(out_dir, net, optimizer, schedule, watch)
     # Prompts of a task share their system text: its keys/values are computed once per batch. Not
     # under FSDP: a second pass through a sharded layer before backward is not supported there.
-    prefix_len = 0 if sharded else common_prefix_len([e.ids[: e.n_prompt] for e in encoded + val_encoded])
+    prefix_len = 0 if sharded else common_prefix_len([e.ids[: e.start] for e in encoded + val_encoded])
     batches = batch_stream(encoded, cfg, tokenizer.pad_token_id, prefix_len, rank, world,
                             skip=loop["step"] * cfg.grad_accum, row_tokens=fmt.max_length)
     with TrainLog(out_dir / "train_log.jsonl" if writes else None, keep_until=loop["step"]) as log, \
@@ -203,12 +204,14 @@ def fit(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[Exa
 
 def _encode(tokenizer, fmt: PromptFormat, train: list[Example], val: list[Example], cfg: TrainConfig, rank: int):
     """(encoded train, val cut to max_val_examples, encoded val, pre-flight notes); rank 0 prints the notes."""
-    encoded = encode_for_training(tokenizer, fmt, train)
+    # task.type text: every token of each document chunk is a target (train/text.py).
+    encode = encode_text if fmt.task_type == "text" else encode_for_training
+    encoded = encode(tokenizer, fmt, train)
     notes = preflight(tokenizer, fmt, train, encoded, cfg)
     for note in notes if rank == 0 else []:
         print(f"warning: {note}", file=sys.stderr)
     val = val[: cfg.max_val_examples]
-    return encoded, val, encode_for_training(tokenizer, fmt, val), notes
+    return encoded, val, encode(tokenizer, fmt, val), notes
 
 
 def _optimizer(trainable: list[torch.Tensor], cfg: TrainConfig, total: int):
@@ -319,7 +322,11 @@ def _validate(model, tokenizer, fmt, val, val_encoded, cfg, metric, bf16, prefix
             loss, n = supervised_loss(model, batch)
         total_loss += loss.item() * n
         total_tokens += n
-    preds = predict(model, tokenizer, fmt, val, batch_size=cfg.batch_size, autocast=bf16)
+    if fmt.task_type == "text":  # raw text: the validation figures are the held-out token loss itself
+        return {"val_loss": round(total_loss / max(total_tokens, 1), 6),
+                **compute_metrics(fmt.task_type, [total_tokens], [total_loss])}
+    budget = 64 if fmt.labels else reference_budget(tokenizer, [e.target for e in val])
+    preds = predict(model, tokenizer, fmt, val, batch_size=cfg.batch_size, autocast=bf16, max_new_tokens=budget)
     scores = compute_metrics(fmt.task_type, [e.target for e in val], preds.texts)
     return {"val_loss": round(total_loss / max(total_tokens, 1), 6), metric: scores[metric]}
 

@@ -1,0 +1,113 @@
+"""Preference rows: `{prompt, chosen, rejected}` pairs (DPO, ORPO, SimPO) and `{prompt, completion, label}`
+rows (KTO), parsed from one raw record. Kept apart from data/pairs.py so that data/examples.py can read
+preference rows as examples without an import cycle.
+
+The prompt is a string (`prompt`) or a conversation: `messages` (or a `prompt` list) of system/user/
+assistant turns ending with the user's. An answer is a string, one assistant message, or a list
+holding one assistant message (TRL's conversational format).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One preference row. For KTO rows `chosen` is the completion, `rejected` is None and `label`
+    says whether the completion is desirable; for paired rows `label` is None."""
+
+    prompt: str                        # the prompt text (the last user turn for a conversation)
+    chosen: str
+    rejected: str | None
+    label: bool | None = None
+    messages: list[dict] | None = None  # the conversation before the answer, for chat rows
+    source: str = ""
+
+    def to_json(self) -> dict:
+        row: dict[str, Any] = {"messages": self.messages} if self.messages else {"prompt": self.prompt}
+        if self.label is None:
+            row.update(chosen=self.chosen, rejected=self.rejected)
+        else:
+            row.update(completion=self.chosen, label=self.label)
+        return row
+
+
+class PairError(ValueError):
+    """A row that is not a valid preference row (the message says why)."""
+
+
+def parse_pair(record: Any, source: str = "", kto: bool = False) -> Pair:
+    """One raw record as a Pair; raises PairError naming the field at fault."""
+    if not isinstance(record, dict):
+        raise PairError(f"expected a JSON object, got {type(record).__name__}")
+    prompt, messages = _prompt(record)
+    if kto:
+        label = _need(record, "label")
+        if not isinstance(label, bool):
+            raise PairError(f"field 'label' must be true or false, got {type(label).__name__}")
+        return Pair(prompt, _answer(_need(record, "completion"), "completion"), None, label, messages, source)
+    chosen = _answer(_need(record, "chosen"), "chosen")
+    rejected = _answer(_need(record, "rejected"), "rejected")
+    if chosen == rejected:
+        raise PairError("'chosen' and 'rejected' are the same answer (the pair teaches nothing)")
+    return Pair(prompt, chosen, rejected, None, messages, source)
+
+
+def _need(record: dict, name: str) -> Any:
+    if name not in record:
+        raise PairError(f"missing field '{name}'; fields present: {', '.join(map(str, record)) or 'none'}")
+    return record[name]
+
+
+def _prompt(record: dict) -> tuple[str, list[dict] | None]:
+    """(prompt text, conversation or None) from `prompt` (string or message list) or `messages`."""
+    value = record["messages"] if "messages" in record else _need(record, "prompt")
+    name = "messages" if "messages" in record else "prompt"
+    if isinstance(value, str):
+        return _text(value, name), None
+    if not isinstance(value, list) or not value:
+        raise PairError(f"field '{name}' must be a string or a non-empty list of messages")
+    messages = [_message(m, f"{name}[{i}]") for i, m in enumerate(value)]
+    if messages[-1]["role"] != "user":
+        raise PairError(f"the last message of '{name}' must be the user's (the answers are chosen/rejected)")
+    return messages[-1]["content"], messages
+
+
+def _message(m: Any, where: str) -> dict:
+    if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+        raise PairError(f"{where} needs a role of system, user or assistant")
+    return {"role": m["role"], "content": _text(m.get("content"), f"{where}.content")}
+
+
+def _answer(value: Any, name: str) -> str:
+    """An answer given as text, as one assistant message, or as a list of exactly one assistant message."""
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise PairError(f"field '{name}' as a list must hold exactly one assistant message, got {len(value)}")
+        value = value[0]
+    if isinstance(value, dict):
+        if value.get("role") != "assistant":
+            raise PairError(f"field '{name}' must be the assistant's message, got role {value.get('role')!r}")
+        value = value.get("content")
+    return _text(value, name)
+
+
+def _text(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise PairError(f"field '{name}' must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise PairError(f"field '{name}' is empty")
+    return value
+
+
+def is_preference_row(record: dict) -> bool:
+    """Whether a raw record is a preference row: it has `chosen`/`rejected`, or a true/false `label`
+    beside a `completion` (KTO). A string label on a generation row is not one."""
+    return "chosen" in record or "rejected" in record or (
+        "completion" in record and isinstance(record.get("label"), bool))
+
+
+def is_kto_row(record: dict) -> bool:
+    return "chosen" not in record and "rejected" not in record and isinstance(record.get("label"), bool)
