@@ -34,6 +34,7 @@ class MethodSpec:
     trains_as: for an estimate-only row (module None), the config that trains it, as dotted keys.
     packing: whether `train.packing` can put several examples in one row (virtual tokens would come
         once before a whole row, not before each example).
+    preference: whether it trains on preference rows (train/preference_fit.py) instead of targets.
     """
 
     module: str | None
@@ -48,6 +49,7 @@ class MethodSpec:
     quantizable: bool = False
     trains_as: tuple[tuple[str, str], ...] = ()
     packing: bool = True
+    preference: bool = False
 
 
 _M = "tunesmith.train.methods."
@@ -67,6 +69,12 @@ METHOD_SPECS: dict[str, MethodSpec] = {
     # (dequantising each layer's weights costs the extra 0.4 FLOPs per parameter and token).
     "qlora": MethodSpec(None, "adapter", 2e-4, (1e-5, 1e-2), 4.4, 0.01, weight_bytes=0.56,
                         trains_as=(("train.method", "lora"), ("train.quantize", "nf4"))),
+    # Preference tuning on {prompt, chosen, rejected} (KTO: {prompt, completion, label}) rows, through a
+    # LoRA adapter by default (train.preference.adapter); DPO and KTO add a reference forward (no gradient,
+    # 1 FLOP more per parameter and token). The rate suits LoRA; full fine-tuning wants ~100x less.
+    **{name: MethodSpec(_M + "preference", "adapter", rate, (1e-7, 1e-3), flops, 0.01, fsdp=False, packing=False,
+                        preference=True)
+       for name, rate, flops in (("dpo", 5e-5, 5), ("orpo", 5e-5, 4), ("simpo", 5e-5, 4), ("kto", 5e-5, 5))},
 }
 # The methods `train.method` accepts.
 METHODS: tuple[str, ...] = tuple(name for name, spec in METHOD_SPECS.items() if spec.module)
@@ -93,6 +101,8 @@ class MetricSpec:
 
 CLASSIFICATION = ("classification",)
 GENERATION = ("generation", "chat")
+TEXT = ("text",)
+PREFERENCE = ("preference",)
 METRIC_SPECS: dict[str, MetricSpec] = {spec.name: spec for spec in (
     MetricSpec("accuracy", CLASSIFICATION),
     MetricSpec("f1_macro", CLASSIFICATION),
@@ -100,10 +110,19 @@ METRIC_SPECS: dict[str, MetricSpec] = {spec.name: spec for spec in (
     MetricSpec("recall_macro", CLASSIFICATION),
     MetricSpec("f1_micro", CLASSIFICATION),
     MetricSpec("exact_match", GENERATION),
+    MetricSpec("token_f1", GENERATION),      # SQuAD v1.1 token-bag F1
     MetricSpec("rouge_l", GENERATION),
     MetricSpec("bleu", GENERATION, cost=5),
     MetricSpec("chrf", GENERATION, cost=5),
+    # Preference pairs (train.method dpo|orpo|simpo|kto): see train/preference.py for the definitions.
+    MetricSpec("preference_accuracy", PREFERENCE),
+    MetricSpec("reward_margin", PREFERENCE),
+    # task.type text: held-out token loss and its exp; lower is better (see tasks/metrics.py).
+    MetricSpec("perplexity", TEXT, higher_is_better=False),
+    MetricSpec("token_loss", TEXT, higher_is_better=False),
 )}
+# The figures measured on preference pairs (margins), not on answers: training validation, eval and report.
+PREFERENCE_METRICS: tuple[str, ...] = tuple(name for name, m in METRIC_SPECS.items() if m.tasks == PREFERENCE)
 
 # Figures from the fairness audit (fairness.group_fields or fairness.lexicon): the worst-case group
 # disparities (each with a bootstrap interval), then the counterfactual flip rate (lexicon probes).
@@ -120,3 +139,19 @@ def metric_names(task_type: str) -> list[str]:
     """The metrics computed for a task type, in registration order."""
     return [m.name for m in METRIC_SPECS.values() if task_type in m.tasks]
 
+
+
+# Built-in chat templates (task.chat_template: NAME). Each renders any role, so conversations with
+# tool turns render too, and ends every turn with a token the model stops at: ChatML's <|im_end|>,
+# Llama 3's <|eot_id|> (both must be in the tokenizer's vocabulary; the pre-flight checks), Zephyr's
+# eos_token (whatever the tokenizer's EOS is). `model` (the default) is the tokenizer's own template.
+CHAT_TEMPLATES: dict[str, str] = {
+    "chatml": ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
+               " + '<|im_end|>' + '\n' }}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
+    "llama3": ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role']"
+               " + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"),
+    "zephyr": ("{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token"
+               " + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"),
+}

@@ -1,5 +1,6 @@
 """The pydantic models of project.yaml: one class per section, unknown keys refused, cross-field
-rules as validators. Loading, locating errors in the file and deriving configs are in config/load.py."""
+rules as validators. The self-contained settings groups nested in them are in config/settings.py
+(re-exported here); loading, locating errors in the file and deriving configs are in config/load.py."""
 
 from __future__ import annotations
 
@@ -8,9 +9,33 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from tunesmith.config.settings import (
+    DecontaminateSettings,
+    DistillSettings,
+    DriftSettings,
+    GenerationSettings,
+    Int4Settings,
+    Int8Settings,
+    LabelNoiseSettings,
+    LoraConfig,
+    NearDedupSettings,
+    NormalizeSettings,
+    OverfitSettings,
+    ParitySettings,
+    PiiSettings,
+    PreferenceSettings,
+    PrefixTuningSettings,
+    PromptSearchSettings,
+    PromptTuningSettings,
+    PruneSettings,
+    RequestLogSettings,
+    SemanticDedupSettings,
+    _Strict,
+)
 from tunesmith.registry import (
+    CHAT_TEMPLATES,
     CONSTRAINT_FIGURES,
     DEFAULT_VARIANTS,
     FAIRNESS_FIGURES,
@@ -23,14 +48,20 @@ from tunesmith.registry import (
 _C = TypeVar("_C", bound="_Strict")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+# Task keys that mean nothing for raw documents (task.type text); set explicitly, they are refused.
+TEXT_UNUSED_TASK_KEYS = ("label_field", "prompt_field", "completion_field", "instruction", "labels", "list_labels",
+                         "label_scoring", "train_on", "chat_template")
+
+
+# Train keys the preference loop does not implement; set (non-default) with a preference method, they are refused.
+PREFERENCE_UNUSED_TRAIN_KEYS = ("batch_tokens", "label_smoothing", "checkpoint_every", "keep_checkpoints")
 
 
 class TaskConfig(_Strict):
     """What the model should do and where the fields are."""
 
-    type: Literal["classification", "generation", "chat"] = "classification"
+    # text: continued pre-training on raw documents (text_field), loss on every token, long ones chunked.
+    type: Literal["classification", "generation", "chat", "text"] = "classification"
     text_field: str = "text"
     label_field: str = "label"
     prompt_field: str = "prompt"
@@ -43,53 +74,19 @@ class TaskConfig(_Strict):
     # that decoding restricted to the label set produces it (many labels of several tokens: far faster);
     # constrained_pruned: the same argmax and winner's probability, label groups that cannot win skipped.
     label_scoring: Literal["sequence", "constrained", "constrained_pruned"] = "sequence"
+    # Chat/generation rows with several assistant turns: supervise every assistant turn (TRL's assistant-only
+    # loss) or only the last one. Single-turn rows are the same either way.
+    train_on: Literal["last_turn", "all_assistant_turns"] = "all_assistant_turns"
+    # model: the tokenizer's own (none: a plain prompt); a built-in name (registry.CHAT_TEMPLATES); or a .jinja
+    # file (relative to the project file). Saved with the fine-tuned model, so serve and export render the same.
+    chat_template: str = "model"
 
-
-PII_TYPES = ("email", "phone", "card", "iban", "ip")
-
-
-class NormalizeSettings(_Strict):
-    unicode: bool = True          # NFKC
-    control_chars: bool = True
-    html: bool = True             # tags removed, entities unescaped
-    whitespace: bool = True       # runs collapsed, ends stripped
-
-
-class NearDedupSettings(_Strict):
-    enabled: bool = True
-    # remove: drop each near duplicate (logged in removed.jsonl); report: keep it, list the pair in report.json.
-    action: Literal["remove", "report"] = "remove"
-    threshold: float = Field(0.7, gt=0.0, le=1.0)       # Jaccard of character shingles (checked exactly)
-    num_perm: int = Field(128, ge=16, le=1024)
-    ngram: int | Literal["auto"] = "auto"                # auto: 3 for short texts, 5 for long ones
-
-
-class SemanticDedupSettings(_Strict):
-    # Off by default: on short texts a cosine this high also joins genuine paraphrases, which help training.
-    enabled: bool = False
-    action: Literal["remove", "report"] = "remove"
-    threshold: float = Field(0.95, gt=0.0, le=1.0)      # cosine of all-MiniLM-L6-v2 embeddings
-
-
-class PiiSettings(_Strict):
-    enabled: bool = True
-    action: Literal["redact", "drop", "report"] = "redact"
-    # `person` (names, from census name lists: see data/pii.py) is opt-in: slower, and a heuristic.
-    types: list[Literal["email", "phone", "card", "iban", "ip", "person"]] = Field(
-        default_factory=lambda: list(PII_TYPES))
-
-
-class DecontaminateSettings(_Strict):
-    enabled: bool = True
-    ngram: int = Field(8, ge=1)                          # word n-grams; shorter texts count whole
-    min_overlap: float = Field(0.5, gt=0.0, le=1.0)      # share of a train row's n-grams seen in held-out rows
-
-
-class LabelNoiseSettings(_Strict):
-    enabled: bool = True
-    # report: list suspects only; remove: drop them; relabel: give them the suggested label (logged in changes).
-    action: Literal["report", "remove", "relabel"] = "report"
-    folds: int = Field(5, ge=2)
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, v: str) -> str:
+        if v == "model" or v in CHAT_TEMPLATES or v.endswith(".jinja"):
+            return v
+        raise ValueError(f"unknown chat template '{v}' (use model, {', '.join(CHAT_TEMPLATES)} or a .jinja file)")
 
 
 class CleanConfig(_Strict):
@@ -162,43 +159,6 @@ class ObjectiveConfig(_Strict):
     constraints: dict[str, Bound] = Field(default_factory=dict)
 
 
-class LoraConfig(_Strict):
-    r: int = Field(16, ge=1)
-    alpha: float = Field(32.0, gt=0)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
-
-
-class PromptTuningSettings(_Strict):
-    """Soft prompt: learned input embeddings placed before the prompt."""
-
-    virtual_tokens: int = Field(20, ge=1, le=512)
-    init: Literal["vocab", "random"] = "vocab"
-
-
-class PrefixTuningSettings(_Strict):
-    """Prefix tuning: learned keys/values placed before the prompt in every layer."""
-
-    virtual_tokens: int = Field(10, ge=1, le=512)
-    projection: bool = False
-
-
-class PromptSearchSettings(_Strict):
-    """prompt_optimization: candidate instructions x few-shot sets, scored on validation."""
-
-    instructions: list[str] = Field(default_factory=list)
-    shots: list[int] = Field(default_factory=lambda: [0, 1, 3])
-    draws: int = Field(2, ge=1)
-    max_shot_chars: int = Field(400, ge=1)
-
-
-class OverfitSettings(_Strict):
-    """The overfitting detector."""
-
-    evals: int = Field(3, ge=1)
-    stop: bool = True
-
-
 class TrainConfig(_Strict):
     """Technique and optimisation settings."""
 
@@ -244,6 +204,12 @@ class TrainConfig(_Strict):
     prefix_tuning: PrefixTuningSettings = Field(default_factory=PrefixTuningSettings)
     prompt_optimization: PromptSearchSettings = Field(default_factory=PromptSearchSettings)
     overfit: OverfitSettings = Field(default_factory=OverfitSettings)
+    # Temperature of DPO, SimPO and KTO (how far from the reference / how sharp the preference); TRL's default.
+    beta: float = Field(0.1, gt=0)
+    preference: PreferenceSettings = Field(default_factory=PreferenceSettings)
+    # A finished run's directory: train on top of its fine-tuned model (adapter merged in) instead of `model`,
+    # e.g. DPO after SFT; that model is then the baseline and DPO's reference. Relative to the config file.
+    init_from: Path | None = None
 
     @field_validator("method")
     @classmethod
@@ -277,6 +243,23 @@ class TrainConfig(_Strict):
         if self.quantize != "none" and self.fsdp:
             raise _KeyedError(("train", "quantize"), "train.quantize cannot be combined with train.fsdp (quantized "
                               "weights are not sharded); set one of them off")
+        return self
+
+    @model_validator(mode="after")
+    def _preference_keys(self) -> TrainConfig:
+        """Keys the preference loop (train/preference_fit.py) does not implement are refused by name, not
+        ignored, when set to anything but their default (a saved config.yaml spells out every default)."""
+        if not METHOD_SPECS[self.method].preference:
+            return self
+        fields = TrainConfig.model_fields
+        for key in PREFERENCE_UNUSED_TRAIN_KEYS:
+            if getattr(self, key) != fields[key].get_default(call_default_factory=True):
+                raise _KeyedError(("train", key), f"train.{key} is not supported with train.method {self.method} "
+                                  "(the preference loop does not implement it); remove it")
+        if self.method == "kto" and self.batch_size < 2:
+            raise _KeyedError(("train", "batch_size"), "train.method kto needs train.batch_size 2 or more: its KL "
+                              "estimate pairs each prompt with another row's completion of the batch, and with one "
+                              "row that would be its own (TRL's KTOTrainer refuses it too)")
         return self
 
     @model_validator(mode="after")
@@ -363,39 +346,8 @@ class EvalConfig(_Strict):
     seed: int = 0
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     harness: HarnessConfig = Field(default_factory=HarnessConfig)
-
-
-class ParitySettings(_Strict):
-    max_logit_diff: float = Field(1e-3, gt=0)        # merged vs adapter model, on `samples` test prompts
-    min_agreement: float = Field(1.0, gt=0, le=1)    # share of test predictions the merged model must keep
-    samples: int = Field(16, ge=1)
-
-
-class Int8Settings(_Strict):
-    smooth: bool = True                              # SmoothQuant before quantizing (activation outliers)
-    alpha: float = Field(0.75, ge=0, le=1)           # how much of the outliers moves into the weights
-    calibration_examples: int = Field(32, ge=1)      # training rows whose activations set the scales
-
-
-class Int4Settings(_Strict):
-    group_size: Literal[32, 64, 128, 256] = 32        # inputs sharing one scale and zero point (smaller: finer)
-
-
-class PruneSettings(_Strict):
-    sparsity: float = Field(0.3, gt=0, lt=1)          # pruned: share of linear weights set to zero
-    layers: float = Field(0.25, gt=0, lt=1)           # pruned_layers: share of decoder layers removed
-    recovery_steps: int = Field(40, ge=0)
-    learning_rate: float = Field(5e-5, gt=0)
-
-
-class DistillSettings(_Strict):
-    layers: float = Field(0.5, gt=0, lt=1)            # distilled: share of decoder layers the student keeps
-    steps: int = Field(120, ge=1)
-    learning_rate: float = Field(1e-4, gt=0)
-    temperature: float = Field(2.0, gt=0)
-    alpha: float = Field(0.5, ge=0, le=1)             # weight of the teacher (soft) term against gold labels
-    minilm_epochs: int = Field(8, ge=1)               # distilled_minilm
-    minilm_learning_rate: float = Field(1e-4, gt=0)
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    report_examples: int = Field(10, ge=0, le=1000)   # test prompts shown side by side in report.html
 
 
 class OptimizeConfig(_Strict):
@@ -421,25 +373,6 @@ class OptimizeConfig(_Strict):
         if len(set(v)) != len(v) or "fp32" in v:
             raise ValueError("list each variant once; fp32 (the fine-tuned model itself) is always measured")
         return v
-
-
-class RequestLogSettings(_Strict):
-    enabled: bool = True
-    path: Path | None = None                   # default RUN_DIR/monitor/requests.db
-    retention_days: float = Field(30, gt=0)
-    redact_pii: bool = True                    # emails, phones, cards, IBANs, IPs replaced before storing
-
-
-class DriftSettings(_Strict):
-    window: int = Field(500, ge=10)            # most recent requests compared with the training reference
-    min_requests: int = Field(50, ge=5)        # fewer live requests than this: no verdict
-    clusters: int = Field(8, ge=2)             # k-means clusters of training embeddings for the embedding PSI
-    psi_threshold: float = Field(0.25, gt=0)   # PSI above this is drift (0.1-0.25 moderate, >0.25 major)
-    p_value: float = Field(0.01, gt=0, lt=1)   # ... and only when a chi-square test rejects "no change" at this level
-    length_psi_threshold: float = Field(0.25, gt=0)
-    unknown_rate_threshold: float = Field(0.05, gt=0)   # increase of the share of tokens unseen in training
-    confidence_drop_threshold: float = Field(0.1, gt=0)
-    update_every: int = Field(50, ge=1)        # the server recomputes its drift gauges every N requests
 
 
 class ServeConfig(_Strict):
@@ -523,8 +456,17 @@ class Project(_Strict):
     source: Path | None = Field(None, exclude=True)
 
     @model_validator(mode="after")
+    def _preference_task(self) -> Project:
+        if METHOD_SPECS[self.train.method].preference and self.task.type not in ("generation", "chat"):
+            raise _KeyedError(("train", "method"), f"train.method {self.train.method} trains answers to prompts; "
+                              "set task.type to generation or chat")
+        return self
+
+    @model_validator(mode="after")
     def _metric_fits_task(self) -> Project:
         names = metric_names(self.task.type)
+        if METHOD_SPECS[self.train.method].preference:  # pair figures are measured on held-out pairs
+            names = metric_names("preference") + names
         if self.objective.metric not in names:
             raise _KeyedError(("objective", "metric"), f"unknown metric '{self.objective.metric}' for a "
                               f"{self.task.type} task (available: {', '.join(names)})")
@@ -538,6 +480,29 @@ class Project(_Strict):
                                   "set fairness.group_fields or fairness.lexicon")
         if self.fairness.enabled and self.task.type != "classification":
             raise _KeyedError(("fairness",), "the fairness audit needs a classification task")
+        return self
+
+    @model_validator(mode="after")
+    def _text_task_fits(self) -> Project:
+        """task.type text trains on raw documents and is judged on held-out loss: keys about labels,
+        prompts or answers, and stages that compare generated predictions, are refused by name."""
+        if self.task.type != "text":
+            return self
+        # Non-default values, not keys present: a run's saved config.yaml spells out every default.
+        fields = TaskConfig.model_fields
+        for key in [k for k in TEXT_UNUSED_TASK_KEYS if k in fields and getattr(self.task, k) != fields[k].get_default(
+                call_default_factory=True)]:
+            raise _KeyedError(("task", key), f"task.{key} does not apply to task.type text (raw documents, loss "
+                              "on every token); remove it")
+        spec = METHOD_SPECS[self.train.method]
+        refused = {("train", "method"): spec.kind == "prompt" or getattr(spec, "preference", False),
+                   ("optimize", "enabled"): self.optimize.enabled,
+                   ("eval", "judge", "enabled"): self.eval.judge.enabled,
+                   ("eval", "harness", "tasks"): bool(self.eval.harness.tasks), ("benchmarks",): bool(self.benchmarks)}
+        for loc, bad in refused.items():
+            if bad:
+                raise _KeyedError(loc, f"{'.'.join(loc)} is not supported for task.type text (it is judged on "
+                                  "held-out perplexity; nothing is generated or compared as predictions)")
         return self
 
     @model_validator(mode="after")

@@ -1,0 +1,201 @@
+"""The leaf settings groups nested in project.yaml's sections (cleaning steps, adapters, preference
+tuning, decoding, optimised variants, the request log and drift): self-contained models with no
+cross-field rules of other sections. `tunesmith.config.schema` builds the sections from them and
+re-exports them, so `from tunesmith.config(.schema) import X` keeps working."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+PII_TYPES = ("email", "phone", "card", "iban", "ip")
+
+
+class NormalizeSettings(_Strict):
+    """Text normalisation of inputs. Generation and chat targets (answers) are never normalised: markup,
+    code and layout in an answer are what the model must learn to write."""
+
+    # NFKC (ﬁ -> fi, x² -> x2). auto: classification inputs only: an extractive answer or code quoted from a
+    # generation prompt must still match the prompt character for character.
+    unicode: bool | Literal["auto"] = "auto"
+    control_chars: bool = True    # every input: invisible characters carry no meaning, only risk
+    # Tags removed, entities unescaped. auto: classification inputs only; true: the inputs of every task type.
+    html: bool | Literal["auto"] = "auto"
+    # Runs collapsed, ends stripped (indentation too). auto: classification inputs only; true: every input.
+    whitespace: bool | Literal["auto"] = "auto"
+
+    def applies(self, step: str, task_type: str) -> bool:
+        """Whether the `unicode`, `html` or `whitespace` step runs on inputs of `task_type`."""
+        value = getattr(self, step)
+        return task_type == "classification" if value == "auto" else bool(value)
+
+
+class NearDedupSettings(_Strict):
+    enabled: bool = True
+    # remove: drop each near duplicate (logged in removed.jsonl); report: keep it, list the pair in report.json.
+    action: Literal["remove", "report"] = "remove"
+    threshold: float = Field(0.7, gt=0.0, le=1.0)       # Jaccard of character shingles (checked exactly)
+    num_perm: int = Field(128, ge=16, le=1024)
+    ngram: int | Literal["auto"] = "auto"                # auto: 3 for short texts, 5 for long ones
+
+
+class SemanticDedupSettings(_Strict):
+    # Off by default: on short texts a cosine this high also joins genuine paraphrases, which help training.
+    enabled: bool = False
+    action: Literal["remove", "report"] = "remove"
+    threshold: float = Field(0.95, gt=0.0, le=1.0)      # cosine of all-MiniLM-L6-v2 embeddings
+
+
+class PiiSettings(_Strict):
+    enabled: bool = True
+    action: Literal["redact", "drop", "report"] = "redact"
+    # `person` (names, from census name lists: see data/pii.py) is opt-in: slower, and a heuristic.
+    types: list[Literal["email", "phone", "card", "iban", "ip", "person"]] = Field(
+        default_factory=lambda: list(PII_TYPES))
+
+
+class DecontaminateSettings(_Strict):
+    enabled: bool = True
+    ngram: int = Field(8, ge=1)                          # word n-grams; shorter texts count whole
+    min_overlap: float = Field(0.5, gt=0.0, le=1.0)      # share of a train row's n-grams seen in held-out rows
+
+
+class LabelNoiseSettings(_Strict):
+    enabled: bool = True
+    # report: list suspects only; remove: drop them; relabel: give them the suggested label (logged in changes).
+    action: Literal["report", "remove", "relabel"] = "report"
+    folds: int = Field(5, ge=2)
+
+
+class LoraConfig(_Strict):
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class PromptTuningSettings(_Strict):
+    """Soft prompt: learned input embeddings placed before the prompt."""
+
+    virtual_tokens: int = Field(20, ge=1, le=512)
+    init: Literal["vocab", "random"] = "vocab"
+
+
+class PrefixTuningSettings(_Strict):
+    """Prefix tuning: learned keys/values placed before the prompt in every layer."""
+
+    virtual_tokens: int = Field(10, ge=1, le=512)
+    projection: bool = False
+
+
+class PromptSearchSettings(_Strict):
+    """prompt_optimization: candidate instructions x few-shot sets, scored on validation."""
+
+    instructions: list[str] = Field(default_factory=list)
+    shots: list[int] = Field(default_factory=lambda: [0, 1, 3])
+    draws: int = Field(2, ge=1)
+    max_shot_chars: int = Field(400, ge=1)
+
+
+class OverfitSettings(_Strict):
+    """The overfitting detector."""
+
+    evals: int = Field(3, ge=1)
+    stop: bool = True
+
+
+class PreferenceSettings(_Strict):
+    """Settings of train.method dpo|orpo|simpo|kto; defaults are TRL's (ORPOConfig, CPOConfig, KTOConfig)."""
+
+    # What trains: a LoRA/DoRA adapter (the reference of DPO/KTO is the base with the adapter switched off,
+    # no second copy), or every weight (DPO/KTO then keep a frozen copy of the model as reference: 2x weights).
+    adapter: Literal["lora", "dora", "full"] = "lora"
+    orpo_lambda: float = Field(0.1, gt=0)            # ORPO's weight of the odds-ratio term (TRL ORPOConfig.beta)
+    simpo_gamma: float = Field(0.5, ge=0)            # SimPO's target reward margin (TRL CPOConfig.simpo_gamma)
+    kto_desirable_weight: float = Field(1.0, gt=0)   # KTO's weight of desirable / undesirable rows' losses
+    kto_undesirable_weight: float = Field(1.0, gt=0)
+
+
+STOP_STRINGS_MAX, STOP_STRING_CHARS = 4, 64   # bounds of `stop` (OpenAI's own limit is 4 strings)
+
+
+class GenerationSettings(_Strict):
+    """How answers are decoded (eval.generation; serve requests carry the same fields). The defaults are
+    greedy decoding: temperature 0 ignores top_p, top_k and seed."""
+
+    temperature: float = Field(0.0, ge=0, le=2)     # 0: greedy; above 0: sampling
+    top_p: float = Field(1.0, gt=0, le=1)           # nucleus sampling: 1 keeps every token
+    top_k: int = Field(0, ge=0, le=10_000)          # 0: off
+    repetition_penalty: float = Field(1.0, gt=0, le=2)   # 1: off; above 1 discourages repeats (CTRL's penalty)
+    stop: list[str] = Field(default_factory=list, max_length=STOP_STRINGS_MAX)   # answers cut at the first one
+    seed: int | None = Field(0, ge=0, lt=2**32)     # sampling seed: same seed, same answers; None: unseeded
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stops(cls, v: list[str]) -> list[str]:
+        if any(not 0 < len(s) <= STOP_STRING_CHARS for s in v):
+            raise ValueError(f"each stop string holds 1 to {STOP_STRING_CHARS} characters")
+        return v
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class ParitySettings(_Strict):
+    max_logit_diff: float = Field(1e-3, gt=0)        # merged vs adapter model, on `samples` test prompts
+    min_agreement: float = Field(1.0, gt=0, le=1)    # share of test predictions the merged model must keep
+    samples: int = Field(16, ge=1)
+
+
+class Int8Settings(_Strict):
+    smooth: bool = True                              # SmoothQuant before quantizing (activation outliers)
+    alpha: float = Field(0.75, ge=0, le=1)           # how much of the outliers moves into the weights
+    calibration_examples: int = Field(32, ge=1)      # training rows whose activations set the scales
+
+
+class Int4Settings(_Strict):
+    group_size: Literal[32, 64, 128, 256] = 32        # inputs sharing one scale and zero point (smaller: finer)
+
+
+class PruneSettings(_Strict):
+    sparsity: float = Field(0.3, gt=0, lt=1)          # pruned: share of linear weights set to zero
+    layers: float = Field(0.25, gt=0, lt=1)           # pruned_layers: share of decoder layers removed
+    recovery_steps: int = Field(40, ge=0)
+    learning_rate: float = Field(5e-5, gt=0)
+
+
+class DistillSettings(_Strict):
+    layers: float = Field(0.5, gt=0, lt=1)            # distilled: share of decoder layers the student keeps
+    steps: int = Field(120, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    temperature: float = Field(2.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1)             # weight of the teacher (soft) term against gold labels
+    minilm_epochs: int = Field(8, ge=1)               # distilled_minilm
+    minilm_learning_rate: float = Field(1e-4, gt=0)
+
+
+class RequestLogSettings(_Strict):
+    enabled: bool = True
+    path: Path | None = None                   # default RUN_DIR/monitor/requests.db
+    retention_days: float = Field(30, gt=0)
+    redact_pii: bool = True                    # emails, phones, cards, IBANs, IPs replaced before storing
+
+
+class DriftSettings(_Strict):
+    window: int = Field(500, ge=10)            # most recent requests compared with the training reference
+    min_requests: int = Field(50, ge=5)        # fewer live requests than this: no verdict
+    clusters: int = Field(8, ge=2)             # k-means clusters of training embeddings for the embedding PSI
+    psi_threshold: float = Field(0.25, gt=0)   # PSI above this is drift (0.1-0.25 moderate, >0.25 major)
+    p_value: float = Field(0.01, gt=0, lt=1)   # ... and only when a chi-square test rejects "no change" at this level
+    length_psi_threshold: float = Field(0.25, gt=0)
+    unknown_rate_threshold: float = Field(0.05, gt=0)   # increase of the share of tokens unseen in training
+    confidence_drop_threshold: float = Field(0.1, gt=0)
+    update_every: int = Field(50, ge=1)        # the server recomputes its drift gauges every N requests
