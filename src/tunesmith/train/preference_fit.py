@@ -39,7 +39,7 @@ from tunesmith.train.batching import collate, encode_for_training
 from tunesmith.train.methods import get_method
 from tunesmith.train.regularize import neftune, set_dropout
 from tunesmith.train.trackers import Trackers
-from tunesmith.train.trainer import TrainLog, TrainResult, TrainStats, _optimizer, make_plan, train_step
+from tunesmith.train.trainer import TrainLog, TrainResult, TrainStats, make_plan, optimizer_and_schedule, train_step
 from tunesmith.train.watch import Watch
 
 NEEDS_REFERENCE = ("dpo", "kto")
@@ -79,7 +79,7 @@ def fit_pairs(model, tokenizer, fmt: PromptFormat, train: list[Pair], val: list[
     recompute = _checkpointing(model, tokenizer, fmt, train, cfg)
     plan = make_plan(len(train), cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer, schedule = _optimizer(trainable, cfg, plan.total)
+    optimizer, schedule = optimizer_and_schedule(trainable, cfg, plan.total)
     watch, loop = Watch(cfg, metric), {"tokens": 0, "seconds": 0.0, "losses": [], "step": 0}
     batches = pair_batches(train, tokenizer, fmt, cfg, kto=cfg.method == "kto")
     loss_fn = functools.partial(preference_loss, cfg=cfg, ref=ref)

@@ -153,7 +153,7 @@ def fit(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[Exa
     recompute = grad_checkpointing.wanted(cfg, model, [len(e.ids) for e in encoded])
     plan = make_plan(len(encoded), cfg, world, epoch_batch_counts(encoded, cfg, world, fmt.max_length))
     trainable = [p for p in net.parameters() if p.requires_grad]
-    optimizer, schedule = _optimizer(trainable, cfg, plan.total)
+    optimizer, schedule = optimizer_and_schedule(trainable, cfg, plan.total)
     watch = Watch(cfg, metric)
     loop = {"step": 0, "tokens": 0, "train_seconds": 0.0, "losses": []}
     writes = out_dir is not None and rank == 0
@@ -214,7 +214,7 @@ def _encode(tokenizer, fmt: PromptFormat, train: list[Example], val: list[Exampl
     return encoded, val, encode(tokenizer, fmt, val), notes
 
 
-def _optimizer(trainable: list[torch.Tensor], cfg: TrainConfig, total: int):
+def optimizer_and_schedule(trainable: list[torch.Tensor], cfg: TrainConfig, total: int):
     """AdamW over the trainable parameters and its warmup-then-linear-decay schedule over `total` steps."""
     optimizer = make_optimizer(trainable, cfg)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_linear(total, cfg.warmup_ratio))
