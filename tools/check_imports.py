@@ -18,7 +18,7 @@ from pathlib import Path
 # packages of one row are independent of each other (serve and report never import one another).
 LAYERS: list[tuple[str, ...]] = [
     ("__init__", "errors", "fsio", "hardware", "registry", "logs"),  # the package root and helpers
-    ("runs",),
+    ("runs", "champions"),
     ("config",),
     ("models",),
     ("data",),
@@ -29,7 +29,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("optimize",),
     ("serve", "report"),
     ("pipeline",),
-    ("select", "tune"),
+    ("select", "tune", "loop"),
+    ("cli_common",),
+    ("cli_loop",),
     ("cli",),
     ("__main__",),
 ]

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
-import traceback
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import typer
 
-from tunesmith.errors import TunesmithError
-from tunesmith.logs import quiet_libraries
+from tunesmith import cli_loop
+from tunesmith.cli_common import DEBUG, OUT, OVERWRITE, QUIET
+from tunesmith.cli_common import guarded as _guarded
 from tunesmith.registry import DISPARITY_FIGURES, METRIC_SPECS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -22,41 +21,7 @@ human_app = typer.Typer(no_args_is_help=True, help="Human A/B evaluation: export
 app.add_typer(human_app, name="human")
 runs_app = typer.Typer(no_args_is_help=True, help="The run registry: list, show and compare runs.")
 app.add_typer(runs_app, name="runs")
-
-DEBUG = typer.Option(False, "--debug", help="Show the Python traceback on errors.")
-OUT = typer.Option(None, "--out", help="Run directory to create (default: runs/<name>/<run-id>/ beside the config).")
-QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
-OVERWRITE = typer.Option(False, "--overwrite",
-                         help="Replace an earlier run in --out (never a folder that is not a run).")
-
-
-def _guarded(debug: bool, fn: Callable[[], int], details: bool = False) -> None:
-    """Run a command: input errors -> one `error:` line and exit 2; internal errors -> exit 1.
-
-    With `details`, the error's extra lines (e.g. every bad row) follow, indented.
-    """
-    quiet_libraries()
-    try:
-        code = fn()
-    except TunesmithError as e:
-        if debug:
-            traceback.print_exc()
-        print(e.line(), file=sys.stderr)
-        for detail in e.details if details else []:
-            print(f"  {detail}", file=sys.stderr)
-        raise typer.Exit(e.exit_code) from None
-    except KeyboardInterrupt:
-        print("error: interrupted; training checkpoints, if any were written, are kept for "
-              "`tunesmith train --resume RUN_DIR`", file=sys.stderr)
-        raise typer.Exit(130) from None
-    except Exception as e:  # an internal bug: say so in one line unless --debug
-        if debug:
-            traceback.print_exc()
-        print(f"error: internal error: {type(e).__name__}: {e}, rerun with --debug for the traceback",
-              file=sys.stderr)
-        raise typer.Exit(1) from None
-    raise typer.Exit(code)
-
+cli_loop.register(app)  # feedback, retrain, promote, rollback: the production loop (cli_loop.py)
 
 def _print_summary(summary: dict) -> None:
     failed = summary.get("failed")

@@ -20,6 +20,7 @@ from tunesmith.config.settings import (
     Int8Settings,
     LabelNoiseSettings,
     LoraConfig,
+    MonitorSettings,
     NearDedupSettings,
     NormalizeSettings,
     OverfitSettings,
@@ -31,6 +32,7 @@ from tunesmith.config.settings import (
     PromptTuningSettings,
     PruneSettings,
     RequestLogSettings,
+    RetrainSettings,
     SemanticDedupSettings,
     _Strict,
 )
@@ -157,6 +159,9 @@ class ObjectiveConfig(_Strict):
     # estimate: the measured gain must reach min_gain; ci_low: the lower end of its 95% interval must.
     min_gain_on: Literal["estimate", "ci_low"] = "estimate"
     constraints: dict[str, Bound] = Field(default_factory=dict)
+    # How much worse (in the metric's units) a challenger may be on the champion's test split and still
+    # be promoted: judged on the 95% interval of challenger - champion (see `tunesmith retrain`).
+    tolerance: float = Field(0.01, ge=0, lt=1)
 
 
 class TrainConfig(_Strict):
@@ -451,6 +456,8 @@ class Project(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     optimize: OptimizeConfig = Field(default_factory=OptimizeConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    monitor: MonitorSettings = Field(default_factory=MonitorSettings)
+    retrain: RetrainSettings = Field(default_factory=RetrainSettings)
     fairness: FairnessConfig = Field(default_factory=FairnessConfig)
     benchmarks: list[SuiteConfig] = Field(default_factory=list)
     source: Path | None = Field(None, exclude=True)

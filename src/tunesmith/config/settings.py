@@ -189,6 +189,25 @@ class RequestLogSettings(_Strict):
     redact_pii: bool = True                    # emails, phones, cards, IBANs, IPs replaced before storing
 
 
+class MonitorSettings(_Strict):
+    """Live quality on feedback-labelled traffic (`tunesmith monitor`, the server's quality gauges)."""
+
+    # Alert when the upper end of the live interval falls below the accepted test figure minus this.
+    max_quality_drop: float = Field(0.05, ge=0, lt=1)
+    window_hours: float = Field(24.0, gt=0)       # live quality is computed per window of this length
+    min_labelled: int = Field(30, ge=1)          # fewer labelled requests in a window: no verdict
+    update_every: int = Field(20, ge=1)          # the server recomputes its quality gauges every N verdicts
+
+
+class RetrainSettings(_Strict):
+    """`tunesmith retrain`: how labelled traffic becomes a challenger's data."""
+
+    holdout: float = Field(0.3, gt=0, lt=1)      # share of the newest labelled traffic kept as a second test set
+    min_labelled: int = Field(30, ge=2)          # fewer labelled requests: nothing to retrain on (exit 2)
+    min_holdout: int = Field(20, ge=1)           # the held-out traffic test set has at least this many rows
+    traffic_weight: int = Field(1, ge=1, le=10)  # each labelled traffic row is repeated this often in training
+
+
 class DriftSettings(_Strict):
     window: int = Field(500, ge=10)            # most recent requests compared with the training reference
     min_requests: int = Field(50, ge=5)        # fewer live requests than this: no verdict

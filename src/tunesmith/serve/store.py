@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from tunesmith.data.pii import find_pii, redact
@@ -29,7 +31,16 @@ from tunesmith.data.pii import find_pii, redact
 SCHEMA = """CREATE TABLE IF NOT EXISTS requests (
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, route TEXT NOT NULL, key_id TEXT,
     input TEXT, output TEXT, label TEXT, confidence REAL, latency_ms REAL, status INTEGER,
-    tokens_in INTEGER, tokens_out INTEGER)"""
+    tokens_in INTEGER, tokens_out INTEGER, request_id TEXT, run_dir TEXT)"""
+# Columns added after the first release: a log written by an older server gains them when opened.
+ADDED_COLUMNS = {"request_id": "TEXT", "run_dir": "TEXT"}
+# One verdict per answered request (POST /v1/feedback, `tunesmith feedback import`): the true label,
+# a corrected answer, or a rating (1: the answer was right, 0: it was wrong).
+FEEDBACK_SCHEMA = """CREATE TABLE IF NOT EXISTS feedback (
+    request_id TEXT PRIMARY KEY, ts REAL NOT NULL, key_id TEXT, label TEXT, correction TEXT,
+    rating INTEGER, source TEXT NOT NULL)"""
+INDEXES = ("CREATE UNIQUE INDEX IF NOT EXISTS requests_request_id ON requests (request_id)",
+           "CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts)")
 PURGE_EVERY = 200
 STORED_CHARS = 8192   # characters of a text kept in the log
 PII_SLACK = 512       # redaction looks this far past the cut, so a finding across it is redacted whole
@@ -50,7 +61,7 @@ class RequestLog:
                                    timeout=BUSY_TIMEOUT_S)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL stays consistent; no fsync per request
-        self._db.execute(SCHEMA)
+        create_tables(self._db)
         self._lock = threading.Lock()
         self._log_lock = threading.Lock()  # not _lock: a write holds that while SQLite waits for a locked file
         self._writes = 0
@@ -59,7 +70,7 @@ class RequestLog:
 
     def add(self, rows: list[dict]) -> bool:
         """Store rows ({route, key_id, input, output, label, confidence, latency_ms, status, tokens_in,
-        tokens_out}); False when they could not be (counted and logged, never raised)."""
+        tokens_out, request_id, run_dir}); False when they could not be (counted and logged, never raised)."""
         try:
             self.write(rows)
         except Exception as e:  # the request is answered all the same
@@ -72,18 +83,32 @@ class RequestLog:
         now = time.time()
         values = [(now, r["route"], r.get("key_id"), self._clean(r.get("input")), self._clean(r.get("output")),
                    r.get("label"), r.get("confidence"), r.get("latency_ms"), r.get("status", 200),
-                   r.get("tokens_in"), r.get("tokens_out")) for r in rows]
+                   r.get("tokens_in"), r.get("tokens_out"), r.get("request_id"), r.get("run_dir")) for r in rows]
         with self._lock:
             self._db.executemany("INSERT INTO requests (ts, route, key_id, input, output, label, confidence, "
-                                 "latency_ms, status, tokens_in, tokens_out) VALUES (?,?,?,?,?,?,?,?,?,?,?)", values)
+                                 "latency_ms, status, tokens_in, tokens_out, request_id, run_dir) "
+                                 "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", values)
             self._writes += len(rows)
             if self._writes >= PURGE_EVERY:
                 self._writes = 0
-                self._db.execute("DELETE FROM requests WHERE ts < ?", (now - self.retention_s,))
+                self._purge(now - self.retention_s)
 
     def purge(self) -> int:
+        """Delete requests older than the retention period, and their verdicts; the requests deleted."""
         with self._lock:
-            return self._db.execute("DELETE FROM requests WHERE ts < ?", (time.time() - self.retention_s,)).rowcount
+            return self._purge(time.time() - self.retention_s)
+
+    def _purge(self, before: float) -> int:
+        self._db.execute("BEGIN")  # one transaction (the connection autocommits): no verdict outlives its request
+        try:
+            self._db.execute("DELETE FROM feedback WHERE request_id IN "
+                             "(SELECT request_id FROM requests WHERE ts < ? AND request_id IS NOT NULL)", (before,))
+            gone = self._db.execute("DELETE FROM requests WHERE ts < ?", (before,)).rowcount
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        return gone
 
     def close(self) -> None:
         with self._lock:
@@ -158,6 +183,83 @@ class LogWriter:
                 self.after(len(rows))
             except Exception as e:  # drift counting is advisory
                 log.error("request log: after-write hook failed: %s", type(e).__name__)
+
+
+def create_tables(db: sqlite3.Connection) -> None:
+    """The request and feedback tables and their indexes; an older log gains the newer columns."""
+    db.execute(SCHEMA)
+    have = {row[1] for row in db.execute("PRAGMA table_info(requests)")}
+    for column, kind in ADDED_COLUMNS.items():
+        if column not in have:
+            db.execute(f"ALTER TABLE requests ADD COLUMN {column} {kind}")
+    db.execute(FEEDBACK_SCHEMA)
+    for index in INDEXES:
+        db.execute(index)
+
+
+@dataclass(frozen=True)
+class LabelledRequest:
+    """One answered request with its verdict. `truth` is the true label or corrected answer: the
+    verdict's label or correction, or the model's own answer when it was rated right (rating 1);
+    None when the verdict is only "wrong" (rating 0)."""
+
+    request_id: str
+    ts: float            # when the request was answered (time.time())
+    route: str
+    input: str | None    # as stored: PII redacted, cut at STORED_CHARS (see `complete`)
+    output: str | None
+    confidence: float | None
+    run_dir: str | None  # the run that answered (None in logs written before runs were recorded)
+    label: str | None
+    correction: str | None
+    rating: int | None
+    feedback_ts: float
+
+    @property
+    def truth(self) -> str | None:
+        if self.label is not None:
+            return self.label
+        if self.correction is not None:
+            return self.correction
+        return self.output if self.rating == 1 else None
+
+    @property
+    def correct(self) -> bool | None:
+        """Whether the answer equals the truth (exact match), False for rating 0, None without a verdict."""
+        if self.rating == 0 and self.truth is None:
+            return False
+        return None if self.truth is None else self.output == self.truth
+
+    @property
+    def complete(self) -> bool:
+        """False when the stored input was cut (the log keeps STORED_CHARS characters of a text)."""
+        return self.input is not None and not _CUT_MARK.search(self.input[-64:])
+
+
+_CUT_MARK = re.compile(r" \[\+\d+ characters not stored\]$")
+
+
+def labelled(path: Path, run_dir: str | None = None, since: float | None = None) -> list[LabelledRequest]:
+    """Every answered request of the log at `path` that has a verdict, oldest first; only those
+    answered by `run_dir` and/or at or after `since` (time.time()) when given."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
+    try:
+        have = {row[1] for row in db.execute("PRAGMA table_info(requests)")}
+        if "request_id" not in have or not db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='feedback'").fetchone():
+            return []  # a log from before feedback existed
+        query = ("SELECT r.request_id, r.ts, r.route, r.input, r.output, r.confidence, r.run_dir, f.label, "
+                 "f.correction, f.rating, f.ts FROM requests r JOIN feedback f ON f.request_id = r.request_id "
+                 "WHERE r.status = 200")
+        args: list = []
+        if run_dir is not None:
+            query, args = query + " AND r.run_dir = ?", args + [run_dir]
+        if since is not None:
+            query, args = query + " AND r.ts >= ?", args + [since]
+        rows = db.execute(query + " ORDER BY r.ts, r.id", args).fetchall()
+    finally:
+        db.close()
+    return [LabelledRequest(*row) for row in rows]
 
 
 def _encodable(text: str) -> bool:

@@ -1,0 +1,49 @@
+"""What every command shares: how it runs (`guarded`: one `error:` line and an exit code, never a
+traceback unless --debug) and the options that mean the same everywhere."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import Callable
+
+import typer
+
+from tunesmith.errors import TunesmithError
+from tunesmith.logs import quiet_libraries
+
+DEBUG = typer.Option(False, "--debug", help="Show the Python traceback on errors.")
+OUT = typer.Option(None, "--out", help="Run directory to create (default: runs/<name>/<run-id>/ beside the config).")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+OVERWRITE = typer.Option(False, "--overwrite",
+                         help="Replace an earlier run in --out (never a folder that is not a run).")
+
+
+def guarded(debug: bool, fn: Callable[[], int], details: bool = False) -> None:
+    """Run a command: input errors -> one `error:` line and exit 2; internal errors -> exit 1.
+
+    With `details`, the error's extra lines (e.g. every bad row) follow, indented.
+    """
+    quiet_libraries()
+    try:
+        code = fn()
+    except TunesmithError as e:
+        if debug:
+            traceback.print_exc()
+        print(e.line(), file=sys.stderr)
+        for detail in e.details if details else []:
+            print(f"  {detail}", file=sys.stderr)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        print("error: interrupted; training checkpoints, if any were written, are kept for "
+              "`tunesmith train --resume RUN_DIR`", file=sys.stderr)
+        raise typer.Exit(130) from None
+    except Exception as e:  # an internal bug: say so in one line unless --debug
+        if debug:
+            traceback.print_exc()
+        print(f"error: internal error: {type(e).__name__}: {e}, rerun with --debug for the traceback",
+              file=sys.stderr)
+        raise typer.Exit(1) from None
+    raise typer.Exit(code)
+
+
