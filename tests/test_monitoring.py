@@ -95,7 +95,7 @@ def test_generated_alert_rules_pass_promtool(run_dir, tmp_path, promtool):
     result = runner.invoke(cli, ["monitor", str(run_dir), "--alerts", str(tmp_path), "--window", "60"])
     assert result.exit_code == 0, result.output
     checked = subprocess.run([promtool, "check", "rules", str(tmp_path / "alerts.yml")], capture_output=True, text=True)
-    assert checked.returncode == 0 and "4 rules found" in checked.stdout, checked.stdout + checked.stderr
+    assert checked.returncode == 0 and "5 rules found" in checked.stdout, checked.stdout + checked.stderr
     tested = subprocess.run([promtool, "test", "rules", "alerts_test.yml"], capture_output=True, text=True,
                             cwd=tmp_path)
     assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr

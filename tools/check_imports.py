@@ -18,7 +18,8 @@ from pathlib import Path
 # packages of one row are independent of each other (serve and report never import one another).
 LAYERS: list[tuple[str, ...]] = [
     ("__init__", "errors", "fsio", "hardware", "registry", "logs"),  # the package root and helpers
-    ("runs", "champions"),
+    ("runs",),
+    ("champions",),
     ("config",),
     ("models",),
     ("data",),

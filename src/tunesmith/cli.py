@@ -342,7 +342,8 @@ def select_command(config: Path = typer.Argument(..., help="project.yaml"),
 
 
 @app.command("serve")
-def serve_command(target: Path = typer.Argument(..., help="a run directory, or a model name / checkpoint"),
+def serve_command(target: Optional[Path] = typer.Argument(None, help="a run directory, or a model name / checkpoint "
+                                                                      "(or --registry NAME instead)"),
                   host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (0.0.0.0: every one)."),
                   port: int = typer.Option(8000, "--port"),
                   variant: Optional[str] = typer.Option(None, "--variant",
@@ -360,6 +361,10 @@ def serve_command(target: Path = typer.Argument(..., help="a run directory, or a
                   insecure_no_auth: bool = typer.Option(
                       False, "--insecure-no-auth", help="Serve without API keys on a non-loopback --host "
                                                         "(refused otherwise)."),
+                  registry: Optional[str] = typer.Option(
+                      None, "--registry", help="Serve the run promoted under this name (`tunesmith promote`) "
+                                               "and swap in the next one promoted or rolled back to, "
+                                               "without dropping a request (instead of TARGET)."),
                   debug: bool = DEBUG) -> None:
     """Serve a model over HTTP: OpenAI-compatible completions and chat, /v1/classify, /metrics."""
     def go() -> int:
@@ -368,7 +373,8 @@ def serve_command(target: Path = typer.Argument(..., help="a run directory, or a
 
         if engine not in ("builtin", "vllm"):
             raise InputError(f"unknown engine '{engine}'", "--engine", "use builtin or vllm")
-        serve(target, host, port, variant, api_keys_file, engine, upstream, insecure_no_auth, upstream_api_key_env)
+        serve(target, host, port, variant, api_keys_file, engine, upstream, insecure_no_auth, upstream_api_key_env,
+              registry)
         return 0
     _guarded(debug, go)
 
@@ -381,22 +387,28 @@ def monitor_command(run_dir: Path = typer.Argument(..., help="a served run direc
                     alerts: Optional[Path] = typer.Option(None, "--alerts",
                                                           help="Also write alert rules, dashboard, "
                                                                "prometheus.yml here."),
+                    since: Optional[float] = typer.Option(None, "--since", help="Live quality over the last "
+                                                          "HOURS only (default: up to 30 windows)."),
                     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
                     debug: bool = DEBUG) -> None:
-    """Drift of live traffic against the training data, and whether to retrain."""
+    """Drift of live traffic against the training data, live quality on feedback-labelled traffic
+    against the accepted test figure, and whether to retrain."""
     def go() -> int:
+        from tunesmith.serve.quality import quality_lines
         from tunesmith.serve.server import monitor, write_alerts
 
         if alerts is not None:
             for path in write_alerts(run_dir, alerts):
                 print(f"wrote {path}")
-        report = monitor(run_dir, db, window)
+        report = monitor(run_dir, db, window, since)
         if as_json:
             print(json.dumps(report, indent=2))
             return 0
         print(f"drift report over the newest {report['requests']} requests")
         for name, s in report["signals"].items():
             print(f"  {'DRIFT' if s['drift'] else 'ok   '} {name}: {s['score']} (threshold {s['threshold']})")
+        for line in quality_lines(report["quality"]):
+            print(line)
         print(f"recommendation: {report['recommendation']} ({report['reason']})")
         return 0
     _guarded(debug, go)

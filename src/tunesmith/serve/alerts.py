@@ -14,8 +14,10 @@ import yaml
 from tunesmith import fsio
 
 
-def alert_rules(latency_p95_ms: float, error_rate: float = 0.05, no_traffic_minutes: int = 15) -> dict:
-    """Rule groups: error rate, p95 latency over the objective's constraint, drift, no traffic."""
+def alert_rules(latency_p95_ms: float, error_rate: float = 0.05, no_traffic_minutes: int = 15,
+                max_quality_drop: float = 0.05, min_labelled: int = 30) -> dict:
+    """Rule groups: error rate, p95 latency over the objective's constraint, drift, no traffic, and a
+    live-quality drop (monitor.max_quality_drop and monitor.min_labelled baked into the rule)."""
     seconds = latency_p95_ms / 1000
     return {"groups": [{"name": "tunesmith", "rules": [
         {"alert": "TunesmithHighErrorRate",
@@ -36,12 +38,31 @@ def alert_rules(latency_p95_ms: float, error_rate: float = 0.05, no_traffic_minu
          "expr": f'sum(increase(tunesmith_requests_total{{route=~"/v1/.*"}}[{no_traffic_minutes}m])) == 0',
          "for": f"{no_traffic_minutes}m", "labels": {"severity": "info"},
          "annotations": {"summary": f"no inference requests for {no_traffic_minutes} minutes"}},
+        quality_rule(max_quality_drop, min_labelled),
     ]}]}
 
 
-def rule_tests(rules_file: str) -> dict:
+def quality_rule(max_quality_drop: float, min_labelled: int) -> dict:
+    """TunesmithQualityDrop: even the upper end of the live interval is below the accepted test figure
+    minus the allowed drop, on a window with enough labelled requests for a verdict (an empty or
+    thin window never pages)."""
+    return {"alert": "TunesmithQualityDrop",
+            "expr": f"tunesmith_live_quality_ci_high < (tunesmith_accepted_quality - {max_quality_drop:g}) "
+                    f"and tunesmith_live_quality_labelled >= {min_labelled}",
+            "for": "15m", "labels": {"severity": "page"},
+            "annotations": {"summary": QUALITY_SUMMARY.format(drop=f"{max_quality_drop:g}",
+                                                              value="{{ $value | printf \"%.3f\" }}")}}
+
+
+QUALITY_SUMMARY = ("live {{{{ $labels.metric }}}} on feedback-labelled traffic fell: the upper end of its 95% "
+                   "interval ({value}) is below the accepted test figure minus {drop}; run `tunesmith monitor "
+                   "RUN_DIR`, then `tunesmith retrain RUN_DIR`")
+
+
+def rule_tests(rules_file: str, max_quality_drop: float = 0.05, min_labelled: int = 30) -> dict:
     """promtool unit tests: each alert fires on a synthetic series built to trip it, and not before."""
-    return {"rule_files": [rules_file], "evaluation_interval": "1m", "tests": [
+    return {"rule_files": [rules_file], "evaluation_interval": "1m", "tests": [quality_test(max_quality_drop,
+                                                                                           min_labelled),
         {"interval": "1m",
          "input_series": [
              {"series": 'tunesmith_requests_total{route="/v1/classify",status="200"}', "values": "0+10x40"},
@@ -67,6 +88,25 @@ def rule_tests(rules_file: str) -> dict:
     ]}
 
 
+def quality_test(max_quality_drop: float, min_labelled: int, accepted: float = 0.9) -> dict:
+    """TunesmithQualityDrop fires for an upper end 0.01 under accepted - drop (after its `for`), and
+    not for one 0.01 over it, nor on a window one labelled request short of a verdict."""
+    below, above = round(accepted - max_quality_drop - 0.01, 6), round(accepted - max_quality_drop + 0.01, 6)
+    cases = {"accuracy": (below, min_labelled), "exact_match": (above, min_labelled),
+             "rouge_l": (below, min_labelled - 1)}
+    series = [{"series": f'{name}{{metric="{metric}"}}', "values": f"{value:g}x40"}
+              for metric, (high, n) in cases.items()
+              for name, value in (("tunesmith_accepted_quality", accepted), ("tunesmith_live_quality_ci_high", high),
+                                  ("tunesmith_live_quality_labelled", n))]
+    summary = QUALITY_SUMMARY.format(drop=f"{max_quality_drop:g}", value=f"{below:.3f}").replace(
+        "{{ $labels.metric }}", "accuracy")
+    return {"interval": "1m", "input_series": series, "alert_rule_test": [
+        {"eval_time": "10m", "alertname": "TunesmithQualityDrop", "exp_alerts": []},  # pending: `for` 15m
+        {"eval_time": "20m", "alertname": "TunesmithQualityDrop",
+         "exp_alerts": [{"exp_labels": {"severity": "page", "metric": "accuracy"},
+                         "exp_annotations": {"summary": summary}}]}]}
+
+
 def dashboard(title: str) -> dict:
     """A Grafana dashboard over tunesmith's series (Prometheus data source named by a variable)."""
     panels = [("Requests per second by status", 'sum by (status) (rate(tunesmith_requests_total[1m]))'),
@@ -77,6 +117,10 @@ def dashboard(title: str) -> dict:
               ("In-flight requests", "tunesmith_in_flight_requests"),
               ("Predicted labels", 'sum by (label) (rate(tunesmith_predicted_label_total[5m]))'),
               ("Drift score by signal", "tunesmith_drift_score"),
+              ("Live quality (95% interval) vs accepted on test",
+               ("tunesmith_live_quality", "tunesmith_live_quality_ci_low", "tunesmith_live_quality_ci_high",
+                "tunesmith_accepted_quality")),
+              ("Feedback-labelled requests (latest window)", "tunesmith_live_quality_labelled"),
               ("Tokens in / out per second", 'rate(tunesmith_tokens_in_total[1m])'),
               ("Resident memory (bytes)", "process_resident_memory_bytes")]
     return {"title": title, "uid": None, "schemaVersion": 39, "time": {"from": "now-6h", "to": "now"},
@@ -84,7 +128,15 @@ def dashboard(title: str) -> dict:
             "panels": [{"id": i + 1, "type": "timeseries", "title": name,
                         "datasource": {"type": "prometheus", "uid": "${datasource}"},
                         "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (i // 2)},
-                        "targets": [{"expr": expr, "refId": "A"}]} for i, (name, expr) in enumerate(panels)]}
+                        "targets": _targets(expr)} for i, (name, expr) in enumerate(panels)]}
+
+
+def _targets(exprs: str | tuple[str, ...]) -> list[dict]:
+    """One query per expression; several share a panel, each named in the legend by its series and label."""
+    if isinstance(exprs, str):
+        return [{"expr": exprs, "refId": "A"}]
+    return [{"expr": e, "refId": chr(ord("A") + i), "legendFormat": e.removeprefix("tunesmith_") + " {{metric}}"}
+            for i, e in enumerate(exprs)]
 
 
 def prometheus_config(target: str, rules_file: str = "alerts.yml", scrape_interval: str = "15s") -> dict:
@@ -95,11 +147,14 @@ def prometheus_config(target: str, rules_file: str = "alerts.yml", scrape_interv
                                 "static_configs": [{"targets": [target]}]}]}
 
 
-def write_monitoring(out_dir: Path, name: str, latency_p95_ms: float, target: str = "127.0.0.1:8000") -> list[Path]:
-    """Write alerts.yml, alerts_test.yml, grafana-dashboard.json and prometheus.yml into `out_dir`."""
+def write_monitoring(out_dir: Path, name: str, latency_p95_ms: float, target: str = "127.0.0.1:8000",
+                     max_quality_drop: float = 0.05, min_labelled: int = 30) -> list[Path]:
+    """Write alerts.yml, alerts_test.yml, grafana-dashboard.json and prometheus.yml into `out_dir`
+    (the quality-drop rule with the run's monitor.max_quality_drop and monitor.min_labelled)."""
     out_dir = Path(out_dir)
-    files = {"alerts.yml": yaml.safe_dump(alert_rules(latency_p95_ms), sort_keys=False),
-             "alerts_test.yml": yaml.safe_dump(rule_tests("alerts.yml"), sort_keys=False),
+    quality = {"max_quality_drop": max_quality_drop, "min_labelled": min_labelled}
+    files = {"alerts.yml": yaml.safe_dump(alert_rules(latency_p95_ms, **quality), sort_keys=False),
+             "alerts_test.yml": yaml.safe_dump(rule_tests("alerts.yml", **quality), sort_keys=False),
              "grafana-dashboard.json": json.dumps(dashboard(f"tunesmith: {name}"), indent=2),
              "prometheus.yml": yaml.safe_dump(prometheus_config(target), sort_keys=False)}
     for file, text in files.items():

@@ -1,13 +1,15 @@
-"""The HTTP server: OpenAI-compatible completions and chat, /v1/classify, health, readiness and
-Prometheus metrics, with API keys, rate limits, body limits, micro-batching, a request log and
-drift gauges. `create_app` builds it around a loaded Service; `tunesmith serve` runs it.
+"""The HTTP server: OpenAI-compatible completions and chat, /v1/classify, feedback on answers
+(/v1/feedback), health, readiness and Prometheus metrics, with API keys, rate limits, body limits,
+micro-batching, a request log and drift gauges. `create_app` builds it around a loaded Service;
+`tunesmith serve` runs it.
 
 Under load every request gets an answer: model work waits in a bounded queue (`serve.max_queue`),
 each model call holds at most `serve.max_batch_tokens` tokens, and a request not answered within
 `serve.request_timeout_s` (or one that finds the queue full) gets 503 with Retry-After; the deadline
 starts when the request arrives, and a request-log write still running at the deadline goes on in the
 background. A body not read within `serve.body_timeout_s` gets 408. Every response carries an
-X-Request-ID; a 500 logs one line with that id and the exception type."""
+X-Request-ID (a trace id); an answer also carries its own `request_id` (X-Tunesmith-Request-ID), the
+id feedback refers to. A 500 logs one line with the trace id and the exception type."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tunesmith.config import ServeConfig
 from tunesmith.errors import EngineError
 from tunesmith.serve.batcher import Overloaded
+from tunesmith.serve.feedback import feedback_router
 from tunesmith.serve.limits import BodyLimit
 from tunesmith.serve.replies import error, request_id
 from tunesmith.serve.routes import classify_router, openai_router, ops_router
@@ -51,8 +54,8 @@ def create_app(service: Service, cfg: ServeConfig, keys: list[str] | None = None
     app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.service, app.state.store, app.state.watch, app.state.metrics = \
         state.service, state.store, state.watch, state.metrics
-    app.state.batcher, app.state.writer = state.batcher, state.writer
-    routers = (ops_router(state), openai_router(state), classify_router(state))
+    app.state.batcher, app.state.writer, app.state.quality = state.batcher, state.writer, state.quality
+    routers = (ops_router(state), openai_router(state), classify_router(state), feedback_router(state))
     for router in routers:
         app.include_router(router)
     # The metrics' route labels, from the routers themselves (an included router hides its routes' paths).

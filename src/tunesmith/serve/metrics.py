@@ -40,6 +40,20 @@ class ServeMetrics:
                                     ["reason"], registry=r)
         self.drift_failures = Counter("tunesmith_drift_update_failures_total", "Drift gauge updates that failed",
                                       registry=r)
+        # Live quality on feedback-labelled traffic (serve/quality.py), for the latest monitor.window_hours.
+        self.live_quality = Gauge("tunesmith_live_quality", "Live quality on feedback-labelled requests, latest window",
+                                  ["metric"], registry=r)
+        self.live_quality_low = Gauge("tunesmith_live_quality_ci_low", "Lower end of the live quality's 95% interval",
+                                      ["metric"], registry=r)
+        self.live_quality_high = Gauge("tunesmith_live_quality_ci_high",
+                                       "Upper end of the live quality's 95% interval", ["metric"], registry=r)
+        self.live_quality_labelled = Gauge("tunesmith_live_quality_labelled",
+                                           "Feedback-labelled requests the latest live quality is computed on",
+                                           ["metric"], registry=r)
+        self.accepted_quality = Gauge("tunesmith_accepted_quality", "The test figure the run was accepted on",
+                                      ["metric"], registry=r)
+        self.quality_failures = Counter("tunesmith_quality_update_failures_total",
+                                        "Live quality gauge updates that failed", registry=r)
         for reason in REJECT_REASONS:  # every series exists from the start, at 0
             self.rejected.labels(reason)
         for reason in LOG_FAILURE_REASONS:

@@ -1,10 +1,17 @@
-"""Small pieces every part of the server answers with: the OpenAI-style error body, and the
-request id that log lines carry."""
+"""Small pieces every part of the server answers with: the OpenAI-style error body, the trace id
+that log lines carry (X-Request-ID), and the answer's own id (`request_id`, X-Tunesmith-Request-ID)
+that POST /v1/feedback refers to."""
 
 from __future__ import annotations
 
+import uuid
+
 from fastapi import Request
 from fastapi.responses import JSONResponse
+
+# The header naming an answer's request_id (its row in the request log, what feedback refers to).
+# Not X-Request-ID: that one is a trace id, and a caller may choose it.
+ANSWER_ID = "X-Tunesmith-Request-ID"
 
 
 def error(status: int, message: str, kind: str) -> JSONResponse:
@@ -15,3 +22,8 @@ def error(status: int, message: str, kind: str) -> JSONResponse:
 def request_id(request: Request) -> str:
     """The X-Request-ID given to this request (see app.RequestIds), "-" when there is none."""
     return getattr(request.state, "request_id", None) or "-"
+
+
+def new_answer_id() -> str:
+    """A fresh id for one answered text: server-made (uuid4 hex, unguessable), never the caller's."""
+    return uuid.uuid4().hex

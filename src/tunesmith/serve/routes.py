@@ -1,29 +1,35 @@
 """The server's routes, one APIRouter per group over the app's ServerState: health and metrics
 (`ops_router`), OpenAI-compatible models, completions and chat (`openai_router`), and per-label
 probabilities (`classify_router`). Request bodies are validated here; a text that is not valid
-Unicode is a 422 for that request alone."""
+Unicode is a 422 for that request alone.
+
+Every answered text gets a fresh `request_id` (replies.new_answer_id): in the answer's body (one per
+result of a `texts` batch), in the X-Tunesmith-Request-ID header when the request has one answer, and
+in its request-log row with the run that answered, so that POST /v1/feedback can refer to it. Without a
+request log the id is still given (feedback on it then cannot be stored)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 import uuid
+from pathlib import Path
 from typing import Literal
 
-from fastapi import APIRouter, HTTPException, Request
-from fastapi.responses import Response
+from fastapi import APIRouter, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunesmith.config import GenerationSettings, ServeConfig
 from tunesmith.serve.metrics import OTHER_LABEL
-from tunesmith.serve.replies import error
+from tunesmith.serve.replies import ANSWER_ID, error, new_answer_id
 from tunesmith.serve.service import Completion, Service
 from tunesmith.serve.state import ServerState
 from tunesmith.serve.streaming import open_stream
+from tunesmith.serve.swap import answered_by
 from tunesmith.tasks.sampling import generate_kwargs
 
 
-def _unicode(text: str | None) -> str | None:
+def unicode_text(text: str | None) -> str | None:
     """Refuse text that is not valid Unicode (a lone surrogate such as "\\ud800" is valid JSON but no
     tokenizer or database can encode it): a 422 for that request alone."""
     if text is not None:
@@ -48,13 +54,13 @@ class ClassifyRequest(_Body):
     @field_validator("text")
     @classmethod
     def _valid_text(cls, v: str | None) -> str | None:
-        return _unicode(v)
+        return unicode_text(v)
 
     @field_validator("texts")
     @classmethod
     def _valid_texts(cls, v: list[str] | None) -> list[str] | None:
         for t in v or []:
-            _unicode(t)
+            unicode_text(t)
         return v
 
     @model_validator(mode="after")
@@ -112,7 +118,7 @@ class CompletionRequest(_Sampling):
     @field_validator("prompt")
     @classmethod
     def _valid_prompt(cls, v: str | list[int]) -> str | list[int]:
-        return _unicode(v) if isinstance(v, str) else v
+        return unicode_text(v) if isinstance(v, str) else v
 
 
 class ChatMessage(_Body):
@@ -124,7 +130,7 @@ class ChatMessage(_Body):
     @field_validator("content")
     @classmethod
     def _valid_content(cls, v: str) -> str:
-        return _unicode(v)
+        return unicode_text(v)
 
 
 class ChatRequest(_Sampling):
@@ -163,7 +169,7 @@ def classify_router(state: ServerState) -> APIRouter:
     router, service, cfg = APIRouter(), state.service, state.cfg
 
     @router.post("/v1/classify")
-    async def classify(body: ClassifyRequest, request: Request):
+    async def classify(body: ClassifyRequest, request: Request, response: Response):
         if not service.labels:
             return error(400, "this model is not a classifier; use /v1/completions", "invalid_request_error")
         if not service.scores_labels:
@@ -175,14 +181,17 @@ def classify_router(state: ServerState) -> APIRouter:
         started = time.perf_counter()
         results = await state.batcher.submit("classify", texts, request.state.deadline)
         latency = (time.perf_counter() - started) * 1000
-        out = [{"label": label, "probabilities": probs} for label, probs in results]
+        out = [{"label": label, "probabilities": probs, "request_id": new_answer_id()} for label, probs in results]
         for r in out:
             state.metrics.labels.labels(_label(service, r["label"])).inc()
-        await state.record([{"route": "/v1/classify", "key_id": request.state.key_id, "input": t,
-                             "output": r["label"], "label": r["label"], "confidence": r["probabilities"][r["label"]],
-                             "latency_ms": latency} for t, r in zip(texts, out)], request.state.deadline)
+        await state.record([_row(state, request, ("/v1/classify", r["request_id"]), res, input=t, output=r["label"],
+                                 label=r["label"], confidence=r["probabilities"][r["label"]], latency_ms=latency)
+                            for t, res, r in zip(texts, results, out)], request.state.deadline)
         answer = {"model": service.name, "variant": service.variant, "results": out}
-        return {**out[0], **answer} if body.text is not None else answer
+        if body.text is None:
+            return answer
+        response.headers[ANSWER_ID] = out[0]["request_id"]
+        return {**out[0], **answer}
 
     return router
 
@@ -197,7 +206,7 @@ def openai_router(state: ServerState) -> APIRouter:
                                             "owned_by": "tunesmith"}]}
 
     @router.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    async def completions(body: CompletionRequest, request: Request, response: Response):
         limit = _limit(body.max_tokens, cfg)
         sampling = _sampling(body, service)
         if isinstance(body.prompt, list) and service.labels:
@@ -207,38 +216,42 @@ def openai_router(state: ServerState) -> APIRouter:
             example = service.example(prompt=body.prompt)
         except ValueError as e:  # a token prompt out of range
             return error(422, f"{e} (prompt)", "invalid_request_error")
-        return await _complete(state, request, (example, limit, sampling), body.stream, "/v1/completions",
-                               "text_completion")
+        return await _complete(state, (request, response), (example, limit, sampling), body.stream,
+                               "/v1/completions", "text_completion")
 
     @router.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, request: Request):
+    async def chat(body: ChatRequest, request: Request, response: Response):
         limit = _limit(body.max_completion_tokens or body.max_tokens or cfg.max_tokens, cfg)
         sampling = _sampling(body, service)
         example = service.example(messages=[m.model_dump() for m in body.messages])
-        return await _complete(state, request, (example, limit, sampling), body.stream, "/v1/chat/completions",
-                               "chat.completion")
+        return await _complete(state, (request, response), (example, limit, sampling), body.stream,
+                               "/v1/chat/completions", "chat.completion")
 
     return router
 
 
-async def _complete(state: ServerState, request: Request, job: tuple, stream: bool, route: str, kind: str):
+async def _complete(state: ServerState, exchange: tuple[Request, Response], job: tuple, stream: bool, route: str,
+                    kind: str):
     """One completion of `job` (example, max_tokens, sampling or None) (`kind` "text_completion" or
     "chat.completion"): streamed, or micro-batched and answered whole; either way counted in the
-    metrics and the request log."""
-    example, limit, sampling = job
+    metrics and the request log, under a fresh request_id in the answer and its header."""
+    (request, response), (example, limit, sampling) = exchange, job
+    answer_id = new_answer_id()
     if stream:
         chunk_kind = "text_completion" if kind == "text_completion" else "chat.completion.chunk"
         return await open_stream(state, example, limit, chunk_kind, request,
-                                 _stream_logger(state, request, route, example.input), sampling)
+                                 _stream_logger(state, request, (route, answer_id), example.input), sampling,
+                                 answer_id=answer_id)
     item = (example, limit) if sampling is None else job  # engines see settings only when there are some
     done: Completion = await state.batcher.submit("complete", item, request.state.deadline)
-    await _account(state, request, route, example.input, done)
+    await _account(state, request, (route, answer_id), example.input, done)
+    response.headers[ANSWER_ID] = answer_id
     if kind == "text_completion":
         choice = {"text": done.text, "index": 0, "logprobs": None, "finish_reason": done.finish_reason}
     else:
         choice = {"index": 0, "message": {"role": "assistant", "content": done.text},
                   "finish_reason": done.finish_reason}
-    return _openai(state.service, kind, choice, done)
+    return {**_openai(state.service, kind, choice, done), "request_id": answer_id}
 
 
 def _sampling(body: _Sampling, service: Service) -> GenerationSettings | None:
@@ -269,22 +282,35 @@ def _limit(requested: int, cfg: ServeConfig) -> int:
     return requested
 
 
-def _stream_logger(state: ServerState, request: Request, route: str, text):
+def _stream_logger(state: ServerState, request: Request, logged_as: tuple[str, str], text):
     """What a finished stream reports: its tokens to the metrics, its text to the request log."""
-    async def done(pieces: list[str], finish: str) -> None:
-        await _account(state, request, route, text, Completion("".join(pieces), finish, 0, len(pieces)))
+    async def done(pieces: list[str], finish: str) -> None:  # `finish` names the run that answered (swap.Finish)
+        await _account(state, request, logged_as, text, Completion("".join(pieces), finish, 0, len(pieces)), finish)
     return done
 
 
-async def _account(state: ServerState, request: Request, route: str, text, done: Completion) -> None:
+async def _account(state: ServerState, request: Request, logged_as: tuple[str, str], text,
+                   done: Completion, by=None) -> None:
+    """Count a completion in the metrics and log it under (route, request_id); `by` is what names the
+    run that answered (default: `done` itself, see swap.answered_by)."""
     metrics, service = state.metrics, state.service
     metrics.tokens_in.inc(done.prompt_tokens)
     metrics.tokens_out.inc(done.completion_tokens)
     if service.labels:
         metrics.labels.labels(_label(service, done.text)).inc()
-    await state.record([{"route": route, "key_id": request.state.key_id, "input": text, "output": done.text,
-                         "label": done.text if service.labels else None, "tokens_in": done.prompt_tokens,
-                         "tokens_out": done.completion_tokens}], request.state.deadline)
+    await state.record([_row(state, request, logged_as, done if by is None else by, input=text, output=done.text,
+                             label=done.text if service.labels else None, tokens_in=done.prompt_tokens,
+                             tokens_out=done.completion_tokens)], request.state.deadline)
+
+
+def _row(state: ServerState, request: Request, logged_as: tuple[str, str], result, **fields) -> dict:
+    """A request-log row under (route, request_id): who asked (the key id) and the run that computed
+    `result` (with a hot-swapping server, the model that took the call, not the one serving now),
+    as an absolute path so that readers in any folder match it."""
+    route, answer_id = logged_as
+    run_dir = answered_by(result, state.service)
+    return {"route": route, "key_id": request.state.key_id, "request_id": answer_id,
+            "run_dir": str(Path(run_dir).resolve()) if run_dir else None, **fields}
 
 
 def _label(service: Service, text: str) -> str:

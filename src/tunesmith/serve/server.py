@@ -39,21 +39,27 @@ class Listener:
     sock: socket.socket
 
 
-def serve(target: Path, host: str = "127.0.0.1", port: int = 8000, variant: str | None = None,
+def serve(target: Path | None, host: str = "127.0.0.1", port: int = 8000, variant: str | None = None,
           keys_file: Path | None = None, engine: str = "builtin", upstream: str | None = None,
-          insecure_no_auth: bool = False, upstream_key_env: str | None = None) -> None:
+          insecure_no_auth: bool = False, upstream_key_env: str | None = None, registry: str | None = None) -> None:
     """Load the model (or reach the engine that has it) and serve it until interrupted.
 
     Every input is checked before anything slow starts: keys (`keys_file`, TUNESMITH_API_KEYS),
     an open server only on loopback unless `insecure_no_auth`, the port, the upstream's key.
+    With `registry` in place of `target`, the run promoted under that name is served, and the server
+    follows the champion registry: a run promoted (or rolled back to) later is swapped in without
+    dropping a request (see serve/swap.py).
     """
     from tunesmith.serve.auth import load_keys
     from tunesmith.serve.service import load_service
 
+    _check_target(target, registry, engine)
     if engine != "vllm":
         for value, flag in ((upstream, "--upstream"), (upstream_key_env, "--upstream-api-key-env")):
             if value is not None:
                 raise InputError(f"{flag} goes with --engine vllm", flag)
+    if registry is not None:
+        target = champion_run(registry)
     keys = load_keys(keys_file)
     check_open(host, keys, insecure_no_auth)
     if engine == "vllm":
@@ -62,9 +68,41 @@ def serve(target: Path, host: str = "127.0.0.1", port: int = 8000, variant: str 
     try:
         if engine == "vllm":
             return _sidecar(run_dir, listener, keys, upstream, upstream_key)
-        _run_app(load_service(target, variant), target, listener, keys)
+        _run_app(load_service(target, variant), target, listener, keys, registry, variant)
     finally:
         listener.sock.close()
+
+
+def _check_target(target: Path | None, registry: str | None, engine: str) -> None:
+    """Exactly one of TARGET and --registry; the registry is followed by the built-in engine only."""
+    if target is not None and registry is not None:
+        raise InputError("TARGET and --registry exclude each other", "--registry",
+                         "give a run directory or model to serve it, or --registry NAME to follow the promoted run")
+    if target is None and registry is None:
+        raise InputError("nothing to serve", "TARGET", "give a run directory, a model name, or --registry NAME")
+    if registry is not None and engine != "builtin":
+        raise InputError("--registry goes with the built-in engine (an upstream engine cannot swap models)",
+                         "--registry", "drop --engine, or serve the run directory with --engine vllm")
+
+
+def champion_run(name: str) -> Path:
+    """The run promoted under `name` (what `serve --registry NAME` starts with).
+
+    Raises:
+        InputError: nothing is promoted under `name` (or a bad name). RunDirError: its folder is gone.
+    """
+    from tunesmith.champions import current
+    from tunesmith.runs import is_run_dir
+
+    run = current(name)
+    if run is None:
+        raise InputError(f"nothing is promoted under '{name}'", "--registry",
+                         f"promote a run first: `tunesmith promote RUN_DIR --name {name}`")
+    if not is_run_dir(run):
+        raise RunDirError(f"the run promoted as '{name}' is gone (no model/tunesmith.json)", str(run),
+                          f"promote a run that exists (`tunesmith promote RUN_DIR --name {name}`) "
+                          f"or roll back (`tunesmith rollback {name}`)")
+    return run
 
 
 def check_open(host: str, keys: list[str], insecure_no_auth: bool = False) -> None:
@@ -106,27 +144,79 @@ def bind_listener(host: str, port: int) -> Listener:
     return Listener(host, port, sock)
 
 
-def _run_app(service, target: Path, listener: Listener, keys: list[str]) -> None:
+def _run_app(service, target: Path, listener: Listener, keys: list[str], registry: str | None = None,
+             variant: str | None = None) -> None:
     import uvicorn
 
-    from tunesmith.serve.app import create_app
     from tunesmith.serve.hosts import loopback_guard
 
     cfg, log_path = serve_settings(target)
     host, port = listener.host, listener.port
-    app = loopback_guard(create_app(service, cfg, keys, log_path), host)
+    served = build_app(service, cfg, keys, log_path, registry, variant)
+    app = loopback_guard(served.app, host)
     where = "every interface" if host in ("0.0.0.0", "::") else host
-    print(f"serving {service.name} ({service.variant}, loaded in {service.load_seconds:.1f} s) on http://{host}:{port}"
-          f" ({where}; API keys {'required' if keys else 'not set: open to anyone who can reach it'})",
-          file=sys.stderr)
+    following = f", following the registry '{registry}': {service.run_dir}" if registry else ""
+    access = "required" if keys else "not set: open to anyone who can reach it"
+    print(f"serving {service.name} ({service.variant}, loaded in {service.load_seconds:.1f} s{following}) on "
+          f"http://{host}:{port} ({where}; API keys {access})", file=sys.stderr)
     # Past limit_concurrency connections + requests uvicorn itself answers 503: a backstop, the app
     # answers 503 with Retry-After first (its queue full, or a request past serve.request_timeout_s).
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
                             limit_concurrency=cfg.max_concurrency)
     server = uvicorn.Server(config)
-    server.run(sockets=[listener.sock])
+    if served.follower is not None:
+        served.follower.start()
+    try:
+        server.run(sockets=[listener.sock])
+    finally:
+        if served.follower is not None:
+            served.follower.stop()
     if not server.started:  # the app failed to start (uvicorn logged why)
         raise EngineError("the server did not start")
+
+
+@dataclass
+class ServedApp:
+    """What `build_app` makes: the ASGI app, and with a registry the slot it serves from and the
+    follower that swaps models into it (started and stopped by whoever runs the app)."""
+
+    app: object
+    slot: object | None = None       # swap.ServiceSlot
+    follower: object | None = None   # swap.RegistryFollower
+
+
+def build_app(service, cfg: ServeConfig, keys: list[str], log_path: Path | None, registry: str | None = None,
+              variant: str | None = None, poll_s: float | None = None, load=None) -> ServedApp:
+    """The app serving `service` (see create_app). With `registry`, the app serves through a
+    ServiceSlot, and a RegistryFollower (not started yet) polls that registry name every `poll_s`
+    seconds and swaps in the run promoted there, loaded by `load(run_dir, variant)` (load_service).
+    The request log stays `log_path` (the first run's) for the server's lifetime, so feedback on an
+    answer of either model finds its request."""
+    from tunesmith.serve.app import create_app
+
+    if registry is None:
+        return ServedApp(create_app(service, cfg, keys, log_path))
+    from tunesmith.serve.service import load_service
+    from tunesmith.serve.state import check_budget
+    from tunesmith.serve.swap import POLL_S, RegistryFollower, ServiceSlot
+
+    slot = ServiceSlot(service)
+    app = create_app(slot, cfg, keys, log_path)
+    follower = RegistryFollower(registry, slot, app.state.metrics, load or load_service,
+                                fits=lambda new: check_budget(new, cfg), variant=variant,
+                                poll_s=POLL_S if poll_s is None else poll_s, on_swap=_monitors_follow(app.state))
+    return ServedApp(app, slot, follower)
+
+
+def _monitors_follow(app_state):
+    """After a swap, live quality is measured for the new run (its metric and accepted figure) and
+    drift against its training data."""
+    def follow(run_dir: Path) -> None:
+        if getattr(app_state, "quality", None) is not None:
+            app_state.quality.follow(run_dir)
+        if getattr(app_state, "watch", None) is not None:
+            app_state.watch.run_dir = Path(run_dir)
+    return follow
 
 
 def _sidecar_checks(run_dir: Path, upstream: str | None, upstream_key_env: str | None) -> str | None:
@@ -232,9 +322,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def monitor(run_dir: Path, db: Path | None = None, window: int | None = None) -> dict:
-    """The drift report of a served run's request log against its training reference."""
+def monitor(run_dir: Path, db: Path | None = None, window: int | None = None,
+            since_hours: float | None = None) -> dict:
+    """The drift report of a served run's request log against its training reference, with the
+    live quality on feedback-labelled traffic per window (`quality`, windows reaching back
+    `since_hours` when given); a quality drop makes the recommendation "retrain"."""
     from tunesmith.serve.drift import drift_report, reference
+    from tunesmith.serve.quality import with_live_quality
     from tunesmith.serve.store import recent
 
     run_dir = Path(run_dir)
@@ -249,13 +343,18 @@ def monitor(run_dir: Path, db: Path | None = None, window: int | None = None) ->
     except ValidationError as e:
         raise InputError(f"bad window {window}: {e.errors()[0]['msg']}", "--window",
                          "compare at least 10 recent requests") from None
-    return drift_report(reference(run_dir, settings.clusters), recent(db, settings.window), settings, run_dir)
+    if since_hours is not None and not since_hours > 0:
+        raise InputError(f"bad --since {since_hours}: give a number of hours above 0", "--since")
+    report = drift_report(reference(run_dir, settings.clusters), recent(db, settings.window), settings, run_dir)
+    return with_live_quality(report, run_dir, db, since_hours)
 
 
 def write_alerts(run_dir: Path, out_dir: Path, target: str = "127.0.0.1:8000") -> list[Path]:
-    """Alert rules (p95 threshold from the objective's latency constraint), their tests, dashboard, prometheus.yml."""
+    """Alert rules (p95 threshold from the objective's latency constraint, the quality drop from the
+    run's monitor section), their tests, dashboard, prometheus.yml."""
     from tunesmith.serve.alerts import write_monitoring
 
     project = load_config(Path(run_dir) / "config.yaml", check_files=False)
     bound = project.objective.constraints.get("latency_p95_ms")
-    return write_monitoring(out_dir, project.name, bound.max if bound and bound.max else 1000.0, target)
+    return write_monitoring(out_dir, project.name, bound.max if bound and bound.max else 1000.0, target,
+                            project.monitor.max_quality_drop, project.monitor.min_labelled)

@@ -15,6 +15,7 @@ from tunesmith.serve.batcher import MicroBatcher
 from tunesmith.serve.metrics import ServeMetrics
 from tunesmith.serve.model_calls import Pacer, run_batch
 from tunesmith.serve.monitoring import DriftWatch
+from tunesmith.serve.quality import QualityWatch, quality_target
 from tunesmith.serve.service import Service
 from tunesmith.serve.store import LogWriter, RequestLog
 
@@ -26,7 +27,8 @@ PENDING_WRITES_PER_QUEUED = 2  # request-log writes waiting or running, per serv
 class ServerState:
     """The loaded model and everything around it that lives as long as the app: keys and rate
     limits, the model thread and its micro-batcher, the bound on streams, the request log and its
-    writer, drift gauges and metrics. `store`, `watch` and `writer` are None without a request log."""
+    writer, drift and live-quality gauges and metrics. `store`, `watch`, `writer` and `quality` are
+    None without a request log; `watch` and `quality` also without a run directory."""
 
     service: Service
     cfg: ServeConfig
@@ -39,6 +41,7 @@ class ServerState:
     store: RequestLog | None
     watch: DriftWatch | None
     writer: LogWriter | None
+    quality: QualityWatch | None = None  # the feedback route calls quality.seen(1) after a stored verdict
 
     async def record(self, rows: list[dict], deadline: float | None = None) -> None:
         """The request-log write (redaction included) off the event loop, waited for until the
@@ -47,14 +50,16 @@ class ServerState:
             await self.writer.record(rows, deadline)
 
     def close(self) -> None:
-        """Stop the model thread, let pending log writes and a drift update finish, close the engine
-        and the log (the app's shutdown)."""
+        """Stop the model thread, let pending log writes and a drift or quality update finish, close
+        the engine and the log (the app's shutdown)."""
         self.executor.shutdown(wait=False, cancel_futures=True)
         if self.writer:
             self.writer.close()
         self.service.close()
         if self.watch:
             self.watch.close()
+        if self.quality:
+            self.quality.close()
         if self.store:
             self.store.close()
 
@@ -70,7 +75,9 @@ def build_state(service: Service, cfg: ServeConfig, keys: list[str] | None = Non
     batcher = _batcher(service, cfg, executor, metrics)
     streams = threading.BoundedSemaphore(cfg.max_queue)  # streams bypass the batcher: bounded on their own
     store, watch, writer = _request_log(service, cfg, log_path, metrics)
-    return ServerState(service, cfg, metrics, checker, limiter, executor, batcher, streams, store, watch, writer)
+    quality = _quality(service, store, metrics)
+    return ServerState(service, cfg, metrics, checker, limiter, executor, batcher, streams, store, watch, writer,
+                       quality)
 
 
 def check_budget(service, cfg: ServeConfig) -> None:
@@ -112,3 +119,14 @@ def _request_log(service: Service, cfg: ServeConfig, log_path: Path | None, metr
     writer = LogWriter(store, LOG_THREADS, PENDING_WRITES_PER_QUEUED * cfg.max_queue,
                        after=watch.seen if watch else None)
     return store, watch, writer
+
+
+def _quality(service: Service, store: RequestLog | None, metrics: ServeMetrics) -> QualityWatch | None:
+    """The live-quality gauges of a served run (None without a request log, a run directory, or a
+    figure to judge answers by); set once in the background at startup from the verdicts already logged."""
+    target = quality_target(service.run_dir) if store and service.run_dir else None
+    if target is None:
+        return None
+    watch = QualityWatch(target, store.path, metrics)
+    watch.start()
+    return watch

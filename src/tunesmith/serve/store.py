@@ -7,6 +7,11 @@ A text longer than `STORED_CHARS` characters is stored as its first `STORED_CHAR
 a marker `[+N characters not stored]`: the rest is never written, so a huge request costs a bounded
 amount of redaction work. `tunesmith monitor` reads this log to compute drift.
 
+Each answered text has a `request_id` (a server-made uuid4 hex) and may get one verdict in the
+`feedback` table (`add_feedback` from POST /v1/feedback, `import_feedback` from `tunesmith feedback
+import`). A correction is redacted like an input; a label is stored as given (a class name: the
+patterns would take a numeric code such as "10-20" for a phone number and spoil the truth).
+
 `add` never raises: a write that fails (disk full, database locked) is reported to `on_failure` and
 logged, and the request it belongs to is answered all the same. The server writes through a
 `LogWriter`: on a small thread pool of its own, never on its event loop, waiting for a write at most
@@ -47,7 +52,24 @@ PII_SLACK = 512       # redaction looks this far past the cut, so a finding acro
 LOG_EVERY_S = 10.0    # at most one log line per failure reason this often (a full disk fails every write)
 BUSY_TIMEOUT_S = 5.0  # how long one write waits for a database another process holds locked
 WAIT_CAP_S = 2.0      # most a request waits for its log row (the write goes on in the background)
+VERDICTS = ("label", "correction", "rating")
 log = logging.getLogger("tunesmith.serve")
+
+
+class UnknownRequest(LookupError):
+    """No answered request with this id in the log (never logged, purged, or its write still pending)."""
+
+    def __init__(self, request_id: str):
+        super().__init__(f"no answered request with id {request_id} in the request log")
+        self.request_id = request_id
+
+
+class VerdictExists(LookupError):
+    """The request already has a verdict, and replacing it was not asked for."""
+
+    def __init__(self, request_id: str):
+        super().__init__(f"request {request_id} already has a verdict")
+        self.request_id = request_id
 
 
 class RequestLog:
@@ -113,6 +135,52 @@ class RequestLog:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def add_feedback(self, request_id: str, *, label: str | None = None, correction: str | None = None,
+                     rating: int | None = None, key_id: str | None = None, replace: bool = False,
+                     source: str = "api") -> str:
+        """Store the verdict on one answered request: "new", or "replaced" when it had one and
+        `replace` is true. Raises UnknownRequest, VerdictExists, ValueError (not exactly one verdict)."""
+        row = {"request_id": request_id, "label": label, "correction": correction, "rating": rating}
+        return self._store_verdicts([row], replace, key_id, source)[0]
+
+    def import_feedback(self, rows: list[dict], replace: bool = False) -> dict:
+        """Store verdicts ({request_id, label | correction | rating}) in one transaction: all of them,
+        or none when one fails (UnknownRequest, VerdictExists, ValueError naming the row's request).
+        The counts stored: {"new": n, "replaced": m}."""
+        stored = self._store_verdicts(rows, replace, None, "import")
+        return {"new": stored.count("new"), "replaced": stored.count("replaced")}
+
+    def _store_verdicts(self, rows: list[dict], replace: bool, key_id: str | None, source: str) -> list[str]:
+        values = [self._verdict(row) for row in rows]  # redaction before the lock: it may take a while
+        now, stored = time.time(), []
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")  # the checks and the writes see one state of the log
+            try:
+                for rid, label, correction, rating in values:
+                    if not self._db.execute("SELECT 1 FROM requests WHERE request_id = ?", (rid,)).fetchone():
+                        raise UnknownRequest(rid)
+                    had = self._db.execute("SELECT 1 FROM feedback WHERE request_id = ?", (rid,)).fetchone()
+                    if had and not replace:
+                        raise VerdictExists(rid)
+                    self._db.execute("INSERT OR REPLACE INTO feedback (request_id, ts, key_id, label, correction, "
+                                     "rating, source) VALUES (?,?,?,?,?,?,?)",
+                                     (rid, now, key_id, label, correction, rating, source))
+                    stored.append("replaced" if had else "new")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        return stored
+
+    def _verdict(self, row: dict) -> tuple:
+        """(request_id, label, correction, rating) to store; the correction redacted like an input."""
+        given = [k for k in VERDICTS if row.get(k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"request {row.get('request_id')}: give exactly one of label, correction, rating")
+        if row.get("rating") is not None and (type(row["rating"]) is not int or row["rating"] not in (0, 1)):
+            raise ValueError(f"request {row.get('request_id')}: rating must be 0 or 1")
+        return row["request_id"], row.get("label"), self._clean(row.get("correction")), row.get("rating")
 
     def failed(self, reason: str, message: str) -> None:
         """Count a failure under `reason` (on_failure) and log `message`, once per LOG_EVERY_S a reason."""

@@ -1,5 +1,7 @@
 """Streamed completions (`"stream": true`): server-sent events in OpenAI's chunk format, decoded on
-the model thread beside the micro-batcher, bounded on their own."""
+the model thread beside the micro-batcher, bounded on their own. Every chunk carries the answer's
+`request_id`, as does the X-Tunesmith-Request-ID header; its request-log row is written when the
+stream finishes (a stream the client abandons is not logged)."""
 
 from __future__ import annotations
 
@@ -15,20 +17,21 @@ from fastapi.responses import StreamingResponse
 
 from tunesmith.errors import EngineError
 from tunesmith.serve.batcher import Overloaded
-from tunesmith.serve.replies import request_id
+from tunesmith.serve.replies import ANSWER_ID, new_answer_id, request_id
 from tunesmith.serve.state import ServerState
 
 log = logging.getLogger("tunesmith.serve")
 
 
 async def open_stream(state: ServerState, example, limit: int, kind: str, request: Request,
-                      on_done, sampling=None) -> StreamingResponse:
+                      on_done, sampling=None, answer_id: str | None = None) -> StreamingResponse:
     """Server-sent events, one chunk per decoded piece, then [DONE]; stops if the client goes.
     At most `serve.max_queue` streams wait or run at once. The headers go out with the first piece, so
     until then the answer is an ordinary one: 503 when it misses the request's deadline, 502 when the
     engine fails (EngineError), 500 for any other failure. After it only an error event can say so.
     `await on_done(pieces, finish_reason)` runs when the stream ends. `sampling` (GenerationSettings, None for
-    plain greedy) goes to the engine's stream."""
+    plain greedy) goes to the engine's stream. `answer_id` is the request_id of the answer (a new one
+    when not given), in every chunk and the X-Tunesmith-Request-ID header."""
     if not state.streams.acquire(blocking=False):
         raise Overloaded("queue_full", "the server is at capacity (too many streams)", 1)
     cancelled = threading.Event()
@@ -44,8 +47,9 @@ async def open_stream(state: ServerState, example, limit: int, kind: str, reques
     if first[0] == "error":  # nothing sent yet: a 502 (EngineError's handler) or the guard's 500
         cancelled.set()
         raise first[1]
-    return StreamingResponse(_events(state.service.name, kind, first, queue, cancelled, on_done, request_id(request)),
-                             media_type="text/event-stream")
+    answer_id = answer_id or new_answer_id()
+    events = _events((state.service.name, kind, answer_id), first, queue, cancelled, on_done, request_id(request))
+    return StreamingResponse(events, media_type="text/event-stream", headers={ANSWER_ID: answer_id})
 
 
 def _producer(state: ServerState, example, limit: int, cancelled: threading.Event, loop, queue, sampling=None):
@@ -75,18 +79,21 @@ def _producer(state: ServerState, example, limit: int, cancelled: threading.Even
     return produce
 
 
-async def _events(model: str, kind: str, first, queue, cancelled, on_done, rid: str):
+async def _events(about: tuple[str, str, str], first, queue, cancelled, on_done, rid: str):
+    """The stream's events; `about` is (model, chunk kind, answer id), `rid` the trace id for log lines."""
+    model, kind, answer_id = about
     ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    chunk = (ident, created, model, kind, answer_id)
     pieces: list[str] = []
     what, value = first
     try:
         while True:
             if what == "piece":
                 pieces.append(value)
-                yield _chunk(ident, created, model, kind, value, None)
+                yield _chunk(chunk, value, None)
             elif what == "end":
                 await on_done(pieces, value)
-                yield _chunk(ident, created, model, kind, None, value)
+                yield _chunk(chunk, None, value)
                 yield "data: [DONE]\n\n"
                 return
             else:  # the status (200) is sent: an error event is all server-sent events allow
@@ -97,13 +104,15 @@ async def _events(model: str, kind: str, first, queue, cancelled, on_done, rid: 
         cancelled.set()  # the client went away or the stream ended: the decoder stops at its next token
 
 
-def _chunk(ident: str, created: int, model: str, kind: str, piece: str | None, finish: str | None) -> str:
+def _chunk(about: tuple, piece: str | None, finish: str | None) -> str:
+    """One chunk; `about` is (id, created, model, kind, answer id)."""
+    ident, created, model, kind, answer_id = about
     if kind == "text_completion":
         choice = {"text": piece or "", "index": 0, "logprobs": None, "finish_reason": finish}
     else:
         choice = {"index": 0, "delta": {"content": piece} if piece else {}, "finish_reason": finish}
     return "data: " + json.dumps({"id": ident, "object": kind, "created": created, "model": model,
-                                  "choices": [choice]}) + "\n\n"
+                                  "choices": [choice], "request_id": answer_id}) + "\n\n"
 
 
 def _error_event(exc: BaseException, rid: str) -> str:

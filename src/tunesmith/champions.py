@@ -1,0 +1,178 @@
+"""The champion registry: which run is served under a registry name, as a log of promotion events
+in the run registry's SQLite file (`tunesmith.runs.registry_path()`).
+
+What is current follows a stack, replayed from the events of one name in order: a promotion pushes
+its run, a rollback pops the current one, so the champion before it is served again. Two rollbacks
+go back two promotions; a promotion after a rollback pushes on what is left (the run rolled away
+from is not restored by a later rollback). Promoting the current champion again changes nothing.
+Every change is one `BEGIN IMMEDIATE` transaction: two processes promoting at once are serialised,
+and each event's `previous` is the champion it really replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tunesmith.errors import InputError, RunDirError, TunesmithError
+from tunesmith.runs import is_run_dir, registry_path
+
+SCHEMA = ("""CREATE TABLE IF NOT EXISTS promotions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL,
+    action TEXT NOT NULL CHECK (action IN ('promote', 'rollback')),
+    run_dir TEXT NOT NULL, previous TEXT, parent TEXT, ts TEXT NOT NULL, reason TEXT NOT NULL, record TEXT)""",
+          "CREATE INDEX IF NOT EXISTS promotions_name ON promotions (name, id)")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # a project name (config: name)
+BUSY_TIMEOUT_S = 30  # how long a writer waits for another one before giving up
+
+
+def promote(name: str, run_dir: Path, *, parent: Path | None = None, reason: str = "manual",
+            record: dict | None = None) -> int:
+    """Make `run_dir` the champion served under `name`; returns the event's id (that of the event
+    that made it current when it already is: nothing is recorded then).
+
+    Args:
+        parent: the run it was built from (lineage), if any.
+        reason: why, in a few words ("manual", "retrain: challenger better").
+        record: figures behind the decision (JSON), kept with the event.
+
+    Raises:
+        InputError: a bad registry name. RunDirError: `run_dir` is not a trained run.
+    """
+    _check_name(name)
+    run = Path(run_dir).resolve()
+    if not is_run_dir(run):
+        raise RunDirError("not a trained run directory (no model/tunesmith.json)", str(run_dir),
+                          "give a folder made by `tunesmith run` or `tunesmith retrain`")
+    with _writing() as db:
+        stack = _stack(db, name)
+        if stack and stack[-1][0] == str(run):
+            return stack[-1][1]
+        return _insert(db, name, "promote", str(run), stack[-1][0] if stack else None,
+                       str(Path(parent).resolve()) if parent else None, reason, record)
+
+
+def rollback(name: str, *, reason: str = "manual") -> Path:
+    """Serve the champion before the current one again under `name` (recorded as an event); returns it.
+
+    Raises:
+        InputError: nothing is promoted under `name`, or only one run was (nothing to roll back to).
+        RunDirError: the run to roll back to is no longer a trained run directory (nothing recorded).
+    """
+    _check_name(name)
+    with _writing() as db:
+        stack = _stack(db, name)
+        if not stack:
+            raise InputError(f"nothing is promoted under '{name}'", "NAME",
+                             f"promote a run first: `tunesmith promote RUN_DIR --name {name}`")
+        if len(stack) < 2:
+            raise InputError(f"nothing to roll back to: {stack[-1][0]} is the only champion left under '{name}'",
+                             "NAME", f"promote another run instead: `tunesmith promote RUN_DIR --name {name}`")
+        target = stack[-2][0]
+        if not is_run_dir(Path(target)):
+            raise RunDirError(f"the run to roll back to is gone (no model/tunesmith.json); '{name}' still serves "
+                              f"{stack[-1][0]}", target,
+                              f"promote a run that exists: `tunesmith promote RUN_DIR --name {name}`")
+        _insert(db, name, "rollback", target, stack[-1][0], None, reason, None)
+    return Path(target)
+
+
+def current(name: str) -> Path | None:
+    """The run served under `name` now (its folder may have gone since), None when none was promoted."""
+    _check_name(name)
+    with _reading() as db:
+        stack = _stack(db, name)
+    return Path(stack[-1][0]) if stack else None
+
+
+def history(name: str) -> list[dict]:
+    """The events of `name`, oldest first: id, name, action ('promote'|'rollback'), run_dir (current
+    after the event), previous (current before it), parent, ts, reason, record (a dict or None)."""
+    _check_name(name)
+    with _reading() as db:
+        rows = db.execute("SELECT * FROM promotions WHERE name = ? ORDER BY id", (name,)).fetchall()
+    return [{**dict(r), "record": json.loads(r["record"]) if r["record"] else None} for r in rows]
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise InputError(f"bad registry name '{name}'", "NAME",
+                         "use up to 100 letters, digits, '.', '_' or '-', starting with a letter or digit "
+                         "(as a project name)")
+
+
+def _stack(db: sqlite3.Connection, name: str) -> list[tuple[str, int]]:
+    """(run_dir, id of the event that put it there) of each champion under `name`, the current one last."""
+    stack: list[tuple[str, int]] = []
+    for row in db.execute("SELECT id, action, run_dir FROM promotions WHERE name = ? ORDER BY id", (name,)):
+        if row["action"] == "promote":
+            stack.append((row["run_dir"], row["id"]))
+        elif stack:
+            stack.pop()
+    return stack
+
+
+def _insert(db: sqlite3.Connection, name: str, action: str, run_dir: str, previous: str | None,
+            parent: str | None, reason: str, record: dict | None) -> int:
+    ts = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    body = json.dumps(record, default=str) if record is not None else None
+    cursor = db.execute("INSERT INTO promotions (name, action, run_dir, previous, parent, ts, reason, record) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (name, action, run_dir, previous, parent, ts,
+                                                            str(reason), body))
+    return int(cursor.lastrowid)
+
+
+def _connect() -> sqlite3.Connection:
+    path = registry_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # isolation_level=None: this module opens its transactions itself (BEGIN IMMEDIATE).
+    db = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    db.row_factory = sqlite3.Row
+    return db
+
+
+@contextmanager
+def _writing():
+    """A connection inside BEGIN IMMEDIATE (the write lock taken before the first read, so what is read
+    is still true when the event is written), committed on success, rolled back on any error."""
+    with _opened() as db:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+
+@contextmanager
+def _reading():
+    with _opened() as db:
+        yield db
+
+
+@contextmanager
+def _opened():
+    """A connection with the schema in place; an unreadable registry file is one clear error."""
+    path, db = registry_path(), None
+    try:
+        db = _connect()
+        for statement in SCHEMA:
+            db.execute(statement)
+        yield db
+    except sqlite3.OperationalError as e:
+        if "locked" in str(e) or "busy" in str(e):
+            raise TunesmithError(f"the run registry is busy ({e})", str(path),
+                                 "another tunesmith process is writing it: try again") from None
+        raise InputError(f"cannot use the run registry ({e})", str(path),
+                         "set TUNESMITH_REGISTRY to another file, or fix this one's permissions") from None
+    except sqlite3.DatabaseError as e:
+        raise InputError(f"the run registry is not a readable SQLite file ({e})", str(path),
+                         "set TUNESMITH_REGISTRY to another file, or move this one away") from None
+    finally:
+        if db is not None:
+            db.close()

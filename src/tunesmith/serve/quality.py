@@ -1,0 +1,331 @@
+"""Live quality: how good the served run's answers are on traffic whose truth came back as feedback
+(POST /v1/feedback, `tunesmith feedback import`), per time window of `monitor.window_hours`, against
+the test figure the run was accepted on (summary.json).
+
+Which requests count: those the log records as answered by this run (its `run_dir`, compared as
+resolved paths), and those with no run recorded: a log written by a server from before runs were
+recorded, which served only the run it lives in (the default log is RUN_DIR/monitor/requests.db).
+A request falls in the window in which it was answered, whenever its verdict arrived.
+
+The figure:
+- classification: accuracy, the answer compared with the verdict's label (or correction); a rating 1
+  counts right, a rating 0 wrong; Wilson 95% interval. It is compared with the test accuracy whatever
+  `objective.metric` is: macro-F1 and the like cannot be computed from ratings.
+- generation and chat: the objective metric between the answer and the truth (the label or
+  correction, or the answer itself when rated 1). exact_match is right/wrong per request: a rating 0
+  counts wrong (a wrong answer matches no true one) and the interval is Wilson's. A graded metric
+  (token_f1, rouge_l, bleu, chrf) needs a reference text to give partial credit, so verdicts that are
+  only a rating (1 or 0) are left out of it and counted as `unscored`: scoring ratings 1 as 1.0 and
+  dropping ratings 0 would push the figure up, and scoring them 1.0 and 0.0 would put it on another
+  scale than the test figure. Its interval is a percentile bootstrap over requests. An objective not
+  measured on answers (a preference-pair figure, a lower-is-better metric) is replaced by exact_match.
+- text runs: no live quality (there is no answer to judge).
+
+A window has a verdict with at least `monitor.min_labelled` scored requests; its drop alert is on
+when even the upper end of the interval is below `accepted - monitor.max_quality_drop`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tunesmith import fsio
+from tunesmith.config import MonitorSettings, load_config
+from tunesmith.evaluate.human import wilson
+from tunesmith.registry import METRIC_SPECS, metric_names
+from tunesmith.serve.monitoring import CountedUpdate
+from tunesmith.serve.store import LabelledRequest, labelled
+from tunesmith.tasks.metrics import METRICS
+
+BINARY = ("accuracy", "exact_match")          # right/wrong per request: Wilson interval
+PER_REQUEST_MEAN = BINARY + ("token_f1", "rouge_l")  # a mean of per-request scores (resampled cheaply)
+FALLBACK_METRIC = "exact_match"
+MAX_WINDOWS = 30    # windows read and shown at most (the log's retention bounds them anyway)
+RESAMPLES = 1000
+NO_FEEDBACK = "no feedback yet: POST /v1/feedback or tunesmith feedback import"
+
+
+@dataclass(frozen=True)
+class QualityTarget:
+    """What a run's live quality is measured with and compared against."""
+
+    run_dir: Path
+    task_type: str
+    metric: str
+    accepted: float | None   # the run's test figure for `metric` (None: no summary.json to compare with)
+    settings: MonitorSettings
+
+
+@dataclass(frozen=True)
+class QualityWindow:
+    """Live quality of the requests answered in [start, end) (time.time() seconds)."""
+
+    start: float
+    end: float
+    n: int                   # scored requests (with a verdict the metric can score)
+    unscored: int            # verdicts a graded metric cannot score (only a rating)
+    value: float | None
+    ci_low: float | None
+    ci_high: float | None
+    verdict: bool            # n >= monitor.min_labelled
+    drop_alert: bool         # verdict and ci_high < accepted - max_quality_drop
+
+
+@dataclass(frozen=True)
+class LiveQuality:
+    """Windows newest first; `windows[0]` (`latest`) ends now and is there even when empty."""
+
+    metric: str
+    interval: str            # "Wilson" or "bootstrap"
+    accepted: float | None
+    max_drop: float
+    min_labelled: int
+    window_hours: float
+    windows: list[QualityWindow] = field(default_factory=list)
+
+    @property
+    def latest(self) -> QualityWindow:
+        return self.windows[0]
+
+    @property
+    def threshold(self) -> float | None:
+        """The upper end of the live interval must stay at or above this."""
+        return None if self.accepted is None else round(self.accepted - self.max_drop, 6)
+
+    @property
+    def drop_alert(self) -> bool:
+        return self.latest.drop_alert
+
+    @property
+    def verdicts(self) -> int:
+        return sum(w.n + w.unscored for w in self.windows)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "threshold": self.threshold, "drop_alert": self.drop_alert,
+                "verdicts": self.verdicts}
+
+
+def quality_target(run_dir: Path) -> QualityTarget | None:
+    """The run's live metric, accepted figure and monitor settings; None for a folder without a
+    config.yaml (a bare model) or a text run (no answers to judge)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        return None
+    project = load_config(run_dir / "config.yaml", check_files=False)
+    metric = live_metric(project.task.type, project.objective.metric)
+    if metric is None:
+        return None
+    summary = run_dir / "summary.json"
+    finetuned = fsio.read_json(summary).get("metrics", {}).get("finetuned", {}) if summary.is_file() else {}
+    accepted = finetuned.get(metric)
+    return QualityTarget(run_dir, project.task.type, metric, None if accepted is None else float(accepted),
+                         project.monitor)
+
+
+def live_metric(task_type: str, objective: str) -> str | None:
+    """accuracy for classification; the objective (else exact_match) for generation and chat; None otherwise."""
+    if task_type == "classification":
+        return "accuracy"
+    if task_type not in ("generation", "chat"):
+        return None
+    spec = METRIC_SPECS.get(objective)
+    answers = objective in metric_names(task_type) and spec is not None and spec.higher_is_better
+    return objective if answers else FALLBACK_METRIC
+
+
+def scored(rows: list[LabelledRequest], metric: str) -> tuple[list[str], list[str], int]:
+    """(truths, answers, unscored) of the rows the metric can score. A rating 0 without a truth
+    enters a right/wrong metric as an answer no truth matches (truth None)."""
+    truths, answers, unscored = [], [], 0
+    for r in rows:
+        reference = r.label if r.label is not None else r.correction
+        if metric in BINARY:
+            truths.append(r.truth)
+            answers.append(r.output or "")
+        elif reference is not None:
+            truths.append(reference)
+            answers.append(r.output or "")
+        else:
+            unscored += 1
+    return truths, answers, unscored
+
+
+def figure(truths: list, answers: list[str], metric: str, resamples: int = RESAMPLES,
+           seed: int = 0) -> tuple[float, float, float]:
+    """(value, ci_low, ci_high), 95%: Wilson's interval for a right/wrong metric, else a percentile
+    bootstrap over requests. A truth of None (rating 0) scores 0."""
+    if metric in BINARY:
+        fn = METRICS[metric].fn
+        right = sum(t is not None and fn([t], [a]) == 1.0 for t, a in zip(truths, answers))
+        low, high = wilson(right, len(truths))
+        return round(right / len(truths), 4), low, high
+    return bootstrap_interval(truths, answers, metric, resamples, seed)
+
+
+def bootstrap_interval(truths: list[str], answers: list[str], metric: str, resamples: int = RESAMPLES,
+                       seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """(value, ci_low, ci_high): the metric and its percentile bootstrap interval over requests (one
+    sample; evaluate/compare.py's paired bootstrap is for two models on the same requests)."""
+    fn, n = METRICS[metric].fn, len(truths)
+    rng = np.random.default_rng(seed)
+    if metric in PER_REQUEST_MEAN:  # a mean of per-request scores: score once, resample the scores
+        scores = np.array([fn([t], [a]) for t, a in zip(truths, answers)], dtype=float)
+        value, draws = float(scores.mean()), scores[rng.integers(0, n, (resamples, n))].mean(axis=1)
+    else:  # a corpus figure (BLEU, chrF, a user's metric): recomputed per resample, fewer of them
+        value = float(fn(truths, answers))
+        draws = np.empty(max(200, resamples // METRICS[metric].cost))
+        for b in range(len(draws)):
+            idx = rng.integers(0, n, n)
+            draws[b] = fn([truths[i] for i in idx], [answers[i] for i in idx])
+    alpha = (1 - level) / 2
+    low, high = np.quantile(draws, [alpha, 1 - alpha])
+    return round(value, 4), round(float(low), 4), round(float(high), 4)
+
+
+def live_quality(db: Path, target: QualityTarget, now: float | None = None,
+                 since_hours: float | None = None) -> LiveQuality:
+    """Live quality per window, newest first, from the request log at `db` (at most MAX_WINDOWS
+    windows, and only those reaching back `since_hours` when given)."""
+    s, now = target.settings, time.time() if now is None else now
+    count = MAX_WINDOWS if since_hours is None else max(1, min(MAX_WINDOWS, math.ceil(since_hours / s.window_hours)))
+    rows = [r for r in labelled(Path(db), since=now - count * s.window_hours * 3600)
+            if of_run(r.run_dir, target.run_dir)]
+    buckets: dict[int, list[LabelledRequest]] = {}
+    for r in rows:  # a clock that moved backwards puts a row "in the future": the latest window takes it
+        buckets.setdefault(max(0, int((now - r.ts) // (s.window_hours * 3600))), []).append(r)
+    windows = [_window(buckets.get(i, []), target, now - (i + 1) * s.window_hours * 3600,
+                       now - i * s.window_hours * 3600) for i in range(count) if i == 0 or i in buckets]
+    return LiveQuality(target.metric, "Wilson" if target.metric in BINARY else "bootstrap", target.accepted,
+                       s.max_quality_drop, s.min_labelled, s.window_hours, windows)
+
+
+def _window(rows: list[LabelledRequest], target: QualityTarget, start: float, end: float) -> QualityWindow:
+    truths, answers, unscored = scored(rows, target.metric)
+    if not truths:
+        return QualityWindow(start, end, 0, unscored, None, None, None, False, False)
+    value, low, high = figure(truths, answers, target.metric)
+    verdict = len(truths) >= target.settings.min_labelled
+    drop = verdict and target.accepted is not None and high < target.accepted - target.settings.max_quality_drop
+    return QualityWindow(start, end, len(truths), unscored, value, low, high, verdict, bool(drop))
+
+
+def of_run(stored: str | None, run_dir: Path) -> bool:
+    """Whether a log row's run_dir names `run_dir` (None: a row from before runs were recorded, counted)."""
+    if stored is None or stored == str(run_dir):
+        return True
+    return _resolved(stored) == _resolved(str(run_dir))
+
+
+def _resolved(path: str) -> str:
+    try:
+        return str(Path(path).resolve())
+    except (OSError, RuntimeError):  # a loop of links, an unreadable folder: compare as written
+        return path
+
+
+class QualityWatch(CountedUpdate):
+    """The server's live-quality gauges for the latest window, recomputed every
+    `monitor.update_every` verdicts (`seen(n)`, called by the feedback route) in the background."""
+
+    name = "quality"
+    failures_series = "tunesmith_quality_update_failures_total"
+
+    def __init__(self, target: QualityTarget, db: Path, metrics):
+        super().__init__(target.settings.update_every, metrics.quality_failures.inc)
+        self.target, self.db, self.metrics = target, Path(db), metrics
+        self.last: LiveQuality | None = None
+        if target.accepted is not None:
+            metrics.accepted_quality.labels(target.metric).set(target.accepted)
+
+    def follow(self, run_dir: Path) -> bool:
+        """Measure another run from now on (a hot swap to it): its metric, accepted figure and
+        settings; the gauges are recomputed in the background. False (nothing changes) when that run
+        has no live quality."""
+        target = quality_target(run_dir)
+        if target is None:
+            return False
+        old, self.target, self.every = self.target, target, target.settings.update_every
+        m = self.metrics
+        if old.metric != target.metric:  # the old metric's series would otherwise linger, frozen
+            for gauge in (m.live_quality, m.live_quality_low, m.live_quality_high, m.live_quality_labelled,
+                          m.accepted_quality):
+                _remove(gauge, old.metric)
+        if target.accepted is not None:
+            m.accepted_quality.labels(target.metric).set(target.accepted)
+        else:
+            _remove(m.accepted_quality, target.metric)
+        self.start()
+        return True
+
+    def update_now(self, now: float | None = None) -> LiveQuality:
+        live = live_quality(self.db, self.target, now, since_hours=self.target.settings.window_hours)
+        w, m, name = live.latest, self.metrics, self.target.metric
+        for gauge, value in ((m.live_quality, w.value), (m.live_quality_low, w.ci_low),
+                             (m.live_quality_high, w.ci_high)):
+            gauge.labels(name).set(float("nan") if value is None else value)  # NaN: no figure, no alert
+        m.live_quality_labelled.labels(name).set(w.n)
+        self.last = live
+        return live
+
+
+def _remove(gauge, metric: str) -> None:
+    try:
+        gauge.remove(metric)
+    except KeyError:  # never set
+        pass
+
+
+def with_live_quality(report: dict, run_dir: Path, db: Path, since_hours: float | None = None,
+                      now: float | None = None) -> dict:
+    """`report` (tunesmith monitor's drift report) with `quality` (LiveQuality.to_dict(), None for a
+    run without one) added; a quality drop makes the recommendation "retrain", saying why."""
+    target = quality_target(run_dir)
+    live = None if target is None else live_quality(db, target, now, since_hours)
+    report["quality"] = None if live is None else live.to_dict()
+    if live is not None and live.drop_alert:
+        w, drift = live.latest, report.get("reason")
+        report.update(recommendation="retrain", reason=(
+            f"live {live.metric} {w.value:.4g} [{w.ci_low:.4g}, {w.ci_high:.4g}] on {w.n} labelled requests "
+            f"in the last {live.window_hours:g} h: the upper end is below the accepted {live.accepted:.4g} "
+            f"on test minus {live.max_drop:g}; run `tunesmith retrain {run_dir}`"
+            + (f" (drift: {drift})" if report.get("drift") else "")))
+    return report
+
+
+def quality_lines(quality: dict | None) -> list[str]:
+    """What `tunesmith monitor` prints about live quality (from `with_live_quality`'s `quality`)."""
+    if quality is None:
+        return ["live quality: not measured for this run (no answers to judge, or no config.yaml)"]
+    if quality["verdicts"] == 0:
+        return [f"live {quality['metric']}: {NO_FEEDBACK}"]
+    hours, end = quality["window_hours"], quality["windows"][0]["end"]
+    lines = []
+    for i, w in enumerate(quality["windows"]):
+        ago = (round((end - w["end"]) / 3600, 1), round((end - w["start"]) / 3600, 1))
+        when = f"last {hours:g} h" if i == 0 else f"{ago[0]:g}-{ago[1]:g} h ago"
+        lines.append(f"live {quality['metric']} ({when}): {_window_text(w, quality)}" if i == 0
+                     else f"  {when}: {_window_text(w, quality)}")
+    return lines
+
+
+def _window_text(w: dict, q: dict) -> str:
+    accepted = ("no accepted figure (no summary.json)" if q["accepted"] is None
+                else f"accepted {q['accepted']:.4g} on test")
+    unscored = (f"; {w['unscored']} rating-only verdicts not scored ({q['metric']} needs a label or correction)"
+                if w["unscored"] else "")
+    if w["n"] == 0:
+        return f"no labelled requests{unscored}"
+    text = (f"{w['value']:.4g} [{w['ci_low']:.4g}, {w['ci_high']:.4g}] on {w['n']} labelled requests "
+            f"({q['interval']} 95%); {accepted}")
+    if not w["verdict"]:
+        return f"{text}; too few for a verdict (need {q['min_labelled']}){unscored}"
+    if q["accepted"] is None:
+        return text + unscored
+    sign = "<" if w["drop_alert"] else ">="
+    word = "QUALITY DROP" if w["drop_alert"] else "ok"
+    return f"{text}; {word} (upper end {w['ci_high']:.4g} {sign} {q['accepted']:.4g} - {q['max_drop']:g}){unscored}"

@@ -1,0 +1,246 @@
+"""`tunesmith retrain`: the challenger's data from labelled traffic (no test leakage), and one whole
+retrain through the CLI on a tiny classification run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import PROJECT, make_texts, write_jsonl
+from tunesmith.cli import app as cli
+from tunesmith.config import derive, load_config
+from tunesmith.data.prepare import prepare_data
+from tunesmith.errors import InputError
+from tunesmith.loop.retrain import _write_inputs
+from tunesmith.loop.traffic import assemble, check_supported, is_traffic
+from tunesmith.serve.store import STORED_CHARS, RequestLog
+
+runner = CliRunner()
+
+# The shared tiny project (conftest.PROJECT) with lora and this test's retrain settings.
+CONFIG = PROJECT.replace("{method}", "lora") + """retrain:
+  holdout: 0.25
+  min_labelled: 10
+  min_holdout: 5
+  traffic_weight: {weight}
+"""
+
+# Traffic whose words the champion's rows never use, so nothing of it is a duplicate of them.
+TRAFFIC_WORDS = "zebra quilt mango violet orbit pepper saddle tundra lantern walnut".split()
+
+
+def traffic_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """(text, label) pairs, all distinct and far apart from each other."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        words = rng.sample(TRAFFIC_WORDS, 4) + [f"item{i}x{i * 7}q"]
+        out.append((" ".join(words), ["alpha", "beta", "gamma"][i % 3]))
+    return out
+
+
+def fake_champion(tmp: Path, weight: int = 1) -> tuple[Path, object]:
+    """A champion's data folder and config (no model: assembling the data needs none)."""
+    run = tmp / "champion"
+    (run / "data").mkdir(parents=True)
+    train, test = make_texts(30, 1), make_texts(9, 2)
+    write_jsonl(tmp / "train.jsonl", train)
+    write_jsonl(tmp / "test.jsonl", test)
+    for name, rows in (("train", train), ("test", test), ("validation", make_texts(6, 3))):
+        write_jsonl(run / "data" / f"{name}.jsonl",
+                    [{"input": r["text"], "target": r["label"], "source": f"{name}.jsonl:{i}"}
+                     for i, r in enumerate(rows)])
+    (run / "data" / "report.json").write_text(json.dumps({"labels": ["alpha", "beta", "gamma"]}))
+    (run / "config.yaml").write_text(CONFIG.format(model="tiny", weight=weight))
+    return run, load_config(run / "config.yaml", check_files=False)
+
+
+def fill_log(db: Path, rows: list[tuple[str, str | None]], run_dir: str = "champion", **verdict) -> list[str]:
+    """Log each (input, label) as an answered request with a verdict; returns the request ids in order."""
+    log = RequestLog(db, redact_pii=False)
+    ids = []
+    for i, (text, label) in enumerate(rows):
+        rid = f"req{i:04d}"
+        log.write([{"route": "/v1/classify", "request_id": rid, "input": text, "output": "alpha", "label": "alpha",
+                    "run_dir": run_dir}])
+        if label is not None:
+            log.add_feedback(rid, label=label, **verdict)
+        ids.append(rid)
+    log.close()
+    return ids
+
+
+def test_newest_traffic_is_held_out_and_counted(tmp_path):
+    run, project = fake_champion(tmp_path)
+    rows = traffic_rows(40)
+    fill_log(tmp_path / "log.db", rows)
+    a = assemble(project, run, tmp_path / "log.db")
+    c = a.counts
+    assert c.labelled == c.usable == 40 and c.held_out == 10  # ceil(0.25 * 40)
+    assert [e.input for e in a.traffic_test] == [t for t, _ in rows[30:]]  # the newest ten
+    assert {e.input for e in a.train if is_traffic(e)} == {t for t, _ in rows[:30]}
+    assert c.traffic_used == 30 and c.champion_used == c.champion_rows == 30 and c.extra_used == 0
+    assert c.train_rows == len(a.train) == 60 and c.new_labels == [] and c.feedback == {"label": 40}
+
+
+def test_traffic_weight_repeats_traffic_rows_and_the_data_stage_keeps_them(tmp_path):
+    run, project = fake_champion(tmp_path, weight=3)
+    fill_log(tmp_path / "log.db", traffic_rows(20))
+    a = assemble(project, run, tmp_path / "log.db")
+    c = a.counts
+    # Validation is carved before the repeats (a fifth of the 45 unique rows), so no row straddles it.
+    assert c.validation_carved == 9 and len(a.validation) == 9
+    assert c.traffic_used + sum(is_traffic(e) for e in a.validation) == 15
+    assert c.train_rows == len(a.train) == 3 * c.traffic_used + c.champion_used
+    challenger = _write_inputs(project, run, a, tmp_path / "inputs")
+    assert not challenger.data.clean.exact_dedup and not challenger.data.clean.near_dedup.enabled
+    assert challenger.data.validation == tmp_path / "inputs" / "validation.jsonl"
+    splits = prepare_data(challenger)
+    # Every traffic row in training trains three times through the data stage.
+    kept = [sum(e.input == t for e in splits.train) for t in {e.input for e in a.train if is_traffic(e)}]
+    assert kept == [3] * c.traffic_used and len(splits.validation) == 9
+
+
+def test_too_few_labelled_requests_is_an_input_error_naming_the_counts(tmp_path):
+    run, project = fake_champion(tmp_path)
+    rows = traffic_rows(9) + [(t, None) for t, _ in traffic_rows(5, seed=1)]
+    fill_log(tmp_path / "log.db", rows)
+    with pytest.raises(InputError) as e:
+        assemble(project, run, tmp_path / "log.db")
+    assert "9 usable of 9 with feedback" in e.value.what and "at least 10 (retrain.min_labelled)" in e.value.what
+
+
+def test_truncated_inputs_and_wrong_ratings_without_a_label_never_train(tmp_path):
+    run, project = fake_champion(tmp_path)
+    db = tmp_path / "log.db"
+    rows = traffic_rows(30)
+    long_text = "lantern " * (STORED_CHARS // 8 + 100)  # stored cut, with the marker
+    fill_log(db, [(long_text, "beta")] + rows[:10])
+    log = RequestLog(db, redact_pii=False)
+    for i, (text, _) in enumerate(rows[10:13]):  # rated wrong, no truth given
+        log.write([{"route": "/v1/classify", "request_id": f"wrong{i}", "input": text, "output": "alpha"}])
+        log.add_feedback(f"wrong{i}", rating=0)
+    for i, (text, _) in enumerate(rows[13:]):  # rated right: the answer is the truth
+        log.write([{"route": "/v1/classify", "request_id": f"right{i}", "input": text, "output": "gamma"}])
+        log.add_feedback(f"right{i}", rating=1)
+    log.close()
+    a = assemble(project, run, db)
+    c = a.counts
+    assert c.labelled == 31 and c.incomplete == 1 and c.no_truth == 3 and c.usable == 27
+    assert c.feedback == {"label": 11, "rated_wrong": 3, "rated_right": 17}
+    texts = {e.input for e in a.train + a.traffic_test}
+    assert not any(t.startswith("lantern lantern") for t in texts)
+    assert not {t for t, _ in rows[10:13]} & texts
+    assert all(e.target == "gamma" for e in a.train + a.traffic_test if e.source.startswith("request-log:right"))
+
+
+def test_planted_test_text_never_reaches_training(tmp_path):
+    """The same text in the champion's test split, in traffic_test and in training traffic: training never has it."""
+    run, project = fake_champion(tmp_path)
+    champion_test = json.loads((run / "data" / "test.jsonl").read_text().splitlines()[0])["input"]
+    rows = traffic_rows(40)
+    held_text = rows[-1][0]                      # will be held out (newest)
+    planted = [(champion_test, "alpha"), (champion_test.upper() + "!", "beta"),  # exact after folding
+               # the held-out text, and a near duplicate of it (its other label keeps it through near dedup)
+               (held_text, "gamma"), (held_text.replace("item", "itm"), "alpha")]
+    fill_log(tmp_path / "log.db", planted + rows)
+    extra = write_jsonl(tmp_path / "extra.jsonl", [{"text": champion_test, "label": "beta"},
+                                                   {"text": "brand new words here", "label": "delta"}])
+    a = assemble(project, run, tmp_path / "log.db", extra)
+    train = [e.input.lower() for e in a.train]
+    assert champion_test.lower() not in train and not any(t.startswith(champion_test.lower()) for t in train)
+    assert held_text in [e.input for e in a.traffic_test]
+    assert held_text.lower() not in train and held_text.replace("item", "itm").lower() not in train
+    # The exact copies of the test text went as duplicates of the --data row, which the test overlap removed,
+    # as it removed the held-out text and its near duplicate from the training traffic.
+    assert a.counts.duplicates_removed == 2
+    assert a.counts.test_overlap_removed == 3 and a.counts.test_overlap_removed_traffic == 2
+    assert a.counts.new_labels == ["delta"] and a.counts.extra_used == 1
+
+
+def test_chat_runs_are_refused(tmp_path):
+    _, project = fake_champion(tmp_path)
+    check_supported(project)
+    with pytest.raises(InputError, match="last user turn"):
+        check_supported(derive(project, {"task.type": "chat", "objective.metric": "exact_match"}))
+
+
+# -- the whole command on a tiny trained run ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def champion_run(tmp_path_factory, tiny_model):
+    folder = tmp_path_factory.mktemp("retrain")
+    write_jsonl(folder / "train.jsonl", make_texts(30, 1))
+    write_jsonl(folder / "test.jsonl", make_texts(12, 2))
+    (folder / "project.yaml").write_text(CONFIG.format(model=tiny_model, weight=1))
+    result = runner.invoke(cli, ["run", str(folder / "project.yaml"), "--out", str(folder / "champion"), "--quiet"])
+    assert result.exit_code in (0, 3), result.output
+    return folder / "champion"
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    """Every file of a run but its live request log (SQLite adds its WAL files on any read)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.relative_to(folder).parts[0] != "monitor"}
+
+
+def test_retrain_end_to_end(champion_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNESMITH_REGISTRY", str(tmp_path / "registry.sqlite"))
+    db = champion_run / "monitor" / "requests.db"  # where the champion's server logs by default
+    rows = [(r["text"], r["label"]) for r in make_texts(24, 7)]
+    fill_log(db, rows, run_dir=str(champion_run))
+    before = _digest(champion_run)
+    out = tmp_path / "challenger"
+    result = runner.invoke(cli, ["retrain", str(champion_run), "--out", str(out), "--quiet"])
+    assert result.exit_code in (0, 3), result.output
+    record = json.loads((out / "promotion.json").read_text())
+    assert result.exit_code == (0 if record["decision"]["promote"] else 3)
+    assert record["champion"] == str(champion_run.resolve()) and record["challenger"] == str(out)
+    assert record["data"]["held_out"] == 6 and record["data"]["usable"] == 24
+    test, traffic = record["comparisons"]["test"], record["comparisons"]["traffic"]
+    assert test["n"] == 12 and test["test"] == "McNemar" and traffic["n"] == 6
+    assert {c["name"] for c in record["decision"]["checks"]} == {"test_not_worse", "traffic_better", "objective_met"}
+    assert "promotion.json: " in result.output and "original test split: accuracy champion" in result.output
+    assert _digest(champion_run) == before  # the champion is untouched
+    config = load_config(out / "config.yaml")  # its data files exist, inside the challenger
+    assert config.data.train == out / "retrain" / "train.jsonl" and config.data.test == out / "retrain" / "test.jsonl"
+    assert len((out / "predictions" / "traffic_test.jsonl").read_text().splitlines()) == 6
+    from tunesmith import champions
+
+    assert champions.current("tiny") == (out if record["decision"]["promote"] else None)
+
+
+def test_retrain_with_too_little_feedback_exits_2_and_writes_nothing(champion_run, tmp_path):
+    db = tmp_path / "few.db"
+    fill_log(db, [(r["text"], r["label"]) for r in make_texts(4, 9)])
+    out = tmp_path / "challenger"
+    result = runner.invoke(cli, ["retrain", str(champion_run), "--db", str(db), "--out", str(out)])
+    assert result.exit_code == 2 and "too few labelled requests" in result.output
+    assert not out.exists() and not any(p.name.startswith(".challenger") for p in tmp_path.iterdir())
+
+
+def test_a_promoted_challenger_becomes_the_champion(champion_run, tmp_path, monkeypatch):
+    """The rule's verdict is forced here (tiny random models rarely beat each other): what a promotion does."""
+    import tunesmith.loop.retrain as retrain_module
+    from tunesmith import champions
+    from tunesmith.loop.promotion import Decision
+
+    monkeypatch.setenv("TUNESMITH_REGISTRY", str(tmp_path / "registry.sqlite"))
+    monkeypatch.setattr(retrain_module, "decide", lambda *a, **k: Decision(True, ["forced"], []))
+    db = tmp_path / "log.db"
+    fill_log(db, [(r["text"], r["label"]) for r in make_texts(20, 11)])
+    out = tmp_path / "promoted"
+    result = runner.invoke(cli, ["retrain", str(champion_run), "--db", str(db), "--out", str(out), "--name", "bank"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "promotion.json").read_text())
+    assert record["promoted"] and record["registry"]["name"] == "bank"
+    assert champions.current("bank") == out
+    event = champions.history("bank")[-1]
+    assert Path(event["parent"]) == champion_run.resolve() and event["reason"] == "retrain"
