@@ -46,7 +46,10 @@ def _request_log(run: Path | None, db: Path | None) -> tuple[Path, bool]:
     return Path(path), cfg.request_log.redact_pii
 
 # --- retrain --------------------------------------------------------------------------------------
-def retrain_command(run_dir: Path = typer.Argument(..., help="The champion: the served run directory."),
+def retrain_command(run_dir: Optional[Path] = typer.Argument(None, help="The champion: the served run directory."),
+                    registry: Optional[str] = typer.Option(None, "--registry",
+                                                           help="Retrain the run promoted under this name instead "
+                                                                "of RUN_DIR (and record the challenger under it)."),
                     data: Optional[Path] = typer.Option(None, "--data", help="Extra labelled rows in the task's "
                                                                              "data format."),
                     out: Optional[Path] = typer.Option(None, "--out", help="The challenger's run directory "
@@ -62,7 +65,8 @@ def retrain_command(run_dir: Path = typer.Argument(..., help="The champion: the 
     def go() -> int:
         from tunesmith.loop.retrain import data_line, retrain
 
-        result = retrain(run_dir, data, out, db, name, progress=not quiet)
+        champion, registry_name = _champion(run_dir, registry, name)
+        result = retrain(champion, data, out, db, registry_name, progress=not quiet)
         rec = result.record
         print(f"challenger: {result.challenger} (champion: {result.champion})")
         print("data: " + data_line(rec["data"]))
@@ -74,6 +78,22 @@ def retrain_command(run_dir: Path = typer.Argument(..., help="The champion: the 
         print(f"promotion.json: {result.path}")
         return result.exit_code
     guarded(debug, go)
+
+
+def _champion(run_dir: Path | None, registry: str | None, name: str | None) -> tuple[Path, str | None]:
+    """(champion run, registry name): RUN_DIR, or the run promoted under --registry, which is then also
+    the name the challenger is recorded under unless --name says otherwise."""
+    from tunesmith.errors import InputError
+
+    if (run_dir is None) == (registry is None):
+        raise InputError("give the champion as RUN_DIR or as --registry NAME" +
+                         (", not both" if run_dir is not None else ""), "--registry",
+                         "`tunesmith retrain RUN_DIR` or `tunesmith retrain --registry NAME`")
+    if registry is None:
+        return run_dir, name
+    from tunesmith.serve.server import champion_run
+
+    return champion_run(registry), name or registry
 
 
 def _comparison_line(row: dict | None) -> str:
