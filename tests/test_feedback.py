@@ -17,14 +17,14 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from conftest import PROJECT, make_texts, write_jsonl
+from conftest import GEN_PROJECT, PROJECT, make_texts, write_jsonl
 from tunesmith.cli import app as cli
 from tunesmith.config import RequestLogSettings, ServeConfig
 from tunesmith.serve import app as app_module
 from tunesmith.serve.app import create_app
 from tunesmith.serve.server import serve_settings
 from tunesmith.serve.service import load_service
-from tunesmith.serve.store import STORED_CHARS, RequestLog, labelled
+from tunesmith.serve.store import STORED_CHARS, RequestLog, labelled, recent
 
 runner = CliRunner()
 HEADER = "X-Tunesmith-Request-ID"
@@ -147,7 +147,7 @@ def test_feedback_is_stored_once_replaced_on_request_and_checked(service, tmp_pa
     assert 'tunesmith_requests_total{route="/v1/feedback",status="200"} 4.0' in metrics
     assert quality.count == 4  # every stored verdict, none of the refused
     verdicts = {r.request_id: r for r in labelled(db)}
-    assert verdicts[ids[0]].label == "beta" and verdicts[ids[1]].rating == 0 and verdicts[ids[1]].correct is False
+    assert verdicts[ids[0]].label == "beta" and verdicts[ids[1]].rating == 0 and verdicts[ids[1]].truth is None
     assert verdicts[ids[2]].correction == "write to [EMAIL]"  # redacted like an input
     assert sqlite3.connect(db).execute("SELECT source FROM feedback").fetchall() == [("api",)] * 3
 
@@ -274,3 +274,87 @@ def test_feedback_import_into_a_served_runs_log(service, run):
     found = labelled(db, run_dir=str(run))
     assert [r.request_id for r in found] == ids and all(r.truth == "gamma" for r in found)
     assert {r.output for r in found} <= LABELS
+
+
+def test_a_log_in_a_folder_named_with_uri_characters_is_read(tmp_path):
+    """`?`, `#` and `%` in a path are part of it, never URI syntax (query, fragment, escape)."""
+    db = tmp_path / "a?b#c%" / "log.db"
+    db.parent.mkdir()
+    ids = _log_with(db, 3)
+    rows = write_jsonl(tmp_path / "labels.jsonl", [{"request_id": i, "label": "beta"} for i in ids[:2]])
+    result = runner.invoke(cli, ["feedback", "import", str(rows), "--db", str(db)])
+    assert result.exit_code == 0 and "imported 2 verdicts" in result.output, result.output
+    assert [r.request_id for r in labelled(db)] == ids[:2]
+    assert [r["request_id"] for r in recent(db, 10)] == ids
+
+
+def test_a_file_that_is_not_a_request_log_is_an_input_error(run, tmp_path):
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not sqlite at all " * 200)
+    rows = write_jsonl(tmp_path / "labels.jsonl", [{"request_id": "a" * 32, "label": "beta"}])
+    for args in (["feedback", "import", str(rows), "--db", str(garbage)], ["monitor", str(run), "--db", str(garbage)]):
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 2 and "not a request log" in result.output, (args, result.output)
+        assert str(garbage) in result.output and "Traceback" not in result.output
+    assert garbage.read_bytes() == b"not sqlite at all " * 200
+
+
+@pytest.fixture(scope="module")
+def gen_service(tmp_path_factory, tiny_model):
+    folder = tmp_path_factory.mktemp("feedback-gen")
+    rows = [{"prompt": r["text"], "completion": r["label"]} for r in make_texts(12, 3)]
+    write_jsonl(folder / "train.jsonl", rows)
+    write_jsonl(folder / "test.jsonl", rows[:3])
+    project = GEN_PROJECT.format(name="tinygen", model=tiny_model, method="lora", steps=1, new_tokens=2)
+    (folder / "project.yaml").write_text(project, encoding="utf-8")
+    result = runner.invoke(cli, ["run", str(folder / "project.yaml"), "--out", str(folder / "run"), "--quiet"])
+    assert result.exit_code in (0, 3), result.output
+    return load_service(folder / "run")
+
+
+def test_the_log_tells_a_token_prompt_from_a_text_prompt(gen_service, tmp_path):
+    """A token prompt is logged with its ids decoded (the prompt format inside): marked "tokens", so
+    retrain never takes it for a text prompt and wraps it in the format again."""
+    db = tmp_path / "log.db"
+    ids = gen_service.predictor.tokenizer("red card", add_special_tokens=False)["input_ids"]
+    with TestClient(_app(gen_service, db, max_tokens=4)) as c:
+        given = [c.post("/v1/completions", json={"prompt": p, "max_tokens": 2}).json()["request_id"]
+                 for p in (ids, "red card")]
+        given.append(_stream_ids(c, "/v1/completions", {"prompt": ids, "max_tokens": 2})[0])
+        given.append(c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                          "max_tokens": 2}).json()["request_id"])
+    kinds = dict(sqlite3.connect(db).execute("SELECT request_id, prompt_kind FROM requests").fetchall())
+    assert [kinds[i] for i in given] == ["tokens", "text", "tokens", "text"]
+
+
+class _FailingCommit:
+    """A connection whose COMMIT fails (disk full at the commit), everything else passed through."""
+
+    def __init__(self, db):
+        self.db = db
+
+    def execute(self, sql, *args):
+        if sql == "COMMIT":
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.db.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+
+def test_a_failed_commit_rolls_back_and_the_log_goes_on(tmp_path):
+    """Without the rollback the connection would stay inside the failed transaction: every later write
+    would fail ("cannot start a transaction within a transaction") and the open one would hold the lock."""
+    ids = _log_with(tmp_path / "log.db", 2)
+    log = RequestLog(tmp_path / "log.db")
+    real = log._db
+    log._db = _FailingCommit(real)
+    with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+        log.add_feedback(ids[0], label="beta")
+    with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+        log.purge()
+    assert not real.in_transaction
+    log._db = real
+    assert log.add_feedback(ids[0], label="beta") == "new" and log.purge() == 0
+    log.close()
+    assert _verdicts(tmp_path / "log.db") == [(ids[0], "beta", None, None, "api")]

@@ -11,6 +11,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -26,7 +27,8 @@ from tunesmith.evaluate.human import wilson
 from tunesmith.serve import quality as q
 from tunesmith.serve.alerts import write_monitoring
 from tunesmith.serve.metrics import ServeMetrics
-from tunesmith.serve.store import RequestLog
+from tunesmith.serve.monitoring import CountedUpdate
+from tunesmith.serve.store import LabelledRequest, RequestLog
 from tunesmith.tasks.metrics import rouge_l_pair
 
 runner = CliRunner()
@@ -209,7 +211,7 @@ def test_quality_watch_sets_the_gauges(tmp_path, monkeypatch, caplog):
     db = tmp_path / "log.db"
     RequestLog(db).close()
     metrics = ServeMetrics()
-    watch = q.QualityWatch(_target(run), db, metrics)
+    watch = q.QualityWatch(_target(run), db, metrics, refresh_s=None)  # scrapes (_gauge) start no update
     assert _gauge(metrics, "tunesmith_accepted_quality") == 0.95 and _gauge(metrics, "tunesmith_live_quality") is None
     watch.update_now(now=NOW)
     assert math.isnan(_gauge(metrics, "tunesmith_live_quality_ci_high"))  # no figure: NaN, which never alerts
@@ -237,7 +239,8 @@ def test_quality_watch_sets_the_gauges(tmp_path, monkeypatch, caplog):
     assert "tunesmith_quality_update_failures_total 1.0" in metrics.exposition().decode()
 
 
-def test_quality_watch_follows_a_swapped_run(tmp_path):
+def _two_runs_one_log(tmp_path):
+    """A classification champion and a generation challenger whose answers share one log, a minute old."""
     champion = _fake_run(tmp_path / "champion", accepted=0.95)
     challenger = _fake_run(tmp_path / "challenger", "generation", "rouge_l", accepted=0.6, min_labelled=1)
     db = tmp_path / "log.db"
@@ -245,14 +248,157 @@ def test_quality_watch_follows_a_swapped_run(tmp_path):
     _log(db, [(0.1, "a b", {"correction": "a b"})] * 2, challenger)
     with sqlite3.connect(db) as con:
         con.execute("UPDATE requests SET ts = ?", (time.time() - 60,))
+    return champion, challenger, db
+
+
+def test_quality_watch_follows_a_swapped_run(tmp_path):
+    champion, challenger, db = _two_runs_one_log(tmp_path)
     metrics = ServeMetrics()
-    watch = q.QualityWatch(_target(champion), db, metrics)
+    watch = q.QualityWatch(_target(champion), db, metrics, refresh_s=None)  # scrapes (_gauge) start no update
     assert watch.follow(challenger)
     watch.close()
     assert _gauge(metrics, "tunesmith_accepted_quality", "rouge_l") == 0.6
     assert _gauge(metrics, "tunesmith_live_quality_labelled", "rouge_l") == 2  # the challenger's answers only
     assert _gauge(metrics, "tunesmith_accepted_quality") is None  # the champion's series are gone
     assert not watch.follow(tmp_path / "bare") and watch.target.run_dir == challenger
+
+
+def _rows(n: int, right_from: int, hours_ago: float = 1) -> list[LabelledRequest]:
+    """n verdicts (rouge_l: references), oldest first: answers wrong before index `right_from`, right after."""
+    return [LabelledRequest(f"r{i}", NOW - hours_ago * H - (n - i), "/v1/completions", "in",
+                            "the cat sat" if i >= right_from else "zzz", None, None, None, "the cat sat", None,
+                            NOW) for i in range(n)]
+
+
+def test_a_large_window_uses_only_its_newest_scored_requests(tmp_path, monkeypatch):
+    """12,000 verdicts in a window: the figure is on the newest MAX_SCORED (5,000), the rest counted."""
+    run = _fake_run(tmp_path / "g", "generation", "rouge_l", 0.9, min_labelled=5)
+    rows = _rows(12_000, right_from=7_000)  # the newest 5,000 right, the 7,000 before them wrong
+    monkeypatch.setattr(q, "labelled", lambda db, since=None: list(reversed(rows)))  # any order in
+    live = q.live_quality(tmp_path / "log.db", _target(run), now=NOW)
+    w = live.latest
+    assert (w.n, w.left_out, w.value, w.ci_low, w.ci_high) == (q.MAX_SCORED, 7_000, 1.0, 1.0, 1.0)
+    assert live.verdicts == 12_000
+    assert "on the newest 5000 of 12000 labelled requests" in q.quality_lines(live.to_dict())[0]
+    bigger = _fake_run(tmp_path / "m", "generation", "rouge_l", 0.9, min_labelled=6_000)
+    w = q.live_quality(tmp_path / "log.db", _target(bigger), now=NOW).latest  # min_labelled above the cap wins
+    assert (w.n, w.left_out, w.verdict) == (6_000, 6_000, True)
+
+
+class _SpyRng:
+    """A numpy Generator recording the size of every index draw."""
+
+    def __init__(self, seed=0):
+        self.rng, self.sizes = np.random.default_rng(seed), []
+
+    def integers(self, low, high, size):
+        self.sizes.append(size)
+        return self.rng.integers(low, high, size)
+
+
+def test_resampling_draws_bounded_chunks_whatever_the_sample_size():
+    n = 100_000
+    spy = _SpyRng()
+    sums = q.resampled_sums(np.ones((n, 1)), 25, spy)
+    assert sums.shape == (25, 1) and (sums == n).all()
+    assert max(math.prod(size) for size in spy.sizes) <= q.CHUNK_DRAWS and sum(s[0] for s in spy.sizes) == 25
+    values = np.arange(20.0)[:, None]
+    spy = _SpyRng()
+    draws = q.resampled_sums(values, 3000, spy)[:, 0] / 20  # small n: few chunks, the bootstrap's mean
+    assert len(spy.sizes) == 1 and draws.mean() == pytest.approx(values.mean(), abs=0.1)
+
+
+@pytest.mark.parametrize("metric", ["bleu", "chrf"])
+def test_corpus_metrics_resample_summed_statistics_exactly(metric):
+    """BLEU and chrF per resample from summed per-request statistics: the same figure as sacrebleu on
+    the resampled requests (so their bootstrap never reruns sacrebleu over every row)."""
+    from tunesmith.tasks.metrics import METRICS
+
+    rng = np.random.default_rng(5)
+    words = ["the cat sat on the mat", "a dog runs in the park", "hello world", "red card for the keeper"]
+    truths = [words[i] for i in rng.integers(0, 4, 80)]
+    answers = [" ".join(words[i].split()[:j]) for i, j in zip(rng.integers(0, 4, 80), rng.integers(1, 6, 80))]
+    per_request, score = q._corpus_statistics(metric, truths, answers)
+    assert per_request.shape[0] == 80
+    for _ in range(5):
+        idx = rng.integers(0, 80, 80)
+        assert score(per_request[idx].sum(axis=0)) == pytest.approx(
+            METRICS[metric].fn([truths[i] for i in idx], [answers[i] for i in idx]), abs=1e-9)
+    value, low, high = q.bootstrap_interval(truths, answers, metric)
+    assert value == round(METRICS[metric].fn(truths, answers), 4) and low < value < high
+
+
+def test_imported_verdicts_and_passing_time_reach_the_gauges_on_a_scrape(tmp_path):
+    """No verdict through the API: a scrape finding the gauges older than refresh_s recomputes them in
+    the background (imported verdicts come in, requests past the window go out); never after close()."""
+    run = _fake_run(tmp_path / "run", accepted=0.95, min_labelled=1)
+    db = tmp_path / "log.db"
+    _log(db, [(0, "a", {"rating": 1})] * 3, run)
+    clock = {"t": 0.0}
+    metrics = ServeMetrics()
+    watch = q.QualityWatch(_target(run), db, metrics, refresh_s=10, clock=lambda: clock["t"])
+
+    def scrape(at: float) -> float | None:
+        clock["t"] = at
+        metrics.exposition()  # starts the refresh; the next scrape shows its figures
+        watch.wait()
+        return _gauge(metrics, "tunesmith_live_quality_labelled")
+
+    def answered_now():
+        with sqlite3.connect(db) as con:
+            con.execute("UPDATE requests SET ts = ?", (time.time() - 60,))
+    answered_now()
+    assert scrape(0) == 3  # never updated: the first scrape starts one
+    _log(db, [(0, "a", {"rating": 0, "source": "import"})] * 2, run)  # `tunesmith feedback import`: no seen()
+    answered_now()
+    assert scrape(9.9) == 3 and watch.last_started == 0  # fresh enough: no update
+    assert scrape(10) == 5 and watch.last_started == 10
+    with sqlite3.connect(db) as con:  # the window moves on: every request is now 2 days old
+        con.execute("UPDATE requests SET ts = ?", (time.time() - 48 * H,))
+    assert scrape(25) == 0 and math.isnan(_gauge(metrics, "tunesmith_live_quality"))
+    watch.close()
+    assert not watch.refresh() and scrape(100) == 0 and watch.last_started == 25
+
+
+def test_a_request_while_an_update_runs_reruns_it_once(tmp_path):
+    """start() or `every` events during an update: one more update right after it, not none."""
+    gate, calls = threading.Event(), []
+
+    class Slow(CountedUpdate):
+        def update_now(self):
+            calls.append(1)
+            gate.wait(10)
+    slow = Slow(2, lambda: None)
+    assert slow.start() and not slow.start()  # busy: owed a rerun
+    slow.seen(2)  # due while busy: the same rerun
+    gate.set()
+    slow.wait()
+    assert len(calls) == 2
+    slow.seen(1)
+    slow.wait()
+    assert len(calls) == 2 and slow.start()
+    slow.close()
+    assert len(calls) == 3
+
+
+def test_a_swap_during_a_running_update_ends_on_the_new_runs_figures(tmp_path, monkeypatch):
+    champion, challenger, db = _two_runs_one_log(tmp_path)
+    entered, gate, real = threading.Event(), threading.Event(), q.live_quality
+
+    def slow_first(*args, **kwargs):
+        if not entered.is_set():
+            entered.set()
+            gate.wait(10)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(q, "live_quality", slow_first)
+    metrics = ServeMetrics()
+    watch = q.QualityWatch(_target(champion), db, metrics, refresh_s=None)  # scrapes (_gauge) start no update
+    assert watch.start() and entered.wait(10)  # the champion's update is running
+    assert watch.follow(challenger)  # swapped meanwhile
+    gate.set()
+    watch.close()
+    assert _gauge(metrics, "tunesmith_live_quality_labelled", "rouge_l") == 2  # the rerun: the challenger's
+    assert _gauge(metrics, "tunesmith_live_quality_labelled") is None  # the old update wrote nothing back
 
 
 class _Engine:
@@ -367,6 +513,9 @@ def test_monitor_reports_live_quality_and_recommends_retraining(trained):
     assert f"QUALITY DROP (upper end 0.1135 < {accepted:.4g} - 0.1)" in text and "recommendation: retrain" in text
     bad = runner.invoke(cli, ["monitor", str(trained), "--since", "0"])
     assert bad.exit_code == 2 and "error: bad --since 0" in bad.output
+    for since in ("inf", "nan"):  # inf overflowed counting windows (exit 1, a traceback)
+        bad = runner.invoke(cli, ["monitor", str(trained), "--since", since])
+        assert bad.exit_code == 2 and f"error: bad --since {since}" in bad.output, bad.output
 
 
 def test_feedback_through_the_server_moves_the_gauges(trained, tmp_path):

@@ -12,6 +12,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -21,7 +22,7 @@ from conftest import PROJECT, free_port, make_texts, start_server, write_jsonl
 from tunesmith import champions
 from tunesmith.cli import app as cli
 from tunesmith.config import ServeConfig
-from tunesmith.errors import InputError
+from tunesmith.errors import EngineError, InputError
 from tunesmith.serve.server import build_app, champion_run
 from tunesmith.serve.service import load_service
 from tunesmith.serve.swap import Finish, Scored, Served, ServiceSlot, answered_by
@@ -292,6 +293,55 @@ def test_the_slot_closes_a_swapped_out_service_after_its_last_call():
     assert a.closed == 2 and b.closed == 1
     late = FakeService("late")
     assert slot.swap(late) is None and late.closed == 1  # loaded after the server stopped: closed at once
+
+
+def test_a_closed_slot_refuses_new_calls_clearly_and_lets_running_ones_end():
+    """The server stopping while the model thread or a stream still runs: no KeyError anywhere."""
+    a = FakeService("a")
+    slot = ServiceSlot(a)
+    stream = slot.stream(None, 4, threading.Event())
+    assert next(stream) == "a"
+    with slot.use() as held:  # a model call running at shutdown
+        slot.close()
+        assert held is a and a.closed == 1
+    a.gate.set()
+    assert list(stream) == ["!"]  # the stream's end releases a closed slot quietly
+    with pytest.raises(EngineError, match="the server is stopping"):
+        slot.classify(["late"])  # a call after close: a clear 502, not KeyError
+    assert a.closed == 1
+
+
+def test_a_run_loaded_after_the_server_stopped_is_closed_not_announced(monkeypatch):
+    from tunesmith.serve import swap
+    from tunesmith.serve.metrics import ServeMetrics
+
+    fmt = SimpleNamespace(task_type="classification")
+    a, b = FakeService("a"), FakeService("b")
+    a.fmt = b.fmt = fmt
+    b.variant, b.load_seconds = "fp32", 0.0  # what the announcement reads before `old.run_dir`
+    slot, lines = ServiceSlot(a), []
+    follower = swap.RegistryFollower(NAME, slot, ServeMetrics(), lambda run, variant: slot.close() or b,
+                                     announce=lines.append, on_swap=lines.append)
+    monkeypatch.setattr(swap.champions, "current", lambda name: Path("b"))
+    assert follower.check() == "stopped"  # the slot closed during the load (was: AttributeError)
+    assert b.closed == 1 and a.closed == 1 and lines == []
+
+
+def test_the_apps_shutdown_stops_the_follower_before_closing_the_model(runs, registry, tmp_path):
+    from fastapi.testclient import TestClient
+
+    served = build_app(load_service(runs["A"]), ServeConfig(), [], tmp_path / "requests.db", registry=NAME,
+                       poll_s=0.05)
+    served.follower.start()
+    seen, close = {}, served.slot.close
+
+    def record_close():
+        seen["follower stopped"] = served.follower._stop.is_set() and not served.follower._thread.is_alive()
+        close()
+    served.slot.close = record_close
+    with TestClient(served.app) as c:
+        assert c.post("/v1/classify", json={"text": TEXTS[0]}).status_code == 200
+    assert seen == {"follower stopped": True}  # stopped by the app's lifespan, before state.close() closed the slot
 
 
 def test_every_answer_names_the_run_that_computed_it():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,11 @@ from tunesmith.cli import app as cli
 from tunesmith.config import derive, load_config
 from tunesmith.data.prepare import prepare_data
 from tunesmith.errors import InputError
+from tunesmith.loop import retrain as retrain_module
 from tunesmith.loop.retrain import _write_inputs
 from tunesmith.loop.traffic import assemble, check_supported, is_traffic
-from tunesmith.serve.store import STORED_CHARS, RequestLog
+from tunesmith.serve.server import serve_settings
+from tunesmith.serve.store import STORED_CHARS, RequestLog, labelled
 
 runner = CliRunner()
 
@@ -61,16 +64,17 @@ def fake_champion(tmp: Path, weight: int = 1) -> tuple[Path, object]:
     return run, load_config(run / "config.yaml", check_files=False)
 
 
-def fill_log(db: Path, rows: list[tuple[str, str | None]], run_dir: str = "champion", **verdict) -> list[str]:
+def fill_log(db: Path, rows: list[tuple[str, str | None]], run_dir: str = "champion", prefix: str = "req",
+             prompt_kind: str | None = None, **verdict) -> list[str]:
     """Log each (input, label) as an answered request with a verdict; returns the request ids in order."""
     log = RequestLog(db, redact_pii=False)
     ids = []
     for i, (text, label) in enumerate(rows):
-        rid = f"req{i:04d}"
+        rid = f"{prefix}{i:04d}"
         log.write([{"route": "/v1/classify", "request_id": rid, "input": text, "output": "alpha", "label": "alpha",
-                    "run_dir": run_dir}])
+                    "run_dir": run_dir, "prompt_kind": prompt_kind}])
         if label is not None:
-            log.add_feedback(rid, label=label, **verdict)
+            log.add_feedback(rid, **(verdict or {"label": label}))  # a label, unless another verdict is given
         ids.append(rid)
     log.close()
     return ids
@@ -98,8 +102,10 @@ def test_traffic_weight_repeats_traffic_rows_and_the_data_stage_keeps_them(tmp_p
     assert c.validation_carved == 9 and len(a.validation) == 9
     assert c.traffic_used + sum(is_traffic(e) for e in a.validation) == 15
     assert c.train_rows == len(a.train) == 3 * c.traffic_used + c.champion_used
-    challenger = _write_inputs(project, run, a, tmp_path / "inputs")
+    challenger = _write_inputs(project, run, a, tmp_path / "inputs", tmp_path / "log.db")
     assert not challenger.data.clean.exact_dedup and not challenger.data.clean.near_dedup.enabled
+    # The lineage shares one request log: the challenger's server writes where this retrain read.
+    assert challenger.serve.request_log.path == (tmp_path / "log.db").resolve()
     assert challenger.data.validation == tmp_path / "inputs" / "validation.jsonl"
     splits = prepare_data(challenger)
     # Every traffic row in training trains three times through the data stage.
@@ -114,6 +120,79 @@ def test_too_few_labelled_requests_is_an_input_error_naming_the_counts(tmp_path)
     with pytest.raises(InputError) as e:
         assemble(project, run, tmp_path / "log.db")
     assert "9 usable of 9 with feedback" in e.value.what and "at least 10 (retrain.min_labelled)" in e.value.what
+
+
+def test_rated_right_rows_train_but_are_never_held_out(tmp_path):
+    """A rating 1 makes the model's own answer the truth, and a rating 0 gives none: held out, such rows
+    would be a test set of answers the champion got right. The newest rows here are all rated right."""
+    run, project = fake_champion(tmp_path)
+    db = tmp_path / "log.db"
+    rows = traffic_rows(35)
+    fill_log(db, rows[:20])
+    log = RequestLog(db, redact_pii=False)
+    for i, (text, _) in enumerate(rows[20:]):
+        log.write([{"route": "/v1/classify", "request_id": f"right{i}", "input": text, "output": "gamma"}])
+        log.add_feedback(f"right{i}", rating=1)
+    log.close()
+    a = assemble(project, run, db)
+    c = a.counts
+    assert c.usable == 35 and c.rating_only == 15 and c.held_out == 5  # max(5, ceil(0.25 * 20 labelled))
+    assert [e.input for e in a.traffic_test] == [t for t, _ in rows[15:20]]  # the newest labelled rows
+    assert {e.input for e in a.train if e.source.startswith("request-log:right")} == {t for t, _ in rows[20:]}
+    assert c.to_json()["rating_only"] == 15
+
+
+def test_too_few_rows_with_a_label_to_hold_out_is_an_input_error(tmp_path):
+    run, project = fake_champion(tmp_path)
+    db = tmp_path / "log.db"
+    fill_log(db, traffic_rows(4))  # four labels, then thirty rows only rated right
+    fill_log(db, traffic_rows(30, seed=2), prefix="r", rating=1)
+    with pytest.raises(InputError) as e:
+        assemble(project, run, db)
+    assert "4 of them with a label or correction (30 only rated right" in e.value.what
+
+
+def test_held_out_rows_are_counted_again_after_cleaning(tmp_path):
+    """Five newest labelled rows, but four are copies of the fifth: after the test-file cleaning one is left,
+    under retrain.min_holdout: refused before any training, with the counts."""
+    run, project = fake_champion(tmp_path)
+    rows = traffic_rows(15) + [("zebra quilt mango violet same", "alpha")] * 5
+    fill_log(tmp_path / "log.db", rows)
+    with pytest.raises(InputError) as e:
+        assemble(project, run, tmp_path / "log.db")
+    assert "too few held-out traffic rows after cleaning: 1" in e.value.what and "min_holdout is 5" in e.value.what
+
+
+def test_token_id_prompts_never_train(tmp_path):
+    """A token prompt's logged input is the ids decoded, the prompt format inside: not a plain text row."""
+    run, project = fake_champion(tmp_path)
+    db = tmp_path / "log.db"
+    rows = traffic_rows(26)
+    fill_log(db, rows[:20], prompt_kind="text")
+    fill_log(db, rows[20:], prefix="tok", prompt_kind="tokens")
+    assert [r.prompt_kind for r in labelled(db)] == ["text"] * 20 + ["tokens"] * 6
+    a = assemble(project, run, db)
+    assert a.counts.token_prompts == 6 and a.counts.usable == 20
+    assert not {t for t, _ in rows[20:]} & {e.input for e in a.train + a.traffic_test}
+
+
+def test_a_failed_write_of_the_inputs_leaves_no_folder_in_the_way(tmp_path, monkeypatch):
+    run, project = fake_champion(tmp_path)
+    fill_log(tmp_path / "log.db", traffic_rows(20))
+    a = assemble(project, run, tmp_path / "log.db")
+    calls = []
+
+    def full_disk(path, rows, project):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        path.write_text("")
+
+    monkeypatch.setattr(retrain_module, "write_rows", full_disk)
+    inputs = tmp_path / ".out.retrain-inputs"
+    with pytest.raises(OSError):
+        _write_inputs(project, run, a, inputs, tmp_path / "log.db")
+    assert len(calls) == 2 and not inputs.exists()
 
 
 def test_truncated_inputs_and_wrong_ratings_without_a_label_never_train(tmp_path):
@@ -212,6 +291,8 @@ def test_retrain_end_to_end(champion_run, tmp_path, monkeypatch):
     config = load_config(out / "config.yaml")  # its data files exist, inside the challenger
     assert config.data.train == out / "retrain" / "train.jsonl" and config.data.test == out / "retrain" / "test.jsonl"
     assert len((out / "predictions" / "traffic_test.jsonl").read_text().splitlines()) == 6
+    # A server swapped to the challenger keeps logging to the champion's log, where the next retrain reads.
+    assert serve_settings(out)[1] == serve_settings(champion_run)[1].resolve() == db.resolve()
     from tunesmith import champions
 
     assert champions.current("tiny") == (out if record["decision"]["promote"] else None)
@@ -224,6 +305,19 @@ def test_retrain_with_too_little_feedback_exits_2_and_writes_nothing(champion_ru
     result = runner.invoke(cli, ["retrain", str(champion_run), "--db", str(db), "--out", str(out)])
     assert result.exit_code == 2 and "too few labelled requests" in result.output
     assert not out.exists() and not any(p.name.startswith(".challenger") for p in tmp_path.iterdir())
+
+
+def test_retrain_on_a_file_that_is_not_a_request_log_exits_2(champion_run, tmp_path):
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not sqlite at all " * 200)
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as c:
+        c.execute("CREATE TABLE t (x)")
+    for db in (garbage, other):
+        result = runner.invoke(cli, ["retrain", str(champion_run), "--db", str(db), "--out", str(tmp_path / "c")])
+        assert result.exit_code == 2 and "not a request log" in result.output, result.output
+        assert str(db) in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "c").exists()
 
 
 def test_a_promoted_challenger_becomes_the_champion(champion_run, tmp_path, monkeypatch):

@@ -4,7 +4,10 @@ traffic, compared with the champion side by side, and promoted when the promotio
 The challenger is a whole `tunesmith run` (data -> train -> eval -> report) into a new run directory
 beside the champion (or --out). Its inputs stay with it in `retrain/` (train.jsonl, test.jsonl, and
 validation.jsonl when the champion validated on a file, each in the task's data format, plus
-traffic_test.jsonl), and its config.yaml points there. Both models then answer the held-out traffic with
+traffic_test.jsonl), and its config.yaml points there; its `serve.request_log.path` is the log this
+retrain read (the champion's, or --db), so a server that swaps to the challenger, and `tunesmith
+monitor`, `feedback import --run` and the next `retrain` of the challenger, all use the one log of
+the lineage. Both models then answer the held-out traffic with
 the eval stage's prediction code (predictions/traffic_test.jsonl), both runs' test predictions are
 paired by row, and promotion.json records the figures and the decision. A failure after training
 keeps the challenger: a trained model is never deleted.
@@ -74,7 +77,7 @@ def retrain(run_dir: Path, data: Path | None = None, out: Path | None = None, db
                           "give another --out, or move it away")
     assembly = assemble(project, champion, db, data)
     _say(progress, "retrain data: " + data_line(assembly.counts.to_json()))
-    challenger_project = _write_inputs(project, champion, assembly, inputs)
+    challenger_project = _write_inputs(project, champion, assembly, inputs, db)
     summary = _train(challenger_project, final, inputs, progress)
     _adopt_inputs(challenger_project, final, inputs)
     with run_lock(final):
@@ -122,16 +125,28 @@ def _request_log(champion: Path, db: Path | None) -> Path:
     if path is None or not Path(path).is_file():
         raise InputError(f"no request log at {path}", "--db" if db is not None else f"{champion} (serve.request_log)",
                          "give the log the champion's server wrote with --db PATH")
-    return Path(path)
+    return Path(path).resolve()
 
 
-def _write_inputs(project: Project, champion: Path, assembly: Assembly, inputs: Path) -> Project:
-    """Write the challenger's data files into `inputs`; the challenger's config, validated again."""
+def _write_inputs(project: Project, champion: Path, assembly: Assembly, inputs: Path, db: Path) -> Project:
+    """Write the challenger's data files into `inputs`; the challenger's config, validated again, with
+    `db` (the request log read) as its serve.request_log.path. On any failure `inputs` is removed: a
+    leftover would block the next retrain into the same folder."""
     inputs.mkdir(parents=True)
+    try:
+        return _derive_challenger(project, champion, assembly, inputs, db)
+    except BaseException:
+        shutil.rmtree(inputs, ignore_errors=True)
+        raise
+
+
+def _derive_challenger(project: Project, champion: Path, assembly: Assembly, inputs: Path, db: Path) -> Project:
     write_rows(inputs / "train.jsonl", assembly.train, project)
     write_rows(inputs / "test.jsonl", _split(champion, "test"), project)
     write_rows(inputs / "traffic_test.jsonl", assembly.traffic_test, project)
-    updates: dict = {"data.train": inputs / "train.jsonl", "data.test": inputs / "test.jsonl"}
+    # One request log for the lineage: a server swapped to the challenger keeps writing where this retrain read.
+    updates: dict = {"data.train": inputs / "train.jsonl", "data.test": inputs / "test.jsonl",
+                     "serve.request_log.path": Path(db).resolve()}
     # The champion's own validation rows when it validated on a file; rows carved before repeating traffic.
     validation = _split(champion, "validation") if isinstance(project.data.validation, Path) else assembly.validation
     if validation is not None:
@@ -146,7 +161,6 @@ def _write_inputs(project: Project, champion: Path, assembly: Assembly, inputs: 
     try:
         return derive(project, updates)
     except ValidationError as e:
-        shutil.rmtree(inputs, ignore_errors=True)
         raise InputError(f"the challenger's config is invalid ({e.errors()[0]['msg']})",
                          str(champion / "config.yaml")) from None
 
@@ -263,7 +277,9 @@ def _paired(project: Project, golds: list[str], champion: list[str], challenger:
 def data_line(c: dict) -> str:
     """The data counts in one line."""
     line = (f"{c['labelled']} labelled requests ({c['usable']} usable: {c['incomplete']} cut in the log, "
-            f"{c['no_truth']} rated wrong without a label); {c['held_out']} held out as traffic_test; training "
+            f"{c['no_truth']} rated wrong without a label, {c['token_prompts']} token-id prompts left out); "
+            f"{c['held_out']} with a label or correction held out as traffic_test ({c['rating_only']} only rated "
+            "right, never held out); training "
             f"{c['traffic_used']} traffic rows (x{c['traffic_weight']}), {c['extra_used']} from --data, "
             f"{c['champion_used']} of the champion's; removed {c['duplicates_removed']} duplicates, "
             f"{c['test_overlap_removed']} overlapping a test set")

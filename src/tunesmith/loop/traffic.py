@@ -1,8 +1,13 @@
 """A challenger's data: the champion's training split plus labelled traffic from the request log.
 
-Labelled requests (serve/store.py `labelled`) with a truth and an input stored whole are split by time:
-the newest `retrain.holdout` share (at least `retrain.min_holdout` rows) becomes `traffic_test`, a
-second test set; the rest joins the champion's curated training rows and any `--data` rows. Training
+Labelled requests (serve/store.py `labelled`) with a truth, an input stored whole and a text prompt
+(a token-id prompt's stored input already holds the prompt format, so it cannot become a plain row) are
+usable. Of the usable rows whose verdict gives the truth (a `label` or a `correction`), the newest
+`retrain.holdout` share (at least `retrain.min_holdout` rows, counted again after the test-file
+cleaning) becomes `traffic_test`, a second test set. Rows rated right (rating 1: the truth is the
+model's own answer) are never held out: they are all answers the champion got right while its wrong
+answers rated 0 carry no truth, so a test set holding them would favour the champion. They may train,
+with the rest of the traffic, the champion's curated training rows and any `--data` rows. Training
 rows go through the data stage's cleaning (normalise, length, exact/near/semantic duplicates, PII, as
 the champion's `data.clean` says) and are then removed when they overlap the champion's test split or
 traffic_test: word n-gram overlap (data/decontaminate.py) or a near duplicate by character shingles
@@ -39,7 +44,9 @@ class Counts:
     feedback: dict = field(default_factory=dict)  # verdicts by kind: label, correction, rated_right, rated_wrong
     no_truth: int = 0            # rated wrong without a label or correction: no truth to learn
     incomplete: int = 0          # input cut in the log (STORED_CHARS): not the text the model saw
+    token_prompts: int = 0       # token-id completion prompts: their stored input has the prompt format in it
     usable: int = 0
+    rating_only: int = 0         # usable rows rated right (truth = the model's answer): may train, never held out
     held_out: int = 0            # traffic_test rows (after the test-file cleaning)
     traffic_for_training: int = 0   # traffic rows offered to training
     extra_rows: int = 0          # --data rows offered
@@ -92,18 +99,22 @@ def assemble(project: Project, champion: Path, db: Path, extra: Path | None = No
     """The challenger's rows from the champion run, the request log `db` and optional `extra` rows.
 
     Raises:
-        InputError: too few labelled requests (the counts named), or a bad --data file (DataError).
+        InputError: too few labelled requests or held-out rows (the counts named), a log that is not a
+            request log, or a bad --data file (DataError).
     """
     counts = Counts(traffic_weight=project.retrain.traffic_weight)
     traffic = _usable(store.labelled(db), counts)
-    hold = _holdout_size(len(traffic), project, counts, db)
-    fresh, held = traffic[:len(traffic) - hold], traffic[len(traffic) - hold:]
+    verified = [i for i, r in enumerate(traffic) if r.verified]  # rated-right rows are never held out
+    hold = _holdout_size(len(traffic), len(verified), project, counts, db)
+    held_at = set(verified[len(verified) - hold:])  # the newest verified rows
     curation = Curation(project.data.clean, project.task.type)
-    test = curation.clean_rows("test", [_example(r, db, i, project) for i, r in enumerate(held)])
+    test = curation.clean_rows("test", [_example(r, db, i, project) for i, r in enumerate(traffic) if i in held_at])
     counts.held_out = len(test)
+    _check_held_out(counts, project, db)
     extras = _extra_rows(extra, project)
     own = [e for e in _curated(champion / "data" / "train.jsonl") if e.augmented is None]
-    offered = extras + [_example(r, db, i, project) for i, r in reversed(list(enumerate(fresh)))] + own
+    fresh = [_example(r, db, i, project) for i, r in enumerate(traffic) if i not in held_at]
+    offered = extras + fresh[::-1] + own
     counts.traffic_for_training, counts.extra_rows, counts.champion_rows = len(fresh), len(extras), len(own)
     before = len(curation.removed)
     train = curation.clean_rows("train", offered)
@@ -143,7 +154,8 @@ def is_traffic(e: Example) -> bool:
 
 
 def _usable(rows: list[store.LabelledRequest], counts: Counts) -> list[store.LabelledRequest]:
-    """Requests with a truth and a whole input, oldest first; the others counted by why they are left out."""
+    """Requests with a truth, a whole input and a text prompt, oldest first; the others counted by why
+    they are left out, and the usable ones that are rated right only (never held out) counted too."""
     counts.labelled = len(rows)
     counts.feedback = dict(Counter(_kind(r) for r in rows))
     out = []
@@ -152,9 +164,12 @@ def _usable(rows: list[store.LabelledRequest], counts: Counts) -> list[store.Lab
             counts.no_truth += 1
         elif not r.complete:
             counts.incomplete += 1
+        elif r.prompt_kind == "tokens":  # the ids decoded: the prompt format would be applied a second time
+            counts.token_prompts += 1
         else:
             out.append(r)
     counts.usable = len(out)
+    counts.rating_only = sum(not r.verified for r in out)
     return out
 
 
@@ -166,18 +181,38 @@ def _kind(r: store.LabelledRequest) -> str:
     return "rated_right" if r.rating == 1 else "rated_wrong"
 
 
-def _holdout_size(n: int, project: Project, counts: Counts, db: Path) -> int:
-    """Rows to hold out: the holdout share, at least min_holdout, and at least one row left to train on."""
+def _holdout_size(n: int, verified: int, project: Project, counts: Counts, db: Path) -> int:
+    """Rows to hold out: the holdout share of the `verified` rows (a label or a correction), at least
+    min_holdout, all of them verified, and at least one of the `n` usable rows left to train on."""
     cfg = project.retrain
-    hold = max(cfg.min_holdout, math.ceil(cfg.holdout * n))
-    if n < cfg.min_labelled or hold >= n:
+    hold = max(cfg.min_holdout, math.ceil(cfg.holdout * verified))
+    if n < cfg.min_labelled or hold > verified or hold >= n:
         raise InputError(
             f"too few labelled requests to retrain on: {n} usable of {counts.labelled} with feedback "
-            f"({counts.no_truth} rated wrong without a label, {counts.incomplete} with an input cut in the log); "
-            f"retrain needs at least {cfg.min_labelled} (retrain.min_labelled) and more than {hold} to hold out "
-            f"for testing (retrain.holdout {cfg.holdout:g}, retrain.min_holdout {cfg.min_holdout})", str(db),
+            f"({_left_out(counts)}), {verified} of them with a label or correction ({counts.rating_only} only rated "
+            f"right, never held out); retrain needs at least "
+            f"{cfg.min_labelled} (retrain.min_labelled), and {hold} with a label or correction to hold out for "
+            f"testing (retrain.holdout {cfg.holdout:g}, retrain.min_holdout {cfg.min_holdout}) with one or more "
+            "left to train on", str(db),
             "collect more feedback (POST /v1/feedback, `tunesmith feedback import`) or lower those settings")
     return hold
+
+
+def _check_held_out(counts: Counts, project: Project, db: Path) -> None:
+    """The held-out rows left after the test-file cleaning (duplicates, length, PII) still reach min_holdout."""
+    need = project.retrain.min_holdout
+    if counts.held_out < need:
+        raise InputError(
+            f"too few held-out traffic rows after cleaning: {counts.held_out} of the newest labelled requests "
+            f"kept as traffic_test, retrain.min_holdout is {need} ({counts.usable} usable of {counts.labelled} "
+            f"with feedback: {_left_out(counts)}; {counts.rating_only} only rated right, never held out)", str(db),
+            "collect more labelled feedback, or lower retrain.min_holdout")
+
+
+def _left_out(c: Counts) -> str:
+    """Why labelled requests are not usable, counted."""
+    return (f"{c.no_truth} rated wrong without a label, {c.incomplete} with an input cut in the log, "
+            f"{c.token_prompts} token-id prompts")
 
 
 def _example(r: store.LabelledRequest, db: Path, i: int, project: Project) -> Example:

@@ -55,6 +55,7 @@ def create_app(service: Service, cfg: ServeConfig, keys: list[str] | None = None
     app.state.service, app.state.store, app.state.watch, app.state.metrics = \
         state.service, state.store, state.watch, state.metrics
     app.state.batcher, app.state.writer, app.state.quality = state.batcher, state.writer, state.quality
+    app.state.before_close = state.before_close  # build_app adds the registry follower's stop
     routers = (ops_router(state), openai_router(state), classify_router(state), feedback_router(state))
     for router in routers:
         app.include_router(router)

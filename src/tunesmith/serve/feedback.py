@@ -112,7 +112,9 @@ def feedback_router(state: ServerState) -> APIRouter:
     """POST /v1/feedback. The SQLite work runs on a worker thread, waited for until the request's
     deadline; at most serve.max_queue writes pending, beyond that (or past the deadline) a 503 with
     Retry-After. 200 {request_id, stored: "new"|"replaced"}; 404 unknown id; 409 a verdict exists;
-    503 when the server has no request log."""
+    503 when the server has no request log. A verdict is not tied to the API key that got the answer:
+    any valid key that knows a request_id may add a verdict, or replace one with `replace: true`
+    (request ids are random 128-bit values returned only to the caller)."""
     router, pending = APIRouter(), threading.BoundedSemaphore(state.cfg.max_queue)
 
     @router.post("/v1/feedback")
@@ -214,9 +216,10 @@ def import_file(path: Path, db: Path, replace: bool = False, redact_pii: bool = 
 
 
 def _open_log(db: Path, redact_pii: bool) -> RequestLog:
-    """The request log at `db`; InputError for any other file (it is never changed: no table is added)."""
+    """The request log at `db`; InputError for any other file (it is never changed: no table is added).
+    The probe's URI comes from the resolved path (percent-encoded): `?`, `#`, `%` in it are not URI syntax."""
     try:
-        probe = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        probe = sqlite3.connect(Path(db).resolve().as_uri() + "?mode=ro", uri=True)
         try:
             found = probe.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='requests'").fetchone()
         finally:

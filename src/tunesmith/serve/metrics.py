@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -9,6 +11,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 REJECT_REASONS = ("queue_full", "deadline")
 LOG_FAILURE_REASONS = ("write", "dropped")  # failed; or not tried, too many writes pending
 OTHER_LABEL = "other"  # a predicted label outside the model's label set (free text from an upstream engine)
+log = logging.getLogger("tunesmith.serve")
 
 
 class ServeMetrics:
@@ -58,6 +61,14 @@ class ServeMetrics:
             self.rejected.labels(reason)
         for reason in LOG_FAILURE_REASONS:
             self.log_failures.labels(reason)
+        self.before_scrape: list = []  # callables run by exposition() (QualityWatch.refresh)
 
     def exposition(self) -> bytes:
+        """The series in Prometheus' text format; first each `before_scrape` hook is called (each one
+        starts a background refresh at most, never waits; a failing one is logged and skipped)."""
+        for hook in list(self.before_scrape):
+            try:
+                hook()
+            except Exception as e:  # a scrape must answer even when a refresh cannot start
+                log.error("refreshing gauges before a scrape failed: %s: %s", type(e).__name__, e)
         return generate_latest(self.registry)

@@ -21,8 +21,24 @@ The figure:
   measured on answers (a preference-pair figure, a lower-is-better metric) is replaced by exact_match.
 - text runs: no live quality (there is no answer to judge).
 
+Bounded work: a window's figure is computed on at most its newest MAX_SCORED (5,000) scored requests
+(or `monitor.min_labelled`, when that is larger), the older ones counted in the window's `left_out`:
+a Wilson interval on 5,000 requests is at most +-1.4 points wide, so more would buy little and cost
+the server's memory and CPU. The bootstrap draws its resamples CHUNK_DRAWS indices at a time (8 MB),
+whatever the window holds. BLEU and chrF are not recomputed per resample (that is sacrebleu over every
+row, hundreds of times, holding the GIL beside the event loop): their per-request n-gram statistics
+are extracted once and each resample sums them, which gives exactly the corpus figure of the resampled
+requests (sacrebleu's own paired bootstrap works this way), so the full RESAMPLES are cheap. Per-sentence
+BLEU or chrF would be cheaper still but on another scale than the accepted corpus figure. Only a
+user's corpus metric is recomputed per resample, and then only CORPUS_RESAMPLES times.
+
 A window has a verdict with at least `monitor.min_labelled` scored requests; its drop alert is on
 when even the upper end of the interval is below `accepted - monitor.max_quality_drop`.
+
+The server keeps gauges of the latest window (`QualityWatch`): recomputed every
+`monitor.update_every` verdicts that come through the API, and, when a Prometheus scrape finds them
+older than REFRESH_S seconds, once more in the background, so verdicts from `tunesmith feedback import`
+reach them and old requests leave the window.
 """
 
 from __future__ import annotations
@@ -46,7 +62,11 @@ BINARY = ("accuracy", "exact_match")          # right/wrong per request: Wilson 
 PER_REQUEST_MEAN = BINARY + ("token_f1", "rouge_l")  # a mean of per-request scores (resampled cheaply)
 FALLBACK_METRIC = "exact_match"
 MAX_WINDOWS = 30    # windows read and shown at most (the log's retention bounds them anyway)
+MAX_SCORED = 5000   # newest scored requests a window's figure is computed on (see above)
 RESAMPLES = 1000
+CORPUS_RESAMPLES = 200  # a user's corpus metric, recomputed per resample: fewer of them
+CHUNK_DRAWS = 1_000_000  # resample indices drawn at once (8 MB of int64)
+REFRESH_S = 60.0    # a scrape finding the server's gauges older than this recomputes them
 NO_FEEDBACK = "no feedback yet: POST /v1/feedback or tunesmith feedback import"
 
 
@@ -67,13 +87,14 @@ class QualityWindow:
 
     start: float
     end: float
-    n: int                   # scored requests (with a verdict the metric can score)
+    n: int                   # scored requests the figure is computed on (the newest MAX_SCORED at most)
     unscored: int            # verdicts a graded metric cannot score (only a rating)
     value: float | None
     ci_low: float | None
     ci_high: float | None
     verdict: bool            # n >= monitor.min_labelled
     drop_alert: bool         # verdict and ci_high < accepted - max_quality_drop
+    left_out: int = 0        # older scored requests past MAX_SCORED, not in the figure
 
 
 @dataclass(frozen=True)
@@ -103,7 +124,7 @@ class LiveQuality:
 
     @property
     def verdicts(self) -> int:
-        return sum(w.n + w.unscored for w in self.windows)
+        return sum(w.n + w.unscored + w.left_out for w in self.windows)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "threshold": self.threshold, "drop_alert": self.drop_alert,
@@ -170,21 +191,56 @@ def figure(truths: list, answers: list[str], metric: str, resamples: int = RESAM
 def bootstrap_interval(truths: list[str], answers: list[str], metric: str, resamples: int = RESAMPLES,
                        seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
     """(value, ci_low, ci_high): the metric and its percentile bootstrap interval over requests (one
-    sample; evaluate/compare.py's paired bootstrap is for two models on the same requests)."""
+    sample; evaluate/compare.py's paired bootstrap is for two models on the same requests). Memory
+    stays bounded (CHUNK_DRAWS) whatever the number of requests; see the module's docstring."""
     fn, n = METRICS[metric].fn, len(truths)
     rng = np.random.default_rng(seed)
     if metric in PER_REQUEST_MEAN:  # a mean of per-request scores: score once, resample the scores
         scores = np.array([fn([t], [a]) for t, a in zip(truths, answers)], dtype=float)
-        value, draws = float(scores.mean()), scores[rng.integers(0, n, (resamples, n))].mean(axis=1)
-    else:  # a corpus figure (BLEU, chrF, a user's metric): recomputed per resample, fewer of them
+        value, draws = float(scores.mean()), resampled_sums(scores[:, None], resamples, rng)[:, 0] / n
+    elif (stats := _corpus_statistics(metric, truths, answers)) is not None:
+        per_request, score = stats  # BLEU, chrF: each resample's corpus figure from summed statistics
+        value = score(per_request.sum(axis=0))
+        draws = np.array([score(row) for row in resampled_sums(per_request, resamples, rng)])
+    else:  # a user's corpus figure: recomputed per resample, fewer of them
         value = float(fn(truths, answers))
-        draws = np.empty(max(200, resamples // METRICS[metric].cost))
+        draws = np.empty(min(CORPUS_RESAMPLES, resamples))
         for b in range(len(draws)):
             idx = rng.integers(0, n, n)
             draws[b] = fn([truths[i] for i in idx], [answers[i] for i in idx])
     alpha = (1 - level) / 2
     low, high = np.quantile(draws, [alpha, 1 - alpha])
     return round(value, 4), round(float(low), 4), round(float(high), 4)
+
+
+def resampled_sums(rows: np.ndarray, resamples: int, rng) -> np.ndarray:
+    """(resamples, k): sums of `rows` (n, k) over `resamples` bootstrap resamples of its n rows,
+    drawn at most CHUNK_DRAWS indices at a time (n = 100k would otherwise mean 800 MB of indices)."""
+    n, k = rows.shape
+    per_chunk = max(1, CHUNK_DRAWS // n)
+    out = np.empty((resamples, k))
+    for start in range(0, resamples, per_chunk):
+        idx = rng.integers(0, n, (min(per_chunk, resamples - start), n))
+        for j in range(k):  # one column at a time: (chunk, n) floats, not (chunk, n, k)
+            out[start:start + len(idx), j] = rows[:, j][idx].sum(axis=1)
+    return out
+
+
+def _corpus_statistics(metric: str, truths: list[str], answers: list[str]):
+    """(per-request sufficient statistics (n, k), score(summed row) -> 0-1 figure) for BLEU and chrF,
+    as tasks/metrics.py computes them (sacrebleu's defaults); None for another metric or a sacrebleu
+    without this interface (then the figure is recomputed per resample)."""
+    if metric not in ("bleu", "chrf"):
+        return None
+    import sacrebleu
+
+    scorer = sacrebleu.BLEU() if metric == "bleu" else sacrebleu.CHRF()
+    try:
+        per_request = np.array(scorer._extract_corpus_statistics(answers, [truths]), dtype=float)
+        scorer._compute_score_from_stats(list(per_request[0]))
+    except (AttributeError, TypeError):  # sacrebleu's statistics API moved: the slow, exact way
+        return None
+    return per_request, lambda row: float(scorer._compute_score_from_stats(list(row)).score / 100)
 
 
 def live_quality(db: Path, target: QualityTarget, now: float | None = None,
@@ -205,13 +261,16 @@ def live_quality(db: Path, target: QualityTarget, now: float | None = None,
 
 
 def _window(rows: list[LabelledRequest], target: QualityTarget, start: float, end: float) -> QualityWindow:
-    truths, answers, unscored = scored(rows, target.metric)
+    truths, answers, unscored = scored(sorted(rows, key=lambda r: r.ts), target.metric)
     if not truths:
         return QualityWindow(start, end, 0, unscored, None, None, None, False, False)
+    cap = max(MAX_SCORED, target.settings.min_labelled)  # the newest `cap`: bounded work (module docstring)
+    left_out = max(0, len(truths) - cap)
+    truths, answers = truths[left_out:], answers[left_out:]
     value, low, high = figure(truths, answers, target.metric)
     verdict = len(truths) >= target.settings.min_labelled
     drop = verdict and target.accepted is not None and high < target.accepted - target.settings.max_quality_drop
-    return QualityWindow(start, end, len(truths), unscored, value, low, high, verdict, bool(drop))
+    return QualityWindow(start, end, len(truths), unscored, value, low, high, verdict, bool(drop), left_out)
 
 
 def of_run(stored: str | None, run_dir: Path) -> bool:
@@ -229,18 +288,36 @@ def _resolved(path: str) -> str:
 
 
 class QualityWatch(CountedUpdate):
-    """The server's live-quality gauges for the latest window, recomputed every
-    `monitor.update_every` verdicts (`seen(n)`, called by the feedback route) in the background."""
+    """The server's live-quality gauges for the latest window, recomputed in the background every
+    `monitor.update_every` verdicts (`seen(n)`, called by the feedback route), and when a scrape of
+    `metrics` finds them older than `refresh_s` seconds (`clock()` time; see `refresh`; None: never)."""
 
     name = "quality"
     failures_series = "tunesmith_quality_update_failures_total"
 
-    def __init__(self, target: QualityTarget, db: Path, metrics):
-        super().__init__(target.settings.update_every, metrics.quality_failures.inc)
-        self.target, self.db, self.metrics = target, Path(db), metrics
+    def __init__(self, target: QualityTarget, db: Path, metrics, refresh_s: float | None = REFRESH_S,
+                 clock=time.monotonic):
+        super().__init__(target.settings.update_every, metrics.quality_failures.inc, clock)
+        self.target, self.db, self.metrics, self.refresh_s = target, Path(db), metrics, refresh_s
         self.last: LiveQuality | None = None
+        self._refreshing = refresh_s is not None
+        metrics.before_scrape.append(self.refresh)
         if target.accepted is not None:
             metrics.accepted_quality.labels(target.metric).set(target.accepted)
+
+    def refresh(self) -> bool:
+        """Start an update when the newest one began `refresh_s` or more ago (or none ever did), so
+        that imported verdicts and the window's passing time reach the gauges; True when one started.
+        Called on each scrape: cheap, never waits, one update at a time, nothing after `close()`."""
+        started = self.last_started
+        if not self._refreshing or (started is not None and self.clock() - started < self.refresh_s):
+            return False
+        return self.start()
+
+    def close(self, timeout: float = 30) -> None:
+        """No more refreshes on scrape; a running update finishes (verdicts `seen` later still count)."""
+        self._refreshing = False
+        super().close(timeout)
 
     def follow(self, run_dir: Path) -> bool:
         """Measure another run from now on (a hot swap to it): its metric, accepted figure and
@@ -263,8 +340,11 @@ class QualityWatch(CountedUpdate):
         return True
 
     def update_now(self, now: float | None = None) -> LiveQuality:
-        live = live_quality(self.db, self.target, now, since_hours=self.target.settings.window_hours)
-        w, m, name = live.latest, self.metrics, self.target.metric
+        target = self.target
+        live = live_quality(self.db, target, now, since_hours=target.settings.window_hours)
+        if self.target is not target:  # swapped meanwhile: its series are gone, the rerun sets the new run's
+            return live
+        w, m, name = live.latest, self.metrics, target.metric
         for gauge, value in ((m.live_quality, w.value), (m.live_quality_low, w.ci_low),
                              (m.live_quality_high, w.ci_high)):
             gauge.labels(name).set(float("nan") if value is None else value)  # NaN: no figure, no alert
@@ -320,7 +400,8 @@ def _window_text(w: dict, q: dict) -> str:
                 if w["unscored"] else "")
     if w["n"] == 0:
         return f"no labelled requests{unscored}"
-    text = (f"{w['value']:.4g} [{w['ci_low']:.4g}, {w['ci_high']:.4g}] on {w['n']} labelled requests "
+    newest = f"the newest {w['n']} of {w['n'] + w['left_out']}" if w.get("left_out") else str(w["n"])
+    text = (f"{w['value']:.4g} [{w['ci_low']:.4g}, {w['ci_high']:.4g}] on {newest} labelled requests "
             f"({q['interval']} 95%); {accepted}")
     if not w["verdict"]:
         return f"{text}; too few for a verdict (need {q['min_labelled']}){unscored}"

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tunesmith.config import GenerationSettings, ServeConfig
 from tunesmith.serve.metrics import OTHER_LABEL
 from tunesmith.serve.replies import ANSWER_ID, error, new_answer_id
-from tunesmith.serve.service import Completion, Service
+from tunesmith.serve.service import Completion, Service, TokenPrompt
 from tunesmith.serve.state import ServerState
 from tunesmith.serve.streaming import open_stream
 from tunesmith.serve.swap import answered_by
@@ -237,14 +237,17 @@ async def _complete(state: ServerState, exchange: tuple[Request, Response], job:
     metrics and the request log, under a fresh request_id in the answer and its header."""
     (request, response), (example, limit, sampling) = exchange, job
     answer_id = new_answer_id()
+    # Logged so that a token prompt (its input the ids decoded, the prompt format inside) is never
+    # taken for a plain text prompt, e.g. by retrain, which would wrap it in the format again.
+    prompt_kind = "tokens" if isinstance(example, TokenPrompt) else "text"
     if stream:
         chunk_kind = "text_completion" if kind == "text_completion" else "chat.completion.chunk"
         return await open_stream(state, example, limit, chunk_kind, request,
-                                 _stream_logger(state, request, (route, answer_id), example.input), sampling,
-                                 answer_id=answer_id)
+                                 _stream_logger(state, request, (route, answer_id), example.input, prompt_kind),
+                                 sampling, answer_id=answer_id)
     item = (example, limit) if sampling is None else job  # engines see settings only when there are some
     done: Completion = await state.batcher.submit("complete", item, request.state.deadline)
-    await _account(state, request, (route, answer_id), example.input, done)
+    await _account(state, request, (route, answer_id), example.input, done, prompt_kind=prompt_kind)
     response.headers[ANSWER_ID] = answer_id
     if kind == "text_completion":
         choice = {"text": done.text, "index": 0, "logprobs": None, "finish_reason": done.finish_reason}
@@ -282,17 +285,18 @@ def _limit(requested: int, cfg: ServeConfig) -> int:
     return requested
 
 
-def _stream_logger(state: ServerState, request: Request, logged_as: tuple[str, str], text):
+def _stream_logger(state: ServerState, request: Request, logged_as: tuple[str, str], text, prompt_kind: str):
     """What a finished stream reports: its tokens to the metrics, its text to the request log."""
     async def done(pieces: list[str], finish: str) -> None:  # `finish` names the run that answered (swap.Finish)
-        await _account(state, request, logged_as, text, Completion("".join(pieces), finish, 0, len(pieces)), finish)
+        await _account(state, request, logged_as, text, Completion("".join(pieces), finish, 0, len(pieces)), finish,
+                       prompt_kind)
     return done
 
 
 async def _account(state: ServerState, request: Request, logged_as: tuple[str, str], text,
-                   done: Completion, by=None) -> None:
+                   done: Completion, by=None, prompt_kind: str | None = None) -> None:
     """Count a completion in the metrics and log it under (route, request_id); `by` is what names the
-    run that answered (default: `done` itself, see swap.answered_by)."""
+    run that answered (default: `done` itself, see swap.answered_by); `prompt_kind` "tokens" or "text"."""
     metrics, service = state.metrics, state.service
     metrics.tokens_in.inc(done.prompt_tokens)
     metrics.tokens_out.inc(done.completion_tokens)
@@ -300,7 +304,7 @@ async def _account(state: ServerState, request: Request, logged_as: tuple[str, s
         metrics.labels.labels(_label(service, done.text)).inc()
     await state.record([_row(state, request, logged_as, done if by is None else by, input=text, output=done.text,
                              label=done.text if service.labels else None, tokens_in=done.prompt_tokens,
-                             tokens_out=done.completion_tokens)], request.state.deadline)
+                             tokens_out=done.completion_tokens, prompt_kind=prompt_kind)], request.state.deadline)
 
 
 def _row(state: ServerState, request: Request, logged_as: tuple[str, str], result, **fields) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import math
 import os
 import secrets
 import shutil
@@ -168,7 +169,7 @@ def _run_app(service, target: Path, listener: Listener, keys: list[str], registr
         served.follower.start()
     try:
         server.run(sockets=[listener.sock])
-    finally:
+    finally:  # the app's shutdown stopped it already; this covers an app that never started
         if served.follower is not None:
             served.follower.stop()
     if not server.started:  # the app failed to start (uvicorn logged why)
@@ -205,6 +206,7 @@ def build_app(service, cfg: ServeConfig, keys: list[str], log_path: Path | None,
     follower = RegistryFollower(registry, slot, app.state.metrics, load or load_service,
                                 fits=lambda new: check_budget(new, cfg), variant=variant,
                                 poll_s=POLL_S if poll_s is None else poll_s, on_swap=_monitors_follow(app.state))
+    app.state.before_close.append(follower.stop)  # the app's shutdown stops it before closing the model
     return ServedApp(app, slot, follower)
 
 
@@ -343,8 +345,8 @@ def monitor(run_dir: Path, db: Path | None = None, window: int | None = None,
     except ValidationError as e:
         raise InputError(f"bad window {window}: {e.errors()[0]['msg']}", "--window",
                          "compare at least 10 recent requests") from None
-    if since_hours is not None and not since_hours > 0:
-        raise InputError(f"bad --since {since_hours}: give a number of hours above 0", "--since")
+    if since_hours is not None and not (math.isfinite(since_hours) and since_hours > 0):
+        raise InputError(f"bad --since {since_hours}: give a finite number of hours above 0", "--since")
     report = drift_report(reference(run_dir, settings.clusters), recent(db, settings.window), settings, run_dir)
     return with_live_quality(report, run_dir, db, since_hours)
 

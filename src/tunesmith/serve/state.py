@@ -4,8 +4,9 @@ built around a loaded Service by `build_state` and closed when the app stops."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunesmith.config import ServeConfig
@@ -42,6 +43,9 @@ class ServerState:
     watch: DriftWatch | None
     writer: LogWriter | None
     quality: QualityWatch | None = None  # the feedback route calls quality.seen(1) after a stored verdict
+    # Called first when the app stops, before the model and the log close (the registry follower's
+    # stop: no swap may start on a closed slot, no monitor follow a swap into a closed state).
+    before_close: list[Callable[[], None]] = field(default_factory=list)
 
     async def record(self, rows: list[dict], deadline: float | None = None) -> None:
         """The request-log write (redaction included) off the event loop, waited for until the
@@ -50,8 +54,10 @@ class ServerState:
             await self.writer.record(rows, deadline)
 
     def close(self) -> None:
-        """Stop the model thread, let pending log writes and a drift or quality update finish, close
-        the engine and the log (the app's shutdown)."""
+        """Run `before_close`, stop the model thread, let pending log writes and a drift or quality
+        update finish, close the engine and the log (the app's shutdown)."""
+        for stop in self.before_close:
+            stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
         if self.writer:
             self.writer.close()

@@ -26,19 +26,23 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from tunesmith.data.pii import find_pii, redact
+from tunesmith.errors import InputError
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS requests (
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, route TEXT NOT NULL, key_id TEXT,
     input TEXT, output TEXT, label TEXT, confidence REAL, latency_ms REAL, status INTEGER,
-    tokens_in INTEGER, tokens_out INTEGER, request_id TEXT, run_dir TEXT)"""
+    tokens_in INTEGER, tokens_out INTEGER, request_id TEXT, run_dir TEXT, prompt_kind TEXT)"""
 # Columns added after the first release: a log written by an older server gains them when opened.
-ADDED_COLUMNS = {"request_id": "TEXT", "run_dir": "TEXT"}
+# prompt_kind: "tokens" when a completion prompt came as token ids (`input` is then the ids decoded,
+# the prompt format already inside it), "text" for a text prompt, NULL for a classify row or an older log.
+ADDED_COLUMNS = {"request_id": "TEXT", "run_dir": "TEXT", "prompt_kind": "TEXT"}
 # One verdict per answered request (POST /v1/feedback, `tunesmith feedback import`): the true label,
 # a corrected answer, or a rating (1: the answer was right, 0: it was wrong).
 FEEDBACK_SCHEMA = """CREATE TABLE IF NOT EXISTS feedback (
@@ -92,7 +96,8 @@ class RequestLog:
 
     def add(self, rows: list[dict]) -> bool:
         """Store rows ({route, key_id, input, output, label, confidence, latency_ms, status, tokens_in,
-        tokens_out, request_id, run_dir}); False when they could not be (counted and logged, never raised)."""
+        tokens_out, request_id, run_dir, prompt_kind}); False when they could not be (counted and logged,
+        never raised)."""
         try:
             self.write(rows)
         except Exception as e:  # the request is answered all the same
@@ -105,11 +110,12 @@ class RequestLog:
         now = time.time()
         values = [(now, r["route"], r.get("key_id"), self._clean(r.get("input")), self._clean(r.get("output")),
                    r.get("label"), r.get("confidence"), r.get("latency_ms"), r.get("status", 200),
-                   r.get("tokens_in"), r.get("tokens_out"), r.get("request_id"), r.get("run_dir")) for r in rows]
+                   r.get("tokens_in"), r.get("tokens_out"), r.get("request_id"), r.get("run_dir"),
+                   r.get("prompt_kind")) for r in rows]
         with self._lock:
             self._db.executemany("INSERT INTO requests (ts, route, key_id, input, output, label, confidence, "
-                                 "latency_ms, status, tokens_in, tokens_out, request_id, run_dir) "
-                                 "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", values)
+                                 "latency_ms, status, tokens_in, tokens_out, request_id, run_dir, prompt_kind) "
+                                 "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", values)
             self._writes += len(rows)
             if self._writes >= PURGE_EVERY:
                 self._writes = 0
@@ -126,11 +132,16 @@ class RequestLog:
             self._db.execute("DELETE FROM feedback WHERE request_id IN "
                              "(SELECT request_id FROM requests WHERE ts < ? AND request_id IS NOT NULL)", (before,))
             gone = self._db.execute("DELETE FROM requests WHERE ts < ?", (before,)).rowcount
+            self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            self._rollback()
             raise
-        self._db.execute("COMMIT")
         return gone
+
+    def _rollback(self) -> None:
+        """End a failed transaction; one that SQLite already ended (a failed COMMIT may) needs nothing more."""
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
 
     def close(self) -> None:
         with self._lock:
@@ -167,10 +178,10 @@ class RequestLog:
                                      "rating, source) VALUES (?,?,?,?,?,?,?)",
                                      (rid, now, key_id, label, correction, rating, source))
                     stored.append("replaced" if had else "new")
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
-            self._db.execute("COMMIT")
         return stored
 
     def _verdict(self, row: dict) -> tuple:
@@ -269,7 +280,9 @@ def create_tables(db: sqlite3.Connection) -> None:
 class LabelledRequest:
     """One answered request with its verdict. `truth` is the true label or corrected answer: the
     verdict's label or correction, or the model's own answer when it was rated right (rating 1);
-    None when the verdict is only "wrong" (rating 0)."""
+    None when the verdict is only "wrong" (rating 0). `verified` tells a truth someone gave (a label or
+    a correction) from a rating: only verified rows make a fair test set, since rated-right rows are by
+    construction answers the model got right (loop/traffic.py trains on them but never holds them out)."""
 
     request_id: str
     ts: float            # when the request was answered (time.time())
@@ -282,6 +295,7 @@ class LabelledRequest:
     correction: str | None
     rating: int | None
     feedback_ts: float
+    prompt_kind: str | None = None  # "tokens": a token-id prompt (`input` is the ids decoded); see ADDED_COLUMNS
 
     @property
     def truth(self) -> str | None:
@@ -292,11 +306,9 @@ class LabelledRequest:
         return self.output if self.rating == 1 else None
 
     @property
-    def correct(self) -> bool | None:
-        """Whether the answer equals the truth (exact match), False for rating 0, None without a verdict."""
-        if self.rating == 0 and self.truth is None:
-            return False
-        return None if self.truth is None else self.output == self.truth
+    def verified(self) -> bool:
+        """True when the verdict gives the truth (a label or a correction), not only a rating."""
+        return self.label is not None or self.correction is not None
 
     @property
     def complete(self) -> bool:
@@ -307,26 +319,51 @@ class LabelledRequest:
 _CUT_MARK = re.compile(r" \[\+\d+ characters not stored\]$")
 
 
+@contextmanager
+def _read_only(path: Path) -> Iterator[sqlite3.Connection]:
+    """The log at `path`, opened read-only; InputError naming it when it is not an SQLite request log.
+    The URI is built from the resolved path (percent-encoded), so `?`, `#` or `%` in a folder name are
+    part of the path, never read as URI syntax."""
+    try:
+        db = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
+    except sqlite3.Error as e:  # missing, a folder, unreadable
+        raise _not_a_log(path, e) from None
+    try:
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='requests'").fetchone():
+            raise _not_a_log(path, "no requests table")
+        yield db
+    except sqlite3.DatabaseError as e:
+        if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
+            raise  # busy, not bad input
+        raise _not_a_log(path, e) from None
+    finally:
+        db.close()
+
+
+def _not_a_log(path: Path, why) -> InputError:
+    return InputError(f"not a request log ({why})", str(path),
+                      "give the SQLite request log the server wrote (serve.request_log.path)")
+
+
 def labelled(path: Path, run_dir: str | None = None, since: float | None = None) -> list[LabelledRequest]:
     """Every answered request of the log at `path` that has a verdict, oldest first; only those
-    answered by `run_dir` and/or at or after `since` (time.time()) when given."""
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
-    try:
+    answered by `run_dir` and/or at or after `since` (time.time()) when given. InputError when `path`
+    is not a request log."""
+    with _read_only(path) as db:
         have = {row[1] for row in db.execute("PRAGMA table_info(requests)")}
         if "request_id" not in have or not db.execute(
                 "SELECT 1 FROM sqlite_master WHERE type='table' AND name='feedback'").fetchone():
             return []  # a log from before feedback existed
+        kind = "r.prompt_kind" if "prompt_kind" in have else "NULL"  # opened read-only: an older log is not migrated
         query = ("SELECT r.request_id, r.ts, r.route, r.input, r.output, r.confidence, r.run_dir, f.label, "
-                 "f.correction, f.rating, f.ts FROM requests r JOIN feedback f ON f.request_id = r.request_id "
-                 "WHERE r.status = 200")
+                 f"f.correction, f.rating, f.ts, {kind} FROM requests r JOIN feedback f "
+                 "ON f.request_id = r.request_id WHERE r.status = 200")
         args: list = []
         if run_dir is not None:
             query, args = query + " AND r.run_dir = ?", args + [run_dir]
         if since is not None:
             query, args = query + " AND r.ts >= ?", args + [since]
         rows = db.execute(query + " ORDER BY r.ts, r.id", args).fetchall()
-    finally:
-        db.close()
     return [LabelledRequest(*row) for row in rows]
 
 
@@ -339,12 +376,9 @@ def _encodable(text: str) -> bool:
 
 
 def recent(path: Path, limit: int) -> list[dict]:
-    """The newest `limit` successful rows, oldest first."""
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
+    """The newest `limit` successful rows, oldest first. InputError when `path` is not a request log."""
+    with _read_only(path) as db:
         db.row_factory = sqlite3.Row
         rows = db.execute("SELECT * FROM requests WHERE status = 200 AND input IS NOT NULL "
                           "ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
-    finally:
-        db.close()
     return [dict(r) for r in reversed(rows)]

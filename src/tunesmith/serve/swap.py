@@ -27,6 +27,7 @@ from pathlib import Path
 from prometheus_client import Counter, Gauge
 
 from tunesmith import champions
+from tunesmith.errors import EngineError
 from tunesmith.serve.service import Completion
 
 log = logging.getLogger("tunesmith.serve")
@@ -73,7 +74,8 @@ def answered_by(result, service) -> Path | None:
 class ServiceSlot:
     """Stands where the app expects a Service and answers with the current one. Attribute reads
     (name, labels, fmt, ...) see the current service; each model call pins one service for its
-    whole length (`use`), and a service swapped out is closed when its last call ends."""
+    whole length (`use`), and a service swapped out is closed when its last call ends. After
+    `close` (the server stopping) a new call raises EngineError; calls already running end quietly."""
 
     def __init__(self, service):
         self._lock = threading.Lock()
@@ -94,8 +96,14 @@ class ServiceSlot:
 
     @contextmanager
     def use(self):
-        """The current service, kept open until the block ends even if another is swapped in meanwhile."""
+        """The current service, kept open until the block ends even if another is swapped in meanwhile.
+
+        Raises:
+            EngineError: the slot is closed (the server is stopping; a late call of the model thread).
+        """
         with self._lock:
+            if self._closed:
+                raise EngineError("the server is stopping")
             service = self._current
             self._users[id(service)][1] += 1
         try:
@@ -129,7 +137,9 @@ class ServiceSlot:
 
     def _release(self, service) -> None:
         with self._lock:
-            entry = self._users[id(service)]
+            entry = self._users.get(id(service))
+            if entry is None:  # the slot was closed meanwhile, and closed every service with it
+                return
             entry[1] -= 1
             done = entry[1] == 0 and service is not self._current
             if done:
@@ -244,7 +254,8 @@ class RegistryFollower:
 
     def check(self) -> str:
         """One poll: "unchanged", "swapped", "refused", "waiting" (a refused run, before its retry
-        time) or "unreadable" (the registry read failed)."""
+        time), "unreadable" (the registry read failed) or "stopped" (the server stopped while the
+        new run loaded)."""
         try:
             wanted = champions.current(self.name)
         except Exception as e:
@@ -271,6 +282,8 @@ class RegistryFollower:
             _close(service)
             return self._refuse(wanted, failures, "refused", why)
         old = self.slot.swap(service)
+        if old is None:  # the server stopped during the load: the slot closed `service`, nothing to follow
+            return "stopped"
         self._refused.pop(str(wanted), None)
         self.series.swaps.inc()
         self.series.serving(service.run_dir)
