@@ -9,7 +9,7 @@ from typing import Any
 
 from tunesmith.config import TaskConfig
 from tunesmith.data.io import ReadResult, Row, RowProblem, read_rows
-from tunesmith.data.pair_rows import PairError, is_kto_row, is_preference_row, parse_pair
+from tunesmith.data.pair_rows import PairError, is_kto_row, is_preference_row, parse_pair, text_value
 from tunesmith.errors import DataError
 
 
@@ -131,11 +131,7 @@ def _field(rec: dict, name: str, what: str) -> Any:
 
 
 def _text(value: Any, name: str) -> str:
-    if not isinstance(value, str):
-        raise _RowError(f"field '{name}' must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise _RowError(f"field '{name}' is empty")
-    return value
+    return text_value(value, name, _RowError)
 
 
 def _source(row: Row) -> str:

@@ -66,7 +66,7 @@ def _prompt(record: dict) -> tuple[str, list[dict] | None]:
     value = record["messages"] if "messages" in record else _need(record, "prompt")
     name = "messages" if "messages" in record else "prompt"
     if isinstance(value, str):
-        return _text(value, name), None
+        return text_value(value, name), None
     if not isinstance(value, list) or not value:
         raise PairError(f"field '{name}' must be a string or a non-empty list of messages")
     messages = [_message(m, f"{name}[{i}]") for i, m in enumerate(value)]
@@ -78,7 +78,7 @@ def _prompt(record: dict) -> tuple[str, list[dict] | None]:
 def _message(m: Any, where: str) -> dict:
     if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
         raise PairError(f"{where} needs a role of system, user or assistant")
-    return {"role": m["role"], "content": _text(m.get("content"), f"{where}.content")}
+    return {"role": m["role"], "content": text_value(m.get("content"), f"{where}.content")}
 
 
 def _answer(value: Any, name: str) -> str:
@@ -91,14 +91,15 @@ def _answer(value: Any, name: str) -> str:
         if value.get("role") != "assistant":
             raise PairError(f"field '{name}' must be the assistant's message, got role {value.get('role')!r}")
         value = value.get("content")
-    return _text(value, name)
+    return text_value(value, name)
 
 
-def _text(value: Any, name: str) -> str:
+def text_value(value: Any, name: str, error: type[ValueError] = PairError) -> str:
+    """`value` when it is a non-blank string, else `error` naming the field (every row format's check)."""
     if not isinstance(value, str):
-        raise PairError(f"field '{name}' must be a string, got {type(value).__name__}")
+        raise error(f"field '{name}' must be a string, got {type(value).__name__}")
     if not value.strip():
-        raise PairError(f"field '{name}' is empty")
+        raise error(f"field '{name}' is empty")
     return value
 
 
