@@ -27,3 +27,15 @@ def test_read_log_skips_blank_lines_and_a_missing_log(tmp_path):
     assert read_log(path) == []
     path.write_text('{"step": 1, "loss": 2.5}\n\n{"step": 2, "val_loss": 1.0}\n', encoding="utf-8")
     assert read_log(path) == [{"step": 1, "loss": 2.5}, {"step": 2, "val_loss": 1.0}]
+
+
+def test_the_metric_bar_chart_holds_only_metrics_on_a_0_1_scale(monkeypatch):
+    """Reward margins and perplexities (nats, or unbounded) would dwarf the 0-1 metrics on one axis."""
+    from tunesmith.report import build, plots
+
+    drawn = {}
+    monkeypatch.setattr(plots, "metric_bars", lambda base, tuned, names, **kw: drawn.setdefault("names", names) and "")
+    figures = {"preference_accuracy": 0.6, "reward_margin": 0.7, "exact_match": 0.3, "perplexity": 12.5,
+               "latency_p95_ms": 80.0}
+    build._plots({"baseline": figures, "finetuned": figures}, [], {"objective_metric": "exact_match"})
+    assert drawn["names"] == ["preference_accuracy", "exact_match"]

@@ -97,6 +97,7 @@ class MetricSpec:
     tasks: tuple[str, ...]
     higher_is_better: bool = True
     cost: int = 1
+    unit_interval: bool = True   # its values lie in [0, 1] (the report plots those on one axis)
 
 
 CLASSIFICATION = ("classification",)
@@ -116,10 +117,10 @@ METRIC_SPECS: dict[str, MetricSpec] = {spec.name: spec for spec in (
     MetricSpec("chrf", GENERATION, cost=5),
     # Preference pairs (train.method dpo|orpo|simpo|kto): see train/preference.py for the definitions.
     MetricSpec("preference_accuracy", PREFERENCE),
-    MetricSpec("reward_margin", PREFERENCE),
+    MetricSpec("reward_margin", PREFERENCE, unit_interval=False),   # nats
     # task.type text: held-out token loss and its exp; lower is better (see tasks/metrics.py).
-    MetricSpec("perplexity", TEXT, higher_is_better=False),
-    MetricSpec("token_loss", TEXT, higher_is_better=False),
+    MetricSpec("perplexity", TEXT, higher_is_better=False, unit_interval=False),
+    MetricSpec("token_loss", TEXT, higher_is_better=False, unit_interval=False),   # nats
 )}
 # The figures measured on preference pairs (margins), not on answers: training validation, eval and report.
 PREFERENCE_METRICS: tuple[str, ...] = tuple(name for name, m in METRIC_SPECS.items() if m.tasks == PREFERENCE)

@@ -79,8 +79,10 @@ def _metrics_table(metrics: dict) -> str:
 
 def _plots(metrics: dict, log: list[dict], summary: dict) -> str:
     out = []
-    # Task metrics only (all on a 0-1 scale); latencies, sizes and throughput are in the table.
-    names = [k for k in metrics["baseline"] if k in METRICS and isinstance(metrics["baseline"][k], float)]
+    # Task metrics on a 0-1 scale only (reward margins and perplexities would dwarf them); the rest,
+    # latencies, sizes and throughput are in the table.
+    names = [k for k in metrics["baseline"] if k in METRICS and METRICS[k].spec.unit_interval
+             and isinstance(metrics["baseline"][k], float)]
     out.append(img(plots.metric_bars(metrics["baseline"], metrics["finetuned"], names), "test metrics"))
     curves = plots.training_curves([r for r in log if "loss" in r], [r for r in log if "val_loss" in r],
                                    summary["objective_metric"], [r["overfitting"] for r in log if "overfitting" in r],

@@ -76,7 +76,8 @@ def _metrics_table(diff: dict, fa: dict, fb: dict, names: tuple[str, str]) -> st
 
 
 def _plots(fa: dict, fb: dict, logs: dict, metric: str, names: tuple[str, str]) -> str:
-    quality = [k for k in fa if k in METRICS and isinstance(fa[k], float) and isinstance(fb.get(k), float)]
+    quality = [k for k in fa if k in METRICS and METRICS[k].spec.unit_interval  # one 0-1 axis
+               and isinstance(fa[k], float) and isinstance(fb.get(k), float)]
     out = [img(plots.metric_bars(fa, fb, quality, legend=(f"A: {names[0]}", f"B: {names[1]}")),
                 "test metrics A and B")]
     curves = plots.curves_of_runs(logs, metric)

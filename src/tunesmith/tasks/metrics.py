@@ -40,14 +40,16 @@ class Metric:
 METRICS: dict[str, Metric] = {}
 
 
-def register(name: str, tasks: tuple[str, ...], higher_is_better: bool = True, cost: int = 1):
-    """Add a metric function `fn(golds, preds) -> float` to the registry under `name`.
+def register(name: str, tasks: tuple[str, ...], higher_is_better: bool = True, cost: int = 1,
+             unit_interval: bool = True):
+    """Add a metric function `fn(golds, preds) -> float` to the registry under `name`
+    (`unit_interval`: its values lie in [0, 1]; the report's bar chart shows only such metrics).
 
     A user extends tunesmith by importing this and decorating a function before loading a config; the
     new metric is then computed, compared (bootstrap) and can be named as the objective's metric.
     """
     def deco(fn: MetricFn) -> MetricFn:
-        METRIC_SPECS[name] = MetricSpec(name, tasks, higher_is_better, cost)
+        METRIC_SPECS[name] = MetricSpec(name, tasks, higher_is_better, cost, unit_interval)
         METRICS[name] = Metric(METRIC_SPECS[name], fn)
         return fn
     return deco
