@@ -307,6 +307,15 @@ def test_retrain_with_too_little_feedback_exits_2_and_writes_nothing(champion_ru
     assert not out.exists() and not any(p.name.startswith(".challenger") for p in tmp_path.iterdir())
 
 
+def test_retrain_never_writes_its_challenger_over_a_run(champion_run, tmp_path):
+    db = tmp_path / "log.db"
+    fill_log(db, [(r["text"], r["label"]) for r in make_texts(4, 9)])
+    before = _digest(champion_run)
+    result = runner.invoke(cli, ["retrain", str(champion_run), "--db", str(db), "--out", str(champion_run)])
+    assert result.exit_code == 2 and "already holds a tunesmith run (the champion)" in result.output
+    assert "--overwrite" not in result.output and _digest(champion_run) == before
+
+
 def test_retrain_on_a_file_that_is_not_a_request_log_exits_2(champion_run, tmp_path):
     garbage = tmp_path / "garbage.db"
     garbage.write_bytes(b"not sqlite at all " * 200)

@@ -70,6 +70,9 @@ def retrain(run_dir: Path, data: Path | None = None, out: Path | None = None, db
     name = _registry_name(name or project.name)
     db = _request_log(champion, db)
     final = Path(out).resolve() if out else champion.parent / new_run_id()
+    if is_run_dir(final):  # retrain never replaces a run, least of all the champion it learns from
+        raise RunDirError("already holds a tunesmith run" + (" (the champion)" if final == champion.resolve() else ""),
+                          f"--out {final}", "give a new or empty folder for the challenger")
     check_out(final)
     inputs = final.with_name(f".{final.name}.retrain-inputs")
     if inputs.exists() or inputs.is_symlink():
