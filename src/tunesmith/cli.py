@@ -152,6 +152,27 @@ def optimize(run_dir: Path = typer.Argument(..., help="an evaluated run director
     _guarded(debug, go)
 
 
+@app.command("export")
+def export_command(run_dir: Path = typer.Argument(..., help="an evaluated run directory"),
+                   fmt: str = typer.Option("hf", "--format", help="Export format (supported: hf)."),
+                   out: Path = typer.Option(..., "--out", help="Folder to create (new or empty)."),
+                   min_agreement: float = typer.Option(0.98, "--min-agreement", help="Least share of test "
+                                                       "predictions the read-back export must share with the run."),
+                   debug: bool = DEBUG) -> None:
+    """Export the run's model (merged weights, tokenizer, generation config, card), verified by reading it back."""
+    def go() -> int:
+        from tunesmith.errors import InputError
+        from tunesmith.optimize.export import FORMATS, export_hf
+
+        if fmt not in FORMATS:
+            raise InputError(f"unknown export format '{fmt}'", "--format", f"supported: {', '.join(FORMATS)}")
+        r = export_hf(run_dir, out, min_agreement)
+        print(f"{r.format}: agreement {r.agreement:.4f} on {r.n} test rows, {r.metric} {r.metric_export} "
+              f"(run {r.metric_run}, delta {r.delta}), {r.size_mb} MB, read back by {r.reader}\nexport: {r.path}")
+        return 0
+    _guarded(debug, go)
+
+
 def _print_variants(result) -> None:
     """The optimize stage's table (an optimize.result.OptimizeResult)."""
     metric = result.objective_metric

@@ -1,0 +1,105 @@
+"""`tunesmith export --format hf`: a merged folder read back by plain transformers answers like the run;
+bad --out / --format are refused untouched (exit 2); a disagreeing export leaves nothing (exit 1)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import PROJECT, make_texts, write_jsonl
+from tunesmith import fsio
+from tunesmith.cli import app as cli
+from tunesmith.data.examples import Example
+from tunesmith.models.tokens import stop_ids
+from tunesmith.optimize import export as export_module
+from tunesmith.tasks.predict import predict
+from tunesmith.tasks.prompts import PromptFormat
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_model) -> Path:
+    folder = tmp_path_factory.mktemp("export")
+    write_jsonl(folder / "train.jsonl", make_texts(30, 1))
+    write_jsonl(folder / "test.jsonl", make_texts(9, 2))
+    (folder / "project.yaml").write_text(PROJECT.format(model=tiny_model, method="lora"), encoding="utf-8")
+    result = runner.invoke(cli, ["run", str(folder / "project.yaml"), "--out", str(folder / "run"), "--quiet"])
+    assert result.exit_code in (0, 3), result.output
+    return folder / "run"
+
+
+@pytest.fixture(scope="module")
+def exported(run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("exports") / "hf"
+    result = runner.invoke(cli, ["export", str(run), "--format", "hf", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "agreement 1.0000" in result.output and str(out) in result.output
+    return out
+
+
+def test_export_folder_reads_back_with_transformers(run, exported):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(exported))
+    tokenizer = AutoTokenizer.from_pretrained(str(exported))
+    rows = fsio.read_jsonl(run / "predictions/test.jsonl")
+    fmt = PromptFormat.from_json(fsio.read_json(exported / "prompt.json"))
+    preds = predict(model, tokenizer, fmt, [Example(input=r["text"], target=r["gold"], source="test") for r in rows])
+    assert preds.texts == [r["prediction"] for r in rows]
+    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(str(run / "model")).chat_template
+    assert (exported / "model_card.md").read_text() == (run / "model_card.md").read_text()
+    assert not any(p.name.startswith("adapter") for p in exported.iterdir())  # merged, not an adapter
+
+
+def test_export_json_and_eos(run, exported):
+    from transformers import AutoTokenizer
+
+    record = json.loads((exported / "export.json").read_text())
+    assert set(record) == {"format", "path", "files", "size_mb", "reader", "agreement", "metric", "metric_export",
+                           "metric_run", "delta", "n", "load_seconds"}
+    assert record["format"] == "hf" and record["path"] == str(exported)
+    assert record["agreement"] == 1.0 and record["delta"] == 0.0 and record["n"] == 9
+    assert record["metric"] == "accuracy" and record["reader"].startswith("transformers ")
+    assert set(record["files"]) == {p.name for p in exported.iterdir()}
+    assert "model.safetensors" in record["files"] and record["size_mb"] > 0
+    eos = json.loads((exported / "generation_config.json").read_text())["eos_token_id"]
+    expected = stop_ids(AutoTokenizer.from_pretrained(str(run / "model")))
+    assert (eos if isinstance(eos, list) else [eos]) == expected
+    assert not list(exported.parent.glob(".hf.export-*"))  # no staging folder left
+
+
+def test_existing_out_and_unknown_format_are_refused(run, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = runner.invoke(cli, ["export", str(run), "--out", str(out)])
+    assert result.exit_code == 2 and result.output.strip().startswith("error: --out exists")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    result = runner.invoke(cli, ["export", str(run), "--format", "onnx", "--out", str(tmp_path / "new")])
+    assert result.exit_code == 2 and "unknown export format 'onnx'" in result.output
+    assert "supported: hf" in result.output
+    assert not (tmp_path / "new").exists()
+    result = runner.invoke(cli, ["export", str(tmp_path), "--out", str(tmp_path / "new")])
+    assert result.exit_code == 2 and "not an evaluated run directory" in result.output
+
+
+def test_disagreeing_export_fails_and_leaves_nothing(run, tmp_path, monkeypatch):
+    original = export_module.read_back
+
+    def corrupted(folder, project, fmt, test):
+        """The real read-back, then its first prediction replaced by another label (a broken export)."""
+        texts, seconds = original(folder, project, fmt, test)
+        assert (folder / "model.safetensors").is_file()  # it ran on the staged folder
+        texts[0] = next(label for label in fmt.labels if label != texts[0])
+        return texts, seconds
+
+    monkeypatch.setattr(export_module, "read_back", corrupted)
+    out = tmp_path / "hf"
+    result = runner.invoke(cli, ["export", str(run), "--out", str(out), "--min-agreement", "1.0"])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().startswith("error: the exported model agrees with the run's predictions on")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
