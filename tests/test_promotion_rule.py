@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tunesmith.evaluate.compare import compare
-from tunesmith.loop.promotion import decide
+from tunesmith.pipeline.promotion import decide
 
 MET = {"met": True, "criteria": [{"name": "accuracy", "value": 0.9, "target": 0.8, "op": ">=", "met": True}]}
 MISSED = {"met": False, "criteria": [{"name": "latency_p95_ms", "value": 80.0, "target": 50.0, "op": "<=",

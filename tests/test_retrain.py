@@ -16,9 +16,9 @@ from tunesmith.cli import app as cli
 from tunesmith.config import derive, load_config
 from tunesmith.data.prepare import prepare_data
 from tunesmith.errors import InputError
-from tunesmith.loop import retrain as retrain_module
-from tunesmith.loop.retrain import _write_inputs
-from tunesmith.loop.traffic import assemble, check_supported, is_traffic
+from tunesmith.pipeline import retrain as retrain_module
+from tunesmith.pipeline.retrain import _write_inputs
+from tunesmith.pipeline.traffic import assemble, check_supported, is_traffic
 from tunesmith.serve.server import serve_settings
 from tunesmith.serve.store import STORED_CHARS, RequestLog, labelled
 
@@ -331,9 +331,9 @@ def test_retrain_on_a_file_that_is_not_a_request_log_exits_2(champion_run, tmp_p
 
 def test_a_promoted_challenger_becomes_the_champion(champion_run, tmp_path, monkeypatch):
     """The rule's verdict is forced here (tiny random models rarely beat each other): what a promotion does."""
-    import tunesmith.loop.retrain as retrain_module
+    import tunesmith.pipeline.retrain as retrain_module
     from tunesmith import champions
-    from tunesmith.loop.promotion import Decision
+    from tunesmith.pipeline.promotion import Decision
 
     monkeypatch.setenv("TUNESMITH_REGISTRY", str(tmp_path / "registry.sqlite"))
     monkeypatch.setattr(retrain_module, "decide", lambda *a, **k: Decision(True, ["forced"], []))

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from tunesmith import champions
 from tunesmith.cli import app
-from tunesmith.cli_loop import _champion
+from tunesmith.cli.loop import _champion
 from tunesmith.errors import InputError
 
 runner = CliRunner()

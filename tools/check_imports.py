@@ -30,9 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("optimize",),
     ("serve", "report"),
     ("pipeline",),
-    ("select", "tune", "loop"),
-    ("cli_common",),
-    ("cli_loop",),
+    ("select", "tune"),
     ("cli",),
     ("__main__",),
 ]

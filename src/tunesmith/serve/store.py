@@ -282,7 +282,7 @@ class LabelledRequest:
     verdict's label or correction, or the model's own answer when it was rated right (rating 1);
     None when the verdict is only "wrong" (rating 0). `verified` tells a truth someone gave (a label or
     a correction) from a rating: only verified rows make a fair test set, since rated-right rows are by
-    construction answers the model got right (loop/traffic.py trains on them but never holds them out)."""
+    construction answers the model got right (pipeline/traffic.py trains on them but never holds them out)."""
 
     request_id: str
     ts: float            # when the request was answered (time.time())

@@ -8,9 +8,9 @@ from typing import Optional
 
 import typer
 
-from tunesmith import cli_loop
-from tunesmith.cli_common import DEBUG, OUT, OVERWRITE, QUIET
-from tunesmith.cli_common import guarded as _guarded
+from tunesmith.cli import loop as cli_loop
+from tunesmith.cli.common import DEBUG, OUT, OVERWRITE, QUIET
+from tunesmith.cli.common import guarded as _guarded
 from tunesmith.registry import DISPARITY_FIGURES, METRIC_SPECS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -21,7 +21,7 @@ human_app = typer.Typer(no_args_is_help=True, help="Human A/B evaluation: export
 app.add_typer(human_app, name="human")
 runs_app = typer.Typer(no_args_is_help=True, help="The run registry: list, show and compare runs.")
 app.add_typer(runs_app, name="runs")
-cli_loop.register(app)  # feedback, retrain, promote, rollback: the production loop (cli_loop.py)
+cli_loop.register(app)  # feedback, retrain, promote, rollback: the production loop (cli/loop.py)
 
 def _print_summary(summary: dict) -> None:
     failed = summary.get("failed")

@@ -28,8 +28,8 @@ from tunesmith.config import Project, derive, dump_config, load_config
 from tunesmith.data.examples import Example
 from tunesmith.errors import InputError, RunDirError
 from tunesmith.evaluate.compare import compare
-from tunesmith.loop.promotion import Decision, decide
-from tunesmith.loop.traffic import Assembly, assemble, champion_labels, check_supported, write_rows
+from tunesmith.pipeline.promotion import Decision, decide
+from tunesmith.pipeline.traffic import Assembly, assemble, champion_labels, check_supported, write_rows
 from tunesmith.runs import check_out, find_run, is_run_dir, new_run_id, run_lock, staging_dir
 from tunesmith.tasks.metrics import METRICS
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from tunesmith.cli_common import DEBUG, guarded
+from tunesmith.cli.common import DEBUG, guarded
 
 # --- feedback -------------------------------------------------------------------------------------
 feedback_app = typer.Typer(no_args_is_help=True, help="Verdicts on served answers: import labels that arrive offline.")
@@ -63,7 +63,7 @@ def retrain_command(run_dir: Optional[Path] = typer.Argument(None, help="The cha
     """Train a challenger on the champion's data plus labelled traffic; promote it when it is not worse on
     the test split, better on recent traffic and meets the objective. Exit 0 promoted, 3 rejected, 2 bad input."""
     def go() -> int:
-        from tunesmith.loop.retrain import data_line, retrain
+        from tunesmith.pipeline.retrain import data_line, retrain
 
         champion, registry_name = _champion(run_dir, registry, name)
         result = retrain(champion, data, out, db, registry_name, progress=not quiet)

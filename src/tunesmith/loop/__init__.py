@@ -1,1 +1,0 @@
-"""The production loop: a challenger retrained on labelled traffic and the rule that promotes it."""
