@@ -122,6 +122,21 @@ eval:
 """
 
 
+def train_tiny_run(folder: Path, tiny_model: Path, method: str = "lora") -> Path:
+    """A trained and evaluated tiny classification run at folder/run (30 training rows, 9 test rows),
+    through the real CLI."""
+    from typer.testing import CliRunner
+
+    from tunesmith.cli import app
+
+    write_jsonl(folder / "train.jsonl", make_texts(30, 1))
+    write_jsonl(folder / "test.jsonl", make_texts(9, 2))
+    (folder / "project.yaml").write_text(PROJECT.format(model=tiny_model, method=method), encoding="utf-8")
+    result = CliRunner().invoke(app, ["run", str(folder / "project.yaml"), "--out", str(folder / "run"), "--quiet"])
+    assert result.exit_code in (0, 3), result.output
+    return folder / "run"
+
+
 @pytest.fixture()
 def tiny_project(tmp_path, tiny_model) -> Path:
     """A classification project on the tiny model; returns the config path."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import PROJECT, make_texts, write_jsonl
+from conftest import train_tiny_run
 from tunesmith import fsio
 from tunesmith.cli import app as cli
 from tunesmith.data.examples import Example
@@ -23,13 +23,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model) -> Path:
-    folder = tmp_path_factory.mktemp("export")
-    write_jsonl(folder / "train.jsonl", make_texts(30, 1))
-    write_jsonl(folder / "test.jsonl", make_texts(9, 2))
-    (folder / "project.yaml").write_text(PROJECT.format(model=tiny_model, method="lora"), encoding="utf-8")
-    result = runner.invoke(cli, ["run", str(folder / "project.yaml"), "--out", str(folder / "run"), "--quiet"])
-    assert result.exit_code in (0, 3), result.output
-    return folder / "run"
+    return train_tiny_run(tmp_path_factory.mktemp("export"), tiny_model)
 
 
 @pytest.fixture(scope="module")

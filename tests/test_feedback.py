@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from conftest import GEN_PROJECT, PROJECT, make_texts, write_jsonl
+from conftest import GEN_PROJECT, make_texts, train_tiny_run, write_jsonl
 from tunesmith.cli import app as cli
 from tunesmith.config import RequestLogSettings, ServeConfig
 from tunesmith.serve import app as app_module
@@ -34,13 +34,7 @@ LABELS = {"alpha", "beta", "gamma"}
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model) -> Path:
-    folder = tmp_path_factory.mktemp("feedback")
-    write_jsonl(folder / "train.jsonl", make_texts(30, 1))
-    write_jsonl(folder / "test.jsonl", make_texts(9, 2))
-    (folder / "project.yaml").write_text(PROJECT.format(model=tiny_model, method="lora"), encoding="utf-8")
-    result = runner.invoke(cli, ["run", str(folder / "project.yaml"), "--out", str(folder / "run"), "--quiet"])
-    assert result.exit_code in (0, 3), result.output
-    return folder / "run"
+    return train_tiny_run(tmp_path_factory.mktemp("feedback"), tiny_model)
 
 
 @pytest.fixture(scope="module")
