@@ -4,7 +4,7 @@ proven to answer like the run by loading it back with an independent reader.
 The folder holds merged safetensors (an adapter folded into its base; a full fine-tune's own weights),
 the tokenizer with the run's chat template, `generation_config.json` whose `eos_token_id` is the EOS
 and end-of-turn ids generation stops at (tunesmith.models.tokens.stop_ids), `prompt.json` and
-`variant.json` (so `tunesmith serve` can load it too), `model_card.md` from the run and `export.json`.
+`variant.json` (as a variant folder has them), `model_card.md` from the run and `export.json`.
 
 Verification: plain `transformers.AutoModelForCausalLM/AutoTokenizer.from_pretrained(folder)` (not
 tunesmith's loader) scores the run's test split as the eval stage did (same prompt format, same label
