@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from tunesmith.config.schema import _C, Project, _KeyedError
+from tunesmith.config.sources import COLUMN_FIELDS, HF_PREFIX, DataSource, folder_problem, locate_path
 from tunesmith.errors import ConfigError
 
 
@@ -59,16 +60,9 @@ def _read(path: Path) -> str:
 
 def _resolve_paths(project: Project, root: yaml.Node, check_files: bool) -> None:
     base = project.base_dir
-    for key in ("train", "test", "validation"):
-        value = getattr(project.data, key)
-        if not isinstance(value, Path):
-            continue
-        resolved = value if value.is_absolute() else (base / value).resolve()
-        if check_files and not resolved.is_file():
-            where = _where(project.source, root, ("data", key))
-            raise ConfigError(f"data file not found: {resolved}", where,
-                              "paths are relative to the config file's folder")
-        setattr(project.data, key, resolved)
+    seen: dict[str, str] = {}
+    for key in ("train", "validation", "test"):
+        _resolve_data(project, root, key, check_files, seen)
     for i, suite in enumerate(project.benchmarks):
         resolved = suite.data if suite.data.is_absolute() else (base / suite.data).resolve()
         if check_files and not resolved.is_file():
@@ -94,6 +88,87 @@ def _resolve_paths(project: Project, root: yaml.Node, check_files: bool) -> None
     if harness.tasks and check_files and importlib.util.find_spec("lm_eval") is None:
         raise ConfigError("eval.harness needs lm-evaluation-harness, which is not installed",
                           _where(project.source, root, ("eval", "harness", "tasks")), "pip install lm-eval")
+
+
+def _resolve_data(project: Project, root: yaml.Node, key: str, check_files: bool, seen: dict[str, str]) -> None:
+    """data.KEY's paths made absolute and globs expanded (recorded in the source's `files`), so the run's
+    saved config.yaml reads the same files again; with check_files each must exist, and no file may be
+    read twice (`seen`, shared by train, validation and test: a file in two splits would leak)."""
+    value, base = getattr(project.data, key), project.base_dir
+    if isinstance(value, Path):  # a plain path (a glob became a source list)
+        resolved = value if value.is_absolute() else (base / value).resolve()
+        where = _where(project.source, root, ("data", key))
+        if check_files:
+            _check_data_path(resolved, where)
+            _once(str(resolved), f"data.{key}", where, seen)
+        setattr(project.data, key, resolved)
+        return
+    if not isinstance(value, list):
+        return
+    listed = isinstance(_node(root, ("data", key)), yaml.SequenceNode)
+    for i, src in enumerate(value):
+        loc = ("data", key, i) if listed else ("data", key)
+        where = _where(project.source, root, loc)
+        if src.columns is not None:
+            _check_columns_fit(project, root, (*loc, "columns"), src.columns)
+        for file in _resolve_source(src, base, check_files, where):
+            if check_files:
+                _once(file, ".".join(map(str, loc)), where, seen)
+
+
+def _once(file: str, key: str, where: str, seen: dict[str, str]) -> None:
+    if file in seen:
+        raise ConfigError(f"{file} is read twice: by {seen[file]} and by {key}", where,
+                          "give each file to one source of one split (a glob may match it too)")
+    seen[file] = key
+
+
+def _check_columns_fit(project: Project, root: yaml.Node, loc: tuple, columns: dict[str, str]) -> None:
+    """A source's own `columns` map fields of the task's type, as data.columns must."""
+    fields = COLUMN_FIELDS[project.task.type]
+    bad = next((name for name in columns if name not in fields), None)
+    if bad is not None:
+        raise ConfigError(f"{'.'.join(map(str, loc))}: '{bad}' is not a field of a {project.task.type} task",
+                          _where(project.source, root, (*loc, bad)), f"map one of: {', '.join(fields)}")
+
+
+def _resolve_source(src: DataSource, base: Path, check_files: bool, where: str) -> list[str]:
+    """Resolve one source in place; returns the files (or folder, or hf:// reference) it reads."""
+    if src.path.startswith(HF_PREFIX):
+        return [src.path]
+    written = src.path
+    located = locate_path(written, base, None if check_files else src.files)
+    src.path, src.files = located.path, located.files
+    if located.files is None:
+        if check_files:
+            _check_data_path(Path(located.path), where)
+        return [located.path]
+    if check_files and not located.files:
+        raise ConfigError(f"no data file matches {written}", where,
+                          f"globs are relative to the config file's folder ({base}), e.g. data/*.jsonl")
+    return list(located.files)
+
+
+def _check_data_path(path: Path, where: str) -> None:
+    """A data file, or a `datasets` save_to_disk folder of one split."""
+    if path.is_file():
+        return
+    if path.is_dir():
+        problem = folder_problem(path)
+        if problem is not None:
+            raise ConfigError(f"{path} {problem[0]}", where, problem[1])
+        return
+    raise ConfigError(f"data file not found: {path}", where, "paths are relative to the config file's folder")
+
+
+def _node(root: yaml.Node | None, loc: tuple) -> yaml.Node | None:
+    """The YAML node at a key path (None when absent)."""
+    node = root
+    for part in loc:
+        if not isinstance(node, yaml.MappingNode):
+            return None
+        node = next((v for k, v in node.value if k.value == str(part)), None)
+    return node
 
 
 def _template_file(name: str, base: Path, check_files: bool, where) -> str:

@@ -9,7 +9,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from tunesmith.config.settings import (
     DecontaminateSettings,
@@ -36,6 +36,13 @@ from tunesmith.config.settings import (
     SemanticDedupSettings,
     _Strict,
 )
+from tunesmith.config.sources import (
+    COLUMN_FIELDS,
+    DataSource,
+    as_sources,
+    check_columns,
+)
+from tunesmith.config.sources import KeyedError as _KeyedError
 from tunesmith.registry import (
     CHAT_TEMPLATES,
     CONSTRAINT_FIGURES,
@@ -120,16 +127,25 @@ class AugmentConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    """Data files (relative paths resolve from the config file's folder) and splits."""
+    """Data sources (relative paths resolve from the config file's folder) and splits. Each of train, test
+    and validation is a file, a glob, hf://NAME[:CONFIG]/SPLIT, a save_to_disk folder, or a list of them
+    (strings or {path, weight, max_rows, columns}); test and validation may instead be a fraction of train."""
 
-    train: Path
-    test: Path | float | None = None
-    validation: Path | float = 0.1
+    train: Path | list[DataSource]
+    test: Path | list[DataSource] | float | None = None
+    validation: Path | list[DataSource] | float = 0.1
+    # tunesmith's field name for the task (text, label, prompt, ...) -> the sources' column holding it.
+    columns: dict[str, str] = Field(default_factory=dict)
     seed: int = 0
     max_errors: int = Field(20, ge=1)
     group_field: str | None = None             # rows sharing this field's value stay in one split
     clean: CleanConfig = Field(default_factory=CleanConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    @field_validator("train", "test", "validation", mode="before")
+    @classmethod
+    def _sources(cls, v: Any, info: ValidationInfo) -> Any:
+        return as_sources(v, str(info.field_name))
 
     @field_validator("validation", "test")
     @classmethod
@@ -137,6 +153,18 @@ class DataConfig(_Strict):
         if isinstance(v, float) and not 0.0 < v < 1.0:
             raise ValueError("a fraction must lie strictly between 0 and 1")
         return v
+
+    @field_validator("columns")
+    @classmethod
+    def _columns(cls, v: dict[str, str]) -> dict[str, str]:
+        return check_columns(v, ("data", "columns"))
+
+    def sources(self, key: str) -> list[DataSource]:
+        """data.KEY as a list of sources (a single path is one source; a fraction or None none)."""
+        value = getattr(self, key)
+        if isinstance(value, Path):
+            return [DataSource(path=str(value))]
+        return list(value) if isinstance(value, list) else []
 
 
 class Bound(_Strict):
@@ -426,6 +454,14 @@ class FairnessConfig(_Strict):
         return [self.positive_label] if isinstance(self.positive_label, str) else list(self.positive_label)
 
 
+class ExportConfig(_Strict):
+    """`tunesmith export` settings (the run's config.yaml `export:` section)."""
+
+    # Least share of test predictions a read-back export must share with the run; None: the format's
+    # default (0.98 for hf, gguf f16 and q8_0; 0.90 for gguf q4_K_M). --min-agreement overrides it.
+    min_agreement: float | None = Field(None, ge=0, le=1)
+
+
 class SuiteConfig(_Strict):
     """An extra evaluation set (e.g. a general task, to catch forgetting), scored for both models."""
 
@@ -459,6 +495,7 @@ class Project(_Strict):
     monitor: MonitorSettings = Field(default_factory=MonitorSettings)
     retrain: RetrainSettings = Field(default_factory=RetrainSettings)
     fairness: FairnessConfig = Field(default_factory=FairnessConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     benchmarks: list[SuiteConfig] = Field(default_factory=list)
     source: Path | None = Field(None, exclude=True)
 
@@ -525,14 +562,15 @@ class Project(_Strict):
                               "classification batch already shares its prompt prefix; set it to false")
         return self
 
+    @model_validator(mode="after")
+    def _columns_fit_task(self) -> Project:
+        fields = COLUMN_FIELDS[self.task.type]
+        for name in self.data.columns:
+            if name not in fields:
+                raise _KeyedError(("data", "columns", name), f"data.columns: '{name}' is not a field of a "
+                                  f"{self.task.type} task (map one of: {', '.join(fields)})")
+        return self
+
     @property
     def base_dir(self) -> Path:
         return self.source.parent if self.source else Path.cwd()
-
-
-class _KeyedError(ValueError):
-    """A cross-field error that knows which key it belongs to."""
-
-    def __init__(self, loc: tuple, msg: str):
-        super().__init__(msg)
-        self.loc, self.msg = loc, msg

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.config import TaskConfig
-from tunesmith.data.io import ReadResult, Row, RowProblem, read_rows
+from tunesmith.config.sources import HF_PREFIX
+from tunesmith.data.io import ReadResult, Row, RowProblem, RowSource, read_rows
 from tunesmith.data.pair_rows import PairError, is_kto_row, is_preference_row, parse_pair, text_value
 from tunesmith.errors import DataError
 
@@ -60,12 +61,13 @@ class Example:
         return dict(self.record) if isinstance(self.record, dict) else self.to_json()
 
 
-def load_examples(path: Path, task: TaskConfig, max_errors: int = 20, group_field: str | None = None,
+def load_examples(path: Path | RowSource, task: TaskConfig, max_errors: int = 20, group_field: str | None = None,
                   attribute_fields: list[str] | None = None) -> tuple[list[Example], list[RowProblem]]:
     """Read and validate one data file; returns the good examples and every problem found."""
     result: ReadResult = read_rows(path)
     examples, problems = [], list(result.problems)
     parse = {"classification": _classification, "text": _raw_text}.get(task.type, _generation)
+    mapped = _mapped_names(path)
     for row in result.rows:
         try:
             example = parse(row, task)
@@ -75,6 +77,9 @@ def load_examples(path: Path, task: TaskConfig, max_errors: int = 20, group_fiel
                 # A missing value is a group of its own in the audit, not an invalid row.
                 example.attributes = {f: str(rec[f]) if rec.get(f) not in (None, "") else "(missing)"
                                       for f in attribute_fields}
+        except _MissingField as e:
+            problems.append(RowProblem(row.file, row.line, e.reason(mapped)))
+            continue
         except _RowError as e:
             problems.append(RowProblem(row.file, row.line, str(e)))
             continue
@@ -82,11 +87,19 @@ def load_examples(path: Path, task: TaskConfig, max_errors: int = 20, group_fiel
         examples.append(example)
     problems.sort(key=lambda p: p.line)
     if not examples and problems:
-        _raise_if_field_never_present(problems, result.rows, task)
+        _raise_if_field_never_present(problems, result.rows, task, mapped)
     return examples, problems
 
 
-def _raise_if_field_never_present(problems: list[RowProblem], rows: list[Row], task: TaskConfig) -> None:
+def _mapped_names(source: Path | RowSource) -> dict[str, tuple[str, str]]:
+    """The name a task reads -> (the source's column, the config key that mapped it), from data.columns."""
+    if not isinstance(source, RowSource):
+        return {}
+    return {target: (column, f"{source.columns_key}.{name}") for name, target, column in source.renames}
+
+
+def _raise_if_field_never_present(problems: list[RowProblem], rows: list[Row], task: TaskConfig,
+                                  mapped: dict[str, tuple[str, str]]) -> None:
     """A field missing from every row is a config mistake (wrong field name), not bad data."""
     missing = {p.reason.split("'")[1] for p in problems if p.reason.startswith("missing field '")}
     if len(missing) != 1 or len(problems) != len(rows):
@@ -94,6 +107,7 @@ def _raise_if_field_never_present(problems: list[RowProblem], rows: list[Row], t
     name = missing.pop()
     keys = {task.text_field: "task.text_field", task.label_field: "task.label_field",
             task.prompt_field: "task.prompt_field", task.completion_field: "task.completion_field"}
+    keys.update({column: key for column, key in mapped.values()})
     present = sorted({str(k) for r in rows if isinstance(r.record, dict) for k in r.record})
     raise DataError(f"no row has the field '{name}'", problems[0].file, problems[0].line,
                     f"set {keys.get(name, 'the field name')} to one of the fields present: {', '.join(present)}")
@@ -115,6 +129,22 @@ class _RowError(ValueError):
     pass
 
 
+class _MissingField(_RowError):
+    """A row without a field the task reads (said in the source's own column names under data.columns)."""
+
+    def __init__(self, name: str, what: str, present: list[str]):
+        self.name, self.what, self.present = name, what, present
+        super().__init__(self.reason({}))
+
+    def reason(self, mapped: dict[str, tuple[str, str]]) -> str:
+        back = {target: column for target, (column, _) in mapped.items()}
+        present = ", ".join(back.get(k, k) for k in self.present) or "none"
+        if self.name in mapped:
+            column, key = mapped[self.name]
+            return f"missing field '{column}' ({self.what}, mapped by {key}); fields present: {present}"
+        return f"missing field '{self.name}' ({self.what}); fields present: {present}"
+
+
 def _group(row: Row, group_field: str | None) -> str | None:
     if group_field is None:
         return None
@@ -126,7 +156,7 @@ def _group(row: Row, group_field: str | None) -> str | None:
 
 def _field(rec: dict, name: str, what: str) -> Any:
     if name not in rec:
-        raise _RowError(f"missing field '{name}' ({what}); fields present: {', '.join(map(str, rec)) or 'none'}")
+        raise _MissingField(name, what, [str(k) for k in rec])
     return rec[name]
 
 
@@ -135,7 +165,8 @@ def _text(value: Any, name: str) -> str:
 
 
 def _source(row: Row) -> str:
-    return f"{Path(row.file).name}:{row.line}"
+    # An hf:// reference keeps its whole name (its last part is only the split).
+    return f"{row.file if row.file.startswith(HF_PREFIX) else Path(row.file).name}:{row.line}"
 
 
 def _classification(row: Row, task: TaskConfig) -> Example:

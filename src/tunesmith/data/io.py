@@ -1,25 +1,45 @@
-"""Readers for JSONL, CSV and Parquet that keep each row's source line."""
+"""Readers for JSONL, CSV, Parquet, Arrow and `datasets` datasets (a save_to_disk folder or the local
+Hugging Face cache) that keep each row's source line (or row number), with data.columns renames."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import os
 import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunesmith.config.sources import HF_PREFIX, folder_problem, parse_hf_ref
 from tunesmith.errors import DataError
 
 # Far deeper than any data format needs (chat rows are 3 levels deep); deeper rows are refused.
 MAX_NESTING = 64
-FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet",
+           ".arrow": "arrow"}
+
+
+@dataclass(frozen=True)
+class RowSource:
+    """What read_rows reads: a data file, a `datasets` save_to_disk folder or hf://NAME[:CONFIG]/SPLIT, with
+    renames (data.columns field, the name the task reads it under, the source's column) applied to every
+    row. `key` is the config key it came from (data.train, ...), named by errors about the whole source;
+    `columns_key` the key the renames came from (data.columns, or a source's own data.train.0.columns)."""
+
+    location: str
+    renames: tuple[tuple[str, str, str], ...] = ()
+    key: str = "data"
+    columns_key: str = "data.columns"
 
 
 @dataclass
 class Row:
-    """One raw record and where it came from (1-based line; for Parquet, the row number)."""
+    """One raw record and where it came from (1-based line; for Parquet, Arrow and datasets, the row number)."""
 
     record: Any
     file: str
@@ -42,23 +62,53 @@ class ReadResult:
     problems: list[RowProblem] = field(default_factory=list)
 
 
-def read_rows(path: Path) -> ReadResult:
-    """Read every record of a data file; unreadable rows become problems, not exceptions.
+def read_rows(source: Path | RowSource) -> ReadResult:
+    """Read every record of a data file or dataset; unreadable rows become problems, not exceptions.
 
     Raises:
-        DataError: for an unsupported extension or an empty file.
+        DataError: for an unsupported extension, an empty file, an unreadable dataset, or a data.columns
+            column that no row has.
     """
-    path = Path(path)
+    src = source if isinstance(source, RowSource) else RowSource(str(source))
+    if src.location.startswith(HF_PREFIX):
+        result = _read_hf_cache(src)
+    elif Path(src.location).is_dir():
+        result = _read_saved_dataset(Path(src.location))
+    else:
+        result = _read_file(Path(src.location))
+    if src.renames:
+        _rename(result, src)
+    return result
+
+
+def _read_file(path: Path) -> ReadResult:
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"unsupported data file type '{path.suffix}'", str(path),
                         hint=f"use one of {', '.join(sorted(set(FORMATS)))}")
     if path.stat().st_size == 0:
         raise DataError("data file is empty", str(path), hint="it needs at least one example")
-    result = {"jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet}[kind](path)
+    result = {"jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet, "arrow": _read_arrow}[kind](path)
     if not result.rows and not result.problems:
         raise DataError("data file has no rows", str(path), hint="it needs at least one example")
     return result
+
+
+def _rename(result: ReadResult, src: RowSource) -> None:
+    """Apply data.columns: each mapped column's value moves to the name the task reads. A column that no
+    row has is a mistake in the mapping, not bad rows; a row that lacks it fails as a row missing the field."""
+    records = [r.record for r in result.rows if isinstance(r.record, dict)]
+    for name, _, column in src.renames:
+        if records and not any(column in rec for rec in records):
+            present = sorted({str(k) for rec in records[:1000] for k in rec})
+            raise DataError(f"no row has the column '{column}' that {src.columns_key}.{name} names", src.location,
+                            hint=f"columns present: {', '.join(present) or 'none'}")
+    for row in result.rows:
+        if isinstance(row.record, dict):
+            rec = dict(row.record)
+            moved = {target: rec.pop(column) for _, target, column in src.renames if column in rec}
+            rec.update(moved)  # after every pop, so swapped names ({text: label, label: text}) work
+            row.record = rec
 
 
 def _read_jsonl(path: Path) -> ReadResult:
@@ -154,3 +204,98 @@ def _read_parquet(path: Path) -> ReadResult:
         raise DataError(f"cannot read Parquet file: {e}", str(path),
                         hint="check that it is a valid Parquet file") from None
     return ReadResult(rows=[Row(rec, str(path), i) for i, rec in enumerate(table.to_pylist(), start=1)])
+
+
+def _read_arrow(path: Path) -> ReadResult:
+    """An Arrow IPC file (random access, as Feather v2 / pyarrow write it) or stream (as `datasets` does)."""
+    import pyarrow as pa
+
+    try:
+        try:
+            table = pa.ipc.open_file(path).read_all()
+        except pa.ArrowInvalid:
+            table = pa.ipc.open_stream(path).read_all()
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        raise DataError(f"cannot read Arrow file: {e}", str(path),
+                        hint="check that it is an Arrow IPC file or stream") from None
+    return ReadResult(rows=[Row(rec, str(path), i) for i, rec in enumerate(table.to_pylist(), start=1)])
+
+
+def _read_saved_dataset(folder: Path) -> ReadResult:
+    """A folder written by `datasets`' Dataset.save_to_disk (one split)."""
+    problem = folder_problem(folder)
+    if problem is not None:
+        raise DataError(f"the folder {problem[0]}", str(folder), hint=problem[1])
+    import datasets
+
+    try:
+        dataset = datasets.load_from_disk(str(folder))
+    except Exception as e:  # datasets raises several types for a damaged folder
+        raise DataError(f"cannot read the saved dataset: {e}", str(folder),
+                        hint="write it again with Dataset.save_to_disk") from None
+    if not isinstance(dataset, datasets.Dataset):
+        raise DataError("the folder holds several splits", str(folder), hint="give one split's folder")
+    return _dataset_rows(dataset, str(folder))
+
+
+def _read_hf_cache(src: RowSource) -> ReadResult:
+    """hf://NAME[:CONFIG]/SPLIT from the local Hugging Face datasets cache, offline: nothing is downloaded."""
+    ref = parse_hf_ref(src.location)
+    if Path(ref.name).is_dir():
+        # datasets.load_dataset reads an existing local folder of that name instead of the cache.
+        raise DataError(f"{src.location}: the current directory has a folder '{ref.name}', which `datasets` would "
+                        "read instead of the Hugging Face cache", src.key,
+                        hint=f"to read that folder, give its path (e.g. ./{ref.name}/...) instead of hf://; to read "
+                        "the cached dataset, run tunesmith from another directory")
+    import datasets
+
+    with _offline():
+        try:
+            dataset = datasets.load_dataset(ref.name, ref.config, split=ref.split)
+        except Exception as e:  # not cached: datasets raises several types (ConnectionError, FileNotFoundError, ...)
+            fetch = (f"python -c \"import datasets; datasets.load_dataset('{ref.name}', "
+                     f"{repr(ref.config) if ref.config else 'None'}, split='{ref.split}')\"")
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataError(f"{src.location} is not in the local Hugging Face datasets cache "
+                            f"({datasets.config.HF_DATASETS_CACHE}): {reason}", src.key,
+                            hint=f"tunesmith never downloads at run time; fetch it on a machine with network "
+                            f"({fetch}) and copy the cache here, or save_to_disk it and give that folder as the "
+                            "path") from None
+    return _dataset_rows(dataset, src.location)
+
+
+# Offline mode is process-wide (datasets and huggingface_hub read module constants and the environment),
+# so overlapping readers in several threads share one switch: the first turns it on, the last restores it.
+_OFFLINE_LOCK = threading.Lock()
+_offline_state: dict[str, Any] = {"depth": 0, "saved": None}
+
+
+@contextlib.contextmanager
+def _offline() -> Iterator[None]:
+    """Hugging Face offline mode for the duration (datasets and huggingface_hub read it when called)."""
+    import datasets
+    import huggingface_hub.constants as hub
+
+    with _OFFLINE_LOCK:
+        if _offline_state["depth"] == 0:
+            _offline_state["saved"] = (datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE,
+                                       os.environ.get("HF_HUB_OFFLINE"))
+            datasets.config.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE = True
+            os.environ["HF_HUB_OFFLINE"] = "1"
+        _offline_state["depth"] += 1
+    try:
+        yield
+    finally:
+        with _OFFLINE_LOCK:
+            _offline_state["depth"] -= 1
+            if _offline_state["depth"] == 0:
+                saved = _offline_state["saved"]
+                datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = saved[0], saved[1]
+                if saved[2] is None:
+                    os.environ.pop("HF_HUB_OFFLINE", None)
+                else:
+                    os.environ["HF_HUB_OFFLINE"] = saved[2]
+
+
+def _dataset_rows(dataset: Any, label: str) -> ReadResult:
+    return ReadResult(rows=[Row(rec, label, i) for i, rec in enumerate(dataset.to_list(), start=1)])

@@ -10,10 +10,11 @@ from tunesmith import fsio
 from tunesmith.config import Project
 from tunesmith.data.augment import augment
 from tunesmith.data.clean import Curation
-from tunesmith.data.examples import Example, load_examples, raise_for_problems
+from tunesmith.data.examples import Example, raise_for_problems
 from tunesmith.data.io import RowProblem
 from tunesmith.data.mitigate import apply_mitigation
 from tunesmith.data.profile import embedding_spread, split_profile
+from tunesmith.data.sources import LoadedData, load_sources, mix_training
 from tunesmith.data.split import group_split, stratified_split
 from tunesmith.errors import DataError
 
@@ -30,21 +31,17 @@ class Splits:
     labels: list[str] | None = None
     warnings: list[str] = field(default_factory=list)
     curation: Curation | None = None
+    # Each role's sources (rows read, kept, taken for training; sha256) and their fingerprint: sources.py.
+    sources: dict | None = None
 
     def by_name(self) -> dict[str, list[Example]]:
         return {"train": self.train, "validation": self.validation, "test": self.test}
 
 
 def check_data(project: Project) -> tuple[dict[str, list[Example]], list[RowProblem]]:
-    """Validate every configured file; returns examples per file role and all problems."""
-    files = {k: getattr(project.data, k) for k in SPLITS if isinstance(getattr(project.data, k), Path)}
-    loaded, problems = {}, []
-    for role, path in files.items():
-        examples, bad = load_examples(path, project.task, project.data.max_errors, project.data.group_field,
-                                      project.fairness.group_fields)
-        loaded[role] = examples
-        problems.extend(bad)
-    return loaded, problems
+    """Validate every configured source; returns examples per role given as sources and all problems."""
+    loaded = load_sources(project)
+    return loaded.examples, loaded.problems
 
 
 def prepare_data(project: Project, progress: bool = False, augment_rows: bool = True) -> Splits:
@@ -56,17 +53,19 @@ def prepare_data(project: Project, progress: bool = False, augment_rows: bool = 
     Raises:
         DataError: for the first invalid row (all of them are listed in the error's details).
     """
-    loaded, problems = check_data(project)
-    raise_for_problems(problems, project.data.max_errors)
+    sources: LoadedData = load_sources(project)
+    raise_for_problems(sources.problems, project.data.max_errors)
     data, task = project.data, project.task
     curation = Curation(data.clean, task.type, progress)
-    loaded = {role: curation.clean_rows(role, rows) for role, rows in loaded.items()}
+    loaded = {role: curation.clean_rows(role, rows) for role, rows in sources.examples.items()}
     train, validation, test = _split(loaded, project)
     train = curation.decontaminate(train, validation + test)
     validation = curation.decontaminate(validation, test, role="validation")
     train = curation.label_noise(train)
-    splits = Splits(train, validation, test, curation=curation)
-    _check_sizes(splits, data.train)
+    # After cleaning and carving: repeats a weight asks for are neither deduplicated nor split apart.
+    train = mix_training(train, sources.sources["train"], data.seed)
+    splits = Splits(train, validation, test, curation=curation, sources=sources.report())
+    _check_sizes(splits, sources.sources["train"][0]["source"])
     if augment_rows and data.augment.enabled:
         splits.train = train + augment(train, data.augment, _paraphraser(project))
     if project.fairness.enabled and project.fairness.mitigation != "none":
@@ -104,10 +103,10 @@ def _paraphraser(project: Project):
     return paraphrase
 
 
-def _check_sizes(splits: Splits, train_path: Path) -> None:
+def _check_sizes(splits: Splits, train_path: str) -> None:
     for name, rows in splits.by_name().items():
         if not rows:
-            raise DataError(f"the {name} split is empty", str(train_path),
+            raise DataError(f"the {name} split is empty", train_path,
                             hint="add examples or give a separate file for it under data:")
 
 
@@ -135,6 +134,8 @@ def _label_warnings(splits: Splits) -> list[str]:
 def data_report(splits: Splits) -> dict:
     """Sizes, label distribution, lengths, diversity and groups per split, plus what curation did."""
     report: dict = {"splits": {}, "labels": splits.labels, "warnings": splits.warnings}
+    if splits.sources is not None:
+        report["sources"] = splits.sources
     for name, rows in splits.by_name().items():
         report["splits"][name] = split_profile(rows, splits.labels is not None)
     if splits.curation is not None:

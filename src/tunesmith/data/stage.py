@@ -11,6 +11,7 @@ from tunesmith import fsio
 from tunesmith.config import Project
 from tunesmith.data.examples import Example, raise_for_problems
 from tunesmith.data.prepare import Splits, check_data, data_report, prepare_data, save_splits
+from tunesmith.data.sources import describe, input_paths
 from tunesmith.errors import InputError
 
 # A text this many characters per token of task.max_length is almost surely truncated.
@@ -177,7 +178,7 @@ def is_data_output(folder: Path) -> bool:
 def _input_files(project: Project) -> set[Path]:
     """The files the project reads (config, data files, benchmark suites), symlinks resolved."""
     paths = [project.source] if project.source else []
-    paths += [p for p in (project.data.train, project.data.validation, project.data.test) if isinstance(p, Path)]
+    paths += input_paths(project)
     paths += [suite.data for suite in project.benchmarks]
     return {Path(project.base_dir, p).resolve() for p in paths}
 
@@ -195,4 +196,4 @@ def _write(splits: Splits, out: Path) -> None:
 
 
 def _file(project: Project, role: str) -> str:
-    return str(getattr(project.data, role))
+    return describe(project, role)

@@ -148,10 +148,12 @@ def _derive_challenger(project: Project, champion: Path, assembly: Assembly, inp
     write_rows(inputs / "test.jsonl", _split(champion, "test"), project)
     write_rows(inputs / "traffic_test.jsonl", assembly.traffic_test, project)
     # One request log for the lineage: a server swapped to the challenger keeps writing where this retrain read.
-    updates: dict = {"data.train": inputs / "train.jsonl", "data.test": inputs / "test.jsonl",
+    # The files are written in the task's own field names, so data.columns (the champion's sources') is dropped.
+    updates: dict = {"data.train": inputs / "train.jsonl", "data.test": inputs / "test.jsonl", "data.columns": {},
                      "serve.request_log.path": Path(db).resolve()}
-    # The champion's own validation rows when it validated on a file; rows carved before repeating traffic.
-    validation = _split(champion, "validation") if isinstance(project.data.validation, Path) else assembly.validation
+    # The champion's own validation rows when it validated on given sources; rows carved before repeating traffic.
+    validation = (_split(champion, "validation") if not isinstance(project.data.validation, float)
+                  else assembly.validation)
     if validation is not None:
         write_rows(inputs / "validation.jsonl", validation, project)
         updates["data.validation"] = inputs / "validation.jsonl"
