@@ -363,22 +363,28 @@ def select_command(config: Path = typer.Argument(..., help="project.yaml"),
 
 
 @app.command("serve")
-def serve_command(target: Optional[Path] = typer.Argument(None, help="a run directory, or a model name / checkpoint "
-                                                                      "(or --registry NAME instead)"),
+def serve_command(targets: Optional[list[Path]] = typer.Argument(None, help="a run directory, or a model name / "
+                                                                             "checkpoint (or --registry NAME instead)"),
                   host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (0.0.0.0: every one)."),
                   port: int = typer.Option(8000, "--port"),
                   variant: Optional[str] = typer.Option(None, "--variant",
                                                         help="Variant to serve (default: the one optimize selected)."),
                   api_keys_file: Optional[Path] = typer.Option(None, "--api-keys-file",
                                                                help="One API key per line (also TUNESMITH_API_KEYS)."),
-                  engine: str = typer.Option("builtin", "--engine",
-                                             help="builtin, or vllm (vLLM runs the model, tunesmith the sidecar)."),
+                  engine: Optional[str] = typer.Option(None, "--engine", help="builtin (the default), or vllm "
+                                                       "(vLLM runs the model, tunesmith the sidecar)."),
                   upstream: Optional[str] = typer.Option(None, "--upstream",
                                                          help="With --engine vllm: URL of a running OpenAI-compatible "
                                                               "server to front instead of starting vLLM."),
                   upstream_api_key_env: Optional[str] = typer.Option(
                       None, "--upstream-api-key-env", help="With --upstream: environment variable holding the key "
                                                            "the upstream server expects (sent as Bearer)."),
+                  upstream_model: Optional[str] = typer.Option(None, "--upstream-model", help="With --upstream: "
+                                                               "the model name to request (default: the run's name)."),
+                  lora: bool = typer.Option(False, "--lora", help="With --engine vllm: load the run's LoRA adapter "
+                                                                  "on its base even where whole weights exist."),
+                  print_vllm_command: bool = typer.Option(False, "--print-vllm-command", help="Print one vLLM command "
+                                                          "serving the LoRA adapters of the runs given (one base)."),
                   insecure_no_auth: bool = typer.Option(
                       False, "--insecure-no-auth", help="Serve without API keys on a non-loopback --host "
                                                         "(refused otherwise)."),
@@ -390,12 +396,17 @@ def serve_command(target: Optional[Path] = typer.Argument(None, help="a run dire
     """Serve a model over HTTP: OpenAI-compatible completions and chat, /v1/classify, /metrics."""
     def go() -> int:
         from tunesmith.errors import InputError
-        from tunesmith.serve.server import serve
+        from tunesmith.serve.server import one_target, print_shared_vllm_command, serve
 
-        if engine not in ("builtin", "vllm"):
+        if print_vllm_command:  # the options it does not use are refused, not ignored
+            return print_shared_vllm_command(targets or [], host, port, {
+                "--engine": engine, "--lora": lora, "--upstream": upstream, "--upstream-model": upstream_model,
+                "--upstream-api-key-env": upstream_api_key_env, "--variant": variant, "--registry": registry,
+                "--api-keys-file": api_keys_file, "--insecure-no-auth": insecure_no_auth})
+        if engine not in (None, "builtin", "vllm"):
             raise InputError(f"unknown engine '{engine}'", "--engine", "use builtin or vllm")
-        serve(target, host, port, variant, api_keys_file, engine, upstream, insecure_no_auth, upstream_api_key_env,
-              registry)
+        serve(one_target(targets), host, port, variant, api_keys_file, engine or "builtin", upstream,
+              insecure_no_auth, upstream_api_key_env, registry, lora, upstream_model)
         return 0
     _guarded(debug, go)
 

@@ -29,13 +29,24 @@ import httpx
 from tunesmith import fsio
 from tunesmith.config import GenerationSettings
 from tunesmith.data.examples import Example
-from tunesmith.errors import EngineError
+from tunesmith.errors import EngineError, RunDirError
 from tunesmith.serve.service import Completion, TokenPrompt, prompt_ids, request_example
 from tunesmith.tasks.prompts import PromptFormat
 
 TIMEOUT = httpx.Timeout(300.0, connect=5.0)
 HEALTH_PATH = "/v1/models"  # answered by vLLM, llama.cpp, TGI and tunesmith's own server once loaded
 STOP_GRACE_S = 30.0  # how long a started engine may take to shut down before it is killed
+# The values vLLM's `--max-lora-rank` accepts (vllm/config/lora.py MaxLoRARanks, v0.14: also 1; releases
+# before it stop at 256), smallest first: the command asks for the smallest one that holds the adapter.
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+# adapter_config.json fields vLLM's loader refuses or ignores (PEFTHelper reads one r and one alpha).
+LORA_UNSUPPORTED = (("use_dora", "DoRA (use_dora)"), ("modules_to_save", "modules trained whole (modules_to_save)"),
+                    ("bias", "trained biases (bias)"), ("rank_pattern", "per-module ranks (rank_pattern)"),
+                    ("alpha_pattern", "per-module alphas (alpha_pattern)"),
+                    ("trainable_token_indices", "trained token embeddings (trainable_token_indices)"),
+                    ("layer_replication", "replicated layers (layer_replication)"))
+EMBEDDING_MODULES = frozenset({"embed_tokens", "lm_head", "wte", "word_embeddings", "embed_in", "embed_out"})
+MERGED = "serve whole weights instead: `tunesmith optimize RUN_DIR --variants merged`"
 
 
 class RemoteService:
@@ -50,7 +61,9 @@ class RemoteService:
     threads = 8  # streams relayed at once; batches of requests go upstream together (see complete)
 
     def __init__(self, name: str, run_dir: Path | None, model_dir: Path, upstream: str, parallel: int = 16,
-                 api_key: str | None = None):
+                 api_key: str | None = None, model: str | None = None):
+        """`model`: the name to request upstream (a LoRA module's name on a vLLM serving several); it must
+        be listed on the upstream's /v1/models (ModelNotListed otherwise). None: the first one listed."""
         from tunesmith.models.load import load_tokenizer
 
         started = time.perf_counter()
@@ -59,7 +72,7 @@ class RemoteService:
         self.tokenizer = load_tokenizer(model_dir)  # the chat template only: no weights in this process
         self.fmt = PromptFormat.from_json(fsio.read_json(model_dir / "prompt.json"))
         self.client = httpx.Client(base_url=self.upstream, timeout=TIMEOUT, headers=_auth(api_key))
-        self.served_name = upstream_model(self.client)
+        self.served_name = upstream_model(self.client, model)
         self.pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="upstream")
         self.load_seconds = time.perf_counter() - started
 
@@ -171,8 +184,14 @@ def _status_message(status: int) -> str:
     return f"upstream answered {status}{hint}"
 
 
-def upstream_model(client: httpx.Client) -> str:
-    """The name the upstream serves its model under (the first of /v1/models)."""
+class ModelNotListed(EngineError):
+    """The upstream answers /v1/models, but not with the name the sidecar was told to request."""
+
+
+def upstream_model(client: httpx.Client, want: str | None = None) -> str:
+    """The name to send as `model` upstream: `want`, checked against the upstream's /v1/models (a vLLM
+    serving LoRA adapters lists its base first, so "the first one" would silently answer without the
+    adapter), or the first one listed when `want` is None."""
     try:
         r = client.get(HEALTH_PATH)
     except httpx.HTTPError as e:
@@ -180,12 +199,19 @@ def upstream_model(client: httpx.Client) -> str:
     if r.status_code != 200:
         raise EngineError(f"the upstream at {client.base_url}: {HEALTH_PATH} {_status_message(r.status_code)}")
     try:
-        name = r.json()["data"][0]["id"]
-    except (ValueError, KeyError, IndexError, TypeError):
-        name = None
-    if not isinstance(name, str) or not name:
+        names = [entry["id"] for entry in r.json()["data"]]
+    except (ValueError, KeyError, TypeError):
+        names = []
+    names = [name for name in names if isinstance(name, str) and name]
+    if not names:
         raise EngineError(f"the upstream at {client.base_url} lists no model on {HEALTH_PATH}")
-    return name
+    if want is None:
+        return names[0]
+    if want not in names:
+        shown = ", ".join(repr(name) for name in names[:20]) + (", ..." if len(names) > 20 else "")
+        raise ModelNotListed(f"the upstream at {client.base_url} does not serve '{want}' (its {HEALTH_PATH} lists "
+                             f"{shown})")
+    return want
 
 
 def wait_ready(url: str, timeout: float = 900.0, process: subprocess.Popen | None = None,
@@ -211,6 +237,81 @@ def vllm_command(model: Path, port: int, served_name: str) -> list[str]:
     """vLLM's OpenAI-compatible server on loopback: only the sidecar talks to it."""
     return ["vllm", "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
             "--served-model-name", served_name, "--generation-config", "vllm"]
+
+
+def lora_rank_bound(rank: int) -> int:
+    """The smallest `--max-lora-rank` vLLM accepts that holds an adapter of rank `rank`."""
+    for bound in LORA_RANKS:
+        if rank <= bound:
+            return bound
+    raise ValueError(f"LoRA rank {rank} is above vLLM's largest ({LORA_RANKS[-1]})")
+
+
+def vllm_lora_command(base: Path, port: int, adapters: dict[str, Path], rank: int,
+                      host: str = "127.0.0.1") -> list[str]:
+    """vLLM serving `base` with LoRA adapters, each requested by its name (`model` = the name), all of
+    them allowed in one batch (`--max-loras`), the slots sized for the largest rank among them."""
+    modules = [lora_module_arg(name, path) for name, path in adapters.items()]
+    return ["vllm", "serve", str(base), "--host", host, "--port", str(port), "--enable-lora",
+            "--max-loras", str(len(adapters)), "--max-lora-rank", str(lora_rank_bound(rank)),
+            "--lora-modules", *modules, "--generation-config", "vllm"]
+
+
+def lora_module_arg(name: str, path: Path) -> str:
+    """One `--lora-modules` item, in vLLM's JSON form (the fields of its LoRAModulePath: name, path).
+    Never `NAME=PATH`: vLLM splits an item holding '=' and no ',' on every '=', and parses any other
+    as JSON, so a path like `runs/lr=1e-4/` or one with a ',' would stop vLLM from starting. The JSON
+    object holds a ',' between its two fields, so vLLM always parses it as JSON, whatever the path."""
+    return json.dumps({"name": name, "path": str(path)})
+
+
+def lora_adapter_rank(adapter_dir: Path, merged: str = MERGED) -> int:
+    """The rank of the PEFT adapter in `adapter_dir`, after checking vLLM can load it as a LoRA module
+    and compute what PEFT computes (vllm/lora/peft_helper.py refuses DoRA, modules_to_save and biases;
+    it reads one rank and alpha, so per-module patterns would be silently wrong). `merged`: the hint
+    for what vLLM cannot serve as an adapter (how to serve whole weights with the command given).
+
+    Raises:
+        RunDirError: naming adapter_config.json (or the weights file) and what vLLM cannot serve.
+    """
+    where = str(adapter_dir / "adapter_config.json")
+    try:
+        cfg = fsio.read_json(adapter_dir / "adapter_config.json")
+    except (OSError, ValueError):
+        raise RunDirError("no readable LoRA adapter config", where,
+                          "give a run trained with train.method: lora") from None
+    kind = cfg.get("peft_type") if isinstance(cfg, dict) else None
+    if kind != "LORA":
+        hint = merged if kind == "IA3" else "serve it with the built-in engine (`tunesmith serve RUN_DIR`)"
+        raise RunDirError(f"vLLM serves LoRA adapters only, and this one is {kind}", where, hint)
+    unsupported = [text for key, text in LORA_UNSUPPORTED if cfg.get(key) not in (None, False, {}, [], "none")]
+    if unsupported:
+        raise RunDirError(f"vLLM cannot serve this LoRA adapter as trained: it has {', '.join(unsupported)}",
+                          where, merged)
+    rank = cfg.get("r")
+    if type(rank) is not int or not 1 <= rank <= LORA_RANKS[-1]:
+        raise RunDirError(f"LoRA rank r={rank!r} is not one vLLM serves (1 to {LORA_RANKS[-1]})", where, merged)
+    _check_lora_weights(adapter_dir / "adapter_model.safetensors", merged)
+    return rank
+
+
+def _check_lora_weights(weights: Path, hint: str) -> None:
+    """Only LoRA A/B matrices, none on the embeddings or the output head: PEFT also saves resized
+    embeddings here, which vLLM does not load (it serves every adapter on the base's vocabulary)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="numpy") as f:
+            keys = list(f.keys())
+    except (OSError, ValueError, RuntimeError) as e:
+        raise RunDirError(f"cannot read the adapter's weights ({type(e).__name__})", str(weights), hint) from None
+    for key in keys:
+        module, _, tail = key.rpartition(".lora_")
+        if tail not in ("A.weight", "B.weight"):
+            raise RunDirError(f"the adapter holds weights vLLM does not load as LoRA ('{key}')", str(weights), hint)
+        if module.rsplit(".", 1)[-1] in EMBEDDING_MODULES:
+            raise RunDirError(f"the adapter trains the embeddings or the output head ('{key}'), which vLLM does "
+                              "not serve as a LoRA module", str(weights), hint)
 
 
 def start_engine(command: list[str], api_key: str) -> subprocess.Popen:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import math
 import os
+import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -16,8 +18,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from tunesmith import fsio
 from tunesmith.config import ServeConfig, derive, load_config
 from tunesmith.errors import EngineError, InputError, RunDirError
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # a run's name, as config.yaml allows it
 
 
 def serve_settings(target: Path) -> tuple[ServeConfig, Path | None]:
@@ -42,21 +47,25 @@ class Listener:
 
 def serve(target: Path | None, host: str = "127.0.0.1", port: int = 8000, variant: str | None = None,
           keys_file: Path | None = None, engine: str = "builtin", upstream: str | None = None,
-          insecure_no_auth: bool = False, upstream_key_env: str | None = None, registry: str | None = None) -> None:
+          insecure_no_auth: bool = False, upstream_key_env: str | None = None, registry: str | None = None,
+          lora: bool = False, upstream_model: str | None = None) -> None:
     """Load the model (or reach the engine that has it) and serve it until interrupted.
 
     Every input is checked before anything slow starts: keys (`keys_file`, TUNESMITH_API_KEYS),
     an open server only on loopback unless `insecure_no_auth`, the port, the upstream's key.
     With `registry` in place of `target`, the run promoted under that name is served, and the server
     follows the champion registry: a run promoted (or rolled back to) later is swapped in without
-    dropping a request (see serve/swap.py).
+    dropping a request (see serve/swap.py). With `engine` "vllm", `lora` makes the vLLM started here load
+    the run's LoRA adapter on its base even where whole weights exist (see `vllm_model`), and
+    `upstream_model` is the name requested from an `upstream` serving several models.
     """
     from tunesmith.serve.auth import load_keys
     from tunesmith.serve.service import load_service
 
     _check_target(target, registry, engine)
     if engine != "vllm":
-        for value, flag in ((upstream, "--upstream"), (upstream_key_env, "--upstream-api-key-env")):
+        for value, flag in ((upstream, "--upstream"), (upstream_key_env, "--upstream-api-key-env"),
+                            (upstream_model, "--upstream-model"), (lora or None, "--lora")):
             if value is not None:
                 raise InputError(f"{flag} goes with --engine vllm", flag)
     if registry is not None:
@@ -64,11 +73,12 @@ def serve(target: Path | None, host: str = "127.0.0.1", port: int = 8000, varian
     keys = load_keys(keys_file)
     check_open(host, keys, insecure_no_auth)
     if engine == "vllm":
-        run_dir, upstream_key = Path(target), _sidecar_checks(Path(target), upstream, upstream_key_env)
+        run_dir = Path(target)
+        upstream_key, plan = _sidecar_checks(run_dir, upstream, upstream_key_env, lora, upstream_model)
     listener = bind_listener(host, port)
     try:
         if engine == "vllm":
-            return _sidecar(run_dir, listener, keys, upstream, upstream_key)
+            return _sidecar(run_dir, listener, keys, upstream, upstream_key, plan, upstream_model)
         _run_app(load_service(target, variant), target, listener, keys, registry, variant)
     finally:
         listener.sock.close()
@@ -221,23 +231,28 @@ def _monitors_follow(app_state):
     return follow
 
 
-def _sidecar_checks(run_dir: Path, upstream: str | None, upstream_key_env: str | None) -> str | None:
+def _sidecar_checks(run_dir: Path, upstream: str | None, upstream_key_env: str | None, lora: bool = False,
+                    upstream_model: str | None = None) -> tuple[str | None, VllmModel | None]:
     """What `--engine vllm` needs, checked before the port is bound: a run directory, and either
-    vLLM and whole weights, or a running upstream (and its key). Returns the upstream's key."""
+    vLLM and weights it can load, or a running upstream (and its key). Returns the upstream's key, and
+    what a vLLM started here loads (None with `upstream`)."""
     if not (run_dir / "model" / "tunesmith.json").is_file():
         raise RunDirError("the vLLM engine serves a run directory", str(run_dir),
                           "give a folder made by `tunesmith run`")
     if upstream is not None:
-        return upstream_api_key(upstream_key_env)
-    if upstream_key_env is not None:
-        raise InputError("--upstream-api-key-env goes with --upstream (a vLLM started here gets a fresh random key)",
-                         "--upstream-api-key-env")
+        if lora:
+            raise InputError("--lora chooses what a vLLM started here loads; a running --upstream has its own "
+                             "models", "--lora", "name the upstream's LoRA module with --upstream-model NAME")
+        return upstream_api_key(upstream_key_env), None
+    for value, flag, why in ((upstream_key_env, "--upstream-api-key-env", "a vLLM started here gets a fresh key"),
+                             (upstream_model, "--upstream-model", "a vLLM started here serves the run by its name")):
+        if value is not None:
+            raise InputError(f"{flag} goes with --upstream ({why})", flag)
     if shutil.which("vllm") is None:
         raise InputError("vLLM is not installed", "--engine vllm",
                          "pip install vllm on a machine with a supported GPU, pass --upstream URL of a running "
                          "one, or use the built-in server")
-    vllm_model_dir(run_dir)
-    return None
+    return None, vllm_model(run_dir, lora)
 
 
 def upstream_api_key(env_name: str | None, environ: dict | None = None) -> str | None:
@@ -253,19 +268,27 @@ def upstream_api_key(env_name: str | None, environ: dict | None = None) -> str |
 
 
 def _sidecar(run_dir: Path, listener: Listener, keys: list[str], upstream: str | None,
-             upstream_key: str | None) -> None:
+             upstream_key: str | None, plan: VllmModel | None = None, upstream_model: str | None = None) -> None:
     """vLLM's OpenAI-compatible server on a loopback port (started here unless `upstream` names a
     running one), with tunesmith in front: keys, limits, request log, metrics and drift. A vLLM
-    started here is stopped whenever this function leaves, SIGTERM included."""
-    from tunesmith.serve.remote import RemoteService, stop_engine
+    started here is stopped whenever this function leaves, SIGTERM included. The sidecar requests
+    `upstream_model` (default: the run's name), and refuses to start unless the upstream lists it."""
+    from tunesmith.serve.remote import ModelNotListed, RemoteService, stop_engine
 
-    name = load_config(run_dir / "config.yaml", check_files=False).name
+    name = run_name(run_dir)
     process, previous = None, _exit_on_sigterm()
     try:
         if upstream is None:
-            upstream, upstream_key, process = _start_vllm(run_dir, name)
+            upstream, upstream_key, process = _start_vllm(plan or vllm_model(run_dir))
         _wait_upstream(upstream, upstream_key, process)
-        remote = RemoteService(name, run_dir, run_dir / "model", upstream, api_key=upstream_key)
+        try:
+            remote = RemoteService(name, run_dir, run_dir / "model", upstream, api_key=upstream_key,
+                                   model=upstream_model or name)
+        except ModelNotListed as e:
+            if process is not None:
+                raise
+            raise InputError(e.what, "--upstream-model", "pass the name it serves this run's model under "
+                             "(for vLLM, the name of its --lora-modules entry for RUN_DIR/model)") from None
         _run_app(remote, run_dir, listener, keys)
     finally:
         if process is not None:
@@ -297,16 +320,23 @@ def _wait_upstream(upstream: str, key: str | None, process) -> None:
         raise
 
 
-def _start_vllm(run_dir: Path, name: str):
+def _start_vllm(plan: VllmModel):
     """(url, key, process): vLLM on a free loopback port, requiring a fresh random key that only
     this process knows (passed in vLLM's environment, not its argv, which `ps` shows everyone)."""
-    from tunesmith.serve.remote import start_engine, vllm_command
+    from tunesmith.serve.remote import start_engine, vllm_command, vllm_lora_command
 
-    model = vllm_model_dir(run_dir)
     port, key = free_port(), secrets.token_urlsafe(32)
-    command = vllm_command(model, port, name)
-    print(f"starting vLLM on 127.0.0.1:{port} (API key required): {' '.join(command)}", file=sys.stderr)
+    if plan.adapter is None:
+        command = vllm_command(plan.model, port, plan.name)
+    else:
+        command = vllm_lora_command(plan.model, port, {plan.name: plan.adapter}, plan.rank)
+    print(f"starting vLLM on 127.0.0.1:{port} (API key required): {shlex.join(command)}", file=sys.stderr)
     return f"http://127.0.0.1:{port}", key, start_engine(command, key)
+
+
+def run_name(run_dir: Path) -> str:
+    """The run's project name: what its server calls its model, and its LoRA module's default name."""
+    return load_config(Path(run_dir) / "config.yaml", check_files=False).name
 
 
 def vllm_model_dir(run_dir: Path) -> Path:
@@ -316,6 +346,166 @@ def vllm_model_dir(run_dir: Path) -> Path:
                 and not (model / "adapter_config.json").is_file():
             return model
     raise RunDirError("vLLM needs whole weights: run `tunesmith optimize RUN_DIR --variants merged`", str(run_dir))
+
+
+@dataclass(frozen=True)
+class VllmModel:
+    """What vLLM loads for one run: whole weights (`adapter` None), or the base checkpoint `model` with
+    the run's LoRA adapter, requested under `name` (the sidecar's `model` field)."""
+
+    name: str
+    model: Path
+    adapter: Path | None = None
+    rank: int = 0
+
+
+def vllm_model(run_dir: Path, lora: bool = False, name: str | None = None, shared: bool = False) -> VllmModel:
+    """Whole weights where the run has them (the merged variant, or a full fine-tune: no LoRA kernels,
+    the fastest vLLM runs them), else, or with `lora` or `shared`, the run's LoRA adapter on its base,
+    so that the fine-tunes of one base can share one vLLM server. `lora`: `serve --lora` asked for the
+    adapter; `shared`: `serve --print-vllm-command` did (the errors' hints name the command's options).
+
+    Raises:
+        RunDirError: no whole weights and no adapter vLLM can serve (naming what it cannot).
+    """
+    run_dir, name = Path(run_dir), name or run_name(run_dir)
+    lora = lora or shared
+    if not lora:
+        try:
+            return VllmModel(name, vllm_model_dir(run_dir))
+        except RunDirError:
+            if not (run_dir / "model" / "adapter_config.json").is_file():
+                raise
+    from tunesmith.serve.remote import MERGED, lora_adapter_rank
+
+    adapter = (run_dir / "model").resolve()
+    meta = fsio.read_json(adapter / "tunesmith.json")
+    alone = "serve it on its own vLLM (`tunesmith serve RUN_DIR --engine vllm`), not in --print-vllm-command"
+    if meta.get("kind") != "adapter" or not (adapter / "adapter_config.json").is_file():
+        whole = f"{alone}: it loads the run's whole weights" if shared else "drop --lora: vLLM serves its whole weights"
+        raise RunDirError(f"a {meta.get('method')} run has no LoRA adapter to serve", str(adapter / "tunesmith.json"),
+                          whole)
+    # How to serve whole weights instead, in the terms of the command given.
+    merged = f"{MERGED}, then {alone}" if shared else MERGED + (" (and drop --lora)" if lora else "")
+    rank = lora_adapter_rank(adapter, merged)
+    return VllmModel(name, lora_base(adapter, meta, merged), adapter, rank)
+
+
+def lora_base(model_dir: Path, meta: dict, hint: str) -> Path:
+    """The checkpoint folder the run's adapter was trained on, as the built-in engine finds it (the
+    folder recorded in tunesmith.json, else its model name resolved again: the default model's GGUF
+    is converted into tunesmith's cache once), checked to be one vLLM loads (`hint` if it is not)."""
+    from tunesmith.models.resolve import resolve_model
+
+    if meta.get("base_in_model_dir"):  # train.init_from: the earlier run, merged, travels in the model folder
+        base = model_dir / meta["base_in_model_dir"]
+    else:
+        base = Path(meta["base_model_path"])
+        if not (base / "config.json").is_file():
+            base = resolve_model(meta["model"])
+    if not (base / "config.json").is_file() or not any(base.glob("*.safetensors")):
+        raise RunDirError(f"the base model {base} is not a checkpoint folder vLLM loads (config.json and "
+                          "safetensors weights)", str(model_dir / "tunesmith.json"), hint)
+    return base.resolve()
+
+
+@dataclass(frozen=True)
+class SharedVllm:
+    """One vLLM command serving several runs' adapters on their common base, and one sidecar command
+    per run (each fronting its own adapter by name)."""
+
+    command: list[str]
+    sidecars: list[str]
+
+
+def shared_vllm_command(targets: list[str], host: str = "127.0.0.1", port: int = 8000) -> SharedVllm:
+    """The `vllm serve BASE --enable-lora --lora-modules ...` command for several runs (`RUN_DIR` or
+    `NAME=RUN_DIR`; NAME defaults to the run's name) and their sidecars.
+
+    Raises:
+        InputError: no runs, the runs do not share one base checkpoint, or two share a name.
+        RunDirError: a run vLLM cannot serve as a LoRA adapter.
+    """
+    from tunesmith.serve.remote import vllm_lora_command
+
+    if not targets:
+        raise InputError("no runs to serve", "RUN_DIR", "give the run directories whose adapters share a base")
+    plans = [(run, vllm_model(run, name=name, shared=True)) for run, name in map(_named_run, targets)]
+    bases = {plan.model for _, plan in plans}
+    if len(bases) > 1:
+        each = "; ".join(f"{run}: {plan.model}" for run, plan in plans)
+        raise InputError(f"the runs do not share one base model ({each})", "RUN_DIR",
+                         "one vLLM server serves the adapters of one base: print one command per base")
+    names = [plan.name for _, plan in plans]
+    if len(set(names)) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise InputError(f"two runs are named {', '.join(twice)}", "RUN_DIR", "name them: NAME=RUN_DIR")
+    command = vllm_lora_command(bases.pop(), port, {p.name: p.adapter for _, p in plans},
+                                max(p.rank for _, p in plans), host)
+    url = f"http://{_client_host(host)}:{port}"
+    sidecars = [shlex.join(["tunesmith", "serve", str(run), "--engine", "vllm", "--upstream", url,
+                            "--upstream-api-key-env", "VLLM_API_KEY", "--upstream-model", plan.name,
+                            "--port", str(port + 1 + i)]) for i, (run, plan) in enumerate(plans)]
+    return SharedVllm(command, sidecars)
+
+
+def print_shared_vllm_command(targets: list, host: str = "127.0.0.1", port: int = 8000,
+                              options: dict | None = None) -> int:
+    """`serve --print-vllm-command RUN...`: the shared vLLM command on stdout (one line, for scripts);
+    how to set its key and the sidecar commands on stderr. Returns the exit code.
+
+    `options`: the other `serve` options as given (flag: value; None or False where not given). It
+    prints a command for --host and --port only, so any other is refused rather than silently ignored.
+
+    Raises:
+        InputError: an option that does not go with --print-vllm-command (named), or what
+            `shared_vllm_command` refuses.
+    """
+    from tunesmith.serve.hosts import is_loopback
+
+    for flag, value in (options or {}).items():
+        if value not in (None, False):
+            raise InputError(f"{flag} does not go with --print-vllm-command", flag,
+                             "it takes run directories (or NAME=RUN_DIR), --host and --port only")
+    shared = shared_vllm_command([str(t) for t in targets], host, port)
+    if not is_loopback(host):  # the user asked for it; say what the key does not cover
+        print(f"# note: --host {host} exposes vLLM beyond this machine; its key guards the /v1 routes only",
+              file=sys.stderr)
+    print("# the key stays out of argv: vLLM reads it from VLLM_API_KEY, the sidecars from --upstream-api-key-env\n"
+          "export VLLM_API_KEY=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')", file=sys.stderr)
+    print(shlex.join(shared.command))
+    print("# then one sidecar per run (add TUNESMITH_API_KEYS or --api-keys-file for its clients):\n"
+          + "\n".join(shared.sidecars), file=sys.stderr)
+    return 0
+
+
+def one_target(targets: list | None) -> Path | None:
+    """The one TARGET `serve` takes (several go with --print-vllm-command)."""
+    if targets and len(targets) > 1:
+        raise InputError(f"serve takes one TARGET, not {len(targets)}", "TARGET",
+                         "serve each run on its own port; --print-vllm-command takes several")
+    return Path(targets[0]) if targets else None
+
+
+def _named_run(target: str) -> tuple[Path, str | None]:
+    """(run directory, the name given with NAME=RUN_DIR or None); checked to be a run."""
+    target = str(target)
+    name, sep, rest = target.partition("=")
+    named = sep and not Path(target).exists()
+    run = Path(rest if named else target)
+    if named and not NAME.fullmatch(name):
+        raise InputError(f"bad adapter name '{name}' (letters, digits, '.', '_', '-')", target)
+    if not (run / "model" / "tunesmith.json").is_file():
+        raise RunDirError("not a trained run directory (no model/tunesmith.json)", str(run),
+                          "give folders made by `tunesmith run`")
+    return run, name if named else None
+
+
+def _client_host(host: str) -> str:
+    """The address a sidecar on this machine reaches a server bound to `host` at."""
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
 
 
 def free_port() -> int:
