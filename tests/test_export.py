@@ -4,6 +4,7 @@ bad --out / --format are refused untouched (exit 2); a disagreeing export leaves
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -54,8 +55,11 @@ def test_export_json_and_eos(run, exported):
 
     record = json.loads((exported / "export.json").read_text())
     assert set(record) == {"format", "path", "files", "size_mb", "reader", "agreement", "metric", "metric_export",
-                           "metric_run", "delta", "n", "load_seconds"}
-    assert record["format"] == "hf" and record["path"] == str(exported)
+                           "metric_run", "delta", "n", "load_seconds", "quant", "token_mismatches", "min_agreement",
+                           "modelfile"}
+    assert record["modelfile"] is None  # the Modelfile check is --format ollama's
+    assert record["format"] == "hf" and record["path"] == str(exported) and record["quant"] is None
+    assert record["min_agreement"] == 0.98
     assert record["agreement"] == 1.0 and record["delta"] == 0.0 and record["n"] == 9
     assert record["metric"] == "accuracy" and record["reader"].startswith("transformers ")
     assert set(record["files"]) == {p.name for p in exported.iterdir()}
@@ -64,6 +68,9 @@ def test_export_json_and_eos(run, exported):
     expected = stop_ids(AutoTokenizer.from_pretrained(str(run / "model")))
     assert (eos if isinstance(eos, list) else [eos]) == expected
     assert not list(exported.parent.glob(".hf.export-*"))  # no staging folder left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert exported.stat().st_mode & 0o777 == 0o777 & ~umask  # as mkdir makes it (not mkdtemp's 0700)
 
 
 def test_existing_out_and_unknown_format_are_refused(run, tmp_path):
@@ -75,7 +82,7 @@ def test_existing_out_and_unknown_format_are_refused(run, tmp_path):
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
     result = runner.invoke(cli, ["export", str(run), "--format", "onnx", "--out", str(tmp_path / "new")])
     assert result.exit_code == 2 and "unknown export format 'onnx'" in result.output
-    assert "supported: hf" in result.output
+    assert "supported: hf, gguf" in result.output
     assert not (tmp_path / "new").exists()
     result = runner.invoke(cli, ["export", str(tmp_path), "--out", str(tmp_path / "new")])
     assert result.exit_code == 2 and "not an evaluated run directory" in result.output
@@ -86,14 +93,35 @@ def test_disagreeing_export_fails_and_leaves_nothing(run, tmp_path, monkeypatch)
 
     def corrupted(folder, project, fmt, test):
         """The real read-back, then its first prediction replaced by another label (a broken export)."""
-        texts, seconds = original(folder, project, fmt, test)
+        back = original(folder, project, fmt, test)
         assert (folder / "model.safetensors").is_file()  # it ran on the staged folder
-        texts[0] = next(label for label in fmt.labels if label != texts[0])
-        return texts, seconds
+        back.texts[0] = next(label for label in fmt.labels if label != back.texts[0])
+        return back
 
     monkeypatch.setattr(export_module, "read_back", corrupted)
     out = tmp_path / "hf"
     result = runner.invoke(cli, ["export", str(run), "--out", str(out), "--min-agreement", "1.0"])
     assert result.exit_code == 1, result.output
-    assert result.output.strip().startswith("error: the exported model agrees with the run's predictions on")
+    assert result.output.strip().startswith("error: the exported model (hf, read back by transformers")
+    assert "on 0.8889 of 9 test rows (below the minimum agreement 1.0)" in result.output
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_staging_never_reuses_an_existing_folder(tmp_path):
+    """A folder named like an old staging folder (this process's id) is someone's: it is kept as it was."""
+    decoy = tmp_path / f".new.export-{os.getpid()}"
+    decoy.mkdir()
+    (decoy / "keep.txt").write_text("mine")
+    result = runner.invoke(cli, ["export", str(tmp_path / "not-a-run"), "--out", str(tmp_path / "new")])
+    assert result.exit_code == 2 and "not an evaluated run directory" in result.output
+    assert (decoy / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [decoy.name]  # the failed export's staging is gone
+
+
+def test_out_in_a_missing_folder_is_refused_and_nothing_is_created(run, tmp_path):
+    out = tmp_path / "missing" / "sub" / "hf"
+    result = runner.invoke(cli, ["export", str(run), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == (f"error: --out's parent folder does not exist, {out.parent}, create it first, "
+                                     "or give --out inside an existing folder")
+    assert list(tmp_path.iterdir()) == []

@@ -154,21 +154,29 @@ def optimize(run_dir: Path = typer.Argument(..., help="an evaluated run director
 
 @app.command("export")
 def export_command(run_dir: Path = typer.Argument(..., help="an evaluated run directory"),
-                   fmt: str = typer.Option("hf", "--format", help="Export format (supported: hf)."),
+                   fmt: str = typer.Option("hf", "--format", help="hf, gguf or ollama (GGUF + Modelfile)."),
                    out: Path = typer.Option(..., "--out", help="Folder to create (new or empty)."),
-                   min_agreement: float = typer.Option(0.98, "--min-agreement", help="Least share of test "
-                                                       "predictions the read-back export must share with the run."),
+                   quant: Optional[str] = typer.Option(None, "--quant", help="GGUF type: f16, q8_0 (default), "
+                                                       "q4_K_M (needs llama-cpp-python)."),
+                   min_agreement: Optional[float] = typer.Option(
+                       None, "--min-agreement", help="Least share of test predictions the read-back export must "
+                       "share with the run (default: the run's export.min_agreement, else 0.98; q4_K_M 0.90)."),
                    debug: bool = DEBUG) -> None:
-    """Export the run's model (merged weights, tokenizer, generation config, card), verified by reading it back."""
+    """Export the run's model (hf folder, gguf file, ollama GGUF + Modelfile), verified by reading it back."""
     def go() -> int:
-        from tunesmith.errors import InputError
-        from tunesmith.optimize.export import FORMATS, export_hf
+        from tunesmith.optimize.export import export
 
-        if fmt not in FORMATS:
-            raise InputError(f"unknown export format '{fmt}'", "--format", f"supported: {', '.join(FORMATS)}")
-        r = export_hf(run_dir, out, min_agreement)
-        print(f"{r.format}: agreement {r.agreement:.4f} on {r.n} test rows, {r.metric} {r.metric_export} "
-              f"(run {r.metric_run}, delta {r.delta}), {r.size_mb} MB, read back by {r.reader}\nexport: {r.path}")
+        r = export(run_dir, out, fmt, quant, min_agreement)
+        kind = r.format if r.quant is None else f"{r.format} {r.quant}"
+        tokens = "" if r.token_mismatches is None else f", {r.token_mismatches} prompts tokenized differently"
+        print(f"{kind}: agreement {r.agreement:.4f} on {r.n} test rows (minimum {r.min_agreement}), {r.metric} "
+              f"{r.metric_export} (run {r.metric_run}, delta {r.delta}), {r.size_mb} MB, loaded in "
+              f"{r.load_seconds:.2f} s, read back by {r.reader}{tokens}")
+        if r.modelfile:
+            m = r.modelfile
+            print(f"Modelfile: TEMPLATE gives the run's prompt on {m['rows'] - m['mismatches'] - m['skipped']} of "
+                  f"{m['rows']} test rows ({m['skipped']} chat rows not compared)")
+        print(f"export: {r.path}")
         return 0
     _guarded(debug, go)
 
