@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from tunesmith.cli import loop as cli_loop
+from tunesmith.cli import ui as cli_ui
 from tunesmith.cli.common import DEBUG, OUT, OVERWRITE, QUIET
 from tunesmith.cli.common import guarded as _guarded
 from tunesmith.registry import DISPARITY_FIGURES, METRIC_SPECS
@@ -22,6 +23,7 @@ app.add_typer(human_app, name="human")
 runs_app = typer.Typer(no_args_is_help=True, help="The run registry: list, show and compare runs.")
 app.add_typer(runs_app, name="runs")
 cli_loop.register(app)  # feedback, retrain, promote, rollback: the production loop (cli/loop.py)
+cli_ui.register(app)  # the web workbench (cli/ui/)
 
 def _print_summary(summary: dict) -> None:
     failed = summary.get("failed")

@@ -63,6 +63,8 @@ def _resolve_paths(project: Project, root: yaml.Node, check_files: bool) -> None
     seen: dict[str, str] = {}
     for key in ("train", "validation", "test"):
         _resolve_data(project, root, key, check_files, seen)
+    if project.data.corrections is not None:
+        project.data.corrections = _corrections_file(project, root, check_files)
     for i, suite in enumerate(project.benchmarks):
         resolved = suite.data if suite.data.is_absolute() else (base / suite.data).resolve()
         if check_files and not resolved.is_file():
@@ -114,6 +116,21 @@ def _resolve_data(project: Project, root: yaml.Node, key: str, check_files: bool
         for file in _resolve_source(src, base, check_files, where):
             if check_files:
                 _once(file, ".".join(map(str, loc)), where, seen)
+
+
+def _corrections_file(project: Project, root: yaml.Node, check_files: bool) -> Path:
+    """data.corrections made absolute (relative to the config file's folder, as data files are); with
+    check_files it must be a file, and the task must have labels to correct."""
+    path = project.data.corrections
+    resolved = path if path.is_absolute() else (project.base_dir / path).resolve()
+    where = _where(project.source, root, ("data", "corrections"))
+    if check_files and project.task.type != "classification":
+        raise ConfigError(f"data.corrections applies to classification tasks, not {project.task.type}", where,
+                          "remove data.corrections")
+    if check_files and not resolved.is_file():
+        raise ConfigError(f"corrections file not found: {resolved}", where,
+                          "paths are relative to the config file's folder")
+    return resolved
 
 
 def _once(file: str, key: str, where: str, seen: dict[str, str]) -> None:

@@ -141,6 +141,9 @@ class DataConfig(_Strict):
     group_field: str | None = None             # rows sharing this field's value stay in one split
     clean: CleanConfig = Field(default_factory=CleanConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    # Reviewed label decisions (JSONL, written by `tunesmith ui` Review labels), applied to training and
+    # validation rows, never to test rows: data/corrections.py.
+    corrections: Path | None = None
 
     @field_validator("train", "test", "validation", mode="before")
     @classmethod

@@ -10,6 +10,7 @@ from tunesmith import fsio
 from tunesmith.config import Project
 from tunesmith.data.augment import augment
 from tunesmith.data.clean import Curation
+from tunesmith.data.corrections import Corrections
 from tunesmith.data.examples import Example, raise_for_problems
 from tunesmith.data.io import RowProblem
 from tunesmith.data.mitigate import apply_mitigation
@@ -33,6 +34,7 @@ class Splits:
     curation: Curation | None = None
     # Each role's sources (rows read, kept, taken for training; sha256) and their fingerprint: sources.py.
     sources: dict | None = None
+    corrections: dict | None = None     # what data.corrections did (corrections.py)
 
     def by_name(self) -> dict[str, list[Example]]:
         return {"train": self.train, "validation": self.validation, "test": self.test}
@@ -41,7 +43,16 @@ class Splits:
 def check_data(project: Project) -> tuple[dict[str, list[Example]], list[RowProblem]]:
     """Validate every configured source; returns examples per role given as sources and all problems."""
     loaded = load_sources(project)
+    load_corrections(project)  # a bad corrections file is bad input too
     return loaded.examples, loaded.problems
+
+
+def load_corrections(project: Project) -> Corrections | None:
+    """data.corrections read and validated (DataError at its file:line), or None when not set."""
+    path = project.data.corrections
+    if path is None:
+        return None
+    return Corrections.load(path, project.task.text_field, project.task.labels)
 
 
 def prepare_data(project: Project, progress: bool = False, augment_rows: bool = True) -> Splits:
@@ -57,14 +68,22 @@ def prepare_data(project: Project, progress: bool = False, augment_rows: bool = 
     raise_for_problems(sources.problems, project.data.max_errors)
     data, task = project.data, project.task
     curation = Curation(data.clean, task.type, progress)
+    fixes = load_corrections(project)
     loaded = {role: curation.clean_rows(role, rows) for role, rows in sources.examples.items()}
     train, validation, test = _split(loaded, project)
+    if fixes is not None:  # after the split (it never moves a row between splits), never on test rows
+        train, validation = fixes.apply(curation, "train", train), fixes.apply(curation, "validation", validation)
+        fixes.note_test(test)
     train = curation.decontaminate(train, validation + test)
     validation = curation.decontaminate(validation, test, role="validation")
-    train = curation.label_noise(train)
+    before_noise, train = train, curation.label_noise(train)
+    if fixes is not None:
+        train = fixes.honour_keeps(curation, before_noise, train, data.clean.label_noise.action)
     # After cleaning and carving: repeats a weight asks for are neither deduplicated nor split apart.
     train = mix_training(train, sources.sources["train"], data.seed)
-    splits = Splits(train, validation, test, curation=curation, sources=sources.report())
+    splits = Splits(train, validation, test, curation=curation, sources=sources.report(),
+                    corrections=fixes.report() if fixes is not None else None)
+    splits.warnings += fixes.warnings() if fixes is not None else []
     _check_sizes(splits, sources.sources["train"][0]["source"])
     if augment_rows and data.augment.enabled:
         splits.train = train + augment(train, data.augment, _paraphraser(project))
@@ -136,6 +155,8 @@ def data_report(splits: Splits) -> dict:
     report: dict = {"splits": {}, "labels": splits.labels, "warnings": splits.warnings}
     if splits.sources is not None:
         report["sources"] = splits.sources
+    if splits.corrections is not None:
+        report["corrections"] = splits.corrections
     for name, rows in splits.by_name().items():
         report["splits"][name] = split_profile(rows, splits.labels is not None)
     if splits.curation is not None:

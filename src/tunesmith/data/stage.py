@@ -10,7 +10,7 @@ from pathlib import Path
 from tunesmith import fsio
 from tunesmith.config import Project
 from tunesmith.data.examples import Example, raise_for_problems
-from tunesmith.data.prepare import Splits, check_data, data_report, prepare_data, save_splits
+from tunesmith.data.prepare import Splits, check_data, data_report, load_corrections, prepare_data, save_splits
 from tunesmith.data.sources import describe, input_paths
 from tunesmith.errors import InputError
 
@@ -31,6 +31,9 @@ def check(project: Project) -> list[str]:
     lines = [f"{role}: {len(rows)} valid rows ({_file(project, role)})" for role, rows in loaded.items()]
     rows = [e for group in loaded.values() for e in group]
     lines += [f"warning: {w}" for w in check_warnings(project, loaded)]
+    if project.data.corrections is not None:  # check_data has validated it
+        fixes = load_corrections(project)
+        lines.append(f"corrections: {len(fixes.decisions)} decisions ({fixes.path})")
     if project.task.type == "classification":
         counts = Counter(e.target for e in loaded["train"])
         lines.append(f"labels: {len(counts)} in train; " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
@@ -131,6 +134,10 @@ def summary(splits: Splits, out: Path | None) -> list[str]:
     if cur.get("suspected_label_errors"):
         lines.append(f"suspected label errors: {cur['suspected_label_errors']}"
                      + (f" (see {Path(out) / 'suspects.jsonl'})" if out else ""))
+    if splits.corrections:
+        c = splits.corrections
+        lines.append(f"corrections: relabelled {c['rows_relabelled']}, dropped {c['rows_dropped']}, kept "
+                     f"{c['rows_kept']} rows ({c['file']})")
     lines += [f"warning: {w}" for w in splits.warnings]
     if out is not None:
         lines.append(f"written to {out}")
@@ -180,6 +187,7 @@ def _input_files(project: Project) -> set[Path]:
     paths = [project.source] if project.source else []
     paths += input_paths(project)
     paths += [suite.data for suite in project.benchmarks]
+    paths += [project.data.corrections] if project.data.corrections is not None else []
     return {Path(project.base_dir, p).resolve() for p in paths}
 
 

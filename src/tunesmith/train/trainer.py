@@ -128,7 +128,7 @@ def fit(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[Exa
     Args:
         out_dir: where train_log.jsonl, checkpoints/ and tracker files go (None: nowhere).
         resume: continue from the newest checkpoint under out_dir/checkpoints.
-        on_validate: called with each validation record (step, val_loss, the metric); may raise to stop.
+        on_validate: called with each validation record (step, val_loss, the metric, and more); may raise to stop.
 
     Returns:
         TrainResult whose model holds the weights of the best validation evaluation.
@@ -310,6 +310,12 @@ def _result(model, watch: Watch, loop: dict, plan: Plan, cfg: TrainConfig, bf16:
                        stats=stats, overfitting=watch.flags, stop_reason=watch.stop_reason, preflight=notes)
 
 
+# Figures every validation record of a task type holds besides val_loss and the objective metric.
+VALIDATION_FIGURES: dict[str, tuple[str, ...]] = {
+    "classification": ("accuracy", "precision_macro", "recall_macro", "f1_macro"),
+}
+
+
 @torch.no_grad()
 def _validate(model, tokenizer, fmt, val, val_encoded, cfg, metric, bf16, prefix_len) -> dict:
     model.eval()
@@ -328,7 +334,9 @@ def _validate(model, tokenizer, fmt, val, val_encoded, cfg, metric, bf16, prefix
     budget = 64 if fmt.labels else reference_budget(tokenizer, [e.target for e in val])
     preds = predict(model, tokenizer, fmt, val, batch_size=cfg.batch_size, autocast=bf16, max_new_tokens=budget)
     scores = compute_metrics(fmt.task_type, [e.target for e in val], preds.texts)
-    return {"val_loss": round(total_loss / max(total_tokens, 1), 6), metric: scores[metric]}
+    # Classification also logs the four figures `tunesmith ui`'s watch page charts, whatever the objective.
+    watched = {name: scores[name] for name in VALIDATION_FIGURES.get(fmt.task_type, ())}
+    return {"val_loss": round(total_loss / max(total_tokens, 1), 6), **watched, metric: scores[metric]}
 
 
 def load_base(path: Path, cfg: TrainConfig):

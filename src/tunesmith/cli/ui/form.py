@@ -1,0 +1,401 @@
+"""The "New run" form of `tunesmith ui`: generated from the config schema (tunesmith.config.Project's
+pydantic fields and their defaults), validated by the same `load_config` the CLI uses (so the error is
+the CLI's own `error: FILE:LINE (key)` line), priced by `select`'s estimate, saved as a config file.
+
+The form's values are dotted keys ("train.epochs") with the text the user typed; a value is read as a
+YAML scalar or flow list (as it would be written in project.yaml), except for plain-text fields.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import threading
+import time
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel
+
+from tunesmith.cli.ui.layout import esc, page
+from tunesmith.cli.ui.security import csrf, inside_root
+from tunesmith.config import Project
+from tunesmith.errors import TunesmithError
+from tunesmith.models.catalog import CATALOG
+from tunesmith.registry import METHOD_SPECS, METHODS, METRIC_SPECS
+
+router = APIRouter()
+
+UI_DIR = ".tunesmith-ui"
+DATA_SUFFIXES = (".jsonl", ".csv", ".tsv", ".parquet", ".arrow")
+DATA_DEPTH = 4            # folders below --root searched for data files
+MAX_DATA_FILES = 500
+MAX_ENTRIES = 20_000      # directory entries looked at while searching, whatever the tree's size
+MAX_BODY = 64 * 1024      # bytes of a form post
+MAX_VALUE = 4096          # characters of one value
+SKIP_DIRS = {"node_modules", "__pycache__", "site-packages"}
+# Sections of project.yaml the form shows, with the keys it leaves out (maps and lists of sections have
+# no form widget; they stay in the YAML editor of the user's choice).
+SECTIONS: tuple[tuple[str | None, tuple[str, ...]], ...] = (
+    (None, ("name", "model")), ("task", ()), ("data", ("train", "test", "validation")),
+    ("objective", ("metric", "target", "min_gain", "min_gain_on")), ("train", ()))
+DATA_KEYS = ("data.train", "data.test", "data.validation")
+_SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_validate_lock = threading.Lock()   # one draft file per name: validations take turns writing it
+_estimate_lock = threading.Lock()   # one estimate at a time (it loads the data and the tokenizer)
+
+
+# -- the schema as form fields ----------------------------------------------------------------------
+
+def _choices(annotation: Any) -> tuple[list[Any], set[type]]:
+    """(Literal values, other plain types) of a field annotation, unions and Optional unfolded."""
+    choices, kinds = [], set()
+    for arg in _union_args(annotation):
+        if typing.get_origin(arg) is Literal:
+            choices += list(typing.get_args(arg))
+        elif arg is type(None):
+            kinds.add(type(None))
+        else:
+            kinds.add(typing.get_origin(arg) or arg)
+    return choices, kinds
+
+
+def _union_args(annotation: Any) -> tuple[Any, ...]:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
+def describe(key: str, info) -> dict | None:
+    """One form field for a pydantic field (None for a type with no form widget: maps, sections)."""
+    choices, kinds = _choices(info.annotation)
+    if kinds & {dict} or any(isinstance(k, type) and issubclass(k, BaseModel) for k in kinds):
+        if key not in DATA_KEYS:
+            return None
+    default = info.get_default(call_default_factory=True)
+    field = {"key": key, "default": _shown(default), "required": info.is_required(), "text": kinds == {str}}
+    if key in DATA_KEYS:
+        field["widget"] = "data"
+    elif key == "train.method":
+        field.update(widget="select", choices=list(METHODS))
+    elif choices and kinds <= {bool, type(None)}:
+        field.update(widget="select", choices=[_shown(c) for c in choices + (
+            [True, False] if bool in kinds else [])])
+    elif kinds == {bool}:
+        field["widget"] = "checkbox"
+    elif kinds and kinds <= {int, float, type(None)}:
+        field["widget"] = "number"
+    else:
+        field["widget"] = "text"
+    return field
+
+
+def _shown(value: Any) -> str:
+    """A default as the user would type it in the form (YAML flow style)."""
+    if value is None:
+        return ""
+    if isinstance(value, (bool, list)):
+        return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    return str(value)
+
+
+def _section_model(section: str | None) -> type[BaseModel]:
+    return Project if section is None else _model_of(Project.model_fields[section].annotation)
+
+
+def _model_of(annotation: Any) -> type[BaseModel]:
+    return next(a for a in _union_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel))
+
+
+def schema_fields() -> list[dict]:
+    """The form: one group per section of project.yaml, plus train's nested groups tied to their methods."""
+    groups = []
+    for section, only in SECTIONS:
+        model = _section_model(section)
+        prefix = f"{section}." if section else ""
+        fields = [f for name, info in model.model_fields.items() if name != "source" and (not only or name in only)
+                  if (f := describe(prefix + name, info))]
+        groups.append({"name": section or "project", "fields": fields, "methods": None})
+    train = _section_model("train")
+    for name, info in train.model_fields.items():
+        sub = next((a for a in _union_args(info.annotation) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if sub is None:
+            continue
+        fields = [f for n, i in sub.model_fields.items() if (f := describe(f"train.{name}.{n}", i))]
+        groups.append({"name": f"train.{name}", "fields": fields, "methods": group_methods(name)})
+    return groups
+
+
+def group_methods(group: str) -> list[str] | None:
+    """The methods a nested train.GROUP configures (None: all of them). The rule follows the registry:
+    a group named after a method is that method's; `lora` serves LoRA, DoRA and the preference methods
+    (their default adapter); `preference` the preference methods."""
+    preference = [m for m in METHODS if METHOD_SPECS[m].preference]
+    if group in METHODS:
+        return [group]
+    if group == "lora":
+        return ["lora", "dora", *preference]
+    if group == "preference":
+        return preference
+    return None
+
+
+def data_files(root: Path) -> list[str]:
+    """Data files under `root` (relative paths, sorted): DATA_DEPTH folders deep, hidden folders skipped,
+    symlinks followed only when they stay inside the root, at most MAX_DATA_FILES."""
+    root = Path(root).resolve()
+    found: list[str] = []
+    seen = 0
+    stack = [(root, 0)]
+    while stack and len(found) < MAX_DATA_FILES and seen < MAX_ENTRIES:
+        folder, depth = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue
+        for entry in entries:
+            seen += 1
+            if entry.name.startswith(".") or entry.name in SKIP_DIRS:
+                continue
+            path = Path(entry.path)
+            if entry.is_symlink() and not path.resolve().is_relative_to(root):
+                continue
+            if entry.is_dir() and depth < DATA_DEPTH:
+                stack.append((path, depth + 1))
+            elif entry.is_file() and entry.name.endswith(DATA_SUFFIXES):
+                found.append(str(path.relative_to(root)))
+    return sorted(found[:MAX_DATA_FILES])
+
+
+# -- values -> config -------------------------------------------------------------------------------
+
+async def read_values(request: Request) -> dict[str, Any]:
+    """The posted form: {"values": {dotted key: text or bool}}, bounded in size; 400 otherwise."""
+    body = await request.body()
+    if len(body) > MAX_BODY:
+        raise HTTPException(413, f"form too large (over {MAX_BODY} bytes)")
+    try:
+        values = json.loads(body or b"{}").get("values")
+    except (ValueError, AttributeError):
+        values = None
+    if not isinstance(values, dict) or not all(isinstance(k, str) and isinstance(v, (str, bool, int, float))
+                                               for k, v in values.items()):
+        raise HTTPException(400, 'send {"values": {"train.epochs": "2", ...}}')
+    if any(isinstance(v, str) and len(v) > MAX_VALUE for v in values.values()):
+        raise HTTPException(400, f"a value is longer than {MAX_VALUE} characters")
+    return values
+
+
+def to_config(values: dict[str, Any]) -> dict:
+    """The nested project.yaml mapping of the form's values: empty values and defaults left out, each
+    value read as YAML unless the field is plain text, unknown keys kept (load_config names them)."""
+    fields = {f["key"]: f for group in schema_fields() for f in group["fields"]}
+    config: dict = {}
+    for key, raw in values.items():
+        field = fields.get(key)
+        if isinstance(raw, str) and not raw.strip() and not (field and field["required"]):
+            continue
+        value = raw if not isinstance(raw, str) or (field and field["text"]) else _yaml_value(raw)
+        if key in DATA_KEYS and isinstance(value, str):
+            value = _from_ui_folder(value)
+        if field and not field["required"] and _shown(value) == field["default"]:
+            continue
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise HTTPException(400, f"{key}: conflicts with another value")
+        node[leaf] = value
+    return config
+
+
+def _from_ui_folder(path: str) -> str:
+    """A data path as the form shows it (relative to --root) as written in a config two folders below the
+    root (.tunesmith-ui/drafts or configs): config paths are relative to the config file's folder."""
+    if path.startswith(("/", "~", "hf://")) or Path(path).is_absolute():
+        return path
+    return f"../../{path}"
+
+
+def _yaml_value(text: str) -> Any:
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return text if isinstance(value, dict) or value is None else value
+
+
+def config_text(values: dict[str, Any]) -> str:
+    return yaml.safe_dump(to_config(values), sort_keys=False, allow_unicode=True)
+
+
+def _ui_folder(root: Path, sub: str) -> Path:
+    """ROOT/.tunesmith-ui/SUB, created, and checked to lie inside the root (not a symlink out of it)."""
+    folder = inside_root(root, f"{UI_DIR}/{sub}")
+    folder.mkdir(parents=True, exist_ok=True)
+    return inside_root(root, f"{UI_DIR}/{sub}")
+
+
+def _slug(values: dict[str, Any]) -> str:
+    name = str(values.get("name", "")).strip()
+    return name if _SLUG.fullmatch(name) else "draft"
+
+
+def check(root: Path, values: dict[str, Any]) -> tuple[Project | None, str | None, Path]:
+    """(project, None) or (None, the CLI's error line) for the config the form writes, read by
+    `load_config` from ROOT/.tunesmith-ui/drafts/NAME.yaml, so relative data paths resolve from the
+    root as they do from a config file there... and `tunesmith run` on that draft prints the same line."""
+    from tunesmith import fsio
+    from tunesmith.config import load_config
+
+    text = config_text(values)
+    draft = _ui_folder(root, "drafts") / f"{_slug(values)}.yaml"
+    with _validate_lock:
+        fsio.write_text(draft, text)
+        try:
+            return load_config(draft), None, draft
+        except TunesmithError as e:
+            return None, e.line(), draft
+
+
+def save_config(root: Path, values: dict[str, Any]) -> tuple[Path, Path, str]:
+    """Validate, then write the config as ROOT/.tunesmith-ui/configs/NAME-TIMESTAMP.yaml (a new file,
+    never over an existing one); returns (config, the run directory to create, name). 400 if invalid."""
+    project, problem, _ = check(root, values)
+    if project is None:
+        raise HTTPException(400, problem)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder = _ui_folder(root, "configs")
+    text = config_text(values)
+    for attempt in range(100):
+        path = folder / f"{project.name}-{stamp}{f'-{attempt}' if attempt else ''}.yaml"
+        if _create(path, text):
+            break
+    else:
+        raise HTTPException(409, f"could not find a free config file name in {folder}")
+    out = inside_root(root, "runs") / project.name / f"{stamp}-{secrets.token_hex(2)}"
+    return path, out, project.name
+
+
+def _create(path: Path, text: str) -> bool:
+    """Write `text` to a new file at `path` (temp file, fsync, hard link: never replaces a file); False if taken."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    with open(tmp, "x", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink()
+
+
+# -- routes ----------------------------------------------------------------------------------------
+
+@router.post("/api/validate", dependencies=[Depends(csrf)])
+async def validate(request: Request) -> JSONResponse:
+    """{ok: true} or {ok: false, error: the `error:` line `tunesmith run` prints for this config}."""
+    import asyncio
+
+    values = await read_values(request)
+    root = request.app.state.ui.root
+    project, problem, draft = await asyncio.to_thread(check, root, values)
+    rel = str(draft.relative_to(root))
+    return JSONResponse({"ok": project is not None, "error": problem, "draft": rel, "yaml": config_text(values)})
+
+
+@router.post("/api/estimate", dependencies=[Depends(csrf)])
+async def estimate(request: Request) -> JSONResponse:
+    """`tunesmith select`'s memory and time estimate of this config's model and method on this machine
+    (no zero-shot probe)."""
+    import asyncio
+
+    values = await read_values(request)
+    root = request.app.state.ui.root
+    if not _estimate_lock.acquire(blocking=False):
+        raise HTTPException(409, "an estimate is already being computed; try again in a moment")
+    try:
+        return JSONResponse(await asyncio.to_thread(_estimate, root, values))
+    finally:
+        _estimate_lock.release()
+
+
+def _estimate(root: Path, values: dict[str, Any]) -> dict:
+    from tunesmith.select import METHODS as PRICED
+    from tunesmith.select import select
+
+    project, problem, _ = check(root, values)
+    if project is None:
+        return {"ok": False, "error": problem}
+    try:
+        result = select(project, [project.model], probe_examples=0, progress=False)
+    except TunesmithError as e:
+        return {"ok": False, "error": e.line()}
+    row = result["candidates"][0]
+    method = project.train.method
+    if project.train.quantize == "nf4" and method == "lora":
+        method = "qlora"  # select prices QLoRA as its own row
+    return {"ok": True, "hardware": result["hardware"], "data": result["data"], "method": method,
+            "estimate": row["estimates"].get(method), "estimates": row["estimates"],
+            "priced": method in PRICED, "recommendation": result["recommendation"]}
+
+
+@router.get("/new", response_class=HTMLResponse)
+def new_run(request: Request) -> HTMLResponse:
+    """The form, generated from the config schema, with the data files found under --root."""
+    root = request.app.state.ui.root
+    files = data_files(root)
+    groups = "".join(_group_html(g, files) for g in schema_fields())
+    lists = (_datalist("models", list(CATALOG)) + _datalist("metrics", list(METRIC_SPECS)))
+    lr = {m: spec.learning_rate for m, spec in METHOD_SPECS.items()}
+    body = ("<h1>New run</h1><form id='new-run' novalidate "
+            f"data-learning-rates='{esc(json.dumps(lr))}'>{groups}{lists}"
+            "<p id='form-status' role='status'></p><pre id='form-error' role='alert'></pre>"
+            "<p><button type='button' id='estimate'>Estimate</button> "
+            "<button type='submit' id='start'>Start</button></p><pre id='estimate-result'></pre>"
+            "<details><summary>Config this form writes</summary><pre id='form-yaml'></pre></details></form>")
+    return page(request, "New run", body, ["jobs.js"])
+
+
+def _group_html(group: dict, files: list[str]) -> str:
+    methods = group["methods"]
+    attr = f" data-methods='{esc(' '.join(methods))}'" if methods else ""
+    rows = "".join(_field_html(f, files) for f in group["fields"])
+    return f"<fieldset data-group='{esc(group['name'])}'{attr}><legend>{esc(group['name'])}</legend>{rows}</fieldset>"
+
+
+def _field_html(field: dict, files: list[str]) -> str:
+    key, default = field["key"], field["default"]
+    ident = "f-" + key.replace(".", "-")
+    hint = f"default: {default}" if default else ("required" if field["required"] else "optional")
+    name = f"name='{esc(key)}' id='{esc(ident)}'"
+    if field["widget"] == "data":
+        options = [("", "(none)" if not field["required"] else "choose a file")] + [(f, f) for f in files]
+        if default and default not in files:
+            options.insert(1, (default, default))
+        control = f"<input {name} list='files-{esc(ident)}' value='{esc(default)}'>" + _datalist(
+            f"files-{ident}", [o for o, _ in options if o])
+    elif field["widget"] == "select":
+        control = f"<select {name}>" + "".join(
+            f"<option{' selected' if c == default else ''}>{esc(c)}</option>" for c in field["choices"]) + "</select>"
+    elif field["widget"] == "checkbox":
+        control = f"<input type='checkbox' {name}{' checked' if default == 'true' else ''}>"
+    else:
+        listed = {"model": " list='models'", "objective.metric": " list='metrics'"}.get(key, "")
+        control = f"<input {name}{listed} value='{esc(default)}' placeholder='{esc(hint)}'>"
+    return f"<label for='{esc(ident)}'><span>{esc(key)}</span>{control}<small>{esc(hint)}</small></label>"
+
+
+def _datalist(ident: str, options: list[str]) -> str:
+    return f"<datalist id='{esc(ident)}'>" + "".join(f"<option value='{esc(o)}'>" for o in options) + "</datalist>"

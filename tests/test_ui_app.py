@@ -1,0 +1,124 @@
+"""`tunesmith ui`'s app and runs pages on a real tiny run: the runs table, a run's page with its
+report, the compare page, the read-only files route, the run scan's limits and HTML escaping."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from fastapi.testclient import TestClient
+
+from conftest import train_tiny_run
+from tunesmith.cli.ui import jobs, review, runs_pages, watch
+from tunesmith.cli.ui.app import UiSettings, create_app
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, tiny_model):
+    """ROOT/exp/run: a trained, evaluated tiny run; ROOT/copy/run: the same run copied (to compare)."""
+    root = tmp_path_factory.mktemp("ui-root")
+    (root / "exp").mkdir()
+    train_tiny_run(root / "exp", tiny_model)
+    shutil.copytree(root / "exp" / "run", root / "copy" / "run")
+    return root
+
+
+@pytest.fixture()
+def client(root):
+    return TestClient(create_app(UiSettings(root=root)))
+
+
+def test_every_feature_router_is_included(root):
+    app = create_app(UiSettings(root=root))
+    # FastAPI >= 0.165 keeps an included router as one entry (original_router); older ones copy its routes
+    included = {id(getattr(r, "original_router", None)) for r in app.routes}
+    paths = {getattr(r, "path", None) for r in app.routes}
+    for module in (runs_pages, jobs, review, watch):
+        assert id(module.router) in included or {r.path for r in module.router.routes} <= paths, module.__name__
+    assert isinstance(app.state.ui.jobs, jobs.JobManager) and app.state.ui.root == root.resolve()
+
+
+def test_runs_table_lists_the_run(client, root):
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    summary = json.loads((root / "exp" / "run" / "summary.json").read_text())
+    assert "data-rel='exp/run'" in page.text and "data-rel='copy/run'" in page.text
+    assert f"data-method='{summary['method']}'" in page.text and "classification" in page.text
+    runs = {r["rel"]: r for r in client.get("/api/runs").json()["runs"]}
+    row = runs["exp/run"]
+    assert row["name"] == summary["name"] and row["metric"] == summary["objective_metric"]
+    assert row["finetuned"] == pytest.approx(summary["metrics"]["finetuned"][row["metric"]])
+    assert row["baseline"] == pytest.approx(summary["metrics"]["baseline"][row["metric"]])
+    assert row["verdict"] == ("met" if summary["objective"]["met"] else "not met") and row["evaluated"]
+
+
+def test_a_run_page_shows_its_report_and_links(client):
+    page = client.get("/runs/exp/run")
+    assert page.status_code == 200
+    assert "src='/files/exp/run/report.html'" in page.text
+    assert "href='/watch?run=exp/run'" in page.text and "href='/review?run=exp/run'" in page.text
+    report = client.get("/files/exp/run/report.html")
+    assert report.status_code == 200 and report.headers["content-type"].startswith("text/html")
+    assert report.text.startswith("<!doctype html>") or "<html" in report.text[:200]
+    assert client.get("/files/exp/run/metrics.json").headers["content-type"].startswith("application/json")
+    assert client.get("/files/exp/run/config.yaml").headers["content-type"].startswith("text/plain")
+    assert client.get("/runs/exp").status_code == 404  # a folder that is not a run
+    assert client.get("/files/exp/train.jsonl").status_code == 404  # data beside a run, not in one
+
+
+def test_compare_two_runs(client):
+    page = client.get("/compare", params={"a": "exp/run", "b": "copy/run"})
+    assert page.status_code == 200 and "src='/compare/page?a=exp/run&amp;b=copy/run'" in page.text
+    frame = client.get("/compare/page", params={"a": "exp/run", "b": "copy/run"})
+    assert frame.status_code == 200 and "vs" in frame.text and "Test metrics" in frame.text
+    assert "sandbox" in frame.headers["content-security-policy"]
+    assert client.get("/compare").status_code == 400
+    assert client.get("/compare", params={"a": "exp/run", "b": "exp"}).status_code == 404
+
+
+def test_an_unevaluated_run_is_listed_without_figures(tmp_path):
+    run = tmp_path / "lab" / "draft"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "tunesmith.json").write_text("{}")
+    (run / "config.yaml").write_text("name: draft\nmodel: some/model\ntrain:\n  method: qlora\n")
+    c = TestClient(create_app(UiSettings(root=tmp_path)))
+    [row] = c.get("/api/runs").json()["runs"]
+    assert (row["rel"], row["name"], row["model"], row["method"]) == ("lab/draft", "draft", "some/model", "qlora")
+    assert row["verdict"] == "not evaluated" and row["finetuned"] is None
+    page = c.get("/runs/lab/draft")
+    assert "No report yet" in page.text
+    assert c.get("/compare", params={"a": "lab/draft", "b": "lab/draft"}).status_code == 404  # not evaluated
+
+
+def test_run_text_is_escaped(tmp_path, root):
+    run = tmp_path / "x" / "run"
+    shutil.copytree(root / "exp" / "run", run)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["name"] = "<img src=x onerror=alert(1)>"
+    (run / "summary.json").write_text(json.dumps(summary))
+    c = TestClient(create_app(UiSettings(root=tmp_path)))
+    for url in ("/", "/runs/x/run"):
+        text = c.get(url).text
+        assert "<img src=x" not in text and "&lt;img src=x onerror=alert(1)&gt;" in text
+
+
+def test_scan_skips_hidden_deep_and_symlinked_folders(tmp_path):
+    def make(rel):
+        (tmp_path / rel / "model").mkdir(parents=True)
+        (tmp_path / rel / "model" / "tunesmith.json").write_text("{}")
+    make("runs/a/1")
+    make(".tunesmith-ui/x/run")                   # the workbench's own (and staging) folders
+    make("/".join(["d"] * (runs_pages.MAX_DEPTH + 1)) + "/run")
+    make("runs/a/1/inner")                          # inside a run: never searched
+    (tmp_path / "linked").symlink_to(tmp_path / "runs")
+    found = [p.relative_to(tmp_path).as_posix() for p in runs_pages.find_runs(tmp_path)]
+    assert found == ["runs/a/1"]
+
+
+def test_static_assets_are_served(client):
+    js = client.get("/static/ui.js")
+    assert js.status_code == 200 and "javascript" in js.headers["content-type"]
+    assert "X-Tunesmith-CSRF" in js.text
+    assert client.get("/static/ui.css").status_code == 200
+    assert client.get("/static/favicon.svg").status_code == 200
