@@ -4,6 +4,7 @@ never touching test rows, and a bad file refused with its file:line."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -127,3 +128,42 @@ def test_merge_replaces_the_decision_for_the_same_row(tmp_path):
         {"text": "u", "given_label": "beta", "action": "keep"}]
     write_jsonl(tmp_path / "c.jsonl", [d.to_json() for d in merged])
     assert [d.key for d in read_corrections(tmp_path / "c.jsonl")] == [("t", "alpha"), ("u", "beta")]
+
+
+def _noise_run(monkeypatch, action: str, decisions: list[Decision]):
+    """Corrections applied, then the real Curation.label_noise with the detector stubbed to suspect rows 0-2
+    (suggesting 'gamma'), then honour_keeps: (rows out, curation, corrections)."""
+    import numpy as np
+
+    import tunesmith.data.label_noise as label_noise
+    from tunesmith.config.schema import CleanConfig
+    from tunesmith.data.clean import Curation
+    from tunesmith.data.corrections import Corrections
+    from tunesmith.data.examples import Example
+
+    rows = [Example(f"row {i}", "alpha" if i % 2 else "beta", "train", record={"text": f"row {i}"},
+                    file="train.jsonl", line=i + 1) for i in range(12)]
+    monkeypatch.setattr(Curation, "vectors", lambda self, texts: np.zeros((len(texts), 2)))
+    monkeypatch.setattr(label_noise, "find_suspects", lambda emb, labels, folds: [
+        label_noise.Suspect(i, labels[i], "gamma", 0.9) for i in (0, 1, 2)])
+    cfg = CleanConfig.model_validate({"label_noise": {"action": action}})
+    curation, fixes = Curation(cfg), Corrections(Path("fixes.jsonl"), decisions)
+    train = fixes.apply(curation, "train", rows)
+    out = fixes.honour_keeps(curation, train, curation.label_noise(train), action)
+    return out, curation, fixes
+
+
+def test_label_noise_never_undoes_a_relabel_or_keep(monkeypatch):
+    decisions = [Decision("row 0", "beta", "relabel", "alpha", line=1), Decision("row 1", "alpha", "keep", line=2)]
+    out, curation, fixes = _noise_run(monkeypatch, "relabel", decisions)
+    by_text = {e.input: e.target for e in out}
+    assert (by_text["row 0"], by_text["row 1"], by_text["row 2"]) == ("alpha", "alpha", "gamma")
+    assert [c["line"] for c in curation.changes if c["changes"] == ["relabel"]] == [3]
+    step = next(s for s in curation.steps if s["step"] == "label_noise")
+    assert step["rows_changed"] == 1
+    assert fixes.report()["rows_relabelled"] == 1
+    assert {s["line"]: s.get("reviewed") for s in curation.suspects} == {1: "relabel", 2: "keep", 3: None}
+    out, curation, _ = _noise_run(monkeypatch, "remove", decisions)
+    assert sorted(e.input for e in out if e.input in ("row 0", "row 1", "row 2")) == ["row 0", "row 1"]
+    assert next(e.target for e in out if e.input == "row 0") == "alpha"
+    assert [r["line"] for r in curation.removed if r["reason"] == "label_noise"] == [3]

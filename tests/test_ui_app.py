@@ -116,6 +116,70 @@ def test_scan_skips_hidden_deep_and_symlinked_folders(tmp_path):
     assert found == ["runs/a/1"]
 
 
+def test_a_run_file_linked_from_outside_the_root_is_not_shown(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    run = root / "lab" / "draft"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "tunesmith.json").write_text("{}")
+    outside.mkdir()
+    (outside / "summary.json").write_text(json.dumps({"name": "SECRET-NAME", "model": "secret/model"}))
+    (outside / "config.yaml").write_text("name: SECRET-CONFIG\nmodel: secret/model\n")
+    (run / "summary.json").symlink_to(outside / "summary.json")
+    (run / "config.yaml").symlink_to(outside / "config.yaml")
+    c = TestClient(create_app(UiSettings(root=root)))
+    [row] = c.get("/api/runs").json()["runs"]
+    assert (row["name"], row["model"], row["verdict"]) == ("draft", "", "not evaluated")
+    for url in ("/", "/runs/lab/draft"):
+        assert "SECRET" not in c.get(url).text
+
+
+def test_walk_reads_no_more_entries_than_its_budget(tmp_path, monkeypatch):
+    from tunesmith.cli.ui import scan
+
+    for i in range(300):
+        (tmp_path / f"f{i:03}.jsonl").write_text("")
+    read = []
+    real = scan.os.scandir
+
+    class Counting:  # os.scandir, counting the entries the walk pulls out of it
+        def __init__(self, path):
+            self.it = real(path)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.it.close()
+
+        def __iter__(self):
+            for entry in self.it:
+                read.append(entry.name)
+                yield entry
+    monkeypatch.setattr(scan.os, "scandir", Counting)
+    got = list(scan.walk(tmp_path, 3, 50))
+    assert len(read) == 50 and len(got) == 50
+
+
+def test_walk_follows_only_symlinks_that_stay_inside(tmp_path):
+    from tunesmith.cli.ui.scan import walk
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "data").mkdir(parents=True)
+    outside.mkdir()
+    (root / "data" / "a.jsonl").write_text("")
+    (outside / "b.jsonl").write_text("")
+    (root / "in").symlink_to(root / "data")
+    (root / "out").symlink_to(outside)
+    (root / "data" / "loop").symlink_to(root)         # a cycle: entered once at most
+    (root / "node_modules").mkdir()
+    (root / "node_modules" / "c.jsonl").write_text("")
+    names = {p.relative_to(root).as_posix() for p, _, _ in walk(root, 4, 1000, follow_inside_symlinks=True)}
+    assert {"data/a.jsonl", "in", "data/loop"} <= names
+    assert not any(n.startswith(("out", "node_modules")) for n in names)
+    plain = {p.relative_to(root).as_posix() for p, _, _ in walk(root, 4, 1000)}
+    assert plain == {"data", "data/a.jsonl"}
+
+
 def test_static_assets_are_served(client):
     js = client.get("/static/ui.js")
     assert js.status_code == 200 and "javascript" in js.headers["content-type"]

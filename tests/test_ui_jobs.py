@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -183,3 +184,248 @@ def test_estimate_is_selects_figure_for_this_method(root, tiny_model):
     assert reply["estimate"]["memory_mb"] > 0 and reply["hardware"]["name"] == detect().name
     bad = _post(client, token, "/api/estimate", {**_tiny_values(tiny_model), "train.epochs": "-1"}).json()
     assert bad["ok"] is False and "train.epochs" in bad["error"]
+
+
+def _outside_paths(root: Path, tmp_path: Path) -> dict[str, str]:
+    """Form values that would read a file outside the root, each by a different route out."""
+    secret = tmp_path / "outside"
+    secret.mkdir(exist_ok=True)
+    write_jsonl(secret / "secret.jsonl", make_texts(6, 3))
+    (root / "leak.jsonl").symlink_to(secret / "secret.jsonl")
+    (root / "linked").symlink_to(secret)
+    return {"relative ..": "../outside/secret.jsonl", "absolute": str(secret / "secret.jsonl"),
+            "home": "~/secret.jsonl", "file symlink": "leak.jsonl", "folder symlink": "linked/secret.jsonl",
+            "glob over a symlink": "*.jsonl"}
+
+
+@pytest.mark.parametrize("key", ["data.train", "data.corrections", "train.init_from"])
+def test_form_refuses_paths_that_leave_the_root(root, tmp_path, tiny_model, key):
+    client, token = _client(root)
+    for how, path in _outside_paths(root, tmp_path).items():
+        values = {**_tiny_values(tiny_model), key: path}
+        for url in ("/api/validate", "/api/jobs", "/api/estimate"):
+            reply = _post(client, token, url, values)
+            assert reply.status_code == 400, (how, url, reply.text)
+            assert f"{key}: '{path}' is not a path inside" in reply.text, (how, url, reply.text)
+    assert not (root / ".tunesmith-ui").exists()  # no draft, no config written
+    assert client.app.state.ui.jobs.jobs == {}     # nothing started
+
+
+def test_form_refusal_does_not_say_whether_an_outside_file_exists(root, tmp_path, tiny_model):
+    client, token = _client(root)
+    (tmp_path / "there.jsonl").write_text("{}\n")
+    template = {**_tiny_values(tiny_model), "task.type": "chat"}
+    answers = [_post(client, token, "/api/validate", {**template, "task.chat_template": f"../{name}.jinja"}).json()
+               for name in ("there", "missing")]
+    assert [a["ok"] for a in answers] == [False, False]
+    assert answers[0]["error"].replace("there", "X") == answers[1]["error"].replace("missing", "X")
+
+
+@pytest.mark.parametrize("key", ["eval.judge.endpoint", "eval.harness.include_path", "benchmarks",
+                                 "task.chat_template.x", "data.columns"])
+def test_form_refuses_keys_it_does_not_show(root, tiny_model, key):
+    client, token = _client(root)
+    values = {**_tiny_values(tiny_model), key: "https://evil.example/v1"}
+    for url in ("/api/validate", "/api/jobs"):
+        reply = _post(client, token, url, values)
+        assert reply.status_code == 400 and f"{key}: not a setting of the New run form" in reply.text, reply.text
+    assert not (root / ".tunesmith-ui").exists() and client.app.state.ui.jobs.jobs == {}
+
+
+def test_form_keeps_paths_inside_the_root_and_hub_data(root, tiny_model):
+    client, token = _client(root)
+    (root / "more").symlink_to(root / "data")  # a link that stays inside is fine
+    values = {**_tiny_values(tiny_model), "data.train": "more/train.jsonl", "data.test": "hf://nosuch/x/test"}
+    reply = _post(client, token, "/api/validate", values).json()
+    assert "../../more/train.jsonl" in reply["yaml"] and "hf://nosuch/x/test" in reply["yaml"]
+
+
+def test_new_run_form_offers_and_prefills_corrections(root):
+    saved = root / ".tunesmith-ui" / "corrections"
+    saved.mkdir(parents=True)
+    (saved / "run-1.jsonl").write_text("")
+    write_jsonl(root / "data" / "label-corrections.jsonl", [])
+    client, _ = _client(root)
+    page = client.get("/new").text
+    assert "name='data.corrections'" in page
+    assert "value='.tunesmith-ui/corrections/run-1.jsonl'" in page and "data/label-corrections.jsonl" in page
+    filled = client.get("/new", params={"corrections": ".tunesmith-ui/corrections/run-1.jsonl"}).text
+    assert ("name='data.corrections' id='f-data-corrections' list='files-f-data-corrections' "
+            "value='.tunesmith-ui/corrections/run-1.jsonl'") in filled
+    outside = client.get("/new", params={"corrections": "../x.jsonl"}).text
+    assert "value='../x.jsonl'" not in outside
+
+
+def test_a_job_from_the_form_applies_its_corrections(root, tiny_model):
+    train = [json.loads(line) for line in (root / "data" / "train.jsonl").read_text().splitlines()]
+    saved = root / ".tunesmith-ui" / "corrections"
+    saved.mkdir(parents=True)
+    write_jsonl(saved / "fixes.jsonl", [{"text": train[7]["text"], "given_label": train[7]["label"],
+                                         "action": "drop"}])
+    client, token = _client(root)
+    values = {**_tiny_values(tiny_model), "data.corrections": ".tunesmith-ui/corrections/fixes.jsonl",
+              "train.max_steps": "1"}
+    reply = _post(client, token, "/api/jobs", values)
+    assert reply.status_code == 200, reply.text
+    final = _events(client, reply.json()["id"])[-1]
+    assert final["state"] == "done", final
+    changes = [json.loads(line) for line in (root / final["out"] / "data" / "changes.jsonl").read_text().splitlines()]
+    assert [c["action"] for c in changes if c.get("reason") == "correction"] == ["drop"]
+
+
+# -- the job runner (review fixes): restart, concurrent resume, failed spawn, streams ---------------------------
+
+def _wait(predicate, seconds: float = 20.0) -> None:
+    deadline = time.time() + seconds
+    while not predicate() and time.time() < deadline:
+        time.sleep(0.05)
+    assert predicate()
+
+
+def _finished_job(manager, root: Path, name: str = "f"):
+    job = manager.launch([[sys.executable, "-c", "pass"]], root / "p.yaml", root / "runs" / name, name)
+    _wait(lambda: job.state == "done")
+    return job
+
+
+def test_concurrent_resumes_start_one_trainer(root, monkeypatch):
+    from tunesmith.cli.ui import jobs
+    from tunesmith.train import checkpoint
+
+    manager = jobs.JobManager(root, max_jobs=2)
+    job = _finished_job(manager, root)
+
+    def slow_interrupted_run(out):  # both clicks pass the first state check before either launches
+        time.sleep(0.3)
+        return out, out
+
+    monkeypatch.setattr(jobs, "interrupted_run", slow_interrupted_run)
+    monkeypatch.setattr(checkpoint, "list_checkpoints", lambda folder: [folder / "checkpoint-1"])
+    monkeypatch.setattr(jobs, "_tunesmith", lambda *a: [sys.executable, "-c", "import time; time.sleep(30)"])
+    answers = []
+
+    def click():
+        try:
+            answers.append(manager.resume(job.id).state)
+        except jobs.HTTPException as e:
+            answers.append(e.status_code)
+
+    clicks = [threading.Thread(target=click) for _ in range(2)]
+    for t in clicks:
+        t.start()
+    for t in clicks:
+        t.join()
+    assert sorted(answers, key=str) == [409, "running"] and manager.running() == 1
+    manager.stop(job.id)
+    _wait(lambda: job.state == "stopped")
+
+
+def test_a_failed_second_command_fails_the_job_and_frees_its_slot(root):
+    from tunesmith.cli.ui import jobs
+
+    manager = jobs.JobManager(root, max_jobs=1)
+    missing = str(root / "no-such-tunesmith")
+    job = manager.launch([[sys.executable, "-c", "pass"], [missing, "eval"]], root / "p.yaml", root / "runs" / "e", "e")
+    _wait(lambda: job.state != "running", 10)
+    assert job.state == "failed" and manager.running() == 0
+    assert f"error: could not start {missing}" in job.log.read_text()
+    _finished_job(manager, root, "next")  # the slot is free
+
+
+def _record(job_id: str, state: str, pid: int | None, start: str | None, out: Path) -> dict:
+    return {"id": job_id, "name": "n", "config": str(out.parent / "p.yaml"), "out": str(out), "commands": [],
+            "command": ["x"], "pid": pid, "pgid": pid, "pid_start": start, "state": state, "exit_code": None,
+            "started": 1.0, "ended": None}
+
+
+def test_jobs_survive_a_restart(root):
+    import subprocess
+
+    from tunesmith import fsio
+    from tunesmith.cli.ui import jobs
+
+    first = jobs.JobManager(root)
+    done = _finished_job(first, root, "d")
+    assert json.loads((done.folder / "job.json").read_text())["state"] == "done"
+    folder = root / ".tunesmith-ui" / "jobs"
+    sleeper = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        live_start = jobs._start_time(sleeper.pid)
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        fsio.write_json(folder / "20990101-000000-aaaaaa" / "job.json",
+                        _record("20990101-000000-aaaaaa", "running", gone.pid, "1", root / "runs" / "gone"))
+        fsio.write_json(folder / "20990101-000000-bbbbbb" / "job.json",
+                        _record("20990101-000000-bbbbbb", "running", sleeper.pid, live_start, root / "runs" / "o"))
+        fsio.write_json(folder / "20990101-000000-cccccc" / "job.json",  # a recycled pid: another start time
+                        _record("20990101-000000-cccccc", "running", sleeper.pid, "12345", root / "runs" / "r"))
+        (folder / "20990101-000000-dddddd").mkdir()
+        (folder / "20990101-000000-dddddd" / "job.json").write_text("{not json")
+        client, token = _client(root)  # a new workbench on the same root
+        listed = {j["id"]: j["state"] for j in client.get("/api/jobs").json()["jobs"]}
+        assert listed == {done.id: "done", "20990101-000000-aaaaaa": "interrupted",
+                          "20990101-000000-bbbbbb": "orphaned", "20990101-000000-cccccc": "interrupted"}
+        refused = _post(client, token, "/api/jobs/20990101-000000-cccccc/stop")
+        assert refused.status_code == 409 and sleeper.poll() is None  # the recycled pid is never signalled
+        assert _post(client, token, "/api/jobs/20990101-000000-bbbbbb/stop").status_code == 200
+        assert sleeper.wait(10) == -15
+        _wait(lambda: client.get("/api/jobs/20990101-000000-bbbbbb").json()["state"] == "stopped")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    saved = json.loads((folder / "20990101-000000-aaaaaa" / "job.json").read_text())
+    assert saved["state"] == "interrupted"
+
+
+def test_a_ui_folder_linked_out_of_the_root_is_not_written_through(root, tmp_path):
+    from tunesmith.cli.ui import jobs
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (root / ".tunesmith-ui").symlink_to(outside, target_is_directory=True)
+    manager = jobs.JobManager(root)
+    with pytest.raises(jobs.HTTPException) as refused:
+        manager.launch([[sys.executable, "-c", "pass"]], root / "p.yaml", root / "runs" / "l", "l")
+    assert refused.value.status_code == 409 and "outside the root" in refused.value.detail
+    assert list(outside.iterdir()) == [] and manager.running() == 0
+
+
+def _raw_events(client: TestClient, job_id: str, last_id: str | None = None) -> list[tuple[str | None, dict]]:
+    headers = {"Last-Event-ID": last_id} if last_id else {}
+    events, event_id = [], None
+    with client.stream("GET", f"/api/jobs/{job_id}/events", headers=headers) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("id: "):
+                event_id = line[len("id: "):]
+            elif line.startswith("data: "):
+                events.append((event_id, json.loads(line[len("data: "):])))
+                event_id = None
+    return events
+
+
+def test_a_reconnecting_stream_continues_after_its_last_event_id(root):
+    client, _ = _client(root)
+    manager = client.app.state.ui.jobs
+    job = _finished_job(manager, root, "s")
+    job.out.mkdir(parents=True)
+    write_jsonl(job.out / "train_log.jsonl", [{"step": s, "loss": 1.0 / s} for s in range(1, 6)])
+    first = [(i, e) for i, e in _raw_events(client, job.id) if e["type"] == "progress"]
+    assert [e["step"] for _, e in first] == [1, 2, 3, 4, 5] and all(i for i, _ in first)
+    again = [e["step"] for _, e in _raw_events(client, job.id, first[1][0]) if e["type"] == "progress"]
+    assert again == [3, 4, 5]  # not replayed from the start
+    rewritten = [e["step"] for _, e in _raw_events(client, job.id, "1-10") if e["type"] == "progress"]
+    assert rewritten == [1, 2, 3, 4, 5]  # another file (inode): from its start
+    slots = [manager.open_stream(job.id) for _ in range(8)]
+    assert client.get(f"/api/jobs/{job.id}/events").status_code == 429
+    slots[0]()
+    slots[0]()  # counted once only
+    assert manager.streams[job.id] == 7
+    assert [e["type"] for _, e in _raw_events(client, job.id)][-1] == "status"
+    assert manager.streams[job.id] == 7
+
+
+def test_required_fields_show_no_default(root):
+    page = _client(root)[0].get("/new").text
+    assert "PydanticUndefined" not in page
+    assert "id='f-name' value='' placeholder='required'" in page

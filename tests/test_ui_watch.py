@@ -164,3 +164,61 @@ def test_long_logs_are_thinned_and_text_from_the_log_is_escaped(tmp_path):
     assert data["unreadable_lines"] == [5003]
     assert evil not in html and evil not in data["html"] and "&lt;script&gt;" in html
     assert "Lines 5003 of train_log.jsonl are not log records" in html
+
+
+def test_reads_are_bounded_per_poll_and_stored_points_are_thinned(tmp_path, monkeypatch):
+    monkeypatch.setattr(watch, "READ_CHUNK", 2000)
+    monkeypatch.setattr(watch, "STORE_POINTS", 100)
+    monkeypatch.setattr(watch, "MAX_BAD_LINES", 5)
+    log = tmp_path / "big" / "train_log.jsonl"
+    _write(log, _steps(1, 300))
+    with open(log, "a", encoding="utf-8") as f:
+        f.write('{"step": 301, "x": "' + "y" * 5000 + '"}\n')  # longer than a read: one unreadable line
+        f.write("junk\n" * 20)
+    _write(log, _steps(302, 310), mode="a")
+    (tmp_path / "big" / "train.json").write_text(json.dumps({"best": {"step": 3}}))
+    polls = []
+    with _client(tmp_path) as client:
+        while not (polls and polls[-1]["done"]) and len(polls) < 100:
+            polls.append(client.get("/api/watch", params={"run": "big"}).json())
+    assert len(polls) > 5 and not polls[0]["done"]  # finished, but not yet read to the end: still polled
+    last = polls[-1]
+    assert last["loss"][0][0] == 1 and last["loss"][-1][0] == 310 and len(last["loss"]) <= 100
+    parsed = watch._CACHE[str(log.resolve())].parsed
+    assert len(parsed.steps) <= 100 and parsed.bad_lines == [301, 302, 303, 304, 305]
+    assert last["unreadable_lines"] == [301, 302, 303] and last["lines"] == 330
+
+
+def test_polling_ends_when_the_job_is_stopped_or_the_log_goes_idle(tmp_path):
+    from tunesmith.cli.ui.jobs import Job
+
+    out = tmp_path / "runs" / "c"
+    log = staging_dir(out) / "train_log.jsonl"
+    _write(log, _steps(1, 3))
+    with _client(tmp_path) as client:
+        manager = client.app.state.ui.jobs
+        job = Job("j1", "c", tmp_path / "c.yaml", out, tmp_path / ".tunesmith-ui" / "jobs" / "j1")
+        manager.jobs[job.id] = job
+        old = log.stat().st_mtime - 11 * 60
+        os.utime(log, (old, old))
+        running = client.get("/api/watch", params={"run": "runs/c"}).json()
+        job.state = "stopped"
+        stopped = client.get("/api/watch", params={"run": "runs/c"}).json()
+        del manager.jobs[job.id]
+        idle = client.get("/api/watch", params={"run": "runs/c"}).json()
+        _write(log, _steps(4, 4), mode="a")
+        fresh = client.get("/api/watch", params={"run": "runs/c"}).json()
+    assert not running["done"]  # an idle log with its job still running is still watched
+    assert stopped["done"] and stopped["ended"] == "stopped" and "is stopped" in stopped["status"]
+    assert idle["done"] and idle["ended"] == "idle" and "has not changed for 11 minutes" in idle["status"]
+    assert not fresh["done"] and fresh["ended"] is None
+
+
+def test_the_watch_and_jobs_modules_do_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; import tunesmith.cli.ui.watch, tunesmith.cli.ui.jobs; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    answer = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert answer.returncode == 0, answer.stderr[-2000:]

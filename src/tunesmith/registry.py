@@ -136,6 +136,13 @@ CONSTRAINT_FIGURES: tuple[str, ...] = ("latency_p50_ms", "latency_p95_ms", "mode
                                        "throughput_eps", "ece", "perplexity") + FAIRNESS_FIGURES
 
 
+# Figures every validation record of a task type holds besides val_loss and the objective metric (the
+# trainer logs them; `tunesmith ui`'s watch page charts them).
+VALIDATION_FIGURES: dict[str, tuple[str, ...]] = {
+    "classification": ("accuracy", "precision_macro", "recall_macro", "f1_macro"),
+}
+
+
 def metric_names(task_type: str) -> list[str]:
     """The metrics computed for a task type, in registration order."""
     return [m.name for m in METRIC_SPECS.values() if task_type in m.tasks]

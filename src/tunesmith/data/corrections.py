@@ -11,10 +11,14 @@ edited. `action` is `keep` (the label is right: never dropped or relabelled as a
 `relabel` (to `label`) or `drop`.
 
 Where it applies: to the training and validation rows, after the splits are made and before
-decontamination and label-noise detection. After the split, so the test and validation sets hold the
-same rows with or without corrections (runs compare on one benchmark); before label-noise detection,
-so it learns from the corrected labels. Test rows are never changed: a decision that names only a
-test row is reported, as is one that names no row at all.
+decontamination and label-noise detection. After the split, so no row moves between splits and the
+test set holds the same rows with or without corrections (runs compare on one benchmark). Validation
+rows are corrected like training rows (a wrong label there misleads evaluation during training), so
+validation differs by exactly the rows a decision relabels or drops, each logged in changes.jsonl
+(drops in removed.jsonl too) with reason "correction". Before label-noise detection, so it learns
+from the corrected labels; a row a reviewer decided (kept or relabelled) is never relabelled or
+removed again by label-noise detection in the same run. Test rows are never changed: a decision that
+names only a test row is reported, as is one that names no row at all.
 """
 
 from __future__ import annotations
@@ -151,6 +155,9 @@ class Corrections:
     sha256: str = ""
     applied: Counter = field(default_factory=Counter)       # action -> rows changed (keep: rows protected)
     matched: set = field(default_factory=set)               # keys that met a training or validation row
+    # Rows a decision kept or relabelled, by id() of the row apply() returned (the row is held here too,
+    # so its id stays its own): label-noise detection must not undo a reviewer's decision.
+    reviewed: dict = field(default_factory=dict)
     in_test: set = field(default_factory=set)               # keys that met only test rows
 
     @classmethod
@@ -185,6 +192,7 @@ class Corrections:
             if d.action == "keep":
                 self.applied["keep"] += 1
                 out.append(e)
+                self.reviewed[id(e)] = (e, d)
                 continue
             self.applied[d.action] += 1
             changed += 1
@@ -196,6 +204,7 @@ class Corrections:
                                          "corrections": f"{self.path}:{d.line}"})
                 continue
             out.append(replace(e, target=d.label))
+            self.reviewed[id(out[-1])] = (out[-1], d)
         curation.steps.append({"split": role, "step": "corrections", "rows_in": len(rows), "rows_out": len(out),
                                "rows_changed": changed})
         return out
@@ -207,19 +216,19 @@ class Corrections:
 
     def honour_keeps(self, curation: Curation, before: list[Example], after: list[Example],
                      action: str) -> list[Example]:
-        """Undo label-noise's removal or relabelling of rows reviewed as `keep`; mark their suspects.
+        """Undo label-noise's removal or relabelling of every row a decision kept or relabelled (a
+        reviewer's word stands over the detector's guess); mark their suspects as reviewed.
 
         `before`/`after` are the training rows given to and returned by Curation.label_noise."""
-        keep = {d.key for d in self.decisions if d.action == "keep"}
+        protected = [e for e in before if id(e) in self.reviewed]
+        places = {(e.file, e.line): self.reviewed[id(e)][1].action for e in protected}
         for s in curation.suspects:
-            text = s.get(self.text_field, s.get("input"))
-            if isinstance(text, str) and (text, s.get("given_label")) in keep:
-                s["reviewed"] = "keep"
-        protected = [e for e in before if self.key(e) in keep]
+            if (s.get("file"), s.get("line")) in places:
+                s["reviewed"] = places[(s.get("file"), s.get("line"))]
         if not protected or action == "report" or before is after:
             return after
-        places = {(e.file, e.line) for e in protected}
         ids = {id(e) for e in protected}
+        changes_before = len(curation.changes)
         if action == "remove":
             left = {id(e) for e in after}
             out = [e for e in before if id(e) in left or id(e) in ids]
@@ -232,6 +241,7 @@ class Corrections:
         step = next((s for s in reversed(curation.steps) if s["step"] == "label_noise"), None)
         if step is not None:
             step["rows_out"] = len(out)
+            step["rows_changed"] -= changes_before - len(curation.changes)
         return out
 
     def report(self) -> dict:

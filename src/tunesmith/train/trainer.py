@@ -20,6 +20,7 @@ from tunesmith.config import TrainConfig
 from tunesmith.data.examples import Example
 from tunesmith.models.load import load_model
 from tunesmith.models.quantize import load_quantized, quantized_layers
+from tunesmith.registry import VALIDATION_FIGURES
 from tunesmith.tasks.cache import common_prefix_len
 from tunesmith.tasks.metrics import compute_metrics
 from tunesmith.tasks.predict import predict, reference_budget
@@ -308,12 +309,6 @@ def _result(model, watch: Watch, loop: dict, plan: Plan, cfg: TrainConfig, bf16:
                                watch.stop_reason, checkpointing=recompute)
     return TrainResult(model, history=watch.history, best=watch.best, stopped_early=bool(watch.stop_reason),
                        stats=stats, overfitting=watch.flags, stop_reason=watch.stop_reason, preflight=notes)
-
-
-# Figures every validation record of a task type holds besides val_loss and the objective metric.
-VALIDATION_FIGURES: dict[str, tuple[str, ...]] = {
-    "classification": ("accuracy", "precision_macro", "recall_macro", "f1_macro"),
-}
 
 
 @torch.no_grad()

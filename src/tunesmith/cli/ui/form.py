@@ -8,6 +8,7 @@ YAML scalar or flow list (as it would be written in project.yaml), except for pl
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -25,6 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel
 
 from tunesmith.cli.ui.layout import esc, page
+from tunesmith.cli.ui.scan import UI_DIR, walk
 from tunesmith.cli.ui.security import csrf, inside_root
 from tunesmith.config import Project
 from tunesmith.errors import TunesmithError
@@ -33,20 +35,22 @@ from tunesmith.registry import METHOD_SPECS, METHODS, METRIC_SPECS
 
 router = APIRouter()
 
-UI_DIR = ".tunesmith-ui"
 DATA_SUFFIXES = (".jsonl", ".csv", ".tsv", ".parquet", ".arrow")
 DATA_DEPTH = 4            # folders below --root searched for data files
 MAX_DATA_FILES = 500
 MAX_ENTRIES = 20_000      # directory entries looked at while searching, whatever the tree's size
 MAX_BODY = 64 * 1024      # bytes of a form post
 MAX_VALUE = 4096          # characters of one value
-SKIP_DIRS = {"node_modules", "__pycache__", "site-packages"}
+MAX_GLOB = 10_000         # files a data glob may match (each checked to lie inside the root)
 # Sections of project.yaml the form shows, with the keys it leaves out (maps and lists of sections have
 # no form widget; they stay in the YAML editor of the user's choice).
 SECTIONS: tuple[tuple[str | None, tuple[str, ...]], ...] = (
-    (None, ("name", "model")), ("task", ()), ("data", ("train", "test", "validation")),
-    ("objective", ("metric", "target", "min_gain", "min_gain_on")), ("train", ()))
+    (None, ("name", "model")), ("task", ()), ("data", ("train", "test", "validation", "corrections")),
+    ("objective", ("metric", "target", "min_gain", "min_gain_on")), ("train", ()), ("eval", ()))
 DATA_KEYS = ("data.train", "data.test", "data.validation")
+# Keys whose value names a file or folder: each must lie inside --root (security.inside_root) before the
+# form writes it, so a run never reads, and the workbench never serves, data from outside the root.
+PATH_KEYS = (*DATA_KEYS, "data.corrections", "train.init_from", "task.chat_template")
 _SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _validate_lock = threading.Lock()   # one draft file per name: validations take turns writing it
 _estimate_lock = threading.Lock()   # one estimate at a time (it loads the data and the tokenizer)
@@ -79,10 +83,13 @@ def describe(key: str, info) -> dict | None:
     if kinds & {dict} or any(isinstance(k, type) and issubclass(k, BaseModel) for k in kinds):
         if key not in DATA_KEYS:
             return None
-    default = info.get_default(call_default_factory=True)
+    # a required field has no default to show (pydantic's marker for "none" is not one)
+    default = None if info.is_required() else info.get_default(call_default_factory=True)
     field = {"key": key, "default": _shown(default), "required": info.is_required(), "text": kinds == {str}}
     if key in DATA_KEYS:
         field["widget"] = "data"
+    elif key == "data.corrections":
+        field["widget"] = "corrections"
     elif key == "train.method":
         field.update(widget="select", choices=list(METHODS))
     elif choices and kinds <= {bool, type(None)}:
@@ -148,30 +155,31 @@ def group_methods(group: str) -> list[str] | None:
 
 
 def data_files(root: Path) -> list[str]:
-    """Data files under `root` (relative paths, sorted): DATA_DEPTH folders deep, hidden folders skipped,
-    symlinks followed only when they stay inside the root, at most MAX_DATA_FILES."""
+    """Data files under `root` (relative paths, sorted): scan.walk's search, DATA_DEPTH folders deep,
+    MAX_ENTRIES entries read, symlinks followed only when they stay inside the root, at most MAX_DATA_FILES."""
     root = Path(root).resolve()
     found: list[str] = []
-    seen = 0
-    stack = [(root, 0)]
-    while stack and len(found) < MAX_DATA_FILES and seen < MAX_ENTRIES:
-        folder, depth = stack.pop()
-        try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError:
-            continue
-        for entry in entries:
-            seen += 1
-            if entry.name.startswith(".") or entry.name in SKIP_DIRS:
-                continue
-            path = Path(entry.path)
-            if entry.is_symlink() and not path.resolve().is_relative_to(root):
-                continue
-            if entry.is_dir() and depth < DATA_DEPTH:
-                stack.append((path, depth + 1))
-            elif entry.is_file() and entry.name.endswith(DATA_SUFFIXES):
-                found.append(str(path.relative_to(root)))
-    return sorted(found[:MAX_DATA_FILES])
+    for path, entry, _ in walk(root, DATA_DEPTH + 1, MAX_ENTRIES, follow_inside_symlinks=True):
+        if entry.name.endswith(DATA_SUFFIXES) and entry.is_file():
+            found.append(path.relative_to(root).as_posix())
+            if len(found) >= MAX_DATA_FILES:
+                break
+    return sorted(found)
+
+
+def corrections_files(root: Path, files: list[str]) -> list[str]:
+    """Corrections files for data.corrections: those the Review page saved (ROOT/.tunesmith-ui/corrections,
+    newest first), then the JSONL data files (`files`) whose name says "correction"."""
+    root = Path(root).resolve()
+    try:
+        folder = inside_root(root, f"{UI_DIR}/corrections")
+    except HTTPException:
+        folder = None
+    saved = [] if folder is None or not folder.is_dir() else [
+        path for path, entry, _ in walk(folder, 1, MAX_DATA_FILES) if entry.name.endswith(".jsonl") and entry.is_file()]
+    saved.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    return [p.relative_to(root).as_posix() for p in saved] + [
+        f for f in files if f.endswith(".jsonl") and "correction" in Path(f).name.lower()]
 
 
 # -- values -> config -------------------------------------------------------------------------------
@@ -193,19 +201,23 @@ async def read_values(request: Request) -> dict[str, Any]:
     return values
 
 
-def to_config(values: dict[str, Any]) -> dict:
+def to_config(root: Path, values: dict[str, Any]) -> dict:
     """The nested project.yaml mapping of the form's values: empty values and defaults left out, each
-    value read as YAML unless the field is plain text, unknown keys kept (load_config names them)."""
+    value read as YAML unless the field is plain text. 400 naming the key for a key the form does not
+    show (the YAML file is the place for the others) and for a path that is not inside `root`."""
     fields = {f["key"]: f for group in schema_fields() for f in group["fields"]}
     config: dict = {}
     for key, raw in values.items():
         field = fields.get(key)
-        if isinstance(raw, str) and not raw.strip() and not (field and field["required"]):
+        if field is None:
+            raise HTTPException(400, f"{key}: not a setting of the New run form (put other keys in a "
+                                     "project.yaml and run it with `tunesmith run`)")
+        if isinstance(raw, str) and not raw.strip() and not field["required"]:
             continue
-        value = raw if not isinstance(raw, str) or (field and field["text"]) else _yaml_value(raw)
-        if key in DATA_KEYS and isinstance(value, str):
-            value = _from_ui_folder(value)
-        if field and not field["required"] and _shown(value) == field["default"]:
+        value = raw if not isinstance(raw, str) or field["text"] else _yaml_value(raw)
+        if key in PATH_KEYS:
+            value = _path_value(Path(root).resolve(), key, value)
+        if not field["required"] and _shown(value) == field["default"]:
             continue
         node = config
         *parents, leaf = key.split(".")
@@ -217,11 +229,42 @@ def to_config(values: dict[str, Any]) -> dict:
     return config
 
 
-def _from_ui_folder(path: str) -> str:
-    """A data path as the form shows it (relative to --root) as written in a config two folders below the
-    root (.tunesmith-ui/drafts or configs): config paths are relative to the config file's folder."""
-    if path.startswith(("/", "~", "hf://")) or Path(path).is_absolute():
+def _path_value(root: Path, key: str, value: Any) -> Any:
+    """A path-valued key's value, each path in it checked to lie inside `root` and rebased for the
+    config's folder; data keys may also hold hf:// references (read from the offline cache only),
+    a source list, or a split fraction. Anything else is left to load_config's located error."""
+    if isinstance(value, list) and key in DATA_KEYS:
+        return [{**v, "path": _inside(root, key, v["path"])} if isinstance(v, dict) and isinstance(
+            v.get("path"), str) else _path_value(root, key, v) for v in value]
+    if not isinstance(value, str) or (key == "task.chat_template" and not value.endswith(".jinja")):
+        return value
+    return _inside(root, key, value)
+
+
+def _inside(root: Path, key: str, path: str) -> str:
+    """`path` (relative to --root, as the form shows it) as written in the config, or 400 naming `key`
+    when it could leave the root: absolute, `~`, `..`, or a symlink (also one a glob matches) whose
+    target is outside. The same answer whether or not the file exists."""
+    if key in DATA_KEYS and path.startswith("hf://"):
         return path
+    refused = HTTPException(400, f"{key}: '{path}' is not a path inside the workbench's root (give a path "
+                                 "relative to --root, without ~ or ..)")
+    if path.startswith("~"):
+        raise refused
+    try:
+        inside_root(root, path)
+        if any(c in path for c in "*?["):
+            for match in itertools.islice(root.glob(path), MAX_GLOB):
+                inside_root(root, match.relative_to(root).as_posix())
+    except (HTTPException, ValueError, NotImplementedError):
+        raise refused from None
+    return _from_ui_folder(path)
+
+
+def _from_ui_folder(path: str) -> str:
+    """A path as the form shows it (relative to --root) as written in a config two folders below the
+    root (.tunesmith-ui/drafts or configs, checked by _ui_folder to be exactly there): config paths are
+    relative to the config file's folder."""
     return f"../../{path}"
 
 
@@ -233,15 +276,19 @@ def _yaml_value(text: str) -> Any:
     return text if isinstance(value, dict) or value is None else value
 
 
-def config_text(values: dict[str, Any]) -> str:
-    return yaml.safe_dump(to_config(values), sort_keys=False, allow_unicode=True)
+def config_text(root: Path, values: dict[str, Any]) -> str:
+    return yaml.safe_dump(to_config(root, values), sort_keys=False, allow_unicode=True)
 
 
 def _ui_folder(root: Path, sub: str) -> Path:
-    """ROOT/.tunesmith-ui/SUB, created, and checked to lie inside the root (not a symlink out of it)."""
+    """ROOT/.tunesmith-ui/SUB, created, and checked to be exactly that folder (no symlink anywhere: the
+    config's `../../` paths must lead back to the root)."""
     folder = inside_root(root, f"{UI_DIR}/{sub}")
     folder.mkdir(parents=True, exist_ok=True)
-    return inside_root(root, f"{UI_DIR}/{sub}")
+    if inside_root(root, f"{UI_DIR}/{sub}") != Path(root).resolve() / UI_DIR / sub:
+        raise HTTPException(409, f"{UI_DIR}/{sub} under the root is a symlink: the workbench writes only "
+                                 "to its own folder")
+    return folder
 
 
 def _slug(values: dict[str, Any]) -> str:
@@ -256,7 +303,7 @@ def check(root: Path, values: dict[str, Any]) -> tuple[Project | None, str | Non
     from tunesmith import fsio
     from tunesmith.config import load_config
 
-    text = config_text(values)
+    text = config_text(root, values)
     draft = _ui_folder(root, "drafts") / f"{_slug(values)}.yaml"
     with _validate_lock:
         fsio.write_text(draft, text)
@@ -274,7 +321,7 @@ def save_config(root: Path, values: dict[str, Any]) -> tuple[Path, Path, str]:
         raise HTTPException(400, problem)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     folder = _ui_folder(root, "configs")
-    text = config_text(values)
+    text = config_text(root, values)
     for attempt in range(100):
         path = folder / f"{project.name}-{stamp}{f'-{attempt}' if attempt else ''}.yaml"
         if _create(path, text):
@@ -310,9 +357,24 @@ async def validate(request: Request) -> JSONResponse:
 
     values = await read_values(request)
     root = request.app.state.ui.root
+    if (refused := _refusal(root, values)) is not None:
+        return refused
     project, problem, draft = await asyncio.to_thread(check, root, values)
     rel = str(draft.relative_to(root))
-    return JSONResponse({"ok": project is not None, "error": problem, "draft": rel, "yaml": config_text(values)})
+    return JSONResponse({"ok": project is not None, "error": problem, "draft": rel,
+                         "yaml": config_text(root, values)})
+
+
+def _refusal(root: Path, values: dict[str, Any]) -> JSONResponse | None:
+    """A 400 {ok: false, error} for a key the form refuses (unknown, or a path leaving the root),
+    before any file is written or read; None when the values can be checked."""
+    try:
+        to_config(root, values)
+    except HTTPException as e:
+        if e.status_code != 400:
+            raise
+        return JSONResponse({"ok": False, "error": str(e.detail)}, status_code=400)
+    return None
 
 
 @router.post("/api/estimate", dependencies=[Depends(csrf)])
@@ -323,6 +385,8 @@ async def estimate(request: Request) -> JSONResponse:
 
     values = await read_values(request)
     root = request.app.state.ui.root
+    if (refused := _refusal(root, values)) is not None:
+        return refused
     if not _estimate_lock.acquire(blocking=False):
         raise HTTPException(409, "an estimate is already being computed; try again in a moment")
     try:
@@ -352,11 +416,14 @@ def _estimate(root: Path, values: dict[str, Any]) -> dict:
 
 
 @router.get("/new", response_class=HTMLResponse)
-def new_run(request: Request) -> HTMLResponse:
-    """The form, generated from the config schema, with the data files found under --root."""
+def new_run(request: Request, corrections: str = "") -> HTMLResponse:
+    """The form, generated from the config schema, with the data and corrections files found under
+    --root; `?corrections=REL` (a root-relative path, as the Review page links it) fills data.corrections."""
     root = request.app.state.ui.root
     files = data_files(root)
-    groups = "".join(_group_html(g, files) for g in schema_fields())
+    found = {"data": files, "corrections": corrections_files(root, files)}
+    given = {"data.corrections": corrections} if corrections and _is_inside(root, corrections) else {}
+    groups = "".join(_group_html(g, found, given) for g in schema_fields())
     lists = (_datalist("models", list(CATALOG)) + _datalist("metrics", list(METRIC_SPECS)))
     lr = {m: spec.learning_rate for m, spec in METHOD_SPECS.items()}
     body = ("<h1>New run</h1><form id='new-run' novalidate "
@@ -368,32 +435,41 @@ def new_run(request: Request) -> HTMLResponse:
     return page(request, "New run", body, ["jobs.js"])
 
 
-def _group_html(group: dict, files: list[str]) -> str:
+def _is_inside(root: Path, rel: str) -> bool:
+    try:
+        inside_root(root, rel)
+    except HTTPException:
+        return False
+    return not rel.startswith("~")
+
+
+def _group_html(group: dict, found: dict[str, list[str]], given: dict[str, str]) -> str:
     methods = group["methods"]
     attr = f" data-methods='{esc(' '.join(methods))}'" if methods else ""
-    rows = "".join(_field_html(f, files) for f in group["fields"])
+    rows = "".join(_field_html(f, found, given.get(f["key"])) for f in group["fields"])
     return f"<fieldset data-group='{esc(group['name'])}'{attr}><legend>{esc(group['name'])}</legend>{rows}</fieldset>"
 
 
-def _field_html(field: dict, files: list[str]) -> str:
+def _field_html(field: dict, found: dict[str, list[str]], given: str | None = None) -> str:
+    """One labelled control; `given` (a value from the page's query) replaces the default."""
     key, default = field["key"], field["default"]
+    value = default if given is None else given
     ident = "f-" + key.replace(".", "-")
     hint = f"default: {default}" if default else ("required" if field["required"] else "optional")
     name = f"name='{esc(key)}' id='{esc(ident)}'"
-    if field["widget"] == "data":
-        options = [("", "(none)" if not field["required"] else "choose a file")] + [(f, f) for f in files]
-        if default and default not in files:
-            options.insert(1, (default, default))
-        control = f"<input {name} list='files-{esc(ident)}' value='{esc(default)}'>" + _datalist(
-            f"files-{ident}", [o for o, _ in options if o])
+    if field["widget"] in found:
+        files = found[field["widget"]]
+        options = [f for f in ([value] if value and value not in files else []) + files if f]
+        control = f"<input {name} list='files-{esc(ident)}' value='{esc(value)}' placeholder='{esc(hint)}'>" + \
+            _datalist(f"files-{ident}", options)
     elif field["widget"] == "select":
         control = f"<select {name}>" + "".join(
-            f"<option{' selected' if c == default else ''}>{esc(c)}</option>" for c in field["choices"]) + "</select>"
+            f"<option{' selected' if c == value else ''}>{esc(c)}</option>" for c in field["choices"]) + "</select>"
     elif field["widget"] == "checkbox":
-        control = f"<input type='checkbox' {name}{' checked' if default == 'true' else ''}>"
+        control = f"<input type='checkbox' {name}{' checked' if value == 'true' else ''}>"
     else:
         listed = {"model": " list='models'", "objective.metric": " list='metrics'"}.get(key, "")
-        control = f"<input {name}{listed} value='{esc(default)}' placeholder='{esc(hint)}'>"
+        control = f"<input {name}{listed} value='{esc(value)}' placeholder='{esc(hint)}'>"
     return f"<label for='{esc(ident)}'><span>{esc(key)}</span>{control}<small>{esc(hint)}</small></label>"
 
 

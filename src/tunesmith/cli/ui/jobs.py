@@ -1,46 +1,56 @@
-"""Jobs of `tunesmith ui`: `tunesmith run` child processes started from the "New run" form, their
-progress read from the run's own train_log.jsonl, stop and resume, and the routes that show them.
+"""Jobs of `tunesmith ui`: `tunesmith run` child processes started from the "New run" form, stop and
+resume, and the routes that show them (their progress, read from the run's own train_log.jsonl: progress.py).
 
 A job is one child process at a time in its own session (so a stop reaches everything it started),
-its output in ROOT/.tunesmith-ui/jobs/ID/log.txt. A watcher thread per job waits on the child, which
-reaps it; shutting the app down stops every running child.
+its output in ROOT/.tunesmith-ui/jobs/ID/log.txt and its record in job.json beside it (written
+atomically at every change), so the job list survives a restart of the workbench: a job that was
+running when the workbench went away is "interrupted" if its process is gone (resume it), "orphaned"
+if it still runs (listed, and Stop still reaches it: its process is recognised by its start time, so a
+recycled pid is never signalled). A watcher thread per job waits on the child, which reaps it;
+shutting the app down stops every running child it started.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import json
+import logging
 import os
-import re
 import secrets
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections import OrderedDict
+import weakref
+from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
+from tunesmith import fsio
 from tunesmith.cli.ui import form
 from tunesmith.cli.ui.layout import esc, page
-from tunesmith.cli.ui.security import csrf
-from tunesmith.runs import interrupted_run, is_run_dir, staging_dir
+from tunesmith.cli.ui.progress import event_stream, last_event
+from tunesmith.cli.ui.scan import UI_DIR
+from tunesmith.cli.ui.security import csrf, inside_root
+from tunesmith.runs import interrupted_run, is_run_dir
 
 router = APIRouter()
 router.include_router(form.router)
 
-UI_DIR = ".tunesmith-ui"
-KEPT_JOBS = 50            # finished jobs remembered (the oldest finished one is forgotten first)
+log = logging.getLogger(__name__)
+
+KEPT_JOBS = 50            # jobs remembered (the oldest finished one is forgotten first) and reloaded at start
 STOP_GRACE_S = 30.0       # SIGTERM, then SIGKILL to what is left of the group after this long
-TAIL_BYTES = 64 * 1024    # most of a log read per poll: bounded memory per connection
-POLL_S = 0.5
+MAX_STREAMS = 8           # live event streams per job (a reconnecting page holds one)
+MAX_RECORD_BYTES = 256 * 1024  # a job.json larger than this is not one the workbench wrote
+LIVE = ("running", "orphaned")  # states whose process runs (both count against --max-jobs)
 # The trainer's own progress bar in the child's output: "train (lora):  50%|...| 3/6 [00:06<00:06, ...".
-# Linear-time: no nested quantifiers; it only ever sees the last TAIL_BYTES of our child's output.
-_BAR = re.compile(r"(\d{1,12})/(\d{1,12}) \[(?:\d{1,6}:)?\d{1,2}:\d{2}<((?:\d{1,6}:)?\d{1,2}:\d{2}|\?)")
 
 
 @dataclass
@@ -51,13 +61,16 @@ class Job:
     name: str
     config: Path
     out: Path
-    folder: Path                         # ROOT/.tunesmith-ui/jobs/ID: log.txt
-    state: str = "running"               # running | done | failed | stopped
+    folder: Path                         # ROOT/.tunesmith-ui/jobs/ID: log.txt, job.json
+    state: str = "running"               # running | done | failed | stopped | interrupted | orphaned
     exit_code: int | None = None
     command: list[str] = field(default_factory=list)
+    commands: list[list[str]] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     ended: float | None = None
+    pid: int | None = None
     pgid: int | None = None
+    pid_start: str | None = None         # the process's start time (/proc/PID/stat): tells a recycled pid
     stopping: bool = False
     process: subprocess.Popen | None = field(default=None, repr=False)
 
@@ -65,11 +78,23 @@ class Job:
     def log(self) -> Path:
         return self.folder / "log.txt"
 
+    @property
+    def live(self) -> bool:
+        return self.state in LIVE
+
     def to_json(self, root: Path) -> dict:
         return {"id": self.id, "name": self.name, "state": self.state, "exit_code": self.exit_code,
                 "config": _rel(self.config, root), "out": _rel(self.out, root),
                 "command": " ".join(self.command), "started": self.started, "ended": self.ended,
                 "run_dir": _rel(self.out, root) if is_run_dir(self.out) else None}
+
+    def record(self) -> dict:
+        """What job.json keeps: enough to list the job, resume it, or stop its process after a restart."""
+        return {key: getattr(self, key) for key in _RECORD}
+
+
+_RECORD = ("id", "name", "config", "out", "commands", "command", "pid", "pgid", "pid_start", "state",
+           "exit_code", "started", "ended")
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -81,13 +106,16 @@ def _tunesmith(*args: str) -> list[str]:
 
 
 class JobManager:
-    """Starts, stops and resumes `tunesmith run` child processes, at most `max_jobs` at once."""
+    """Starts, stops and resumes `tunesmith run` child processes, at most `max_jobs` at once; reloads
+    the newest KEPT_JOBS job records of ROOT/.tunesmith-ui/jobs when it starts."""
 
     def __init__(self, root: Path, max_jobs: int = 1) -> None:
         self.root = Path(root).resolve()
         self.max_jobs = max_jobs
         self.jobs: OrderedDict[str, Job] = OrderedDict()
+        self.streams: Counter[str] = Counter()  # open event streams per job id
         self.lock = threading.Lock()
+        self._reload()
 
     def start(self, config_path: Path, out: Path, name: str = "run") -> Job:
         """`tunesmith run CONFIG --out OUT` as a new job. HTTPException 409 when max_jobs already run."""
@@ -95,19 +123,33 @@ class JobManager:
 
     def launch(self, commands: list[list[str]], config_path: Path, out: Path, name: str,
                job: Job | None = None) -> Job:
-        """Run `commands` one after another (the next only after an exit 0) as `job`, or a new one."""
+        """Run `commands` one after another (the next only after an exit 0) as `job`, or a new one.
+        HTTPException 409 when `job` runs already (a double-clicked Resume) or max_jobs jobs run."""
         with self.lock:
+            if job is not None and job.live:
+                raise HTTPException(409, f"job {job.id} is already running")
             self.check_capacity()
             if job is None:
                 job_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
-                job = Job(job_id, name, Path(config_path), Path(out), self.root / UI_DIR / "jobs" / job_id)
+                job = Job(job_id, name, Path(config_path), Path(out), self._job_folder(job_id))
                 self.jobs[job.id] = job
                 self._forget_old()
             job.state, job.exit_code, job.ended, job.stopping = "running", None, None, False
-            job.folder.mkdir(parents=True, exist_ok=True)
-            self._spawn(job, commands[0])
-        threading.Thread(target=self._watch, args=(job, commands), daemon=True, name=f"job-{job.id}").start()
+            job.commands = [list(c) for c in commands]
+            started = self._spawn(job, commands[0])
+        if started:
+            threading.Thread(target=self._watch, args=(job, commands), daemon=True, name=f"job-{job.id}").start()
         return job
+
+    def _job_folder(self, job_id: str) -> Path:
+        """ROOT/.tunesmith-ui/jobs/ID, created, refused (409) where a symlink would lead it out of the root."""
+        rel = f"{UI_DIR}/jobs/{job_id}"
+        try:
+            inside_root(self.root, rel).mkdir(parents=True, exist_ok=True)
+            return inside_root(self.root, rel)
+        except HTTPException:
+            raise HTTPException(409, f"{self.root / UI_DIR} leads outside the root: job logs are not written "
+                                     "there; remove the link") from None
 
     def check_capacity(self) -> None:
         """HTTPException 409 when max_jobs jobs are running already."""
@@ -116,66 +158,112 @@ class JobManager:
                                      f"{self.max_jobs}); stop one or wait for it to finish")
 
     def running(self) -> int:
-        return sum(1 for j in self.jobs.values() if j.state == "running")
+        return sum(1 for j in self.jobs.values() if j.live)
+
+    def snapshot(self) -> list[Job]:
+        """The jobs, oldest first, copied under the lock (a start may forget an old job meanwhile)."""
+        with self.lock:
+            return list(self.jobs.values())
 
     def _forget_old(self) -> None:
-        finished = [j.id for j in self.jobs.values() if j.state != "running"]
+        finished = [j.id for j in self.jobs.values() if not j.live]
         for job_id in finished[: max(0, len(self.jobs) - KEPT_JOBS)]:
             del self.jobs[job_id]
 
-    def _spawn(self, job: Job, command: list[str]) -> None:
-        with open(job.log, "ab") as log:  # the child holds its own copy of the descriptor
-            log.write(f"$ {' '.join(command)}\n".encode())
-            log.flush()
-            job.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                           cwd=self.root, start_new_session=True)
-        job.command, job.pgid = command, job.process.pid
+    def _spawn(self, job: Job, command: list[str]) -> bool:
+        """Start `command` as the job's process (the caller holds the lock); False, with the job failed
+        and the reason in its log, when it cannot be started."""
+        job.command = command
+        try:
+            self._job_folder(job.id)  # still inside the root (a link may have replaced it since)
+            with open(job.log, "ab") as out:  # the child holds its own copy of the descriptor
+                out.write(f"$ {' '.join(command)}\n".encode())
+                out.flush()
+                job.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                               stdin=subprocess.DEVNULL, cwd=self.root, start_new_session=True)
+        except (OSError, HTTPException) as e:
+            reason = e.detail if isinstance(e, HTTPException) else f"{type(e).__name__}: {e}"
+            self._note(job, f"error: could not start {command[0]}: {reason}")
+            job.process, job.pid, job.pgid, job.pid_start = None, None, None, None
+            self._finish(job, None, "failed")
+            return False
+        job.pid = job.pgid = job.process.pid
+        job.pid_start = _start_time(job.pid)
+        self._save(job)
+        return True
+
+    def _note(self, job: Job, line: str) -> None:
+        try:
+            with open(inside_root(self.root, f"{UI_DIR}/jobs/{job.id}/log.txt"), "a", encoding="utf-8") as out:
+                out.write(line + "\n")
+        except (OSError, HTTPException):
+            pass  # the log cannot be written (or leads out of the root): job.json still says the job failed
+        log.warning("job %s: %s", job.id, line)
+
+    def _finish(self, job: Job, code: int | None, state: str) -> None:
+        job.exit_code, job.ended, job.state = code, time.time(), state
+        self._save(job)
+
+    def _save(self, job: Job) -> None:
+        """job.json, atomically (temp file and rename); a failure costs only the record after a restart."""
+        try:
+            target = inside_root(self.root, f"{UI_DIR}/jobs/{job.id}/job.json")
+            fsio.write_json(target, job.record())
+        except (OSError, HTTPException) as e:
+            log.warning("job %s: job.json not written: %s", job.id, getattr(e, "detail", e))
 
     def _watch(self, job: Job, commands: list[list[str]]) -> None:
         """Wait for each command (this reaps it), start the next after an exit 0, record the end."""
+        code = None
         for i in range(len(commands)):
             if i:
                 with self.lock:
                     if job.stopping:
                         break
-                    self._spawn(job, commands[i])
+                    if not self._spawn(job, commands[i]):
+                        return  # failed, and said why in its log
             code = job.process.wait()
             if job.stopping:
                 _signal_group(job.pgid, signal.SIGKILL)  # whatever the leader left behind
             if code != 0 or job.stopping:
                 break
         with self.lock:
-            job.exit_code = code
-            job.ended = time.time()
             # 3: the run finished and was judged, and the objective was not met: a finished run.
-            job.state = "stopped" if job.stopping else ("done" if code in (0, 3) else "failed")
+            self._finish(job, code, "stopped" if job.stopping else ("done" if code in (0, 3) else "failed"))
 
     def get(self, job_id: str) -> Job:
-        job = self.jobs.get(job_id)
+        with self.lock:
+            job = self.jobs.get(job_id)
         if job is None:
-            raise HTTPException(404, f"no job {job_id!r} in this workbench session")
+            raise HTTPException(404, f"no job {job_id!r} in this workbench")
         return job
 
     def stop(self, job_id: str) -> Job:
-        """SIGTERM to the job's process group; SIGKILL to the group after STOP_GRACE_S."""
+        """SIGTERM to the job's process group; SIGKILL to the group after STOP_GRACE_S. An orphaned job
+        (started before a restart) is signalled only while its process is still the one it started."""
         job = self.get(job_id)
         with self.lock:
-            if job.state != "running":
+            if not job.live:
                 raise HTTPException(409, f"job {job_id} is not running (it is {job.state})")
+            if job.state == "orphaned" and not _same_process(job.pid, job.pid_start):
+                self._finish(job, None, "interrupted")
+                raise HTTPException(409, f"job {job_id} is not running any more (it is interrupted)")
             job.stopping = True
             process, pgid = job.process, job.pgid
         _signal_group(pgid, signal.SIGTERM)
-        threading.Thread(target=_kill_after, args=(process, pgid, STOP_GRACE_S), daemon=True).start()
+        if process is not None:  # an orphan's watcher (_watch_orphan) kills it after the grace time
+            threading.Thread(target=_kill_after, args=(process, pgid, STOP_GRACE_S), daemon=True).start()
         return job
 
     def resume(self, job_id: str) -> Job:
-        """Continue a stopped or failed job's training (`tunesmith train --resume OUT`), then evaluate it
-        (`tunesmith eval OUT`): what the CLI can resume. HTTPException 409 when there is nothing to resume."""
+        """Continue a stopped, failed or interrupted job's training (`tunesmith train --resume OUT`), then
+        evaluate it (`tunesmith eval OUT`): what the CLI can resume. HTTPException 409 when there is
+        nothing to resume, or the job runs already."""
         from tunesmith.errors import RunDirError
         from tunesmith.train.checkpoint import list_checkpoints
 
         job = self.get(job_id)
-        if job.state == "running":
+        if job.live:
             raise HTTPException(409, f"job {job_id} is still running")
         try:
             final, staging = interrupted_run(job.out)
@@ -185,18 +273,119 @@ class JobManager:
             raise HTTPException(409, f"error: no checkpoint to resume from, {staging}, the run stopped before its "
                                      "first checkpoint (train.checkpoint_every steps); start it anew")
         commands = [_tunesmith("train", "--resume", str(final)), _tunesmith("eval", str(final))]
-        return self.launch(commands, job.config, job.out, job.name, job)
+        return self.launch(commands, job.config, job.out, job.name, job)  # re-checks, under the lock
+
+    def open_stream(self, job_id: str) -> Callable[[], None]:
+        """Count one more event stream of the job (HTTPException 429 past MAX_STREAMS); returns its
+        release, which counts only its first call (at the stream's end, or when the stream is collected)."""
+        with self.lock:
+            if self.streams[job_id] >= MAX_STREAMS:
+                raise HTTPException(429, f"{MAX_STREAMS} pages already follow job {job_id}: close one")
+            self.streams[job_id] += 1
+        released = threading.Event()
+
+        def release() -> None:
+            with self.lock:
+                if not released.is_set():
+                    released.set()
+                    self.streams[job_id] -= 1
+        return release
 
     def shutdown(self, grace: float = 5.0) -> None:
-        """Stop every running child (the app is shutting down): SIGTERM, SIGKILL after `grace` seconds."""
+        """Stop every running child (the app is shutting down): SIGTERM, SIGKILL after `grace` seconds.
+        Orphaned jobs, started by an earlier workbench, are left as they are."""
         with self.lock:
-            live = [j for j in self.jobs.values() if j.state == "running"]
+            live = [j for j in self.jobs.values() if j.state == "running" and j.process is not None]
             for job in live:
                 job.stopping = True
         for job in live:
             _signal_group(job.pgid, signal.SIGTERM)
         for job in live:
             _kill_after(job.process, job.pgid, grace)
+
+    # -- after a restart ---------------------------------------------------------------------------
+
+    def _reload(self) -> None:
+        """The newest KEPT_JOBS job records: a job that was running is orphaned if its process still runs,
+        else interrupted (its record is updated)."""
+        try:
+            folder = inside_root(self.root, f"{UI_DIR}/jobs")
+            names = heapq.nlargest(KEPT_JOBS, (e.name for e in os.scandir(folder) if e.is_dir(follow_symlinks=False)))
+        except (HTTPException, OSError):
+            return  # no jobs yet, or the folder leads outside the root
+        for name in sorted(names):
+            job = self._load(folder / name)
+            if job is None:
+                continue
+            self.jobs[job.id] = job
+            if job.state in LIVE:
+                if _same_process(job.pid, job.pid_start):
+                    job.state = "orphaned"
+                    threading.Thread(target=self._watch_orphan, args=(job,), daemon=True,
+                                     name=f"job-{job.id}").start()
+                else:
+                    job.state, job.ended = "interrupted", job.ended or time.time()
+                self._save(job)
+
+    def _load(self, folder: Path) -> Job | None:
+        """The job of a job.json the workbench wrote, or None (with a warning) for anything else."""
+        path = folder / "job.json"
+        try:
+            if path.is_symlink() or path.stat().st_size > MAX_RECORD_BYTES:
+                return None
+            data = json.loads(path.read_text(encoding="utf-8"))
+            job = Job(id=str(data["id"]), name=str(data["name"]), config=Path(data["config"]), out=Path(data["out"]),
+                      folder=folder, state=str(data["state"]), exit_code=_int(data.get("exit_code")),
+                      command=[str(c) for c in data.get("command") or []],
+                      commands=[[str(c) for c in cmd] for cmd in data.get("commands") or []],
+                      started=float(data.get("started") or 0), ended=_float(data.get("ended")),
+                      pid=_int(data.get("pid")), pgid=_int(data.get("pgid")),
+                      pid_start=None if data.get("pid_start") is None else str(data["pid_start"]))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning("%s: not a job record, skipped (%s)", path, e)
+            return None
+        inside = all(p.resolve().is_relative_to(self.root) for p in (job.config, job.out))
+        return job if job.id == folder.name and inside else None  # never a path out of the root
+
+    def _watch_orphan(self, job: Job, poll: float = 0.5) -> None:
+        """Wait for an orphaned job's process to end (it is not our child: poll /proc), record the end;
+        once it is stopped, SIGKILL its group if it outlives STOP_GRACE_S (while it is still that process)."""
+        deadline = None
+        while _same_process(job.pid, job.pid_start):
+            deadline = deadline or (time.time() + STOP_GRACE_S if job.stopping else None)
+            if deadline and time.time() >= deadline:
+                _signal_group(job.pgid, signal.SIGKILL)
+            time.sleep(poll)
+        with self.lock:
+            if job.state == "orphaned":  # its exit code went to the process that started it
+                self._finish(job, None, "stopped" if job.stopping else "interrupted")
+
+
+def _int(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _float(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _start_time(pid: int | None) -> str | None:
+    """The start time of process `pid` (field 22 of /proc/PID/stat, clock ticks since boot), None when
+    it is gone, a zombie, or the system has no /proc: with the pid it names one process, never a
+    later one that reuses the pid."""
+    if pid is None or pid <= 0:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _same_process(pid: int | None, start: str | None) -> bool:
+    return start is not None and _start_time(pid) == start
 
 
 def _signal_group(pgid: int | None, sig: int) -> None:
@@ -216,116 +405,6 @@ def _kill_after(process: subprocess.Popen | None, pgid: int | None, grace: float
         process.wait(grace)
     except subprocess.TimeoutExpired:
         _signal_group(pgid, signal.SIGKILL)
-
-
-# -- progress: the run's own train_log.jsonl and the trainer's progress bar ----------------------------
-
-class Progress:
-    """Reads a job's progress incrementally: new train_log.jsonl records (in the staging folder while the
-    run is built, in the run directory once it is in place) and the last progress bar of its output."""
-
-    def __init__(self, job: Job) -> None:
-        self.job = job
-        self.offset, self.inode, self.partial = 0, None, b""
-        self.total, self.eta_s, self.phase = None, None, None
-        self.max_steps = _max_steps(job.config)
-
-    def records(self) -> list[dict]:
-        """train_log.jsonl records written since the last call (at most TAIL_BYTES of them)."""
-        path = next((p for p in (staging_dir(self.job.out) / "train_log.jsonl", self.job.out / "train_log.jsonl")
-                     if p.is_file()), None)
-        if path is None:
-            return []
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            if (st.st_dev, st.st_ino) != self.inode or st.st_size < self.offset:  # a resume rewrote it
-                self.inode, self.offset, self.partial = (st.st_dev, st.st_ino), 0, b""
-            f.seek(self.offset)
-            chunk = f.read(TAIL_BYTES)
-        self.offset += len(chunk)
-        lines = (self.partial + chunk).split(b"\n")
-        self.partial = lines.pop()[-TAIL_BYTES:]
-        out = []
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                out.append(record)
-        return out
-
-    def bar(self) -> None:
-        """The trainer's latest progress bar in the job's output: total steps and its ETA."""
-        try:
-            with open(self.job.log, "rb") as f:
-                f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
-                tail = f.read().decode("utf-8", "replace")
-        except OSError:
-            return
-        segment = re.split(r"[\r\n]", tail.rstrip())[-1]
-        self.phase = segment.split(":", 1)[0].strip()[:40] or None
-        if not segment.startswith("train ("):
-            return
-        match = _BAR.search(segment)
-        if match:
-            self.total = int(match.group(2))
-            self.eta_s = None if match.group(3) == "?" else _seconds(match.group(3))
-
-    def events(self) -> list[dict]:
-        """The events since the last call: progress (step, loss, ETA), validation records, overfitting flags."""
-        self.bar()
-        out = []
-        for r in self.records():
-            if "overfitting" in r:
-                out.append({"type": "overfitting", "step": r.get("step"), "flag": r["overfitting"]})
-            elif "val_loss" in r:
-                out.append({"type": "validation", **r})
-            elif "loss" in r:
-                total = self.total or self.max_steps  # train.max_steps is the trainer's total when set
-                out.append({"type": "progress", "step": r.get("step"), "epoch": r.get("epoch"),
-                            "loss": r.get("loss"), "lr": r.get("lr"), "total": total,
-                            "eta_s": self.eta_s if self.total else None, "phase": self.phase})
-        if not out and self.phase:
-            out.append({"type": "phase", "phase": self.phase})
-        return out
-
-
-def _seconds(text: str) -> int:
-    seconds = 0
-    for part in text.split(":"):
-        seconds = seconds * 60 + int(part)
-    return seconds
-
-
-def _max_steps(config: Path) -> int | None:
-    """train.max_steps of the job's config: then the trainer's total (trainer.make_plan); else unknown here."""
-    import yaml
-
-    try:
-        raw = yaml.safe_load(config.read_text(encoding="utf-8"))
-        value = raw.get("train", {}).get("max_steps")
-    except (OSError, AttributeError, yaml.YAMLError):
-        return None
-    return value if isinstance(value, int) and value > 0 else None
-
-
-async def event_stream(manager: JobManager, job: Job, poll: float = POLL_S):
-    """Server-sent events: progress until the job ends, then one status event."""
-    progress = Progress(job)
-    yield _sse({"type": "status", **job.to_json(manager.root)})
-    while True:
-        ended = job.state != "running"
-        for event in await asyncio.to_thread(progress.events):
-            yield _sse(event)
-        if ended:  # read once more after the end, so the last records are sent
-            yield _sse({"type": "status", **job.to_json(manager.root)})
-            return
-        await asyncio.sleep(poll)
-
-
-def _sse(event: dict) -> str:
-    return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
 
 
 # -- routes ----------------------------------------------------------------------------------------
@@ -352,7 +431,7 @@ async def start_job(request: Request) -> JSONResponse:
 @router.get("/api/jobs")
 def list_jobs(request: Request) -> JSONResponse:
     manager = _manager(request)
-    return JSONResponse({"jobs": [j.to_json(manager.root) for j in reversed(manager.jobs.values())]})
+    return JSONResponse({"jobs": [j.to_json(manager.root) for j in reversed(manager.snapshot())]})
 
 
 @router.get("/api/jobs/{job_id}")
@@ -365,8 +444,10 @@ def job_status(job_id: str, request: Request) -> JSONResponse:
 def job_events(job_id: str, request: Request) -> StreamingResponse:
     manager = _manager(request)
     job = manager.get(job_id)
-    return StreamingResponse(event_stream(manager, job), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-store"})
+    release = manager.open_stream(job_id)  # 429 past MAX_STREAMS
+    stream = event_stream(manager, job, resume=last_event(request.headers.get("last-event-id")), release=release)
+    weakref.finalize(stream, release)  # a stream dropped before it started never runs its finally
+    return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
 
 @router.post("/api/jobs/{job_id}/stop", dependencies=[Depends(csrf)])

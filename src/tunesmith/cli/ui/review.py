@@ -1,20 +1,26 @@
 """Review labels: the data stage's suspected label errors (RUN/data/suspects.jsonl) as a review queue.
 
 Each decision (keep, relabel, drop) is saved at once into a corrections file under the root
-(default ROOT/.tunesmith-ui/corrections/RUN.jsonl), which `data.corrections: FILE` applies in the next
-run (tunesmith/data/corrections.py). The queue also goes to and comes back from Label Studio:
-`GET /api/review/export` gives Label Studio JSON tasks (the text as `data.text`, the suggested label as
-a prediction, a decision already made as an annotation), and `POST /api/review/import` turns Label
-Studio's JSON export (annotations[].result[].value.choices) back into decisions. Formats:
+(default ROOT/.tunesmith-ui/corrections/RUN-HASH.jsonl, HASH from the run's path), which
+`data.corrections: FILE` applies in the next run (tunesmith/data/corrections.py). The queue also goes
+to and comes back from Label Studio: `GET /api/review/export` gives Label Studio JSON tasks (the text
+as `data.text`, the suggested label as a prediction, a decision already made as an annotation), and
+`POST /api/review/import` turns Label Studio's JSON export (annotations[].result[].value.choices) back
+into decisions. The page posts a row's key (a hash of its text and given label), never the text
+itself: the server takes the exact text from suspects.jsonl, since text that went through an HTML
+attribute comes back changed (CR and CRLF read as LF, NUL as U+FFFD) and would no longer match its row.
+Formats:
 https://labelstud.io/guide/task_format and https://labelstud.io/guide/predictions.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import threading
 from pathlib import Path
+from urllib.parse import quote, urlencode
 
 import yaml
 from fastapi import APIRouter, Depends, HTTPException, Request
@@ -22,9 +28,11 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from tunesmith import fsio
 from tunesmith.cli.ui.layout import esc, page
+from tunesmith.cli.ui.scan import UI_DIR, walk
 from tunesmith.cli.ui.security import csrf, inside_root
 from tunesmith.data.corrections import MAX_DECISIONS, Decision, merge, parse_decision, read_corrections
 from tunesmith.errors import DataError
+from tunesmith.runs import is_run_dir
 
 router = APIRouter()
 
@@ -33,10 +41,9 @@ MAX_EXPORT = 10_000             # tasks one export holds
 MAX_SUSPECTS_BYTES = 64 << 20   # a suspects.jsonl larger than this is not read
 MAX_BODY = 20 << 20             # bytes of an uploaded Label Studio export
 MAX_DECISION_BODY = 1 << 20     # bytes of one decision
-MAX_SCAN_DIRS = 5000            # folders looked at when listing runs with suspects
+MAX_SCAN_ENTRIES = 20_000       # folder entries read when listing runs with suspects
 SCAN_DEPTH = 4
 DROP_CHOICE = "(drop)"          # the Label Studio choice that means "drop this row"
-UI_DIR = ".tunesmith-ui"
 _WRITE = threading.Lock()       # one read-merge-write of a corrections file at a time
 
 
@@ -120,19 +127,37 @@ def _source(row: dict) -> str | None:
 
 
 # -- the corrections file --------------------------------------------------------------------------
-def corrections_path(request: Request, run: str, file: str | None) -> Path:
-    """Where this review's decisions go: `file` (under the root, a .jsonl outside any run folder the
-    review reads) or ROOT/.tunesmith-ui/corrections/RUN.jsonl."""
+def corrections_path(request: Request, folder: Path, file: str | None) -> Path:
+    """Where the review of the run in `folder` saves its decisions: `file` (a .jsonl under the root,
+    outside the reviewed folder and outside every run folder) or the default under ROOT/.tunesmith-ui."""
     root: Path = request.app.state.ui.root
-    if file:
-        path = inside_root(request, file)
-        if path.suffix != ".jsonl" or path.is_dir():
-            raise HTTPException(400, "the corrections file must be a .jsonl file")
-        if path.is_relative_to(inside_root(request, run)):
-            raise HTTPException(400, "keep the corrections file outside the run folder (a run's files are its record)")
-        return path
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", run).strip("._") or "run"
-    return root / UI_DIR / "corrections" / f"{name[:150]}.jsonl"
+    if not file:
+        return default_corrections(root, folder)
+    path = inside_root(request, file)
+    if path.suffix != ".jsonl" or (path.exists() and not path.is_file()):
+        raise HTTPException(400, "the corrections file must be a .jsonl file")
+    if path.is_relative_to(folder) or _in_run_dir(root, path):
+        raise HTTPException(400, "keep the corrections file outside run folders (a run's files are its record)")
+    return path
+
+
+def _in_run_dir(root: Path, path: Path) -> bool:
+    """Whether a folder holding `path`, up to the root, is a run directory."""
+    return any(is_run_dir(p) for p in path.parents if p == root or p.is_relative_to(root))
+
+
+def default_corrections(root: Path, folder: Path) -> Path:
+    """ROOT/.tunesmith-ui/corrections/NAME-HASH.jsonl for the run in `folder`: NAME is its path made
+    readable, HASH tells apart runs whose names read the same (a/b and a_b). Through inside_root, so a
+    .tunesmith-ui that is a link leaving the root is never written through."""
+    rel = folder.relative_to(root).as_posix()
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", rel).strip("._")[:120] or "run"
+    digest = hashlib.sha256(rel.encode("utf-8")).hexdigest()[:8]
+    try:
+        return inside_root(root, f"{UI_DIR}/corrections/{name}-{digest}.jsonl")
+    except HTTPException:
+        raise HTTPException(409, f"{root / UI_DIR} leads outside the root: decisions are not written there; "
+                                 "give file=PATH.jsonl under the root") from None
 
 
 def _existing(path: Path) -> list[Decision]:
@@ -140,8 +165,9 @@ def _existing(path: Path) -> list[Decision]:
         return []
     try:
         return read_corrections(path)
-    except DataError as e:  # never overwrite a file that is not a corrections file we can read
-        raise HTTPException(409, f"{e.line().removeprefix('error: ')}: left untouched") from None
+    except DataError as e:  # never overwrite it, nor show its content (it may be any file under the root)
+        where = f"{path}:{e.lineno}" if e.lineno else str(path)
+        raise HTTPException(409, f"not a corrections file: {where}") from None
 
 
 def save_decisions(path: Path, new: list[Decision]) -> int:
@@ -169,10 +195,27 @@ async def _body(request: Request, limit: int) -> object:
         raise HTTPException(400, "the body is not JSON") from None
 
 
-def _decision_from(body: dict, labels: list[str]) -> Decision:
-    fields = {k: body.get(k) for k in ("text", "given_label", "action", "label", "source") if body.get(k) is not None}
+def row_key(text: str, given: str) -> str:
+    """The key a page posts for a suspect: ASCII, so it survives an HTML attribute unchanged."""
+    return hashlib.sha256(json.dumps([text, given]).encode("utf-8")).hexdigest()[:32]
+
+
+def _decision_from(body: dict, rows: list[dict], text_field: str, labels: list[str]) -> Decision:
+    """The decision for the suspect whose row_key is body["row"], its text and label taken from the file."""
+    key = body.get("row")
+    if not isinstance(key, str):
+        raise HTTPException(400, "give 'row', the key of the suspect's row in the page (data-row)")
+    row = next((r for r in rows if (t := _row_text(r, text_field)) is not None
+                and row_key(t, r["given_label"]) == key), None)
+    if row is None:
+        raise HTTPException(409, "that row is not in the run's suspects (the run changed?): reload the page")
+    given, action, label = row["given_label"], body.get("action"), body.get("label")
+    if action == "relabel" and isinstance(label, str) and label.strip() == given.strip():
+        action, label = "keep", None   # "relabel" to the label it has: the reviewer keeps it
+    fields = {"text": _row_text(row, text_field), "given_label": given, "action": action,
+              "label": label if action == "relabel" else None, "source": _source(row)}
     try:
-        d = parse_decision(fields)
+        d = parse_decision({k: v for k, v in fields.items() if v is not None})
     except ValueError as e:
         raise HTTPException(400, str(e)) from None
     if d.action == "relabel" and labels and d.label not in labels:
@@ -189,25 +232,26 @@ def review_page(request: Request, run: str | None = None, file: str | None = Non
     folder, found = _run_folder(request, run)
     rows, total = read_suspects(found)
     text_field, labels = task_fields(request.app.state.ui.root, folder, rows)
-    target = corrections_path(request, run, file)
+    target = corrections_path(request, folder, file)
     decided = {d.key: d for d in _existing(target)}
     body = (f"<h1>Review labels: {esc(run)}</h1>"
             f"<p>{total} suspected label errors{f', the first {len(rows)} by rank' if total > len(rows) else ''}. "
             "Each decision is saved at once.</p>" + _file_note(target, len(decided), request.app.state.ui.root)
-            + _queue(rows, text_field, labels, decided, run, file) + _label_studio(run, labels))
+            + _queue(rows, text_field, labels, decided, run, file) + _label_studio(run, file, labels))
     return page(request, f"Review labels: {run}", body, scripts=["review.js"])
 
 
 @router.post("/api/review/decision", dependencies=[Depends(csrf)])
 async def decide(request: Request) -> JSONResponse:
-    """Save one decision {run, text, given_label, action, label?, source?, file?}; returns the file's count."""
+    """Save one decision {run, row (the suspect's row_key), action, label?, file?}; returns the file's count."""
     body = await _body(request, MAX_DECISION_BODY)
     if not isinstance(body, dict) or not isinstance(body.get("run"), str):
-        raise HTTPException(400, "give a JSON object with run, text, given_label and action")
+        raise HTTPException(400, "give a JSON object with run, row, action and (for relabel) label")
     folder, found = _run_folder(request, body["run"])
-    _, labels = task_fields(request.app.state.ui.root, folder, read_suspects(found, MAX_EXPORT)[0])
-    decision = _decision_from(body, labels)
-    path = corrections_path(request, body["run"], body.get("file") if isinstance(body.get("file"), str) else None)
+    rows = read_suspects(found, MAX_EXPORT)[0]
+    text_field, labels = task_fields(request.app.state.ui.root, folder, rows)
+    decision = _decision_from(body, rows, text_field, labels)
+    path = corrections_path(request, folder, body.get("file") if isinstance(body.get("file"), str) else None)
     count = save_decisions(path, [decision])
     return JSONResponse({"count": count, "file": str(path), "decision": decision.to_json()})
 
@@ -218,7 +262,7 @@ def export(request: Request, run: str, file: str | None = None) -> JSONResponse:
     folder, found = _run_folder(request, run)
     rows, _ = read_suspects(found, MAX_EXPORT)
     text_field, _ = task_fields(request.app.state.ui.root, folder, rows)
-    decided = {d.key: d for d in _existing(corrections_path(request, run, file))}
+    decided = {d.key: d for d in _existing(corrections_path(request, folder, file))}
     tasks = [label_studio_task(row, text, decided.get((text, row["given_label"])), run)
              for row in rows if (text := _row_text(row, text_field)) is not None]
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", run).strip("._") or "run"
@@ -237,7 +281,7 @@ async def import_tasks(request: Request, run: str, file: str | None = None) -> J
         raise HTTPException(413, f"at most {MAX_DECISIONS} tasks")
     _, labels = task_fields(request.app.state.ui.root, folder, read_suspects(found, MAX_EXPORT)[0])
     decisions, counts = decisions_from_label_studio(tasks, labels)
-    path = corrections_path(request, run, file)
+    path = corrections_path(request, folder, file)
     count = save_decisions(path, decisions) if decisions else len(_existing(path))
     return JSONResponse({"count": count, "file": str(path), **counts})
 
@@ -317,10 +361,12 @@ def decisions_from_label_studio(tasks: list, labels: list[str]) -> tuple[list[De
 
 # -- page parts ------------------------------------------------------------------------------------
 def _file_note(path: Path, count: int, root: Path) -> str:
+    start = f"/new?{urlencode({'corrections': path.relative_to(root).as_posix()})}"
     return (f"<section class='corrections'><p>Decisions are saved to <code id='corrections-file'>{esc(path)}</code> "
             f"(<span id='decision-count'>{count}</span> so far). To apply them in the next run, add to its "
             "config:</p>"
             f"<pre>data:\n  corrections: {esc(path)}</pre>"
+            f"<p><a id='start-with-corrections' href='{esc(start)}'>Start a run with these corrections</a></p>"
             f"<p class='hint'>Under the root {esc(root)}; a relative path resolves from the config file's folder. "
             "Test rows are never changed by corrections.</p></section>")
 
@@ -338,7 +384,7 @@ def _queue(rows: list[dict], text_field: str, labels: list[str], decided: dict, 
         select = options.replace(f"value='{esc(suggested)}'>", f"value='{esc(suggested)}' selected>", 1)
         score = row.get("score")
         out.append(
-            f"<tr data-text='{esc(text)}' data-given='{esc(given)}' data-source='{esc(_source(row) or '')}'>"
+            f"<tr data-row='{row_key(text, given)}' data-given='{esc(given)}'>"
             f"<td>{esc(row.get('rank', ''))}</td><td class='text'>{esc(text)}</td><td>{esc(given)}</td>"
             f"<td>{esc(suggested)}</td><td>{f'{score:.2f}' if isinstance(score, (int, float)) else ''}</td>"
             f"<td class='status'>{esc(status)}{' (reviewed)' if row.get('reviewed') else ''}</td><td class='actions'>"
@@ -351,11 +397,10 @@ def _queue(rows: list[dict], text_field: str, labels: list[str], decided: dict, 
             f"<tbody>{''.join(out)}</tbody></table><p id='review-message' role='status'></p>")
 
 
-def _label_studio(run: str, labels: list[str]) -> str:
-    from urllib.parse import quote
-
+def _label_studio(run: str, file: str | None, labels: list[str]) -> str:
+    query = urlencode({"run": run, **({"file": file} if file else {})})
     return ("<section class='label-studio'><h2>Label Studio</h2>"
-            f"<p><a href='/api/review/export?run={esc(quote(run))}' download>Download the queue as Label Studio "
+            f"<p><a id='ls-export' href='/api/review/export?{esc(query)}' download>Download the queue as Label Studio "
             "tasks</a> (JSON; the suggested label as a prediction). Labeling interface for the project:</p>"
             f"<pre>{esc(label_config(labels))}</pre>"
             "<p><label>Import Label Studio's JSON export "
@@ -368,29 +413,31 @@ def _run_list(root: Path) -> str:
     if not found:
         return ("<h1>Review labels</h1><p>No run under the root has suspected label errors yet: a run's data stage "
                 "lists them when data.clean.label_noise is on (the default for classification).</p>")
-    from urllib.parse import quote
-
     items = "".join(f"<li><a href='/review?run={esc(quote(rel))}'>{esc(rel)}</a></li>" for rel in found)
     return f"<h1>Review labels</h1><p>Runs with suspected label errors:</p><ul class='review-runs'>{items}</ul>"
 
 
 def _folders_with_suspects(root: Path) -> list[str]:
-    """Folders under `root` (depth-limited, hidden folders and symlinks skipped) with a non-empty suspects file."""
-    out, todo, seen = [], [(root, 0)], 0
-    while todo and seen < MAX_SCAN_DIRS:
-        folder, depth = todo.pop()
-        seen += 1
+    """Folders under `root` with a non-empty suspects file, found by the workbench's one bounded walk
+    (scan.walk: depth-limited, hidden folders and symlinks skipped); a folder with one is not searched
+    further (a run's own data/ folder is not listed again)."""
+    def has_suspects(folder: Path) -> bool:
         found = suspects_file(folder)
-        if found is not None:  # a run's own data/ folder is not listed again
-            if _under(root, found) is not None and found.stat().st_size > 0:
-                out.append(folder.relative_to(root).as_posix() or ".")
-            continue
-        if depth >= SCAN_DEPTH:
-            continue
-        try:
-            children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink()
-                              and not p.name.startswith("."))
-        except OSError:
-            continue
-        todo += [(p, depth + 1) for p in reversed(children)]
+        if found is not None:
+            stop.add(folder)
+        return found is not None and _under(root, found) is not None and found.stat().st_size > 0
+
+    stop: set[Path] = set()
+    if has_suspects(root):
+        return ["."]
+    out = [path.relative_to(root).as_posix()
+           for path, entry, _ in walk(root, SCAN_DEPTH, MAX_SCAN_ENTRIES, enter=lambda folder: folder not in stop)
+           if _is_folder(entry) and has_suspects(path)]
     return sorted(out)
+
+
+def _is_folder(entry) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import mimetypes
-import os
 import tempfile
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -19,16 +18,16 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
 from tunesmith import fsio
 from tunesmith.cli.ui.layout import esc, page
+from tunesmith.cli.ui.scan import walk
 from tunesmith.cli.ui.security import FILE_CSP, inside_root
 from tunesmith.runs import is_run_dir
 
 router = APIRouter()
 
 MAX_DEPTH = 5          # root/runs/NAME/RUN-ID is 3 deep; deeper trees are not searched
-MAX_DIRS = 20_000      # folders looked at per scan: a huge --root answers with what was found
+MAX_DIRS = 20_000      # directory entries read per scan: a huge --root answers with what was found
 MAX_RUNS = 2_000       # runs listed
 MAX_CONFIG_BYTES = 1_000_000
-SKIPPED = frozenset({"node_modules", "__pycache__", "site-packages"})
 TEXT_TYPES = {".jsonl": "application/x-ndjson", ".json": "application/json", ".yaml": "text/plain",
               ".yml": "text/plain", ".md": "text/plain", ".txt": "text/plain", ".csv": "text/csv",
               ".log": "text/plain", ".html": "text/html", ".png": "image/png", ".svg": "image/svg+xml"}
@@ -52,37 +51,33 @@ class RunRow:
 
 
 def find_runs(root: Path) -> list[Path]:
-    """Run directories under `root`, breadth first, at most MAX_DEPTH deep: hidden folders (staging,
-    the workbench's own), symlinked folders and folders inside a run are not searched."""
-    found, level, seen = [], [root], 0
-    for _ in range(MAX_DEPTH + 1):
-        below = []
-        for folder in level:
-            if is_run_dir(folder):
-                found.append(folder)
-                continue
-            try:
-                entries = sorted(os.scandir(folder), key=lambda e: e.name)
-            except OSError:
-                continue
-            for entry in entries:
-                seen += 1
-                if entry.is_dir(follow_symlinks=False) and not entry.name.startswith(".") \
-                        and entry.name not in SKIPPED:
-                    below.append(Path(entry.path))
-            if seen > MAX_DIRS or len(found) >= MAX_RUNS:
-                return found[:MAX_RUNS]
-        level = below
-    return found[:MAX_RUNS]
+    """Run directories under `root` (scan.walk: breadth first, at most MAX_DEPTH deep, MAX_DIRS entries
+    read): hidden folders (staging, the workbench's own), symlinked folders and folders inside a run are
+    not searched."""
+    root = Path(root).resolve()
+    if is_run_dir(root):
+        return [root]
+    found: list[Path] = []
+    runs: set[Path] = set()
+    for path, entry, _ in walk(root, MAX_DEPTH, MAX_DIRS, enter=lambda folder: folder not in runs):
+        if entry.is_dir(follow_symlinks=False) and is_run_dir(path):
+            found.append(path)
+            runs.add(path)
+            if len(found) >= MAX_RUNS:
+                break
+    return found
 
 
 def run_row(root: Path, run: Path) -> RunRow:
     """The table row of `run`: summary.json when evaluated, else what config.yaml says."""
     rel = run.relative_to(root).as_posix()
-    summary = _read_json(run / "summary.json")
-    config = _read_config(run / "config.yaml")
-    when = run / "summary.json" if summary else run / "model" / "tunesmith.json"
-    date = datetime.fromtimestamp(when.stat().st_mtime, timezone.utc).strftime("%Y-%m-%d %H:%M")
+    summary_path = _own_file(root, rel, "summary.json")
+    summary = _read_json(summary_path) if summary_path else {}
+    config_path = _own_file(root, rel, "config.yaml")
+    config = _read_config(config_path) if config_path else {}
+    when = summary_path if summary else _own_file(root, rel, "model/tunesmith.json")
+    date = "" if when is None else datetime.fromtimestamp(when.stat().st_mtime, timezone.utc).strftime(
+        "%Y-%m-%d %H:%M")
     task = str((config.get("task") or {}).get("type", "")) if isinstance(config.get("task"), dict) else ""
     if not summary:
         method = (config.get("train") or {}).get("method", "") if isinstance(config.get("train"), dict) else ""
@@ -94,6 +89,16 @@ def run_row(root: Path, run: Path) -> RunRow:
                   str(summary.get("method", "")), "met" if (summary.get("objective") or {}).get("met") else "not met",
                   metric, _number((figures.get("baseline") or {}).get(metric)),
                   _number((figures.get("finetuned") or {}).get(metric)), date, True)
+
+
+def _own_file(root: Path, rel: str, name: str) -> Path | None:
+    """The run's file `name` through inside_root (None when missing, or a symlink leaving the root:
+    a run's page never shows data from outside --root)."""
+    try:
+        path = inside_root(root, f"{rel}/{name}" if rel != "." else name)
+    except HTTPException:
+        return None
+    return path if path.is_file() else None
 
 
 def _read_json(path: Path) -> dict:
@@ -190,7 +195,7 @@ def _fmt(value: float | None) -> str:
 def _jobs_list(request: Request) -> str:
     """The workbench's jobs still running or without a finished run yet, linked to their live pages."""
     manager = request.app.state.ui.jobs
-    jobs = [j.to_json(manager.root) for j in list(getattr(manager, "jobs", {}).values())]
+    jobs = [j.to_json(manager.root) for j in manager.snapshot()]
     open_jobs = [j for j in jobs if j["state"] == "running" or not j.get("run_dir")][-20:]
     if not open_jobs:
         return ""
@@ -214,6 +219,8 @@ async def run_page(rel: str, request: Request) -> HTMLResponse:
                   f"<b>{_fmt(row.finetuned)}</b></dd>")
     links = (f"<a class='button' href='/watch?run={quoted}'>Watch training</a>"
              f"<a class='button' href='/review?run={quoted}'>Review labels</a>"
+             f"<a class='button' href='/play?run={quoted}'>Try it</a>"
+             f"<a class='button' href='/rate?run={quoted}'>Rate</a>"
              f"<a class='button' href='/?compare={quoted}'>Compare with…</a>")
     has_report = (run / "report.html").is_file()
     if has_report:

@@ -28,9 +28,8 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from tunesmith.cli.ui import security
 from tunesmith.cli.ui.layout import esc, page
-from tunesmith.registry import METRIC_SPECS
+from tunesmith.registry import METRIC_SPECS, VALIDATION_FIGURES
 from tunesmith.runs import staging_dir
-from tunesmith.train.trainer import VALIDATION_FIGURES
 
 router = APIRouter()
 
@@ -40,6 +39,11 @@ MAX_FLAGS = 50
 MAX_TABLE_ROWS = 200   # the evaluations table shows the latest ones
 MAX_REL = 1000
 CACHE_LOGS = 8         # parsed logs kept between polls (each poll then reads only the new lines)
+READ_CHUNK = 4 * 1024 * 1024  # most bytes of a log read per poll (a long log is caught up over several)
+STORE_POINTS = 4 * MAX_POINTS  # points kept per list: past this, thinned to half (first and last kept)
+MAX_BAD_LINES = 100    # unreadable line numbers remembered (the count goes on)
+MAX_EVAL_KEYS = 32     # figures kept per validation record
+IDLE_S = 600.0         # a log unchanged this long, with no job running on it, is no longer polled
 _NOT_FIGURES = {"step", "epoch", "val_loss", "train_loss", "loss", "lr"}
 
 
@@ -54,10 +58,20 @@ class _Parsed:
     evals: list[dict] = field(default_factory=list)
     flags: list[dict] = field(default_factory=list)
     bad_lines: list[int] = field(default_factory=list)
+    caught_up: bool = False    # the last read reached the end of the file
+    skipping: bool = False     # inside a line longer than READ_CHUNK (counted as unreadable already)
 
 
-_CACHE: OrderedDict[str, _Parsed] = OrderedDict()
-_LOCK = threading.Lock()
+@dataclass
+class _Entry:
+    """A cached log: its own lock (polls of one log take turns; other logs are read meanwhile)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    parsed: _Parsed | None = None
+
+
+_CACHE: OrderedDict[str, _Entry] = OrderedDict()
+_LOCK = threading.Lock()  # guards _CACHE itself, held only to find or add an entry
 
 
 @router.get("/watch", response_class=HTMLResponse)
@@ -84,17 +98,20 @@ def _view(request: Request, rel: str) -> dict:
     log, folder_rel = _find_log(request, rel)
     info = _train_json(request, folder_rel)
     stat = log.stat()
-    with _LOCK:  # one reader at a time per process: polls of the same log share the cache entry
-        parsed = _read(log, stat)
+    entry = _entry(str(log))
+    with entry.lock:  # polls of the same log share its cache entry
+        parsed = _read(entry, log, stat)
         steps, evals = _thin(parsed.steps, MAX_POINTS), _thin(parsed.evals, MAX_POINTS)
         finished = info.get("overfitting") if isinstance(info.get("overfitting"), list) else []
         flags = _flags(parsed.flags, finished)
-        lines, bad = parsed.lines, list(parsed.bad_lines[:3])
+        lines, bad, caught_up = parsed.lines, list(parsed.bad_lines[:3]), parsed.caught_up
     figures = _figures(evals)
     best = info.get("best", {}).get("step") if isinstance(info.get("best"), dict) else None
     best = best if isinstance(best, int) else None
-    view = {"run": rel, "folder": folder_rel, "done": bool(info), "lines": lines,
-            "updated_seconds": round(max(0.0, time.time() - stat.st_mtime), 1),
+    idle = max(0.0, time.time() - stat.st_mtime)
+    ended = _ended(request, log.parent, info, idle)
+    view = {"run": rel, "folder": folder_rel, "done": bool(ended and caught_up), "ended": ended, "lines": lines,
+            "updated_seconds": round(idle, 1),
             "last_step": steps[-1][0] if steps else None, "best_step": best,
             "figures": figures, "loss": [[s, _finite(v)] for s, v in steps],
             "evals": [{k: _finite(v) for k, v in e.items()} for e in evals], "flags": flags,
@@ -137,26 +154,72 @@ def _train_json(request: Request, folder_rel: str) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _read(path: Path, stat) -> _Parsed:
-    """The log parsed up to its last complete line, reading only what was appended since the last call
-    (a log rewritten by a resumed run has a new inode or is shorter: read again from the start)."""
-    key = str(path)
-    parsed = _CACHE.pop(key, None)
+def _ended(request: Request, folder: Path, info: dict, idle: float) -> str | None:
+    """Why the log will not grow any more, or None while it may: training finished (train.json), the
+    workbench job that trains it was stopped, failed or interrupted, or it has been idle IDLE_S with
+    no job running on it (a run stopped outside the workbench)."""
+    if info:
+        return "finished"
+    state = _job_state(request, folder)
+    if state in ("stopped", "failed", "interrupted"):
+        return state
+    return "idle" if state not in ("running", "orphaned") and idle >= IDLE_S else None
+
+
+def _job_state(request: Request, folder: Path) -> str | None:
+    """The state of the newest workbench job whose run (or its staging folder) is `folder`, if any."""
+    snapshot = getattr(getattr(request.app.state.ui, "jobs", None), "snapshot", None)
+    for job in reversed(snapshot() if snapshot else []):
+        out = Path(job.out).resolve()
+        if folder in (out, staging_dir(out)):
+            return job.state
+    return None
+
+
+def _entry(key: str) -> _Entry:
+    with _LOCK:
+        entry = _CACHE.pop(key, None) or _Entry()
+        _CACHE[key] = entry
+        while len(_CACHE) > CACHE_LOGS:
+            _CACHE.popitem(last=False)
+    return entry
+
+
+def _read(entry: _Entry, path: Path, stat) -> _Parsed:
+    """The log parsed up to its last complete line, reading at most READ_CHUNK bytes of what was appended
+    since the last call (a log rewritten by a resumed run has a new inode or is shorter: read again from
+    the start). The caller holds entry.lock."""
+    parsed = entry.parsed
     if parsed is None or parsed.inode != stat.st_ino or stat.st_size < parsed.offset:
-        parsed = _Parsed(stat.st_ino)
+        parsed = entry.parsed = _Parsed(stat.st_ino)
     with open(path, "rb") as f:
         f.seek(parsed.offset)
-        chunk = f.read(max(0, stat.st_size - parsed.offset))
-    end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next poll
-    for line in chunk[:end].splitlines():
+        chunk = f.read(min(READ_CHUNK, max(0, stat.st_size - parsed.offset)))
+    parsed.caught_up = parsed.offset + len(chunk) >= stat.st_size
+    start = 0
+    if parsed.skipping:  # the rest of an over-long line, already counted
+        start = chunk.find(b"\n") + 1
+        parsed.skipping = start == 0
+        if parsed.skipping:
+            parsed.offset += len(chunk)
+            return parsed
+    end = max(start, chunk.rfind(b"\n") + 1)  # a line still being written waits for the next poll
+    if start == 0 and end == 0 and len(chunk) == READ_CHUNK:  # a line longer than READ_CHUNK: no record
         parsed.lines += 1
-        if line.strip():
-            _take(parsed, line)
+        _bad(parsed)
+        parsed.skipping, end = True, len(chunk)
+    else:
+        for line in chunk[start:end].split(b"\n")[:-1]:
+            parsed.lines += 1
+            if line.strip():
+                _take(parsed, line)
     parsed.offset += end
-    _CACHE[key] = parsed
-    while len(_CACHE) > CACHE_LOGS:
-        _CACHE.popitem(last=False)
     return parsed
+
+
+def _bad(parsed: _Parsed) -> None:
+    if len(parsed.bad_lines) < MAX_BAD_LINES:
+        parsed.bad_lines.append(parsed.lines)
 
 
 def _take(parsed: _Parsed, line: bytes) -> None:
@@ -167,16 +230,21 @@ def _take(parsed: _Parsed, line: bytes) -> None:
     except ValueError:
         record = None
     if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-        parsed.bad_lines.append(parsed.lines)
+        _bad(parsed)
         return
     step = record["step"]
     if isinstance(record.get("overfitting"), dict):
-        parsed.flags.append({**record["overfitting"], "step": step})
+        if len(parsed.flags) < 2 * MAX_FLAGS:  # the view shows the first MAX_FLAGS distinct ones
+            parsed.flags.append({**record["overfitting"], "step": step})
     elif "val_loss" in record:
-        parsed.evals.append({k: v for k, v in record.items()
-                             if k == "step" or (_number(v) and k not in ("epoch",))})
+        figures = [(k, v) for k, v in record.items() if k != "step" and k != "epoch" and _number(v)]
+        parsed.evals.append({"step": step, **dict(figures[:MAX_EVAL_KEYS])})
+        if len(parsed.evals) > STORE_POINTS:
+            parsed.evals = _thin(parsed.evals, STORE_POINTS // 2)
     elif "loss" in record and _number(record["loss"]):
         parsed.steps.append((step, float(record["loss"])))
+        if len(parsed.steps) > STORE_POINTS:  # memory per log stays bounded however long the run
+            parsed.steps = _thin(parsed.steps, STORE_POINTS // 2)
 
 
 def _number(value) -> bool:
@@ -219,8 +287,14 @@ def _figures(evals: list[dict]) -> list[str]:
 
 
 def _status(view: dict) -> str:
-    if view["done"]:
+    ended = view["ended"] if view["done"] else None
+    if ended == "finished":
         return f"Training finished at step {view['last_step']}."
+    if ended == "idle":
+        return (f"The log has not changed for {view['updated_seconds'] / 60:.0f} minutes and no workbench job "
+                "runs on it: not refreshing (reload the page to look again).")
+    if ended:
+        return f"The job training this run is {ended}; last step {view['last_step']}. Not refreshing."
     if view["last_step"] is None:
         return "Waiting for the first training step…"
     return f"Training: step {view['last_step']}, log updated {view['updated_seconds']:.0f} s ago; refreshing every 2 s."

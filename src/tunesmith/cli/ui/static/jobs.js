@@ -122,22 +122,29 @@
     var id = section.getAttribute("data-job");
     var el = function (name) { return document.getElementById(name); };
     var losses = [], vals = [], source = null;
+    var rows = {};  // validation rows by step: an event seen again (a rewritten log) replaces its row
+    var flagged = {};  // overfitting flags shown, by step and signal
+
+    function live(state) { return state === "running" || state === "orphaned"; }
 
     function showStatus(s) {
       el("job-state").textContent = s.state;
       el("job-exit").textContent = s.exit_code === null || s.exit_code === undefined ? "" : "(exit code " + s.exit_code + ")";
-      el("job-stop").disabled = s.state !== "running";
-      el("job-resume").disabled = s.state === "running" || s.state === "done";
+      el("job-stop").disabled = !live(s.state);
+      el("job-resume").disabled = live(s.state) || s.state === "done";
       if (s.run_dir) { el("job-run").hidden = false; el("job-run").href = "/runs/" + s.run_dir; }
     }
 
+    // Each record's event carries an id (the log offset after it): when the connection drops, the
+    // browser reconnects with Last-Event-ID and the server continues from there, so nothing is replayed.
+    // A record seen again anyway (the log was rewritten by a resume) replaces what was drawn for its step.
     function connect() {
       if (source) { source.close(); }
       source = new EventSource("/api/jobs/" + encodeURIComponent(id) + "/events");
       source.addEventListener("status", function (m) {
         var s = JSON.parse(m.data);
         showStatus(s);
-        if (s.state !== "running") { source.close(); }
+        if (!live(s.state)) { source.close(); }
       });
       source.addEventListener("progress", function (m) {
         var p = JSON.parse(m.data);
@@ -146,6 +153,7 @@
         if (p.total) { el("job-progress").max = p.total; el("job-progress").value = p.step; }
         el("job-eta").textContent = p.eta_s !== null && p.eta_s !== undefined ? "ETA " + fmtSeconds(p.eta_s) : "";
         el("job-phase").textContent = p.phase || "";
+        while (losses.length && losses[losses.length - 1][0] >= p.step) { losses.pop(); }
         losses.push([p.step, p.loss]);
         if (losses.length > 5000) { losses.shift(); }
         drawChart(el("job-chart"), losses, vals);
@@ -162,12 +170,18 @@
           cell.textContent = text;
           row.appendChild(cell);
         });
-        section.querySelector("#job-validation tbody").appendChild(row);
+        var seen = rows[v.step];
+        if (seen) { seen.replaceWith(row); } else { section.querySelector("#job-validation tbody").appendChild(row); }
+        rows[v.step] = row;
+        vals = vals.filter(function (pt) { return pt[0] !== v.step; });
         vals.push([v.step, v.val_loss]);
         drawChart(el("job-chart"), losses, vals);
       });
       source.addEventListener("overfitting", function (m) {
         var f = JSON.parse(m.data);
+        var key = f.step + " " + (f.flag && f.flag.signal);
+        if (flagged[key]) { return; }
+        flagged[key] = true;
         var item = document.createElement("li");
         item.textContent = "overfitting at step " + f.step + ": " + (f.flag && f.flag.detail || "");
         el("job-flags").appendChild(item);
@@ -180,8 +194,9 @@
         el("job-error").textContent = "";
         showStatus(reply);
         if (what === "resume") {
-          losses = []; vals = [];
+          losses = []; vals = []; rows = {}; flagged = {};
           section.querySelector("#job-validation tbody").textContent = "";
+          el("job-flags").textContent = "";
           connect();
         }
       });

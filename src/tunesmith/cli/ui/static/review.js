@@ -1,6 +1,6 @@
 // Review labels: keep / relabel / drop buttons save one decision each (POST /api/review/decision,
 // through window.tunesmith.post, which sends the CSRF token); a Label Studio export is imported as a
-// file read in the browser and posted as JSON. Row data comes from data-* attributes (no inline script).
+// file read in the browser and posted as JSON. Row keys come from data-* attributes (no inline script).
 "use strict";
 
 (function () {
@@ -17,15 +17,11 @@
   }
 
   function decide(row, action) {
-    var body = {run: run, text: row.getAttribute("data-text"), given_label: row.getAttribute("data-given"),
-                action: action};
-    var source = row.getAttribute("data-source");
-    if (source) { body.source = source; }
+    // The row's key, not its text: text read back from an HTML attribute is not always the text sent
+    // (CRLF arrives as LF), so the server looks the exact text and given label up in suspects.jsonl.
+    var body = {run: run, row: row.getAttribute("data-row"), action: action};
     if (file) { body.file = file; }
-    if (action === "relabel") {
-      body.label = row.querySelector("select").value;
-      if (body.label === body.given_label) { body.action = "keep"; delete body.label; }
-    }
+    if (action === "relabel") { body.label = row.querySelector("select").value; }
     row.classList.add("saving");
     window.tunesmith.post("/api/review/decision", body).then(function (answer) {
       row.classList.remove("saving");

@@ -1,5 +1,7 @@
 // The watch page (cli/ui/watch.py): while training runs, fetch /api/watch every 2 s and swap in the
-// chart block the server drew (escaped SVG and table); stop once training is done or the run is gone.
+// chart block the server drew (escaped SVG and table); stop once the server says `done` (training
+// finished, the job training it was stopped, failed or interrupted, or its log has been idle ten
+// minutes with no job on it) or the run is gone.
 (function () {
   "use strict";
   var section = document.getElementById("watch");
