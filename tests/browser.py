@@ -70,8 +70,17 @@ class Page:
 
     def open(self, path: Path) -> dict:
         """Load the page; returns {images, broken, console_errors, exceptions, title, text}."""
-        self.call("Page.navigate", url=Path(path).resolve().as_uri())
+        return self.open_url(Path(path).resolve().as_uri())
+
+    def open_url(self, url: str) -> dict:
+        """Load `url` (file: or http:); returns {images, broken, console_errors, exceptions, title, text},
+        the errors counted since this browser started (or since `events` was last cleared)."""
+        self.call("Page.navigate", url=url)
         self.wait_for("Page.loadEventFired")
+        return self.state()
+
+    def state(self) -> dict:
+        """What the current page shows now: {images, broken, title, text} and the errors seen so far."""
         state = json.loads(self.call("Runtime.evaluate", expression=CHECK_IMAGES)["result"]["value"])
         state["console_errors"] = [e["params"]["args"][0].get("value", "") for e in self.events
                                    if e.get("method") == "Runtime.consoleAPICalled"
@@ -84,6 +93,44 @@ class Page:
 
     def evaluate(self, expression: str):
         return self.call("Runtime.evaluate", expression=expression, awaitPromise=True)["result"].get("value")
+
+    def wait_until(self, expression: str, timeout: float = 30.0, poll: float = 0.2):
+        """Poll the JS `expression` until it gives a truthy value (returned); TimeoutError naming the last
+        value or exception after `timeout` s. A page that is navigating meanwhile just counts as not yet."""
+        deadline = time.time() + timeout
+        last = None
+        while True:
+            answer = self.call("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
+            if "exceptionDetails" in answer:
+                last = answer["exceptionDetails"].get("exception", {}).get("description") or answer["exceptionDetails"]
+            else:
+                last = answer.get("result", {}).get("value")
+                if last:
+                    return last
+            if time.time() > deadline:
+                raise TimeoutError(f"{expression} still gives {last!r} after {timeout} s")
+            time.sleep(poll)
+
+    def frame_loaded(self, url: str) -> bool:
+        """Whether the page's frame loaded `url` with a 200 (a sandboxed frame has an opaque origin the
+        page cannot look into, so the parent's resource timing tells)."""
+        loaded = self.evaluate("JSON.stringify(performance.getEntriesByType('resource')"
+                               ".filter(e => e.initiatorType === 'iframe').map(e => [e.name, e.responseStatus]))")
+        return [url, 200] in json.loads(loaded)
+
+    def fill(self, selector: str, value: str) -> None:
+        """Type `value` into the field at `selector` as a person would: set it, then fire input and change."""
+        self._element(selector, "el.value = " + json.dumps(value) + "; el.dispatchEvent(new Event('input', "
+                      "{bubbles: true})); el.dispatchEvent(new Event('change', {bubbles: true}));")
+
+    def click(self, selector: str) -> None:
+        self._element(selector, "el.click();")
+
+    def _element(self, selector: str, action: str) -> None:
+        found = self.evaluate(f"(() => {{ const el = document.querySelector({json.dumps(selector)}); "
+                              f"if (!el) return false; {action} return true; }})()")
+        if not found:
+            raise LookupError(f"no element {selector} on the page")
 
     def close(self) -> None:
         try:

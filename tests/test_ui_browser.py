@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from browser import CHECK_IMAGES, Page, chromium
+from browser import Page, chromium
 from conftest import start_server, train_tiny_run
 from tunesmith.cli.ui.app import UiSettings, asgi_app
 
@@ -22,22 +22,6 @@ SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "ui-runs.png"
 if chromium() is None:  # make test installs it; a bare `pytest` elsewhere may lack it
     pytestmark = pytest.mark.skipif(os.environ.get("TUNESMITH_REQUIRE_BROWSER") != "1",
                                     reason="chromium not installed (apt-get install chromium)")
-
-
-def open_url(browser: Page, url: str) -> dict:
-    """Page.open for an http URL: {images, broken, title, console_errors, exceptions} so far."""
-    browser.call("Page.navigate", url=url)
-    browser.wait_for("Page.loadEventFired")
-    state = json.loads(browser.evaluate(CHECK_IMAGES))
-    events = browser.events
-    state["console_errors"] = [e["params"]["args"][0].get("value", "") for e in events
-                               if e.get("method") == "Runtime.consoleAPICalled"
-                               and e["params"]["type"] in ("error", "assert")]
-    state["console_errors"] += [e["params"]["entry"]["text"] for e in events
-                                if e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error"]
-    state["exceptions"] = [e["params"]["exceptionDetails"].get("text", "") for e in events
-                           if e.get("method") == "Runtime.exceptionThrown"]
-    return state
 
 
 def clean(state: dict) -> bool:
@@ -61,7 +45,7 @@ def server(tmp_path, tiny_model):
 def test_runs_page_run_page_and_report(server):
     with Page() as browser:
         browser.call("Emulation.setDeviceMetricsOverride", width=1280, height=640, deviceScaleFactor=1, mobile=False)
-        state = open_url(browser, server + "/")
+        state = browser.open_url(server + "/")
         assert clean(state), state
         assert state["title"].startswith("Runs")
         assert browser.evaluate("document.querySelector(\"tr[data-rel='exp/run'] a\").textContent") == "tiny"
@@ -75,10 +59,10 @@ def test_runs_page_run_page_and_report(server):
                                   "JSON.stringify([r.status, r.ok, tunesmith.errorText(r.data), j === r.data])))")
         assert json.loads(answer) == [405, False, "Method Not Allowed", True]
         browser.events.clear()  # the 405 above is logged as a console error on purpose
-        state = open_url(browser, server + "/runs/exp/run")
+        state = browser.open_url(server + "/runs/exp/run")
         assert clean(state), state
-        assert report_frame_loaded(browser, server + "/files/exp/run/report.html")
-        state = open_url(browser, server + "/files/exp/run/report.html")  # the report itself: its images, no CSP errors
+        assert browser.frame_loaded(server + "/files/exp/run/report.html")
+        state = browser.open_url(server + "/files/exp/run/report.html")  # the report itself: its images, no CSP errors
         assert clean(state), state
         assert state["images"] >= 4 and state["title"].startswith("tunesmith: ")
 
@@ -99,11 +83,3 @@ def check_filter_sort_and_picks(browser: Page) -> None:
     assert browser.evaluate(button + ".disabled") is True
     browser.evaluate("document.querySelectorAll('input.pick').forEach(b => b.click())")
     assert browser.evaluate(button + ".disabled") is False
-
-
-def report_frame_loaded(browser: Page, url: str) -> bool:
-    """Whether the page's frame loaded `url` with a 200 (the report, sandboxed: an opaque origin the
-    page cannot look into, so the parent's resource timing tells)."""
-    loaded = browser.evaluate("JSON.stringify(performance.getEntriesByType('resource')"
-                              ".filter(e => e.initiatorType === 'iframe').map(e => [e.name, e.responseStatus]))")
-    return [url, 200] in json.loads(loaded)

@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
                                                    "required for a host other than loopback."),
            max_jobs: int = typer.Option(1, "--max-jobs", help="Runs the workbench may train at once."),
            debug: bool = DEBUG) -> None:
-        """Open the web workbench: browse and compare runs, start and watch one, review labels."""
+        """Open the web workbench: browse and compare runs, start and watch one, try it, rate, review labels."""
         def go() -> int:
             from tunesmith.cli.ui.app import serve_ui, settings_from_options
 

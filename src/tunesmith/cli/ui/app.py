@@ -60,20 +60,22 @@ def settings_from_options(host: str, port: int, root: Path | None, keys_file: Pa
 
 def create_app(settings: UiSettings) -> FastAPI:
     """The workbench app for `settings` (not yet behind the loopback Host check: see serve_ui)."""
-    from tunesmith.cli.ui import jobs, review, runs_pages, security, watch
+    from tunesmith.cli.ui import jobs, play, rate, review, runs_pages, security, watch
 
     root = Path(settings.root).resolve()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
+        for hook in getattr(app.state, "shutdown_hooks", ()):  # e.g. the playground's loaded models
+            hook()
         manager = app.state.ui.jobs  # the server stops: so do the training jobs it started
         if manager is not None and hasattr(manager, "shutdown"):
             manager.shutdown()
     app = FastAPI(title="tunesmith ui", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.ui = UiState(settings=settings, root=root, jobs=jobs.JobManager(root, settings.max_jobs))
     _add_error_handlers(app)
-    for module in (runs_pages, jobs, review, watch):
+    for module in (runs_pages, jobs, review, watch, play, rate):
         app.include_router(module.router)
     app.include_router(security.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
