@@ -6,6 +6,8 @@ import json
 import os
 import random
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -197,3 +199,30 @@ def start_server(app):
         server.should_exit = True
         thread.join(10)
     return f"http://127.0.0.1:{port}", stop
+
+
+def wait_until(check, timeout: float = 180.0, what: str = "condition") -> None:
+    """Poll `check` every 0.2 s until it is true; AssertionError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def answers(url: str) -> bool:
+    """Whether a tunesmith server at `url` answers /healthz with 200."""
+    import httpx
+
+    try:
+        return httpx.get(url + "/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def serve_process(args: list[str], env: dict, stderr: Path) -> subprocess.Popen:
+    """`tunesmith serve ARGS` as a child process, its stderr in the file `stderr`."""
+    with open(stderr, "wb") as err:
+        return subprocess.Popen([sys.executable, "-m", "tunesmith", "serve", *args], env=env,
+                                stdout=subprocess.DEVNULL, stderr=err)

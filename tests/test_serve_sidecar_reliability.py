@@ -24,7 +24,7 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from conftest import GEN_PROJECT, make_texts, write_jsonl
+from conftest import GEN_PROJECT, answers, make_texts, serve_process, wait_until, write_jsonl
 from tunesmith.cli import app as cli
 from tunesmith.config import ServeConfig
 from tunesmith.errors import EngineError, InputError
@@ -154,28 +154,6 @@ def _terminate(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def _wait_until(check, timeout: float = 120.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url + "/healthz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def _serve_process(args: list[str], env: dict, stderr: Path) -> subprocess.Popen:
-    with open(stderr, "wb") as err:
-        return subprocess.Popen([sys.executable, "-m", "tunesmith", "serve", *args], env=env,
-                                stdout=subprocess.DEVNULL, stderr=err)
-
-
 def _error_lines(output: str) -> list[str]:
     return [line for line in output.splitlines() if line.startswith("error:")]
 
@@ -188,7 +166,7 @@ def _start_uvicorn(app):
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    _wait_until(lambda: server.started, 30, "the upstream to start")
+    wait_until(lambda: server.started, 30, "the upstream to start")
 
     def stop():
         server.should_exit = True
@@ -206,10 +184,10 @@ def test_item6_started_vllm_needs_a_fresh_key_and_stops_when_tunesmith_is_termin
     port = _free_port()
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_VLLM_LOG": str(log)}
     env.pop("TUNESMITH_API_KEYS", None)
-    proc = _serve_process([str(full_run), "--engine", "vllm", "--port", str(port)], env, tmp_path / "err.txt")
+    proc = serve_process([str(full_run), "--engine", "vllm", "--port", str(port)], env, tmp_path / "err.txt")
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until(lambda: _answers(url) or proc.poll() is not None, 180, "the sidecar")
+        wait_until(lambda: answers(url) or proc.poll() is not None, 180, "the sidecar")
         assert proc.poll() is None, (tmp_path / "err.txt").read_text()
         started = _rows(log)[0]
         key = started["key"]
@@ -226,7 +204,7 @@ def test_item6_started_vllm_needs_a_fresh_key_and_stops_when_tunesmith_is_termin
         _terminate(proc)
         engine = _rows(log)[0]["pid"] if _rows(log) else None
         try:
-            _wait_until(lambda: engine is None or not _alive(engine), 10, "the engine to stop")
+            wait_until(lambda: engine is None or not _alive(engine), 10, "the engine to stop")
         finally:
             _kill_group(engine)  # nothing outlives the test, whatever it found
     assert proc.returncode == 0
@@ -244,14 +222,14 @@ def test_item6_engine_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_
               "time.sleep(600)\n")
     process = start_engine([sys.executable, "-c", script], "engine-key-0123456789")
     try:
-        _wait_until(lambda: pids.is_file() and pids.read_text().endswith("]"), 30, "the fake engine")
+        wait_until(lambda: pids.is_file() and pids.read_text().endswith("]"), 30, "the fake engine")
         leader, worker, key = json.loads(pids.read_text())
         assert key == "engine-key-0123456789" and leader == process.pid
         started = time.monotonic()
         stop_engine(process, grace=1.0)
         assert process.returncode == -signal.SIGKILL  # it ignored SIGTERM, so the grace period ran out
         assert time.monotonic() - started < 30
-        _wait_until(lambda: not _alive(worker), 10, "the worker to die")
+        wait_until(lambda: not _alive(worker), 10, "the worker to die")
     finally:
         _kill_group(process.pid)
 
@@ -273,11 +251,11 @@ def test_item6_engine_gets_sigterm_when_tunesmith_is_killed_outright(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", parent_script], stdout=subprocess.PIPE, text=True)
     engine = int(parent.stdout.readline())
     try:
-        _wait_until(lambda: "time.sleep(600)" in Path(f"/proc/{engine}/cmdline").read_text(errors="replace")
+        wait_until(lambda: "time.sleep(600)" in Path(f"/proc/{engine}/cmdline").read_text(errors="replace")
                     .replace("\0", " "), 30, "the engine to exec")
         parent.kill()
         parent.wait()
-        _wait_until(lambda: not _alive(engine), 20, "the engine to die with its parent")
+        wait_until(lambda: not _alive(engine), 20, "the engine to die with its parent")
     finally:
         _kill_group(engine)
 
@@ -340,7 +318,7 @@ def test_item6_upstream_api_key_comes_from_the_named_environment_variable(full_r
     up_url = f"http://127.0.0.1:{up_port}"
     port = _free_port()
     try:
-        _wait_until(lambda: any(r.get("pid") for r in _rows(log)), 30, "the upstream")
+        wait_until(lambda: any(r.get("pid") for r in _rows(log)), 30, "the upstream")
         unset = runner.invoke(cli, ["serve", str(full_run), "--engine", "vllm", "--upstream", up_url,
                                     "--upstream-api-key-env", "TS_TEST_UPSTREAM_KEY"],
                               env={"TS_TEST_UPSTREAM_KEY": None})
@@ -353,11 +331,11 @@ def test_item6_upstream_api_key_comes_from_the_named_environment_variable(full_r
         assert wrong.exit_code == 2 and "401" in wrong.output and "--upstream" in _error_lines(wrong.output)[0]
         env = {**os.environ, "TS_TEST_UPSTREAM_KEY": key}
         env.pop("TUNESMITH_API_KEYS", None)
-        proc = _serve_process([str(full_run), "--engine", "vllm", "--upstream", up_url, "--port", str(port),
+        proc = serve_process([str(full_run), "--engine", "vllm", "--upstream", up_url, "--port", str(port),
                                "--upstream-api-key-env", "TS_TEST_UPSTREAM_KEY"], env, tmp_path / "err.txt")
         try:
             url = f"http://127.0.0.1:{port}"
-            _wait_until(lambda: _answers(url) or proc.poll() is not None, 180, "the sidecar")
+            wait_until(lambda: answers(url) or proc.poll() is not None, 180, "the sidecar")
             assert proc.poll() is None, (tmp_path / "err.txt").read_text()
             r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
             assert r.status_code == 200 and r.json()["choices"][0]["text"] == "fake answer"

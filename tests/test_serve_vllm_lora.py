@@ -20,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -28,7 +27,7 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from conftest import free_port, make_texts, start_server, write_jsonl
+from conftest import answers, free_port, make_texts, serve_process, start_server, wait_until, write_jsonl
 from tunesmith.cli import app as cli
 from tunesmith.config import ServeConfig
 from tunesmith.errors import InputError, RunDirError
@@ -165,28 +164,6 @@ def _rows(log: Path) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
 
 
-def _wait_until(check, timeout: float = 180.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url + "/healthz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def _sidecar(args: list[str], env: dict, stderr: Path) -> subprocess.Popen:
-    with open(stderr, "wb") as err:
-        return subprocess.Popen([sys.executable, "-m", "tunesmith", "serve", *args], env=env,
-                                stdout=subprocess.DEVNULL, stderr=err)
-
-
 def _stop(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGTERM)
     try:
@@ -213,10 +190,10 @@ def test_a_lora_run_starts_vllm_with_its_adapter_on_its_base(lora_a, tiny_model,
     run = tmp_path / "lr=1e-4,seed=1" / "run"
     shutil.copytree(lora_a, run)
     port = free_port()
-    proc = _sidecar([str(run), "--engine", "vllm", "--port", str(port)], env, tmp_path / "err.txt")
+    proc = serve_process([str(run), "--engine", "vllm", "--port", str(port)], env, tmp_path / "err.txt")
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until(lambda: _answers(url) or proc.poll() is not None, what="the sidecar")
+        wait_until(lambda: answers(url) or proc.poll() is not None, what="the sidecar")
         assert proc.poll() is None, (tmp_path / "err.txt").read_text()
         started = _rows(log)[0]
         argv, key = started["argv"], started["key"]
@@ -319,15 +296,15 @@ def test_sidecars_share_one_upstream_and_answer_as_their_own_adapter(lora_a, lor
     router, stop_router = start_server(_multi_lora_upstream({n: url for n, (url, _) in servers.items()}, seen))
     env = {k: v for k, v in os.environ.items() if k != "TUNESMITH_API_KEYS"}
     ports = free_port(), free_port()
-    procs = [_sidecar([str(lora_a), "--engine", "vllm", "--upstream", router, "--upstream-model", "a-v1",
+    procs = [serve_process([str(lora_a), "--engine", "vllm", "--upstream", router, "--upstream-model", "a-v1",
                        "--port", str(ports[0])], env, tmp_path / "a.txt"),
-             _sidecar([str(lora_b), "--engine", "vllm", "--upstream", router, "--port", str(ports[1])], env,
+             serve_process([str(lora_b), "--engine", "vllm", "--upstream", router, "--port", str(ports[1])], env,
                       tmp_path / "b.txt")]
     try:
         got = {}
         for proc, port, err, name in zip(procs, ports, ("a.txt", "b.txt"), ("a", "b")):
             url = f"http://127.0.0.1:{port}"
-            _wait_until(lambda: _answers(url) or proc.poll() is not None, what="a sidecar")
+            wait_until(lambda: answers(url) or proc.poll() is not None, what="a sidecar")
             assert proc.poll() is None, (tmp_path / err).read_text()
             got[name] = [httpx.post(url + "/v1/completions", json={"prompt": p, "max_tokens": 6}, timeout=120)
                          .json()["choices"][0]["text"] for p in PROMPTS]
