@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from tunesmith import fsio
+from tunesmith import fsio, hardware
 from tunesmith.config import Project, derive, dump_config, load_config
 from tunesmith.data.prepare import Splits, load_splits, prepare_data, save_splits, test_removals
 from tunesmith.errors import InputError, RunDirError, StageError, TunesmithError
@@ -53,6 +53,7 @@ def run(project: Project, out: Path | None = None, progress: bool = True, keep_f
     with staged(final, keep_failed, overwrite=overwrite) as run_dir:
         _start(project, splits, run_dir, final, progress)
         train_stage(project, splits, run_dir, progress=progress)
+        hardware.release_free_memory()  # training's freed heap must not sit under eval's two models
         summary, failure = _after_training(project, splits, run_dir, final, progress)
     register(final)
     if failure is not None:
@@ -75,6 +76,7 @@ def _after_training(project: Project, splits: Splits, run_dir: Path, final: Path
         except BaseException as e:  # Ctrl-C included: the trained model is work to keep
             return summary, _record_failure(project, run_dir, final, name, e)
         summary = result if name == "eval" else summary
+        hardware.release_free_memory()  # what the stage freed goes back before the next one allocates
     return summary, None
 
 

@@ -6,7 +6,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from tunesmith import fsio
+from tunesmith import fsio, hardware
 from tunesmith.config import Project
 from tunesmith.data.pairs import refuse_undesirable_targets
 from tunesmith.data.prepare import Splits
@@ -31,6 +31,7 @@ def train_stage(project: Project, splits: Splits, run_dir: Path, progress: bool 
     model is saved the checkpoints are deleted: they exist only to survive an interruption.
     """
     check_available(project.train.trackers)
+    hardware.steady_heap()  # batch shapes vary step to step: without it the heap only grows
     if not METHOD_SPECS[project.train.method].preference:
         refuse_undesirable_targets(splits.train, project.train.method)
     base_path = resolve_model(project.model)
