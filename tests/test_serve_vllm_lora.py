@@ -27,7 +27,7 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from conftest import answers, free_port, make_texts, serve_process, start_server, wait_until, write_jsonl
+from conftest import GEN_PROJECT, answers, free_port, make_texts, serve_process, start_server, wait_until, write_jsonl
 from tunesmith.cli import app as cli
 from tunesmith.config import ServeConfig
 from tunesmith.errors import InputError, RunDirError
@@ -39,26 +39,7 @@ from tunesmith.serve.service import load_service
 runner = CliRunner()
 PROMPTS = ["my red card", "where is the blue bank", "green money please", "help today now"]
 # A generation project whose adapter moves the tiny model's greedy answers away from the base's.
-LORA_PROJECT = """name: {name}
-model: {model}
-task:
-  type: generation
-  instruction: "Continue."
-data:
-  train: train.jsonl
-  test: test.jsonl
-  validation: 0.2
-objective:
-  metric: exact_match
-train:
-  method: lora
-  max_steps: {steps}
-  batch_size: 4
-  learning_rate: 0.05
-eval:
-  latency_samples: 1
-  max_new_tokens: 4
-"""
+LORA_PROJECT = GEN_PROJECT.replace("  batch_size: 4\n", "  batch_size: 4\n  learning_rate: 0.05\n")
 FAKE_VLLM = r'''
 import json, os, sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -129,7 +110,8 @@ def _train(folder: Path, name: str, model: Path, seed: int, steps: int = 6) -> P
     rows = [{"prompt": r["text"], "completion": r["label"] + " " + name} for r in make_texts(24, seed)]
     write_jsonl(folder / "train.jsonl", rows)
     write_jsonl(folder / "test.jsonl", rows[:3])
-    (folder / "project.yaml").write_text(LORA_PROJECT.format(name=name, model=model, steps=steps), encoding="utf-8")
+    (folder / "project.yaml").write_text(LORA_PROJECT.format(name=name, model=model, method="lora", steps=steps,
+                                                                new_tokens=4), encoding="utf-8")
     result = runner.invoke(cli, ["run", str(folder / "project.yaml"), "--out", str(folder / "run"), "--quiet"])
     assert result.exit_code in (0, 3), result.output
     return folder / "run"
