@@ -49,6 +49,30 @@ def test_shared_cache_scores_equal_full_forward(tiny_model):
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
 
 
+def test_continuation_forwards_stay_within_the_cached_token_budget(tiny_model, monkeypatch):
+    """Each (example, label) row copies its prompt's cache: the rows per continuation forward shrink as
+    prompts grow (one row at least), and the scores do not change."""
+    from tunesmith.tasks import classification
+
+    assert classification.continuation_rows(64, 100) == classification.CONTINUATION_CACHE_TOKENS // 100
+    assert classification.continuation_rows(4, 10) == 4
+    assert classification.continuation_rows(64, 10**6) == 1
+    tok, model, fmt, examples = _setup(tiny_model)
+    prompts = encode_prompts(tok, fmt, examples)
+    answers = [encode_answer(tok, fmt, lab) for lab in LABELS]
+    whole = score_labels(model, prompts, answers, tok.pad_token_id, batch_size=3)
+    seen = []
+    real = classification._score_continuations
+    monkeypatch.setattr(classification, "_score_continuations",
+                        lambda m, tensors, pairs, *a: seen.append(len(pairs) * tensors[0][0].shape[2]) or real(
+                            m, tensors, pairs, *a))
+    budget = 3 * max(len(p) for p in prompts)
+    monkeypatch.setattr(classification, "CONTINUATION_CACHE_TOKENS", budget)
+    split = score_labels(model, prompts, answers, tok.pad_token_id, batch_size=3)
+    assert seen and max(seen) <= budget and len(seen) > 3
+    torch.testing.assert_close(split, whole, atol=1e-5, rtol=1e-5)
+
+
 def test_scores_without_common_prefix(tiny_plain_model):
     tok, model, fmt, examples = _setup(tiny_plain_model, instruction="")
     prompts = [encode_prompts(tok, fmt, [ex])[0] for ex in examples]
@@ -74,6 +98,29 @@ def test_prefix_shared_loss_and_gradients_equal_plain(tiny_model):
     assert n0 == n1 == sum(len(e.ids) - e.n_prompt for e in encoded)
     assert abs(l0 - l1) < 1e-5
     torch.testing.assert_close(g0, g1, atol=1e-5, rtol=1e-4)
+
+
+def test_width_rounded_to_a_multiple_changes_neither_loss_nor_gradients(tiny_model):
+    """Row batches are padded to PAD_MULTIPLE columns (fewer distinct shapes for the CPU kernels): the
+    extra columns are masked and unsupervised, so loss and gradients are those of the exact width."""
+    from tunesmith.config import TrainConfig
+    from tunesmith.train.batching import PAD_MULTIPLE, batch_stream
+
+    tok, model, fmt, examples = _setup(tiny_model)
+    encoded = encode_for_training(tok, fmt, examples[:4])
+    results = []
+    for multiple in (1, PAD_MULTIPLE):
+        batch = collate(encoded, tok.pad_token_id, 6, multiple)
+        model.zero_grad()
+        loss, n = supervised_loss(model, batch)
+        loss.backward()
+        results.append((batch["input_ids"].shape[1], loss.item(), n, model.model.embed_tokens.weight.grad.clone()))
+    (w0, l0, n0, g0), (w1, l1, n1, g1) = results
+    assert w1 % PAD_MULTIPLE == 0 and w0 < w1 < w0 + PAD_MULTIPLE
+    assert n0 == n1 and abs(l0 - l1) < 1e-5
+    torch.testing.assert_close(g0, g1, atol=1e-5, rtol=1e-4)
+    stream = batch_stream(encoded, TrainConfig(batch_size=2), tok.pad_token_id, 6)
+    assert all(next(stream)["input_ids"].shape[1] % PAD_MULTIPLE == 0 for _ in range(4))
 
 
 def test_loss_matches_transformers_loss(tiny_model):

@@ -22,6 +22,10 @@ from tunesmith.tasks.prompts import (
 from tunesmith.train.packing import budget_batches
 
 IGNORE = -100
+# Row batches are padded to a multiple of this width. CPU matmuls (oneDNN) compile and cache a kernel
+# per shape, so every distinct width costs compile time and cache memory; at most 7 masked tokens per
+# row buy far fewer shapes (BENCHMARKS.md, "Quickstart host memory").
+PAD_MULTIPLE = 8
 
 
 @dataclass
@@ -91,14 +95,15 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, group
     return batches
 
 
-def collate(items: list[Encoded], pad_id: int, prefix_len: int = 0) -> dict[str, torch.Tensor]:
-    """Right-padded (B, T) input_ids, attention_mask and labels (IGNORE outside answers).
+def collate(items: list[Encoded], pad_id: int, prefix_len: int = 0, multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Right-padded (B, T) input_ids, attention_mask and labels (IGNORE outside answers), T the longest
+    row rounded up to a multiple of `multiple`.
 
     With `prefix_len` > 0 the first `prefix_len` tokens, identical in every item, go once into
     `prefix_ids` (P,) and the (B, T) tensors hold what follows them.
     """
     tails = [it.ids[prefix_len:] for it in items]
-    width = max(len(t) for t in tails)
+    width = -(-max(len(t) for t in tails) // multiple) * multiple
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
     labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
@@ -179,6 +184,11 @@ def _planned(cfg) -> bool:
     return bool(cfg.batch_tokens or cfg.packing)
 
 
+def _multiple(cfg) -> int:
+    """Row batches round their width up (PAD_MULTIPLE); token-budget and packed batches stay exact."""
+    return 1 if _planned(cfg) else PAD_MULTIPLE
+
+
 def _usable(n_batches: int, world: int) -> int:
     """Every rank takes the same number of batches per epoch (the remainder is dropped)."""
     return n_batches - n_batches % world if n_batches >= world else n_batches
@@ -197,6 +207,6 @@ def batch_stream(encoded: list[Encoded], cfg, pad_id: int, prefix_len: int, rank
         for rows in order[rank:_usable(len(order), world):world]:
             if seen >= skip:
                 yield (collate_packed([[encoded[i] for i in row] for row in rows], pad_id) if cfg.packing
-                       else collate([encoded[row[0]] for row in rows], pad_id, prefix_len))
+                       else collate([encoded[row[0]] for row in rows], pad_id, prefix_len, _multiple(cfg)))
             seen += 1
         epoch += 1

@@ -26,7 +26,13 @@ from tunesmith.tasks.metrics import compute_metrics
 from tunesmith.tasks.predict import predict, reference_budget
 from tunesmith.tasks.prompts import PromptFormat
 from tunesmith.train import distributed, fsdp, grad_checkpointing
-from tunesmith.train.batching import batch_stream, collate, encode_for_training, epoch_batch_counts
+from tunesmith.train.batching import (
+    PAD_MULTIPLE,
+    batch_stream,
+    collate,
+    encode_for_training,
+    epoch_batch_counts,
+)
 from tunesmith.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from tunesmith.train.loss import supervised_loss
 from tunesmith.train.methods import get_method, spec
@@ -318,7 +324,7 @@ def _validate(model, tokenizer, fmt, val, val_encoded, cfg, metric, bf16, prefix
     total_loss, total_tokens = 0.0, 0
     for start in range(0, len(val_encoded), cfg.batch_size):
         batch = {k: v.to(dev) for k, v in collate(val_encoded[start:start + cfg.batch_size], tokenizer.pad_token_id,
-                                                     prefix_len).items()}
+                                                     prefix_len, PAD_MULTIPLE).items()}
         with hardware.autocast(bf16, dev):
             loss, n = supervised_loss(model, batch)
         total_loss += loss.item() * n
