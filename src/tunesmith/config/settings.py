@@ -77,7 +77,9 @@ class LabelNoiseSettings(_Strict):
 class LoraConfig(_Strict):
     r: int = Field(16, ge=1)
     alpha: float = Field(32.0, gt=0)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    # PEFT's own default. On a CPU, dropout keeps an fp32 mask of every adapter's input for backward:
+    # more activation memory and time (BENCHMARKS.md, "Quickstart host memory").
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
