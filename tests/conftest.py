@@ -18,6 +18,9 @@ import pytest
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 # Runs made by tests go into a throwaway registry, never the user's.
+# Runs prepare their data in this process: a spawned child per run would add seconds to every
+# end-to-end test (tests/test_data.py covers the child process itself).
+os.environ.setdefault("TUNESMITH_DATA_PROCESS", "inline")
 os.environ.setdefault("TUNESMITH_REGISTRY", str(Path(tempfile.mkdtemp(prefix="tunesmith-registry-")) / "runs.sqlite"))
 COLOURS = {"red": "alpha", "blue": "beta", "green": "gamma"}
 FILLER = "the a my card bank money please help today now where when why how is was can you".split()

@@ -11,7 +11,7 @@ from tunesmith.config import DataConfig, Project, TaskConfig
 from tunesmith.data.examples import load_examples
 from tunesmith.data.prepare import prepare_data
 from tunesmith.data.split import stratified_split
-from tunesmith.errors import DataError
+from tunesmith.errors import DataError, InputError
 
 CLS = TaskConfig()
 
@@ -99,6 +99,56 @@ def test_prepare_builds_splits_and_label_set(tmp_path):
     assert splits.labels == ["alpha", "beta", "gamma"]
     assert len(splits.train) + len(splits.validation) + len(splits.test) == 30
     assert {e.target for e in splits.test} == {"alpha", "beta", "gamma"}
+
+
+def test_prepare_frees_the_embedding_model_it_used(tmp_path):
+    """Semantic dedup and label noise load MiniLM; training must not carry it (issue 18: host memory)."""
+    from tunesmith.data import embed
+
+    path = write_jsonl(tmp_path / "train.jsonl", make_texts(30, 0))
+    splits = prepare_data(Project(name="p", data=DataConfig(train=path, test=0.2, validation=0.2)))
+    assert splits.curation._vectors  # the embedder ran
+    assert embed._load.cache_info().currsize == 0
+
+
+def test_data_prepared_in_a_child_process_arrives_whole(tmp_path, monkeypatch):
+    """`run` and `train` prepare data in a spawned child (its libraries never load here): the splits equal
+    the in-process ones, a bad row arrives as the same located DataError, a bad mode is named."""
+    import os
+    import subprocess
+    import sys
+
+    from tunesmith.data.prepare import DATA_PROCESS_ENV, prepare_data_apart
+
+    path = write_jsonl(tmp_path / "train.jsonl", make_texts(30, 0))
+    project = Project(name="p", data=DataConfig(train=path, test=0.2, validation=0.2))
+    inline = prepare_data(project)
+    monkeypatch.setenv(DATA_PROCESS_ENV, "child")
+    apart = prepare_data_apart(project)
+    assert [(e.input, e.target) for e in apart.train] == [(e.input, e.target) for e in inline.train]
+    assert apart.labels == inline.labels and apart.warnings == inline.warnings
+    assert apart.curation.cached_vectors([e.input for e in apart.train]) is not None  # the embedder ran there
+    script = ("import sys; from tunesmith.config import DataConfig, Project; "
+              "from tunesmith.data.prepare import prepare_data_apart; "
+              f"s = prepare_data_apart(Project(name='p', data=DataConfig(train={str(path)!r}, test=0.2, "
+              "validation=0.2))); print(len(s.train), sorted({'sklearn', 'cleanlab', 'datasets'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                          env={**os.environ, DATA_PROCESS_ENV: "child"})
+    assert done.stdout.split("\n")[-2] == f"{len(inline.train)} []"  # curation's libraries never loaded here
+    with open(path, "a") as f:
+        f.write("{not json\n")
+    with pytest.raises(DataError) as bad:
+        prepare_data_apart(project)
+    assert bad.value.line() == _inline_error(project).line() and ":31" in bad.value.line()
+    monkeypatch.setenv(DATA_PROCESS_ENV, "elsewhere")
+    with pytest.raises(InputError, match=DATA_PROCESS_ENV):
+        prepare_data_apart(project)
+
+
+def _inline_error(project) -> DataError:
+    with pytest.raises(DataError) as e:
+        prepare_data(project)
+    return e.value
 
 
 def test_field_absent_from_every_row_points_at_the_config_key(tmp_path):

@@ -1,3 +1,4 @@
 from tunesmith.cli import main
 
-main()
+if __name__ == "__main__":  # a spawned child process (data/prepare.py) imports this module too
+    main()

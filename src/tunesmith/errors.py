@@ -23,6 +23,18 @@ class TunesmithError(Exception):
         parts = [self.what] + [p for p in (self.where, self.hint) if p]
         return "error: " + ", ".join(parts)
 
+    def __reduce__(self):
+        # Subclasses take other constructor arguments than `args` holds: rebuild from the attributes,
+        # so an error raised in a child process (data/prepare.py) arrives whole.
+        return _rebuild, (type(self), self.args, self.__dict__)
+
+
+def _rebuild(cls, args: tuple, state: dict) -> TunesmithError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
+
 
 class InputError(TunesmithError):
     """The user's input (config, data, model name, paths) is wrong: exit 2."""

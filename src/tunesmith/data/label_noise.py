@@ -58,6 +58,8 @@ def find_suspects(embeddings: np.ndarray, labels: list[str], folds: int = 5, see
         return []
     probs, classes = out_of_fold_probs(embeddings, labels, folds, seed)
     y = np.array([classes.index(label) for label in labels])
-    ranked = find_label_issues(y, probs, return_indices_ranked_by="self_confidence")
+    # n_jobs=1: cleanlab's worker pool shares its inputs through fork-inherited globals, which a spawned
+    # data process (prepare_data_apart) does not have; the per-class work is small next to the folds.
+    ranked = find_label_issues(y, probs, return_indices_ranked_by="self_confidence", n_jobs=1)
     return [Suspect(int(i), labels[i], classes[int(probs[i].argmax())], round(float(1 - probs[i, y[i]]), 4))
             for i in ranked]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from tunesmith.data.mitigate import apply_mitigation
 from tunesmith.data.profile import embedding_spread, split_profile
 from tunesmith.data.sources import LoadedData, load_sources, mix_training
 from tunesmith.data.split import group_split, stratified_split
-from tunesmith.errors import DataError
+from tunesmith.errors import DataError, InputError, TunesmithError
 
 SPLITS = ("train", "validation", "test")
 
@@ -92,7 +93,49 @@ def prepare_data(project: Project, progress: bool = False, augment_rows: bool = 
     if task.type == "classification":
         splits.labels = _label_set(splits, task.labels)
         splits.warnings += _label_warnings(splits)
+    release_embedder()  # its vectors are kept by the curation; the model is not needed again
     return splits
+
+
+DATA_PROCESS_ENV = "TUNESMITH_DATA_PROCESS"
+
+
+def prepare_data_apart(project: Project, progress: bool = False) -> Splits:
+    """`prepare_data` in a spawned child process, for the commands that train next.
+
+    Curation imports scikit-learn, cleanlab and datasets and loads the MiniLM embedder (about 280 MB
+    resident on the quickstart). Training never needs them again, and a process cannot hand imported
+    libraries back, so they live and end in the child. Spawned, not forked: a fresh interpreter is safe
+    whatever threads this one has started. Errors come back as raised there. With the environment
+    variable TUNESMITH_DATA_PROCESS=inline it runs in this process (the test suite's setting: one
+    process start less per run).
+    """
+    mode = os.environ.get(DATA_PROCESS_ENV, "child")
+    if mode not in ("child", "inline"):
+        raise InputError(f"{DATA_PROCESS_ENV}={mode!r} is not a mode", DATA_PROCESS_ENV, "use child or inline")
+    if mode == "inline":
+        return prepare_data(project, progress)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(prepare_data, project, progress).result()
+        except BrokenProcessPool:
+            raise TunesmithError("the data preparation process ended without a result (killed, or out of "
+                                 "memory?)", DATA_PROCESS_ENV,
+                                 f"rerun; {DATA_PROCESS_ENV}=inline prepares the data in this process") from None
+
+
+def release_embedder() -> None:
+    """Free the sentence-embedding model if cleaning loaded it (imported late: torch is only needed
+    where the embedder was used)."""
+    import sys
+
+    module = sys.modules.get("tunesmith.data.embed")
+    if module is not None:
+        module.release()
 
 
 def _split(loaded: dict[str, list[Example]], project: Project) -> tuple[list, list, list]:

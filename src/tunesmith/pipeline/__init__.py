@@ -9,7 +9,14 @@ from pydantic import ValidationError
 
 from tunesmith import fsio, hardware
 from tunesmith.config import Project, derive, dump_config, load_config
-from tunesmith.data.prepare import Splits, load_splits, prepare_data, save_splits, test_removals
+from tunesmith.data.prepare import (
+    Splits,
+    load_splits,
+    prepare_data,
+    prepare_data_apart,
+    save_splits,
+    test_removals,
+)
 from tunesmith.errors import InputError, RunDirError, StageError, TunesmithError
 from tunesmith.evaluate.objective import Verdict, judge
 from tunesmith.evaluate.stage import eval_stage
@@ -48,7 +55,7 @@ def run(project: Project, out: Path | None = None, progress: bool = True, keep_f
                          "launch `tunesmith train` under torchrun, then `tunesmith eval RUN_DIR`")
     final = final_dir(project.base_dir, project.name, out)
     check_out(final, overwrite)     # a refused --out fails before any work
-    splits = prepare_data(project)  # bad data fails before anything is written
+    splits = prepare_data_apart(project)  # bad data fails before anything is written
     resolve_model(project.model)    # so does an unknown model
     with staged(final, keep_failed, overwrite=overwrite) as run_dir:
         _start(project, splits, run_dir, final, progress)
@@ -145,7 +152,7 @@ def train_only(project: Project, out: Path | None = None, progress: bool = True,
     """data -> train; the run directory can then be evaluated with `tunesmith eval`."""
     final = final_dir(project.base_dir, project.name, out)
     check_out(final, overwrite)
-    splits = prepare_data(project)
+    splits = prepare_data_apart(project)
     resolve_model(project.model)
     distributed.init_from_env()
     if distributed.rank() != 0:
