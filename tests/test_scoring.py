@@ -104,7 +104,7 @@ def test_width_rounded_to_a_multiple_changes_neither_loss_nor_gradients(tiny_mod
     """Row batches are padded to PAD_MULTIPLE columns (fewer distinct shapes for the CPU kernels): the
     extra columns are masked and unsupervised, so loss and gradients are those of the exact width."""
     from tunesmith.config import TrainConfig
-    from tunesmith.train.batching import PAD_MULTIPLE, batch_stream
+    from tunesmith.train.batching import PAD_MULTIPLE, batch_stream, pad_multiple
 
     tok, model, fmt, examples = _setup(tiny_model)
     encoded = encode_for_training(tok, fmt, examples[:4])
@@ -119,8 +119,15 @@ def test_width_rounded_to_a_multiple_changes_neither_loss_nor_gradients(tiny_mod
     assert w1 % PAD_MULTIPLE == 0 and w0 < w1 < w0 + PAD_MULTIPLE
     assert n0 == n1 and abs(l0 - l1) < 1e-5
     torch.testing.assert_close(g0, g1, atol=1e-5, rtol=1e-4)
-    stream = batch_stream(encoded, TrainConfig(batch_size=2), tok.pad_token_id, 6)
+    cfg, cpu = TrainConfig(batch_size=2), torch.device("cpu")
+    assert pad_multiple(cfg, cpu) == PAD_MULTIPLE
+    assert pad_multiple(cfg, torch.device("cuda")) == 1  # a GPU batch without padding keeps no mask
+    assert pad_multiple(cfg.model_copy(update={"batch_tokens": 64}), cpu) == 1  # budgets stay exact
+    stream = batch_stream(encoded, cfg, tok.pad_token_id, 6, multiple=pad_multiple(cfg, cpu))
     assert all(next(stream)["input_ids"].shape[1] % PAD_MULTIPLE == 0 for _ in range(4))
+    # never past the row limit (a model's position table): the longest row, at most, when that is the limit
+    longest = max(len(e.ids) for e in encoded) - 6
+    assert collate(encoded, tok.pad_token_id, 6, PAD_MULTIPLE, limit=longest)["input_ids"].shape[1] == longest
 
 
 def test_loss_matches_transformers_loss(tiny_model):

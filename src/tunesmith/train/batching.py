@@ -95,15 +95,17 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, group
     return batches
 
 
-def collate(items: list[Encoded], pad_id: int, prefix_len: int = 0, multiple: int = 1) -> dict[str, torch.Tensor]:
+def collate(items: list[Encoded], pad_id: int, prefix_len: int = 0, multiple: int = 1,
+            limit: int | None = None) -> dict[str, torch.Tensor]:
     """Right-padded (B, T) input_ids, attention_mask and labels (IGNORE outside answers), T the longest
-    row rounded up to a multiple of `multiple`.
+    row rounded up to a multiple of `multiple` but not past `limit` columns (a model's position limit).
 
     With `prefix_len` > 0 the first `prefix_len` tokens, identical in every item, go once into
     `prefix_ids` (P,) and the (B, T) tensors hold what follows them.
     """
     tails = [it.ids[prefix_len:] for it in items]
-    width = -(-max(len(t) for t in tails) // multiple) * multiple
+    longest = max(len(t) for t in tails)
+    width = max(longest, min(-(-longest // multiple) * multiple, limit or longest + multiple))
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
     labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
@@ -184,9 +186,10 @@ def _planned(cfg) -> bool:
     return bool(cfg.batch_tokens or cfg.packing)
 
 
-def _multiple(cfg) -> int:
-    """Row batches round their width up (PAD_MULTIPLE); token-budget and packed batches stay exact."""
-    return 1 if _planned(cfg) else PAD_MULTIPLE
+def pad_multiple(cfg, dev: torch.device) -> int:
+    """PAD_MULTIPLE for row batches on a CPU; 1 elsewhere: token-budget and packed batches stay exact,
+    and on a GPU a batch without padding keeps no mask (attention's causal fast path)."""
+    return PAD_MULTIPLE if dev.type == "cpu" and not _planned(cfg) else 1
 
 
 def _usable(n_batches: int, world: int) -> int:
@@ -195,18 +198,20 @@ def _usable(n_batches: int, world: int) -> int:
 
 
 def batch_stream(encoded: list[Encoded], cfg, pad_id: int, prefix_len: int, rank: int = 0,
-                 world: int = 1, skip: int = 0, row_tokens: int | None = None):
+                 world: int = 1, skip: int = 0, row_tokens: int | None = None, multiple: int = 1):
     """Collated batches forever (`cfg` gives batch_size, batch_tokens, packing, seed and
     length_grouping): this rank's batches forever, one reshuffle per epoch seeded by the epoch, so a
     run is repeatable and a resumed run sees the same order. Global batch i goes to rank i % world;
     `skip` is the number of this rank's batches already consumed. Packed batches ignore `prefix_len`
-    (their rows hold whole sequences); `row_tokens` is the packed row length (see `epoch_batches`)."""
+    (their rows hold whole sequences); `row_tokens` is the packed row length (see `epoch_batches`) and
+    caps row batches' width, which `multiple` rounds up (see `pad_multiple`)."""
     epoch, seen = 0, 0
     while True:
         order = epoch_batches(encoded, cfg, epoch, row_tokens)
         for rows in order[rank:_usable(len(order), world):world]:
             if seen >= skip:
                 yield (collate_packed([[encoded[i] for i in row] for row in rows], pad_id) if cfg.packing
-                       else collate([encoded[row[0]] for row in rows], pad_id, prefix_len, _multiple(cfg)))
+                       else collate([encoded[row[0]] for row in rows], pad_id, prefix_len, multiple,
+                                    row_tokens - prefix_len if row_tokens else None))
             seen += 1
         epoch += 1

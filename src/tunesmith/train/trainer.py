@@ -26,13 +26,7 @@ from tunesmith.tasks.metrics import compute_metrics
 from tunesmith.tasks.predict import predict, reference_budget
 from tunesmith.tasks.prompts import PromptFormat
 from tunesmith.train import distributed, fsdp, grad_checkpointing
-from tunesmith.train.batching import (
-    PAD_MULTIPLE,
-    batch_stream,
-    collate,
-    encode_for_training,
-    epoch_batch_counts,
-)
+from tunesmith.train.batching import batch_stream, collate, encode_for_training, epoch_batch_counts, pad_multiple
 from tunesmith.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from tunesmith.train.loss import supervised_loss
 from tunesmith.train.methods import get_method, spec
@@ -169,8 +163,8 @@ def fit(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[Exa
     # Prompts of a task share their system text: its keys/values are computed once per batch. Not
     # under FSDP: a second pass through a sharded layer before backward is not supported there.
     prefix_len = 0 if sharded else common_prefix_len([e.ids[: e.start] for e in encoded + val_encoded])
-    batches = batch_stream(encoded, cfg, tokenizer.pad_token_id, prefix_len, rank, world,
-                            skip=loop["step"] * cfg.grad_accum, row_tokens=fmt.max_length)
+    batches = batch_stream(encoded, cfg, tokenizer.pad_token_id, prefix_len, rank, world, loop["step"] * cfg.grad_accum,
+                           fmt.max_length, pad_multiple(cfg, dev))
     with TrainLog(out_dir / "train_log.jsonl" if writes else None, keep_until=loop["step"]) as log, \
             Trackers(cfg.trackers if writes else [], out_dir, "tunesmith", cfg.model_dump()) as trackers, \
             neftune(net, cfg.neftune_alpha), grad_checkpointing.checkpointed(net, recompute), \
@@ -324,7 +318,8 @@ def _validate(model, tokenizer, fmt, val, val_encoded, cfg, metric, bf16, prefix
     total_loss, total_tokens = 0.0, 0
     for start in range(0, len(val_encoded), cfg.batch_size):
         batch = {k: v.to(dev) for k, v in collate(val_encoded[start:start + cfg.batch_size], tokenizer.pad_token_id,
-                                                     prefix_len, PAD_MULTIPLE).items()}
+                                                     prefix_len, pad_multiple(cfg, dev),
+                                                     fmt.max_length - prefix_len).items()}
         with hardware.autocast(bf16, dev):
             loss, n = supervised_loss(model, batch)
         total_loss += loss.item() * n
