@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -143,6 +144,37 @@ def test_data_prepared_in_a_child_process_arrives_whole(tmp_path, monkeypatch):
     monkeypatch.setenv(DATA_PROCESS_ENV, "elsewhere")
     with pytest.raises(InputError, match=DATA_PROCESS_ENV):
         prepare_data_apart(project)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl and signals as on Linux")
+def test_ctrl_c_stops_the_data_child_at_once(tmp_path):
+    """Ctrl-C reaches the parent only (the child starts with SIGINT ignored); the parent kills the child
+    and stops; a parent killed outright takes the child with it (die_with_parent)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    path = write_jsonl(tmp_path / "train.jsonl", make_texts(6000, 0))  # tens of seconds of curation in the child
+    script = ("from tunesmith.config import DataConfig, Project; "
+              "from tunesmith.data.prepare import prepare_data_apart; "
+              f"prepare_data_apart(Project(name='p', data=DataConfig(train={str(path)!r}, test=0.2, validation=0.2)))")
+    for how in (signal.SIGINT, signal.SIGKILL):
+        parent = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "TUNESMITH_DATA_PROCESS": "child"},
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not psutil.Process(parent.pid).children() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        child = psutil.Process(parent.pid).children()[0]
+        time.sleep(1.0)  # the child is starting up (imports): an interrupt now must not reach it
+        parent.send_signal(how)
+        parent.wait(timeout=8)  # not after the curation: the child is stopped, not awaited
+        child.wait(timeout=8)  # gone, not left running
+        if how == signal.SIGINT:
+            assert "KeyboardInterrupt" in parent.stderr.read() and parent.returncode != 0
+            assert child.pid not in [p.pid for p in psutil.process_iter()]
 
 
 def _inline_error(project) -> DataError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,9 +107,10 @@ def prepare_data_apart(project: Project, progress: bool = False) -> Splits:
     Curation imports scikit-learn, cleanlab and datasets and loads the MiniLM embedder (about 280 MB
     resident on the quickstart). Training never needs them again, and a process cannot hand imported
     libraries back, so they live and end in the child. Spawned, not forked: a fresh interpreter is safe
-    whatever threads this one has started. Errors come back as raised there. With the environment
-    variable TUNESMITH_DATA_PROCESS=inline it runs in this process (the test suite's setting: one
-    process start less per run).
+    whatever threads this one has started. Errors come back as raised there. The child ignores Ctrl-C
+    and dies with this process: an interrupt here kills it at once. With the environment variable
+    TUNESMITH_DATA_PROCESS=inline it runs in this process (the test suite's setting: one process
+    start less per run).
     """
     mode = os.environ.get(DATA_PROCESS_ENV, "child")
     if mode not in ("child", "inline"):
@@ -116,16 +118,65 @@ def prepare_data_apart(project: Project, progress: bool = False) -> Splits:
     if mode == "inline":
         return prepare_data(project, progress)
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
 
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        try:
-            return pool.submit(prepare_data, project, progress).result()
-        except BrokenProcessPool:
-            raise TunesmithError("the data preparation process ended without a result (killed, or out of "
-                                 "memory?)", DATA_PROCESS_ENV,
-                                 f"rerun; {DATA_PROCESS_ENV}=inline prepares the data in this process") from None
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_prepare_in_child, args=(send, os.getpid(), project, progress),
+                            name="tunesmith-data")
+    with _interrupts_ignored():  # inherited across exec: a Ctrl-C while the child starts up stays here
+        child.start()
+    send.close()
+    try:
+        status, value = receive.recv()
+    except EOFError:
+        child.join()
+        raise TunesmithError("the data preparation process ended without a result (killed, out of memory, or "
+                             "started from a script without an `if __name__ == \"__main__\":` guard)",
+                             DATA_PROCESS_ENV,
+                             f"rerun; {DATA_PROCESS_ENV}=inline prepares the data in this process") from None
+    except BaseException:  # Ctrl-C here: the child ignores it, so it is stopped now
+        child.kill()
+        child.join()
+        raise
+    child.join()
+    if status == "error":
+        raise value
+    return value
+
+
+def _prepare_in_child(send, parent: int, project: Project, progress: bool) -> None:
+    """The child's side of `prepare_data_apart`: ("ok", Splits) or ("error", exception) down the pipe."""
+    from tunesmith import hardware
+    from tunesmith.logs import quiet_libraries
+
+    hardware.die_with_parent(parent)
+    quiet_libraries()  # as the CLI does in its own process
+    try:
+        result = ("ok", prepare_data(project, progress))
+    except Exception as e:
+        result = ("error", e)
+    try:
+        send.send(result)
+    except Exception as e:  # something that does not pickle: say what it was
+        send.send(("error", TunesmithError(f"data preparation failed: {type(result[1]).__name__}: {result[1]} "
+                                           f"(not passed back: {type(e).__name__}: {e})")))
+    send.close()
+
+
+@contextmanager
+def _interrupts_ignored():
+    """SIGINT ignored for the duration (main thread only; elsewhere signals cannot be changed)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def release_embedder() -> None:

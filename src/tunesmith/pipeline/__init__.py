@@ -12,7 +12,6 @@ from tunesmith.config import Project, derive, dump_config, load_config
 from tunesmith.data.prepare import (
     Splits,
     load_splits,
-    prepare_data,
     prepare_data_apart,
     save_splits,
     test_removals,
@@ -216,7 +215,7 @@ def compare_methods(project: Project, methods: list[str], out: Path, progress: b
                          f"available: {', '.join(METHODS)}")
     out = Path(out).resolve()
     check_runs_folder(out, methods, ("compare.json", "compare.png"), overwrite)  # before any training
-    prepare_data(project)  # bad data fails before any training
+    prepare_data_apart(project)  # bad data fails before any training (its libraries stay in a child)
     configs = [(method, _method_config(project, method)) for method in methods]  # and so does a clash
     entries = []
     for method, variant in configs:
