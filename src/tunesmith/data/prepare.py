@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,81 +101,41 @@ DATA_PROCESS_ENV = "TUNESMITH_DATA_PROCESS"
 
 
 def prepare_data_apart(project: Project, progress: bool = False) -> Splits:
-    """`prepare_data` in a spawned child process, for the commands that train next.
+    """`prepare_data` in a child process (`python -m tunesmith.data.child`), for the commands that train next.
 
     Curation imports scikit-learn, cleanlab and datasets and loads the MiniLM embedder (about 280 MB
     resident on the quickstart). Training never needs them again, and a process cannot hand imported
-    libraries back, so they live and end in the child. Spawned, not forked: a fresh interpreter is safe
-    whatever threads this one has started. Errors come back as raised there. The child ignores Ctrl-C
-    and dies with this process: an interrupt here kills it at once. With the environment variable
-    TUNESMITH_DATA_PROCESS=inline it runs in this process (the test suite's setting: one process
-    start less per run).
+    libraries back, so they live and end in the child. A fresh interpreter, not a fork: safe whatever
+    threads this one has started. Errors come back as raised there. The child runs in a session of its
+    own, so a terminal's Ctrl-C reaches only this process, which then kills it; it also dies with this
+    process. With the environment variable TUNESMITH_DATA_PROCESS=inline it runs in this process (the
+    test suite's setting: one process start less per run).
     """
     mode = os.environ.get(DATA_PROCESS_ENV, "child")
     if mode not in ("child", "inline"):
         raise InputError(f"{DATA_PROCESS_ENV}={mode!r} is not a mode", DATA_PROCESS_ENV, "use child or inline")
     if mode == "inline":
         return prepare_data(project, progress)
-    import multiprocessing
+    import pickle
+    import subprocess
+    import sys
 
-    context = multiprocessing.get_context("spawn")
-    receive, send = context.Pipe(duplex=False)
-    child = context.Process(target=_prepare_in_child, args=(send, os.getpid(), project, progress),
-                            name="tunesmith-data")
-    with _interrupts_ignored():  # inherited across exec: a Ctrl-C while the child starts up stays here
-        child.start()
-    send.close()
+    child = subprocess.Popen([sys.executable, "-m", "tunesmith.data.child", str(os.getpid())],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
     try:
-        status, value = receive.recv()
-    except EOFError:
-        child.join()
-        raise TunesmithError("the data preparation process ended without a result (killed, out of memory, or "
-                             "started from a script without an `if __name__ == \"__main__\":` guard)",
-                             DATA_PROCESS_ENV,
-                             f"rerun; {DATA_PROCESS_ENV}=inline prepares the data in this process") from None
-    except BaseException:  # Ctrl-C here: the child ignores it, so it is stopped now
+        out, _ = child.communicate(pickle.dumps((project, progress)))
+    except BaseException:  # Ctrl-C here: the child, in its own session, is stopped now
         child.kill()
-        child.join()
+        child.wait()
         raise
-    child.join()
+    if child.returncode != 0 or not out:
+        raise TunesmithError(f"the data preparation process ended without a result (exit {child.returncode}: "
+                             "killed, or out of memory?)", DATA_PROCESS_ENV,
+                             f"rerun; {DATA_PROCESS_ENV}=inline prepares the data in this process")
+    status, value = pickle.loads(out)
     if status == "error":
         raise value
     return value
-
-
-def _prepare_in_child(send, parent: int, project: Project, progress: bool) -> None:
-    """The child's side of `prepare_data_apart`: ("ok", Splits) or ("error", exception) down the pipe."""
-    from tunesmith import hardware
-    from tunesmith.logs import quiet_libraries
-
-    hardware.die_with_parent(parent)
-    quiet_libraries()  # as the CLI does in its own process
-    try:
-        result = ("ok", prepare_data(project, progress))
-    except Exception as e:
-        result = ("error", e)
-    try:
-        send.send(result)
-    except Exception as e:  # something that does not pickle: say what it was
-        send.send(("error", TunesmithError(f"data preparation failed: {type(result[1]).__name__}: {result[1]} "
-                                           f"(not passed back: {type(e).__name__}: {e})")))
-    send.close()
-
-
-@contextmanager
-def _interrupts_ignored():
-    """SIGINT ignored for the duration (main thread only; elsewhere signals cannot be changed)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def release_embedder() -> None:
