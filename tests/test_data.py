@@ -158,7 +158,10 @@ def test_ctrl_c_stops_the_data_child_at_once(tmp_path):
     import psutil
 
     path = write_jsonl(tmp_path / "train.jsonl", make_texts(6000, 0))  # tens of seconds of curation in the child
-    script = ("from tunesmith.config import DataConfig, Project; "
+    # A terminal's Ctrl-C raises KeyboardInterrupt even where this test runs with SIGINT ignored (a
+    # background job inherits SIG_IGN, and so would the script).
+    script = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              "from tunesmith.config import DataConfig, Project; "
               "from tunesmith.data.prepare import prepare_data_apart; "
               f"prepare_data_apart(Project(name='p', data=DataConfig(train={str(path)!r}, test=0.2, validation=0.2)))")
     for how in (signal.SIGINT, signal.SIGKILL):
@@ -168,14 +171,20 @@ def test_ctrl_c_stops_the_data_child_at_once(tmp_path):
         while not psutil.Process(parent.pid).children() and time.monotonic() < deadline:
             time.sleep(0.05)
         child = psutil.Process(parent.pid).children()[0]
-        assert os.getsid(child.pid) != os.getsid(parent.pid)  # a terminal's Ctrl-C does not reach it
-        time.sleep(1.0)
-        parent.send_signal(how)
-        parent.wait(timeout=8)  # not after the curation: the child is stopped, not awaited
-        child.wait(timeout=8)  # gone, not left running
-        if how == signal.SIGINT:
-            assert "KeyboardInterrupt" in parent.stderr.read() and parent.returncode != 0
-            assert child.pid not in [p.pid for p in psutil.process_iter()]
+        try:
+            assert os.getsid(child.pid) != os.getsid(parent.pid)  # a terminal's Ctrl-C does not reach it
+            time.sleep(1.0)
+            parent.send_signal(how)
+            parent.wait(timeout=8)  # not after the curation: the child is stopped, not awaited
+            child.wait(timeout=8)  # gone, not left running
+            if how == signal.SIGINT:
+                assert "KeyboardInterrupt" in parent.stderr.read() and parent.returncode != 0
+        finally:  # never leave either process behind, whatever failed
+            for process in (parent, child):
+                try:
+                    process.kill()
+                except (ProcessLookupError, psutil.NoSuchProcess):
+                    pass
 
 
 def _inline_error(project) -> DataError:
