@@ -102,16 +102,6 @@ def test_prepare_builds_splits_and_label_set(tmp_path):
     assert {e.target for e in splits.test} == {"alpha", "beta", "gamma"}
 
 
-def test_prepare_frees_the_embedding_model_it_used(tmp_path):
-    """Semantic dedup and label noise load MiniLM; training must not carry it (issue 18: host memory)."""
-    from tunesmith.data import embed
-
-    path = write_jsonl(tmp_path / "train.jsonl", make_texts(30, 0))
-    splits = prepare_data(Project(name="p", data=DataConfig(train=path, test=0.2, validation=0.2)))
-    assert splits.curation._vectors  # the embedder ran
-    assert embed._load.cache_info().currsize == 0
-
-
 def test_data_prepared_in_a_child_process_arrives_whole(tmp_path, monkeypatch):
     """`run` and `train` prepare data in a spawned child (its libraries never load here): the splits equal
     the in-process ones, a bad row arrives as the same located DataError, a bad mode is named."""

@@ -39,12 +39,6 @@ def _load():
     return tokenizer, model
 
 
-def release() -> None:
-    """Drop the loaded embedding model (about 140 MB resident); the next `embed` loads it again. The
-    data stage calls it when done, so training does not carry it."""
-    _load.cache_clear()
-
-
 @torch.no_grad()
 def embed(texts: list[str], batch_size: int = 128, max_tokens: int = 128, progress: bool = False) -> np.ndarray:
     """Unit-length embeddings (N, 384) in float32, in the order of `texts`."""

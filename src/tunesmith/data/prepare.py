@@ -93,7 +93,6 @@ def prepare_data(project: Project, progress: bool = False, augment_rows: bool = 
     if task.type == "classification":
         splits.labels = _label_set(splits, task.labels)
         splits.warnings += _label_warnings(splits)
-    release_embedder()  # its vectors are kept by the curation; the model is not needed again
     return splits
 
 
@@ -136,16 +135,6 @@ def prepare_data_apart(project: Project, progress: bool = False) -> Splits:
     if status == "error":
         raise value
     return value
-
-
-def release_embedder() -> None:
-    """Free the sentence-embedding model if cleaning loaded it (imported late: torch is only needed
-    where the embedder was used)."""
-    import sys
-
-    module = sys.modules.get("tunesmith.data.embed")
-    if module is not None:
-        module.release()
 
 
 def _split(loaded: dict[str, list[Example]], project: Project) -> tuple[list, list, list]:
