@@ -39,7 +39,9 @@ from tunesmith.serve.service import load_service
 runner = CliRunner()
 PROMPTS = ["my red card", "where is the blue bank", "green money please", "help today now"]
 # A generation project whose adapter moves the tiny model's greedy answers away from the base's.
-LORA_PROJECT = GEN_PROJECT.replace("  batch_size: 4\n", "  batch_size: 4\n  learning_rate: 0.05\n")
+# (LoRA dropout 0.05, the default before e486c91: with 0.0 both tiny adapters answer the empty string.)
+LORA_PROJECT = GEN_PROJECT.replace("  batch_size: 4\n",
+                                   "  batch_size: 4\n  learning_rate: 0.05\n  lora:\n    dropout: 0.05\n")
 FAKE_VLLM = r'''
 import json, os, sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
