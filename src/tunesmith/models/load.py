@@ -22,6 +22,9 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32):
     """A causal LM from a local folder, in eval mode."""
     from transformers import AutoModelForCausalLM
 
+    from tunesmith import hardware
+
+    hardware.native_gqa(hardware.device())  # on a CPU: no repeated K/V heads kept for backward (see there)
     if not any(Path(path).glob("*.safetensors")):
         raise ModelError(f"no safetensors weights in {path}", "model",
                          "tunesmith loads safetensors only (pickle files can run code); convert the checkpoint")

@@ -24,6 +24,9 @@ def load_quantized(path: Path, kind: str, dev: torch.device, compute_bf16: bool)
     """
     from transformers import AutoModelForCausalLM
 
+    from tunesmith import hardware
+
+    hardware.native_gqa(dev)  # as models.load.load_model does
     config = _bnb_config(kind, torch.bfloat16 if compute_bf16 else torch.float32)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), quantization_config=config, dtype=torch.float32,
