@@ -195,6 +195,34 @@ def test_merged_model_equals_lora_model(family_model):
     assert abs(supervised_loss(peft_model, batch)[0].item() - supervised_loss(merged, batch)[0].item()) < 1e-5
 
 
+@torch.no_grad()
+def test_bf16_frozen_weights_change_only_the_embedding_rounding(family_model):
+    """Training's compaction (frozen linear weights and input embedding in bf16, train/precision.py)
+    gives under autocast the loss of the fp32 model with its embedding rounded to bf16, in every family
+    (fused projections and MoE experts included; Gemma's scaled embedding stays fp32), and restores exactly."""
+    from pathlib import Path
+
+    from tunesmith import hardware
+    from tunesmith.train.precision import compact_frozen, restore_frozen
+
+    family, model, tok = family_model
+    batch = collate(_encoded(tok)[1], tok.pad_token_id)
+    plain = _lora_model(model)
+    compact, trained = copy.deepcopy(plain), copy.deepcopy(plain)
+    done = compact_frozen(compact, Path(model.name_or_path))
+    cast = compact.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert done.names and cast == (not family.startswith("gemma")), family  # Gemma's scaled lookup stays fp32
+    if cast:
+        rounded = plain.get_input_embeddings().weight
+        rounded.data = rounded.data.to(torch.bfloat16).float()
+    with hardware.autocast(True, torch.device("cpu")):
+        expected, got = supervised_loss(plain, batch)[0].item(), supervised_loss(compact, batch)[0].item()
+    assert expected == got, (family, expected, got)
+    restore_frozen(compact, done, Path(model.name_or_path))
+    for (name, a), (_, b) in zip(trained.state_dict().items(), compact.state_dict().items()):
+        assert a.dtype == b.dtype and torch.equal(a, b), (family, name)
+
+
 def test_catalog_marks_tested_families():
     """Every family the catalog calls tested has parity tests here; every entry names its family."""
     assert set(TESTED_FAMILIES) == set(FAMILIES)

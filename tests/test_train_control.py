@@ -192,22 +192,30 @@ def _tfrecord_count(path) -> int:
 
 
 def test_frozen_weights_in_bf16_change_no_autocast_result_and_restore_exactly(tiny_model):
+    """The only change compaction makes under autocast is each input embedding rounded to bf16: the
+    result equals the fp32 model with its embedding rounded, exactly; restoring gives the loaded model."""
     from tunesmith import hardware
     from tunesmith.train.methods import get_method
     from tunesmith.train.precision import compact_frozen, restore_frozen
 
     torch.manual_seed(0)
     plain = get_method("lora").apply(load_model(tiny_model), TrainConfig()).eval()
+    loaded = {k: v.clone() for k, v in plain.state_dict().items()}
     torch.manual_seed(0)
     compact = get_method("lora").apply(load_model(tiny_model), TrainConfig()).eval()
-    names = compact_frozen(compact)
+    done = compact_frozen(compact, tiny_model)
     layers = dict(compact.get_base_model().named_modules())
-    assert names and all(layers[n].weight.dtype == torch.bfloat16 for n in names)
-    assert compact.get_input_embeddings().weight.dtype == torch.float32
+    assert done.names and all(layers[n].weight.dtype == torch.bfloat16 for n in done.names)
+    embedding = compact.get_input_embeddings()
+    assert embedding.weight.dtype == torch.bfloat16 and done.hooks
     assert all(p.dtype == torch.float32 for p in compact.parameters() if p.requires_grad)
     ids = torch.tensor([[5, 6, 7, 8, 9]])
+    assert embedding(ids).dtype == torch.float32  # the residual stream stays fp32
+    rounded = plain.get_input_embeddings().weight
+    rounded.data = rounded.data.to(torch.bfloat16).float()
     with torch.no_grad(), hardware.autocast(True, torch.device("cpu")):
         torch.testing.assert_close(plain(input_ids=ids).logits, compact(input_ids=ids).logits, atol=0, rtol=0)
-    restore_frozen(compact, names, tiny_model)
-    for (k, a), (_, b) in zip(plain.state_dict().items(), compact.state_dict().items()):
-        assert a.dtype == b.dtype and torch.equal(a, b), k
+    restore_frozen(compact, done, tiny_model)
+    assert not embedding._forward_hooks
+    for k, b in compact.state_dict().items():
+        assert loaded[k].dtype == b.dtype and torch.equal(loaded[k], b), k

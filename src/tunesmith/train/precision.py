@@ -1,10 +1,13 @@
 """Frozen weights in bf16 while training under bf16 autocast.
 
 Under autocast every linear layer casts its fp32 weight to bf16 before the matmul, so storing the
-frozen ones in bf16 changes no result: it only drops the fp32 copy (and autocast's cached bf16 copy)
-of ~80% of a small model's parameters. The input embedding (tied to the LM head in many models) and
-norms stay fp32 so the residual stream keeps its precision. After training the fp32 values are read
-back from the checkpoint, so the returned model is exactly the model that was loaded plus what trained.
+frozen ones in bf16 changes no linear layer's result: it only drops the fp32 copy (and autocast's
+bf16 copy, made anew at each call for a frozen weight and kept for backward) of most of a model's
+parameters. A frozen nn.Embedding input embedding is stored in bf16 too (SmolLM2-135M: 57 MB saved, and the
+tied LM head then needs no per-step bf16 copy either); its lookups are cast back to fp32, so the
+residual stream keeps its precision and the only change is each input embedding rounded to bf16
+(relative error at most 2**-9). After training the fp32 values are read back from the checkpoint, so
+the returned model is exactly the model that was loaded plus what trained.
 
 transformers maps a safetensors checkpoint into memory and uses it in place, so a cast alone frees
 nothing: the fp32 file pages it read stay resident while any weight still points into the mapping
@@ -14,6 +17,7 @@ the mapping: the fp32 copy of the cast weights is gone before training allocates
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,20 +25,62 @@ import torch
 from tunesmith.tasks.cache import unwrap
 
 
-def compact_frozen(model) -> list[str]:
-    """Cast frozen nn.Linear weights (not the tied embedding) to bf16; returns the module names cast."""
+@dataclass
+class Compacted:
+    """What `compact_frozen` changed, for `restore_frozen` to undo."""
+
+    names: list[str] = field(default_factory=list)  # modules whose frozen weight is bf16 now
+    hooks: list = field(default_factory=list)  # forward-hook handles to remove
+
+
+def compact_frozen(model, checkpoint: Path) -> Compacted:
+    """Cast frozen nn.Linear weights and a frozen nn.Embedding input embedding to bf16.
+
+    Only weights that `checkpoint`'s safetensors files hold are cast (`restore_frozen` reads them
+    back from there); the embedding's lookups are cast back to fp32 by a forward hook."""
     lm = unwrap(model)
-    embedding = lm.get_input_embeddings().weight
-    cast = []
+    stored = _checkpoint_keys(checkpoint)
+    embedding = lm.get_input_embeddings()
+    was_fp32 = embedding.weight.dtype == torch.float32
+    done = Compacted()
     for name, module in lm.named_modules():
         weight = getattr(module, "weight", None)
-        if (isinstance(module, torch.nn.Linear) and weight is not None and not weight.requires_grad
-                and weight is not embedding and weight.dtype == torch.float32):
+        castable = isinstance(module, torch.nn.Linear) or module is embedding and _plain_lookup(module)
+        if (castable and isinstance(weight, torch.Tensor) and not weight.requires_grad
+                and weight.dtype == torch.float32 and _key(name) in stored):
             module.weight.data = weight.data.to(torch.bfloat16)
-            cast.append(name)
-    if cast:
+            done.names.append(name)
+    if done.names:
+        # Cast through its own name or as the LM head it is tied to (one Parameter either way).
+        if _plain_lookup(embedding) and embedding.weight.dtype == torch.bfloat16 and was_fp32:
+            done.hooks.append(embedding.register_forward_hook(_as_fp32))
         _own_memory(lm)
-    return cast
+    return done
+
+
+def _plain_lookup(module) -> bool:
+    """A torch nn.Embedding itself: subclasses (Gemma's scaled embeddings) compute in the weight's dtype
+    after the lookup, which a bf16 weight would round a second time."""
+    return type(module) is torch.nn.Embedding
+
+
+def _as_fp32(module, args, output: torch.Tensor) -> torch.Tensor:
+    return output.float()  # (B, T, H): the residual stream starts in fp32, as with an fp32 embedding
+
+
+def _key(module_name: str) -> str:
+    """The checkpoint key of a module's weight (inside PEFT wrappers the layer sits at <name>.base_layer)."""
+    return module_name.replace(".base_layer", "") + ".weight"
+
+
+def _checkpoint_keys(checkpoint: Path) -> set[str]:
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for file in sorted(Path(checkpoint).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            keys.update(f.keys())
+    return keys
 
 
 def _own_memory(lm) -> None:
@@ -50,16 +96,17 @@ def _own_memory(lm) -> None:
                 module._buffers[key] = buffer.clone()
 
 
-def restore_frozen(model, names: list[str], checkpoint: Path) -> None:
-    """Put back the fp32 weights of modules `names` from the checkpoint's safetensors files."""
-    if not names:
+def restore_frozen(model, compacted: Compacted, checkpoint: Path) -> None:
+    """Undo `compact_frozen`: remove its hooks and put back the fp32 weights from the checkpoint."""
+    for handle in compacted.hooks:
+        handle.remove()
+    if not compacted.names:
         return
     from safetensors import safe_open
 
     lm = unwrap(model)
     modules = dict(lm.named_modules())
-    # Inside PEFT wrappers the original layer sits at <name>.base_layer; the checkpoint has <name>.
-    wanted = {name.replace(".base_layer", "") + ".weight": name for name in names}
+    wanted = {_key(name): name for name in compacted.names}
     for file in sorted(Path(checkpoint).glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             for key in set(f.keys()) & set(wanted):

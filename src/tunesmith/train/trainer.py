@@ -30,7 +30,7 @@ from tunesmith.train.batching import batch_stream, collate, encode_for_training,
 from tunesmith.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from tunesmith.train.loss import supervised_loss
 from tunesmith.train.methods import get_method, spec
-from tunesmith.train.precision import compact_frozen, make_optimizer, restore_frozen
+from tunesmith.train.precision import Compacted, compact_frozen, make_optimizer, restore_frozen
 from tunesmith.train.preflight import preflight
 from tunesmith.train.regularize import neftune, set_dropout
 from tunesmith.train.text import encode_text
@@ -149,7 +149,7 @@ def fit(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[Exa
     net = fsdp.sharded_copy(model, dev) if sharded else model.to(dev)
     # Some methods need full-precision frozen weights (see registry.MethodSpec.low_precision_frozen).
     compact = bf16 and spec(cfg.method).low_precision_frozen and not sharded and _has_weights(source)
-    compacted = compact_frozen(model) if compact else []
+    compacted = compact_frozen(model, source) if compact else Compacted()
     encoded, val, val_encoded, notes = _encode(tokenizer, fmt, train, val, cfg, rank)
     recompute = grad_checkpointing.wanted(cfg, model, [len(e.ids) for e in encoded])
     plan = make_plan(len(encoded), cfg, world, epoch_batch_counts(encoded, cfg, world, fmt.max_length))
@@ -221,7 +221,7 @@ def optimizer_and_schedule(trainable: list[torch.Tensor], cfg: TrainConfig, tota
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_linear(total, cfg.warmup_ratio))
 
 
-def _unwrap(model, net, sharded: bool, dev, compacted: list, source: Path) -> None:
+def _unwrap(model, net, sharded: bool, dev, compacted: Compacted, source: Path) -> None:
     """Bring the trained weights home: gather an FSDP copy into `model`, give compacted frozen weights
     back their full precision, and leave `model` in eval mode."""
     if sharded:
