@@ -97,6 +97,7 @@ def eval_stage(project: Project, splits: Splits, run_dir: Path, progress: bool =
         base_model = model
     else:
         del model
+        hardware.release_free_memory()  # scoring's freed heap must not sit under the second model
         base_model = load_model(base_path).to(hardware.device())
     # The baseline is the base model with the user's own prompt, whatever the method changed.
     base_fmt = build_format(project.task, fmt.labels, tokenizer)
