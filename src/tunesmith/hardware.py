@@ -135,22 +135,6 @@ def release_free_memory() -> None:
         libc.malloc_trim(0)
 
 
-def die_with_parent(parent: int) -> bool:
-    """Linux: this process gets SIGKILL when its parent dies (even by SIGKILL); exits now if `parent`
-    is gone already. False elsewhere (nothing armed)."""
-    import os
-    import signal
-
-    libc = _libc()
-    if libc is None or not hasattr(libc, "prctl"):
-        return False
-    pr_set_pdeathsig = 1  # <sys/prctl.h>
-    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died before the signal was armed
-        os._exit(1)
-    return True
-
-
 def _libc():
     if not sys.platform.startswith("linux"):
         return None

@@ -16,9 +16,11 @@ def main() -> None:
     result_pipe = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # stdout is stderr from here on: prints cannot reach the result stream
     parent = int(sys.argv[1])
-    from tunesmith import hardware
+    import signal
 
-    hardware.die_with_parent(parent)
+    from tunesmith.orphans import die_with_parent
+
+    die_with_parent(parent, signal.SIGKILL)  # a parent killed outright takes its data child with it
     project, progress = pickle.load(sys.stdin.buffer)
     from tunesmith.data.prepare import prepare_data
     from tunesmith.errors import TunesmithError

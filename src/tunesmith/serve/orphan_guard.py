@@ -9,22 +9,16 @@ process with threads); elsewhere than Linux it only execs CMD.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import sys
 
-PR_SET_PDEATHSIG = 1
+from tunesmith.orphans import die_with_parent
 
 
 def main(argv: list[str]) -> None:
     parent, command = int(argv[0]), argv[1:]
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-        if os.getppid() != parent:  # the parent died before the signal was armed
-            sys.exit(1)
+    die_with_parent(parent, signal.SIGTERM)  # SIGTERM: the engine shuts down cleanly and frees the GPU
     os.execvp(command[0], command)
 
 
