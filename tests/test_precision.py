@@ -95,3 +95,30 @@ def test_compacting_releases_the_checkpoint_file_mapping(tiny_model, tmp_path):
     assert done.names and not _mapped(tiny_model)  # the fp32 pages of the cast weights are no longer resident
     norm = model.get_base_model().model.norm.weight  # kept fp32, in memory of its own
     torch.testing.assert_close(norm, load_model(tiny_model).model.norm.weight, atol=0, rtol=0)
+
+
+def test_a_tied_head_of_an_embedding_that_stays_fp32_is_not_cast(tiny_model, tmp_path):
+    """An embedding that is not a plain nn.Embedding (Gemma's scaled lookup) stays fp32, and so does the
+    LM head tied to it, even when the checkpoint also stores the head under its own name."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(tiny_model, tmp_path / "model"))
+    weights = load_file(folder / "model.safetensors")
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+    class ScaledEmbedding(torch.nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) * 2.0
+
+    model = get_method("lora").apply(load_model(folder), TrainConfig())
+    lm = model.get_base_model()
+    scaled = ScaledEmbedding(*lm.model.embed_tokens.weight.shape)
+    scaled.weight = lm.model.embed_tokens.weight
+    lm.model.embed_tokens = scaled
+    assert lm.lm_head.weight is scaled.weight  # tied
+    done = compact_frozen(model, folder)
+    assert done.names and "lm_head" not in done.names and not done.hooks
+    assert scaled.weight.dtype == torch.float32

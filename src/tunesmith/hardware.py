@@ -94,12 +94,14 @@ def native_gqa(dev: torch.device) -> bool:
     transformers repeats each K/V head for its query heads (SmolLM2-135M: 3 heads to 9) unless the call
     has no mask, and SDPA keeps the repeated copies for backward: in training, two activations of the
     query's width per layer instead of a third of it (about 74 MB on a 1,600-token batch of that model).
-    PyTorch's CPU attention kernel takes `enable_gqa` with a mask since torch 2.5; the output is the
-    same. On CUDA a masked GQA call falls back to the slow math kernel, so there it stays off. A value
-    the user set is left alone."""
+    PyTorch's CPU flash-attention kernel takes grouped-query K/V with a mask in recent releases (tested
+    on 2.13: same output); older ones accept `enable_gqa` (2.5+) but run it on the math kernel, which
+    repeats K/V itself and keeps the whole attention matrix, so it is used from torch 2.9 only. On CUDA
+    a masked GQA call also falls back to the math kernel: there it stays off. A value the user set is
+    left alone."""
     import os
 
-    if dev.type != "cpu" or tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 5):
+    if dev.type != "cpu" or tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 9):
         return os.environ.get(NATIVE_GQA_ENV) == "1"
     os.environ.setdefault(NATIVE_GQA_ENV, "1")
     return os.environ[NATIVE_GQA_ENV] == "1"

@@ -41,18 +41,21 @@ def compact_frozen(model, checkpoint: Path) -> Compacted:
     lm = unwrap(model)
     stored = _checkpoint_keys(checkpoint)
     embedding = lm.get_input_embeddings()
-    was_fp32 = embedding.weight.dtype == torch.float32
+    table, plain = getattr(embedding, "weight", None), _plain_lookup(embedding)
+    was_fp32 = table is not None and table.dtype == torch.float32
     done = Compacted()
     for name, module in lm.named_modules():
         weight = getattr(module, "weight", None)
-        castable = isinstance(module, torch.nn.Linear) or module is embedding and _plain_lookup(module)
+        # A head tied to an embedding that must stay fp32 is that embedding: not cast either.
+        castable = (isinstance(module, torch.nn.Linear) and (weight is not table or plain)
+                    or module is embedding and plain)
         if (castable and isinstance(weight, torch.Tensor) and not weight.requires_grad
                 and weight.dtype == torch.float32 and _key(name) in stored):
             module.weight.data = weight.data.to(torch.bfloat16)
             done.names.append(name)
     if done.names:
         # Cast through its own name or as the LM head it is tied to (one Parameter either way).
-        if _plain_lookup(embedding) and embedding.weight.dtype == torch.bfloat16 and was_fp32:
+        if plain and was_fp32 and embedding.weight.dtype == torch.bfloat16:
             done.hooks.append(embedding.register_forward_hook(_as_fp32))
         _own_memory(lm)
     return done
