@@ -97,7 +97,10 @@ def test_estimates_follow_the_formulas():
     hw = Hardware("cpu", "test", 24000, 0.4, True)
     lora = estimate(135, 30, 576, "lora", 50_000, 8, 90, hw)
     full = estimate(135, 30, 576, "full", 50_000, 8, 90, hw)
-    assert full["memory_mb"] - lora["memory_mb"] == pytest.approx(16 * 0.99 * 135e6 / 2**20, abs=2)
+    # Full fine-tuning: optimiser state for the other 99% and fp32 weights; LoRA's frozen weights are bf16.
+    assert full["memory_mb"] - lora["memory_mb"] == pytest.approx((16 * 0.99 + 2) * 135e6 / 2**20, abs=2)
+    fp32 = estimate(135, 30, 576, "lora", 50_000, 8, 90, Hardware("cpu", "test", 24000, 0.4, False))
+    assert fp32["memory_mb"] - lora["memory_mb"] == pytest.approx(2 * 135e6 / 2**20, abs=2)
     assert full["seconds"] == pytest.approx(1.5 * lora["seconds"], rel=1e-3)  # 6P vs 4P FLOPs per token
     assert lora["seconds"] == pytest.approx(50_000 * 4 * 135e6 / (0.4e12 * 0.6), rel=1e-3)
     assert not estimate(7248, 32, 4096, "full", 1000, 8, 90, hw)["fits"]

@@ -111,7 +111,8 @@ def test_auto_turns_on_only_when_the_estimate_does_not_fit(tiny_model):
     # The estimate for any run includes the process overhead (estimate.OVERHEAD_MB): 1 GB never fits.
     assert grad_checkpointing.wanted(auto, model, rows, device_mb=1000.0)
     assert not grad_checkpointing.wanted(auto, model, rows, device_mb=1e7)
-    need = estimate.memory_mb(hardware.parameter_counts(model)[1] / 1e6, 2, 32, "lora", auto.batch_size, 40)
+    bf16 = hardware.use_bf16(auto.precision, hardware.device())
+    need = estimate.memory_mb(hardware.parameter_counts(model)[1] / 1e6, 2, 32, "lora", auto.batch_size, 40, bf16)
     assert not grad_checkpointing.wanted(auto, model, rows, device_mb=need / 0.9 + 1)
     assert grad_checkpointing.wanted(auto, model, rows, device_mb=need / 0.9 - 1)
     # Set explicitly, the estimate is not consulted.

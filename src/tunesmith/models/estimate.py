@@ -2,7 +2,8 @@
 plus two constants calibrated on tunesmith's own measured runs (see README, "Choosing a model").
 
 Memory (MB) = overhead + weights + trained state + activations, where
-- weights: 4 bytes x P (tunesmith keeps fp32 master weights and trains under bf16 autocast);
+- weights: 4 bytes x P in fp32; 2 bytes x P where training runs under bf16 and the method keeps its
+  frozen weights in bf16 (train/precision.py; not full fine-tuning, whose weights all train);
   QLoRA: 0.56 bytes x P (4-bit NF4 plus block scales);
 - trained state: 16 bytes per trained parameter (fp32 weight, gradient, two Adam moments): all P
   for full fine-tuning; ~1% of P for LoRA/DoRA (rank 8 on the attention and MLP projections);
@@ -30,7 +31,9 @@ import torch
 from tunesmith import hardware
 from tunesmith.registry import METHOD_SPECS
 
-OVERHEAD_MB = 2400        # calibrated: quickstart LoRA run, 3,402 MB peak RSS measured (2026-11-28)
+# calibrated: quickstart LoRA training, 1,694.6 MiB peak RSS (2026-12-05, bf16 frozen weights; the
+# 2026-11-28 calibration, 2,400 MB on a 3,402 MB peak, predates the host-memory work).
+OVERHEAD_MB = 1000
 ACTIVATION_BYTES = 34
 EFFICIENCY = 0.6          # calibrated: quickstart LoRA, 479 tokens/s measured on a 2-core EPYC in bf16
 
@@ -82,17 +85,20 @@ def estimate(params_m: float, layers: int, hidden: int, method: str, tokens: int
     spec = METHOD_SPECS[method]
     if spec.flops_per_token is None or spec.trained_share is None:
         raise ValueError(f"method '{method}' trains nothing: no training estimate")
-    memory = memory_mb(params_m, layers, hidden, method, batch, row_tokens)
+    memory = memory_mb(params_m, layers, hidden, method, batch, row_tokens, hw.bf16)
     seconds = tokens * spec.flops_per_token * params_m * 1e6 / (hw.peak_tflops * 1e12 * EFFICIENCY)
     return {"method": method, "memory_mb": round(memory), "seconds": round(seconds, 1),
             "fits": fits(memory, hw.memory_mb)}
 
 
-def memory_mb(params_m: float, layers: int, hidden: int, method: str, batch: int, row_tokens: int) -> float:
-    """Estimated peak memory (MiB) of training with `method` on batches of `batch` rows of `row_tokens`."""
+def memory_mb(params_m: float, layers: int, hidden: int, method: str, batch: int, row_tokens: int,
+              bf16: bool = False) -> float:
+    """Estimated peak memory (MiB) of training with `method` on batches of `batch` rows of `row_tokens`
+    (`bf16`: training runs under bf16 autocast)."""
     p = params_m * 1e6
     spec = METHOD_SPECS[method]
-    weights = spec.weight_bytes * p
+    half = bf16 and spec.low_precision_frozen and spec.weight_bytes == 4.0 and (spec.trained_share or 0) < 1
+    weights = (2.0 if half else spec.weight_bytes) * p
     trained = 16 * (spec.trained_share or 0.0) * p
     activations = ACTIVATION_BYTES * layers * batch * row_tokens * hidden
     return OVERHEAD_MB + (weights + trained + activations) / 2**20

@@ -49,17 +49,18 @@ def wanted(cfg: TrainConfig, model, row_lengths: list[int], device_mb: float | N
         return bool(cfg.gradient_checkpointing)
     if device_mb is None:
         device_mb = estimate.device_memory_mb(hardware.device())
-    return not fits_without(model, cfg.method, cfg.batch_size, max(row_lengths, default=0), device_mb)
+    bf16 = hardware.use_bf16(cfg.precision, hardware.device())
+    return not fits_without(model, cfg.method, cfg.batch_size, max(row_lengths, default=0), device_mb, bf16)
 
 
-def fits_without(model, method: str, batch: int, row_tokens: int, device_mb: float) -> bool:
+def fits_without(model, method: str, batch: int, row_tokens: int, device_mb: float, bf16: bool = False) -> bool:
     """Whether training `model` with `method` on batches of `batch` rows of `row_tokens` tokens fits
-    `device_mb` MiB by the estimate, keeping every layer's activations."""
+    `device_mb` MiB by the estimate, keeping every layer's activations (`bf16`: under bf16 autocast)."""
     if METHOD_SPECS[method].trained_share is None:  # trains nothing (prompt search): no activations kept
         return True
     config = unwrap(model).config.get_text_config()
     params_m = hardware.parameter_counts(model)[1] / 1e6
-    need = estimate.memory_mb(params_m, config.num_hidden_layers, config.hidden_size, method, batch, row_tokens)
+    need = estimate.memory_mb(params_m, config.num_hidden_layers, config.hidden_size, method, batch, row_tokens, bf16)
     return estimate.fits(need, device_mb)
 
 
