@@ -258,8 +258,9 @@ def test_f16_logits_match_through_llama_cpp(tiny_model, sharp):
 
 @pytest.mark.slow
 def test_real_smollm_q8_0_round_trip(tmp_path):
-    """A short quickstart-like run on the real SmolLM2-135M (3 intents, 8 rows each, 16 steps), exported
-    as q8_0 GGUF and read back by the independent reader: it answers like the run."""
+    """A short quickstart-like run on the real SmolLM2-135M (3 intents, 8 rows each, 32 steps), exported
+    as q8_0 GGUF and read back by the independent reader: it answers like the run. (After 16 steps the
+    model was at 0.8 accuracy with close calls that q8_0 could flip: the test measured training luck.)"""
     import csv
     import subprocess
     import sys
@@ -274,7 +275,7 @@ def test_real_smollm_q8_0_round_trip(tmp_path):
             writer = csv.DictWriter(f, fieldnames=["text", "category"], extrasaction="ignore")
             writer.writeheader()
             writer.writerows(kept)
-    config = (quickstart / "project.yaml").read_text().replace("  epochs: 2\n", "  max_steps: 16\n  eval_every: 8\n")
+    config = (quickstart / "project.yaml").read_text().replace("  epochs: 2\n", "  max_steps: 32\n  eval_every: 8\n")
     config = config.replace("../suites/", f"{quickstart.parent / 'suites'}/")
     (tmp_path / "project.yaml").write_text(config)
     run = tmp_path / "run"

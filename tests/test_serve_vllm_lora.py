@@ -38,10 +38,7 @@ from tunesmith.serve.service import load_service
 
 runner = CliRunner()
 PROMPTS = ["my red card", "where is the blue bank", "green money please", "help today now"]
-# A generation project whose adapter moves the tiny model's greedy answers away from the base's.
-# (LoRA dropout 0.05, the default before e486c91: with 0.0 both tiny adapters answer the empty string.)
-LORA_PROJECT = GEN_PROJECT.replace("  batch_size: 4\n",
-                                   "  batch_size: 4\n  learning_rate: 0.05\n  lora:\n    dropout: 0.05\n")
+LORA_PROJECT = GEN_PROJECT.replace("  batch_size: 4\n", "  batch_size: 4\n  learning_rate: 0.05\n")
 FAKE_VLLM = r'''
 import json, os, sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -116,7 +113,21 @@ def _train(folder: Path, name: str, model: Path, seed: int, steps: int = 6) -> P
                                                                 new_tokens=4), encoding="utf-8")
     result = runner.invoke(cli, ["run", str(folder / "project.yaml"), "--out", str(folder / "run"), "--quiet"])
     assert result.exit_code in (0, 3), result.output
+    _distinct_adapter(folder / "run" / "model" / "adapter_model.safetensors", seed)
     return folder / "run"
+
+
+def _distinct_adapter(path: Path, seed: int) -> None:
+    """Random B matrices in the saved adapter, so its greedy answers differ from the base's and from the
+    other adapter's whatever a few tiny training steps happened to learn (the test is about routing: a
+    request sent to the wrong model has to show)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    weights, generator = load_file(path), torch.Generator().manual_seed(seed)
+    for key in [k for k in weights if "lora_B" in k]:
+        weights[key] = torch.randn(weights[key].shape, generator=generator) * 0.5
+    save_file(weights, path, metadata={"format": "pt"})
 
 
 @pytest.fixture(scope="module")
