@@ -10,7 +10,7 @@ from tunesmith import hardware
 
 ENV = hardware.NATIVE_GQA_ENV
 # Before 2.9 PyTorch's CPU flash kernel had no grouped-query path (native_gqa stays off there).
-RECENT = pytest.mark.skipif(tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 9),
+RECENT = pytest.mark.skipif(not hardware.torch_at_least(hardware.NATIVE_GQA_TORCH),
                             reason="CPU flash attention with grouped-query K/V: torch 2.9+")
 
 
@@ -99,3 +99,9 @@ def test_loading_a_model_turns_it_on_unless_the_user_said_no(monkeypatch, tiny_m
     monkeypatch.delenv(ENV)
     load_model(tiny_model)
     assert os.environ[ENV] == "1"
+
+
+def test_torch_version_check():
+    major, minor = (int(p) for p in torch.__version__.split(".")[:2])
+    assert hardware.torch_at_least((major, minor)) and hardware.torch_at_least((major - 1, 99))
+    assert not hardware.torch_at_least((major, minor + 1)) and not hardware.torch_at_least((major + 1, 0))

@@ -86,6 +86,12 @@ def reset_gpu_peak() -> None:
 
 # transformers' own switch: with it set, its SDPA attention passes grouped-query K/V to the kernel as is.
 NATIVE_GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"
+NATIVE_GQA_TORCH = (2, 9)  # the first torch whose CPU flash-attention kernel takes grouped K/V (see native_gqa)
+
+
+def torch_at_least(version: tuple[int, int]) -> bool:
+    """Whether the running torch is `version` (major, minor) or later ("2.13.0+cpu" counts as (2, 13))."""
+    return tuple(int(p) for p in torch.__version__.split(".")[:2]) >= version
 
 
 def native_gqa(dev: torch.device) -> bool:
@@ -101,7 +107,7 @@ def native_gqa(dev: torch.device) -> bool:
     left alone."""
     import os
 
-    if dev.type != "cpu" or tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 9):
+    if dev.type != "cpu" or not torch_at_least(NATIVE_GQA_TORCH):
         return os.environ.get(NATIVE_GQA_ENV) == "1"
     os.environ.setdefault(NATIVE_GQA_ENV, "1")
     return os.environ[NATIVE_GQA_ENV] == "1"
