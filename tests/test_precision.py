@@ -13,7 +13,7 @@ from tunesmith.config import TaskConfig, TrainConfig
 from tunesmith.data.examples import Example
 from tunesmith.models.load import load_model, load_tokenizer
 from tunesmith.tasks.prompts import build_format
-from tunesmith.train import trainer
+from tunesmith.train import precision, trainer
 from tunesmith.train.methods import get_method
 from tunesmith.train.precision import Compacted, compact_frozen
 
@@ -25,7 +25,7 @@ def _data(n, seed):
 def _fit(path, monkeypatch, compact: bool = True, **train):
     """fit under bf16 autocast; returns (result, optimizer, dtypes of the frozen linear weights while training)."""
     seen = {}
-    real_compact, real_optimizer = trainer.compact_frozen, trainer.make_optimizer
+    real_compact, real_optimizer = precision.compact_frozen, trainer.make_optimizer
 
     def spy_compact(model, checkpoint):
         names = real_compact(model, checkpoint) if compact else Compacted()
@@ -39,7 +39,7 @@ def _fit(path, monkeypatch, compact: bool = True, **train):
         seen["optimizer"] = real_optimizer(params, cfg)
         return seen["optimizer"]
 
-    monkeypatch.setattr(trainer, "compact_frozen", spy_compact)
+    monkeypatch.setattr(precision, "compact_frozen", spy_compact)
     monkeypatch.setattr(trainer, "make_optimizer", spy_optimizer)
     tok = load_tokenizer(path)
     fmt = build_format(TaskConfig(instruction="Classify."), ["alpha", "beta", "gamma"], tok)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from tunesmith.registry import METHOD_SPECS
 from tunesmith.tasks.cache import unwrap
 
 
@@ -31,6 +32,22 @@ class Compacted:
 
     names: list[str] = field(default_factory=list)  # modules whose frozen weight is bf16 now
     hooks: list = field(default_factory=list)  # forward-hook handles to remove
+
+
+def compact_for_training(model, cfg, bf16: bool, checkpoint: Path) -> Compacted:
+    """`compact_frozen` where it changes no result and can be undone: under bf16 autocast (`bf16`), for a
+    method whose frozen weights may be bf16 (registry.MethodSpec.low_precision_frozen; for a preference
+    method also the adapter it trains, train.preference.adapter), on a model loaded from a safetensors
+    checkpoint (`checkpoint`) that `restore_frozen` reads the fp32 weights back from. `cfg`: a TrainConfig."""
+    methods = [cfg.method] + ([cfg.preference.adapter] if METHOD_SPECS[cfg.method].preference else [])
+    if bf16 and all(METHOD_SPECS[m].low_precision_frozen for m in methods) and has_weights(checkpoint):
+        return compact_frozen(model, checkpoint)
+    return Compacted()
+
+
+def has_weights(folder: Path) -> bool:
+    """Whether `folder` is a checkpoint folder with safetensors weights."""
+    return folder.is_dir() and any(folder.glob("*.safetensors"))
 
 
 def compact_frozen(model, checkpoint: Path) -> Compacted:

@@ -29,8 +29,8 @@ from tunesmith.train import distributed, fsdp, grad_checkpointing
 from tunesmith.train.batching import batch_stream, collate, encode_for_training, epoch_batch_counts, pad_multiple
 from tunesmith.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from tunesmith.train.loss import supervised_loss
-from tunesmith.train.methods import get_method, spec
-from tunesmith.train.precision import Compacted, compact_frozen, make_optimizer, restore_frozen
+from tunesmith.train.methods import get_method
+from tunesmith.train.precision import Compacted, compact_for_training, has_weights, make_optimizer, restore_frozen
 from tunesmith.train.preflight import preflight
 from tunesmith.train.regularize import neftune, set_dropout
 from tunesmith.train.text import encode_text
@@ -147,9 +147,8 @@ def fit(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[Exa
     sharded = fsdp.enabled(cfg)
     # The loop trains `net`: the model itself, or under FSDP a sharded copy gathered back at the end.
     net = fsdp.sharded_copy(model, dev) if sharded else model.to(dev)
-    # Some methods need full-precision frozen weights (see registry.MethodSpec.low_precision_frozen).
-    compact = bf16 and spec(cfg.method).low_precision_frozen and not sharded and _has_weights(source)
-    compacted = compact_frozen(model, source) if compact else Compacted()
+    # Frozen weights in bf16 (not under FSDP, which shards fp32 copies); see train/precision.py.
+    compacted = compact_for_training(model, cfg, bf16 and not sharded, source)
     encoded, val, val_encoded, notes = _encode(tokenizer, fmt, train, val, cfg, rank)
     recompute = grad_checkpointing.wanted(cfg, model, [len(e.ids) for e in encoded])
     plan = make_plan(len(encoded), cfg, world, epoch_batch_counts(encoded, cfg, world, fmt.max_length))
@@ -346,16 +345,12 @@ def load_base(path: Path, cfg: TrainConfig):
 
 def _checkpoint(source: Path) -> Path:
     """The checkpoint folder the model came from (QLoRA reloads it quantized)."""
-    if not _has_weights(source):
+    if not has_weights(source):
         from tunesmith.errors import InputError
 
         raise InputError(f"train.quantize needs the model's safetensors checkpoint; {source} has none",
                          "train.quantize", "set train.quantize to none")
     return source
-
-
-def _has_weights(folder: Path) -> bool:
-    return folder.is_dir() and any(folder.glob("*.safetensors"))
 
 
 def _mean(values: list[float]) -> float:
