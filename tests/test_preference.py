@@ -171,6 +171,39 @@ def test_sequence_logps_counts_answer_tokens_only_and_equal_the_models_own_forwa
     assert torch.allclose(total, torch.stack([want0, want1]), atol=1e-5) and count.tolist() == [3, 2]
 
 
+def test_a_pair_batch_computes_its_shared_prompt_once_with_the_same_logps_and_gradients(tiny_model):
+    """collate_pairs puts the prompt start every row shares (here the system text) into prefix_ids; the
+    log-probs and the LoRA gradients equal those of the same rows collated without it."""
+    from tunesmith.config.schema import TaskConfig
+    from tunesmith.models.load import load_model, load_tokenizer
+    from tunesmith.tasks.prompts import build_format
+    from tunesmith.train.batching import collate
+    from tunesmith.train.methods import get_method
+    from tunesmith.train.preference_fit import collate_pairs, encode_pairs
+
+    tok = load_tokenizer(tiny_model)
+    fmt = build_format(TaskConfig(type="generation", instruction="Answer with one colour word, please."), None, tok)
+    pairs = _toy_pairs(3)
+    encoded = encode_pairs(pairs, tok, fmt)
+    shared = collate_pairs(encoded, pairs, tok.pad_token_id)
+    plain = collate([e[0] for e in encoded] + [e[1] for e in encoded], tok.pad_token_id)
+    assert len(shared["prefix_ids"]) >= 5 and shared["input_ids"].shape[1] < plain["input_ids"].shape[1]
+    model = get_method("lora").apply(load_model(tiny_model), TrainConfig())
+    lora = [p for p in model.parameters() if p.requires_grad]
+    for p in lora:  # LoRA B starts at zero: random values so every adapter weight gets a gradient
+        p.data.normal_(0, 0.1)
+    got = []
+    for batch in (shared, plain):
+        logps, counts = P.sequence_logps(model, batch)  # (2B,), (2B,)
+        grads = torch.autograd.grad(logps.sum(), lora)
+        got.append((logps.detach(), counts, grads))
+    (a, ca, ga), (b, cb, gb) = got
+    assert torch.equal(ca, cb)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+
+
 # ---- training ---------------------------------------------------------------------------------
 
 def _toy_pairs(n: int):
@@ -258,6 +291,13 @@ def _dpo_fit(path, tmp_path=None, **train):
     cfg = TrainConfig(**{"method": "dpo", "max_steps": 3, "batch_size": 4, "learning_rate": 5e-3, "eval_every": 3,
                          "early_stopping": False, "trackers": [], "precision": "fp32", **train})
     pairs = _toy_pairs(12)
+    if cfg.method == "kto":  # each pair as a desirable and an undesirable row; the pairs for the figures
+        from dataclasses import replace
+
+        rows = [r for p in pairs for r in (replace(p, rejected=None, label=True),
+                                           replace(p, chosen=p.rejected, rejected=None, label=False))]
+        return fit_pairs(load_model(path), tokenizer, fmt, rows, rows[:4], cfg, "preference_accuracy",
+                         out_dir=tmp_path, progress=False, val_pairs=pairs[:4])
     return fit_pairs(load_model(path), tokenizer, fmt, pairs, pairs[:4], cfg, "preference_accuracy",
                      out_dir=tmp_path, progress=False)
 
@@ -280,11 +320,14 @@ def test_gradient_checkpointing_in_the_preference_loop_keeps_the_losses(tiny_mod
     assert _dpo_fit(tiny_model).stats.gradient_checkpointing
     for key in ("train_loss", "val_loss", "preference_accuracy"):
         assert [h[key] for h in on.history] == pytest.approx([h[key] for h in off.history], abs=1e-5)
-    # auto is sized for the pair batch: chosen and rejected rows in one forward.
+    # auto is sized for the pair batch (chosen and rejected rows in one forward) and priced as the
+    # adapter train.preference.adapter trains.
     seen = []
-    monkeypatch.setattr(grad_checkpointing, "fits_without", lambda m, method, batch, *a: seen.append(batch) or True)
+    monkeypatch.setattr(grad_checkpointing, "fits_without",
+                        lambda m, method, batch, *a: seen.append((method, batch)) or True)
     _dpo_fit(tiny_model, batch_size=3)
-    assert seen == [6]
+    _dpo_fit(tiny_model, batch_size=2, preference={"adapter": "full"}, learning_rate=1e-5)
+    assert seen == [("lora", 6), ("full", 4)]
 
 
 @pytest.mark.parametrize("setting", [{"neftune_alpha": 5.0}, {"dropout": 0.5}])
@@ -322,3 +365,46 @@ def test_train_keys_the_preference_loop_lacks_are_refused_by_name(tmp_path, key,
     (tmp_path / "project.yaml").write_text(base + f"train:\n  method: {'dpo' if method == 'kto' else 'lora'}\n"
                                            f"  {key}: {value}\n")
     assert getattr(load_config(tmp_path / "project.yaml").train, key) == value
+
+
+@pytest.mark.parametrize("method,adapter", [("dpo", "lora"), ("kto", "lora"), ("dpo", "full"), ("orpo", "dora")])
+def test_preference_training_keeps_frozen_weights_in_bf16_with_the_same_results(tiny_model, monkeypatch, method,
+                                                                                 adapter):
+    """Under bf16 the frozen weights (the policy's, and a full fine-tuning reference copy whole) are bf16
+    while training; DoRA keeps fp32. The run equals one with fp32 frozen weights whose input embedding was
+    rounded to bf16 (the one change), and the returned model holds the loaded fp32 frozen weights."""
+    from tunesmith.models.load import load_model
+    from tunesmith.train import precision
+
+    real = precision.compact_frozen
+
+    def run(compact: bool):
+        seen = []
+
+        def spy(model, checkpoint):
+            done = real(model, checkpoint) if compact else precision.Compacted()
+            weight = model.get_input_embeddings().weight
+            if not compact and not weight.requires_grad:
+                weight.data = weight.data.to(torch.bfloat16).float()
+            seen.append({p.dtype for n, p in model.named_parameters() if not p.requires_grad and "proj" in n})
+            return done
+
+        monkeypatch.setattr(precision, "compact_frozen", spy)
+        result = _dpo_fit(tiny_model, method=method, precision="bf16", preference={"adapter": adapter})
+        return result, seen
+
+    compacted, seen = run(True)
+    if adapter == "dora":
+        assert seen == []  # DoRA normalises base + update itself: its frozen weights keep full precision
+        return
+    # The policy (LoRA: frozen base; full: nothing frozen), then a full fine-tuning reference, whole.
+    assert seen == ([{torch.bfloat16}] if adapter == "lora" else [set(), {torch.bfloat16}])
+    plain, _ = run(False)
+    for key in ("train_loss", "val_loss", "preference_accuracy"):
+        assert [h[key] for h in compacted.history] == pytest.approx([h[key] for h in plain.history], abs=1e-5)
+    loaded = load_model(tiny_model).state_dict()
+    for name, value in compacted.model.state_dict().items():
+        assert value.dtype == torch.float32, name
+        key = name.replace("base_model.model.", "").replace("base_layer.", "")
+        if adapter == "lora" and "lora_" not in name and key in loaded:
+            assert torch.equal(value, loaded[key]), name  # the frozen weights, back in fp32, bit for bit

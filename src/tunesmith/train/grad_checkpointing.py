@@ -50,7 +50,11 @@ def wanted(cfg: TrainConfig, model, row_lengths: list[int], device_mb: float | N
     if device_mb is None:
         device_mb = estimate.device_memory_mb(hardware.device())
     bf16 = hardware.use_bf16(cfg.precision, hardware.device())
-    return not fits_without(model, cfg.method, cfg.batch_size, max(row_lengths, default=0), device_mb, bf16)
+    # A preference method trains what train.preference.adapter names (LoRA, DoRA or every weight): priced
+    # as that method. A full fine-tuning DPO/KTO reference copy (2 bytes a weight under bf16, 4 without)
+    # is not in the estimate.
+    method = cfg.preference.adapter if METHOD_SPECS[cfg.method].preference else cfg.method
+    return not fits_without(model, method, cfg.batch_size, max(row_lengths, default=0), device_mb, bf16)
 
 
 def fits_without(model, method: str, batch: int, row_tokens: int, device_mb: float, bf16: bool = False) -> bool:

@@ -8,8 +8,10 @@ made before training (the weights twice in memory). ORPO and SimPO need no refer
 The run-level training settings act as in the supervised loop (train/trainer.py): train.dropout,
 train.neftune_alpha (noise on the policy's embeddings only: the reference forward runs in eval mode),
 train.gradient_checkpointing (auto sized for a batch of 2 x batch_size sequences, chosen and rejected)
-and train.trackers. Those it does not implement (train.batch_tokens, train.label_smoothing, checkpoints)
-the config refuses for a preference method (config/schema.py), rather than have them ignored.
+and train.trackers; under bf16 the frozen weights are bf16 while training, as in the supervised loop
+(train/precision.py), and validation runs under the same autocast. Those it does not implement
+(train.batch_tokens, train.label_smoothing, checkpoints) the config refuses for a preference method
+(config/schema.py), rather than have them ignored.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from tunesmith.data.examples import Example
 from tunesmith.data.pairs import Pair, pair_example, pairs_from_examples
 from tunesmith.errors import InputError
 from tunesmith.registry import PREFERENCE_METRICS
+from tunesmith.tasks.cache import common_prefix_len
 from tunesmith.tasks.metrics import compute_metrics
 from tunesmith.tasks.predict import predict
 from tunesmith.tasks.prompts import PromptFormat, answer_only
@@ -37,6 +40,7 @@ from tunesmith.train import grad_checkpointing
 from tunesmith.train import preference as P
 from tunesmith.train.batching import collate, encode_for_training
 from tunesmith.train.methods import get_method
+from tunesmith.train.precision import compact_for_training, restore_frozen
 from tunesmith.train.regularize import neftune, set_dropout
 from tunesmith.train.trackers import Trackers
 from tunesmith.train.trainer import TrainLog, TrainResult, TrainStats, make_plan, optimizer_and_schedule, train_step
@@ -73,9 +77,15 @@ def fit_pairs(model, tokenizer, fmt: PromptFormat, train: list[Pair], val: list[
     hardware.reset_peaks()
     dev = hardware.device()
     bf16 = hardware.use_bf16(cfg.precision, dev)
+    source = Path(getattr(model, "name_or_path", "") or ".")
     model = get_method(cfg.method).apply(model, cfg).to(dev)
     set_dropout(model, cfg.dropout)
     ref = reference(model, cfg)
+    # Frozen weights in bf16 (train/precision.py): the adapter-off reference shares them, and a full
+    # fine-tuning reference copy (nothing of it trains) is compacted whole and never restored.
+    compacted = compact_for_training(model, cfg, bf16, source)
+    if ref is not None:
+        compact_for_training(ref, cfg, bf16, source)
     recompute = _checkpointing(model, tokenizer, fmt, train, cfg)
     plan = make_plan(len(train), cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -106,6 +116,7 @@ def fit_pairs(model, tokenizer, fmt: PromptFormat, train: list[Pair], val: list[
                 _validate_step(model, tokenizer, fmt, (val, val_pairs), cfg, ref, metric, loop, plan.eval_every,
                                watch, record, on_validate)
     watch.restore_best(model)
+    restore_frozen(model, compacted, source)
     model.eval()
     stats = TrainStats.measure(model, loop["seconds"], loop["tokens"], loop["step"], plan.total, bf16, dev,
                                watch.best, watch.stop_reason, checkpointing=recompute)
@@ -191,8 +202,12 @@ def encode_pairs(pairs: list[Pair], tokenizer, fmt: PromptFormat, kto: bool = Fa
 
 
 def collate_pairs(encoded: list[list], pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
-    """One (2B, T) batch: every first item, then every second (one forward for both halves)."""
-    batch = collate([e[0] for e in encoded] + [e[1] for e in encoded], pad_id)
+    """One (2B, T) batch: every first item, then every second (one forward for both halves).
+
+    The prompt tokens all rows begin with (the system text; a one-pair batch's whole prompt) go once
+    into `prefix_ids`: their keys/values are computed once per forward, not 2B times (train/loss.py)."""
+    items = [e[0] for e in encoded] + [e[1] for e in encoded]
+    batch = collate(items, pad_id, common_prefix_len([it.ids[: it.start] for it in items]))
     if pairs and pairs[0].label is not None:
         batch["kto_labels"] = torch.tensor([bool(p.label) for p in pairs])  # (B,)
     return batch
@@ -237,21 +252,25 @@ def validate(model, tokenizer, fmt: PromptFormat, val: list[Pair], cfg: TrainCon
     objective is a task metric, that metric (reference: the chosen or desirable answer)."""
     model.eval()
     dev = next(model.parameters()).device
+    # Under the training's autocast, as the supervised loop validates (bf16 frozen weights need it).
+    bf16 = hardware.use_bf16(cfg.precision, dev)
     kto = cfg.method == "kto"
     losses = []
     for start in range(0, len(val), cfg.batch_size):
         chunk = val[start:start + cfg.batch_size]
         batch = {k: v.to(dev) for k, v in collate_pairs(encode_pairs(chunk, tokenizer, fmt, kto), chunk,
                                                          tokenizer.pad_token_id).items()}
-        losses.append(float(preference_loss(model, batch, cfg, ref)) * len(chunk))
+        with hardware.autocast(bf16, dev):
+            losses.append(float(preference_loss(model, batch, cfg, ref)) * len(chunk))
     record = {"val_loss": round(sum(losses) / max(len(val), 1), 6)}
     pairs = pairs if pairs is not None else ([] if kto else val)  # KTO rows are not pairs
     if pairs:
-        margins = pair_margins(model, tokenizer, fmt, pairs, cfg.batch_size)
+        with hardware.autocast(bf16, dev):
+            margins = pair_margins(model, tokenizer, fmt, pairs, cfg.batch_size)
         record.update(compute_metrics("preference", [""] * len(margins), margins))
     if metric not in record and metric not in PREFERENCE_METRICS:
         good = [p for p in val if p.label is not False]  # an undesirable completion is no reference
         prompts = [pair_example(p, p.chosen) for p in good]
-        texts = predict(model, tokenizer, fmt, prompts, batch_size=cfg.batch_size).texts
+        texts = predict(model, tokenizer, fmt, prompts, batch_size=cfg.batch_size, autocast=bf16).texts
         record[metric] = compute_metrics(fmt.task_type, [p.chosen for p in good], texts)[metric]
     return record
