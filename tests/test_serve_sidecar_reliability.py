@@ -2,9 +2,9 @@
 that needs a key and is stopped with tunesmith, invalid upstream answers as 502; no open server
 off loopback, the Host check on loopback, key files; --port out of range or taken.
 
-The engine tests use a fake `vllm` executable (a small HTTP server speaking the two OpenAI routes
-the sidecar calls and requiring VLLM_API_KEY as vLLM does), started by tunesmith itself through
-the real `serve --engine vllm` path; vLLM needs a GPU."""
+The engine tests use a stand-in `vllm` executable (tests/fake_vllm.py: a small HTTP server speaking the
+two OpenAI routes the sidecar calls and requiring VLLM_API_KEY as vLLM does), started by tunesmith itself
+through the real `serve --engine vllm` path; vLLM needs a GPU."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from conftest import GEN_PROJECT, answers, make_texts, serve_process, wait_until, write_jsonl
+from fake_vllm import install as install_fake_vllm
 from tunesmith.cli import app as cli
 from tunesmith.config import ServeConfig
 from tunesmith.errors import EngineError, InputError
@@ -36,57 +37,6 @@ from tunesmith.serve.server import bind_listener
 
 runner = CliRunner()
 LONG_KEY = "k" * 15 + "#with-a-hash"  # 27 characters, '#' inside: a key, not a comment
-FAKE_VLLM = r'''
-import json, os, sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-args = sys.argv[1:]
-host, port = args[args.index("--host") + 1], int(args[args.index("--port") + 1])
-name, key, log = (args[args.index("--served-model-name") + 1], os.environ.get("VLLM_API_KEY", ""),
-                  os.environ["FAKE_VLLM_LOG"])
-
-
-def record(**row):
-    with open(log, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-class Handler(BaseHTTPRequestHandler):
-    def log_message(self, *a):
-        pass
-
-    def send(self, status, body):
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def authorized(self):  # as vLLM with --api-key / VLLM_API_KEY: /v1 needs the key
-        got = self.headers.get("Authorization")
-        record(path=self.path, authorization=got)
-        if not key or got != "Bearer " + key:
-            self.send(401, {"error": "unauthorized"})
-            return False
-        return True
-
-    def do_GET(self):
-        if self.authorized():
-            self.send(200, {"object": "list", "data": [{"id": name}]})
-
-    def do_POST(self):
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        if self.authorized():
-            self.send(200, {"choices": [{"text": " fake answer", "finish_reason": "stop"}],
-                            "usage": {"prompt_tokens": 3, "completion_tokens": 2}})
-
-
-record(pid=os.getpid(), key=key, argv=args)
-ThreadingHTTPServer((host, port), Handler).serve_forever()
-'''
-
-
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, tiny_model) -> Path:
     """A fully fine-tuned generation run: whole weights, as vLLM needs."""
@@ -103,13 +53,8 @@ def full_run(tmp_path_factory, tiny_model) -> Path:
 
 @pytest.fixture()
 def fake_vllm(tmp_path) -> tuple[Path, Path]:
-    """(bin folder holding an executable `vllm`, the log it appends JSON rows to)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    script = bin_dir / "vllm"
-    script.write_text(f"#!{sys.executable}\n{FAKE_VLLM}", encoding="utf-8")
-    script.chmod(0o755)
-    return bin_dir, tmp_path / "fake-vllm.jsonl"
+    """(bin folder holding the stand-in `vllm` of tests/fake_vllm.py, the log it appends JSON rows to)."""
+    return install_fake_vllm(tmp_path)
 
 
 def _free_port() -> int:

@@ -4,22 +4,21 @@ sidecars share one upstream by model name (`--upstream-model`), `--print-vllm-co
 shared command for runs of one base, and what vLLM cannot serve as a LoRA module is refused before
 anything starts.
 
-vLLM needs a GPU: the started engine is a stand-in `vllm` executable that records its argv, parses
-`--lora-modules` by vLLM's rule and lists its models as vLLM does (base first, then the LoRA modules);
+vLLM needs a GPU: the started engine is a stand-in `vllm` executable (tests/fake_vllm.py) that records
+its argv, parses `--lora-modules` by vLLM's rule and lists its models as vLLM does (base first, then the
+LoRA modules);
 the shared upstream is a stand-in for vLLM's per-request adapter routing, forwarding each request by
 its `model` to tunesmith's own server running that run (or the bare base), so every answer is a real
 answer of that adapter."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import shlex
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -28,6 +27,8 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from conftest import GEN_PROJECT, answers, free_port, make_texts, serve_process, start_server, wait_until, write_jsonl
+from fake_vllm import install as install_fake_vllm
+from fake_vllm import parse_lora_module
 from tunesmith.cli import app as cli
 from tunesmith.config import ServeConfig
 from tunesmith.errors import InputError, RunDirError
@@ -39,72 +40,6 @@ from tunesmith.serve.service import load_service
 runner = CliRunner()
 PROMPTS = ["my red card", "where is the blue bank", "green money please", "help today now"]
 LORA_PROJECT = GEN_PROJECT.replace("  batch_size: 4\n", "  batch_size: 4\n  learning_rate: 0.05\n")
-FAKE_VLLM = r'''
-import json, os, sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-args = sys.argv[1:]
-host, port = args[args.index("--host") + 1], int(args[args.index("--port") + 1])
-modules = []
-if "--lora-modules" in args:
-    for arg in args[args.index("--lora-modules") + 1:]:
-        if arg.startswith("--"):
-            break
-        modules.append(PARSE_LORA_MODULE(arg))  # fails as vLLM fails to start on an item it cannot parse
-names = [args[1]] + [name for name, _ in modules]
-key, log = os.environ.get("VLLM_API_KEY", ""), os.environ["FAKE_VLLM_LOG"]
-
-
-def record(**row):
-    with open(log, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-class Handler(BaseHTTPRequestHandler):
-    def log_message(self, *a):
-        pass
-
-    def send(self, status, body):
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self):  # as vLLM with --enable-lora: the base first, then each LoRA module
-        if self.headers.get("Authorization") != "Bearer " + key:
-            return self.send(401, {"error": "unauthorized"})
-        self.send(200, {"object": "list", "data": [{"id": n, "object": "model"} for n in names]})
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-        if self.headers.get("Authorization") != "Bearer " + key:
-            return self.send(401, {"error": "unauthorized"})
-        record(model=body.get("model"))
-        if body.get("model") not in names:
-            return self.send(404, {"error": {"message": "model not found"}})
-        self.send(200, {"choices": [{"text": " stand-in answer", "finish_reason": "stop"}],
-                        "usage": {"prompt_tokens": 3, "completion_tokens": 2}})
-
-
-record(pid=os.getpid(), key=key, argv=args, modules=modules)
-ThreadingHTTPServer((host, port), Handler).serve_forever()
-'''
-
-
-def parse_lora_module(item: str) -> tuple[str, str]:
-    """(name, path) of one `--lora-modules` item, by the rule of vLLM's LoRAParserAction
-    (vllm/entrypoints/openai/cli_args.py): an item with '=' and no ',' is split on every '=' into
-    exactly name and path (anything else fails), every other item is a JSON LoRAModulePath."""
-    if "=" in item and "," not in item:
-        name, path = item.split("=")
-        return name, path
-    module = json.loads(item)
-    assert set(module) <= {"name", "path", "base_model_name"}, module  # LoRAModulePath's fields
-    return module["name"], module["path"]
-
-
 def _train(folder: Path, name: str, model: Path, seed: int, steps: int = 6) -> Path:
     rows = [{"prompt": r["text"], "completion": r["label"] + " " + name} for r in make_texts(24, seed)]
     write_jsonl(folder / "train.jsonl", rows)
@@ -142,14 +77,8 @@ def lora_b(tmp_path_factory, tiny_model) -> Path:
 
 @pytest.fixture()
 def fake_vllm(tmp_path) -> tuple[dict, Path]:
-    """(environment with a stand-in `vllm` first on PATH, the log it appends JSON rows to)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    script = bin_dir / "vllm"
-    parser = f"import json\n{inspect.getsource(parse_lora_module)}PARSE_LORA_MODULE = parse_lora_module\n"
-    script.write_text(f"#!{sys.executable}\n{parser}{FAKE_VLLM}", encoding="utf-8")
-    script.chmod(0o755)
-    log = tmp_path / "fake-vllm.jsonl"
+    """(environment with the stand-in `vllm` (tests/fake_vllm.py) first on PATH, the log it appends to)."""
+    bin_dir, log = install_fake_vllm(tmp_path)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_VLLM_LOG": str(log)}
     env.pop("TUNESMITH_API_KEYS", None)
     return env, log
@@ -201,7 +130,7 @@ def test_a_lora_run_starts_vllm_with_its_adapter_on_its_base(lora_a, tiny_model,
         assert argv[argv.index("--host") + 1] == "127.0.0.1"
         assert len(key) >= 32 and key not in " ".join(argv) and "--api-key" not in argv
         answer = httpx.post(url + "/v1/completions", json={"prompt": "my card", "max_tokens": 2}, timeout=30)
-        assert answer.status_code == 200 and answer.json()["choices"][0]["text"] == "stand-in answer"
+        assert answer.status_code == 200 and answer.json()["choices"][0]["text"] == "fake answer"
         assert [r["model"] for r in _rows(log) if "model" in r] == ["adapta"]
     finally:
         _stop(proc)
