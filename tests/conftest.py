@@ -38,6 +38,18 @@ def make_texts(n: int, seed: int) -> list[dict]:
     return rows
 
 
+def toy_pairs(n: int):
+    """Preference pairs on the colour words: chosen the colour's label, rejected the next one."""
+    from tunesmith.data.pairs import Pair
+
+    out = []
+    for i in range(n):
+        colour = list(COLOURS)[i % 3]
+        wrong = list(COLOURS.values())[(i + 1) % 3]
+        out.append(Pair(f"my card {colour} now", COLOURS[colour], wrong, source=f"toy:{i}"))
+    return out
+
+
 def build_tiny_checkpoint(folder: Path, chat_template: bool = True) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast

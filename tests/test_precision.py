@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_texts
+from conftest import make_texts, toy_pairs
 from tunesmith.config import TaskConfig, TrainConfig
 from tunesmith.data.examples import Example
 from tunesmith.models.load import load_model, load_tokenizer
@@ -122,3 +122,36 @@ def test_a_tied_head_of_an_embedding_that_stays_fp32_is_not_cast(tiny_model, tmp
     done = compact_frozen(model, folder)
     assert done.names and "lm_head" not in done.names and not done.hooks
     assert scaled.weight.dtype == torch.float32
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["lora", "dpo"])
+def test_a_fit_stopped_by_an_exception_leaves_the_callers_model_in_fp32(tiny_model, method):
+    """An error, Ctrl-C or a pruned search trial mid-training: the model the caller passed in (LoRA
+    injected in place) has its fp32 frozen weights back and no lookup hook left on its embedding."""
+    from tunesmith.train.preference_fit import fit_pairs
+
+    def stop(record):
+        raise _Stop
+
+    model, tok = load_model(tiny_model), load_tokenizer(tiny_model)
+    cfg = TrainConfig(method=method, max_steps=4, eval_every=1, batch_size=4, precision="bf16", trackers=[])
+    with pytest.raises(_Stop):
+        if method == "dpo":
+            fmt = build_format(TaskConfig(type="generation"), None, tok)
+            fit_pairs(model, tok, fmt, toy_pairs(8), toy_pairs(4), cfg, "preference_accuracy", progress=False,
+                      on_validate=stop)
+        else:
+            fmt = build_format(TaskConfig(instruction="Classify."), ["alpha", "beta", "gamma"], tok)
+            trainer.fit(model, tok, fmt, _data(16, 1), _data(4, 2), cfg, "accuracy", progress=False,
+                        on_validate=stop)
+    loaded = load_model(tiny_model).state_dict()
+    for name, value in model.state_dict().items():
+        assert value.dtype == torch.float32, name
+        key = name.replace("base_layer.", "")
+        if "lora_" not in name and key in loaded:
+            assert torch.equal(value, loaded[key]), name
+    assert not model.get_input_embeddings()._forward_hooks

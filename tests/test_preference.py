@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import toy_pairs
 from tunesmith.config.schema import TrainConfig
 from tunesmith.data.pairs import load_pairs, parse_pair
 from tunesmith.errors import DataError
@@ -183,7 +184,7 @@ def test_a_pair_batch_computes_its_shared_prompt_once_with_the_same_logps_and_gr
 
     tok = load_tokenizer(tiny_model)
     fmt = build_format(TaskConfig(type="generation", instruction="Answer with one colour word, please."), None, tok)
-    pairs = _toy_pairs(3)
+    pairs = toy_pairs(3)
     encoded = encode_pairs(pairs, tok, fmt)
     shared = collate_pairs(encoded, pairs, tok.pad_token_id)
     plain = collate([e[0] for e in encoded] + [e[1] for e in encoded], tok.pad_token_id)
@@ -206,18 +207,6 @@ def test_a_pair_batch_computes_its_shared_prompt_once_with_the_same_logps_and_gr
 
 # ---- training ---------------------------------------------------------------------------------
 
-def _toy_pairs(n: int):
-    from tunesmith.data.pairs import Pair
-
-    words = {"red": "alpha", "blue": "beta", "green": "gamma"}
-    out = []
-    for i in range(n):
-        colour = list(words)[i % 3]
-        wrong = list(words.values())[(i + 1) % 3]
-        out.append(Pair(f"my card {colour} now", words[colour], wrong, source=f"toy:{i}"))
-    return out
-
-
 @pytest.mark.parametrize("method", ["dpo", "orpo", "simpo", "kto"])
 def test_each_method_trains_the_adapter_only_and_learns(tiny_model, method):
     from dataclasses import replace
@@ -229,7 +218,7 @@ def test_each_method_trains_the_adapter_only_and_learns(tiny_model, method):
 
     tokenizer = load_tokenizer(tiny_model)
     fmt = build_format(TaskConfig(type="generation"), None, tokenizer)
-    pairs = _toy_pairs(24)
+    pairs = toy_pairs(24)
     if method == "kto":  # each pair as a desirable and an undesirable row
         train = [r for p in pairs for r in (replace(p, rejected=None, label=True),
                                             replace(p, chosen=p.rejected, rejected=None, label=False))]
@@ -290,7 +279,7 @@ def _dpo_fit(path, tmp_path=None, **train):
     fmt = build_format(TaskConfig(type="generation"), None, tokenizer)
     cfg = TrainConfig(**{"method": "dpo", "max_steps": 3, "batch_size": 4, "learning_rate": 5e-3, "eval_every": 3,
                          "early_stopping": False, "trackers": [], "precision": "fp32", **train})
-    pairs = _toy_pairs(12)
+    pairs = toy_pairs(12)
     if cfg.method == "kto":  # each pair as a desirable and an undesirable row; the pairs for the figures
         from dataclasses import replace
 
@@ -397,8 +386,8 @@ def test_preference_training_keeps_frozen_weights_in_bf16_with_the_same_results(
     if adapter == "dora":
         assert seen == []  # DoRA normalises base + update itself: its frozen weights keep full precision
         return
-    # The policy (LoRA: frozen base; full: nothing frozen), then a full fine-tuning reference, whole.
-    assert seen == ([{torch.bfloat16}] if adapter == "lora" else [set(), {torch.bfloat16}])
+    # LoRA: the policy's frozen base. Full: the reference copy, whole, then the policy (nothing frozen).
+    assert seen == ([{torch.bfloat16}] if adapter == "lora" else [{torch.bfloat16}, set()])
     plain, _ = run(False)
     for key in ("train_loss", "val_loss", "preference_accuracy"):
         assert [h[key] for h in compacted.history] == pytest.approx([h[key] for h in plain.history], abs=1e-5)

@@ -17,6 +17,8 @@ the mapping: the fp32 copy of the cast weights is gone before training allocates
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +34,18 @@ class Compacted:
 
     names: list[str] = field(default_factory=list)  # modules whose frozen weight is bf16 now
     hooks: list = field(default_factory=list)  # forward-hook handles to remove
+
+
+@contextmanager
+def frozen_in_bf16(model, cfg, bf16: bool, checkpoint: Path) -> Iterator[Compacted]:
+    """`compact_for_training` for the block; on leaving it, normally or by an exception (an error, Ctrl-C,
+    a pruned search trial), the fp32 weights come back (`restore_frozen`), so the caller's model is never
+    left with bf16 frozen weights."""
+    done = compact_for_training(model, cfg, bf16, checkpoint)
+    try:
+        yield done
+    finally:
+        restore_frozen(model, done, checkpoint)
 
 
 def compact_for_training(model, cfg, bf16: bool, checkpoint: Path) -> Compacted:

@@ -40,7 +40,7 @@ from tunesmith.train import grad_checkpointing
 from tunesmith.train import preference as P
 from tunesmith.train.batching import collate, encode_for_training
 from tunesmith.train.methods import get_method
-from tunesmith.train.precision import compact_for_training, restore_frozen
+from tunesmith.train.precision import compact_for_training, frozen_in_bf16
 from tunesmith.train.regularize import neftune, set_dropout
 from tunesmith.train.trackers import Trackers
 from tunesmith.train.trainer import TrainLog, TrainResult, TrainStats, make_plan, optimizer_and_schedule, train_step
@@ -81,10 +81,7 @@ def fit_pairs(model, tokenizer, fmt: PromptFormat, train: list[Pair], val: list[
     model = get_method(cfg.method).apply(model, cfg).to(dev)
     set_dropout(model, cfg.dropout)
     ref = reference(model, cfg)
-    # Frozen weights in bf16 (train/precision.py): the adapter-off reference shares them, and a full
-    # fine-tuning reference copy (nothing of it trains) is compacted whole and never restored.
-    compacted = compact_for_training(model, cfg, bf16, source)
-    if ref is not None:
+    if ref is not None:  # a full fine-tuning reference copy: nothing of it trains, it is compacted whole
         compact_for_training(ref, cfg, bf16, source)
     recompute = _checkpointing(model, tokenizer, fmt, train, cfg)
     plan = make_plan(len(train), cfg)
@@ -93,7 +90,9 @@ def fit_pairs(model, tokenizer, fmt: PromptFormat, train: list[Pair], val: list[
     watch, loop = Watch(cfg, metric), {"tokens": 0, "seconds": 0.0, "losses": [], "step": 0}
     batches = pair_batches(train, tokenizer, fmt, cfg, kto=cfg.method == "kto")
     loss_fn = functools.partial(preference_loss, cfg=cfg, ref=ref)
-    with TrainLog(out_dir / "train_log.jsonl" if out_dir else None) as log, \
+    # Frozen weights in bf16 while training (train/precision.py); the adapter-off reference shares them.
+    with frozen_in_bf16(model, cfg, bf16, source), \
+            TrainLog(out_dir / "train_log.jsonl" if out_dir else None) as log, \
             Trackers(cfg.trackers if out_dir else [], out_dir, "tunesmith", cfg.model_dump()) as trackers, \
             neftune(model, cfg.neftune_alpha), grad_checkpointing.checkpointed(model, recompute), \
             tqdm(total=plan.total, desc=f"train ({cfg.method})", unit="step", disable=not progress) as bar:
@@ -116,7 +115,6 @@ def fit_pairs(model, tokenizer, fmt: PromptFormat, train: list[Pair], val: list[
                 _validate_step(model, tokenizer, fmt, (val, val_pairs), cfg, ref, metric, loop, plan.eval_every,
                                watch, record, on_validate)
     watch.restore_best(model)
-    restore_frozen(model, compacted, source)
     model.eval()
     stats = TrainStats.measure(model, loop["seconds"], loop["tokens"], loop["step"], plan.total, bf16, dev,
                                watch.best, watch.stop_reason, checkpointing=recompute)

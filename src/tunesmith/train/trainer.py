@@ -30,7 +30,7 @@ from tunesmith.train.batching import batch_stream, collate, encode_for_training,
 from tunesmith.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from tunesmith.train.loss import supervised_loss
 from tunesmith.train.methods import get_method
-from tunesmith.train.precision import Compacted, compact_for_training, has_weights, make_optimizer, restore_frozen
+from tunesmith.train.precision import frozen_in_bf16, has_weights, make_optimizer
 from tunesmith.train.preflight import preflight
 from tunesmith.train.regularize import neftune, set_dropout
 from tunesmith.train.text import encode_text
@@ -147,8 +147,6 @@ def fit(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[Exa
     sharded = fsdp.enabled(cfg)
     # The loop trains `net`: the model itself, or under FSDP a sharded copy gathered back at the end.
     net = fsdp.sharded_copy(model, dev) if sharded else model.to(dev)
-    # Frozen weights in bf16 (not under FSDP, which shards fp32 copies); see train/precision.py.
-    compacted = compact_for_training(model, cfg, bf16 and not sharded, source)
     encoded, val, val_encoded, notes = _encode(tokenizer, fmt, train, val, cfg, rank)
     recompute = grad_checkpointing.wanted(cfg, model, [len(e.ids) for e in encoded])
     plan = make_plan(len(encoded), cfg, world, epoch_batch_counts(encoded, cfg, world, fmt.max_length))
@@ -164,7 +162,9 @@ def fit(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[Exa
     prefix_len = 0 if sharded else common_prefix_len([e.ids[: e.start] for e in encoded + val_encoded])
     batches = batch_stream(encoded, cfg, tokenizer.pad_token_id, prefix_len, rank, world, loop["step"] * cfg.grad_accum,
                            fmt.max_length, pad_multiple(cfg, dev))
-    with TrainLog(out_dir / "train_log.jsonl" if writes else None, keep_until=loop["step"]) as log, \
+    # Frozen weights in bf16 while training (not under FSDP, which shards fp32 copies); train/precision.py.
+    with frozen_in_bf16(model, cfg, bf16 and not sharded, source), \
+            TrainLog(out_dir / "train_log.jsonl" if writes else None, keep_until=loop["step"]) as log, \
             Trackers(cfg.trackers if writes else [], out_dir, "tunesmith", cfg.model_dump()) as trackers, \
             neftune(net, cfg.neftune_alpha), grad_checkpointing.checkpointed(net, recompute), \
             tqdm(total=plan.total, initial=loop["step"], desc=f"train ({cfg.method})", unit="step",
@@ -198,7 +198,7 @@ def fit(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[Exa
                 save_checkpoint(out_dir / "checkpoints", step, net, optimizer, schedule, loop, watch.state(),
                                 watch.best_state, cfg.keep_checkpoints)
     watch.restore_best(net)
-    _unwrap(model, net, sharded, dev, compacted, source)
+    _unwrap(model, net, sharded, dev)
     return _result(model, watch, loop, plan, cfg, bf16, dev, notes, recompute)
 
 
@@ -220,13 +220,11 @@ def optimizer_and_schedule(trainable: list[torch.Tensor], cfg: TrainConfig, tota
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_linear(total, cfg.warmup_ratio))
 
 
-def _unwrap(model, net, sharded: bool, dev, compacted: Compacted, source: Path) -> None:
-    """Bring the trained weights home: gather an FSDP copy into `model`, give compacted frozen weights
-    back their full precision, and leave `model` in eval mode."""
+def _unwrap(model, net, sharded: bool, dev) -> None:
+    """Bring the trained weights home: gather an FSDP copy into `model` and leave `model` in eval mode."""
     if sharded:
         fsdp.gather_into(model, net)
         model.to(dev)
-    restore_frozen(model, compacted, source)
     model.eval()
 
 
