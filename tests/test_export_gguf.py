@@ -354,8 +354,9 @@ def test_more_stop_ids_than_a_gguf_holds_are_refused(tiny_model, tmp_path):
 
 
 def test_an_unsupported_pre_tokenizer_is_named_exactly(tiny_model, tmp_path):
-    """Llama 3's Split+ByteLevel pre-tokenizer is byte-level BPE too, but not one llama.cpp's `gpt-2` or
-    `smollm` pre-tokenizer reproduces: the error says exactly what is supported."""
+    """A Split+ByteLevel pre-tokenizer whose regex is not Qwen2's (here digits in threes, as Llama 3's) is
+    byte-level BPE too, but not one llama.cpp's `gpt-2`, `smollm` or `qwen2` pre-tokenizer reproduces:
+    the error says exactly what is supported."""
     from tokenizers import Regex, pre_tokenizers
 
     tokenizer = _tokenizer_with(tiny_model, [])
@@ -364,9 +365,9 @@ def test_an_unsupported_pre_tokenizer_is_named_exactly(tiny_model, tmp_path):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     with pytest.raises(InputError) as err:
         write_gguf(_small_llama(len(tokenizer)), tokenizer, tmp_path / "m.gguf", "f16")
-    assert err.value.line() == ("error: GGUF export supports byte-level BPE with the GPT-2 / SmolLM pre-tokenizer "
-                                "only (this tokenizer: BPE with pre-tokenizer Split+ByteLevel), --format gguf, "
-                                "use --format hf")
+    assert err.value.line() == ("error: GGUF export supports byte-level BPE with the GPT-2 / SmolLM / Qwen2 "
+                                "pre-tokenizer only (this tokenizer: BPE with pre-tokenizer Split+ByteLevel), "
+                                "--format gguf, use --format hf")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -448,3 +449,133 @@ def test_llama_cpp_greedy_generation_applies_the_repetition_penalty(tiny_model, 
         assert back.texts == expected
         answers[penalty] = expected
     assert answers[1.0] != answers[1.3]
+
+
+# ---- Mistral and Qwen2 -------------------------------------------------------------------------
+
+def _small_model(arch: str, vocab_size: int, **extra):
+    """A tiny random Mistral or Qwen2 (Qwen2: biases on q/k/v), shaped as `_small_llama`."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config_class, model_class = {"mistral": (MistralConfig, MistralForCausalLM),
+                                 "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
+    torch.manual_seed(0)
+    shape = {"vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+             "tie_word_embeddings": True, "sliding_window": None}
+    return model_class(config_class(**{**shape, **extra})).eval()
+
+
+@pytest.fixture(scope="module", params=["mistral", "qwen2"])
+def other_arch(request, tiny_model, tmp_path_factory):
+    """(arch, model, tokenizer, its f16 GGUF) with sharp, position-dependent attention and, for Qwen2,
+    large q/k/v biases: a wrong rotary layout or a dropped bias shows in the logits."""
+    import torch
+
+    tokenizer = _tokenizer_with(tiny_model, [])
+    model = _small_model(request.param, len(tokenizer))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            attn.q_proj.weight.mul_(30)
+            attn.k_proj.weight.mul_(30)
+            for proj, scale in ((attn.q_proj, 3.0), (attn.k_proj, 3.0), (attn.v_proj, 1.0)):
+                if proj.bias is not None:
+                    proj.bias.normal_(0, scale)
+    path = tmp_path_factory.mktemp(request.param) / "model-f16.gguf"
+    return request.param, model, tokenizer, write_gguf(model, tokenizer, path, "f16")
+
+
+@needs_llama_cpp
+def test_mistral_and_qwen2_logits_match_through_llama_cpp(other_arch):
+    import gguf
+    import llama_cpp
+    import numpy as np
+
+    arch, model, tokenizer, path = other_arch
+    field = {k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items()}
+    assert field["general.architecture"] == {"mistral": "llama", "qwen2": "qwen2"}[arch]
+    assert (arch == "qwen2") == any(k.endswith("attn_q.bias") for k in
+                                    (t.name for t in gguf.GGUFReader(str(path)).tensors))
+    ids = tokenizer(PROBE)["input_ids"]
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False)
+    try:
+        llm.eval(ids)
+        got = np.array(llm.scores[:len(ids)])
+    finally:
+        llm.close()
+    reference = _reference_logits(model, ids)
+    assert np.abs(got - reference).max() < 5e-3 * np.abs(reference).max()
+
+
+def test_mistral_and_qwen2_logits_match_through_the_transformers_reader(other_arch):
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    arch, model, tokenizer, path = other_arch
+    read = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                config=gguf_read._gguf_config(path))
+    ids = tokenizer(PROBE)["input_ids"]
+    with torch.no_grad():
+        got = read(torch.tensor([ids])).logits[0].numpy()
+    reference = _reference_logits(model, ids)
+    assert np.abs(got - reference).max() < 5e-3 * np.abs(reference).max()
+
+
+@pytest.mark.parametrize("arch,extra", [("mistral", {"sliding_window": 64}),
+                                        ("qwen2", {"use_sliding_window": True, "sliding_window": 64})])
+def test_sliding_window_attention_is_refused(tiny_model, tmp_path, arch, extra):
+    """llama.cpp's llama and qwen2 graphs attend to the whole context: a shorter window is refused."""
+    tokenizer = _tokenizer_with(tiny_model, [])
+    with pytest.raises(InputError) as err:
+        write_gguf(_small_model(arch, len(tokenizer), **extra), tokenizer, tmp_path / "m.gguf", "f16")
+    assert "does not support sliding-window attention (window 64 < context 256), --format gguf" in err.value.line()
+    assert list(tmp_path.iterdir()) == []
+
+
+QWEN2_TEXTS = ["I'm sure they'll pay 12345 dollars, won't they?", "line one\n\n  line two\r\n\tTabbed 3.14",
+               "CAPS'S and We'RE 2024-12-05 @@## ...!!", "naïve café 東京 42x   trailing   ", "x=1;y=22\n\n\n"]
+
+
+def _qwen2_style_tokenizer():
+    """A small byte-level BPE with Qwen2's pre-tokenizer (its Split regex, then byte mapping only), trained
+    on text with digits, contractions and line breaks so its merges join what that regex keeps apart."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    (pattern,) = gguf_module.SPLIT_PATTERNS
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(QWEN2_TEXTS * 20 + ["12 123 1234 12345 3.14 2024"] * 50, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+@needs_llama_cpp
+def test_a_qwen2_pre_tokenizer_splits_text_in_llama_cpp_as_in_transformers(tmp_path, monkeypatch):
+    """Recognised by its Split regex, written as llama.cpp's `qwen2`: llama.cpp's tokens equal the
+    tokenizer's on digits, contractions, line breaks and non-ASCII text; written as `gpt-2` they differ
+    (so the comparison can fail)."""
+    import llama_cpp
+
+    tokenizer = _qwen2_style_tokenizer()
+    assert gguf_module.pre_tokenizer(tokenizer) == "qwen2"
+
+    def llama_cpp_ids(path) -> list[list[int]]:
+        llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+        try:
+            return [llm.tokenize(text.encode(), add_bos=False, special=False) for text in QWEN2_TEXTS]
+        finally:
+            llm.close()
+
+    want = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in QWEN2_TEXTS]
+    model = _small_llama(len(tokenizer))
+    assert llama_cpp_ids(write_gguf(model, tokenizer, tmp_path / "qwen2.gguf", "f16")) == want
+    monkeypatch.setattr(gguf_module, "_pre_name", lambda steps: "gpt-2")
+    assert llama_cpp_ids(write_gguf(model, tokenizer, tmp_path / "gpt2.gguf", "f16")) != want

@@ -1,9 +1,10 @@
 """Writing a merged Hugging Face causal LM as a GGUF file (the format llama.cpp, Ollama and LM Studio run).
 
 The writer is the maintained `gguf` package's GGUFWriter; tensor names come from its tensor name map
-for the architecture, and the query/key rows are permuted the way llama.cpp's converter does for
-llama, weights and biases alike (HF stores rotary halves split, llama.cpp expects them
-interleaved). f16 and q8_0 are made with `gguf.quants` (numpy). q4_K_M (a K-quant, which gguf-py
+for the architecture (Llama and Mistral as llama, Qwen2 as qwen2), and for llama the query/key rows
+are permuted the way llama.cpp's converter does, weights and biases alike (HF stores rotary halves
+split, llama.cpp's llama graph expects them interleaved; its qwen2 graph takes HF's layout). f16 and
+q8_0 are made with `gguf.quants` (numpy). q4_K_M (a K-quant, which gguf-py
 cannot make) is made from the f16 file by llama.cpp's own quantizer through llama-cpp-python's
 `llama_model_quantize`, when that is installed.
 
@@ -29,12 +30,21 @@ from tunesmith.models.tokens import stop_ids
 
 QUANTS = ("f16", "q8_0", "q4_K_M")
 DEFAULT_QUANT = "q8_0"
-# HF architecture -> gguf MODEL_ARCH name. Others are refused by name (see check_architecture).
-ARCHITECTURES = {"LlamaForCausalLM": "LLAMA"}
-# llama.cpp's name for a byte-level BPE pre-tokenizer, by the shape of the HF tokenizer's pre_tokenizer.
-# Only these two are recognised: Llama 3's Split+ByteLevel and SentencePiece (Llama 2) tokenizers are refused.
+# HF architecture -> gguf MODEL_ARCH name (llama.cpp's converter writes Mistral as llama). Others are
+# refused by name (see check_architecture).
+ARCHITECTURES = {"LlamaForCausalLM": "LLAMA", "MistralForCausalLM": "LLAMA", "Qwen2ForCausalLM": "QWEN2"}
+# The gguf architectures whose query/key rows llama.cpp's converter permutes (its rotary pairs are
+# interleaved); Qwen2 runs NeoX-style rotary on HF's own layout.
+PERMUTED_ROTARY = {"LLAMA"}
+# llama.cpp's name for a byte-level BPE pre-tokenizer, by the shape of the HF tokenizer's pre_tokenizer,
+# and for a Split+ByteLevel one by the Split step's regex (Qwen2's, as its tokenizer.json and transformers'
+# tokenization_qwen2.py hold it). Others (Llama 3's regex, SentencePiece tokenizers) are refused.
 PRE_TOKENIZERS = {("ByteLevel",): "gpt-2", ("Digits", "ByteLevel"): "smollm"}
-SUPPORTED_TOKENIZERS = "byte-level BPE with the GPT-2 / SmolLM pre-tokenizer"
+SPLIT_PATTERNS = {
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""":  # noqa: E501
+        "qwen2",
+}
+SUPPORTED_TOKENIZERS = "byte-level BPE with the GPT-2 / SmolLM / Qwen2 pre-tokenizer"
 LLAMA_FTYPE_Q4_K_M = 15  # llama.h: LLAMA_FTYPE_MOSTLY_Q4_K_M
 
 
@@ -53,6 +63,12 @@ def check_architecture(model) -> str:
     if rope.get("rope_type", "default") != "default":
         raise InputError(f"GGUF export does not support rope scaling ({rope.get('rope_type')})", "--format gguf",
                          "use --format hf")
+    # llama.cpp's llama and qwen2 graphs attend to the whole context: a window shorter than it would
+    # give other answers past the window.
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    if window and window < config.max_position_embeddings:
+        raise InputError(f"GGUF export does not support sliding-window attention (window {window} < context "
+                         f"{config.max_position_embeddings})", "--format gguf", "use --format hf")
     return ARCHITECTURES[arch]
 
 
@@ -171,14 +187,27 @@ def pre_tokenizer(tokenizer) -> str:
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    shape = tuple(s.get("type") for s in steps)
-    plain = (all(s.get("use_regex", True) for s in steps if s.get("type") == "ByteLevel")
-             and all(s.get("individual_digits") for s in steps if s.get("type") == "Digits"))
-    if model.get("type") != "BPE" or shape not in PRE_TOKENIZERS or not plain:
+    name = _pre_name(steps) if model.get("type") == "BPE" else None
+    if name is None:
+        shape = "+".join(str(s.get("type")) for s in steps if s) or "none"
         raise InputError(f"GGUF export supports {SUPPORTED_TOKENIZERS} only (this tokenizer: "
-                         f"{model.get('type')} with pre-tokenizer {'+'.join(map(str, shape)) or 'none'})",
-                         "--format gguf", "use --format hf")
-    return PRE_TOKENIZERS[shape]
+                         f"{model.get('type')} with pre-tokenizer {shape})", "--format gguf", "use --format hf")
+    return name
+
+
+def _pre_name(steps: list[dict]) -> str | None:
+    """llama.cpp's name for these pre-tokenizer steps (tokenizer.json form), or None."""
+    shape = tuple(s.get("type") for s in steps)
+    byte_level = [s for s in steps if s.get("type") == "ByteLevel"]
+    if shape in PRE_TOKENIZERS:  # ByteLevel splitting with GPT-2's own regex (and SmolLM's single digits)
+        plain = (all(s.get("use_regex", True) for s in byte_level)
+                 and all(s.get("individual_digits") for s in steps if s.get("type") == "Digits"))
+        return PRE_TOKENIZERS[shape] if plain else None
+    if shape == ("Split", "ByteLevel") and not byte_level[0].get("use_regex", True):
+        split = steps[0]  # the regex does all the splitting; ByteLevel only maps bytes to characters
+        if split.get("behavior") == "Isolated" and not split.get("invert"):
+            return SPLIT_PATTERNS.get((split.get("pattern") or {}).get("Regex"))
+    return None
 
 
 def _add_vocab(writer, tokenizer, vocab_size: int, pre: str, stops: list[int]) -> None:
@@ -254,6 +283,7 @@ def _add_tensors(writer, model, arch, quant: str) -> None:
 
     config = model.config
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    arch_name = ARCHITECTURES[type(model).__name__]
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     for hf_name, tensor in model.state_dict().items():
         if hf_name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
@@ -264,9 +294,10 @@ def _add_tensors(writer, model, arch, quant: str) -> None:
         if name is None:
             raise InputError(f"GGUF export cannot map the tensor {hf_name}", "--format gguf", "use --format hf")
         data = tensor.detach().float().cpu().numpy()
-        if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        permuted = arch_name in PERMUTED_ROTARY
+        if permuted and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             data = permute_rotary(data, n_head, n_head)
-        elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+        elif permuted and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             data = permute_rotary(data, n_head, n_kv)
         _add_tensor(writer, name, data, quant)
 
