@@ -397,3 +397,19 @@ def test_preference_training_keeps_frozen_weights_in_bf16_with_the_same_results(
         key = name.replace("base_model.model.", "").replace("base_layer.", "")
         if adapter == "lora" and "lora_" not in name and key in loaded:
             assert torch.equal(value, loaded[key]), name  # the frozen weights, back in fp32, bit for bit
+
+
+def test_with_neftune_each_pair_row_embeds_its_whole_prompt(tiny_model):
+    """NEFTune's noise is scaled by a row's whole length and drawn per row: training batches then carry
+    no shared prefix (without it they do); scoring batches (eval mode, no noise) always may."""
+    from tunesmith.config.schema import TaskConfig
+    from tunesmith.models.load import load_tokenizer
+    from tunesmith.tasks.prompts import build_format
+    from tunesmith.train.preference_fit import pair_batches
+
+    tok = load_tokenizer(tiny_model)
+    fmt = build_format(TaskConfig(type="generation", instruction="Answer with one colour word."), None, tok)
+    plain = next(pair_batches(toy_pairs(6), tok, fmt, TrainConfig(method="dpo", batch_size=3)))
+    noisy = next(pair_batches(toy_pairs(6), tok, fmt, TrainConfig(method="dpo", batch_size=3, neftune_alpha=5.0)))
+    assert "prefix_ids" in plain and "prefix_ids" not in noisy
+    assert noisy["input_ids"].shape[1] == plain["input_ids"].shape[1] + len(plain["prefix_ids"])

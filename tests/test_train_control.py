@@ -169,6 +169,23 @@ def test_neftune_adds_noise_only_while_training(tiny_model):
     assert torch.equal(emb(ids), clean), "the hook must be removed afterwards"
 
 
+@pytest.mark.parametrize("alpha,shared", [(None, True), (5.0, False)])
+def test_neftune_turns_off_the_shared_prompt_prefix(tiny_model, monkeypatch, alpha, shared):
+    """NEFTune's noise is scaled by a row's whole length and drawn per row, so with it the supervised loop
+    embeds every row's whole prompt (no shared prefix); without it the system text is shared."""
+    from tunesmith.train import trainer
+
+    seen = []
+    real = trainer.batch_stream
+    monkeypatch.setattr(trainer, "batch_stream", lambda enc, cfg, pad, prefix_len, *a: seen.append(prefix_len)
+                        or real(enc, cfg, pad, prefix_len, *a))
+    tok = load_tokenizer(tiny_model)
+    fmt = build_format(TaskConfig(instruction="Classify the message."), ["alpha", "beta", "gamma"], tok)
+    cfg = TrainConfig(max_steps=1, eval_every=1, batch_size=4, neftune_alpha=alpha, trackers=[])
+    trainer.fit(load_model(tiny_model), tok, fmt, _data(8, 1), _data(4, 2), cfg, "accuracy", progress=False)
+    assert (seen[0] > 0) == shared
+
+
 def test_dropout_setting_reaches_attention(tiny_model):
     model = load_model(tiny_model)
     assert set_dropout(model, 0.2) == 2  # two attention layers in the tiny model

@@ -41,7 +41,7 @@ from tunesmith.train import preference as P
 from tunesmith.train.batching import collate, encode_for_training
 from tunesmith.train.methods import get_method
 from tunesmith.train.precision import compact_for_training, frozen_in_bf16
-from tunesmith.train.regularize import neftune, set_dropout
+from tunesmith.train.regularize import neftune, set_dropout, shares_prefix
 from tunesmith.train.trackers import Trackers
 from tunesmith.train.trainer import TrainLog, TrainResult, TrainStats, make_plan, optimizer_and_schedule, train_step
 from tunesmith.train.watch import Watch
@@ -199,13 +199,15 @@ def encode_pairs(pairs: list[Pair], tokenizer, fmt: PromptFormat, kto: bool = Fa
     return [list(x) for x in zip(first, second)]
 
 
-def collate_pairs(encoded: list[list], pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_pairs(encoded: list[list], pairs: list[Pair], pad_id: int, share_prefix: bool = True
+                  ) -> dict[str, torch.Tensor]:
     """One (2B, T) batch: every first item, then every second (one forward for both halves).
 
-    The prompt tokens all rows begin with (the system text; a one-pair batch's whole prompt) go once
-    into `prefix_ids`: their keys/values are computed once per forward, not 2B times (train/loss.py)."""
+    With `share_prefix`, the prompt tokens all rows begin with (the system text; a one-pair batch's whole
+    prompt) go once into `prefix_ids`: their keys/values are computed once per forward, not 2B times
+    (train/loss.py)."""
     items = [e[0] for e in encoded] + [e[1] for e in encoded]
-    batch = collate(items, pad_id, common_prefix_len([it.ids[: it.start] for it in items]))
+    batch = collate(items, pad_id, common_prefix_len([it.ids[: it.start] for it in items]) if share_prefix else 0)
     if pairs and pairs[0].label is not None:
         batch["kto_labels"] = torch.tensor([bool(p.label) for p in pairs])  # (B,)
     return batch
@@ -221,7 +223,8 @@ def pair_batches(pairs: list[Pair], tokenizer, fmt: PromptFormat, cfg: TrainConf
         for start in range(0, len(order), cfg.batch_size):
             chunk = [pairs[i] for i in order[start:start + cfg.batch_size]]
             # KTO's mismatched completions rotate within the batch, as TRL builds them per batch.
-            yield collate_pairs(encode_pairs(chunk, tokenizer, fmt, kto), chunk, tokenizer.pad_token_id)
+            yield collate_pairs(encode_pairs(chunk, tokenizer, fmt, kto), chunk, tokenizer.pad_token_id,
+                                shares_prefix(cfg))
         epoch += 1
 
 

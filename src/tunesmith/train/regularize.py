@@ -29,6 +29,13 @@ def set_dropout(model, p: float | None) -> int:
     return changed
 
 
+def shares_prefix(cfg) -> bool:
+    """Whether training batches may compute the prompt start all their rows share once (tasks/cache.py)
+    for `cfg` (a TrainConfig): not with NEFTune, whose noise is scaled by each row's whole length and drawn
+    for each row's own tokens, which one shared prefix forward would not give."""
+    return not cfg.neftune_alpha
+
+
 @contextmanager
 def neftune(model, alpha: float | None):
     """NEFTune: uniform noise on the input embeddings while training (Jain et al., 2023).

@@ -32,7 +32,7 @@ from tunesmith.train.loss import supervised_loss
 from tunesmith.train.methods import get_method
 from tunesmith.train.precision import frozen_in_bf16, has_weights, make_optimizer
 from tunesmith.train.preflight import preflight
-from tunesmith.train.regularize import neftune, set_dropout
+from tunesmith.train.regularize import neftune, set_dropout, shares_prefix
 from tunesmith.train.text import encode_text
 from tunesmith.train.trackers import Trackers
 from tunesmith.train.watch import Watch
@@ -159,7 +159,8 @@ def fit(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[Exa
         loop = _resume(out_dir, net, optimizer, schedule, watch)
     # Prompts of a task share their system text: its keys/values are computed once per batch. Not
     # under FSDP: a second pass through a sharded layer before backward is not supported there.
-    prefix_len = 0 if sharded else common_prefix_len([e.ids[: e.start] for e in encoded + val_encoded])
+    shared = not sharded and shares_prefix(cfg)
+    prefix_len = common_prefix_len([e.ids[: e.start] for e in encoded + val_encoded]) if shared else 0
     batches = batch_stream(encoded, cfg, tokenizer.pad_token_id, prefix_len, rank, world, loop["step"] * cfg.grad_accum,
                            fmt.max_length, pad_multiple(cfg, dev))
     # Frozen weights in bf16 while training (not under FSDP, which shards fp32 copies); train/precision.py.
