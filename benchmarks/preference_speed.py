@@ -7,9 +7,11 @@ the same pairs with the same epochs, batch size, learning rate, beta and LoRA ra
 TRL otherwise keeps its defaults. Each (tool, repeat) trains in a fresh subprocess so peak RSS is its
 own. Tokens/s counts the same tokens for both (chosen and rejected rows, prompt included, as tunesmith
 encodes them). Held-out preference accuracy (log p(chosen) > log p(rejected) on the test rows' pairs)
-is scored for both by the same code (tunesmith's pair_margins); peak memory is taken before that
-scoring (training, with loading and tunesmith's one validation). Prints one row per run, the medians and
-the ratios tunesmith/TRL.
+is scored for both by the same code (tunesmith's pair_margins). Peak memory is each process's from the
+start of training setup (the model loaded: fit_pairs starts a new peak window there, the TRL worker
+before building its trainer) to the end of training, before that scoring. Tokens/s: tunesmith over its
+optimiser steps, TRL over `trainer.train()`; "train s" is wall time around each tool's training call
+(tunesmith's with its one validation). Prints one row per run, the medians and the ratios tunesmith/TRL.
 
     python benchmarks/preference_speed.py examples/quickstart/project.yaml --examples 128 --repeats 3
 """
@@ -102,7 +104,7 @@ def tunesmith_worker(args) -> dict:
     started = time.perf_counter()
     result = fit_pairs(load_model(path), tokenizer, fmt, train, test[:8], cfg, "preference_accuracy", progress=False)
     seconds = result.stats.train_seconds  # the training steps, without the one validation at the end
-    wall, peak = time.perf_counter() - started, hardware.peak_rss_mb()  # before the held-out scoring, as TRL's
+    wall, peak = time.perf_counter() - started, hardware.peak_rss_mb()  # before the held-out scoring
     return {"tokens": tokens, "train_seconds": seconds, "fit_wall_seconds": wall,
             "tokens_per_second": hardware.throughput(tokens, seconds), "peak_rss_mb": peak,
             "gpu_peak_mb": gpu_peak_mb(),
@@ -130,8 +132,11 @@ def trl_worker(args) -> dict:
                     per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, beta=cfg.beta,
                     report_to=[], save_strategy="no", logging_steps=10**6, use_cpu=not torch.cuda.is_available(),
                     seed=cfg.seed, max_length=fmt.max_length)
-    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(path), args=dpo, train_dataset=data,
-                         processing_class=tokenizer, peft_config=peft_config)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    # Peak memory from here on, as fit_pairs counts it (it starts a new peak window, the model loaded).
+    hardware.reset_peaks()
+    trainer = DPOTrainer(model=model, args=dpo, train_dataset=data, processing_class=tokenizer,
+                         peft_config=peft_config)
     started = time.perf_counter()
     trainer.train()
     seconds, peak = time.perf_counter() - started, hardware.peak_rss_mb()  # before the held-out scoring

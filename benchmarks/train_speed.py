@@ -2,9 +2,12 @@
 
 Same model (the project's), same training examples, epochs, batch size, learning rate (the project's
 for its own method, the method's tunesmith default otherwise) and LoRA rank/alpha/dropout/targets;
-TRL otherwise keeps its defaults. Each (tool, method, repeat) trains in a
-fresh subprocess so peak RSS is its own. Test accuracy of both is measured by the same label-scoring
-code (tunesmith's predict) on the project's test split. Prints one row per run, then medians and the
+TRL otherwise keeps its defaults. Each (tool, method, repeat) trains in a fresh subprocess so peak RSS
+is its own. Test accuracy of both is measured by the same label-scoring code (tunesmith's predict) on
+the project's test split. Peak memory is each process's from the start of training setup on, the model
+loaded (tunesmith's fit starts a new peak window there; the TRL worker starts one before building its
+trainer). Tokens/s: tunesmith over its optimiser steps, TRL over `trainer.train()`; "train s" is wall
+time around each tool's training call. Prints one row per run, then medians and the
 ratios tunesmith/TRL, and the fraction of this machine's measured bf16 matmul peak reached
 (4 x params FLOP per token for LoRA, 6 x for full fine-tuning).
 
@@ -128,8 +131,11 @@ def trl_worker(args) -> dict:
                     per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
                     report_to=[], save_strategy="no", logging_steps=10**6, use_cpu=not torch.cuda.is_available(),
                     seed=cfg.seed, max_length=project.task.max_length)
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(path), args=sft, train_dataset=data,
-                         processing_class=tokenizer, peft_config=peft_config)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    # Peak memory from here on, as tunesmith's fit counts it (it starts a new peak window, the model loaded).
+    hardware.reset_peaks()
+    trainer = SFTTrainer(model=model, args=sft, train_dataset=data, processing_class=tokenizer,
+                         peft_config=peft_config)
     tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * cfg.epochs
     started = time.perf_counter()
     trainer.train()
