@@ -155,3 +155,17 @@ def test_a_fit_stopped_by_an_exception_leaves_the_callers_model_in_fp32(tiny_mod
         if "lora_" not in name and key in loaded:
             assert torch.equal(value, loaded[key]), name
     assert not model.get_input_embeddings()._forward_hooks
+
+
+def test_a_failed_restore_is_noted_on_the_exception_that_stopped_training(tiny_model, monkeypatch):
+    """The exception that stopped training is the one raised (Ctrl-C keeps a resumable run, a pruned trial
+    is skipped); a restore that fails as well is a note on it, not a replacement."""
+    def broken(*args):
+        raise RuntimeError("checkpoint gone")
+
+    model = get_method("lora").apply(load_model(tiny_model), TrainConfig())
+    monkeypatch.setattr(precision, "restore_frozen", broken)
+    with pytest.raises(_Stop) as info:
+        with precision.frozen_in_bf16(model, TrainConfig(precision="bf16"), True, tiny_model):
+            raise _Stop
+    assert info.value.__notes__ == ["restoring the fp32 frozen weights failed too: checkpoint gone"]

@@ -44,8 +44,15 @@ def frozen_in_bf16(model, cfg, bf16: bool, checkpoint: Path) -> Iterator[Compact
     done = compact_for_training(model, cfg, bf16, checkpoint)
     try:
         yield done
-    finally:
-        restore_frozen(model, done, checkpoint)
+    except BaseException as stopped:
+        # The original exception is what the caller acts on (Ctrl-C keeps a resumable run, a pruned
+        # trial is skipped): a failed restore is noted on it, never raised instead of it.
+        try:
+            restore_frozen(model, done, checkpoint)
+        except Exception as failed:  # noqa: BLE001 - reported on the exception that stopped training
+            stopped.add_note(f"restoring the fp32 frozen weights failed too: {failed}")
+        raise
+    restore_frozen(model, done, checkpoint)
 
 
 def compact_for_training(model, cfg, bf16: bool, checkpoint: Path) -> Compacted:
@@ -131,10 +138,10 @@ def _own_memory(lm) -> None:
 
 
 def restore_frozen(model, compacted: Compacted, checkpoint: Path) -> None:
-    """Undo `compact_frozen`: remove its hooks and put back the fp32 weights from the checkpoint."""
-    for handle in compacted.hooks:
-        handle.remove()
+    """Undo `compact_frozen`: put back the fp32 weights from the checkpoint, then remove its hooks (last,
+    so a restore that fails part way leaves bf16 lookups still cast to fp32)."""
     if not compacted.names:
+        _remove(compacted.hooks)
         return
     from safetensors import safe_open
 
@@ -148,6 +155,12 @@ def restore_frozen(model, compacted: Compacted, checkpoint: Path) -> None:
                 module.weight.data = f.get_tensor(key).to(module.weight.device, torch.float32)
     if wanted:
         raise RuntimeError(f"fp32 weights not found in {checkpoint}: {sorted(wanted)[:3]}")
+    _remove(compacted.hooks)
+
+
+def _remove(hooks: list) -> None:
+    for handle in hooks:
+        handle.remove()
 
 
 def make_optimizer(params: list[torch.Tensor], cfg) -> torch.optim.Optimizer:

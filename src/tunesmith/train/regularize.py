@@ -31,8 +31,9 @@ def set_dropout(model, p: float | None) -> int:
 
 def shares_prefix(cfg) -> bool:
     """Whether training batches may compute the prompt start all their rows share once (tasks/cache.py)
-    for `cfg` (a TrainConfig): not with NEFTune, whose noise is scaled by each row's whole length and drawn
-    for each row's own tokens, which one shared prefix forward would not give."""
+    for `cfg` (a TrainConfig): not with NEFTune, whose noise is scaled by the length of the batch's rows
+    (as HF's and TRL's) and drawn for each row's own tokens; a shared prefix forward would scale it by the
+    prefix's length and draw one noise for every row."""
     return not cfg.neftune_alpha
 
 

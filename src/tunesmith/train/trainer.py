@@ -159,10 +159,10 @@ def fit(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[Exa
         loop = _resume(out_dir, net, optimizer, schedule, watch)
     # Prompts of a task share their system text: its keys/values are computed once per batch. Not
     # under FSDP: a second pass through a sharded layer before backward is not supported there.
-    shared = not sharded and shares_prefix(cfg)
-    prefix_len = common_prefix_len([e.ids[: e.start] for e in encoded + val_encoded]) if shared else 0
-    batches = batch_stream(encoded, cfg, tokenizer.pad_token_id, prefix_len, rank, world, loop["step"] * cfg.grad_accum,
-                           fmt.max_length, pad_multiple(cfg, dev))
+    prefix_len = 0 if sharded else common_prefix_len([e.ids[: e.start] for e in encoded + val_encoded])
+    # Validation (eval mode, no NEFTune noise) shares it whatever shares_prefix says of training batches.
+    batches = batch_stream(encoded, cfg, tokenizer.pad_token_id, prefix_len if shares_prefix(cfg) else 0, rank,
+                           world, loop["step"] * cfg.grad_accum, fmt.max_length, pad_multiple(cfg, dev))
     # Frozen weights in bf16 while training (not under FSDP, which shards fp32 copies); train/precision.py.
     with frozen_in_bf16(model, cfg, bf16 and not sharded, source), \
             TrainLog(out_dir / "train_log.jsonl" if writes else None, keep_until=loop["step"]) as log, \
