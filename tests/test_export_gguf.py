@@ -524,8 +524,9 @@ def test_mistral_and_qwen2_logits_match_through_the_transformers_reader(other_ar
     assert np.abs(got - reference).max() < 5e-3 * np.abs(reference).max()
 
 
-@pytest.mark.parametrize("arch,extra", [("mistral", {"sliding_window": 64}),
-                                        ("qwen2", {"use_sliding_window": True, "sliding_window": 64})])
+@pytest.mark.parametrize("arch,extra", [
+    ("mistral", {"sliding_window": 64}),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 0})])
 def test_sliding_window_attention_is_refused(tiny_model, tmp_path, arch, extra):
     """llama.cpp's llama and qwen2 graphs attend to the whole context: a shorter window is refused."""
     tokenizer = _tokenizer_with(tiny_model, [])
@@ -535,18 +536,38 @@ def test_sliding_window_attention_is_refused(tiny_model, tmp_path, arch, extra):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_qwen2_window_no_layer_uses_is_no_refusal(tiny_model, tmp_path):
+    """Qwen2 slides only from layer max_window_layers on: with 2 layers and the default 28, none does."""
+    tokenizer = _tokenizer_with(tiny_model, [])
+    model = _small_model("qwen2", len(tokenizer), use_sliding_window=True, sliding_window=64)
+    assert write_gguf(model, tokenizer, tmp_path / "m.gguf", "f16").is_file()
+
+
+def test_a_normalizer_llama_cpp_would_not_apply_is_refused(tiny_model, tmp_path):
+    from tokenizers import normalizers
+
+    tokenizer = _tokenizer_with(tiny_model, [])
+    tokenizer.backend_tokenizer.normalizer = normalizers.Lowercase()
+    with pytest.raises(InputError) as err:
+        write_gguf(_small_llama(len(tokenizer)), tokenizer, tmp_path / "m.gguf", "f16")
+    assert "cannot carry the tokenizer's Lowercase normalizer (llama.cpp normalises nothing)" in err.value.line()
+    assert list(tmp_path.iterdir()) == []
+
+
 QWEN2_TEXTS = ["I'm sure they'll pay 12345 dollars, won't they?", "line one\n\n  line two\r\n\tTabbed 3.14",
                "CAPS'S and We'RE 2024-12-05 @@## ...!!", "naïve café 東京 42x   trailing   ", "x=1;y=22\n\n\n"]
 
 
 def _qwen2_style_tokenizer():
-    """A small byte-level BPE with Qwen2's pre-tokenizer (its Split regex, then byte mapping only), trained
-    on text with digits, contractions and line breaks so its merges join what that regex keeps apart."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A small byte-level BPE with Qwen2's normalizer (NFC) and pre-tokenizer (its Split regex, then byte
+    mapping only), trained on text with digits, contractions and line breaks so its merges join what that
+    regex keeps apart."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     (pattern,) = gguf_module.SPLIT_PATTERNS
     tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -560,8 +581,8 @@ def _qwen2_style_tokenizer():
 @needs_llama_cpp
 def test_a_qwen2_pre_tokenizer_splits_text_in_llama_cpp_as_in_transformers(tmp_path, monkeypatch):
     """Recognised by its Split regex, written as llama.cpp's `qwen2`: llama.cpp's tokens equal the
-    tokenizer's on digits, contractions, line breaks and non-ASCII text; written as `gpt-2` they differ
-    (so the comparison can fail)."""
+    tokenizer's on digits, contractions, line breaks and non-ASCII (NFC) text; written as `gpt-2` they
+    differ (so the comparison can fail)."""
     import llama_cpp
 
     tokenizer = _qwen2_style_tokenizer()

@@ -66,7 +66,9 @@ def check_architecture(model) -> str:
     # llama.cpp's llama and qwen2 graphs attend to the whole context: a window shorter than it would
     # give other answers past the window.
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
-    if window and window < config.max_position_embeddings:
+    # A config with per-layer types says which layers slide (Qwen2: those from max_window_layers on).
+    sliding = "sliding_attention" in (getattr(config, "layer_types", None) or ["sliding_attention"])
+    if window and sliding and window < config.max_position_embeddings:
         raise InputError(f"GGUF export does not support sliding-window attention (window {window} < context "
                          f"{config.max_position_embeddings})", "--format gguf", "use --format hf")
     return ARCHITECTURES[arch]
@@ -188,6 +190,12 @@ def pre_tokenizer(tokenizer) -> str:
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     name = _pre_name(steps) if model.get("type") == "BPE" else None
+    # llama.cpp normalises nothing: a normaliser other than NFC (Qwen2's, a no-op on NFC text, which
+    # most text is) would change what the model sees.
+    normalizer = (spec.get("normalizer") or {}).get("type")
+    if normalizer not in (None, "NFC"):
+        raise InputError(f"GGUF export cannot carry the tokenizer's {normalizer} normalizer (llama.cpp "
+                         "normalises nothing)", "--format gguf", "use --format hf")
     if name is None:
         shape = "+".join(str(s.get("type")) for s in steps if s) or "none"
         raise InputError(f"GGUF export supports {SUPPORTED_TOKENIZERS} only (this tokenizer: "
