@@ -22,12 +22,11 @@ import argparse
 import json
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from train_speed import gpu_peak_mb  # benchmarks/ is on sys.path when this script runs
+from train_speed import gpu_peak_mb, run_result  # benchmarks/ is on sys.path when this script runs
 
 
 def main() -> None:
@@ -57,11 +56,7 @@ def main() -> None:
 def run_worker(tool: str, args) -> dict:
     cmd = [sys.executable, __file__, args.config, "--worker", tool, "--examples", str(args.examples),
            "--epochs", str(args.epochs), "--learning-rate", str(args.learning_rate), "--beta", str(args.beta)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        raise SystemExit(f"{tool} failed:\n{done.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_result(cmd, tool)
 
 
 def setup(args):

@@ -58,10 +58,15 @@ def run_worker(tool: str, method: str, args) -> dict:
            "--examples", str(args.examples)]
     if args.epochs is not None:
         cmd += ["--epochs", str(args.epochs)]
+    return run_result(cmd, f"{tool} {method}")
+
+
+def run_result(cmd: list[str], label: str) -> dict:
+    """Run one worker process and return the JSON of its last `RESULT ` line; exit naming `label` on failure."""
     done = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
-        raise SystemExit(f"{tool} {method} failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{label} failed:\n{done.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT "):])
 
 

@@ -393,26 +393,36 @@ def biased(tiny_model, tmp_path_factory):
 @needs_llama_cpp
 def test_attention_bias_and_head_dim_logits_match_through_llama_cpp(biased):
     import gguf
-    import llama_cpp
-    import numpy as np
 
     model, tokenizer, path = biased
     field = {k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items()}
     assert field["llama.attention.key_length"] == 16 and field["llama.attention.value_length"] == 16
     ids = tokenizer(PROBE)["input_ids"]
+    _assert_close(_llama_cpp_logits(path, ids), _reference_logits(model, ids))
+
+
+def _llama_cpp_logits(path: Path, ids: list[int]):
+    """(T, V) logits llama.cpp computes for `ids` with the GGUF at `path`."""
+    import llama_cpp
+    import numpy as np
+
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False)
     try:
         llm.eval(ids)
-        got = np.array(llm.scores[:len(ids)])
+        return np.array(llm.scores[:len(ids)])
     finally:
         llm.close()
-    reference = _reference_logits(model, ids)  # logits of order 0.3: the bound is relative
+
+
+def _assert_close(got, reference) -> None:
+    """Logits of order 0.3 for these tiny models: the bound is relative to the largest."""
+    import numpy as np
+
     assert np.abs(got - reference).max() < 5e-3 * np.abs(reference).max()
 
 
 def test_attention_bias_logits_match_through_the_transformers_reader(biased):
     """transformers' GGUF loader drops attention biases unless told: the reader's config sets them."""
-    import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -422,8 +432,7 @@ def test_attention_bias_logits_match_through_the_transformers_reader(biased):
     ids = tokenizer(PROBE)["input_ids"]
     with torch.no_grad():
         got = read(torch.tensor([ids])).logits[0].numpy()
-    reference = _reference_logits(model, ids)  # logits of order 0.3: the bound is relative
-    assert np.abs(got - reference).max() < 5e-3 * np.abs(reference).max()
+    _assert_close(got, _reference_logits(model, ids))
 
 
 @needs_llama_cpp
@@ -490,8 +499,6 @@ def other_arch(request, tiny_model, tmp_path_factory):
 @needs_llama_cpp
 def test_mistral_and_qwen2_logits_match_through_llama_cpp(other_arch):
     import gguf
-    import llama_cpp
-    import numpy as np
 
     arch, model, tokenizer, path = other_arch
     field = {k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items()}
@@ -499,18 +506,10 @@ def test_mistral_and_qwen2_logits_match_through_llama_cpp(other_arch):
     assert (arch == "qwen2") == any(k.endswith("attn_q.bias") for k in
                                     (t.name for t in gguf.GGUFReader(str(path)).tensors))
     ids = tokenizer(PROBE)["input_ids"]
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False)
-    try:
-        llm.eval(ids)
-        got = np.array(llm.scores[:len(ids)])
-    finally:
-        llm.close()
-    reference = _reference_logits(model, ids)
-    assert np.abs(got - reference).max() < 5e-3 * np.abs(reference).max()
+    _assert_close(_llama_cpp_logits(path, ids), _reference_logits(model, ids))
 
 
 def test_mistral_and_qwen2_logits_match_through_the_transformers_reader(other_arch):
-    import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -520,8 +519,7 @@ def test_mistral_and_qwen2_logits_match_through_the_transformers_reader(other_ar
     ids = tokenizer(PROBE)["input_ids"]
     with torch.no_grad():
         got = read(torch.tensor([ids])).logits[0].numpy()
-    reference = _reference_logits(model, ids)
-    assert np.abs(got - reference).max() < 5e-3 * np.abs(reference).max()
+    _assert_close(got, _reference_logits(model, ids))
 
 
 @pytest.mark.parametrize("arch,extra", [
