@@ -423,16 +423,21 @@ def _assert_close(got, reference) -> None:
 
 def test_attention_bias_logits_match_through_the_transformers_reader(biased):
     """transformers' GGUF loader drops attention biases unless told: the reader's config sets them."""
+
+    model, tokenizer, path = biased
+    ids = tokenizer(PROBE)["input_ids"]
+    _assert_close(_transformers_gguf_logits(path, ids), _reference_logits(model, ids))
+
+
+def _transformers_gguf_logits(path: Path, ids: list[int]):
+    """(T, V) logits of the GGUF at `path` read back by transformers' loader (the reader's config)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model, tokenizer, path = biased
     read = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                 config=gguf_read._gguf_config(path))
-    ids = tokenizer(PROBE)["input_ids"]
     with torch.no_grad():
-        got = read(torch.tensor([ids])).logits[0].numpy()
-    _assert_close(got, _reference_logits(model, ids))
+        return read(torch.tensor([ids])).logits[0].numpy()
 
 
 @needs_llama_cpp
@@ -510,16 +515,10 @@ def test_mistral_and_qwen2_logits_match_through_llama_cpp(other_arch):
 
 
 def test_mistral_and_qwen2_logits_match_through_the_transformers_reader(other_arch):
-    import torch
-    from transformers import AutoModelForCausalLM
 
     arch, model, tokenizer, path = other_arch
-    read = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                config=gguf_read._gguf_config(path))
     ids = tokenizer(PROBE)["input_ids"]
-    with torch.no_grad():
-        got = read(torch.tensor([ids])).logits[0].numpy()
-    _assert_close(got, _reference_logits(model, ids))
+    _assert_close(_transformers_gguf_logits(path, ids), _reference_logits(model, ids))
 
 
 @pytest.mark.parametrize("arch,extra", [
