@@ -120,6 +120,26 @@ def test_auto_turns_on_only_when_the_estimate_does_not_fit(tiny_model):
     assert not grad_checkpointing.wanted(TrainConfig(gradient_checkpointing=False), model, rows, device_mb=1.0)
 
 
+def test_auto_prices_the_reference_copy_of_full_fine_tuning_dpo_and_kto(tiny_model):
+    # Where every weight trains, DPO and KTO hold a frozen copy of the model as their reference
+    # (bf16 under bf16, fp32 otherwise); ORPO and SimPO use none, and a LoRA policy's reference is the
+    # same model with its adapter switched off.
+    model, rows = load_model(tiny_model), [40] * 8
+    bf16 = hardware.use_bf16(TrainConfig().precision, hardware.device())
+    params_m = hardware.parameter_counts(model)[1] / 1e6
+    alone = estimate.memory_mb(params_m, 2, 32, "full", 4, 40, bf16)
+    held = estimate.memory_mb(params_m, 2, 32, "full", 4, 40, bf16, reference_copy=True)
+    assert held - alone == pytest.approx((2 if bf16 else 4) * params_m * 1e6 / 2**20)
+    between = (alone + held) / 2 / 0.9
+    for method, copy_held in (("dpo", True), ("kto", True), ("orpo", False), ("simpo", False)):
+        cfg = TrainConfig(method=method, batch_size=4, learning_rate=1e-5, preference={"adapter": "full"})
+        assert grad_checkpointing.wanted(cfg, model, rows, device_mb=between) is copy_held, method
+    lora = get_method("lora").apply(load_model(tiny_model), TrainConfig(method="lora"))
+    lora_m = hardware.parameter_counts(lora)[1] / 1e6
+    need = estimate.memory_mb(lora_m, 2, 32, "lora", 4, 40, bf16)
+    assert not grad_checkpointing.wanted(TrainConfig(method="dpo", batch_size=4), lora, rows, device_mb=need / 0.9 + 1)
+
+
 def _fit(path, monkeypatch, device_mb: float, **train):
     monkeypatch.setattr(estimate, "device_memory_mb", lambda dev: device_mb)
     tok, model = load_tokenizer(path), load_model(path)

@@ -35,6 +35,8 @@ class MethodSpec:
     packing: whether `train.packing` can put several examples in one row (virtual tokens would come
         once before a whole row, not before each example).
     preference: whether it trains on preference rows (train/preference_fit.py) instead of targets.
+    reference: whether its loss scores against a frozen reference model (DPO, KTO): the policy with its
+        adapter switched off, or, where every weight trains, a second copy of the model.
     """
 
     module: str | None
@@ -50,6 +52,7 @@ class MethodSpec:
     trains_as: tuple[tuple[str, str], ...] = ()
     packing: bool = True
     preference: bool = False
+    reference: bool = False
 
 
 _M = "tunesmith.train.methods."
@@ -73,8 +76,9 @@ METHOD_SPECS: dict[str, MethodSpec] = {
     # LoRA adapter by default (train.preference.adapter); DPO and KTO add a reference forward (no gradient,
     # 1 FLOP more per parameter and token). The rate suits LoRA; full fine-tuning wants ~100x less.
     **{name: MethodSpec(_M + "preference", "adapter", rate, (1e-7, 1e-3), flops, 0.01, fsdp=False, packing=False,
-                        preference=True)
-       for name, rate, flops in (("dpo", 5e-5, 5), ("orpo", 5e-5, 4), ("simpo", 5e-5, 4), ("kto", 5e-5, 5))},
+                        preference=True, reference=ref)
+       for name, rate, flops, ref in (("dpo", 5e-5, 5, True), ("orpo", 5e-5, 4, False), ("simpo", 5e-5, 4, False),
+                                      ("kto", 5e-5, 5, True))},
 }
 # The methods `train.method` accepts.
 METHODS: tuple[str, ...] = tuple(name for name, spec in METHOD_SPECS.items() if spec.module)

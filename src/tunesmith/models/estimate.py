@@ -92,16 +92,18 @@ def estimate(params_m: float, layers: int, hidden: int, method: str, tokens: int
 
 
 def memory_mb(params_m: float, layers: int, hidden: int, method: str, batch: int, row_tokens: int,
-              bf16: bool = False) -> float:
+              bf16: bool = False, reference_copy: bool = False) -> float:
     """Estimated peak memory (MiB) of training with `method` on batches of `batch` rows of `row_tokens`
-    (`bf16`: training runs under bf16 autocast)."""
+    (`bf16`: training runs under bf16 autocast; `reference_copy`: a frozen copy of the whole model sits
+    beside it, as full fine-tuning DPO/KTO's reference, kept in bf16 under bf16 and fp32 otherwise)."""
     p = params_m * 1e6
     spec = METHOD_SPECS[method]
     half = bf16 and spec.low_precision_frozen and spec.weight_bytes == 4.0 and (spec.trained_share or 0) < 1
     weights = (2.0 if half else spec.weight_bytes) * p
+    reference = (2.0 if bf16 else 4.0) * p if reference_copy else 0.0
     trained = 16 * (spec.trained_share or 0.0) * p
     activations = ACTIVATION_BYTES * layers * batch * row_tokens * hidden
-    return OVERHEAD_MB + (weights + trained + activations) / 2**20
+    return OVERHEAD_MB + (weights + reference + trained + activations) / 2**20
 
 
 def fits(memory: float, device_memory: float) -> bool:

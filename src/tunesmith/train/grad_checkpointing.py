@@ -51,20 +51,24 @@ def wanted(cfg: TrainConfig, model, row_lengths: list[int], device_mb: float | N
         device_mb = estimate.device_memory_mb(hardware.device())
     bf16 = hardware.use_bf16(cfg.precision, hardware.device())
     # A preference method trains what train.preference.adapter names (LoRA, DoRA or every weight): priced
-    # as that method. A full fine-tuning DPO/KTO reference copy (2 bytes a weight under bf16, 4 without)
-    # is not in the estimate.
-    method = cfg.preference.adapter if METHOD_SPECS[cfg.method].preference else cfg.method
-    return not fits_without(model, method, cfg.batch_size, max(row_lengths, default=0), device_mb, bf16)
+    # as that method, plus DPO/KTO's reference copy where no adapter can be switched off for it.
+    spec = METHOD_SPECS[cfg.method]
+    method = cfg.preference.adapter if spec.preference else cfg.method
+    copy_held = spec.reference and METHOD_SPECS[method].kind == "full"
+    return not fits_without(model, method, cfg.batch_size, max(row_lengths, default=0), device_mb, bf16, copy_held)
 
 
-def fits_without(model, method: str, batch: int, row_tokens: int, device_mb: float, bf16: bool = False) -> bool:
+def fits_without(model, method: str, batch: int, row_tokens: int, device_mb: float, bf16: bool = False,
+                 reference_copy: bool = False) -> bool:
     """Whether training `model` with `method` on batches of `batch` rows of `row_tokens` tokens fits
-    `device_mb` MiB by the estimate, keeping every layer's activations (`bf16`: under bf16 autocast)."""
+    `device_mb` MiB by the estimate, keeping every layer's activations (`bf16`: under bf16 autocast;
+    `reference_copy`: a frozen copy of the model is held beside it)."""
     if METHOD_SPECS[method].trained_share is None:  # trains nothing (prompt search): no activations kept
         return True
     config = unwrap(model).config.get_text_config()
     params_m = hardware.parameter_counts(model)[1] / 1e6
-    need = estimate.memory_mb(params_m, config.num_hidden_layers, config.hidden_size, method, batch, row_tokens, bf16)
+    need = estimate.memory_mb(params_m, config.num_hidden_layers, config.hidden_size, method, batch, row_tokens, bf16,
+                              reference_copy)
     return estimate.fits(need, device_mb)
 
 

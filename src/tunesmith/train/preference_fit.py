@@ -31,7 +31,7 @@ from tunesmith.config import TrainConfig, derive
 from tunesmith.data.examples import Example
 from tunesmith.data.pairs import Pair, pair_example, pairs_from_examples
 from tunesmith.errors import InputError
-from tunesmith.registry import PREFERENCE_METRICS
+from tunesmith.registry import METHOD_SPECS, PREFERENCE_METRICS
 from tunesmith.tasks.cache import common_prefix_len
 from tunesmith.tasks.metrics import compute_metrics
 from tunesmith.tasks.predict import predict
@@ -45,8 +45,6 @@ from tunesmith.train.regularize import neftune, set_dropout, shares_prefix
 from tunesmith.train.trackers import Trackers
 from tunesmith.train.trainer import TrainLog, TrainResult, TrainStats, make_plan, optimizer_and_schedule, train_step
 from tunesmith.train.watch import Watch
-
-NEEDS_REFERENCE = ("dpo", "kto")
 
 
 def fit(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[Example], cfg: TrainConfig,
@@ -145,7 +143,7 @@ def _validate_step(model, tokenizer, fmt, val, cfg, ref, metric, loop, window, w
 def reference(model, cfg: TrainConfig):
     """The reference for DPO/KTO: None where the policy's adapter can be switched off (no copy); a frozen
     copy of the model for full fine-tuning; None for ORPO and SimPO, which use none."""
-    if cfg.method not in NEEDS_REFERENCE or hasattr(model, "disable_adapter"):
+    if not METHOD_SPECS[cfg.method].reference or hasattr(model, "disable_adapter"):
         return None
     frozen = copy.deepcopy(model).eval()
     frozen.requires_grad_(False)
