@@ -69,6 +69,39 @@ def test_yaml_syntax_error_names_line(tmp_path):
     assert "invalid YAML" in info.value.line() and f"{path}:" in info.value.line()
 
 
+def _alias_bomb(levels: int) -> str:
+    """A dozen lines whose aliases expand to 10**levels strings."""
+    lines = ["l0: &l0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("text,problem,line", [
+    ("eval:\n  stop: " + "[" * 3000 + "]" * 3000 + "\n", "the document nests too deeply", None),
+    (_alias_bomb(9) + "eval:\n  stop: *l8\n", "anchors and aliases expand the document past 100,000 values", 5),
+    ("task: &t {instruction: *t}\n", "an alias refers to the node that holds it", 1),
+])
+def test_hostile_yaml_is_refused_with_its_line(tmp_path, text, problem, line):
+    # Expanded, the bomb is 10**9 strings: refused from the node counts, never built or walked.
+    path = _write(tmp_path, BASE + text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert f"invalid YAML: {problem}" in info.value.line()
+    if line is not None:
+        assert f"{path}:{line + 3}" in info.value.line()
+
+
+def test_anchors_and_merge_keys_within_the_bound_still_load(tmp_path):
+    from tunesmith.config import yaml_text
+
+    text = "shared: &s {epochs: 2, batch_size: 4}\ntrain: {<<: *s, learning_rate: 0.001}\n"
+    assert yaml_text.safe_load(text)["train"] == {"epochs": 2, "batch_size": 4, "learning_rate": 0.001}
+    # the root, its three keys, l0 (10 strings), l1 (10 x l0), l2 (10 x l1)
+    assert yaml_text.expanded_size(yaml_text.load(_alias_bomb(3))[0]) == 1 + 3 + 11 + 111 + 1111
+    project = load_config(_write(tmp_path, BASE.replace("name: demo", "name: &n demo") + "task: {instruction: *n}\n"))
+    assert project.task.instruction == "demo"
+
+
 def test_metric_must_fit_task(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(_write(tmp_path, BASE + "task:\n  type: generation\n"))  # default metric is accuracy

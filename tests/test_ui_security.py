@@ -4,6 +4,7 @@ cookie, compared in constant time), the security headers, and the same host rule
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 
@@ -147,6 +148,65 @@ def test_key_form_sets_a_strict_httponly_cookie(tree):
     assert away.headers["location"] == "/"
     cross = c.post("/login", data={"key": KEY}, headers={"Origin": "http://evil.example"})
     assert cross.status_code == 403
+
+
+def test_an_oversized_body_is_refused_before_it_is_read_whole():
+    # A body with no declared length is read chunk by chunk and refused once past the limit; a
+    # declared length past it is refused before any chunk is read.
+    from starlette.requests import Request
+
+    received = []
+
+    async def receive():
+        received.append(1)
+        return {"type": "http.request", "body": b"x" * 1000, "more_body": len(received) < 1000}
+
+    def read(headers, limit):
+        return asyncio.run(sec.read_capped(Request({"type": "http", "method": "POST", "headers": headers}, receive),
+                                           limit))
+
+    with pytest.raises(HTTPException) as e:
+        read([], 5000)
+    assert e.value.status_code == 413 and len(received) == 6
+    received.clear()
+    with pytest.raises(HTTPException) as e:
+        read([(b"content-length", b"1000000")], 5000)
+    assert e.value.status_code == 413 and received == []
+    assert read([], 1_000_000) == b"x" * 1_000_000
+
+
+def test_every_route_that_reads_a_body_caps_it(tree):
+    keyed = client(tree, [KEY])
+    login = keyed.post("/login", content=b"key=" + b"k" * sec.MAX_LOGIN_BODY,
+                       headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert login.status_code == 413 and "set-cookie" not in login.headers
+    c = TestClient(create_app(UiSettings(root=tree)))
+    token = c.app.state.ui.csrf_token
+    # (the label-review import, capped at 20 MiB, is checked in test_ui_review.py)
+    for route in ("/api/validate", "/api/estimate", "/api/jobs", "/api/play/classify", "/api/rate/rating",
+                  "/api/review/decision"):
+        huge = c.post(route, content=b'{"values": "' + b"x" * (2 << 20) + b'"}',
+                      headers={"Content-Type": "application/json", sec.CSRF_HEADER: token})
+        assert huge.status_code == 413, route
+
+
+def test_a_body_trickled_past_the_time_limit_is_cut_off(tree, monkeypatch):
+    # /login reads its body before any key is checked: a client sending it byte by byte gets a 408.
+    monkeypatch.setattr(sec, "BODY_SECONDS", 0.2)
+    app, sent = asgi_app(UiSettings(root=tree, api_keys=[KEY])), []
+
+    async def trickle():
+        await asyncio.sleep(0.1)
+        return {"type": "http.request", "body": b"k", "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/login", "raw_path": b"/login", "query_string": b"",
+             "headers": [(b"host", b"127.0.0.1:7860")], "scheme": "http", "server": ("127.0.0.1", 7860),
+             "client": ("127.0.0.1", 5000), "root_path": "", "http_version": "1.1"}
+    asyncio.run(asyncio.wait_for(app(scope, trickle, send), 10))
+    assert sent[0]["status"] == 408 and b"not received within 0.2 s" in sent[1]["body"]
 
 
 def test_keys_are_compared_in_constant_time(tree, monkeypatch):

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from tunesmith.config import yaml_text
 from tunesmith.config.schema import _C, Project, _KeyedError
 from tunesmith.config.sources import COLUMN_FIELDS, HF_PREFIX, DataSource, folder_problem, locate_path
 from tunesmith.errors import ConfigError
@@ -33,13 +34,13 @@ def load_config(path: str | Path, check_files: bool = True) -> Project:
         raise ConfigError(f"config file not found: {path}", str(path), "give the path to a project.yaml")
     text = _read(path)
     try:
-        root = yaml.compose(text)
-        raw = yaml.safe_load(text)
+        root, raw = yaml_text.load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"invalid YAML: {problem}", f"{path}{line}", "check indentation and quoting") from None
+        raise ConfigError(f"invalid YAML: {problem}", f"{path}{line}",
+                          getattr(e, "hint", "check indentation and quoting")) from None
     if not isinstance(raw, dict):
         raise ConfigError("the config must be a YAML mapping of keys", str(path), "see README, 'Config reference'")
     try:

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from tunesmith import fsio
+from tunesmith.config import yaml_text
 from tunesmith.evaluate.compare import compare
 
 
@@ -25,8 +24,8 @@ def flatten(d: dict, prefix: str = "") -> dict[str, object]:
 
 def config_diff(a: Path, b: Path) -> list[dict]:
     """Keys whose resolved values differ between the runs' config.yaml files."""
-    ca = flatten(yaml.safe_load((Path(a) / "config.yaml").read_text(encoding="utf-8")) or {})
-    cb = flatten(yaml.safe_load((Path(b) / "config.yaml").read_text(encoding="utf-8")) or {})
+    ca = flatten(yaml_text.safe_load((Path(a) / "config.yaml").read_text(encoding="utf-8")) or {})
+    cb = flatten(yaml_text.safe_load((Path(b) / "config.yaml").read_text(encoding="utf-8")) or {})
     return [{"key": k, "a": ca.get(k), "b": cb.get(k)} for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)]
 
 

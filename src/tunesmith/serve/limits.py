@@ -14,11 +14,12 @@ DISCONNECT = {"type": "http.disconnect"}
 
 class BodyLimit:
     """`max_bytes` per body; `timeout_s` (None: no limit) to read the whole body, from the moment the
-    request's headers arrived. Once the body is in, receive() is not timed (a streaming response
-    waits on it for the client to leave)."""
+    request's headers arrived; `timeout_key`: the setting the 408's message names. Once the body is in,
+    receive() is not timed (a streaming response waits on it for the client to leave)."""
 
-    def __init__(self, app, max_bytes: int, timeout_s: float | None = None):
-        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+    def __init__(self, app, max_bytes: int, timeout_s: float | None = None,
+                 timeout_key: str = "serve.body_timeout_s"):
+        self.app, self.max_bytes, self.timeout_s, self.timeout_key = app, max_bytes, timeout_s, timeout_key
         self.state = getattr(app, "state", None)  # tests and servers reach the app's state through this
 
     async def __call__(self, scope, receive, send):
@@ -48,7 +49,7 @@ class BodyLimit:
                                  else asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic())))
             except asyncio.TimeoutError:
                 return await reject(408, f"request body not received within {self.timeout_s:g} s "
-                                         "(serve.body_timeout_s)")
+                                         f"({self.timeout_key})")
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 complete = not message.get("more_body", False)

@@ -111,10 +111,16 @@ def check_open(host: str, keys: list[str]) -> None:
 
 def asgi_app(settings: UiSettings):
     """What the server runs: the app, behind the Host-header check on a loopback bind (a defence
-    against DNS rebinding, as `tunesmith serve` has it)."""
+    against DNS rebinding, as `tunesmith serve` has it) and a time limit on reading each request's body
+    (security.BODY_SECONDS: a client trickling a body byte by byte, to /login before any key, would
+    otherwise hold its connection for as long as it liked). Each route caps its body's size itself."""
+    from tunesmith.cli.ui.review import MAX_BODY as LARGEST_BODY
+    from tunesmith.cli.ui.security import BODY_SECONDS
     from tunesmith.serve.hosts import loopback_guard
+    from tunesmith.serve.limits import BodyLimit
 
-    return loopback_guard(create_app(settings), settings.host)
+    timed = BodyLimit(create_app(settings), LARGEST_BODY, BODY_SECONDS, "the workbench's limit")
+    return loopback_guard(timed, settings.host)
 
 
 def serve_ui(settings: UiSettings) -> None:

@@ -27,8 +27,8 @@ from pydantic import BaseModel
 
 from tunesmith.cli.ui.layout import esc, page
 from tunesmith.cli.ui.scan import UI_DIR, walk
-from tunesmith.cli.ui.security import csrf, inside_root
-from tunesmith.config import Project
+from tunesmith.cli.ui.security import csrf, inside_root, read_capped
+from tunesmith.config import Project, yaml_text
 from tunesmith.errors import TunesmithError
 from tunesmith.models.catalog import CATALOG
 from tunesmith.registry import METHOD_SPECS, METHODS, METRIC_SPECS
@@ -186,9 +186,7 @@ def corrections_files(root: Path, files: list[str]) -> list[str]:
 
 async def read_values(request: Request) -> dict[str, Any]:
     """The posted form: {"values": {dotted key: text or bool}}, bounded in size; 400 otherwise."""
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        raise HTTPException(413, f"form too large (over {MAX_BODY} bytes)")
+    body = await read_capped(request, MAX_BODY)
     try:
         values = json.loads(body or b"{}").get("values")
     except (ValueError, AttributeError):
@@ -251,6 +249,9 @@ def _inside(root: Path, key: str, path: str) -> str:
                                  "relative to --root, without ~ or ..)")
     if path.startswith("~"):
         raise refused
+    if path.count("**") > 1:  # each further ** walks the tree again below every folder the last one found
+        raise HTTPException(400, f"{key}: '{path}' has more than one ** (one already searches every folder "
+                                 "below it)")
     try:
         inside_root(root, path)
         if any(c in path for c in "*?["):
@@ -270,7 +271,7 @@ def _from_ui_folder(path: str) -> str:
 
 def _yaml_value(text: str) -> Any:
     try:
-        value = yaml.safe_load(text)
+        value = yaml_text.safe_load(text)
     except yaml.YAMLError:
         return text
     return text if isinstance(value, dict) or value is None else value
@@ -357,12 +358,13 @@ async def validate(request: Request) -> JSONResponse:
 
     values = await read_values(request)
     root = request.app.state.ui.root
-    if (refused := _refusal(root, values)) is not None:
+    # Off the event loop: checking paths walks the data globs, and load_config reads the data files.
+    if (refused := await asyncio.to_thread(_refusal, root, values)) is not None:
         return refused
     project, problem, draft = await asyncio.to_thread(check, root, values)
     rel = str(draft.relative_to(root))
     return JSONResponse({"ok": project is not None, "error": problem, "draft": rel,
-                         "yaml": config_text(root, values)})
+                         "yaml": await asyncio.to_thread(config_text, root, values)})
 
 
 def _refusal(root: Path, values: dict[str, Any]) -> JSONResponse | None:
@@ -385,7 +387,7 @@ async def estimate(request: Request) -> JSONResponse:
 
     values = await read_values(request)
     root = request.app.state.ui.root
-    if (refused := _refusal(root, values)) is not None:
+    if (refused := await asyncio.to_thread(_refusal, root, values)) is not None:
         return refused
     if not _estimate_lock.acquire(blocking=False):
         raise HTTPException(409, "an estimate is already being computed; try again in a moment")

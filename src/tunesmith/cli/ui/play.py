@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tunesmith import fsio
 from tunesmith.cli.ui.layout import esc, page
 from tunesmith.cli.ui.runs_pages import run_dir
-from tunesmith.cli.ui.security import csrf
+from tunesmith.cli.ui.security import csrf, read_capped
 from tunesmith.config import ServeConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.serve.replies import error
@@ -112,17 +112,9 @@ class GenerateBody(_Body):
 
 async def read_body(request: Request, model: type[BaseModel]):
     """`model` from the JSON body, read at most MAX_BODY bytes (413 beyond it, 422 when invalid)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY:
-        raise HTTPException(413, f"request body over {MAX_BODY} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise HTTPException(413, f"request body over {MAX_BODY} bytes")
-        chunks.append(chunk)
+    body = await read_capped(request, MAX_BODY)
     try:
-        return model.model_validate_json(b"".join(chunks))
+        return model.model_validate_json(body)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "body"

@@ -116,8 +116,10 @@ def _max_steps(config: Path) -> int | None:
     """train.max_steps of the job's config: then the trainer's total (trainer.make_plan); else unknown here."""
     import yaml
 
+    from tunesmith.config import yaml_text
+
     try:
-        raw = yaml.safe_load(config.read_text(encoding="utf-8"))
+        raw = yaml_text.safe_load(config.read_text(encoding="utf-8"))
         value = raw.get("train", {}).get("max_steps")
     except (OSError, AttributeError, yaml.YAMLError):
         return None

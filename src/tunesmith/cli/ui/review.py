@@ -29,7 +29,8 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from tunesmith import fsio
 from tunesmith.cli.ui.layout import esc, page
 from tunesmith.cli.ui.scan import UI_DIR, walk
-from tunesmith.cli.ui.security import csrf, inside_root
+from tunesmith.cli.ui.security import csrf, inside_root, read_capped
+from tunesmith.config import yaml_text
 from tunesmith.data.corrections import MAX_DECISIONS, Decision, merge, parse_decision, read_corrections
 from tunesmith.errors import DataError
 from tunesmith.runs import is_run_dir
@@ -98,7 +99,7 @@ def task_fields(root: Path, folder: Path, rows: list[dict]) -> tuple[str, list[s
     config = _under(root, folder / "config.yaml")
     if config is not None and config.is_file() and config.stat().st_size < 1 << 20:
         try:
-            task = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("task") or {}
+            task = (yaml_text.safe_load(config.read_text(encoding="utf-8")) or {}).get("task") or {}
             text_field = task.get("text_field")
             labels = task.get("labels")
         except (yaml.YAMLError, UnicodeDecodeError, AttributeError):
@@ -183,14 +184,9 @@ def save_decisions(path: Path, new: list[Decision]) -> int:
 
 async def _body(request: Request, limit: int) -> object:
     """The request's JSON body, read up to `limit` bytes (413 past it, 400 if it is not JSON)."""
-    size, chunks = 0, []
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPException(413, f"request body larger than {limit >> 20 or 1} MiB")
-        chunks.append(chunk)
+    body = await read_capped(request, limit)
     try:
-        return json.loads(b"".join(chunks) or b"null")
+        return json.loads(body or b"null")
     except (ValueError, RecursionError):
         raise HTTPException(400, "the body is not JSON") from None
 

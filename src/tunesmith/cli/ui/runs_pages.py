@@ -20,6 +20,7 @@ from tunesmith import fsio
 from tunesmith.cli.ui.layout import esc, page
 from tunesmith.cli.ui.scan import walk
 from tunesmith.cli.ui.security import FILE_CSP, inside_root
+from tunesmith.config import yaml_text
 from tunesmith.runs import is_run_dir
 
 router = APIRouter()
@@ -114,7 +115,7 @@ def _read_config(path: Path) -> dict:
     try:
         if path.stat().st_size > MAX_CONFIG_BYTES:
             return {}
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml_text.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, yaml.YAMLError):
         return {}
     return data if isinstance(data, dict) else {}

@@ -26,6 +26,7 @@ CSRF_HEADER = "X-Tunesmith-CSRF"
 COOKIE = "tunesmith_ui_session"
 MAX_REL = 1024            # characters in a relative path: longer is not a path a page links to
 MAX_LOGIN_BODY = 4096     # bytes in the key form's body
+BODY_SECONDS = 30.0       # to receive a whole request body (app.asgi_app): 408 past it
 PAGE_CSP = ("default-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
             "frame-ancestors 'self'")
 # A run's own HTML (report.html, the compare page) has inline styles and data: images and no scripts:
@@ -69,6 +70,21 @@ def csrf(request: Request) -> None:
         raise HTTPException(403, f"missing or wrong {CSRF_HEADER} token: reload the page")
     if not same_origin(request):
         raise HTTPException(403, "cross-origin request refused")
+
+
+async def read_capped(request: Request, limit: int) -> bytes:
+    """The request's body, read at most `limit` bytes: 413 as soon as the declared length or the bytes
+    streamed so far pass it, so an oversized body is never held whole in memory."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"request body over {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"request body over {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def same_origin(request: Request) -> bool:
@@ -178,9 +194,7 @@ async def login(request: Request) -> Response:
         return RedirectResponse("/", status_code=303)
     if not same_origin(request):
         return error(403, "cross-origin request refused", "invalid_request_error")
-    body = await request.body()
-    if len(body) > MAX_LOGIN_BODY:
-        return error(413, "request body too large", "invalid_request_error")
+    body = await read_capped(request, MAX_LOGIN_BODY)
     form = parse_qs(body.decode("utf-8", "replace"), max_num_fields=4)
     given, next_path = (form.get("key") or [""])[0], _local((form.get("next") or ["/"])[0])
     key = check.key_ok(given)

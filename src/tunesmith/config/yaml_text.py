@@ -1,0 +1,75 @@
+"""YAML text read with bounds, for configs and for any YAML a user or a run folder supplies.
+
+The safe loader only; on top of it, a document whose anchors and aliases would expand it past
+MAX_VALUES values (a "billion laughs" file is a dozen lines), an alias that refers to the node holding
+it, or nesting deeper than the parser's recursion is refused as a `yaml.YAMLError` carrying the line.
+Code that walks a loaded value (flattening keys, checking every path in a list) then does work in
+proportion to the text, never exponential in it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+MAX_VALUES = 100_000   # scalars, lists and mappings once aliases are expanded; a project.yaml has ~100
+
+
+class BoundError(yaml.YAMLError):
+    """A document refused by the bounds above (problem and problem_mark as PyYAML's own errors)."""
+
+    def __init__(self, problem: str, mark: yaml.Mark | None = None, hint: str = "write the values out") -> None:
+        super().__init__(problem)
+        self.problem, self.problem_mark, self.hint = problem, mark, hint
+
+
+def load(text: str) -> tuple[yaml.Node | None, Any]:
+    """(the composed node tree, for line numbers; the value) of one YAML document, refused as above."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        raise BoundError("the document nests too deeply", hint="nest fewer levels") from None
+    if root is None:
+        return None, None
+    expanded_size(root)
+    loader = yaml.SafeLoader("")
+    try:
+        return root, loader.construct_document(root)
+    finally:
+        loader.dispose()
+
+
+def safe_load(text: str) -> Any:
+    """The value of one YAML document (yaml.safe_load with the bounds above)."""
+    return load(text)[1]
+
+
+def expanded_size(root: yaml.Node) -> int:
+    """How many values `root` holds with every alias expanded, computed without expanding (each node
+    is counted once and its count reused); BoundError past MAX_VALUES or on a node that holds itself."""
+    counted: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in counted:
+            return counted[id(node)]
+        if id(node) in open_nodes:
+            raise BoundError("an alias refers to the node that holds it", node.start_mark)
+        open_nodes.add(id(node))
+        children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                    else node.value if isinstance(node, yaml.SequenceNode) else [])
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > MAX_VALUES:
+                raise BoundError(f"anchors and aliases expand the document past {MAX_VALUES:,} values",
+                                 node.start_mark, "write the repeated values out, or use fewer aliases")
+        open_nodes.discard(id(node))
+        counted[id(node)] = total
+        return total
+
+    try:
+        return size(root)
+    except RecursionError:
+        raise BoundError("the document nests too deeply", root.start_mark, "nest fewer levels") from None
