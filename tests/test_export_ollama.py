@@ -223,6 +223,22 @@ def test_parser_reads_values_as_ollama_does():
         parse_modelfile('FROM m\nSYSTEM """a"""\nnot a command"""\n')
 
 
+def test_the_linear_time_scanners_read_what_the_regexes_they_replace_read():
+    # _actions stands in for finditer(r"\{\{(.*?)\}\}", re.S) and _FLOAT for a pattern that backtracks
+    # quadratically on a long run of digits; both must accept exactly what those did.
+    import random
+    import re
+
+    action = re.compile(r"\{\{(.*?)\}\}", re.S)
+    old_float = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[+-]?(?:inf|infinity|nan)", re.I)
+    rng = random.Random(0)
+    for _ in range(3000):
+        text = "".join(rng.choice("{}{}ab .\n") for _ in range(rng.randrange(0, 30)))
+        assert list(ollama._actions(text)) == [(m.start(), m.end(), m.group(1)) for m in action.finditer(text)]
+        number = "".join(rng.choice("0123456789.eE+-x") for _ in range(rng.randrange(0, 8)))
+        assert bool(ollama._FLOAT.fullmatch(number)) == bool(old_float.fullmatch(number)), number
+
+
 def test_bad_gguf_name_and_unsupported_template_actions(tokenizers):
     for name in ("", "../m.gguf", "a\nFROM b", " m.gguf"):
         with pytest.raises(InputError):

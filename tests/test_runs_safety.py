@@ -105,6 +105,14 @@ def test_item9_compare_and_tune_refuse_a_user_folder(tmp_path, tiny_model):
     for f in (folder, inner):
         assert sorted(p.name for p in f.iterdir()) == ["thesis.txt"]
     assert not (folder / "study.sqlite").exists()
+    # Trial logs kept without their study: numbering would restart and replace them.
+    log = tmp_path / "study" / "trials" / "000" / "train_log.jsonl"
+    log.parent.mkdir(parents=True)
+    log.write_text('{"step": 1}\n')
+    tune = runner.invoke(app, ["tune", config, "--trials", "1", "--out", str(tmp_path / "study"), "-q"])
+    assert tune.exit_code == 2
+    _one_error(tune, "no study.sqlite", "--overwrite")
+    assert log.read_text() == '{"step": 1}\n' and not (tmp_path / "study" / "study.sqlite").exists()
 
 
 # -- item 10: one writer per run directory ----------------------------------------------------------

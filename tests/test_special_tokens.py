@@ -150,6 +150,10 @@ def test_item5_markup_tokens_that_are_not_special_stay_text(tiny_model):
     prompt, _ = encode_prompt(tok, _fmt(tok), Example(text, "", "request"), budget=10_000)
     assert markup not in prompt and _contains(prompt, ids)
     assert text_ids(tok, "plain words") == tok("plain words", add_special_tokens=False)["input_ids"]
+    from tunesmith.data.paraphrase import _prompt_ids
+
+    tok.chat_template = None  # the paraphraser's plain prompt: the row is literal there too
+    assert markup not in _prompt_ids(tok, text) and _contains(_prompt_ids(tok, text), ids)
 
 
 def test_item5_minilm_classifier_keeps_a_typed_separator_as_text():

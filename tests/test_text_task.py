@@ -21,9 +21,10 @@ from tunesmith.errors import ConfigError
 from tunesmith.evaluate.objective import judge
 from tunesmith.evaluate.text import document_losses
 from tunesmith.models.load import load_model, load_tokenizer
+from tunesmith.models.tokens import adds_bos
 from tunesmith.tasks.metrics import compute_metrics
 from tunesmith.tasks.prompts import PromptFormat
-from tunesmith.tasks.text import adds_bos, chunk_ids, document_ids, text_chunks
+from tunesmith.tasks.text import chunk_ids, document_ids, text_chunks
 from tunesmith.train.batching import IGNORE, collate, collate_packed
 from tunesmith.train.loss import supervised_loss
 from tunesmith.train.packing import pack_rows

@@ -46,7 +46,7 @@ def tune(project: Project, trials: int, out: Path, progress: bool = True, seed: 
     in out/best (an existing out/best is replaced only with `overwrite`)."""
     import optuna
 
-    from tunesmith.errors import InputError
+    from tunesmith.errors import InputError, RunDirError
     from tunesmith.pipeline import run
     from tunesmith.runs import check_runs_folder
     from tunesmith.train.stage import train_stage
@@ -56,6 +56,11 @@ def tune(project: Project, trials: int, out: Path, progress: bool = True, seed: 
                          f"use one of: {', '.join(SEARCHABLE)}")
     out = Path(out).resolve()
     check_runs_folder(out, ["best"], ("study.sqlite", "trials"), overwrite)  # before the study, not after it
+    kept = out / "trials"
+    if kept.is_dir() and any(kept.iterdir()) and not (out / "study.sqlite").exists() and not overwrite:
+        # Without its study, trial numbers restart at 000 and each new trial would replace a kept log.
+        raise RunDirError(f"holds {kept.name}/ but no study.sqlite: new trials would replace the kept trials' logs",
+                          f"--out {out}", "pass --overwrite to replace them, or give a new folder")
     out.mkdir(parents=True, exist_ok=True)
     splits = prepare_data(project)
     metric = project.objective.metric

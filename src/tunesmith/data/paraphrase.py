@@ -7,7 +7,7 @@ from tqdm.auto import tqdm
 
 from tunesmith.models.load import load_model, load_tokenizer
 from tunesmith.models.resolve import resolve_model
-from tunesmith.models.tokens import encode_chat, left_pad, stop_ids, text_ids
+from tunesmith.models.tokens import adds_bos, encode_chat, left_pad, stop_ids, text_ids
 
 PROMPT = ("Rewrite the following text in different words, keeping its meaning. "
           "Reply with the rewritten text only.\n\n{text}")
@@ -39,4 +39,5 @@ def _prompt_ids(tokenizer, text: str) -> list[int]:
     message = PROMPT.format(text=text)
     if tokenizer.chat_template:
         return encode_chat(tokenizer, [{"role": "user", "content": message}])
-    return tokenizer(message + "\n\nRewritten: ", split_special_tokens=True)["input_ids"]
+    head = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
+    return head + text_ids(tokenizer, message + "\n\nRewritten: ")

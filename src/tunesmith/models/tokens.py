@@ -42,6 +42,16 @@ def text_ids(tokenizer, text: str) -> list[int]:
             tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]]
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts its BOS before every sequence it encodes with special tokens."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return len(with_special) > len(plain) and with_special[0] == bos
+
+
 def stop_ids(tokenizer) -> list[int]:
     """Ids that end a generated answer: the tokenizer's EOS and whichever end-of-turn tokens of the
     common chat templates (`<|im_end|>`, `<|eot_id|>`, `<|end|>`) its vocabulary holds, sorted."""

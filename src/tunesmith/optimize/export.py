@@ -270,8 +270,9 @@ def read_back(folder: Path, project, fmt: PromptFormat, test) -> ReadBack:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(folder))
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    # What a user's plain load does, with the two safety settings stated rather than left to defaults.
+    model = AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=True, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     load_seconds = time.perf_counter() - started
     if tokenizer.pad_token_id is None:  # padding only; masked out
         tokenizer.pad_token = tokenizer.eos_token

@@ -53,7 +53,7 @@ COMMANDS = ("from", "license", "template", "system", "adapter", "draft", "render
             "message", "requires")
 ROLES = ("system", "user", "assistant")
 _INT = re.compile(r"[+-]?[0-9]+")
-_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[+-]?(?:inf|infinity|nan)", re.I)
+_FLOAT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[+-]?(?:inf|infinity|nan)", re.I)
 _BOOL = ("1", "t", "T", "TRUE", "true", "True", "0", "f", "F", "FALSE", "false", "False")
 _SEMVER = re.compile(r"v?[0-9]+(\.[0-9]+){0,2}(-[0-9A-Za-z.-]+)?(\+[0-9A-Za-z.-]+)?")
 _BLOCKS = ("if", "range", "with", "block", "define")
@@ -408,7 +408,16 @@ def _action_end(template: str, i: int) -> int:
 
 # --- rendering and the export's check --------------------------------------------------------------
 
-_ACTION = re.compile(r"\{\{(.*?)\}\}", re.S)
+def _actions(template: str):
+    """(start, end, text inside) of each {{ ... }} action, left to right, as a lazy regex would find
+    them but in linear time (a regex rescans to the end from every unclosed {{)."""
+    pos = 0
+    while (start := template.find("{{", pos)) != -1:
+        end = template.find("}}", start + 2)
+        if end == -1:
+            return
+        yield start, end + 2, template[start + 2:end]
+        pos = end + 2
 
 
 def render_template(template: str, system: str, prompt: str) -> str:
@@ -423,11 +432,11 @@ def render_template(template: str, system: str, prompt: str) -> str:
     out: list[str] = []
     stack: list[bool] = []  # per open if: whether its branch now being read is taken
     pos = 0
-    for m in _ACTION.finditer(template):
+    for start, end, inner in _actions(template):
         if all(stack):
-            out.append(template[pos:m.start()])
-        pos = m.end()
-        words = m.group(1).split(maxsplit=1)
+            out.append(template[pos:start])
+        pos = end
+        words = inner.split(maxsplit=1)
         if len(words) == 1 and words[0] in values:
             out.append(values[words[0]] if all(stack) else "")
         elif len(words) == 1 and re.fullmatch(r'"[^"\\]*"', words[0]):
@@ -439,7 +448,8 @@ def render_template(template: str, system: str, prompt: str) -> str:
         elif words == ["end"] and stack:
             stack.pop()
         else:
-            raise ValueError(f"template action {m.group(0)!r} is outside the subset render_template knows")
+            raise ValueError(f"template action {template[start:end]!r} is outside the subset render_template "
+                             "knows")
     if stack:
         raise ValueError("template has an {{ if }} without {{ end }}")
     return "".join(out) + template[pos:]

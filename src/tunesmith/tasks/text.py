@@ -10,17 +10,7 @@ document's first is predicted exactly once (a chunk's first token is never a tar
 
 from __future__ import annotations
 
-from tunesmith.models.tokens import text_ids
-
-
-def adds_bos(tokenizer) -> bool:
-    """Whether the tokenizer puts its BOS before every sequence it encodes with special tokens."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return False
-    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    return len(with_special) > len(plain) and with_special[0] == bos
+from tunesmith.models.tokens import adds_bos, text_ids
 
 
 def document_ids(tokenizer, text: str) -> list[int]:
