@@ -22,13 +22,17 @@ class MethodSpec:
         weight updates, full fine-tuning far smaller.
     sane_lr: (low, high) rates outside which the method rarely trains well (too small: nothing moves;
         too large: divergence); the pre-flight check warns outside it. None: no rate is used.
-    flops_per_token: training FLOPs per parameter per token, for the time estimate (forward 2,
-        backward 2-4 depending on what gets gradients); None for a method that trains nothing.
+    flops_per_token: effective training FLOPs per parameter per token, for the time estimate: LoRA's
+        4 (forward 2, backward 2) is the anchor models/estimate.EFFICIENCY is fitted on, and the others
+        are 4 x LoRA's measured tokens/s over theirs on the same machine, so they carry costs the FLOP
+        count leaves out (full fine-tuning's fp32 optimiser step over every weight, DoRA's weight
+        norms); None for a method that trains nothing.
     trained_share: share of the parameters that get optimiser state, for the memory estimate.
     fsdp: whether `train.fsdp` can shard it (virtual tokens take a second pass through sharded layers).
     low_precision_frozen: whether frozen weights may be kept in bf16 (DoRA normalises base + update
         weights itself, so its frozen weights keep full precision).
-    weight_bytes: bytes per frozen weight in the memory estimate (fp32 4; 4-bit NF4 with its scales 0.56).
+    weight_bytes: bytes per frozen weight in the memory estimate (fp32 4; 4-bit NF4 with its scales 0.56;
+        DoRA's measured peak is 7.3 bytes a weight above its fp32 weights, counted here).
     quantizable: whether `train.quantize` may load the frozen base through bitsandbytes (the method
         trains adapters beside the base's linear layers, never the quantized weights themselves).
     trains_as: for an estimate-only row (module None), the config that trains it, as dotted keys.
@@ -56,20 +60,24 @@ class MethodSpec:
 
 
 _M = "tunesmith.train.methods."
+# Time and memory factors fitted on the quickstart (CPU, bf16, 2026-12-05; BENCHMARKS.md, "Model and
+# technique selection"): LoRA 627 tokens/s, full 324, DoRA 243, IA3 677, prompt tuning 707.
 METHOD_SPECS: dict[str, MethodSpec] = {
     "lora": MethodSpec(_M + "lora", "adapter", 2e-4, (1e-5, 1e-2), 4, 0.01, quantizable=True),
-    "dora": MethodSpec(_M + "dora", "adapter", 2e-4, (1e-5, 1e-2), 4.4, 0.011, low_precision_frozen=False,
-                       quantizable=True),
-    "ia3": MethodSpec(_M + "ia3", "adapter", 3e-3, (1e-4, 1e-1), 4, 0.0005),
-    "full": MethodSpec(_M + "full", "full", 2e-5, (1e-7, 1e-4), 6, 1.0),
-    "prompt_tuning": MethodSpec(_M + "prompt_tuning", "adapter", 3e-2, (1e-4, 5e-1), 2.7, 0.0001, fsdp=False,
+    "dora": MethodSpec(_M + "dora", "adapter", 2e-4, (1e-5, 1e-2), 10.3, 0.011, low_precision_frozen=False,
+                       weight_bytes=11.3, quantizable=True),
+    "ia3": MethodSpec(_M + "ia3", "adapter", 3e-3, (1e-4, 1e-1), 3.7, 0.0005),
+    "full": MethodSpec(_M + "full", "full", 2e-5, (1e-7, 1e-4), 7.7, 1.0),
+    # Prefix tuning is priced as prompt tuning (virtual tokens only), not measured on its own.
+    "prompt_tuning": MethodSpec(_M + "prompt_tuning", "adapter", 3e-2, (1e-4, 5e-1), 3.5, 0.0001, fsdp=False,
                                 packing=False),
-    "prefix_tuning": MethodSpec(_M + "prefix_tuning", "adapter", 1e-2, (1e-4, 1e-1), 2.7, 0.002, fsdp=False,
+    "prefix_tuning": MethodSpec(_M + "prefix_tuning", "adapter", 1e-2, (1e-4, 1e-1), 3.5, 0.002, fsdp=False,
                                 packing=False),
     # A search over instructions: forward passes only, nothing trained, no learning rate used.
     "prompt_optimization": MethodSpec(_M + "prompt_optimization", "prompt", 1e-4, None, None, None),
     # QLoRA is LoRA over an NF4-quantized base: select prices it as its own row, `train` runs it as below
-    # (dequantising each layer's weights costs the extra 0.4 FLOPs per parameter and token).
+    # (dequantising each layer's weights costs the extra 0.4 FLOPs per parameter and token; GPU only,
+    # not measured).
     "qlora": MethodSpec(None, "adapter", 2e-4, (1e-5, 1e-2), 4.4, 0.01, weight_bytes=0.56,
                         trains_as=(("train.method", "lora"), ("train.quantize", "nf4"))),
     # Preference tuning on {prompt, chosen, rejected} (KTO: {prompt, completion, label}) rows, through a

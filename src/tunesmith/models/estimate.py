@@ -4,20 +4,21 @@ plus two constants calibrated on tunesmith's own measured runs (see README, "Cho
 Memory (MB) = overhead + weights + trained state + activations, where
 - weights: 4 bytes x P in fp32; 2 bytes x P where training runs under bf16 and the method keeps its
   frozen weights in bf16 (train/precision.py; not full fine-tuning, whose weights all train);
-  QLoRA: 0.56 bytes x P (4-bit NF4 plus block scales);
+  QLoRA: 0.56 bytes x P (4-bit NF4 plus block scales); DoRA: 11.3 bytes x P, its fp32 weights plus the
+  7.3 bytes a weight its measured peak adds (fitted on one quickstart run, not derived);
 - trained state: 16 bytes per trained parameter (fp32 weight, gradient, two Adam moments): all P
   for full fine-tuning; ~1% of P for LoRA/DoRA (rank 8 on the attention and MLP projections);
   nothing worth counting for IA3 and soft prompts;
 - activations: ACTIVATION_BYTES x layers x batch x tokens per row x hidden (Korthikanti et al.'s
   34 bytes per element per layer for 16-bit activations);
 - overhead: the Python process with torch, transformers and tokenizers loaded (OVERHEAD_MB).
-Time (s) = tokens x FLOPs per token / (peak FLOP/s x EFFICIENCY), with FLOPs per token 6P for full
-fine-tuning (forward 2P, backward 4P) and 4P for methods that skip weight gradients; peak FLOP/s
-is measured on this machine by a short matmul probe. The factors are effective ones: EFFICIENCY was
-calibrated on LoRA, whose adapters (dropout, two small matmuls and their gradients on every
-projection) cost about half again the frozen model's work on a CPU; soft prompts train nothing
-inside the model, so prompt and prefix tuning get 2.7P (measured: 585 vs 393 tokens/s for LoRA on the
-quickstart, 2026-11-28).
+Time (s) = tokens x FLOPs per token / (peak FLOP/s x EFFICIENCY), with peak FLOP/s measured on this
+machine by a short matmul probe. The FLOPs per token are effective ones (registry.METHOD_SPECS):
+LoRA's 4P (forward 2P, backward 2P: no weight gradients) is the anchor EFFICIENCY is fitted on; every
+other method's factor is 4 x LoRA's tokens/s over its own, measured on the same machine the same
+day, so it carries what the FLOP count misses (full fine-tuning's fp32 optimiser step over every
+weight: 7.7P, not 6P; DoRA's weight norms: 10.3P; soft prompts, with nothing trained inside the
+model: 3.5P).
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ from tunesmith.registry import METHOD_SPECS
 # 2026-11-28 calibration, 2,400 MB on a 3,402 MB peak, predates the host-memory work).
 OVERHEAD_MB = 1000
 ACTIVATION_BYTES = 34
-EFFICIENCY = 0.6          # calibrated: quickstart LoRA, 479 tokens/s measured on a 2-core EPYC in bf16
+# calibrated: quickstart LoRA in bf16 on a 2-core EPYC, 627 tokens/s (median of two runs, 0.414-0.419
+# TFLOP/s probes, 2026-12-05); the third-round run, 585 tokens/s at 0.40, gives 0.79. The 0.6 of
+# 2026-11-28 (479 tokens/s) predates the host-memory and step-speed work.
+EFFICIENCY = 0.8
 
 
 @dataclass
