@@ -21,12 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
 
-from train_speed import gpu_peak_mb, run_result  # benchmarks/ is on sys.path when this script runs
+from train_speed import gpu_peak_mb, medians, ratio_line, run_result  # benchmarks/ is on sys.path when this script runs
 
 
 def main() -> None:
@@ -157,19 +156,11 @@ def summarise(rows: list[dict], args) -> None:
     med = {}
     for tool in args.tools.split(","):
         runs = [r for r in rows if r["tool"] == tool]
-        m = {k: statistics.median(r[k] for r in runs)
-             for k in ("tokens_per_second", "fit_wall_seconds", "peak_rss_mb", "preference_accuracy")}
-        gpu = [r["gpu_peak_mb"] for r in runs if r.get("gpu_peak_mb")]
-        m["peak_rss_mb"] = statistics.median(gpu) if gpu else m["peak_rss_mb"]  # GPU memory on GPU
-        med[tool] = m
+        m = med[tool] = medians(runs, ("tokens_per_second", "fit_wall_seconds", "peak_rss_mb", "preference_accuracy"))
         print(f"{tool:10} {m['tokens_per_second']:9.1f} {m['fit_wall_seconds']:8.1f} {m['peak_rss_mb']:11.0f} "
               f"{m['preference_accuracy']:8.4f} {runs[0]['precision']}")
     if "tunesmith" in med and "trl" in med:
-        a, b = med["tunesmith"], med["trl"]
-        print(f"dpo: tunesmith/TRL tokens/s x{a['tokens_per_second'] / b['tokens_per_second']:.2f}, "
-              f"training time x{a['fit_wall_seconds'] / b['fit_wall_seconds']:.2f}, "
-              f"peak memory x{a['peak_rss_mb'] / b['peak_rss_mb']:.2f}, "
-              f"preference accuracy {a['preference_accuracy'] - b['preference_accuracy']:+.4f}")
+        print(ratio_line("dpo", med["tunesmith"], med["trl"], "preference_accuracy"))
 
 
 WORKERS = {"tunesmith": tunesmith_worker, "trl": trl_worker}

@@ -203,20 +203,29 @@ def summarise(rows: list[dict], peak: float, args) -> None:
     for method in args.methods.split(","):
         for tool in args.tools.split(","):
             runs = [r for r in rows if r["tool"] == tool and r["method"] == method]
-            m = {k: statistics.median(r[k] for r in runs) for k in
-                 ("tokens_per_second", "fit_wall_seconds", "peak_rss_mb", "accuracy", "params")}
-            gpu = [r["gpu_peak_mb"] for r in runs if r.get("gpu_peak_mb")]
-            m["peak_rss_mb"] = statistics.median(gpu) if gpu else m["peak_rss_mb"]  # GPU memory on GPU
+            m = medians(runs, ("tokens_per_second", "fit_wall_seconds", "peak_rss_mb", "accuracy", "params"))
             m["peak_fraction"] = FLOP_PER_TOKEN[method] * m["params"] * m["tokens_per_second"] / (peak * 1e9)
             med[tool, method] = m
             print(f"{method:6} {tool:10} {m['tokens_per_second']:9.1f} {m['fit_wall_seconds']:8.1f} "
                   f"{m['peak_rss_mb']:11.0f} {m['accuracy']:8.4f} {100 * m['peak_fraction']:6.1f}%")
         if ("tunesmith", method) in med and ("trl", method) in med:
-            a, b = med["tunesmith", method], med["trl", method]
-            print(f"{method}: tunesmith/TRL tokens/s x{a['tokens_per_second'] / b['tokens_per_second']:.2f}, "
-                  f"training time x{a['fit_wall_seconds'] / b['fit_wall_seconds']:.2f}, "
-                  f"peak memory x{a['peak_rss_mb'] / b['peak_rss_mb']:.2f}, "
-                  f"accuracy {a['accuracy'] - b['accuracy']:+.4f}")
+            print(ratio_line(method, med["tunesmith", method], med["trl", method], "accuracy"))
+
+
+def medians(runs: list[dict], keys: tuple[str, ...]) -> dict:
+    """The median of each of `keys` over `runs`; peak memory is the GPU's where the runs measured it."""
+    m = {k: statistics.median(r[k] for r in runs) for k in keys}
+    gpu = [r["gpu_peak_mb"] for r in runs if r.get("gpu_peak_mb")]
+    m["peak_rss_mb"] = statistics.median(gpu) if gpu else m["peak_rss_mb"]
+    return m
+
+
+def ratio_line(name: str, a: dict, b: dict, quality: str) -> str:
+    """The summary line: tunesmith's medians `a` against TRL's `b`, as ratios, and the `quality` difference."""
+    return (f"{name}: tunesmith/TRL tokens/s x{a['tokens_per_second'] / b['tokens_per_second']:.2f}, "
+            f"training time x{a['fit_wall_seconds'] / b['fit_wall_seconds']:.2f}, "
+            f"peak memory x{a['peak_rss_mb'] / b['peak_rss_mb']:.2f}, "
+            f"{quality.replace('_', ' ')} {a[quality] - b[quality]:+.4f}")
 
 
 WORKERS = {"tunesmith": tunesmith_worker, "trl": trl_worker}
