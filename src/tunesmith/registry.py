@@ -32,7 +32,7 @@ class MethodSpec:
     low_precision_frozen: whether frozen weights may be kept in bf16 (DoRA normalises base + update
         weights itself, so its frozen weights keep full precision).
     weight_bytes: bytes per frozen weight in the memory estimate (fp32 4; 4-bit NF4 with its scales 0.56;
-        DoRA's measured peak is 7.3 bytes a weight above its fp32 weights, counted here).
+        DoRA's measured peak at batch 8 is 7.3 bytes a weight above its fp32 weights, counted here).
     quantizable: whether `train.quantize` may load the frozen base through bitsandbytes (the method
         trains adapters beside the base's linear layers, never the quantized weights themselves).
     trains_as: for an estimate-only row (module None), the config that trains it, as dotted keys.

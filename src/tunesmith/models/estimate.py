@@ -5,7 +5,8 @@ Memory (MB) = overhead + weights + trained state + activations, where
 - weights: 4 bytes x P in fp32; 2 bytes x P where training runs under bf16 and the method keeps its
   frozen weights in bf16 (train/precision.py; not full fine-tuning, whose weights all train);
   QLoRA: 0.56 bytes x P (4-bit NF4 plus block scales); DoRA: 11.3 bytes x P, its fp32 weights plus the
-  7.3 bytes a weight its measured peak adds (fitted on one quickstart run, not derived);
+  7.3 bytes a weight its measured peak adds (fitted on one quickstart run at batch 8, not derived;
+  part of it grows with the batch, so larger batches are understated);
 - trained state: 16 bytes per trained parameter (fp32 weight, gradient, two Adam moments): all P
   for full fine-tuning; ~1% of P for LoRA/DoRA (rank 8 on the attention and MLP projections);
   nothing worth counting for IA3 and soft prompts;
