@@ -91,6 +91,15 @@ def test_hostile_yaml_is_refused_with_its_line(tmp_path, text, problem, line):
         assert f"{path}:{line + 3}" in info.value.line()
 
 
+def test_an_oversized_config_file_is_refused_unread(tmp_path):
+    from tunesmith.config.load import MAX_CONFIG_BYTES
+
+    path = _write(tmp_path, BASE + "# " + "x" * MAX_CONFIG_BYTES + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "over 1 MiB: not a project.yaml" in info.value.line() and str(path) in info.value.line()
+
+
 def test_anchors_and_merge_keys_within_the_bound_still_load(tmp_path):
     from tunesmith.config import yaml_text
 

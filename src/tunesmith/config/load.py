@@ -52,9 +52,17 @@ def load_config(path: str | Path, check_files: bool = True) -> Project:
     return project
 
 
+MAX_CONFIG_BYTES = 1 << 20   # a project.yaml is a few KB; anything past this is not one
+
+
 def _read(path: Path) -> str:
+    with path.open("rb") as f:
+        data = f.read(MAX_CONFIG_BYTES + 1)  # never the whole of a huge file
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file is over {MAX_CONFIG_BYTES >> 20} MiB: not a project.yaml", str(path),
+                          "give the project's config file (rows belong in the data files it names)")
     try:
-        return path.read_text(encoding="utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"config is not UTF-8 text ({e.reason})", str(path), "save it as UTF-8") from None
 
