@@ -80,6 +80,8 @@ def _alias_bomb(levels: int) -> str:
     ("eval:\n  stop: " + "[" * 3000 + "]" * 3000 + "\n", "the document nests too deeply", None),
     (_alias_bomb(9) + "eval:\n  stop: *l8\n", "anchors and aliases expand the document past 100,000 values", 5),
     ("task: &t {instruction: *t}\n", "an alias refers to the node that holds it", 1),
+    ("train:\n  seed: 2001-02-30\n", "a value YAML cannot build (day is out of range for month)", None),
+    ("train:\n  epochs: !!int abc\n", "a value YAML cannot build", None),
 ])
 def test_hostile_yaml_is_refused_with_its_line(tmp_path, text, problem, line):
     # Expanded, the bomb is 10**9 strings: refused from the node counts, never built or walked.
@@ -105,6 +107,9 @@ def test_anchors_and_merge_keys_within_the_bound_still_load(tmp_path):
 
     text = "shared: &s {epochs: 2, batch_size: 4}\ntrain: {<<: *s, learning_rate: 0.001}\n"
     assert yaml_text.safe_load(text)["train"] == {"epochs": 2, "batch_size": 4, "learning_rate": 0.001}
+    # The node tree returned for line numbers is the file's own: the merge is not written into it.
+    root, value = yaml_text.load("base: &b {x: 1}\nm:\n  <<: *b\n  x: 2\n")
+    assert value["m"] == {"x": 2} and [k.value for k, _ in root.value[1][1].value] == ["<<", "x"]
     # the root, its three keys, l0 (10 strings), l1 (10 x l0), l2 (10 x l1)
     assert yaml_text.expanded_size(yaml_text.load(_alias_bomb(3))[0]) == 1 + 3 + 11 + 111 + 1111
     project = load_config(_write(tmp_path, BASE.replace("name: demo", "name: &n demo") + "task: {instruction: *n}\n"))

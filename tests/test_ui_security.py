@@ -203,10 +203,34 @@ def test_a_body_trickled_past_the_time_limit_is_cut_off(tree, monkeypatch):
         sent.append(message)
 
     scope = {"type": "http", "method": "POST", "path": "/login", "raw_path": b"/login", "query_string": b"",
-             "headers": [(b"host", b"127.0.0.1:7860")], "scheme": "http", "server": ("127.0.0.1", 7860),
-             "client": ("127.0.0.1", 5000), "root_path": "", "http_version": "1.1"}
+             "headers": [(b"host", b"127.0.0.1:7860"), (b"transfer-encoding", b"chunked")], "scheme": "http",
+             "server": ("127.0.0.1", 7860), "client": ("127.0.0.1", 5000), "root_path": "", "http_version": "1.1"}
     asyncio.run(asyncio.wait_for(app(scope, trickle, send), 10))
     assert sent[0]["status"] == 408 and b"not received within 0.2 s" in sent[1]["body"]
+
+
+def test_a_request_without_a_body_is_never_cut_off():
+    # No Content-Length and no Transfer-Encoding: no body to time. A streaming page's first receive()
+    # (its disconnect watch) may come after the limit, as from a busy thread pool.
+    from tunesmith.serve.limits import BodyLimit
+
+    sent = []
+
+    async def late_reader(scope, receive, send):
+        await asyncio.sleep(0.3)
+        message = await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": message["type"].encode()})
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/events", "headers": [(b"host", b"localhost")]}
+    asyncio.run(BodyLimit(late_reader, 1000, 0.1)(scope, receive, send))
+    assert sent[0]["status"] == 200 and sent[1]["body"] == b"http.request"
 
 
 def test_keys_are_compared_in_constant_time(tree, monkeypatch):

@@ -1,10 +1,11 @@
 """YAML text read with bounds, for configs and for any YAML a user or a run folder supplies.
 
 The safe loader only; on top of it, a document whose anchors and aliases would expand it past
-MAX_VALUES values (a "billion laughs" file is a dozen lines), an alias that refers to the node holding
-it, or nesting deeper than the parser's recursion is refused as a `yaml.YAMLError` carrying the line.
-Code that walks a loaded value (flattening keys, checking every path in a list) then does work in
-proportion to the text, never exponential in it.
+MAX_VALUES values (a "billion laughs" file is a dozen lines) or an alias that refers to the node
+holding it is refused with its line, and nesting deeper than the parser's recursion or a value the
+safe loader cannot build (`2001-02-30`, `!!int abc`) without one: all as `Refused`, a
+`yaml.YAMLError`, so callers catch one kind. Code that walks a loaded value (flattening keys,
+checking every path in a list) then does work in proportion to the text, never exponential in it.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import yaml
 MAX_VALUES = 100_000   # scalars, lists and mappings once aliases are expanded; a project.yaml has ~100
 
 
-class BoundError(yaml.YAMLError):
-    """A document refused by the bounds above (problem and problem_mark as PyYAML's own errors)."""
+class Refused(yaml.YAMLError):
+    """A document refused as above (problem and problem_mark as PyYAML's own errors carry them)."""
 
     def __init__(self, problem: str, mark: yaml.Mark | None = None, hint: str = "write the values out") -> None:
         super().__init__(problem)
@@ -28,16 +29,16 @@ def load(text: str) -> tuple[yaml.Node | None, Any]:
     """(the composed node tree, for line numbers; the value) of one YAML document, refused as above."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if root is None:
+            return None, None
+        expanded_size(root)
+        # The value from a second parse: building it from `root` would rewrite merge keys (<<) in the
+        # tree the caller reads line numbers from.
+        return root, yaml.safe_load(text)
     except RecursionError:
-        raise BoundError("the document nests too deeply", hint="nest fewer levels") from None
-    if root is None:
-        return None, None
-    expanded_size(root)
-    loader = yaml.SafeLoader("")
-    try:
-        return root, loader.construct_document(root)
-    finally:
-        loader.dispose()
+        raise Refused("the document nests too deeply", hint="nest fewer levels") from None
+    except (ValueError, OverflowError) as e:  # a date, number or tag the safe loader cannot build
+        raise Refused(f"a value YAML cannot build ({e})", hint="quote it to keep it as text") from None
 
 
 def safe_load(text: str) -> Any:
@@ -47,7 +48,7 @@ def safe_load(text: str) -> Any:
 
 def expanded_size(root: yaml.Node) -> int:
     """How many values `root` holds with every alias expanded, computed without expanding (each node
-    is counted once and its count reused); BoundError past MAX_VALUES or on a node that holds itself."""
+    is counted once and its count reused); Refused past MAX_VALUES or on a node that holds itself."""
     counted: dict[int, int] = {}
     open_nodes: set[int] = set()
 
@@ -55,7 +56,7 @@ def expanded_size(root: yaml.Node) -> int:
         if id(node) in counted:
             return counted[id(node)]
         if id(node) in open_nodes:
-            raise BoundError("an alias refers to the node that holds it", node.start_mark)
+            raise Refused("an alias refers to the node that holds it", node.start_mark)
         open_nodes.add(id(node))
         children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
                     else node.value if isinstance(node, yaml.SequenceNode) else [])
@@ -63,7 +64,7 @@ def expanded_size(root: yaml.Node) -> int:
         for child in children:
             total += size(child)
             if total > MAX_VALUES:
-                raise BoundError(f"anchors and aliases expand the document past {MAX_VALUES:,} values",
+                raise Refused(f"anchors and aliases expand the document past {MAX_VALUES:,} values",
                                  node.start_mark, "write the repeated values out, or use fewer aliases")
         open_nodes.discard(id(node))
         counted[id(node)] = total
@@ -72,4 +73,4 @@ def expanded_size(root: yaml.Node) -> int:
     try:
         return size(root)
     except RecursionError:
-        raise BoundError("the document nests too deeply", root.start_mark, "nest fewer levels") from None
+        raise Refused("the document nests too deeply", root.start_mark, "nest fewer levels") from None

@@ -25,11 +25,15 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await _refuse(send, 413, f"request body over {self.max_bytes} bytes")
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
-        seen, started, rejected, complete = 0, False, False, False
+        # A request with neither header has no body (HTTP/1.1): nothing to time, so a streaming GET's
+        # first receive() (its disconnect watch) is never cut off, however late it comes.
+        complete = declared is None and b"transfer-encoding" not in headers
+        seen, started, rejected = 0, False, False
 
         async def reject(status: int, message: str) -> dict:
             # Answer now and tell the app the client is gone; whatever it sends later is dropped.
