@@ -24,9 +24,8 @@ class MethodSpec:
         too large: divergence); the pre-flight check warns outside it. None: no rate is used.
     flops_per_token: effective training FLOPs per parameter per token, for the time estimate: LoRA's
         4 (forward 2, backward 2) is the anchor models/estimate.EFFICIENCY is fitted on, and the others
-        are 4 x LoRA's measured tokens/s over theirs on the same machine, so they carry costs the FLOP
-        count leaves out (full fine-tuning's fp32 optimiser step over every weight, DoRA's weight
-        norms); None for a method that trains nothing.
+        are 4 x LoRA's measured tokens/s over theirs on the same machine, so they carry whatever costs
+        the FLOP count leaves out (measured, not profiled); None for a method that trains nothing.
     trained_share: share of the parameters that get optimiser state, for the memory estimate.
     fsdp: whether `train.fsdp` can shard it (virtual tokens take a second pass through sharded layers).
     low_precision_frozen: whether frozen weights may be kept in bf16 (DoRA normalises base + update

@@ -65,7 +65,7 @@ def expanded_size(root: yaml.Node) -> int:
             total += size(child)
             if total > MAX_VALUES:
                 raise Refused(f"anchors and aliases expand the document past {MAX_VALUES:,} values",
-                                 node.start_mark, "write the repeated values out, or use fewer aliases")
+                              node.start_mark, "write the repeated values out, or use fewer aliases")
         open_nodes.discard(id(node))
         counted[id(node)] = total
         return total

@@ -17,9 +17,8 @@ Time (s) = tokens x FLOPs per token / (peak FLOP/s x EFFICIENCY), with peak FLOP
 machine by a short matmul probe. The FLOPs per token are effective ones (registry.METHOD_SPECS):
 LoRA's 4P (forward 2P, backward 2P: no weight gradients) is the anchor EFFICIENCY is fitted on; every
 other method's factor is 4 x LoRA's tokens/s over its own, measured on the same machine the same
-day, so it carries what the FLOP count misses (full fine-tuning's fp32 optimiser step over every
-weight: 7.7P, not 6P; DoRA's weight norms: 10.3P; soft prompts, with nothing trained inside the
-model: 3.5P).
+day, so it carries whatever the FLOP count misses (measured, causes not profiled: full fine-tuning
+7.7P where its FLOPs are 6P, DoRA 10.3P, IA3 3.7P, soft prompts 3.5P).
 """
 
 from __future__ import annotations
