@@ -332,6 +332,22 @@ def test_a_failed_second_command_fails_the_job_and_frees_its_slot(root):
     _finished_job(manager, root, "next")  # the slot is free
 
 
+def test_a_job_is_ended_on_disk_before_it_is_seen_ended(root, monkeypatch):
+    from tunesmith import fsio
+    from tunesmith.cli.ui import jobs
+
+    write = fsio.write_json
+
+    def slow_write(path, data):  # a slow disk: the record lands well after the process ended
+        if data.get("state") == "done":
+            time.sleep(0.5)
+        write(path, data)
+
+    monkeypatch.setattr(jobs.fsio, "write_json", slow_write)
+    done = _finished_job(jobs.JobManager(root), root, "slow")
+    assert json.loads((done.folder / "job.json").read_text())["state"] == "done"
+
+
 def _record(job_id: str, state: str, pid: int | None, start: str | None, out: Path) -> dict:
     return {"id": job_id, "name": "n", "config": str(out.parent / "p.yaml"), "out": str(out), "commands": [],
             "command": ["x"], "pid": pid, "pgid": pid, "pid_start": start, "state": state, "exit_code": None,

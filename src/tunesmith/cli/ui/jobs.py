@@ -201,14 +201,17 @@ class JobManager:
         log.warning("job %s: %s", job.id, line)
 
     def _finish(self, job: Job, code: int | None, state: str) -> None:
-        job.exit_code, job.ended, job.state = code, time.time(), state
-        self._save(job)
+        ended = time.time()
+        # job.json first: whoever sees the job end in memory (a poll, a listing) finds it ended on disk too
+        self._save(job, {**job.record(), "exit_code": code, "ended": ended, "state": state})
+        job.exit_code, job.ended, job.state = code, ended, state
 
-    def _save(self, job: Job) -> None:
-        """job.json, atomically (temp file and rename); a failure costs only the record after a restart."""
+    def _save(self, job: Job, record: dict | None = None) -> None:
+        """job.json (`record`, or the job's own), atomically (temp file and rename); a failure costs only
+        the record after a restart."""
         try:
             target = inside_root(self.root, f"{UI_DIR}/jobs/{job.id}/job.json")
-            fsio.write_json(target, job.record())
+            fsio.write_json(target, job.record() if record is None else record)
         except (OSError, HTTPException) as e:
             log.warning("job %s: job.json not written: %s", job.id, getattr(e, "detail", e))
 
