@@ -77,7 +77,7 @@ def _alias_bomb(levels: int) -> str:
 
 
 @pytest.mark.parametrize("text,problem,line", [
-    ("eval:\n  stop: " + "[" * 3000 + "]" * 3000 + "\n", "the document nests too deeply", None),
+    ("eval:\n  stop: " + "[" * 3000 + "]" * 3000 + "\n", "the document nests too deeply", 2),
     (_alias_bomb(9) + "eval:\n  stop: *l8\n", "anchors and aliases expand the document past 100,000 values", 5),
     ("task: &t {instruction: *t}\n", "an alias refers to the node that holds it", 1),
     ("train:\n  seed: 2001-02-30\n", "a value YAML cannot build (day is out of range for month)", None),

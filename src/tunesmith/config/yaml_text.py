@@ -36,7 +36,7 @@ def load(text: str) -> tuple[yaml.Node | None, Any]:
         # tree the caller reads line numbers from.
         return root, yaml.safe_load(text)
     except RecursionError:
-        raise Refused("the document nests too deeply", hint="nest fewer levels") from None
+        raise Refused("the document nests too deeply", _deepest(text), "nest fewer levels") from None
     except (ValueError, OverflowError) as e:  # a date, number or tag the safe loader cannot build
         raise Refused(f"a value YAML cannot build ({e})", hint="quote it to keep it as text") from None
 
@@ -74,3 +74,17 @@ def expanded_size(root: yaml.Node) -> int:
         return size(root)
     except RecursionError:
         raise Refused("the document nests too deeply", root.start_mark, "nest fewer levels") from None
+
+
+def _deepest(text: str) -> yaml.Mark | None:
+    """Where the document first reaches its deepest nesting, from the parser's events (the parser keeps
+    its own stack, so this never recurses), for the error's line."""
+    depth, deepest, mark = 0, 0, None
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > deepest:
+                deepest, mark = depth, event.start_mark
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+    return mark
