@@ -222,7 +222,7 @@ def _init_run(path: Path, base: Path, check_files: bool, where) -> Path:
 
 def _config_error(e: ValidationError, path: Path, root: yaml.Node) -> ConfigError:
     err = e.errors()[0]
-    loc = tuple(err["loc"])
+    loc = tuple(p for p in err["loc"] if not _type_tag(p))
     ctx_error = (err.get("ctx") or {}).get("error")
     if isinstance(ctx_error, _KeyedError):
         return ConfigError(ctx_error.msg, _where(path, root, ctx_error.loc), "fix the key or its value")
@@ -234,6 +234,15 @@ def _config_error(e: ValidationError, path: Path, root: yaml.Node) -> ConfigErro
     msg = err["msg"].removeprefix("Value error, ")
     return ConfigError(f"invalid value for '{key}': {msg}", _where(path, root, loc),
                        f"got {err.get('input')!r}" if "input" in err else None)
+
+
+def _type_tag(part: str | int) -> bool:
+    """Whether a part of pydantic's error location names a branch of a union type
+    (`lax-or-strict[...]`, `function-after[...]`, `str`), not a key of the file."""
+    return isinstance(part, str) and ("[" in part or part in _TYPE_TAGS)
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "literal"})
 
 
 def _where(path: Path | None, root: yaml.Node | None, loc: tuple) -> str:

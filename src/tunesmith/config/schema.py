@@ -90,6 +90,17 @@ class TaskConfig(_Strict):
     # file (relative to the project file). Saved with the fine-tuned model, so serve and export render the same.
     chat_template: str = "model"
 
+    @field_validator("labels")
+    @classmethod
+    def _distinct_labels(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            if any(not label.strip() for label in v):
+                raise ValueError("a label is empty: every label must be text the model can write")
+            if len(set(v)) != len(v):
+                twice = next(label for label in v if v.count(label) > 1)
+                raise ValueError(f"the label '{twice[:80]}' is listed twice")
+        return v
+
     @field_validator("chat_template")
     @classmethod
     def _known_template(cls, v: str) -> str:
@@ -122,7 +133,7 @@ class AugmentConfig(_Strict):
     char_noise: int = Field(0, ge=0)           # copies with character typos per row
     char_noise_rate: float = Field(0.03, gt=0.0, le=0.3)
     paraphrases: int = Field(0, ge=0)          # paraphrases per row written by the project's model
-    oversample_to: int | None = Field(None, ge=1)  # copy rows of rarer classes up to this many each
+    oversample_to: int | None = Field(None, ge=1, le=100_000)  # copy rows of rarer classes up to this many each
     seed: int = 0
 
 

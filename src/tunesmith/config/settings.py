@@ -5,14 +5,32 @@ re-exports them, so `from tunesmith.config(.schema) import X` keeps working."""
 
 from __future__ import annotations
 
+import types
+import typing
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan off: an infinite learning rate or a NaN target trains a NaN model that still "passes"
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """`max_steps: true` is refused, not read as 1 (pydantic's lax mode takes a bool for a number)."""
+        if isinstance(value, bool) and _numeric_only(cls.model_fields[info.field_name].annotation):
+            raise ValueError("a number is needed, not true/false")
+        return value
+
+
+def _numeric_only(annotation: Any) -> bool:
+    """Whether a field's type takes numbers and never a bool (int, float, their optional and literal unions)."""
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    return any(a in (int, float) for a in args) and bool not in args
 
 
 PII_TYPES = ("email", "phone", "card", "iban", "ip")
@@ -43,7 +61,7 @@ class NearDedupSettings(_Strict):
     action: Literal["remove", "report"] = "remove"
     threshold: float = Field(0.7, gt=0.0, le=1.0)       # Jaccard of character shingles (checked exactly)
     num_perm: int = Field(128, ge=16, le=1024)
-    ngram: int | Literal["auto"] = "auto"                # auto: 3 for short texts, 5 for long ones
+    ngram: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"  # auto: 3 for short texts, 5 for long ones
 
 
 class SemanticDedupSettings(_Strict):

@@ -1,11 +1,12 @@
 """YAML text read with bounds, for configs and for any YAML a user or a run folder supplies.
 
-The safe loader only; on top of it, a document whose anchors and aliases would expand it past
-MAX_VALUES values (a "billion laughs" file is a dozen lines) or an alias that refers to the node
-holding it is refused with its line, and nesting deeper than the parser's recursion or a value the
-safe loader cannot build (`2001-02-30`, `!!int abc`) without one: all as `Refused`, a
-`yaml.YAMLError`, so callers catch one kind. Code that walks a loaded value (flattening keys,
-checking every path in a list) then does work in proportion to the text, never exponential in it.
+The safe loader only; on top of it, these are refused with their line: a document whose anchors
+and aliases would expand it past MAX_VALUES values (a "billion laughs" file is a dozen lines), an
+alias that refers to the node holding it, a key given twice in one mapping (PyYAML keeps the last),
+and nesting deeper than the parser's recursion. A value the safe loader cannot build (`2001-02-30`,
+`!!int abc`) is refused without a line. All as `Refused`, a `yaml.YAMLError`, so callers catch one
+kind. Code that walks a loaded value (flattening keys, checking every path in a list) then does work
+in proportion to the text, never exponential in it.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def safe_load(text: str) -> Any:
 
 def expanded_size(root: yaml.Node) -> int:
     """How many values `root` holds with every alias expanded, computed without expanding (each node
-    is counted once and its count reused); Refused past MAX_VALUES or on a node that holds itself."""
+    is counted once and its count reused); Refused past MAX_VALUES, on a node that holds itself, or on
+    a mapping that gives one key twice."""
     counted: dict[int, int] = {}
     open_nodes: set[int] = set()
 
@@ -58,6 +60,8 @@ def expanded_size(root: yaml.Node) -> int:
         if id(node) in open_nodes:
             raise Refused("an alias refers to the node that holds it", node.start_mark)
         open_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            _unique_keys(node)
         children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
                     else node.value if isinstance(node, yaml.SequenceNode) else [])
         total = 1
@@ -88,3 +92,15 @@ def _deepest(text: str) -> yaml.Mark | None:
         elif isinstance(event, yaml.CollectionEndEvent):
             depth -= 1
     return mark
+
+
+def _unique_keys(node: yaml.MappingNode) -> None:
+    """Refused at the second of two equal keys: PyYAML keeps the last silently, and a setting written
+    twice (an edit that left the old line) would be read from the line a reader does not expect."""
+    seen: dict[str, int] = {}
+    for key, _ in node.value:
+        if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+            if key.value in seen:
+                raise Refused(f"the key '{key.value[:80]}' is given twice (first on line {seen[key.value] + 1})",
+                              key.start_mark, "keep one of them")
+            seen[key.value] = key.start_mark.line
