@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import datetime
+import decimal
 import json
 import os
 import secrets
@@ -62,7 +65,26 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """A JSON file tunesmith wrote; DamagedFile (exit 2, naming the file) when it does not parse."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _damaged(path, e) from None
+
+
+class DamagedFile(ValueError):
+    """A file tunesmith wrote (a run's JSON) that no longer parses: damaged or edited by hand. The CLI
+    reports it as bad input (one `error:` line naming the file, exit 2); code that skips an unreadable
+    record catches it as the ValueError it is."""
+
+    def __init__(self, path: Path, problem: str, line: int | None = None) -> None:
+        where = f"{path}:{line}" if line else str(path)
+        super().__init__(f"error: not valid JSON ({problem[:120]}; damaged or edited by hand?), {where}, restore "
+                         "it, or run the command that writes it again")
+
+
+def _damaged(path: Path, e: ValueError, line: int | None = None) -> DamagedFile:
+    return DamagedFile(path, str(e), getattr(e, "lineno", None) if line is None else line)
 
 
 def read_jsonl(path: Path, missing_ok: bool = False) -> list[dict]:
@@ -71,7 +93,13 @@ def read_jsonl(path: Path, missing_ok: bool = False) -> list[dict]:
     path = Path(path)
     if missing_ok and not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            rows += [json.loads(line)] if line.strip() else []
+        except (ValueError, RecursionError) as e:
+            raise _damaged(path, e, i) from None
+    return rows
 
 
 def replace_dir(src: Path, dst: Path) -> None:
@@ -99,9 +127,32 @@ def replace_dir(src: Path, dst: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+def uncreatable(folder: Path) -> str | None:
+    """Why `folder` can be neither used nor created (its nearest existing ancestor is a file, a dangling
+    link, or not writable), or None when it can."""
+    ancestor = Path(folder).absolute()
+    while not ancestor.exists() and not ancestor.is_symlink() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{ancestor} is not a folder"
+    if ancestor != Path(folder).absolute() and not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"{ancestor} is not writable"
+    return None
+
+
 def _jsonable(obj: Any) -> Any:
+    """Values json cannot write: paths, numpy/torch scalars and arrays, and what Parquet/Arrow columns
+    hold besides text and numbers (written into removed.jsonl and the curated splits with the row)."""
     if isinstance(obj, Path):
         return str(obj)
+    if isinstance(obj, (datetime.date, datetime.time)):  # datetime is a date
+        return obj.isoformat()
+    if isinstance(obj, datetime.timedelta):
+        return obj.total_seconds()
+    if isinstance(obj, decimal.Decimal):
+        return str(obj)  # every digit kept; a float would round it
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(obj)).decode("ascii")
     if hasattr(obj, "item"):  # numpy / torch scalars
         return obj.item()
     if hasattr(obj, "tolist"):

@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+import re
 import sys
 import threading
 from collections.abc import Iterator
@@ -112,6 +113,8 @@ def _rename(result: ReadResult, src: RowSource) -> None:
 
 
 def _read_jsonl(path: Path) -> ReadResult:
+    if path.suffix.lower() == ".json" and _starts_array(path):
+        return _read_json_array(path)
     out = ReadResult()
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -120,6 +123,8 @@ def _read_jsonl(path: Path) -> ReadResult:
             except UnicodeDecodeError as e:
                 out.problems.append(RowProblem(str(path), lineno, f"undecodable bytes (not UTF-8) at byte {e.start}"))
                 continue
+            if lineno == 1:
+                text = text.removeprefix("\ufeff")  # a byte-order mark, as Windows editors write
             if not text.strip():
                 continue
             record, reason = _parse_json_line(text)
@@ -127,6 +132,56 @@ def _read_jsonl(path: Path) -> ReadResult:
                 out.problems.append(RowProblem(str(path), lineno, reason))
             else:
                 out.rows.append(Row(record, str(path), lineno))
+    return out
+
+
+def _starts_array(path: Path) -> bool:
+    """Whether a .json file holds one JSON array (Alpaca's alpaca_data.json) rather than JSON lines."""
+    with open(path, "rb") as f:
+        head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+    return head.startswith(b"[")
+
+
+_SPACE = re.compile(r"[ \t\r\n]*")
+
+
+def _read_json_array(path: Path) -> ReadResult:
+    """The objects of a .json file holding one array, each a row at the line where it starts; the
+    first element that does not parse ends the reading (what follows cannot be located reliably)."""
+    out, where = ReadResult(), str(path)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        out.problems.append(RowProblem(where, 1, f"undecodable bytes (not UTF-8) at byte {e.start}"))
+        return out
+    decoder, pos = json.JSONDecoder(), _SPACE.match(text, text.index("[") + 1).end()
+    line, counted = 1, 0
+    while not text.startswith("]", pos):
+        line, counted = line + text.count("\n", counted, pos), pos
+        try:
+            record, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            out.problems.append(RowProblem(where, e.lineno, f"invalid JSON: {e.msg} (column {e.colno})"))
+            return out
+        except RecursionError:
+            out.problems.append(RowProblem(where, line, f"JSON nested too deeply (more than {MAX_NESTING} levels)"))
+            return out
+        except ValueError as e:
+            out.problems.append(RowProblem(where, line, json_value_error(e)))
+            return out
+        if _depth(record) > MAX_NESTING:
+            out.problems.append(RowProblem(where, line, f"JSON nested too deeply (more than {MAX_NESTING} levels)"))
+        else:
+            out.rows.append(Row(record, where, line))
+        pos = _SPACE.match(text, end).end()
+        if text.startswith(",", pos):
+            pos = _SPACE.match(text, pos + 1).end()
+        elif not text.startswith("]", pos):
+            line += text.count("\n", counted, pos)
+            out.problems.append(RowProblem(where, line, "invalid JSON: expected ',' or ']' after an element"))
+            return out
+    if text[pos + 1:].strip():
+        out.problems.append(RowProblem(where, line + text.count("\n", counted, pos), "text after the array's end"))
     return out
 
 
@@ -167,6 +222,9 @@ def _depth(value: Any) -> int:
     return deepest
 
 
+MAX_CSV_FIELD = 16 * 2**20  # characters in one CSV cell
+
+
 def _read_csv(path: Path) -> ReadResult:
     out = ReadResult()
     raw = path.read_bytes()
@@ -177,10 +235,20 @@ def _read_csv(path: Path) -> ReadResult:
         out.problems.append(RowProblem(str(path), line, f"undecodable bytes (not UTF-8) at byte {e.start}"))
         return out
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    header = next(reader, None)
+    csv.field_size_limit(MAX_CSV_FIELD)  # the module's default, 128 KiB, refuses a long document
+    # strict: a quote never closed is an error, not a field that silently swallows the rows after it
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    try:
+        header = next(reader, None)
+    except csv.Error as e:
+        raise DataError(f"malformed CSV header: {e}", str(path), 1, "the first line must name the columns") from None
     if not header:
         raise DataError("CSV file has no header row", str(path), hint="the first line must name the columns")
+    named = [h for h in header if h.strip()]
+    if len(set(named)) != len(named):
+        twice = next(h for h in named if named.count(h) > 1)
+        raise DataError(f"the column '{twice[:80]}' appears twice in the header", str(path), 1,
+                        "give each column its own name")
     start = reader.line_num + 1
     try:
         for cells in reader:
@@ -190,8 +258,10 @@ def _read_csv(path: Path) -> ReadResult:
                 else:
                     out.rows.append(Row(dict(zip(header, cells)), str(path), start))
             start = reader.line_num + 1
-    except csv.Error as e:
-        out.problems.append(RowProblem(str(path), reader.line_num, f"malformed CSV: {e}"))
+    except csv.Error as e:  # the rest of the file cannot be split into rows reliably
+        why = (f"a field over {MAX_CSV_FIELD // 2**20} MiB" if "field limit" in str(e) else
+               f"malformed CSV from this row on: {e} (is a quote left open, or text after a closing quote?)")
+        out.problems.append(RowProblem(str(path), start, why))
     return out
 
 

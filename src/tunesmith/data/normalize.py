@@ -81,8 +81,10 @@ def _collapse_whitespace(text: str) -> str:
 
 
 def dedup_text(text: str) -> str:
-    """Case, punctuation and spacing folded away: texts equal here are exact duplicates."""
-    return _PUNCT_SPACE.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+    """Case, punctuation and spacing folded away: texts equal here are exact duplicates. A text with no
+    letters or digits (emoji, punctuation: "😀😀" and "!!!" would both fold to "") keeps its symbols."""
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    return _PUNCT_SPACE.sub(" ", folded).strip() or " ".join(folded.split())
 
 
 def dedup_key(text: str) -> bytes:

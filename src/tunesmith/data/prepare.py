@@ -45,6 +45,11 @@ def check_data(project: Project) -> tuple[dict[str, list[Example]], list[RowProb
     """Validate every configured source; returns examples per role given as sources and all problems."""
     loaded = load_sources(project)
     load_corrections(project)  # a bad corrections file is bad input too
+    declared = project.task.labels
+    if project.task.type == "classification" and declared is not None:  # what _label_set refuses after cleaning
+        allowed = set(declared)
+        loaded.problems += [RowProblem(e.file, e.line, f"label '{e.target[:80]}' is not in task.labels")
+                            for rows in loaded.examples.values() for e in rows if e.target not in allowed]
     return loaded.examples, loaded.problems
 
 
@@ -185,10 +190,10 @@ def _label_set(splits: Splits, declared: list[str] | None) -> list[str]:
 
 def _label_warnings(splits: Splits) -> list[str]:
     counts = Counter(e.target for e in splits.train)
-    warnings = [f"label '{lab}' has only {n} training examples" for lab, n in sorted(counts.items()) if n < 5]
+    warnings = [f"label '{lab[:80]}' has only {n} training examples" for lab, n in sorted(counts.items()) if n < 5]
     unseen = sorted({e.target for e in splits.test} - set(counts))
     if unseen:
-        warnings.append(f"test labels never seen in training: {', '.join(unseen)}")
+        warnings.append(f"test labels never seen in training: {', '.join(u[:80] for u in unseen)}")
     return warnings
 
 

@@ -57,7 +57,7 @@ def check_warnings(project: Project, loaded: dict[str, list[Example]]) -> list[s
     if counts and max(counts.values()) > IMBALANCE_RATIO * min(counts.values()):
         (big, nb), (small, ns) = counts.most_common()[0], counts.most_common()[-1]
         out.append(f"class imbalance: '{big}' has {nb} training rows, '{small}' {ns} (ratio > {IMBALANCE_RATIO})")
-    out += [f"label '{k}' has only {n} training rows (fewer than 5)" for k, n in sorted(counts.items()) if n < 5]
+    out += [f"label '{k[:80]}' has only {n} training rows (fewer than 5)" for k, n in sorted(counts.items()) if n < 5]
     held = {e.target for role in ("validation", "test") for e in loaded.get(role, [])}
     out += [f"label '{k}' appears in held-out files but never in train" for k in sorted(held - set(counts))]
     return out
@@ -159,6 +159,9 @@ def check_out(project: Project, out: Path) -> None:
         raise InputError(f"would overwrite the project's own input file {out / clash[0]}", where,
                          "give a new folder for the output, e.g. --out data-clean")
     if not out.exists():
+        why = fsio.uncreatable(out)
+        if why:
+            raise InputError(f"cannot be created: {why}", where, "give a folder path you can write to")
         return
     if not out.is_dir():
         raise InputError("exists and is not a folder", where, "give a new or empty folder")

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 
 from tunesmith.data.examples import Example
+from tunesmith.errors import ConfigError
 from tunesmith.models.tokens import UserText, text_ids
 
 # Used when a tokenizer has no chat template (base models, tiny test models).
@@ -232,5 +233,21 @@ def build_format(task, labels: list[str] | None, tokenizer) -> PromptFormat:
         list_labels = len(text_ids(tokenizer, listing)) <= task.max_length // 3
     elif labels:
         list_labels = bool(task.list_labels)
-    return PromptFormat(task.type, task.instruction, labels, list_labels, task.max_length,
-                        label_scoring=task.label_scoring, train_on=task.train_on)
+    fmt = PromptFormat(task.type, task.instruction, labels, list_labels, task.max_length,
+                       label_scoring=task.label_scoring, train_on=task.train_on)
+    if labels:
+        _check_labels_fit(tokenizer, fmt)
+    return fmt
+
+
+def _check_labels_fit(tokenizer, fmt: PromptFormat) -> None:
+    """ConfigError when the longest label leaves no room in task.max_length for the prompt around an
+    input (its template, instruction and one input token): every row would be scored on a cut prompt."""
+    lengths = {label: len(encode_answer(tokenizer, fmt, label)) for label in fmt.labels}
+    longest = max(lengths, key=lengths.__getitem__)
+    frame = len(_encode_rendered(tokenizer, fmt, Example("", "", "frame")))
+    if fmt.max_length - lengths[longest] < frame + 1:
+        shown = longest if len(longest) <= 40 else longest[:40] + "..."
+        raise ConfigError(f"the label '{shown}' is {lengths[longest]:,} tokens: with the prompt's {frame} it does "
+                          f"not fit task.max_length ({fmt.max_length})", "task.max_length",
+                          "shorten the label, or raise task.max_length")
