@@ -21,7 +21,8 @@ class TunesmithError(Exception):
 
     def line(self) -> str:
         parts = [self.what] + [p for p in (self.where, self.hint) if p]
-        return "error: " + ", ".join(parts)
+        # One line whatever a library's message holds (pyarrow's span several)
+        return "error: " + " ".join(", ".join(parts).split("\n"))
 
     def __reduce__(self):
         # Subclasses take other constructor arguments than `args` holds: rebuild from the attributes,

@@ -63,6 +63,9 @@ def check_out(final: Path, overwrite: bool = False) -> None:
     if final.is_symlink():
         raise RunDirError("is a symbolic link", where, "give the folder itself, or a new folder")
     if not final.exists():
+        why = fsio.uncreatable(final)
+        if why:
+            raise RunDirError(f"cannot be created: {why}", where, "give a folder path you can write to")
         return
     if not final.is_dir():
         raise RunDirError("exists and is not a folder", where, "give a new folder for the run")

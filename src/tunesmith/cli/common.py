@@ -9,6 +9,7 @@ from typing import Callable
 
 import typer
 
+from tunesmith import fsio
 from tunesmith.errors import TunesmithError
 from tunesmith.logs import quiet_libraries
 
@@ -34,6 +35,11 @@ def guarded(debug: bool, fn: Callable[[], int], details: bool = False) -> None:
         for detail in e.details if details else []:
             print(f"  {detail}", file=sys.stderr)
         raise typer.Exit(e.exit_code) from None
+    except fsio.DamagedFile as e:  # a run's own file, damaged: bad input, not a bug
+        if debug:
+            traceback.print_exc()
+        print(e, file=sys.stderr)
+        raise typer.Exit(2) from None
     except KeyboardInterrupt:
         print("error: interrupted; training checkpoints, if any were written, are kept for "
               "`tunesmith train --resume RUN_DIR`", file=sys.stderr)

@@ -16,6 +16,7 @@ from tunesmith.data.prepare import (
     save_splits,
     test_removals,
 )
+from tunesmith.data.sources import input_paths
 from tunesmith.errors import InputError, RunDirError, StageError, TunesmithError
 from tunesmith.evaluate.objective import Verdict, judge
 from tunesmith.evaluate.stage import eval_stage
@@ -54,6 +55,7 @@ def run(project: Project, out: Path | None = None, progress: bool = True, keep_f
                          "launch `tunesmith train` under torchrun, then `tunesmith eval RUN_DIR`")
     final = final_dir(project.base_dir, project.name, out)
     check_out(final, overwrite)     # a refused --out fails before any work
+    _check_inputs_outside(project, final)
     splits = prepare_data_apart(project)  # bad data fails before anything is written
     resolve_model(project.model)    # so does an unknown model
     with staged(final, keep_failed, overwrite=overwrite) as run_dir:
@@ -146,11 +148,24 @@ def report_run(run_dir: Path) -> Path:
     return page
 
 
+def _check_inputs_outside(project: Project, final: Path) -> None:
+    """A run replaces its whole folder (--overwrite): refuse one the project reads data from."""
+    final = final.resolve()
+    paths = [*input_paths(project), *(suite.data for suite in project.benchmarks)]
+    paths += [project.data.corrections] if project.data.corrections is not None else []
+    for path in paths:
+        real = Path(project.base_dir, path).resolve()
+        if real == final or final in real.parents:
+            raise RunDirError(f"the project reads {real}, inside the run directory it would replace",
+                              f"--out {final}", "move that file out of the run directory, or give another --out")
+
+
 def train_only(project: Project, out: Path | None = None, progress: bool = True, keep_failed: bool = False,
                overwrite: bool = False) -> Path:
     """data -> train; the run directory can then be evaluated with `tunesmith eval`."""
     final = final_dir(project.base_dir, project.name, out)
     check_out(final, overwrite)
+    _check_inputs_outside(project, final)
     splits = prepare_data_apart(project)
     resolve_model(project.model)
     distributed.init_from_env()

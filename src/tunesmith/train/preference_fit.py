@@ -43,7 +43,15 @@ from tunesmith.train.methods import get_method
 from tunesmith.train.precision import compact_for_training, frozen_in_bf16
 from tunesmith.train.regularize import neftune, set_dropout, shares_prefix
 from tunesmith.train.trackers import Trackers
-from tunesmith.train.trainer import TrainLog, TrainResult, TrainStats, make_plan, optimizer_and_schedule, train_step
+from tunesmith.train.trainer import (
+    TrainLog,
+    TrainResult,
+    TrainStats,
+    check_finite,
+    make_plan,
+    optimizer_and_schedule,
+    train_step,
+)
 from tunesmith.train.watch import Watch
 
 
@@ -106,6 +114,7 @@ def fit_pairs(model, tokenizer, fmt: PromptFormat, train: list[Pair], val: list[
             loop["seconds"] += time.perf_counter() - started
             loop["tokens"] += done.tokens
             loop["step"] += 1
+            check_finite(done.loss, loop["step"])
             loop["losses"].append(done.loss)
             record({"step": loop["step"], "loss": round(done.loss, 6), "lr": schedule.get_last_lr()[0]})
             bar.update(1)

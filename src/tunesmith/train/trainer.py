@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from tunesmith import fsio, hardware
 from tunesmith.config import TrainConfig
 from tunesmith.data.examples import Example
+from tunesmith.errors import ConfigError
 from tunesmith.models.load import load_model
 from tunesmith.models.quantize import load_quantized, quantized_layers
 from tunesmith.registry import VALIDATION_FIGURES
@@ -283,9 +284,18 @@ def _step(model, batches, optimizer, schedule, trainable, cfg: TrainConfig, bf16
     loop["tokens"] += done.tokens
     loop["train_seconds"] += time.perf_counter() - started
     loop["step"] += 1
-    loss_value = distributed.mean_scalar(done.loss)
+    loss_value = distributed.mean_scalar(done.loss)  # the same on every rank: all stop together below
+    check_finite(loss_value, loop["step"])
     loop["losses"].append(loss_value)
     return loss_value
+
+
+def check_finite(loss: float, step: int) -> None:
+    """ConfigError at the first step whose loss is NaN or infinite: every later step would keep the
+    weights NaN, and a NaN model still predicts (one label for every row) and can pass a low target."""
+    if not math.isfinite(loss):
+        raise ConfigError(f"training diverged: the loss is {loss} at step {step}", "train.learning_rate",
+                          "lower train.learning_rate (or train.max_grad_norm, which clips the gradients)")
 
 
 def _resume(out_dir: Path | None, model, optimizer, schedule, watch: Watch) -> dict:

@@ -1,0 +1,234 @@
+"""Odd and hostile input found by a black-box probe of the CLI: each is refused with one located
+`error:` line and exit 2 (or handled), never an internal error, a silent misreading or lost files."""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import PROJECT, make_texts, write_jsonl
+from tunesmith import fsio
+from tunesmith.cli import app
+from tunesmith.config import load_config
+from tunesmith.data.io import read_rows
+from tunesmith.data.normalize import dedup_text
+from tunesmith.errors import ConfigError
+
+runner = CliRunner()
+
+
+def _project(tmp_path, model, extra: str = "", train_rows: list[dict] | None = None) -> str:
+    write_jsonl(tmp_path / "train.jsonl", train_rows or make_texts(20, 1))
+    write_jsonl(tmp_path / "test.jsonl", make_texts(9, 2))
+    (tmp_path / "project.yaml").write_text(PROJECT.format(model=model, method="lora") + extra, encoding="utf-8")
+    return str(tmp_path / "project.yaml")
+
+
+def _error(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+# --- config values -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("old,new,key", [
+    ("learning_rate: 0.01", "learning_rate: .inf", "train.learning_rate"),   # trained a NaN model that "passed"
+    ("target: 0.0", "target: .nan", "objective.target"),
+    ("max_steps: 6", "max_steps: true", "train.max_steps"),                  # was read as 1
+    ("batch_size: 4", "batch_size: 4\n  lora: {dropout: false}", "train.lora.dropout"),
+])
+def test_non_finite_and_boolean_numbers_are_refused_at_their_key(tmp_path, tiny_model, old, new, key):
+    config = _project(tmp_path, tiny_model)
+    text = (tmp_path / "project.yaml").read_text().replace(old, new)
+    (tmp_path / "project.yaml").write_text(text)
+    line = _error(runner.invoke(app, ["data", "check", config]))
+    assert f"'{key}'" in line and f"({key})" in line
+
+
+def test_a_key_given_twice_is_refused_at_the_second(tmp_path, tiny_model):
+    config = _project(tmp_path, tiny_model)
+    text = (tmp_path / "project.yaml").read_text().replace("max_steps: 6", "max_steps: 6\n  max_steps: 0")
+    (tmp_path / "project.yaml").write_text(text)
+    second = text.splitlines().index("  max_steps: 0") + 1
+    line = _error(runner.invoke(app, ["data", "check", config]))
+    assert f"the key 'max_steps' is given twice (first on line {second - 1})" in line and f"{config}:{second}" in line
+
+
+def test_a_type_error_names_the_key_not_pydantics_union_branches(tmp_path, tiny_model):
+    config = _project(tmp_path, tiny_model)
+    (tmp_path / "project.yaml").write_text((tmp_path / "project.yaml").read_text().replace(
+        "train: train.jsonl", "train: null"))
+    line = _error(runner.invoke(app, ["data", "check", config]))
+    assert "invalid value for 'data.train':" in line and "[" not in line.split(":")[1]
+
+
+@pytest.mark.parametrize("labels,problem", [
+    ('[alpha, beta, gamma, ""]', "a label is empty"),
+    ("[alpha, alpha, beta, gamma]", "the label 'alpha' is listed twice"),
+])
+def test_task_labels_must_be_distinct_and_non_empty(tmp_path, tiny_model, labels, problem):
+    config = _project(tmp_path, tiny_model)
+    (tmp_path / "project.yaml").write_text((tmp_path / "project.yaml").read_text().replace(
+        'instruction: "Classify."', f'instruction: "Classify."\n  labels: {labels}'))
+    assert problem in _error(runner.invoke(app, ["data", "check", config]))
+
+
+def test_data_check_holds_rows_to_task_labels_as_run_does(tmp_path, tiny_model):
+    config = _project(tmp_path, tiny_model)
+    (tmp_path / "project.yaml").write_text((tmp_path / "project.yaml").read_text().replace(
+        'instruction: "Classify."', 'instruction: "Classify."\n  labels: [alpha, beta]'))
+    result = runner.invoke(app, ["data", "check", config])
+    first_gamma = next(i for i, r in enumerate(make_texts(20, 1), start=1) if r["label"] == "gamma")
+    assert result.exit_code == 2 and f"train.jsonl:{first_gamma}: label 'gamma' is not in task.labels" in result.output
+
+
+def test_near_dedup_ngram_below_one_is_refused(tmp_path, tiny_model):
+    config = _project(tmp_path, tiny_model)
+    text = (tmp_path / "project.yaml").read_text().replace(
+        "validation: 0.2", "validation: 0.2\n  clean: {near_dedup: {ngram: 0}}")
+    (tmp_path / "project.yaml").write_text(text)
+    assert "data.clean.near_dedup.ngram" in _error(runner.invoke(app, ["data", "check", config]))
+
+
+# --- data files ----------------------------------------------------------------------------------
+
+def test_csv_with_a_column_named_twice_is_refused_at_the_header(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("text,label,label\nhello,alpha,zzz\n")
+    with pytest.raises(Exception) as info:
+        read_rows(path)
+    assert "the column 'label' appears twice in the header" in str(info.value) and info.value.where == f"{path}:1"
+
+
+def test_csv_quote_left_open_is_a_row_problem_not_merged_rows(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text('text,label\nfine,beta\n"unterminated,alpha\n"ok",beta\n')
+    result = read_rows(path)
+    assert [r.line for r in result.rows] == [2]
+    assert [(p.line, "quote left open" in p.reason) for p in result.problems] == [(3, True)]
+
+
+def test_csv_cell_longer_than_the_csv_modules_default_limit_is_read(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text('text,label\n"' + "long document " * 20_000 + '",alpha\n')
+    result = read_rows(path)
+    assert not result.problems and len(result.rows[0].record["text"]) == 14 * 20_000
+
+
+def test_texts_without_letters_are_not_all_one_duplicate():
+    keys = [dedup_text(t) for t in ["😀😀", "😡😡", "👍", "!!!", "???"]]
+    assert len(set(keys)) == 5
+    assert dedup_text("Hello, World!") == dedup_text("hello world") and dedup_text("!!!") == dedup_text("!!!")
+
+
+def test_columnar_values_json_cannot_write_are_written(tmp_path):
+    # A Parquet row with a timestamp column used to crash writing removed.jsonl, after the splits.
+    row = {"ts": datetime.datetime(2020, 1, 1, 12, 30), "d": datetime.date(2020, 1, 2),
+           "price": decimal.Decimal("1.10"), "blob": b"\x00\xff", "gap": datetime.timedelta(seconds=90)}
+    fsio.write_jsonl(tmp_path / "rows.jsonl", [row])
+    assert json.loads((tmp_path / "rows.jsonl").read_text()) == {
+        "ts": "2020-01-01T12:30:00", "d": "2020-01-02", "price": "1.10", "blob": "AP8=", "gap": 90.0}
+
+
+def test_parquet_timestamp_column_with_removed_rows_cleans(tmp_path, tiny_model):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = make_texts(20, 1) + [make_texts(20, 1)[0]]  # one exact duplicate: removed.jsonl gets a row
+    table = pa.table({"text": [r["text"] for r in rows], "label": [r["label"] for r in rows],
+                      "ts": [datetime.datetime(2020, 1, 1)] * len(rows)})
+    pq.write_table(table, tmp_path / "train.parquet")
+    config = _project(tmp_path, tiny_model)
+    (tmp_path / "project.yaml").write_text((tmp_path / "project.yaml").read_text().replace(
+        "train: train.jsonl", "train: train.parquet"))
+    result = runner.invoke(app, ["data", "clean", config, "--out", str(tmp_path / "clean")])
+    assert result.exit_code == 0, result.output
+    removed = fsio.read_jsonl(tmp_path / "clean" / "removed.jsonl")
+    assert removed and removed[0]["ts"] == "2020-01-01T00:00:00"
+
+
+def test_a_label_longer_than_max_length_is_a_config_error(tmp_path, tiny_model):
+    from transformers import AutoTokenizer
+
+    from tunesmith.tasks.prompts import build_format
+
+    project = load_config(_project(tmp_path, tiny_model))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    build_format(project.task, ["alpha", "beta " * 100], tokenizer)  # long, and still fits 512
+    with pytest.raises(ConfigError) as info:
+        build_format(project.task, ["alpha", "beta " * 600], tokenizer)
+    assert "does not fit task.max_length (512)" in info.value.line() and info.value.where == "task.max_length"
+
+
+# --- training and run folders --------------------------------------------------------------------
+
+def test_a_diverging_loss_stops_training_naming_the_learning_rate(tmp_path, tiny_model):
+    config = _project(tmp_path, tiny_model)
+    (tmp_path / "project.yaml").write_text((tmp_path / "project.yaml").read_text().replace(
+        "learning_rate: 0.01", "learning_rate: 1.0e+30"))
+    line = _error(runner.invoke(app, ["train", config, "--out", str(tmp_path / "run")]))
+    assert "training diverged: the loss is nan" in line and "train.learning_rate" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_overwrite_never_replaces_a_run_the_project_reads_data_from(tmp_path, tiny_model):
+    config = _project(tmp_path, tiny_model)
+    run = tmp_path / "old-run"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "tunesmith.json").write_text("{}")
+    (tmp_path / "train.jsonl").rename(run / "mine.jsonl")
+    (tmp_path / "project.yaml").write_text((tmp_path / "project.yaml").read_text().replace(
+        "train: train.jsonl", "train: old-run/mine.jsonl"))
+    line = _error(runner.invoke(app, ["run", config, "--out", str(run), "--overwrite"]))
+    assert f"the project reads {run / 'mine.jsonl'}, inside the run directory it would replace" in line
+    assert sorted(p.name for p in run.iterdir()) == ["mine.jsonl", "model"]
+
+
+@pytest.mark.parametrize("command", [["run"], ["data", "clean"]])
+def test_out_below_a_file_is_refused(tmp_path, tiny_model, command):
+    config = _project(tmp_path, tiny_model)
+    (tmp_path / "afile").write_text("mine")
+    line = _error(runner.invoke(app, [*command, config, "--out", str(tmp_path / "afile" / "sub")]))
+    assert f"cannot be created: {tmp_path / 'afile'} is not a folder" in line
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_a_damaged_run_file_is_bad_input_naming_it(tmp_path):
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "tunesmith.json").write_text("{}")
+    (run / "summary.json").write_text("[1")
+    line = _error(runner.invoke(app, ["runs", "show", str(run)]))
+    assert line.startswith("error: not valid JSON") and f"{run / 'summary.json'}:1" in line
+
+
+def test_a_json_array_file_is_read_as_rows_at_their_lines(tmp_path):
+    path = tmp_path / "alpaca_data.json"
+    rows = [{"instruction": "Say hi", "input": "", "output": "hi"},
+            {"instruction": "Add", "input": "1+1", "output": "2"}]
+    path.write_text("\ufeff" + json.dumps(rows, indent=4), encoding="utf-8")
+    result = read_rows(path)
+    assert [(r.line, r.record) for r in result.rows] == [(2, rows[0]), (7, rows[1])] and not result.problems
+    path.write_text('[\n {"a": 1},\n {"a": 2}\n {"a": 3}]')
+    result = read_rows(path)
+    assert [r.line for r in result.rows] == [2, 3] and [(p.line, p.reason) for p in result.problems] == [
+        (4, "invalid JSON: expected ',' or ']' after an element")]
+
+
+def test_a_jsonl_file_with_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('\ufeff{"text": "x", "label": "y"}\n', encoding="utf-8")
+    result = read_rows(path)
+    assert [r.record for r in result.rows] == [{"text": "x", "label": "y"}] and not result.problems
+
+
+def test_an_error_line_is_one_line_whatever_the_library_said():
+    from tunesmith.errors import DataError
+
+    assert "\n" not in DataError("cannot read Parquet file: bad\nmagic bytes", "x.parquet").line()
