@@ -30,6 +30,7 @@ def _numeric_only(annotation: Any) -> bool:
     """Whether a field's type takes numbers and never a bool (int, float, their optional and literal unions)."""
     args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
         else (annotation,)
+    args = [typing.get_args(a)[0] if typing.get_origin(a) is Annotated else a for a in args]
     return any(a in (int, float) for a in args) and bool not in args
 
 
