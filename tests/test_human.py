@@ -127,6 +127,9 @@ def test_bad_ratings_file_is_one_error_line(tmp_path):
     bad.write_text("id,rater,choice\np0001,ann,A\np0002,ann,maybe\n")
     result = runner.invoke(app, ["human", "import", str(bad), "--key", str(run / "human" / "key.json")])
     assert result.exit_code == 2 and f"{bad}:3" in result.stderr and "maybe" in result.stderr
+    bad.write_text("id,rater,choice\np0001,ann,A\n\nzzz,ann,B\n")
+    result = runner.invoke(app, ["human", "import", str(bad), "--key", str(run / "human" / "key.json")])
+    assert result.exit_code == 2 and f"pair 'zzz' is not in the key, {bad}:4," in result.stderr
 
 
 def test_kappa_and_wilson_edge_cases():

@@ -157,7 +157,7 @@ function save(){const rater=document.getElementById('rater').value.trim();
 
 
 def read_ratings(path: Path) -> list[dict]:
-    """Rows {id, rater, choice} of one ratings CSV; bad rows are errors naming file:line.
+    """Rows {id, rater, choice, line} of one ratings CSV; bad rows are errors naming file:line.
 
     Reads what spreadsheets save too: a UTF-8 byte-order mark, Windows-1252 or UTF-16 text, `;` or tab
     separators, escaped cells (see `escape_cell`), blank rows, and choices in any letter case.
@@ -179,7 +179,7 @@ def read_ratings(path: Path) -> list[dict]:
             if choice is None:
                 raise DataError(f"choice '{cells['choice']}' is not one of A, B, tie", str(path), reader.line_num,
                                 "fix the row")
-            rows.append({"id": cells["id"], "rater": cells["rater"], "choice": choice})
+            rows.append({"id": cells["id"], "rater": cells["rater"], "choice": choice, "line": reader.line_num})
     except csv.Error as e:
         raise DataError(f"malformed CSV: {e}", str(path), reader.line_num, "fix the row") from None
     return rows
@@ -242,7 +242,8 @@ def import_ratings(key_path: Path, rating_files: list[Path]) -> dict:
     for path in rating_files:
         for row in read_ratings(path):
             if row["id"] not in key["pairs"]:
-                raise DataError(f"pair '{row['id']}' is not in the key", str(path), None, "use the matching key.json")
+                raise DataError(f"pair '{row['id'][:80]}' is not in the key", str(path), row["line"],
+                                "use the matching key.json")
             by_rater.setdefault(row["rater"], {})[row["id"]] = _unblind(row["choice"], key["pairs"][row["id"]]["A"])
     pooled = [o for ratings in by_rater.values() for o in ratings.values()]
     result = {"one": key["one"], "two": key["two"], "raters": len(by_rater), "pairs": len(key["pairs"]),
