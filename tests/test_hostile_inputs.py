@@ -232,3 +232,18 @@ def test_an_error_line_is_one_line_whatever_the_library_said():
     from tunesmith.errors import DataError
 
     assert "\n" not in DataError("cannot read Parquet file: bad\nmagic bytes", "x.parquet").line()
+
+
+@pytest.mark.parametrize("meta,problem", [
+    ({"x": 1}, "lacks 'method'"),
+    ([1], "is not a JSON object"),
+    ({"method": "magic", "kind": "adapter", "model": "m", "base_model_path": "/m"}, "unknown method 'magic'"),
+])
+def test_edited_model_metadata_is_a_run_error_naming_the_file(tmp_path, meta, problem):
+    from tunesmith.errors import RunDirError
+    from tunesmith.train.finetuned import read_meta
+
+    (tmp_path / "tunesmith.json").write_text(json.dumps(meta))
+    with pytest.raises(RunDirError) as info:
+        read_meta(tmp_path)
+    assert problem in info.value.what and info.value.where == str(tmp_path / "tunesmith.json")

@@ -28,7 +28,7 @@ from tunesmith.tasks.metrics import (
 )
 from tunesmith.tasks.predict import Predictions, predict
 from tunesmith.tasks.prompts import build_format
-from tunesmith.train.finetuned import load_finetuned
+from tunesmith.train.finetuned import load_finetuned, read_meta
 
 
 @dataclass
@@ -91,7 +91,7 @@ def eval_stage(project: Project, splits: Splits, run_dir: Path, progress: bool =
     model, tokenizer, fmt, base_path = load_finetuned(run_dir / "model")
     ctx = _Context(project, tokenizer, test, hardware.use_bf16(project.eval.precision, hardware.device()), progress,
                    load_suites(project.benchmarks, tokenizer), pairs)
-    kind = fsio.read_json(run_dir / "model/tunesmith.json")["kind"]
+    kind = read_meta(run_dir / "model")["kind"]
     tuned = _run_model(ctx, model.to(hardware.device()), fmt, "fine-tuned", _sizes(run_dir / "model", base_path, kind))
     if kind == "prompt":  # the weights are the base model's: no second load, no second probe
         base_model = model

@@ -18,7 +18,6 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from tunesmith import fsio
 from tunesmith.config import ServeConfig, derive, load_config
 from tunesmith.errors import EngineError, InputError, RunDirError
 
@@ -377,9 +376,10 @@ def vllm_model(run_dir: Path, lora: bool = False, name: str | None = None, share
             if not (run_dir / "model" / "adapter_config.json").is_file():
                 raise
     from tunesmith.serve.remote import MERGED, lora_adapter_rank
+    from tunesmith.train.finetuned import read_meta
 
     adapter = (run_dir / "model").resolve()
-    meta = fsio.read_json(adapter / "tunesmith.json")
+    meta = read_meta(adapter)
     alone = "serve it on its own vLLM (`tunesmith serve RUN_DIR --engine vllm`), not in --print-vllm-command"
     if meta.get("kind") != "adapter" or not (adapter / "adapter_config.json").is_file():
         whole = f"{alone}: it loads the run's whole weights" if shared else "drop --lora: vLLM serves its whole weights"

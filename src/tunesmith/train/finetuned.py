@@ -7,8 +7,10 @@ from pathlib import Path
 
 from tunesmith import fsio
 from tunesmith.config import Project
+from tunesmith.errors import RunDirError
 from tunesmith.models.load import load_model, load_tokenizer
 from tunesmith.models.resolve import resolve_model
+from tunesmith.registry import METHOD_SPECS
 from tunesmith.tasks.prompts import PromptFormat
 from tunesmith.train.methods import get_method, spec
 
@@ -29,9 +31,27 @@ def save_finetuned(model, tokenizer, fmt: PromptFormat, project: Project, base_p
     fsio.write_json(model_dir / "tunesmith.json", meta)
 
 
+def read_meta(model_dir: Path) -> dict:
+    """model_dir/tunesmith.json, checked to hold what save_finetuned writes (RunDirError naming it
+    when it was edited or damaged: a later KeyError would say nothing of where)."""
+    path = Path(model_dir) / "tunesmith.json"
+    meta = fsio.read_json(path)
+    problem = ("is not a JSON object" if not isinstance(meta, dict) else
+               next((f"lacks '{key}'" for key in _META_KEYS if not isinstance(meta.get(key), str)), None))
+    if problem is None and meta["method"] not in METHOD_SPECS:
+        problem = f"names an unknown method '{meta['method'][:40]}'"
+    if problem:
+        raise RunDirError(f"the model's metadata {problem}", str(path),
+                          "restore the file, or train the run again")
+    return meta
+
+
+_META_KEYS = ("method", "kind", "model", "base_model_path")
+
+
 def load_finetuned(model_dir: Path):
     """(model, tokenizer, prompt format, base model path) from a run's model folder."""
-    meta = fsio.read_json(model_dir / "tunesmith.json")
+    meta = read_meta(model_dir)
     base_path = Path(meta["base_model_path"])
     if meta.get("base_in_model_dir"):  # train.init_from: the merged earlier model travels with this one
         base_path = Path(model_dir) / meta["base_in_model_dir"]

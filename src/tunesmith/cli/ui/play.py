@@ -152,10 +152,11 @@ def base_service(run: Path, max_new_tokens: int = 64) -> Service:
     from tunesmith.models.resolve import resolve_model
     from tunesmith.optimize.engines import lm_predictor
     from tunesmith.tasks.prompts import PromptFormat, build_format
+    from tunesmith.train.finetuned import read_meta
 
     started = time.perf_counter()
     model_dir = run / "model"
-    meta = fsio.read_json(model_dir / "tunesmith.json")
+    meta = read_meta(model_dir)
     # where the base weights are, as train/finetuned.py load_finetuned finds them
     if meta.get("base_in_model_dir"):
         base_path = model_dir / meta["base_in_model_dir"]
