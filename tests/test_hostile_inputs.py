@@ -247,3 +247,13 @@ def test_edited_model_metadata_is_a_run_error_naming_the_file(tmp_path, meta, pr
     with pytest.raises(RunDirError) as info:
         read_meta(tmp_path)
     assert problem in info.value.what and info.value.where == str(tmp_path / "tunesmith.json")
+
+
+def test_a_fifo_as_data_is_refused_unread(tmp_path, tiny_model):
+    import os
+
+    config = _project(tmp_path, tiny_model)
+    (tmp_path / "train.jsonl").unlink()
+    os.mkfifo(tmp_path / "train.jsonl")  # reading it would wait for a writer forever
+    line = _error(runner.invoke(app, ["data", "check", config]))
+    assert f"{tmp_path / 'train.jsonl'} is not a regular file" in line and "(data.train)" in line

@@ -184,6 +184,8 @@ def _check_data_path(path: Path, where: str) -> None:
         if problem is not None:
             raise ConfigError(f"{path} {problem[0]}", where, problem[1])
         return
+    if path.exists():  # a fifo, socket or device: reading it could block forever
+        raise ConfigError(f"{path} is not a regular file", where, "give a data file")
     raise ConfigError(f"data file not found: {path}", where, "paths are relative to the config file's folder")
 
 
