@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from conftest import PROJECT, make_texts, train_tiny_run, write_jsonl
@@ -144,8 +145,9 @@ def test_disagreement_below_config_threshold_fails_and_leaves_nothing(run, tmp_p
     """export.min_agreement from the run's config.yaml; a broken read-back (one label changed) is refused."""
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    with open(copy / "config.yaml", "a", encoding="utf-8") as f:
-        f.write("export:\n  min_agreement: 1.0\n")
+    config = yaml.safe_load((copy / "config.yaml").read_text(encoding="utf-8"))
+    config["export"]["min_agreement"] = 1.0
+    (copy / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     original = export_module.read_gguf
 
     def corrupted(path, project, fmt, test, tokenizer):

@@ -163,7 +163,8 @@ def test_a_label_longer_than_max_length_is_a_config_error(tmp_path, tiny_model):
     build_format(project.task, ["alpha", "beta " * 100], tokenizer)  # long, and still fits 512
     with pytest.raises(ConfigError) as info:
         build_format(project.task, ["alpha", "beta " * 600], tokenizer)
-    assert "does not fit task.max_length (512)" in info.value.line() and info.value.where == "task.max_length"
+    assert "leaving no room for a prompt in task.max_length (512)" in info.value.line()
+    assert info.value.where == "task.max_length"
 
 
 # --- training and run folders --------------------------------------------------------------------

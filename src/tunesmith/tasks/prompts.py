@@ -241,13 +241,13 @@ def build_format(task, labels: list[str] | None, tokenizer) -> PromptFormat:
 
 
 def _check_labels_fit(tokenizer, fmt: PromptFormat) -> None:
-    """ConfigError when the longest label leaves no room in task.max_length for the prompt around an
-    input (its template, instruction and one input token): every row would be scored on a cut prompt."""
+    """ConfigError when the longest label fills task.max_length: the prompt's budget (max_length less
+    the longest answer) would be empty or negative, and scoring a row would fail on an empty prompt.
+    A small budget still works: prompts are cut to their last tokens, with a truncation warning."""
     lengths = {label: len(encode_answer(tokenizer, fmt, label)) for label in fmt.labels}
     longest = max(lengths, key=lengths.__getitem__)
-    frame = len(_encode_rendered(tokenizer, fmt, Example("", "", "frame")))
-    if fmt.max_length - lengths[longest] < frame + 1:
+    if lengths[longest] >= fmt.max_length:
         shown = longest if len(longest) <= 40 else longest[:40] + "..."
-        raise ConfigError(f"the label '{shown}' is {lengths[longest]:,} tokens: with the prompt's {frame} it does "
-                          f"not fit task.max_length ({fmt.max_length})", "task.max_length",
+        raise ConfigError(f"the label '{shown}' is {lengths[longest]:,} tokens, leaving no room for a prompt in "
+                          f"task.max_length ({fmt.max_length})", "task.max_length",
                           "shorten the label, or raise task.max_length")
