@@ -242,6 +242,9 @@ class TrainConfig(_Strict):
     # Recompute each decoder layer's activations in backward instead of keeping them (less memory, more
     # compute); "auto": only when the memory estimate says the run would not fit otherwise.
     gradient_checkpointing: Literal["auto", True, False] = "auto"
+    # torch.compile each decoder layer (one graph shared by all, dynamic shapes); the first steps pay the
+    # compilation. Not with gradient checkpointing or FSDP (those runs train uncompiled). train/compiled.py.
+    compile: bool = False
     # Load the frozen base through bitsandbytes (4-bit NF4 or 8-bit) and train LoRA/DoRA on top (QLoRA).
     quantize: Literal["nf4", "int8", "none"] = "none"
     # AdamW with 8-bit state (bitsandbytes); "paged_adamw_8bit" pages its state out of GPU memory (CUDA only).

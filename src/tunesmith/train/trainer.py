@@ -29,6 +29,7 @@ from tunesmith.tasks.prompts import PromptFormat
 from tunesmith.train import distributed, fsdp, grad_checkpointing
 from tunesmith.train.batching import batch_stream, collate, encode_for_training, epoch_batch_counts, pad_multiple
 from tunesmith.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from tunesmith.train.compiled import compiled
 from tunesmith.train.loss import supervised_loss
 from tunesmith.train.methods import get_method
 from tunesmith.train.precision import frozen_in_bf16, has_weights, make_optimizer
@@ -153,8 +154,7 @@ def fit(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[Exa
     plan = make_plan(len(encoded), cfg, world, epoch_batch_counts(encoded, cfg, world, fmt.max_length))
     trainable = [p for p in net.parameters() if p.requires_grad]
     optimizer, schedule = optimizer_and_schedule(trainable, cfg, plan.total)
-    watch = Watch(cfg, metric)
-    loop = {"step": 0, "tokens": 0, "train_seconds": 0.0, "losses": []}
+    watch, loop = Watch(cfg, metric), {"step": 0, "tokens": 0, "train_seconds": 0.0, "losses": []}
     writes = out_dir is not None and rank == 0
     if resume:
         loop = _resume(out_dir, net, optimizer, schedule, watch)
@@ -169,6 +169,7 @@ def fit(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[Exa
             TrainLog(out_dir / "train_log.jsonl" if writes else None, keep_until=loop["step"]) as log, \
             Trackers(cfg.trackers if writes else [], out_dir, "tunesmith", cfg.model_dump()) as trackers, \
             neftune(net, cfg.neftune_alpha), grad_checkpointing.checkpointed(net, recompute), \
+            compiled(net, cfg.compile and not (recompute or sharded)), \
             tqdm(total=plan.total, initial=loop["step"], desc=f"train ({cfg.method})", unit="step",
                  disable=not progress or rank != 0, dynamic_ncols=True) as bar:
         net.train()
