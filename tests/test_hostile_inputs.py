@@ -258,3 +258,21 @@ def test_a_fifo_as_data_is_refused_unread(tmp_path, tiny_model):
     os.mkfifo(tmp_path / "train.jsonl")  # reading it would wait for a writer forever
     line = _error(runner.invoke(app, ["data", "check", config]))
     assert f"{tmp_path / 'train.jsonl'} is not a regular file" in line and "(data.train)" in line
+
+
+@pytest.mark.parametrize("method,row,problem", [
+    ("dpo", {"prompt": "q", "completion": "c", "label": True}, "not a preference row (a KTO row has no rejected"),
+    ("lora", {"prompt": "q", "completion": "c", "label": False}, "train.method lora would learn a completion labelled"),
+])
+def test_data_check_refuses_rows_the_method_cannot_train_as_run_does(tmp_path, tiny_model, method, row, problem):
+    from conftest import GEN_PROJECT
+
+    rows = [{"prompt": f"card {i}", "chosen": "alpha", "rejected": "beta"} for i in range(10)]
+    if method == "lora":
+        rows = [{"prompt": f"card {i}", "completion": "alpha"} for i in range(10)]
+    write_jsonl(tmp_path / "train.jsonl", rows + [row])
+    write_jsonl(tmp_path / "test.jsonl", rows[:3])
+    config = tmp_path / "p.yaml"
+    config.write_text(GEN_PROJECT.format(name="p", model=tiny_model, method=method, steps=2, new_tokens=2))
+    result = runner.invoke(app, ["data", "check", str(config)])
+    assert result.exit_code == 2 and f"train.jsonl:11: {problem}" in result.output, result.output

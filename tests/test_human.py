@@ -130,6 +130,11 @@ def test_bad_ratings_file_is_one_error_line(tmp_path):
     bad.write_text("id,rater,choice\np0001,ann,A\n\nzzz,ann,B\n")
     result = runner.invoke(app, ["human", "import", str(bad), "--key", str(run / "human" / "key.json")])
     assert result.exit_code == 2 and f"pair 'zzz' is not in the key, {bad}:4," in result.stderr
+    key = run / "human" / "key.json"
+    for pairs in ({"p0001": 5}, {"p0001": {"source": "x"}}, {"p0001": {"A": "three"}}):
+        key.write_text(json.dumps({**json.loads(key.read_text()), "pairs": pairs}))
+        result = runner.invoke(app, ["human", "import", str(bad), "--key", str(key)])
+        assert result.exit_code == 2 and "pair 'p0001' does not say which system is A" in result.stderr
 
 
 def test_kappa_and_wilson_edge_cases():

@@ -15,10 +15,12 @@ from tunesmith.data.corrections import Corrections
 from tunesmith.data.examples import Example, raise_for_problems
 from tunesmith.data.io import RowProblem
 from tunesmith.data.mitigate import apply_mitigation
+from tunesmith.data.pairs import pairs_from_examples, refuse_undesirable_targets
 from tunesmith.data.profile import embedding_spread, split_profile
 from tunesmith.data.sources import LoadedData, load_sources, mix_training
 from tunesmith.data.split import group_split, stratified_split
 from tunesmith.errors import DataError, InputError, TunesmithError
+from tunesmith.registry import METHOD_SPECS
 
 SPLITS = ("train", "validation", "test")
 
@@ -50,7 +52,22 @@ def check_data(project: Project) -> tuple[dict[str, list[Example]], list[RowProb
         allowed = set(declared)
         loaded.problems += [RowProblem(e.file, e.line, f"label '{e.target[:80]}' is not in task.labels")
                             for rows in loaded.examples.values() for e in rows if e.target not in allowed]
+    loaded.problems += _method_problems(project, loaded.examples.get("train", []))
     return loaded.examples, loaded.problems
+
+
+def _method_problems(project: Project, train: list[Example]) -> list[RowProblem]:
+    """What the train stage refuses in training rows for train.method (a KTO row in a DPO project, an
+    undesirable completion for a supervised method), found by `data check` too: its first such row."""
+    method = project.train.method
+    try:
+        if METHOD_SPECS[method].preference:
+            pairs_from_examples(train, kto=method == "kto")
+        else:
+            refuse_undesirable_targets(train, method)
+    except DataError as e:
+        return [RowProblem(e.path, e.lineno or 0, f"{e.what} ({e.hint})")]
+    return []
 
 
 def load_corrections(project: Project) -> Corrections | None:

@@ -229,6 +229,11 @@ def read_key(key_path: Path) -> dict:
     if not isinstance(key, dict) or not {"one", "two", "pairs"} <= set(key) or not isinstance(key["pairs"], dict):
         raise DataError("key file lacks 'one', 'two' or 'pairs'", str(key_path), None,
                         "pass the key.json that `tunesmith human export` wrote")
+    bad = next((pid for pid, pair in key["pairs"].items()
+                if not isinstance(pair, dict) or pair.get("A") not in ("one", "two")), None)
+    if bad is not None:  # each pair says which system is shown as A: "one" or "two"
+        raise DataError(f"key file's pair '{str(bad)[:80]}' does not say which system is A", str(key_path), None,
+                        "pass the key.json that `tunesmith human export` wrote")
     return key
 
 
