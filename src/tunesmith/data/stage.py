@@ -187,9 +187,12 @@ def is_data_output(folder: Path) -> bool:
 
 def _input_files(project: Project) -> set[Path]:
     """The files the project reads (config, data files, benchmark suites), symlinks resolved."""
-    paths = [project.source] if project.source else []
-    paths += input_paths(project)
-    paths += [suite.data for suite in project.benchmarks]
+    return data_inputs(project) | ({Path(project.base_dir, project.source).resolve()} if project.source else set())
+
+
+def data_inputs(project: Project) -> set[Path]:
+    """The data the project reads (data sources, corrections, benchmark suites), symlinks resolved."""
+    paths = input_paths(project) + [suite.data for suite in project.benchmarks]
     paths += [project.data.corrections] if project.data.corrections is not None else []
     return {Path(project.base_dir, p).resolve() for p in paths}
 

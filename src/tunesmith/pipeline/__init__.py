@@ -16,7 +16,7 @@ from tunesmith.data.prepare import (
     save_splits,
     test_removals,
 )
-from tunesmith.data.sources import input_paths
+from tunesmith.data.stage import data_inputs
 from tunesmith.errors import InputError, RunDirError, StageError, TunesmithError
 from tunesmith.evaluate.objective import Verdict, judge
 from tunesmith.evaluate.stage import eval_stage
@@ -151,10 +151,7 @@ def report_run(run_dir: Path) -> Path:
 def _check_inputs_outside(project: Project, final: Path) -> None:
     """A run replaces its whole folder (--overwrite): refuse one the project reads data from."""
     final = final.resolve()
-    paths = [*input_paths(project), *(suite.data for suite in project.benchmarks)]
-    paths += [project.data.corrections] if project.data.corrections is not None else []
-    for path in paths:
-        real = Path(project.base_dir, path).resolve()
+    for real in sorted(data_inputs(project)):
         if real == final or final in real.parents:
             raise RunDirError(f"the project reads {real}, inside the run directory it would replace",
                               f"--out {final}", "move that file out of the run directory, or give another --out")
