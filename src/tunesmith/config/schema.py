@@ -242,7 +242,7 @@ class TrainConfig(_Strict):
     # Recompute each decoder layer's activations in backward instead of keeping them (less memory, more
     # compute); "auto": only when the memory estimate says the run would not fit otherwise.
     gradient_checkpointing: Literal["auto", True, False] = "auto"
-    # torch.compile each decoder layer (one graph shared by all, dynamic shapes); the first steps pay the
+    # torch.compile each decoder layer (one compiled function for all, dynamic shapes); the first steps pay the
     # compilation. Not with gradient checkpointing or FSDP (those runs train uncompiled). train/compiled.py.
     compile: bool = False
     # Load the frozen base through bitsandbytes (4-bit NF4 or 8-bit) and train LoRA/DoRA on top (QLoRA).

@@ -1,10 +1,10 @@
 """`train.compile`: the decoder layers run through torch.compile while training.
 
-One compiled function, the layer class's own forward, serves every layer (each passes itself as the
-first argument, so the graph is traced once and reused; dynamic shapes, so batch widths that change
-from step to step do not each compile anew). The layers keep their modules and parameters as they
-are: state dicts, checkpoints, saved adapters and deep copies see the same model, and leaving the block
-puts the plain forward back, so evaluation and serving run uncompiled.
+One compiled function, the layer class's own forward compiled with dynamic shapes (batch widths
+change from step to step), serves every layer: each passes itself as the first argument. The layers
+keep their modules and parameters as they are: state dicts, checkpoints, saved adapters and deep
+copies see the same model, and leaving the block puts the plain forward back, so evaluation and
+serving run uncompiled.
 
 Measured on the quickstart's shape (BENCHMARKS.md, "torch.compile of the decoder layers").
 """
