@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import decimal
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -200,6 +201,17 @@ def test_out_below_a_file_is_refused(tmp_path, tiny_model, command):
     assert (tmp_path / "afile").read_text() == "mine"
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("command", [["run"], ["data", "clean"]])
+def test_out_where_no_folder_can_be_made_is_refused_before_any_work(tmp_path, tiny_model, command):
+    # /proc passes a permission check for root yet refuses every mkdir: only making one tells.
+    config = _project(tmp_path, tiny_model)
+    line = _error(runner.invoke(app, [*command, config, "--out", "/proc/tunesmith-out"]))
+    assert "cannot be created: /proc does not take new folders" in line
+    assert fsio.uncreatable(tmp_path / "new" / "deeper") is None
+    assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".tunesmith-probe-*"))
+
+
 def test_a_damaged_run_file_is_bad_input_naming_it(tmp_path):
     run = tmp_path / "run"
     (run / "model").mkdir(parents=True)
@@ -276,3 +288,39 @@ def test_data_check_refuses_rows_the_method_cannot_train_as_run_does(tmp_path, t
     config.write_text(GEN_PROJECT.format(name="p", model=tiny_model, method=method, steps=2, new_tokens=2))
     result = runner.invoke(app, ["data", "check", str(config)])
     assert result.exit_code == 2 and f"train.jsonl:11: {problem}" in result.output, result.output
+
+
+def _strict_json(text: str):
+    """json.loads as every non-Python reader does it: a bare NaN or Infinity is an error."""
+    def refuse(name):
+        raise ValueError(f"bare {name} in JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_tunesmith_writes_has_no_bare_nan_or_infinity(tmp_path):
+    import numpy as np
+    import torch
+
+    from tunesmith.train.trainer import TrainLog
+
+    figures = {"loss": float("nan"), "ci": [float("-inf"), 1.5], "np": np.float32("nan"),
+               "t": torch.tensor([1.0, float("inf")]), "ok": 0.25}
+    fsio.write_json(tmp_path / "m.json", figures)
+    fsio.write_jsonl(tmp_path / "m.jsonl", [figures])
+    log = TrainLog(tmp_path / "train_log.jsonl")
+    log.write({"step": 1, "val_loss": float("nan")})
+    log.close()
+    expected = {"loss": None, "ci": [None, 1.5], "np": None, "t": [1.0, None], "ok": 0.25}
+    assert _strict_json((tmp_path / "m.json").read_text()) == expected
+    assert _strict_json((tmp_path / "m.jsonl").read_text()) == expected
+    assert _strict_json((tmp_path / "train_log.jsonl").read_text()) == {"step": 1, "val_loss": None}
+
+
+def test_agreement_of_raters_who_share_no_pair_is_stated_not_nan():
+    from tunesmith.evaluate.human import agreement
+
+    for raters in ({"ann": {"p1": "one"}, "bob": {"p2": "two"}},
+                   {"ann": {"p1": "one"}, "bob": {"p2": "two"}, "cy": {"p1": "tie"}}):
+        out = agreement(raters)
+        assert out["statistic"] is None and out["pairs"] == 0 and "no pair was rated by every rater" in out["note"]
+        _strict_json(json.dumps(out))

@@ -6,9 +6,11 @@ import base64
 import datetime
 import decimal
 import json
+import math
 import os
 import secrets
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -55,13 +57,19 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def dumps(obj: Any, indent: int | None = None) -> str:
+    """Standard JSON text of `obj`: a NaN or infinity (which Python would write as a bare `NaN`, refused
+    by every other JSON reader, a browser's included) is written as null, i.e. "no figure"."""
+    return json.dumps(_finite(obj), indent=indent, ensure_ascii=False, allow_nan=False, default=_jsonable)
+
+
 def write_json(path: Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=_jsonable) + "\n")
+    write_text(path, dumps(obj, indent=2) + "\n")
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     """One JSON object per line, streamed (no whole-file string in memory)."""
-    write_lines(path, (json.dumps(r, ensure_ascii=False, default=_jsonable) + "\n" for r in rows))
+    write_lines(path, (dumps(r) + "\n" for r in rows))
 
 
 def read_json(path: Path) -> Any:
@@ -137,6 +145,14 @@ def uncreatable(folder: Path) -> str | None:
         return f"{ancestor} is not a folder"
     if ancestor != Path(folder).absolute() and not os.access(ancestor, os.W_OK | os.X_OK):
         return f"{ancestor} is not writable"
+    if ancestor != Path(folder).absolute():
+        # Permission bits do not tell everything (root may write anywhere by them, yet /proc, a read-only
+        # mount or a full disk refuse a new folder): make one and remove it at once.
+        try:
+            probe = Path(tempfile.mkdtemp(dir=ancestor, prefix=".tunesmith-probe-"))
+        except OSError as e:
+            return f"{ancestor} does not take new folders ({e.strerror or e})"
+        probe.rmdir()
     return None
 
 
@@ -153,8 +169,19 @@ def _jsonable(obj: Any) -> Any:
         return str(obj)  # every digit kept; a float would round it
     if isinstance(obj, (bytes, bytearray, memoryview)):
         return base64.b64encode(bytes(obj)).decode("ascii")
-    if hasattr(obj, "item"):  # numpy / torch scalars
-        return obj.item()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
+    if hasattr(obj, "tolist"):  # numpy / torch scalars and arrays (a scalar's tolist() is a number)
+        return _finite(obj.tolist())
+    if hasattr(obj, "item"):
+        return _finite(obj.item())
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _finite(obj: Any) -> Any:
+    """`obj` with every non-finite float inside dicts, lists and tuples replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj

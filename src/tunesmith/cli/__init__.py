@@ -40,8 +40,7 @@ def _print_summary(summary: dict) -> None:
         print(f"  {'ok  ' if c['met'] else 'FAIL'} {c['name']}: {value} (target {c['op']} {c['target']:g})")
     base, tuned = summary["metrics"]["baseline"], summary["metrics"]["finetuned"]
     metric = summary["objective_metric"]
-    print(f"  {metric}: baseline {base.get(metric, float('nan')):.4f} "
-          f"-> fine-tuned {tuned.get(metric, float('nan')):.4f}")
+    print(f"  {metric}: baseline {_figure(base.get(metric))} -> fine-tuned {_figure(tuned.get(metric))}")
     gain = summary.get("comparison", {}).get(metric)
     if gain:
         spec = METRIC_SPECS.get(metric)  # for perplexity a fall is the improvement: say so, not "gain"
@@ -54,6 +53,11 @@ def _print_summary(summary: dict) -> None:
             f"{k} {v}" for k, v in data["test_rows_not_scored_by_reason"].items()) + ")")
     print(f"run directory: {summary['run_dir']}")
     print(f"report: {summary['report']}")
+
+
+def _figure(value) -> str:
+    """A metric as the summary prints it; "n/a" for one the run could not measure (null in metrics.json)."""
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 @app.command()

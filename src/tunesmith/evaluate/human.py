@@ -292,6 +292,8 @@ def agreement(by_rater: dict[str, dict[str, str]]) -> dict:
     if len(raters) < 2:
         return {"statistic": None, "note": "one rater: no agreement to measure"}
     shared = sorted(set.intersection(*(set(by_rater[r]) for r in raters)))
+    if not shared:  # kappa of nothing is undefined; say so rather than write a NaN
+        return {"statistic": None, "note": "no pair was rated by every rater: no agreement to measure", "pairs": 0}
     if len(raters) == 2:
         a = [by_rater[raters[0]][i] for i in shared]
         b = [by_rater[raters[1]][i] for i in shared]

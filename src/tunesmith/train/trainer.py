@@ -397,7 +397,7 @@ class TrainLog:
 
     def write(self, record: dict) -> None:
         if self.f:
-            self.f.write(json.dumps(record) + "\n")
+            self.f.write(fsio.dumps(record) + "\n")
             self.f.flush()
 
     def close(self) -> None:
