@@ -72,12 +72,18 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     write_lines(path, (dumps(r) + "\n" for r in rows))
 
 
-def read_json(path: Path) -> Any:
-    """A JSON file tunesmith wrote; DamagedFile (exit 2, naming the file) when it does not parse."""
+def read_json(path: Path, expect: type | None = None) -> Any:
+    """A JSON file tunesmith wrote; DamagedFile (exit 2, naming the file) when it does not parse, or
+    when it holds something other than an `expect` (dict: a JSON object, list: an array)."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise _damaged(path, e) from None
+    if expect is not None and not isinstance(value, expect):
+        names = {dict: "an object", list: "an array"}
+        raise DamagedFile(path, f"{names.get(expect, expect.__name__)} expected, found {type(value).__name__}",
+                          what="not what tunesmith wrote")
+    return value
 
 
 class DamagedFile(ValueError):
@@ -85,9 +91,9 @@ class DamagedFile(ValueError):
     reports it as bad input (one `error:` line naming the file, exit 2); code that skips an unreadable
     record catches it as the ValueError it is."""
 
-    def __init__(self, path: Path, problem: str, line: int | None = None) -> None:
+    def __init__(self, path: Path, problem: str, line: int | None = None, what: str = "not valid JSON") -> None:
         where = f"{path}:{line}" if line else str(path)
-        super().__init__(f"error: not valid JSON ({problem[:120]}; damaged or edited by hand?), {where}, restore "
+        super().__init__(f"error: {what} ({problem[:120]}; damaged or edited by hand?), {where}, restore "
                          "it, or run the command that writes it again")
 
 
@@ -153,6 +159,21 @@ def uncreatable(folder: Path) -> str | None:
         except OSError as e:
             return f"{ancestor} does not take new folders ({e.strerror or e})"
         probe.rmdir()
+    return None
+
+
+def unwritable_file(path: Path) -> str | None:
+    """Why a new file cannot be written at `path` (its folder can be neither used nor created, or takes
+    no new files), or None when it can. Nothing is left behind by the check."""
+    folder = Path(path).absolute().parent
+    if not folder.is_dir():
+        return uncreatable(folder)
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".tunesmith-probe-")
+    except OSError as e:
+        return f"{folder} does not take new files ({e.strerror or e})"
+    os.close(fd)
+    os.unlink(probe)
     return None
 
 

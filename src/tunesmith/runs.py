@@ -377,7 +377,26 @@ def find_run(ref: str, evaluated: bool = True) -> Path:
         path = Path(ref)
         if not (path / "summary.json").is_file():
             raise RunDirError("not an evaluated run directory (no summary.json)", ref, "give a run id or run folder")
-    if evaluated and "objective" not in fsio.read_json(path / "summary.json"):
-        raise RunDirError("the run has not been evaluated (its eval stage failed)", str(path),
-                          f"run `tunesmith eval {path}` first")
+    if evaluated:
+        check_evaluated(path)
     return path
+
+
+# What every page or comparison of an evaluated run reads.
+EVALUATED_FILES = ("summary.json", "metrics.json", "config.yaml")
+
+
+def check_evaluated(run_dir: Path) -> None:
+    """RunDirError unless `run_dir` holds a finished eval: summary.json with a verdict, metrics.json and
+    the run's config.yaml (a missing one is named, not met later as an internal error)."""
+    from tunesmith.errors import RunDirError
+
+    run_dir = Path(run_dir)
+    missing = next((name for name in EVALUATED_FILES if not (run_dir / name).is_file()), None)
+    if missing == "summary.json" or (missing is None and "objective" not in fsio.read_json(
+            run_dir / "summary.json", dict)):
+        raise RunDirError("the run has not been evaluated (no verdict in summary.json)", str(run_dir),
+                          f"run `tunesmith eval {run_dir}` first")
+    if missing:
+        raise RunDirError(f"the evaluated run lacks {missing}", str(run_dir / missing),
+                          f"restore it, or run `tunesmith eval {run_dir}` again")

@@ -134,6 +134,8 @@ def report(run_dir: Optional[Path] = typer.Argument(None, help="an evaluated run
 
         if run_dir is None:
             raise InputError("give a run directory, or --compare A B", "RUN_DIR")
+        if out is not None:  # the run's report is always RUN_DIR/report.html; say so rather than ignore --out
+            raise InputError("goes with --compare only; a run's report is written to RUN_DIR/report.html", "--out")
         if not (run_dir / "summary.json").is_file():
             raise RunDirError("no summary.json: the run has not been evaluated", str(run_dir),
                               "run `tunesmith eval` first")
@@ -264,7 +266,7 @@ def runs_show(run: str = typer.Argument(..., help="run id or run directory"), de
         from tunesmith import fsio
         from tunesmith.runs import find_run
 
-        _print_summary(fsio.read_json(find_run(run, evaluated=False) / "summary.json"))
+        _print_summary(fsio.read_json(find_run(run, evaluated=False) / "summary.json", dict))
         return 0
     _guarded(debug, go)
 

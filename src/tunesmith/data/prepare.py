@@ -250,15 +250,21 @@ def save_splits(splits: Splits, data_dir: Path) -> None:
     fsio.write_json(data_dir / "report.json", data_report(splits))
 
 
+def _example(row, path: Path, i: int) -> Example:
+    """A curated row read back; DamagedFile naming its line when it is not one the data stage wrote."""
+    try:
+        return Example.from_json(row)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise fsio.DamagedFile(path, f"{type(e).__name__}: {e}", i, what="not a curated row") from None
+
+
 def load_splits(data_dir: Path) -> Splits:
     """Read back the splits a data stage saved in a run directory."""
-    import json
-
     rows = {}
     for name in SPLITS:
         path = data_dir / f"{name}.jsonl"
         if not path.is_file():
             raise DataError(f"missing curated split {name}.jsonl", str(data_dir), hint="run the data stage first")
-        rows[name] = [Example.from_json(json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines()]
-    report = fsio.read_json(data_dir / "report.json")
+        rows[name] = [_example(row, path, i) for i, row in enumerate(fsio.read_jsonl(path), start=1)]
+    report = fsio.read_json(data_dir / "report.json", dict)
     return Splits(rows["train"], rows["validation"], rows["test"], report.get("labels"), report.get("warnings", []))

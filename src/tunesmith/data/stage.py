@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunesmith import fsio
+from tunesmith import fsio, runs
 from tunesmith.config import Project
 from tunesmith.data.examples import Example, raise_for_problems
 from tunesmith.data.prepare import Splits, check_data, data_report, load_corrections, prepare_data, save_splits
@@ -158,6 +158,10 @@ def check_out(project: Project, out: Path) -> None:
     if clash:
         raise InputError(f"would overwrite the project's own input file {out / clash[0]}", where,
                          "give a new folder for the output, e.g. --out data-clean")
+    run = next((p for p in (out, *out.parents) if runs.is_run_dir(p)), None)
+    if run is not None:  # a run's data/ looks like our output, but its splits are what the run was scored on
+        raise InputError(f"is inside the run directory {run}; a run's files are never replaced", where,
+                         "give a folder outside any run, e.g. --out data-clean")
     if not out.exists():
         why = fsio.uncreatable(out)
         if why:

@@ -70,12 +70,14 @@ def export_pairs(run_dir: Path, out: Path, against: Path | None = None, n: int |
         InputError: `out` already holds an export (or files of those names) and `overwrite` is not set;
             nothing is written.
     """
+    if n is not None and n < 1:
+        raise InputError(f"must be at least 1, got {n}", "--n", "leave --n out to export every pair")
     _check_export_folder(Path(out), overwrite)
     pairs, one, two = load_answers(run_dir, against)
     seed = secrets.randbits(63) if seed is None else seed
     rng = random.Random(seed)
     rng.shuffle(pairs)
-    pairs = pairs[:n] if n else pairs
+    pairs = pairs[:n] if n is not None else pairs
     key = {}
     blinded = []
     for k, p in enumerate(pairs, start=1):
@@ -99,6 +101,9 @@ def _check_export_folder(out: Path, overwrite: bool) -> None:
     for an earlier pairs.csv would be unblinded with the wrong key, silently: never replace one unasked."""
     if out.exists() and not out.is_dir():
         raise InputError("exists and is not a folder", f"--out {out}", "give a folder for the export")
+    why = None if out.exists() else fsio.uncreatable(out)
+    if why:
+        raise InputError(f"cannot be created: {why}", f"--out {out}", "give a folder path you can write to")
     if overwrite:
         return
     if (out / "key.json").exists():
@@ -163,7 +168,8 @@ def read_ratings(path: Path) -> list[dict]:
     separators, escaped cells (see `escape_cell`), blank rows, and choices in any letter case.
     """
     text = _decode(Path(path), "ratings file")
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=_delimiter(text))
+    # strict: a quote left open is an error at its row, not a cell that swallows the rest of the file
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=_delimiter(text), strict=True)
     reader.fieldnames = [unescape_cell(c.strip()).lower() for c in reader.fieldnames or []]
     missing = {"id", "rater", "choice"} - set(reader.fieldnames)
     if missing:
@@ -244,11 +250,20 @@ def import_ratings(key_path: Path, rating_files: list[Path]) -> dict:
         if not Path(path).is_file():
             raise DataError("ratings file not found", str(path), None, "check the path")
     by_rater: dict[str, dict[str, str]] = {}
+    first: dict[tuple[str, str], str] = {}  # (rater, pair) -> where it was rated
     for path in rating_files:
-        for row in read_ratings(path):
+        rows = read_ratings(path)
+        if not rows:
+            raise DataError("ratings file holds no ratings", str(path), None,
+                            "pass the file the rating form saved once pairs were rated")
+        for row in rows:
             if row["id"] not in key["pairs"]:
                 raise DataError(f"pair '{row['id'][:80]}' is not in the key", str(path), row["line"],
                                 "use the matching key.json")
+            seen = first.setdefault((row["rater"], row["id"]), f"{path}:{row['line']}")
+            if seen != f"{path}:{row['line']}":  # keeping either would silently drop the other
+                raise DataError(f"rater '{row['rater'][:80]}' rated pair '{row['id'][:80]}' twice (first at {seen})",
+                                str(path), row["line"], "keep one rating per rater and pair")
             by_rater.setdefault(row["rater"], {})[row["id"]] = _unblind(row["choice"], key["pairs"][row["id"]]["A"])
     pooled = [o for ratings in by_rater.values() for o in ratings.values()]
     result = {"one": key["one"], "two": key["two"], "raters": len(by_rater), "pairs": len(key["pairs"]),

@@ -31,7 +31,7 @@ def config_diff(a: Path, b: Path) -> list[dict]:
 
 def metric_diff(a: Path, b: Path, resamples: int = 1000, seed: int = 0) -> dict:
     """Fine-tuned metrics of both runs, B - A, and a paired comparison when the test examples match."""
-    sa, sb = fsio.read_json(Path(a) / "summary.json"), fsio.read_json(Path(b) / "summary.json")
+    sa, sb = fsio.read_json(Path(a) / "summary.json", dict), fsio.read_json(Path(b) / "summary.json", dict)
     ma, mb = sa["metrics"]["finetuned"], sb["metrics"]["finetuned"]
     rows = {k: {"a": ma[k], "b": mb[k], "diff": round(mb[k] - ma[k], 6)}
             for k in sorted(set(ma) & set(mb)) if isinstance(ma[k], (int, float)) and isinstance(mb[k], (int, float))}

@@ -11,6 +11,7 @@ from tunesmith import fsio, hardware
 from tunesmith.config import Project
 from tunesmith.data.examples import Example
 from tunesmith.data.prepare import Splits
+from tunesmith.errors import RunDirError
 from tunesmith.evaluate.compare import compare
 from tunesmith.evaluate.forgetting import forgetting_report, probe_accuracy
 from tunesmith.evaluate.harness import harness_report, run_harness
@@ -88,6 +89,10 @@ def eval_stage(project: Project, splits: Splits, run_dir: Path, progress: bool =
     test = splits.test[: project.eval.max_examples] if project.eval.max_examples else splits.test
     pairs = held_out_pairs(project, test)
     test, unscored = reference_rows(project, test)
+    if not test:  # every figure below is a mean over test rows
+        raise RunDirError("no test row to score: the curated test split is empty"
+                          + (" or none of its rows has a reference answer" if unscored else ""),
+                          str(run_dir / "data" / "test.jsonl"), "run the data stage again (`tunesmith run`)")
     model, tokenizer, fmt, base_path = load_finetuned(run_dir / "model")
     ctx = _Context(project, tokenizer, test, hardware.use_bf16(project.eval.precision, hardware.device()), progress,
                    load_suites(project.benchmarks, tokenizer), pairs)

@@ -102,12 +102,18 @@ def check_out(out: Path) -> None:
     """Refuse an --out that exists and is not an empty folder, or whose parent folder is missing (no
     folders are created for it: a failed export leaves nothing behind)."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise InputError("--out exists and is a file, not a folder", str(out),
+                         "give a new folder; an existing file is never overwritten")
+    if out.exists() and any(out.iterdir()):
         raise InputError("--out exists and is not an empty folder", str(out),
                          "give a new folder; an existing export is never overwritten")
     if not out.absolute().parent.is_dir():
         raise InputError("--out's parent folder does not exist", str(out.absolute().parent),
                          "create it first, or give --out inside an existing folder")
+    why = None if out.exists() else fsio.uncreatable(out)
+    if why:
+        raise InputError(f"--out cannot be created: {why}", str(out), "give a folder path you can write to")
 
 
 def export(run_dir: Path, out: Path, fmt: str = "hf", quant: str | None = None,

@@ -54,7 +54,7 @@ def _evaluated(run_dir: Path) -> dict:
         if not (run_dir / needed).is_file():
             raise RunDirError(f"the run has not been evaluated (no {needed})", str(run_dir),
                               "run `tunesmith eval RUN_DIR` first")
-    metrics = fsio.read_json(run_dir / "metrics.json")
+    metrics = fsio.read_json(run_dir / "metrics.json", dict)
     summary = run_dir / "summary.json"
     # Fairness constraints are judged on the audit of the fp32 model (variants are not re-audited).
     fairness = fsio.read_json(summary).get("fairness", {}) if summary.is_file() else {}

@@ -28,6 +28,7 @@ from tunesmith.optimize.stage import optimize_stage
 from tunesmith.registry import METHOD_SPECS, VARIANTS
 from tunesmith.report.build import report_stage
 from tunesmith.runs import (
+    check_evaluated,
     check_out,
     check_runs_folder,
     final_dir,
@@ -102,7 +103,7 @@ def _record_failure(project: Project, run_dir: Path, final: Path, stage: str, e:
     rerun = _rerun_commands(project, stage, final)
     path = run_dir / "summary.json"
     try:
-        summary = fsio.read_json(path) if path.is_file() else _unevaluated_summary(project, run_dir, final)
+        summary = fsio.read_json(path, dict) if path.is_file() else _unevaluated_summary(project, run_dir, final)
         summary["failed"] = {"stage": stage, "error": cause, "rerun": rerun}
         fsio.write_json(path, summary)
     except Exception as w:  # e.g. a full disk: the model must still be put in place, so only say so
@@ -130,7 +131,7 @@ def _unevaluated_summary(project: Project, run_dir: Path, final: Path) -> dict:
 def clear_failure(run_dir: Path, stages: tuple[str, ...]) -> None:
     """Drop summary.json's failure record once one of `stages` has been rerun successfully."""
     path = Path(run_dir) / "summary.json"
-    summary = fsio.read_json(path) if path.is_file() else {}
+    summary = fsio.read_json(path, dict) if path.is_file() else {}
     if summary.get("failed", {}).get("stage") in stages:
         del summary["failed"]
         fsio.write_json(path, summary)
@@ -138,10 +139,7 @@ def clear_failure(run_dir: Path, stages: tuple[str, ...]) -> None:
 
 def report_run(run_dir: Path) -> Path:
     """report on an evaluated run directory; returns the report page."""
-    path = Path(run_dir) / "summary.json"
-    if not path.is_file() or "objective" not in fsio.read_json(path):
-        raise RunDirError("the run has not been evaluated (no verdict in summary.json)", str(run_dir),
-                          f"run `tunesmith eval {run_dir}` first")
+    check_evaluated(run_dir)
     with run_lock(Path(run_dir).resolve()):
         page = report_stage(run_dir)
         clear_failure(run_dir, ("report",))
@@ -209,7 +207,7 @@ def evaluate_run(run_dir: Path, progress: bool = True) -> dict:
 
 def _failure(run_dir: Path) -> dict | None:
     path = Path(run_dir) / "summary.json"
-    return fsio.read_json(path).get("failed") if path.is_file() else None
+    return fsio.read_json(path, dict).get("failed") if path.is_file() else None
 
 
 def compare_methods(project: Project, methods: list[str], out: Path, progress: bool = True,
@@ -297,13 +295,13 @@ def audit_run(run_dir: Path, progress: bool = True) -> dict:
         raise InputError("no groups to audit", "fairness.group_fields",
                          "set fairness.group_fields (columns) or fairness.lexicon (identity terms) in the config")
     summary_path = Path(run_dir) / "summary.json"
-    if not summary_path.is_file() or "metrics" not in fsio.read_json(summary_path):
+    if not summary_path.is_file() or "metrics" not in fsio.read_json(summary_path, dict):
         raise RunDirError("the run has not been evaluated (no metrics in summary.json)", str(run_dir),
                           f"run `tunesmith eval {run_dir}` first")
     with run_lock(Path(run_dir).resolve()):
         audit = audit_stage(project, splits, Path(run_dir), progress)
-        summary = fsio.read_json(summary_path)
-        metrics = fsio.read_json(Path(run_dir) / "metrics.json")
+        summary = fsio.read_json(summary_path, dict)
+        metrics = fsio.read_json(Path(run_dir) / "metrics.json", dict)
         summary["objective"] = _verdict(project, metrics["baseline"], metrics["finetuned"], metrics.get("comparison"),
                                         audit).to_json()
         summary["fairness"] = headline_figures(audit)

@@ -18,8 +18,8 @@ from tunesmith.tasks.metrics import METRICS
 
 def report_stage(run_dir: Path) -> Path:
     """Write report.html and model_card.md; return the report's path."""
-    summary = fsio.read_json(run_dir / "summary.json")
-    metrics = fsio.read_json(run_dir / "metrics.json")
+    summary = fsio.read_json(run_dir / "summary.json", dict)
+    metrics = fsio.read_json(run_dir / "metrics.json", dict)
     data = fsio.read_json(run_dir / "data" / "report.json")
     log = read_log(run_dir / "train_log.jsonl")
     body = [_header(summary), _verdict(summary["objective"]), _metrics_table(metrics), _plots(metrics, log, summary),

@@ -9,6 +9,7 @@ import html
 from pathlib import Path
 
 from tunesmith import fsio
+from tunesmith.errors import InputError
 from tunesmith.evaluate.run_diff import config_diff, metric_diff
 from tunesmith.report import plots
 from tunesmith.report.html import fmt, img, page, read_log
@@ -17,12 +18,20 @@ from tunesmith.tasks.metrics import METRICS
 COST = ("train_seconds", "peak_rss_mb", "trainable_params", "tokens_per_second", "latency_p50_ms", "latency_p95_ms",
         "throughput_eps", "model_size_mb")
 SHOWN_DISAGREEMENTS = 10
+# Near the top of every comparison page: only a file holding it is ever replaced by a new page.
+MARKER = "<!-- tunesmith report --compare -->"
 
 
 def compare_report(a: Path, b: Path, out: Path) -> Path:
-    """Write the comparison page of runs A and B (differences are B - A) to `out`."""
-    sa, sb = fsio.read_json(a / "summary.json"), fsio.read_json(b / "summary.json")
-    ma, mb = fsio.read_json(a / "metrics.json"), fsio.read_json(b / "metrics.json")
+    """Write the comparison page of runs A and B (differences are B - A) to `out`.
+
+    Raises:
+        InputError: `out` is a folder, or a file that is not an earlier comparison page (never replaced),
+            or cannot be written; nothing has been touched.
+    """
+    check_out(out)
+    sa, sb = fsio.read_json(a / "summary.json", dict), fsio.read_json(b / "summary.json", dict)
+    ma, mb = fsio.read_json(a / "metrics.json", dict), fsio.read_json(b / "metrics.json", dict)
     names = (_name(sa, a), _name(sb, b))
     diff = metric_diff(a, b)
     body = [f"<h1>tunesmith: {html.escape(names[0])} vs {html.escape(names[1])}</h1>",
@@ -32,8 +41,25 @@ def compare_report(a: Path, b: Path, out: Path) -> Path:
                                                       names[1]: read_log(b / "train_log.jsonl")},
                    sa["objective_metric"], names),
             _disagreements(a, b, names) if diff["same_test_examples"] else ""]
-    fsio.write_text(out, page(f"tunesmith: {names[0]} vs {names[1]}", "".join(body)))
+    fsio.write_text(out, page(f"tunesmith: {names[0]} vs {names[1]}", MARKER + "".join(body)))
     return out
+
+
+def check_out(out: Path) -> None:
+    """Refuse a page path that would replace anything but an earlier comparison page."""
+    where = f"--out {out}"
+    if out.is_symlink() or (out.exists() and not out.is_file()):
+        raise InputError("exists and is not a plain file", where, "give a new .html file path")
+    if out.exists():
+        with open(out, "rb") as f:
+            head = f.read(65536)  # the marker follows the style sheet
+        if MARKER.encode() not in head:
+            raise InputError("exists and is not an earlier comparison page; left untouched", where,
+                             "give a new .html file path")
+        return
+    why = fsio.unwritable_file(out)
+    if why:
+        raise InputError(f"cannot be written: {why}", where, "give a file path in a folder you can write to")
 
 
 def _name(summary: dict, run: Path) -> str:

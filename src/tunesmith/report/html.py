@@ -4,8 +4,9 @@ the style sheet, the page shell, number formatting, inline images, and reading a
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
+
+from tunesmith import fsio
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222;padding:0 1em}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
@@ -33,6 +34,4 @@ def fmt(v) -> str:
 
 def read_log(path: Path) -> list[dict]:
     """The records of a run's train_log.jsonl; none when the run has no log."""
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return fsio.read_jsonl(path, missing_ok=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from tunesmith import fsio
 from tunesmith.config import Project
 from tunesmith.errors import RunDirError
@@ -59,7 +61,15 @@ def load_finetuned(model_dir: Path):
         base_path = resolve_model(meta["model"])
     method = get_method(meta["method"])
     base = load_model(base_path) if meta["kind"] in ("adapter", "prompt") else None
-    model = method.load(base, model_dir)
-    model.eval()
-    fmt = PromptFormat.from_json(fsio.read_json(model_dir / "prompt.json"))
-    return model, load_tokenizer(model_dir), fmt, base_path
+    try:
+        model = method.load(base, model_dir)
+        model.eval()
+        fmt = PromptFormat.from_json(fsio.read_json(model_dir / "prompt.json"))
+        tokenizer = load_tokenizer(model_dir)
+    except fsio.DamagedFile:
+        raise  # already names its file and line
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        # A file save_finetuned wrote is missing, truncated or edited: the run's fault, not a bug.
+        raise RunDirError(f"the model folder could not be read ({type(e).__name__}: {str(e)[:200]})",
+                          str(model_dir), "restore it from a copy, or train the run again") from e
+    return model, tokenizer, fmt, base_path

@@ -1,0 +1,173 @@
+"""A black-box probe of the commands that read a finished run (eval, report, export, human, data --out):
+damaged run folders and odd output paths are one located `error:` line and exit 2, never an internal
+error, a hub lookup, or a user's file or a run's file replaced."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import train_tiny_run
+from tunesmith.cli import app
+
+runner = CliRunner()
+LINUX_PROC = pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_model) -> Path:
+    """One trained and evaluated tiny run; tests damage copies of it."""
+    return train_tiny_run(tmp_path_factory.mktemp("finished"), tiny_model)
+
+
+@pytest.fixture()
+def run(finished, tmp_path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(finished, copy)
+    for name in ("project.yaml", "train.jsonl", "test.jsonl"):  # the project beside it, as it trained
+        shutil.copy(finished.parent / name, tmp_path / name)
+    return copy
+
+
+def _error(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.output and "internal error" not in lines[0], result.output
+    return lines[0]
+
+
+# --- report --compare --out ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("victim", ["model/adapter_model.safetensors", "summary.json", "../project.yaml"])
+def test_compare_page_never_replaces_a_file_that_is_not_one(run, victim):
+    target = (run / victim).resolve()
+    before = target.read_bytes()
+    line = _error(runner.invoke(app, ["report", "--compare", str(run), str(run), "--out", str(target)]))
+    assert "exists and is not an earlier comparison page; left untouched" in line
+    assert target.read_bytes() == before
+
+
+def test_compare_page_replaces_its_own_earlier_page(run):
+    page = run / "compare.html"
+    for _ in range(2):
+        result = runner.invoke(app, ["report", "--compare", str(run), str(run), "--out", str(page)])
+        assert result.exit_code == 0, result.output
+    assert "<!-- tunesmith report --compare -->" in page.read_text()
+
+
+@pytest.mark.parametrize("out,problem", [
+    ("folder", "exists and is not a plain file"),
+    ("afile/x.html", "is not a folder"),
+    pytest.param("/proc/x.html", "does not take new files", marks=LINUX_PROC),
+])
+def test_compare_page_out_that_cannot_be_written_is_refused(run, tmp_path, out, problem):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "afile").write_text("mine")
+    target = out if out.startswith("/") else str(tmp_path / out)
+    assert problem in _error(runner.invoke(app, ["report", "--compare", str(run), str(run), "--out", target]))
+    assert (tmp_path / "afile").read_text() == "mine" and not list((tmp_path / "folder").iterdir())
+
+
+def test_report_of_one_run_says_out_goes_with_compare(run, tmp_path):
+    line = _error(runner.invoke(app, ["report", str(run), "--out", str(tmp_path / "x.html")]))
+    assert "--out" in line and "goes with --compare only" in line
+
+
+# --- data --out into a run -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["clean", "split"])
+def test_data_commands_never_replace_a_runs_curated_splits(run, command):
+    before = {p.name: p.read_bytes() for p in (run / "data").iterdir()}
+    line = _error(runner.invoke(app, ["data", command, str(run.parent / "project.yaml"), "--out", str(run / "data")]))
+    assert f"is inside the run directory {run}" in line
+    assert {p.name: p.read_bytes() for p in (run / "data").iterdir()} == before
+
+
+# --- damaged model folders -----------------------------------------------------------------------
+
+def test_a_missing_adapter_file_is_named_not_looked_up_on_a_hub(run):
+    (run / "model" / "adapter_model.safetensors").unlink()
+    for command in (["eval", str(run), "--quiet"], ["export", str(run), "--out", str(run.parent / "x")]):
+        line = _error(runner.invoke(app, command))
+        assert "the adapter folder lacks adapter_model.safetensors" in line and str(run / "model") in line
+
+
+@pytest.mark.parametrize("name,content", [
+    ("prompt.json", '{"task_type": 5}'),
+    ("adapter_config.json", '{"r": "x"}'),
+    ("adapter_model.safetensors", "truncated"),
+])
+def test_a_damaged_model_file_is_a_run_error_naming_the_model_folder(run, name, content):
+    (run / "model" / name).write_text(content)
+    line = _error(runner.invoke(app, ["eval", str(run), "--quiet"]))
+    assert "the model folder could not be read" in line or "lacks" in line
+    assert str(run / "model") in line
+
+
+# --- damaged run files ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,content,command,expected", [
+    ("summary.json", "[]", "eval", "not what tunesmith wrote (an object expected, found list"),
+    ("metrics.json", "[1, 2]", "report", "not what tunesmith wrote (an object expected, found list"),
+    ("metrics.json", None, "report", "the evaluated run lacks metrics.json"),
+    ("train_log.jsonl", '{"step": 1}\n{bad\n', "report", "train_log.jsonl:2"),
+    ("data/test.jsonl", '{"input": "a", "tar', "eval", "test.jsonl:1"),
+    ("data/test.jsonl", "", "eval", "no test row to score: the curated test split is empty"),
+    ("data/test.jsonl", '{"input": "a"}\n', "eval", "not a curated row"),
+])
+def test_a_damaged_run_file_is_bad_input_naming_it(run, name, content, command, expected):
+    if content is None:
+        (run / name).unlink()
+    else:
+        (run / name).write_text(content)
+    args = [command, str(run)] + (["--quiet"] if command == "eval" else [])
+    line = _error(runner.invoke(app, args))
+    assert expected in line and (run / name.split("/")[-1]).name in line
+    assert (run / "model" / "adapter_model.safetensors").is_file()  # the trained model is never touched
+
+
+# --- export and human export --out ---------------------------------------------------------------
+
+@LINUX_PROC
+def test_export_out_where_no_folder_can_be_made_is_refused(run):
+    line = _error(runner.invoke(app, ["export", str(run), "--out", "/proc/tunesmith-export"]))
+    assert "--out cannot be created: /proc does not take new folders" in line
+
+
+def test_export_out_that_is_a_file_says_so(run, tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    assert "exists and is a file" in _error(runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "afile")]))
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--n", "-1"], "must be at least 1, got -1"),     # silently dropped the last pair
+    (["--n", "0"], "must be at least 1, got 0"),       # silently exported every pair
+    (["--out", "afile/x"], "is not a folder"),
+])
+def test_human_export_bad_arguments_are_refused(run, tmp_path, args, expected):
+    (tmp_path / "afile").write_text("mine")
+    args = [a if a != "afile/x" else str(tmp_path / a) for a in args]
+    full = ["human", "export", str(run)] + args + ([] if "--out" in args else ["--out", str(tmp_path / "h")])
+    assert expected in _error(runner.invoke(app, full))
+    assert not (tmp_path / "h").exists()
+
+
+# --- human import --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ratings,expected", [
+    ("id,rater,choice\np0001,bob,A\np0001,bob,B\n", "rated pair 'p0001' twice (first at"),  # the last won silently
+    ('id,rater,choice\np0001,bob,"A\n', "malformed CSV"),                                   # read as A
+    ("id,rater,choice\n", "ratings file holds no ratings"),                                # "0 ratings", exit 0
+])
+def test_human_import_refuses_ratings_it_would_misread(run, tmp_path, ratings, expected):
+    result = runner.invoke(app, ["human", "export", str(run), "--out", str(tmp_path / "h"), "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    (tmp_path / "r.csv").write_text(ratings)
+    line = _error(runner.invoke(app, ["human", "import", "--key", str(tmp_path / "h" / "key.json"),
+                                      str(tmp_path / "r.csv")]))
+    assert expected in line and "r.csv" in line
+    assert not (tmp_path / "h" / "results.json").exists()
