@@ -171,3 +171,25 @@ def test_human_import_refuses_ratings_it_would_misread(run, tmp_path, ratings, e
                                       str(tmp_path / "r.csv")]))
     assert expected in line and "r.csv" in line
     assert not (tmp_path / "h" / "results.json").exists()
+
+
+# --- the command line itself ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,expected", [
+    (["eval", "--bogus"], "error: No such option: --bogus, "),
+    (["serve", "x", "--port", "abc"], "error: Invalid value for '--port'"),
+    (["nosuch"], "error: No such command 'nosuch', "),
+])
+def test_a_wrong_command_line_is_one_error_line_and_exit_2(args, expected):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "tunesmith", *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [done.stderr.strip()] and done.stderr.startswith(expected), done.stderr
+    assert "╭" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_empty_variants_and_registry_name_are_refused_not_defaulted(run):
+    assert "--variants" in _error(runner.invoke(app, ["optimize", str(run), "--variants", ","]))
+    assert "bad registry name ''" in _error(runner.invoke(app, ["promote", str(run), "--name", "", "--force"]))

@@ -307,6 +307,14 @@ def test_retrain_with_too_little_feedback_exits_2_and_writes_nothing(champion_ru
     assert not out.exists() and not any(p.name.startswith(".challenger") for p in tmp_path.iterdir())
 
 
+def test_retrain_names_a_missing_data_file_before_counting_feedback(champion_run, tmp_path):
+    db = tmp_path / "few.db"
+    fill_log(db, [(r["text"], r["label"]) for r in make_texts(4, 9)])  # too few as well: the file is said first
+    result = runner.invoke(cli, ["retrain", str(champion_run), "--db", str(db), "--out", str(tmp_path / "c"),
+                                 "--data", str(tmp_path / "nope.jsonl")])
+    assert result.exit_code == 2 and f"file not found, --data {tmp_path / 'nope.jsonl'}" in result.output
+
+
 def test_retrain_never_writes_its_challenger_over_a_run(champion_run, tmp_path):
     db = tmp_path / "log.db"
     fill_log(db, [(r["text"], r["label"]) for r in make_texts(4, 9)])

@@ -111,3 +111,11 @@ def test_the_sidecar_sends_the_settings_upstream(service):
     assert remote.request_body(example, 5)["temperature"] == 0
     body = remote.request_body(example, 5, sampling=GenerationSettings(temperature=0.5, stop=["\n"], seed=0))
     assert body["temperature"] == 0.5 and body["stop"] == ["\n"] and body["seed"] == 0 and "top_k" not in body
+
+
+@pytest.mark.parametrize("bad", [{"max_tokens": True}, {"temperature": False}, {"seed": True}])
+def test_true_or_false_for_a_number_is_refused_not_read_as_one_or_zero(client, bad):
+    for route, body in (("/v1/completions", {"prompt": "x"}),
+                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
+        r = client.post(route, json={**body, **bad})
+        assert r.status_code in (400, 422) and "not true/false" in r.json()["error"]["message"], r.text

@@ -10,7 +10,7 @@ import typer
 
 from tunesmith.cli import loop as cli_loop
 from tunesmith.cli import ui as cli_ui
-from tunesmith.cli.common import DEBUG, OUT, OVERWRITE, QUIET
+from tunesmith.cli.common import DEBUG, OUT, OVERWRITE, QUIET, run_app
 from tunesmith.cli.common import guarded as _guarded
 from tunesmith.registry import DISPARITY_FIGURES, METRIC_SPECS
 
@@ -154,6 +154,11 @@ def optimize(run_dir: Path = typer.Argument(..., help="an evaluated run director
         from tunesmith import pipeline
 
         names = [v.strip() for v in variants.split(",") if v.strip()] if variants is not None else None
+        if names == []:  # an empty list would measure the fp32 model alone and report success
+            from tunesmith.errors import InputError
+
+            raise InputError("names no variant", "--variants",
+                             "give e.g. --variants merged,int8, or leave it out for optimize.variants")
         result = pipeline.optimize_run(run_dir, names, progress=not quiet)
         _print_variants(result)
         return 0
@@ -597,8 +602,8 @@ def human_import(ratings: list[Path] = typer.Argument(..., help="one ratings CSV
 
 
 def main() -> None:
-    app()
-
+    """The console entry point (`tunesmith`)."""
+    run_app(app)
 
 if __name__ == "__main__":
     main()

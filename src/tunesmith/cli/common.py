@@ -53,3 +53,22 @@ def guarded(debug: bool, fn: Callable[[], int], details: bool = False) -> None:
     raise typer.Exit(code)
 
 
+def run_app(app: typer.Typer) -> None:
+    """Run the CLI and exit with its code. A wrong command line (unknown option, bad value, missing argument) is one
+    `error:` line and exit 2 like every other bad input, not click's framed usage box."""
+    from typer.exceptions import TyperException
+
+    try:
+        code = app(standalone_mode=False)
+    except TyperException as e:  # click's UsageError family, as typer ships it
+        message = " ".join(e.format_message().split()).rstrip(".") if hasattr(e, "format_message") else str(e)
+        if message:  # empty: no arguments at all, and the help has been printed
+            ctx = getattr(e, "ctx", None)
+            where = ctx.command_path if ctx is not None else "tunesmith"
+            print(f"error: {message}, {where}, see `{where} --help`", file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 2))
+    except typer.Abort:
+        print("error: aborted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+

@@ -118,7 +118,7 @@ def promote_command(run_dir: Path = typer.Argument(..., help="a trained run dire
         from tunesmith.config import load_config
 
         _check_run(run_dir)
-        registry = name or load_config(run_dir / "config.yaml", check_files=False).name
+        registry = name if name is not None else load_config(run_dir / "config.yaml", check_files=False).name
         met = _objective_met(run_dir, force)
         before = champions.current(registry)
         event = champions.promote(registry, run_dir, reason=reason, record={"objective_met": met, "forced": force})

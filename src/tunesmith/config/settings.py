@@ -13,9 +13,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
-class _Strict(BaseModel):
-    # allow_inf_nan off: an infinite learning rate or a NaN target trains a NaN model that still "passes"
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+class NumbersNotBools(BaseModel):
+    """A model whose number fields refuse true/false (project.yaml's sections, the server's request bodies)."""
 
     @field_validator("*", mode="before")
     @classmethod
@@ -24,6 +23,11 @@ class _Strict(BaseModel):
         if isinstance(value, bool) and _numeric_only(cls.model_fields[info.field_name].annotation):
             raise ValueError("a number is needed, not true/false")
         return value
+
+
+class _Strict(NumbersNotBools):
+    # allow_inf_nan off: an infinite learning rate or a NaN target trains a NaN model that still "passes"
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _numeric_only(annotation: Any) -> bool:

@@ -78,6 +78,8 @@ def retrain(run_dir: Path, data: Path | None = None, out: Path | None = None, db
     if inputs.exists() or inputs.is_symlink():
         raise RunDirError(f"{inputs} is in the way (inputs of an earlier retrain into this folder)", f"--out {final}",
                           "give another --out, or move it away")
+    if data is not None and not Path(data).is_file():  # said first, not behind "too few labelled requests"
+        raise InputError("file not found", f"--data {data}", "check the path")
     assembly = assemble(project, champion, db, data)
     _say(progress, "retrain data: " + data_line(assembly.counts.to_json()))
     challenger_project = _write_inputs(project, champion, assembly, inputs, db)

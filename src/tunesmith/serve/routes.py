@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Literal
 
 from fastapi import APIRouter, HTTPException, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunesmith.config import GenerationSettings, ServeConfig
+from tunesmith.config.settings import NumbersNotBools
 from tunesmith.serve.metrics import OTHER_LABEL
 from tunesmith.serve.replies import ANSWER_ID, error, new_answer_id
 from tunesmith.serve.service import Completion, Service, TokenPrompt
@@ -40,8 +41,9 @@ def unicode_text(text: str | None) -> str | None:
     return text
 
 
-class _Body(BaseModel):
+class _Body(NumbersNotBools):
     # OpenAI clients send more fields than we use (top_p, user, ...); unknown ones are ignored.
+    # `max_tokens: true` is a 422, not a 1-token answer.
     model_config = ConfigDict(extra="ignore")
 
 
