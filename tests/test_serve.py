@@ -20,7 +20,7 @@ from conftest import GEN_PROJECT, PROJECT, make_texts, start_server, write_jsonl
 from tunesmith.cli import app as cli
 from tunesmith.config import ServeConfig
 from tunesmith.data.examples import Example
-from tunesmith.errors import RunDirError
+from tunesmith.errors import InputError, RunDirError
 from tunesmith.serve.app import create_app
 from tunesmith.serve.auth import KeyChecker, RateLimiter, key_id, load_keys
 from tunesmith.serve.drift import psi
@@ -271,6 +271,9 @@ def test_key_checker_and_rate_limiter_units():
     assert checker.check(None) is None and not KeyChecker([]).enabled
     assert load_keys(environ={"TUNESMITH_API_KEYS": " a-key-0123456789abc, b-key-0123456789abc ,,"}) == \
         ["a-key-0123456789abc", "b-key-0123456789abc"]
+    assert load_keys(environ={"TUNESMITH_API_KEYS": ""}) == []  # unset or empty: an open loopback server
+    with pytest.raises(InputError, match="is set but holds no key"):
+        load_keys(environ={"TUNESMITH_API_KEYS": " ,,, "})
     limiter = RateLimiter(2)
     assert limiter.allow("k")[0] and limiter.allow("k")[0]
     allowed, wait = limiter.allow("k")

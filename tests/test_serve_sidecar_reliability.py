@@ -305,6 +305,10 @@ def test_item8_key_file_hash_starts_a_comment_only_at_line_start_and_short_keys_
         load_keys(keys, environ={})
     assert err.value.where == f"{keys}:3" and "shorter than 16" in err.value.what
     assert "short#comment" not in err.value.line()  # the error never prints a key
+    empty = tmp_path / "empty-keys.txt"
+    empty.write_text("# only comments\n\n", encoding="utf-8")
+    with pytest.raises(InputError, match="holds no key"):  # a key file that opens the server is a mistake
+        load_keys(empty, environ={})
     with pytest.raises(InputError) as err:
         load_keys(None, environ={"TUNESMITH_API_KEYS": f"{LONG_KEY}, tooshort"})
     assert err.value.where == "TUNESMITH_API_KEYS"

@@ -27,9 +27,16 @@ def load_keys(file: Path | None = None, environ: dict | None = None) -> list[str
     """Every configured key: TUNESMITH_API_KEYS, then the file's. InputError (exit 2) for a missing
     or unreadable file and for a key shorter than MIN_KEY_LENGTH, naming where it came from."""
     environ = os.environ if environ is None else environ
-    keys = [_checked(k.strip(), ENV_VAR) for k in environ.get(ENV_VAR, "").split(",") if k.strip()]
+    raw = environ.get(ENV_VAR, "")
+    keys = [_checked(k.strip(), ENV_VAR) for k in raw.split(",") if k.strip()]
+    if raw.strip() and not keys:  # ",,," is a key list gone wrong, not a wish for an open server
+        raise InputError(f"{ENV_VAR} is set but holds no key", ENV_VAR,
+                         "give comma-separated keys, or unset it for an open server on 127.0.0.1")
     if file is not None:
-        keys += [_checked(key, f"{file}:{n}") for n, key in _file_keys(Path(file))]
+        found = _file_keys(Path(file))
+        if not found:
+            raise InputError("the API key file holds no key", str(file), "give one key per line")
+        keys += [_checked(key, f"{file}:{n}") for n, key in found]
     return keys
 
 
