@@ -84,6 +84,17 @@ def test_data_commands_never_replace_a_runs_curated_splits(run, command):
     line = _error(runner.invoke(app, ["data", command, str(run.parent / "project.yaml"), "--out", str(run / "data")]))
     assert f"is inside the run directory {run}" in line
     assert {p.name: p.read_bytes() for p in (run / "data").iterdir()} == before
+    (run.parent / "link").symlink_to(run / "data")
+    config = str(run.parent / "project.yaml")
+    line = _error(runner.invoke(app, ["data", command, config, "--out", str(run.parent / "link")]))
+    assert f"is inside the run directory {run}" in line
+    assert {p.name: p.read_bytes() for p in (run / "data").iterdir()} == before
+
+
+def test_data_out_beside_a_run_through_dot_dot_is_fine(run):
+    result = runner.invoke(app, ["data", "split", str(run.parent / "project.yaml"), "--out", str(run / ".." / "clean")])
+    assert result.exit_code == 0, result.output
+    assert (run.parent / "clean" / "train.jsonl").is_file()
 
 
 # --- damaged model folders -----------------------------------------------------------------------
@@ -134,7 +145,7 @@ def test_a_damaged_run_file_is_bad_input_naming_it(run, name, content, command, 
 @LINUX_PROC
 def test_export_out_where_no_folder_can_be_made_is_refused(run):
     line = _error(runner.invoke(app, ["export", str(run), "--out", "/proc/tunesmith-export"]))
-    assert "--out cannot be created: /proc does not take new folders" in line
+    assert "--out cannot be created: /proc does not take new folders" in line or "/proc is not writable" in line
 
 
 def test_export_out_that_is_a_file_says_so(run, tmp_path):
@@ -159,9 +170,9 @@ def test_human_export_bad_arguments_are_refused(run, tmp_path, args, expected):
 # --- human import --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("ratings,expected", [
-    ("id,rater,choice\np0001,bob,A\np0001,bob,B\n", "rated pair 'p0001' twice (first at"),  # the last won silently
-    ('id,rater,choice\np0001,bob,"A\n', "malformed CSV"),                                   # read as A
-    ("id,rater,choice\n", "ratings file holds no ratings"),                                # "0 ratings", exit 0
+    ("id,rater,choice\np0001,bob,A\np0001,bob,B\n", "rated pair 'p0001' A at"),  # the last won silently
+    ('id,rater,choice\np0001,bob,"A\n', "malformed CSV"),                        # read as A
+    ("id,rater,choice\n", "the ratings files hold no ratings"),                 # "0 ratings", exit 0
 ])
 def test_human_import_refuses_ratings_it_would_misread(run, tmp_path, ratings, expected):
     result = runner.invoke(app, ["human", "export", str(run), "--out", str(tmp_path / "h"), "--seed", "1"])
@@ -193,3 +204,25 @@ def test_a_wrong_command_line_is_one_error_line_and_exit_2(args, expected):
 def test_empty_variants_and_registry_name_are_refused_not_defaulted(run):
     assert "--variants" in _error(runner.invoke(app, ["optimize", str(run), "--variants", ","]))
     assert "bad registry name ''" in _error(runner.invoke(app, ["promote", str(run), "--name", "", "--force"]))
+
+
+def test_human_import_takes_a_rating_repeated_in_a_second_download(run, tmp_path):
+    result = runner.invoke(app, ["human", "export", str(run), "--out", str(tmp_path / "h"), "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    (tmp_path / "r.csv").write_text("id,rater,choice\np0001,bob,A\n")
+    (tmp_path / "r (1).csv").write_text("id,rater,choice\np0001,bob,A\np0002,bob,tie\n")
+    (tmp_path / "empty.csv").write_text("id,rater,choice\n")  # a download made before rating anything
+    result = runner.invoke(app, ["human", "import", "--key", str(tmp_path / "h" / "key.json"), str(tmp_path / "r.csv"),
+                                 str(tmp_path / "r (1).csv"), str(tmp_path / "empty.csv")])
+    assert result.exit_code == 0, result.output
+    assert "2 ratings by 1 rater(s)" in result.output
+
+
+def test_a_comparison_page_written_before_the_marker_is_still_replaced(run, tmp_path):
+    from tunesmith.report.html import page
+
+    old = tmp_path / "old.html"
+    old.write_text(page("tunesmith: run-a vs run-b", "<h1>an older page</h1>"))
+    result = runner.invoke(app, ["report", "--compare", str(run), str(run), "--out", str(old)])
+    assert result.exit_code == 0, result.output
+    assert "an older page" not in old.read_text()

@@ -108,7 +108,8 @@ def read_jsonl(path: Path, missing_ok: bool = False) -> list[dict]:
     if missing_ok and not path.is_file():
         return []
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # split on "\n" only: str.splitlines() also breaks at U+2028/U+0085, which JSON strings hold unescaped
+    for i, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
         try:
             rows += [json.loads(line)] if line.strip() else []
         except (ValueError, RecursionError) as e:

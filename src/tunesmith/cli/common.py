@@ -61,8 +61,12 @@ def run_app(app: typer.Typer) -> None:
     try:
         code = app(standalone_mode=False)
     except TyperException as e:  # click's UsageError family, as typer ships it
-        message = " ".join(e.format_message().split()).rstrip(".") if hasattr(e, "format_message") else str(e)
-        if message:  # empty: no arguments at all, and the help has been printed
+        text = e.format_message() if hasattr(e, "format_message") else str(e)
+        if type(e).__name__ == "NoArgsIsHelpError":  # no arguments: the help, which rich may have printed already
+            print(text, end="\n" if text else "")
+            sys.exit(getattr(e, "exit_code", 2))
+        message = " ".join(text.split()).rstrip(".")
+        if message:
             ctx = getattr(e, "ctx", None)
             where = ctx.command_path if ctx is not None else "tunesmith"
             print(f"error: {message}, {where}, see `{where} --help`", file=sys.stderr)

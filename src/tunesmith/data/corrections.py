@@ -112,7 +112,7 @@ def read_corrections(path: Path) -> list[Decision]:
         raise DataError(f"cannot read the corrections file ({e.strerror})", str(path)) from None
     out: list[Decision] = []
     seen: dict[tuple[str, str], int] = {}
-    for lineno, raw in enumerate(text.splitlines(), start=1):
+    for lineno, raw in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 may be in a text
         if not raw.strip():
             continue
         try:

@@ -250,21 +250,20 @@ def import_ratings(key_path: Path, rating_files: list[Path]) -> dict:
         if not Path(path).is_file():
             raise DataError("ratings file not found", str(path), None, "check the path")
     by_rater: dict[str, dict[str, str]] = {}
-    first: dict[tuple[str, str], str] = {}  # (rater, pair) -> where it was rated
+    first: dict[tuple[str, str], tuple[str, str]] = {}  # (rater, pair) -> (choice, where it was rated)
     for path in rating_files:
-        rows = read_ratings(path)
-        if not rows:
-            raise DataError("ratings file holds no ratings", str(path), None,
-                            "pass the file the rating form saved once pairs were rated")
-        for row in rows:
+        for row in read_ratings(path):
             if row["id"] not in key["pairs"]:
                 raise DataError(f"pair '{row['id'][:80]}' is not in the key", str(path), row["line"],
                                 "use the matching key.json")
-            seen = first.setdefault((row["rater"], row["id"]), f"{path}:{row['line']}")
-            if seen != f"{path}:{row['line']}":  # keeping either would silently drop the other
-                raise DataError(f"rater '{row['rater'][:80]}' rated pair '{row['id'][:80]}' twice (first at {seen})",
-                                str(path), row["line"], "keep one rating per rater and pair")
+            choice, seen = first.setdefault((row["rater"], row["id"]), (row["choice"], f"{path}:{row['line']}"))
+            if choice != row["choice"]:  # a second download repeating a rating is fine; two verdicts are not
+                raise DataError(f"rater '{row['rater'][:80]}' rated pair '{row['id'][:80]}' {choice} at {seen} and "
+                                f"{row['choice']} here", str(path), row["line"], "keep one rating per rater and pair")
             by_rater.setdefault(row["rater"], {})[row["id"]] = _unblind(row["choice"], key["pairs"][row["id"]]["A"])
+    if not by_rater:
+        raise DataError("the ratings files hold no ratings", ", ".join(str(p) for p in rating_files), None,
+                        "pass the files the rating form saved once pairs were rated")
     pooled = [o for ratings in by_rater.values() for o in ratings.values()]
     result = {"one": key["one"], "two": key["two"], "raters": len(by_rater), "pairs": len(key["pairs"]),
               "pooled": outcome_rates(pooled),

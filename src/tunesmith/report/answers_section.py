@@ -5,9 +5,9 @@ objective metric, from predictions/test.jsonl. Every piece of text is HTML-escap
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
+from tunesmith import fsio
 from tunesmith.registry import PREFERENCE_METRICS
 from tunesmith.tasks.metrics import METRICS
 
@@ -60,6 +60,4 @@ def _cell(value) -> str:
 
 
 def _rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return fsio.read_jsonl(path, missing_ok=True)

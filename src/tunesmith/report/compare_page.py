@@ -6,6 +6,7 @@ latency, size), training curves overlaid, and the test examples on which they di
 from __future__ import annotations
 
 import html
+import re
 from pathlib import Path
 
 from tunesmith import fsio
@@ -20,6 +21,8 @@ COST = ("train_seconds", "peak_rss_mb", "trainable_params", "tokens_per_second",
 SHOWN_DISAGREEMENTS = 10
 # Near the top of every comparison page: only a file holding it is ever replaced by a new page.
 MARKER = "<!-- tunesmith report --compare -->"
+# A page written before the marker: the shell report/html.page writes, titled "tunesmith: A vs B".
+OLD_PAGE = re.compile(rb"<!doctype html><html><head><meta charset='utf-8'><title>tunesmith: [^<]* vs [^<]*</title>")
 
 
 def compare_report(a: Path, b: Path, out: Path) -> Path:
@@ -53,7 +56,7 @@ def check_out(out: Path) -> None:
     if out.exists():
         with open(out, "rb") as f:
             head = f.read(65536)  # the marker follows the style sheet
-        if MARKER.encode() not in head:
+        if MARKER.encode() not in head and not OLD_PAGE.match(head):
             raise InputError("exists and is not an earlier comparison page; left untouched", where,
                              "give a new .html file path")
         return

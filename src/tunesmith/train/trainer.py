@@ -389,7 +389,7 @@ class TrainLog:
         if path is None:
             return
         if keep_until and path.exists():
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            kept = [line for line in path.read_text(encoding="utf-8").split("\n")
                     if line.strip() and json.loads(line).get("step", 0) <= keep_until]
             fsio.write_text(path, "".join(line + "\n" for line in kept))
         path.parent.mkdir(parents=True, exist_ok=True)
