@@ -77,6 +77,9 @@ def test_classify_one_and_many(cls_service, tmp_path):
         assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["content"] in LABELS
         text = c.post("/v1/completions", json={"prompt": "green"}).json()
         assert text["choices"][0]["text"] in LABELS and text["choices"][0]["finish_reason"] == "stop"
+        from tunesmith.serve.service import prompt_ids  # usage counts the prompt, as the model saw it (was 0)
+        assert text["usage"]["prompt_tokens"] == len(prompt_ids(cls_service.predictor.tokenizer, cls_service.fmt,
+                                                                [Example("green", "", "request")])[0])
         metrics = c.get("/metrics").text
     assert 'tunesmith_requests_total{route="/v1/classify",status="200"} 2.0' in metrics
     assert "tunesmith_predicted_label_total" in metrics and "process_resident_memory_bytes" in metrics

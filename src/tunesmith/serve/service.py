@@ -138,8 +138,9 @@ class Service:
         """Completions, greedy unless a row's `sampling` says otherwise, cut at its stop strings; a
         classification model answers with its predicted label. Greedy rows share one model call; a
         sampling row is decoded alone, so its seed gives the same answer whatever else is in the batch."""
-        if self.labels:
-            return [Completion(label, "stop", 0, 1) for label, _ in self.classify([e.input for e in examples])]
+        if self.labels:  # usage counts the prompt the label was scored after, as for a generated answer
+            labels = self.classify([e.input for e in examples])
+            return [Completion(label, "stop", n, 1) for (label, _), n in zip(labels, self._prompt_tokens(examples))]
         sampling = sampling or [None] * len(examples)
         together = [i for i, s in enumerate(sampling) if s is None or generate_kwargs(s) == {"do_sample": False}]
         out: list = [None] * len(examples)
