@@ -255,6 +255,8 @@ def test_feedback_import_stores_all_rows_or_none(tmp_path):
     assert result.exit_code == 2 and "no request log" in result.output and not (tmp_path / "none.db").exists()
     result = runner.invoke(cli, ["feedback", "import", str(good)])
     assert result.exit_code == 2 and "--run" in result.output
+    result = runner.invoke(cli, ["feedback", "import", str(tmp_path), "--db", str(db)])  # a folder: not "not found"
+    assert result.exit_code == 2 and f"verdict file is not a regular file: {tmp_path}" in result.output
 
 
 def test_feedback_import_into_a_served_runs_log(service, run):

@@ -195,7 +195,8 @@ def import_file(path: Path, db: Path, replace: bool = False, redact_pii: bool = 
     file, unknown to the log, or with a verdict already stored and not `replace`; nothing is written then."""
     path, db = Path(path), Path(db)
     if not path.is_file():
-        raise InputError(f"verdict file not found: {path}", "FILE")
+        what = "is not a regular file" if path.exists() else "not found"
+        raise InputError(f"verdict file {what}: {path}", "FILE", "give a JSONL, CSV or Parquet file of verdicts")
     verdicts = read_verdicts(path)
     if not db.is_file():
         raise InputError(f"no request log at {db}", "--db", "give the request log the server wrote "
