@@ -16,7 +16,7 @@ MAX_CHARS = 600  # a cell holds at most this much of one text; the full texts st
 
 def answers_section(run_dir: Path, metric: str, first_n: int = 10) -> str:
     """Both tables ("" when the run has no predictions or `first_n` is 0)."""
-    rows = _rows(run_dir / "predictions" / "test.jsonl")
+    rows = fsio.read_jsonl(run_dir / "predictions" / "test.jsonl", missing_ok=True)
     if not rows or first_n <= 0 or "gold" not in rows[0]:  # task.type text: per-document losses, no answers
         return ""
     first = _table(rows[:first_n], None)
@@ -57,7 +57,3 @@ def _cell(value) -> str:
     if len(text) > MAX_CHARS:
         text = text[:MAX_CHARS] + " ..."
     return f"<td style='text-align:left;white-space:pre-wrap'>{html.escape(text)}</td>"
-
-
-def _rows(path: Path) -> list[dict]:
-    return fsio.read_jsonl(path, missing_ok=True)
