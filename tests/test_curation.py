@@ -102,6 +102,23 @@ def test_minhash_is_deterministic_and_chunking_does_not_change_it():
     assert minhash.signatures(["ab"], ngram=5).shape == (1, 128)   # shorter than one shingle
 
 
+
+def test_minhash_of_a_text_longer_than_a_chunk_is_the_minimum_over_its_segments():
+    """A long row is hashed in overlapping pieces (bounded memory) and keeps its exact signature."""
+    rng = np.random.default_rng(0)
+    long = "".join(rng.choice(list("abcdé日本 "), size=997))          # multi-byte characters cut mid-way
+    texts = ["short one", long, "x", long[:400], ""]
+    whole = minhash.signatures(texts, ngram=5)
+    for chunk in (10, 31, 64, 500):
+        assert np.array_equal(whole, minhash.signatures(texts, ngram=5, chunk_shingles=chunk))
+    # The reference: the minimum over every shingle of the whole text, computed one text at a time.
+    a, b = minhash.hash_params(128, 1)
+    one = minhash.signatures([long], ngram=5)[0]
+    enc = long.encode()
+    x = [int.from_bytes(enc[i:i + 5], "big") for i in range(len(enc) - 4)]
+    ref = [min(((int(ai) * v + int(bi)) % 2**64) >> 32 for v in x) for ai, bi in zip(a, b)]
+    assert one.tolist() == ref
+
 def test_lsh_bands_put_the_step_near_the_threshold():
     for threshold in (0.5, 0.7, 0.9):
         bands = minhash.lsh_bands(threshold, 128)

@@ -60,24 +60,46 @@ def signatures(texts: list[str], num_perm: int = 128, ngram: int = 5, seed: int 
                chunk_shingles: int = 500_000) -> np.ndarray:
     """MinHash signatures (N, num_perm) uint32 of `texts` (already normalised).
 
-    Texts shorter than `ngram` bytes count as one shingle (their whole text).
+    Texts shorter than `ngram` bytes count as one shingle (their whole text). A text longer than
+    `chunk_shingles` bytes is hashed in overlapping segments and its slots are the minimum over them,
+    which is the same signature: memory stays bounded by the chunk, whatever one row holds.
     """
     a, b = hash_params(num_perm, seed)
-    out = np.empty((len(texts), num_perm), dtype=np.uint32)
+    pieces, owner = _segments([t.encode("utf-8") for t in texts], ngram, chunk_shingles)
+    out = np.empty((len(pieces), num_perm), dtype=np.uint32)                    # (pieces, P)
     start = 0
-    while start < len(texts):
+    while start < len(pieces):
         # Chunks of about chunk_shingles shingles bound the (shingles, num_perm) hash matrix.
         end, size = start, 0
-        while end < len(texts) and (size < chunk_shingles or end == start):
-            size += max(1, len(texts[end]) - ngram + 1) + ngram  # an upper bound in bytes
+        while end < len(pieces) and (size < chunk_shingles or end == start):
+            size += max(1, len(pieces[end]) - ngram + 1) + ngram  # an upper bound in bytes
             end += 1
-        out[start:end] = _chunk_signatures(texts[start:end], a, b, ngram)
+        out[start:end] = _chunk_signatures(pieces[start:end], a, b, ngram)
         start = end
-    return out
+    if len(pieces) == len(texts):
+        return out
+    first = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])               # (N,)
+    return np.minimum.reduceat(out, first, axis=0)                              # (N, P)
 
 
-def _chunk_signatures(texts: list[str], a: np.ndarray, b: np.ndarray, ngram: int) -> np.ndarray:
-    encoded = [t.encode("utf-8") for t in texts]
+def _segments(encoded: list[bytes], ngram: int, size: int) -> tuple[list[bytes], np.ndarray]:
+    """Texts cut into pieces of at most max(size, 2 * ngram) bytes overlapping by ngram - 1 bytes, so
+    every shingle lies whole in exactly one piece; `owner[i]` is the text piece i came from."""
+    size = max(size, 2 * ngram)
+    step = size - ngram + 1
+    pieces, owner = [], []
+    for i, e in enumerate(encoded):
+        if len(e) <= size:
+            pieces.append(e)
+            owner.append(i)
+            continue
+        for s in range(0, len(e) - ngram + 1, step):
+            pieces.append(e[s:s + size])
+            owner.append(i)
+    return pieces, np.asarray(owner, dtype=np.int64)
+
+
+def _chunk_signatures(encoded: list[bytes], a: np.ndarray, b: np.ndarray, ngram: int) -> np.ndarray:
     # Pad each text to at least `ngram` bytes so every text has one shingle or more.
     encoded = [e + b"\0" * (ngram - len(e)) if len(e) < ngram else e for e in encoded]
     lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
@@ -85,7 +107,7 @@ def _chunk_signatures(texts: list[str], a: np.ndarray, b: np.ndarray, ngram: int
     n_shingles = lengths - ngram + 1                                           # (N,)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])                    # (N,)
     # Shingle i of text t starts at starts[t] + i.
-    owner = np.repeat(np.arange(len(texts)), n_shingles)                       # (S,)
+    owner = np.repeat(np.arange(len(encoded)), n_shingles)                     # (S,)
     offsets = np.arange(n_shingles.sum()) - np.repeat(np.cumsum(n_shingles) - n_shingles, n_shingles)
     pos = starts[owner] + offsets                                              # (S,)
     x = np.zeros(len(pos), dtype=np.uint64)
@@ -93,7 +115,7 @@ def _chunk_signatures(texts: list[str], a: np.ndarray, b: np.ndarray, ngram: int
         x = (x << np.uint64(8)) | (x >> np.uint64(56)) if k >= 8 else x << np.uint64(8)
         x ^= buf[pos + k]
     first = np.concatenate([[0], np.cumsum(n_shingles)[:-1]])
-    out = np.empty((len(a), len(texts)), dtype=np.uint32)                      # (P, N)
+    out = np.empty((len(a), len(encoded)), dtype=np.uint32)                    # (P, N)
     # A few hash functions at a time: (16, S) blocks stay in cache, and reducing along the
     # contiguous axis is several times faster than over an (S, P) matrix.
     for k in range(0, len(a), _PERM_BLOCK):
