@@ -91,6 +91,32 @@ def test_an_unevaluated_run_is_listed_without_figures(tmp_path):
     assert c.get("/compare", params={"a": "lab/draft", "b": "lab/draft"}).status_code == 404  # not evaluated
 
 
+
+def test_a_damaged_run_neither_hides_the_others_nor_breaks_the_compare_page(tmp_path, root):
+    """A hand-edited summary.json (fields of the wrong type) is listed like any run; comparing it, or a
+    run whose config.yaml is an alias bomb, is a 422 with one error line, not a 500."""
+    shutil.copytree(root / "exp" / "run", tmp_path / "good" / "run")
+    shutil.copytree(root / "exp" / "run", tmp_path / "odd" / "run")
+    shutil.copytree(root / "exp" / "run", tmp_path / "bomb" / "run")
+    summary = json.loads((tmp_path / "odd" / "run" / "summary.json").read_text())
+    summary.update(objective_metric={"a": 1}, objective=[1], metrics="x")
+    (tmp_path / "odd" / "run" / "summary.json").write_text(json.dumps(summary))
+    (tmp_path / "bomb" / "run" / "config.yaml").write_text(
+        "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+            f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+            f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
+            for i in range(8)))
+    c = TestClient(create_app(UiSettings(root=tmp_path)))
+    assert c.get("/").status_code == 200
+    runs = {r["rel"]: r for r in c.get("/api/runs").json()["runs"]}
+    assert set(runs) == {"good/run", "odd/run", "bomb/run"}
+    assert runs["odd/run"]["metric"] is None and runs["odd/run"]["verdict"] == "not met"
+    for other in ("odd/run", "bomb/run"):
+        frame = c.get("/compare/page", params={"a": "good/run", "b": other})
+        assert frame.status_code == 422, frame.text
+        message = frame.json()["error"]["message"]
+        assert message.startswith("error: ") and other.split("/")[0] in message, message
+
 def test_run_text_is_escaped(tmp_path, root):
     run = tmp_path / "x" / "run"
     shutil.copytree(root / "exp" / "run", run)

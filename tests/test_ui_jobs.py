@@ -186,6 +186,20 @@ def test_estimate_is_selects_figure_for_this_method(root, tiny_model):
     assert bad["ok"] is False and "train.epochs" in bad["error"]
 
 
+def test_a_model_path_relative_to_the_root_is_found_by_the_form_as_by_the_run(root, tiny_model):
+    """Jobs start in the root; the form's estimate runs in the workbench's own folder: a relative
+    checkpoint path is written absolute, so both find the same model."""
+    import shutil
+
+    shutil.copytree(tiny_model, root / "models" / "tiny")
+    client, token = _client(root)
+    values = {**_tiny_values(tiny_model), "model": "models/tiny"}
+    reply = _post(client, token, "/api/estimate", values).json()
+    assert reply["ok"] is True, reply
+    yaml_text = _post(client, token, "/api/validate", values).json()["yaml"]
+    assert f"model: {(root / 'models' / 'tiny').resolve()}" in yaml_text
+
+
 def _outside_paths(root: Path, tmp_path: Path) -> dict[str, str]:
     """Form values that would read a file outside the root, each by a different route out."""
     secret = tmp_path / "outside"
@@ -354,7 +368,8 @@ def _record(job_id: str, state: str, pid: int | None, start: str | None, out: Pa
             "started": 1.0, "ended": None}
 
 
-def test_jobs_survive_a_restart(root):
+def test_jobs_survive_a_restart(root, tmp_path):
+    import os
     import subprocess
 
     from tunesmith import fsio
@@ -364,31 +379,45 @@ def test_jobs_survive_a_restart(root):
     done = _finished_job(first, root, "d")
     assert json.loads((done.folder / "job.json").read_text())["state"] == "done"
     folder = root / ".tunesmith-ui" / "jobs"
-    sleeper = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    # A job a workbench started: `python -m tunesmith ...` leading its own session (a stand-in module that sleeps).
+    (tmp_path / "fake" / "tunesmith").mkdir(parents=True)
+    (tmp_path / "fake" / "tunesmith" / "__main__.py").write_text("import time\ntime.sleep(60)\n")
+    (tmp_path / "fake" / "tunesmith" / "__init__.py").write_text("")
+    command = [sys.executable, "-m", "tunesmith", "run", "p.yaml"]
+    job = subprocess.Popen(command, start_new_session=True, env={**os.environ, "PYTHONPATH": str(tmp_path / "fake")})
+    bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)  # any other process
     try:
-        live_start = jobs._start_time(sleeper.pid)
+        _wait(lambda: jobs._start_time(job.pid) is not None)
         gone = subprocess.Popen(["true"])
         gone.wait()
         fsio.write_json(folder / "20990101-000000-aaaaaa" / "job.json",
                         _record("20990101-000000-aaaaaa", "running", gone.pid, "1", root / "runs" / "gone"))
-        fsio.write_json(folder / "20990101-000000-bbbbbb" / "job.json",
-                        _record("20990101-000000-bbbbbb", "running", sleeper.pid, live_start, root / "runs" / "o"))
+        orphan = _record("20990101-000000-bbbbbb", "running", job.pid, jobs._start_time(job.pid), root / "runs" / "o")
+        orphan.update(command=command, pgid=bystander.pid)  # a recorded group other than its own is never used
+        fsio.write_json(folder / "20990101-000000-bbbbbb" / "job.json", orphan)
         fsio.write_json(folder / "20990101-000000-cccccc" / "job.json",  # a recycled pid: another start time
-                        _record("20990101-000000-cccccc", "running", sleeper.pid, "12345", root / "runs" / "r"))
+                        _record("20990101-000000-cccccc", "running", job.pid, "12345", root / "runs" / "r"))
+        fsio.write_json(folder / "20990101-000000-eeeeee" / "job.json",  # a forged record naming another process
+                        _record("20990101-000000-eeeeee", "running", bystander.pid, jobs._start_time(bystander.pid),
+                                root / "runs" / "f"))
         (folder / "20990101-000000-dddddd").mkdir()
         (folder / "20990101-000000-dddddd" / "job.json").write_text("{not json")
         client, token = _client(root)  # a new workbench on the same root
         listed = {j["id"]: j["state"] for j in client.get("/api/jobs").json()["jobs"]}
         assert listed == {done.id: "done", "20990101-000000-aaaaaa": "interrupted",
-                          "20990101-000000-bbbbbb": "orphaned", "20990101-000000-cccccc": "interrupted"}
+                          "20990101-000000-bbbbbb": "orphaned", "20990101-000000-cccccc": "interrupted",
+                          "20990101-000000-eeeeee": "interrupted"}
         refused = _post(client, token, "/api/jobs/20990101-000000-cccccc/stop")
-        assert refused.status_code == 409 and sleeper.poll() is None  # the recycled pid is never signalled
+        assert refused.status_code == 409 and job.poll() is None  # the recycled pid is never signalled
+        assert _post(client, token, "/api/jobs/20990101-000000-eeeeee/stop").status_code == 409
         assert _post(client, token, "/api/jobs/20990101-000000-bbbbbb/stop").status_code == 200
-        assert sleeper.wait(10) == -15
+        assert job.wait(10) == -15
         _wait(lambda: client.get("/api/jobs/20990101-000000-bbbbbb").json()["state"] == "stopped")
+        assert bystander.poll() is None
     finally:
-        sleeper.kill()
-        sleeper.wait()
+        for process in (job, bystander):
+            process.kill()
+            process.wait()
     saved = json.loads((folder / "20990101-000000-aaaaaa" / "job.json").read_text())
     assert saved["state"] == "interrupted"
 

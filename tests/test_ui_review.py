@@ -139,6 +139,7 @@ def test_a_corrections_file_inside_any_run_folder_is_refused(ui):
         assert answer.status_code == 400 and "outside run folders" in answer.json()["error"]["message"], file
     assert _decide(client, "red apple", "gamma", action="drop", file="notes.txt").status_code == 400
     assert sorted(p.name for p in other.rglob("*")) == ["model", "tunesmith.json"]
+    (root / "reviews").mkdir()
     assert _decide(client, "red apple", "gamma", action="drop", file="reviews/fixes.jsonl").status_code == 200
 
 
@@ -166,6 +167,11 @@ def test_default_files_of_runs_whose_names_read_the_same_differ(ui):
 
 def test_export_and_start_links_carry_the_chosen_file(ui):
     client, root = ui
+    refused = client.post("/api/review/decision", json={"run": "runs/r1", "row": row_key("red apple", "gamma"),
+                                                         "action": "drop", "file": "mine/fixes.jsonl"})
+    assert refused.status_code == 400 and "folder does not exist" in refused.text
+    assert not (root / "mine").exists()  # a typo in a folder name makes no folders in the user's tree
+    (root / "mine").mkdir()
     _decide(client, "red apple", "gamma", action="drop", file="mine/fixes.jsonl")
     html = client.get("/review", params={"run": "runs/r1", "file": "mine/fixes.jsonl"}).text
     assert "href='/api/review/export?run=runs%2Fr1&amp;file=mine%2Ffixes.jsonl'" in html

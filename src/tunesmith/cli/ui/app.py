@@ -18,7 +18,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tunesmith.errors import InputError
+from tunesmith import fsio
+from tunesmith.errors import InputError, TunesmithError
 from tunesmith.serve.replies import error
 
 STATIC = Path(__file__).parent / "static"
@@ -90,6 +91,14 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         return error(exc.status_code, str(exc.detail), "invalid_request_error")
+
+    @app.exception_handler(TunesmithError)
+    async def refused(request: Request, exc: TunesmithError):  # a damaged run a page reads, say
+        return error(422 if exc.exit_code == 2 else 500, exc.line(), "invalid_request_error")
+
+    @app.exception_handler(fsio.DamagedFile)
+    async def damaged(request: Request, exc: fsio.DamagedFile):
+        return error(422, str(exc), "invalid_request_error")
 
     @app.exception_handler(RequestValidationError)
     async def bad_body(request: Request, exc: RequestValidationError):

@@ -215,6 +215,8 @@ def to_config(root: Path, values: dict[str, Any]) -> dict:
         value = raw if not isinstance(raw, str) or field["text"] else _yaml_value(raw)
         if key in PATH_KEYS:
             value = _path_value(Path(root).resolve(), key, value)
+        elif key == "model":
+            value = _model_value(Path(root).resolve(), value)
         if not field["required"] and _shown(value) == field["default"]:
             continue
         node = config
@@ -225,6 +227,16 @@ def to_config(root: Path, values: dict[str, Any]) -> dict:
                 raise HTTPException(400, f"{key}: conflicts with another value")
         node[leaf] = value
     return config
+
+
+def _model_value(root: Path, value: Any) -> Any:
+    """A relative `model` naming a checkpoint under the root, made absolute: runs start in the root but
+    the form's checks and estimate run in the workbench's own folder, and both must find the same model.
+    Catalog names, hub ids and absolute paths stay as typed (see README: a checkpoint may lie anywhere)."""
+    if not isinstance(value, str) or not value or Path(value).is_absolute() or value.startswith("~"):
+        return value
+    candidate = root / value
+    return str(candidate.resolve()) if candidate.exists() else value
 
 
 def _path_value(root: Path, key: str, value: Any) -> Any:

@@ -322,7 +322,7 @@ class JobManager:
                 continue
             self.jobs[job.id] = job
             if job.state in LIVE:
-                if _same_process(job.pid, job.pid_start):
+                if _same_process(job.pid, job.pid_start) and _started_here(job):
                     job.state = "orphaned"
                     threading.Thread(target=self._watch_orphan, args=(job,), daemon=True,
                                      name=f"job-{job.id}").start()
@@ -342,7 +342,7 @@ class JobManager:
                       command=[str(c) for c in data.get("command") or []],
                       commands=[[str(c) for c in cmd] for cmd in data.get("commands") or []],
                       started=float(data.get("started") or 0), ended=_float(data.get("ended")),
-                      pid=_int(data.get("pid")), pgid=_int(data.get("pgid")),
+                      pid=_int(data.get("pid")), pgid=_int(data.get("pid")),  # its own group (start_new_session)
                       pid_start=None if data.get("pid_start") is None else str(data["pid_start"]))
         except FileNotFoundError:
             return None
@@ -389,6 +389,23 @@ def _start_time(pid: int | None) -> str | None:
 
 def _same_process(pid: int | None, start: str | None) -> bool:
     return start is not None and _start_time(pid) == start
+
+
+def _started_here(job: Job) -> bool:
+    """Whether the process a reloaded record names can be the job a workbench started: a `python -m
+    tunesmith` command (the record's, argument for argument) leading its own session, and not this
+    process. A job.json is a file under the root, which a cloned or unpacked folder can bring: Stop must
+    never signal a process (or group) that a forged record names."""
+    pid = job.pid
+    if pid is None or pid == os.getpid() or job.command[1:3] != ["-m", "tunesmith"]:
+        return False
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+    except (OSError, IndexError):
+        return False
+    leads = fields[2] == fields[3] == str(pid)  # process group and session are its own
+    return leads and [a.decode("utf-8", "surrogateescape") for a in argv] == job.command
 
 
 def _signal_group(pgid: int | None, sig: int) -> None:

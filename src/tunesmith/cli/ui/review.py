@@ -128,9 +128,10 @@ def _source(row: dict) -> str | None:
 
 
 # -- the corrections file --------------------------------------------------------------------------
-def corrections_path(request: Request, folder: Path, file: str | None) -> Path:
+def corrections_path(request: Request, folder: Path, file: str | None, writing: bool = False) -> Path:
     """Where the review of the run in `folder` saves its decisions: `file` (a .jsonl under the root,
-    outside the reviewed folder and outside every run folder) or the default under ROOT/.tunesmith-ui."""
+    outside the reviewed folder and outside every run folder; `writing`: in a folder that exists) or the
+    default under ROOT/.tunesmith-ui."""
     root: Path = request.app.state.ui.root
     if not file:
         return default_corrections(root, folder)
@@ -139,6 +140,8 @@ def corrections_path(request: Request, folder: Path, file: str | None) -> Path:
         raise HTTPException(400, "the corrections file must be a .jsonl file")
     if path.is_relative_to(folder) or _in_run_dir(root, path):
         raise HTTPException(400, "keep the corrections file outside run folders (a run's files are its record)")
+    if writing and not path.parent.is_dir():  # a typo in a folder name makes no new folders in the user's tree
+        raise HTTPException(400, f"the corrections file's folder does not exist: {file}; create it first")
     return path
 
 
@@ -247,7 +250,8 @@ async def decide(request: Request) -> JSONResponse:
     rows = read_suspects(found, MAX_EXPORT)[0]
     text_field, labels = task_fields(request.app.state.ui.root, folder, rows)
     decision = _decision_from(body, rows, text_field, labels)
-    path = corrections_path(request, folder, body.get("file") if isinstance(body.get("file"), str) else None)
+    path = corrections_path(request, folder, body.get("file") if isinstance(body.get("file"), str) else None,
+                            writing=True)
     count = save_decisions(path, [decision])
     return JSONResponse({"count": count, "file": str(path), "decision": decision.to_json()})
 
@@ -277,7 +281,7 @@ async def import_tasks(request: Request, run: str, file: str | None = None) -> J
         raise HTTPException(413, f"at most {MAX_DECISIONS} tasks")
     _, labels = task_fields(request.app.state.ui.root, folder, read_suspects(found, MAX_EXPORT)[0])
     decisions, counts = decisions_from_label_studio(tasks, labels)
-    path = corrections_path(request, folder, file)
+    path = corrections_path(request, folder, file, writing=True)
     count = save_decisions(path, decisions) if decisions else len(_existing(path))
     return JSONResponse({"count": count, "file": str(path), **counts})
 

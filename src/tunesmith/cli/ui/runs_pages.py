@@ -84,12 +84,17 @@ def run_row(root: Path, run: Path) -> RunRow:
         method = (config.get("train") or {}).get("method", "") if isinstance(config.get("train"), dict) else ""
         return RunRow(rel, str(config.get("name", run.name)), task, str(config.get("model", "")), str(method),
                       "not evaluated", None, None, None, date, False)
-    metric = summary.get("objective_metric")
-    figures = summary.get("metrics") or {}
+    # Every field read with the type it must have: one hand-edited summary.json never hides the others.
+    metric = summary.get("objective_metric") if isinstance(summary.get("objective_metric"), str) else None
+    figures = _dict(summary.get("metrics"))
     return RunRow(rel, str(summary.get("name", run.name)), task, str(summary.get("model", "")),
-                  str(summary.get("method", "")), "met" if (summary.get("objective") or {}).get("met") else "not met",
-                  metric, _number((figures.get("baseline") or {}).get(metric)),
-                  _number((figures.get("finetuned") or {}).get(metric)), date, True)
+                  str(summary.get("method", "")), "met" if _dict(summary.get("objective")).get("met") is True
+                  else "not met", metric, _number(_dict(figures.get("baseline")).get(metric)),
+                  _number(_dict(figures.get("finetuned")).get(metric)), date, True)
+
+
+def _dict(value) -> dict:
+    return value if isinstance(value, dict) else {}
 
 
 def _own_file(root: Path, rel: str, name: str) -> Path | None:

@@ -76,7 +76,7 @@ async def read_capped(request: Request, limit: int) -> bytes:
     """The request's body, read at most `limit` bytes: 413 as soon as the declared length or the bytes
     streamed so far pass it, so an oversized body is never held whole in memory."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise HTTPException(413, f"request body over {limit} bytes")
     chunks, size = [], 0
     async for chunk in request.stream():
