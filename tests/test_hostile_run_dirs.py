@@ -190,6 +190,8 @@ def test_human_import_refuses_ratings_it_would_misread(run, tmp_path, ratings, e
     (["eval", "--bogus"], "error: No such option: --bogus, "),
     (["serve", "x", "--port", "abc"], "error: Invalid value for '--port'"),
     (["nosuch"], "error: No such command 'nosuch', "),
+    # click raises an option's arity error without its context: the command is still named
+    (["report", "--compare", "a"], "error: Option '--compare' requires 2 arguments, tunesmith report, see "),
 ])
 def test_a_wrong_command_line_is_one_error_line_and_exit_2(args, expected):
     import subprocess
@@ -226,3 +228,157 @@ def test_a_comparison_page_written_before_the_marker_is_still_replaced(run, tmp_
     result = runner.invoke(app, ["report", "--compare", str(run), str(run), "--out", str(old)])
     assert result.exit_code == 0, result.output
     assert "an older page" not in old.read_text()
+
+
+# --- over-long paths, hand-edited figures, a damaged registry --------------------------------------
+
+@pytest.mark.parametrize("command", [["export", "{run}", "--format", "hf", "--out", "{long}"],
+                                     ["data", "clean", "{project}", "--out", "{long}"],
+                                     ["report", "--compare", "{run}", "{run}", "--out", "{long}/page.html"]])
+def test_an_over_long_out_path_is_bad_input(run, command):
+    long = run.parent / ("a" * 300)
+    args = [a.format(run=run, long=long, project=run.parent / "project.yaml") for a in command]
+    line = _error(runner.invoke(app, args))
+    assert "too long" in line and "aaaa" in line
+    assert sorted(p.name for p in run.parent.iterdir()) == ["project.yaml", "run", "test.jsonl", "train.jsonl"]
+
+
+@pytest.mark.parametrize("edit", [{"objective_metric": {"a": 1}}, {"objective": {"met": True, "criteria": 5}},
+                                  {"metrics": {"baseline": [], "finetuned": "x"}}, {"name": None},
+                                  {"training": []}, {"data": 3}])
+def test_a_summary_edited_to_wrong_types_is_named_not_an_internal_error(run, edit):
+    import json
+
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, **edit}))
+    page, refused = (run / "report.html").read_bytes(), 0
+    for args in (["report", str(run)], ["runs", "show", str(run)], ["runs", "diff", str(run), str(run)]):
+        result = runner.invoke(app, args)
+        if result.exit_code == 0:  # a field this command does not read
+            continue
+        line = _error(result)
+        assert str(run) in line and "wrong type" in line, line
+        refused += 1
+    assert refused >= 1
+    assert (run / "report.html").read_bytes() == page  # not rewritten half-way
+
+
+def test_metrics_edited_to_wrong_types_are_named(run):
+    import json
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**metrics, "per_class": [1], "latency_ms": "fast"}))
+    assert "wrong type" in _error(runner.invoke(app, ["report", str(run)]))
+
+
+def test_runs_diff_names_a_config_that_is_not_yaml(run):
+    (run / "config.yaml").write_text("a: &a [x, x]\nb: [*a, *a\n")
+    line = _error(runner.invoke(app, ["runs", "diff", str(run), str(run)]))
+    assert "not valid YAML" in line and "config.yaml" in line
+
+
+@pytest.mark.parametrize("content", [b"garbage, not sqlite" * 100, "folder",
+                                     "table"])
+def test_a_registry_tunesmith_did_not_write_is_bad_input(tmp_path, monkeypatch, content):
+    import sqlite3
+
+    registry = tmp_path / "reg.sqlite"
+    if content == "folder":
+        registry.mkdir()
+    elif content == "table":
+        with sqlite3.connect(registry) as db:
+            db.execute("CREATE TABLE runs (x TEXT)")
+        db.close()
+    else:
+        registry.write_bytes(content)
+    monkeypatch.setenv("TUNESMITH_REGISTRY", str(registry))
+    for args in (["runs", "list"], ["runs", "show", "1"]):
+        line = _error(runner.invoke(app, args))
+        assert "registry" in line and str(registry) in line, line
+
+
+def test_reading_the_registry_creates_nothing_and_odd_ids_name_no_run(tmp_path, monkeypatch):
+    registry = tmp_path / "no" / "such" / "reg.sqlite"
+    monkeypatch.setenv("TUNESMITH_REGISTRY", str(registry))
+    result = runner.invoke(app, ["runs", "list"])
+    assert result.exit_code == 0 and "0 run(s)" in result.output
+    assert not (tmp_path / "no").exists()
+    assert "no run with id" in _error(runner.invoke(app, ["runs", "show", "99999999999999999999999"]))
+    assert "not an evaluated run directory" in _error(runner.invoke(app, ["runs", "show", "²"]))  # not an id
+    assert not (tmp_path / "no").exists()
+
+
+def test_runs_list_prints_a_hand_edited_registry_row(run, tmp_path, monkeypatch):
+    import sqlite3
+
+    from tunesmith.runs import record_run
+
+    monkeypatch.setenv("TUNESMITH_REGISTRY", str(tmp_path / "reg.sqlite"))
+    record_run(run)
+    with sqlite3.connect(tmp_path / "reg.sqlite") as db:
+        db.execute("UPDATE runs SET value = 'abc', name = 7")
+    db.close()
+    result = runner.invoke(app, ["runs", "list"])
+    assert result.exit_code == 0, result.output
+    assert "n/a" in result.output and "1 run(s)" in result.output
+
+
+def test_sigterm_runs_a_commands_cleanup_and_exits_143(tmp_path):
+    """`kill`, `timeout` and the workbench's Stop send SIGTERM: the command's cleanup runs (an export's
+    staging folder goes), where before the process vanished and left it behind."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, signal, time, typer\n"
+        "from pathlib import Path\n"
+        "from tunesmith.cli.common import guarded\n"
+        "def work():\n"
+        f"    staging = Path({str(tmp_path)!r}) / '.out.export-x'\n"
+        "    staging.mkdir()\n"
+        "    try:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        time.sleep(30)\n"
+        "    finally:\n"
+        "        staging.rmdir()\n"
+        "    return 0\n"
+        "try:\n"
+        "    guarded(False, work)\n"
+        "except typer.Exit as e:\n"
+        "    raise SystemExit(e.exit_code)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.startswith("error: terminated; ") and "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_hub_id_in_the_local_cache_resolves_without_any_connection(tmp_path, monkeypatch):
+    """A Hugging Face id is taken from the local hub cache first: no lookup at all when it is there
+    (before, every resolve asked the hub for the latest revision); an id that is not cached and cannot be
+    fetched is one ModelError."""
+    import socket
+
+    import huggingface_hub.constants
+
+    from tunesmith.errors import ModelError
+    from tunesmith.models.resolve import resolve_model
+
+    snapshot = tmp_path / "models--org--tiny" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "models--org--tiny" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    connects = []
+
+    def refuse(*args, **kwargs):
+        connects.append(args)
+        raise OSError("no network in this test")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    assert resolve_model("org/tiny") == snapshot
+    assert connects == []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelError, match="cannot fetch Hugging Face model 'org/absent'"):
+        resolve_model("org/absent")

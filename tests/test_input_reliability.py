@@ -261,3 +261,16 @@ def test_item15_rating_form_escapes_a_formula_rater_name(tmp_path):
     result = runner.invoke(app, ["human", "import", str(saved), "--key", str(run / "human" / "key.json")])
     assert result.exit_code == 0, result.output
     assert list(json.loads((run / "human" / "results.json").read_text())["per_rater"]) == ["=evil()"]
+
+
+def test_a_plot_that_fails_on_damaged_figures_closes_its_figure():
+    """pyplot keeps open figures for the life of the process (the workbench serves for days)."""
+    import matplotlib.pyplot as plt
+
+    from tunesmith.report import plots
+
+    before = len(plt.get_fignums())
+    for _ in range(3):
+        with pytest.raises(KeyError):  # raised once the figure is open
+            plots.per_class_f1({"a": {"f1": 0.5}})
+    assert len(plt.get_fignums()) == before

@@ -145,6 +145,8 @@ def replace_dir(src: Path, dst: Path) -> None:
 def uncreatable(folder: Path) -> str | None:
     """Why `folder` can be neither used nor created (its nearest existing ancestor is a file, a dangling
     link, or not writable), or None when it can."""
+    if (overlong := _overlong(Path(folder).absolute())) is not None:
+        return overlong
     ancestor = Path(folder).absolute()
     while not ancestor.exists() and not ancestor.is_symlink() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
@@ -163,9 +165,21 @@ def uncreatable(folder: Path) -> str | None:
     return None
 
 
+def _overlong(path: Path) -> str | None:
+    """Why no file system takes `path` (a name over 255 bytes, the whole over 4,095), or None."""
+    name = next((part for part in path.parts if len(os.fsencode(part)) > 255), None)
+    if name is not None:
+        return f"a name in it is {len(os.fsencode(name))} bytes long (at most 255)"
+    if len(os.fsencode(str(path))) > 4095:
+        return f"it is {len(os.fsencode(str(path)))} bytes long (at most 4,095)"
+    return None
+
+
 def unwritable_file(path: Path) -> str | None:
     """Why a new file cannot be written at `path` (its folder can be neither used nor created, or takes
     no new files), or None when it can. Nothing is left behind by the check."""
+    if (overlong := _overlong(Path(path).absolute())) is not None:
+        return overlong
     folder = Path(path).absolute().parent
     if not folder.is_dir():
         return uncreatable(folder)

@@ -298,15 +298,37 @@ def registry_path() -> Path:
     return Path(platformdirs.user_data_dir("tunesmith")) / "runs.sqlite"
 
 
-def _registry():
+@contextmanager
+def _registry(create: bool = True):
+    """The registry's connection, closed on leaving; None where it does not exist and `create` is False
+    (a command that only reads it makes no folder and no file). A registry that is not one tunesmith
+    wrote (another file, a folder, other columns) is an InputError naming it, never an internal error."""
     import sqlite3
 
+    from tunesmith.errors import InputError
+
     path = registry_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(str(path))
-    db.execute(REGISTRY_SCHEMA)
-    db.row_factory = sqlite3.Row
-    return db
+    if not create and not path.is_file():
+        if path.exists():
+            raise InputError("is not a file: the run registry cannot be read", str(path),
+                             "point TUNESMITH_REGISTRY at a file, or move the folder aside")
+        yield None
+        return
+    db = None
+    try:
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(str(path))
+        db.execute(REGISTRY_SCHEMA)
+        db.row_factory = sqlite3.Row
+        yield db
+    except sqlite3.Error as e:
+        raise InputError(f"the run registry cannot be read ({type(e).__name__}: {e})", str(path),
+                         "move it aside (runs are recorded anew as they are evaluated), or set TUNESMITH_REGISTRY "
+                         "to another file") from None
+    finally:
+        if db is not None:
+            db.close()
 
 
 def record_run(run_dir: Path) -> int | None:
@@ -325,31 +347,37 @@ def record_run(run_dir: Path) -> int | None:
            datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(timespec="seconds"),
            s["model"], s["method"], metric, s["metrics"]["finetuned"].get(metric), s["metrics"]["baseline"].get(metric),
            int(bool(s["objective"]["met"])), json.dumps(s))
-    db = _registry()
-    try:
-        with db:
-            db.execute("INSERT INTO runs (run_dir, name, created, model, method, metric, value, baseline, "
-                       "met, summary) "
-                       "VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(run_dir) DO UPDATE SET name=excluded.name, "
-                       "created=excluded.created, model=excluded.model, "
-                       "method=excluded.method, metric=excluded.metric, "
-                       "value=excluded.value, baseline=excluded.baseline, met=excluded.met, "
-                       "summary=excluded.summary", row)
+    with _registry() as db, db:
+        db.execute("INSERT INTO runs (run_dir, name, created, model, method, metric, value, baseline, "
+                   "met, summary) "
+                   "VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(run_dir) DO UPDATE SET name=excluded.name, "
+                   "created=excluded.created, model=excluded.model, "
+                   "method=excluded.method, metric=excluded.metric, "
+                   "value=excluded.value, baseline=excluded.baseline, met=excluded.met, "
+                   "summary=excluded.summary", row)
         return db.execute("SELECT id FROM runs WHERE run_dir = ?", (str(run_dir),)).fetchone()["id"]
-    finally:
-        db.close()
 
 
 def list_runs(name: str | None = None) -> list[dict]:
     """Registered runs, newest first (optionally of one project name); folders that are gone are marked."""
-    db = _registry()
-    try:
+    with _registry(create=False) as db:
+        if db is None:
+            return []
         query = "SELECT id, run_dir, name, created, model, method, metric, value, baseline, met FROM runs"
         rows = db.execute(query + (" WHERE name = ?" if name else "") + " ORDER BY created DESC, id DESC",
                           (name,) if name else ()).fetchall()
-    finally:
-        db.close()
-    return [{**dict(r), "exists": Path(r["run_dir"]).is_dir()} for r in rows]
+    return [_listed(dict(r)) for r in rows]
+
+
+def _listed(row: dict) -> dict:
+    """A registry row with the types the listing prints (SQLite keeps whatever a hand edit put in a
+    column): figures as numbers or None, the rest as text."""
+    def number(v):
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    text = {k: "" if row[k] is None else str(row[k]) for k in ("id", "run_dir", "name", "created", "model",
+                                                                 "method", "metric")}
+    return {**text, "value": number(row["value"]), "baseline": number(row["baseline"]), "met": bool(row["met"]),
+            "exists": Path(text["run_dir"]).is_dir()}
 
 
 def find_run(ref: str, evaluated: bool = True) -> Path:
@@ -360,16 +388,14 @@ def find_run(ref: str, evaluated: bool = True) -> Path:
     """
     from tunesmith.errors import RunDirError
 
-    if ref.isdigit():
-        db = _registry()
-        try:
-            row = db.execute("SELECT run_dir FROM runs WHERE id = ?", (int(ref),)).fetchone()
-        finally:
-            db.close()
+    if ref.isascii() and ref.isdigit():  # "²" is a digit to str.isdigit, not to int()
+        with _registry(create=False) as db:  # an id past SQLite's 64-bit integers names no run
+            row = None if db is None or int(ref) >= 2**63 else db.execute(
+                "SELECT run_dir FROM runs WHERE id = ?", (int(ref),)).fetchone()
         if row is None:
             raise RunDirError(f"no run with id {ref} in the registry", str(registry_path()),
                               "see `tunesmith runs list`")
-        path = Path(row["run_dir"])
+        path = Path(str(row["run_dir"]))
         if not (path / "summary.json").is_file():
             raise RunDirError(f"run {ref} is in the registry but its folder is gone (no summary.json)", str(path),
                               "`tunesmith runs list` marks such runs (gone)")
@@ -400,3 +426,23 @@ def check_evaluated(run_dir: Path) -> None:
     if missing:
         raise RunDirError(f"the evaluated run lacks {missing}", str(run_dir / missing),
                           f"restore it, or run `tunesmith eval {run_dir}` again")
+
+
+@contextmanager
+def reading_run_files(*run_dirs: Path):
+    """Code that reads a finished run's own JSON (a page, a comparison) inside this block: a figure that is
+    missing or of the wrong type there (an edited summary.json, a list where a table was) is the run's
+    files being damaged, so it becomes a RunDirError naming the run instead of an internal error. Only
+    for code that reads run files and computes nothing else: there, such an error can only come from them.
+    """
+    from tunesmith.errors import RunDirError
+
+    try:
+        yield
+    except fsio.DamagedFile:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise RunDirError(f"a figure in the run's JSON files (summary.json, metrics.json, ...) is missing or of "
+                          f"the wrong type ({type(e).__name__}: {str(e)[:120]})", " and ".join(map(str, run_dirs)),
+                          f"restore them, or run `tunesmith eval {run_dirs[0] if len(run_dirs) == 1 else 'RUN'}` "
+                          "again to rewrite them") from e

@@ -269,9 +269,11 @@ def runs_show(run: str = typer.Argument(..., help="run id or run directory"), de
     """A run's verdict and metrics."""
     def go() -> int:
         from tunesmith import fsio
-        from tunesmith.runs import find_run
+        from tunesmith.runs import find_run, reading_run_files
 
-        _print_summary(fsio.read_json(find_run(run, evaluated=False) / "summary.json", dict))
+        path = find_run(run, evaluated=False)
+        with reading_run_files(path):
+            _print_summary(fsio.read_json(path / "summary.json", dict))
         return 0
     _guarded(debug, go)
 
@@ -283,14 +285,14 @@ def runs_diff(a: str = typer.Argument(..., help="run id or directory"),
     """Config differences and metric deltas (B - A), with a paired test on shared test examples."""
     def go() -> int:
         from tunesmith.evaluate.run_diff import config_diff, metric_diff
-        from tunesmith.runs import find_run
+        from tunesmith.runs import find_run, reading_run_files
 
         ra, rb = find_run(a), find_run(b)
-        changes = config_diff(ra, rb)
+        with reading_run_files(ra, rb):  # both read before a line is printed
+            changes, m = config_diff(ra, rb), metric_diff(ra, rb)
         print(f"config: {len(changes)} key(s) differ")
         for c in changes:
             print(f"  {c['key']}: {c['a']!r} -> {c['b']!r}")
-        m = metric_diff(ra, rb)
         print("metrics (fine-tuned, B - A):")
         for k, v in m["metrics"].items():
             print(f"  {k}: {v['a']:.4g} -> {v['b']:.4g} ({v['diff']:+.4g})")

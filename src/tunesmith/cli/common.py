@@ -3,9 +3,12 @@ traceback unless --debug) and the options that mean the same everywhere."""
 
 from __future__ import annotations
 
+import errno
+import signal
 import sys
+import threading
 import traceback
-from typing import Callable
+from typing import Callable, NoReturn
 
 import typer
 
@@ -26,6 +29,7 @@ def guarded(debug: bool, fn: Callable[[], int], details: bool = False) -> None:
     With `details`, the error's extra lines (e.g. every bad row) follow, indented.
     """
     quiet_libraries()
+    previous = _interrupt_on_sigterm()
     try:
         code = fn()
     except TunesmithError as e:
@@ -40,17 +44,51 @@ def guarded(debug: bool, fn: Callable[[], int], details: bool = False) -> None:
             traceback.print_exc()
         print(e, file=sys.stderr)
         raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        print("error: interrupted; training checkpoints, if any were written, are kept for "
-              "`tunesmith train --resume RUN_DIR`", file=sys.stderr)
-        raise typer.Exit(130) from None
-    except Exception as e:  # an internal bug: say so in one line unless --debug
+    except OSError as e:
+        if e.errno != errno.ENAMETOOLONG:  # only a path the user gave (--out, a config's name) is too long
+            _internal(e, debug)
         if debug:
             traceback.print_exc()
-        print(f"error: internal error: {type(e).__name__}: {e}, rerun with --debug for the traceback",
+        name = str(e.filename)
+        print(f"error: a name in the path is too long for the file system, {name[:120]}"
+              f"{'...' if len(name) > 120 else ''}, give a shorter path (or a shorter `name` in the config)",
               file=sys.stderr)
-        raise typer.Exit(1) from None
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt as e:
+        print(f"error: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; training checkpoints, if "
+              "any were written, are kept for `tunesmith train --resume RUN_DIR`", file=sys.stderr)
+        raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
+    except Exception as e:
+        _internal(e, debug)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     raise typer.Exit(code)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`, the workbench's Stop), taken as Ctrl-C is: cleanup runs (an export's
+    staging folder is removed, a run with checkpoints keeps them for --resume) instead of the process
+    vanishing with its half-written folders."""
+
+
+def _interrupt_on_sigterm():
+    """Raise Terminated on SIGTERM while the command runs; returns the previous handler (None where
+    handlers cannot be set: off the main thread, as under a test runner's worker)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminate(signum, frame):
+        raise Terminated()
+    return signal.signal(signal.SIGTERM, terminate)
+
+
+def _internal(e: Exception, debug: bool) -> NoReturn:
+    """An internal bug: say so in one line unless --debug; exit 1."""
+    if debug:
+        traceback.print_exc()
+    print(f"error: internal error: {type(e).__name__}: {e}, rerun with --debug for the traceback", file=sys.stderr)
+    raise typer.Exit(1) from None
 
 
 def run_app(app: typer.Typer) -> None:
@@ -68,7 +106,7 @@ def run_app(app: typer.Typer) -> None:
         message = " ".join(text.split()).rstrip(".")
         if message:
             ctx = getattr(e, "ctx", None)
-            where = ctx.command_path if ctx is not None else "tunesmith"
+            where = ctx.command_path if ctx is not None else _command_path(app)
             print(f"error: {message}, {where}, see `{where} --help`", file=sys.stderr)
         sys.exit(getattr(e, "exit_code", 2))
     except typer.Abort:
@@ -76,3 +114,16 @@ def run_app(app: typer.Typer) -> None:
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
 
+
+
+def _command_path(app: typer.Typer) -> str:
+    """`tunesmith report` for an error click raised without its context (an option's arity): the commands
+    named at the start of the command line."""
+    group, path = typer.main.get_command(app), ["tunesmith"]
+    for arg in sys.argv[1:]:
+        command = getattr(group, "commands", {}).get(arg)
+        if command is None:
+            break
+        path.append(arg)
+        group = command
+    return " ".join(path)

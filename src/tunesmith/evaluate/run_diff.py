@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
 from tunesmith import fsio
 from tunesmith.config import yaml_text
 from tunesmith.evaluate.compare import compare
@@ -24,9 +26,22 @@ def flatten(d: dict, prefix: str = "") -> dict[str, object]:
 
 def config_diff(a: Path, b: Path) -> list[dict]:
     """Keys whose resolved values differ between the runs' config.yaml files."""
-    ca = flatten(yaml_text.safe_load((Path(a) / "config.yaml").read_text(encoding="utf-8")) or {})
-    cb = flatten(yaml_text.safe_load((Path(b) / "config.yaml").read_text(encoding="utf-8")) or {})
+    ca, cb = flatten(_config(Path(a) / "config.yaml")), flatten(_config(Path(b) / "config.yaml"))
     return [{"key": k, "a": ca.get(k), "b": cb.get(k)} for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)]
+
+
+def _config(path: Path) -> dict:
+    """A run's config.yaml as a dict; fsio.DamagedFile (one error line naming it) when it is not YAML
+    tunesmith wrote: unparsable, refused (an alias bomb), or not a mapping."""
+    try:
+        data = yaml_text.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        raise fsio.DamagedFile(path, str(getattr(e, "problem", None) or e), mark.line + 1 if mark else None,
+                               what="not valid YAML") from None
+    if not isinstance(data, dict):
+        raise fsio.DamagedFile(path, f"a {type(data).__name__}, not a mapping of config keys", what="not a config")
+    return data
 
 
 def metric_diff(a: Path, b: Path, resamples: int = 1000, seed: int = 0) -> dict:

@@ -69,10 +69,19 @@ def _from_catalog(entry: CatalogEntry) -> Path:
 
 
 def _from_hub(repo_id: str) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
+    """The checkpoint of a Hugging Face id: from the local hub cache when it is there (no connection at
+    all, so a run is repeatable offline), else downloaded where the hub is reachable."""
+    from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt"]
+    try:
+        cached = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+        if (cached / "config.json").is_file():
+            return cached
+    except Exception:  # not in the cache (or a cache entry without files): ask the hub
+        pass
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # offline, unknown repo, auth: all mean "cannot resolve"
         raise ModelError(f"cannot fetch Hugging Face model '{repo_id}' ({type(e).__name__})", "model",
                          f"check the id and the network, or use a catalog name ({', '.join(CATALOG)})") from None

@@ -33,6 +33,7 @@ from tunesmith.runs import (
     check_runs_folder,
     final_dir,
     interrupted_run,
+    reading_run_files,
     record_run,
     run_lock,
     staged,
@@ -141,7 +142,8 @@ def report_run(run_dir: Path) -> Path:
     """report on an evaluated run directory; returns the report page."""
     check_evaluated(run_dir)
     with run_lock(Path(run_dir).resolve()):
-        page = report_stage(run_dir)
+        with reading_run_files(run_dir):
+            page = report_stage(run_dir)
         clear_failure(run_dir, ("report",))
     return page
 

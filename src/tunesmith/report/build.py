@@ -31,15 +31,15 @@ def report_stage(run_dir: Path) -> Path:
             _search_section(run_dir, summary["objective_metric"]), fairness_section(run_dir),
             optimize_section(run_dir, summary["objective_metric"]),
             _train_section(metrics.get("train", {}))]
-    fsio.write_text(run_dir / "report.html", page(f"tunesmith: {summary['name']}", "".join(body)))
-    fsio.write_text(run_dir / "model_card.md", model_card(summary, metrics, data))
+    html_page, card = page(f"tunesmith: {summary['name']}", "".join(body)), model_card(summary, metrics, data)
+    fsio.write_text(run_dir / "report.html", html_page)  # both built before either is written
+    fsio.write_text(run_dir / "model_card.md", card)
     return run_dir / "report.html"
 
 
 def _report_examples(run_dir: Path) -> int:
-    """eval.report_examples of the run's config (10 when the run has no config.yaml)."""
-    path = run_dir / "config.yaml"
-    return load_config(path, check_files=False).eval.report_examples if path.is_file() else 10
+    """eval.report_examples of the run's config (every caller has checked the run holds config.yaml)."""
+    return load_config(run_dir / "config.yaml", check_files=False).eval.report_examples
 
 
 def _header(summary: dict) -> str:

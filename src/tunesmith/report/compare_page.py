@@ -14,6 +14,7 @@ from tunesmith.errors import InputError
 from tunesmith.evaluate.run_diff import config_diff, metric_diff
 from tunesmith.report import plots
 from tunesmith.report.html import fmt, img, page, read_log
+from tunesmith.runs import reading_run_files
 from tunesmith.tasks.metrics import METRICS
 
 COST = ("train_seconds", "peak_rss_mb", "trainable_params", "tokens_per_second", "latency_p50_ms", "latency_p95_ms",
@@ -33,17 +34,18 @@ def compare_report(a: Path, b: Path, out: Path) -> Path:
             or cannot be written; nothing has been touched.
     """
     check_out(out)
-    sa, sb = fsio.read_json(a / "summary.json", dict), fsio.read_json(b / "summary.json", dict)
-    ma, mb = fsio.read_json(a / "metrics.json", dict), fsio.read_json(b / "metrics.json", dict)
-    names = (_name(sa, a), _name(sb, b))
-    diff = metric_diff(a, b)
-    body = [f"<h1>tunesmith: {html.escape(names[0])} vs {html.escape(names[1])}</h1>",
-            _runs_table(sa, sb, names), _config_table(config_diff(a, b)),
-            _metrics_table(diff, ma["finetuned"], mb["finetuned"], names),
-            _plots(ma["finetuned"], mb["finetuned"], {names[0]: read_log(a / "train_log.jsonl"),
-                                                      names[1]: read_log(b / "train_log.jsonl")},
-                   sa["objective_metric"], names),
-            _disagreements(a, b, names) if diff["same_test_examples"] else ""]
+    with reading_run_files(a, b):
+        sa, sb = fsio.read_json(a / "summary.json", dict), fsio.read_json(b / "summary.json", dict)
+        ma, mb = fsio.read_json(a / "metrics.json", dict), fsio.read_json(b / "metrics.json", dict)
+        names = (_name(sa, a), _name(sb, b))
+        diff = metric_diff(a, b)
+        body = [f"<h1>tunesmith: {html.escape(names[0])} vs {html.escape(names[1])}</h1>",
+                _runs_table(sa, sb, names), _config_table(config_diff(a, b)),
+                _metrics_table(diff, ma["finetuned"], mb["finetuned"], names),
+                _plots(ma["finetuned"], mb["finetuned"], {names[0]: read_log(a / "train_log.jsonl"),
+                                                          names[1]: read_log(b / "train_log.jsonl")},
+                       sa["objective_metric"], names),
+                _disagreements(a, b, names) if diff["same_test_examples"] else ""]
     fsio.write_text(out, page(f"tunesmith: {names[0]} vs {names[1]}", MARKER + "".join(body)))
     return out
 

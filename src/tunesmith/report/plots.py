@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import functools
 import io
+import threading
 
 import matplotlib
 
@@ -14,14 +15,25 @@ import matplotlib.pyplot as plt  # noqa: E402
 # Labels, group names and run names come from user data: `$` or `\` in them must show as typed, not
 # start mathtext (which garbles them or raises on an unmatched `$`) or LaTeX.
 LITERAL_TEXT = {"text.parse_math": False, "text.usetex": False}
+_ONE_AT_A_TIME = threading.RLock()
 
 
 def _literal(plot):
-    """Build (and render) the figure with every text drawn literally."""
+    """Build (and render) the figure with every text drawn literally. A plot that fails (figures of a
+    damaged run) closes what it opened: pyplot keeps every open figure for the life of the process,
+    and `tunesmith ui` draws pages for as long as it serves. One plot at a time: pyplot's figures and
+    rc_context's settings are process-wide, and the workbench draws pages on several threads."""
     @functools.wraps(plot)
     def wrapper(*args, **kwargs):
-        with plt.rc_context(LITERAL_TEXT):
-            return plot(*args, **kwargs)
+        with _ONE_AT_A_TIME:
+            before = set(plt.get_fignums())
+            try:
+                with plt.rc_context(LITERAL_TEXT):
+                    return plot(*args, **kwargs)
+            except BaseException:
+                for num in set(plt.get_fignums()) - before:
+                    plt.close(num)
+                raise
     return wrapper
 
 
