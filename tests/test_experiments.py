@@ -129,6 +129,20 @@ def test_select_probes_local_models_and_recommends(tmp_path, tiny_model):
     text = runner.invoke(app, ["select", config, "--candidates", str(tiny_model), "--probe", "0", "--quiet"])
     assert text.exit_code == 0 and "recommendation:" in text.output
 
+    assert out["recommendation"]["fits"] is True
+
+
+def test_select_says_when_no_candidate_fits(tmp_path, tiny_model):
+    config = _project(tmp_path, tiny_model)
+    text = Path(config).read_text()
+    Path(config).write_text(text.replace("batch_size: 4", "batch_size: 100000000000000000000"))
+    result = runner.invoke(app, ["select", config, "--candidates", str(tiny_model), "--probe", "0", "--json",
+                                 "--quiet"])
+    assert result.exit_code == 0, result.output
+    advice = json.loads(result.output)["recommendation"]
+    assert advice["fits"] is False and "no candidate fits" in advice["reason"]
+    assert "smallest model that fits" not in advice["reason"]
+
 
 def test_tune_study_starts_from_the_default_and_ends_in_a_run(tmp_path, tiny_model):
     config = _project(tmp_path, tiny_model)

@@ -42,14 +42,20 @@ def select(project: Project, candidates: list[str] | None = None, probe_examples
     ranked = sorted(rows, key=lambda r: (not r["estimates"][method]["fits"], -(r.get("probe") or {}).get("score", -1),
                                          r["params_m"]))
     best = ranked[0]
-    reason = (f"{why}; {best['model']} " + (f"scored {best['probe']['score']:.3f} "
-                                             f"{best['probe']['metric']} zero-shot on "
-                                             f"{best['probe']['examples']} validation examples, the best of the models "
-                                             "probed" if best.get("probe") else "is the smallest model that fits")
-              + f", and {method} needs about {best['estimates'][method]['memory_mb']:,} MB and "
-                f"{best['estimates'][method]['seconds']:.0f} s here")
+    need = best["estimates"][method]
+    if not need["fits"]:  # ranked by fit first: nothing fits
+        reason = (f"{why}; no candidate fits this machine's {hw.memory_mb:,.0f} MB with {method} at "
+                  f"train.batch_size {project.train.batch_size}: {best['model']} needs the least, about "
+                  f"{need['memory_mb']:,} MB; lower train.batch_size or task.max_length, or try train.quantize: nf4")
+    else:
+        reason = (f"{why}; {best['model']} " + (f"scored {best['probe']['score']:.3f} "
+                                                 f"{best['probe']['metric']} zero-shot on "
+                                                 f"{best['probe']['examples']} validation examples, the best of the "
+                                                 "models probed" if best.get("probe") else
+                                                 "is the smallest model that fits")
+                  + f", and {method} needs about {need['memory_mb']:,} MB and {need['seconds']:.0f} s here")
     return {"hardware": hw.to_json(), "data": data, "candidates": ranked,
-            "recommendation": {"model": best["model"], "method": method, "reason": reason}}
+            "recommendation": {"model": best["model"], "method": method, "fits": need["fits"], "reason": reason}}
 
 
 def _data_figures(project: Project, splits) -> dict:
