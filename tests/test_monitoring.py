@@ -154,3 +154,23 @@ def test_prometheus_scrapes_the_server(run_dir, tmp_path, promtool):
         prom.wait(10)
         server.should_exit = True
         thread.join(10)
+
+
+def test_alerts_never_replace_a_users_files_nor_land_when_monitor_fails(run_dir, tmp_path):
+    from tunesmith.serve.alerts import write_monitoring
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "prometheus.yml").write_text("mine\n")
+    refused = runner.invoke(cli, ["monitor", str(run_dir), "--alerts", str(mine), "--window", "60"])
+    assert refused.exit_code == 2 and "not an earlier output of `--alerts`; left untouched" in refused.stderr
+    assert [p.name for p in mine.iterdir()] == ["prometheus.yml"] and (mine / "prometheus.yml").read_text() == "mine\n"
+    failed = runner.invoke(cli, ["monitor", str(run_dir), "--alerts", str(tmp_path / "fresh"),
+                                 "--db", str(tmp_path / "none.db")])
+    assert failed.exit_code == 2 and not (tmp_path / "fresh").exists()  # the report failed: no files at all
+    (tmp_path / "file").write_text("x")
+    as_file = runner.invoke(cli, ["monitor", str(run_dir), "--alerts", str(tmp_path / "file")])
+    assert as_file.exit_code == 2 and "exists and is not a folder" in as_file.stderr
+    for _ in range(2):  # an earlier output is ours to replace
+        write_monitoring(tmp_path / "again", "tiny", 500)
+    assert (tmp_path / "again" / ".tunesmith-alerts").is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -449,13 +450,15 @@ def monitor_command(run_dir: Path = typer.Argument(..., help="a served run direc
     """Drift of live traffic against the training data, live quality on feedback-labelled traffic
     against the accepted test figure, and whether to retrain."""
     def go() -> int:
+        from tunesmith.serve.alerts import check_out
         from tunesmith.serve.quality import quality_lines
         from tunesmith.serve.server import monitor, write_alerts
 
         if alerts is not None:
-            for path in write_alerts(run_dir, alerts):
-                print(f"wrote {path}")
+            check_out(alerts)  # before the report's work; the files only once it is done
         report = monitor(run_dir, db, window, since)
+        for path in write_alerts(run_dir, alerts) if alerts is not None else []:
+            print(f"wrote {path}", file=sys.stderr if as_json else sys.stdout)
         if as_json:
             print(json.dumps(report, indent=2))
             return 0

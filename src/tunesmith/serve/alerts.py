@@ -147,16 +147,45 @@ def prometheus_config(target: str, rules_file: str = "alerts.yml", scrape_interv
                                 "static_configs": [{"targets": [target]}]}]}
 
 
+MARKER = ".tunesmith-alerts"  # an earlier --alerts output, which a later one may replace
+
+
+def check_out(out_dir: Path) -> None:
+    """Refuse an --alerts folder whose files are not ours to replace: a file, a folder that cannot be
+    made, or a non-empty folder that is not an earlier --alerts output (a prometheus.yml of the user's
+    own is never overwritten). A new or empty folder is fine.
+
+    Raises:
+        InputError: naming --alerts; nothing has been touched.
+    """
+    from tunesmith.errors import InputError
+
+    out_dir = Path(out_dir)
+    where = f"--alerts {out_dir}"
+    if not out_dir.exists() and not out_dir.is_symlink():
+        if why := fsio.uncreatable(out_dir):
+            raise InputError(f"cannot be created: {why}", where, "give a folder path you can write to")
+        return
+    if not out_dir.is_dir():
+        raise InputError("exists and is not a folder", where, "give a new or empty folder")
+    if any(out_dir.iterdir()) and not (out_dir / MARKER).is_file():
+        raise InputError("holds files that are not an earlier output of `--alerts`; left untouched", where,
+                         "give a new or empty folder")
+
+
 def write_monitoring(out_dir: Path, name: str, latency_p95_ms: float, target: str = "127.0.0.1:8000",
                      max_quality_drop: float = 0.05, min_labelled: int = 30) -> list[Path]:
     """Write alerts.yml, alerts_test.yml, grafana-dashboard.json and prometheus.yml into `out_dir`
-    (the quality-drop rule with the run's monitor.max_quality_drop and monitor.min_labelled)."""
+    (the quality-drop rule with the run's monitor.max_quality_drop and monitor.min_labelled), a new or
+    empty folder or an earlier output (see check_out)."""
     out_dir = Path(out_dir)
+    check_out(out_dir)
     quality = {"max_quality_drop": max_quality_drop, "min_labelled": min_labelled}
     files = {"alerts.yml": yaml.safe_dump(alert_rules(latency_p95_ms, **quality), sort_keys=False),
              "alerts_test.yml": yaml.safe_dump(rule_tests("alerts.yml", **quality), sort_keys=False),
              "grafana-dashboard.json": json.dumps(dashboard(f"tunesmith: {name}"), indent=2),
              "prometheus.yml": yaml.safe_dump(prometheus_config(target), sort_keys=False)}
+    fsio.write_text(out_dir / MARKER, "written by `tunesmith monitor --alerts`; a later run may replace this folder\n")
     for file, text in files.items():
         fsio.write_text(out_dir / file, text)
     return [out_dir / f for f in files]
