@@ -435,6 +435,18 @@ def test_a_ui_folder_linked_out_of_the_root_is_not_written_through(root, tmp_pat
     assert list(outside.iterdir()) == [] and manager.running() == 0
 
 
+
+def test_a_run_folder_linked_out_of_the_root_is_not_written_through(root, tmp_path, tiny_model):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (root / "runs").mkdir(exist_ok=True)
+    (root / "runs" / "tiny").symlink_to(outside, target_is_directory=True)  # runs/NAME of the form's name
+    client, token = _client(root)
+    refused = _post(client, token, "/api/jobs", _tiny_values(tiny_model))
+    assert refused.status_code == 409 and "leads outside it" in refused.text, refused.text
+    assert list(outside.iterdir()) == []
+    assert list((root / ".tunesmith-ui" / "configs").glob("*.yaml")) == []  # nothing half-written
+
 def _raw_events(client: TestClient, job_id: str, last_id: str | None = None) -> list[tuple[str | None, dict]]:
     headers = {"Last-Event-ID": last_id} if last_id else {}
     events, event_id = [], None

@@ -341,7 +341,12 @@ def save_config(root: Path, values: dict[str, Any]) -> tuple[Path, Path, str]:
             break
     else:
         raise HTTPException(409, f"could not find a free config file name in {folder}")
-    out = inside_root(root, "runs") / project.name / f"{stamp}-{secrets.token_hex(2)}"
+    try:  # the whole path resolved: a runs/ or runs/NAME that is a link out of the root is refused
+        out = inside_root(root, f"runs/{project.name}/{stamp}-{secrets.token_hex(2)}")
+    except HTTPException:
+        path.unlink(missing_ok=True)
+        raise HTTPException(409, f"runs/{project.name} under the root leads outside it: the run is not written "
+                                 "there; remove the link or pick another name") from None
     return path, out, project.name
 
 
