@@ -382,3 +382,13 @@ def test_a_hub_id_in_the_local_cache_resolves_without_any_connection(tmp_path, m
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelError, match="cannot fetch Hugging Face model 'org/absent'"):
         resolve_model("org/absent")
+
+
+@pytest.mark.parametrize("command", [["tune", "{project}", "--trials", "1", "--out", "/proc/1"],
+                                     ["compare", "{project}", "--methods", "lora", "--out", "/proc/1"],
+                                     ["compare", "{project}", "--methods", "lora,ia3,lora", "--out", "{fresh}"]])
+def test_tune_and_compare_refuse_a_bad_out_or_methods_before_any_training(run, command):
+    args = [a.format(project=run.parent / "project.yaml", fresh=run.parent / "fresh") for a in command]
+    line = _error(runner.invoke(app, args))
+    assert ("/proc/1" in line and "cannot be written" in line) or "method 'lora' is listed twice" in line, line
+    assert not (run.parent / "fresh").exists()

@@ -40,8 +40,12 @@ def staging_dir(final: Path) -> Path:
 
 
 def is_run_dir(path: Path) -> bool:
-    """Whether `path` is a tunesmith run directory (it holds a trained model's model/tunesmith.json)."""
-    return (Path(path) / "model" / "tunesmith.json").is_file()
+    """Whether `path` is a tunesmith run directory (it holds a trained model's model/tunesmith.json); False
+    for a folder that cannot be looked into."""
+    try:
+        return (Path(path) / "model" / "tunesmith.json").is_file()
+    except OSError:  # no permission to look (e.g. under /proc): not one we can use
+        return False
 
 
 def check_out(final: Path, overwrite: bool = False) -> None:
@@ -92,6 +96,9 @@ def check_runs_folder(out: Path, runs: list[str], files: tuple[str, ...], overwr
     out = Path(out).absolute()
     if out.exists() and not out.is_dir():
         raise RunDirError("exists and is not a folder", f"--out {out}", "give a new folder")
+    why = fsio.unwritable_file(out / files[0]) if out.is_dir() else fsio.uncreatable(out)
+    if why:
+        raise RunDirError(f"cannot be written: {why}", f"--out {out}", "give a folder path you can write to")
     if out.is_dir():
         ours = set(files) | set(runs)
         foreign = sorted(p.name for p in out.iterdir()

@@ -65,7 +65,9 @@ def tune(project: Project, trials: int, out: Path, progress: bool = True, seed: 
     splits = prepare_data(project)
     metric = project.objective.metric
     sign = 1 if METRICS[metric].higher_is_better else -1
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # ERROR: a failed trial raises out of the study (catch=()) and the CLI says it in one line; optuna's
+    # own "Trial N failed" warning would add a traceback, on Ctrl-C and SIGTERM too.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.create_study(study_name=project.name, storage=f"sqlite:///{out / 'study.sqlite'}",
                                 load_if_exists=True,
                                 direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed),

@@ -225,6 +225,9 @@ def compare_methods(project: Project, methods: list[str], out: Path, progress: b
     if unknown or not methods:
         raise InputError(f"unknown method '{unknown[0] if unknown else ''}'", "--methods",
                          f"available: {', '.join(METHODS)}")
+    twice = next((m for i, m in enumerate(methods) if m in methods[:i]), None)
+    if twice is not None:  # its second run would go into the first one's folder after a whole training
+        raise InputError(f"method '{twice}' is listed twice", "--methods", "name each method once")
     out = Path(out).resolve()
     check_runs_folder(out, methods, ("compare.json", "compare.png"), overwrite)  # before any training
     prepare_data_apart(project)  # bad data fails before any training (its libraries stay in a child)
