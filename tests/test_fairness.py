@@ -190,6 +190,16 @@ def test_run_audits_groups_and_gates_on_fairness(tmp_path, tiny_model):
     assert "Fairness audit" in (out / "report.html").read_text()
     again = runner.invoke(app, ["audit", str(out), "--quiet"])
     assert again.exit_code in (0, 3) and "demographic_parity_difference:" in again.output
+    # A column no row has, or a label the model does not know, would audit nothing and say all is well.
+    import yaml
+
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    for key, value, said in (("group_fields", ["nope"], "column 'nope' has no value in any of the"),
+                             ("positive_label", "zeta", "'zeta' is not one of the model's labels")):
+        edited = {**config, "fairness": {**config["fairness"], key: value}}
+        (out / "config.yaml").write_text(yaml.safe_dump(edited))
+        refused = runner.invoke(app, ["audit", str(out), "--quiet"])
+        assert refused.exit_code == 2 and said in refused.stderr and f"fairness.{key}" in refused.stderr
 
 
 def test_fairness_config_errors(tmp_path, tiny_model):
@@ -201,6 +211,19 @@ def test_fairness_config_errors(tmp_path, tiny_model):
     result = runner.invoke(app, ["data", "check", str(tmp_path / "project.yaml")])
     assert result.exit_code == 2 and "objective.constraints.equalized_odds_difference" in result.output
     assert "fairness.group_fields" in result.output
+
+
+def test_a_group_column_no_row_has_is_refused_before_training(tmp_path, tiny_model):
+    write_jsonl(tmp_path / "train.jsonl", _rows(40, 1))
+    write_jsonl(tmp_path / "test.jsonl", _rows(30, 2))
+    text = PROJECT.format(model=tiny_model, method="lora") + "fairness:\n  group_fields: [region]\n"
+    (tmp_path / "project.yaml").write_text(text, encoding="utf-8")
+    result = runner.invoke(app, ["run", str(tmp_path / "project.yaml"), "--out", str(tmp_path / "run"), "--quiet"])
+    assert result.exit_code == 2 and "column 'region' has no value in any of the 30 test rows" in result.stderr
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "project.yaml").write_text(text.replace("[region]", "[grp]\n  positive_label: zeta"))
+    result = runner.invoke(app, ["run", str(tmp_path / "project.yaml"), "--out", str(tmp_path / "run"), "--quiet"])
+    assert result.exit_code == 2 and "'zeta' is not one of the model's labels" in result.stderr
 
 
 def test_apply_mitigation_reweights_or_augments_the_training_rows():

@@ -392,3 +392,13 @@ def test_tune_and_compare_refuse_a_bad_out_or_methods_before_any_training(run, c
     line = _error(runner.invoke(app, args))
     assert ("/proc/1" in line and "cannot be written" in line) or "method 'lora' is listed twice" in line, line
     assert not (run.parent / "fresh").exists()
+
+
+def test_a_copied_run_is_shown_where_it_is_now(run, tmp_path):
+    moved = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(run, moved)
+    shown = runner.invoke(app, ["runs", "show", str(moved)])
+    assert shown.exit_code in (0, 3), shown.output
+    assert f"run directory: {moved.resolve()}" in shown.output and str(run.resolve()) not in shown.output
+    assert runner.invoke(app, ["report", str(moved)]).exit_code == 0
+    assert f"run <code>{moved.resolve()}" in (moved / "report.html").read_text()

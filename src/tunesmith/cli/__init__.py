@@ -274,7 +274,10 @@ def runs_show(run: str = typer.Argument(..., help="run id or run directory"), de
 
         path = find_run(run, evaluated=False)
         with reading_run_files(path):
-            _print_summary(fsio.read_json(path / "summary.json", dict))
+            summary = fsio.read_json(path / "summary.json", dict)
+            # where the run is now: summary.json names the folder eval wrote it in (copied or moved since?)
+            summary.update(run_dir=str(path.resolve()), report=str(path.resolve() / "report.html"))
+            _print_summary(summary)
         return 0
     _guarded(debug, go)
 

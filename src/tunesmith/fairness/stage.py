@@ -13,14 +13,30 @@ from __future__ import annotations
 from pathlib import Path
 
 from tunesmith import fsio, hardware
-from tunesmith.config import Project
-from tunesmith.data.groups import attributes, eligible
+from tunesmith.config import FairnessConfig, Project
+from tunesmith.data.groups import MISSING, attributes, eligible
 from tunesmith.data.lexicon import CATEGORIES
 from tunesmith.data.prepare import Splits
+from tunesmith.errors import InputError
 from tunesmith.fairness.counterfactual import counterfactual_pairs, flip_rate
 from tunesmith.fairness.data_audit import audit_attribute
 from tunesmith.fairness.metrics import HEADLINE, disparities, per_group, with_intervals
 from tunesmith.tasks.predict import predict
+
+
+def check_groups(cfg: FairnessConfig, test: list, labels: list[str] | None = None) -> None:
+    """InputError naming the key for a fairness.group_fields column no test row has (every row would sit
+    in one '(missing)' group and the audit would find nothing to compare, as if all were well), or a
+    fairness.positive_label that is not one of `labels` (when given)."""
+    absent = next((f for f in cfg.group_fields if test and all((e.attributes or {}).get(f, MISSING) == MISSING
+                                                               for e in test)), None)
+    if absent is not None:
+        raise InputError(f"column '{absent}' has no value in any of the {len(test)} test rows",
+                         "fairness.group_fields", "name a column the data has (the group of each row)")
+    unknown = [x for x in cfg.positive_labels or [] if labels and x not in labels]
+    if unknown:
+        raise InputError(f"'{unknown[0]}' is not one of the model's labels", "fairness.positive_label",
+                         f"labels: {', '.join(labels[:10])}{', ...' if len(labels) > 10 else ''}")
 
 
 def audit_stage(project: Project, splits: Splits, run_dir: Path, progress: bool = True) -> dict:
@@ -29,7 +45,9 @@ def audit_stage(project: Project, splits: Splits, run_dir: Path, progress: bool 
 
     cfg, run_dir = project.fairness, Path(run_dir)
     test = splits.test[: project.eval.max_examples] if project.eval.max_examples else splits.test
+    check_groups(cfg, test)
     model, tokenizer, fmt, base_path = load_finetuned(run_dir / "model")
+    check_groups(cfg, test, fmt.labels)
     bf16 = hardware.use_bf16(project.eval.precision, hardware.device())
     model.to(hardware.device())
 

@@ -21,7 +21,7 @@ from tunesmith.errors import InputError, RunDirError, StageError, TunesmithError
 from tunesmith.evaluate.objective import Verdict, judge
 from tunesmith.evaluate.stage import eval_stage
 from tunesmith.evaluate.text import text_eval_stage
-from tunesmith.fairness.stage import audit_stage, headline_figures
+from tunesmith.fairness.stage import audit_stage, check_groups, headline_figures
 from tunesmith.models.resolve import resolve_model
 from tunesmith.optimize.result import OptimizeResult
 from tunesmith.optimize.stage import optimize_stage
@@ -59,6 +59,9 @@ def run(project: Project, out: Path | None = None, progress: bool = True, keep_f
     check_out(final, overwrite)     # a refused --out fails before any work
     _check_inputs_outside(project, final)
     splits = prepare_data_apart(project)  # bad data fails before anything is written
+    if project.fairness.enabled:        # and a group column no row has, or an unknown positive label
+        check_groups(project.fairness, splits.test, sorted({e.target for e in splits.train + splits.test})
+                     if project.task.type == "classification" else None)
     resolve_model(project.model)    # so does an unknown model
     with staged(final, keep_failed, overwrite=overwrite) as run_dir:
         _start(project, splits, run_dir, final, progress)
@@ -310,6 +313,9 @@ def audit_run(run_dir: Path, progress: bool = True) -> dict:
         summary["objective"] = _verdict(project, metrics["baseline"], metrics["finetuned"], metrics.get("comparison"),
                                         audit).to_json()
         summary["fairness"] = headline_figures(audit)
+        # where the run is now (it may have been copied or moved since eval wrote these)
+        here = Path(run_dir).resolve()
+        summary["run_dir"], summary["report"] = str(here), str(here / "report.html")
         fsio.write_json(summary_path, summary)
         report_stage(run_dir)
     register(run_dir)

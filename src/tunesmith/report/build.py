@@ -18,7 +18,8 @@ from tunesmith.tasks.metrics import METRICS
 
 def report_stage(run_dir: Path) -> Path:
     """Write report.html and model_card.md; return the report's path."""
-    summary = fsio.read_json(run_dir / "summary.json", dict)
+    # the folder the run is in now, not the one eval wrote it in (a copied or moved run)
+    summary = {**fsio.read_json(run_dir / "summary.json", dict), "run_dir": str(Path(run_dir).resolve())}
     metrics = fsio.read_json(run_dir / "metrics.json", dict)
     data = fsio.read_json(run_dir / "data" / "report.json")
     log = read_log(run_dir / "train_log.jsonl")
