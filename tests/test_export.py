@@ -88,6 +88,19 @@ def test_existing_out_and_unknown_format_are_refused(run, tmp_path):
     assert result.exit_code == 2 and "not an evaluated run directory" in result.output
 
 
+def test_out_as_a_link_or_the_current_folder_is_refused_before_any_work(run, tmp_path, monkeypatch):
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target", target_is_directory=True)
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    for out, said in ((tmp_path / "link", "--out is a symbolic link"), (Path("."), "current folder or one above"),
+                      (Path(".."), "current folder or one above")):
+        result = runner.invoke(cli, ["export", str(run), "--out", str(out)])
+        assert result.exit_code == 2 and said in result.stderr, result.output
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "run") == ["here", "link", "target"]
+    assert list((tmp_path / "target").iterdir()) == [] and list((tmp_path / "here").iterdir()) == []
+
+
 def test_disagreeing_export_fails_and_leaves_nothing(run, tmp_path, monkeypatch):
     original = export_module.read_back
 

@@ -102,6 +102,12 @@ def check_out(out: Path) -> None:
     """Refuse an --out that exists and is not an empty folder, or whose parent folder is missing (no
     folders are created for it: a failed export leaves nothing behind)."""
     out = Path(out)
+    real, cwd = out.resolve(), Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:  # the export replaces --out whole: never where the user stands
+        raise InputError("--out is the current folder or one above it", str(out),
+                         "give a new folder, e.g. --out export")
+    if out.is_symlink():  # replaced by a rename, a link would be removed and its target never written
+        raise InputError("--out is a symbolic link", str(out), "give the folder itself, or a new folder")
     if out.exists() and not out.is_dir():
         raise InputError("--out exists and is a file, not a folder", str(out),
                          "give a new folder; an existing file is never overwritten")
