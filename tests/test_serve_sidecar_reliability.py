@@ -155,6 +155,19 @@ def test_item6_started_vllm_needs_a_fresh_key_and_stops_when_tunesmith_is_termin
     assert proc.returncode == 0
 
 
+def test_plain_serve_stops_on_sigterm_with_exit_0_and_no_error(full_run, tmp_path):
+    """SIGTERM is how a service manager stops a server: exit 0 and no `error:` line (the CLI's SIGTERM
+    handling, made for one-shot commands, must not turn it into `error: terminated`, exit 143)."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "TUNESMITH_API_KEYS"}
+    proc = serve_process([str(full_run), "--port", str(port)], env, tmp_path / "err.txt")
+    try:
+        wait_until(lambda: answers(f"http://127.0.0.1:{port}") or proc.poll() is not None, 180, "the server")
+        assert proc.poll() is None, (tmp_path / "err.txt").read_text()
+    finally:
+        _terminate(proc)
+    assert proc.returncode == 0 and "error:" not in (tmp_path / "err.txt").read_text()
+
 def test_item6_engine_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path):
     """stop_engine on a process group whose leader and worker both ignore SIGTERM: SIGTERM, wait
     the grace period, SIGKILL to the whole group; the key reaches the engine's environment."""

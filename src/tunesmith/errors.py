@@ -80,3 +80,9 @@ class StageError(TunesmithError):
     def __init__(self, what: str, where: str | None = None, hint: str | None = None, exit_code: int = 1):
         super().__init__(what, where, hint)
         self.exit_code = exit_code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`, the workbench's Stop) while a command runs, taken as Ctrl-C is: cleanup
+    runs (an export's staging folder is removed, a run with checkpoints keeps them for --resume) instead
+    of the process vanishing with its half-written folders. Exit 143 (128 + SIGTERM)."""

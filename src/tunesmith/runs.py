@@ -307,9 +307,10 @@ def registry_path() -> Path:
 
 @contextmanager
 def _registry(create: bool = True):
-    """The registry's connection, closed on leaving; None where it does not exist and `create` is False
-    (a command that only reads it makes no folder and no file). A registry that is not one tunesmith
-    wrote (another file, a folder, other columns) is an InputError naming it, never an internal error."""
+    """The registry's connection, closed on leaving. With `create` False (a command that only reads it)
+    the file is opened read-only, and None is yielded where it does not exist: no folder, no file, no
+    table is made. A registry that is not one tunesmith wrote (another file, a folder, no runs table) is
+    an InputError naming it, never an internal error."""
     import sqlite3
 
     from tunesmith.errors import InputError
@@ -325,17 +326,29 @@ def _registry(create: bool = True):
     try:
         if create:
             path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(str(path))
-        db.execute(REGISTRY_SCHEMA)
+            db = sqlite3.connect(str(path))
+            db.execute(REGISTRY_SCHEMA)
+        else:
+            db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
         db.row_factory = sqlite3.Row
         yield db
-    except sqlite3.Error as e:
-        raise InputError(f"the run registry cannot be read ({type(e).__name__}: {e})", str(path),
-                         "move it aside (runs are recorded anew as they are evaluated), or set TUNESMITH_REGISTRY "
-                         "to another file") from None
+    except sqlite3.OperationalError as e:
+        if "locked" in str(e) or "busy" in str(e):
+            raise InputError(f"the run registry is busy ({e})", str(path), "try again in a moment") from e
+        raise _unreadable(path, e) from e
+    except (sqlite3.Error, OSError) as e:
+        raise _unreadable(path, e) from e
     finally:
         if db is not None:
             db.close()
+
+
+def _unreadable(path: Path, e: Exception) -> Exception:
+    from tunesmith.errors import InputError
+
+    return InputError(f"the run registry cannot be read ({type(e).__name__}: {e})", str(path),
+                      "move it aside (runs are recorded anew as they are evaluated), or set TUNESMITH_REGISTRY "
+                      "to another file")
 
 
 def record_run(run_dir: Path) -> int | None:
@@ -383,7 +396,7 @@ def _listed(row: dict) -> dict:
         return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
     text = {k: "" if row[k] is None else str(row[k]) for k in ("id", "run_dir", "name", "created", "model",
                                                                  "method", "metric")}
-    return {**text, "value": number(row["value"]), "baseline": number(row["baseline"]), "met": bool(row["met"]),
+    return {**text, "value": number(row["value"]), "baseline": number(row["baseline"]), "met": row["met"] == 1,
             "exists": Path(text["run_dir"]).is_dir()}
 
 
@@ -437,11 +450,11 @@ def check_evaluated(run_dir: Path) -> None:
 
 @contextmanager
 def reading_run_files(*run_dirs: Path):
-    """Code that reads a finished run's own JSON (a page, a comparison) inside this block: a figure that is
-    missing or of the wrong type there (an edited summary.json, a list where a table was) is the run's
-    files being damaged, so it becomes a RunDirError naming the run instead of an internal error. Only
-    for code that reads run files and computes nothing else: there, such an error can only come from them.
-    """
+    """Code that builds a page or a listing from finished runs' own JSON runs inside this block: a figure
+    missing or of the wrong type there (an edited summary.json, a list where a table was) becomes a
+    RunDirError naming the runs instead of an internal error. The block also renders (tables, plots, a
+    paired test over the runs' predictions), so a bug there would read the same way: the hint says
+    --debug shows the traceback, whose cause names the line."""
     from tunesmith.errors import RunDirError
 
     try:
@@ -449,7 +462,8 @@ def reading_run_files(*run_dirs: Path):
     except fsio.DamagedFile:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        again = run_dirs[0] if len(run_dirs) == 1 else "RUN"
         raise RunDirError(f"a figure in the run's JSON files (summary.json, metrics.json, ...) is missing or of "
                           f"the wrong type ({type(e).__name__}: {str(e)[:120]})", " and ".join(map(str, run_dirs)),
-                          f"restore them, or run `tunesmith eval {run_dirs[0] if len(run_dirs) == 1 else 'RUN'}` "
-                          "again to rewrite them") from e
+                          f"restore them, or run `tunesmith eval {again}` again to rewrite them (--debug shows "
+                          "where it was read)") from e

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import sys
 from pathlib import Path
@@ -273,11 +275,13 @@ def runs_show(run: str = typer.Argument(..., help="run id or run directory"), de
         from tunesmith.runs import find_run, reading_run_files
 
         path = find_run(run, evaluated=False)
-        with reading_run_files(path):
+        text = io.StringIO()
+        with reading_run_files(path), contextlib.redirect_stdout(text):  # all of it, or only the error line
             summary = fsio.read_json(path / "summary.json", dict)
             # where the run is now: summary.json names the folder eval wrote it in (copied or moved since?)
             summary.update(run_dir=str(path.resolve()), report=str(path.resolve() / "report.html"))
             _print_summary(summary)
+        print(text.getvalue(), end="")
         return 0
     _guarded(debug, go)
 

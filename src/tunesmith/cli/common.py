@@ -13,7 +13,7 @@ from typing import Callable, NoReturn
 import typer
 
 from tunesmith import fsio
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import Terminated, TunesmithError
 from tunesmith.logs import quiet_libraries
 
 DEBUG = typer.Option(False, "--debug", help="Show the Python traceback on errors.")
@@ -49,7 +49,7 @@ def guarded(debug: bool, fn: Callable[[], int], details: bool = False) -> None:
             _internal(e, debug)
         if debug:
             traceback.print_exc()
-        name = str(e.filename)
+        name = str(e.filename or e.filename2 or e)
         print(f"error: a name in the path is too long for the file system, {name[:120]}"
               f"{'...' if len(name) > 120 else ''}, give a shorter path (or a shorter `name` in the config)",
               file=sys.stderr)
@@ -64,12 +64,6 @@ def guarded(debug: bool, fn: Callable[[], int], details: bool = False) -> None:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     raise typer.Exit(code)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (`kill`, `timeout`, the workbench's Stop), taken as Ctrl-C is: cleanup runs (an export's
-    staging folder is removed, a run with checkpoints keeps them for --resume) instead of the process
-    vanishing with its half-written folders."""
 
 
 def _interrupt_on_sigterm():

@@ -60,26 +60,31 @@ def signatures(texts: list[str], num_perm: int = 128, ngram: int = 5, seed: int 
                chunk_shingles: int = 500_000) -> np.ndarray:
     """MinHash signatures (N, num_perm) uint32 of `texts` (already normalised).
 
-    Texts shorter than `ngram` bytes count as one shingle (their whole text). A text longer than
-    `chunk_shingles` bytes is hashed in overlapping segments and its slots are the minimum over them,
-    which is the same signature: memory stays bounded by the chunk, whatever one row holds.
+    Texts shorter than `ngram` bytes count as one shingle (their whole text). Texts are encoded a chunk
+    at a time, and one longer than `chunk_shingles` bytes is hashed in overlapping segments, its slots the
+    minimum over them (the same signature): memory stays bounded by the chunk, whatever one row holds.
     """
     a, b = hash_params(num_perm, seed)
-    pieces, owner = _segments([t.encode("utf-8") for t in texts], ngram, chunk_shingles)
-    out = np.empty((len(pieces), num_perm), dtype=np.uint32)                    # (pieces, P)
+    out = np.empty((len(texts), num_perm), dtype=np.uint32)
+    for start, end in _chunks([len(t) for t in texts], ngram, chunk_shingles):
+        pieces, owner = _segments([t.encode("utf-8") for t in texts[start:end]], ngram, chunk_shingles)
+        sigs = np.concatenate([_chunk_signatures(pieces[i:j], a, b, ngram)      # (pieces, P)
+                               for i, j in _chunks([len(p) for p in pieces], ngram, chunk_shingles)])
+        first = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])           # each text's first piece
+        out[start:end] = np.minimum.reduceat(sigs, first, axis=0)
+    return out
+
+
+def _chunks(lengths: list[int], ngram: int, budget: int):
+    """(start, end) runs of consecutive items of about `budget` shingles each (at least one item)."""
     start = 0
-    while start < len(pieces):
-        # Chunks of about chunk_shingles shingles bound the (shingles, num_perm) hash matrix.
+    while start < len(lengths):
         end, size = start, 0
-        while end < len(pieces) and (size < chunk_shingles or end == start):
-            size += max(1, len(pieces[end]) - ngram + 1) + ngram  # an upper bound in bytes
+        while end < len(lengths) and (size < budget or end == start):
+            size += max(1, lengths[end] - ngram + 1) + ngram  # an upper bound in bytes
             end += 1
-        out[start:end] = _chunk_signatures(pieces[start:end], a, b, ngram)
+        yield start, end
         start = end
-    if len(pieces) == len(texts):
-        return out
-    first = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])               # (N,)
-    return np.minimum.reduceat(out, first, axis=0)                              # (N, P)
 
 
 def _segments(encoded: list[bytes], ngram: int, size: int) -> tuple[list[bytes], np.ndarray]:

@@ -24,6 +24,11 @@ from tunesmith.fairness.metrics import HEADLINE, disparities, per_group, with_in
 from tunesmith.tasks.predict import predict
 
 
+def audited_rows(project: Project, splits: Splits) -> list:
+    """The test rows the model audit scores (eval.max_examples of them, when set)."""
+    return splits.test[: project.eval.max_examples] if project.eval.max_examples else splits.test
+
+
 def check_groups(cfg: FairnessConfig, test: list, labels: list[str] | None = None) -> None:
     """InputError naming the key for a fairness.group_fields column no test row has (every row would sit
     in one '(missing)' group and the audit would find nothing to compare, as if all were well), or a
@@ -44,7 +49,7 @@ def audit_stage(project: Project, splits: Splits, run_dir: Path, progress: bool 
     from tunesmith.train.finetuned import load_finetuned
 
     cfg, run_dir = project.fairness, Path(run_dir)
-    test = splits.test[: project.eval.max_examples] if project.eval.max_examples else splits.test
+    test = audited_rows(project, splits)
     check_groups(cfg, test)
     model, tokenizer, fmt, base_path = load_finetuned(run_dir / "model")
     check_groups(cfg, test, fmt.labels)

@@ -76,15 +76,32 @@ def _from_hub(repo_id: str) -> Path:
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt"]
     try:
         cached = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-        if (cached / "config.json").is_file():
+        if _complete(cached):
             return cached
-    except Exception:  # not in the cache (or a cache entry without files): ask the hub
+    except Exception:  # not in the cache: ask the hub
         pass
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # offline, unknown repo, auth: all mean "cannot resolve"
         raise ModelError(f"cannot fetch Hugging Face model '{repo_id}' ({type(e).__name__})", "model",
                          f"check the id and the network, or use a catalog name ({', '.join(CATALOG)})") from None
+
+
+def _complete(folder: Path) -> bool:
+    """Whether a cached snapshot holds a whole checkpoint: config.json and its weights (every shard its
+    index names). An interrupted download, or a tool that fetched only the config, leaves less."""
+    import json
+
+    if not (folder / "config.json").is_file():
+        return False
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return False
+        return bool(shards) and all((folder / str(name)).is_file() for name in shards)
+    return (folder / "model.safetensors").is_file()
 
 
 def _converted(gguf: Path, key: str) -> Path:

@@ -17,11 +17,11 @@ from tunesmith.data.prepare import (
     test_removals,
 )
 from tunesmith.data.stage import data_inputs
-from tunesmith.errors import InputError, RunDirError, StageError, TunesmithError
+from tunesmith.errors import InputError, RunDirError, StageError, Terminated, TunesmithError
 from tunesmith.evaluate.objective import Verdict, judge
 from tunesmith.evaluate.stage import eval_stage
 from tunesmith.evaluate.text import text_eval_stage
-from tunesmith.fairness.stage import audit_stage, check_groups, headline_figures
+from tunesmith.fairness.stage import audit_stage, audited_rows, check_groups, headline_figures
 from tunesmith.models.resolve import resolve_model
 from tunesmith.optimize.result import OptimizeResult
 from tunesmith.optimize.stage import optimize_stage
@@ -60,8 +60,7 @@ def run(project: Project, out: Path | None = None, progress: bool = True, keep_f
     _check_inputs_outside(project, final)
     splits = prepare_data_apart(project)  # bad data fails before anything is written
     if project.fairness.enabled:        # and a group column no row has, or an unknown positive label
-        check_groups(project.fairness, splits.test, sorted({e.target for e in splits.train + splits.test})
-                     if project.task.type == "classification" else None)
+        check_groups(project.fairness, audited_rows(project, splits), _labels(project, splits))
     resolve_model(project.model)    # so does an unknown model
     with staged(final, keep_failed, overwrite=overwrite) as run_dir:
         _start(project, splits, run_dir, final, progress)
@@ -72,6 +71,13 @@ def run(project: Project, out: Path | None = None, progress: bool = True, keep_f
     if failure is not None:
         raise failure
     return summary
+
+
+def _labels(project: Project, splits: Splits) -> list[str] | None:
+    """The labels a classification run will know: the declared ones, else those of its rows."""
+    if project.task.type != "classification":
+        return None
+    return list(project.task.labels or sorted({e.target for e in splits.train + splits.test}))
 
 
 def _after_training(project: Project, splits: Splits, run_dir: Path, final: Path,
@@ -96,7 +102,7 @@ def _after_training(project: Project, splits: Splits, run_dir: Path, final: Path
 def _record_failure(project: Project, run_dir: Path, final: Path, stage: str, e: BaseException) -> StageError:
     """Write the failed stage into summary.json; the StageError to raise once the run is in place."""
     if isinstance(e, KeyboardInterrupt):
-        cause, code = "interrupted", 130
+        cause, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
     elif isinstance(e, TunesmithError):
         # Exit 1 even when the cause was bad input: the run itself was made, and a script reading the
         # code must not take "trained, then the judge refused the key" for "nothing was done".

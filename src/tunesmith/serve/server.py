@@ -75,12 +75,15 @@ def serve(target: Path | None, host: str = "127.0.0.1", port: int = 8000, varian
         run_dir = Path(target)
         upstream_key, plan = _sidecar_checks(run_dir, upstream, upstream_key_env, lora, upstream_model)
     listener = bind_listener(host, port)
+    previous = _exit_on_sigterm()  # SIGTERM is how a server is stopped (systemd, docker): exit 0, not an error
     try:
         if engine == "vllm":
             return _sidecar(run_dir, listener, keys, upstream, upstream_key, plan, upstream_model)
         _run_app(load_service(target, variant), target, listener, keys, registry, variant)
     finally:
         listener.sock.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _check_target(target: Path | None, registry: str | None, engine: str) -> None:

@@ -94,7 +94,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(TunesmithError)
     async def refused(request: Request, exc: TunesmithError):  # a damaged run a page reads, say
-        return error(422 if exc.exit_code == 2 else 500, exc.line(), "invalid_request_error")
+        bad_input = exc.exit_code == 2
+        return error(422 if bad_input else 500, exc.line(), "invalid_request_error" if bad_input else "server_error")
 
     @app.exception_handler(fsio.DamagedFile)
     async def damaged(request: Request, exc: fsio.DamagedFile):

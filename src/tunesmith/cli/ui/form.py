@@ -233,10 +233,16 @@ def _model_value(root: Path, value: Any) -> Any:
     """A relative `model` naming a checkpoint under the root, made absolute: runs start in the root but
     the form's checks and estimate run in the workbench's own folder, and both must find the same model.
     Catalog names, hub ids and absolute paths stay as typed (see README: a checkpoint may lie anywhere)."""
-    if not isinstance(value, str) or not value or Path(value).is_absolute() or value.startswith("~"):
+    from tunesmith.models.catalog import CATALOG
+
+    if not isinstance(value, str) or not value or value in CATALOG or Path(value).is_absolute() or \
+            value.startswith("~"):
         return value
     candidate = root / value
-    return str(candidate.resolve()) if candidate.exists() else value
+    try:
+        return str(candidate.resolve()) if candidate.exists() else value
+    except (OSError, RuntimeError, ValueError):  # a name too long, a link loop: load_config names the key
+        return value
 
 
 def _path_value(root: Path, key: str, value: Any) -> Any:
