@@ -109,7 +109,6 @@ def run_app(app: typer.Typer) -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
-
 def _command_path(app: typer.Typer) -> str:
     """`tunesmith report` for an error click raised without its context (an option's arity): the commands
     named at the start of the command line."""
