@@ -42,8 +42,10 @@ def select(project: Project, candidates: list[str] | None = None, probe_examples
     ranked = sorted(rows, key=lambda r: (not r["estimates"][method]["fits"], -(r.get("probe") or {}).get("score", -1),
                                          r["params_m"]))
     best = ranked[0]
+    if not best["estimates"][method]["fits"]:  # ranked by fit first: nothing fits, so the least memory wins
+        best = min(rows, key=lambda r: r["estimates"][method]["memory_mb"])
     need = best["estimates"][method]
-    if not need["fits"]:  # ranked by fit first: nothing fits
+    if not need["fits"]:
         reason = (f"{why}; no candidate fits this machine's {hw.memory_mb:,.0f} MB with {method} at "
                   f"train.batch_size {project.train.batch_size}: {best['model']} needs the least, about "
                   f"{need['memory_mb']:,} MB; lower train.batch_size or task.max_length, or try train.quantize: nf4")
