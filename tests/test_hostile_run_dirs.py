@@ -192,6 +192,9 @@ def test_human_import_refuses_ratings_it_would_misread(run, tmp_path, ratings, e
     (["nosuch"], "error: No such command 'nosuch', "),
     # click raises an option's arity error without its context: the command is still named
     (["report", "--compare", "a"], "error: Option '--compare' requires 2 arguments, tunesmith report, see "),
+    # each trial is a training: a typo of a few zeros is refused, not started
+    (["tune", "x.yaml", "--trials", "100000", "--out", "o"], "error: Invalid value for '--trials': Input should be "
+                                                            "less than or equal to 1000"),
 ])
 def test_a_wrong_command_line_is_one_error_line_and_exit_2(args, expected):
     import subprocess

@@ -253,6 +253,35 @@ def test_item12_replace_dir_puts_the_old_folder_back_when_the_move_in_fails(tmp_
     assert (dst / "model.txt").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+def test_an_output_folder_is_taken_only_when_new_empty_or_an_earlier_output(tmp_path):
+    from tunesmith.errors import InputError
+
+    def ours(folder):
+        return (folder / ".mine").is_file()
+
+    def refusal(folder):
+        try:
+            fsio.check_output_folder(folder, "--out x", ours, "tunesmith thing")
+        except InputError as e:
+            return str(e)
+        return None
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "users").mkdir()
+    (tmp_path / "users" / "prometheus.yml").write_text("mine")
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "earlier" / ".mine").write_text("")
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    assert refusal(tmp_path / "new" / "deeper") is None and refusal(tmp_path / "empty") is None
+    assert refusal(tmp_path / "earlier") is None
+    assert "not an earlier output of `tunesmith thing`; left untouched" in refusal(tmp_path / "users")
+    assert "exists and is not a folder" in refusal(tmp_path / "afile")
+    assert "exists and is not a folder" in refusal(tmp_path / "dangling")
+    assert "cannot be created" in refusal(tmp_path / "afile" / "sub")
+    assert (tmp_path / "users" / "prometheus.yml").read_text() == "mine" and not (tmp_path / "new").exists()
+
+
 # -- item 13: `runs show ID` of a deleted folder ----------------------------------------------------
 
 def test_item13_runs_show_of_a_deleted_run_folder_exits_2(tmp_path, monkeypatch):

@@ -17,7 +17,8 @@ from pathlib import Path
 # Bottom to top. A module may import modules of its own package and of packages in lower rows; the
 # packages of one row are independent of each other (serve and report never import one another).
 LAYERS: list[tuple[str, ...]] = [
-    ("__init__", "errors", "fsio", "hardware", "registry", "logs", "orphans"),  # the package root and helpers
+    ("errors",),  # the error vocabulary every layer raises, fsio's checks included
+    ("__init__", "fsio", "hardware", "registry", "logs", "orphans"),  # the package root and helpers
     ("runs",),
     ("champions",),
     ("config",),

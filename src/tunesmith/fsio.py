@@ -12,7 +12,9 @@ import secrets
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
+
+from tunesmith.errors import InputError
 
 
 def write_text(path: Path, text: str) -> None:
@@ -163,6 +165,26 @@ def uncreatable(folder: Path) -> str | None:
             return f"{ancestor} does not take new folders ({e.strerror or e})"
         probe.rmdir()
     return None
+
+
+def check_output_folder(folder: Path, where: str, ours: Callable[[Path], bool], command: str) -> None:
+    """Refuse a folder a command would write its files into unless they are its to replace: it must be
+    new (and creatable), empty, or an earlier output of the same command (`ours(folder)`), so a user's
+    own files are never overwritten.
+
+    Raises:
+        InputError: naming `where` (e.g. "--out x"); nothing has been touched.
+    """
+    folder = Path(folder)
+    if not folder.exists() and not folder.is_symlink():
+        if why := uncreatable(folder):
+            raise InputError(f"cannot be created: {why}", where, "give a folder path you can write to")
+        return
+    if not folder.is_dir():
+        raise InputError("exists and is not a folder", where, "give a new or empty folder")
+    if any(folder.iterdir()) and not ours(folder):
+        raise InputError(f"holds files that are not an earlier output of `{command}`; left untouched", where,
+                         "give a new or empty folder")
 
 
 def _overlong(path: Path) -> str | None:

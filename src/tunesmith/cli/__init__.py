@@ -336,8 +336,9 @@ def compare_command(config: Path = typer.Argument(..., help="project.yaml"),
 
 @app.command("tune")
 def tune_command(config: Path = typer.Argument(..., help="project.yaml"),
-                 trials: int = typer.Option(8, "--trials", min=1,
-                                            help="Trials in the study (the first is the config as written)."),
+                 trials: int = typer.Option(8, "--trials", min=1, max=1000,
+                                            help="Trials in the study (the first is the config as written); "
+                                                 "at most 1,000, each one a training."),
                  out: Path = typer.Option(..., "--out", help="Folder for study.sqlite, trial logs and the best run."),
                  overwrite: bool = OVERWRITE, quiet: bool = QUIET, debug: bool = DEBUG) -> None:
     """Hyperparameter search (Optuna TPE, pruning on the validation metric); the best trial becomes a run."""

@@ -163,16 +163,7 @@ def check_out(project: Project, out: Path) -> None:
     if run is not None:  # a run's data/ looks like our output, but its splits are what the run was scored on
         raise InputError(f"is inside the run directory {run}; a run's files are never replaced", where,
                          "give a folder outside any run, e.g. --out data-clean")
-    if not out.exists():
-        why = fsio.uncreatable(out)
-        if why:
-            raise InputError(f"cannot be created: {why}", where, "give a folder path you can write to")
-        return
-    if not out.is_dir():
-        raise InputError("exists and is not a folder", where, "give a new or empty folder")
-    if any(out.iterdir()) and not is_data_output(out):
-        raise InputError("holds files that are not an earlier output of `tunesmith data`; left untouched", where,
-                         "give a new or empty folder")
+    fsio.check_output_folder(out, where, is_data_output, "tunesmith data")
 
 
 def is_data_output(folder: Path) -> bool:

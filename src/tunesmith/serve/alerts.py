@@ -158,19 +158,8 @@ def check_out(out_dir: Path) -> None:
     Raises:
         InputError: naming --alerts; nothing has been touched.
     """
-    from tunesmith.errors import InputError
-
-    out_dir = Path(out_dir)
-    where = f"--alerts {out_dir}"
-    if not out_dir.exists() and not out_dir.is_symlink():
-        if why := fsio.uncreatable(out_dir):
-            raise InputError(f"cannot be created: {why}", where, "give a folder path you can write to")
-        return
-    if not out_dir.is_dir():
-        raise InputError("exists and is not a folder", where, "give a new or empty folder")
-    if any(out_dir.iterdir()) and not (out_dir / MARKER).is_file():
-        raise InputError("holds files that are not an earlier output of `--alerts`; left untouched", where,
-                         "give a new or empty folder")
+    fsio.check_output_folder(Path(out_dir), f"--alerts {out_dir}", lambda folder: (folder / MARKER).is_file(),
+                             "--alerts")
 
 
 def write_monitoring(out_dir: Path, name: str, latency_p95_ms: float, target: str = "127.0.0.1:8000",
