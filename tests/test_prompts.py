@@ -90,3 +90,23 @@ def test_validation_decodes_about_as_long_as_the_references(tiny_model):
     short, long = reference_budget(tok, ["Ada"]), reference_budget(tok, [" ".join(["word"] * 200)])
     assert 8 <= short < 16 and long > 200 and reference_budget(tok, [" ".join(["w"] * 5000)]) == 512
     assert reference_budget(tok, []) == 8
+
+
+def test_label_answers_are_each_labels_encoding_and_follow_the_tokenizer_and_format(tiny_model):
+    from tunesmith.tasks.prompts import encode_answer, label_answers
+
+    tok = load_tokenizer(tiny_model)
+    fmt = build_format(TaskConfig(instruction="Classify."), ["positive", "neg", "<|im_end|>"], tok)
+    assert label_answers(tok, fmt) == [encode_answer(tok, fmt, lab) for lab in fmt.labels]
+    label_answers(tok, fmt)[0].append(-1)  # a caller changing its copy changes nothing remembered
+    assert label_answers(tok, fmt)[0] == encode_answer(tok, fmt, "positive")
+    other = dataclasses.replace(fmt, labels=["yes", "no"], instruction="Answer.")
+    assert label_answers(tok, other) == [encode_answer(tok, other, lab) for lab in ["yes", "no"]]
+    # a token added after the first call (a pad token, say) may change the encoding: it is not reused
+    before = label_answers(tok, fmt)
+    tok.add_tokens(["positive"])
+    assert label_answers(tok, fmt) == [encode_answer(tok, fmt, lab) for lab in fmt.labels] != before
+    for i in range(10):  # the memo keeps a few formats per tokenizer, not every one ever seen
+        label_answers(tok, dataclasses.replace(fmt, instruction=f"Classify {i}."))
+    from tunesmith.tasks.prompts import _FORMATS_PER_TOKENIZER, _LABEL_ANSWERS
+    assert len(_LABEL_ANSWERS[tok]) == _FORMATS_PER_TOKENIZER

@@ -19,7 +19,7 @@ from tunesmith.models.tokens import stop_ids
 from tunesmith.optimize.predictor import Predictor
 from tunesmith.tasks.classification import predict_labels
 from tunesmith.tasks.predict import Predictions, encode_prompts
-from tunesmith.tasks.prompts import PromptFormat, encode_answer
+from tunesmith.tasks.prompts import PromptFormat, label_answers
 
 SCORE_ROWS = 16
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -60,7 +60,7 @@ def load_ct2(path: Path, max_new_tokens: int = 64) -> Predictor:
     def run(examples: list[Example], batch_size: int) -> Predictions:
         prompts = encode_prompts(tokenizer, fmt, examples)
         if fmt.labels:
-            answers = [encode_answer(tokenizer, fmt, lab) for lab in fmt.labels]
+            answers = label_answers(tokenizer, fmt)
             scores = score_labels_ct2(generator, tokenizer, prompts, answers)
             return Predictions(*predict_labels(scores, fmt.labels))
         return Predictions([tokenizer.decode(ids, skip_special_tokens=True).strip()

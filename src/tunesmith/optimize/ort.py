@@ -24,7 +24,7 @@ from tunesmith.optimize.predictor import Predictor
 from tunesmith.tasks.classification import predict_labels
 from tunesmith.tasks.label_trie import LabelTrie, node_log_probs, tree_inputs
 from tunesmith.tasks.predict import Predictions, encode_prompts, inverse
-from tunesmith.tasks.prompts import PromptFormat, encode_answer
+from tunesmith.tasks.prompts import PromptFormat, label_answers
 
 GRAPH, HEAD = "model.onnx", "head.safetensors"
 DECODER_PARTS = ("embed_tokens", "rotary_emb", "layers", "norm")
@@ -211,7 +211,7 @@ def load_ort(path: Path, max_new_tokens: int = 64) -> Predictor:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding per batch
         prompts = [prompts[i] for i in order]
         if fmt.labels:
-            answers = [encode_answer(tokenizer, fmt, lab) for lab in fmt.labels]
+            answers = label_answers(tokenizer, fmt)
             scorer = score_sequence if fmt.label_scoring == "sequence" else score_constrained
             scores = scorer(lm, prompts, answers, tokenizer.pad_token_id, batch_size)
             return Predictions(*predict_labels(scores[torch.tensor(inverse(order))], fmt.labels))

@@ -13,7 +13,7 @@ from tunesmith.data.examples import Example
 from tunesmith.models.tokens import text_ids
 from tunesmith.tasks.classification import predict_labels, score_labels, score_labels_constrained
 from tunesmith.tasks.generation import generate
-from tunesmith.tasks.prompts import PromptFormat, encode_answer, encode_prompt
+from tunesmith.tasks.prompts import PromptFormat, encode_prompt, label_answers
 
 # task.label_scoring -> scorer (see tasks/classification.py and tasks/label_trie.py)
 LABEL_SCORERS = {"sequence": score_labels, "constrained": score_labels_constrained,
@@ -29,7 +29,7 @@ class Predictions:
 def answer_budget(tokenizer, fmt: PromptFormat) -> int:
     """Tokens reserved for the answer: the longest label, or a fixed share for generation."""
     if fmt.labels:
-        return max(len(encode_answer(tokenizer, fmt, lab)) for lab in fmt.labels)
+        return max(len(ids) for ids in label_answers(tokenizer, fmt))
     return max(16, fmt.max_length // 4)
 
 
@@ -64,7 +64,7 @@ def predict(model, tokenizer, fmt: PromptFormat, examples: list[Example], batch_
     try:
         with hardware.autocast(autocast, next(model.parameters()).device):
             if fmt.labels:
-                answers = [encode_answer(tokenizer, fmt, lab) for lab in fmt.labels]
+                answers = label_answers(tokenizer, fmt)
                 scores = LABEL_SCORERS[fmt.label_scoring](model, prompts, answers, tokenizer.pad_token_id,
                                 batch_size=batch_size, progress=progress)
                 scores = scores[torch.tensor(inverse(order))]

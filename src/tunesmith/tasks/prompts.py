@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import weakref
 from dataclasses import asdict, dataclass, field
 
 from tunesmith.data.examples import Example
@@ -12,6 +14,11 @@ from tunesmith.models.tokens import UserText, text_ids
 # Used when a tokenizer has no chat template (base models, tiny test models).
 PLAIN_TEMPLATE = "{system}\n\n{shots}Input: {input}\nOutput:"
 PLAIN_SHOT = "Input: {input}\nOutput: {output}\n\n"
+
+# Label answers already encoded, per tokenizer (dropped with it) and then per format and tokenizer state;
+# at most _FORMATS_PER_TOKENIZER formats each, the oldest forgotten first.
+_LABEL_ANSWERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_FORMATS_PER_TOKENIZER = 4
 
 
 @dataclass
@@ -161,6 +168,24 @@ def encode_answer(tokenizer, fmt: PromptFormat, answer: str) -> list[int]:
     """Token ids of the answer suffix; the answer (a label from the data) is literal text."""
     user = UserText(tokenizer)
     return user.encode(answer_suffix(tokenizer, _marked_format(fmt, user), user.mark(answer)))
+
+
+def label_answers(tokenizer, fmt: PromptFormat) -> list[list[int]]:
+    """`encode_answer` of every label in `fmt.labels`, in order. Remembered per tokenizer and format: a
+    served classifier needs them for every request (and several times in one), and rendering a
+    77-label set through a chat template takes tens of milliseconds."""
+    # The tokenizer's state enters the key: a pad or special token added later changes the encoding.
+    key = (json.dumps(asdict(fmt), sort_keys=True, default=str), len(tokenizer), tokenizer.chat_template,
+           tokenizer.eos_token)
+    try:
+        known = _LABEL_ANSWERS.setdefault(tokenizer, {})
+    except TypeError:  # a tokenizer-like object that takes no weak reference: encode every time
+        known = {}
+    if key not in known:
+        if len(known) >= _FORMATS_PER_TOKENIZER:
+            known.pop(next(iter(known)))
+        known[key] = [encode_answer(tokenizer, fmt, label) for label in fmt.labels or []]
+    return [list(ids) for ids in known[key]]  # copies: a caller may change its lists
 
 
 def encode_prompt(tokenizer, fmt: PromptFormat, ex: Example, budget: int) -> tuple[list[int], bool]:
