@@ -197,12 +197,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(app):
-    """A real uvicorn server on a loopback port in a thread: (url, stop)."""
+def start_server(app, **config):
+    """A real uvicorn server on a loopback port in a thread (`config`: more uvicorn.Config settings): (url, stop)."""
     import uvicorn
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", **config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     for _ in range(200):

@@ -330,6 +330,46 @@ def test_item3_serve_sets_uvicorns_concurrency_limit(run_dir, monkeypatch):
     monkeypatch.delenv("TUNESMITH_API_KEYS", raising=False)
     serve(Path(run_dir), "127.0.0.1", free_port())
     assert seen["ran"] and seen["config"].limit_concurrency == ServeConfig().max_concurrency
+    assert seen["config"].http.keywords == {"seconds": ServeConfig().body_timeout_s}  # connections.HeadDeadline
+
+
+def test_connections_that_send_no_request_head_are_closed_and_free_their_slots():
+    """uvicorn's limit_concurrency counts open connections: sockets that send nothing, or trickle their
+    header lines, would hold every slot (503 for everyone, no key needed). HeadDeadline closes them
+    once the deadline has passed; a request being answered, however slowly, is never cut."""
+    import socket
+
+    from tunesmith.serve.connections import head_deadline_protocol
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        if scope["path"] == "/slow":
+            await asyncio.sleep(2.5)  # longer than the deadline: an answer in progress is not a waiting head
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+    url, stop = start_server(app, limit_concurrency=4, http=head_deadline_protocol(1.0))
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        trickler = socket.create_connection(("127.0.0.1", port))
+        trickler.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n")
+        time.sleep(0.3)
+        assert httpx.get(url + "/", timeout=5).status_code == 503  # every slot held
+        for _ in range(5):  # a header line every 0.3 s does not keep the connection
+            time.sleep(0.3)
+            try:
+                trickler.sendall(b"X-Slow: 1\r\n")
+            except OSError:
+                break
+        for sock in silent + [trickler]:
+            sock.settimeout(5)
+            assert sock.recv(100) == b"", "the server closes a connection that sent no whole request head"
+            sock.close()
+        with httpx.Client(timeout=10) as client:  # slots free again; keep-alive and a slow answer both work
+            assert client.get(url + "/slow").text == "ok" and client.get(url + "/").text == "ok"
+    finally:
+        stop()
 
 
 def test_item3_a_blocked_log_write_never_holds_an_answer_past_the_deadline(service, tmp_path, monkeypatch,

@@ -161,6 +161,7 @@ def _run_app(service, target: Path, listener: Listener, keys: list[str], registr
              variant: str | None = None) -> None:
     import uvicorn
 
+    from tunesmith.serve.connections import head_deadline_protocol
     from tunesmith.serve.hosts import loopback_guard
 
     cfg, log_path = serve_settings(target)
@@ -174,8 +175,9 @@ def _run_app(service, target: Path, listener: Listener, keys: list[str], registr
           f"http://{host}:{port} ({where}; API keys {access})", file=sys.stderr)
     # Past limit_concurrency connections + requests uvicorn itself answers 503: a backstop, the app
     # answers 503 with Retry-After first (its queue full, or a request past serve.request_timeout_s).
+    # A connection must send each request head within serve.body_timeout_s (see connections.py).
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
-                            limit_concurrency=cfg.max_concurrency)
+                            limit_concurrency=cfg.max_concurrency, http=head_deadline_protocol(cfg.body_timeout_s))
     server = uvicorn.Server(config)
     if served.follower is not None:
         served.follower.start()
