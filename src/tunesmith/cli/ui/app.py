@@ -138,6 +138,7 @@ def serve_ui(settings: UiSettings) -> None:
     machines can reach without API keys; the port is bound before anything else starts."""
     import uvicorn
 
+    from tunesmith.serve.connections import head_deadline_protocol
     from tunesmith.serve.server import bind_listener
 
     keys = settings.api_keys or []
@@ -149,7 +150,10 @@ def serve_ui(settings: UiSettings) -> None:
         access = "required" if keys else "not set: open to this machine only"
         print(f"tunesmith ui on http://{host}:{settings.port}/ (root {Path(settings.root).resolve()}; "
               f"API keys {access}); Ctrl-C stops it", file=sys.stderr)
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        # Connections that send no request head are closed after 10 s (serve's default): idle sockets would
+        # otherwise pile up until the process runs out of file descriptors.
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5,
+                                               http=head_deadline_protocol(10.0)))
         try:
             server.run(sockets=[listener.sock])
         except KeyboardInterrupt:  # Ctrl-C is how the workbench is meant to stop: not an error
