@@ -295,6 +295,22 @@ def test_a_file_that_is_not_a_request_log_is_an_input_error(run, tmp_path):
     assert garbage.read_bytes() == b"not sqlite at all " * 200
 
 
+def test_another_apps_database_with_a_requests_table_is_refused_unchanged(run, tmp_path):
+    """A `requests` table alone does not make a request log: opening it as one would add our columns,
+    tables and indexes (and WAL mode) to someone else's database before finding it is not one."""
+    other = tmp_path / "app.db"
+    with sqlite3.connect(other) as c:
+        c.execute("CREATE TABLE requests (x INTEGER)")
+        c.execute("CREATE TABLE mydata (a TEXT)")
+    before = other.read_bytes()
+    rows = write_jsonl(tmp_path / "labels.jsonl", [{"request_id": "a" * 32, "label": "beta"}])
+    for args in (["feedback", "import", str(rows), "--db", str(other)], ["monitor", str(run), "--db", str(other)]):
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "not a request log (its requests table lacks the column(s) confidence, id, " in result.output
+    assert other.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["app.db", "labels.jsonl"]
+
+
 @pytest.fixture(scope="module")
 def gen_service(tmp_path_factory, tiny_model):
     folder = tmp_path_factory.mktemp("feedback-gen")

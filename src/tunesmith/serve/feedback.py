@@ -33,7 +33,7 @@ from tunesmith.errors import DataError, InputError
 from tunesmith.serve.replies import error
 from tunesmith.serve.routes import unicode_text
 from tunesmith.serve.state import ServerState
-from tunesmith.serve.store import STORED_CHARS, VERDICTS, RequestLog, UnknownRequest, VerdictExists
+from tunesmith.serve.store import STORED_CHARS, VERDICTS, RequestLog, UnknownRequest, VerdictExists, not_a_log
 
 LABEL_CHARS = 200
 RETRY_AFTER_S = 1
@@ -222,11 +222,11 @@ def _open_log(db: Path, redact_pii: bool) -> RequestLog:
     try:
         probe = sqlite3.connect(Path(db).resolve().as_uri() + "?mode=ro", uri=True)
         try:
-            found = probe.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='requests'").fetchone()
+            why = not_a_log(probe)
         finally:
             probe.close()
-        if not found:
-            raise InputError("not a request log (no requests table)", str(db))
+        if why:
+            raise InputError(f"not a request log ({why}); left untouched", str(db))
         return RequestLog(db, redact_pii=redact_pii)
     except sqlite3.DatabaseError as e:
         raise InputError(f"not a request log: {e}", str(db)) from None

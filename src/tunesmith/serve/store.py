@@ -276,6 +276,30 @@ def create_tables(db: sqlite3.Connection) -> None:
         db.execute(index)
 
 
+def not_a_log(db: sqlite3.Connection) -> str | None:
+    """Why the database open on `db` is not a request log, or None: it needs a requests table with
+    every column of the first release (a log written since has more: `create_tables` adds them) and,
+    if it has a feedback table, that table's columns. Only reads."""
+    expected = sqlite3.connect(":memory:")
+    try:
+        create_tables(expected)
+        wanted = {table: _columns(expected, table) for table in ("requests", "feedback")}
+    finally:
+        expected.close()
+    wanted["requests"] -= set(ADDED_COLUMNS)
+    for table, columns in wanted.items():
+        have = _columns(db, table)
+        if not have and table == "feedback":
+            continue  # a log from before verdicts: the table is added when the log is opened
+        if missing := sorted(columns - have):
+            return f"its {table} table lacks the column(s) {', '.join(missing)}" if have else f"it has no {table} table"
+    return None
+
+
+def _columns(db: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+
+
 @dataclass(frozen=True)
 class LabelledRequest:
     """One answered request with its verdict. `truth` is the true label or corrected answer: the
@@ -329,8 +353,8 @@ def _read_only(path: Path) -> Iterator[sqlite3.Connection]:
     except sqlite3.Error as e:  # missing, a folder, unreadable
         raise _not_a_log(path, e) from None
     try:
-        if not db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='requests'").fetchone():
-            raise _not_a_log(path, "no requests table")
+        if why := not_a_log(db):
+            raise _not_a_log(path, why)
         yield db
     except sqlite3.DatabaseError as e:
         if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
