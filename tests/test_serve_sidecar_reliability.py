@@ -325,6 +325,13 @@ def test_item8_key_file_hash_starts_a_comment_only_at_line_start_and_short_keys_
     with pytest.raises(InputError) as err:
         load_keys(None, environ={"TUNESMITH_API_KEYS": f"{LONG_KEY}, tooshort"})
     assert err.value.where == "TUNESMITH_API_KEYS"
+    # a key no client can send (headers are read as Latin-1 bytes) would lock everyone out: refused
+    for key in ("ключ-ключ-ключ-ключ-1234", "key with spaces inside 1234", "tab\tinside-the-key-0123"):
+        keys.write_text(f"{LONG_KEY}\n{key}\n", encoding="utf-8")
+        with pytest.raises(InputError) as err:
+            load_keys(keys, environ={})
+        assert err.value.where == f"{keys}:2" and "not visible ASCII" in err.value.what and key not in err.value.line()
+    keys.write_text(f"# fine\n{LONG_KEY}\nshort#comment\n", encoding="utf-8")
 
     for args, env, where in (([f"--api-keys-file={keys}"], {"TUNESMITH_API_KEYS": None}, f"{keys}:3"),
                              ([], {"TUNESMITH_API_KEYS": "abc"}, "TUNESMITH_API_KEYS"),

@@ -2,7 +2,9 @@
 
 Keys come from the environment variable TUNESMITH_API_KEYS (comma-separated) and/or a file (one
 key per line; a line whose first non-blank character is `#` is a comment, so a key may contain `#`).
-Keys shorter than MIN_KEY_LENGTH characters are refused: a short key can be guessed. With no keys
+Keys shorter than MIN_KEY_LENGTH characters are refused: a short key can be guessed; so are keys with
+a character outside visible ASCII (a space, a control character, a non-ASCII letter): clients send a
+header as bytes the server reads as Latin-1, so such a key could never match. With no keys
 configured the server is open, which `tunesmith serve` allows only on a loopback address. Keys are
 compared in constant time, against every configured key, so neither the match nor its position
 leaks through timing.
@@ -56,6 +58,11 @@ def _file_keys(file: Path) -> list[tuple[int, str]]:
 def _checked(key: str, where: str) -> str:
     if len(key) < MIN_KEY_LENGTH:  # the message never shows the key itself
         raise InputError(f"an API key is shorter than {MIN_KEY_LENGTH} characters ({len(key)})", where,
+                         "use a long random key, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
+    bad = next((i for i, c in enumerate(key) if not "!" <= c <= "~"), None)
+    if bad is not None:  # the position, never the key or the character itself
+        raise InputError(f"an API key has a character at position {bad + 1} that is not visible ASCII (a space, a "
+                         "control character or a non-ASCII letter): no HTTP client can send it in a header", where,
                          "use a long random key, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
     return key
 
