@@ -80,6 +80,7 @@ def test_a_seeded_stream_is_the_seeded_answer(client):
                                        ({"top_k": -2}, "top_k"), ({"stop": ["a"] * 5}, "stop"),
                                        ({"stop": "x" * 65}, "stop"), ({"seed": -1}, "seed"),
                                        ({"repetition_penalty": 3}, "repetition_penalty"),
+                                       ({"repetition_penalty": 1e-300}, "repetition_penalty"),
                                        ({"frequency_penalty": 0.5}, "frequency_penalty"),
                                        ({"presence_penalty": -1}, "presence_penalty"), ({"n": 2}, "n must be 1")])
 def test_bad_values_are_a_400_naming_the_field(client, bad, field):
@@ -87,6 +88,18 @@ def test_bad_values_are_a_400_naming_the_field(client, bad, field):
                         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
         r = client.post(route, json={**body, **bad})
         assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
+
+
+def test_a_temperature_too_small_to_sample_with_decodes_greedily(client):
+    """Logits divided by 1e-39 overflow to inf and sampling failed (500): below 1e-5 the answer is the
+    greedy one, as vLLM does; a penalty small enough to overflow is a 400 (above)."""
+    greedy = _text(client, "/v1/completions", {"prompt": "my card bank", "max_tokens": 8})
+    for tiny in (1e-39, 5e-324, 9e-6):
+        for stream in (False, True):
+            body = {"prompt": "my card bank", "max_tokens": 8, "temperature": tiny, "seed": 3}
+            got = _streamed(client, body) if stream else _text(client, "/v1/completions", body)[0]
+            assert got.strip() == greedy[0].strip(), (tiny, stream)
+    assert GenerationSettings(temperature=1e-5).temperature == 1e-5 and not GenerationSettings(temperature=1e-5).greedy
 
 
 def test_zero_penalties_and_one_choice_are_accepted(client):

@@ -151,16 +151,27 @@ class PreferenceSettings(_Strict):
 STOP_STRINGS_MAX, STOP_STRING_CHARS = 4, 64   # bounds of `stop` (OpenAI's own limit is 4 strings)
 
 
+SAMPLING_EPS = 1e-5  # a temperature below it decodes greedily
+
+
 class GenerationSettings(_Strict):
     """How answers are decoded (eval.generation; serve requests carry the same fields). The defaults are
     greedy decoding: temperature 0 ignores top_p, top_k and seed."""
 
-    temperature: float = Field(0.0, ge=0, le=2)     # 0: greedy; above 0: sampling
+    temperature: float = Field(0.0, ge=0, le=2)     # 0 (or below 1e-5, as vLLM): greedy; above: sampling
     top_p: float = Field(1.0, gt=0, le=1)           # nucleus sampling: 1 keeps every token
     top_k: int = Field(0, ge=0, le=10_000)          # 0: off
-    repetition_penalty: float = Field(1.0, gt=0, le=2)   # 1: off; above 1 discourages repeats (CTRL's penalty)
+    # 1: off; above 1 discourages repeats (CTRL's penalty). Logits are divided by it: below 0.01 they overflow.
+    repetition_penalty: float = Field(1.0, ge=0.01, le=2)
     stop: list[str] = Field(default_factory=list, max_length=STOP_STRINGS_MAX)   # answers cut at the first one
     seed: int | None = Field(0, ge=0, lt=2**32)     # sampling seed: same seed, same answers; None: unseeded
+
+    @field_validator("temperature")
+    @classmethod
+    def _tiny_is_greedy(cls, v: float) -> float:
+        # Logits divided by a temperature near 0 overflow to inf and sampling fails; the distribution is
+        # one-hot long before, so below SAMPLING_EPS the answer is the greedy one (vLLM's rule too).
+        return 0.0 if v < SAMPLING_EPS else v
 
     @field_validator("stop")
     @classmethod
