@@ -132,3 +132,37 @@ def test_true_or_false_for_a_number_is_refused_not_read_as_one_or_zero(client, b
                         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
         r = client.post(route, json={**body, **bad})
         assert r.status_code in (400, 422) and "not true/false" in r.json()["error"]["message"], r.text
+
+
+def test_a_checkpoint_with_a_short_context_answers_within_it(tiny_model, tmp_path):
+    """A learned position table (GPT-2's) has no row past its context: prompts are cut to it, a token
+    prompt longer is a 422, and an answer stops where the context ends (finish_reason "length"), in a
+    batch, alone and streamed, instead of an IndexError (500)."""
+    import shutil
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "gpt2-64"
+    shutil.copytree(tiny_model, folder)
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    tok = load_service(tiny_model).predictor.tokenizer
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                    ).save_pretrained(folder, safe_serialization=True)
+    service = load_service(folder)
+    assert service.fmt.max_length == 64
+    with TestClient(create_app(service, ServeConfig(max_tokens=200), None, tmp_path / "r.db")) as c:
+        r = c.post("/v1/completions", json={"prompt": [5] * 100, "max_tokens": 5})
+        assert r.status_code == 422 and "1 to 64 ids" in r.json()["error"]["message"], r.text
+        long_text = " ".join(["card"] * 300)
+        for body in ({"prompt": [5] * 60, "max_tokens": 100}, {"prompt": long_text, "max_tokens": 100},
+                     {"prompt": "hello", "max_tokens": 100, "temperature": 1.0, "seed": 1}):
+            r = c.post("/v1/completions", json=body)
+            assert r.status_code == 200, (body, r.text)
+            usage = r.json()["usage"]
+            assert usage["prompt_tokens"] + usage["completion_tokens"] <= 64
+            assert _streamed(c, body) is not None
+        assert len(service.complete([service.example(prompt=[5] * 64), service.example(prompt="hi")], [8, 8])) == 2

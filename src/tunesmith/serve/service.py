@@ -52,7 +52,8 @@ class TokenPrompt:
         """ValueError (the client's 422) for an empty or over-long prompt or an id outside the vocabulary."""
         vocab = len(tokenizer)
         if not 0 < len(ids) <= max_length:
-            raise ValueError(f"a token prompt holds 1 to {max_length} ids (task.max_length)")
+            raise ValueError(f"a token prompt holds 1 to {max_length} ids (task.max_length, or a served checkpoint's "
+                             "context up to 2,048)")
         if any(not 0 <= i < vocab for i in ids):
             raise ValueError(f"token ids must lie in [0, {vocab})")
         return cls(tuple(ids), tokenizer.decode(ids))
@@ -159,12 +160,26 @@ class Service:
         if self.predictor.complete is not None:  # another runtime (ct2) decodes, greedily (routes refuse sampling)
             rows = self.predictor.complete(prompts, max_tokens)
             return [_completion(tok, row, len(p), limit) for row, p, limit in zip(rows, prompts, max_tokens)]
+        rooms = [self._room(len(p), m) for p, m in zip(prompts, max_tokens)]
+        if len(examples) > 1 and rooms != list(max_tokens):
+            # Left-padded rows all decode the batch's longest answer: a row near the context alone.
+            return [self._decode([ex], [m], sampling)[0] for ex, m in zip(examples, max_tokens)]
+        if max(rooms) == 0:  # a token prompt that fills the context: nothing can follow it
+            return [_completion(tok, [], len(p), 0) for p in prompts]
+        max_tokens = rooms
         with seeded(sampling, model.device):
             out = model.generate(**_left_padded(prompts, tok.pad_token_id, model.device),
                                  max_new_tokens=max(max_tokens), eos_token_id=stop_ids(tok),
                                  pad_token_id=tok.pad_token_id, **generate_kwargs(sampling))
         new = out[:, max(len(p) for p in prompts):]  # (B, new tokens)
         return [_completion(tok, row.tolist(), len(p), limit) for row, p, limit in zip(new, prompts, max_tokens)]
+
+    def _room(self, n_prompt: int, wanted: int) -> int:
+        """New tokens a row of `n_prompt` prompt tokens may decode: `wanted`, less whatever would run
+        past the model's context (a learned position table has no row beyond it: an IndexError, not an
+        answer); the answer then ends with finish_reason "length"."""
+        context = getattr(getattr(self.predictor.module, "config", None), "max_position_embeddings", None)
+        return wanted if not isinstance(context, int) else max(0, min(wanted, context - n_prompt))
 
     def stream(self, example: Example, max_tokens: int, cancelled: threading.Event,
                sampling: GenerationSettings | None = None) -> Generator[str, None, str]:
@@ -206,7 +221,7 @@ class Service:
         seen = torch.tensor(prompt_ids(tok, self.fmt, [example]), device=model.device)  # (1, T)
         ids, stops, past, produced, text = seen, set(stop_ids(tok)), None, [], ""
         processors, generator = logits_processors(settings), step_generator(settings, model.device)
-        for _ in range(max_tokens):
+        for _ in range(self._room(seen.shape[1], max_tokens)):
             if cancelled.is_set():
                 return "stop"
             out = model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1)
@@ -327,6 +342,10 @@ def _plain_service(name: str, started: float, max_new_tokens: int) -> Service:
     from tunesmith.optimize.engines import lm_predictor
 
     path = resolve_model(name)
-    fmt = PromptFormat(task_type="chat", instruction="", labels=None, list_labels=False, max_length=2048)
-    predictor = lm_predictor(load_model(path), load_tokenizer(path), fmt, max_new_tokens)
+    model = load_model(path)
+    # Prompts are cut to fit (and token prompts refused past) 2,048 tokens or the model's context if shorter.
+    context = getattr(model.config, "max_position_embeddings", None)
+    limit = min(2048, context) if isinstance(context, int) and context > 0 else 2048
+    fmt = PromptFormat(task_type="chat", instruction="", labels=None, list_labels=False, max_length=limit)
+    predictor = lm_predictor(model, load_tokenizer(path), fmt, max_new_tokens)
     return Service(name, predictor, "base", time.perf_counter() - started)
