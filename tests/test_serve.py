@@ -158,6 +158,26 @@ def test_api_keys_rate_limit_and_bad_requests(cls_service, tmp_path):
         assert streamed.status_code == 413
 
 
+def test_a_request_with_nothing_to_classify_is_a_422(cls_service, tmp_path):
+    """An empty text, or a chat with no user text, was answered with a confident label for no input
+    (logged, open to feedback as if it were an answer)."""
+    with TestClient(create_app(cls_service, ServeConfig(), [], tmp_path / "r.db")) as c:
+        for body in ({"text": ""}, {"text": " \n\t"}, {"texts": ["red", "  "]}):
+            r = c.post("/v1/classify", json=body)
+            assert r.status_code == 422 and "the text is empty" in r.json()["error"]["message"], (body, r.text)
+        assert "texts[1]" in c.post("/v1/classify", json={"texts": ["red", ""]}).json()["error"]["message"]
+        for messages in ([{"role": "system", "content": "You are x"}], [{"role": "assistant", "content": "hi"}],
+                         [{"role": "user", "content": " "}], [{"role": "user", "content": "red"},
+                                                               {"role": "user", "content": ""}]):
+            for stream in (False, True):
+                r = c.post("/v1/chat/completions", json={"messages": messages, "stream": stream})
+                assert r.status_code == 422 and "no user message with text" in r.text, (messages, r.text)
+        chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "red"}]
+        assert c.post("/v1/chat/completions", json={"messages": chat}).status_code == 200
+    blank = sqlite3.connect(tmp_path / "r.db").execute("SELECT COUNT(*) FROM requests WHERE input = ''").fetchone()
+    assert blank == (0,)
+
+
 def test_a_failing_request_does_not_take_the_server_down(cls_run, tmp_path, monkeypatch):
     service = load_service(cls_run)
     with _client(service, tmp_path) as c:

@@ -47,6 +47,15 @@ class _Body(NumbersNotBools):
     model_config = ConfigDict(extra="ignore")
 
 
+def _classifiable(text: str) -> str:
+    """The text, valid Unicode and not blank: a label for no input would be a confident guess, logged
+    and open to feedback as if it were an answer."""
+    unicode_text(text)
+    if not text.strip():
+        raise ValueError("the text is empty; give the text to classify")
+    return text
+
+
 class ClassifyRequest(_Body):
     """POST /v1/classify: one `text` or a list of `texts`."""
 
@@ -56,13 +65,16 @@ class ClassifyRequest(_Body):
     @field_validator("text")
     @classmethod
     def _valid_text(cls, v: str | None) -> str | None:
-        return unicode_text(v)
+        return v if v is None else _classifiable(v)
 
     @field_validator("texts")
     @classmethod
     def _valid_texts(cls, v: list[str] | None) -> list[str] | None:
-        for t in v or []:
-            unicode_text(t)
+        for i, t in enumerate(v or []):
+            try:
+                _classifiable(t)
+            except ValueError as e:
+                raise ValueError(f"texts[{i}]: {e}") from None
         return v
 
     @model_validator(mode="after")
@@ -225,7 +237,10 @@ def openai_router(state: ServerState) -> APIRouter:
     async def chat(body: ChatRequest, request: Request, response: Response):
         limit = _limit(body.max_completion_tokens or body.max_tokens or cfg.max_tokens, cfg)
         sampling = _sampling(body, service)
-        example = service.example(messages=[m.model_dump() for m in body.messages])
+        try:
+            example = service.example(messages=[m.model_dump() for m in body.messages])
+        except ValueError as e:
+            return error(422, f"{e} (messages)", "invalid_request_error")
         return await _complete(state, (request, response), (example, limit, sampling), body.stream,
                                "/v1/chat/completions", "chat.completion")
 

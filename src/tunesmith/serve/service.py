@@ -275,10 +275,14 @@ def token_batches(costs: list, budget: int, max_rows: int | None = None) -> list
 
 def request_example(fmt: PromptFormat, prompt: str | None = None, messages: list[dict] | None = None) -> Example:
     """A request as an Example: a completion prompt, or a chat whose last user turn is the input
-    (the whole conversation kept for chat-tuned models)."""
+    (the whole conversation kept for chat-tuned models). ValueError (the client's 422) for a chat
+    with no user text when the model answers only the last user turn."""
     if messages is not None:
-        last = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-        return Example(last, "", "request", messages=messages if fmt.task_type == "chat" else None)
+        last = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
+        if fmt.task_type != "chat" and not (last or "").strip():
+            # The last user turn is the whole input here: without one the model would answer nothing.
+            raise ValueError("the messages hold no user message with text; this model answers the last user message")
+        return Example(last or "", "", "request", messages=messages if fmt.task_type == "chat" else None)
     return Example(prompt or "", "", "request")
 
 

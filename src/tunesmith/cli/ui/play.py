@@ -310,6 +310,9 @@ async def generate(request: Request) -> StreamingResponse:
         examples = {side: (loaded.service(side) or loaded.tuned).example(prompt=body.prompt,
                                                                             messages=body.side_messages(side))
                     for side in SIDES}
+    except ValueError as e:  # a chat with no user text for a model that answers the last user turn
+        slot.release()
+        raise HTTPException(422, str(e)) from None
     except BaseException:
         slot.release()
         raise
