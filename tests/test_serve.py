@@ -156,6 +156,11 @@ def test_api_keys_rate_limit_and_bad_requests(cls_service, tmp_path):
             yield b'"}'
         streamed = c.post("/v1/classify", content=chunked(), headers={**other, "content-type": "application/json"})
         assert streamed.status_code == 413
+        c.post("/nowhere", content=b"z" * 5000, headers={"content-type": "application/json"})
+        # both 413s are counted: by declared length (refused before the guard) and chunked
+        metrics = c.get("/metrics", headers={"Authorization": "Bearer k-one"}).text
+        assert 'tunesmith_requests_total{route="/v1/classify",status="413"} 2.0' in metrics
+        assert 'tunesmith_requests_total{route="other",status="413"} 1.0' in metrics
 
 
 def test_a_request_with_nothing_to_classify_is_a_422(cls_service, tmp_path):

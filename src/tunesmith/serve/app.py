@@ -18,6 +18,7 @@ import re
 import time
 import uuid
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -63,7 +64,14 @@ def create_app(service: Service, cfg: ServeConfig, keys: list[str] | None = None
     app.state.routes = frozenset(route.path for router in routers for route in router.routes)
     _add_guard(app, state)
     _add_error_handlers(app, state)
-    return RequestIds(BodyLimit(app, cfg.max_body_bytes, cfg.body_timeout_s))
+    return RequestIds(BodyLimit(app, cfg.max_body_bytes, cfg.body_timeout_s,
+                                on_declared_413=partial(_count_413, app.state.routes, state.metrics)))
+
+
+def _count_413(routes: frozenset, metrics, scope: dict) -> None:
+    """Count a body refused by its declared length (BodyLimit answers it before the guard would)."""
+    path = scope.get("path", "")
+    metrics.requests.labels(path if path in routes else "other", "413").inc()
 
 
 def _add_guard(app: FastAPI, state: ServerState) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import Callable
 
 DISCONNECT = {"type": "http.disconnect"}
 
@@ -18,8 +19,10 @@ class BodyLimit:
     receive() is not timed (a streaming response waits on it for the client to leave)."""
 
     def __init__(self, app, max_bytes: int, timeout_s: float | None = None,
-                 timeout_key: str = "serve.body_timeout_s"):
+                 timeout_key: str = "serve.body_timeout_s", on_declared_413: Callable[[dict], None] | None = None):
         self.app, self.max_bytes, self.timeout_s, self.timeout_key = app, max_bytes, timeout_s, timeout_key
+        # A body declared too large is refused before the app sees the request: this counts it there.
+        self.on_declared_413 = on_declared_413
         self.state = getattr(app, "state", None)  # tests and servers reach the app's state through this
 
     async def __call__(self, scope, receive, send):
@@ -28,6 +31,8 @@ class BodyLimit:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            if self.on_declared_413 is not None:
+                self.on_declared_413(scope)
             return await _refuse(send, 413, f"request body over {self.max_bytes} bytes")
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
         # A request with neither header has no body (HTTP/1.1): nothing to time, so a streaming GET's
