@@ -50,6 +50,24 @@ def test_item13_jsonl_line_nested_100000_deep_is_a_located_error(tmp_path, tiny_
     assert "Traceback" not in result.output and "RecursionError" not in result.output
 
 
+@pytest.mark.parametrize("command", ["check", "clean", "split"])
+def test_an_escaped_lone_surrogate_is_a_located_error_and_leaves_no_output(tmp_path, tiny_model, command):
+    """`"\\ud800"` is valid JSON (and a valid YAML escape) but no tokenizer or UTF-8 file takes it: the
+    row, or the config line, is named; `clean` was an internal TypeError and `split` left its --out."""
+    config = _project(tmp_path, tiny_model)
+    with open(tmp_path / "train.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"text": "bad \\ud800 text", "label": "alpha"}\n')
+    args = ["data", command, config] + ([] if command == "check" else ["--out", str(tmp_path / "out")])
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert f"{tmp_path / 'train.jsonl'}:21" in result.stderr and "lone surrogate, escaped as \\ud800" in result.stderr
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "project.yaml").write_text(PROJECT.format(model=tiny_model, method="lora").replace(
+        "name: ", 'instruction_note: "\\udc00"\nname: ', 1), encoding="utf-8")
+    result = runner.invoke(app, ["data", "check", config])
+    assert result.exit_code == 2 and f"{config}:1" in result.stderr and "lone surrogate" in result.stderr
+
+
 def test_item13_nesting_that_parses_but_is_too_deep_is_a_row_problem(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text('{"text": "ok", "label": "a"}\n' + '{"text": "x", "label": "a", "m": ' + "[" * 500
@@ -274,3 +292,20 @@ def test_a_plot_that_fails_on_damaged_figures_closes_its_figure():
         with pytest.raises(KeyError):  # raised once the figure is open
             plots.per_class_f1({"a": {"f1": 0.5}})
     assert len(plt.get_fignums()) == before
+
+
+def test_a_failed_data_write_removes_the_folder_it_made_and_keeps_an_existing_one(tmp_path, tiny_model,
+                                                                                  monkeypatch):
+    from tunesmith.data import stage
+
+    config = _project(tmp_path, tiny_model)
+
+    def full_disk(splits, out):
+        (out / "train.jsonl").write_text("half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(stage, "save_splits", full_disk)
+    result = runner.invoke(app, ["data", "split", config, "--out", str(tmp_path / "new")])
+    assert result.exit_code != 0 and not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    result = runner.invoke(app, ["data", "split", config, "--out", str(tmp_path / "mine")])
+    assert result.exit_code != 0 and (tmp_path / "mine").is_dir()  # a folder the user gave is never removed

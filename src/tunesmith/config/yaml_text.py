@@ -3,10 +3,11 @@
 The safe loader only; on top of it, these are refused with their line: a document whose anchors
 and aliases would expand it past MAX_VALUES values (a "billion laughs" file is a dozen lines), an
 alias that refers to the node holding it, a key given twice in one mapping (PyYAML keeps the last),
-and nesting deeper than the parser's recursion. A value the safe loader cannot build (`2001-02-30`,
-`!!int abc`) is refused without a line. All as `Refused`, a `yaml.YAMLError`, so callers catch one
-kind. Code that walks a loaded value (flattening keys, checking every path in a list) then does work
-in proportion to the text, never exponential in it.
+text with a lone surrogate (an escape such as "\\ud800": no tokenizer or file takes it), and nesting
+deeper than the parser's recursion. A value the safe loader cannot build (`2001-02-30`, `!!int abc`)
+is refused without a line. All as `Refused`, a `yaml.YAMLError`, so callers catch one kind. Code that
+walks a loaded value (flattening keys, checking every path in a list) then does work in proportion to
+the text, never exponential in it.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def expanded_size(root: yaml.Node) -> int:
         open_nodes.add(id(node))
         if isinstance(node, yaml.MappingNode):
             _unique_keys(node)
+        elif isinstance(node, yaml.ScalarNode):
+            _valid_unicode(node)
         children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
                     else node.value if isinstance(node, yaml.SequenceNode) else [])
         total = 1
@@ -92,6 +95,16 @@ def _deepest(text: str) -> yaml.Mark | None:
         elif isinstance(event, yaml.CollectionEndEvent):
             depth -= 1
     return mark
+
+
+def _valid_unicode(node: yaml.ScalarNode) -> None:
+    """Refused for a lone surrogate (`"\\ud800"` is a valid YAML escape): no tokenizer or file takes it."""
+    try:
+        node.value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        escape = f"\\u{ord(node.value[e.start]):04x}"
+        raise Refused(f"text that is not valid Unicode (a lone surrogate, escaped as {escape})", node.start_mark,
+                      "remove the escape") from None
 
 
 def _unique_keys(node: yaml.MappingNode) -> None:

@@ -169,8 +169,8 @@ def _read_json_array(path: Path) -> ReadResult:
         except ValueError as e:
             out.problems.append(RowProblem(where, line, json_value_error(e)))
             return out
-        if _depth(record) > MAX_NESTING:
-            out.problems.append(RowProblem(where, line, f"JSON nested too deeply (more than {MAX_NESTING} levels)"))
+        if why := _record_problem(record):
+            out.problems.append(RowProblem(where, line, why))
         else:
             out.rows.append(Row(record, where, line))
         pos = _SPACE.match(text, end).end()
@@ -195,9 +195,8 @@ def _parse_json_line(text: str) -> tuple[Any, str | None]:
         return None, json_value_error(e)
     except RecursionError:
         return None, f"JSON nested too deeply (more than {MAX_NESTING} levels)"
-    if _depth(record) > MAX_NESTING:
-        # Parsed, but so deep that later recursive code (copying, json.dumps) would overflow the stack.
-        return None, f"JSON nested too deeply (more than {MAX_NESTING} levels)"
+    if why := _record_problem(record):
+        return None, why
     return record, None
 
 
@@ -209,17 +208,24 @@ def json_value_error(e: ValueError) -> str:
     return f"invalid JSON: {e}"
 
 
-def _depth(value: Any) -> int:
-    """Nesting depth of lists and dicts, walked without recursion (the value may be very deep)."""
-    deepest, stack = 0, [(value, 1)]
+def _record_problem(record: Any) -> str | None:
+    """Why a parsed JSON value is not a usable record, or None: nested past MAX_NESTING (later recursive
+    code, copying or json.dumps, would overflow the stack), or holding a lone surrogate: `"\\ud800"` is
+    valid JSON but no tokenizer, database or UTF-8 file can take it. Walked without recursion."""
+    stack = [(record, 1)]
     while stack:
         node, level = stack.pop()
-        if isinstance(node, dict):
-            node = list(node.values())
-        if isinstance(node, list):
-            deepest = max(deepest, level)
-            stack.extend((child, level + 1) for child in node)
-    return deepest
+        if isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return f"text that is not valid Unicode (a lone surrogate, escaped as \\u{ord(node[e.start]):04x})"
+        elif isinstance(node, (dict, list)):
+            if level > MAX_NESTING:
+                return f"JSON nested too deeply (more than {MAX_NESTING} levels)"
+            children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+            stack.extend((child, level + 1) for child in children)
+    return None
 
 
 MAX_CSV_FIELD = 16 * 2**20  # characters in one CSV cell

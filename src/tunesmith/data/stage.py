@@ -3,6 +3,7 @@ lines to print. Outputs go to a folder that appears complete or not at all."""
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,9 +201,17 @@ def _mark(out: Path) -> None:
 
 def _write(splits: Splits, out: Path) -> None:
     """Everything is computed before the first write; each file is written atomically (temp + rename).
-    The marker goes first, so a folder that a crash left half-written can be written again."""
-    _mark(Path(out))
-    save_splits(splits, Path(out))
+    The marker goes first, so a folder that a crash left half-written can be written again; a folder
+    made here that a failed write (a full disk) left half-written is removed."""
+    out = Path(out)
+    made = not out.exists()
+    try:
+        _mark(out)
+        save_splits(splits, out)
+    except BaseException:
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def _file(project: Project, role: str) -> str:
