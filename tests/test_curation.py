@@ -297,6 +297,34 @@ def test_augmentation_marks_rows_and_keeps_labels():
     assert oversample(train, 1, rng) == []
 
 
+def test_edits_of_long_texts_are_made_in_one_pass_and_do_what_they_say():
+    """redact, char_noise and eda rebuilt the text (or list) once per edit: quadratic, minutes on a
+    megabyte row. One-pass versions, checked against what each edit must do."""
+    from tunesmith.data.pii import Finding
+
+    text = "a@b.co x " * 2000
+    found = find_pii(text)
+    slow = text
+    for f in sorted(found, key=lambda f: f.start, reverse=True):  # the reference, one finding at a time
+        slow = slow[:f.start] + f"[{f.kind.upper()}]" + slow[f.end:]
+    assert redact(text, found) == slow == "[EMAIL] x " * 2000
+    assert redact("abc", []) == "abc" and redact("abc", [Finding("email", 0, 3)]) == "[EMAIL]"
+    words = [f"w{i}" for i in range(200)]
+    for seed in range(40):
+        out = eda(" ".join(words), 0.2, random.Random(seed)).split()
+        kept = [w for w in out if w in words]
+        if len(out) < len(words):   # delete: 40 distinct words gone, the rest in order
+            assert len(out) == 160 and kept == [w for w in words if w in out]
+        elif len(out) > len(words):  # insert: the originals in order, synonyms between them
+            assert kept == words
+        else:                        # swap or synonym: a permutation of the words, or words replaced
+            assert sorted(kept) == sorted(words) or len(kept) < len(words)
+    assert eda("one two", 0.5, random.Random(3)).split()  # never every word deleted
+    letters = "abcdefghij" * 300
+    noisy = char_noise(letters, 0.1, random.Random(2))
+    assert noisy != letters and abs(len(noisy) - len(letters)) <= 300
+
+
 def test_profile_figures():
     assert length_histogram([3, 20, 40, 41, 5000]) == {"0-15": 1, "16-31": 1, "32-63": 2, "4096+": 1}
     assert lexical_diversity(["a b", "a c"]) == {"distinct_1": 0.75, "distinct_2": 1.0}

@@ -60,39 +60,46 @@ def eda(text: str, rate: float, rng: random.Random) -> str:
         return text
     n = max(1, round(rate * len(words)))
     op = rng.choice(("synonym", "insert", "swap", "delete"))
+    if op == "delete":  # n distinct words (never all of them): one pass, not a list deletion each
+        dropped = set(rng.sample(range(len(words)), min(n, len(words) - 1)))
+        return " ".join(w for i, w in enumerate(words) if i not in dropped)
+    before: dict[int, list[str]] = {}  # inserted synonyms, by the slot (0..len) they go before
     for _ in range(n):
         if op == "swap":
             i, j = rng.randrange(len(words)), rng.randrange(len(words))
             words[i], words[j] = words[j], words[i]
-        elif op == "delete" and len(words) > 1:
-            del words[rng.randrange(len(words))]
-        else:
-            i = rng.randrange(len(words))
-            options = synonyms(words[i].lower().strip(".,!?;:"))
-            if options:
-                word = rng.choice(options)
-                if op == "synonym":
-                    words[i] = word
-                else:
-                    words.insert(rng.randrange(len(words) + 1), word)
-    return " ".join(words)
+            continue
+        i = rng.randrange(len(words))
+        options = synonyms(words[i].lower().strip(".,!?;:"))
+        if options:
+            word = rng.choice(options)
+            if op == "synonym":
+                words[i] = word
+            else:
+                before.setdefault(rng.randrange(len(words) + 1), []).append(word)
+    if not before:
+        return " ".join(words)
+    return " ".join(w for slot in range(len(words) + 1) for w in before.get(slot, []) + words[slot:slot + 1])
 
 
 def char_noise(text: str, rate: float, rng: random.Random) -> str:
     """Typos: about `rate` of the letters swapped with a neighbour, dropped, doubled or mistyped."""
     chars = list(text)
     letters = [i for i, c in enumerate(chars) if c.isalpha()]
+    # Each position's edit is recorded as what it becomes ("" dropped, twice doubled), then the text is
+    # joined once: deleting from and inserting into the list was quadratic on long texts.
+    out: list[str] = chars.copy()
     for i in sorted(rng.sample(letters, min(len(letters), max(1, round(rate * len(letters))))), reverse=True):
         op = rng.choice(("swap", "drop", "double", "key"))
         if op == "swap" and i + 1 < len(chars):
-            chars[i], chars[i + 1] = chars[i + 1], chars[i]
+            out[i], out[i + 1] = out[i + 1], out[i]
         elif op == "drop":
-            del chars[i]
+            out[i] = ""
         elif op == "double":
-            chars.insert(i, chars[i])
+            out[i] = out[i] * 2
         else:
-            chars[i] = rng.choice(_KEYBOARD)
-    return "".join(chars)
+            out[i] = rng.choice(_KEYBOARD)
+    return "".join(out)
 
 
 def oversample(train: list[Example], target: int, rng: random.Random) -> list[Example]:

@@ -118,10 +118,15 @@ def _name_lists() -> tuple[frozenset[str], frozenset[str]]:
 
 
 def redact(text: str, findings: list[Finding]) -> str:
-    """Each finding replaced by a placeholder such as [EMAIL]."""
-    for f in sorted(findings, key=lambda f: f.start, reverse=True):
-        text = text[: f.start] + f"[{f.kind.upper()}]" + text[f.end:]
-    return text
+    """Each finding (non-overlapping, as find_pii gives them) replaced by a placeholder such as [EMAIL].
+    Built in one pass: rebuilding the text once per finding was quadratic (13.6 s for 1M characters
+    of e-mail addresses)."""
+    pieces, at = [], 0
+    for f in sorted(findings, key=lambda f: f.start):
+        pieces += [text[at:f.start], f"[{f.kind.upper()}]"]
+        at = f.end
+    pieces.append(text[at:])
+    return "".join(pieces)
 
 
 def count_kinds(findings: list[Finding]) -> Counter:
