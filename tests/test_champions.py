@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from conftest import PROJECT
@@ -34,8 +36,13 @@ def registry(tmp_path, monkeypatch) -> Path:
 
 def _run(folder: Path, met: bool | None = True, name: str = "tiny") -> Path:
     """A folder that passes for a trained run: model/tunesmith.json, config.yaml, summary.json."""
-    (folder / "model").mkdir(parents=True)
-    (folder / "model" / "tunesmith.json").write_text("{}", encoding="utf-8")
+    model = folder / "model"
+    model.mkdir(parents=True)
+    meta = {"method": "lora", "kind": "adapter", "model": "tiny-model", "base_model_path": "tiny-model"}
+    (model / "tunesmith.json").write_text(json.dumps(meta), encoding="utf-8")
+    (model / "prompt.json").write_text("{}", encoding="utf-8")
+    (model / "adapter_config.json").write_text("{}", encoding="utf-8")
+    save_file({"w": torch.zeros(2)}, str(model / "adapter_model.safetensors"))
     (folder / "config.yaml").write_text(PROJECT.format(model="tiny-model", method="lora")
                                         .replace("name: tiny", f"name: {name}"), encoding="utf-8")
     summary = {} if met is None else {"objective": {"met": met, "criteria": [
@@ -222,3 +229,32 @@ def test_cli_refuses_a_run_that_missed_its_objective(tmp_path):
         assert out.exit_code == 2 and "not a trained run directory" in out.output
     out = runner.invoke(cli, ["promote", str(missed), "--name", "no/slash", "--force"])
     assert out.exit_code == 2 and "bad registry name" in out.output
+
+
+@pytest.mark.parametrize("damage,expected", [
+    (lambda m: (m / "adapter_model.safetensors").rename(m / "adapter_model.bin"), "weights are missing"),
+    (lambda m: (m / "adapter_model.safetensors").write_bytes(b""), "weights cannot be read"),
+    (lambda m: (m / "adapter_model.safetensors").write_bytes(os.urandom(5000)), "weights cannot be read"),
+    (lambda m: (m / "tunesmith.json").write_text('{"method": 5}'), "metadata lacks 'method'"),
+    (lambda m: (m / "prompt.json").write_text("[1]"), "an object expected"),
+])
+def test_a_run_whose_model_cannot_load_is_neither_promoted_nor_rolled_back_to(runs, damage, expected):
+    """A server following the registry would refuse such a run later: promote and rollback say so now."""
+    damage(runs["A"] / "model")
+    out = runner.invoke(cli, ["promote", str(runs["A"]), "--name", "bank"])
+    assert out.exit_code == 2 and expected in out.output and champions.current("bank") is None, out.output
+    for r in (runs["B"], runs["C"]):
+        assert runner.invoke(cli, ["promote", str(r), "--name", "bank"]).exit_code == 0
+    damage(runs["B"] / "model")
+    out = runner.invoke(cli, ["rollback", "bank"])
+    assert out.exit_code == 2 and expected in out.output and champions.current("bank") == runs["C"], out.output
+
+
+@pytest.mark.parametrize("summary", [[1, 2], {"objective": "met"}, {"objective": {"met": "false"}},
+                                     {"objective": {"met": "no", "criteria": []}}, {"objective": {"met": 0}},
+                                     {"objective": {"met": False, "criteria": ["x"]}}])
+def test_an_edited_verdict_is_named_never_read_as_met(runs, summary):
+    (runs["A"] / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    out = runner.invoke(cli, ["promote", str(runs["A"]), "--name", "bank"])
+    assert out.exit_code == 2 and "summary.json" in out.output and "Traceback" not in out.output, out.output
+    assert "not what tunesmith wrote" in out.output and champions.current("bank") is None

@@ -17,6 +17,7 @@ import sqlite3
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 from tunesmith.errors import InputError, RunDirError, TunesmithError
 from tunesmith.runs import is_run_dir, registry_path
@@ -56,8 +57,9 @@ def promote(name: str, run_dir: Path, *, parent: Path | None = None, reason: str
                        str(Path(parent).resolve()) if parent else None, reason, record)
 
 
-def rollback(name: str, *, reason: str = "manual") -> Path:
+def rollback(name: str, *, reason: str = "manual", check: Callable[[Path], None] | None = None) -> Path:
     """Serve the champion before the current one again under `name` (recorded as an event); returns it.
+    `check(run_dir)`, when given, raises for a run that can no longer be served (its model files).
 
     Raises:
         InputError: nothing is promoted under `name`, or only one run was (nothing to roll back to).
@@ -77,6 +79,8 @@ def rollback(name: str, *, reason: str = "manual") -> Path:
             raise RunDirError(f"the run to roll back to is gone (no model/tunesmith.json); '{name}' still serves "
                               f"{stack[-1][0]}", target,
                               f"promote a run that exists: `tunesmith promote RUN_DIR --name {name}`")
+        if check is not None:
+            check(Path(target))
         _insert(db, name, "rollback", target, stack[-1][0], None, reason, None)
     return Path(target)
 

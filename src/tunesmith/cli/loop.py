@@ -116,8 +116,10 @@ def promote_command(run_dir: Path = typer.Argument(..., help="a trained run dire
     def go() -> int:
         from tunesmith import champions
         from tunesmith.config import load_config
+        from tunesmith.train.finetuned import check_model_files
 
         _check_run(run_dir)
+        check_model_files(run_dir / "model")  # a server following the registry would refuse it later
         registry = name if name is not None else load_config(run_dir / "config.yaml", check_files=False).name
         met = _objective_met(run_dir, force)
         before = champions.current(registry)
@@ -137,9 +139,10 @@ def rollback_command(name: str = typer.Argument(..., help="the registry name"),
     """Serve NAME's champion before the current one again: `tunesmith serve --registry NAME` swaps back."""
     def go() -> int:
         from tunesmith import champions
+        from tunesmith.train.finetuned import check_model_files
 
         before = champions.current(name)
-        now = champions.rollback(name, reason=reason)
+        now = champions.rollback(name, reason=reason, check=lambda run: check_model_files(run / "model"))
         print(f"rolled back {name}: now serving {now} (was: {before})")
         return 0
     guarded(debug, go)
@@ -162,18 +165,29 @@ def _objective_met(run_dir: Path, force: bool) -> bool | None:
     from tunesmith.errors import InputError
 
     summary = run_dir / "summary.json"
-    verdict = fsio.read_json(summary).get("objective") if summary.is_file() else None
-    met = None if verdict is None else bool(verdict.get("met"))
+    verdict = fsio.read_json(summary, dict).get("objective") if summary.is_file() else None
+    if verdict is not None and not _as_written(verdict):
+        # An edited verdict ("met": "false") must not read as met, nor end in an internal error.
+        raise fsio.DamagedFile(summary, "its objective verdict is not what tunesmith wrote (objective.met true or "
+                                        "false, objective.criteria a list of objects)", what="not what tunesmith wrote")
+    met = None if verdict is None else verdict["met"]
     if met or force:
         return met
     if met is None:
         raise InputError("the run has no objective verdict (not evaluated)", str(summary),
                          f"run `tunesmith eval {run_dir}` first, or pass --force to promote it anyway")
-    missed = [f"{c['name']} {c['value']} (needs {c['op']} {c['target']})" for c in verdict.get("criteria", [])
-              if not c.get("met")]
+    missed = [f"{c.get('name')} {c.get('value')} (needs {c.get('op')} {c.get('target')})"
+              for c in verdict.get("criteria", []) if c.get("met") is not True]
     raise InputError("the run did not meet its objective" + (f": {', '.join(missed)}" if missed else ""),
                      str(run_dir), "pass --force to promote it anyway")
 
+
+
+def _as_written(verdict) -> bool:
+    """Whether summary.json's `objective` is as eval writes it: {"met": true|false, "criteria": [{...}]}."""
+    criteria = verdict.get("criteria", []) if isinstance(verdict, dict) else None
+    return (isinstance(criteria, list) and all(isinstance(c, dict) for c in criteria)
+            and isinstance(verdict.get("met"), bool))
 
 
 def register(app: typer.Typer) -> None:

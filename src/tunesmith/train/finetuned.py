@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 
 from tunesmith import fsio
 from tunesmith.config import Project
@@ -49,6 +49,45 @@ def read_meta(model_dir: Path) -> dict:
 
 
 _META_KEYS = ("method", "kind", "model", "base_model_path")
+
+
+def check_model_files(model_dir: Path) -> None:
+    """Whether the model folder holds what `load_finetuned` needs, read without loading weights: its
+    metadata and prompt format, the weights file(s) its method wrote (adapter_model.safetensors beside
+    adapter_config.json; model.safetensors or every shard its index names), each with a header that
+    parses. For `promote` and `rollback`, which hand the folder to a server that would refuse it later.
+
+    Raises:
+        RunDirError or DamagedFile: naming the file that is missing or damaged.
+    """
+    model_dir = Path(model_dir)
+    meta = read_meta(model_dir)
+    fsio.read_json(model_dir / "prompt.json", dict)
+    for weights in _weight_files(model_dir, meta["kind"]):
+        if not weights.is_file():
+            raise RunDirError("the model's weights are missing", str(weights),
+                              "restore the file, or train the run again")
+        try:
+            with safe_open(str(weights), "pt") as f:
+                f.keys()
+        except (OSError, SafetensorError) as e:
+            raise RunDirError(f"the model's weights cannot be read ({type(e).__name__}: {str(e)[:120]})", str(weights),
+                              "restore the file, or train the run again") from None
+
+
+def _weight_files(model_dir: Path, kind: str) -> list[Path]:
+    """The safetensors files a model folder must hold (none for a prompt: the base model's weights)."""
+    if (model_dir / "adapter_config.json").is_file():
+        return [model_dir / "adapter_model.safetensors"]
+    if kind == "prompt":
+        return []
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = fsio.read_json(index, dict).get("weight_map")
+        if not isinstance(shards, dict) or not all(isinstance(v, str) and "/" not in v for v in shards.values()):
+            raise fsio.DamagedFile(index, "its weight_map is not what was saved", what="not what tunesmith wrote")
+        return [model_dir / name for name in sorted(set(shards.values()))]
+    return [model_dir / "model.safetensors"]
 
 
 def load_finetuned(model_dir: Path):
