@@ -128,6 +128,12 @@ def test_validation_fraction_range(tmp_path):
         load_config(_write(tmp_path, BASE + "  validation: 1.5\n"))
 
 
+@pytest.mark.parametrize("key,value", [("paraphrases", 1_000_000), ("eda", 33), ("char_noise", 10**9)])
+def test_augment_copies_per_row_are_bounded(tmp_path, key, value):
+    with pytest.raises(ConfigError, match=f"data.augment.{key}"):
+        load_config(_write(tmp_path, BASE + f"  augment: {{enabled: true, {key}: {value}}}\n"))
+
+
 def test_learning_rate_defaults_per_method_and_explicit_value_wins():
     from tunesmith.config import TrainConfig
     from tunesmith.registry import METHOD_SPECS

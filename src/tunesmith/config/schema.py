@@ -128,11 +128,13 @@ class AugmentConfig(_Strict):
     """Extra training rows; never added to validation or test, always marked as augmented."""
 
     enabled: bool = False
-    eda: int = Field(0, ge=0)                  # EDA copies per training row (synonym/swap/delete/insert)
+    # Copies per row are bounded: past a few dozen they add no variety, only memory (and paraphrases are
+    # model generations: 1,000,000 of them asked for 106 GB before failing).
+    eda: int = Field(0, ge=0, le=32)           # EDA copies per training row (synonym/swap/delete/insert)
     eda_rate: float = Field(0.1, gt=0.0, le=0.5)  # share of a row's words each EDA copy changes
-    char_noise: int = Field(0, ge=0)           # copies with character typos per row
+    char_noise: int = Field(0, ge=0, le=32)    # copies with character typos per row
     char_noise_rate: float = Field(0.03, gt=0.0, le=0.3)
-    paraphrases: int = Field(0, ge=0)          # paraphrases per row written by the project's model
+    paraphrases: int = Field(0, ge=0, le=16)   # paraphrases per row written by the project's model
     oversample_to: int | None = Field(None, ge=1, le=100_000)  # copy rows of rarer classes up to this many each
     seed: int = 0
 
