@@ -60,6 +60,25 @@ def test_item9_out_dir_not_a_run_is_refused(tmp_path, tiny_model, command):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging, no lock
 
 
+def test_a_run_is_never_written_inside_another_run(tmp_path):
+    """A run inside another's model/ or predictions/ polluted it, and an --overwrite of the outer run
+    would have deleted the inner one unasked."""
+    from tunesmith.errors import RunDirError
+    from tunesmith.runs import check_out
+
+    outer = tmp_path / "champ"
+    (outer / "model").mkdir(parents=True)
+    (outer / "model" / "tunesmith.json").write_text("{}")
+    for inner in (outer / "model" / "sub", outer / "predictions" / "x", outer / "model" / "a" / "b"):
+        with pytest.raises(RunDirError, match="is inside the run directory"):
+            check_out(inner)
+        assert not inner.exists()
+    (tmp_path / "link").symlink_to(outer / "model")
+    with pytest.raises(RunDirError, match="is inside the run directory"):
+        check_out(tmp_path / "link" / "sub")
+    check_out(tmp_path / "beside")  # a folder next to the run is fine
+
+
 def test_item9_out_dot_never_deletes_the_current_folder(tmp_path, tiny_model, monkeypatch):
     config = _project(tmp_path, tiny_model)
     here = tmp_path / "empty-here"

@@ -66,6 +66,10 @@ def check_out(final: Path, overwrite: bool = False) -> None:
                           "give a new folder, e.g. --out runs/my-run")
     if final.is_symlink():
         raise RunDirError("is a symbolic link", where, "give the folder itself, or a new folder")
+    inside = next((p for p in real.parents if is_run_dir(p)), None)
+    if inside is not None:  # its model/ or predictions/ would hold a stranger, and --overwrite of it delete one
+        raise RunDirError(f"is inside the run directory {inside}; a run's folders hold only what it wrote", where,
+                          "give a folder outside any run, e.g. beside it")
     if not final.exists():
         why = fsio.uncreatable(final)
         if why:
