@@ -358,8 +358,25 @@ def test_sigterm_runs_a_commands_cleanup_and_exits_143(tmp_path):
         "    raise SystemExit(e.exit_code)\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 143, done.stderr
-    assert done.stderr.startswith("error: terminated; ") and "Traceback" not in done.stderr
+    assert done.stderr.strip() == "error: terminated"  # no resume hint: this command trains nothing
     assert list(tmp_path.iterdir()) == []
+
+
+def test_only_a_training_command_points_an_interruption_to_its_checkpoints(capsys):
+    """`retrain` or `optimize` stopped by Ctrl-C said checkpoints were kept for `train --resume`: they
+    keep none (a retrain leaves no run folder, optimize never trains)."""
+    import typer
+
+    from tunesmith.cli.common import guarded
+
+    def stopped():
+        raise KeyboardInterrupt
+    for resumable, expected in ((False, "error: interrupted\n"), (True, "error: interrupted; training "
+                                                                      "checkpoints, if any were written, are kept for "
+                                                                      "`tunesmith train --resume RUN_DIR`\n")):
+        with pytest.raises(typer.Exit) as stop:
+            guarded(False, stopped, resumable=resumable)
+        assert stop.value.exit_code == 130 and capsys.readouterr().err == expected
 
 
 def test_a_hub_id_in_the_local_cache_resolves_without_any_connection(tmp_path, monkeypatch):

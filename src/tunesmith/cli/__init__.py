@@ -74,7 +74,7 @@ def run(config: Path = typer.Argument(..., help="project.yaml"), out: Optional[P
         summary = pipeline.run(load_config(config), out, progress=not quiet, keep_failed=debug, overwrite=overwrite)
         _print_summary(summary)
         return pipeline.exit_code(summary)
-    _guarded(debug, go)
+    _guarded(debug, go, resumable=True)
 
 
 @app.command()
@@ -97,7 +97,7 @@ def train(config: Optional[Path] = typer.Argument(None, help="project.yaml"), ou
                                           overwrite=overwrite)
         print(f"run directory: {run_dir}")
         return 0
-    _guarded(debug, go)
+    _guarded(debug, go, resumable=True)
 
 
 @app.command("eval")

@@ -23,10 +23,12 @@ OVERWRITE = typer.Option(False, "--overwrite",
                          help="Replace an earlier run in --out (never a folder that is not a run).")
 
 
-def guarded(debug: bool, fn: Callable[[], int], details: bool = False) -> None:
-    """Run a command: input errors -> one `error:` line and exit 2; internal errors -> exit 1.
+def guarded(debug: bool, fn: Callable[[], int], details: bool = False, resumable: bool = False) -> None:
+    """Run a command: input errors -> one `error:` line and exit 2; internal errors -> exit 1; Ctrl-C
+    130 and SIGTERM 143.
 
-    With `details`, the error's extra lines (e.g. every bad row) follow, indented.
+    With `details`, the error's extra lines (e.g. every bad row) follow, indented. `resumable`: the
+    command writes training checkpoints (run, train), which an interruption's message points to.
     """
     quiet_libraries()
     previous = _interrupt_on_sigterm()
@@ -55,8 +57,9 @@ def guarded(debug: bool, fn: Callable[[], int], details: bool = False) -> None:
               file=sys.stderr)
         raise typer.Exit(2) from None
     except KeyboardInterrupt as e:
-        print(f"error: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; training checkpoints, if "
-              "any were written, are kept for `tunesmith train --resume RUN_DIR`", file=sys.stderr)
+        hint = "; training checkpoints, if any were written, are kept for `tunesmith train --resume RUN_DIR`"
+        print(f"error: {'terminated' if isinstance(e, Terminated) else 'interrupted'}{hint if resumable else ''}",
+              file=sys.stderr)
         raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
     except Exception as e:
         _internal(e, debug)
