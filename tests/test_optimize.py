@@ -295,7 +295,10 @@ def test_onnx_export_scores_and_generates_as_the_torch_model_does(tiny_model, tm
 
 def test_optimize_rejects_unknown_variants_and_unevaluated_runs(lora_run, tmp_path):
     bad = runner.invoke(app, ["optimize", lora_run, "--variants", "int4"])
-    assert bad.exit_code == 2 and "error: unknown variant 'int4', --variants" in bad.output
+    assert bad.exit_code == 2 and "error: unknown variant 'int4' (available: merged, " in bad.output
+    assert "), --variants, give each variant once" in bad.output
+    twice = runner.invoke(app, ["optimize", lora_run, "--variants", "merged,merged"])  # was built twice
+    assert twice.exit_code == 2 and "error: list each variant once; " in twice.output
     missing = runner.invoke(app, ["optimize", str(tmp_path)])
     assert missing.exit_code == 2 and "error: not a trained run directory" in missing.output
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from tunesmith import fsio, hardware
-from tunesmith.config import Project, derive, dump_config, load_config
+from tunesmith.config import OptimizeConfig, Project, derive, dump_config, load_config
 from tunesmith.data.prepare import (
     Splits,
     load_splits,
@@ -25,7 +25,7 @@ from tunesmith.fairness.stage import audit_stage, audited_rows, check_groups, he
 from tunesmith.models.resolve import resolve_model
 from tunesmith.optimize.result import OptimizeResult
 from tunesmith.optimize.stage import optimize_stage
-from tunesmith.registry import METHOD_SPECS, VARIANTS
+from tunesmith.registry import METHOD_SPECS
 from tunesmith.report.build import report_stage
 from tunesmith.runs import (
     check_evaluated,
@@ -264,9 +264,12 @@ def _method_config(project: Project, method: str) -> Project:
 
 def optimize_run(run_dir: Path, names: list[str] | None = None, progress: bool = True) -> OptimizeResult:
     """optimize -> report on an evaluated run directory."""
-    unknown = [n for n in names or [] if n not in VARIANTS]
-    if unknown:
-        raise InputError(f"unknown variant '{unknown[0]}'", "--variants", f"available: {', '.join(VARIANTS)}")
+    if names is not None:  # checked as optimize.variants is: known names, each once
+        try:
+            OptimizeConfig(variants=names)
+        except ValidationError as e:
+            raise InputError(e.errors()[0]["msg"].removeprefix("Value error, "), "--variants",
+                             "give each variant once, e.g. --variants merged,int8") from None
     project, splits = open_run(run_dir)
     if project.task.type == "text":
         raise InputError("the optimize stage does not support task.type text (its parity check compares "
