@@ -79,7 +79,9 @@ def retrain(run_dir: Path, data: Path | None = None, out: Path | None = None, db
         raise RunDirError(f"{inputs} is in the way (inputs of an earlier retrain into this folder)", f"--out {final}",
                           "give another --out, or move it away")
     if data is not None and not Path(data).is_file():  # said first, not behind "too few labelled requests"
-        raise InputError("file not found", f"--data {data}", "check the path")
+        # /dev/zero through a symlink exists but is no data file: "not found" would send the user looking
+        what = "is not a regular file" if Path(data).exists() else "file not found"
+        raise InputError(what, f"--data {data}", "give labelled rows in the task's data format")
     assembly = assemble(project, champion, db, data)
     _say(progress, "retrain data: " + data_line(assembly.counts.to_json()))
     challenger_project = _write_inputs(project, champion, assembly, inputs, db)
