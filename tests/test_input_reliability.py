@@ -309,3 +309,10 @@ def test_a_failed_data_write_removes_the_folder_it_made_and_keeps_an_existing_on
     (tmp_path / "mine").mkdir()
     result = runner.invoke(app, ["data", "split", config, "--out", str(tmp_path / "mine")])
     assert result.exit_code != 0 and (tmp_path / "mine").is_dir()  # a folder the user gave is never removed
+
+
+def test_an_empty_split_says_what_cleaning_removed(tmp_path, tiny_model):
+    config = _project(tmp_path, tiny_model)
+    write_jsonl(tmp_path / "train.jsonl", [{"text": "same text", "label": "alpha"}] * 50)
+    result = runner.invoke(app, ["data", "clean", config, "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "split is empty (cleaning removed 49 exact_duplicate)" in result.stderr

@@ -189,7 +189,10 @@ def _paraphraser(project: Project):
 def _check_sizes(splits: Splits, train_path: str) -> None:
     for name, rows in splits.by_name().items():
         if not rows:
-            raise DataError(f"the {name} split is empty", train_path,
+            # Say what cleaning took: 50 identical rows leave one, and "empty" alone would puzzle.
+            removed = splits.curation.report()["removed_by_reason"] if splits.curation else {}
+            why = f" (cleaning removed {', '.join(f'{n} {k}' for k, n in removed.items())})" if removed else ""
+            raise DataError(f"the {name} split is empty{why}", train_path,
                             hint="add examples or give a separate file for it under data:")
 
 
