@@ -316,3 +316,18 @@ def test_an_empty_split_says_what_cleaning_removed(tmp_path, tiny_model):
     write_jsonl(tmp_path / "train.jsonl", [{"text": "same text", "label": "alpha"}] * 50)
     result = runner.invoke(app, ["data", "clean", config, "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "split is empty (cleaning removed 49 exact_duplicate)" in result.stderr
+
+
+def test_a_key_given_twice_in_a_json_row_is_a_row_problem(tmp_path):
+    """json keeps the last of two equal keys silently: a row with two labels is refused, as YAML is."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "ok", "label": "a"}\n{"text": "x", "label": "alpha", "label": "beta"}\n'
+                    '{"text": "y", "meta": {"k": 1, "k": 2}, "label": "a"}\n')
+    result = read_rows(path)
+    assert [r.line for r in result.rows] == [1]
+    assert [(p.line, p.reason) for p in result.problems] == [(2, "the key 'label' is given twice in one object"),
+                                                             (3, "the key 'k' is given twice in one object")]
+    array = tmp_path / "rows.json"
+    array.write_text('[{"text": "ok", "label": "a"},\n {"text": "x", "label": "a", "text": "b"}]')
+    result = read_rows(array)
+    assert [r.line for r in result.rows] == [1] and [p.line for p in result.problems] == [2]

@@ -154,12 +154,15 @@ def _read_json_array(path: Path) -> ReadResult:
     except UnicodeDecodeError as e:
         out.problems.append(RowProblem(where, 1, f"undecodable bytes (not UTF-8) at byte {e.start}"))
         return out
-    decoder, pos = json.JSONDecoder(), _SPACE.match(text, text.index("[") + 1).end()
+    decoder, pos = _DECODER, _SPACE.match(text, text.index("[") + 1).end()
     line, counted = 1, 0
     while not text.startswith("]", pos):
         line, counted = line + text.count("\n", counted, pos), pos
         try:
             record, end = decoder.raw_decode(text, pos)
+        except _DuplicateKey as e:  # where that object ends is unknown: reading stops, as for invalid JSON
+            out.problems.append(RowProblem(where, line, str(e)))
+            return out
         except json.JSONDecodeError as e:
             out.problems.append(RowProblem(where, e.lineno, f"invalid JSON: {e.msg} (column {e.colno})"))
             return out
@@ -185,10 +188,30 @@ def _read_json_array(path: Path) -> ReadResult:
     return out
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object's dict; a key given twice is refused (json keeps the last silently, and a row with
+    two labels is a row nobody can trust), as YAML configs refuse it."""
+    record = dict(pairs)
+    if len(record) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _DuplicateKey(f"the key '{twice[:80]}' is given twice in one object")
+    return record
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_pairs)
+
+
 def _parse_json_line(text: str) -> tuple[Any, str | None]:
     """(record, None), or (None, why the line is not a usable record)."""
     try:
-        record = json.loads(text)
+        record = _DECODER.decode(text)
+    except _DuplicateKey as e:
+        return None, str(e)
     except json.JSONDecodeError as e:  # before ValueError, its base class
         return None, f"invalid JSON: {e.msg} (column {e.colno})"
     except ValueError as e:
