@@ -82,7 +82,10 @@ def test_a_seeded_stream_is_the_seeded_answer(client):
                                        ({"repetition_penalty": 3}, "repetition_penalty"),
                                        ({"repetition_penalty": 1e-300}, "repetition_penalty"),
                                        ({"frequency_penalty": 0.5}, "frequency_penalty"),
-                                       ({"presence_penalty": -1}, "presence_penalty"), ({"n": 2}, "n must be 1")])
+                                       ({"presence_penalty": -1}, "presence_penalty"), ({"n": 2}, "n must be 1"),
+                                       ({"logprobs": 5}, "logprobs"), ({"logprobs": True}, "logprobs"),
+                                       ({"logit_bias": {"5": 100}}, "logit_bias"), ({"echo": True}, "echo"),
+                                       ({"best_of": 3}, "best_of"), ({"top_logprobs": 2}, "top_logprobs")])
 def test_bad_values_are_a_400_naming_the_field(client, bad, field):
     for route, body in (("/v1/completions", {"prompt": "x"}),
                         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
@@ -105,7 +108,8 @@ def test_a_temperature_too_small_to_sample_with_decodes_greedily(client):
 def test_zero_penalties_and_one_choice_are_accepted(client):
     plain = _text(client, "/v1/completions", {"prompt": "red", "max_tokens": 4})
     assert _text(client, "/v1/completions", {"prompt": "red", "max_tokens": 4, "frequency_penalty": 0,
-                                             "presence_penalty": 0, "n": 1}) == plain
+                                             "presence_penalty": 0, "n": 1, "logprobs": None, "echo": False,
+                                             "logit_bias": {}, "best_of": 1}) == plain
 
 
 def test_a_greedy_only_engine_refuses_sampling(service, tmp_path):
@@ -166,3 +170,14 @@ def test_a_checkpoint_with_a_short_context_answers_within_it(tiny_model, tmp_pat
             assert usage["prompt_tokens"] + usage["completion_tokens"] <= 64
             assert _streamed(c, body) is not None
         assert len(service.complete([service.example(prompt=[5] * 64), service.example(prompt="hi")], [8, 8])) == 2
+
+
+@pytest.mark.parametrize("bad,field", [({"stream": "yes"}, "stream"), ({"max_tokens": "5"}, "max_tokens"),
+                                       ({"n": 1.0}, "n"), ({"seed": "7"}, "seed"),
+                                       ({"prompt": [True, False]}, "prompt")])
+def test_values_of_the_wrong_json_type_are_a_422_not_coerced(client, bad, field):
+    """`stream: "yes"` streamed, `max_tokens: "5"` answered 5 tokens and `[true, false]` was read as token
+    ids [1, 0]: request bodies are strictly typed (an int still goes where a float does)."""
+    r = client.post("/v1/completions", json={"prompt": "x", **bad})
+    assert r.status_code == 422 and field in r.json()["error"]["message"], r.text
+    assert _text(client, "/v1/completions", {"prompt": "x", "max_tokens": 2, "temperature": 1, "seed": 1})

@@ -43,8 +43,9 @@ def unicode_text(text: str | None) -> str | None:
 
 class _Body(NumbersNotBools):
     # OpenAI clients send more fields than we use (top_p, user, ...); unknown ones are ignored.
-    # `max_tokens: true` is a 422, not a 1-token answer.
-    model_config = ConfigDict(extra="ignore")
+    # Strict types: `stream: "yes"`, `max_tokens: "5"` or `true`, and token ids `[true, false]` are a 422,
+    # not read as true, 5, 1 and [1, 0] (an int is still taken where a number with a fraction goes).
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 def _classifiable(text: str) -> str:
@@ -101,12 +102,22 @@ class _Sampling(_Body):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     n: int | None = None
+    # Asked for, these would be answered without (a null `logprobs`, an unbiased answer): refused instead.
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict[str, float] | None = None
+    echo: bool | None = None
+    best_of: int | None = None
 
     def sampling(self) -> GenerationSettings | None:
         """The request's settings, None for plain greedy decoding; ValueError (400) naming a bad field."""
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(self, name) not in (None, 0):
                 raise ValueError(f"{name} is not supported by this server; use repetition_penalty (1 to 2) instead")
+        for name, off in (("logprobs", (None, False, 0)), ("top_logprobs", (None, 0)), ("logit_bias", (None, {})),
+                          ("echo", (None, False)), ("best_of", (None, 1))):
+            if getattr(self, name) not in off:
+                raise ValueError(f"{name} is not supported by this server; leave it out")
         if self.n not in (None, 1):
             raise ValueError("n must be 1: this server answers one choice per request")
         given = {k: v for k in SAMPLING_FIELDS if (v := getattr(self, k)) is not None}
