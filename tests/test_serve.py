@@ -171,6 +171,8 @@ def test_a_request_with_nothing_to_classify_is_a_422(cls_service, tmp_path):
             r = c.post("/v1/classify", json=body)
             assert r.status_code == 422 and "the text is empty" in r.json()["error"]["message"], (body, r.text)
         assert "texts[1]" in c.post("/v1/classify", json={"texts": ["red", ""]}).json()["error"]["message"]
+        not_utf8 = c.post("/v1/classify", content=b'{"text": "caf\xe9"}', headers={"content-type": "application/json"})
+        assert not_utf8.status_code == 422 and "not valid UTF-8 (byte 13)" in not_utf8.text, not_utf8.text
         for messages in ([{"role": "system", "content": "You are x"}], [{"role": "assistant", "content": "hi"}],
                          [{"role": "user", "content": " "}], [{"role": "user", "content": "red"},
                                                                {"role": "user", "content": ""}]):

@@ -135,6 +135,8 @@ def _add_error_handlers(app: FastAPI, state: ServerState) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
+        if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's 400 "error parsing the body": invalid input
+            return error(422, f"the body is not valid UTF-8 (byte {exc.__cause__.start})", "invalid_request_error")
         return error(exc.status_code, str(exc.detail), "invalid_request_error")
 
     @app.exception_handler(EngineError)
