@@ -171,8 +171,11 @@ def test_human_export_bad_arguments_are_refused(run, tmp_path, args, expected):
 
 @pytest.mark.parametrize("ratings,expected", [
     ("id,rater,choice\np0001,bob,A\np0001,bob,B\n", "rated pair 'p0001' A at"),  # the last won silently
-    ('id,rater,choice\np0001,bob,"A\n', "malformed CSV"),                        # read as A
+    ('id,rater,choice\np0001,bob,"A\n', "malformed CSV: unexpected end of data, {r}:2,"),  # read as A
     ("id,rater,choice\n", "the ratings files hold no ratings"),                 # "0 ratings", exit 0
+    ("id,rater,choice\np0001,,A\n", "the rater is empty, {r}:2,"),               # counted as a rater ""
+    # the row a broken quote starts on is named (it was the header's line), blank lines above counted
+    ('\n\nid,rater,choice\np0001,bob,A\np0002,bob,"B\np0003,bob,A\n', "malformed CSV: unexpected end of data, {r}:5,"),
 ])
 def test_human_import_refuses_ratings_it_would_misread(run, tmp_path, ratings, expected):
     result = runner.invoke(app, ["human", "export", str(run), "--out", str(tmp_path / "h"), "--seed", "1"])
@@ -180,7 +183,7 @@ def test_human_import_refuses_ratings_it_would_misread(run, tmp_path, ratings, e
     (tmp_path / "r.csv").write_text(ratings)
     line = _error(runner.invoke(app, ["human", "import", "--key", str(tmp_path / "h" / "key.json"),
                                       str(tmp_path / "r.csv")]))
-    assert expected in line and "r.csv" in line
+    assert expected.format(r=tmp_path / "r.csv") in line and "r.csv" in line
     assert not (tmp_path / "h" / "results.json").exists()
 
 

@@ -168,27 +168,39 @@ def read_ratings(path: Path) -> list[dict]:
     separators, escaped cells (see `escape_cell`), blank rows, and choices in any letter case.
     """
     text = _decode(Path(path), "ratings file")
+    body = text.lstrip("\r\n")  # blank lines above the header; line numbers still count them
+    lead = text[:len(text) - len(body)].count("\n") or text[:len(text) - len(body)].count("\r")
     # strict: a quote left open is an error at its row, not a cell that swallows the rest of the file
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=_delimiter(text), strict=True)
+    reader = csv.DictReader(io.StringIO(body, newline=""), delimiter=_delimiter(body), strict=True)
     reader.fieldnames = [unescape_cell(c.strip()).lower() for c in reader.fieldnames or []]
     missing = {"id", "rater", "choice"} - set(reader.fieldnames)
     if missing:
-        raise DataError(f"ratings file lacks column(s) {', '.join(sorted(missing))}", str(path), 1,
+        raise DataError(f"ratings file lacks column(s) {', '.join(sorted(missing))}", str(path), lead + 1,
                         "use the file the rating form saves (id,rater,choice)")
     rows = []
-    try:
-        for row in reader:
-            cells = {k: unescape_cell((row.get(k) or "").strip()) for k in ("id", "rater", "choice")}
-            if not any(cells.values()):
-                continue  # a spreadsheet's empty trailing row
-            choice = {c.lower(): c for c in CHOICES}.get(cells["choice"].lower())
-            if choice is None:
-                raise DataError(f"choice '{cells['choice']}' is not one of A, B, tie", str(path), reader.line_num,
-                                "fix the row")
-            rows.append({"id": cells["id"], "rater": cells["rater"], "choice": choice, "line": reader.line_num})
-    except csv.Error as e:
-        raise DataError(f"malformed CSV: {e}", str(path), reader.line_num, "fix the row") from None
-    return rows
+    while True:
+        start = lead + reader.line_num + 1  # where the next row starts: a csv.Error names it, not the header
+        try:
+            row = next(reader)
+        except StopIteration:
+            return rows
+        except csv.Error as e:
+            raise DataError(f"malformed CSV: {e}", str(path), start, "fix the row") from None
+        if (cells := _rating_cells(row, str(path), lead + reader.line_num)) is not None:
+            rows.append(cells)
+
+
+def _rating_cells(row: dict, path: str, line: int) -> dict | None:
+    """{id, rater, choice, line} of one CSV row; None for an empty row (a spreadsheet's trailing one)."""
+    cells = {k: unescape_cell((row.get(k) or "").strip()) for k in ("id", "rater", "choice")}
+    if not any(cells.values()):
+        return None
+    choice = {c.lower(): c for c in CHOICES}.get(cells["choice"].lower())
+    if choice is None:
+        raise DataError(f"choice '{cells['choice']}' is not one of A, B, tie", path, line, "fix the row")
+    if not cells["rater"]:  # counted as a rater named "" it would skew agreement and the per-rater table
+        raise DataError("the rater is empty", path, line, "put the rater's name in the row")
+    return {"id": cells["id"], "rater": cells["rater"], "choice": choice, "line": line}
 
 
 def _decode(path: Path, what: str) -> str:
