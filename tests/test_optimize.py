@@ -312,6 +312,38 @@ def test_full_fine_tune_has_nothing_to_merge(tmp_path, tiny_model):
     assert [e["name"] for e in json.loads((tmp_path / "run" / "variants.json").read_text())] == ["fp32", "int8"]
 
 
+def test_an_interrupted_optimize_leaves_the_earlier_variants_and_figures_as_they_were(tmp_path, tiny_model,
+                                                                                      monkeypatch):
+    """Variants were replaced one by one as they were built: a Ctrl-C left new folders described by the
+    old variants.json (or by none). They are built and measured aside and put in place at the end."""
+    import hashlib
+
+    from tunesmith.optimize import stage
+
+    run = _trained_run(tmp_path, tiny_model, "full")
+    assert runner.invoke(app, ["optimize", run, "--variants", "int8", "--quiet"]).exit_code == 0
+    folder = tmp_path / "run"
+
+    def state():
+        files = [p for p in sorted(folder.rglob("*")) if p.is_file() and "variants" in p.parts or p.name in
+                 ("variants.json", "optimize.json")]
+        return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    before = state()
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(stage, "measure_variant", stopped)
+    result = runner.invoke(app, ["optimize", run, "--variants", "int8,bf16", "--quiet"])
+    assert result.exit_code == 130, result.output
+    assert state() == before and not (folder / "variants" / stage.STAGING).exists()
+    monkeypatch.undo()
+    assert runner.invoke(app, ["optimize", run, "--variants", "int8,bf16", "--quiet"]).exit_code == 0
+    rows = json.loads((folder / "variants.json").read_text())
+    assert [(r["name"], r["path"]) for r in rows] == [("fp32", "model"), ("int8", "variants/int8"),
+                                                      ("bf16", "variants/bf16")]
+    assert (folder / "variants" / "bf16").is_dir() and not (folder / "variants" / stage.STAGING).exists()
+
+
 def test_run_with_optimize_enabled_selects_a_variant(tmp_path, tiny_model):
     write_jsonl(tmp_path / "train.jsonl", make_texts(30, 1))
     write_jsonl(tmp_path / "test.jsonl", make_texts(9, 2))

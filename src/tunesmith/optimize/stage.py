@@ -27,6 +27,8 @@ from tunesmith.optimize.source import open_source
 from tunesmith.optimize.variants import NotApplicable, get_variant
 from tunesmith.tasks.metrics import METRICS, compute_metrics
 
+STAGING = ".building"  # variants/.building/<name>: this optimize's variants until they are measured
+
 
 def optimize_stage(project: Project, splits: Splits, run_dir: Path, progress: bool = True,
                    names: list[str] | None = None) -> OptimizeResult:
@@ -34,8 +36,15 @@ def optimize_stage(project: Project, splits: Splits, run_dir: Path, progress: bo
     run_dir = Path(run_dir)
     metrics = _evaluated(run_dir)
     names = list(project.optimize.variants if names is None else names)
-    built, skipped = _build_all(project, splits, run_dir, names, progress)
-    rows = _measure_all(project, run_dir, metrics, built, progress)
+    # Built and measured in a staging folder, put in place only once measured: an interrupted or failed
+    # optimize leaves the earlier variants and the figures that describe them as they were.
+    staging = run_dir / "variants" / STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        built, skipped = _build_all(project, splits, run_dir, names, progress)
+        rows = _install(run_dir, _measure_all(project, run_dir, metrics, built, progress))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     selected, reason = select_variant(rows)
     result = OptimizeResult(project.objective.metric, selected, reason,
                             next((r.path for r in rows if r.name == selected), None), skipped, rows)
@@ -62,13 +71,29 @@ def _evaluated(run_dir: Path) -> dict:
     return metrics
 
 
+def _install(run_dir: Path, rows: list[VariantRow]) -> list[VariantRow]:
+    """Move the measured variants from the staging folder to variants/<name>; the rows with their new paths.
+    The earlier figures go first: a crash between the moves leaves no selection (fp32 is served), never
+    figures that describe other folders."""
+    for stale in ("optimize.json", "variants.json"):
+        (run_dir / stale).unlink(missing_ok=True)
+    installed = []
+    for row in rows:
+        if row.name != "fp32":
+            fsio.replace_dir(run_dir / row.path, run_dir / "variants" / row.name)
+            row = dataclasses.replace(row, path=f"variants/{row.name}")
+        installed.append(row)
+    return installed
+
+
 def _build_all(project: Project, splits: Splits, run_dir: Path, names: list[str], progress: bool):
-    """{name: (relative path, notes)} of the built variants, fp32 first, and the skipped ones with reasons."""
+    """{name: (path relative to the run, notes)} of the variants built into the staging folder, fp32 first,
+    and the skipped ones with reasons."""
     built: dict[str, tuple[str, dict]] = {"fp32": ("model", {})}
     skipped: list[SkippedVariant] = []
     source = open_source(run_dir, project, splits, progress) if names else None
     for name in names:
-        final = run_dir / "variants" / name
+        final = run_dir / "variants" / STAGING / name
         partial = final.with_name(f".{name}.partial")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
@@ -82,7 +107,7 @@ def _build_all(project: Project, splits: Splits, run_dir: Path, names: list[str]
             if not (partial / "variant.json").is_file():
                 shutil.rmtree(partial, ignore_errors=True)
         fsio.replace_dir(partial, final)
-        built[name] = (f"variants/{name}", notes)
+        built[name] = (f"variants/{STAGING}/{name}", notes)
         _say(progress, f"optimize: built {name}")
     del source
     gc.collect()
