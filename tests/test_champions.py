@@ -237,6 +237,9 @@ def test_cli_refuses_a_run_that_missed_its_objective(tmp_path):
     (lambda m: (m / "adapter_model.safetensors").write_bytes(os.urandom(5000)), "weights cannot be read"),
     (lambda m: (m / "tunesmith.json").write_text('{"method": 5}'), "metadata lacks 'method'"),
     (lambda m: (m / "prompt.json").write_text("[1]"), "an object expected"),
+    # train.init_from: the merged earlier model in model/base is what the adapter loads onto
+    (lambda m: (m / "tunesmith.json").write_text(json.dumps({**json.loads((m / "tunesmith.json").read_text()),
+                                                              "base_in_model_dir": "base"})), "weights are missing"),
 ])
 def test_a_run_whose_model_cannot_load_is_neither_promoted_nor_rolled_back_to(runs, damage, expected):
     """A server following the registry would refuse such a run later: promote and rollback say so now."""

@@ -132,6 +132,7 @@ def test_feedback_is_stored_once_replaced_on_request_and_checked(service, tmp_pa
                {"request_id": ids[1], "label": "x" * 201}, {"request_id": ids[1], "correction": "bad \ud800 text"},
                {"request_id": ids[1], "label": "two\nlines"}, {"request_id": ids[1], "correction": "bell \x07"},
                {"request_id": ids[1], "label": "a\u2028b"}, {"request_id": ids[1], "label": "\u202elabel"},
+               {"request_id": ids[1], "label": "a\u200fb"},
                {"request_id": "not-an-id", "label": "alpha"}, {"label": "alpha"},
                {"request_id": ids[1], "rating": 1, "replace": "yes"}, {"request_id": ids[1], "rating": 1, "x": 1}]
         for body in bad:
@@ -310,6 +311,16 @@ def test_another_apps_database_with_a_requests_table_is_refused_unchanged(run, t
         assert result.exit_code == 2, (args, result.output)
         assert "not a request log (its requests table lacks the column(s) confidence, id, " in result.output
     assert other.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["app.db", "labels.jsonl"]
+    # serve's own log (serve.request_log.path) pointed at it: refused at start, the file untouched
+    from tunesmith.errors import InputError
+    from tunesmith.serve.store import RequestLog
+
+    with pytest.raises(InputError, match="not a request log"):
+        RequestLog(other)
+    (tmp_path / "empty.db").write_bytes(b"")
+    RequestLog(tmp_path / "empty.db").close()  # an empty file becomes a new log
+    assert other.read_bytes() == before and "requests" in sqlite3.connect(tmp_path / "empty.db").execute(
+        "SELECT group_concat(name) FROM sqlite_master WHERE type='table'").fetchone()[0]
 
 
 @pytest.fixture(scope="module")

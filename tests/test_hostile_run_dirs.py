@@ -176,6 +176,8 @@ def test_human_export_bad_arguments_are_refused(run, tmp_path, args, expected):
     ("id,rater,choice\np0001,,A\n", "the rater is empty, {r}:2,"),               # counted as a rater ""
     # the row a broken quote starts on is named (it was the header's line), blank lines above counted
     ('\n\nid,rater,choice\np0001,bob,A\np0002,bob,"B\np0003,bob,A\n', "malformed CSV: unexpected end of data, {r}:5,"),
+    ('id,rater,choice\n\n\np0001,bob,"A\n', "malformed CSV: unexpected end of data, {r}:4,"),  # not a blank line
+    ('id,rater,choice\np0001,bob,A\np0002,"bob\nsmith",X\n', "is not one of A, B, tie, {r}:3,"),  # its first line
 ])
 def test_human_import_refuses_ratings_it_would_misread(run, tmp_path, ratings, expected):
     result = runner.invoke(app, ["human", "export", str(run), "--out", str(tmp_path / "h"), "--seed", "1"])

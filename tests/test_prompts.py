@@ -110,3 +110,5 @@ def test_label_answers_are_each_labels_encoding_and_follow_the_tokenizer_and_for
         label_answers(tok, dataclasses.replace(fmt, instruction=f"Classify {i}."))
     from tunesmith.tasks.prompts import _FORMATS_PER_TOKENIZER, _LABEL_ANSWERS
     assert len(_LABEL_ANSWERS[tok]) == _FORMATS_PER_TOKENIZER
+    tok.chat_template = {"default": tok.chat_template, "tool_use": tok.chat_template}  # named templates
+    assert label_answers(tok, fmt) == [encode_answer(tok, fmt, lab) for lab in fmt.labels]

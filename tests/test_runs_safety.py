@@ -77,6 +77,10 @@ def test_a_run_is_never_written_inside_another_run(tmp_path):
     with pytest.raises(RunDirError, match="is inside the run directory"):
         check_out(tmp_path / "link" / "sub")
     check_out(tmp_path / "beside")  # a folder next to the run is fine
+    # a run's own config.yaml run again: its default folder (runs/NAME/ID beside it) is inside the run
+    with pytest.raises(RunDirError) as refused:
+        check_out(outer / "runs" / "tiny" / "20261206-000000-0001", given=False)
+    assert "the default run folder" in refused.value.line() and "give --out a folder" in refused.value.line()
 
 
 def test_item9_out_dot_never_deletes_the_current_folder(tmp_path, tiny_model, monkeypatch):

@@ -170,6 +170,10 @@ def test_a_checkpoint_with_a_short_context_answers_within_it(tiny_model, tmp_pat
             assert usage["prompt_tokens"] + usage["completion_tokens"] <= 64
             assert _streamed(c, body) is not None
         assert len(service.complete([service.example(prompt=[5] * 64), service.example(prompt="hi")], [8, 8])) == 2
+        # a long prompt asking little beside a short one asking much: each fits alone, not in one batch
+        long, short = service.example(prompt=[5] * 60), service.example(prompt=[5] * 10)
+        done = service.complete([long, short], [2, 50])
+        assert [d.prompt_tokens + d.completion_tokens <= 64 for d in done] == [True, True]
 
 
 @pytest.mark.parametrize("bad,field", [({"stream": "yes"}, "stream"), ({"max_tokens": "5"}, "max_tokens"),

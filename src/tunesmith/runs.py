@@ -48,18 +48,19 @@ def is_run_dir(path: Path) -> bool:
         return False
 
 
-def check_out(final: Path, overwrite: bool = False) -> None:
+def check_out(final: Path, overwrite: bool = False, given: bool = True) -> None:
     """Refuse a run directory that would replace anything but an earlier run, and that only with `overwrite`.
 
     A missing or empty folder is fine (nothing is lost); the current folder and those above it never are.
+    `given`: the user named it with --out (else it is the default folder beside the config).
 
     Raises:
-        RunDirError: naming --out; nothing has been touched.
+        RunDirError: naming --out (or the default folder); nothing has been touched.
     """
     from tunesmith.errors import RunDirError
 
     final, cwd = Path(final).absolute(), Path.cwd().resolve()
-    where = f"--out {final}"
+    where = f"--out {final}" if given else f"the default run folder {final} (beside the config)"
     real = final.resolve()
     if real == real.parent or real == cwd or real in cwd.parents:
         raise RunDirError("the run directory would replace the current folder or one above it", where,
@@ -69,7 +70,7 @@ def check_out(final: Path, overwrite: bool = False) -> None:
     inside = next((p for p in real.parents if is_run_dir(p)), None)
     if inside is not None:  # its model/ or predictions/ would hold a stranger, and --overwrite of it delete one
         raise RunDirError(f"is inside the run directory {inside}; a run's folders hold only what it wrote", where,
-                          "give a folder outside any run, e.g. beside it")
+                          "give --out a folder outside any run (a run's own config.yaml needs one)")
     if not final.exists():
         why = fsio.uncreatable(final)
         if why:

@@ -177,16 +177,19 @@ def read_ratings(path: Path) -> list[dict]:
     if missing:
         raise DataError(f"ratings file lacks column(s) {', '.join(sorted(missing))}", str(path), lead + 1,
                         "use the file the rating form saves (id,rater,choice)")
-    rows = []
+    rows, lines = [], io.StringIO(body, newline="").readlines()  # the lines as the csv reader counts them
     while True:
-        start = lead + reader.line_num + 1  # where the next row starts: a csv.Error names it, not the header
+        # A row is named by the line it starts on (its first non-blank one; a quoted cell may span lines).
+        start = reader.line_num
+        while start < len(lines) and not lines[start].strip():
+            start += 1
         try:
             row = next(reader)
         except StopIteration:
             return rows
         except csv.Error as e:
-            raise DataError(f"malformed CSV: {e}", str(path), start, "fix the row") from None
-        if (cells := _rating_cells(row, str(path), lead + reader.line_num)) is not None:
+            raise DataError(f"malformed CSV: {e}", str(path), lead + start + 1, "fix the row") from None
+        if (cells := _rating_cells(row, str(path), lead + start + 1)) is not None:
             rows.append(cells)
 
 

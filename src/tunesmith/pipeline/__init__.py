@@ -56,7 +56,7 @@ def run(project: Project, out: Path | None = None, progress: bool = True, keep_f
         raise InputError("`tunesmith run` is single-process", "WORLD_SIZE",
                          "launch `tunesmith train` under torchrun, then `tunesmith eval RUN_DIR`")
     final = final_dir(project.base_dir, project.name, out)
-    check_out(final, overwrite)     # a refused --out fails before any work
+    check_out(final, overwrite, given=out is not None)  # a refused --out fails before any work
     _check_inputs_outside(project, final)
     splits = prepare_data_apart(project)  # bad data fails before anything is written
     if project.fairness.enabled:        # and a group column no row has, or an unknown positive label
@@ -170,7 +170,7 @@ def train_only(project: Project, out: Path | None = None, progress: bool = True,
                overwrite: bool = False) -> Path:
     """data -> train; the run directory can then be evaluated with `tunesmith eval`."""
     final = final_dir(project.base_dir, project.name, out)
-    check_out(final, overwrite)
+    check_out(final, overwrite, given=out is not None)
     _check_inputs_outside(project, final)
     splits = prepare_data_apart(project)
     resolve_model(project.model)

@@ -41,7 +41,7 @@ _ID = re.compile(r"[0-9a-f]{32}")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # not \t \n \r: a correction may have lines
 # Every break str.splitlines() knows (U+2028 too), and the bidirectional controls that make a label
 # display as another (U+202E shows "lebal" for "label"): a label is one plain line.
-_LINE_BREAK = re.compile(r"[\t\n\r\x1c-\x1e\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_LINE_BREAK = re.compile(r"[\t\n\r\x1c-\x1e\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 log = logging.getLogger("tunesmith.serve")
 
 

@@ -161,8 +161,9 @@ class Service:
             rows = self.predictor.complete(prompts, max_tokens)
             return [_completion(tok, row, len(p), limit) for row, p, limit in zip(rows, prompts, max_tokens)]
         rooms = [self._room(len(p), m) for p, m in zip(prompts, max_tokens)]
-        if len(examples) > 1 and rooms != list(max_tokens):
-            # Left-padded rows all decode the batch's longest answer: a row near the context alone.
+        if len(examples) > 1 and any(self._room(len(p), max(rooms)) < max(rooms) for p in prompts):
+            # Left-padded rows all decode the batch's longest answer, positions growing in each: a batch
+            # that would run any row past the context goes one row at a time.
             return [self._decode([ex], [m], sampling)[0] for ex, m in zip(examples, max_tokens)]
         if max(rooms) == 0:  # a token prompt that fills the context: nothing can follow it
             return [_completion(tok, [], len(p), 0) for p in prompts]

@@ -83,6 +83,7 @@ class RequestLog:
                  on_failure: Callable[[str], None] | None = None):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path, self.retention_s, self.redact = Path(path), retention_days * 86400, redact_pii
+        _check_existing(self.path)
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None,
                                    timeout=BUSY_TIMEOUT_S)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -362,6 +363,27 @@ def _read_only(path: Path) -> Iterator[sqlite3.Connection]:
         raise _not_a_log(path, e) from None
     finally:
         db.close()
+
+
+def _check_existing(path: Path) -> None:
+    """InputError when `path` holds something that is not a request log (another app's database, any
+    other file): opening it as one would give it our tables, columns and WAL mode. A missing or empty
+    file, or a database with no table yet, becomes a new log."""
+    if not path.exists() or (path.is_file() and path.stat().st_size == 0):
+        return
+    try:
+        probe = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
+        try:
+            empty = probe.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0
+            why = None if empty else not_a_log(probe)
+        finally:
+            probe.close()
+    except sqlite3.DatabaseError as e:
+        if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
+            return  # busy: another server writes it, so it is a log; the connection below waits for it
+        raise _not_a_log(path, e) from None
+    if why:
+        raise _not_a_log(path, why)
 
 
 def _not_a_log(path: Path, why) -> InputError:

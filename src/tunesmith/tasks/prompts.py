@@ -175,8 +175,9 @@ def label_answers(tokenizer, fmt: PromptFormat) -> list[list[int]]:
     served classifier needs them for every request (and several times in one), and rendering a
     77-label set through a chat template takes tens of milliseconds."""
     # The tokenizer's state enters the key: a pad or special token added later changes the encoding.
-    key = (json.dumps(asdict(fmt), sort_keys=True, default=str), len(tokenizer), tokenizer.chat_template,
-           tokenizer.eos_token)
+    # (A chat template may be a dict of named templates: keyed through json, which hashes.)
+    key = json.dumps([asdict(fmt), len(tokenizer), tokenizer.chat_template, tokenizer.eos_token], sort_keys=True,
+                     default=str)
     try:
         known = _LABEL_ANSWERS.setdefault(tokenizer, {})
     except TypeError:  # a tokenizer-like object that takes no weak reference: encode every time

@@ -63,7 +63,10 @@ def check_model_files(model_dir: Path) -> None:
     model_dir = Path(model_dir)
     meta = read_meta(model_dir)
     fsio.read_json(model_dir / "prompt.json", dict)
-    for weights in _weight_files(model_dir, meta["kind"]):
+    needed = _weight_files(model_dir, meta["kind"])
+    if meta.get("base_in_model_dir"):  # train.init_from: the merged earlier model this one builds on
+        needed += _weight_files(model_dir / INIT_BASE, "full")
+    for weights in needed:
         if not weights.is_file():
             raise RunDirError("the model's weights are missing", str(weights),
                               "restore the file, or train the run again")
