@@ -134,6 +134,27 @@ def test_augment_copies_per_row_are_bounded(tmp_path, key, value):
         load_config(_write(tmp_path, BASE + f"  augment: {{enabled: true, {key}: {value}}}\n"))
 
 
+@pytest.mark.parametrize("section,key", [
+    ("train:\n  seed: 100000000000000000000000\n", "train.seed"),      # numpy: Overflow (internal error)
+    ("train:\n  grad_accum: 1000000000\n", "train.grad_accum"),       # a step of 1e9 micro-batches: a hang
+    ("train:\n  neftune_alpha: 1.0e+300\n", "train.neftune_alpha"),   # noise out of float range
+    ("eval:\n  judge: {timeout_s: 1.0e+300}\n", "eval.judge.timeout_s"),  # timestamp out of range, after training
+    ("eval:\n  max_new_tokens: 100000000\n", "eval.max_new_tokens"),
+    ("eval:\n  bootstrap_resamples: 1000000000\n", "eval.bootstrap_resamples"),  # 8 GB and a 1e9 loop
+    ("data:\n  seed: -1\n", "data.seed"),
+])
+def test_values_that_fail_deep_inside_are_refused_at_their_key(tmp_path, section, key):
+    text = BASE.replace("data:\n", section) if section.startswith("data:") else BASE + section
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(_write(tmp_path, text))
+
+
+def test_source_weights_cannot_overflow_their_sum(tmp_path):
+    text = "name: demo\ndata:\n  train: [{path: a.jsonl, weight: 1.0e+308}, {path: b.jsonl, weight: 1.0e+308}]\n"
+    with pytest.raises(ConfigError, match="weight"):
+        load_config(_write(tmp_path, text), check_files=False)
+
+
 def test_learning_rate_defaults_per_method_and_explicit_value_wins():
     from tunesmith.config import TrainConfig
     from tunesmith.registry import METHOD_SPECS

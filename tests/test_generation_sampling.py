@@ -114,3 +114,23 @@ def test_stop_scanner_streams_exactly_the_cut_text(pieces):
                 break
         sent += "" if stopped else scanner.rest()
         assert sent == expected and stopped == (expected != "hello world")
+
+
+def test_generation_stops_at_the_models_context(lm):
+    """eval.max_new_tokens past the context decoded on for as long as asked (a rotary model) or failed
+    (a learned position table): each batch now stops where its longest prompt's context ends."""
+    model, tok, prompts = lm
+    context = model.config.max_position_embeddings
+    calls = []
+    real = model.generate
+
+    def counted(**kwargs):
+        calls.append(kwargs["max_new_tokens"])
+        return real(**kwargs)
+    model.generate = counted
+    try:
+        generate(model, tok, [prompts[1], [5] * context], 10_000, batch_size=1)
+    finally:
+        del model.generate
+    longest = len(prompts[1])
+    assert calls == [context - longest]  # the full-context prompt makes no call and answers ""

@@ -331,3 +331,19 @@ def test_a_key_given_twice_in_a_json_row_is_a_row_problem(tmp_path):
     array.write_text('[{"text": "ok", "label": "a"},\n {"text": "x", "label": "a", "text": "b"}]')
     result = read_rows(array)
     assert [r.line for r in result.rows] == [1] and [p.line for p in result.problems] == [2]
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_target_modules_that_name_no_layer_are_a_config_error(tmp_path, tiny_model, method):
+    """PEFT's NoMatchingPeftModuleError was an internal error (exit 1)."""
+    _project(tmp_path, tiny_model)
+    text = PROJECT.format(model=tiny_model, method=method).replace(
+        "  max_steps: 6\n", "  max_steps: 6\n  lora: {target_modules: [nothing_here]}\n")
+    (tmp_path / "project.yaml").write_text(text, encoding="utf-8")
+    result = runner.invoke(app, ["train", str(tmp_path / "project.yaml"), "--out", str(tmp_path / "run"), "-q"])
+    assert result.exit_code == 2, result.output
+    assert "names no layer of the model" in result.stderr and "train.lora.target_modules" in result.stderr
+    assert not (tmp_path / "run").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]
+    (tmp_path / "project.yaml").write_text(text.replace("[nothing_here]", "[]"), encoding="utf-8")
+    result = runner.invoke(app, ["data", "check", str(tmp_path / "project.yaml")])
+    assert result.exit_code == 2 and "train.lora.target_modules" in result.stderr

@@ -136,7 +136,7 @@ class AugmentConfig(_Strict):
     char_noise_rate: float = Field(0.03, gt=0.0, le=0.3)
     paraphrases: int = Field(0, ge=0, le=16)   # paraphrases per row written by the project's model
     oversample_to: int | None = Field(None, ge=1, le=100_000)  # copy rows of rarer classes up to this many each
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # numpy's seeds are 32-bit
 
 
 class DataConfig(_Strict):
@@ -149,7 +149,7 @@ class DataConfig(_Strict):
     validation: Path | list[DataSource] | float = 0.1
     # tunesmith's field name for the task (text, label, prompt, ...) -> the sources' column holding it.
     columns: dict[str, str] = Field(default_factory=dict)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # numpy's seeds are 32-bit
     max_errors: int = Field(20, ge=1)
     group_field: str | None = None             # rows sharing this field's value stay in one split
     clean: CleanConfig = Field(default_factory=CleanConfig)
@@ -217,7 +217,7 @@ class TrainConfig(_Strict):
     # None: the method's own default (registry.METHOD_SPECS); the resolved config records the value used.
     learning_rate: float | None = Field(None, gt=0)
     batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1, le=4096)   # micro-batches per step (each one a forward and backward)
     # Batches per length-sorted group (1: random batches); see batching.length_grouped_batches.
     length_grouping: int = Field(32, ge=1)
     weight_decay: float = Field(0.0, ge=0)
@@ -228,9 +228,9 @@ class TrainConfig(_Strict):
     patience: int = Field(3, ge=1)
     max_val_examples: int = Field(200, ge=1)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=2**32)  # numpy's seeds are 32-bit
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    neftune_alpha: float | None = Field(None, gt=0)
+    neftune_alpha: float | None = Field(None, gt=0, le=100)   # NEFTune's paper uses 5 to 15
     dropout: float | None = Field(None, ge=0.0, lt=1.0)
     checkpoint_every: int | None = Field(None, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
@@ -336,7 +336,7 @@ class JudgeConfig(_Strict):
                    "reference answer, then on clarity and concision.")
     mode: Literal["single", "pairwise", "both"] = "both"
     max_examples: int = Field(50, ge=1)
-    timeout_s: float = Field(60.0, gt=0)
+    timeout_s: float = Field(60.0, gt=0, le=3600)
 
     @model_validator(mode="after")
     def _has_a_judge(self) -> JudgeConfig:
@@ -390,12 +390,12 @@ class HarnessConfig(_Strict):
 class EvalConfig(_Strict):
     batch_size: int = Field(16, ge=1)
     max_examples: int | None = Field(None, ge=1)
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int = Field(64, ge=1, le=32768)
     latency_samples: int = Field(20, ge=0)
     precision: Literal["auto", "bf16", "fp32"] = "fp32"
     forgetting_probe: bool = True
-    bootstrap_resamples: int = Field(1000, ge=100)   # paired bootstrap of baseline vs fine-tuned differences
-    seed: int = 0
+    bootstrap_resamples: int = Field(1000, ge=100, le=100_000)   # paired bootstrap of baseline vs fine-tuned
+    seed: int = Field(0, ge=0, lt=2**32)  # numpy's seeds are 32-bit
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     harness: HarnessConfig = Field(default_factory=HarnessConfig)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
@@ -456,7 +456,7 @@ class FairnessConfig(_Strict):
     positive_label: list[str] | str | None = None   # label(s) counting as the selected outcome; default: all labels
     min_group_size: int = Field(10, ge=1)           # smaller groups are listed but not compared
     under_represented: float = Field(0.05, gt=0, lt=1)   # a group with less than this share of training rows is flagged
-    bootstrap_resamples: int = Field(1000, ge=100)
+    bootstrap_resamples: int = Field(1000, ge=100, le=100_000)
     counterfactual_examples: int = Field(200, ge=0)  # test rows with an identity term, each swapped with other terms
     stereotype_pairs: int = Field(0, ge=0)           # CrowS-Pairs pairs scored before and after fine-tuning (0: off)
     threshold_optimizer: Literal["off", "demographic_parity", "equalized_odds"] = "demographic_parity"

@@ -103,7 +103,8 @@ class LoraConfig(_Strict):
     # PEFT's own default. On a CPU, dropout keeps an fp32 mask of every adapter's input for backward:
     # more activation memory and time (BENCHMARKS.md, "Quickstart host memory").
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    # Module names (PEFT matches a name or its suffix); one that matches no layer is refused when the model loads.
+    target_modules: Annotated[list[str], Field(min_length=1)] | Literal["all-linear"] = "all-linear"
 
 
 class PromptTuningSettings(_Strict):

@@ -119,7 +119,7 @@ class DataSource(_Strict):
 
     path: str = Field(min_length=1)
     # Training sources only: each contributes weight/sum(weights) of the training rows (data/sources.py).
-    weight: float | None = Field(None, gt=0, allow_inf_nan=False)
+    weight: float | None = Field(None, gt=0, le=1e6, allow_inf_nan=False)  # relative: a sum must stay finite
     max_rows: int | None = Field(None, ge=1)     # a seeded sample of this many rows when the source has more
     # This source's own column mapping, used instead of data.columns (sources with different schemas).
     columns: dict[str, str] | None = None

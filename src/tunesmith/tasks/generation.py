@@ -23,13 +23,21 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
     """
     stop, kwargs = stop_ids(tokenizer), generate_kwargs(sampling)
     stops = sampling.stop if sampling else []
+    # Decoding stops at the model's context: a learned position table has no row past it, and a rotary
+    # model past it decodes for as long as it was asked (eval.max_new_tokens) without learning to.
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     outputs: list[str] = []
     bar = tqdm(total=len(prompts), desc=progress, disable=progress is None, unit="ex")
     with seeded(sampling, model.device), bar:
         for start in range(0, len(prompts), batch_size):
             ids, mask = (t.to(model.device) for t in left_pad(prompts[start:start + batch_size],
                                                              tokenizer.pad_token_id))  # (B, T) each
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, use_cache=True,
+            limit = min(max_new_tokens, context - ids.shape[1]) if isinstance(context, int) else max_new_tokens
+            if limit <= 0:  # the longest prompt fills the context: nothing can follow it
+                outputs += [""] * ids.shape[0]
+                bar.update(ids.shape[0])
+                continue
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=limit, use_cache=True,
                                  eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, **kwargs)
             new = out[:, ids.shape[1]:]  # (B, new tokens)
             outputs += [cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), stops)[0].strip()

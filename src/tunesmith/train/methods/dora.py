@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from tunesmith.train.methods.lora import peft_config
+from tunesmith.train.methods.lora import attach, peft_config
 from tunesmith.train.methods.peft_adapter import load, save  # noqa: F401
 
 
 def apply(model, cfg):
-    from peft import get_peft_model
-
-    return get_peft_model(model, peft_config(cfg, use_dora=True))
+    return attach(model, peft_config(cfg, use_dora=True))

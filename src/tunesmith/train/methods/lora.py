@@ -13,6 +13,19 @@ def peft_config(cfg, use_dora: bool = False):
 
 
 def apply(model, cfg):
+    return attach(model, peft_config(cfg))
+
+
+def attach(model, config):
+    """get_peft_model, with target modules that name no layer of the model as a ConfigError."""
     from peft import get_peft_model
 
-    return get_peft_model(model, peft_config(cfg))
+    from tunesmith.errors import ConfigError
+
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        if "not found in the base model" not in str(e) and type(e).__name__ != "NoMatchingPeftModuleError":
+            raise
+        raise ConfigError(f"names no layer of the model ({str(e)[:160]})", "train.lora.target_modules",
+                          "name linear layers the model has (e.g. q_proj, v_proj), or use all-linear") from None
