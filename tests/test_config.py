@@ -162,3 +162,10 @@ def test_learning_rate_defaults_per_method_and_explicit_value_wins():
     assert TrainConfig(method="prompt_tuning").learning_rate == METHOD_SPECS["prompt_tuning"].learning_rate == 3e-2
     assert TrainConfig(method="full").learning_rate == METHOD_SPECS["full"].learning_rate == 2e-5
     assert TrainConfig(method="full", learning_rate=1e-3).learning_rate == 1e-3
+
+
+def test_a_relative_request_log_path_is_beside_the_config(tmp_path, monkeypatch):
+    """It was resolved from the folder `serve` was started in: the log landed wherever that was."""
+    monkeypatch.chdir("/")
+    project = load_config(_write(tmp_path, BASE + "serve:\n  request_log: {path: logs/requests.db}\n"))
+    assert project.serve.request_log.path == (tmp_path / "logs" / "requests.db").resolve()

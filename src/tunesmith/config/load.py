@@ -87,6 +87,9 @@ def _resolve_paths(project: Project, root: yaml.Node, check_files: bool) -> None
     if project.train.init_from is not None:
         project.train.init_from = _init_run(project.train.init_from, base, check_files,
                                             lambda: _where(project.source, root, ("train", "init_from")))
+    log = project.serve.request_log
+    if log.path is not None and not log.path.is_absolute():  # else the folder `serve` was started in
+        log.path = (base / log.path).resolve()
     harness = project.eval.harness
     if harness.include_path is not None:
         resolved = (harness.include_path if harness.include_path.is_absolute()
