@@ -169,3 +169,21 @@ def test_a_relative_request_log_path_is_beside_the_config(tmp_path, monkeypatch)
     monkeypatch.chdir("/")
     project = load_config(_write(tmp_path, BASE + "serve:\n  request_log: {path: logs/requests.db}\n"))
     assert project.serve.request_log.path == (tmp_path / "logs" / "requests.db").resolve()
+
+
+@pytest.mark.parametrize("extra,key,says", [
+    ("benchmarks:\n  - {name: a, data: t.jsonl}\n  - {name: a, data: t.jsonl}\n", "benchmarks",
+     "two suites are named 'a'"),
+    ("benchmarks:\n  - {name: a, data: t.jsonl, task: {type: text}}\n", "benchmarks", "task.type text does not apply"),
+    ("fairness:\n  group_fields: [g, g]\n", "fairness.group_fields", "listed twice"),
+    ("objective:\n  constraints: {latency_p95_ms: {min: 5, max: 1}}\n", "latency_p95_ms", "min 5 is above max 1"),
+    ("fairness:\n  group_fields: [g]\n  counterfactual_examples: 0\nobjective:\n  constraints:\n"
+     "    counterfactual_flip_rate: {max: 0.1}\n", "counterfactual_flip_rate", "counterfactual_examples is 0"),
+    ('eval:\n  judge: {enabled: true, endpoint: "http://evil.invalid:80\\n@127.0.0.1:1/v1"}\n', "eval.judge.endpoint",
+     "a space or a control character"),
+])
+def test_settings_that_cannot_mean_what_they_say_are_refused(tmp_path, extra, key, says):
+    (tmp_path / "t.jsonl").write_text('{"text": "a", "label": "b"}\n')
+    with pytest.raises(ConfigError) as refused:
+        load_config(_write(tmp_path, BASE + extra), check_files=False)
+    assert key in refused.value.line() and says in refused.value.line(), refused.value.line()

@@ -117,6 +117,10 @@ def test_counterfactual_flip_rate():
     assert len(pairs) == 3 and all(p[0] == 0 for p in pairs)
     result = flip_rate(rows, ["x", "y"], pairs, ["x", "z", "x"])
     assert result["flip_rate"] == pytest.approx(1 / 3) and result["flipped_examples"][0]["swapped_prediction"] == "z"
+    # the limit counts examples, checked before each: 0 swaps none (it swapped one), 1 stops after the first
+    two = rows + [Example("a muslim asks", "x", "3")]
+    assert counterfactual_pairs(two, ["religion"], limit=0) == []
+    assert {p[0] for p in counterfactual_pairs(two, ["religion"], limit=1)} == {0}
 
 
 def test_threshold_optimizer_narrows_the_gap():

@@ -13,8 +13,9 @@ from tunesmith.config import JudgeConfig
 from tunesmith.evaluate.judge import judge_answers, make_asker, parse_score, parse_verdict
 
 
-def _serve(decide):
-    """A chat-completions server whose reply is decide(prompt); returns (base URL, requests seen, server)."""
+def _serve(decide, raw=None):
+    """A chat-completions server whose reply is decide(prompt) (or the body `raw` as it is); returns
+    (base URL, requests seen, server)."""
     seen = []
 
     class Handler(BaseHTTPRequestHandler):
@@ -23,7 +24,7 @@ def _serve(decide):
             prompt = body["messages"][0]["content"]
             seen.append({"prompt": prompt, "auth": self.headers.get("Authorization"), "model": body["model"]})
             reply = {"choices": [{"message": {"role": "assistant", "content": decide(prompt)}}]}
-            data = json.dumps(reply).encode()
+            data = raw if raw is not None else json.dumps(reply).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
@@ -93,3 +94,19 @@ def test_reply_parsing():
 def test_judge_needs_an_endpoint_or_model():
     with pytest.raises(ValueError, match="eval.judge.endpoint"):
         JudgeConfig(enabled=True)
+
+
+@pytest.mark.parametrize("raw", [b'{"x": 1}', b"not json", b'{"choices": []}', b'{"choices": [{"message": 5}]}',
+                                 b"x" * 1_200_000])
+def test_a_malformed_or_endless_judge_reply_is_one_error_naming_the_endpoint(raw):
+    """The endpoint's answer is untrusted: a KeyError was an internal error, and the body had no bound."""
+    from tunesmith.errors import InputError
+
+    url, _, server = _serve(lambda prompt: "Score: 5", raw=raw)
+    try:
+        with pytest.raises(InputError) as refused:
+            make_asker(JudgeConfig(enabled=True, endpoint=url))("grade this")
+    finally:
+        server.shutdown()
+    assert refused.value.where == "eval.judge.endpoint"
+    assert "not an OpenAI chat completion" in refused.value.what or "more than 1,000,000 bytes" in refused.value.what

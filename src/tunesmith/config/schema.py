@@ -191,6 +191,8 @@ class Bound(_Strict):
     def _one_side(self) -> Bound:
         if self.min is None and self.max is None:
             raise ValueError("give min, max or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min:g} is above max {self.max:g}: no value could meet it")
         return self
 
 
@@ -356,6 +358,10 @@ class JudgeConfig(_Strict):
     def _endpoint_is_safe(self) -> JudgeConfig:
         if not self.endpoint:
             return self
+        if any(c.isspace() or not c.isprintable() for c in self.endpoint):
+            # urlsplit drops tabs and newlines that the HTTP client would not: the URL checked here would
+            # not be the URL that is called
+            raise _KeyedError(("eval", "judge", "endpoint"), "the URL holds a space or a control character")
         url = urllib.parse.urlsplit(self.endpoint)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise _KeyedError(("eval", "judge", "endpoint"), f"'{self.endpoint}' is not an http(s) URL")
@@ -492,6 +498,9 @@ class SuiteConfig(_Strict):
 
     @model_validator(mode="after")
     def _metric_fits_task(self) -> SuiteConfig:
+        if self.task.type == "text":  # a suite is scored as predictions; raw text makes none
+            raise ValueError("a benchmark suite is scored on predictions: task.type text does not apply; use "
+                             "classification, generation or chat")
         names = metric_names(self.task.type)
         if self.metric is not None and self.metric not in names:
             raise ValueError(f"unknown metric '{self.metric}' for a {self.task.type} suite "
@@ -519,6 +528,18 @@ class Project(_Strict):
     source: Path | None = Field(None, exclude=True)
 
     @model_validator(mode="after")
+    def _unique_names(self) -> Project:
+        """Two suites of one name were both scored and one of them lost from metrics.json; a group field
+        twice would be audited twice."""
+        names = [suite.name for suite in self.benchmarks]
+        if twice := next((n for i, n in enumerate(names) if n in names[:i]), None):
+            raise _KeyedError(("benchmarks",), f"two suites are named '{twice}'; give each its own name")
+        fields = self.fairness.group_fields
+        if twice := next((f for i, f in enumerate(fields) if f in fields[:i]), None):
+            raise _KeyedError(("fairness", "group_fields"), f"'{twice}' is listed twice; list each field once")
+        return self
+
+    @model_validator(mode="after")
     def _preference_task(self) -> Project:
         if METHOD_SPECS[self.train.method].preference and self.task.type not in ("generation", "chat"):
             raise _KeyedError(("train", "method"), f"train.method {self.train.method} trains answers to prompts; "
@@ -541,6 +562,9 @@ class Project(_Strict):
             if key in FAIRNESS_FIGURES and not self.fairness.enabled:
                 raise _KeyedError(("objective", "constraints", key), f"'{key}' is measured by the audit stage; "
                                   "set fairness.group_fields or fairness.lexicon")
+            if key == "counterfactual_flip_rate" and self.fairness.counterfactual_examples == 0:
+                raise _KeyedError(("objective", "constraints", key), "fairness.counterfactual_examples is 0, so "
+                                  "no swap is measured; raise it or drop the constraint")
         if self.fairness.enabled and self.task.type != "classification":
             raise _KeyedError(("fairness",), "the fairness audit needs a classification task")
         return self

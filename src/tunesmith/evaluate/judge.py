@@ -9,6 +9,7 @@ into ties instead of biasing the result.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -69,14 +70,41 @@ def _endpoint_asker(cfg: JudgeConfig) -> Ask:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     client = httpx.Client(base_url=cfg.endpoint.rstrip("/"), headers=headers, timeout=cfg.timeout_s)
 
-    def ask(prompt: str) -> str:
-        reply = client.post("/chat/completions", json={"model": cfg.model or "judge", "temperature": 0,
-                                                        "messages": [{"role": "user", "content": prompt}]})
+    def ask(prompt: str) -> str | None:
+        body = {"model": cfg.model or "judge", "temperature": 0, "messages": [{"role": "user", "content": prompt}]}
+        with client.stream("POST", "/chat/completions", json=body) as reply:
+            raw = _bounded_body(reply)
         if reply.status_code != 200:
-            raise InputError(f"judge endpoint answered HTTP {reply.status_code}: {reply.text[:200]}",
+            text = raw[:200].decode("utf-8", "replace")
+            raise InputError(f"judge endpoint answered HTTP {reply.status_code}: {text}",
                              "eval.judge.endpoint", "check the URL, model name and API key")
-        return reply.json()["choices"][0]["message"]["content"]
+        return _reply_text(raw)
     return ask
+
+
+MAX_REPLY_BYTES = 1_000_000  # a judge's one-line verdict in a chat completion is a few hundred bytes
+
+
+def _bounded_body(reply) -> bytes:
+    """The reply's body, read up to MAX_REPLY_BYTES (an endpoint that streams without end is cut off)."""
+    raw = b""
+    for chunk in reply.iter_bytes():
+        raw += chunk
+        if len(raw) > MAX_REPLY_BYTES:
+            raise InputError(f"judge endpoint answered more than {MAX_REPLY_BYTES:,} bytes", "eval.judge.endpoint",
+                             "point it at an OpenAI-compatible chat completions server")
+    return raw
+
+
+def _reply_text(raw: bytes) -> str | None:
+    """choices[0].message.content of an OpenAI chat completion (None when the content is null);
+    InputError for a body of another shape: the endpoint's answer is untrusted input."""
+    try:
+        content = json.loads(raw)["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError, RecursionError):
+        raise InputError("judge endpoint's reply is not an OpenAI chat completion (no choices[0].message.content)",
+                         "eval.judge.endpoint", "point it at an OpenAI-compatible chat completions server") from None
+    return content if isinstance(content, str) or content is None else None
 
 
 def _local_asker(cfg: JudgeConfig) -> Ask:

@@ -13,8 +13,11 @@ def counterfactual_pairs(examples: list[Example], categories: list[str], limit: 
                          seed: int = 0) -> list[tuple[int, str, str, Example]]:
     """(example index, category, new term, swapped example) for up to `limit` examples with a term."""
     rng = random.Random(seed)
-    pairs = []
+    pairs: list[tuple[int, str, str, Example]] = []
+    used = 0  # examples swapped so far; checked before each one, so limit 0 swaps none
     for i, ex in enumerate(examples):
+        if used >= limit:
+            break
         for category in categories:
             term = find_term(ex.input, category)
             if term is None:
@@ -22,8 +25,7 @@ def counterfactual_pairs(examples: list[Example], categories: list[str], limit: 
             others = [t for t in terms()[category] if t != term]
             for new in rng.sample(others, min(per_example, len(others))):
                 pairs.append((i, category, new, Example(swap(ex.input, category, new), ex.target, ex.source)))
-            break
-        if len({p[0] for p in pairs}) >= limit:
+            used += 1
             break
     return pairs
 

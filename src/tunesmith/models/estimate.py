@@ -4,14 +4,15 @@ plus two constants calibrated on tunesmith's own measured runs (see README, "Cho
 Memory (MB) = overhead + weights + trained state + activations, where
 - weights: 4 bytes x P in fp32; 2 bytes x P where training runs under bf16 and the method keeps its
   frozen weights in bf16 (train/precision.py; not full fine-tuning, whose weights all train);
-  QLoRA: 0.56 bytes x P (4-bit NF4 plus block scales); DoRA: 11.3 bytes x P, its fp32 weights plus the
-  7.3 bytes a weight its measured peak adds (fitted on one quickstart run at batch 8, not derived;
-  part of it grows with the batch, so larger batches are understated);
+  QLoRA: 0.56 bytes x P (4-bit NF4 plus block scales); DoRA: 7.5 bytes x P, its fp32 weights plus their
+  bf16 copies kept for the backward pass (fitted with its activation factor on quickstart runs at batch
+  4 and 8, not derived);
 - trained state: 16 bytes per trained parameter (fp32 weight, gradient, two Adam moments): all P
   for full fine-tuning; ~1% of P for LoRA/DoRA (rank 8 on the attention and MLP projections);
   nothing worth counting for IA3 and soft prompts;
 - activations: ACTIVATION_BYTES x layers x batch x tokens per row x hidden (Korthikanti et al.'s
-  34 bytes per element per layer for 16-bit activations);
+  34 bytes per element per layer for 16-bit activations), times the method's activation_factor (DoRA 2.2:
+  it keeps each adapted layer's base and adapter outputs as well);
 - overhead: the Python process with torch, transformers and tokenizers loaded (OVERHEAD_MB).
 Time (s) = tokens x FLOPs per token / (peak FLOP/s x EFFICIENCY), with peak FLOP/s measured on this
 machine by a short matmul probe. The FLOPs per token are effective ones (registry.METHOD_SPECS):
@@ -106,7 +107,7 @@ def memory_mb(params_m: float, layers: int, hidden: int, method: str, batch: int
     weights = (2.0 if half else spec.weight_bytes) * p
     reference = (2.0 if bf16 else 4.0) * p if reference_copy else 0.0
     trained = 16 * (spec.trained_share or 0.0) * p
-    activations = ACTIVATION_BYTES * layers * batch * row_tokens * hidden
+    activations = ACTIVATION_BYTES * spec.activation_factor * layers * batch * row_tokens * hidden
     return OVERHEAD_MB + (weights + reference + trained + activations) / 2**20
 
 
