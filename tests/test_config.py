@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,13 @@ def test_settings_that_cannot_mean_what_they_say_are_refused(tmp_path, extra, ke
     with pytest.raises(ConfigError) as refused:
         load_config(_write(tmp_path, BASE + extra), check_files=False)
     assert key in refused.value.line() and says in refused.value.line(), refused.value.line()
+
+
+@pytest.mark.parametrize("label,says", [("alpha ", "starts or ends with whitespace"),
+                                        ("alpha\u200b", "invisible"), ("al\npha", "control")])
+def test_a_declared_label_no_row_could_match_is_refused(tmp_path, label, says):
+    text = BASE + f"task:\n  labels: [alpha, {json.dumps(label)}]\n"
+    with pytest.raises(ConfigError, match=says):
+        load_config(_write(tmp_path, text), check_files=False)
+    load_config(_write(tmp_path, BASE + 'task:\n  labels: [alpha, "\u0645\u06cc\u200c\u0631\u0648\u062f"]\n'),
+                check_files=False)  # a Persian label with a zero-width non-joiner is a word

@@ -5,6 +5,7 @@ rules as validators. The self-contained settings groups nested in them are in co
 from __future__ import annotations
 
 import ipaddress
+import unicodedata
 import urllib.parse
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -58,6 +59,9 @@ _C = TypeVar("_C", bound="_Strict")
 
 
 # Task keys that mean nothing for raw documents (task.type text); set explicitly, they are refused.
+# Characters that make two labels look alike or one look like another (ZWNJ and ZWJ stay: words use them).
+_INVISIBLE = frozenset("\u200b\u2060\ufeff\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
+                       "\u2066\u2067\u2068\u2069")
 TEXT_UNUSED_TASK_KEYS = ("label_field", "prompt_field", "completion_field", "instruction", "labels", "list_labels",
                          "label_scoring", "train_on", "chat_template")
 
@@ -93,12 +97,20 @@ class TaskConfig(_Strict):
     @field_validator("labels")
     @classmethod
     def _distinct_labels(cls, v: list[str] | None) -> list[str] | None:
-        if v is not None:
-            if any(not label.strip() for label in v):
+        if v is None:
+            return v
+        seen: set[str] = set()
+        for label in v:
+            if not label.strip():
                 raise ValueError("a label is empty: every label must be text the model can write")
-            if len(set(v)) != len(v):
-                twice = next(label for label in v if v.count(label) > 1)
-                raise ValueError(f"the label '{twice[:80]}' is listed twice")
+            if label != label.strip():  # labels read from the data are stripped: this one would match no row
+                raise ValueError(f"the label '{label[:80]}' starts or ends with whitespace")
+            if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") or c in _INVISIBLE for c in label):
+                raise ValueError(f"the label '{label[:80]}' holds a control or invisible character "
+                                 "(a line break, a zero-width space, a direction mark)")
+            if label in seen:
+                raise ValueError(f"the label '{label[:80]}' is listed twice")
+            seen.add(label)
         return v
 
     @field_validator("chat_template")
