@@ -198,3 +198,15 @@ def test_a_declared_label_no_row_could_match_is_refused(tmp_path, label, says):
         load_config(_write(tmp_path, text), check_files=False)
     load_config(_write(tmp_path, BASE + 'task:\n  labels: [alpha, "\u0645\u06cc\u200c\u0631\u0648\u062f"]\n'),
                 check_files=False)  # a Persian label with a zero-width non-joiner is a word
+
+
+@pytest.mark.parametrize("extra,key", [("objective:\n  target: 5\n", "objective.target"),
+                                       ("objective:\n  min_gain: 2\n", "objective.min_gain"),
+                                       ("objective:\n  constraints: {ece: {max: -1}}\n", "ece"),
+                                       ("objective:\n  constraints: {latency_p95_ms: {max: -5}}\n", "latency_p95_ms"),
+                                       ("objective:\n  constraints: {f1_macro: {min: 1.5}}\n", "f1_macro")])
+def test_an_objective_no_value_could_meet_is_refused(tmp_path, extra, key):
+    with pytest.raises(ConfigError) as refused:
+        load_config(_write(tmp_path, BASE + extra), check_files=False)
+    assert key in refused.value.line() and "can" in refused.value.line()
+    load_config(_write(tmp_path, BASE + "objective:\n  target: 1\n  min_gain: -0.5\n"), check_files=False)

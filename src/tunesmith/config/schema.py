@@ -51,6 +51,7 @@ from tunesmith.registry import (
     FAIRNESS_FIGURES,
     METHOD_SPECS,
     METHODS,
+    METRIC_SPECS,
     VARIANTS,
     metric_names,
 )
@@ -566,6 +567,7 @@ class Project(_Strict):
         if self.objective.metric not in names:
             raise _KeyedError(("objective", "metric"), f"unknown metric '{self.objective.metric}' for a "
                               f"{self.task.type} task (available: {', '.join(names)})")
+        self._reachable(names)
         figures = set(names) | set(CONSTRAINT_FIGURES)
         for key in self.objective.constraints:
             if key not in figures:
@@ -580,6 +582,27 @@ class Project(_Strict):
         if self.fairness.enabled and self.task.type != "classification":
             raise _KeyedError(("fairness",), "the fairness audit needs a classification task")
         return self
+
+    def _reachable(self, names: list[str]) -> None:
+        """A target, gain or bound no value of its figure can meet (accuracy 5, ece below 0) is refused: the
+        run would train for a verdict decided before it started. Figures in [0, 1] and counts are checked."""
+        objective, spec = self.objective, METRIC_SPECS.get(self.objective.metric)
+        unit = spec is not None and spec.unit_interval
+        if unit and objective.target is not None and not 0 <= objective.target <= 1:
+            raise _KeyedError(("objective", "target"), f"{objective.metric} lies in [0, 1]: {objective.target:g} "
+                              "can never be met")
+        if unit and objective.min_gain is not None and objective.min_gain > 1:
+            raise _KeyedError(("objective", "min_gain"), f"{objective.metric} lies in [0, 1]: a gain of "
+                              f"{objective.min_gain:g} can never be met")
+        for key, bound in objective.constraints.items():
+            low = None if key == "reward_margin" else 0.0  # every other figure measured is >= 0
+            high = 1.0 if (key in METRIC_SPECS and METRIC_SPECS[key].unit_interval) or key in ("ece",) else None
+            if low is not None and bound.max is not None and bound.max < low:
+                raise _KeyedError(("objective", "constraints", key), f"max {bound.max:g} is below {low:g}, the "
+                                  f"least {key} can be")
+            if high is not None and bound.min is not None and bound.min > high:
+                raise _KeyedError(("objective", "constraints", key), f"min {bound.min:g} is above {high:g}, the "
+                                  f"most {key} can be")
 
     @model_validator(mode="after")
     def _text_task_fits(self) -> Project:
