@@ -210,3 +210,11 @@ def test_an_objective_no_value_could_meet_is_refused(tmp_path, extra, key):
         load_config(_write(tmp_path, BASE + extra), check_files=False)
     assert key in refused.value.line() and "can" in refused.value.line()
     load_config(_write(tmp_path, BASE + "objective:\n  target: 1\n  min_gain: -0.5\n"), check_files=False)
+
+
+def test_a_config_path_that_is_no_file_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    for odd in (tmp_path, Path("/dev/zero")):
+        with pytest.raises(ConfigError, match="is not a regular file"):
+            load_config(odd)
