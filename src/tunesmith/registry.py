@@ -31,9 +31,9 @@ class MethodSpec:
     low_precision_frozen: whether frozen weights may be kept in bf16 (DoRA normalises base + update
         weights itself, so its frozen weights keep full precision).
     weight_bytes: bytes per frozen weight in the memory estimate (fp32 4; 4-bit NF4 with its scales 0.56;
-        DoRA's fitted 7.5: its fp32 weights and, under bf16, their bf16 copies kept for the backward pass).
-    activation_factor: its activations per row against LoRA's (DoRA's 2.2, fitted: the magnitude
-        rescaling keeps the base and the adapter outputs of every adapted layer for the backward pass).
+        DoRA 8.4: its fp32 weights and 4.4 bytes a weight more that its measured peaks hold, fitted, not profiled).
+    activation_factor: its activations per row against LoRA's (DoRA 1.95, fitted on the same peaks: the
+        magnitude rescaling keeps each adapted layer's base and adapter outputs for the backward pass).
     quantizable: whether `train.quantize` may load the frozen base through bitsandbytes (the method
         trains adapters beside the base's linear layers, never the quantized weights themselves).
     trains_as: for an estimate-only row (module None), the config that trains it, as dotted keys.
@@ -63,11 +63,12 @@ class MethodSpec:
 
 _M = "tunesmith.train.methods."
 # Time and memory factors fitted on the quickstart (CPU, bf16, 2026-12-05; BENCHMARKS.md, "Model and
-# technique selection"): LoRA 627 tokens/s, full 324, DoRA 243, IA3 677, prompt tuning 707.
+# technique selection"): LoRA 627 tokens/s, full 324, DoRA 243, IA3 677, prompt tuning 707; DoRA's
+# memory on its peaks at batch 4, 8 and 32 (2026-12-06).
 METHOD_SPECS: dict[str, MethodSpec] = {
     "lora": MethodSpec(_M + "lora", "adapter", 2e-4, (1e-5, 1e-2), 4, 0.01, quantizable=True),
     "dora": MethodSpec(_M + "dora", "adapter", 2e-4, (1e-5, 1e-2), 10.3, 0.011, low_precision_frozen=False,
-                       weight_bytes=7.5, activation_factor=2.2, quantizable=True),
+                       weight_bytes=8.4, activation_factor=1.95, quantizable=True),
     "ia3": MethodSpec(_M + "ia3", "adapter", 3e-3, (1e-4, 1e-1), 3.7, 0.0005),
     "full": MethodSpec(_M + "full", "full", 2e-5, (1e-7, 1e-4), 7.7, 1.0),
     # Prefix tuning is priced as prompt tuning (virtual tokens only), not measured on its own.

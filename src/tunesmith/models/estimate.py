@@ -4,14 +4,14 @@ plus two constants calibrated on tunesmith's own measured runs (see README, "Cho
 Memory (MB) = overhead + weights + trained state + activations, where
 - weights: 4 bytes x P in fp32; 2 bytes x P where training runs under bf16 and the method keeps its
   frozen weights in bf16 (train/precision.py; not full fine-tuning, whose weights all train);
-  QLoRA: 0.56 bytes x P (4-bit NF4 plus block scales); DoRA: 7.5 bytes x P, its fp32 weights plus their
-  bf16 copies kept for the backward pass (fitted with its activation factor on quickstart runs at batch
-  4 and 8, not derived);
+  QLoRA: 0.56 bytes x P (4-bit NF4 plus block scales); DoRA: 8.4 bytes x P, its fp32 weights plus 4.4
+  bytes a weight its measured peaks hold (fitted with its activation factor on quickstart runs at batch
+  4, 8 and 32, not profiled);
 - trained state: 16 bytes per trained parameter (fp32 weight, gradient, two Adam moments): all P
   for full fine-tuning; ~1% of P for LoRA/DoRA (rank 8 on the attention and MLP projections);
   nothing worth counting for IA3 and soft prompts;
 - activations: ACTIVATION_BYTES x layers x batch x tokens per row x hidden (Korthikanti et al.'s
-  34 bytes per element per layer for 16-bit activations), times the method's activation_factor (DoRA 2.2:
+  34 bytes per element per layer for 16-bit activations), times the method's activation_factor (DoRA 1.95:
   it keeps each adapted layer's base and adapter outputs as well);
 - overhead: the Python process with torch, transformers and tokenizers loaded (OVERHEAD_MB).
 Time (s) = tokens x FLOPs per token / (peak FLOP/s x EFFICIENCY), with peak FLOP/s measured on this
