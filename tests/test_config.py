@@ -218,3 +218,10 @@ def test_a_config_path_that_is_no_file_says_so(tmp_path):
     for odd in (tmp_path, Path("/dev/zero")):
         with pytest.raises(ConfigError, match="is not a regular file"):
             load_config(odd)
+
+
+@pytest.mark.parametrize("value", ["{shots: [-1]}", "{shots: [100000]}", "{shots: []}", "{draws: 1000000000}"])
+def test_prompt_search_sizes_are_bounded(tmp_path, value):
+    """shots: [-1] was ignored silently; a huge count or draw number would score for ever."""
+    with pytest.raises(ConfigError, match="train.prompt_optimization"):
+        load_config(_write(tmp_path, BASE + f"train:\n  prompt_optimization: {value}\n"), check_files=False)

@@ -125,8 +125,10 @@ class PromptSearchSettings(_Strict):
     """prompt_optimization: candidate instructions x few-shot sets, scored on validation."""
 
     instructions: list[str] = Field(default_factory=list)
-    shots: list[int] = Field(default_factory=lambda: [0, 1, 3])
-    draws: int = Field(2, ge=1)
+    # Worked examples per candidate prompt (each a count of shots, 0 to 32) and random draws of them:
+    # every candidate is scored on the validation split, so both are bounded.
+    shots: list[Annotated[int, Field(ge=0, le=32)]] = Field(default_factory=lambda: [0, 1, 3], min_length=1)
+    draws: int = Field(2, ge=1, le=100)
     max_shot_chars: int = Field(400, ge=1)
 
 
