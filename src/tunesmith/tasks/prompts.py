@@ -176,8 +176,10 @@ def label_answers(tokenizer, fmt: PromptFormat) -> list[list[int]]:
     77-label set through a chat template takes tens of milliseconds."""
     # The tokenizer's state enters the key: a pad or special token added later changes the encoding.
     # (A chat template may be a dict of named templates: keyed through json, which hashes.)
-    key = json.dumps([asdict(fmt), len(tokenizer), tokenizer.chat_template, tokenizer.eos_token], sort_keys=True,
-                     default=str)
+    # (A tokenizer-like vocabulary, as GGUF export checks read back, may have no len().)
+    size = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+    key = json.dumps([asdict(fmt), size, getattr(tokenizer, "chat_template", None),
+                      getattr(tokenizer, "eos_token", None)], sort_keys=True, default=str)
     try:
         known = _LABEL_ANSWERS.setdefault(tokenizer, {})
     except TypeError:  # a tokenizer-like object that takes no weak reference: encode every time
