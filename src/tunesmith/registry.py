@@ -32,8 +32,8 @@ class MethodSpec:
         weights itself, so its frozen weights keep full precision).
     weight_bytes: bytes per frozen weight in the memory estimate (fp32 4; 4-bit NF4 with its scales 0.56;
         DoRA 8.4: its fp32 weights and 4.4 bytes a weight more that its measured peaks hold, fitted, not profiled).
-    activation_factor: its activations per row against LoRA's (DoRA 1.95, fitted on the same peaks: the
-        magnitude rescaling keeps each adapted layer's base and adapter outputs for the backward pass).
+    activation_factor: its activations per row against LoRA's (DoRA 1.95, fitted on the same peaks; what
+        its backward pass keeps beyond LoRA's is not profiled).
     quantizable: whether `train.quantize` may load the frozen base through bitsandbytes (the method
         trains adapters beside the base's linear layers, never the quantized weights themselves).
     trains_as: for an estimate-only row (module None), the config that trains it, as dotted keys.

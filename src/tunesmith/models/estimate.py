@@ -11,8 +11,8 @@ Memory (MB) = overhead + weights + trained state + activations, where
   for full fine-tuning; ~1% of P for LoRA/DoRA (rank 8 on the attention and MLP projections);
   nothing worth counting for IA3 and soft prompts;
 - activations: ACTIVATION_BYTES x layers x batch x tokens per row x hidden (Korthikanti et al.'s
-  34 bytes per element per layer for 16-bit activations), times the method's activation_factor (DoRA 1.95:
-  it keeps each adapted layer's base and adapter outputs as well);
+  34 bytes per element per layer for 16-bit activations), times the method's activation_factor (DoRA 1.95,
+  fitted on measured peaks, the causes not profiled);
 - overhead: the Python process with torch, transformers and tokenizers loaded (OVERHEAD_MB).
 Time (s) = tokens x FLOPs per token / (peak FLOP/s x EFFICIENCY), with peak FLOP/s measured on this
 machine by a short matmul probe. The FLOPs per token are effective ones (registry.METHOD_SPECS):
