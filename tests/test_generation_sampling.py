@@ -134,3 +134,16 @@ def test_generation_stops_at_the_models_context(lm):
         del model.generate
     longest = len(prompts[1])
     assert calls == [context - longest]  # the full-context prompt makes no call and answers ""
+
+
+def test_context_length_reads_the_models_config_and_gpt2s_alias():
+    """One place says how far a model can attend: a llama config's `max_position_embeddings`, GPT-2's
+    `n_positions` (behind the same name), None for an object with no such figure."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from tunesmith.models.load import context_length
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=96))
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=8, n_layer=1, n_head=2, n_positions=40))
+    assert (context_length(llama), context_length(gpt2), context_length(object())) == (96, 40, None)

@@ -38,6 +38,12 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32):
     return model
 
 
+def context_length(model) -> int | None:
+    """Positions the model can attend over (`max_position_embeddings`), None where its config does not
+    say. A learned position table has no row past it; a rotary model past it was never trained there."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return context if isinstance(context, int) and context > 0 else None
+
 
 def plain_lm(model):
     """A plain transformers model computing what `model` computes: PEFT weight adapters (LoRA, DoRA,

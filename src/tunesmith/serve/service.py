@@ -14,6 +14,7 @@ import torch
 from tunesmith import fsio
 from tunesmith.config import GenerationSettings
 from tunesmith.data.examples import Example
+from tunesmith.models.load import context_length
 from tunesmith.models.tokens import stop_ids
 from tunesmith.optimize.engines import load_variant
 from tunesmith.optimize.predictor import Predictor
@@ -179,8 +180,8 @@ class Service:
         """New tokens a row of `n_prompt` prompt tokens may decode: `wanted`, less whatever would run
         past the model's context (a learned position table has no row beyond it: an IndexError, not an
         answer); the answer then ends with finish_reason "length"."""
-        context = getattr(getattr(self.predictor.module, "config", None), "max_position_embeddings", None)
-        return wanted if not isinstance(context, int) else max(0, min(wanted, context - n_prompt))
+        context = context_length(self.predictor.module)
+        return wanted if context is None else max(0, min(wanted, context - n_prompt))
 
     def stream(self, example: Example, max_tokens: int, cancelled: threading.Event,
                sampling: GenerationSettings | None = None) -> Generator[str, None, str]:
@@ -349,8 +350,7 @@ def _plain_service(name: str, started: float, max_new_tokens: int) -> Service:
     path = resolve_model(name)
     model = load_model(path)
     # Prompts are cut to fit (and token prompts refused past) 2,048 tokens or the model's context if shorter.
-    context = getattr(model.config, "max_position_embeddings", None)
-    limit = min(2048, context) if isinstance(context, int) and context > 0 else 2048
+    limit = min(2048, context_length(model) or 2048)
     fmt = PromptFormat(task_type="chat", instruction="", labels=None, list_labels=False, max_length=limit)
     predictor = lm_predictor(model, load_tokenizer(path), fmt, max_new_tokens)
     return Service(name, predictor, "base", time.perf_counter() - started)

@@ -7,6 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tunesmith.config import GenerationSettings
+from tunesmith.models.load import context_length
 from tunesmith.models.tokens import left_pad, stop_ids
 from tunesmith.tasks.sampling import cut_at_stop, generate_kwargs, seeded
 
@@ -25,14 +26,14 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
     stops = sampling.stop if sampling else []
     # Decoding stops at the model's context: a learned position table has no row past it, and a rotary
     # model past it decodes for as long as it was asked (eval.max_new_tokens) without learning to.
-    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    context = context_length(model)
     outputs: list[str] = []
     bar = tqdm(total=len(prompts), desc=progress, disable=progress is None, unit="ex")
     with seeded(sampling, model.device), bar:
         for start in range(0, len(prompts), batch_size):
             ids, mask = (t.to(model.device) for t in left_pad(prompts[start:start + batch_size],
                                                              tokenizer.pad_token_id))  # (B, T) each
-            limit = min(max_new_tokens, context - ids.shape[1]) if isinstance(context, int) else max_new_tokens
+            limit = min(max_new_tokens, context - ids.shape[1]) if context else max_new_tokens
             if limit <= 0:  # the longest prompt fills the context: nothing can follow it
                 outputs += [""] * ids.shape[0]
                 bar.update(ids.shape[0])
