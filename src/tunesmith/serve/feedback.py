@@ -33,7 +33,7 @@ from tunesmith.errors import DataError, InputError
 from tunesmith.serve.replies import error
 from tunesmith.serve.routes import unicode_text
 from tunesmith.serve.state import ServerState
-from tunesmith.serve.store import STORED_CHARS, VERDICTS, RequestLog, UnknownRequest, VerdictExists, not_a_log
+from tunesmith.serve.store import STORED_CHARS, VERDICTS, RequestLog, UnknownRequest, VerdictExists, check_log
 
 LABEL_CHARS = 200
 RETRY_AFTER_S = 1
@@ -220,19 +220,10 @@ def import_file(path: Path, db: Path, replace: bool = False, redact_pii: bool = 
 
 
 def _open_log(db: Path, redact_pii: bool) -> RequestLog:
-    """The request log at `db`; InputError for any other file (it is never changed: no table is added).
-    The probe's URI comes from the resolved path (percent-encoded): `?`, `#`, `%` in it are not URI syntax."""
-    try:
-        probe = sqlite3.connect(Path(db).resolve().as_uri() + "?mode=ro", uri=True)
-        try:
-            why = not_a_log(probe)
-        finally:
-            probe.close()
-        if why:
-            raise InputError(f"not a request log ({why}); left untouched", str(db))
-        return RequestLog(db, redact_pii=redact_pii)
-    except sqlite3.DatabaseError as e:
-        raise InputError(f"not a request log: {e}", str(db)) from None
+    """The request log at `db`; InputError for any other file, a missing one included (it is never
+    changed: no table is added)."""
+    check_log(db)
+    return RequestLog(db, redact_pii=redact_pii)
 
 
 def read_verdicts(path: Path) -> list[tuple[int, Verdict]]:

@@ -83,7 +83,7 @@ class RequestLog:
                  on_failure: Callable[[str], None] | None = None):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path, self.retention_s, self.redact = Path(path), retention_days * 86400, redact_pii
-        _check_existing(self.path)
+        check_log(self.path, new_ok=True)
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None,
                                    timeout=BUSY_TIMEOUT_S)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -345,8 +345,9 @@ _CUT_MARK = re.compile(r" \[\+\d+ characters not stored\]$")
 
 
 @contextmanager
-def _read_only(path: Path) -> Iterator[sqlite3.Connection]:
-    """The log at `path`, opened read-only; InputError naming it when it is not an SQLite request log.
+def _read_only(path: Path, new_ok: bool = False) -> Iterator[sqlite3.Connection]:
+    """The log at `path`, opened read-only; InputError naming it when it is not an SQLite request log
+    (with `new_ok`, a database with no table yet passes: opening it as a log makes a new one).
     The URI is built from the resolved path (percent-encoded), so `?`, `#` or `%` in a folder name are
     part of the path, never read as URI syntax."""
     try:
@@ -354,7 +355,8 @@ def _read_only(path: Path) -> Iterator[sqlite3.Connection]:
     except sqlite3.Error as e:  # missing, a folder, unreadable
         raise _not_a_log(path, e) from None
     try:
-        if why := not_a_log(db):
+        fresh = new_ok and db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0
+        if not fresh and (why := not_a_log(db)):
             raise _not_a_log(path, why)
         yield db
     except sqlite3.DatabaseError as e:
@@ -365,25 +367,19 @@ def _read_only(path: Path) -> Iterator[sqlite3.Connection]:
         db.close()
 
 
-def _check_existing(path: Path) -> None:
-    """InputError when `path` holds something that is not a request log (another app's database, any
-    other file): opening it as one would give it our tables, columns and WAL mode. A missing or empty
-    file, or a database with no table yet, becomes a new log."""
-    if not path.exists() or (path.is_file() and path.stat().st_size == 0):
+def check_log(path: Path, new_ok: bool = False) -> None:
+    """InputError when `path` is not a request log, before anything opens it for writing (that would give
+    another app's database our tables, columns and WAL mode). With `new_ok`, a missing or empty file or
+    a database with no table yet passes: it becomes a new log. A log held locked passes: another server
+    writes it, and a writer's connection waits for it."""
+    path = Path(path)
+    if new_ok and (not path.exists() or (path.is_file() and path.stat().st_size == 0)):
         return
     try:
-        probe = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
-        try:
-            empty = probe.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0
-            why = None if empty else not_a_log(probe)
-        finally:
-            probe.close()
-    except sqlite3.DatabaseError as e:
-        if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
-            return  # busy: another server writes it, so it is a log; the connection below waits for it
-        raise _not_a_log(path, e) from None
-    if why:
-        raise _not_a_log(path, why)
+        with _read_only(path, new_ok):
+            pass
+    except sqlite3.OperationalError:  # only "locked" comes through _read_only
+        return
 
 
 def _not_a_log(path: Path, why) -> InputError:
