@@ -53,6 +53,25 @@ def test_bad_rows_name_line_two(tmp_path, content, reason):
     assert len(problems) == 1 and problems[0].line == 2 and reason in problems[0].reason
 
 
+def test_group_values_are_grouped_by_what_they_say_not_by_str(tmp_path):
+    """str() merged a JSON `true` with the text "True" and a literal "(missing)" with an absent value
+    silently: booleans are written as JSON writes them, null/blank/"(missing)" are the missing group,
+    and a list or object is a row problem naming the key."""
+    values = [True, "True", "true", None, "  ", "(missing)", 3, "3", False]
+    rows = [{"text": f"t{i}", "label": "a", "g": v} for i, v in enumerate(values)]
+    rows.append({"text": "no g", "label": "a"})
+    rows += [{"text": "bad", "label": "a", "g": ["x"]}, {"text": "bad2", "label": "a", "g": {"k": 1}}]
+    examples, problems = load_examples(write_jsonl(tmp_path / "d.jsonl", rows), CLS, attribute_fields=["g"])
+    assert [e.attributes["g"] for e in examples] == [
+        "true", "True", "true", "(missing)", "(missing)", "(missing)", "3", "3", "false", "(missing)"]
+    assert [(p.line, "fairness.group_fields" in p.reason) for p in problems] == [(11, True), (12, True)]
+    grouped, problems = load_examples(write_jsonl(tmp_path / "s.jsonl", rows[:3] + rows[5:6]), CLS,
+                                      group_field="g")
+    assert [e.group for e in grouped] == ["true", "True", "true"]
+    assert [p.line for p in problems] == [4]
+    assert "missing group field 'g'" in problems[0].reason
+
+
 def test_empty_file_is_an_error(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_bytes(b"")

@@ -75,7 +75,7 @@ def load_examples(path: Path | RowSource, task: TaskConfig, max_errors: int = 20
             if attribute_fields:
                 rec = row.record if isinstance(row.record, dict) else {}
                 # A missing value is a group of its own in the audit, not an invalid row.
-                example.attributes = {f: str(rec[f]) if rec.get(f) not in (None, "") else "(missing)"
+                example.attributes = {f: _group_text(rec.get(f), f, "fairness.group_fields") or MISSING_GROUP
                                       for f in attribute_fields}
         except _MissingField as e:
             problems.append(RowProblem(row.file, row.line, e.reason(mapped)))
@@ -125,6 +125,9 @@ def raise_for_problems(problems: list[RowProblem], max_errors: int, hint: str | 
     raise err
 
 
+MISSING_GROUP = "(missing)"  # the group of a row without a value: listed in the audit, never compared
+
+
 class _RowError(ValueError):
     pass
 
@@ -148,9 +151,23 @@ class _MissingField(_RowError):
 def _group(row: Row, group_field: str | None) -> str | None:
     if group_field is None:
         return None
-    value = _require_object(row).get(group_field)
-    if value is None or (isinstance(value, str) and not value.strip()):
+    value = _group_text(_require_object(row).get(group_field), group_field, "data.group_field")
+    if value is None:
         raise _RowError(f"missing group field '{group_field}' (data.group_field)")
+    return value
+
+
+def _group_text(value: Any, name: str, key: str) -> str | None:
+    """A group value as one text, None when it is absent, null, blank or the missing group's own name.
+    Booleans are written as JSON writes them, so a JSON `true` and a CSV's "true" are one group while
+    the text "True" stays another (str() would merge `true` with "True"); lists and objects are refused."""
+    if value is None or (isinstance(value, str) and (not value.strip() or value == MISSING_GROUP)):
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, dict)):
+        raise _RowError(f"group field '{name}' holds a {'list' if isinstance(value, list) else 'JSON object'}, "
+                        f"not a text, number or boolean ({key})")
     return str(value)
 
 

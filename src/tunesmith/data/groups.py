@@ -3,10 +3,9 @@ or an identity-term category found in the text (fairness.lexicon; "none" when no
 
 from __future__ import annotations
 
+from tunesmith.data.examples import MISSING_GROUP as MISSING
 from tunesmith.data.examples import Example
 from tunesmith.data.lexicon import find_term
-
-MISSING = "(missing)"
 
 
 def attributes(examples: list[Example], group_fields: list[str], lexicon: list[str]) -> dict[str, list[str]]:

@@ -27,7 +27,7 @@ from tunesmith.config import CleanConfig, Project
 from tunesmith.data.clean import Curation
 from tunesmith.data.decontaminate import contaminated
 from tunesmith.data.dedup import near_duplicates
-from tunesmith.data.examples import Example, load_examples, raise_for_problems
+from tunesmith.data.examples import MISSING_GROUP, Example, load_examples, raise_for_problems
 from tunesmith.data.split import group_split, stratified_split
 from tunesmith.errors import InputError
 from tunesmith.registry import METHOD_SPECS
@@ -305,7 +305,7 @@ def task_row(e: Example, project: Project) -> dict:
     if project.data.group_field:
         row[project.data.group_field] = e.group or e.source
     for name, value in (e.attributes or {}).items():
-        if value != "(missing)":
+        if value != MISSING_GROUP:
             row.setdefault(name, value)
     return row
 
