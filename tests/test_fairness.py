@@ -198,6 +198,13 @@ def test_run_audits_groups_and_gates_on_fairness(tmp_path, tiny_model):
     import yaml
 
     config = yaml.safe_load((out / "config.yaml").read_text())
+    # Thresholds decide one label: with every label audited they are not fitted, and audit.json says why.
+    every_label = {**config, "fairness": {**config["fairness"], "positive_label": None, "stereotype_pairs": 0}}
+    (out / "config.yaml").write_text(yaml.safe_dump(every_label))
+    again = runner.invoke(app, ["audit", str(out), "--quiet"])
+    skipped = json.loads((out / "audit.json").read_text())["threshold_optimizer"]
+    assert again.exit_code in (0, 3) and "set fairness.positive_label" in skipped["skipped"], again.output
+    assert "threshold optimizer not run" in again.output
     for key, value, said in (("group_fields", ["nope"], "column 'nope' has no value in any of the"),
                              ("positive_label", "zeta", "'zeta' is not one of the model's labels")):
         edited = {**config, "fairness": {**config["fairness"], key: value}}

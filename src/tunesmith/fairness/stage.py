@@ -73,9 +73,13 @@ def audit_stage(project: Project, splits: Splits, run_dir: Path, progress: bool 
     swapped = run([p[3] for p in pairs], "counterfactuals").texts if pairs else []
     audit["counterfactual"] = flip_rate(test, tuned.texts, pairs, swapped)
     audit["counterfactual_flip_rate"] = audit["counterfactual"]["flip_rate"]
-    if cfg.threshold_optimizer != "off" and len(labels) == 1 and splits.validation and attrs:
-        val = run(splits.validation, "validation")
-        audit["threshold_optimizer"] = _thresholds(cfg, splits, test, golds, tuned, val, labels[0], project.eval.seed)
+    if cfg.threshold_optimizer != "off":
+        if why := _no_thresholds(labels, splits):
+            audit["threshold_optimizer"] = {"constraint": cfg.threshold_optimizer, "skipped": why}
+        else:
+            val = run(splits.validation, "validation")
+            audit["threshold_optimizer"] = _thresholds(cfg, splits, test, golds, tuned, val, labels[0],
+                                                       project.eval.seed)
     if cfg.stereotype_pairs:
         audit["stereotype"] = _stereotype(model, tokenizer, base_path, cfg.stereotype_pairs)
     fsio.write_json(run_dir / "audit.json", audit)
@@ -127,6 +131,16 @@ def _data_audit(splits: Splits, cfg) -> dict:
     labels = [e.target for e in train]
     return {a: audit_attribute(groups, labels, cfg.under_represented, cfg.min_group_size)
             for a, groups in attributes(train, cfg.group_fields, cfg.lexicon).items()}
+
+
+def _no_thresholds(labels: list[str], splits: Splits) -> str | None:
+    """Why group thresholds cannot be fitted (said in audit.json and the report, not skipped silently)."""
+    if len(labels) != 1:
+        return (f"thresholds decide one label against the rest, and {len(labels)} labels are audited: "
+                "set fairness.positive_label to one label")
+    if not splits.validation:
+        return "there is no validation split to fit the thresholds on"
+    return None
 
 
 def _thresholds(cfg, splits, test, golds, tuned, val, positive, seed) -> dict:
