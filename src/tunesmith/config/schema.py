@@ -235,7 +235,9 @@ class TrainConfig(_Strict):
     grad_accum: int = Field(1, ge=1, le=4096)   # micro-batches per step (each one a forward and backward)
     # Batches per length-sorted group (1: random batches); see batching.length_grouped_batches.
     length_grouping: int = Field(32, ge=1)
-    weight_decay: float = Field(0.0, ge=0)
+    # AdamW's decoupled decay scales the trained weights by 1 - learning_rate x weight_decay each step; usual
+    # values are 0 to 0.1. Past 10 a step can flip and grow them: a NaN loss blamed on the learning rate.
+    weight_decay: float = Field(0.0, ge=0, le=10)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
     eval_every: int | None = Field(None, ge=1)
