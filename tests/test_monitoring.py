@@ -72,8 +72,9 @@ def test_monitor_flags_shifted_traffic_and_not_in_distribution_traffic(run_dir):
     text = runner.invoke(cli, ["monitor", str(run_dir), "--window", "60"]).output
     assert "DRIFT embedding" in text and "recommendation:" in text
     # The window is validated like the config key it overrides (serve.drift.window >= 10).
-    small = runner.invoke(cli, ["monitor", str(run_dir), "--window", "3"])
-    assert small.exit_code == 2 and "error: bad window 3" in small.output and "--window" in small.output
+    for bad in ("3", "0"):  # 0 was taken for "not given" and ran with the config's window
+        small = runner.invoke(cli, ["monitor", str(run_dir), "--window", bad])
+        assert small.exit_code == 2 and f"error: bad window {bad}" in small.output and "--window" in small.output
 
 
 def test_monitor_needs_a_request_log(tmp_path):

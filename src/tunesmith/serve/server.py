@@ -536,7 +536,7 @@ def monitor(run_dir: Path, db: Path | None = None, window: int | None = None,
     if db is None or not db.is_file():
         raise RunDirError(f"no request log at {db}", str(run_dir), "serve the run first (`tunesmith serve RUN_DIR`)")
     try:
-        settings = derive(cfg.drift, {"window": window}) if window else cfg.drift
+        settings = derive(cfg.drift, {"window": window}) if window is not None else cfg.drift
     except ValidationError as e:
         raise InputError(f"bad window {window}: {e.errors()[0]['msg']}", "--window",
                          "compare at least 10 recent requests") from None
