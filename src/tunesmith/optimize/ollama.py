@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from tunesmith.config import GenerationSettings
 from tunesmith.data.examples import Example
 from tunesmith.errors import InputError
-from tunesmith.models.tokens import stop_ids
+from tunesmith.models.tokens import control_strings, stop_ids
 from tunesmith.tasks.predict import answer_budget
 from tunesmith.tasks.prompts import PromptFormat, encode_prompt, render_prompt
 
@@ -91,6 +91,7 @@ def modelfile(fmt: PromptFormat, tokenizer, gguf_name: str, generation: Generati
     settings = generation or GenerationSettings()
     if not gguf_name or any(c in gguf_name for c in "/\\\r\n") or gguf_name.strip() != gguf_name:
         raise InputError(f"GGUF file name {gguf_name!r} must be a plain file name", "gguf_name")
+    _refuse_control_text(fmt, tokenizer)
     lines = ["# Made by `tunesmith export --format ollama` from the run's prompt.json and eval settings;",
              "# export.json records how this TEMPLATE was checked against the run's own prompts.",
              f"FROM {_quote('./' + gguf_name, 'FROM', 'gguf_name', plain=True)}",
@@ -107,6 +108,23 @@ def modelfile(fmt: PromptFormat, tokenizer, gguf_name: str, generation: Generati
     if problems:  # every value was parsed back above; this is a defect, not bad input
         raise RuntimeError("the Modelfile written does not pass its own check: " + "; ".join(problems))
     return text
+
+
+def _refuse_control_text(fmt: PromptFormat, tokenizer) -> None:
+    """InputError for an instruction, label or worked example holding a control-token string
+    (`<|im_end|>`...). tunesmith encodes such text as literal characters, but Ollama tokenizes the
+    whole rendered prompt with special tokens parsed: in the SYSTEM or TEMPLATE text it would end the
+    system turn and open another, written by the data, in every prompt."""
+    controls = control_strings(tokenizer)
+    texts = [("task.instruction", fmt.instruction)] + [("task.labels (or the data's labels)", label)
+                                                         for label in fmt.labels or []]
+    texts += [("the worked examples (shots in prompt.json)", shot[k]) for shot in fmt.shots for k in ("input", "output")]
+    for where, text in texts:
+        found = next((c for c in controls if c in text), None)
+        if found is not None:
+            raise InputError(f"the text {text[:60]!r} holds the control token {found!r}, which Ollama would read as "
+                             "that token, not as text (it parses special tokens in the whole prompt)", where,
+                             "remove the token from it, or export --format gguf and write the Modelfile by hand")
 
 
 def prompt_template(fmt: PromptFormat, tokenizer) -> str:
