@@ -22,6 +22,7 @@ from conftest import PROJECT
 from tunesmith import champions
 from tunesmith.cli import app as cli
 from tunesmith.errors import InputError, RunDirError
+from tunesmith.tasks.prompts import PromptFormat
 
 runner = CliRunner()
 PROMOTIONS = 300  # per process: enough that the two overlap
@@ -40,7 +41,8 @@ def _run(folder: Path, met: bool | None = True, name: str = "tiny") -> Path:
     model.mkdir(parents=True)
     meta = {"method": "lora", "kind": "adapter", "model": "tiny-model", "base_model_path": "tiny-model"}
     (model / "tunesmith.json").write_text(json.dumps(meta), encoding="utf-8")
-    (model / "prompt.json").write_text("{}", encoding="utf-8")
+    fmt = PromptFormat("classification", "Classify.", ["alpha", "beta"], True, 64)
+    (model / "prompt.json").write_text(json.dumps(fmt.to_json()), encoding="utf-8")
     (model / "adapter_config.json").write_text("{}", encoding="utf-8")
     save_file({"w": torch.zeros(2)}, str(model / "adapter_model.safetensors"))
     (folder / "config.yaml").write_text(PROJECT.format(model="tiny-model", method="lora")
@@ -237,6 +239,7 @@ def test_cli_refuses_a_run_that_missed_its_objective(tmp_path):
     (lambda m: (m / "adapter_model.safetensors").write_bytes(os.urandom(5000)), "weights cannot be read"),
     (lambda m: (m / "tunesmith.json").write_text('{"method": 5}'), "metadata lacks 'method'"),
     (lambda m: (m / "prompt.json").write_text("[1]"), "an object expected"),
+    (lambda m: (m / "prompt.json").write_text("{}"), "no field 'task_type'"),
     # train.init_from: the merged earlier model in model/base is what the adapter loads onto
     (lambda m: (m / "tunesmith.json").write_text(json.dumps({**json.loads((m / "tunesmith.json").read_text()),
                                                               "base_in_model_dir": "base"})), "weights are missing"),

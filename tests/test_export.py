@@ -138,3 +138,48 @@ def test_out_in_a_missing_folder_is_refused_and_nothing_is_created(run, tmp_path
     assert result.output.strip() == (f"error: --out's parent folder does not exist, {out.parent}, create it first, "
                                      "or give --out inside an existing folder")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_out_filled_while_the_export_runs_is_kept_and_the_export_is_not(run, tmp_path, monkeypatch):
+    """A second export into the same new folder (or a user's file put there meanwhile) finished the
+    whole job and then ended in an internal error: it is one error line now, and the folder keeps what
+    the other party wrote."""
+    out = tmp_path / "hf"
+    original = export_module.read_back
+
+    def racing(folder, project, fmt, test):
+        out.mkdir()
+        (out / "notes.txt").write_text("precious")
+        return original(folder, project, fmt, test)
+    monkeypatch.setattr(export_module, "read_back", racing)
+    result = runner.invoke(cli, ["export", str(run), "--out", str(out)])
+    assert result.exit_code == 2 and result.stderr.startswith("error: --out was filled while the export ran")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no staging folder left
+
+
+def test_a_full_disk_is_one_error_line_naming_the_file(run, tmp_path, monkeypatch):
+    import errno
+
+    def full(folder, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "model.safetensors"))
+    monkeypatch.setattr(export_module, "stage_export", full)
+    result = runner.invoke(cli, ["export", str(run), "--out", str(tmp_path / "hf")])
+    assert result.exit_code == 2 and "internal error" not in result.stderr
+    assert result.stderr.startswith("error: no space left on the disk (No space left on device), ")
+    assert "model.safetensors" in result.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_out_inside_a_run_and_a_damaged_prompt_json_are_named(run, tmp_path):
+    import shutil
+
+    result = runner.invoke(cli, ["export", str(run), "--out", str(run / "model" / "gguf")])
+    assert result.exit_code == 2 and f"--out is inside the run directory {run}" in result.stderr
+    assert not (run / "model" / "gguf").exists()
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "model" / "prompt.json").write_text('{"task_type": "classification", "labels": "x"}')
+    result = runner.invoke(cli, ["export", str(copy), "--out", str(tmp_path / "hf")])
+    assert result.exit_code == 2 and "TypeError" not in result.stderr, result.stderr
+    assert "no field 'instruction'" in result.stderr and str(copy / "model" / "prompt.json") in result.stderr
+    assert not (tmp_path / "hf").exists()

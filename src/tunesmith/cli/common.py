@@ -47,15 +47,7 @@ def guarded(debug: bool, fn: Callable[[], int], details: bool = False, resumable
         print(e, file=sys.stderr)
         raise typer.Exit(2) from None
     except OSError as e:
-        if e.errno != errno.ENAMETOOLONG:  # only a path the user gave (--out, a config's name) is too long
-            _internal(e, debug)
-        if debug:
-            traceback.print_exc()
-        name = str(e.filename or e.filename2 or e)
-        print(f"error: a name in the path is too long for the file system, {name[:120]}"
-              f"{'...' if len(name) > 120 else ''}, give a shorter path (or a shorter `name` in the config)",
-              file=sys.stderr)
-        raise typer.Exit(2) from None
+        _file_system_error(e, debug)
     except KeyboardInterrupt as e:
         hint = "; training checkpoints, if any were written, are kept for `tunesmith train --resume RUN_DIR`"
         print(f"error: {'terminated' if isinstance(e, Terminated) else 'interrupted'}{hint if resumable else ''}",
@@ -67,6 +59,24 @@ def guarded(debug: bool, fn: Callable[[], int], details: bool = False, resumable
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     raise typer.Exit(code)
+
+
+def _file_system_error(e: OSError, debug: bool) -> NoReturn:
+    """A path too long or a full disk: the place the user chose to write, said in one line, exit 2
+    (whatever was being written was staged and is not left half-written); any other OSError is a bug."""
+    if e.errno not in (errno.ENAMETOOLONG, errno.ENOSPC, errno.EDQUOT):
+        _internal(e, debug)
+    if debug:
+        traceback.print_exc()
+    name = str(e.filename or e.filename2 or e)
+    name = f"{name[:120]}{'...' if len(name) > 120 else ''}"
+    if e.errno == errno.ENAMETOOLONG:  # only a path the user gave (--out, a config's name) is too long
+        print(f"error: a name in the path is too long for the file system, {name}, give a shorter path (or a "
+              "shorter `name` in the config)", file=sys.stderr)
+    else:
+        print(f"error: no space left on the disk ({e.strerror}), {name}, free some space or write to another "
+              "disk (nothing half-written was kept)", file=sys.stderr)
+    raise typer.Exit(2) from None
 
 
 def _interrupt_on_sigterm():

@@ -13,13 +13,12 @@ from pathlib import Path
 
 import torch
 
-from tunesmith import fsio
 from tunesmith.data.examples import Example
 from tunesmith.models.tokens import stop_ids
 from tunesmith.optimize.predictor import Predictor
 from tunesmith.tasks.classification import predict_labels
 from tunesmith.tasks.predict import Predictions, encode_prompts
-from tunesmith.tasks.prompts import PromptFormat, label_answers
+from tunesmith.tasks.prompts import label_answers, read_prompt_format
 
 SCORE_ROWS = 16
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -54,7 +53,7 @@ def load_ct2(path: Path, max_new_tokens: int = 64) -> Predictor:
 
     path = Path(path)
     tokenizer = load_tokenizer(path)
-    fmt = PromptFormat.from_json(fsio.read_json(path / "prompt.json"))
+    fmt = read_prompt_format(path / "prompt.json")
     generator = _generator(path)
 
     def run(examples: list[Example], batch_size: int) -> Predictions:

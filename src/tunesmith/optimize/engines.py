@@ -26,7 +26,7 @@ from tunesmith.data.examples import Example
 from tunesmith.errors import ModelError, RunDirError
 from tunesmith.optimize.predictor import VARIANT_FILE, Predictor, save_common
 from tunesmith.tasks.predict import Predictions, predict
-from tunesmith.tasks.prompts import PromptFormat
+from tunesmith.tasks.prompts import PromptFormat, read_prompt_format
 
 
 def load_variant(path: Path, max_new_tokens: int = 64) -> Predictor:
@@ -54,7 +54,7 @@ def load_variant(path: Path, max_new_tokens: int = 64) -> Predictor:
         return load_ort(path, max_new_tokens)
     from tunesmith.models.load import load_model, load_tokenizer
 
-    fmt = PromptFormat.from_json(fsio.read_json(path / "prompt.json"))
+    fmt = read_prompt_format(path / "prompt.json")
     if meta["engine"] in ("hf-int8", "hf-int4"):
         model = load_int8(path)
     else:

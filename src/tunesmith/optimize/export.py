@@ -27,6 +27,7 @@ folder is missing, is refused untouched (InputError, exit 2).
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -47,6 +48,7 @@ from tunesmith.optimize.gguf_read import ReadBack, read_gguf
 from tunesmith.optimize.ollama import MODELFILE, check_export, modelfile
 from tunesmith.optimize.source import open_source
 from tunesmith.optimize.variants import NotApplicable
+from tunesmith.runs import is_run_dir
 from tunesmith.tasks.metrics import compute_metrics
 from tunesmith.tasks.predict import predict
 from tunesmith.tasks.prompts import PromptFormat
@@ -106,6 +108,10 @@ def check_out(out: Path) -> None:
     if real == cwd or real in cwd.parents:  # the export replaces --out whole: never where the user stands
         raise InputError("--out is the current folder or one above it", str(out),
                          "give a new folder, e.g. --out export")
+    inside = next((p for p in real.parents if is_run_dir(p)), None)
+    if inside is not None:  # a run's folders hold only what it wrote (a server loads model/, --overwrite replaces all)
+        raise InputError(f"--out is inside the run directory {inside}", str(out),
+                         "give a folder outside any run, e.g. beside it")
     if out.is_symlink():  # replaced by a rename, a link would be removed and its target never written
         raise InputError("--out is a symbolic link", str(out), "give the folder itself, or a new folder")
     if out.exists() and not out.is_dir():
@@ -143,13 +149,25 @@ def export(run_dir: Path, out: Path, fmt: str = "hf", quant: str | None = None,
         result = stage_export(run_dir, staging, fmt, quant, min_agreement)
         result.path = str(out)
         fsio.write_json(staging / EXPORT_FILE, result.to_json())
-        if out.exists():  # an empty folder (checked above)
-            out.rmdir()
-        os.replace(staging, out)
-        fsio.fsync_dir(out.parent)
+        _install(staging, out)
         return result
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _install(staging: Path, out: Path) -> None:
+    """Put the finished export at `out`, which was new or empty when the export began. Something else
+    may have filled it since (another export, a user's file): that is kept, and this export is not."""
+    try:
+        if out.exists():
+            out.rmdir()  # fails unless still empty
+        os.replace(staging, out)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise
+        raise InputError("--out was filled while the export ran: its contents were left untouched and this "
+                         "export was not kept", str(out), "export again into a new folder") from None
+    fsio.fsync_dir(out.parent)
 
 
 def _new_staging(out: Path) -> Path:

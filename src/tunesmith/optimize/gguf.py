@@ -17,6 +17,7 @@ more stop ids than those three keys hold is refused, so llama.cpp never decodes 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -108,6 +109,10 @@ def write_gguf(model, tokenizer, path: Path, quant: str = DEFAULT_QUANT, name: s
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
+    except OSError as e:
+        if e.errno is None and "requested and" in str(e):  # numpy's tofile: a short write, no errno given
+            raise OSError(errno.ENOSPC, f"a short write: {e}", str(path)) from e
+        raise
     finally:
         writer.close()
     return Path(path)

@@ -118,7 +118,8 @@ def _refuse_control_text(fmt: PromptFormat, tokenizer) -> None:
     controls = control_strings(tokenizer)
     texts = [("task.instruction", fmt.instruction)] + [("task.labels (or the data's labels)", label)
                                                          for label in fmt.labels or []]
-    texts += [("the worked examples (shots in prompt.json)", shot[k]) for shot in fmt.shots for k in ("input", "output")]
+    texts += [("the worked examples (shots in prompt.json)", shot[k])
+              for shot in fmt.shots for k in ("input", "output")]
     for where, text in texts:
         found = next((c for c in controls if c in text), None)
         if found is not None:

@@ -17,14 +17,13 @@ from pathlib import Path
 
 import torch
 
-from tunesmith import fsio
 from tunesmith.data.examples import Example
 from tunesmith.models.tokens import left_pad, stop_ids
 from tunesmith.optimize.predictor import Predictor
 from tunesmith.tasks.classification import predict_labels
 from tunesmith.tasks.label_trie import LabelTrie, node_log_probs, tree_inputs
 from tunesmith.tasks.predict import Predictions, encode_prompts, inverse
-from tunesmith.tasks.prompts import PromptFormat, label_answers
+from tunesmith.tasks.prompts import PromptFormat, label_answers, read_prompt_format
 
 GRAPH, HEAD = "model.onnx", "head.safetensors"
 DECODER_PARTS = ("embed_tokens", "rotary_emb", "layers", "norm")
@@ -204,7 +203,7 @@ def load_ort(path: Path, max_new_tokens: int = 64) -> Predictor:
 
     path = Path(path)
     tokenizer, lm = load_tokenizer(path), OrtDecoder(path)
-    fmt = PromptFormat.from_json(fsio.read_json(path / "prompt.json"))
+    fmt = read_prompt_format(path / "prompt.json")
 
     def run(examples: list[Example], batch_size: int) -> Predictions:
         prompts = encode_prompts(tokenizer, fmt, examples)

@@ -31,7 +31,7 @@ from tunesmith.config import GenerationSettings
 from tunesmith.data.examples import Example
 from tunesmith.errors import EngineError, RunDirError
 from tunesmith.serve.service import Completion, TokenPrompt, prompt_ids, request_example
-from tunesmith.tasks.prompts import PromptFormat
+from tunesmith.tasks.prompts import read_prompt_format
 
 TIMEOUT = httpx.Timeout(300.0, connect=5.0)
 HEALTH_PATH = "/v1/models"  # answered by vLLM, llama.cpp, TGI and tunesmith's own server once loaded
@@ -70,7 +70,7 @@ class RemoteService:
         self.name, self.run_dir, self.upstream = name, run_dir, upstream.rstrip("/")
         self.variant = f"upstream {self.upstream}"
         self.tokenizer = load_tokenizer(model_dir)  # the chat template only: no weights in this process
-        self.fmt = PromptFormat.from_json(fsio.read_json(model_dir / "prompt.json"))
+        self.fmt = read_prompt_format(model_dir / "prompt.json")
         self.client = httpx.Client(base_url=self.upstream, timeout=TIMEOUT, headers=_auth(api_key))
         self.served_name = upstream_model(self.client, model)
         self.pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="upstream")

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 import weakref
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+from tunesmith import fsio
+from tunesmith.config import TaskConfig
 from tunesmith.data.examples import Example
 from tunesmith.errors import ConfigError
 from tunesmith.models.tokens import UserText, text_ids
@@ -64,6 +68,38 @@ class PromptFormat:
     @classmethod
     def from_json(cls, d: dict) -> PromptFormat:
         return cls(**d)
+
+
+def read_prompt_format(path: Path) -> PromptFormat:
+    """The prompt.json at `path` (a run's model folder), its fields checked: DamagedFile naming the
+    file and the first field that is missing or not what `PromptFormat.to_json` writes."""
+    d = fsio.read_json(path, dict)
+    if problem := _format_problem(d):
+        raise fsio.DamagedFile(Path(path), problem, what="not what tunesmith wrote")
+    return PromptFormat.from_json(d)
+
+
+def _format_problem(d: dict) -> str | None:
+    fields = {f.name: f for f in dataclasses.fields(PromptFormat)}
+    if unknown := sorted(set(d) - set(fields)):
+        return f"unknown field {unknown[0]!r}"
+    if missing := [n for n, f in fields.items() if n not in d and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]:
+        return f"no field {missing[0]!r}"
+    task = TaskConfig.model_fields
+    choices = {"task_type": task["type"], "label_scoring": task["label_scoring"], "train_on": task["train_on"]}
+    for name, spec in choices.items():
+        if name in d and d[name] not in typing.get_args(spec.annotation):
+            return f"{name} {str(d[name])[:40]!r} is not one of {', '.join(typing.get_args(spec.annotation))}"
+    checks = {"instruction": isinstance(d["instruction"], str),
+              "labels": d["labels"] is None or (isinstance(d["labels"], list)
+                                                and all(isinstance(x, str) for x in d["labels"])),
+              "list_labels": isinstance(d["list_labels"], bool),
+              "max_length": type(d["max_length"]) is int and d["max_length"] > 0,
+              "shots": isinstance(d.get("shots", []), list) and all(
+                  isinstance(s, dict) and set(s) == {"input", "output"} and all(isinstance(v, str) for v in s.values())
+                  for s in d.get("shots", []))}
+    return next((f"field {name!r} has the wrong type or value" for name, ok in checks.items() if not ok), None)
 
 
 def render_prompt(tokenizer, fmt: PromptFormat, ex: Example) -> str:

@@ -13,7 +13,7 @@ from tunesmith.errors import RunDirError
 from tunesmith.models.load import load_model, load_tokenizer
 from tunesmith.models.resolve import resolve_model
 from tunesmith.registry import METHOD_SPECS
-from tunesmith.tasks.prompts import PromptFormat
+from tunesmith.tasks.prompts import PromptFormat, read_prompt_format
 from tunesmith.train.methods import get_method, spec
 
 # The folder inside a model folder that holds a train.init_from run's merged model (this run's base).
@@ -62,7 +62,7 @@ def check_model_files(model_dir: Path) -> None:
     """
     model_dir = Path(model_dir)
     meta = read_meta(model_dir)
-    fsio.read_json(model_dir / "prompt.json", dict)
+    read_prompt_format(model_dir / "prompt.json")
     needed = _weight_files(model_dir, meta["kind"])
     if meta.get("base_in_model_dir"):  # train.init_from: the merged earlier model this one builds on
         needed += _weight_files(model_dir / INIT_BASE, "full")
@@ -106,7 +106,7 @@ def load_finetuned(model_dir: Path):
     try:
         model = method.load(base, model_dir)
         model.eval()
-        fmt = PromptFormat.from_json(fsio.read_json(model_dir / "prompt.json"))
+        fmt = read_prompt_format(model_dir / "prompt.json")
         tokenizer = load_tokenizer(model_dir)
     except fsio.DamagedFile:
         raise  # already names its file and line

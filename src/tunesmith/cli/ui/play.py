@@ -151,7 +151,7 @@ def base_service(run: Path, max_new_tokens: int = 64) -> Service:
     from tunesmith.models.load import load_model, load_tokenizer
     from tunesmith.models.resolve import resolve_model
     from tunesmith.optimize.engines import lm_predictor
-    from tunesmith.tasks.prompts import PromptFormat, build_format
+    from tunesmith.tasks.prompts import build_format, read_prompt_format
     from tunesmith.train.finetuned import read_meta
 
     started = time.perf_counter()
@@ -166,7 +166,7 @@ def base_service(run: Path, max_new_tokens: int = 64) -> Service:
             base_path = resolve_model(meta["model"])
     project = load_config(run / "config.yaml", check_files=False)
     tokenizer = load_tokenizer(model_dir)
-    labels = PromptFormat.from_json(fsio.read_json(model_dir / "prompt.json")).labels
+    labels = read_prompt_format(model_dir / "prompt.json").labels
     fmt = build_format(project.task, labels, tokenizer)
     predictor = lm_predictor(load_model(base_path), tokenizer, fmt, max_new_tokens)
     return Service(f"{project.name} (base)", predictor, "base", time.perf_counter() - started)
