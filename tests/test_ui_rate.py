@@ -45,6 +45,9 @@ def test_create_pairs_rate_and_import_as_the_cli_does(root, client):
     key = json.loads((human / "key.json").read_text())
     assert made.json()["pairs"] == len(key["pairs"]) == 9 and (human / "pairs.csv").is_file()
     assert client.post("/api/rate/export", json={"run": REL}).status_code == 409  # never over an export
+    # The key says which side is the fine-tuned model: a rater on /rate must not be able to open it.
+    assert client.get(f"/files/{REL}/human/key.json").status_code == 404
+    assert client.get(f"/files/{REL}/human/pairs.csv").status_code == 200
 
     page = client.get("/rate", params={"run": REL})
     ids = list(key["pairs"])

@@ -56,7 +56,8 @@ def _predictions(run_dir: Path) -> list[dict]:
     return fsio.read_jsonl(path)
 
 
-EXPORT_FILES = ("pairs.csv", "form.html", "key.json")
+KEY_FILE = "key.json"  # which side is which: kept from raters (the workbench never serves it)
+EXPORT_FILES = ("pairs.csv", "form.html", KEY_FILE)
 
 
 def export_pairs(run_dir: Path, out: Path, against: Path | None = None, n: int | None = None,

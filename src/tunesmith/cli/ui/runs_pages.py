@@ -21,6 +21,7 @@ from tunesmith.cli.ui.layout import esc, page
 from tunesmith.cli.ui.scan import walk
 from tunesmith.cli.ui.security import FILE_CSP, inside_root
 from tunesmith.config import yaml_text
+from tunesmith.evaluate.human import KEY_FILE
 from tunesmith.runs import is_run_dir
 
 router = APIRouter()
@@ -280,6 +281,8 @@ async def run_file(rel: str, request: Request) -> FileResponse:
     path = inside_root(request, rel)
     root = request.app.state.ui.root
     if not path.is_file() or not any(is_run_dir(p) for p in path.parents if p.is_relative_to(root)):
+        raise HTTPException(404, "not found")
+    if path.name == KEY_FILE:  # a human evaluation's blinding key: a rater on /rate could unblind the pairs
         raise HTTPException(404, "not found")
     kind = TEXT_TYPES.get(path.suffix.lower()) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     if kind.startswith("text/") or kind.endswith(("json", "ndjson", "+xml")):
