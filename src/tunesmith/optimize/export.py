@@ -227,6 +227,9 @@ def stage_export(run_dir: Path, folder: Path, fmt: str, quant: str | None,
 
 def _open_evaluated(run_dir: Path):
     """(project, splits, predictions/test.jsonl rows) of an evaluated run directory."""
+    if not run_dir.is_dir():
+        raise RunDirError("no such run directory" if not run_dir.exists() else "not a folder", str(run_dir),
+                          "give a folder made by `tunesmith run`")
     for needed in ("config.yaml", "data/report.json", "model/tunesmith.json", "predictions/test.jsonl"):
         if not (run_dir / needed).exists():
             raise RunDirError(f"not an evaluated run directory (no {needed})", str(run_dir),
