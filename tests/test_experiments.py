@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -161,3 +162,58 @@ def test_tune_study_starts_from_the_default_and_ends_in_a_run(tmp_path, tiny_mod
     assert (out / "best" / "summary.json").is_file() and "default config (trial 0)" in result.output
     m = re.search(r"default config \(trial 0\): ([0-9.]+); best: trial \d+ ([0-9.]+)", result.output)
     assert m and float(m.group(2)) >= float(m.group(1)) and project.train.method == "lora"
+
+    # A study of another config is not reported as this one's: refused, or replaced with --overwrite.
+    changed = Path(config).read_text().replace("max_steps: 6", "max_steps: 5")
+    assert changed != Path(config).read_text()
+    Path(config).write_text(changed)
+    shutil.rmtree(out / "best")  # (its own refusal would come first)
+    before = (out / "study.sqlite").read_bytes()
+    refused = runner.invoke(app, ["tune", config, "--trials", "4", "--out", str(out), "--quiet"])
+    assert refused.exit_code == 2 and "holds a study of another config" in refused.stderr, refused.output
+    assert (out / "study.sqlite").read_bytes() == before
+    again = runner.invoke(app, ["tune", config, "--trials", "1", "--out", str(out), "--quiet", "--overwrite"])
+    assert again.exit_code in (0, 3), again.output
+    assert [line.split()[1] for line in again.output.splitlines() if line.startswith("trial ")] == ["0"]
+    assert sorted(p.name for p in (out / "trials").iterdir()) == ["000"]  # the old study's logs went with it
+
+
+def test_tune_refuses_a_study_file_it_did_not_write(tmp_path, tiny_model):
+    """Optuna adds its tables to any SQLite file, through a link too: a foreign, damaged or linked
+    study.sqlite is refused before any work, and left as it was."""
+    config = _project(tmp_path, tiny_model)
+    other = tmp_path / "other.sqlite"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE foo (x)")
+    cases = {"foreign": lambda p: p.write_bytes(other.read_bytes()), "garbage": lambda p: p.write_text("garbage"),
+             "link": lambda p: p.symlink_to(other)}
+    for name, make in cases.items():
+        out = tmp_path / name
+        out.mkdir()
+        make(out / "study.sqlite")
+        result = runner.invoke(app, ["tune", config, "--trials", "1", "--out", str(out), "--quiet"])
+        assert result.exit_code == 2 and "study.sqlite" in result.stderr and "left untouched" in result.stderr, name
+        assert sorted(p.name for p in out.iterdir()) == ["study.sqlite"]
+    assert [r for (r,) in sqlite3.connect(other).execute("SELECT name FROM sqlite_master")] == ["foo"]
+
+
+def test_an_interrupted_default_trial_is_run_again(tmp_path, tiny_model, monkeypatch):
+    """Ctrl-C in trial 0 left it FAIL: the next tune printed it as "pruned", never scored the config as
+    written and counted the failed trial towards --trials."""
+    import tunesmith.pipeline  # noqa: F401  (bound to the real train_stage before it is replaced below)
+    import tunesmith.train.stage as stage
+
+    config = _project(tmp_path, tiny_model)
+    out = tmp_path / "tune"
+    real = stage.train_stage
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(stage, "train_stage", interrupted)
+    assert runner.invoke(app, ["tune", config, "--trials", "2", "--out", str(out), "--quiet"]).exit_code == 130
+    monkeypatch.setattr(stage, "train_stage", real)
+    result = runner.invoke(app, ["tune", config, "--trials", "2", "--out", str(out), "--quiet"])
+    assert result.exit_code in (0, 3), result.output
+    lines = [line.split() for line in result.output.splitlines() if line.startswith("trial ")]
+    assert [(n, state) for _, n, state, *_ in lines] == [("0", "FAIL"), ("1", "COMPLETE"), ("2", "COMPLETE")]
+    assert lines[0][3] == "stopped" and "default config (trial 1): " in result.output

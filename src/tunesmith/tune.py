@@ -8,7 +8,9 @@ validation figure of the objective metric.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from tunesmith.registry import METHOD_SPECS
 from tunesmith.tasks.metrics import METRICS
 
 SEARCHABLE = ("lora", "dora")
+STUDY_FILE = "study.sqlite"
 
 
 def space(trial, project: Project) -> dict:
@@ -55,9 +58,10 @@ def tune(project: Project, trials: int, out: Path, progress: bool = True, seed: 
         raise InputError(f"tune searches LoRA hyperparameters; train.method is {project.train.method}", "train.method",
                          f"use one of: {', '.join(SEARCHABLE)}")
     out = Path(out).resolve()
-    check_runs_folder(out, ["best"], ("study.sqlite", "trials"), overwrite)  # before the study, not after it
+    check_runs_folder(out, ["best"], (STUDY_FILE, "trials"), overwrite)  # before the study, not after it
+    _check_study_file(out / STUDY_FILE)
     kept = out / "trials"
-    if kept.is_dir() and any(kept.iterdir()) and not (out / "study.sqlite").exists() and not overwrite:
+    if kept.is_dir() and any(kept.iterdir()) and not (out / STUDY_FILE).exists() and not overwrite:
         # Without its study, trial numbers restart at 000 and each new trial would replace a kept log.
         raise RunDirError(f"holds {kept.name}/ but no study.sqlite: new trials would replace the kept trials' logs",
                           f"--out {out}", "pass --overwrite to replace them, or give a new folder")
@@ -68,12 +72,9 @@ def tune(project: Project, trials: int, out: Path, progress: bool = True, seed: 
     # ERROR: a failed trial raises out of the study (catch=()) and the CLI says it in one line; optuna's
     # own "Trial N failed" warning would add a traceback, on Ctrl-C and SIGTERM too.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    study = optuna.create_study(study_name=project.name, storage=f"sqlite:///{out / 'study.sqlite'}",
-                                load_if_exists=True,
-                                direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed),
-                                pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1))
-    if not study.trials:
-        study.enqueue_trial(defaults(project))  # trial 0: the config as written
+    study = _open_study(out, project, seed, overwrite)
+    if _default_trial(study, project) is None and not _waiting(study):
+        study.enqueue_trial(defaults(project))  # the config as written (again, if its trial was interrupted)
 
     def objective(trial) -> float:
         params = space(trial, project)
@@ -96,14 +97,88 @@ def tune(project: Project, trials: int, out: Path, progress: bool = True, seed: 
             print(f"tune: trial {trial.number}: {metric} {best:.4f} with {params}", file=sys.stderr)
         return sign * best
 
-    finished = sum(t.state.is_finished() for t in study.trials)  # an enqueued trial is not finished yet
-    study.optimize(objective, n_trials=max(0, trials - finished), catch=())
+    # Only scored trials count: an interrupted one (FAIL) is listed but its place is taken by a new one.
+    study.optimize(objective, n_trials=max(0, trials - len(_scored(study))), catch=())
     best = study.best_trial
     summary = run(apply_params(project, _params(best.params, project)), out / "best", progress, overwrite=overwrite)
-    default_value = sign * study.trials[0].value if study.trials[0].value is not None else None
-    return {"study": str(out / "study.sqlite"), "trials": _trial_rows(study, sign), "best_trial": best.number,
+    default = _default_trial(study, project)
+    default_value = sign * default.value if default is not None and default.value is not None else None
+    return {"study": str(out / STUDY_FILE), "trials": _trial_rows(study, sign), "best_trial": best.number,
             "best_params": _params(best.params, project), "best_validation": sign * best.value,
+            "default_trial": default.number if default is not None else None,
             "default_validation": default_value, "summary": summary}
+
+
+def _open_study(out: Path, project: Project, seed: int, overwrite: bool):
+    """The study in out/study.sqlite: new, or the one an earlier `tune` of this same config left there.
+    A link, a foreign database or a study of another config is refused (its trials would be scored as
+    this config's); with `overwrite` a study of another config is replaced, with its trial logs."""
+    import optuna
+
+    from tunesmith.errors import InputError
+
+    path = out / STUDY_FILE
+    _check_study_file(path)
+    storage = f"sqlite:///{path}"
+    fingerprint = hashlib.sha256(project.model_dump_json(exclude={"name"}).encode()).hexdigest()
+
+    def create():
+        return optuna.create_study(study_name=project.name, storage=storage, load_if_exists=True,
+                                   direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed),
+                                   pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1))
+    study = create()
+    if study.trials and study.user_attrs.get("config") != fingerprint:
+        if not overwrite:
+            raise InputError("--out holds a study of another config (or of an earlier tunesmith): its trials "
+                             "would be reported as this config's", str(path),
+                             "give a new --out, or pass --overwrite to start a new study there")
+        optuna.delete_study(study_name=project.name, storage=storage)
+        shutil.rmtree(out / "trials", ignore_errors=True)
+        study = create()
+    study.set_user_attr("config", fingerprint)
+    return study
+
+
+def _check_study_file(path: Path) -> None:
+    """InputError unless `path` is missing, empty or an Optuna study database (checked read-only: Optuna
+    would add its tables to any SQLite file, and write through a link to wherever it points)."""
+    from tunesmith.errors import InputError
+
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise InputError("study.sqlite is a symbolic link or not a file; left untouched", str(path),
+                         "give a new --out folder")
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    try:
+        db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+        try:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as e:
+        raise InputError(f"study.sqlite is not a study database ({e}); left untouched", str(path),
+                         "give a new --out folder") from None
+    if not {"studies", "trials"} <= tables:
+        raise InputError("study.sqlite is not an Optuna study of `tunesmith tune`; left untouched", str(path),
+                         "give a new --out folder")
+
+
+def _scored(study) -> list:
+    from optuna.trial import TrialState
+
+    return [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+
+
+def _waiting(study) -> bool:
+    from optuna.trial import TrialState
+
+    return any(t.state == TrialState.WAITING for t in study.trials)
+
+
+def _default_trial(study, project: Project):
+    """The scored trial of the config as written (the first enqueued), None until one is scored."""
+    wanted = defaults(project)
+    return next((t for t in _scored(study) if t.params == wanted), None)
 
 
 def _params(p: dict, project: Project) -> dict:

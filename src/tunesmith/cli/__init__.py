@@ -349,10 +349,12 @@ def tune_command(config: Path = typer.Argument(..., help="project.yaml"),
 
         result = tune(load_config(config), trials, out, progress=not quiet, overwrite=overwrite)
         for t in result["trials"]:
-            value = "pruned" if t["value"] is None else f"{t['value']:.4f}"
+            # FAIL: stopped (Ctrl-C, an error) before a score; a later tune of this --out runs another in its place.
+            value = f"{t['value']:.4f}" if t["value"] is not None else {"FAIL": "stopped"}.get(t["state"], "pruned")
             print(f"trial {t['number']:>3} {t['state']:<9} {value:>8}  {t['params']}")
         default = result["default_validation"]
-        print(f"default config (trial 0): {'pruned' if default is None else f'{default:.4f}'}; best: trial "
+        print(f"default config (trial {result['default_trial']}): {'pruned' if default is None else f'{default:.4f}'}; "
+              f"best: trial "
               f"{result['best_trial']} {result['best_validation']:.4f} with {result['best_params']}")
         _print_summary(result["summary"])
         return pipeline.exit_code(result["summary"])
