@@ -4,6 +4,7 @@ error, a hub lookup, or a user's file or a run's file replaced."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -139,6 +140,23 @@ def test_a_damaged_run_file_is_bad_input_naming_it(run, name, content, command, 
     line = _error(runner.invoke(app, args))
     assert expected in line and (run / name.split("/")[-1]).name in line
     assert (run / "model" / "adapter_model.safetensors").is_file()  # the trained model is never touched
+
+
+@pytest.mark.parametrize("edit", [
+    lambda o: o.update(met="false"),                                  # a truthy string: read as MET
+    lambda o: o["criteria"][0].update(met="false"),
+    lambda o: o["criteria"][0].update(value="lots"),
+])
+def test_an_edited_verdict_is_never_shown_as_met(run, finished, edit):
+    """`runs show`, `report`, `report --compare` and `runs diff` printed "objective MET" for a hand-edited
+    `"met": "false"` (promote refused it): every reader checks the verdict as eval writes it."""
+    summary = json.loads((run / "summary.json").read_text())
+    edit(summary["objective"])
+    (run / "summary.json").write_text(json.dumps(summary))
+    for args in (["runs", "show", str(run)], ["report", str(run)], ["report", "--compare", str(run), str(finished)],
+                 ["runs", "diff", str(run), str(finished)]):
+        line = _error(runner.invoke(app, args))
+        assert "not what tunesmith wrote" in line and str(run / "summary.json") in line, (args, line)
 
 
 # --- export and human export --out ---------------------------------------------------------------

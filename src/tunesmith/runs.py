@@ -364,7 +364,7 @@ def record_run(run_dir: Path) -> int | None:
     path = run_dir / "summary.json"
     if not path.is_file():
         return None
-    s = fsio.read_json(path)
+    s = read_summary(run_dir)
     if "objective" not in s:  # a run whose eval failed (see summary["failed"]): nothing to rank yet
         return None
     metric = s["objective_metric"]
@@ -437,6 +437,38 @@ def find_run(ref: str, evaluated: bool = True) -> Path:
 EVALUATED_FILES = ("summary.json", "metrics.json", "config.yaml")
 
 
+def read_summary(run_dir: Path) -> dict:
+    """A run's summary.json, its verdict (when it has one) checked to be as eval writes it: `objective.met`
+    a boolean and each criterion an object whose `met` is a boolean, `value` a number or null and
+    `target` a number. An edited verdict ("met": "false", a truthy string) must never read as met.
+
+    Raises:
+        DamagedFile: naming summary.json.
+    """
+    path = Path(run_dir) / "summary.json"
+    summary = fsio.read_json(path, dict)
+    if "objective" in summary and (problem := _verdict_problem(summary["objective"])):
+        raise fsio.DamagedFile(path, f"its objective verdict is not what tunesmith wrote: {problem}",
+                               what="not what tunesmith wrote")
+    return summary
+
+
+def _verdict_problem(verdict) -> str | None:
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+    if not isinstance(verdict, dict) or not isinstance(verdict.get("met"), bool):
+        return "objective.met must be true or false"
+    criteria = verdict.get("criteria")
+    if not isinstance(criteria, list):
+        return "objective.criteria must be a list"
+    for i, c in enumerate(criteria):
+        if not (isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("met"), bool)
+                and (c.get("value") is None or number(c.get("value"))) and number(c.get("target"))
+                and isinstance(c.get("op"), str)):
+            return f"objective.criteria[{i}] must hold name, op, a numeric target and value, and met true or false"
+    return None
+
+
 def check_evaluated(run_dir: Path) -> None:
     """RunDirError unless `run_dir` holds a finished eval: summary.json with a verdict, metrics.json and
     the run's config.yaml (a missing one is named, not met later as an internal error)."""
@@ -444,8 +476,7 @@ def check_evaluated(run_dir: Path) -> None:
 
     run_dir = Path(run_dir)
     missing = next((name for name in EVALUATED_FILES if not (run_dir / name).is_file()), None)
-    if missing == "summary.json" or (missing is None and "objective" not in fsio.read_json(
-            run_dir / "summary.json", dict)):
+    if missing == "summary.json" or (missing is None and "objective" not in read_summary(run_dir)):
         raise RunDirError("the run has not been evaluated (no verdict in summary.json)", str(run_dir),
                           f"run `tunesmith eval {run_dir}` first")
     if missing:

@@ -271,13 +271,12 @@ def runs_list(name: Optional[str] = typer.Option(None, "--name", help="Only runs
 def runs_show(run: str = typer.Argument(..., help="run id or run directory"), debug: bool = DEBUG) -> None:
     """A run's verdict and metrics."""
     def go() -> int:
-        from tunesmith import fsio
-        from tunesmith.runs import find_run, reading_run_files
+        from tunesmith.runs import find_run, read_summary, reading_run_files
 
         path = find_run(run, evaluated=False)
         text = io.StringIO()
         with reading_run_files(path), contextlib.redirect_stdout(text):  # all of it, or only the error line
-            summary = fsio.read_json(path / "summary.json", dict)
+            summary = read_summary(path)
             # where the run is now: summary.json names the folder eval wrote it in (copied or moved since?)
             summary.update(run_dir=str(path.resolve()), report=str(path.resolve() / "report.html"))
             _print_summary(summary)

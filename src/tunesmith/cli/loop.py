@@ -161,15 +161,11 @@ def _check_run(run_dir: Path) -> None:
 def _objective_met(run_dir: Path, force: bool) -> bool | None:
     """Whether the run met its objective (None: not evaluated); a run that did not, or was not
     evaluated, is refused unless `force`."""
-    from tunesmith import fsio
     from tunesmith.errors import InputError
+    from tunesmith.runs import read_summary
 
     summary = run_dir / "summary.json"
-    verdict = fsio.read_json(summary, dict).get("objective") if summary.is_file() else None
-    if verdict is not None and not _as_written(verdict):
-        # An edited verdict ("met": "false") must not read as met, nor end in an internal error.
-        raise fsio.DamagedFile(summary, "its objective verdict is not what tunesmith wrote (objective.met true or "
-                                        "false, objective.criteria a list of objects)", what="not what tunesmith wrote")
+    verdict = read_summary(run_dir).get("objective") if summary.is_file() else None  # checked as eval writes it
     met = None if verdict is None else verdict["met"]
     if met or force:
         return met
@@ -180,14 +176,6 @@ def _objective_met(run_dir: Path, force: bool) -> bool | None:
               for c in verdict.get("criteria", []) if c.get("met") is not True]
     raise InputError("the run did not meet its objective" + (f": {', '.join(missed)}" if missed else ""),
                      str(run_dir), "pass --force to promote it anyway")
-
-
-
-def _as_written(verdict) -> bool:
-    """Whether summary.json's `objective` is as eval writes it: {"met": true|false, "criteria": [{...}]}."""
-    criteria = verdict.get("criteria", []) if isinstance(verdict, dict) else None
-    return (isinstance(criteria, list) and all(isinstance(c, dict) for c in criteria)
-            and isinstance(verdict.get("met"), bool))
 
 
 def register(app: typer.Typer) -> None:

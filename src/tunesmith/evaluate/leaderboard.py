@@ -7,11 +7,12 @@ from pathlib import Path
 
 from tunesmith import fsio
 from tunesmith.evaluate.compare import compare
+from tunesmith.runs import read_summary
 
 
 def entry(method: str, run_dir: Path) -> dict:
     """A method's row from its run directory."""
-    s = fsio.read_json(Path(run_dir) / "summary.json", dict)
+    s = read_summary(run_dir)
     metric, tuned, base = s["objective_metric"], s["metrics"]["finetuned"], s["metrics"]["baseline"]
     gain = s.get("comparison", {}).get(metric, {})
     return {"method": method, "run_dir": str(run_dir), "metric": metric, "value": tuned.get(metric),

@@ -10,6 +10,7 @@ import yaml
 from tunesmith import fsio
 from tunesmith.config import yaml_text
 from tunesmith.evaluate.compare import compare
+from tunesmith.runs import read_summary
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, object]:
@@ -46,7 +47,7 @@ def _config(path: Path) -> dict:
 
 def metric_diff(a: Path, b: Path, resamples: int = 1000, seed: int = 0) -> dict:
     """Fine-tuned metrics of both runs, B - A, and a paired comparison when the test examples match."""
-    sa, sb = fsio.read_json(Path(a) / "summary.json", dict), fsio.read_json(Path(b) / "summary.json", dict)
+    sa, sb = read_summary(a), read_summary(b)
     ma, mb = sa["metrics"]["finetuned"], sb["metrics"]["finetuned"]
     rows = {k: {"a": ma[k], "b": mb[k], "diff": round(mb[k] - ma[k], 6)}
             for k in sorted(set(ma) & set(mb)) if isinstance(ma[k], (int, float)) and isinstance(mb[k], (int, float))}

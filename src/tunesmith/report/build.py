@@ -13,13 +13,14 @@ from tunesmith.report.data_section import data_section
 from tunesmith.report.fairness_section import fairness_section
 from tunesmith.report.html import fmt, img, page, read_log
 from tunesmith.report.optimize_section import optimize_section
+from tunesmith.runs import read_summary
 from tunesmith.tasks.metrics import METRICS
 
 
 def report_stage(run_dir: Path) -> Path:
     """Write report.html and model_card.md; return the report's path."""
     # the folder the run is in now, not the one eval wrote it in (a copied or moved run)
-    summary = {**fsio.read_json(run_dir / "summary.json", dict), "run_dir": str(Path(run_dir).resolve())}
+    summary = {**read_summary(run_dir), "run_dir": str(Path(run_dir).resolve())}
     metrics = fsio.read_json(run_dir / "metrics.json", dict)
     data = fsio.read_json(run_dir / "data" / "report.json")
     log = read_log(run_dir / "train_log.jsonl")

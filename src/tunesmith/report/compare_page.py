@@ -14,7 +14,7 @@ from tunesmith.errors import InputError
 from tunesmith.evaluate.run_diff import config_diff, metric_diff
 from tunesmith.report import plots
 from tunesmith.report.html import fmt, img, page, read_log
-from tunesmith.runs import reading_run_files
+from tunesmith.runs import read_summary, reading_run_files
 from tunesmith.tasks.metrics import METRICS
 
 COST = ("train_seconds", "peak_rss_mb", "trainable_params", "tokens_per_second", "latency_p50_ms", "latency_p95_ms",
@@ -35,7 +35,7 @@ def compare_report(a: Path, b: Path, out: Path) -> Path:
     """
     check_out(out)
     with reading_run_files(a, b):
-        sa, sb = fsio.read_json(a / "summary.json", dict), fsio.read_json(b / "summary.json", dict)
+        sa, sb = read_summary(a), read_summary(b)
         ma, mb = fsio.read_json(a / "metrics.json", dict), fsio.read_json(b / "metrics.json", dict)
         names = (_name(sa, a), _name(sb, b))
         diff = metric_diff(a, b)
