@@ -159,6 +159,27 @@ def test_an_edited_verdict_is_never_shown_as_met(run, finished, edit):
         assert "not what tunesmith wrote" in line and str(run / "summary.json") in line, (args, line)
 
 
+def test_unpaired_or_damaged_predictions_are_said_not_hidden(run, finished, monkeypatch):
+    """A missing predictions/test.jsonl read as "not scored on the same test examples", and an edited row
+    passed for a prediction; `report --compare .` wrote compare_.html and showed summary.json's folder."""
+    (run / "predictions" / "test.jsonl").rename(run / "kept.jsonl")
+    result = runner.invoke(app, ["runs", "diff", str(run), str(finished)])
+    assert result.exit_code == 0 and f"no paired test: {run / 'predictions' / 'test.jsonl'} is missing" in result.output
+    rows = [json.loads(line) for line in (run / "kept.jsonl").read_text().splitlines()]
+    rows[1]["prediction"] = 12345
+    (run / "predictions" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for args in (["runs", "diff", str(run), str(finished)], ["report", "--compare", str(run), str(finished)]):
+        line = _error(runner.invoke(app, args))
+        assert f"{run / 'predictions' / 'test.jsonl'}:2" in line and "not what tunesmith wrote" in line, line
+    (run / "kept.jsonl").replace(run / "predictions" / "test.jsonl")
+    other = shutil.copytree(finished, run.parent / "other")  # the page is written into B: not the shared run
+    monkeypatch.chdir(run)
+    result = runner.invoke(app, ["report", "--compare", ".", str(other)])
+    assert result.exit_code == 0, result.output
+    page = (other / "compare_run.html").read_text()
+    assert str(run.resolve()) in page and "same test examples" in page
+
+
 # --- export and human export --out ---------------------------------------------------------------
 
 @LINUX_PROC
@@ -287,7 +308,7 @@ def test_a_summary_edited_to_wrong_types_is_named_not_an_internal_error(run, edi
         if result.exit_code == 0:  # a field this command does not read
             continue
         line = _error(result)
-        assert str(run) in line and "wrong type" in line, line
+        assert str(run) in line and ("wrong type" in line or "its objective verdict: " in line), line
         assert result.stdout == ""  # the error line alone, not half a summary before it
         refused.add(args[0])
     assert refuses in refused

@@ -448,7 +448,7 @@ def read_summary(run_dir: Path) -> dict:
     path = Path(run_dir) / "summary.json"
     summary = fsio.read_json(path, dict)
     if "objective" in summary and (problem := _verdict_problem(summary["objective"])):
-        raise fsio.DamagedFile(path, f"its objective verdict is not what tunesmith wrote: {problem}",
+        raise fsio.DamagedFile(path, f"its objective verdict: {problem}",
                                what="not what tunesmith wrote")
     return summary
 

@@ -130,7 +130,7 @@ def report(run_dir: Optional[Path] = typer.Argument(None, help="an evaluated run
 
             if run_dir is not None:
                 raise InputError("give either RUN_DIR or --compare A B", "--compare")
-            a, b = find_run(compare[0]), find_run(compare[1])
+            a, b = find_run(compare[0]).resolve(), find_run(compare[1]).resolve()
             print(f"report: {compare_report(a, b, out or b / f'compare_{a.name}.html')}")
             return 0
         from tunesmith.pipeline import report_run
@@ -308,7 +308,7 @@ def runs_diff(a: str = typer.Argument(..., help="run id or directory"),
             print(f"{m['metric']} on the same test examples: {p['diff']:+.4f}, 95% CI [{p['ci_low']:+.4f}, "
                   f"{p['ci_high']:+.4f}], p = {p['p_value']:.3g}")
         else:
-            print("no paired test: the runs were not scored on the same test examples")
+            print(f"no paired test: {m['unpaired']}")
         return 0
     _guarded(debug, go)
 

@@ -45,23 +45,52 @@ def _config(path: Path) -> dict:
     return data
 
 
+PREDICTIONS = Path("predictions") / "test.jsonl"
+
+
 def metric_diff(a: Path, b: Path, resamples: int = 1000, seed: int = 0) -> dict:
-    """Fine-tuned metrics of both runs, B - A, and a paired comparison when the test examples match."""
+    """Fine-tuned metrics of both runs, B - A, and a paired comparison when the test examples match
+    (`unpaired` says why there is none)."""
     sa, sb = read_summary(a), read_summary(b)
     ma, mb = sa["metrics"]["finetuned"], sb["metrics"]["finetuned"]
     rows = {k: {"a": ma[k], "b": mb[k], "diff": round(mb[k] - ma[k], 6)}
             for k in sorted(set(ma) & set(mb)) if isinstance(ma[k], (int, float)) and isinstance(mb[k], (int, float))}
-    pa, pb = _predictions(a), _predictions(b)
-    paired = None
-    if (pa and pb and [r["text"] for r in pa] == [r["text"] for r in pb]
-            and [r["gold"] for r in pa] == [r["gold"] for r in pb]):
+    pa, pb = read_test_predictions(a), read_test_predictions(b)
+    paired, unpaired = None, _unpaired(a, b, pa, pb)
+    if unpaired is None:
         task = "classification" if "correct" in pa[0] else "generation"
         names = [sa["objective_metric"]]
         paired = compare(task, [r["gold"] for r in pa], [r["prediction"] for r in pa], [r["prediction"] for r in pb],
                          names, resamples, seed)
     return {"metric": sa["objective_metric"], "metrics": rows, "paired": paired,
-            "same_test_examples": paired is not None}
+            "same_test_examples": paired is not None, "unpaired": unpaired}
 
 
-def _predictions(run: Path) -> list[dict]:
-    return fsio.read_jsonl(Path(run) / "predictions" / "test.jsonl", missing_ok=True)
+def _unpaired(a: Path, b: Path, pa: list[dict] | None, pb: list[dict] | None) -> str | None:
+    """Why the two runs' test predictions cannot be paired, or None when they can."""
+    for run, rows in ((a, pa), (b, pb)):
+        if rows is None:
+            return f"{Path(run) / PREDICTIONS} is missing"
+    if not pa or not pb or "prediction" not in pa[0] or "prediction" not in pb[0]:
+        return "a text run makes no predictions to pair (it is scored by perplexity)"
+    if [(r["text"], r["gold"]) for r in pa] != [(r["text"], r["gold"]) for r in pb]:
+        return "the runs were not scored on the same test examples"
+    return None
+
+
+def read_test_predictions(run: Path) -> list[dict] | None:
+    """A run's predictions/test.jsonl (None when it is missing), each row as eval writes it: a `text`, and
+    `gold` and `prediction` texts with `correct` a boolean where they are present. DamagedFile naming
+    the file and line otherwise (an edited row must not pass for a prediction)."""
+    path = Path(run) / PREDICTIONS
+    if not path.is_file():
+        return None
+    rows = fsio.read_jsonl(path)
+    for line, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or (
+                ("prediction" in row or "gold" in row) and not (
+                isinstance(row.get("gold"), str) and isinstance(row.get("prediction"), str)
+                and isinstance(row.get("correct", False), bool))):
+            raise fsio.DamagedFile(path, "a row without its text, gold and prediction as texts", line,
+                                   what="not what tunesmith wrote")
+    return rows

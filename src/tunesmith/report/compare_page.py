@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tunesmith import fsio
 from tunesmith.errors import InputError
-from tunesmith.evaluate.run_diff import config_diff, metric_diff
+from tunesmith.evaluate.run_diff import config_diff, metric_diff, read_test_predictions
 from tunesmith.report import plots
 from tunesmith.report.html import fmt, img, page, read_log
 from tunesmith.runs import read_summary, reading_run_files
@@ -40,7 +40,9 @@ def compare_report(a: Path, b: Path, out: Path) -> Path:
         names = (_name(sa, a), _name(sb, b))
         diff = metric_diff(a, b)
         body = [f"<h1>tunesmith: {html.escape(names[0])} vs {html.escape(names[1])}</h1>",
-                _runs_table(sa, sb, names), _config_table(config_diff(a, b)),
+                # the folders compared: summary.json names where eval wrote it (copied or moved since?)
+                _runs_table({**sa, "run_dir": str(Path(a).resolve())}, {**sb, "run_dir": str(Path(b).resolve())},
+                            names), _config_table(config_diff(a, b)),
                 _metrics_table(diff, ma["finetuned"], mb["finetuned"], names),
                 _plots(ma["finetuned"], mb["finetuned"], {names[0]: read_log(a / "train_log.jsonl"),
                                                           names[1]: read_log(b / "train_log.jsonl")},
@@ -100,7 +102,7 @@ def _metrics_table(diff: dict, fa: dict, fb: dict, names: tuple[str, str]) -> st
     paired = (f"<p><b>{diff['metric']}, B - A on the same test examples: {p['diff']:+.4f}, 95% CI "
               f"[{p['ci_low']:+.4f}, {p['ci_high']:+.4f}], p = {p['p_value']:.3g} ({p['test']})</b>"
               f"{' (the interval excludes 0)' if p['ci_low'] > 0 or p['ci_high'] < 0 else ''}.</p>" if p else
-              "<p>No paired test: the runs were not scored on the same test examples.</p>")
+              f"<p>No paired test: {html.escape(str(diff['unpaired']))}.</p>")
     head = "<tr><th>figure</th><th>A</th><th>B</th><th>{}</th></tr>"
     return (f"<h2>Test metrics (fine-tuned models)</h2>{paired}<table>{head.format('B - A')}{rows}</table>"
             f"<h2>Cost</h2><table>{head.format('B / A')}{cost}</table>")
@@ -119,9 +121,8 @@ def _plots(fa: dict, fb: dict, logs: dict, metric: str, names: tuple[str, str]) 
 
 def _disagreements(a: Path, b: Path, names: tuple[str, str]) -> str:
     """Test examples one run gets right and the other wrong (classification: by label match)."""
-    pa = fsio.read_jsonl(a / "predictions" / "test.jsonl")
-    pb = fsio.read_jsonl(b / "predictions" / "test.jsonl")
-    if not pa or "correct" not in pa[0]:
+    pa, pb = read_test_predictions(a), read_test_predictions(b)
+    if not pa or not pb or "correct" not in pa[0]:
         return ""
     only_a = [(x, y) for x, y in zip(pa, pb) if x["correct"] and not y["correct"]]
     only_b = [(x, y) for x, y in zip(pa, pb) if y["correct"] and not x["correct"]]
