@@ -49,6 +49,7 @@ def test_compare_runs_each_method_and_the_registry_knows_them(tmp_path, tiny_mod
     assert {str((out / m).resolve()) for m in ("lora", "ia3", "prompt_optimization")} <= registered
     listed = runner.invoke(app, ["runs", "list", "--name", "tiny"])
     assert listed.exit_code == 0 and "prompt_optimization" in listed.output
+    assert re.search(r"\+00:00 +tiny", listed.output)  # the timestamp (25 characters) and the name stay apart
     run_id = next(r["id"] for r in list_runs("tiny") if r["run_dir"] == str((out / "lora").resolve()))
     shown = runner.invoke(app, ["runs", "show", str(run_id)])
     assert shown.exit_code == 0 and "objective" in shown.output
@@ -133,6 +134,17 @@ def test_select_probes_local_models_and_recommends(tmp_path, tiny_model):
     assert text.exit_code == 0 and "recommendation:" in text.output
 
     assert out["recommendation"]["fits"] is True
+
+
+@pytest.mark.parametrize("given,said", [(",", "--candidates names no model"), (" ", "--candidates names no model"),
+                                        ("{m},{m}", "names {m} twice"),
+                                        ("/no/such/model", "--candidates /no/such/model")])
+def test_select_candidates_that_name_nothing_or_twice_are_refused(tmp_path, tiny_model, given, said):
+    """"," ranked the whole catalog, a name given twice was probed twice, and an unknown one was blamed
+    on the config's `model`."""
+    config = _project(tmp_path, tiny_model)
+    result = runner.invoke(app, ["select", config, "--candidates", given.format(m=tiny_model), "--probe", "0"])
+    assert result.exit_code == 2 and said.format(m=tiny_model) in result.stderr, result.output
 
 
 def test_select_says_when_no_candidate_fits(tmp_path, tiny_model):

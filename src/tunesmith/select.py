@@ -102,7 +102,10 @@ def _candidate(name: str) -> tuple[CatalogEntry, Path | None]:
             return entry, resolve_model(name)
         except ModelError:
             return entry, None
-    path = resolve_model(name)  # a local checkpoint folder
+    try:
+        path = resolve_model(name)  # a local checkpoint folder
+    except ModelError as e:  # said against the option that named it, not the config's `model`
+        raise ModelError(e.what, f"--candidates {name}", e.hint) from None
     import json
 
     cfg = json.loads((Path(path) / "config.json").read_text())

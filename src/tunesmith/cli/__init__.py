@@ -256,11 +256,11 @@ def runs_list(name: Optional[str] = typer.Option(None, "--name", help="Only runs
         from tunesmith.runs import list_runs, registry_path
 
         rows = list_runs(name)
-        print(f"{'id':>4}  {'created':<25}{'name':<24}{'method':<20}{'metric':<12}{'value':>8}{'gain':>8}  met  run")
+        print(f"{'id':>4}  {'created':<26}{'name':<24}{'method':<20}{'metric':<12}{'value':>8}{'gain':>8}  met  run")
         for r in rows:
             value = "n/a" if r["value"] is None else f"{r['value']:.4f}"
             gain = "n/a" if r["value"] is None or r["baseline"] is None else f"{r['value'] - r['baseline']:+.4f}"
-            print(f"{r['id']:>4}  {r['created']:<25}{r['name'][:23]:<24}{r['method']:<20}{r['metric']:<12}{value:>8}"
+            print(f"{r['id']:>4}  {r['created']:<26}{r['name'][:23]:<24}{r['method']:<20}{r['metric']:<12}{value:>8}"
                   f"{gain:>8}  {'yes' if r['met'] else 'no ':<4} {r['run_dir']}{'' if r['exists'] else ' (gone)'}")
         print(f"{len(rows)} run(s) in {registry_path()}")
         return 0
@@ -360,6 +360,21 @@ def tune_command(config: Path = typer.Argument(..., help="project.yaml"),
     _guarded(debug, go)
 
 
+def _candidate_names(given: str | None) -> list[str] | None:
+    """--candidates as a list of model names (None: the catalog); an empty list or a name given twice is
+    refused (it probed the whole catalog, or one model twice)."""
+    from tunesmith.errors import InputError
+
+    if given is None:
+        return None
+    names = [c.strip() for c in given.split(",") if c.strip()]
+    if not names:
+        raise InputError("--candidates names no model", "--candidates", "leave it out to rank the whole catalog")
+    if twice := next((n for i, n in enumerate(names) if n in names[:i]), None):
+        raise InputError(f"--candidates names {twice} twice", "--candidates", "name each model once")
+    return names
+
+
 @app.command("select")
 def select_command(config: Path = typer.Argument(..., help="project.yaml"),
                    candidates: Optional[str] = typer.Option(None, "--candidates",
@@ -371,7 +386,7 @@ def select_command(config: Path = typer.Argument(..., help="project.yaml"),
         from tunesmith.config import load_config
         from tunesmith.select import select
 
-        names = [c.strip() for c in candidates.split(",") if c.strip()] if candidates else None
+        names = _candidate_names(candidates)
         result = select(load_config(config), names, probe, progress=not quiet)
         if as_json:
             print(json.dumps(result, indent=2))

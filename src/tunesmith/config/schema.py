@@ -227,7 +227,7 @@ class TrainConfig(_Strict):
     """Technique and optimisation settings."""
 
     method: str = "lora"
-    epochs: float = Field(2.0, gt=0)
+    epochs: float = Field(2.0, gt=0, le=10_000)   # past it the step count and estimates leave any range
     max_steps: int | None = Field(None, ge=1)
     # None: the method's own default (registry.METHOD_SPECS); the resolved config records the value used.
     learning_rate: float | None = Field(None, gt=0)
