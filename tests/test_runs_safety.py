@@ -199,6 +199,9 @@ def test_item11_unreachable_judge_keeps_the_trained_model(tmp_path, tiny_model):
     shown = runner.invoke(app, ["runs", "show", str(out)])
     assert shown.exit_code == 0 and "eval stage failed" in shown.output
     assert runner.invoke(app, ["runs", "diff", str(out), str(out)]).exit_code == 2  # no verdict to compare yet
+    report = runner.invoke(app, ["report", str(out)])  # it said "lacks metrics.json ... restore it"
+    assert report.exit_code == 2 and "the run's eval stage failed, so it has no verdict" in report.stderr
+    assert f"run `tunesmith eval {out}`" in report.stderr
     saved = yaml.safe_load((out / "config.yaml").read_text())
     saved["eval"]["judge"]["enabled"] = False  # the judge is fixed; eval completes the run
     (out / "config.yaml").write_text(yaml.safe_dump(saved))

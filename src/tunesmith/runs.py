@@ -476,9 +476,12 @@ def check_evaluated(run_dir: Path) -> None:
 
     run_dir = Path(run_dir)
     missing = next((name for name in EVALUATED_FILES if not (run_dir / name).is_file()), None)
-    if missing == "summary.json" or (missing is None and "objective" not in read_summary(run_dir)):
-        raise RunDirError("the run has not been evaluated (no verdict in summary.json)", str(run_dir),
-                          f"run `tunesmith eval {run_dir}` first")
+    summary = read_summary(run_dir) if (run_dir / "summary.json").is_file() else {}
+    if "objective" not in summary:
+        failed = summary.get("failed")
+        what = (f"the run's {failed.get('stage')} stage failed, so it has no verdict" if isinstance(failed, dict)
+                else "the run has not been evaluated (no verdict in summary.json)")
+        raise RunDirError(what, str(run_dir), f"run `tunesmith eval {run_dir}`")
     if missing:
         raise RunDirError(f"the evaluated run lacks {missing}", str(run_dir / missing),
                           f"restore it, or run `tunesmith eval {run_dir}` again")
