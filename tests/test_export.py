@@ -71,6 +71,9 @@ def test_export_json_and_eos(run, exported):
     umask = os.umask(0)
     os.umask(umask)
     assert exported.stat().st_mode & 0o777 == 0o777 & ~umask  # as mkdir makes it (not mkdtemp's 0700)
+    # safetensors writes its files 0600: the export's and the run's weights are as readable as their configs
+    for weights in (exported / "model.safetensors", run / "model" / "adapter_model.safetensors"):
+        assert weights.stat().st_mode & 0o777 == 0o666 & ~umask == (exported / "config.json").stat().st_mode & 0o777
 
 
 def test_existing_out_and_unknown_format_are_refused(run, tmp_path):

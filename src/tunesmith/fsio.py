@@ -10,6 +10,7 @@ import math
 import os
 import secrets
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -117,6 +118,18 @@ def read_jsonl(path: Path, missing_ok: bool = False) -> list[dict]:
         except (ValueError, RecursionError) as e:
             raise _damaged(path, e, i) from None
     return rows
+
+
+def share_like_umask(folder: Path) -> None:
+    """Give the files under `folder` that were written owner-only (safetensors saves every file 0600)
+    the mode the process umask gives any other file: a run's weights were unreadable to a server or a
+    colleague running as another user while its tokenizer and config were not. Only exactly-0600 files
+    change; links are not followed."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(folder).rglob("*"):
+        if not path.is_symlink() and path.is_file() and stat.S_IMODE(path.stat().st_mode) == 0o600:
+            path.chmod(0o666 & ~umask)
 
 
 def replace_dir(src: Path, dst: Path) -> None:

@@ -233,6 +233,7 @@ def staged(final: Path, keep_failed: bool = False, resume: bool = False, overwri
                 shutil.rmtree(staging, ignore_errors=True)
             raise
         (staging / STAGING_MARKER).unlink(missing_ok=True)  # config.yaml still says the folder is ours
+        fsio.share_like_umask(staging)
         fsio.replace_dir(staging, final)
         _point_latest(final)
 

@@ -158,6 +158,7 @@ def export(run_dir: Path, out: Path, fmt: str = "hf", quant: str | None = None,
 def _install(staging: Path, out: Path) -> None:
     """Put the finished export at `out`, which was new or empty when the export began. Something else
     may have filled it since (another export, a user's file): that is kept, and this export is not."""
+    fsio.share_like_umask(staging)
     try:
         if out.exists():
             out.rmdir()  # fails unless still empty

@@ -106,6 +106,7 @@ def _build_all(project: Project, splits: Splits, run_dir: Path, names: list[str]
         finally:
             if not (partial / "variant.json").is_file():
                 shutil.rmtree(partial, ignore_errors=True)
+        fsio.share_like_umask(partial)
         fsio.replace_dir(partial, final)
         built[name] = (f"variants/{STAGING}/{name}", notes)
         _say(progress, f"optimize: built {name}")
