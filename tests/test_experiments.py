@@ -58,6 +58,11 @@ def test_compare_runs_each_method_and_the_registry_knows_them(tmp_path, tiny_mod
     assert "train.method: 'lora' -> 'ia3'" in diff.output and "95% CI" in diff.output
     missing = runner.invoke(app, ["runs", "show", "99999"])
     assert missing.exit_code == 2 and "no run with id 99999" in missing.output
+    # A later call ranks its own methods; the earlier runs it leaves in --out are named, not silently dropped.
+    again = runner.invoke(app, ["compare", config, "--methods", "ia3", "--out", str(out), "--quiet", "--overwrite"])
+    assert again.exit_code == 0, again.output
+    assert [e["method"] for e in json.loads((out / "compare.json").read_text())] == ["ia3"]
+    assert "lora, prompt_optimization in --out are earlier runs" in again.stderr
     _check_compare_page(out / "lora", out / "ia3", str(run_id))
 
 

@@ -33,6 +33,7 @@ from tunesmith.runs import (
     check_runs_folder,
     final_dir,
     interrupted_run,
+    is_run_dir,
     reading_run_files,
     record_run,
     run_lock,
@@ -249,6 +250,10 @@ def compare_methods(project: Project, methods: list[str], out: Path, progress: b
         entries.append(entry(method, out / method))
     ranked = rank(entries, project.task.type, project.eval.bootstrap_resamples, project.eval.seed)
     write(ranked, out)
+    earlier = sorted(p.name for p in out.iterdir() if p.name not in methods and is_run_dir(p))
+    if earlier:  # an earlier call's runs stay, but their config may differ: not ranked with these
+        print(f"compare: compare.json ranks this call's methods only; {', '.join(earlier)} in --out are earlier "
+              "runs (give every method to rank them together)", file=sys.stderr)
     return ranked
 
 
