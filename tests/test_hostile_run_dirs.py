@@ -469,8 +469,22 @@ def test_a_hub_id_in_the_local_cache_resolves_without_any_connection(tmp_path, m
 def test_tune_and_compare_refuse_a_bad_out_or_methods_before_any_training(run, command):
     args = [a.format(project=run.parent / "project.yaml", fresh=run.parent / "fresh") for a in command]
     line = _error(runner.invoke(app, args))
-    assert ("/proc/1" in line and "cannot be written" in line) or "method 'lora' is listed twice" in line, line
+    assert ("/proc/1" in line and ("cannot be written" in line or "did not write" in line)
+            or "method 'lora' is listed twice" in line), line
     assert not (run.parent / "fresh").exists()
+
+
+def test_a_folder_refused_for_its_files_is_not_even_probed(run, tmp_path):
+    """The write probe (a file made and removed) ran before the refusal, so a folder said to be "left
+    untouched" had its modification time changed."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    before = mine.stat().st_mtime_ns
+    line = _error(runner.invoke(app, ["compare", str(run.parent / "project.yaml"), "--methods", "lora",
+                                      "--out", str(mine)]))
+    assert "did not write (notes.txt); left untouched" in line
+    assert mine.stat().st_mtime_ns == before and [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
 def test_a_copied_run_is_shown_where_it_is_now(run, tmp_path):

@@ -101,16 +101,16 @@ def check_runs_folder(out: Path, runs: list[str], files: tuple[str, ...], overwr
     out = Path(out).absolute()
     if out.exists() and not out.is_dir():
         raise RunDirError("exists and is not a folder", f"--out {out}", "give a new folder")
-    why = fsio.unwritable_file(out / files[0]) if out.is_dir() else fsio.uncreatable(out)
-    if why:
-        raise RunDirError(f"cannot be written: {why}", f"--out {out}", "give a folder path you can write to")
-    if out.is_dir():
+    if out.is_dir():  # before the write probe below, so a refused folder is left untouched (its mtime too)
         ours = set(files) | set(runs)
         foreign = sorted(p.name for p in out.iterdir()
                          if p.name not in ours and not p.name.startswith(".") and not is_run_dir(p))
         if foreign:
             raise RunDirError(f"holds files this command did not write ({', '.join(foreign[:3])}); left untouched",
                               f"--out {out}", "give a new or empty folder")
+    why = fsio.unwritable_file(out / files[0]) if out.is_dir() else fsio.uncreatable(out)
+    if why:
+        raise RunDirError(f"cannot be written: {why}", f"--out {out}", "give a folder path you can write to")
     for name in runs:
         check_out(out / name, overwrite)
 
