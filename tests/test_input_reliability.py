@@ -328,9 +328,10 @@ def test_a_key_given_twice_in_a_json_row_is_a_row_problem(tmp_path):
     assert [(p.line, p.reason) for p in result.problems] == [(2, "the key 'label' is given twice in one object"),
                                                              (3, "the key 'k' is given twice in one object")]
     array = tmp_path / "rows.json"
-    array.write_text('[{"text": "ok", "label": "a"},\n {"text": "x", "label": "a", "text": "b"}]')
-    result = read_rows(array)
-    assert [r.line for r in result.rows] == [1] and [p.line for p in result.problems] == [2]
+    array.write_text('[{"text": "ok", "label": "a"},\n {"text": "x", "label": "a", "text": "b"},\n'
+                     ' {"text": "after", "label": "a"}]')
+    result = read_rows(array)  # the rows after it are read too (reading stopped at the repeated key)
+    assert [r.line for r in result.rows] == [1, 3] and [p.line for p in result.problems] == [2]
 
 
 @pytest.mark.parametrize("method", ["lora", "dora"])

@@ -147,7 +147,8 @@ _SPACE = re.compile(r"[ \t\r\n]*")
 
 def _read_json_array(path: Path) -> ReadResult:
     """The objects of a .json file holding one array, each a row at the line where it starts; the
-    first element that does not parse ends the reading (what follows cannot be located reliably)."""
+    first element that does not parse ends the reading (what follows cannot be located reliably). An
+    object giving a key twice is a row problem, and reading goes on after it."""
     out, where = ReadResult(), str(path)
     try:
         text = path.read_bytes().decode("utf-8-sig")
@@ -160,9 +161,10 @@ def _read_json_array(path: Path) -> ReadResult:
         line, counted = line + text.count("\n", counted, pos), pos
         try:
             record, end = decoder.raw_decode(text, pos)
-        except _DuplicateKey as e:  # where that object ends is unknown: reading stops, as for invalid JSON
+        except _DuplicateKey as e:  # a row problem; a plain decode (last key kept) finds where the row ends
             out.problems.append(RowProblem(where, line, str(e)))
-            return out
+            record, end = _PLAIN_DECODER.raw_decode(text, pos)
+            record = None
         except json.JSONDecodeError as e:
             out.problems.append(RowProblem(where, e.lineno, f"invalid JSON: {e.msg} (column {e.colno})"))
             return out
@@ -172,7 +174,9 @@ def _read_json_array(path: Path) -> ReadResult:
         except ValueError as e:
             out.problems.append(RowProblem(where, line, json_value_error(e)))
             return out
-        if why := _record_problem(record):
+        if record is None:
+            pass
+        elif why := _record_problem(record):
             out.problems.append(RowProblem(where, line, why))
         else:
             out.rows.append(Row(record, where, line))
@@ -204,6 +208,7 @@ def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict:
 
 
 _DECODER = json.JSONDecoder(object_pairs_hook=_unique_pairs)
+_PLAIN_DECODER = json.JSONDecoder()  # only to find where an object with a repeated key ends
 
 
 def _parse_json_line(text: str) -> tuple[Any, str | None]:
