@@ -348,8 +348,10 @@ def tune_command(config: Path = typer.Argument(..., help="project.yaml"),
 
         result = tune(load_config(config), trials, out, progress=not quiet, overwrite=overwrite)
         for t in result["trials"]:
-            # FAIL: stopped (Ctrl-C, an error) before a score; a later tune of this --out runs another in its place.
-            value = f"{t['value']:.4f}" if t["value"] is not None else {"FAIL": "stopped"}.get(t["state"], "pruned")
+            # FAIL (Ctrl-C, an error) or RUNNING (a killed process): stopped before a score; a later tune of this
+            # --out runs another in its place.
+            value = (f"{t['value']:.4f}" if t["value"] is not None
+                     else "pruned" if t["state"] == "PRUNED" else "stopped")
             print(f"trial {t['number']:>3} {t['state']:<9} {value:>8}  {t['params']}")
         default = result["default_validation"]
         print(f"default config (trial {result['default_trial']}): {'pruned' if default is None else f'{default:.4f}'}; "
