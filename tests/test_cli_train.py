@@ -100,3 +100,55 @@ def test_resume_of_a_finished_run_says_so(tmp_path, tiny_model):
     assert runner.invoke(app, ["train", _project(tmp_path, tiny_model, "lora"), "--out", str(out), "-q"]).exit_code == 0
     result = runner.invoke(app, ["train", "--resume", str(out)])
     assert result.exit_code == 2 and "training already finished" in result.output
+
+
+def test_a_resume_that_cannot_continue_keeps_every_checkpoint_and_says_why(tmp_path, tiny_model, monkeypatch):
+    """A failed resume deleted the interrupted run, good checkpoints included; an edited config.yaml or a
+    damaged checkpoint was resumed silently or as an internal error; a resume replaced a finished run
+    without --overwrite."""
+    import shutil
+
+    import tunesmith.train.trainer as trainer
+
+    extra = "  checkpoint_every: 2\n  early_stopping: false\n"
+    config = _project(tmp_path, tiny_model, "lora", extra)
+    out, staging = tmp_path / "run", tmp_path / ".run.partial"
+    real, saved = trainer.save_checkpoint, []
+
+    def stop_after_two(*args, **kwargs):
+        saved.append(real(*args, **kwargs))
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+        return saved[-1]
+    monkeypatch.setattr(trainer, "save_checkpoint", stop_after_two)
+    stopped = runner.invoke(app, ["train", config, "--out", str(out), "-q"])
+    monkeypatch.setattr(trainer, "save_checkpoint", real)
+    assert stopped.exit_code == 130 and f"`tunesmith train --resume {out}`" in stopped.stderr, stopped.output
+    steps = sorted(p.name for p in (staging / "checkpoints").glob("step-*"))
+    assert len(steps) == 2
+
+    text = (staging / "config.yaml").read_text()
+    (staging / "config.yaml").write_text(text.replace("batch_size: 4", "batch_size: 8"))
+    edited = runner.invoke(app, ["train", "--resume", str(out), "-q"])
+    assert edited.exit_code == 2 and "config.yaml's train.batch_size changed since training began (4 -> 8)" \
+        in edited.stderr, edited.output
+    (staging / "config.yaml").write_text(text)
+
+    newest = staging / "checkpoints" / steps[-1] / "trainable.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])
+    damaged = runner.invoke(app, ["train", "--resume", str(out), "-q"])
+    assert damaged.exit_code == 2 and "the checkpoint cannot be read" in damaged.stderr, damaged.output
+    assert steps[-1] in damaged.stderr and "the training checkpoints are kept" in damaged.stderr
+    assert sorted(p.name for p in (staging / "checkpoints").glob("step-*")) == steps  # nothing deleted
+
+    shutil.rmtree(newest.parent)  # as the error says: resume from the one before
+    backup = shutil.copytree(staging, tmp_path / "backup")
+    assert runner.invoke(app, ["train", "--resume", str(out), "-q"]).exit_code == 0
+    assert (out / "model" / "adapter_model.safetensors").is_file() and not staging.exists()
+
+    shutil.copytree(backup, staging)  # the same interruption again, now with a finished run at `out`
+    before = (out / "train.json").read_bytes()
+    again = runner.invoke(app, ["train", "--resume", str(out), "-q"])
+    assert again.exit_code == 2 and "already holds a tunesmith run" in again.stderr, again.output
+    assert (out / "train.json").read_bytes() == before
+    assert runner.invoke(app, ["train", "--resume", str(out), "-q", "--overwrite"]).exit_code == 0

@@ -211,15 +211,17 @@ def staged(final: Path, keep_failed: bool = False, resume: bool = False, overwri
 
     The run directory is locked for the whole time (a second run into it is refused), and `final`
     must pass `check_out` (an existing run is replaced only with `overwrite`).
-    An interrupted run (Ctrl-C, or a kill that gives no chance to clean up) that has written
-    training checkpoints keeps its staging folder so `tunesmith train --resume` can continue it.
+    A run that stops after writing training checkpoints (Ctrl-C, a kill that gives no chance to clean
+    up, or any error: a damaged checkpoint on resume, a full disk, divergence) keeps its staging folder
+    so `tunesmith train --resume` can continue it; hours of training are never deleted by a failure.
     With `resume` the existing staging folder is reused as it is.
     """
-    check_out(final, overwrite or resume)  # before the lock, so a refused --out leaves no trace at all
+    # A resumed run replaces an earlier run at `final` only with `overwrite`, as a new one does.
+    check_out(final, overwrite)  # before the lock, so a refused --out leaves no trace at all
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_dir(final)
     with run_lock(final):
-        check_out(final, overwrite or resume)
+        check_out(final, overwrite)
         if not resume:
             _check_staging(staging, final, overwrite)
             shutil.rmtree(staging, ignore_errors=True)
@@ -228,14 +230,30 @@ def staged(final: Path, keep_failed: bool = False, resume: bool = False, overwri
         try:
             yield staging
         except BaseException as e:
-            resumable = isinstance(e, KeyboardInterrupt) and (staging / "checkpoints").is_dir()
-            if not keep_failed and not resumable:
-                shutil.rmtree(staging, ignore_errors=True)
+            _keep_checkpoints(staging, final, e, keep_failed)
             raise
         (staging / STAGING_MARKER).unlink(missing_ok=True)  # config.yaml still says the folder is ours
         fsio.share_like_umask(staging)
         fsio.replace_dir(staging, final)
         _point_latest(final)
+
+
+def _keep_checkpoints(staging: Path, final: Path, error: BaseException, keep_failed: bool) -> None:
+    """Remove a failed run's staging folder unless it holds training checkpoints (or `keep_failed`);
+    when they are kept, the error says how to resume (KeyboardInterrupt carries the folder for the CLI)."""
+    from tunesmith.errors import TunesmithError
+
+    kept = any((staging / "checkpoints").glob("step-*"))  # (train/checkpoint.py's folders)
+    if not kept:
+        if not keep_failed:
+            shutil.rmtree(staging, ignore_errors=True)
+        return
+    if isinstance(error, KeyboardInterrupt):
+        error.resume_dir = final
+    elif isinstance(error, TunesmithError):
+        error.hint = ((error.hint + "; ") if error.hint else "") + (
+            f"the training checkpoints are kept in {staging}: `tunesmith train --resume {final}` continues "
+            "from the newest (delete a damaged one first), `--overwrite` starts again")
 
 
 def _check_staging(staging: Path, final: Path, overwrite: bool) -> None:

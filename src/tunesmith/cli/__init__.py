@@ -91,7 +91,7 @@ def train(config: Optional[Path] = typer.Argument(None, help="project.yaml"), ou
             raise InputError("give either a project.yaml or --resume RUN_DIR", "command line",
                              "tunesmith train project.yaml, or tunesmith train --resume RUN_DIR")
         if resume is not None:
-            run_dir = pipeline.resume_training(resume, progress=not quiet, keep_failed=debug)
+            run_dir = pipeline.resume_training(resume, progress=not quiet, keep_failed=debug, overwrite=overwrite)
         else:
             run_dir = pipeline.train_only(load_config(config), out, progress=not quiet, keep_failed=debug,
                                           overwrite=overwrite)

@@ -49,7 +49,9 @@ def guarded(debug: bool, fn: Callable[[], int], details: bool = False, resumable
     except OSError as e:
         _file_system_error(e, debug)
     except KeyboardInterrupt as e:
-        hint = "; training checkpoints, if any were written, are kept for `tunesmith train --resume RUN_DIR`"
+        where = getattr(e, "resume_dir", None)  # set where checkpoints were kept (runs.staged)
+        hint = (f"; training checkpoints are kept: `tunesmith train --resume {where}`" if where else
+                "; training checkpoints, if any were written, are kept for `tunesmith train --resume RUN_DIR`")
         print(f"error: {'terminated' if isinstance(e, Terminated) else 'interrupted'}{hint if resumable else ''}",
               file=sys.stderr)
         raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None

@@ -187,8 +187,10 @@ def train_only(project: Project, out: Path | None = None, progress: bool = True,
     return final
 
 
-def resume_training(run_dir: Path, progress: bool = True, keep_failed: bool = False) -> Path:
-    """Continue an interrupted run's training from its newest checkpoint; returns the run directory."""
+def resume_training(run_dir: Path, progress: bool = True, keep_failed: bool = False,
+                    overwrite: bool = False) -> Path:
+    """Continue an interrupted run's training from its newest checkpoint; returns the run directory (an
+    earlier run there is replaced only with `overwrite`)."""
     final, staging = interrupted_run(run_dir)
     project = load_config(staging / "config.yaml", check_files=False)
     splits = load_splits(staging / "data")
@@ -196,11 +198,51 @@ def resume_training(run_dir: Path, progress: bool = True, keep_failed: bool = Fa
     if distributed.rank() != 0:
         train_stage(project, splits, staging, progress=False, resume=True)
         return final
+    _check_same_inputs(project, staging)
     if progress:
         print(f"resuming training in {final}", file=sys.stderr)
-    with staged(final, keep_failed, resume=True) as run_dir:
+    with staged(final, keep_failed, resume=True, overwrite=overwrite) as run_dir:
         train_stage(project, splits, run_dir, progress=progress, resume=True)
     return final
+
+
+# What training began from (the config and the curated splits), beside the checkpoints and removed
+# with them: a resume must continue that training, not a mixture of it and an edited config or split.
+TRAINING_INPUTS = Path("checkpoints") / "inputs.json"
+
+
+def _training_inputs(project: Project, run_dir: Path) -> dict:
+    import hashlib
+
+    data = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((run_dir / "data").glob("*.jsonl"))}
+    return {"config": _flat(project.model_dump(mode="json")), "data": data}
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    """{"train.lora.r": 16, ...}: every leaf of a nested dict under its dotted key."""
+    if not isinstance(tree, dict) or not tree:
+        return {prefix: tree}
+    return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}.{key}" if prefix else key).items()}
+
+
+def _check_same_inputs(project: Project, staging: Path) -> None:
+    """RunDirError when the interrupted run's config.yaml or curated splits changed since its training
+    began (a batch size, a learning rate, a row): the checkpoints belong to the training as it began."""
+    path = staging / TRAINING_INPUTS
+    if not path.is_file():  # a run interrupted before tunesmith recorded its inputs
+        return
+    began, now = fsio.read_json(path, dict), _training_inputs(project, staging)
+    config_then, config_now = began.get("config", {}), now["config"]
+    changed = next((k for k in sorted(set(config_then) | set(config_now)) if config_then.get(k) != config_now.get(k)),
+                   None)
+    if changed is not None:
+        raise RunDirError(f"config.yaml's {changed} changed since training began ({config_then.get(changed)!r} -> "
+                          f"{config_now.get(changed)!r}); its checkpoints continue the training as it began",
+                          str(staging / "config.yaml"), "restore the value to resume, or start again with --overwrite")
+    if data := next((n for n in sorted(set(began.get("data", {})) | set(now["data"]))
+                     if began.get("data", {}).get(n) != now["data"].get(n)), None):
+        raise RunDirError(f"the curated split data/{data} changed since training began", str(staging / "data" / data),
+                          "restore it to resume, or start again with --overwrite")
 
 
 def evaluate_run(run_dir: Path, progress: bool = True) -> dict:
@@ -386,3 +428,4 @@ def _start(project: Project, splits: Splits, run_dir: Path, final: Path, progres
         print("data: " + "; ".join(summary(splits, None)), file=sys.stderr)
     fsio.write_text(run_dir / "config.yaml", dump_config(project))
     save_splits(splits, run_dir / "data")
+    fsio.write_json(run_dir / TRAINING_INPUTS, _training_inputs(project, run_dir))

@@ -69,8 +69,27 @@ def list_checkpoints(folder: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path, model, optimizer, schedule) -> tuple[dict, dict | None]:
-    """Restore weights, optimiser, schedule and RNG in place; returns (state.json, best weights or None)."""
-    state = fsio.read_json(path / "state.json")
+    """Restore weights, optimiser, schedule and RNG in place; returns (state.json, best weights or None).
+
+    Raises:
+        RunDirError: a file of the checkpoint is missing, truncated or edited (named, with how to resume
+            from the checkpoint before it).
+    """
+    from safetensors import SafetensorError
+
+    from tunesmith.errors import RunDirError
+
+    try:
+        return _load(path, model, optimizer, schedule)
+    except (OSError, EOFError, KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as e:
+        if isinstance(e, (RunDirError, fsio.DamagedFile)):  # already name their file
+            raise
+        raise RunDirError(f"the checkpoint cannot be read ({type(e).__name__}: {str(e)[:160]})", str(path),
+                          "delete this checkpoint folder to resume from the one before it") from e
+
+
+def _load(path: Path, model, optimizer, schedule) -> tuple[dict, dict | None]:
+    state = fsio.read_json(path / "state.json", dict)
     params = dict(model.named_parameters())
     sharded = any(fsdp.is_sharded(p) for p in params.values())
     if state.get("sharded", False) and (not sharded or state["world_size"] != distributed.world_size()):
