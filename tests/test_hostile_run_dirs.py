@@ -180,6 +180,25 @@ def test_unpaired_or_damaged_predictions_are_said_not_hidden(run, finished, monk
     assert str(run.resolve()) in page and "same test examples" in page
 
 
+@pytest.mark.parametrize("key", ["instruction", "type"])
+def test_a_task_edited_after_training_is_refused_before_eval_writes(run, key):
+    """eval scored the baseline with the edited config.yaml prompt and the fine-tuned model with its own
+    (a changed instruction doubled the reported gain); an edited task.type ended in an internal error
+    after metrics.json and summary.json were half rewritten."""
+    import yaml
+
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["task"][key] = "Reply terminate." if key == "instruction" else "generation"
+    if key == "type":
+        config["objective"]["metric"] = "exact_match"
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    before = {name: (run / name).read_bytes() for name in ("metrics.json", "summary.json", "report.html")}
+    for command in (["eval", str(run), "-q"], ["audit", str(run), "-q"]):
+        line = _error(runner.invoke(app, command))
+        assert f"config.yaml's task.{key}" in line and "model/prompt.json" in line, line
+    assert {name: (run / name).read_bytes() for name in before} == before
+
+
 # --- export and human export --out ---------------------------------------------------------------
 
 @LINUX_PROC

@@ -413,7 +413,31 @@ def open_run(run_dir: Path) -> tuple[Project, Splits]:
         if not (run_dir / needed).exists():
             raise RunDirError(f"not a trained run directory (no {needed})", str(run_dir),
                               "give a folder made by `tunesmith run` or `tunesmith train`")
-    return load_config(run_dir / "config.yaml", check_files=False), load_splits(run_dir / "data")
+    project = load_config(run_dir / "config.yaml", check_files=False)
+    _check_prompt_matches(project, run_dir)
+    return project, load_splits(run_dir / "data")
+
+
+def _check_prompt_matches(project: Project, run_dir: Path) -> None:
+    """RunDirError when config.yaml's task section no longer says what the model was trained with
+    (model/prompt.json): eval would score the baseline with the edited prompt and the fine-tuned model
+    with its own, and report the difference as a gain."""
+    from tunesmith.tasks.prompts import read_prompt_format
+    from tunesmith.train.finetuned import read_meta
+
+    trained = read_prompt_format(run_dir / "model" / "prompt.json")
+    task = project.task
+    said = {"type": (task.type, trained.task_type), "max_length": (task.max_length, trained.max_length),
+            "label_scoring": (task.label_scoring, trained.label_scoring), "train_on": (task.train_on, trained.train_on)}
+    if task.labels is not None:
+        said["labels"] = (list(task.labels), trained.labels)
+    if read_meta(run_dir / "model")["method"] != "prompt_optimization":  # it chooses its own instruction
+        said["instruction"] = (task.instruction, trained.instruction)
+    for key, (config, model) in said.items():
+        if config != model:
+            raise RunDirError(f"config.yaml's task.{key} ({str(config)[:60]!r}) is not what the model was trained "
+                              f"with ({str(model)[:60]!r}, model/prompt.json)", str(run_dir / "config.yaml"),
+                              f"restore task.{key}; to change it, train a new run")
 
 
 def exit_code(summary: dict) -> int:
