@@ -223,3 +223,18 @@ def test_packed_chat_rows_give_the_unpacked_loss(tmp_path, tiny_model):
     for loss, n in (plain, shared, packed):
         assert n == n_targets
         assert abs(loss.item() - plain[0].item()) < 1e-4
+
+
+def test_roles_of_the_wrong_type_and_turn_weights_are_row_problems(tmp_path):
+    """A role given as a list was an internal error (unhashable); OpenAI's per-turn `weight: 0` ("do not
+    train on this turn") was dropped and the turn trained on."""
+    rows = [{"messages": [{"role": ["user"], "content": "x"}, {"role": "assistant", "content": "y"}]},
+            {"messages": [{"role": {"r": "user"}, "content": "x"}, {"role": "assistant", "content": "y"}]},
+            {"conversations": [{"from": ["human"], "value": "x"}, {"from": "gpt", "value": "y"}]},
+            {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 0},
+                          {"role": "user", "content": "z"}, {"role": "assistant", "content": "w"}]},
+            {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 1}]}]
+    examples, problems = _load(tmp_path, rows)
+    assert [p.line for p in problems] == [1, 2, 3, 4] and len(examples) == 1
+    assert "needs a role" in problems[0].reason and "needs 'from'" in problems[2].reason
+    assert "messages[1].weight 0: per-turn weights are not supported" in problems[3].reason

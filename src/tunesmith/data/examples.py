@@ -248,8 +248,13 @@ def _openai_messages(messages: Any) -> list[dict]:
         raise _RowError("'messages' must be a non-empty list")
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or OPENAI_ROLES.get(m.get("role")) is None:  # type: ignore[arg-type]
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or OPENAI_ROLES.get(m["role"]) is None:
             raise _RowError(f"messages[{i}] needs a role of system, user, assistant or tool")
+        if m.get("weight", 1) != 1 or isinstance(m.get("weight"), bool):
+            # OpenAI's weight 0 means "do not train on this turn": training on it silently would be worse.
+            raise _RowError(f"messages[{i}].weight {json.dumps(m['weight'])[:20]}: per-turn weights are not "
+                            "supported; remove the key (task.train_on says which assistant turns are trained: "
+                            "all_assistant_turns or last_turn)")
         out.append({"role": OPENAI_ROLES[m["role"]], "content": _message_text(m, f"messages[{i}]")})
     return out
 
@@ -276,7 +281,7 @@ def _sharegpt_messages(turns: Any) -> list[dict]:
         raise _RowError("'conversations' must be a non-empty list")
     out = []
     for i, t in enumerate(turns):
-        if not isinstance(t, dict) or SHAREGPT_ROLES.get(t.get("from")) is None:  # type: ignore[arg-type]
+        if not isinstance(t, dict) or not isinstance(t.get("from"), str) or SHAREGPT_ROLES.get(t["from"]) is None:
             raise _RowError(f"conversations[{i}] needs 'from' of human, gpt or system (or user, assistant, tool)")
         out.append({"role": SHAREGPT_ROLES[t["from"]], "content": _text(t.get("value"), f"conversations[{i}].value")})
     return out
