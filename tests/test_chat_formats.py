@@ -238,3 +238,27 @@ def test_roles_of_the_wrong_type_and_turn_weights_are_row_problems(tmp_path):
     assert [p.line for p in problems] == [1, 2, 3, 4] and len(examples) == 1
     assert "needs a role" in problems[0].reason and "needs 'from'" in problems[2].reason
     assert "messages[1].weight 0: per-turn weights are not supported" in problems[3].reason
+
+
+def test_a_long_conversation_costs_what_its_kept_turns_do(chat_tokenizer, monkeypatch):
+    """Every assistant turn re-rendered and re-encoded the conversation up to it: a 2,000-message row took
+    minutes for the 128 tokens kept. Only turns that survive the cut are rendered now, with the same mask."""
+    from tunesmith.data.examples import Example
+    from tunesmith.tasks import prompts
+
+    tok = chat_tokenizer
+    messages = [m for i in range(300) for m in ({"role": "user", "content": f"question {i}"},
+                                                 {"role": "assistant", "content": f"answer {i}"})]
+    ex = Example("question 300", "answer 300", "long", messages=messages + [{"role": "user", "content": "question 300"}])
+    fmt = build_format(TaskConfig(type="chat", max_length=96), None, tok)
+    renders, real = [], prompts.render_prompt
+
+    def counted(*args, **kwargs):
+        renders.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(prompts, "render_prompt", counted)
+    ids, spans, cut = prompts.encode_turns(tok, fmt, ex, 80)
+    assert cut and len(ids) == 80 and len(renders) <= len(spans) + 3  # not one per turn of the 300
+    last_header = len(ids) - 1 - ids[::-1].index(tok.convert_tokens_to_ids("<|im_start|>"))
+    walked = _assistant_spans_by_token_walk(tok, ids[:last_header])  # answered turns whose header survived
+    assert walked and set(walked) <= set(spans) and all(tok.decode(ids[a:b]).startswith("answer ") for a, b in walked)

@@ -13,6 +13,7 @@ preceded the answer in training (the served prompt differs from the trained one)
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 from tunesmith.config import TaskConfig
@@ -23,16 +24,17 @@ from tunesmith.registry import CHAT_TEMPLATES
 from tunesmith.tasks.prompts import (
     PromptFormat,
     TemplateMismatch,
+    cuts_newest_first,
     render_prompt,
     rendered_answer,
     supervises_turns,
-    turn_cuts,
 )
 
 KEY = "task.chat_template"
 # Rows checked: the first PREFLIGHT_ROWS, plus the first row of every other sequence of roles (a
 # template fails on roles far more often than on words), so a large file stays a fast check.
 PREFLIGHT_ROWS = 256
+PREFLIGHT_TURNS = 16  # newest assistant turns of a row checked (see _check_row)
 _PROBE = [{"role": "user", "content": "hi"}]
 
 
@@ -111,7 +113,11 @@ def _check_row(tokenizer, fmt: PromptFormat, ex: Example, name: str) -> None:
     try:
         answer = rendered_answer(tokenizer, messages, target)
         if answer is not None and supervises_turns(tokenizer, fmt, ex):
-            turn_cuts(tokenizer, fmt, ex, render_prompt(tokenizer, fmt, ex))
+            # The newest turns only: each costs a render of the conversation up to it (all of a
+            # 10,000-message row would take as long as its square).
+            for _ in itertools.islice(cuts_newest_first(tokenizer, fmt, ex, render_prompt(tokenizer, fmt, ex)),
+                                      PREFLIGHT_TURNS):
+                pass
         same = _ignores_generation_prompt(tokenizer, messages)
     except TemplateMismatch as e:
         raise mismatch_error(ex, e, name) from None

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import typing
 import weakref
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -166,29 +167,32 @@ def encode_turns(tokenizer, fmt: PromptFormat, ex: Example,
     marked = dataclasses.replace(ex, input=user.mark(ex.input), messages=messages)
     full = render_prompt(tokenizer, mfmt, marked)
     ids = user.encode(full)
-    spans = [(_tokens_before(user, ids, full[:a]), _tokens_before(user, ids, full[:b]))
-             for a, b in turn_cuts(tokenizer, mfmt, marked, full)]
-    if len(ids) <= budget:
-        return ids, spans, False
-    over = len(ids) - budget
-    return ids[over:], [(max(a - over, 0), b - over) for a, b in spans if b - over > 0], True
+    over = max(0, len(ids) - budget)
+    # Newest turn first, stopping at the first that the cut drops whole: every turn costs a render and an
+    # encoding of the conversation up to it, so a long conversation costs what its kept turns do, not
+    # the square of its length.
+    spans = []
+    for a, b in cuts_newest_first(tokenizer, mfmt, marked, full):
+        end = _tokens_before(user, ids, full[:b])
+        if end <= over:
+            break
+        spans.append((max(_tokens_before(user, ids, full[:a]) - over, 0), end - over))
+    return ids[over:], spans[::-1], over > 0
 
 
-def turn_cuts(tokenizer, fmt: PromptFormat, ex: Example, full: str) -> list[tuple[int, int]]:
-    """[start, end) character ranges in the rendered prompt `full` of each assistant turn in
-    `ex.messages`: where the template's generation prompt for that turn ends, and its end-of-turn token."""
-    cuts: list[tuple[int, int]] = []
-    for i, m in enumerate(ex.messages or []):
-        if m["role"] != "assistant":
-            continue
+def cuts_newest_first(tokenizer, fmt: PromptFormat, ex: Example, full: str) -> Iterator[tuple[int, int]]:
+    """[start, end) character ranges in the rendered prompt `full` of the assistant turns in `ex.messages`,
+    the newest first, each computed only when asked for: where the template's generation prompt for
+    that turn ends, and its end-of-turn token."""
+    turns = [i for i, m in enumerate(ex.messages or []) if m["role"] == "assistant"]
+    for number, i in reversed(list(enumerate(turns, 1))):
         head_ex = dataclasses.replace(ex, messages=ex.messages[:i])
         head = render_prompt(tokenizer, fmt, head_ex)
-        answer = rendered_answer(tokenizer, fmt.messages(head_ex), m["content"])
+        answer = rendered_answer(tokenizer, fmt.messages(head_ex), ex.messages[i]["content"])
         if answer is None or not full.startswith(head + answer):
-            raise TemplateMismatch(f"the chat template renders assistant turn {len(cuts) + 1} differently once the "
+            raise TemplateMismatch(f"the chat template renders assistant turn {number} differently once the "
                                    "conversation goes on, so it cannot be trained as the model will see it")
-        cuts.append((len(head), len(head) + len(answer)))
-    return cuts
+        yield len(head), len(head) + len(answer)
 
 
 def _tokens_before(user: UserText, ids: list[int], head: str) -> int:
