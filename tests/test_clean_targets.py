@@ -112,3 +112,21 @@ def test_cli_keeps_a_markup_answer_and_reports_removed_test_rows(tmp_path, tiny_
     assert "test rows removed: 1 (exact_duplicate 1; every row in data/removed.jsonl)" in html
     removed = [json.loads(line) for line in (out / "data" / "removed.jsonl").read_text().splitlines()]
     assert [(r["reason"], r["removed_from_split"]) for r in removed] == [("exact_duplicate", "test")]
+
+
+def test_conversations_are_compared_whole_not_by_their_last_question():
+    """Two chats that differ only in their system prompt or earlier turns were one "exact duplicate", and a
+    training chat ending in the same "Thanks!" as a test chat was removed as test overlap."""
+    def chat(n: int, system: str, first: str) -> Example:
+        turns = [{"role": "system", "content": system}, {"role": "user", "content": first},
+                 {"role": "assistant", "content": "Sure."},
+                 {"role": "user", "content": "Thanks for your help today!"}]
+        return Example(turns[-1]["content"], "You're welcome!", f"f:{n}", messages=turns, file="f", line=n)
+    cur = Curation(CleanConfig(near_dedup={"enabled": False}), "chat")  # exact duplicates and test overlap only
+    train = cur.clean_rows("train", [chat(1, "You are a pirate.", "Say hello"), chat(2, "You are a butler.", "Say hello"),
+                                     chat(3, "You are a pirate.", "Translate dog to French")])
+    assert [e.line for e in train] == [1, 2, 3] and cur.removed == []
+    test = [chat(9, "You are a judge.", "Translate cat to German and explain the grammar of the word")]
+    assert [e.line for e in cur.decontaminate(train, test)] == [1, 2, 3]
+    same = cur.clean_rows("train", [chat(4, "You are a pirate.", "Say hello"), chat(5, "You are a pirate.", "Say hello")])
+    assert [e.line for e in same] == [4] and cur.removed[0]["reason"] == "exact_duplicate"

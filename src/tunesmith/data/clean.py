@@ -71,7 +71,7 @@ class Curation:
         d = self.cfg.decontaminate
 
         def run(rows: list[Example]) -> list[Example]:
-            found = contaminated([e.input for e in rows], [e.input for e in held_out], d.ngram, d.min_overlap)
+            found = contaminated([_asked(e) for e in rows], [_asked(e) for e in held_out], d.ngram, d.min_overlap)
             for c in found:
                 self._remove(rows[c.index], "test_overlap", overlap=c.overlap, overlaps=_where(held_out[c.held_out]))
             drop = {c.index for c in found}
@@ -233,8 +233,9 @@ class Curation:
         return out
 
     def _text(self, e: Example) -> str:
-        """What deduplication compares: the input, plus the answer for generation and chat data."""
-        return e.input if self.task_type == "classification" else f"{e.input}\n{e.target}" + (
+        """What deduplication compares: the input (a conversation's every turn), plus the answer for
+        generation and chat data."""
+        return _asked(e) if self.task_type == "classification" else f"{_asked(e)}\n{e.target}" + (
             f"\n{e.rejected}" if e.rejected is not None else "")  # distinct pairs of one prompt and answer
 
     def _remove(self, e: Example, reason: str, **detail) -> None:
@@ -242,6 +243,14 @@ class Curation:
 
     def _changed(self, e: Example, kinds: list[str], **detail) -> None:
         self.changes.append({**_where(e), "changes": kinds, **detail})
+
+
+def _asked(e: Example) -> str:
+    """What a row asks: its input, or for a conversation every turn before the answer (system prompt and
+    earlier turns included: two chats ending in the same "Thanks!" are not one row)."""
+    if e.messages is None:
+        return e.input
+    return "\n".join(f"{m['role']}: {m['content']}" for m in e.messages)
 
 
 def _where(e: Example) -> dict:
