@@ -249,7 +249,8 @@ def test_a_long_conversation_costs_what_its_kept_turns_do(chat_tokenizer, monkey
     tok = chat_tokenizer
     messages = [m for i in range(300) for m in ({"role": "user", "content": f"question {i}"},
                                                  {"role": "assistant", "content": f"answer {i}"})]
-    ex = Example("question 300", "answer 300", "long", messages=messages + [{"role": "user", "content": "question 300"}])
+    messages.append({"role": "user", "content": "question 300"})
+    ex = Example("question 300", "answer 300", "long", messages=messages)
     fmt = build_format(TaskConfig(type="chat", max_length=96), None, tok)
     renders, real = [], prompts.render_prompt
 

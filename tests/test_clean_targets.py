@@ -123,10 +123,11 @@ def test_conversations_are_compared_whole_not_by_their_last_question():
                  {"role": "user", "content": "Thanks for your help today!"}]
         return Example(turns[-1]["content"], "You're welcome!", f"f:{n}", messages=turns, file="f", line=n)
     cur = Curation(CleanConfig(near_dedup={"enabled": False}), "chat")  # exact duplicates and test overlap only
-    train = cur.clean_rows("train", [chat(1, "You are a pirate.", "Say hello"), chat(2, "You are a butler.", "Say hello"),
+    train = cur.clean_rows("train", [chat(1, "You are a pirate.", "Say hello"),
+                                     chat(2, "You are a butler.", "Say hello"),
                                      chat(3, "You are a pirate.", "Translate dog to French")])
     assert [e.line for e in train] == [1, 2, 3] and cur.removed == []
     test = [chat(9, "You are a judge.", "Translate cat to German and explain the grammar of the word")]
     assert [e.line for e in cur.decontaminate(train, test)] == [1, 2, 3]
-    same = cur.clean_rows("train", [chat(4, "You are a pirate.", "Say hello"), chat(5, "You are a pirate.", "Say hello")])
+    same = cur.clean_rows("train", [chat(n, "You are a pirate.", "Say hello") for n in (4, 5)])
     assert [e.line for e in same] == [4] and cur.removed[0]["reason"] == "exact_duplicate"

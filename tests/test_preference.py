@@ -69,6 +69,7 @@ def test_pair_formats_parse():
 @pytest.mark.parametrize("row,reason", [
     ({"prompt": "Q?", "chosen": "yes"}, "missing field 'rejected'"),
     ({"prompt": "Q?", "chosen": "yes", "rejected": "yes"}, "same answer"),
+    ({"prompt": "Q?", "chosen": "yes", "rejected": "yes "}, "same answer"),   # whitespace at the end is no preference
     ({"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "x"}],
       "chosen": "a", "rejected": "b"}, "must be the user's"),
     ({"prompt": "Q?", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}, "assistant's message"),

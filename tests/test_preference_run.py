@@ -235,3 +235,17 @@ def test_reference_logps_are_the_base_with_the_adapter_off(tiny_model):
     assert torch.allclose(reference_logps(policy, batch, None), want, atol=1e-5)
     with torch.no_grad():
         assert not torch.allclose(P.sequence_logps(policy.eval(), batch)[0], want, atol=1e-3)
+
+
+def test_a_kto_test_split_with_nothing_to_score_fails_before_training(tmp_path, tiny_model):
+    """Every test row labelled undesirable: eval failed after the whole training, naming a staging folder
+    that no longer existed; it is refused with the data now."""
+    rows = [{"prompt": f"card red {i}", "completion": "alpha", "label": i % 2 == 0} for i in range(24)]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "test.jsonl", [{"prompt": f"card blue {i}", "completion": "gamma", "label": False}
+                                          for i in range(4)])
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", str(_project(tmp_path, tiny_model, "kto", metric="exact_match")),
+                                 "--out", str(out), "--quiet"])
+    assert result.exit_code == 2 and "no test row can be scored" in result.stderr and "data.test" in result.stderr
+    assert not out.exists() and not (tmp_path / ".run.partial").exists()

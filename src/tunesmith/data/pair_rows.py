@@ -50,7 +50,7 @@ def parse_pair(record: Any, source: str = "", kto: bool = False) -> Pair:
         return Pair(prompt, _answer(_need(record, "completion"), "completion"), None, label, messages, source)
     chosen = _answer(_need(record, "chosen"), "chosen")
     rejected = _answer(_need(record, "rejected"), "rejected")
-    if chosen == rejected:
+    if chosen.strip() == rejected.strip():  # "same" and "same " too: whitespace at the ends is no preference
         raise PairError("'chosen' and 'rejected' are the same answer (the pair teaches nothing)")
     return Pair(prompt, chosen, rejected, None, messages, source)
 

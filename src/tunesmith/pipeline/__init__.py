@@ -17,8 +17,9 @@ from tunesmith.data.prepare import (
     test_removals,
 )
 from tunesmith.data.stage import data_inputs
-from tunesmith.errors import InputError, RunDirError, StageError, Terminated, TunesmithError
+from tunesmith.errors import DataError, InputError, RunDirError, StageError, Terminated, TunesmithError
 from tunesmith.evaluate.objective import Verdict, judge
+from tunesmith.evaluate.preference import reference_rows
 from tunesmith.evaluate.stage import eval_stage
 from tunesmith.evaluate.text import text_eval_stage
 from tunesmith.fairness.stage import audit_stage, audited_rows, check_groups, headline_figures
@@ -60,6 +61,11 @@ def run(project: Project, out: Path | None = None, progress: bool = True, keep_f
     check_out(final, overwrite, given=out is not None)  # a refused --out fails before any work
     _check_inputs_outside(project, final)
     splits = prepare_data_apart(project)  # bad data fails before anything is written
+    # and a test split no figure can score (it failed in eval, after the whole training)
+    if project.task.type != "text" and not reference_rows(project, splits.test)[0]:
+        raise DataError("no test row can be scored: every test row is a KTO row labelled undesirable (label: "
+                        "false), which no figure scores", "data.test",
+                        hint="add test rows with label: true, or {prompt, chosen, rejected} pairs")
     if project.fairness.enabled:        # and a group column no row has, or an unknown positive label
         check_groups(project.fairness, audited_rows(project, splits), _labels(project, splits))
     resolve_model(project.model)    # so does an unknown model
