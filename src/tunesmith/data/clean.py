@@ -250,7 +250,9 @@ def _asked(e: Example) -> str:
     earlier turns included: two chats ending in the same "Thanks!" are not one row)."""
     if e.messages is None:
         return e.input
-    return "\n".join(f"{m['role']}: {m['content']}" for m in e.messages)
+    # Contents only: role names on every row would be shared words that push short rows over the
+    # near-duplicate threshold.
+    return "\n".join(m["content"] for m in e.messages)
 
 
 def _where(e: Example) -> dict:
