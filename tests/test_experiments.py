@@ -234,3 +234,15 @@ def test_an_interrupted_default_trial_is_run_again(tmp_path, tiny_model, monkeyp
     lines = [line.split() for line in result.output.splitlines() if line.startswith("trial ")]
     assert [(n, state) for _, n, state, *_ in lines] == [("0", "FAIL"), ("1", "COMPLETE"), ("2", "COMPLETE")]
     assert lines[0][3] == "stopped" and "default config (trial 1): " in result.output
+
+
+def test_tune_starts_from_a_config_outside_its_search_ranges(tmp_path, tiny_model):
+    """lora.r 64 is not among the ranks searched: enqueuing the config as written was an internal error
+    (ValueError from Optuna), repeated on every rerun."""
+    config = _project(tmp_path, tiny_model)
+    text = Path(config).read_text().replace("  max_steps: 6\n", "  max_steps: 6\n  lora: {r: 64, alpha: 128}\n")
+    assert text != Path(config).read_text()
+    Path(config).write_text(text)
+    result = runner.invoke(app, ["tune", config, "--trials", "1", "--out", str(tmp_path / "t"), "--quiet"])
+    assert result.exit_code in (0, 3), result.output
+    assert "'lora.r': 64" in result.output and "'lora.alpha': 128" in result.output

@@ -332,6 +332,8 @@ def test_a_key_given_twice_in_a_json_row_is_a_row_problem(tmp_path):
                      ' {"text": "after", "label": "a"}]')
     result = read_rows(array)  # the rows after it are read too (reading stopped at the repeated key)
     assert [r.line for r in result.rows] == [1, 3] and [p.line for p in result.problems] == [2]
+    array.write_text('[{"text": "b", "m": {"k": 1, "k": 2}, "z": }]')  # and invalid after it: reading stops there
+    assert [p.line for p in read_rows(array).problems] == [1] and read_rows(array).rows == []
 
 
 @pytest.mark.parametrize("method", ["lora", "dora"])

@@ -21,6 +21,8 @@ socket.getaddrinfo = lookup
 if sys.argv[1] == "cli":
     from tunesmith.logs import quiet_libraries
     quiet_libraries()  # what every command and worker process does first
+    import importlib.util
+    assert importlib.util.find_spec("bitsandbytes")  # an availability probe (transformers, peft) comes first
 import peft  # noqa: F401  (imports bitsandbytes)
 import bitsandbytes
 print(sorted(set(asked)), type(bitsandbytes.__spec__.loader).__name__)

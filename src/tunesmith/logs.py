@@ -7,6 +7,7 @@ import importlib.util
 import logging
 import os
 import sys
+import threading
 import warnings
 
 
@@ -31,28 +32,39 @@ def quiet_libraries() -> None:
 
 
 class _OfflineImport(importlib.abc.MetaPathFinder):
-    """Imports the package `name` with the Hugging Face hub offline, once. bitsandbytes' CPU backend asks
-    the hub for an optional kernel while it is imported (on CPUs with AVX-512 BF16), and peft imports
+    """Imports the package `name` with the Hugging Face hub offline. bitsandbytes' CPU backend asks the
+    hub for an optional kernel while it is imported (on CPUs with AVX-512 BF16), and peft imports
     bitsandbytes whenever it is installed: every LoRA run made a hub request nobody asked for (two DNS
     lookups of huggingface.co here) before falling back to the kernel bitsandbytes ships. Offline, it
-    falls back at once. Model downloads (models/resolve.py) are not affected: only this import is."""
+    falls back at once. Model downloads (models/resolve.py) are not affected: only this import is.
+    The finder stays until the package is imported: an availability probe (`find_spec`) before the
+    import gets a wrapped spec too, and does not use it up."""
 
     def __init__(self, name: str):
         self.name = name
+        self._finding = threading.local()
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != self.name:
+        if fullname != self.name or getattr(self._finding, "on", False):
             return None
-        sys.meta_path.remove(self)  # the real finders answer, and only this first import is wrapped
-        spec = importlib.util.find_spec(fullname)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _OfflineLoader(spec.loader)
+        self._finding.on = True  # the lookup below asks the finders again, this one included
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._finding.on = False
+        if spec is not None and spec.loader is not None and not isinstance(spec.loader, _OfflineLoader):
+            spec.loader = _OfflineLoader(spec.loader, self)
         return spec
 
 
 class _OfflineLoader(importlib.abc.Loader):
-    def __init__(self, loader):
-        self.loader = loader
+    """The package's own loader, its module run with `huggingface_hub.constants.HF_HUB_OFFLINE` set."""
+
+    def __init__(self, loader, finder: _OfflineImport):
+        self.loader, self.finder = loader, finder
+
+    def __getattr__(self, name):  # get_source, is_package, resource readers: the real loader's
+        return getattr(self.loader, name)
 
     def create_module(self, spec):
         return self.loader.create_module(spec)
@@ -65,3 +77,5 @@ class _OfflineLoader(importlib.abc.Loader):
             self.loader.exec_module(module)
         finally:
             hub.HF_HUB_OFFLINE = saved
+            if self.finder in sys.meta_path:
+                sys.meta_path.remove(self.finder)

@@ -238,22 +238,28 @@ def staged(final: Path, keep_failed: bool = False, resume: bool = False, overwri
         _point_latest(final)
 
 
+def has_checkpoints(staging: Path) -> bool:
+    """Whether a staging folder holds a training checkpoint (train/checkpoint.py's step-N folders); the
+    record of the training's inputs beside them is not one."""
+    return any((staging / "checkpoints").glob("step-*"))
+
+
 def _keep_checkpoints(staging: Path, final: Path, error: BaseException, keep_failed: bool) -> None:
     """Remove a failed run's staging folder unless it holds training checkpoints (or `keep_failed`);
     when they are kept, the error says how to resume (KeyboardInterrupt carries the folder for the CLI)."""
     from tunesmith.errors import TunesmithError
 
-    kept = any((staging / "checkpoints").glob("step-*"))  # (train/checkpoint.py's folders)
+    kept = has_checkpoints(staging)
     if not kept:
         if not keep_failed:
             shutil.rmtree(staging, ignore_errors=True)
         return
-    if isinstance(error, KeyboardInterrupt):
-        error.resume_dir = final
-    elif isinstance(error, TunesmithError):
+    error.resume_dir = final  # the CLI says where, whatever the error (an internal one, a full disk)
+    if isinstance(error, TunesmithError):
         error.hint = ((error.hint + "; ") if error.hint else "") + (
             f"the training checkpoints are kept in {staging}: `tunesmith train --resume {final}` continues "
-            "from the newest (delete a damaged one first), `--overwrite` starts again")
+            "from the newest (delete a damaged one first); training the project again with `--out "
+            f"{final} --overwrite` starts afresh")
 
 
 def _check_staging(staging: Path, final: Path, overwrite: bool) -> None:
@@ -265,7 +271,7 @@ def _check_staging(staging: Path, final: Path, overwrite: bool) -> None:
         raise RunDirError(f"{staging} exists and is not a tunesmith staging folder (no {STAGING_MARKER} or "
                           "config.yaml in it); left untouched", f"--out {final}",
                           "move it away if it is yours, or give another --out")
-    if (staging / "checkpoints").is_dir() and not overwrite:
+    if has_checkpoints(staging) and not overwrite:
         raise RunDirError("an interrupted run of this folder can be resumed", f"--out {final}",
                           f"continue it with `tunesmith train --resume {final}`, or pass --overwrite to start again")
 

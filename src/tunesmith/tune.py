@@ -24,13 +24,19 @@ STUDY_FILE = "study.sqlite"
 
 
 def space(trial, project: Project) -> dict:
-    """Sampled values: LoRA rank, alpha, dropout, learning rate (around the method's default) and epochs."""
-    base = METHOD_SPECS[project.train.method].learning_rate
-    return {"lora.r": trial.suggest_categorical("lora.r", [4, 8, 16, 32]),
-            "lora.alpha": trial.suggest_categorical("lora.alpha", [8, 16, 32, 64]),
-            "lora.dropout": trial.suggest_float("lora.dropout", 0.0, 0.2),
-            "learning_rate": trial.suggest_float("learning_rate", base / 10, base * 10, log=True),
-            "epochs": trial.suggest_categorical("epochs", [1, 2, 3])}
+    """Sampled values: LoRA rank, alpha, dropout, learning rate (around the method's default) and epochs.
+    Each range holds the config's own value too: trial 0 is the config as written, whatever it says."""
+    base, t = METHOD_SPECS[project.train.method].learning_rate, project.train
+    return {"lora.r": trial.suggest_categorical("lora.r", _with([4, 8, 16, 32], t.lora.r)),
+            "lora.alpha": trial.suggest_categorical("lora.alpha", _with([8, 16, 32, 64], t.lora.alpha)),
+            "lora.dropout": trial.suggest_float("lora.dropout", 0.0, max(0.2, t.lora.dropout)),
+            "learning_rate": trial.suggest_float("learning_rate", min(base / 10, t.learning_rate),
+                                                 max(base * 10, t.learning_rate), log=True),
+            "epochs": trial.suggest_categorical("epochs", _with([1, 2, 3], t.epochs))}
+
+
+def _with(choices: list, value) -> list:
+    return choices if value in choices else sorted([*choices, value])
 
 
 def apply_params(project: Project, params: dict) -> Project:
@@ -126,6 +132,14 @@ def _open_study(out: Path, project: Project, seed: int, overwrite: bool):
         return optuna.create_study(study_name=project.name, storage=storage, load_if_exists=True,
                                    direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed),
                                    pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1))
+    others = [n for n in optuna.get_all_study_names(storage) if n != project.name]
+    if others and not overwrite:  # a renamed project: its new study's trial logs would replace the old one's
+        raise InputError(f"--out holds the study of another project name ({others[0]!r})", str(path),
+                         "give a new --out, or pass --overwrite to start a new study there")
+    for name in others:
+        optuna.delete_study(study_name=name, storage=storage)
+    if others:
+        shutil.rmtree(out / "trials", ignore_errors=True)
     study = create()
     if study.trials and study.user_attrs.get("config") != fingerprint:
         if not overwrite:
@@ -156,6 +170,10 @@ def _check_study_file(path: Path) -> None:
         finally:
             db.close()
     except sqlite3.DatabaseError as e:
+        with open(path, "rb") as f:
+            sqlite = f.read(16) == b"SQLite format 3\x00"
+        if sqlite and isinstance(e, sqlite3.OperationalError):
+            return  # a database read-only cannot open (a killed tune's hot journal, a lock): Optuna recovers it
         raise InputError(f"study.sqlite is not a study database ({e}); left untouched", str(path),
                          "give a new --out folder") from None
     if not {"studies", "trials"} <= tables:

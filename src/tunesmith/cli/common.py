@@ -49,9 +49,8 @@ def guarded(debug: bool, fn: Callable[[], int], details: bool = False, resumable
     except OSError as e:
         _file_system_error(e, debug)
     except KeyboardInterrupt as e:
-        where = getattr(e, "resume_dir", None)  # set where checkpoints were kept (runs.staged)
-        hint = (f"; training checkpoints are kept: `tunesmith train --resume {where}`" if where else
-                "; training checkpoints, if any were written, are kept for `tunesmith train --resume RUN_DIR`")
+        hint = _kept(e) or ("; training checkpoints, if any were written, are kept for "
+                            "`tunesmith train --resume RUN_DIR`")
         print(f"error: {'terminated' if isinstance(e, Terminated) else 'interrupted'}{hint if resumable else ''}",
               file=sys.stderr)
         raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
@@ -76,9 +75,16 @@ def _file_system_error(e: OSError, debug: bool) -> NoReturn:
         print(f"error: a name in the path is too long for the file system, {name}, give a shorter path (or a "
               "shorter `name` in the config)", file=sys.stderr)
     else:
+        kept = _kept(e) or " (nothing half-written was kept)"
         print(f"error: no space left on the disk ({e.strerror}), {name}, free some space or write to another "
-              "disk (nothing half-written was kept)", file=sys.stderr)
+              f"disk{kept}", file=sys.stderr)
     raise typer.Exit(2) from None
+
+
+def _kept(e: BaseException) -> str:
+    """Where a failed run's training checkpoints were kept (runs.staged sets `resume_dir`), or ""."""
+    where = getattr(e, "resume_dir", None)
+    return f"; the training checkpoints are kept: `tunesmith train --resume {where}` continues" if where else ""
 
 
 def _interrupt_on_sigterm():
@@ -96,7 +102,8 @@ def _internal(e: Exception, debug: bool) -> NoReturn:
     """An internal bug: say so in one line unless --debug; exit 1."""
     if debug:
         traceback.print_exc()
-    print(f"error: internal error: {type(e).__name__}: {e}, rerun with --debug for the traceback", file=sys.stderr)
+    rerun = "" if debug else ", rerun with --debug for the traceback"
+    print(f"error: internal error: {type(e).__name__}: {e}{rerun}{_kept(e)}", file=sys.stderr)
     raise typer.Exit(1) from None
 
 

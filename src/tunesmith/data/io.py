@@ -163,7 +163,10 @@ def _read_json_array(path: Path) -> ReadResult:
             record, end = decoder.raw_decode(text, pos)
         except _DuplicateKey as e:  # a row problem; a plain decode (last key kept) finds where the row ends
             out.problems.append(RowProblem(where, line, str(e)))
-            record, end = _PLAIN_DECODER.raw_decode(text, pos)
+            try:
+                end = _PLAIN_DECODER.raw_decode(text, pos)[1]
+            except (ValueError, RecursionError):  # invalid further on: where it ends is unknown, reading stops
+                return out
             record = None
         except json.JSONDecodeError as e:
             out.problems.append(RowProblem(where, e.lineno, f"invalid JSON: {e.msg} (column {e.colno})"))

@@ -200,11 +200,12 @@ def resume_training(run_dir: Path, progress: bool = True, keep_failed: bool = Fa
     final, staging = interrupted_run(run_dir)
     project = load_config(staging / "config.yaml", check_files=False)
     splits = load_splits(staging / "data")
+    _check_same_inputs(project, staging, final)  # on every rank: one refusing alone would leave the others waiting
+    check_out(final, overwrite)
     distributed.init_from_env()
     if distributed.rank() != 0:
         train_stage(project, splits, staging, progress=False, resume=True)
         return final
-    _check_same_inputs(project, staging)
     if progress:
         print(f"resuming training in {final}", file=sys.stderr)
     with staged(final, keep_failed, resume=True, overwrite=overwrite) as run_dir:
@@ -217,11 +218,17 @@ def resume_training(run_dir: Path, progress: bool = True, keep_failed: bool = Fa
 TRAINING_INPUTS = Path("checkpoints") / "inputs.json"
 
 
+# The config sections a training reads (eval, objective, serve... may change between interruption and resume).
+TRAINING_SECTIONS = ("model", "task", "data", "train", "fairness")
+TRAINING_FILES = ("train.jsonl", "validation.jsonl", "report.json")  # the splits trained on, and the label set
+
+
 def _training_inputs(project: Project, run_dir: Path) -> dict:
     import hashlib
 
-    data = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((run_dir / "data").glob("*.jsonl"))}
-    return {"config": _flat(project.model_dump(mode="json")), "data": data}
+    data = {name: hashlib.sha256((run_dir / "data" / name).read_bytes()).hexdigest()
+            for name in TRAINING_FILES if (run_dir / "data" / name).is_file()}
+    return {"config": _flat(project.model_dump(mode="json", include=set(TRAINING_SECTIONS))), "data": data}
 
 
 def _flat(tree, prefix: str = "") -> dict:
@@ -231,7 +238,7 @@ def _flat(tree, prefix: str = "") -> dict:
     return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}.{key}" if prefix else key).items()}
 
 
-def _check_same_inputs(project: Project, staging: Path) -> None:
+def _check_same_inputs(project: Project, staging: Path, final: Path) -> None:
     """RunDirError when the interrupted run's config.yaml or curated splits changed since its training
     began (a batch size, a learning rate, a row): the checkpoints belong to the training as it began."""
     path = staging / TRAINING_INPUTS
@@ -239,16 +246,16 @@ def _check_same_inputs(project: Project, staging: Path) -> None:
         return
     began, now = fsio.read_json(path, dict), _training_inputs(project, staging)
     config_then, config_now = began.get("config", {}), now["config"]
-    changed = next((k for k in sorted(set(config_then) | set(config_now)) if config_then.get(k) != config_now.get(k)),
-                   None)
+    # Keys on both sides only: a key a later tunesmith adds (or drops) is no edit.
+    changed = next((k for k in sorted(set(config_then) & set(config_now)) if config_then[k] != config_now[k]), None)
+    again = f"restore it to resume, or train the project afresh with `--out {final} --overwrite`"
     if changed is not None:
-        raise RunDirError(f"config.yaml's {changed} changed since training began ({config_then.get(changed)!r} -> "
-                          f"{config_now.get(changed)!r}); its checkpoints continue the training as it began",
-                          str(staging / "config.yaml"), "restore the value to resume, or start again with --overwrite")
+        raise RunDirError(f"config.yaml's {changed} changed since training began ({config_then[changed]!r} -> "
+                          f"{config_now[changed]!r}); its checkpoints continue the training as it began",
+                          str(staging / "config.yaml"), again)
     if data := next((n for n in sorted(set(began.get("data", {})) | set(now["data"]))
                      if began.get("data", {}).get(n) != now["data"].get(n)), None):
-        raise RunDirError(f"the curated split data/{data} changed since training began", str(staging / "data" / data),
-                          "restore it to resume, or start again with --overwrite")
+        raise RunDirError(f"data/{data} changed since training began", str(staging / "data" / data), again)
 
 
 def evaluate_run(run_dir: Path, progress: bool = True) -> dict:
@@ -415,7 +422,7 @@ def _training_summary(run_dir: Path) -> dict:
 def open_run(run_dir: Path) -> tuple[Project, Splits]:
     """The saved config and curated splits of a run directory."""
     run_dir = Path(run_dir)
-    for needed in ("config.yaml", "data/report.json", "model/tunesmith.json"):
+    for needed in ("config.yaml", "data/report.json", "model/tunesmith.json", "model/prompt.json"):
         if not (run_dir / needed).exists():
             raise RunDirError(f"not a trained run directory (no {needed})", str(run_dir),
                               "give a folder made by `tunesmith run` or `tunesmith train`")
@@ -435,7 +442,7 @@ def _check_prompt_matches(project: Project, run_dir: Path) -> None:
     task = project.task
     said = {"type": (task.type, trained.task_type), "max_length": (task.max_length, trained.max_length),
             "label_scoring": (task.label_scoring, trained.label_scoring), "train_on": (task.train_on, trained.train_on)}
-    if task.labels is not None:
+    if task.labels is not None and task.type == "classification":  # other tasks ignore task.labels
         said["labels"] = (list(task.labels), trained.labels)
     if read_meta(run_dir / "model")["method"] != "prompt_optimization":  # it chooses its own instruction
         said["instruction"] = (task.instruction, trained.instruction)

@@ -82,10 +82,11 @@ def load_checkpoint(path: Path, model, optimizer, schedule) -> tuple[dict, dict 
     try:
         return _load(path, model, optimizer, schedule)
     except (OSError, EOFError, KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as e:
-        if isinstance(e, (RunDirError, fsio.DamagedFile)):  # already name their file
+        if isinstance(e, (RunDirError, fsio.DamagedFile, torch.OutOfMemoryError)):  # named already, or no damage
             raise
         raise RunDirError(f"the checkpoint cannot be read ({type(e).__name__}: {str(e)[:160]})", str(path),
-                          "delete this checkpoint folder to resume from the one before it") from e
+                          "delete this checkpoint folder to resume from the one before it (if every checkpoint "
+                          "fails alike, they do not fit this model: was it changed since they were written?)") from e
 
 
 def _load(path: Path, model, optimizer, schedule) -> tuple[dict, dict | None]:
