@@ -152,3 +152,18 @@ def test_a_resume_that_cannot_continue_keeps_every_checkpoint_and_says_why(tmp_p
     assert again.exit_code == 2 and "already holds a tunesmith run" in again.stderr, again.output
     assert (out / "train.json").read_bytes() == before
     assert runner.invoke(app, ["train", "--resume", str(out), "-q", "--overwrite"]).exit_code == 0
+
+
+def test_a_run_killed_before_its_first_checkpoint_does_not_block_the_next(tmp_path, tiny_model):
+    """The record of the training's inputs sits in checkpoints/ from the start: a staging folder holding
+    only it (a kill before the first checkpoint) is no resumable run, and a new run replaces it."""
+    from tunesmith.runs import STAGING_MARKER
+
+    config = _project(tmp_path, tiny_model, "lora")
+    staging = tmp_path / ".run.partial"
+    (staging / "checkpoints").mkdir(parents=True)
+    (staging / STAGING_MARKER).touch()
+    (staging / "checkpoints" / "inputs.json").write_text("{}")
+    result = runner.invoke(app, ["train", config, "--out", str(tmp_path / "run"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "model").is_dir() and not staging.exists()
