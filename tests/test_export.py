@@ -129,7 +129,7 @@ def test_staging_never_reuses_an_existing_folder(tmp_path):
     decoy.mkdir()
     (decoy / "keep.txt").write_text("mine")
     result = runner.invoke(cli, ["export", str(tmp_path / "not-a-run"), "--out", str(tmp_path / "new")])
-    assert result.exit_code == 2 and "not an evaluated run directory" in result.output
+    assert result.exit_code == 2 and "no such run directory" in result.output
     assert (decoy / "keep.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == [decoy.name]  # the failed export's staging is gone
 
