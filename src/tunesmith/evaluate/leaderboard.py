@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tunesmith import fsio
 from tunesmith.evaluate.compare import compare
+from tunesmith.evaluate.run_diff import read_test_predictions
 from tunesmith.runs import read_summary
 
 
@@ -30,7 +31,8 @@ def rank(entries: list[dict], task_type: str, resamples: int = 1000, seed: int =
     best = _predictions(Path(ordered[0]["run_dir"]))
     for e in ordered:
         mine = _predictions(Path(e["run_dir"]))
-        if e is ordered[0] or [r["text"] for r in mine] != [r["text"] for r in best]:
+        unpaired = not best or "prediction" not in best[0]  # no file, or a text run (scored by perplexity)
+        if e is ordered[0] or unpaired or [r["text"] for r in mine] != [r["text"] for r in best]:
             e["vs_best"] = None
             continue
         row = compare(task_type, [r["gold"] for r in best], [r["prediction"] for r in best],
@@ -87,4 +89,5 @@ def _f(v, spec: str) -> str:
 
 
 def _predictions(run: Path) -> list[dict]:
-    return fsio.read_jsonl(run / "predictions" / "test.jsonl")
+    """The run's test predictions, each row checked as `runs diff` checks them (a missing file: none)."""
+    return read_test_predictions(run) or []

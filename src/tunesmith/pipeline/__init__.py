@@ -20,6 +20,7 @@ from tunesmith.data.stage import data_inputs
 from tunesmith.errors import DataError, InputError, RunDirError, StageError, Terminated, TunesmithError
 from tunesmith.evaluate.objective import Verdict, judge
 from tunesmith.evaluate.preference import reference_rows
+from tunesmith.evaluate.run_diff import flatten
 from tunesmith.evaluate.stage import eval_stage
 from tunesmith.evaluate.text import text_eval_stage
 from tunesmith.fairness.stage import audit_stage, audited_rows, check_groups, headline_figures
@@ -228,14 +229,7 @@ def _training_inputs(project: Project, run_dir: Path) -> dict:
 
     data = {name: hashlib.sha256((run_dir / "data" / name).read_bytes()).hexdigest()
             for name in TRAINING_FILES if (run_dir / "data" / name).is_file()}
-    return {"config": _flat(project.model_dump(mode="json", include=set(TRAINING_SECTIONS))), "data": data}
-
-
-def _flat(tree, prefix: str = "") -> dict:
-    """{"train.lora.r": 16, ...}: every leaf of a nested dict under its dotted key."""
-    if not isinstance(tree, dict) or not tree:
-        return {prefix: tree}
-    return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}.{key}" if prefix else key).items()}
+    return {"config": flatten(project.model_dump(mode="json", include=set(TRAINING_SECTIONS))), "data": data}
 
 
 def _check_same_inputs(project: Project, staging: Path, final: Path) -> None:
