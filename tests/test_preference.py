@@ -91,6 +91,22 @@ def test_bad_kto_label_is_located(tmp_path):
     assert e.value.lineno == 1
 
 
+def test_kto_rows_from_a_csv_file_are_read_as_kto(tmp_path):
+    """A CSV file can only write its labels as text: "true"/"false" (any case) is a KTO label there too,
+    while another word in a `label` column beside a completion stays a plain generation row."""
+    from tunesmith.config import TaskConfig
+    from tunesmith.data.examples import load_examples
+
+    path = tmp_path / "kto.csv"
+    path.write_text("prompt,completion,label\nQ1,good,true\nQ2,bad, FALSE \nQ3,other,maybe\n", encoding="utf-8")
+    examples, problems = load_examples(path, TaskConfig(type="generation"))
+    assert not problems
+    assert [e.desirable for e in examples] == [True, False, None]
+    with pytest.raises(DataError, match="got 'maybe'") as e:
+        load_pairs(path, kto=True)
+    assert e.value.lineno == 4
+
+
 # ---- the losses against TRL's -----------------------------------------------------------------
 
 def test_dpo_loss_equals_trl():

@@ -44,9 +44,9 @@ def parse_pair(record: Any, source: str = "", kto: bool = False) -> Pair:
         raise PairError(f"expected a JSON object, got {type(record).__name__}")
     prompt, messages = _prompt(record)
     if kto:
-        label = _need(record, "label")
-        if not isinstance(label, bool):
-            raise PairError(f"field 'label' must be true or false, got {type(label).__name__}")
+        label = kto_label(_need(record, "label"))
+        if label is None:
+            raise PairError(f"field 'label' must be true or false, got {_shown(record['label'])}")
         return Pair(prompt, _answer(_need(record, "completion"), "completion"), None, label, messages, source)
     chosen = _answer(_need(record, "chosen"), "chosen")
     rejected = _answer(_need(record, "rejected"), "rejected")
@@ -103,12 +103,26 @@ def text_value(value: Any, name: str, error: type[ValueError] = PairError) -> st
     return value
 
 
+def kto_label(value: Any) -> bool | None:
+    """A KTO label: a boolean, or the text "true"/"false" (any case, spaces around) that a CSV file can
+    only write; None for anything else (a generation row's other label is not a KTO one)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    return None
+
+
+def _shown(value: Any) -> str:
+    return repr(value[:40]) if isinstance(value, str) else type(value).__name__
+
+
 def is_preference_row(record: dict) -> bool:
     """Whether a raw record is a preference row: it has `chosen`/`rejected`, or a true/false `label`
-    beside a `completion` (KTO). A string label on a generation row is not one."""
+    beside a `completion` (KTO). Any other label on a generation row is not one."""
     return "chosen" in record or "rejected" in record or (
-        "completion" in record and isinstance(record.get("label"), bool))
+        "completion" in record and kto_label(record.get("label")) is not None)
 
 
 def is_kto_row(record: dict) -> bool:
-    return "chosen" not in record and "rejected" not in record and isinstance(record.get("label"), bool)
+    return "chosen" not in record and "rejected" not in record and kto_label(record.get("label")) is not None
