@@ -65,8 +65,9 @@ def test_pair_and_kto_rows_load_as_examples_and_survive_saved_splits(tmp_path):
     assert [p.rejected for p in pairs_from_examples(saved[:4])] == [r["rejected"] for r in rows[:4]]
     kto = pairs_from_examples(saved, kto=True)  # a pair unpairs into a desirable and an undesirable row
     assert [(p.chosen, p.label) for p in kto[:2]] == [("alpha", True), ("beta", False)] and len(kto) == 10
-    with pytest.raises(DataError, match="not a preference row"):
+    with pytest.raises(DataError, match="not a preference row .* \\(and 1 more such rows\\)") as e:
         pairs_from_examples(saved[4:])  # KTO rows are no pairs for DPO
+    assert e.value.details == ["p.jsonl:5: not a preference row", "p.jsonl:6: not a preference row"]
 
 
 def test_a_bad_pair_row_is_located_and_a_string_label_stays_a_generation_row(tmp_path):

@@ -43,9 +43,9 @@ def pairs_from_examples(examples: list[Example], kto: bool = False) -> list[Pair
     two rows, the chosen answer desirable and the rejected one not (TRL's unpairing of paired data).
 
     Raises:
-        DataError: for an example that is not a preference row, naming its source row.
+        DataError: naming the first example that is not a preference row, the others (up to 20) as details.
     """
-    pairs = []
+    pairs, bad = [], []
     for ex in examples:
         pair = Pair(ex.input, ex.target, ex.rejected, ex.desirable, ex.messages, ex.source)
         if kto and ex.desirable is not None:
@@ -56,11 +56,21 @@ def pairs_from_examples(examples: list[Example], kto: bool = False) -> list[Pair
         elif not kto and ex.rejected is not None:
             pairs.append(pair)
         else:
-            want = "{prompt, chosen, rejected} or {prompt, completion, label}" if kto else "{prompt, chosen, rejected}"
-            raise DataError("not a preference row" + (" (a KTO row has no rejected answer)" if ex.desirable is not None
-                                                      else ""), ex.file or ex.source, ex.line or None,
-                            f"train.method {'kto' if kto else 'dpo|orpo|simpo'} needs {want} rows")
+            bad.append(ex)
+    if bad:
+        _refuse_non_pairs(bad, kto)
     return pairs
+
+
+def _refuse_non_pairs(bad: list[Example], kto: bool) -> None:
+    first = bad[0]
+    want = "{prompt, chosen, rejected} or {prompt, completion, label}" if kto else "{prompt, chosen, rejected}"
+    why = " (a KTO row has no rejected answer)" if first.desirable is not None else ""
+    more = f" (and {len(bad) - 1} more such rows)" if len(bad) > 1 else ""
+    err = DataError(f"not a preference row{why}{more}", first.file or first.source, first.line or None,
+                    f"train.method {'kto' if kto else 'dpo|orpo|simpo'} needs {want} rows")
+    err.details = [f"{f'{ex.file}:{ex.line}' if ex.file else ex.source}: not a preference row" for ex in bad[:20]]
+    raise err
 
 
 def refuse_undesirable_targets(examples: list[Example], method: str) -> None:
