@@ -106,11 +106,12 @@ def test_bad_chat_rows_are_located(tmp_path):
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]},
                           {"role": "assistant", "content": "v"}]},
             {"instruction": "i", "output": "o", "history": [["only one"]]},
-            {"conversations": "not a list"}]
+            {"conversations": "not a list"},
+            {"instruction": "i", "input": "x"}]
     examples, problems = _load(tmp_path, rows)
     assert len(examples) == 1
     reasons = {p.line: p.reason for p in problems}
-    assert sorted(reasons) == [2, 3, 4, 5, 6, 7, 8]
+    assert sorted(reasons) == [2, 3, 4, 5, 6, 7, 8, 9]
     assert "conversations[0] needs 'from'" in reasons[2]
     assert "messages[1].content" in reasons[3] and "NoneType" in reasons[3]
     assert "conversations[1].value" in reasons[4] and "empty" in reasons[4]
@@ -118,6 +119,7 @@ def test_bad_chat_rows_are_located(tmp_path):
     assert "only text parts" in reasons[6]
     assert "history" in reasons[7]
     assert "non-empty list" in reasons[8]
+    assert reasons[9].startswith("missing field 'output' (the Alpaca answer)")  # not "missing 'prompt'"
     assert all(p.file.endswith("rows.jsonl") for p in problems)
 
 

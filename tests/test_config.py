@@ -119,9 +119,21 @@ def test_anchors_and_merge_keys_within_the_bound_still_load(tmp_path):
 
 def test_metric_must_fit_task(tmp_path):
     with pytest.raises(ConfigError) as info:
-        load_config(_write(tmp_path, BASE + "task:\n  type: generation\n"))  # default metric is accuracy
+        load_config(_write(tmp_path, BASE + "task:\n  type: generation\nobjective:\n  metric: accuracy\n"))
     assert "objective.metric" in info.value.line()
     assert load_config(_write(tmp_path, BASE + "task:\n  type: generation\nobjective:\n  metric: rouge_l\n"))
+
+
+@pytest.mark.parametrize("extra,metric", [
+    ("task:\n  type: generation\n", "exact_match"), ("task:\n  type: chat\n", "exact_match"),
+    ("task:\n  type: text\n", "perplexity"), ("task:\n  type: generation\ntrain:\n  method: dpo\n",
+                                               "preference_accuracy"),
+    ("objective:\n  target: 0.5\n", "accuracy")])
+def test_an_unset_objective_metric_is_the_tasks_first_and_is_recorded(tmp_path, extra, metric):
+    """A generation project without `objective.metric` is not refused for a key it never wrote."""
+    project = load_config(_write(tmp_path, BASE + extra))
+    assert project.objective.metric == metric
+    assert f"metric: {metric}" in dump_config(project)
 
 
 def test_validation_fraction_range(tmp_path):

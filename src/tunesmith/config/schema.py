@@ -212,7 +212,9 @@ class Bound(_Strict):
 class ObjectiveConfig(_Strict):
     """The measurable objective the run is judged against."""
 
-    metric: str = "accuracy"
+    # None: the task's first metric (accuracy, exact_match, perplexity; preference_accuracy for preference
+    # methods), filled in by Project so the resolved config records it.
+    metric: str | None = None
     target: float | None = None
     min_gain: float | None = None
     # estimate: the measured gain must reach min_gain; ci_low: the lower end of its 95% interval must.
@@ -566,6 +568,8 @@ class Project(_Strict):
         names = metric_names(self.task.type)
         if METHOD_SPECS[self.train.method].preference:  # pair figures are measured on held-out pairs
             names = metric_names("preference") + names
+        if self.objective.metric is None:
+            self.objective.metric = names[0]
         if self.objective.metric not in names:
             raise _KeyedError(("objective", "metric"), f"unknown metric '{self.objective.metric}' for a "
                               f"{self.task.type} task (available: {', '.join(names)})")

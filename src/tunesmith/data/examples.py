@@ -109,8 +109,11 @@ def _raise_if_field_never_present(problems: list[RowProblem], rows: list[Row], t
             task.prompt_field: "task.prompt_field", task.completion_field: "task.completion_field"}
     keys.update({column: key for column, key in mapped.values()})
     present = sorted({str(k) for r in rows if isinstance(r.record, dict) for k in r.record})
-    raise DataError(f"no row has the field '{name}'", problems[0].file, problems[0].line,
-                    f"set {keys.get(name, 'the field name')} to one of the fields present: {', '.join(present)}")
+    fields = ', '.join(present)
+    hint = (f"an Alpaca row's answer is its 'output': map your answer column onto it with data.columns "
+            f"(e.g. {{output: ...}}; fields present: {fields})" if name == "output" and name not in keys
+            else f"set {keys.get(name, 'the field name')} to one of the fields present: {fields}")
+    raise DataError(f"no row has the field '{name}'", problems[0].file, problems[0].line, hint)
 
 
 def raise_for_problems(problems: list[RowProblem], max_errors: int, hint: str | None = None) -> None:
@@ -224,6 +227,8 @@ def _generation(row: Row, task: TaskConfig) -> Example:
         return _chat(_with_system(rec, _sharegpt_messages(rec["conversations"])), row)
     if "instruction" in rec and "output" in rec:
         return _alpaca(rec, row)
+    if "instruction" in rec and task.completion_field not in rec:  # an Alpaca row without its answer
+        _field(rec, "output", "the Alpaca answer")
     prompt = _text(_field(rec, task.prompt_field, "the prompt"), task.prompt_field)
     completion = _text(_field(rec, task.completion_field, "the completion"), task.completion_field)
     return Example(prompt, completion, _source(row))
