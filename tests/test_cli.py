@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -150,6 +151,16 @@ def test_real_process_error_line_and_debug_traceback(tiny_project, tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: ")
     debug = _cli("run", str(tiny_project), "--debug")
     assert debug.returncode == 2 and "Traceback" in debug.stderr
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly(tmp_path):
+    """`tunesmith runs list | head`: the closed pipe is no internal error; exit 141 as a SIGPIPE death is."""
+    env = {**os.environ, "TUNESMITH_REGISTRY": str(tmp_path / "runs.sqlite")}
+    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "runs", "list"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # the reader is gone before the first line is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err
 
 
 def test_data_check_lists_every_bad_row(tiny_project, tmp_path):

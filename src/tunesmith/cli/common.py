@@ -46,6 +46,8 @@ def guarded(debug: bool, fn: Callable[[], int], details: bool = False, resumable
             traceback.print_exc()
         print(e, file=sys.stderr)
         raise typer.Exit(2) from None
+    except BrokenPipeError:
+        reader_gone()
     except OSError as e:
         _file_system_error(e, debug)
     except KeyboardInterrupt as e:
@@ -79,6 +81,17 @@ def _file_system_error(e: OSError, debug: bool) -> NoReturn:
         print(f"error: no space left on the disk ({e.strerror}), {name}, free some space or write to another "
               f"disk{kept}", file=sys.stderr)
     raise typer.Exit(2) from None
+
+
+def reader_gone() -> NoReturn:
+    """The output's reader went away (`tunesmith runs list | head`): stop quietly with the shell's status for
+    a SIGPIPE death, 141, as the tools the output was piped from do. Anything left buffered goes nowhere,
+    so the interpreter's own flush at exit cannot fail a second time."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(141)
 
 
 def _kept(e: BaseException) -> str:
@@ -128,6 +141,10 @@ def run_app(app: typer.Typer) -> None:
     except typer.Abort:
         print("error: aborted", file=sys.stderr)
         sys.exit(130)
+    try:
+        sys.stdout.flush()  # what is still buffered, while a closed pipe can still be told apart
+    except BrokenPipeError:
+        reader_gone()
     sys.exit(code if isinstance(code, int) else 0)
 
 
