@@ -238,10 +238,19 @@ def staged(final: Path, keep_failed: bool = False, resume: bool = False, overwri
         _point_latest(final)
 
 
+# A training checkpoint's folder under checkpoints/ (train/checkpoint.py writes them): step-0000012.
+CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
 def has_checkpoints(staging: Path) -> bool:
-    """Whether a staging folder holds a training checkpoint (train/checkpoint.py's step-N folders); the
-    record of the training's inputs beside them is not one."""
-    return any((staging / "checkpoints").glob("step-*"))
+    """Whether a staging folder holds a training checkpoint; the record of the training's inputs
+    beside them is not one."""
+    folder = staging / "checkpoints"
+    return folder.is_dir() and any(CHECKPOINT_NAME.match(p.name) and p.is_dir() for p in folder.iterdir())
 
 
 def _keep_checkpoints(staging: Path, final: Path, error: BaseException, keep_failed: bool) -> None:

@@ -9,7 +9,6 @@ moment leaves either the previous complete checkpoint or the new one, never half
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -17,9 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunesmith import fsio
+from tunesmith.runs import CHECKPOINT_NAME, checkpoint_name
 from tunesmith.train import distributed, fsdp
-
-_NAME = re.compile(r"^step-(\d+)$")
 
 
 def save_checkpoint(folder: Path, step: int, model, optimizer, schedule, loop: dict, watch_state: dict,
@@ -30,8 +28,8 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, schedule, loop: d
     optimiser shard; rank 0 writes everything else and moves the folder into place.
     """
     rank, world = distributed.rank(), distributed.world_size()
-    final = folder / f"step-{step:07d}"
-    tmp = folder / f".step-{step:07d}.tmp"
+    final = folder / checkpoint_name(step)
+    tmp = folder / f".{checkpoint_name(step)}.tmp"
     trainable = {k: fsdp.full(p).detach().contiguous().cpu() for k, p in model.named_parameters() if p.requires_grad}
     best = {k: fsdp.full(v).contiguous().cpu() for k, v in (best_state or {}).items()}
     sharded = any(fsdp.is_sharded(p) for p in model.parameters())
@@ -64,7 +62,7 @@ def list_checkpoints(folder: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_NAME.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
 
 
