@@ -11,6 +11,7 @@ import pytest
 
 from conftest import PROJECT, make_texts, write_jsonl
 from tunesmith.config import DataConfig, Project, TaskConfig, dump_config, load_config
+from tunesmith.data.examples import load_examples
 from tunesmith.data.io import RowSource, read_rows
 from tunesmith.data.prepare import prepare_data
 from tunesmith.data.sources import load_sources, shares
@@ -229,6 +230,25 @@ def test_arrow_rows_are_numbered_and_bad_rows_located(tmp_path):
     (tmp_path / "junk.arrow").write_bytes(b"not arrow at all")
     with pytest.raises(DataError, match="cannot read Arrow file"):
         read_rows(tmp_path / "junk.arrow")
+
+
+def test_a_table_mixing_row_formats_reads_each_row_as_its_own_format(tmp_path):
+    """A table gives every row every column (null where a row has none); each row still reads as the
+    format it is, nested struct fields included (a message without `tool_calls` is no tool call)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": "p", "completion": "c"},
+            {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "v",
+                                                             "tool_calls": [{"name": "f"}]}]},
+            {"messages": [{"role": "user", "content": "u2"}, {"role": "assistant", "content": "v2"}]},
+            {"instruction": "i", "output": "o"}]
+    schema = pa.unify_schemas([pa.Table.from_pylist([r]).schema for r in rows])  # every row's columns
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / "mixed.parquet")
+    examples, problems = load_examples(tmp_path / "mixed.parquet", TaskConfig(type="chat"))
+    assert problems == []
+    assert [(e.input, e.target) for e in examples] == [("p", "c"), ("u", 'v\n[{"name": "f"}]'), ("u2", "v2"),
+                                                       ("i", "o")]
 
 
 # -- Hugging Face datasets, offline -----------------------------------------------------------------

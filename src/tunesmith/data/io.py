@@ -310,7 +310,7 @@ def _read_parquet(path: Path) -> ReadResult:
     except Exception as e:  # pyarrow raises several types for a corrupt file
         raise DataError(f"cannot read Parquet file: {e}", str(path),
                         hint="check that it is a valid Parquet file") from None
-    return ReadResult(rows=[Row(rec, str(path), i) for i, rec in enumerate(table.to_pylist(), start=1)])
+    return _columnar_rows(table.to_pylist(), str(path))
 
 
 def _read_arrow(path: Path) -> ReadResult:
@@ -325,7 +325,7 @@ def _read_arrow(path: Path) -> ReadResult:
     except Exception as e:  # pyarrow raises several types for a corrupt file
         raise DataError(f"cannot read Arrow file: {e}", str(path),
                         hint="check that it is an Arrow IPC file or stream") from None
-    return ReadResult(rows=[Row(rec, str(path), i) for i, rec in enumerate(table.to_pylist(), start=1)])
+    return _columnar_rows(table.to_pylist(), str(path))
 
 
 def _read_saved_dataset(folder: Path) -> ReadResult:
@@ -405,4 +405,28 @@ def _offline() -> Iterator[None]:
 
 
 def _dataset_rows(dataset: Any, label: str) -> ReadResult:
-    return ReadResult(rows=[Row(rec, label, i) for i, rec in enumerate(dataset.to_list(), start=1)])
+    return _columnar_rows(dataset.to_list(), label)
+
+
+def _columnar_rows(records: list, label: str) -> ReadResult:
+    """Rows of a table (Parquet, Arrow, `datasets`). A table gives every row every column, null where the
+    row has none (a prompt/completion row of a file that also holds chat rows gets `messages: null`), so
+    nulls are dropped: a row holds the fields it has, as a JSONL row of the same data would."""
+    out = ReadResult()
+    for i, record in enumerate(records, start=1):
+        record = _without_nulls(record, 1)
+        if why := _record_problem(record):
+            out.problems.append(RowProblem(label, i, why))
+        else:
+            out.rows.append(Row(record, label, i))
+    return out
+
+
+def _without_nulls(value: Any, level: int) -> Any:
+    if level > MAX_NESTING:  # left as it is: _record_problem refuses it
+        return value
+    if isinstance(value, dict):
+        return {k: _without_nulls(v, level + 1) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v, level + 1) for v in value]
+    return value
