@@ -115,9 +115,11 @@ def test_preflight_names_examples_cut_off_and_truncated(tiny_model):
     tok, fmt = _setup(tiny_model, max_length=24)
     examples = _data(4, 1)
     examples[1] = Example(" ".join(["red blue green money"] * 40), "alpha", "train.jsonl:2")
+    examples[2] = Example(" ".join(["red blue green money"] * 40), "alpha", "train.jsonl:3",
+                          file="/runs/challenger/retrain/train.jsonl", line=3)  # read in this process: its path
     encoded = encode_for_training(tok, fmt, examples)
     notes = preflight(tok, fmt, examples, encoded, TrainConfig(batch_size=2))
-    assert any("truncated" in n and "train.jsonl:2" in n for n in notes)
+    assert any("truncated" in n and "train.jsonl:2, /runs/challenger/retrain/train.jsonl:3" in n for n in notes)
     tok, fmt = _setup(tiny_model, max_length=16)
     with pytest.raises(DataError, match="no supervised tokens"):
         preflight(tok, fmt, examples, [type(e)(e.ids[: e.n_prompt], e.n_prompt) for e in encoded],

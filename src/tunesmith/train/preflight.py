@@ -29,7 +29,7 @@ def preflight(tokenizer, fmt: PromptFormat, examples: list[Example], encoded: li
 
 
 def _masked(examples: list[Example], encoded: list[Encoded]) -> list[str]:
-    empty = [ex.source for ex, enc in zip(examples, encoded) if len(enc.ids) <= enc.n_prompt]
+    empty = [_where(ex) for ex, enc in zip(examples, encoded) if len(enc.ids) <= enc.n_prompt]
     if not empty:
         return []
     where = _names(empty)
@@ -41,7 +41,7 @@ def _masked(examples: list[Example], encoded: list[Encoded]) -> list[str]:
 
 
 def _truncated(examples: list[Example], encoded: list[Encoded], fmt: PromptFormat) -> list[str]:
-    cut = [ex.source for ex, enc in zip(examples, encoded) if enc.truncated]
+    cut = [_where(ex) for ex, enc in zip(examples, encoded) if enc.truncated]
     if not cut:
         return []
     return [f"{len(cut)} of {len(examples)} training examples are longer than task.max_length={fmt.max_length} "
@@ -73,6 +73,12 @@ def _hyperparameters(cfg: TrainConfig, n_examples: int) -> list[str]:
     elif cfg.batch_size > 256:
         warnings.append(f"train.batch_size={cfg.batch_size} is unusually large for fine-tuning")
     return warnings
+
+
+def _where(ex: Example) -> str:
+    """The row's whole path and line where it was read from a file in this process: `train.jsonl:5` alone
+    could be the user's file or one a run wrote (retrain's challenger trains on retrain/train.jsonl)."""
+    return f"{ex.file}:{ex.line}" if ex.file and ex.line else ex.source
 
 
 def _names(sources: list[str]) -> str:
