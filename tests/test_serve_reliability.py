@@ -18,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from conftest import FILLER, PROJECT, free_port, make_texts, start_server, write_jsonl
+from conftest import FILLER, PROJECT, free_port, make_texts, start_server, wait_until, write_jsonl
 from tunesmith.cli import app as cli
 from tunesmith.config import DriftSettings, ServeConfig
 from tunesmith.data.examples import Example
@@ -313,7 +313,7 @@ def test_item3_model_calls_are_paced_and_skip_requests_past_their_deadline():
     assert fake.calls == [["a", "b"], ["c", "d"], ["e"]]  # "dead" never computed, two rows per call
 
 
-def test_item3_serve_sets_uvicorns_concurrency_limit(run_dir, monkeypatch):
+def test_item3_serve_sets_its_concurrency_limit(run_dir, monkeypatch):
     import uvicorn
 
     from tunesmith.serve.server import serve
@@ -329,17 +329,20 @@ def test_item3_serve_sets_uvicorns_concurrency_limit(run_dir, monkeypatch):
     monkeypatch.setattr(uvicorn, "Server", FakeServer)
     monkeypatch.delenv("TUNESMITH_API_KEYS", raising=False)
     serve(Path(run_dir), "127.0.0.1", free_port())
-    assert seen["ran"] and seen["config"].limit_concurrency == ServeConfig().max_concurrency
-    assert seen["config"].http.keywords == {"seconds": ServeConfig().body_timeout_s}  # connections.HeadDeadline
+    capacity = seen["config"].http.keywords["capacity"]  # connections.HeadDeadline counts into it
+    assert seen["ran"] and capacity.limit == ServeConfig().max_concurrency
+    assert seen["config"].http.keywords["seconds"] == ServeConfig().body_timeout_s
+    assert seen["config"].app.capacity is capacity  # the CapacityGuard around the app reads it
 
 
 def test_connections_that_send_no_request_head_are_closed_and_free_their_slots():
-    """uvicorn's limit_concurrency counts open connections: sockets that send nothing, or trickle their
-    header lines, would hold every slot (503 for everyone, no key needed). HeadDeadline closes them
-    once the deadline has passed; a request being answered, however slowly, is never cut."""
+    """serve.max_concurrency counts open connections (as uvicorn's limit_concurrency does): sockets that
+    send nothing, or trickle their header lines, would hold every slot (503 for everyone, no key
+    needed). HeadDeadline closes them once the deadline has passed; a request being answered, however
+    slowly, is never cut."""
     import socket
 
-    from tunesmith.serve.connections import head_deadline_protocol
+    from tunesmith.serve.connections import Capacity, CapacityGuard, head_deadline_protocol
 
     async def app(scope, receive, send):
         if scope["type"] != "http":
@@ -348,14 +351,18 @@ def test_connections_that_send_no_request_head_are_closed_and_free_their_slots()
             await asyncio.sleep(2.5)  # longer than the deadline: an answer in progress is not a waiting head
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
         await send({"type": "http.response.body", "body": b"ok"})
-    url, stop = start_server(app, limit_concurrency=4, http=head_deadline_protocol(1.0))
+    capacity, rejected = Capacity(4), []
+    url, stop = start_server(CapacityGuard(app, capacity, lambda: rejected.append(1)),
+                             http=head_deadline_protocol(1.0, capacity))
     port = int(url.rsplit(":", 1)[1])
     try:
         silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
         trickler = socket.create_connection(("127.0.0.1", port))
         trickler.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n")
         time.sleep(0.3)
-        assert httpx.get(url + "/", timeout=5).status_code == 503  # every slot held
+        busy = httpx.get(url + "/", timeout=5)  # every slot held: the API's JSON 503, not a plain-text one
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1" and rejected == [1]
+        assert "serve.max_concurrency" in busy.json()["error"]["message"]
         for _ in range(5):  # a header line every 0.3 s does not keep the connection
             time.sleep(0.3)
             try:
@@ -368,6 +375,8 @@ def test_connections_that_send_no_request_head_are_closed_and_free_their_slots()
             sock.close()
         with httpx.Client(timeout=10) as client:  # slots free again; keep-alive and a slow answer both work
             assert client.get(url + "/slow").text == "ok" and client.get(url + "/").text == "ok"
+            assert (capacity.connections, capacity.requests) == (1, 0)  # the client's kept-alive connection
+        wait_until(lambda: capacity.connections == 0, 10, "the closed connection to be counted out")
     finally:
         stop()
 

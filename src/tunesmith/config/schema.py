@@ -465,7 +465,7 @@ class ServeConfig(_Strict):
     max_queue: int = Field(64, ge=1)            # requests waiting for the model; beyond it: 503 + Retry-After
     request_timeout_s: float = Field(30.0, gt=0, le=3600)   # unanswered by then: 503 + Retry-After
     body_timeout_s: float = Field(10.0, gt=0, le=3600)      # body not all read by then: 408; no whole head: closed
-    max_concurrency: int = Field(256, ge=1)     # connections + requests at once (uvicorn's limit_concurrency)
+    max_concurrency: int = Field(256, ge=1)     # open connections (and requests) at once: serve/connections.py
     request_log: RequestLogSettings = Field(default_factory=RequestLogSettings)
     drift: DriftSettings = Field(default_factory=DriftSettings)
 

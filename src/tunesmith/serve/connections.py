@@ -1,5 +1,7 @@
-"""A deadline on each request head: a connection that has not sent a whole request head within the
-limit is closed.
+"""The server's connection slots: a deadline on each request head (a connection that has not sent a
+whole request head within the limit is closed), and `serve.max_concurrency` counted here, so that a
+client past it gets the API's own JSON 503 with Retry-After (uvicorn's limit_concurrency answers a
+plain-text one).
 
 uvicorn times out an idle keep-alive connection only once a response has gone out, so a client that
 connects and sends nothing, or trickles its header lines, would hold one of `serve.max_concurrency`
@@ -10,7 +12,9 @@ client out with 503s. The body has its own limit in the app (limits.py, 408).
 from __future__ import annotations
 
 import asyncio
+import json
 from functools import partial
+from typing import Callable
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -18,20 +22,67 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 _NOTHING = object()  # no connection state seen yet (a connection's first cycle is None)
 
 
+RETRY_AFTER_S = 1  # slots free as soon as any answer goes out
+
+
+class Capacity:
+    """`limit` slots for open connections and requests being answered (uvicorn's limit_concurrency rule:
+    503 once either count is past it). Counted on the event loop's one thread, so no lock."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.connections, self.requests = limit, 0, 0
+
+    def full(self) -> bool:
+        """Whether a request arriving now is refused (its own connection is counted already)."""
+        return self.connections > self.limit or self.requests >= self.limit
+
+
+class CapacityGuard:
+    """ASGI wrapper: an HTTP request past the capacity gets 503 with Retry-After in the app's error shape
+    and the connection closed (`on_reject` counts it); others are counted while the app answers them."""
+
+    def __init__(self, app, capacity: Capacity, on_reject: Callable[[], None] = lambda: None) -> None:
+        self.app, self.capacity, self.on_reject = app, capacity, on_reject
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.capacity.full():
+            self.on_reject()
+            return await _busy(send, self.capacity.limit)
+        self.capacity.requests += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.capacity.requests -= 1
+
+
+async def _busy(send, limit: int) -> None:
+    message = f"the server is at capacity ({limit} connections or requests at once, serve.max_concurrency)"
+    body = json.dumps({"error": {"message": message, "type": "server_error", "code": 503}}).encode()
+    await send({"type": "http.response.start", "status": 503,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"retry-after", str(RETRY_AFTER_S).encode()), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
 class HeadDeadline(asyncio.Protocol):
     """uvicorn's HTTP/1.1 protocol, composed with a timer that closes the connection when it has waited
     for a request head (h11's IDLE: nothing, or only part of a head, received) at two checks
     `seconds / 2` apart within the same request cycle: closed after `seconds` at most."""
 
-    def __init__(self, config, server_state, app_state, _loop=None, *, seconds: float) -> None:
+    def __init__(self, config, server_state, app_state, _loop=None, *, seconds: float,
+                 capacity: Capacity | None = None) -> None:
         self.inner = H11Protocol(config=config, server_state=server_state, app_state=app_state, _loop=_loop)
-        self.seconds = seconds
+        self.seconds, self.capacity = seconds, capacity
         self.timer: asyncio.TimerHandle | None = None
         self.seen = _NOTHING
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         self.transport = transport
+        if self.capacity is not None:
+            self.capacity.connections += 1
         self.inner.connection_made(transport)
         self._arm()
 
@@ -57,6 +108,9 @@ class HeadDeadline(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
             self.timer.cancel()
+        if self.capacity is not None and self.transport is not None:  # counted once, however often called
+            self.capacity.connections -= 1
+        self.transport = None
         self.inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -66,6 +120,7 @@ class HeadDeadline(asyncio.Protocol):
         self.inner.resume_writing()
 
 
-def head_deadline_protocol(seconds: float):
-    """The protocol factory uvicorn.Config(http=...) takes: HTTP/1.1 with a `seconds` request-head deadline."""
-    return partial(HeadDeadline, seconds=seconds)
+def head_deadline_protocol(seconds: float, capacity: Capacity | None = None):
+    """The protocol factory uvicorn.Config(http=...) takes: HTTP/1.1 with a `seconds` request-head deadline,
+    its connections counted in `capacity` (the one a CapacityGuard around the app reads)."""
+    return partial(HeadDeadline, seconds=seconds, capacity=capacity)

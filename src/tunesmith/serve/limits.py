@@ -1,7 +1,7 @@
 """Request body limits as an ASGI wrapper: a declared Content-Length over the size limit is refused
 before reading, a chunked body is cut off (413) as soon as it passes the limit, and a body not read
 in full within the time limit is cut off (408): clients trickling bodies byte by byte would
-otherwise hold their connections (and uvicorn's limit_concurrency) for as long as they like."""
+otherwise hold their connections (and serve.max_concurrency's slots) for as long as they like."""
 
 from __future__ import annotations
 

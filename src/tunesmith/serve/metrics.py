@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-REJECT_REASONS = ("queue_full", "deadline")
+REJECT_REASONS = ("queue_full", "deadline", "connections")  # connections: past serve.max_concurrency
 LOG_FAILURE_REASONS = ("write", "dropped")  # failed; or not tried, too many writes pending
 OTHER_LABEL = "other"  # a predicted label outside the model's label set (free text from an upstream engine)
 log = logging.getLogger("tunesmith.serve")

@@ -161,7 +161,7 @@ def _run_app(service, target: Path, listener: Listener, keys: list[str], registr
              variant: str | None = None) -> None:
     import uvicorn
 
-    from tunesmith.serve.connections import head_deadline_protocol
+    from tunesmith.serve.connections import Capacity, CapacityGuard, head_deadline_protocol
     from tunesmith.serve.hosts import loopback_guard
 
     cfg, log_path = serve_settings(target)
@@ -173,11 +173,13 @@ def _run_app(service, target: Path, listener: Listener, keys: list[str], registr
     access = "required" if keys else "not set: open to anyone who can reach it"
     print(f"serving {service.name} ({service.variant}, loaded in {service.load_seconds:.1f} s{following}) on "
           f"http://{host}:{port} ({where}; API keys {access})", file=sys.stderr)
-    # Past limit_concurrency connections + requests uvicorn itself answers 503: a backstop, the app
-    # answers 503 with Retry-After first (its queue full, or a request past serve.request_timeout_s).
-    # A connection must send each request head within serve.body_timeout_s (see connections.py).
+    # Past serve.max_concurrency connections or requests the guard answers 503 with Retry-After (JSON, as the
+    # app's own 503s: its queue full, or a request past serve.request_timeout_s). A connection must send
+    # each request head within serve.body_timeout_s (see connections.py).
+    capacity = Capacity(cfg.max_concurrency)
+    app = CapacityGuard(app, capacity, served.app.state.metrics.rejected.labels("connections").inc)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
-                            limit_concurrency=cfg.max_concurrency, http=head_deadline_protocol(cfg.body_timeout_s))
+                            http=head_deadline_protocol(cfg.body_timeout_s, capacity))
     server = uvicorn.Server(config)
     if served.follower is not None:
         served.follower.start()
