@@ -27,6 +27,7 @@ from pathlib import Path
 from tunesmith import fsio
 from tunesmith.data.io import json_value_error
 from tunesmith.errors import DataError, InputError, RunDirError
+from tunesmith.evaluate.predictions_file import require_test_predictions
 
 CHOICES = ("A", "B", "tie")
 # A spreadsheet starts a formula at these; "'" is included so that escaping can be undone exactly.
@@ -50,10 +51,7 @@ def load_answers(run_dir: Path, against: Path | None) -> tuple[list[dict], str, 
 
 
 def _predictions(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "predictions" / "test.jsonl"
-    if not path.is_file():
-        raise RunDirError("no predictions/test.jsonl", str(run_dir), "evaluate the run first (`tunesmith eval`)")
-    return fsio.read_jsonl(path)
+    return require_test_predictions(Path(run_dir))
 
 
 KEY_FILE = "key.json"  # which side is which: kept from raters (the workbench never serves it)

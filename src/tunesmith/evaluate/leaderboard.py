@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tunesmith import fsio
 from tunesmith.evaluate.compare import compare
-from tunesmith.evaluate.run_diff import read_test_predictions
+from tunesmith.evaluate.predictions_file import read_test_predictions
 from tunesmith.runs import read_summary
 
 

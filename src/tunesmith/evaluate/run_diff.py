@@ -10,6 +10,7 @@ import yaml
 from tunesmith import fsio
 from tunesmith.config import yaml_text
 from tunesmith.evaluate.compare import compare
+from tunesmith.evaluate.predictions_file import PREDICTIONS, read_test_predictions
 from tunesmith.runs import read_summary
 
 
@@ -45,9 +46,6 @@ def _config(path: Path) -> dict:
     return data
 
 
-PREDICTIONS = Path("predictions") / "test.jsonl"
-
-
 def metric_diff(a: Path, b: Path, resamples: int = 1000, seed: int = 0) -> dict:
     """Fine-tuned metrics of both runs, B - A, and a paired comparison when the test examples match
     (`unpaired` says why there is none)."""
@@ -76,21 +74,3 @@ def _unpaired(a: Path, b: Path, pa: list[dict] | None, pb: list[dict] | None) ->
     if [(r["text"], r["gold"]) for r in pa] != [(r["text"], r["gold"]) for r in pb]:
         return "the runs were not scored on the same test examples"
     return None
-
-
-def read_test_predictions(run: Path) -> list[dict] | None:
-    """A run's predictions/test.jsonl (None when it is missing), each row as eval writes it: a `text`, and
-    `gold` and `prediction` texts with `correct` a boolean where they are present. DamagedFile naming
-    the file and line otherwise (an edited row must not pass for a prediction)."""
-    path = Path(run) / PREDICTIONS
-    if not path.is_file():
-        return None
-    rows = fsio.read_jsonl(path)
-    for line, row in enumerate(rows, 1):
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or (
-                ("prediction" in row or "gold" in row) and not (
-                isinstance(row.get("gold"), str) and isinstance(row.get("prediction"), str)
-                and isinstance(row.get("correct", False), bool))):
-            raise fsio.DamagedFile(path, "a row without its text, gold and prediction as texts", line,
-                                   what="not what tunesmith wrote")
-    return rows

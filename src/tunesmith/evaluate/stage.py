@@ -16,6 +16,7 @@ from tunesmith.evaluate.compare import compare
 from tunesmith.evaluate.forgetting import forgetting_report, probe_accuracy
 from tunesmith.evaluate.harness import harness_report, run_harness
 from tunesmith.evaluate.perplexity import answer_perplexity
+from tunesmith.evaluate.predictions_file import PREDICTIONS
 from tunesmith.evaluate.preference import held_out_pairs, pair_comparison, pair_figures, reference_rows
 from tunesmith.evaluate.speed import latency_ms
 from tunesmith.evaluate.suites import load_suites, predict_suites, suite_report
@@ -124,7 +125,7 @@ def eval_stage(project: Project, splits: Splits, run_dir: Path, progress: bool =
         paired = [(r, e) for r, e in zip(rows, test) if e.rejected is not None]
         for (row, ex), margin, base_margin in zip(paired, tuned.margins, base.margins):
             row.update(rejected=ex.rejected, margin=round(margin, 6), baseline_margin=round(base_margin, 6))
-    fsio.write_jsonl(run_dir / "predictions" / "test.jsonl", rows)
+    fsio.write_jsonl(run_dir / PREDICTIONS, rows)
     return result
 
 

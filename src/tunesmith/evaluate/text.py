@@ -17,6 +17,7 @@ from tunesmith.data.examples import Example
 from tunesmith.data.prepare import Splits
 from tunesmith.evaluate.compare import compare
 from tunesmith.evaluate.forgetting import forgetting_report, probe_accuracy
+from tunesmith.evaluate.predictions_file import PREDICTIONS
 from tunesmith.evaluate.stage import EvalResult
 from tunesmith.models.load import load_model
 from tunesmith.tasks.metrics import compute_metrics, metric_names
@@ -68,7 +69,7 @@ def text_eval_stage(project: Project, splits: Splits, run_dir, progress: bool = 
     if train.is_file():
         result.train = fsio.read_json(train)["stats"]
     fsio.write_json(run_dir / "metrics.json", result.to_json())
-    fsio.write_jsonl(run_dir / "predictions" / "test.jsonl", _rows(test, tokens, base["nll"], tuned["nll"]))
+    fsio.write_jsonl(run_dir / PREDICTIONS, _rows(test, tokens, base["nll"], tuned["nll"]))
     return result
 
 

@@ -18,6 +18,7 @@ from tunesmith.data.groups import MISSING, attributes, eligible
 from tunesmith.data.lexicon import CATEGORIES
 from tunesmith.data.prepare import Splits
 from tunesmith.errors import InputError
+from tunesmith.evaluate.predictions_file import read_test_predictions
 from tunesmith.fairness.counterfactual import counterfactual_pairs, flip_rate
 from tunesmith.fairness.data_audit import audit_attribute
 from tunesmith.fairness.metrics import HEADLINE, disparities, per_group, with_intervals
@@ -183,5 +184,5 @@ def _stereotype(model, tokenizer, base_path, n: int) -> dict:
 
 
 def _baseline_predictions(run_dir: Path, n: int) -> list[str] | None:
-    rows = fsio.read_jsonl(run_dir / "predictions" / "test.jsonl", missing_ok=True)
+    rows = read_test_predictions(run_dir) or []
     return [r["baseline_prediction"] for r in rows] if len(rows) == n else None

@@ -40,6 +40,7 @@ from tunesmith import fsio
 from tunesmith.config import load_config
 from tunesmith.data.prepare import load_splits
 from tunesmith.errors import InputError, ParityError, RunDirError
+from tunesmith.evaluate.predictions_file import require_test_predictions
 from tunesmith.evaluate.preference import reference_rows
 from tunesmith.models.tokens import stop_ids
 from tunesmith.optimize.engines import save_hf
@@ -239,7 +240,7 @@ def _open_evaluated(run_dir: Path):
     if project.task.type == "text":
         raise InputError("export does not support task.type text (its check compares test predictions, and a "
                          "text run makes none)", "task.type", "use the run's model/ folder as it is")
-    return project, load_splits(run_dir / "data"), fsio.read_jsonl(run_dir / "predictions/test.jsonl")
+    return project, load_splits(run_dir / "data"), require_test_predictions(run_dir)
 
 
 def _plain(source):

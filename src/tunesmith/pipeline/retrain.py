@@ -28,6 +28,7 @@ from tunesmith.config import Project, derive, dump_config, load_config
 from tunesmith.data.examples import Example
 from tunesmith.errors import InputError, RunDirError
 from tunesmith.evaluate.compare import compare
+from tunesmith.evaluate.predictions_file import require_test_predictions
 from tunesmith.pipeline.promotion import Decision, decide
 from tunesmith.pipeline.traffic import Assembly, assemble, champion_labels, check_supported, write_rows
 from tunesmith.runs import check_out, find_run, is_run_dir, new_run_id, run_lock, staging_dir
@@ -227,9 +228,9 @@ def _judge(champion: Path, challenger: Path, project: Project, assembly: Assembl
 def _test_comparison(champion: Path, challenger: Path, project: Project) -> dict | None:
     """Champion vs challenger on the champion's test split, paired by (text, gold) from both runs'
     predictions/test.jsonl; rows only one run has are counted and left out (None: no row in common)."""
-    mine = fsio.read_jsonl(champion / "predictions" / "test.jsonl")
+    mine = require_test_predictions(champion)
     theirs: dict[tuple, list[str]] = {}
-    rows_b = fsio.read_jsonl(challenger / "predictions" / "test.jsonl")
+    rows_b = require_test_predictions(challenger)
     for r in rows_b:
         theirs.setdefault((r["text"], r["gold"]), []).append(r["prediction"])
     golds, a, b = [], [], []

@@ -7,7 +7,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from tunesmith import fsio
+from tunesmith.evaluate.predictions_file import read_test_predictions
 from tunesmith.registry import PREFERENCE_METRICS
 from tunesmith.tasks.metrics import METRICS
 
@@ -16,7 +16,7 @@ MAX_CHARS = 600  # a cell holds at most this much of one text; the full texts st
 
 def answers_section(run_dir: Path, metric: str, first_n: int = 10) -> str:
     """Both tables ("" when the run has no predictions or `first_n` is 0)."""
-    rows = fsio.read_jsonl(run_dir / "predictions" / "test.jsonl", missing_ok=True)
+    rows = read_test_predictions(run_dir) or []
     if not rows or first_n <= 0 or "gold" not in rows[0]:  # task.type text: per-document losses, no answers
         return ""
     first = _table(rows[:first_n], None)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from tunesmith import fsio
 from tunesmith.errors import InputError
-from tunesmith.evaluate.run_diff import config_diff, metric_diff, read_test_predictions
+from tunesmith.evaluate.predictions_file import read_test_predictions
+from tunesmith.evaluate.run_diff import config_diff, metric_diff
 from tunesmith.report import plots
 from tunesmith.report.html import fmt, img, page, read_log
 from tunesmith.runs import read_summary, reading_run_files

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from tunesmith import fsio
+from tunesmith.evaluate.predictions_file import read_test_predictions
 from tunesmith.models.tokens import text_ids
 
 EPS = 1e-4
@@ -70,7 +71,7 @@ def build_reference(run_dir: Path, clusters: int = 8, seed: int = 0) -> dict:
            "length_shares": shares(np.searchsorted(edges, [len(t) for t in texts], side="right"), len(edges) + 1),
            "centroids": km.cluster_centers_.round(6).tolist(), "cluster_shares": shares(km.labels_, k),
            "unknown_rate": _unknown_rate(run_dir, held, seen), "seen_tokens": sorted(seen)}
-    preds = fsio.read_jsonl(run_dir / "predictions" / "test.jsonl", missing_ok=True)
+    preds = read_test_predictions(run_dir) or []
     if preds and "confidence" in preds[0]:
         counts = Counter(r["prediction"] for r in preds)
         ref["label_shares"] = {lab: counts[lab] / len(preds) for lab in sorted(counts)}
