@@ -128,6 +128,7 @@ def test_metric_must_fit_task(tmp_path):
     ("task:\n  type: generation\n", "exact_match"), ("task:\n  type: chat\n", "exact_match"),
     ("task:\n  type: text\n", "perplexity"), ("task:\n  type: generation\ntrain:\n  method: dpo\n",
                                                "preference_accuracy"),
+    ("task:\n  type: chat\ntrain:\n  method: kto\n", "exact_match"),  # KTO rows are no pairs to score
     ("objective:\n  target: 0.5\n", "accuracy")])
 def test_an_unset_objective_metric_is_the_tasks_first_and_is_recorded(tmp_path, extra, metric):
     """A generation project without `objective.metric` is not refused for a key it never wrote."""

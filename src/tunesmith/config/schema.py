@@ -212,8 +212,8 @@ class Bound(_Strict):
 class ObjectiveConfig(_Strict):
     """The measurable objective the run is judged against."""
 
-    # None: the task's first metric (accuracy, exact_match, perplexity; preference_accuracy for preference
-    # methods), filled in by Project so the resolved config records it.
+    # None: the task's first metric (accuracy, exact_match, perplexity; preference_accuracy for dpo, orpo
+    # and simpo), filled in by Project so the resolved config records it.
     metric: str | None = None
     target: float | None = None
     min_gain: float | None = None
@@ -568,8 +568,8 @@ class Project(_Strict):
         names = metric_names(self.task.type)
         if METHOD_SPECS[self.train.method].preference:  # pair figures are measured on held-out pairs
             names = metric_names("preference") + names
-        if self.objective.metric is None:
-            self.objective.metric = names[0]
+        if self.objective.metric is None:  # KTO rows are no pairs: a KTO test split may hold none to score
+            self.objective.metric = names[0] if self.train.method != "kto" else metric_names(self.task.type)[0]
         if self.objective.metric not in names:
             raise _KeyedError(("objective", "metric"), f"unknown metric '{self.objective.metric}' for a "
                               f"{self.task.type} task (available: {', '.join(names)})")
