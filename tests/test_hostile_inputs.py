@@ -263,6 +263,37 @@ def test_edited_model_metadata_is_a_run_error_naming_the_file(tmp_path, meta, pr
     assert problem in info.value.what and info.value.where == str(tmp_path / "tunesmith.json")
 
 
+def test_a_data_path_that_is_a_link_loop_is_refused_by_name(tmp_path, tiny_model):
+    config = _project(tmp_path, tiny_model)
+    (tmp_path / "test.jsonl").unlink()
+    (tmp_path / "test.jsonl").symlink_to(tmp_path / "test.jsonl")  # Path.resolve(): RuntimeError, not OSError
+    line = _error(runner.invoke(app, ["data", "check", config]))
+    assert "symbolic link loop" in line and str(tmp_path / "test.jsonl") in line and "internal" not in line
+
+
+@pytest.mark.parametrize("error,says", [
+    (PermissionError(13, "Permission denied", "/data/train.jsonl"), "error: permission denied, /data/train.jsonl, "),
+    (IsADirectoryError(21, "Is a directory", "/out/results.json"),
+     "error: a folder where a file is expected, /out/results.json, "),
+    (OSError(30, "Read-only file system", "/ro/log.db"), "error: the file system is read-only, /ro/log.db, "),
+])
+def test_a_path_the_file_system_refuses_is_bad_input_naming_it(error, says, capsys):
+    """Running as root, a chmod 000 file is readable: the CLI's handling is checked on the error itself."""
+    import typer
+
+    from tunesmith.cli.common import guarded
+
+    def fail() -> int:
+        raise error
+    with pytest.raises(typer.Exit) as info:
+        guarded(False, fail)
+    err = capsys.readouterr().err
+    assert info.value.exit_code == 2 and err.startswith(says) and err.count("\n") == 1, err
+    with pytest.raises(typer.Exit) as info:  # an OSError naming no path stays an internal error
+        guarded(False, lambda: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    assert info.value.exit_code == 1
+
+
 def test_a_fifo_as_data_is_refused_unread(tmp_path, tiny_model):
     import os
 

@@ -64,18 +64,31 @@ def guarded(debug: bool, fn: Callable[[], int], details: bool = False, resumable
     raise typer.Exit(code)
 
 
+# What the file system refused, for a path the error names: the user's files or folders, not a bug.
+_REFUSED = {errno.EACCES: ("permission denied", "give this user access to it, or choose another path"),
+            errno.EPERM: ("operation not permitted", "give this user access to it, or choose another path"),
+            errno.EROFS: ("the file system is read-only", "choose a path on a writable disk"),
+            errno.EISDIR: ("a folder where a file is expected", "move the folder away, or choose another path"),
+            errno.ENOTDIR: ("a file where a folder is expected", "move the file away, or choose another path"),
+            errno.ELOOP: ("too many levels of symbolic links (a link loop?)", "fix the link")}
+
+
 def _file_system_error(e: OSError, debug: bool) -> NoReturn:
-    """A path too long or a full disk: the place the user chose to write, said in one line, exit 2
-    (whatever was being written was staged and is not left half-written); any other OSError is a bug."""
-    if e.errno not in (errno.ENAMETOOLONG, errno.ENOSPC, errno.EDQUOT):
+    """A path too long, a full disk, or a path the file system refuses (no permission, a folder where a
+    file should be): said in one line naming the path, exit 2; any other OSError is a bug."""
+    named = e.filename is not None or e.filename2 is not None
+    if e.errno not in (errno.ENAMETOOLONG, errno.ENOSPC, errno.EDQUOT) and not (named and e.errno in _REFUSED):
         _internal(e, debug)
     if debug:
         traceback.print_exc()
-    name = str(e.filename or e.filename2 or e)
+    name = str(e.filename if e.filename is not None else e.filename2 if e.filename2 is not None else e)
     name = f"{name[:120]}{'...' if len(name) > 120 else ''}"
     if e.errno == errno.ENAMETOOLONG:  # only a path the user gave (--out, a config's name) is too long
         print(f"error: a name in the path is too long for the file system, {name}, give a shorter path (or a "
               "shorter `name` in the config)", file=sys.stderr)
+    elif e.errno in _REFUSED:
+        what, hint = _REFUSED[e.errno]
+        print(f"error: {what}, {name}, {hint}{_kept(e)}", file=sys.stderr)
     else:
         kept = _kept(e) or " (nothing half-written was kept)"
         print(f"error: no space left on the disk ({e.strerror}), {name}, free some space or write to another "

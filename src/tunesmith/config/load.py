@@ -49,7 +49,13 @@ def load_config(path: str | Path, check_files: bool = True) -> Project:
     except ValidationError as e:
         raise _config_error(e, path, root) from None
     project.source = path.resolve()
-    _resolve_paths(project, root, check_files)
+    try:
+        _resolve_paths(project, root, check_files)
+    except RuntimeError as e:  # Path.resolve() on a link loop (an OSError ELOOP from Python 3.13 on)
+        if not str(e).startswith("Symlink loop"):
+            raise
+        raise ConfigError(f"a path of the config is a symbolic link loop ({e})", str(path),
+                          "fix the link, or give the file itself") from None
     return project
 
 
