@@ -219,7 +219,7 @@ def _verdicts(db: Path) -> list[tuple]:
                                        "ORDER BY request_id").fetchall()
 
 
-def test_feedback_import_stores_all_rows_or_none(tmp_path):
+def test_feedback_import_stores_all_rows_or_none(tmp_path, monkeypatch):
     db, ids = tmp_path / "log.db", _log_with(tmp_path / "log.db", 5)
     good = write_jsonl(tmp_path / "good.jsonl", [{"request_id": ids[0], "label": "beta", "text": "ignored"},
                                                  {"request_id": ids[1], "rating": 0},
@@ -250,6 +250,23 @@ def test_feedback_import_stores_all_rows_or_none(tmp_path):
         assert result.exit_code == 2 and "error: " in result.output, (reason, result.output)
         assert f"{path}:2" in result.output and reason in result.output, (reason, result.output)
         assert _verdicts(db) == before, reason  # nothing written
+    import pandas as pd
+
+    frame = pd.DataFrame({"request_id": [ids[0], ids[1]], "label": ["beta", None], "rating": [None, 1]})
+    assert frame["rating"].dtype == float  # pandas: a column with gaps is floats, NaN where none
+    for path in (tmp_path / "pd.parquet", tmp_path / "pd.csv"):
+        frame.to_parquet(path) if path.suffix == ".parquet" else frame.to_csv(path, index=False)
+        result = runner.invoke(cli, ["feedback", "import", str(path), "--db", str(db), "--replace"])
+        assert result.exit_code == 0 and "imported 2 verdicts (new 0, replaced 2)" in result.output, result.output
+    assert _verdicts(db)[:2] == [(ids[0], "beta", None, None, "import"), (ids[1], None, None, 1, "import")]
+    before = _verdicts(db)
+
+    def refuse_writes(*args, **kwargs):
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+    monkeypatch.setattr(RequestLog, "import_feedback", refuse_writes)  # a read-only log (root reads any file)
+    result = runner.invoke(cli, ["feedback", "import", str(good), "--db", str(db), "--replace"])
+    assert result.exit_code == 2 and "cannot open the request log for this user" in result.output, result.output
+    monkeypatch.undo()
     csv.write_text(f"request_id,rating\n{ids[1]},yes\n", encoding="utf-8")
     result = runner.invoke(cli, ["feedback", "import", str(csv), "--db", str(db), "--replace"])
     assert result.exit_code == 2 and f"{csv}:2" in result.output and _verdicts(db) == before

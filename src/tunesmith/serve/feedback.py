@@ -33,7 +33,15 @@ from tunesmith.errors import DataError, InputError
 from tunesmith.serve.replies import error
 from tunesmith.serve.routes import unicode_text
 from tunesmith.serve.state import ServerState
-from tunesmith.serve.store import STORED_CHARS, VERDICTS, RequestLog, UnknownRequest, VerdictExists, check_log
+from tunesmith.serve.store import (
+    STORED_CHARS,
+    VERDICTS,
+    RequestLog,
+    UnknownRequest,
+    VerdictExists,
+    check_log,
+    no_access,
+)
 
 LABEL_CHARS = 200
 RETRY_AFTER_S = 1
@@ -205,9 +213,16 @@ def import_file(path: Path, db: Path, replace: bool = False, redact_pii: bool = 
         raise InputError(f"no request log at {db}", "--db", "give the request log the server wrote "
                          "(serve.request_log.path, default RUN_DIR/monitor/requests.db)")
     lines = {v.request_id: line for line, v in verdicts}
-    store = _open_log(db, redact_pii)
+    try:
+        store = _open_log(db, redact_pii)
+    except sqlite3.OperationalError as e:  # opened for writing: a read-only file or folder
+        raise no_access(db, e) from None
     try:
         counts = store.import_feedback([{"request_id": v.request_id, **v.fields()} for _, v in verdicts], replace)
+    except sqlite3.OperationalError as e:
+        if "readonly" not in str(e) and "unable to open" not in str(e):
+            raise
+        raise no_access(db, e) from None
     except UnknownRequest as e:
         raise DataError(f"unknown request_id {e.request_id} (not in the request log)", str(path),
                         lines[e.request_id], "nothing was imported") from None
@@ -249,12 +264,20 @@ def read_verdicts(path: Path) -> list[tuple[int, Verdict]]:
 
 
 def _fields(record: dict, text_cells: bool) -> dict:
-    """The verdict's fields of a row. A CSV cell is text: an empty one is absent, a rating "0"/"1" a number."""
+    """The verdict's fields of a row. A CSV cell is text: an empty one is absent, a rating "0"/"1" a number.
+    A file's rating 0.0 or 1.0 is taken as 0 or 1 and NaN as absent: pandas writes a rating column with
+    gaps as floats (the API's JSON stays strict)."""
     fields = {k: record[k] for k in ("request_id", *VERDICTS) if k in record}
     if text_cells:
         fields = {k: v for k, v in fields.items() if v != ""}
-        if isinstance(fields.get("rating"), str) and fields["rating"].strip() in ("0", "1"):
-            fields["rating"] = int(fields["rating"])
+        if isinstance(fields.get("rating"), str) and fields["rating"].strip() in ("0", "1", "0.0", "1.0"):
+            fields["rating"] = int(float(fields["rating"]))
+    rating = fields.get("rating")
+    if isinstance(rating, float) and (rating != rating or rating in (0.0, 1.0)):
+        if rating != rating:  # NaN: no rating on this row
+            del fields["rating"]
+        else:
+            fields["rating"] = int(rating)
     return fields
 
 

@@ -383,8 +383,17 @@ def check_log(path: Path, new_ok: bool = False) -> None:
 
 
 def _not_a_log(path: Path, why) -> InputError:
+    if isinstance(why, sqlite3.OperationalError) and "unable to open" in str(why) and Path(path).is_file():
+        return no_access(path, why)  # a file SQLite cannot open: a log of a folder this user cannot write
     return InputError(f"not a request log ({why})", str(path),
                       "give the SQLite request log the server wrote (serve.request_log.path)")
+
+
+def no_access(path: Path, why) -> InputError:
+    """The log exists but this user cannot open or write it (file or folder permissions)."""
+    return InputError(f"cannot open the request log for this user ({why})", str(path),
+                      "SQLite writes beside a log (its -wal and -shm files): give this user write access to the "
+                      "log and its folder")
 
 
 def labelled(path: Path, run_dir: str | None = None, since: float | None = None) -> list[LabelledRequest]:
