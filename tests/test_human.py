@@ -84,6 +84,29 @@ def test_export_is_blinded_and_shuffled(tmp_path):
     assert page.count("<fieldset") == 40 and "Save ratings" in page and "fine-tuned" not in page
 
 
+def test_against_pairs_only_the_same_test_examples_and_names_both_runs(tmp_path):
+    """Two projects' test.jsonl:3 are different examples: pairing by row alone put one run's prompt beside
+    the other run's answer to another prompt. Both folders called `run`: the key tells them apart."""
+    run = _run_dir(tmp_path / "a", 6)
+    other = _run_dir(tmp_path / "b", 6)
+    rows = [json.loads(line) for line in (other / "predictions" / "test.jsonl").read_text().splitlines()]
+    rows[1]["text"], rows[2]["gold"] = "another prompt", "y"  # same rows, other examples
+    (other / "predictions" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = runner.invoke(app, ["human", "export", str(run), "--against", str(other), "--out", str(tmp_path / "h")])
+    assert result.exit_code == 0, result.output
+    key = json.loads((tmp_path / "h" / "key.json").read_text())
+    assert sorted(p["source"] for p in key["pairs"].values()) == [f"test.csv:{i + 2}" for i in (0, 3, 4, 5)]
+    assert (key["one"], key["two"]) == (str(run.resolve()), str(other.resolve()))
+    pairs = list(csv.DictReader(open(tmp_path / "h" / "pairs.csv", newline="")))
+    for p in pairs:  # each prompt beside the two runs' answers to it
+        n = p["prompt"].split()[-1]
+        assert {p["response_a"], p["response_b"]} == {f"tuned answer {n}"}
+    rows[0]["text"] = rows[3]["text"] = rows[4]["text"] = rows[5]["text"] = "x"
+    (other / "predictions" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = runner.invoke(app, ["human", "export", str(run), "--against", str(other), "--out", str(tmp_path / "i")])
+    assert result.exit_code == 2 and "share no test examples" in result.output
+
+
 def test_two_raters_round_trip_with_cohen_kappa(tmp_path):
     from sklearn.metrics import cohen_kappa_score
 

@@ -42,12 +42,18 @@ def load_answers(run_dir: Path, against: Path | None) -> tuple[list[dict], str, 
         pairs = [{"id": r["source"], "prompt": r["text"], "one": r["prediction"], "two": r["baseline_prediction"]}
                  for r in rows]
         return pairs, f"fine-tuned ({Path(run_dir).name})", "baseline"
-    other = {r["source"]: r for r in _predictions(against)}
-    pairs = [{"id": r["source"], "prompt": r["text"], "one": r["prediction"], "two": other[r["source"]]["prediction"]}
-             for r in rows if r["source"] in other]
+    # The same test example: the same row of the same file, with the same prompt and gold answer (two
+    # projects' test.jsonl:3 are different examples).
+    other = {(r["source"], r["text"], r["gold"]): r for r in _predictions(against)}
+    pairs = [{"id": r["source"], "prompt": r["text"], "one": r["prediction"],
+              "two": other[key]["prediction"]} for r in rows if (key := (r["source"], r["text"], r["gold"])) in other]
     if not pairs:
-        raise RunDirError("the two runs share no test examples", str(against), "compare runs of the same project")
-    return pairs, Path(run_dir).name, Path(against).name
+        raise RunDirError("the two runs share no test examples (the same row, prompt and gold answer)", str(against),
+                          "compare runs of the same project")
+    one, two = Path(run_dir).resolve(), Path(against).resolve()
+    if one.name == two.name:  # two folders called `run`: the key must still say which is which
+        return pairs, str(one), str(two)
+    return pairs, one.name, two.name
 
 
 def _predictions(run_dir: Path) -> list[dict]:

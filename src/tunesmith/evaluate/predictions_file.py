@@ -2,10 +2,11 @@
 reference, report answers, retrain's paired test, the fairness baseline, export's parity check, human
 evaluation). The eval stage writes one row per test example, of one of two kinds:
 
-- answers (classification, generation, chat): `text`, `gold`, `prediction`, `baseline_prediction`;
+- answers (classification, generation, chat): `text`, `source` (file:line), `gold`, `prediction`,
+  `baseline_prediction`;
   classification rows add `correct` and `confidence`, preference pairs add `rejected`, `margin` and
   `baseline_margin`;
-- documents (task.type text): `text`, `tokens`, `nll_per_token`, `baseline_nll_per_token`.
+- documents (task.type text): `text`, `source`, `tokens`, `nll_per_token`, `baseline_nll_per_token`.
 
 A row edited by hand into another shape must be one error naming the file and line, not a KeyError
 deep inside whichever command read it.
@@ -20,7 +21,7 @@ from tunesmith import fsio
 
 PREDICTIONS = Path("predictions") / "test.jsonl"
 
-_ANSWER = ("text", "gold", "prediction", "baseline_prediction")
+_ANSWER = ("text", "source", "gold", "prediction", "baseline_prediction")
 _DOCUMENT = ("tokens", "nll_per_token", "baseline_nll_per_token")
 _PAIR = ("rejected", "margin", "baseline_margin")  # on the rows that are preference pairs
 
@@ -58,7 +59,7 @@ def _problem(row: object, answers: bool, scored: bool) -> str | None:
     """Why `row` is not a row of its file's kind, or None."""
     if not isinstance(row, dict):
         return f"a {type(row).__name__}, not an object"
-    texts, numbers = (_ANSWER, ()) if answers else (("text",), _DOCUMENT)
+    texts, numbers = (_ANSWER, ()) if answers else (_ANSWER[:2], _DOCUMENT)
     if answers and "rejected" in row:
         texts, numbers = texts + _PAIR[:1], _PAIR[1:]
     if scored:
