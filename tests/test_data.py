@@ -209,3 +209,15 @@ def test_field_absent_from_every_row_points_at_the_config_key(tmp_path):
         load_examples(path, CLS)
     assert "task.label_field" in info.value.line() and "category" in info.value.line()
     assert f"{path}:2" in info.value.line()
+
+
+def test_labels_read_from_data_are_checked_as_declared_labels_are(tmp_path):
+    """A label with a line break, a zero-width space or a bell passed from the data into prompt.json, the
+    system prompt and the reports, while task.labels refuses it and feedback could never name it."""
+    rows = [{"text": "a", "label": "alpha"}, {"text": "b", "label": "al\npha"}, {"text": "c", "label": "be\u200bta"},
+            {"text": "d", "label": "gam\u0007ma"}, {"text": "e", "label": "\u0645\u06cc\u200c\u0631\u0648\u062f"}]
+    examples, problems = load_examples(write_jsonl(tmp_path / "t.jsonl", rows), TaskConfig())
+    assert [e.target for e in examples] == ["alpha", "\u0645\u06cc\u200c\u0631\u0648\u062f"]  # ZWNJ is a letter
+    assert [p.line for p in problems] == [2, 3, 4]
+    assert problems[0].reason.startswith('label "al\\npha" holds a control or invisible character')
+    assert all("\n" not in p.reason for p in problems)  # the message stays one line

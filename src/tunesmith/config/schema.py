@@ -5,6 +5,7 @@ rules as validators. The self-contained settings groups nested in them are in co
 from __future__ import annotations
 
 import ipaddress
+import json
 import unicodedata
 import urllib.parse
 from pathlib import Path
@@ -67,6 +68,14 @@ TEXT_UNUSED_TASK_KEYS = ("label_field", "prompt_field", "completion_field", "ins
                          "label_scoring", "train_on", "chat_template")
 
 
+def label_problem(label: str) -> str | None:
+    """Why a label cannot be one (a line break would split prompts, reports and feedback; an invisible
+    character makes two labels look alike), or None. task.labels and the labels read from data both ask."""
+    if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") or c in _INVISIBLE for c in label):
+        return "holds a control or invisible character (a line break, a zero-width space, a direction mark)"
+    return None
+
+
 # Train keys the preference loop does not implement; set (non-default) with a preference method, they are refused.
 PREFERENCE_UNUSED_TRAIN_KEYS = ("batch_tokens", "label_smoothing", "checkpoint_every", "keep_checkpoints")
 
@@ -106,9 +115,8 @@ class TaskConfig(_Strict):
                 raise ValueError("a label is empty: every label must be text the model can write")
             if label != label.strip():  # labels read from the data are stripped: this one would match no row
                 raise ValueError(f"the label '{label[:80]}' starts or ends with whitespace")
-            if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") or c in _INVISIBLE for c in label):
-                raise ValueError(f"the label '{label[:80]}' holds a control or invisible character "
-                                 "(a line break, a zero-width space, a direction mark)")
+            if problem := label_problem(label):
+                raise ValueError(f"the label {json.dumps(label[:80])} {problem}")
             if label in seen:
                 raise ValueError(f"the label '{label[:80]}' is listed twice")
             seen.add(label)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.config import TaskConfig
+from tunesmith.config.schema import label_problem
 from tunesmith.config.sources import HF_PREFIX
 from tunesmith.data.io import ReadResult, Row, RowProblem, RowSource, read_rows
 from tunesmith.data.pair_rows import PairError, is_kto_row, is_preference_row, parse_pair, text_value
@@ -195,8 +196,10 @@ def _classification(row: Row, task: TaskConfig) -> Example:
     label = _field(rec, task.label_field, "the label")
     if isinstance(label, bool) or not isinstance(label, (str, int)):
         raise _RowError(f"label '{task.label_field}' must be a string, got {type(label).__name__}")
-    label = _text(str(label), task.label_field)
-    return Example(text, label.strip(), _source(row))
+    label = _text(str(label), task.label_field).strip()
+    if problem := label_problem(label):
+        raise _RowError(f"label {json.dumps(label[:80])} {problem}")
+    return Example(text, label, _source(row))
 
 
 # Chat rows: the role names each format uses, mapped onto system / user / assistant / tool. OpenAI's
