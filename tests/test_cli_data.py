@@ -88,6 +88,21 @@ def test_group_split_keeps_each_group_in_one_split(tmp_path, tiny_model):
     assert sum(len(_jsonl(out / f"{n}.jsonl")) for n in groups) == 60
 
 
+def test_a_given_test_file_takes_its_groups_out_of_training(tmp_path, tiny_model):
+    """Carved splits kept groups apart, a given test file did not: its users' rows stayed in training."""
+    rows = [dict(r, user=f"u{i // 6}") for i, r in enumerate(make_texts(60, 1))]
+    config = _project(tmp_path, tiny_model, rows, "  group_field: user\n")
+    write_jsonl(tmp_path / "test.jsonl", [dict(r, user="u0") for r in make_texts(9, 2)])  # all of user u0
+    out = tmp_path / "split"
+    result = runner.invoke(app, ["data", "split", config, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    groups = {name: {e["group"] for e in _jsonl(out / f"{name}.jsonl")} for name in ("train", "validation", "test")}
+    assert groups["test"] == {"u0"} and "u0" not in groups["train"] | groups["validation"]
+    removed = [r for r in _jsonl(out / "removed.jsonl") if r["reason"] == "group_in_held_out"]
+    assert len(removed) == 6 and {r["group"] for r in removed} == {"u0"}
+    assert removed[0]["overlaps"]["file"] == str(tmp_path / "test.jsonl")
+
+
 def test_augment_adds_marked_rows_to_train_only(tmp_path, tiny_model):
     augment = "  augment: {enabled: true, eda: 1, char_noise: 1, paraphrases: 1}\n"
     config = _project(tmp_path, tiny_model, make_texts(30, 1), augment)

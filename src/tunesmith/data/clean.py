@@ -78,6 +78,24 @@ class Curation:
             return [e for i, e in enumerate(rows) if i not in drop]
         return self._step(role, "decontaminate", train, run)
 
+    def separate_groups(self, rows: list[Example], held_out: list[Example], role: str = "train") -> list[Example]:
+        """Drop rows of `role` whose data.group_field value also appears in held-out rows: carved splits keep
+        groups apart by construction, given files (a test file of the same users) do not. Runs whatever
+        data.clean says, as the split's promise does."""
+        seen: dict[str, Example] = {}
+        for e in held_out:
+            if e.group is not None:
+                seen.setdefault(e.group, e)
+        if not seen:
+            return rows
+
+        def run(rows: list[Example]) -> list[Example]:
+            for e in rows:
+                if e.group in seen:
+                    self._remove(e, "group_in_held_out", group=e.group, overlaps=_where(seen[e.group]))
+            return [e for e in rows if e.group not in seen]
+        return self._step(role, "separate_groups", rows, run)
+
     def label_noise(self, train: list[Example]) -> list[Example]:
         """List suspected label errors in the training split (and drop them if configured)."""
         cfg = self.cfg.label_noise

@@ -94,6 +94,9 @@ def prepare_data(project: Project, progress: bool = False, augment_rows: bool = 
     fixes = load_corrections(project)
     loaded = {role: curation.clean_rows(role, rows) for role, rows in sources.examples.items()}
     train, validation, test = _split(loaded, project)
+    if data.group_field:  # rows of one group never span two splits, given files included
+        train = curation.separate_groups(train, validation + test)
+        validation = curation.separate_groups(validation, test, role="validation")
     if fixes is not None:  # after the split (it never moves a row between splits), never on test rows
         train, validation = fixes.apply(curation, "train", train), fixes.apply(curation, "validation", validation)
         fixes.note_test(test)
