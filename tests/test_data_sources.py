@@ -232,6 +232,22 @@ def test_arrow_rows_are_numbered_and_bad_rows_located(tmp_path):
         read_rows(tmp_path / "junk.arrow")
 
 
+def test_a_table_naming_a_column_twice_is_refused_as_a_csv_header_is(tmp_path):
+    """Arrow kept the last `label` column silently; Parquet failed with pyarrow's FieldRef message."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table([pa.array(["a", "b"]), pa.array(["x", "y"]), pa.array(["zzz", "zzz"])],
+                     names=["text", "label", "label"])
+    pq.write_table(table, tmp_path / "t.parquet")
+    with pa.ipc.new_file(tmp_path / "t.arrow", table.schema) as w:
+        w.write_table(table)
+    for name in ("t.parquet", "t.arrow"):
+        with pytest.raises(DataError) as info:
+            read_rows(tmp_path / name)
+        assert "the column 'label' appears twice" in info.value.line() and name in info.value.line()
+
+
 def test_a_table_mixing_row_formats_reads_each_row_as_its_own_format(tmp_path):
     """A table gives every row every column (null where a row has none); each row still reads as the
     format it is, nested struct fields included (a message without `tool_calls` is no tool call)."""

@@ -281,11 +281,7 @@ def _read_csv(path: Path) -> ReadResult:
         raise DataError(f"malformed CSV header: {e}", str(path), 1, "the first line must name the columns") from None
     if not header:
         raise DataError("CSV file has no header row", str(path), hint="the first line must name the columns")
-    named = [h for h in header if h.strip()]
-    if len(set(named)) != len(named):
-        twice = next(h for h in named if named.count(h) > 1)
-        raise DataError(f"the column '{twice[:80]}' appears twice in the header", str(path), 1,
-                        "give each column its own name")
+    _refuse_twice_named([h for h in header if h.strip()], str(path), 1, " in the header")
     start = reader.line_num + 1
     try:
         for cells in reader:
@@ -302,15 +298,27 @@ def _read_csv(path: Path) -> ReadResult:
     return out
 
 
+def _refuse_twice_named(columns: list[str], where: str, line: int | None = None, place: str = "") -> None:
+    """A column named twice: a row would keep one of the two values silently (or pyarrow fail obscurely)."""
+    seen: set[str] = set()
+    for name in columns:
+        if name in seen:
+            raise DataError(f"the column '{name[:80]}' appears twice{place}", where, line,
+                            "give each column its own name")
+        seen.add(name)
+
+
 def _read_parquet(path: Path) -> ReadResult:
     import pyarrow.parquet as pq
 
-    try:
-        table = pq.read_table(path)
-    except Exception as e:  # pyarrow raises several types for a corrupt file
-        raise DataError(f"cannot read Parquet file: {e}", str(path),
-                        hint="check that it is a valid Parquet file") from None
-    return _columnar_rows(table.to_pylist(), str(path))
+    def read(what):
+        try:
+            return what(path)
+        except Exception as e:  # pyarrow raises several types for a corrupt file
+            raise DataError(f"cannot read Parquet file: {e}", str(path),
+                            hint="check that it is a valid Parquet file") from None
+    _refuse_twice_named(read(pq.read_schema).names, str(path))  # before read_table fails on it obscurely
+    return _columnar_rows(read(pq.read_table).to_pylist(), str(path))
 
 
 def _read_arrow(path: Path) -> ReadResult:
@@ -325,6 +333,7 @@ def _read_arrow(path: Path) -> ReadResult:
     except Exception as e:  # pyarrow raises several types for a corrupt file
         raise DataError(f"cannot read Arrow file: {e}", str(path),
                         hint="check that it is an Arrow IPC file or stream") from None
+    _refuse_twice_named(table.column_names, str(path))
     return _columnar_rows(table.to_pylist(), str(path))
 
 
