@@ -120,6 +120,14 @@ def test_a_damaged_model_file_is_a_run_error_naming_the_model_folder(run, name, 
     assert str(run / "model") in line
 
 
+def test_a_missing_prompt_json_is_named_by_promote(run, tmp_path, monkeypatch):
+    """promote (and rollback, through the same reader) said `internal error: FileNotFoundError`."""
+    monkeypatch.setenv("TUNESMITH_REGISTRY", str(tmp_path / "registry.sqlite"))
+    (run / "model" / "prompt.json").unlink()
+    line = _error(runner.invoke(app, ["promote", str(run), "--name", "champ"]))
+    assert "not what tunesmith wrote (the file is missing" in line and str(run / "model" / "prompt.json") in line
+
+
 # --- damaged run files ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name,content,command,expected", [

@@ -73,7 +73,10 @@ class PromptFormat:
 
 def read_prompt_format(path: Path) -> PromptFormat:
     """The prompt.json at `path` (a run's model folder), its fields checked: DamagedFile naming the
-    file and the first field that is missing or not what `PromptFormat.to_json` writes."""
+    file and the first field that is missing or not what `PromptFormat.to_json` writes (or the file itself:
+    deleted, or a dangling link)."""
+    if not Path(path).is_file():
+        raise fsio.DamagedFile(Path(path), "the file is missing or not a regular file", what="not what tunesmith wrote")
     d = fsio.read_json(path, dict)
     if problem := _format_problem(d):
         raise fsio.DamagedFile(Path(path), problem, what="not what tunesmith wrote")
