@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -35,10 +36,14 @@ def registry(tmp_path, monkeypatch) -> Path:
     return path
 
 
-def _run(folder: Path, met: bool | None = True, name: str = "tiny") -> Path:
-    """A folder that passes for a trained run: model/tunesmith.json, config.yaml, summary.json."""
+def _run(folder: Path, met: bool | None = True, name: str = "tiny", tokenizer: Path | None = None) -> Path:
+    """A folder that passes for a trained run: model/tunesmith.json, config.yaml, summary.json, and the
+    tokenizer files of `tokenizer` (promote loads the tokenizer a server would)."""
     model = folder / "model"
     model.mkdir(parents=True)
+    for file in (tokenizer.glob("*.json") if tokenizer is not None else []):
+        if file.name.startswith("tokenizer") or file.name == "special_tokens_map.json":
+            shutil.copy(file, model / file.name)
     meta = {"method": "lora", "kind": "adapter", "model": "tiny-model", "base_model_path": "tiny-model"}
     (model / "tunesmith.json").write_text(json.dumps(meta), encoding="utf-8")
     fmt = PromptFormat("classification", "Classify.", ["alpha", "beta"], True, 64)
@@ -54,8 +59,8 @@ def _run(folder: Path, met: bool | None = True, name: str = "tiny") -> Path:
 
 
 @pytest.fixture()
-def runs(tmp_path) -> dict[str, Path]:
-    return {k: _run(tmp_path / k) for k in "ABCD"}
+def runs(tmp_path, tiny_model) -> dict[str, Path]:
+    return {k: _run(tmp_path / k, tokenizer=tiny_model) for k in "ABCD"}
 
 
 def test_stack_semantics(runs):
@@ -216,8 +221,9 @@ def test_cli_promote_and_rollback(runs, tmp_path):
     assert out.exit_code == 2 and out.output.startswith("error: nothing to roll back to")
 
 
-def test_cli_refuses_a_run_that_missed_its_objective(tmp_path):
-    missed, unevaluated = _run(tmp_path / "missed", met=False), _run(tmp_path / "raw", met=None)
+def test_cli_refuses_a_run_that_missed_its_objective(tmp_path, tiny_model):
+    missed = _run(tmp_path / "missed", met=False, tokenizer=tiny_model)
+    unevaluated = _run(tmp_path / "raw", met=None, tokenizer=tiny_model)
     out = runner.invoke(cli, ["promote", str(missed), "--name", "bank"])
     assert out.exit_code == 2 and "did not meet its objective: accuracy 0.5 (needs >= 0.8)" in out.output
     assert "--force" in out.output and champions.current("bank") is None

@@ -128,6 +128,19 @@ def test_a_missing_prompt_json_is_named_by_promote(run, tmp_path, monkeypatch):
     assert "not what tunesmith wrote (the file is missing" in line and str(run / "model" / "prompt.json") in line
 
 
+@pytest.mark.parametrize("name,says", [("tokenizer_config.json", "has no end-of-sequence or padding token"),
+                                       ("tokenizer.json", "the model's tokenizer cannot be loaded")])
+def test_a_model_folder_without_its_tokenizer_is_never_promoted(run, tmp_path, monkeypatch, name, says):
+    """Without tokenizer_config.json the tokenizer loads with no EOS and no pad token: promote accepted
+    it, a server following the registry swapped to it and answered every request with a 500."""
+    monkeypatch.setenv("TUNESMITH_REGISTRY", str(tmp_path / "registry.sqlite"))
+    (run / "model" / name).unlink()
+    line = _error(runner.invoke(app, ["promote", str(run), "--name", "champ"]))
+    assert says in line and str(run / "model") in line
+    if name == "tokenizer_config.json":
+        assert says in _error(runner.invoke(app, ["eval", str(run), "--quiet"]))
+
+
 # --- damaged run files ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name,content,command,expected", [

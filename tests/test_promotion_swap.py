@@ -410,5 +410,6 @@ def test_serve_registry_runs_the_follower_while_the_server_runs(runs, registry, 
     serve(None, "127.0.0.1", free_port(), registry=NAME)
     assert seen["following"] == ["registry-follower"]
     assert not any(t.name == "registry-follower" for t in threading.enumerate())  # stopped with the server
-    assert isinstance(seen["app"].app.state.service, ServiceSlot)  # behind the loopback Host check
+    # behind the capacity guard and the loopback Host check
+    assert isinstance(seen["app"].app.app.state.service, ServiceSlot)
     assert f"following the registry '{NAME}': {runs['A']}" in capsys.readouterr().err

@@ -10,11 +10,20 @@ from tunesmith.errors import ModelError
 
 
 def load_tokenizer(path: Path):
+    """The tokenizer of a local model folder, padding with its EOS token when it has no pad token.
+
+    Raises:
+        ModelError: one with neither token (a folder holding tokenizer.json without its
+            tokenizer_config.json loads as one): every batch pads and every answer stops on them.
+    """
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token_id is None:
+        raise ModelError(f"the tokenizer in {path} has no end-of-sequence or padding token", "model",
+                         "is its tokenizer_config.json missing? restore the folder's tokenizer files")
     return tokenizer
 
 

@@ -9,7 +9,7 @@ from safetensors import SafetensorError, safe_open
 
 from tunesmith import fsio
 from tunesmith.config import Project
-from tunesmith.errors import RunDirError
+from tunesmith.errors import ModelError, RunDirError
 from tunesmith.models.load import load_model, load_tokenizer
 from tunesmith.models.resolve import resolve_model
 from tunesmith.registry import METHOD_SPECS
@@ -63,6 +63,7 @@ def check_model_files(model_dir: Path) -> None:
     model_dir = Path(model_dir)
     meta = read_meta(model_dir)
     read_prompt_format(model_dir / "prompt.json")
+    _check_tokenizer(model_dir)
     needed = _weight_files(model_dir, meta["kind"])
     if meta.get("base_in_model_dir"):  # train.init_from: the merged earlier model this one builds on
         needed += _weight_files(model_dir / INIT_BASE, "full")
@@ -76,6 +77,17 @@ def check_model_files(model_dir: Path) -> None:
         except (OSError, SafetensorError) as e:
             raise RunDirError(f"the model's weights cannot be read ({type(e).__name__}: {str(e)[:120]})", str(weights),
                               "restore the file, or train the run again") from None
+
+
+def _check_tokenizer(model_dir: Path) -> None:
+    """The folder's tokenizer loads as the server loads it (a second or so, no weights)."""
+    try:
+        load_tokenizer(model_dir)
+    except ModelError as e:
+        raise RunDirError(e.what, str(model_dir), e.hint) from None
+    except (OSError, ValueError, KeyError, TypeError) as e:  # tokenizer.json missing, truncated or edited
+        raise RunDirError(f"the model's tokenizer cannot be loaded ({type(e).__name__}: {str(e)[:160]})",
+                          str(model_dir), "restore the folder's tokenizer files, or train the run again") from None
 
 
 def _weight_files(model_dir: Path, kind: str) -> list[Path]:
