@@ -160,10 +160,11 @@ def _add_error_handlers(app: FastAPI, state: ServerState) -> None:
 
 
 class RequestIds:
-    """ASGI wrapper (outermost, so a 413 from the body limit carries one too): every response gets
-    an X-Request-ID header, the caller's own when it sent a plausible one, otherwise a new one; the
-    app finds it in `request.state.request_id` for its log lines, and the time the request arrived
-    (time.monotonic(), where its deadline starts) in `request.state.arrived`."""
+    """ASGI wrapper (outermost, so a 413 from the body limit carries one too): a form-typed POST body is
+    read as JSON (`_json_body`), and every response gets an X-Request-ID header, the caller's own when
+    it sent a plausible one, otherwise a new one; the app finds it in `request.state.request_id` for
+    its log lines, and the time the request arrived (time.monotonic(), where its deadline starts) in
+    `request.state.arrived`."""
 
     def __init__(self, app):
         self.app = app
@@ -174,6 +175,7 @@ class RequestIds:
             return await self.app(scope, receive, send)
         given = dict(scope.get("headers") or []).get(REQUEST_ID.lower().encode(), b"").decode("latin-1")
         rid = given if _CLIENT_ID.fullmatch(given) else uuid.uuid4().hex
+        scope = _json_body(scope)
         state = scope.setdefault("state", {})
         state["request_id"], state["arrived"] = rid, time.monotonic()
 
@@ -182,6 +184,19 @@ class RequestIds:
                 message = {**message, "headers": [*message.get("headers", []), (REQUEST_ID.encode(), rid.encode())]}
             await send(message)
         await self.app(scope, receive, send_with_id)
+
+
+_FORM = b"application/x-www-form-urlencoded"
+
+
+def _json_body(scope: dict) -> dict:
+    """Every body this API takes is JSON: a POST sent as a form (`curl -d '{...}'` without -H, the form
+    type being curl's default) is read as the JSON it is, not refused as "not a valid dictionary"."""
+    headers = scope.get("headers") or []
+    if scope.get("method") != "POST" or not any(
+            k == b"content-type" and v.split(b";")[0].strip().lower() == _FORM for k, v in headers):
+        return scope
+    return {**scope, "headers": [(k, b"application/json" if k == b"content-type" else v) for k, v in headers]}
 
 
 def answer_margin(timeout_s: float) -> float:
