@@ -221,6 +221,20 @@ def test_cli_promote_and_rollback(runs, tmp_path):
     assert out.exit_code == 2 and out.output.startswith("error: nothing to roll back to")
 
 
+def test_a_registry_promote_made_lists_no_runs_and_another_programs_database_is_named(runs, registry):
+    """`promote` before any run was recorded made the file with its promotions only: `runs list` said the
+    registry could not be read and told the user to move it aside, promotion history and all."""
+    champions.promote("bank", runs["A"])
+    out = runner.invoke(cli, ["runs", "list"])
+    assert out.exit_code == 0 and f"0 run(s) in {registry}" in out.output, out.output
+    assert champions.current("bank") == runs["A"]
+    other = registry.with_name("other.sqlite")
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE customers (id INTEGER)")
+    out = runner.invoke(cli, ["runs", "list"], env={"TUNESMITH_REGISTRY": str(other)})
+    assert out.exit_code == 2 and "not a run registry (tables: customers)" in out.output
+
+
 def test_cli_refuses_a_run_that_missed_its_objective(tmp_path, tiny_model):
     missed = _run(tmp_path / "missed", met=False, tokenizer=tiny_model)
     unevaluated = _run(tmp_path / "raw", met=None, tokenizer=tiny_model)

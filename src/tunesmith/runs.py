@@ -370,6 +370,9 @@ def _registry(create: bool = True):
         else:
             db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
         db.row_factory = sqlite3.Row
+        if not create and not _has_runs(db, path):  # promote wrote it before any run was recorded
+            yield None
+            return
         yield db
     except sqlite3.OperationalError as e:
         if "locked" in str(e) or "busy" in str(e):
@@ -380,6 +383,20 @@ def _registry(create: bool = True):
     finally:
         if db is not None:
             db.close()
+
+
+def _has_runs(db, path: Path) -> bool:
+    """Whether the registry has its runs table yet; False for one holding only champions.py's promotions
+    (`promote` before any run was recorded), an InputError for a database of some other program."""
+    from tunesmith.errors import InputError
+
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if "runs" in tables:
+        return True
+    if tables - {"promotions", "sqlite_sequence"}:
+        raise InputError(f"not a run registry (tables: {', '.join(sorted(tables))[:200]})", str(path),
+                         "point TUNESMITH_REGISTRY at tunesmith's registry file, or move this one aside")
+    return False
 
 
 def _unreadable(path: Path, e: Exception) -> Exception:
