@@ -138,6 +138,12 @@ def test_windows_verdicts_and_the_drop_alert(tmp_path):
     assert live.verdicts == 59
     only_recent = q.live_quality(tmp_path / "log.db", _target(run), now=NOW, since_hours=24)
     assert [w.n for w in only_recent.windows] == [20]
+    # --since is exact, never widened to whole windows: 2 h holds the rows of 1 h ago, half an hour none
+    assert [w.n for w in q.live_quality(tmp_path / "log.db", _target(run), now=NOW, since_hours=0.5).windows] == [0]
+    part = q.live_quality(tmp_path / "log.db", _target(run), now=NOW, since_hours=36)
+    assert [w.n for w in part.windows] == [20, 30] and part.windows[1].start == NOW - 36 * H
+    assert q.quality_lines(q.live_quality(tmp_path / "log.db", _target(run), now=NOW,
+                                          since_hours=2).to_dict())[0].startswith("live accuracy (last 2 h)")
 
 
 def test_threshold_is_strict_and_min_labelled_decides_the_verdict(tmp_path):
@@ -516,6 +522,8 @@ def test_monitor_reports_live_quality_and_recommends_retraining(trained):
     for since in ("inf", "nan"):  # inf overflowed counting windows (exit 1, a traceback)
         bad = runner.invoke(cli, ["monitor", str(trained), "--since", since])
         assert bad.exit_code == 2 and f"error: bad --since {since}" in bad.output, bad.output
+    bad = runner.invoke(cli, ["monitor", str(trained), "--window", "99999999999999999999"])  # SQLite's int overflowed
+    assert bad.exit_code == 2 and "error: bad window" in bad.output and ", --window, " in bad.output, bad.output
 
 
 def test_feedback_through_the_server_moves_the_gauges(trained, tmp_path):

@@ -248,7 +248,7 @@ class RetrainSettings(_Strict):
 
 
 class DriftSettings(_Strict):
-    window: int = Field(500, ge=10)            # most recent requests compared with the training reference
+    window: int = Field(500, ge=10, le=1_000_000)  # most recent requests compared with the training reference
     min_requests: int = Field(50, ge=5)        # fewer live requests than this: no verdict
     clusters: int = Field(8, ge=2)             # k-means clusters of training embeddings for the embedding PSI
     psi_threshold: float = Field(0.25, gt=0)   # PSI above this is drift (0.1-0.25 moderate, >0.25 major)

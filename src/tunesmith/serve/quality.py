@@ -249,12 +249,13 @@ def live_quality(db: Path, target: QualityTarget, now: float | None = None,
     windows, and only those reaching back `since_hours` when given)."""
     s, now = target.settings, time.time() if now is None else now
     count = MAX_WINDOWS if since_hours is None else max(1, min(MAX_WINDOWS, math.ceil(since_hours / s.window_hours)))
-    rows = [r for r in labelled(Path(db), since=now - count * s.window_hours * 3600)
-            if of_run(r.run_dir, target.run_dir)]
+    # --since is exact: the oldest window is cut at it, never widened to a whole window_hours.
+    cutoff = now - (count * s.window_hours if since_hours is None else min(since_hours, count * s.window_hours)) * 3600
+    rows = [r for r in labelled(Path(db), since=cutoff) if of_run(r.run_dir, target.run_dir)]
     buckets: dict[int, list[LabelledRequest]] = {}
     for r in rows:  # a clock that moved backwards puts a row "in the future": the latest window takes it
         buckets.setdefault(max(0, int((now - r.ts) // (s.window_hours * 3600))), []).append(r)
-    windows = [_window(buckets.get(i, []), target, now - (i + 1) * s.window_hours * 3600,
+    windows = [_window(buckets.get(i, []), target, max(cutoff, now - (i + 1) * s.window_hours * 3600),
                        now - i * s.window_hours * 3600) for i in range(count) if i == 0 or i in buckets]
     return LiveQuality(target.metric, "Wilson" if target.metric in BINARY else "bootstrap", target.accepted,
                        s.max_quality_drop, s.min_labelled, s.window_hours, windows)
@@ -387,7 +388,7 @@ def quality_lines(quality: dict | None) -> list[str]:
     lines = []
     for i, w in enumerate(quality["windows"]):
         ago = (round((end - w["end"]) / 3600, 1), round((end - w["start"]) / 3600, 1))
-        when = f"last {hours:g} h" if i == 0 else f"{ago[0]:g}-{ago[1]:g} h ago"
+        when = f"last {min(hours, ago[1]):g} h" if i == 0 else f"{ago[0]:g}-{ago[1]:g} h ago"
         lines.append(f"live {quality['metric']} ({when}): {_window_text(w, quality)}" if i == 0
                      else f"  {when}: {_window_text(w, quality)}")
     return lines

@@ -541,7 +541,7 @@ def monitor(run_dir: Path, db: Path | None = None, window: int | None = None,
         settings = derive(cfg.drift, {"window": window}) if window is not None else cfg.drift
     except ValidationError as e:
         raise InputError(f"bad window {window}: {e.errors()[0]['msg']}", "--window",
-                         "compare at least 10 recent requests") from None
+                         "compare 10 to 1,000,000 recent requests") from None
     if since_hours is not None and not (math.isfinite(since_hours) and since_hours > 0):
         raise InputError(f"bad --since {since_hours}: give a finite number of hours above 0", "--since")
     report = drift_report(reference(run_dir, settings.clusters), recent(db, settings.window), settings, run_dir)
