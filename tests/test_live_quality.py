@@ -146,6 +146,26 @@ def test_windows_verdicts_and_the_drop_alert(tmp_path):
                                           since_hours=2).to_dict())[0].startswith("live accuracy (last 2 h)")
 
 
+@pytest.mark.parametrize("column,value,says", [("input", b"\x00raw", "'input' is bytes"),
+                                               ("ts", "yesterday", "'ts' is str"),
+                                               ("confidence", "high", "'confidence' is str")])
+def test_a_hand_edited_request_log_row_is_named_not_an_internal_error(tmp_path, column, value, says):
+    """monitor failed with `ValueError: text input must be of type str` (a BLOB input) or numpy's
+    `add.reduce` TypeError (a text ts): SQLite keeps whatever an edit puts in a column."""
+    from tunesmith.errors import InputError
+    from tunesmith.serve.store import recent
+
+    run = _fake_run(tmp_path / "run", accepted=0.9)
+    _log(tmp_path / "log.db", [(1, "sports", {"label": "sports"})] * 3, run)
+    with sqlite3.connect(tmp_path / "log.db") as con:
+        con.execute(f"UPDATE requests SET {column} = ? WHERE id = 2", (value,))
+    for read in (lambda: recent(tmp_path / "log.db", 10),
+                 lambda: q.live_quality(tmp_path / "log.db", _target(run), now=NOW)):
+        with pytest.raises(InputError) as info:
+            read()
+        assert says in info.value.line() and str(tmp_path / "log.db") in info.value.line()
+
+
 def test_threshold_is_strict_and_min_labelled_decides_the_verdict(tmp_path):
     _, high = wilson(8, 10)
     db = tmp_path / "log.db"

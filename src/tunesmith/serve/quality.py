@@ -54,6 +54,7 @@ from tunesmith import fsio
 from tunesmith.config import MonitorSettings, load_config
 from tunesmith.evaluate.human import wilson
 from tunesmith.registry import METRIC_SPECS, metric_names
+from tunesmith.runs import read_summary
 from tunesmith.serve.monitoring import CountedUpdate
 from tunesmith.serve.store import LabelledRequest, labelled
 from tunesmith.tasks.metrics import METRICS
@@ -141,9 +142,12 @@ def quality_target(run_dir: Path) -> QualityTarget | None:
     metric = live_metric(project.task.type, project.objective.metric)
     if metric is None:
         return None
-    summary = run_dir / "summary.json"
-    finetuned = fsio.read_json(summary).get("metrics", {}).get("finetuned", {}) if summary.is_file() else {}
-    accepted = finetuned.get(metric)
+    metrics = read_summary(run_dir).get("metrics") if (run_dir / "summary.json").is_file() else None
+    finetuned = metrics.get("finetuned") if isinstance(metrics, dict) else None
+    accepted = finetuned.get(metric) if isinstance(finetuned, dict) else None
+    if accepted is not None and (not isinstance(accepted, (int, float)) or isinstance(accepted, bool)):
+        raise fsio.DamagedFile(run_dir / "summary.json", f"metrics.finetuned.{metric} is not a number",
+                               what="not what tunesmith wrote")
     return QualityTarget(run_dir, project.task.type, metric, None if accepted is None else float(accepted),
                          project.monitor)
 

@@ -415,7 +415,25 @@ def labelled(path: Path, run_dir: str | None = None, since: float | None = None)
         if since is not None:
             query, args = query + " AND r.ts >= ?", args + [since]
         rows = db.execute(query + " ORDER BY r.ts, r.id", args).fetchall()
+    for row in rows:
+        _check_types(path, row[0], {"ts": row[1], "input": row[3], "output": row[4], "confidence": row[5],
+                                    "label": row[7], "correction": row[8], "rating": row[9]})
     return [LabelledRequest(*row) for row in rows]
+
+
+# What the log's columns hold as tunesmith writes them (SQLite keeps whatever a hand edit puts in any column).
+_COLUMN_TYPES = {"ts": (int, float), "confidence": (int, float, type(None)), "rating": (int, type(None)),
+                 "input": (str, type(None)), "output": (str, type(None)), "label": (str, type(None)),
+                 "correction": (str, type(None))}
+
+
+def _check_types(path: Path, row_id, values: dict) -> None:
+    """InputError naming the log and the row whose column holds another type (bytes, text for a number)."""
+    for name, value in values.items():
+        if not isinstance(value, _COLUMN_TYPES[name]) or isinstance(value, bool):
+            raise InputError(f"the request log holds a row tunesmith did not write (request {str(row_id)[:40]}: "
+                             f"'{name}' is {type(value).__name__})", str(path),
+                             "restore the log, or delete the edited rows")
 
 
 def _encodable(text: str) -> bool:
@@ -432,4 +450,8 @@ def recent(path: Path, limit: int) -> list[dict]:
         db.row_factory = sqlite3.Row
         rows = db.execute("SELECT * FROM requests WHERE status = 200 AND input IS NOT NULL "
                           "ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
-    return [dict(r) for r in reversed(rows)]
+    out = [dict(r) for r in reversed(rows)]
+    for r in out:
+        _check_types(path, r.get("request_id", r.get("id")),
+                     {k: r[k] for k in ("ts", "input", "output", "confidence", "label") if k in r})
+    return out
