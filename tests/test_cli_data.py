@@ -103,6 +103,25 @@ def test_a_given_test_file_takes_its_groups_out_of_training(tmp_path, tiny_model
     assert removed[0]["overlaps"]["file"] == str(tmp_path / "test.jsonl")
 
 
+def test_a_data_output_is_replaced_whole_or_not_at_all(tmp_path, tiny_model):
+    """A later command wrote its files one by one: a failure left new splits beside old ones, and
+    `data split` after `data report` left the report.html of the other command beside the new report."""
+    config = _project(tmp_path, tiny_model, make_texts(30, 1))
+    out = tmp_path / "out"
+    assert runner.invoke(app, ["data", "report", config, "--out", str(out), "-q"]).exit_code == 0
+    assert (out / "report.html").is_file()
+    assert runner.invoke(app, ["data", "split", config, "--out", str(out)]).exit_code == 0
+    assert not (out / "report.html").exists() and (out / "train.jsonl").is_file()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    (out / "removed.jsonl").unlink()
+    (out / "removed.jsonl").mkdir()  # a name the next output cannot take
+    result = runner.invoke(app, ["data", "split", config, "--out", str(out)])
+    assert result.exit_code == 2 and f"{out / 'removed.jsonl'} is not a file" in result.stderr, result.output
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert after == {k: v for k, v in before.items() if k != "removed.jsonl"}  # nothing moved in
+    assert not [p for p in out.iterdir() if p.name.startswith(".writing-")]
+
+
 def test_augment_adds_marked_rows_to_train_only(tmp_path, tiny_model):
     augment = "  augment: {enabled: true, eda: 1, char_noise: 1, paraphrases: 1}\n"
     config = _project(tmp_path, tiny_model, make_texts(30, 1), augment)

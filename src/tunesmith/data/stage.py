@@ -3,7 +3,9 @@ lines to print. Outputs go to a folder that appears complete or not at all."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,8 +112,7 @@ def report(project: Project, out: Path | None, progress: bool = True) -> DataRep
     splits = prepare_data(project, progress=progress)
     rep = data_report(splits)
     if out is not None:
-        _mark(Path(out))
-        fsio.write_json(Path(out) / "report.json", rep)
+        _publish(Path(out), lambda stage: fsio.write_json(stage / "report.json", rep))
     return DataReport(rep, summary(splits, None) + ([f"report written to {out}"] if out is not None else []))
 
 
@@ -200,14 +201,34 @@ def _mark(out: Path) -> None:
 
 
 def _write(splits: Splits, out: Path) -> None:
-    """Everything is computed before the first write; each file is written atomically (temp + rename).
-    The marker goes first, so a folder that a crash left half-written can be written again; a folder
-    made here that a failed write (a full disk) left half-written is removed."""
+    """save_splits into `out` as one step: `_publish`."""
+    _publish(out, lambda stage: save_splits(splits, stage))
+
+
+def _publish(out: Path, write) -> None:
+    """`write(folder)` into a hidden folder inside `out`, then each file moved into place, and the outputs
+    of an earlier command this one does not write removed (a report.html of other data beside a new
+    report.json): nothing is moved until every file is written, and a name held by a folder or a link is
+    refused first. A folder made here is removed again when anything fails."""
     out = Path(out)
     made = not out.exists()
     try:
-        _mark(out)
-        save_splits(splits, out)
+        out.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".writing-", dir=out))
+        try:
+            write(stage)
+            written = sorted(p.name for p in stage.iterdir())
+            if blocked := next((n for n in OUTPUT_FILES if (out / n).is_symlink() or (out / n).exists()
+                                and not (out / n).is_file()), None):
+                raise InputError(f"{out / blocked} is not a file an earlier `tunesmith data` wrote", f"--out {out}",
+                                 "move it away, or give a new folder")
+            _mark(out)
+            for name in set(OUTPUT_FILES) - set(written):
+                (out / name).unlink(missing_ok=True)
+            for name in written:
+                os.replace(stage / name, out / name)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
     except BaseException:
         if made:
             shutil.rmtree(out, ignore_errors=True)
