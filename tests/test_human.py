@@ -107,6 +107,18 @@ def test_against_pairs_only_the_same_test_examples_and_names_both_runs(tmp_path)
     assert result.exit_code == 2 and "share no test examples" in result.output
 
 
+def test_overwrite_drops_the_old_results_and_refuses_over_collected_ratings(tmp_path):
+    folder, _ = _exported(tmp_path, 6)
+    (folder / "results.json").write_text("{}")  # the old key's results
+    run = folder.parent
+    assert runner.invoke(app, ["human", "export", str(run), "--overwrite"]).exit_code == 0
+    assert not (folder / "results.json").exists()
+    (folder / "ratings-ann.csv").write_text("id,rater,choice\np0001,ann,A\n")  # collected by the workbench
+    result = runner.invoke(app, ["human", "export", str(run), "--overwrite"])
+    assert result.exit_code == 2 and "holds ratings collected for the current pairs (ratings-ann.csv)" in result.stderr
+    assert (folder / "ratings-ann.csv").is_file()
+
+
 def test_two_raters_round_trip_with_cohen_kappa(tmp_path):
     from sklearn.metrics import cohen_kappa_score
 
@@ -153,6 +165,10 @@ def test_bad_ratings_file_is_one_error_line(tmp_path):
     bad.write_text("id,rater,choice\np0001,ann,A\n\nzzz,ann,B\n")
     result = runner.invoke(app, ["human", "import", str(bad), "--key", str(run / "human" / "key.json")])
     assert result.exit_code == 2 and f"pair 'zzz' is not in the key, {bad}:4," in result.stderr
+    bad.write_text("id,rater,choice,choice\np0001,ann,A,B\n")  # csv.DictReader keeps the last cell: B
+    result = runner.invoke(app, ["human", "import", str(bad), "--key", str(run / "human" / "key.json")])
+    assert result.exit_code == 2 and "the column 'choice' appears twice in the header" in result.stderr
+    assert f"{bad}:1" in result.stderr
     key = run / "human" / "key.json"
     for pairs in ({"p0001": 5}, {"p0001": {"source": "x"}}, {"p0001": {"A": "three"}}):
         key.write_text(json.dumps({**json.loads(key.read_text()), "pairs": pairs}))

@@ -78,6 +78,7 @@ def export_pairs(run_dir: Path, out: Path, against: Path | None = None, n: int |
     if n is not None and n < 1:
         raise InputError(f"must be at least 1, got {n}", "--n", "leave --n out to export every pair")
     _check_export_folder(Path(out), overwrite)
+    replacing = (Path(out) / "key.json").is_file()  # an earlier export: its results.json goes with its key
     pairs, one, two = load_answers(run_dir, against)
     seed = secrets.randbits(63) if seed is None else seed
     rng = random.Random(seed)
@@ -98,6 +99,8 @@ def export_pairs(run_dir: Path, out: Path, against: Path | None = None, n: int |
     fsio.write_text(out / "pairs.csv", buf.getvalue())
     fsio.write_text(out / "form.html", _form(blinded))
     fsio.write_json(out / "key.json", {"one": one, "two": two, "seed": seed, "pairs": key})
+    if replacing:
+        (out / "results.json").unlink(missing_ok=True)  # the old key's results: not this export's
     return out
 
 
@@ -110,6 +113,12 @@ def _check_export_folder(out: Path, overwrite: bool) -> None:
     if why:
         raise InputError(f"cannot be created: {why}", f"--out {out}", "give a folder path you can write to")
     if overwrite:
+        if rated := sorted(p.name for p in out.glob("ratings-*.csv")) if out.is_dir() else []:
+            # The workbench scores every ratings-*.csv here with the key: the new one would unblind them wrongly.
+            raise InputError(f"the folder holds ratings collected for the current pairs ({', '.join(rated[:3])}"
+                             f"{', ...' if len(rated) > 3 else ''}); a new export would score them with the wrong key",
+                             f"--out {out}", f"import them first (tunesmith human import ... --key {out / 'key.json'}) "
+                             "and move them out of the folder, or give another --out folder")
         return
     if (out / "key.json").exists():
         raise InputError("the folder already holds a human evaluation export (key.json); exporting again would "
@@ -178,6 +187,9 @@ def read_ratings(path: Path) -> list[dict]:
     # strict: a quote left open is an error at its row, not a cell that swallows the rest of the file
     reader = csv.DictReader(io.StringIO(body, newline=""), delimiter=_delimiter(body), strict=True)
     reader.fieldnames = [unescape_cell(c.strip()).lower() for c in reader.fieldnames or []]
+    if twice := next((c for i, c in enumerate(reader.fieldnames) if c and c in reader.fieldnames[:i]), None):
+        raise DataError(f"the column '{twice[:80]}' appears twice in the header (a row would keep its last cell)",
+                        str(path), lead + 1, "give each column its own name")
     missing = {"id", "rater", "choice"} - set(reader.fieldnames)
     if missing:
         raise DataError(f"ratings file lacks column(s) {', '.join(sorted(missing))}", str(path), lead + 1,
