@@ -119,6 +119,16 @@ def test_overwrite_drops_the_old_results_and_refuses_over_collected_ratings(tmp_
     assert (folder / "ratings-ann.csv").is_file()
 
 
+def test_an_export_inside_a_run_goes_to_its_human_folder_only(tmp_path):
+    run = _run_dir(tmp_path, 4)
+    (run / "model").mkdir()
+    (run / "model" / "tunesmith.json").write_text("{}")  # a trained run directory
+    result = runner.invoke(app, ["human", "export", str(run), "--out", str(run / "model" / "human")])
+    assert result.exit_code == 2 and "where an export goes to" in result.stderr
+    assert not (run / "model" / "human").exists()
+    assert runner.invoke(app, ["human", "export", str(run)]).exit_code == 0 and (run / "human" / "key.json").is_file()
+
+
 def test_two_raters_round_trip_with_cohen_kappa(tmp_path):
     from sklearn.metrics import cohen_kappa_score
 

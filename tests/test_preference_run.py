@@ -178,6 +178,9 @@ def test_pairs_from_an_sft_run_then_dpo_from_it(tmp_path, tiny_model):
     assert all(r["chosen"] in golds and r["rejected"] != r["chosen"] for r in rows)
     refused = runner.invoke(app, ["data", "pairs", str(sft), "--out", str(pairs_dir), "--quiet"])
     assert refused.exit_code == 2 and "not empty" in refused.output
+    inside = runner.invoke(app, ["data", "pairs", str(sft), "--out", str(sft / "model" / "x"), "--quiet"])
+    assert inside.exit_code == 2 and f"is inside the run directory {sft.resolve()}" in inside.output
+    assert not (sft / "model" / "x").exists()
 
     # A held-out file from the test split: every test row once, a pair where the model was wrong.
     held_out = tmp_path / "held_out"

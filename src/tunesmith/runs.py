@@ -246,6 +246,12 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:07d}"
 
 
+def enclosing_run(path: Path) -> Path | None:
+    """The run directory `path` is, or lies in (links resolved), or None."""
+    real = Path(path).resolve()
+    return next((p for p in (real, *real.parents) if is_run_dir(p)), None)
+
+
 def has_checkpoints(staging: Path) -> bool:
     """Whether a staging folder holds a training checkpoint; the record of the training's inputs
     beside them is not one."""

@@ -160,8 +160,7 @@ def check_out(project: Project, out: Path) -> None:
     if clash:
         raise InputError(f"would overwrite the project's own input file {out / clash[0]}", where,
                          "give a new folder for the output, e.g. --out data-clean")
-    real = out.resolve()  # a link to a run's data/ is that folder; RUN/../x is not inside RUN
-    run = next((p for p in (real, *real.parents) if runs.is_run_dir(p)), None)
+    run = runs.enclosing_run(out)  # a link to a run's data/ is that folder; RUN/../x is not inside RUN
     if run is not None:  # a run's data/ looks like our output, but its splits are what the run was scored on
         raise InputError(f"is inside the run directory {run}; a run's files are never replaced", where,
                          "give a folder outside any run, e.g. --out data-clean")

@@ -28,6 +28,7 @@ from tunesmith import fsio
 from tunesmith.data.io import json_value_error
 from tunesmith.errors import DataError, InputError, RunDirError
 from tunesmith.evaluate.predictions_file import require_test_predictions
+from tunesmith.runs import enclosing_run
 
 CHOICES = ("A", "B", "tie")
 # A spreadsheet starts a formula at these; "'" is included so that escaping can be undone exactly.
@@ -109,6 +110,10 @@ def _check_export_folder(out: Path, overwrite: bool) -> None:
     for an earlier pairs.csv would be unblinded with the wrong key, silently: never replace one unasked."""
     if out.exists() and not out.is_dir():
         raise InputError("exists and is not a folder", f"--out {out}", "give a folder for the export")
+    run = enclosing_run(out)
+    if run is not None and out.resolve() != run / "human":  # RUN/human is the default; model/ is not a place
+        raise InputError(f"is inside the run directory {run}, where an export goes to {run / 'human'} only",
+                         f"--out {out}", "leave --out out, or give a folder outside any run")
     why = None if out.exists() else fsio.uncreatable(out)
     if why:
         raise InputError(f"cannot be created: {why}", f"--out {out}", "give a folder path you can write to")

@@ -17,6 +17,7 @@ from tunesmith.data.examples import Example
 from tunesmith.data.pairs import Pair
 from tunesmith.data.prepare import load_splits
 from tunesmith.errors import InputError, RunDirError
+from tunesmith.runs import enclosing_run
 from tunesmith.tasks.metrics import exact_match_pair
 from tunesmith.tasks.predict import predict
 from tunesmith.train.finetuned import load_finetuned
@@ -82,6 +83,9 @@ def _plain_row(ex: Example) -> dict:
 
 
 def _check_out(out: Path) -> None:
+    if (run := enclosing_run(out)) is not None:
+        raise InputError(f"is inside the run directory {run}; a run's folders hold only what it wrote",
+                         f"--out {out}", "give a new folder outside any run")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError("exists and is not empty; nothing was written", f"--out {out}", "give a new or empty folder")
 
