@@ -171,7 +171,8 @@ def test_a_request_with_nothing_to_classify_is_a_422(cls_service, tmp_path):
     """An empty text, or a chat with no user text, was answered with a confident label for no input
     (logged, open to feedback as if it were an answer)."""
     with TestClient(create_app(cls_service, ServeConfig(), [], tmp_path / "r.db")) as c:
-        for body in ({"text": ""}, {"text": " \n\t"}, {"texts": ["red", "  "]}):
+        for body in ({"text": ""}, {"text": " \n\t"}, {"texts": ["red", "  "]}, {"text": "\u0000"},
+                     {"text": "\u200b\u2060"}):
             r = c.post("/v1/classify", json=body)
             assert r.status_code == 422 and "the text is empty" in r.json()["error"]["message"], (body, r.text)
         assert "texts[1]" in c.post("/v1/classify", json={"texts": ["red", ""]}).json()["error"]["message"]
@@ -183,6 +184,9 @@ def test_a_request_with_nothing_to_classify_is_a_422(cls_service, tmp_path):
             for stream in (False, True):
                 r = c.post("/v1/chat/completions", json={"messages": messages, "stream": stream})
                 assert r.status_code == 422 and "no user message with text" in r.text, (messages, r.text)
+        for prompt in ("", "\u200b"):  # a classifier's completion route: no label for nothing either
+            r = c.post("/v1/completions", json={"prompt": prompt})
+            assert r.status_code == 422 and "the prompt is empty" in r.text, (prompt, r.text)
         chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "red"}]
         assert c.post("/v1/chat/completions", json={"messages": chat}).status_code == 200
     blank = sqlite3.connect(tmp_path / "r.db").execute("SELECT COUNT(*) FROM requests WHERE input = ''").fetchone()

@@ -23,7 +23,7 @@ from tunesmith.config import GenerationSettings, ServeConfig
 from tunesmith.config.settings import NumbersNotBools
 from tunesmith.serve.metrics import OTHER_LABEL
 from tunesmith.serve.replies import ANSWER_ID, error, new_answer_id
-from tunesmith.serve.service import Completion, Service, TokenPrompt
+from tunesmith.serve.service import Completion, Service, TokenPrompt, is_blank
 from tunesmith.serve.state import ServerState
 from tunesmith.serve.streaming import open_stream
 from tunesmith.serve.swap import answered_by
@@ -52,8 +52,8 @@ def _classifiable(text: str) -> str:
     """The text, valid Unicode and not blank: a label for no input would be a confident guess, logged
     and open to feedback as if it were an answer."""
     unicode_text(text)
-    if not text.strip():
-        raise ValueError("the text is empty; give the text to classify")
+    if is_blank(text):
+        raise ValueError("the text is empty (only spaces, control or invisible characters); give the text to classify")
     return text
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+import unicodedata
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -275,16 +276,24 @@ def token_batches(costs: list, budget: int, max_rows: int | None = None) -> list
     return groups
 
 
+def is_blank(text: str | None) -> bool:
+    """Whether a text holds nothing to read: only spaces, control and invisible format characters (a NUL,
+    a zero-width space). A label or an answer for it would be a confident guess, logged as an answer."""
+    return not text or all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf", "Zs", "Zl", "Zp") for c in text)
+
+
 def request_example(fmt: PromptFormat, prompt: str | None = None, messages: list[dict] | None = None) -> Example:
     """A request as an Example: a completion prompt, or a chat whose last user turn is the input
     (the whole conversation kept for chat-tuned models). ValueError (the client's 422) for a chat
     with no user text when the model answers only the last user turn."""
     if messages is not None:
         last = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
-        if fmt.task_type != "chat" and not (last or "").strip():
+        if fmt.task_type != "chat" and is_blank(last):
             # The last user turn is the whole input here: without one the model would answer nothing.
             raise ValueError("the messages hold no user message with text; this model answers the last user message")
         return Example(last or "", "", "request", messages=messages if fmt.task_type == "chat" else None)
+    if fmt.task_type == "classification" and is_blank(prompt):
+        raise ValueError("the prompt is empty; give the text to classify")
     return Example(prompt or "", "", "request")
 
 
