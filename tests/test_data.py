@@ -221,3 +221,15 @@ def test_labels_read_from_data_are_checked_as_declared_labels_are(tmp_path):
     assert [p.line for p in problems] == [2, 3, 4]
     assert problems[0].reason.startswith('label "al\\npha" holds a control or invisible character')
     assert all("\n" not in p.reason for p in problems)  # the message stays one line
+
+
+def test_paraphrases_are_normalised_as_real_inputs_are(tmp_path, monkeypatch):
+    """A paraphrase written by the model kept its NUL and DEL characters, which cleaning takes out of every
+    real input (data.clean.normalize.control_chars)."""
+    import tunesmith.data.paraphrase as paraphrase_module
+    from tunesmith.data.prepare import _paraphraser
+
+    monkeypatch.setattr(paraphrase_module, "paraphrase_with_model",
+                        lambda model, texts, n, seed: [[f"{t}\x00 again\x7f"] * n for t in texts])
+    made = _paraphraser(Project(name="p", data=DataConfig(train=tmp_path / "t.jsonl")))(["hello"], 2)
+    assert made == [["hello again", "hello again"]]

@@ -15,6 +15,7 @@ from tunesmith.data.corrections import Corrections
 from tunesmith.data.examples import Example, raise_for_problems
 from tunesmith.data.io import RowProblem
 from tunesmith.data.mitigate import apply_mitigation
+from tunesmith.data.normalize import normalize_text
 from tunesmith.data.pairs import pairs_from_examples, refuse_undesirable_targets
 from tunesmith.data.profile import embedding_spread, split_profile
 from tunesmith.data.sources import LoadedData, load_sources, mix_training
@@ -182,10 +183,14 @@ def _split(loaded: dict[str, list[Example]], project: Project) -> tuple[list, li
 
 
 def _paraphraser(project: Project):
+    """The model's paraphrases, normalised as data.clean.normalize says inputs are: a generated text may
+    hold control characters (a NUL, a DEL) that cleaning took out of every real row."""
     def paraphrase(texts: list[str], n: int) -> list[list[str]]:
         from tunesmith.data.paraphrase import paraphrase_with_model
 
-        return paraphrase_with_model(project.model, texts, n, seed=project.data.augment.seed)
+        made = paraphrase_with_model(project.model, texts, n, seed=project.data.augment.seed)
+        cfg, task = project.data.clean.normalize, project.task.type
+        return [[normalize_text(t, cfg, task)[0] for t in row] for row in made]
     return paraphrase
 
 
