@@ -213,6 +213,8 @@ def test_a_declared_label_no_row_could_match_is_refused(tmp_path, label, says):
         load_config(_write(tmp_path, text), check_files=False)
     load_config(_write(tmp_path, BASE + 'task:\n  labels: [alpha, "\u0645\u06cc\u200c\u0631\u0648\u062f"]\n'),
                 check_files=False)  # a Persian label with a zero-width non-joiner is a word
+    with pytest.raises(ConfigError, match="the list is empty"):  # every row's label was "not in task.labels"
+        load_config(_write(tmp_path, BASE + "task:\n  labels: []\n"), check_files=False)
 
 
 @pytest.mark.parametrize("extra,key", [("objective:\n  target: 5\n", "objective.target"),

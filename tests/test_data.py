@@ -233,3 +233,11 @@ def test_paraphrases_are_normalised_as_real_inputs_are(tmp_path, monkeypatch):
                         lambda model, texts, n, seed: [[f"{t}\x00 again\x7f"] * n for t in texts])
     made = _paraphraser(Project(name="p", data=DataConfig(train=tmp_path / "t.jsonl")))(["hello"], 2)
     assert made == [["hello again", "hello again"]]
+
+
+def test_a_header_name_with_spaces_around_it_is_shown_quoted(tmp_path):
+    """`text, label` as a CSV header names the column " label": listed bare, the space was invisible."""
+    (tmp_path / "t.csv").write_text("text, label\nhello,a\n", encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        load_examples(tmp_path / "t.csv", TaskConfig())
+    assert "fields present: ' label', text" in info.value.line()

@@ -109,6 +109,8 @@ class TaskConfig(_Strict):
     def _distinct_labels(cls, v: list[str] | None) -> list[str] | None:
         if v is None:
             return v
+        if not v:  # every row's label would be "not in task.labels"
+            raise ValueError("the list is empty: list the labels, or leave task.labels out to take those of the data")
         seen: set[str] = set()
         for label in v:
             if not label.strip():

@@ -110,7 +110,7 @@ def _raise_if_field_never_present(problems: list[RowProblem], rows: list[Row], t
             task.prompt_field: "task.prompt_field", task.completion_field: "task.completion_field"}
     keys.update({column: key for column, key in mapped.values()})
     present = sorted({str(k) for r in rows if isinstance(r.record, dict) for k in r.record})
-    fields = ', '.join(present)
+    fields = ', '.join(_shown(p) for p in present)
     hint = (f"an Alpaca row's answer is its 'output': map your answer column onto it with data.columns "
             f"(e.g. {{output: ...}}; fields present: {fields})" if name == "output" and name not in keys
             else f"set {keys.get(name, 'the field name')} to one of the fields present: {fields}")
@@ -145,11 +145,16 @@ class _MissingField(_RowError):
 
     def reason(self, mapped: dict[str, tuple[str, str]]) -> str:
         back = {target: column for target, (column, _) in mapped.items()}
-        present = ", ".join(back.get(k, k) for k in self.present) or "none"
+        # A name with spaces around it (a CSV header "text, label") is quoted: they would be invisible.
+        present = ", ".join(_shown(back.get(k, k)) for k in self.present) or "none"
         if self.name in mapped:
             column, key = mapped[self.name]
             return f"missing field '{column}' ({self.what}, mapped by {key}); fields present: {present}"
         return f"missing field '{self.name}' ({self.what}); fields present: {present}"
+
+
+def _shown(name: str) -> str:
+    return repr(name) if name != name.strip() else name
 
 
 def _group(row: Row, group_field: str | None) -> str | None:
