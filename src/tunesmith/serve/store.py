@@ -26,6 +26,7 @@ import re
 import sqlite3
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -210,6 +211,8 @@ class RequestLog:
             return None
         # A lone surrogate cannot be encoded as UTF-8 and would fail the insert: it is stored as "?".
         text = text.encode("utf-8", "replace").decode("utf-8") if not _encodable(text) else text
+        if self.redact:  # full-width look-alikes (ｊｏｈｎ＠ｅｘａｍｐｌｅ．ｃｏｍ) become the ASCII the patterns find
+            text = unicodedata.normalize("NFKC", text)
         if len(text) <= STORED_CHARS:
             return self._redacted(text) if self.redact else text
         cut, hits = STORED_CHARS, []
