@@ -79,7 +79,8 @@ def test_item1_request_log_redacts_a_bounded_prefix(tmp_path):
     at_cut = "x" * (STORED_CHARS - 10) + " ann.lee@example.com " + "y" * 100_000  # an email across the cut
     log.write([{"route": "/v1/classify", "input": "mail bob@example.com " + "z" * 50_000},
                {"route": "/v1/classify", "input": at_cut}, {"route": "/v1/classify", "input": "bad \ud800 text"},
-               {"route": "/v1/classify", "input": "reach ｊｏｈｎ＠ｅｘａｍｐｌｅ．ｃｏｍ"}])  # full-width look-alikes
+               {"route": "/v1/classify", "input": "reach ｊｏｈｎ＠ｅｘａｍｐｌｅ．ｃｏｍ"},  # full-width look-alikes
+               {"route": "/v1/classify", "input": "x² and ﬁne, no address"}])  # kept as given: nothing hidden
     log.close()
     rows = [r[0] for r in sqlite3.connect(tmp_path / "log.db").execute("SELECT input FROM requests ORDER BY id")]
     assert rows[0].startswith("mail [EMAIL] zzz") and rows[0].endswith(" characters not stored]")
@@ -88,6 +89,7 @@ def test_item1_request_log_redacts_a_bounded_prefix(tmp_path):
     assert rows[1].endswith(" [EMAIL] [+100001 characters not stored]")  # the cut moved past the email
     assert rows[2] == "bad ? text"  # an unencodable character is stored as "?", never a failed write
     assert rows[3] == "reach [EMAIL]"  # NFKC first: the address was stored verbatim
+    assert rows[4] == "x² and ﬁne, no address"
 
 
 def test_item1_healthz_answers_while_the_request_log_works(service, tmp_path, monkeypatch):

@@ -211,8 +211,8 @@ class RequestLog:
             return None
         # A lone surrogate cannot be encoded as UTF-8 and would fail the insert: it is stored as "?".
         text = text.encode("utf-8", "replace").decode("utf-8") if not _encodable(text) else text
-        if self.redact:  # full-width look-alikes (ｊｏｈｎ＠ｅｘａｍｐｌｅ．ｃｏｍ) become the ASCII the patterns find
-            text = unicodedata.normalize("NFKC", text)
+        if self.redact:
+            text = _folded_if_it_hides_pii(text)
         if len(text) <= STORED_CHARS:
             return self._redacted(text) if self.redact else text
         cut, hits = STORED_CHARS, []
@@ -226,6 +226,17 @@ class RequestLog:
     def _redacted(text: str) -> str:
         hits = find_pii(text)
         return redact(text, hits) if hits else text
+
+
+def _folded_if_it_hides_pii(text: str) -> str:
+    """The text NFKC-normalised when that shows PII the patterns miss in it (full-width look-alikes:
+    ｊｏｈｎ＠ｅｘａｍｐｌｅ．ｃｏｍ), else the text as given: a correction may be a training target, kept
+    byte for byte unless it must be redacted."""
+    if unicodedata.is_normalized("NFKC", text):
+        return text
+    head = STORED_CHARS + PII_SLACK
+    folded = unicodedata.normalize("NFKC", text)
+    return folded if len(find_pii(folded[:head])) > len(find_pii(text[:head])) else text
 
 
 class LogWriter:
