@@ -536,7 +536,9 @@ def monitor(run_dir: Path, db: Path | None = None, window: int | None = None,
     cfg, default_db = serve_settings(run_dir)
     db = Path(db) if db else default_db
     if db is None or not db.is_file():
-        raise RunDirError(f"no request log at {db}", str(run_dir), "serve the run first (`tunesmith serve RUN_DIR`)")
+        raise RunDirError(f"no request log at {db}", str(run_dir),
+                          "serve the run first (`tunesmith serve RUN_DIR`); a run swapped in by `serve --registry` "
+                          "is logged in the first run's log: give it with --db")
     try:
         settings = derive(cfg.drift, {"window": window}) if window is not None else cfg.drift
     except ValidationError as e:
