@@ -53,7 +53,7 @@ def _run(folder: Path, met: bool | None = True, name: str = "tiny", tokenizer: P
     (folder / "config.yaml").write_text(PROJECT.format(model="tiny-model", method="lora")
                                         .replace("name: tiny", f"name: {name}"), encoding="utf-8")
     summary = {} if met is None else {"objective": {"met": met, "criteria": [
-        {"name": "accuracy", "value": 0.5, "target": 0.8, "op": ">=", "met": met}]}}
+        {"name": "accuracy", "value": 0.9 if met else 0.5, "target": 0.8, "op": ">=", "met": met}]}}
     (folder / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
     return folder.resolve()
 
@@ -278,7 +278,12 @@ def test_a_run_whose_model_cannot_load_is_neither_promoted_nor_rolled_back_to(ru
 
 @pytest.mark.parametrize("summary", [[1, 2], {"objective": "met"}, {"objective": {"met": "false"}},
                                      {"objective": {"met": "no", "criteria": []}}, {"objective": {"met": 0}},
-                                     {"objective": {"met": False, "criteria": ["x"]}}])
+                                     {"objective": {"met": False, "criteria": ["x"]}},
+                                     {"objective": {"met": True, "criteria": [  # met as edited, not as measured
+                                         {"name": "accuracy", "value": 0.1, "target": 0.8, "op": ">=", "met": True}]}},
+                                     {"objective": {"met": True, "criteria": [
+                                         {"name": "accuracy", "value": 0.1, "target": 0.8, "op": ">=",
+                                          "met": False}]}}])
 def test_an_edited_verdict_is_named_never_read_as_met(runs, summary):
     (runs["A"] / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
     out = runner.invoke(cli, ["promote", str(runs["A"]), "--name", "bank"])

@@ -399,8 +399,9 @@ def _has_runs(db, path: Path) -> bool:
     tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     if "runs" in tables:
         return True
-    if tables - {"promotions", "sqlite_sequence"}:
-        raise InputError(f"not a run registry (tables: {', '.join(sorted(tables))[:200]})", str(path),
+    if "promotions" not in tables or tables - {"promotions", "sqlite_sequence"}:
+        listed = f"tables: {', '.join(sorted(tables))[:200]}" if tables else "an empty database"
+        raise InputError(f"not a run registry ({listed})", str(path),
                          "point TUNESMITH_REGISTRY at tunesmith's registry file, or move this one aside")
     return False
 
@@ -521,8 +522,15 @@ def _verdict_problem(verdict) -> str | None:
     for i, c in enumerate(criteria):
         if not (isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("met"), bool)
                 and (c.get("value") is None or number(c.get("value"))) and number(c.get("target"))
-                and isinstance(c.get("op"), str)):
+                and c.get("op") in (">=", "<=")):
             return f"objective.criteria[{i}] must hold name, op, a numeric target and value, and met true or false"
+        value, target = c["value"], c["target"]
+        # evaluate/objective.py's rule, on the very numbers it wrote: an edited value or met shows here
+        if c["met"] != (value is not None and (value >= target if c["op"] == ">=" else value <= target)):
+            return (f"objective.criteria[{i}] ({c['name'][:40]}) says met {str(c['met']).lower()} for "
+                    f"{value} {c['op']} {target}")
+    if verdict["met"] != all(c["met"] for c in criteria):
+        return "objective.met disagrees with its criteria"
     return None
 
 
