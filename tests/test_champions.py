@@ -102,6 +102,9 @@ def test_refusals(runs, tmp_path):
             champions.current(bad)
         with pytest.raises(InputError, match="bad registry name"):
             champions.promote(bad, runs["A"])
+    with pytest.raises(InputError) as info:  # a huge name is not echoed whole
+        champions.check_name("x/" * 3000, "--registry")
+    assert info.value.where == "--registry" and len(info.value.line()) < 400
     (tmp_path / "empty").mkdir()
     with pytest.raises(RunDirError, match="not a trained run directory"):
         champions.promote("bank", tmp_path / "empty")

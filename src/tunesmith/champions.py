@@ -44,7 +44,7 @@ def promote(name: str, run_dir: Path, *, parent: Path | None = None, reason: str
     Raises:
         InputError: a bad registry name. RunDirError: `run_dir` is not a trained run.
     """
-    _check_name(name)
+    check_name(name)
     run = Path(run_dir).resolve()
     if not is_run_dir(run):
         raise RunDirError("not a trained run directory (no model/tunesmith.json)", str(run_dir),
@@ -65,7 +65,7 @@ def rollback(name: str, *, reason: str = "manual", check: Callable[[Path], None]
         InputError: nothing is promoted under `name`, or only one run was (nothing to roll back to).
         RunDirError: the run to roll back to is no longer a trained run directory (nothing recorded).
     """
-    _check_name(name)
+    check_name(name)
     with _writing() as db:
         stack = _stack(db, name)
         if not stack:
@@ -87,7 +87,7 @@ def rollback(name: str, *, reason: str = "manual", check: Callable[[Path], None]
 
 def current(name: str) -> Path | None:
     """The run served under `name` now (its folder may have gone since), None when none was promoted."""
-    _check_name(name)
+    check_name(name)
     with _reading() as db:
         stack = _stack(db, name)
     return Path(stack[-1][0]) if stack else None
@@ -96,15 +96,17 @@ def current(name: str) -> Path | None:
 def history(name: str) -> list[dict]:
     """The events of `name`, oldest first: id, name, action ('promote'|'rollback'), run_dir (current
     after the event), previous (current before it), parent, ts, reason, record (a dict or None)."""
-    _check_name(name)
+    check_name(name)
     with _reading() as db:
         rows = db.execute("SELECT * FROM promotions WHERE name = ? ORDER BY id", (name,)).fetchall()
     return [{**dict(r), "record": json.loads(r["record"]) if r["record"] else None} for r in rows]
 
 
-def _check_name(name: str) -> None:
+def check_name(name: str, where: str = "NAME") -> None:
+    """InputError naming `where` (the command-line argument or option that gave it) for a bad registry name."""
     if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise InputError(f"bad registry name '{name}'", "NAME",
+        shown = json.dumps(name[:80]) + ("..." if len(name) > 80 else "") if isinstance(name, str) else repr(name)
+        raise InputError(f"bad registry name {shown}", where,
                          "use up to 100 letters, digits, '.', '_' or '-', starting with a letter or digit "
                          "(as a project name)")
 

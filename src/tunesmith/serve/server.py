@@ -104,9 +104,10 @@ def champion_run(name: str) -> Path:
     Raises:
         InputError: nothing is promoted under `name` (or a bad name). RunDirError: its folder is gone.
     """
-    from tunesmith.champions import current
+    from tunesmith.champions import check_name, current
     from tunesmith.runs import is_run_dir
 
+    check_name(name, "--registry")
     run = current(name)
     if run is None:
         raise InputError(f"nothing is promoted under '{name}'", "--registry",
