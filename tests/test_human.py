@@ -191,3 +191,14 @@ def test_kappa_and_wilson_edge_cases():
     assert fleiss_kappa([[3, 0, 0], [0, 3, 0]]) == 1.0
     low, high = wilson(0, 10)
     assert low == 0.0 and 0.2 < high < 0.35
+
+
+def test_a_key_that_is_a_folder_and_a_control_character_in_a_choice_are_said_as_they_are(tmp_path):
+    folder, _ = _exported(tmp_path, 3)
+    ratings = tmp_path / "r.csv"
+    ratings.write_text("id,rater,choice\np0001,ann,A\n")
+    result = runner.invoke(app, ["human", "import", str(ratings), "--key", str(folder)])
+    assert result.exit_code == 2 and "key file is a folder, not a file" in result.stderr
+    ratings.write_text("id,rater,choice\np0001,ann,A\x00\n")  # showed as "choice 'A' is not one of"
+    result = runner.invoke(app, ["human", "import", str(ratings), "--key", str(folder / "key.json")])
+    assert result.exit_code == 2 and 'choice "A\\u0000" is not one of A, B, tie' in result.stderr, result.stderr

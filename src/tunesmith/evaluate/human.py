@@ -222,7 +222,7 @@ def _rating_cells(row: dict, path: str, line: int) -> dict | None:
         return None
     choice = {c.lower(): c for c in CHOICES}.get(cells["choice"].lower())
     if choice is None:
-        raise DataError(f"choice '{cells['choice']}' is not one of A, B, tie", path, line, "fix the row")
+        raise DataError(f"choice {json.dumps(cells['choice'][:40])} is not one of A, B, tie", path, line, "fix the row")
     if not cells["rater"]:  # counted as a rater named "" it would skew agreement and the per-rater table
         raise DataError("the rater is empty", path, line, "put the rater's name in the row")
     return {"id": cells["id"], "rater": cells["rater"], "choice": choice, "line": line}
@@ -232,7 +232,9 @@ def _decode(path: Path, what: str) -> str:
     """The file's text: UTF-8 (with or without BOM), UTF-16 with BOM, else Windows-1252 (what a
     spreadsheet on Windows saves as plain "CSV")."""
     if not path.is_file():
-        raise DataError(f"{what} not found", str(path), None, "check the path")
+        found = ("is a folder, not a file" if path.is_dir() else "is not a regular file" if path.exists()
+                 else "not found")
+        raise DataError(f"{what} {found}", str(path), None, "check the path")
     raw = path.read_bytes()
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         try:
