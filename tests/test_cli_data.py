@@ -100,6 +100,7 @@ def test_a_given_test_file_takes_its_groups_out_of_training(tmp_path, tiny_model
     assert groups["test"] == {"u0"} and "u0" not in groups["train"] | groups["validation"]
     removed = [r for r in _jsonl(out / "removed.jsonl") if r["reason"] == "group_in_held_out"]
     assert len(removed) == 6 and {r["group"] for r in removed} == {"u0"}
+    assert "removed: group_in_held_out 6" in result.stdout  # split says what it took out
     assert removed[0]["overlaps"]["file"] == str(tmp_path / "test.jsonl")
 
 

@@ -91,7 +91,10 @@ def split(project: Project, out: Path) -> list[str]:
     raw.data.clean.enabled = False
     splits = prepare_data(raw, augment_rows=False)
     _write(splits, out)
-    return [f"{name}: {len(rows)} rows" for name, rows in splits.by_name().items()] + [f"written to {out}"]
+    removed = splits.curation.report().get("removed_by_reason", {}) if splits.curation else {}
+    return ([f"{name}: {len(rows)} rows" for name, rows in splits.by_name().items()]
+            + [f"removed: {', '.join(f'{k} {v}' for k, v in removed.items())}"] * bool(removed)
+            + [f"warning: {w}" for w in splits.warnings] + [f"written to {out}"])
 
 
 @dataclass
