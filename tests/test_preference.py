@@ -105,6 +105,11 @@ def test_kto_rows_from_a_csv_file_are_read_as_kto(tmp_path):
     with pytest.raises(DataError, match="got 'maybe'") as e:
         load_pairs(path, kto=True)
     assert e.value.lineno == 4
+    # A JSONL file writes booleans as booleans: its text label "false" is the row's own, not a KTO one
+    jsonl = tmp_path / "sft.jsonl"
+    jsonl.write_text(json.dumps({"prompt": "Q", "completion": "A", "label": "false"}) + "\n", encoding="utf-8")
+    examples, problems = load_examples(jsonl, TaskConfig(type="generation"))
+    assert not problems and examples[0].desirable is None and examples[0].target == "A"
 
 
 # ---- the losses against TRL's -----------------------------------------------------------------

@@ -11,7 +11,14 @@ from tunesmith.config import TaskConfig
 from tunesmith.config.schema import label_problem
 from tunesmith.config.sources import HF_PREFIX
 from tunesmith.data.io import ReadResult, Row, RowProblem, RowSource, read_rows
-from tunesmith.data.pair_rows import PairError, is_kto_row, is_preference_row, parse_pair, text_value
+from tunesmith.data.pair_rows import (
+    PairError,
+    has_text_cells,
+    is_kto_row,
+    is_preference_row,
+    parse_pair,
+    text_value,
+)
 from tunesmith.errors import DataError
 
 
@@ -227,7 +234,7 @@ def _generation(row: Row, task: TaskConfig) -> Example:
     """One generation/chat row, its format detected from its keys: OpenAI `messages`, ShareGPT
     `conversations`, Alpaca `instruction`/`output`, else the configured prompt/completion fields."""
     rec = _require_object(row)
-    if is_preference_row(rec):  # before `messages`: a preference prompt's conversation ends with the user
+    if is_preference_row(rec, has_text_cells(row.file)):  # before `messages`: a preference prompt ends with the user
         return _preference(rec, row)
     if "messages" in rec:
         return _chat(_openai_messages(rec["messages"]), row)
@@ -246,7 +253,8 @@ def _preference(rec: dict, row: Row) -> Example:
     """A `{prompt, chosen, rejected}` or KTO `{prompt, completion, label}` row (data/pair_rows.py): the
     chosen answer (or completion) is the target, so generation metrics use it as the reference."""
     try:
-        pair = parse_pair(rec, _source(row), kto=is_kto_row(rec))
+        text = has_text_cells(row.file)
+        pair = parse_pair(rec, _source(row), kto=is_kto_row(rec, text), text_cells=text)
     except PairError as e:
         raise _RowError(str(e)) from None
     return Example(pair.prompt, pair.chosen, _source(row), messages=pair.messages, rejected=pair.rejected,

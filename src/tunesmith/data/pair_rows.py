@@ -38,13 +38,13 @@ class PairError(ValueError):
     """A row that is not a valid preference row (the message says why)."""
 
 
-def parse_pair(record: Any, source: str = "", kto: bool = False) -> Pair:
-    """One raw record as a Pair; raises PairError naming the field at fault."""
+def parse_pair(record: Any, source: str = "", kto: bool = False, text_cells: bool = False) -> Pair:
+    """One raw record as a Pair; raises PairError naming the field at fault. `text_cells`: a CSV row."""
     if not isinstance(record, dict):
         raise PairError(f"expected a JSON object, got {type(record).__name__}")
     prompt, messages = _prompt(record)
     if kto:
-        label = kto_label(_need(record, "label"))
+        label = kto_label(_need(record, "label"), text_cells)
         if label is None:
             raise PairError(f"field 'label' must be true or false, got {_shown(record['label'])}")
         return Pair(prompt, _answer(_need(record, "completion"), "completion"), None, label, messages, source)
@@ -103,12 +103,12 @@ def text_value(value: Any, name: str, error: type[ValueError] = PairError) -> st
     return value
 
 
-def kto_label(value: Any) -> bool | None:
-    """A KTO label: a boolean, or the text "true"/"false" (any case, spaces around) that a CSV file can
-    only write; None for anything else (a generation row's other label is not a KTO one)."""
+def kto_label(value: Any, text_cells: bool = False) -> bool | None:
+    """A KTO label: a boolean, or in a CSV file (`text_cells`), which can only write text, "true"/"false"
+    (any case, spaces around); None for anything else (a generation row's own label is not a KTO one)."""
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+    if text_cells and isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
     return None
 
@@ -117,12 +117,18 @@ def _shown(value: Any) -> str:
     return repr(value[:40]) if isinstance(value, str) else type(value).__name__
 
 
-def is_preference_row(record: dict) -> bool:
+def is_preference_row(record: dict, text_cells: bool = False) -> bool:
     """Whether a raw record is a preference row: it has `chosen`/`rejected`, or a true/false `label`
-    beside a `completion` (KTO). Any other label on a generation row is not one."""
+    beside a `completion` (KTO; `text_cells`: a CSV row's "true"/"false"). Any other label is not one."""
     return "chosen" in record or "rejected" in record or (
-        "completion" in record and kto_label(record.get("label")) is not None)
+        "completion" in record and kto_label(record.get("label"), text_cells) is not None)
 
 
-def is_kto_row(record: dict) -> bool:
-    return "chosen" not in record and "rejected" not in record and kto_label(record.get("label")) is not None
+def is_kto_row(record: dict, text_cells: bool = False) -> bool:
+    return ("chosen" not in record and "rejected" not in record
+            and kto_label(record.get("label"), text_cells) is not None)
+
+
+def has_text_cells(file: str) -> bool:
+    """Whether rows of `file` hold text only (CSV, TSV): there "true" is how a boolean is written."""
+    return file.lower().endswith((".csv", ".tsv"))

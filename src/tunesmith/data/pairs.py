@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tunesmith.data.examples import Example, raise_for_problems
 from tunesmith.data.io import RowProblem, read_rows
-from tunesmith.data.pair_rows import Pair, PairError, parse_pair
+from tunesmith.data.pair_rows import Pair, PairError, has_text_cells, parse_pair
 from tunesmith.errors import DataError
 
 __all__ = ["Pair", "PairError", "load_pairs", "pair_example", "pairs_from_examples", "parse_pair"]
@@ -29,7 +29,7 @@ def load_pairs(path: Path, kto: bool = False, max_errors: int = 20) -> list[Pair
     pairs, problems = [], list(result.problems)
     for row in result.rows:
         try:
-            pairs.append(parse_pair(row.record, f"{Path(row.file).name}:{row.line}", kto))
+            pairs.append(parse_pair(row.record, f"{Path(row.file).name}:{row.line}", kto, has_text_cells(row.file)))
         except PairError as e:
             problems.append(RowProblem(row.file, row.line, str(e)))
     problems.sort(key=lambda p: p.line)
