@@ -137,6 +137,18 @@ def test_an_unset_objective_metric_is_the_tasks_first_and_is_recorded(tmp_path, 
     assert f"metric: {metric}" in dump_config(project)
 
 
+def test_compare_ranks_methods_on_a_metric_each_one_is_scored_on(tmp_path):
+    """A DPO config's unset metric is preference_accuracy: carried into `compare --methods lora`, the lora
+    run was refused ("unknown metric"); an unset metric is the task's first for every method instead."""
+    from tunesmith.pipeline import _method_config
+
+    dpo = load_config(_write(tmp_path, BASE + "task:\n  type: generation\ntrain:\n  method: dpo\n"))
+    assert dpo.objective.metric == "preference_accuracy" and dpo.objective.metric_defaulted
+    assert {_method_config(dpo, m).objective.metric for m in ("lora", "dpo", "kto")} == {"exact_match"}
+    given = load_config(_write(tmp_path, BASE + "task:\n  type: generation\nobjective:\n  metric: rouge_l\n"))
+    assert not given.objective.metric_defaulted and _method_config(given, "dpo").objective.metric == "rouge_l"
+
+
 def test_validation_fraction_range(tmp_path):
     with pytest.raises(ConfigError, match="data.validation"):
         load_config(_write(tmp_path, BASE + "  validation: 1.5\n"))

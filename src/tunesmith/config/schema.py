@@ -11,7 +11,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from tunesmith.config.settings import (
     DecontaminateSettings,
@@ -233,6 +233,12 @@ class ObjectiveConfig(_Strict):
     # How much worse (in the metric's units) a challenger may be on the champion's test split and still
     # be promoted: judged on the 95% interval of challenger - champion (see `tunesmith retrain`).
     tolerance: float = Field(0.01, ge=0, lt=1)
+    _metric_defaulted: bool = PrivateAttr(default=False)  # set where Project filled `metric` in
+
+    @property
+    def metric_defaulted(self) -> bool:
+        """Whether `metric` is the default Project chose for the method (not written in the config)."""
+        return self._metric_defaulted
 
 
 class TrainConfig(_Strict):
@@ -580,6 +586,7 @@ class Project(_Strict):
             names = metric_names("preference") + names
         if self.objective.metric is None:  # KTO rows are no pairs: a KTO test split may hold none to score
             self.objective.metric = names[0] if self.train.method != "kto" else metric_names(self.task.type)[0]
+            self.objective._metric_defaulted = True
         if self.objective.metric not in names:
             raise _KeyedError(("objective", "metric"), f"unknown metric '{self.objective.metric}' for a "
                               f"{self.task.type} task (available: {', '.join(names)})")

@@ -27,7 +27,7 @@ from tunesmith.fairness.stage import audit_stage, audited_rows, check_groups, he
 from tunesmith.models.resolve import resolve_model
 from tunesmith.optimize.result import OptimizeResult
 from tunesmith.optimize.stage import optimize_stage
-from tunesmith.registry import METHOD_SPECS
+from tunesmith.registry import METHOD_SPECS, metric_names
 from tunesmith.report.build import report_stage
 from tunesmith.runs import (
     check_evaluated,
@@ -309,8 +309,11 @@ def compare_methods(project: Project, methods: list[str], out: Path, progress: b
 def _method_config(project: Project, method: str) -> Project:
     """The project with `method`: the config's learning rate for its own method, else the method's default."""
     lr = project.train.learning_rate if method == project.train.method else METHOD_SPECS[method].learning_rate
+    updates = {"train.method": method, "train.learning_rate": lr}
+    if project.objective.metric_defaulted:  # every method ranked on one metric each of them is scored on
+        updates["objective.metric"] = metric_names(project.task.type)[0]
     try:
-        return derive(project, {"train.method": method, "train.learning_rate": lr})
+        return derive(project, updates)
     except ValidationError as e:
         raise InputError(f"method '{method}' does not fit this config ({e.errors()[0]['msg']})", "--methods",
                          "leave it out, or change the config key the message names") from None
