@@ -292,6 +292,9 @@ def test_a_path_the_file_system_refuses_is_bad_input_naming_it(error, says, caps
     with pytest.raises(typer.Exit) as info:  # an OSError naming no path stays an internal error
         guarded(False, lambda: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
     assert info.value.exit_code == 1
+    with pytest.raises(typer.Exit) as info:  # a broken pipe of the work itself, stdout fine: a bug, said
+        guarded(False, lambda: (_ for _ in ()).throw(BrokenPipeError(32, "Broken pipe")))
+    assert info.value.exit_code == 1 and "internal error: BrokenPipeError" in capsys.readouterr().err
 
 
 def test_a_fifo_as_data_is_refused_unread(tmp_path, tiny_model):

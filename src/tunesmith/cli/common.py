@@ -4,6 +4,7 @@ traceback unless --debug) and the options that mean the same everywhere."""
 from __future__ import annotations
 
 import errno
+import select
 import signal
 import sys
 import threading
@@ -46,7 +47,9 @@ def guarded(debug: bool, fn: Callable[[], int], details: bool = False, resumable
             traceback.print_exc()
         print(e, file=sys.stderr)
         raise typer.Exit(2) from None
-    except BrokenPipeError:
+    except BrokenPipeError as e:  # the output's reader gone, or a pipe or socket of the work itself (a bug)
+        if not _stdout_broken():
+            _internal(e, debug)
         reader_gone()
     except OSError as e:
         _file_system_error(e, debug)
@@ -94,6 +97,22 @@ def _file_system_error(e: OSError, debug: bool) -> NoReturn:
         print(f"error: no space left on the disk ({e.strerror}), {name}, free some space or write to another "
               f"disk{kept}", file=sys.stderr)
     raise typer.Exit(2) from None
+
+
+def _stdout_broken() -> bool:
+    """Whether standard output's reader is gone: a flush fails, or the pipe reports an error."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return True
+    except (OSError, ValueError):
+        return False
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no fileno (captured output), no poll on this platform
+        return False
 
 
 def reader_gone() -> NoReturn:
