@@ -221,6 +221,21 @@ def test_every_reader_of_test_predictions_refuses_an_edited_row(run, tmp_path, e
     assert not (tmp_path / "hf").exists() and not (tmp_path / "human").exists()
 
 
+def test_prediction_rows_tunesmith_wrote_read_back_whatever_they_hold(run):
+    """A NaN confidence is written as null; runs before 2026-11 wrote `correct` on generation rows with
+    no `confidence`: both are files tunesmith wrote, read back, never "damaged"."""
+    from tunesmith.evaluate.predictions_file import read_test_predictions
+
+    path = run / "predictions" / "test.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[0]["confidence"] = None
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_test_predictions(run)[0]["confidence"] is None
+    old = [{k: v for k, v in r.items() if k != "confidence"} for r in rows]
+    path.write_text("".join(json.dumps(r) + "\n" for r in old))
+    assert len(read_test_predictions(run)) == len(rows)
+
+
 @pytest.mark.parametrize("key", ["instruction", "type"])
 def test_a_task_edited_after_training_is_refused_before_eval_writes(run, key):
     """eval scored the baseline with the edited config.yaml prompt and the fine-tuned model with its own
@@ -313,7 +328,7 @@ def test_a_wrong_command_line_is_one_error_line_and_exit_2(args, expected):
 
 def test_empty_variants_and_registry_name_are_refused_not_defaulted(run):
     assert "--variants" in _error(runner.invoke(app, ["optimize", str(run), "--variants", ","]))
-    assert "bad registry name ''" in _error(runner.invoke(app, ["promote", str(run), "--name", "", "--force"]))
+    assert 'bad registry name "", --name' in _error(runner.invoke(app, ["promote", str(run), "--name", "", "--force"]))
 
 
 def test_human_import_takes_a_rating_repeated_in_a_second_download(run, tmp_path):

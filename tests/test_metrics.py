@@ -51,6 +51,10 @@ def test_objective_verdict():
     assert judge(ObjectiveConfig(metric="accuracy", target=0.9), {}, {}).met is False  # unmeasured fails
     assert verdict.to_json()["criteria"][0] == {"name": "accuracy", "value": 0.85, "target": 0.8, "op": ">=",
                                                 "met": True}
+    # An infinite gain (a baseline perplexity that overflowed) is no measurement: summary.json writes it as
+    # null, and every reader checks met against the value it reads back.
+    inf = judge(ObjectiveConfig(metric="perplexity", min_gain=1.0), {"perplexity": float("inf")}, {"perplexity": 5.0})
+    assert inf.criteria[0].value == float("inf") and inf.met is False
 
 
 def test_f1_micro_equals_accuracy_inside_the_label_set_and_drops_outside():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import secrets
@@ -511,6 +512,12 @@ def read_summary(run_dir: Path) -> dict:
     return summary
 
 
+def criterion_met(value: float | None, op: str, target: float) -> bool:
+    """An objective criterion's rule (evaluate/objective.py judges with it, every reader of summary.json
+    checks with it): a figure not measured, NaN or infinite (written as null) is not met."""
+    return value is not None and math.isfinite(value) and (value >= target if op == ">=" else value <= target)
+
+
 def _verdict_problem(verdict) -> str | None:
     def number(x) -> bool:
         return isinstance(x, (int, float)) and not isinstance(x, bool)
@@ -525,8 +532,8 @@ def _verdict_problem(verdict) -> str | None:
                 and c.get("op") in (">=", "<=")):
             return f"objective.criteria[{i}] must hold name, op, a numeric target and value, and met true or false"
         value, target = c["value"], c["target"]
-        # evaluate/objective.py's rule, on the very numbers it wrote: an edited value or met shows here
-        if c["met"] != (value is not None and (value >= target if c["op"] == ">=" else value <= target)):
+        # the rule eval judged with, on the very numbers it wrote: an edited value or met shows here
+        if c["met"] != criterion_met(value, c["op"], target):
             return (f"objective.criteria[{i}] ({c['name'][:40]}) says met {str(c['met']).lower()} for "
                     f"{value} {c['op']} {target}")
     if verdict["met"] != all(c["met"] for c in criteria):

@@ -118,6 +118,8 @@ def promote_command(run_dir: Path = typer.Argument(..., help="a trained run dire
         from tunesmith.config import load_config
         from tunesmith.train.finetuned import check_model_files
 
+        if name is not None:
+            champions.check_name(name, "--name")
         _check_run(run_dir)
         check_model_files(run_dir / "model")  # a server following the registry would refuse it later
         registry = name if name is not None else load_config(run_dir / "config.yaml", check_files=False).name

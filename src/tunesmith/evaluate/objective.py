@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from tunesmith.config import ObjectiveConfig
 from tunesmith.registry import METRIC_SPECS
+from tunesmith.runs import criterion_met
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,6 @@ def _diff(a, b):
 
 
 def _criterion(name: str, value, target: float, op: str) -> Criterion:
-    # A figure that could not be measured fails its criterion rather than passing silently.
-    met = value is not None and (value >= target if op == ">=" else value <= target)
-    return Criterion(name, value, target, op, bool(met))
+    # A figure that could not be measured fails its criterion rather than passing silently; so does a NaN
+    # or an infinite one (summary.json writes it as null, which must read back as not met).
+    return Criterion(name, value, target, op, criterion_met(value, op, target))

@@ -36,10 +36,13 @@ def read_test_predictions(run: Path) -> list[dict] | None:
     if not path.is_file():
         return None
     rows = fsio.read_jsonl(path)
-    answers = bool(rows) and isinstance(rows[0], dict) and "prediction" in rows[0]
-    scored = answers and "correct" in rows[0]
+    first = rows[0] if rows and isinstance(rows[0], dict) else {}
+    answers = "prediction" in first
+    # `correct` and `confidence` are on every row of a classification run (runs before 2026-11 also wrote
+    # `correct` on generation rows, without `confidence`), or on none.
+    kinds = (answers, "correct" in first, answers and "confidence" in first)
     for line, row in enumerate(rows, 1):
-        problem = _problem(row, answers, scored)
+        problem = _problem(row, *kinds)
         if problem is not None:
             raise fsio.DamagedFile(path, problem, line, what="not what tunesmith wrote")
     return rows
@@ -55,21 +58,22 @@ def require_test_predictions(run: Path) -> list[dict]:
     return rows
 
 
-def _problem(row: object, answers: bool, scored: bool) -> str | None:
-    """Why `row` is not a row of its file's kind, or None."""
+def _problem(row: object, answers: bool, correct: bool, confidence: bool) -> str | None:
+    """Why `row` is not a row of its file's kind, or None. A figure may be null: the eval stage writes a
+    NaN or an infinite one (a broken model's) as null, never as a bare NaN."""
     if not isinstance(row, dict):
         return f"a {type(row).__name__}, not an object"
     texts, numbers = (_ANSWER, ()) if answers else (_ANSWER[:2], _DOCUMENT)
     if answers and "rejected" in row:
         texts, numbers = texts + _PAIR[:1], _PAIR[1:]
-    if scored:
+    if confidence:
         numbers += ("confidence",)
     if bad := next((f for f in texts if not isinstance(row.get(f), str)), None):
         return f"'{bad}' missing or not a text"
-    if bad := next((f for f in numbers if not _number(row.get(f))), None):
+    if bad := next((f for f in numbers if f not in row or not (row[f] is None or _number(row[f]))), None):
         return f"'{bad}' missing or not a number"
-    if scored != isinstance(row.get("correct"), bool):
-        return "'correct' must be a boolean on every row of a classification run, and on no other"
+    if correct != isinstance(row.get("correct"), bool):
+        return "'correct' must be a boolean on every row of the file, or on none"
     return None
 
 

@@ -23,7 +23,8 @@ def answers_section(run_dir: Path, metric: str, first_n: int = 10) -> str:
     # A metric that needs the whole set (none here today) would have no per-example value: no ranking.
     scored = per_example_gaps(rows, metric) if metric in METRICS else []
     if metric in PREFERENCE_METRICS:  # a pair's figure is its margin
-        scored, metric = [(r["margin"] - r["baseline_margin"], r) for r in rows if "margin" in r], "margin (nats)"
+        scored, metric = [(r["margin"] - r["baseline_margin"], r) for r in rows
+                          if r.get("margin") is not None and r.get("baseline_margin") is not None], "margin (nats)"
     most = sorted((r for r in scored if r[0] != 0), key=lambda r: -abs(r[0]))[:first_n]
     out = [f"<h2>Answers: the first {min(first_n, len(rows))} test prompts</h2>", first]
     if most:

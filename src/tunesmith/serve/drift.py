@@ -76,7 +76,8 @@ def build_reference(run_dir: Path, clusters: int = 8, seed: int = 0) -> dict:
         counts = Counter(r["prediction"] for r in preds)
         ref["label_shares"] = {lab: counts[lab] / len(preds) for lab in sorted(counts)}
         ref["predictions"] = len(preds)
-        ref["confidence"] = float(np.mean([r["confidence"] for r in preds]))
+        known = [r["confidence"] for r in preds if r["confidence"] is not None]  # null: a NaN the model gave
+        ref["confidence"] = float(np.mean(known)) if known else None
     return ref
 
 
@@ -121,7 +122,7 @@ def drift_report(ref: dict, rows: list[dict], settings, run_dir: Path | None = N
                                         [live[k] / max(len(labels), 1) for k in names], len(labels),
                                         settings.psi_threshold, settings.p_value)
         conf = [r["confidence"] for r in rows if r.get("confidence") is not None]
-        if conf:
+        if conf and ref["confidence"] is not None:
             signals["confidence"] = _signal(ref["confidence"] - float(np.mean(conf)),
                                             settings.confidence_drop_threshold, live=float(np.mean(conf)),
                                             reference=ref["confidence"])
