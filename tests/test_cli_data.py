@@ -121,6 +121,12 @@ def test_a_data_output_is_replaced_whole_or_not_at_all(tmp_path, tiny_model):
     after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert after == {k: v for k, v in before.items() if k != "removed.jsonl"}  # nothing moved in
     assert not [p for p in out.iterdir() if p.name.startswith(".writing-")]
+    killed = tmp_path / "killed"  # a first command killed while writing: its marker and half a staging folder
+    (killed / ".writing-x").mkdir(parents=True)
+    (killed / ".writing-x" / "train.jsonl").write_text("{")
+    (killed / ".tunesmith-data").write_text("")
+    assert runner.invoke(app, ["data", "split", config, "--out", str(killed)]).exit_code == 0
+    assert (killed / "train.jsonl").is_file() and not (killed / ".writing-x").exists()
 
 
 def test_augment_adds_marked_rows_to_train_only(tmp_path, tiny_model):

@@ -216,6 +216,9 @@ def _publish(out: Path, write) -> None:
     made = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
+        _mark(out)  # first: a folder a kill left half-made can be written again
+        for stale in out.glob(".writing-*"):  # what a killed earlier command left
+            shutil.rmtree(stale, ignore_errors=True)
         stage = Path(tempfile.mkdtemp(prefix=".writing-", dir=out))
         try:
             write(stage)
@@ -224,7 +227,6 @@ def _publish(out: Path, write) -> None:
                                 and not (out / n).is_file()), None):
                 raise InputError(f"{out / blocked} is not a file an earlier `tunesmith data` wrote", f"--out {out}",
                                  "move it away, or give a new folder")
-            _mark(out)
             for name in set(OUTPUT_FILES) - set(written):
                 (out / name).unlink(missing_ok=True)
             for name in written:
