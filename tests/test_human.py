@@ -202,3 +202,13 @@ def test_a_key_that_is_a_folder_and_a_control_character_in_a_choice_are_said_as_
     ratings.write_text("id,rater,choice\np0001,ann,A\x00\n")  # showed as "choice 'A' is not one of"
     result = runner.invoke(app, ["human", "import", str(ratings), "--key", str(folder / "key.json")])
     assert result.exit_code == 2 and 'choice "A\\u0000" is not one of A, B, tie' in result.stderr, result.stderr
+
+
+def test_a_text_run_has_no_answers_to_rate(tmp_path):
+    run = tmp_path / "text-run"
+    (run / "predictions").mkdir(parents=True)
+    row = {"text": "a document", "source": "d.jsonl:1", "tokens": 3, "nll_per_token": 2.0,
+           "baseline_nll_per_token": 2.5}
+    (run / "predictions" / "test.jsonl").write_text(json.dumps(row) + "\n")
+    result = runner.invoke(app, ["human", "export", str(run)])
+    assert result.exit_code == 2 and "a text run (task.type text) makes no answers to rate" in result.stderr

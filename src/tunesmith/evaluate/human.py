@@ -58,7 +58,11 @@ def load_answers(run_dir: Path, against: Path | None) -> tuple[list[dict], str, 
 
 
 def _predictions(run_dir: Path) -> list[dict]:
-    return require_test_predictions(Path(run_dir))
+    rows = require_test_predictions(Path(run_dir))
+    if rows and "prediction" not in rows[0]:
+        raise RunDirError("a text run (task.type text) makes no answers to rate: it is scored by perplexity",
+                          str(run_dir), "rate the answers of a classification, generation or chat run")
+    return rows
 
 
 KEY_FILE = "key.json"  # which side is which: kept from raters (the workbench never serves it)
