@@ -269,6 +269,9 @@ def test_a_data_path_that_is_a_link_loop_is_refused_by_name(tmp_path, tiny_model
     (tmp_path / "test.jsonl").symlink_to(tmp_path / "test.jsonl")  # Path.resolve(): RuntimeError, not OSError
     line = _error(runner.invoke(app, ["data", "check", config]))
     assert "symbolic link loop" in line and str(tmp_path / "test.jsonl") in line and "internal" not in line
+    (tmp_path / "test.jsonl").unlink()
+    (tmp_path / "test.jsonl").symlink_to(tmp_path / "gone.jsonl")  # dangling: the file it names is missing
+    assert f"data file not found: {tmp_path / 'gone.jsonl'}" in _error(runner.invoke(app, ["data", "check", config]))
 
 
 @pytest.mark.parametrize("error,says", [

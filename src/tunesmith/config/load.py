@@ -51,7 +51,7 @@ def load_config(path: str | Path, check_files: bool = True) -> Project:
     project.source = path.resolve()
     try:
         _resolve_paths(project, root, check_files)
-    except RuntimeError as e:  # Path.resolve() on a link loop (an OSError ELOOP from Python 3.13 on)
+    except RuntimeError as e:  # Path.resolve() on a link loop, up to Python 3.12 (_check_data_path: later ones)
         if not str(e).startswith("Symlink loop"):
             raise
         raise ConfigError(f"a path of the config is a symbolic link loop ({e})", str(path),
@@ -196,6 +196,9 @@ def _check_data_path(path: Path, where: str) -> None:
         return
     if path.exists():  # a fifo, socket or device: reading it could block forever
         raise ConfigError(f"{path} is not a regular file", where, "give a data file")
+    if path.is_symlink():
+        raise ConfigError(f"{path} is a symbolic link loop or a link to nothing", where,
+                          "fix the link, or give the file itself")
     raise ConfigError(f"data file not found: {path}", where, "paths are relative to the config file's folder")
 
 

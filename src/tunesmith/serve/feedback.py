@@ -215,7 +215,9 @@ def import_file(path: Path, db: Path, replace: bool = False, redact_pii: bool = 
     lines = {v.request_id: line for line, v in verdicts}
     try:
         store = _open_log(db, redact_pii)
-    except sqlite3.OperationalError as e:  # opened for writing: a read-only file or folder
+    except sqlite3.OperationalError as e:  # opened for writing: a read-only file or folder (not "locked")
+        if "readonly" not in str(e) and "unable to open" not in str(e):
+            raise
         raise no_access(db, e) from None
     try:
         counts = store.import_feedback([{"request_id": v.request_id, **v.fields()} for _, v in verdicts], replace)

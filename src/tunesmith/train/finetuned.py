@@ -85,7 +85,7 @@ def _check_tokenizer(model_dir: Path) -> None:
         load_tokenizer(model_dir)
     except ModelError as e:
         raise RunDirError(e.what, str(model_dir), e.hint) from None
-    except (OSError, ValueError, KeyError, TypeError) as e:  # tokenizer.json missing, truncated or edited
+    except Exception as e:  # tokenizer.json missing, truncated or edited (`tokenizers` raises a bare Exception)
         raise RunDirError(f"the model's tokenizer cannot be loaded ({type(e).__name__}: {str(e)[:160]})",
                           str(model_dir), "restore the folder's tokenizer files, or train the run again") from None
 
