@@ -232,11 +232,12 @@ def _folded_if_it_hides_pii(text: str) -> str:
     """The text NFKC-normalised when that shows PII the patterns miss in it (full-width look-alikes:
     ｊｏｈｎ＠ｅｘａｍｐｌｅ．ｃｏｍ), else the text as given: a correction may be a training target, kept
     byte for byte unless it must be redacted."""
-    if unicodedata.is_normalized("NFKC", text):
+    head = text[:STORED_CHARS + PII_SLACK]  # only what may be stored: bounded work whatever the body's size
+    if unicodedata.is_normalized("NFKC", head):
         return text
-    head = STORED_CHARS + PII_SLACK
-    folded = unicodedata.normalize("NFKC", text)
-    return folded if len(find_pii(folded[:head])) > len(find_pii(text[:head])) else text
+    folded = unicodedata.normalize("NFKC", head)
+    shows_more = len(find_pii(folded[:STORED_CHARS + PII_SLACK])) > len(find_pii(head))
+    return folded + text[len(head):] if shows_more else text
 
 
 class LogWriter:
