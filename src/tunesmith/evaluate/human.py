@@ -27,7 +27,7 @@ from pathlib import Path
 from tunesmith import fsio
 from tunesmith.data.io import json_value_error
 from tunesmith.errors import DataError, InputError, RunDirError
-from tunesmith.evaluate.predictions_file import require_test_predictions
+from tunesmith.evaluate.predictions_file import example_key, require_test_predictions
 from tunesmith.runs import enclosing_run
 
 CHOICES = ("A", "B", "tie")
@@ -43,13 +43,12 @@ def load_answers(run_dir: Path, against: Path | None) -> tuple[list[dict], str, 
         pairs = [{"id": r["source"], "prompt": r["text"], "one": r["prediction"], "two": r["baseline_prediction"]}
                  for r in rows]
         return pairs, f"fine-tuned ({Path(run_dir).name})", "baseline"
-    # The same test example: the same row of the same file, with the same prompt and gold answer (two
-    # projects' test.jsonl:3 are different examples).
-    other = {(r["source"], r["text"], r["gold"]): r for r in _predictions(against)}
+    # The same test example: the same prompt and gold answer (two projects' test.jsonl:3 are different ones).
+    other = {example_key(r): r for r in _predictions(against)}
     pairs = [{"id": r["source"], "prompt": r["text"], "one": r["prediction"],
-              "two": other[key]["prediction"]} for r in rows if (key := (r["source"], r["text"], r["gold"])) in other]
+              "two": other[key]["prediction"]} for r in rows if (key := example_key(r)) in other]
     if not pairs:
-        raise RunDirError("the two runs share no test examples (the same row, prompt and gold answer)", str(against),
+        raise RunDirError("the two runs share no test examples (the same prompt and gold answer)", str(against),
                           "compare runs of the same project")
     one, two = Path(run_dir).resolve(), Path(against).resolve()
     if one.name == two.name:  # two folders called `run`: the key must still say which is which

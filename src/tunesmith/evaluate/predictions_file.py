@@ -48,6 +48,12 @@ def read_test_predictions(run: Path) -> list[dict] | None:
     return rows
 
 
+def example_key(row: dict) -> tuple[str, str]:
+    """What makes two runs' rows the same test example: its prompt and its gold answer (sources differ:
+    retrain's challenger reads the champion's test split from its own copy)."""
+    return row["text"], row["gold"]
+
+
 def require_test_predictions(run: Path) -> list[dict]:
     """read_test_predictions for a reader that cannot go on without them (RunDirError when missing)."""
     from tunesmith.errors import RunDirError

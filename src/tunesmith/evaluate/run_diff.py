@@ -10,7 +10,7 @@ import yaml
 from tunesmith import fsio
 from tunesmith.config import yaml_text
 from tunesmith.evaluate.compare import compare
-from tunesmith.evaluate.predictions_file import PREDICTIONS, read_test_predictions
+from tunesmith.evaluate.predictions_file import PREDICTIONS, example_key, read_test_predictions
 from tunesmith.runs import read_summary
 
 
@@ -71,6 +71,6 @@ def _unpaired(a: Path, b: Path, pa: list[dict] | None, pb: list[dict] | None) ->
             return f"{Path(run) / PREDICTIONS} is missing"
     if not pa or not pb or "prediction" not in pa[0] or "prediction" not in pb[0]:
         return "a text run makes no predictions to pair (it is scored by perplexity)"
-    if [(r["text"], r["gold"]) for r in pa] != [(r["text"], r["gold"]) for r in pb]:
+    if [example_key(r) for r in pa] != [example_key(r) for r in pb]:
         return "the runs were not scored on the same test examples"
     return None

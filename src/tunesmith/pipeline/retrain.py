@@ -28,7 +28,7 @@ from tunesmith.config import Project, derive, dump_config, load_config
 from tunesmith.data.examples import Example
 from tunesmith.errors import InputError, RunDirError
 from tunesmith.evaluate.compare import compare
-from tunesmith.evaluate.predictions_file import require_test_predictions
+from tunesmith.evaluate.predictions_file import example_key, require_test_predictions
 from tunesmith.pipeline.promotion import Decision, decide
 from tunesmith.pipeline.traffic import Assembly, assemble, champion_labels, check_supported, write_rows
 from tunesmith.runs import check_out, find_run, is_run_dir, new_run_id, run_lock, staging_dir
@@ -232,10 +232,10 @@ def _test_comparison(champion: Path, challenger: Path, project: Project) -> dict
     theirs: dict[tuple, list[str]] = {}
     rows_b = require_test_predictions(challenger)
     for r in rows_b:
-        theirs.setdefault((r["text"], r["gold"]), []).append(r["prediction"])
+        theirs.setdefault(example_key(r), []).append(r["prediction"])
     golds, a, b = [], [], []
     for r in mine:
-        match = theirs.get((r["text"], r["gold"]))
+        match = theirs.get(example_key(r))
         if match:
             golds.append(r["gold"])
             a.append(r["prediction"])
