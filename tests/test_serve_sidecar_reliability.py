@@ -380,6 +380,13 @@ def test_item8_loopback_servers_answer_only_to_loopback_host_names():
     assert asyncio.run(statuses(rebinding)) == [421] * len(rebinding)
     assert asyncio.run(statuses(["localhost:http", "[::1", "[::1]x", ""])) == [400] * 4
 
+    async def from_pages(origins: list[str]) -> list[int]:  # a browser names the page's site in Origin
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=guarded), base_url="http://x") as c:
+            return [(await c.post("/v1/feedback", content=b"{}", headers={"Host": "localhost:8000", "Origin": o})
+                     ).status_code for o in origins]
+    assert asyncio.run(from_pages(["http://localhost:3000", "http://127.0.0.1:8000", "http://[::1]:9"])) == [200] * 3
+    assert asyncio.run(from_pages(["https://evil.example", "http://localhost.evil.example", "null"])) == [403] * 3
+
     sent: list[dict] = []
 
     async def send(message):

@@ -46,7 +46,9 @@ def host_name(header: str) -> str | None:
 
 class HostCheck:
     """ASGI wrapper: HTTP and WebSocket requests whose Host is not one of `allowed` get a 421 JSON
-    error (400 when the header is missing or malformed); lifespan events pass through."""
+    error (400 when the header is missing or malformed), and those a browser sends from a page of another
+    site (an `Origin` header naming another host) a 403: a page on the web cannot post to a keyless
+    server on this machine, even with a "simple" request that needs no preflight. Lifespan events pass."""
 
     def __init__(self, app, allowed: set[str] | frozenset[str] = LOOPBACK_NAMES):
         self.app, self.allowed = app, frozenset(a.lower().strip("[]") for a in allowed)
@@ -54,15 +56,29 @@ class HostCheck:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
-        raw = dict(scope.get("headers") or []).get(b"host")
+        headers = dict(scope.get("headers") or [])
+        raw = headers.get(b"host")
         name = host_name(raw.decode("latin-1")) if raw is not None else None
-        if name in self.allowed:
+        if name in self.allowed and not self._foreign(headers.get(b"origin")):
             return await self.app(scope, receive, send)
+        if name in self.allowed:  # a page of another site
+            if scope["type"] == "websocket":
+                return await send({"type": "websocket.close", "code": 1008})
+            return await _json_error(send, 403, "requests from pages of other sites are refused")
         if scope["type"] == "websocket":
             return await send({"type": "websocket.close", "code": 1008})
         status, message = (421, f"this server answers only to {', '.join(sorted(self.allowed))}") \
             if name is not None else (400, "missing or malformed Host header")
         await _json_error(send, status, message)
+
+
+    def _foreign(self, origin: bytes | None) -> bool:
+        """Whether an Origin header names a host other than the allowed ones ("null": a sandboxed page)."""
+        if origin is None:
+            return False
+        text = origin.decode("latin-1").strip()
+        scheme, sep, rest = text.partition("://")
+        return not sep or host_name(rest) not in self.allowed
 
 
 async def _json_error(send, status: int, message: str) -> None:
