@@ -12,12 +12,13 @@ client out with 503s. The body has its own limit in the app (limits.py, 408).
 from __future__ import annotations
 
 import asyncio
-import json
 from functools import partial
 from typing import Callable
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from tunesmith.serve.replies import send_error
 
 _NOTHING = object()  # no connection state seen yet (a connection's first cycle is None)
 
@@ -58,12 +59,9 @@ class CapacityGuard:
 
 
 async def _busy(send, limit: int) -> None:
-    message = f"the server is at capacity ({limit} connections or requests at once, serve.max_concurrency)"
-    body = json.dumps({"error": {"message": message, "type": "server_error", "code": 503}}).encode()
-    await send({"type": "http.response.start", "status": 503,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"retry-after", str(RETRY_AFTER_S).encode()), (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": body})
+    await send_error(send, 503, f"the server is at capacity ({limit} connections or requests at once, "
+                     "serve.max_concurrency)", "server_error",
+                     ((b"retry-after", str(RETRY_AFTER_S).encode()), (b"connection", b"close")))
 
 
 class HeadDeadline(asyncio.Protocol):

@@ -10,7 +10,8 @@ sees the request.
 from __future__ import annotations
 
 import ipaddress
-import json
+
+from tunesmith.serve.replies import send_error
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
@@ -64,12 +65,12 @@ class HostCheck:
         if name in self.allowed:  # a page of another site
             if scope["type"] == "websocket":
                 return await send({"type": "websocket.close", "code": 1008})
-            return await _json_error(send, 403, "requests from pages of other sites are refused")
+            return await send_error(send, 403, "requests from pages of other sites are refused")
         if scope["type"] == "websocket":
             return await send({"type": "websocket.close", "code": 1008})
         status, message = (421, f"this server answers only to {', '.join(sorted(self.allowed))}") \
             if name is not None else (400, "missing or malformed Host header")
-        await _json_error(send, status, message)
+        await send_error(send, status, message)
 
 
     def _foreign(self, origin: bytes | None) -> bool:
@@ -79,14 +80,6 @@ class HostCheck:
         text = origin.decode("latin-1").strip()
         scheme, sep, rest = text.partition("://")
         return not sep or host_name(rest) not in self.allowed
-
-
-async def _json_error(send, status: int, message: str) -> None:
-    """The app's error shape, `{"error": {"message", "type", "code"}}`."""
-    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "code": status}}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
 
 
 def loopback_guard(app, host: str):

@@ -6,9 +6,10 @@ otherwise hold their connections (and serve.max_concurrency's slots) for as long
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Callable
+
+from tunesmith.serve.replies import send_error
 
 DISCONNECT = {"type": "http.disconnect"}
 
@@ -81,8 +82,4 @@ class BodyLimit:
 
 
 async def _refuse(send, status: int, message: str) -> None:
-    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "code": status}}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": body})
+    await send_error(send, status, message, headers=((b"connection", b"close"),))

@@ -4,6 +4,7 @@ that POST /v1/feedback refers to."""
 
 from __future__ import annotations
 
+import json
 import uuid
 
 from fastapi import Request
@@ -12,6 +13,17 @@ from fastapi.responses import JSONResponse
 # The header naming an answer's request_id (its row in the request log, what feedback refers to).
 # Not X-Request-ID: that one is a trace id, and a caller may choose it.
 ANSWER_ID = "X-Tunesmith-Request-ID"
+
+
+async def send_error(send, status: int, message: str, kind: str = "invalid_request_error",
+                     headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    """The same error body sent straight from an ASGI wrapper that answers before the app (the Host
+    check, the body limit, the connection cap), with `headers` added (Retry-After, Connection: close)."""
+    body = json.dumps({"error": {"message": message, "type": kind, "code": status}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def error(status: int, message: str, kind: str) -> JSONResponse:
