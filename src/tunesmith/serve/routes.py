@@ -108,6 +108,8 @@ class _Sampling(_Body):
     logit_bias: dict[str, float] | None = None
     echo: bool | None = None
     best_of: int | None = None
+    suffix: str | None = None
+    response_format: dict | None = None
 
     def sampling(self) -> GenerationSettings | None:
         """The request's settings, None for plain greedy decoding; ValueError (400) naming a bad field."""
@@ -115,7 +117,8 @@ class _Sampling(_Body):
             if getattr(self, name) not in (None, 0):
                 raise ValueError(f"{name} is not supported by this server; use repetition_penalty (1 to 2) instead")
         for name, off in (("logprobs", (None, False, 0)), ("top_logprobs", (None, 0)), ("logit_bias", (None, {})),
-                          ("echo", (None, False)), ("best_of", (None, 1))):
+                          ("echo", (None, False)), ("best_of", (None, 1)), ("suffix", (None, "")),
+                          ("response_format", (None, {"type": "text"}))):
             if getattr(self, name) not in off:
                 raise ValueError(f"{name} is not supported by this server; leave it out")
         if self.n not in (None, 1):
@@ -131,14 +134,35 @@ class _Sampling(_Body):
         return None if settings == GenerationSettings(seed=None) else settings
 
 
-class CompletionRequest(_Sampling):
+class StreamOptions(_Body):
+    """OpenAI's `stream_options`: `include_usage` adds a last chunk with the token counts."""
+
+    include_usage: bool = False
+
+
+class _Streamed(_Sampling):
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @model_validator(mode="after")
+    def _options_need_a_stream(self) -> _Streamed:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    @property
+    def usage_chunk(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(_Streamed):
     """POST /v1/completions (OpenAI's fields that the server uses)."""
 
     model: str | None = None
     # Text goes through the run's prompt format; token ids (OpenAI's other form) are used as given.
     prompt: str | list[int]
-    max_tokens: int = Field(16, ge=1)
-    stream: bool = False
+    # Unsaid: OpenAI's 16, or serve.max_tokens where that is smaller (not a 422 for a field never sent).
+    max_tokens: int | None = Field(None, ge=1)
 
     @field_validator("prompt")
     @classmethod
@@ -149,8 +173,30 @@ class CompletionRequest(_Sampling):
 class ChatMessage(_Body):
     """One message of a chat request."""
 
-    role: Literal["system", "user", "assistant"]
+    # "developer" is OpenAI's newer name for the system message; chat templates know only "system".
+    role: Literal["system", "developer", "user", "assistant"]
     content: str
+
+    @field_validator("role")
+    @classmethod
+    def _system(cls, v: str) -> str:
+        return "system" if v == "developer" else v
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, v):
+        """OpenAI's other form of content, a list of parts: the text parts joined by newlines. Other
+        parts (images, audio, files) are refused: answered without them, the reply would pretend."""
+        if not isinstance(v, list):
+            return v
+        texts = []
+        for i, part in enumerate(v):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = str(part.get("type"))[:40] if isinstance(part, dict) else type(part).__name__
+                raise ValueError(f"content[{i}]: only text parts ({{'type': 'text', 'text': ...}}) are supported, "
+                                 f"not {kind!r}")
+            texts.append(part["text"])
+        return "\n".join(texts)
 
     @field_validator("content")
     @classmethod
@@ -158,14 +204,13 @@ class ChatMessage(_Body):
         return unicode_text(v)
 
 
-class ChatRequest(_Sampling):
+class ChatRequest(_Streamed):
     """POST /v1/chat/completions (OpenAI's fields that the server uses)."""
 
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    stream: bool = False
 
 
 def ops_router(state: ServerState) -> APIRouter:
@@ -232,7 +277,7 @@ def openai_router(state: ServerState) -> APIRouter:
 
     @router.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request, response: Response):
-        limit = _limit(body.max_tokens, cfg)
+        limit = _limit(body.max_tokens or min(16, cfg.max_tokens), cfg)
         sampling = _sampling(body, service)
         if isinstance(body.prompt, list) and service.labels:
             return error(400, "a classifier takes text prompts (its prompt format is applied to them)",
@@ -241,7 +286,7 @@ def openai_router(state: ServerState) -> APIRouter:
             example = service.example(prompt=body.prompt)
         except ValueError as e:  # a token prompt out of range
             return error(422, f"{e} (prompt)", "invalid_request_error")
-        return await _complete(state, (request, response), (example, limit, sampling), body.stream,
+        return await _complete(state, (request, response), (example, limit, sampling), body,
                                "/v1/completions", "text_completion")
 
     @router.post("/v1/chat/completions")
@@ -252,27 +297,28 @@ def openai_router(state: ServerState) -> APIRouter:
             example = service.example(messages=[m.model_dump() for m in body.messages])
         except ValueError as e:
             return error(422, f"{e} (messages)", "invalid_request_error")
-        return await _complete(state, (request, response), (example, limit, sampling), body.stream,
+        return await _complete(state, (request, response), (example, limit, sampling), body,
                                "/v1/chat/completions", "chat.completion")
 
     return router
 
 
-async def _complete(state: ServerState, exchange: tuple[Request, Response], job: tuple, stream: bool, route: str,
+async def _complete(state: ServerState, exchange: tuple[Request, Response], job: tuple, body: _Streamed, route: str,
                     kind: str):
     """One completion of `job` (example, max_tokens, sampling or None) (`kind` "text_completion" or
-    "chat.completion"): streamed, or micro-batched and answered whole; either way counted in the
-    metrics and the request log, under a fresh request_id in the answer and its header."""
+    "chat.completion"): streamed when `body` asks (with a usage chunk if it asks for that too), or
+    micro-batched and answered whole; either way counted in the metrics and the request log, under a
+    fresh request_id in the answer and its header."""
     (request, response), (example, limit, sampling) = exchange, job
     answer_id = new_answer_id()
     # Logged so that a token prompt (its input the ids decoded, the prompt format inside) is never
     # taken for a plain text prompt, e.g. by retrain, which would wrap it in the format again.
     prompt_kind = "tokens" if isinstance(example, TokenPrompt) else "text"
-    if stream:
+    if body.stream:
         chunk_kind = "text_completion" if kind == "text_completion" else "chat.completion.chunk"
         return await open_stream(state, example, limit, chunk_kind, request,
-                                 _stream_logger(state, request, (route, answer_id), example.input, prompt_kind),
-                                 sampling, answer_id=answer_id)
+                                 _stream_logger(state, request, (route, answer_id), example, prompt_kind),
+                                 sampling, answer_id=answer_id, usage=body.usage_chunk)
     item = (example, limit) if sampling is None else job  # engines see settings only when there are some
     done: Completion = await state.batcher.submit("complete", item, request.state.deadline)
     await _account(state, request, (route, answer_id), example.input, done, prompt_kind=prompt_kind)
@@ -313,12 +359,22 @@ def _limit(requested: int, cfg: ServeConfig) -> int:
     return requested
 
 
-def _stream_logger(state: ServerState, request: Request, logged_as: tuple[str, str], text, prompt_kind: str):
-    """What a finished stream reports: its tokens to the metrics, its text to the request log."""
-    async def done(pieces: list[str], finish: str) -> None:  # `finish` names the run that answered (swap.Finish)
-        await _account(state, request, logged_as, text, Completion("".join(pieces), finish, 0, len(pieces)), finish,
-                       prompt_kind)
+def _stream_logger(state: ServerState, request: Request, logged_as: tuple[str, str], example, prompt_kind: str):
+    """What a finished stream reports: its tokens to the metrics, its text to the request log; returns
+    the Completion (its usage, the completion counted one token a piece)."""
+    async def done(pieces: list[str], finish: str) -> Completion:  # `finish` names the run that answered
+        prompt = await asyncio.to_thread(_prompt_tokens, state.service, example)
+        completion = Completion("".join(pieces), finish, prompt, len(pieces))
+        await _account(state, request, logged_as, example.input, completion, finish, prompt_kind)
+        return completion
     return done
+
+
+def _prompt_tokens(service: Service, example) -> int:
+    """The prompt's tokens as the model reads it; 0 from an upstream engine, which does not say."""
+    if not hasattr(service, "row_tokens"):
+        return 0
+    return service.row_tokens("complete", [(example, 0)])[0][0]
 
 
 async def _account(state: ServerState, request: Request, logged_as: tuple[str, str], text,

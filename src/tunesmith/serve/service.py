@@ -19,6 +19,7 @@ from tunesmith.models.load import context_length
 from tunesmith.models.tokens import stop_ids
 from tunesmith.optimize.engines import load_variant
 from tunesmith.optimize.predictor import Predictor
+from tunesmith.tasks.cache import cache_kwargs, output_cache
 from tunesmith.tasks.predict import answer_budget, encode_prompts
 from tunesmith.tasks.prompts import PromptFormat
 from tunesmith.tasks.sampling import (
@@ -227,8 +228,8 @@ class Service:
         for _ in range(self._room(seen.shape[1], max_tokens)):
             if cancelled.is_set():
                 return "stop"
-            out = model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1)
-            past = out.past_key_values
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, past))
+            past = output_cache(out)
             token = next_token(out.logits[:, -1], seen, settings, processors, generator)
             if token in stops:
                 return "stop"

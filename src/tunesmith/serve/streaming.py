@@ -24,14 +24,15 @@ log = logging.getLogger("tunesmith.serve")
 
 
 async def open_stream(state: ServerState, example, limit: int, kind: str, request: Request,
-                      on_done, sampling=None, answer_id: str | None = None) -> StreamingResponse:
+                      on_done, sampling=None, answer_id: str | None = None, usage: bool = False) -> StreamingResponse:
     """Server-sent events, one chunk per decoded piece, then [DONE]; stops if the client goes.
     At most `serve.max_queue` streams wait or run at once. The headers go out with the first piece, so
     until then the answer is an ordinary one: 503 when it misses the request's deadline, 502 when the
     engine fails (EngineError), 500 for any other failure. After it only an error event can say so.
-    `await on_done(pieces, finish_reason)` runs when the stream ends. `sampling` (GenerationSettings, None for
-    plain greedy) goes to the engine's stream. `answer_id` is the request_id of the answer (a new one
-    when not given), in every chunk and the X-Tunesmith-Request-ID header."""
+    `await on_done(pieces, finish_reason)` runs when the stream ends and returns its Completion, whose
+    token counts a last chunk carries when `usage` (OpenAI's stream_options.include_usage). `sampling`
+    (GenerationSettings, None for plain greedy) goes to the engine's stream. `answer_id` is the request_id
+    of the answer (a new one when not given), in every chunk and the X-Tunesmith-Request-ID header."""
     if not state.streams.acquire(blocking=False):
         raise Overloaded("queue_full", "the server is at capacity (too many streams)", 1)
     cancelled = threading.Event()
@@ -48,7 +49,8 @@ async def open_stream(state: ServerState, example, limit: int, kind: str, reques
         cancelled.set()
         raise first[1]
     answer_id = answer_id or new_answer_id()
-    events = _events((state.service.name, kind, answer_id), first, queue, cancelled, on_done, request_id(request))
+    events = _events(_Chunks(state.service.name, kind, answer_id, usage), first, queue, cancelled, on_done,
+                     request_id(request))
     return StreamingResponse(events, media_type="text/event-stream", headers={ANSWER_ID: answer_id})
 
 
@@ -79,21 +81,22 @@ def _producer(state: ServerState, example, limit: int, cancelled: threading.Even
     return produce
 
 
-async def _events(about: tuple[str, str, str], first, queue, cancelled, on_done, rid: str):
-    """The stream's events; `about` is (model, chunk kind, answer id), `rid` the trace id for log lines."""
-    model, kind, answer_id = about
-    ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-    chunk = (ident, created, model, kind, answer_id)
+async def _events(chunks: _Chunks, first, queue, cancelled, on_done, rid: str):
+    """The stream's events; `rid` is the trace id for log lines."""
     pieces: list[str] = []
     what, value = first
     try:
+        if chunks.kind != "text_completion":  # OpenAI's first chat chunk names the role, its content empty
+            yield chunks.piece("", role=True)
         while True:
             if what == "piece":
                 pieces.append(value)
-                yield _chunk(chunk, value, None)
+                yield chunks.piece(value)
             elif what == "end":
-                await on_done(pieces, value)
-                yield _chunk(chunk, None, value)
+                done = await on_done(pieces, value)
+                yield chunks.piece(None, finish=value)
+                if chunks.usage:
+                    yield chunks.usage_chunk(done)
                 yield "data: [DONE]\n\n"
                 return
             else:  # the status (200) is sent: an error event is all server-sent events allow
@@ -104,15 +107,32 @@ async def _events(about: tuple[str, str, str], first, queue, cancelled, on_done,
         cancelled.set()  # the client went away or the stream ended: the decoder stops at its next token
 
 
-def _chunk(about: tuple, piece: str | None, finish: str | None) -> str:
-    """One chunk; `about` is (id, created, model, kind, answer id)."""
-    ident, created, model, kind, answer_id = about
-    if kind == "text_completion":
-        choice = {"text": piece or "", "index": 0, "logprobs": None, "finish_reason": finish}
-    else:
-        choice = {"index": 0, "delta": {"content": piece} if piece else {}, "finish_reason": finish}
-    return "data: " + json.dumps({"id": ident, "object": kind, "created": created, "model": model,
-                                  "choices": [choice], "request_id": answer_id}) + "\n\n"
+class _Chunks:
+    """The chunks of one stream, in OpenAI's format: each with the same id, model and answer id."""
+
+    def __init__(self, model: str, kind: str, answer_id: str, usage: bool):
+        self.model, self.kind, self.answer_id, self.usage = model, kind, answer_id, usage
+        self.ident, self.created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+    def piece(self, text: str | None, finish: str | None = None, role: bool = False) -> str:
+        if self.kind == "text_completion":
+            choice = {"text": text or "", "index": 0, "logprobs": None, "finish_reason": finish}
+        else:
+            delta = {"role": "assistant", "content": text} if role else {"content": text} if text else {}
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        # With include_usage every chunk but the last carries a null usage, as OpenAI's do.
+        return self._event([choice], {"usage": None} if self.usage else {})
+
+    def usage_chunk(self, done) -> str:
+        """The last chunk asked for by include_usage: no choices, the stream's token counts."""
+        return self._event([], {"usage": {"prompt_tokens": done.prompt_tokens,
+                                          "completion_tokens": done.completion_tokens,
+                                          "total_tokens": done.prompt_tokens + done.completion_tokens}})
+
+    def _event(self, choices: list, extra: dict) -> str:
+        return "data: " + json.dumps({"id": self.ident, "object": self.kind, "created": self.created,
+                                      "model": self.model, "choices": choices, **extra,
+                                      "request_id": self.answer_id}) + "\n\n"
 
 
 def _error_event(exc: BaseException, rid: str) -> str:

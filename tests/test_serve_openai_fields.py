@@ -1,0 +1,118 @@
+"""The OpenAI request and stream forms that clients send beyond the basics, on a tiny random model:
+content as a list of text parts, the "developer" role, stream_options.include_usage, the role in the
+first chat chunk; and the fields the server cannot honour (suffix, a JSON response_format) refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tunesmith.config import ServeConfig
+from tunesmith.serve.app import create_app
+from tunesmith.serve.service import load_service
+
+CHAT = "/v1/chat/completions"
+
+
+@pytest.fixture(scope="module")
+def service(tiny_model):
+    return load_service(tiny_model)
+
+
+@pytest.fixture()
+def client(service, tmp_path):
+    with TestClient(create_app(service, ServeConfig(max_tokens=8), None, tmp_path / "requests.db")) as c:
+        yield c
+
+
+def _answer(c, body: dict) -> dict:
+    r = c.post(CHAT, json={"max_tokens": 4, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _events(c, route: str, body: dict) -> list[dict]:
+    with c.stream("POST", route, json={"max_tokens": 4, **body, "stream": True}) as s:
+        assert s.status_code == 200
+        lines = [line for line in s.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+def test_content_given_as_text_parts_is_the_same_message_as_the_joined_text(client):
+    parts = [{"type": "text", "text": "my card"}, {"type": "text", "text": "was declined"}]
+    as_parts = _answer(client, {"messages": [{"role": "user", "content": parts}]})
+    as_text = _answer(client, {"messages": [{"role": "user", "content": "my card\nwas declined"}]})
+    assert as_parts["choices"][0]["message"] == as_text["choices"][0]["message"]
+    assert as_parts["usage"] == as_text["usage"]
+
+
+def test_the_developer_role_is_the_system_message(client):
+    said = [{"role": "developer", "content": "Answer briefly."}, {"role": "user", "content": "hello"}]
+    as_developer = _answer(client, {"messages": said})
+    as_system = _answer(client, {"messages": [{**said[0], "role": "system"}, said[1]]})
+    assert as_developer["choices"][0]["message"] == as_system["choices"][0]["message"]
+    assert as_developer["usage"] == as_system["usage"]
+
+
+@pytest.mark.parametrize("part", [{"type": "image_url", "image_url": {"url": "http://x/y.png"}},
+                                  {"type": "text"}, {"type": "text", "text": 5}, "plain string"])
+def test_a_part_that_is_not_text_is_a_422_naming_it(client, part):
+    r = client.post(CHAT, json={"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, part]}]})
+    assert r.status_code == 422, r.text
+    assert "content[1]: only text parts" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("route, body, field", [
+    ("/v1/completions", {"prompt": "x", "suffix": "the end"}, "suffix"),
+    (CHAT, {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+     "response_format"),
+])
+def test_fields_the_server_cannot_honour_are_a_400(client, route, body, field):
+    r = client.post(route, json=body)
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith(field), r.text
+
+
+def test_a_plain_text_response_format_and_an_empty_suffix_are_taken(client):
+    assert client.post(CHAT, json={"messages": [{"role": "user", "content": "x"}],
+                                   "response_format": {"type": "text"}}).status_code == 200
+    assert client.post("/v1/completions", json={"prompt": "x", "suffix": ""}).status_code == 200
+
+
+def test_a_chat_stream_names_the_role_first_and_adds_usage_on_request(client):
+    messages = [{"role": "user", "content": "my card was declined"}]
+    plain = _events(client, CHAT, {"messages": messages})
+    assert plain[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all("usage" not in ch for ch in plain)
+    counted = _events(client, CHAT, {"messages": messages, "stream_options": {"include_usage": True}})
+    *chunks, last = counted
+    assert last["choices"] == [] and all(ch["usage"] is None for ch in chunks)
+    whole = _answer(client, {"messages": messages})
+    streamed = "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks)
+    assert streamed.strip() == whole["choices"][0]["message"]["content"]  # the whole answer is stripped
+    # The prompt counted as the model read it, as the whole answer counts it; a piece counted as one token.
+    assert last["usage"]["prompt_tokens"] == whole["usage"]["prompt_tokens"] > 0
+    pieces = sum(1 for ch in chunks if ch["choices"][0]["delta"].get("content"))
+    assert last["usage"]["completion_tokens"] == pieces
+    assert last["usage"]["total_tokens"] == last["usage"]["prompt_tokens"] + pieces
+
+
+def test_a_completion_stream_has_no_role_and_counts_usage_too(client):
+    *chunks, last = _events(client, "/v1/completions", {"prompt": "hello", "stream_options": {"include_usage": True}})
+    assert all("role" not in ch["choices"][0] for ch in chunks)
+    whole = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 4}).json()
+    assert last["usage"]["prompt_tokens"] == whole["usage"]["prompt_tokens"] > 0
+
+
+def test_stream_options_without_a_stream_is_a_422(client):
+    r = client.post("/v1/completions", json={"prompt": "x", "stream_options": {"include_usage": True}})
+    assert r.status_code == 422 and "stream_options is only allowed when stream is true" in r.text
+
+
+def test_a_completion_without_max_tokens_takes_the_servers_limit_when_it_is_below_16(client):
+    r = client.post("/v1/completions", json={"prompt": "hello"})  # served with max_tokens 8
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 8, r.text
+    too_many = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 9})
+    assert too_many.status_code == 422 and "at most 8" in too_many.json()["error"]["message"]
