@@ -303,8 +303,9 @@ def test_an_output_folder_is_taken_only_when_new_empty_or_an_earlier_output(tmp_
     assert refusal(tmp_path / "earlier") is None
     assert "not an earlier output of `tunesmith thing`; left untouched" in refusal(tmp_path / "users")
     assert "exists and is not a folder" in refusal(tmp_path / "afile")
-    assert "exists and is not a folder" in refusal(tmp_path / "dangling")
+    assert f"is a symbolic link to {tmp_path / 'nowhere'}, which does not exist" in refusal(tmp_path / "dangling")
     assert "cannot be created" in refusal(tmp_path / "afile" / "sub")
+    assert f"{tmp_path / 'dangling'} is a symbolic link to" in refusal(tmp_path / "dangling" / "sub")
     assert (tmp_path / "users" / "prometheus.yml").read_text() == "mine" and not (tmp_path / "new").exists()
 
 

@@ -157,6 +157,14 @@ def replace_dir(src: Path, dst: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+def not_a_folder(path: Path) -> str:
+    """Why a path that is there cannot be taken as a folder: a file, or a link to nothing."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+    return "exists and is not a folder"
+
+
 def uncreatable(folder: Path) -> str | None:
     """Why `folder` can be neither used nor created (its nearest existing ancestor is a file, a dangling
     link, or not writable), or None when it can."""
@@ -166,7 +174,7 @@ def uncreatable(folder: Path) -> str | None:
     while not ancestor.exists() and not ancestor.is_symlink() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        return f"{ancestor} is not a folder"
+        return f"{ancestor} {'is not a folder' if ancestor.exists() else not_a_folder(ancestor)}"
     if ancestor != Path(folder).absolute() and not os.access(ancestor, os.W_OK | os.X_OK):
         return f"{ancestor} is not writable"
     if ancestor != Path(folder).absolute():
@@ -194,7 +202,7 @@ def check_output_folder(folder: Path, where: str, ours: Callable[[Path], bool], 
             raise InputError(f"cannot be created: {why}", where, "give a folder path you can write to")
         return
     if not folder.is_dir():
-        raise InputError("exists and is not a folder", where, "give a new or empty folder")
+        raise InputError(not_a_folder(folder), where, "give a new or empty folder")
     if any(folder.iterdir()) and not ours(folder):
         raise InputError(f"holds files that are not an earlier output of `{command}`; left untouched", where,
                          "give a new or empty folder")

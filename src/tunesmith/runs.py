@@ -78,7 +78,7 @@ def check_out(final: Path, overwrite: bool = False, given: bool = True) -> None:
             raise RunDirError(f"cannot be created: {why}", where, "give a folder path you can write to")
         return
     if not final.is_dir():
-        raise RunDirError("exists and is not a folder", where, "give a new folder for the run")
+        raise RunDirError(fsio.not_a_folder(final), where, "give a new folder for the run")
     if is_run_dir(final):
         if not overwrite:
             raise RunDirError("already holds a tunesmith run", where,
@@ -100,8 +100,8 @@ def check_runs_folder(out: Path, runs: list[str], files: tuple[str, ...], overwr
     from tunesmith.errors import RunDirError
 
     out = Path(out).absolute()
-    if out.exists() and not out.is_dir():
-        raise RunDirError("exists and is not a folder", f"--out {out}", "give a new folder")
+    if (out.exists() or out.is_symlink()) and not out.is_dir():
+        raise RunDirError(fsio.not_a_folder(out), f"--out {out}", "give a new folder")
     if out.is_dir():  # before the write probe below, so a refused folder is left untouched (its mtime too)
         ours = set(files) | set(runs)
         foreign = sorted(p.name for p in out.iterdir()

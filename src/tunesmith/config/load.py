@@ -32,7 +32,7 @@ def load_config(path: str | Path, check_files: bool = True) -> Project:
     path = Path(path)
     if not path.is_file():
         what = "is not a regular file (a folder, a device or a pipe)" if path.exists() else "not found"
-        raise ConfigError(f"config file {what}: {path}", str(path), "give the path to a project.yaml")
+        raise ConfigError(f"config file {what}", str(path), "give the path to a project.yaml")
     text = _read(path)
     try:
         root, raw = yaml_text.load(text)

@@ -111,8 +111,8 @@ def export_pairs(run_dir: Path, out: Path, against: Path | None = None, n: int |
 def _check_export_folder(out: Path, overwrite: bool) -> None:
     """A new export reshuffles the pairs under the same ids (p0001, ...), so ratings already collected
     for an earlier pairs.csv would be unblinded with the wrong key, silently: never replace one unasked."""
-    if out.exists() and not out.is_dir():
-        raise InputError("exists and is not a folder", f"--out {out}", "give a folder for the export")
+    if (out.exists() or out.is_symlink()) and not out.is_dir():
+        raise InputError(fsio.not_a_folder(out), f"--out {out}", "give a folder for the export")
     run = enclosing_run(out)
     if run is not None and out.resolve() != run / "human":  # RUN/human is the default; model/ is not a place
         raise InputError(f"is inside the run directory {run}, where an export goes to {run / 'human'} only",
