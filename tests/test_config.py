@@ -149,9 +149,12 @@ def test_compare_ranks_methods_on_a_metric_each_one_is_scored_on(tmp_path):
     assert not given.objective.metric_defaulted and _method_config(given, "dpo").objective.metric == "rouge_l"
 
 
-def test_validation_fraction_range(tmp_path):
-    with pytest.raises(ConfigError, match="data.validation"):
-        load_config(_write(tmp_path, BASE + "  validation: 1.5\n"))
+@pytest.mark.parametrize("key, value", [("validation", "1.5"), ("validation", ".nan"), ("test", ".inf"),
+                                        ("test", "-.inf")])
+def test_split_fraction_range(tmp_path, key, value):
+    # A NaN is named as the fraction it is meant to be, not as a path (the key's other form)
+    with pytest.raises(ConfigError, match=f"'data.{key}': a fraction must lie strictly between 0 and 1"):
+        load_config(_write(tmp_path, BASE + f"  {key}: {value}\n"))
 
 
 @pytest.mark.parametrize("key,value", [("paraphrases", 1_000_000), ("eda", 33), ("char_noise", 10**9)])

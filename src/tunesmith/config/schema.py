@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import unicodedata
 import urllib.parse
 from pathlib import Path
@@ -184,6 +185,8 @@ class DataConfig(_Strict):
     @field_validator("train", "test", "validation", mode="before")
     @classmethod
     def _sources(cls, v: Any, info: ValidationInfo) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):  # else named as a bad path, the union's first member
+            raise ValueError("a fraction must lie strictly between 0 and 1")
         return as_sources(v, str(info.field_name))
 
     @field_validator("validation", "test")
