@@ -281,6 +281,10 @@ def test_feedback_import_stores_all_rows_or_none(tmp_path, monkeypatch):
 def test_feedback_import_into_a_served_runs_log(service, run):
     """Answers served with the run's own log (serve.request_log defaults), then labels imported with --run."""
     _, db = serve_settings(run)
+    unserved = write_jsonl(run.parent / "early.jsonl", [{"request_id": "a" * 32, "label": "gamma"}])
+    result = runner.invoke(cli, ["feedback", "import", str(unserved), "--run", str(run)])  # not served yet
+    assert result.exit_code == 2 and f"no request log at {db}, --run, serve the run first" in result.output
+    assert not db.exists()
     with TestClient(_app(service, db)) as c:
         ids = _ids(c.post("/v1/classify", json={"texts": ["red", "blue"]}))
     rows = write_jsonl(run.parent / "labels.jsonl", [{"request_id": i, "label": "gamma"} for i in ids])

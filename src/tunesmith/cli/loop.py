@@ -43,6 +43,9 @@ def _request_log(run: Path | None, db: Path | None) -> tuple[Path, bool]:
     if not (run / "config.yaml").is_file():
         raise RunDirError(f"not a run directory (no config.yaml): {run}", "--run")
     cfg, path = serve_settings(run)
+    if not Path(path).is_file():
+        raise RunDirError(f"no request log at {path}", "--run", "serve the run first (`tunesmith serve RUN_DIR`); "
+                          "a run swapped in by `serve --registry` is logged in the first run's log: give it with --db")
     return Path(path), cfg.request_log.redact_pii
 
 # --- retrain --------------------------------------------------------------------------------------
