@@ -129,6 +129,14 @@ def test_an_unreadable_registry_is_one_clear_error(registry, runs):
     assert e.value.where == str(registry)
 
 
+def test_reading_a_registry_that_is_not_there_makes_none(registry):
+    assert champions.current("bank") is None and champions.history("bank") == []
+    assert not registry.exists() and not registry.parent.exists()
+    with pytest.raises(InputError, match="the run registry file is gone") as e:  # what a following server asks
+        champions.current("bank", must_exist=True)
+    assert e.value.where == str(registry)
+
+
 def _chain_is_consistent(name: str) -> list[dict]:
     events = champions.history(name)
     for before, after in zip(events, events[1:]):  # each event replaced what the one before made current
@@ -194,7 +202,7 @@ def test_concurrent_promotions_from_two_processes(runs, registry):
             f"for i in range({PROMOTIONS}):\n"
             "    champions.promote('bank', Path(sys.argv[1]), reason=f'{sys.argv[1]} {i}')\n")
     env = {**os.environ, "TUNESMITH_REGISTRY": str(registry)}
-    champions.current("bank")  # the file exists before both start
+    champions.promote("warm-up", runs["A"])  # the file exists before both start (a read does not make it)
     procs = [subprocess.Popen([sys.executable, "-c", code, str(runs[k]), str(go)], env=env, stderr=subprocess.PIPE)
              for k in "AB"]
     time.sleep(1)  # both imported tunesmith and wait

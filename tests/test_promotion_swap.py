@@ -6,6 +6,7 @@ broken registry are refused while the old model keeps serving."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sqlite3
 import threading
@@ -232,7 +233,7 @@ def test_a_run_of_another_task_type_is_refused_and_the_old_model_serves(runs, ex
 
 
 def test_the_follower_survives_a_broken_registry_and_a_run_that_fails_to_load(runs, registry, tmp_path,
-                                                                               monkeypatch):
+                                                                               monkeypatch, caplog):
     champions.promote(NAME, runs["A"])
     served = build_app(load_service(runs["A"]), ServeConfig(), [], None, registry=NAME, poll_s=60)
     follower = served.follower
@@ -244,10 +245,20 @@ def test_the_follower_survives_a_broken_registry_and_a_run_that_fails_to_load(ru
     assert follower.check() == "waiting"  # tried again later, not on every poll
     monkeypatch.setenv("TUNESMITH_REGISTRY", str(tmp_path / "garbage.sqlite"))
     (tmp_path / "garbage.sqlite").write_bytes(b"garbage " * 200)
-    assert follower.check() == "unreadable" and served.slot.run_dir == runs["A"]
+    with caplog.at_level(logging.ERROR, logger="tunesmith.serve"):
+        assert follower.check() == "unreadable" and served.slot.run_dir == runs["A"]
+        assert follower.check() == "unreadable"  # logged once per cause, counted every time
+    assert sum("not a readable SQLite file" in r.message for r in caplog.records) == 1
     text = served.app.state.metrics.exposition().decode()
-    assert "tunesmith_registry_read_failures_total 1.0" in text
+    assert "tunesmith_registry_read_failures_total 2.0" in text
     assert 'tunesmith_model_swap_failures_total{reason="load"} 1.0' in text
+    # A registry deleted under the server is not read as a new, empty one (made by the read): it is gone.
+    monkeypatch.setenv("TUNESMITH_REGISTRY", str(tmp_path / "deleted.sqlite"))
+    with caplog.at_level(logging.ERROR, logger="tunesmith.serve"):
+        assert follower.check() == "unreadable" and not (tmp_path / "deleted.sqlite").exists()
+    assert any("the run registry file is gone" in r.message for r in caplog.records)
+    monkeypatch.setenv("TUNESMITH_REGISTRY", str(registry))
+    assert follower.check() == "waiting" and served.slot.run_dir == runs["A"]  # readable again: the refused run
 
 
 class FakeService:
@@ -322,7 +333,7 @@ def test_a_run_loaded_after_the_server_stopped_is_closed_not_announced(monkeypat
     slot, lines = ServiceSlot(a), []
     follower = swap.RegistryFollower(NAME, slot, ServeMetrics(), lambda run, variant: slot.close() or b,
                                      announce=lines.append, on_swap=lines.append)
-    monkeypatch.setattr(swap.champions, "current", lambda name: Path("b"))
+    monkeypatch.setattr(swap.champions, "current", lambda name, **_: Path("b"))
     assert follower.check() == "stopped"  # the slot closed during the load (was: AttributeError)
     assert b.closed == 1 and a.closed == 1 and lines == []
 

@@ -85,9 +85,16 @@ def rollback(name: str, *, reason: str = "manual", check: Callable[[Path], None]
     return Path(target)
 
 
-def current(name: str) -> Path | None:
-    """The run served under `name` now (its folder may have gone since), None when none was promoted."""
+def current(name: str, must_exist: bool = False) -> Path | None:
+    """The run served under `name` now (its folder may have gone since), None when none was promoted.
+    A registry file that is not there is read as empty (and not made), or with `must_exist` (a server
+    following it) is an InputError: a registry deleted under a server is not an empty one to wait on."""
     check_name(name)
+    if not registry_path().exists():
+        if must_exist:
+            raise InputError("the run registry file is gone", str(registry_path()),
+                             "restore it, or point TUNESMITH_REGISTRY at the registry the server should follow")
+        return None
     with _reading() as db:
         stack = _stack(db, name)
     return Path(stack[-1][0]) if stack else None
@@ -97,6 +104,8 @@ def history(name: str) -> list[dict]:
     """The events of `name`, oldest first: id, name, action ('promote'|'rollback'), run_dir (current
     after the event), previous (current before it), parent, ts, reason, record (a dict or None)."""
     check_name(name)
+    if not registry_path().exists():  # nothing promoted yet: nothing to show, and no file made by a read
+        return []
     with _reading() as db:
         rows = db.execute("SELECT * FROM promotions WHERE name = ? ORDER BY id", (name,)).fetchall()
     return [{**dict(r), "record": json.loads(r["record"]) if r["record"] else None} for r in rows]

@@ -231,6 +231,7 @@ class RegistryFollower:
         self.series.serving(slot.run_dir)
         self.announce = announce or (lambda line: print(line, file=sys.stderr))
         self._refused: dict[str, tuple[int, float]] = {}  # run -> (failures, monotonic time to try again)
+        self._unreadable: str | None = None  # why the last read failed, until one succeeds
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -257,12 +258,18 @@ class RegistryFollower:
         time), "unreadable" (the registry read failed) or "stopped" (the server stopped while the
         new run loaded)."""
         try:
-            wanted = champions.current(self.name)
+            wanted = champions.current(self.name, must_exist=True)
         except Exception as e:
             self.series.read_failures.inc()
-            log.error("reading the champion registry '%s' failed: %s: %s (still serving %s)", self.name,
-                      type(e).__name__, getattr(e, "what", e), self.slot.run_dir)
+            why = f"{type(e).__name__}: {getattr(e, 'what', e)}"
+            if why != self._unreadable:  # once per cause, not every poll
+                log.error("reading the champion registry '%s' failed: %s (still serving %s)", self.name, why,
+                          self.slot.run_dir)
+            self._unreadable = why
             return "unreadable"
+        if self._unreadable is not None:
+            log.warning("the champion registry '%s' is readable again", self.name)
+            self._unreadable = None
         if wanted is None or _same(wanted, self.slot.run_dir):
             self._refused.clear()  # back on the served run: a run refused before is tried afresh when promoted
             return "unchanged"
