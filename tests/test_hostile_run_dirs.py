@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from conftest import train_tiny_run
 from tunesmith.cli import app
+from tunesmith.data.prepare import load_splits
 
 runner = CliRunner()
 LINUX_PROC = pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
@@ -253,6 +254,23 @@ def test_a_task_edited_after_training_is_refused_before_eval_writes(run, key):
         line = _error(runner.invoke(app, command))
         assert f"config.yaml's task.{key}" in line and "model/prompt.json" in line, line
     assert {name: (run / name).read_bytes() for name in before} == before
+
+
+@pytest.mark.parametrize("split", ["test", "train"])
+def test_a_curated_split_edited_after_the_data_stage_is_refused(run, split):
+    """An edited data/test.jsonl was scored as if it were the run's test split (a verdict on other rows),
+    and any edited split was read as the one the run was made with."""
+    path = run / "data" / f"{split}.jsonl"
+    rows = path.read_text().splitlines()
+    path.write_text("\n".join(rows[1:]) + "\n")  # one row fewer: still well-formed JSONL
+    before = {name: (run / name).read_bytes() for name in ("metrics.json", "summary.json", "report.html")}
+    for command in (["eval", str(run), "-q"], ["audit", str(run), "-q"]):
+        line = _error(runner.invoke(app, command))
+        assert f"error: the curated {split} split was changed after the data stage wrote it" in line, line
+        assert str(path) in line
+    assert {name: (run / name).read_bytes() for name in before} == before
+    path.write_text("\n".join(rows) + "\n")  # restored: read again
+    assert len(load_splits(run / "data").test) > 0
 
 
 # --- export and human export --out ---------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -251,14 +252,42 @@ def test_removals(data_dir: Path) -> dict:
 
 
 def save_splits(splits: Splits, data_dir: Path) -> None:
-    """Write the curated splits, what curation removed, changed and suspects, and report.json."""
+    """Write the curated splits, what curation removed, changed and suspects, and report.json (with
+    each split file's sha256, which `load_splits` checks)."""
+    report = data_report(splits)
     for name, rows in splits.by_name().items():
         fsio.write_jsonl(data_dir / f"{name}.jsonl", [e.to_json() for e in rows])
+        report["splits"][name]["sha256"] = _sha256(data_dir / f"{name}.jsonl")
     curation = splits.curation
     fsio.write_jsonl(data_dir / "removed.jsonl", curation.removed if curation else [])
     fsio.write_jsonl(data_dir / "suspects.jsonl", curation.suspects if curation else [])
     fsio.write_jsonl(data_dir / "changes.jsonl", curation.changes if curation else [])
-    fsio.write_json(data_dir / "report.json", data_report(splits))
+    fsio.write_json(data_dir / "report.json", report)
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def read_split(data_dir: Path, name: str, report: dict | None = None) -> list[Example]:
+    """One curated split of a run, as its data stage wrote it: a file edited since (its sha256 is not
+    the one in data/report.json; runs made before digests were recorded are not checked) is refused,
+    as it would be scored, trained on or served from as if it were the split the run was made with.
+    `report` is data/report.json when the caller has read it."""
+    data_dir = Path(data_dir)
+    path = data_dir / f"{name}.jsonl"
+    if not path.is_file():
+        raise DataError(f"missing curated split {name}.jsonl", str(data_dir), hint="run the data stage first")
+    if report is None:
+        report = fsio.read_json(data_dir / "report.json", dict)
+    entry = report.get("splits", {}).get(name) if isinstance(report.get("splits"), dict) else None
+    recorded = entry.get("sha256") if isinstance(entry, dict) else None
+    if recorded is not None and _sha256(path) != recorded:
+        raise DataError(f"the curated {name} split was changed after the data stage wrote it (sha256 differs from "
+                        "data/report.json's)", str(path), hint="restore the run's file; to use other rows, give them "
+                        f"as data.{name} in a project and make a new run")
+    return [_example(row, path, i) for i, row in enumerate(fsio.read_jsonl(path), start=1)]
 
 
 def _example(row, path: Path, i: int) -> Example:
@@ -271,11 +300,6 @@ def _example(row, path: Path, i: int) -> Example:
 
 def load_splits(data_dir: Path) -> Splits:
     """Read back the splits a data stage saved in a run directory."""
-    rows = {}
-    for name in SPLITS:
-        path = data_dir / f"{name}.jsonl"
-        if not path.is_file():
-            raise DataError(f"missing curated split {name}.jsonl", str(data_dir), hint="run the data stage first")
-        rows[name] = [_example(row, path, i) for i, row in enumerate(fsio.read_jsonl(path), start=1)]
     report = fsio.read_json(data_dir / "report.json", dict)
+    rows = {name: read_split(data_dir, name, report) for name in SPLITS}
     return Splits(rows["train"], rows["validation"], rows["test"], report.get("labels"), report.get("warnings", []))

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from tunesmith import fsio, hardware
 from tunesmith.config import Project, derive, dump_config, load_config
 from tunesmith.data.examples import Example
+from tunesmith.data.prepare import read_split
 from tunesmith.errors import InputError, RunDirError
 from tunesmith.evaluate.compare import compare
 from tunesmith.evaluate.predictions_file import example_key, require_test_predictions
@@ -176,7 +177,7 @@ def _derive_challenger(project: Project, champion: Path, assembly: Assembly, inp
 
 
 def _split(champion: Path, name: str) -> list[Example]:
-    return [Example.from_json(r) for r in fsio.read_jsonl(champion / "data" / f"{name}.jsonl")]
+    return read_split(champion / "data", name)
 
 
 def _train(project: Project, final: Path, inputs: Path, progress: bool) -> dict:

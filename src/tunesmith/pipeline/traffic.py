@@ -28,6 +28,7 @@ from tunesmith.data.clean import Curation
 from tunesmith.data.decontaminate import contaminated
 from tunesmith.data.dedup import near_duplicates
 from tunesmith.data.examples import MISSING_GROUP, Example, load_examples, raise_for_problems
+from tunesmith.data.prepare import read_split
 from tunesmith.data.split import group_split, stratified_split
 from tunesmith.errors import InputError
 from tunesmith.registry import METHOD_SPECS
@@ -236,11 +237,9 @@ def _extra_rows(path: Path | None, project: Project) -> list[Example]:
 
 def _curated(path: Path) -> list[Example]:
     """A run's curated split, each row pointing back at its line."""
-    out = []
-    for i, row in enumerate(fsio.read_jsonl(path)):
-        e = Example.from_json(row)
+    out = read_split(path.parent, path.stem)
+    for i, e in enumerate(out):
         e.file, e.line = str(path), i + 1
-        out.append(e)
     return out
 
 
