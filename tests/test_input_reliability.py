@@ -350,3 +350,27 @@ def test_target_modules_that_name_no_layer_are_a_config_error(tmp_path, tiny_mod
     (tmp_path / "project.yaml").write_text(text.replace("[nothing_here]", "[]"), encoding="utf-8")
     result = runner.invoke(app, ["data", "check", str(tmp_path / "project.yaml")])
     assert result.exit_code == 2 and "train.lora.target_modules" in result.stderr
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_a_lora_rank_no_layer_can_take_is_a_config_error(tmp_path, tiny_model, method):
+    """r 100,000,000 allocated adapters until the process ran out of memory: an internal error (exit 1),
+    after `compare` had trained the methods before it."""
+    _project(tmp_path, tiny_model)
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(tiny_model)
+    widest = max(config.hidden_size, config.intermediate_size)
+    for r, says in ((100_000_000, "'train.lora.r': Input should be less than or equal to 1024"),
+                    (widest + 1, f"{widest + 1} is larger than the widest layer it would adapt ({widest} features)")):
+        text = PROJECT.format(model=tiny_model, method=method).replace(
+            "  max_steps: 6\n", f"  max_steps: 6\n  lora: {{r: {r}}}\n")
+        (tmp_path / "project.yaml").write_text(text, encoding="utf-8")
+        result = runner.invoke(app, ["train", str(tmp_path / "project.yaml"), "--out", str(tmp_path / "run"), "-q"])
+        assert result.exit_code == 2 and says in result.stderr and "train.lora.r" in result.stderr, result.output
+        assert not (tmp_path / "run").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]
+    text = PROJECT.format(model=tiny_model, method=method).replace("  max_steps: 6\n",
+                                                                   f"  max_steps: 1\n  lora: {{r: {widest}}}\n")
+    (tmp_path / "project.yaml").write_text(text, encoding="utf-8")
+    result = runner.invoke(app, ["train", str(tmp_path / "project.yaml"), "--out", str(tmp_path / "run"), "-q"])
+    assert result.exit_code == 0, result.output  # as wide as the widest layer: taken

@@ -134,11 +134,15 @@ def report(run_dir: Optional[Path] = typer.Argument(None, help="an evaluated run
             print(f"report: {compare_report(a, b, out or b / f'compare_{a.name}.html')}")
             return 0
         from tunesmith.pipeline import report_run
+        from tunesmith.runs import is_run_dir
 
         if run_dir is None:
             raise InputError("give a run directory, or --compare A B", "RUN_DIR")
         if out is not None:  # the run's report is always RUN_DIR/report.html; say so rather than ignore --out
             raise InputError("goes with --compare only; a run's report is written to RUN_DIR/report.html", "--out")
+        if not is_run_dir(run_dir):  # a typo or another folder: "run eval first" would send the user astray
+            raise RunDirError("not found" if not run_dir.exists() else "not a tunesmith run directory "
+                              "(no model/tunesmith.json)", str(run_dir), "give a folder made by `tunesmith run`")
         if not (run_dir / "summary.json").is_file():
             raise RunDirError("no summary.json: the run has not been evaluated", str(run_dir),
                               "run `tunesmith eval` first")

@@ -98,7 +98,9 @@ class LabelNoiseSettings(_Strict):
 
 
 class LoraConfig(_Strict):
-    r: int = Field(16, ge=1)
+    # Ranks past 1,024 are past any use (commonly 8 to 64) and would allocate adapters of any size; a rank
+    # beyond the widest adapted layer is refused when the model loads (train/methods/lora.py).
+    r: int = Field(16, ge=1, le=1024)
     alpha: float = Field(32.0, gt=0)
     # PEFT's own default. On a CPU, dropout keeps an fp32 mask of every adapter's input for backward:
     # more activation memory and time (BENCHMARKS.md, "Quickstart host memory").

@@ -22,6 +22,10 @@ def attach(model, config):
 
     from tunesmith.errors import ConfigError
 
+    widest = _widest_layer(model)
+    if widest and config.r > widest:  # an update's rank cannot exceed it: only memory (and time) would grow
+        raise ConfigError(f"{config.r} is larger than the widest layer it would adapt ({widest} features)",
+                          "train.lora.r", f"use at most {widest}; LoRA commonly uses 8 to 64")
     try:
         return get_peft_model(model, config)
     except ValueError as e:
@@ -29,3 +33,12 @@ def attach(model, config):
             raise
         raise ConfigError(f"names no layer of the model ({str(e)[:160]})", "train.lora.target_modules",
                           "name linear layers the model has (e.g. q_proj, v_proj), or use all-linear") from None
+
+
+def _widest_layer(model) -> int:
+    """The largest in or out size of the model's linear layers, the LM head left out (LoRA leaves it)."""
+    import torch
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return max((max(m.in_features, m.out_features) for m in model.modules()
+                if isinstance(m, torch.nn.Linear) and m is not head), default=0)
