@@ -5,6 +5,7 @@ error, a hub lookup, or a user's file or a run's file replaced."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -57,6 +58,7 @@ def test_compare_page_replaces_its_own_earlier_page(run):
     for _ in range(2):
         result = runner.invoke(app, ["report", "--compare", str(run), str(run), "--out", str(page)])
         assert result.exit_code == 0, result.output
+        assert "A and B are the same run" in result.stderr
     assert "<!-- tunesmith report --compare -->" in page.read_text()
 
 
@@ -71,6 +73,17 @@ def test_compare_page_out_that_cannot_be_written_is_refused(run, tmp_path, out, 
     target = out if out.startswith("/") else str(tmp_path / out)
     assert problem in _error(runner.invoke(app, ["report", "--compare", str(run), str(run), "--out", target]))
     assert (tmp_path / "afile").read_text() == "mine" and not list((tmp_path / "folder").iterdir())
+
+
+def test_compare_page_goes_nowhere_inside_a_runs_folders_and_reads_both_configs(run):
+    inside = str(run / "model" / "c.html")
+    line = _error(runner.invoke(app, ["report", "--compare", str(run), str(run), "--out", inside]))
+    assert f"is inside the run directory {run.resolve()}" in line and not (run / "model" / "c.html").exists()
+    config = run / "config.yaml"
+    config.write_text(re.sub(r"^  learning_rate: .*$", "  learning_rate: fast", config.read_text(), count=1,
+                             flags=re.M))
+    line = _error(runner.invoke(app, ["report", "--compare", str(run), str(run), "--out", str(run / "c.html")]))
+    assert f"{config}:" in line and "train.learning_rate" in line and not (run / "c.html").exists()
 
 
 def test_report_of_one_run_says_out_goes_with_compare(run, tmp_path):

@@ -131,6 +131,8 @@ def report(run_dir: Optional[Path] = typer.Argument(None, help="an evaluated run
             if run_dir is not None:
                 raise InputError("give either RUN_DIR or --compare A B", "--compare")
             a, b = find_run(compare[0]).resolve(), find_run(compare[1]).resolve()
+            if a == b:
+                print(f"report: A and B are the same run ({a}): every difference on the page is 0", file=sys.stderr)
             print(f"report: {compare_report(a, b, out or b / f'compare_{a.name}.html')}")
             return 0
         from tunesmith.pipeline import report_run

@@ -10,12 +10,13 @@ import re
 from pathlib import Path
 
 from tunesmith import fsio
+from tunesmith.config import load_config
 from tunesmith.errors import InputError
 from tunesmith.evaluate.predictions_file import read_test_predictions
 from tunesmith.evaluate.run_diff import config_diff, metric_diff
 from tunesmith.report import plots
 from tunesmith.report.html import fmt, img, page, read_log
-from tunesmith.runs import read_summary, reading_run_files
+from tunesmith.runs import enclosing_run, read_summary, reading_run_files
 from tunesmith.tasks.metrics import METRICS
 
 COST = ("train_seconds", "peak_rss_mb", "trainable_params", "tokens_per_second", "latency_p50_ms", "latency_p95_ms",
@@ -36,6 +37,8 @@ def compare_report(a: Path, b: Path, out: Path) -> Path:
     """
     check_out(out)
     with reading_run_files(a, b):
+        for run in (a, b):  # a config edited past what a run can hold is named, as `report RUN` names it
+            load_config(run / "config.yaml", check_files=False)
         sa, sb = read_summary(a), read_summary(b)
         ma, mb = fsio.read_json(a / "metrics.json", dict), fsio.read_json(b / "metrics.json", dict)
         names = (_name(sa, a), _name(sb, b))
@@ -64,6 +67,11 @@ def check_out(out: Path) -> None:
         if MARKER.encode() not in head and not OLD_PAGE.match(head):
             raise InputError("exists and is not an earlier comparison page; left untouched", where,
                              "give a new .html file path")
+    run = enclosing_run(out.parent)
+    if run is not None and out.parent.resolve() != run:  # a run's folders (model/, data/) hold only what it wrote
+        raise InputError(f"is inside the run directory {run}, whose folders hold only what the run wrote", where,
+                         "give a path outside any run, or directly in a run's folder (the default)")
+    if out.exists():
         return
     why = fsio.unwritable_file(out)
     if why:
