@@ -427,7 +427,8 @@ def test_a_summary_edited_to_wrong_types_is_named_not_an_internal_error(run, edi
         if result.exit_code == 0:  # a field this command does not read
             continue
         line = _error(result)
-        assert str(run) in line and ("wrong type" in line or "its objective verdict: " in line), line
+        assert str(run) in line and ("wrong type" in line or "its objective verdict: " in line
+                                    or "must be an object" in line), line
         assert result.stdout == ""  # the error line alone, not half a summary before it
         refused.add(args[0])
     assert refuses in refused
@@ -441,6 +442,31 @@ def test_metrics_edited_to_wrong_types_are_named(run):
     metrics = json.loads((run / "metrics.json").read_text())
     (run / "metrics.json").write_text(json.dumps({**metrics, "per_class": [1], "latency_ms": "fast"}))
     assert "wrong type" in _error(runner.invoke(app, ["report", str(run)]))
+
+
+@pytest.mark.parametrize("file, edit, says", [
+    ("metrics.json", lambda m: m["finetuned"].update(accuracy="high"),
+     'finetuned.accuracy must be a number or null, found "high"'),
+    ("metrics.json", lambda m: m["baseline"].update(accuracy=True), "baseline.accuracy must be a number or null"),
+    ("metrics.json", lambda m: m.update(finetuned=None), "finetuned must be an object of figures, found NoneType"),
+    ("summary.json", lambda m: m["metrics"]["finetuned"].update(accuracy="0.9"),
+     "metrics.finetuned.accuracy must be a number or null"),
+    ("metrics.json", "NaN", "NaN is not standard JSON"),
+    ("summary.json", "Infinity", "Infinity is not standard JSON"),
+])
+def test_a_figure_edited_to_a_non_number_is_named_by_every_reader(run, file, edit, says):
+    """A string figure was a TypeError inside the report ("'value' must be an instance of str"), null an
+    AttributeError, and a bare NaN (not JSON; tunesmith writes null) was read as a figure."""
+    path = run / file
+    if isinstance(edit, str):
+        path.write_text(re.sub(r'"accuracy": [0-9.e-]+', f'"accuracy": {edit}', path.read_text(), count=1))
+    else:
+        data = json.loads(path.read_text())
+        edit(data)
+        path.write_text(json.dumps(data))
+    for command in (["report", str(run)], ["report", "--compare", str(run), str(run), "--out", str(run / "c.html")]):
+        line = _error(runner.invoke(app, command))
+        assert says in line and f"{path}" in line, line
 
 
 def test_runs_diff_names_a_config_that_is_not_yaml(run):

@@ -79,7 +79,7 @@ def read_json(path: Path, expect: type | None = None) -> Any:
     """A JSON file tunesmith wrote; DamagedFile (exit 2, naming the file) when it does not parse, or
     when it holds something other than an `expect` (dict: a JSON object, list: an array)."""
     try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
+        value = json.loads(Path(path).read_text(encoding="utf-8"), parse_constant=_no_constant)
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise _damaged(path, e) from None
     if expect is not None and not isinstance(value, expect):
@@ -87,6 +87,11 @@ def read_json(path: Path, expect: type | None = None) -> Any:
         raise DamagedFile(path, f"{names.get(expect, expect.__name__)} expected, found {type(value).__name__}",
                           what="not what tunesmith wrote")
     return value
+
+
+def _no_constant(name: str):
+    """json's reader for NaN and Infinity, which standard JSON lacks and `dumps` never writes (it writes null)."""
+    raise ValueError(f"{name} is not standard JSON")
 
 
 class DamagedFile(ValueError):
@@ -114,7 +119,7 @@ def read_jsonl(path: Path, missing_ok: bool = False) -> list[dict]:
     # split on "\n" only: str.splitlines() also breaks at U+2028/U+0085, which JSON strings hold unescaped
     for i, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
         try:
-            rows += [json.loads(line)] if line.strip() else []
+            rows += [json.loads(line, parse_constant=_no_constant)] if line.strip() else []
         except (ValueError, RecursionError) as e:
             raise _damaged(path, e, i) from None
     return rows

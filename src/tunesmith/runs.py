@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -509,7 +510,24 @@ def read_summary(run_dir: Path) -> dict:
     if "objective" in summary and (problem := _verdict_problem(summary["objective"])):
         raise fsio.DamagedFile(path, f"its objective verdict: {problem}",
                                what="not what tunesmith wrote")
+    if "metrics" in summary and (problem := figures_problem(summary["metrics"], "metrics.")):
+        raise fsio.DamagedFile(path, problem, what="not what tunesmith wrote")
     return summary
+
+
+def figures_problem(metrics, prefix: str = "") -> str | None:
+    """What makes `metrics` ({baseline, finetuned} as eval writes them) other than objects of numbers or
+    null, or None: an edited figure is named here, not met later as a TypeError inside a reader."""
+    if not isinstance(metrics, dict):
+        return f"{prefix.rstrip('.') or 'the figures'} must be an object, found {type(metrics).__name__}"
+    for side in ("baseline", "finetuned"):
+        figures = metrics.get(side)
+        if side in metrics and not isinstance(figures, dict):
+            return f"{prefix}{side} must be an object of figures, found {type(figures).__name__}"
+        for name, value in (figures or {}).items():
+            if isinstance(value, (str, bool)):  # bool is an int to Python: true would read as 1
+                return f"{prefix}{side}.{name[:60]} must be a number or null, found {json.dumps(value)[:40]}"
+    return None
 
 
 def criterion_met(value: float | None, op: str, target: float) -> bool:

@@ -20,6 +20,7 @@ from tunesmith.config import Project
 from tunesmith.data.prepare import Splits
 from tunesmith.errors import ParityError, RunDirError
 from tunesmith.evaluate.compare import compare
+from tunesmith.evaluate.metrics_file import read_metrics
 from tunesmith.optimize.measure import measure_variant
 from tunesmith.optimize.result import OptimizeResult, SkippedVariant, VariantRow
 from tunesmith.optimize.select import select_variant, variant_verdict
@@ -63,7 +64,7 @@ def _evaluated(run_dir: Path) -> dict:
         if not (run_dir / needed).is_file():
             raise RunDirError(f"the run has not been evaluated (no {needed})", str(run_dir),
                               "run `tunesmith eval RUN_DIR` first")
-    metrics = fsio.read_json(run_dir / "metrics.json", dict)
+    metrics = read_metrics(run_dir)
     summary = run_dir / "summary.json"
     # Fairness constraints are judged on the audit of the fp32 model (variants are not re-audited).
     fairness = fsio.read_json(summary).get("fairness", {}) if summary.is_file() else {}

@@ -18,6 +18,7 @@ from tunesmith.data.prepare import (
 )
 from tunesmith.data.stage import data_inputs
 from tunesmith.errors import DataError, InputError, RunDirError, StageError, Terminated, TunesmithError
+from tunesmith.evaluate.metrics_file import read_metrics
 from tunesmith.evaluate.objective import Verdict, judge
 from tunesmith.evaluate.preference import reference_rows
 from tunesmith.evaluate.run_diff import flatten
@@ -375,7 +376,7 @@ def audit_run(run_dir: Path, progress: bool = True) -> dict:
     with run_lock(Path(run_dir).resolve()):
         audit = audit_stage(project, splits, Path(run_dir), progress)
         summary = fsio.read_json(summary_path, dict)
-        metrics = fsio.read_json(Path(run_dir) / "metrics.json", dict)
+        metrics = read_metrics(run_dir)
         summary["objective"] = _verdict(project, metrics["baseline"], metrics["finetuned"], metrics.get("comparison"),
                                         audit).to_json()
         summary["fairness"] = headline_figures(audit)

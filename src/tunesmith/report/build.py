@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tunesmith import fsio
 from tunesmith.config import load_config
+from tunesmith.evaluate.metrics_file import read_metrics
 from tunesmith.report import plots
 from tunesmith.report.answers_section import answers_section
 from tunesmith.report.data_section import data_section
@@ -21,7 +22,7 @@ def report_stage(run_dir: Path) -> Path:
     """Write report.html and model_card.md; return the report's path."""
     # the folder the run is in now, not the one eval wrote it in (a copied or moved run)
     summary = {**read_summary(run_dir), "run_dir": str(Path(run_dir).resolve())}
-    metrics = fsio.read_json(run_dir / "metrics.json", dict)
+    metrics = read_metrics(run_dir)
     data = fsio.read_json(run_dir / "data" / "report.json")
     log = read_log(run_dir / "train_log.jsonl")
     body = [_header(summary), _verdict(summary["objective"]), _metrics_table(metrics), _plots(metrics, log, summary),

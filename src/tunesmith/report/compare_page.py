@@ -12,6 +12,7 @@ from pathlib import Path
 from tunesmith import fsio
 from tunesmith.config import load_config
 from tunesmith.errors import InputError
+from tunesmith.evaluate.metrics_file import read_metrics
 from tunesmith.evaluate.predictions_file import read_test_predictions
 from tunesmith.evaluate.run_diff import config_diff, metric_diff
 from tunesmith.report import plots
@@ -40,7 +41,7 @@ def compare_report(a: Path, b: Path, out: Path) -> Path:
         for run in (a, b):  # a config edited past what a run can hold is named, as `report RUN` names it
             load_config(run / "config.yaml", check_files=False)
         sa, sb = read_summary(a), read_summary(b)
-        ma, mb = fsio.read_json(a / "metrics.json", dict), fsio.read_json(b / "metrics.json", dict)
+        ma, mb = read_metrics(a), read_metrics(b)
         names = (_name(sa, a), _name(sb, b))
         diff = metric_diff(a, b)
         body = [f"<h1>tunesmith: {html.escape(names[0])} vs {html.escape(names[1])}</h1>",
