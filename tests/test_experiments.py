@@ -180,6 +180,17 @@ def test_tune_study_starts_from_the_default_and_ends_in_a_run(tmp_path, tiny_mod
     m = re.search(r"default config \(trial 0\): ([0-9.]+); best: trial \d+ ([0-9.]+)", result.output)
     assert m and float(m.group(2)) >= float(m.group(1)) and project.train.method == "lora"
 
+    # The best run finished by hand (`train --resume`, then `eval`, after an interrupted tune) is the
+    # study's answer: kept, evaluated when it is not yet, never refused (nor retrained).
+    weights = (out / "best" / "model" / "adapter_model.safetensors").read_bytes()
+    (out / "best" / "summary.json").unlink()
+    kept = runner.invoke(app, ["tune", config, "--trials", "4", "--out", str(out), "--quiet"])
+    assert kept.exit_code == result.exit_code and (out / "best" / "summary.json").is_file(), kept.output
+    assert (out / "best" / "model" / "adapter_model.safetensors").read_bytes() == weights
+    assert kept.output.splitlines()[-3:] == result.output.splitlines()[-3:]
+    more = runner.invoke(app, ["tune", config, "--trials", "5", "--out", str(out), "--quiet"])  # a new best may come
+    assert more.exit_code == 2 and "already holds a tunesmith run" in more.stderr, more.output
+
     # A study of another config is not reported as this one's: refused, or replaced with --overwrite.
     changed = Path(config).read_text().replace("max_steps: 6", "max_steps: 5")
     assert changed != Path(config).read_text()

@@ -290,7 +290,8 @@ def _check_staging(staging: Path, final: Path, overwrite: bool) -> None:
                           "move it away if it is yours, or give another --out")
     if has_checkpoints(staging) and not overwrite:
         raise RunDirError("an interrupted run of this folder can be resumed", f"--out {final}",
-                          f"continue it with `tunesmith train --resume {final}`, or pass --overwrite to start again")
+                          f"continue it with `tunesmith train --resume {final}` (then `tunesmith eval {final}`), "
+                          "or pass --overwrite to start again")
 
 
 def _is_staging(path: Path) -> bool:

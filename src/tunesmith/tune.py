@@ -56,15 +56,17 @@ def tune(project: Project, trials: int, out: Path, progress: bool = True, seed: 
     import optuna
 
     from tunesmith.errors import InputError, RunDirError
-    from tunesmith.pipeline import run
-    from tunesmith.runs import check_runs_folder
+    from tunesmith.runs import check_runs_folder, is_run_dir
     from tunesmith.train.stage import train_stage
 
     if project.train.method not in SEARCHABLE:
         raise InputError(f"tune searches LoRA hyperparameters; train.method is {project.train.method}", "train.method",
                          f"use one of: {', '.join(SEARCHABLE)}")
     out = Path(out).resolve()
-    check_runs_folder(out, ["best"], (STUDY_FILE, "trials"), overwrite)  # before the study, not after it
+    # A best run already there is kept when the study is complete and it is of the best trial's config
+    # (finished by hand after an interruption: `_best_run`); otherwise refused before any trial trains.
+    kept_best = not overwrite and is_run_dir(out / "best")
+    check_runs_folder(out, [] if kept_best else ["best"], (STUDY_FILE, "trials"), overwrite)
     _check_study_file(out / STUDY_FILE)
     kept = out / "trials"
     if kept.is_dir() and any(kept.iterdir()) and not (out / STUDY_FILE).exists() and not overwrite:
@@ -79,6 +81,9 @@ def tune(project: Project, trials: int, out: Path, progress: bool = True, seed: 
     # own "Trial N failed" warning would add a traceback, on Ctrl-C and SIGTERM too.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = _open_study(out, project, seed, overwrite)
+    if kept_best and len(_scored(study)) < trials:
+        raise RunDirError("already holds a tunesmith run", f"--out {out / 'best'}",
+                          "pass --overwrite to replace it, or give a new folder")
     if _default_trial(study, project) is None and not _waiting(study):
         study.enqueue_trial(defaults(project))  # the config as written (again, if its trial was interrupted)
 
@@ -106,13 +111,32 @@ def tune(project: Project, trials: int, out: Path, progress: bool = True, seed: 
     # Only scored trials count: an interrupted one (FAIL) is listed but its place is taken by a new one.
     study.optimize(objective, n_trials=max(0, trials - len(_scored(study))), catch=())
     best = study.best_trial
-    summary = run(apply_params(project, _params(best.params, project)), out / "best", progress, overwrite=overwrite)
+    summary = _best_run(apply_params(project, _params(best.params, project)), out / "best", progress, overwrite)
     default = _default_trial(study, project)
     default_value = sign * default.value if default is not None and default.value is not None else None
     return {"study": str(out / STUDY_FILE), "trials": _trial_rows(study, sign), "best_trial": best.number,
             "best_params": _params(best.params, project), "best_validation": sign * best.value,
             "default_trial": default.number if default is not None else None,
             "default_validation": default_value, "summary": summary}
+
+
+def _best_run(project: Project, folder: Path, progress: bool, overwrite: bool) -> dict:
+    """The best configuration as a run in `folder` (its summary). A run already there of this very
+    config, finished after an interrupted tune with `tunesmith train --resume`, is kept (and evaluated
+    if it is not yet) rather than refused; another run there is replaced only with `overwrite`."""
+    from tunesmith.config import dump_config, load_config
+    from tunesmith.errors import RunDirError
+    from tunesmith.pipeline import evaluate_run, run
+    from tunesmith.runs import is_run_dir, read_summary
+
+    if overwrite or not is_run_dir(folder):
+        return run(project, folder, progress, overwrite=overwrite)
+    if dump_config(load_config(folder / "config.yaml", check_files=False)) != dump_config(project):
+        raise RunDirError("already holds a tunesmith run, not of the best trial's configuration", f"--out {folder}",
+                          "pass --overwrite to replace it, or give a new folder")
+    if (folder / "summary.json").is_file() and "objective" in (summary := read_summary(folder)):
+        return summary
+    return evaluate_run(folder, progress)
 
 
 def _open_study(out: Path, project: Project, seed: int, overwrite: bool):
