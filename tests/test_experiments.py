@@ -124,6 +124,18 @@ def test_estimates_follow_the_formulas():
     assert not estimate(7248, 32, 4096, "full", 1000, 8, 90, hw)["fits"]
 
 
+def test_select_counts_the_passes_max_steps_makes_not_the_epochs_it_replaces():
+    from tunesmith.config.schema import TrainConfig
+    from tunesmith.select import _passes
+
+    assert _passes(TrainConfig(epochs=2), 32, 40) == 2  # no max_steps: the epochs
+    # 4 steps of 8 rows over 32 rows is one pass (training stops at max_steps, whatever the epochs say)
+    assert _passes(TrainConfig(epochs=2, max_steps=4, batch_size=8), 32, 40) == 1
+    assert _passes(TrainConfig(epochs=1, max_steps=10, batch_size=8, grad_accum=2), 32, 40) == 5
+    assert _passes(TrainConfig(max_steps=4, batch_size=64), 32, 40) == 4  # a batch holds at most every row
+    assert _passes(TrainConfig(max_steps=4, batch_tokens=160), 32, 40) == 0.5  # 160 tokens: 4 rows of 40
+
+
 def test_select_probes_local_models_and_recommends(tmp_path, tiny_model):
     config = _project(tmp_path, tiny_model)
     result = runner.invoke(app, ["select", config, "--candidates", f"{tiny_model},smollm2-1.7b-instruct",
@@ -136,7 +148,11 @@ def test_select_probes_local_models_and_recommends(tmp_path, tiny_model):
     assert out["recommendation"]["method"] == "lora" and "LoRA, not full" in out["recommendation"]["reason"]
     assert out["data"]["train_tokens"] > 0 and out["hardware"]["peak_tflops"] > 0
     text = runner.invoke(app, ["select", config, "--candidates", str(tiny_model), "--probe", "0", "--quiet"])
-    assert text.exit_code == 0 and "recommendation:" in text.output
+    assert text.exit_code == 0 and "recommendation:" in text.output and "warning:" not in text.stderr
+    # What `data check` would warn about, select says beside its recommendation (it stands on this data)
+    write_jsonl(tmp_path / "test.jsonl", make_texts(9, 2) + [{"text": "an unseen kind", "label": "omega"}])
+    warned = runner.invoke(app, ["select", config, "--candidates", str(tiny_model), "--probe", "0", "--quiet"])
+    assert warned.exit_code == 0 and "warning: test labels never seen in training: omega" in warned.stderr
 
     assert out["recommendation"]["fits"] is True
 

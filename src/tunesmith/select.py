@@ -70,11 +70,21 @@ def _data_figures(project: Project, splits) -> dict:
     fmt = build_format(project.task, splits.labels, tok)
     lengths = [len(e.ids) for e in encode_for_training(tok, fmt, splits.train)]
     per_class = Counter(e.target for e in splits.train) if splits.labels else None
-    epochs = project.train.epochs
+    epochs = _passes(project.train, len(lengths), sum(lengths) / max(len(lengths), 1))
     return {"train_rows": len(splits.train), "row_tokens": round(sum(lengths) / max(len(lengths), 1)),
             "train_tokens": round(sum(lengths) * epochs), "epochs": epochs,
             "labels": len(splits.labels) if splits.labels else None,
-            "min_per_class": min(per_class.values()) if per_class else None}
+            "min_per_class": min(per_class.values()) if per_class else None,
+            "warnings": list(splits.warnings)}  # what `data check` says: a recommendation stands on this data
+
+
+def _passes(t, rows: int, row_tokens: float) -> float:
+    """Passes over the training rows the run makes: train.epochs, or with max_steps (which replaces it in
+    training) that many steps of grad_accum batches (batch_size rows, or as many as batch_tokens holds)."""
+    if not t.max_steps or not rows:
+        return t.epochs
+    batch = max(1, int(t.batch_tokens // max(1.0, row_tokens))) if t.batch_tokens else t.batch_size
+    return round(t.max_steps * t.grad_accum * min(rows, batch) / rows, 2)
 
 
 def _method_rule(data: dict) -> tuple[str, str]:

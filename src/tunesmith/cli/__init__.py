@@ -404,6 +404,8 @@ def select_command(config: Path = typer.Argument(..., help="project.yaml"),
               f"{hw['peak_tflops']:.2f} TFLOP/s{' bf16' if hw['bf16'] else ''}")
         print(f"data: {data['train_rows']} training rows, {data['row_tokens']} tokens per row, "
               f"{data['train_tokens']:,} tokens over {data['epochs']} epoch(s)")
+        for warning in data["warnings"]:
+            print(f"warning: {warning}", file=sys.stderr)
         print(f"{'model':<26}{'params':>8}{'context':>9}{'licence':>22}{'probe':>8}  memory MB / minutes: "
               + " | ".join(result["candidates"][0]["estimates"]))
         for r in result["candidates"]:
