@@ -446,12 +446,14 @@ def test_metrics_edited_to_wrong_types_are_named(run):
 
 @pytest.mark.parametrize("file, edit, says", [
     ("metrics.json", lambda m: m["finetuned"].update(accuracy="high"),
-     'finetuned.accuracy must be a number or null, found "high"'),
-    ("metrics.json", lambda m: m["baseline"].update(accuracy=True), "baseline.accuracy must be a number or null"),
+     'finetuned.accuracy must be a finite number or null, found "high"'),
+    ("metrics.json", lambda m: m["baseline"].update(accuracy=True),
+     "baseline.accuracy must be a finite number or null"),
     ("metrics.json", lambda m: m.update(finetuned=None), "finetuned must be an object of figures, found NoneType"),
     ("summary.json", lambda m: m["metrics"]["finetuned"].update(accuracy="0.9"),
-     "metrics.finetuned.accuracy must be a number or null"),
+     "metrics.finetuned.accuracy must be a finite number or null"),
     ("metrics.json", "NaN", "NaN is not standard JSON"),
+    ("metrics.json", "1e999", "baseline.accuracy must be a finite number or null, found Infinity"),
     ("summary.json", "Infinity", "Infinity is not standard JSON"),
 ])
 def test_a_figure_edited_to_a_non_number_is_named_by_every_reader(run, file, edit, says):
@@ -467,6 +469,21 @@ def test_a_figure_edited_to_a_non_number_is_named_by_every_reader(run, file, edi
     for command in (["report", str(run)], ["report", "--compare", str(run), str(run), "--out", str(run / "c.html")]):
         line = _error(runner.invoke(app, command))
         assert says in line and f"{path}" in line, line
+
+
+@pytest.mark.parametrize("damage", ["NaN", "missing"])
+def test_audit_refuses_damaged_metrics_before_it_writes_anything(run, damage):
+    """audit wrote audit.json, then failed on metrics.json (a missing one: an internal error, exit 1)."""
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("  lexicon: []\n", "  lexicon: [gender]\n", 1))
+    metrics = run / "metrics.json"
+    if damage == "missing":
+        metrics.unlink()
+    else:
+        metrics.write_text(re.sub(r'"accuracy": [0-9.e-]+', '"accuracy": NaN', metrics.read_text(), count=1))
+    line = _error(runner.invoke(app, ["audit", str(run), "-q"]))
+    assert str(metrics) in line and ("lacks metrics.json" if damage == "missing" else "NaN") in line, line
+    assert not (run / "audit.json").exists()
 
 
 def test_runs_diff_names_a_config_that_is_not_yaml(run):

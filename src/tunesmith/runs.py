@@ -526,8 +526,9 @@ def figures_problem(metrics, prefix: str = "") -> str | None:
         if side in metrics and not isinstance(figures, dict):
             return f"{prefix}{side} must be an object of figures, found {type(figures).__name__}"
         for name, value in (figures or {}).items():
-            if isinstance(value, (str, bool)):  # bool is an int to Python: true would read as 1
-                return f"{prefix}{side}.{name[:60]} must be a number or null, found {json.dumps(value)[:40]}"
+            # bool is an int to Python (true would read as 1); 1e999 parses as infinity (tunesmith writes null)
+            if isinstance(value, (str, bool)) or (isinstance(value, float) and not math.isfinite(value)):
+                return f"{prefix}{side}.{name[:60]} must be a finite number or null, found {json.dumps(value)[:40]}"
     return None
 
 

@@ -37,6 +37,7 @@ from tunesmith.runs import (
     final_dir,
     interrupted_run,
     is_run_dir,
+    read_summary,
     reading_run_files,
     record_run,
     run_lock,
@@ -370,12 +371,16 @@ def audit_run(run_dir: Path, progress: bool = True) -> dict:
         raise InputError("no groups to audit", "fairness.group_fields",
                          "set fairness.group_fields (columns) or fairness.lexicon (identity terms) in the config")
     summary_path = Path(run_dir) / "summary.json"
-    if not summary_path.is_file() or "metrics" not in fsio.read_json(summary_path, dict):
+    if not summary_path.is_file() or "metrics" not in read_summary(run_dir):
         raise RunDirError("the run has not been evaluated (no metrics in summary.json)", str(run_dir),
                           f"run `tunesmith eval {run_dir}` first")
+    if not (Path(run_dir) / "metrics.json").is_file():
+        raise RunDirError("the evaluated run lacks metrics.json", str(Path(run_dir) / "metrics.json"),
+                          f"restore it, or run `tunesmith eval {run_dir}` again")
+    read_metrics(run_dir)  # a damaged one is named before the audit writes anything
     with run_lock(Path(run_dir).resolve()):
         audit = audit_stage(project, splits, Path(run_dir), progress)
-        summary = fsio.read_json(summary_path, dict)
+        summary = read_summary(run_dir)
         metrics = read_metrics(run_dir)
         summary["objective"] = _verdict(project, metrics["baseline"], metrics["finetuned"], metrics.get("comparison"),
                                         audit).to_json()
