@@ -213,6 +213,16 @@ def test_out_where_no_folder_can_be_made_is_refused_before_any_work(tmp_path, ti
     assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".tunesmith-probe-*"))
 
 
+def test_run_jsonl_with_bytes_that_are_not_utf8_is_named_at_its_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"a": 1}\n{"a": 2}\n{"a": "\xff\xfe"}\n')
+    with pytest.raises(fsio.DamagedFile, match=r"not UTF-8: byte 0xff; .*rows.jsonl:3"):
+        fsio.read_jsonl(path)  # was a UnicodeDecodeError: an internal error in export, optimize and audit
+    path.write_bytes(b'{"a": NaN}\n')
+    with pytest.raises(fsio.DamagedFile, match=r"NaN is not standard JSON; .*rows.jsonl:1"):
+        fsio.read_jsonl(path)
+
+
 def test_a_damaged_run_file_is_bad_input_naming_it(tmp_path):
     run = tmp_path / "run"
     (run / "model").mkdir(parents=True)

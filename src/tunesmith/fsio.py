@@ -115,9 +115,14 @@ def read_jsonl(path: Path, missing_ok: bool = False) -> list[dict]:
     path = Path(path)
     if missing_ok and not path.is_file():
         return []
-    rows = []
+    rows, data = [], path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:  # named at its line, not an internal error
+        raise DamagedFile(path, f"not UTF-8: byte 0x{data[e.start]:02x}", data.count(b"\n", 0, e.start) + 1,
+                          what="not text tunesmith wrote") from None
     # split on "\n" only: str.splitlines() also breaks at U+2028/U+0085, which JSON strings hold unescaped
-    for i, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+    for i, line in enumerate(text.split("\n"), start=1):
         try:
             rows += [json.loads(line, parse_constant=_no_constant)] if line.strip() else []
         except (ValueError, RecursionError) as e:
