@@ -116,3 +116,20 @@ def test_a_completion_without_max_tokens_takes_the_servers_limit_when_it_is_belo
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 8, r.text
     too_many = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 9})
     assert too_many.status_code == 422 and "at most 8" in too_many.json()["error"]["message"]
+
+
+def test_a_character_split_across_tokens_is_streamed_whole_and_the_text_after_it_too(service, tmp_path, monkeypatch):
+    """A token ending inside a multi-byte character decoded to U+FFFD and was sent; the decoded text
+    then never began with the text sent, so nothing after it was streamed (one piece, finish 'length')."""
+    import tunesmith.serve.service as service_module
+
+    tok = service.predictor.tokenizer
+    ids = tok.encode("🌟🌟 fine", add_special_tokens=False)
+    assert any("\ufffd" in tok.decode(ids[:n]) for n in range(1, len(ids)))  # the emoji spans tokens
+    script = iter(ids)
+    monkeypatch.setattr(service_module, "next_token", lambda *args: next(script))
+    with TestClient(create_app(service, ServeConfig(max_tokens=64), None, tmp_path / "requests.db")) as client:
+        chunks = _events(client, "/v1/completions", {"prompt": "hello", "max_tokens": len(ids)})
+    pieces = [ch["choices"][0]["text"] for ch in chunks]
+    assert "".join(pieces) == "🌟🌟 fine" and not any("\ufffd" in p for p in pieces)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"

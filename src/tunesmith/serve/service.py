@@ -225,6 +225,7 @@ class Service:
         seen = torch.tensor(prompt_ids(tok, self.fmt, [example]), device=model.device)  # (1, T)
         ids, stops, past, produced, text = seen, set(stop_ids(tok)), None, [], ""
         processors, generator = logits_processors(settings), step_generator(settings, model.device)
+        finish = "length"
         for _ in range(self._room(seen.shape[1], max_tokens)):
             if cancelled.is_set():
                 return "stop"
@@ -232,16 +233,22 @@ class Service:
             past = output_cache(out)
             token = next_token(out.logits[:, -1], seen, settings, processors, generator)
             if token in stops:
-                return "stop"
+                finish = "stop"
+                break
             produced.append(token)
-            # Decode the whole tail each time: a multi-byte character may span tokens.
+            # Decode the whole tail each time: a multi-byte character may span tokens. Until its last
+            # token comes it decodes to U+FFFD: held back, as sending it would leave the text sent
+            # behind the text decoded, and every later piece unsent.
             full = tok.decode(produced, skip_special_tokens=True)
-            if full.startswith(text) and len(full) > len(text):
+            if not full.endswith("\ufffd") and full.startswith(text) and len(full) > len(text):
                 yield full[len(text):]
                 text = full
             ids = torch.tensor([[token]], device=model.device)  # (1, 1)
             seen = torch.cat([seen, ids], dim=1)  # (1, T + produced): the repetition penalty sees them all
-        return "length"
+        full = tok.decode(produced, skip_special_tokens=True)  # what was held back: the answer says it too
+        if full.startswith(text) and len(full) > len(text):
+            yield full[len(text):]
+        return finish
 
 
 def call_tokens(costs: list) -> int:
