@@ -75,6 +75,44 @@ def test_fields_the_server_cannot_honour_are_a_400(client, route, body, field):
     assert r.status_code == 400 and r.json()["error"]["message"].startswith(field), r.text
 
 
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize("extra, field", [
+    ({"tools": [TOOL]}, "tools"), ({"tool_choice": "required"}, "tool_choice"),
+    ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
+    ({"functions": [TOOL["function"]]}, "functions"), ({"function_call": {"name": "get_weather"}}, "function_call"),
+    ({"modalities": ["text", "audio"]}, "modalities"), ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+])
+def test_function_calling_and_audio_are_refused_not_answered_without(client, extra, field):
+    r = client.post(CHAT, json={"messages": [{"role": "user", "content": "x"}], **extra})
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith(f"{field} is not supported"), r.text
+    plain = {"tools": [], "tool_choice": "auto", "parallel_tool_calls": False, "modalities": ["text"]}
+    assert client.post(CHAT, json={"messages": [{"role": "user", "content": "x"}], **plain}).status_code == 200
+
+
+@pytest.mark.parametrize("message", [
+    {"role": "tool", "tool_call_id": "c1", "content": "22 C"},
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+                                                             "function": {"name": "f", "arguments": "{}"}}]},
+])
+def test_tool_turns_in_a_conversation_are_named_as_such(client, message):
+    r = client.post(CHAT, json={"messages": [{"role": "user", "content": "weather?"}, message]})
+    assert r.status_code == 422 and "tool and function-call messages are not supported" in r.text
+
+
+@pytest.mark.parametrize("prompt", [["a", "b"], ["a"], [[1, 2], [3]]])
+def test_a_list_of_prompts_is_named_not_a_type_error(client, prompt):
+    r = client.post("/v1/completions", json={"prompt": prompt})
+    assert r.status_code == 422 and "a list of prompts is not supported" in r.text
+
+
+def test_one_model_is_retrieved_by_its_id(client, service):
+    assert client.get(f"/v1/models/{service.name}").json()["id"] == service.name
+    missing = client.get("/v1/models/gpt-4o")
+    assert missing.status_code == 404 and "no model 'gpt-4o' here" in missing.json()["error"]["message"]
+
+
 def test_a_plain_text_response_format_and_an_empty_suffix_are_taken(client):
     assert client.post(CHAT, json={"messages": [{"role": "user", "content": "x"}],
                                    "response_format": {"type": "text"}}).status_code == 200

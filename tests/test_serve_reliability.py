@@ -538,7 +538,7 @@ def test_item4_request_log_failures_never_fail_a_request(service, tmp_path, monk
 
 # -- item 6 (server part): bounded label set ----------------------------------------------------------
 def test_item6_free_text_answers_count_as_one_metric_label(service, monkeypatch):
-    monkeypatch.setattr(service, "complete", lambda examples, limits: [
+    monkeypatch.setattr(service, "complete", lambda examples, limits, **_: [
         Completion(f"free text {i} from upstream", "stop", 3, 4) for i, _ in enumerate(examples)])
     with TestClient(create_app(service, ServeConfig())) as c:
         for i in range(3):

@@ -34,7 +34,7 @@ def run_batch(service: Service, kind: str, items: list, deliver, alive, budget: 
     waiting (`alive` False: gone, or past the deadline) are never computed."""
     rows, owner, call = _rows(service, kind, items)
     if not hasattr(service, "row_tokens"):  # an upstream engine batches and bounds memory itself
-        out = call(rows)
+        out = call(rows, None)
         for i, result in enumerate(_regroup(out, owner, len(items)) if kind == "classify" else out):
             deliver(i, result)
         return
@@ -44,7 +44,9 @@ def run_batch(service: Service, kind: str, items: list, deliver, alive, budget: 
     while pending := [r for r in pending if alive(owner[r])]:
         part = pending[:first_batch([costs[r] for r in pending], budget, pacer.max_rows())]
         started = time.monotonic()
-        for r, result in zip(part, call([rows[r] for r in part])):
+        # A completion stops decoding once no request of its call is waiting any more (gone, or past its deadline)
+        gone = (lambda part=part: not any(alive(owner[r]) for r in part)) if kind == "complete" else None
+        for r, result in zip(part, call([rows[r] for r in part], gone)):
             results[r] = result
         pacer.observe(len(part), time.monotonic() - started)
         pending = pending[len(part):]
@@ -60,18 +62,20 @@ def _rows(service: Service, kind: str, items: list):
     if kind == "classify":
         rows = [t for texts in items for t in texts]
         owner = [i for i, texts in enumerate(items) for _ in texts]
-        return rows, owner, service.classify
-    return items, list(range(len(items))), lambda part: _complete(service, part)
+        return rows, owner, lambda part, _: service.classify(part)
+    return items, list(range(len(items))), lambda part, gone: _complete(service, part, gone)
 
 
-def _complete(service: Service, part: list[tuple]) -> list:
+def _complete(service: Service, part: list[tuple], gone=None) -> list:
     """Completions of (example, max_tokens[, sampling]) rows; the sampling list goes to the engine only
-    when some row carries settings (routes leave plain greedy requests without)."""
+    when some row carries settings (routes leave plain greedy requests without), `gone` (stop decoding:
+    Service.complete's `abandoned`) only when given."""
     sampling = [it[2] if len(it) > 2 else None for it in part]
     examples, limits = [it[0] for it in part], [it[1] for it in part]
+    extra = {"abandoned": gone} if gone is not None else {}
     if all(s is None for s in sampling):
-        return service.complete(examples, limits)
-    return service.complete(examples, limits, sampling)
+        return service.complete(examples, limits, **extra)
+    return service.complete(examples, limits, sampling, **extra)
 
 
 def _regroup(results: list, owner: list[int], n: int) -> list:

@@ -110,6 +110,13 @@ class _Sampling(_Body):
     best_of: int | None = None
     suffix: str | None = None
     response_format: dict | None = None
+    # No function calling, no audio: answered without them, a reply would claim what it did not do.
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
+    modalities: list[str] | None = None
+    audio: dict | None = None
 
     def sampling(self) -> GenerationSettings | None:
         """The request's settings, None for plain greedy decoding; ValueError (400) naming a bad field."""
@@ -118,7 +125,10 @@ class _Sampling(_Body):
                 raise ValueError(f"{name} is not supported by this server; use repetition_penalty (1 to 2) instead")
         for name, off in (("logprobs", (None, False, 0)), ("top_logprobs", (None, 0)), ("logit_bias", (None, {})),
                           ("echo", (None, False)), ("best_of", (None, 1)), ("suffix", (None, "")),
-                          ("response_format", (None, {"type": "text"}))):
+                          ("response_format", (None, {"type": "text"})), ("tools", (None, [])),
+                          ("functions", (None, [])), ("tool_choice", (None, "none", "auto")),
+                          ("function_call", (None, "none", "auto")), ("modalities", (None, ["text"])),
+                          ("audio", (None,))):
             if getattr(self, name) not in off:
                 raise ValueError(f"{name} is not supported by this server; leave it out")
         if self.n not in (None, 1):
@@ -164,6 +174,14 @@ class CompletionRequest(_Streamed):
     # Unsaid: OpenAI's 16, or serve.max_tokens where that is smaller (not a 422 for a field never sent).
     max_tokens: int | None = Field(None, ge=1)
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, v):
+        if isinstance(v, list) and any(isinstance(x, (str, list)) for x in v):
+            raise ValueError("a list of prompts is not supported: send one prompt (a string, or a list of token ids) "
+                             "per request")
+        return v
+
     @field_validator("prompt")
     @classmethod
     def _valid_prompt(cls, v: str | list[int]) -> str | list[int]:
@@ -176,6 +194,14 @@ class ChatMessage(_Body):
     # "developer" is OpenAI's newer name for the system message; chat templates know only "system".
     role: Literal["system", "developer", "user", "assistant"]
     content: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_tool_turns(cls, data):
+        if isinstance(data, dict) and (data.get("role") in ("tool", "function") or data.get("tool_calls")
+                                       or data.get("function_call")):
+            raise ValueError("tool and function-call messages are not supported: this server does no function calling")
+        return data
 
     @field_validator("role")
     @classmethod
@@ -270,10 +296,19 @@ def openai_router(state: ServerState) -> APIRouter:
     """/v1/models, /v1/completions and /v1/chat/completions in OpenAI's format, streamed on request."""
     router, service, cfg = APIRouter(), state.service, state.cfg
 
+    def model_card() -> dict:
+        return {"id": service.name, "object": "model", "created": 0, "owned_by": "tunesmith"}
+
     @router.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": service.name, "object": "model", "created": 0,
-                                            "owned_by": "tunesmith"}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @router.get("/v1/models/{model_id:path}")
+    async def one_model(model_id: str):
+        if model_id != service.name:
+            return error(404, f"no model {model_id[:80]!r} here; this server serves {service.name!r}",
+                         "invalid_request_error")
+        return model_card()
 
     @router.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request, response: Response):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 import unicodedata
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,10 +138,13 @@ class Service:
         return request_example(self.fmt, prompt, messages)
 
     def complete(self, examples: list[Example], max_tokens: list[int],
-                 sampling: list[GenerationSettings | None] | None = None) -> list[Completion]:
+                 sampling: list[GenerationSettings | None] | None = None,
+                 abandoned: Callable[[], bool] | None = None) -> list[Completion]:
         """Completions, greedy unless a row's `sampling` says otherwise, cut at its stop strings; a
         classification model answers with its predicted label. Greedy rows share one model call; a
-        sampling row is decoded alone, so its seed gives the same answer whatever else is in the batch."""
+        sampling row is decoded alone, so its seed gives the same answer whatever else is in the batch.
+        Decoding stops at the next token once `abandoned()` is true (every request of the call has gone:
+        its answers would be thrown away, and the requests queued behind it wait)."""
         if self.labels:  # usage counts the prompt the label was scored after, as for a generated answer
             labels = self.classify([e.input for e in examples])
             return [Completion(label, "stop", n, 1) for (label, _), n in zip(labels, self._prompt_tokens(examples))]
@@ -149,14 +152,15 @@ class Service:
         together = [i for i, s in enumerate(sampling) if s is None or generate_kwargs(s) == {"do_sample": False}]
         out: list = [None] * len(examples)
         if together:
-            done = self._decode([examples[i] for i in together], [max_tokens[i] for i in together], None)
+            done = self._decode([examples[i] for i in together], [max_tokens[i] for i in together], None, abandoned)
             for i, c in zip(together, done):
                 out[i] = c
         for i in (i for i in range(len(examples)) if out[i] is None):
-            out[i] = self._decode([examples[i]], [max_tokens[i]], sampling[i])[0]
+            out[i] = self._decode([examples[i]], [max_tokens[i]], sampling[i], abandoned)[0]
         return [_cut(self.predictor.tokenizer, c, s.stop) if s and s.stop else c for c, s in zip(out, sampling)]
 
-    def _decode(self, examples: list, max_tokens: list[int], sampling: GenerationSettings | None) -> list[Completion]:
+    def _decode(self, examples: list, max_tokens: list[int], sampling: GenerationSettings | None,
+                abandoned: Callable[[], bool] | None = None) -> list[Completion]:
         """One model call over `examples` (left-padded), under `sampling`'s seed when it samples."""
         tok, model = self.predictor.tokenizer, self.predictor.module
         prompts = prompt_ids(tok, self.fmt, examples)
@@ -167,14 +171,15 @@ class Service:
         if len(examples) > 1 and any(self._room(len(p), max(rooms)) < max(rooms) for p in prompts):
             # Left-padded rows all decode the batch's longest answer, positions growing in each: a batch
             # that would run any row past the context goes one row at a time.
-            return [self._decode([ex], [m], sampling)[0] for ex, m in zip(examples, max_tokens)]
+            return [self._decode([ex], [m], sampling, abandoned)[0] for ex, m in zip(examples, max_tokens)]
         if max(rooms) == 0:  # a token prompt that fills the context: nothing can follow it
             return [_completion(tok, [], len(p), 0) for p in prompts]
         max_tokens = rooms
         with seeded(sampling, model.device):
             out = model.generate(**_left_padded(prompts, tok.pad_token_id, model.device),
                                  max_new_tokens=max(max_tokens), eos_token_id=stop_ids(tok),
-                                 pad_token_id=tok.pad_token_id, **generate_kwargs(sampling))
+                                 pad_token_id=tok.pad_token_id, **generate_kwargs(sampling),
+                                 **({"stopping_criteria": _until(abandoned)} if abandoned else {}))
         new = out[:, max(len(p) for p in prompts):]  # (B, new tokens)
         return [_completion(tok, row.tolist(), len(p), limit) for row, p, limit in zip(new, prompts, max_tokens)]
 
@@ -249,6 +254,16 @@ class Service:
         if full.startswith(text) and len(full) > len(text):
             yield full[len(text):]
         return finish
+
+
+def _until(abandoned: Callable[[], bool]):
+    """generate's stopping criteria: every row stops once `abandoned()` is true."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Abandoned(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):  # (B, T) -> (B,)
+            return torch.full((input_ids.shape[0],), abandoned(), dtype=torch.bool, device=input_ids.device)
+    return StoppingCriteriaList([Abandoned()])
 
 
 def call_tokens(costs: list) -> int:

@@ -173,9 +173,9 @@ class ServiceSlot:
         with self.use() as service:
             return [Scored(pair, service.run_dir) for pair in service.classify(texts)]
 
-    def complete(self, examples: list, max_tokens: list[int], *sampling) -> list[Served]:
+    def complete(self, examples: list, max_tokens: list[int], *sampling, **abandoned) -> list[Served]:
         with self.use() as service:
-            done = service.complete(examples, max_tokens, *sampling)
+            done = service.complete(examples, max_tokens, *sampling, **abandoned)
             return [Served(**{f.name: getattr(c, f.name) for f in fields(Completion)}, run_dir=service.run_dir)
                     for c in done]
 
