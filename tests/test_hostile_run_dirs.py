@@ -142,6 +142,31 @@ def test_a_damaged_model_file_is_a_run_error_naming_the_model_folder(run, name, 
     assert str(run / "model") in line
 
 
+def _set_json(path: Path, key: str, value) -> None:
+    data = json.loads(path.read_text())
+    data[key] = value
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda m: _set_json(m / "tunesmith.json", "kind", "full"),
+     "says kind 'full', but its method lora saves 'adapter' weights"),
+    (lambda m: (m / "chat_template.jinja").write_text("{{ ok }}\n{% for x in %}"),
+     "the chat template does not parse"),
+    (lambda m: _set_json(m / "prompt.json", "labels", []), "field 'labels' is empty"),
+    (lambda m: _set_json(m / "adapter_config.json", "r", 4),
+     "the weights do not fit the model's adapter_config.json or config.json (size mismatch for"),
+])
+def test_a_model_folder_edited_out_of_step_is_one_error_line_not_an_internal_error(run, edit, says):
+    """An edited kind was an AttributeError, a broken chat template a TemplateSyntaxError (exit 1), empty
+    labels an export failing on agreement, an edited rank 421 lines of load_state_dict's message."""
+    edit(run / "model")
+    line = _error(runner.invoke(app, ["eval", str(run), "--quiet"]))
+    assert says in line and str(run / "model") in line, line
+    if "chat template" in says:
+        assert f"{run / 'model' / 'chat_template.jinja'}:2" in line
+
+
 def test_a_missing_prompt_json_is_named_by_promote(run, tmp_path, monkeypatch):
     """promote (and rollback, through the same reader) said `internal error: FileNotFoundError`."""
     monkeypatch.setenv("TUNESMITH_REGISTRY", str(tmp_path / "registry.sqlite"))

@@ -19,12 +19,30 @@ def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    _check_chat_template(tokenizer, Path(path))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.pad_token_id is None:
         raise ModelError(f"the tokenizer in {path} has no end-of-sequence or padding token", "model",
                          "is its tokenizer_config.json missing? restore the folder's tokenizer files")
     return tokenizer
+
+
+def _check_chat_template(tokenizer, path: Path) -> None:
+    """ModelError naming the template's file and line when the folder's chat template does not parse
+    (met later, it was an internal error in the middle of an export or an eval)."""
+    import jinja2
+
+    template = tokenizer.chat_template
+    if not isinstance(template, str):  # none, or a dict of named templates (parsed where one is used)
+        return
+    try:
+        jinja2.Environment().parse(template)
+    except jinja2.TemplateSyntaxError as e:
+        jinja_file = path / "chat_template.jinja"
+        where = f"{jinja_file}:{e.lineno}" if jinja_file.is_file() else str(path / "tokenizer_config.json")
+        raise ModelError(f"the chat template does not parse ({e.message})", where,
+                         "restore the folder's chat template") from None
 
 
 def load_model(path: Path, dtype: torch.dtype = torch.float32):

@@ -103,6 +103,8 @@ def _format_problem(d: dict) -> str | None:
               "shots": isinstance(d.get("shots", []), list) and all(
                   isinstance(s, dict) and set(s) == {"input", "output"} and all(isinstance(v, str) for v in s.values())
                   for s in d.get("shots", []))}
+    if d.get("task_type") == "classification" and not d["labels"] and checks["labels"]:
+        return "field 'labels' is empty: a classification run has its label list"
     return next((f"field {name!r} has the wrong type or value" for name, ok in checks.items() if not ok), None)
 
 

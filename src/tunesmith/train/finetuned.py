@@ -42,6 +42,9 @@ def read_meta(model_dir: Path) -> dict:
                next((f"lacks '{key}'" for key in _META_KEYS if not isinstance(meta.get(key), str)), None))
     if problem is None and meta["method"] not in METHOD_SPECS:
         problem = f"names an unknown method '{meta['method'][:40]}'"
+    if problem is None and meta["kind"] != spec(meta["method"]).kind:
+        problem = (f"says kind '{meta['kind'][:40]}', but its method {meta['method']} saves "
+                   f"'{spec(meta['method']).kind}' weights")
     if problem:
         raise RunDirError(f"the model's metadata {problem}", str(path),
                           "restore the file, or train the run again")
@@ -122,8 +125,17 @@ def load_finetuned(model_dir: Path):
         tokenizer = load_tokenizer(model_dir)
     except fsio.DamagedFile:
         raise  # already names its file and line
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
-        # A file save_finetuned wrote is missing, truncated or edited: the run's fault, not a bug.
-        raise RunDirError(f"the model folder could not be read ({type(e).__name__}: {str(e)[:200]})",
-                          str(model_dir), "restore it from a copy, or train the run again") from e
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError, RuntimeError) as e:
+        # A file save_finetuned wrote is missing, truncated or edited: the run's fault, not a bug. The
+        # RuntimeError is load_state_dict's, for weights of other shapes than adapter_config.json says
+        # (an edited rank); any other one is not the folder's and goes on.
+        if isinstance(e, RuntimeError) and "Error(s) in loading state_dict" not in str(e):
+            raise
+        lines = str(e).strip().splitlines() or [""]
+        if isinstance(e, RuntimeError):  # one line of the hundreds, and what it means
+            detail = next((line.strip() for line in lines if "size mismatch" in line), lines[0])
+            what = f"the weights do not fit the model's adapter_config.json or config.json ({detail[:200]})"
+        else:
+            what = f"the model folder could not be read ({type(e).__name__}: {lines[0][:200]})"
+        raise RunDirError(what, str(model_dir), "restore it from a copy, or train the run again") from e
     return model, tokenizer, fmt, base_path
