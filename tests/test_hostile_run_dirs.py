@@ -258,18 +258,20 @@ def test_unpaired_or_damaged_predictions_are_said_not_hidden(run, finished, monk
     (lambda r: r.update(confidence="high"), "'confidence' missing or not a number"),
     (lambda r: r.update(correct="yes"), "'correct' must be a boolean"),
     (lambda r: r.update(text=None), "'text' missing or not a text"),
+    (lambda r: r.pop("prediction"), "'prediction' missing or not a text"),  # on the first row too (not 'tokens')
 ])
 def test_every_reader_of_test_predictions_refuses_an_edited_row(run, tmp_path, edit, says):
     """The report's answer tables, export's parity check and human evaluation read predictions/test.jsonl
     too: an edited row is one error naming file:line, not an internal KeyError or TypeError."""
     path = run / "predictions" / "test.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    edit(rows[2])
+    at = 0 if says.startswith("'prediction'") else 2
+    edit(rows[at])
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     for args in (["report", str(run)], ["export", str(run), "--out", str(tmp_path / "hf")],
                  ["human", "export", str(run), "--out", str(tmp_path / "human")]):
         line = _error(runner.invoke(app, args))
-        assert f"{path}:3" in line and "not what tunesmith wrote" in line and says in line, (args, line)
+        assert f"{path}:{at + 1}" in line and "not what tunesmith wrote" in line and says in line, (args, line)
     assert not (tmp_path / "hf").exists() and not (tmp_path / "human").exists()
 
 

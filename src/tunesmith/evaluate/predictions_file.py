@@ -37,7 +37,8 @@ def read_test_predictions(run: Path) -> list[dict] | None:
         return None
     rows = fsio.read_jsonl(path)
     first = rows[0] if rows and isinstance(rows[0], dict) else {}
-    answers = "prediction" in first
+    answers = "prediction" in first or "gold" in first  # (a document row has neither: an edited first row
+    # that lost one is still read as the answer row it is, and named for the field it lost)
     # `correct` and `confidence` are on every row of a classification run (runs before 2026-11 also wrote
     # `correct` on generation rows, without `confidence`), or on none.
     kinds = (answers, "correct" in first, answers and "confidence" in first)
