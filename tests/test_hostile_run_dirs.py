@@ -200,10 +200,10 @@ def test_a_model_folder_without_its_tokenizer_is_never_promoted(run, tmp_path, m
     ("data/test.jsonl", '{"input": "a"}\n', "eval", "not a curated row"),
 ])
 def test_a_damaged_run_file_is_bad_input_naming_it(run, name, content, command, expected):
-    if name.startswith("data/"):  # as a run made before split digests were recorded: the rows are read
+    if name.startswith("data/"):  # a report.json without digests or row counts: the rows themselves are read
         report = json.loads((run / "data" / "report.json").read_text())
         for split in report["splits"].values():
-            del split["sha256"]
+            del split["sha256"], split["rows"]
         (run / "data" / "report.json").write_text(json.dumps(report))
     if content is None:
         (run / name).unlink()
@@ -324,6 +324,14 @@ def test_a_curated_split_edited_after_the_data_stage_is_refused(run, split):
     assert {name: (run / name).read_bytes() for name in before} == before
     path.write_text("\n".join(rows) + "\n")  # restored: read again
     assert len(load_splits(run / "data").test) > 0
+    # A run from before the digests were recorded: its row count is checked, at least
+    report = json.loads((run / "data" / "report.json").read_text())
+    for entry in report["splits"].values():
+        del entry["sha256"]
+    (run / "data" / "report.json").write_text(json.dumps(report))
+    path.write_text("\n".join(rows[1:]) + "\n")
+    line = _error(runner.invoke(app, ["eval", str(run), "-q"]))
+    assert f"({len(rows) - 1} rows, data/report.json says {len(rows)})" in line and str(path) in line
 
 
 # --- export and human export --out ---------------------------------------------------------------

@@ -283,11 +283,16 @@ def read_split(data_dir: Path, name: str, report: dict | None = None) -> list[Ex
         report = fsio.read_json(data_dir / "report.json", dict)
     entry = report.get("splits", {}).get(name) if isinstance(report.get("splits"), dict) else None
     recorded = entry.get("sha256") if isinstance(entry, dict) else None
+    again = f"restore the run's file; to use other rows, give them as data.{name} in a project and make a new run"
     if recorded is not None and _sha256(path) != recorded:
         raise DataError(f"the curated {name} split was changed after the data stage wrote it (sha256 differs from "
-                        "data/report.json's)", str(path), hint="restore the run's file; to use other rows, give them "
-                        f"as data.{name} in a project and make a new run")
-    return [_example(row, path, i) for i, row in enumerate(fsio.read_jsonl(path), start=1)]
+                        "data/report.json's)", str(path), hint=again)
+    rows = [_example(row, path, i) for i, row in enumerate(fsio.read_jsonl(path), start=1)]
+    counted = entry.get("rows") if isinstance(entry, dict) else None
+    if type(counted) is int and counted != len(rows):  # a run from before the digests: its row count, at least
+        raise DataError(f"the curated {name} split was changed after the data stage wrote it ({len(rows)} rows, "
+                        f"data/report.json says {counted})", str(path), hint=again)
+    return rows
 
 
 def _example(row, path: Path, i: int) -> Example:
