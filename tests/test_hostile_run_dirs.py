@@ -394,6 +394,9 @@ def test_human_import_refuses_ratings_it_would_misread(run, tmp_path, ratings, e
     # each trial is a training: a typo of a few zeros is refused, not started
     (["tune", "x.yaml", "--trials", "100000", "--out", "o"], "error: Invalid value for '--trials': Input should be "
                                                             "less than or equal to 1000"),
+    # bytes that are not UTF-8 reach Python as lone surrogates: an encoding error inside validation was exit 1
+    (["optimize", "run", "--variants", b"int\xff8"], "error: holds bytes that are not UTF-8 text, --variants"),
+    (["compare", "x.yaml", "--methods", b"lo\xffra", "--out", "o"], "error: holds bytes that are not UTF-8 text"),
 ])
 def test_a_wrong_command_line_is_one_error_line_and_exit_2(args, expected):
     import subprocess

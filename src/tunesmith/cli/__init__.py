@@ -13,7 +13,7 @@ import typer
 
 from tunesmith.cli import loop as cli_loop
 from tunesmith.cli import ui as cli_ui
-from tunesmith.cli.common import DEBUG, OUT, OVERWRITE, QUIET, run_app
+from tunesmith.cli.common import DEBUG, OUT, OVERWRITE, QUIET, name_list, run_app
 from tunesmith.cli.common import guarded as _guarded
 from tunesmith.registry import DISPARITY_FIGURES, METRIC_SPECS
 
@@ -162,7 +162,7 @@ def optimize(run_dir: Path = typer.Argument(..., help="an evaluated run director
     def go() -> int:
         from tunesmith import pipeline
 
-        names = [v.strip() for v in variants.split(",") if v.strip()] if variants is not None else None
+        names = name_list(variants, "--variants") if variants is not None else None
         if names == []:  # an empty list would measure the fp32 model alone and report success
             from tunesmith.errors import InputError
 
@@ -331,7 +331,7 @@ def compare_command(config: Path = typer.Argument(..., help="project.yaml"),
         from tunesmith.config import load_config
         from tunesmith.evaluate.leaderboard import table
 
-        names = [m.strip() for m in methods.split(",") if m.strip()]
+        names = name_list(methods, "--methods")
         ranked = pipeline.compare_methods(load_config(config), names, out, progress=not quiet, overwrite=overwrite)
         print(table(ranked))
         print(f"leaderboard: {out / 'compare.json'}, plot: {out / 'compare.png'}")

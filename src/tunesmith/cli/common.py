@@ -24,6 +24,19 @@ OVERWRITE = typer.Option(False, "--overwrite",
                          help="Replace an earlier run in --out (never a folder that is not a run).")
 
 
+def name_list(given: str, option: str) -> list[str]:
+    """A comma-separated option of names (--variants, --methods), stripped, empty items dropped. Bytes
+    that are not UTF-8 (the shell passes them as lone surrogates) are no name: an InputError naming the
+    option, not an encoding error deep inside validation."""
+    from tunesmith.errors import InputError
+
+    try:
+        given.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError("holds bytes that are not UTF-8 text", option, "give names in plain text") from None
+    return [item.strip() for item in given.split(",") if item.strip()]
+
+
 def guarded(debug: bool, fn: Callable[[], int], details: bool = False, resumable: bool = False) -> None:
     """Run a command: input errors -> one `error:` line and exit 2; internal errors -> exit 1; Ctrl-C
     130 and SIGTERM 143.
