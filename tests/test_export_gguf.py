@@ -182,8 +182,8 @@ def test_min_agreement_config_key_is_checked(tmp_path, tiny_model):
 def test_bad_quant_and_quant_on_hf_are_refused(run, tmp_path):
     result = runner.invoke(cli, ["export", str(run), "--format", "gguf", "--quant", "q2_K", "--out",
                                  str(tmp_path / "g")])
-    assert result.exit_code == 2 and "--quant q2_K does not apply to --format gguf" in result.output
-    assert "supported: f16, q8_0, q4_K_M" in result.output
+    assert result.exit_code == 2 and "unknown quantization type 'q2_K'" in result.output
+    assert "supported for gguf: f16, q8_0, q4_K_M" in result.output
     result = runner.invoke(cli, ["export", str(run), "--quant", "q8_0", "--out", str(tmp_path / "h")])
     assert result.exit_code == 2 and "--quant q8_0 does not apply to --format hf" in result.output
     assert list(tmp_path.iterdir()) == []

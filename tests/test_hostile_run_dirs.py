@@ -345,7 +345,12 @@ def test_export_out_where_no_folder_can_be_made_is_refused(run):
 def test_export_out_that_is_a_file_says_so(run, tmp_path):
     (tmp_path / "afile").write_text("mine")
     assert "exists and is a file" in _error(runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "afile")]))
+    inside = _error(runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "afile" / "x")]))
+    assert "--out's parent folder is a file, not a folder" in inside  # it said "does not exist"
     assert (tmp_path / "afile").read_text() == "mine"
+    quant = _error(runner.invoke(app, ["export", str(run), "--format", "gguf", "--quant", "f32",
+                                       "--out", str(tmp_path / "g")]))
+    assert "unknown quantization type 'f32'" in quant and "supported for gguf: f16, q8_0" in quant
 
 
 @pytest.mark.parametrize("args,expected", [

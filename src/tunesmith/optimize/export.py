@@ -121,8 +121,11 @@ def check_out(out: Path) -> None:
     if out.exists() and any(out.iterdir()):
         raise InputError("--out exists and is not an empty folder", str(out),
                          "give a new folder; an existing export is never overwritten")
-    if not out.absolute().parent.is_dir():
-        raise InputError("--out's parent folder does not exist", str(out.absolute().parent),
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        what = "does not exist" if not (parent.exists() or parent.is_symlink()) else \
+            f"is not a folder ({fsio.not_a_folder(parent)})" if parent.is_symlink() else "is a file, not a folder"
+        raise InputError(f"--out's parent folder {what}", str(parent),
                          "create it first, or give --out inside an existing folder")
     why = None if out.exists() else fsio.uncreatable(out)
     if why:
@@ -190,7 +193,9 @@ def check_format(fmt: str, quant: str | None) -> str | None:
     quant = quant or spec.default_quant
     if quant not in spec.quants:
         choices = ", ".join(q for q in spec.quants if q) or "none (leave --quant out)"
-        raise InputError(f"--quant {quant} does not apply to --format {fmt}", "--quant", f"supported: {choices}")
+        known = any(quant in other.quants for other in FORMATS.values())
+        raise InputError(f"--quant {quant} does not apply to --format {fmt}" if known else
+                         f"unknown quantization type '{quant}'", "--quant", f"supported for {fmt}: {choices}")
     return quant
 
 
