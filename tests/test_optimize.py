@@ -301,6 +301,9 @@ def test_optimize_rejects_unknown_variants_and_unevaluated_runs(lora_run, tmp_pa
     assert twice.exit_code == 2 and "error: list each variant once; " in twice.output
     missing = runner.invoke(app, ["optimize", str(tmp_path)])
     assert missing.exit_code == 2 and "error: not a trained run directory" in missing.output
+    for command in ("optimize", "audit", "eval"):  # a typo is not "a run without config.yaml"
+        typo = runner.invoke(app, [command, str(tmp_path / "nowhere")])
+        assert typo.exit_code == 2 and f"error: not found, {tmp_path / 'nowhere'}" in typo.output, typo.output
 
 
 def test_full_fine_tune_has_nothing_to_merge(tmp_path, tiny_model):

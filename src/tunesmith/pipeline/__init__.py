@@ -425,6 +425,9 @@ def _training_summary(run_dir: Path) -> dict:
 def open_run(run_dir: Path) -> tuple[Project, Splits]:
     """The saved config and curated splits of a run directory."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError("not found" if not run_dir.exists() else "is not a folder", str(run_dir),
+                          "give a folder made by `tunesmith run` or `tunesmith train`")
     for needed in ("config.yaml", "data/report.json", "model/tunesmith.json", "model/prompt.json"):
         if not (run_dir / needed).exists():
             raise RunDirError(f"not a trained run directory (no {needed})", str(run_dir),
