@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -277,6 +278,15 @@ def test_item12_replace_dir_puts_the_old_folder_back_when_the_move_in_fails(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == [".run.partial", "run"]
     fsio.replace_dir(src, dst)
     assert (dst / "model.txt").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    # A link where the folder was: replaced, never followed, and not left behind as .run.old-<pid>
+    (tmp_path / "users").mkdir()
+    (tmp_path / "users" / "keep.txt").write_text("mine")
+    shutil.rmtree(dst)
+    dst.symlink_to(tmp_path / "users")
+    src.mkdir()
+    fsio.replace_dir(src, dst)
+    assert not dst.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["run", "users"]
+    assert (tmp_path / "users" / "keep.txt").read_text() == "mine"
 
 
 def test_an_output_folder_is_taken_only_when_new_empty_or_an_earlier_output(tmp_path):

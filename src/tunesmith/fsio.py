@@ -164,7 +164,10 @@ def replace_dir(src: Path, dst: Path) -> None:
         os.replace(aside, dst)
         raise
     fsync_dir(dst.parent)
-    shutil.rmtree(aside, ignore_errors=True)
+    if aside.is_symlink():  # a link put there (never followed): rmtree refuses one and would leave it
+        aside.unlink()
+    else:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def not_a_folder(path: Path) -> str:
