@@ -167,6 +167,17 @@ def test_a_model_folder_edited_out_of_step_is_one_error_line_not_an_internal_err
         assert f"{run / 'model' / 'chat_template.jinja'}:2" in line
 
 
+def test_a_chat_template_with_transformers_extensions_still_loads(run):
+    """The parse check uses transformers' own compiler: {% break %} (loopcontrols) and {% generation %}
+    are valid templates, refused by a plain jinja2 Environment."""
+    from tunesmith.models.load import load_tokenizer
+
+    (run / "model" / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m['content'] }}{% break %}{% endfor %}{% generation %}!{% endgeneration %}")
+    tokenizer = load_tokenizer(run / "model")
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "hi!"
+
+
 def test_a_missing_prompt_json_is_named_by_promote(run, tmp_path, monkeypatch):
     """promote (and rollback, through the same reader) said `internal error: FileNotFoundError`."""
     monkeypatch.setenv("TUNESMITH_REGISTRY", str(tmp_path / "registry.sqlite"))

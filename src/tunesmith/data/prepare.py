@@ -266,8 +266,11 @@ def save_splits(splits: Splits, data_dir: Path) -> None:
 
 
 def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()  # (hashlib.file_digest is Python 3.11+; 3.10 is supported)
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_split(data_dir: Path, name: str, report: dict | None = None) -> list[Example]:

@@ -33,11 +33,15 @@ def _check_chat_template(tokenizer, path: Path) -> None:
     (met later, it was an internal error in the middle of an export or an eval)."""
     import jinja2
 
+    # transformers' own compiler: its environment has the extensions templates use ({% break %},
+    # {% generation %}), which a plain jinja2 Environment refuses
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
     template = tokenizer.chat_template
     if not isinstance(template, str):  # none, or a dict of named templates (parsed where one is used)
         return
     try:
-        jinja2.Environment().parse(template)
+        _compile_jinja_template(template)
     except jinja2.TemplateSyntaxError as e:
         jinja_file = path / "chat_template.jinja"
         where = f"{jinja_file}:{e.lineno}" if jinja_file.is_file() else str(path / "tokenizer_config.json")
