@@ -204,8 +204,15 @@ def test_tune_study_starts_from_the_default_and_ends_in_a_run(tmp_path, tiny_mod
     assert kept.exit_code == result.exit_code and (out / "best" / "summary.json").is_file(), kept.output
     assert (out / "best" / "model" / "adapter_model.safetensors").read_bytes() == weights
     assert kept.output.splitlines()[-3:] == result.output.splitlines()[-3:]
+    study = (out / "study.sqlite").read_bytes()
     more = runner.invoke(app, ["tune", config, "--trials", "5", "--out", str(out), "--quiet"])  # a new best may come
     assert more.exit_code == 2 and "already holds a tunesmith run" in more.stderr, more.output
+    assert (out / "study.sqlite").read_bytes() == study  # refused before the study was opened
+    alone = tmp_path / "alone"  # a best run without its study: refused, and no study.sqlite made
+    alone.mkdir()
+    shutil.copytree(out / "best", alone / "best")
+    refused = runner.invoke(app, ["tune", config, "--trials", "4", "--out", str(alone), "--quiet"])
+    assert refused.exit_code == 2 and sorted(p.name for p in alone.iterdir()) == ["best"], refused.output
 
     # A study of another config is not reported as this one's: refused, or replaced with --overwrite.
     changed = Path(config).read_text().replace("max_steps: 6", "max_steps: 5")

@@ -68,6 +68,9 @@ def tune(project: Project, trials: int, out: Path, progress: bool = True, seed: 
     kept_best = not overwrite and is_run_dir(out / "best")
     check_runs_folder(out, [] if kept_best else ["best"], (STUDY_FILE, "trials"), overwrite)
     _check_study_file(out / STUDY_FILE)
+    if kept_best and _scored_on_disk(out / STUDY_FILE) < trials:  # more trials may find another best
+        raise RunDirError("already holds a tunesmith run", f"--out {out / 'best'}",
+                          "pass --overwrite to replace it, or give a new folder")
     kept = out / "trials"
     if kept.is_dir() and any(kept.iterdir()) and not (out / STUDY_FILE).exists() and not overwrite:
         # Without its study, trial numbers restart at 000 and each new trial would replace a kept log.
@@ -81,9 +84,6 @@ def tune(project: Project, trials: int, out: Path, progress: bool = True, seed: 
     # own "Trial N failed" warning would add a traceback, on Ctrl-C and SIGTERM too.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = _open_study(out, project, seed, overwrite)
-    if kept_best and len(_scored(study)) < trials:
-        raise RunDirError("already holds a tunesmith run", f"--out {out / 'best'}",
-                          "pass --overwrite to replace it, or give a new folder")
     if _default_trial(study, project) is None and not _waiting(study):
         study.enqueue_trial(defaults(project))  # the config as written (again, if its trial was interrupted)
 
@@ -203,6 +203,22 @@ def _check_study_file(path: Path) -> None:
     if not {"studies", "trials"} <= tables:
         raise InputError("study.sqlite is not an Optuna study of `tunesmith tune`; left untouched", str(path),
                          "give a new --out folder")
+
+
+def _scored_on_disk(path: Path) -> int:
+    """Scored trials (complete or pruned, as `_scored` counts) in the study file, read without writing
+    it (optuna's storage would create or migrate it); 0 when there is no study yet."""
+    import sqlite3
+
+    if not path.is_file():
+        return 0
+    db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT COUNT(*) FROM trials WHERE state IN ('COMPLETE', 'PRUNED')").fetchone()[0]
+    except sqlite3.Error:  # no trials table yet: nothing scored
+        return 0
+    finally:
+        db.close()
 
 
 def _scored(study) -> list:
