@@ -134,6 +134,7 @@ def test_select_counts_the_passes_max_steps_makes_not_the_epochs_it_replaces():
     assert _passes(TrainConfig(epochs=1, max_steps=10, batch_size=8, grad_accum=2), 32, 40) == 5
     assert _passes(TrainConfig(max_steps=4, batch_size=64), 32, 40) == 4  # a batch holds at most every row
     assert _passes(TrainConfig(max_steps=4, batch_tokens=160), 32, 40) == 0.5  # 160 tokens: 4 rows of 40
+    assert _passes(TrainConfig(max_steps=6, batch_size=8), 10_000, 40) == pytest.approx(0.0048)  # never 0
 
 
 def test_select_probes_local_models_and_recommends(tmp_path, tiny_model):

@@ -72,7 +72,7 @@ def _data_figures(project: Project, splits) -> dict:
     per_class = Counter(e.target for e in splits.train) if splits.labels else None
     epochs = _passes(project.train, len(lengths), sum(lengths) / max(len(lengths), 1))
     return {"train_rows": len(splits.train), "row_tokens": round(sum(lengths) / max(len(lengths), 1)),
-            "train_tokens": round(sum(lengths) * epochs), "epochs": epochs,
+            "train_tokens": round(sum(lengths) * epochs), "epochs": round(epochs, 4),  # (rounded for display only)
             "labels": len(splits.labels) if splits.labels else None,
             "min_per_class": min(per_class.values()) if per_class else None,
             "warnings": list(splits.warnings)}  # what `data check` says: a recommendation stands on this data
@@ -84,7 +84,7 @@ def _passes(t, rows: int, row_tokens: float) -> float:
     if not t.max_steps or not rows:
         return t.epochs
     batch = max(1, int(t.batch_tokens // max(1.0, row_tokens))) if t.batch_tokens else t.batch_size
-    return round(t.max_steps * t.grad_accum * min(rows, batch) / rows, 2)
+    return t.max_steps * t.grad_accum * min(rows, batch) / rows
 
 
 def _method_rule(data: dict) -> tuple[str, str]:

@@ -403,7 +403,7 @@ def select_command(config: Path = typer.Argument(..., help="project.yaml"),
         print(f"hardware: {hw['name']} ({hw['device']}), {hw['memory_mb']:,.0f} MB, matmul peak "
               f"{hw['peak_tflops']:.2f} TFLOP/s{' bf16' if hw['bf16'] else ''}")
         print(f"data: {data['train_rows']} training rows, {data['row_tokens']} tokens per row, "
-              f"{data['train_tokens']:,} tokens over {data['epochs']} epoch(s)")
+              f"{data['train_tokens']:,} tokens over {data['epochs']:.3g} epoch(s)")
         for warning in data["warnings"]:
             print(f"warning: {warning}", file=sys.stderr)
         print(f"{'model':<26}{'params':>8}{'context':>9}{'licence':>22}{'probe':>8}  memory MB / minutes: "

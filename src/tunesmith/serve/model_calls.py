@@ -48,7 +48,8 @@ def run_batch(service: Service, kind: str, items: list, deliver, alive, budget: 
         gone = (lambda part=part: not any(alive(owner[r]) for r in part)) if kind == "complete" else None
         for r, result in zip(part, call([rows[r] for r in part], gone)):
             results[r] = result
-        pacer.observe(len(part), time.monotonic() - started)
+        if gone is None or not gone():  # a call cut short for nobody's sake would make rows look cheap
+            pacer.observe(len(part), time.monotonic() - started)
         pending = pending[len(part):]
         for o in dict.fromkeys(owner[r] for r in part):
             left[o] -= sum(1 for r in part if owner[r] == o)
