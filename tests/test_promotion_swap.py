@@ -25,8 +25,8 @@ from tunesmith.cli import app as cli
 from tunesmith.config import ServeConfig
 from tunesmith.errors import EngineError, InputError
 from tunesmith.serve.server import build_app, champion_run
-from tunesmith.serve.service import load_service
-from tunesmith.serve.swap import Finish, Scored, Served, ServiceSlot, answered_by
+from tunesmith.serve.service import Finish, load_service
+from tunesmith.serve.swap import Scored, Served, ServiceSlot, answered_by
 
 runner = CliRunner()
 NAME = "swapped"

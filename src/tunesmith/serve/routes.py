@@ -351,8 +351,10 @@ async def _complete(state: ServerState, exchange: tuple[Request, Response], job:
     prompt_kind = "tokens" if isinstance(example, TokenPrompt) else "text"
     if body.stream:
         chunk_kind = "text_completion" if kind == "text_completion" else "chat.completion.chunk"
+        # counted now, by the model that takes the stream (a hot swap may bring another tokenizer by its end)
+        prompt = await asyncio.to_thread(_prompt_tokens, state.service, example)
         return await open_stream(state, example, limit, chunk_kind, request,
-                                 _stream_logger(state, request, (route, answer_id), example, prompt_kind),
+                                 _stream_logger(state, request, (route, answer_id), (example, prompt), prompt_kind),
                                  sampling, answer_id=answer_id, usage=body.usage_chunk)
     item = (example, limit) if sampling is None else job  # engines see settings only when there are some
     done: Completion = await state.batcher.submit("complete", item, request.state.deadline)
@@ -394,12 +396,15 @@ def _limit(requested: int, cfg: ServeConfig) -> int:
     return requested
 
 
-def _stream_logger(state: ServerState, request: Request, logged_as: tuple[str, str], example, prompt_kind: str):
-    """What a finished stream reports: its tokens to the metrics, its text to the request log; returns
-    the Completion (its usage, the completion counted one token a piece)."""
+def _stream_logger(state: ServerState, request: Request, logged_as: tuple[str, str], asked: tuple,
+                   prompt_kind: str):
+    """What a finished stream of `asked` (example, its prompt tokens) reports: its tokens to the metrics,
+    its text to the request log; returns the Completion (its usage)."""
+    example, prompt = asked
+
     async def done(pieces: list[str], finish: str) -> Completion:  # `finish` names the run that answered
-        prompt = await asyncio.to_thread(_prompt_tokens, state.service, example)
-        completion = Completion("".join(pieces), finish, prompt, len(pieces))
+        tokens = getattr(finish, "tokens", None)  # an upstream engine's stream: one token a piece, the best guess
+        completion = Completion("".join(pieces), finish, prompt, len(pieces) if tokens is None else tokens)
         await _account(state, request, logged_as, example.input, completion, finish, prompt_kind)
         return completion
     return done

@@ -199,13 +199,13 @@ class Service:
         hold several tokens (text held back for a stop string, a character spanning tokens) or none."""
         if self.labels:
             yield self.classify([example.input])[0][0]
-            return "stop"
+            return Finish("stop", 1)  # one answer, counted as `complete` counts it
         if self.predictor.complete is not None:  # no token-by-token hook into another runtime: one piece
             done = self.complete([example], [max_tokens], [sampling])[0]
             yield done.text
-            return done.finish_reason
-        scanner = StopScanner(sampling.stop if sampling else [])
-        pieces = self._pieces(example, max_tokens, cancelled, sampling)
+            return Finish(done.finish_reason, done.completion_tokens)
+        scanner, produced = StopScanner(sampling.stop if sampling else []), []
+        pieces = self._pieces(example, max_tokens, cancelled, sampling, produced)
         while True:
             try:
                 piece = next(pieces)
@@ -216,19 +216,19 @@ class Service:
             if out:
                 yield out
             if stopped:
-                return "stop"
+                return Finish("stop", len(produced))
         if rest := scanner.rest():
             yield rest
-        return finish
+        return Finish(finish, len(produced))
 
     @torch.inference_mode()
     def _pieces(self, example: Example, max_tokens: int, cancelled: threading.Event,
-                sampling: GenerationSettings | None) -> Generator[str, None, str]:
-        """The decoding loop with the KV cache: one token per step from the last position's logits;
-        returns the finish reason."""
+                sampling: GenerationSettings | None, produced: list[int]) -> Generator[str, None, str]:
+        """The decoding loop with the KV cache: one token per step from the last position's logits,
+        each appended to `produced`; returns the finish reason."""
         tok, model, settings = self.predictor.tokenizer, self.predictor.module, sampling or GenerationSettings()
         seen = torch.tensor(prompt_ids(tok, self.fmt, [example]), device=model.device)  # (1, T)
-        ids, stops, past, produced, text = seen, set(stop_ids(tok)), None, [], ""
+        ids, stops, past, text = seen, set(stop_ids(tok)), None, ""
         processors, generator = logits_processors(settings), step_generator(settings, model.device)
         finish = "length"
         for _ in range(self._room(seen.shape[1], max_tokens)):
@@ -264,6 +264,20 @@ def _until(abandoned: Callable[[], bool]):
         def __call__(self, input_ids, scores, **kwargs):  # (B, T) -> (B,)
             return torch.full((input_ids.shape[0],), abandoned(), dtype=torch.bool, device=input_ids.device)
     return StoppingCriteriaList([Abandoned()])
+
+
+class Finish(str):
+    """A stream's finish reason ("stop", "length") with what the stream's end knows besides: `tokens`
+    decoded (None: not counted, as by an upstream engine) and `run_dir`, the run that decoded it (set
+    by a hot-swapping ServiceSlot)."""
+
+    tokens: int | None
+    run_dir: Path | None
+
+    def __new__(cls, reason: str, tokens: int | None = None, run_dir: Path | None = None):
+        self = super().__new__(cls, reason)
+        self.tokens, self.run_dir = tokens, run_dir
+        return self
 
 
 def call_tokens(costs: list) -> int:

@@ -28,7 +28,7 @@ from prometheus_client import Counter, Gauge
 
 from tunesmith import champions
 from tunesmith.errors import EngineError
-from tunesmith.serve.service import Completion
+from tunesmith.serve.service import Completion, Finish
 
 log = logging.getLogger("tunesmith.serve")
 POLL_S = 2.0            # how often the follower reads the registry
@@ -52,17 +52,6 @@ class Served(Completion):
     """A Completion with `run_dir`: the run that computed it."""
 
     run_dir: Path | None = None
-
-
-class Finish(str):
-    """A stream's finish reason ("stop", "length"), with `run_dir`: the run that decoded the stream."""
-
-    run_dir: Path | None
-
-    def __new__(cls, reason: str, run_dir: Path | None):
-        self = super().__new__(cls, reason)
-        self.run_dir = run_dir
-        return self
 
 
 def answered_by(result, service) -> Path | None:
@@ -183,7 +172,7 @@ class ServiceSlot:
         """The current service's stream, pinned from its first piece to its end (or until it is closed)."""
         with self.use() as service:
             finish = yield from service.stream(example, max_tokens, cancelled, *sampling)
-        return Finish(finish, service.run_dir) if finish else finish
+        return Finish(finish, getattr(finish, "tokens", None), service.run_dir) if finish else finish
 
 
 def _close(service) -> None:
