@@ -142,9 +142,12 @@ def report(run_dir: Optional[Path] = typer.Argument(None, help="an evaluated run
             raise InputError("give a run directory, or --compare A B", "RUN_DIR")
         if out is not None:  # the run's report is always RUN_DIR/report.html; say so rather than ignore --out
             raise InputError("goes with --compare only; a run's report is written to RUN_DIR/report.html", "--out")
-        if not is_run_dir(run_dir):  # a typo or another folder: "run eval first" would send the user astray
+        # A typo or another folder: "run eval first" would send the user astray. (A run whose weights were
+        # deleted to save space still has its config.yaml: its report needs no model.)
+        if not is_run_dir(run_dir) and not (run_dir / "config.yaml").is_file():
             raise RunDirError("not found" if not run_dir.exists() else "not a tunesmith run directory "
-                              "(no model/tunesmith.json)", str(run_dir), "give a folder made by `tunesmith run`")
+                              "(no model/tunesmith.json or config.yaml)", str(run_dir),
+                              "give a folder made by `tunesmith run`")
         if not (run_dir / "summary.json").is_file():
             raise RunDirError("no summary.json: the run has not been evaluated", str(run_dir),
                               "run `tunesmith eval` first")
