@@ -1,4 +1,4 @@
-"""A model call whose every request has gone (past its deadline: the batcher let it go) stops decoding
+"""A model call whose every request has gone (its client left, or past its deadline) stops decoding
 at the next token: a long answer nobody waits for held the model thread, and every request queued
 behind it timed out in turn."""
 
@@ -50,3 +50,35 @@ def test_a_batch_decodes_on_while_one_request_waits_and_stops_when_none_does(ser
     assert delivered[0].completion_tokens <= 1 and delivered[1].completion_tokens <= 1
     assert pacer.per_row == 0  # a call cut short is not a measure of what a row costs
 
+
+
+def test_a_client_that_leaves_a_completion_stops_its_decoding(service, monkeypatch):
+    """The deadline alone stopped it: a client that gave up after 1 s still held the model for the
+    whole request_timeout_s, and every request queued behind it waited that long."""
+    import threading
+
+    import httpx
+
+    from conftest import start_server
+    from tunesmith.config import ServeConfig
+    from tunesmith.serve.app import create_app
+
+    stopped, real = threading.Event(), service.complete
+
+    def slow_complete(examples, limits, sampling=None, abandoned=None):
+        for _ in range(600):  # up to 60 s, as a long answer on a slow CPU would take
+            if abandoned is not None and abandoned():
+                stopped.set()
+                break
+            stopped.wait(0.1)
+        return real(examples, [1] * len(examples))
+    monkeypatch.setattr(service, "complete", slow_complete)
+    url, stop = start_server(create_app(service, ServeConfig(request_timeout_s=120)))
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/completions", json={"prompt": "a long story", "max_tokens": 8}, timeout=1.0)
+        assert stopped.wait(30), "the model call went on after its client left"
+        answered = httpx.post(f"{url}/v1/completions", json={"prompt": "next", "max_tokens": 2}, timeout=60)
+        assert answered.status_code == 200  # the server serves on
+    finally:
+        stop()

@@ -357,7 +357,10 @@ async def _complete(state: ServerState, exchange: tuple[Request, Response], job:
                                  _stream_logger(state, request, (route, answer_id), (example, prompt), prompt_kind),
                                  sampling, answer_id=answer_id, usage=body.usage_chunk)
     item = (example, limit) if sampling is None else job  # engines see settings only when there are some
-    done: Completion = await state.batcher.submit("complete", item, request.state.deadline)
+    done: Completion | None = await _unless_gone(request, state.batcher.submit("complete", item,
+                                                                              request.state.deadline))
+    if done is None:  # the client went: no one to answer (and, as for an abandoned stream, nothing logged)
+        return Response(status_code=499)
     await _account(state, request, (route, answer_id), example.input, done, prompt_kind=prompt_kind)
     response.headers[ANSWER_ID] = answer_id
     if kind == "text_completion":
@@ -366,6 +369,26 @@ async def _complete(state: ServerState, exchange: tuple[Request, Response], job:
         choice = {"index": 0, "message": {"role": "assistant", "content": done.text},
                   "finish_reason": done.finish_reason}
     return {**_openai(state.service, kind, choice, done), "request_id": answer_id}
+
+
+async def _unless_gone(request: Request, work):
+    """The result of `work` (a batcher submit), or None when the client disconnects first: the submit is
+    then cancelled, so its row is skipped or its decoding stops at the next token (Service.complete).
+    The body is read by now, so the next message is the disconnect. (Awaited, not polled:
+    `is_disconnected()` never turns true behind the app's http middleware.)"""
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(request.receive())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                return task.result()
+            if watch.result().get("type") == "http.disconnect":
+                task.cancel()
+                return None
+            watch = asyncio.ensure_future(request.receive())  # (another message: none is expected)
+    finally:
+        watch.cancel()
+        task.cancel()
 
 
 def _sampling(body: _Sampling, service: Service) -> GenerationSettings | None:
