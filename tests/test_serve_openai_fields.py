@@ -141,6 +141,11 @@ def test_a_completion_stream_has_no_role_and_counts_usage_too(client):
     assert last["usage"]["prompt_tokens"] == whole["usage"]["prompt_tokens"] > 0
 
 
+def test_a_null_stream_is_no_stream(client):
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "stream": None})
+    assert r.status_code == 200 and r.json()["object"] == "text_completion"
+
+
 def test_stream_options_without_a_stream_is_a_422(client):
     r = client.post("/v1/completions", json={"prompt": "x", "stream_options": {"include_usage": True}})
     assert r.status_code == 422 and "stream_options is only allowed when stream is true" in r.text

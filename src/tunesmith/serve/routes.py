@@ -151,7 +151,7 @@ class StreamOptions(_Body):
 
 
 class _Streamed(_Sampling):
-    stream: bool = False
+    stream: bool | None = False  # null: not streamed, as OpenAI reads it
     stream_options: StreamOptions | None = None
 
     @model_validator(mode="after")
