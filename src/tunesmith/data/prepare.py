@@ -257,7 +257,7 @@ def save_splits(splits: Splits, data_dir: Path) -> None:
     report = data_report(splits)
     for name, rows in splits.by_name().items():
         fsio.write_jsonl(data_dir / f"{name}.jsonl", [e.to_json() for e in rows])
-        report["splits"][name]["sha256"] = _sha256(data_dir / f"{name}.jsonl")
+        report["splits"][name]["sha256"] = file_sha256(data_dir / f"{name}.jsonl")
     curation = splits.curation
     fsio.write_jsonl(data_dir / "removed.jsonl", curation.removed if curation else [])
     fsio.write_jsonl(data_dir / "suspects.jsonl", curation.suspects if curation else [])
@@ -265,7 +265,8 @@ def save_splits(splits: Splits, data_dir: Path) -> None:
     fsio.write_json(data_dir / "report.json", report)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read in blocks."""
     digest = hashlib.sha256()  # (hashlib.file_digest is Python 3.11+; 3.10 is supported)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -287,7 +288,7 @@ def read_split(data_dir: Path, name: str, report: dict | None = None) -> list[Ex
     entry = report.get("splits", {}).get(name) if isinstance(report.get("splits"), dict) else None
     recorded = entry.get("sha256") if isinstance(entry, dict) else None
     again = f"restore the run's file; to use other rows, give them as data.{name} in a project and make a new run"
-    if recorded is not None and _sha256(path) != recorded:
+    if recorded is not None and file_sha256(path) != recorded:
         raise DataError(f"the curated {name} split was changed after the data stage wrote it (sha256 differs from "
                         "data/report.json's)", str(path), hint=again)
     rows = [_example(row, path, i) for i, row in enumerate(fsio.read_jsonl(path), start=1)]

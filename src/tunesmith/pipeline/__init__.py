@@ -11,6 +11,7 @@ from tunesmith import fsio, hardware
 from tunesmith.config import OptimizeConfig, Project, derive, dump_config, load_config
 from tunesmith.data.prepare import (
     Splits,
+    file_sha256,
     load_splits,
     prepare_data_apart,
     save_splits,
@@ -227,10 +228,8 @@ TRAINING_FILES = ("train.jsonl", "validation.jsonl", "report.json")  # the split
 
 
 def _training_inputs(project: Project, run_dir: Path) -> dict:
-    import hashlib
-
-    data = {name: hashlib.sha256((run_dir / "data" / name).read_bytes()).hexdigest()
-            for name in TRAINING_FILES if (run_dir / "data" / name).is_file()}
+    folder = run_dir / "data"
+    data = {name: file_sha256(folder / name) for name in TRAINING_FILES if (folder / name).is_file()}
     return {"config": flatten(project.model_dump(mode="json", include=set(TRAINING_SECTIONS))), "data": data}
 
 
