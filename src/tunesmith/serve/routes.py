@@ -378,14 +378,10 @@ async def _unless_gone(request: Request, work):
     `is_disconnected()` never turns true behind the app's http middleware.)"""
     task, watch = asyncio.ensure_future(work), asyncio.ensure_future(request.receive())
     try:
-        while True:
-            done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if task in done:
-                return task.result()
-            if watch.result().get("type") == "http.disconnect":
-                task.cancel()
-                return None
-            watch = asyncio.ensure_future(request.receive())  # (another message: none is expected)
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if task not in done and not watch.exception() and watch.result().get("type") == "http.disconnect":
+            return None
+        return await task  # (any other message, none expected: the answer is waited for as before)
     finally:
         watch.cancel()
         task.cancel()
