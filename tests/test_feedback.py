@@ -1,5 +1,5 @@
 """Feedback on served answers (issue 20, item 1): a request_id on every answer (body, header, log row),
-POST /v1/feedback (verdicts, 404/409/422/401/429/503, bounded writes, redaction) and
+POST /v1/feedback (verdicts, 400/404/409/401/429/503, bounded writes, redaction) and
 `tunesmith feedback import` (all rows or none, file:line errors), on a tiny trained run."""
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def test_feedback_is_stored_once_replaced_on_request_and_checked(service, tmp_pa
         for body in bad:
             answer = c.post("/v1/feedback", content=json.dumps(body),  # ASCII JSON: "\ud800" as sent on the wire
                             headers={"content-type": "application/json"})
-            assert answer.status_code == 422 and answer.json()["error"]["message"], body
+            assert answer.status_code == 400 and answer.json()["error"]["message"], body
         metrics = c.get("/metrics").text
     assert 'tunesmith_requests_total{route="/v1/feedback",status="200"} 4.0' in metrics
     assert quality.count == 4  # every stored verdict, none of the refused

@@ -1,4 +1,4 @@
-"""The server: every route, the security answers (401/413/422/429/500), micro-batching, the request
+"""The server: every route, the security answers (400/401/413/429/500), micro-batching, the request
 log, streaming and disconnects, on tiny trained runs; drift maths and the monitor command."""
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def test_generation_routes_and_streaming(gen_run, tmp_path):
         chat = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
         assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] <= 2
         too_many = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 9})
-        assert too_many.status_code == 422 and "at most 8" in too_many.json()["error"]["message"]
+        assert too_many.status_code == 400 and "at most 8" in too_many.json()["error"]["message"]
         with c.stream("POST", "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                              "max_tokens": 4, "stream": True}) as s:
             lines = [line for line in s.iter_lines() if line]
@@ -143,9 +143,9 @@ def test_api_keys_rate_limit_and_bad_requests(cls_service, tmp_path):
         ok = {"Authorization": "Bearer k-two"}
         assert c.post("/v1/classify", json={"text": "red"}, headers=ok).status_code == 200
         bad_json = c.post("/v1/classify", content=b"{not json", headers={**ok, "content-type": "application/json"})
-        assert bad_json.status_code == 422 and "Traceback" not in bad_json.text
+        assert bad_json.status_code == 400 and "Traceback" not in bad_json.text
         both = c.post("/v1/classify", json={"text": "a", "texts": ["b"]}, headers=ok)
-        assert both.status_code == 422 and "exactly one" in both.json()["error"]["message"]
+        assert both.status_code == 400 and "exactly one" in both.json()["error"]["message"]
         limited = c.post("/v1/classify", json={"text": "red"}, headers=ok)
         assert limited.status_code == 429 and int(limited.headers["Retry-After"]) >= 1
         other = {"Authorization": "Bearer k-one"}  # limits are per key
@@ -167,26 +167,26 @@ def test_api_keys_rate_limit_and_bad_requests(cls_service, tmp_path):
         assert 'tunesmith_requests_total{route="other",status="413"} 1.0' in metrics
 
 
-def test_a_request_with_nothing_to_classify_is_a_422(cls_service, tmp_path):
+def test_a_request_with_nothing_to_classify_is_a_400(cls_service, tmp_path):
     """An empty text, or a chat with no user text, was answered with a confident label for no input
     (logged, open to feedback as if it were an answer)."""
     with TestClient(create_app(cls_service, ServeConfig(), [], tmp_path / "r.db")) as c:
         for body in ({"text": ""}, {"text": " \n\t"}, {"texts": ["red", "  "]}, {"text": "\u0000"},
                      {"text": "\u200b\u2060"}):
             r = c.post("/v1/classify", json=body)
-            assert r.status_code == 422 and "the text is empty" in r.json()["error"]["message"], (body, r.text)
+            assert r.status_code == 400 and "the text is empty" in r.json()["error"]["message"], (body, r.text)
         assert "texts[1]" in c.post("/v1/classify", json={"texts": ["red", ""]}).json()["error"]["message"]
         not_utf8 = c.post("/v1/classify", content=b'{"text": "caf\xe9"}', headers={"content-type": "application/json"})
-        assert not_utf8.status_code == 422 and "not valid UTF-8 (byte 13)" in not_utf8.text, not_utf8.text
+        assert not_utf8.status_code == 400 and "not valid UTF-8 (byte 13)" in not_utf8.text, not_utf8.text
         for messages in ([{"role": "system", "content": "You are x"}], [{"role": "assistant", "content": "hi"}],
                          [{"role": "user", "content": " "}], [{"role": "user", "content": "red"},
                                                                {"role": "user", "content": ""}]):
             for stream in (False, True):
                 r = c.post("/v1/chat/completions", json={"messages": messages, "stream": stream})
-                assert r.status_code == 422 and "no user message with text" in r.text, (messages, r.text)
+                assert r.status_code == 400 and "no user message with text" in r.text, (messages, r.text)
         for prompt in ("", "\u200b"):  # a classifier's completion route: no label for nothing either
             r = c.post("/v1/completions", json={"prompt": prompt})
-            assert r.status_code == 422 and "the prompt is empty" in r.text, (prompt, r.text)
+            assert r.status_code == 400 and "the prompt is empty" in r.text, (prompt, r.text)
         chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "red"}]
         assert c.post("/v1/chat/completions", json={"messages": chat}).status_code == 200
     blank = sqlite3.connect(tmp_path / "r.db").execute("SELECT COUNT(*) FROM requests WHERE input = ''").fetchone()
@@ -350,6 +350,6 @@ def test_token_id_prompts_are_used_as_given_and_checked(gen_run, cls_service, li
     assert done.status_code == 200 and done.json()["usage"]["prompt_tokens"] == len(ids)
     for bad in ([], [len(tok) + 5], [-1], [1] * 10_000):
         r = httpx.post(f"{live_server}/v1/completions", json={"prompt": bad, "max_tokens": 2}, timeout=60)
-        assert r.status_code == 422 and r.json()["error"]["message"], bad
+        assert r.status_code == 400 and r.json()["error"]["message"], bad
     with TestClient(create_app(cls_service, ServeConfig())) as c:
         assert c.post("/v1/completions", json={"prompt": ids}).status_code == 400

@@ -59,9 +59,9 @@ def test_the_developer_role_is_the_system_message(client):
 
 @pytest.mark.parametrize("part", [{"type": "image_url", "image_url": {"url": "http://x/y.png"}},
                                   {"type": "text"}, {"type": "text", "text": 5}, "plain string"])
-def test_a_part_that_is_not_text_is_a_422_naming_it(client, part):
+def test_a_part_that_is_not_text_is_a_400_naming_it(client, part):
     r = client.post(CHAT, json={"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, part]}]})
-    assert r.status_code == 422, r.text
+    assert r.status_code == 400, r.text
     assert "content[1]: only text parts" in r.json()["error"]["message"]
 
 
@@ -98,13 +98,13 @@ def test_function_calling_and_audio_are_refused_not_answered_without(client, ext
 ])
 def test_tool_turns_in_a_conversation_are_named_as_such(client, message):
     r = client.post(CHAT, json={"messages": [{"role": "user", "content": "weather?"}, message]})
-    assert r.status_code == 422 and "tool and function-call messages are not supported" in r.text
+    assert r.status_code == 400 and "tool and function-call messages are not supported" in r.text
 
 
 @pytest.mark.parametrize("prompt", [["a", "b"], ["a"], [[1, 2], [3]]])
 def test_a_list_of_prompts_is_named_not_a_type_error(client, prompt):
     r = client.post("/v1/completions", json={"prompt": prompt})
-    assert r.status_code == 422 and "a list of prompts is not supported" in r.text
+    assert r.status_code == 400 and "a list of prompts is not supported" in r.text
 
 
 def test_one_model_is_retrieved_by_its_id(client, service):
@@ -146,16 +146,29 @@ def test_a_null_stream_is_no_stream(client):
     assert r.status_code == 200 and r.json()["object"] == "text_completion"
 
 
-def test_stream_options_without_a_stream_is_a_422(client):
+def test_stream_options_without_a_stream_is_a_400(client):
     r = client.post("/v1/completions", json={"prompt": "x", "stream_options": {"include_usage": True}})
-    assert r.status_code == 422 and "stream_options is only allowed when stream is true" in r.text
+    assert r.status_code == 400 and "stream_options is only allowed when stream is true" in r.text
 
 
 def test_a_completion_without_max_tokens_takes_the_servers_limit_when_it_is_below_16(client):
     r = client.post("/v1/completions", json={"prompt": "hello"})  # served with max_tokens 8
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 8, r.text
     too_many = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 9})
-    assert too_many.status_code == 422 and "at most 8" in too_many.json()["error"]["message"]
+    assert too_many.status_code == 400 and "at most 8" in too_many.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("body,param", [({"max_tokens": 9}, "max_tokens"), ({"n": 2}, "n"),
+                                        ({"frequency_penalty": 1}, "frequency_penalty"),
+                                        ({"temperature": 9}, "temperature"),
+                                        ({"prompt": [10 ** 9]}, "prompt"), ({"stream": 1}, "stream")])
+def test_a_refused_request_is_a_400_in_openais_error_shape_naming_the_field(client, body, param):
+    """OpenAI answers an invalid request 400 with {"message", "type", "param", "code"}: its SDKs raise
+    BadRequestError from that status (a 422 became UnprocessableEntityError), and `param` names the field."""
+    r = client.post("/v1/completions", json={"prompt": "hello", **body})
+    err = r.json()["error"]
+    assert r.status_code == 400 and set(err) == {"message", "type", "param", "code"}, r.text
+    assert err["type"] == "invalid_request_error" and err["code"] == 400 and err["param"].startswith(param), r.text
 
 
 def test_a_character_split_across_tokens_is_streamed_whole_and_the_text_after_it_too(service, tmp_path, monkeypatch):

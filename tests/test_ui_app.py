@@ -94,7 +94,7 @@ def test_an_unevaluated_run_is_listed_without_figures(tmp_path):
 
 def test_a_damaged_run_neither_hides_the_others_nor_breaks_the_compare_page(tmp_path, root):
     """A hand-edited summary.json (fields of the wrong type) is listed like any run; comparing it, or a
-    run whose config.yaml is an alias bomb, is a 422 with one error line, not a 500."""
+    run whose config.yaml is an alias bomb, is a 400 with one error line, not a 500."""
     shutil.copytree(root / "exp" / "run", tmp_path / "good" / "run")
     shutil.copytree(root / "exp" / "run", tmp_path / "odd" / "run")
     shutil.copytree(root / "exp" / "run", tmp_path / "bomb" / "run")
@@ -113,7 +113,7 @@ def test_a_damaged_run_neither_hides_the_others_nor_breaks_the_compare_page(tmp_
     assert runs["odd/run"]["metric"] is None and runs["odd/run"]["verdict"] == "not met"
     for other in ("odd/run", "bomb/run"):
         frame = c.get("/compare/page", params={"a": "good/run", "b": other})
-        assert frame.status_code == 422, frame.text
+        assert frame.status_code == 400, frame.text
         message = frame.json()["error"]["message"]
         assert message.startswith("error: ") and other.split("/")[0] in message, message
 

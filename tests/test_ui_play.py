@@ -122,13 +122,13 @@ def test_csrf_paths_and_sizes_are_checked(root, client):
         assert client.post("/api/play/classify", json={"run": rel, "text": "red"}).status_code == 404, rel
         assert client.get("/play", params={"run": rel}).status_code == 404, rel
     too_long = client.post("/api/play/classify", json={"run": "runs/cls/run", "text": "x" * (play.MAX_CHARS + 1)})
-    assert too_long.status_code == 422 and "text" in too_long.json()["error"]["message"]
+    assert too_long.status_code == 400 and "text" in too_long.json()["error"]["message"]
     huge = client.post("/api/play/classify", content=b"{" + b" " * play.MAX_BODY + b"}",
                        headers={"Content-Type": "application/json"})
     assert huge.status_code == 413
     assert client.post("/api/play/generate", json={"run": "runs/gen/run", "prompt": "x",
-                                                   "max_tokens": play.MAX_TOKENS + 1}).status_code == 422
-    assert client.post("/api/play/generate", json={"run": "runs/gen/run"}).status_code == 422
+                                                   "max_tokens": play.MAX_TOKENS + 1}).status_code == 400
+    assert client.post("/api/play/generate", json={"run": "runs/gen/run"}).status_code == 400
     assert client.post("/api/play/classify", json={"run": "runs/gen/run", "text": "x"}).status_code == 400
 
 

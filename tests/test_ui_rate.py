@@ -81,7 +81,7 @@ def test_bad_ratings_and_paths_are_refused(root, client):
            {"run": REL, "rater": " ", "id": "p0001", "choice": "A"},
            {"run": REL, "rater": "x" * 101, "id": "p0001", "choice": "A"}]
     for body in bad:
-        assert client.post("/api/rate/rating", json=body).status_code == 422, body
+        assert client.post("/api/rate/rating", json=body).status_code == 400, body
     for rel in ("../x", "/etc", "runs/../../x"):
         assert client.get("/rate", params={"run": rel}).status_code == 404
         assert client.post("/api/rate/rating", json={"run": rel, "rater": "x", "id": "p0001",

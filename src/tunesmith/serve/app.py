@@ -30,7 +30,7 @@ from tunesmith.errors import EngineError
 from tunesmith.serve.batcher import Overloaded
 from tunesmith.serve.feedback import feedback_router
 from tunesmith.serve.limits import BodyLimit
-from tunesmith.serve.replies import error, request_id
+from tunesmith.serve.replies import BadRequest, error, request_id
 from tunesmith.serve.routes import classify_router, openai_router, ops_router
 from tunesmith.serve.service import Service
 from tunesmith.serve.state import ServerState, build_state
@@ -130,14 +130,19 @@ async def _call(call_next, request: Request, state: ServerState):
 
 def _add_error_handlers(app: FastAPI, state: ServerState) -> None:
     """Every refusal in the OpenAI error format: HTTP errors as given, engine failures 502,
-    overload 503 with Retry-After, invalid bodies 422 naming the first bad field."""
+    overload 503 with Retry-After, invalid requests 400 (OpenAI's status for them, vLLM's too) naming the
+    first bad field in the message and in `param`."""
     metrics = state.metrics
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's 400 "error parsing the body": invalid input
-            return error(422, f"the body is not valid UTF-8 (byte {exc.__cause__.start})", "invalid_request_error")
+            return error(400, f"the body is not valid UTF-8 (byte {exc.__cause__.start})", "invalid_request_error")
         return error(exc.status_code, str(exc.detail), "invalid_request_error")
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(request: Request, exc: BadRequest):
+        return error(400, str(exc), "invalid_request_error", exc.param)
 
     @app.exception_handler(EngineError)
     async def engine_failed(request: Request, exc: EngineError):
@@ -155,8 +160,8 @@ def _add_error_handlers(app: FastAPI, state: ServerState) -> None:
     async def invalid(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return error(422, f"{first.get('msg', 'invalid request')}" + (f" ({where})" if where else ""),
-                     "invalid_request_error")
+        return error(400, f"{first.get('msg', 'invalid request')}" + (f" ({where})" if where else ""),
+                     "invalid_request_error", where or None)
 
 
 class RequestIds:

@@ -15,20 +15,35 @@ from fastapi.responses import JSONResponse
 ANSWER_ID = "X-Tunesmith-Request-ID"
 
 
+class BadRequest(Exception):
+    """A request the server refuses as given: answered 400 (OpenAI's and vLLM's status for an invalid
+    request, so SDKs raise their BadRequestError) naming the request field at fault in `param`."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+def error_body(status: int, message: str, kind: str, param: str | None = None) -> dict:
+    """OpenAI's error object: {"error": {"message", "type", "param", "code"}}; `code` is the HTTP status
+    (as vLLM gives it), `param` the request field at fault or null."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
 async def send_error(send, status: int, message: str, kind: str = "invalid_request_error",
                      headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
     """The same error body sent straight from an ASGI wrapper that answers before the app (the Host
     check, the body limit, the connection cap), with `headers` added (Retry-After, Connection: close)."""
-    body = json.dumps({"error": {"message": message, "type": kind, "code": status}}).encode()
+    body = json.dumps(error_body(status, message, kind)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *headers]})
     await send({"type": "http.response.body", "body": body})
 
 
-def error(status: int, message: str, kind: str) -> JSONResponse:
-    """An OpenAI-style error answer: {"error": {"message", "type", "code"}} with `status`."""
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+def error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
+    """An OpenAI-style error answer (`error_body`) with `status`."""
+    return JSONResponse(error_body(status, message, kind, param), status_code=status)
 
 
 def request_id(request: Request) -> str:

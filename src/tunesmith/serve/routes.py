@@ -1,7 +1,8 @@
 """The server's routes, one APIRouter per group over the app's ServerState: health and metrics
 (`ops_router`), OpenAI-compatible models, completions and chat (`openai_router`), and per-label
 probabilities (`classify_router`). Request bodies are validated here; a text that is not valid
-Unicode is a 422 for that request alone.
+Unicode is a 400 for that request alone. Every refusal of a request as given is a 400 (`BadRequest`,
+OpenAI's status) naming the field at fault in the error's `param`.
 
 Every answered text gets a fresh `request_id` (replies.new_answer_id): in the answer's body (one per
 result of a `texts` batch), in the X-Tunesmith-Request-ID header when the request has one answer, and
@@ -16,13 +17,13 @@ import uuid
 from pathlib import Path
 from typing import Literal
 
-from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi import APIRouter, Request, Response
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunesmith.config import GenerationSettings, ServeConfig
 from tunesmith.config.settings import NumbersNotBools
 from tunesmith.serve.metrics import OTHER_LABEL
-from tunesmith.serve.replies import ANSWER_ID, error, new_answer_id
+from tunesmith.serve.replies import ANSWER_ID, BadRequest, error, new_answer_id
 from tunesmith.serve.service import Completion, Service, TokenPrompt, is_blank
 from tunesmith.serve.state import ServerState
 from tunesmith.serve.streaming import open_stream
@@ -32,7 +33,7 @@ from tunesmith.tasks.sampling import generate_kwargs
 
 def unicode_text(text: str | None) -> str | None:
     """Refuse text that is not valid Unicode (a lone surrogate such as "\\ud800" is valid JSON but no
-    tokenizer or database can encode it): a 422 for that request alone."""
+    tokenizer or database can encode it): a 400 for that request alone."""
     if text is not None:
         try:
             text.encode("utf-8")
@@ -43,7 +44,7 @@ def unicode_text(text: str | None) -> str | None:
 
 class _Body(NumbersNotBools):
     # OpenAI clients send more fields than we use (top_p, user, ...); unknown ones are ignored.
-    # Strict types: `stream: "yes"`, `max_tokens: "5"` or `true`, and token ids `[true, false]` are a 422,
+    # Strict types: `stream: "yes"`, `max_tokens: "5"` or `true`, and token ids `[true, false]` are a 400,
     # not read as true, 5, 1 and [1, 0] (an int is still taken where a number with a fraction goes).
     model_config = ConfigDict(extra="ignore", strict=True)
 
@@ -119,10 +120,11 @@ class _Sampling(_Body):
     audio: dict | None = None
 
     def sampling(self) -> GenerationSettings | None:
-        """The request's settings, None for plain greedy decoding; ValueError (400) naming a bad field."""
+        """The request's settings, None for plain greedy decoding; BadRequest naming a bad field."""
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(self, name) not in (None, 0):
-                raise ValueError(f"{name} is not supported by this server; use repetition_penalty (1 to 2) instead")
+                raise BadRequest(f"{name} is not supported by this server; use repetition_penalty (1 to 2) instead",
+                                 name)
         for name, off in (("logprobs", (None, False, 0)), ("top_logprobs", (None, 0)), ("logit_bias", (None, {})),
                           ("echo", (None, False)), ("best_of", (None, 1)), ("suffix", (None, "")),
                           ("response_format", (None, {"type": "text"})), ("tools", (None, [])),
@@ -130,9 +132,9 @@ class _Sampling(_Body):
                           ("function_call", (None, "none", "auto")), ("modalities", (None, ["text"])),
                           ("audio", (None,))):
             if getattr(self, name) not in off:
-                raise ValueError(f"{name} is not supported by this server; leave it out")
+                raise BadRequest(f"{name} is not supported by this server; leave it out", name)
         if self.n not in (None, 1):
-            raise ValueError("n must be 1: this server answers one choice per request")
+            raise BadRequest("n must be 1: this server answers one choice per request", "n")
         given = {k: v for k in SAMPLING_FIELDS if (v := getattr(self, k)) is not None}
         if isinstance(given.get("stop"), str):
             given["stop"] = [given["stop"]]
@@ -140,7 +142,8 @@ class _Sampling(_Body):
             settings = GenerationSettings(**{"seed": None, **given})
         except ValidationError as e:
             first = e.errors()[0]
-            raise ValueError(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+            where = ".".join(str(p) for p in first["loc"])
+            raise BadRequest(f"{where}: {first['msg']}", where) from None
         return None if settings == GenerationSettings(seed=None) else settings
 
 
@@ -171,7 +174,7 @@ class CompletionRequest(_Streamed):
     model: str | None = None
     # Text goes through the run's prompt format; token ids (OpenAI's other form) are used as given.
     prompt: str | list[int]
-    # Unsaid: OpenAI's 16, or serve.max_tokens where that is smaller (not a 422 for a field never sent).
+    # Unsaid: OpenAI's 16, or serve.max_tokens where that is smaller (not a 400 for a field never sent).
     max_tokens: int | None = Field(None, ge=1)
 
     @field_validator("prompt", mode="before")
@@ -267,13 +270,13 @@ def classify_router(state: ServerState) -> APIRouter:
     @router.post("/v1/classify")
     async def classify(body: ClassifyRequest, request: Request, response: Response):
         if not service.labels:
-            return error(400, "this model is not a classifier; use /v1/completions", "invalid_request_error")
+            raise BadRequest("this model is not a classifier; use /v1/completions")
         if not service.scores_labels:
             return error(501, "per-label probabilities need the built-in engine; on this engine use "
                               "/v1/chat/completions, which answers with the label", "invalid_request_error")
         texts = body.texts if body.texts is not None else [body.text]
         if len(texts) > cfg.max_texts:
-            return error(422, f"at most {cfg.max_texts} texts per request", "invalid_request_error")
+            raise BadRequest(f"at most {cfg.max_texts} texts per request", "texts")
         started = time.perf_counter()
         results = await state.batcher.submit("classify", texts, request.state.deadline)
         latency = (time.perf_counter() - started) * 1000
@@ -315,12 +318,11 @@ def openai_router(state: ServerState) -> APIRouter:
         limit = _limit(body.max_tokens or min(16, cfg.max_tokens), cfg)
         sampling = _sampling(body, service)
         if isinstance(body.prompt, list) and service.labels:
-            return error(400, "a classifier takes text prompts (its prompt format is applied to them)",
-                         "invalid_request_error")
+            raise BadRequest("a classifier takes text prompts (its prompt format is applied to them)", "prompt")
         try:
             example = service.example(prompt=body.prompt)
         except ValueError as e:  # a token prompt out of range
-            return error(422, f"{e} (prompt)", "invalid_request_error")
+            raise BadRequest(f"{e} (prompt)", "prompt") from None
         return await _complete(state, (request, response), (example, limit, sampling), body,
                                "/v1/completions", "text_completion")
 
@@ -331,7 +333,7 @@ def openai_router(state: ServerState) -> APIRouter:
         try:
             example = service.example(messages=[m.model_dump() for m in body.messages])
         except ValueError as e:
-            return error(422, f"{e} (messages)", "invalid_request_error")
+            raise BadRequest(f"{e} (messages)", "messages") from None
         return await _complete(state, (request, response), (example, limit, sampling), body,
                                "/v1/chat/completions", "chat.completion")
 
@@ -389,13 +391,10 @@ async def _unless_gone(request: Request, work):
 
 def _sampling(body: _Sampling, service: Service) -> GenerationSettings | None:
     """The request's GenerationSettings (None: plain greedy); a 400 naming the field it cannot take."""
-    try:
-        settings = body.sampling()
-    except ValueError as e:
-        raise HTTPException(400, str(e)) from None
+    settings = body.sampling()
     if settings is not None and not getattr(service, "samples", True) and (unused := _beyond_greedy(settings)):
-        raise HTTPException(400, f"this engine decodes greedily only, so it cannot honour {' or '.join(unused)}: "
-                                 "send temperature 0 (or none) and no repetition_penalty, or serve a torch variant")
+        raise BadRequest(f"this engine decodes greedily only, so it cannot honour {' or '.join(unused)}: "
+                         "send temperature 0 (or none) and no repetition_penalty, or serve a torch variant", unused[0])
     return settings
 
 
@@ -411,7 +410,7 @@ def _beyond_greedy(settings: GenerationSettings) -> list[str]:
 
 def _limit(requested: int, cfg: ServeConfig) -> int:
     if requested > cfg.max_tokens:
-        raise HTTPException(422, f"max_tokens must be at most {cfg.max_tokens}")
+        raise BadRequest(f"max_tokens must be at most {cfg.max_tokens}", "max_tokens")
     return requested
 
 

@@ -52,7 +52,7 @@ class TokenPrompt:
 
     @classmethod
     def checked(cls, ids: list[int], tokenizer, max_length: int) -> TokenPrompt:
-        """ValueError (the client's 422) for an empty or over-long prompt or an id outside the vocabulary."""
+        """ValueError (the client's 400) for an empty or over-long prompt or an id outside the vocabulary."""
         vocab = len(tokenizer)
         if not 0 < len(ids) <= max_length:
             raise ValueError(f"a token prompt holds 1 to {max_length} ids (task.max_length, or a served checkpoint's "
@@ -321,7 +321,7 @@ def is_blank(text: str | None) -> bool:
 
 def request_example(fmt: PromptFormat, prompt: str | None = None, messages: list[dict] | None = None) -> Example:
     """A request as an Example: a completion prompt, or a chat whose last user turn is the input
-    (the whole conversation kept for chat-tuned models). ValueError (the client's 422) for a chat
+    (the whole conversation kept for chat-tuned models). ValueError (the client's 400) for a chat
     with no user text when the model answers only the last user turn."""
     if messages is not None:
         last = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)

@@ -17,7 +17,7 @@ from fastapi.responses import StreamingResponse
 
 from tunesmith.errors import EngineError
 from tunesmith.serve.batcher import Overloaded
-from tunesmith.serve.replies import ANSWER_ID, new_answer_id, request_id
+from tunesmith.serve.replies import ANSWER_ID, error_body, new_answer_id, request_id
 from tunesmith.serve.state import ServerState
 
 log = logging.getLogger("tunesmith.serve")
@@ -139,4 +139,4 @@ def _error_event(exc: BaseException, rid: str) -> str:
     log.error("request %s: stream failed after its first piece: %s (error event sent)", rid, type(exc).__name__)
     code = 502 if isinstance(exc, EngineError) else 500
     message = "the model engine failed" if code == 502 else "internal error"
-    return "data: " + json.dumps({"error": {"message": message, "type": "server_error", "code": code}}) + "\n\n"
+    return "data: " + json.dumps(error_body(code, message, "server_error")) + "\n\n"

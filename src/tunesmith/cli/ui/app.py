@@ -95,17 +95,17 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TunesmithError)
     async def refused(request: Request, exc: TunesmithError):  # a damaged run a page reads, say
         bad_input = exc.exit_code == 2
-        return error(422 if bad_input else 500, exc.line(), "invalid_request_error" if bad_input else "server_error")
+        return error(400 if bad_input else 500, exc.line(), "invalid_request_error" if bad_input else "server_error")
 
     @app.exception_handler(fsio.DamagedFile)
     async def damaged(request: Request, exc: fsio.DamagedFile):
-        return error(422, str(exc), "invalid_request_error")
+        return error(400, str(exc), "invalid_request_error")
 
     @app.exception_handler(RequestValidationError)
     async def bad_body(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "request"
-        return error(422, f"{where}: {first.get('msg', 'invalid value')}", "invalid_request_error")
+        return error(400, f"{where}: {first.get('msg', 'invalid value')}", "invalid_request_error", where)
 
 
 def check_open(host: str, keys: list[str]) -> None:

@@ -111,14 +111,14 @@ class GenerateBody(_Body):
 
 
 async def read_body(request: Request, model: type[BaseModel]):
-    """`model` from the JSON body, read at most MAX_BODY bytes (413 beyond it, 422 when invalid)."""
+    """`model` from the JSON body, read at most MAX_BODY bytes (413 beyond it, 400 when invalid)."""
     body = await read_capped(request, MAX_BODY)
     try:
         return model.model_validate_json(body)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "body"
-        raise HTTPException(422, f"{where}: {first.get('msg', 'invalid value')}") from None
+        raise HTTPException(400, f"{where}: {first.get('msg', 'invalid value')}") from None
 
 
 # -- the loaded models ---------------------------------------------------------------------------------
@@ -312,7 +312,7 @@ async def generate(request: Request) -> StreamingResponse:
                     for side in SIDES}
     except ValueError as e:  # a chat with no user text for a model that answers the last user turn
         slot.release()
-        raise HTTPException(422, str(e)) from None
+        raise HTTPException(400, str(e)) from None
     except BaseException:
         slot.release()
         raise

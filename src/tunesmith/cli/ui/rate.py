@@ -122,7 +122,7 @@ def save_rating(folder: Path, key_path: Path, body: RatingBody, pool: list[Path]
     Returns {file, ratings (this rater's count), results or results_error}."""
     key = read_key(key_path)
     if body.id not in key["pairs"]:
-        raise HTTPException(422, f"id: pair '{body.id}' is not in {key_path.name}")
+        raise HTTPException(400, f"id: pair '{body.id}' is not in {key_path.name}")
     order = {pid: i for i, pid in enumerate(key["pairs"])}
     path = rater_file(folder, body.rater)
     with _WRITE:
@@ -185,7 +185,7 @@ async def rating(request: Request) -> JSONResponse:
     try:
         answer = await asyncio.to_thread(save_rating, folder, key_path, body, _pool(request, folder))
     except TunesmithError as e:  # the rater's own file or the key is damaged
-        raise HTTPException(422, e.line().removeprefix("error: ")) from None
+        raise HTTPException(400, e.line().removeprefix("error: ")) from None
     return JSONResponse(answer)
 
 
@@ -200,7 +200,7 @@ async def ratings(request: Request, run: str, rater: str) -> JSONResponse:
     try:
         rows = await asyncio.to_thread(read_ratings, path)
     except TunesmithError as e:
-        raise HTTPException(422, e.line().removeprefix("error: ")) from None
+        raise HTTPException(400, e.line().removeprefix("error: ")) from None
     return JSONResponse({"choices": {r["id"]: r["choice"] for r in rows if r["rater"] == rater}})
 
 
