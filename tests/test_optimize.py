@@ -315,6 +315,22 @@ def test_full_fine_tune_has_nothing_to_merge(tmp_path, tiny_model):
     assert [e["name"] for e in json.loads((tmp_path / "run" / "variants.json").read_text())] == ["fp32", "int8"]
 
 
+def test_optimize_exits_3_when_no_variant_meets_the_objective(tmp_path, tiny_model):
+    """As `run` does: the variants are built and measured, but a script must not read exit 0 as "a
+    variant to serve" when none (fp32 included) meets the objective."""
+    write_jsonl(tmp_path / "train.jsonl", make_texts(30, 1))
+    write_jsonl(tmp_path / "test.jsonl", make_texts(9, 2))
+    project = PROJECT.format(model=tiny_model, method="lora").replace(
+        "  target: 0.0\n", "  target: 0.0\n  constraints:\n    model_size_mb: {max: 0.000001}\n")
+    (tmp_path / "project.yaml").write_text(project, encoding="utf-8")
+    run = tmp_path / "run"
+    assert runner.invoke(app, ["run", str(tmp_path / "project.yaml"), "--out", str(run), "--quiet"]).exit_code == 3
+    result = runner.invoke(app, ["optimize", str(run), "--variants", "bf16", "--quiet"])
+    assert result.exit_code == 3, result.output
+    assert "selected: none (no variant (fp32 included) meets the objective)" in result.output
+    assert json.loads((run / "optimize.json").read_text())["selected"] is None
+
+
 def test_an_interrupted_optimize_leaves_the_earlier_variants_and_figures_as_they_were(tmp_path, tiny_model,
                                                                                       monkeypatch):
     """Variants were replaced one by one as they were built: a Ctrl-C left new folders described by the

@@ -161,7 +161,8 @@ def optimize(run_dir: Path = typer.Argument(..., help="an evaluated run director
              variants: Optional[str] = typer.Option(None, "--variants",
                                                     help="Comma-separated variants (default: optimize.variants)."),
              quiet: bool = QUIET, debug: bool = DEBUG) -> None:
-    """Build inference variants (merged, int8, ...), measure each against the fp32 model, select one."""
+    """Build inference variants (merged, int8, ...), measure each against the fp32 model, select one.
+    Exit 0 when one (fp32 included) meets the objective, 3 when none does."""
     def go() -> int:
         from tunesmith import pipeline
 
@@ -173,7 +174,7 @@ def optimize(run_dir: Path = typer.Argument(..., help="an evaluated run director
                              "give e.g. --variants merged,int8, or leave it out for optimize.variants")
         result = pipeline.optimize_run(run_dir, names, progress=not quiet)
         _print_variants(result)
-        return 0
+        return 0 if result.selected else 3  # as `run`: completed, but nothing meets the objective
     _guarded(debug, go)
 
 
