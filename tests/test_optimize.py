@@ -308,6 +308,9 @@ def test_optimize_rejects_unknown_variants_and_unevaluated_runs(lora_run, tmp_pa
 
 def test_full_fine_tune_has_nothing_to_merge(tmp_path, tiny_model):
     run = _trained_run(tmp_path, tiny_model, "full")
+    alone = runner.invoke(app, ["optimize", run, "--variants", "merged", "--quiet"])
+    assert alone.exit_code == 0 and "merged            skipped" in alone.output, alone.output
+    assert not (tmp_path / "run" / "variants").exists()  # its staging folder was all it held
     result = runner.invoke(app, ["optimize", run, "--variants", "merged,int8", "--quiet"])
     assert result.exit_code == 0, result.output
     optimize = json.loads((tmp_path / "run" / "optimize.json").read_text())

@@ -8,6 +8,7 @@ variants that do not apply to this run).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import shutil
@@ -46,6 +47,8 @@ def optimize_stage(project: Project, splits: Splits, run_dir: Path, progress: bo
         rows = _install(run_dir, _measure_all(project, run_dir, metrics, built, progress))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(OSError):  # only when empty: made for the staging folder alone (all skipped,
+            (run_dir / "variants").rmdir()  # or stopped before a variant was built)
     selected, reason = select_variant(rows)
     result = OptimizeResult(project.objective.metric, selected, reason,
                             next((r.path for r in rows if r.name == selected), None), skipped, rows)
