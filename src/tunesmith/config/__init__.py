@@ -1,6 +1,7 @@
 """Typed project config (project.yaml), validated once; errors name the file, line and key.
 
-`schema` holds the section models, `load` reads, derives and writes configs; everything public is
+`schema` holds the section models (`stages` those of the stages after training, `settings` the
+self-contained groups nested in them), `load` reads, derives and writes configs; everything public is
 importable from `tunesmith.config`.
 """
 
@@ -12,40 +13,44 @@ from tunesmith.config.schema import (
     Bound,
     CleanConfig,
     DataConfig,
-    DataSource,
+    ObjectiveConfig,
+    Project,
+    SuiteConfig,
+    TaskConfig,
+    TrainConfig,
+)
+from tunesmith.config.settings import (
     DecontaminateSettings,
     DistillSettings,
     DriftSettings,
-    EvalConfig,
-    ExportConfig,
-    FairnessConfig,
     GenerationSettings,
-    HarnessConfig,
     Int4Settings,
     Int8Settings,
-    JudgeConfig,
     LabelNoiseSettings,
     LoraConfig,
     MonitorSettings,
     NearDedupSettings,
     NormalizeSettings,
-    ObjectiveConfig,
-    OptimizeConfig,
     OverfitSettings,
     ParitySettings,
     PiiSettings,
     PrefixTuningSettings,
-    Project,
     PromptSearchSettings,
     PromptTuningSettings,
     PruneSettings,
     RequestLogSettings,
     RetrainSettings,
     SemanticDedupSettings,
+)
+from tunesmith.config.sources import DataSource
+from tunesmith.config.stages import (
+    EvalConfig,
+    ExportConfig,
+    FairnessConfig,
+    HarnessConfig,
+    JudgeConfig,
+    OptimizeConfig,
     ServeConfig,
-    SuiteConfig,
-    TaskConfig,
-    TrainConfig,
 )
 
 __all__ = [
