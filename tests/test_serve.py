@@ -144,6 +144,8 @@ def test_api_keys_rate_limit_and_bad_requests(cls_service, tmp_path):
         assert c.post("/v1/classify", json={"text": "red"}, headers=ok).status_code == 200
         bad_json = c.post("/v1/classify", content=b"{not json", headers={**ok, "content-type": "application/json"})
         assert bad_json.status_code == 400 and "Traceback" not in bad_json.text
+        assert bad_json.json()["error"]["message"].startswith("the body is not valid JSON (") and \
+            bad_json.json()["error"]["param"] is None, bad_json.text
         both = c.post("/v1/classify", json={"text": "a", "texts": ["b"]}, headers=ok)
         assert both.status_code == 400 and "exactly one" in both.json()["error"]["message"]
         limited = c.post("/v1/classify", json={"text": "red"}, headers=ok)

@@ -159,6 +159,9 @@ def _add_error_handlers(app: FastAPI, state: ServerState) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":  # its loc is a character position, not a field
+            return error(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'invalid')} at "
+                              f"character {first['loc'][-1]})", "invalid_request_error")
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return error(400, f"{first.get('msg', 'invalid request')}" + (f" ({where})" if where else ""),
                      "invalid_request_error", where or None)
