@@ -30,7 +30,7 @@ from tunesmith.errors import EngineError
 from tunesmith.serve.batcher import Overloaded
 from tunesmith.serve.feedback import feedback_router
 from tunesmith.serve.limits import BodyLimit
-from tunesmith.serve.replies import BadRequest, error, request_id
+from tunesmith.serve.replies import BadRequest, error, invalid_body, request_id
 from tunesmith.serve.routes import classify_router, openai_router, ops_router
 from tunesmith.serve.service import Service
 from tunesmith.serve.state import ServerState, build_state
@@ -158,13 +158,8 @@ def _add_error_handlers(app: FastAPI, state: ServerState) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        if first.get("type") == "json_invalid":  # its loc is a character position, not a field
-            return error(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'invalid')} at "
-                              f"character {first['loc'][-1]})", "invalid_request_error")
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return error(400, f"{first.get('msg', 'invalid request')}" + (f" ({where})" if where else ""),
-                     "invalid_request_error", where or None)
+        message, param = invalid_body(exc.errors())
+        return error(400, message, "invalid_request_error", param)
 
 
 class RequestIds:

@@ -46,6 +46,17 @@ def error(status: int, message: str, kind: str, param: str | None = None) -> JSO
     return JSONResponse(error_body(status, message, kind, param), status_code=status)
 
 
+def invalid_body(errors: list[dict]) -> tuple[str, str | None]:
+    """(message, param) for a request body that failed validation (FastAPI's `RequestValidationError.errors()`):
+    the first problem and the field it is in; a body that is not JSON at all names no field."""
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":  # its loc is a character position, not a field
+        reason = first.get("ctx", {}).get("error", "invalid")
+        return f"the body is not valid JSON ({reason} at character {first['loc'][-1]})", None
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    return first.get("msg", "invalid request") + (f" ({where})" if where else ""), where or None
+
+
 def request_id(request: Request) -> str:
     """The X-Request-ID given to this request (see app.RequestIds), "-" when there is none."""
     return getattr(request.state, "request_id", None) or "-"

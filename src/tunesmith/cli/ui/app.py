@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunesmith import fsio
 from tunesmith.errors import InputError, TunesmithError
-from tunesmith.serve.replies import error
+from tunesmith.serve.replies import error, invalid_body
 
 STATIC = Path(__file__).parent / "static"
 
@@ -103,9 +103,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def bad_body(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "request"
-        return error(400, f"{where}: {first.get('msg', 'invalid value')}", "invalid_request_error", where)
+        message, param = invalid_body(exc.errors())
+        return error(400, message, "invalid_request_error", param)
 
 
 def check_open(host: str, keys: list[str]) -> None:
