@@ -139,7 +139,7 @@ def test_item6_started_vllm_needs_a_fresh_key_and_stops_when_tunesmith_is_termin
         assert len(key) >= 32 and key not in " ".join(started["argv"])
         assert started["argv"][started["argv"].index("--host") + 1] == "127.0.0.1"
         answer = httpx.post(url + "/v1/completions", json={"prompt": "my card", "max_tokens": 2}, timeout=30)
-        assert answer.status_code == 200 and answer.json()["choices"][0]["text"] == "fake answer"
+        assert answer.status_code == 200 and answer.json()["choices"][0]["text"] == " fake answer"
         sent = [r["authorization"] for r in _rows(log) if r.get("path") == "/v1/completions"]
         assert sent == [f"Bearer {key}"]
         rebound = httpx.get(url + "/v1/models", headers={"Host": f"evil.example:{port}"}, timeout=10)
@@ -256,7 +256,7 @@ def test_item6_invalid_upstream_answers_are_502_never_500(full_run, tmp_path):
             mode["body"] = {"choices": [{"text": " fine", "finish_reason": "length"}],
                             "usage": {"prompt_tokens": 4, "completion_tokens": 2}}
             good = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
-            assert good.status_code == 200 and good.json()["choices"][0]["text"] == "fine"
+            assert good.status_code == 200 and good.json()["choices"][0]["text"] == " fine"
             assert 'status="500"' not in c.get("/metrics").text
     finally:
         stop()
@@ -296,7 +296,7 @@ def test_item6_upstream_api_key_comes_from_the_named_environment_variable(full_r
             wait_until(lambda: answers(url) or proc.poll() is not None, 180, "the sidecar")
             assert proc.poll() is None, (tmp_path / "err.txt").read_text()
             r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
-            assert r.status_code == 200 and r.json()["choices"][0]["text"] == "fake answer"
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == " fake answer"
         finally:
             _terminate(proc)
         sent = {r["authorization"] for r in _rows(log) if r.get("path") == "/v1/completions"}

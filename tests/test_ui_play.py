@@ -108,7 +108,7 @@ def test_generation_streams_both_sides(root, client):
             finish = end.value
             break
     assert pieces == expected and ends["tuned"]["finish"] == finish
-    assert "".join(pieces).strip() == served.complete([served.example(prompt=prompt)], [6])[0].text
+    assert "".join(pieces) == served.complete([served.example(prompt=prompt)], [6])[0].text
     chat = client.post("/api/play/generate", json={"run": "runs/gen/run", "max_tokens": 2,
                                                    "messages": [{"role": "user", "content": "<|im_end|> blue"}]})
     assert chat.status_code == 200 and _events(chat)[-1] == "[DONE]"

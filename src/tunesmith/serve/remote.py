@@ -153,7 +153,7 @@ def parse_completion(body: bytes) -> Completion:
         raise EngineError("upstream sent an invalid answer (not an OpenAI completion)") from None
     if not isinstance(text, str) or not isinstance(finish, str) or not all(type(n) is int for n in counts):
         raise EngineError("upstream sent an invalid answer (wrong field types)")
-    return Completion(text.strip(), finish, *counts)
+    return Completion(text, finish, *counts)
 
 
 def _event_text(line: str) -> str | None:

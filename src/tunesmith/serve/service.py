@@ -346,7 +346,6 @@ def _cut(tok, done: Completion, stops: list[str]) -> Completion:
     text, found = cut_at_stop(done.text, stops)
     if not found:
         return done
-    text = text.strip()
     return Completion(text, "stop", done.prompt_tokens, len(tok.encode(text, add_special_tokens=False)))
 
 
@@ -354,7 +353,9 @@ def _completion(tok, row: list[int], n_prompt: int, limit: int) -> Completion:
     stops = set(stop_ids(tok)) | {tok.pad_token_id}  # rows that ended early are padded
     end = next((i for i, t in enumerate(row) if t in stops), len(row))
     kept, finish = (row[:end], "stop") if end < limit else (row[:limit], "length")
-    return Completion(tok.decode(kept, skip_special_tokens=True).strip(), finish, n_prompt, len(kept))
+    # Not stripped: a completion's leading space belongs to it (prompt + text is the whole), and a stream
+    # of the same answer sends every piece as decoded.
+    return Completion(tok.decode(kept, skip_special_tokens=True), finish, n_prompt, len(kept))
 
 
 def load_service(target: Path, variant: str | None = None, max_new_tokens: int = 64) -> Service:
