@@ -347,6 +347,21 @@ def test_a_curated_split_edited_after_the_data_stage_is_refused(run, split):
     assert f"({len(rows) - 1} rows, data/report.json says {len(rows)})" in line and str(path) in line
 
 
+
+def test_a_run_without_its_data_report_is_refused_naming_it(run):
+    """A deleted data/report.json was an internal error (FileNotFoundError) where the splits are read
+    (retrain reads the champion's splits so)."""
+    from tunesmith.data.prepare import read_split
+    from tunesmith.errors import DataError
+
+    (run / "data" / "report.json").unlink()
+    for command in (["eval", str(run), "-q"], ["audit", str(run), "-q"]):
+        assert "no data/report.json" in _error(runner.invoke(app, command))
+    with pytest.raises(DataError) as refused:
+        read_split(run / "data", "train")
+    assert "missing data/report.json" in refused.value.line() and str(run / "data" / "report.json") in \
+        refused.value.line()
+
 # --- export and human export --out ---------------------------------------------------------------
 
 @LINUX_PROC

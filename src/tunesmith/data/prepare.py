@@ -284,6 +284,9 @@ def read_split(data_dir: Path, name: str, report: dict | None = None) -> list[Ex
     if not path.is_file():
         raise DataError(f"missing curated split {name}.jsonl", str(data_dir), hint="run the data stage first")
     if report is None:
+        if not (data_dir / "report.json").is_file():  # what the split is checked against: a run's own file
+            raise DataError("missing data/report.json (the data stage's record of the splits)",
+                            str(data_dir / "report.json"), hint="restore the run's file, or make a new run")
         report = fsio.read_json(data_dir / "report.json", dict)
     entry = report.get("splits", {}).get(name) if isinstance(report.get("splits"), dict) else None
     recorded = entry.get("sha256") if isinstance(entry, dict) else None
