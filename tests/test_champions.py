@@ -23,6 +23,7 @@ from conftest import PROJECT
 from tunesmith import champions
 from tunesmith.cli import app as cli
 from tunesmith.errors import InputError, RunDirError
+from tunesmith.run_registry import _registry as recording
 from tunesmith.tasks.prompts import PromptFormat
 
 runner = CliRunner()
@@ -244,6 +245,19 @@ def test_a_registry_promote_made_lists_no_runs_and_another_programs_database_is_
         db.execute("CREATE TABLE customers (id INTEGER)")
     out = runner.invoke(cli, ["runs", "list"], env={"TUNESMITH_REGISTRY": str(other)})
     assert out.exit_code == 2 and "not a run registry (tables: customers)" in out.output
+    # Writers refuse it too, before any table of ours is made in it: promote, rollback, a run's record.
+    wrong_columns = registry.with_name("wrong.sqlite")
+    with sqlite3.connect(wrong_columns) as db:
+        db.execute("CREATE TABLE runs (id INTEGER, path TEXT)")
+    for db_file in (other, wrong_columns):
+        before = db_file.read_bytes()
+        for command in (["promote", str(runs["A"]), "--name", "bank"], ["rollback", "bank"]):
+            out = runner.invoke(cli, command, env={"TUNESMITH_REGISTRY": str(db_file)})
+            assert out.exit_code == 2 and "error: not a run registry (tables: " in out.output, out.output
+        os.environ["TUNESMITH_REGISTRY"] = str(db_file)  # the fixture's monkeypatch restores it
+        with pytest.raises(InputError, match="not a run registry"), recording():  # as record_run opens it
+            pass
+        assert db_file.read_bytes() == before
 
 
 def test_cli_refuses_a_run_that_missed_its_objective(tmp_path, tiny_model):

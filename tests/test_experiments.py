@@ -18,7 +18,7 @@ from tunesmith.cli import app
 from tunesmith.config import load_config
 from tunesmith.models.estimate import EFFICIENCY, Hardware, estimate
 from tunesmith.registry import METHOD_SPECS
-from tunesmith.runs import list_runs
+from tunesmith.run_registry import list_runs
 
 runner = CliRunner()
 

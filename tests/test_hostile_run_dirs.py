@@ -597,7 +597,7 @@ def test_reading_the_registry_creates_nothing_and_odd_ids_name_no_run(tmp_path, 
 def test_runs_list_prints_a_hand_edited_registry_row(run, tmp_path, monkeypatch):
     import sqlite3
 
-    from tunesmith.runs import record_run
+    from tunesmith.run_registry import record_run
 
     monkeypatch.setenv("TUNESMITH_REGISTRY", str(tmp_path / "reg.sqlite"))
     record_run(run)

@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 from conftest import PROJECT, make_texts, write_jsonl
 from tunesmith import fsio
 from tunesmith.cli import app
-from tunesmith.runs import STAGING_MARKER, lock_path, record_run, staging_dir
+from tunesmith.run_registry import record_run
+from tunesmith.runs import STAGING_MARKER, lock_path, staging_dir
 
 runner = CliRunner()
 

@@ -20,6 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("errors",),  # the error vocabulary every layer raises, fsio's checks included
     ("__init__", "fsio", "hardware", "registry", "logs", "orphans"),  # the package root and helpers
     ("runs",),
+    ("run_registry",),
     ("champions",),
     ("config",),
     ("models",),

@@ -1,5 +1,5 @@
 """The champion registry: which run is served under a registry name, as a log of promotion events
-in the run registry's SQLite file (`tunesmith.runs.registry_path()`).
+in the run registry's SQLite file (`tunesmith.run_registry.registry_path()`).
 
 What is current follows a stack, replayed from the events of one name in order: a promotion pushes
 its run, a rollback pops the current one, so the champion before it is served again. Two rollbacks
@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Callable
 
 from tunesmith.errors import InputError, RunDirError, TunesmithError
-from tunesmith.runs import is_run_dir, registry_path
+from tunesmith.run_registry import check_registry, registry_path
+from tunesmith.runs import is_run_dir
 
 SCHEMA = ("""CREATE TABLE IF NOT EXISTS promotions (
     id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL,
@@ -176,6 +177,7 @@ def _opened():
     path, db = registry_path(), None
     try:
         db = _connect()
+        check_registry(db, path)  # another program's database gets no table of ours
         for statement in SCHEMA:
             db.execute(statement)
         yield db

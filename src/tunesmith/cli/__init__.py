@@ -122,7 +122,7 @@ def report(run_dir: Optional[Path] = typer.Argument(None, help="an evaluated run
 
         if compare is not None:
             from tunesmith.report.compare_page import compare_report
-            from tunesmith.runs import find_run
+            from tunesmith.run_registry import find_run
 
             if run_dir is not None:
                 raise InputError("give either RUN_DIR or --compare A B", "--compare")
@@ -259,7 +259,7 @@ def runs_list(name: Optional[str] = typer.Option(None, "--name", help="Only runs
               debug: bool = DEBUG) -> None:
     """Registered runs, newest first."""
     def go() -> int:
-        from tunesmith.runs import list_runs, registry_path
+        from tunesmith.run_registry import list_runs, registry_path
 
         rows = list_runs(name)
         print(f"{'id':>4}  {'created':<26}{'name':<24}{'method':<20}{'metric':<12}{'value':>8}{'gain':>8}  met  run")
@@ -277,7 +277,8 @@ def runs_list(name: Optional[str] = typer.Option(None, "--name", help="Only runs
 def runs_show(run: str = typer.Argument(..., help="run id or run directory"), debug: bool = DEBUG) -> None:
     """A run's verdict and metrics."""
     def go() -> int:
-        from tunesmith.runs import find_run, read_summary, reading_run_files
+        from tunesmith.run_registry import find_run
+        from tunesmith.runs import read_summary, reading_run_files
 
         path = find_run(run, evaluated=False)
         text = io.StringIO()
@@ -298,7 +299,8 @@ def runs_diff(a: str = typer.Argument(..., help="run id or directory"),
     """Config differences and metric deltas (B - A), with a paired test on shared test examples."""
     def go() -> int:
         from tunesmith.evaluate.run_diff import config_diff, metric_diff
-        from tunesmith.runs import find_run, reading_run_files
+        from tunesmith.run_registry import find_run
+        from tunesmith.runs import reading_run_files
 
         ra, rb = find_run(a), find_run(b)
         with reading_run_files(ra, rb):  # both read before a line is printed

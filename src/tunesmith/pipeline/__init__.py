@@ -31,6 +31,7 @@ from tunesmith.optimize.result import OptimizeResult
 from tunesmith.optimize.stage import optimize_stage
 from tunesmith.registry import METHOD_SPECS, metric_names
 from tunesmith.report.build import report_stage
+from tunesmith.run_registry import record_run
 from tunesmith.runs import (
     check_evaluated,
     check_out,
@@ -40,7 +41,6 @@ from tunesmith.runs import (
     is_run_dir,
     read_summary,
     reading_run_files,
-    record_run,
     run_lock,
     staged,
     staging_dir,

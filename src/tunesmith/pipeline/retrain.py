@@ -32,7 +32,8 @@ from tunesmith.evaluate.compare import compare
 from tunesmith.evaluate.predictions_file import example_key, require_test_predictions
 from tunesmith.pipeline.promotion import Decision, decide
 from tunesmith.pipeline.traffic import Assembly, assemble, champion_labels, check_supported, write_rows
-from tunesmith.runs import check_out, find_run, is_run_dir, new_run_id, run_lock, staging_dir
+from tunesmith.run_registry import find_run
+from tunesmith.runs import check_out, is_run_dir, new_run_id, run_lock, staging_dir
 from tunesmith.tasks.metrics import METRICS
 
 EXIT_PROMOTED, EXIT_REJECTED = 0, 3
