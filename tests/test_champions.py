@@ -45,7 +45,8 @@ def _run(folder: Path, met: bool | None = True, name: str = "tiny", tokenizer: P
     for file in (tokenizer.glob("*.json") if tokenizer is not None else []):
         if file.name.startswith("tokenizer") or file.name == "special_tokens_map.json":
             shutil.copy(file, model / file.name)
-    meta = {"method": "lora", "kind": "adapter", "model": "tiny-model", "base_model_path": "tiny-model"}
+    base = str(tokenizer) if tokenizer is not None else "tiny-model"  # promote checks the base is there
+    meta = {"method": "lora", "kind": "adapter", "model": base, "base_model_path": base}
     (model / "tunesmith.json").write_text(json.dumps(meta), encoding="utf-8")
     fmt = PromptFormat("classification", "Classify.", ["alpha", "beta"], True, 64)
     (model / "prompt.json").write_text(json.dumps(fmt.to_json()), encoding="utf-8")
@@ -71,13 +72,13 @@ def test_stack_semantics(runs):
     champions.promote("bank", b, parent=a, reason="retrain", record={"gain": 0.1})
     champions.promote("bank", c)
     assert champions.current("bank") == c
-    assert champions.rollback("bank") == b and champions.current("bank") == b
-    assert champions.rollback("bank") == a  # two rollbacks: two steps back
+    assert champions.rollback("bank") == (b, c) and champions.current("bank") == b
+    assert champions.rollback("bank") == (a, b)  # two rollbacks: two steps back
     with pytest.raises(InputError, match="nothing to roll back to"):
         champions.rollback("bank")
     champions.promote("bank", d)  # a promote after rollbacks pushes on what is left: [A, D]
     assert champions.current("bank") == d
-    assert champions.rollback("bank") == a  # not C or B: they were rolled away from
+    assert champions.rollback("bank") == (a, d)  # not C or B: they were rolled away from
     events = champions.history("bank")
     assert [(e["action"], Path(e["run_dir"]).name, e["previous"] and Path(e["previous"]).name) for e in events] == [
         ("promote", "A", None), ("promote", "B", "A"), ("promote", "C", "B"), ("rollback", "B", "C"),
@@ -92,7 +93,7 @@ def test_promoting_the_champion_again_changes_nothing(runs):
     assert champions.promote("bank", runs["A"]) == first and len(champions.history("bank")) == 1
     champions.promote("bank", runs["B"])
     champions.promote("bank", runs["A"])  # A again, on top of B: a real change, pushed
-    assert champions.current("bank") == runs["A"] and champions.rollback("bank") == runs["B"]
+    assert champions.current("bank") == runs["A"] and champions.rollback("bank") == (runs["B"], runs["A"])
 
 
 def test_refusals(runs, tmp_path):
@@ -284,6 +285,11 @@ def test_cli_refuses_a_run_that_missed_its_objective(tmp_path, tiny_model):
     (lambda m: (m / "adapter_model.safetensors").write_bytes(os.urandom(5000)), "weights cannot be read"),
     (lambda m: (m / "tunesmith.json").write_text('{"method": 5}'), "metadata lacks 'method'"),
     (lambda m: (m / "prompt.json").write_text("[1]"), "an object expected"),
+    (lambda m: (m.parent / "config.yaml").write_text("name: ["), "config.yaml"),  # the server reads it first
+    (lambda m: (m / "tunesmith.json").write_text(json.dumps({**json.loads((m / "tunesmith.json").read_text()),
+                                                              "model": str(m.parent / "gone-base"),
+                                                              "base_model_path": str(m.parent / "gone-base")})),
+     "the base model this run's adapter applies to is gone (unknown model"),
     (lambda m: (m / "prompt.json").write_text("{}"), "no field 'task_type'"),
     # train.init_from: the merged earlier model in model/base is what the adapter loads onto
     (lambda m: (m / "tunesmith.json").write_text(json.dumps({**json.loads((m / "tunesmith.json").read_text()),

@@ -58,9 +58,11 @@ def promote(name: str, run_dir: Path, *, parent: Path | None = None, reason: str
                        str(Path(parent).resolve()) if parent else None, reason, record)
 
 
-def rollback(name: str, *, reason: str = "manual", check: Callable[[Path], None] | None = None) -> Path:
-    """Serve the champion before the current one again under `name` (recorded as an event); returns it.
-    `check(run_dir)`, when given, raises for a run that can no longer be served (its model files).
+def rollback(name: str, *, reason: str = "manual",
+             check: Callable[[Path], None] | None = None) -> tuple[Path, Path]:
+    """Serve the champion before the current one again under `name` (recorded as an event); returns
+    (the run served now, the one it replaced), as the transaction saw them (two rollbacks at once each
+    name their own step). `check(run_dir)`, when given, raises for a run that can no longer be served.
 
     Raises:
         InputError: nothing is promoted under `name`, or only one run was (nothing to roll back to).
@@ -83,7 +85,7 @@ def rollback(name: str, *, reason: str = "manual", check: Callable[[Path], None]
         if check is not None:
             check(Path(target))
         _insert(db, name, "rollback", target, stack[-1][0], None, reason, None)
-    return Path(target)
+    return Path(target), Path(stack[-1][0])
 
 
 def current(name: str, must_exist: bool = False) -> Path | None:

@@ -118,14 +118,12 @@ def promote_command(run_dir: Path = typer.Argument(..., help="a trained run dire
     """Make RUN_DIR the champion served under NAME: `tunesmith serve --registry NAME` swaps to it."""
     def go() -> int:
         from tunesmith import champions
-        from tunesmith.config import load_config
-        from tunesmith.train.finetuned import check_model_files
 
         if name is not None:
             champions.check_name(name, "--name")
         _check_run(run_dir)
-        check_model_files(run_dir / "model")  # a server following the registry would refuse it later
-        registry = name if name is not None else load_config(run_dir / "config.yaml", check_files=False).name
+        project = _check_servable(run_dir)
+        registry = name if name is not None else project.name
         met = _objective_met(run_dir, force)
         before = champions.current(registry)
         event = champions.promote(registry, run_dir, reason=reason, record={"objective_met": met, "forced": force})
@@ -144,10 +142,8 @@ def rollback_command(name: str = typer.Argument(..., help="the registry name"),
     """Serve NAME's champion before the current one again: `tunesmith serve --registry NAME` swaps back."""
     def go() -> int:
         from tunesmith import champions
-        from tunesmith.train.finetuned import check_model_files
 
-        before = champions.current(name)
-        now = champions.rollback(name, reason=reason, check=lambda run: check_model_files(run / "model"))
+        now, before = champions.rollback(name, reason=reason, check=_check_servable)
         print(f"rolled back {name}: now serving {now} (was: {before})")
         return 0
     guarded(debug, go)
@@ -161,6 +157,18 @@ def _check_run(run_dir: Path) -> None:
     if not is_run_dir(run_dir) or not (run_dir / "config.yaml").is_file():
         raise RunDirError("not a trained run directory (no model/tunesmith.json or config.yaml)", str(run_dir),
                           "give a folder made by `tunesmith run` or `tunesmith retrain`")
+
+
+def _check_servable(run_dir: Path):
+    """The run's project, once what a server following the registry reads first is found whole: its
+    config and its model folder (the base an adapter applies to included). Refused now, not when the
+    server swaps or restarts."""
+    from tunesmith.config import load_config
+    from tunesmith.train.finetuned import check_model_files
+
+    project = load_config(run_dir / "config.yaml", check_files=False)
+    check_model_files(run_dir / "model")
+    return project
 
 
 def _objective_met(run_dir: Path, force: bool) -> bool | None:

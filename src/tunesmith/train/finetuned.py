@@ -10,8 +10,9 @@ from safetensors import SafetensorError, safe_open
 from tunesmith import fsio
 from tunesmith.config import Project
 from tunesmith.errors import ModelError, RunDirError
+from tunesmith.models.catalog import CATALOG
 from tunesmith.models.load import load_model, load_tokenizer
-from tunesmith.models.resolve import resolve_model
+from tunesmith.models.resolve import HF_ID, resolve_model
 from tunesmith.registry import METHOD_SPECS
 from tunesmith.tasks.prompts import PromptFormat, read_prompt_format
 from tunesmith.train.methods import get_method, spec
@@ -67,6 +68,7 @@ def check_model_files(model_dir: Path) -> None:
     meta = read_meta(model_dir)
     read_prompt_format(model_dir / "prompt.json")
     _check_tokenizer(model_dir)
+    _check_base(model_dir, meta)
     needed = _weight_files(model_dir, meta["kind"])
     if meta.get("base_in_model_dir"):  # train.init_from: the merged earlier model this one builds on
         needed += _weight_files(model_dir / INIT_BASE, "full")
@@ -80,6 +82,24 @@ def check_model_files(model_dir: Path) -> None:
         except (OSError, SafetensorError) as e:
             raise RunDirError(f"the model's weights cannot be read ({type(e).__name__}: {str(e)[:120]})", str(weights),
                               "restore the file, or train the run again") from None
+
+
+def _check_base(model_dir: Path, meta: dict) -> None:
+    """The base model an adapter or prompt applies to can still be found as `load_finetuned` finds it: its
+    recorded folder, or its name again. A catalog name or hub id is converted or fetched at load (not
+    here: no conversion, no network); a checkpoint folder or file that is gone cannot be."""
+    if meta["kind"] not in ("adapter", "prompt") or meta.get("base_in_model_dir"):
+        return
+    model = str(meta["model"])
+    if (Path(meta["base_model_path"]) / "config.json").is_file() or model in CATALOG or HF_ID.match(model):
+        return
+    try:
+        resolve_model(model)
+    except ModelError as e:
+        raise RunDirError(f"the base model this run's {meta['kind']} applies to is gone ({e.what})",
+                          str(model_dir / "tunesmith.json"),
+                          "put the base model's folder back where the run was trained from, or train the run "
+                          "again") from None
 
 
 def _check_tokenizer(model_dir: Path) -> None:
