@@ -256,3 +256,31 @@ def test_a_kto_test_split_with_nothing_to_score_fails_before_training(tmp_path, 
                                  "--out", str(out), "--quiet"])
     assert result.exit_code == 2 and "no test row can be scored" in result.stderr and "data.test" in result.stderr
     assert not out.exists() and not (tmp_path / ".run.partial").exists()
+
+
+def test_a_pair_metric_with_no_test_pairs_fails_before_training(tmp_path, tiny_model):
+    """DPO judged on preference_accuracy with a test split of plain prompt/completion rows trained the
+    whole model, then failed in eval (exit 1); refused with the data now (exit 2), nothing left."""
+    write_jsonl(tmp_path / "train.jsonl", _pair_rows(16))
+    write_jsonl(tmp_path / "test.jsonl", [{"prompt": f"card red {i}", "completion": "alpha"} for i in range(4)])
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", str(_project(tmp_path, tiny_model, "dpo")), "--out", str(out), "--quiet"])
+    assert result.exit_code == 2 and "needs test rows with a rejected answer" in result.stderr, result.output
+    assert "objective.metric" in result.stderr and not out.exists() and not (tmp_path / ".run.partial").exists()
+
+
+def test_kto_with_no_desirable_validation_row_is_refused_naming_the_split(tmp_path, tiny_model):
+    """A generation metric is scored on the desirable validation completions: with none it was an
+    IndexError inside the metric (exit 1, internal error)."""
+    rows = [{"prompt": f"card red {i}", "completion": "alpha", "label": i % 2 == 0} for i in range(24)]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "val.jsonl", [{"prompt": f"card green {i}", "completion": "beta", "label": False}
+                                         for i in range(4)])
+    write_jsonl(tmp_path / "test.jsonl", [{"prompt": f"card blue {i}", "completion": "gamma", "label": True}
+                                          for i in range(4)])
+    project = _project(tmp_path, tiny_model, "kto", metric="exact_match")
+    project.write_text(project.read_text().replace("  validation: 0.2\n", "  validation: val.jsonl\n"))
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", str(project), "--out", str(out), "--quiet"])
+    assert result.exit_code == 2 and "the validation split has none" in result.stderr, result.output
+    assert "data.validation" in result.stderr and "internal error" not in result.output and not out.exists()

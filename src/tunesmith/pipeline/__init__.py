@@ -21,7 +21,7 @@ from tunesmith.data.stage import data_inputs
 from tunesmith.errors import DataError, InputError, RunDirError, StageError, Terminated, TunesmithError
 from tunesmith.evaluate.metrics_file import read_metrics
 from tunesmith.evaluate.objective import Verdict, judge
-from tunesmith.evaluate.preference import reference_rows
+from tunesmith.evaluate.preference import held_out_pairs, reference_rows
 from tunesmith.evaluate.run_diff import flatten
 from tunesmith.evaluate.stage import eval_stage
 from tunesmith.evaluate.text import text_eval_stage
@@ -70,6 +70,8 @@ def run(project: Project, out: Path | None = None, progress: bool = True, keep_f
         raise DataError("no test row can be scored: every test row is a KTO row labelled undesirable (label: "
                         "false), which no figure scores", "data.test",
                         hint="add test rows with label: true, or {prompt, chosen, rejected} pairs")
+    if METHOD_SPECS[project.train.method].preference:  # a pair metric with no test pairs, refused now too
+        held_out_pairs(project, splits.test)
     if project.fairness.enabled:        # and a group column no row has, or an unknown positive label
         check_groups(project.fairness, audited_rows(project, splits), _labels(project, splits))
     resolve_model(project.model)    # so does an unknown model

@@ -79,6 +79,12 @@ def fit_pairs(model, tokenizer, fmt: PromptFormat, train: list[Pair], val: list[
     if metric in PREFERENCE_METRICS and cfg.method == "kto" and not val_pairs:
         raise InputError(f"objective.metric {metric} needs held-out pairs; KTO's validation rows have none",
                          "objective.metric", "give validation {prompt, chosen, rejected} rows, or use val_loss")
+    if metric not in PREFERENCE_METRICS and metric != "val_loss" and not any(p.label is not False for p in val):
+        # a generation metric is scored on the desirable completions; without one it was an IndexError
+        raise InputError(f"objective.metric {metric} is scored on the validation rows labelled desirable "
+                         "(label: true); the validation split has none", "data.validation",
+                         "give validation rows with label: true (a larger data.validation share), or judge "
+                         "preference_accuracy on held-out {prompt, chosen, rejected} rows")
     torch.manual_seed(cfg.seed)
     hardware.reset_peaks()
     dev = hardware.device()
