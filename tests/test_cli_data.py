@@ -64,6 +64,19 @@ def test_clean_of_bad_data_exits_2_and_writes_nothing(tmp_path, tiny_model):
     assert not (tmp_path / "clean").exists()
 
 
+def test_an_out_that_is_a_link_loop_is_named_not_an_internal_error(tmp_path, tiny_model):
+    """Path.resolve() raises RuntimeError for a link loop before Python 3.13 (exit 1, internal error)."""
+    config = _project(tmp_path, tiny_model, make_texts(20, 1))
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    for command in (["data", "split", config, "--out", str(tmp_path / "loop1")],
+                    ["train", config, "--out", str(tmp_path / "loop1" / "run"), "--quiet"]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2 and result.stderr.startswith("error: too many levels of symbolic links"), \
+            result.output
+        assert str(tmp_path / "loop1") in result.stderr and "internal error" not in result.output
+
+
 def test_check_warns_about_imbalance_and_rare_classes(tmp_path, tiny_model):
     rows = [r for r in make_texts(90, 1) if r["label"] != "gamma"] + [r for r in make_texts(9, 1)
                                                                      if r["label"] == "gamma"][:2]

@@ -66,6 +66,12 @@ def guarded(debug: bool, fn: Callable[[], int], details: bool = False, resumable
         reader_gone()
     except OSError as e:
         _file_system_error(e, debug)
+    except RuntimeError as e:
+        if not str(e).startswith("Symlink loop from "):
+            _internal(e, debug)
+        # Path.resolve() before Python 3.13 reports a link loop so, not as OSError(ELOOP): the same answer
+        _file_system_error(OSError(errno.ELOOP, "link loop", str(e).removeprefix("Symlink loop from ")
+                                   .strip("'")), debug)
     except KeyboardInterrupt as e:
         hint = _kept(e) or ("; training checkpoints, if any were written, are kept for "
                             "`tunesmith train --resume RUN_DIR`")
