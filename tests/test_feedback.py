@@ -132,7 +132,8 @@ def test_feedback_is_stored_once_replaced_on_request_and_checked(service, tmp_pa
                {"request_id": ids[1], "label": "x" * 201}, {"request_id": ids[1], "correction": "bad \ud800 text"},
                {"request_id": ids[1], "label": "two\nlines"}, {"request_id": ids[1], "correction": "bell \x07"},
                {"request_id": ids[1], "label": "a\u2028b"}, {"request_id": ids[1], "label": "\u202elabel"},
-               {"request_id": ids[1], "label": "a\u200fb"},
+               {"request_id": ids[1], "label": "a\u200fb"}, {"request_id": ids[1], "label": "\u200b"},
+               {"request_id": ids[1], "label": "a\ufeffb"},
                {"request_id": "not-an-id", "label": "alpha"}, {"label": "alpha"},
                {"request_id": ids[1], "rating": 1, "replace": "yes"}, {"request_id": ids[1], "rating": 1, "x": 1}]
         for body in bad:

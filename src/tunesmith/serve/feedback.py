@@ -28,6 +28,7 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError, field_validator, model_validator
 
+from tunesmith.config.schema import label_problem
 from tunesmith.data.io import read_rows
 from tunesmith.errors import DataError, InputError
 from tunesmith.serve.replies import error
@@ -47,9 +48,6 @@ LABEL_CHARS = 200
 RETRY_AFTER_S = 1
 _ID = re.compile(r"[0-9a-f]{32}")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # not \t \n \r: a correction may have lines
-# Every break str.splitlines() knows (U+2028 too), and the bidirectional controls that make a label
-# display as another (U+202E shows "lebal" for "label"): a label is one plain line.
-_LINE_BREAK = re.compile(r"[\t\n\r\x1c-\x1e\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 log = logging.getLogger("tunesmith.serve")
 
 
@@ -79,9 +77,8 @@ class Verdict(BaseModel):
         v = unicode_text(v).strip()
         if not v or len(v) > LABEL_CHARS:
             raise ValueError(f"label must have 1 to {LABEL_CHARS} characters")
-        if _CONTROL.search(v) or _LINE_BREAK.search(v):
-            raise ValueError("label must be one line without control characters (line or paragraph separators, "
-                             "bidirectional controls)")
+        if problem := label_problem(v):  # the data's own rule: it becomes a class of the challenger
+            raise ValueError(f"label {problem}")
         return v
 
     @field_validator("correction")
