@@ -32,6 +32,10 @@ def test_normalize_reports_each_kind_of_change():
     assert text == "Café & bar ok there"
     assert changes == ["unicode", "control_chars", "html", "whitespace"]
     assert normalize_text("plain text", NormalizeSettings()) == ("plain text", [])
+    # every bidi control goes (isolates and U+061C too); ZWNJ and ZWJ are parts of words and emoji
+    joined = "\u0645\u06cc\u200c\u0631\u0648\u062f \U0001f468\u200d\U0001f469"  # a Persian word, an emoji
+    isolated = normalize_text(f"\u2066red\u2069 \u061cx\u202e {joined}", NormalizeSettings())[0]
+    assert isolated == f"red x {joined}"
     assert normalize_text("a < b and c > d", NormalizeSettings())[0] == "a < b and c > d"  # not a tag
 
 
