@@ -322,6 +322,7 @@ def test_a_fifo_as_data_is_refused_unread(tmp_path, tiny_model):
 @pytest.mark.parametrize("method,row,problem", [
     ("dpo", {"prompt": "q", "completion": "c", "label": True}, "not a preference row (a KTO row has no rejected"),
     ("lora", {"prompt": "q", "completion": "c", "label": False}, "train.method lora would learn a completion labelled"),
+    ("kto", {"prompt": "q", "completion": "c", "label": 1}, "not a preference row"),  # 1 is no KTO label
 ])
 def test_data_check_refuses_rows_the_method_cannot_train_as_run_does(tmp_path, tiny_model, method, row, problem):
     from conftest import GEN_PROJECT
@@ -335,6 +336,8 @@ def test_data_check_refuses_rows_the_method_cannot_train_as_run_does(tmp_path, t
     config.write_text(GEN_PROJECT.format(name="p", model=tiny_model, method=method, steps=2, new_tokens=2))
     result = runner.invoke(app, ["data", "check", str(config)])
     assert result.exit_code == 2 and f"train.jsonl:11: {problem}" in result.output, result.output
+    if method == "kto":  # the row has a label: the message says what a KTO label must be
+        assert "label true or false: a JSON boolean, or the text true/false in a CSV" in result.output
 
 
 def _strict_json(text: str):

@@ -64,7 +64,9 @@ def pairs_from_examples(examples: list[Example], kto: bool = False) -> list[Pair
 
 def _refuse_non_pairs(bad: list[Example], kto: bool) -> None:
     first = bad[0]
-    want = "{prompt, chosen, rejected} or {prompt, completion, label}" if kto else "{prompt, chosen, rejected}"
+    # A label that is not true/false leaves the row a generation row: say what a KTO label must be.
+    want = ("{prompt, chosen, rejected} or {prompt, completion, label} (label true or false: a JSON boolean, "
+            "or the text true/false in a CSV)") if kto else "{prompt, chosen, rejected}"
     why = " (a KTO row has no rejected answer)" if first.desirable is not None else ""
     more = f" (and {len(bad) - 1} more such rows)" if len(bad) > 1 else ""
     err = DataError(f"not a preference row{why}{more}", first.file or first.source, first.line or None,
