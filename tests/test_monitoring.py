@@ -71,6 +71,12 @@ def test_monitor_flags_shifted_traffic_and_not_in_distribution_traffic(run_dir):
     assert drifted["signals"]["embedding"]["score"] > 4 * calm["signals"]["embedding"]["score"]
     text = runner.invoke(cli, ["monitor", str(run_dir), "--window", "60"]).output
     assert "DRIFT embedding" in text and "recommendation:" in text
+    # Another run reading this log (`serve --registry` shares the first run's): none of these requests is
+    # its own, so none is its drift (the labels and confidences were another model's).
+    other = run_dir.parent / "other-run"
+    shutil.copytree(run_dir, other, ignore=shutil.ignore_patterns("monitor"))
+    result = runner.invoke(cli, ["monitor", str(other), "--db", str(run_dir / "monitor" / "requests.db"), "--json"])
+    assert result.exit_code == 0 and json.loads(result.output)["requests"] == 0, result.output
     # The window is validated like the config key it overrides (serve.drift.window >= 10).
     for bad in ("3", "0"):  # 0 was taken for "not given" and ran with the config's window
         small = runner.invoke(cli, ["monitor", str(run_dir), "--window", bad])

@@ -101,7 +101,7 @@ class DriftWatch(CountedUpdate):
         self.last: dict | None = None
 
     def update_now(self) -> dict:
-        rows = recent(self.store.path, self.settings.window)
+        rows = recent(self.store.path, self.settings.window, self.run_dir)
         report = drift_report(reference(self.run_dir, self.settings.clusters), rows, self.settings, self.run_dir)
         for name, s in report["signals"].items():
             self.metrics.drift.labels(name).set(s["score"])

@@ -56,7 +56,7 @@ from tunesmith.evaluate.human import wilson
 from tunesmith.registry import METRIC_SPECS, metric_names
 from tunesmith.runs import read_summary
 from tunesmith.serve.monitoring import CountedUpdate
-from tunesmith.serve.store import LabelledRequest, labelled
+from tunesmith.serve.store import LabelledRequest, RunMatch, labelled
 from tunesmith.tasks.metrics import METRICS
 
 BINARY = ("accuracy", "exact_match")          # right/wrong per request: Wilson interval
@@ -255,7 +255,8 @@ def live_quality(db: Path, target: QualityTarget, now: float | None = None,
     count = MAX_WINDOWS if since_hours is None else max(1, min(MAX_WINDOWS, math.ceil(since_hours / s.window_hours)))
     # --since is exact: the oldest window is cut at it, never widened to a whole window_hours.
     cutoff = now - (count * s.window_hours if since_hours is None else min(since_hours, count * s.window_hours)) * 3600
-    rows = [r for r in labelled(Path(db), since=cutoff) if of_run(r.run_dir, target.run_dir)]
+    ours = RunMatch(target.run_dir)
+    rows = [r for r in labelled(Path(db), since=cutoff) if ours(r.run_dir)]
     buckets: dict[int, list[LabelledRequest]] = {}
     for r in rows:  # a clock that moved backwards puts a row "in the future": the latest window takes it
         buckets.setdefault(max(0, int((now - r.ts) // (s.window_hours * 3600))), []).append(r)
@@ -276,20 +277,6 @@ def _window(rows: list[LabelledRequest], target: QualityTarget, start: float, en
     verdict = len(truths) >= target.settings.min_labelled
     drop = verdict and target.accepted is not None and high < target.accepted - target.settings.max_quality_drop
     return QualityWindow(start, end, len(truths), unscored, value, low, high, verdict, bool(drop), left_out)
-
-
-def of_run(stored: str | None, run_dir: Path) -> bool:
-    """Whether a log row's run_dir names `run_dir` (None: a row from before runs were recorded, counted)."""
-    if stored is None or stored == str(run_dir):
-        return True
-    return _resolved(stored) == _resolved(str(run_dir))
-
-
-def _resolved(path: str) -> str:
-    try:
-        return str(Path(path).resolve())
-    except (OSError, RuntimeError):  # a loop of links, an unreadable folder: compare as written
-        return path
 
 
 class QualityWatch(CountedUpdate):

@@ -547,7 +547,8 @@ def monitor(run_dir: Path, db: Path | None = None, window: int | None = None,
                          "compare 10 to 1,000,000 recent requests") from None
     if since_hours is not None and not (math.isfinite(since_hours) and since_hours > 0):
         raise InputError(f"bad --since {since_hours}: give a finite number of hours above 0", "--since")
-    report = drift_report(reference(run_dir, settings.clusters), recent(db, settings.window), settings, run_dir)
+    rows = recent(db, settings.window, run_dir.resolve())
+    report = drift_report(reference(run_dir, settings.clusters), rows, settings, run_dir)
     return with_live_quality(report, run_dir, db, since_hours)
 
 

@@ -21,6 +21,7 @@ until the request's deadline (and `WAIT_CAP_S`), with at most `max_pending` writ
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
 import sqlite3
@@ -459,14 +460,46 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def recent(path: Path, limit: int) -> list[dict]:
-    """The newest `limit` successful rows, oldest first. InputError when `path` is not a request log."""
+def recent(path: Path, limit: int, run_dir: Path | None = None) -> list[dict]:
+    """The newest `limit` successful rows, oldest first; with `run_dir`, of those that run answered (a log
+    `serve --registry` shares holds every champion's answers: drift of another model's labels and
+    confidences is not this run's). InputError when `path` is not a request log."""
+    query = "SELECT * FROM requests WHERE status = 200 AND input IS NOT NULL ORDER BY id DESC"
     with _read_only(path) as db:
         db.row_factory = sqlite3.Row
-        rows = db.execute("SELECT * FROM requests WHERE status = 200 AND input IS NOT NULL "
-                          "ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        if run_dir is None:
+            rows = db.execute(query + " LIMIT ?", (limit,)).fetchall()
+        else:
+            ours = RunMatch(run_dir)
+            rows = list(itertools.islice((r for r in db.execute(query) if ours(_stored_run(r))), limit))
     out = [dict(r) for r in reversed(rows)]
     for r in out:
         _check_types(path, r.get("request_id", r.get("id")),
                      {k: r[k] for k in ("ts", "input", "output", "confidence", "label") if k in r})
     return out
+
+
+def _stored_run(row: sqlite3.Row) -> str | None:
+    return row["run_dir"] if "run_dir" in row.keys() else None  # an older log, read-only: no such column
+
+
+class RunMatch:
+    """`match(stored)`: whether a log row's run_dir names `run_dir` (None: a row from before runs were
+    recorded, counted), each distinct stored path resolved once."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.seen = str(run_dir), {}
+
+    def __call__(self, stored: str | None) -> bool:
+        if stored is None or stored == self.run_dir:
+            return True
+        if stored not in self.seen:
+            self.seen[stored] = _resolved(stored) == _resolved(self.run_dir)
+        return self.seen[stored]
+
+
+def _resolved(path: str) -> str:
+    try:
+        return str(Path(path).resolve())
+    except (OSError, RuntimeError):  # a loop of links, an unreadable folder: compare as written
+        return path
