@@ -284,3 +284,24 @@ def test_kto_with_no_desirable_validation_row_is_refused_naming_the_split(tmp_pa
     result = runner.invoke(app, ["run", str(project), "--out", str(out), "--quiet"])
     assert result.exit_code == 2 and "the validation split has none" in result.stderr, result.output
     assert "data.validation" in result.stderr and "internal error" not in result.output and not out.exists()
+
+
+def test_preference_training_runs_the_pre_flight_on_chosen_and_rejected_answers(tmp_path, tiny_model):
+    """Preference methods skipped the supervised loop's pre-flight: rows cut at task.max_length, and a
+    3,000-word answer, were trained on with no word. Now each is named, printed and kept in train.json."""
+    rows = [{**r, "prompt": " ".join(f"w{i}x{j}" for j in range(60)) + f" {r['prompt']}"} if "prompt" in r else r
+            for i, r in enumerate(_pair_rows(12))]  # distinct long prompts (near-duplicates would be removed)
+    for r in rows:
+        r["rejected"] = " ".join([r["rejected"]] * 400)  # rejected answers far past max_length
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    project = _project(tmp_path, tiny_model, "dpo", steps=2)
+    project.write_text(project.read_text().replace("  instruction: \"Continue.\"\n",
+                                                   "  instruction: \"Continue.\"\n  max_length: 48\n"))
+    write_jsonl(tmp_path / "test.jsonl", _pair_rows(3, offset=50))
+    result = runner.invoke(app, ["train", str(project), "--out", str(tmp_path / "run"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    notes = json.loads((tmp_path / "run" / "train.json").read_text())["preflight"]
+    assert any("training examples are longer than task.max_length=48" in n for n in notes), notes
+    assert any("rejected answers are longer than task.max_length=48" in n and "train.jsonl:" in n
+               for n in notes), notes
+    assert "warning: " in result.stderr and "rejected answers" in result.stderr

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -41,6 +43,7 @@ from tunesmith.train import preference as P
 from tunesmith.train.batching import collate, encode_for_training
 from tunesmith.train.methods import get_method
 from tunesmith.train.precision import compact_for_training, frozen_in_bf16
+from tunesmith.train.preflight import length_checks, preflight
 from tunesmith.train.regularize import neftune, set_dropout, shares_prefix
 from tunesmith.train.trackers import Trackers
 from tunesmith.train.trainer import (
@@ -66,8 +69,24 @@ def fit(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[Exa
     val = val[: cfg.max_val_examples]
     # KTO validates its loss on unpaired rows; held-out pairs (if any) still give the pair figures.
     val_pairs = pairs_from_examples([e for e in val if e.rejected is not None]) if kto else None
-    return fit_pairs(model, tokenizer, fmt, pairs_from_examples(train, kto), pairs_from_examples(val, kto), cfg,
-                     metric, out_dir, progress, on_validate, val_pairs)
+    notes = _preflight(tokenizer, fmt, train, cfg)
+    result = fit_pairs(model, tokenizer, fmt, pairs_from_examples(train, kto), pairs_from_examples(val, kto), cfg,
+                       metric, out_dir, progress, on_validate, val_pairs)
+    return dataclasses.replace(result, preflight=notes)
+
+
+def _preflight(tokenizer, fmt: PromptFormat, train: list[Example], cfg: TrainConfig) -> list[str]:
+    """The supervised loop's pre-flight (train/preflight.py: printed, kept in train.json) on the answers the
+    preference loss scores: each row's chosen answer (a KTO completion), then a pair's rejected one. Rows
+    cut at task.max_length were trained on silently."""
+    fmt = answer_only(fmt)
+    notes = preflight(tokenizer, fmt, train, encode_for_training(tokenizer, fmt, train), cfg)
+    rejected = [dataclasses.replace(e, target=e.rejected) for e in train if e.rejected is not None]
+    if rejected:
+        notes += length_checks(rejected, encode_for_training(tokenizer, fmt, rejected), fmt, "rejected answers")
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
+    return notes
 
 
 def fit_pairs(model, tokenizer, fmt: PromptFormat, train: list[Pair], val: list[Pair], cfg: TrainConfig,

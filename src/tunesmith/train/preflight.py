@@ -20,31 +20,37 @@ SHOWN = 5
 def preflight(tokenizer, fmt: PromptFormat, examples: list[Example], encoded: list[Encoded],
               cfg: TrainConfig) -> list[str]:
     """Raise on fatal problems; return warnings."""
-    warnings = _masked(examples, encoded)
-    warnings += _truncated(examples, encoded, fmt)
+    warnings = length_checks(examples, encoded, fmt)
     if fmt.task_type != "text":  # raw documents end with the EOS by construction (tasks/text.py)
         warnings += _stops(tokenizer, fmt)
     warnings += _hyperparameters(cfg, len(examples))
     return warnings
 
 
-def _masked(examples: list[Example], encoded: list[Encoded]) -> list[str]:
+def length_checks(examples: list[Example], encoded: list[Encoded], fmt: PromptFormat,
+                  what: str = "training examples") -> list[str]:
+    """Examples cut at task.max_length: a warning naming them, and an error when every one lost its whole
+    answer. `what` names them (a preference run checks its rejected answers too)."""
+    return _masked(examples, encoded, what) + _truncated(examples, encoded, fmt, what)
+
+
+def _masked(examples: list[Example], encoded: list[Encoded], what: str) -> list[str]:
     empty = [_where(ex) for ex, enc in zip(examples, encoded) if len(enc.ids) <= enc.n_prompt]
     if not empty:
         return []
     where = _names(empty)
     if len(empty) == len(examples):
-        raise DataError("every training example has its answer cut off (no supervised tokens, the loss would be 0)",
-                        where, hint="raise task.max_length or shorten the inputs")
-    return [f"{len(empty)} training examples have no supervised tokens left after truncation and teach "
+        raise DataError(f"every one of the {what} has its answer cut off (no supervised tokens, the loss would "
+                        "be 0)", where, hint="raise task.max_length or shorten the inputs")
+    return [f"{len(empty)} {what} have no supervised tokens left after truncation and teach "
             f"nothing: {where}; raise task.max_length"]
 
 
-def _truncated(examples: list[Example], encoded: list[Encoded], fmt: PromptFormat) -> list[str]:
+def _truncated(examples: list[Example], encoded: list[Encoded], fmt: PromptFormat, what: str) -> list[str]:
     cut = [_where(ex) for ex, enc in zip(examples, encoded) if enc.truncated]
     if not cut:
         return []
-    return [f"{len(cut)} of {len(examples)} training examples are longer than task.max_length={fmt.max_length} "
+    return [f"{len(cut)} of {len(examples)} {what} are longer than task.max_length={fmt.max_length} "
             f"tokens and were truncated: {_names(cut)}"]
 
 
