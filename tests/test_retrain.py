@@ -91,6 +91,18 @@ def test_newest_traffic_is_held_out_and_counted(tmp_path):
     assert {e.input for e in a.train if is_traffic(e)} == {t for t, _ in rows[:30]}
     assert c.traffic_used == 30 and c.champion_used == c.champion_rows == 30 and c.extra_used == 0
     assert c.train_rows == len(a.train) == 60 and c.new_labels == [] and c.feedback == {"label": 40}
+    assert c.held_out_removed == 0
+
+
+def test_held_out_rows_its_cleaning_removes_are_counted(tmp_path):
+    """Two of the newest ten held out repeated a third: the test-file cleaning dropped them, and no count
+    said where they went (40 usable = 8 held out + 30 for training)."""
+    run, project = fake_champion(tmp_path)
+    rows = traffic_rows(40)
+    rows[38] = rows[39] = rows[37]
+    fill_log(tmp_path / "log.db", rows)
+    c = assemble(project, run, tmp_path / "log.db").counts
+    assert c.usable == 40 and c.held_out == 8 and c.held_out_removed == 2 and c.traffic_for_training == 30
 
 
 def test_traffic_weight_repeats_traffic_rows_and_the_data_stage_keeps_them(tmp_path):

@@ -290,12 +290,17 @@ def data_line(c: dict) -> str:
     """The data counts in one line."""
     line = (f"{c['labelled']} labelled requests ({c['usable']} usable: {c['incomplete']} cut in the log, "
             f"{c['no_truth']} rated wrong without a label, {c['token_prompts']} token-id prompts left out); "
-            f"{c['held_out']} with a label or correction held out as traffic_test ({c['rating_only']} only rated "
-            "right, never held out); training "
+            f"{c['held_out']} with a label or correction held out as traffic_test"
+            f"{_removed_note(c.get('held_out_removed', 0))} ({c['rating_only']} only rated right, never held "
+            "out); training "
             f"{c['traffic_used']} traffic rows (x{c['traffic_weight']}), {c['extra_used']} from --data, "
             f"{c['champion_used']} of the champion's; removed {c['duplicates_removed']} duplicates, "
             f"{c['test_overlap_removed']} overlapping a test set")
     return line + (f"; new labels: {', '.join(c['new_labels'])}" if c["new_labels"] else "")
+
+
+def _removed_note(n: int) -> str:
+    return f" (after {n} more removed by its cleaning)" if n else ""
 
 
 def _say(progress: bool, line: str) -> None:

@@ -49,6 +49,7 @@ class Counts:
     usable: int = 0
     rating_only: int = 0         # usable rows rated right (truth = the model's answer): may train, never held out
     held_out: int = 0            # traffic_test rows (after the test-file cleaning)
+    held_out_removed: int = 0    # rows held out, then removed by that cleaning (duplicates, length, PII drop)
     traffic_for_training: int = 0   # traffic rows offered to training
     extra_rows: int = 0          # --data rows offered
     champion_rows: int = 0       # the champion's curated training rows (augmented copies left out)
@@ -110,7 +111,7 @@ def assemble(project: Project, champion: Path, db: Path, extra: Path | None = No
     held_at = set(verified[len(verified) - hold:])  # the newest verified rows
     curation = Curation(project.data.clean, project.task.type)
     test = curation.clean_rows("test", [_example(r, db, i, project) for i, r in enumerate(traffic) if i in held_at])
-    counts.held_out = len(test)
+    counts.held_out, counts.held_out_removed = len(test), len(curation.removed)
     _check_held_out(counts, project, db)
     extras = _extra_rows(extra, project)
     own = [e for e in _curated(champion / "data" / "train.jsonl") if e.augmented is None]
