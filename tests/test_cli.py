@@ -156,11 +156,13 @@ def test_real_process_error_line_and_debug_traceback(tiny_project, tmp_path):
 def test_output_piped_into_a_reader_that_stops_early_ends_quietly(tmp_path):
     """`tunesmith runs list | head`: the closed pipe is no internal error; exit 141 as a SIGPIPE death is."""
     env = {**os.environ, "TUNESMITH_REGISTRY": str(tmp_path / "runs.sqlite")}
-    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "runs", "list"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env)
-    proc.stdout.close()  # the reader is gone before the first line is written
-    err = proc.stderr.read().decode()
-    assert proc.wait(timeout=120) == 141 and err == "", err
+    # --help too: rich prints it, and exited 1 on the closed pipe
+    for command in (["runs", "list"], ["--help"], ["runs", "list", "--help"]):
+        proc = subprocess.Popen([sys.executable, "-m", "tunesmith", *command], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env)
+        proc.stdout.close()  # the reader is gone before the first line is written
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) == 141 and err == "", (command, err)
 
 
 def test_data_check_lists_every_bad_row(tiny_project, tmp_path):

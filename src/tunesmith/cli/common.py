@@ -192,6 +192,12 @@ def run_app(app: typer.Typer) -> None:
     except typer.Abort:
         print("error: aborted", file=sys.stderr)
         sys.exit(130)
+    except SystemExit as e:
+        # rich, printing the help into a pipe whose reader went (`tunesmith --help | head -1`), sends stdout to
+        # /dev/null and exits 1 while handling the BrokenPipeError: the same stop as any other command's, 141
+        if isinstance(e.__context__, BrokenPipeError):
+            sys.exit(141)
+        raise
     try:
         sys.stdout.flush()  # what is still buffered, while a closed pipe can still be told apart
     except BrokenPipeError:
