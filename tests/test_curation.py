@@ -189,6 +189,22 @@ def _ex(text: str, label: str, line: int, group: str | None = None) -> Example:
                    record={"text": text, "label": label})
 
 
+def test_a_kto_row_repeated_with_the_other_label_is_a_conflict_not_a_plain_duplicate():
+    """The same prompt and completion labelled desirable and undesirable: file order silently chose the label
+    (the second was removed as an exact_duplicate, and no conflict was reported)."""
+    def kto(line: int, desirable: bool) -> Example:
+        record = {"prompt": "What colour is the sea?", "completion": "blue", "label": desirable}
+        return Example("What colour is the sea?", "blue", f"train.jsonl:{line}", file="train.jsonl", line=line,
+                       record=record, desirable=desirable)
+    cur = Curation(CleanConfig(near_dedup={"enabled": False}, label_noise={"enabled": False}), "generation")
+    kept = cur.clean_rows("train", [kto(5, True), kto(6, False), kto(7, True)])
+    assert [e.line for e in kept] == [5]
+    assert {(r["line"], r["reason"]) for r in cur.removed} == {(6, "exact_duplicate_conflicting_label"),
+                                                               (7, "exact_duplicate")}
+    assert [[r["desirable"] for r in c["rows"]] for c in cur.conflicts] == [[True, False]]
+    assert cur.report()["conflicting_duplicates_total"] == 1
+
+
 def test_curation_logs_every_removal_with_file_line_and_reason():
     rows = [_ex("Where is my card?", "card", 2), _ex("WHERE is my card", "card", 3),
             _ex("Where is my card?", "pin", 4), _ex("reset pin please, mail x@y.org", "pin", 5),

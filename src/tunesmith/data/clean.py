@@ -212,22 +212,20 @@ class Curation:
         drop = set()
         for d in found:
             row, kept = rows[d.index], rows[d.of]
-            pair = {"kind": d.kind, "similarity": d.similarity,
-                    "rows": [_where(kept) | {"label": kept.target}, _where(row) | {"label": row.target}]}
-            if row.target != kept.target and d.kind != "exact_duplicate":
+            pair = {"kind": d.kind, "similarity": d.similarity, "rows": [_labelled(kept), _labelled(row)]}
+            same = row.target == kept.target and row.desirable == kept.desirable  # KTO: the label too
+            if not same and d.kind != "exact_duplicate":
                 # Similar texts with different labels are often deliberate contrasts: keep both, report.
                 self.conflicts.append(pair)
                 continue
             if action == "report":
                 self.kept_duplicates.append(pair)
                 continue
-            reason = d.kind if row.target == kept.target else "exact_duplicate_conflicting_label"
+            reason = d.kind if same else "exact_duplicate_conflicting_label"
             self._remove(row, reason, duplicate_of=_where(kept), similarity=d.similarity)
             drop.add(d.index)
             if reason == "exact_duplicate_conflicting_label":
-                self.conflicts.append({"kind": d.kind, "similarity": 1.0,
-                                       "rows": [_where(kept) | {"label": kept.target},
-                                                _where(row) | {"label": row.target}]})
+                self.conflicts.append({**pair, "similarity": 1.0})
         return [e for i, e in enumerate(rows) if i not in drop]
 
     def _pii(self, rows: list[Example]) -> list[Example]:
@@ -271,6 +269,11 @@ def _asked(e: Example) -> str:
     # Contents only: role names on every row would be shared words that push short rows over the
     # near-duplicate threshold.
     return "\n".join(m["content"] for m in e.messages)
+
+
+def _labelled(e: Example) -> dict:
+    """Where a row is and its label (the answer; a KTO row's desirability too), as a conflict lists it."""
+    return _where(e) | {"label": e.target} | ({"desirable": e.desirable} if e.desirable is not None else {})
 
 
 def _where(e: Example) -> dict:
