@@ -157,7 +157,7 @@ def test_sft_refuses_undesirable_kto_rows(tmp_path, tiny_model):
 
 # ---- data pairs + DPO on top of the SFT run ---------------------------------------------------------
 
-def test_pairs_from_an_sft_run_then_dpo_from_it(tmp_path, tiny_model):
+def test_pairs_from_an_sft_run_then_dpo_from_it(tmp_path, tiny_model, monkeypatch):
     write_jsonl(tmp_path / "train.jsonl", _pair_rows(20))
     write_jsonl(tmp_path / "test.jsonl", _pair_rows(6, offset=100))
     sft = tmp_path / "sft"
@@ -181,6 +181,16 @@ def test_pairs_from_an_sft_run_then_dpo_from_it(tmp_path, tiny_model):
     inside = runner.invoke(app, ["data", "pairs", str(sft), "--out", str(sft / "model" / "x"), "--quiet"])
     assert inside.exit_code == 2 and f"is inside the run directory {sft.resolve()}" in inside.output
     assert not (sft / "model" / "x").exists()
+    # Every answer right: no pair to make is refused, nothing written (an empty pairs.jsonl exited 0).
+    import types
+
+    from tunesmith.evaluate import onpolicy_pairs
+    with monkeypatch.context() as m:
+        m.setattr(onpolicy_pairs, "predict", lambda model, tok, fmt, rows, **kw: types.SimpleNamespace(
+            texts=[r.target for r in rows]))
+        none = runner.invoke(app, ["data", "pairs", str(sft), "--out", str(tmp_path / "none"), "--quiet"])
+    assert none.exit_code == 2 and f"no preference pairs: of the {train_rows} train rows the run answered " \
+        f"{train_rows} right" in none.output and not (tmp_path / "none").exists(), none.output
 
     # A held-out file from the test split: every test row once, a pair where the model was wrong.
     held_out = tmp_path / "held_out"

@@ -42,8 +42,12 @@ def build_pairs(run_dir: Path, out: Path, progress: bool = True, split: str = "t
     answers = predict(model.to(dev), tokenizer, fmt, rows, batch_size=project.eval.batch_size,
                       max_new_tokens=project.eval.max_new_tokens,
                       autocast=hardware.use_bf16(project.eval.precision, dev),
-                      progress="pairs: answering the training prompts" if progress else None).texts
+                      progress=f"pairs: answering the {split} prompts" if progress else None).texts
     pairs, summary = on_policy_pairs(rows, answers, project.data.group_field, keep_correct)
+    if summary["pairs"] == 0:  # an empty file (or one of plain rows) no preference run can train or score on
+        raise InputError(f"no preference pairs: of the {summary['rows']} {split} rows the run answered "
+                         f"{summary['skipped_correct']} right and {summary['skipped_empty']} with nothing", "--split",
+                         "take the prompts from a split the run answers wrong (--split test), or pair another run")
     summary["split"] = split
     out.mkdir(parents=True, exist_ok=True)
     fsio.write_jsonl(out / "pairs.jsonl", pairs)
