@@ -270,7 +270,7 @@ def _openai_messages(messages: Any) -> list[dict]:
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or OPENAI_ROLES.get(m["role"]) is None:
-            raise _RowError(f"messages[{i}] needs a role of system, user, assistant or tool")
+            raise _RowError(f"messages[{i}] needs a role of {', '.join(OPENAI_ROLES)}")
         if m.get("weight", 1) != 1 or isinstance(m.get("weight"), bool):
             # OpenAI's weight 0 means "do not train on this turn": training on it silently would be worse.
             raise _RowError(f"messages[{i}].weight {json.dumps(m['weight'])[:20]}: per-turn weights are not "
