@@ -143,10 +143,15 @@ def test_rated_right_rows_train_but_are_never_held_out(tmp_path):
     fill_log(db, rows[:20])
     log = RequestLog(db, redact_pii=False)
     for i, (text, _) in enumerate(rows[20:]):
-        log.write([{"route": "/v1/classify", "request_id": f"right{i}", "input": text, "output": "gamma"}])
+        # as served by a plain-prompt model: the answer after the format's space
+        log.write([{"route": "/v1/classify", "request_id": f"right{i}", "input": text, "output": " gamma\n"}])
         log.add_feedback(f"right{i}", rating=1)
     log.close()
     a = assemble(project, run, db)
+    from tunesmith.serve.store import labelled
+
+    # the truth is the answer alone (a generation run's target is not stripped later, as a label is)
+    assert {r.truth for r in labelled(db) if r.request_id.startswith("right")} == {"gamma"}
     c = a.counts
     assert c.usable == 35 and c.rating_only == 15 and c.held_out == 5  # max(5, ceil(0.25 * 20 labelled))
     assert [e.input for e in a.traffic_test] == [t for t, _ in rows[15:20]]  # the newest labelled rows

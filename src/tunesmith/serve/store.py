@@ -21,7 +21,6 @@ until the request's deadline (and `WAIT_CAP_S`), with at most `max_pending` writ
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import re
 import sqlite3
@@ -344,7 +343,9 @@ class LabelledRequest:
             return self.label
         if self.correction is not None:
             return self.correction
-        return self.output if self.rating == 1 else None
+        # The answer as served keeps the space a plain prompt format puts before an answer (" Paris"); as a
+        # truth it is the answer alone, as eval reads predictions (a challenger would learn "  Paris").
+        return self.output.strip() if self.rating == 1 and self.output is not None else None
 
     @property
     def verified(self) -> bool:
@@ -464,23 +465,23 @@ def recent(path: Path, limit: int, run_dir: Path | None = None) -> list[dict]:
     """The newest `limit` successful rows, oldest first; with `run_dir`, of those that run answered (a log
     `serve --registry` shares holds every champion's answers: drift of another model's labels and
     confidences is not this run's). InputError when `path` is not a request log."""
-    query = "SELECT * FROM requests WHERE status = 200 AND input IS NOT NULL ORDER BY id DESC"
+    query = "SELECT * FROM requests WHERE status = 200 AND input IS NOT NULL"
     with _read_only(path) as db:
         db.row_factory = sqlite3.Row
         if run_dir is None:
-            rows = db.execute(query + " LIMIT ?", (limit,)).fetchall()
-        else:
-            ours = RunMatch(run_dir)
-            rows = list(itertools.islice((r for r in db.execute(query) if ours(_stored_run(r))), limit))
+            rows = db.execute(query + " ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        else:  # the paths the log holds, matched once each (a path as typed, a link), then SQLite's LIMIT
+            where, mine = "", []
+            if "run_dir" in {r[1] for r in db.execute("PRAGMA table_info(requests)")}:  # not in an older log
+                ours = RunMatch(run_dir)
+                mine = [n for (n,) in db.execute("SELECT DISTINCT run_dir FROM requests") if n is not None and ours(n)]
+                where = f" AND (run_dir IS NULL OR run_dir IN ({','.join('?' * len(mine))}))"
+            rows = db.execute(query + where + " ORDER BY id DESC LIMIT ?", (*mine, limit)).fetchall()
     out = [dict(r) for r in reversed(rows)]
     for r in out:
         _check_types(path, r.get("request_id", r.get("id")),
                      {k: r[k] for k in ("ts", "input", "output", "confidence", "label") if k in r})
     return out
-
-
-def _stored_run(row: sqlite3.Row) -> str | None:
-    return row["run_dir"] if "run_dir" in row.keys() else None  # an older log, read-only: no such column
 
 
 class RunMatch:
