@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# curl transcript of every route of `tunesmith serve`, including the 401/413/422/429 answers.
+# curl transcript of every route of `tunesmith serve`, including the 400/401/413/429 answers.
 #   benchmarks/serve_curl.sh RUN_DIR [PORT]
 # Starts the server with two API keys and a rate limit of 6 requests a minute per key, runs each request
 # (printing the command and the answer), then stops the server.

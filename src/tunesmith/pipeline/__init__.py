@@ -65,13 +65,14 @@ def run(project: Project, out: Path | None = None, progress: bool = True, keep_f
     check_out(final, overwrite, given=out is not None)  # a refused --out fails before any work
     _check_inputs_outside(project, final)
     splits = prepare_data_apart(project)  # bad data fails before anything is written
-    # and a test split no figure can score (it failed in eval, after the whole training)
-    if project.task.type != "text" and not reference_rows(project, splits.test)[0]:
+    # and a test split no figure can score (it failed in eval, after the whole training): the rows eval scores
+    scored = splits.test[: project.eval.max_examples] if project.eval.max_examples else splits.test
+    if project.task.type != "text" and not reference_rows(project, scored)[0]:
         raise DataError("no test row can be scored: every test row is a KTO row labelled undesirable (label: "
                         "false), which no figure scores", "data.test",
                         hint="add test rows with label: true, or {prompt, chosen, rejected} pairs")
     if METHOD_SPECS[project.train.method].preference:  # a pair metric with no test pairs, refused now too
-        held_out_pairs(project, splits.test)
+        held_out_pairs(project, scored)
     if project.fairness.enabled:        # and a group column no row has, or an unknown positive label
         check_groups(project.fairness, audited_rows(project, splits), _labels(project, splits))
     resolve_model(project.model)    # so does an unknown model

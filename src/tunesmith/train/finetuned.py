@@ -87,11 +87,14 @@ def check_model_files(model_dir: Path) -> None:
 def _check_base(model_dir: Path, meta: dict) -> None:
     """The base model an adapter or prompt applies to can still be found as `load_finetuned` finds it: its
     recorded folder, or its name again. A catalog name or hub id is converted or fetched at load (not
-    here: no conversion, no network); a checkpoint folder or file that is gone cannot be."""
+    here: no conversion, no network; a relative folder that reads like a hub id, "org/name", is left to
+    the load too); a checkpoint folder or GGUF file that is gone cannot be found."""
     if meta["kind"] not in ("adapter", "prompt") or meta.get("base_in_model_dir"):
         return
     model = str(meta["model"])
     if (Path(meta["base_model_path"]) / "config.json").is_file() or model in CATALOG or HF_ID.match(model):
+        return
+    if model.endswith(".gguf") and Path(model).expanduser().is_file():  # converted again at load
         return
     try:
         resolve_model(model)
