@@ -98,7 +98,8 @@ def fit_pairs(model, tokenizer, fmt: PromptFormat, train: list[Pair], val: list[
     if metric in PREFERENCE_METRICS and cfg.method == "kto" and not val_pairs:
         raise InputError(f"objective.metric {metric} needs held-out pairs; KTO's validation rows have none",
                          "objective.metric", "give validation {prompt, chosen, rejected} rows, or use val_loss")
-    if metric not in PREFERENCE_METRICS and metric != "val_loss" and not any(p.label is not False for p in val):
+    if cfg.method == "kto" and metric not in PREFERENCE_METRICS and metric != "val_loss" and \
+            not any(p.label is not False for p in val):
         # a generation metric is scored on the desirable completions; without one it was an IndexError
         raise InputError(f"objective.metric {metric} is scored on the validation rows labelled desirable "
                          "(label: true); the validation split has none", "data.validation",
