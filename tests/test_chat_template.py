@@ -161,3 +161,12 @@ def test_cli_refuses_a_template_without_the_end_of_turn_token(tmp_path, tiny_mod
     assert result.exit_code == 2 and error.startswith("error: task.chat_template 'llama3'"), result.output
     assert "EOS missing" in error and "train.jsonl:" in error
     assert not (tmp_path / "out" / "model").exists()  # refused before any training
+
+
+def test_a_template_path_that_is_a_folder_is_refused_as_one(tmp_path, tiny_model):
+    (tmp_path / "house.jinja").mkdir()
+    result = runner.invoke(app, ["train", str(_chat_project(tmp_path, tiny_model, "house.jinja")),
+                                 "--out", str(tmp_path / "out")])
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and "is a folder, not a file" in error and "project.yaml:" in error, result.output
+    assert not (tmp_path / "out").exists()

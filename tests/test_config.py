@@ -212,6 +212,8 @@ def test_a_relative_request_log_path_is_beside_the_config(tmp_path, monkeypatch)
      "    counterfactual_flip_rate: {max: 0.1}\n", "counterfactual_flip_rate", "counterfactual_examples is 0"),
     ('eval:\n  judge: {enabled: true, endpoint: "http://evil.invalid:80\\n@127.0.0.1:1/v1"}\n', "eval.judge.endpoint",
      "a space or a control character"),
+    ("  augment: {enabled: true, oversample_to: 50}\ntask:\n  type: generation\n", "data.augment.oversample_to",
+     "a generation task has no classes"),
 ])
 def test_settings_that_cannot_mean_what_they_say_are_refused(tmp_path, extra, key, says):
     (tmp_path / "t.jsonl").write_text('{"text": "a", "label": "b"}\n')

@@ -242,6 +242,14 @@ def test_a_json_array_file_is_read_as_rows_at_their_lines(tmp_path):
     result = read_rows(path)
     assert [r.line for r in result.rows] == [2, 3] and [(p.line, p.reason) for p in result.problems] == [
         (4, "invalid JSON: expected ',' or ']' after an element")]
+    path.write_text('[\n {"a": 1},\n {"a": 2},\n]\n')  # json.load refuses a trailing comma; so do we
+    result = read_rows(path)
+    assert [r.line for r in result.rows] == [2, 3] and [(p.line, p.reason) for p in result.problems] == [
+        (4, "invalid JSON: a comma before ']' (trailing commas are not JSON)")]
+    path.write_text('[\n {"a": 1}\n]\n\n{"b": 2}\n')  # the line of the trailing text, not of the ']'
+    result = read_rows(path)
+    assert [r.line for r in result.rows] == [2] and [(p.line, p.reason) for p in result.problems] == [
+        (5, "text after the array's end")]
 
 
 def test_a_jsonl_file_with_a_byte_order_mark_is_read(tmp_path):
@@ -278,6 +286,7 @@ def test_a_data_path_that_is_a_link_loop_is_refused_by_name(tmp_path, tiny_model
     (tmp_path / "test.jsonl").symlink_to(tmp_path / "test.jsonl")  # Path.resolve(): RuntimeError, not OSError
     line = _error(runner.invoke(app, ["data", "check", config]))
     assert "symbolic link loop" in line and str(tmp_path / "test.jsonl") in line and "internal" not in line
+    assert "data.test" in line and "project.yaml:" in line  # the key, at its line
     (tmp_path / "test.jsonl").unlink()
     (tmp_path / "test.jsonl").symlink_to(tmp_path / "gone.jsonl")  # dangling: the file it names is missing
     assert f"data file not found: {tmp_path / 'gone.jsonl'}" in _error(runner.invoke(app, ["data", "check", config]))

@@ -66,8 +66,27 @@ def test_pair_formats_parse():
     assert kto.label is False and kto.rejected is None
 
 
+def test_a_pair_prompt_takes_what_a_chat_row_takes():
+    """Text parts, tool calls and a tool turn last are read as chat rows read them (data/row_text.py)."""
+    call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}
+    row = {"messages": [{"role": "developer", "content": [{"type": "text", "text": "be"}, {"type": "text",
+                                                                                          "text": "brief"}]},
+                        {"role": "user", "content": [{"type": "text", "text": "Weather?"}]},
+                        {"role": "assistant", "content": None, "tool_calls": [call]},
+                        {"role": "tool", "content": "sunny"}],
+           "chosen": {"role": "assistant", "content": [{"type": "text", "text": "Sunny."}]}, "rejected": "Rain."}
+    pair = parse_pair(row)
+    assert pair.prompt == "Weather?" and pair.chosen == "Sunny." and [m["role"] for m in pair.messages] == [
+        "system", "user", "assistant", "tool"]
+    assert pair.messages[0]["content"] == "be\nbrief" and '"weather"' in pair.messages[2]["content"]
+
+
 @pytest.mark.parametrize("row,reason", [
     ({"prompt": "Q?", "chosen": "yes"}, "missing field 'rejected'"),
+    ({"prompt": [{"role": "system", "content": "s"}, {"role": "tool", "content": "t"}], "chosen": "a",
+      "rejected": "b"}, "'prompt' needs a user message"),
+    ({"prompt": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "chosen": "a",
+      "rejected": "b"}, "prompt[0].content: only text parts"),
     ({"prompt": "Q?", "chosen": "yes", "rejected": "yes"}, "same answer"),
     ({"prompt": "Q?", "chosen": "yes", "rejected": "yes "}, "same answer"),   # whitespace at the end is no preference
     ({"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "x"}],

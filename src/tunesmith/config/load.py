@@ -78,7 +78,13 @@ def _resolve_paths(project: Project, root: yaml.Node, check_files: bool) -> None
     base = project.base_dir
     seen: dict[str, str] = {}
     for key in ("train", "validation", "test"):
-        _resolve_data(project, root, key, check_files, seen)
+        try:
+            _resolve_data(project, root, key, check_files, seen)
+        except RuntimeError as e:  # a link loop (see load_project), here named by its key's line
+            if not str(e).startswith("Symlink loop"):
+                raise
+            raise ConfigError(f"data.{key} is a symbolic link loop ({e})", _where(project.source, root, ("data", key)),
+                              "fix the link, or give the file itself") from None
     if project.data.corrections is not None:
         project.data.corrections = _corrections_file(project, root, check_files)
     for i, suite in enumerate(project.benchmarks):
@@ -216,6 +222,9 @@ def _template_file(name: str, base: Path, check_files: bool, where) -> str:
     """task.chat_template's .jinja file made absolute, so the run's saved config finds it again (resume)."""
     path = Path(name).expanduser()
     resolved = path if path.is_absolute() else (base / path).resolve()
+    if check_files and resolved.is_dir():
+        raise ConfigError(f"the chat template {resolved} is a folder, not a file", where(),
+                          "give the .jinja file itself")
     if check_files and not resolved.is_file():
         raise ConfigError(f"chat template file not found: {resolved}", where(),
                           "paths are relative to the config file's folder")

@@ -499,6 +499,15 @@ class Project(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _oversampling_has_classes(self) -> Project:
+        """Oversampling evens out class counts; a generation answer is no class (each would be its own, and
+        every row copied up to the target)."""
+        if self.data.augment.oversample_to is not None and self.task.type != "classification":
+            raise _KeyedError(("data", "augment", "oversample_to"), "data.augment.oversample_to copies rows of "
+                              f"rarer classes; a {self.task.type} task has no classes; remove it")
+        return self
+
+    @model_validator(mode="after")
     def _columns_fit_task(self) -> Project:
         fields = COLUMN_FIELDS[self.task.type]
         for name in self.data.columns:

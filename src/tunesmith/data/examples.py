@@ -11,14 +11,8 @@ from tunesmith.config import TaskConfig
 from tunesmith.config.schema import label_problem
 from tunesmith.config.sources import HF_PREFIX
 from tunesmith.data.io import ReadResult, Row, RowProblem, RowSource, read_rows
-from tunesmith.data.pair_rows import (
-    PairError,
-    has_text_cells,
-    is_kto_row,
-    is_preference_row,
-    parse_pair,
-    text_value,
-)
+from tunesmith.data.pair_rows import PairError, has_text_cells, is_kto_row, is_preference_row, parse_pair
+from tunesmith.data.row_text import SHAREGPT_ROLES, openai_messages, text_value
 from tunesmith.errors import DataError
 
 
@@ -214,16 +208,6 @@ def _classification(row: Row, task: TaskConfig) -> Example:
     return Example(text, label, _source(row))
 
 
-# Chat rows: the role names each format uses, mapped onto system / user / assistant / tool. OpenAI's
-# legacy `function` turn and ShareGPT's observation turns are tool results; ShareGPT's `function_call`
-# turn is the assistant calling a tool (its text is what the model should learn to write).
-OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
-                "tool": "tool", "function": "tool"}
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
-                  "assistant": "assistant", "chatgpt": "assistant", "model": "assistant",
-                  "function_call": "assistant", "tool": "tool", "observation": "tool", "function_response": "tool"}
-
-
 def _raw_text(row: Row, task: TaskConfig) -> Example:
     """task.type text: the document is the input and every token of it is trained on (no target)."""
     rec = _require_object(row)
@@ -237,7 +221,7 @@ def _generation(row: Row, task: TaskConfig) -> Example:
     if is_preference_row(rec, has_text_cells(row.file)):  # before `messages`: a preference prompt ends with the user
         return _preference(rec, row)
     if "messages" in rec:
-        return _chat(_openai_messages(rec["messages"]), row)
+        return _chat(openai_messages(rec["messages"], _RowError), row)
     if "conversations" in rec:
         return _chat(_with_system(rec, _sharegpt_messages(rec["conversations"])), row)
     if "instruction" in rec and "output" in rec:
@@ -259,42 +243,6 @@ def _preference(rec: dict, row: Row) -> Example:
         raise _RowError(str(e)) from None
     return Example(pair.prompt, pair.chosen, _source(row), messages=pair.messages, rejected=pair.rejected,
                    desirable=pair.label)
-
-
-def _openai_messages(messages: Any) -> list[dict]:
-    """OpenAI chat messages as {role, content} text turns; an assistant's `tool_calls` (or legacy
-    `function_call`) are kept as JSON text after its content, so a tool-calling turn is neither lost
-    nor given structure the chat template would have to understand."""
-    if not isinstance(messages, list) or not messages:
-        raise _RowError("'messages' must be a non-empty list")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or OPENAI_ROLES.get(m["role"]) is None:
-            raise _RowError(f"messages[{i}] needs a role of {', '.join(OPENAI_ROLES)}")
-        if m.get("weight", 1) != 1 or isinstance(m.get("weight"), bool):
-            # OpenAI's weight 0 means "do not train on this turn": training on it silently would be worse.
-            raise _RowError(f"messages[{i}].weight {json.dumps(m['weight'])[:20]}: per-turn weights are not "
-                            "supported; remove the key (task.train_on says which assistant turns are trained: "
-                            "all_assistant_turns or last_turn)")
-        out.append({"role": OPENAI_ROLES[m["role"]], "content": _message_text(m, f"messages[{i}]")})
-    return out
-
-
-def _message_text(m: dict, where: str) -> str:
-    """A message's text: a string, or OpenAI's list of text parts joined; tool calls appended as JSON."""
-    content = m.get("content")
-    if isinstance(content, list):
-        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                   for p in content):
-            raise _RowError(f"{where}.content: only text parts ({{'type': 'text', 'text': ...}}) can be trained on")
-        content = "\n".join(p["text"] for p in content)
-    calls = [m[k] for k in ("tool_calls", "function_call") if m.get(k)]
-    if not calls:
-        return _text(content, f"{where}.content")
-    if content is not None and not isinstance(content, str):
-        raise _RowError(f"field '{where}.content' must be a string, got {type(content).__name__}")
-    call_text = "\n".join(json.dumps(c, ensure_ascii=False) for c in calls)
-    return f"{content}\n{call_text}" if content and content.strip() else call_text
 
 
 def _sharegpt_messages(turns: Any) -> list[dict]:

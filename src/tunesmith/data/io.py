@@ -186,12 +186,18 @@ def _read_json_array(path: Path) -> ReadResult:
         pos = _SPACE.match(text, end).end()
         if text.startswith(",", pos):
             pos = _SPACE.match(text, pos + 1).end()
+            if text.startswith("]", pos):  # strict JSON, as json.load: `[{...},]` is refused
+                line += text.count("\n", counted, pos)
+                why = "invalid JSON: a comma before ']' (trailing commas are not JSON)"
+                out.problems.append(RowProblem(where, line, why))
+                return out
         elif not text.startswith("]", pos):
             line += text.count("\n", counted, pos)
             out.problems.append(RowProblem(where, line, "invalid JSON: expected ',' or ']' after an element"))
             return out
-    if text[pos + 1:].strip():
-        out.problems.append(RowProblem(where, line + text.count("\n", counted, pos), "text after the array's end"))
+    after = _SPACE.match(text, pos + 1).end()
+    if after < len(text):  # the line of the trailing text itself, not of the ']'
+        out.problems.append(RowProblem(where, line + text.count("\n", counted, after), "text after the array's end"))
     return out
 
 

@@ -2,8 +2,8 @@
 rows (KTO), parsed from one raw record. Kept apart from data/pairs.py so that data/examples.py can read
 preference rows as examples without an import cycle.
 
-The prompt is a string (`prompt`) or a conversation: `messages` (or a `prompt` list) of system/user/
-assistant turns ending with the user's. An answer is a string, one assistant message, or a list
+The prompt is a string (`prompt`) or a conversation: `messages` (or a `prompt` list) of turns read as
+chat rows read theirs, ending with the user's or a tool's. An answer is a string, one assistant message, or a list
 holding one assistant message (TRL's conversational format).
 """
 
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from tunesmith.data.row_text import message_text, openai_messages, text_value
 
 
 @dataclass(frozen=True)
@@ -62,23 +64,23 @@ def _need(record: dict, name: str) -> Any:
 
 
 def _prompt(record: dict) -> tuple[str, list[dict] | None]:
-    """(prompt text, conversation or None) from `prompt` (string or message list) or `messages`."""
+    """(prompt text, conversation or None) from `prompt` (string or message list) or `messages`. A
+    conversation is read as chat rows are (data/row_text.py: text parts, tool calls and tool turns); it
+    ends where the answer starts, after a user or a tool turn, and has a user turn."""
     value = record["messages"] if "messages" in record else _need(record, "prompt")
     name = "messages" if "messages" in record else "prompt"
     if isinstance(value, str):
-        return text_value(value, name), None
+        return text_value(value, name, PairError), None
     if not isinstance(value, list) or not value:
         raise PairError(f"field '{name}' must be a string or a non-empty list of messages")
-    messages = [_message(m, f"{name}[{i}]") for i, m in enumerate(value)]
-    if messages[-1]["role"] != "user":
-        raise PairError(f"the last message of '{name}' must be the user's (the answers are chosen/rejected)")
-    return messages[-1]["content"], messages
-
-
-def _message(m: Any, where: str) -> dict:
-    if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-        raise PairError(f"{where} needs a role of system, user or assistant")
-    return {"role": m["role"], "content": text_value(m.get("content"), f"{where}.content")}
+    messages = openai_messages(value, PairError, name)
+    if messages[-1]["role"] not in ("user", "tool"):
+        raise PairError(f"the last message of '{name}' must be the user's or a tool's (the answers are "
+                        "chosen/rejected)")
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    if not users:
+        raise PairError(f"'{name}' needs a user message")
+    return users[-1], messages
 
 
 def _answer(value: Any, name: str) -> str:
@@ -90,17 +92,8 @@ def _answer(value: Any, name: str) -> str:
     if isinstance(value, dict):
         if value.get("role") != "assistant":
             raise PairError(f"field '{name}' must be the assistant's message, got role {value.get('role')!r}")
-        value = value.get("content")
-    return text_value(value, name)
-
-
-def text_value(value: Any, name: str, error: type[ValueError] = PairError) -> str:
-    """`value` when it is a non-blank string, else `error` naming the field (every row format's check)."""
-    if not isinstance(value, str):
-        raise error(f"field '{name}' must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise error(f"field '{name}' is empty")
-    return value
+        return message_text(value, name, PairError)  # text parts and tool calls, as a chat answer's
+    return text_value(value, name, PairError)
 
 
 def kto_label(value: Any, text_cells: bool = False) -> bool | None:
