@@ -207,6 +207,8 @@ def test_a_relative_request_log_path_is_beside_the_config(tmp_path, monkeypatch)
      "two suites are named 'a'"),
     ("benchmarks:\n  - {name: a, data: t.jsonl, task: {type: text}}\n", "benchmarks", "task.type text does not apply"),
     ("fairness:\n  group_fields: [g, g]\n", "fairness.group_fields", "listed twice"),
+    ("fairness:\n  group_fields: [religion]\n  lexicon: [religion]\n", "fairness.group_fields",
+     "'religion' is both a group column and a fairness.lexicon category"),
     ("objective:\n  constraints: {latency_p95_ms: {min: 5, max: 1}}\n", "latency_p95_ms", "min 5 is above max 1"),
     ("fairness:\n  group_fields: [g]\n  counterfactual_examples: 0\nobjective:\n  constraints:\n"
      "    counterfactual_flip_rate: {max: 0.1}\n", "counterfactual_flip_rate", "counterfactual_examples is 0"),

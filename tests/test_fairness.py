@@ -251,3 +251,59 @@ def test_apply_mitigation_reweights_or_augments_the_training_rows():
     assert augmented[:30] == rows and augmented[30:] == counterfactual_augment(rows, ["religion"])
     assert len(augmented) == 60 and all(e.augmented == "counterfactual" for e in augmented[30:])
     assert apply_mitigation(rows, FairnessConfig(group_fields=["grp"])) == rows
+
+
+def test_thresholds_leave_a_group_validation_lacks_to_the_model_and_say_so():
+    """Fairlearn decides every row of a group it was not fitted on negative; those rows keep the model's
+    own decisions, and audit.json names the group."""
+    from types import SimpleNamespace
+
+    from tunesmith.config.stages import FairnessConfig
+    from tunesmith.fairness.stage import _thresholds
+
+    rng = np.random.default_rng(1)
+    def rows(groups):
+        return [Example(f"t{i}", "p" if rng.random() < 0.5 else "q", "x", attributes={"grp": g})
+                for i, g in enumerate(groups)]
+    val, test = rows(["n", "s"] * 40), rows(["n", "s"] * 20 + ["east"] * 6)
+    def scored(examples):
+        probs = [float(np.clip((0.7 if e.target == "p" else 0.3) + rng.normal(0, 0.2), 0, 1)) for e in examples]
+        return SimpleNamespace(probabilities=[{"p": x, "q": 1 - x} for x in probs],
+                               texts=["p" if x >= 0.5 else "q" for x in probs])
+    tuned = scored(test)
+    tuned.texts[-6:] = ["p"] * 6  # the model selects every east row
+    cfg = FairnessConfig(group_fields=["grp"], min_group_size=2)
+    out = _thresholds(cfg, SimpleNamespace(validation=val), test, [e.target for e in test], tuned, scored(val), "p", 0)
+    assert out["unfitted_groups"] == ["east"] and "east" in out["note"]
+    assert out["after"]["demographic_parity_ratio"] > 0  # east's rows were not all turned negative
+    assert all(round(v, 6) == v for v in out["before"].values() if v is not None)
+    solo = _thresholds(cfg, SimpleNamespace(validation=val), test[-6:], [e.target for e in test[-6:]],
+                       SimpleNamespace(probabilities=tuned.probabilities[-6:], texts=tuned.texts[-6:]),
+                       scored(val), "p", 0)
+    assert "fewer than two groups" in solo["skipped"]
+
+
+def test_a_run_with_one_group_is_reported_not_crashed(tmp_path, tiny_model):
+    rows = lambda n, seed: [{**r, "grp": "solo"} for r in make_texts(n, seed)]  # noqa: E731
+    write_jsonl(tmp_path / "train.jsonl", rows(40, 1))
+    write_jsonl(tmp_path / "test.jsonl", rows(30, 2))
+    text = PROJECT.format(model=tiny_model, method="lora").replace(
+        "  target: 0.0\n", "  target: 0.0\n  constraints:\n    demographic_parity_ratio: {min: 0.8}\n")
+    text += ("fairness:\n  group_fields: [grp]\n  positive_label: alpha\n  min_group_size: 3\n"
+             "  bootstrap_resamples: 100\n")
+    (tmp_path / "project.yaml").write_text(text, encoding="utf-8")
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", str(tmp_path / "project.yaml"), "--out", str(out), "--quiet"])
+    assert result.exit_code == 3, result.output  # the ratio could not be measured: not met, and said why
+    audit = json.loads((out / "audit.json").read_text())
+    ratio = audit["demographic_parity_ratio"]
+    assert ratio["value"] is None and "two groups" in ratio["why"]
+    assert "fewer than two groups" in audit["threshold_optimizer"]["skipped"]
+    assert "threshold post-processing not run" in (out / "report.html").read_text()
+
+
+def test_group_values_in_messages_are_cut_and_counted():
+    from tunesmith.data.groups import shown_groups
+
+    said = shown_groups(["x" * 5000, "b", "c", "d", "e", "f", "g"])
+    assert said == "x" * 57 + "..., b, c, d, e and 2 more"

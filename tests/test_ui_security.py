@@ -190,6 +190,17 @@ def test_every_route_that_reads_a_body_caps_it(tree):
         assert huge.status_code == 413, route
 
 
+def test_every_route_that_reads_a_body_refuses_one_nested_past_the_stack(tree):
+    """~60 KB of `[[[...]]]`, under every cap: json.loads raises RecursionError, which is a 400 too."""
+    c = TestClient(create_app(UiSettings(root=tree)), raise_server_exceptions=False)
+    token = c.app.state.ui.csrf_token
+    deep = b'{"values": {}, "x": ' + b"[" * 30_000 + b"]" * 30_000 + b"}"
+    for route in ("/api/validate", "/api/estimate", "/api/jobs", "/api/play/classify", "/api/rate/rating",
+                  "/api/review/decision"):
+        reply = c.post(route, content=deep, headers={"Content-Type": "application/json", sec.CSRF_HEADER: token})
+        assert reply.status_code == 400, (route, reply.status_code)
+
+
 def test_a_body_trickled_past_the_time_limit_is_cut_off(tree, monkeypatch):
     # /login reads its body before any key is checked: a client sending it byte by byte gets a 408.
     monkeypatch.setattr(sec, "BODY_SECONDS", 0.2)

@@ -222,3 +222,19 @@ def test_the_watch_and_jobs_modules_do_not_import_torch():
             "assert 'torch' not in sys.modules, 'torch imported'")
     answer = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert answer.returncode == 0, answer.stderr[-2000:]
+
+
+def test_log_lines_no_chart_can_hold_are_unreadable_not_a_500(tmp_path):
+    """A step past what a float holds, a boolean step, a loss of 10**400, and a line nested past the
+    stack: each is an unreadable line; the steps around them are charted."""
+    log = tmp_path / "r" / "train_log.jsonl"
+    _write(log, _steps(1, 2))
+    with open(log, "a", encoding="utf-8") as f:
+        f.write('{"step": %d, "loss": 2.0}\n{"step": true, "loss": 1.0}\n{"step": 3, "loss": %d}\n%s\n'
+                % (10 ** 400, 10 ** 400, "[" * 100_000 + "]" * 100_000))
+    _write(log, _steps(4, 4), mode="a")
+    with _client(tmp_path) as client:
+        data = client.get("/api/watch", params={"run": "r"}).json()
+        assert client.get("/watch", params={"run": "r"}).status_code == 200
+    assert [s for s, _ in data["loss"]] == [1, 2, 4] and data["last_step"] == 4
+    assert data["unreadable_lines"] == [3, 4, 6]

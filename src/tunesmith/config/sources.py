@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -81,10 +82,22 @@ def locate_path(path: str, base: Path, files: list[str] | None = None) -> Locate
     literal = written if written.is_absolute() else (base / written).resolve()
     if not is_glob(path) or literal.exists():
         return Located(str(literal), None)
-    pattern = str(written) if written.is_absolute() else glob.escape(str(base.resolve())) + os.sep + str(written)
+    pattern = glob_pattern(path, base)
     if files is None:
-        files = sorted(m for m in glob.glob(pattern, recursive=True) if Path(m).is_file())
+        files = sorted(glob_matches(pattern))
     return Located(pattern, list(files))
+
+
+def glob_pattern(path: str, base: Path) -> str:
+    """A glob as written made absolute against `base`, whose own name is escaped (see locate_path)."""
+    written = Path(path).expanduser()
+    return str(written) if written.is_absolute() else glob.escape(str(base.resolve())) + os.sep + str(written)
+
+
+def glob_matches(pattern: str) -> Iterator[str]:
+    """The files an absolute glob matches, as the loader reads them: `**` follows links to folders (so a
+    check of where the matches lie must walk this, not Path.glob, which does not on Python 3.11)."""
+    return (m for m in glob.iglob(pattern, recursive=True) if Path(m).is_file())
 
 
 def folder_problem(folder: Path) -> tuple[str, str] | None:

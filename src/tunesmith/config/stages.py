@@ -174,6 +174,15 @@ class FairnessConfig(_Strict):
     threshold_optimizer: Literal["off", "demographic_parity", "equalized_odds"] = "demographic_parity"
     mitigation: Literal["none", "reweight", "augment"] = "none"   # applied while training
 
+    @model_validator(mode="after")
+    def _attributes_apart(self) -> FairnessConfig:
+        """Each attribute is audited under its name: a column named like a lexicon category listed too would
+        be one attribute, and the text's terms would replace the column's groups without a word."""
+        if both := next((f for f in self.group_fields if f in self.lexicon), None):
+            raise _KeyedError(("fairness", "group_fields"), f"'{both}' is both a group column and a fairness.lexicon "
+                              "category; audit one of them (drop it from one list), or rename the column")
+        return self
+
     @property
     def enabled(self) -> bool:
         return bool(self.group_fields or self.lexicon)

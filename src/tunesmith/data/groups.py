@@ -24,3 +24,11 @@ def eligible(groups: list[str], min_size: int) -> set[str]:
     for g in groups:
         counts[g] = counts.get(g, 0) + 1
     return {g for g, n in counts.items() if n >= min_size and g != MISSING}
+
+
+def shown_groups(groups: list[str], most: int = 5) -> str:
+    """Group values for a message or a report: the first `most`, each cut to 60 characters (a value is
+    whatever a data column held, however long) and said how many more there are."""
+    cut = [g if len(g) <= 60 else g[:57] + "..." for g in groups[:most]]
+    more = f" and {len(groups) - most} more" if len(groups) > most else ""
+    return ", ".join(cut) + more

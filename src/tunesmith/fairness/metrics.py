@@ -29,10 +29,10 @@ def per_group(golds: list[str], preds: list[str], groups: list[str], positive: s
 
 def disparities(golds: list[str], preds: list[str], groups: list[str], positive: str,
                 keep: set[str] | None = None) -> dict[str, float | None]:
-    """The four headline figures over the groups in `keep` (default: all)."""
+    """The four headline figures over the groups in `keep` (default: all), to 6 places as audit.json's others."""
     y, p, g = _arrays(golds, preds, groups, positive)
     names = sorted(keep if keep is not None else set(groups))
-    return _disparities(y, p, g, names)
+    return {k: v if v is None else round(float(v), 6) for k, v in _disparities(y, p, g, names).items()}
 
 
 def with_intervals(golds: list[str], preds: list[str], groups: list[str], positive: str, keep: set[str],

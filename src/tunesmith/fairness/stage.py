@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tunesmith import fsio, hardware
 from tunesmith.config import FairnessConfig, Project
-from tunesmith.data.groups import MISSING, attributes, eligible
+from tunesmith.data.groups import MISSING, attributes, eligible, shown_groups
 from tunesmith.data.lexicon import CATEGORIES
 from tunesmith.data.prepare import Splits
 from tunesmith.errors import InputError
@@ -113,8 +113,11 @@ def _headline(model_audit: dict) -> dict:
     for fig in HEADLINE:
         rows = [(a, lab, e["finetuned"][fig]) for a, m in model_audit.items() for lab, e in m["labels"].items()
                 if e["finetuned"][fig]["value"] is not None]
-        if not rows:
-            out[fig] = {"value": None, "ci_low": None, "ci_high": None}
+        if not rows:  # a constraint on it is then not met: audit.json says why
+            out[fig] = {"value": None, "ci_low": None, "ci_high": None,
+                        "why": "no attribute has two groups to compare: groups of fairness.min_group_size test "
+                               "rows (for the ratio, one selecting the label; for opportunity and odds, with rows "
+                               "of the outcome)"}
             continue
         pick = min if fig.endswith("ratio") else max
         a, lab, value = pick(rows, key=lambda r: r[2]["value"])
@@ -145,22 +148,31 @@ def _no_thresholds(labels: list[str], splits: Splits) -> str | None:
 
 
 def _thresholds(cfg, splits, test, golds, tuned, val, positive, seed) -> dict:
-    """Fairness and accuracy of the model's own decisions and after group-specific thresholds."""
+    """Fairness and accuracy of the model's own decisions and after group-specific thresholds; `skipped`
+    says why none were fitted."""
     from tunesmith.fairness.threshold import optimize_thresholds
 
     attr = (cfg.group_fields or list(cfg.lexicon))[0]
     val_groups = attributes(splits.validation, cfg.group_fields, cfg.lexicon)[attr]
     test_groups = attributes(test, cfg.group_fields, cfg.lexicon)[attr]
     keep = eligible(test_groups, cfg.min_group_size)
+    head = {"attribute": attr, "label": positive, "constraint": cfg.threshold_optimizer}
+    if len(keep) < 2:
+        return {**head, "skipped": f"fewer than two groups of {attr} have {cfg.min_group_size} or more test rows "
+                "(fairness.min_group_size): there are no groups to bring together"}
     degenerate = sorted(g for g in set(val_groups)
                         if len({e.target == positive for e, gg in zip(splits.validation, val_groups) if gg == g}) < 2)
     if degenerate:
-        return {"attribute": attr, "label": positive, "skipped": "validation rows of group(s) "
-                f"{', '.join(degenerate[:5])} all have the same outcome; thresholds cannot be fitted"}
+        return {**head, "skipped": f"validation rows of group(s) {shown_groups(degenerate)} all have the same "
+                "outcome; thresholds cannot be fitted"}
     decided = optimize_thresholds([p[positive] for p in val.probabilities],
                                   [e.target == positive for e in splits.validation],
                                   val_groups, [p[positive] for p in tuned.probabilities], test_groups,
                                   cfg.threshold_optimizer, seed)
+    # A group the validation split lacks has no threshold (Fairlearn decides all its rows negative): its rows
+    # keep the model's own decisions, and the groups are named.
+    fitted = set(val_groups)
+    decided = [d if g in fitted else t == positive for d, g, t in zip(decided, test_groups, tuned.texts)]
     # After post-processing only "positive or not" is decided; other labels keep the model's choice.
     other = "(not " + positive + ")"
     after = [positive if d else (t if t != positive else other) for d, t in zip(decided, tuned.texts)]
@@ -168,8 +180,12 @@ def _thresholds(cfg, splits, test, golds, tuned, val, positive, seed) -> dict:
     def figures(preds):
         acc = sum(p == g for p, g in zip(preds, golds)) / max(len(golds), 1)
         return {"accuracy": round(acc, 6), **disparities(golds, preds, test_groups, positive, keep)}
-    return {"attribute": attr, "label": positive, "constraint": cfg.threshold_optimizer,
-            "before": figures(tuned.texts), "after": figures(after)}
+    out = {**head, "before": figures(tuned.texts), "after": figures(after)}
+    if unfitted := sorted(set(test_groups) - fitted):
+        out["unfitted_groups"] = unfitted[:100]
+        out["note"] = (f"group(s) {shown_groups(unfitted)} have no validation rows: no threshold was fitted for "
+                       "them, and their test rows keep the model's own decisions")
+    return out
 
 
 def _stereotype(model, tokenizer, base_path, n: int) -> dict:

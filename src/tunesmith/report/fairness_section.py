@@ -6,6 +6,7 @@ import html
 from pathlib import Path
 
 from tunesmith import fsio
+from tunesmith.data.groups import shown_groups
 from tunesmith.registry import DISPARITY_FIGURES
 from tunesmith.report import plots
 from tunesmith.report.html import img
@@ -24,7 +25,7 @@ def fairness_section(run_dir: Path) -> str:
         small = audit["attributes"][attr]["small_groups"]
         parts.append(img(plots.group_rates(groups, attr, label), f"per-group rates: {html.escape(attr)}")
                      + (f"<p class='warn'>groups under {audit['min_group_size']} test rows, not compared: "
-                        f"{html.escape(', '.join(small[:30]))}</p>" if small else ""))
+                        f"{html.escape(shown_groups(small, 30))}</p>" if small else ""))
     parts.append(_data_part(audit["data"]))
     parts.append(_probes(audit))
     return "".join(parts)
@@ -33,8 +34,13 @@ def fairness_section(run_dir: Path) -> str:
 def _headline_row(name: str, f: dict) -> str:
     if f.get("value") is None:
         return f"<tr><td>{name}</td><td>n/a</td><td></td><td></td></tr>"
-    return (f"<tr><td>{name}</td><td>{f['value']:.4f}</td><td>[{f['ci_low']:.4f}, {f['ci_high']:.4f}]</td>"
+    return (f"<tr><td>{name}</td><td>{f['value']:.4f}</td><td>[{_f4(f.get('ci_low'))}, {_f4(f.get('ci_high'))}]</td>"
             f"<td>{html.escape(str(f.get('attribute')))}, label {html.escape(str(f.get('label')))}</td></tr>")
+
+
+def _f4(value) -> str:
+    """A figure to 4 places; n/a where it could not be measured (e.g. no group selected anyone)."""
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _data_part(data: dict) -> str:
@@ -43,7 +49,7 @@ def _data_part(data: dict) -> str:
         a = d["association"]
         assoc = (f"chi-square p = {a['p_value']:.3g}, mutual information {a['mutual_information']:.4f} nats"
                  if a["p_value"] is not None else "one group or one label only")
-        flagged = f"; under-represented: {html.escape(', '.join(d['under_represented'][:20]))}" \
+        flagged = f"; under-represented: {html.escape(shown_groups(d['under_represented'], 20))}" \
             if d["under_represented"] else ""
         items.append(f"<li>{html.escape(attr)}: {len(d['groups'])} groups over {d['rows']} "
                      "training rows; group vs label "
@@ -62,11 +68,11 @@ def _probes(audit: dict) -> str:
         out.append(f"<li>threshold post-processing not run: {html.escape(t['skipped'])}</li>")
     elif t:
         b, a = t["before"], t["after"]
-        out.append(f"<li>threshold post-processing ({t['constraint']}, by {html.escape(t['attribute'])}): demographic "
-                   f"parity difference {b['demographic_parity_difference']:.4f} -> "
-                   f"{a['demographic_parity_difference']:.4f},"
-                   f" equalized odds difference {b['equalized_odds_difference']:.4f} -> "
-                   f"{a['equalized_odds_difference']:.4f}, accuracy {b['accuracy']:.4f} -> {a['accuracy']:.4f}</li>")
+        change = ", ".join(f"{name.replace('_', ' ')} {_f4(b.get(name))} -> {_f4(a.get(name))}"
+                           for name in ("demographic_parity_difference", "equalized_odds_difference", "accuracy"))
+        note = f" ({html.escape(t['note'])})" if t.get("note") else ""
+        out.append(f"<li>threshold post-processing ({html.escape(str(t['constraint']))}, by "
+                   f"{html.escape(t['attribute'])}): {change}{note}</li>")
     s = audit.get("stereotype")
     if s:
         out.append(f"<li>stereotype probe (CrowS-Pairs, {s['finetuned']['pairs']} pairs; 0.5 = no preference): base "

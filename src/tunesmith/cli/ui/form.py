@@ -29,6 +29,7 @@ from tunesmith.cli.ui.layout import esc, page
 from tunesmith.cli.ui.scan import UI_DIR, walk
 from tunesmith.cli.ui.security import csrf, inside_root, read_capped
 from tunesmith.config import Project, yaml_text
+from tunesmith.config.sources import glob_matches, glob_pattern
 from tunesmith.errors import TunesmithError
 from tunesmith.models.catalog import CATALOG
 from tunesmith.registry import METHOD_SPECS, METHODS, METRIC_SPECS
@@ -189,7 +190,7 @@ async def read_values(request: Request) -> dict[str, Any]:
     body = await read_capped(request, MAX_BODY)
     try:
         values = json.loads(body or b"{}").get("values")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # RecursionError: `[[[...` nested past the stack
         values = None
     if not isinstance(values, dict) or not all(isinstance(k, str) and isinstance(v, (str, bool, int, float))
                                                for k, v in values.items()):
@@ -272,9 +273,9 @@ def _inside(root: Path, key: str, path: str) -> str:
                                  "below it)")
     try:
         inside_root(root, path)
-        if any(c in path for c in "*?["):
-            for match in itertools.islice(root.glob(path), MAX_GLOB):
-                inside_root(root, match.relative_to(root).as_posix())
+        if any(c in path for c in "*?["):  # every file the loader would read, found as it finds them
+            for match in itertools.islice(glob_matches(glob_pattern(path, root)), MAX_GLOB):
+                inside_root(root, Path(match).relative_to(root).as_posix())
     except (HTTPException, ValueError, NotImplementedError):
         raise refused from None
     return _from_ui_folder(path)

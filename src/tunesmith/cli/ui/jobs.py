@@ -346,8 +346,9 @@ class JobManager:
                       pid_start=None if data.get("pid_start") is None else str(data["pid_start"]))
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            log.warning("%s: not a job record, skipped (%s)", path, e)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            why = "nested too deeply" if isinstance(e, RecursionError) else e
+            log.warning("%s: not a job record, skipped (%s)", path, why)
             return None
         inside = all(p.resolve().is_relative_to(self.root) for p in (job.config, job.out))
         return job if job.id == folder.name and inside else None  # never a path out of the root

@@ -61,7 +61,7 @@ class Progress:
             pos += len(line) + 1
             try:
                 record = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
             if isinstance(record, dict):
                 out.append((record, pos))

@@ -85,7 +85,7 @@ def read_suspects(path: Path, limit: int = MAX_QUEUE) -> tuple[list[dict], int]:
         for line in f:
             try:
                 row = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue  # a line cut short by a crash: the rest of the queue is still worth showing
             if isinstance(row, dict) and isinstance(row.get("given_label"), str):
                 rows.append(row)

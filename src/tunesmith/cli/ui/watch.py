@@ -43,6 +43,7 @@ READ_CHUNK = 4 * 1024 * 1024  # most bytes of a log read per poll (a long log is
 STORE_POINTS = 4 * MAX_POINTS  # points kept per list: past this, thinned to half (first and last kept)
 MAX_BAD_LINES = 100    # unreadable line numbers remembered (the count goes on)
 MAX_EVAL_KEYS = 32     # figures kept per validation record
+MAX_STEP = 2 ** 53     # integers a float holds exactly: past it a log's number is no figure to chart
 IDLE_S = 600.0         # a log unchanged this long, with no job running on it, is no longer polled
 _NOT_FIGURES = {"step", "epoch", "val_loss", "train_loss", "loss", "lr"}
 
@@ -149,7 +150,7 @@ def _train_json(request: Request, folder_rel: str) -> dict:
     path = security.inside_root(request, posixpath.join(folder_rel, "train.json"))
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -227,9 +228,9 @@ def _take(parsed: _Parsed, line: bytes) -> None:
     candidates, are not charted)."""
     try:
         record = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         record = None
-    if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+    if not isinstance(record, dict) or not _step(record.get("step")):
         _bad(parsed)
         return
     step = record["step"]
@@ -247,8 +248,16 @@ def _take(parsed: _Parsed, line: bytes) -> None:
             parsed.steps = _thin(parsed.steps, STORE_POINTS // 2)
 
 
+def _step(value) -> bool:
+    """A step the charts can place: an integer (not a boolean) a float holds exactly; 10**400 would
+    overflow the axis scale."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_STEP
+
+
 def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A figure to chart: a float, or an integer within MAX_STEP (float(10**400) overflows)."""
+    return isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool)
+                                        and abs(value) <= MAX_STEP)
 
 
 def _finite(value):
