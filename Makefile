@@ -8,6 +8,9 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
 # The CPU build of this torch lies on this machine's disk; GPU users can preinstall their own
 # torch in .venv (any version the pyproject range admits) and it is kept.
 TORCH_VERSION ?= 2.13.0
+# llama-cpp-python's build flags (see install): portable AVX2 on x86-64, the default elsewhere.
+LLAMA_CMAKE := $(shell [ "$$(uname -m)" = x86_64 ] && echo 'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON \
+	-DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"')
 
 .PHONY: install demo lint test test-fast bench clean
 
@@ -23,7 +26,11 @@ $(STAMP): pyproject.toml Makefile
 	# The GGUF export reads its file back with llama.cpp and quantizes q4_K_M with it; pip compiles
 	# llama-cpp-python from source (about 4 minutes on 2 cores). Optional: without it the export reads
 	# GGUF with transformers' loader and the llama.cpp tests are skipped, so a failed build only warns.
-	$(PY) -c "import llama_cpp" 2>/dev/null || $(PY) -m pip install -q "llama-cpp-python==0.3.36" || \
+	# On x86-64 it is built for AVX2 (x86-64-v3), not -march=native: a native build on a CPU with AMX
+	# (Sapphire Rapids) segfaults decoding q8_0/q4_K_M where the kernel does not grant AMX (measured
+	# 2026-12-06). No wheel cache: a cached native build would be reused whatever CMAKE_ARGS says.
+	$(PY) -c "import llama_cpp" 2>/dev/null || $(LLAMA_CMAKE) $(PY) -m pip install -q --no-cache-dir \
+		"llama-cpp-python==0.3.36" || \
 		echo "warning: llama-cpp-python did not build; GGUF exports will be read back by transformers"
 	# The report and rating-form tests render pages in headless Chromium; the monitoring tests run
 	# promtool and a real Prometheus; the Ollama tests render a Modelfile TEMPLATE with Go's own

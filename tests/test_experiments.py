@@ -192,7 +192,7 @@ def test_tune_study_starts_from_the_default_and_ends_in_a_run(tmp_path, tiny_mod
     project = load_config(config)
     first = dict(db.execute("SELECT param_name, param_value FROM trial_params WHERE trial_id = "
                             "(SELECT MIN(trial_id) FROM trials)").fetchall())
-    assert first["lora.r"] is not None and len(first) == 5  # trial 0 is the config as written
+    assert first["lora.r"] is not None and len(first) == 4  # trial 0 is the config as written (max_steps: no epochs)
     assert (out / "best" / "summary.json").is_file() and "default config (trial 0)" in result.output
     m = re.search(r"default config \(trial 0\): ([0-9.]+); best: trial \d+ ([0-9.]+)", result.output)
     assert m and float(m.group(2)) >= float(m.group(1)) and project.train.method == "lora"
@@ -281,3 +281,16 @@ def test_tune_starts_from_a_config_outside_its_search_ranges(tmp_path, tiny_mode
     result = runner.invoke(app, ["tune", config, "--trials", "1", "--out", str(tmp_path / "t"), "--quiet"])
     assert result.exit_code in (0, 3), result.output
     assert "'lora.r': 64" in result.output and "'lora.alpha': 128" in result.output
+
+
+def test_tune_searches_epochs_only_when_max_steps_leaves_them_a_say(tmp_path, tiny_model):
+    import optuna
+
+    from tunesmith.config import load_config
+    from tunesmith.tune import defaults, space
+
+    project = load_config(_project(tmp_path, tiny_model))  # max_steps: 6 decides the length
+    sampled = space(optuna.trial.FixedTrial(defaults(project)), project)
+    assert project.train.max_steps == 6 and "epochs" not in sampled and "epochs" not in defaults(project)
+    open_ended = project.model_copy(update={"train": project.train.model_copy(update={"max_steps": None})})
+    assert "epochs" in space(optuna.trial.FixedTrial(defaults(open_ended)), open_ended)

@@ -114,6 +114,19 @@ def test_q4_k_m_by_llama_cpp(run, tmp_path):
     assert not list(tmp_path.glob("q4/*.tmp"))  # the intermediate f16 file is gone
 
 
+@needs_llama_cpp
+def test_a_llama_cpp_that_crashes_on_the_file_hands_the_read_back_to_transformers(run, tmp_path, monkeypatch):
+    """A llama.cpp build whose kernels die on this CPU (a native AMX build) crashed the export itself
+    (SIGSEGV, no error line, a staging folder left): the file is first decoded in a child process."""
+    monkeypatch.setattr(gguf_read, "_SMOKE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    result = runner.invoke(cli, ["export", str(run), "--format", "gguf", "--out", str(tmp_path / "g")])
+    assert result.exit_code == 0, result.output
+    assert "llama.cpp cannot decode model-q8_0.gguf on this machine (its process was killed by SIGSEGV)" in \
+        result.stderr
+    record = json.loads((tmp_path / "g" / "export.json").read_text())
+    assert record["reader"].startswith("transformers") and record["agreement"] == 1.0
+
+
 def test_q4_k_m_without_llama_cpp_is_a_located_error(run, tmp_path, monkeypatch):
     monkeypatch.setattr(gguf_module, "llama_cpp_available", lambda: False)
     result = runner.invoke(cli, ["export", str(run), "--format", "gguf", "--quant", "q4_K_M",

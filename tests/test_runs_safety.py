@@ -138,6 +138,13 @@ def test_item9_compare_and_tune_refuse_a_user_folder(tmp_path, tiny_model):
     assert tune.exit_code == 2
     _one_error(tune, "no study.sqlite", "--overwrite")
     assert log.read_text() == '{"step": 1}\n' and not (tmp_path / "study" / "study.sqlite").exists()
+    # A user's file inside trials/ (even in a folder named like a trial's): refused, --overwrite or not.
+    (log.parent / "data.csv").write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        tune = runner.invoke(app, ["tune", config, "--trials", "1", "--out", str(tmp_path / "study"), "-q", *extra])
+        assert tune.exit_code == 2
+        _one_error(tune, "did not write", "trials/000/data.csv")
+    assert (log.parent / "data.csv").read_text() == "mine" and log.read_text() == '{"step": 1}\n'
 
 
 # -- item 10: one writer per run directory ----------------------------------------------------------
@@ -338,3 +345,18 @@ def test_item13_runs_show_of_a_deleted_run_folder_exits_2(tmp_path, monkeypatch)
     result = runner.invoke(app, ["runs", "show", str(run_id)])
     assert result.exit_code == 2
     _one_error(result, f"run {run_id}", "folder is gone", str(run_dir))
+
+
+def test_compare_and_tune_refuse_a_rank_the_model_cannot_take_before_any_training(tmp_path, tiny_model):
+    """The tiny model's layers are 64 wide: lora.r 100 is found on its shape (meta device) before the
+    first method trains or a study is made, so nothing is written."""
+    config = _project(tmp_path, tiny_model)
+    text = Path(config).read_text()
+    Path(config).write_text(text.replace("method: lora", "method: lora\n  lora: {r: 100}"))
+    compare = runner.invoke(app, ["compare", config, "--methods", "full,lora", "--out", str(tmp_path / "c"), "-q"])
+    assert compare.exit_code == 2
+    _one_error(compare, "larger than the widest layer", "train.lora.r")
+    tune = runner.invoke(app, ["tune", config, "--trials", "2", "--out", str(tmp_path / "t"), "-q"])
+    assert tune.exit_code == 2
+    _one_error(tune, "larger than the widest layer", "train.lora.r")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "t").exists()

@@ -25,14 +25,17 @@ STUDY_FILE = "study.sqlite"
 
 def space(trial, project: Project) -> dict:
     """Sampled values: LoRA rank, alpha, dropout, learning rate (around the method's default) and epochs.
-    Each range holds the config's own value too: trial 0 is the config as written, whatever it says."""
+    Each range holds the config's own value too: trial 0 is the config as written, whatever it says.
+    Epochs are searched only when they decide the length (train.max_steps, when set, does)."""
     base, t = METHOD_SPECS[project.train.method].learning_rate, project.train
-    return {"lora.r": trial.suggest_categorical("lora.r", _with([4, 8, 16, 32], t.lora.r)),
-            "lora.alpha": trial.suggest_categorical("lora.alpha", _with([8, 16, 32, 64], t.lora.alpha)),
-            "lora.dropout": trial.suggest_float("lora.dropout", 0.0, max(0.2, t.lora.dropout)),
-            "learning_rate": trial.suggest_float("learning_rate", min(base / 10, t.learning_rate),
-                                                 max(base * 10, t.learning_rate), log=True),
-            "epochs": trial.suggest_categorical("epochs", _with([1, 2, 3], t.epochs))}
+    params = {"lora.r": trial.suggest_categorical("lora.r", _with([4, 8, 16, 32], t.lora.r)),
+              "lora.alpha": trial.suggest_categorical("lora.alpha", _with([8, 16, 32, 64], t.lora.alpha)),
+              "lora.dropout": trial.suggest_float("lora.dropout", 0.0, max(0.2, t.lora.dropout)),
+              "learning_rate": trial.suggest_float("learning_rate", min(base / 10, t.learning_rate),
+                                                   max(base * 10, t.learning_rate), log=True)}
+    if t.max_steps is None:
+        params["epochs"] = trial.suggest_categorical("epochs", _with([1, 2, 3], t.epochs))
+    return params
 
 
 def _with(choices: list, value) -> list:
@@ -45,8 +48,9 @@ def apply_params(project: Project, params: dict) -> Project:
 
 def defaults(project: Project) -> dict:
     t = project.train
-    return {"lora.r": t.lora.r, "lora.alpha": t.lora.alpha, "lora.dropout": t.lora.dropout,
-            "learning_rate": t.learning_rate, "epochs": t.epochs}
+    fixed = {"lora.r": t.lora.r, "lora.alpha": t.lora.alpha, "lora.dropout": t.lora.dropout,
+             "learning_rate": t.learning_rate}
+    return fixed if t.max_steps is not None else {**fixed, "epochs": t.epochs}
 
 
 def tune(project: Project, trials: int, out: Path, progress: bool = True, seed: int = 0,
@@ -57,11 +61,12 @@ def tune(project: Project, trials: int, out: Path, progress: bool = True, seed: 
 
     from tunesmith.errors import InputError, RunDirError
     from tunesmith.runs import check_runs_folder, is_run_dir
-    from tunesmith.train.stage import train_stage
+    from tunesmith.train.stage import check_method_fits, train_stage
 
     if project.train.method not in SEARCHABLE:
         raise InputError(f"tune searches LoRA hyperparameters; train.method is {project.train.method}", "train.method",
                          f"use one of: {', '.join(SEARCHABLE)}")
+    check_method_fits(project)  # before the study is made: a rank the model cannot take fails trial 0
     out = Path(out).resolve()
     # A best run already there is kept when the study is complete and it is of the best trial's config
     # (finished by hand after an interruption: `_best_run`); otherwise refused before any trial trains.
@@ -72,6 +77,9 @@ def tune(project: Project, trials: int, out: Path, progress: bool = True, seed: 
         raise RunDirError("already holds a tunesmith run", f"--out {out / 'best'}",
                           "pass --overwrite to replace it, or give a new folder")
     kept = out / "trials"
+    if foreign := _foreign_trial_files(kept):  # trial logs are replaced, with --overwrite too; never these
+        raise RunDirError(f"holds files tune did not write ({', '.join(foreign[:3])}); left untouched",
+                          f"--out {out}", "give a new folder, or move them out of trials/")
     if kept.is_dir() and any(kept.iterdir()) and not (out / STUDY_FILE).exists() and not overwrite:
         # Without its study, trial numbers restart at 000 and each new trial would replace a kept log.
         raise RunDirError(f"holds {kept.name}/ but no study.sqlite: new trials would replace the kept trials' logs",
@@ -118,6 +126,26 @@ def tune(project: Project, trials: int, out: Path, progress: bool = True, seed: 
             "best_params": _params(best.params, project), "best_validation": sign * best.value,
             "default_trial": default.number if default is not None else None,
             "default_validation": default_value, "summary": summary}
+
+
+# What a trial's folder holds (train_stage's files and trackers'); `model` is removed once it is scored.
+TRIAL_FILES = frozenset({"train.json", "train_log.jsonl", "model", "checkpoints", "tensorboard", "mlruns", "wandb"})
+
+
+def _foreign_trial_files(kept: Path) -> list[str]:
+    """Entries of out/trials that no trial wrote (paths relative to out): anything but NNN folders of
+    TRIAL_FILES. A trial's folder is emptied before it trains, so they would be deleted with it."""
+    if kept.is_symlink() or (kept.exists() and not kept.is_dir()):
+        return [kept.name]
+    if not kept.is_dir():
+        return []
+    foreign = []
+    for entry in sorted(kept.iterdir()):
+        if entry.is_symlink() or not entry.is_dir() or not entry.name.isdigit():
+            foreign.append(f"{kept.name}/{entry.name}")
+            continue
+        foreign += [f"{kept.name}/{entry.name}/{f.name}" for f in sorted(entry.iterdir()) if f.name not in TRIAL_FILES]
+    return foreign
 
 
 def _best_run(project: Project, folder: Path, progress: bool, overwrite: bool) -> dict:

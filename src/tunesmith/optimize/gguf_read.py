@@ -19,6 +19,9 @@ a wrong pre-tokenizer or vocabulary shows there even when the predictions happen
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,12 +43,39 @@ class ReadBack:
 
 
 def read_gguf(path: Path, project, fmt: PromptFormat, test, run_tokenizer) -> ReadBack:
-    """Score `test` with the GGUF at `path`: llama.cpp when available and decoding is greedy, else
-    transformers' GGUF loader (sampled decoding is reproduced only by the torch reader's seeded sampler)."""
+    """Score `test` with the GGUF at `path`: llama.cpp when available, decoding is greedy and it decodes
+    the file on this machine, else transformers' GGUF loader (sampled decoding is reproduced only by the
+    torch reader's seeded sampler)."""
     greedy = project.eval.generation.temperature == 0
     if llama_cpp_available() and (fmt.labels or greedy):
-        return read_llama_cpp(path, project, fmt, test, run_tokenizer)
+        why = llama_cpp_fails(path)
+        if why is None:
+            return read_llama_cpp(path, project, fmt, test, run_tokenizer)
+        print(f"warning: llama.cpp cannot decode {path.name} on this machine ({why}); it is read back with "
+              "transformers' GGUF loader instead", file=sys.stderr)
     return read_transformers_gguf(path, project, fmt, test, run_tokenizer)
+
+
+# A forward of a batch of tokens through the file, in a child: where a llama.cpp build's kernels do not run
+# on this CPU (a native build using AMX where the kernel does not grant it), the child dies, not the export.
+_SMOKE = ("import sys, llama_cpp; llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=128, n_batch=128, "
+          "n_gpu_layers=0, verbose=False); n = llm.n_vocab(); llm.eval([i % n for i in range(1, 65)])")
+SMOKE_TIMEOUT_S = 600
+
+
+def llama_cpp_fails(path: Path) -> str | None:
+    """Why llama.cpp cannot decode the GGUF at `path` here (how its child process ended), or None."""
+    try:
+        done = subprocess.run([sys.executable, "-c", _SMOKE, str(path)], capture_output=True,
+                              timeout=SMOKE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"a forward of 64 tokens took over {SMOKE_TIMEOUT_S} s"
+    if done.returncode == 0:
+        return None
+    if done.returncode < 0:
+        return f"its process was killed by {signal.Signals(-done.returncode).name}"
+    last = done.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
+    return f"exit {done.returncode}: {last[0][:200]}"
 
 
 def read_transformers_gguf(path: Path, project, fmt: PromptFormat, test, run_tokenizer) -> ReadBack:

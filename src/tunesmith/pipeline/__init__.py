@@ -46,7 +46,7 @@ from tunesmith.runs import (
     staging_dir,
 )
 from tunesmith.train import distributed
-from tunesmith.train.stage import train_stage
+from tunesmith.train.stage import check_method_fits, train_stage
 
 EXIT_MET, EXIT_NOT_MET = 0, 3
 
@@ -295,6 +295,8 @@ def compare_methods(project: Project, methods: list[str], out: Path, progress: b
     check_runs_folder(out, methods, ("compare.json", "compare.png"), overwrite)  # before any training
     prepare_data_apart(project)  # bad data fails before any training (its libraries stay in a child)
     configs = [(method, _method_config(project, method)) for method in methods]  # and so does a clash
+    for _, variant in configs:  # and a setting the model cannot take (train.lora.r past its layers' width)
+        check_method_fits(variant)
     entries = []
     for method, variant in configs:
         if progress:

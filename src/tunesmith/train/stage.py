@@ -54,6 +54,30 @@ def train_stage(project: Project, splits: Splits, run_dir: Path, progress: bool 
     return result
 
 
+def check_method_fits(project: Project) -> None:
+    """The method's settings that depend on the model (an adapter's rank against the layers' width, its
+    target layers) checked on the model's shape alone: built on the meta device, no weights read. For
+    the commands that train several configs (compare, tune), so such a value fails before the first
+    training rather than after it. Any other failure is left to the training itself to report."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tunesmith.errors import TunesmithError
+
+    if METHOD_SPECS[project.train.method].kind == "prompt" or project.train.init_from is not None:
+        return  # nothing attached to weights; an init_from base is that run's merged model, checked there
+    base_path = resolve_model(project.model)
+    try:
+        config = AutoConfig.from_pretrained(str(base_path), trust_remote_code=False)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+        get_method(project.train.method).apply(model, project.train)
+    except TunesmithError:
+        raise
+    except Exception:  # noqa: BLE001 - an architecture that will not build on meta: training finds out
+        return
+
+
 def _checked_tokenizer(project: Project, splits: Splits, base_path: Path):
     """The tokenizer with task.chat_template on it (saved with the model: serve renders the same) and the
     prompt format, the template checked against the rows before anything is written: merging
