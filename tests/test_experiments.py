@@ -63,6 +63,12 @@ def test_compare_runs_each_method_and_the_registry_knows_them(tmp_path, tiny_mod
     assert again.exit_code == 0, again.output
     assert [e["method"] for e in json.loads((out / "compare.json").read_text())] == ["ia3"]
     assert "lora, prompt_optimization in --out are earlier runs" in again.stderr
+    # No method meets an objective: exit 3, as run and tune.
+    Path(config).write_text(Path(config).read_text().replace(
+        "  target: 0.0\n", "  target: 0.0\n  constraints:\n    latency_p95_ms: {max: 0.0001}\n"))
+    unmet = runner.invoke(app, ["compare", config, "--methods", "prompt_optimization", "--out",
+                                str(tmp_path / "unmet"), "--quiet"])
+    assert unmet.exit_code == 3 and "not met" in unmet.output, unmet.output
     _check_compare_page(out / "lora", out / "ia3", str(run_id))
 
 
@@ -99,6 +105,14 @@ def test_compare_rejects_unknown_methods(tmp_path, tiny_model):
     result = runner.invoke(app, ["compare", _project(tmp_path, tiny_model), "--methods", "lora,magic", "--out",
                                  str(tmp_path / "x")])
     assert result.exit_code == 2 and "error: unknown method 'magic', --methods" in result.output
+    for given in ("", " , "):
+        result = runner.invoke(app, ["compare", str(tmp_path / "project.yaml"), "--methods", given, "--out",
+                                     str(tmp_path / "x")])
+        assert result.exit_code == 2 and "error: names no method, --methods" in result.output
+    result = runner.invoke(app, ["compare", str(tmp_path / "project.yaml"), "--methods", "dpo", "--out",
+                                 str(tmp_path / "x")])
+    assert result.exit_code == 2 and "does not fit this config (train.method dpo" in result.output, result.output
+    assert not (tmp_path / "x").exists()
 
 
 def test_estimates_follow_the_formulas():

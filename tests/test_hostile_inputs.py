@@ -263,6 +263,11 @@ def test_an_error_line_is_one_line_whatever_the_library_said():
     from tunesmith.errors import DataError
 
     assert "\n" not in DataError("cannot read Parquet file: bad\nmagic bytes", "x.parquet").line()
+    from tunesmith.errors import ModelError
+
+    said = ModelError("cannot read GGUF file x.gguf: it is not a GGUF file.", "--candidates x.gguf", "check it").line()
+    assert said == "error: cannot read GGUF file x.gguf: it is not a GGUF file, --candidates x.gguf, check it"
+    assert ModelError("cut short...", "model").line() == "error: cut short..., model"
 
 
 @pytest.mark.parametrize("meta,problem", [

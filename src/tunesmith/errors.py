@@ -20,7 +20,9 @@ class TunesmithError(Exception):
         self.details: list[str] = []
 
     def line(self) -> str:
-        parts = [self.what] + [p for p in (self.where, self.hint) if p]
+        # A library's reason often ends its sentence: "not a GGUF file., --candidates X" reads as a typo.
+        what = self.what[:-1] if self.what.endswith(".") and not self.what.endswith("..") else self.what
+        parts = [what] + [p for p in (self.where, self.hint) if p]
         # One line whatever a library's message holds (pyarrow's span several)
         return "error: " + " ".join(", ".join(parts).split("\n"))
 

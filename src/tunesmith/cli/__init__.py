@@ -327,7 +327,8 @@ def compare_command(config: Path = typer.Argument(..., help="project.yaml"),
                                                 help="Comma-separated methods to train and compare."),
                     out: Path = typer.Option(..., "--out", help="Folder for one run per method and compare.json."),
                     overwrite: bool = OVERWRITE, quiet: bool = QUIET, debug: bool = DEBUG) -> None:
-    """Bake-off: train each method on the same splits and budget; print and plot a leaderboard."""
+    """Bake-off: train each method on the same splits and budget; print and plot a leaderboard.
+    Exit 0 when a method meets the objective, 3 when none does."""
     def go() -> int:
         from tunesmith import pipeline
         from tunesmith.config import load_config
@@ -337,7 +338,7 @@ def compare_command(config: Path = typer.Argument(..., help="project.yaml"),
         ranked = pipeline.compare_methods(load_config(config), names, out, progress=not quiet, overwrite=overwrite)
         print(table(ranked))
         print(f"leaderboard: {out / 'compare.json'}, plot: {out / 'compare.png'}")
-        return 0
+        return pipeline.EXIT_MET if any(e["objective_met"] for e in ranked) else pipeline.EXIT_NOT_MET
     _guarded(debug, go)
 
 

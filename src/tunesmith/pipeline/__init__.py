@@ -284,10 +284,11 @@ def compare_methods(project: Project, methods: list[str], out: Path, progress: b
     from tunesmith.evaluate.leaderboard import entry, rank, write
     from tunesmith.registry import METHODS
 
+    if not methods:
+        raise InputError("names no method", "--methods", f"give one or more of: {', '.join(METHODS)}")
     unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise InputError(f"unknown method '{unknown[0] if unknown else ''}'", "--methods",
-                         f"available: {', '.join(METHODS)}")
+    if unknown:
+        raise InputError(f"unknown method '{unknown[0]}'", "--methods", f"available: {', '.join(METHODS)}")
     twice = next((m for i, m in enumerate(methods) if m in methods[:i]), None)
     if twice is not None:  # its second run would go into the first one's folder after a whole training
         raise InputError(f"method '{twice}' is listed twice", "--methods", "name each method once")
@@ -321,7 +322,8 @@ def _method_config(project: Project, method: str) -> Project:
     try:
         return derive(project, updates)
     except ValidationError as e:
-        raise InputError(f"method '{method}' does not fit this config ({e.errors()[0]['msg']})", "--methods",
+        why = e.errors()[0]["msg"].removeprefix("Value error, ")
+        raise InputError(f"method '{method}' does not fit this config ({why})", "--methods",
                          "leave it out, or change the config key the message names") from None
 
 
