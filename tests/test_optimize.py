@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import shutil
 
 import pytest
 import torch
@@ -364,6 +365,26 @@ def test_an_interrupted_optimize_leaves_the_earlier_variants_and_figures_as_they
     assert [(r["name"], r["path"]) for r in rows] == [("fp32", "model"), ("int8", "variants/int8"),
                                                       ("bf16", "variants/bf16")]
     assert (folder / "variants" / "bf16").is_dir() and not (folder / "variants" / stage.STAGING).exists()
+    # Fewer variants the next time: the earlier one nothing measures any more is not left to be served.
+    assert runner.invoke(app, ["optimize", run, "--variants", "bf16", "--quiet"]).exit_code == 0
+    assert sorted(p.name for p in (folder / "variants").iterdir()) == ["bf16"]
+    # A variant's folder holding the user's own files, a file or a link as variants/: refused, untouched.
+    (folder / "variants" / "bf16" / "variant.json").unlink()
+    (folder / "variants" / "bf16" / "notes.txt").write_text("mine")
+    refused = runner.invoke(app, ["optimize", run, "--variants", "bf16", "--quiet"])
+    assert refused.exit_code == 2 and "optimize did not write" in refused.stderr and \
+        str(folder / "variants" / "bf16") in refused.stderr, refused.output
+    assert (folder / "variants" / "bf16" / "notes.txt").read_text() == "mine"
+    shutil.rmtree(folder / "variants")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (folder / "variants").symlink_to(elsewhere)
+    refused = runner.invoke(app, ["optimize", run, "--variants", "bf16", "--quiet"])
+    assert refused.exit_code == 2 and str(folder / "variants") in refused.stderr and list(elsewhere.iterdir()) == []
+    (folder / "variants").unlink()
+    (folder / "variants").write_text("x")
+    refused = runner.invoke(app, ["optimize", run, "--variants", "bf16", "--quiet"])
+    assert refused.exit_code == 2 and f"{folder / 'variants'}, " in refused.stderr and ".partial" not in refused.stderr
 
 
 def test_run_with_optimize_enabled_selects_a_variant(tmp_path, tiny_model):

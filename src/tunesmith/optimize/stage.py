@@ -38,6 +38,7 @@ def optimize_stage(project: Project, splits: Splits, run_dir: Path, progress: bo
     run_dir = Path(run_dir)
     metrics = _evaluated(run_dir)
     names = list(project.optimize.variants if names is None else names)
+    _check_variants_folder(run_dir, names)
     # Built and measured in a staging folder, put in place only once measured: an interrupted or failed
     # optimize leaves the earlier variants and the figures that describe them as they were.
     staging = run_dir / "variants" / STAGING
@@ -60,6 +61,22 @@ def optimize_stage(project: Project, splits: Splits, run_dir: Path, progress: bo
                           f"max logit difference {merged.notes['max_logit_diff']:.3g}", str(run_dir / "variants.json"),
                           "the merged variant is not offered; report this with the run's config")
     return result
+
+
+def _check_variants_folder(run_dir: Path, names: list[str]) -> None:
+    """RunDirError before anything is built when RUN_DIR/variants is not optimize's own: a link (whatever
+    it points at would be written), a file, or a variant's folder holding what optimize did not write
+    (no variant.json: replacing it would delete the user's files)."""
+    folder = run_dir / "variants"
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise RunDirError(f"{fsio.not_a_folder(folder) if folder.is_symlink() else 'is not a folder'}: optimize "
+                          "writes its variants inside the run only", str(folder), "move it away, then rerun")
+    for name in names:
+        mine = folder / name
+        if (mine.exists() or mine.is_symlink()) and not (mine.is_dir() and not mine.is_symlink()
+                                                          and (mine / "variant.json").is_file()):
+            raise RunDirError("holds files optimize did not write (no variant.json); left untouched", str(mine),
+                              "move them away, then rerun")
 
 
 def _evaluated(run_dir: Path) -> dict:
@@ -87,6 +104,12 @@ def _install(run_dir: Path, rows: list[VariantRow]) -> list[VariantRow]:
             fsio.replace_dir(run_dir / row.path, run_dir / "variants" / row.name)
             row = dataclasses.replace(row, path=f"variants/{row.name}")
         installed.append(row)
+    # An earlier optimize's variants not built this time lost their figures with the old variants.json:
+    # removed, so `serve --variant` never loads a folder nothing measured any more.
+    kept = {row.name for row in installed}
+    for old in sorted((run_dir / "variants").glob("*/variant.json")):
+        if old.parent.name not in kept and not old.parent.is_symlink():
+            shutil.rmtree(old.parent, ignore_errors=True)
     return installed
 
 
