@@ -186,3 +186,22 @@ def test_out_inside_a_run_and_a_damaged_prompt_json_are_named(run, tmp_path):
     assert result.exit_code == 2 and "TypeError" not in result.stderr, result.stderr
     assert "no field 'instruction'" in result.stderr and str(copy / "model" / "prompt.json") in result.stderr
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_base_model_that_is_gone_is_named_as_the_runs(run, tmp_path):
+    """Its error named `model` and told how to pick a model for a new project."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    meta_file = copy / "model" / "tunesmith.json"
+    meta = json.loads(meta_file.read_text())
+    meta.update(model=str(tmp_path / "gone"), base_model_path=str(tmp_path / "gone"))
+    meta_file.write_text(json.dumps(meta))
+    for command in (["export", str(copy), "--out", str(tmp_path / "hf")],
+                    ["optimize", str(copy), "--variants", "bf16"]):
+        result = runner.invoke(cli, command)
+        assert result.exit_code == 2, result.output
+        assert "the base model this run's adapter applies to is gone" in result.stderr
+        assert str(meta_file) in result.stderr
+    assert not (tmp_path / "hf").exists()

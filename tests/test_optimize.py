@@ -297,7 +297,7 @@ def test_onnx_export_scores_and_generates_as_the_torch_model_does(tiny_model, tm
 def test_optimize_rejects_unknown_variants_and_unevaluated_runs(lora_run, tmp_path):
     bad = runner.invoke(app, ["optimize", lora_run, "--variants", "int4"])
     assert bad.exit_code == 2 and "error: unknown variant 'int4' (available: merged, " in bad.output
-    assert "), --variants, give each variant once" in bad.output
+    assert "), --variants, name known variants, each once" in bad.output
     twice = runner.invoke(app, ["optimize", lora_run, "--variants", "merged,merged"])  # was built twice
     assert twice.exit_code == 2 and "error: list each variant once; " in twice.output
     missing = runner.invoke(app, ["optimize", str(tmp_path)])
@@ -316,6 +316,7 @@ def test_full_fine_tune_has_nothing_to_merge(tmp_path, tiny_model):
     assert result.exit_code == 0, result.output
     optimize = json.loads((tmp_path / "run" / "optimize.json").read_text())
     assert [s["name"] for s in optimize["skipped"]] == ["merged"]
+    assert optimize["skipped"][0]["reason"].startswith("a full run has no weight adapter to merge")
     assert [e["name"] for e in json.loads((tmp_path / "run" / "variants.json").read_text())] == ["fp32", "int8"]
 
 

@@ -47,8 +47,9 @@ class Source:
             # Full weights and prompt optimisation (base weights, chosen prompt in fmt) come back as is.
             self._plain = plain_lm(self.model)
             if self._plain is None:
-                raise NotApplicable(f"a {fsio.read_json(self.run_dir / 'model/tunesmith.json')['method']} run keeps "
-                                    "its trained virtual tokens outside the weights; optimise a weight-based method")
+                method = fsio.read_json(self.run_dir / "model/tunesmith.json")["method"]
+                raise NotApplicable(f"a {method} run keeps its trained virtual tokens outside the weights; train "
+                                    "with a method that changes weights")
         return self._plain
 
     def plain_copy(self):

@@ -334,7 +334,7 @@ def optimize_run(run_dir: Path, names: list[str] | None = None, progress: bool =
             OptimizeConfig(variants=names)
         except ValidationError as e:
             raise InputError(e.errors()[0]["msg"].removeprefix("Value error, "), "--variants",
-                             "give each variant once, e.g. --variants merged,int8") from None
+                             "name known variants, each once, e.g. --variants merged,int8") from None
     project, splits = open_run(run_dir)
     if project.task.type == "text":
         raise InputError("the optimize stage does not support task.type text (its parity check compares "

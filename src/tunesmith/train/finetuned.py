@@ -134,6 +134,7 @@ def _weight_files(model_dir: Path, kind: str) -> list[Path]:
 def load_finetuned(model_dir: Path):
     """(model, tokenizer, prompt format, base model path) from a run's model folder."""
     meta = read_meta(model_dir)
+    _check_base(model_dir, meta)  # a base folder that is gone: named as the run's, not as a new project's model
     base_path = Path(meta["base_model_path"])
     if meta.get("base_in_model_dir"):  # train.init_from: the merged earlier model travels with this one
         base_path = Path(model_dir) / meta["base_in_model_dir"]

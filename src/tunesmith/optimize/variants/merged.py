@@ -15,8 +15,8 @@ from tunesmith.optimize.variants import NotApplicable
 
 def build(source, cfg, out_dir: Path) -> dict:
     if not source.is_mergeable_adapter:
-        raise NotApplicable(f"a {source.kind} run has no weight adapter to merge (its weights are already plain"
-                            " or its trained part is a soft prompt)")
+        raise NotApplicable(f"a {source.project.train.method} run has no weight adapter to merge (its weights are "
+                            "already plain, or what it trained is a soft prompt or a prompt)")
     merged = source.plain()
     diff = max_logit_diff(source.model, merged, source.tokenizer, source.fmt,
                           source.splits.test[: cfg.parity.samples])
