@@ -173,7 +173,7 @@ def test_select_probes_local_models_and_recommends(tmp_path, tiny_model):
 
 
 @pytest.mark.parametrize("given,said", [(",", "--candidates names no model"), (" ", "--candidates names no model"),
-                                        ("{m},{m}", "names {m} twice"),
+                                        ("{m},{m}", "names {m} twice"), ("{m},{m}/", "names {m}/ twice"),
                                         ("/no/such/model", "--candidates /no/such/model")])
 def test_select_candidates_that_name_nothing_or_twice_are_refused(tmp_path, tiny_model, given, said):
     """"," ranked the whole catalog, a name given twice was probed twice, and an unknown one was blamed

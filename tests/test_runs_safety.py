@@ -83,6 +83,11 @@ def test_a_run_is_never_written_inside_another_run(tmp_path):
     with pytest.raises(RunDirError) as refused:
         check_out(outer / "runs" / "tiny" / "20261206-000000-0001", given=False)
     assert "the default run folder" in refused.value.line() and "give --out a folder" in refused.value.line()
+    from tunesmith.runs import check_runs_folder
+
+    with pytest.raises(RunDirError) as refused:  # compare/tune: --out as given, not a run folder inside it
+        check_runs_folder(outer / "model" / "bake", ["best"], ("study.sqlite",))
+    assert f"--out {outer / 'model' / 'bake'}," in refused.value.line() and "bake/best" not in refused.value.line()
 
 
 def test_item9_out_dot_never_deletes_the_current_folder(tmp_path, tiny_model, monkeypatch):

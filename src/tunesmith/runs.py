@@ -103,6 +103,10 @@ def check_runs_folder(out: Path, runs: list[str], files: tuple[str, ...], overwr
     out = Path(out).absolute()
     if (out.exists() or out.is_symlink()) and not out.is_dir():
         raise RunDirError(fsio.not_a_folder(out), f"--out {out}", "give a new folder")
+    inside = next((p for p in out.resolve().parents if is_run_dir(p)), None)
+    if inside is not None:  # said of --out as given (check_out below would name a run folder inside it)
+        raise RunDirError(f"is inside the run directory {inside}; a run's folders hold only what it wrote",
+                          f"--out {out}", "give --out a folder outside any run")
     if out.is_dir():  # before the write probe below, so a refused folder is left untouched (its mtime too)
         ours = set(files) | set(runs)
         foreign = sorted(p.name for p in out.iterdir()

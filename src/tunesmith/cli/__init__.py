@@ -381,7 +381,9 @@ def _candidate_names(given: str | None) -> list[str] | None:
     names = [c.strip() for c in given.split(",") if c.strip()]
     if not names:
         raise InputError("--candidates names no model", "--candidates", "leave it out to rank the whole catalog")
-    if twice := next((n for i, n in enumerate(names) if n in names[:i]), None):
+    # A folder given twice (`tiny` and `tiny/`, or through a link) is one model: compared as resolved.
+    keys = [str(Path(n).expanduser().resolve()) if Path(n).expanduser().exists() else n for n in names]
+    if twice := next((n for i, (n, k) in enumerate(zip(names, keys)) if k in keys[:i]), None):
         raise InputError(f"--candidates names {twice} twice", "--candidates", "name each model once")
     return names
 
