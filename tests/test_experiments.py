@@ -308,3 +308,36 @@ def test_tune_searches_epochs_only_when_max_steps_leaves_them_a_say(tmp_path, ti
     assert project.train.max_steps == 6 and "epochs" not in sampled and "epochs" not in defaults(project)
     open_ended = project.model_copy(update={"train": project.train.model_copy(update={"max_steps": None})})
     assert "epochs" in space(optuna.trial.FixedTrial(defaults(open_ended)), open_ended)
+
+
+def test_tune_overwrite_puts_the_replaced_study_back_when_no_new_trial_scores(tmp_path, tiny_model, monkeypatch):
+    """--overwrite of a study of another config deleted it before the new config had trained anything: a
+    failed or stopped first trial lost the old study. It is set aside and put back unless a trial scores."""
+    import tunesmith.train.stage as stage
+
+    config = _project(tmp_path, tiny_model)
+    out = tmp_path / "t"
+    assert runner.invoke(app, ["tune", config, "--trials", "1", "--out", str(out), "--quiet"]).exit_code in (0, 3)
+    shutil.rmtree(out / "best")
+    study, log = (out / "study.sqlite").read_bytes(), (out / "trials" / "000" / "train_log.jsonl").read_text()
+    Path(config).write_text(Path(config).read_text().replace("max_steps: 6", "max_steps: 5"))
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(stage, "train_stage", stopped)
+    result = runner.invoke(app, ["tune", config, "--trials", "1", "--out", str(out), "--quiet", "--overwrite"])
+    assert result.exit_code == 130, result.output
+    assert (out / "study.sqlite").read_bytes() == study
+    assert (out / "trials" / "000" / "train_log.jsonl").read_text() == log and not (out / ".replaced").exists()
+    monkeypatch.undo()
+    again = runner.invoke(app, ["tune", config, "--trials", "1", "--out", str(out), "--quiet", "--overwrite"])
+    assert again.exit_code in (0, 3), again.output
+    assert (out / "study.sqlite").read_bytes() != study and not (out / ".replaced").exists()
+    shutil.rmtree(out / "best")
+    Path(config).write_text(Path(config).read_text().replace("name: tiny", "name: renamed"))  # another name
+    refused = runner.invoke(app, ["tune", config, "--trials", "1", "--out", str(out), "--quiet"])
+    assert refused.exit_code == 2 and "another project name ('tiny')" in refused.stderr, refused.output
+    renamed = runner.invoke(app, ["tune", config, "--trials", "1", "--out", str(out), "--quiet", "--overwrite"])
+    assert renamed.exit_code in (0, 3), renamed.output
+    names = sqlite3.connect(out / "study.sqlite").execute("SELECT study_name FROM studies").fetchall()
+    assert names == [("renamed",)] and not (out / ".replaced").exists()

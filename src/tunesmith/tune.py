@@ -9,6 +9,7 @@ validation figure of the objective metric.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import sqlite3
 import sys
@@ -117,7 +118,10 @@ def tune(project: Project, trials: int, out: Path, progress: bool = True, seed: 
         return sign * best
 
     # Only scored trials count: an interrupted one (FAIL) is listed but its place is taken by a new one.
-    study.optimize(objective, n_trials=max(0, trials - len(_scored(study))), catch=())
+    try:
+        study.optimize(objective, n_trials=max(0, trials - len(_scored(study))), catch=())
+    finally:  # a study --overwrite replaced is dropped only once this one has a score, else put back
+        _settle_aside(out, bool(_scored(study)))
     best = study.best_trial
     summary = _best_run(apply_params(project, _params(best.params, project)), out / "best", progress, overwrite)
     default = _default_trial(study, project)
@@ -188,21 +192,45 @@ def _open_study(out: Path, project: Project, seed: int, overwrite: bool):
     if others and not overwrite:  # a renamed project: its new study's trial logs would replace the old one's
         raise InputError(f"--out holds the study of another project name ({others[0]!r})", str(path),
                          "give a new --out, or pass --overwrite to start a new study there")
-    for name in others:
-        optuna.delete_study(study_name=name, storage=storage)
-    if others:
-        shutil.rmtree(out / "trials", ignore_errors=True)
-    study = create()
-    if study.trials and study.user_attrs.get("config") != fingerprint:
-        if not overwrite:
-            raise InputError("--out holds a study of another config (or of an earlier tunesmith): its trials "
-                             "would be reported as this config's", str(path),
-                             "give a new --out, or pass --overwrite to start a new study there")
-        optuna.delete_study(study_name=project.name, storage=storage)
-        shutil.rmtree(out / "trials", ignore_errors=True)
+    study = None if others else create()
+    if study is not None and study.trials and study.user_attrs.get("config") != fingerprint and not overwrite:
+        raise InputError("--out holds a study of another config (or of an earlier tunesmith): its trials "
+                         "would be reported as this config's", str(path),
+                         "give a new --out, or pass --overwrite to start a new study there")
+    if study is None or (study.trials and study.user_attrs.get("config") != fingerprint):
+        del study  # (its storage's connections go with it before the file moves)
+        _set_aside(out)  # kept until the new study scores a trial (see tune), put back if it never does
         study = create()
     study.set_user_attr("config", fingerprint)
     return study
+
+
+REPLACED = ".replaced"  # out/.replaced: the study and trial logs --overwrite replaces, until a new trial scores
+
+
+def _set_aside(out: Path) -> None:
+    aside = out / REPLACED
+    shutil.rmtree(aside, ignore_errors=True)  # an earlier one whose replacement scored: no longer wanted
+    aside.mkdir()
+    for name in (STUDY_FILE, "trials"):
+        if (out / name).exists():
+            os.replace(out / name, aside / name)
+
+
+def _settle_aside(out: Path, scored: bool) -> None:
+    """Drop the replaced study once the new one has scored a trial; else put it back as it was."""
+    aside = out / REPLACED
+    if not aside.is_dir():
+        return
+    if not scored:
+        for name in (STUDY_FILE, "trials"):
+            if (aside / name).exists():
+                if (out / name).is_dir():
+                    shutil.rmtree(out / name)
+                else:
+                    (out / name).unlink(missing_ok=True)
+                os.replace(aside / name, out / name)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _check_study_file(path: Path) -> None:
