@@ -60,11 +60,15 @@ def test_group_values_are_grouped_by_what_they_say_not_by_str(tmp_path):
     values = [True, "True", "true", None, "  ", "(missing)", 3, "3", False]
     rows = [{"text": f"t{i}", "label": "a", "g": v} for i, v in enumerate(values)]
     rows.append({"text": "no g", "label": "a"})
-    rows += [{"text": "bad", "label": "a", "g": ["x"]}, {"text": "bad2", "label": "a", "g": {"k": 1}}]
+    rows += [{"text": "bad", "label": "a", "g": ["x"]}, {"text": "bad2", "label": "a", "g": {"k": 1}},
+             {"text": "bad3", "label": "a", "g": "north\nEVIL LINE"},
+             {"text": "bad4", "label": "a", "g": "\u202enorth"}]
     examples, problems = load_examples(write_jsonl(tmp_path / "d.jsonl", rows), CLS, attribute_fields=["g"])
     assert [e.attributes["g"] for e in examples] == [
         "true", "True", "true", "(missing)", "(missing)", "(missing)", "3", "3", "false", "(missing)"]
-    assert [(p.line, "fairness.group_fields" in p.reason) for p in problems] == [(11, True), (12, True)]
+    assert [(p.line, "fairness.group_fields" in p.reason) for p in problems] == [(11, True), (12, True), (13, True),
+                                                                                 (14, True)]
+    assert "control or invisible character" in problems[2].reason  # a group is named in reports, as a label
     grouped, problems = load_examples(write_jsonl(tmp_path / "s.jsonl", rows[:3] + rows[5:6]), CLS,
                                       group_field="g")
     assert [e.group for e in grouped] == ["true", "True", "true"]

@@ -178,6 +178,8 @@ def _group_text(value: Any, name: str, key: str) -> str | None:
     if isinstance(value, (list, dict)):
         raise _RowError(f"group field '{name}' holds a {'list' if isinstance(value, list) else 'JSON object'}, "
                         f"not a text, number or boolean ({key})")
+    if problem := label_problem(str(value)):  # a group is named in reports and messages, as a label is
+        raise _RowError(f"group field '{name}' {problem} ({key})")
     return str(value)
 
 
