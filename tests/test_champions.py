@@ -232,6 +232,14 @@ def test_cli_promote_and_rollback(runs, tmp_path):
     assert out.exit_code == 0 and out.output.strip() == f"rolled back bank: now serving {runs['B']} (was: {runs['C']})"
     out = runner.invoke(cli, ["rollback", "bank"])
     assert out.exit_code == 2 and out.output.startswith("error: nothing to roll back to")
+    # A generation run under a classifier's name: a server following it would refuse the swap for ever.
+    gen = PromptFormat("generation", "Answer.", None, False, 64)
+    (runs["D"] / "model" / "prompt.json").write_text(json.dumps(gen.to_json()), encoding="utf-8")
+    out = runner.invoke(cli, ["promote", str(runs["D"]), "--name", "bank"])
+    assert out.exit_code == 2 and "the run's task type is generation" in out.output and "--name" in out.output
+    assert champions.current("bank") == runs["B"]
+    out = runner.invoke(cli, ["promote", str(runs["D"]), "--name", "writer"])
+    assert out.exit_code == 0, out.output
 
 
 def test_a_registry_promote_made_lists_no_runs_and_another_programs_database_is_named(runs, registry):

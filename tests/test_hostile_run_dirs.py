@@ -561,8 +561,8 @@ def test_runs_diff_names_a_config_that_is_not_yaml(run):
     assert "not valid YAML" in line and "config.yaml" in line
 
 
-@pytest.mark.parametrize("content", [b"garbage, not sqlite" * 100, b"", "folder", "runs (x TEXT)", "notes (x TEXT)"])
-def test_a_registry_tunesmith_did_not_write_is_bad_input_and_left_as_it_was(tmp_path, monkeypatch, content):
+@pytest.mark.parametrize("content", [b"garbage, not sqlite" * 100, "folder", "runs (x TEXT)", "notes (x TEXT)"])
+def test_a_registry_tunesmith_did_not_write_is_bad_input_and_left_as_it_was(run, tmp_path, monkeypatch, content):
     """Another file, another app's SQLite database: named, and never written (no runs table added)."""
     import sqlite3
 
@@ -577,10 +577,31 @@ def test_a_registry_tunesmith_did_not_write_is_bad_input_and_left_as_it_was(tmp_
         registry.write_bytes(content)
     before = None if registry.is_dir() else registry.read_bytes()
     monkeypatch.setenv("TUNESMITH_REGISTRY", str(registry))
-    for args in (["runs", "list"], ["runs", "show", "1"]):
+    for args in (["runs", "list"], ["runs", "show", "1"], ["promote", str(run), "--name", "x"], ["rollback", "x"]):
         line = _error(runner.invoke(app, args))
-        assert "registry" in line and str(registry) in line, line
+        assert "registry" in line and str(registry) in line, (args, line)
+        assert "unable to open" not in line  # sqlite's words for a folder
     assert before is None or registry.read_bytes() == before
+
+
+def test_an_empty_registry_file_is_an_empty_registry_for_every_command(run, tmp_path, monkeypatch):
+    """A 0-byte file is an empty SQLite database, as a registry is while it is being created: `runs list`
+    refused it while `promote` began a registry in it (and refusing it raced with a promotion)."""
+    registry = tmp_path / "reg.sqlite"
+    registry.write_bytes(b"")
+    monkeypatch.setenv("TUNESMITH_REGISTRY", str(registry))
+    listed = runner.invoke(app, ["runs", "list"])
+    assert listed.exit_code == 0 and "0 run(s)" in listed.output and registry.read_bytes() == b""
+    assert runner.invoke(app, ["promote", str(run), "--name", "x"]).exit_code == 0
+    assert runner.invoke(app, ["runs", "list"]).exit_code == 0
+
+
+def test_a_registry_whose_folder_cannot_be_made_is_bad_input(run, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("TUNESMITH_REGISTRY", str(tmp_path / "file" / "reg.sqlite"))
+    for args in (["promote", str(run), "--name", "x"], ["rollback", "x"]):
+        line = _error(runner.invoke(app, args))
+        assert "the run registry's folder cannot be made" in line and str(tmp_path / "file") in line, line
 
 
 def test_reading_the_registry_creates_nothing_and_odd_ids_name_no_run(tmp_path, monkeypatch):

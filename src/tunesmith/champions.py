@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from tunesmith.errors import InputError, RunDirError, TunesmithError
+from tunesmith.errors import InputError, RunDirError
 from tunesmith.run_registry import check_registry, registry_path
 from tunesmith.runs import is_run_dir
 
@@ -146,7 +146,11 @@ def _insert(db: sqlite3.Connection, name: str, action: str, run_dir: str, previo
 
 def _connect() -> sqlite3.Connection:
     path = registry_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a folder of its path should be, or no permission
+        raise InputError(f"the run registry's folder cannot be made ({e.strerror or e})", str(path),
+                         "set TUNESMITH_REGISTRY to a file in a folder you can write to") from None
     # isolation_level=None: this module opens its transactions itself (BEGIN IMMEDIATE).
     db = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None)
     db.row_factory = sqlite3.Row
@@ -177,6 +181,9 @@ def _reading():
 def _opened():
     """A connection with the schema in place; an unreadable registry file is one clear error."""
     path, db = registry_path(), None
+    if path.exists() and not path.is_file():  # as run_registry says it (sqlite's own words mislead)
+        raise InputError("is not a file: the run registry cannot be read", str(path),
+                         "point TUNESMITH_REGISTRY at a file, or move the folder aside")
     try:
         db = _connect()
         check_registry(db, path)  # another program's database gets no table of ours
@@ -184,14 +191,15 @@ def _opened():
             db.execute(statement)
         yield db
     except sqlite3.OperationalError as e:
-        if "locked" in str(e) or "busy" in str(e):
-            raise TunesmithError(f"the run registry is busy ({e})", str(path),
-                                 "another tunesmith process is writing it: try again") from None
+        if "locked" in str(e) or "busy" in str(e):  # exit 2, as every command reading the registry says it
+            raise InputError(f"the run registry is busy ({e})", str(path),
+                             "another tunesmith process is writing it: try again") from None
         raise InputError(f"cannot use the run registry ({e})", str(path),
                          "set TUNESMITH_REGISTRY to another file, or fix this one's permissions") from None
     except sqlite3.DatabaseError as e:
         raise InputError(f"the run registry is not a readable SQLite file ({e})", str(path),
                          "set TUNESMITH_REGISTRY to another file, or move this one away") from None
+
     finally:
         if db is not None:
             db.close()

@@ -73,8 +73,10 @@ def _has_runs(db, path: Path) -> bool:
     tables = check_registry(db, path)
     if "runs" in tables:
         return True
-    if "promotions" not in tables:
+    if tables and "promotions" not in tables:
         raise _foreign(path, tables)
+    # Only promotions, or no table at all: an empty file is an empty SQLite database, the state a registry
+    # is in while `promote` or a run creates it (refusing it raced with them).
     return False
 
 

@@ -126,6 +126,8 @@ def promote_command(run_dir: Path = typer.Argument(..., help="a trained run dire
         registry = name if name is not None else project.name
         met = _objective_met(run_dir, force)
         before = champions.current(registry)
+        if before is not None and before != run_dir.resolve():
+            _check_same_kind(before, run_dir, registry)
         event = champions.promote(registry, run_dir, reason=reason, record={"objective_met": met, "forced": force})
         if before is not None and before == run_dir.resolve():
             print(f"{run_dir} is already the champion of {registry} (nothing changed)")
@@ -169,6 +171,23 @@ def _check_servable(run_dir: Path):
     project = load_config(run_dir / "config.yaml", check_files=False)
     check_model_files(run_dir / "model")
     return project
+
+
+def _check_same_kind(champion: Path, run_dir: Path, registry: str) -> None:
+    """A run answering another kind of request than the champion it would replace is refused: a server
+    following the registry refuses to swap to it (serve/swap.py), and would serve the old one for ever."""
+    from tunesmith.errors import InputError
+    from tunesmith.train.finetuned import read_prompt_format
+
+    try:
+        have = read_prompt_format(champion / "model" / "prompt.json")
+    except Exception:  # noqa: BLE001 - the champion's folder is damaged or gone: no kind to keep
+        return
+    new = read_prompt_format(run_dir / "model" / "prompt.json")
+    if have.task_type != new.task_type or bool(have.labels) != bool(new.labels):
+        raise InputError(f"the run's task type is {new.task_type}, the champion of {registry} ({champion}) is a "
+                         f"{have.task_type} run: a server following {registry} would refuse it", "--name",
+                         "promote it under a name of its own")
 
 
 def _objective_met(run_dir: Path, force: bool) -> bool | None:
