@@ -245,7 +245,7 @@ def test_an_edited_verdict_is_never_shown_as_met(run, finished, edit):
         assert "not what tunesmith wrote" in line and str(run / "summary.json") in line, (args, line)
 
 
-def test_unpaired_or_damaged_predictions_are_said_not_hidden(run, finished, monkeypatch):
+def test_unpaired_or_damaged_predictions_are_said_not_hidden(run, finished, monkeypatch, tmp_path):
     """A missing predictions/test.jsonl read as "not scored on the same test examples", and an edited row
     passed for a prediction; `report --compare .` wrote compare_.html and showed summary.json's folder."""
     (run / "predictions" / "test.jsonl").rename(run / "kept.jsonl")
@@ -264,6 +264,14 @@ def test_unpaired_or_damaged_predictions_are_said_not_hidden(run, finished, monk
     assert result.exit_code == 0, result.output
     page = (other / "compare_run.html").read_text()
     assert str(run.resolve()) in page and "same test examples" in page
+    # Another run of the same folder name as A: its page goes beside the first, not over it.
+    twin = shutil.copytree(finished, tmp_path / "elsewhere" / "run")
+    result = runner.invoke(app, ["report", "--compare", str(twin), str(other)])
+    assert result.exit_code == 0, result.output
+    pages = sorted(p.name for p in other.glob("compare_run*.html"))
+    assert len(pages) == 2 and (other / "compare_run.html").read_text() == page, pages
+    again = runner.invoke(app, ["report", "--compare", str(twin), str(other)])  # the same A: its own page again
+    assert again.exit_code == 0 and sorted(p.name for p in other.glob("compare_run*.html")) == pages
 
 
 @pytest.mark.parametrize("edit,says", [

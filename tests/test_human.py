@@ -187,8 +187,15 @@ def test_bad_ratings_file_is_one_error_line(tmp_path):
 
 
 def test_kappa_and_wilson_edge_cases():
+    import numpy as np
+    from sklearn.metrics import cohen_kappa_score
+    from statsmodels.stats.inter_rater import fleiss_kappa as sm_fleiss
+
     assert cohen_kappa(["win", "loss"], ["win", "loss"]) == 1.0
     assert fleiss_kappa([[3, 0, 0], [0, 3, 0]]) == 1.0
+    # One outcome throughout: chance agreement is 1 and kappa undefined, as the libraries say (NaN), not 1.
+    assert cohen_kappa(["win", "win"], ["win", "win"]) is None and np.isnan(cohen_kappa_score(["w", "w"], ["w", "w"]))
+    assert fleiss_kappa([[3, 0, 0]]) is None and np.isnan(sm_fleiss([[3, 0, 0]]))
     low, high = wilson(0, 10)
     assert low == 0.0 and 0.2 < high < 0.35
 
@@ -212,3 +219,13 @@ def test_a_text_run_has_no_answers_to_rate(tmp_path):
     (run / "predictions" / "test.jsonl").write_text(json.dumps(row) + "\n")
     result = runner.invoke(app, ["human", "export", str(run)])
     assert result.exit_code == 2 and "a text run (task.type text) makes no answers to rate" in result.stderr
+
+
+def test_an_export_against_itself_or_of_no_predictions_is_refused(tmp_path):
+    run = _run_dir(tmp_path, 5)
+    result = runner.invoke(app, ["human", "export", str(run), "--against", str(run)])
+    assert result.exit_code == 2 and "is the run itself" in result.stderr and "--against" in result.stderr
+    (run / "predictions" / "test.jsonl").write_text("")
+    result = runner.invoke(app, ["human", "export", str(run)])
+    assert result.exit_code == 2 and "holds no test examples: nothing to rate" in result.stderr, result.output
+    assert not (run / "human").exists()

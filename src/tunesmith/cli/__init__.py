@@ -121,7 +121,7 @@ def report(run_dir: Optional[Path] = typer.Argument(None, help="an evaluated run
         from tunesmith.errors import InputError, RunDirError
 
         if compare is not None:
-            from tunesmith.report.compare_page import compare_report
+            from tunesmith.report.compare_page import compare_report, default_page
             from tunesmith.run_registry import find_run
 
             if run_dir is not None:
@@ -129,7 +129,7 @@ def report(run_dir: Optional[Path] = typer.Argument(None, help="an evaluated run
             a, b = find_run(compare[0]).resolve(), find_run(compare[1]).resolve()
             if a == b:
                 print(f"report: A and B are the same run ({a}): every difference on the page is 0", file=sys.stderr)
-            print(f"report: {compare_report(a, b, out or b / f'compare_{a.name}.html')}")
+            print(f"report: {compare_report(a, b, out or default_page(a, b))}")
             return 0
         from tunesmith.pipeline import report_run
         from tunesmith.runs import is_run_dir

@@ -150,6 +150,8 @@ def human_import(ratings: list[Path] = typer.Argument(..., help="one ratings CSV
         agree = result["agreement"]
         if agree.get("value") is not None:
             print(f"  agreement: {agree['statistic']} {agree['value']:.3f} on {agree['pairs']} pairs")
+        elif agree.get("note"):
+            print(f"  agreement: none measured ({agree['note']})")
         print(f"results: {Path(key).parent / 'results.json'}")
         return 0
     _guarded(debug, go)

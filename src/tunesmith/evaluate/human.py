@@ -39,6 +39,12 @@ OUTCOMES = ("win", "tie", "loss")  # from system 1's side
 def load_answers(run_dir: Path, against: Path | None) -> tuple[list[dict], str, str]:
     """(rows with id/prompt/one/two, name of system one, name of system two) from predictions files."""
     rows = _predictions(run_dir)
+    if not rows:
+        raise RunDirError("the run's predictions/test.jsonl holds no test examples: nothing to rate",
+                          str(Path(run_dir) / "predictions" / "test.jsonl"), "evaluate the run again")
+    if against is not None and Path(against).resolve() == Path(run_dir).resolve():
+        raise InputError("is the run itself: every pair would show one answer twice", "--against",
+                         "give another run, or leave --against out to rate the run against its base model")
     if against is None:
         pairs = [{"id": r["source"], "prompt": r["text"], "one": r["prediction"], "two": r["baseline_prediction"]}
                  for r in rows]
@@ -353,29 +359,36 @@ def agreement(by_rater: dict[str, dict[str, str]]) -> dict:
     if len(raters) == 2:
         a = [by_rater[raters[0]][i] for i in shared]
         b = [by_rater[raters[1]][i] for i in shared]
-        return {"statistic": "cohen_kappa", "value": cohen_kappa(a, b), "pairs": len(shared)}
-    table = [[sum(by_rater[r][i] == o for r in raters) for o in OUTCOMES] for i in shared]
-    return {"statistic": "fleiss_kappa", "value": fleiss_kappa(table), "pairs": len(shared)}
+        out = {"statistic": "cohen_kappa", "value": cohen_kappa(a, b), "pairs": len(shared)}
+    else:
+        table = [[sum(by_rater[r][i] == o for r in raters) for o in OUTCOMES] for i in shared]
+        out = {"statistic": "fleiss_kappa", "value": fleiss_kappa(table), "pairs": len(shared)}
+    if out["value"] is None:
+        out["note"] = ("every rating of the shared pairs is the same outcome: agreement by chance is 1, and "
+                       "kappa is undefined (scikit-learn and statsmodels give NaN)")
+    return out
 
 
-def cohen_kappa(a: list[str], b: list[str]) -> float:
-    """Agreement of two raters beyond chance: (p_o - p_e) / (1 - p_e)."""
+def cohen_kappa(a: list[str], b: list[str]) -> float | None:
+    """Agreement of two raters beyond chance: (p_o - p_e) / (1 - p_e); None where it is undefined (no
+    pairs, or p_e = 1: both raters gave one and the same outcome throughout)."""
     n = len(a)
     if n == 0:
-        return float("nan")
+        return None
     observed = sum(x == y for x, y in zip(a, b)) / n
     ca, cb = Counter(a), Counter(b)
     expected = sum(ca[k] * cb[k] for k in set(ca) | set(cb)) / (n * n)
-    return round((observed - expected) / (1 - expected), 6) if expected < 1 else 1.0
+    return round((observed - expected) / (1 - expected), 6) if expected < 1 else None
 
 
-def fleiss_kappa(table: list[list[int]]) -> float:
-    """Fleiss' kappa from an (items x categories) table of rater counts (same raters per item)."""
+def fleiss_kappa(table: list[list[int]]) -> float | None:
+    """Fleiss' kappa from an (items x categories) table of rater counts (same raters per item); None
+    where it is undefined (no items, or every rating in one category)."""
     n_items = len(table)
     if n_items == 0:
-        return float("nan")
+        return None
     m = sum(table[0])
     p_cat = [sum(row[j] for row in table) / (n_items * m) for j in range(len(table[0]))]
     p_item = [(sum(c * c for c in row) - m) / (m * (m - 1)) for row in table]
     p_bar, p_e = sum(p_item) / n_items, sum(p * p for p in p_cat)
-    return round((p_bar - p_e) / (1 - p_e), 6) if p_e < 1 else 1.0
+    return round((p_bar - p_e) / (1 - p_e), 6) if p_e < 1 else None

@@ -5,6 +5,7 @@ latency, size), training curves overlaid, and the test examples on which they di
 
 from __future__ import annotations
 
+import hashlib
 import html
 import re
 from pathlib import Path
@@ -53,8 +54,30 @@ def compare_report(a: Path, b: Path, out: Path) -> Path:
                                                           names[1]: read_log(b / "train_log.jsonl")},
                        sa["objective_metric"], names),
                 _disagreements(a, b, names) if diff["same_test_examples"] else ""]
-    fsio.write_text(out, page(f"tunesmith: {names[0]} vs {names[1]}", MARKER + "".join(body)))
+    fsio.write_text(out, page(f"tunesmith: {names[0]} vs {names[1]}", MARKER + _a_mark(a) + "".join(body)))
     return out
+
+
+def default_page(a: Path, b: Path) -> Path:
+    """B/compare_<A's folder name>.html; where that page already compares another run of that folder name
+    (two runs made with `--out X/run`), a name with a digest of A's path, so neither page is replaced."""
+    plain = Path(b) / f"compare_{Path(a).name}.html"
+    if not plain.is_file():
+        return plain
+    with open(plain, "rb") as f:
+        head = f.read(65536)
+    if MARKER.encode() in head and _a_mark(a).encode() not in head:
+        return plain.with_name(f"compare_{Path(a).name}-{_digest(a)}.html")
+    return plain
+
+
+def _digest(a: Path) -> str:
+    return hashlib.sha256(str(Path(a).resolve()).encode()).hexdigest()[:8]
+
+
+def _a_mark(a: Path) -> str:
+    """Which run a page's A is, in a comment (a digest: a path may hold `-->`)."""
+    return f"<!-- a: {_digest(a)} -->"
 
 
 def check_out(out: Path) -> None:
