@@ -218,6 +218,13 @@ def test_pairs_from_an_sft_run_then_dpo_from_it(tmp_path, tiny_model, monkeypatc
     sft_metrics = json.loads((sft / "metrics.json").read_text())
     # The baseline of the DPO run is the SFT model: its exact match on the same test rows is the SFT run's.
     assert metrics["baseline"]["exact_match"] == sft_metrics["finetuned"]["exact_match"]
+    # The folder loads with plain peft: the adapter names model/base where it is now, not the staging folder.
+    from peft import AutoPeftModelForCausalLM
+
+    adapter = json.loads((dpo / "model" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(dpo / "model" / "base")
+    assert json.loads((dpo / "model" / "tunesmith.json").read_text())["base_model_path"] == str(dpo / "model" / "base")
+    assert AutoPeftModelForCausalLM.from_pretrained(str(dpo / "model")) is not None
 
 
 def test_init_from_must_be_a_finished_run(tmp_path, tiny_model):

@@ -41,6 +41,16 @@ def staging_dir(final: Path) -> Path:
     return final.with_name(f".{final.name}.partial")
 
 
+def published(path: Path) -> Path:
+    """Where `path`, inside a run's staging folder, will be once the run is renamed to its final folder
+    (a path outside any staging folder is its own answer). For paths a run records of itself."""
+    path = Path(path)
+    for folder in (path, *path.parents):
+        if folder.name.startswith(".") and folder.name.endswith(".partial") and len(folder.name) > len("..partial"):
+            return folder.with_name(folder.name[1:-len(".partial")]) / path.relative_to(folder)
+    return path
+
+
 def is_run_dir(path: Path) -> bool:
     """Whether `path` is a tunesmith run directory (it holds a trained model's model/tunesmith.json); False
     for a folder that cannot be looked into."""

@@ -315,8 +315,11 @@ class TrainConfig(_Strict):
     @model_validator(mode="after")
     def _packing_method(self) -> TrainConfig:
         if self.packing and not METHOD_SPECS[self.method].packing:
-            raise _KeyedError(("train", "packing"), f"train.packing does not support method '{self.method}' (its "
-                              "virtual tokens would come once per row, not once per example); set it to false")
+            why = ("its rows are prompts with chosen and rejected answers, batched as pairs"
+                   if METHOD_SPECS[self.method].preference else
+                   "its virtual tokens would come once per row, not once per example")
+            raise _KeyedError(("train", "packing"), f"train.packing does not support method '{self.method}' ({why}); "
+                              "set it to false")
         return self
 
     @model_validator(mode="after")

@@ -14,6 +14,7 @@ from tunesmith.models.catalog import CATALOG
 from tunesmith.models.load import load_model, load_tokenizer
 from tunesmith.models.resolve import HF_ID, resolve_model
 from tunesmith.registry import METHOD_SPECS
+from tunesmith.runs import published
 from tunesmith.tasks.prompts import PromptFormat, read_prompt_format
 from tunesmith.train.methods import get_method, spec
 
@@ -31,7 +32,17 @@ def save_finetuned(model, tokenizer, fmt: PromptFormat, project: Project, base_p
             "base_model_path": str(base_path)}
     if Path(base_path) == Path(model_dir) / INIT_BASE:  # relative: the run folder is renamed once finished
         meta["base_in_model_dir"] = INIT_BASE
+        meta["base_model_path"] = str(published(base_path))
+        _point_adapter_at(model_dir, published(base_path))
     fsio.write_json(model_dir / "tunesmith.json", meta)
+
+
+def _point_adapter_at(model_dir: Path, base: Path) -> None:
+    """adapter_config.json's base_model_name_or_path set to where model/base will be once the run is in
+    place: peft saved the staging folder's path, gone by then, and plain peft loads the base from it."""
+    config = Path(model_dir) / "adapter_config.json"
+    if config.is_file():
+        fsio.write_json(config, {**fsio.read_json(config, dict), "base_model_name_or_path": str(base)})
 
 
 def read_meta(model_dir: Path) -> dict:
