@@ -220,3 +220,17 @@ def test_generation_and_chat_runs(tmp_path, tiny_model, kind):
     assert "exact_match" in metrics["comparison"] and "bleu" in metrics["comparison"]
     rows_out = [json.loads(line) for line in (tmp_path / "out" / "predictions" / "test.jsonl").read_text().splitlines()]
     assert len(rows_out) == 4 and all(isinstance(r["prediction"], str) for r in rows_out)
+
+
+def test_a_verdict_with_no_criteria_says_it_required_nothing(capsys):
+    from tunesmith.cli import _print_summary
+
+    summary = {"objective": {"met": True, "criteria": []}, "objective_metric": "exact_match",
+               "metrics": {"baseline": {"exact_match": 0.1}, "finetuned": {"exact_match": 0.2}},
+               "run_dir": "r", "report": "r/report.html"}
+    _print_summary(summary)
+    assert "objective MET (no criteria set: objective.target, min_gain and constraints are all unset)" in \
+        capsys.readouterr().out
+    summary["objective"]["criteria"] = [{"name": "exact_match", "value": 0.2, "op": ">=", "target": 0.1, "met": True}]
+    _print_summary(summary)
+    assert "objective MET\n" in capsys.readouterr().out

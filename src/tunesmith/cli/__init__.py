@@ -33,7 +33,8 @@ def _print_summary(summary: dict) -> None:
         print(f"run directory: {summary['run_dir']}")
         return
     objective = summary["objective"]
-    print(f"objective {'MET' if objective['met'] else 'NOT MET'}")
+    vacuous = " (no criteria set: objective.target, min_gain and constraints are all unset)"
+    print(f"objective {'MET' if objective['met'] else 'NOT MET'}{'' if objective['criteria'] else vacuous}")
     for c in objective["criteria"]:
         value = "n/a" if c["value"] is None else f"{c['value']:.4g}"
         print(f"  {'ok  ' if c['met'] else 'FAIL'} {c['name']}: {value} (target {c['op']} {c['target']:g})")
