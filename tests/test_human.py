@@ -180,6 +180,17 @@ def test_bad_ratings_file_is_one_error_line(tmp_path):
     assert result.exit_code == 2 and "the column 'choice' appears twice in the header" in result.stderr
     assert f"{bad}:1" in result.stderr
     key = run / "human" / "key.json"
+    original = json.loads(key.read_text())
+    for side, name in (("one", "\u001b[2J"), ("two", ["x"])):  # an escape code printed to the terminal
+        key.write_text(json.dumps({**original, side: name}))
+        result = runner.invoke(app, ["human", "import", str(bad), "--key", str(key)])
+        assert result.exit_code == 2 and f"key file's '{side}' is not a system's name" in result.stderr
+    key.write_text(json.dumps(original))
+    result = runner.invoke(app, ["human", "import", str(tmp_path), "--key", str(key)])
+    assert result.exit_code == 2 and f"ratings file is a folder, not a file, {tmp_path}" in result.stderr
+    bad.write_text("id,rater,choice\np0001,\u001b[31mann,A\n")
+    result = runner.invoke(app, ["human", "import", str(bad), "--key", str(key)])
+    assert result.exit_code == 2 and "the rater's name holds a control" in result.stderr and f"{bad}:2" in result.stderr
     for pairs in ({"p0001": 5}, {"p0001": {"source": "x"}}, {"p0001": {"A": "three"}}):
         key.write_text(json.dumps({**json.loads(key.read_text()), "pairs": pairs}))
         result = runner.invoke(app, ["human", "import", str(bad), "--key", str(key)])

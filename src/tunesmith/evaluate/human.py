@@ -25,6 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 from tunesmith import fsio
+from tunesmith.config.schema import label_problem
 from tunesmith.data.io import json_value_error
 from tunesmith.errors import DataError, InputError, RunDirError
 from tunesmith.evaluate.predictions_file import example_key, require_test_predictions
@@ -234,6 +235,8 @@ def _rating_cells(row: dict, path: str, line: int) -> dict | None:
         raise DataError(f"choice {json.dumps(cells['choice'][:40])} is not one of A, B, tie", path, line, "fix the row")
     if not cells["rater"]:  # counted as a rater named "" it would skew agreement and the per-rater table
         raise DataError("the rater is empty", path, line, "put the rater's name in the row")
+    if problem := label_problem(cells["rater"]):  # printed and reported: an escape code would act on a terminal
+        raise DataError(f"the rater's name {problem}", path, line, "write the name in plain text")
     return {"id": cells["id"], "rater": cells["rater"], "choice": choice, "line": line}
 
 
@@ -283,6 +286,10 @@ def read_key(key_path: Path) -> dict:
     if not isinstance(key, dict) or not {"one", "two", "pairs"} <= set(key) or not isinstance(key["pairs"], dict):
         raise DataError("key file lacks 'one', 'two' or 'pairs'", str(key_path), None,
                         "pass the key.json that `tunesmith human export` wrote")
+    for side in ("one", "two"):  # printed by `human import`: never a control or escape code
+        if not isinstance(key[side], str) or label_problem(key[side]):
+            raise DataError(f"key file's '{side}' is not a system's name (a text without control characters)",
+                            str(key_path), None, "pass the key.json that `tunesmith human export` wrote")
     bad = next((pid for pid, pair in key["pairs"].items()
                 if not isinstance(pair, dict) or pair.get("A") not in ("one", "two")), None)
     if bad is not None:  # each pair says which system is shown as A: "one" or "two"
@@ -296,7 +303,8 @@ def import_ratings(key_path: Path, rating_files: list[Path]) -> dict:
     key = read_key(key_path)
     for path in rating_files:  # every file is checked before any is used, so a typo fails fast
         if not Path(path).is_file():
-            raise DataError("ratings file not found", str(path), None, "check the path")
+            found = "is a folder, not a file" if Path(path).is_dir() else "not found"
+            raise DataError(f"ratings file {found}", str(path), None, "pass the CSV files the rating form saved")
     by_rater: dict[str, dict[str, str]] = {}
     first: dict[tuple[str, str], tuple[str, str]] = {}  # (rater, pair) -> (choice, where it was rated)
     for path in rating_files:
