@@ -56,6 +56,8 @@ def test_compare_runs_each_method_and_the_registry_knows_them(tmp_path, tiny_mod
     diff = runner.invoke(app, ["runs", "diff", str(out / "lora"), str(out / "ia3")])
     assert diff.exit_code == 0, diff.output
     assert "train.method: 'lora' -> 'ia3'" in diff.output and "95% CI" in diff.output
+    counts = {e["method"]: e["trainable_params"] for e in entries}  # whole numbers printed whole
+    assert f"trainable_params: {counts['lora']:,} -> {counts['ia3']:,}" in diff.output, diff.output
     missing = runner.invoke(app, ["runs", "show", "99999"])
     assert missing.exit_code == 2 and "no run with id 99999" in missing.output
     # A later call ranks its own methods; the earlier runs it leaves in --out are named, not silently dropped.

@@ -55,6 +55,14 @@ def _print_summary(summary: dict) -> None:
     print(f"report: {summary['report']}")
 
 
+def _number(value, signed: bool = False) -> str:
+    """A figure in full when it is a whole number (trainable_params 16384, not 1.638e+04), else 4 digits."""
+    sign = "+" if signed else ""
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) < 1e15):
+        return f"{int(value):{sign},}"
+    return f"{value:{sign}.4g}"
+
+
 def _figure(value) -> str:
     """A metric as the summary prints it; "n/a" for one the run could not measure (null in metrics.json)."""
     return "n/a" if value is None else f"{value:.4f}"
@@ -311,7 +319,7 @@ def runs_diff(a: str = typer.Argument(..., help="run id or directory"),
             print(f"  {c['key']}: {c['a']!r} -> {c['b']!r}")
         print("metrics (fine-tuned, B - A):")
         for k, v in m["metrics"].items():
-            print(f"  {k}: {v['a']:.4g} -> {v['b']:.4g} ({v['diff']:+.4g})")
+            print(f"  {k}: {_number(v['a'])} -> {_number(v['b'])} ({_number(v['diff'], signed=True)})")
         p = (m["paired"] or {}).get(m["metric"])
         if p:
             print(f"{m['metric']} on the same test examples: {p['diff']:+.4f}, 95% CI [{p['ci_low']:+.4f}, "
