@@ -755,3 +755,24 @@ def test_a_copied_run_is_shown_where_it_is_now(run, tmp_path):
     assert f"run directory: {moved.resolve()}" in shown.output and str(run.resolve()) not in shown.output
     assert runner.invoke(app, ["report", str(moved)]).exit_code == 0
     assert f"run <code>{moved.resolve()}" in (moved / "report.html").read_text()
+
+
+def test_runs_of_overlapping_test_splits_are_paired_on_the_examples_both_scored(run, finished, tmp_path):
+    """`runs diff` promised a paired test on shared test examples but refused any two lists that were not
+    identical; human export --against pairs the shared ones, and so do diff and the compare page now."""
+    other = shutil.copytree(finished, tmp_path / "other")
+    path = other / "predictions" / "test.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows = rows[2:] + [{**rows[0], "text": "an example only B scored"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = runner.invoke(app, ["runs", "diff", str(run), str(other)])
+    assert result.exit_code == 0, result.output
+    assert f"on the {len(rows) - 1} test examples both runs scored:" in result.output, result.output
+    page = runner.invoke(app, ["report", "--compare", str(run), str(other)])
+    assert page.exit_code == 0 and f"the {len(rows) - 1} test examples both runs scored" in (
+        other / "compare_run.html").read_text()
+    for r in rows:
+        r["text"] = "not in A: " + r["text"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = runner.invoke(app, ["runs", "diff", str(run), str(other)])
+    assert result.exit_code == 0 and "no paired test: the runs share no test example" in result.output

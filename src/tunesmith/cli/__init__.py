@@ -322,7 +322,9 @@ def runs_diff(a: str = typer.Argument(..., help="run id or directory"),
             print(f"  {k}: {_number(v['a'])} -> {_number(v['b'])} ({_number(v['diff'], signed=True)})")
         p = (m["paired"] or {}).get(m["metric"])
         if p:
-            print(f"{m['metric']} on the same test examples: {p['diff']:+.4f}, 95% CI [{p['ci_low']:+.4f}, "
+            where = "the same test examples" if m["same_test_examples"] else \
+                f"the {m['paired_examples']} test examples both runs scored"
+            print(f"{m['metric']} on {where}: {p['diff']:+.4f}, 95% CI [{p['ci_low']:+.4f}, "
                   f"{p['ci_high']:+.4f}], p = {p['p_value']:.3g}")
         else:
             print(f"no paired test: {m['unpaired']}")

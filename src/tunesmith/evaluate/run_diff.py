@@ -55,13 +55,19 @@ def metric_diff(a: Path, b: Path, resamples: int = 1000, seed: int = 0) -> dict:
             for k in sorted(set(ma) & set(mb)) if isinstance(ma[k], (int, float)) and isinstance(mb[k], (int, float))}
     pa, pb = read_test_predictions(a), read_test_predictions(b)
     paired, unpaired = None, _unpaired(a, b, pa, pb)
+    same = unpaired is None and [example_key(r) for r in pa] == [example_key(r) for r in pb]
+    shared = 0
     if unpaired is None:
+        # The examples both runs scored (all of them for runs of one test split; the common ones of two
+        # overlapping splits, matched by prompt and gold answer as `human export --against` matches them).
+        by_key = {example_key(r): r for r in pb}
+        both = [(r, by_key[k]) for r in pa if (k := example_key(r)) in by_key]
+        shared = len(both)
         task = "classification" if "correct" in pa[0] else "generation"
-        names = [sa["objective_metric"]]
-        paired = compare(task, [r["gold"] for r in pa], [r["prediction"] for r in pa], [r["prediction"] for r in pb],
-                         names, resamples, seed)
-    return {"metric": sa["objective_metric"], "metrics": rows, "paired": paired,
-            "same_test_examples": paired is not None, "unpaired": unpaired}
+        paired = compare(task, [x["gold"] for x, _ in both], [x["prediction"] for x, _ in both],
+                         [y["prediction"] for _, y in both], [sa["objective_metric"]], resamples, seed)
+    return {"metric": sa["objective_metric"], "metrics": rows, "paired": paired, "paired_examples": shared,
+            "same_test_examples": same, "unpaired": unpaired}
 
 
 def _unpaired(a: Path, b: Path, pa: list[dict] | None, pb: list[dict] | None) -> str | None:
@@ -71,6 +77,6 @@ def _unpaired(a: Path, b: Path, pa: list[dict] | None, pb: list[dict] | None) ->
             return f"{Path(run) / PREDICTIONS} is missing"
     if not pa or not pb or "prediction" not in pa[0] or "prediction" not in pb[0]:
         return "a text run makes no predictions to pair (it is scored by perplexity)"
-    if [example_key(r) for r in pa] != [example_key(r) for r in pb]:
-        return "the runs were not scored on the same test examples"
+    if not {example_key(r) for r in pa} & {example_key(r) for r in pb}:
+        return "the runs share no test example (the same prompt and gold answer)"
     return None

@@ -132,7 +132,9 @@ def _metrics_table(diff: dict, fa: dict, fb: dict, names: tuple[str, str]) -> st
     cost = "".join(f"<tr><td>{k}</td><td>{fmt(fa.get(k))}</td><td>{fmt(fb.get(k))}</td><td>"
                    f"{fmt(fb[k] / fa[k]) + 'x' if fa.get(k) and fb.get(k) else ''}</td></tr>" for k in COST)
     p = (diff["paired"] or {}).get(diff["metric"])
-    paired = (f"<p><b>{diff['metric']}, B - A on the same test examples: {p['diff']:+.4f}, 95% CI "
+    where = "the same test examples" if diff["same_test_examples"] else \
+        f"the {diff['paired_examples']} test examples both runs scored"
+    paired = (f"<p><b>{diff['metric']}, B - A on {where}: {p['diff']:+.4f}, 95% CI "
               f"[{p['ci_low']:+.4f}, {p['ci_high']:+.4f}], p = {p['p_value']:.3g} ({p['test']})</b>"
               f"{' (the interval excludes 0)' if p['ci_low'] > 0 or p['ci_high'] < 0 else ''}.</p>" if p else
               f"<p>No paired test: {html.escape(str(diff['unpaired']))}.</p>")
