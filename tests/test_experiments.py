@@ -331,6 +331,14 @@ def test_tune_overwrite_puts_the_replaced_study_back_when_no_new_trial_scores(tm
     assert result.exit_code == 130, result.output
     assert (out / "study.sqlite").read_bytes() == study
     assert (out / "trials" / "000" / "train_log.jsonl").read_text() == log and not (out / ".replaced").exists()
+    # A tune killed outright leaves the set-aside study undecided: the next tune puts it back first, and a
+    # second --overwrite never deletes it on the way.
+    (out / ".replaced").mkdir()
+    for name in ("study.sqlite", "trials"):
+        (out / name).replace(out / ".replaced" / name)
+    refused = runner.invoke(app, ["tune", config, "--trials", "1", "--out", str(out), "--quiet"])
+    assert refused.exit_code == 2 and "another config" in refused.stderr, refused.output
+    assert (out / "study.sqlite").read_bytes() == study and not (out / ".replaced").exists()
     monkeypatch.undo()
     again = runner.invoke(app, ["tune", config, "--trials", "1", "--out", str(out), "--quiet", "--overwrite"])
     assert again.exit_code in (0, 3), again.output

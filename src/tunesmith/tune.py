@@ -58,16 +58,13 @@ def tune(project: Project, trials: int, out: Path, progress: bool = True, seed: 
          overwrite: bool = False) -> dict:
     """Run the study in out/study.sqlite (continued if it exists), then the best configuration as a run
     in out/best (an existing out/best is replaced only with `overwrite`)."""
-    import optuna
-
     from tunesmith.errors import InputError, RunDirError
     from tunesmith.runs import check_runs_folder, is_run_dir
-    from tunesmith.train.stage import check_method_fits, train_stage
+    from tunesmith.train.stage import check_method_fits
 
     if project.train.method not in SEARCHABLE:
         raise InputError(f"tune searches LoRA hyperparameters; train.method is {project.train.method}", "train.method",
                          f"use one of: {', '.join(SEARCHABLE)}")
-    check_method_fits(project)  # before the study is made: a rank the model cannot take fails trial 0
     out = Path(out).resolve()
     # A best run already there is kept when the study is complete and it is of the best trial's config
     # (finished by hand after an interruption: `_best_run`); otherwise refused before any trial trains.
@@ -77,6 +74,30 @@ def tune(project: Project, trials: int, out: Path, progress: bool = True, seed: 
     if kept_best and _scored_on_disk(out / STUDY_FILE) < trials:  # more trials may find another best
         raise RunDirError("already holds a tunesmith run", f"--out {out / 'best'}",
                           "pass --overwrite to replace it, or give a new folder")
+    _check_kept_trials(out, overwrite)
+    splits = prepare_data(project)
+    check_method_fits(project)  # before the study is made: a rank the model cannot take fails trial 0
+    out.mkdir(parents=True, exist_ok=True)
+    _settle_aside(out)  # what a tune killed before its new study scored left set aside: put back
+    try:
+        study = _open_study(out, project, seed, overwrite)
+        _run_trials(study, project, splits, out, trials, progress)
+    finally:  # a study --overwrite replaced is dropped only once the new one has a score, else put back
+        _settle_aside(out)
+    sign = 1 if METRICS[project.objective.metric].higher_is_better else -1
+    best = study.best_trial
+    summary = _best_run(apply_params(project, _params(best.params, project)), out / "best", progress, overwrite)
+    default = _default_trial(study, project)
+    default_value = sign * default.value if default is not None and default.value is not None else None
+    return {"study": str(out / STUDY_FILE), "trials": _trial_rows(study, sign), "best_trial": best.number,
+            "best_params": _params(best.params, project), "best_validation": sign * best.value,
+            "default_trial": default.number if default is not None else None,
+            "default_validation": default_value, "summary": summary}
+
+
+def _check_kept_trials(out: Path, overwrite: bool) -> None:
+    from tunesmith.errors import RunDirError
+
     kept = out / "trials"
     if foreign := _foreign_trial_files(kept):  # trial logs are replaced, with --overwrite too; never these
         raise RunDirError(f"holds files tune did not write ({', '.join(foreign[:3])}); left untouched",
@@ -85,14 +106,23 @@ def tune(project: Project, trials: int, out: Path, progress: bool = True, seed: 
         # Without its study, trial numbers restart at 000 and each new trial would replace a kept log.
         raise RunDirError(f"holds {kept.name}/ but no study.sqlite: new trials would replace the kept trials' logs",
                           f"--out {out}", "pass --overwrite to replace them, or give a new folder")
-    out.mkdir(parents=True, exist_ok=True)
-    splits = prepare_data(project)
+    aside = out / REPLACED
+    if aside.is_symlink() or (aside.exists() and not aside.is_dir()):
+        raise RunDirError(f"{aside} is not the folder tune sets a replaced study aside in; left untouched",
+                          f"--out {out}", "move it away, then rerun")
+
+
+def _run_trials(study, project: Project, splits, out: Path, trials: int, progress: bool) -> None:
+    """Trials until `trials` are scored, each training in out/trials/NNN (its logs kept, its weights not)."""
+    import optuna
+
+    from tunesmith.train.stage import train_stage
+
     metric = project.objective.metric
     sign = 1 if METRICS[metric].higher_is_better else -1
     # ERROR: a failed trial raises out of the study (catch=()) and the CLI says it in one line; optuna's
     # own "Trial N failed" warning would add a traceback, on Ctrl-C and SIGTERM too.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    study = _open_study(out, project, seed, overwrite)
     if _default_trial(study, project) is None and not _waiting(study):
         study.enqueue_trial(defaults(project))  # the config as written (again, if its trial was interrupted)
 
@@ -118,18 +148,7 @@ def tune(project: Project, trials: int, out: Path, progress: bool = True, seed: 
         return sign * best
 
     # Only scored trials count: an interrupted one (FAIL) is listed but its place is taken by a new one.
-    try:
-        study.optimize(objective, n_trials=max(0, trials - len(_scored(study))), catch=())
-    finally:  # a study --overwrite replaced is dropped only once this one has a score, else put back
-        _settle_aside(out, bool(_scored(study)))
-    best = study.best_trial
-    summary = _best_run(apply_params(project, _params(best.params, project)), out / "best", progress, overwrite)
-    default = _default_trial(study, project)
-    default_value = sign * default.value if default is not None and default.value is not None else None
-    return {"study": str(out / STUDY_FILE), "trials": _trial_rows(study, sign), "best_trial": best.number,
-            "best_params": _params(best.params, project), "best_validation": sign * best.value,
-            "default_trial": default.number if default is not None else None,
-            "default_validation": default_value, "summary": summary}
+    study.optimize(objective, n_trials=max(0, trials - len(_scored(study))), catch=())
 
 
 # What a trial's folder holds (train_stage's files and trackers'); `model` is removed once it is scored.
@@ -148,7 +167,9 @@ def _foreign_trial_files(kept: Path) -> list[str]:
         if entry.is_symlink() or not entry.is_dir() or not entry.name.isdigit():
             foreign.append(f"{kept.name}/{entry.name}")
             continue
-        foreign += [f"{kept.name}/{entry.name}/{f.name}" for f in sorted(entry.iterdir()) if f.name not in TRIAL_FILES]
+        # Hidden entries are the writers' own (fsio's .NAME.HEX.tmp files, left by a killed trial).
+        foreign += [f"{kept.name}/{entry.name}/{f.name}" for f in sorted(entry.iterdir())
+                    if f.name not in TRIAL_FILES and not f.name.startswith(".")]
     return foreign
 
 
@@ -209,20 +230,21 @@ REPLACED = ".replaced"  # out/.replaced: the study and trial logs --overwrite re
 
 
 def _set_aside(out: Path) -> None:
+    """Move the study and its trial logs into out/.replaced (empty here: `tune` settles one first)."""
     aside = out / REPLACED
-    shutil.rmtree(aside, ignore_errors=True)  # an earlier one whose replacement scored: no longer wanted
     aside.mkdir()
     for name in (STUDY_FILE, "trials"):
         if (out / name).exists():
             os.replace(out / name, aside / name)
 
 
-def _settle_aside(out: Path, scored: bool) -> None:
-    """Drop the replaced study once the new one has scored a trial; else put it back as it was."""
+def _settle_aside(out: Path) -> None:
+    """A study set aside by --overwrite: dropped once the study in its place has scored a trial, else put
+    back. Run at the end of a tune and at the start of the next (a kill leaves it undecided)."""
     aside = out / REPLACED
-    if not aside.is_dir():
+    if aside.is_symlink() or not aside.is_dir():
         return
-    if not scored:
+    if _scored_on_disk(out / STUDY_FILE) == 0:
         for name in (STUDY_FILE, "trials"):
             if (aside / name).exists():
                 if (out / name).is_dir():
@@ -290,9 +312,10 @@ def _waiting(study) -> bool:
 
 
 def _default_trial(study, project: Project):
-    """The scored trial of the config as written (the first enqueued), None until one is scored."""
+    """The scored trial of the config as written (the first enqueued), None until one is scored. Compared on
+    the searched keys: a study begun when epochs were searched beside max_steps holds them too."""
     wanted = defaults(project)
-    return next((t for t in _scored(study) if t.params == wanted), None)
+    return next((t for t in _scored(study) if {k: t.params.get(k) for k in wanted} == wanted), None)
 
 
 def _params(p: dict, project: Project) -> dict:
