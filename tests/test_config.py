@@ -261,3 +261,31 @@ def test_prompt_search_sizes_are_bounded(tmp_path, value):
     """shots: [-1] was ignored silently; a huge count or draw number would score for ever."""
     with pytest.raises(ConfigError, match="train.prompt_optimization"):
         load_config(_write(tmp_path, BASE + f"train:\n  prompt_optimization: {value}\n"), check_files=False)
+
+
+def test_a_glob_through_a_link_loop_is_refused_not_walked_for_ever(tmp_path):
+    """glob's ** follows links to folders with no loop guard: two links back up made an exponential walk
+    that never ended (the config loader and the workbench's form both match globs)."""
+    import glob as globlib
+    import threading
+
+    from tunesmith.config.sources import GlobTooWide, glob_matches
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a").symlink_to("..")
+    (tmp_path / "data" / "b").symlink_to("..")
+    (tmp_path / "train.jsonl").write_text('{"text": "a", "label": "b"}\n')
+    outcome = []
+
+    def load():
+        try:
+            load_config(_write(tmp_path, "name: demo\ndata:\n  train: data/**/*.csv\n"))
+        except ConfigError as e:
+            outcome.append(e.line())
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert outcome and "symbolic link to a folder above it" in outcome[0] and "(data.train)" in outcome[0], outcome
+    with pytest.raises(GlobTooWide):
+        list(glob_matches(globlib.escape(str(tmp_path)) + "/data/**/*.csv"))
+    assert list(glob_matches(globlib.escape(str(tmp_path)) + "/*.jsonl")) == [str(tmp_path / "train.jsonl")]

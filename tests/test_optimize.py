@@ -366,9 +366,16 @@ def test_an_interrupted_optimize_leaves_the_earlier_variants_and_figures_as_they
     assert [(r["name"], r["path"]) for r in rows] == [("fp32", "model"), ("int8", "variants/int8"),
                                                       ("bf16", "variants/bf16")]
     assert (folder / "variants" / "bf16").is_dir() and not (folder / "variants" / stage.STAGING).exists()
-    # Fewer variants the next time: the earlier one nothing measures any more is not left to be served.
+    # Fewer variants the next time: the earlier one stays (it may have taken a training) but is not served,
+    # nothing measures it any more.
+    from tunesmith.errors import InputError
+    from tunesmith.serve.service import _variant_path
+
     assert runner.invoke(app, ["optimize", run, "--variants", "bf16", "--quiet"]).exit_code == 0
-    assert sorted(p.name for p in (folder / "variants").iterdir()) == ["bf16"]
+    assert sorted(p.name for p in (folder / "variants").iterdir()) == ["bf16", "int8"]
+    assert _variant_path(folder, "bf16") == ("bf16", folder / "variants" / "bf16")
+    with pytest.raises(InputError, match="not among those the last optimize measured"):
+        _variant_path(folder, "int8")
     # A variant's folder holding the user's own files, a file or a link as variants/: refused, untouched.
     (folder / "variants" / "bf16" / "variant.json").unlink()
     (folder / "variants" / "bf16" / "notes.txt").write_text("mine")

@@ -487,3 +487,14 @@ def test_required_fields_show_no_default(root):
     page = _client(root)[0].get("/new").text
     assert "PydanticUndefined" not in page
     assert "id='f-name' value='' placeholder='required'" in page
+
+
+def test_form_refuses_a_glob_through_a_link_loop_at_once(root, tiny_model):
+    """Two links back up under the root made the form's ** check walk for ever (a worker thread per
+    request): refused as a loop, a 400 naming the key."""
+    (root / "data" / "a").symlink_to("..")
+    (root / "data" / "b").symlink_to("..")
+    client, token = _client(root)
+    reply = _post(client, token, "/api/validate", {**_tiny_values(tiny_model), "data.train": "**/*.csv"})
+    assert reply.status_code == 400 and "data.train: '**/*.csv' cannot be matched" in reply.text, reply.text
+    assert "symbolic link to a folder above it" in reply.text

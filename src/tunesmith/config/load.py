@@ -15,7 +15,14 @@ from pydantic import BaseModel, ValidationError
 
 from tunesmith.config import yaml_text
 from tunesmith.config.schema import _C, Project, _KeyedError
-from tunesmith.config.sources import COLUMN_FIELDS, HF_PREFIX, DataSource, folder_problem, locate_path
+from tunesmith.config.sources import (
+    COLUMN_FIELDS,
+    HF_PREFIX,
+    DataSource,
+    GlobTooWide,
+    folder_problem,
+    locate_path,
+)
 from tunesmith.errors import ConfigError
 
 
@@ -179,7 +186,11 @@ def _resolve_source(src: DataSource, base: Path, check_files: bool, where: str) 
     if src.path.startswith(HF_PREFIX):
         return [src.path]
     written = src.path
-    located = locate_path(written, base, None if check_files else src.files)
+    try:
+        located = locate_path(written, base, None if check_files else src.files)
+    except GlobTooWide as e:
+        raise ConfigError(f"the glob {written} cannot be matched: {e}", where,
+                          "name the folder to search without the link loop, or a narrower glob") from None
     src.path, src.files = located.path, located.files
     if located.files is None:
         if check_files:

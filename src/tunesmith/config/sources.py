@@ -94,10 +94,59 @@ def glob_pattern(path: str, base: Path) -> str:
     return str(written) if written.is_absolute() else glob.escape(str(base.resolve())) + os.sep + str(written)
 
 
+MAX_GLOB_FOLDERS = 100_000  # folders a `**` may walk, each path through links counted once
+
+
+class GlobTooWide(ValueError):
+    """A `**` glob that would walk a link loop for ever, or more than MAX_GLOB_FOLDERS folders."""
+
+
 def glob_matches(pattern: str) -> Iterator[str]:
     """The files an absolute glob matches, as the loader reads them: `**` follows links to folders (so a
-    check of where the matches lie must walk this, not Path.glob, which does not on Python 3.11)."""
+    check of where the matches lie must walk this, not Path.glob, which does not on Python 3.11).
+    glob itself has no guard against a link to a folder above: that, or a tree past MAX_GLOB_FOLDERS, is
+    a GlobTooWide before glob starts."""
+    if "**" in pattern:
+        _check_walk(_literal_folder(pattern))
     return (m for m in glob.iglob(pattern, recursive=True) if Path(m).is_file())
+
+
+_ESCAPED = re.compile(r"\[([*?[])\]")  # what glob.escape makes of a literal *, ? or [
+
+
+def _literal_folder(pattern: str) -> Path:
+    """The folder a glob walks from: its leading parts without wildcards (glob.escape's escapes undone)."""
+    parts = []
+    for part in Path(pattern).parts:
+        plain = _ESCAPED.sub("", part)
+        if any(c in plain for c in GLOB_CHARS):
+            break
+        parts.append(_ESCAPED.sub(r"\1", part))
+    return Path(*parts)
+
+
+def _check_walk(top: Path) -> None:
+    """Walk `top` as `**` does (links to folders followed, hidden folders skipped), counting folders."""
+    walked, stack = 0, [(top, frozenset())]  # (folder, the (device, inode) of each folder above it)
+    while stack:
+        folder, above = stack.pop()
+        try:
+            st = folder.stat()
+            entries = list(os.scandir(folder))
+        except OSError:  # gone, or not readable: glob skips it too
+            continue
+        here = (st.st_dev, st.st_ino)
+        if here in above:
+            raise GlobTooWide(f"{folder} is a symbolic link to a folder above it: ** would never end")
+        walked += 1
+        if walked > MAX_GLOB_FOLDERS:
+            raise GlobTooWide(f"** would walk more than {MAX_GLOB_FOLDERS:,} folders under {top}")
+        for entry in entries:
+            try:
+                if not entry.name.startswith(".") and entry.is_dir():
+                    stack.append((Path(entry.path), above | {here}))
+            except OSError:
+                continue
 
 
 def folder_problem(folder: Path) -> tuple[str, str] | None:

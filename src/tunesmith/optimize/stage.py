@@ -65,7 +65,7 @@ def optimize_stage(project: Project, splits: Splits, run_dir: Path, progress: bo
 
 def _check_variants_folder(run_dir: Path, names: list[str]) -> None:
     """RunDirError before anything is built when RUN_DIR/variants is not optimize's own: a link (whatever
-    it points at would be written), a file, or a variant's folder holding what optimize did not write
+    it points at would be written), a file, or a folder of a variant's name that optimize did not write
     (no variant.json: replacing it would delete the user's files)."""
     folder = run_dir / "variants"
     if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
@@ -104,12 +104,6 @@ def _install(run_dir: Path, rows: list[VariantRow]) -> list[VariantRow]:
             fsio.replace_dir(run_dir / row.path, run_dir / "variants" / row.name)
             row = dataclasses.replace(row, path=f"variants/{row.name}")
         installed.append(row)
-    # An earlier optimize's variants not built this time lost their figures with the old variants.json:
-    # removed, so `serve --variant` never loads a folder nothing measured any more.
-    kept = {row.name for row in installed}
-    for old in sorted((run_dir / "variants").glob("*/variant.json")):
-        if old.parent.name not in kept and not old.parent.is_symlink():
-            shutil.rmtree(old.parent, ignore_errors=True)
     return installed
 
 

@@ -386,6 +386,12 @@ def _variant_path(run_dir: Path, variant: str | None) -> tuple[str, Path]:
     if not (path / "variant.json").is_file():
         raise InputError(f"the run has no variant '{variant}'", "--variant",
                          "run `tunesmith optimize RUN_DIR`, or serve fp32")
+    measured = run_dir / "variants.json"  # the last optimize's variants: a folder an earlier one left is kept
+    listed = fsio.read_json(measured, list) if measured.is_file() else []  # (it may have taken a training)
+    if not any(isinstance(row, dict) and row.get("name") == variant for row in listed):
+        raise InputError(f"the variant '{variant}' is not among those the last optimize measured ({measured})",
+                         "--variant", f"run `tunesmith optimize RUN_DIR --variants {variant}` to measure it again, "
+                         "or serve one it lists")
     return variant, path
 
 

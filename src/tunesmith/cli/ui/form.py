@@ -29,7 +29,7 @@ from tunesmith.cli.ui.layout import esc, page
 from tunesmith.cli.ui.scan import UI_DIR, walk
 from tunesmith.cli.ui.security import csrf, inside_root, read_capped
 from tunesmith.config import Project, yaml_text
-from tunesmith.config.sources import glob_matches, glob_pattern
+from tunesmith.config.sources import GlobTooWide, glob_matches, glob_pattern
 from tunesmith.errors import TunesmithError
 from tunesmith.models.catalog import CATALOG
 from tunesmith.registry import METHOD_SPECS, METHODS, METRIC_SPECS
@@ -276,6 +276,8 @@ def _inside(root: Path, key: str, path: str) -> str:
         if any(c in path for c in "*?["):  # every file the loader would read, found as it finds them
             for match in itertools.islice(glob_matches(glob_pattern(path, root)), MAX_GLOB):
                 inside_root(root, Path(match).relative_to(root).as_posix())
+    except GlobTooWide as e:  # a link loop under the root: said as such, not as a path outside it
+        raise HTTPException(400, f"{key}: '{path}' cannot be matched: {e}") from None
     except (HTTPException, ValueError, NotImplementedError):
         raise refused from None
     return _from_ui_folder(path)
