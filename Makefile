@@ -8,9 +8,11 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
 # The CPU build of this torch lies on this machine's disk; GPU users can preinstall their own
 # torch in .venv (any version the pyproject range admits) and it is kept.
 TORCH_VERSION ?= 2.13.0
-# llama-cpp-python's build flags (see install): portable AVX2 on x86-64, the default elsewhere.
-LLAMA_CMAKE := $(shell [ "$$(uname -m)" = x86_64 ] && echo 'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON \
-	-DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"')
+# llama-cpp-python's build flags (see install): portable AVX2 on an x86-64 CPU that has AVX2, the
+# default elsewhere; CMAKE_ARGS already set (e.g. -DGGML_CUDA=on) are kept, ours added after them.
+LLAMA_CMAKE := $(shell [ "$$(uname -m)" = x86_64 ] && grep -qw avx2 /proc/cpuinfo 2>/dev/null && \
+	echo 'CMAKE_ARGS="$$CMAKE_ARGS -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_BMI2=ON"')
 
 .PHONY: install demo lint test test-fast bench clean
 
@@ -28,7 +30,8 @@ $(STAMP): pyproject.toml Makefile
 	# GGUF with transformers' loader and the llama.cpp tests are skipped, so a failed build only warns.
 	# On x86-64 it is built for AVX2 (x86-64-v3), not -march=native: a native build on a CPU with AMX
 	# (Sapphire Rapids) segfaults decoding q8_0/q4_K_M where the kernel does not grant AMX (measured
-	# 2026-12-06). No wheel cache: a cached native build would be reused whatever CMAKE_ARGS says.
+	# 2026-12-06). No wheel cache: a cached native build would be reused whatever CMAKE_ARGS says. An
+	# installed build is kept (`pip uninstall llama-cpp-python`, then `make install`, rebuilds it).
 	$(PY) -c "import llama_cpp" 2>/dev/null || $(LLAMA_CMAKE) $(PY) -m pip install -q --no-cache-dir \
 		"llama-cpp-python==0.3.36" || \
 		echo "warning: llama-cpp-python did not build; GGUF exports will be read back by transformers"

@@ -60,8 +60,13 @@ def metric_diff(a: Path, b: Path, resamples: int = 1000, seed: int = 0) -> dict:
     if unpaired is None:
         # The examples both runs scored (all of them for runs of one test split; the common ones of two
         # overlapping splits, matched by prompt and gold answer as `human export --against` matches them).
-        by_key = {example_key(r): r for r in pb}
-        both = [(r, by_key[k]) for r in pa if (k := example_key(r)) in by_key]
+        if same:
+            both = list(zip(pa, pb))
+        else:  # a test row given twice pairs once with each of the other run's copies, not all with one
+            by_key: dict = {}
+            for r in pb:
+                by_key.setdefault(example_key(r), []).append(r)
+            both = [(r, by_key[k].pop(0)) for r in pa if by_key.get(k := example_key(r))]
         shared = len(both)
         task = "classification" if "correct" in pa[0] else "generation"
         paired = compare(task, [x["gold"] for x, _ in both], [x["prediction"] for x, _ in both],
