@@ -41,14 +41,14 @@ def staging_dir(final: Path) -> Path:
     return final.with_name(f".{final.name}.partial")
 
 
-def published(path: Path) -> Path:
-    """Where `path`, inside a run's staging folder, will be once the run is renamed to its final folder
-    (a path outside any staging folder is its own answer). For paths a run records of itself."""
-    path = Path(path)
-    for folder in (path, *path.parents):
-        if folder.name.startswith(".") and folder.name.endswith(".partial") and len(folder.name) > len("..partial"):
-            return folder.with_name(folder.name[1:-len(".partial")]) / path.relative_to(folder)
-    return path
+def published(run_dir: Path) -> Path:
+    """The final folder of a run being written in its staging folder (`staging_dir`'s inverse); any other
+    folder is its own answer. For paths a run records of itself."""
+    run_dir = Path(run_dir)
+    name = run_dir.name
+    if name.startswith(".") and name.endswith(".partial") and len(name) > len("..partial"):
+        return run_dir.with_name(name[1:-len(".partial")])
+    return run_dir
 
 
 def is_run_dir(path: Path) -> bool:

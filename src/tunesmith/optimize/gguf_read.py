@@ -73,7 +73,11 @@ def llama_cpp_fails(path: Path) -> str | None:
     if done.returncode == 0:
         return None
     if done.returncode < 0:
-        return f"its process was killed by {signal.Signals(-done.returncode).name}"
+        try:
+            name = signal.Signals(-done.returncode).name
+        except ValueError:  # a real-time signal has no name
+            name = f"signal {-done.returncode}"
+        return f"its process was killed by {name}"
     last = done.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
     return f"exit {done.returncode}: {last[0][:200]}"
 

@@ -66,7 +66,8 @@ def default_page(a: Path, b: Path) -> Path:
         return plain
     with open(plain, "rb") as f:
         head = f.read(65536)
-    if MARKER.encode() in head and _a_mark(a).encode() not in head:
+    # A page of another A says so; one written before pages named their A is refreshed, as it was then.
+    if MARKER.encode() in head and b"<!-- a: " in head and _a_mark(a).encode() not in head:
         return plain.with_name(f"compare_{Path(a).name}-{_digest(a)}.html")
     return plain
 

@@ -32,8 +32,9 @@ def save_finetuned(model, tokenizer, fmt: PromptFormat, project: Project, base_p
             "base_model_path": str(base_path)}
     if Path(base_path) == Path(model_dir) / INIT_BASE:  # relative: the run folder is renamed once finished
         meta["base_in_model_dir"] = INIT_BASE
-        meta["base_model_path"] = str(published(base_path))
-        _point_adapter_at(model_dir, published(base_path))
+        final_base = published(Path(model_dir).parent) / Path(model_dir).name / INIT_BASE
+        meta["base_model_path"] = str(final_base)
+        _point_adapter_at(model_dir, final_base)
     fsio.write_json(model_dir / "tunesmith.json", meta)
 
 
