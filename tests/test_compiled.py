@@ -32,7 +32,10 @@ def test_compiled_training_has_the_same_losses_and_leaves_plain_layers(tiny_mode
     fast = _fit(tiny_model, monkeypatch, 1e7, gradient_checkpointing=False, compile=True)
     assert calls and all(name.endswith("DecoderLayer.forward") for name in calls)
     assert [h["train_loss"] for h in fast.history] == pytest.approx([h["train_loss"] for h in plain.history], abs=1e-4)
-    assert [h["val_loss"] for h in fast.history] == pytest.approx([h["val_loss"] for h in plain.history], abs=1e-4)
+    # Validation follows the training steps, whose fused kernels round differently from eager ones (on a
+    # CPU with AVX-512/AMX: 3e-4 on a loss of 5.7, 5e-5 of it); a wrong compiled layer is far off that.
+    assert [h["val_loss"] for h in fast.history] == pytest.approx([h["val_loss"] for h in plain.history],
+                                                                   rel=2e-4, abs=1e-4)
     assert all("forward" not in vars(layer) for layer in decoder_layers(fast.model))  # plain again
 
 
