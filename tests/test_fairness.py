@@ -166,16 +166,23 @@ def _rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def test_run_audits_groups_and_gates_on_fairness(tmp_path, tiny_model):
-    write_jsonl(tmp_path / "train.jsonl", _rows(40, 1))
-    write_jsonl(tmp_path / "test.jsonl", _rows(30, 2))
+def _fairness_run(tmp_path, tiny_model, rows, constraint: str, fairness: str):
+    """`tunesmith run` of a project of `rows` (train 40, test 30) gated on `constraint` and audited as
+    `fairness` says; (the CLI result, the run directory)."""
+    write_jsonl(tmp_path / "train.jsonl", rows(40, 1))
+    write_jsonl(tmp_path / "test.jsonl", rows(30, 2))
     text = PROJECT.format(model=tiny_model, method="lora").replace(
-        "  target: 0.0\n", "  target: 0.0\n  constraints:\n    demographic_parity_difference: {max: 0.0}\n")
-    text += ("fairness:\n  group_fields: [grp]\n  lexicon: [religion]\n  positive_label: alpha\n  min_group_size: 5\n"
-             "  bootstrap_resamples: 200\n  stereotype_pairs: 6\n  mitigation: reweight\n")
-    (tmp_path / "project.yaml").write_text(text, encoding="utf-8")
+        "  target: 0.0\n", f"  target: 0.0\n  constraints:\n    {constraint}\n")
+    (tmp_path / "project.yaml").write_text(text + "fairness:\n" + fairness, encoding="utf-8")
     out = tmp_path / "run"
-    result = runner.invoke(app, ["run", str(tmp_path / "project.yaml"), "--out", str(out), "--quiet"])
+    return runner.invoke(app, ["run", str(tmp_path / "project.yaml"), "--out", str(out), "--quiet"]), out
+
+
+def test_run_audits_groups_and_gates_on_fairness(tmp_path, tiny_model):
+    result, out = _fairness_run(tmp_path, tiny_model, _rows, "demographic_parity_difference: {max: 0.0}",
+                                "  group_fields: [grp]\n  lexicon: [religion]\n  positive_label: alpha\n"
+                                "  min_group_size: 5\n  bootstrap_resamples: 200\n  stereotype_pairs: 6\n"
+                                "  mitigation: reweight\n")
     audit = json.loads((out / "audit.json").read_text())
     for key in ("demographic_parity_difference", "equal_opportunity_difference", "equalized_odds_difference"):
         assert {"value", "ci_low", "ci_high"} <= set(audit[key])
@@ -284,16 +291,11 @@ def test_thresholds_leave_a_group_validation_lacks_to_the_model_and_say_so():
 
 
 def test_a_run_with_one_group_is_reported_not_crashed(tmp_path, tiny_model):
-    rows = lambda n, seed: [{**r, "grp": "solo"} for r in make_texts(n, seed)]  # noqa: E731
-    write_jsonl(tmp_path / "train.jsonl", rows(40, 1))
-    write_jsonl(tmp_path / "test.jsonl", rows(30, 2))
-    text = PROJECT.format(model=tiny_model, method="lora").replace(
-        "  target: 0.0\n", "  target: 0.0\n  constraints:\n    demographic_parity_ratio: {min: 0.8}\n")
-    text += ("fairness:\n  group_fields: [grp]\n  positive_label: alpha\n  min_group_size: 3\n"
-             "  bootstrap_resamples: 100\n")
-    (tmp_path / "project.yaml").write_text(text, encoding="utf-8")
-    out = tmp_path / "run"
-    result = runner.invoke(app, ["run", str(tmp_path / "project.yaml"), "--out", str(out), "--quiet"])
+    def solo(n: int, seed: int) -> list[dict]:
+        return [{**r, "grp": "solo"} for r in make_texts(n, seed)]
+    result, out = _fairness_run(tmp_path, tiny_model, solo, "demographic_parity_ratio: {min: 0.8}",
+                                "  group_fields: [grp]\n  positive_label: alpha\n  min_group_size: 3\n"
+                                "  bootstrap_resamples: 100\n")
     assert result.exit_code == 3, result.output  # the ratio could not be measured: not met, and said why
     audit = json.loads((out / "audit.json").read_text())
     ratio = audit["demographic_parity_ratio"]
