@@ -674,3 +674,26 @@ def test_every_route_group_answers_through_the_composed_app(tmp_path):
     assert too_long.status_code == 400 and "max_tokens must be at most" in too_long.json()["error"]["message"]
     assert _metric(exposition, 'tunesmith_requests_total{route="/v1/completions",status="200"}') == 2
     assert [r["output"] for r in store_module.recent(path, 10)] == ["HELLO THERE", "HI", "AB"]
+
+
+def test_retry_after_prices_each_kind_at_its_own_call_time():
+    """One average over every call priced a queue of slow generations at the speed of quick
+    classifications (and the other way round): each kind has its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        batcher = MicroBatcher(lambda *a: None, max_batch=4, max_wait_ms=1, executor=ThreadPoolExecutor(1))
+        assert batcher.retry_after() == 1  # nothing measured, nothing queued
+        batcher.batch_seconds = {"classify": 0.5, "complete": 6.0}
+        batcher.waiting.extend(("classify", i, loop.create_future()) for i in range(8))  # 2 calls of 0.5 s
+        quick = batcher.retry_after()
+        batcher.waiting.extend(("complete", i, loop.create_future()) for i in range(5))  # 2 calls of 6 s
+        slow = batcher.retry_after()
+        gone = loop.create_future()
+        gone.cancel()  # a request past its deadline holds no place in the estimate
+        batcher.waiting.extend(("complete", 9, gone) for _ in range(40))
+        return quick, slow, batcher.retry_after()
+    quick, slow, with_gone = asyncio.run(go())
+    assert quick == 7  # the call running (up to the slowest kind, 6 s) + 2 x 0.5 s
+    assert slow == 19 and with_gone == 19  # + 2 x 6 s; capped at 60 either way

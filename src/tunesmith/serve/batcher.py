@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -43,7 +43,9 @@ class MicroBatcher:
         self.waiting: deque = deque()  # (kind, item, future), at most max_queue
         self.wake: asyncio.Event | None = None
         self.task: asyncio.Task | None = None
-        self.batch_seconds = 0.0  # moving average of one model call, for Retry-After
+        # Moving average of one model call per kind, for Retry-After: a generation call of 200 tokens takes
+        # far longer than a classification call, so one average over both misjudged either queue.
+        self.batch_seconds: dict[str, float] = {}
 
     async def submit(self, kind: str, item, deadline: float | None = None):
         """Queue `item` and wait for its result until `deadline` (time.monotonic()); raises
@@ -66,9 +68,13 @@ class MicroBatcher:
                              self.retry_after()) from None
 
     def retry_after(self) -> int:
-        """Seconds until the queue now waiting has likely been worked off (1 to 60)."""
-        calls = len(self.waiting) / self.max_batch + 1
-        return max(1, min(MAX_RETRY_AFTER_S, math.ceil(calls * self.batch_seconds)))
+        """Seconds until the queue now waiting (and the call running) has likely been worked off (1 to 60):
+        each kind's queued requests in calls of max_batch, at that kind's average call time."""
+        queued = Counter(kind for kind, _, fut in self.waiting if not fut.done())
+        slowest = max(self.batch_seconds.values(), default=0.0)  # the call running now, of whatever kind
+        wait = slowest + sum(math.ceil(n / self.max_batch) * self.batch_seconds.get(kind, slowest)
+                             for kind, n in queued.items())
+        return max(1, min(MAX_RETRY_AFTER_S, math.ceil(wait)))
 
     async def _loop(self) -> None:
         while True:
@@ -135,7 +141,8 @@ class MicroBatcher:
             await loop.run_in_executor(self.executor, self.run_batch, kind, [item for item, _ in entries],
                                        deliver, alive)
         finally:
-            self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * (time.monotonic() - started)
+            took = time.monotonic() - started
+            self.batch_seconds[kind] = 0.8 * self.batch_seconds.get(kind, took) + 0.2 * took
         for fut in futures:  # deliveries ran before this line (queued first): what is left got no result
             _settle(fut, error=RuntimeError("the model call gave no result"))
 
