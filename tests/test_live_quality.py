@@ -32,7 +32,7 @@ from tunesmith.serve.store import LabelledRequest, RequestLog
 from tunesmith.tasks.metrics import rouge_l_pair
 
 runner = CliRunner()
-NOW = 1_800_000_000.0
+NOW = 1_700_000_000.0  # in the past: the log refuses times more than a day ahead of the clock
 H = 3600.0
 CONFIG = """name: fake
 model: /not/needed
@@ -148,7 +148,12 @@ def test_windows_verdicts_and_the_drop_alert(tmp_path):
 
 @pytest.mark.parametrize("column,value,says", [("input", b"\x00raw", "'input' is bytes"),
                                                ("ts", "yesterday", "'ts' is str"),
-                                               ("confidence", "high", "'confidence' is str")])
+                                               ("confidence", "high", "'confidence' is str"),
+                                               # values tunesmith never writes: infinite or out of range
+                                               ("confidence", 1e999, "'confidence' is inf"),
+                                               ("confidence", 1.5, "'confidence' is 1.5"),
+                                               ("ts", 1e12, "'ts' is 1000000000000.0"),
+                                               ("input_cut", 7, "'input_cut' is 7")])
 def test_a_hand_edited_request_log_row_is_named_not_an_internal_error(tmp_path, column, value, says):
     """monitor failed with `ValueError: text input must be of type str` (a BLOB input) or numpy's
     `add.reduce` TypeError (a text ts): SQLite keeps whatever an edit puts in a column."""
@@ -164,6 +169,22 @@ def test_a_hand_edited_request_log_row_is_named_not_an_internal_error(tmp_path, 
         with pytest.raises(InputError) as info:
             read()
         assert says in info.value.line() and str(tmp_path / "log.db") in info.value.line()
+
+
+@pytest.mark.parametrize("edit,says", [("rating = 5", "'rating' is 5"),
+                                       ("label = NULL", "none or several of label, correction, rating"),
+                                       ("correction = 'x'", "none or several of label, correction, rating")])
+def test_a_hand_edited_verdict_is_named_not_counted_as_a_wrong_answer(tmp_path, edit, says):
+    """A verdict with no label, correction or rating (or a rating of 5) counted as a labelled wrong answer."""
+    from tunesmith.errors import InputError
+
+    run = _fake_run(tmp_path / "run", accepted=0.9)
+    _log(tmp_path / "log.db", [(1, "sports", {"label": "sports"})] * 3, run)
+    with sqlite3.connect(tmp_path / "log.db") as con:
+        con.execute(f"UPDATE feedback SET {edit} WHERE request_id = (SELECT MIN(request_id) FROM feedback)")
+    with pytest.raises(InputError) as info:
+        q.live_quality(tmp_path / "log.db", _target(run), now=NOW)
+    assert says in info.value.line()
 
 
 def test_threshold_is_strict_and_min_labelled_decides_the_verdict(tmp_path):

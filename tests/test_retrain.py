@@ -217,7 +217,8 @@ def test_truncated_inputs_and_wrong_ratings_without_a_label_never_train(tmp_path
     db = tmp_path / "log.db"
     rows = traffic_rows(30)
     long_text = "lantern " * (STORED_CHARS // 8 + 100)  # stored cut, with the marker
-    fill_log(db, [(long_text, "beta")] + rows[:10])
+    # A request that merely ends with the log's cut marker was not cut: the log records cuts apart from the text
+    fill_log(db, [(long_text, "beta")] + rows[:9] + [(rows[9][0] + " [+3 characters not stored]", rows[9][1])])
     log = RequestLog(db, redact_pii=False)
     for i, (text, _) in enumerate(rows[10:13]):  # rated wrong, no truth given
         log.write([{"route": "/v1/classify", "request_id": f"wrong{i}", "input": text, "output": "alpha"}])
@@ -234,6 +235,7 @@ def test_truncated_inputs_and_wrong_ratings_without_a_label_never_train(tmp_path
     assert not any(t.startswith("lantern lantern") for t in texts)
     assert not {t for t, _ in rows[10:13]} & texts
     assert all(e.target == "gamma" for e in a.train + a.traffic_test if e.source.startswith("request-log:right"))
+    assert any(t.endswith(" [+3 characters not stored]") for t in texts)
 
 
 def test_planted_test_text_never_reaches_training(tmp_path):
@@ -376,3 +378,17 @@ def test_a_promoted_challenger_becomes_the_champion(champion_run, tmp_path, monk
     assert champions.current("bank") == out
     event = champions.history("bank")[-1]
     assert Path(event["parent"]) == champion_run.resolve() and event["reason"] == "retrain"
+
+
+def test_a_log_from_before_the_cut_column_still_tells_cut_inputs_by_their_marker(tmp_path):
+    """A log written before `input_cut` existed (read-only: never migrated) has only the marker to go by."""
+    import sqlite3
+
+    from tunesmith.serve.store import labelled
+
+    db = tmp_path / "log.db"
+    fill_log(db, [("lantern " * (STORED_CHARS // 8 + 100), "beta"), ("a short one", "alpha")])
+    with sqlite3.connect(db) as con:
+        con.execute("ALTER TABLE requests DROP COLUMN input_cut")
+    old = {r.request_id: (r.input_cut, r.complete) for r in labelled(db)}
+    assert old == {"req0000": (None, False), "req0001": (None, True)}

@@ -186,3 +186,50 @@ def test_values_of_the_wrong_json_type_are_a_400_not_coerced(client, bad, field)
     assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
     assert r.json()["error"]["param"].startswith(field), r.text
     assert _text(client, "/v1/completions", {"prompt": "x", "max_tokens": 2, "temperature": 1, "seed": 1})
+
+
+def _usage_streamed(c, body: dict) -> tuple[str, dict]:
+    with c.stream("POST", "/v1/completions",
+                  json={**body, "stream": True, "stream_options": {"include_usage": True}}) as s:
+        chunks = [json.loads(line[6:]) for line in s.iter_lines() if line and line != "data: [DONE]"]
+    return "".join(ch["choices"][0]["text"] for ch in chunks if ch["choices"]), chunks[-1]["usage"]
+
+
+def test_a_pad_token_sampled_mid_answer_does_not_end_it(service):
+    """The unstreamed answer stopped at a sampled pad token and the stream went on past it: the same
+    request answered two different texts. Only end-of-turn tokens end an answer (generate pads a row
+    only after one)."""
+    from tunesmith.models.tokens import stop_ids
+    from tunesmith.serve.service import _completion
+
+    tok = service.predictor.tokenizer
+    eos, pad = stop_ids(tok)[0], tok.pad_token_id
+    assert pad not in stop_ids(tok), "the tiny tokenizer must keep pad apart from its end of turn"
+    done = _completion(tok, [40, pad, 41, eos, pad, pad], 7, 6)
+    assert (done.completion_tokens, done.finish_reason, done.ids) == (3, "stop", (40, pad, 41))
+    assert _completion(tok, [40, 41, 42], 7, 3).finish_reason == "length"
+
+
+def test_a_stop_string_counts_the_tokens_decoded_up_to_it(client, service):
+    """completion_tokens re-encoded the cut text: a sampled undecodable byte (U+FFFD) encodes as several
+    tokens, so the count passed max_tokens. It is the tokens decoded until the stop string was complete,
+    as the stream of the same request counts them."""
+    from tunesmith.serve.service import Completion, _cut
+
+    tok = service.predictor.tokenizer
+    ids = tuple(tok.encode("my card bank help", add_special_tokens=False))
+    stop = "bank"
+    done = _cut(tok, Completion(tok.decode(ids), "length", 3, len(ids), ids), [stop])
+    k = done.completion_tokens
+    assert done.text == "my card " and done.finish_reason == "stop"
+    assert stop in tok.decode(ids[:k]) and stop not in tok.decode(ids[:k - 1])
+    for seed in range(6):  # sampled answers full of odd bytes, cut by a stop string found in them
+        body = {"prompt": "my card bank", "temperature": 1.5, "max_tokens": 24, "seed": seed}
+        full = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        if len(full) < 4:
+            continue
+        body["stop"] = [full[len(full) // 2:len(full) // 2 + 2]]
+        answer = client.post("/v1/completions", json=body).json()
+        text, usage = _usage_streamed(client, body)
+        assert answer["choices"][0]["text"] == text
+        assert answer["usage"]["completion_tokens"] <= 24 and usage["completion_tokens"] <= 24

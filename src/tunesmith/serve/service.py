@@ -39,6 +39,7 @@ class Completion:
     finish_reason: str       # "stop" (end of turn) or "length" (max_tokens reached)
     prompt_tokens: int
     completion_tokens: int
+    ids: tuple[int, ...] = ()  # the completion's tokens where this process decoded them (for a stop string's cut)
 
 
 @dataclass(frozen=True)
@@ -342,20 +343,34 @@ def _left_padded(prompts: list[list[int]], pad_id: int, device) -> dict:
 
 
 def _cut(tok, done: Completion, stops: list[str]) -> Completion:
-    """`done` cut at its first stop string (finish "stop"), its completion tokens recounted."""
+    """`done` cut at its first stop string (finish "stop"), counting the tokens decoded up to the one that
+    completed the stop string, as a stream of the same answer counts them. Re-encoding the cut text
+    counted more tokens than were generated (an undecodable byte's U+FFFD encodes as several)."""
     text, found = cut_at_stop(done.text, stops)
     if not found:
         return done
-    return Completion(text, "stop", done.prompt_tokens, len(tok.encode(text, add_special_tokens=False)))
+    if not done.ids:  # decoded elsewhere: no tokens to count, and never more than were generated
+        return Completion(text, "stop", done.prompt_tokens, min(done.completion_tokens,
+                                                                len(tok.encode(text, add_special_tokens=False))))
+    low, high = 1, len(done.ids)  # the fewest tokens whose text holds a stop string (once there, it stays)
+    while low < high:
+        mid = (low + high) // 2
+        if cut_at_stop(tok.decode(done.ids[:mid], skip_special_tokens=True), stops)[1]:
+            high = mid
+        else:
+            low = mid + 1
+    return Completion(text, "stop", done.prompt_tokens, low, done.ids[:low])
 
 
 def _completion(tok, row: list[int], n_prompt: int, limit: int) -> Completion:
-    stops = set(stop_ids(tok)) | {tok.pad_token_id}  # rows that ended early are padded
+    # The first end-of-turn token ends the answer (generate pads a row only after it). A pad token sampled
+    # before it is part of the answer, as it is in a stream of the same request.
+    stops = set(stop_ids(tok))
     end = next((i for i, t in enumerate(row) if t in stops), len(row))
     kept, finish = (row[:end], "stop") if end < limit else (row[:limit], "length")
     # Not stripped: a completion's leading space belongs to it (prompt + text is the whole), and a stream
     # of the same answer sends every piece as decoded.
-    return Completion(tok.decode(kept, skip_special_tokens=True), finish, n_prompt, len(kept))
+    return Completion(tok.decode(kept, skip_special_tokens=True), finish, n_prompt, len(kept), tuple(kept))
 
 
 def load_service(target: Path, variant: str | None = None, max_new_tokens: int = 64) -> Service:

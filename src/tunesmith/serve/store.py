@@ -39,11 +39,13 @@ from tunesmith.errors import InputError
 SCHEMA = """CREATE TABLE IF NOT EXISTS requests (
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, route TEXT NOT NULL, key_id TEXT,
     input TEXT, output TEXT, label TEXT, confidence REAL, latency_ms REAL, status INTEGER,
-    tokens_in INTEGER, tokens_out INTEGER, request_id TEXT, run_dir TEXT, prompt_kind TEXT)"""
+    tokens_in INTEGER, tokens_out INTEGER, request_id TEXT, run_dir TEXT, prompt_kind TEXT, input_cut INTEGER)"""
 # Columns added after the first release: a log written by an older server gains them when opened.
 # prompt_kind: "tokens" when a completion prompt came as token ids (`input` is then the ids decoded,
 # the prompt format already inside it), "text" for a text prompt, NULL for a classify row or an older log.
-ADDED_COLUMNS = {"request_id": "TEXT", "run_dir": "TEXT", "prompt_kind": "TEXT"}
+# input_cut: 1 when only the first STORED_CHARS characters of the input were stored, else 0 (NULL: an
+# older log, whose rows tell a cut only by the marker text `_clean` ends it with).
+ADDED_COLUMNS = {"request_id": "TEXT", "run_dir": "TEXT", "prompt_kind": "TEXT", "input_cut": "INTEGER"}
 # One verdict per answered request (POST /v1/feedback, `tunesmith feedback import`): the true label,
 # a corrected answer, or a rating (1: the answer was right, 0: it was wrong).
 FEEDBACK_SCHEMA = """CREATE TABLE IF NOT EXISTS feedback (
@@ -110,14 +112,14 @@ class RequestLog:
     def write(self, rows: list[dict]) -> None:
         """Redact and insert rows (raises on a failed write)."""
         now = time.time()
-        values = [(now, r["route"], r.get("key_id"), self._clean(r.get("input")), self._clean(r.get("output")),
+        values = [(now, r["route"], r.get("key_id"), *self._stored(r.get("input")), self._clean(r.get("output")),
                    r.get("label"), r.get("confidence"), r.get("latency_ms"), r.get("status", 200),
                    r.get("tokens_in"), r.get("tokens_out"), r.get("request_id"), r.get("run_dir"),
                    r.get("prompt_kind")) for r in rows]
         with self._lock:
-            self._db.executemany("INSERT INTO requests (ts, route, key_id, input, output, label, confidence, "
-                                 "latency_ms, status, tokens_in, tokens_out, request_id, run_dir, prompt_kind) "
-                                 "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", values)
+            self._db.executemany("INSERT INTO requests (ts, route, key_id, input, input_cut, output, label, "
+                                 "confidence, latency_ms, status, tokens_in, tokens_out, request_id, run_dir, "
+                                 "prompt_kind) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", values)
             self._writes += len(rows)
             if self._writes >= PURGE_EVERY:
                 self._writes = 0
@@ -207,20 +209,26 @@ class RequestLog:
         log.error("%s (counted in tunesmith_request_log_failures_total)", message)
 
     def _clean(self, text: str | None) -> str | None:
+        return self._stored(text)[0]
+
+    def _stored(self, text: str | None) -> tuple[str | None, bool]:
+        """The text as the log stores it (redacted, at most STORED_CHARS characters and PII across the cut)
+        and whether it was cut."""
         if text is None:
-            return None
+            return None, False
         # A lone surrogate cannot be encoded as UTF-8 and would fail the insert: it is stored as "?".
         text = text.encode("utf-8", "replace").decode("utf-8") if not _encodable(text) else text
         if self.redact:
             text = _folded_if_it_hides_pii(text)
         if len(text) <= STORED_CHARS:
-            return self._redacted(text) if self.redact else text
+            return (self._redacted(text) if self.redact else text), False
         cut, hits = STORED_CHARS, []
         if self.redact:
             hits = find_pii(text[:STORED_CHARS + PII_SLACK])
             cut = max([cut] + [f.end for f in hits if f.start < STORED_CHARS])
             hits = [f for f in hits if f.start < STORED_CHARS]
-        return redact(text[:cut], hits) + f" [+{len(text) - cut} characters not stored]"
+        return redact(text[:cut], hits) + f" [+{len(text) - cut} characters not stored]", True
+
 
     @staticmethod
     def _redacted(text: str) -> str:
@@ -336,6 +344,7 @@ class LabelledRequest:
     rating: int | None
     feedback_ts: float
     prompt_kind: str | None = None  # "tokens": a token-id prompt (`input` is the ids decoded); see ADDED_COLUMNS
+    input_cut: int | None = None    # 1: the input was cut when stored; None: a log from before the column
 
     @property
     def truth(self) -> str | None:
@@ -354,8 +363,13 @@ class LabelledRequest:
 
     @property
     def complete(self) -> bool:
-        """False when the stored input was cut (the log keeps STORED_CHARS characters of a text)."""
-        return self.input is not None and not _CUT_MARK.search(self.input[-64:])
+        """False when the stored input was cut (the log keeps STORED_CHARS characters of a text). The column
+        says so; only rows of a log from before it are read by the marker (a request may end with that text)."""
+        if self.input is None:
+            return False
+        if self.input_cut is not None:
+            return not self.input_cut
+        return not _CUT_MARK.search(self.input[-64:])
 
 
 _CUT_MARK = re.compile(r" \[\+\d+ characters not stored\]$")
@@ -422,9 +436,10 @@ def labelled(path: Path, run_dir: str | None = None, since: float | None = None)
         if "request_id" not in have or not db.execute(
                 "SELECT 1 FROM sqlite_master WHERE type='table' AND name='feedback'").fetchone():
             return []  # a log from before feedback existed
-        kind = "r.prompt_kind" if "prompt_kind" in have else "NULL"  # opened read-only: an older log is not migrated
+        # Opened read-only: an older log is not migrated, and its missing columns read as NULL.
+        kind, cut = (f"r.{c}" if c in have else "NULL" for c in ("prompt_kind", "input_cut"))
         query = ("SELECT r.request_id, r.ts, r.route, r.input, r.output, r.confidence, r.run_dir, f.label, "
-                 f"f.correction, f.rating, f.ts, {kind} FROM requests r JOIN feedback f "
+                 f"f.correction, f.rating, f.ts, {kind}, {cut} FROM requests r JOIN feedback f "
                  "ON f.request_id = r.request_id WHERE r.status = 200")
         args: list = []
         if run_dir is not None:
@@ -434,23 +449,38 @@ def labelled(path: Path, run_dir: str | None = None, since: float | None = None)
         rows = db.execute(query + " ORDER BY r.ts, r.id", args).fetchall()
     for row in rows:
         _check_types(path, row[0], {"ts": row[1], "input": row[3], "output": row[4], "confidence": row[5],
-                                    "label": row[7], "correction": row[8], "rating": row[9]})
+                                    "label": row[7], "correction": row[8], "rating": row[9],
+                                    "feedback_ts": row[10], "input_cut": row[12]})
+        if sum(v is not None for v in row[7:10]) != 1:  # the API and import store exactly one verdict
+            raise _edited(path, row[0], "its verdict holds none or several of label, correction, rating")
     return [LabelledRequest(*row) for row in rows]
 
 
 # What the log's columns hold as tunesmith writes them (SQLite keeps whatever a hand edit puts in any column).
-_COLUMN_TYPES = {"ts": (int, float), "confidence": (int, float, type(None)), "rating": (int, type(None)),
-                 "input": (str, type(None)), "output": (str, type(None)), "label": (str, type(None)),
-                 "correction": (str, type(None))}
+_COLUMN_TYPES = {"ts": (int, float), "feedback_ts": (int, float), "confidence": (int, float, type(None)),
+                 "rating": (int, type(None)), "input": (str, type(None)), "output": (str, type(None)),
+                 "label": (str, type(None)), "correction": (str, type(None)), "input_cut": (int, type(None))}
+# ... and the values it writes there: times are past (a day's slack for clocks set apart), a confidence is a
+# probability, a rating and a cut flag 0 or 1. NaN fails every comparison, so it fails these too.
+_FUTURE_SLACK_S = 86400.0
+_COLUMN_VALUES = {"ts": lambda v: v <= time.time() + _FUTURE_SLACK_S,
+                  "feedback_ts": lambda v: v <= time.time() + _FUTURE_SLACK_S,
+                  "confidence": lambda v: v is None or 0.0 <= v <= 1.0,
+                  "rating": lambda v: v in (None, 0, 1), "input_cut": lambda v: v in (None, 0, 1)}
 
 
 def _check_types(path: Path, row_id, values: dict) -> None:
     """InputError naming the log and the row whose column holds another type (bytes, text for a number)."""
     for name, value in values.items():
         if not isinstance(value, _COLUMN_TYPES[name]) or isinstance(value, bool):
-            raise InputError(f"the request log holds a row tunesmith did not write (request {str(row_id)[:40]}: "
-                             f"'{name}' is {type(value).__name__})", str(path),
-                             "restore the log, or delete the edited rows")
+            raise _edited(path, row_id, f"'{name}' is {type(value).__name__}")
+        if name in _COLUMN_VALUES and not _COLUMN_VALUES[name](value):
+            raise _edited(path, row_id, f"'{name}' is {value!r}"[:80])
+
+
+def _edited(path: Path, row_id, what: str) -> InputError:
+    return InputError(f"the request log holds a row tunesmith did not write (request {str(row_id)[:40]}: {what})",
+                      str(path), "restore the log, or delete the edited rows")
 
 
 def _encodable(text: str) -> bool:
@@ -480,7 +510,7 @@ def recent(path: Path, limit: int, run_dir: Path | None = None) -> list[dict]:
     out = [dict(r) for r in reversed(rows)]
     for r in out:
         _check_types(path, r.get("request_id", r.get("id")),
-                     {k: r[k] for k in ("ts", "input", "output", "confidence", "label") if k in r})
+                     {k: r[k] for k in ("ts", "input", "output", "confidence", "label", "input_cut") if k in r})
     return out
 
 
