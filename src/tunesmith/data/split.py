@@ -10,23 +10,36 @@ T = TypeVar("T")
 
 
 def stratified_split(items: Sequence[T], keys: Sequence[str], fraction: float, seed: int) -> tuple[list[T], list[T]]:
-    """Split `items` into (rest, held_out) so each key keeps about `fraction` of its items held out.
+    """Split `items` into (rest, held_out): about `fraction` of all items held out (at least one when the
+    fraction asks for any), each key's share as close to `fraction` as whole items allow.
 
-    Keys with a single item stay in `rest`; every key with two or more gives at least one item
-    when the fraction asks for any. The same seed gives the same split.
+    Each key gets the whole items its share holds; the items left over go to the keys with the largest
+    remainders (ties broken by the seed), so many small keys share the held-out items rather than each
+    taking one: 300 keys of 3 items at 0.1 hold out 90 items, not 300. A key keeps at least one item in
+    `rest` (a single item is never held out). The same seed gives the same split.
     """
     groups: dict[str, list[int]] = defaultdict(list)
     for i, k in enumerate(keys):
         groups[k].append(i)
     rng = random.Random(seed)
-    held: set[int] = set()
-    for k in sorted(groups):
-        idx = groups[k][:]
-        rng.shuffle(idx)
-        if len(idx) < 2:
-            continue
-        n = min(len(idx) - 1, max(1, round(fraction * len(idx))))
-        held.update(idx[:n])
+    order = sorted(groups)
+    for k in order:
+        rng.shuffle(groups[k])
+    room = {k: len(groups[k]) - 1 for k in order}  # what each key can give and still keep one
+    if fraction <= 0 or not any(room.values()):
+        return list(items), []
+    want = {k: fraction * len(groups[k]) for k in order}
+    take = {k: min(room[k], int(want[k])) for k in order}
+    target = min(sum(room.values()), max(1, round(fraction * len(items))))
+    ties, taken = order[:], sum(take.values())
+    rng.shuffle(ties)
+    # One pass is enough: every key rounded up (within its room) holds at least the target.
+    for k in sorted(ties, key=lambda k: want[k] - int(want[k]), reverse=True):  # largest remainder first
+        if taken >= target:
+            break
+        if take[k] < room[k]:
+            take[k], taken = take[k] + 1, taken + 1
+    held = {i for k in order for i in groups[k][:take[k]]}
     rest = [it for i, it in enumerate(items) if i not in held]
     out = [it for i, it in enumerate(items) if i in held]
     return rest, out
