@@ -107,11 +107,14 @@ def test_bad_chat_rows_are_located(tmp_path):
                           {"role": "assistant", "content": "v"}]},
             {"instruction": "i", "output": "o", "history": [["only one"]]},
             {"conversations": "not a list"},
-            {"instruction": "i", "input": "x"}]
+            {"instruction": "i", "input": "x"},
+            {**good, "prompt": "u", "completion": "another answer"},  # two formats: which answer trains?
+            {**good, "prompt": "u"}]  # UltraChat's rows: `prompt` repeats the first user turn
     examples, problems = _load(tmp_path, rows)
-    assert len(examples) == 1
+    assert len(examples) == 2
     reasons = {p.line: p.reason for p in problems}
-    assert sorted(reasons) == [2, 3, 4, 5, 6, 7, 8, 9]
+    assert sorted(reasons) == [2, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert "both 'messages' and 'completion'" in reasons[10]
     assert "conversations[0] needs 'from'" in reasons[2]
     assert "messages[1].content" in reasons[3] and "NoneType" in reasons[3]
     assert "conversations[1].value" in reasons[4] and "empty" in reasons[4]

@@ -289,3 +289,17 @@ def test_a_glob_through_a_link_loop_is_refused_not_walked_for_ever(tmp_path):
     with pytest.raises(GlobTooWide):
         list(glob_matches(globlib.escape(str(tmp_path)) + "/data/**/*.csv"))
     assert list(glob_matches(globlib.escape(str(tmp_path)) + "/*.jsonl")) == [str(tmp_path / "train.jsonl")]
+
+
+@pytest.mark.parametrize("task,key", [("task:\n  text_field: label\n", "task.label_field"),
+                                      ("task:\n  type: generation\n  prompt_field: q\n  completion_field: q\n",
+                                       "task.completion_field")])
+def test_one_column_cannot_be_both_the_input_and_the_answer(tmp_path, task, key):
+    """`task.text_field: label` trained the model to predict the label from itself (data.columns refused it)."""
+    from tunesmith.config import load_config
+    from tunesmith.errors import ConfigError
+
+    (tmp_path / "p.yaml").write_text("name: p\nmodel: m\n" + task + "data:\n  train: t.jsonl\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "p.yaml")
+    assert key in info.value.line() and "same column" in info.value.line()

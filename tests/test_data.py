@@ -117,6 +117,19 @@ def test_stratified_split_is_deterministic_and_keeps_every_class():
     assert sum(keys[i] == "a" for i in held1) == 4
 
 
+@pytest.mark.parametrize("classes,size,fraction,held", [(300, 3, 0.1, 90), (2000, 2, 0.2, 800), (500, 2, 0.01, 10),
+                                                        (3, 10, 0.2, 6), (1, 5, 0.05, 1), (2, 1, 0.5, 0)])
+def test_many_small_classes_share_the_held_out_rows(classes, size, fraction, held):
+    """Each class with two or more rows gave at least one: 300 classes of 3 rows at 0.1 held out a third
+    of the data (300 rows, not 90), and at 0.01 of 500 two-row classes validation came out empty."""
+    keys = [f"c{i}" for i in range(classes) for _ in range(size)]
+    rest, out = stratified_split(list(range(len(keys))), keys, fraction, seed=1)
+    assert len(out) == held and sorted(rest + out) == list(range(len(keys)))
+    assert {keys[i] for i in rest} == set(keys)  # every class keeps a row to train on
+    per_class = [sum(keys[i] == k for i in out) for k in set(keys)]
+    assert max(per_class) - min(per_class) <= 1  # as even as whole rows allow
+
+
 def test_prepare_builds_splits_and_label_set(tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", make_texts(30, 0))
     splits = prepare_data(Project(name="p", data=DataConfig(train=path, test=0.2, validation=0.2)))
@@ -245,3 +258,24 @@ def test_a_header_name_with_spaces_around_it_is_shown_quoted(tmp_path):
     with pytest.raises(DataError) as info:
         load_examples(tmp_path / "t.csv", TaskConfig())
     assert "fields present: ' label', text" in info.value.line()
+
+
+def test_labels_in_two_unicode_forms_are_one_class_and_look_alikes_are_warned_about(tmp_path):
+    """"café" precomposed and as e + combining accent were two classes (the model was asked to choose
+    between two identical-looking answers); labels differing only in case or width are kept apart, as the
+    data says, with a warning."""
+    from pydantic import ValidationError
+
+    rows = make_texts(30, 0)
+    for i, r in enumerate(rows):
+        if r["label"] == "alpha":
+            r["label"] = "caf\u00e9" if i % 2 else "cafe\u0301"
+        elif r["label"] == "beta" and i % 2:
+            r["label"] = "Beta"
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    splits = prepare_data(Project(name="p", data=DataConfig(train=path, test=0.2, validation=0.2)))
+    assert splits.labels == ["Beta", "beta", "caf\u00e9", "gamma"]
+    assert any("differ only in case or width" in w and "Beta / beta" in w for w in splits.warnings)
+    assert TaskConfig(labels=["cafe\u0301", "x"]).labels == ["caf\u00e9", "x"]
+    with pytest.raises(ValidationError, match="listed twice"):
+        TaskConfig(labels=["caf\u00e9", "cafe\u0301"])

@@ -108,6 +108,7 @@ class TaskConfig(_Strict):
             return v
         if not v:  # every row's label would be "not in task.labels"
             raise ValueError("the list is empty: list the labels, or leave task.labels out to take those of the data")
+        v = [unicodedata.normalize("NFC", label) for label in v]  # as labels read from data are (data/examples.py)
         seen: set[str] = set()
         for label in v:
             if not label.strip():
@@ -117,9 +118,22 @@ class TaskConfig(_Strict):
             if problem := label_problem(label):
                 raise ValueError(f"the label {json.dumps(label[:80])} {problem}")
             if label in seen:
-                raise ValueError(f"the label '{label[:80]}' is listed twice")
+                raise ValueError(f"the label '{label[:80]}' is listed twice (Unicode forms of one text count as one)")
             seen.add(label)
         return v
+
+    @model_validator(mode="after")
+    def _input_and_answer_apart(self) -> TaskConfig:
+        """The column the model reads and the one it learns to write must differ: one column for both trains
+        the model to copy its input (data.columns refuses the same)."""
+        pairs = {"classification": ("text_field", "label_field"), "generation": ("prompt_field", "completion_field")}
+        if self.type in pairs:
+            given, answer = pairs[self.type]
+            if getattr(self, given) == getattr(self, answer):
+                raise _KeyedError(("task", answer), f"task.{answer} names the same column as task.{given} "
+                                  f"('{getattr(self, given)}'): the model would learn to copy its input; name the "
+                                  "answer's own column")
+        return self
 
     @field_validator("chat_template")
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,7 +205,8 @@ def _classification(row: Row, task: TaskConfig) -> Example:
     label = _field(rec, task.label_field, "the label")
     if isinstance(label, bool) or not isinstance(label, (str, int)):
         raise _RowError(f"label '{task.label_field}' must be a string, got {type(label).__name__}")
-    label = _text(str(label), task.label_field).strip()
+    # NFC: "café" typed precomposed or as e + a combining accent is one label, not two that look alike.
+    label = unicodedata.normalize("NFC", _text(str(label), task.label_field).strip())
     if problem := label_problem(label):
         raise _RowError(f"label {json.dumps(label[:80])} {problem}")
     return Example(text, label, _source(row))
@@ -222,6 +224,12 @@ def _generation(row: Row, task: TaskConfig) -> Example:
     rec = _require_object(row)
     if is_preference_row(rec, has_text_cells(row.file)):  # before `messages`: a preference prompt ends with the user
         return _preference(rec, row)
+    chat = next((k for k in ("messages", "conversations") if k in rec), None)
+    if chat and rec.get(task.completion_field) is not None:
+        # Two answers in one row: which one trains? (A `prompt` beside `messages`, as UltraChat has, repeats
+        # the first user turn and is fine; a completion is an answer of its own.)
+        raise _RowError(f"the row holds both '{chat}' and '{task.completion_field}': two formats in one row; "
+                        f"keep one (the conversation, or {task.prompt_field}/{task.completion_field})")
     if "messages" in rec:
         return _chat(openai_messages(rec["messages"], _RowError), row)
     if "conversations" in rec:

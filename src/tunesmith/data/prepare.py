@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,7 +224,21 @@ def _label_warnings(splits: Splits) -> list[str]:
     unseen = sorted({e.target for e in splits.test} - set(counts))
     if unseen:
         warnings.append(f"test labels never seen in training: {', '.join(u[:80] for u in unseen)}")
-    return warnings
+    return warnings + _look_alike_labels(splits.labels or [])
+
+
+def _look_alike_labels(labels: list[str]) -> list[str]:
+    """Labels that differ only in case or character width (Alpha, alpha, ａｌｐｈａ): kept as separate classes,
+    as the data says, but most likely one class spelled several ways."""
+    alike: dict[str, list[str]] = {}
+    for label in labels:
+        alike.setdefault(unicodedata.normalize("NFKC", label).casefold(), []).append(label)
+    groups = [names for names in alike.values() if len(names) > 1]
+    if not groups:
+        return []
+    shown = "; ".join(" / ".join(n[:40] for n in names[:4]) for names in groups[:5])
+    return [f"{len(groups)} group(s) of labels differ only in case or width, each a class of its own: {shown}"
+            f"{' ...' if len(groups) > 5 else ''}; spell each class one way (data.corrections, or fix the rows)"]
 
 
 def data_report(splits: Splits) -> dict:

@@ -348,8 +348,8 @@ class LabelledRequest:
 
     @property
     def truth(self) -> str | None:
-        if self.label is not None:
-            return self.label
+        if self.label is not None:  # NFC, as labels read from data are: the model answers them in that form
+            return unicodedata.normalize("NFC", self.label)
         if self.correction is not None:
             return self.correction
         # The answer as served keeps the space a plain prompt format puts before an answer (" Paris"); as a
