@@ -184,3 +184,26 @@ def test_data_stage_report_returns_the_report_and_leaves_the_page_to_the_report_
     page = write_data_page(out, result.report, project.name).read_text()
     assert f"<title>tunesmith data report: {project.name}</title>" in page and "<h3>Curation</h3>" in page
     assert not stage.report(project, None, progress=False).lines[-1].startswith("report written")
+
+
+def test_a_very_long_label_is_shortened_on_the_page_and_a_failed_page_publishes_nothing(tmp_path, tiny_model,
+                                                                                      monkeypatch):
+    """A 1.3M-character label made a 9-million-pixel plot matplotlib refused (exit 1), after report.json was
+    already in --out; `data check` printed the whole label."""
+    from tunesmith.report import data_section
+
+    rows = make_texts(30, 1)
+    for r in rows[::3]:
+        r["label"] = "y" * 5_000
+    config = _project(tmp_path, tiny_model, rows)
+    result = runner.invoke(app, ["data", "report", config, "--out", str(tmp_path / "rep"), "-q"])
+    assert result.exit_code == 0, result.output  # the plots draw the label shortened
+    assert (tmp_path / "rep" / "report.html").is_file()
+    checked = runner.invoke(app, ["data", "check", config])
+    assert checked.exit_code == 0 and len(checked.stdout) < 5_000, len(checked.stdout)
+
+    def broken(*args, **kwargs):
+        raise ValueError("Image size too large")
+    monkeypatch.setattr(data_section, "data_page", broken)
+    failed = runner.invoke(app, ["data", "report", config, "--out", str(tmp_path / "new")])
+    assert failed.exit_code != 0 and not (tmp_path / "new").exists()

@@ -374,3 +374,17 @@ def test_a_lora_rank_no_layer_can_take_is_a_config_error(tmp_path, tiny_model, m
     (tmp_path / "project.yaml").write_text(text, encoding="utf-8")
     result = runner.invoke(app, ["train", str(tmp_path / "project.yaml"), "--out", str(tmp_path / "run"), "-q"])
     assert result.exit_code == 0, result.output  # as wide as the widest layer: taken
+
+
+def test_long_labels_and_group_names_are_shortened_on_every_plot(figures):
+    """A 1.3M-character label asked matplotlib for a 9-million-pixel image (it refused: `data report` exit 1)."""
+    from tunesmith.report import plots
+
+    long = ["y" * 5000, "z" * 5000]
+    plots.confusion([[1, 0], [0, 2]], long, "t")
+    plots.per_class_f1({lab: {"f1": 0.5, "support": 3} for lab in long})
+    plots.data_profile({"train": {"rows": 4, "label_counts": {lab: 2 for lab in long}, "chars_histogram": {"0-50": 4}}})
+    plots.group_rates({lab: {"n": 3, "selection_rate": 0.5, "tpr": 0.5, "fpr": 0.1} for lab in long}, long[0], long[1])
+    assert len(figures) == 4
+    longest = max(len(t.get_text()) for fig in figures for t in _texts(fig))
+    assert longest <= plots.TICK_CHARS + 40, longest  # a tick label, or a title around one

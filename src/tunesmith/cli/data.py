@@ -79,12 +79,11 @@ def data_report_command(config: Path = typer.Argument(..., help="project.yaml"),
     from tunesmith.data import stage
 
     def report(project, progress: bool) -> list[str]:
-        result = stage.report(project, out, progress)
-        if out is not None:
+        def page(folder: Path, data: dict) -> None:
             from tunesmith.report.data_section import write_data_page  # matplotlib: only when a page is written
 
-            write_data_page(out, result.report, project.name)
-        return result.lines
+            write_data_page(folder, data, project.name)
+        return stage.report(project, out, progress, page if out is not None else None).lines
     _data_command(config, debug, quiet, report)
 
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def check(project: Project) -> list[str]:
         lines.append(f"corrections: {len(fixes.decisions)} decisions ({fixes.path})")
     if project.task.type == "classification":
         counts = Counter(e.target for e in loaded["train"])
-        lines.append(f"labels: {len(counts)} in train; " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
+        lines.append(f"labels: {len(counts)} in train; " + ", ".join(f"{k[:80]} {v}" for k, v in counts.most_common()))
     lines.append(f"data OK: {len(rows)} rows")
     return lines
 
@@ -105,17 +106,21 @@ class DataReport:
     lines: list[str]
 
 
-def report(project: Project, out: Path | None, progress: bool = True) -> DataReport:
-    """The data report (what `run` writes to data/report.json), optionally saved as out/report.json.
-
-    The caller renders out/report.html from `DataReport.report`: pages belong to the report layer,
-    which sits above data."""
+def report(project: Project, out: Path | None, progress: bool = True,
+           page: Callable[[Path, dict], object] | None = None) -> DataReport:
+    """The data report (what `run` writes to data/report.json), optionally saved as out/report.json with
+    what `page(folder, report)` writes beside it (the caller's report.html: pages belong to the report
+    layer, which sits above data). Both are published together, or neither is."""
     if out is not None:
         check_out(project, out)
     splits = prepare_data(project, progress=progress)
     rep = data_report(splits)
     if out is not None:
-        _publish(Path(out), lambda stage: fsio.write_json(stage / "report.json", rep))
+        def write(stage: Path) -> None:
+            fsio.write_json(stage / "report.json", rep)
+            if page is not None:
+                page(stage, rep)
+        _publish(Path(out), write)
     return DataReport(rep, summary(splits, None) + ([f"report written to {out}"] if out is not None else []))
 
 

@@ -16,6 +16,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 # start mathtext (which garbles them or raises on an unmatched `$`) or LaTeX.
 LITERAL_TEXT = {"text.parse_math": False, "text.usetex": False}
 _ONE_AT_A_TIME = threading.RLock()
+TICK_CHARS = 40  # a label or group name longer than this is shortened on a plot: a 1M-character label made an
+                 # image of 9 million pixels matplotlib refused to draw
+
+
+def _tick(text: str) -> str:
+    return text if len(text) <= TICK_CHARS else text[:TICK_CHARS - 1] + "\u2026"
 
 
 def _literal(plot):
@@ -93,8 +99,8 @@ def confusion(matrix: list[list[int]], labels: list[str], title: str) -> str:
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(matrix, cmap="Blues")
     ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="gold", title=title)
-    ax.set_xticklabels(labels, rotation=90, fontsize=7)
-    ax.set_yticklabels(labels, fontsize=7)
+    ax.set_xticklabels([_tick(lab) for lab in labels], rotation=90, fontsize=7)
+    ax.set_yticklabels([_tick(lab) for lab in labels], fontsize=7)
     if n <= 20:
         peak = max(max(r) for r in matrix) or 1
         for i, row in enumerate(matrix):
@@ -145,7 +151,7 @@ def data_profile(splits: dict) -> str:
             axes[0].bar([i + k * width for i in range(len(labels))], [counts.get(lab, 0) / total for lab in labels],
                         width=width, label=name)
         axes[0].set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
-        axes[0].set_xticklabels(labels, rotation=90, fontsize=6 if len(labels) > 20 else 7)
+        axes[0].set_xticklabels([_tick(lab) for lab in labels], rotation=90, fontsize=6 if len(labels) > 20 else 7)
         axes[0].set(ylabel="share of rows", title="Labels")
         axes[0].legend(fontsize=7)
     return _png(fig)
@@ -172,7 +178,7 @@ def per_class_f1(per_class: dict) -> str:
     fig, ax = plt.subplots(figsize=(6, min(14, 1 + 0.25 * len(rows))))
     ax.barh(range(len(rows)), [r["f1"] for _, r in rows], color="tab:blue")
     ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels([f"{k} ({r['support']})" for k, r in rows], fontsize=7 if len(rows) <= 30 else 5)
+    ax.set_yticklabels([f"{_tick(k)} ({r['support']})" for k, r in rows], fontsize=7 if len(rows) <= 30 else 5)
     ax.set(xlim=(0, 1), xlabel="F1", title="Per-class F1 (fine-tuned, test; support in brackets)")
     return _png(fig)
 
@@ -218,7 +224,7 @@ def group_rates(groups: dict, attribute: str, label: str) -> str:
                                 (0.27, "fpr", "tab:red")):
         ax.barh([i + offset for i in y], [groups[g][key] or 0 for g in names], height=0.26, color=colour, label=key)
     ax.set_yticks(list(y))
-    ax.set_yticklabels([f"{g} ({groups[g]['n']})" for g in names], fontsize=7)
-    ax.set(xlim=(0, 1), xlabel=f"rate of '{label}'", title=f"Per-group rates by {attribute} (test)")
+    ax.set_yticklabels([f"{_tick(g)} ({groups[g]['n']})" for g in names], fontsize=7)
+    ax.set(xlim=(0, 1), xlabel=f"rate of '{_tick(label)}'", title=f"Per-group rates by {_tick(attribute)} (test)")
     ax.legend(fontsize=7, loc="lower right")
     return _png(fig)
