@@ -51,6 +51,8 @@ def test_dedup_text_folds_case_punctuation_and_spacing():
     ("IBAN GB83 WEST 1234 5698 7654 32", ["phone"]),          # fails mod 97 (its digit run reads as a phone)
     ("from 192.168.0.12 and 2001:0db8:0000:0000:0000:ff00:0042:8329", ["ip", "ip"]),
     ("version 999.1.2.3 is not an address", []),
+    ("ipv6 2001:db8::1, fe80::1%eth0 and ::ffff:10.0.0.1 (::1)", ["ip", "ip", "ip", "ip"]),  # compressed forms
+    ("std::vector<int> a::b, x :: Int at 10:30:00 on 00:1a:2b:3c:4d:5e", []),  # code, times, a MAC address
     ("call +44 20 7946 0958 or 555-123-4567", ["phone", "phone"]),
     ("paid 300 on 2024-01-15 for order 12", []),
 ])

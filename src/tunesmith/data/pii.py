@@ -28,7 +28,12 @@ _PATTERNS = {
     "email": re.compile(r"\b[A-Za-z0-9._%+-]{1,64}+@[A-Za-z0-9.-]{1,253}\.[A-Za-z]{2,63}\b"),
     "iban": re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b"),
     "card": re.compile(r"\b(?:\d[ -]?){12,18}\d\b"),
-    "ip": re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b|\b(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}\b"),
+    # IPv6 in every written form (full, `::`-compressed, an IPv4 tail, a zone: fe80::1%eth0), as a run of hex
+    # groups and colons standing alone (not `std::vector`), which ipaddress then validates. Each group ends
+    # at its colon, so a failed start costs at most the 8 groups' 40 characters.
+    "ip": re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b"
+                     r"|(?<![\w:.])(?:[0-9A-Fa-f]{0,4}+:){2,7}+(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9A-Fa-f]{0,4}+)"
+                     r"(?:%[0-9A-Za-z_.-]{1,32}+)?(?![\w:])"),
     "phone": re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){1,4}(?!\w)"
                         r"|(?<![\w+])\+\d{9,14}(?!\w)|(?<![\w+])0\d{9,10}(?!\w)"),
 }
@@ -157,6 +162,10 @@ def iban_ok(text: str) -> bool:
 
 
 def _ip_ok(text: str) -> bool:
+    # An IPv6 address without a digit is valid (`a::b`, `dead::beef`) but in text it is far more often code
+    # (a C++ scope, `x :: Int`) than an address: only one with a digit counts.
+    if ":" in text and not any(c.isdigit() for c in text.split("%")[0]):
+        return False
     try:
         ipaddress.ip_address(text)
     except ValueError:
