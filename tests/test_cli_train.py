@@ -167,3 +167,13 @@ def test_a_run_killed_before_its_first_checkpoint_does_not_block_the_next(tmp_pa
     result = runner.invoke(app, ["train", config, "--out", str(tmp_path / "run"), "-q"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "run" / "model").is_dir() and not staging.exists()
+
+
+def test_quiet_hides_progress_but_never_a_warning_about_the_data(tmp_path, tiny_model):
+    """--quiet printed nothing at all, the data's warnings included (a rare label, a single class)."""
+    config = _project(tmp_path, tiny_model, "lora")
+    write_jsonl(tmp_path / "train.jsonl", make_texts(30, 1) + [{"text": "a purple card", "label": "delta"}] * 2)
+    result = runner.invoke(app, ["train", config, "--out", str(tmp_path / "run"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "warning: label 'delta' has only" in result.stderr
+    assert "run directory:" not in result.stderr  # progress stays quiet

@@ -181,3 +181,11 @@ def test_alerts_never_replace_a_users_files_nor_land_when_monitor_fails(run_dir,
     for _ in range(2):  # an earlier output is ours to replace
         write_monitoring(tmp_path / "again", "tiny", 500)
     assert (tmp_path / "again" / ".tunesmith-alerts").is_file()
+    (tmp_path / "again" / "notes.txt").write_text("my notes\n")  # beside ours: kept, never in the way
+    write_monitoring(tmp_path / "again", "tiny", 400)
+    assert (tmp_path / "again" / "notes.txt").read_text() == "my notes\n"
+    # ... but a file of ours the user edited since is theirs now: prometheus.yml with their own targets
+    (tmp_path / "again" / "prometheus.yml").write_text("my targets\n")
+    edited = runner.invoke(cli, ["monitor", str(run_dir), "--alerts", str(tmp_path / "again"), "--window", "60"])
+    assert edited.exit_code == 2 and "prometheus.yml was changed since" in edited.stderr, edited.output
+    assert (tmp_path / "again" / "prometheus.yml").read_text() == "my targets\n"

@@ -336,6 +336,10 @@ def test_retrain_names_a_missing_data_file_before_counting_feedback(champion_run
     result = runner.invoke(cli, ["retrain", str(champion_run), "--db", str(db), "--out", str(tmp_path / "c"),
                                  "--data", str(tmp_path / "zero.jsonl")])
     assert result.exit_code == 2 and f"is not a regular file, --data {tmp_path / 'zero.jsonl'}" in result.output
+    for name in ("", " ", "../up"):  # `--name ""` fell back to the project name, unsaid
+        result = runner.invoke(cli, ["retrain", str(champion_run), "--db", str(db), "--out", str(tmp_path / "c"),
+                                     "--name", name])
+        assert result.exit_code == 2 and "registry name" in result.output and "--name" in result.output, name
 
 
 def test_retrain_never_writes_its_challenger_over_a_run(champion_run, tmp_path):

@@ -92,11 +92,15 @@ def _champion(run_dir: Path | None, registry: str | None, name: str | None) -> t
         raise InputError("give the champion as RUN_DIR or as --registry NAME" +
                          (", not both" if run_dir is not None else ""), "--registry",
                          "`tunesmith retrain RUN_DIR` or `tunesmith retrain --registry NAME`")
+    if name is not None:  # `--name ""` fell back to the default name, unsaid
+        from tunesmith import champions
+
+        champions.check_name(name, "--name")
     if registry is None:
         return run_dir, name
     from tunesmith.serve.server import champion_run
 
-    return champion_run(registry), name or registry
+    return champion_run(registry), registry if name is None else name
 
 
 def _comparison_line(row: dict | None) -> str:

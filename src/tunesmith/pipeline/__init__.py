@@ -470,11 +470,15 @@ def exit_code(summary: dict) -> int:
 
 
 def _start(project: Project, splits: Splits, run_dir: Path, final: Path, progress: bool) -> None:
-    if progress:
-        from tunesmith.data.stage import summary
+    from tunesmith.data.stage import summary
 
+    lines = summary(splits, None)
+    if progress:
         print(f"run directory: {final} (if interrupted: tunesmith train --resume {final})", file=sys.stderr)
-        print("data: " + "; ".join(summary(splits, None)), file=sys.stderr)
+        print("data: " + "; ".join(line for line in lines if not line.startswith("warning: ")), file=sys.stderr)
+    for line in lines:  # --quiet hides progress, never a warning about the data
+        if line.startswith("warning: "):
+            print(line, file=sys.stderr)
     fsio.write_text(run_dir / "config.yaml", dump_config(project))
     save_splits(splits, run_dir / "data")
     fsio.write_json(run_dir / TRAINING_INPUTS, _training_inputs(project, run_dir))

@@ -70,7 +70,7 @@ def retrain(run_dir: Path, data: Path | None = None, out: Path | None = None, db
         StageError: a stage after training failed; the challenger is kept.
     """
     champion, project = _champion(run_dir)
-    name = _registry_name(name or project.name)
+    name = _registry_name(project.name if name is None else name)
     db = _request_log(champion, db)
     final = Path(out).resolve() if out else champion.parent / new_run_id()
     if is_run_dir(final):  # retrain never replaces a run, least of all the champion it learns from

@@ -6,12 +6,14 @@ tests), a Grafana dashboard and an example prometheus.yml.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import yaml
 
 from tunesmith import fsio
+from tunesmith.errors import InputError
 
 
 def alert_rules(latency_p95_ms: float, error_rate: float = 0.05, no_traffic_minutes: int = 15,
@@ -152,14 +154,34 @@ MARKER = ".tunesmith-alerts"  # an earlier --alerts output, which a later one ma
 
 def check_out(out_dir: Path) -> None:
     """Refuse an --alerts folder whose files are not ours to replace: a file, a folder that cannot be
-    made, or a non-empty folder that is not an earlier --alerts output (a prometheus.yml of the user's
-    own is never overwritten). A new or empty folder is fine.
+    made, a non-empty folder that is not an earlier --alerts output (a prometheus.yml of the user's
+    own is never overwritten), or an earlier output whose files were edited since (the marker keeps
+    the digest of each file written). A new or empty folder is fine; other files beside ours stay as they are.
 
     Raises:
         InputError: naming --alerts; nothing has been touched.
     """
     fsio.check_output_folder(Path(out_dir), f"--alerts {out_dir}", lambda folder: (folder / MARKER).is_file(),
                              "--alerts")
+    written = _written(Path(out_dir) / MARKER)
+    for name, digest in written.items():
+        path = Path(out_dir) / name
+        if path.is_symlink() or (path.exists() and (not path.is_file() or _digest(path) != digest)):
+            raise InputError(f"{name} was changed since `tunesmith monitor --alerts` wrote it; left untouched",
+                             f"--alerts {out_dir}", "move your version away, or give a new folder")
+
+
+def _written(marker: Path) -> dict[str, str]:
+    """{file name: sha256} the marker records (none in a marker of an older version, or no marker)."""
+    try:
+        recorded = json.loads(marker.read_text(encoding="utf-8")).get("files", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {str(k): str(v) for k, v in recorded.items()} if isinstance(recorded, dict) else {}
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def write_monitoring(out_dir: Path, name: str, latency_p95_ms: float, target: str = "127.0.0.1:8000",
@@ -174,7 +196,12 @@ def write_monitoring(out_dir: Path, name: str, latency_p95_ms: float, target: st
              "alerts_test.yml": yaml.safe_dump(rule_tests("alerts.yml", **quality), sort_keys=False),
              "grafana-dashboard.json": json.dumps(dashboard(f"tunesmith: {name}"), indent=2),
              "prometheus.yml": yaml.safe_dump(prometheus_config(target), sort_keys=False)}
-    fsio.write_text(out_dir / MARKER, "written by `tunesmith monitor --alerts`; a later run may replace this folder\n")
+    # The marker first (a kill leaves a folder a later run may write again), then each file, then the
+    # marker again with the digests that tell an edited file from ours.
+    marker = {"written_by": "tunesmith monitor --alerts; a later run may replace these files", "files": {}}
+    fsio.write_text(out_dir / MARKER, json.dumps(marker) + "\n")
     for file, text in files.items():
         fsio.write_text(out_dir / file, text)
+    marker["files"] = {file: _digest(out_dir / file) for file in files}
+    fsio.write_text(out_dir / MARKER, json.dumps(marker, indent=1) + "\n")
     return [out_dir / f for f in files]
