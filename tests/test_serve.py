@@ -74,9 +74,9 @@ def test_classify_one_and_many(cls_service, tmp_path):
         assert len(many["results"]) == 3 and all(r["label"] in LABELS for r in many["results"])
         assert c.get("/healthz").json() == {"status": "ok"} and c.get("/readyz").json()["status"] == "ready"
         # curl -d '{...}' without -H sends a form's content type: the body is still the JSON it is
-        form = c.post("/v1/classify", content=b'{"text": "my red card"}',
-                      headers={"content-type": "application/x-www-form-urlencoded"})
-        assert form.status_code == 200 and form.json()["label"] in LABELS, form.text
+        for kind in ("application/x-www-form-urlencoded", "text/plain;charset=UTF-8"):  # text/plain: fetch()'s
+            form = c.post("/v1/classify", content=b'{"text": "my red card"}', headers={"content-type": kind})
+            assert form.status_code == 200 and form.json()["label"] in LABELS, (kind, form.text)
         chat = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "blue sky"}]}).json()
         assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["content"] in LABELS
         text = c.post("/v1/completions", json={"prompt": "green"}).json()
@@ -85,7 +85,7 @@ def test_classify_one_and_many(cls_service, tmp_path):
         assert text["usage"]["prompt_tokens"] == len(prompt_ids(cls_service.predictor.tokenizer, cls_service.fmt,
                                                                 [Example("green", "", "request")])[0])
         metrics = c.get("/metrics").text
-    assert 'tunesmith_requests_total{route="/v1/classify",status="200"} 3.0' in metrics
+    assert 'tunesmith_requests_total{route="/v1/classify",status="200"} 4.0' in metrics  # form, text/plain too
     assert "tunesmith_predicted_label_total" in metrics and "process_resident_memory_bytes" in metrics
     assert "tunesmith_model_load_seconds" in metrics and "tunesmith_batch_size_bucket" in metrics
 

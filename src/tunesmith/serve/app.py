@@ -189,17 +189,19 @@ class RequestIds:
         await self.app(scope, receive, send_with_id)
 
 
-_FORM = b"application/x-www-form-urlencoded"
-
-
 def _json_body(scope: dict) -> dict:
-    """Every body this API takes is JSON: a POST sent as a form (`curl -d '{...}'` without -H, the form
-    type being curl's default) is read as the JSON it is, not refused as "not a valid dictionary"."""
+    """Every body this API takes is JSON: a POST sent as another type (a form: `curl -d '{...}'` without -H,
+    the form type being curl's default; text/plain, a fetch() default) is read as the JSON it is, not
+    refused as "not a valid dictionary"."""
     headers = scope.get("headers") or []
-    if scope.get("method") != "POST" or not any(
-            k == b"content-type" and v.split(b";")[0].strip().lower() == _FORM for k, v in headers):
+    if scope.get("method") != "POST" or not any(k == b"content-type" and not _is_json(v) for k, v in headers):
         return scope
     return {**scope, "headers": [(k, b"application/json" if k == b"content-type" else v) for k, v in headers]}
+
+
+def _is_json(content_type: bytes) -> bool:
+    kind = content_type.split(b";")[0].strip().lower()
+    return kind == b"application/json" or (kind.startswith(b"application/") and kind.endswith(b"+json"))
 
 
 def answer_margin(timeout_s: float) -> float:
