@@ -36,6 +36,9 @@ def test_normalize_reports_each_kind_of_change():
     joined = "\u0645\u06cc\u200c\u0631\u0648\u062f \U0001f468\u200d\U0001f469"  # a Persian word, an emoji
     isolated = normalize_text(f"\u2066red\u2069 \u061cx\u202e {joined}", NormalizeSettings())[0]
     assert isolated == f"red x {joined}"
+    # a soft hyphen is an invisible break hint; tag characters spell the flags of England, Scotland and Wales
+    england = "\U0001f3f4\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067\U000e007f"
+    assert normalize_text(f"co\u00adoperate {england}", NormalizeSettings())[0] == f"cooperate {england}"
     assert normalize_text("a < b and c > d", NormalizeSettings())[0] == "a < b and c > d"  # not a tag
 
 

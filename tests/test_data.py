@@ -232,10 +232,11 @@ def test_labels_read_from_data_are_checked_as_declared_labels_are(tmp_path):
     """A label with a line break, a zero-width space or a bell passed from the data into prompt.json, the
     system prompt and the reports, while task.labels refuses it and feedback could never name it."""
     rows = [{"text": "a", "label": "alpha"}, {"text": "b", "label": "al\npha"}, {"text": "c", "label": "be\u200bta"},
-            {"text": "d", "label": "gam\u0007ma"}, {"text": "e", "label": "\u0645\u06cc\u200c\u0631\u0648\u062f"}]
+            {"text": "d", "label": "gam\u0007ma"}, {"text": "e", "label": "\u0645\u06cc\u200c\u0631\u0648\u062f"},
+            {"text": "f", "label": "al\u00adpha"}]  # a soft hyphen: "alpha" to the eye
     examples, problems = load_examples(write_jsonl(tmp_path / "t.jsonl", rows), TaskConfig())
     assert [e.target for e in examples] == ["alpha", "\u0645\u06cc\u200c\u0631\u0648\u062f"]  # ZWNJ is a letter
-    assert [p.line for p in problems] == [2, 3, 4]
+    assert [p.line for p in problems] == [2, 3, 4, 6]
     assert problems[0].reason.startswith('label "al\\npha" holds a control or invisible character')
     assert all("\n" not in p.reason for p in problems)  # the message stays one line
 
@@ -279,3 +280,11 @@ def test_labels_in_two_unicode_forms_are_one_class_and_look_alikes_are_warned_ab
     assert TaskConfig(labels=["cafe\u0301", "x"]).labels == ["caf\u00e9", "x"]
     with pytest.raises(ValidationError, match="listed twice"):
         TaskConfig(labels=["caf\u00e9", "cafe\u0301"])
+
+
+def test_an_empty_held_out_split_of_single_row_labels_says_why(tmp_path):
+    rows = [{"text": f"text number {i}", "label": f"label{i}"} for i in range(40)]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    with pytest.raises(DataError) as info:
+        prepare_data(Project(name="p", data=DataConfig(train=path, test=0.2, validation=0.2)))
+    assert "split is empty (each of the 40 labels has a single training row" in info.value.line()

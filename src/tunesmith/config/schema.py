@@ -59,7 +59,7 @@ _C = TypeVar("_C", bound="_Strict")
 
 # Task keys that mean nothing for raw documents (task.type text); set explicitly, they are refused.
 # Characters that make two labels look alike or one look like another (ZWNJ and ZWJ stay: words use them).
-_INVISIBLE = frozenset("\u200b\u2060\ufeff\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
+_INVISIBLE = frozenset("\u00ad\u200b\u2060\ufeff\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
                        "\u2066\u2067\u2068\u2069")
 TEXT_UNUSED_TASK_KEYS = ("label_field", "prompt_field", "completion_field", "instruction", "labels", "list_labels",
                          "label_scoring", "train_on", "chat_template")

@@ -10,6 +10,7 @@ ranked by self-confidence (the out-of-fold probability of the given label, lowes
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,7 +55,8 @@ def find_suspects(embeddings: np.ndarray, labels: list[str], folds: int = 5, see
     """Suspected mislabeled rows, most suspect first."""
     from cleanlab.filter import find_label_issues
 
-    if len(set(labels)) < 2:
+    counts = Counter(labels)
+    if len(counts) < 2 or max(counts.values()) < 2:  # a label seen once has no other row to be judged against
         return []
     probs, classes = out_of_fold_probs(embeddings, labels, folds, seed)
     y = np.array([classes.index(label) for label in labels])

@@ -16,9 +16,11 @@ from tunesmith.config import NormalizeSettings
 _TAG = re.compile(r"</?[a-zA-Z][a-zA-Z0-9-]*(?:\s[^<>]*)?/?>")
 _ENTITY = re.compile(r"&(?:#\d+|#x[0-9a-fA-F]+|[a-zA-Z]+);")
 # C0/C1 control characters other than tab and newline, zero-width characters and every bidi control (the
-# embeddings and overrides, the isolates U+2066-2069, the marks, U+061C). ZWNJ and ZWJ stay: Persian and
-# Indic words and emoji sequences are spelled with them.
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b\u200e\u200f\u202a-\u202e\u2060\u2066-\u2069\ufeff]")
+# embeddings and overrides, the isolates U+2066-2069, the marks, U+061C) and the soft hyphen (an invisible
+# break hint: "co\u00adoperate" is "cooperate"). ZWNJ and ZWJ stay: Persian and Indic words and emoji
+# sequences are spelled with them; so do tag characters (the flags of England, Scotland, Wales).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\xad\u061c\u200b\u200e\u200f\u202a-\u202e\u2060"
+                      r"\u2066-\u2069\ufeff]")
 _SPACES = re.compile(r"[ \t\u00a0]+")
 # Three or more newlines; the lines are stripped first, so only newlines lie between them.
 _BLANK_LINES = re.compile(r"\n{3,}")

@@ -113,7 +113,7 @@ def prepare_data(project: Project, progress: bool = False, augment_rows: bool = 
     splits = Splits(train, validation, test, curation=curation, sources=sources.report(),
                     corrections=fixes.report() if fixes is not None else None)
     splits.warnings += fixes.warnings() if fixes is not None else []
-    _check_sizes(splits, sources.sources["train"][0]["source"])
+    _check_sizes(splits, sources.sources["train"][0]["source"], task.type == "classification")
     if augment_rows and data.augment.enabled:
         splits.train = train + augment(train, data.augment, _paraphraser(project))
     if project.fairness.enabled and project.fairness.mitigation != "none":
@@ -196,12 +196,17 @@ def _paraphraser(project: Project):
     return paraphrase
 
 
-def _check_sizes(splits: Splits, train_path: str) -> None:
+def _check_sizes(splits: Splits, train_path: str, classification: bool) -> None:
     for name, rows in splits.by_name().items():
         if not rows:
             # Say what cleaning took: 50 identical rows leave one, and "empty" alone would puzzle.
             removed = splits.curation.report()["removed_by_reason"] if splits.curation else {}
             why = f" (cleaning removed {', '.join(f'{n} {k}' for k, n in removed.items())})" if removed else ""
+            counts = Counter(e.target for e in splits.train)
+            if name != "train" and classification and counts and max(counts.values()) == 1:
+                # a fraction is carved per label, and a label's only row stays in training
+                why = f" (each of the {len(counts)} labels has a single training row, and a label's only row is " \
+                      "never held out)"
             raise DataError(f"the {name} split is empty{why}", train_path,
                             hint="add examples or give a separate file for it under data:")
 
