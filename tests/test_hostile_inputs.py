@@ -395,3 +395,24 @@ def test_texts_with_unicode_line_separators_survive_a_jsonl_round_trip(tmp_path)
     rows = [{"input": "one\u2028two", "target": "a\x85b\u2029c", "source": "x:1"}, {"input": "plain"}]
     fsio.write_jsonl(tmp_path / "rows.jsonl", rows)
     assert fsio.read_jsonl(tmp_path / "rows.jsonl") == rows
+
+
+@pytest.mark.parametrize("damage,says", [("config", "cannot load the tokenizer from"),
+                                         ("tokenizer", "cannot load the tokenizer from")])
+def test_a_base_model_folder_that_cannot_give_a_tokenizer_is_bad_input(tmp_path, tiny_model, damage, says):
+    """A config.json that is not JSON, or no tokenizer files, was `internal error` (exit 1) over five lines."""
+    import shutil
+
+    from tunesmith.errors import ModelError
+    from tunesmith.models.load import load_tokenizer
+
+    folder = Path(shutil.copytree(tiny_model, tmp_path / "model"))
+    if damage == "config":
+        (folder / "config.json").write_text("{not json")
+    else:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (folder / name).unlink()
+    with pytest.raises(ModelError) as info:
+        load_tokenizer(folder)
+    line = info.value.line()
+    assert says in line and "\n" not in line and ", model," in line

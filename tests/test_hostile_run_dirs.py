@@ -189,7 +189,7 @@ def test_a_missing_prompt_json_is_named_by_promote(run, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name,says", [("tokenizer_config.json", "has no end-of-sequence or padding token"),
-                                       ("tokenizer.json", "the model's tokenizer cannot be loaded")])
+                                       ("tokenizer.json", "cannot load the tokenizer from")])
 def test_a_model_folder_without_its_tokenizer_is_never_promoted(run, tmp_path, monkeypatch, name, says):
     """Without tokenizer_config.json the tokenizer loads with no EOS and no pad token: promote accepted
     it, a server following the registry swapped to it and answered every request with a 500."""
@@ -207,6 +207,7 @@ def test_a_model_folder_without_its_tokenizer_is_never_promoted(run, tmp_path, m
     ("summary.json", "[]", "eval", "not what tunesmith wrote (an object expected, found list"),
     ("metrics.json", "[1, 2]", "report", "not what tunesmith wrote (an object expected, found list"),
     ("metrics.json", None, "report", "the evaluated run lacks metrics.json"),
+    ("predictions/test.jsonl", None, "report", "the evaluated run lacks predictions/test.jsonl"),  # was exit 0
     ("train_log.jsonl", '{"step": 1}\n{bad\n', "report", "train_log.jsonl:2"),
     ("data/test.jsonl", '{"input": "a", "tar', "eval", "test.jsonl:1"),
     ("data/test.jsonl", "", "eval", "no test row to score: the curated test split is empty"),
@@ -776,3 +777,12 @@ def test_runs_of_overlapping_test_splits_are_paired_on_the_examples_both_scored(
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = runner.invoke(app, ["runs", "diff", str(run), str(other)])
     assert result.exit_code == 0 and "no paired test: the runs share no test example" in result.output
+
+
+def test_a_folder_where_the_report_goes_is_named_not_its_temp_file(run):
+    """The error named `.report.html.<hex>.tmp`, a file the user never saw."""
+    (run / "report.html").unlink()
+    (run / "report.html").mkdir()
+    line = _error(runner.invoke(app, ["report", str(run)]))
+    assert str(run / "report.html") in line and ".tmp" not in line
+    assert (run / "report.html").is_dir()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import struct
@@ -12,7 +13,7 @@ import torch
 from conftest import make_texts
 from tunesmith.config import TaskConfig, TrainConfig
 from tunesmith.data.examples import Example
-from tunesmith.errors import ConfigError, DataError
+from tunesmith.errors import ConfigError, DataError, RunDirError
 from tunesmith.models.load import load_model, load_tokenizer
 from tunesmith.tasks.prompts import build_format
 from tunesmith.train.batching import encode_for_training
@@ -88,6 +89,40 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tiny_model, tmp_pa
     steps = [r["step"] for r in map(_json, (tmp_path / "b" / "train_log.jsonl").read_text().splitlines())
              if "loss" in r]
     assert steps == list(range(1, 9)), "the resumed log must read as one run"
+
+
+@pytest.mark.parametrize("edit,says", [(lambda s: s["loop"].update(step=1000), "its step is 1000, its folder's 2"),
+                                       (lambda s: s["loop"].update(step="abc"), "its step is abc"),
+                                       (lambda s: s.pop("loop"), "'loop' and 'watch' must be objects"),
+                                       (lambda s: s["loop"].update(losses=[1.0]), "one finite loss per step"),
+                                       (lambda s: s["watch"].update(best=3), "'watch' needs")])
+def test_an_edited_checkpoint_state_is_refused_naming_it(tiny_model, tmp_path, edit, says):
+    """An edited step resumed 2 real steps as 1,000 (exit 0, a run that said so); a missing or mistyped
+    key was `internal error: KeyError/TypeError` (exit 1)."""
+    _fit(tiny_model, out_dir=tmp_path, checkpoint_every=2, keep_checkpoints=10, max_steps=4)
+    state_file = tmp_path / "checkpoints" / "step-0000002" / "state.json"
+    shutil.rmtree(tmp_path / "checkpoints" / "step-0000004", ignore_errors=True)
+    state = json.loads(state_file.read_text())
+    edit(state)
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(RunDirError) as info:
+        _fit(tiny_model, out_dir=tmp_path, resume=True, checkpoint_every=2, keep_checkpoints=10, max_steps=4)
+    assert says in info.value.line() and str(state_file) in info.value.line()
+
+
+def test_a_checkpoint_holding_objects_a_safe_load_refuses_is_named_without_unsafe_advice(tiny_model, tmp_path):
+    """torch's message advised `weights_only=False` (which runs the file's code), and it was exit 1."""
+    _fit(tiny_model, out_dir=tmp_path, checkpoint_every=2, keep_checkpoints=10, max_steps=4)
+    shutil.rmtree(tmp_path / "checkpoints" / "step-0000004", ignore_errors=True)
+    torch.save({"x": _Refused()}, tmp_path / "checkpoints" / "step-0000002" / "optimizer.pt")
+    with pytest.raises(RunDirError) as info:
+        _fit(tiny_model, out_dir=tmp_path, resume=True, checkpoint_every=2, keep_checkpoints=10, max_steps=4)
+    line = info.value.line()
+    assert "holds objects a safe load refuses" in line and "weights_only" not in line
+
+
+class _Refused:
+    """Any object of a class `torch.load(weights_only=True)` does not allow."""
 
 
 def test_keep_last_n_checkpoints(tiny_model, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import datetime
 import decimal
+import errno
 import json
 import math
 import os
@@ -39,7 +40,11 @@ def write_lines(path: Path, pieces: Iterable[str]) -> None:
             f.writelines(pieces)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except IsADirectoryError:  # said of the path asked for, not of the temp file beside it
+            raise IsADirectoryError(errno.EISDIR, "a folder holds the name of the file to write", str(path)) \
+                from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

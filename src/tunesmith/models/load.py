@@ -18,7 +18,13 @@ def load_tokenizer(path: Path):
     """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as e:  # a config.json that is not JSON, no tokenizer files: the folder, not tunesmith
+        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load the tokenizer from {path}: {reason}", "model",
+                         "it needs a readable config.json and its tokenizer files (tokenizer.json or "
+                         "tokenizer.model with tokenizer_config.json)") from None
     _check_chat_template(tokenizer, Path(path))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

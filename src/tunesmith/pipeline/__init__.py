@@ -21,6 +21,7 @@ from tunesmith.data.stage import data_inputs
 from tunesmith.errors import DataError, InputError, RunDirError, StageError, Terminated, TunesmithError
 from tunesmith.evaluate.metrics_file import read_metrics
 from tunesmith.evaluate.objective import Verdict, judge
+from tunesmith.evaluate.predictions_file import PREDICTIONS
 from tunesmith.evaluate.preference import held_out_pairs, reference_rows
 from tunesmith.evaluate.run_diff import flatten
 from tunesmith.evaluate.stage import eval_stage
@@ -164,6 +165,9 @@ def clear_failure(run_dir: Path, stages: tuple[str, ...]) -> None:
 def report_run(run_dir: Path) -> Path:
     """report on an evaluated run directory; returns the report page."""
     check_evaluated(run_dir)
+    if not (Path(run_dir) / PREDICTIONS).is_file():  # eval writes it; without it the page lost its answers, unsaid
+        raise RunDirError(f"the evaluated run lacks {PREDICTIONS}", str(Path(run_dir) / PREDICTIONS),
+                          f"restore it, or run `tunesmith eval {run_dir}` again")
     with run_lock(Path(run_dir).resolve()):
         with reading_run_files(run_dir):
             page = report_stage(run_dir)

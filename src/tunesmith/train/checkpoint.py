@@ -8,7 +8,9 @@ moment leaves either the previous complete checkpoint or the new one, never half
 
 from __future__ import annotations
 
+import math
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -58,6 +60,31 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, schedule, loop: d
     return final
 
 
+def _state_problem(state: dict, step: int) -> str | None:
+    """Why a checkpoint's state.json is not one tunesmith wrote at `step` (its folder's name), or None: an
+    edited step resumed 30 real steps as 1,000 and published a run that said so."""
+    loop, watch = state.get("loop"), state.get("watch")
+    if not isinstance(loop, dict) or not isinstance(watch, dict):
+        return "'loop' and 'watch' must be objects"
+
+    def count(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if loop.get("step") != step or not count(loop.get("step")) or state.get("step") != step:
+        return f"its step is {str(loop.get('step'))[:20]}, its folder's {step}"
+    losses = loop.get("losses")
+    if not (count(loop.get("tokens")) and number(loop.get("train_seconds")) and isinstance(losses, list)
+            and len(losses) == step and all(number(x) for x in losses)):
+        return "'loop' needs tokens, train_seconds and one finite loss per step"
+    best = watch.get("best")
+    if not (isinstance(watch.get("history"), list) and isinstance(watch.get("flags"), list)
+            and count(watch.get("evals_without_gain")) and (best is None or isinstance(best, dict))):
+        return "'watch' needs history, best, evals_without_gain and flags"
+    return None
+
+
 def list_checkpoints(folder: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not folder.is_dir():
@@ -79,16 +106,25 @@ def load_checkpoint(path: Path, model, optimizer, schedule) -> tuple[dict, dict 
 
     try:
         return _load(path, model, optimizer, schedule)
-    except (OSError, EOFError, KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as e:
+    except (OSError, EOFError, KeyError, TypeError, ValueError, RuntimeError, SafetensorError,
+            pickle.UnpicklingError) as e:
         if isinstance(e, (RunDirError, fsio.DamagedFile, torch.OutOfMemoryError)):  # named already, or no damage
             raise
-        raise RunDirError(f"the checkpoint cannot be read ({type(e).__name__}: {str(e)[:160]})", str(path),
+        # torch's own message for a refused pickle advises weights_only=False, which runs what the file holds
+        reason = "it holds objects a safe load refuses" if isinstance(e, pickle.UnpicklingError) else \
+            f"{type(e).__name__}: {str(e)[:160]}"
+        raise RunDirError(f"the checkpoint cannot be read ({reason})", str(path),
                           "delete this checkpoint folder to resume from the one before it (if every checkpoint "
                           "fails alike, they do not fit this model: was it changed since they were written?)") from e
 
 
 def _load(path: Path, model, optimizer, schedule) -> tuple[dict, dict | None]:
     state = fsio.read_json(path / "state.json", dict)
+    if why := _state_problem(state, int(CHECKPOINT_NAME.match(path.name).group(1))):
+        from tunesmith.errors import RunDirError
+
+        raise RunDirError(f"not what tunesmith wrote ({why})", str(path / "state.json"),
+                          "delete this checkpoint folder to resume from the one before it")
     params = dict(model.named_parameters())
     sharded = any(fsdp.is_sharded(p) for p in params.values())
     if state.get("sharded", False) and (not sharded or state["world_size"] != distributed.world_size()):

@@ -121,11 +121,9 @@ def _check_tokenizer(model_dir: Path) -> None:
     """The folder's tokenizer loads as the server loads it (a second or so, no weights)."""
     try:
         load_tokenizer(model_dir)
-    except ModelError as e:
-        raise RunDirError(e.what, str(model_dir), e.hint) from None
-    except Exception as e:  # tokenizer.json missing, truncated or edited (`tokenizers` raises a bare Exception)
-        raise RunDirError(f"the model's tokenizer cannot be loaded ({type(e).__name__}: {str(e)[:160]})",
-                          str(model_dir), "restore the folder's tokenizer files, or train the run again") from None
+    except ModelError as e:  # tokenizer.json missing, truncated or edited: named against the run's folder
+        raise RunDirError(e.what, str(model_dir), "restore the folder's tokenizer files, or train the run again") \
+            from None
 
 
 def _weight_files(model_dir: Path, kind: str) -> list[Path]:
