@@ -57,6 +57,8 @@ def test_train_needs_a_config_or_resume(tmp_path):
     assert result.exit_code == 2 and "error: give either a project.yaml or --resume" in result.output
     missing = runner.invoke(app, ["train", "--resume", str(tmp_path / "nothing")])
     assert missing.exit_code == 2 and "no interrupted run to resume" in missing.output
+    elsewhere = runner.invoke(app, ["train", "--resume", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")])
+    assert elsewhere.exit_code == 2 and "--out cannot be given with --resume" in elsewhere.output  # was ignored
 
 
 def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model):

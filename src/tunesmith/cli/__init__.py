@@ -95,6 +95,9 @@ def train(config: Optional[Path] = typer.Argument(None, help="project.yaml"), ou
         if (config is None) == (resume is None):
             raise InputError("give either a project.yaml or --resume RUN_DIR", "command line",
                              "tunesmith train project.yaml, or tunesmith train --resume RUN_DIR")
+        if resume is not None and out is not None:  # resumed where it was staged: --out was ignored, unsaid
+            raise InputError("--out cannot be given with --resume (the run goes on in the folder it was started "
+                             "for)", "--out", "leave --out out")
         if resume is not None:
             run_dir = pipeline.resume_training(resume, progress=not quiet, keep_failed=debug, overwrite=overwrite)
         else:
