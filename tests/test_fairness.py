@@ -68,6 +68,11 @@ def test_disparities_match_fairlearn(fixed):
     ci = with_intervals(golds, preds, groups, "pos", {"a", "b", "c"}, resamples=300)
     d = ci["demographic_parity_difference"]
     assert d["ci_low"] < d["value"] < d["ci_high"] and d["ci_low"] > 0  # a real gap (0.7 vs 0.3 recall)
+    # The documented departure: a group with no positives has no TPR (Fairlearn scores it 0, a gap of 1.0)
+    g, pr, grp = ["a", "b", "b", "a", "a", "b", "b"], ["a", "b", "a", "b", "a", "a", "b"], list("xxzyyzy")
+    theirs = equal_opportunity_difference((np.array(g) == "a").astype(int), (np.array(pr) == "a").astype(int),
+                                          sensitive_features=grp)
+    assert theirs == pytest.approx(1.0) and disparities(g, pr, grp, "a")["equal_opportunity_difference"] == 0.5
 
 
 def test_small_groups_are_left_out(fixed):

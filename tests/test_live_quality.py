@@ -584,3 +584,15 @@ def test_feedback_through_the_server_moves_the_gauges(trained, tmp_path):
     # leaving the client closed the app, which let the update finish
     assert _gauge(metrics, "tunesmith_live_quality_labelled") == 2 and _gauge(metrics, "tunesmith_live_quality") == 0
     assert _gauge(metrics, "tunesmith_accepted_quality") is not None
+
+
+def test_an_answer_served_with_a_leading_space_is_scored_as_eval_reads_it():
+    """A classifier answering through /v1/completions keeps the space before its label (" positive"):
+    every rated-right answer counted as wrong, and a QUALITY DROP fired on a model that was right."""
+    from tunesmith.serve.store import LabelledRequest
+
+    rated = [LabelledRequest(f"r{i}", NOW, "/v1/completions", "x", " positive", None, None, None, None, 1, NOW)
+             for i in range(20)]
+    labelled = [LabelledRequest(f"l{i}", NOW, "/v1/completions", "x", " positive", None, None, "positive", None,
+                                None, NOW) for i in range(5)]
+    assert q.figure(*q.scored(rated + labelled, "accuracy")[:2], "accuracy")[0] == 1.0

@@ -76,6 +76,9 @@ def test_expected_calibration_error_by_hand():
     expected = (abs(1 - 0.95) + abs(0 - 0.9) + abs(1 - 0.55) + abs(1 - 0.6)) / 4
     assert out["ece"] == pytest.approx(expected, abs=1e-6)
     assert sum(b["count"] for b in out["bins"]) == 4
+    # a NaN confidence is in no bin and weighs in none (it diluted the ECE: 0.475, not 0.95); 1 + 1e-9 is 1
+    assert expected_calibration_error([False, True], [0.95, float("nan")])["ece"] == pytest.approx(0.95)
+    assert expected_calibration_error([True], [1.0 + 1e-9])["ece"] == pytest.approx(0.0)
 
 
 def test_bleu_and_chrf_are_sacrebleu_on_a_unit_scale():

@@ -93,6 +93,18 @@ def test_selection_takes_the_fastest_offered_variant():
     assert select_variant([e("fp32", 100, met=False)])[0] is None
 
 
+def test_a_variant_is_never_judged_on_the_fp32_models_calibration():
+    """An int4 variant met `ece <= 0.05` with the fp32 model's ECE: its own was never measured."""
+    from tunesmith.config.schema import Bound, ObjectiveConfig
+    from tunesmith.optimize.select import variant_verdict
+
+    objective = ObjectiveConfig(metric="accuracy", constraints={"ece": Bound(max=0.05)})
+    finetuned = {"accuracy": 0.91, "ece": 0.02}
+    assert variant_verdict(objective, {"accuracy": 0.5}, finetuned, _row("fp32", 100), {}).met
+    quantized = variant_verdict(objective, {"accuracy": 0.5}, finetuned, _row("int4", 50), {})
+    assert not quantized.met and next(c for c in quantized.criteria if c.name == "ece").value is None
+
+
 def test_variant_rows_write_variants_json_and_optimize_json_in_their_order():
     row = _row("merged", 40.0, parity="exact", max_logit_diff=1e-6)
     assert list(row.to_json()) == ["name", "path", "engine", "size_mb", "load_seconds", "latency_p50_ms",

@@ -210,3 +210,21 @@ def test_cli_runs_a_text_project_end_to_end(tmp_path, tiny_model):
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert any("perplexity" in r for r in log)
     assert (out / "report.html").is_file()
+
+
+def test_a_leaderboard_and_the_best_checkpoint_put_the_lowest_perplexity_first(tmp_path):
+    """compare ranked the highest perplexity first and called it best; a NaN perplexity beat every real one
+    as the best checkpoint ((NaN > x) is False, "better" for a lower-is-better figure)."""
+    from tunesmith.evaluate.leaderboard import rank
+    from tunesmith.tasks.metrics import better
+
+    entries = [{"method": m, "run_dir": str(tmp_path / m), "metric": "perplexity", "value": v}
+               for m, v in (("lora", 12.3), ("full", 8.1), ("dora", None), ("ia3", float("nan")))]
+    assert [e["method"] for e in rank(entries, "text")][:2] == ["full", "lora"]
+    accuracy = [{"method": m, "run_dir": str(tmp_path / m), "metric": "accuracy", "value": v}
+                for m, v in (("lora", 0.6), ("full", 0.8), ("dora", None))]
+    assert [e["method"] for e in rank(accuracy, "classification")] == ["full", "lora", "dora"]
+    nan, real = {"perplexity": float("nan"), "val_loss": 9.0}, {"perplexity": 5.0, "val_loss": 1.0}
+    assert not better(nan, real, "perplexity", "val_loss") and better(real, nan, "perplexity", "val_loss")
+    assert not better({"accuracy": float("nan"), "val_loss": 0.0}, {"accuracy": 0.1, "val_loss": 1.0},
+                      "accuracy", "val_loss")

@@ -3,11 +3,13 @@ each with the best, a printed table and a plot."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from tunesmith import fsio
 from tunesmith.evaluate.compare import compare
 from tunesmith.evaluate.predictions_file import read_test_predictions
+from tunesmith.registry import METRIC_SPECS
 from tunesmith.runs import read_summary
 
 
@@ -26,8 +28,15 @@ def entry(method: str, run_dir: Path) -> dict:
 
 
 def rank(entries: list[dict], task_type: str, resamples: int = 1000, seed: int = 0) -> list[dict]:
-    """Best first (objective metric); each other entry gets its paired difference from the best."""
-    ordered = sorted(entries, key=lambda e: -(e["value"] if e["value"] is not None else float("-inf")))
+    """Best first (objective metric, in its direction: the lowest perplexity leads), missing or NaN values
+    last; each other entry gets its paired difference from the best."""
+    def key(e: dict) -> float:
+        value = e["value"]
+        if value is None or math.isnan(value):
+            return math.inf
+        spec = METRIC_SPECS.get(e["metric"])
+        return value if spec is not None and not spec.higher_is_better else -value
+    ordered = sorted(entries, key=key)
     best = _predictions(Path(ordered[0]["run_dir"]))
     for e in ordered:
         mine = _predictions(Path(e["run_dir"]))

@@ -5,7 +5,10 @@ Definitions (those of Fairlearn, whose functions the tests compare against):
 - demographic parity difference / ratio: max - min / min / max of the groups' selection rates;
 - equal opportunity difference: max - min of the groups' true-positive rates;
 - equalized odds difference: the larger of the TPR and FPR differences.
-Groups smaller than `min_group_size` are listed but left out of the disparities.
+Groups smaller than `min_group_size` are listed but left out of the disparities. One departure: a group
+with no gold positives has no true-positive rate (no negatives: no false-positive rate), and is left out
+of that difference; Fairlearn scores the undefined rate 0 (a zero-division default), which reports a
+disparity of up to 1.0 that no prediction made.
 """
 
 from __future__ import annotations

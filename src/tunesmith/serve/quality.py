@@ -168,13 +168,15 @@ def scored(rows: list[LabelledRequest], metric: str) -> tuple[list[str], list[st
     enters a right/wrong metric as an answer no truth matches (truth None)."""
     truths, answers, unscored = [], [], 0
     for r in rows:
-        reference = r.label if r.label is not None else r.correction
+        # The answer as eval reads a prediction: a completion route keeps the space a plain prompt format
+        # puts before it (" positive"), which no label or rated-right truth has.
+        answer = (r.output or "").strip()
         if metric in BINARY:
             truths.append(r.truth)
-            answers.append(r.output or "")
-        elif reference is not None:
-            truths.append(reference)
-            answers.append(r.output or "")
+            answers.append(answer)
+        elif r.verified:
+            truths.append(r.truth)
+            answers.append(answer)
         else:
             unscored += 1
     return truths, answers, unscored

@@ -75,9 +75,16 @@ def better(record: dict, best: dict | None, metric: str, tiebreak: str) -> bool:
     lower `tiebreak` (e.g. validation loss, prompt length). Anything beats no record."""
     if best is None:
         return True
-    if record[metric] != best[metric]:
-        return (record[metric] > best[metric]) == METRIC_SPECS[metric].higher_is_better
+    mine, theirs = record[metric], best[metric]
+    if _nan(mine) or _nan(theirs):  # a NaN figure never wins ((NaN > x) is False: "better" for a loss)
+        return _nan(theirs) and not _nan(mine)
+    if mine != theirs:
+        return (mine > theirs) == METRIC_SPECS[metric].higher_is_better
     return record[tiebreak] < best[tiebreak]
+
+
+def _nan(value) -> bool:
+    return isinstance(value, float) and math.isnan(value)
 
 
 @_builtin("accuracy")
@@ -135,7 +142,11 @@ def expected_calibration_error(correct: Sequence[bool], confidences: Sequence[fl
     """ECE: the gap between confidence and accuracy, averaged over equal-width confidence bins
     weighted by their size; also the per-bin figures a reliability diagram plots."""
     rows = []
-    total, ece = len(correct), 0.0
+    # A NaN confidence (a model that gave NaN scores) is in no bin: it counts in no bin's weight either.
+    # Rounding may put a probability a hair outside [0, 1]: it belongs to the end bin.
+    kept = [(bool(ok), min(max(float(c), 0.0), 1.0)) for ok, c in zip(correct, confidences) if math.isfinite(c)]
+    correct, confidences = [ok for ok, _ in kept], [c for _, c in kept]
+    total, ece = len(kept), 0.0
     for b in range(bins):
         lo, hi = b / bins, (b + 1) / bins
         idx = [i for i, c in enumerate(confidences) if (lo < c <= hi) or (b == 0 and c == 0)]
