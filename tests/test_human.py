@@ -145,6 +145,9 @@ def test_two_raters_round_trip_with_cohen_kappa(tmp_path):
     wins = a.count("win") + b.count("win")
     assert out["pooled"]["win"]["count"] == wins and out["pooled"]["ratings"] == 120
     assert out["pooled"]["win"]["ci_low"] < wins / 120 < out["pooled"]["win"]["ci_high"]
+    # two raters of the same 60 pairs: the interval of 60 trials at the pooled rate, not of 120
+    from tunesmith.evaluate.human import wilson
+    assert (out["pooled"]["win"]["ci_low"], out["pooled"]["win"]["ci_high"]) == wilson(wins / 2, 60)
     assert out["per_rater"]["ann"]["win"]["count"] == a.count("win")
     assert "agreement: cohen_kappa" in result.stdout
 

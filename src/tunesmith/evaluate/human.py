@@ -321,8 +321,9 @@ def import_ratings(key_path: Path, rating_files: list[Path]) -> dict:
         raise DataError("the ratings files hold no ratings", ", ".join(str(p) for p in rating_files), None,
                         "pass the files the rating form saved once pairs were rated")
     pooled = [o for ratings in by_rater.values() for o in ratings.values()]
+    rated_pairs = len({pair for ratings in by_rater.values() for pair in ratings})
     result = {"one": key["one"], "two": key["two"], "raters": len(by_rater), "pairs": len(key["pairs"]),
-              "pooled": outcome_rates(pooled),
+              "pooled": outcome_rates(pooled, rated_pairs),
               "per_rater": {r: outcome_rates(list(v.values())) for r, v in sorted(by_rater.items())}}
     result["agreement"] = agreement(by_rater)
     return result
@@ -335,19 +336,23 @@ def _unblind(choice: str, side_a: str) -> str:
     return "win" if one_is_chosen else "loss"
 
 
-def outcome_rates(outcomes: list[str]) -> dict:
-    """Count, rate and Wilson 95% interval of each outcome."""
+def outcome_rates(outcomes: list[str], pairs: int | None = None) -> dict:
+    """Count, rate and Wilson 95% interval of each outcome. Pooled over raters (`pairs`: how many distinct
+    pairs the ratings are of), the interval is that of `pairs` trials at the pooled rate: three raters
+    rating the same ten pairs know about ten pairs, not thirty, and thirty trials gave a far too narrow
+    interval (raters agreeing completely is the case it keeps; with disagreement it is conservative)."""
     n = len(outcomes)
     counts = Counter(outcomes)
     out = {"ratings": n}
+    trials = min(n, pairs) if pairs else n
     for o in OUTCOMES:
-        low, high = wilson(counts[o], n)
+        low, high = wilson(counts[o] * trials / n if n else 0, trials)
         out[o] = {"count": counts[o], "rate": round(counts[o] / n, 4) if n else 0.0, "ci_low": low, "ci_high": high}
     return out
 
 
-def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score interval of a proportion k/n."""
+def wilson(k: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a proportion k/n (k may be fractional: a rate times a number of trials)."""
     if n == 0:
         return 0.0, 1.0
     p = k / n
