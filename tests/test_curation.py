@@ -56,11 +56,19 @@ def test_dedup_text_folds_case_punctuation_and_spacing():
     ("version 999.1.2.3 is not an address", []),
     ("ipv6 2001:db8::1, fe80::1%eth0 and ::ffff:10.0.0.1 (::1)", ["ip", "ip", "ip", "ip"]),  # compressed forms
     ("std::vector<int> a::b, x :: Int at 10:30:00 on 00:1a:2b:3c:4d:5e", []),  # code, times, a MAC address
+    ("xs[::2] ys[1::2] John 3:16", []),  # Python slices are not addresses
+    ("IPv6:2001:0db8:85a3:0000:0000:8a2e:0370:7334 addr:2001:db8::1 at 12:30:10.0.0.1", ["ip", "ip", "ip"]),
+    ("1:2:3:4:5:6:7:: and ::1:2:3:4:5:6:7 at http://[::1]:8080", ["ip", "ip", "ip"]),
     ("call +44 20 7946 0958 or 555-123-4567", ["phone", "phone"]),
     ("paid 300 on 2024-01-15 for order 12", []),
 ])
 def test_pii_kinds_and_checksums(text, kinds):
     assert [f.kind for f in find_pii(text)] == kinds
+
+
+def test_an_ipv6_zone_keeps_the_sentences_full_stop():
+    text = "reach fe80::1%eth0. Then stop"
+    assert redact(text, find_pii(text)) == "reach [IP]. Then stop"
 
 
 def test_person_names_found_by_census_lists_titles_and_introductions():

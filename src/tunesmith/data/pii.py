@@ -28,12 +28,15 @@ _PATTERNS = {
     "email": re.compile(r"\b[A-Za-z0-9._%+-]{1,64}+@[A-Za-z0-9.-]{1,253}\.[A-Za-z]{2,63}\b"),
     "iban": re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b"),
     "card": re.compile(r"\b(?:\d[ -]?){12,18}\d\b"),
-    # IPv6 in every written form (full, `::`-compressed, an IPv4 tail, a zone: fe80::1%eth0), as a run of hex
-    # groups and colons standing alone (not `std::vector`), which ipaddress then validates. Each group ends
-    # at its colon, so a failed start costs at most the 8 groups' 40 characters.
-    "ip": re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b"
-                     r"|(?<![\w:.])(?:[0-9A-Fa-f]{0,4}+:){2,7}+(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9A-Fa-f]{0,4}+)"
-                     r"(?:%[0-9A-Za-z_.-]{1,32}+)?(?![\w:])"),
+    # IP addresses, scanned one form after another (a failed IPv6 candidate must not hide an IPv4 inside it:
+    # `12:30:10.0.0.1`). IPv6 in every written form (`::`-compressed, an IPv4 tail, a zone: fe80::1%eth0) as a
+    # run of hex groups and colons that ipaddress then validates, not starting inside a word, a number or a
+    # subscript (`xs[::2]`, `std::vector`); the full 8-group form also after a label (`IPv6:2001:...`).
+    # Each group ends at its colon, so a failed start costs at most the 8 groups' 40 characters.
+    "ip": (re.compile(r"(?<![\w.])(?<![\w\])]\[)(?:[0-9A-Fa-f]{0,4}+:){2,8}+"
+                      r"(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9A-Fa-f]{0,4}+)(?:%[0-9A-Za-z_.-]{0,31}[0-9A-Za-z_-])?(?![\w:])"),
+           re.compile(r"\b(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}\b"),
+           re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b")),
     "phone": re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){1,4}(?!\w)"
                         r"|(?<![\w+])\+\d{9,14}(?!\w)|(?<![\w+])0\d{9,10}(?!\w)"),
 }
@@ -69,10 +72,11 @@ def find_pii(text: str, kinds: tuple[str, ...] | list[str] = ORDER[:-1]) -> list
     for kind in ORDER[:-1]:
         if kind not in kinds:
             continue
-        new = [m.span() for m in _PATTERNS[kind].finditer(text)
-               if not taken.overlaps(*m.span()) and _VALID[kind](m.group())]
-        found += [Finding(kind, *span) for span in new]
-        taken.add(new)
+        for pattern in _PATTERNS[kind] if isinstance(_PATTERNS[kind], tuple) else (_PATTERNS[kind],):
+            new = [m.span() for m in pattern.finditer(text)
+                   if not taken.overlaps(*m.span()) and _VALID[kind](m.group())]
+            found += [Finding(kind, *span) for span in new]
+            taken.add(new)
     return sorted(found, key=lambda f: f.start)
 
 
