@@ -282,6 +282,17 @@ def test_label_noise_ranks_flipped_rows_first():
     assert all(s.suggested == f"c{y[s.index]}" for s in suspects[:3])
 
 
+@pytest.mark.parametrize("labels", [["a"] * 9 + ["b"], ["a", "a", "b"], ["a", "b", "c"], ["a"] * 30 + ["b", "c"]])
+def test_label_noise_takes_classes_of_one_row(labels):
+    """A fold whose other rows held a single class (one big class beside a one-row class), or labels of one
+    row each, made scikit-learn raise (ValueError: internal error, exit 1)."""
+    from tunesmith.data.label_noise import find_suspects
+
+    x = np.random.default_rng(1).normal(size=(len(labels), 8))
+    suspects = find_suspects(x, labels, folds=5)
+    assert all(0 <= s.index < len(labels) and 0 <= s.score <= 1 for s in suspects)
+
+
 @pytest.mark.parametrize("action", ["report", "remove", "relabel"])
 def test_label_noise_actions_log_every_suspect(action):
     rng = np.random.default_rng(1)

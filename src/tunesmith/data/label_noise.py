@@ -43,6 +43,11 @@ def out_of_fold_probs(embeddings: np.ndarray, labels: list[str], folds: int = 5,
             fold_of[test] = k
     for k in np.unique(fold_of):
         train, test = fold_of != k, fold_of == k
+        seen = np.unique(y[train])
+        if len(seen) < 2:  # a fold whose other rows hold one class (one big class, one row of another)
+            probs[test] = 0.0
+            probs[np.ix_(test, seen)] = 1.0  # ... can only say that class: no model to fit
+            continue
         model = LogisticRegression(max_iter=1000, C=10.0)
         model.fit(embeddings[train], y[train])
         probs[np.ix_(test, model.classes_)] = model.predict_proba(embeddings[test])
