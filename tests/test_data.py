@@ -288,3 +288,21 @@ def test_an_empty_held_out_split_of_single_row_labels_says_why(tmp_path):
     with pytest.raises(DataError) as info:
         prepare_data(Project(name="p", data=DataConfig(train=path, test=0.2, validation=0.2)))
     assert "split is empty (each of the 40 labels has a single training row" in info.value.line()
+
+
+def test_every_reader_of_a_label_compares_its_nfc_form():
+    """Data labels became NFC while a corrections file, fairness.positive_label and live-quality answers kept
+    the form they were typed in: a decomposed "café" matched no row, was "not one of the model's labels", or
+    scored a right answer as wrong."""
+    from tunesmith.config.stages import FairnessConfig
+    from tunesmith.data.corrections import parse_decision
+    from tunesmith.serve.quality import figure, scored
+    from tunesmith.serve.store import LabelledRequest
+
+    nfd, nfc = "cafe\u0301", "caf\u00e9"
+    decision = parse_decision({"text": "x", "given_label": nfd, "action": "relabel", "label": "the" + nfd})
+    assert decision.given_label == nfc and decision.label == "the" + nfc
+    assert FairnessConfig(positive_label=nfd).positive_labels == [nfc]
+    rows = [LabelledRequest(f"r{i}", 0.0, "/v1/classify", "x", nfd, None, None, nfc if i % 2 else None, None,
+                            None if i % 2 else 1, 0.0) for i in range(6)]
+    assert figure(*scored(rows, "accuracy")[:2], "accuracy")[0] == 1.0

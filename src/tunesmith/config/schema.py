@@ -29,6 +29,7 @@ from tunesmith.config.settings import (
     RetrainSettings,
     SemanticDedupSettings,
     _Strict,
+    label_form,
 )
 from tunesmith.config.sources import (
     COLUMN_FIELDS,
@@ -108,7 +109,7 @@ class TaskConfig(_Strict):
             return v
         if not v:  # every row's label would be "not in task.labels"
             raise ValueError("the list is empty: list the labels, or leave task.labels out to take those of the data")
-        v = [unicodedata.normalize("NFC", label) for label in v]  # as labels read from data are (data/examples.py)
+        v = [label_form(label) for label in v]  # as labels read from data are (data/examples.py)
         seen: set[str] = set()
         for label in v:
             if not label.strip():
@@ -118,7 +119,7 @@ class TaskConfig(_Strict):
             if problem := label_problem(label):
                 raise ValueError(f"the label {json.dumps(label[:80])} {problem}")
             if label in seen:
-                raise ValueError(f"the label '{label[:80]}' is listed twice (Unicode forms of one text count as one)")
+                raise ValueError(f"the label '{label[:80]}' is listed twice")
             seen.add(label)
         return v
 

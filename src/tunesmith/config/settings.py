@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import types
 import typing
+import unicodedata
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -259,3 +260,10 @@ class DriftSettings(_Strict):
     unknown_rate_threshold: float = Field(0.05, gt=0)   # increase of the share of tokens unseen in training
     confidence_drop_threshold: float = Field(0.1, gt=0)
     update_every: int = Field(50, ge=1)        # the server recomputes its drift gauges every N requests
+
+
+def label_form(label: str) -> str:
+    """A label as tunesmith stores and compares it: NFC, so "café" typed precomposed or as e + a combining
+    accent is one label. Every place that reads a label (data, task.labels, corrections, fairness, feedback)
+    compares this form."""
+    return unicodedata.normalize("NFC", label)

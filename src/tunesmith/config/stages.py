@@ -21,6 +21,7 @@ from tunesmith.config.settings import (
     PruneSettings,
     RequestLogSettings,
     _Strict,
+    label_form,
 )
 from tunesmith.config.sources import KeyedError as _KeyedError
 from tunesmith.registry import (
@@ -191,7 +192,8 @@ class FairnessConfig(_Strict):
     def positive_labels(self) -> list[str] | None:
         if self.positive_label is None:
             return None
-        return [self.positive_label] if isinstance(self.positive_label, str) else list(self.positive_label)
+        given = [self.positive_label] if isinstance(self.positive_label, str) else list(self.positive_label)
+        return [label_form(x) for x in given]  # as the data's labels are read
 
 
 class ExportConfig(_Strict):

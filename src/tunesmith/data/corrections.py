@@ -29,6 +29,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from tunesmith.config.settings import label_form
 from tunesmith.data.clean import Curation
 from tunesmith.data.examples import Example
 from tunesmith.errors import DataError
@@ -89,7 +90,7 @@ def parse_decision(obj: object) -> Decision:
     source = obj.get("source")
     if source is not None and not isinstance(source, str):
         raise ValueError("'source' must be a string (file:line)")
-    return Decision(text, given.strip(), action, label.strip() if label else None, source)
+    return Decision(text, label_form(given.strip()), action, label_form(label.strip()) if label else None, source)
 
 
 def read_corrections(path: Path) -> list[Decision]:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tunesmith.config import TaskConfig
 from tunesmith.config.schema import label_problem
+from tunesmith.config.settings import label_form
 from tunesmith.config.sources import HF_PREFIX
 from tunesmith.data.io import ReadResult, Row, RowProblem, RowSource, read_rows
 from tunesmith.data.pair_rows import PairError, has_text_cells, is_kto_row, is_preference_row, parse_pair
@@ -206,7 +206,7 @@ def _classification(row: Row, task: TaskConfig) -> Example:
     if isinstance(label, bool) or not isinstance(label, (str, int)):
         raise _RowError(f"label '{task.label_field}' must be a string, got {type(label).__name__}")
     # NFC: "café" typed precomposed or as e + a combining accent is one label, not two that look alike.
-    label = unicodedata.normalize("NFC", _text(str(label), task.label_field).strip())
+    label = label_form(_text(str(label), task.label_field).strip())
     if problem := label_problem(label):
         raise _RowError(f"label {json.dumps(label[:80])} {problem}")
     return Example(text, label, _source(row))

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tunesmith import fsio
 from tunesmith.config import CleanConfig, Project
+from tunesmith.config.settings import label_form
 from tunesmith.data.clean import Curation
 from tunesmith.data.decontaminate import contaminated
 from tunesmith.data.dedup import near_duplicates
@@ -219,7 +220,7 @@ def _left_out(c: Counts) -> str:
 
 def _example(r: store.LabelledRequest, db: Path, i: int, project: Project) -> Example:
     """A labelled request as a training example: the stored input, the truth as the target."""
-    target = r.truth.strip() if project.task.type == "classification" else r.truth
+    target = label_form(r.truth.strip()) if project.task.type == "classification" else r.truth
     group = f"{TRAFFIC_SOURCE}{r.request_id}" if project.data.group_field else None
     return Example(r.input, target, f"{TRAFFIC_SOURCE}{r.request_id}", group=group, file=str(db), line=i + 1)
 

@@ -52,6 +52,7 @@ import numpy as np
 
 from tunesmith import fsio
 from tunesmith.config import MonitorSettings, load_config
+from tunesmith.config.settings import label_form
 from tunesmith.evaluate.human import wilson
 from tunesmith.registry import METRIC_SPECS, metric_names
 from tunesmith.runs import read_summary
@@ -170,12 +171,14 @@ def scored(rows: list[LabelledRequest], metric: str) -> tuple[list[str], list[st
     for r in rows:
         # The answer as eval reads a prediction: a completion route keeps the space a plain prompt format
         # puts before it (" positive"), which no label or rated-right truth has.
-        answer = (r.output or "").strip()
+        # NFC on both sides, as labels are read: a model trained on "cafe\u0301" answers it that way.
+        answer = label_form((r.output or "").strip())
+        truth = None if r.truth is None else label_form(r.truth)
         if metric in BINARY:
-            truths.append(r.truth)
+            truths.append(truth)
             answers.append(answer)
         elif r.verified:
-            truths.append(r.truth)
+            truths.append(truth)
             answers.append(answer)
         else:
             unscored += 1

@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunesmith.config.settings import label_form
 from tunesmith.data.pii import find_pii, redact
 from tunesmith.errors import InputError
 
@@ -349,7 +350,7 @@ class LabelledRequest:
     @property
     def truth(self) -> str | None:
         if self.label is not None:  # NFC, as labels read from data are: the model answers them in that form
-            return unicodedata.normalize("NFC", self.label)
+            return label_form(self.label)
         if self.correction is not None:
             return self.correction
         # The answer as served keeps the space a plain prompt format puts before an answer (" Paris"); as a
