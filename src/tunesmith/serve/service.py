@@ -229,7 +229,7 @@ class Service:
         each appended to `produced`; returns the finish reason."""
         tok, model, settings = self.predictor.tokenizer, self.predictor.module, sampling or GenerationSettings()
         seen = torch.tensor(prompt_ids(tok, self.fmt, [example]), device=model.device)  # (1, T)
-        ids, stops, past, text = seen, set(stop_ids(tok)), None, ""
+        ids, stops, past, pieces = seen, set(stop_ids(tok)), None, PieceDecoder(tok, produced)
         processors, generator = logits_processors(settings), step_generator(settings, model.device)
         finish = "length"
         for _ in range(self._room(seen.shape[1], max_tokens)):
@@ -241,20 +241,38 @@ class Service:
             if token in stops:
                 finish = "stop"
                 break
-            produced.append(token)
-            # Decode the whole tail each time: a multi-byte character may span tokens. Until its last
-            # token comes it decodes to U+FFFD: held back, as sending it would leave the text sent
-            # behind the text decoded, and every later piece unsent.
-            full = tok.decode(produced, skip_special_tokens=True)
-            if not full.endswith("\ufffd") and full.startswith(text) and len(full) > len(text):
-                yield full[len(text):]
-                text = full
+            if piece := pieces.add(token):
+                yield piece
             ids = torch.tensor([[token]], device=model.device)  # (1, 1)
             seen = torch.cat([seen, ids], dim=1)  # (1, T + produced): the repetition penalty sees them all
-        full = tok.decode(produced, skip_special_tokens=True)  # what was held back: the answer says it too
-        if full.startswith(text) and len(full) > len(text):
-            yield full[len(text):]
+        if rest := pieces.rest():  # what was held back: the answer says it too
+            yield rest
         return finish
+
+
+class PieceDecoder:
+    """The text of a growing list of tokens, piece by piece, as a stream sends it: `add(token)` appends
+    the token to `ids` and returns the text it completes. The whole tail is decoded each time (a
+    multi-byte character may span tokens); until its last token comes it decodes to U+FFFD, held back,
+    as sending it would leave the text sent behind the text decoded, and every later piece unsent."""
+
+    def __init__(self, tok, ids: list[int]):
+        self.tok, self.ids, self.text = tok, ids, ""
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        full = self.tok.decode(self.ids, skip_special_tokens=True)
+        if full.endswith("\ufffd") or not full.startswith(self.text) or len(full) <= len(self.text):
+            return ""
+        piece, self.text = full[len(self.text):], full
+        return piece
+
+    def rest(self) -> str:
+        full = self.tok.decode(self.ids, skip_special_tokens=True)
+        if not full.startswith(self.text) or len(full) <= len(self.text):
+            return ""
+        piece, self.text = full[len(self.text):], full
+        return piece
 
 
 def _until(abandoned: Callable[[], bool]):
@@ -352,14 +370,14 @@ def _cut(tok, done: Completion, stops: list[str]) -> Completion:
     if not done.ids:  # decoded elsewhere: no tokens to count, and never more than were generated
         return Completion(text, "stop", done.prompt_tokens, min(done.completion_tokens,
                                                                 len(tok.encode(text, add_special_tokens=False))))
-    low, high = 1, len(done.ids)  # the fewest tokens whose text holds a stop string (once there, it stays)
-    while low < high:
-        mid = (low + high) // 2
-        if cut_at_stop(tok.decode(done.ids[:mid], skip_special_tokens=True), stops)[1]:
-            high = mid
-        else:
-            low = mid + 1
-    return Completion(text, "stop", done.prompt_tokens, low, done.ids[:low])
+    # The answer replayed as its stream runs (the same pieces through the same scanner): the tokens counted
+    # are those the stream decodes before it stops. Quadratic in the answer's length, as the stream is.
+    pieces, scanner, produced = PieceDecoder(tok, []), StopScanner(stops), 0
+    for token in done.ids:
+        produced += 1
+        if scanner.feed(pieces.add(token))[1]:
+            break
+    return Completion(text, "stop", done.prompt_tokens, produced, done.ids[:produced])
 
 
 def _completion(tok, row: list[int], n_prompt: int, limit: int) -> Completion:
