@@ -208,6 +208,7 @@ def test_a_model_folder_without_its_tokenizer_is_never_promoted(run, tmp_path, m
     ("metrics.json", "[1, 2]", "report", "not what tunesmith wrote (an object expected, found list"),
     ("metrics.json", None, "report", "the evaluated run lacks metrics.json"),
     ("predictions/test.jsonl", None, "report", "the evaluated run lacks predictions/test.jsonl"),  # was exit 0
+    ("predictions/test.jsonl", None, "optimize", "the evaluated run lacks predictions/test.jsonl"),
     ("train_log.jsonl", '{"step": 1}\n{bad\n', "report", "train_log.jsonl:2"),
     ("data/test.jsonl", '{"input": "a", "tar', "eval", "test.jsonl:1"),
     ("data/test.jsonl", "", "eval", "no test row to score: the curated test split is empty"),

@@ -165,14 +165,20 @@ def clear_failure(run_dir: Path, stages: tuple[str, ...]) -> None:
 def report_run(run_dir: Path) -> Path:
     """report on an evaluated run directory; returns the report page."""
     check_evaluated(run_dir)
-    if not (Path(run_dir) / PREDICTIONS).is_file():  # eval writes it; without it the page lost its answers, unsaid
-        raise RunDirError(f"the evaluated run lacks {PREDICTIONS}", str(Path(run_dir) / PREDICTIONS),
-                          f"restore it, or run `tunesmith eval {run_dir}` again")
+    _check_predictions(run_dir)
     with run_lock(Path(run_dir).resolve()):
         with reading_run_files(run_dir):
             page = report_stage(run_dir)
         clear_failure(run_dir, ("report",))
     return page
+
+
+def _check_predictions(run_dir: Path) -> None:
+    """RunDirError for an evaluated run without its predictions (eval writes them): every command that
+    rebuilds the report checks first, as the page lost its answers without a word."""
+    if not (Path(run_dir) / PREDICTIONS).is_file():
+        raise RunDirError(f"the evaluated run lacks {PREDICTIONS}", str(Path(run_dir) / PREDICTIONS),
+                          f"restore it, or run `tunesmith eval {run_dir}` again")
 
 
 def _check_inputs_outside(project: Project, final: Path) -> None:
@@ -340,6 +346,7 @@ def optimize_run(run_dir: Path, names: list[str] | None = None, progress: bool =
             raise InputError(e.errors()[0]["msg"].removeprefix("Value error, "), "--variants",
                              "name known variants, each once, e.g. --variants merged,int8") from None
     project, splits = open_run(run_dir)
+    _check_predictions(run_dir)
     if project.task.type == "text":
         raise InputError("the optimize stage does not support task.type text (its parity check compares "
                          "predictions, and a text run makes none)", "task.type", "serve the trained model as it is")
@@ -388,6 +395,7 @@ def audit_run(run_dir: Path, progress: bool = True) -> dict:
         raise RunDirError("the evaluated run lacks metrics.json", str(Path(run_dir) / "metrics.json"),
                           f"restore it, or run `tunesmith eval {run_dir}` again")
     read_metrics(run_dir)  # a damaged one is named before the audit writes anything
+    _check_predictions(run_dir)
     with run_lock(Path(run_dir).resolve()):
         audit = audit_stage(project, splits, Path(run_dir), progress)
         summary = read_summary(run_dir)
