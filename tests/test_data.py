@@ -117,6 +117,15 @@ def test_stratified_split_is_deterministic_and_keeps_every_class():
     assert sum(keys[i] == "a" for i in held1) == 4
 
 
+def test_classes_that_cannot_give_their_share_leave_it_to_the_others():
+    """Fifty one-row classes beside a 100-row class at 0.2 held out 21 rows, not 30."""
+    keys = [f"one{i}" for i in range(50)] + ["big"] * 100
+    rest, out = stratified_split(list(range(150)), keys, 0.2, seed=2)
+    assert len(out) == 30 and all(keys[i] == "big" for i in out)
+    keys = [f"two{i}" for i in range(10) for _ in range(2)] + ["ten"] * 10
+    assert len(stratified_split(list(range(30)), keys, 0.6, seed=2)[1]) == 18
+
+
 @pytest.mark.parametrize("classes,size,fraction,held", [(300, 3, 0.1, 90), (2000, 2, 0.2, 800), (500, 2, 0.01, 10),
                                                         (3, 10, 0.2, 6), (1, 5, 0.05, 1), (2, 1, 0.5, 0)])
 def test_many_small_classes_share_the_held_out_rows(classes, size, fraction, held):
