@@ -189,3 +189,9 @@ def test_alerts_never_replace_a_users_files_nor_land_when_monitor_fails(run_dir,
     edited = runner.invoke(cli, ["monitor", str(run_dir), "--alerts", str(tmp_path / "again"), "--window", "60"])
     assert edited.exit_code == 2 and "prometheus.yml was changed since" in edited.stderr, edited.output
     assert (tmp_path / "again" / "prometheus.yml").read_text() == "my targets\n"
+    # a hand-edited marker naming files outside the folder is not followed (they were read to be hashed)
+    marker = tmp_path / "again" / ".tunesmith-alerts"
+    marker.write_text(json.dumps({"files": {"../../etc/shadow": "x", "/root/secret": "y"}}))
+    write_monitoring(tmp_path / "again", "tiny", 400)
+    assert set(json.loads(marker.read_text())["files"]) == {"alerts.yml", "alerts_test.yml",
+                                                            "grafana-dashboard.json", "prometheus.yml"}

@@ -150,6 +150,7 @@ def prometheus_config(target: str, rules_file: str = "alerts.yml", scrape_interv
 
 
 MARKER = ".tunesmith-alerts"  # an earlier --alerts output, which a later one may replace
+FILES = ("alerts.yml", "alerts_test.yml", "grafana-dashboard.json", "prometheus.yml")  # what it writes
 
 
 def check_out(out_dir: Path) -> None:
@@ -177,7 +178,9 @@ def _written(marker: Path) -> dict[str, str]:
         recorded = json.loads(marker.read_text(encoding="utf-8")).get("files", {})
     except (OSError, ValueError, AttributeError):
         return {}
-    return {str(k): str(v) for k, v in recorded.items()} if isinstance(recorded, dict) else {}
+    if not isinstance(recorded, dict):
+        return {}
+    return {k: str(v) for k, v in recorded.items() if k in FILES}  # only our names: never `../x` of an edit
 
 
 def _digest(path: Path) -> str:
@@ -196,6 +199,7 @@ def write_monitoring(out_dir: Path, name: str, latency_p95_ms: float, target: st
              "alerts_test.yml": yaml.safe_dump(rule_tests("alerts.yml", **quality), sort_keys=False),
              "grafana-dashboard.json": json.dumps(dashboard(f"tunesmith: {name}"), indent=2),
              "prometheus.yml": yaml.safe_dump(prometheus_config(target), sort_keys=False)}
+    assert tuple(files) == FILES
     # The marker first (a kill leaves a folder a later run may write again), then each file, then the
     # marker again with the digests that tell an edited file from ours.
     marker = {"written_by": "tunesmith monitor --alerts; a later run may replace these files", "files": {}}
