@@ -315,7 +315,8 @@ def test_an_empty_split_says_what_cleaning_removed(tmp_path, tiny_model):
     config = _project(tmp_path, tiny_model)
     write_jsonl(tmp_path / "train.jsonl", [{"text": "same text", "label": "alpha"}] * 50)
     result = runner.invoke(app, ["data", "clean", config, "--out", str(tmp_path / "o")])
-    assert result.exit_code == 2 and "split is empty (cleaning removed 49 exact_duplicate)" in result.stderr
+    assert result.exit_code == 2 and "split is empty (cleaning removed 49 exact_duplicate; each of the 1 labels" \
+        in result.stderr
 
 
 def test_a_key_given_twice_in_a_json_row_is_a_row_problem(tmp_path):

@@ -201,12 +201,13 @@ def _check_sizes(splits: Splits, train_path: str, classification: bool) -> None:
         if not rows:
             # Say what cleaning took: 50 identical rows leave one, and "empty" alone would puzzle.
             removed = splits.curation.report()["removed_by_reason"] if splits.curation else {}
-            why = f" (cleaning removed {', '.join(f'{n} {k}' for k, n in removed.items())})" if removed else ""
+            parts = [f"cleaning removed {', '.join(f'{n} {k}' for k, n in removed.items())}"] if removed else []
             counts = Counter(e.target for e in splits.train)
             if name != "train" and classification and counts and max(counts.values()) == 1:
                 # a fraction is carved per label, and a label's only row stays in training
-                why = f" (each of the {len(counts)} labels has a single training row, and a label's only row is " \
-                      "never held out)"
+                parts.append(f"each of the {len(counts)} labels has a single training row, and a label's only "
+                             "row is never held out")
+            why = f" ({'; '.join(parts)})" if parts else ""
             raise DataError(f"the {name} split is empty{why}", train_path,
                             hint="add examples or give a separate file for it under data:")
 
