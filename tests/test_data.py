@@ -124,6 +124,9 @@ def test_classes_that_cannot_give_their_share_leave_it_to_the_others():
     assert len(out) == 30 and all(keys[i] == "big" for i in out)
     keys = [f"two{i}" for i in range(10) for _ in range(2)] + ["ten"] * 10
     assert len(stratified_split(list(range(30)), keys, 0.6, seed=2)[1]) == 18
+    # many keys and a big shortfall (a pass per missing item sorted every key each time: 10,000 sorts)
+    keys = [f"one{i}" for i in range(50_000)] + ["big"] * 100_000
+    assert len(stratified_split(list(range(150_000)), keys, 0.2, seed=2)[1]) == 30_000
 
 
 @pytest.mark.parametrize("classes,size,fraction,held", [(300, 3, 0.1, 90), (2000, 2, 0.2, 800), (500, 2, 0.01, 10),

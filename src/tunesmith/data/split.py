@@ -33,17 +33,18 @@ def stratified_split(items: Sequence[T], keys: Sequence[str], fraction: float, s
     target = min(sum(room.values()), max(1, round(fraction * len(items))))
     ties, taken = order[:], sum(take.values())
     rng.shuffle(ties)
-    # Largest remainder first; keys that cannot give their share (a single item, kept for training) leave
-    # theirs to the others, so passes go on, most under-served key first, until the target is held.
-    while taken < target:
-        before = taken
-        for k in sorted(ties, key=lambda k: want[k] - take[k], reverse=True):
-            if taken >= target:
-                break
-            if take[k] < room[k]:
-                take[k], taken = take[k] + 1, taken + 1
-        if taken == before:  # every key is at its room (target is at most their sum: not reached)
+    for k in sorted(ties, key=lambda k: want[k] - take[k], reverse=True):  # largest remainder first: one more
+        if taken >= target:
             break
+        if take[k] < room[k]:
+            take[k], taken = take[k] + 1, taken + 1
+    # What keys could not give (a single item stays for training) the others give, most under-served first,
+    # as many as each has room for: one sort, not a pass per missing item.
+    for k in sorted(ties, key=lambda k: want[k] - take[k], reverse=True):
+        if taken >= target:
+            break
+        extra = min(room[k] - take[k], target - taken)
+        take[k], taken = take[k] + extra, taken + extra
     held = {i for k in order for i in groups[k][:take[k]]}
     rest = [it for i, it in enumerate(items) if i not in held]
     out = [it for i, it in enumerate(items) if i in held]
