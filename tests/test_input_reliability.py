@@ -389,3 +389,25 @@ def test_long_labels_and_group_names_are_shortened_on_every_plot(figures):
     assert len(figures) == 4
     longest = max(len(t.get_text()) for fig in figures for t in _texts(fig))
     assert longest <= plots.TICK_CHARS + 40, longest  # a tick label, or a title around one
+
+
+def test_long_labels_sharing_their_start_stay_distinct_on_every_plot(figures):
+    """Shortened to their first 39 characters, 'the customer asks about ... card' and '... pin' read alike."""
+    from tunesmith.report import plots
+
+    start = "the customer asks about the status of their "
+    labels = [start + "card", start + "pin", start + "transfer", "short"]
+    plots.confusion([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], labels, "t")
+    plots.per_class_f1({lab: {"f1": 0.5, "support": 3} for lab in labels})
+    plots.data_profile({"train": {"rows": 4, "label_counts": {lab: 1 for lab in labels},
+                                  "chars_histogram": {"0-50": 4}}})
+    plots.group_rates({lab: {"n": 3, "selection_rate": 0.5, "tpr": 0.5, "fpr": 0.1} for lab in labels}, "a", "b")
+    assert len(figures) == 4
+    for fig in figures:
+        for ax in fig.axes:
+            for ticks in (ax.get_xticklabels(), ax.get_yticklabels()):
+                texts = [t.get_text() for t in ticks if t.get_text()]
+                if any("\u2026" in t for t in texts):
+                    assert len(set(texts)) == len(texts), texts
+                    assert "short" in " ".join(texts)
+                    assert all(len(t) <= plots.TICK_CHARS + 12 for t in texts), texts

@@ -6,6 +6,7 @@ import base64
 import functools
 import io
 import threading
+from collections import Counter
 
 import matplotlib
 
@@ -22,6 +23,21 @@ TICK_CHARS = 40  # a label or group name longer than this is shortened on a plot
 
 def _tick(text: str) -> str:
     return text if len(text) <= TICK_CHARS else text[:TICK_CHARS - 1] + "\u2026"
+
+
+def _ticks(texts: list[str]) -> list[str]:
+    """Each text as `_tick` shortens it; shortened texts that would read the same (long labels sharing their
+    first 39 characters) are numbered in order, [1], [2], ..., so no two ticks of a plot look alike."""
+    short = [_tick(t) for t in texts]
+    counts = Counter(short)
+    seen: Counter = Counter()
+    out = []
+    for s in short:
+        if counts[s] > 1:
+            seen[s] += 1
+            s = f"{s} [{seen[s]}]"
+        out.append(s)
+    return out
 
 
 def _literal(plot):
@@ -99,8 +115,8 @@ def confusion(matrix: list[list[int]], labels: list[str], title: str) -> str:
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(matrix, cmap="Blues")
     ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="gold", title=title)
-    ax.set_xticklabels([_tick(lab) for lab in labels], rotation=90, fontsize=7)
-    ax.set_yticklabels([_tick(lab) for lab in labels], fontsize=7)
+    ax.set_xticklabels(_ticks(labels), rotation=90, fontsize=7)
+    ax.set_yticklabels(_ticks(labels), fontsize=7)
     if n <= 20:
         peak = max(max(r) for r in matrix) or 1
         for i, row in enumerate(matrix):
@@ -151,7 +167,7 @@ def data_profile(splits: dict) -> str:
             axes[0].bar([i + k * width for i in range(len(labels))], [counts.get(lab, 0) / total for lab in labels],
                         width=width, label=name)
         axes[0].set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
-        axes[0].set_xticklabels([_tick(lab) for lab in labels], rotation=90, fontsize=6 if len(labels) > 20 else 7)
+        axes[0].set_xticklabels(_ticks(labels), rotation=90, fontsize=6 if len(labels) > 20 else 7)
         axes[0].set(ylabel="share of rows", title="Labels")
         axes[0].legend(fontsize=7)
     return _png(fig)
@@ -178,7 +194,9 @@ def per_class_f1(per_class: dict) -> str:
     fig, ax = plt.subplots(figsize=(6, min(14, 1 + 0.25 * len(rows))))
     ax.barh(range(len(rows)), [r["f1"] for _, r in rows], color="tab:blue")
     ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels([f"{_tick(k)} ({r['support']})" for k, r in rows], fontsize=7 if len(rows) <= 30 else 5)
+    ticks = _ticks([k for k, _ in rows])
+    ax.set_yticklabels([f"{t} ({r['support']})" for t, (_, r) in zip(ticks, rows)],
+                       fontsize=7 if len(rows) <= 30 else 5)
     ax.set(xlim=(0, 1), xlabel="F1", title="Per-class F1 (fine-tuned, test; support in brackets)")
     return _png(fig)
 
@@ -224,7 +242,7 @@ def group_rates(groups: dict, attribute: str, label: str) -> str:
                                 (0.27, "fpr", "tab:red")):
         ax.barh([i + offset for i in y], [groups[g][key] or 0 for g in names], height=0.26, color=colour, label=key)
     ax.set_yticks(list(y))
-    ax.set_yticklabels([f"{_tick(g)} ({groups[g]['n']})" for g in names], fontsize=7)
+    ax.set_yticklabels([f"{t} ({groups[g]['n']})" for t, g in zip(_ticks(names), names)], fontsize=7)
     ax.set(xlim=(0, 1), xlabel=f"rate of '{_tick(label)}'", title=f"Per-group rates by {_tick(attribute)} (test)")
     ax.legend(fontsize=7, loc="lower right")
     return _png(fig)
