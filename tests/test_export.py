@@ -205,3 +205,11 @@ def test_a_base_model_that_is_gone_is_named_as_the_runs(run, tmp_path):
         assert "the base model this run's adapter applies to is gone" in result.stderr
         assert str(meta_file) in result.stderr
     assert not (tmp_path / "hf").exists()
+
+
+def test_export_json_names_a_relative_out_as_an_absolute_path(run, tmp_path, monkeypatch):
+    """export.json recorded `--out` as typed ("ex_hf"), a path that means nothing read from elsewhere."""
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(cli, ["export", str(run), "--format", "hf", "--out", "ex_hf"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "ex_hf" / "export.json").read_text())["path"] == str(tmp_path / "ex_hf")

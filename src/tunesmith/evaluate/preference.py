@@ -12,7 +12,7 @@ from __future__ import annotations
 from tunesmith.config import Project
 from tunesmith.data.examples import Example
 from tunesmith.data.pairs import Pair, pairs_from_examples
-from tunesmith.errors import InputError
+from tunesmith.errors import InputError, RunDirError
 from tunesmith.evaluate.compare import compare
 from tunesmith.registry import METHOD_SPECS, PREFERENCE_METRICS
 from tunesmith.tasks.metrics import compute_metrics
@@ -39,6 +39,19 @@ def reference_rows(project: Project, test: list[Example]) -> tuple[list[Example]
         return test, None
     kept = [e for e in test if e.desirable is not False]
     return kept, ({"kto_undesirable": len(test) - len(kept)} if len(kept) < len(test) else {})
+
+
+def scored_test(project: Project, test: list[Example], rows: list[dict], run_dir) -> list[Example]:
+    """The test examples the eval stage scored (eval.max_examples, reference rows), in the order of
+    predictions/test.jsonl's `rows`; RunDirError when the file does not hold them (edited, truncated, or
+    left from another split): a variant or an export measured against it would be compared row by row
+    with answers to other questions."""
+    test = test[: project.eval.max_examples] if project.eval.max_examples else test
+    test, _ = reference_rows(project, test)
+    if not test or len(test) != len(rows) or any(ex.input != r["text"] for ex, r in zip(test, rows)):
+        raise RunDirError("predictions/test.jsonl does not match the run's test split", str(run_dir),
+                          "re-run `tunesmith eval RUN_DIR`")
+    return test
 
 
 def pair_figures(model, tokenizer, fmt, pairs: list[Pair], batch_size: int) -> tuple[list[float], dict]:

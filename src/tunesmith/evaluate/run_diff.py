@@ -32,6 +32,11 @@ def config_diff(a: Path, b: Path) -> list[dict]:
     return [{"key": k, "a": ca.get(k), "b": cb.get(k)} for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)]
 
 
+def _task_type(run: Path) -> object:
+    task = _config(Path(run) / "config.yaml").get("task")
+    return task.get("type") if isinstance(task, dict) else None
+
+
 def _config(path: Path) -> dict:
     """A run's config.yaml as a dict; fsio.DamagedFile (one error line naming it) when it is not YAML
     tunesmith wrote: unparsable, refused (an alias bomb), or not a mapping."""
@@ -82,6 +87,9 @@ def _unpaired(a: Path, b: Path, pa: list[dict] | None, pb: list[dict] | None) ->
             return f"{Path(run) / PREDICTIONS} is missing"
     if not pa or not pb or "prediction" not in pa[0] or "prediction" not in pb[0]:
         return "a text run makes no predictions to pair (it is scored by perplexity)"
+    types = [_task_type(run) for run in (a, b)]
+    if types[0] != types[1]:  # a label scored right or wrong against a generated answer's exact match
+        return f"the runs are of different task types ({types[0]}, {types[1]})"
     if not {example_key(r) for r in pa} & {example_key(r) for r in pb}:
         return "the runs share no test example (the same prompt and gold answer)"
     return None

@@ -41,7 +41,7 @@ from tunesmith.config import load_config
 from tunesmith.data.prepare import load_splits
 from tunesmith.errors import InputError, ParityError, RunDirError
 from tunesmith.evaluate.predictions_file import require_test_predictions
-from tunesmith.evaluate.preference import reference_rows
+from tunesmith.evaluate.preference import scored_test
 from tunesmith.models.tokens import stop_ids
 from tunesmith.optimize.engines import save_hf
 from tunesmith.optimize.gguf import DEFAULT_QUANT, QUANTS, gguf_name, write_gguf
@@ -151,7 +151,7 @@ def export(run_dir: Path, out: Path, fmt: str = "hf", quant: str | None = None,
     staging = _new_staging(out)
     try:
         result = stage_export(run_dir, staging, fmt, quant, min_agreement)
-        result.path = str(out)
+        result.path = str(out.absolute())  # as given, made absolute: export.json is read from anywhere
         fsio.write_json(staging / EXPORT_FILE, result.to_json())
         _install(staging, out)
         return result
@@ -218,12 +218,12 @@ def stage_export(run_dir: Path, folder: Path, fmt: str, quant: str | None,
     """Write and verify the export into `folder` (export.json not yet written)."""
     project, splits, rows = _open_evaluated(run_dir)
     floor = threshold(project, fmt, quant, min_agreement)
+    test = scored_test(project, splits.test, rows, run_dir)
     source = open_source(run_dir, project, splits, progress=False)
     spec = FORMATS[fmt]
     weights = spec.write(source, folder, quant)
     if (run_dir / "model_card.md").is_file():
         shutil.copyfile(run_dir / "model_card.md", folder / "model_card.md")
-    test = _test_rows(project, splits, rows, run_dir)
     back = spec.read(folder, project, source.fmt, test, source, quant)
     result = _compare(back, project, test, rows, fmt, quant, floor)
     result.path = str(folder)
@@ -292,16 +292,6 @@ def write_generation_config(model, tokenizer, folder: Path) -> dict:
     config.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else config.bos_token_id
     config.save_pretrained(str(folder))
     return config.to_dict()
-
-
-def _test_rows(project, splits, rows: list[dict], run_dir: Path):
-    """The test examples the eval stage scored, in the order of predictions/test.jsonl."""
-    test = splits.test[: project.eval.max_examples] if project.eval.max_examples else splits.test
-    test, _ = reference_rows(project, test)
-    if len(test) != len(rows) or any(ex.input != r["text"] for ex, r in zip(test, rows)):
-        raise RunDirError("predictions/test.jsonl does not match the run's test split", str(run_dir),
-                          "re-run `tunesmith eval RUN_DIR`")
-    return test
 
 
 def read_back(folder: Path, project, fmt: PromptFormat, test) -> ReadBack:

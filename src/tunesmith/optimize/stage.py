@@ -18,10 +18,13 @@ from pathlib import Path
 
 from tunesmith import fsio
 from tunesmith.config import Project
+from tunesmith.data.examples import Example
 from tunesmith.data.prepare import Splits
 from tunesmith.errors import ParityError, RunDirError
 from tunesmith.evaluate.compare import compare
 from tunesmith.evaluate.metrics_file import read_metrics
+from tunesmith.evaluate.predictions_file import require_test_predictions
+from tunesmith.evaluate.preference import scored_test
 from tunesmith.optimize.measure import measure_variant
 from tunesmith.optimize.result import OptimizeResult, SkippedVariant, VariantRow
 from tunesmith.optimize.select import select_variant, variant_verdict
@@ -37,6 +40,8 @@ def optimize_stage(project: Project, splits: Splits, run_dir: Path, progress: bo
     """Build, measure, check and select variants; writes variants.json and optimize.json."""
     run_dir = Path(run_dir)
     metrics = _evaluated(run_dir)
+    rows = require_test_predictions(run_dir)
+    test = scored_test(project, splits.test, rows, run_dir)  # checked before anything is built
     names = list(project.optimize.variants if names is None else names)
     _check_variants_folder(run_dir, names)
     # Built and measured in a staging folder, put in place only once measured: an interrupted or failed
@@ -45,7 +50,7 @@ def optimize_stage(project: Project, splits: Splits, run_dir: Path, progress: bo
     shutil.rmtree(staging, ignore_errors=True)
     try:
         built, skipped = _build_all(project, splits, run_dir, names, progress)
-        rows = _install(run_dir, _measure_all(project, run_dir, metrics, built, progress))
+        rows = _install(run_dir, _measure_all(project, run_dir, metrics, built, rows, test, progress))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         with contextlib.suppress(OSError):  # only when empty: made for the staging folder alone (all skipped,
@@ -136,18 +141,18 @@ def _build_all(project: Project, splits: Splits, run_dir: Path, names: list[str]
     return built, skipped
 
 
-def _measure_all(project: Project, run_dir: Path, metrics: dict, built: dict, progress: bool) -> list[VariantRow]:
-    rows = fsio.read_jsonl(run_dir / "predictions" / "test.jsonl")
-    golds = [r["gold"] for r in rows]
-    base_texts = [r["baseline_prediction"] for r in rows]
+def _measure_all(project: Project, run_dir: Path, metrics: dict, built: dict, predictions: list[dict],
+                 test: list[Example], progress: bool) -> list[VariantRow]:
+    """Each built variant measured on the test examples eval scored (`test`, in `predictions`' order)."""
+    golds = [r["gold"] for r in predictions]
+    base_texts = [r["baseline_prediction"] for r in predictions]
     task_type = project.task.type
-    test = fsio.read_jsonl(run_dir / "data" / "test.jsonl")[: len(rows)]
     cfg = project.optimize
     rows: list[VariantRow] = []
     ref: list[str] | None = None  # the fp32 model's predictions, which every variant is compared with
     with tempfile.TemporaryDirectory() as tmp:
         test_file = Path(tmp) / "test.jsonl"
-        fsio.write_jsonl(test_file, test)
+        fsio.write_jsonl(test_file, [ex.to_json() for ex in test])
         for name, (path, notes) in built.items():
             _say(progress, f"optimize: measuring {name}")
             figures = measure_variant(run_dir / path, test_file, cfg.throughput_batch_size, cfg.latency_samples,

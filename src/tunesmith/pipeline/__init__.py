@@ -165,6 +165,9 @@ def clear_failure(run_dir: Path, stages: tuple[str, ...]) -> None:
 def report_run(run_dir: Path) -> Path:
     """report on an evaluated run directory; returns the report page."""
     check_evaluated(run_dir)
+    if not (Path(run_dir) / "data" / "report.json").is_file():  # the page's data section
+        raise RunDirError("not a trained run directory (no data/report.json)", str(run_dir),
+                          "give a folder made by `tunesmith run` or `tunesmith train`")
     _check_predictions(run_dir)
     with run_lock(Path(run_dir).resolve()):
         with reading_run_files(run_dir):
@@ -346,6 +349,10 @@ def optimize_run(run_dir: Path, names: list[str] | None = None, progress: bool =
             raise InputError(e.errors()[0]["msg"].removeprefix("Value error, "), "--variants",
                              "name known variants, each once, e.g. --variants merged,int8") from None
     project, splits = open_run(run_dir)
+    if not (Path(run_dir) / "summary.json").is_file():  # the report optimize rebuilds at its end needs it
+        raise RunDirError("the run has not been evaluated (no summary.json)", str(run_dir),
+                          f"run `tunesmith eval {run_dir}` first")
+    read_summary(run_dir)  # a damaged one is named before anything is built
     _check_predictions(run_dir)
     if project.task.type == "text":
         raise InputError("the optimize stage does not support task.type text (its parity check compares "

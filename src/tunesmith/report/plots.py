@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import functools
 import io
+import math
 import threading
 from collections import Counter
 
@@ -129,16 +130,22 @@ def confusion(matrix: list[list[int]], labels: list[str], title: str) -> str:
 @_literal
 def metric_bars(baseline: dict, finetuned: dict, names: list[str],
                 legend: tuple[str, str] = ("baseline", "fine-tuned")) -> str:
+    """Bars of each unit-interval figure for both models; a figure one model lacks (eval writes a NaN one as
+    null) has no bar."""
     fig, ax = plt.subplots(figsize=(6, 3))
     x = range(len(names))
-    ax.bar([i - 0.2 for i in x], [baseline.get(n, 0) for n in names], width=0.4, label=legend[0])
-    ax.bar([i + 0.2 for i in x], [finetuned.get(n, 0) for n in names], width=0.4, label=legend[1])
+    ax.bar([i - 0.2 for i in x], [_height(baseline.get(n)) for n in names], width=0.4, label=legend[0])
+    ax.bar([i + 0.2 for i in x], [_height(finetuned.get(n)) for n in names], width=0.4, label=legend[1])
     ax.set_xticks(list(x))
     ax.set_xticklabels(names, rotation=20, ha="right")
     ax.set_ylim(0, 1)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("Test metrics")
     return _png(fig)
+
+
+def _height(value) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
 @_literal

@@ -1,0 +1,128 @@
+"""Commands that rebuild or measure a finished run (optimize, audit, report, report --compare) on a run eval
+could have written (a null figure) or a user has damaged: finished work, or one located `error:` line
+before anything is written, never an internal error after optimize or audit wrote their results."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import GEN_PROJECT, make_texts, train_tiny_run, write_jsonl
+from tunesmith.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_model) -> Path:
+    return train_tiny_run(tmp_path_factory.mktemp("finished"), tiny_model)
+
+
+@pytest.fixture()
+def run(finished, tmp_path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(finished, copy)
+    return copy
+
+
+def _error(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.output and "internal error" not in lines[0], result.output
+    return lines[0]
+
+
+def _nothing_built(run: Path) -> None:
+    assert not (run / "variants").exists() and not (run / "optimize.json").exists()
+
+
+def test_a_null_figure_as_eval_writes_a_nan_one_is_reported_optimized_and_audited(run):
+    """Eval writes a NaN figure as null, and every reader of metrics.json takes one; the report's bar chart
+    added it to a number: optimize and audit failed with exit 1 after writing their results (audit had
+    rewritten summary.json), and `report` blamed the run's files."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert isinstance(metrics["baseline"]["accuracy"], float)
+    metrics["finetuned"]["accuracy"] = None
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("  lexicon: []\n", "  lexicon: [gender]\n", 1))
+    for command in (["report", str(run)], ["optimize", str(run), "--variants", "merged", "-q"],
+                    ["audit", str(run), "-q"]):
+        result = runner.invoke(app, command)
+        assert result.exit_code in (0, 3), (command, result.output)
+    assert (run / "optimize.json").is_file() and (run / "audit.json").is_file()
+    assert "alt='test metrics'" in (run / "report.html").read_text()
+
+
+def test_optimize_of_a_run_without_its_summary_is_refused_before_building(run):
+    """The missing summary.json was met by the report optimize rebuilds at its end: exit 1, variants built."""
+    (run / "summary.json").unlink()
+    line = _error(runner.invoke(app, ["optimize", str(run), "--variants", "merged", "-q"]))
+    assert "has not been evaluated (no summary.json)" in line and str(run) in line
+    _nothing_built(run)
+
+
+@pytest.mark.parametrize("edit", ["empty", "first row gone", "rows swapped"])
+@pytest.mark.parametrize("command", ["optimize", "export"])
+def test_predictions_that_are_not_the_test_splits_are_refused_before_anything_is_built(run, tmp_path, edit,
+                                                                                       command):
+    """optimize measured its variants on data/test.jsonl's first N rows whatever predictions/test.jsonl held:
+    an empty file was an IndexError in the measuring child, and a KTO run (undesirable test rows are not
+    scored) compared each variant's answer with the gold of another row."""
+    path = run / "predictions" / "test.jsonl"
+    rows = path.read_text().splitlines()
+    kept = {"empty": [], "first row gone": rows[1:], "rows swapped": [rows[1], rows[0], *rows[2:]]}[edit]
+    path.write_text("".join(r + "\n" for r in kept))
+    args = (["optimize", str(run), "--variants", "merged", "-q"] if command == "optimize"
+            else ["export", str(run), "--out", str(tmp_path / "exported")])
+    assert "predictions/test.jsonl does not match the run's test split" in _error(runner.invoke(app, args))
+    _nothing_built(run)
+    assert not (tmp_path / "exported").exists()
+
+
+def test_optimize_measures_each_variant_on_the_rows_eval_scored(run, monkeypatch):
+    """The rows handed to the measuring child are predictions/test.jsonl's, in its order."""
+    from tunesmith.optimize import stage
+
+    seen = []
+    real = stage.measure_variant
+
+    def spy(path, test_file, *args, **kwargs):
+        seen.append([json.loads(line)["input"] for line in Path(test_file).read_text().splitlines()])
+        return real(path, test_file, *args, **kwargs)
+
+    monkeypatch.setattr(stage, "measure_variant", spy)
+    result = runner.invoke(app, ["optimize", str(run), "--variants", "merged", "-q"])
+    assert result.exit_code in (0, 3), result.output
+    scored = [json.loads(line)["text"] for line in (run / "predictions" / "test.jsonl").read_text().splitlines()]
+    assert seen and all(texts == scored for texts in seen)
+
+
+def test_report_of_a_run_without_its_data_folder_names_what_is_missing(run):
+    shutil.rmtree(run / "data")
+    line = _error(runner.invoke(app, ["report", str(run)]))
+    assert "no data/report.json" in line and "internal error" not in line
+
+
+def test_runs_of_different_task_types_are_never_paired(finished, tmp_path, tiny_model):
+    """A classification and a generation run on the same examples: `report --compare` paired them (McNemar
+    of a label's correctness against an exact match) in one order and blamed the run's files in the other."""
+    rows = [{"prompt": r["text"], "completion": r["label"]} for r in make_texts(9, 2)]  # the tiny run's test rows
+    write_jsonl(tmp_path / "train.jsonl", rows + [{"prompt": r["text"], "completion": r["label"]}
+                                                  for r in make_texts(12, 5)])
+    write_jsonl(tmp_path / "test.jsonl", rows)
+    (tmp_path / "gen.yaml").write_text(GEN_PROJECT.format(name="gen", model=tiny_model, method="lora", steps=1,
+                                                          new_tokens=2), encoding="utf-8")
+    gen = tmp_path / "gen"
+    result = runner.invoke(app, ["run", str(tmp_path / "gen.yaml"), "--out", str(gen), "-q"])
+    assert result.exit_code in (0, 3), result.output
+    for a, b in ((finished, gen), (gen, finished)):
+        page = tmp_path / f"{a.name}_{b.name}.html"
+        result = runner.invoke(app, ["report", "--compare", str(a), str(b), "--out", str(page)])
+        assert result.exit_code == 0, result.output
+        text = page.read_text()
+        assert "different task types" in text and "McNemar" not in text, text[:2000]
