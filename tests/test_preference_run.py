@@ -322,3 +322,29 @@ def test_preference_training_runs_the_pre_flight_on_chosen_and_rejected_answers(
     assert any("rejected answers are longer than task.max_length=48" in n and "train.jsonl:" in n
                for n in notes), notes
     assert "warning: " in result.stderr and "rejected answers" in result.stderr
+
+
+def test_optimize_measures_a_kto_run_on_the_rows_eval_scored(tmp_path, tiny_model, monkeypatch):
+    """Undesirable KTO test rows are not scored; optimize took data/test.jsonl's first N rows, so with one
+    of them first every variant answered other questions than the golds it was compared with."""
+    from tunesmith.optimize import stage
+
+    rows = [{"prompt": p.get("prompt", "x"), "completion": p[side], "label": side == "chosen"}
+            for p in _pair_rows(8) for side in ("chosen", "rejected")]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "test.jsonl", [{"prompt": "card blue first", "completion": "gamma", "label": False}]
+                + [{"prompt": f"card red test {i}", "completion": "alpha", "label": True} for i in range(3)])
+    out = tmp_path / "run"
+    _run(["run", str(_project(tmp_path, tiny_model, "kto", metric="exact_match")), "--out", str(out), "--quiet"])
+    seen = []
+    real = stage.measure_variant
+
+    def spy(path, test_file, *args, **kwargs):
+        seen.append([json.loads(line)["input"] for line in test_file.read_text().splitlines()])
+        return real(path, test_file, *args, **kwargs)
+
+    monkeypatch.setattr(stage, "measure_variant", spy)
+    result = runner.invoke(app, ["optimize", str(out), "--variants", "merged", "-q"])
+    assert result.exit_code in (0, 3), result.output
+    scored = [json.loads(line)["text"] for line in (out / "predictions" / "test.jsonl").read_text().splitlines()]
+    assert len(scored) == 3 and seen and all(texts == scored for texts in seen), (seen, scored)
