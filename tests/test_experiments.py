@@ -283,10 +283,14 @@ def test_an_interrupted_default_trial_is_run_again(tmp_path, tiny_model, monkeyp
     out = tmp_path / "tune"
     real = stage.train_stage
 
-    def interrupted(*args, **kwargs):
+    def interrupted(project, splits, folder, *args, **kwargs):  # stopped after its first checkpoint
+        (folder / "checkpoints" / "step-0000002").mkdir(parents=True)
+        (folder / "checkpoints" / "step-0000002" / "trainable.safetensors").write_bytes(b"weights")
         raise KeyboardInterrupt
     monkeypatch.setattr(stage, "train_stage", interrupted)
     assert runner.invoke(app, ["tune", config, "--trials", "2", "--out", str(out), "--quiet"]).exit_code == 130
+    # Its weights go too: the trial is never resumed (a new trial takes its place).
+    assert not (out / "trials" / "000" / "checkpoints").exists()
     monkeypatch.setattr(stage, "train_stage", real)
     result = runner.invoke(app, ["tune", config, "--trials", "2", "--out", str(out), "--quiet"])
     assert result.exit_code in (0, 3), result.output

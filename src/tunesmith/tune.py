@@ -140,8 +140,9 @@ def _run_trials(study, project: Project, splits, out: Path, trials: int, progres
                 raise optuna.TrialPruned()
         try:
             result = train_stage(apply_params(project, params), splits, folder, progress=False, on_validate=report)
-        finally:
-            shutil.rmtree(folder / "model", ignore_errors=True)  # trials keep their logs, not their weights
+        finally:  # trials keep their logs, not their weights: an interrupted trial's checkpoints neither, as
+            for weights in ("model", "checkpoints"):  # its place goes to a new trial (it is never resumed)
+                shutil.rmtree(folder / weights, ignore_errors=True)
         best = result.best[metric] if result.best else evals[-1]
         if progress:
             print(f"tune: trial {trial.number}: {metric} {best:.4f} with {params}", file=sys.stderr)
