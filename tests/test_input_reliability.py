@@ -403,6 +403,7 @@ def test_long_labels_sharing_their_start_stay_distinct_on_every_plot(figures):
                                   "chars_histogram": {"0-50": 4}}})
     plots.group_rates({lab: {"n": 3, "selection_rate": 0.5, "tpr": 0.5, "fpr": 0.1} for lab in labels}, "a", "b")
     assert len(figures) == 4
+    checked = 0
     for fig in figures:
         for ax in fig.axes:
             for ticks in (ax.get_xticklabels(), ax.get_yticklabels()):
@@ -411,3 +412,5 @@ def test_long_labels_sharing_their_start_stay_distinct_on_every_plot(figures):
                     assert len(set(texts)) == len(texts), texts
                     assert "short" in " ".join(texts)
                     assert all(len(t) <= plots.TICK_CHARS + 12 for t in texts), texts
+                    checked += 1
+    assert checked == 5  # the confusion matrix's two axes, the label bars, per-class F1, group rates

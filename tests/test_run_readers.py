@@ -58,11 +58,16 @@ def test_a_null_figure_as_eval_writes_a_nan_one_is_reported_optimized_and_audite
     assert "alt='test metrics'" in (run / "report.html").read_text()
 
 
-def test_optimize_of_a_run_without_its_summary_is_refused_before_building(run):
-    """The missing summary.json was met by the report optimize rebuilds at its end: exit 1, variants built."""
-    (run / "summary.json").unlink()
+@pytest.mark.parametrize("summary", ["missing", "eval failed"])
+def test_optimize_of_a_run_without_a_verdict_is_refused_before_building(run, summary):
+    """The report optimize rebuilds at its end needs summary.json's verdict: a missing summary, or the one
+    a failed eval leaves (no verdict, a `failed` entry), was exit 1 after the variants were built."""
+    if summary == "missing":
+        (run / "summary.json").unlink()
+    else:
+        (run / "summary.json").write_text(json.dumps({"name": "tiny", "failed": {"stage": "eval", "error": "x"}}))
     line = _error(runner.invoke(app, ["optimize", str(run), "--variants", "merged", "-q"]))
-    assert "has not been evaluated (no summary.json)" in line and str(run) in line
+    assert ("has not been evaluated" if summary == "missing" else "eval stage failed") in line and str(run) in line
     _nothing_built(run)
 
 
@@ -84,28 +89,10 @@ def test_predictions_that_are_not_the_test_splits_are_refused_before_anything_is
     assert not (tmp_path / "exported").exists()
 
 
-def test_optimize_measures_each_variant_on_the_rows_eval_scored(run, monkeypatch):
-    """The rows handed to the measuring child are predictions/test.jsonl's, in its order."""
-    from tunesmith.optimize import stage
-
-    seen = []
-    real = stage.measure_variant
-
-    def spy(path, test_file, *args, **kwargs):
-        seen.append([json.loads(line)["input"] for line in Path(test_file).read_text().splitlines()])
-        return real(path, test_file, *args, **kwargs)
-
-    monkeypatch.setattr(stage, "measure_variant", spy)
-    result = runner.invoke(app, ["optimize", str(run), "--variants", "merged", "-q"])
-    assert result.exit_code in (0, 3), result.output
-    scored = [json.loads(line)["text"] for line in (run / "predictions" / "test.jsonl").read_text().splitlines()]
-    assert seen and all(texts == scored for texts in seen)
-
-
 def test_report_of_a_run_without_its_data_folder_names_what_is_missing(run):
     shutil.rmtree(run / "data")
     line = _error(runner.invoke(app, ["report", str(run)]))
-    assert "no data/report.json" in line and "internal error" not in line
+    assert "lacks data/report.json" in line and str(run / "data" / "report.json") in line
 
 
 def test_runs_of_different_task_types_are_never_paired(finished, tmp_path, tiny_model):
@@ -126,3 +113,11 @@ def test_runs_of_different_task_types_are_never_paired(finished, tmp_path, tiny_
         assert result.exit_code == 0, result.output
         text = page.read_text()
         assert "different task types" in text and "McNemar" not in text, text[:2000]
+    # Generation and chat share their metrics and rows: a prompt format against a chat template pairs.
+    (tmp_path / "chat.yaml").write_text((tmp_path / "gen.yaml").read_text().replace("type: generation", "type: chat")
+                                        .replace("name: gen", "name: chat"), encoding="utf-8")
+    result = runner.invoke(app, ["run", str(tmp_path / "chat.yaml"), "--out", str(tmp_path / "chat"), "-q"])
+    assert result.exit_code in (0, 3), result.output
+    result = runner.invoke(app, ["runs", "diff", str(gen), str(tmp_path / "chat")])
+    assert result.exit_code == 0 and "different task types" not in result.output, result.output
+    assert "exact_match on the same test examples" in result.output, result.output

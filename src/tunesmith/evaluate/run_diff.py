@@ -11,6 +11,7 @@ from tunesmith import fsio
 from tunesmith.config import yaml_text
 from tunesmith.evaluate.compare import compare
 from tunesmith.evaluate.predictions_file import PREDICTIONS, example_key, read_test_predictions
+from tunesmith.registry import metric_names
 from tunesmith.runs import read_summary
 
 
@@ -88,7 +89,9 @@ def _unpaired(a: Path, b: Path, pa: list[dict] | None, pb: list[dict] | None) ->
     if not pa or not pb or "prediction" not in pa[0] or "prediction" not in pb[0]:
         return "a text run makes no predictions to pair (it is scored by perplexity)"
     types = [_task_type(run) for run in (a, b)]
-    if types[0] != types[1]:  # a label scored right or wrong against a generated answer's exact match
+    # A label scored right or wrong is no exact match of a generated answer; generation and chat runs
+    # share their metrics (and rows), and pair.
+    if metric_names(str(types[0])) != metric_names(str(types[1])):
         return f"the runs are of different task types ({types[0]}, {types[1]})"
     if not {example_key(r) for r in pa} & {example_key(r) for r in pb}:
         return "the runs share no test example (the same prompt and gold answer)"

@@ -166,8 +166,8 @@ def report_run(run_dir: Path) -> Path:
     """report on an evaluated run directory; returns the report page."""
     check_evaluated(run_dir)
     if not (Path(run_dir) / "data" / "report.json").is_file():  # the page's data section
-        raise RunDirError("not a trained run directory (no data/report.json)", str(run_dir),
-                          "give a folder made by `tunesmith run` or `tunesmith train`")
+        raise RunDirError("the run lacks data/report.json", str(Path(run_dir) / "data" / "report.json"),
+                          "restore it from a copy of the run, or run `tunesmith run` again")
     _check_predictions(run_dir)
     with run_lock(Path(run_dir).resolve()):
         with reading_run_files(run_dir):
@@ -349,14 +349,11 @@ def optimize_run(run_dir: Path, names: list[str] | None = None, progress: bool =
             raise InputError(e.errors()[0]["msg"].removeprefix("Value error, "), "--variants",
                              "name known variants, each once, e.g. --variants merged,int8") from None
     project, splits = open_run(run_dir)
-    if not (Path(run_dir) / "summary.json").is_file():  # the report optimize rebuilds at its end needs it
-        raise RunDirError("the run has not been evaluated (no summary.json)", str(run_dir),
-                          f"run `tunesmith eval {run_dir}` first")
-    read_summary(run_dir)  # a damaged one is named before anything is built
-    _check_predictions(run_dir)
     if project.task.type == "text":
         raise InputError("the optimize stage does not support task.type text (its parity check compares "
                          "predictions, and a text run makes none)", "task.type", "serve the trained model as it is")
+    check_evaluated(run_dir)  # what the report optimize rebuilds at its end reads, named before anything is built
+    _check_predictions(run_dir)
     with run_lock(Path(run_dir).resolve()):
         result = optimize_stage(project, splits, Path(run_dir), progress, names)
         report_stage(run_dir)
