@@ -139,6 +139,15 @@ eval:
 """
 
 
+def one_error(result) -> str:
+    """The one `error:` line of a CLI result that must be bad input: exit 2, no traceback, not an internal
+    error."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.output and "internal error" not in lines[0], result.output
+    return lines[0]
+
+
 def train_tiny_run(folder: Path, tiny_model: Path, method: str = "lora") -> Path:
     """A trained and evaluated tiny classification run at folder/run (30 training rows, 9 test rows),
     through the real CLI."""

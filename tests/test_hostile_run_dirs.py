@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from conftest import one_error as _error
 from conftest import train_tiny_run
 from tunesmith.cli import app
 from tunesmith.data.prepare import load_splits
@@ -33,13 +34,6 @@ def run(finished, tmp_path) -> Path:
     for name in ("project.yaml", "train.jsonl", "test.jsonl"):  # the project beside it, as it trained
         shutil.copy(finished.parent / name, tmp_path / name)
     return copy
-
-
-def _error(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in result.output and "internal error" not in lines[0], result.output
-    return lines[0]
 
 
 # --- report --compare --out ----------------------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import GEN_PROJECT, make_texts, train_tiny_run, write_jsonl
+from conftest import one_error as _error
 from tunesmith.cli import app
 
 runner = CliRunner()
@@ -27,13 +28,6 @@ def run(finished, tmp_path) -> Path:
     copy = tmp_path / "run"
     shutil.copytree(finished, copy)
     return copy
-
-
-def _error(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in result.output and "internal error" not in lines[0], result.output
-    return lines[0]
 
 
 def _nothing_built(run: Path) -> None:
