@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -161,6 +162,23 @@ def train_tiny_run(folder: Path, tiny_model: Path, method: str = "lora") -> Path
     result = CliRunner().invoke(app, ["run", str(folder / "project.yaml"), "--out", str(folder / "run"), "--quiet"])
     assert result.exit_code in (0, 3), result.output
     return folder / "run"
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_model) -> Path:
+    """One trained and evaluated tiny run per test module; tests damage copies of it (`run`)."""
+    return train_tiny_run(tmp_path_factory.mktemp("finished"), tiny_model)
+
+
+@pytest.fixture()
+def run(finished, tmp_path) -> Path:
+    """A copy of `finished` at tmp_path/run, its project beside it as it trained. A module that defines its
+    own `run` uses that one."""
+    copy = tmp_path / "run"
+    shutil.copytree(finished, copy)
+    for name in ("project.yaml", "train.jsonl", "test.jsonl"):
+        shutil.copy(finished.parent / name, tmp_path / name)
+    return copy
 
 
 @pytest.fixture()

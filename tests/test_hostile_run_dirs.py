@@ -13,27 +13,11 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import one_error as _error
-from conftest import train_tiny_run
 from tunesmith.cli import app
 from tunesmith.data.prepare import load_splits
 
 runner = CliRunner()
 LINUX_PROC = pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, tiny_model) -> Path:
-    """One trained and evaluated tiny run; tests damage copies of it."""
-    return train_tiny_run(tmp_path_factory.mktemp("finished"), tiny_model)
-
-
-@pytest.fixture()
-def run(finished, tmp_path) -> Path:
-    copy = tmp_path / "run"
-    shutil.copytree(finished, copy)
-    for name in ("project.yaml", "train.jsonl", "test.jsonl"):  # the project beside it, as it trained
-        shutil.copy(finished.parent / name, tmp_path / name)
-    return copy
 
 
 # --- report --compare --out ----------------------------------------------------------------------

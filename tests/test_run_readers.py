@@ -11,23 +11,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import GEN_PROJECT, make_texts, train_tiny_run, write_jsonl
+from conftest import GEN_PROJECT, make_texts, write_jsonl
 from conftest import one_error as _error
 from tunesmith.cli import app
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, tiny_model) -> Path:
-    return train_tiny_run(tmp_path_factory.mktemp("finished"), tiny_model)
-
-
-@pytest.fixture()
-def run(finished, tmp_path) -> Path:
-    copy = tmp_path / "run"
-    shutil.copytree(finished, copy)
-    return copy
 
 
 def _nothing_built(run: Path) -> None:
