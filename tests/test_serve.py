@@ -74,8 +74,10 @@ def test_classify_one_and_many(cls_service, tmp_path):
         assert len(many["results"]) == 3 and all(r["label"] in LABELS for r in many["results"])
         assert c.get("/healthz").json() == {"status": "ok"} and c.get("/readyz").json()["status"] == "ready"
         # curl -d '{...}' without -H sends a form's content type: the body is still the JSON it is
-        for kind in ("application/x-www-form-urlencoded", "text/plain;charset=UTF-8"):  # text/plain: fetch()'s
-            form = c.post("/v1/classify", content=b'{"text": "my red card"}', headers={"content-type": kind})
+        # text/plain: fetch()'s; none at all: http.client's and requests' data=
+        for kind in ("application/x-www-form-urlencoded", "text/plain;charset=UTF-8", None):
+            form = c.post("/v1/classify", content=b'{"text": "my red card"}',
+                          headers={"content-type": kind} if kind else {})
             assert form.status_code == 200 and form.json()["label"] in LABELS, (kind, form.text)
         chat = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "blue sky"}]}).json()
         assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["content"] in LABELS
@@ -85,7 +87,7 @@ def test_classify_one_and_many(cls_service, tmp_path):
         assert text["usage"]["prompt_tokens"] == len(prompt_ids(cls_service.predictor.tokenizer, cls_service.fmt,
                                                                 [Example("green", "", "request")])[0])
         metrics = c.get("/metrics").text
-    assert 'tunesmith_requests_total{route="/v1/classify",status="200"} 4.0' in metrics  # form, text/plain too
+    assert 'tunesmith_requests_total{route="/v1/classify",status="200"} 5.0' in metrics  # form, text/plain, none too
     assert "tunesmith_predicted_label_total" in metrics and "process_resident_memory_bytes" in metrics
     assert "tunesmith_model_load_seconds" in metrics and "tunesmith_batch_size_bucket" in metrics
 

@@ -188,3 +188,11 @@ def test_a_character_split_across_tokens_is_streamed_whole_and_the_text_after_it
     assert "".join(pieces) == "🌟🌟 fine" and not any("\ufffd" in p for p in pieces)
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert last["usage"]["completion_tokens"] == len(ids) > len([p for p in pieces if p])  # tokens, not pieces
+
+
+def test_a_chat_limit_over_the_servers_is_refused_under_the_name_it_was_sent_by(client):
+    msgs = [{"role": "user", "content": "hi"}]
+    for field in ("max_completion_tokens", "max_tokens"):
+        r = client.post(CHAT, json={"messages": msgs, field: 9})  # served with max_tokens 8
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["param"] == field and error["message"] == f"{field} must be at most 8"

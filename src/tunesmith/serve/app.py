@@ -192,11 +192,14 @@ class RequestIds:
 def _json_body(scope: dict) -> dict:
     """Every body this API takes is JSON: a POST sent as another type (a form: `curl -d '{...}'` without -H,
     the form type being curl's default; text/plain, a fetch() default) is read as the JSON it is, not
-    refused as "not a valid dictionary"."""
+    refused as "not a valid dictionary"; nor is one sent with no type at all (`http.client`, `requests`'
+    `data=`)."""
     headers = scope.get("headers") or []
-    if scope.get("method") != "POST" or not any(k == b"content-type" and not _is_json(v) for k, v in headers):
+    types = [v for k, v in headers if k == b"content-type"]
+    if scope.get("method") != "POST" or (types and all(_is_json(v) for v in types)):
         return scope
-    return {**scope, "headers": [(k, b"application/json" if k == b"content-type" else v) for k, v in headers]}
+    kept = [(k, v) for k, v in headers if k != b"content-type"]
+    return {**scope, "headers": [*kept, (b"content-type", b"application/json")]}
 
 
 def _is_json(content_type: bytes) -> bool:

@@ -328,7 +328,8 @@ def openai_router(state: ServerState) -> APIRouter:
 
     @router.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request, response: Response):
-        limit = _limit(body.max_completion_tokens or body.max_tokens or cfg.max_tokens, cfg)
+        field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        limit = _limit(body.max_completion_tokens or body.max_tokens or cfg.max_tokens, cfg, field)
         sampling = _sampling(body, service)
         try:
             example = service.example(messages=[m.model_dump() for m in body.messages])
@@ -408,9 +409,10 @@ def _beyond_greedy(settings: GenerationSettings) -> list[str]:
         (["repetition_penalty"] if settings.repetition_penalty != 1.0 else [])
 
 
-def _limit(requested: int, cfg: ServeConfig) -> int:
+def _limit(requested: int, cfg: ServeConfig, field: str = "max_tokens") -> int:
+    """`requested` tokens, or a 400 naming `field` (the request's own name for it) when over serve.max_tokens."""
     if requested > cfg.max_tokens:
-        raise BadRequest(f"max_tokens must be at most {cfg.max_tokens}", "max_tokens")
+        raise BadRequest(f"{field} must be at most {cfg.max_tokens}", field)
     return requested
 
 
