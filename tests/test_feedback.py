@@ -249,8 +249,13 @@ def test_feedback_import_stores_all_rows_or_none(tmp_path, monkeypatch):
         replace = [] if reason == "already has a verdict" else ["--replace"]  # with it, line 1 alone would be stored
         result = runner.invoke(cli, ["feedback", "import", str(path), "--db", str(db), *replace])
         assert result.exit_code == 2 and "error: " in result.output, (reason, result.output)
-        assert f"{path}:2" in result.output and reason in result.output, (reason, result.output)
+        assert f"{path}:2, " in result.output and reason in result.output, (reason, result.output)  # a hint follows
         assert _verdicts(db) == before, reason  # nothing written
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(f'{{"request_id": "{ids[0]}", "rating": 1}}\n{{bad\n', encoding="utf-8")
+    result = runner.invoke(cli, ["feedback", "import", str(broken), "--db", str(db), "--replace"])
+    assert result.exit_code == 2 and "invalid JSON" in result.output and f"{broken}:2, fix" in result.output
+    assert _verdicts(db) == before
     import pandas as pd
 
     frame = pd.DataFrame({"request_id": [ids[0], ids[1]], "label": ["beta", None], "rating": [None, 1]})

@@ -240,20 +240,24 @@ def _open_log(db: Path, redact_pii: bool) -> RequestLog:
     return RequestLog(db, redact_pii=redact_pii)
 
 
+# Every bad row stops the whole import (nothing is written), so the hint says what a good row is.
+ROW_HINT = "fix or remove the row, each one {request_id, label | correction | rating}; nothing was imported"
+
+
 def read_verdicts(path: Path) -> list[tuple[int, Verdict]]:
     """(line, verdict) for each row of a verdict file; DataError naming the first bad row."""
     read = read_rows(Path(path))
     if read.problems:
         first = read.problems[0]
-        raise DataError(first.reason, first.file, first.line)
+        raise DataError(first.reason, first.file, first.line, ROW_HINT)
     out, seen = [], {}
     for row in read.rows:
         if not isinstance(row.record, dict):
-            raise DataError("a row must be an object with request_id and a verdict", row.file, row.line)
+            raise DataError("a row must be an object with request_id and a verdict", row.file, row.line, ROW_HINT)
         try:
             verdict = Verdict.model_validate(_fields(row.record, text_cells=path.suffix.lower() in (".csv", ".tsv")))
         except ValidationError as e:
-            raise DataError(_first_error(e), row.file, row.line) from None
+            raise DataError(_first_error(e), row.file, row.line, ROW_HINT) from None
         if verdict.request_id in seen:
             raise DataError(f"request_id {verdict.request_id} appears twice (first on line {seen[verdict.request_id]})",
                             row.file, row.line, "give one verdict per answer")
