@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="where the runs go (default: a temporary folder)")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="precision_parity_"))
+    work.mkdir(parents=True, exist_ok=True)
     project = load_config(args.config)
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:

@@ -169,3 +169,55 @@ def test_a_failed_restore_is_noted_on_the_exception_that_stopped_training(tiny_m
         with precision.frozen_in_bf16(model, TrainConfig(precision="bf16"), True, tiny_model):
             raise _Stop
     assert info.value.__notes__ == ["restoring the fp32 frozen weights failed too: checkpoint gone"]
+
+
+def _loss_grads_and_saved(model, ids: torch.Tensor) -> tuple[torch.Tensor, dict, int]:
+    """Loss, adapter gradients and the bytes autograd keeps for backward (each storage once, weights not
+    counted) of one forward under bf16 autocast."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            kept[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads, sum(kept.values())
+
+
+def test_lora_layers_reading_one_input_keep_one_bf16_copy_of_it_with_unchanged_results(tiny_model):
+    """q/k/v (and gate/up) read the same hidden states: one bf16 cast of them is kept for backward instead
+    of one per layer, and the loss and every adapter gradient are exactly those without sharing."""
+    model = get_method("lora").apply(load_model(tiny_model), TrainConfig())
+    done = compact_frozen(model, tiny_model)
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    loss, grads, kept = _loss_grads_and_saved(model, ids)
+    before = len(done.hooks)  # the embedding's
+    precision.share_input_casts(model, done)
+    hooked = [m for m in model.modules() if m._forward_pre_hooks]
+    assert hooked and len(done.hooks) - before == len(hooked)
+    shared_loss, shared_grads, shared_kept = _loss_grads_and_saved(model, ids)
+    assert torch.equal(loss, shared_loss) and grads.keys() == shared_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=0, rtol=0, msg=name)
+    # Per layer two (B, T, H) bf16 copies fewer for q/k/v, one for gate/up.
+    cfg = model.config
+    assert kept - shared_kept == 3 * cfg.num_hidden_layers * ids.numel() * cfg.hidden_size * 2, (kept, shared_kept)
+    with torch.no_grad(), torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids)  # validation: inference tensors (no version counter) pass through unshared
+    precision.restore_frozen(model, done, tiny_model)
+    assert not any(m._forward_pre_hooks for m in hooked)
+
+
+def test_adapters_with_dropout_keep_their_own_input_casts(tiny_model):
+    model = get_method("lora").apply(load_model(tiny_model), TrainConfig(lora={"dropout": 0.1}))
+    done = compact_frozen(model, tiny_model)
+    hooks = len(done.hooks)  # the embedding's
+    precision.share_input_casts(model, done)
+    assert done.names and len(done.hooks) == hooks

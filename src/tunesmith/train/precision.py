@@ -17,6 +17,7 @@ the mapping: the fp32 copy of the cast weights is gone before training allocates
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -62,7 +63,10 @@ def compact_for_training(model, cfg, bf16: bool, checkpoint: Path) -> Compacted:
     checkpoint (`checkpoint`) that `restore_frozen` reads the fp32 weights back from. `cfg`: a TrainConfig."""
     methods = [cfg.method] + ([cfg.preference.adapter] if METHOD_SPECS[cfg.method].preference else [])
     if bf16 and all(METHOD_SPECS[m].low_precision_frozen for m in methods) and has_weights(checkpoint):
-        return compact_frozen(model, checkpoint)
+        done = compact_frozen(model, checkpoint)
+        if done.names and not cfg.compile:  # a compiled layer would trace the hook's weak references
+            share_input_casts(model, done)
+        return done
     return Compacted()
 
 
@@ -161,6 +165,67 @@ def restore_frozen(model, compacted: Compacted, checkpoint: Path) -> None:
 def _remove(hooks: list) -> None:
     for handle in hooks:
         handle.remove()
+
+
+def share_input_casts(model, done: Compacted) -> None:
+    """One bf16 copy of an input that several LoRA adapters read in turn, instead of one each.
+
+    Under autocast each adapter's A matrix casts its fp32 input to bf16 and keeps that copy for
+    backward, so the adapters of q, k and v (which read the same normed hidden states) keep three
+    copies, gate and up two. Here a pre-hook on each A matrix (`_SharedCast`) casts an fp32 input once
+    and hands each adapter an alias of that one copy (`_CastAlias`), whose backward returns the
+    gradient in fp32 as autocast's own cast does: the same matmuls on the same values, each adapter's
+    gradient summed in fp32 as before, so the results are unchanged (test); fewer copies are kept.
+    Only plain LoRA layers without dropout (an Identity) whose frozen weight `compact_frozen` made bf16:
+    DoRA and dropout compute on the input in its own precision. Undone by `restore_frozen`."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    cast = _SharedCast()
+    compacted = set(done.names)
+    for name, module in unwrap(model).named_modules():
+        if (isinstance(module, LoraLinear) and f"{name}.base_layer" in compacted and not module.lora_variant
+                and all(isinstance(d, torch.nn.Identity) for d in module.lora_dropout.values())):
+            done.hooks += [a.register_forward_pre_hook(cast) for a in module.lora_A.values()]
+
+
+class _CastAlias(torch.autograd.Function):
+    """`x` as its bf16 copy `cast` (computed once, outside autograd): the output shares `cast`'s memory,
+    and the gradient goes back to `x` in x's dtype, as autocast's cast would send it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cast: torch.Tensor) -> torch.Tensor:
+        ctx.dtype = x.dtype
+        return cast.view_as(cast)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.to(ctx.dtype), None
+
+
+class _SharedCast:
+    """Forward pre-hook: under bf16 autocast with gradients on, an fp32 input as an alias of one bf16
+    cast, made once for consecutive layers given the same tensor (the same object, not changed in
+    place since). Weak references only: a cast nothing keeps for backward is not kept alive here."""
+
+    def __init__(self):
+        self.source, self.cast, self.version = None, None, -1
+
+    def __call__(self, module, args: tuple):
+        x = args[0] if args else None
+        # Without gradients nothing is kept for backward, so there is nothing to share (and an inference
+        # tensor has no version counter).
+        if not (torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.dtype == torch.float32
+                and not x.is_inference() and _bf16_autocast(x.device.type)):
+            return None
+        cast = self.cast() if self.cast is not None else None
+        if cast is None or self.source() is not x or x._version != self.version:
+            cast = x.detach().to(torch.bfloat16)
+            self.source, self.cast, self.version = weakref.ref(x), weakref.ref(cast), x._version
+        return (_CastAlias.apply(x, cast), *args[1:])
+
+
+def _bf16_autocast(device_type: str) -> bool:
+    return torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16
 
 
 def make_optimizer(params: list[torch.Tensor], cfg) -> torch.optim.Optimizer:
