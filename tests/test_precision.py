@@ -221,3 +221,16 @@ def test_adapters_with_dropout_keep_their_own_input_casts(tiny_model):
     hooks = len(done.hooks)  # the embedding's
     precision.share_input_casts(model, done)
     assert done.names and len(done.hooks) == hooks
+
+
+def test_training_compaction_shares_casts_unless_compiled_and_a_failure_leaves_fp32(tiny_model, monkeypatch):
+    model = get_method("lora").apply(load_model(tiny_model), TrainConfig())
+    for compile_, shared in ((False, True), (True, False)):
+        done = precision.compact_for_training(model, TrainConfig(compile=compile_), True, tiny_model)
+        assert done.names and any(m._forward_pre_hooks for m in model.modules()) == shared
+        precision.restore_frozen(model, done, tiny_model)
+    monkeypatch.setattr(precision, "share_input_casts", lambda model, done: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        precision.compact_for_training(model, TrainConfig(), True, tiny_model)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())

@@ -241,7 +241,7 @@ def _open_log(db: Path, redact_pii: bool) -> RequestLog:
 
 
 # Every bad row stops the whole import (nothing is written), so the hint says what a good row is.
-ROW_HINT = "fix or remove the row, each one {request_id, label | correction | rating}; nothing was imported"
+ROW_HINT = "fix or remove the row (a row is request_id plus label or correction or rating); nothing was imported"
 
 
 def read_verdicts(path: Path) -> list[tuple[int, Verdict]]:
@@ -260,7 +260,7 @@ def read_verdicts(path: Path) -> list[tuple[int, Verdict]]:
             raise DataError(_first_error(e), row.file, row.line, ROW_HINT) from None
         if verdict.request_id in seen:
             raise DataError(f"request_id {verdict.request_id} appears twice (first on line {seen[verdict.request_id]})",
-                            row.file, row.line, "give one verdict per answer")
+                            row.file, row.line, "give one verdict per answer; nothing was imported")
         seen[verdict.request_id] = row.line
         out.append((row.line, verdict))
     return out

@@ -65,7 +65,11 @@ def compact_for_training(model, cfg, bf16: bool, checkpoint: Path) -> Compacted:
     if bf16 and all(METHOD_SPECS[m].low_precision_frozen for m in methods) and has_weights(checkpoint):
         done = compact_frozen(model, checkpoint)
         if done.names and not cfg.compile:  # a compiled layer would trace the hook's weak references
-            share_input_casts(model, done)
+            try:
+                share_input_casts(model, done)
+            except BaseException:  # the caller's try has not begun: leave its model in fp32 here
+                restore_frozen(model, done, checkpoint)
+                raise
         return done
     return Compacted()
 
