@@ -181,7 +181,12 @@ def share_input_casts(model, done: Compacted) -> None:
     gradient in fp32 as autocast's own cast does: the same matmuls on the same values, each adapter's
     gradient summed in fp32 as before, so the results are unchanged (test); fewer copies are kept.
     Only plain LoRA layers without dropout (an Identity) whose frozen weight `compact_frozen` made bf16:
-    DoRA and dropout compute on the input in its own precision. Undone by `restore_frozen`."""
+    DoRA and dropout compute on the input in its own precision. Undone by `restore_frozen`.
+
+    PEFT casts a layer's input to its A matrix's dtype first, so a bf16 input (o_proj's, down_proj's)
+    became a fresh fp32 tensor that autocast then cast back to bf16: two copies for nothing, as the
+    round trip bf16 -> fp32 -> bf16 is exact. On these layers that cast is off while sharing, so a bf16
+    input reaches the A matrix as it is (the same values, and its gradient the same bf16 one)."""
     from peft.tuners.lora import Linear as LoraLinear
 
     cast = _SharedCast()
@@ -190,6 +195,18 @@ def share_input_casts(model, done: Compacted) -> None:
         if (isinstance(module, LoraLinear) and f"{name}.base_layer" in compacted and not module.lora_variant
                 and all(isinstance(d, torch.nn.Identity) for d in module.lora_dropout.values())):
             done.hooks += [a.register_forward_pre_hook(cast) for a in module.lora_A.values()]
+            done.hooks.append(_InputCastOff(module))
+
+
+class _InputCastOff:
+    """Turns PEFT's input cast off on a LoRA layer until `remove` (a handle like a hook's)."""
+
+    def __init__(self, layer):
+        self.layer, self.was = layer, getattr(layer, "cast_input_dtype_enabled", True)
+        layer.cast_input_dtype_enabled = False
+
+    def remove(self) -> None:
+        self.layer.cast_input_dtype_enabled = self.was
 
 
 class _CastAlias(torch.autograd.Function):
