@@ -11,6 +11,7 @@ import torch
 from test_gradient_checkpointing import _fit
 from tunesmith.models.load import load_model
 from tunesmith.train import compiled as compiled_module
+from tunesmith.train import precision
 from tunesmith.train.grad_checkpointing import decoder_layers
 
 
@@ -52,7 +53,10 @@ def test_a_deep_copy_of_a_compiled_model_runs_its_own_layers(tiny_model):
     assert all("forward" not in vars(layer) for layer in decoder_layers(model))
 
 
-def test_compile_is_skipped_with_gradient_checkpointing(tiny_model, monkeypatch):
+def test_compile_is_skipped_with_gradient_checkpointing_and_casts_are_shared_then(tiny_model, monkeypatch):
+    """Layers that do not run compiled share their bf16 input casts as in any plain run (train/precision.py)."""
     monkeypatch.setattr(compiled_module.torch, "compile", lambda *a, **k: pytest.fail("compiled"))
-    result = _fit(tiny_model, monkeypatch, 1e7, gradient_checkpointing=True, compile=True)
-    assert result.stats.gradient_checkpointing
+    shared, share = [], precision.share_input_casts
+    monkeypatch.setattr(precision, "share_input_casts", lambda model, done: shared.append(share(model, done)))
+    result = _fit(tiny_model, monkeypatch, 1e7, gradient_checkpointing=True, compile=True, precision="bf16")
+    assert result.stats.gradient_checkpointing and shared

@@ -230,8 +230,9 @@ def test_adapters_with_dropout_keep_their_own_input_casts(tiny_model):
 
 def test_training_compaction_shares_casts_unless_compiled_and_a_failure_leaves_fp32(tiny_model, monkeypatch):
     model = get_method("lora").apply(load_model(tiny_model), TrainConfig())
-    for compile_, shared in ((False, True), (True, False)):
-        done = precision.compact_for_training(model, TrainConfig(compile=compile_), True, tiny_model)
+    # train.compile alone does not rule sharing out: only layers that will really run compiled do.
+    for compiled, shared in ((False, True), (True, False)):
+        done = precision.compact_for_training(model, TrainConfig(compile=True), True, tiny_model, compiled)
         assert done.names and any(m._forward_pre_hooks for m in model.modules()) == shared
         precision.restore_frozen(model, done, tiny_model)
     monkeypatch.setattr(precision, "share_input_casts", lambda model, done: 1 / 0)

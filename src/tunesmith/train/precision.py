@@ -38,11 +38,11 @@ class Compacted:
 
 
 @contextmanager
-def frozen_in_bf16(model, cfg, bf16: bool, checkpoint: Path) -> Iterator[Compacted]:
+def frozen_in_bf16(model, cfg, bf16: bool, checkpoint: Path, compiled: bool = False) -> Iterator[Compacted]:
     """`compact_for_training` for the block; on leaving it, normally or by an exception (an error, Ctrl-C,
     a pruned search trial), the fp32 weights come back (`restore_frozen`), so the caller's model is never
     left with bf16 frozen weights."""
-    done = compact_for_training(model, cfg, bf16, checkpoint)
+    done = compact_for_training(model, cfg, bf16, checkpoint, compiled)
     try:
         yield done
     except BaseException as stopped:
@@ -56,15 +56,17 @@ def frozen_in_bf16(model, cfg, bf16: bool, checkpoint: Path) -> Iterator[Compact
     restore_frozen(model, done, checkpoint)
 
 
-def compact_for_training(model, cfg, bf16: bool, checkpoint: Path) -> Compacted:
+def compact_for_training(model, cfg, bf16: bool, checkpoint: Path, compiled: bool = False) -> Compacted:
     """`compact_frozen` where it changes no result and can be undone: under bf16 autocast (`bf16`), for a
     method whose frozen weights may be bf16 (registry.MethodSpec.low_precision_frozen; for a preference
     method also the adapter it trains, train.preference.adapter), on a model loaded from a safetensors
-    checkpoint (`checkpoint`) that `restore_frozen` reads the fp32 weights back from. `cfg`: a TrainConfig."""
+    checkpoint (`checkpoint`) that `restore_frozen` reads the fp32 weights back from. `cfg`: a TrainConfig.
+    `compiled`: whether the layers will run through torch.compile (not whether train.compile is set:
+    training may leave it off, e.g. under gradient checkpointing), which rules out `share_input_casts`."""
     methods = [cfg.method] + ([cfg.preference.adapter] if METHOD_SPECS[cfg.method].preference else [])
     if bf16 and all(METHOD_SPECS[m].low_precision_frozen for m in methods) and has_weights(checkpoint):
         done = compact_frozen(model, checkpoint)
-        if done.names and not cfg.compile:  # a compiled layer would trace the hook's weak references
+        if done.names and not compiled:  # a compiled layer would trace the hook's weak references
             try:
                 share_input_casts(model, done)
             except BaseException:  # the caller's try has not begun: leave its model in fp32 here

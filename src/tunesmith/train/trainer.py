@@ -165,11 +165,12 @@ def fit(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[Exa
     batches = batch_stream(encoded, cfg, tokenizer.pad_token_id, prefix_len if shares_prefix(cfg) else 0, rank,
                            world, loop["step"] * cfg.grad_accum, fmt.max_length, pad_multiple(cfg, dev))
     # Frozen weights in bf16 while training (not under FSDP, which shards fp32 copies); train/precision.py.
-    with frozen_in_bf16(model, cfg, bf16 and not sharded, source), \
+    compiles = cfg.compile and not (recompute or sharded)
+    with frozen_in_bf16(model, cfg, bf16 and not sharded, source, compiles), \
             TrainLog(out_dir / "train_log.jsonl" if writes else None, keep_until=loop["step"]) as log, \
             Trackers(cfg.trackers if writes else [], out_dir, "tunesmith", cfg.model_dump()) as trackers, \
             neftune(net, cfg.neftune_alpha), grad_checkpointing.checkpointed(net, recompute), \
-            compiled(net, cfg.compile and not (recompute or sharded)), \
+            compiled(net, compiles), \
             tqdm(total=plan.total, initial=loop["step"], desc=f"train ({cfg.method})", unit="step",
                  disable=not progress or rank != 0, dynamic_ncols=True) as bar:
         net.train()
