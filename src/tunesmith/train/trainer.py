@@ -145,8 +145,7 @@ def fit(model, tokenizer, fmt: PromptFormat, train: list[Example], val: list[Exa
         model = load_base(_checkpoint(source), cfg)
     model = get_method(cfg.method).apply(model, cfg)
     set_dropout(model, cfg.dropout)
-    bf16 = hardware.use_bf16(cfg.precision, dev)
-    sharded = fsdp.enabled(cfg)
+    bf16, sharded = hardware.use_bf16(cfg.precision, dev), fsdp.enabled(cfg)
     # The loop trains `net`: the model itself, or under FSDP a sharded copy gathered back at the end.
     net = fsdp.sharded_copy(model, dev) if sharded else model.to(dev)
     encoded, val, val_encoded, notes = _encode(tokenizer, fmt, train, val, cfg, rank)
