@@ -155,6 +155,10 @@ def test_a_fit_stopped_by_an_exception_leaves_the_callers_model_in_fp32(tiny_mod
         if "lora_" not in name and key in loaded:
             assert torch.equal(value, loaded[key]), name
     assert not model.get_input_embeddings()._forward_hooks
+    layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    # Nor a cast-sharing hook, and PEFT's own input cast is back on.
+    assert layers and all(m.cast_input_dtype_enabled for m in layers)
+    assert not any(m._forward_pre_hooks for m in model.modules())
 
 
 def test_a_failed_restore_is_noted_on_the_exception_that_stopped_training(tiny_model, monkeypatch):
