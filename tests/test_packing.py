@@ -175,7 +175,8 @@ def _project(**train) -> dict:
     ({"task": {"type": "classification"}, "objective": {"metric": "accuracy"}, "train": {"packing": True}},
      "train.packing"),
     ({"train": {"packing": True, "method": "prefix_tuning"}}, "train.packing.*virtual tokens"),
-    ({"train": {"packing": True, "method": "dpo"}}, "train.packing.*batched as pairs")])
+    ({"train": {"packing": True, "method": "dpo"}}, "train.packing.*chosen and rejected answers"),
+    ({"train": {"packing": True, "method": "kto"}}, "train.packing.*for kto one answer and a label")])
 def test_config_refuses_bad_budgets_and_packing(change, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.").replace(r"\.*", ".*")):
         Project.model_validate({**_project(), **change})

@@ -330,8 +330,8 @@ class TrainConfig(_Strict):
     @model_validator(mode="after")
     def _packing_method(self) -> TrainConfig:
         if self.packing and not METHOD_SPECS[self.method].packing:
-            why = ("its rows are prompts with chosen and rejected answers, batched as pairs"
-                   if METHOD_SPECS[self.method].preference else
+            why = ("its rows are preference rows: a prompt with chosen and rejected answers, or for kto one "
+                   "answer and a label, batched as such" if METHOD_SPECS[self.method].preference else
                    "its virtual tokens would come once per row, not once per example")
             raise _KeyedError(("train", "packing"), f"train.packing does not support method '{self.method}' ({why}); "
                               "set it to false")
@@ -341,9 +341,10 @@ class TrainConfig(_Strict):
     def _quantize_method(self) -> TrainConfig:
         if self.quantize != "none" and not METHOD_SPECS[self.method].quantizable:
             allowed = ", ".join(m for m in METHODS if METHOD_SPECS[m].quantizable)
+            why = ("the preference loop does not load a quantized base" if METHOD_SPECS[self.method].preference
+                   else "it would train the quantized weights themselves")
             raise _KeyedError(("train", "quantize"), f"train.quantize={self.quantize} does not support method "
-                              f"'{self.method}' (it would train the quantized weights themselves); use one of: "
-                              f"{allowed}, or set train.quantize to none")
+                              f"'{self.method}' ({why}); use one of: {allowed}, or set train.quantize to none")
         if self.quantize != "none" and self.fsdp:
             raise _KeyedError(("train", "quantize"), "train.quantize cannot be combined with train.fsdp (quantized "
                               "weights are not sharded); set one of them off")
