@@ -397,6 +397,30 @@ def test_train_keys_the_preference_loop_lacks_are_refused_by_name(tmp_path, key,
     assert getattr(load_config(tmp_path / "project.yaml").train, key) == value
 
 
+@pytest.mark.parametrize("lines,key", [("  beta: 0.2\n", "train.beta"),
+                                       ("  preference:\n    adapter: full\n", "train.preference.adapter"),
+                                       ("  preference:\n    simpo_gamma: 1.0\n", "train.preference.simpo_gamma")])
+def test_preference_settings_under_a_supervised_method_are_refused_by_name(tmp_path, lines, key):
+    """They would be ignored: the config most likely meant a preference method. Their defaults pass (a saved
+    config.yaml spells them out), and the same lines train with a preference method."""
+    from tunesmith.config import load_config
+    from tunesmith.errors import ConfigError
+
+    base = "name: demo\ntask:\n  type: generation\nobjective:\n  metric: exact_match\ndata:\n  train: train.jsonl\n"
+    (tmp_path / "train.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n', encoding="utf-8")
+    (tmp_path / "project.yaml").write_text(base + "train:\n  method: lora\n" + lines)
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "project.yaml")
+    line = info.value.line()
+    assert line.startswith(f"error: {key} is read only by the preference methods") and f"({key})" in line, line
+    assert f"project.yaml:{9 + lines.count(chr(10))} " in line, line
+    defaults = "  beta: 0.1\n  preference:\n    adapter: lora\n    simpo_gamma: 0.5\n"
+    (tmp_path / "project.yaml").write_text(base + "train:\n  method: lora\n" + defaults)
+    assert load_config(tmp_path / "project.yaml").train.method == "lora"
+    (tmp_path / "project.yaml").write_text(base + "train:\n  method: simpo\n" + lines)
+    assert load_config(tmp_path / "project.yaml").train.method == "simpo"
+
+
 @pytest.mark.parametrize("method,adapter", [("dpo", "lora"), ("kto", "lora"), ("dpo", "full"), ("orpo", "dora")])
 def test_preference_training_keeps_frozen_weights_in_bf16_with_the_same_results(tiny_model, monkeypatch, method,
                                                                                  adapter):

@@ -350,13 +350,27 @@ class TrainConfig(_Strict):
                               "weights are not sharded); set one of them off")
         return self
 
+    def _no_preference_settings(self) -> TrainConfig:
+        """train.beta and train.preference.* under a supervised method would be ignored: a config that sets
+        them most likely meant a preference method, so they are refused by name (defaults pass)."""
+        fields = TrainConfig.model_fields
+        keys = [(("train", "beta"), self.beta != fields["beta"].get_default())]
+        keys += [(("train", "preference", k), getattr(self.preference, k) != f.get_default())
+                 for k, f in PreferenceSettings.model_fields.items()]
+        key = next((k for k, changed in keys if changed), None)
+        if key is not None:
+            preference = ", ".join(m for m in METHODS if METHOD_SPECS[m].preference)
+            raise _KeyedError(key, f"{'.'.join(key)} is read only by the preference methods ({preference}); "
+                              f"train.method is {self.method}: remove it or set train.method to one of them")
+        return self
+
     @model_validator(mode="after")
     def _preference_keys(self) -> TrainConfig:
         """Keys the preference loop (train/preference_fit.py) does not implement are refused by name, not
         ignored, when set to anything but their default (a saved config.yaml spells out every default)."""
-        if not METHOD_SPECS[self.method].preference:
-            return self
         fields = TrainConfig.model_fields
+        if not METHOD_SPECS[self.method].preference:
+            return self._no_preference_settings()
         for key in PREFERENCE_UNUSED_TRAIN_KEYS:
             if getattr(self, key) != fields[key].get_default(call_default_factory=True):
                 raise _KeyedError(("train", key), f"train.{key} is not supported with train.method {self.method} "
