@@ -68,8 +68,9 @@ def test_fsdp_sharded_layers_match_one_process(tmp_path, tiny_model, method):
     single = _project(tmp_path, tiny_model, grad_accum=2, method=method, extra_train="  precision: fp32\n")
     _train([sys.executable, "-m", "tunesmith", "train", str(single), "--out", str(tmp_path / "one"), "-q"])
     sharded = "  precision: fp32\n  fsdp: true\n"
-    _torchrun(_project(tmp_path, tiny_model, grad_accum=1, method=method, extra_train=sharded),
-              tmp_path / "two", 29518 if method == "lora" else 29519)
+    done = _torchrun(_project(tmp_path, tiny_model, grad_accum=1, method=method, extra_train=sharded),
+                     tmp_path / "two", 29518 if method == "lora" else 29519)
+    assert "train.fsdp is on, but this is a single process" not in done.stderr  # two processes do shard
     if method == "lora":
         _assert_same_weights(tmp_path / "one", tmp_path / "two", "adapter_model.safetensors", "lora_B")
     else:

@@ -169,6 +169,16 @@ def test_preflight_warns_on_learning_rate_and_batch_size(tiny_model):
     assert any("train.learning_rate" in n for n in notes) and any("train.batch_size" in n for n in notes)
 
 
+def test_preflight_says_when_fsdp_has_one_process_to_shard_across(tiny_model):
+    """train.fsdp outside torchrun trains the whole model in one process: said, not silent."""
+    tok, fmt = _setup(tiny_model)
+    examples = _data(4, 1)
+    encoded = encode_for_training(tok, fmt, examples)
+    notes = preflight(tok, fmt, examples, encoded, TrainConfig(batch_size=2, fsdp=True))
+    assert [n for n in notes if n.startswith("train.fsdp is on, but this is a single process")], notes
+    assert not [n for n in preflight(tok, fmt, examples, encoded, TrainConfig(batch_size=2)) if "fsdp" in n]
+
+
 def test_preflight_refuses_generation_answers_that_cannot_stop(tiny_model):
     tok = load_tokenizer(tiny_model)
     tok.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"

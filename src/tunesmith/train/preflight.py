@@ -12,6 +12,7 @@ from tunesmith.errors import ConfigError, DataError
 from tunesmith.models.tokens import stop_ids
 from tunesmith.registry import METHOD_SPECS
 from tunesmith.tasks.prompts import PromptFormat, encode_answer
+from tunesmith.train import distributed
 from tunesmith.train.batching import Encoded
 
 SHOWN = 5
@@ -78,6 +79,9 @@ def _hyperparameters(cfg: TrainConfig, n_examples: int) -> list[str]:
                         f"{n_examples} training examples: every step sees the whole set")
     elif cfg.batch_size > 256:
         warnings.append(f"train.batch_size={cfg.batch_size} is unusually large for fine-tuning")
+    if cfg.fsdp and not distributed.active():  # one process has nothing to shard across: it trains whole
+        warnings.append("train.fsdp is on, but this is a single process: the model trains unsharded (launch "
+                        "with torchrun --nproc_per_node N to shard it across N processes)")
     return warnings
 
 
