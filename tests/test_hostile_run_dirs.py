@@ -147,6 +147,57 @@ def test_a_model_folder_edited_out_of_step_is_one_error_line_not_an_internal_err
         assert f"{run / 'model' / 'chat_template.jinja'}:2" in line
 
 
+def _rewrite_adapter(run: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = run / "model" / "adapter_model.safetensors"
+    save_file(edit(load_file(str(path))), str(path), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda t: {f"renamed.{i}": v for i, v in enumerate(t.values())},
+     "the adapter weights do not match adapter_config.json: 28 of the adapter's 28 tensors are missing"),
+    (lambda t: dict(list(t.items())[1:]), "1 of the adapter's 28 tensors are missing (first: base_model."),
+    (lambda t: {**t, "base_model.model.model.extra.lora_A.weight": next(iter(t.values())).clone()},
+     "it holds 1 tensors the adapter has no place for (first: base_model.model.model.extra.lora_A.weight)"),
+    (lambda t: {k: v * float("nan") if i == 3 else v for i, (k, v) in enumerate(t.items())},
+     "the adapter weights hold NaN or infinite values (first in base_model."),
+])
+def test_adapter_weights_peft_would_skip_or_that_are_not_finite_are_refused(run, edit, says):
+    """PEFT loads the tensors whose names it knows and skips the rest without a word: renamed weights
+    were scored, reported and exported as the fine-tuned model while the adapter stayed at its start
+    (the base model); NaN weights passed eval answering one label for every row."""
+    _rewrite_adapter(run, edit)
+    for command in (["eval", str(run), "--quiet"], ["export", str(run), "--out", str(run.parent / "x")]):
+        line = _error(runner.invoke(app, command))
+        assert says in line and str(run / "model" / "adapter_model.safetensors") in line, line
+    assert not (run.parent / "x").exists()
+
+
+@pytest.mark.parametrize("damage, says", [("drop", "lacks 1 of the model's weights (first: model.layers.0."),
+                                          ("nan", "the model's weights hold NaN or infinite values")])
+def test_a_full_model_with_a_weight_missing_or_not_finite_is_refused(tiny_model, tmp_path, damage, says):
+    """transformers fills a missing weight with random values and goes on (a log line); NaN weights predict."""
+    from safetensors.torch import load_file, save_file
+
+    from tunesmith.errors import ModelError, RunDirError
+    from tunesmith.train.methods import full
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    name = next(k for k in sorted(weights) if "layers.0.self_attn.q_proj" in k)
+    if damage == "drop":
+        del weights[name]
+    else:
+        weights[name] = weights[name] * float("nan")
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises((ModelError, RunDirError)) as info:
+        full.load(None, folder)
+    assert says in info.value.line() and str(folder) in info.value.line(), info.value.line()
+    assert full.load(None, tiny_model) is not None  # the intact checkpoint loads
+
+
 def test_a_chat_template_with_transformers_extensions_still_loads(run):
     """The parse check uses transformers' own compiler: {% break %} (loopcontrols) and {% generation %}
     are valid templates, refused by a plain jinja2 Environment."""

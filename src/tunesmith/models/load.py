@@ -66,11 +66,16 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32):
         raise ModelError(f"no safetensors weights in {path}", "model",
                          "tunesmith loads safetensors only (pickle files can run code); convert the checkpoint")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False,
-                                                     use_safetensors=True)
+        model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False,
+                                                           use_safetensors=True, output_loading_info=True)
     except Exception as e:
         raise ModelError(f"cannot load model from {path}: {e}", "model",
                          "it must be a causal language model checkpoint") from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:  # transformers fills them with random values and goes on: a model that is partly noise
+        raise ModelError(f"the checkpoint lacks {len(missing)} of the model's weights (first: "
+                         f"{missing[0][:120]}); they would start random", str(path),
+                         "restore the folder's safetensors files, or use a complete checkpoint")
     model.eval()
     return model
 
