@@ -198,6 +198,16 @@ def test_a_full_model_with_a_weight_missing_or_not_finite_is_refused(tiny_model,
     assert full.load(None, tiny_model) is not None  # the intact checkpoint loads
 
 
+def test_serve_of_a_run_whose_monitor_folder_is_a_file_is_one_error_line_keeping_the_file(run):
+    """mkdir of the request log's folder raised FileExistsError: exit 1, `internal error`."""
+    from conftest import free_port
+
+    (run / "monitor").write_text("user data")
+    line = _error(runner.invoke(app, ["serve", str(run), "--port", str(free_port())]))
+    assert "the request log's folder cannot be used or made" in line and f"{run / 'monitor'} is not a folder" in line
+    assert (run / "monitor").read_text() == "user data"
+
+
 def test_a_chat_template_with_transformers_extensions_still_loads(run):
     """The parse check uses transformers' own compiler: {% break %} (loopcontrols) and {% generation %}
     are valid templates, refused by a plain jinja2 Environment."""

@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunesmith import fsio
 from tunesmith.config.settings import label_form
 from tunesmith.data.pii import find_pii, redact
 from tunesmith.errors import InputError
@@ -85,6 +86,10 @@ class RequestLog:
 
     def __init__(self, path: Path, retention_days: float = 30, redact_pii: bool = True,
                  on_failure: Callable[[str], None] | None = None):
+        why = fsio.uncreatable(Path(path).parent)
+        if why is not None:  # e.g. a file where the run's monitor/ folder goes: mkdir's FileExistsError
+            raise InputError(f"the request log's folder cannot be used or made ({why})", str(Path(path).parent),
+                             "move what is in the way, or set serve.request_log.path")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path, self.retention_s, self.redact = Path(path), retention_days * 86400, redact_pii
         check_log(self.path, new_ok=True)
