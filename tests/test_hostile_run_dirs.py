@@ -208,6 +208,20 @@ def test_serve_of_a_run_whose_monitor_folder_is_a_file_is_one_error_line_keeping
     assert (run / "monitor").read_text() == "user data"
 
 
+def test_markup_edited_into_a_runs_figures_is_escaped_in_the_rebuilt_report(run):
+    """The training figures' names and the split table's cells went into report.html unescaped."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["train"]["<i>x</i>"] = "<b>y</b>"
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    data = json.loads((run / "data" / "report.json").read_text())
+    data["splits"]["<u>s</u>"] = {"rows": 3, "chars_median": "<s>3</s>"}
+    (run / "data" / "report.json").write_text(json.dumps(data))
+    result = runner.invoke(app, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    page = (run / "report.html").read_text()
+    assert not re.search(r"<(i|b|u|s)>", page) and "&lt;i&gt;x&lt;/i&gt;" in page and "&lt;s&gt;3" in page
+
+
 def test_a_chat_template_with_transformers_extensions_still_loads(run):
     """The parse check uses transformers' own compiler: {% break %} (loopcontrols) and {% generation %}
     are valid templates, refused by a plain jinja2 Environment."""

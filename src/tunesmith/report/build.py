@@ -175,8 +175,8 @@ def _search_section(run_dir: Path, metric: str) -> str:
     rows = sorted((h for h in history if "instruction" in h), key=lambda h: -h[metric])
     if not rows:
         return ""
-    body = "".join(f"<tr><td>{html.escape(h['instruction'])}</td><td>{h['list_labels']}</td><td>{h['shots']}</td>"
-                   f"<td>{h['prompt_tokens']}</td><td>{fmt(h[metric])}</td></tr>" for h in rows)
+    body = "".join(f"<tr><td>{fmt(h['instruction'])}</td><td>{fmt(h['list_labels'])}</td><td>{fmt(h['shots'])}</td>"
+                   f"<td>{fmt(h['prompt_tokens'])}</td><td>{fmt(h[metric])}</td></tr>" for h in rows)
     return (f"<h2>Prompt candidates (validation)</h2><table><tr><th>instruction</th><th>labels listed</th>"
             f"<th>shots</th><th>prompt tokens</th><th>{metric}</th></tr>{body}</table>")
 
@@ -184,7 +184,7 @@ def _search_section(run_dir: Path, metric: str) -> str:
 def _train_section(stats: dict) -> str:
     if not stats:
         return ""
-    rows = "".join(f"<tr><td>{k}</td><td>{fmt(v)}</td></tr>" for k, v in stats.items())
+    rows = "".join(f"<tr><td>{fmt(k)}</td><td>{fmt(v)}</td></tr>" for k, v in stats.items())
     return f"<h2>Training figures</h2><table>{rows}</table>"
 
 

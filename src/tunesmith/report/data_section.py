@@ -28,7 +28,8 @@ def data_section(data: dict, test_removed: dict | None = None) -> str:
 def _splits_table(splits: dict) -> str:
     cols = ("rows", "augmented_rows", "chars_median", "chars_max", "distinct_1", "distinct_2", "embedding_spread")
     head = "".join(f"<th>{c.replace('_', ' ')}</th>" for c in cols)
-    body = "".join(f"<tr><td>{name}</td>" + "".join(f"<td>{s.get(c, '')}</td>" for c in cols) + "</tr>"
+    body = "".join(f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{html.escape(str(s.get(c, '')))}</td>"
+                                                                   for c in cols) + "</tr>"
                    for name, s in splits.items())
     return f"<table><tr><th>split</th>{head}</tr>{body}</table>"
 
@@ -46,7 +47,8 @@ def _test_rows_removed(counts: dict | None) -> str:
 
 
 def _curation(cur: dict) -> str:
-    steps = "".join(f"<tr><td>{s['split']}</td><td>{s['step']}</td><td>{s['rows_in']}</td><td>{s['rows_out']}</td>"
+    steps = "".join(f"<tr><td>{html.escape(str(s['split']))}</td><td>{html.escape(str(s['step']))}</td>"
+                    f"<td>{s['rows_in']}</td><td>{s['rows_out']}</td>"
                     f"<td>{s['rows_in'] - s['rows_out']}</td><td>{s['rows_changed']}</td></tr>" for s in cur["steps"])
     items = [f"<li>removed: {_counts(cur['removed_by_reason']) or 'nothing'} (every row in data/removed.jsonl)</li>",
              f"<li>changed: {_counts(cur['changes_by_kind']) or 'nothing'} (data/changes.jsonl)</li>",
