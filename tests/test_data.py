@@ -150,6 +150,30 @@ def test_prepare_builds_splits_and_label_set(tmp_path):
     assert {e.target for e in splits.test} == {"alpha", "beta", "gamma"}
 
 
+def test_a_classification_set_it_cannot_learn_or_score_is_refused(tmp_path):
+    """One training label trained a constant predictor that met its objective (accuracy 1.0 on a test of
+    that label); test labels none of which the model can answer scored 0 for both models and passed a
+    target of 0. Both exit 2 now; a test label spelled another way is named with its training spelling."""
+    from tunesmith.errors import DataError
+
+    rows = make_texts(30, 0)
+    train = write_jsonl(tmp_path / "train.jsonl", [r for r in rows if r["label"] == "alpha"])
+    with pytest.raises(DataError) as info:
+        prepare_data(Project(name="p", data=DataConfig(train=train, test=0.2, validation=0.2)))
+    assert "the training split holds a single label ('alpha')" in info.value.line() and str(train) in info.value.line()
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    test = write_jsonl(tmp_path / "test.jsonl", [{**r, "label": r["label"].title()} for r in make_texts(9, 1)])
+    with pytest.raises(DataError) as info:
+        prepare_data(Project(name="p", data=DataConfig(train=train, test=test, validation=0.2)))
+    line = info.value.line()
+    assert "none of the test labels (Alpha (training spells it 'alpha'), Beta (training spells it 'beta')" in line
+    assert f"{test}:1" in line
+    some = [{**r, "label": "Alpha"} if i == 0 else r for i, r in enumerate(make_texts(9, 1))]
+    write_jsonl(test, some)  # one of them: a warning, with the same hint
+    splits = prepare_data(Project(name="p", data=DataConfig(train=train, test=test, validation=0.2)))
+    assert "test labels never seen in training: Alpha (training spells it 'alpha')" in splits.warnings
+
+
 def test_data_prepared_in_a_child_process_arrives_whole(tmp_path, monkeypatch):
     """`run` and `train` prepare data in a spawned child (its libraries never load here): the splits equal
     the in-process ones, a bad row arrives as the same located DataError, a bad mode is named."""

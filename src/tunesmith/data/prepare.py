@@ -119,7 +119,7 @@ def prepare_data(project: Project, progress: bool = False, augment_rows: bool = 
     if project.fairness.enabled and project.fairness.mitigation != "none":
         splits.train = apply_mitigation(splits.train, project.fairness)
     if task.type == "classification":
-        splits.labels = _label_set(splits, task.labels)
+        splits.labels = _label_set(splits, task.labels, sources.sources["train"][0]["source"])
         splits.warnings += _label_warnings(splits)
     return splits
 
@@ -212,9 +212,18 @@ def _check_sizes(splits: Splits, train_path: str, classification: bool) -> None:
                             hint="add examples or give a separate file for it under data:")
 
 
-def _label_set(splits: Splits, declared: list[str] | None) -> list[str]:
+def _label_set(splits: Splits, declared: list[str] | None, train_path: str) -> list[str]:
     seen = sorted({e.target for e in splits.train})
+    if len(seen) < 2:  # a constant predictor: accuracy 1.0 on a test of that label, and nothing learned
+        raise DataError(f"the training split holds a single label ('{seen[0][:80]}'): a classifier has nothing to "
+                        "tell apart", train_path, hint="add rows of the other labels (two at least)")
     if declared is None:
+        test = {e.target for e in splits.test}
+        if not test & set(seen):  # every test row is one the model can never answer: 0 for both models
+            raise DataError(f"none of the test labels ({_shown_with_look_alikes(sorted(test), seen)}) is among the "
+                            f"training labels ({', '.join(x[:40] for x in seen[:10])})", _row_at(splits.test[0]),
+                            hint="give a test file labelled as the training rows are, or list the classes in "
+                                 "task.labels")
         return seen
     undeclared = sorted({e.target for rows in splits.by_name().values() for e in rows} - set(declared))
     if undeclared:
@@ -224,13 +233,29 @@ def _label_set(splits: Splits, declared: list[str] | None) -> list[str]:
     return list(declared)
 
 
+def _row_at(e) -> str:
+    """A row's whole path and line when it was read from a file, else its source as recorded."""
+    return f"{e.file}:{e.line}" if e.file and e.line else e.source
+
+
 def _label_warnings(splits: Splits) -> list[str]:
     counts = Counter(e.target for e in splits.train)
     warnings = [f"label '{lab[:80]}' has only {n} training examples" for lab, n in sorted(counts.items()) if n < 5]
     unseen = sorted({e.target for e in splits.test} - set(counts))
     if unseen:
-        warnings.append(f"test labels never seen in training: {', '.join(u[:80] for u in unseen)}")
+        warnings.append(f"test labels never seen in training: {_shown_with_look_alikes(unseen, list(counts))}")
     return warnings + _look_alike_labels(splits.labels or [])
+
+
+def _shown_with_look_alikes(labels: list[str], known: list[str]) -> str:
+    """`labels` listed, each one that differs from a `known` label only in case or width followed by it:
+    a test file spelling the classes another way is the likeliest cause of labels never seen in training."""
+    folded = {unicodedata.normalize("NFKC", k).casefold(): k for k in known}
+    shown = []
+    for label in labels[:20]:
+        twin = folded.get(unicodedata.normalize("NFKC", label).casefold())
+        shown.append(label[:80] + (f" (training spells it '{twin[:80]}')" if twin is not None else ""))
+    return ", ".join(shown) + (f" and {len(labels) - 20} more" if len(labels) > 20 else "")
 
 
 def _look_alike_labels(labels: list[str]) -> list[str]:
