@@ -386,6 +386,39 @@ def test_connections_that_send_no_request_head_are_closed_and_free_their_slots()
         stop()
 
 
+def test_a_burst_past_max_concurrency_refuses_only_the_connections_past_it():
+    """A refused connection kept its slot until it closed: in a burst of 30 connections at a limit of 20,
+    every request saw 30 and was refused until refusals had closed (4 answered, 26 refused). Now the
+    first N - limit are refused, their slots counted out at once, and the rest answered."""
+    import socket
+
+    from tunesmith.serve.connections import Capacity, CapacityGuard, head_deadline_protocol
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await asyncio.sleep(0.3)  # every answered request is still running when the last one arrives
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+    capacity = Capacity(4)
+    url, stop = start_server(CapacityGuard(app, capacity), http=head_deadline_protocol(5.0, capacity))
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(7)]
+        wait_until(lambda: capacity.connections == 7, 10, "the burst's connections to be counted")
+        for sock in socks:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        codes = []
+        for sock in socks:
+            sock.settimeout(10)
+            codes.append(sock.recv(4096).split(b" ", 2)[1])
+            sock.close()
+        assert sorted(codes) == [b"200"] * 4 + [b"503"] * 3, codes
+        wait_until(lambda: capacity.connections == 0 and not capacity.refused, 10, "every slot to be free")
+    finally:
+        stop()
+
+
 def test_item3_a_blocked_log_write_never_holds_an_answer_past_the_deadline(service, tmp_path, monkeypatch,
                                                                              caplog):
     """The request log is written after the model answers: a write that hangs (here: held on an

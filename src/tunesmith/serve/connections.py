@@ -32,10 +32,33 @@ class Capacity:
 
     def __init__(self, limit: int) -> None:
         self.limit, self.connections, self.requests = limit, 0, 0
+        self.refused: set[tuple] = set()  # (host, port) of open connections counted out on their 503
 
     def full(self) -> bool:
         """Whether a request arriving now is refused (its own connection is counted already)."""
         return self.connections > self.limit or self.requests >= self.limit
+
+    def refuse(self, client) -> None:
+        """Count out the connection of a refused request now, not when it closes: in a burst of N > limit
+        connections every request saw N and was refused until the refused ones had closed (4 of 30 were
+        answered at a limit of 20); now the first N - limit are refused and the rest answered."""
+        key = _peer(client)
+        if key is not None and key not in self.refused:
+            self.refused.add(key)
+            self.connections -= 1
+
+    def closed(self, peer) -> None:
+        """A connection closed: counted out unless its refusal already did."""
+        key = _peer(peer)
+        if key in self.refused:
+            self.refused.discard(key)
+        else:
+            self.connections -= 1
+
+
+def _peer(address) -> tuple | None:
+    """(host, port) of a TCP peer as the socket (peername, IPv6: 4 fields) or the ASGI scope gives it."""
+    return tuple(address[:2]) if isinstance(address, (tuple, list)) and len(address) >= 2 else None
 
 
 class CapacityGuard:
@@ -50,6 +73,7 @@ class CapacityGuard:
             return await self.app(scope, receive, send)
         if self.capacity.full():
             self.on_reject()
+            self.capacity.refuse(scope.get("client"))
             return await _busy(send, self.capacity.limit)
         self.capacity.requests += 1
         try:
@@ -107,7 +131,7 @@ class HeadDeadline(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
         if self.capacity is not None and self.transport is not None:  # counted once, however often called
-            self.capacity.connections -= 1
+            self.capacity.closed(self.transport.get_extra_info("peername"))
         self.transport = None
         self.inner.connection_lost(exc)
 
