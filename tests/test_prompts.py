@@ -112,3 +112,35 @@ def test_label_answers_are_each_labels_encoding_and_follow_the_tokenizer_and_for
     assert len(_LABEL_ANSWERS[tok]) == _FORMATS_PER_TOKENIZER
     tok.chat_template = {"default": tok.chat_template, "tool_use": tok.chat_template}  # named templates
     assert label_answers(tok, fmt) == [encode_answer(tok, fmt, lab) for lab in fmt.labels]
+
+
+def test_a_huge_input_or_answer_is_cut_before_tokenizing_to_the_same_ids(tiny_model, monkeypatch):
+    """Only the middle the head-and-tail cut drops (and an answer's part past what training keeps) is
+    left untokenized: prompts, training rows and the validation answer budget equal those computed from
+    the whole text. A 10 MB prompt was tokenized whole at every validation (seconds each)."""
+    import random
+
+    from tunesmith.models.tokens import longest_token_chars
+    from tunesmith.tasks import predict, prompts
+    from tunesmith.train.batching import encode_for_training
+
+    tok = load_tokenizer(tiny_model)
+    rng = random.Random(3)
+    words = ["red", "blue", "green", "money", "card", "été", "中文", "  ", "\n", "x" * 40, "<|im_end|>"]
+    huge = " ".join(rng.choice(words) for _ in range(30_000))  # far past 2 x 2 x budget x longest characters
+    fmt = build_format(TaskConfig(type="generation", instruction="Answer.", max_length=96), None, tok)
+    rows = [Example(huge, "short answer", "t:1"), Example("a question", huge, "t:2"),
+            Example(huge, "ok", "t:3", messages=[{"role": "system", "content": "Be brief."},
+                                                 {"role": "user", "content": huge}])]
+    assert len(huge) > 4 * 2 * 96 * longest_token_chars(tok)
+    cut = ([encode_prompt(tok, fmt, ex, 60) for ex in rows], encode_for_training(tok, fmt, rows),
+           predict.reference_budget(tok, [huge, "ok"], ceiling=40))
+    calls = []
+    monkeypatch.setattr(prompts, "_precut", lambda t, ex, budget: calls.append(1) or (ex, False))
+    monkeypatch.setattr(prompts, "answer_head", lambda t, answer, tokens: answer)
+    monkeypatch.setattr(predict, "answer_head", lambda t, answer, tokens: answer)
+    whole = ([encode_prompt(tok, fmt, ex, 60) for ex in rows], encode_for_training(tok, fmt, rows),
+             predict.reference_budget(tok, [huge, "ok"], ceiling=40))
+    assert calls and cut == whole
+    assert [truncated for _, truncated in cut[0]] == [True, False, True] and all(e.truncated for e in cut[1])
+    assert cut[2] == 40

@@ -15,6 +15,7 @@ whole prompt), so ordinary data gets the same tokens either way.
 from __future__ import annotations
 
 import re
+import weakref
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -40,6 +41,25 @@ def text_ids(tokenizer, text: str) -> list[int]:
     pieces = _cut_markup(text, _markup(tokenizer))
     return [i for piece in pieces for i in
             tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]]
+
+
+_LONGEST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def longest_token_chars(tokenizer) -> int:
+    """An upper bound on the characters of text one token covers: the longest vocabulary entry (a
+    byte-level entry spells each byte with one character, so it is never shorter than the text it covers).
+    Text of more than n times this many characters certainly holds more than n tokens."""
+    try:
+        return _LONGEST[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+    try:
+        _LONGEST[tokenizer] = longest
+    except TypeError:  # a tokenizer-like object that takes no weak reference: computed each time
+        pass
+    return longest
 
 
 def adds_bos(tokenizer) -> bool:

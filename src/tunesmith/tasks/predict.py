@@ -13,7 +13,7 @@ from tunesmith.data.examples import Example
 from tunesmith.models.tokens import text_ids
 from tunesmith.tasks.classification import predict_labels, score_labels, score_labels_constrained
 from tunesmith.tasks.generation import generate
-from tunesmith.tasks.prompts import PromptFormat, encode_prompt, label_answers
+from tunesmith.tasks.prompts import PromptFormat, answer_head, encode_prompt, label_answers
 
 # task.label_scoring -> scorer (see tasks/classification.py and tasks/label_trie.py)
 LABEL_SCORERS = {"sequence": score_labels, "constrained": score_labels_constrained,
@@ -38,7 +38,8 @@ def reference_budget(tokenizer, answers: list[str], ceiling: int = 512) -> int:
 
     Training-time validation decodes with this instead of a fixed 64: a model that has not yet learned
     to stop is cut near the length it should answer at, and long references are not cut short."""
-    longest = max((len(text_ids(tokenizer, a)) for a in answers), default=0)
+    # Past the ceiling a length changes nothing: only a head that holds more tokens is tokenized.
+    longest = max((len(text_ids(tokenizer, answer_head(tokenizer, a, ceiling))) for a in answers), default=0)
     return min(max(8, longest + longest // 4 + 4), ceiling)
 
 

@@ -14,7 +14,7 @@ from tunesmith import fsio
 from tunesmith.config import TaskConfig
 from tunesmith.data.examples import Example
 from tunesmith.errors import ConfigError
-from tunesmith.models.tokens import UserText, text_ids
+from tunesmith.models.tokens import UserText, longest_token_chars, text_ids
 
 # Used when a tokenizer has no chat template (base models, tiny test models).
 PLAIN_TEMPLATE = "{system}\n\n{shots}Input: {input}\nOutput:"
@@ -241,9 +241,10 @@ def encode_prompt(tokenizer, fmt: PromptFormat, ex: Example, budget: int) -> tup
 
     Returns the ids and whether the input was truncated.
     """
+    ex, precut = _precut(tokenizer, ex, budget)
     ids = _encode_rendered(tokenizer, fmt, ex)
     if len(ids) <= budget:
-        return ids, False
+        return ids, precut
     over = len(ids) - budget
     input_ids = text_ids(tokenizer, ex.input)
     keep = max(1, len(input_ids) - over - 4)
@@ -251,6 +252,30 @@ def encode_prompt(tokenizer, fmt: PromptFormat, ex: Example, budget: int) -> tup
     cut = dataclasses.replace(ex, input=shortened, messages=_cut_last_user(ex, shortened))
     ids = _encode_rendered(tokenizer, fmt, cut)
     return ids[-budget:] if len(ids) > budget else ids, True
+
+
+def _precut(tokenizer, ex: Example, budget: int) -> tuple[Example, bool]:
+    """`ex` with the middle of an input far longer than `budget` tokens dropped before any tokenization
+    (a 10 MB prompt took seconds to tokenize at every validation), and whether it was. Each end keeps
+    more characters than `budget` tokens can cover, so `_head_and_tail` cuts the same tokens as from the
+    whole input; only the middle it drops anyway is never tokenized."""
+    text = ex.input
+    side = 2 * budget * longest_token_chars(tokenizer)  # x2: normalizers may drop characters (accents)
+    if len(text) <= 2 * side + 1 or (ex.messages is not None and _last_user(ex.messages) != text):
+        return ex, False
+    cut = text[:side] + " " + text[-side:]
+    return dataclasses.replace(ex, input=cut, messages=_cut_last_user(ex, cut)), True
+
+
+def answer_head(tokenizer, answer: str, tokens: int) -> str:
+    """The start of `answer` that certainly holds its first `tokens` tokens (the rest would be cut after
+    tokenizing it whole): a 10 MB answer is not tokenized past what training keeps of it."""
+    side = 2 * tokens * longest_token_chars(tokenizer)
+    return answer if len(answer) <= side else answer[:side]
+
+
+def _last_user(messages: list[dict]) -> str | None:
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
 
 
 def _head_and_tail(tokenizer, input_ids: list[int], keep: int) -> str:

@@ -14,6 +14,7 @@ from tunesmith.tasks.predict import answer_budget
 from tunesmith.tasks.prompts import (
     PromptFormat,
     TemplateMismatch,
+    answer_head,
     encode_answer,
     encode_prompt,
     encode_turns,
@@ -59,7 +60,7 @@ def encode_for_training(tokenizer, fmt: PromptFormat, examples: list[Example]) -
         else:
             (prompt, truncated), spans = encode_prompt(tokenizer, fmt, ex, budget), []
         if ex.target not in answers:
-            answers[ex.target] = encode_answer(tokenizer, fmt, ex.target)
+            answers[ex.target] = encode_answer(tokenizer, fmt, answer_head(tokenizer, ex.target, fmt.max_length))
         answer = answers[ex.target][: fmt.max_length - len(prompt)]
         out.append(Encoded(prompt + answer, len(prompt), truncated or len(answer) < len(answers[ex.target]),
                            ex.weight, tuple(spans)))
