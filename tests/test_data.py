@@ -342,3 +342,49 @@ def test_every_reader_of_a_label_compares_its_nfc_form():
     rows = [LabelledRequest(f"r{i}", 0.0, "/v1/classify", "x", nfd, None, None, nfc if i % 2 else None, None,
                             None if i % 2 else 1, 0.0) for i in range(6)]
     assert figure(*scored(rows, "accuracy")[:2], "accuracy")[0] == 1.0
+
+
+@pytest.mark.parametrize("row,says", [
+    ({"text": "red one", "label": None}, "label 'label' must be a string, got null (or the key is missing)"),
+    ({"text": "red one", "label": [1]}, "label 'label' must be a string, got a list"),
+    ({"text": {"a": 1}, "label": "alpha"}, "field 'text' must be a string, got an object"),
+])
+def test_a_wrong_cell_is_named_in_json_words_not_python_types(tmp_path, row, says):
+    """The error said `got NoneType` (a null or a missing key), `got dict`: Python's names for JSON values."""
+    from tunesmith.errors import DataError
+
+    path = write_jsonl(tmp_path / "train.jsonl", make_texts(30, 0) + [row])
+    with pytest.raises(DataError) as info:
+        prepare_data(Project(name="p", data=DataConfig(train=path, test=0.2, validation=0.2)))
+    assert says in info.value.line() and f"{path}:31" in info.value.line(), info.value.line()
+
+
+@pytest.mark.parametrize("name,encode,says", [
+    ("train.jsonl", lambda text: text.encode("utf-16"), "the file is UTF-16 text; tunesmith reads UTF-8"),
+    ("train.jsonl", lambda text: text.encode("utf-16-le"), "the file is UTF-16 text; tunesmith reads UTF-8"),
+    ("train.csv", lambda text: text.encode("utf-16-be"), "the file is UTF-16 text; tunesmith reads UTF-8"),
+    ("train.csv", lambda text: text.replace(",", ";").encode(),
+     "the header reads as one field, 'text;label': the file seems to separate its fields with ';'"),
+    ("train.tsv", lambda text: text.encode(), "separate its fields with ','; tunesmith reads .csv files"),
+])
+def test_a_file_in_another_encoding_or_separator_is_named_for_what_it_is(tmp_path, name, encode, says):
+    """UTF-16 without its byte-order mark read as UTF-8 with NULs ("invalid JSON: Expecting property
+    name"); a semicolon CSV said only that no row had the field 'text' (fields present: text;label)."""
+    import csv
+    import io
+
+    from tunesmith.errors import DataError
+
+    rows = make_texts(30, 0)
+    if name.endswith("jsonl"):
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+    else:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, ["text", "label"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        text = buffer.getvalue()
+    (tmp_path / name).write_bytes(encode(text))
+    with pytest.raises(DataError) as info:
+        prepare_data(Project(name="p", data=DataConfig(train=tmp_path / name, test=0.2, validation=0.2)))
+    assert says in info.value.line() and str(tmp_path / name) in info.value.line(), info.value.line()

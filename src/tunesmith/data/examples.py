@@ -13,7 +13,7 @@ from tunesmith.config.settings import label_form
 from tunesmith.config.sources import HF_PREFIX
 from tunesmith.data.io import ReadResult, Row, RowProblem, RowSource, read_rows
 from tunesmith.data.pair_rows import PairError, has_text_cells, is_kto_row, is_preference_row, parse_pair
-from tunesmith.data.row_text import SHAREGPT_ROLES, openai_messages, text_value
+from tunesmith.data.row_text import SHAREGPT_ROLES, json_kind, openai_messages, text_value
 from tunesmith.errors import DataError
 
 
@@ -116,6 +116,10 @@ def _raise_if_field_never_present(problems: list[RowProblem], rows: list[Row], t
     hint = (f"an Alpaca row's answer is its 'output': map your answer column onto it with data.columns "
             f"(e.g. {{output: ...}}; fields present: {fields})" if name == "output" and name not in keys
             else f"set {keys.get(name, 'the field name')} to one of the fields present: {fields}")
+    sep = next((c for c in ";\t|," if len(present) == 1 and c in present[0]), None)
+    if sep is not None and str(problems[0].file).lower().endswith((".csv", ".tsv")):  # one header cell: "text;label"
+        hint = (f"the header reads as one field, '{present[0][:60]}': the file seems to separate its fields with "
+                f"{sep!r}; tunesmith reads .csv files comma-separated and .tsv files tab-separated")
     raise DataError(f"no row has the field '{name}'", problems[0].file, problems[0].line, hint)
 
 
@@ -204,7 +208,7 @@ def _classification(row: Row, task: TaskConfig) -> Example:
     text = _text(_field(rec, task.text_field, "the input text"), task.text_field)
     label = _field(rec, task.label_field, "the label")
     if isinstance(label, bool) or not isinstance(label, (str, int)):
-        raise _RowError(f"label '{task.label_field}' must be a string, got {type(label).__name__}")
+        raise _RowError(f"label '{task.label_field}' must be a string, got {json_kind(label)}")
     # NFC: "café" typed precomposed or as e + a combining accent is one label, not two that look alike.
     label = label_form(_text(str(label), task.label_field).strip())
     if problem := label_problem(label):
@@ -280,7 +284,7 @@ def _alpaca(rec: dict, row: Row) -> Example:
     instruction = _text(rec["instruction"], "instruction")
     extra = rec.get("input") or ""
     if not isinstance(extra, str):
-        raise _RowError(f"field 'input' must be a string, got {type(extra).__name__}")
+        raise _RowError(f"field 'input' must be a string, got {json_kind(extra)}")
     prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
     output = _text(rec["output"], "output")
     if not rec.get("history") and not rec.get("system"):
@@ -307,5 +311,5 @@ def _chat(messages: list[dict], row: Row) -> Example:
 
 def _require_object(row: Row) -> dict:
     if not isinstance(row.record, dict):
-        raise _RowError(f"expected a JSON object, got {type(row.record).__name__}")
+        raise _RowError(f"expected a JSON object, got {json_kind(row.record)}")
     return row.record

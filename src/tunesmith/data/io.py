@@ -89,6 +89,9 @@ def _read_file(path: Path) -> ReadResult:
                         hint=f"use one of {', '.join(sorted(set(FORMATS)))}")
     if path.stat().st_size == 0:
         raise DataError("data file is empty", str(path), hint="it needs at least one example")
+    if kind in ("jsonl", "csv") and _utf16(path):  # without a BOM, ASCII in UTF-16 is valid UTF-8 with NULs
+        raise DataError("the file is UTF-16 text; tunesmith reads UTF-8", str(path),
+                        hint="save it as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")
     result = {"jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet, "arrow": _read_arrow}[kind](path)
     if not result.rows and not result.problems:
         raise DataError("data file has no rows", str(path), hint="it needs at least one example")
@@ -133,6 +136,16 @@ def _read_jsonl(path: Path) -> ReadResult:
             else:
                 out.rows.append(Row(record, str(path), lineno))
     return out
+
+
+def _utf16(path: Path) -> bool:
+    """Whether a text file starts as UTF-16 does: its byte-order mark, or a NUL beside every ASCII byte."""
+    with open(path, "rb") as f:
+        head = f.read(256)
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return True
+    pairs = len(head) // 2
+    return pairs >= 4 and (head[0::2][:pairs].count(0) == pairs or head[1::2][:pairs].count(0) == pairs)
 
 
 def _starts_array(path: Path) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tunesmith.data.row_text import message_text, openai_messages, text_value
+from tunesmith.data.row_text import json_kind, message_text, openai_messages, text_value
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class PairError(ValueError):
 def parse_pair(record: Any, source: str = "", kto: bool = False, text_cells: bool = False) -> Pair:
     """One raw record as a Pair; raises PairError naming the field at fault. `text_cells`: a CSV row."""
     if not isinstance(record, dict):
-        raise PairError(f"expected a JSON object, got {type(record).__name__}")
+        raise PairError(f"expected a JSON object, got {json_kind(record)}")
     prompt, messages = _prompt(record)
     if kto:
         label = kto_label(_need(record, "label"), text_cells)

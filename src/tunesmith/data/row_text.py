@@ -20,10 +20,21 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
                   "function_call": "assistant", "tool": "tool", "observation": "tool", "function_response": "tool"}
 
 
+_JSON_KINDS = ((bool, "true/false"), (int, "a number"), (float, "a number"), (str, "a string"), (list, "a list"),
+               (dict, "an object"))
+
+
+def json_kind(value: Any) -> str:
+    """What a JSON value is, in JSON's words (null, a number, a list), not Python's (NoneType, int)."""
+    if value is None:
+        return "null (or the key is missing)"
+    return next((name for kind, name in _JSON_KINDS if isinstance(value, kind)), type(value).__name__)
+
+
 def text_value(value: Any, name: str, error: type[ValueError]) -> str:
     """`value` when it is a non-blank string, else `error` naming the field."""
     if not isinstance(value, str):
-        raise error(f"field '{name}' must be a string, got {type(value).__name__}")
+        raise error(f"field '{name}' must be a string, got {json_kind(value)}")
     if not value.strip():
         raise error(f"field '{name}' is empty")
     return value
@@ -60,6 +71,6 @@ def message_text(m: dict, where: str, error: type[ValueError]) -> str:
     if not calls:
         return text_value(content, f"{where}.content", error)
     if content is not None and not isinstance(content, str):
-        raise error(f"field '{where}.content' must be a string, got {type(content).__name__}")
+        raise error(f"field '{where}.content' must be a string, got {json_kind(content)}")
     call_text = "\n".join(json.dumps(c, ensure_ascii=False) for c in calls)
     return f"{content}\n{call_text}" if content and content.strip() else call_text
