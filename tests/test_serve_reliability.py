@@ -357,7 +357,7 @@ def test_connections_that_send_no_request_head_are_closed_and_free_their_slots()
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
         await send({"type": "http.response.body", "body": b"ok"})
     capacity, rejected = Capacity(4), []
-    url, stop = start_server(CapacityGuard(app, capacity, lambda: rejected.append(1)),
+    url, stop = start_server(CapacityGuard(app, capacity, lambda scope: rejected.append(1)),
                              http=head_deadline_protocol(1.0, capacity))
     port = int(url.rsplit(":", 1)[1])
     try:
@@ -417,6 +417,27 @@ def test_a_burst_past_max_concurrency_refuses_only_the_connections_past_it():
         wait_until(lambda: capacity.connections == 0 and not capacity.refused, 10, "every slot to be free")
     finally:
         stop()
+
+
+def test_requests_refused_in_front_of_the_app_are_counted_by_route_and_status(service, tmp_path):
+    """A foreign Host (421) or Origin (403) and a 503 past serve.max_concurrency were answered before the
+    app and missing from tunesmith_requests_total, "requests by route and status"."""
+    from tunesmith.serve.connections import Capacity
+    from tunesmith.serve.server import guarded
+
+    capacity = Capacity(4)
+    front = guarded(create_app(service, ServeConfig(), [], tmp_path / "log.db"), "127.0.0.1", capacity)
+    with TestClient(front, base_url="http://localhost") as c:
+        assert c.get("/v1/models", headers={"Host": "evil.example"}).status_code == 421
+        assert c.get("/v1/nope", headers={"Origin": "https://evil.example"}).status_code == 403
+        capacity.connections = 9  # past the limit (the test client's requests open no real connection)
+        assert c.get("/v1/models").status_code == 503
+        capacity.connections = 0
+        text = c.get("/metrics").text
+    assert 'tunesmith_requests_total{route="/v1/models",status="421"} 1.0' in text
+    assert 'tunesmith_requests_total{route="other",status="403"} 1.0' in text
+    assert 'tunesmith_requests_total{route="/v1/models",status="503"} 1.0' in text
+    assert 'tunesmith_rejected_total{reason="connections"} 1.0' in text
 
 
 def test_item3_a_blocked_log_write_never_holds_an_answer_past_the_deadline(service, tmp_path, monkeypatch,

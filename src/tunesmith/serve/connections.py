@@ -63,16 +63,17 @@ def _peer(address) -> tuple | None:
 
 class CapacityGuard:
     """ASGI wrapper: an HTTP request past the capacity gets 503 with Retry-After in the app's error shape
-    and the connection closed (`on_reject` counts it); others are counted while the app answers them."""
+    and the connection closed (`on_reject` counts it, given the request's scope); others are counted while
+    the app answers them."""
 
-    def __init__(self, app, capacity: Capacity, on_reject: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, app, capacity: Capacity, on_reject: Callable[[dict], None] = lambda scope: None) -> None:
         self.app, self.capacity, self.on_reject = app, capacity, on_reject
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if self.capacity.full():
-            self.on_reject()
+            self.on_reject(scope)
             self.capacity.refuse(scope.get("client"))
             return await _busy(send, self.capacity.limit)
         self.capacity.requests += 1

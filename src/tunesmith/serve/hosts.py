@@ -10,6 +10,7 @@ sees the request.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 
 from tunesmith.serve.replies import send_error
 
@@ -51,8 +52,10 @@ class HostCheck:
     site (an `Origin` header naming another host) a 403: a page on the web cannot post to a keyless
     server on this machine, even with a "simple" request that needs no preflight. Lifespan events pass."""
 
-    def __init__(self, app, allowed: set[str] | frozenset[str] = LOOPBACK_NAMES):
+    def __init__(self, app, allowed: set[str] | frozenset[str] = LOOPBACK_NAMES,
+                 on_refuse: Callable[[dict, int], None] = lambda scope, status: None):
         self.app, self.allowed = app, frozenset(a.lower().strip("[]") for a in allowed)
+        self.on_refuse = on_refuse  # (scope, status) of each HTTP request refused here: the server counts it
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -65,11 +68,13 @@ class HostCheck:
         if name in self.allowed:  # a page of another site
             if scope["type"] == "websocket":
                 return await send({"type": "websocket.close", "code": 1008})
+            self.on_refuse(scope, 403)
             return await send_error(send, 403, "requests from pages of other sites are refused")
         if scope["type"] == "websocket":
             return await send({"type": "websocket.close", "code": 1008})
         status, message = (421, f"this server answers only to {', '.join(sorted(self.allowed))}") \
             if name is not None else (400, "missing or malformed Host header")
+        self.on_refuse(scope, status)
         await send_error(send, status, message)
 
 
@@ -82,9 +87,9 @@ class HostCheck:
         return not sep or host_name(rest) not in self.allowed
 
 
-def loopback_guard(app, host: str):
+def loopback_guard(app, host: str, on_refuse: Callable[[dict, int], None] = lambda scope, status: None):
     """`app` behind a HostCheck when `host` is a loopback bind (the bound name is accepted too);
     `app` itself otherwise, where keys, not the Host header, protect it."""
     if not is_loopback(host):
         return app
-    return HostCheck(app, LOOPBACK_NAMES | {host.strip().lower().strip("[]")})
+    return HostCheck(app, LOOPBACK_NAMES | {host.strip().lower().strip("[]")}, on_refuse)

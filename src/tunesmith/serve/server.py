@@ -162,13 +162,11 @@ def _run_app(service, target: Path, listener: Listener, keys: list[str], registr
              variant: str | None = None) -> None:
     import uvicorn
 
-    from tunesmith.serve.connections import Capacity, CapacityGuard, head_deadline_protocol
-    from tunesmith.serve.hosts import loopback_guard
+    from tunesmith.serve.connections import Capacity, head_deadline_protocol
 
     cfg, log_path = serve_settings(target)
     host, port = listener.host, listener.port
     served = build_app(service, cfg, keys, log_path, registry, variant)
-    app = loopback_guard(served.app, host)
     where = "every interface" if host in ("0.0.0.0", "::") else host
     following = f", following the registry '{registry}': {service.run_dir}" if registry else ""
     access = "required" if keys else "not set: open to anyone who can reach it"
@@ -178,7 +176,7 @@ def _run_app(service, target: Path, listener: Listener, keys: list[str], registr
     # app's own 503s: its queue full, or a request past serve.request_timeout_s). A connection must send
     # each request head within serve.body_timeout_s (see connections.py).
     capacity = Capacity(cfg.max_concurrency)
-    app = CapacityGuard(app, capacity, served.app.state.metrics.rejected.labels("connections").inc)
+    app = guarded(served.app, host, capacity)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
                             http=head_deadline_protocol(cfg.body_timeout_s, capacity))
     server = uvicorn.Server(config)
@@ -191,6 +189,22 @@ def _run_app(service, target: Path, listener: Listener, keys: list[str], registr
             served.follower.stop()
     if not server.started:  # the app failed to start (uvicorn logged why)
         raise EngineError("the server did not start")
+
+
+def guarded(app, host: str, capacity):
+    """`app` behind the checks in front of it (a Host/Origin check on a loopback bind, the connection
+    capacity), whose refusals are counted in tunesmith_requests_total as the app counts its own answers
+    (and a capacity 503 also in tunesmith_rejected_total, reason connections)."""
+    from tunesmith.serve.connections import CapacityGuard
+    from tunesmith.serve.hosts import loopback_guard
+
+    metrics, routes = app.state.metrics, app.state.routes
+    rejected = metrics.rejected.labels("connections")
+
+    def count(scope: dict, status: int) -> None:
+        path = scope.get("path", "")
+        metrics.requests.labels(path if path in routes else "other", str(status)).inc()
+    return CapacityGuard(loopback_guard(app, host, count), capacity, lambda scope: (rejected.inc(), count(scope, 503)))
 
 
 @dataclass
