@@ -403,7 +403,7 @@ def test_train_keys_the_preference_loop_lacks_are_refused_by_name(tmp_path, key,
 def test_preference_settings_under_a_supervised_method_are_refused_by_name(tmp_path, lines, key):
     """They would be ignored: the config most likely meant a preference method. Their defaults pass (a saved
     config.yaml spells them out), and the same lines train with a preference method."""
-    from tunesmith.config import load_config
+    from tunesmith.config import derive, load_config
     from tunesmith.errors import ConfigError
 
     base = "name: demo\ntask:\n  type: generation\nobjective:\n  metric: exact_match\ndata:\n  train: train.jsonl\n"
@@ -419,6 +419,12 @@ def test_preference_settings_under_a_supervised_method_are_refused_by_name(tmp_p
     assert load_config(tmp_path / "project.yaml").train.method == "lora"
     (tmp_path / "project.yaml").write_text(base + "train:\n  method: simpo\n" + lines)
     assert load_config(tmp_path / "project.yaml").train.method == "simpo"
+    # A run's saved config.yaml (read without check_files) from before the check still loads, and compare
+    # may derive a supervised method from a preference config that sets them.
+    (tmp_path / "project.yaml").write_text(base + "train:\n  method: lora\n" + lines)
+    assert load_config(tmp_path / "project.yaml", check_files=False).train.method == "lora"
+    (tmp_path / "project.yaml").write_text(base + "train:\n  method: dpo\n" + lines)
+    assert derive(load_config(tmp_path / "project.yaml"), {"train.method": "lora"}).train.method == "lora"
 
 
 @pytest.mark.parametrize("method,adapter", [("dpo", "lora"), ("kto", "lora"), ("dpo", "full"), ("orpo", "dora")])

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from tunesmith.config import yaml_text
-from tunesmith.config.schema import _C, Project, _KeyedError
+from tunesmith.config.schema import _C, Project, _KeyedError, unread_preference_setting
 from tunesmith.config.sources import (
     COLUMN_FIELDS,
     HF_PREFIX,
@@ -55,6 +55,8 @@ def load_config(path: str | Path, check_files: bool = True) -> Project:
         project = Project.model_validate(raw)
     except ValidationError as e:
         raise _config_error(e, path, root) from None
+    if check_files and (unread := unread_preference_setting(project.train)) is not None:
+        raise ConfigError(unread[1], _where(path, root, unread[0]), "fix the key or its value")
     project.source = path.resolve()
     try:
         _resolve_paths(project, root, check_files)

@@ -78,6 +78,24 @@ def label_problem(label: str) -> str | None:
 PREFERENCE_UNUSED_TRAIN_KEYS = ("batch_tokens", "label_smoothing", "checkpoint_every", "keep_checkpoints")
 
 
+def unread_preference_setting(train: TrainConfig) -> tuple[tuple, str] | None:
+    """(key, message) for train.beta or a train.preference.* key set (to other than its default) under a
+    supervised method, which would ignore it: the config most likely meant a preference method. Checked
+    on a project file as written (config/load.py), not in validation: a derived config (compare switching
+    a DPO config to lora) and a run's saved config.yaml from before this check may hold such values."""
+    if METHOD_SPECS[train.method].preference:
+        return None
+    keys = [(("train", "beta"), train.beta != TrainConfig.model_fields["beta"].get_default())]
+    keys += [(("train", "preference", k), getattr(train.preference, k) != f.get_default())
+             for k, f in PreferenceSettings.model_fields.items()]
+    key = next((k for k, changed in keys if changed), None)
+    if key is None:
+        return None
+    preference = ", ".join(m for m in METHODS if METHOD_SPECS[m].preference)
+    return key, (f"{'.'.join(key)} is read only by the preference methods ({preference}); train.method is "
+                 f"{train.method}: remove it or set train.method to one of them")
+
+
 class TaskConfig(_Strict):
     """What the model should do and where the fields are."""
 
@@ -350,27 +368,13 @@ class TrainConfig(_Strict):
                               "weights are not sharded); set one of them off")
         return self
 
-    def _no_preference_settings(self) -> TrainConfig:
-        """train.beta and train.preference.* under a supervised method would be ignored: a config that sets
-        them most likely meant a preference method, so they are refused by name (defaults pass)."""
-        fields = TrainConfig.model_fields
-        keys = [(("train", "beta"), self.beta != fields["beta"].get_default())]
-        keys += [(("train", "preference", k), getattr(self.preference, k) != f.get_default())
-                 for k, f in PreferenceSettings.model_fields.items()]
-        key = next((k for k, changed in keys if changed), None)
-        if key is not None:
-            preference = ", ".join(m for m in METHODS if METHOD_SPECS[m].preference)
-            raise _KeyedError(key, f"{'.'.join(key)} is read only by the preference methods ({preference}); "
-                              f"train.method is {self.method}: remove it or set train.method to one of them")
-        return self
-
     @model_validator(mode="after")
     def _preference_keys(self) -> TrainConfig:
         """Keys the preference loop (train/preference_fit.py) does not implement are refused by name, not
         ignored, when set to anything but their default (a saved config.yaml spells out every default)."""
-        fields = TrainConfig.model_fields
         if not METHOD_SPECS[self.method].preference:
-            return self._no_preference_settings()
+            return self
+        fields = TrainConfig.model_fields
         for key in PREFERENCE_UNUSED_TRAIN_KEYS:
             if getattr(self, key) != fields[key].get_default(call_default_factory=True):
                 raise _KeyedError(("train", key), f"train.{key} is not supported with train.method {self.method} "
