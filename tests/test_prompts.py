@@ -130,11 +130,15 @@ def test_a_huge_input_or_answer_is_cut_before_tokenizing_to_the_same_ids(tiny_mo
     huge = " ".join(rng.choice(words) for _ in range(30_000))  # far past 2 x 2 x budget x longest characters
     fmt = build_format(TaskConfig(type="generation", instruction="Answer.", max_length=96), None, tok)
     rows = [Example(huge, "short answer", "t:1"), Example("a question", huge, "t:2"),
+            Example("ab" * 20_000, "a long unbroken run: no whitespace to cut at", "t:4"),
             Example(huge, "ok", "t:3", messages=[{"role": "system", "content": "Be brief."},
                                                  {"role": "user", "content": huge}])]
     assert len(huge) > 4 * 2 * 96 * longest_token_chars(tok)
     cut = ([encode_prompt(tok, fmt, ex, 60) for ex in rows], encode_for_training(tok, fmt, rows),
            predict.reference_budget(tok, [huge, "ok"], ceiling=40))
+    # the cuts engage where they can (whitespace near them), and leave an unbroken run whole
+    assert [prompts._precut(tok, ex, 60)[1] for ex in rows] == [True, False, False, True]
+    assert len(prompts.answer_head(tok, huge, 96)) < len(huge) // 10
     calls = []
     monkeypatch.setattr(prompts, "_precut", lambda t, ex, budget: calls.append(1) or (ex, False))
     monkeypatch.setattr(prompts, "answer_head", lambda t, answer, tokens: answer)
@@ -142,5 +146,6 @@ def test_a_huge_input_or_answer_is_cut_before_tokenizing_to_the_same_ids(tiny_mo
     whole = ([encode_prompt(tok, fmt, ex, 60) for ex in rows], encode_for_training(tok, fmt, rows),
              predict.reference_budget(tok, [huge, "ok"], ceiling=40))
     assert calls and cut == whole
-    assert [truncated for _, truncated in cut[0]] == [True, False, True] and all(e.truncated for e in cut[1])
+    assert [truncated for _, truncated in cut[0]] == [True, False, True, True] and all(e.truncated for e in cut[1])
     assert cut[2] == 40
+    assert longest_token_chars(object()) is None  # llama.cpp's vocabulary (export's read-back): nothing cut

@@ -46,14 +46,17 @@ def text_ids(tokenizer, text: str) -> list[int]:
 _LONGEST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def longest_token_chars(tokenizer) -> int:
+def longest_token_chars(tokenizer) -> int | None:
     """An upper bound on the characters of text one token covers: the longest vocabulary entry (a
     byte-level entry spells each byte with one character, so it is never shorter than the text it covers).
-    Text of more than n times this many characters certainly holds more than n tokens."""
+    Text of more than n times this many characters certainly holds more than n tokens. None for a
+    tokenizer-like object without a vocabulary to read (llama.cpp's, optimize/gguf_read.py)."""
     try:
         return _LONGEST[tokenizer]
     except (KeyError, TypeError):
         pass
+    if not callable(getattr(tokenizer, "get_vocab", None)):
+        return None
     longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
     try:
         _LONGEST[tokenizer] = longest

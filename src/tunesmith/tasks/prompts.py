@@ -256,22 +256,36 @@ def encode_prompt(tokenizer, fmt: PromptFormat, ex: Example, budget: int) -> tup
 
 def _precut(tokenizer, ex: Example, budget: int) -> tuple[Example, bool]:
     """`ex` with the middle of an input far longer than `budget` tokens dropped before any tokenization
-    (a 10 MB prompt took seconds to tokenize at every validation), and whether it was. Each end keeps
-    more characters than `budget` tokens can cover, so `_head_and_tail` cuts the same tokens as from the
-    whole input; only the middle it drops anyway is never tokenized."""
-    text = ex.input
-    side = 2 * budget * longest_token_chars(tokenizer)  # x2: normalizers may drop characters (accents)
-    if len(text) <= 2 * side + 1 or (ex.messages is not None and _last_user(ex.messages) != text):
+    (a 10 MB prompt took seconds to tokenize at every validation), and whether it was. The cuts fall on
+    whitespace (no token spans one) and each kept end is checked to hold more than `budget` tokens, so
+    `_head_and_tail` keeps the same tokens as from the whole input; else the input stays whole."""
+    text, longest = ex.input, longest_token_chars(tokenizer)
+    if longest is None or (ex.messages is not None and _last_user(ex.messages) != text):
         return ex, False
-    cut = text[:side] + " " + text[-side:]
+    side = 2 * budget * longest  # x2: normalizers may drop characters (accents)
+    if len(text) <= 2 * side + 1:
+        return ex, False
+    head_end = max(text.rfind(c, side // 2, side) for c in " \n\t")
+    tail_start = min((i for i in (text.find(c, len(text) - side, len(text) - side // 2) for c in " \n\t")
+                      if i >= 0), default=-1)
+    if head_end < 0 or tail_start < 0:  # no whitespace near a cut (a long unbroken run): tokenized whole
+        return ex, False
+    head, tail = text[:head_end], text[tail_start:]
+    if min(len(text_ids(tokenizer, head)), len(text_ids(tokenizer, tail))) <= budget:  # folded by a normalizer
+        return ex, False
+    cut = head + tail
     return dataclasses.replace(ex, input=cut, messages=_cut_last_user(ex, cut)), True
 
 
 def answer_head(tokenizer, answer: str, tokens: int) -> str:
-    """The start of `answer` that certainly holds its first `tokens` tokens (the rest would be cut after
-    tokenizing it whole): a 10 MB answer is not tokenized past what training keeps of it."""
-    side = 2 * tokens * longest_token_chars(tokenizer)
-    return answer if len(answer) <= side else answer[:side]
+    """The start of `answer` that holds its first `tokens` tokens, cut on whitespace and checked (the rest
+    would be cut after tokenizing it whole): a 10 MB answer is not tokenized past what training keeps."""
+    longest = longest_token_chars(tokenizer)
+    side = 2 * tokens * (longest or 0)
+    if longest is None or len(answer) <= side:
+        return answer
+    end = max(answer.rfind(c, side // 2, side) for c in " \n\t")
+    return answer[:end] if end > 0 and len(text_ids(tokenizer, answer[:end])) > tokens else answer
 
 
 def _last_user(messages: list[dict]) -> str | None:
