@@ -338,6 +338,8 @@ def test_item3_serve_sets_its_concurrency_limit(run_dir, monkeypatch):
     assert seen["ran"] and capacity.limit == ServeConfig().max_concurrency
     assert seen["config"].http.keywords["seconds"] == ServeConfig().body_timeout_s
     assert seen["config"].app.capacity is capacity  # the CapacityGuard around the app reads it
+    # X-Forwarded-For must not rewrite the client address refused connections are counted out by
+    assert seen["config"].proxy_headers is False
 
 
 def test_connections_that_send_no_request_head_are_closed_and_free_their_slots():

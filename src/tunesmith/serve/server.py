@@ -177,8 +177,10 @@ def _run_app(service, target: Path, listener: Listener, keys: list[str], registr
     # each request head within serve.body_timeout_s (see connections.py).
     capacity = Capacity(cfg.max_concurrency)
     app = guarded(served.app, host, capacity)
+    # proxy_headers off: X-Forwarded-For from a local client would rewrite the client address the
+    # capacity count keys refused connections by (and nothing here needs a forwarded address).
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
-                            http=head_deadline_protocol(cfg.body_timeout_s, capacity))
+                            proxy_headers=False, http=head_deadline_protocol(cfg.body_timeout_s, capacity))
     server = uvicorn.Server(config)
     if served.follower is not None:
         served.follower.start()
