@@ -215,7 +215,13 @@ def test_markup_edited_into_a_runs_figures_is_escaped_in_the_rebuilt_report(run)
     (run / "metrics.json").write_text(json.dumps(metrics))
     data = json.loads((run / "data" / "report.json").read_text())
     data["splits"]["<u>s</u>"] = {"rows": 3, "chars_median": "<s>3</s>"}
+    data["curation"]["removed_by_reason"]["exact_duplicate"] = "<i>1</i>"
+    data["curation"]["suspected_label_errors"] = "<b>2</b>"
+    data["curation"]["steps"][0]["rows_changed"] = "<u>0</u>"
     (run / "data" / "report.json").write_text(json.dumps(data))
+    metrics["comparison"][next(iter(metrics["comparison"]))]["test"] = "<s>mcnemar</s>"
+    metrics["finetuned"]["<b>f</b>"] = 1.0
+    (run / "metrics.json").write_text(json.dumps(metrics))
     result = runner.invoke(app, ["report", str(run)])
     assert result.exit_code == 0, result.output
     page = (run / "report.html").read_text()

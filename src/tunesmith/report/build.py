@@ -68,8 +68,8 @@ def _metrics_table(metrics: dict) -> str:
         if not c:
             return "<td></td><td></td><td></td>"
         return (f"<td>{c['diff']:+.4f}</td><td>[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]</td>"
-                f"<td>{c['p_value']:.3g} ({c['test']})</td>")
-    rows = "".join(f"<tr><td>{k}</td><td>{fmt(base.get(k))}</td><td>{fmt(v)}</td>{stats(k)}</tr>"
+                f"<td>{c['p_value']:.3g} ({fmt(c['test'])})</td>")
+    rows = "".join(f"<tr><td>{fmt(k)}</td><td>{fmt(base.get(k))}</td><td>{fmt(v)}</td>{stats(k)}</tr>"
                    for k, v in tuned.items())
     note = ""
     if comp:
@@ -133,9 +133,10 @@ def _suites_section(suites: dict) -> str:
     rows = []
     for name, s in suites.items():
         m, c = s["metric"], s["comparison"][s["metric"]]
-        rows.append(f"<tr><td>{html.escape(name)}</td><td>{s['examples']}</td><td>{m}</td><td>{fmt(s['baseline'][m])}</td>"
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{fmt(s['examples'])}</td><td>{fmt(m)}</td>"
+                    f"<td>{fmt(s['baseline'][m])}</td>"
                     f"<td>{fmt(s['finetuned'][m])}</td><td>{c['diff']:+.4f}</td><td>[{c['ci_low']:+.4f}, "
-                    f"{c['ci_high']:+.4f}]</td><td>{c['p_value']:.3g} ({c['test']})</td></tr>")
+                    f"{c['ci_high']:+.4f}]</td><td>{c['p_value']:.3g} ({fmt(c['test'])})</td></tr>")
     return ("<h2>Other evaluation sets</h2><table><tr><th>set</th><th>examples</th><th>metric</th><th>baseline</th>"
             "<th>fine-tuned</th><th>difference</th><th>95% CI</th><th>p-value</th></tr>" + "".join(rows) + "</table>")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tunesmith import fsio
 from tunesmith.report import plots
-from tunesmith.report.html import img, page
+from tunesmith.report.html import fmt, img, page
 
 
 def data_section(data: dict, test_removed: dict | None = None) -> str:
@@ -43,20 +43,21 @@ def _test_rows_removed(counts: dict | None) -> str:
     if not n:
         return "<p>test rows removed: 0</p>"
     reasons = _counts(counts.get("test_rows_removed_by_reason", {}))
-    return f"<p class='warn'>test rows removed: {n} ({reasons}; every row in data/removed.jsonl)</p>"
+    return f"<p class='warn'>test rows removed: {fmt(n)} ({reasons}; every row in data/removed.jsonl)</p>"
 
 
 def _curation(cur: dict) -> str:
     steps = "".join(f"<tr><td>{html.escape(str(s['split']))}</td><td>{html.escape(str(s['step']))}</td>"
-                    f"<td>{s['rows_in']}</td><td>{s['rows_out']}</td>"
-                    f"<td>{s['rows_in'] - s['rows_out']}</td><td>{s['rows_changed']}</td></tr>" for s in cur["steps"])
+                    f"<td>{fmt(s['rows_in'])}</td><td>{fmt(s['rows_out'])}</td>"
+                    f"<td>{s['rows_in'] - s['rows_out']}</td><td>{fmt(s['rows_changed'])}</td></tr>"
+                    for s in cur["steps"])
     items = [f"<li>removed: {_counts(cur['removed_by_reason']) or 'nothing'} (every row in data/removed.jsonl)</li>",
              f"<li>changed: {_counts(cur['changes_by_kind']) or 'nothing'} (data/changes.jsonl)</li>",
              f"<li>PII found: {_counts(cur['pii_found']) or 'none'}; not checked: "
              f"{html.escape(', '.join(cur.get('pii_not_checked', [])))}</li>",
-             f"<li>suspected label errors: {cur['suspected_label_errors']} "
+             f"<li>suspected label errors: {fmt(cur['suspected_label_errors'])} "
              "(data/suspects.jsonl, most suspect first)</li>",
-             f"<li>similar rows with different labels, kept: {cur.get('conflicting_duplicates_total', 0)}</li>",
+             f"<li>similar rows with different labels, kept: {fmt(cur.get('conflicting_duplicates_total', 0))}</li>",
              "<li>duplicates found and kept (action: report): "
              f"{_counts(cur.get('kept_duplicates_by_kind', {})) or 'none'}"
              "</li>"]
@@ -70,12 +71,12 @@ def _groups(splits: dict) -> str:
         return ""
     head = "".join(f"<th>{html.escape(name)}</th>" for name in splits)
     body = "".join(f"<tr><td>{html.escape(g)}</td>" + "".join(
-        f"<td>{s.get('group_counts', {}).get(g, 0)}</td>" for s in splits.values()) + "</tr>" for g in groups)
+        f"<td>{fmt(s.get('group_counts', {}).get(g, 0))}</td>" for s in splits.values()) + "</tr>" for g in groups)
     return f"<h3>Representation per group</h3><table><tr><th>group</th>{head}</tr>{body}</table>"
 
 
 def _counts(counts: dict) -> str:
-    return ", ".join(f"{html.escape(str(k))} {v}" for k, v in counts.items())
+    return ", ".join(f"{html.escape(str(k))} {html.escape(str(v))}" for k, v in counts.items())
 
 
 def data_page(data: dict, title: str) -> str:
