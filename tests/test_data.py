@@ -161,6 +161,10 @@ def test_a_classification_set_it_cannot_learn_or_score_is_refused(tmp_path):
     with pytest.raises(DataError) as info:
         prepare_data(Project(name="p", data=DataConfig(train=train, test=0.2, validation=0.2)))
     assert "the training split holds a single label ('alpha')" in info.value.line() and str(train) in info.value.line()
+    from tunesmith.data.stage import check  # `data check` says so too, on the files as given
+
+    with pytest.raises(DataError, match="holds a single label"):
+        check(Project(name="p", data=DataConfig(train=train, test=0.2, validation=0.2)))
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     test = write_jsonl(tmp_path / "test.jsonl", [{**r, "label": r["label"].title()} for r in make_texts(9, 1)])
     with pytest.raises(DataError) as info:
@@ -168,6 +172,8 @@ def test_a_classification_set_it_cannot_learn_or_score_is_refused(tmp_path):
     line = info.value.line()
     assert "none of the test labels (Alpha (training spells it 'alpha'), Beta (training spells it 'beta')" in line
     assert f"{test}:1" in line
+    with pytest.raises(DataError, match="none of the test labels"):
+        check(Project(name="p", data=DataConfig(train=train, test=test, validation=0.2)))
     some = [{**r, "label": "Alpha"} if i == 0 else r for i, r in enumerate(make_texts(9, 1))]
     write_jsonl(test, some)  # one of them: a warning, with the same hint
     splits = prepare_data(Project(name="p", data=DataConfig(train=train, test=test, validation=0.2)))

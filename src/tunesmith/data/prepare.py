@@ -212,18 +212,26 @@ def _check_sizes(splits: Splits, train_path: str, classification: bool) -> None:
                             hint="add examples or give a separate file for it under data:")
 
 
-def _label_set(splits: Splits, declared: list[str] | None, train_path: str) -> list[str]:
-    seen = sorted({e.target for e in splits.train})
-    if len(seen) < 2:  # a constant predictor: accuracy 1.0 on a test of that label, and nothing learned
+def refuse_unlearnable(train: list[Example], test: list[Example], declared: list[str] | None,
+                       train_path: str) -> None:
+    """DataError for classification rows a model cannot learn or be scored on: a single training label
+    (a constant predictor meets a test of that label), or, without task.labels, test labels none of which
+    is a training label (0 for both models). `data check` asks too, on the files as given."""
+    seen = sorted({e.target for e in train})
+    if len(seen) == 1:
         raise DataError(f"the training split holds a single label ('{seen[0][:80]}'): a classifier has nothing to "
                         "tell apart", train_path, hint="add rows of the other labels (two at least)")
+    wanted = {e.target for e in test}
+    if declared is None and seen and wanted and not wanted & set(seen):
+        raise DataError(f"none of the test labels ({_shown_with_look_alikes(sorted(wanted), seen)}) is among the "
+                        f"training labels ({', '.join(x[:40] for x in seen[:10])})", _row_at(test[0]),
+                        hint="give a test file labelled as the training rows are, or list the classes in task.labels")
+
+
+def _label_set(splits: Splits, declared: list[str] | None, train_path: str) -> list[str]:
+    refuse_unlearnable(splits.train, splits.test, declared, train_path)
+    seen = sorted({e.target for e in splits.train})
     if declared is None:
-        test = {e.target for e in splits.test}
-        if not test & set(seen):  # every test row is one the model can never answer: 0 for both models
-            raise DataError(f"none of the test labels ({_shown_with_look_alikes(sorted(test), seen)}) is among the "
-                            f"training labels ({', '.join(x[:40] for x in seen[:10])})", _row_at(splits.test[0]),
-                            hint="give a test file labelled as the training rows are, or list the classes in "
-                                 "task.labels")
         return seen
     undeclared = sorted({e.target for rows in splits.by_name().values() for e in rows} - set(declared))
     if undeclared:

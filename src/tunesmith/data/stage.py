@@ -14,7 +14,15 @@ from pathlib import Path
 from tunesmith import fsio, runs
 from tunesmith.config import Project
 from tunesmith.data.examples import Example, raise_for_problems
-from tunesmith.data.prepare import Splits, check_data, data_report, load_corrections, prepare_data, save_splits
+from tunesmith.data.prepare import (
+    Splits,
+    check_data,
+    data_report,
+    load_corrections,
+    prepare_data,
+    refuse_unlearnable,
+    save_splits,
+)
 from tunesmith.data.sources import describe, input_paths
 from tunesmith.errors import InputError
 
@@ -39,7 +47,10 @@ def check(project: Project) -> list[str]:
         fixes = load_corrections(project)
         lines.append(f"corrections: {len(fixes.decisions)} decisions ({fixes.path})")
     if project.task.type == "classification":
-        counts = Counter(e.target for e in loaded["train"])
+        train = loaded["train"]
+        if train:
+            refuse_unlearnable(train, loaded.get("test", []), project.task.labels, train[0].file or train[0].source)
+        counts = Counter(e.target for e in train)
         lines.append(f"labels: {len(counts)} in train; " + ", ".join(f"{k[:80]} {v}" for k, v in counts.most_common()))
     lines.append(f"data OK: {len(rows)} rows")
     return lines
