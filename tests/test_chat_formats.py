@@ -116,7 +116,7 @@ def test_bad_chat_rows_are_located(tmp_path):
     assert sorted(reasons) == [2, 3, 4, 5, 6, 7, 8, 9, 10]
     assert "both 'messages' and 'completion'" in reasons[10]
     assert "conversations[0] needs 'from'" in reasons[2]
-    assert "messages[1].content" in reasons[3] and "NoneType" in reasons[3]
+    assert "messages[1].content" in reasons[3] and "got null (or the key is missing)" in reasons[3]
     assert "conversations[1].value" in reasons[4] and "empty" in reasons[4]
     assert "last message must be the assistant" in reasons[5]
     assert "only text parts" in reasons[6]
