@@ -357,3 +357,25 @@ def test_token_id_prompts_are_used_as_given_and_checked(gen_run, cls_service, li
         assert r.status_code == 400 and r.json()["error"]["message"], bad
     with TestClient(create_app(cls_service, ServeConfig())) as c:
         assert c.post("/v1/completions", json={"prompt": ids}).status_code == 400
+
+
+def test_batched_and_streamed_model_calls_both_fit_their_threads_first(gen_run, tmp_path, monkeypatch):
+    """The core share (serve/cores.py) is asked on the model thread before a batched call and before a
+    stream decodes, so neither runs on threads another process has taken."""
+    import threading
+
+    from tunesmith.serve.cores import CoreShare
+
+    asked, real = [], CoreShare.fit
+
+    def fit(self):
+        asked.append(threading.current_thread().name)
+        return real(self)
+    monkeypatch.setattr(CoreShare, "fit", fit)
+    with _client(load_service(gen_run), tmp_path, max_tokens=8) as c:
+        assert c.post("/v1/completions", json={"prompt": "my card", "max_tokens": 2}).status_code == 200
+        batched = len(asked)
+        with c.stream("POST", "/v1/completions", json={"prompt": "my card", "max_tokens": 2, "stream": True}) as s:
+            assert [line for line in s.iter_lines() if line][-1] == "data: [DONE]"
+    assert batched >= 1 and len(asked) > batched
+    assert all(name.startswith("model") for name in asked)  # the executor's thread, where torch runs

@@ -25,7 +25,7 @@ from tunesmith.data.examples import Example
 from tunesmith.data.pii import ORDER, find_pii
 from tunesmith.serve import store as store_module
 from tunesmith.serve.app import create_app
-from tunesmith.serve.batcher import MicroBatcher
+from tunesmith.serve.batcher import MicroBatcher, Overloaded
 from tunesmith.serve.metrics import ServeMetrics
 from tunesmith.serve.monitoring import DriftWatch
 from tunesmith.serve.service import Completion, load_service, token_batches
@@ -754,3 +754,37 @@ def test_retry_after_prices_each_kind_at_its_own_call_time():
     quick, slow, with_gone = asyncio.run(go())
     assert quick == 7  # the call running (up to the slowest kind, 6 s) + 2 x 0.5 s
     assert slow == 19 and with_gone == 19  # + 2 x 6 s; capped at 60 either way
+
+
+def test_a_request_the_queue_ahead_cannot_reach_in_time_is_refused_at_once():
+    """Requests measured at >= 0.3 s each, 1 s to answer: in a burst of eight, a request with four or
+    more queued ahead cannot be reached, so it is refused on arrival (not after waiting out its
+    deadline) and never reaches the model. A kind not yet measured is admitted, whatever the queue."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    seen = []
+
+    def run_batch(kind, items, deliver, alive):
+        seen.extend(items)
+        time.sleep(0.3)
+        for i, item in enumerate(items):
+            deliver(i, item)
+
+    async def go():
+        batcher = MicroBatcher(run_batch, max_batch=1, max_wait_ms=0, executor=ThreadPoolExecutor(1))
+        first = await batcher.submit("complete", "warm")  # measures the kind's call time
+        deadline = time.monotonic() + 1.0
+        burst = await asyncio.gather(*(batcher.submit("complete", i, deadline) for i in range(8)),
+                                     return_exceptions=True)
+        unmeasured = await batcher.submit("classify", "new", time.monotonic() + 5.0)
+        batcher.request_seconds["complete"] = 100.0  # one slow call must not refuse all that follow
+        alone = await batcher.submit("complete", "alone", time.monotonic() + 5.0)
+        return first, burst, unmeasured, alone
+
+    first, burst, unmeasured, alone = asyncio.run(go())
+    assert first == "warm" and unmeasured == "new" and alone == "alone"  # nothing queued ahead: admitted
+    refused = [i for i, r in enumerate(burst) if isinstance(r, Overloaded) and "would not be" in r.reason]
+    assert len(refused) >= 4 and refused == list(range(8 - len(refused), 8)), burst  # the last to arrive
+    assert all(burst[i].kind == "deadline" and burst[i].retry_after >= 1 for i in refused)
+    assert not set(refused) & set(seen), seen
+    assert 0 in seen  # the first of the burst was admitted

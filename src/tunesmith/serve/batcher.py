@@ -5,9 +5,10 @@ The model runs on one worker thread (a model is not safe to call from two thread
 call takes up to `max_batch` of them, waiting at most `max_wait_ms` for more when few are queued.
 
 Overload has an answer: the queue holds at most `max_queue` requests (a request beyond it fails at
-once with `Overloaded`), and a request not answered by its deadline fails with `Overloaded` too (the
-app turns both into 503 with Retry-After). When a batch fails, each of its requests is run again on
-its own, so one bad request fails only itself.
+once with `Overloaded`), a request whose deadline falls before the requests already queued ahead of
+it can be answered (at their measured average) fails at once too, and a request not answered by its deadline
+fails with `Overloaded` (the app turns each into 503 with Retry-After). When a batch fails, each of
+its requests is run again on its own, so one bad request fails only itself.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class MicroBatcher:
         # Moving average of one model call per kind, for Retry-After: a generation call of 200 tokens takes
         # far longer than a classification call, so one average over both misjudged either queue.
         self.batch_seconds: dict[str, float] = {}
+        self.request_seconds: dict[str, float] = {}  # moving average per answered request, for admission
 
     async def submit(self, kind: str, item, deadline: float | None = None):
         """Queue `item` and wait for its result until `deadline` (time.monotonic()); raises
@@ -57,6 +59,7 @@ class MicroBatcher:
             self.waiting = deque(e for e in self.waiting if not e[2].done())
         if len(self.waiting) >= self.max_queue:
             raise Overloaded("queue_full", "the server is at capacity (request queue full)", self.retry_after())
+        self._refuse_hopeless(deadline)
         future = asyncio.get_running_loop().create_future()
         self.waiting.append((kind, item, future))
         self.wake.set()
@@ -66,6 +69,24 @@ class MicroBatcher:
         except asyncio.TimeoutError:
             raise Overloaded("deadline", "the request was not answered within serve.request_timeout_s",
                              self.retry_after()) from None
+
+    def _refuse_hopeless(self, deadline: float | None) -> None:
+        """Overloaded("deadline") now, rather than at the deadline, when the requests queued ahead take
+        longer than this one's time left, at each kind's average seconds per answered request. Without
+        it a burst of slow requests queued whole: each waited out its timeout for a 503. This request's
+        own share and the call running now are not counted, nor is a queue holding a kind not yet
+        measured: the estimate errs towards admitting, and a request with nothing queued ahead is always
+        admitted (so the averages keep being measured, however slow one call was)."""
+        if deadline is None:
+            return
+        ahead = Counter(k for k, _, fut in self.waiting if not fut.done())
+        if not ahead or any(k not in self.request_seconds for k in ahead):
+            return
+        wait = sum(n * self.request_seconds[k] for k, n in ahead.items())
+        if time.monotonic() + wait > deadline:
+            raise Overloaded("deadline", f"the request would not be answered within serve.request_timeout_s "
+                             f"({sum(ahead.values())} queued ahead, about {wait:.1f} s of model work)",
+                             self.retry_after())
 
     def retry_after(self) -> int:
         """Seconds until the queue now waiting (and the call running) has likely been worked off (1 to 60):
@@ -131,7 +152,10 @@ class MicroBatcher:
         skips items for which `alive(i)` is False (the client went, or the deadline passed)."""
         loop, futures = asyncio.get_running_loop(), [fut for _, fut in entries]
 
+        delivered = [0]
+
         def deliver(i: int, result) -> None:
+            delivered[0] += 1
             loop.call_soon_threadsafe(_settle, futures[i], result)
 
         def alive(i: int) -> bool:
@@ -143,6 +167,9 @@ class MicroBatcher:
         finally:
             took = time.monotonic() - started
             self.batch_seconds[kind] = 0.8 * self.batch_seconds.get(kind, took) + 0.2 * took
+            if delivered[0]:  # requests skipped (gone, past their deadline) took no model time
+                each = took / delivered[0]
+                self.request_seconds[kind] = 0.8 * self.request_seconds.get(kind, each) + 0.2 * each
         for fut in futures:  # deliveries ran before this line (queued first): what is left got no result
             _settle(fut, error=RuntimeError("the model call gave no result"))
 

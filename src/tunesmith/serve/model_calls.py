@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import time
 
+from tunesmith.serve.cores import CoreShare
 from tunesmith.serve.service import Service, first_batch
+
+FIRST_ROWS = 4  # rows of the first model call, before any was timed
 
 
 class Pacer:
@@ -16,9 +19,11 @@ class Pacer:
     def __init__(self, cap_s: float):
         self.cap_s, self.per_row = cap_s, 0.0
 
-    def max_rows(self) -> int | None:
-        """Rows that fit in `cap_s` at the recent pace; None before any call was timed."""
-        return max(1, int(self.cap_s / self.per_row)) if self.per_row > 0 else None
+    def max_rows(self) -> int:
+        """Rows that fit in `cap_s` at the recent pace; FIRST_ROWS before any call was timed, so that
+        the pace is measured on a small call (on a busy CPU an unmeasured call of 32 rows outlasted
+        every deadline in it, and kept the model from the requests queued behind it)."""
+        return max(1, int(self.cap_s / self.per_row)) if self.per_row > 0 else FIRST_ROWS
 
     def observe(self, rows: int, seconds: float) -> None:
         """Fold one call of `rows` rows that took `seconds` into the pace."""
@@ -26,10 +31,11 @@ class Pacer:
         self.per_row = now if self.per_row == 0 else 0.7 * self.per_row + 0.3 * now
 
 
-def run_batch(service: Service, kind: str, items: list, deliver, alive, budget: int, pacer: Pacer) -> None:
+def run_batch(service: Service, kind: str, items: list, deliver, alive, budget: int, pacer: Pacer,
+              cores: CoreShare | None = None) -> None:
     """The model calls for a batch of requests (on the model thread): rows in arrival order, each
     call within `budget` tokens (rows x (longest prompt + largest answer or max_tokens), see
-    service.call_tokens) and the pacer's row count; a request is
+    service.call_tokens) and the pacer's row count, each on the threads `cores` leaves it; a request is
     answered (`deliver`) as soon as its last row is done, and rows of requests that are no longer
     waiting (`alive` False: gone, or past the deadline) are never computed."""
     rows, owner, call = _rows(service, kind, items)
@@ -43,6 +49,8 @@ def run_batch(service: Service, kind: str, items: list, deliver, alive, budget: 
     pending = list(range(len(rows)))
     while pending := [r for r in pending if alive(owner[r])]:
         part = pending[:first_batch([costs[r] for r in pending], budget, pacer.max_rows())]
+        if cores is not None:
+            cores.fit()
         started = time.monotonic()
         # A completion stops decoding once no request of its call is waiting any more (gone, or past its deadline)
         gone = (lambda part=part: not any(alive(owner[r]) for r in part)) if kind == "complete" else None

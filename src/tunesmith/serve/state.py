@@ -13,6 +13,7 @@ from tunesmith.config import ServeConfig
 from tunesmith.errors import InputError
 from tunesmith.serve.auth import KeyChecker, RateLimiter
 from tunesmith.serve.batcher import MicroBatcher
+from tunesmith.serve.cores import CoreShare
 from tunesmith.serve.metrics import ServeMetrics
 from tunesmith.serve.model_calls import Pacer, run_batch
 from tunesmith.serve.monitoring import DriftWatch
@@ -43,6 +44,7 @@ class ServerState:
     watch: DriftWatch | None
     writer: LogWriter | None
     quality: QualityWatch | None = None  # the feedback route calls quality.seen(1) after a stored verdict
+    cores: CoreShare | None = None  # the model thread's torch threads (None for an upstream engine)
     # Called first when the app stops, before the model and the log close (the registry follower's
     # stop: no swap may start on a closed slot, no monitor follow a swap into a closed state).
     before_close: list[Callable[[], None]] = field(default_factory=list)
@@ -78,12 +80,13 @@ def build_state(service: Service, cfg: ServeConfig, keys: list[str] | None = Non
     metrics = _metrics(service)
     checker, limiter = KeyChecker(keys or []), RateLimiter(cfg.rate_limit_per_minute)
     executor = ThreadPoolExecutor(max_workers=service.threads, thread_name_prefix="model")
-    batcher = _batcher(service, cfg, executor, metrics)
+    cores = CoreShare() if hasattr(service, "row_tokens") else None  # a local torch model (see cores.py)
+    batcher = _batcher(service, cfg, executor, metrics, cores)
     streams = threading.BoundedSemaphore(cfg.max_queue)  # streams bypass the batcher: bounded on their own
     store, watch, writer = _request_log(service, cfg, log_path, metrics)
     quality = _quality(service, store, metrics)
     return ServerState(service, cfg, metrics, checker, limiter, executor, batcher, streams, store, watch, writer,
-                       quality)
+                       quality, cores=cores)
 
 
 def check_budget(service, cfg: ServeConfig) -> None:
@@ -105,11 +108,12 @@ def _metrics(service: Service) -> ServeMetrics:
     return metrics
 
 
-def _batcher(service: Service, cfg: ServeConfig, executor: ThreadPoolExecutor, metrics: ServeMetrics) -> MicroBatcher:
+def _batcher(service: Service, cfg: ServeConfig, executor: ThreadPoolExecutor, metrics: ServeMetrics,
+             cores: CoreShare | None) -> MicroBatcher:
     """The micro-batcher in front of the model thread; its calls are paced to a quarter of the deadline."""
     pacer = Pacer(cfg.request_timeout_s / 4)
     return MicroBatcher(lambda kind, items, deliver, alive: run_batch(service, kind, items, deliver, alive,
-                                                                      cfg.max_batch_tokens, pacer),
+                                                                      cfg.max_batch_tokens, pacer, cores),
                         cfg.max_batch, cfg.max_wait_ms, executor, max_queue=cfg.max_queue,
                         on_batch=lambda kind, n: metrics.batch_size.labels(kind).observe(n))
 

@@ -1,0 +1,83 @@
+"""The model thread's intra-op threads, sized to the cores other processes leave free.
+
+torch splits each operation over one thread per core and waits at a barrier for the slowest. When
+another process keeps a core busy, the thread sharing that core runs a fraction of the time and every
+operation waits for it: measured on a 2-core machine beside one busy-loop process, 32 classifications
+took 29.1 s with two threads against 9.2 s with one (and 5.6 s with two, alone). So before each model
+call, at most every half second, the CPU time other processes took since the last look (the machine's
+busy time, steal included, less this process's own) decides how many threads to run: the cores there
+are, less the cores others kept busy, at least one. Linux only; elsewhere, or where this process may
+run on only some of the machine's CPUs (their load says nothing then), the thread count is left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+
+# Seconds between looks: /proc reads are cheap, and 50 ticks (at 100 a second) judge a core well
+# enough; a look before the first call must come soon after start, when a busy neighbour shows.
+EVERY_S = 0.5
+
+
+def cpu_ticks() -> tuple[int, int] | None:
+    """(busy ticks of the whole machine, ticks this process ran) from /proc; None where unreadable, or
+    where this process may use only some of the machine's CPUs."""
+    if not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) != os.cpu_count():
+        return None
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = f.readline().split()  # cpu user nice system idle iowait irq softirq steal ...
+        with open("/proc/self/stat", encoding="ascii") as f:
+            own = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": state is field 3
+    except (OSError, IndexError, ValueError):
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 9 or len(own) < 13:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+    return user + nice + system + irq + softirq + steal, int(own[11]) + int(own[12])  # utime + stime
+
+
+class CoreShare:
+    """`fit()` before a model call sets torch's thread count to the cores others leave free."""
+
+    def __init__(self, read: Callable[[], tuple[int, int] | None] = cpu_ticks,
+                 set_threads: Callable[[int], None] | None = None, cores: int | None = None,
+                 clock: Callable[[], float] = time.monotonic, every_s: float = EVERY_S):
+        import torch
+
+        self.read, self.clock, self.every_s = read, clock, every_s
+        self.set_threads = set_threads or torch.set_num_threads
+        self.cores = self.threads = cores or torch.get_num_threads()
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        first = read() if self.cores > 1 else None
+        self.enabled = first is not None
+        # The first look is now (the server's start), so the first model call already has a span to judge.
+        self.last: tuple[float, int, int] | None = (clock(), *first) if first is not None else None
+        self.lock = threading.Lock()  # streams call from their own threads too
+
+    def fit(self) -> int:
+        """The thread count for the next call (set if it changed)."""
+        if not self.enabled:
+            return self.threads
+        with self.lock:
+            now = self.clock()
+            if self.last is not None and now - self.last[0] < self.every_s:
+                return self.threads
+            sample = self.read()
+            if sample is None:
+                return self.threads
+            if self.last is not None:
+                others = max(0, (sample[0] - self.last[1]) - (sample[1] - self.last[2]))  # ticks
+                want = self.threads_for(others / (self.tick * (now - self.last[0])))
+                if want != self.threads:
+                    self.set_threads(want)
+                    self.threads = want
+            self.last = (now, *sample)
+            return self.threads
+
+    def threads_for(self, busy_cores: float) -> int:
+        """The cores there are less those others kept busy (rounded: half a core counts), at least one."""
+        return max(1, self.cores - int(busy_cores + 0.5))

@@ -1,0 +1,96 @@
+"""The model thread's torch threads follow the cores other processes leave free (serve/cores.py)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+
+from tunesmith.serve.cores import CoreShare, cpu_ticks
+
+
+class Machine:
+    """Fake /proc counters of a 2-core machine at 100 ticks a second, and a settable clock."""
+
+    def __init__(self):
+        self.now, self.busy, self.own = 0.0, 0, 0
+
+    def run(self, seconds: float, own_cores: float, other_cores: float) -> None:
+        self.now += seconds
+        self.own += int(own_cores * 100 * seconds)
+        self.busy += int((own_cores + other_cores) * 100 * seconds)
+
+
+def share(machine: Machine, cores: int = 2):
+    calls = []
+    s = CoreShare(read=lambda: (machine.busy, machine.own), set_threads=calls.append, cores=cores,
+                  clock=lambda: machine.now)
+    s.tick = 100
+    return s, calls
+
+
+def test_threads_drop_while_another_process_holds_a_core_and_come_back_after():
+    m = Machine()
+    s, calls = share(m)
+    m.run(2.0, own_cores=2.0, other_cores=0.0)
+    assert s.fit() == 2 and calls == []  # alone: every core
+    m.run(2.0, own_cores=1.33, other_cores=0.67)  # a busy loop beside: it gets its share of the 2 cores
+    assert s.fit() == 1 and calls == [1]
+    m.run(0.2, own_cores=1.0, other_cores=1.0)
+    assert s.fit() == 1 and calls == [1]  # within EVERY_S: no look, no change
+    m.run(2.0, own_cores=1.0, other_cores=1.0)
+    assert s.fit() == 1 and calls == [1]  # still there
+    m.run(2.0, own_cores=1.0, other_cores=0.2)  # gone (a little noise left)
+    assert s.fit() == 2 and calls == [1, 2]
+
+
+def test_no_adjustment_on_one_core_or_without_proc_counters():
+    m = Machine()
+    one, calls = share(m, cores=1)
+    m.run(2.0, own_cores=0.5, other_cores=1.0)
+    assert one.fit() == 1 and calls == [] and not one.enabled
+    blind = CoreShare(read=lambda: None, set_threads=calls.append, cores=2)
+    assert blind.fit() == 2 and calls == [] and not blind.enabled
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_cpu_ticks_counts_this_process_inside_the_machine():
+    first = cpu_ticks()
+    if first is None:
+        pytest.skip("this process may use only some of the machine's CPUs")
+    end = time.process_time() + 0.3
+    while time.process_time() < end:
+        pass
+    busy, own = cpu_ticks()
+    assert own - first[1] >= 20 and busy - first[0] >= own - first[1] - 5  # ticks of 10 ms, some rounding
+
+
+def test_every_model_call_of_a_batch_runs_on_the_threads_fit_gives():
+    """run_batch asks the core share before each call of a batch, not once per batch: a batch of
+    slow calls spans several looks."""
+    from tunesmith.serve.model_calls import Pacer, run_batch
+
+    seen = []
+
+    class Cores:
+        threads = 2
+
+        def fit(self):
+            self.threads = 3 - self.threads  # 1, 2, 1...: each call sees the value in force
+            return self.threads
+
+    class Fake:
+        labels = ["x"]
+
+        def row_tokens(self, kind, rows):
+            return [10] * len(rows)
+
+        def classify(self, texts):
+            seen.append((list(texts), cores.threads))
+            return [(t, {}) for t in texts]
+    cores, pacer = Cores(), Pacer(cap_s=1.0)
+    pacer.observe(1, 0.5)  # two rows per call
+    run_batch(Fake(), "classify", [["a", "b", "c"]], lambda i, r: None, lambda i: True, budget=1000, pacer=pacer,
+              cores=cores)
+    assert seen == [(["a", "b"], 1), (["c"], 2)]
