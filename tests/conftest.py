@@ -23,6 +23,10 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n
 # end-to-end test (tests/test_data.py covers the child process itself).
 os.environ.setdefault("TUNESMITH_DATA_PROCESS", "inline")
 os.environ.setdefault("TUNESMITH_REGISTRY", str(Path(tempfile.mkdtemp(prefix="tunesmith-registry-")) / "runs.sqlite"))
+# A pinned thread count: tunesmith would otherwise fit torch's threads to the load of the machine
+# (cores.py), and the servers and children tests start are that load: results compared across two
+# runs must not depend on it. tests/test_cores.py unpins it where it tests the fitting itself.
+os.environ.setdefault("OMP_NUM_THREADS", str(__import__("torch").get_num_threads()))
 COLOURS = {"red": "alpha", "blue": "beta", "green": "gamma"}
 FILLER = "the a my card bank money please help today now where when why how is was can you".split()
 

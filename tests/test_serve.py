@@ -360,18 +360,17 @@ def test_token_id_prompts_are_used_as_given_and_checked(gen_run, cls_service, li
 
 
 def test_batched_and_streamed_model_calls_both_fit_their_threads_first(gen_run, tmp_path, monkeypatch):
-    """The core share (serve/cores.py) is asked on the model thread before a batched call and before a
+    """The core share (cores.py) is asked on the model thread before a batched call and before a
     stream decodes, so neither runs on threads another process has taken."""
     import threading
 
-    from tunesmith.serve.cores import CoreShare
+    from tunesmith import cores
+    from tunesmith.cores import CoreShare
 
-    asked, real = [], CoreShare.fit
-
-    def fit(self):
-        asked.append(threading.current_thread().name)
-        return real(self)
-    monkeypatch.setattr(CoreShare, "fit", fit)
+    asked = []
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # conftest pins it; here the share must exist
+    monkeypatch.setattr(cores, "_shared", None)
+    monkeypatch.setattr(CoreShare, "fit", lambda self: asked.append(threading.current_thread().name) or 2)
     with _client(load_service(gen_run), tmp_path, max_tokens=8) as c:
         assert c.post("/v1/completions", json={"prompt": "my card", "max_tokens": 2}).status_code == 200
         batched = len(asked)

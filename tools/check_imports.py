@@ -18,7 +18,7 @@ from pathlib import Path
 # packages of one row are independent of each other (serve and report never import one another).
 LAYERS: list[tuple[str, ...]] = [
     ("errors",),  # the error vocabulary every layer raises, fsio's checks included
-    ("__init__", "fsio", "hardware", "registry", "logs", "orphans"),  # the package root and helpers
+    ("__init__", "fsio", "hardware", "cores", "registry", "logs", "orphans"),  # the package root and helpers
     ("runs",),
     ("run_registry",),
     ("champions",),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from tunesmith.serve.cores import CoreShare
+from tunesmith.cores import CoreShare
 from tunesmith.serve.service import Service, first_batch
 
 FIRST_ROWS = 4  # rows of the first model call, before any was timed

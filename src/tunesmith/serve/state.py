@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunesmith.config import ServeConfig
+from tunesmith.cores import CoreShare, shared
 from tunesmith.errors import InputError
 from tunesmith.serve.auth import KeyChecker, RateLimiter
 from tunesmith.serve.batcher import MicroBatcher
-from tunesmith.serve.cores import CoreShare
 from tunesmith.serve.metrics import ServeMetrics
 from tunesmith.serve.model_calls import Pacer, run_batch
 from tunesmith.serve.monitoring import DriftWatch
@@ -80,7 +80,7 @@ def build_state(service: Service, cfg: ServeConfig, keys: list[str] | None = Non
     metrics = _metrics(service)
     checker, limiter = KeyChecker(keys or []), RateLimiter(cfg.rate_limit_per_minute)
     executor = ThreadPoolExecutor(max_workers=service.threads, thread_name_prefix="model")
-    cores = CoreShare() if hasattr(service, "row_tokens") else None  # a local torch model (see cores.py)
+    cores = shared() if hasattr(service, "row_tokens") else None  # a local torch model (cores.py)
     batcher = _batcher(service, cfg, executor, metrics, cores)
     streams = threading.BoundedSemaphore(cfg.max_queue)  # streams bypass the batcher: bounded on their own
     store, watch, writer = _request_log(service, cfg, log_path, metrics)

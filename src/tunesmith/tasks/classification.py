@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from tunesmith import cores
 from tunesmith.models.head import lm_logits
 from tunesmith.models.tokens import left_pad
 from tunesmith.tasks.cache import (
@@ -71,6 +72,7 @@ def score_labels(model, prompts: list[list[int]], answers: list[list[int]], pad_
     scores = []
     with tqdm(total=len(prompts), desc=progress, unit="ex", disable=progress is None, dynamic_ncols=True) as bar:
         for start in range(0, len(prompts), batch_size):
+            cores.fit_threads(dev)  # beside a busy process, fewer threads than cores (cores.py)
             batch = [p[n_prefix:] for p in prompts[start:start + batch_size]]
             scores.append(_score_batch(model, prefix, batch, label_ids, label_mask, pad_id, max_rows))
             bar.update(len(batch))
@@ -140,6 +142,7 @@ def score_labels_constrained(model, prompts: list[list[int]], answers: list[list
     scores = []
     with tqdm(total=len(prompts), desc=progress, unit="ex", disable=progress is None, dynamic_ncols=True) as bar:
         for start in range(0, len(prompts), batch_size):
+            cores.fit_threads(dev)
             batch = [p[n_prefix:] for p in prompts[start:start + batch_size]]
             mask, last, tensors = _prompt_forward(decoder, prefix, batch, pad_id)
             expand = partial(_tree_forward, decoder, tensors, mask, tree)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from tunesmith import cores
 from tunesmith.config import GenerationSettings
 from tunesmith.models.load import context_length
 from tunesmith.models.tokens import left_pad, stop_ids
@@ -31,6 +32,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
     bar = tqdm(total=len(prompts), desc=progress, disable=progress is None, unit="ex")
     with seeded(sampling, model.device), bar:
         for start in range(0, len(prompts), batch_size):
+            cores.fit_threads(model.device)  # beside a busy process, fewer threads than cores (cores.py)
             ids, mask = (t.to(model.device) for t in left_pad(prompts[start:start + batch_size],
                                                              tokenizer.pad_token_id))  # (B, T) each
             limit = min(max_new_tokens, context - ids.shape[1]) if context else max_new_tokens

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tunesmith import fsio, hardware
+from tunesmith import cores, fsio, hardware
 from tunesmith.config import TrainConfig
 from tunesmith.data.examples import Example
 from tunesmith.errors import ConfigError
@@ -255,6 +255,7 @@ def train_step(model, batches, optimizer, *, params: list[torch.Tensor], dev: to
     """
     loss_fn = loss_fn or _supervised
     loss_value, tokens = 0.0, 0
+    cores.fit_threads(dev)  # beside a busy process, fewer threads than cores (cores.py)
     for _ in range(grad_accum):
         batch = {k: v.to(dev) for k, v in next(batches).items()}
         with hardware.autocast(bf16, dev):

@@ -1,4 +1,4 @@
-"""The model thread's intra-op threads, sized to the cores other processes leave free.
+"""torch's intra-op threads, sized to the cores other processes leave free (serving, training, scoring).
 
 torch splits each operation over one thread per core and waits at a barrier for the slowest. When
 another process keeps a core busy, the thread sharing that core runs a fraction of the time and every
@@ -6,8 +6,10 @@ operation waits for it: measured on a 2-core machine beside one busy-loop proces
 took 29.1 s with two threads against 9.2 s with one (and 5.6 s with two, alone). So before each model
 call, at most every half second, the CPU time other processes took since the last look (the machine's
 busy time, steal included, less this process's own) decides how many threads to run: the cores there
-are, less the cores others kept busy, at least one. Linux only; elsewhere, or where this process may
-run on only some of the machine's CPUs (their load says nothing then), the thread count is left alone.
+are, less the cores others kept busy, at least one. Linux only; elsewhere, where this process may run
+on only some of the machine's CPUs (their load says nothing then), or where OMP_NUM_THREADS is set (the
+thread count is the user's: a fixed count also keeps a run's arithmetic the same under any load), the
+thread count is left alone.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 # Seconds between looks: /proc reads are cheap, and 50 ticks (at 100 a second) judge a core well
 # enough; a look before the first call must come soon after start, when a busy neighbour shows.
 EVERY_S = 0.5
+FIRST_LOOK_S = 0.2  # the span of the first look, taken when the process first needs threads
 
 
 def cpu_ticks() -> tuple[int, int] | None:
@@ -63,21 +67,65 @@ class CoreShare:
         if not self.enabled:
             return self.threads
         with self.lock:
-            now = self.clock()
-            if self.last is not None and now - self.last[0] < self.every_s:
-                return self.threads
-            sample = self.read()
-            if sample is None:
-                return self.threads
-            if self.last is not None:
-                others = max(0, (sample[0] - self.last[1]) - (sample[1] - self.last[2]))  # ticks
-                want = self.threads_for(others / (self.tick * (now - self.last[0])))
-                if want != self.threads:
-                    self.set_threads(want)
-                    self.threads = want
-            self.last = (now, *sample)
+            if self.last is None or self.clock() - self.last[0] >= self.every_s:
+                self._look()
             return self.threads
+
+    def _look(self) -> None:
+        """Fold the span since the last look into the thread count (the lock held)."""
+        now, sample = self.clock(), self.read()
+        if sample is None:
+            return
+        if self.last is not None and now > self.last[0]:
+            others = max(0, (sample[0] - self.last[1]) - (sample[1] - self.last[2]))  # ticks
+            want = self.threads_for(others / (self.tick * (now - self.last[0])))
+            if want != self.threads:
+                self.set_threads(want)
+                self.threads = want
+        self.last = (now, *sample)
+
+    def settle(self, seconds: float = FIRST_LOOK_S) -> int:
+        """A first look over `seconds` from now, before the first call: one call on too many threads
+        beside a busy process costs seconds (the first 32.7 s of a quickstart training run went there)."""
+        if self.enabled:
+            with self.lock:
+                self.last = None
+                self._look()
+                time.sleep(seconds)
+                self._look()
+        return self.threads
 
     def threads_for(self, busy_cores: float) -> int:
         """The cores there are less those others kept busy (rounded: half a core counts), at least one."""
         return max(1, self.cores - int(busy_cores + 0.5))
+
+
+_shared: CoreShare | None = None
+_shared_lock = threading.Lock()
+
+
+def threads_pinned() -> bool:
+    """Whether the user fixed the thread count (OMP_NUM_THREADS): then it is left alone."""
+    return bool(os.environ.get("OMP_NUM_THREADS", "").strip())
+
+
+def shared() -> CoreShare | None:
+    """The process's one CoreShare (the server's model calls, training steps and scoring batches all
+    fit the same threads), or None where the thread count is pinned."""
+    global _shared
+    if threads_pinned():
+        return None
+    with _shared_lock:
+        if _shared is None:
+            _shared = CoreShare()
+            _shared.settle()
+    return _shared
+
+
+def fit_threads(dev: Any = None) -> int | None:
+    """Before a CPU model call (a training step, a batch of predictions): the shared CoreShare, fitted.
+    None, and nothing changed, on an accelerator (`dev` not a CPU) or where the thread count is pinned."""
+    if dev is not None and getattr(dev, "type", "cpu") != "cpu":
+        return None
+    share = shared()
+    return share.fit() if share is not None else None

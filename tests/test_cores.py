@@ -1,4 +1,4 @@
-"""The model thread's torch threads follow the cores other processes leave free (serve/cores.py)."""
+"""torch's threads follow the cores other processes leave free (cores.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from tunesmith.serve.cores import CoreShare, cpu_ticks
+from tunesmith import cores
+from tunesmith.cores import CoreShare, cpu_ticks
 
 
 class Machine:
@@ -94,3 +95,60 @@ def test_every_model_call_of_a_batch_runs_on_the_threads_fit_gives():
     run_batch(Fake(), "classify", [["a", "b", "c"]], lambda i, r: None, lambda i: True, budget=1000, pacer=pacer,
               cores=cores)
     assert seen == [(["a", "b"], 1), (["c"], 2)]
+
+
+def test_fit_threads_shares_one_fitting_and_leaves_accelerators_and_pinned_counts_alone(monkeypatch):
+    """Training steps, scoring batches and the server fit the same process-wide CoreShare; on a GPU (its
+    CPU threads only feed it) and with OMP_NUM_THREADS set, nothing is fitted."""
+    import torch
+
+    looks = []
+    monkeypatch.setattr(cores, "_shared", None)
+    monkeypatch.setattr(CoreShare, "fit", lambda self: looks.append(self) or 2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert cores.fit_threads(torch.device("cpu")) is None and cores.shared() is None and looks == []
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert cores.fit_threads(torch.device("cpu")) == 2 and cores.fit_threads() == 2
+    assert cores.fit_threads(torch.device("meta")) is None  # not a CPU: left alone
+    assert len(looks) == 2 and looks[0] is looks[1] is cores.shared()
+
+
+def test_a_training_step_and_a_scoring_batch_fit_the_threads_first(monkeypatch, tiny_model):
+    """train_step and label scoring ask before computing (beside a busy process, a 16-example LoRA run
+    of the quickstart model did not finish in 900 s on two threads)."""
+    import torch
+
+    from tunesmith.data.examples import Example
+    from tunesmith.models.load import load_model, load_tokenizer
+    from tunesmith.tasks.classification import score_labels
+    from tunesmith.tasks.prompts import PromptFormat
+    from tunesmith.train.batching import collate, encode_for_training
+    from tunesmith.train.trainer import train_step
+
+    asked = []
+    monkeypatch.setattr(cores, "fit_threads", lambda dev=None: asked.append(str(dev)))
+    model, tok = load_model(tiny_model), load_tokenizer(tiny_model)
+    fmt = PromptFormat("classification", "Classify.", ["alpha", "beta"], True, 64)
+    enc = encode_for_training(tok, fmt, [Example("red card", "alpha", "train"), Example("blue", "beta", "train")])
+    batch = collate(enc, tok.pad_token_id)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    train_step(model, iter([batch]), optimizer, params=list(model.parameters()), dev=torch.device("cpu"))
+    assert asked == ["cpu"]
+    prompts = [e.ids[:e.n_prompt] for e in enc]
+    answers = [tok("alpha", add_special_tokens=False)["input_ids"], tok("beta", add_special_tokens=False)["input_ids"]]
+    score_labels(model.eval(), prompts * 3, answers, tok.pad_token_id, batch_size=2)
+    assert asked == ["cpu"] * 4  # and once per scoring batch of 2
+
+
+def test_settle_judges_the_first_call_before_it_runs():
+    """The first look spans a short wait before the process's first call, so that call already runs on
+    the free cores (on too many threads beside a busy process, the first 32.7 s of one training run)."""
+    m, calls = Machine(), []
+
+    def read():
+        sample = (m.busy, m.own)
+        m.run(0.2, own_cores=0.0, other_cores=1.0)  # time passes between looks: a busy loop runs
+        return sample
+    s = CoreShare(read=read, set_threads=calls.append, cores=2, clock=lambda: m.now)
+    s.tick = 100
+    assert s.settle(seconds=0.0) == 1 and calls == [1]
