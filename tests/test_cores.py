@@ -26,7 +26,7 @@ class Machine:
 def share(machine: Machine, cores: int = 2):
     calls = []
     s = CoreShare(read=lambda: (machine.busy, machine.own), set_threads=calls.append, cores=cores,
-                  clock=lambda: machine.now)
+                  clock=lambda: machine.now, cpus=2)
     s.tick = 100
     return s, calls
 
@@ -105,6 +105,7 @@ def test_fit_threads_shares_one_fitting_and_leaves_accelerators_and_pinned_count
     looks = []
     monkeypatch.setattr(cores, "_shared", None)
     monkeypatch.setattr(CoreShare, "fit", lambda self: looks.append(self) or 2)
+    monkeypatch.setattr(CoreShare, "settle", lambda self: 2)  # no real thread change in the test process
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert cores.fit_threads(torch.device("cpu")) is None and cores.shared() is None and looks == []
     monkeypatch.delenv("OMP_NUM_THREADS")
@@ -149,6 +150,31 @@ def test_settle_judges_the_first_call_before_it_runs():
         sample = (m.busy, m.own)
         m.run(0.2, own_cores=0.0, other_cores=1.0)  # time passes between looks: a busy loop runs
         return sample
-    s = CoreShare(read=read, set_threads=calls.append, cores=2, clock=lambda: m.now)
+    s = CoreShare(read=read, set_threads=calls.append, cores=2, clock=lambda: m.now, cpus=2)
     s.tick = 100
     assert s.settle(seconds=0.0) == 1 and calls == [1]
+
+
+def test_a_thread_the_share_has_not_set_gets_the_count_and_a_stale_span_is_looked_at_anew():
+    """torch's count is per OS thread: a caller on another thread is given the current count; a span
+    longer than STALE_S (an idle server) is not averaged, but looked at anew; others are counted
+    against the logical CPUs, capped at torch's own count (one thread per physical core)."""
+    m, applied, per_thread = Machine(), [], {"value": 2}
+
+    def set_threads(n):
+        applied.append(n)
+        per_thread["value"] = n
+    s = CoreShare(read=lambda: (m.busy, m.own), set_threads=set_threads, cores=2, clock=lambda: m.now,
+                  get_threads=lambda: per_thread["value"], cpus=2)
+    s.tick = 100
+    m.run(2.0, own_cores=1.0, other_cores=1.0)
+    assert s.fit() == 1 and applied == [1]
+    per_thread["value"] = 2  # another thread, still at its first count
+    assert s.fit() == 1 and applied == [1, 1]
+    m.run(600.0, own_cores=0.0, other_cores=0.0)  # idle ten minutes: the neighbour went long ago
+    looks = []
+    s.read = lambda: looks.append(m.now) or (m.busy, m.own)
+    s.fit()
+    assert len(looks) == 2  # a short look of its own, not the ten-minute average
+    ht = CoreShare(read=lambda: (m.busy, m.own), set_threads=applied.append, cores=2, clock=lambda: m.now, cpus=4)
+    assert ht.threads_for(1.0) == 2 and ht.threads_for(2.6) == 1  # 4 logical CPUs, torch on 2 cores

@@ -371,7 +371,9 @@ def test_batched_and_streamed_model_calls_both_fit_their_threads_first(gen_run, 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # conftest pins it; here the share must exist
     monkeypatch.setattr(cores, "_shared", None)
     monkeypatch.setattr(CoreShare, "fit", lambda self: asked.append(threading.current_thread().name) or 2)
-    with _client(load_service(gen_run), tmp_path, max_tokens=8) as c:
+    monkeypatch.setattr(CoreShare, "settle", lambda self: 2)  # no real thread change in the test process
+    # fp32: the run's own torch model (a test above may have selected its ct2 variant, which torch does not run)
+    with _client(load_service(gen_run, "fp32"), tmp_path, max_tokens=8) as c:
         assert c.post("/v1/completions", json={"prompt": "my card", "max_tokens": 2}).status_code == 200
         batched = len(asked)
         with c.stream("POST", "/v1/completions", json={"prompt": "my card", "max_tokens": 2, "stream": True}) as s:

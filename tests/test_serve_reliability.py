@@ -775,6 +775,8 @@ def test_a_request_the_queue_ahead_cannot_reach_in_time_is_refused_at_once():
     async def go():
         batcher = MicroBatcher(run_batch, max_batch=1, max_wait_ms=0, executor=ThreadPoolExecutor(1))
         first = await batcher.submit("complete", "warm")  # measures the kind's call time
+        while "complete" not in batcher.request_seconds:  # measured when the call returns, after the answer
+            await asyncio.sleep(0.01)
         deadline = time.monotonic() + 1.0
         burst = await asyncio.gather(*(batcher.submit("complete", i, deadline) for i in range(8)),
                                      return_exceptions=True)
@@ -790,3 +792,26 @@ def test_a_request_the_queue_ahead_cannot_reach_in_time_is_refused_at_once():
     assert all(burst[i].kind == "deadline" and burst[i].retry_after >= 1 for i in refused)
     assert not set(refused) & set(seen), seen
     assert 0 in seen  # the first of the burst was admitted
+
+
+def test_admission_admits_behind_a_kind_not_yet_measured_and_refuses_without_it():
+    """The estimate errs towards admitting: a queue holding a kind with no measured time is not priced."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        batcher = MicroBatcher(lambda *a: None, max_batch=4, max_wait_ms=1, executor=ThreadPoolExecutor(1))
+        batcher.request_seconds, batcher.batch_seconds = {"complete": 2.0}, {"complete": 8.0}  # batched: 3 x 8 s
+        batcher.waiting.extend(("complete", i, loop.create_future()) for i in range(10))  # 20 s of work
+        unmeasured = ("classify", "x", loop.create_future())
+        batcher.waiting.append(unmeasured)
+        soon = time.monotonic() + 5.0
+        batcher._refuse_hopeless(soon)  # admitted: the classify call's time is unknown
+        batcher.waiting.remove(unmeasured)
+        try:
+            batcher._refuse_hopeless(soon)
+        except Overloaded as e:
+            return e
+        return None
+    refused = asyncio.run(go())
+    assert refused is not None and refused.kind == "deadline" and "10 queued ahead" in refused.reason

@@ -7,9 +7,10 @@ took 29.1 s with two threads against 9.2 s with one (and 5.6 s with two, alone).
 call, at most every half second, the CPU time other processes took since the last look (the machine's
 busy time, steal included, less this process's own) decides how many threads to run: the cores there
 are, less the cores others kept busy, at least one. Linux only; elsewhere, where this process may run
-on only some of the machine's CPUs (their load says nothing then), or where OMP_NUM_THREADS is set (the
-thread count is the user's: a fixed count also keeps a run's arithmetic the same under any load), the
-thread count is left alone.
+on only some of the machine's CPUs (their load says nothing then), or where OMP_NUM_THREADS or
+MKL_NUM_THREADS is set (the count is the user's: a fixed count also keeps a run's arithmetic the same
+under any load), the thread count is left alone. In a container limited by a CPU quota rather than by
+affinity, /proc/stat shows the whole host: its neighbours count as others there too.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from typing import Any
 # enough; a look before the first call must come soon after start, when a busy neighbour shows.
 EVERY_S = 0.5
 FIRST_LOOK_S = 0.2  # the span of the first look, taken when the process first needs threads
+STALE_S = 5.0  # a span longer than this (an idle server) is looked at anew, over STALE_LOOK_S
+STALE_LOOK_S = 0.1
 
 
 def cpu_ticks() -> tuple[int, int] | None:
@@ -32,16 +35,16 @@ def cpu_ticks() -> tuple[int, int] | None:
     if not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) != os.cpu_count():
         return None
     try:
-        with open("/proc/stat", encoding="ascii") as f:
+        with open("/proc/stat", "rb") as f:
             fields = f.readline().split()  # cpu user nice system idle iowait irq softirq steal ...
-        with open("/proc/self/stat", encoding="ascii") as f:
-            own = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": state is field 3
+        with open("/proc/self/stat", "rb") as f:  # bytes: the process name may be any bytes
+            own = f.read().rsplit(b")", 1)[1].split()  # after "pid (comm)": state is field 3
+        if not fields or fields[0] != b"cpu" or len(fields) < 9 or len(own) < 13:
+            return None
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+        return user + nice + system + irq + softirq + steal, int(own[11]) + int(own[12])  # utime + stime
     except (OSError, IndexError, ValueError):
         return None
-    if not fields or fields[0] != "cpu" or len(fields) < 9 or len(own) < 13:
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
-    return user + nice + system + irq + softirq + steal, int(own[11]) + int(own[12])  # utime + stime
 
 
 class CoreShare:
@@ -49,12 +52,18 @@ class CoreShare:
 
     def __init__(self, read: Callable[[], tuple[int, int] | None] = cpu_ticks,
                  set_threads: Callable[[int], None] | None = None, cores: int | None = None,
-                 clock: Callable[[], float] = time.monotonic, every_s: float = EVERY_S):
+                 clock: Callable[[], float] = time.monotonic, every_s: float = EVERY_S,
+                 get_threads: Callable[[], int] | None = None, cpus: int | None = None):
         import torch
 
         self.read, self.clock, self.every_s = read, clock, every_s
         self.set_threads = set_threads or torch.set_num_threads
+        # The count is per OS thread (OpenMP's and MKL's settings are): each caller's is checked.
+        self.get_threads = get_threads or (torch.get_num_threads if set_threads is None else lambda: self.threads)
         self.cores = self.threads = cores or torch.get_num_threads()
+        # Logical CPUs others' busy time is counted against (torch may use fewer threads, e.g. one per
+        # physical core): a neighbour on an idle hyperthread leaves torch its threads.
+        self.cpus = cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
         self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         first = read() if self.cores > 1 else None
         self.enabled = first is not None
@@ -67,8 +76,12 @@ class CoreShare:
         if not self.enabled:
             return self.threads
         with self.lock:
-            if self.last is None or self.clock() - self.last[0] >= self.every_s:
+            if self.last is not None and self.clock() - self.last[0] > STALE_S:
+                self._short_look()  # an idle span says nothing of the load a neighbour began since
+            elif self.last is None or self.clock() - self.last[0] >= self.every_s:
                 self._look()
+            if self.get_threads() != self.threads:  # a thread this share has not set yet
+                self.set_threads(self.threads)
             return self.threads
 
     def _look(self) -> None:
@@ -89,15 +102,19 @@ class CoreShare:
         beside a busy process costs seconds (the first 32.7 s of a quickstart training run went there)."""
         if self.enabled:
             with self.lock:
-                self.last = None
-                self._look()
-                time.sleep(seconds)
-                self._look()
+                self._short_look(seconds)
         return self.threads
 
+    def _short_look(self, seconds: float = STALE_LOOK_S) -> None:
+        self.last = None
+        self._look()
+        time.sleep(seconds)
+        self._look()
+
     def threads_for(self, busy_cores: float) -> int:
-        """The cores there are less those others kept busy (rounded: half a core counts), at least one."""
-        return max(1, self.cores - int(busy_cores + 0.5))
+        """The CPUs there are less those others kept busy (rounded: half a CPU counts), at most torch's own
+        count and at least one."""
+        return max(1, min(self.cores, self.cpus - int(busy_cores + 0.5)))
 
 
 _shared: CoreShare | None = None
@@ -105,8 +122,8 @@ _shared_lock = threading.Lock()
 
 
 def threads_pinned() -> bool:
-    """Whether the user fixed the thread count (OMP_NUM_THREADS): then it is left alone."""
-    return bool(os.environ.get("OMP_NUM_THREADS", "").strip())
+    """Whether the user fixed the thread count (OMP_NUM_THREADS or MKL_NUM_THREADS): then it is left alone."""
+    return any(os.environ.get(name, "").strip() for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"))
 
 
 def shared() -> CoreShare | None:

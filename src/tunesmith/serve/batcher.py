@@ -74,15 +74,19 @@ class MicroBatcher:
         """Overloaded("deadline") now, rather than at the deadline, when the requests queued ahead take
         longer than this one's time left, at each kind's average seconds per answered request. Without
         it a burst of slow requests queued whole: each waited out its timeout for a 503. This request's
-        own share and the call running now are not counted, nor is a queue holding a kind not yet
-        measured: the estimate errs towards admitting, and a request with nothing queued ahead is always
-        admitted (so the averages keep being measured, however slow one call was)."""
+        own share and the call running now are not counted, a queue holding a kind not yet measured is
+        not priced, and a request with nothing queued ahead is always admitted (so the averages keep
+        being measured, however slow one call was). An estimate: a request of many texts and one of
+        few are priced alike."""
         if deadline is None:
             return
         ahead = Counter(k for k, _, fut in self.waiting if not fut.done())
         if not ahead or any(k not in self.request_seconds for k in ahead):
             return
-        wait = sum(n * self.request_seconds[k] for k, n in ahead.items())
+        # Each kind at the cheaper of its two prices: per answered request, or per call of max_batch
+        # (a price measured on calls of one request would overcharge a queue that will batch).
+        wait = sum(min(n * self.request_seconds[k], math.ceil(n / self.max_batch) * self.batch_seconds[k])
+                   for k, n in ahead.items())
         if time.monotonic() + wait > deadline:
             raise Overloaded("deadline", f"the request would not be answered within serve.request_timeout_s "
                              f"({sum(ahead.values())} queued ahead, about {wait:.1f} s of model work)",

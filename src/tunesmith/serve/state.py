@@ -80,13 +80,23 @@ def build_state(service: Service, cfg: ServeConfig, keys: list[str] | None = Non
     metrics = _metrics(service)
     checker, limiter = KeyChecker(keys or []), RateLimiter(cfg.rate_limit_per_minute)
     executor = ThreadPoolExecutor(max_workers=service.threads, thread_name_prefix="model")
-    cores = shared() if hasattr(service, "row_tokens") else None  # a local torch model (cores.py)
+    cores = shared() if _torch_on_cpu(service) else None  # see cores.py
     batcher = _batcher(service, cfg, executor, metrics, cores)
     streams = threading.BoundedSemaphore(cfg.max_queue)  # streams bypass the batcher: bounded on their own
     store, watch, writer = _request_log(service, cfg, log_path, metrics)
     quality = _quality(service, store, metrics)
     return ServerState(service, cfg, metrics, checker, limiter, executor, batcher, streams, store, watch, writer,
                        quality, cores=cores)
+
+
+def _torch_on_cpu(service) -> bool:
+    """Whether the service computes with a torch module on the CPU (not an upstream engine, a
+    CTranslate2 or ONNX variant, or a GPU), the one case where torch's thread count is the work's."""
+    module = getattr(getattr(service, "predictor", None), "module", None)
+    if module is None or not hasattr(module, "parameters"):
+        return False
+    first = next(module.parameters(), None)
+    return first is not None and first.device.type == "cpu"
 
 
 def check_budget(service, cfg: ServeConfig) -> None:

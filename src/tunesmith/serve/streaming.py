@@ -61,9 +61,9 @@ def _producer(state: ServerState, example, limit: int, cancelled: threading.Even
 
     def produce():
         n = 0
-        if state.cores is not None:
-            state.cores.fit()
         try:
+            if state.cores is not None:
+                state.cores.fit()
             pieces = iter([] if cancelled.is_set() else state.service.stream(example, limit, cancelled, *extra))
             while True:
                 try:
