@@ -157,7 +157,8 @@ def test_settle_judges_the_first_call_before_it_runs():
 
 def test_a_thread_the_share_has_not_set_gets_the_count_and_a_stale_span_is_looked_at_anew():
     """torch's count is per OS thread: a caller on another thread is given the current count; a span
-    longer than STALE_S (an idle server) is not averaged, but looked at anew; others are counted
+    longer than STALE_S in which this process was idle is not averaged, but looked at anew (a long busy
+    span is judged as it is); others are counted
     against the logical CPUs, capped at torch's own count (one thread per physical core)."""
     m, applied, per_thread = Machine(), [], {"value": 2}
 
@@ -175,6 +176,10 @@ def test_a_thread_the_share_has_not_set_gets_the_count_and_a_stale_span_is_looke
     looks = []
     s.read = lambda: looks.append(m.now) or (m.busy, m.own)
     s.fit()
-    assert len(looks) == 2  # a short look of its own, not the ten-minute average
+    assert len(looks) == 3  # idle: a short look of its own (two reads), not the ten-minute average
+    m.run(10.0, own_cores=1.0, other_cores=0.0)  # one long busy call (a big training step)
+    looks.clear()
+    s.fit()
+    assert len(looks) == 2  # judged as it is: the idle check and one look, no extra wait
     ht = CoreShare(read=lambda: (m.busy, m.own), set_threads=applied.append, cores=2, clock=lambda: m.now, cpus=4)
     assert ht.threads_for(1.0) == 2 and ht.threads_for(2.6) == 1  # 4 logical CPUs, torch on 2 cores

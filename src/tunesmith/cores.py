@@ -76,13 +76,22 @@ class CoreShare:
         if not self.enabled:
             return self.threads
         with self.lock:
-            if self.last is not None and self.clock() - self.last[0] > STALE_S:
+            if self.last is not None and self.clock() - self.last[0] > STALE_S and self._was_idle():
                 self._short_look()  # an idle span says nothing of the load a neighbour began since
             elif self.last is None or self.clock() - self.last[0] >= self.every_s:
                 self._look()
             if self.get_threads() != self.threads:  # a thread this share has not set yet
                 self.set_threads(self.threads)
             return self.threads
+
+    def _was_idle(self) -> bool:
+        """Whether this process ran under half a CPU since the last look (an idle server, not a long
+        training step: that span is judged as it is, with no extra look and no wait)."""
+        sample = self.read()
+        if sample is None or self.last is None:
+            return False
+        span = self.clock() - self.last[0]
+        return span > 0 and (sample[1] - self.last[2]) / (self.tick * span) < 0.5
 
     def _look(self) -> None:
         """Fold the span since the last look into the thread count (the lock held)."""
