@@ -183,3 +183,35 @@ def test_a_thread_the_share_has_not_set_gets_the_count_and_a_stale_span_is_looke
     assert len(looks) == 2  # judged as it is: the idle check and one look, no extra wait
     ht = CoreShare(read=lambda: (m.busy, m.own), set_threads=applied.append, cores=2, clock=lambda: m.now, cpus=4)
     assert ht.threads_for(1.0) == 2 and ht.threads_for(2.6) == 1  # 4 logical CPUs, torch on 2 cores
+
+
+def test_a_neighbour_busy_in_bursts_does_not_flip_the_count_and_room_that_holds_gives_threads_back():
+    """Fewer threads at once, more only once the room has held RISE_S: a neighbour alternating half a
+    second busy and half a second idle keeps one thread, not a flip at every look."""
+    m = Machine()
+    s, calls = share(m)
+    m.run(0.5, own_cores=1.0, other_cores=1.0)
+    assert s.fit() == 1 and calls == [1]  # the drop is immediate
+    for _ in range(4):
+        m.run(0.5, own_cores=2.0, other_cores=0.0)  # a quiet half second: not enough to rise
+        assert s.fit() == 1
+        m.run(0.5, own_cores=1.0, other_cores=1.0)
+        assert s.fit() == 1
+    assert calls == [1]
+    m.run(0.5, own_cores=2.0, other_cores=0.0)
+    assert s.fit() == 1
+    m.run(0.5, own_cores=2.0, other_cores=0.0)  # quiet for cores.RISE_S now
+    assert s.fit() == 2 and calls == [1, 2]
+    m.run(0.5, own_cores=1.0, other_cores=1.0)
+    assert s.fit() == 1 and calls == [1, 2, 1]
+
+
+def test_a_fresh_look_after_an_idle_span_gives_threads_back_at_once(monkeypatch):
+    """After an idle span the short look is all there is to judge by: room it shows is taken at once."""
+    m = Machine()
+    s, calls = share(m)
+    m.run(1.0, own_cores=1.0, other_cores=1.0)
+    assert s.fit() == 1
+    monkeypatch.setattr(cores.time, "sleep", lambda seconds: m.run(seconds, own_cores=0.0, other_cores=0.0))
+    m.run(60.0, own_cores=0.0, other_cores=0.5)
+    assert s.fit() == 2 and calls == [1, 2]
