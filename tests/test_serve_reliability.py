@@ -775,13 +775,13 @@ def test_a_request_the_queue_ahead_cannot_reach_in_time_is_refused_at_once():
     async def go():
         batcher = MicroBatcher(run_batch, max_batch=1, max_wait_ms=0, executor=ThreadPoolExecutor(1))
         first = await batcher.submit("complete", "warm")  # measures the kind's call time
-        while "complete" not in batcher.request_seconds:  # measured when the call returns, after the answer
+        while "complete" not in batcher.row_seconds:  # measured when the call returns, after the answer
             await asyncio.sleep(0.01)
         deadline = time.monotonic() + 1.0
         burst = await asyncio.gather(*(batcher.submit("complete", i, deadline) for i in range(8)),
                                      return_exceptions=True)
         unmeasured = await batcher.submit("classify", "new", time.monotonic() + 5.0)
-        batcher.request_seconds["complete"] = 100.0  # one slow call must not refuse all that follow
+        batcher.row_seconds["complete"] = 100.0  # one slow call must not refuse all that follow
         alone = await batcher.submit("complete", "alone", time.monotonic() + 5.0)
         return first, burst, unmeasured, alone
 
@@ -801,7 +801,7 @@ def test_admission_admits_behind_a_kind_not_yet_measured_and_refuses_without_it(
     async def go():
         loop = asyncio.get_running_loop()
         batcher = MicroBatcher(lambda *a: None, max_batch=4, max_wait_ms=1, executor=ThreadPoolExecutor(1))
-        batcher.request_seconds, batcher.batch_seconds = {"complete": 2.0}, {"complete": 8.0}  # batched: 3 x 8 s
+        batcher.row_seconds, batcher.batch_seconds = {"complete": 2.0}, {"complete": 8.0}  # batched: 3 x 8 s
         batcher.waiting.extend(("complete", i, loop.create_future()) for i in range(10))  # 20 s of work
         unmeasured = ("classify", "x", loop.create_future())
         batcher.waiting.append(unmeasured)
@@ -815,3 +815,28 @@ def test_admission_admits_behind_a_kind_not_yet_measured_and_refuses_without_it(
         return None
     refused = asyncio.run(go())
     assert refused is not None and refused.kind == "deadline" and "10 queued ahead" in refused.reason
+
+
+def test_admission_prices_a_request_of_many_texts_by_its_rows():
+    """One classify request of 100 texts ahead is 100 rows of model work, not one request's worth; the
+    server's batcher counts a classify request's texts (state.py), any other request as one row."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tunesmith.serve import state as state_module
+
+    async def go(texts: int):
+        loop = asyncio.get_running_loop()
+        batcher = MicroBatcher(lambda *a: None, max_batch=4, max_wait_ms=1, executor=ThreadPoolExecutor(1),
+                               rows=lambda kind, item: len(item) if kind == "classify" else 1)
+        batcher.row_seconds, batcher.batch_seconds = {"classify": 0.1}, {"classify": 0.4}
+        batcher.waiting.append(("classify", ["t"] * texts, loop.create_future()))
+        try:
+            batcher._refuse_hopeless(time.monotonic() + 5.0)
+        except Overloaded as e:
+            return e, batcher.retry_after()
+        return None, batcher.retry_after()
+    refused, retry = asyncio.run(go(100))  # 25 calls of 4 rows at 0.4 s: 10 s > 5 s left
+    assert refused is not None and "1 queued ahead, about 10.0 s" in refused.reason and retry == 11
+    assert asyncio.run(go(8)) == (None, 2)  # 2 calls of 0.4 s after the one running
+    served = state_module._batcher(object(), ServeConfig(), ThreadPoolExecutor(1), None, None)
+    assert served.rows("classify", ["a", "b", "c"]) == 3 and served.rows("complete", ("prompt", 5)) == 1

@@ -19,6 +19,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 MAX_RETRY_AFTER_S = 60
 
@@ -38,16 +39,17 @@ class MicroBatcher:
 
     def __init__(self, run_batch: Callable[..., None], max_batch: int, max_wait_ms: float,
                  executor: ThreadPoolExecutor, on_batch: Callable[[str, int], None] | None = None,
-                 max_queue: int = 64):
+                 max_queue: int = 64, rows: Callable[[str, Any], int] = lambda kind, item: 1):
         self.run_batch, self.max_batch, self.max_wait = run_batch, max_batch, max_wait_ms / 1000
         self.executor, self.on_batch, self.max_queue = executor, on_batch, max_queue
+        self.rows = rows  # the model rows an item takes (a classify request of 50 texts: 50), for pricing
         self.waiting: deque = deque()  # (kind, item, future), at most max_queue
         self.wake: asyncio.Event | None = None
         self.task: asyncio.Task | None = None
         # Moving average of one model call per kind, for Retry-After: a generation call of 200 tokens takes
         # far longer than a classification call, so one average over both misjudged either queue.
         self.batch_seconds: dict[str, float] = {}
-        self.request_seconds: dict[str, float] = {}  # moving average per answered request, for admission
+        self.row_seconds: dict[str, float] = {}  # moving average per answered row, for admission
 
     async def submit(self, kind: str, item, deadline: float | None = None):
         """Queue `item` and wait for its result until `deadline` (time.monotonic()); raises
@@ -72,30 +74,36 @@ class MicroBatcher:
 
     def _refuse_hopeless(self, deadline: float | None) -> None:
         """Overloaded("deadline") now, rather than at the deadline, when the requests queued ahead take
-        longer than this one's time left, at each kind's average seconds per answered request. Without
-        it a burst of slow requests queued whole: each waited out its timeout for a 503. This request's
-        own share and the call running now are not counted, a queue holding a kind not yet measured is
-        not priced, and a request with nothing queued ahead is always admitted (so the averages keep
-        being measured, however slow one call was). An estimate: a request of many texts and one of
-        few are priced alike."""
+        longer than this one's time left, at each kind's average seconds per answered row (a request of
+        50 texts is 50 rows). Without it a burst of slow requests queued whole: each waited out its
+        timeout for a 503. This request's own share and the call running now are not counted, a queue
+        holding a kind not yet measured is not priced, and a request with nothing queued ahead is always
+        admitted (so the averages keep being measured, however slow one call was)."""
         if deadline is None:
             return
-        ahead = Counter(k for k, _, fut in self.waiting if not fut.done())
-        if not ahead or any(k not in self.request_seconds for k in ahead):
+        ahead, requests = self._queued_rows(), sum(1 for _, _, fut in self.waiting if not fut.done())
+        if not ahead or any(k not in self.row_seconds for k in ahead):
             return
-        # Each kind at the cheaper of its two prices: per answered request, or per call of max_batch
-        # (a price measured on calls of one request would overcharge a queue that will batch).
-        wait = sum(min(n * self.request_seconds[k], math.ceil(n / self.max_batch) * self.batch_seconds[k])
+        # Each kind at the cheaper of its two prices: per answered row, or per call of max_batch rows
+        # (a price measured on calls of one row would overcharge a queue that will batch).
+        wait = sum(min(n * self.row_seconds[k], math.ceil(n / self.max_batch) * self.batch_seconds[k])
                    for k, n in ahead.items())
         if time.monotonic() + wait > deadline:
             raise Overloaded("deadline", f"the request would not be answered within serve.request_timeout_s "
-                             f"({sum(ahead.values())} queued ahead, about {wait:.1f} s of model work)",
-                             self.retry_after())
+                             f"({requests} queued ahead, about {wait:.1f} s of model work)", self.retry_after())
+
+    def _queued_rows(self) -> Counter:
+        """Rows waiting, per kind (requests past their deadline or gone hold none)."""
+        rows: Counter = Counter()
+        for kind, item, fut in self.waiting:
+            if not fut.done():
+                rows[kind] += self.rows(kind, item)
+        return rows
 
     def retry_after(self) -> int:
         """Seconds until the queue now waiting (and the call running) has likely been worked off (1 to 60):
-        each kind's queued requests in calls of max_batch, at that kind's average call time."""
-        queued = Counter(kind for kind, _, fut in self.waiting if not fut.done())
+        each kind's queued rows in calls of max_batch, at that kind's average call time."""
+        queued = self._queued_rows()
         slowest = max(self.batch_seconds.values(), default=0.0)  # the call running now, of whatever kind
         wait = slowest + sum(math.ceil(n / self.max_batch) * self.batch_seconds.get(kind, slowest)
                              for kind, n in queued.items())
@@ -156,10 +164,10 @@ class MicroBatcher:
         skips items for which `alive(i)` is False (the client went, or the deadline passed)."""
         loop, futures = asyncio.get_running_loop(), [fut for _, fut in entries]
 
-        delivered = [0]
+        delivered = [0]  # rows
 
         def deliver(i: int, result) -> None:
-            delivered[0] += 1
+            delivered[0] += self.rows(kind, entries[i][0])
             loop.call_soon_threadsafe(_settle, futures[i], result)
 
         def alive(i: int) -> bool:
@@ -173,7 +181,7 @@ class MicroBatcher:
             self.batch_seconds[kind] = 0.8 * self.batch_seconds.get(kind, took) + 0.2 * took
             if delivered[0]:  # requests skipped (gone, past their deadline) took no model time
                 each = took / delivered[0]
-                self.request_seconds[kind] = 0.8 * self.request_seconds.get(kind, each) + 0.2 * each
+                self.row_seconds[kind] = 0.8 * self.row_seconds.get(kind, each) + 0.2 * each
         for fut in futures:  # deliveries ran before this line (queued first): what is left got no result
             _settle(fut, error=RuntimeError("the model call gave no result"))
 

@@ -125,6 +125,7 @@ def _batcher(service: Service, cfg: ServeConfig, executor: ThreadPoolExecutor, m
     return MicroBatcher(lambda kind, items, deliver, alive: run_batch(service, kind, items, deliver, alive,
                                                                       cfg.max_batch_tokens, pacer, cores),
                         cfg.max_batch, cfg.max_wait_ms, executor, max_queue=cfg.max_queue,
+                        rows=lambda kind, item: len(item) if kind == "classify" else 1,
                         on_batch=lambda kind, n: metrics.batch_size.labels(kind).observe(n))
 
 
