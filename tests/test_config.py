@@ -169,6 +169,7 @@ def test_augment_copies_per_row_are_bounded(tmp_path, key, value):
     ("train:\n  neftune_alpha: 1.0e+300\n", "train.neftune_alpha"),   # noise out of float range
     ("train:\n  weight_decay: 1.0e+300\n", "train.weight_decay"),     # NaN weights, blamed on the learning rate
     ("train:\n  epochs: 1.0e+300\n", "train.epochs"),                 # select estimated "inf s"
+    ("train:\n  max_steps: 100000000000000000000\n", "train.max_steps"),  # select estimated 1.8e20 s
     ("eval:\n  judge: {timeout_s: 1.0e+300}\n", "eval.judge.timeout_s"),  # timestamp out of range, after training
     ("eval:\n  max_new_tokens: 100000000\n", "eval.max_new_tokens"),
     ("eval:\n  bootstrap_resamples: 1000000000\n", "eval.bootstrap_resamples"),  # 8 GB and a 1e9 loop

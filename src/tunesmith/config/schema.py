@@ -278,7 +278,7 @@ class TrainConfig(_Strict):
 
     method: str = "lora"
     epochs: float = Field(2.0, gt=0, le=10_000)   # past it the step count and estimates leave any range
-    max_steps: int | None = Field(None, ge=1)
+    max_steps: int | None = Field(None, ge=1, le=10_000_000)   # beyond it no run ends (select estimated 1.8e20 s)
     # None: the method's own default (registry.METHOD_SPECS); the resolved config records the value used.
     learning_rate: float | None = Field(None, gt=0)
     batch_size: int = Field(8, ge=1)
