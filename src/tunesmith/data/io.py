@@ -76,7 +76,11 @@ def read_rows(source: Path | RowSource) -> ReadResult:
     elif Path(src.location).is_dir():
         result = _read_saved_dataset(Path(src.location))
     else:
-        result = _read_file(Path(src.location))
+        try:
+            result = _read_file(Path(src.location))
+        except OSError as e:  # gone or unreadable since the config was checked (e.g. before `eval`)
+            raise DataError(f"cannot read the data file ({e.strerror or type(e).__name__})", src.location,
+                            hint="check that it exists and is readable") from None
     if src.renames:
         _rename(result, src)
     return result
