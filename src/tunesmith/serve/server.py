@@ -419,14 +419,9 @@ def lora_base(model_dir: Path, meta: dict, hint: str) -> Path:
     """The checkpoint folder the run's adapter was trained on, as the built-in engine finds it (the
     folder recorded in tunesmith.json, else its model name resolved again: the default model's GGUF
     is converted into tunesmith's cache once), checked to be one vLLM loads (`hint` if it is not)."""
-    from tunesmith.models.resolve import resolve_model
+    from tunesmith.train.finetuned import run_base_path
 
-    if meta.get("base_in_model_dir"):  # train.init_from: the earlier run, merged, travels in the model folder
-        base = model_dir / meta["base_in_model_dir"]
-    else:
-        base = Path(meta["base_model_path"])
-        if not (base / "config.json").is_file():
-            base = resolve_model(meta["model"])
+    base = run_base_path(model_dir, meta)
     if not (base / "config.json").is_file() or not any(base.glob("*.safetensors")):
         raise RunDirError(f"the base model {base} is not a checkpoint folder vLLM loads (config.json and "
                           "safetensors weights)", str(model_dir / "tunesmith.json"), hint)

@@ -403,6 +403,11 @@ def load_service(target: Path, variant: str | None = None, max_new_tokens: int =
 
         project = load_config(target / "config.yaml", check_files=False)
         return Service(project.name, predictor, name, time.perf_counter() - started, target)
+    if (target / "model").is_dir() and (target / "config.yaml").is_file():  # a run that lost its metadata
+        from tunesmith.errors import RunDirError
+
+        raise RunDirError("the run's model folder lacks tunesmith.json", str(target / "model" / "tunesmith.json"),
+                          "restore the file, or train the run again")
     return _plain_service(str(target), started, max_new_tokens)
 
 

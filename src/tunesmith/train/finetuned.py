@@ -117,6 +117,27 @@ def _check_base(model_dir: Path, meta: dict) -> None:
                           "again") from None
 
 
+def run_base_path(model_dir: Path, meta: dict) -> Path:
+    """The checkpoint folder a run's model was trained on: the earlier model merged into the folder
+    (train.init_from), the folder tunesmith.json records, else its model name resolved again without the
+    network (a finished run never looks a model up online; the default model's GGUF converts locally).
+
+    Raises:
+        RunDirError: naming tunesmith.json when none of these is there.
+    """
+    if meta.get("base_in_model_dir"):  # train.init_from: the merged earlier model travels with this one
+        return Path(model_dir) / meta["base_in_model_dir"]
+    base_path = Path(meta["base_model_path"])
+    if (base_path / "config.json").is_file():
+        return base_path
+    try:
+        return resolve_model(str(meta["model"]), offline=True)
+    except ModelError as e:
+        raise RunDirError(f"the base model this run was trained on is not on this machine ({base_path} is "
+                          f"gone; {e.what})", str(Path(model_dir) / "tunesmith.json"),
+                          "put the base model back where the run was trained from, or train the run again") from None
+
+
 def _check_tokenizer(model_dir: Path) -> None:
     """The folder's tokenizer loads as the server loads it (a second or so, no weights)."""
     try:
@@ -145,11 +166,7 @@ def load_finetuned(model_dir: Path):
     """(model, tokenizer, prompt format, base model path) from a run's model folder."""
     meta = read_meta(model_dir)
     _check_base(model_dir, meta)  # a base folder that is gone: named as the run's, not as a new project's model
-    base_path = Path(meta["base_model_path"])
-    if meta.get("base_in_model_dir"):  # train.init_from: the merged earlier model travels with this one
-        base_path = Path(model_dir) / meta["base_in_model_dir"]
-    elif not (base_path / "config.json").is_file():
-        base_path = resolve_model(meta["model"])
+    base_path = run_base_path(model_dir, meta)
     method = get_method(meta["method"])
     base = load_model(base_path) if meta["kind"] in ("adapter", "prompt") else None
     try:

@@ -149,21 +149,14 @@ def base_service(run: Path, max_new_tokens: int = 64) -> Service:
     the user's task gives (the eval stage's baseline: evaluate/stage.py)."""
     from tunesmith.config import load_config
     from tunesmith.models.load import load_model, load_tokenizer
-    from tunesmith.models.resolve import resolve_model
     from tunesmith.optimize.engines import lm_predictor
     from tunesmith.tasks.prompts import build_format, read_prompt_format
-    from tunesmith.train.finetuned import read_meta
+    from tunesmith.train.finetuned import read_meta, run_base_path
 
     started = time.perf_counter()
     model_dir = run / "model"
     meta = read_meta(model_dir)
-    # where the base weights are, as train/finetuned.py load_finetuned finds them
-    if meta.get("base_in_model_dir"):
-        base_path = model_dir / meta["base_in_model_dir"]
-    else:
-        base_path = Path(meta["base_model_path"])
-        if not (base_path / "config.json").is_file():
-            base_path = resolve_model(meta["model"])
+    base_path = run_base_path(model_dir, meta)  # where load_finetuned finds the base weights
     project = load_config(run / "config.yaml", check_files=False)
     tokenizer = load_tokenizer(model_dir)
     labels = read_prompt_format(model_dir / "prompt.json").labels
