@@ -285,12 +285,18 @@ def _keep_checkpoints(staging: Path, final: Path, error: BaseException, keep_fai
         if not keep_failed:
             shutil.rmtree(staging, ignore_errors=True)
         return
-    error.resume_dir = final  # the CLI says where, whatever the error (an internal one, a full disk)
+    error.resume_command = resume_command(final)  # the CLI says how, whatever the error (an internal one, a full disk)
     if isinstance(error, TunesmithError):
         error.hint = ((error.hint + "; ") if error.hint else "") + (
-            f"the training checkpoints are kept in {staging}: `tunesmith train --resume {final}` continues "
+            f"the training checkpoints are kept in {staging}: `{resume_command(final)}` continues "
             "from the newest (delete a damaged one first); training the project again with `--out "
             f"{final} --overwrite` starts afresh")
+
+
+def resume_command(final: Path) -> str:
+    """The command that continues an interrupted run into `final`: with --overwrite where `final` still
+    holds the finished run it is replacing (without it, --resume refuses to replace that run)."""
+    return f"tunesmith train --resume {final}" + (" --overwrite" if is_run_dir(final) else "")
 
 
 def _check_staging(staging: Path, final: Path, overwrite: bool) -> None:
@@ -304,7 +310,7 @@ def _check_staging(staging: Path, final: Path, overwrite: bool) -> None:
                           "move it away if it is yours, or give another --out")
     if has_checkpoints(staging) and not overwrite:
         raise RunDirError("an interrupted run of this folder can be resumed", f"--out {final}",
-                          f"continue it with `tunesmith train --resume {final}` (then `tunesmith eval {final}`), "
+                          f"continue it with `{resume_command(final)}` (then `tunesmith eval {final}`), "
                           "or pass --overwrite to start again")
 
 

@@ -146,9 +146,9 @@ def reader_gone() -> NoReturn:
 
 
 def _kept(e: BaseException) -> str:
-    """Where a failed run's training checkpoints were kept (runs.staged sets `resume_dir`), or ""."""
-    where = getattr(e, "resume_dir", None)
-    return f"; the training checkpoints are kept: `tunesmith train --resume {where}` continues" if where else ""
+    """How a failed run's kept training checkpoints continue (runs.staged sets `resume_command`), or ""."""
+    command = getattr(e, "resume_command", None)
+    return f"; the training checkpoints are kept: `{command}` continues" if command else ""
 
 
 def _interrupt_on_sigterm():
@@ -182,6 +182,9 @@ def run_app(app: typer.Typer) -> None:
         text = e.format_message() if hasattr(e, "format_message") else str(e)
         if type(e).__name__ == "NoArgsIsHelpError":  # no arguments: the help, which rich may have printed already
             print(text, end="\n" if text else "")
+            ctx = getattr(e, "ctx", None)
+            where = ctx.command_path if ctx is not None else _command_path(app)
+            print(f"error: missing command, {where}, see the commands above", file=sys.stderr)
             sys.exit(getattr(e, "exit_code", 2))
         message = " ".join(text.split()).rstrip(".")
         if message:

@@ -42,6 +42,7 @@ from tunesmith.runs import (
     is_run_dir,
     read_summary,
     reading_run_files,
+    resume_command,
     run_lock,
     staged,
     staging_dir,
@@ -490,7 +491,7 @@ def _start(project: Project, splits: Splits, run_dir: Path, final: Path, progres
 
     lines = summary(splits, None)
     if progress:
-        print(f"run directory: {final} (if interrupted: tunesmith train --resume {final})", file=sys.stderr)
+        print(f"run directory: {final} (if interrupted: {resume_command(final)})", file=sys.stderr)
         print("data: " + "; ".join(line for line in lines if not line.startswith("warning: ")), file=sys.stderr)
     for line in lines:  # --quiet hides progress, never a warning about the data
         if line.startswith("warning: "):
