@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -234,3 +235,13 @@ def test_a_verdict_with_no_criteria_says_it_required_nothing(capsys):
     summary["objective"]["criteria"] = [{"name": "exact_match", "value": 0.2, "op": ">=", "target": 0.1, "met": True}]
     _print_summary(summary)
     assert "objective MET\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,where", [((), "tunesmith"), (("data",), "tunesmith data"),
+                                        (("runs",), "tunesmith runs")])
+def test_a_command_group_without_its_command_shows_the_commands_and_one_error_line(args, where):
+    proc = _cli(*args)
+    assert proc.returncode == 2 and "Commands" in proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.fullmatch(f"error: missing command, (python -m )?{where}, see the commands above",
+                                             lines[0]), proc.stderr

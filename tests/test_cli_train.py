@@ -155,6 +155,14 @@ def test_a_resume_that_cannot_continue_keeps_every_checkpoint_and_says_why(tmp_p
     assert (out / "train.json").read_bytes() == before
     assert runner.invoke(app, ["train", "--resume", str(out), "-q", "--overwrite"]).exit_code == 0
 
+    # Interrupted while replacing that finished run: the command it prints is the one that continues.
+    saved.clear()
+    monkeypatch.setattr(trainer, "save_checkpoint", stop_after_two)
+    replacing = runner.invoke(app, ["train", config, "--out", str(out), "-q", "--overwrite"])
+    monkeypatch.setattr(trainer, "save_checkpoint", real)
+    assert replacing.exit_code == 130 and f"`tunesmith train --resume {out} --overwrite`" in replacing.stderr
+    assert runner.invoke(app, ["train", "--resume", str(out), "-q", "--overwrite"]).exit_code == 0
+
 
 def test_a_run_killed_before_its_first_checkpoint_does_not_block_the_next(tmp_path, tiny_model):
     """The record of the training's inputs sits in checkpoints/ from the start: a staging folder holding

@@ -846,3 +846,43 @@ def test_a_folder_where_the_report_goes_is_named_not_its_temp_file(run):
     line = _error(runner.invoke(app, ["report", str(run)]))
     assert str(run / "report.html") in line and ".tmp" not in line
     assert (run / "report.html").is_dir()
+
+
+def test_a_benchmark_file_gone_since_training_is_bad_input_naming_it(run, tmp_path):
+    """eval reads each benchmarks: file when it runs; one deleted since was an internal error (exit 1)."""
+    gone = tmp_path / "bench.jsonl"
+    cfg = run / "config.yaml"
+    text = cfg.read_text()
+    assert "\nbenchmarks: []\n" in text  # the resolved config lists none
+    cfg.write_text(text.replace("\nbenchmarks: []\n", f"\nbenchmarks:\n- name: extra\n  data: {gone}\n"
+                                "  task: {type: classification, instruction: Pick one.}\n"))
+    result = runner.invoke(app, ["eval", str(run), "--quiet"])
+    line = _error(result)
+    assert result.exit_code == 2 and "cannot read the data file (No such file or directory)" in line, line
+    assert str(gone) in line
+
+
+def test_a_base_model_gone_from_the_machine_is_named_not_looked_up_online(run, monkeypatch):
+    """tunesmith.json naming a hub id whose folder is gone: the run's base is looked for in the local
+    hub cache only (it asked huggingface.co, then blamed the network and `model`)."""
+    import socket
+
+    asked = []
+    real = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: asked.append(host) or real(host, *a, **k))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    meta = run / "model" / "tunesmith.json"
+    _set_json(meta, "model", "tunesmith-tests/not-cached-anywhere")
+    _set_json(meta, "base_model_path", str(run / "no-such-base"))
+    for command in (["eval", str(run), "--quiet"], ["serve", str(run), "--port", "1"]):
+        line = _error(runner.invoke(app, command))
+        assert "the base model this run was trained on is not on this machine" in line, line
+        assert "'tunesmith-tests/not-cached-anywhere' is not in the local hub cache" in line and str(meta) in line
+    assert not [host for host in asked if host not in ("127.0.0.1", "localhost")], asked  # serve's own port check
+
+
+def test_serve_of_a_run_without_its_model_metadata_names_the_file(run):
+    """Without model/tunesmith.json a run was taken for a plain checkpoint: "folder RUN has no config.json"."""
+    (run / "model" / "tunesmith.json").unlink()
+    line = _error(runner.invoke(app, ["serve", str(run), "--port", "1"]))
+    assert "the run's model folder lacks tunesmith.json" in line and str(run / "model" / "tunesmith.json") in line
