@@ -187,3 +187,21 @@ def test_quiet_hides_progress_but_never_a_warning_about_the_data(tmp_path, tiny_
     assert result.exit_code == 0, result.output
     assert "warning: label 'delta' has only" in result.stderr
     assert "run directory:" not in result.stderr  # progress stays quiet
+
+
+def test_a_full_run_loads_without_its_base_and_the_baseline_names_the_missing_folder(tmp_path, tiny_model):
+    """Whole weights need no base model: with the base gone from the machine (a hub id not in the local
+    cache, never fetched) the run still loads to serve, and only eval's baseline stops, naming the folder."""
+    from tunesmith.train.finetuned import load_finetuned
+
+    out = tmp_path / "run"
+    assert runner.invoke(app, ["train", _project(tmp_path, tiny_model, "full"), "--out", str(out), "-q"]).exit_code == 0
+    meta_file = out / "model" / "tunesmith.json"
+    meta = json.loads(meta_file.read_text())
+    meta.update(model="tunesmith-tests/not-cached-anywhere", base_model_path=str(tmp_path / "gone"))
+    meta_file.write_text(json.dumps(meta))
+    model, _, _, base_path = load_finetuned(out / "model")
+    assert model is not None and base_path == tmp_path / "gone"
+    result = runner.invoke(app, ["eval", str(out), "--quiet"])
+    assert result.exit_code == 2 and f"the model folder {tmp_path / 'gone'} is not there" in result.stderr, \
+        result.output

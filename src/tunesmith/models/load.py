@@ -62,6 +62,9 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32):
     from tunesmith import hardware
 
     hardware.native_gqa(hardware.device())  # on a CPU: no repeated K/V heads kept for backward (see there)
+    if not Path(path).is_dir():  # a base model folder gone since a run trained on it
+        raise ModelError(f"the model folder {path} is not there", "model",
+                         "restore the checkpoint folder, or train the run again")
     if not any(Path(path).glob("*.safetensors")):
         raise ModelError(f"no safetensors weights in {path}", "model",
                          "tunesmith loads safetensors only (pickle files can run code); convert the checkpoint")

@@ -166,7 +166,14 @@ def load_finetuned(model_dir: Path):
     """(model, tokenizer, prompt format, base model path) from a run's model folder."""
     meta = read_meta(model_dir)
     _check_base(model_dir, meta)  # a base folder that is gone: named as the run's, not as a new project's model
-    base_path = run_base_path(model_dir, meta)
+    try:
+        base_path = run_base_path(model_dir, meta)
+    except RunDirError:
+        if meta["kind"] in ("adapter", "prompt"):
+            raise
+        # Whole weights load without their base: a full run serves on a machine without it. Only the
+        # baseline (eval, audit) needs it, and its load names the folder that is missing.
+        base_path = Path(meta["base_model_path"])
     method = get_method(meta["method"])
     base = load_model(base_path) if meta["kind"] in ("adapter", "prompt") else None
     try:
