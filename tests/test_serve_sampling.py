@@ -235,3 +235,15 @@ def test_a_stop_string_counts_the_tokens_decoded_up_to_it(client, service):
             assert answer["usage"]["completion_tokens"] == usage["completion_tokens"] <= 24, (seed, stop)
             compared += 1
     assert compared >= 8
+
+
+def test_logprobs_zero_asks_for_them_and_each_route_takes_its_own_type(client):
+    """Legacy completions' `logprobs: 0` asks for the chosen token's log probability (answered null, it
+    was a 200); `false` there, and `0` on chat (a switch), are values of the wrong JSON type."""
+    chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    for route, body, value in (("/v1/completions", {"prompt": "x", "max_tokens": 2}, 0),
+                               ("/v1/completions", {"prompt": "x", "max_tokens": 2}, False),
+                               ("/v1/chat/completions", chat, 0)):
+        r = client.post(route, json={**body, "logprobs": value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs", (route, value, r.text)
+    assert client.post("/v1/chat/completions", json={**chat, "logprobs": False}).status_code == 200

@@ -125,7 +125,9 @@ class _Sampling(_Body):
             if getattr(self, name) not in (None, 0):
                 raise BadRequest(f"{name} is not supported by this server; use repetition_penalty (1 to 2) instead",
                                  name)
-        for name, off in (("logprobs", (None, False, 0)), ("top_logprobs", (None, 0)), ("logit_bias", (None, {})),
+        if self.logprobs is not None and self.logprobs is not False:  # `is`: 0 == False, and 0 asks for them
+            raise BadRequest("logprobs is not supported by this server; leave it out", "logprobs")
+        for name, off in (("top_logprobs", (None, 0)), ("logit_bias", (None, {})),
                           ("echo", (None, False)), ("best_of", (None, 1)), ("suffix", (None, "")),
                           ("response_format", (None, {"type": "text"})), ("tools", (None, [])),
                           ("functions", (None, [])), ("tool_choice", (None, "none", "auto")),
@@ -174,6 +176,7 @@ class CompletionRequest(_Streamed):
     model: str | None = None
     # Text goes through the run's prompt format; token ids (OpenAI's other form) are used as given.
     prompt: str | list[int]
+    logprobs: int | None = None  # legacy completions: how many top tokens; 0 still asks for the chosen one's
     # Unsaid: OpenAI's 16, or serve.max_tokens where that is smaller (not a 400 for a field never sent).
     max_tokens: int | None = Field(None, ge=1)
 
@@ -238,6 +241,7 @@ class ChatRequest(_Streamed):
 
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = None  # chat: a switch
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
 
