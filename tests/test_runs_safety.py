@@ -365,3 +365,19 @@ def test_compare_and_tune_refuse_a_rank_the_model_cannot_take_before_any_trainin
     assert tune.exit_code == 2
     _one_error(tune, "larger than the widest layer", "train.lora.r")
     assert not (tmp_path / "c").exists() and not (tmp_path / "t").exists()
+
+
+def test_a_run_that_fails_takes_the_folders_it_made_with_it_and_no_other(tmp_path):
+    """runs/<name>/ made for a run that failed before holding anything was left behind, empty; a folder
+    that was there before, or one holding kept checkpoints, stays."""
+    from tunesmith.runs import staged
+
+    final = tmp_path / "runs" / "demo" / "20261207-0000"
+    with pytest.raises(RuntimeError), staged(final):
+        raise RuntimeError("failed in training")
+    assert not (tmp_path / "runs").exists() and tmp_path.is_dir()
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(RuntimeError), staged(final) as staging:
+        (staging / "checkpoints" / "step-0000002").mkdir(parents=True)
+        raise RuntimeError("failed after a checkpoint")
+    assert (tmp_path / "runs" / "demo" / ".20261207-0000.partial" / "checkpoints").is_dir()

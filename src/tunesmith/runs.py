@@ -234,24 +234,48 @@ def staged(final: Path, keep_failed: bool = False, resume: bool = False, overwri
     """
     # A resumed run replaces an earlier run at `final` only with `overwrite`, as a new one does.
     check_out(final, overwrite)  # before the lock, so a refused --out leaves no trace at all
+    made = missing_folders(final.parent)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_dir(final)
-    with run_lock(final):
-        check_out(final, overwrite)
-        if not resume:
-            _check_staging(staging, final, overwrite)
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir()
-            (staging / STAGING_MARKER).touch()
+    try:
+        with run_lock(final):
+            check_out(final, overwrite)
+            if not resume:
+                _check_staging(staging, final, overwrite)
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir()
+                (staging / STAGING_MARKER).touch()
+            try:
+                yield staging
+            except BaseException as e:
+                _keep_checkpoints(staging, final, e, keep_failed)
+                raise
+            (staging / STAGING_MARKER).unlink(missing_ok=True)  # config.yaml still says the folder is ours
+            fsio.share_like_umask(staging)
+            fsio.replace_dir(staging, final)
+            _point_latest(final)
+    except BaseException:
+        remove_if_empty(made)  # runs/<name>/ made for a run that failed before it held anything
+        raise
+
+
+def missing_folders(path: Path) -> list[Path]:
+    """`path` and those of its parents that do not exist yet, deepest first (what a mkdir makes)."""
+    missing, path = [], Path(path).absolute()
+    while not (path.exists() or path.is_symlink()) and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """Remove folders this process made, deepest first, while they are empty (a folder something else has
+    written into since, a kept checkpoint or another run, stays)."""
+    for folder in folders:
         try:
-            yield staging
-        except BaseException as e:
-            _keep_checkpoints(staging, final, e, keep_failed)
-            raise
-        (staging / STAGING_MARKER).unlink(missing_ok=True)  # config.yaml still says the folder is ours
-        fsio.share_like_umask(staging)
-        fsio.replace_dir(staging, final)
-        _point_latest(final)
+            folder.rmdir()
+        except OSError:
+            return
 
 
 # A training checkpoint's folder under checkpoints/ (train/checkpoint.py writes them): step-0000012.
