@@ -62,15 +62,21 @@ def check_data(project: Project) -> tuple[dict[str, list[Example]], list[RowProb
 def _method_problems(project: Project, train: list[Example]) -> list[RowProblem]:
     """What the train stage refuses in training rows for train.method (a KTO row in a DPO project, an
     undesirable completion for a supervised method), found by `data check` too: its first such row."""
-    method = project.train.method
     try:
-        if METHOD_SPECS[method].preference:
-            pairs_from_examples(train, kto=method == "kto")
-        else:
-            refuse_undesirable_targets(train, method)
+        check_method_rows(project, train)
     except DataError as e:
         return [RowProblem(e.path, e.lineno or 0, f"{e.what} ({e.hint})")]
     return []
+
+
+def check_method_rows(project: Project, train: list[Example]) -> None:
+    """DataError at the first training row train.method cannot train on (an SFT row for DPO, a KTO row
+    labelled undesirable for a supervised method)."""
+    method = project.train.method
+    if METHOD_SPECS[method].preference:
+        pairs_from_examples(train, kto=method == "kto")
+    else:
+        refuse_undesirable_targets(train, method)
 
 
 def load_corrections(project: Project) -> Corrections | None:
@@ -91,7 +97,9 @@ def prepare_data(project: Project, progress: bool = False, augment_rows: bool = 
         DataError: for the first invalid row (all of them are listed in the error's details).
     """
     sources: LoadedData = load_sources(project)
-    raise_for_problems(sources.problems, project.data.max_errors)
+    # With the method's own refusals (SFT rows for DPO), before anything is written or trained, as data check does.
+    raise_for_problems(sources.problems + _method_problems(project, sources.examples.get("train", [])),
+                       project.data.max_errors)
     data, task = project.data, project.task
     curation = Curation(data.clean, task.type, progress)
     fixes = load_corrections(project)
