@@ -121,6 +121,11 @@ def test_dpo_runs_end_to_end_and_eval_compares_pairs(tmp_path, tiny_model):
     _run(["eval", str(out), "--quiet"])
     again = json.loads((out / "metrics.json").read_text())
     assert again["finetuned"]["reward_margin"] == metrics["finetuned"]["reward_margin"]
+    # Export compares on the task's first text metric: a pair metric scores no predicted text (it was null).
+    _run(["export", str(out), "--out", str(tmp_path / "hf"), "--min-agreement", "0"])
+    exported = json.loads((tmp_path / "hf" / "export.json").read_text())
+    assert exported["metric"] == "exact_match" and exported["metric_run"] == again["finetuned"]["exact_match"]
+    assert exported["metric_export"] is not None and exported["delta"] is not None
 
 
 def test_kto_runs_end_to_end_on_completion_label_rows(tmp_path, tiny_model):
@@ -348,3 +353,19 @@ def test_optimize_measures_a_kto_run_on_the_rows_eval_scored(tmp_path, tiny_mode
     assert result.exit_code in (0, 3), result.output
     scored = [json.loads(line)["text"] for line in (out / "predictions" / "test.jsonl").read_text().splitlines()]
     assert len(scored) == 3 and seen and all(texts == scored for texts in seen), (seen, scored)
+
+
+def test_sft_rows_for_dpo_are_refused_before_anything_is_written_and_compare_checks_every_method(tmp_path,
+                                                                                                  tiny_model):
+    """DPO on prompt/completion rows failed in training, after `run` had made runs/<name>/ (left empty);
+    `compare --methods lora,dpo` trained lora whole first. Both refuse at the data now, leaving nothing."""
+    write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"card red {i}", "completion": "alpha"} for i in range(16)])
+    write_jsonl(tmp_path / "test.jsonl", _pair_rows(4))
+    result = runner.invoke(app, ["run", str(_project(tmp_path, tiny_model, "dpo")), "--quiet"])
+    assert result.exit_code == 2 and "not a preference row" in result.stderr and "train.jsonl:1" in result.stderr
+    assert not (tmp_path / "runs").exists()
+    lora = _project(tmp_path, tiny_model, "lora", metric="exact_match")
+    out = tmp_path / "bake" / "off"
+    result = runner.invoke(app, ["compare", str(lora), "--methods", "lora,dpo", "--out", str(out), "--quiet"])
+    assert result.exit_code == 2 and "not a preference row" in result.stderr, result.output
+    assert not (tmp_path / "bake").exists()

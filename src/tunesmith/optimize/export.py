@@ -49,6 +49,7 @@ from tunesmith.optimize.gguf_read import ReadBack, read_gguf
 from tunesmith.optimize.ollama import MODELFILE, check_export, modelfile
 from tunesmith.optimize.source import open_source
 from tunesmith.optimize.variants import NotApplicable
+from tunesmith.registry import metric_names
 from tunesmith.runs import is_run_dir
 from tunesmith.tasks.metrics import compute_metrics
 from tunesmith.tasks.predict import predict
@@ -338,9 +339,12 @@ def _compare(back: ReadBack, project, test, rows: list[dict], fmt: str, quant: s
     run_texts = [r["prediction"] for r in rows]
     golds = [ex.target for ex in test]
     metric = project.objective.metric
+    exported, ran = compute_metrics(project.task.type, golds, back.texts), compute_metrics(project.task.type, golds,
+                                                                                           run_texts)
+    if metric not in ran:  # a pair metric (preference_accuracy) scores no predicted text: the task's first one does
+        metric = metric_names(project.task.type)[0]
     agreement = sum(a == b for a, b in zip(back.texts, run_texts)) / max(len(rows), 1)
-    m_export = compute_metrics(project.task.type, golds, back.texts).get(metric)
-    m_run = compute_metrics(project.task.type, golds, run_texts).get(metric)
+    m_export, m_run = exported.get(metric), ran.get(metric)
     delta = None if m_export is None or m_run is None else round(m_export - m_run, 6)
     result = ExportResult(fmt, "", [], 0.0, back.reader, round(agreement, 6), metric, m_export, m_run, delta,
                           len(rows), round(back.load_seconds, 3), quant, back.token_mismatches, floor,
