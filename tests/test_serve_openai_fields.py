@@ -101,10 +101,18 @@ def test_tool_turns_in_a_conversation_are_named_as_such(client, message):
     assert r.status_code == 400 and "tool and function-call messages are not supported" in r.text
 
 
-@pytest.mark.parametrize("prompt", [["a", "b"], ["a"], [[1, 2], [3]]])
+@pytest.mark.parametrize("prompt", [["a", "b"], [[1, 2], [3]]])
 def test_a_list_of_prompts_is_named_not_a_type_error(client, prompt):
     r = client.post("/v1/completions", json={"prompt": prompt})
     assert r.status_code == 400 and "a list of prompts is not supported" in r.text
+
+
+@pytest.mark.parametrize("one,batch", [("red card", ["red card"]), ([5, 6, 7], [[5, 6, 7]])])
+def test_a_batch_of_one_prompt_is_that_prompt(client, one, batch):
+    """OpenAI's clients may send a single prompt as a list of one: answered as the prompt itself."""
+    answers = [client.post("/v1/completions", json={"prompt": p, "max_tokens": 3}) for p in (one, batch)]
+    assert [r.status_code for r in answers] == [200, 200], answers[1].text
+    assert answers[0].json()["choices"][0]["text"] == answers[1].json()["choices"][0]["text"]
 
 
 def test_one_model_is_retrieved_by_its_id(client, service):

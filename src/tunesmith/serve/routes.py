@@ -183,6 +183,8 @@ class CompletionRequest(_Streamed):
     @field_validator("prompt", mode="before")
     @classmethod
     def _one_prompt(cls, v):
+        if isinstance(v, list) and len(v) == 1 and isinstance(v[0], (str, list)):  # OpenAI's batch of one
+            return v[0]
         if isinstance(v, list) and any(isinstance(x, (str, list)) for x in v):
             raise ValueError("a list of prompts is not supported: send one prompt (a string, or a list of token ids) "
                              "per request")
