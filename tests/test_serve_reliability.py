@@ -818,25 +818,30 @@ def test_admission_admits_behind_a_kind_not_yet_measured_and_refuses_without_it(
 
 
 def test_admission_prices_a_request_of_many_texts_by_its_rows():
-    """One classify request of 100 texts ahead is 100 rows of model work, not one request's worth; the
-    server's batcher counts a classify request's texts (state.py), any other request as one row."""
+    """One classify request of 100 texts ahead is 100 rows of model work, not one request's worth, when
+    the kind's times were measured on single texts; measured on requests of 50 texts, a queue of such
+    requests is priced per call as before (Retry-After too). The server's batcher counts a classify
+    request's texts (state.py), any other request as one row."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tunesmith.serve import state as state_module
 
-    async def go(texts: int):
+    async def go(texts: int, requests: int = 1, measured_rows: float = 1.0):
         loop = asyncio.get_running_loop()
         batcher = MicroBatcher(lambda *a: None, max_batch=4, max_wait_ms=1, executor=ThreadPoolExecutor(1),
                                rows=lambda kind, item: len(item) if kind == "classify" else 1)
         batcher.row_seconds, batcher.batch_seconds = {"classify": 0.1}, {"classify": 0.4}
-        batcher.waiting.append(("classify", ["t"] * texts, loop.create_future()))
+        batcher.request_rows = {"classify": measured_rows}
+        batcher.waiting.extend(("classify", ["t"] * texts, loop.create_future()) for _ in range(requests))
         try:
             batcher._refuse_hopeless(time.monotonic() + 5.0)
         except Overloaded as e:
             return e, batcher.retry_after()
         return None, batcher.retry_after()
-    refused, retry = asyncio.run(go(100))  # 25 calls of 4 rows at 0.4 s: 10 s > 5 s left
-    assert refused is not None and "1 queued ahead, about 10.0 s" in refused.reason and retry == 11
-    assert asyncio.run(go(8)) == (None, 2)  # 2 calls of 0.4 s after the one running
+    refused, retry = asyncio.run(go(100))  # 100 rows at 0.1 s (a call of 4 single texts: 0.4 s x 100)
+    assert refused is not None and "1 queued ahead, about 10.0 s" in refused.reason and retry == 41
+    assert asyncio.run(go(8)) == (None, 4)  # 0.8 s of rows; Retry-After: the call running + 0.4 s x 8
+    # Measured on requests of 50 texts: 12 such requests are 3 calls of 0.4 s (their rows: 60 s)
+    assert asyncio.run(go(50, requests=12, measured_rows=50.0)) == (None, 2)
     served = state_module._batcher(object(), ServeConfig(), ThreadPoolExecutor(1), None, None)
     assert served.rows("classify", ["a", "b", "c"]) == 3 and served.rows("complete", ("prompt", 5)) == 1

@@ -50,6 +50,7 @@ class MicroBatcher:
         # far longer than a classification call, so one average over both misjudged either queue.
         self.batch_seconds: dict[str, float] = {}
         self.row_seconds: dict[str, float] = {}  # moving average per answered row, for admission
+        self.request_rows: dict[str, float] = {}  # moving average of rows per answered request
 
     async def submit(self, kind: str, item, deadline: float | None = None):
         """Queue `item` and wait for its result until `deadline` (time.monotonic()); raises
@@ -81,32 +82,43 @@ class MicroBatcher:
         admitted (so the averages keep being measured, however slow one call was)."""
         if deadline is None:
             return
-        ahead, requests = self._queued_rows(), sum(1 for _, _, fut in self.waiting if not fut.done())
-        if not ahead or any(k not in self.row_seconds for k in ahead):
+        requests, rows = self._queued()
+        if not requests or any(k not in self.row_seconds for k in requests):
             return
-        # Each kind at the cheaper of its two prices: per answered row, or per call of max_batch rows
+        # Each kind at the cheaper of its two prices: per answered row, or per call of max_batch requests
         # (a price measured on calls of one row would overcharge a queue that will batch).
-        wait = sum(min(n * self.row_seconds[k], math.ceil(n / self.max_batch) * self.batch_seconds[k])
-                   for k, n in ahead.items())
+        wait = sum(min(rows[k] * self.row_seconds[k], self._batched_seconds(k, n, rows[k]))
+                   for k, n in requests.items())
         if time.monotonic() + wait > deadline:
             raise Overloaded("deadline", f"the request would not be answered within serve.request_timeout_s "
-                             f"({requests} queued ahead, about {wait:.1f} s of model work)", self.retry_after())
+                             f"({sum(requests.values())} queued ahead, about {wait:.1f} s of model work)",
+                             self.retry_after())
 
-    def _queued_rows(self) -> Counter:
-        """Rows waiting, per kind (requests past their deadline or gone hold none)."""
+    def _queued(self) -> tuple[Counter, Counter]:
+        """(requests, rows) waiting per kind; requests past their deadline or gone hold no place."""
+        requests: Counter = Counter()
         rows: Counter = Counter()
         for kind, item, fut in self.waiting:
             if not fut.done():
+                requests[kind] += 1
                 rows[kind] += self.rows(kind, item)
-        return rows
+        return requests, rows
+
+    def _batched_seconds(self, kind: str, requests: int, rows: int, default: float = 0.0) -> float:
+        """`requests` of `kind` in calls of max_batch at the kind's average call time, scaled by how many
+        rows they hold against the requests that call time was measured on (a call of 8 requests of 50
+        texts takes about 50 times one of 8 single texts)."""
+        per_request = self.request_rows.get(kind, 1.0)
+        scale = (rows / requests) / per_request if requests and per_request > 0 else 1.0
+        return math.ceil(requests / self.max_batch) * self.batch_seconds.get(kind, default) * scale
 
     def retry_after(self) -> int:
         """Seconds until the queue now waiting (and the call running) has likely been worked off (1 to 60):
-        each kind's queued rows in calls of max_batch, at that kind's average call time."""
-        queued = self._queued_rows()
+        each kind's queued requests in calls of max_batch, at that kind's average call time (scaled by
+        their rows, see _batched_seconds)."""
+        requests, rows = self._queued()
         slowest = max(self.batch_seconds.values(), default=0.0)  # the call running now, of whatever kind
-        wait = slowest + sum(math.ceil(n / self.max_batch) * self.batch_seconds.get(kind, slowest)
-                             for kind, n in queued.items())
+        wait = slowest + sum(self._batched_seconds(kind, n, rows[kind], slowest) for kind, n in requests.items())
         return max(1, min(MAX_RETRY_AFTER_S, math.ceil(wait)))
 
     async def _loop(self) -> None:
@@ -164,10 +176,11 @@ class MicroBatcher:
         skips items for which `alive(i)` is False (the client went, or the deadline passed)."""
         loop, futures = asyncio.get_running_loop(), [fut for _, fut in entries]
 
-        delivered = [0]  # rows
+        delivered = [0, 0]  # rows, requests
 
         def deliver(i: int, result) -> None:
             delivered[0] += self.rows(kind, entries[i][0])
+            delivered[1] += 1
             loop.call_soon_threadsafe(_settle, futures[i], result)
 
         def alive(i: int) -> bool:
@@ -180,8 +193,9 @@ class MicroBatcher:
             took = time.monotonic() - started
             self.batch_seconds[kind] = 0.8 * self.batch_seconds.get(kind, took) + 0.2 * took
             if delivered[0]:  # requests skipped (gone, past their deadline) took no model time
-                each = took / delivered[0]
+                each, size = took / delivered[0], delivered[0] / delivered[1]
                 self.row_seconds[kind] = 0.8 * self.row_seconds.get(kind, each) + 0.2 * each
+                self.request_rows[kind] = 0.8 * self.request_rows.get(kind, size) + 0.2 * size
         for fut in futures:  # deliveries ran before this line (queued first): what is left got no result
             _settle(fut, error=RuntimeError("the model call gave no result"))
 
