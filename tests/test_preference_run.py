@@ -363,9 +363,22 @@ def test_sft_rows_for_dpo_are_refused_before_anything_is_written_and_compare_che
     write_jsonl(tmp_path / "test.jsonl", _pair_rows(4))
     result = runner.invoke(app, ["run", str(_project(tmp_path, tiny_model, "dpo")), "--quiet"])
     assert result.exit_code == 2 and "not a preference row" in result.stderr and "train.jsonl:1" in result.stderr
+    assert "invalid row:" in result.stderr  # the data stage's refusal, not training's
     assert not (tmp_path / "runs").exists()
     lora = _project(tmp_path, tiny_model, "lora", metric="exact_match")
     out = tmp_path / "bake" / "off"
     result = runner.invoke(app, ["compare", str(lora), "--methods", "lora,dpo", "--out", str(out), "--quiet"])
     assert result.exit_code == 2 and "not a preference row" in result.stderr, result.output
     assert not (tmp_path / "bake").exists()
+
+
+def test_compare_checks_rows_against_the_methods_it_trains_not_the_configs_own(tmp_path, tiny_model):
+    """KTO rows with undesirable completions, a config left at lora: `compare --methods kto` trains kto
+    (lora, which would learn those completions, is not among the methods)."""
+    write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"card red {i}", "completion": "alpha" if i % 2 else "beta",
+                                            "label": i % 2 == 1} for i in range(16)])
+    write_jsonl(tmp_path / "test.jsonl", _pair_rows(4))
+    config = _project(tmp_path, tiny_model, "lora", steps=1, metric="exact_match")
+    out = tmp_path / "bake"
+    _run(["compare", str(config), "--methods", "kto", "--out", str(out), "--quiet"])
+    assert (out / "kto" / "summary.json").is_file() and (out / "compare.json").is_file()

@@ -11,6 +11,7 @@ from tunesmith import fsio, hardware
 from tunesmith.config import OptimizeConfig, Project, derive, dump_config, load_config
 from tunesmith.data.prepare import (
     Splits,
+    check_data,
     check_method_rows,
     file_sha256,
     load_splits,
@@ -309,11 +310,12 @@ def compare_methods(project: Project, methods: list[str], out: Path, progress: b
         raise InputError(f"method '{twice}' is listed twice", "--methods", "name each method once")
     out = Path(out).resolve()
     check_runs_folder(out, methods, ("compare.json", "compare.png"), overwrite)  # before any training
-    splits = prepare_data_apart(project)  # bad data fails before any training (its libraries stay in a child)
-    configs = [(method, _method_config(project, method)) for method in methods]  # and so does a clash
+    configs = [(method, _method_config(project, method)) for method in methods]  # a clash fails before training
+    prepare_data_apart(configs[0][1])  # and bad data (its libraries stay in a child), for the first method
+    raw_train = check_data(project)[0].get("train", [])
     for _, variant in configs:  # and a setting the model cannot take (train.lora.r past its layers' width)
         check_method_fits(variant)
-        check_method_rows(variant, splits.train)  # or rows it cannot train on (SFT rows for dpo)
+        check_method_rows(variant, raw_train)  # or rows it cannot train on (SFT rows for dpo), as its run reads them
     entries = []
     for method, variant in configs:
         if progress:
