@@ -189,9 +189,10 @@ def test_quiet_hides_progress_but_never_a_warning_about_the_data(tmp_path, tiny_
     assert "run directory:" not in result.stderr  # progress stays quiet
 
 
-def test_a_full_run_loads_without_its_base_and_the_baseline_names_the_missing_folder(tmp_path, tiny_model):
+def test_a_full_run_loads_without_its_base_and_eval_names_the_missing_base_first(tmp_path, tiny_model, monkeypatch):
     """Whole weights need no base model: with the base gone from the machine (a hub id not in the local
-    cache, never fetched) the run still loads to serve, and only eval's baseline stops, naming the folder."""
+    cache, never fetched) the run still loads to serve, and eval stops before scoring anything, naming
+    tunesmith.json (it scored the fine-tuned model, then blamed `model` for a missing folder)."""
     from tunesmith.train.finetuned import load_finetuned
 
     out = tmp_path / "run"
@@ -200,8 +201,13 @@ def test_a_full_run_loads_without_its_base_and_the_baseline_names_the_missing_fo
     meta = json.loads(meta_file.read_text())
     meta.update(model="tunesmith-tests/not-cached-anywhere", base_model_path=str(tmp_path / "gone"))
     meta_file.write_text(json.dumps(meta))
-    model, _, _, base_path = load_finetuned(out / "model")
+    model, _, _, base_path = load_finetuned(out / "model", need_base=False)
     assert model is not None and base_path == tmp_path / "gone"
+    import tunesmith.evaluate.stage as eval_stage
+
+    scored = []
+    real_predict = eval_stage.predict
+    monkeypatch.setattr(eval_stage, "predict", lambda *a, **k: scored.append(1) or real_predict(*a, **k))
     result = runner.invoke(app, ["eval", str(out), "--quiet"])
-    assert result.exit_code == 2 and f"the model folder {tmp_path / 'gone'} is not there" in result.stderr, \
-        result.output
+    assert result.exit_code == 2 and "the base model this run was trained on is not on this machine" in result.stderr
+    assert str(meta_file) in result.stderr and scored == [], result.output

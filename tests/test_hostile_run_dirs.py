@@ -876,7 +876,7 @@ def test_a_base_model_gone_from_the_machine_is_named_not_looked_up_online(run, m
     _set_json(meta, "base_model_path", str(run / "no-such-base"))
     for command in (["eval", str(run), "--quiet"], ["serve", str(run), "--port", "1"]):
         line = _error(runner.invoke(app, command))
-        assert "the base model this run was trained on is not on this machine" in line, line
+        assert "the base model this run's adapter applies to is gone" in line, line
         assert "'tunesmith-tests/not-cached-anywhere' is not in the local hub cache" in line and str(meta) in line
     assert not [host for host in asked if host not in ("127.0.0.1", "localhost")], asked  # serve's own port check
 

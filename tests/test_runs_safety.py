@@ -376,7 +376,10 @@ def test_a_run_that_fails_takes_the_folders_it_made_with_it_and_no_other(tmp_pat
     with pytest.raises(RuntimeError), staged(final):
         raise RuntimeError("failed in training")
     assert not (tmp_path / "runs").exists() and tmp_path.is_dir()
-    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "demo").mkdir(parents=True)  # the user's, empty: not this run's to remove
+    with pytest.raises(RuntimeError), staged(final):
+        raise RuntimeError("failed in training")
+    assert (tmp_path / "runs" / "demo").is_dir()
     with pytest.raises(RuntimeError), staged(final) as staging:
         (staging / "checkpoints" / "step-0000002").mkdir(parents=True)
         raise RuntimeError("failed after a checkpoint")

@@ -37,7 +37,7 @@ def build_pairs(run_dir: Path, out: Path, progress: bool = True, split: str = "t
     run_dir, out = Path(run_dir), Path(out)
     _check_out(out)
     project, rows = _split_rows(run_dir, split)
-    model, tokenizer, fmt, _ = load_finetuned(run_dir / "model")
+    model, tokenizer, fmt, _ = load_finetuned(run_dir / "model", need_base=False)
     dev = hardware.device()
     answers = predict(model.to(dev), tokenizer, fmt, rows, batch_size=project.eval.batch_size,
                       max_new_tokens=project.eval.max_new_tokens,

@@ -36,7 +36,7 @@ def load_variant(path: Path, max_new_tokens: int = 64) -> Predictor:
         if (path / "tunesmith.json").is_file():
             from tunesmith.train.finetuned import load_finetuned
 
-            model, tokenizer, fmt, _ = load_finetuned(path)
+            model, tokenizer, fmt, _ = load_finetuned(path, need_base=False)
             return lm_predictor(model, tokenizer, fmt, max_new_tokens)
         raise RunDirError(f"not a variant folder (no {VARIANT_FILE})", str(path), "run `tunesmith optimize RUN_DIR`")
     meta = fsio.read_json(path / VARIANT_FILE)

@@ -60,6 +60,6 @@ class Source:
 def open_source(run_dir: Path, project: Project, splits: Splits, progress: bool = True) -> Source:
     from tunesmith.train.finetuned import load_finetuned, read_meta
 
-    model, tokenizer, fmt, _ = load_finetuned(Path(run_dir) / "model")
+    model, tokenizer, fmt, _ = load_finetuned(Path(run_dir) / "model", need_base=False)
     kind = read_meta(Path(run_dir) / "model")["kind"]
     return Source(Path(run_dir), project, splits, model, tokenizer, fmt, kind, progress)

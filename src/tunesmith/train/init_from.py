@@ -15,7 +15,7 @@ from tunesmith.train.finetuned import INIT_BASE, load_finetuned
 
 def merged_init(init_run: Path, model_dir: Path) -> Path:
     """Save `init_run`'s fine-tuned model, adapter merged, as full weights in model_dir/base; return that folder."""
-    model, tokenizer, _, _ = load_finetuned(Path(init_run) / "model")
+    model, tokenizer, _, _ = load_finetuned(Path(init_run) / "model", need_base=False)
     # peft's merge adds each adapter's delta into the base weights it wraps; full models have nothing to merge.
     merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     target = Path(model_dir) / INIT_BASE
