@@ -191,18 +191,22 @@ def test_quiet_hides_progress_but_never_a_warning_about_the_data(tmp_path, tiny_
 
 def test_a_full_run_loads_without_its_base_and_eval_names_the_missing_base_first(tmp_path, tiny_model, monkeypatch):
     """Whole weights need no base model: with the base gone from the machine (a hub id not in the local
-    cache, never fetched) the run still loads to serve, and eval stops before scoring anything, naming
+    cache, never fetched) the run still serves and exports, and eval stops before scoring anything, naming
     tunesmith.json (it scored the fine-tuned model, then blamed `model` for a missing folder)."""
+    from tunesmith.serve.service import load_service
     from tunesmith.train.finetuned import load_finetuned
 
     out = tmp_path / "run"
-    assert runner.invoke(app, ["train", _project(tmp_path, tiny_model, "full"), "--out", str(out), "-q"]).exit_code == 0
+    assert runner.invoke(app, ["run", _project(tmp_path, tiny_model, "full"), "--out", str(out), "-q"]).exit_code == 0
     meta_file = out / "model" / "tunesmith.json"
     meta = json.loads(meta_file.read_text())
     meta.update(model="tunesmith-tests/not-cached-anywhere", base_model_path=str(tmp_path / "gone"))
     meta_file.write_text(json.dumps(meta))
     model, _, _, base_path = load_finetuned(out / "model", need_base=False)
     assert model is not None and base_path == tmp_path / "gone"
+    assert load_service(out).labels  # what `tunesmith serve RUN` loads
+    exported = runner.invoke(app, ["export", str(out), "--out", str(tmp_path / "hf")])
+    assert exported.exit_code == 0 and (tmp_path / "hf" / "export.json").is_file(), exported.output
     import tunesmith.evaluate.stage as eval_stage
 
     scored = []
