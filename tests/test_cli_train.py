@@ -191,7 +191,7 @@ def test_quiet_hides_progress_but_never_a_warning_about_the_data(tmp_path, tiny_
 
 def test_a_full_run_loads_without_its_base_and_eval_names_the_missing_base_first(tmp_path, tiny_model, monkeypatch):
     """Whole weights need no base model: with the base gone from the machine (a hub id not in the local
-    cache, never fetched) the run still serves and exports, and eval stops before scoring anything, naming
+    cache, never fetched) the run still serves, exports and optimizes, and eval stops before scoring anything, naming
     tunesmith.json (it scored the fine-tuned model, then blamed `model` for a missing folder)."""
     from tunesmith.serve.service import load_service
     from tunesmith.train.finetuned import load_finetuned
@@ -207,6 +207,9 @@ def test_a_full_run_loads_without_its_base_and_eval_names_the_missing_base_first
     assert load_service(out).labels  # what `tunesmith serve RUN` loads
     exported = runner.invoke(app, ["export", str(out), "--out", str(tmp_path / "hf")])
     assert exported.exit_code == 0 and (tmp_path / "hf" / "export.json").is_file(), exported.output
+    optimized = runner.invoke(app, ["optimize", str(out), "--variants", "int8", "--quiet"])
+    assert optimized.exit_code in (0, 3), optimized.output  # 3: no variant meets this tiny model's objective
+    assert [v["name"] for v in json.loads((out / "variants.json").read_text())] == ["fp32", "int8"]
     import tunesmith.evaluate.stage as eval_stage
 
     scored = []
