@@ -78,7 +78,12 @@ def _alias_bomb(levels: int) -> str:
 
 
 @pytest.mark.parametrize("text,problem,line", [
-    ("eval:\n  stop: " + "[" * 3000 + "]" * 3000 + "\n", "the document nests too deeply", 2),
+    # 400 KB of brackets: refused where the 65th opens (it took minutes when Python's recursion was the bound)
+    ("eval:\n  stop: " + "[" * 200_000 + "]" * 200_000 + "\n", "the document nests deeper than 64 levels", 2),
+    # block mappings: the document's own mapping is level 1, so the one of line 65 (k63) is level 65
+    ("x:\n" + "".join(f"{' ' * (i + 1)}k{i}:\n" for i in range(70)) + " " * 71 + "v\n",
+     "the document nests deeper than 64 levels", 65),
+    ("x:\n" + "".join(f"{' ' * (i + 1)}k{i}:\n" for i in range(63)) + " " * 64 + "v\n", None, None),
     (_alias_bomb(9) + "eval:\n  stop: *l8\n", "anchors and aliases expand the document past 100,000 values", 5),
     ("task: &t {instruction: *t}\n", "an alias refers to the node that holds it", 1),
     ("train:\n  seed: 2001-02-30\n", "a value YAML cannot build (day is out of range for month)", None),
@@ -87,6 +92,10 @@ def _alias_bomb(levels: int) -> str:
 def test_hostile_yaml_is_refused_with_its_line(tmp_path, text, problem, line):
     # Expanded, the bomb is 10**9 strings: refused from the node counts, never built or walked.
     path = _write(tmp_path, BASE + text)
+    if problem is None:  # 64 levels (the document's mapping, then those opened by k0 to k62) are read; `x` is no config key
+        with pytest.raises(ConfigError, match="unknown key 'x'"):
+            load_config(path)
+        return
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert f"invalid YAML: {problem}" in info.value.line()
@@ -304,3 +313,12 @@ def test_one_column_cannot_be_both_the_input_and_the_answer(tmp_path, task, key)
     with pytest.raises(ConfigError) as info:
         load_config(tmp_path / "p.yaml")
     assert key in info.value.line() and "same column" in info.value.line()
+
+
+@pytest.mark.parametrize("text,line", [("~: x\n", 4), ("train:\n  seed: 1\n  null: 2\n", 6), ("yes: 2\n", 4)])
+def test_a_key_yaml_reads_as_no_string_is_refused_at_its_line(tmp_path, text, line):
+    """`~`, `null` and `yes` are read as None and True: the error named no line (their text is not 'None')."""
+    path = _write(tmp_path, BASE + text)
+    with pytest.raises(ConfigError, match="Keys should be strings") as info:
+        load_config(path)
+    assert f"{path}:{line} " in info.value.line()

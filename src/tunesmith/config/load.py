@@ -227,8 +227,22 @@ def _node(root: yaml.Node | None, loc: tuple) -> yaml.Node | None:
     for part in loc:
         if not isinstance(node, yaml.MappingNode):
             return None
-        node = next((v for k, v in node.value if k.value == str(part)), None)
+        node = next((v for k, v in node.value if _is_key(k, part)), None)
     return node
+
+
+def _is_key(key: yaml.Node, part) -> bool:
+    """Whether a mapping's key node is `part` of a validation error's path: as written, or, for a key YAML
+    reads as no string (`~`, `yes`, `0x10`), as read."""
+    if key.value == str(part):
+        return True
+    if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:str":
+        return False
+    try:  # pydantic gives such a key as itself or as its str()
+        read = yaml.SafeLoader("").construct_object(key)
+    except (yaml.YAMLError, ValueError, OverflowError):
+        return False
+    return read == part or str(read) == str(part)
 
 
 def _template_file(name: str, base: Path, check_files: bool, where) -> str:
@@ -293,7 +307,7 @@ def _key_line(node: yaml.Node, loc: tuple) -> int | None:
     line = None
     for part in loc:
         if isinstance(node, yaml.MappingNode):
-            match = next(((k, v) for k, v in node.value if k.value == str(part)), None)
+            match = next(((k, v) for k, v in node.value if _is_key(k, part)), None)
             if match is None:
                 break
             line, node = match[0].start_mark.line + 1, match[1]

@@ -4,7 +4,7 @@ The safe loader only; on top of it, these are refused with their line: a documen
 and aliases would expand it past MAX_VALUES values (a "billion laughs" file is a dozen lines), an
 alias that refers to the node holding it, a key given twice in one mapping (PyYAML keeps the last),
 text with a lone surrogate (an escape such as "\\ud800": no tokenizer or file takes it), and nesting
-deeper than the parser's recursion. A value the safe loader cannot build (`2001-02-30`, `!!int abc`)
+deeper than MAX_DEPTH levels. A value the safe loader cannot build (`2001-02-30`, `!!int abc`)
 is refused without a line. All as `Refused`, a `yaml.YAMLError`, so callers catch one kind. Code that
 walks a loaded value (flattening keys, checking every path in a list) then does work in proportion to
 the text, never exponential in it.
@@ -17,6 +17,10 @@ from typing import Any
 import yaml
 
 MAX_VALUES = 100_000   # scalars, lists and mappings once aliases are expanded; a project.yaml has ~100
+# Lists and mappings inside one another, as written (a project.yaml nests 4); as deep as data rows may nest
+# (data/io.py). PyYAML's pure-Python scanner does work in proportion to the depth for every token, so a
+# 400 KB `[[[[...` took minutes to refuse when the bound was Python's recursion limit.
+MAX_DEPTH = 64
 
 
 class Refused(yaml.YAMLError):
@@ -30,17 +34,36 @@ class Refused(yaml.YAMLError):
 def load(text: str) -> tuple[yaml.Node | None, Any]:
     """(the composed node tree, for line numbers; the value) of one YAML document, refused as above."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_BoundedLoader)
         if root is None:
             return None, None
         expanded_size(root)
         # The value from a second parse: building it from `root` would rewrite merge keys (<<) in the
         # tree the caller reads line numbers from.
-        return root, yaml.safe_load(text)
-    except RecursionError:
-        raise Refused("the document nests too deeply", _deepest(text), "nest fewer levels") from None
+        return root, yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 (a SafeLoader, bounded)
+    except RecursionError:  # constructing values through chains of aliases
+        raise Refused("the document nests too deeply", None, "nest fewer levels") from None
     except (ValueError, OverflowError) as e:  # a date, number or tag the safe loader cannot build
         raise Refused(f"a value YAML cannot build ({e})", hint="quote it to keep it as text") from None
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """The safe loader, refusing a list or mapping opened MAX_DEPTH levels deep at the line that opens it
+    (before the scanner reads further)."""
+
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        if self._depth >= MAX_DEPTH and self.check_event(yaml.CollectionStartEvent):
+            raise Refused(f"the document nests deeper than {MAX_DEPTH} levels", self.peek_event().start_mark,
+                          "nest fewer levels")
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def safe_load(text: str) -> Any:
@@ -81,20 +104,6 @@ def expanded_size(root: yaml.Node) -> int:
         return size(root)
     except RecursionError:
         raise Refused("the document nests too deeply", root.start_mark, "nest fewer levels") from None
-
-
-def _deepest(text: str) -> yaml.Mark | None:
-    """Where the document first reaches its deepest nesting, from the parser's events (the parser keeps
-    its own stack, so this never recurses), for the error's line."""
-    depth, deepest, mark = 0, 0, None
-    for event in yaml.parse(text, Loader=yaml.SafeLoader):
-        if isinstance(event, yaml.CollectionStartEvent):
-            depth += 1
-            if depth > deepest:
-                deepest, mark = depth, event.start_mark
-        elif isinstance(event, yaml.CollectionEndEvent):
-            depth -= 1
-    return mark
 
 
 def _valid_unicode(node: yaml.ScalarNode) -> None:
