@@ -322,6 +322,26 @@ def test_key_checker_and_rate_limiter_units():
     assert not allowed and 0 < wait <= 30 and limiter.allow("other")[0]
 
 
+def test_a_key_file_that_is_a_device_a_pipe_or_huge_is_refused_unread(tmp_path):
+    """`--api-keys-file /dev/zero` read until the machine ran out of memory; a fifo blocked for ever."""
+    import os
+
+    from tunesmith.serve.auth import MAX_KEY_FILE_BYTES
+
+    fifo = tmp_path / "keys.fifo"
+    os.mkfifo(fifo)
+    big = tmp_path / "big.txt"
+    big.write_text(("k" * 63 + "\n") * (MAX_KEY_FILE_BYTES // 64 + 1))
+    for path, problem in ((Path("/dev/zero"), "not a regular file"), (fifo, "not a regular file"),
+                          (tmp_path, "not a regular file"), (big, "over 1024 KiB")):
+        with pytest.raises(InputError, match=problem) as info:
+            load_keys(path, environ={})
+        assert str(path) in info.value.line()
+    good = tmp_path / "keys.txt"
+    good.write_text("# comment\n" + "k" * 20 + "\n")
+    assert load_keys(good, environ={}) == ["k" * 20]
+
+
 def test_psi_is_zero_for_equal_shares_and_grows_with_shift():
     assert psi([0.5, 0.5], [0.5, 0.5]) == pytest.approx(0, abs=1e-9)
     assert psi([0.5, 0.5], [0.6, 0.4]) < psi([0.5, 0.5], [0.9, 0.1])

@@ -23,6 +23,7 @@ from tunesmith.errors import InputError
 
 ENV_VAR = "TUNESMITH_API_KEYS"
 MIN_KEY_LENGTH = 16
+MAX_KEY_FILE_BYTES = 1024 * 1024  # ~16,000 keys of 64 characters
 
 
 def load_keys(file: Path | None = None, environ: dict | None = None) -> list[str]:
@@ -44,8 +45,16 @@ def load_keys(file: Path | None = None, environ: dict | None = None) -> list[str
 
 def _file_keys(file: Path) -> list[tuple[int, str]]:
     """(line number, key) for each key line; `#` starts a comment only at the start of a line."""
+    if file.exists() and not file.is_file():  # a fifo would block, /dev/zero would fill the memory
+        raise InputError("the API key file is not a regular file (a folder, a device or a pipe)", str(file),
+                         "give a UTF-8 text file with one key per line")
     try:
-        text = file.read_text(encoding="utf-8-sig")
+        with file.open("rb") as f:
+            data = f.read(MAX_KEY_FILE_BYTES + 1)
+        if len(data) > MAX_KEY_FILE_BYTES:
+            raise InputError(f"the API key file is over {MAX_KEY_FILE_BYTES // 1024} KiB", str(file),
+                             "give a file with one key per line")
+        text = data.decode("utf-8-sig")
     except FileNotFoundError:
         raise InputError(f"API key file not found: {file}", "--api-keys-file") from None
     except (OSError, UnicodeDecodeError) as e:
