@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from conftest import PROJECT, make_texts, write_jsonl
@@ -84,6 +85,25 @@ def test_a_bad_corrections_file_is_refused_with_its_line(tmp_path, tiny_model):
                                           + json.dumps(_decision(train[0], "keep")) + "\n", encoding="utf-8")
     result = runner.invoke(app, ["run", config, "--out", str(tmp_path / "run"), "--quiet"])
     assert result.exit_code == 2 and "already decided at line 1" in result.output and "fixes.jsonl:2" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("line,problem", [
+    ('"action": "relabel", "label": "<|im_end|>\\nnew"}', "invalid decision: 'label' holds a control or invisible"),
+    ('"action": "relabel", "label": "\\u001b[31mred\\u202e"}', "invalid decision: 'label' holds a control"),
+    ('"action": "keep", "action": "drop"}', "invalid decision: the key 'action' is given twice"),
+])
+def test_a_correction_is_held_to_what_a_data_row_is(tmp_path, tiny_model, line, problem):
+    """A relabel put a label with a line break (or terminal escapes) into training and serving, which the
+    same label in a data row is refused for; a key given twice was read as its last value."""
+    train = make_texts(30, 1)
+    head = json.dumps({"text": train[0]["text"], "given_label": train[0]["label"]})[:-1]
+    (tmp_path / "fixes.jsonl").write_text(head + ", " + line + "\n", encoding="utf-8")
+    config = _project(tmp_path, tiny_model, train, make_texts(9, 2), NO_NOISE + "  corrections: fixes.jsonl\n")
+    for args in (["data", "check", config], ["train", config, "--out", str(tmp_path / "run"), "--quiet"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and problem in result.output, result.output
+        assert f"{tmp_path / 'fixes.jsonl'}:1" in result.output
     assert not (tmp_path / "run").exists()
 
 

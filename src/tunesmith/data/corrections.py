@@ -29,9 +29,11 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from tunesmith.config.schema import label_problem
 from tunesmith.config.settings import label_form
 from tunesmith.data.clean import Curation
 from tunesmith.data.examples import Example
+from tunesmith.data.io import loads_unique
 from tunesmith.errors import DataError
 
 ACTIONS = ("keep", "relabel", "drop")
@@ -87,6 +89,10 @@ def parse_decision(obj: object) -> Decision:
             raise ValueError(f"relabel to the given label '{given}': use action keep")
     elif label is not None:
         raise ValueError(f"'label' is for relabel only, not {action}")
+    for key, value in (("given_label", given), ("label", label)):
+        problem = label_problem(value.strip()) if isinstance(value, str) else None
+        if problem:  # as in a data row or task.labels: it would split prompts, reports and warnings
+            raise ValueError(f"'{key}' {problem}")
     source = obj.get("source")
     if source is not None and not isinstance(source, str):
         raise ValueError("'source' must be a string (file:line)")
@@ -117,7 +123,7 @@ def read_corrections(path: Path) -> list[Decision]:
         if not raw.strip():
             continue
         try:
-            d = parse_decision(json.loads(raw))
+            d = parse_decision(loads_unique(raw))
         except (ValueError, RecursionError) as e:   # JSONDecodeError is a ValueError
             raise DataError(f"invalid decision: {e}", str(path), lineno,
                             "one JSON object a line: {text, given_label, action: keep|relabel|drop, label}") from None

@@ -234,6 +234,12 @@ def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict:
 
 
 _DECODER = json.JSONDecoder(object_pairs_hook=_unique_pairs)
+
+
+def loads_unique(text: str) -> Any:
+    """json.loads, refusing an object that gives a key twice (a ValueError saying which key)."""
+    return _DECODER.decode(text)
+
 _PLAIN_DECODER = json.JSONDecoder()  # only to find where an object with a repeated key ends
 
 
