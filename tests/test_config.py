@@ -92,7 +92,7 @@ def _alias_bomb(levels: int) -> str:
 def test_hostile_yaml_is_refused_with_its_line(tmp_path, text, problem, line):
     # Expanded, the bomb is 10**9 strings: refused from the node counts, never built or walked.
     path = _write(tmp_path, BASE + text)
-    if problem is None:  # 64 levels (the document's mapping, then those opened by k0 to k62) are read; `x` is no config key
+    if problem is None:  # 64 levels (the document's mapping, then those k0 to k62 open) are read; x is no key
         with pytest.raises(ConfigError, match="unknown key 'x'"):
             load_config(path)
         return
