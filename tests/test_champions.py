@@ -299,6 +299,12 @@ def test_cli_refuses_a_run_that_missed_its_objective(tmp_path, tiny_model):
                                                               "base_model_path": str(m.parent / "gone-base")})),
      "the base model this run's adapter applies to is gone (unknown model"),
     (lambda m: (m / "prompt.json").write_text("{}"), "no field 'task_type'"),
+    # a server could not read these either: peft parses the config and loads lora_A at its rank
+    (lambda m: (m / "adapter_config.json").write_text("adapter: ["), "adapter_config.json"),
+    (lambda m: (save_file({"l.lora_A.weight": torch.zeros(16, 4), "l.lora_B.weight": torch.zeros(4, 16)},
+                          str(m / "adapter_model.safetensors")),
+                (m / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')),
+     "adapter_config.json says rank r=8, but the adapter's weights have rank 16"),
     # train.init_from: the merged earlier model in model/base is what the adapter loads onto
     (lambda m: (m / "tunesmith.json").write_text(json.dumps({**json.loads((m / "tunesmith.json").read_text()),
                                                               "base_in_model_dir": "base"})), "weights are missing"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -382,6 +383,45 @@ def test_a_promoted_challenger_becomes_the_champion(champion_run, tmp_path, monk
     assert champions.current("bank") == out
     event = champions.history("bank")[-1]
     assert Path(event["parent"]) == champion_run.resolve() and event["reason"] == "retrain"
+
+
+def test_a_champion_promoted_while_the_challenger_trained_is_not_replaced(champion_run, tmp_path, monkeypatch):
+    """The challenger was judged against the champion it started from: when another run was promoted
+    meanwhile, the challenger does not replace it unjudged (exit 3, promotion.json says why)."""
+    import tunesmith.pipeline.retrain as retrain_module
+    from tunesmith import champions
+    from tunesmith.pipeline.promotion import Decision
+
+    monkeypatch.setenv("TUNESMITH_REGISTRY", str(tmp_path / "registry.sqlite"))
+    other = tmp_path / "other"
+    shutil.copytree(champion_run, other)
+    champions.promote("bank", champion_run)
+
+    def promote_meanwhile(*args, **kwargs):
+        champions.promote("bank", other)  # `tunesmith promote` from another shell during the retrain
+        return Decision(True, ["forced"], [])
+
+    monkeypatch.setattr(retrain_module, "decide", promote_meanwhile)
+    db = tmp_path / "log.db"
+    fill_log(db, [(r["text"], r["label"]) for r in make_texts(20, 11)])
+    out = tmp_path / "challenger"
+    result = runner.invoke(cli, ["retrain", "--registry", "bank", "--db", str(db), "--out", str(out)])
+    assert result.exit_code == 3 and "REJECTED under bank" in result.output, result.output
+    record = json.loads((out / "promotion.json").read_text())
+    assert not record["promoted"] and f"'bank' serves {other.resolve()} now" in record["not_promoted"]
+    assert champions.current("bank") == other.resolve()
+
+
+def test_a_champion_whose_model_cannot_load_is_refused_before_training(champion_run, tmp_path):
+    """It answers the held-out traffic after training: a challenger was trained, then exit 2 left it behind."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(champion_run, damaged)
+    (damaged / "model" / "adapter_model.safetensors").unlink()
+    db = tmp_path / "log.db"
+    fill_log(db, [(r["text"], r["label"]) for r in make_texts(20, 11)])
+    result = runner.invoke(cli, ["retrain", str(damaged), "--db", str(db), "--out", str(tmp_path / "c")])
+    assert result.exit_code == 2 and "the model's weights are missing" in result.output, result.output
+    assert not (tmp_path / "c").exists() and "eval" not in result.output
 
 
 def test_a_log_from_before_the_cut_column_still_tells_cut_inputs_by_their_marker(tmp_path):

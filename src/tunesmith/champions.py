@@ -32,8 +32,12 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # a project name (config:
 BUSY_TIMEOUT_S = 30  # how long a writer waits for another one before giving up
 
 
+class ChampionChanged(InputError):
+    """Another run became the champion than the one a challenger was compared with (nothing recorded)."""
+
+
 def promote(name: str, run_dir: Path, *, parent: Path | None = None, reason: str = "manual",
-            record: dict | None = None) -> int:
+            record: dict | None = None, replacing: Path | None = None) -> int:
     """Make `run_dir` the champion served under `name`; returns the event's id (that of the event
     that made it current when it already is: nothing is recorded then).
 
@@ -41,9 +45,12 @@ def promote(name: str, run_dir: Path, *, parent: Path | None = None, reason: str
         parent: the run it was built from (lineage), if any.
         reason: why, in a few words ("manual", "retrain: challenger better").
         record: figures behind the decision (JSON), kept with the event.
+        replacing: the champion `run_dir` was judged against; when another run is served under `name`
+            (promoted or rolled back to meanwhile), nothing is recorded: the judgement was not about it.
 
     Raises:
-        InputError: a bad registry name. RunDirError: `run_dir` is not a trained run.
+        InputError: a bad registry name. RunDirError: `run_dir` is not a trained run. ChampionChanged:
+        `replacing` is not what is served under `name` (when something is).
     """
     check_name(name)
     run = Path(run_dir).resolve()
@@ -54,6 +61,10 @@ def promote(name: str, run_dir: Path, *, parent: Path | None = None, reason: str
         stack = _stack(db, name)
         if stack and stack[-1][0] == str(run):
             return stack[-1][1]
+        if replacing is not None and stack and stack[-1][0] != str(Path(replacing).resolve()):
+            raise ChampionChanged(f"'{name}' serves {stack[-1][0]} now, not {Path(replacing).resolve()}, the champion "
+                                  "the challenger was compared with", "NAME",
+                                  f"retrain the run served now: `tunesmith retrain --registry {name}`")
         return _insert(db, name, "promote", str(run), stack[-1][0] if stack else None,
                        str(Path(parent).resolve()) if parent else None, reason, record)
 

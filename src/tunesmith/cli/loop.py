@@ -75,9 +75,11 @@ def retrain_command(run_dir: Optional[Path] = typer.Argument(None, help="The cha
         print("data: " + data_line(rec["data"]))
         for label, key in (("original test split", "test"), ("recent traffic", "traffic")):
             print(f"{label}: " + _comparison_line(rec["comparisons"][key]))
-        print(("PROMOTED" if result.decision.promote else "REJECTED") + f" under {rec['name']}:")
+        print(("PROMOTED" if result.promoted else "REJECTED") + f" under {rec['name']}:")
         for check in result.decision.checks:
             print(f"  [{'ok' if check.passed else 'no'}] {check.detail}")
+        if "not_promoted" in rec:
+            print(f"  [no] {rec['not_promoted']}")
         print(f"promotion.json: {result.path}")
         return result.exit_code
     guarded(debug, go)

@@ -35,6 +35,7 @@ from tunesmith.pipeline.traffic import Assembly, assemble, champion_labels, chec
 from tunesmith.run_registry import find_run
 from tunesmith.runs import check_out, is_run_dir, new_run_id, run_lock, staging_dir
 from tunesmith.tasks.metrics import METRICS
+from tunesmith.train.finetuned import check_model_files
 
 EXIT_PROMOTED, EXIT_REJECTED = 0, 3
 INPUTS = "retrain"  # the challenger's input files, inside its run directory
@@ -51,8 +52,13 @@ class RetrainResult:
     path: Path  # promotion.json
 
     @property
+    def promoted(self) -> bool:
+        """The rule said promote, and the registry took it (the champion had not changed meanwhile)."""
+        return self.decision.promote and "not_promoted" not in self.record
+
+    @property
     def exit_code(self) -> int:
-        return EXIT_PROMOTED if self.decision.promote else EXIT_REJECTED
+        return EXIT_PROMOTED if self.promoted else EXIT_REJECTED
 
 
 def retrain(run_dir: Path, data: Path | None = None, out: Path | None = None, db: Path | None = None,
@@ -95,8 +101,12 @@ def retrain(run_dir: Path, data: Path | None = None, out: Path | None = None, db
     if result.decision.promote:
         from tunesmith import champions
 
-        event = champions.promote(name, final, parent=champion, reason="retrain", record=result.record)
-        result.record.update(promoted=True, registry={"name": name, "event": event})
+        try:
+            event = champions.promote(name, final, parent=champion, reason="retrain", record=result.record,
+                                      replacing=champion)
+            result.record.update(promoted=True, registry={"name": name, "event": event})
+        except champions.ChampionChanged as e:  # promoted or rolled back to while this one trained
+            result.record.update(not_promoted=e.what)
         fsio.write_json(result.path, result.record)
     return result
 
@@ -113,6 +123,7 @@ def _champion(run_dir: Path) -> tuple[Path, Project]:
             raise RunDirError(f"the champion run has no {needed}", str(run), "give a run made by `tunesmith run`")
     project = load_config(run / "config.yaml", check_files=False)
     check_supported(project)
+    check_model_files(run / "model")  # it answers the held-out traffic after training: refused now, not then
     if project.objective.metric not in METRICS:
         raise InputError(f"objective.metric {project.objective.metric} is not a task metric both models can be "
                          "scored on", f"{run / 'config.yaml'} (objective.metric)")

@@ -90,10 +90,23 @@ def check_model_files(model_dir: Path) -> None:
                               "restore the file, or train the run again")
         try:
             with safe_open(str(weights), "pt") as f:
-                f.keys()
+                ranks = {f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith(".lora_A.weight")}
         except (OSError, SafetensorError) as e:
             raise RunDirError(f"the model's weights cannot be read ({type(e).__name__}: {str(e)[:120]})", str(weights),
                               "restore the file, or train the run again") from None
+        if weights.name == "adapter_model.safetensors":
+            _check_adapter_config(model_dir / "adapter_config.json", ranks)
+
+
+def _check_adapter_config(path: Path, ranks: set[int]) -> None:
+    """adapter_config.json parses (DamagedFile) and a LoRA's rank `r` is that of its weights (`ranks`: the
+    first dimension of each lora_A), unless a rank_pattern gives layers their own ranks."""
+    config = fsio.read_json(path, dict)
+    r = config.get("r")
+    if config.get("peft_type") == "LORA" and not config.get("rank_pattern") and ranks and ranks != {r}:
+        raise RunDirError(f"adapter_config.json says rank r={str(r)[:20]}, but the adapter's weights have rank "
+                          f"{', '.join(map(str, sorted(ranks)))}", str(path),
+                          "restore the file, or train the run again")
 
 
 def _check_base(model_dir: Path, meta: dict) -> None:
