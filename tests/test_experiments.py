@@ -205,7 +205,7 @@ def test_select_says_when_no_candidate_fits(tmp_path, tiny_model):
     assert "smallest model that fits" not in advice["reason"]
 
 
-def test_tune_study_starts_from_the_default_and_ends_in_a_run(tmp_path, tiny_model):
+def test_tune_study_starts_from_the_default_and_ends_in_a_run(tmp_path, tiny_model, caplog):
     config = _project(tmp_path, tiny_model)
     out = tmp_path / "tune"
     result = runner.invoke(app, ["tune", config, "--trials", "4", "--out", str(out), "--quiet"])
@@ -245,8 +245,17 @@ def test_tune_study_starts_from_the_default_and_ends_in_a_run(tmp_path, tiny_mod
     Path(config).write_text(changed)
     shutil.rmtree(out / "best")  # (its own refusal would come first)
     before = (out / "study.sqlite").read_bytes()
-    refused = runner.invoke(app, ["tune", config, "--trials", "4", "--out", str(out), "--quiet"])
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.INFO)  # as a fresh process starts
+    optuna.logging.enable_propagation()  # (its own handler writes to the stderr of its first import)
+    try:
+        with caplog.at_level("INFO", logger="optuna"):
+            refused = runner.invoke(app, ["tune", config, "--trials", "4", "--out", str(out), "--quiet"])
+    finally:
+        optuna.logging.disable_propagation()
     assert refused.exit_code == 2 and "holds a study of another config" in refused.stderr, refused.output
+    assert not [r for r in caplog.records if r.name.startswith("optuna")]  # the refusal is the one line said
     assert (out / "study.sqlite").read_bytes() == before
     again = runner.invoke(app, ["tune", config, "--trials", "1", "--out", str(out), "--quiet", "--overwrite"])
     assert again.exit_code in (0, 3), again.output

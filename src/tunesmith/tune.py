@@ -120,9 +120,6 @@ def _run_trials(study, project: Project, splits, out: Path, trials: int, progres
 
     metric = project.objective.metric
     sign = 1 if METRICS[metric].higher_is_better else -1
-    # ERROR: a failed trial raises out of the study (catch=()) and the CLI says it in one line; optuna's
-    # own "Trial N failed" warning would add a traceback, on Ctrl-C and SIGTERM too.
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
     if _default_trial(study, project) is None and not _waiting(study):
         study.enqueue_trial(defaults(project))  # the config as written (again, if its trial was interrupted)
 
@@ -201,6 +198,10 @@ def _open_study(out: Path, project: Project, seed: int, overwrite: bool):
 
     from tunesmith.errors import InputError
 
+    # ERROR: a failed trial raises out of the study (catch=()) and the CLI says it in one line; optuna's
+    # own "Trial N failed" warning would add a traceback, on Ctrl-C and SIGTERM too, and its INFO lines
+    # ("Using an existing study") would stand beside a refusal's one `error:` line.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     path = out / STUDY_FILE
     _check_study_file(path)
     storage = f"sqlite:///{path}"
