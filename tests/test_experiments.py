@@ -183,6 +183,8 @@ def test_select_probes_local_models_and_recommends(tmp_path, tiny_model):
 @pytest.mark.parametrize("given,said", [(",", "--candidates names no model"), (" ", "--candidates names no model"),
                                         ("{m},{m}", "names {m} twice"), ("{m},{m}/", "names {m}/ twice"),
                                         ("/no/such/model", "--candidates /no/such/model"),
+                                        # a name past the file system's limits: an internal OSError before
+                                        ("a" * 300, "(File name too long), --candidates " + "a" * 80 + "..."),
                                         ("smollm2-1.7b-instruct,HuggingFaceTB/SmolLM2-1.7B-Instruct",
                                          "names HuggingFaceTB/SmolLM2-1.7B-Instruct twice")])
 def test_select_candidates_that_name_nothing_or_twice_are_refused(tmp_path, tiny_model, given, said):

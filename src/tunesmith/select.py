@@ -116,7 +116,7 @@ def _candidate(name: str) -> tuple[CatalogEntry, Path | None]:
     try:
         path = resolve_model(name)  # a local checkpoint folder
     except ModelError as e:  # said against the option that named it, not the config's `model`
-        raise ModelError(e.what, f"--candidates {name}", e.hint) from None
+        raise ModelError(e.what, f"--candidates {name if len(name) <= 80 else name[:80] + '...'}", e.hint) from None
     import json
 
     cfg = json.loads((Path(path) / "config.json").read_text())

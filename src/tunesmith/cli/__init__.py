@@ -400,11 +400,17 @@ def _candidate_names(given: str | None) -> list[str] | None:
     from tunesmith.models.catalog import CATALOG
 
     ids = {e.hf_id.lower(): e.name for e in CATALOG.values()}
-    keys = [str(Path(n).expanduser().resolve()) if Path(n).expanduser().exists() else ids.get(n.lower(), n)
-            for n in names]
+    keys = [str(Path(n).expanduser().resolve()) if _exists(n) else ids.get(n.lower(), n) for n in names]
     if twice := next((n for i, (n, k) in enumerate(zip(names, keys)) if k in keys[:i]), None):
         raise InputError(f"--candidates names {twice} twice", "--candidates", "name each model once")
     return names
+
+
+def _exists(name: str) -> bool:
+    try:
+        return Path(name).expanduser().exists()
+    except OSError:  # a name past the file system's limits names no file (select says so, naming --candidates)
+        return False
 
 
 @app.command("select")

@@ -36,6 +36,16 @@ def resolve_model(name: str, offline: bool = False) -> Path:
     """
     if name in CATALOG:
         return _from_catalog(CATALOG[name], offline)
+    try:
+        return _from_name(name, offline)
+    except OSError as e:  # a name past the file system's limits (ENAMETOOLONG) is no folder or file
+        shown = name if len(name) <= 80 else name[:80] + "..."
+        raise ModelError(f"unknown model '{shown}' ({e.strerror})", "model",
+                         "give a catalog name, a Hugging Face id, a checkpoint folder or a .gguf file") from None
+
+
+def _from_name(name: str, offline: bool) -> Path:
+    """resolve_model for a name outside the catalog: a .gguf file, a checkpoint folder or a hub id."""
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -50,7 +60,7 @@ def resolve_model(name: str, offline: bool = False) -> Path:
         return path.resolve()
     if HF_ID.match(name) and not path.exists():
         return _from_hub(name, offline)
-    raise ModelError(f"unknown model '{name}'", "model",
+    raise ModelError(f"unknown model '{name if len(name) <= 80 else name[:80] + '...'}'", "model",
                      f"use a catalog name ({', '.join(CATALOG)}), a Hugging Face id, a checkpoint folder "
                      "or a .gguf file")
 
