@@ -416,3 +416,18 @@ def test_a_base_model_folder_that_cannot_give_a_tokenizer_is_bad_input(tmp_path,
         load_tokenizer(folder)
     line = info.value.line()
     assert says in line and "\n" not in line and ", model," in line
+
+
+def test_a_model_name_that_is_no_regular_file_or_too_long_is_a_model_error(tmp_path):
+    """A .gguf link to /dev/zero was "not found" (it is there); a name past the file system's limits was an
+    internal OSError."""
+    from tunesmith.errors import ModelError
+    from tunesmith.models.resolve import resolve_model
+
+    (tmp_path / "zero.gguf").symlink_to("/dev/zero")
+    for name, said in ((str(tmp_path / "zero.gguf"), "GGUF file is not a regular file"),
+                       (str(tmp_path / "gone.gguf"), "GGUF file not found"),
+                       ("a" * 300, "unknown model '" + "a" * 80 + "...' (File name too long)")):
+        with pytest.raises(ModelError, match="model") as info:
+            resolve_model(name)
+        assert said in info.value.what and len(info.value.line()) < 400, info.value.line()

@@ -49,7 +49,8 @@ def _from_name(name: str, offline: bool) -> Path:
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise ModelError(f"GGUF file not found: {path}", "model", "give an existing .gguf path")
+            what = "is not a regular file (a folder, a device or a pipe)" if path.exists() else "not found"
+            raise ModelError(f"GGUF file {what}: {path}", "model", "give an existing .gguf path")
         digest = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}"
                                 .encode()).hexdigest()
         return _converted(path, f"gguf-{path.stem}-{digest[:12]}")
