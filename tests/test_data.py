@@ -275,11 +275,13 @@ def test_labels_read_from_data_are_checked_as_declared_labels_are(tmp_path):
     system prompt and the reports, while task.labels refuses it and feedback could never name it."""
     rows = [{"text": "a", "label": "alpha"}, {"text": "b", "label": "al\npha"}, {"text": "c", "label": "be\u200bta"},
             {"text": "d", "label": "gam\u0007ma"}, {"text": "e", "label": "\u0645\u06cc\u200c\u0631\u0648\u062f"},
-            {"text": "f", "label": "al\u00adpha"}]  # a soft hyphen: "alpha" to the eye
+            {"text": "f", "label": "al\u00adpha"},  # a soft hyphen: "alpha" to the eye
+            {"text": "g", "label": "x" * 201}, {"text": "h", "label": "y" * 200}]  # feedback could not name it
     examples, problems = load_examples(write_jsonl(tmp_path / "t.jsonl", rows), TaskConfig())
-    assert [e.target for e in examples] == ["alpha", "\u0645\u06cc\u200c\u0631\u0648\u062f"]  # ZWNJ is a letter
-    assert [p.line for p in problems] == [2, 3, 4, 6]
+    assert [e.target for e in examples] == ["alpha", "\u0645\u06cc\u200c\u0631\u0648\u062f", "y" * 200]
+    assert [p.line for p in problems] == [2, 3, 4, 6, 7]  # ZWNJ is a letter
     assert problems[0].reason.startswith('label "al\\npha" holds a control or invisible character')
+    assert "is 201 characters long, over 200" in problems[4].reason
     assert all("\n" not in p.reason for p in problems)  # the message stays one line
 
 

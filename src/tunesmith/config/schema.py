@@ -59,6 +59,7 @@ _C = TypeVar("_C", bound="_Strict")
 
 
 # Task keys that mean nothing for raw documents (task.type text); set explicitly, they are refused.
+MAX_LABEL_CHARS = 200
 # Characters that make two labels look alike or one look like another (ZWNJ and ZWJ stay: words use them).
 _INVISIBLE = frozenset("\u00ad\u200b\u2060\ufeff\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
                        "\u2066\u2067\u2068\u2069")
@@ -68,7 +69,10 @@ TEXT_UNUSED_TASK_KEYS = ("label_field", "prompt_field", "completion_field", "ins
 
 def label_problem(label: str) -> str | None:
     """Why a label cannot be one (a line break would split prompts, reports and feedback; an invisible
-    character makes two labels look alike), or None. task.labels and the labels read from data both ask."""
+    character makes two labels look alike; a label is a short name the model writes, and feedback names it
+    again), or None. task.labels, the labels read from data, corrections and feedback all ask."""
+    if len(label) > MAX_LABEL_CHARS:
+        return f"is {len(label):,} characters long, over {MAX_LABEL_CHARS} (a label is a short name the model writes)"
     if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") or c in _INVISIBLE for c in label):
         return "holds a control or invisible character (a line break, a zero-width space, a direction mark)"
     return None

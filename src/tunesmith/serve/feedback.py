@@ -28,7 +28,7 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError, field_validator, model_validator
 
-from tunesmith.config.schema import label_problem
+from tunesmith.config.schema import MAX_LABEL_CHARS, label_problem
 from tunesmith.data.io import read_rows
 from tunesmith.errors import DataError, InputError
 from tunesmith.serve.replies import error
@@ -44,7 +44,7 @@ from tunesmith.serve.store import (
     no_access,
 )
 
-LABEL_CHARS = 200
+LABEL_CHARS = MAX_LABEL_CHARS
 RETRY_AFTER_S = 1
 _ID = re.compile(r"[0-9a-f]{32}")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # not \t \n \r: a correction may have lines
