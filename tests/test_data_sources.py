@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -400,6 +401,9 @@ def test_one_file_in_two_roles_is_an_error_naming_both_keys(tmp_path):
     assert "read twice: by data.train and by data.test" in message and f"{path}:4 (data.test)" in message
     path = _config(tmp_path, "  train: [b.jsonl]\n  validation:\n    - {path: a.jsonl}\n  test: [a.jsonl]\n")
     assert "by data.validation.0 and by data.test.0" in _error(path)
+    os.link(tmp_path / "a.jsonl", tmp_path / "a-link.jsonl")  # one file under two names
+    path = _config(tmp_path, "  train: a.jsonl\n  test: a-link.jsonl\n")
+    assert "a-link.jsonl is read twice: by data.train and by data.test" in _error(path)
 
 
 def test_held_out_weight_of_a_single_mapping_is_located_without_an_index(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
+import os
 import typing
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,7 @@ def _read(path: Path) -> str:
 
 def _resolve_paths(project: Project, root: yaml.Node, check_files: bool) -> None:
     base = project.base_dir
-    seen: dict[str, str] = {}
+    seen: dict = {}
     for key in ("train", "validation", "test"):
         try:
             _resolve_data(project, root, key, check_files, seen)
@@ -126,7 +127,7 @@ def _resolve_paths(project: Project, root: yaml.Node, check_files: bool) -> None
                           _where(project.source, root, ("eval", "harness", "tasks")), "pip install lm-eval")
 
 
-def _resolve_data(project: Project, root: yaml.Node, key: str, check_files: bool, seen: dict[str, str]) -> None:
+def _resolve_data(project: Project, root: yaml.Node, key: str, check_files: bool, seen: dict) -> None:
     """data.KEY's paths made absolute and globs expanded (recorded in the source's `files`), so the run's
     saved config.yaml reads the same files again; with check_files each must exist, and no file may be
     read twice (`seen`, shared by train, validation and test: a file in two splits would leak)."""
@@ -167,11 +168,17 @@ def _corrections_file(project: Project, root: yaml.Node, check_files: bool) -> P
     return resolved
 
 
-def _once(file: str, key: str, where: str, seen: dict[str, str]) -> None:
-    if file in seen:
-        raise ConfigError(f"{file} is read twice: by {seen[file]} and by {key}", where,
-                          "give each file to one source of one split (a glob may match it too)")
-    seen[file] = key
+def _once(file: str, key: str, where: str, seen: dict) -> None:
+    """Refused when `file` was given already (by path, or as the same file under another name: a hard link)."""
+    try:
+        st = os.stat(file)
+        identity = (st.st_dev, st.st_ino)
+    except OSError:  # not there (yet): its path is all there is to compare
+        identity = file
+    if identity in seen:
+        raise ConfigError(f"{file} is read twice: by {seen[identity]} and by {key}", where,
+                          "give each file to one source of one split (a glob or a hard link may name it too)")
+    seen[identity] = key
 
 
 def _check_columns_fit(project: Project, root: yaml.Node, loc: tuple, columns: dict[str, str]) -> None:
