@@ -198,6 +198,14 @@ def test_bad_ratings_file_is_one_error_line(tmp_path):
         key.write_text(json.dumps({**json.loads(key.read_text()), "pairs": pairs}))
         result = runner.invoke(app, ["human", "import", str(bad), "--key", str(key)])
         assert result.exit_code == 2 and "pair 'p0001' does not say which system is A" in result.stderr
+    # a pair given twice (the second says B is system one): read as its last entry before
+    key.write_text('{"one": "a", "two": "b", "pairs": {"p0001": {"A": "one"}, "p0001": {"A": "two"}}}')
+    result = runner.invoke(app, ["human", "import", str(bad), "--key", str(key)])
+    assert result.exit_code == 2 and "the key 'p0001' is given twice" in result.stderr, result.output
+    long_name = str(tmp_path / ("d" * 250) / "run")  # two runs both called `run` are named by their paths
+    key.write_text(json.dumps({**original, "one": long_name}))
+    bad.write_text("id,rater,choice\np0001,ann,A\n")
+    assert runner.invoke(app, ["human", "import", str(bad), "--key", str(key)]).exit_code == 0
 
 
 def test_kappa_and_wilson_edge_cases():

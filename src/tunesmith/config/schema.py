@@ -68,12 +68,17 @@ TEXT_UNUSED_TASK_KEYS = ("label_field", "prompt_field", "completion_field", "ins
 
 
 def label_problem(label: str) -> str | None:
-    """Why a label cannot be one (a line break would split prompts, reports and feedback; an invisible
-    character makes two labels look alike; a label is a short name the model writes, and feedback names it
-    again), or None. task.labels, the labels read from data, corrections and feedback all ask."""
+    """Why a label cannot be one (a label is a short name the model writes, and feedback names it again;
+    `control_problem`), or None. task.labels, the labels read from data, corrections and feedback all ask."""
     if len(label) > MAX_LABEL_CHARS:
         return f"is {len(label):,} characters long, over {MAX_LABEL_CHARS} (a label is a short name the model writes)"
-    if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") or c in _INVISIBLE for c in label):
+    return control_problem(label)
+
+
+def control_problem(text: str) -> str | None:
+    """Why a name shown in prompts, reports and on a terminal cannot be one (a line break would split
+    prompts, reports and feedback; an invisible character makes two names look alike), or None."""
+    if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") or c in _INVISIBLE for c in text):
         return "holds a control or invisible character (a line break, a zero-width space, a direction mark)"
     return None
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.config import TaskConfig
-from tunesmith.config.schema import label_problem
+from tunesmith.config.schema import control_problem, label_problem
 from tunesmith.config.settings import label_form
 from tunesmith.config.sources import HF_PREFIX
 from tunesmith.data.io import ReadResult, Row, RowProblem, RowSource, read_rows
@@ -183,7 +183,7 @@ def _group_text(value: Any, name: str, key: str) -> str | None:
     if isinstance(value, (list, dict)):
         raise _RowError(f"group field '{name}' holds a {'list' if isinstance(value, list) else 'JSON object'}, "
                         f"not a text, number or boolean ({key})")
-    if problem := label_problem(str(value)):  # a group is named in reports and messages, as a label is
+    if problem := control_problem(str(value)):  # a group is named in reports and messages, as a label is
         raise _RowError(f"group field '{name}' {problem} ({key})")
     return str(value)
 

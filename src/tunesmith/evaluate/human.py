@@ -25,8 +25,8 @@ from collections import Counter
 from pathlib import Path
 
 from tunesmith import fsio
-from tunesmith.config.schema import label_problem
-from tunesmith.data.io import json_value_error
+from tunesmith.config.schema import control_problem
+from tunesmith.data.io import json_value_error, loads_unique
 from tunesmith.errors import DataError, InputError, RunDirError
 from tunesmith.evaluate.predictions_file import example_key, require_test_predictions
 from tunesmith.runs import enclosing_run
@@ -235,7 +235,7 @@ def _rating_cells(row: dict, path: str, line: int) -> dict | None:
         raise DataError(f"choice {json.dumps(cells['choice'][:40])} is not one of A, B, tie", path, line, "fix the row")
     if not cells["rater"]:  # counted as a rater named "" it would skew agreement and the per-rater table
         raise DataError("the rater is empty", path, line, "put the rater's name in the row")
-    if problem := label_problem(cells["rater"]):  # printed and reported: an escape code would act on a terminal
+    if problem := control_problem(cells["rater"]):  # printed and reported: an escape code would act on a terminal
         raise DataError(f"the rater's name {problem}", path, line, "write the name in plain text")
     return {"id": cells["id"], "rater": cells["rater"], "choice": choice, "line": line}
 
@@ -276,7 +276,7 @@ def read_key(key_path: Path) -> dict:
     """The key.json `human export` wrote; a missing or damaged one is an error naming it."""
     text = _decode(Path(key_path), "key file")
     try:
-        key = json.loads(text)
+        key = loads_unique(text)  # a pair given twice would be read as its last entry
     except (json.JSONDecodeError, RecursionError) as e:
         raise DataError(f"key file is not valid JSON ({getattr(e, 'msg', 'nested too deeply')})", str(key_path),
                         getattr(e, "lineno", None), "pass the key.json that `tunesmith human export` wrote") from None
@@ -287,7 +287,7 @@ def read_key(key_path: Path) -> dict:
         raise DataError("key file lacks 'one', 'two' or 'pairs'", str(key_path), None,
                         "pass the key.json that `tunesmith human export` wrote")
     for side in ("one", "two"):  # printed by `human import`: never a control or escape code
-        if not isinstance(key[side], str) or label_problem(key[side]):
+        if not isinstance(key[side], str) or control_problem(key[side]):
             raise DataError(f"key file's '{side}' is not a system's name (a text without control characters)",
                             str(key_path), None, "pass the key.json that `tunesmith human export` wrote")
     bad = next((pid for pid, pair in key["pairs"].items()
