@@ -108,7 +108,7 @@ def test_fsdp_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_mod
         time.sleep(0.02)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert (checkpoints / "step-0000004" / "optimizer-rank1.pt").is_file()
+    assert (checkpoints / "step-0000004" / "optimizer-rank1.json").is_file()
     resume = [*launch[:6], "29521", "-m", "tunesmith", "train", "--resume", str(killed), "-q"]
     _train(resume)
     _torchrun(config, tmp_path / "whole", 29522)

@@ -110,15 +110,26 @@ def test_an_edited_checkpoint_state_is_refused_naming_it(tiny_model, tmp_path, e
     assert says in info.value.line() and str(state_file) in info.value.line()
 
 
-def test_a_checkpoint_holding_objects_a_safe_load_refuses_is_named_without_unsafe_advice(tiny_model, tmp_path):
-    """torch's message advised `weights_only=False` (which runs the file's code), and it was exit 1."""
+def test_a_checkpoint_is_read_without_unpickling_and_a_damaged_one_is_named(tiny_model, tmp_path):
+    """The optimiser state went through torch.save and torch.load(weights_only=True), an unpickler (which
+    had ways to run code before torch 2.6): now tensors in safetensors, the rest in JSON."""
     _fit(tiny_model, out_dir=tmp_path, checkpoint_every=2, keep_checkpoints=10, max_steps=4)
     shutil.rmtree(tmp_path / "checkpoints" / "step-0000004", ignore_errors=True)
-    torch.save({"x": _Refused()}, tmp_path / "checkpoints" / "step-0000002" / "optimizer.pt")
+    step = tmp_path / "checkpoints" / "step-0000002"
+    assert sorted(p.name for p in step.iterdir() if p.name.startswith("optimizer")) == \
+        ["optimizer.json", "optimizer.safetensors"]
+    tree = json.loads((step / "optimizer.json").read_text())
+    (step / "optimizer.json").write_text(json.dumps({"__dict__": [["optimizer", {"__pickle__": "x"}]]}))
     with pytest.raises(RunDirError) as info:
         _fit(tiny_model, out_dir=tmp_path, resume=True, checkpoint_every=2, keep_checkpoints=10, max_steps=4)
-    line = info.value.line()
-    assert "holds objects a safe load refuses" in line and "weights_only" not in line
+    assert "the checkpoint cannot be read (ValueError: an object that is none of" in info.value.line()
+    assert str(step) in info.value.line()
+    (step / "optimizer.json").unlink()  # a checkpoint of an earlier tunesmith: optimizer.pt, a pickle
+    torch.save({"x": _Refused()}, step / "optimizer.pt")
+    with pytest.raises(RunDirError, match="written by an earlier tunesmith"):
+        _fit(tiny_model, out_dir=tmp_path, resume=True, checkpoint_every=2, keep_checkpoints=10, max_steps=4)
+    (step / "optimizer.json").write_text(json.dumps(tree))
+    _fit(tiny_model, out_dir=tmp_path, resume=True, checkpoint_every=2, keep_checkpoints=10, max_steps=4)
 
 
 class _Refused:

@@ -1,7 +1,7 @@
 """Atomic training checkpoints for resume: trainable weights, optimiser, schedule, RNG, loop state.
 
-Weights go to safetensors; optimiser and scheduler state (plain tensors and numbers) go through
-torch.save and come back with `weights_only=True`, which refuses arbitrary pickled objects.
+Weights go to safetensors; optimiser and scheduler state and the RNG state go to a safetensors file and
+a JSON file beside it (train/tensor_tree.py): nothing in a checkpoint is unpickled.
 Each checkpoint is written to a hidden temporary folder and renamed into place, so a kill at any
 moment leaves either the previous complete checkpoint or the new one, never half of one.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 import shutil
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from tunesmith import fsio
 from tunesmith.runs import CHECKPOINT_NAME, checkpoint_name
 from tunesmith.train import distributed, fsdp
+from tunesmith.train.tensor_tree import load_tree, save_tree
 
 
 def save_checkpoint(folder: Path, step: int, model, optimizer, schedule, loop: dict, watch_state: dict,
@@ -42,9 +42,9 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, schedule, loop: d
     distributed.barrier()
     if sharded or rank == 0:
         # Under FSDP each rank's optimiser state covers only its shards.
-        name = f"optimizer-rank{rank}.pt" if sharded else "optimizer.pt"
-        torch.save({"optimizer": fsdp.local_optimizer_state(optimizer), "schedule": schedule.state_dict(),
-                    "rng": torch.get_rng_state()}, tmp / name)
+        name = f"optimizer-rank{rank}" if sharded else "optimizer"
+        save_tree({"optimizer": fsdp.local_optimizer_state(optimizer), "schedule": schedule.state_dict(),
+                   "rng": torch.get_rng_state()}, tmp / name)
     distributed.barrier()
     if rank == 0:
         save_file(trainable, str(tmp / "trainable.safetensors"))
@@ -106,14 +106,10 @@ def load_checkpoint(path: Path, model, optimizer, schedule) -> tuple[dict, dict 
 
     try:
         return _load(path, model, optimizer, schedule)
-    except (OSError, EOFError, KeyError, TypeError, ValueError, RuntimeError, SafetensorError,
-            pickle.UnpicklingError) as e:
+    except (OSError, EOFError, KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as e:
         if isinstance(e, (RunDirError, fsio.DamagedFile, torch.OutOfMemoryError)):  # named already, or no damage
             raise
-        # torch's own message for a refused pickle advises weights_only=False, which runs what the file holds
-        reason = "it holds objects a safe load refuses" if isinstance(e, pickle.UnpicklingError) else \
-            f"{type(e).__name__}: {str(e)[:160]}"
-        raise RunDirError(f"the checkpoint cannot be read ({reason})", str(path),
+        raise RunDirError(f"the checkpoint cannot be read ({type(e).__name__}: {str(e)[:160]})", str(path),
                           "delete this checkpoint folder to resume from the one before it (if every checkpoint "
                           "fails alike, they do not fit this model: was it changed since they were written?)") from e
 
@@ -137,8 +133,13 @@ def _load(path: Path, model, optimizer, schedule) -> tuple[dict, dict | None]:
     with torch.no_grad():
         for name, value in load_file(str(path / "trainable.safetensors")).items():
             params[name].copy_(fsdp.like(params[name], value))
-    name = f"optimizer-rank{distributed.rank()}.pt" if sharded else "optimizer.pt"
-    extra = torch.load(path / name, map_location=dev, weights_only=True)
+    name = f"optimizer-rank{distributed.rank()}" if sharded else "optimizer"
+    if (path / f"{name}.pt").is_file() and not (path / f"{name}.json").is_file():
+        from tunesmith.errors import RunDirError
+
+        raise RunDirError(f"the checkpoint was written by an earlier tunesmith ({name}.pt, a pickle, which is no "
+                          "longer read)", str(path), "train the run again, without --resume")
+    extra = load_tree(path / name, dev)
     fsdp.load_local_optimizer_state(optimizer, extra["optimizer"])
     schedule.load_state_dict(extra["schedule"])
     torch.set_rng_state(extra["rng"].cpu())
