@@ -374,6 +374,8 @@ def test_a_wrong_cell_is_named_in_json_words_not_python_types(tmp_path, row, say
     ("train.csv", lambda text: text.replace(",", ";").encode(),
      "the header reads as one field, 'text;label': the file seems to separate its fields with ';'"),
     ("train.tsv", lambda text: text.encode(), "separate its fields with ','; tunesmith reads .csv files"),
+    ("train.jsonl", lambda text: bytes(100_000), "the file starts with NUL bytes, not text"),  # was "UTF-16 text"
+    ("train.csv", lambda text: bytes(300) + text.encode(), "the file starts with NUL bytes, not text"),
 ])
 def test_a_file_in_another_encoding_or_separator_is_named_for_what_it_is(tmp_path, name, encode, says):
     """UTF-16 without its byte-order mark read as UTF-8 with NULs ("invalid JSON: Expecting property

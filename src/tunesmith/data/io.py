@@ -96,6 +96,9 @@ def _read_file(path: Path) -> ReadResult:
     if kind in ("jsonl", "csv") and _utf16(path):  # without a BOM, ASCII in UTF-16 is valid UTF-8 with NULs
         raise DataError("the file is UTF-16 text; tunesmith reads UTF-8", str(path),
                         hint="save it as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")
+    if kind in ("jsonl", "csv") and _all_nul_head(path):
+        raise DataError("the file starts with NUL bytes, not text (a disk image or a file zeroed by a crash?)",
+                        str(path), hint="give a UTF-8 text file")
     result = {"jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet, "arrow": _read_arrow}[kind](path)
     if not result.rows and not result.problems:
         raise DataError("data file has no rows", str(path), hint="it needs at least one example")
@@ -149,7 +152,16 @@ def _utf16(path: Path) -> bool:
     if head.startswith((b"\xff\xfe", b"\xfe\xff")):
         return True
     pairs = len(head) // 2
+    if _all_nul_head(path):  # no text at all: said as such, not as UTF-16
+        return False
     return pairs >= 4 and (head[0::2][:pairs].count(0) == pairs or head[1::2][:pairs].count(0) == pairs)
+
+
+def _all_nul_head(path: Path) -> bool:
+    """Whether the file's first 256 bytes are all NUL."""
+    with open(path, "rb") as f:
+        head = f.read(256)
+    return bool(head) and head.count(0) == len(head)
 
 
 def _starts_array(path: Path) -> bool:
