@@ -412,6 +412,24 @@ def test_a_champion_promoted_while_the_challenger_trained_is_not_replaced(champi
     assert champions.current("bank") == other.resolve()
 
 
+def test_retraining_a_run_another_one_is_served_in_place_of_is_refused_before_training(champion_run, tmp_path,
+                                                                                      monkeypatch):
+    """The challenger would be judged against RUN_DIR and replace the run served: a whole training, then
+    a refusal at promotion (exit 3) that was known at the start."""
+    from tunesmith import champions
+
+    monkeypatch.setenv("TUNESMITH_REGISTRY", str(tmp_path / "registry.sqlite"))
+    other = tmp_path / "other"
+    shutil.copytree(champion_run, other)
+    champions.promote("bank", other)
+    db = tmp_path / "log.db"
+    fill_log(db, [(r["text"], r["label"]) for r in make_texts(20, 11)])
+    result = runner.invoke(cli, ["retrain", str(champion_run), "--name", "bank", "--db", str(db),
+                                 "--out", str(tmp_path / "c")])
+    assert result.exit_code == 2 and f"'bank' serves {other.resolve()}, not {champion_run.resolve()}" in result.stderr
+    assert "--registry bank" in result.stderr and not (tmp_path / "c").exists(), result.output
+
+
 def test_a_champion_whose_model_cannot_load_is_refused_before_training(champion_run, tmp_path):
     """It answers the held-out traffic after training: a challenger was trained, then exit 2 left it behind."""
     damaged = tmp_path / "damaged"

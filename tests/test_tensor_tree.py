@@ -43,6 +43,15 @@ def test_an_adamw_and_schedule_state_round_trip_and_keep_training_alike(tmp_path
     torch.testing.assert_close(model.weight, twin.weight, rtol=0, atol=0)
 
 
+def test_tensors_over_one_storage_and_empty_ones_round_trip(tmp_path):
+    """safetensors refuses two entries over one storage: such tensors are copied, the rest saved as they are."""
+    flat = torch.arange(12, dtype=torch.bfloat16)
+    tree = {"a": flat[:6], "b": flat[6:], "same": [flat, flat], "empty": [torch.zeros(0), torch.zeros(0, 3)],
+            "scalar": torch.tensor(3), "mask": torch.tensor([True, False])}
+    save_tree(tree, tmp_path / "state")
+    assert _equal(tree, load_tree(tmp_path / "state"))
+
+
 def test_an_8bit_optimizer_state_round_trips(tmp_path):
     bnb = pytest.importorskip("bitsandbytes")
     model = torch.nn.Linear(64, 64)

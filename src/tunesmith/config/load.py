@@ -172,7 +172,7 @@ def _once(file: str, key: str, where: str, seen: dict) -> None:
     """Refused when `file` was given already (by path, or as the same file under another name: a hard link)."""
     try:
         st = os.stat(file)
-        identity = (st.st_dev, st.st_ino)
+        identity = (st.st_dev, st.st_ino) if st.st_ino else file  # 0: a file system without inode numbers
     except OSError:  # not there (yet): its path is all there is to compare
         identity = file
     if identity in seen:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import os
@@ -38,7 +39,9 @@ def resolve_model(name: str, offline: bool = False) -> Path:
         return _from_catalog(CATALOG[name], offline)
     try:
         return _from_name(name, offline)
-    except OSError as e:  # a name past the file system's limits (ENAMETOOLONG) is no folder or file
+    except OSError as e:  # a name past the file system's limits is no folder or file (a failed write is no name)
+        if e.errno != errno.ENAMETOOLONG:
+            raise
         shown = name if len(name) <= 80 else name[:80] + "..."
         raise ModelError(f"unknown model '{shown}' ({e.strerror})", "model",
                          "give a catalog name, a Hugging Face id, a checkpoint folder or a .gguf file") from None

@@ -77,6 +77,7 @@ def retrain(run_dir: Path, data: Path | None = None, out: Path | None = None, db
     """
     champion, project = _champion(run_dir)
     name = _registry_name(project.name if name is None else name)
+    _check_served(champion, name)
     db = _request_log(champion, db)
     final = Path(out).resolve() if out else champion.parent / new_run_id()
     if is_run_dir(final):  # retrain never replaces a run, least of all the champion it learns from
@@ -106,7 +107,7 @@ def retrain(run_dir: Path, data: Path | None = None, out: Path | None = None, db
                                       replacing=champion)
             result.record.update(promoted=True, registry={"name": name, "event": event})
         except champions.ChampionChanged as e:  # promoted or rolled back to while this one trained
-            result.record.update(not_promoted=e.what)
+            result.record.update(not_promoted=f"{e.what} ({e.hint})")
         fsio.write_json(result.path, result.record)
     return result
 
@@ -128,6 +129,18 @@ def _champion(run_dir: Path) -> tuple[Path, Project]:
         raise InputError(f"objective.metric {project.objective.metric} is not a task metric both models can be "
                          "scored on", f"{run / 'config.yaml'} (objective.metric)")
     return run, project
+
+
+def _check_served(champion: Path, name: str) -> None:
+    """InputError when another run is served under `name`: the challenger would be judged against the
+    champion, then replace a run it was never compared with (refused at promotion; said now, before training)."""
+    from tunesmith import champions
+
+    served = champions.current(name)
+    if served is not None and served.resolve() != champion.resolve():
+        raise InputError(f"'{name}' serves {served}, not {champion}: the challenger would replace a run it was "
+                         "never compared with", "--name", f"retrain the run served now (`tunesmith retrain "
+                         f"--registry {name}`), or record the challenger under another --name")
 
 
 def _registry_name(name: str) -> str:

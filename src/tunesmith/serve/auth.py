@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -45,12 +46,16 @@ def load_keys(file: Path | None = None, environ: dict | None = None) -> list[str
 
 def _file_keys(file: Path) -> list[tuple[int, str]]:
     """(line number, key) for each key line; `#` starts a comment only at the start of a line."""
-    if file.exists() and not file.is_file():  # a fifo would block, /dev/zero would fill the memory
-        raise InputError("the API key file is not a regular file (a folder, a device or a pipe)", str(file),
-                         "give a UTF-8 text file with one key per line")
     try:
-        with file.open("rb") as f:
-            data = f.read(MAX_KEY_FILE_BYTES + 1)
+        # O_NONBLOCK: opening a fifo would wait for a writer; /dev/zero would be read until memory ran out
+        fd = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise InputError("the API key file is not a regular file (a folder, a device or a pipe)", str(file),
+                                 "give a UTF-8 text file with one key per line")
+            data = _read_at_most(fd, MAX_KEY_FILE_BYTES + 1)
+        finally:
+            os.close(fd)
         if len(data) > MAX_KEY_FILE_BYTES:
             raise InputError(f"the API key file is over {MAX_KEY_FILE_BYTES // 1024} KiB", str(file),
                              "give a file with one key per line")
@@ -62,6 +67,14 @@ def _file_keys(file: Path) -> list[tuple[int, str]]:
                          "give a UTF-8 text file with one key per line") from None
     lines = ((n, line.strip()) for n, line in enumerate(text.splitlines(), 1))
     return [(n, line) for n, line in lines if line and not line.startswith("#")]
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    chunks, size = [], 0
+    while size < limit and (chunk := os.read(fd, min(65536, limit - size))):
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def _checked(key: str, where: str) -> str:
