@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -270,6 +271,31 @@ def test_item12_atomic_write_fsyncs_file_and_folder_without_touching_the_umask(t
     assert synced == [False, True]  # the file, then its folder
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o640
     assert fsio.read_json(tmp_path / "a.json") == {"x": 1} and [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+@pytest.mark.parametrize("signum,raised", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, SystemExit)])
+def test_a_signal_between_the_two_renames_waits_until_the_new_folder_is_in(tmp_path, monkeypatch, signum, raised):
+    """Ctrl-C right after the old run was moved aside left no run at RUN_DIR: the old one hidden in
+    .run.old-<pid>, the new one in .run.partial without the checkpoints a resume needs."""
+    src, dst = tmp_path / ".run.partial", tmp_path / "run"
+    for folder, text in ((src, "new"), (dst, "old")):
+        folder.mkdir()
+        (folder / "model.txt").write_text(text)
+    real_replace = os.replace
+
+    def replace(a, b):
+        real_replace(a, b)
+        if Path(a) == dst:  # the old run is aside: the signal comes now
+            os.kill(os.getpid(), signum)
+    monkeypatch.setattr(os, "replace", replace)
+    previous = signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))  # as the CLI's handler does
+    try:
+        with pytest.raises(raised):
+            fsio.replace_dir(src, dst)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert (dst / "model.txt").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
 
 
 def test_item12_replace_dir_puts_the_old_folder_back_when_the_move_in_fails(tmp_path, monkeypatch):

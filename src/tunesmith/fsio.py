@@ -11,10 +11,13 @@ import math
 import os
 import secrets
 import shutil
+import signal
 import stat
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from tunesmith.errors import InputError
 
@@ -150,13 +153,42 @@ def share_like_umask(folder: Path) -> None:
             path.chmod(0o666 & ~umask)
 
 
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held until the block ends, then acted on as they would have been: moves that
+    belong together (the two renames of `replace_dir`, files moved into an output folder) are never cut
+    in half by a signal. Only the main thread sets handlers; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    wanted = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) not in (signal.SIG_IGN, None)]
+    before = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in wanted}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        if held:
+            handler = before[held[0]]
+            if callable(handler):
+                handler(held[0], None)
+            else:  # SIG_DFL: the default action (termination), as without the block
+                os.kill(os.getpid(), held[0])
+
+
 def replace_dir(src: Path, dst: Path) -> None:
     """Move a finished folder `src` onto `dst`, replacing what was there.
 
     The old `dst` is renamed aside first and renamed back if moving `src` in fails, so `dst` is never
-    lost: a crash between the two renames leaves it whole in `.<dst>.old-<pid>` beside it.
+    lost: a crash between the two renames leaves it whole in `.<dst>.old-<pid>` beside it, and Ctrl-C or
+    SIGTERM wait until both are done (`signals_deferred`).
     """
-    src, dst = Path(src), Path(dst)
+    with signals_deferred():
+        _replace_dir(Path(src), Path(dst))
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     if not dst.exists():
         os.replace(src, dst)

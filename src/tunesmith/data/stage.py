@@ -243,10 +243,11 @@ def _publish(out: Path, write) -> None:
                                 and not (out / n).is_file()), None):
                 raise InputError(f"{out / blocked} is not a file an earlier `tunesmith data` wrote", f"--out {out}",
                                  "move it away, or give a new folder")
-            for name in set(OUTPUT_FILES) - set(written):
-                (out / name).unlink(missing_ok=True)
-            for name in written:
-                os.replace(stage / name, out / name)
+            with fsio.signals_deferred():  # the output is replaced whole: Ctrl-C waits until it is
+                for name in set(OUTPUT_FILES) - set(written):
+                    (out / name).unlink(missing_ok=True)
+                for name in written:
+                    os.replace(stage / name, out / name)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
     except BaseException:
