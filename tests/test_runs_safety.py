@@ -410,3 +410,23 @@ def test_a_run_that_fails_takes_the_folders_it_made_with_it_and_no_other(tmp_pat
         (staging / "checkpoints" / "step-0000002").mkdir(parents=True)
         raise RuntimeError("failed after a checkpoint")
     assert (tmp_path / "runs" / "demo" / ".20261207-0000.partial" / "checkpoints").is_dir()
+
+
+def test_a_run_replaced_by_one_whose_eval_failed_leaves_the_registry(tmp_path, monkeypatch):
+    """`run --out RUN --overwrite` whose eval was interrupted put the new run in place, while `runs list`
+    still gave the replaced run's figures for that folder."""
+    from tunesmith.run_registry import list_runs, record_run
+
+    monkeypatch.setenv("TUNESMITH_REGISTRY", str(tmp_path / "registry.sqlite"))
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    summary = {"name": "p", "model": "m", "method": "lora", "objective_metric": "accuracy",
+               "metrics": {"finetuned": {"accuracy": 0.9}, "baseline": {"accuracy": 0.3}},
+               "objective": {"met": True, "criteria": [{"name": "accuracy", "value": 0.9, "target": 0.8,
+                                                        "op": ">=", "met": True}]}}
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert record_run(run) is not None and [r["value"] for r in list_runs()] == [0.9]
+    del summary["objective"]
+    summary["failed"] = {"stage": "eval", "error": "interrupted", "rerun": [f"tunesmith eval {run}"]}
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert record_run(run) is None and list_runs() == []

@@ -122,7 +122,11 @@ def record_run(run_dir: Path) -> int | None:
     if not path.is_file():
         return None
     s = read_summary(run_dir)
-    if "objective" not in s:  # a run whose eval failed (see summary["failed"]): nothing to rank yet
+    if "objective" not in s:  # a run whose eval failed (see summary["failed"]): nothing to rank yet, and a
+        # row for this folder describes the run it replaced (`run --overwrite`), gone now
+        if registry_path().is_file():  # (no registry file is made for it)
+            with _registry() as db, db:
+                db.execute("DELETE FROM runs WHERE run_dir = ?", (str(run_dir),))
         return None
     metric = s["objective_metric"]
     row = (str(run_dir), s["name"],
