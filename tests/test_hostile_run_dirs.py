@@ -886,3 +886,27 @@ def test_serve_of_a_run_without_its_model_metadata_names_the_file(run):
     (run / "model" / "tunesmith.json").unlink()
     line = _error(runner.invoke(app, ["serve", str(run), "--port", "1"]))
     assert "the run's model folder lacks tunesmith.json" in line and str(run / "model" / "tunesmith.json") in line
+
+
+def test_eval_of_a_run_whose_predictions_folder_is_a_file_writes_nothing(run):
+    """mkdir of predictions/ raised FileExistsError (exit 1) after metrics.json and the report were rewritten."""
+    shutil.rmtree(run / "predictions")
+    (run / "predictions").write_text("user data")
+    before = (run / "metrics.json").read_bytes()
+    line = _error(runner.invoke(app, ["eval", str(run), "--quiet"]))
+    assert f"exists and is not a folder; eval writes the test predictions there, {run / 'predictions'}" in line
+    assert (run / "predictions").read_text() == "user data" and (run / "metrics.json").read_bytes() == before
+
+
+def test_a_run_removed_while_it_is_evaluated_is_not_made_again_half(run, monkeypatch):
+    """metrics.json, summary.json and predictions/ were written into a new folder of the run's name."""
+    import tunesmith.evaluate.stage as stage
+
+    real = stage._compare_runs
+
+    def remove_then_compare(*args, **kwargs):
+        shutil.rmtree(run)  # `rm -rf RUN` from another shell while the models were scoring
+        return real(*args, **kwargs)
+    monkeypatch.setattr(stage, "_compare_runs", remove_then_compare)
+    line = _error(runner.invoke(app, ["eval", str(run), "--quiet"]))
+    assert "the run's model folder is gone" in line and not run.exists()

@@ -85,6 +85,17 @@ class _ModelRun:
     margins: list | None = None  # per test pair, log p(chosen) - log p(rejected)
 
 
+def _check_outputs(run_dir: Path) -> None:
+    """RunDirError when the run's model folder is gone, or `predictions` is there but is no folder."""
+    if not (run_dir / "model").is_dir():
+        raise RunDirError("the run's model folder is gone (was the run moved or removed?)", str(run_dir / "model"),
+                          "give the run's current folder")
+    predictions = run_dir / PREDICTIONS.parent
+    if (predictions.exists() or predictions.is_symlink()) and not predictions.is_dir():
+        raise RunDirError(f"{fsio.not_a_folder(predictions)}; eval writes the test predictions there",
+                          str(predictions), "move it away, then run the eval again")
+
+
 def eval_stage(project: Project, splits: Splits, run_dir: Path, progress: bool = True) -> EvalResult:
     """Write metrics.json and predictions/test.jsonl; return the figures."""
     test = splits.test[: project.eval.max_examples] if project.eval.max_examples else splits.test
@@ -94,6 +105,7 @@ def eval_stage(project: Project, splits: Splits, run_dir: Path, progress: bool =
         raise RunDirError("no test row to score: the curated test split is empty"
                           + (" or none of its rows has a reference answer" if unscored else ""),
                           str(run_dir / "data" / "test.jsonl"), "run the data stage again (`tunesmith run`)")
+    _check_outputs(run_dir)  # said before minutes of scoring, not after metrics.json is written
     model, tokenizer, fmt, base_path = load_finetuned(run_dir / "model")
     ctx = _Context(project, tokenizer, test, hardware.use_bf16(project.eval.precision, hardware.device()), progress,
                    load_suites(project.benchmarks, tokenizer), pairs)
@@ -119,6 +131,7 @@ def eval_stage(project: Project, splits: Splits, run_dir: Path, progress: bool =
                                                               "trainable_params", "peak_rss_mb")})
         # Absent from runs trained before it was recorded; None (not measured) without a GPU.
         result.finetuned["gpu_peak_mb"] = result.train.get("gpu_peak_mb")
+    _check_outputs(run_dir)  # the run folder removed while it was scored: never made again, half
     fsio.write_json(run_dir / "metrics.json", result.to_json())
     rows = _prediction_rows(test, tuned.preds, base.preds)
     if ctx.pairs:  # the pairs are the test rows with a rejected answer, in order
