@@ -288,14 +288,17 @@ def test_a_signal_between_the_two_renames_waits_until_the_new_folder_is_in(tmp_p
         if Path(a) == dst:  # the old run is aside: the signal comes now
             os.kill(os.getpid(), signum)
     monkeypatch.setattr(os, "replace", replace)
-    previous = signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))  # as the CLI's handler does
+    # Python's own Ctrl-C handler (a shell's background job starts with SIGINT ignored, as CI's does)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous_term = signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))  # as the CLI's handler does
     try:
         with pytest.raises(raised):
             fsio.replace_dir(src, dst)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
+        signal.signal(signal.SIGTERM, previous_term)
     assert (dst / "model.txt").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
 
 
 def test_item12_replace_dir_puts_the_old_folder_back_when_the_move_in_fails(tmp_path, monkeypatch):
