@@ -273,14 +273,20 @@ def test_item12_atomic_write_fsyncs_file_and_folder_without_touching_the_umask(t
     assert fsio.read_json(tmp_path / "a.json") == {"x": 1} and [p.name for p in tmp_path.iterdir()] == ["a.json"]
 
 
-@pytest.mark.parametrize("signum,raised", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, SystemExit)])
-def test_a_signal_between_the_two_renames_waits_until_the_new_folder_is_in(tmp_path, monkeypatch, signum, raised):
-    """Ctrl-C right after the old run was moved aside left no run at RUN_DIR: the old one hidden in
-    .run.old-<pid>, the new one in .run.partial without the checkpoints a resume needs."""
+def _new_and_old_run(tmp_path: Path) -> tuple[Path, Path]:
+    """(a finished run's staging folder holding "new", the run folder it replaces holding "old")."""
     src, dst = tmp_path / ".run.partial", tmp_path / "run"
     for folder, text in ((src, "new"), (dst, "old")):
         folder.mkdir()
         (folder / "model.txt").write_text(text)
+    return src, dst
+
+
+@pytest.mark.parametrize("signum,raised", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, SystemExit)])
+def test_a_signal_between_the_two_renames_waits_until_the_new_folder_is_in(tmp_path, monkeypatch, signum, raised):
+    """Ctrl-C right after the old run was moved aside left no run at RUN_DIR: the old one hidden in
+    .run.old-<pid>, the new one in .run.partial without the checkpoints a resume needs."""
+    src, dst = _new_and_old_run(tmp_path)
     real_replace = os.replace
 
     def replace(a, b):
@@ -302,10 +308,7 @@ def test_a_signal_between_the_two_renames_waits_until_the_new_folder_is_in(tmp_p
 
 
 def test_item12_replace_dir_puts_the_old_folder_back_when_the_move_in_fails(tmp_path, monkeypatch):
-    src, dst = tmp_path / ".run.partial", tmp_path / "run"
-    for folder, text in ((src, "new"), (dst, "old")):
-        folder.mkdir()
-        (folder / "model.txt").write_text(text)
+    src, dst = _new_and_old_run(tmp_path)
     real_replace = os.replace
 
     def replace(a, b):
